@@ -1,0 +1,618 @@
+//! The Cascade IR: a bound (all sizes are integers) program of extended Einsums.
+//!
+//! Ranks, tensors and Einsums live in arenas. Expressions are small trees owned by their
+//! Einsum: they are never shared, and rewrites rebuild them wholesale.
+
+use crate::arena::{Arena, Handle};
+use serde::Serialize;
+use std::fmt;
+
+/// Byte offsets into the source text the entity came from. `Span::UNKNOWN` for entities
+/// built by passes rather than parsed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Span {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Span {
+    pub const UNKNOWN: Span = Span { start: 0, end: 0 };
+
+    pub fn new(start: usize, end: usize) -> Self {
+        Span {
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+
+    pub fn is_unknown(self) -> bool {
+        self == Span::UNKNOWN
+    }
+
+    pub fn join(self, other: Span) -> Span {
+        if self.is_unknown() {
+            return other;
+        }
+        if other.is_unknown() {
+            return self;
+        }
+        Span {
+            start: self.start.min(other.start),
+            end: self.end.max(other.end),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl DType {
+    pub fn bytes(self) -> u64 {
+        match self {
+            DType::Bf16 | DType::F16 => 2,
+            DType::F32 => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::Bf16 => "bf16",
+            DType::F16 => "f16",
+            DType::F32 => "f32",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<DType> {
+        match name {
+            "bf16" => Some(DType::Bf16),
+            "f16" => Some(DType::F16),
+            "f32" => Some(DType::F32),
+            _ => None,
+        }
+    }
+}
+
+/// How a rank's extent was written, kept so reports and the printer can say `N` rather
+/// than `4096`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum ExtentSource {
+    /// A literal in the source.
+    Literal,
+    /// A size symbol (`rank m: M`), bound by `-D M=...` or a `size` declaration.
+    Symbol(String),
+    /// The outer rank of a split: the parent's extent divided by the tile.
+    SplitOuter,
+    /// The tile rank of a split.
+    SplitTile,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Split {
+    pub outer: Handle<Rank>,
+    pub inner: Handle<Rank>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Rank {
+    pub name: String,
+    pub extent: u64,
+    pub source: ExtentSource,
+    /// Set on a rank that has been split into `outer` × `inner` (`m = m1 * M0 + m0`).
+    pub split: Option<Split>,
+    /// Set on the two children of a split.
+    pub parent: Option<Handle<Rank>>,
+    pub span: Span,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TensorKind {
+    /// Read from memory, supplied by the caller.
+    Input,
+    /// A scalar or small per-rank parameter (a scale, a per-head decay): supplied by the caller.
+    Param,
+    /// Written to memory for the caller.
+    Output,
+    /// Produced and consumed inside the cascade.
+    Temp,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Tensor {
+    pub name: String,
+    /// The ranks in storage order (row-major: the last rank is contiguous).
+    pub ranks: Vec<Handle<Rank>>,
+    pub kind: TensorKind,
+    /// Storage type; `None` for temporaries, whose precision is a schedule choice.
+    pub dtype: Option<DType>,
+    /// For a state advanced by a recurrence: the position in `ranks` of its iterative rank.
+    /// That dimension holds `extent + 1` steps (`0` is the init, `extent` the final state).
+    pub iterative: Option<usize>,
+    /// A parameter's default value, used when the caller supplies none.
+    pub default: Option<f64>,
+    pub span: Span,
+}
+
+/// An affine integer expression over rank indices: `sum(coef * rank) + constant`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct IndexExpr {
+    pub terms: Vec<(i64, Handle<Rank>)>,
+    pub constant: i64,
+}
+
+impl IndexExpr {
+    pub fn rank(rank: Handle<Rank>) -> Self {
+        IndexExpr {
+            terms: vec![(1, rank)],
+            constant: 0,
+        }
+    }
+
+    pub fn constant(value: i64) -> Self {
+        IndexExpr {
+            terms: Vec::new(),
+            constant: value,
+        }
+    }
+
+    /// `Some(rank)` when the expression is exactly one rank with coefficient 1 and no offset.
+    pub fn as_rank(&self) -> Option<Handle<Rank>> {
+        match self.terms.as_slice() {
+            [(1, r)] if self.constant == 0 => Some(*r),
+            _ => None,
+        }
+    }
+
+    pub fn ranks(&self) -> impl Iterator<Item = Handle<Rank>> + '_ {
+        self.terms.iter().filter(|(c, _)| *c != 0).map(|(_, r)| *r)
+    }
+
+    pub fn mentions(&self, rank: Handle<Rank>) -> bool {
+        self.ranks().any(|r| r == rank)
+    }
+
+    /// Evaluates under a rank -> index assignment.
+    pub fn eval(&self, index_of: impl Fn(Handle<Rank>) -> i64) -> i64 {
+        self.terms
+            .iter()
+            .fold(self.constant, |acc, (c, r)| acc + c * index_of(*r))
+    }
+
+    /// Adds `coef * rank`, merging with an existing term and dropping zero terms.
+    pub fn add_term(&mut self, coef: i64, rank: Handle<Rank>) {
+        if let Some(t) = self.terms.iter_mut().find(|(_, r)| *r == rank) {
+            t.0 += coef;
+        } else {
+            self.terms.push((coef, rank));
+        }
+        self.terms.retain(|(c, _)| *c != 0);
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Access {
+    pub tensor: Handle<Tensor>,
+    pub indices: Vec<IndexExpr>,
+    pub span: Span,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Tanh,
+}
+
+impl UnaryOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            UnaryOp::Neg => "neg",
+            UnaryOp::Exp => "exp",
+            UnaryOp::Log => "log",
+            UnaryOp::Sqrt => "sqrt",
+            UnaryOp::Tanh => "tanh",
+        }
+    }
+
+    pub fn apply(self, x: f64) -> f64 {
+        match self {
+            UnaryOp::Neg => -x,
+            UnaryOp::Exp => x.exp(),
+            UnaryOp::Log => x.ln(),
+            UnaryOp::Sqrt => x.sqrt(),
+            UnaryOp::Tanh => x.tanh(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+impl BinaryOp {
+    pub fn apply(self, a: f64, b: f64) -> f64 {
+        let truth = |c: bool| if c { 1.0 } else { 0.0 };
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            BinaryOp::Max => a.max(b),
+            BinaryOp::Min => a.min(b),
+            BinaryOp::Lt => truth(a < b),
+            BinaryOp::Le => truth(a <= b),
+            BinaryOp::Gt => truth(a > b),
+            BinaryOp::Ge => truth(a >= b),
+            BinaryOp::Eq => truth(a == b),
+            BinaryOp::Ne => truth(a != b),
+        }
+    }
+
+    /// The infix spelling, or `None` for operators written as calls (`max(a, b)`).
+    pub fn infix(self) -> Option<&'static str> {
+        Some(match self {
+            BinaryOp::Add => "+",
+            BinaryOp::Sub => "-",
+            BinaryOp::Mul => "*",
+            BinaryOp::Div => "/",
+            BinaryOp::Lt => "<",
+            BinaryOp::Le => "<=",
+            BinaryOp::Gt => ">",
+            BinaryOp::Ge => ">=",
+            BinaryOp::Eq => "==",
+            BinaryOp::Ne => "!=",
+            BinaryOp::Max | BinaryOp::Min => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+            BinaryOp::Max => "max",
+            BinaryOp::Min => "min",
+            BinaryOp::Lt => "lt",
+            BinaryOp::Le => "le",
+            BinaryOp::Gt => "gt",
+            BinaryOp::Ge => "ge",
+            BinaryOp::Eq => "eq",
+            BinaryOp::Ne => "ne",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Expr {
+    Literal(f64),
+    Access(Access),
+    /// A rank index used as a value (`p - m` for ALiBi, decay exponents).
+    Index(IndexExpr),
+    Unary(UnaryOp, Box<Expr>),
+    Binary(BinaryOp, Box<Expr>, Box<Expr>),
+}
+
+impl Expr {
+    pub fn unary(op: UnaryOp, a: Expr) -> Expr {
+        Expr::Unary(op, Box::new(a))
+    }
+
+    pub fn binary(op: BinaryOp, a: Expr, b: Expr) -> Expr {
+        Expr::Binary(op, Box::new(a), Box::new(b))
+    }
+
+    /// Calls `f` on every tensor access, left to right.
+    pub fn visit_accesses<'a>(&'a self, f: &mut impl FnMut(&'a Access)) {
+        match self {
+            Expr::Literal(_) | Expr::Index(_) => {}
+            Expr::Access(a) => f(a),
+            Expr::Unary(_, a) => a.visit_accesses(f),
+            Expr::Binary(_, a, b) => {
+                a.visit_accesses(f);
+                b.visit_accesses(f);
+            }
+        }
+    }
+
+    /// Calls `f` on every index expression: access indices and rank values.
+    pub fn visit_indices<'a>(&'a self, f: &mut impl FnMut(&'a IndexExpr)) {
+        match self {
+            Expr::Literal(_) => {}
+            Expr::Index(i) => f(i),
+            Expr::Access(a) => a.indices.iter().for_each(&mut *f),
+            Expr::Unary(_, a) => a.visit_indices(f),
+            Expr::Binary(_, a, b) => {
+                a.visit_indices(f);
+                b.visit_indices(f);
+            }
+        }
+    }
+
+    /// Number of scalar map operators (each unary or binary node counts one).
+    pub fn op_count(&self) -> u64 {
+        match self {
+            Expr::Literal(_) | Expr::Access(_) | Expr::Index(_) => 0,
+            Expr::Unary(_, a) => 1 + a.op_count(),
+            Expr::Binary(_, a, b) => 1 + a.op_count() + b.op_count(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReduceOp {
+    Sum,
+    Prod,
+    Max,
+    Min,
+}
+
+impl ReduceOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Prod => "prod",
+            ReduceOp::Max => "max",
+            ReduceOp::Min => "min",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<ReduceOp> {
+        match name {
+            "sum" => Some(ReduceOp::Sum),
+            "prod" => Some(ReduceOp::Prod),
+            "max" => Some(ReduceOp::Max),
+            "min" => Some(ReduceOp::Min),
+            _ => None,
+        }
+    }
+
+    /// The value a reduction over no points (or only masked points) yields.
+    pub fn identity(self) -> f64 {
+        match self {
+            ReduceOp::Sum => 0.0,
+            ReduceOp::Prod => 1.0,
+            ReduceOp::Max => f64::NEG_INFINITY,
+            ReduceOp::Min => f64::INFINITY,
+        }
+    }
+
+    pub fn combine(self, acc: f64, x: f64) -> f64 {
+        match self {
+            ReduceOp::Sum => acc + x,
+            ReduceOp::Prod => acc * x,
+            ReduceOp::Max => acc.max(x),
+            ReduceOp::Min => acc.min(x),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum CmpOp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+impl CmpOp {
+    pub fn holds(self, a: i64, b: i64) -> bool {
+        match self {
+            CmpOp::Lt => a < b,
+            CmpOp::Le => a <= b,
+            CmpOp::Gt => a > b,
+            CmpOp::Ge => a >= b,
+            CmpOp::Eq => a == b,
+            CmpOp::Ne => a != b,
+        }
+    }
+
+    pub fn symbol(self) -> &'static str {
+        match self {
+            CmpOp::Lt => "<",
+            CmpOp::Le => "<=",
+            CmpOp::Gt => ">",
+            CmpOp::Ge => ">=",
+            CmpOp::Eq => "==",
+            CmpOp::Ne => "!=",
+        }
+    }
+}
+
+/// One conjunct of a mask: `lhs op rhs` over rank indices.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Condition {
+    pub lhs: IndexExpr,
+    pub op: CmpOp,
+    pub rhs: IndexExpr,
+    pub span: Span,
+}
+
+impl Condition {
+    pub fn holds(&self, index_of: impl Fn(Handle<Rank>) -> i64 + Copy) -> bool {
+        self.op.holds(self.lhs.eval(index_of), self.rhs.eval(index_of))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reduction {
+    pub rank: Handle<Rank>,
+    pub op: ReduceOp,
+}
+
+/// A state advanced along an iterative rank: the output is written at step `r + 1` from
+/// values at step `r`; `init` gives step 0 and may not mention the iterative rank.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Recurrence {
+    pub rank: Handle<Rank>,
+    pub init: Expr,
+    pub init_span: Span,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Einsum {
+    pub output: Access,
+    pub expr: Expr,
+    /// Every reduced rank with its operator, innermost first. Implicit sums are explicit here.
+    pub reductions: Vec<Reduction>,
+    /// Conjunction of conditions; points where it fails are absent (they take the identity
+    /// of whatever reduction consumes them, and read as 0 from a stored output).
+    pub mask: Vec<Condition>,
+    pub recurrence: Option<Recurrence>,
+    pub span: Span,
+}
+
+impl Einsum {
+    pub fn is_reduced(&self, rank: Handle<Rank>) -> bool {
+        self.reductions.iter().any(|r| r.rank == rank)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Cascade {
+    pub name: String,
+    pub ranks: Arena<Rank>,
+    pub tensors: Arena<Tensor>,
+    pub einsums: Arena<Einsum>,
+    /// Size symbols and their bound values, in declaration order.
+    pub sizes: Vec<(String, u64)>,
+}
+
+impl<T: Serialize> Serialize for Arena<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter().map(|(_, t)| t))
+    }
+}
+
+impl<T> Serialize for Handle<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(self.index() as u32)
+    }
+}
+
+impl Cascade {
+    pub fn rank_by_name(&self, name: &str) -> Option<Handle<Rank>> {
+        self.ranks
+            .iter()
+            .find(|(_, r)| r.name == name)
+            .map(|(h, _)| h)
+    }
+
+    pub fn tensor_by_name(&self, name: &str) -> Option<Handle<Tensor>> {
+        self.tensors
+            .iter()
+            .find(|(_, t)| t.name == name)
+            .map(|(h, _)| h)
+    }
+
+    /// The Einsum that assigns `tensor`, if any.
+    pub fn producer(&self, tensor: Handle<Tensor>) -> Option<Handle<Einsum>> {
+        self.einsums
+            .iter()
+            .find(|(_, e)| e.output.tensor == tensor)
+            .map(|(h, _)| h)
+    }
+
+    /// Number of valid index positions of `tensor` along its `dim`-th rank (one more than
+    /// the rank's extent for the iterative dimension of a state).
+    pub fn dim_extent(&self, tensor: Handle<Tensor>, dim: usize) -> u64 {
+        let t = &self.tensors[tensor];
+        let extent = self.ranks[t.ranks[dim]].extent;
+        if t.iterative == Some(dim) {
+            extent + 1
+        } else {
+            extent
+        }
+    }
+
+    pub fn tensor_elements(&self, tensor: Handle<Tensor>) -> u64 {
+        (0..self.tensors[tensor].ranks.len())
+            .map(|d| self.dim_extent(tensor, d))
+            .product()
+    }
+
+    /// The ranks an Einsum iterates over: every rank mentioned by its output, its
+    /// expression, its mask and its reductions, in first-mention order.
+    pub fn iteration_ranks(&self, einsum: Handle<Einsum>) -> Vec<Handle<Rank>> {
+        let e = &self.einsums[einsum];
+        let mut ranks: Vec<Handle<Rank>> = Vec::new();
+        let mut add = |r: Handle<Rank>| {
+            if !ranks.contains(&r) {
+                ranks.push(r);
+            }
+        };
+        for i in &e.output.indices {
+            i.ranks().for_each(&mut add);
+        }
+        e.expr.visit_indices(&mut |i| i.ranks().for_each(&mut add));
+        for c in &e.mask {
+            c.lhs.ranks().chain(c.rhs.ranks()).for_each(&mut add);
+        }
+        for r in &e.reductions {
+            add(r.rank);
+        }
+        ranks
+    }
+
+    /// Ranks that are neither reduced by any Einsum nor iterative, and that every Einsum
+    /// iterates: batch, head and query ranks. Buffers are sized per point of these.
+    pub fn parallel_ranks(&self) -> Vec<Handle<Rank>> {
+        let spaces: Vec<Vec<Handle<Rank>>> = self
+            .einsums
+            .handles()
+            .map(|e| self.iteration_ranks(e))
+            .collect();
+        self.ranks
+            .handles()
+            .filter(|&r| {
+                self.einsums.iter().all(|(_, e)| {
+                    !e.is_reduced(r) && e.recurrence.as_ref().is_none_or(|rec| rec.rank != r)
+                }) && spaces.iter().all(|s| s.contains(&r))
+            })
+            .collect()
+    }
+
+    pub fn inputs(&self) -> impl Iterator<Item = Handle<Tensor>> + '_ {
+        self.tensors
+            .iter()
+            .filter(|(_, t)| matches!(t.kind, TensorKind::Input | TensorKind::Param))
+            .map(|(h, _)| h)
+    }
+
+    pub fn outputs(&self) -> impl Iterator<Item = Handle<Tensor>> + '_ {
+        self.tensors
+            .iter()
+            .filter(|(_, t)| t.kind == TensorKind::Output)
+            .map(|(h, _)| h)
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}

@@ -1,0 +1,548 @@
+//! The reference interpreter: evaluates any valid cascade on the CPU in f64.
+//!
+//! It is deliberately direct (a loop nest per Einsum, reductions nested innermost first)
+//! because it is the ground truth every rewrite, schedule and kernel is compared against.
+//! Masked points are *absent*: a reduction skips them, a map over an absent operand is
+//! absent, and an absent element of a stored output reads as 0.
+
+use crate::arena::Handle;
+use crate::cascade::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+
+/// A dense row-major tensor of f64, with an optional presence mask for tensors that have
+/// masked (absent) elements.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorData {
+    pub shape: Vec<usize>,
+    pub values: Vec<f64>,
+    /// `None` when every element is present.
+    pub present: Option<Vec<bool>>,
+}
+
+impl TensorData {
+    pub fn new(shape: Vec<usize>, values: Vec<f64>) -> Self {
+        TensorData {
+            shape,
+            values,
+            present: None,
+        }
+    }
+
+    pub fn filled(shape: Vec<usize>, value: f64) -> Self {
+        let n = shape.iter().product();
+        TensorData::new(shape, vec![value; n])
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    pub fn get(&self, offset: usize) -> Option<f64> {
+        match &self.present {
+            Some(p) if !p[offset] => None,
+            _ => Some(self.values[offset]),
+        }
+    }
+
+    /// Values with absent elements read as 0, as an output is stored.
+    pub fn stored(&self) -> Vec<f64> {
+        match &self.present {
+            None => self.values.clone(),
+            Some(p) => self
+                .values
+                .iter()
+                .zip(p)
+                .map(|(v, &ok)| if ok { *v } else { 0.0 })
+                .collect(),
+        }
+    }
+
+    /// ‖self − reference‖ / ‖reference‖ over stored values; NaN anywhere gives NaN.
+    pub fn relative_error(&self, reference: &TensorData) -> f64 {
+        let a = self.stored();
+        let b = reference.stored();
+        if a.len() != b.len() {
+            return f64::NAN;
+        }
+        let (mut num, mut den) = (0.0, 0.0);
+        for (x, y) in a.iter().zip(&b) {
+            num += (x - y) * (x - y);
+            den += y * y;
+        }
+        if den == 0.0 {
+            num.sqrt()
+        } else {
+            (num / den).sqrt()
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EvalError {
+    #[error("no value supplied for {kind} `{name}`")]
+    MissingInput { name: String, kind: &'static str },
+    #[error("`{name}` has shape {got:?}, but the cascade expects {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("`{tensor}` is indexed at {index} along a dimension of extent {extent}")]
+    OutOfRange {
+        tensor: String,
+        index: i64,
+        extent: u64,
+        span: Span,
+    },
+    #[error("`{tensor}` is read before any Einsum assigns it")]
+    Unassigned { tensor: String, span: Span },
+}
+
+/// Every tensor's value after evaluation, inputs included.
+#[derive(Clone, Debug, Default)]
+pub struct Values {
+    pub tensors: HashMap<Handle<Tensor>, TensorData>,
+}
+
+impl Values {
+    pub fn get(&self, tensor: Handle<Tensor>) -> Option<&TensorData> {
+        self.tensors.get(&tensor)
+    }
+}
+
+/// The shape of a tensor as stored (an iterative dimension holds extent + 1 steps).
+pub fn shape_of(cascade: &Cascade, tensor: Handle<Tensor>) -> Vec<usize> {
+    (0..cascade.tensors[tensor].ranks.len())
+        .map(|d| cascade.dim_extent(tensor, d) as usize)
+        .collect()
+}
+
+/// Draws inputs from a seeded generator: inputs uniform in [-1, 1); parameters take their
+/// default, or uniform in [0.05, 1) (positive, so decays decay).
+pub fn random_inputs(cascade: &Cascade, seed: u64) -> HashMap<Handle<Tensor>, TensorData> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = HashMap::new();
+    for (h, t) in cascade.tensors.iter() {
+        let shape = shape_of(cascade, h);
+        let n: usize = shape.iter().product();
+        let values: Vec<f64> = match (t.kind, t.default) {
+            (TensorKind::Input, _) => (0..n).map(|_| rng.random_range(-1.0..1.0)).collect(),
+            (TensorKind::Param, Some(v)) => vec![v; n],
+            (TensorKind::Param, None) => (0..n).map(|_| rng.random_range(0.05..1.0)).collect(),
+            _ => continue,
+        };
+        out.insert(h, TensorData::new(shape, values));
+    }
+    out
+}
+
+/// An access with its offset precomputed as `base + sum(stride * index[rank])`.
+struct FlatAccess {
+    tensor: Handle<Tensor>,
+    base: i64,
+    strides: Vec<(usize, i64)>,
+    /// Per dimension, to report out-of-range indices precisely.
+    dims: Vec<(IndexExpr, u64)>,
+    span: Span,
+}
+
+impl FlatAccess {
+    fn new(cascade: &Cascade, access: &Access) -> Self {
+        let shape = shape_of(cascade, access.tensor);
+        let mut stride = 1i64;
+        let mut strides_per_dim = vec![0i64; shape.len()];
+        for d in (0..shape.len()).rev() {
+            strides_per_dim[d] = stride;
+            stride *= shape[d] as i64;
+        }
+        let mut base = 0i64;
+        let mut strides: Vec<(usize, i64)> = Vec::new();
+        for (d, index) in access.indices.iter().enumerate() {
+            let s = strides_per_dim.get(d).copied().unwrap_or(0);
+            base += index.constant * s;
+            for (coef, rank) in &index.terms {
+                match strides.iter_mut().find(|(r, _)| *r == rank.index()) {
+                    Some(entry) => entry.1 += coef * s,
+                    None => strides.push((rank.index(), coef * s)),
+                }
+            }
+        }
+        FlatAccess {
+            tensor: access.tensor,
+            base,
+            strides,
+            dims: access
+                .indices
+                .iter()
+                .cloned()
+                .zip(shape.iter().map(|&e| e as u64))
+                .collect(),
+            span: access.span,
+        }
+    }
+
+    fn offset(&self, cascade: &Cascade, idx: &[i64]) -> Result<usize, EvalError> {
+        for (expr, extent) in &self.dims {
+            let i = expr.eval(|r| idx[r.index()]);
+            if i < 0 || i as u64 >= *extent {
+                return Err(EvalError::OutOfRange {
+                    tensor: cascade.tensors[self.tensor].name.clone(),
+                    index: i,
+                    extent: *extent,
+                    span: self.span,
+                });
+            }
+        }
+        Ok(self
+            .strides
+            .iter()
+            .fold(self.base, |acc, (r, s)| acc + s * idx[*r]) as usize)
+    }
+}
+
+/// An expression with its accesses flattened, evaluated point by point.
+enum Node {
+    Literal(f64),
+    Access(usize),
+    Index(IndexExpr),
+    Unary(UnaryOp, Box<Node>),
+    Binary(BinaryOp, Box<Node>, Box<Node>),
+}
+
+fn flatten(cascade: &Cascade, expr: &Expr, accesses: &mut Vec<FlatAccess>) -> Node {
+    match expr {
+        Expr::Literal(v) => Node::Literal(*v),
+        Expr::Index(i) => Node::Index(i.clone()),
+        Expr::Access(a) => {
+            accesses.push(FlatAccess::new(cascade, a));
+            Node::Access(accesses.len() - 1)
+        }
+        Expr::Unary(op, a) => Node::Unary(*op, Box::new(flatten(cascade, a, accesses))),
+        Expr::Binary(op, a, b) => Node::Binary(
+            *op,
+            Box::new(flatten(cascade, a, accesses)),
+            Box::new(flatten(cascade, b, accesses)),
+        ),
+    }
+}
+
+struct Evaluator<'a> {
+    cascade: &'a Cascade,
+    values: &'a HashMap<Handle<Tensor>, TensorData>,
+    /// The state a recurrence is advancing, read in place of `values`.
+    state: Option<(Handle<Tensor>, &'a TensorData)>,
+    accesses: Vec<FlatAccess>,
+}
+
+impl Evaluator<'_> {
+    /// `Ok(None)` when an operand is absent.
+    fn eval(&self, node: &Node, idx: &[i64]) -> Result<Option<f64>, EvalError> {
+        Ok(match node {
+            Node::Literal(v) => Some(*v),
+            Node::Index(i) => Some(i.eval(|r| idx[r.index()]) as f64),
+            Node::Access(k) => {
+                let access = &self.accesses[*k];
+                let data = match self.state {
+                    Some((t, data)) if t == access.tensor => Some(data),
+                    _ => self.values.get(&access.tensor),
+                };
+                let data = data.ok_or_else(|| {
+                    EvalError::Unassigned {
+                        tensor: self.cascade.tensors[access.tensor].name.clone(),
+                        span: access.span,
+                    }
+                })?;
+                data.get(access.offset(self.cascade, idx)?)
+            }
+            Node::Unary(op, a) => self.eval(a, idx)?.map(|x| op.apply(x)),
+            Node::Binary(op, a, b) => match (self.eval(a, idx)?, self.eval(b, idx)?) {
+                (Some(x), Some(y)) => Some(op.apply(x, y)),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// One Einsum prepared for evaluation: its loop levels and the mask conditions that can be
+/// checked once each level's rank is bound.
+struct Plan {
+    body: Node,
+    /// Reductions outermost first: (rank index, extent, op, conditions checkable here).
+    levels: Vec<(usize, i64, ReduceOp, Vec<Condition>)>,
+    /// Conditions over output ranks only.
+    outer_conditions: Vec<Condition>,
+}
+
+impl Plan {
+    fn reduce(
+        &self,
+        ev: &Evaluator,
+        level: usize,
+        idx: &mut [i64],
+    ) -> Result<Option<f64>, EvalError> {
+        if level == self.levels.len() {
+            return ev.eval(&self.body, idx);
+        }
+        let (rank, extent, op, conds) = &self.levels[level];
+        let mut acc = op.identity();
+        for i in 0..*extent {
+            idx[*rank] = i;
+            if !conds.iter().all(|c| c.holds(|r| idx[r.index()])) {
+                continue;
+            }
+            if let Some(v) = self.reduce(ev, level + 1, idx)? {
+                acc = op.combine(acc, v);
+            }
+        }
+        Ok(Some(acc))
+    }
+
+    fn point(&self, ev: &Evaluator, idx: &mut [i64]) -> Result<Option<f64>, EvalError> {
+        if !self
+            .outer_conditions
+            .iter()
+            .all(|c| c.holds(|r| idx[r.index()]))
+        {
+            return Ok(None);
+        }
+        self.reduce(ev, 0, idx)
+    }
+}
+
+fn plan(cascade: &Cascade, einsum: &Einsum, accesses: &mut Vec<FlatAccess>) -> Plan {
+    let body = flatten(cascade, &einsum.expr, accesses);
+    // Outermost reduction first; a condition is checked at the first level where all
+    // of its ranks are bound, so a masked outer point skips its whole inner reduction.
+    let order: Vec<&Reduction> = einsum.reductions.iter().rev().collect();
+    let bound_level = |c: &Condition| -> Option<usize> {
+        let mut level = None;
+        for r in c.lhs.ranks().chain(c.rhs.ranks()) {
+            if let Some(pos) = order.iter().position(|red| red.rank == r) {
+                level = Some(level.map_or(pos, |l: usize| l.max(pos)));
+            }
+        }
+        level
+    };
+    let mut levels: Vec<(usize, i64, ReduceOp, Vec<Condition>)> = order
+        .iter()
+        .map(|red| {
+            (
+                red.rank.index(),
+                cascade.ranks[red.rank].extent as i64,
+                red.op,
+                Vec::new(),
+            )
+        })
+        .collect();
+    let mut outer_conditions = Vec::new();
+    for c in &einsum.mask {
+        match bound_level(c) {
+            Some(l) => levels[l].3.push(c.clone()),
+            None => outer_conditions.push(c.clone()),
+        }
+    }
+    Plan {
+        body,
+        levels,
+        outer_conditions,
+    }
+}
+
+/// Iterates every point of `ranks` (row-major), binding them in `idx`.
+fn for_each_point(
+    cascade: &Cascade,
+    ranks: &[Handle<Rank>],
+    idx: &mut Vec<i64>,
+    f: &mut dyn FnMut(&mut Vec<i64>) -> Result<(), EvalError>,
+) -> Result<(), EvalError> {
+    fn go(
+        cascade: &Cascade,
+        ranks: &[Handle<Rank>],
+        k: usize,
+        idx: &mut Vec<i64>,
+        f: &mut dyn FnMut(&mut Vec<i64>) -> Result<(), EvalError>,
+    ) -> Result<(), EvalError> {
+        if k == ranks.len() {
+            return f(idx);
+        }
+        let r = ranks[k];
+        for i in 0..cascade.ranks[r].extent as i64 {
+            idx[r.index()] = i;
+            go(cascade, ranks, k + 1, idx, f)?;
+        }
+        Ok(())
+    }
+    go(cascade, ranks, 0, idx, f)
+}
+
+fn check_input(
+    cascade: &Cascade,
+    tensor: Handle<Tensor>,
+    data: &TensorData,
+) -> Result<(), EvalError> {
+    let expected = shape_of(cascade, tensor);
+    if data.shape != expected || data.values.len() != expected.iter().product::<usize>() {
+        return Err(EvalError::ShapeMismatch {
+            name: cascade.tensors[tensor].name.clone(),
+            expected,
+            got: data.shape.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Evaluates `cascade` on `inputs` (every Input and Param tensor; a Param with a default may
+/// be omitted) in the order given by `order` (a topological order of the Einsums).
+pub fn evaluate_in_order(
+    cascade: &Cascade,
+    inputs: &HashMap<Handle<Tensor>, TensorData>,
+    order: &[Handle<Einsum>],
+) -> Result<Values, EvalError> {
+    let mut values: HashMap<Handle<Tensor>, TensorData> = HashMap::new();
+    for (h, t) in cascade.tensors.iter() {
+        match (t.kind, inputs.get(&h)) {
+            (TensorKind::Input | TensorKind::Param, Some(data)) => {
+                check_input(cascade, h, data)?;
+                values.insert(h, data.clone());
+            }
+            (TensorKind::Param, None) if t.default.is_some() => {
+                let shape = shape_of(cascade, h);
+                values.insert(h, TensorData::filled(shape, t.default.unwrap_or(0.0)));
+            }
+            (TensorKind::Input | TensorKind::Param, None) => {
+                return Err(EvalError::MissingInput {
+                    name: t.name.clone(),
+                    kind: if t.kind == TensorKind::Input {
+                        "input"
+                    } else {
+                        "parameter"
+                    },
+                })
+            }
+            _ => {}
+        }
+    }
+    for &e in order {
+        let data = evaluate_einsum(cascade, e, &values)?;
+        values.insert(cascade.einsums[e].output.tensor, data);
+    }
+    Ok(Values { tensors: values })
+}
+
+fn evaluate_einsum(
+    cascade: &Cascade,
+    einsum: Handle<Einsum>,
+    values: &HashMap<Handle<Tensor>, TensorData>,
+) -> Result<TensorData, EvalError> {
+    let e = &cascade.einsums[einsum];
+    let target = e.output.tensor;
+    let shape = shape_of(cascade, target);
+    let n: usize = shape.iter().product();
+    let mut out = TensorData {
+        shape,
+        values: vec![0.0; n],
+        present: Some(vec![false; n]),
+    };
+    let mut accesses = Vec::new();
+    let output_access = FlatAccess::new(cascade, &e.output);
+    let body_plan = plan(cascade, e, &mut accesses);
+    let init_node = e
+        .recurrence
+        .as_ref()
+        .map(|rec| flatten(cascade, &rec.init, &mut accesses));
+    let mut idx = vec![0i64; cascade.ranks.len()];
+
+    let free: Vec<Handle<Rank>> = cascade
+        .iteration_ranks(einsum)
+        .into_iter()
+        .filter(|&r| !e.is_reduced(r))
+        .collect();
+
+    match (&e.recurrence, init_node) {
+        (Some(rec), Some(init)) => {
+            // The state at step 0 comes from `init`; step k + 1 is computed from step k, so
+            // the iterative rank is the outermost loop and each step reads a finished one.
+            let others: Vec<Handle<Rank>> =
+                free.iter().copied().filter(|&r| r != rec.rank).collect();
+            let state_dim = cascade.tensors[target].iterative;
+            let steps = cascade.ranks[rec.rank].extent as i64;
+            {
+                let ev = Evaluator {
+                    cascade,
+                    values,
+                    state: None,
+                    accesses: std::mem::take(&mut accesses),
+                };
+                let init_out = init_access(cascade, e, state_dim);
+                for_each_point(cascade, &others, &mut idx, &mut |idx| {
+                    let off = init_out.offset(cascade, idx)?;
+                    write(&mut out, off, ev.eval(&init, idx)?);
+                    Ok(())
+                })?;
+                accesses = ev.accesses;
+            }
+            for step in 0..steps {
+                idx[rec.rank.index()] = step;
+                let ev = Evaluator {
+                    cascade,
+                    values,
+                    state: Some((target, &out)),
+                    accesses: std::mem::take(&mut accesses),
+                };
+                let mut writes = Vec::new();
+                for_each_point(cascade, &others, &mut idx, &mut |idx| {
+                    let off = output_access.offset(cascade, idx)?;
+                    writes.push((off, body_plan.point(&ev, idx)?));
+                    Ok(())
+                })?;
+                accesses = ev.accesses;
+                for (off, v) in writes {
+                    write(&mut out, off, v);
+                }
+            }
+        }
+        _ => {
+            let ev = Evaluator {
+                cascade,
+                values,
+                state: None,
+                accesses,
+            };
+            for_each_point(cascade, &free, &mut idx, &mut |idx| {
+                let off = output_access.offset(cascade, idx)?;
+                write(&mut out, off, body_plan.point(&ev, idx)?);
+                Ok(())
+            })?;
+        }
+    }
+    if out.present.as_ref().is_some_and(|p| p.iter().all(|&x| x)) {
+        out.present = None;
+    }
+    Ok(out)
+}
+
+/// The output access of the init: the state's iterative dimension at step 0.
+fn init_access(cascade: &Cascade, e: &Einsum, state_dim: Option<usize>) -> FlatAccess {
+    let mut access = e.output.clone();
+    if let Some(d) = state_dim {
+        if let Some(index) = access.indices.get_mut(d) {
+            *index = IndexExpr::constant(0);
+        }
+    }
+    FlatAccess::new(cascade, &access)
+}
+
+fn write(out: &mut TensorData, offset: usize, value: Option<f64>) {
+    if let Some(v) = value {
+        out.values[offset] = v;
+        if let Some(p) = out.present.as_mut() {
+            p[offset] = true;
+        }
+    }
+}
