@@ -1,0 +1,1155 @@
+//! PTX printer: Tile IR -> PTX text (ISA 8.7) using `sm_80` instructions, which also run on
+//! Hopper (`ptxas -arch=sm_90a` accepts the same text).
+//!
+//! # Lowering
+//!
+//! * **Threads.** A CTA has `32 * warps` threads. Warp `w` owns query rows
+//!   `[w * rpw, (w + 1) * rpw)` with `rpw = block_m / warps`, i.e. `rpw / 16` mma m-tiles.
+//!   Lane `l` has `g = l / 4` (its row within an 8-row group) and `tig = l % 4`.
+//! * **f32 accumulator tiles** (`block_m x C`) use the `mma.m16n8k16` C/D layout: for m-tile
+//!   `mt` and n-tile `nt` (8 columns) a thread holds 4 registers `e = 0..3` at
+//!   `row = w*rpw + mt*16 + g + 8*(e / 2)`, `col = nt*8 + 2*tig + (e % 2)`, named
+//!   `%t<id>_<(mt*C/8 + nt)*4 + e>`.
+//! * **16-bit A-operand tiles** use the `m16n8k16` A layout: for m-tile `mt` and k-step `ks`
+//!   (16 columns) 4 `.b32` registers, each two elements: `a0 = (g, 2tig..+1)`,
+//!   `a1 = (g+8, 2tig..)`, `a2 = (g, 8+2tig..)`, `a3 = (g+8, 8+2tig..)`, named
+//!   `%a<id>_<(mt*C/16 + ks)*4 + i>`. Converting scores to this layout needs no data
+//!   movement: `a0..a3` of k-step `ks` are the C registers of n-tiles `2ks, 2ks+1`
+//!   packed pairwise (`cvt.rn.bf16x2.f32`), the FlashAttention-2 register trick.
+//! * **Row vectors**: a thread holds rows `g` and `g + 8` of each of its m-tiles:
+//!   `%w<id>_<mt*2 + half>`. Row reductions fold the thread's columns, then two
+//!   `shfl.sync.bfly` (xor 1, 2) combine the 4 threads of a quad that share a row.
+//! * **Shared tiles** are row-major with rows of `cols * 2` bytes, cut into 16-byte chunks;
+//!   chunk `c` of row `r` is stored at chunk `c ^ (r % 8)` (XOR swizzle), so the 8 row
+//!   addresses of one `ldmatrix` 8x8 matrix hit 8 different bank groups, and `cp.async`
+//!   16-byte writes stay conflict-free. Requires `cols >= 64` (8 chunks).
+//! * **Loads** (`LoadTile`): each thread copies 16-byte chunks with
+//!   `cp.async.cg.shared.global ... 16, src_size`; rows past the sequence end get
+//!   `src_size = 0` (zero fill) and a clamped address. Requires `threads % chunks_per_row
+//!   == 0` and `(threads / chunks_per_row) % 8 == 0`, so a thread's swizzle is the same for
+//!   all its rows.
+//! * **Contractions**: A from registers or `ldmatrix.x4` (query tile), B via `ldmatrix.x4`
+//!   (`RowsAreN`: rows are output columns, e.g. K for `Q K^T`) or `ldmatrix.x4.trans`
+//!   (`RowsAreK`, e.g. V for `P V`), then `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}`.
+//! * **Key loop**: tiles `[t_begin, t_end)` from the band masks (tile skipping, see
+//!   [`crate::tile::key_tile_range`]); `stages`-deep ring for the streamed tiles: the prologue
+//!   issues `stages - 1` tiles, each iteration waits (`cp.async.wait_group stages-2`),
+//!   `bar.sync`s, issues tile `it + stages - 1` into the slot freed by the previous
+//!   iteration, then computes. `Mask` runs under a uniform branch taken only on boundary
+//!   tiles.
+//! * **Scalars**: expressions of literals and parameters only are computed once at kernel
+//!   start; `exp2`, `log2`, `tanh` use the `.approx` SFU instructions (`ex2.approx.ftz`
+//!   maps `-inf` to 0); `mul`/`add` are left unrounded so `ptxas` fuses them into FMA.
+//! * **Stores**: each thread writes its 2 adjacent output elements as one 32-bit store,
+//!   rows `>= N_q` predicated off; the row output (LSE) is written by `tig == 0` lanes.
+
+pub mod ptxas;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use crate::tile::*;
+
+/// Code-generation target. Both use the `sm_80` instruction set; `Sm90a` only changes
+/// the `.target` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Sm80,
+    Sm90a,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Sm80 => "sm_80",
+            Target::Sm90a => "sm_90a",
+        }
+    }
+}
+
+/// The PTX version written in the header.
+pub const PTX_VERSION: &str = "8.7";
+
+/// A printed kernel and what is needed to launch it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PtxKernel {
+    pub entry: String,
+    pub text: String,
+    pub target: Target,
+    pub threads: u32,
+    pub block_m: u32,
+    pub dynamic_smem_bytes: u32,
+    pub abi: Vec<AbiParam>,
+}
+
+impl PtxKernel {
+    /// Grid `(query tiles, batch * heads, 1)`.
+    pub fn grid(&self, batch: u32, heads: u32, n_q: u32) -> (u32, u32, u32) {
+        (n_q.div_ceil(self.block_m), batch * heads, 1)
+    }
+}
+
+fn unsupported<T>(msg: impl Into<String>) -> Result<T, TileError> {
+    Err(TileError::Unsupported(msg.into()))
+}
+
+/// Prints `prog` as a PTX module with one `.entry` named after the program.
+pub fn print_ptx(prog: &TileProgram, target: Target) -> Result<PtxKernel, TileError> {
+    prog.validate()?;
+    let mut p = Printer::new(prog)?;
+    p.emit_setup()?;
+    p.emit_block(&prog.body, None)?;
+    let text = p.finish(target);
+    Ok(PtxKernel {
+        entry: prog.name.clone(),
+        text,
+        target,
+        threads: prog.threads(),
+        block_m: prog.schedule.block_m,
+        dynamic_smem_bytes: p.smem_total,
+        abi: prog.abi(),
+    })
+}
+
+/// f32 literal in PTX hex form (exact, handles infinities).
+fn f32_lit(x: f64) -> String {
+    format!("0f{:08X}", (x as f32).to_bits())
+}
+
+struct LoopState {
+    masks: Vec<BandMask>,
+    block_n: u32,
+}
+
+struct Printer<'a> {
+    prog: &'a TileProgram,
+    body: String,
+    hoisted: String,
+    decls: Vec<String>,
+    n_r: usize,
+    n_rd: usize,
+    n_f: usize,
+    n_p: usize,
+    n_label: usize,
+    uniform_cache: HashMap<String, String>,
+    /// Byte offset of each shared tile in the dynamic shared-memory block.
+    smem_offset: Vec<u32>,
+    smem_total: u32,
+    /// Register holding each shared tile's current base address (streamed: current stage).
+    smem_base: Vec<String>,
+    mtiles: u32,
+    /// Register holding key index in the current key loop iteration (`key_origin + 2 tig`).
+    in_loop: bool,
+}
+
+impl<'a> Printer<'a> {
+    fn new(prog: &'a TileProgram) -> Result<Self, TileError> {
+        let streamed = prog.streamed_tiles();
+        let mut smem_offset = Vec::new();
+        let mut off = 0u32;
+        for (i, t) in prog.shared.iter().enumerate() {
+            if t.cols < 64 || !t.cols.is_power_of_two() {
+                return unsupported(format!(
+                    "shared tile {} needs a power-of-two width >= 64 elements for the swizzle",
+                    t.name
+                ));
+            }
+            smem_offset.push(off);
+            let copies = if streamed.contains(&SharedId(i as u32)) {
+                prog.schedule.stages
+            } else {
+                1
+            };
+            off += (t.rows * t.cols * t.elem.bytes() * copies).div_ceil(128) * 128;
+        }
+        Ok(Printer {
+            prog,
+            body: String::new(),
+            hoisted: String::new(),
+            decls: Vec::new(),
+            n_r: 0,
+            n_rd: 0,
+            n_f: 0,
+            n_p: 0,
+            n_label: 0,
+            uniform_cache: HashMap::new(),
+            smem_offset,
+            smem_total: off,
+            smem_base: vec![String::new(); prog.shared.len()],
+            mtiles: prog.rows_per_warp() / 16,
+            in_loop: false,
+        })
+    }
+
+    // ---- register allocation -------------------------------------------------------
+    fn r(&mut self) -> String {
+        self.n_r += 1;
+        format!("%r{}", self.n_r - 1)
+    }
+    fn rd(&mut self) -> String {
+        self.n_rd += 1;
+        format!("%rd{}", self.n_rd - 1)
+    }
+    fn f(&mut self) -> String {
+        self.n_f += 1;
+        format!("%f{}", self.n_f - 1)
+    }
+    fn pred(&mut self) -> String {
+        self.n_p += 1;
+        format!("%p{}", self.n_p - 1)
+    }
+    fn label(&mut self, what: &str) -> String {
+        self.n_label += 1;
+        format!("$L_{what}_{}", self.n_label - 1)
+    }
+    fn named(&mut self, ty: &str, name: &str) -> String {
+        self.decls.push(format!("\t.reg {ty} %{name};"));
+        format!("%{name}")
+    }
+    fn ins(&mut self, s: impl AsRef<str>) {
+        self.body.push('\t');
+        self.body.push_str(s.as_ref());
+        self.body.push('\n');
+    }
+    fn comment(&mut self, s: impl AsRef<str>) {
+        let _ = writeln!(self.body, "\t// {}", s.as_ref());
+    }
+
+    // ---- tile register names ---------------------------------------------------------
+    fn acc_reg(&self, id: RegId, mt: u32, nt: u32, e: u32) -> String {
+        let cols = self.prog.regs[id.index()].cols;
+        format!("%t{}_{}", id.0, (mt * (cols / 8) + nt) * 4 + e)
+    }
+    fn afrag_reg(&self, id: RegId, mt: u32, ks: u32, i: u32) -> String {
+        let cols = self.prog.regs[id.index()].cols;
+        format!("%a{}_{}", id.0, (mt * (cols / 16) + ks) * 4 + i)
+    }
+    fn row_reg(&self, id: RowId, mt: u32, half: u32) -> String {
+        format!("%w{}_{}", id.0, mt * 2 + half)
+    }
+
+    fn mma_type(elem: Elem) -> Result<&'static str, TileError> {
+        match elem {
+            Elem::Bf16 => Ok("bf16"),
+            Elem::F16 => Ok("f16"),
+            Elem::F32 => unsupported("mma operands must be 16-bit"),
+        }
+    }
+
+    // ---- setup -------------------------------------------------------------------------
+    fn emit_setup(&mut self) -> Result<(), TileError> {
+        let prog = self.prog;
+        let abi = prog.abi();
+        // Parameters.
+        for a in &abi {
+            match a.role {
+                AbiRole::TensorPtr(id) => {
+                    let raw = self.named(".b64", &format!("praw{}", id.0));
+                    self.ins(format!("ld.param.u64 {raw}, [{}];", a.name));
+                    let g = self.named(".b64", &format!("gptr{}", id.0));
+                    self.ins(format!("cvta.to.global.u64 {g}, {raw};"));
+                }
+                AbiRole::RowOutputPtr(id) => {
+                    let raw = self.named(".b64", &format!("roraw{}", id.0));
+                    self.ins(format!("ld.param.u64 {raw}, [{}];", a.name));
+                    let g = self.named(".b64", &format!("ro{}", id.0));
+                    self.ins(format!("cvta.to.global.u64 {g}, {raw};"));
+                }
+                AbiRole::HeadParamPtr(id) => {
+                    let raw = self.named(".b64", &format!("hpraw{}", id.0));
+                    self.ins(format!("ld.param.u64 {raw}, [{}];", a.name));
+                    let g = self.named(".b64", &format!("hpp{}", id.0));
+                    self.ins(format!("cvta.to.global.u64 {g}, {raw};"));
+                }
+                AbiRole::QueryLen => {
+                    let r = self.named(".b32", "nq");
+                    self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
+                }
+                AbiRole::KeyLen => {
+                    let r = self.named(".b32", "nk");
+                    self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
+                }
+                AbiRole::Heads => {
+                    let r = self.named(".b32", "heads");
+                    self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
+                }
+                AbiRole::KvGroup => {
+                    let r = self.named(".b32", "kvg");
+                    self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
+                }
+                AbiRole::StrideBatch(id) => {
+                    let r = self.named(".b64", &format!("sb{}", id.0));
+                    self.ins(format!("ld.param.u64 {r}, [{}];", a.name));
+                }
+                AbiRole::StrideSeq(id) => {
+                    let r = self.named(".b64", &format!("sn{}", id.0));
+                    self.ins(format!("ld.param.u64 {r}, [{}];", a.name));
+                }
+                AbiRole::StrideHead(id) => {
+                    let r = self.named(".b64", &format!("sh{}", id.0));
+                    self.ins(format!("ld.param.u64 {r}, [{}];", a.name));
+                }
+                AbiRole::Scalar(id) => {
+                    let r = self.named(".f32", &format!("sc{}", id.0));
+                    self.ins(format!("ld.param.f32 {r}, [{}];", a.name));
+                }
+            }
+        }
+        // Thread coordinates.
+        let tid = self.named(".b32", "thr");
+        self.ins(format!("mov.u32 {tid}, %tid.x;"));
+        let warp = self.named(".b32", "warp");
+        self.ins(format!("shr.u32 {warp}, {tid}, 5;"));
+        let lane = self.named(".b32", "lane");
+        self.ins(format!("and.b32 {lane}, {tid}, 31;"));
+        let g = self.named(".b32", "g");
+        self.ins(format!("shr.u32 {g}, {lane}, 2;"));
+        let tig = self.named(".b32", "tig");
+        self.ins(format!("and.b32 {tig}, {lane}, 3;"));
+        // Query tile: with masks the heaviest tiles (the last ones) go first.
+        let has_masks = prog.body.iter().any(|s| matches!(s, Stmt::KeyLoop { masks, .. } if !masks.is_empty()));
+        let qtile = self.named(".b32", "qtile");
+        if has_masks {
+            let n = self.r();
+            let c = self.r();
+            self.ins(format!("mov.u32 {n}, %nctaid.x;"));
+            self.ins(format!("mov.u32 {c}, %ctaid.x;"));
+            self.ins(format!("sub.u32 {qtile}, {n}, {c};"));
+            self.ins(format!("sub.u32 {qtile}, {qtile}, 1;"));
+        } else {
+            self.ins(format!("mov.u32 {qtile}, %ctaid.x;"));
+        }
+        let p0 = self.named(".b32", "qrow0");
+        self.ins(format!("mul.lo.u32 {p0}, {qtile}, {};", prog.schedule.block_m));
+        let bh = self.r();
+        self.ins(format!("mov.u32 {bh}, %ctaid.y;"));
+        let b = self.named(".b32", "bidx");
+        let h = self.named(".b32", "hidx");
+        let hk = self.named(".b32", "hkidx");
+        self.ins(format!("div.u32 {b}, {bh}, %heads;"));
+        self.ins(format!("rem.u32 {h}, {bh}, %heads;"));
+        self.ins(format!("div.u32 {hk}, {h}, %kvg;"));
+        // p_last = min(p0 + block_m, n_q) - 1
+        let plast = self.named(".b32", "plast");
+        self.ins(format!("add.s32 {plast}, {p0}, {};", prog.schedule.block_m));
+        self.ins(format!("min.s32 {plast}, {plast}, %nq;"));
+        self.ins(format!("sub.s32 {plast}, {plast}, 1;"));
+        // This thread's first row: p0 + warp * rpw + g.
+        let prow = self.named(".b32", "prow0");
+        self.ins(format!("mad.lo.u32 {prow}, {warp}, {}, {p0};", prog.rows_per_warp()));
+        self.ins(format!("add.u32 {prow}, {prow}, {g};"));
+        // Head parameters for this head.
+        for i in 0..prog.head_params.len() {
+            let v = self.named(".f32", &format!("hp{i}"));
+            let a = self.rd();
+            self.ins(format!("mul.wide.u32 {a}, {h}, 4;"));
+            self.ins(format!("add.u64 {a}, {a}, %hpp{i};"));
+            self.ins(format!("ld.global.nc.f32 {v}, [{a}];"));
+        }
+        // Tensor bases (batch, head applied) and row strides in bytes.
+        for (i, t) in prog.tensors.iter().enumerate() {
+            let eb = t.elem.bytes();
+            let head = if t.rows == SeqRank::Query { "%hidx" } else { "%hkidx" };
+            let bb = self.rd();
+            let hh = self.rd();
+            self.ins(format!("cvt.u64.u32 {bb}, %bidx;"));
+            self.ins(format!("cvt.u64.u32 {hh}, {head};"));
+            let off = self.rd();
+            self.ins(format!("mul.lo.u64 {off}, {bb}, %sb{i};"));
+            self.ins(format!("mad.lo.u64 {off}, {hh}, %sh{i}, {off};"));
+            self.ins(format!("shl.b64 {off}, {off}, {};", eb.trailing_zeros()));
+            let base = self.named(".b64", &format!("base{i}"));
+            self.ins(format!("add.u64 {base}, %gptr{i}, {off};"));
+            let rs = self.named(".b64", &format!("rsb{i}"));
+            self.ins(format!("shl.b64 {rs}, %sn{i}, {};", eb.trailing_zeros()));
+        }
+        // Float query index of each of this thread's rows.
+        for mt in 0..self.mtiles {
+            for half in 0..2 {
+                let pi = self.r();
+                self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
+                let pf = self.named(".f32", &format!("pf_{mt}_{half}"));
+                self.ins(format!("cvt.rn.f32.s32 {pf}, {pi};"));
+            }
+        }
+        // Shared memory bases.
+        let smem = self.named(".b32", "smem");
+        self.ins(format!("mov.u32 {smem}, einattn_smem;"));
+        for i in 0..prog.shared.len() {
+            let base = self.named(".b32", &format!("sbase{i}"));
+            self.ins(format!("add.u32 {base}, {smem}, {};", self.smem_offset[i]));
+            self.smem_base[i] = base;
+        }
+        // ldmatrix lane patterns. Pattern A (A operand, and B with .trans): lane row
+        // `lane & 15`, chunk bit `lane >> 4`. Pattern N (B without .trans): lane row
+        // `(lane & 7) | ((lane >> 4) << 3)`, chunk bit `(lane >> 3) & 1`. For a chunk pair
+        // starting at even chunk `e`, the swizzled chunk is `(e & ~7) + ((e & 7) ^ x)` with
+        // `x = chunk_bit ^ (lane & 7)`: precompute `((2j) ^ x) * 16` for j = 0..3.
+        let l7 = self.r();
+        self.ins(format!("and.b32 {l7}, {lane}, 7;"));
+        for (pat, row_expr) in [("A", 0), ("N", 1)] {
+            let row = self.named(".b32", &format!("lm{pat}_row"));
+            let bit = self.r();
+            if row_expr == 0 {
+                self.ins(format!("and.b32 {row}, {lane}, 15;"));
+                self.ins(format!("shr.u32 {bit}, {lane}, 4;"));
+            } else {
+                let t = self.r();
+                self.ins(format!("shr.u32 {t}, {lane}, 4;"));
+                self.ins(format!("shl.b32 {t}, {t}, 3;"));
+                self.ins(format!("or.b32 {row}, {l7}, {t};"));
+                self.ins(format!("bfe.u32 {bit}, {lane}, 3, 1;"));
+            }
+            let x = self.r();
+            self.ins(format!("xor.b32 {x}, {bit}, {l7};"));
+            for j in 0..4u32 {
+                let sw = self.named(".b32", &format!("lm{pat}_sw{j}"));
+                self.ins(format!("xor.b32 {sw}, {x}, {};", 2 * j));
+                self.ins(format!("shl.b32 {sw}, {sw}, 4;"));
+            }
+        }
+        self.body.push_str(SETUP_END);
+        Ok(())
+    }
+
+    /// Offset register (base + lane row * row bytes + swizzle) for an ldmatrix of pattern
+    /// `pat` on a tile with `row_bytes`, for chunk pair starting at `e`; returns
+    /// `(register, immediate)`.
+    fn ldm_addr(&mut self, base: &str, pat: &str, row_bytes: u32, block_row: u32, e: u32) -> (String, u32) {
+        let a = self.r();
+        self.ins(format!("mad.lo.u32 {a}, %lm{pat}_row, {row_bytes}, {base};"));
+        self.ins(format!("add.u32 {a}, {a}, %lm{pat}_sw{};", (e & 7) / 2));
+        (a, block_row * row_bytes + (e & !7) * 16)
+    }
+
+    // ---- statements --------------------------------------------------------------------
+    fn emit_block(&mut self, body: &[Stmt], lp: Option<&LoopState>) -> Result<(), TileError> {
+        for st in body {
+            self.emit_stmt(st, lp)?;
+        }
+        Ok(())
+    }
+
+    fn emit_stmt(&mut self, st: &Stmt, lp: Option<&LoopState>) -> Result<(), TileError> {
+        let prog = self.prog;
+        match st {
+            Stmt::LoadTile { dst, src } => {
+                if self.in_loop {
+                    // Streamed tiles are issued by the key loop's ring.
+                    return Ok(());
+                }
+                self.comment(format!("load {} <- {}", prog.shared[dst.index()].name, prog.tensors[src.index()].name));
+                let base = self.smem_base[dst.index()].clone();
+                self.emit_load_issue(*dst, *src, "%qrow0", &base)?;
+                self.ins("cp.async.commit_group;");
+                // Simple and safe: the tile is complete and visible before anything follows.
+                self.ins("cp.async.wait_group 0;");
+                self.ins("bar.sync 0;");
+            }
+            Stmt::Fill { dst, value } => {
+                let cols = prog.regs[dst.index()].cols;
+                for mt in 0..self.mtiles {
+                    for nt in 0..cols / 8 {
+                        for e in 0..4 {
+                            let r = self.acc_reg(*dst, mt, nt, e);
+                            self.ins(format!("mov.f32 {r}, {};", f32_lit(*value)));
+                        }
+                    }
+                }
+            }
+            Stmt::FillRow { dst, value } => {
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let r = self.row_reg(*dst, mt, half);
+                        self.ins(format!("mov.f32 {r}, {};", f32_lit(*value)));
+                    }
+                }
+            }
+            Stmt::Fragments { dst, src } => {
+                self.comment(format!("fragments {}", prog.regs[dst.index()].name));
+                let t = &prog.shared[src.index()];
+                let rb = t.cols * 2;
+                let wbase = self.r();
+                let sb = self.smem_base[src.index()].clone();
+                self.ins(format!("mad.lo.u32 {wbase}, %warp, {}, {sb};", prog.rows_per_warp() * rb));
+                for mt in 0..self.mtiles {
+                    for ks in 0..t.cols / 16 {
+                        let (a, imm) = self.ldm_addr(&wbase, "A", rb, mt * 16, 2 * ks);
+                        let regs: Vec<String> = (0..4).map(|i| self.afrag_reg(*dst, mt, ks, i)).collect();
+                        self.ins(format!(
+                            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}}}, [{a}+{imm}];",
+                            regs.join(", ")
+                        ));
+                    }
+                }
+            }
+            Stmt::Contract { acc, a, b, b_layout } => self.emit_contract(*acc, *a, *b, *b_layout)?,
+            Stmt::Map { dst, expr } => {
+                let cols = prog.regs[dst.index()].cols;
+                for mt in 0..self.mtiles {
+                    for nt in 0..cols / 8 {
+                        for e in 0..4 {
+                            let ctx = ElemCtx {
+                                mt,
+                                half: e / 2,
+                                col: Some((nt, e % 2)),
+                            };
+                            let v = self.emit_expr(expr, &ctx)?;
+                            let r = self.acc_reg(*dst, mt, nt, e);
+                            self.ins(format!("mov.f32 {r}, {v};"));
+                        }
+                    }
+                }
+            }
+            Stmt::Mask { dst, fill } => {
+                let lp = lp.ok_or_else(|| TileError::Invalid("Mask outside the key loop".into()))?;
+                let skip = self.label("nomask");
+                self.ins(format!("@!%needmask bra.uni {skip};"));
+                let cols = prog.regs[dst.index()].cols;
+                let masks = lp.masks.clone();
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        // Per-row limits: key > p + bound (KeyMinusQuery) or key < p - bound.
+                        let pi = self.r();
+                        self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
+                        let mut lims = Vec::new();
+                        for m in &masks {
+                            let l = self.r();
+                            match m.direction {
+                                BandDirection::KeyMinusQuery => {
+                                    self.ins(format!("add.s32 {l}, {pi}, {};", m.bound));
+                                    lims.push(("gt", l));
+                                }
+                                BandDirection::QueryMinusKey => {
+                                    self.ins(format!("sub.s32 {l}, {pi}, {};", m.bound));
+                                    lims.push(("lt", l));
+                                }
+                            }
+                        }
+                        for nt in 0..cols / 8 {
+                            for lo in 0..2 {
+                                let key = self.r();
+                                self.ins(format!("add.s32 {key}, %kcol, {};", nt * 8 + lo));
+                                let pr = self.pred();
+                                self.ins(format!("setp.ge.s32 {pr}, {key}, %nk;"));
+                                for (cmp, l) in &lims {
+                                    self.ins(format!("setp.{cmp}.or.s32 {pr}, {key}, {l}, {pr};"));
+                                }
+                                let r = self.acc_reg(*dst, mt, nt, half * 2 + lo);
+                                self.ins(format!("selp.f32 {r}, {}, {r}, {pr};", f32_lit(*fill)));
+                            }
+                        }
+                    }
+                }
+                let _ = lp.block_n;
+                self.body.push_str(&format!("{skip}:\n"));
+            }
+            Stmt::RowReduce { dst, src, op } => {
+                let cols = prog.regs[src.index()].cols;
+                let opn = match op {
+                    ReduceOp::Max => "max.f32",
+                    ReduceOp::Sum => "add.f32",
+                };
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let mut vals: Vec<String> = Vec::new();
+                        for nt in 0..cols / 8 {
+                            for lo in 0..2 {
+                                vals.push(self.acc_reg(*src, mt, nt, half * 2 + lo));
+                            }
+                        }
+                        // Pairwise tree: shorter dependency chains than a linear fold.
+                        while vals.len() > 1 {
+                            let mut next = Vec::new();
+                            for pair in vals.chunks(2) {
+                                if pair.len() == 2 {
+                                    let t = self.f();
+                                    self.ins(format!("{opn} {t}, {}, {};", pair[0], pair[1]));
+                                    next.push(t);
+                                } else {
+                                    next.push(pair[0].clone());
+                                }
+                            }
+                            vals = next;
+                        }
+                        let mut v = vals.pop().unwrap_or_else(|| f32_lit(0.0));
+                        for x in [1, 2] {
+                            let s = self.f();
+                            self.ins(format!("shfl.sync.bfly.b32 {s}, {v}, {x}, 31, -1;"));
+                            let t = self.f();
+                            self.ins(format!("{opn} {t}, {v}, {s};"));
+                            v = t;
+                        }
+                        let r = self.row_reg(*dst, mt, half);
+                        self.ins(format!("mov.f32 {r}, {v};"));
+                    }
+                }
+            }
+            Stmt::RowMap { dst, expr } => {
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let ctx = ElemCtx { mt, half, col: None };
+                        let v = self.emit_expr(expr, &ctx)?;
+                        let r = self.row_reg(*dst, mt, half);
+                        self.ins(format!("mov.f32 {r}, {v};"));
+                    }
+                }
+            }
+            Stmt::Convert { dst, src } => {
+                let elem = match prog.regs[dst.index()].kind {
+                    RegKind::AOperand(e) => e,
+                    RegKind::Accumulator => return unsupported("Convert into f32"),
+                };
+                let ty = Self::mma_type(elem)?;
+                let cols = prog.regs[src.index()].cols;
+                for mt in 0..self.mtiles {
+                    for ks in 0..cols / 16 {
+                        for i in 0..4 {
+                            // a0: n-tile 2ks rows g; a1: 2ks rows g+8; a2: 2ks+1 rows g; a3: 2ks+1 rows g+8
+                            let nt = 2 * ks + i / 2;
+                            let e0 = (i % 2) * 2;
+                            let lo = self.acc_reg(*src, mt, nt, e0);
+                            let hi = self.acc_reg(*src, mt, nt, e0 + 1);
+                            let d = self.afrag_reg(*dst, mt, ks, i);
+                            self.ins(format!("cvt.rn.{ty}x2.f32 {d}, {hi}, {lo};"));
+                        }
+                    }
+                }
+            }
+            Stmt::KeyLoop { block_n, masks, body } => self.emit_key_loop(*block_n, masks, body)?,
+            Stmt::Store { src, dst } => {
+                let t = &prog.tensors[dst.index()];
+                let ty = Self::mma_type(t.elem)?;
+                let cols = prog.regs[src.index()].cols;
+                self.comment(format!("store {}", t.name));
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let pi = self.r();
+                        self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
+                        let ok = self.pred();
+                        self.ins(format!("setp.lt.s32 {ok}, {pi}, %nq;"));
+                        let addr = self.rd();
+                        self.ins(format!("cvt.u64.u32 {addr}, {pi};"));
+                        self.ins(format!("mul.lo.u64 {addr}, {addr}, %rsb{};", dst.0));
+                        self.ins(format!("add.u64 {addr}, {addr}, %base{};", dst.0));
+                        let cb = self.rd();
+                        self.ins(format!("mul.wide.u32 {cb}, %tig, {};", 2 * t.elem.bytes()));
+                        self.ins(format!("add.u64 {addr}, {addr}, {cb};"));
+                        for nt in 0..cols / 8 {
+                            let lo = self.acc_reg(*src, mt, nt, half * 2);
+                            let hi = self.acc_reg(*src, mt, nt, half * 2 + 1);
+                            let pk = self.r();
+                            self.ins(format!("cvt.rn.{ty}x2.f32 {pk}, {hi}, {lo};"));
+                            self.ins(format!("@{ok} st.global.b32 [{addr}+{}], {pk};", nt * 8 * t.elem.bytes()));
+                        }
+                    }
+                }
+            }
+            Stmt::StoreRow { src, dst } => {
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let pi = self.r();
+                        self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
+                        let ok = self.pred();
+                        self.ins(format!("setp.lt.s32 {ok}, {pi}, %nq;"));
+                        self.ins(format!("setp.eq.and.u32 {ok}, %tig, 0, {ok};"));
+                        let idx = self.r();
+                        self.ins(format!("mad.lo.u32 {idx}, %bidx, %heads, %hidx;"));
+                        self.ins(format!("mad.lo.u32 {idx}, {idx}, %nq, {pi};"));
+                        let addr = self.rd();
+                        self.ins(format!("mul.wide.u32 {addr}, {idx}, 4;"));
+                        self.ins(format!("add.u64 {addr}, {addr}, %ro{};", dst.0));
+                        let r = self.row_reg(*src, mt, half);
+                        self.ins(format!("@{ok} st.global.f32 [{addr}], {r};"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Issues the cp.async copies of one tile (no commit). `origin` holds the first row.
+    fn emit_load_issue(&mut self, dst: SharedId, src: TensorId, origin: &str, smem: &str) -> Result<(), TileError> {
+        let prog = self.prog;
+        let t = &prog.shared[dst.index()];
+        let threads = prog.threads();
+        let chunks = t.cols * t.elem.bytes() / 16;
+        if threads % chunks != 0 || (threads / chunks) % 8 != 0 || (t.rows * chunks) % threads != 0 {
+            return unsupported(format!(
+                "tile {}: {threads} threads cannot copy {chunks}-chunk rows with a fixed swizzle",
+                t.name
+            ));
+        }
+        let rows_per_iter = threads / chunks;
+        let iters = t.rows * chunks / threads;
+        let row_bytes = t.cols * t.elem.bytes();
+        let n = if t.rank == SeqRank::Query { "%nq" } else { "%nk" };
+        // Thread's row within an iteration and its chunk.
+        let trow = self.r();
+        let tch = self.r();
+        self.ins(format!("shr.u32 {trow}, %thr, {};", chunks.trailing_zeros()));
+        self.ins(format!("and.b32 {tch}, %thr, {};", chunks - 1));
+        // Shared: row * row_bytes + ((chunk ^ (row & 7)) * 16).
+        let s = self.r();
+        let x = self.r();
+        self.ins(format!("and.b32 {x}, {trow}, 7;"));
+        self.ins(format!("xor.b32 {x}, {x}, {tch};"));
+        self.ins(format!("shl.b32 {x}, {x}, 4;"));
+        self.ins(format!("mad.lo.u32 {s}, {trow}, {row_bytes}, {smem};"));
+        self.ins(format!("add.u32 {s}, {s}, {x};"));
+        // Global: base + (origin + row) * row_stride + chunk * 16.
+        let row0 = self.r();
+        self.ins(format!("add.s32 {row0}, {origin}, {trow};"));
+        let gaddr = self.rd();
+        let tmp = self.rd();
+        self.ins(format!("cvt.u64.u32 {gaddr}, {row0};"));
+        self.ins(format!("mul.lo.u64 {gaddr}, {gaddr}, %rsb{};", src.0));
+        self.ins(format!("add.u64 {gaddr}, {gaddr}, %base{};", src.0));
+        self.ins(format!("mul.wide.u32 {tmp}, {tch}, 16;"));
+        self.ins(format!("add.u64 {gaddr}, {gaddr}, {tmp};"));
+        let step = self.rd();
+        self.ins(format!("mul.lo.u64 {step}, %rsb{}, {rows_per_iter};", src.0));
+        for i in 0..iters {
+            let row = self.r();
+            self.ins(format!("add.s32 {row}, {row0}, {};", i * rows_per_iter));
+            let ok = self.pred();
+            self.ins(format!("setp.lt.s32 {ok}, {row}, {n};"));
+            let sz = self.r();
+            self.ins(format!("selp.u32 {sz}, 16, 0, {ok};"));
+            let ga = self.rd();
+            if i == 0 {
+                self.ins(format!("mov.u64 {ga}, {gaddr};"));
+            } else {
+                self.ins(format!("mad.lo.u64 {ga}, {step}, {i}, {gaddr};"));
+            }
+            // Out-of-range rows read nothing (src_size 0); keep the address inside the tensor.
+            self.ins(format!("selp.b64 {ga}, {ga}, %base{}, {ok};", src.0));
+            self.ins(format!(
+                "cp.async.cg.shared.global [{s}+{}], [{ga}], 16, {sz};",
+                i * rows_per_iter * row_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    fn emit_contract(&mut self, acc: RegId, a: AOperand, b: SharedId, layout: BLayout) -> Result<(), TileError> {
+        let prog = self.prog;
+        let acc_t = &prog.regs[acc.index()];
+        let bt = &prog.shared[b.index()];
+        let ty = Self::mma_type(bt.elem)?;
+        let n_cols = acc_t.cols;
+        let k_len = match layout {
+            BLayout::RowsAreN => bt.cols,
+            BLayout::RowsAreK => bt.rows,
+        };
+        let b_rb = bt.cols * 2;
+        let bbase = self.smem_base[b.index()].clone();
+        self.comment(format!("contract {} += . {}", acc_t.name, bt.name));
+        // A from shared: warp's base.
+        let a_wbase = match a {
+            AOperand::Shared(id) => {
+                let t = &prog.shared[id.index()];
+                let wbase = self.r();
+                let sb = self.smem_base[id.index()].clone();
+                self.ins(format!("mad.lo.u32 {wbase}, %warp, {}, {sb};", prog.rows_per_warp() * t.cols * 2));
+                Some((wbase, t.cols * 2))
+            }
+            AOperand::Reg(_) => None,
+        };
+        for ks in 0..k_len / 16 {
+            // A fragments of each m-tile for this k-step.
+            let mut afr: Vec<Vec<String>> = Vec::new();
+            for mt in 0..self.mtiles {
+                match a {
+                    AOperand::Reg(id) => afr.push((0..4).map(|i| self.afrag_reg(id, mt, ks, i)).collect()),
+                    AOperand::Shared(_) => {
+                        let (wbase, rb) = a_wbase.clone().ok_or_else(|| TileError::Invalid("no A base".into()))?;
+                        let (addr, imm) = self.ldm_addr(&wbase, "A", rb, mt * 16, 2 * ks);
+                        let regs: Vec<String> = (0..4).map(|_| self.r()).collect();
+                        self.ins(format!(
+                            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}}}, [{addr}+{imm}];",
+                            regs.join(", ")
+                        ));
+                        afr.push(regs);
+                    }
+                }
+            }
+            for nj in 0..n_cols / 16 {
+                let bregs: Vec<String> = (0..4).map(|_| self.r()).collect();
+                match layout {
+                    BLayout::RowsAreN => {
+                        // Rows n0..n0+15 of the tile, chunk pair 2ks: r0,r1 = b of n-tile 2nj, r2,r3 of 2nj+1.
+                        let (addr, imm) = self.ldm_addr(&bbase, "N", b_rb, nj * 16, 2 * ks);
+                        self.ins(format!(
+                            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}}}, [{addr}+{imm}];",
+                            bregs.join(", ")
+                        ));
+                    }
+                    BLayout::RowsAreK => {
+                        // Rows k0..k0+15, chunk pair 2nj, transposed: r0,r1 = b of n-tile 2nj, r2,r3 of 2nj+1.
+                        let (addr, imm) = self.ldm_addr(&bbase, "A", b_rb, ks * 16, 2 * nj);
+                        self.ins(format!(
+                            "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{}}}, [{addr}+{imm}];",
+                            bregs.join(", ")
+                        ));
+                    }
+                }
+                for (mt, af) in afr.iter().enumerate() {
+                    for half in 0..2u32 {
+                        let nt = 2 * nj + half;
+                        let c: Vec<String> = (0..4).map(|e| self.acc_reg(acc, mt as u32, nt, e)).collect();
+                        let b0 = &bregs[(2 * half) as usize];
+                        let b1 = &bregs[(2 * half + 1) as usize];
+                        self.ins(format!(
+                            "mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{c}}}, {{{a}}}, {{{b0}, {b1}}}, {{{c}}};",
+                            c = c.join(", "),
+                            a = af.join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn emit_key_loop(&mut self, block_n: u32, masks: &[BandMask], body: &[Stmt]) -> Result<(), TileError> {
+        let prog = self.prog;
+        let stages = prog.schedule.stages;
+        self.comment(format!("key loop: tiles of {block_n}, {stages} stages"));
+        // Key range from the band masks (signed arithmetic).
+        let kstart = self.named(".b32", "kstart");
+        let kend = self.named(".b32", "kend");
+        self.ins(format!("mov.u32 {kstart}, 0;"));
+        self.ins(format!("mov.u32 {kend}, %nk;"));
+        for m in masks {
+            let t = self.r();
+            match m.direction {
+                BandDirection::KeyMinusQuery => {
+                    self.ins(format!("add.s32 {t}, %plast, {};", m.bound + 1));
+                    self.ins(format!("min.s32 {kend}, {kend}, {t};"));
+                }
+                BandDirection::QueryMinusKey => {
+                    self.ins(format!("sub.s32 {t}, %qrow0, {};", m.bound));
+                    self.ins(format!("max.s32 {kstart}, {kstart}, {t};"));
+                }
+            }
+        }
+        let tbegin = self.named(".b32", "tbegin");
+        let niter = self.named(".b32", "niter");
+        self.ins(format!("div.s32 {tbegin}, {kstart}, {block_n};"));
+        let tend = self.r();
+        self.ins(format!("add.s32 {tend}, {kend}, {};", block_n - 1));
+        self.ins(format!("div.s32 {tend}, {tend}, {block_n};"));
+        self.ins(format!("sub.s32 {niter}, {tend}, {tbegin};"));
+        let empty = self.pred();
+        self.ins(format!("setp.le.s32 {empty}, {kend}, {kstart};"));
+        self.ins(format!("selp.s32 {niter}, 0, {niter}, {empty};"));
+
+        let streams: Vec<(SharedId, TensorId)> = body
+            .iter()
+            .filter_map(|s| match s {
+                Stmt::LoadTile { dst, src } => Some((*dst, *src)),
+                _ => None,
+            })
+            .collect();
+        let ring_base: Vec<String> = streams.iter().map(|(d, _)| self.smem_base[d.index()].clone()).collect();
+        let stage_bytes: Vec<u32> = streams
+            .iter()
+            .map(|(d, _)| {
+                let t = &prog.shared[d.index()];
+                (t.rows * t.cols * t.elem.bytes()).div_ceil(128) * 128
+            })
+            .collect();
+
+        // Issue tile `tile_reg` into stage `stage_reg` for every stream, if `tile < tend`.
+        let issue = |p: &mut Printer, it_reg: &str, stage_reg: &str| -> Result<(), TileError> {
+            let skip = p.label("noissue");
+            let ok = p.pred();
+            p.ins(format!("setp.ge.s32 {ok}, {it_reg}, %niter;"));
+            p.ins(format!("@{ok} bra.uni {skip};"));
+            let origin = p.r();
+            p.ins(format!("add.s32 {origin}, %tbegin, {it_reg};"));
+            p.ins(format!("mul.lo.s32 {origin}, {origin}, {block_n};"));
+            for (i, (dst, src)) in streams.iter().enumerate() {
+                let sb = p.r();
+                p.ins(format!("mad.lo.u32 {sb}, {stage_reg}, {}, {};", stage_bytes[i], ring_base[i]));
+                p.emit_load_issue(*dst, *src, &origin, &sb)?;
+            }
+            p.body.push_str(&format!("{skip}:\n"));
+            p.ins("cp.async.commit_group;");
+            Ok(())
+        };
+        // Prologue: tiles 0 .. stages-2 into stages 0 .. stages-2.
+        for s in 0..stages - 1 {
+            let it = self.r();
+            self.ins(format!("mov.u32 {it}, {s};"));
+            issue(self, &it, &it)?;
+        }
+        let it = self.named(".b32", "it");
+        let cur = self.named(".b32", "stage_cur");
+        let nxt = self.named(".b32", "stage_next");
+        self.ins(format!("mov.u32 {it}, 0;"));
+        self.ins(format!("mov.u32 {cur}, 0;"));
+        self.ins(format!("mov.u32 {nxt}, {};", stages - 1));
+        let needmask = self.named(".pred", "needmask");
+        let kcol = self.named(".b32", "kcol");
+        let kf = self.named(".f32", "kf");
+        let top = self.label("ktop");
+        let end = self.label("kend");
+        self.body.push_str(&format!("{top}:\n"));
+        let done = self.pred();
+        self.ins(format!("setp.ge.s32 {done}, {it}, %niter;"));
+        self.ins(format!("@{done} bra.uni {end};"));
+        self.ins(format!("cp.async.wait_group {};", stages - 2));
+        self.ins("bar.sync 0;");
+        let it_next = self.r();
+        self.ins(format!("add.s32 {it_next}, {it}, {};", stages - 1));
+        issue(self, &it_next, &nxt)?;
+        // Current tile.
+        let korg = self.r();
+        self.ins(format!("add.s32 {korg}, %tbegin, {it};"));
+        self.ins(format!("mul.lo.s32 {korg}, {korg}, {block_n};"));
+        let saved: Vec<String> = streams.iter().map(|(d, _)| self.smem_base[d.index()].clone()).collect();
+        for (i, (dst, _)) in streams.iter().enumerate() {
+            let sb = self.r();
+            self.ins(format!("mad.lo.u32 {sb}, {cur}, {}, {};", stage_bytes[i], ring_base[i]));
+            self.smem_base[dst.index()] = sb;
+        }
+        // Boundary tile? key tail, or a band edge crossing the tile.
+        let t = self.r();
+        self.ins(format!("add.s32 {t}, {korg}, {block_n};"));
+        self.ins(format!("setp.gt.s32 {needmask}, {t}, %nk;"));
+        for m in masks {
+            let x = self.r();
+            match m.direction {
+                BandDirection::KeyMinusQuery => {
+                    // korg + block_n - 1 - p0 > bound
+                    self.ins(format!("sub.s32 {x}, {korg}, %qrow0;"));
+                    self.ins(format!("setp.gt.or.s32 {needmask}, {x}, {}, {needmask};", m.bound - block_n as i64 + 1));
+                }
+                BandDirection::QueryMinusKey => {
+                    // p_last - korg > bound
+                    self.ins(format!("sub.s32 {x}, %plast, {korg};"));
+                    self.ins(format!("setp.gt.or.s32 {needmask}, {x}, {}, {needmask};", m.bound));
+                }
+            }
+        }
+        self.ins(format!("mad.lo.s32 {kcol}, %tig, 2, {korg};"));
+        self.ins(format!("cvt.rn.f32.s32 {kf}, {kcol};"));
+        let st = LoopState {
+            masks: masks.to_vec(),
+            block_n,
+        };
+        self.in_loop = true;
+        self.emit_block(body, Some(&st))?;
+        self.in_loop = false;
+        for (i, (dst, _)) in streams.iter().enumerate() {
+            self.smem_base[dst.index()] = saved[i].clone();
+        }
+        // Advance the ring.
+        self.ins(format!("add.s32 {it}, {it}, 1;"));
+        for r in [&cur, &nxt] {
+            self.ins(format!("add.u32 {r}, {r}, 1;"));
+            let w = self.pred();
+            self.ins(format!("setp.eq.u32 {w}, {r}, {stages};"));
+            self.ins(format!("selp.u32 {r}, 0, {r}, {w};"));
+        }
+        self.ins(format!("bra.uni {top};"));
+        self.body.push_str(&format!("{end}:\n"));
+        self.ins("cp.async.wait_group 0;");
+        Ok(())
+    }
+
+    // ---- expressions -------------------------------------------------------------------
+    fn emit_expr(&mut self, e: &ScalarExpr, ctx: &ElemCtx) -> Result<String, TileError> {
+        match e {
+            ScalarExpr::Lit(x) => return Ok(f32_lit(*x)),
+            ScalarExpr::Scalar(id) => return Ok(format!("%sc{}", id.0)),
+            ScalarExpr::Head(id) => return Ok(format!("%hp{}", id.0)),
+            _ => {}
+        }
+        if e.is_uniform() {
+            let key = format!("{e:?}");
+            if let Some(r) = self.uniform_cache.get(&key) {
+                return Ok(r.clone());
+            }
+            // Compute once, in the hoisted section that runs before the body.
+            let saved = std::mem::take(&mut self.body);
+            let v = self.emit_expr_inner(e, ctx)?;
+            let code = std::mem::replace(&mut self.body, saved);
+            self.hoisted.push_str(&code);
+            self.uniform_cache.insert(key, v.clone());
+            return Ok(v);
+        }
+        self.emit_expr_inner(e, ctx)
+    }
+
+    fn emit_expr_inner(&mut self, e: &ScalarExpr, ctx: &ElemCtx) -> Result<String, TileError> {
+        Ok(match e {
+            ScalarExpr::Lit(_) | ScalarExpr::Scalar(_) | ScalarExpr::Head(_) => self.emit_expr(e, ctx)?,
+            ScalarExpr::Index(SeqRank::Query) => format!("%pf_{}_{}", ctx.mt, ctx.half),
+            ScalarExpr::Index(SeqRank::Key) => {
+                let (nt, lo) = ctx
+                    .col
+                    .ok_or_else(|| TileError::Invalid("key index in a row expression".into()))?;
+                if !self.in_loop {
+                    return Err(TileError::Invalid("key index outside the key loop".into()));
+                }
+                let t = self.f();
+                self.ins(format!("add.f32 {t}, %kf, {};", f32_lit((nt * 8 + lo) as f64)));
+                t
+            }
+            ScalarExpr::Elem(id) => {
+                let (nt, lo) = ctx
+                    .col
+                    .ok_or_else(|| TileError::Invalid("Elem in a row expression".into()))?;
+                self.acc_reg(*id, ctx.mt, nt, ctx.half * 2 + lo)
+            }
+            ScalarExpr::Row(id) => self.row_reg(*id, ctx.mt, ctx.half),
+            ScalarExpr::Unary(op, a) => {
+                let a = self.emit_expr(a, ctx)?;
+                let t = self.f();
+                match op {
+                    UnaryOp::Neg => self.ins(format!("neg.f32 {t}, {a};")),
+                    UnaryOp::Exp => {
+                        let s = self.f();
+                        self.ins(format!("mul.f32 {s}, {a}, {};", f32_lit(std::f64::consts::LOG2_E)));
+                        self.ins(format!("ex2.approx.ftz.f32 {t}, {s};"));
+                    }
+                    UnaryOp::Exp2 => self.ins(format!("ex2.approx.ftz.f32 {t}, {a};")),
+                    UnaryOp::Log => {
+                        let s = self.f();
+                        self.ins(format!("lg2.approx.ftz.f32 {s}, {a};"));
+                        self.ins(format!("mul.f32 {t}, {s}, {};", f32_lit(std::f64::consts::LN_2)));
+                    }
+                    UnaryOp::Log2 => self.ins(format!("lg2.approx.ftz.f32 {t}, {a};")),
+                    UnaryOp::Sqrt => self.ins(format!("sqrt.rn.f32 {t}, {a};")),
+                    UnaryOp::Tanh => self.ins(format!("tanh.approx.f32 {t}, {a};")),
+                    UnaryOp::Recip => self.ins(format!("rcp.rn.f32 {t}, {a};")),
+                }
+                t
+            }
+            ScalarExpr::Binary(op, a, b) => {
+                let a = self.emit_expr(a, ctx)?;
+                let b = self.emit_expr(b, ctx)?;
+                let t = self.f();
+                let opn = match op {
+                    BinaryOp::Add => "add.f32",
+                    BinaryOp::Sub => "sub.f32",
+                    BinaryOp::Mul => "mul.f32",
+                    BinaryOp::Div => "div.rn.f32",
+                    BinaryOp::Max => "max.f32",
+                    BinaryOp::Min => "min.f32",
+                };
+                self.ins(format!("{opn} {t}, {a}, {b};"));
+                t
+            }
+            ScalarExpr::Select {
+                op,
+                lhs,
+                rhs,
+                then,
+                otherwise,
+            } => {
+                let l = self.emit_expr(lhs, ctx)?;
+                let r = self.emit_expr(rhs, ctx)?;
+                let a = self.emit_expr(then, ctx)?;
+                let b = self.emit_expr(otherwise, ctx)?;
+                let pr = self.pred();
+                let cmp = match op {
+                    CmpOp::Lt => "lt",
+                    CmpOp::Le => "le",
+                    CmpOp::Gt => "gt",
+                    CmpOp::Ge => "ge",
+                    CmpOp::Eq => "eq",
+                    CmpOp::Ne => "ne",
+                };
+                self.ins(format!("setp.{cmp}.f32 {pr}, {l}, {r};"));
+                let t = self.f();
+                self.ins(format!("selp.f32 {t}, {a}, {b}, {pr};"));
+                t
+            }
+        })
+    }
+
+    fn finish(&mut self, target: Target) -> String {
+        let prog = self.prog;
+        let mut s = String::new();
+        let _ = writeln!(s, "// Generated by einattn-backends from tile program `{}`.", prog.name);
+        let _ = writeln!(
+            s,
+            "// block_m={} warps={} stages={} dynamic smem={} bytes",
+            prog.schedule.block_m, prog.schedule.warps, prog.schedule.stages, self.smem_total
+        );
+        let _ = writeln!(s, ".version {PTX_VERSION}");
+        let _ = writeln!(s, ".target {}", target.name());
+        let _ = writeln!(s, ".address_size 64\n");
+        let _ = writeln!(s, ".extern .shared .align 128 .b8 einattn_smem[];\n");
+        let _ = writeln!(s, ".visible .entry {}(", prog.name);
+        let abi = prog.abi();
+        for (i, a) in abi.iter().enumerate() {
+            let ty = match a.kind {
+                AbiKind::Ptr | AbiKind::U64 => ".u64",
+                AbiKind::U32 => ".u32",
+                AbiKind::F32 => ".f32",
+            };
+            let sep = if i + 1 == abi.len() { "" } else { "," };
+            let _ = writeln!(s, "\t.param {ty} {}{sep}", a.name);
+        }
+        let _ = writeln!(s, ")");
+        let _ = writeln!(s, ".maxntid {}, 1, 1", prog.threads());
+        let _ = writeln!(s, "{{");
+        for d in &self.decls {
+            let _ = writeln!(s, "{d}");
+        }
+        let _ = writeln!(s, "\t.reg .b32 %r<{}>;", self.n_r.max(1));
+        let _ = writeln!(s, "\t.reg .b64 %rd<{}>;", self.n_rd.max(1));
+        let _ = writeln!(s, "\t.reg .f32 %f<{}>;", self.n_f.max(1));
+        let _ = writeln!(s, "\t.reg .pred %p<{}>;", self.n_p.max(1));
+        for (i, t) in prog.regs.iter().enumerate() {
+            match t.kind {
+                RegKind::Accumulator => {
+                    let _ = writeln!(s, "\t.reg .f32 %t{i}_<{}>;", self.mtiles * t.cols / 8 * 4);
+                }
+                RegKind::AOperand(_) => {
+                    let _ = writeln!(s, "\t.reg .b32 %a{i}_<{}>;", self.mtiles * t.cols / 16 * 4);
+                }
+            }
+        }
+        for i in 0..prog.rows.len() {
+            let _ = writeln!(s, "\t.reg .f32 %w{i}_<{}>;", self.mtiles * 2);
+        }
+        // The setup section ends where the body begins; hoisted uniform values need the
+        // parameters, so they go right after the setup. The setup is the prefix of `body`
+        // up to the first statement, which we marked by position when printing began.
+        s.push_str(&self.body_with_hoisted());
+        let _ = writeln!(s, "\tret;");
+        let _ = writeln!(s, "}}");
+        s
+    }
+
+    fn body_with_hoisted(&self) -> String {
+        // Hoisted code uses only parameters and literals: insert it at the start of the body
+        // after the setup marker.
+        match self.body.find(SETUP_END) {
+            Some(pos) => {
+                let mut out = String::with_capacity(self.body.len() + self.hoisted.len());
+                out.push_str(&self.body[..pos]);
+                out.push_str(&self.hoisted);
+                out.push_str(&self.body[pos..]);
+                out
+            }
+            None => format!("{}{}", self.hoisted, self.body),
+        }
+    }
+}
+
+const SETUP_END: &str = "\t// end of setup\n";
+
+/// Where an expression is evaluated: this thread's m-tile, row half, and (for element maps)
+/// n-tile and low/high column of the pair.
+struct ElemCtx {
+    mt: u32,
+    half: u32,
+    col: Option<(u32, u32)>,
+}

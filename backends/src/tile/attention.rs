@@ -1,0 +1,407 @@
+//! Softmax attention as a tile program: FuseMax's 1-pass cascade (the FlashAttention-2
+//! forward), with score modifiers (scale, ALiBi, tanh soft-cap) and band masks
+//! (causal, sliding window).
+//!
+//! Scores are kept in log2 units (`x = logit * log2(e)`) so the exponentials are `ex2`; the
+//! factor is folded into the scale, which the printer hoists as a uniform value. The
+//! cascade of `algorithms.md` section 2 maps onto the statements as
+//!
+//! | cascade | statement |
+//! | --- | --- |
+//! | `BQK = Q . BK` | `S = 0; S += Q . K^T` |
+//! | score modifiers, `where` masks | `S = map ...; mask S` |
+//! | `LM = max over m0`, `RM' = max(RM, LM)` | `tile_max = row_max(S); m_new = max(m, tile_max)` |
+//! | `SLN = exp(BQK - RM')`, `SLD = sum SLN` | `S = exp2(S - m_new)`, `tile_sum = row_sum(S)` |
+//! | `PRM = exp(RM - RM')` | `alpha = exp2(m - m_new)` |
+//! | `RD' = SLD + RD * PRM` | `l = l * alpha + tile_sum` |
+//! | `RNV' = SLNV + RNV * PRM` | `O = O * alpha; P = convert(S); O += P . V` |
+//! | `AV = RNV / RD` | `O = O * (1 / l); store O` |
+
+use super::ex::*;
+use super::*;
+
+/// ln 2 and log2(e), the unit changes between natural and base-2 logits.
+pub const LN_2: f64 = std::f64::consts::LN_2;
+pub const LOG2_E: f64 = std::f64::consts::LOG2_E;
+
+/// What to compute. Logits are `s0 = scale * q.k`, then optionally
+/// `s1 = softcap * tanh(s0 / softcap)`, then optionally `s2 = s1 + slope[h] * (m - p)`
+/// (ALiBi); masked keys are excluded; `O = softmax(s) V`, `LSE = log sum exp s`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionSpec {
+    pub head_dim: u32,
+    pub elem: Elem,
+    /// `m <= p` (top-left aligned, as PyTorch's `is_causal`).
+    pub causal: bool,
+    /// Keep keys with `p - m < window` (combine with `causal` for the usual sliding window).
+    pub window: Option<u32>,
+    /// Add `slope[h] * (m - p)`; slopes come from the `alibi_slopes` head parameter.
+    pub alibi: bool,
+    /// Apply `softcap * tanh(s / softcap)`; the cap comes from the `softcap` scalar parameter.
+    pub softcap: bool,
+    /// Also write the log-sum-exp (natural log) per query row.
+    pub write_lse: bool,
+}
+
+impl AttentionSpec {
+    pub fn new(head_dim: u32, elem: Elem) -> AttentionSpec {
+        AttentionSpec {
+            head_dim,
+            elem,
+            causal: false,
+            window: None,
+            alibi: false,
+            softcap: false,
+            write_lse: false,
+        }
+    }
+    pub fn masks(&self) -> Vec<BandMask> {
+        let mut v = Vec::new();
+        if self.causal {
+            v.push(BandMask::causal());
+        }
+        if let Some(w) = self.window {
+            v.push(BandMask::window(w));
+        }
+        v
+    }
+    /// A short name used for kernel entry points.
+    pub fn kernel_name(&self) -> String {
+        let mut s = format!("einattn_fwd_d{}_{}", self.head_dim, self.elem.name());
+        if self.causal {
+            s.push_str("_causal");
+        }
+        if let Some(w) = self.window {
+            s.push_str(&format!("_win{w}"));
+        }
+        if self.alibi {
+            s.push_str("_alibi");
+        }
+        if self.softcap {
+            s.push_str("_softcap");
+        }
+        if self.write_lse {
+            s.push_str("_lse");
+        }
+        s
+    }
+}
+
+/// Schedule knobs of the attention lowering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionSchedule {
+    pub block_m: u32,
+    pub block_n: u32,
+    pub warps: u32,
+    pub stages: u32,
+    /// Keep Q's A fragments in registers for the whole key loop (else re-read from shared
+    /// memory at every key tile).
+    pub q_in_registers: bool,
+}
+
+impl AttentionSchedule {
+    /// Defaults chosen from the ptxas register report and H100 measurements
+    /// (see `bench/NOTES-softmax.md`).
+    pub fn default_for(spec: &AttentionSpec) -> AttentionSchedule {
+        match spec.head_dim {
+            d if d <= 64 => AttentionSchedule {
+                block_m: 128,
+                block_n: 64,
+                warps: 8,
+                stages: 2,
+                q_in_registers: true,
+            },
+            _ => AttentionSchedule {
+                block_m: 128,
+                block_n: 64,
+                warps: 8,
+                stages: 2,
+                q_in_registers: true,
+            },
+        }
+    }
+}
+
+/// Handles of the pieces of an attention program a launcher needs to bind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionBindings {
+    pub q: TensorId,
+    pub k: TensorId,
+    pub v: TensorId,
+    pub o: TensorId,
+    pub lse: Option<RowOutputId>,
+    pub scale: ScalarId,
+    pub softcap: Option<ScalarId>,
+    pub alibi_slopes: Option<HeadParamId>,
+}
+
+/// Builds the 1-pass softmax attention tile program.
+pub fn flash_attention(
+    spec: &AttentionSpec,
+    sched: &AttentionSchedule,
+) -> Result<(TileProgram, AttentionBindings), TileError> {
+    if spec.elem == Elem::F32 {
+        return Err(TileError::Unsupported("attention inputs must be bf16 or f16".into()));
+    }
+    if spec.head_dim % 16 != 0 || spec.head_dim == 0 {
+        return Err(TileError::Unsupported("head_dim must be a multiple of 16".into()));
+    }
+    let d = spec.head_dim;
+    let mut p = TileProgram {
+        name: spec.kernel_name(),
+        schedule: TileSchedule {
+            block_m: sched.block_m,
+            warps: sched.warps,
+            stages: sched.stages,
+        },
+        tensors: vec![],
+        row_outputs: vec![],
+        scalars: vec![],
+        head_params: vec![],
+        shared: vec![],
+        regs: vec![],
+        rows: vec![],
+        body: vec![],
+    };
+    let tensor = |p: &mut TileProgram, name: &str, rows, is_output| {
+        p.tensors.push(TensorParam {
+            name: name.into(),
+            elem: spec.elem,
+            rows,
+            head_dim: d,
+            is_output,
+        });
+        TensorId(p.tensors.len() as u32 - 1)
+    };
+    let q = tensor(&mut p, "q", SeqRank::Query, false);
+    let k = tensor(&mut p, "k", SeqRank::Key, false);
+    let v = tensor(&mut p, "v", SeqRank::Key, false);
+    let o = tensor(&mut p, "o", SeqRank::Query, true);
+    let lse = spec.write_lse.then(|| {
+        p.row_outputs.push(RowOutput { name: "lse".into() });
+        RowOutputId(0)
+    });
+    p.scalars.push(ScalarParam { name: "scale".into() });
+    let scale = ScalarId(0);
+    let softcap = spec.softcap.then(|| {
+        p.scalars.push(ScalarParam { name: "softcap".into() });
+        ScalarId(1)
+    });
+    let alibi_slopes = spec.alibi.then(|| {
+        p.head_params.push(HeadParam {
+            name: "alibi_slopes".into(),
+        });
+        HeadParamId(0)
+    });
+
+    let shared = |p: &mut TileProgram, name: &str, rows, rank| {
+        p.shared.push(SharedTile {
+            name: name.into(),
+            rows,
+            cols: d,
+            elem: spec.elem,
+            rank,
+        });
+        SharedId(p.shared.len() as u32 - 1)
+    };
+    let q_s = shared(&mut p, "q_s", sched.block_m, SeqRank::Query);
+    let k_s = shared(&mut p, "k_s", sched.block_n, SeqRank::Key);
+    let v_s = shared(&mut p, "v_s", sched.block_n, SeqRank::Key);
+    let reg = |p: &mut TileProgram, name: &str, cols, col_rank, kind| {
+        p.regs.push(RegTile {
+            name: name.into(),
+            cols,
+            col_rank,
+            kind,
+        });
+        RegId(p.regs.len() as u32 - 1)
+    };
+    let s = reg(&mut p, "s", sched.block_n, ColRank::Key, RegKind::Accumulator);
+    let pf = reg(&mut p, "p", sched.block_n, ColRank::Key, RegKind::AOperand(spec.elem));
+    let acc = reg(&mut p, "acc", d, ColRank::HeadDim, RegKind::Accumulator);
+    let q_frag = sched
+        .q_in_registers
+        .then(|| reg(&mut p, "q_frag", d, ColRank::HeadDim, RegKind::AOperand(spec.elem)));
+    let new_row = |p: &mut TileProgram, name: &str| {
+        p.rows.push(RowVec { name: name.into() });
+        RowId(p.rows.len() as u32 - 1)
+    };
+    let m_run = new_row(&mut p, "m");
+    let l_run = new_row(&mut p, "l");
+    let tile_max = new_row(&mut p, "tile_max");
+    let m_new = new_row(&mut p, "m_new");
+    let m_use = new_row(&mut p, "m_use");
+    let alpha = new_row(&mut p, "alpha");
+    let tile_sum = new_row(&mut p, "tile_sum");
+
+    let plain = !spec.softcap && !spec.alibi;
+    // Uniform factor: scale * log2(e), hoisted by the printer.
+    let scale_log2 = mul(scalar(scale), lit(LOG2_E));
+
+    let mut body = vec![Stmt::LoadTile { dst: q_s, src: q }];
+    let a_op = match q_frag {
+        Some(f) => {
+            body.push(Stmt::Fragments { dst: f, src: q_s });
+            AOperand::Reg(f)
+        }
+        None => AOperand::Shared(q_s),
+    };
+    body.push(Stmt::Fill { dst: acc, value: 0.0 });
+    body.push(Stmt::FillRow {
+        dst: m_run,
+        value: f64::NEG_INFINITY,
+    });
+    body.push(Stmt::FillRow { dst: l_run, value: 0.0 });
+
+    let mut lp = vec![
+        Stmt::LoadTile { dst: k_s, src: k },
+        Stmt::LoadTile { dst: v_s, src: v },
+        Stmt::Fill { dst: s, value: 0.0 },
+        Stmt::Contract {
+            acc: s,
+            a: a_op,
+            b: k_s,
+            b_layout: BLayout::RowsAreN,
+        },
+    ];
+    if plain {
+        // Keep raw scores; the scale rides on the max and on the exponent (one FFMA each),
+        // as FlashAttention does. Valid because scale > 0 keeps the max where it is.
+        lp.push(Stmt::Mask {
+            dst: s,
+            fill: f64::NEG_INFINITY,
+        });
+        lp.push(Stmt::RowReduce {
+            dst: tile_max,
+            src: s,
+            op: ReduceOp::Max,
+        });
+        lp.push(Stmt::RowMap {
+            dst: m_new,
+            expr: max(row(m_run), mul(row(tile_max), scale_log2.clone())),
+        });
+    } else {
+        let mut x = mul(elem(s), scalar(scale));
+        if let Some(cap) = softcap {
+            x = mul(
+                tanh(mul(elem(s), div(scalar(scale), scalar(cap)))),
+                scalar(cap),
+            );
+        }
+        if let Some(slopes) = alibi_slopes {
+            x = add(
+                x,
+                mul(head(slopes), sub(index(SeqRank::Key), index(SeqRank::Query))),
+            );
+        }
+        lp.push(Stmt::Map {
+            dst: s,
+            expr: mul(x, lit(LOG2_E)),
+        });
+        lp.push(Stmt::Mask {
+            dst: s,
+            fill: f64::NEG_INFINITY,
+        });
+        lp.push(Stmt::RowReduce {
+            dst: tile_max,
+            src: s,
+            op: ReduceOp::Max,
+        });
+        lp.push(Stmt::RowMap {
+            dst: m_new,
+            expr: max(row(m_run), row(tile_max)),
+        });
+    }
+    // A row that has seen only masked keys keeps max -inf; subtract 0 instead so that
+    // exp2(-inf - -inf) never makes a NaN.
+    lp.push(Stmt::RowMap {
+        dst: m_use,
+        expr: select(
+            CmpOp::Eq,
+            row(m_new),
+            lit(f64::NEG_INFINITY),
+            lit(0.0),
+            row(m_new),
+        ),
+    });
+    lp.push(Stmt::RowMap {
+        dst: alpha,
+        expr: exp2(sub(row(m_run), row(m_use))),
+    });
+    let exponent = if plain {
+        sub(mul(elem(s), scale_log2.clone()), row(m_use))
+    } else {
+        sub(elem(s), row(m_use))
+    };
+    lp.push(Stmt::Map {
+        dst: s,
+        expr: exp2(exponent),
+    });
+    lp.push(Stmt::RowReduce {
+        dst: tile_sum,
+        src: s,
+        op: ReduceOp::Sum,
+    });
+    lp.push(Stmt::RowMap {
+        dst: l_run,
+        expr: add(mul(row(l_run), row(alpha)), row(tile_sum)),
+    });
+    lp.push(Stmt::Map {
+        dst: acc,
+        expr: mul(elem(acc), row(alpha)),
+    });
+    lp.push(Stmt::Convert { dst: pf, src: s });
+    lp.push(Stmt::Contract {
+        acc,
+        a: AOperand::Reg(pf),
+        b: v_s,
+        b_layout: BLayout::RowsAreK,
+    });
+    lp.push(Stmt::RowMap {
+        dst: m_run,
+        expr: row(m_new),
+    });
+    body.push(Stmt::KeyLoop {
+        block_n: sched.block_n,
+        masks: spec.masks(),
+        body: lp,
+    });
+    // Rows that saw no key (l = 0) output zeros rather than NaN.
+    let inv_l = new_row(&mut p, "inv_l");
+    body.push(Stmt::RowMap {
+        dst: inv_l,
+        expr: select(CmpOp::Eq, row(l_run), lit(0.0), lit(0.0), recip(row(l_run))),
+    });
+    body.push(Stmt::Map {
+        dst: acc,
+        expr: mul(elem(acc), row(inv_l)),
+    });
+    body.push(Stmt::Store { src: acc, dst: o });
+    if let Some(lse) = lse {
+        let lse_row = new_row(&mut p, "lse");
+        // m is in log2 units: lse = (m + log2 l) * ln 2; -inf when no key was seen.
+        body.push(Stmt::RowMap {
+            dst: lse_row,
+            expr: mul(add(row(m_run), log2(row(l_run))), lit(LN_2)),
+        });
+        body.push(Stmt::StoreRow {
+            src: lse_row,
+            dst: lse,
+        });
+    }
+    p.body = body;
+    p.validate()?;
+    Ok((
+        p,
+        AttentionBindings {
+            q,
+            k,
+            v,
+            o,
+            lse,
+            scale,
+            softcap,
+            alibi_slopes,
+        },
+    ))
+}

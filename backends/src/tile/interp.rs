@@ -1,0 +1,389 @@
+//! CPU interpreter of the Tile IR, in f64 (16-bit tiles are rounded to their type).
+//!
+//! It runs the program exactly as the GPU lowering structures it: one grid cell at a time,
+//! the same key-tile range (tile skipping), masks applied only on boundary tiles, zero-filled
+//! rows past the sequence ends. Tests compare it with a naive attention formula, so a wrong
+//! skip or a missed boundary shows up on the CPU.
+
+use super::*;
+
+/// Sizes of one launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Problem {
+    pub batch: usize,
+    pub heads: usize,
+    /// Query heads per KV head.
+    pub kv_group: usize,
+    pub n_q: usize,
+    pub n_k: usize,
+}
+
+impl Problem {
+    pub fn kv_heads(&self) -> usize {
+        self.heads / self.kv_group.max(1)
+    }
+    pub fn seq_len(&self, rank: SeqRank) -> usize {
+        match rank {
+            SeqRank::Query => self.n_q,
+            SeqRank::Key => self.n_k,
+        }
+    }
+}
+
+/// A `[B, N, H, d]` tensor in host memory with element strides (d contiguous).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub data: Vec<f64>,
+    pub stride_b: usize,
+    pub stride_n: usize,
+    pub stride_h: usize,
+}
+
+impl HostTensor {
+    /// Contiguous BNHD.
+    pub fn bnhd(data: Vec<f64>, n: usize, h: usize, d: usize) -> HostTensor {
+        HostTensor {
+            data,
+            stride_b: n * h * d,
+            stride_n: h * d,
+            stride_h: d,
+        }
+    }
+    /// Contiguous BHND.
+    pub fn bhnd(data: Vec<f64>, n: usize, h: usize, d: usize) -> HostTensor {
+        HostTensor {
+            data,
+            stride_b: h * n * d,
+            stride_n: d,
+            stride_h: n * d,
+        }
+    }
+    pub fn offset(&self, b: usize, n: usize, h: usize) -> usize {
+        b * self.stride_b + n * self.stride_n + h * self.stride_h
+    }
+}
+
+/// Everything a program reads and writes, indexed like the program's declarations.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bindings {
+    pub tensors: Vec<HostTensor>,
+    /// `[B, H, N_q]` each.
+    pub row_outputs: Vec<Vec<f64>>,
+    pub scalars: Vec<f64>,
+    /// One value per head each.
+    pub head_params: Vec<Vec<f64>>,
+}
+
+struct Cta<'a> {
+    prog: &'a TileProgram,
+    prob: Problem,
+    b: usize,
+    h: usize,
+    p0: usize,
+    key_origin: usize,
+    shared: Vec<Vec<f64>>,
+    regs: Vec<Vec<f64>>,
+    rows: Vec<Vec<f64>>,
+}
+
+/// Runs `prog` over the whole grid, writing the output tensors and row outputs in `io`.
+pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), TileError> {
+    prog.validate()?;
+    if io.tensors.len() != prog.tensors.len()
+        || io.row_outputs.len() != prog.row_outputs.len()
+        || io.scalars.len() != prog.scalars.len()
+        || io.head_params.len() != prog.head_params.len()
+    {
+        return invalid("bindings do not match the program's parameters");
+    }
+    if prob.kv_group == 0 || prob.heads % prob.kv_group != 0 {
+        return invalid("heads must be a multiple of kv_group");
+    }
+    for hp in &io.head_params {
+        if hp.len() < prob.heads {
+            return invalid("a head parameter has fewer entries than heads");
+        }
+    }
+    for (t, decl) in io.tensors.iter().zip(&prog.tensors) {
+        let heads = match decl.rows {
+            SeqRank::Query => prob.heads,
+            SeqRank::Key => prob.kv_heads(),
+        };
+        let n = prob.seq_len(decl.rows);
+        if prob.batch > 0 && n > 0 && heads > 0 {
+            let last = t.offset(prob.batch - 1, n - 1, heads - 1) + decl.head_dim as usize;
+            if last > t.data.len() {
+                return invalid(format!("tensor {} is too small for its strides", decl.name));
+            }
+        }
+    }
+    for r in &io.row_outputs {
+        if r.len() < prob.batch * prob.heads * prob.n_q {
+            return invalid("row output too small");
+        }
+    }
+    let bm = prog.schedule.block_m as usize;
+    let q_tiles = prob.n_q.div_ceil(bm);
+    for b in 0..prob.batch {
+        for h in 0..prob.heads {
+            for qt in 0..q_tiles {
+                let mut cta = Cta {
+                    prog,
+                    prob,
+                    b,
+                    h,
+                    p0: qt * bm,
+                    key_origin: 0,
+                    shared: prog.shared.iter().map(|t| vec![0.0; (t.rows * t.cols) as usize]).collect(),
+                    regs: prog.regs.iter().map(|t| vec![f64::NAN; bm * t.cols as usize]).collect(),
+                    rows: prog.rows.iter().map(|_| vec![f64::NAN; bm]).collect(),
+                };
+                cta.exec_block(&prog.body, io, None)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+struct LoopCtx<'a> {
+    masks: &'a [BandMask],
+    block_n: usize,
+    needs_mask: bool,
+}
+
+impl Cta<'_> {
+    fn head_of(&self, rank: SeqRank) -> usize {
+        match rank {
+            SeqRank::Query => self.h,
+            SeqRank::Key => self.h / self.prob.kv_group,
+        }
+    }
+
+    fn p_last(&self) -> usize {
+        (self.p0 + self.prog.schedule.block_m as usize).min(self.prob.n_q) - 1
+    }
+
+    fn exec_block(&mut self, body: &[Stmt], io: &mut Bindings, lp: Option<&LoopCtx>) -> Result<(), TileError> {
+        let bm = self.prog.schedule.block_m as usize;
+        for st in body {
+            match st {
+                Stmt::LoadTile { dst, src } => {
+                    let decl = &self.prog.shared[dst.index()];
+                    let t = &io.tensors[src.index()];
+                    let origin = match decl.rank {
+                        SeqRank::Query => self.p0,
+                        SeqRank::Key => self.key_origin,
+                    };
+                    let n = self.prob.seq_len(decl.rank);
+                    let head = self.head_of(decl.rank);
+                    let cols = decl.cols as usize;
+                    let tile = &mut self.shared[dst.index()];
+                    for r in 0..decl.rows as usize {
+                        for c in 0..cols {
+                            tile[r * cols + c] = if origin + r < n {
+                                decl.elem.round(t.data[t.offset(self.b, origin + r, head) + c])
+                            } else {
+                                0.0
+                            };
+                        }
+                    }
+                }
+                Stmt::Fill { dst, value } => self.regs[dst.index()].fill(*value),
+                Stmt::FillRow { dst, value } => self.rows[dst.index()].fill(*value),
+                Stmt::Fragments { dst, src } => {
+                    let elem = match self.prog.regs[dst.index()].kind {
+                        RegKind::AOperand(e) => e,
+                        RegKind::Accumulator => return invalid("Fragments into f32"),
+                    };
+                    let vals: Vec<f64> = self.shared[src.index()].iter().map(|&x| elem.round(x)).collect();
+                    self.regs[dst.index()] = vals;
+                }
+                Stmt::Contract { acc, a, b, b_layout } => {
+                    let n_cols = self.prog.regs[acc.index()].cols as usize;
+                    let bt = &self.prog.shared[b.index()];
+                    let (a_vals, k_len) = match a {
+                        AOperand::Shared(id) => (&self.shared[id.index()], self.prog.shared[id.index()].cols as usize),
+                        AOperand::Reg(id) => (&self.regs[id.index()], self.prog.regs[id.index()].cols as usize),
+                    };
+                    let b_vals = &self.shared[b.index()];
+                    let b_cols = bt.cols as usize;
+                    let mut out = self.regs[acc.index()].clone();
+                    for r in 0..bm {
+                        for n in 0..n_cols {
+                            let mut sum = 0.0;
+                            for kk in 0..k_len {
+                                let bv = match b_layout {
+                                    BLayout::RowsAreN => b_vals[n * b_cols + kk],
+                                    BLayout::RowsAreK => b_vals[kk * b_cols + n],
+                                };
+                                sum += a_vals[r * k_len + kk] * bv;
+                            }
+                            out[r * n_cols + n] += sum;
+                        }
+                    }
+                    self.regs[acc.index()] = out;
+                }
+                Stmt::Map { dst, expr } => {
+                    let cols = self.prog.regs[dst.index()].cols as usize;
+                    let mut out = vec![0.0; bm * cols];
+                    for r in 0..bm {
+                        for c in 0..cols {
+                            out[r * cols + c] = self.eval(expr, io, r, Some(c))?;
+                        }
+                    }
+                    self.regs[dst.index()] = out;
+                }
+                Stmt::Mask { dst, fill } => {
+                    let lp = lp.ok_or_else(|| TileError::Invalid("Mask outside the key loop".into()))?;
+                    if lp.needs_mask {
+                        let cols = lp.block_n;
+                        for r in 0..bm {
+                            let p = (self.p0 + r) as i64;
+                            for c in 0..cols {
+                                let m = (self.key_origin + c) as i64;
+                                let visible = m < self.prob.n_k as i64 && lp.masks.iter().all(|mk| mk.allows(p, m));
+                                if !visible {
+                                    self.regs[dst.index()][r * cols + c] = *fill;
+                                }
+                            }
+                        }
+                    }
+                }
+                Stmt::RowReduce { dst, src, op } => {
+                    let cols = self.prog.regs[src.index()].cols as usize;
+                    for r in 0..bm {
+                        let row = &self.regs[src.index()][r * cols..(r + 1) * cols];
+                        self.rows[dst.index()][r] = match op {
+                            ReduceOp::Max => row.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+                            ReduceOp::Sum => row.iter().sum(),
+                        };
+                    }
+                }
+                Stmt::RowMap { dst, expr } => {
+                    let mut out = vec![0.0; bm];
+                    for (r, o) in out.iter_mut().enumerate() {
+                        *o = self.eval(expr, io, r, None)?;
+                    }
+                    self.rows[dst.index()] = out;
+                }
+                Stmt::Convert { dst, src } => {
+                    let elem = match self.prog.regs[dst.index()].kind {
+                        RegKind::AOperand(e) => e,
+                        RegKind::Accumulator => return invalid("Convert into f32"),
+                    };
+                    let vals: Vec<f64> = self.regs[src.index()].iter().map(|&x| elem.round(x)).collect();
+                    self.regs[dst.index()] = vals;
+                }
+                Stmt::KeyLoop { block_n, masks, body } => {
+                    let bn = *block_n as i64;
+                    let p0 = self.p0 as i64;
+                    let p_last = self.p_last() as i64;
+                    let n_k = self.prob.n_k as i64;
+                    let range = key_tile_range(masks, p0, p_last, n_k, bn);
+                    for t in range.begin..range.end {
+                        self.key_origin = (t * bn) as usize;
+                        let ctx = LoopCtx {
+                            masks,
+                            block_n: *block_n as usize,
+                            needs_mask: key_tile_needs_mask(masks, t, p0, p_last, n_k, bn),
+                        };
+                        self.exec_block(body, io, Some(&ctx))?;
+                    }
+                }
+                Stmt::Store { src, dst } => {
+                    let cols = self.prog.regs[src.index()].cols as usize;
+                    let head = self.head_of(SeqRank::Query);
+                    for r in 0..bm {
+                        let p = self.p0 + r;
+                        if p >= self.prob.n_q {
+                            continue;
+                        }
+                        let t = &mut io.tensors[dst.index()];
+                        let off = t.offset(self.b, p, head);
+                        for c in 0..cols {
+                            t.data[off + c] = self.prog.tensors[dst.index()].elem.round(self.regs[src.index()][r * cols + c]);
+                        }
+                    }
+                }
+                Stmt::StoreRow { src, dst } => {
+                    for r in 0..bm {
+                        let p = self.p0 + r;
+                        if p >= self.prob.n_q {
+                            continue;
+                        }
+                        let idx = (self.b * self.prob.heads + self.h) * self.prob.n_q + p;
+                        io.row_outputs[dst.index()][idx] = self.rows[src.index()][r] as f32 as f64;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn eval(&self, e: &ScalarExpr, io: &Bindings, r: usize, c: Option<usize>) -> Result<f64, TileError> {
+        Ok(match e {
+            ScalarExpr::Lit(x) => *x,
+            ScalarExpr::Scalar(id) => io.scalars[id.index()],
+            ScalarExpr::Head(id) => io.head_params[id.index()][self.h],
+            ScalarExpr::Index(SeqRank::Query) => (self.p0 + r) as f64,
+            ScalarExpr::Index(SeqRank::Key) => {
+                let c = c.ok_or_else(|| TileError::Invalid("key index in a row expression".into()))?;
+                (self.key_origin + c) as f64
+            }
+            ScalarExpr::Elem(id) => {
+                let c = c.ok_or_else(|| TileError::Invalid("Elem in a row expression".into()))?;
+                let cols = self.prog.regs[id.index()].cols as usize;
+                self.regs[id.index()][r * cols + c]
+            }
+            ScalarExpr::Row(id) => self.rows[id.index()][r],
+            ScalarExpr::Unary(op, a) => {
+                let a = self.eval(a, io, r, c)?;
+                match op {
+                    UnaryOp::Neg => -a,
+                    UnaryOp::Exp => a.exp(),
+                    UnaryOp::Exp2 => a.exp2(),
+                    UnaryOp::Log => a.ln(),
+                    UnaryOp::Log2 => a.log2(),
+                    UnaryOp::Sqrt => a.sqrt(),
+                    UnaryOp::Tanh => a.tanh(),
+                    UnaryOp::Recip => 1.0 / a,
+                }
+            }
+            ScalarExpr::Binary(op, a, b) => {
+                let a = self.eval(a, io, r, c)?;
+                let b = self.eval(b, io, r, c)?;
+                match op {
+                    BinaryOp::Add => a + b,
+                    BinaryOp::Sub => a - b,
+                    BinaryOp::Mul => a * b,
+                    BinaryOp::Div => a / b,
+                    BinaryOp::Max => a.max(b),
+                    BinaryOp::Min => a.min(b),
+                }
+            }
+            ScalarExpr::Select {
+                op,
+                lhs,
+                rhs,
+                then,
+                otherwise,
+            } => {
+                let l = self.eval(lhs, io, r, c)?;
+                let rv = self.eval(rhs, io, r, c)?;
+                let cond = match op {
+                    CmpOp::Lt => l < rv,
+                    CmpOp::Le => l <= rv,
+                    CmpOp::Gt => l > rv,
+                    CmpOp::Ge => l >= rv,
+                    CmpOp::Eq => l == rv,
+                    CmpOp::Ne => l != rv,
+                };
+                if cond {
+                    self.eval(then, io, r, c)?
+                } else {
+                    self.eval(otherwise, io, r, c)?
+                }
+            }
+        })
+    }
+}

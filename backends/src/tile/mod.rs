@@ -1,0 +1,1083 @@
+//! The Tile IR: a small structured program over shared-memory and register tiles that one
+//! CTA (thread block) runs, plus its CPU interpreter ([`interp`]).
+//!
+//! # Model
+//!
+//! A [`TileProgram`] is run once per *grid cell* `(query tile, batch, head)`. Its rows are
+//! the query positions `p0 .. p0 + block_m` of that cell. Objects:
+//!
+//! * **Global tensors** ([`TensorParam`]): `[B, N, H, d]` with run-time element strides
+//!   (`d` contiguous), so BNHD and BHND both work. A tensor's rows run along the query rank
+//!   (Q, O) or the key rank (K, V); key-rank tensors are indexed by the KV head
+//!   `h / kv_group` (grouped-query attention).
+//! * **Row outputs** ([`RowOutput`]): one f32 per (batch, head, query), contiguous `[B, H, N_q]`
+//!   (the log-sum-exp).
+//! * **Scalar parameters** (f32 by value) and **head parameters** (an f32 array indexed by
+//!   head, e.g. ALiBi slopes).
+//! * **Shared tiles** ([`SharedTile`]): `rows x head_dim` 16-bit tiles filled from a global
+//!   tensor by [`Stmt::LoadTile`]; rows past the sequence end read as zero.
+//! * **Register tiles** ([`RegTile`]): `block_m x cols`, either f32 accumulators (the mma
+//!   C/D fragment layout) or 16-bit A-operand fragments. Their columns run along the key
+//!   rank (scores) or the head dimension (outputs).
+//! * **Row vectors** ([`RowVec`]): one f32 per query row (running max, running sum, ...).
+//!
+//! Statements ([`Stmt`]) are straight-line except for one [`Stmt::KeyLoop`], the iterative
+//! rank: it walks the key tiles `[t_begin, t_end)` that the masks leave non-empty (tile
+//! skipping), streams its `LoadTile`s through a multi-stage shared-memory ring, and applies
+//! [`Stmt::Mask`] only on tiles that the masks or the ragged key tail cut ("boundary" tiles);
+//! interior tiles skip the mask entirely. Tiles declared outside the loop and written inside
+//! it are the loop-carried state.
+//!
+//! Element-wise work is expressed with [`ScalarExpr`], a general scalar expression tree
+//! (`+ - * /`, `exp exp2 log log2 sqrt tanh neg recip`, `max min`, comparisons with select,
+//! literals, parameters, rank indices as values), so a scheduler can lower any cascade's map
+//! operators into it.
+//!
+//! The attention program of FuseMax's 1-pass cascade is built by [`attention::flash_attention`].
+
+pub mod attention;
+pub mod interp;
+
+use std::fmt;
+
+/// Storage element type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Elem {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl Elem {
+    pub fn bytes(self) -> u32 {
+        match self {
+            Elem::Bf16 | Elem::F16 => 2,
+            Elem::F32 => 4,
+        }
+    }
+    /// Rounds an f64 to this type (round to nearest even), returned as f64.
+    pub fn round(self, x: f64) -> f64 {
+        match self {
+            Elem::Bf16 => half::bf16::from_f64(x).to_f64(),
+            Elem::F16 => half::f16::from_f64(x).to_f64(),
+            Elem::F32 => x as f32 as f64,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Elem::Bf16 => "bf16",
+            Elem::F16 => "f16",
+            Elem::F32 => "f32",
+        }
+    }
+}
+
+/// Which sequence rank a tensor's rows (or a tile's columns) run along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SeqRank {
+    /// Query position `p`.
+    Query,
+    /// Key position `m`.
+    Key,
+}
+
+macro_rules! id_type {
+    ($name:ident) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(pub u32);
+        impl $name {
+            pub fn index(self) -> usize {
+                self.0 as usize
+            }
+        }
+    };
+}
+id_type!(TensorId);
+id_type!(RowOutputId);
+id_type!(ScalarId);
+id_type!(HeadParamId);
+id_type!(SharedId);
+id_type!(RegId);
+id_type!(RowId);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorParam {
+    pub name: String,
+    pub elem: Elem,
+    pub rows: SeqRank,
+    pub head_dim: u32,
+    pub is_output: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowOutput {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalarParam {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadParam {
+    pub name: String,
+}
+
+/// A shared-memory tile of `rows x cols` 16-bit elements, rows along `rank`.
+/// Stored row-major with 16-byte chunks XOR-swizzled by `row % 8` (see `ptx` docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedTile {
+    pub name: String,
+    pub rows: u32,
+    pub cols: u32,
+    pub elem: Elem,
+    pub rank: SeqRank,
+}
+
+/// What a register tile's columns index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColRank {
+    /// Columns are key positions of the current key tile (scores, probabilities).
+    Key,
+    /// Columns are the head dimension (outputs, Q fragments).
+    HeadDim,
+}
+
+/// Register tile role: an f32 accumulator (mma C/D layout) or 16-bit mma A-operand fragments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegKind {
+    Accumulator,
+    AOperand(Elem),
+}
+
+/// A register tile of `block_m x cols`, distributed over the CTA's warps by rows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegTile {
+    pub name: String,
+    pub cols: u32,
+    pub col_rank: ColRank,
+    pub kind: RegKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowVec {
+    pub name: String,
+}
+
+/// Unary scalar operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Exp2,
+    Log,
+    Log2,
+    Sqrt,
+    Tanh,
+    Recip,
+}
+
+/// Binary scalar operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+}
+
+/// Comparisons (ordered; a NaN operand compares false).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CmpOp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+/// A scalar expression evaluated per element (in [`Stmt::Map`]) or per row
+/// (in [`Stmt::RowMap`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScalarExpr {
+    Lit(f64),
+    /// An f32 kernel parameter.
+    Scalar(ScalarId),
+    /// The current head's entry of a per-head f32 array.
+    Head(HeadParamId),
+    /// The absolute index of the current row (query position `p`) or column (key position
+    /// `m`, only in maps over key-indexed tiles), as a float.
+    Index(SeqRank),
+    /// The element of a register f32 tile at the current (row, col).
+    Elem(RegId),
+    /// A row vector's value at the current row.
+    Row(RowId),
+    Unary(UnaryOp, Box<ScalarExpr>),
+    Binary(BinaryOp, Box<ScalarExpr>, Box<ScalarExpr>),
+    /// `if lhs op rhs { then } else { otherwise }`.
+    Select {
+        op: CmpOp,
+        lhs: Box<ScalarExpr>,
+        rhs: Box<ScalarExpr>,
+        then: Box<ScalarExpr>,
+        otherwise: Box<ScalarExpr>,
+    },
+}
+
+/// Terse constructors for [`ScalarExpr`], so lowering code reads like the formula.
+pub mod ex {
+    use super::*;
+    pub fn lit(x: f64) -> ScalarExpr {
+        ScalarExpr::Lit(x)
+    }
+    pub fn scalar(id: ScalarId) -> ScalarExpr {
+        ScalarExpr::Scalar(id)
+    }
+    pub fn head(id: HeadParamId) -> ScalarExpr {
+        ScalarExpr::Head(id)
+    }
+    pub fn index(r: SeqRank) -> ScalarExpr {
+        ScalarExpr::Index(r)
+    }
+    pub fn elem(id: RegId) -> ScalarExpr {
+        ScalarExpr::Elem(id)
+    }
+    pub fn row(id: RowId) -> ScalarExpr {
+        ScalarExpr::Row(id)
+    }
+    pub fn un(op: UnaryOp, a: ScalarExpr) -> ScalarExpr {
+        ScalarExpr::Unary(op, Box::new(a))
+    }
+    pub fn bin(op: BinaryOp, a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
+        ScalarExpr::Binary(op, Box::new(a), Box::new(b))
+    }
+    pub fn add(a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
+        bin(BinaryOp::Add, a, b)
+    }
+    pub fn sub(a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
+        bin(BinaryOp::Sub, a, b)
+    }
+    pub fn mul(a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
+        bin(BinaryOp::Mul, a, b)
+    }
+    pub fn div(a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
+        bin(BinaryOp::Div, a, b)
+    }
+    pub fn max(a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
+        bin(BinaryOp::Max, a, b)
+    }
+    pub fn min(a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
+        bin(BinaryOp::Min, a, b)
+    }
+    pub fn exp2(a: ScalarExpr) -> ScalarExpr {
+        un(UnaryOp::Exp2, a)
+    }
+    pub fn log2(a: ScalarExpr) -> ScalarExpr {
+        un(UnaryOp::Log2, a)
+    }
+    pub fn tanh(a: ScalarExpr) -> ScalarExpr {
+        un(UnaryOp::Tanh, a)
+    }
+    pub fn recip(a: ScalarExpr) -> ScalarExpr {
+        un(UnaryOp::Recip, a)
+    }
+    pub fn select(
+        op: CmpOp,
+        lhs: ScalarExpr,
+        rhs: ScalarExpr,
+        then: ScalarExpr,
+        otherwise: ScalarExpr,
+    ) -> ScalarExpr {
+        ScalarExpr::Select {
+            op,
+            lhs: Box::new(lhs),
+            rhs: Box::new(rhs),
+            then: Box::new(then),
+            otherwise: Box::new(otherwise),
+        }
+    }
+}
+
+impl ScalarExpr {
+    /// Calls `f` on every node, children first.
+    pub fn visit(&self, f: &mut impl FnMut(&ScalarExpr)) {
+        match self {
+            ScalarExpr::Unary(_, a) => a.visit(f),
+            ScalarExpr::Binary(_, a, b) => {
+                a.visit(f);
+                b.visit(f);
+            }
+            ScalarExpr::Select {
+                lhs,
+                rhs,
+                then,
+                otherwise,
+                ..
+            } => {
+                lhs.visit(f);
+                rhs.visit(f);
+                then.visit(f);
+                otherwise.visit(f);
+            }
+            _ => {}
+        }
+        f(self)
+    }
+
+    /// True when the value is the same for every element and row of a CTA
+    /// (only literals and parameters): such subtrees are computed once per kernel.
+    pub fn is_uniform(&self) -> bool {
+        let mut uniform = true;
+        self.visit(&mut |e| {
+            if matches!(
+                e,
+                ScalarExpr::Index(_) | ScalarExpr::Elem(_) | ScalarExpr::Row(_)
+            ) {
+                uniform = false
+            }
+        });
+        uniform
+    }
+}
+
+/// A band constraint `sign * (m - p) <= bound` between key position `m` and query
+/// position `p`; keys outside are masked.
+/// `KeyMinusQuery, 0` is causal (`m <= p`); `QueryMinusKey, W-1` is a sliding window
+/// (`p - m < W`). Both let whole key tiles be skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BandMask {
+    pub direction: BandDirection,
+    pub bound: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BandDirection {
+    /// `m - p <= bound`
+    KeyMinusQuery,
+    /// `p - m <= bound`
+    QueryMinusKey,
+}
+
+impl BandMask {
+    pub fn causal() -> BandMask {
+        BandMask {
+            direction: BandDirection::KeyMinusQuery,
+            bound: 0,
+        }
+    }
+    /// Keys with `p - m < window` (a window of `window` keys ending at the query).
+    pub fn window(window: u32) -> BandMask {
+        BandMask {
+            direction: BandDirection::QueryMinusKey,
+            bound: window as i64 - 1,
+        }
+    }
+    pub fn allows(&self, p: i64, m: i64) -> bool {
+        match self.direction {
+            BandDirection::KeyMinusQuery => m - p <= self.bound,
+            BandDirection::QueryMinusKey => p - m <= self.bound,
+        }
+    }
+}
+
+/// Row reductions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    Max,
+    Sum,
+}
+
+/// The A operand of a contraction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AOperand {
+    /// A shared tile with rows along the query rank (`block_m` rows).
+    Shared(SharedId),
+    /// 16-bit A-fragment register tile.
+    Reg(RegId),
+}
+
+/// How the B operand's shared tile is laid out relative to the contraction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BLayout {
+    /// The tile's rows are the output columns `n`, its columns the contracted `k`
+    /// (`acc += A * tile^T`, e.g. `S = Q K^T` with K stored `[key][d]`).
+    RowsAreN,
+    /// The tile's rows are the contracted `k`, its columns the output columns `n`
+    /// (`acc += A * tile`, e.g. `O += P V` with V stored `[key][d]`).
+    RowsAreK,
+}
+
+/// One statement of a tile program.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stmt {
+    /// Copy the rows of the current query tile (outside the key loop) or key tile (inside
+    /// it) of `src` into `dst`; rows past the sequence end become zero.
+    LoadTile { dst: SharedId, src: TensorId },
+    /// Set every element of a register f32 tile.
+    Fill { dst: RegId, value: f64 },
+    /// Set every row of a row vector.
+    FillRow { dst: RowId, value: f64 },
+    /// Read a query-rank shared tile into 16-bit A fragments (operands kept in registers).
+    Fragments { dst: RegId, src: SharedId },
+    /// `acc[r][n] += sum_k A[r][k] * B[k][n]` with bf16/f16 products accumulated in f32.
+    Contract {
+        acc: RegId,
+        a: AOperand,
+        b: SharedId,
+        b_layout: BLayout,
+    },
+    /// `dst[r][c] = expr` for every element (expr may read `Elem` of same-shape tiles).
+    Map { dst: RegId, expr: ScalarExpr },
+    /// Inside the key loop: on boundary tiles, set elements whose key is past `N_k` or
+    /// outside a band mask to `fill`; interior tiles are left alone.
+    Mask { dst: RegId, fill: f64 },
+    /// `dst[r] = reduce over c of src[r][c]`.
+    RowReduce {
+        dst: RowId,
+        src: RegId,
+        op: ReduceOp,
+    },
+    /// `dst[r] = expr` for every row (expr may read rows and the query index).
+    RowMap { dst: RowId, expr: ScalarExpr },
+    /// Round an f32 accumulator (columns along keys) into 16-bit A fragments.
+    Convert { dst: RegId, src: RegId },
+    /// The iterative key rank: loop over key tiles of `block_n` keys.
+    KeyLoop {
+        block_n: u32,
+        masks: Vec<BandMask>,
+        body: Vec<Stmt>,
+    },
+    /// Write the rows `< N_q` of an f32 tile (head-dim columns) to a query-rank tensor.
+    Store { src: RegId, dst: TensorId },
+    /// Write the rows `< N_q` of a row vector to a row output.
+    StoreRow { src: RowId, dst: RowOutputId },
+}
+
+/// Launch-shape knobs fixed at lowering time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileSchedule {
+    /// Query rows per CTA.
+    pub block_m: u32,
+    /// Warps per CTA; each owns `block_m / warps` consecutive rows (a multiple of 16).
+    pub warps: u32,
+    /// Shared-memory stages of the key loop's streamed tiles (>= 2).
+    pub stages: u32,
+}
+
+/// A tile program: one CTA's work for one (query tile, batch, head).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TileProgram {
+    pub name: String,
+    pub schedule: TileSchedule,
+    pub tensors: Vec<TensorParam>,
+    pub row_outputs: Vec<RowOutput>,
+    pub scalars: Vec<ScalarParam>,
+    pub head_params: Vec<HeadParam>,
+    pub shared: Vec<SharedTile>,
+    pub regs: Vec<RegTile>,
+    pub rows: Vec<RowVec>,
+    pub body: Vec<Stmt>,
+}
+
+/// Errors found when checking or lowering a tile program.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TileError {
+    #[error("invalid tile program: {0}")]
+    Invalid(String),
+    #[error("not supported by this lowering: {0}")]
+    Unsupported(String),
+}
+
+fn invalid<T>(msg: impl Into<String>) -> Result<T, TileError> {
+    Err(TileError::Invalid(msg.into()))
+}
+
+/// Kernel-parameter kinds of the ABI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbiKind {
+    Ptr,
+    U32,
+    U64,
+    F32,
+}
+
+/// What a kernel parameter carries, so a launcher can fill it by meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AbiRole {
+    TensorPtr(TensorId),
+    RowOutputPtr(RowOutputId),
+    HeadParamPtr(HeadParamId),
+    QueryLen,
+    KeyLen,
+    Heads,
+    /// Query heads per KV head (1 without grouped-query attention).
+    KvGroup,
+    StrideBatch(TensorId),
+    StrideSeq(TensorId),
+    StrideHead(TensorId),
+    Scalar(ScalarId),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbiParam {
+    pub name: String,
+    pub kind: AbiKind,
+    pub role: AbiRole,
+}
+
+impl TileProgram {
+    pub fn threads(&self) -> u32 {
+        self.schedule.warps * 32
+    }
+    pub fn rows_per_warp(&self) -> u32 {
+        self.schedule.block_m / self.schedule.warps
+    }
+
+    /// The kernel parameters in declaration order (the PTX `.entry` uses the same order).
+    /// Strides are in elements; the row output is `[B, H, N_q]` f32.
+    pub fn abi(&self) -> Vec<AbiParam> {
+        let mut v = Vec::new();
+        for (i, t) in self.tensors.iter().enumerate() {
+            v.push(AbiParam {
+                name: t.name.clone(),
+                kind: AbiKind::Ptr,
+                role: AbiRole::TensorPtr(TensorId(i as u32)),
+            });
+        }
+        for (i, r) in self.row_outputs.iter().enumerate() {
+            v.push(AbiParam {
+                name: r.name.clone(),
+                kind: AbiKind::Ptr,
+                role: AbiRole::RowOutputPtr(RowOutputId(i as u32)),
+            });
+        }
+        for (i, h) in self.head_params.iter().enumerate() {
+            v.push(AbiParam {
+                name: h.name.clone(),
+                kind: AbiKind::Ptr,
+                role: AbiRole::HeadParamPtr(HeadParamId(i as u32)),
+            });
+        }
+        for (name, role) in [
+            ("n_q", AbiRole::QueryLen),
+            ("n_k", AbiRole::KeyLen),
+            ("heads", AbiRole::Heads),
+            ("kv_group", AbiRole::KvGroup),
+        ] {
+            v.push(AbiParam {
+                name: name.into(),
+                kind: AbiKind::U32,
+                role,
+            });
+        }
+        for (i, t) in self.tensors.iter().enumerate() {
+            let id = TensorId(i as u32);
+            for (suffix, role) in [
+                ("sb", AbiRole::StrideBatch(id)),
+                ("sn", AbiRole::StrideSeq(id)),
+                ("sh", AbiRole::StrideHead(id)),
+            ] {
+                v.push(AbiParam {
+                    name: format!("{}_{suffix}", t.name),
+                    kind: AbiKind::U64,
+                    role,
+                });
+            }
+        }
+        for (i, s) in self.scalars.iter().enumerate() {
+            v.push(AbiParam {
+                name: s.name.clone(),
+                kind: AbiKind::F32,
+                role: AbiRole::Scalar(ScalarId(i as u32)),
+            });
+        }
+        v
+    }
+
+    /// The key loop's tile size, if the program has a key loop.
+    pub fn block_n(&self) -> Option<u32> {
+        self.body.iter().find_map(|s| match s {
+            Stmt::KeyLoop { block_n, .. } => Some(*block_n),
+            _ => None,
+        })
+    }
+
+    /// Dynamic shared memory in bytes: tiles loaded outside the loop once, streamed tiles
+    /// `stages` times.
+    pub fn shared_bytes(&self) -> u32 {
+        let mut total = 0;
+        let streamed = self.streamed_tiles();
+        for (i, t) in self.shared.iter().enumerate() {
+            let bytes = t.rows * t.cols * t.elem.bytes();
+            let copies = if streamed.contains(&SharedId(i as u32)) {
+                self.schedule.stages
+            } else {
+                1
+            };
+            total += bytes * copies;
+        }
+        total
+    }
+
+    /// Shared tiles loaded inside the key loop (streamed through the stage ring).
+    pub fn streamed_tiles(&self) -> Vec<SharedId> {
+        let mut out = Vec::new();
+        for s in &self.body {
+            if let Stmt::KeyLoop { body, .. } = s {
+                for b in body {
+                    if let Stmt::LoadTile { dst, .. } = b {
+                        out.push(*dst);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Checks the structural rules every lowering relies on.
+    pub fn validate(&self) -> Result<(), TileError> {
+        let s = self.schedule;
+        if s.warps == 0 || s.block_m == 0 || s.block_m % (16 * s.warps) != 0 {
+            return invalid(format!(
+                "block_m {} must be a positive multiple of 16 x warps ({})",
+                s.block_m, s.warps
+            ));
+        }
+        if s.stages < 2 {
+            return invalid("stages must be at least 2");
+        }
+        let loops = self
+            .body
+            .iter()
+            .filter(|s| matches!(s, Stmt::KeyLoop { .. }))
+            .count();
+        if loops > 1 {
+            return invalid("at most one key loop");
+        }
+        for t in &self.shared {
+            if t.elem == Elem::F32 {
+                return invalid(format!("shared tile {} must be 16-bit", t.name));
+            }
+            if t.cols % 16 != 0 || t.rows % 16 != 0 {
+                return invalid(format!("shared tile {} needs rows, cols multiple of 16", t.name));
+            }
+        }
+        for r in &self.regs {
+            if r.cols % 16 != 0 {
+                return invalid(format!("register tile {} needs cols multiple of 16", r.name));
+            }
+        }
+        let block_n = self.block_n();
+        for r in &self.regs {
+            if r.col_rank == ColRank::Key && Some(r.cols) != block_n {
+                return invalid(format!(
+                    "key-indexed register tile {} must have block_n columns",
+                    r.name
+                ));
+            }
+        }
+        self.check_block(&self.body, false)
+    }
+
+    fn shared_tile(&self, id: SharedId) -> Result<&SharedTile, TileError> {
+        self.shared
+            .get(id.index())
+            .map_or_else(|| invalid(format!("unknown shared tile {id:?}")), Ok)
+    }
+    fn reg(&self, id: RegId) -> Result<&RegTile, TileError> {
+        self.regs
+            .get(id.index())
+            .map_or_else(|| invalid(format!("unknown register tile {id:?}")), Ok)
+    }
+    fn tensor(&self, id: TensorId) -> Result<&TensorParam, TileError> {
+        self.tensors
+            .get(id.index())
+            .map_or_else(|| invalid(format!("unknown tensor {id:?}")), Ok)
+    }
+
+    fn check_expr(&self, e: &ScalarExpr, dst: Option<&RegTile>) -> Result<(), TileError> {
+        let mut err = None;
+        e.visit(&mut |n| {
+            let problem = match n {
+                ScalarExpr::Scalar(id) if id.index() >= self.scalars.len() => {
+                    Some(format!("unknown scalar {id:?}"))
+                }
+                ScalarExpr::Head(id) if id.index() >= self.head_params.len() => {
+                    Some(format!("unknown head param {id:?}"))
+                }
+                ScalarExpr::Row(id) if id.index() >= self.rows.len() => {
+                    Some(format!("unknown row vector {id:?}"))
+                }
+                ScalarExpr::Elem(id) => match (self.regs.get(id.index()), dst) {
+                    (None, _) => Some(format!("unknown register tile {id:?}")),
+                    (Some(_), None) => Some("Elem used in a row expression".into()),
+                    (Some(t), Some(d)) => {
+                        if t.kind != RegKind::Accumulator || t.cols != d.cols {
+                            Some(format!("Elem({}) must be an f32 tile shaped like {}", t.name, d.name))
+                        } else {
+                            None
+                        }
+                    }
+                },
+                ScalarExpr::Index(SeqRank::Key) => match dst {
+                    Some(d) if d.col_rank == ColRank::Key => None,
+                    _ => Some("the key index is only defined in maps over key-indexed tiles".into()),
+                },
+                _ => None,
+            };
+            if err.is_none() {
+                err = problem;
+            }
+        });
+        match err {
+            Some(m) => invalid(m),
+            None => Ok(()),
+        }
+    }
+
+    fn check_block(&self, body: &[Stmt], in_loop: bool) -> Result<(), TileError> {
+        for st in body {
+            match st {
+                Stmt::LoadTile { dst, src } => {
+                    let t = self.shared_tile(*dst)?;
+                    let g = self.tensor(*src)?;
+                    if g.is_output || g.elem != t.elem || g.head_dim != t.cols || g.rows != t.rank {
+                        return invalid(format!("LoadTile {} <- {}: mismatched tile", t.name, g.name));
+                    }
+                    let want_rows = match t.rank {
+                        SeqRank::Query => self.schedule.block_m,
+                        SeqRank::Key => self.block_n().unwrap_or(0),
+                    };
+                    if t.rows != want_rows || (t.rank == SeqRank::Key) != in_loop {
+                        return invalid(format!(
+                            "LoadTile {}: query tiles load outside the key loop with block_m rows, key tiles inside with block_n rows",
+                            t.name
+                        ));
+                    }
+                }
+                Stmt::Fill { dst, .. } => {
+                    if self.reg(*dst)?.kind != RegKind::Accumulator {
+                        return invalid("Fill needs an f32 tile");
+                    }
+                }
+                Stmt::FillRow { dst, .. } => {
+                    if dst.index() >= self.rows.len() {
+                        return invalid("unknown row vector");
+                    }
+                }
+                Stmt::Fragments { dst, src } => {
+                    let d = self.reg(*dst)?;
+                    let s = self.shared_tile(*src)?;
+                    if d.kind != RegKind::AOperand(s.elem) || d.cols != s.cols || s.rank != SeqRank::Query {
+                        return invalid(format!("Fragments {} <- {}: mismatched", d.name, s.name));
+                    }
+                }
+                Stmt::Contract { acc, a, b, b_layout } => {
+                    let acc_t = self.reg(*acc)?;
+                    let b_t = self.shared_tile(*b)?;
+                    if acc_t.kind != RegKind::Accumulator {
+                        return invalid("Contract accumulator must be f32");
+                    }
+                    let (a_elem, a_k) = match a {
+                        AOperand::Shared(id) => {
+                            let t = self.shared_tile(*id)?;
+                            if t.rank != SeqRank::Query {
+                                return invalid("A operand from shared must be a query tile");
+                            }
+                            (t.elem, t.cols)
+                        }
+                        AOperand::Reg(id) => match self.reg(*id)?.kind {
+                            RegKind::AOperand(e) => (e, self.reg(*id)?.cols),
+                            RegKind::Accumulator => {
+                                return invalid("A operand register tile must be 16-bit (Convert first)")
+                            }
+                        },
+                    };
+                    let (b_k, b_n) = match b_layout {
+                        BLayout::RowsAreN => (b_t.cols, b_t.rows),
+                        BLayout::RowsAreK => (b_t.rows, b_t.cols),
+                    };
+                    if a_elem != b_t.elem || a_k != b_k || acc_t.cols != b_n {
+                        return invalid(format!(
+                            "Contract {}: shapes or types disagree (A k={a_k}, B k={b_k} n={b_n}, acc n={})",
+                            acc_t.name, acc_t.cols
+                        ));
+                    }
+                    if !in_loop && b_t.rank == SeqRank::Key {
+                        return invalid("a key tile is only live inside the key loop");
+                    }
+                }
+                Stmt::Map { dst, expr } => {
+                    let d = self.reg(*dst)?;
+                    if d.kind != RegKind::Accumulator {
+                        return invalid("Map needs an f32 tile");
+                    }
+                    if d.col_rank == ColRank::Key && !in_loop {
+                        // Key indices exist only inside the loop.
+                        let mut uses_key = false;
+                        expr.visit(&mut |n| uses_key |= *n == ScalarExpr::Index(SeqRank::Key));
+                        if uses_key {
+                            return invalid("key index used outside the key loop");
+                        }
+                    }
+                    self.check_expr(expr, Some(d))?;
+                }
+                Stmt::Mask { dst, .. } => {
+                    let d = self.reg(*dst)?;
+                    if !in_loop || d.col_rank != ColRank::Key || d.kind != RegKind::Accumulator {
+                        return invalid("Mask applies to key-indexed f32 tiles inside the key loop");
+                    }
+                }
+                Stmt::RowReduce { dst, src, .. } => {
+                    if dst.index() >= self.rows.len() || self.reg(*src)?.kind != RegKind::Accumulator {
+                        return invalid("RowReduce needs a row vector and an f32 tile");
+                    }
+                }
+                Stmt::RowMap { dst, expr } => {
+                    if dst.index() >= self.rows.len() {
+                        return invalid("unknown row vector");
+                    }
+                    self.check_expr(expr, None)?;
+                }
+                Stmt::Convert { dst, src } => {
+                    let d = self.reg(*dst)?;
+                    let s = self.reg(*src)?;
+                    if !matches!(d.kind, RegKind::AOperand(_))
+                        || s.kind != RegKind::Accumulator
+                        || d.cols != s.cols
+                    {
+                        return invalid("Convert: f32 tile into a same-shape 16-bit A tile");
+                    }
+                }
+                Stmt::KeyLoop { block_n, body, .. } => {
+                    if in_loop {
+                        return invalid("nested key loops");
+                    }
+                    if *block_n == 0 || block_n % 16 != 0 {
+                        return invalid("block_n must be a positive multiple of 16");
+                    }
+                    // Streamed loads must come first so the stage ring can issue them early.
+                    let mut seen_other = false;
+                    for b in body {
+                        match b {
+                            Stmt::LoadTile { .. } if seen_other => {
+                                return invalid("LoadTile inside the key loop must precede other statements")
+                            }
+                            Stmt::LoadTile { .. } => {}
+                            _ => seen_other = true,
+                        }
+                    }
+                    self.check_block(body, true)?;
+                }
+                Stmt::Store { src, dst } => {
+                    let s = self.reg(*src)?;
+                    let d = self.tensor(*dst)?;
+                    if !d.is_output || d.rows != SeqRank::Query || s.cols != d.head_dim || s.kind != RegKind::Accumulator {
+                        return invalid(format!("Store {} -> {}: mismatched", s.name, d.name));
+                    }
+                }
+                Stmt::StoreRow { src, dst } => {
+                    if src.index() >= self.rows.len() || dst.index() >= self.row_outputs.len() {
+                        return invalid("StoreRow: unknown operands");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The key tiles a query tile visits and which of them need the mask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyTileRange {
+    pub begin: i64,
+    pub end: i64,
+}
+
+/// Key tiles `[begin, end)` for the query tile starting at `p0` whose last *valid* row is
+/// `p_last` (`min(p0 + block_m, N_q) - 1`): the tiles that hold at least one key that some
+/// row of the tile may attend to. This is the tile skipping the PTX lowering performs.
+pub fn key_tile_range(masks: &[BandMask], p0: i64, p_last: i64, n_k: i64, block_n: i64) -> KeyTileRange {
+    let mut key_start = 0i64;
+    let mut key_end = n_k;
+    for m in masks {
+        match m.direction {
+            BandDirection::KeyMinusQuery => key_end = key_end.min(p_last + m.bound + 1),
+            BandDirection::QueryMinusKey => key_start = key_start.max(p0 - m.bound),
+        }
+    }
+    if key_end <= key_start {
+        return KeyTileRange { begin: 0, end: 0 };
+    }
+    KeyTileRange {
+        begin: key_start.div_euclid(block_n),
+        end: (key_end + block_n - 1).div_euclid(block_n),
+    }
+}
+
+/// Whether key tile `t` needs the mask for query rows `[p0, p_last]`: it crosses the key
+/// tail or a band's edge. Interior tiles are fully visible to every row.
+pub fn key_tile_needs_mask(masks: &[BandMask], t: i64, p0: i64, p_last: i64, n_k: i64, block_n: i64) -> bool {
+    let k0 = t * block_n;
+    let k1 = k0 + block_n - 1;
+    if k1 >= n_k {
+        return true;
+    }
+    masks.iter().any(|m| match m.direction {
+        BandDirection::KeyMinusQuery => k1 - p0 > m.bound,
+        BandDirection::QueryMinusKey => p_last - k0 > m.bound,
+    })
+}
+
+impl fmt::Display for TileProgram {
+    /// A readable listing (for `--emit tile`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.schedule;
+        writeln!(
+            f,
+            "tile_program {} (block_m={}, warps={}, stages={})",
+            self.name, s.block_m, s.warps, s.stages
+        )?;
+        for t in &self.tensors {
+            writeln!(
+                f,
+                "  {} {}: {}[B, N_{}, H, {}]",
+                if t.is_output { "out" } else { "in " },
+                t.name,
+                t.elem.name(),
+                if t.rows == SeqRank::Query { "q" } else { "k" },
+                t.head_dim
+            )?;
+        }
+        for r in &self.row_outputs {
+            writeln!(f, "  out {}: f32[B, H, N_q]", r.name)?;
+        }
+        for p in &self.scalars {
+            writeln!(f, "  param {}: f32", p.name)?;
+        }
+        for p in &self.head_params {
+            writeln!(f, "  param {}: f32[H]", p.name)?;
+        }
+        for t in &self.shared {
+            writeln!(f, "  shared {}: {}[{} x {}]", t.name, t.elem.name(), t.rows, t.cols)?;
+        }
+        for t in &self.regs {
+            let kind = match t.kind {
+                RegKind::Accumulator => "f32".to_string(),
+                RegKind::AOperand(e) => format!("{}-afrag", e.name()),
+            };
+            writeln!(f, "  reg {}: {}[{} x {} {:?}]", t.name, kind, s.block_m, t.cols, t.col_rank)?;
+        }
+        for r in &self.rows {
+            writeln!(f, "  row {}: f32[{}]", r.name, s.block_m)?;
+        }
+        self.fmt_block(f, &self.body, 1)
+    }
+}
+
+impl TileProgram {
+    fn fmt_expr(&self, e: &ScalarExpr) -> String {
+        match e {
+            ScalarExpr::Lit(x) => format!("{x}"),
+            ScalarExpr::Scalar(id) => self.scalars[id.index()].name.clone(),
+            ScalarExpr::Head(id) => format!("{}[h]", self.head_params[id.index()].name),
+            ScalarExpr::Index(SeqRank::Query) => "p".into(),
+            ScalarExpr::Index(SeqRank::Key) => "m".into(),
+            ScalarExpr::Elem(id) => self.regs[id.index()].name.clone(),
+            ScalarExpr::Row(id) => self.rows[id.index()].name.clone(),
+            ScalarExpr::Unary(op, a) => format!("{}({})", format!("{op:?}").to_lowercase(), self.fmt_expr(a)),
+            ScalarExpr::Binary(op, a, b) => {
+                let sym = match op {
+                    BinaryOp::Add => "+",
+                    BinaryOp::Sub => "-",
+                    BinaryOp::Mul => "*",
+                    BinaryOp::Div => "/",
+                    BinaryOp::Max => return format!("max({}, {})", self.fmt_expr(a), self.fmt_expr(b)),
+                    BinaryOp::Min => return format!("min({}, {})", self.fmt_expr(a), self.fmt_expr(b)),
+                };
+                format!("({} {sym} {})", self.fmt_expr(a), self.fmt_expr(b))
+            }
+            ScalarExpr::Select {
+                op,
+                lhs,
+                rhs,
+                then,
+                otherwise,
+            } => format!(
+                "({} {:?} {} ? {} : {})",
+                self.fmt_expr(lhs),
+                op,
+                self.fmt_expr(rhs),
+                self.fmt_expr(then),
+                self.fmt_expr(otherwise)
+            ),
+        }
+    }
+
+    fn fmt_block(&self, f: &mut fmt::Formatter<'_>, body: &[Stmt], depth: usize) -> fmt::Result {
+        let pad = "  ".repeat(depth);
+        for st in body {
+            match st {
+                Stmt::LoadTile { dst, src } => writeln!(
+                    f,
+                    "{pad}load {} <- {}",
+                    self.shared[dst.index()].name, self.tensors[src.index()].name
+                )?,
+                Stmt::Fill { dst, value } => writeln!(f, "{pad}{} = {value}", self.regs[dst.index()].name)?,
+                Stmt::FillRow { dst, value } => writeln!(f, "{pad}{} = {value}", self.rows[dst.index()].name)?,
+                Stmt::Fragments { dst, src } => writeln!(
+                    f,
+                    "{pad}{} = fragments({})",
+                    self.regs[dst.index()].name, self.shared[src.index()].name
+                )?,
+                Stmt::Contract { acc, a, b, b_layout } => {
+                    let a = match a {
+                        AOperand::Shared(id) => self.shared[id.index()].name.clone(),
+                        AOperand::Reg(id) => self.regs[id.index()].name.clone(),
+                    };
+                    let t = if *b_layout == BLayout::RowsAreN { "^T" } else { "" };
+                    writeln!(f, "{pad}{} += {a} . {}{t}", self.regs[acc.index()].name, self.shared[b.index()].name)?
+                }
+                Stmt::Map { dst, expr } => {
+                    writeln!(f, "{pad}{} = map {}", self.regs[dst.index()].name, self.fmt_expr(expr))?
+                }
+                Stmt::Mask { dst, fill } => writeln!(f, "{pad}mask {} fill {fill}", self.regs[dst.index()].name)?,
+                Stmt::RowReduce { dst, src, op } => writeln!(
+                    f,
+                    "{pad}{} = row_{:?}({})",
+                    self.rows[dst.index()].name,
+                    op,
+                    self.regs[src.index()].name
+                )?,
+                Stmt::RowMap { dst, expr } => {
+                    writeln!(f, "{pad}{} = rows {}", self.rows[dst.index()].name, self.fmt_expr(expr))?
+                }
+                Stmt::Convert { dst, src } => writeln!(
+                    f,
+                    "{pad}{} = convert({})",
+                    self.regs[dst.index()].name, self.regs[src.index()].name
+                )?,
+                Stmt::KeyLoop { block_n, masks, body } => {
+                    writeln!(f, "{pad}for key tile of {block_n} (masks {masks:?}) {{")?;
+                    self.fmt_block(f, body, depth + 1)?;
+                    writeln!(f, "{pad}}}")?
+                }
+                Stmt::Store { src, dst } => writeln!(
+                    f,
+                    "{pad}store {} -> {}",
+                    self.regs[src.index()].name, self.tensors[dst.index()].name
+                )?,
+                Stmt::StoreRow { src, dst } => writeln!(
+                    f,
+                    "{pad}store {} -> {}",
+                    self.rows[src.index()].name, self.row_outputs[dst.index()].name
+                )?,
+            }
+        }
+        Ok(())
+    }
+}
