@@ -1,0 +1,372 @@
+//! FLOPs per Einsum and bytes per tensor.
+//!
+//! Points: an Einsum computes its expression at every point of its iteration space that
+//! survives its mask. Absence propagates (language.md: "any map with an absent operand is
+//! absent"), so an Einsum also skips the points where an input it reads point by point is
+//! absent: the producer's mask is carried into the consumer's space through the access
+//! indices. A reduction's result is present even when every point it reduced was absent
+//! (it is the identity), so conditions over reduced ranks stop there. Masks are carried only
+//! through outputs indexed by plain ranks; elsewhere the count is the (larger) own-mask count.
+//!
+//! Operation classes:
+//! - *contraction*: a product of two tensor accesses, possibly times factors constant along
+//!   the reduction, summed over a rank both operands carry: tensor-core work, 2 FLOPs per
+//!   point. The constant factors (`scale`) are applied once per output point, where a real
+//!   kernel applies them, and counted as scalar work there.
+//! - *scalar*: every other map operator node is 1 FLOP per point; every reduction combine is
+//!   1 FLOP per reduced point (an accumulator starts at the identity).
+//! - *transcendental*: `exp`, `log`, `tanh`, `sqrt` nodes, counted in scalar FLOPs and again
+//!   on their own for the special-function units.
+//!
+//! Costs are of the cascade as written: hoisting a map that is invariant along some rank
+//! (`exp(-s[h] * I)` in a recurrence) is a schedule decision and is not assumed here.
+
+use super::normalize::{LeafCascade, LeafCondition, LeafEinsum};
+use super::points::{count_points, AffineCondition};
+use einattn_ir::{BinaryOp, Expr, Handle, IndexExpr, Rank, ReduceOp, Tensor, UnaryOp};
+use std::collections::HashMap;
+
+/// What one Einsum costs.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct EinsumCost {
+    /// Points of the iteration space, ignoring masks.
+    pub points_dense: u64,
+    /// Points that survive the Einsum's own mask and the absence of its inputs.
+    pub points: u64,
+    /// Points of the output (reduced ranks projected away) that are present.
+    pub output_points: u64,
+    pub is_contraction: bool,
+    /// The ranks the contraction sums over.
+    pub contracted: Vec<Handle<Rank>>,
+    pub contraction_flops: u64,
+    pub scalar_flops: u64,
+    pub transcendental_ops: u64,
+    /// Map operator nodes applied per point (for a contraction: per output point).
+    pub map_ops_per_point: u64,
+    pub reduction_combines: u64,
+    /// The conditions the count used, own and inherited, over leaf ranks.
+    pub effective_mask: Vec<LeafCondition>,
+    /// Whether some of those conditions come from inputs.
+    pub inherits_mask: bool,
+}
+
+impl EinsumCost {
+    pub fn flops(&self) -> u64 {
+        self.contraction_flops.saturating_add(self.scalar_flops)
+    }
+}
+
+/// Counts cached by box and conditions: the Einsums of one cascade share masks (a causal
+/// score is carried into the max, the exponential and the contraction with V).
+#[derive(Default)]
+pub(crate) struct PointCounter {
+    cache: HashMap<(Vec<u64>, Vec<AffineCondition>), u128>,
+}
+
+impl PointCounter {
+    /// Points of the box over `space` where every condition holds.
+    pub fn count(
+        &mut self,
+        lc: &LeafCascade,
+        space: &[Handle<Rank>],
+        conds: &[LeafCondition],
+    ) -> u64 {
+        // Only the dimensions a condition mentions need counting; the rest multiply.
+        let involved: Vec<Handle<Rank>> = space
+            .iter()
+            .copied()
+            .filter(|&r| conds.iter().any(|c| c.mentions(r)))
+            .collect();
+        let free: u128 = space
+            .iter()
+            .filter(|r| !involved.contains(r))
+            .map(|&r| lc.extent(r) as u128)
+            .product();
+        let extents: Vec<u64> = involved.iter().map(|&r| lc.extent(r)).collect();
+        let affine: Vec<AffineCondition> = conds
+            .iter()
+            .map(|c| AffineCondition {
+                coefs: involved
+                    .iter()
+                    .map(|&r| {
+                        c.terms
+                            .iter()
+                            .filter(|&&(_, cr)| cr == r)
+                            .map(|&(k, _)| k)
+                            .sum()
+                    })
+                    .collect(),
+                constant: c.constant,
+                relation: c.relation,
+            })
+            .collect();
+        let key = (extents, affine);
+        let masked = match self.cache.get(&key) {
+            Some(&n) => n,
+            None => {
+                let n = count_points(&key.0, &key.1);
+                self.cache.insert(key, n);
+                n
+            }
+        };
+        saturate(masked.saturating_mul(free))
+    }
+}
+
+fn saturate(n: u128) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// Where a tensor's elements are present: conditions over the producer's output ranks
+/// (one per dimension, in order), or `None` when every element is present or the producer's
+/// output indices are not plain ranks (then nothing is carried, conservatively).
+type Presence = Option<(Vec<Handle<Rank>>, Vec<LeafCondition>)>;
+
+/// Costs every Einsum, in dependency order so inherited masks are known.
+pub(crate) fn cost_einsums(lc: &LeafCascade, counter: &mut PointCounter) -> Vec<EinsumCost> {
+    let mut costs = vec![EinsumCost::default(); lc.einsums.len()];
+    // Per tensor: the conditions under which an element is present, as conditions over
+    // dimension positions encoded as the tensor's own output ranks (the producer's plain
+    // output ranks), or None when it is always present / not trackable.
+    let mut presence: Vec<Presence> = vec![None; lc.cascade.tensors.len()];
+
+    for &h in &lc.order {
+        let e = lc.einsum(h);
+        let mut effective: Vec<LeafCondition> = e.mask.clone();
+        let mut inherits = false;
+        for a in e.accesses.iter().filter(|a| !a.self_read) {
+            let Some((dims, conds)) = &presence[a.tensor.index()] else {
+                continue;
+            };
+            if a.indices.len() != dims.len() {
+                continue;
+            }
+            for c in conds {
+                let moved = c.substitute(|r| {
+                    dims.iter()
+                        .position(|&d| d == r)
+                        .map(|k| a.indices[k].clone())
+                        .unwrap_or_else(|| IndexExpr::rank(r))
+                });
+                if !effective.contains(&moved) {
+                    effective.push(moved);
+                    inherits = true;
+                }
+            }
+        }
+        // Conditions outside the space (a malformed mask) cannot be counted; drop them.
+        effective.retain(|c| c.ranks().all(|r| e.space.contains(&r)));
+
+        let cost = cost_one(lc, e, &effective, inherits, counter);
+        costs[h.index()] = cost;
+
+        // What the output inherits: conditions over plain output ranks only, and none over
+        // reduced ranks (a reduction of absent points is the identity, which is present).
+        let plain: Option<Vec<Handle<Rank>>> = e.output.iter().map(|i| i.as_rank()).collect();
+        presence[e.output_tensor.index()] = match plain {
+            Some(dims) if e.recurrence_rank.is_none() => {
+                let kept: Vec<LeafCondition> = effective
+                    .iter()
+                    .filter(|c| c.ranks().all(|r| dims.contains(&r)))
+                    .cloned()
+                    .collect();
+                (!kept.is_empty()).then_some((dims, kept))
+            }
+            _ => None,
+        };
+    }
+    costs
+}
+
+fn cost_one(
+    lc: &LeafCascade,
+    e: &LeafEinsum,
+    effective: &[LeafCondition],
+    inherits: bool,
+    counter: &mut PointCounter,
+) -> EinsumCost {
+    let expr = &lc.cascade.einsums[e.handle].expr;
+    let points_dense = saturate(e.space.iter().map(|&r| lc.extent(r) as u128).product());
+    let points = counter.count(lc, &e.space, effective);
+
+    // Points of the space with the first `k` reductions projected away.
+    let mut projected = |k: usize| -> u64 {
+        let removed: Vec<Handle<Rank>> = e.reductions[..k].iter().map(|&(r, _)| r).collect();
+        let space: Vec<Handle<Rank>> = e
+            .space
+            .iter()
+            .copied()
+            .filter(|r| !removed.contains(r))
+            .collect();
+        let conds: Vec<LeafCondition> = effective
+            .iter()
+            .filter(|c| !removed.iter().any(|&r| c.mentions(r)))
+            .cloned()
+            .collect();
+        counter.count(lc, &space, &conds)
+    };
+    let output_points = projected(e.reductions.len());
+
+    let contraction = find_contraction(lc, e, expr);
+    let mut cost = EinsumCost {
+        points_dense,
+        points,
+        output_points,
+        effective_mask: effective.to_vec(),
+        inherits_mask: inherits,
+        ..EinsumCost::default()
+    };
+
+    // Reductions the contraction does not cover are scalar combines at their level.
+    let mut combines: u64 = 0;
+    for (k, &(rank, _)) in e.reductions.iter().enumerate() {
+        let covered = contraction
+            .as_ref()
+            .is_some_and(|c| c.summed.contains(&rank));
+        if !covered {
+            combines = combines.saturating_add(if k == 0 { points } else { projected(k) });
+        }
+    }
+    cost.reduction_combines = combines;
+
+    match contraction {
+        Some(c) => {
+            cost.is_contraction = true;
+            cost.contracted = c.summed;
+            cost.contraction_flops = points.saturating_mul(2);
+            cost.map_ops_per_point = c.factor_ops;
+            cost.transcendental_ops = c.factor_transcendentals.saturating_mul(output_points);
+            cost.scalar_flops = c
+                .factor_ops
+                .saturating_mul(output_points)
+                .saturating_add(combines);
+        }
+        None => {
+            let (ops, trans) = count_ops(expr);
+            cost.map_ops_per_point = ops;
+            cost.transcendental_ops = trans.saturating_mul(points);
+            cost.scalar_flops = ops.saturating_mul(points).saturating_add(combines);
+        }
+    }
+    cost
+}
+
+/// (operator nodes, transcendental nodes) of an expression.
+pub(crate) fn count_ops(expr: &Expr) -> (u64, u64) {
+    match expr {
+        Expr::Literal(_) | Expr::Access(_) | Expr::Index(_) => (0, 0),
+        Expr::Unary(op, a) => {
+            let (o, t) = count_ops(a);
+            let is_sfu = matches!(
+                op,
+                UnaryOp::Exp | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Sqrt
+            );
+            (o + 1, t + u64::from(is_sfu))
+        }
+        Expr::Binary(_, a, b) => {
+            let (oa, ta) = count_ops(a);
+            let (ob, tb) = count_ops(b);
+            (oa + ob + 1, ta + tb)
+        }
+    }
+}
+
+struct Contraction {
+    summed: Vec<Handle<Rank>>,
+    /// Operator nodes outside the one product the tensor cores do: the multiplications by
+    /// constant factors and the factors' own operators.
+    factor_ops: u64,
+    factor_transcendentals: u64,
+}
+
+/// Recognizes `c1 * ... * A[..] * ... * B[..]` summed over ranks both `A` and `B` carry,
+/// where every other factor is constant along the summed ranks.
+fn find_contraction(lc: &LeafCascade, e: &LeafEinsum, expr: &Expr) -> Option<Contraction> {
+    let summed_all: Vec<Handle<Rank>> = e
+        .reductions
+        .iter()
+        .filter(|&&(_, op)| op == ReduceOp::Sum)
+        .map(|&(r, _)| r)
+        .collect();
+    if summed_all.is_empty() || e.recurrence_rank.is_some() {
+        return None;
+    }
+    let mut factors = Vec::new();
+    flatten_product(expr, &mut factors);
+    if factors.len() < 2 {
+        return None;
+    }
+    let mentions_summed = |f: &Expr| -> bool {
+        let mut hit = false;
+        f.visit_indices(&mut |i| {
+            let leaf = super::normalize::expand_index(lc.cascade, i);
+            if summed_all.iter().any(|&r| leaf.mentions(r)) {
+                hit = true;
+            }
+        });
+        hit
+    };
+    let (operands, constants): (Vec<&Expr>, Vec<&Expr>) =
+        factors.iter().partition(|f| mentions_summed(f));
+    let [a, b] = operands.as_slice() else {
+        return None;
+    };
+    let (Expr::Access(a), Expr::Access(b)) = (a, b) else {
+        return None;
+    };
+    let ranks_of = |acc: &einattn_ir::Access| -> Vec<Handle<Rank>> {
+        acc.indices
+            .iter()
+            .flat_map(|i| {
+                super::normalize::expand_index(lc.cascade, i)
+                    .ranks()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (ra, rb) = (ranks_of(a), ranks_of(b));
+    let summed: Vec<Handle<Rank>> = summed_all
+        .iter()
+        .copied()
+        .filter(|r| ra.contains(r) && rb.contains(r))
+        .collect();
+    if summed.is_empty() {
+        return None;
+    }
+    // A summed rank only one operand carries would make this a scaled sum, not a
+    // contraction the tensor cores run as one product.
+    if summed.len() != summed_all.len() {
+        return None;
+    }
+    let (mut factor_ops, mut factor_transcendentals) = (0u64, 0u64);
+    for c in &constants {
+        let (o, t) = count_ops(c);
+        factor_ops += o;
+        factor_transcendentals += t;
+    }
+    // n factors are joined by n - 1 multiplications; one of them is the contraction's.
+    factor_ops += factors.len() as u64 - 2;
+    Some(Contraction {
+        summed,
+        factor_ops,
+        factor_transcendentals,
+    })
+}
+
+fn flatten_product<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {
+    match expr {
+        Expr::Binary(BinaryOp::Mul, a, b) => {
+            flatten_product(a, out);
+            flatten_product(b, out);
+        }
+        other => out.push(other),
+    }
+}
+
+/// Bytes of one tensor in memory: its elements times its storage type (f32 when a
+/// parameter or output declares none).
+pub(crate) fn tensor_bytes(lc: &LeafCascade, tensor: Handle<Tensor>) -> u64 {
+    let t = &lc.cascade.tensors[tensor];
+    let width = t.dtype.map(|d| d.bytes()).unwrap_or(4);
+    lc.cascade.tensor_elements(tensor).saturating_mul(width)
+}

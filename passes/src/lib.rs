@@ -1,0 +1,6 @@
+//! einattn's passes over the Cascade IR.
+//!
+//! - [`analysis`]: the FuseMax-style analysis: passes over each reduced or iterated rank,
+//!   live buffers, FLOPs, bytes, a roofline bound and fusion groups (`einattn analyze`).
+
+pub mod analysis;
