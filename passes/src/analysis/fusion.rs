@@ -162,19 +162,11 @@ pub(crate) fn fusion_groups(
         }
     }
 
-    // Which group produces each tensor.
-    let group_of = |h: Handle<Einsum>, groups: &[DraftGroup]| -> Option<usize> {
-        groups.iter().position(|g| {
-            g.members
-                .iter()
-                .any(|&(m, r)| m == h && r != MemberRole::Recompute)
-        })
-    };
-    let key_name = key_info.map(|k| k.report_name.clone());
-
-    cut.iter()
-        .enumerate()
-        .map(|(gi, d)| {
+    // What each group reads from memory: inputs, and tensors made by another group
+    // (a tensor the group recomputes is made here, so it is not read).
+    let reads_of: Vec<Vec<Handle<Tensor>>> = cut
+        .iter()
+        .map(|d| {
             let produces = |t: Handle<Tensor>| {
                 lc.producer[t.index()].is_some_and(|p| d.members.iter().any(|&(m, _)| m == p))
             };
@@ -186,21 +178,28 @@ pub(crate) fn fusion_groups(
                     }
                 }
             }
+            reads
+        })
+        .collect();
+    let key_name = key_info.map(|k| k.report_name.clone());
+
+    cut.iter()
+        .enumerate()
+        .map(|(gi, d)| {
+            let reads = &reads_of[gi];
+            // Outputs, and whatever another group reads, leave the group through memory.
             let mut writes: Vec<Handle<Tensor>> = Vec::new();
             for &(m, role) in &d.members {
-                if role == MemberRole::Recompute {
-                    continue;
-                }
                 let t = lc.einsum(m).output_tensor;
                 let is_output = lc.cascade.tensors[t].kind == TensorKind::Output;
-                let read_elsewhere = lc.consumers[t.index()].iter().any(|&c| {
-                    group_of(c, &cut).is_some_and(|g| g != gi)
-                        && !cut[group_of(c, &cut).unwrap_or(gi)]
-                            .members
-                            .iter()
-                            .any(|&(x, r)| x == m && r == MemberRole::Recompute)
-                });
-                if (is_output || read_elsewhere) && !writes.contains(&t) {
+                let read_elsewhere = reads_of
+                    .iter()
+                    .enumerate()
+                    .any(|(gj, r)| gj != gi && r.contains(&t));
+                if role != MemberRole::Recompute
+                    && (is_output || read_elsewhere)
+                    && !writes.contains(&t)
+                {
                     writes.push(t);
                 }
             }

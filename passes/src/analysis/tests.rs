@@ -451,6 +451,142 @@ fn linear_attention(n: u64, d: u64) -> Cascade {
     b.c
 }
 
+fn neg(x: Expr) -> Expr {
+    Expr::unary(UnaryOp::Neg, x)
+}
+
+fn affine(terms: &[(i64, Handle<Rank>)], constant: i64) -> IndexExpr {
+    IndexExpr {
+        terms: terms.to_vec(),
+        constant,
+    }
+}
+
+/// lightning.ein: Lightning Attention-2 with blocks of `block` tokens.
+fn lightning(n_size: u64, d_size: u64, block: u64) -> Cascade {
+    let mut b = Build::new("lightning");
+    let bb = b.rank("b", 1, Some("B"));
+    let h = b.rank("h", 2, Some("H"));
+    let d = b.rank("d", d_size, Some("D"));
+    let e = b.rank("e", d_size, Some("D"));
+    let n = b.rank("n", n_size, Some("N"));
+    let (t, i) = b.split(n, "t", "i", block);
+    let j = b.rank("j", block, Some("I"));
+    let q = b.tensor("Q", &[bb, n, h, d], TensorKind::Input);
+    let k = b.tensor("K", &[bb, n, h, d], TensorKind::Input);
+    let v = b.tensor("V", &[bb, n, h, e], TensorKind::Input);
+    let s_param = b.tensor("s", &[h], TensorKind::Param);
+    let o = b.tensor("O", &[bb, n, h, e], TensorKind::Output);
+    let st = b.tensor("S", &[bb, h, t, i, j], TensorKind::Temp);
+    let sd = b.tensor("SD", &[bb, h, t, i, j], TensorKind::Temp);
+    let oi = b.tensor("OI", &[bb, h, t, i, e], TensorKind::Temp);
+    let qkv = b.tensor("QKV", &[bb, h, t, i, e], TensorKind::Temp);
+    let kd = b.tensor("KD", &[bb, h, t, j, d], TensorKind::Temp);
+    let kvu = b.tensor("KVU", &[bb, h, t, d, e], TensorKind::Temp);
+    let kv = b.state("KV", &[bb, h, t, d, e], 2);
+    let blk = block as i64;
+    let key_pos = affine(&[(blk, t), (1, j)], 0);
+    let decay = |x: Expr| exp(bin(BinaryOp::Mul, neg(a(s_param, vec![ix(h)])), x));
+    let b_h_t = |x: Vec<IndexExpr>| [vec![ix(bb), ix(h), ix(t)], x].concat();
+    b.einsum(
+        acc(st, b_h_t(vec![ix(i), ix(j)])),
+        bin(
+            BinaryOp::Mul,
+            a(q, vec![ix(bb), ix(n), ix(h), ix(d)]),
+            a(k, vec![ix(bb), key_pos.clone(), ix(h), ix(d)]),
+        ),
+        &[(d, ReduceOp::Sum)],
+        vec![le(ix(j), ix(i))],
+        None,
+    );
+    b.einsum(
+        acc(sd, b_h_t(vec![ix(i), ix(j)])),
+        bin(
+            BinaryOp::Mul,
+            a(st, b_h_t(vec![ix(i), ix(j)])),
+            decay(Expr::Index(affine(&[(1, i), (-1, j)], 0))),
+        ),
+        &[],
+        vec![],
+        None,
+    );
+    b.einsum(
+        acc(oi, b_h_t(vec![ix(i), ix(e)])),
+        bin(
+            BinaryOp::Mul,
+            a(sd, b_h_t(vec![ix(i), ix(j)])),
+            a(v, vec![ix(bb), key_pos.clone(), ix(h), ix(e)]),
+        ),
+        &[(j, ReduceOp::Sum)],
+        vec![],
+        None,
+    );
+    b.einsum(
+        acc(qkv, b_h_t(vec![ix(i), ix(e)])),
+        bin(
+            BinaryOp::Mul,
+            a(q, vec![ix(bb), ix(n), ix(h), ix(d)]),
+            a(kv, b_h_t(vec![ix(d), ix(e)])),
+        ),
+        &[(d, ReduceOp::Sum)],
+        vec![],
+        None,
+    );
+    b.einsum(
+        acc(o, vec![ix(bb), ix(n), ix(h), ix(e)]),
+        bin(
+            BinaryOp::Add,
+            a(oi, b_h_t(vec![ix(i), ix(e)])),
+            bin(
+                BinaryOp::Mul,
+                decay(Expr::Index(affine(&[(1, i)], 1))),
+                a(qkv, b_h_t(vec![ix(i), ix(e)])),
+            ),
+        ),
+        &[],
+        vec![],
+        None,
+    );
+    b.einsum(
+        acc(kd, b_h_t(vec![ix(j), ix(d)])),
+        bin(
+            BinaryOp::Mul,
+            a(k, vec![ix(bb), key_pos.clone(), ix(h), ix(d)]),
+            decay(Expr::Index(affine(&[(-1, j)], blk - 1))),
+        ),
+        &[],
+        vec![],
+        None,
+    );
+    b.einsum(
+        acc(kvu, b_h_t(vec![ix(d), ix(e)])),
+        bin(
+            BinaryOp::Mul,
+            a(kd, b_h_t(vec![ix(j), ix(d)])),
+            a(v, vec![ix(bb), key_pos, ix(h), ix(e)]),
+        ),
+        &[(j, ReduceOp::Sum)],
+        vec![],
+        None,
+    );
+    b.einsum(
+        acc(kv, vec![ix(bb), ix(h), ix_plus(t, 1), ix(d), ix(e)]),
+        bin(
+            BinaryOp::Add,
+            bin(
+                BinaryOp::Mul,
+                decay(Expr::Index(IndexExpr::constant(blk))),
+                a(kv, b_h_t(vec![ix(d), ix(e)])),
+            ),
+            a(kvu, b_h_t(vec![ix(d), ix(e)])),
+        ),
+        &[],
+        vec![],
+        Some((t, Expr::Literal(0.0))),
+    );
+    b.c
+}
+
 fn opts() -> AnalysisOptions {
     AnalysisOptions::default()
 }
@@ -641,6 +777,41 @@ fn analysis_is_fast_at_64k() {
 }
 
 #[test]
+fn lightning_is_one_pass_over_the_blocks_with_a_d_by_e_state() {
+    let (n, d, block) = (1024u64, 64u64, 64u64);
+    let r = analyze(&lightning(n, d, block), &opts());
+    let text = r.render_text();
+    // The block rank t is the outer rank of n: reported under n.
+    assert_eq!(r.passes["n"], 1, "{text}");
+    assert_eq!(r.passes["i"], 1, "{text}");
+    assert_eq!(r.passes["j"], 1, "{text}");
+    assert_eq!(r.passes["d"], 1, "{text}");
+    assert_eq!(r.key_rank.as_deref(), Some("n"));
+    assert_eq!(r.parallel_ranks, vec!["b", "h"]);
+    let kv = r.buffers.iter().find(|b| b.tensor == "KV").unwrap();
+    assert_eq!(kv.kind, BufferKind::State);
+    assert_eq!(kv.ranks, vec!["d", "e"]);
+    assert_eq!(kv.elements_per_point, d * d);
+    // Intra-block scores: a causal triangle per block, contracted over d.
+    let blocks = n / block;
+    let triangle = block * (block + 1) / 2;
+    assert_eq!(
+        einsum(&r, "S").contraction_flops,
+        2 * 2 * blocks * triangle * d
+    );
+    assert_eq!(
+        einsum(&r, "OI").contraction_flops,
+        2 * 2 * blocks * triangle * d
+    );
+    assert_eq!(
+        einsum(&r, "KVU").contraction_flops,
+        2 * 2 * blocks * block * d * d
+    );
+    assert_eq!(r.fusion_groups.len(), 1, "{text}");
+    assert!(r.fusion_groups[0].fits_on_chip);
+}
+
+#[test]
 #[ignore = "prints reports for eyeballing: cargo test -- --ignored --nocapture"]
 fn print_reports() {
     for c in [
@@ -648,7 +819,91 @@ fn print_reports() {
         softmax_multi_pass(1024, 64, true, false),
         softmax_one_pass(1024, 64, 64, true),
         linear_attention(1024, 64),
+        lightning(1024, 64, 64),
     ] {
         println!("{}", analyze(&c, &opts()).render_text());
+    }
+}
+
+mod masked_points_through_the_ir {
+    //! The point count of an Einsum with a random mask (every comparison, affine sides over
+    //! up to three ranks, one of them split) equals enumeration with the IR's own
+    //! `Condition::holds`: checks the strict-to-non-strict and split-parent rewrites too.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cmp_op() -> impl Strategy<Value = CmpOp> {
+        prop_oneof![
+            Just(CmpOp::Lt),
+            Just(CmpOp::Le),
+            Just(CmpOp::Gt),
+            Just(CmpOp::Ge),
+            Just(CmpOp::Eq),
+            Just(CmpOp::Ne),
+        ]
+    }
+
+    /// Coefficients for ranks (x, y, parent of the split), constant.
+    fn side() -> impl Strategy<Value = ([i64; 3], i64)> {
+        ([-2i64..=2, -2i64..=2, -2i64..=2], -6i64..=6)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn einsum_points_equal_enumeration(
+            x_ext in 1u64..=5,
+            y_ext in 1u64..=5,
+            outer in 1u64..=3,
+            tile in 1u64..=3,
+            conds in prop::collection::vec((side(), cmp_op(), side()), 0..=3),
+        ) {
+            let mut b = Build::new("random_mask");
+            let x = b.rank("x", x_ext, None);
+            let y = b.rank("y", y_ext, None);
+            let z = b.rank("z", outer * tile, None);
+            let (z1, z0) = b.split(z, "z1", "z0", tile);
+            let input = b.tensor("A", &[x, y, z], TensorKind::Input);
+            let out = b.tensor("B", &[x, y, z1, z0], TensorKind::Output);
+            let to_index = |(coefs, constant): ([i64; 3], i64)| {
+                let mut e = IndexExpr::constant(constant);
+                for (c, r) in coefs.iter().zip([x, y, z]) {
+                    e.add_term(*c, r);
+                }
+                e
+            };
+            let mask: Vec<Condition> = conds
+                .iter()
+                .map(|&(l, op, r)| Condition {
+                    lhs: to_index(l),
+                    op,
+                    rhs: to_index(r),
+                    span: Span::UNKNOWN,
+                })
+                .collect();
+            b.einsum(
+                acc(out, vec![ix(x), ix(y), ix(z1), ix(z0)]),
+                a(input, vec![ix(x), ix(y), ix(z)]),
+                &[],
+                mask.clone(),
+                None,
+            );
+            let r = analyze(&b.c, &opts());
+            let mut expected = 0u64;
+            for xv in 0..x_ext as i64 {
+                for yv in 0..y_ext as i64 {
+                    for zv in 0..(outer * tile) as i64 {
+                        let value = |rank: Handle<Rank>| {
+                            if rank == x { xv } else if rank == y { yv } else { zv }
+                        };
+                        if mask.iter().all(|c| c.holds(value)) {
+                            expected += 1;
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(r.einsums[0].points, expected);
+        }
     }
 }
