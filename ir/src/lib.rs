@@ -5,6 +5,8 @@
 pub mod arena;
 pub mod cascade;
 pub mod interp;
+pub mod print;
+pub mod validate;
 
 pub use arena::{Arena, Handle};
 pub use cascade::*;

@@ -1,0 +1,173 @@
+//! The einattn language front end: `.ein` text -> AST -> validated Cascade IR.
+//!
+//! ```
+//! let source = "kernel k\nrank i: 4\ninput A[i]: f32\noutput S: f32\nS = A[i]\n";
+//! let cascade = einattn_dsl::compile_source("k.ein", source, &[]).unwrap();
+//! assert_eq!(cascade.einsums.len(), 1);
+//! ```
+//!
+//! The language is specified in `docs/language.md`. Errors come back as [`Diagnostics`],
+//! which render as `file:line:col` with the source line and a caret.
+
+pub mod ast;
+pub mod diagnostics;
+pub mod lexer;
+pub mod lower;
+
+pub use diagnostics::{line_col, Diagnostic, DiagnosticKind, Diagnostics, LineCol};
+
+use einattn_ir::{Cascade, Span};
+use lalrpop_util::ParseError;
+use lexer::{LexError, LexErrorKind, Lexer, Token};
+
+lalrpop_util::lalrpop_mod!(
+    #[allow(clippy::all, clippy::pedantic, unused_qualifications, dead_code)]
+    grammar
+);
+
+/// Parses `source` into its syntax tree. `file_name` is only for the caller's rendering
+/// of the diagnostics; spans are byte offsets into `source`.
+pub fn parse(file_name: &str, source: &str) -> Result<ast::File, Diagnostics> {
+    let _ = file_name;
+    grammar::FileParser::new()
+        .parse(Lexer::new(source))
+        .map_err(|e| Diagnostics::new(vec![syntax_error(source, e)]))
+}
+
+/// Parses, lowers and validates `source`, binding size symbols from `size` declarations
+/// overridden by `defines` (`-D NAME=VALUE`).
+pub fn compile_source(
+    file_name: &str,
+    source: &str,
+    defines: &[(String, u64)],
+) -> Result<Cascade, Diagnostics> {
+    let file = parse(file_name, source)?;
+    compile_ast(&file, defines)
+}
+
+/// Lowers and validates an already parsed file.
+pub fn compile_ast(file: &ast::File, defines: &[(String, u64)]) -> Result<Cascade, Diagnostics> {
+    lower::lower(file, defines)
+        .map(|l| l.cascade)
+        .map_err(Diagnostics::new)
+}
+
+/// Parses a `-D` argument `NAME=VALUE`.
+pub fn parse_define(text: &str) -> Result<(String, u64), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}`: expected NAME=VALUE"))?;
+    let name = name.trim();
+    let valid_name = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid_name {
+        return Err(format!("`{text}`: `{name}` is not a valid size name"));
+    }
+    let value = value
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("`{text}`: `{}` is not a non-negative integer", value.trim()))?;
+    Ok((name.to_string(), value))
+}
+
+/// Turns the terminal names of the grammar into a readable list: `]`, `,`, a name.
+fn describe_expected(expected: &[String]) -> String {
+    let mut items: Vec<String> = Vec::new();
+    let names: Vec<&str> = expected.iter().map(|e| e.trim_matches('"')).collect();
+    // Everything that can start an expression collapses into one word.
+    let starts_expression = ["name", "integer", "number", "(", "-", "inf"];
+    let is_expression = starts_expression.iter().all(|s| names.contains(s));
+    for name in &names {
+        if is_expression && starts_expression.contains(name) {
+            continue;
+        }
+        items.push(match *name {
+            "name" => "a name".to_string(),
+            "integer" => "an integer".to_string(),
+            "number" => "a number".to_string(),
+            "end of statement" => "end of statement".to_string(),
+            other => format!("`{other}`"),
+        });
+    }
+    if is_expression {
+        items.insert(0, "an expression".to_string());
+    }
+    match items.len() {
+        0 => String::new(),
+        1 => items.remove(0),
+        n if n <= 8 => {
+            let last = items.pop().unwrap_or_default();
+            format!("{} or {last}", items.join(", "))
+        }
+        _ => format!("{}, ...", items[..8].join(", ")),
+    }
+}
+
+fn syntax_error(source: &str, error: ParseError<usize, Token<'_>, LexError>) -> Diagnostic {
+    use einattn_ir::validate::DiagnosticKind::Syntax;
+    let unexpected = |start: usize, end: usize, token: &Token<'_>, expected: &[String]| {
+        let at_end = start >= source.len();
+        let what = match token {
+            Token::Terminator if at_end => "end of file".to_string(),
+            Token::Terminator if source[start.min(source.len())..].starts_with(';') => {
+                "`;`".to_string()
+            }
+            Token::Terminator => "end of line".to_string(),
+            other => other.describe(),
+        };
+        let expected = describe_expected(expected);
+        let mut d = Diagnostic::error(
+            Syntax,
+            format!("unexpected {what}"),
+            Span::new(start, end.max(start)),
+        );
+        if !expected.is_empty() {
+            d = d.with_label(format!("expected {expected}"));
+        }
+        if matches!(token, Token::Terminator) && expected.contains("`]`") | expected.contains("`)`")
+        {
+            d = d.with_help("a bracket is not closed");
+        }
+        d
+    };
+    match error {
+        ParseError::UnrecognizedToken {
+            token: (start, token, end),
+            expected,
+        } => unexpected(start, end, &token, &expected),
+        ParseError::ExtraToken {
+            token: (start, token, end),
+        } => unexpected(start, end, &token, &[]),
+        ParseError::UnrecognizedEof { location, expected } => {
+            let mut d = Diagnostic::error(
+                Syntax,
+                "unexpected end of file",
+                Span::new(location, location),
+            );
+            let expected = describe_expected(&expected);
+            if !expected.is_empty() {
+                d = d.with_label(format!("expected {expected}"));
+            }
+            d
+        }
+        ParseError::InvalidToken { location } => {
+            Diagnostic::error(Syntax, "invalid token", Span::new(location, location + 1))
+        }
+        ParseError::User { error } => {
+            let message = error.to_string();
+            let mut d = Diagnostic::error(Syntax, message, error.span);
+            d = match error.kind {
+                LexErrorKind::InvalidCharacter(_) => d.with_label("no token starts with this"),
+                LexErrorKind::IntegerTooLarge => d.with_label("does not fit in 64 bits"),
+                LexErrorKind::InvalidNumber => d.with_label("not a finite number"),
+                LexErrorKind::StatementTooLong => {
+                    d.with_help("split the computation into several Einsums")
+                }
+            };
+            d
+        }
+    }
+}

@@ -1,0 +1,1042 @@
+//! Validation of a Cascade: the checks that make a cascade meaningful (every tensor
+//! assigned once, indices in range, recurrences well formed, no cycles), run by the
+//! front end after lowering and callable on any IR a pass builds.
+//!
+//! Nothing here panics on malformed IR (out-of-range handles included): a pass that
+//! builds a broken cascade gets diagnostics, not a crash.
+
+use crate::arena::Handle;
+use crate::cascade::*;
+use std::collections::{BTreeSet, HashMap};
+
+/// The largest extent validation accepts: element counts and index arithmetic of
+/// anything below cannot overflow 64 bits.
+pub const MAX_EXTENT: u64 = 1 << 40;
+
+/// What kind of problem a diagnostic reports; tests and tools match on this rather than
+/// on message text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DiagnosticKind {
+    /// The text does not follow the grammar (or has a character no token starts with).
+    Syntax,
+    /// A tensor, rank, size symbol, function or reduction name that is not declared.
+    UnknownName,
+    /// A name declared twice, or a statement that may appear once given twice.
+    Duplicate,
+    /// Wrong number of indices, or an index over a rank unrelated to the dimension.
+    RankMismatch,
+    /// An index that is not affine, or an output index of a form the language forbids.
+    BadIndex,
+    /// Two Einsums assign the same tensor.
+    AssignedTwice,
+    /// An Einsum assigns an input or a parameter.
+    AssignsInput,
+    /// An output no Einsum assigns.
+    OutputNeverAssigned,
+    /// A temporary that is read but that no Einsum assigns.
+    ReadNeverAssigned,
+    /// A dependency cycle not made only of recurrences reading their current state.
+    Cycle,
+    /// A recurrence reading its own state other than at the current step.
+    RecurrenceReadsAhead,
+    /// An `init` with no recurrence, a recurrence with no `init`, or a malformed one.
+    Recurrence,
+    /// A split whose tile does not divide the parent's extent (or is zero).
+    SplitDoesNotDivide,
+    /// A reduction operator with no identity (only sum, prod, max and min have one).
+    NoIdentity,
+    /// A size symbol used but neither declared with `size` nor given with `-D`.
+    UndefinedSize,
+    /// A `-D NAME=VALUE` for a name the program does not use.
+    UnknownDefine,
+    /// An index whose range (by interval arithmetic) leaves the dimension.
+    OutOfRange,
+    /// A rank iterated by an Einsum but neither an output index nor reduced, a rank
+    /// reduced twice, a type or value that makes no sense: everything else.
+    Invalid,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+/// One problem, with the source text it is about. Rendering (file:line:col, the line,
+/// a caret) is the front end's job; this is plain data so passes can produce it too.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Diagnostic {
+    pub kind: DiagnosticKind,
+    pub severity: Severity,
+    pub message: String,
+    /// The offending text; `None` for IR built by passes, or a problem outside the source
+    /// (a `-D` on the command line).
+    pub span: Option<Span>,
+    /// Said next to the caret.
+    pub label: String,
+    /// Other places that explain the problem (the first assignment of a tensor assigned
+    /// twice, the other Einsums of a cycle).
+    pub related: Vec<(Span, String)>,
+    pub help: Option<String>,
+    /// For a problem with one index of an access whose span is `span`: which index. The
+    /// front end narrows the span to that index's text.
+    pub index_position: Option<usize>,
+}
+
+impl Diagnostic {
+    pub fn error(kind: DiagnosticKind, message: impl Into<String>, span: Span) -> Diagnostic {
+        Diagnostic {
+            kind,
+            severity: Severity::Error,
+            message: message.into(),
+            span: if span.is_unknown() { None } else { Some(span) },
+            label: String::new(),
+            related: Vec::new(),
+            help: None,
+            index_position: None,
+        }
+    }
+
+    pub fn with_label(mut self, label: impl Into<String>) -> Diagnostic {
+        self.label = label.into();
+        self
+    }
+
+    pub fn with_help(mut self, help: impl Into<String>) -> Diagnostic {
+        self.help = Some(help.into());
+        self
+    }
+
+    pub fn with_related(mut self, span: Span, label: impl Into<String>) -> Diagnostic {
+        if !span.is_unknown() {
+            self.related.push((span, label.into()));
+        }
+        self
+    }
+
+    pub fn at_index(mut self, position: usize) -> Diagnostic {
+        self.index_position = Some(position);
+        self
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// The candidate closest to `name`, if it is close enough to be a plausible typo: at most
+/// one edit for short names, a third of the length for longer ones. A candidate that
+/// differs only in case always qualifies (`k` for `K`).
+pub fn closest_name<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(1);
+    candidates
+        .into_iter()
+        .filter(|c| *c != name)
+        .map(|c| {
+            let d = if c.eq_ignore_ascii_case(name) {
+                0
+            } else {
+                edit_distance(name, c)
+            };
+            (d, c)
+        })
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// A "did you mean `x`?" help line, when a candidate is close.
+pub fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    closest_name(name, candidates).map(|c| format!("did you mean `{c}`?"))
+}
+
+/// Whether an access of a recurrence's own state reads the current step: the iterative
+/// index is exactly the iterative rank.
+fn reads_current_step(cascade: &Cascade, einsum: &Einsum, access: &Access) -> bool {
+    let Some(rec) = &einsum.recurrence else {
+        return false;
+    };
+    let dim = cascade.tensors.get(access.tensor).and_then(|t| t.iterative);
+    match dim.and_then(|d| access.indices.get(d)) {
+        Some(index) => index.as_rank() == Some(rec.rank),
+        None => false,
+    }
+}
+
+/// The Einsums each Einsum depends on (producers of the tensors it reads, in its body or
+/// its init), leaving out a recurrence's reads of its own current state: those are the
+/// previous step, not a cycle.
+pub fn dependencies(cascade: &Cascade) -> Vec<Vec<Handle<Einsum>>> {
+    let mut producer: HashMap<Handle<Tensor>, Handle<Einsum>> = HashMap::new();
+    for (h, e) in cascade.einsums.iter() {
+        producer.entry(e.output.tensor).or_insert(h);
+    }
+    cascade
+        .einsums
+        .iter()
+        .map(|(h, e)| {
+            let mut deps: Vec<Handle<Einsum>> = Vec::new();
+            let mut add = |access: &Access, allow_self: bool| {
+                if allow_self
+                    && access.tensor == e.output.tensor
+                    && reads_current_step(cascade, e, access)
+                {
+                    return;
+                }
+                if let Some(&p) = producer.get(&access.tensor) {
+                    if !deps.contains(&p) {
+                        deps.push(p);
+                    }
+                }
+            };
+            e.expr.visit_accesses(&mut |a| add(a, true));
+            if let Some(rec) = &e.recurrence {
+                rec.init.visit_accesses(&mut |a| add(a, false));
+            }
+            let _ = h;
+            deps
+        })
+        .collect()
+}
+
+/// An evaluation order of the Einsums: every Einsum after the producers of what it reads,
+/// and otherwise in program order (the smallest ready handle goes first). Einsums caught
+/// in a cycle (which `validate` reports) follow, in program order.
+pub fn topological_order(cascade: &Cascade) -> Vec<Handle<Einsum>> {
+    let deps = dependencies(cascade);
+    let n = deps.len();
+    let mut waiting: Vec<usize> = deps.iter().map(Vec::len).collect();
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (e, ds) in deps.iter().enumerate() {
+        for d in ds {
+            users[d.index()].push(e);
+        }
+    }
+    let mut ready: BTreeSet<usize> = (0..n).filter(|&e| waiting[e] == 0).collect();
+    let mut order = Vec::with_capacity(n);
+    let mut placed = vec![false; n];
+    while let Some(e) = ready.pop_first() {
+        order.push(Handle::new(e));
+        placed[e] = true;
+        for &u in &users[e] {
+            waiting[u] -= 1;
+            if waiting[u] == 0 {
+                ready.insert(u);
+            }
+        }
+    }
+    order.extend((0..n).filter(|&e| !placed[e]).map(Handle::new));
+    order
+}
+
+/// Checks `cascade`; `Ok` when it has no errors.
+pub fn validate(cascade: &Cascade) -> Result<(), Vec<Diagnostic>> {
+    let diagnostics = check(cascade);
+    if diagnostics.iter().any(Diagnostic::is_error) {
+        Err(diagnostics)
+    } else {
+        Ok(())
+    }
+}
+
+/// Every problem found in `cascade`, in the order of the checks.
+pub fn check(cascade: &Cascade) -> Vec<Diagnostic> {
+    let mut checker = Checker {
+        cascade,
+        out: Vec::new(),
+    };
+    if !checker.ranks() {
+        // Extents so large that element counts overflow: nothing below is meaningful.
+        return checker.out;
+    }
+    if !checker.tensors() {
+        return checker.out;
+    }
+    if !checker.handles_valid() {
+        // Later checks index the arenas; with dangling handles they would report nonsense.
+        return checker.out;
+    }
+    checker.assignments();
+    for (h, _) in cascade.einsums.iter() {
+        checker.einsum(h);
+    }
+    checker.cycles();
+    checker.out
+}
+
+struct Checker<'a> {
+    cascade: &'a Cascade,
+    out: Vec<Diagnostic>,
+}
+
+/// A closed interval of integers, for index range checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Interval {
+    lo: i64,
+    hi: i64,
+}
+
+impl<'a> Checker<'a> {
+    fn push(&mut self, d: Diagnostic) {
+        self.out.push(d);
+    }
+
+    fn rank_name(&self, r: Handle<Rank>) -> &str {
+        self.cascade.ranks.get(r).map_or("?", |r| r.name.as_str())
+    }
+
+    fn tensor_name(&self, t: Handle<Tensor>) -> &str {
+        self.cascade.tensors.get(t).map_or("?", |t| t.name.as_str())
+    }
+
+    /// Checks extents and splits; false when an extent is too large to check further.
+    fn ranks(&mut self) -> bool {
+        let c = self.cascade;
+        let mut sane = true;
+        for (_, rank) in c.ranks.iter() {
+            if rank.extent > MAX_EXTENT {
+                sane = false;
+                self.push(
+                    Diagnostic::error(
+                        DiagnosticKind::Invalid,
+                        format!(
+                            "rank `{}` has extent {}, above the limit 2^40",
+                            rank.name, rank.extent
+                        ),
+                        rank.span,
+                    )
+                    .with_label("too large"),
+                );
+                continue;
+            }
+            if rank.extent == 0 {
+                self.push(
+                    Diagnostic::error(
+                        DiagnosticKind::Invalid,
+                        format!("rank `{}` has extent 0", rank.name),
+                        rank.span,
+                    )
+                    .with_label("every rank needs at least one position"),
+                );
+            }
+            let Some(split) = &rank.split else { continue };
+            let (Some(outer), Some(inner)) = (c.ranks.get(split.outer), c.ranks.get(split.inner))
+            else {
+                self.push(Diagnostic::error(
+                    DiagnosticKind::Invalid,
+                    format!("split of `{}` names a rank that does not exist", rank.name),
+                    rank.span,
+                ));
+                continue;
+            };
+            if outer.extent.checked_mul(inner.extent) != Some(rank.extent) {
+                self.push(
+                    Diagnostic::error(
+                        DiagnosticKind::SplitDoesNotDivide,
+                        format!(
+                            "split of `{}` ({}) into `{}` ({}) x `{}` ({}) does not cover it",
+                            rank.name,
+                            rank.extent,
+                            outer.name,
+                            outer.extent,
+                            inner.name,
+                            inner.extent
+                        ),
+                        inner.span,
+                    )
+                    .with_label("the tile must divide the parent's extent"),
+                );
+            }
+        }
+        sane
+    }
+
+    /// Checks tensors; false when one is too large (or names a missing rank) to check further.
+    fn tensors(&mut self) -> bool {
+        let c = self.cascade;
+        let mut sane = true;
+        for (_, t) in c.tensors.iter() {
+            let mut elements: Option<u64> = Some(1);
+            for (d, r) in t.ranks.iter().enumerate() {
+                let extent = c
+                    .ranks
+                    .get(*r)
+                    .map(|r| r.extent + u64::from(t.iterative == Some(d)));
+                elements = elements.zip(extent).and_then(|(n, e)| n.checked_mul(e));
+            }
+            if elements.is_none() {
+                sane = false;
+                self.push(Diagnostic::error(
+                    DiagnosticKind::Invalid,
+                    format!("`{}` has more elements than fit in 64 bits, or a dimension over a missing rank", t.name),
+                    t.span,
+                ));
+            }
+            if let Some(d) = t.iterative {
+                if d >= t.ranks.len() {
+                    self.push(Diagnostic::error(
+                        DiagnosticKind::Invalid,
+                        format!(
+                            "`{}` has iterative dimension {d} but only {} ranks",
+                            t.name,
+                            t.ranks.len()
+                        ),
+                        t.span,
+                    ));
+                }
+            }
+            if t.kind != TensorKind::Temp && t.dtype.is_none() {
+                self.push(Diagnostic::error(
+                    DiagnosticKind::Invalid,
+                    format!("`{}` is stored but has no element type", t.name),
+                    t.span,
+                ));
+            }
+        }
+        sane
+    }
+
+    /// Every handle in range, so the remaining checks may index the arenas directly.
+    fn handles_valid(&mut self) -> bool {
+        let c = self.cascade;
+        let rank_ok = |r: &Handle<Rank>| r.index() < c.ranks.len();
+        let index_ok = |i: &IndexExpr| i.terms.iter().all(|(_, r)| rank_ok(r));
+        let access_ok =
+            |a: &Access| a.tensor.index() < c.tensors.len() && a.indices.iter().all(index_ok);
+        fn expr_ok(
+            e: &Expr,
+            access_ok: &dyn Fn(&Access) -> bool,
+            index_ok: &dyn Fn(&IndexExpr) -> bool,
+        ) -> bool {
+            match e {
+                Expr::Literal(_) => true,
+                Expr::Index(i) => index_ok(i),
+                Expr::Access(a) => access_ok(a),
+                Expr::Unary(_, a) => expr_ok(a, access_ok, index_ok),
+                Expr::Binary(_, a, b) => {
+                    expr_ok(a, access_ok, index_ok) && expr_ok(b, access_ok, index_ok)
+                }
+            }
+        }
+        let ranks_ok = c.ranks.iter().all(|(_, r)| {
+            r.parent.as_ref().is_none_or(rank_ok)
+                && r.split
+                    .as_ref()
+                    .is_none_or(|s| rank_ok(&s.outer) && rank_ok(&s.inner))
+        }) && c.tensors.iter().all(|(_, t)| t.ranks.iter().all(rank_ok));
+        let mut ok = ranks_ok;
+        for (_, e) in c.einsums.iter() {
+            let good = access_ok(&e.output)
+                && expr_ok(&e.expr, &access_ok, &index_ok)
+                && e.reductions.iter().all(|r| rank_ok(&r.rank))
+                && e.mask.iter().all(|m| index_ok(&m.lhs) && index_ok(&m.rhs))
+                && e.recurrence.as_ref().is_none_or(|rec| {
+                    rank_ok(&rec.rank) && expr_ok(&rec.init, &access_ok, &index_ok)
+                });
+            if !good {
+                self.push(Diagnostic::error(
+                    DiagnosticKind::Invalid,
+                    "Einsum refers to a rank or tensor that does not exist",
+                    e.span,
+                ));
+                ok = false;
+            }
+        }
+        if !ranks_ok {
+            self.push(Diagnostic::error(
+                DiagnosticKind::Invalid,
+                "a rank or tensor refers to a rank that does not exist",
+                Span::UNKNOWN,
+            ));
+        }
+        ok
+    }
+
+    fn assignments(&mut self) {
+        let c = self.cascade;
+        let mut first: HashMap<Handle<Tensor>, Handle<Einsum>> = HashMap::new();
+        for (h, e) in c.einsums.iter() {
+            let t = &c.tensors[e.output.tensor];
+            if let Some(&prev) = first.get(&e.output.tensor) {
+                self.push(
+                    Diagnostic::error(
+                        DiagnosticKind::AssignedTwice,
+                        format!("tensor `{}` is assigned twice", t.name),
+                        e.output.span,
+                    )
+                    .with_label("second assignment")
+                    .with_related(c.einsums[prev].output.span, "first assigned here")
+                    .with_help("every tensor is assigned by exactly one Einsum; give the second one a new name"),
+                );
+            } else {
+                first.insert(e.output.tensor, h);
+            }
+            if matches!(t.kind, TensorKind::Input | TensorKind::Param) {
+                let what = if t.kind == TensorKind::Input {
+                    "input"
+                } else {
+                    "parameter"
+                };
+                self.push(
+                    Diagnostic::error(
+                        DiagnosticKind::AssignsInput,
+                        format!("{what} `{}` is assigned", t.name),
+                        e.output.span,
+                    )
+                    .with_label(format!("`{}` is supplied by the caller", t.name))
+                    .with_related(t.span, "declared here")
+                    .with_help("assign a new temporary, or declare the tensor as an `output`"),
+                );
+            }
+        }
+        for (h, t) in c.tensors.iter() {
+            if t.kind == TensorKind::Output && !first.contains_key(&h) {
+                self.push(
+                    Diagnostic::error(
+                        DiagnosticKind::OutputNeverAssigned,
+                        format!("output `{}` is never assigned", t.name),
+                        t.span,
+                    )
+                    .with_label("declared here")
+                    .with_help(format!("add an Einsum `{}[...] = ...`", t.name)),
+                );
+            }
+        }
+        // A temporary read but never assigned (the front end reports an unknown name
+        // instead; passes can get here by dropping an Einsum).
+        let mut reported: BTreeSet<usize> = BTreeSet::new();
+        for (_, e) in c.einsums.iter() {
+            let mut reads: Vec<&Access> = Vec::new();
+            e.expr.visit_accesses(&mut |a| reads.push(a));
+            if let Some(rec) = &e.recurrence {
+                rec.init.visit_accesses(&mut |a| reads.push(a));
+            }
+            for a in reads {
+                let t = &c.tensors[a.tensor];
+                if t.kind == TensorKind::Temp
+                    && !first.contains_key(&a.tensor)
+                    && reported.insert(a.tensor.index())
+                {
+                    self.push(
+                        Diagnostic::error(
+                            DiagnosticKind::ReadNeverAssigned,
+                            format!("`{}` is read but never assigned", t.name),
+                            a.span,
+                        )
+                        .with_label("read here")
+                        .with_help(format!("add an Einsum `{}[...] = ...`", t.name)),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The ranks related to `rank` by splitting: itself, its ancestors and its descendants.
+    fn family(&self, rank: Handle<Rank>) -> Vec<Handle<Rank>> {
+        let c = self.cascade;
+        let mut family = vec![rank];
+        // Ancestors; the step bound guards against malformed parent loops.
+        let mut r = rank;
+        for _ in 0..c.ranks.len() {
+            match c.ranks[r].parent {
+                Some(p) if !family.contains(&p) => {
+                    family.push(p);
+                    r = p;
+                }
+                _ => break,
+            }
+        }
+        let mut stack = vec![rank];
+        while let Some(r) = stack.pop() {
+            if let Some(s) = &c.ranks[r].split {
+                for child in [s.outer, s.inner] {
+                    if !family.contains(&child) {
+                        family.push(child);
+                        stack.push(child);
+                    }
+                }
+            }
+        }
+        family
+    }
+
+    /// The range of each rank inside an Einsum: its full extent, narrowed by mask
+    /// conditions that compare the rank alone with a constant. `upper` is the largest
+    /// value the rank takes (for the iterative rank of a recurrence, the last step read).
+    fn rank_intervals(&self, einsum: &Einsum) -> HashMap<Handle<Rank>, Interval> {
+        let c = self.cascade;
+        let mut intervals: HashMap<Handle<Rank>, Interval> = c
+            .ranks
+            .iter()
+            .map(|(h, r)| {
+                let hi = i64::try_from(r.extent)
+                    .unwrap_or(i64::MAX)
+                    .saturating_sub(1);
+                (h, Interval { lo: 0, hi })
+            })
+            .collect();
+        for cond in &einsum.mask {
+            // Bring to `coef * rank + k  op  0`, in i128 so no user constant can overflow.
+            let mut terms: Vec<(i128, Handle<Rank>)> = Vec::new();
+            let mut add = |c: i128, r: Handle<Rank>| match terms.iter_mut().find(|(_, x)| *x == r) {
+                Some(t) => t.0 += c,
+                None => terms.push((c, r)),
+            };
+            cond.lhs.terms.iter().for_each(|(c, r)| add(*c as i128, *r));
+            cond.rhs
+                .terms
+                .iter()
+                .for_each(|(c, r)| add(-(*c as i128), *r));
+            terms.retain(|(c, _)| *c != 0);
+            let k = cond.lhs.constant as i128 - cond.rhs.constant as i128;
+            let [(coef, r)] = terms.as_slice() else {
+                continue;
+            };
+            if coef.abs() != 1 {
+                continue;
+            }
+            // Normalize to `rank op' bound` with coefficient +1.
+            let (op, bound) = if *coef == 1 {
+                (cond.op, -k)
+            } else {
+                let flipped = match cond.op {
+                    CmpOp::Lt => CmpOp::Gt,
+                    CmpOp::Le => CmpOp::Ge,
+                    CmpOp::Gt => CmpOp::Lt,
+                    CmpOp::Ge => CmpOp::Le,
+                    other => other,
+                };
+                (flipped, k)
+            };
+            let clamp = |v: i128| v.clamp(i64::MIN as i128 / 2, i64::MAX as i128 / 2) as i64;
+            if let Some(iv) = intervals.get_mut(r) {
+                match op {
+                    CmpOp::Lt => iv.hi = iv.hi.min(clamp(bound - 1)),
+                    CmpOp::Le => iv.hi = iv.hi.min(clamp(bound)),
+                    CmpOp::Gt => iv.lo = iv.lo.max(clamp(bound + 1)),
+                    CmpOp::Ge => iv.lo = iv.lo.max(clamp(bound)),
+                    CmpOp::Eq => {
+                        iv.lo = iv.lo.max(clamp(bound));
+                        iv.hi = iv.hi.min(clamp(bound));
+                    }
+                    CmpOp::Ne => {}
+                }
+            }
+        }
+        intervals
+    }
+
+    fn index_range(intervals: &HashMap<Handle<Rank>, Interval>, index: &IndexExpr) -> Interval {
+        let mut lo = index.constant as i128;
+        let mut hi = index.constant as i128;
+        for (coef, r) in &index.terms {
+            let iv = intervals
+                .get(r)
+                .copied()
+                .unwrap_or(Interval { lo: 0, hi: 0 });
+            let (a, b) = (*coef as i128 * iv.lo as i128, *coef as i128 * iv.hi as i128);
+            lo += a.min(b);
+            hi += a.max(b);
+        }
+        let clamp = |v: i128| v.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+        Interval {
+            lo: clamp(lo),
+            hi: clamp(hi),
+        }
+    }
+
+    fn describe_index(&self, index: &IndexExpr) -> String {
+        crate::print::index_to_string(self.cascade, index)
+    }
+
+    /// Number of indices, rank families and ranges of one access.
+    fn access(
+        &mut self,
+        access: &Access,
+        intervals: &HashMap<Handle<Rank>, Interval>,
+        empty: bool,
+    ) {
+        let c = self.cascade;
+        let t = &c.tensors[access.tensor];
+        if access.indices.len() != t.ranks.len() {
+            let declared: Vec<&str> = t.ranks.iter().map(|&r| self.rank_name(r)).collect();
+            self.push(
+                Diagnostic::error(
+                    DiagnosticKind::RankMismatch,
+                    format!(
+                        "`{}` has {} rank{} but is indexed with {}",
+                        t.name,
+                        t.ranks.len(),
+                        if t.ranks.len() == 1 { "" } else { "s" },
+                        access.indices.len()
+                    ),
+                    access.span,
+                )
+                .with_label(format!("expected `{}[{}]`", t.name, declared.join(", ")))
+                .with_related(t.span, "declared here"),
+            );
+            return;
+        }
+        for (d, (index, &dim_rank)) in access.indices.iter().zip(&t.ranks).enumerate() {
+            let mentioned: Vec<Handle<Rank>> = index.ranks().collect();
+            if !mentioned.is_empty() {
+                let family = self.family(dim_rank);
+                if !mentioned.iter().any(|r| family.contains(r)) {
+                    let names: Vec<&str> = mentioned.iter().map(|&r| self.rank_name(r)).collect();
+                    self.push(
+                        Diagnostic::error(
+                            DiagnosticKind::RankMismatch,
+                            format!(
+                                "index {} of `{}` is over rank `{}`, but that dimension is `{}`",
+                                d + 1,
+                                t.name,
+                                names.join("`, `"),
+                                self.rank_name(dim_rank)
+                            ),
+                            access.span,
+                        )
+                        .at_index(d)
+                        .with_label(format!(
+                            "expected `{}` or a rank split from it",
+                            self.rank_name(dim_rank)
+                        ))
+                        .with_related(t.span, "declared here"),
+                    );
+                    continue;
+                }
+            }
+            if empty {
+                continue;
+            }
+            let extent = i64::try_from(c.dim_extent(access.tensor, d)).unwrap_or(i64::MAX);
+            let range = Self::index_range(intervals, index);
+            if range.lo < 0 || range.hi >= extent {
+                self.push(
+                    Diagnostic::error(
+                        DiagnosticKind::OutOfRange,
+                        format!("index {} of `{}` is out of range", d + 1, t.name),
+                        access.span,
+                    )
+                    .at_index(d)
+                    .with_label(format!(
+                        "`{}` takes values {}..={}, but the dimension has positions 0..={}",
+                        self.describe_index(index),
+                        range.lo,
+                        range.hi,
+                        extent - 1
+                    ))
+                    .with_help("add a `where` condition that keeps the index in range, or change the index"),
+                );
+            }
+        }
+    }
+
+    fn einsum(&mut self, h: Handle<Einsum>) {
+        let c = self.cascade;
+        let e = &c.einsums[h];
+        let intervals = self.rank_intervals(e);
+        // A mask that no point satisfies makes every access vacuous.
+        let empty = intervals.values().any(|iv| iv.lo > iv.hi);
+        let out_tensor = &c.tensors[e.output.tensor];
+
+        // The output: plain ranks (or split compositions), each once, plus the next-step
+        // index of a recurrence.
+        self.access(&e.output, &intervals, empty);
+        let mut output_ranks: Vec<Handle<Rank>> = Vec::new();
+        for index in &e.output.indices {
+            for r in index.ranks() {
+                if output_ranks.contains(&r) {
+                    self.push(
+                        Diagnostic::error(
+                            DiagnosticKind::BadIndex,
+                            format!(
+                                "rank `{}` indexes the output `{}` twice",
+                                self.rank_name(r),
+                                out_tensor.name
+                            ),
+                            e.output.span,
+                        )
+                        .with_label("each output index must be a different rank"),
+                    );
+                } else {
+                    output_ranks.push(r);
+                }
+            }
+        }
+        let mut reads: Vec<&Access> = Vec::new();
+        e.expr.visit_accesses(&mut |a| reads.push(a));
+        for a in &reads {
+            self.access(a, &intervals, empty);
+        }
+
+        // Reductions: each reduced rank once, none of them an output index, and every
+        // iterated rank either an output index or reduced.
+        let mut reduced: Vec<Handle<Rank>> = Vec::new();
+        for red in &e.reductions {
+            if reduced.contains(&red.rank) {
+                self.push(Diagnostic::error(
+                    DiagnosticKind::Invalid,
+                    format!("rank `{}` is reduced twice", self.rank_name(red.rank)),
+                    e.span,
+                ));
+            }
+            reduced.push(red.rank);
+            if output_ranks.contains(&red.rank) {
+                self.push(
+                    Diagnostic::error(
+                        DiagnosticKind::Invalid,
+                        format!(
+                            "rank `{}` is reduced but also indexes the output `{}`",
+                            self.rank_name(red.rank),
+                            out_tensor.name
+                        ),
+                        e.span,
+                    )
+                    .with_label("a reduced rank disappears from the output"),
+                );
+            }
+        }
+        let rec_rank = e.recurrence.as_ref().map(|r| r.rank);
+        for r in c.iteration_ranks(h) {
+            if !output_ranks.contains(&r) && !reduced.contains(&r) && Some(r) != rec_rank {
+                self.push(Diagnostic::error(
+                    DiagnosticKind::Invalid,
+                    format!(
+                        "rank `{}` is iterated but neither indexes the output nor is reduced",
+                        self.rank_name(r)
+                    ),
+                    e.span,
+                ));
+            }
+        }
+        for cond in &e.mask {
+            let _ = cond;
+        }
+
+        match &e.recurrence {
+            Some(rec) => self.recurrence(e, rec, &reads),
+            None => {
+                if out_tensor.iterative.is_some() {
+                    self.push(
+                        Diagnostic::error(
+                            DiagnosticKind::Recurrence,
+                            format!(
+                                "`{}` is a recurrence state but this Einsum is not a recurrence",
+                                out_tensor.name
+                            ),
+                            e.output.span,
+                        )
+                        .with_label("expected the next step `r + 1` of the iterative rank"),
+                    );
+                }
+            }
+        }
+    }
+
+    fn recurrence(&mut self, e: &Einsum, rec: &Recurrence, reads: &[&Access]) {
+        let c = self.cascade;
+        let t = &c.tensors[e.output.tensor];
+        let rank = self.rank_name(rec.rank).to_string();
+        let next = IndexExpr {
+            terms: vec![(1, rec.rank)],
+            constant: 1,
+        };
+        match t.iterative {
+            Some(d) if e.output.indices.get(d) == Some(&next) => {}
+            _ => {
+                self.push(
+                    Diagnostic::error(
+                        DiagnosticKind::Recurrence,
+                        format!(
+                            "recurrence over `{rank}` must assign the next step of `{}`",
+                            t.name
+                        ),
+                        e.output.span,
+                    )
+                    .with_label(format!(
+                        "expected an index `{rank} + 1` along `{}`'s iterative dimension",
+                        t.name
+                    )),
+                );
+                return;
+            }
+        }
+        for a in reads {
+            if a.tensor == e.output.tensor && !reads_current_step(c, e, a) {
+                let d = t.iterative.unwrap_or(0);
+                let ahead = a
+                    .indices
+                    .get(d)
+                    .is_some_and(|i| i.mentions(rec.rank) && i.constant > 0);
+                let message = if ahead {
+                    format!("recurrence `{}` reads its own next step", t.name)
+                } else {
+                    format!(
+                        "recurrence `{}` reads its own state at a step other than the current one",
+                        t.name
+                    )
+                };
+                self.push(
+                    Diagnostic::error(DiagnosticKind::RecurrenceReadsAhead, message, a.span)
+                        .at_index(d)
+                        .with_label(format!("a recurrence may read `{}` only at step `{rank}`", t.name))
+                        .with_help(format!(
+                            "the step being computed is `{rank} + 1`; read the current state `{}` at `{rank}`",
+                            t.name
+                        )),
+                );
+            }
+        }
+        let mut init_reads: Vec<&Access> = Vec::new();
+        rec.init.visit_accesses(&mut |a| init_reads.push(a));
+        let mut mentions_rank = false;
+        rec.init
+            .visit_indices(&mut |i| mentions_rank |= i.mentions(rec.rank));
+        if mentions_rank {
+            self.push(
+                Diagnostic::error(
+                    DiagnosticKind::Recurrence,
+                    format!(
+                        "the init of `{}` depends on the iterative rank `{rank}`",
+                        t.name
+                    ),
+                    rec.init_span,
+                )
+                .with_label("the init is step 0: it cannot depend on the step"),
+            );
+        }
+        let intervals = self.rank_intervals(e);
+        for a in init_reads {
+            if a.tensor == e.output.tensor {
+                self.push(
+                    Diagnostic::error(
+                        DiagnosticKind::Cycle,
+                        format!("the init of `{}` reads `{}` itself", t.name, t.name),
+                        a.span,
+                    )
+                    .with_label("step 0 cannot depend on the state"),
+                );
+            } else {
+                self.access(a, &intervals, false);
+            }
+        }
+    }
+
+    /// Dependency cycles, found as strongly connected components (Tarjan).
+    fn cycles(&mut self) {
+        let c = self.cascade;
+        let deps = dependencies(c);
+        let n = deps.len();
+        let mut index = vec![usize::MAX; n];
+        let mut low = vec![0usize; n];
+        let mut on_stack = vec![false; n];
+        let mut stack: Vec<usize> = Vec::new();
+        let mut next = 0usize;
+        let mut components: Vec<Vec<usize>> = Vec::new();
+        // Iterative Tarjan: (node, position in its dependency list).
+        for root in 0..n {
+            if index[root] != usize::MAX {
+                continue;
+            }
+            let mut work: Vec<(usize, usize)> = vec![(root, 0)];
+            index[root] = next;
+            low[root] = next;
+            next += 1;
+            stack.push(root);
+            on_stack[root] = true;
+            while let Some(&mut (v, ref mut pos)) = work.last_mut() {
+                if let Some(w) = deps[v].get(*pos).map(|h| h.index()) {
+                    *pos += 1;
+                    if index[w] == usize::MAX {
+                        index[w] = next;
+                        low[w] = next;
+                        next += 1;
+                        stack.push(w);
+                        on_stack[w] = true;
+                        work.push((w, 0));
+                    } else if on_stack[w] {
+                        low[v] = low[v].min(index[w]);
+                    }
+                    continue;
+                }
+                work.pop();
+                if let Some(&(parent, _)) = work.last() {
+                    low[parent] = low[parent].min(low[v]);
+                }
+                if low[v] == index[v] {
+                    let mut component = Vec::new();
+                    while let Some(w) = stack.pop() {
+                        on_stack[w] = false;
+                        component.push(w);
+                        if w == v {
+                            break;
+                        }
+                    }
+                    components.push(component);
+                }
+            }
+        }
+        for mut component in components {
+            let self_loop = component.len() == 1
+                && deps[component[0]].iter().any(|d| d.index() == component[0]);
+            if component.len() < 2 && !self_loop {
+                continue;
+            }
+            component.sort_unstable();
+            let first = &c.einsums[Handle::new(component[0])];
+            let names: Vec<&str> = component
+                .iter()
+                .map(|&i| self.tensor_name(c.einsums[Handle::<Einsum>::new(i)].output.tensor))
+                .collect();
+            let mut d = if self_loop {
+                Diagnostic::error(
+                    DiagnosticKind::Cycle,
+                    format!("`{}` is computed from itself", names[0]),
+                    first.span,
+                )
+                .with_label("reads its own output")
+                .with_help(format!(
+                    "to advance a state along a rank `r`, assign `{}[.., r + 1, ..]` from `{}[.., r, ..]` and give it an `init`",
+                    names[0], names[0]
+                ))
+            } else {
+                Diagnostic::error(
+                    DiagnosticKind::Cycle,
+                    format!("dependency cycle: {} -> {}", names.join(" -> "), names[0]),
+                    first.span,
+                )
+                .with_label("this Einsum is part of a cycle")
+                .with_help("Einsums may depend on each other in a cycle only through a recurrence reading its current state")
+            };
+            for &i in &component[1..] {
+                d = d.with_related(
+                    c.einsums[Handle::<Einsum>::new(i)].span,
+                    "also in the cycle",
+                );
+            }
+            self.push(d);
+        }
+    }
+}
