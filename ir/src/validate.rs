@@ -185,9 +185,10 @@ fn reads_current_step(cascade: &Cascade, einsum: &Einsum, access: &Access) -> bo
     }
 }
 
-/// The Einsums each Einsum depends on (producers of the tensors it reads, in its body or
-/// its init), leaving out a recurrence's reads of its own current state: those are the
-/// previous step, not a cycle.
+/// The Einsums each Einsum depends on: the producers of the tensors it reads, in its
+/// body or its init. A recurrence's reads of its own state are left out: at the current
+/// step they read the previous iteration, not a cycle, and any other self-read is
+/// reported by validation as a recurrence error rather than as a cycle.
 pub fn dependencies(cascade: &Cascade) -> Vec<Vec<Handle<Einsum>>> {
     let mut producer: HashMap<Handle<Tensor>, Handle<Einsum>> = HashMap::new();
     for (h, e) in cascade.einsums.iter() {
@@ -196,13 +197,10 @@ pub fn dependencies(cascade: &Cascade) -> Vec<Vec<Handle<Einsum>>> {
     cascade
         .einsums
         .iter()
-        .map(|(h, e)| {
+        .map(|(_, e)| {
             let mut deps: Vec<Handle<Einsum>> = Vec::new();
-            let mut add = |access: &Access, allow_self: bool| {
-                if allow_self
-                    && access.tensor == e.output.tensor
-                    && reads_current_step(cascade, e, access)
-                {
+            let mut add = |access: &Access| {
+                if e.recurrence.is_some() && access.tensor == e.output.tensor {
                     return;
                 }
                 if let Some(&p) = producer.get(&access.tensor) {
@@ -211,11 +209,10 @@ pub fn dependencies(cascade: &Cascade) -> Vec<Vec<Handle<Einsum>>> {
                     }
                 }
             };
-            e.expr.visit_accesses(&mut |a| add(a, true));
+            e.expr.visit_accesses(&mut add);
             if let Some(rec) = &e.recurrence {
-                rec.init.visit_accesses(&mut |a| add(a, false));
+                rec.init.visit_accesses(&mut add);
             }
-            let _ = h;
             deps
         })
         .collect()
@@ -284,6 +281,40 @@ pub fn check(cascade: &Cascade) -> Vec<Diagnostic> {
     }
     checker.cycles();
     checker.out
+}
+
+/// A cycle through the strongly connected `component` (sorted, at least two Einsums),
+/// starting at its first Einsum: each element reads the next, the last reads the first.
+fn cycle_path(deps: &[Vec<Handle<Einsum>>], component: &[usize]) -> Vec<usize> {
+    let start = component[0];
+    // Breadth-first search inside the component for the shortest way back to `start`.
+    let mut came_from: HashMap<usize, usize> = HashMap::new();
+    let mut queue = std::collections::VecDeque::from([start]);
+    while let Some(v) = queue.pop_front() {
+        for w in deps[v].iter().map(|h| h.index()) {
+            if !component.contains(&w) {
+                continue;
+            }
+            if w == start {
+                let mut path = vec![v];
+                let mut x = v;
+                while x != start {
+                    let Some(&previous) = came_from.get(&x) else {
+                        break;
+                    };
+                    x = previous;
+                    path.push(x);
+                }
+                path.reverse();
+                return path;
+            }
+            if let std::collections::hash_map::Entry::Vacant(slot) = came_from.entry(w) {
+                slot.insert(v);
+                queue.push_back(w);
+            }
+        }
+    }
+    component.to_vec()
 }
 
 struct Checker<'a> {
@@ -1006,29 +1037,37 @@ impl<'a> Checker<'a> {
             }
             component.sort_unstable();
             let first = &c.einsums[Handle::new(component[0])];
-            let names: Vec<&str> = component
-                .iter()
-                .map(|&i| self.tensor_name(c.einsums[Handle::<Einsum>::new(i)].output.tensor))
-                .collect();
+            let name_of =
+                |i: usize| self.tensor_name(c.einsums[Handle::<Einsum>::new(i)].output.tensor);
             let mut d = if self_loop {
+                let name = name_of(component[0]);
                 Diagnostic::error(
                     DiagnosticKind::Cycle,
-                    format!("`{}` is computed from itself", names[0]),
+                    format!("`{name}` is computed from itself"),
                     first.span,
                 )
                 .with_label("reads its own output")
                 .with_help(format!(
-                    "to advance a state along a rank `r`, assign `{}[.., r + 1, ..]` from `{}[.., r, ..]` and give it an `init`",
-                    names[0], names[0]
+                    "to advance a state along a rank `r`, assign `{name}[.., r + 1, ..]` from \
+                     `{name}[.., r, ..]` and give it an `init`"
                 ))
             } else {
-                Diagnostic::error(
-                    DiagnosticKind::Cycle,
-                    format!("dependency cycle: {} -> {}", names.join(" -> "), names[0]),
-                    first.span,
-                )
-                .with_label("this Einsum is part of a cycle")
-                .with_help("Einsums may depend on each other in a cycle only through a recurrence reading its current state")
+                let path = cycle_path(&deps, &component);
+                let mut message = format!(
+                    "dependency cycle: `{}` reads `{}`",
+                    name_of(path[0]),
+                    name_of(path[1])
+                );
+                for &i in &path[2..] {
+                    message.push_str(&format!(", which reads `{}`", name_of(i)));
+                }
+                message.push_str(&format!(", which reads `{}`", name_of(path[0])));
+                Diagnostic::error(DiagnosticKind::Cycle, message, first.span)
+                    .with_label("this Einsum is part of a cycle")
+                    .with_help(
+                        "Einsums may depend on each other in a cycle only through a recurrence \
+                         reading its current state",
+                    )
             };
             for &i in &component[1..] {
                 d = d.with_related(
