@@ -32,6 +32,8 @@ fn main() {
             "--ptx" => emit_ptx = true,
             "--ptxas" => run_ptxas = true,
             "qsmem" => sched.q_in_registers = false,
+            "qreg" => sched.q_in_registers = true,
+            "noskip" => sched.skip_unit_rescale = false,
             s if s.starts_with("win=") => spec.window = num(s),
             s if s.starts_with("bm=") => sched.block_m = num(s).unwrap_or(sched.block_m),
             s if s.starts_with("bn=") => sched.block_n = num(s).unwrap_or(sched.block_n),

@@ -88,7 +88,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             let warps = [1u32, 2, 4][warps_i];
             let block_m = 16 * warps * [1u32, 2, 4][bm_i].min(4 / warps.min(4)).max(1);
             let block_n = [16u32, 32, 64][bn_i];
-            let sched = AttentionSchedule { block_m, block_n, warps, stages: stages as u32 + 1, q_in_registers: seed % 2 == 0 };
+            let sched = AttentionSchedule { block_m, block_n, warps, stages: stages as u32 + 1, q_in_registers: seed % 2 == 0, skip_unit_rescale: seed % 3 == 0 };
             let prob = Problem { batch, heads: 2 * kvg, kv_group: kvg, n_q, n_k };
             Case { spec, sched, prob, bhnd, seed }
         })
@@ -110,7 +110,7 @@ fn causal_window_ragged_fixed_cases() {
         spec.causal = causal;
         spec.window = window;
         spec.write_lse = true;
-        let sched = AttentionSchedule { block_m: 64, block_n: 32, warps: 4, stages: 2, q_in_registers: true };
+        let sched = AttentionSchedule { block_m: 64, block_n: 32, warps: 4, stages: 2, q_in_registers: true, skip_unit_rescale: false };
         let prob = Problem { batch: 1, heads: 2, kv_group: 1, n_q, n_k };
         let case = Case { spec, sched, prob, bhnd: false, seed: 7 };
         if let Err(e) = check(&case) {
@@ -128,7 +128,7 @@ fn window_edges_sweep() {
             spec.causal = causal;
             spec.window = Some(window);
             spec.write_lse = true;
-            let sched = AttentionSchedule { block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: true };
+            let sched = AttentionSchedule { block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: true, skip_unit_rescale: false };
             let prob = Problem { batch: 1, heads: 1, kv_group: 1, n_q: 97, n_k: 90 };
             let case = Case { spec, sched, prob, bhnd: false, seed: window as u64 };
             if let Err(e) = check(&case) {

@@ -378,6 +378,12 @@ fn real_main() -> Result<(), BoxError> {
         if has("qsmem") {
             s.q_in_registers = false;
         }
+        if has("qreg") {
+            s.q_in_registers = true;
+        }
+        if has("noskip") {
+            s.skip_unit_rescale = false;
+        }
         s
     };
     let mut rng = ChaCha8Rng::seed_from_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
@@ -460,8 +466,14 @@ fn real_main() -> Result<(), BoxError> {
         let reps = num("reps=").unwrap_or(30) as usize;
         let mut rows = Vec::new();
         for d in [128u32, 64] {
+            if num("only_d=").is_some_and(|x| x != d) {
+                continue;
+            }
             let heads = if d == 128 { 16 } else { 32 };
             for n in [4096usize, 16384] {
+                if num("only_n=").is_some_and(|x| x as usize != n) {
+                    continue;
+                }
                 for causal in [false, true] {
                     let mut spec = AttentionSpec::new(d, Elem::Bf16);
                     spec.causal = causal;

@@ -486,6 +486,38 @@ impl<'a> Printer<'a> {
             Stmt::Contract { acc, a, b, b_layout } => self.emit_contract(*acc, *a, *b, *b_layout)?,
             Stmt::Map { dst, expr } => {
                 let cols = prog.regs[dst.index()].cols;
+                // `dst = dst * row` (the online-softmax rescale) is skipped when every row
+                // factor of the warp is exactly 1, which is most key tiles once the running
+                // max settles; the product is unchanged either way.
+                let skip = match expr {
+                    _ if !prog.schedule.skip_unit_rescale => None,
+                    ScalarExpr::Binary(BinaryOp::Mul, a, b) => match (a.as_ref(), b.as_ref()) {
+                        (ScalarExpr::Elem(e), ScalarExpr::Row(r)) if e == dst => Some(*r),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                let skip_label = match skip {
+                    Some(r) => {
+                        let all_one = self.pred();
+                        let first = self.row_reg(r, 0, 0);
+                        self.ins(format!("setp.eq.f32 {all_one}, {first}, 0f3F800000;"));
+                        for mt in 0..self.mtiles {
+                            for half in 0..2 {
+                                if mt + half == 0 {
+                                    continue;
+                                }
+                                let rr = self.row_reg(r, mt, half);
+                                self.ins(format!("setp.eq.and.f32 {all_one}, {rr}, 0f3F800000, {all_one};"));
+                            }
+                        }
+                        self.ins(format!("vote.sync.all.pred {all_one}, {all_one}, -1;"));
+                        let l = self.label("norescale");
+                        self.ins(format!("@{all_one} bra.uni {l};"));
+                        Some(l)
+                    }
+                    None => None,
+                };
                 for mt in 0..self.mtiles {
                     for nt in 0..cols / 8 {
                         for e in 0..4 {
@@ -499,6 +531,9 @@ impl<'a> Printer<'a> {
                             self.ins(format!("mov.f32 {r}, {v};"));
                         }
                     }
+                }
+                if let Some(l) = skip_label {
+                    self.body.push_str(&format!("{l}:\n"));
                 }
             }
             Stmt::Mask { dst, fill } => {

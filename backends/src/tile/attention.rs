@@ -97,27 +97,26 @@ pub struct AttentionSchedule {
     /// Keep Q's A fragments in registers for the whole key loop (else re-read from shared
     /// memory at every key tile).
     pub q_in_registers: bool,
+    /// See [`TileSchedule::skip_unit_rescale`].
+    pub skip_unit_rescale: bool,
 }
 
 impl AttentionSchedule {
     /// Defaults chosen from the ptxas register report and H100 measurements
     /// (see `bench/NOTES-softmax.md`).
     pub fn default_for(spec: &AttentionSpec) -> AttentionSchedule {
-        match spec.head_dim {
-            d if d <= 64 => AttentionSchedule {
-                block_m: 128,
-                block_n: 64,
-                warps: 8,
-                stages: 2,
-                q_in_registers: true,
-            },
-            _ => AttentionSchedule {
-                block_m: 128,
-                block_n: 64,
-                warps: 8,
-                stages: 2,
-                q_in_registers: true,
-            },
+        // FlashAttention-2's shape: 4 warps, each owning 32 query rows (two m16 tiles), so
+        // every K/V fragment read from shared memory feeds two MMAs; Q is re-read from
+        // shared memory (registers are full). 255 registers x 128 threads and <= 98 KB of
+        // shared memory leave room for 2 CTAs per SM. Measured on H100 (bench/NOTES-softmax.md).
+        let block_n = if spec.head_dim <= 64 { 128 } else { 64 };
+        AttentionSchedule {
+            block_m: 128,
+            block_n,
+            warps: 4,
+            stages: 2,
+            q_in_registers: false,
+            skip_unit_rescale: true,
         }
     }
 }
@@ -153,6 +152,7 @@ pub fn flash_attention(
             block_m: sched.block_m,
             warps: sched.warps,
             stages: sched.stages,
+            skip_unit_rescale: sched.skip_unit_rescale,
         },
         tensors: vec![],
         row_outputs: vec![],

@@ -466,6 +466,9 @@ pub struct TileSchedule {
     pub warps: u32,
     /// Shared-memory stages of the key loop's streamed tiles (>= 2).
     pub stages: u32,
+    /// Lowering hint: skip `acc = acc * row` when every row factor of a warp is exactly 1
+    /// (a warp vote); helps when registers are tight, costs a branch otherwise.
+    pub skip_unit_rescale: bool,
 }
 
 /// A tile program: one CTA's work for one (query tile, batch, head).
@@ -939,8 +942,8 @@ impl fmt::Display for TileProgram {
         let s = self.schedule;
         writeln!(
             f,
-            "tile_program {} (block_m={}, warps={}, stages={})",
-            self.name, s.block_m, s.warps, s.stages
+            "tile_program {} (block_m={}, warps={}, stages={}, skip_unit_rescale={})",
+            self.name, s.block_m, s.warps, s.stages, s.skip_unit_rescale
         )?;
         for t in &self.tensors {
             writeln!(
