@@ -4,3 +4,4 @@
 //!   live buffers, FLOPs, bytes, a roofline bound and fusion groups (`einattn analyze`).
 
 pub mod analysis;
+pub mod sp;

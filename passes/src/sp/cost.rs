@@ -1,0 +1,497 @@
+//! The cost model: per scheme, bytes each device receives, collectives, sequential
+//! communication steps, compute time (FLOPs and bytes of each device's kernels from the
+//! FuseMax analysis of its per-device cascade, over a GPU's rates), communication time
+//! (bandwidth and latency per collective), how much of it hides behind compute, and the
+//! total along the slowest device.
+
+use super::classify::Classification;
+use super::local::{self, Window};
+use super::schemes::{self, PairAnalyzer, Scheme, SchemeKind, TokenRange};
+use super::SpError;
+use crate::analysis::{GpuModel, Report};
+use einattn_ir::{Cascade, DType, Handle, Tensor, TensorKind};
+use serde::{Deserialize, Serialize};
+
+/// `time(bytes) = max(floor, latency + bytes / bandwidth)`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LinkModel {
+    /// Bytes per second the collective moves per device (bus bandwidth for all-gather).
+    pub bandwidth: f64,
+    pub latency_s: f64,
+    /// The smallest time one call takes, whatever its size.
+    pub floor_s: f64,
+}
+
+impl LinkModel {
+    pub fn time(&self, bytes: f64) -> f64 {
+        if bytes <= 0.0 {
+            return 0.0;
+        }
+        (self.latency_s + bytes / self.bandwidth).max(self.floor_s)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CostParams {
+    /// Peak rates of one device (tensor-core FLOP/s, scalar FLOP/s, SFU op/s, HBM bytes/s).
+    pub gpu_name: String,
+    pub contraction_flops: f64,
+    pub scalar_flops: f64,
+    pub transcendental_ops: f64,
+    pub memory_bandwidth: f64,
+    /// Fractions of the peaks our kernels reach; calibrate against measured runs.
+    pub contraction_efficiency: f64,
+    pub scalar_efficiency: f64,
+    pub memory_efficiency: f64,
+    /// Fixed cost per kernel launch.
+    pub launch_s: f64,
+    /// All-gather: bytes are `(P - 1) x` the per-device buffer.
+    pub all_gather: LinkModel,
+    /// One send and one receive at once (a ring step): bytes are one message.
+    pub p2p: LinkModel,
+    /// All-to-all: bytes are `(P - 1) / P x` the per-device buffer.
+    pub all_to_all: LinkModel,
+    /// Element size of states and partial statistics moved between devices.
+    pub state_bytes: u64,
+}
+
+impl Default for CostParams {
+    /// H200 rates (the 2xH200 NVLink host the SP anchors were measured on). Links from
+    /// `anchors.md`: all-gather 0.072 ms at 4 MiB per rank, 0.365 ms at 64 MiB and
+    /// 1.17 ms at 256 MiB (fit: 45 us + bytes / 240 GB/s, floor 70 us); ring send+recv
+    /// 0.130 ms at 4 MiB, 1.07 ms at 256 MiB (fit: 110 us + bytes / 255 GB/s, floor
+    /// 130 us). All-to-all is taken as the all-gather link.
+    fn default() -> Self {
+        CostParams::for_gpu(&GpuModel::h200())
+    }
+}
+
+impl CostParams {
+    pub fn for_gpu(gpu: &GpuModel) -> CostParams {
+        let all_gather = LinkModel {
+            bandwidth: 240e9,
+            latency_s: 45e-6,
+            floor_s: 70e-6,
+        };
+        CostParams {
+            gpu_name: gpu.name.clone(),
+            contraction_flops: gpu.contraction_flops,
+            scalar_flops: gpu.scalar_flops,
+            transcendental_ops: gpu.transcendental_ops,
+            memory_bandwidth: gpu.memory_bandwidth,
+            contraction_efficiency: 0.6,
+            scalar_efficiency: 0.5,
+            memory_efficiency: 0.5,
+            launch_s: 5e-6,
+            all_gather,
+            p2p: LinkModel {
+                bandwidth: 255e9,
+                latency_s: 110e-6,
+                floor_s: 130e-6,
+            },
+            all_to_all: all_gather,
+            state_bytes: 4,
+        }
+    }
+
+    /// The time of a kernel with this work.
+    pub fn kernel_time(&self, work: &Work) -> f64 {
+        let c = work.contraction_flops / (self.contraction_flops * self.contraction_efficiency);
+        let s = work.scalar_flops / (self.scalar_flops * self.scalar_efficiency);
+        let t = work.transcendental_ops / (self.transcendental_ops * self.scalar_efficiency);
+        let m = work.bytes / (self.memory_bandwidth * self.memory_efficiency);
+        self.launch_s + c.max(s).max(t).max(m)
+    }
+
+    /// A memory-bound local step (a combine, a merge, a copy) over `bytes`.
+    pub fn memory_time(&self, bytes: f64) -> f64 {
+        self.launch_s + bytes / (self.memory_bandwidth * self.memory_efficiency)
+    }
+}
+
+/// What one kernel does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Work {
+    pub contraction_flops: f64,
+    pub scalar_flops: f64,
+    pub transcendental_ops: f64,
+    pub bytes: f64,
+}
+
+impl Work {
+    pub fn add(self, other: Work) -> Work {
+        Work {
+            contraction_flops: self.contraction_flops + other.contraction_flops,
+            scalar_flops: self.scalar_flops + other.scalar_flops,
+            transcendental_ops: self.transcendental_ops + other.transcendental_ops,
+            bytes: self.bytes + other.bytes,
+        }
+    }
+}
+
+/// The predicted cost of one scheme.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Estimate {
+    pub scheme: String,
+    /// `None` when the scheme applies; otherwise why not.
+    pub not_applicable: Option<String>,
+    /// Bytes the busiest device receives.
+    pub bytes_per_device: u64,
+    /// NCCL calls per device (a grouped send+recv counts one).
+    pub collectives: u64,
+    /// Communication rounds one after another.
+    pub steps: u64,
+    /// Kernel and local-combine time on the slowest device.
+    pub compute_s: f64,
+    /// Communication time on the slowest device, as if nothing overlapped.
+    pub comm_s: f64,
+    /// Communication hidden behind compute.
+    pub overlap_s: f64,
+    /// `compute + comm - overlap` along the slowest device.
+    pub total_s: f64,
+    /// One line on how the total is formed.
+    pub formula: String,
+}
+
+impl Estimate {
+    fn not_applicable(scheme: &Scheme, why: String) -> Estimate {
+        Estimate {
+            scheme: scheme.name(),
+            not_applicable: Some(why),
+            bytes_per_device: 0,
+            collectives: 0,
+            steps: 0,
+            compute_s: 0.0,
+            comm_s: 0.0,
+            overlap_s: 0.0,
+            total_s: f64::INFINITY,
+            formula: String::new(),
+        }
+    }
+}
+
+/// The work of the Einsums named `einsums` in `report`, reading and writing `tensors`
+/// (names) at their storage size, plus `extra_bytes`.
+fn work_of(report: &Report, einsums: &[String], tensors: &[String], extra_bytes: f64) -> Work {
+    let mut w = Work::default();
+    for e in report.einsums.iter().filter(|e| einsums.contains(&e.einsum)) {
+        w.contraction_flops += e.contraction_flops as f64;
+        w.scalar_flops += e.scalar_flops as f64;
+        w.transcendental_ops += e.transcendental_ops as f64;
+    }
+    w.bytes = report
+        .tensor_bytes
+        .iter()
+        .filter(|t| tensors.contains(&t.tensor))
+        .map(|t| t.bytes as f64)
+        .sum::<f64>()
+        + extra_bytes;
+    w
+}
+
+/// Names of the Einsums (by output tensor) and of the non-temporary tensors they touch.
+fn phase_names(cascade: &Cascade, einsums: &[Handle<einattn_ir::Einsum>]) -> (Vec<String>, Vec<String>) {
+    let mut names = Vec::new();
+    let mut tensors: Vec<String> = Vec::new();
+    let mut touch = |t: Handle<Tensor>| {
+        let tensor = &cascade.tensors[t];
+        if tensor.kind != TensorKind::Temp && !tensors.contains(&tensor.name) {
+            tensors.push(tensor.name.clone());
+        }
+    };
+    for &h in einsums {
+        let e = &cascade.einsums[h];
+        names.push(cascade.tensors[e.output.tensor].name.clone());
+        touch(e.output.tensor);
+        e.expr.visit_accesses(&mut |a| touch(a.tensor));
+    }
+    (names, tensors)
+}
+
+/// Storage bytes per token of the sequence-carrying inputs on the key side (K and V).
+pub fn key_bytes_per_token(cascade: &Cascade, cls: &Classification) -> u64 {
+    let key = cls.seq.key.declared;
+    cascade
+        .tensors
+        .iter()
+        .filter(|(_, t)| t.kind == TensorKind::Input && t.ranks.contains(&key) && (cls.seq.single_rank() || !t.ranks.contains(&cls.seq.query.declared)))
+        .map(|(h, t)| cascade.tensor_elements(h) / cls.seq.tokens.max(1) * t.dtype.unwrap_or(DType::F32).bytes())
+        .sum()
+}
+
+/// Storage bytes per token of the query-side inputs (Q).
+pub fn query_bytes_per_token(cascade: &Cascade, cls: &Classification) -> u64 {
+    let q = cls.seq.query.declared;
+    cascade
+        .tensors
+        .iter()
+        .filter(|(_, t)| t.kind == TensorKind::Input && t.ranks.contains(&q) && !t.ranks.contains(&cls.seq.key.declared))
+        .map(|(h, t)| cascade.tensor_elements(h) / cls.seq.tokens.max(1) * t.dtype.unwrap_or(DType::F32).bytes())
+        .sum()
+}
+
+/// Storage bytes per token of the outputs.
+pub fn output_bytes_per_token(cascade: &Cascade, cls: &Classification) -> u64 {
+    let q = cls.seq.query.declared;
+    cascade
+        .tensors
+        .iter()
+        .filter(|(_, t)| t.kind == TensorKind::Output && t.ranks.contains(&q))
+        .map(|(h, t)| cascade.tensor_elements(h) / cls.seq.tokens.max(1) * t.dtype.unwrap_or(DType::F32).bytes())
+        .sum()
+}
+
+/// Elements per query token of the carried per-query statistics (softmax: max, sum, numerator).
+pub fn stats_elements_per_token(cls: &Classification) -> u64 {
+    cls.states
+        .iter()
+        .filter(|s| s.per_query)
+        .map(|s| s.elements / cls.seq.tokens.max(1))
+        .sum()
+}
+
+/// Estimates `scheme` on `devices` devices.
+pub fn estimate(
+    analyzer: &mut PairAnalyzer,
+    scheme: &Scheme,
+    devices: u64,
+    params: &CostParams,
+) -> Result<Estimate, SpError> {
+    let cascade = analyzer.cascade;
+    let cls = analyzer.cls;
+    if let Err(why) = schemes::applicability(cls, cascade, scheme, devices) {
+        return Ok(Estimate::not_applicable(scheme, why));
+    }
+    let p = devices;
+    let tokens = cls.seq.tokens;
+    let chunk = tokens / p;
+    let all: Vec<Handle<einattn_ir::Einsum>> = cascade.einsums.handles().collect();
+    let (all_names, all_tensors) = phase_names(cascade, &all);
+    let sb = params.state_bytes as f64;
+
+    let mut e = Estimate {
+        scheme: scheme.name(),
+        not_applicable: None,
+        bytes_per_device: 0,
+        collectives: 0,
+        steps: 0,
+        compute_s: 0.0,
+        comm_s: 0.0,
+        overlap_s: 0.0,
+        total_s: 0.0,
+        formula: String::new(),
+    };
+
+    match scheme.kind {
+        SchemeKind::Lasp2 | SchemeKind::Lasp1 => {
+            let state_elems: u64 = cls.states.iter().map(|s| s.elements).sum();
+            let state_einsums: Vec<_> = cls.states.iter().map(|s| s.einsum).collect();
+            let slice = local::dependency_order(cascade, &state_einsums);
+            let (state_names, state_tensors) = phase_names(cascade, &slice);
+            let window = [Window {
+                rank: cls.seq.query.declared,
+                start: 0,
+                len: chunk,
+            }];
+            let report = analyzer.report(&window, false)?;
+            let state_bytes = state_elems as f64 * sb;
+            let t_state = params.kernel_time(&work_of(report, &state_names, &state_tensors, state_bytes));
+            let t_output = params.kernel_time(&work_of(report, &all_names, &all_tensors, state_bytes));
+            // Decays are one value per head or so: count them as a fraction of the state.
+            let message = state_bytes;
+            let t_combine_one = params.memory_time(3.0 * state_bytes);
+            if scheme.kind == SchemeKind::Lasp2 {
+                let t_gather = params.all_gather.time((p - 1) as f64 * message);
+                let t_combine = params.memory_time((p + 1) as f64 * state_bytes);
+                e.bytes_per_device = ((p - 1) as f64 * message) as u64;
+                e.collectives = 1;
+                e.steps = 1;
+                e.compute_s = t_state + t_combine + t_output;
+                e.comm_s = t_gather;
+                e.total_s = e.compute_s + e.comm_s;
+                e.formula = format!(
+                    "state {:.3} + all-gather {:.3} + combine {:.3} + output {:.3} ms",
+                    t_state * 1e3,
+                    t_gather * 1e3,
+                    t_combine * 1e3,
+                    t_output * 1e3
+                );
+            } else {
+                let hop = params.p2p.time(message);
+                e.bytes_per_device = message as u64;
+                e.collectives = 2;
+                e.steps = p - 1;
+                e.compute_s = t_state + (p - 1) as f64 * t_combine_one + t_output;
+                e.comm_s = (p - 1) as f64 * hop;
+                e.total_s = e.compute_s + e.comm_s;
+                e.formula = format!(
+                    "state {:.3} + {} x (hop {:.3} + combine {:.3}) + output {:.3} ms",
+                    t_state * 1e3,
+                    p - 1,
+                    hop * 1e3,
+                    t_combine_one * 1e3,
+                    t_output * 1e3
+                );
+            }
+        }
+        SchemeKind::AllGatherKv | SchemeKind::Ring | SchemeKind::TokenRing => {
+            let (partial_names, partial_tensors) = phase_names(cascade, &cls.partial);
+            let (epi_names, epi_tensors) = phase_names(cascade, &cls.epilogue);
+            let stats_per_token = stats_elements_per_token(cls) as f64 * sb;
+            let kv_per_token = key_bytes_per_token(cascade, cls) as f64;
+            let q_per_token = query_bytes_per_token(cascade, cls) as f64;
+            let mut worst = (0.0f64, 0.0f64, 0.0f64, 0.0f64); // total, compute, comm, overlap
+            let mut max_bytes = 0u64;
+            for r in 0..p {
+                let pairs = schemes::device_pairs(analyzer, p, scheme.zigzag, r)?;
+                let mine = schemes::device_chunks(tokens, p, scheme.zigzag, r);
+                let pair_time = |q: TokenRange, k: TokenRange, analyzer: &mut PairAnalyzer| -> Result<f64, SpError> {
+                    let report = analyzer.report(&schemes::pair_windows(cls, q, k), false)?;
+                    Ok(params.kernel_time(&work_of(report, &partial_names, &partial_tensors, 2.0 * q.len as f64 * stats_per_token)))
+                };
+                let mut epilogue = 0.0;
+                for q in &mine {
+                    let report = analyzer.report(&schemes::pair_windows(cls, *q, *q), false)?;
+                    epilogue += params.kernel_time(&work_of(report, &epi_names, &epi_tensors, q.len as f64 * stats_per_token));
+                }
+                let merge_one = |q: TokenRange| params.memory_time(3.0 * q.len as f64 * stats_per_token);
+                match scheme.kind {
+                    SchemeKind::AllGatherKv => {
+                        let received = (tokens - tokens / p) as f64 * kv_per_token;
+                        let t_gather = params.all_gather.time(received);
+                        let mut local = 0.0;
+                        let mut remote = 0.0;
+                        for (q, k, _) in &pairs {
+                            let t = pair_time(*q, *k, analyzer)?;
+                            if mine.contains(k) {
+                                local += t;
+                            } else {
+                                remote += t;
+                            }
+                        }
+                        let compute = local + remote + epilogue;
+                        // Local key chunks run while the gather is in flight.
+                        let overlap = if cls.keys_any_order() { local.min(t_gather) } else { 0.0 };
+                        let total = compute + t_gather - overlap;
+                        max_bytes = max_bytes.max(received as u64);
+                        if total > worst.0 {
+                            worst = (total, compute, t_gather, overlap);
+                        }
+                        e.collectives = 1;
+                        e.steps = 1;
+                    }
+                    SchemeKind::Ring | SchemeKind::TokenRing => {
+                        // Step s: device r works with the chunks of device (r - s) mod P.
+                        let mut compute = 0.0;
+                        let mut comm = 0.0;
+                        let mut overlap = 0.0;
+                        let mut total = 0.0;
+                        let mut received = 0.0;
+                        for s in 0..p {
+                            let src = (r + p - s) % p;
+                            let theirs = schemes::device_chunks(tokens, p, scheme.zigzag, src);
+                            let mut step_compute = 0.0;
+                            for (q, k, _) in &pairs {
+                                let hit = if scheme.kind == SchemeKind::Ring {
+                                    theirs.contains(k) && mine.contains(q)
+                                } else {
+                                    // TokenRing: this device computes its own keys against
+                                    // the queries of device (r - s).
+                                    false
+                                };
+                                if hit {
+                                    step_compute += pair_time(*q, *k, analyzer)? + merge_one(*q);
+                                }
+                            }
+                            if scheme.kind == SchemeKind::TokenRing {
+                                let theirs_pairs = schemes::device_pairs(analyzer, p, scheme.zigzag, src)?;
+                                for (q, k, _) in &theirs_pairs {
+                                    if mine.contains(k) {
+                                        step_compute += pair_time(*q, *k, analyzer)? + merge_one(*q);
+                                    }
+                                }
+                            }
+                            let step_comm = if s + 1 < p {
+                                let chunk_tokens: u64 = mine.iter().map(|c| c.len).sum();
+                                let bytes = if scheme.kind == SchemeKind::Ring {
+                                    chunk_tokens as f64 * kv_per_token
+                                } else {
+                                    // Queries out and statistics back travel at once.
+                                    (chunk_tokens as f64 * q_per_token).max(chunk_tokens as f64 * stats_per_token)
+                                };
+                                received += bytes;
+                                params.p2p.time(bytes)
+                            } else {
+                                0.0
+                            };
+                            compute += step_compute;
+                            comm += step_comm;
+                            overlap += step_comm.min(step_compute);
+                            total += step_compute.max(step_comm);
+                        }
+                        compute += epilogue;
+                        total += epilogue;
+                        max_bytes = max_bytes.max(received as u64);
+                        if total > worst.0 {
+                            worst = (total, compute, comm, overlap);
+                        }
+                        e.collectives = if scheme.kind == SchemeKind::Ring { p - 1 } else { 2 * (p - 1) };
+                        e.steps = p - 1;
+                    }
+                    _ => {}
+                }
+            }
+            e.total_s = worst.0;
+            e.compute_s = worst.1;
+            e.comm_s = worst.2;
+            e.overlap_s = worst.3;
+            e.bytes_per_device = max_bytes;
+            e.formula = format!(
+                "slowest device: compute {:.3} + comm {:.3} - overlap {:.3} ms",
+                worst.1 * 1e3,
+                worst.2 * 1e3,
+                worst.3 * 1e3
+            );
+        }
+        SchemeKind::Ulysses => {
+            let Some(h) = scheme.head_rank.or_else(|| cls.head_ranks.first().copied()) else {
+                return Ok(Estimate::not_applicable(scheme, "no head rank".to_string()));
+            };
+            let heads = cascade.ranks[h].extent;
+            let window = [Window {
+                rank: h,
+                start: 0,
+                len: heads / p,
+            }];
+            let report = analyzer.report(&window, false)?;
+            let t_full = params.kernel_time(&work_of(report, &all_names, &all_tensors, 0.0));
+            let per_token = if cls.seq.single_rank() {
+                key_bytes_per_token(cascade, cls)
+            } else {
+                key_bytes_per_token(cascade, cls) + query_bytes_per_token(cascade, cls)
+            } as f64;
+            let out_per_token = output_bytes_per_token(cascade, cls) as f64;
+            let frac = (p - 1) as f64 / p as f64;
+            let t_in = params.all_to_all.time(frac * chunk as f64 * per_token);
+            let t_out = params.all_to_all.time(frac * chunk as f64 * out_per_token);
+            // Packing to and from the all-to-all layout reads and writes each buffer once.
+            let t_pack = params.memory_time(2.0 * chunk as f64 * (per_token + out_per_token));
+            e.bytes_per_device = (frac * chunk as f64 * (per_token + out_per_token)) as u64;
+            e.collectives = 2;
+            e.steps = 2;
+            e.compute_s = t_full + t_pack;
+            e.comm_s = t_in + t_out;
+            e.total_s = e.compute_s + e.comm_s;
+            e.formula = format!(
+                "all-to-all in {:.3} + attention on {} of {} heads {:.3} + out {:.3} + packing {:.3} ms",
+                t_in * 1e3,
+                heads / p,
+                heads,
+                t_full * 1e3,
+                t_out * 1e3,
+                t_pack * 1e3
+            );
+        }
+    }
+    Ok(e)
+}

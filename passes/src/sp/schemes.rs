@@ -1,0 +1,321 @@
+//! The SP schemes, which of them a classification allows, and the chunk layouts they use.
+
+use super::classify::Classification;
+use super::local::{self, LocalSpec, Window};
+use super::SpError;
+use crate::analysis::{self, AnalysisOptions};
+use einattn_ir::{Cascade, Handle, Rank, TensorKind};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemeKind {
+    /// One all-gather of per-device linear states, then a local prefix combine.
+    Lasp2,
+    /// The prefix state travels device to device (P - 1 sequential hops).
+    Lasp1,
+    /// All-gather K and V; each device runs its queries against the keys it needs.
+    AllGatherKv,
+    /// K/V blocks travel a ring; partial statistics merge by log-sum-exp.
+    Ring,
+    /// Queries travel out, partial results come back (both link directions busy).
+    TokenRing,
+    /// All-to-all from sequence-split to head-split and back.
+    Ulysses,
+}
+
+/// A scheme with its layout choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Scheme {
+    pub kind: SchemeKind,
+    /// Zigzag causal balance: device `r` holds chunks `r` and `2P-1-r` of `2P`.
+    pub zigzag: bool,
+    /// The rank Ulysses redistributes over.
+    pub head_rank: Option<Handle<Rank>>,
+}
+
+impl Scheme {
+    pub fn name(&self) -> String {
+        let base = match self.kind {
+            SchemeKind::Lasp2 => "lasp2",
+            SchemeKind::Lasp1 => "lasp1",
+            SchemeKind::AllGatherKv => "allgather_kv",
+            SchemeKind::Ring => "ring",
+            SchemeKind::TokenRing => "tokenring",
+            SchemeKind::Ulysses => "ulysses",
+        };
+        if self.zigzag {
+            format!("{base}_zigzag")
+        } else {
+            base.to_string()
+        }
+    }
+
+    /// Parses a name as [`Scheme::name`] prints it (the head rank is filled in by the planner).
+    pub fn parse(name: &str) -> Option<Scheme> {
+        let (base, zigzag) = match name.strip_suffix("_zigzag") {
+            Some(b) => (b, true),
+            None => (name, false),
+        };
+        let kind = match base {
+            "lasp2" => SchemeKind::Lasp2,
+            "lasp1" => SchemeKind::Lasp1,
+            "allgather_kv" | "lasp2h" => SchemeKind::AllGatherKv,
+            "ring" => SchemeKind::Ring,
+            "tokenring" => SchemeKind::TokenRing,
+            "ulysses" => SchemeKind::Ulysses,
+            _ => return None,
+        };
+        Some(Scheme {
+            kind,
+            zigzag,
+            head_rank: None,
+        })
+    }
+}
+
+/// A contiguous range of token positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub struct TokenRange {
+    pub start: u64,
+    pub len: u64,
+}
+
+impl TokenRange {
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// The chunks device `rank` holds (queries and keys alike), in token order.
+pub fn device_chunks(tokens: u64, devices: u64, zigzag: bool, rank: u64) -> Vec<TokenRange> {
+    if zigzag {
+        let c = tokens / (2 * devices);
+        vec![
+            TokenRange { start: rank * c, len: c },
+            TokenRange {
+                start: (2 * devices - 1 - rank) * c,
+                len: c,
+            },
+        ]
+    } else {
+        let c = tokens / devices;
+        vec![TokenRange { start: rank * c, len: c }]
+    }
+}
+
+/// Whether a (query chunk, key chunk) pair has any, some or all of its scores present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairMask {
+    /// No score survives the mask: the pair is skipped.
+    Empty,
+    /// Some scores are masked (the diagonal block of a causal mask).
+    Partial,
+    /// The mask holds everywhere: a kernel may skip evaluating it.
+    Full,
+}
+
+/// Why a scheme does not apply (shown in the comparison table).
+pub fn applicability(cls: &Classification, cascade: &Cascade, scheme: &Scheme, devices: u64) -> Result<(), String> {
+    let seq = &cls.seq;
+    let chunks = if scheme.zigzag { 2 * devices } else { devices };
+    if devices < 2 {
+        return Err("needs at least 2 devices".to_string());
+    }
+    let granule = seq.granule();
+    if scheme.kind != SchemeKind::Ulysses && (seq.tokens % chunks != 0 || (seq.tokens / chunks) % granule != 0) {
+        return Err(format!(
+            "{} tokens do not split into {chunks} chunks of whole tiles of {granule}",
+            seq.tokens
+        ));
+    }
+    match scheme.kind {
+        SchemeKind::Lasp2 | SchemeKind::Lasp1 => {
+            if scheme.zigzag {
+                return Err("zigzag applies to softmax schemes".to_string());
+            }
+            if !cls.linear_fixed_size() {
+                return Err(if !seq.single_rank() {
+                    "needs one sequence rank carrying a linear recurrence (queries and keys are separate ranks here)".to_string()
+                } else {
+                    "needs every dependency across the split to be a linear recurrence over a fixed-size state".to_string()
+                });
+            }
+            Ok(())
+        }
+        SchemeKind::AllGatherKv => {
+            if !cls.keys_in_order() {
+                return Err(reason_keys(cls));
+            }
+            if scheme.zigzag && !cls.keys_any_order() && !cls.global_reductions.is_empty() {
+                return Err("zigzag needs partial results that merge".to_string());
+            }
+            Ok(())
+        }
+        SchemeKind::Ring | SchemeKind::TokenRing => {
+            if !cls.keys_any_order() {
+                return Err(if cls.keys_in_order() {
+                    "needs partial results that merge in any order (online-softmax statistics)".to_string()
+                } else {
+                    reason_keys(cls)
+                });
+            }
+            Ok(())
+        }
+        SchemeKind::Ulysses => {
+            if scheme.zigzag {
+                return Err("zigzag applies to sequence-split schemes".to_string());
+            }
+            let Some(h) = scheme.head_rank.or_else(|| cls.head_ranks.first().copied()) else {
+                return Err("no head rank that every sequence tensor carries".to_string());
+            };
+            let extent = cascade.ranks[h].extent;
+            if extent % devices != 0 {
+                return Err(format!(
+                    "`{}` has {extent} heads, not divisible by {devices}",
+                    cascade.ranks[h].name
+                ));
+            }
+            if seq.tokens % devices != 0 {
+                return Err(format!("{} tokens do not split into {devices} chunks", seq.tokens));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn reason_keys(cls: &Classification) -> String {
+    if cls.seq.single_rank() {
+        "needs separate query and key ranks".to_string()
+    } else if let Some(r) = cls.cross_chunk_reads.first() {
+        r.clone()
+    } else if let Some(r) = cls.unsupported_states.first() {
+        r.clone()
+    } else {
+        "keys cannot be split".to_string()
+    }
+}
+
+/// The windows a (query chunk, key chunk) pair evaluates under.
+pub fn pair_windows(cls: &Classification, queries: TokenRange, keys: TokenRange) -> Vec<Window> {
+    let mut w = vec![Window {
+        rank: cls.seq.query.declared,
+        start: queries.start,
+        len: queries.len,
+    }];
+    if !cls.seq.single_rank() {
+        w.push(Window {
+            rank: cls.seq.key.declared,
+            start: keys.start,
+            len: keys.len,
+        });
+    }
+    w
+}
+
+/// Memoized analyses of per-device cascades (the planner asks about the same pairs often).
+pub struct PairAnalyzer<'a> {
+    pub cascade: &'a Cascade,
+    pub cls: &'a Classification,
+    pub options: AnalysisOptions,
+    cache: HashMap<(Vec<(usize, u64, u64)>, bool), analysis::Report>,
+}
+
+impl<'a> PairAnalyzer<'a> {
+    pub fn new(cascade: &'a Cascade, cls: &'a Classification, options: AnalysisOptions) -> Self {
+        PairAnalyzer {
+            cascade,
+            cls,
+            options,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The analysis of the cascade restricted to `windows`, with states read from inputs
+    /// when `resumed` (so a resumed kernel is costed like the one that runs).
+    pub fn report(&mut self, windows: &[Window], resumed: bool) -> Result<&analysis::Report, SpError> {
+        let key: Vec<(usize, u64, u64)> = windows.iter().map(|w| (w.rank.index(), w.start, w.len)).collect();
+        let cache_key = (key, resumed);
+        if !self.cache.contains_key(&cache_key) {
+            let spec = LocalSpec {
+                windows: windows.to_vec(),
+                ..LocalSpec::default()
+            };
+            let local = local::localize(self.cascade, &spec)?;
+            let report = analysis::analyze(&local.cascade, &self.options);
+            self.cache.insert(cache_key.clone(), report);
+        }
+        self.cache
+            .get(&cache_key)
+            .ok_or_else(|| SpError::Evaluation("analysis cache".to_string()))
+    }
+
+    /// Whether the pair's scores are all, some or none present: judged on the Einsums that
+    /// read a key-carrying input (the scores and the value contraction).
+    pub fn pair_mask(&mut self, queries: TokenRange, keys: TokenRange) -> Result<PairMask, SpError> {
+        let cascade = self.cascade;
+        let key_rank = self.cls.seq.key.declared;
+        let key_inputs: Vec<String> = cascade
+            .tensors
+            .iter()
+            .filter(|(_, t)| t.kind == TensorKind::Input && t.ranks.contains(&key_rank))
+            .map(|(_, t)| t.name.clone())
+            .collect();
+        let readers: Vec<String> = cascade
+            .einsums
+            .iter()
+            .filter(|(_, e)| {
+                let mut reads = false;
+                e.expr
+                    .visit_accesses(&mut |a| reads |= key_inputs.contains(&cascade.tensors[a.tensor].name));
+                reads
+            })
+            .map(|(_, e)| cascade.tensors[e.output.tensor].name.clone())
+            .collect();
+        let windows = pair_windows(self.cls, queries, keys);
+        let report = self.report(&windows, false)?;
+        let rows: Vec<&analysis::EinsumReport> = report.einsums.iter().filter(|e| readers.contains(&e.einsum)).collect();
+        if rows.iter().all(|e| e.points == 0) {
+            Ok(PairMask::Empty)
+        } else if rows.iter().all(|e| e.points == e.points_dense) {
+            Ok(PairMask::Full)
+        } else {
+            Ok(PairMask::Partial)
+        }
+    }
+}
+
+/// Every (query chunk, key chunk) pair a device computes in a key-splitting scheme, with
+/// its mask; empty pairs are left out. Ordered by key chunk start within each query chunk.
+pub fn device_pairs(
+    analyzer: &mut PairAnalyzer,
+    devices: u64,
+    zigzag: bool,
+    rank: u64,
+) -> Result<Vec<(TokenRange, TokenRange, PairMask)>, SpError> {
+    let tokens = analyzer.cls.seq.tokens;
+    let mine = device_chunks(tokens, devices, zigzag, rank);
+    let mut all_keys: Vec<TokenRange> = (0..devices)
+        .flat_map(|r| device_chunks(tokens, devices, zigzag, r))
+        .collect();
+    all_keys.sort();
+    let mut out = Vec::new();
+    for q in &mine {
+        for k in &all_keys {
+            let mask = analyzer.pair_mask(*q, *k)?;
+            if mask != PairMask::Empty {
+                out.push((*q, *k, mask));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Which device holds the key chunk starting at `start`.
+pub fn owner_of(tokens: u64, devices: u64, zigzag: bool, chunk: TokenRange) -> u64 {
+    (0..devices)
+        .find(|&r| device_chunks(tokens, devices, zigzag, r).contains(&chunk))
+        .unwrap_or(0)
+}
