@@ -4,4 +4,5 @@
 //!   live buffers, FLOPs, bytes, a roofline bound and fusion groups (`einattn analyze`).
 
 pub mod analysis;
+pub mod rewrite;
 pub mod sp;

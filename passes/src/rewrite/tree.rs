@@ -1,0 +1,587 @@
+//! Between the Cascade IR and e-graph terms.
+//!
+//! [`TreeForm::build`] turns every non-recurrent Einsum into a term of [`Ein`], inlining the
+//! temporaries it reads, so the algebra sees whole computations (`(Q K^T) V` as one term
+//! rather than two Einsums). Recurrences stay as they are: the terms read their states as
+//! leaves. [`materialize`] goes back: every reduction or mask in an extracted term becomes
+//! an Einsum of its own, and so does a shared subterm with a transcendental in it (the
+//! numerator of softmax, read by both the denominator and the contraction).
+
+use super::ir_util;
+use super::lang::{Ein, EinAnalysis, EinGraph, Leaf, Leaves, Num, RankSet, ReduceKey};
+use egg::{Id, Language, RecExpr};
+use einattn_ir::{
+    Access, Cascade, Condition, Einsum, Expr, Handle, IndexExpr, Rank, Reduction, Span, Tensor,
+    TensorKind,
+};
+use std::collections::{HashMap, HashSet};
+
+/// A tensor the rewritten cascade must still produce under its own name.
+#[derive(Clone, Debug)]
+pub struct Root {
+    pub tensor: Handle<Tensor>,
+    /// The Einsum that produced it in the original cascade.
+    pub einsum: Handle<Einsum>,
+    /// The original output access (kept as written).
+    pub output: Access,
+    /// The term as built, before any rewriting.
+    pub term: RecExpr<Ein>,
+}
+
+/// A cascade as e-graph terms.
+pub struct TreeForm {
+    pub leaves: Leaves,
+    pub roots: Vec<Root>,
+    /// Einsums left as they are (recurrences), in program order.
+    pub kept: Vec<Handle<Einsum>>,
+    /// Temporaries that were inlined, with the term of their own definition: extraction
+    /// names a materialized subterm after the temporary it equals.
+    pub inlined_definitions: Vec<(Handle<Tensor>, RecExpr<Ein>)>,
+}
+
+struct Builder<'c> {
+    cascade: &'c Cascade,
+    leaves: Leaves,
+    may_be_absent: Vec<bool>,
+    inlinable: Vec<bool>,
+    /// Ranks bound inside a tensor's inlined definition (its reductions and theirs).
+    bound: HashMap<Handle<Tensor>, RankSet>,
+    /// Temporaries discovered to need their own Einsum.
+    new_roots: Vec<Handle<Tensor>>,
+}
+
+impl TreeForm {
+    pub fn build(cascade: &Cascade) -> TreeForm {
+        let order = einattn_ir::validate::topological_order(cascade);
+        let may_be_absent = ir_util::tensors_may_be_absent(cascade, &order);
+        let inlinable: Vec<bool> = cascade
+            .tensors
+            .iter()
+            .map(|(h, t)| {
+                t.kind == TensorKind::Temp
+                    && t.iterative.is_none()
+                    && cascade.producer(h).is_some_and(|e| {
+                        let e = &cascade.einsums[e];
+                        e.recurrence.is_none() && plain_distinct(&e.output.indices)
+                    })
+            })
+            .collect();
+        let mut b = Builder {
+            cascade,
+            leaves: Leaves::default(),
+            may_be_absent,
+            inlinable,
+            bound: HashMap::new(),
+            new_roots: Vec::new(),
+        };
+
+        let kept: Vec<Handle<Einsum>> = order
+            .iter()
+            .copied()
+            .filter(|&e| cascade.einsums[e].recurrence.is_some())
+            .collect();
+        // Roots: outputs, and temporaries read by a kept Einsum.
+        let mut root_tensors: Vec<Handle<Tensor>> = Vec::new();
+        for &e in &order {
+            let einsum = &cascade.einsums[e];
+            let t = einsum.output.tensor;
+            if einsum.recurrence.is_none() && cascade.tensors[t].kind == TensorKind::Output {
+                root_tensors.push(t);
+            }
+        }
+        for &e in &kept {
+            let einsum = &cascade.einsums[e];
+            let mut reads = Vec::new();
+            einsum.expr.visit_accesses(&mut |a| reads.push(a.tensor));
+            if let Some(rec) = &einsum.recurrence {
+                rec.init.visit_accesses(&mut |a| reads.push(a.tensor));
+            }
+            for t in reads {
+                if b.inlinable[t.index()] && !root_tensors.contains(&t) {
+                    root_tensors.push(t);
+                }
+            }
+        }
+
+        let mut roots: Vec<Root> = Vec::new();
+        let mut next = 0;
+        while next < root_tensors.len() {
+            let tensor = root_tensors[next];
+            next += 1;
+            let Some(einsum) = cascade.producer(tensor) else { continue };
+            let mut term = RecExpr::default();
+            b.einsum_term(&mut term, einsum, &HashMap::new());
+            roots.push(Root {
+                tensor,
+                einsum,
+                output: cascade.einsums[einsum].output.clone(),
+                term,
+            });
+            for t in std::mem::take(&mut b.new_roots) {
+                if !root_tensors.contains(&t) {
+                    root_tensors.push(t);
+                }
+            }
+        }
+
+        let mut inlined_definitions = Vec::new();
+        for (t, _) in cascade.tensors.iter() {
+            if b.inlinable[t.index()] && !root_tensors.contains(&t) {
+                if let Some(e) = cascade.producer(t) {
+                    let mut term = RecExpr::default();
+                    b.einsum_term(&mut term, e, &HashMap::new());
+                    inlined_definitions.push((t, term));
+                }
+            }
+        }
+        TreeForm {
+            leaves: b.leaves,
+            roots,
+            kept,
+            inlined_definitions,
+        }
+    }
+
+    /// An e-graph holding every root term and inlined definition.
+    pub fn egraph(&self, explanations: bool) -> (EinGraph, Vec<Id>) {
+        let mut egraph = EinGraph::new(EinAnalysis {
+            leaves: self.leaves.clone(),
+        });
+        if explanations {
+            egraph = egraph.with_explanations_enabled();
+        }
+        let ids = self.roots.iter().map(|r| egraph.add_expr(&r.term)).collect();
+        for (_, term) in &self.inlined_definitions {
+            egraph.add_expr(term);
+        }
+        egraph.rebuild();
+        (egraph, ids)
+    }
+}
+
+fn plain_distinct(indices: &[IndexExpr]) -> bool {
+    let ranks: Vec<Option<Handle<Rank>>> = indices.iter().map(IndexExpr::as_rank).collect();
+    ranks.iter().all(Option::is_some)
+        && ranks
+            .iter()
+            .enumerate()
+            .all(|(i, r)| !ranks[..i].contains(r))
+}
+
+impl Builder<'_> {
+    /// Ranks bound anywhere inside the inlined definition of `tensor`.
+    fn bound_ranks(&mut self, tensor: Handle<Tensor>) -> RankSet {
+        if let Some(&s) = self.bound.get(&tensor) {
+            return s;
+        }
+        let mut set = RankSet::default();
+        if let Some(e) = self.cascade.producer(tensor) {
+            let einsum = &self.cascade.einsums[e];
+            set = RankSet::of(einsum.reductions.iter().map(|r| r.rank));
+            let mut reads = Vec::new();
+            einsum.expr.visit_accesses(&mut |a| reads.push(a.tensor));
+            for t in reads {
+                if t != tensor && self.inlinable[t.index()] {
+                    set = set.union(self.bound_ranks(t));
+                }
+            }
+        }
+        self.bound.insert(tensor, set);
+        set
+    }
+
+    /// The term of Einsum `e` with its free ranks renamed by `rename`.
+    fn einsum_term(
+        &mut self,
+        rec: &mut RecExpr<Ein>,
+        e: Handle<Einsum>,
+        rename: &HashMap<Handle<Rank>, IndexExpr>,
+    ) -> Id {
+        let einsum = &self.cascade.einsums[e];
+        let mut term = self.expr_term(rec, &einsum.expr, rename);
+        // Masks sit at the innermost reduction among their ranks, as the interpreter
+        // checks them; conditions over free ranks only wrap the whole term.
+        let mut placed = vec![false; einsum.mask.len()];
+        for red in &einsum.reductions {
+            for (k, c) in einsum.mask.iter().enumerate() {
+                if placed[k] {
+                    continue;
+                }
+                let level = innermost_reduction(einsum, c);
+                if level == Some(red.rank) {
+                    placed[k] = true;
+                    term = self.mask(rec, c, rename, term);
+                }
+            }
+            let op = rec.add(Ein::Leaf(Leaf::Op(ReduceKey::of(red.op))));
+            let rank = rec.add(Ein::Leaf(Leaf::Rank(red.rank.index() as u32)));
+            term = rec.add(Ein::Reduce([op, rank, term]));
+        }
+        for (k, c) in einsum.mask.iter().enumerate() {
+            if !placed[k] {
+                term = self.mask(rec, c, rename, term);
+            }
+        }
+        term
+    }
+
+    fn mask(
+        &mut self,
+        rec: &mut RecExpr<Ein>,
+        c: &Condition,
+        rename: &HashMap<Handle<Rank>, IndexExpr>,
+        body: Id,
+    ) -> Id {
+        let c = Condition {
+            lhs: ir_util::substitute_index(&c.lhs, rename),
+            op: c.op,
+            rhs: ir_util::substitute_index(&c.rhs, rename),
+            span: c.span,
+        };
+        let cond = rec.add(Ein::Leaf(self.leaves.condition(&c)));
+        rec.add(Ein::Mask([cond, body]))
+    }
+
+    fn expr_term(
+        &mut self,
+        rec: &mut RecExpr<Ein>,
+        expr: &Expr,
+        rename: &HashMap<Handle<Rank>, IndexExpr>,
+    ) -> Id {
+        match expr {
+            Expr::Literal(v) => rec.add(Ein::Num(Num::new(*v))),
+            Expr::Index(i) => {
+                let i = ir_util::substitute_index(i, rename);
+                rec.add(Ein::Leaf(self.leaves.index(&i)))
+            }
+            Expr::Unary(op, a) => {
+                let a = self.expr_term(rec, a, rename);
+                rec.add(Ein::unary(*op, a))
+            }
+            Expr::Binary(op, a, b) => {
+                let a = self.expr_term(rec, a, rename);
+                let b = self.expr_term(rec, b, rename);
+                rec.add(Ein::binary(*op, a, b))
+            }
+            Expr::Access(access) => {
+                let indices: Vec<IndexExpr> = access
+                    .indices
+                    .iter()
+                    .map(|i| ir_util::substitute_index(i, rename))
+                    .collect();
+                let t = access.tensor;
+                if let (true, Some(e)) = (self.inlinable[t.index()], self.cascade.producer(t)) {
+                    let producer = &self.cascade.einsums[e];
+                    // Only ranks that change under the renaming can be captured by a
+                    // reduction inside the definition; identity renamings shadow safely.
+                    let moved = RankSet::of(
+                        producer
+                            .output
+                            .indices
+                            .iter()
+                            .zip(&indices)
+                            .filter(|(o, i)| o != i)
+                            .flat_map(|(_, i)| i.ranks().collect::<Vec<_>>()),
+                    );
+                    let captured = self.bound_ranks(t).0 & moved.0 != 0;
+                    if !captured {
+                        let inner: HashMap<Handle<Rank>, IndexExpr> = producer
+                            .output
+                            .indices
+                            .iter()
+                            .zip(&indices)
+                            .filter_map(|(o, i)| o.as_rank().map(|r| (r, i.clone())))
+                            .collect();
+                        return self.einsum_term(rec, e, &inner);
+                    }
+                }
+                if self.inlinable[t.index()] && !self.new_roots.contains(&t) {
+                    self.new_roots.push(t);
+                }
+                let access = Access {
+                    tensor: t,
+                    indices,
+                    span: access.span,
+                };
+                let absent = self.may_be_absent[t.index()];
+                rec.add(Ein::Leaf(self.leaves.access(&access, absent)))
+            }
+        }
+    }
+}
+
+/// The reduction (innermost first) at which the interpreter checks `c`: the innermost
+/// reduced rank it mentions, or `None` when it mentions only free ranks.
+fn innermost_reduction(e: &Einsum, c: &Condition) -> Option<Handle<Rank>> {
+    e.reductions
+        .iter()
+        .find(|red| c.lhs.mentions(red.rank) || c.rhs.mentions(red.rank))
+        .map(|red| red.rank)
+}
+
+/// Picks one e-node per e-class (an extraction).
+pub trait Choice {
+    fn node(&self, class: Id) -> &Ein;
+}
+
+/// Rebuilds a cascade from chosen e-nodes: the roots keep their tensors; every reduction,
+/// mask and shared transcendental subterm becomes an Einsum of its own.
+pub fn materialize(
+    original: &Cascade,
+    form: &TreeForm,
+    egraph: &EinGraph,
+    root_classes: &[Id],
+    choice: &dyn Choice,
+) -> Cascade {
+    let mut m = Materializer {
+        original,
+        egraph,
+        choice,
+        leaves: &form.leaves,
+        out: original.clone(),
+        einsums: Vec::new(),
+        memo: HashMap::new(),
+        uses: HashMap::new(),
+        named: HashMap::new(),
+    };
+    m.out.einsums = Default::default();
+    for (t, term) in &form.inlined_definitions {
+        if let Some(class) = egraph.lookup_expr(term) {
+            m.named.entry(egraph.find(class)).or_insert(*t);
+        }
+    }
+    // Roots with plain outputs are readable by other terms that contain them.
+    for (root, &class) in form.roots.iter().zip(root_classes) {
+        if plain_distinct(&root.output.indices) {
+            let class = egraph.find(class);
+            m.memo.entry(class).or_insert_with(|| {
+                (
+                    root.tensor,
+                    root.output.indices.iter().filter_map(IndexExpr::as_rank).collect(),
+                )
+            });
+        }
+    }
+    let mut seen = HashSet::new();
+    for &class in root_classes {
+        m.count_uses(egraph.find(class), &mut seen);
+    }
+    for (root, &class) in form.roots.iter().zip(root_classes) {
+        let einsum = m.einsum_from(egraph.find(class), root.output.clone(), original.einsums[root.einsum].span);
+        m.einsums.push(einsum);
+    }
+    for &e in &form.kept {
+        m.einsums.push(original.einsums[e].clone());
+    }
+    let mut out = m.out;
+    for e in m.einsums {
+        out.einsums.append(e);
+    }
+    ir_util::tidy(&mut out);
+    out
+}
+
+struct Materializer<'a> {
+    original: &'a Cascade,
+    egraph: &'a EinGraph,
+    choice: &'a dyn Choice,
+    leaves: &'a Leaves,
+    out: Cascade,
+    einsums: Vec<Einsum>,
+    /// Classes already stored in a tensor, with the tensor's ranks.
+    memo: HashMap<Id, (Handle<Tensor>, Vec<Handle<Rank>>)>,
+    /// How many chosen parents read each class.
+    uses: HashMap<Id, usize>,
+    /// Classes equal to an inlined temporary's definition.
+    named: HashMap<Id, Handle<Tensor>>,
+}
+
+impl Materializer<'_> {
+    fn node(&self, class: Id) -> &Ein {
+        self.choice.node(self.egraph.find(class))
+    }
+
+    fn free(&self, class: Id) -> RankSet {
+        self.egraph[class].data.free
+    }
+
+    fn count_uses(&mut self, class: Id, seen: &mut HashSet<Id>) {
+        if !seen.insert(class) {
+            return;
+        }
+        let children: Vec<Id> = self.node(class).children().to_vec();
+        for c in children {
+            let c = self.egraph.find(c);
+            *self.uses.entry(c).or_default() += 1;
+            self.count_uses(c, seen);
+        }
+    }
+
+    /// One Einsum computing `class` into `output`: leading reductions and masks are peeled
+    /// off while the interpreter would place them where the term has them.
+    fn einsum_from(&mut self, class: Id, output: Access, span: Span) -> Einsum {
+        let root_free = self.free(class);
+        let mut peeled: Vec<Reduction> = Vec::new();
+        let mut mask: Vec<Condition> = Vec::new();
+        let mut cur = class;
+        loop {
+            match self.node(cur).clone() {
+                Ein::Reduce([op, rank, body]) => {
+                    let (Some(r), Some(op)) = (self.egraph[rank].data.rank, self.egraph[op].data.reduce_op)
+                    else {
+                        break;
+                    };
+                    // A reduction read by several terms is stored once, not folded into
+                    // each reader.
+                    let shared = cur != class && self.uses.get(&cur).copied().unwrap_or(0) >= 2;
+                    if shared || root_free.contains(r) || peeled.iter().any(|p| p.rank == r) {
+                        break;
+                    }
+                    peeled.push(Reduction { rank: r, op: op.op() });
+                    cur = self.egraph.find(body);
+                }
+                Ein::Mask([cond, body]) => {
+                    let Some(Leaf::Cond(c)) = leaf_of(self.node(cond)) else { break };
+                    let condition = self.leaves.conditions[c as usize].clone();
+                    let ranks = RankSet::of(condition.lhs.ranks().chain(condition.rhs.ranks()));
+                    let peeled_set = RankSet::of(peeled.iter().map(|p| p.rank));
+                    let in_scope = ranks.0 & !(root_free.0 | peeled_set.0) == 0;
+                    let at_level = match peeled.last() {
+                        None => true,
+                        Some(last) => ranks.contains(last.rank),
+                    };
+                    if !(in_scope && at_level) {
+                        break;
+                    }
+                    mask.push(condition);
+                    cur = self.egraph.find(body);
+                }
+                _ => break,
+            }
+        }
+        let expr = if peeled.is_empty() && mask.is_empty() && cur == class {
+            // The root itself is a map: lower its node, not a read of itself.
+            self.lower_node(cur)
+        } else {
+            self.lower(cur)
+        };
+        peeled.reverse();
+        Einsum {
+            output,
+            expr,
+            reductions: peeled,
+            mask,
+            recurrence: None,
+            span,
+        }
+    }
+
+    fn lower(&mut self, class: Id) -> Expr {
+        let class = self.egraph.find(class);
+        if let Some((tensor, ranks)) = self.memo.get(&class) {
+            return Expr::Access(Access {
+                tensor: *tensor,
+                indices: ranks.iter().map(|&r| IndexExpr::rank(r)).collect(),
+                span: Span::UNKNOWN,
+            });
+        }
+        let node = self.node(class).clone();
+        let needs_einsum = matches!(node, Ein::Reduce(_) | Ein::Mask(_))
+            || (self.uses.get(&class).copied().unwrap_or(0) >= 2 && self.worth_sharing(class));
+        if needs_einsum {
+            self.store(class);
+            return self.lower(class);
+        }
+        self.lower_node(class)
+    }
+
+    fn lower_node(&mut self, class: Id) -> Expr {
+        let node = self.node(class).clone();
+        match node {
+            Ein::Num(n) => Expr::Literal(n.value()),
+            Ein::Leaf(Leaf::Access(i)) => Expr::Access(self.leaves.accesses[i as usize].clone()),
+            Ein::Leaf(Leaf::Index(i)) => Expr::Index(self.leaves.indices[i as usize].clone()),
+            ref n => {
+                if let Some((op, [a, b])) = n.as_binary() {
+                    let a = self.lower(a);
+                    let b = self.lower(b);
+                    Expr::binary(op, a, b)
+                } else if let Some((op, a)) = n.as_unary() {
+                    let a = self.lower(a);
+                    Expr::unary(op, a)
+                } else {
+                    // Reductions, masks and binder leaves never reach here: `lower` stores
+                    // the first two, and the last only appear under a reduction.
+                    let tensor = self.store(class);
+                    Expr::Access(Access {
+                        tensor,
+                        indices: self.memo[&class].1.iter().map(|&r| IndexExpr::rank(r)).collect(),
+                        span: Span::UNKNOWN,
+                    })
+                }
+            }
+        }
+    }
+
+    /// A shared subterm is stored when recomputing it would repeat a transcendental.
+    fn worth_sharing(&self, class: Id) -> bool {
+        fn has_transcendental(m: &Materializer, class: Id, depth: usize) -> bool {
+            if depth > 32 || m.memo.contains_key(&m.egraph.find(class)) {
+                return false;
+            }
+            let node = m.node(class);
+            matches!(node, Ein::Exp(_) | Ein::Log(_) | Ein::Sqrt(_) | Ein::Tanh(_))
+                || (!matches!(node, Ein::Reduce(_) | Ein::Mask(_))
+                    && node.children().iter().any(|&c| has_transcendental(m, c, depth + 1)))
+        }
+        !matches!(self.node(class), Ein::Leaf(_) | Ein::Num(_)) && has_transcendental(self, class, 0)
+    }
+
+    /// Emits the Einsum that stores `class` and records it in `memo`.
+    fn store(&mut self, class: Id) -> Handle<Tensor> {
+        let class = self.egraph.find(class);
+        if let Some((t, _)) = self.memo.get(&class) {
+            return *t;
+        }
+        let free = self.free(class);
+        let (tensor, ranks) = match self.named.get(&class) {
+            Some(&t) if RankSet::of(self.original.tensors[t].ranks.iter().copied()) == free => {
+                (t, self.original.tensors[t].ranks.clone())
+            }
+            _ => {
+                let ranks = free.ranks();
+                let t = self.out.tensors.append(Tensor {
+                    name: String::new(),
+                    ranks: ranks.clone(),
+                    kind: TensorKind::Temp,
+                    dtype: None,
+                    iterative: None,
+                    default: None,
+                    span: Span::UNKNOWN,
+                });
+                (t, ranks)
+            }
+        };
+        let output = Access {
+            tensor,
+            indices: ranks.iter().map(|&r| IndexExpr::rank(r)).collect(),
+            span: Span::UNKNOWN,
+        };
+        let einsum = self.einsum_from(class, output, Span::UNKNOWN);
+        self.memo.insert(class, (tensor, ranks));
+        if self.out.tensors[tensor].name.is_empty() {
+            let name = ir_util::fresh_name(&self.out, &ir_util::name_from_reads(&self.out, &einsum.expr));
+            self.out.tensors[tensor].name = name;
+        }
+        self.einsums.push(einsum);
+        tensor
+    }
+}
+
+fn leaf_of(node: &Ein) -> Option<Leaf> {
+    match node {
+        Ein::Leaf(l) => Some(*l),
+        _ => None,
+    }
+}
+
