@@ -71,7 +71,14 @@ fn main() {
             match ptxas::assemble(&bin, &k.text, arch) {
                 Ok(r) => println!(
                     "{} {arch}: {} regs, spill st {} ld {}, stack {}, smem {} (dyn {}) {:?}",
-                    k.entry, r.registers, r.spill_stores, r.spill_loads, r.stack_frame, r.shared_bytes, k.dynamic_smem_bytes, sched
+                    k.entry,
+                    r.registers,
+                    r.spill_stores,
+                    r.spill_loads,
+                    r.stack_frame,
+                    r.shared_bytes,
+                    k.dynamic_smem_bytes,
+                    sched
                 ),
                 Err(e) => {
                     eprintln!("{e}");

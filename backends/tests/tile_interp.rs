@@ -9,8 +9,18 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn random_tensor(rng: &mut ChaCha8Rng, elem: Elem, b: usize, n: usize, h: usize, d: usize, bhnd: bool) -> HostTensor {
-    let data: Vec<f64> = (0..b * n * h * d).map(|_| elem.round(rng.random_range(-1.0..1.0))).collect();
+fn random_tensor(
+    rng: &mut ChaCha8Rng,
+    elem: Elem,
+    b: usize,
+    n: usize,
+    h: usize,
+    d: usize,
+    bhnd: bool,
+) -> HostTensor {
+    let data: Vec<f64> = (0..b * n * h * d)
+        .map(|_| elem.round(rng.random_range(-1.0..1.0)))
+        .collect();
     if bhnd {
         HostTensor::bhnd(data, n, h, d)
     } else {
@@ -28,15 +38,28 @@ struct Case {
 }
 
 fn check(case: &Case) -> Result<(), String> {
-    let Case { spec, sched, prob, bhnd, seed } = case.clone();
+    let Case {
+        spec,
+        sched,
+        prob,
+        bhnd,
+        seed,
+    } = case.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let d = spec.head_dim as usize;
     let kvh = prob.kv_heads();
-    let q = random_tensor(&mut rng, spec.elem, prob.batch, prob.n_q, prob.heads, d, bhnd);
+    let q = random_tensor(
+        &mut rng, spec.elem, prob.batch, prob.n_q, prob.heads, d, bhnd,
+    );
     let k = random_tensor(&mut rng, spec.elem, prob.batch, prob.n_k, kvh, d, bhnd);
     let v = random_tensor(&mut rng, spec.elem, prob.batch, prob.n_k, kvh, d, bhnd);
     // Poison the output: every valid row must be written.
-    let o = HostTensor::bnhd(vec![f64::NAN; prob.batch * prob.n_q * prob.heads * d], prob.n_q, prob.heads, d);
+    let o = HostTensor::bnhd(
+        vec![f64::NAN; prob.batch * prob.n_q * prob.heads * d],
+        prob.n_q,
+        prob.heads,
+        d,
+    );
     let scale = rng.random_range(0.5..2.0) / (d as f64).sqrt();
     let softcap = rng.random_range(0.5..3.0);
     let slopes = alibi_slopes(prob.heads);
@@ -48,22 +71,34 @@ fn check(case: &Case) -> Result<(), String> {
     }
     let mut io = Bindings {
         tensors: vec![q.clone(), k.clone(), v.clone(), o],
-        row_outputs: prog.row_outputs.iter().map(|_| vec![f64::NAN; prob.batch * prob.heads * prob.n_q]).collect(),
+        row_outputs: prog
+            .row_outputs
+            .iter()
+            .map(|_| vec![f64::NAN; prob.batch * prob.heads * prob.n_q])
+            .collect(),
         scalars,
         head_params: prog.head_params.iter().map(|_| slopes.clone()).collect(),
     };
     run(&prog, prob, &mut io).map_err(|e| e.to_string())?;
-    let inputs = AttentionInputs { q: &q, k: &k, v: &v, scale, softcap, alibi_slopes: &slopes };
+    let inputs = AttentionInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        scale,
+        softcap,
+        alibi_slopes: &slopes,
+    };
     let (want, want_lse) = attention(&spec, prob, &inputs);
     let got = &io.tensors[bind.o.index()].data;
     let err = relative_error(got, &want);
-    if !(err < 1e-2) {
+    if err.is_nan() || err >= 1e-2 {
         return Err(format!("output error {err} for {case:?}"));
     }
     if let Some(l) = bind.lse {
         let got_lse = &io.row_outputs[l.index()];
         for (i, (g, w)) in got_lse.iter().zip(&want_lse).enumerate() {
-            let ok = (g.is_infinite() && w.is_infinite() && g.signum() == w.signum()) || (g - w).abs() < 1e-2 * (1.0 + w.abs());
+            let ok = (g.is_infinite() && w.is_infinite() && g.signum() == w.signum())
+                || (g - w).abs() < 1e-2 * (1.0 + w.abs());
             if !ok {
                 return Err(format!("lse[{i}] = {g}, want {w} for {case:?}"));
             }
@@ -74,24 +109,64 @@ fn check(case: &Case) -> Result<(), String> {
 
 fn case_strategy() -> impl Strategy<Value = Case> {
     (
-        (prop_oneof![Just(16u32), Just(32), Just(64)], any::<bool>(), any::<bool>(), prop::option::of(1u32..80), any::<bool>(), any::<bool>(), any::<bool>()),
+        (
+            prop_oneof![Just(16u32), Just(32), Just(64)],
+            any::<bool>(),
+            any::<bool>(),
+            prop::option::of(1u32..80),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
         (0usize..3, 0usize..3, 0usize..3, 1usize..3),
-        (1usize..3, 1usize..3, 1usize..140, 1usize..140, any::<bool>(), any::<u64>()),
+        (
+            1usize..3,
+            1usize..3,
+            1usize..140,
+            1usize..140,
+            any::<bool>(),
+            any::<u64>(),
+        ),
     )
-        .prop_map(|((d, f16, causal, window, alibi, softcap, lse), (bm_i, warps_i, bn_i, stages), (batch, kvg, n_q, n_k, bhnd, seed))| {
-            let mut spec = AttentionSpec::new(d, if f16 { Elem::F16 } else { Elem::Bf16 });
-            spec.causal = causal;
-            spec.window = window;
-            spec.alibi = alibi;
-            spec.softcap = softcap;
-            spec.write_lse = lse;
-            let warps = [1u32, 2, 4][warps_i];
-            let block_m = 16 * warps * [1u32, 2, 4][bm_i].min(4 / warps.min(4)).max(1);
-            let block_n = [16u32, 32, 64][bn_i];
-            let sched = AttentionSchedule { block_m, block_n, warps, stages: stages as u32 + 1, q_in_registers: seed % 2 == 0, skip_unit_rescale: seed % 3 == 0 };
-            let prob = Problem { batch, heads: 2 * kvg, kv_group: kvg, n_q, n_k };
-            Case { spec, sched, prob, bhnd, seed }
-        })
+        .prop_map(
+            |(
+                (d, f16, causal, window, alibi, softcap, lse),
+                (bm_i, warps_i, bn_i, stages),
+                (batch, kvg, n_q, n_k, bhnd, seed),
+            )| {
+                let mut spec = AttentionSpec::new(d, if f16 { Elem::F16 } else { Elem::Bf16 });
+                spec.causal = causal;
+                spec.window = window;
+                spec.alibi = alibi;
+                spec.softcap = softcap;
+                spec.write_lse = lse;
+                let warps = [1u32, 2, 4][warps_i];
+                let block_m = 16 * warps * [1u32, 2, 4][bm_i].min(4 / warps.min(4)).max(1);
+                let block_n = [16u32, 32, 64][bn_i];
+                let sched = AttentionSchedule {
+                    block_m,
+                    block_n,
+                    warps,
+                    stages: stages as u32 + 1,
+                    q_in_registers: seed % 2 == 0,
+                    skip_unit_rescale: seed % 3 == 0,
+                };
+                let prob = Problem {
+                    batch,
+                    heads: 2 * kvg,
+                    kv_group: kvg,
+                    n_q,
+                    n_k,
+                };
+                Case {
+                    spec,
+                    sched,
+                    prob,
+                    bhnd,
+                    seed,
+                }
+            },
+        )
 }
 
 proptest! {
@@ -105,14 +180,39 @@ proptest! {
 #[test]
 fn causal_window_ragged_fixed_cases() {
     // Hand-picked edges: tails of 1, windows smaller than a tile, N_q != N_k.
-    for (n_q, n_k, causal, window) in [(1, 1, true, None), (17, 33, true, Some(5)), (130, 65, false, Some(3)), (64, 129, true, None), (100, 100, true, Some(1))] {
+    for (n_q, n_k, causal, window) in [
+        (1, 1, true, None),
+        (17, 33, true, Some(5)),
+        (130, 65, false, Some(3)),
+        (64, 129, true, None),
+        (100, 100, true, Some(1)),
+    ] {
         let mut spec = AttentionSpec::new(64, Elem::Bf16);
         spec.causal = causal;
         spec.window = window;
         spec.write_lse = true;
-        let sched = AttentionSchedule { block_m: 64, block_n: 32, warps: 4, stages: 2, q_in_registers: true, skip_unit_rescale: false };
-        let prob = Problem { batch: 1, heads: 2, kv_group: 1, n_q, n_k };
-        let case = Case { spec, sched, prob, bhnd: false, seed: 7 };
+        let sched = AttentionSchedule {
+            block_m: 64,
+            block_n: 32,
+            warps: 4,
+            stages: 2,
+            q_in_registers: true,
+            skip_unit_rescale: false,
+        };
+        let prob = Problem {
+            batch: 1,
+            heads: 2,
+            kv_group: 1,
+            n_q,
+            n_k,
+        };
+        let case = Case {
+            spec,
+            sched,
+            prob,
+            bhnd: false,
+            seed: 7,
+        };
         if let Err(e) = check(&case) {
             panic!("{e}");
         }
@@ -122,15 +222,36 @@ fn causal_window_ragged_fixed_cases() {
 #[test]
 fn window_edges_sweep() {
     // Windows at and around tile sizes hit every off-by-one of the skip and mask rules.
-    for window in [1u32, 2, 15, 16, 17, 18, 31, 32, 33, 34, 47, 48, 49, 63, 64, 65] {
+    for window in [
+        1u32, 2, 15, 16, 17, 18, 31, 32, 33, 34, 47, 48, 49, 63, 64, 65,
+    ] {
         for causal in [false, true] {
             let mut spec = AttentionSpec::new(16, Elem::Bf16);
             spec.causal = causal;
             spec.window = Some(window);
             spec.write_lse = true;
-            let sched = AttentionSchedule { block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: true, skip_unit_rescale: false };
-            let prob = Problem { batch: 1, heads: 1, kv_group: 1, n_q: 97, n_k: 90 };
-            let case = Case { spec, sched, prob, bhnd: false, seed: window as u64 };
+            let sched = AttentionSchedule {
+                block_m: 32,
+                block_n: 16,
+                warps: 2,
+                stages: 2,
+                q_in_registers: true,
+                skip_unit_rescale: false,
+            };
+            let prob = Problem {
+                batch: 1,
+                heads: 1,
+                kv_group: 1,
+                n_q: 97,
+                n_k: 90,
+            };
+            let case = Case {
+                spec,
+                sched,
+                prob,
+                bhnd: false,
+                seed: window as u64,
+            };
             if let Err(e) = check(&case) {
                 panic!("{e}");
             }
@@ -145,9 +266,11 @@ fn skipped_tiles_really_are_skipped() {
     let m = [BandMask::causal()];
     let r = key_tile_range(&m, 128, 255, 4096, 64);
     assert_eq!((r.begin, r.end), (0, 4));
-    let masked: Vec<i64> = (r.begin..r.end).filter(|&t| key_tile_needs_mask(&m, t, 128, 255, 4096, 64)).collect();
+    let masked: Vec<i64> = (r.begin..r.end)
+        .filter(|&t| key_tile_needs_mask(&m, t, 128, 255, 4096, 64))
+        .collect();
     assert_eq!(masked, vec![2, 3]);
-    // Window of 64 keys for the same rows: keys 65..255 -> tiles 1..4, all boundary but 2? 
+    // Window of 64 keys for the same rows: keys 65..255 -> tiles 1..4, all boundary but 2?
     let w = [BandMask::causal(), BandMask::window(64)];
     let r = key_tile_range(&w, 128, 255, 4096, 64);
     assert_eq!((r.begin, r.end), (1, 4));

@@ -63,12 +63,21 @@ struct Strides {
 }
 fn strides(s: &Shape, heads: usize, d: usize) -> Strides {
     if s.bhnd {
-        Strides { sb: (heads * s.n * d) as u64, sn: d as u64, sh: (s.n * d) as u64 }
+        Strides {
+            sb: (heads * s.n * d) as u64,
+            sn: d as u64,
+            sh: (s.n * d) as u64,
+        }
     } else {
-        Strides { sb: (s.n * heads * d) as u64, sn: (heads * d) as u64, sh: d as u64 }
+        Strides {
+            sb: (s.n * heads * d) as u64,
+            sn: (heads * d) as u64,
+            sh: d as u64,
+        }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn kernel_args(
     k: &PtxKernel,
     b: &AttentionBindings,
@@ -110,10 +119,17 @@ struct HostInputs {
     v: Vec<f64>,
 }
 
-fn random_inputs(rng: &mut ChaCha8Rng, elem: Elem, s: &Shape, d: usize) -> (HostInputs, Vec<u16>, Vec<u16>, Vec<u16>) {
+fn random_inputs(
+    rng: &mut ChaCha8Rng,
+    elem: Elem,
+    s: &Shape,
+    d: usize,
+) -> (HostInputs, Vec<u16>, Vec<u16>, Vec<u16>) {
     let kvh = s.heads / s.kv_group;
     let mut gen = |count: usize| -> (Vec<f64>, Vec<u16>) {
-        let bits: Vec<u16> = (0..count).map(|_| to_bits(elem, rng.random_range(-1.0..1.0))).collect();
+        let bits: Vec<u16> = (0..count)
+            .map(|_| to_bits(elem, rng.random_range(-1.0..1.0)))
+            .collect();
         (bits.iter().map(|&b| from_bits(elem, b)).collect(), bits)
     };
     let (q, qb) = gen(s.batch * s.n * s.heads * d);
@@ -182,7 +198,11 @@ fn reference_rows(
             }
         }
         out.extend(acc);
-        lses.push(if den > 0.0 { mx + den.ln() } else { f64::NEG_INFINITY });
+        lses.push(if den > 0.0 {
+            mx + den.ln()
+        } else {
+            f64::NEG_INFINITY
+        });
     }
     (out, lses)
 }
@@ -197,7 +217,11 @@ fn build(gpu: &Gpu, spec: &AttentionSpec, sched: &AttentionSchedule) -> Result<B
     let (prog, bind) = flash_attention(spec, sched)?;
     let kernel = print_ptx(&prog, Target::Sm80)?;
     let gpu_kernel = gpu.load_ptx(&kernel.text, &kernel.entry)?;
-    Ok(Built { kernel, bind, gpu_kernel })
+    Ok(Built {
+        kernel,
+        bind,
+        gpu_kernel,
+    })
 }
 
 fn dims(k: &PtxKernel, s: &Shape) -> LaunchDims {
@@ -208,7 +232,14 @@ fn dims(k: &PtxKernel, s: &Shape) -> LaunchDims {
     }
 }
 
-fn upload_all(gpu: &Gpu, s: &Shape, d: usize, qb: &[u16], kb: &[u16], vb: &[u16]) -> Result<Device16, RuntimeError> {
+fn upload_all(
+    gpu: &Gpu,
+    s: &Shape,
+    d: usize,
+    qb: &[u16],
+    kb: &[u16],
+    vb: &[u16],
+) -> Result<Device16, RuntimeError> {
     Ok(Device16 {
         q: gpu.upload(qb)?,
         k: gpu.upload(kb)?,
@@ -216,7 +247,12 @@ fn upload_all(gpu: &Gpu, s: &Shape, d: usize, qb: &[u16], kb: &[u16], vb: &[u16]
         // Poison: all-ones bits are NaN in both bf16 and f16.
         o: gpu.filled(s.batch * s.n * s.heads * d, 0xFFFFu16)?,
         lse: gpu.filled(s.batch * s.heads * s.n, f32::NAN)?,
-        slopes: gpu.upload(&alibi_slopes(s.heads).iter().map(|&x| x as f32).collect::<Vec<_>>())?,
+        slopes: gpu.upload(
+            &alibi_slopes(s.heads)
+                .iter()
+                .map(|&x| x as f32)
+                .collect::<Vec<_>>(),
+        )?,
     })
 }
 
@@ -227,7 +263,13 @@ struct CheckResult {
     pass: bool,
 }
 
-fn run_check(gpu: &Gpu, rng: &mut ChaCha8Rng, spec: AttentionSpec, sched: AttentionSchedule, s: Shape) -> Result<CheckResult, BoxError> {
+fn run_check(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    spec: AttentionSpec,
+    sched: AttentionSchedule,
+    s: Shape,
+) -> Result<CheckResult, BoxError> {
     let d = spec.head_dim as usize;
     let built = build(gpu, &spec, &sched)?;
     let (x, qb, kb, vb) = random_inputs(rng, spec.elem, &s, d);
@@ -236,7 +278,16 @@ fn run_check(gpu: &Gpu, rng: &mut ChaCha8Rng, spec: AttentionSpec, sched: Attent
     let softcap = rng.random_range(1.0..5.0);
     let scale32 = scale as f32;
     let softcap32 = softcap as f32;
-    let args = kernel_args(&built.kernel, &built.bind, gpu, &dev, &s, d, scale32, softcap32);
+    let args = kernel_args(
+        &built.kernel,
+        &built.bind,
+        gpu,
+        &dev,
+        &s,
+        d,
+        scale32,
+        softcap32,
+    );
     gpu.launch(&built.gpu_kernel, dims(&built.kernel, &s), &args)?;
     gpu.synchronize()?;
     let o_bits = gpu.download(&dev.o)?;
@@ -256,21 +307,44 @@ fn run_check(gpu: &Gpu, rng: &mut ChaCha8Rng, spec: AttentionSpec, sched: Attent
     let mut lse_err: f64 = 0.0;
     for b in 0..s.batch {
         for h in 0..s.heads {
-            let (w, wl) = reference_rows(&spec, &s, &x, b, h, &rows, scale32 as f64, softcap32 as f64, slopes[h] as f32 as f64);
+            let (w, wl) = reference_rows(
+                &spec,
+                &s,
+                &x,
+                b,
+                h,
+                &rows,
+                scale32 as f64,
+                softcap32 as f64,
+                slopes[h] as f32 as f64,
+            );
             want.extend(w);
             for (i, &p) in rows.iter().enumerate() {
                 let off = b * sq.sb as usize + p * sq.sn as usize + h * sq.sh as usize;
                 got.extend((0..d).map(|c| from_bits(spec.elem, o_bits[off + c])));
                 if spec.write_lse {
                     let g = lse[(b * s.heads + h) * s.n + p] as f64;
-                    let e = if g.is_nan() { f64::NAN } else if g == wl[i] { 0.0 } else { (g - wl[i]).abs() / (1.0 + wl[i].abs()) };
-                    lse_err = if e.is_nan() || lse_err.is_nan() { f64::NAN } else { lse_err.max(e) };
+                    let e = if g.is_nan() {
+                        f64::NAN
+                    } else if g == wl[i] {
+                        0.0
+                    } else {
+                        (g - wl[i]).abs() / (1.0 + wl[i].abs())
+                    };
+                    lse_err = if e.is_nan() || lse_err.is_nan() {
+                        f64::NAN
+                    } else {
+                        lse_err.max(e)
+                    };
                 }
             }
         }
     }
     // Every valid output element must have been written (no poison left anywhere).
-    let unwritten = o_bits.iter().filter(|&&b| from_bits(spec.elem, b).is_nan()).count();
+    let unwritten = o_bits
+        .iter()
+        .filter(|&&b| from_bits(spec.elem, b).is_nan())
+        .count();
     let mut rel_err = relative_error(&got, &want);
     if unwritten > 0 {
         rel_err = f64::NAN;
@@ -285,7 +359,12 @@ fn run_check(gpu: &Gpu, rng: &mut ChaCha8Rng, spec: AttentionSpec, sched: Attent
         if s.bhnd { " bhnd" } else { "" }
     );
     let pass = rel_err < 2e-2 && (!spec.write_lse || lse_err < 1e-2);
-    Ok(CheckResult { name, rel_err, lse_err, pass })
+    Ok(CheckResult {
+        name,
+        rel_err,
+        lse_err,
+        pass,
+    })
 }
 
 struct BenchResult {
@@ -302,12 +381,23 @@ struct BenchResult {
     local: i32,
 }
 
-fn run_bench(gpu: &Gpu, rng: &mut ChaCha8Rng, spec: AttentionSpec, sched: AttentionSchedule, s: Shape, reps: usize) -> Result<BenchResult, BoxError> {
+fn run_bench(
+    gpu: &Gpu,
+    rng: &mut ChaCha8Rng,
+    spec: AttentionSpec,
+    sched: AttentionSchedule,
+    s: Shape,
+    reps: usize,
+) -> Result<BenchResult, BoxError> {
     let d = spec.head_dim as usize;
     let built = build(gpu, &spec, &sched)?;
     let res = built.gpu_kernel.resources()?;
     let kvh = s.heads / s.kv_group;
-    let mut gen = |count: usize| -> Vec<u16> { (0..count).map(|_| to_bits(spec.elem, rng.random_range(-1.0..1.0))).collect() };
+    let mut gen = |count: usize| -> Vec<u16> {
+        (0..count)
+            .map(|_| to_bits(spec.elem, rng.random_range(-1.0..1.0)))
+            .collect()
+    };
     let qb = gen(s.batch * s.n * s.heads * d);
     let kb = gen(s.batch * s.n * kvh * d);
     let vb = gen(s.batch * s.n * kvh * d);
@@ -319,7 +409,11 @@ fn run_bench(gpu: &Gpu, rng: &mut ChaCha8Rng, spec: AttentionSpec, sched: Attent
     // The timed runs must also have produced finite output.
     let o = gpu.download(&dev.o)?;
     if o.iter().any(|&b| from_bits(spec.elem, b).is_nan()) {
-        return Err(format!("benchmark output of {} has NaN/unwritten elements", built.kernel.entry).into());
+        return Err(format!(
+            "benchmark output of {} has NaN/unwritten elements",
+            built.kernel.entry
+        )
+        .into());
     }
     let mut flops = 4.0 * s.batch as f64 * s.heads as f64 * (s.n as f64).powi(2) * d as f64;
     if spec.causal {
@@ -350,7 +444,10 @@ fn main() {
 fn real_main() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let has = |f: &str| args.iter().any(|a| a == f);
-    let num = |key: &str| args.iter().find_map(|a| a.strip_prefix(key).and_then(|v| v.parse::<u32>().ok()));
+    let num = |key: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(key).and_then(|v| v.parse::<u32>().ok()))
+    };
     let gpu = match Gpu::open(0) {
         Ok(g) => g,
         Err(RuntimeError::GpuUnavailable { reason }) => {
@@ -361,7 +458,10 @@ fn real_main() -> Result<(), BoxError> {
     };
     let device = gpu.name()?;
     let (cc_major, cc_minor) = gpu.compute_capability()?;
-    println!("device: {device} (sm_{cc_major}{cc_minor}, {} SMs)", gpu.multiprocessor_count()?);
+    println!(
+        "device: {device} (sm_{cc_major}{cc_minor}, {} SMs)",
+        gpu.multiprocessor_count()?
+    );
     let override_sched = |mut s: AttentionSchedule| {
         if let Some(v) = num("bm=") {
             s.block_m = v;
@@ -386,7 +486,12 @@ fn real_main() -> Result<(), BoxError> {
         }
         s
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1),
+    );
     let mut json = String::from("{\n");
     let _ = writeln!(json, "  \"device\": \"{device}\",\n  \"checks\": [");
     let mut all_pass = true;
@@ -403,7 +508,16 @@ fn real_main() -> Result<(), BoxError> {
                         sp.causal = causal;
                         sp.write_lse = n == 1000;
                         let batch = if n >= 4096 { 1 } else { 2 };
-                        cfgs.push((sp, Shape { batch, heads: 2, kv_group: 1, n, bhnd: false }));
+                        cfgs.push((
+                            sp,
+                            Shape {
+                                batch,
+                                heads: 2,
+                                kv_group: 1,
+                                n,
+                                bhnd: false,
+                            },
+                        ));
                     }
                 }
             }
@@ -413,27 +527,75 @@ fn real_main() -> Result<(), BoxError> {
             let mut sp = AttentionSpec::new(d, Elem::Bf16);
             sp.causal = true;
             sp.window = Some(200);
-            cfgs.push((sp, Shape { batch: 1, heads: 2, kv_group: 1, n: 1000, bhnd: false }));
+            cfgs.push((
+                sp,
+                Shape {
+                    batch: 1,
+                    heads: 2,
+                    kv_group: 1,
+                    n: 1000,
+                    bhnd: false,
+                },
+            ));
             let mut sp = AttentionSpec::new(d, Elem::Bf16);
             sp.alibi = true;
             sp.causal = d == 128;
             sp.write_lse = true;
-            cfgs.push((sp, Shape { batch: 1, heads: 4, kv_group: 1, n: 1000, bhnd: false }));
+            cfgs.push((
+                sp,
+                Shape {
+                    batch: 1,
+                    heads: 4,
+                    kv_group: 1,
+                    n: 1000,
+                    bhnd: false,
+                },
+            ));
             let mut sp = AttentionSpec::new(d, Elem::F16);
             sp.softcap = true;
             sp.causal = d == 64;
-            cfgs.push((sp, Shape { batch: 1, heads: 2, kv_group: 1, n: 1000, bhnd: false }));
+            cfgs.push((
+                sp,
+                Shape {
+                    batch: 1,
+                    heads: 2,
+                    kv_group: 1,
+                    n: 1000,
+                    bhnd: false,
+                },
+            ));
             let mut sp = AttentionSpec::new(d, Elem::Bf16);
             sp.causal = true;
             sp.window = Some(64);
             sp.alibi = true;
             sp.softcap = true;
             sp.write_lse = true;
-            cfgs.push((sp, Shape { batch: 2, heads: 4, kv_group: 2, n: 333, bhnd: true }));
+            cfgs.push((
+                sp,
+                Shape {
+                    batch: 2,
+                    heads: 4,
+                    kv_group: 2,
+                    n: 333,
+                    bhnd: true,
+                },
+            ));
             let sp = AttentionSpec::new(d, Elem::Bf16);
-            cfgs.push((sp, Shape { batch: 1, heads: 4, kv_group: 4, n: 77, bhnd: true }));
+            cfgs.push((
+                sp,
+                Shape {
+                    batch: 1,
+                    heads: 4,
+                    kv_group: 4,
+                    n: 77,
+                    bhnd: true,
+                },
+            ));
         }
-        println!("{:<70} {:>10} {:>10}  result", "check", "rel_err", "lse_err");
+        println!(
+            "{:<70} {:>10} {:>10}  result",
+            "check", "rel_err", "lse_err"
+        );
         let mut first = true;
         for (spec, shape) in cfgs {
             let sched = override_sched(AttentionSchedule::default_for(&spec));
@@ -453,13 +615,24 @@ fn real_main() -> Result<(), BoxError> {
                 "{}    {{\"name\": \"{}\", \"rel_err\": {}, \"lse_err\": {}, \"pass\": {}}}",
                 if first { "" } else { ",\n" },
                 r.name,
-                if r.rel_err.is_finite() { format!("{:e}", r.rel_err) } else { "null".into() },
-                if r.lse_err.is_finite() { format!("{:e}", r.lse_err) } else { "null".into() },
+                if r.rel_err.is_finite() {
+                    format!("{:e}", r.rel_err)
+                } else {
+                    "null".into()
+                },
+                if r.lse_err.is_finite() {
+                    format!("{:e}", r.lse_err)
+                } else {
+                    "null".into()
+                },
                 r.pass
             );
             first = false;
         }
-        println!("checks: {}", if all_pass { "ALL PASS" } else { "SOME FAILED" });
+        println!(
+            "checks: {}",
+            if all_pass { "ALL PASS" } else { "SOME FAILED" }
+        );
     }
     let _ = writeln!(json, "\n  ],\n  \"bench\": [");
     if !has("--check-only") {
@@ -478,7 +651,13 @@ fn real_main() -> Result<(), BoxError> {
                     let mut spec = AttentionSpec::new(d, Elem::Bf16);
                     spec.causal = causal;
                     let sched = override_sched(AttentionSchedule::default_for(&spec));
-                    let s = Shape { batch: 16384 / n, heads, kv_group: 1, n, bhnd: false };
+                    let s = Shape {
+                        batch: 16384 / n,
+                        heads,
+                        kv_group: 1,
+                        n,
+                        bhnd: false,
+                    };
                     let r = run_bench(&gpu, &mut rng, spec, sched, s, reps)?;
                     println!(
                         "bench d={} n={} B={} H={} causal={}: {:.3} ms (min {:.3}, max {:.3}) {:.1} TFLOP/s  [{} regs, {} B local, {:?}]",

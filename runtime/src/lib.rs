@@ -152,7 +152,10 @@ impl Kernel {
         Ok(KernelResources {
             registers: drv("reading NUM_REGS", self.function.num_regs())?,
             local_bytes: drv("reading LOCAL_SIZE_BYTES", self.function.local_size_bytes())?,
-            static_shared_bytes: drv("reading SHARED_SIZE_BYTES", self.function.shared_size_bytes())?,
+            static_shared_bytes: drv(
+                "reading SHARED_SIZE_BYTES",
+                self.function.shared_size_bytes(),
+            )?,
             max_threads_per_block: drv(
                 "reading MAX_THREADS_PER_BLOCK",
                 self.function.max_threads_per_block(),
@@ -221,7 +224,10 @@ impl Gpu {
         drv("reading the device name", self.ctx.name())
     }
     pub fn compute_capability(&self) -> Result<(i32, i32)> {
-        drv("reading the compute capability", self.ctx.compute_capability())
+        drv(
+            "reading the compute capability",
+            self.ctx.compute_capability(),
+        )
     }
     pub fn multiprocessor_count(&self) -> Result<i32> {
         drv(

@@ -307,7 +307,10 @@ impl<'a> Printer<'a> {
         let tig = self.named(".b32", "tig");
         self.ins(format!("and.b32 {tig}, {lane}, 3;"));
         // Query tile: with masks the heaviest tiles (the last ones) go first.
-        let has_masks = prog.body.iter().any(|s| matches!(s, Stmt::KeyLoop { masks, .. } if !masks.is_empty()));
+        let has_masks = prog
+            .body
+            .iter()
+            .any(|s| matches!(s, Stmt::KeyLoop { masks, .. } if !masks.is_empty()));
         let qtile = self.named(".b32", "qtile");
         if has_masks {
             let n = self.r();
@@ -320,7 +323,10 @@ impl<'a> Printer<'a> {
             self.ins(format!("mov.u32 {qtile}, %ctaid.x;"));
         }
         let p0 = self.named(".b32", "qrow0");
-        self.ins(format!("mul.lo.u32 {p0}, {qtile}, {};", prog.schedule.block_m));
+        self.ins(format!(
+            "mul.lo.u32 {p0}, {qtile}, {};",
+            prog.schedule.block_m
+        ));
         let bh = self.r();
         self.ins(format!("mov.u32 {bh}, %ctaid.y;"));
         let b = self.named(".b32", "bidx");
@@ -336,7 +342,10 @@ impl<'a> Printer<'a> {
         self.ins(format!("sub.s32 {plast}, {plast}, 1;"));
         // This thread's first row: p0 + warp * rpw + g.
         let prow = self.named(".b32", "prow0");
-        self.ins(format!("mad.lo.u32 {prow}, {warp}, {}, {p0};", prog.rows_per_warp()));
+        self.ins(format!(
+            "mad.lo.u32 {prow}, {warp}, {}, {p0};",
+            prog.rows_per_warp()
+        ));
         self.ins(format!("add.u32 {prow}, {prow}, {g};"));
         // Head parameters for this head.
         for i in 0..prog.head_params.len() {
@@ -349,7 +358,11 @@ impl<'a> Printer<'a> {
         // Tensor bases (batch, head applied) and row strides in bytes.
         for (i, t) in prog.tensors.iter().enumerate() {
             let eb = t.elem.bytes();
-            let head = if t.rows == SeqRank::Query { "%hidx" } else { "%hkidx" };
+            let head = if t.rows == SeqRank::Query {
+                "%hidx"
+            } else {
+                "%hkidx"
+            };
             let bb = self.rd();
             let hh = self.rd();
             self.ins(format!("cvt.u64.u32 {bb}, %bidx;"));
@@ -415,9 +428,18 @@ impl<'a> Printer<'a> {
     /// Offset register (base + lane row * row bytes + swizzle) for an ldmatrix of pattern
     /// `pat` on a tile with `row_bytes`, for chunk pair starting at `e`; returns
     /// `(register, immediate)`.
-    fn ldm_addr(&mut self, base: &str, pat: &str, row_bytes: u32, block_row: u32, e: u32) -> (String, u32) {
+    fn ldm_addr(
+        &mut self,
+        base: &str,
+        pat: &str,
+        row_bytes: u32,
+        block_row: u32,
+        e: u32,
+    ) -> (String, u32) {
         let a = self.r();
-        self.ins(format!("mad.lo.u32 {a}, %lm{pat}_row, {row_bytes}, {base};"));
+        self.ins(format!(
+            "mad.lo.u32 {a}, %lm{pat}_row, {row_bytes}, {base};"
+        ));
         self.ins(format!("add.u32 {a}, {a}, %lm{pat}_sw{};", (e & 7) / 2));
         (a, block_row * row_bytes + (e & !7) * 16)
     }
@@ -438,7 +460,11 @@ impl<'a> Printer<'a> {
                     // Streamed tiles are issued by the key loop's ring.
                     return Ok(());
                 }
-                self.comment(format!("load {} <- {}", prog.shared[dst.index()].name, prog.tensors[src.index()].name));
+                self.comment(format!(
+                    "load {} <- {}",
+                    prog.shared[dst.index()].name,
+                    prog.tensors[src.index()].name
+                ));
                 let base = self.smem_base[dst.index()].clone();
                 self.emit_load_issue(*dst, *src, "%qrow0", &base)?;
                 self.ins("cp.async.commit_group;");
@@ -471,11 +497,15 @@ impl<'a> Printer<'a> {
                 let rb = t.cols * 2;
                 let wbase = self.r();
                 let sb = self.smem_base[src.index()].clone();
-                self.ins(format!("mad.lo.u32 {wbase}, %warp, {}, {sb};", prog.rows_per_warp() * rb));
+                self.ins(format!(
+                    "mad.lo.u32 {wbase}, %warp, {}, {sb};",
+                    prog.rows_per_warp() * rb
+                ));
                 for mt in 0..self.mtiles {
                     for ks in 0..t.cols / 16 {
                         let (a, imm) = self.ldm_addr(&wbase, "A", rb, mt * 16, 2 * ks);
-                        let regs: Vec<String> = (0..4).map(|i| self.afrag_reg(*dst, mt, ks, i)).collect();
+                        let regs: Vec<String> =
+                            (0..4).map(|i| self.afrag_reg(*dst, mt, ks, i)).collect();
                         self.ins(format!(
                             "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}}}, [{a}+{imm}];",
                             regs.join(", ")
@@ -483,7 +513,12 @@ impl<'a> Printer<'a> {
                     }
                 }
             }
-            Stmt::Contract { acc, a, b, b_layout } => self.emit_contract(*acc, *a, *b, *b_layout)?,
+            Stmt::Contract {
+                acc,
+                a,
+                b,
+                b_layout,
+            } => self.emit_contract(*acc, *a, *b, *b_layout)?,
             Stmt::Map { dst, expr } => {
                 let cols = prog.regs[dst.index()].cols;
                 // `dst = dst * row` (the online-softmax rescale) is skipped when every row
@@ -508,7 +543,9 @@ impl<'a> Printer<'a> {
                                     continue;
                                 }
                                 let rr = self.row_reg(r, mt, half);
-                                self.ins(format!("setp.eq.and.f32 {all_one}, {rr}, 0f3F800000, {all_one};"));
+                                self.ins(format!(
+                                    "setp.eq.and.f32 {all_one}, {rr}, 0f3F800000, {all_one};"
+                                ));
                             }
                         }
                         self.ins(format!("vote.sync.all.pred {all_one}, {all_one}, -1;"));
@@ -537,7 +574,8 @@ impl<'a> Printer<'a> {
                 }
             }
             Stmt::Mask { dst, fill } => {
-                let lp = lp.ok_or_else(|| TileError::Invalid("Mask outside the key loop".into()))?;
+                let lp =
+                    lp.ok_or_else(|| TileError::Invalid("Mask outside the key loop".into()))?;
                 let skip = self.label("nomask");
                 self.ins(format!("@!%needmask bra.uni {skip};"));
                 let cols = prog.regs[dst.index()].cols;
@@ -623,7 +661,11 @@ impl<'a> Printer<'a> {
             Stmt::RowMap { dst, expr } => {
                 for mt in 0..self.mtiles {
                     for half in 0..2 {
-                        let ctx = ElemCtx { mt, half, col: None };
+                        let ctx = ElemCtx {
+                            mt,
+                            half,
+                            col: None,
+                        };
                         let v = self.emit_expr(expr, &ctx)?;
                         let r = self.row_reg(*dst, mt, half);
                         self.ins(format!("mov.f32 {r}, {v};"));
@@ -651,7 +693,11 @@ impl<'a> Printer<'a> {
                     }
                 }
             }
-            Stmt::KeyLoop { block_n, masks, body } => self.emit_key_loop(*block_n, masks, body)?,
+            Stmt::KeyLoop {
+                block_n,
+                masks,
+                body,
+            } => self.emit_key_loop(*block_n, masks, body)?,
             Stmt::Store { src, dst } => {
                 let t = &prog.tensors[dst.index()];
                 let ty = Self::mma_type(t.elem)?;
@@ -675,7 +721,10 @@ impl<'a> Printer<'a> {
                             let hi = self.acc_reg(*src, mt, nt, half * 2 + 1);
                             let pk = self.r();
                             self.ins(format!("cvt.rn.{ty}x2.f32 {pk}, {hi}, {lo};"));
-                            self.ins(format!("@{ok} st.global.b32 [{addr}+{}], {pk};", nt * 8 * t.elem.bytes()));
+                            self.ins(format!(
+                                "@{ok} st.global.b32 [{addr}+{}], {pk};",
+                                nt * 8 * t.elem.bytes()
+                            ));
                         }
                     }
                 }
@@ -704,12 +753,21 @@ impl<'a> Printer<'a> {
     }
 
     /// Issues the cp.async copies of one tile (no commit). `origin` holds the first row.
-    fn emit_load_issue(&mut self, dst: SharedId, src: TensorId, origin: &str, smem: &str) -> Result<(), TileError> {
+    fn emit_load_issue(
+        &mut self,
+        dst: SharedId,
+        src: TensorId,
+        origin: &str,
+        smem: &str,
+    ) -> Result<(), TileError> {
         let prog = self.prog;
         let t = &prog.shared[dst.index()];
         let threads = prog.threads();
         let chunks = t.cols * t.elem.bytes() / 16;
-        if threads % chunks != 0 || (threads / chunks) % 8 != 0 || (t.rows * chunks) % threads != 0 {
+        if !threads.is_multiple_of(chunks)
+            || !(threads / chunks).is_multiple_of(8)
+            || !(t.rows * chunks).is_multiple_of(threads)
+        {
             return unsupported(format!(
                 "tile {}: {threads} threads cannot copy {chunks}-chunk rows with a fixed swizzle",
                 t.name
@@ -718,11 +776,18 @@ impl<'a> Printer<'a> {
         let rows_per_iter = threads / chunks;
         let iters = t.rows * chunks / threads;
         let row_bytes = t.cols * t.elem.bytes();
-        let n = if t.rank == SeqRank::Query { "%nq" } else { "%nk" };
+        let n = if t.rank == SeqRank::Query {
+            "%nq"
+        } else {
+            "%nk"
+        };
         // Thread's row within an iteration and its chunk.
         let trow = self.r();
         let tch = self.r();
-        self.ins(format!("shr.u32 {trow}, %thr, {};", chunks.trailing_zeros()));
+        self.ins(format!(
+            "shr.u32 {trow}, %thr, {};",
+            chunks.trailing_zeros()
+        ));
         self.ins(format!("and.b32 {tch}, %thr, {};", chunks - 1));
         // Shared: row * row_bytes + ((chunk ^ (row & 7)) * 16).
         let s = self.r();
@@ -743,7 +808,10 @@ impl<'a> Printer<'a> {
         self.ins(format!("mul.wide.u32 {tmp}, {tch}, 16;"));
         self.ins(format!("add.u64 {gaddr}, {gaddr}, {tmp};"));
         let step = self.rd();
-        self.ins(format!("mul.lo.u64 {step}, %rsb{}, {rows_per_iter};", src.0));
+        self.ins(format!(
+            "mul.lo.u64 {step}, %rsb{}, {rows_per_iter};",
+            src.0
+        ));
         for i in 0..iters {
             let row = self.r();
             self.ins(format!("add.s32 {row}, {row0}, {};", i * rows_per_iter));
@@ -767,7 +835,13 @@ impl<'a> Printer<'a> {
         Ok(())
     }
 
-    fn emit_contract(&mut self, acc: RegId, a: AOperand, b: SharedId, layout: BLayout) -> Result<(), TileError> {
+    fn emit_contract(
+        &mut self,
+        acc: RegId,
+        a: AOperand,
+        b: SharedId,
+        layout: BLayout,
+    ) -> Result<(), TileError> {
         let prog = self.prog;
         let acc_t = &prog.regs[acc.index()];
         let bt = &prog.shared[b.index()];
@@ -786,7 +860,10 @@ impl<'a> Printer<'a> {
                 let t = &prog.shared[id.index()];
                 let wbase = self.r();
                 let sb = self.smem_base[id.index()].clone();
-                self.ins(format!("mad.lo.u32 {wbase}, %warp, {}, {sb};", prog.rows_per_warp() * t.cols * 2));
+                self.ins(format!(
+                    "mad.lo.u32 {wbase}, %warp, {}, {sb};",
+                    prog.rows_per_warp() * t.cols * 2
+                ));
                 Some((wbase, t.cols * 2))
             }
             AOperand::Reg(_) => None,
@@ -796,9 +873,13 @@ impl<'a> Printer<'a> {
             let mut afr: Vec<Vec<String>> = Vec::new();
             for mt in 0..self.mtiles {
                 match a {
-                    AOperand::Reg(id) => afr.push((0..4).map(|i| self.afrag_reg(id, mt, ks, i)).collect()),
+                    AOperand::Reg(id) => {
+                        afr.push((0..4).map(|i| self.afrag_reg(id, mt, ks, i)).collect())
+                    }
                     AOperand::Shared(_) => {
-                        let (wbase, rb) = a_wbase.clone().ok_or_else(|| TileError::Invalid("no A base".into()))?;
+                        let (wbase, rb) = a_wbase
+                            .clone()
+                            .ok_or_else(|| TileError::Invalid("no A base".into()))?;
                         let (addr, imm) = self.ldm_addr(&wbase, "A", rb, mt * 16, 2 * ks);
                         let regs: Vec<String> = (0..4).map(|_| self.r()).collect();
                         self.ins(format!(
@@ -832,7 +913,9 @@ impl<'a> Printer<'a> {
                 for (mt, af) in afr.iter().enumerate() {
                     for half in 0..2u32 {
                         let nt = 2 * nj + half;
-                        let c: Vec<String> = (0..4).map(|e| self.acc_reg(acc, mt as u32, nt, e)).collect();
+                        let c: Vec<String> = (0..4)
+                            .map(|e| self.acc_reg(acc, mt as u32, nt, e))
+                            .collect();
                         let b0 = &bregs[(2 * half) as usize];
                         let b1 = &bregs[(2 * half + 1) as usize];
                         self.ins(format!(
@@ -847,7 +930,12 @@ impl<'a> Printer<'a> {
         Ok(())
     }
 
-    fn emit_key_loop(&mut self, block_n: u32, masks: &[BandMask], body: &[Stmt]) -> Result<(), TileError> {
+    fn emit_key_loop(
+        &mut self,
+        block_n: u32,
+        masks: &[BandMask],
+        body: &[Stmt],
+    ) -> Result<(), TileError> {
         let prog = self.prog;
         let stages = prog.schedule.stages;
         self.comment(format!("key loop: tiles of {block_n}, {stages} stages"));
@@ -887,7 +975,10 @@ impl<'a> Printer<'a> {
                 _ => None,
             })
             .collect();
-        let ring_base: Vec<String> = streams.iter().map(|(d, _)| self.smem_base[d.index()].clone()).collect();
+        let ring_base: Vec<String> = streams
+            .iter()
+            .map(|(d, _)| self.smem_base[d.index()].clone())
+            .collect();
         let stage_bytes: Vec<u32> = streams
             .iter()
             .map(|(d, _)| {
@@ -907,7 +998,10 @@ impl<'a> Printer<'a> {
             p.ins(format!("mul.lo.s32 {origin}, {origin}, {block_n};"));
             for (i, (dst, src)) in streams.iter().enumerate() {
                 let sb = p.r();
-                p.ins(format!("mad.lo.u32 {sb}, {stage_reg}, {}, {};", stage_bytes[i], ring_base[i]));
+                p.ins(format!(
+                    "mad.lo.u32 {sb}, {stage_reg}, {}, {};",
+                    stage_bytes[i], ring_base[i]
+                ));
                 p.emit_load_issue(*dst, *src, &origin, &sb)?;
             }
             p.body.push_str(&format!("{skip}:\n"));
@@ -944,10 +1038,16 @@ impl<'a> Printer<'a> {
         let korg = self.r();
         self.ins(format!("add.s32 {korg}, %tbegin, {it};"));
         self.ins(format!("mul.lo.s32 {korg}, {korg}, {block_n};"));
-        let saved: Vec<String> = streams.iter().map(|(d, _)| self.smem_base[d.index()].clone()).collect();
+        let saved: Vec<String> = streams
+            .iter()
+            .map(|(d, _)| self.smem_base[d.index()].clone())
+            .collect();
         for (i, (dst, _)) in streams.iter().enumerate() {
             let sb = self.r();
-            self.ins(format!("mad.lo.u32 {sb}, {cur}, {}, {};", stage_bytes[i], ring_base[i]));
+            self.ins(format!(
+                "mad.lo.u32 {sb}, {cur}, {}, {};",
+                stage_bytes[i], ring_base[i]
+            ));
             self.smem_base[dst.index()] = sb;
         }
         // Boundary tile? key tail, or a band edge crossing the tile.
@@ -960,12 +1060,18 @@ impl<'a> Printer<'a> {
                 BandDirection::KeyMinusQuery => {
                     // korg + block_n - 1 - p0 > bound
                     self.ins(format!("sub.s32 {x}, {korg}, %qrow0;"));
-                    self.ins(format!("setp.gt.or.s32 {needmask}, {x}, {}, {needmask};", m.bound - block_n as i64 + 1));
+                    self.ins(format!(
+                        "setp.gt.or.s32 {needmask}, {x}, {}, {needmask};",
+                        m.bound - block_n as i64 + 1
+                    ));
                 }
                 BandDirection::QueryMinusKey => {
                     // p_last - korg > bound
                     self.ins(format!("sub.s32 {x}, %plast, {korg};"));
-                    self.ins(format!("setp.gt.or.s32 {needmask}, {x}, {}, {needmask};", m.bound));
+                    self.ins(format!(
+                        "setp.gt.or.s32 {needmask}, {x}, {}, {needmask};",
+                        m.bound
+                    ));
                 }
             }
         }
@@ -1021,7 +1127,9 @@ impl<'a> Printer<'a> {
 
     fn emit_expr_inner(&mut self, e: &ScalarExpr, ctx: &ElemCtx) -> Result<String, TileError> {
         Ok(match e {
-            ScalarExpr::Lit(_) | ScalarExpr::Scalar(_) | ScalarExpr::Head(_) => self.emit_expr(e, ctx)?,
+            ScalarExpr::Lit(_) | ScalarExpr::Scalar(_) | ScalarExpr::Head(_) => {
+                self.emit_expr(e, ctx)?
+            }
             ScalarExpr::Index(SeqRank::Query) => format!("%pf_{}_{}", ctx.mt, ctx.half),
             ScalarExpr::Index(SeqRank::Key) => {
                 let (nt, lo) = ctx
@@ -1031,7 +1139,10 @@ impl<'a> Printer<'a> {
                     return Err(TileError::Invalid("key index outside the key loop".into()));
                 }
                 let t = self.f();
-                self.ins(format!("add.f32 {t}, %kf, {};", f32_lit((nt * 8 + lo) as f64)));
+                self.ins(format!(
+                    "add.f32 {t}, %kf, {};",
+                    f32_lit((nt * 8 + lo) as f64)
+                ));
                 t
             }
             ScalarExpr::Elem(id) => {
@@ -1048,14 +1159,20 @@ impl<'a> Printer<'a> {
                     UnaryOp::Neg => self.ins(format!("neg.f32 {t}, {a};")),
                     UnaryOp::Exp => {
                         let s = self.f();
-                        self.ins(format!("mul.f32 {s}, {a}, {};", f32_lit(std::f64::consts::LOG2_E)));
+                        self.ins(format!(
+                            "mul.f32 {s}, {a}, {};",
+                            f32_lit(std::f64::consts::LOG2_E)
+                        ));
                         self.ins(format!("ex2.approx.ftz.f32 {t}, {s};"));
                     }
                     UnaryOp::Exp2 => self.ins(format!("ex2.approx.ftz.f32 {t}, {a};")),
                     UnaryOp::Log => {
                         let s = self.f();
                         self.ins(format!("lg2.approx.ftz.f32 {s}, {a};"));
-                        self.ins(format!("mul.f32 {t}, {s}, {};", f32_lit(std::f64::consts::LN_2)));
+                        self.ins(format!(
+                            "mul.f32 {t}, {s}, {};",
+                            f32_lit(std::f64::consts::LN_2)
+                        ));
                     }
                     UnaryOp::Log2 => self.ins(format!("lg2.approx.ftz.f32 {t}, {a};")),
                     UnaryOp::Sqrt => self.ins(format!("sqrt.rn.f32 {t}, {a};")),
@@ -1110,7 +1227,11 @@ impl<'a> Printer<'a> {
     fn finish(&mut self, target: Target) -> String {
         let prog = self.prog;
         let mut s = String::new();
-        let _ = writeln!(s, "// Generated by einattn-backends from tile program `{}`.", prog.name);
+        let _ = writeln!(
+            s,
+            "// Generated by einattn-backends from tile program `{}`.",
+            prog.name
+        );
         let _ = writeln!(
             s,
             "// block_m={} warps={} stages={} dynamic smem={} bytes",

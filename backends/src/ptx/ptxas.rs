@@ -24,7 +24,9 @@ impl PtxasReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PtxasError {
-    #[error("ptxas not found (set EINATTN_PTXAS, put it on PATH, or `pip install nvidia-cuda-nvcc`)")]
+    #[error(
+        "ptxas not found (set EINATTN_PTXAS, put it on PATH, or `pip install nvidia-cuda-nvcc`)"
+    )]
     NotFound,
     #[error("running ptxas failed: {0}")]
     Io(#[from] std::io::Error),
@@ -61,7 +63,10 @@ pub fn find_ptxas() -> Option<PathBuf> {
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines().next().map(|l| PathBuf::from(l.trim())).filter(|p| p.is_file())
+    text.lines()
+        .next()
+        .map(|l| PathBuf::from(l.trim()))
+        .filter(|p| p.is_file())
 }
 
 /// Assembles `ptx` for `arch` (`sm_80`, `sm_90a`) with `-v` and parses the report.
@@ -79,7 +84,11 @@ pub fn assemble(ptxas: &Path, ptx: &str, arch: &str) -> Result<PtxasReport, Ptxa
         .arg(&obj)
         .arg(&src)
         .output()?;
-    let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _ = std::fs::remove_file(&src);
     let _ = std::fs::remove_file(&obj);
     if !out.status.success() {

@@ -140,10 +140,14 @@ pub fn flash_attention(
     sched: &AttentionSchedule,
 ) -> Result<(TileProgram, AttentionBindings), TileError> {
     if spec.elem == Elem::F32 {
-        return Err(TileError::Unsupported("attention inputs must be bf16 or f16".into()));
+        return Err(TileError::Unsupported(
+            "attention inputs must be bf16 or f16".into(),
+        ));
     }
-    if spec.head_dim % 16 != 0 || spec.head_dim == 0 {
-        return Err(TileError::Unsupported("head_dim must be a multiple of 16".into()));
+    if !spec.head_dim.is_multiple_of(16) || spec.head_dim == 0 {
+        return Err(TileError::Unsupported(
+            "head_dim must be a multiple of 16".into(),
+        ));
     }
     let d = spec.head_dim;
     let mut p = TileProgram {
@@ -181,10 +185,14 @@ pub fn flash_attention(
         p.row_outputs.push(RowOutput { name: "lse".into() });
         RowOutputId(0)
     });
-    p.scalars.push(ScalarParam { name: "scale".into() });
+    p.scalars.push(ScalarParam {
+        name: "scale".into(),
+    });
     let scale = ScalarId(0);
     let softcap = spec.softcap.then(|| {
-        p.scalars.push(ScalarParam { name: "softcap".into() });
+        p.scalars.push(ScalarParam {
+            name: "softcap".into(),
+        });
         ScalarId(1)
     });
     let alibi_slopes = spec.alibi.then(|| {
@@ -216,12 +224,30 @@ pub fn flash_attention(
         });
         RegId(p.regs.len() as u32 - 1)
     };
-    let s = reg(&mut p, "s", sched.block_n, ColRank::Key, RegKind::Accumulator);
-    let pf = reg(&mut p, "p", sched.block_n, ColRank::Key, RegKind::AOperand(spec.elem));
+    let s = reg(
+        &mut p,
+        "s",
+        sched.block_n,
+        ColRank::Key,
+        RegKind::Accumulator,
+    );
+    let pf = reg(
+        &mut p,
+        "p",
+        sched.block_n,
+        ColRank::Key,
+        RegKind::AOperand(spec.elem),
+    );
     let acc = reg(&mut p, "acc", d, ColRank::HeadDim, RegKind::Accumulator);
-    let q_frag = sched
-        .q_in_registers
-        .then(|| reg(&mut p, "q_frag", d, ColRank::HeadDim, RegKind::AOperand(spec.elem)));
+    let q_frag = sched.q_in_registers.then(|| {
+        reg(
+            &mut p,
+            "q_frag",
+            d,
+            ColRank::HeadDim,
+            RegKind::AOperand(spec.elem),
+        )
+    });
     let new_row = |p: &mut TileProgram, name: &str| {
         p.rows.push(RowVec { name: name.into() });
         RowId(p.rows.len() as u32 - 1)
@@ -246,12 +272,18 @@ pub fn flash_attention(
         }
         None => AOperand::Shared(q_s),
     };
-    body.push(Stmt::Fill { dst: acc, value: 0.0 });
+    body.push(Stmt::Fill {
+        dst: acc,
+        value: 0.0,
+    });
     body.push(Stmt::FillRow {
         dst: m_run,
         value: f64::NEG_INFINITY,
     });
-    body.push(Stmt::FillRow { dst: l_run, value: 0.0 });
+    body.push(Stmt::FillRow {
+        dst: l_run,
+        value: 0.0,
+    });
 
     let mut lp = vec![
         Stmt::LoadTile { dst: k_s, src: k },
@@ -291,7 +323,10 @@ pub fn flash_attention(
         if let Some(slopes) = alibi_slopes {
             x = add(
                 x,
-                mul(head(slopes), sub(index(SeqRank::Key), index(SeqRank::Query))),
+                mul(
+                    head(slopes),
+                    sub(index(SeqRank::Key), index(SeqRank::Query)),
+                ),
             );
         }
         lp.push(Stmt::Map {

@@ -96,7 +96,7 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
     {
         return invalid("bindings do not match the program's parameters");
     }
-    if prob.kv_group == 0 || prob.heads % prob.kv_group != 0 {
+    if prob.kv_group == 0 || !prob.heads.is_multiple_of(prob.kv_group) {
         return invalid("heads must be a multiple of kv_group");
     }
     for hp in &io.head_params {
@@ -134,8 +134,16 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
                     h,
                     p0: qt * bm,
                     key_origin: 0,
-                    shared: prog.shared.iter().map(|t| vec![0.0; (t.rows * t.cols) as usize]).collect(),
-                    regs: prog.regs.iter().map(|t| vec![f64::NAN; bm * t.cols as usize]).collect(),
+                    shared: prog
+                        .shared
+                        .iter()
+                        .map(|t| vec![0.0; (t.rows * t.cols) as usize])
+                        .collect(),
+                    regs: prog
+                        .regs
+                        .iter()
+                        .map(|t| vec![f64::NAN; bm * t.cols as usize])
+                        .collect(),
                     rows: prog.rows.iter().map(|_| vec![f64::NAN; bm]).collect(),
                 };
                 cta.exec_block(&prog.body, io, None)?;
@@ -163,7 +171,12 @@ impl Cta<'_> {
         (self.p0 + self.prog.schedule.block_m as usize).min(self.prob.n_q) - 1
     }
 
-    fn exec_block(&mut self, body: &[Stmt], io: &mut Bindings, lp: Option<&LoopCtx>) -> Result<(), TileError> {
+    fn exec_block(
+        &mut self,
+        body: &[Stmt],
+        io: &mut Bindings,
+        lp: Option<&LoopCtx>,
+    ) -> Result<(), TileError> {
         let bm = self.prog.schedule.block_m as usize;
         for st in body {
             match st {
@@ -181,7 +194,8 @@ impl Cta<'_> {
                     for r in 0..decl.rows as usize {
                         for c in 0..cols {
                             tile[r * cols + c] = if origin + r < n {
-                                decl.elem.round(t.data[t.offset(self.b, origin + r, head) + c])
+                                decl.elem
+                                    .round(t.data[t.offset(self.b, origin + r, head) + c])
                             } else {
                                 0.0
                             };
@@ -195,15 +209,29 @@ impl Cta<'_> {
                         RegKind::AOperand(e) => e,
                         RegKind::Accumulator => return invalid("Fragments into f32"),
                     };
-                    let vals: Vec<f64> = self.shared[src.index()].iter().map(|&x| elem.round(x)).collect();
+                    let vals: Vec<f64> = self.shared[src.index()]
+                        .iter()
+                        .map(|&x| elem.round(x))
+                        .collect();
                     self.regs[dst.index()] = vals;
                 }
-                Stmt::Contract { acc, a, b, b_layout } => {
+                Stmt::Contract {
+                    acc,
+                    a,
+                    b,
+                    b_layout,
+                } => {
                     let n_cols = self.prog.regs[acc.index()].cols as usize;
                     let bt = &self.prog.shared[b.index()];
                     let (a_vals, k_len) = match a {
-                        AOperand::Shared(id) => (&self.shared[id.index()], self.prog.shared[id.index()].cols as usize),
-                        AOperand::Reg(id) => (&self.regs[id.index()], self.prog.regs[id.index()].cols as usize),
+                        AOperand::Shared(id) => (
+                            &self.shared[id.index()],
+                            self.prog.shared[id.index()].cols as usize,
+                        ),
+                        AOperand::Reg(id) => (
+                            &self.regs[id.index()],
+                            self.prog.regs[id.index()].cols as usize,
+                        ),
                     };
                     let b_vals = &self.shared[b.index()];
                     let b_cols = bt.cols as usize;
@@ -234,14 +262,16 @@ impl Cta<'_> {
                     self.regs[dst.index()] = out;
                 }
                 Stmt::Mask { dst, fill } => {
-                    let lp = lp.ok_or_else(|| TileError::Invalid("Mask outside the key loop".into()))?;
+                    let lp =
+                        lp.ok_or_else(|| TileError::Invalid("Mask outside the key loop".into()))?;
                     if lp.needs_mask {
                         let cols = lp.block_n;
                         for r in 0..bm {
                             let p = (self.p0 + r) as i64;
                             for c in 0..cols {
                                 let m = (self.key_origin + c) as i64;
-                                let visible = m < self.prob.n_k as i64 && lp.masks.iter().all(|mk| mk.allows(p, m));
+                                let visible = m < self.prob.n_k as i64
+                                    && lp.masks.iter().all(|mk| mk.allows(p, m));
                                 if !visible {
                                     self.regs[dst.index()][r * cols + c] = *fill;
                                 }
@@ -271,10 +301,17 @@ impl Cta<'_> {
                         RegKind::AOperand(e) => e,
                         RegKind::Accumulator => return invalid("Convert into f32"),
                     };
-                    let vals: Vec<f64> = self.regs[src.index()].iter().map(|&x| elem.round(x)).collect();
+                    let vals: Vec<f64> = self.regs[src.index()]
+                        .iter()
+                        .map(|&x| elem.round(x))
+                        .collect();
                     self.regs[dst.index()] = vals;
                 }
-                Stmt::KeyLoop { block_n, masks, body } => {
+                Stmt::KeyLoop {
+                    block_n,
+                    masks,
+                    body,
+                } => {
                     let bn = *block_n as i64;
                     let p0 = self.p0 as i64;
                     let p_last = self.p_last() as i64;
@@ -301,7 +338,9 @@ impl Cta<'_> {
                         let t = &mut io.tensors[dst.index()];
                         let off = t.offset(self.b, p, head);
                         for c in 0..cols {
-                            t.data[off + c] = self.prog.tensors[dst.index()].elem.round(self.regs[src.index()][r * cols + c]);
+                            t.data[off + c] = self.prog.tensors[dst.index()]
+                                .elem
+                                .round(self.regs[src.index()][r * cols + c]);
                         }
                     }
                 }
@@ -320,14 +359,21 @@ impl Cta<'_> {
         Ok(())
     }
 
-    fn eval(&self, e: &ScalarExpr, io: &Bindings, r: usize, c: Option<usize>) -> Result<f64, TileError> {
+    fn eval(
+        &self,
+        e: &ScalarExpr,
+        io: &Bindings,
+        r: usize,
+        c: Option<usize>,
+    ) -> Result<f64, TileError> {
         Ok(match e {
             ScalarExpr::Lit(x) => *x,
             ScalarExpr::Scalar(id) => io.scalars[id.index()],
             ScalarExpr::Head(id) => io.head_params[id.index()][self.h],
             ScalarExpr::Index(SeqRank::Query) => (self.p0 + r) as f64,
             ScalarExpr::Index(SeqRank::Key) => {
-                let c = c.ok_or_else(|| TileError::Invalid("key index in a row expression".into()))?;
+                let c =
+                    c.ok_or_else(|| TileError::Invalid("key index in a row expression".into()))?;
                 (self.key_origin + c) as f64
             }
             ScalarExpr::Elem(id) => {

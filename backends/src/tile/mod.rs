@@ -644,7 +644,7 @@ impl TileProgram {
     /// Checks the structural rules every lowering relies on.
     pub fn validate(&self) -> Result<(), TileError> {
         let s = self.schedule;
-        if s.warps == 0 || s.block_m == 0 || s.block_m % (16 * s.warps) != 0 {
+        if s.warps == 0 || s.block_m == 0 || !s.block_m.is_multiple_of(16 * s.warps) {
             return invalid(format!(
                 "block_m {} must be a positive multiple of 16 x warps ({})",
                 s.block_m, s.warps
@@ -666,12 +666,18 @@ impl TileProgram {
                 return invalid(format!("shared tile {} must be 16-bit", t.name));
             }
             if t.cols % 16 != 0 || t.rows % 16 != 0 {
-                return invalid(format!("shared tile {} needs rows, cols multiple of 16", t.name));
+                return invalid(format!(
+                    "shared tile {} needs rows, cols multiple of 16",
+                    t.name
+                ));
             }
         }
         for r in &self.regs {
             if r.cols % 16 != 0 {
-                return invalid(format!("register tile {} needs cols multiple of 16", r.name));
+                return invalid(format!(
+                    "register tile {} needs cols multiple of 16",
+                    r.name
+                ));
             }
         }
         let block_n = self.block_n();
@@ -720,7 +726,10 @@ impl TileProgram {
                     (Some(_), None) => Some("Elem used in a row expression".into()),
                     (Some(t), Some(d)) => {
                         if t.kind != RegKind::Accumulator || t.cols != d.cols {
-                            Some(format!("Elem({}) must be an f32 tile shaped like {}", t.name, d.name))
+                            Some(format!(
+                                "Elem({}) must be an f32 tile shaped like {}",
+                                t.name, d.name
+                            ))
                         } else {
                             None
                         }
@@ -728,7 +737,9 @@ impl TileProgram {
                 },
                 ScalarExpr::Index(SeqRank::Key) => match dst {
                     Some(d) if d.col_rank == ColRank::Key => None,
-                    _ => Some("the key index is only defined in maps over key-indexed tiles".into()),
+                    _ => {
+                        Some("the key index is only defined in maps over key-indexed tiles".into())
+                    }
                 },
                 _ => None,
             };
@@ -749,7 +760,10 @@ impl TileProgram {
                     let t = self.shared_tile(*dst)?;
                     let g = self.tensor(*src)?;
                     if g.is_output || g.elem != t.elem || g.head_dim != t.cols || g.rows != t.rank {
-                        return invalid(format!("LoadTile {} <- {}: mismatched tile", t.name, g.name));
+                        return invalid(format!(
+                            "LoadTile {} <- {}: mismatched tile",
+                            t.name, g.name
+                        ));
                     }
                     let want_rows = match t.rank {
                         SeqRank::Query => self.schedule.block_m,
@@ -775,11 +789,19 @@ impl TileProgram {
                 Stmt::Fragments { dst, src } => {
                     let d = self.reg(*dst)?;
                     let s = self.shared_tile(*src)?;
-                    if d.kind != RegKind::AOperand(s.elem) || d.cols != s.cols || s.rank != SeqRank::Query {
+                    if d.kind != RegKind::AOperand(s.elem)
+                        || d.cols != s.cols
+                        || s.rank != SeqRank::Query
+                    {
                         return invalid(format!("Fragments {} <- {}: mismatched", d.name, s.name));
                     }
                 }
-                Stmt::Contract { acc, a, b, b_layout } => {
+                Stmt::Contract {
+                    acc,
+                    a,
+                    b,
+                    b_layout,
+                } => {
                     let acc_t = self.reg(*acc)?;
                     let b_t = self.shared_tile(*b)?;
                     if acc_t.kind != RegKind::Accumulator {
@@ -796,7 +818,9 @@ impl TileProgram {
                         AOperand::Reg(id) => match self.reg(*id)?.kind {
                             RegKind::AOperand(e) => (e, self.reg(*id)?.cols),
                             RegKind::Accumulator => {
-                                return invalid("A operand register tile must be 16-bit (Convert first)")
+                                return invalid(
+                                    "A operand register tile must be 16-bit (Convert first)",
+                                )
                             }
                         },
                     };
@@ -832,11 +856,15 @@ impl TileProgram {
                 Stmt::Mask { dst, .. } => {
                     let d = self.reg(*dst)?;
                     if !in_loop || d.col_rank != ColRank::Key || d.kind != RegKind::Accumulator {
-                        return invalid("Mask applies to key-indexed f32 tiles inside the key loop");
+                        return invalid(
+                            "Mask applies to key-indexed f32 tiles inside the key loop",
+                        );
                     }
                 }
                 Stmt::RowReduce { dst, src, .. } => {
-                    if dst.index() >= self.rows.len() || self.reg(*src)?.kind != RegKind::Accumulator {
+                    if dst.index() >= self.rows.len()
+                        || self.reg(*src)?.kind != RegKind::Accumulator
+                    {
                         return invalid("RowReduce needs a row vector and an f32 tile");
                     }
                 }
@@ -868,7 +896,9 @@ impl TileProgram {
                     for b in body {
                         match b {
                             Stmt::LoadTile { .. } if seen_other => {
-                                return invalid("LoadTile inside the key loop must precede other statements")
+                                return invalid(
+                                    "LoadTile inside the key loop must precede other statements",
+                                )
                             }
                             Stmt::LoadTile { .. } => {}
                             _ => seen_other = true,
@@ -879,7 +909,11 @@ impl TileProgram {
                 Stmt::Store { src, dst } => {
                     let s = self.reg(*src)?;
                     let d = self.tensor(*dst)?;
-                    if !d.is_output || d.rows != SeqRank::Query || s.cols != d.head_dim || s.kind != RegKind::Accumulator {
+                    if !d.is_output
+                        || d.rows != SeqRank::Query
+                        || s.cols != d.head_dim
+                        || s.kind != RegKind::Accumulator
+                    {
                         return invalid(format!("Store {} -> {}: mismatched", s.name, d.name));
                     }
                 }
@@ -904,7 +938,13 @@ pub struct KeyTileRange {
 /// Key tiles `[begin, end)` for the query tile starting at `p0` whose last *valid* row is
 /// `p_last` (`min(p0 + block_m, N_q) - 1`): the tiles that hold at least one key that some
 /// row of the tile may attend to. This is the tile skipping the PTX lowering performs.
-pub fn key_tile_range(masks: &[BandMask], p0: i64, p_last: i64, n_k: i64, block_n: i64) -> KeyTileRange {
+pub fn key_tile_range(
+    masks: &[BandMask],
+    p0: i64,
+    p_last: i64,
+    n_k: i64,
+    block_n: i64,
+) -> KeyTileRange {
     let mut key_start = 0i64;
     let mut key_end = n_k;
     for m in masks {
@@ -924,7 +964,14 @@ pub fn key_tile_range(masks: &[BandMask], p0: i64, p_last: i64, n_k: i64, block_
 
 /// Whether key tile `t` needs the mask for query rows `[p0, p_last]`: it crosses the key
 /// tail or a band's edge. Interior tiles are fully visible to every row.
-pub fn key_tile_needs_mask(masks: &[BandMask], t: i64, p0: i64, p_last: i64, n_k: i64, block_n: i64) -> bool {
+pub fn key_tile_needs_mask(
+    masks: &[BandMask],
+    t: i64,
+    p0: i64,
+    p_last: i64,
+    n_k: i64,
+    block_n: i64,
+) -> bool {
     let k0 = t * block_n;
     let k1 = k0 + block_n - 1;
     if k1 >= n_k {
@@ -966,14 +1013,25 @@ impl fmt::Display for TileProgram {
             writeln!(f, "  param {}: f32[H]", p.name)?;
         }
         for t in &self.shared {
-            writeln!(f, "  shared {}: {}[{} x {}]", t.name, t.elem.name(), t.rows, t.cols)?;
+            writeln!(
+                f,
+                "  shared {}: {}[{} x {}]",
+                t.name,
+                t.elem.name(),
+                t.rows,
+                t.cols
+            )?;
         }
         for t in &self.regs {
             let kind = match t.kind {
                 RegKind::Accumulator => "f32".to_string(),
                 RegKind::AOperand(e) => format!("{}-afrag", e.name()),
             };
-            writeln!(f, "  reg {}: {}[{} x {} {:?}]", t.name, kind, s.block_m, t.cols, t.col_rank)?;
+            writeln!(
+                f,
+                "  reg {}: {}[{} x {} {:?}]",
+                t.name, kind, s.block_m, t.cols, t.col_rank
+            )?;
         }
         for r in &self.rows {
             writeln!(f, "  row {}: f32[{}]", r.name, s.block_m)?;
@@ -992,15 +1050,21 @@ impl TileProgram {
             ScalarExpr::Index(SeqRank::Key) => "m".into(),
             ScalarExpr::Elem(id) => self.regs[id.index()].name.clone(),
             ScalarExpr::Row(id) => self.rows[id.index()].name.clone(),
-            ScalarExpr::Unary(op, a) => format!("{}({})", format!("{op:?}").to_lowercase(), self.fmt_expr(a)),
+            ScalarExpr::Unary(op, a) => {
+                format!("{}({})", format!("{op:?}").to_lowercase(), self.fmt_expr(a))
+            }
             ScalarExpr::Binary(op, a, b) => {
                 let sym = match op {
                     BinaryOp::Add => "+",
                     BinaryOp::Sub => "-",
                     BinaryOp::Mul => "*",
                     BinaryOp::Div => "/",
-                    BinaryOp::Max => return format!("max({}, {})", self.fmt_expr(a), self.fmt_expr(b)),
-                    BinaryOp::Min => return format!("min({}, {})", self.fmt_expr(a), self.fmt_expr(b)),
+                    BinaryOp::Max => {
+                        return format!("max({}, {})", self.fmt_expr(a), self.fmt_expr(b))
+                    }
+                    BinaryOp::Min => {
+                        return format!("min({}, {})", self.fmt_expr(a), self.fmt_expr(b))
+                    }
                 };
                 format!("({} {sym} {})", self.fmt_expr(a), self.fmt_expr(b))
             }
@@ -1028,27 +1092,52 @@ impl TileProgram {
                 Stmt::LoadTile { dst, src } => writeln!(
                     f,
                     "{pad}load {} <- {}",
-                    self.shared[dst.index()].name, self.tensors[src.index()].name
+                    self.shared[dst.index()].name,
+                    self.tensors[src.index()].name
                 )?,
-                Stmt::Fill { dst, value } => writeln!(f, "{pad}{} = {value}", self.regs[dst.index()].name)?,
-                Stmt::FillRow { dst, value } => writeln!(f, "{pad}{} = {value}", self.rows[dst.index()].name)?,
+                Stmt::Fill { dst, value } => {
+                    writeln!(f, "{pad}{} = {value}", self.regs[dst.index()].name)?
+                }
+                Stmt::FillRow { dst, value } => {
+                    writeln!(f, "{pad}{} = {value}", self.rows[dst.index()].name)?
+                }
                 Stmt::Fragments { dst, src } => writeln!(
                     f,
                     "{pad}{} = fragments({})",
-                    self.regs[dst.index()].name, self.shared[src.index()].name
+                    self.regs[dst.index()].name,
+                    self.shared[src.index()].name
                 )?,
-                Stmt::Contract { acc, a, b, b_layout } => {
+                Stmt::Contract {
+                    acc,
+                    a,
+                    b,
+                    b_layout,
+                } => {
                     let a = match a {
                         AOperand::Shared(id) => self.shared[id.index()].name.clone(),
                         AOperand::Reg(id) => self.regs[id.index()].name.clone(),
                     };
-                    let t = if *b_layout == BLayout::RowsAreN { "^T" } else { "" };
-                    writeln!(f, "{pad}{} += {a} . {}{t}", self.regs[acc.index()].name, self.shared[b.index()].name)?
+                    let t = if *b_layout == BLayout::RowsAreN {
+                        "^T"
+                    } else {
+                        ""
+                    };
+                    writeln!(
+                        f,
+                        "{pad}{} += {a} . {}{t}",
+                        self.regs[acc.index()].name,
+                        self.shared[b.index()].name
+                    )?
                 }
-                Stmt::Map { dst, expr } => {
-                    writeln!(f, "{pad}{} = map {}", self.regs[dst.index()].name, self.fmt_expr(expr))?
+                Stmt::Map { dst, expr } => writeln!(
+                    f,
+                    "{pad}{} = map {}",
+                    self.regs[dst.index()].name,
+                    self.fmt_expr(expr)
+                )?,
+                Stmt::Mask { dst, fill } => {
+                    writeln!(f, "{pad}mask {} fill {fill}", self.regs[dst.index()].name)?
                 }
-                Stmt::Mask { dst, fill } => writeln!(f, "{pad}mask {} fill {fill}", self.regs[dst.index()].name)?,
                 Stmt::RowReduce { dst, src, op } => writeln!(
                     f,
                     "{pad}{} = row_{:?}({})",
@@ -1056,15 +1145,23 @@ impl TileProgram {
                     op,
                     self.regs[src.index()].name
                 )?,
-                Stmt::RowMap { dst, expr } => {
-                    writeln!(f, "{pad}{} = rows {}", self.rows[dst.index()].name, self.fmt_expr(expr))?
-                }
+                Stmt::RowMap { dst, expr } => writeln!(
+                    f,
+                    "{pad}{} = rows {}",
+                    self.rows[dst.index()].name,
+                    self.fmt_expr(expr)
+                )?,
                 Stmt::Convert { dst, src } => writeln!(
                     f,
                     "{pad}{} = convert({})",
-                    self.regs[dst.index()].name, self.regs[src.index()].name
+                    self.regs[dst.index()].name,
+                    self.regs[src.index()].name
                 )?,
-                Stmt::KeyLoop { block_n, masks, body } => {
+                Stmt::KeyLoop {
+                    block_n,
+                    masks,
+                    body,
+                } => {
                     writeln!(f, "{pad}for key tile of {block_n} (masks {masks:?}) {{")?;
                     self.fmt_block(f, body, depth + 1)?;
                     writeln!(f, "{pad}}}")?
@@ -1072,12 +1169,14 @@ impl TileProgram {
                 Stmt::Store { src, dst } => writeln!(
                     f,
                     "{pad}store {} -> {}",
-                    self.regs[src.index()].name, self.tensors[dst.index()].name
+                    self.regs[src.index()].name,
+                    self.tensors[dst.index()].name
                 )?,
                 Stmt::StoreRow { src, dst } => writeln!(
                     f,
                     "{pad}store {} -> {}",
-                    self.rows[src.index()].name, self.row_outputs[dst.index()].name
+                    self.rows[src.index()].name,
+                    self.row_outputs[dst.index()].name
                 )?,
             }
         }

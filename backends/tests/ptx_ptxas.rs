@@ -1,0 +1,93 @@
+//! ptxas accepts the generated PTX for sm_80 and sm_90a, and default schedules do not
+//! spill to local memory. Skipped (with a message) where ptxas is not installed.
+
+use einattn_backends::ptx::ptxas::{assemble, find_ptxas};
+use einattn_backends::tile::Elem;
+use einattn_backends::{flash_attention, print_ptx, AttentionSchedule, AttentionSpec, Target};
+
+fn specs() -> Vec<AttentionSpec> {
+    let mut v = Vec::new();
+    for d in [64u32, 128] {
+        for elem in [Elem::Bf16, Elem::F16] {
+            for variant in 0..5 {
+                let mut s = AttentionSpec::new(d, elem);
+                match variant {
+                    0 => {}
+                    1 => s.causal = true,
+                    2 => {
+                        s.causal = true;
+                        s.window = Some(256);
+                    }
+                    3 => {
+                        s.alibi = true;
+                        s.write_lse = true;
+                    }
+                    _ => {
+                        s.softcap = true;
+                        s.alibi = true;
+                        s.causal = true;
+                        s.window = Some(100);
+                        s.write_lse = true;
+                    }
+                }
+                v.push(s);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn ptxas_accepts_default_schedules_without_spills() {
+    let Some(ptxas) = find_ptxas() else {
+        eprintln!("SKIPPED: ptxas not found (pip install nvidia-cuda-nvcc, or set EINATTN_PTXAS)");
+        return;
+    };
+    for spec in specs() {
+        let sched = AttentionSchedule::default_for(&spec);
+        let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+        for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
+            let k = print_ptx(&prog, target).expect("prints");
+            let r = assemble(&ptxas, &k.text, arch).unwrap_or_else(|e| panic!("{}: {e}", k.entry));
+            eprintln!(
+                "{} {arch}: {} registers, {} B stack",
+                k.entry, r.registers, r.stack_frame
+            );
+            assert!(
+                r.registers > 0,
+                "no register report for {}:\n{}",
+                k.entry,
+                r.log
+            );
+            assert!(!r.spills(), "{} spills on {arch}:\n{}", k.entry, r.log);
+        }
+    }
+}
+
+#[test]
+fn ptxas_accepts_other_schedules() {
+    let Some(ptxas) = find_ptxas() else {
+        eprintln!("SKIPPED: ptxas not found");
+        return;
+    };
+    // Knob combinations the scheduler may pick: they must assemble (spills allowed).
+    let spec = AttentionSpec::new(128, Elem::Bf16);
+    for (bm, bn, warps, stages, qreg) in [
+        (128, 64, 8, 2, true),
+        (64, 64, 4, 3, true),
+        (128, 32, 4, 2, false),
+        (256, 32, 8, 2, false),
+    ] {
+        let sched = AttentionSchedule {
+            block_m: bm,
+            block_n: bn,
+            warps,
+            stages,
+            q_in_registers: qreg,
+            skip_unit_rescale: false,
+        };
+        let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+        let k = print_ptx(&prog, Target::Sm90a).expect("prints");
+        assemble(&ptxas, &k.text, "sm_90a").unwrap_or_else(|e| panic!("{sched:?}: {e}"));
+    }
+}

@@ -1,0 +1,155 @@
+//! Structure of the printed PTX: the instructions each lowering promises, the ABI order,
+//! and typed errors for what the printer does not support.
+
+use einattn_backends::tile::{Elem, TileError};
+use einattn_backends::{flash_attention, print_ptx, AttentionSchedule, AttentionSpec, Target};
+
+fn ptx_for(spec: &AttentionSpec) -> einattn_backends::PtxKernel {
+    let sched = AttentionSchedule::default_for(spec);
+    let (prog, _) = flash_attention(spec, &sched).expect("builds");
+    print_ptx(&prog, Target::Sm80).expect("prints")
+}
+
+fn count(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+#[test]
+fn d128_bf16_has_the_promised_instructions() {
+    let spec = AttentionSpec::new(128, Elem::Bf16);
+    let k = ptx_for(&spec);
+    let t = &k.text;
+    assert!(t.contains(".version 8.7"));
+    assert!(t.contains(".target sm_80"));
+    // Per key tile: S = Q K^T is (d/16) k-steps x (bn/8) n-tiles x m-tiles MMAs, and
+    // O += P V is (bn/16) x (d/8) x m-tiles; with bm=128, 4 warps (2 m-tiles), bn=64, d=128:
+    // 8*8*2 + 4*16*2 = 256.
+    let sched = AttentionSchedule::default_for(&spec);
+    let mt = sched.block_m / sched.warps / 16;
+    let expect = (128 / 16) * (sched.block_n / 8) * mt + (sched.block_n / 16) * (128 / 8) * mt;
+    assert_eq!(
+        count(t, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32") as u32,
+        expect
+    );
+    assert!(
+        count(t, "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16") > 0,
+        "V via ldmatrix.trans"
+    );
+    assert!(count(t, "cp.async.cg.shared.global") > 0);
+    assert!(t.contains("cp.async.wait_group 0;"));
+    assert!(count(t, "ex2.approx.ftz.f32") > 0);
+    assert!(count(t, "shfl.sync.bfly.b32") > 0);
+    assert!(t.contains("cvt.rn.bf16x2.f32"));
+    // Boundary tiles only pay for the mask.
+    assert!(t.contains("@!%needmask bra.uni"));
+    assert!(!t.contains(".local"), "no local memory in generated code");
+}
+
+#[test]
+fn f16_uses_f16_mma_and_conversions() {
+    let t = ptx_for(&AttentionSpec::new(64, Elem::F16)).text;
+    assert!(t.contains("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"));
+    assert!(t.contains("cvt.rn.f16x2.f32"));
+    assert!(!t.contains("bf16"));
+}
+
+#[test]
+fn masks_reverse_the_grid_and_skip_tiles() {
+    let mut spec = AttentionSpec::new(128, Elem::Bf16);
+    let plain = ptx_for(&spec).text;
+    assert!(!plain.contains("%nctaid.x"));
+    spec.causal = true;
+    spec.window = Some(256);
+    let t = ptx_for(&spec).text;
+    assert!(t.contains("%nctaid.x"), "heaviest query tiles first");
+    // Key range clipped by both bands: min for causal, max for the window.
+    assert!(t.contains("min.s32 %kend"));
+    assert!(t.contains("max.s32 %kstart"));
+}
+
+#[test]
+fn score_modifiers_lower_to_sfu_and_head_loads() {
+    let mut spec = AttentionSpec::new(64, Elem::Bf16);
+    spec.softcap = true;
+    spec.alibi = true;
+    spec.write_lse = true;
+    let k = ptx_for(&spec);
+    assert!(k.text.contains("tanh.approx.f32"));
+    assert!(k.text.contains("ld.global.nc.f32 %hp0"));
+    assert!(k.text.contains("lg2.approx.ftz.f32"));
+    assert!(k.text.contains("st.global.f32"));
+}
+
+#[test]
+fn entry_parameters_follow_the_abi() {
+    let mut spec = AttentionSpec::new(128, Elem::Bf16);
+    spec.alibi = true;
+    spec.write_lse = true;
+    let k = ptx_for(&spec);
+    let start = k.text.find(".visible .entry").expect("entry");
+    let params: Vec<&str> = k.text[start..]
+        .lines()
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with(".param"))
+        .map(|l| {
+            l.trim()
+                .trim_end_matches(',')
+                .rsplit(' ')
+                .next()
+                .unwrap_or("")
+        })
+        .collect();
+    let abi: Vec<&str> = k.abi.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(params, abi);
+    assert_eq!(
+        &abi[..7],
+        &["q", "k", "v", "o", "lse", "alibi_slopes", "n_q"]
+    );
+    assert_eq!(abi.last().copied(), Some("scale"));
+}
+
+#[test]
+fn launch_shape_matches_the_schedule() {
+    let spec = AttentionSpec::new(128, Elem::Bf16);
+    let k = ptx_for(&spec);
+    let sched = AttentionSchedule::default_for(&spec);
+    assert_eq!(k.threads, sched.warps * 32);
+    assert_eq!(
+        k.grid(2, 16, 1000),
+        (1000u32.div_ceil(sched.block_m), 32, 1)
+    );
+    // Q once, K and V once per stage.
+    assert_eq!(
+        k.dynamic_smem_bytes,
+        (sched.block_m + 2 * sched.stages * sched.block_n) * 128 * 2
+    );
+}
+
+#[test]
+fn unsupported_and_invalid_inputs_are_typed_errors() {
+    let spec = AttentionSpec::new(128, Elem::Bf16);
+    let mut bad = AttentionSchedule::default_for(&spec);
+    bad.block_m = 40;
+    assert!(matches!(
+        flash_attention(&spec, &bad),
+        Err(TileError::Invalid(_))
+    ));
+    let mut bad = AttentionSchedule::default_for(&spec);
+    bad.stages = 1;
+    assert!(matches!(
+        flash_attention(&spec, &bad),
+        Err(TileError::Invalid(_))
+    ));
+    // The interpreter accepts d=32, the printer's swizzle needs >= 64 columns.
+    let small = AttentionSpec::new(32, Elem::Bf16);
+    let (prog, _) =
+        flash_attention(&small, &AttentionSchedule::default_for(&small)).expect("valid program");
+    assert!(matches!(
+        print_ptx(&prog, Target::Sm80),
+        Err(TileError::Unsupported(_))
+    ));
+    assert!(matches!(
+        flash_attention(&AttentionSpec::new(128, Elem::F32), &bad),
+        Err(TileError::Unsupported(_))
+    ));
+}
