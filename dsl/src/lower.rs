@@ -175,8 +175,10 @@ fn nearby_divisors(n: u64, tile: u64) -> Vec<u64> {
     if n == 0 {
         return Vec::new();
     }
-    let below = (1..=tile.min(n)).rev().find(|d| n % d == 0);
-    let above = (tile.max(1)..=n).take(1 << 20).find(|d| n % d == 0);
+    let below = (1..=tile.min(n)).rev().find(|d| n.is_multiple_of(*d));
+    let above = (tile.max(1)..=n)
+        .take(1 << 20)
+        .find(|d| n.is_multiple_of(*d));
     let mut v: Vec<u64> = below.into_iter().chain(above).collect();
     v.dedup();
     v
@@ -209,7 +211,7 @@ enum NotAffine {
     /// Silently not affine (a value context keeps it as an arithmetic expression).
     No,
     /// An error already worth reporting in an index context.
-    Because(Diagnostic),
+    Because(Box<Diagnostic>),
 }
 
 impl Lowerer {
@@ -597,7 +599,7 @@ impl Lowerer {
         let Some(tile_value) = self.resolve_extent(tile).map(|r| r.value) else {
             return;
         };
-        if tile_value == 0 || parent_extent % tile_value != 0 {
+        if tile_value == 0 || !parent_extent.is_multiple_of(tile_value) {
             let divisors = nearby_divisors(parent_extent, tile_value);
             let mut d = Diagnostic::error(
                 DiagnosticKind::SplitDoesNotDivide,
@@ -1478,7 +1480,7 @@ impl Lowerer {
         match self.affine(expr, mentioned) {
             Ok(ix) => Some(ix),
             Err(NotAffine::Because(d)) => {
-                self.error(d);
+                self.error(*d);
                 None
             }
             Err(NotAffine::No) => {
@@ -1501,14 +1503,14 @@ impl Lowerer {
     /// The affine form of an expression, or why it has none. Pure: reports nothing.
     fn affine(&self, expr: &ast::Expr, mentioned: &[Handle<Rank>]) -> Result<IndexExpr, NotAffine> {
         let overflow = || {
-            NotAffine::Because(Diagnostic::error(
+            NotAffine::Because(Box::new(Diagnostic::error(
                 DiagnosticKind::BadIndex,
                 "index arithmetic overflows",
                 expr.span,
-            ))
+            )))
         };
         let not_affine = |label: &str| {
-            NotAffine::Because(
+            NotAffine::Because(Box::new(
                 Diagnostic::error(
                     DiagnosticKind::BadIndex,
                     "an index must be an affine integer expression",
@@ -1518,7 +1520,7 @@ impl Lowerer {
                 .with_help(
                     "combine ranks, integers and extents with `+`, `-`, and `*` by a constant",
                 ),
-            )
+            ))
         };
         match &expr.kind {
             ExprKind::Int(v) => i64::try_from(*v)
@@ -1526,7 +1528,7 @@ impl Lowerer {
                 .map_err(|_| overflow()),
             ExprKind::Float(_) | ExprKind::Inf => Err(not_affine("an index is an integer")),
             ExprKind::Name(id) => {
-                if self.tensors.get(&id.name).is_some() {
+                if self.tensors.contains_key(&id.name) {
                     return Err(NotAffine::No);
                 }
                 if let Some(&r) = self.ranks.get(&id.name) {
@@ -1546,7 +1548,7 @@ impl Lowerer {
                 )
                 .with_label("not a rank, an extent or a size symbol");
                 d.help = did_you_mean(&id.name, candidates.iter().map(String::as_str));
-                Err(NotAffine::Because(d))
+                Err(NotAffine::Because(Box::new(d)))
             }
             ExprKind::Access { .. } | ExprKind::Call { .. } => Err(NotAffine::No),
             ExprKind::Neg(a) => {

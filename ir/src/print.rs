@@ -313,7 +313,7 @@ pub fn number(v: f64) -> String {
     let a = v.abs();
     if v.fract() == 0.0 && a < 1e15 {
         format!("{}", v as i64)
-    } else if a >= 1e15 || a < 1e-4 {
+    } else if !(1e-4..1e15).contains(&a) {
         format!("{v:e}")
     } else {
         format!("{v}")
