@@ -14,7 +14,7 @@ pub mod diagnostics;
 pub mod lexer;
 pub mod lower;
 
-pub use diagnostics::{line_col, Diagnostic, DiagnosticKind, Diagnostics, LineCol};
+pub use diagnostics::{line_col, Diagnostic, DiagnosticKind, Diagnostics, LineCol, Severity};
 
 use einattn_ir::{Cascade, Span};
 use lalrpop_util::ParseError;
@@ -43,6 +43,19 @@ pub fn compile_source(
 ) -> Result<Cascade, Diagnostics> {
     let file = parse(file_name, source)?;
     compile_ast(&file, defines)
+}
+
+/// Like [`compile_source`], but also returns the warnings of a successful compilation
+/// (a `-D` for a size symbol the program does not have), for the caller to show.
+pub fn compile_source_with_warnings(
+    file_name: &str,
+    source: &str,
+    defines: &[(String, u64)],
+) -> Result<(Cascade, Diagnostics), Diagnostics> {
+    let file = parse(file_name, source)?;
+    lower::lower(&file, defines)
+        .map(|l| (l.cascade, Diagnostics::new(l.warnings)))
+        .map_err(Diagnostics::new)
 }
 
 /// Lowers and validates an already parsed file.

@@ -35,15 +35,17 @@ pub const MAX_EXTENT: u64 = 1 << 40;
 pub struct Lowered {
     pub cascade: Cascade,
     pub index_spans: HashMap<Span, Vec<Span>>,
+    /// Problems that do not stop compilation (a `-D` for a symbol the program lacks).
+    pub warnings: Vec<Diagnostic>,
 }
 
 /// Lowers and validates. On failure, every diagnostic found, sorted by position.
 pub fn lower(file: &ast::File, defines: &[(String, u64)]) -> Result<Lowered, Vec<Diagnostic>> {
     let mut l = Lowerer::new(defines);
     l.lower_file(file);
-    if l.errors.is_empty() {
+    if !l.errors.iter().any(Diagnostic::is_error) {
         if let Err(found) = validate::validate(&l.cascade) {
-            l.errors = found;
+            l.errors.extend(found);
         }
     }
     let mut errors = l.errors;
@@ -57,6 +59,7 @@ pub fn lower(file: &ast::File, defines: &[(String, u64)]) -> Result<Lowered, Vec
     Ok(Lowered {
         cascade: l.cascade,
         index_spans: l.index_spans,
+        warnings: errors,
     })
 }
 
@@ -404,11 +407,14 @@ impl Lowerer {
                     .iter()
                     .map(String::as_str)
                     .chain(mentioned.iter().copied());
+                // A warning, not an error: one set of `-D`s is often given to several
+                // programs, and a symbol one of them lacks changes nothing in it.
                 let mut d = Diagnostic::error(
                     DiagnosticKind::UnknownDefine,
                     format!("`-D {name}={value}` names no size symbol of this program"),
                     Span::UNKNOWN,
                 );
+                d.severity = validate::Severity::Warning;
                 d.help = Some(match did_you_mean(name, candidates) {
                     Some(hint) => hint,
                     None if declared.is_empty() => {

@@ -118,13 +118,17 @@ fn define_overrides_the_default() {
 }
 
 #[test]
-fn define_for_an_unknown_symbol() {
-    check!(
-        "unknown_define",
-        fail_with("O[p] = max[m] Q[p, e] * K[m, e]\n", &[("MM".into(), 16)]),
-        DiagnosticKind::UnknownDefine,
-        None
-    );
+fn define_for_an_unknown_symbol_is_a_warning() {
+    let source = format!("{BASE}O[p] = max[m] Q[p, e] * K[m, e]\n");
+    let (cascade, warnings) =
+        einattn_dsl::compile_source_with_warnings("t.ein", &source, &[("MM".into(), 16)]).unwrap();
+    assert_eq!(cascade.einsums.len(), 1);
+    assert_eq!(warnings.len(), 1);
+    let w = warnings.first().unwrap();
+    assert_eq!(w.kind, DiagnosticKind::UnknownDefine);
+    assert_eq!(w.severity, einattn_dsl::Severity::Warning);
+    assert_eq!(warnings.first_location(&source), None);
+    insta::assert_snapshot!("unknown_define", warnings.render("t.ein", &source));
 }
 
 #[test]
