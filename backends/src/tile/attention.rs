@@ -110,13 +110,17 @@ impl AttentionSchedule {
         // shared memory (registers are full). 255 registers x 128 threads and <= 98 KB of
         // shared memory leave room for 2 CTAs per SM. Measured on H100 (bench/NOTES-softmax.md).
         let block_n = if spec.head_dim <= 64 { 128 } else { 64 };
+        // The vote-skip of the rescale costs up to 5% (d=64) where registers suffice, but
+        // at 255 registers it is what keeps ptxas from spilling: plain d<=64 kernels fit
+        // without it; d=128 and score-modified or windowed kernels need it.
+        let plain = !spec.alibi && !spec.softcap && spec.window.is_none();
         AttentionSchedule {
             block_m: 128,
             block_n,
             warps: 4,
             stages: 2,
             q_in_registers: false,
-            skip_unit_rescale: true,
+            skip_unit_rescale: !(spec.head_dim <= 64 && plain),
         }
     }
 }
