@@ -81,50 +81,51 @@ pub fn count_points(extents: &[u64], conditions: &[AffineCondition]) -> u128 {
         .map(|c| enumerated.iter().map(|&d| coef(c, d)).collect())
         .collect();
 
-    let mut values = vec![0i64; enumerated.len()];
+    // The innermost enumerated dimension runs in a tight loop that only adds its
+    // coefficient; the others advance an odometer and rebuild the per-condition base.
+    let (outer_dims, inner_extent) = match enumerated.split_last() {
+        Some((&inner, outer)) => (outer.len(), extents[inner] as i64),
+        None => (0, 1),
+    };
+    let inner_coefs: Vec<i64> = enum_coefs
+        .iter()
+        .map(|c| {
+            if enumerated.is_empty() {
+                0
+            } else {
+                c[outer_dims]
+            }
+        })
+        .collect();
+    let mut values = vec![0i64; outer_dims];
+    let mut base = vec![0i64; conditions.len()];
+    let mut partial = vec![0i64; conditions.len()];
     let mut excluded: Vec<i64> = Vec::new();
     let mut count: u128 = 0;
     loop {
-        let mut lo = 0i64;
-        let mut hi = solved_max;
-        excluded.clear();
         for (ci, cond) in conditions.iter().enumerate() {
-            let partial: i64 = cond.constant
-                + enum_coefs[ci]
+            base[ci] = cond.constant
+                + enum_coefs[ci][..outer_dims]
                     .iter()
                     .zip(&values)
                     .map(|(c, x)| c * x)
                     .sum::<i64>();
-            let a = solved_coefs[ci];
-            match cond.relation {
-                AffineRelation::AtMostZero => restrict_le(a, partial, &mut lo, &mut hi),
-                AffineRelation::Zero => {
-                    restrict_le(a, partial, &mut lo, &mut hi);
-                    restrict_le(-a, -partial, &mut lo, &mut hi);
-                }
-                AffineRelation::NonZero => {
-                    if a == 0 {
-                        if partial == 0 {
-                            hi = lo - 1;
-                        }
-                    } else if (-partial) % a == 0 {
-                        excluded.push(-partial / a);
-                    }
-                }
-            }
-            if lo > hi {
-                break;
-            }
         }
-        if lo <= hi {
-            excluded.sort_unstable();
-            excluded.dedup();
-            let holes = excluded.iter().filter(|&&x| lo <= x && x <= hi).count() as i64;
-            count += (hi - lo + 1 - holes) as u128;
+        for inner in 0..inner_extent {
+            for ci in 0..conditions.len() {
+                partial[ci] = base[ci] + inner_coefs[ci] * inner;
+            }
+            count += interval_count(
+                conditions,
+                &solved_coefs,
+                &partial,
+                solved_max,
+                &mut excluded,
+            );
         }
 
-        // Odometer over the enumerated dimensions, last fastest.
-        let mut d = enumerated.len();
+        // Odometer over the outer enumerated dimensions, last fastest.
+        let mut d = outer_dims;
         loop {
             if d == 0 {
                 return count * free;
@@ -137,6 +138,50 @@ pub fn count_points(extents: &[u64], conditions: &[AffineCondition]) -> u128 {
             values[d] = 0;
         }
     }
+}
+
+/// The number of `x` in `[0, solved_max]` with `solved_coefs[c] * x + partial[c] REL 0` for
+/// every condition `c`.
+#[inline]
+fn interval_count(
+    conditions: &[AffineCondition],
+    solved_coefs: &[i64],
+    partial: &[i64],
+    solved_max: i64,
+    excluded: &mut Vec<i64>,
+) -> u128 {
+    let mut lo = 0i64;
+    let mut hi = solved_max;
+    excluded.clear();
+    for (ci, cond) in conditions.iter().enumerate() {
+        let (a, p) = (solved_coefs[ci], partial[ci]);
+        match cond.relation {
+            AffineRelation::AtMostZero => restrict_le(a, p, &mut lo, &mut hi),
+            AffineRelation::Zero => {
+                restrict_le(a, p, &mut lo, &mut hi);
+                restrict_le(-a, -p, &mut lo, &mut hi);
+            }
+            AffineRelation::NonZero => {
+                if a == 0 {
+                    if p == 0 {
+                        return 0;
+                    }
+                } else if (-p) % a == 0 {
+                    excluded.push(-p / a);
+                }
+            }
+        }
+        if lo > hi {
+            return 0;
+        }
+    }
+    if excluded.is_empty() {
+        return (hi - lo + 1) as u128;
+    }
+    excluded.sort_unstable();
+    excluded.dedup();
+    let holes = excluded.iter().filter(|&&x| lo <= x && x <= hi).count() as i64;
+    (hi - lo + 1 - holes) as u128
 }
 
 /// Narrows `[lo, hi]` to the `x` with `a * x + partial <= 0`.
