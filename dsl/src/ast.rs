@@ -46,6 +46,8 @@ pub enum StatementKind {
     Einsum(EinsumStatement),
     /// `init T[idx, ...] = EXPR`
     Init { target: Access, value: Expr },
+    /// A statement with a syntax error, skipped after the error was recorded.
+    Error,
 }
 
 /// A rank's extent or a split's tile: an integer or a name.

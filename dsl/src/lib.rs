@@ -29,9 +29,20 @@ lalrpop_util::lalrpop_mod!(
 /// of the diagnostics; spans are byte offsets into `source`.
 pub fn parse(file_name: &str, source: &str) -> Result<ast::File, Diagnostics> {
     let _ = file_name;
-    grammar::FileParser::new()
-        .parse(Lexer::new(source))
-        .map_err(|e| Diagnostics::new(vec![syntax_error(source, e)]))
+    let mut recovered = Vec::new();
+    let result = grammar::FileParser::new().parse(&mut recovered, Lexer::new(source));
+    let mut errors: Vec<Diagnostic> = recovered
+        .into_iter()
+        .map(|r| syntax_error(source, r.error))
+        .collect();
+    match result {
+        Ok(file) if errors.is_empty() => Ok(file),
+        Ok(_) => Err(Diagnostics::new(errors)),
+        Err(e) => {
+            errors.push(syntax_error(source, e));
+            Err(Diagnostics::new(errors))
+        }
+    }
 }
 
 /// Parses, lowers and validates `source`, binding size symbols from `size` declarations

@@ -446,3 +446,17 @@ fn every_error_is_reported() {
         d.render("t.ein", &source)
     );
 }
+
+#[test]
+fn every_syntax_error_is_reported() {
+    let source = format!("{BASE}S[p] = Q[p, e] * * 2\nrank : 4\nO[p] = S[p]\n");
+    let d = compile_source("t.ein", &source, &[]).unwrap_err();
+    let lines: Vec<usize> = d
+        .locations(&source)
+        .into_iter()
+        .flatten()
+        .map(|l| l.line)
+        .collect();
+    assert_eq!(lines, vec![9, 10], "{}", d.render("t.ein", &source));
+    assert!(d.iter().all(|d| d.kind == DiagnosticKind::Syntax));
+}

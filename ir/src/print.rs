@@ -98,7 +98,7 @@ pub fn einsum_to_string(cascade: &Cascade, einsum: Handle<Einsum>) -> String {
     let mut out = String::new();
     out.push_str(&output_to_string(cascade, &e.output, &mentioned, None));
     out.push_str(" = ");
-    let explicit = explicit_reductions(cascade, e);
+    let explicit = explicit_reductions(e);
     let body = expr_to_string(cascade, &e.expr);
     for red in explicit.iter().rev() {
         let _ = write!(out, "{}[{}] ", red.op.name(), rank_name(cascade, red.rank));
@@ -262,8 +262,7 @@ fn output_to_string(
 
 /// Which reductions must be written as prefixes (innermost first): all but the leading
 /// sums that the implicit rule (first mention order) reproduces.
-fn explicit_reductions<'a>(cascade: &Cascade, e: &'a Einsum) -> &'a [Reduction] {
-    let _ = cascade;
+fn explicit_reductions(e: &Einsum) -> &[Reduction] {
     let mut output_ranks: Vec<Handle<Rank>> = Vec::new();
     for i in &e.output.indices {
         output_ranks.extend(i.ranks());

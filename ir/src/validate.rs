@@ -862,9 +862,6 @@ impl<'a> Checker<'a> {
                 ));
             }
         }
-        for cond in &e.mask {
-            let _ = cond;
-        }
 
         match &e.recurrence {
             Some(rec) => self.recurrence(e, rec, &reads),
