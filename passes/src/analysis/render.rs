@@ -5,18 +5,24 @@ use super::{BufferKind, OpClass, Report};
 use einattn_ir::IndexExpr;
 use std::fmt::Write;
 
-/// `m1*64 + m0 - p <= 0`.
+/// `64*m1 + m0 <= p`: positive terms on the left, negated negative terms on the right,
+/// the constant on whichever side keeps it positive.
 pub(crate) fn format_condition(lc: &LeafCascade, c: &LeafCondition) -> String {
-    let form = IndexExpr {
-        terms: c.terms.clone(),
-        constant: c.constant,
-    };
+    let mut lhs = IndexExpr::constant(c.constant.max(0));
+    let mut rhs = IndexExpr::constant((-c.constant).max(0));
+    for &(coef, rank) in &c.terms {
+        if coef > 0 {
+            lhs.terms.push((coef, rank));
+        } else {
+            rhs.terms.push((-coef, rank));
+        }
+    }
     let rel = match c.relation {
         Relation::AtMostZero => "<=",
         Relation::Zero => "==",
         Relation::NonZero => "!=",
     };
-    format!("{} {rel} 0", lc.format_index(&form))
+    format!("{} {rel} {}", lc.format_index(&lhs), lc.format_index(&rhs))
 }
 
 /// Engineering notation for counts: 1.07 G, 65.5 k.
