@@ -312,6 +312,9 @@ pub(crate) struct AnalyzedRank {
 /// Analyzes a bound cascade. Never panics on a cascade the validator accepts; on one it
 /// would reject, it reports what it can and lists the problems in `warnings`.
 pub fn analyze(cascade: &Cascade, options: &AnalysisOptions) -> Report {
+    if let Err(problem) = normalize::check_handles(cascade) {
+        return Report::malformed(cascade, options, problem);
+    }
     let lc = LeafCascade::new(cascade);
     let analyzed = analyzed_ranks(&lc);
     let key = key_rank(&lc, &analyzed);
@@ -490,6 +493,31 @@ pub fn analyze(cascade: &Cascade, options: &AnalysisOptions) -> Report {
 }
 
 impl Report {
+    /// The report of a cascade whose handles do not resolve: nothing but the problem.
+    fn malformed(cascade: &Cascade, options: &AnalysisOptions, problem: String) -> Report {
+        Report {
+            kernel: cascade.name.clone(),
+            sizes: cascade.sizes.iter().cloned().collect(),
+            parallel_ranks: Vec::new(),
+            parallel_points: 0,
+            points_per_cta: 0,
+            key_rank: None,
+            passes: BTreeMap::new(),
+            pass_detail: Vec::new(),
+            flops: 0,
+            flops_by_class: FlopBreakdown::default(),
+            einsums: Vec::new(),
+            bytes_min: 0,
+            tensor_bytes: Vec::new(),
+            bytes_fused: 0,
+            arithmetic_intensity: 0.0,
+            roofline: roofline(&options.gpu, &FlopBreakdown::default(), 0, 0),
+            buffers: Vec::new(),
+            fusion_groups: Vec::new(),
+            warnings: vec![format!("malformed cascade, not analyzed: {problem}")],
+        }
+    }
+
     /// The report as pretty JSON (the schema is docs/analysis.md).
     pub fn to_json(&self) -> String {
         // Serializing these plain structs cannot fail: no maps with non-string keys.

@@ -492,3 +492,67 @@ fn topological_order(
     }
     order
 }
+
+/// Checks that every handle in the cascade points into its arena, so the analysis can
+/// index arenas freely. The validator guarantees this for parsed cascades; a cascade built
+/// by hand or by a buggy pass may not.
+pub(crate) fn check_handles(cascade: &Cascade) -> Result<(), String> {
+    let n_ranks = cascade.ranks.len();
+    let n_tensors = cascade.tensors.len();
+    let rank_ok = |r: Handle<Rank>| r.index() < n_ranks;
+    let index_ok = |i: &IndexExpr| i.terms.iter().all(|&(_, r)| rank_ok(r));
+    let mut problems = Vec::new();
+    for (_, r) in cascade.ranks.iter() {
+        let split_ok = r
+            .split
+            .as_ref()
+            .is_none_or(|s| rank_ok(s.outer) && rank_ok(s.inner));
+        if !split_ok || !r.parent.is_none_or(rank_ok) {
+            problems.push(format!("rank {} names a rank that does not exist", r.name));
+        }
+    }
+    for (_, t) in cascade.tensors.iter() {
+        if !t.ranks.iter().all(|&r| rank_ok(r)) {
+            problems.push(format!(
+                "tensor {} names a rank that does not exist",
+                t.name
+            ));
+        }
+        if t.iterative.is_some_and(|d| d >= t.ranks.len()) {
+            problems.push(format!(
+                "tensor {}: iterative dimension out of range",
+                t.name
+            ));
+        }
+    }
+    for (h, e) in cascade.einsums.iter() {
+        let mut ok = e.output.tensor.index() < n_tensors && e.output.indices.iter().all(index_ok);
+        let mut visit = |expr: &Expr| {
+            expr.visit_accesses(&mut |a| {
+                ok &= a.tensor.index() < n_tensors
+                    && a.indices.iter().all(index_ok)
+                    && a.indices.len()
+                        == cascade.tensors.get(a.tensor).map_or(0, |t| t.ranks.len());
+            });
+            expr.visit_indices(&mut |i| ok &= index_ok(i));
+        };
+        visit(&e.expr);
+        if let Some(rec) = &e.recurrence {
+            visit(&rec.init);
+        }
+        ok &= e.reductions.iter().all(|r| rank_ok(r.rank))
+            && e.mask.iter().all(|c| index_ok(&c.lhs) && index_ok(&c.rhs))
+            && e.recurrence.as_ref().is_none_or(|rec| rank_ok(rec.rank));
+        if !ok {
+            problems.push(format!(
+                "Einsum #{} names a tensor or rank that does not exist, or indexes a tensor with the wrong number of indices",
+                h.index()
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}

@@ -812,6 +812,21 @@ fn lightning_is_one_pass_over_the_blocks_with_a_d_by_e_state() {
 }
 
 #[test]
+fn a_malformed_cascade_is_reported_not_panicked_on() {
+    let mut c = linear_attention(16, 4);
+    // A dangling rank handle, as a buggy pass might leave.
+    c.tensors[Handle::new(0)].ranks.push(Handle::new(99));
+    let r = analyze(&c, &opts());
+    assert_eq!(r.warnings.len(), 1);
+    assert!(
+        r.warnings[0].starts_with("malformed cascade"),
+        "{:?}",
+        r.warnings
+    );
+    assert!(r.passes.is_empty());
+}
+
+#[test]
 #[ignore = "prints reports for eyeballing: cargo test -- --ignored --nocapture"]
 fn print_reports() {
     for c in [
