@@ -9,6 +9,7 @@
 //! See `backends/README.md` for the Tile IR, the fragment layouts and what each lowering
 //! assumes.
 
+pub mod plan;
 pub mod ptx;
 pub mod reference;
 pub mod tile;

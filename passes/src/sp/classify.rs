@@ -22,7 +22,9 @@
 
 use super::expr::{self, LinearForm};
 use super::seq::SequenceRanks;
-use einattn_ir::{BinaryOp, Cascade, Einsum, Expr, Handle, IndexExpr, Rank, ReduceOp, Tensor, TensorKind};
+use einattn_ir::{
+    BinaryOp, Cascade, Einsum, Expr, Handle, IndexExpr, Rank, ReduceOp, Tensor, TensorKind,
+};
 use serde::Serialize;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -117,7 +119,9 @@ impl Classification {
     /// Queries and keys are separate ranks, and each device can compute its queries
     /// against a contiguous prefix of keys given in order (all-gather of K and V).
     pub fn keys_in_order(&self) -> bool {
-        !self.seq.single_rank() && self.cross_chunk_reads.is_empty() && self.unsupported_states.is_empty()
+        !self.seq.single_rank()
+            && self.cross_chunk_reads.is_empty()
+            && self.unsupported_states.is_empty()
     }
 
     /// Partial results over key chunks merge in any order (ring, TokenRing, zigzag).
@@ -135,7 +139,11 @@ impl Classification {
 
 /// Tensors the expression reads, and everything they are computed from, stopping at
 /// recurrence states (which are returned but not expanded).
-fn upstream_states(cascade: &Cascade, expr: &Expr, states: &[Handle<Tensor>]) -> Vec<Handle<Tensor>> {
+fn upstream_states(
+    cascade: &Cascade,
+    expr: &Expr,
+    states: &[Handle<Tensor>],
+) -> Vec<Handle<Tensor>> {
     let mut seen: Vec<Handle<Tensor>> = Vec::new();
     let mut found = Vec::new();
     let mut stack = expr::tensors_read(expr);
@@ -182,13 +190,21 @@ pub fn classify(cascade: &Cascade, seq: SequenceRanks) -> Classification {
             .filter(|&d| Some(d) != t.iterative)
             .map(|d| cascade.dim_extent(state, d))
             .product();
-        let others: Vec<Handle<Tensor>> = state_tensors.iter().copied().filter(|&s| s != state).collect();
+        let others: Vec<Handle<Tensor>> = state_tensors
+            .iter()
+            .copied()
+            .filter(|&s| s != state)
+            .collect();
         let role = if !e.reductions.is_empty() || !e.mask.is_empty() {
             None
         } else if let Some(op) = expr::running_extremum(cascade, &e.expr, state, key_outer) {
             let independent = upstream_states(cascade, &e.expr, &others).is_empty();
             independent.then_some(StateRole::Extremum {
-                op: if op == BinaryOp::Max { ReduceOp::Max } else { ReduceOp::Min },
+                op: if op == BinaryOp::Max {
+                    ReduceOp::Max
+                } else {
+                    ReduceOp::Min
+                },
             })
         } else if let Some(LinearForm {
             coefficient: Some(coefficient),
@@ -203,17 +219,27 @@ pub fn classify(cascade: &Cascade, seq: SequenceRanks) -> Classification {
             let max_state = others.iter().copied().find(|&m| {
                 expr::is_rescale_factor(cascade, &inlined, m, key_outer)
                     && recurrences.iter().any(|&(mh, mt)| {
-                        mt == m && expr::running_extremum(cascade, &cascade.einsums[mh].expr, m, key_outer) == Some(BinaryOp::Max)
+                        mt == m
+                            && expr::running_extremum(
+                                cascade,
+                                &cascade.einsums[mh].expr,
+                                m,
+                                key_outer,
+                            ) == Some(BinaryOp::Max)
                     })
             });
             match max_state {
-                Some(m) if offset_states.iter().all(|&s| s == m) => Some(StateRole::RescaledSum { max_state: m }),
+                Some(m) if offset_states.iter().all(|&s| s == m) => {
+                    Some(StateRole::RescaledSum { max_state: m })
+                }
                 Some(_) => None,
                 None => {
                     let coefficient_states = upstream_states(cascade, &coefficient, &others);
-                    (coefficient_states.is_empty() && offset_states.is_empty()).then(|| StateRole::Linear {
-                        unit: expr::is_one(&inlined),
-                        coefficient,
+                    (coefficient_states.is_empty() && offset_states.is_empty()).then(|| {
+                        StateRole::Linear {
+                            unit: expr::is_one(&inlined),
+                            coefficient,
+                        }
                     })
                 }
             }
@@ -252,21 +278,31 @@ pub fn classify(cascade: &Cascade, seq: SequenceRanks) -> Classification {
     let global_reductions: Vec<Handle<Einsum>> = cascade
         .einsums
         .iter()
-        .filter(|(_, e)| e.reductions.iter().any(|r| r.rank == key_outer || r.rank == seq.key.declared))
+        .filter(|(_, e)| {
+            e.reductions
+                .iter()
+                .any(|r| r.rank == key_outer || r.rank == seq.key.declared)
+        })
         .map(|(h, _)| h)
         .collect();
     for &g in &global_reductions {
         notes.push(DependencyNote {
             tensor: name(cascade.einsums[g].output.tensor),
             kind: "reduction over the whole key rank".to_string(),
-            detail: "needs every key before its result exists: keys are brought to the queries".to_string(),
+            detail: "needs every key before its result exists: keys are brought to the queries"
+                .to_string(),
         });
     }
 
     let cross_chunk_reads = cross_chunk_reads(cascade, &seq);
 
     // Epilogue: iterates no key leaf and reads a final state or another epilogue tensor.
-    let iterates_key = |h: Handle<Einsum>| cascade.iteration_ranks(h).iter().any(|&r| seq.key.has_leaf(r));
+    let iterates_key = |h: Handle<Einsum>| {
+        cascade
+            .iteration_ranks(h)
+            .iter()
+            .any(|&r| seq.key.has_leaf(r))
+    };
     let mut epilogue: Vec<Handle<Einsum>> = Vec::new();
     let mut changed = true;
     while changed {
@@ -282,7 +318,9 @@ pub fn classify(cascade: &Cascade, seq: SequenceRanks) -> Classification {
                         .iterative
                         .and_then(|d| a.indices.get(d))
                         .is_some_and(|i| i.terms.is_empty() && i.constant != 0);
-                let from_epilogue = cascade.producer(a.tensor).is_some_and(|p| epilogue.contains(&p));
+                let from_epilogue = cascade
+                    .producer(a.tensor)
+                    .is_some_and(|p| epilogue.contains(&p));
                 reads_final |= is_state_final || from_epilogue;
             });
             if reads_final {
@@ -291,7 +329,11 @@ pub fn classify(cascade: &Cascade, seq: SequenceRanks) -> Classification {
             }
         }
     }
-    let partial: Vec<Handle<Einsum>> = cascade.einsums.handles().filter(|h| !epilogue.contains(h)).collect();
+    let partial: Vec<Handle<Einsum>> = cascade
+        .einsums
+        .handles()
+        .filter(|h| !epilogue.contains(h))
+        .collect();
 
     let head_ranks = head_ranks(cascade, &seq);
 
@@ -318,7 +360,9 @@ fn cross_chunk_reads(cascade: &Cascade, seq: &SequenceRanks) -> Vec<String> {
         let mut check = |a: &einattn_ir::Access| {
             let t = &cascade.tensors[a.tensor];
             for (d, &rank) in t.ranks.iter().enumerate() {
-                let Some(index) = a.indices.get(d) else { continue };
+                let Some(index) = a.indices.get(d) else {
+                    continue;
+                };
                 let index = super::local::expand_index(cascade, index);
                 let side = if seq.query.declared == rank || seq.query.has_leaf(rank) {
                     Some(seq.query)
@@ -331,12 +375,16 @@ fn cross_chunk_reads(cascade: &Cascade, seq: &SequenceRanks) -> Vec<String> {
                 let ok = if rank == side.declared && side.inner.is_some() {
                     chunk_local(cascade, &index, side.outer, side.tile)
                 } else if t.iterative == Some(d) {
-                    index.terms.is_empty() || index.as_rank() == Some(rank) || index == IndexExpr {
-                        terms: vec![(1, rank)],
-                        constant: 1,
-                    }
+                    index.terms.is_empty()
+                        || index.as_rank() == Some(rank)
+                        || index
+                            == IndexExpr {
+                                terms: vec![(1, rank)],
+                                constant: 1,
+                            }
                 } else {
-                    index.as_rank() == Some(rank) || (rank == side.declared && index.as_rank() == Some(side.outer))
+                    index.as_rank() == Some(rank)
+                        || (rank == side.declared && index.as_rank() == Some(side.outer))
                 };
                 if !ok {
                     problems.push(format!(
@@ -378,7 +426,9 @@ fn head_ranks(cascade: &Cascade, seq: &SequenceRanks) -> Vec<Handle<Rank>> {
         .iter()
         .filter(|(_, t)| {
             matches!(t.kind, TensorKind::Input | TensorKind::Output)
-                && t.ranks.iter().any(|&r| r == seq.query.declared || r == seq.key.declared)
+                && t.ranks
+                    .iter()
+                    .any(|&r| r == seq.query.declared || r == seq.key.declared)
         })
         .map(|(_, t)| t)
         .collect();

@@ -174,7 +174,11 @@ impl Estimate {
 /// (names) at their storage size, plus `extra_bytes`.
 fn work_of(report: &Report, einsums: &[String], tensors: &[String], extra_bytes: f64) -> Work {
     let mut w = Work::default();
-    for e in report.einsums.iter().filter(|e| einsums.contains(&e.einsum)) {
+    for e in report
+        .einsums
+        .iter()
+        .filter(|e| einsums.contains(&e.einsum))
+    {
         w.contraction_flops += e.contraction_flops as f64;
         w.scalar_flops += e.scalar_flops as f64;
         w.transcendental_ops += e.transcendental_ops as f64;
@@ -190,7 +194,10 @@ fn work_of(report: &Report, einsums: &[String], tensors: &[String], extra_bytes:
 }
 
 /// Names of the Einsums (by output tensor) and of the non-temporary tensors they touch.
-fn phase_names(cascade: &Cascade, einsums: &[Handle<einattn_ir::Einsum>]) -> (Vec<String>, Vec<String>) {
+fn phase_names(
+    cascade: &Cascade,
+    einsums: &[Handle<einattn_ir::Einsum>],
+) -> (Vec<String>, Vec<String>) {
     let mut names = Vec::new();
     let mut tensors: Vec<String> = Vec::new();
     let mut touch = |t: Handle<Tensor>| {
@@ -214,8 +221,15 @@ pub fn key_bytes_per_token(cascade: &Cascade, cls: &Classification) -> u64 {
     cascade
         .tensors
         .iter()
-        .filter(|(_, t)| t.kind == TensorKind::Input && t.ranks.contains(&key) && (cls.seq.single_rank() || !t.ranks.contains(&cls.seq.query.declared)))
-        .map(|(h, t)| cascade.tensor_elements(h) / cls.seq.tokens.max(1) * t.dtype.unwrap_or(DType::F32).bytes())
+        .filter(|(_, t)| {
+            t.kind == TensorKind::Input
+                && t.ranks.contains(&key)
+                && (cls.seq.single_rank() || !t.ranks.contains(&cls.seq.query.declared))
+        })
+        .map(|(h, t)| {
+            cascade.tensor_elements(h) / cls.seq.tokens.max(1)
+                * t.dtype.unwrap_or(DType::F32).bytes()
+        })
         .sum()
 }
 
@@ -225,8 +239,15 @@ pub fn query_bytes_per_token(cascade: &Cascade, cls: &Classification) -> u64 {
     cascade
         .tensors
         .iter()
-        .filter(|(_, t)| t.kind == TensorKind::Input && t.ranks.contains(&q) && !t.ranks.contains(&cls.seq.key.declared))
-        .map(|(h, t)| cascade.tensor_elements(h) / cls.seq.tokens.max(1) * t.dtype.unwrap_or(DType::F32).bytes())
+        .filter(|(_, t)| {
+            t.kind == TensorKind::Input
+                && t.ranks.contains(&q)
+                && !t.ranks.contains(&cls.seq.key.declared)
+        })
+        .map(|(h, t)| {
+            cascade.tensor_elements(h) / cls.seq.tokens.max(1)
+                * t.dtype.unwrap_or(DType::F32).bytes()
+        })
         .sum()
 }
 
@@ -237,7 +258,10 @@ pub fn output_bytes_per_token(cascade: &Cascade, cls: &Classification) -> u64 {
         .tensors
         .iter()
         .filter(|(_, t)| t.kind == TensorKind::Output && t.ranks.contains(&q))
-        .map(|(h, t)| cascade.tensor_elements(h) / cls.seq.tokens.max(1) * t.dtype.unwrap_or(DType::F32).bytes())
+        .map(|(h, t)| {
+            cascade.tensor_elements(h) / cls.seq.tokens.max(1)
+                * t.dtype.unwrap_or(DType::F32).bytes()
+        })
         .sum()
 }
 
@@ -295,8 +319,10 @@ pub fn estimate(
             }];
             let report = analyzer.report(&window, false)?;
             let state_bytes = state_elems as f64 * sb;
-            let t_state = params.kernel_time(&work_of(report, &state_names, &state_tensors, state_bytes));
-            let t_output = params.kernel_time(&work_of(report, &all_names, &all_tensors, state_bytes));
+            let t_state =
+                params.kernel_time(&work_of(report, &state_names, &state_tensors, state_bytes));
+            let t_output =
+                params.kernel_time(&work_of(report, &all_names, &all_tensors, state_bytes));
             // Decays are one value per head or so: count them as a fraction of the state.
             let message = state_bytes;
             let t_combine_one = params.memory_time(3.0 * state_bytes);
@@ -345,16 +371,30 @@ pub fn estimate(
             for r in 0..p {
                 let pairs = schemes::device_pairs(analyzer, p, scheme.zigzag, r)?;
                 let mine = schemes::device_chunks(tokens, p, scheme.zigzag, r);
-                let pair_time = |q: TokenRange, k: TokenRange, analyzer: &mut PairAnalyzer| -> Result<f64, SpError> {
+                let pair_time = |q: TokenRange,
+                                 k: TokenRange,
+                                 analyzer: &mut PairAnalyzer|
+                 -> Result<f64, SpError> {
                     let report = analyzer.report(&schemes::pair_windows(cls, q, k), false)?;
-                    Ok(params.kernel_time(&work_of(report, &partial_names, &partial_tensors, 2.0 * q.len as f64 * stats_per_token)))
+                    Ok(params.kernel_time(&work_of(
+                        report,
+                        &partial_names,
+                        &partial_tensors,
+                        2.0 * q.len as f64 * stats_per_token,
+                    )))
                 };
                 let mut epilogue = 0.0;
                 for q in &mine {
                     let report = analyzer.report(&schemes::pair_windows(cls, *q, *q), false)?;
-                    epilogue += params.kernel_time(&work_of(report, &epi_names, &epi_tensors, q.len as f64 * stats_per_token));
+                    epilogue += params.kernel_time(&work_of(
+                        report,
+                        &epi_names,
+                        &epi_tensors,
+                        q.len as f64 * stats_per_token,
+                    ));
                 }
-                let merge_one = |q: TokenRange| params.memory_time(3.0 * q.len as f64 * stats_per_token);
+                let merge_one =
+                    |q: TokenRange| params.memory_time(3.0 * q.len as f64 * stats_per_token);
                 match scheme.kind {
                     SchemeKind::AllGatherKv => {
                         let received = (tokens - tokens / p) as f64 * kv_per_token;
@@ -371,7 +411,11 @@ pub fn estimate(
                         }
                         let compute = local + remote + epilogue;
                         // Local key chunks run while the gather is in flight.
-                        let overlap = if cls.keys_any_order() { local.min(t_gather) } else { 0.0 };
+                        let overlap = if cls.keys_any_order() {
+                            local.min(t_gather)
+                        } else {
+                            0.0
+                        };
                         let total = compute + t_gather - overlap;
                         max_bytes = max_bytes.max(received as u64);
                         if total > worst.0 {
@@ -404,10 +448,12 @@ pub fn estimate(
                                 }
                             }
                             if scheme.kind == SchemeKind::TokenRing {
-                                let theirs_pairs = schemes::device_pairs(analyzer, p, scheme.zigzag, src)?;
+                                let theirs_pairs =
+                                    schemes::device_pairs(analyzer, p, scheme.zigzag, src)?;
                                 for (q, k, _) in &theirs_pairs {
                                     if mine.contains(k) {
-                                        step_compute += pair_time(*q, *k, analyzer)? + merge_one(*q);
+                                        step_compute +=
+                                            pair_time(*q, *k, analyzer)? + merge_one(*q);
                                     }
                                 }
                             }
@@ -417,7 +463,8 @@ pub fn estimate(
                                     chunk_tokens as f64 * kv_per_token
                                 } else {
                                     // Queries out and statistics back travel at once.
-                                    (chunk_tokens as f64 * q_per_token).max(chunk_tokens as f64 * stats_per_token)
+                                    (chunk_tokens as f64 * q_per_token)
+                                        .max(chunk_tokens as f64 * stats_per_token)
                                 };
                                 received += bytes;
                                 params.p2p.time(bytes)
@@ -435,7 +482,11 @@ pub fn estimate(
                         if total > worst.0 {
                             worst = (total, compute, comm, overlap);
                         }
-                        e.collectives = if scheme.kind == SchemeKind::Ring { p - 1 } else { 2 * (p - 1) };
+                        e.collectives = if scheme.kind == SchemeKind::Ring {
+                            p - 1
+                        } else {
+                            2 * (p - 1)
+                        };
                         e.steps = p - 1;
                     }
                     _ => {}

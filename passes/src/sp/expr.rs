@@ -13,7 +13,12 @@ pub struct LinearForm {
 
 /// Whether `access` reads `state` at the current step of `rank` (index exactly `rank`
 /// along the state's iterative dimension).
-pub fn is_current_step(cascade: &Cascade, access: &Access, state: Handle<Tensor>, rank: Handle<Rank>) -> bool {
+pub fn is_current_step(
+    cascade: &Cascade,
+    access: &Access,
+    state: Handle<Tensor>,
+    rank: Handle<Rank>,
+) -> bool {
     if access.tensor != state {
         return false;
     }
@@ -55,7 +60,12 @@ fn scale(factor: &Expr, a: Option<Expr>, factor_left: bool) -> Option<Expr> {
 /// The linear form of `expr` in `state` read at the current step of `rank`, or `None`
 /// when the expression is not affine in it (a product of two state reads, `exp(state)`,
 /// a read of another step).
-pub fn linear_form(cascade: &Cascade, expr: &Expr, state: Handle<Tensor>, rank: Handle<Rank>) -> Option<LinearForm> {
+pub fn linear_form(
+    cascade: &Cascade,
+    expr: &Expr,
+    state: Handle<Tensor>,
+    rank: Handle<Rank>,
+) -> Option<LinearForm> {
     if !reads_tensor(expr, state) {
         return Some(LinearForm {
             coefficient: None,
@@ -88,11 +98,12 @@ pub fn linear_form(cascade: &Cascade, expr: &Expr, state: Handle<Tensor>, rank: 
             })
         }
         Expr::Binary(BinaryOp::Mul, a, b) => {
-            let (factor, inner, factor_left) = match (reads_tensor(a, state), reads_tensor(b, state)) {
-                (false, true) => (a, b, true),
-                (true, false) => (b, a, false),
-                _ => return None,
-            };
+            let (factor, inner, factor_left) =
+                match (reads_tensor(a, state), reads_tensor(b, state)) {
+                    (false, true) => (a, b, true),
+                    (true, false) => (b, a, false),
+                    _ => return None,
+                };
             let f = linear_form(cascade, inner, state, rank)?;
             Some(LinearForm {
                 coefficient: scale(factor, f.coefficient, factor_left),
@@ -113,11 +124,18 @@ pub fn linear_form(cascade: &Cascade, expr: &Expr, state: Handle<Tensor>, rank: 
 
 /// `max(S[k], X)` or `max(X, S[k])` (or `min`): the operator, when `expr` is a running
 /// extremum of `state` along `rank`.
-pub fn running_extremum(cascade: &Cascade, expr: &Expr, state: Handle<Tensor>, rank: Handle<Rank>) -> Option<BinaryOp> {
+pub fn running_extremum(
+    cascade: &Cascade,
+    expr: &Expr,
+    state: Handle<Tensor>,
+    rank: Handle<Rank>,
+) -> Option<BinaryOp> {
     match expr {
         Expr::Binary(op @ (BinaryOp::Max | BinaryOp::Min), a, b) => {
-            let current = |e: &Expr| matches!(e, Expr::Access(x) if is_current_step(cascade, x, state, rank));
-            let ok = (current(a) && !reads_tensor(b, state)) || (current(b) && !reads_tensor(a, state));
+            let current =
+                |e: &Expr| matches!(e, Expr::Access(x) if is_current_step(cascade, x, state, rank));
+            let ok =
+                (current(a) && !reads_tensor(b, state)) || (current(b) && !reads_tensor(a, state));
             ok.then_some(*op)
         }
         _ => None,
@@ -140,21 +158,34 @@ pub fn inline_maps(cascade: &Cascade, expr: &Expr, depth: usize) -> Expr {
             };
             let e = &cascade.einsums[producer];
             let same_indices = e.output.indices == a.indices;
-            if e.reductions.is_empty() && e.mask.is_empty() && e.recurrence.is_none() && same_indices {
+            if e.reductions.is_empty()
+                && e.mask.is_empty()
+                && e.recurrence.is_none()
+                && same_indices
+            {
                 inline_maps(cascade, &e.expr, depth + 1)
             } else {
                 expr.clone()
             }
         }
         Expr::Unary(op, a) => Expr::unary(*op, inline_maps(cascade, a, depth)),
-        Expr::Binary(op, a, b) => Expr::binary(*op, inline_maps(cascade, a, depth), inline_maps(cascade, b, depth)),
+        Expr::Binary(op, a, b) => Expr::binary(
+            *op,
+            inline_maps(cascade, a, depth),
+            inline_maps(cascade, b, depth),
+        ),
         Expr::Literal(_) | Expr::Index(_) => expr.clone(),
     }
 }
 
 /// Whether `expr` is `exp(M[k] - M[k+1])` for the state `max_state` along `rank`: the
 /// rescaling factor of online softmax when the running maximum grows.
-pub fn is_rescale_factor(cascade: &Cascade, expr: &Expr, max_state: Handle<Tensor>, rank: Handle<Rank>) -> bool {
+pub fn is_rescale_factor(
+    cascade: &Cascade,
+    expr: &Expr,
+    max_state: Handle<Tensor>,
+    rank: Handle<Rank>,
+) -> bool {
     let Expr::Unary(UnaryOp::Exp, inner) = expr else {
         return false;
     };
@@ -174,7 +205,10 @@ pub fn is_rescale_factor(cascade: &Cascade, expr: &Expr, max_state: Handle<Tenso
     is_current_step(cascade, a, max_state, rank)
         && b.tensor == max_state
         && b.indices.get(d) == Some(&next)
-        && a.indices.iter().enumerate().all(|(i, x)| i == d || b.indices.get(i) == Some(x))
+        && a.indices
+            .iter()
+            .enumerate()
+            .all(|(i, x)| i == d || b.indices.get(i) == Some(x))
 }
 
 /// Whether an expression is the literal 1 (a unit coefficient: a plain running sum).

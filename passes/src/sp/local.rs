@@ -121,7 +121,10 @@ fn map_value_indices(expr: &mut Expr, f: &mut impl FnMut(&mut IndexExpr)) {
     }
 }
 
-fn map_accesses(expr: &mut Expr, f: &mut impl FnMut(&mut Expr) -> Result<(), SpError>) -> Result<(), SpError> {
+fn map_accesses(
+    expr: &mut Expr,
+    f: &mut impl FnMut(&mut Expr) -> Result<(), SpError>,
+) -> Result<(), SpError> {
     match expr {
         Expr::Access(_) => f(expr),
         Expr::Literal(_) | Expr::Index(_) => Ok(()),
@@ -216,7 +219,10 @@ pub fn localize(original: &Cascade, spec: &LocalSpec) -> Result<LocalCascade, Sp
     for &state in &spec.finals_from_input {
         let t = &original.tensors[state];
         let Some(d) = t.iterative else {
-            return Err(SpError::Window(format!("`{}` is not a recurrence state", t.name)));
+            return Err(SpError::Window(format!(
+                "`{}` is not a recurrence state",
+                t.name
+            )));
         };
         let mut ranks = t.ranks.clone();
         ranks.remove(d);
@@ -245,7 +251,9 @@ pub fn localize(original: &Cascade, spec: &LocalSpec) -> Result<LocalCascade, Sp
             let Some((d, old, new)) = final_of(a.tensor) else {
                 return Ok(());
             };
-            let Some(index) = a.indices.get(d) else { return Ok(()) };
+            let Some(index) = a.indices.get(d) else {
+                return Ok(());
+            };
             if !index.terms.is_empty() {
                 return Ok(());
             }
@@ -294,7 +302,10 @@ pub fn localize(original: &Cascade, spec: &LocalSpec) -> Result<LocalCascade, Sp
         };
         let t = original.tensors[state].clone();
         let Some(d) = t.iterative else {
-            return Err(SpError::Window(format!("`{}` is not a recurrence state", t.name)));
+            return Err(SpError::Window(format!(
+                "`{}` is not a recurrence state",
+                t.name
+            )));
         };
         let init = match source {
             InitSource::Original => continue,
@@ -461,10 +472,12 @@ pub fn dependency_order(cascade: &Cascade, wanted: &[Handle<Einsum>]) -> Vec<Han
             if !needed[h.index()] || done[h.index()] {
                 continue;
             }
-            let ready = reads_of(cascade, h).iter().all(|&t| match cascade.producer(t) {
-                Some(p) => p == h || done[p.index()],
-                None => true,
-            });
+            let ready = reads_of(cascade, h)
+                .iter()
+                .all(|&t| match cascade.producer(t) {
+                    Some(p) => p == h || done[p.index()],
+                    None => true,
+                });
             if ready {
                 done[h.index()] = true;
                 order.push(h);
@@ -544,7 +557,11 @@ pub fn slice_inputs(
 }
 
 /// The state's last step, without its iterative dimension.
-pub fn final_step(cascade: &Cascade, state: Handle<Tensor>, data: &TensorData) -> Option<TensorData> {
+pub fn final_step(
+    cascade: &Cascade,
+    state: Handle<Tensor>,
+    data: &TensorData,
+) -> Option<TensorData> {
     let d = cascade.tensors[state].iterative?;
     let last = data.shape[d].checked_sub(1)?;
     let mut sliced = slice_dim(
@@ -568,5 +585,6 @@ pub fn evaluate(
     wanted: &[Handle<Einsum>],
 ) -> Result<Values, SpError> {
     let order = dependency_order(cascade, wanted);
-    interp::evaluate_in_order(cascade, inputs, &order).map_err(|e| SpError::Evaluation(e.to_string()))
+    interp::evaluate_in_order(cascade, inputs, &order)
+        .map_err(|e| SpError::Evaluation(e.to_string()))
 }

@@ -111,7 +111,11 @@ pub fn candidate_schemes(cls: &Classification) -> Vec<Scheme> {
     let mk = |kind, zigzag| Scheme {
         kind,
         zigzag,
-        head_rank: if kind == SchemeKind::Ulysses { head_rank } else { None },
+        head_rank: if kind == SchemeKind::Ulysses {
+            head_rank
+        } else {
+            None
+        },
     };
     vec![
         mk(SchemeKind::Lasp2, false),
@@ -128,7 +132,10 @@ pub fn candidate_schemes(cls: &Classification) -> Vec<Scheme> {
 
 /// Classifies the cascade's dependencies across the split, costs every scheme and picks
 /// the cheapest applicable one (or the one `options.scheme` names).
-pub fn plan_sequence_parallel(cascade: &Cascade, options: &SpOptions) -> Result<SpDecision, SpError> {
+pub fn plan_sequence_parallel(
+    cascade: &Cascade,
+    options: &SpOptions,
+) -> Result<SpDecision, SpError> {
     let seq = match &options.sequence {
         Some((q, k)) => SequenceRanks::by_names(cascade, q, k)?,
         None => SequenceRanks::detect(cascade)?,
@@ -144,11 +151,13 @@ pub fn plan_sequence_parallel(cascade: &Cascade, options: &SpOptions) -> Result<
     scored.sort_by(|a, b| {
         let key = |e: &Estimate| (e.not_applicable.is_some(), e.total_s);
         let (ka, kb) = (key(&a.1), key(&b.1));
-        ka.0.cmp(&kb.0).then(ka.1.partial_cmp(&kb.1).unwrap_or(std::cmp::Ordering::Equal))
+        ka.0.cmp(&kb.0)
+            .then(ka.1.partial_cmp(&kb.1).unwrap_or(std::cmp::Ordering::Equal))
     });
     let chosen = match &options.scheme {
         Some(name) => {
-            let wanted = Scheme::parse(name).ok_or_else(|| SpError::Scheme(format!("no scheme named `{name}`")))?;
+            let wanted = Scheme::parse(name)
+                .ok_or_else(|| SpError::Scheme(format!("no scheme named `{name}`")))?;
             let (s, e) = scored
                 .iter()
                 .find(|(s, _)| s.kind == wanted.kind && s.zigzag == wanted.zigzag)
@@ -163,9 +172,16 @@ pub fn plan_sequence_parallel(cascade: &Cascade, options: &SpOptions) -> Result<
             _ => {
                 let why: Vec<String> = scored
                     .iter()
-                    .filter_map(|(s, e)| e.not_applicable.as_ref().map(|w| format!("{}: {w}", s.name())))
+                    .filter_map(|(s, e)| {
+                        e.not_applicable
+                            .as_ref()
+                            .map(|w| format!("{}: {w}", s.name()))
+                    })
                     .collect();
-                return Err(SpError::Scheme(format!("no scheme applies:\n  {}", why.join("\n  "))));
+                return Err(SpError::Scheme(format!(
+                    "no scheme applies:\n  {}",
+                    why.join("\n  ")
+                )));
             }
         },
     };
@@ -219,7 +235,14 @@ impl SpReport {
         let _ = writeln!(
             s,
             "  {:<20} {:>12} {:>5} {:>5} {:>10} {:>10} {:>10} {:>10}",
-            "scheme", "MiB/device", "calls", "steps", "compute ms", "comm ms", "overlap ms", "total ms"
+            "scheme",
+            "MiB/device",
+            "calls",
+            "steps",
+            "compute ms",
+            "comm ms",
+            "overlap ms",
+            "total ms"
         );
         for e in &self.estimates {
             let mark = if e.scheme == self.chosen { "*" } else { " " };

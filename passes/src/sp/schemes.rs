@@ -93,7 +93,10 @@ pub fn device_chunks(tokens: u64, devices: u64, zigzag: bool, rank: u64) -> Vec<
     if zigzag {
         let c = tokens / (2 * devices);
         vec![
-            TokenRange { start: rank * c, len: c },
+            TokenRange {
+                start: rank * c,
+                len: c,
+            },
             TokenRange {
                 start: (2 * devices - 1 - rank) * c,
                 len: c,
@@ -101,7 +104,10 @@ pub fn device_chunks(tokens: u64, devices: u64, zigzag: bool, rank: u64) -> Vec<
         ]
     } else {
         let c = tokens / devices;
-        vec![TokenRange { start: rank * c, len: c }]
+        vec![TokenRange {
+            start: rank * c,
+            len: c,
+        }]
     }
 }
 
@@ -118,14 +124,21 @@ pub enum PairMask {
 }
 
 /// Why a scheme does not apply (shown in the comparison table).
-pub fn applicability(cls: &Classification, cascade: &Cascade, scheme: &Scheme, devices: u64) -> Result<(), String> {
+pub fn applicability(
+    cls: &Classification,
+    cascade: &Cascade,
+    scheme: &Scheme,
+    devices: u64,
+) -> Result<(), String> {
     let seq = &cls.seq;
     let chunks = if scheme.zigzag { 2 * devices } else { devices };
     if devices < 2 {
         return Err("needs at least 2 devices".to_string());
     }
     let granule = seq.granule();
-    if scheme.kind != SchemeKind::Ulysses && (seq.tokens % chunks != 0 || (seq.tokens / chunks) % granule != 0) {
+    if scheme.kind != SchemeKind::Ulysses
+        && (seq.tokens % chunks != 0 || (seq.tokens / chunks) % granule != 0)
+    {
         return Err(format!(
             "{} tokens do not split into {chunks} chunks of whole tiles of {granule}",
             seq.tokens
@@ -157,7 +170,8 @@ pub fn applicability(cls: &Classification, cascade: &Cascade, scheme: &Scheme, d
         SchemeKind::Ring | SchemeKind::TokenRing => {
             if !cls.keys_any_order() {
                 return Err(if cls.keys_in_order() {
-                    "needs partial results that merge in any order (online-softmax statistics)".to_string()
+                    "needs partial results that merge in any order (online-softmax statistics)"
+                        .to_string()
                 } else {
                     reason_keys(cls)
                 });
@@ -179,7 +193,10 @@ pub fn applicability(cls: &Classification, cascade: &Cascade, scheme: &Scheme, d
                 ));
             }
             if seq.tokens % devices != 0 {
-                return Err(format!("{} tokens do not split into {devices} chunks", seq.tokens));
+                return Err(format!(
+                    "{} tokens do not split into {devices} chunks",
+                    seq.tokens
+                ));
             }
             Ok(())
         }
@@ -235,8 +252,15 @@ impl<'a> PairAnalyzer<'a> {
 
     /// The analysis of the cascade restricted to `windows`, with states read from inputs
     /// when `resumed` (so a resumed kernel is costed like the one that runs).
-    pub fn report(&mut self, windows: &[Window], resumed: bool) -> Result<&analysis::Report, SpError> {
-        let key: Vec<(usize, u64, u64)> = windows.iter().map(|w| (w.rank.index(), w.start, w.len)).collect();
+    pub fn report(
+        &mut self,
+        windows: &[Window],
+        resumed: bool,
+    ) -> Result<&analysis::Report, SpError> {
+        let key: Vec<(usize, u64, u64)> = windows
+            .iter()
+            .map(|w| (w.rank.index(), w.start, w.len))
+            .collect();
         let cache_key = (key, resumed);
         if !self.cache.contains_key(&cache_key) {
             let spec = LocalSpec {
@@ -254,7 +278,11 @@ impl<'a> PairAnalyzer<'a> {
 
     /// Whether the pair's scores are all, some or none present: judged on the Einsums that
     /// read a key-carrying input (the scores and the value contraction).
-    pub fn pair_mask(&mut self, queries: TokenRange, keys: TokenRange) -> Result<PairMask, SpError> {
+    pub fn pair_mask(
+        &mut self,
+        queries: TokenRange,
+        keys: TokenRange,
+    ) -> Result<PairMask, SpError> {
         let cascade = self.cascade;
         let key_rank = self.cls.seq.key.declared;
         let key_inputs: Vec<String> = cascade
@@ -268,15 +296,20 @@ impl<'a> PairAnalyzer<'a> {
             .iter()
             .filter(|(_, e)| {
                 let mut reads = false;
-                e.expr
-                    .visit_accesses(&mut |a| reads |= key_inputs.contains(&cascade.tensors[a.tensor].name));
+                e.expr.visit_accesses(&mut |a| {
+                    reads |= key_inputs.contains(&cascade.tensors[a.tensor].name)
+                });
                 reads
             })
             .map(|(_, e)| cascade.tensors[e.output.tensor].name.clone())
             .collect();
         let windows = pair_windows(self.cls, queries, keys);
         let report = self.report(&windows, false)?;
-        let rows: Vec<&analysis::EinsumReport> = report.einsums.iter().filter(|e| readers.contains(&e.einsum)).collect();
+        let rows: Vec<&analysis::EinsumReport> = report
+            .einsums
+            .iter()
+            .filter(|e| readers.contains(&e.einsum))
+            .collect();
         if rows.iter().all(|e| e.points == 0) {
             Ok(PairMask::Empty)
         } else if rows.iter().all(|e| e.points == e.points_dense) {
