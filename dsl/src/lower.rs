@@ -1106,9 +1106,8 @@ impl Lowerer {
             );
             return;
         };
-        let (rec_rank, has_init) = match self.recurrences[einsum.index()] {
-            Some(x) => x,
-            None => return,
+        let Some(&Some((rec_rank, has_init))) = self.recurrences.get(einsum.index()) else {
+            return;
         };
         if has_init {
             let prev = self.cascade.einsums[einsum]
@@ -1125,7 +1124,11 @@ impl Lowerer {
             );
             return;
         }
-        let mut mentioned = self.mentioned[einsum.index()].clone();
+        let mut mentioned = self
+            .mentioned
+            .get(einsum.index())
+            .cloned()
+            .unwrap_or_default();
         for r in self.mentioned_ranks(kind) {
             if !mentioned.contains(&r) {
                 mentioned.push(r);

@@ -1076,3 +1076,97 @@ impl<'a> Checker<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rank(c: &mut Cascade, name: &str, extent: u64) -> Handle<Rank> {
+        c.ranks.append(Rank {
+            name: name.into(),
+            extent,
+            source: ExtentSource::Literal,
+            split: None,
+            parent: None,
+            span: Span::UNKNOWN,
+        })
+    }
+
+    fn tensor(
+        c: &mut Cascade,
+        name: &str,
+        ranks: Vec<Handle<Rank>>,
+        kind: TensorKind,
+    ) -> Handle<Tensor> {
+        c.tensors.append(Tensor {
+            name: name.into(),
+            ranks,
+            kind,
+            dtype: (kind != TensorKind::Temp).then_some(DType::F32),
+            iterative: None,
+            default: None,
+            span: Span::UNKNOWN,
+        })
+    }
+
+    fn copy(c: &mut Cascade, from: Handle<Tensor>, to: Handle<Tensor>, r: Handle<Rank>) {
+        c.einsums.append(Einsum {
+            output: Access {
+                tensor: to,
+                indices: vec![IndexExpr::rank(r)],
+                span: Span::UNKNOWN,
+            },
+            expr: Expr::Access(Access {
+                tensor: from,
+                indices: vec![IndexExpr::rank(r)],
+                span: Span::UNKNOWN,
+            }),
+            reductions: Vec::new(),
+            mask: Vec::new(),
+            recurrence: None,
+            span: Span::UNKNOWN,
+        });
+    }
+
+    #[test]
+    fn topological_order_puts_producers_first_and_keeps_program_order() {
+        let mut c = Cascade::default();
+        let i = rank(&mut c, "i", 3);
+        let a = tensor(&mut c, "A", vec![i], TensorKind::Input);
+        let t = tensor(&mut c, "T", vec![i], TensorKind::Temp);
+        let u = tensor(&mut c, "U", vec![i], TensorKind::Temp);
+        let o = tensor(&mut c, "O", vec![i], TensorKind::Output);
+        copy(&mut c, u, o, i); // 0: O = U
+        copy(&mut c, a, t, i); // 1: T = A
+        copy(&mut c, t, u, i); // 2: U = T
+        let order: Vec<usize> = topological_order(&c)
+            .into_iter()
+            .map(|h| h.index())
+            .collect();
+        assert_eq!(order, vec![1, 2, 0]);
+        assert!(validate(&c).is_ok(), "{:?}", check(&c));
+    }
+
+    #[test]
+    fn dangling_handles_are_reported_not_followed() {
+        let mut c = Cascade::default();
+        let i = rank(&mut c, "i", 3);
+        let a = tensor(&mut c, "A", vec![i], TensorKind::Input);
+        let o = tensor(&mut c, "O", vec![i], TensorKind::Output);
+        copy(&mut c, a, o, Handle::new(7));
+        copy(&mut c, Handle::new(9), o, i);
+        let found = validate(&c).unwrap_err();
+        assert!(found
+            .iter()
+            .all(|d| d.kind == DiagnosticKind::Invalid && d.span.is_none()));
+        assert_eq!(topological_order(&c).len(), 2);
+    }
+
+    #[test]
+    fn closest_name_prefers_small_edits_and_case() {
+        assert_eq!(closest_name("Kx", ["K", "Q", "V"]), Some("K"));
+        assert_eq!(closest_name("k", ["K", "Q"]), Some("K"));
+        assert_eq!(closest_name("scale", ["Q", "K"]), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+}
