@@ -50,11 +50,15 @@ pub struct AlgebraOutcome {
 
 fn var(name: &str) -> Var {
     // The names are literals of this file, all valid variables.
-    name.parse().unwrap_or_else(|_| unreachable!("`{name}` is a pattern variable"))
+    name.parse()
+        .unwrap_or_else(|_| unreachable!("`{name}` is a pattern variable"))
 }
 
 /// `?rank` binds a rank that is not free in `?factor`, and `?factor` is never absent.
-fn independent(factor: &'static str, rank: &'static str) -> impl Fn(&mut EinGraph, Id, &Subst) -> bool {
+fn independent(
+    factor: &'static str,
+    rank: &'static str,
+) -> impl Fn(&mut EinGraph, Id, &Subst) -> bool {
     let (factor, rank) = (var(factor), var(rank));
     move |egraph, _, subst| {
         let f = &egraph[subst[factor]].data;
@@ -67,7 +71,9 @@ fn independent(factor: &'static str, rank: &'static str) -> impl Fn(&mut EinGrap
 
 fn never_absent(a: &'static str, b: &'static str) -> impl Fn(&mut EinGraph, Id, &Subst) -> bool {
     let (a, b) = (var(a), var(b));
-    move |egraph, _, subst| !egraph[subst[a]].data.may_be_absent && !egraph[subst[b]].data.may_be_absent
+    move |egraph, _, subst| {
+        !egraph[subst[a]].data.may_be_absent && !egraph[subst[b]].data.may_be_absent
+    }
 }
 
 /// The names of every rule, in the order [`rules`] returns them.
@@ -166,7 +172,9 @@ impl Applier<Ein, EinAnalysis> for DecayFactor {
         let Some(index) = egraph.analysis.leaves.indices.get(k as usize).cloned() else {
             return vec![];
         };
-        let Some(&(coef, rank)) = index.terms.first() else { return vec![] };
+        let Some(&(coef, rank)) = index.terms.first() else {
+            return vec![];
+        };
         if index.terms.len() < 2 {
             return vec![];
         }
@@ -200,16 +208,25 @@ pub struct FlopCost<'a> {
     egraph: &'a EinGraph,
     extents: Vec<f64>,
     trusted_exp_args: HashSet<Id>,
+    /// The e-nodes of the terms as built: on equal FLOPs the form with fewer new nodes
+    /// wins, so the user's spelling survives where rewriting gains nothing.
+    original: HashSet<Ein>,
 }
 
 const UNTRUSTED_EXP: f64 = 1e18;
 
 impl<'a> FlopCost<'a> {
-    pub fn new(egraph: &'a EinGraph, cascade: &Cascade, trusted_exp_args: &HashSet<Id>) -> Self {
+    pub fn new(
+        egraph: &'a EinGraph,
+        cascade: &Cascade,
+        trusted_exp_args: &HashSet<Id>,
+        original: &HashSet<Ein>,
+    ) -> Self {
         FlopCost {
             egraph,
             extents: cascade.ranks.iter().map(|(_, r)| r.extent as f64).collect(),
             trusted_exp_args: trusted_exp_args.iter().map(|&i| egraph.find(i)).collect(),
+            original: canonical_nodes(egraph, original),
         }
     }
 
@@ -222,12 +239,17 @@ impl<'a> FlopCost<'a> {
 }
 
 impl CostFunction<Ein> for FlopCost<'_> {
-    type Cost = f64;
-    fn cost<C>(&mut self, enode: &Ein, mut costs: C) -> f64
+    /// FLOPs, then e-nodes not in the original terms.
+    type Cost = (f64, usize);
+    fn cost<C>(&mut self, enode: &Ein, mut costs: C) -> (f64, usize)
     where
-        C: FnMut(Id) -> f64,
+        C: FnMut(Id) -> (f64, usize),
     {
-        let children: f64 = enode.children().iter().map(|&c| costs(c)).sum();
+        let (children, new_nodes) = enode.children().iter().fold((0.0, 0), |(f, n), &c| {
+            let (cf, cn) = costs(c);
+            (f + cf, n + cn)
+        });
+        let new_node = usize::from(!self.original.contains(enode));
         let data = |c: &Id| &self.egraph[*c].data;
         let own = match enode {
             Ein::Num(_) | Ein::Leaf(_) | Ein::Mask(_) => 0.0,
@@ -249,8 +271,16 @@ impl CostFunction<Ein> for FlopCost<'_> {
                 self.volume(free)
             }
         };
-        own + children
+        (own + children, new_nodes + new_node)
     }
+}
+
+/// `nodes` with their children canonical in `egraph` (after unions moved them).
+fn canonical_nodes(egraph: &EinGraph, nodes: &HashSet<Ein>) -> HashSet<Ein> {
+    nodes
+        .iter()
+        .map(|n| n.clone().map_children(|c| egraph.find(c)))
+        .collect()
 }
 
 /// Every `exp` argument in the e-graph as built: the exponentials the user wrote.
@@ -285,6 +315,7 @@ pub fn saturate(
     let form = TreeForm::build(cascade);
     let (egraph, roots) = form.egraph(explain);
     let trusted = exp_arguments(&egraph);
+    let original: HashSet<Ein> = egraph.classes().flat_map(|c| c.nodes.iter().cloned()).collect();
     let runner = Runner::default()
         .with_egraph(egraph)
         .with_iter_limit(limits.iterations)
@@ -302,7 +333,7 @@ pub fn saturate(
     let iterations = runner.iterations.len();
     let mut egraph = runner.egraph;
     let egraph_nodes = egraph.total_number_of_nodes();
-    let cost = FlopCost::new(&egraph, cascade, &trusted);
+    let cost = FlopCost::new(&egraph, cascade, &trusted, &original);
     let extractor = Extractor::new(&egraph, cost);
     let extracted: Vec<RecExpr<Ein>> = roots.iter().map(|&r| extractor.find_best(r).1).collect();
     let changed = form
@@ -336,7 +367,10 @@ pub fn saturate(
 }
 
 fn collect_rules(term: &egg::FlatTerm<Ein>, out: &mut Vec<String>) {
-    for rule in [term.backward_rule, term.forward_rule].into_iter().flatten() {
+    for rule in [term.backward_rule, term.forward_rule]
+        .into_iter()
+        .flatten()
+    {
         let name = rule.to_string();
         if !out.contains(&name) {
             out.push(name);
@@ -372,14 +406,19 @@ impl CostFunction<Ein> for PreferRewritten {
 /// per-rule property tests check both the rewrite and that it fired).
 pub fn apply_rule_once(cascade: &Cascade, rule: &str) -> Option<Cascade> {
     let all = rules();
-    let chosen: Vec<Rewrite<Ein, EinAnalysis>> =
-        all.into_iter().filter(|r| r.name.as_str() == rule).collect();
+    let chosen: Vec<Rewrite<Ein, EinAnalysis>> = all
+        .into_iter()
+        .filter(|r| r.name.as_str() == rule)
+        .collect();
     if chosen.is_empty() {
         return None;
     }
     let form = TreeForm::build(cascade);
     let (egraph, roots) = form.egraph(false);
-    let original: HashSet<Ein> = egraph.classes().flat_map(|c| c.nodes.iter().cloned()).collect();
+    let original: HashSet<Ein> = egraph
+        .classes()
+        .flat_map(|c| c.nodes.iter().cloned())
+        .collect();
     let runner = Runner::default()
         .with_egraph(egraph)
         .with_iter_limit(1)
@@ -390,7 +429,12 @@ pub fn apply_rule_once(cascade: &Cascade, rule: &str) -> Option<Cascade> {
         .iter()
         .map(|n| n.clone().map_children(|c| egraph.find(c)))
         .collect();
-    let extractor = Extractor::new(&egraph, PreferRewritten { original: canonical });
+    let extractor = Extractor::new(
+        &egraph,
+        PreferRewritten {
+            original: canonical,
+        },
+    );
     let changed = form
         .roots
         .iter()

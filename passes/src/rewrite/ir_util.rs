@@ -29,13 +29,21 @@ pub fn substitute_index(index: &IndexExpr, rename: &HashMap<Handle<Rank>, IndexE
 
 /// `expr` with every index expression (accesses and rank values) renamed.
 pub fn substitute_expr(expr: &Expr, rename: &HashMap<Handle<Rank>, IndexExpr>) -> Expr {
-    map_accesses(expr, &mut |a| {
-        Expr::Access(Access {
-            tensor: a.tensor,
-            indices: a.indices.iter().map(|i| substitute_index(i, rename)).collect(),
-            span: a.span,
-        })
-    }, rename)
+    map_accesses(
+        expr,
+        &mut |a| {
+            Expr::Access(Access {
+                tensor: a.tensor,
+                indices: a
+                    .indices
+                    .iter()
+                    .map(|i| substitute_index(i, rename))
+                    .collect(),
+                span: a.span,
+            })
+        },
+        rename,
+    )
 }
 
 /// Rebuilds `expr`, replacing each access by `f(access)` and renaming rank values.
@@ -208,7 +216,8 @@ pub fn tidy(cascade: &mut Cascade) {
                 }
             });
             if let Some(rec) = &e.recurrence {
-                rec.init.visit_accesses(&mut |a| read[a.tensor.index()] = true);
+                rec.init
+                    .visit_accesses(&mut |a| read[a.tensor.index()] = true);
             }
         }
         let dead: Vec<Handle<Einsum>> = cascade

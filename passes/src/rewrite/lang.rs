@@ -264,8 +264,12 @@ pub struct Leaves {
 /// Sorts terms by rank so equal affine expressions compare equal.
 pub fn canonical_index(index: &IndexExpr) -> IndexExpr {
     let mut out = IndexExpr::constant(index.constant);
-    let mut terms: Vec<(i64, Handle<Rank>)> =
-        index.terms.iter().copied().filter(|(c, _)| *c != 0).collect();
+    let mut terms: Vec<(i64, Handle<Rank>)> = index
+        .terms
+        .iter()
+        .copied()
+        .filter(|(c, _)| *c != 0)
+        .collect();
     terms.sort_by_key(|(_, r)| *r);
     for (c, r) in terms {
         out.add_term(c, r);
@@ -309,9 +313,10 @@ impl Leaves {
             rhs: canonical_index(&condition.rhs),
             span: condition.span,
         };
-        let found = self.conditions.iter().position(|c| {
-            c.lhs == canonical.lhs && c.op == canonical.op && c.rhs == canonical.rhs
-        });
+        let found = self
+            .conditions
+            .iter()
+            .position(|c| c.lhs == canonical.lhs && c.op == canonical.op && c.rhs == canonical.rhs);
         let id = found.unwrap_or_else(|| {
             self.conditions.push(canonical);
             self.conditions.len() - 1
@@ -321,16 +326,22 @@ impl Leaves {
 
     fn leaf_ranks(&self, leaf: Leaf) -> RankSet {
         match leaf {
-            Leaf::Access(i) => self.accesses.get(i as usize).map_or(RankSet::default(), |a| {
-                RankSet::of(a.indices.iter().flat_map(|x| x.ranks().collect::<Vec<_>>()))
-            }),
+            Leaf::Access(i) => self
+                .accesses
+                .get(i as usize)
+                .map_or(RankSet::default(), |a| {
+                    RankSet::of(a.indices.iter().flat_map(|x| x.ranks().collect::<Vec<_>>()))
+                }),
             Leaf::Index(i) => self
                 .indices
                 .get(i as usize)
                 .map_or(RankSet::default(), |x| RankSet::of(x.ranks())),
-            Leaf::Cond(i) => self.conditions.get(i as usize).map_or(RankSet::default(), |c| {
-                RankSet::of(c.lhs.ranks().chain(c.rhs.ranks()))
-            }),
+            Leaf::Cond(i) => self
+                .conditions
+                .get(i as usize)
+                .map_or(RankSet::default(), |c| {
+                    RankSet::of(c.lhs.ranks().chain(c.rhs.ranks()))
+                }),
             // A binder is not a use of its rank.
             Leaf::Rank(_) | Leaf::Op(_) => RankSet::default(),
         }

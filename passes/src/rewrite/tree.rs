@@ -108,7 +108,9 @@ impl TreeForm {
         while next < root_tensors.len() {
             let tensor = root_tensors[next];
             next += 1;
-            let Some(einsum) = cascade.producer(tensor) else { continue };
+            let Some(einsum) = cascade.producer(tensor) else {
+                continue;
+            };
             let mut term = RecExpr::default();
             b.einsum_term(&mut term, einsum, &HashMap::new());
             roots.push(Root {
@@ -150,7 +152,11 @@ impl TreeForm {
         if explanations {
             egraph = egraph.with_explanations_enabled();
         }
-        let ids = self.roots.iter().map(|r| egraph.add_expr(&r.term)).collect();
+        let ids = self
+            .roots
+            .iter()
+            .map(|r| egraph.add_expr(&r.term))
+            .collect();
         for (_, term) in &self.inlined_definitions {
             egraph.add_expr(term);
         }
@@ -357,7 +363,11 @@ pub fn materialize(
             m.memo.entry(class).or_insert_with(|| {
                 (
                     root.tensor,
-                    root.output.indices.iter().filter_map(IndexExpr::as_rank).collect(),
+                    root.output
+                        .indices
+                        .iter()
+                        .filter_map(IndexExpr::as_rank)
+                        .collect(),
                 )
             });
         }
@@ -367,7 +377,11 @@ pub fn materialize(
         m.count_uses(egraph.find(class), &mut seen);
     }
     for (root, &class) in form.roots.iter().zip(root_classes) {
-        let einsum = m.einsum_from(egraph.find(class), root.output.clone(), original.einsums[root.einsum].span);
+        let einsum = m.einsum_from(
+            egraph.find(class),
+            root.output.clone(),
+            original.einsums[root.einsum].span,
+        );
         m.einsums.push(einsum);
     }
     for &e in &form.kept {
@@ -427,7 +441,8 @@ impl Materializer<'_> {
         loop {
             match self.node(cur).clone() {
                 Ein::Reduce([op, rank, body]) => {
-                    let (Some(r), Some(op)) = (self.egraph[rank].data.rank, self.egraph[op].data.reduce_op)
+                    let (Some(r), Some(op)) =
+                        (self.egraph[rank].data.rank, self.egraph[op].data.reduce_op)
                     else {
                         break;
                     };
@@ -437,11 +452,16 @@ impl Materializer<'_> {
                     if shared || root_free.contains(r) || peeled.iter().any(|p| p.rank == r) {
                         break;
                     }
-                    peeled.push(Reduction { rank: r, op: op.op() });
+                    peeled.push(Reduction {
+                        rank: r,
+                        op: op.op(),
+                    });
                     cur = self.egraph.find(body);
                 }
                 Ein::Mask([cond, body]) => {
-                    let Some(Leaf::Cond(c)) = leaf_of(self.node(cond)) else { break };
+                    let Some(Leaf::Cond(c)) = leaf_of(self.node(cond)) else {
+                        break;
+                    };
                     let condition = self.leaves.conditions[c as usize].clone();
                     let ranks = RankSet::of(condition.lhs.ranks().chain(condition.rhs.ranks()));
                     let peeled_set = RankSet::of(peeled.iter().map(|p| p.rank));
@@ -515,7 +535,11 @@ impl Materializer<'_> {
                     let tensor = self.store(class);
                     Expr::Access(Access {
                         tensor,
-                        indices: self.memo[&class].1.iter().map(|&r| IndexExpr::rank(r)).collect(),
+                        indices: self.memo[&class]
+                            .1
+                            .iter()
+                            .map(|&r| IndexExpr::rank(r))
+                            .collect(),
                         span: Span::UNKNOWN,
                     })
                 }
@@ -530,11 +554,17 @@ impl Materializer<'_> {
                 return false;
             }
             let node = m.node(class);
-            matches!(node, Ein::Exp(_) | Ein::Log(_) | Ein::Sqrt(_) | Ein::Tanh(_))
-                || (!matches!(node, Ein::Reduce(_) | Ein::Mask(_))
-                    && node.children().iter().any(|&c| has_transcendental(m, c, depth + 1)))
+            matches!(
+                node,
+                Ein::Exp(_) | Ein::Log(_) | Ein::Sqrt(_) | Ein::Tanh(_)
+            ) || (!matches!(node, Ein::Reduce(_) | Ein::Mask(_))
+                && node
+                    .children()
+                    .iter()
+                    .any(|&c| has_transcendental(m, c, depth + 1)))
         }
-        !matches!(self.node(class), Ein::Leaf(_) | Ein::Num(_)) && has_transcendental(self, class, 0)
+        !matches!(self.node(class), Ein::Leaf(_) | Ein::Num(_))
+            && has_transcendental(self, class, 0)
     }
 
     /// Emits the Einsum that stores `class` and records it in `memo`.
@@ -570,7 +600,10 @@ impl Materializer<'_> {
         let einsum = self.einsum_from(class, output, Span::UNKNOWN);
         self.memo.insert(class, (tensor, ranks));
         if self.out.tensors[tensor].name.is_empty() {
-            let name = ir_util::fresh_name(&self.out, &ir_util::name_from_reads(&self.out, &einsum.expr));
+            let name = ir_util::fresh_name(
+                &self.out,
+                &ir_util::name_from_reads(&self.out, &einsum.expr),
+            );
             self.out.tensors[tensor].name = name;
         }
         self.einsums.push(einsum);
@@ -584,4 +617,3 @@ fn leaf_of(node: &Ein) -> Option<Leaf> {
         _ => None,
     }
 }
-
