@@ -160,12 +160,19 @@ pub(crate) fn cost_einsums(lc: &LeafCascade, counter: &mut PointCounter) -> Vec<
         let cost = cost_one(lc, e, &effective, inherits, counter);
         costs[h.index()] = cost;
 
-        // What the output inherits: conditions over plain output ranks only, and none over
-        // reduced ranks (a reduction of absent points is the identity, which is present).
+        // What the output inherits: conditions over plain output ranks only. A map is
+        // absent wherever an operand is, so it keeps everything; a reduction skips absent
+        // operands and yields its identity (present), so it keeps only its own conditions
+        // over output ranks (the interpreter's "outer conditions").
         let plain: Option<Vec<Handle<Rank>>> = e.output.iter().map(|i| i.as_rank()).collect();
+        let carried: &[LeafCondition] = if e.reductions.is_empty() {
+            &effective
+        } else {
+            &e.mask
+        };
         presence[e.output_tensor.index()] = match plain {
             Some(dims) if e.recurrence_rank.is_none() => {
-                let kept: Vec<LeafCondition> = effective
+                let kept: Vec<LeafCondition> = carried
                     .iter()
                     .filter(|c| c.ranks().all(|r| dims.contains(&r)))
                     .cloned()

@@ -827,6 +827,72 @@ fn a_malformed_cascade_is_reported_not_panicked_on() {
 }
 
 #[test]
+fn a_reduction_of_absent_points_is_present() {
+    // X is absent for p >= 2; G = max over m of X is the identity there, which is present,
+    // so Y = G + 1 computes at every p. Z = X + 1 (a map) is absent where X is.
+    let mut b = Build::new("absence");
+    let m = b.rank("m", 4, None);
+    let p = b.rank("p", 5, None);
+    let input = b.tensor("A", &[m, p], TensorKind::Input);
+    let x = b.tensor("X", &[m, p], TensorKind::Temp);
+    let g = b.tensor("G", &[p], TensorKind::Temp);
+    let y = b.tensor("Y", &[p], TensorKind::Output);
+    let z = b.tensor("Z", &[m, p], TensorKind::Output);
+    let lt2 = Condition {
+        lhs: ix(p),
+        op: CmpOp::Lt,
+        rhs: IndexExpr::constant(2),
+        span: Span::UNKNOWN,
+    };
+    b.einsum(
+        acc(x, vec![ix(m), ix(p)]),
+        a(input, vec![ix(m), ix(p)]),
+        &[],
+        vec![lt2],
+        None,
+    );
+    b.einsum(
+        acc(g, vec![ix(p)]),
+        a(x, vec![ix(m), ix(p)]),
+        &[(m, ReduceOp::Max)],
+        vec![],
+        None,
+    );
+    let plus_one = |t: Expr| bin(BinaryOp::Add, t, Expr::Literal(1.0));
+    b.einsum(
+        acc(y, vec![ix(p)]),
+        plus_one(a(g, vec![ix(p)])),
+        &[],
+        vec![],
+        None,
+    );
+    b.einsum(
+        acc(z, vec![ix(m), ix(p)]),
+        plus_one(a(x, vec![ix(m), ix(p)])),
+        &[],
+        vec![],
+        None,
+    );
+    let r = analyze(&b.c, &opts());
+    assert_eq!(einsum(&r, "X").points, 8);
+    assert_eq!(
+        einsum(&r, "G").points,
+        8,
+        "the max combines only present points"
+    );
+    assert_eq!(
+        einsum(&r, "Y").points,
+        5,
+        "but its result exists at every p"
+    );
+    assert_eq!(
+        einsum(&r, "Z").points,
+        8,
+        "a map is absent where its operand is"
+    );
+}
+
+#[test]
 #[ignore = "prints reports for eyeballing: cargo test -- --ignored --nocapture"]
 fn print_reports() {
     for c in [
