@@ -296,6 +296,8 @@ pub fn emit_plan(cascade: &Cascade, decision: &SpDecision) -> Result<Plan, PlanE
         .find(|e| e.scheme == decision.report.chosen)
         .map(|e| e.total_s * 1e3)
         .unwrap_or(0.0);
+    // Rounded to a nanosecond so the value survives a JSON round trip unchanged.
+    let predicted_ms = (predicted_ms * 1e6).round() / 1e6;
     let name = |r: Handle<Rank>| cascade.ranks[r].name.clone();
     let mut phases: Vec<Phase> = Vec::new();
     for rp in &ranks {
@@ -783,11 +785,11 @@ fn original_init_value(ctx: &Ctx, states: &[Handle<Tensor>]) -> Result<f64, Plan
     Ok(value.unwrap_or(0.0))
 }
 
+/// Tensors laid out in a buffer: (tensor, shape, offset).
+type Placed = Vec<(Handle<Tensor>, Vec<u64>, u64)>;
+
 /// Layout of one query chunk's statistics: (state, shape, offset) and the merge rules.
-fn stats_layout(
-    ctx: &Ctx,
-    q_len: u64,
-) -> (Vec<(Handle<Tensor>, Vec<u64>, u64)>, Vec<MergeStat>, u64) {
+fn stats_layout(ctx: &Ctx, q_len: u64) -> (Placed, Vec<MergeStat>, u64) {
     let cascade = ctx.cascade;
     let mut layout = Vec::new();
     let mut merge = Vec::new();
@@ -850,7 +852,7 @@ struct KeySource {
 }
 
 /// Key-side inputs in the `kv` layout: per tensor, (tensor, shape, offset within a block).
-fn kv_layout(ctx: &Ctx, k_len: u64) -> (Vec<(Handle<Tensor>, Vec<u64>, u64)>, u64) {
+fn kv_layout(ctx: &Ctx, k_len: u64) -> (Placed, u64) {
     let mut out = Vec::new();
     let mut offset = 0;
     for t in ctx.seq_inputs(Side::Key) {
@@ -864,13 +866,15 @@ fn kv_layout(ctx: &Ctx, k_len: u64) -> (Vec<(Handle<Tensor>, Vec<u64>, u64)>, u6
 
 struct SoftmaxKernels<'a> {
     ctx: &'a Ctx<'a>,
-    kv: Vec<(Handle<Tensor>, Vec<u64>, u64)>,
-    stats: Vec<(Handle<Tensor>, Vec<u64>, u64)>,
+    kv: Placed,
+    stats: Placed,
     q_inputs: Vec<Handle<Tensor>>,
 }
 
 impl SoftmaxKernels<'_> {
     /// A partial over one key chunk: statistics to `stats_out` (resuming from `stats_in`).
+    // Each argument is one coordinate of the launch (queries, keys, where each lives).
+    #[allow(clippy::too_many_arguments)]
     fn partial(
         &self,
         q: TokenRange,

@@ -447,6 +447,6 @@ fn head_ranks(cascade: &Cascade, seq: &SequenceRanks) -> Vec<Handle<Rank>> {
             ((has_param, cascade.ranks[r].extent), r)
         })
         .collect();
-    candidates.sort_by(|a, b| b.0.cmp(&a.0));
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
     candidates.into_iter().map(|(_, r)| r).collect()
 }

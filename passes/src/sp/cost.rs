@@ -118,17 +118,6 @@ pub struct Work {
     pub bytes: f64,
 }
 
-impl Work {
-    pub fn add(self, other: Work) -> Work {
-        Work {
-            contraction_flops: self.contraction_flops + other.contraction_flops,
-            scalar_flops: self.scalar_flops + other.scalar_flops,
-            transcendental_ops: self.transcendental_ops + other.transcendental_ops,
-            bytes: self.bytes + other.bytes,
-        }
-    }
-}
-
 /// The predicted cost of one scheme.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Estimate {
@@ -317,7 +306,7 @@ pub fn estimate(
                 start: 0,
                 len: chunk,
             }];
-            let report = analyzer.report(&window, false)?;
+            let report = analyzer.report(&window)?;
             let state_bytes = state_elems as f64 * sb;
             let t_state =
                 params.kernel_time(&work_of(report, &state_names, &state_tensors, state_bytes));
@@ -375,7 +364,7 @@ pub fn estimate(
                                  k: TokenRange,
                                  analyzer: &mut PairAnalyzer|
                  -> Result<f64, SpError> {
-                    let report = analyzer.report(&schemes::pair_windows(cls, q, k), false)?;
+                    let report = analyzer.report(&schemes::pair_windows(cls, q, k))?;
                     Ok(params.kernel_time(&work_of(
                         report,
                         &partial_names,
@@ -385,7 +374,7 @@ pub fn estimate(
                 };
                 let mut epilogue = 0.0;
                 for q in &mine {
-                    let report = analyzer.report(&schemes::pair_windows(cls, *q, *q), false)?;
+                    let report = analyzer.report(&schemes::pair_windows(cls, *q, *q))?;
                     epilogue += params.kernel_time(&work_of(
                         report,
                         &epi_names,
@@ -514,7 +503,7 @@ pub fn estimate(
                 start: 0,
                 len: heads / p,
             }];
-            let report = analyzer.report(&window, false)?;
+            let report = analyzer.report(&window)?;
             let t_full = params.kernel_time(&work_of(report, &all_names, &all_tensors, 0.0));
             let per_token = if cls.seq.single_rank() {
                 key_bytes_per_token(cascade, cls)

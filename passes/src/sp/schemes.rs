@@ -137,7 +137,7 @@ pub fn applicability(
     }
     let granule = seq.granule();
     if scheme.kind != SchemeKind::Ulysses
-        && (seq.tokens % chunks != 0 || (seq.tokens / chunks) % granule != 0)
+        && (!seq.tokens.is_multiple_of(chunks) || !(seq.tokens / chunks).is_multiple_of(granule))
     {
         return Err(format!(
             "{} tokens do not split into {chunks} chunks of whole tiles of {granule}",
@@ -186,13 +186,13 @@ pub fn applicability(
                 return Err("no head rank that every sequence tensor carries".to_string());
             };
             let extent = cascade.ranks[h].extent;
-            if extent % devices != 0 {
+            if !extent.is_multiple_of(devices) {
                 return Err(format!(
                     "`{}` has {extent} heads, not divisible by {devices}",
                     cascade.ranks[h].name
                 ));
             }
-            if seq.tokens % devices != 0 {
+            if !seq.tokens.is_multiple_of(devices) {
                 return Err(format!(
                     "{} tokens do not split into {devices} chunks",
                     seq.tokens
@@ -232,12 +232,15 @@ pub fn pair_windows(cls: &Classification, queries: TokenRange, keys: TokenRange)
     w
 }
 
+/// (rank index, start, len) per window: a cache key.
+type WindowKey = Vec<(usize, u64, u64)>;
+
 /// Memoized analyses of per-device cascades (the planner asks about the same pairs often).
 pub struct PairAnalyzer<'a> {
     pub cascade: &'a Cascade,
     pub cls: &'a Classification,
     pub options: AnalysisOptions,
-    cache: HashMap<(Vec<(usize, u64, u64)>, bool), analysis::Report>,
+    cache: HashMap<WindowKey, analysis::Report>,
 }
 
 impl<'a> PairAnalyzer<'a> {
@@ -250,18 +253,13 @@ impl<'a> PairAnalyzer<'a> {
         }
     }
 
-    /// The analysis of the cascade restricted to `windows`, with states read from inputs
-    /// when `resumed` (so a resumed kernel is costed like the one that runs).
-    pub fn report(
-        &mut self,
-        windows: &[Window],
-        resumed: bool,
-    ) -> Result<&analysis::Report, SpError> {
+    /// The analysis of the cascade restricted to `windows`.
+    pub fn report(&mut self, windows: &[Window]) -> Result<&analysis::Report, SpError> {
         let key: Vec<(usize, u64, u64)> = windows
             .iter()
             .map(|w| (w.rank.index(), w.start, w.len))
             .collect();
-        let cache_key = (key, resumed);
+        let cache_key = key;
         if !self.cache.contains_key(&cache_key) {
             let spec = LocalSpec {
                 windows: windows.to_vec(),
@@ -304,7 +302,7 @@ impl<'a> PairAnalyzer<'a> {
             .map(|(_, e)| cascade.tensors[e.output.tensor].name.clone())
             .collect();
         let windows = pair_windows(self.cls, queries, keys);
-        let report = self.report(&windows, false)?;
+        let report = self.report(&windows)?;
         let rows: Vec<&analysis::EinsumReport> = report
             .einsums
             .iter()

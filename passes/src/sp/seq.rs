@@ -119,7 +119,9 @@ impl SequenceRanks {
                 .any(|(_, e)| e.reductions.iter().any(|red| seq.has_leaf(red.rank)));
             (iterated, reduced)
         };
-        let mut best: Option<((bool, u64), Handle<Rank>, Handle<Rank>)> = None;
+        // ((carries a recurrence, extent), query, key)
+        type Candidate = ((bool, u64), Handle<Rank>, Handle<Rank>);
+        let mut best: Option<Candidate> = None;
         for &q in &declared {
             if !indexes(q, TensorKind::Output) || !indexes(q, TensorKind::Input) {
                 continue;
