@@ -211,6 +211,10 @@ pub struct FlopCost<'a> {
     /// The e-nodes of the terms as built: on equal FLOPs the form with fewer new nodes
     /// wins, so the user's spelling survives where rewriting gains nothing.
     original: HashSet<Ein>,
+    /// Classes of temporaries the cascade computes once and reads several times. Tree
+    /// costs would charge them at every read, favouring forms that avoid reading them
+    /// (and then recompute their work in another shape); reading one is free instead.
+    computed_once: HashSet<Id>,
 }
 
 const UNTRUSTED_EXP: f64 = 1e18;
@@ -221,12 +225,14 @@ impl<'a> FlopCost<'a> {
         cascade: &Cascade,
         trusted_exp_args: &HashSet<Id>,
         original: &HashSet<Ein>,
+        computed_once: &[Id],
     ) -> Self {
         FlopCost {
             egraph,
             extents: cascade.ranks.iter().map(|(_, r)| r.extent as f64).collect(),
             trusted_exp_args: trusted_exp_args.iter().map(|&i| egraph.find(i)).collect(),
             original: canonical_nodes(egraph, original),
+            computed_once: computed_once.iter().map(|&i| egraph.find(i)).collect(),
         }
     }
 
@@ -246,6 +252,9 @@ impl CostFunction<Ein> for FlopCost<'_> {
         C: FnMut(Id) -> (f64, usize),
     {
         let (children, new_nodes) = enode.children().iter().fold((0.0, 0), |(f, n), &c| {
+            if self.computed_once.contains(&self.egraph.find(c)) {
+                return (f, n);
+            }
             let (cf, cn) = costs(c);
             (f + cf, n + cn)
         });
@@ -333,7 +342,15 @@ pub fn saturate(
     let iterations = runner.iterations.len();
     let mut egraph = runner.egraph;
     let egraph_nodes = egraph.total_number_of_nodes();
-    let cost = FlopCost::new(&egraph, cascade, &trusted, &original);
+    let computed_once: Vec<Id> = form
+        .shared
+        .iter()
+        .filter_map(|t| {
+            let (_, term) = form.inlined_definitions.iter().find(|(d, _)| d == t)?;
+            egraph.lookup_expr(term)
+        })
+        .collect();
+    let cost = FlopCost::new(&egraph, cascade, &trusted, &original, &computed_once);
     let extractor = Extractor::new(&egraph, cost);
     let extracted: Vec<RecExpr<Ein>> = roots.iter().map(|&r| extractor.find_best(r).1).collect();
     let changed = form
@@ -393,7 +410,8 @@ impl CostFunction<Ein> for PreferRewritten {
     where
         C: FnMut(Id) -> (usize, usize),
     {
-        let own = usize::from(self.original.contains(enode));
+        // Leaves are shared by both sides of every rule; only operator nodes tell them apart.
+        let own = usize::from(!enode.is_leaf() && self.original.contains(enode));
         enode.children().iter().fold((own, 1), |(o, s), &c| {
             let (co, cs) = costs(c);
             (o + co, s + cs)

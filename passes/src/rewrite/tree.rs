@@ -37,6 +37,8 @@ pub struct TreeForm {
     /// Temporaries that were inlined, with the term of their own definition: extraction
     /// names a materialized subterm after the temporary it equals.
     pub inlined_definitions: Vec<(Handle<Tensor>, RecExpr<Ein>)>,
+    /// Inlined temporaries the original cascade reads in more than one Einsum.
+    pub shared: Vec<Handle<Tensor>>,
 }
 
 struct Builder<'c> {
@@ -136,11 +138,27 @@ impl TreeForm {
                 }
             }
         }
+        let mut readers = vec![0usize; cascade.tensors.len()];
+        for (_, e) in cascade.einsums.iter() {
+            let mut seen = Vec::new();
+            e.expr.visit_accesses(&mut |a| {
+                if !seen.contains(&a.tensor) {
+                    seen.push(a.tensor);
+                    readers[a.tensor.index()] += 1;
+                }
+            });
+        }
+        let shared = inlined_definitions
+            .iter()
+            .map(|(t, _)| *t)
+            .filter(|t| readers[t.index()] >= 2)
+            .collect();
         TreeForm {
             leaves: b.leaves,
             roots,
             kept,
             inlined_definitions,
+            shared,
         }
     }
 
@@ -343,7 +361,7 @@ pub fn materialize(
         original,
         egraph,
         choice,
-        leaves: &form.leaves,
+        leaves: &egraph.analysis.leaves,
         out: original.clone(),
         einsums: Vec::new(),
         memo: HashMap::new(),
