@@ -131,7 +131,6 @@ fn lightning_picks_lasp2_and_its_gather_is_independent_of_n() {
         assert_eq!(est("lasp1").steps, p - 1);
         assert!(est("lasp1").total_s > est("lasp2").total_s);
         assert!(est("ring").not_applicable.is_some());
-        // The state-only phase and one output phase on N/P tokens.
         let ratio = est("lasp2").total_s / est("ulysses").total_s;
         assert!(ratio < 1.0, "P={p}: LASP-2 beats moving all of Q, K, V");
     }
@@ -209,4 +208,32 @@ fn sequences_that_do_not_split_into_tiles_are_rejected_per_scheme() {
     let r = sp::plan_sequence_parallel(&c, &SpOptions::new(3));
     let err = r.expect_err("no scheme applies");
     assert!(err.to_string().contains("whole tiles"), "{err}");
+}
+
+#[test]
+fn cost_parameters_can_be_overridden_from_json() {
+    let p = sp::CostParams::from_json(r#"{"p2p": {"bandwidth": 1e9}, "launch_s": 0.0}"#)
+        .expect("valid overrides");
+    assert_eq!(p.p2p.bandwidth, 1e9);
+    assert_eq!(
+        p.p2p.latency_s,
+        sp::CostParams::default().p2p.latency_s,
+        "unnamed fields keep defaults"
+    );
+    assert_eq!(p.launch_s, 0.0);
+    assert!(sp::CostParams::from_json(r#"{"warp_speed": 9}"#).is_err());
+    // A slower link makes LASP-1's chain of hops cost more.
+    let c = compile("lightning.ein", &LIGHTNING_BIG);
+    let mut options = SpOptions::new(4);
+    let fast = sp::plan_sequence_parallel(&c, &options).expect("plans");
+    options.cost = p;
+    let slow = sp::plan_sequence_parallel(&c, &options).expect("plans");
+    let lasp1 = |d: &sp::SpDecision| {
+        d.report
+            .estimates
+            .iter()
+            .find(|e| e.scheme == "lasp1")
+            .map(|e| e.comm_s)
+    };
+    assert!(lasp1(&slow) > lasp1(&fast));
 }

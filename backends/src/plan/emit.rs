@@ -24,6 +24,8 @@ pub enum PlanError {
     Sp(SpError),
     Unsupported(String),
     Execution(String),
+    /// Writing the plan failed.
+    Io(String),
 }
 
 impl std::fmt::Display for PlanError {
@@ -32,6 +34,7 @@ impl std::fmt::Display for PlanError {
             PlanError::Sp(e) => write!(f, "{e}"),
             PlanError::Unsupported(m) => write!(f, "cannot emit a plan: {m}"),
             PlanError::Execution(m) => write!(f, "plan execution: {m}"),
+            PlanError::Io(m) => write!(f, "cannot write the plan: {m}"),
         }
     }
 }

@@ -15,6 +15,7 @@ pub use format::*;
 
 use einattn_ir::Cascade;
 use einattn_passes::sp::{self, SpDecision, SpOptions};
+use std::path::{Path, PathBuf};
 
 /// Plans `cascade` for `options.devices` devices and emits the chosen scheme's plan.
 pub fn plan_cascade(
@@ -24,4 +25,19 @@ pub fn plan_cascade(
     let decision = sp::plan_sequence_parallel(cascade, options)?;
     let plan = emit_plan(cascade, &decision)?;
     Ok((decision, plan))
+}
+
+/// `einattn compile FILE --sp P -o DIR`: plans, emits and writes `DIR/plan.json`
+/// (creating `DIR`); returns the decision (for the comparison table) and the path.
+pub fn write_plan(
+    cascade: &Cascade,
+    options: &SpOptions,
+    dir: &Path,
+) -> Result<(SpDecision, PathBuf), PlanError> {
+    let (decision, plan) = plan_cascade(cascade, options)?;
+    let io = |e: std::io::Error| PlanError::Io(format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let path = dir.join("plan.json");
+    std::fs::write(&path, plan.to_json() + "\n").map_err(io)?;
+    Ok((decision, path))
 }

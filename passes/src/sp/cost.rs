@@ -67,6 +67,36 @@ impl Default for CostParams {
 }
 
 impl CostParams {
+    /// Reads overrides: a JSON object with any of this struct's fields (the rest keep
+    /// their defaults), e.g. `{"p2p": {"bandwidth": 4.0e11, "latency_s": 2e-5,
+    /// "floor_s": 3e-5}, "contraction_efficiency": 0.7}`.
+    pub fn from_json(text: &str) -> Result<CostParams, String> {
+        let mut base = serde_json::to_value(CostParams::default()).map_err(|e| e.to_string())?;
+        let overrides: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let (Some(base_map), Some(over_map)) = (base.as_object_mut(), overrides.as_object()) else {
+            return Err("cost parameters must be a JSON object".to_string());
+        };
+        for (k, v) in over_map {
+            if !base_map.contains_key(k) {
+                return Err(format!("unknown cost parameter `{k}`"));
+            }
+            match (
+                base_map.get_mut(k).and_then(|b| b.as_object_mut()),
+                v.as_object(),
+            ) {
+                (Some(inner), Some(v_inner)) => {
+                    for (ik, iv) in v_inner {
+                        inner.insert(ik.clone(), iv.clone());
+                    }
+                }
+                _ => {
+                    base_map.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        serde_json::from_value(base).map_err(|e| e.to_string())
+    }
+
     pub fn for_gpu(gpu: &GpuModel) -> CostParams {
         let all_gather = LinkModel {
             bandwidth: 240e9,
