@@ -339,14 +339,27 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
         span: Span::UNKNOWN,
     });
     c.ranks[p].split = Some(Split { outer: t, inner: i });
+    // Keys inside a block get a tile rank of their own, split from the key rank so reads
+    // of key tensors stay within the key rank's family; keys are addressed by the query
+    // block `t` (the block being processed), so the key split's outer rank goes unused.
+    let key_name = c.ranks[m].name.clone();
+    let key_blocks = c.ranks.append(Rank {
+        name: ir_util::fresh_rank_name(&c, &format!("{key_name}1")),
+        extent: n / block,
+        source: ExtentSource::SplitOuter,
+        split: None,
+        parent: Some(m),
+        span: Span::UNKNOWN,
+    });
     let j = c.ranks.append(Rank {
         name: ir_util::fresh_rank_name(&c, "j"),
         extent: block,
-        source: ExtentSource::Literal,
+        source: ExtentSource::SplitTile,
         split: None,
-        parent: None,
+        parent: Some(m),
         span: Span::UNKNOWN,
     });
+    c.ranks[m].split = Some(Split { outer: key_blocks, inner: j });
     // Outer term first: the form the printer recognizes as the split parent.
     let at = |r: Handle<Rank>| IndexExpr {
         terms: vec![(block as i64, t), (1, r)],
