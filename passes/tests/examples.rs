@@ -97,7 +97,10 @@ fn one_pass_states_are_per_query() {
 #[test]
 fn lightning_is_one_pass_over_blocks_with_a_d_by_e_state() {
     let r = report("lightning");
-    assert_eq!(r.passes["n"], 1, "the block rank t, reported under its parent n");
+    assert_eq!(
+        r.passes["n"], 1,
+        "the block rank t, reported under its parent n"
+    );
     assert_eq!(r.key_rank.as_deref(), Some("n"));
     assert_eq!(r.parallel_ranks, ["b", "h"]);
     let kv = r.buffers.iter().find(|b| b.tensor == "KV").unwrap();
@@ -133,7 +136,12 @@ fn causal_mask_keeps_the_triangle() {
     assert_eq!(einsum(&r, "S").contraction_flops, 2 * b * h * triangle * d);
     assert_eq!(einsum(&r, "PV").contraction_flops, 2 * b * h * triangle * d);
     let naive = report("lightning_naive");
-    let (b, h, n, d) = (size(&naive, "B"), size(&naive, "H"), size(&naive, "N"), size(&naive, "D"));
+    let (b, h, n, d) = (
+        size(&naive, "B"),
+        size(&naive, "H"),
+        size(&naive, "N"),
+        size(&naive, "D"),
+    );
     assert_eq!(einsum(&naive, "S").points, b * h * n * (n + 1) / 2 * d);
 }
 

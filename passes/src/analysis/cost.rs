@@ -72,11 +72,14 @@ impl PointCounter {
         conds: &[LeafCondition],
     ) -> u64 {
         // Only the dimensions a condition mentions need counting; the rest multiply.
-        let involved: Vec<Handle<Rank>> = space
+        // Sorted, so the same mask over the same ranks hits the cache whatever order the
+        // Einsums list their ranks in.
+        let mut involved: Vec<Handle<Rank>> = space
             .iter()
             .copied()
             .filter(|&r| conds.iter().any(|c| c.mentions(r)))
             .collect();
+        involved.sort();
         let free: u128 = space
             .iter()
             .filter(|r| !involved.contains(r))
@@ -197,22 +200,16 @@ fn cost_one(
     let points = counter.count(lc, &e.space, effective);
 
     // Points of the space with the first `k` reductions projected away.
-    let mut projected = |k: usize| -> u64 {
+    let reduced_prefix = |k: usize| -> Vec<Handle<Rank>> {
         let removed: Vec<Handle<Rank>> = e.reductions[..k].iter().map(|&(r, _)| r).collect();
-        let space: Vec<Handle<Rank>> = e
-            .space
+        e.space
             .iter()
             .copied()
             .filter(|r| !removed.contains(r))
-            .collect();
-        let conds: Vec<LeafCondition> = effective
-            .iter()
-            .filter(|c| !removed.iter().any(|&r| c.mentions(r)))
-            .cloned()
-            .collect();
-        counter.count(lc, &space, &conds)
+            .collect()
     };
-    let output_points = projected(e.reductions.len());
+    let output_points =
+        subspace_points(lc, &reduced_prefix(e.reductions.len()), effective, counter);
 
     let contraction = find_contraction(lc, e, expr);
     let mut cost = EinsumCost {
@@ -231,7 +228,12 @@ fn cost_one(
             .as_ref()
             .is_some_and(|c| c.summed.contains(&rank));
         if !covered {
-            combines = combines.saturating_add(if k == 0 { points } else { projected(k) });
+            let level = if k == 0 {
+                points
+            } else {
+                subspace_points(lc, &reduced_prefix(k), effective, counter)
+            };
+            combines = combines.saturating_add(level);
         }
     }
     cost.reduction_combines = combines;
@@ -239,14 +241,20 @@ fn cost_one(
     match contraction {
         Some(c) => {
             cost.is_contraction = true;
-            cost.contracted = c.summed;
             cost.contraction_flops = points.saturating_mul(2);
             cost.map_ops_per_point = c.factor_ops;
-            cost.transcendental_ops = c.factor_transcendentals.saturating_mul(output_points);
-            cost.scalar_flops = c
-                .factor_ops
-                .saturating_mul(output_points)
-                .saturating_add(combines);
+            let mut scalar = c.factor_ops.saturating_mul(output_points);
+            let mut trans = c.factor_transcendentals.saturating_mul(output_points);
+            // Maps inside an operand (`P / L` in `P / L * V`) run once per point of the
+            // operand's own ranks, before the product, as a fused kernel computes them.
+            for map in &c.operand_maps {
+                let n = subspace_points(lc, &map.ranks, effective, counter);
+                scalar = scalar.saturating_add(map.ops.saturating_mul(n));
+                trans = trans.saturating_add(map.transcendentals.saturating_mul(n));
+            }
+            cost.contracted = c.summed;
+            cost.transcendental_ops = trans;
+            cost.scalar_flops = scalar.saturating_add(combines);
         }
         None => {
             let (ops, trans) = count_ops(expr);
@@ -280,14 +288,24 @@ pub(crate) fn count_ops(expr: &Expr) -> (u64, u64) {
 
 struct Contraction {
     summed: Vec<Handle<Rank>>,
-    /// Operator nodes outside the one product the tensor cores do: the multiplications by
-    /// constant factors and the factors' own operators.
+    /// Operator nodes outside the one product the tensor cores do, applied per output
+    /// point: the multiplications by constant factors and the factors' own operators.
     factor_ops: u64,
     factor_transcendentals: u64,
+    /// Maps inside the two operands, applied per point of each operand's ranks.
+    operand_maps: Vec<OperandMap>,
 }
 
-/// Recognizes `c1 * ... * A[..] * ... * B[..]` summed over ranks both `A` and `B` carry,
-/// where every other factor is constant along the summed ranks.
+struct OperandMap {
+    ranks: Vec<Handle<Rank>>,
+    ops: u64,
+    transcendentals: u64,
+}
+
+/// Recognizes `c1 * ... * X * ... * Y` summed over ranks both operands `X` and `Y` carry,
+/// where every other factor `c` is constant along the summed ranks and some rank is carried
+/// by one operand only (a matrix-vector or matrix-matrix shape). A product of two operands
+/// over the same ranks is a batched dot product: no tensor-core shape, scalar work.
 fn find_contraction(lc: &LeafCascade, e: &LeafEinsum, expr: &Expr) -> Option<Contraction> {
     let summed_all: Vec<Handle<Rank>> = e
         .reductions
@@ -303,33 +321,22 @@ fn find_contraction(lc: &LeafCascade, e: &LeafEinsum, expr: &Expr) -> Option<Con
     if factors.len() < 2 {
         return None;
     }
-    let mentions_summed = |f: &Expr| -> bool {
-        let mut hit = false;
+    let ranks_of = |f: &Expr| -> Vec<Handle<Rank>> {
+        let mut ranks: Vec<Handle<Rank>> = Vec::new();
         f.visit_indices(&mut |i| {
-            let leaf = super::normalize::expand_index(lc.cascade, i);
-            if summed_all.iter().any(|&r| leaf.mentions(r)) {
-                hit = true;
+            for r in super::normalize::expand_index(lc.cascade, i).ranks() {
+                if !ranks.contains(&r) {
+                    ranks.push(r);
+                }
             }
         });
-        hit
+        ranks
     };
-    let (operands, constants): (Vec<&Expr>, Vec<&Expr>) =
-        factors.iter().partition(|f| mentions_summed(f));
+    let (operands, constants): (Vec<&Expr>, Vec<&Expr>) = factors
+        .iter()
+        .partition(|f| ranks_of(f).iter().any(|r| summed_all.contains(r)));
     let [a, b] = operands.as_slice() else {
         return None;
-    };
-    let (Expr::Access(a), Expr::Access(b)) = (a, b) else {
-        return None;
-    };
-    let ranks_of = |acc: &einattn_ir::Access| -> Vec<Handle<Rank>> {
-        acc.indices
-            .iter()
-            .flat_map(|i| {
-                super::normalize::expand_index(lc.cascade, i)
-                    .ranks()
-                    .collect::<Vec<_>>()
-            })
-            .collect()
     };
     let (ra, rb) = (ranks_of(a), ranks_of(b));
     let summed: Vec<Handle<Rank>> = summed_all
@@ -337,12 +344,13 @@ fn find_contraction(lc: &LeafCascade, e: &LeafEinsum, expr: &Expr) -> Option<Con
         .copied()
         .filter(|r| ra.contains(r) && rb.contains(r))
         .collect();
-    if summed.is_empty() {
+    // A summed rank only one operand carries would make this a scaled sum, not one
+    // product the tensor cores run.
+    if summed.is_empty() || summed.len() != summed_all.len() {
         return None;
     }
-    // A summed rank only one operand carries would make this a scaled sum, not a
-    // contraction the tensor cores run as one product.
-    if summed.len() != summed_all.len() {
+    let has_free_rank = ra.iter().any(|r| !rb.contains(r)) || rb.iter().any(|r| !ra.contains(r));
+    if !has_free_rank {
         return None;
     }
     let (mut factor_ops, mut factor_transcendentals) = (0u64, 0u64);
@@ -353,11 +361,39 @@ fn find_contraction(lc: &LeafCascade, e: &LeafEinsum, expr: &Expr) -> Option<Con
     }
     // n factors are joined by n - 1 multiplications; one of them is the contraction's.
     factor_ops += factors.len() as u64 - 2;
+    let operand_maps = [(a, ra), (b, rb)]
+        .into_iter()
+        .filter_map(|(operand, ranks)| {
+            let (ops, transcendentals) = count_ops(operand);
+            (ops > 0).then_some(OperandMap {
+                ranks,
+                ops,
+                transcendentals,
+            })
+        })
+        .collect();
     Some(Contraction {
         summed,
         factor_ops,
         factor_transcendentals,
+        operand_maps,
     })
+}
+
+/// Points of the sub-box over `ranks` where the conditions that mention only those ranks
+/// hold.
+fn subspace_points(
+    lc: &LeafCascade,
+    ranks: &[Handle<Rank>],
+    conditions: &[LeafCondition],
+    counter: &mut PointCounter,
+) -> u64 {
+    let kept: Vec<LeafCondition> = conditions
+        .iter()
+        .filter(|c| c.ranks().all(|r| ranks.contains(&r)))
+        .cloned()
+        .collect();
+    counter.count(lc, ranks, &kept)
 }
 
 fn flatten_product<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {

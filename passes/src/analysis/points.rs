@@ -190,6 +190,11 @@ fn restrict_le(a: i64, partial: i64, lo: &mut i64, hi: &mut i64) {
         if partial > 0 {
             *hi = *lo - 1;
         }
+    } else if a == 1 {
+        // Unit coefficients are the common case (`m <= p`): no division.
+        *hi = (*hi).min(-partial);
+    } else if a == -1 {
+        *lo = (*lo).max(partial);
     } else if a > 0 {
         *hi = (*hi).min(floor_div(-partial, a));
     } else {
