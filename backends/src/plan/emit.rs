@@ -1204,10 +1204,8 @@ fn emit_softmax(
                     .collect();
                 let done = b.event();
                 let n = step_pairs.len();
-                if n == 0 {
-                    // Nothing to compute: still mark the step so the next receive may reuse the buffer.
-                    computed_prev = None;
-                }
+                // An empty step keeps the last compute event: buffer reuse still waits for it.
+
                 for (i, (q, k, mask)) in step_pairs.into_iter().enumerate() {
                     let qi = chunk_index(q, &mine) as usize;
                     let key = KeySource {
