@@ -169,3 +169,27 @@ fn long_sequences_are_analyzed_without_enumerating_n_squared() {
         size(&r, "B") * size(&r, "H") * n * (n + 1) / 2 * size(&r, "D")
     );
 }
+
+#[test]
+fn a_map_inside_a_contraction_operand_runs_once_per_operand_point() {
+    // O[b, h, f] = P[b, h, m] / L[b, h] * V[b, m, h, f]: the division runs per (b, h, m),
+    // the product with V on the tensor cores per (b, h, m, f).
+    let r = report("flash_decoding");
+    let (b, h, n, d) = (size(&r, "B"), size(&r, "H"), size(&r, "N"), size(&r, "D"));
+    let o = einsum(&r, "O");
+    assert_eq!(o.class, einattn_passes::analysis::OpClass::Contraction);
+    assert_eq!(o.contraction_flops, 2 * b * h * n * d);
+    assert_eq!(o.scalar_flops, b * h * n);
+    assert_eq!(r.passes["m"], 3, "written as the plain 3-pass softmax");
+}
+
+#[test]
+fn a_batched_dot_product_is_scalar_work() {
+    // EZ[t] = P[t, v] * Z[t, v]: both operands over (t, v), no matrix shape.
+    let r = report("lm_head_entropy");
+    let (t, v) = (size(&r, "T"), size(&r, "VOCAB"));
+    let ez = einsum(&r, "EZ");
+    assert_eq!(ez.class, einattn_passes::analysis::OpClass::Scalar);
+    assert_eq!(ez.scalar_flops, 2 * t * v);
+    assert_eq!(r.passes["v"], 3);
+}
