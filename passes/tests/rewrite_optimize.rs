@@ -31,10 +31,32 @@ fn rules(o: &Optimized) -> Vec<&str> {
 #[test]
 fn attention_3pass_becomes_one_pass_over_m() {
     let c = compile(&example("attention_3pass.ein"), &[]);
-    assert_eq!(run(&c, &OptimizeOptions { explain: false, ..Default::default() }).before.passes.get("m"), Some(&3));
+    assert_eq!(
+        run(
+            &c,
+            &OptimizeOptions {
+                explain: false,
+                ..Default::default()
+            }
+        )
+        .before
+        .passes
+        .get("m"),
+        Some(&3)
+    );
     let out = run(&c, &OptimizeOptions::default());
-    assert_eq!(out.after.passes.get("m"), Some(&1), "{}", einattn_ir::print::print(&out.cascade));
+    assert_eq!(
+        out.after.passes.get("m"),
+        Some(&1),
+        "{}",
+        einattn_ir::print::print(&out.cascade)
+    );
     assert_eq!(rules(&out), ["algebra", "online-normalizer"]);
+    let log = out.render_log();
+    assert!(
+        log.contains("1. algebra") && log.contains("2. online-normalizer"),
+        "{log}"
+    );
     assert!(out.applied[0].rules.iter().any(|r| r == "division-delay"));
 
     let small = compile(&example("attention_3pass.ein"), &[("M", 16), ("D", 4)]);
@@ -69,7 +91,10 @@ fn lightning_naive_becomes_chunked_with_a_d_by_e_state() {
     assert!(out.after.flops < out.before.flops);
 
     // Long enough that chunking pays off at blocks of 4.
-    let small = compile(&example("lightning_naive.ein"), &[("N", 32), ("D", 2), ("H", 2)]);
+    let small = compile(
+        &example("lightning_naive.ein"),
+        &[("N", 32), ("D", 2), ("H", 2)],
+    );
     let out = run(&small, &small_options());
     assert_eq!(rules(&out), ["causal-chunk"]);
     assert_equivalent(&small, &out.cascade, 2);
@@ -100,7 +125,10 @@ fn left_first_linear_attention_comes_back_right_first_and_linear_in_n() {
     let (before_4k, after_4k) = flops(4096);
     // Quadratic before (x16 for 4x the length), linear after (x4).
     assert!(before_4k / before_1k > 15.0);
-    assert!((after_4k / after_1k - 4.0).abs() < 0.01, "{after_1k} -> {after_4k}");
+    assert!(
+        (after_4k / after_1k - 4.0).abs() < 0.01,
+        "{after_1k} -> {after_4k}"
+    );
 
     let small = compile(&source, &[("N", 8), ("D", 3), ("H", 2)]);
     assert_equivalent(&small, &run(&small, &small_options()).cascade, 3);
@@ -111,8 +139,14 @@ fn flash_decoding_splits_the_keys() {
     let c = compile(&example("flash_decoding.ein"), &[]);
     let out = run(&c, &OptimizeOptions::default());
     assert_eq!(rules(&out), ["algebra", "split-k"]);
-    let small = compile(&example("flash_decoding.ein"), &[("N", 32), ("D", 3), ("H", 2)]);
-    let options = OptimizeOptions { split_k_target: 16, ..OptimizeOptions::default() };
+    let small = compile(
+        &example("flash_decoding.ein"),
+        &[("N", 32), ("D", 3), ("H", 2)],
+    );
+    let options = OptimizeOptions {
+        split_k_target: 16,
+        ..OptimizeOptions::default()
+    };
     let out = run(&small, &options);
     assert_eq!(rules(&out), ["algebra", "split-k"]);
     assert_equivalent(&small, &out.cascade, 4);
@@ -124,7 +158,10 @@ fn lm_head_entropy_streams_the_vocabulary() {
     let out = run(&c, &OptimizeOptions::default());
     assert_eq!(out.before.passes.get("v"), Some(&3));
     assert_eq!(out.after.passes.get("v"), Some(&1));
-    let small = compile(&example("lm_head_entropy.ein"), &[("T", 3), ("D", 2), ("VOCAB", 16)]);
+    let small = compile(
+        &example("lm_head_entropy.ein"),
+        &[("T", 3), ("D", 2), ("VOCAB", 16)],
+    );
     assert_equivalent(&small, &run(&small, &small_options()).cascade, 5);
 }
 
@@ -146,7 +183,11 @@ const EXAMPLES: &[&str] = &[
 fn every_example_is_listed() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     for entry in std::fs::read_dir(dir).expect("examples/") {
-        let name = entry.expect("entry").file_name().to_string_lossy().to_string();
+        let name = entry
+            .expect("entry")
+            .file_name()
+            .to_string_lossy()
+            .to_string();
         if name.ends_with(".ein") {
             assert!(EXAMPLES.contains(&name.as_str()), "add {name} to EXAMPLES");
         }

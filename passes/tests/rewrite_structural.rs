@@ -45,7 +45,7 @@ O[p, e] = S[p, m] * V[m, e]
 ";
 
 fn divisor(n: u64, pick: u64) -> u64 {
-    let divisors: Vec<u64> = (1..=n).filter(|t| n % t == 0).collect();
+    let divisors: Vec<u64> = (1..=n).filter(|t| n.is_multiple_of(*t)).collect();
     divisors[(pick as usize) % divisors.len()]
 }
 
@@ -84,7 +84,11 @@ fn split_rank_rejects_a_tile_that_does_not_divide() {
 fn the_online_form_has_one_recurrence_per_statistic() {
     let c = compile(&example("attention_2pass.ein"), &[("M", 8), ("D", 2)]);
     let out = online(&c, "m", 2);
-    let recurrences = out.einsums.iter().filter(|(_, e)| e.recurrence.is_some()).count();
+    let recurrences = out
+        .einsums
+        .iter()
+        .filter(|(_, e)| e.recurrence.is_some())
+        .count();
     // running max, running denominator, running numerator
     assert_eq!(recurrences, 3, "{}", einattn_ir::print::print(&out));
 }

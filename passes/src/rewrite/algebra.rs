@@ -324,7 +324,10 @@ pub fn saturate(
     let form = TreeForm::build(cascade);
     let (egraph, roots) = form.egraph(explain);
     let trusted = exp_arguments(&egraph);
-    let original: HashSet<Ein> = egraph.classes().flat_map(|c| c.nodes.iter().cloned()).collect();
+    let original: HashSet<Ein> = egraph
+        .classes()
+        .flat_map(|c| c.nodes.iter().cloned())
+        .collect();
     let runner = Runner::default()
         .with_egraph(egraph)
         .with_iter_limit(limits.iterations)

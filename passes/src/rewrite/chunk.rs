@@ -100,7 +100,9 @@ fn view(cascade: &Cascade, expr: &Expr, mask: &mut Vec<Condition>) -> Expr {
                         && p.reductions.is_empty()
                         && p.recurrence.is_none() =>
                 {
-                    let Some(rename) = rename_to(p, a) else { return Expr::Access(a.clone()) };
+                    let Some(rename) = rename_to(p, a) else {
+                        return Expr::Access(a.clone());
+                    };
                     mask.extend(p.mask.iter().map(|c| rename_condition(c, &rename)));
                     let def = substitute_expr(&p.expr, &rename);
                     view(cascade, &def, mask)
@@ -132,7 +134,12 @@ fn rename_condition(c: &Condition, rename: &HashMap<Handle<Rank>, IndexExpr>) ->
 type Inlined = (Vec<Handle<Rank>>, Vec<Condition>, Vec<Expr>);
 
 /// A factor that reads an all-sum temporary, as its reductions, mask and factors.
-fn inline_sum(cascade: &Cascade, a: &Access, sop: &SumOfProducts, outer: &Einsum) -> Option<Inlined> {
+fn inline_sum(
+    cascade: &Cascade,
+    a: &Access,
+    sop: &SumOfProducts,
+    outer: &Einsum,
+) -> Option<Inlined> {
     if cascade.tensors[a.tensor].kind != TensorKind::Temp {
         return None;
     }
@@ -146,15 +153,29 @@ fn inline_sum(cascade: &Cascade, a: &Access, sop: &SumOfProducts, outer: &Einsum
         .reductions
         .iter()
         .copied()
-        .chain(outer.output.indices.iter().flat_map(|i| i.ranks().collect::<Vec<_>>()))
+        .chain(
+            outer
+                .output
+                .indices
+                .iter()
+                .flat_map(|i| i.ranks().collect::<Vec<_>>()),
+        )
         .chain(rename.values().flat_map(|i| i.ranks().collect::<Vec<_>>()))
         .collect();
     if p.reductions.iter().any(|r| in_play.contains(&r.rank)) {
         return None;
     }
-    let mut mask: Vec<Condition> = p.mask.iter().map(|c| rename_condition(c, &rename)).collect();
+    let mut mask: Vec<Condition> = p
+        .mask
+        .iter()
+        .map(|c| rename_condition(c, &rename))
+        .collect();
     let def = view(cascade, &substitute_expr(&p.expr, &rename), &mut mask);
-    Some((p.reductions.iter().map(|r| r.rank).collect(), mask, factors(&def)))
+    Some((
+        p.reductions.iter().map(|r| r.rank).collect(),
+        mask,
+        factors(&def),
+    ))
 }
 
 /// `lhs - rhs`, canonical.
@@ -209,7 +230,7 @@ fn decay_coefficient(arg: &Expr, p: Handle<Rank>, m: Handle<Rank>) -> Option<Exp
         Expr::Unary(UnaryOp::Neg, a) => {
             decay_coefficient(a, p, m).map(|c| Expr::unary(UnaryOp::Neg, c))
         }
-        other => diff(other).map(|s| Expr::Literal(s)),
+        other => diff(other).map(Expr::Literal),
     }
 }
 
@@ -219,9 +240,18 @@ pub fn find(cascade: &Cascade) -> Option<CausalLinear> {
         if e.reductions.is_empty() || !e.output.indices.iter().all(|i| i.as_rank().is_some()) {
             continue;
         }
-        let Some(sop) = flatten(cascade, e) else { continue };
-        let [causal] = sop.mask.as_slice() else { continue };
-        let free: Vec<Handle<Rank>> = e.output.indices.iter().filter_map(IndexExpr::as_rank).collect();
+        let Some(sop) = flatten(cascade, e) else {
+            continue;
+        };
+        let [causal] = sop.mask.as_slice() else {
+            continue;
+        };
+        let free: Vec<Handle<Rank>> = e
+            .output
+            .indices
+            .iter()
+            .filter_map(IndexExpr::as_rank)
+            .collect();
         for &p in &free {
             for &m in &sop.reductions {
                 if !is_causal(causal, p, m) || cascade.ranks[p].extent != cascade.ranks[m].extent {
@@ -255,7 +285,9 @@ fn classify(
         let ranks = expr_ranks(f);
         match (ranks.contains(&p), ranks.contains(&m)) {
             (true, true) => {
-                let Expr::Unary(UnaryOp::Exp, arg) = f else { return None };
+                let Expr::Unary(UnaryOp::Exp, arg) = f else {
+                    return None;
+                };
                 if decay.is_some() {
                     return None;
                 }
@@ -287,7 +319,12 @@ fn access(tensor: Handle<Tensor>, indices: Vec<IndexExpr>) -> Access {
     }
 }
 
-fn temp(cascade: &mut Cascade, name: &str, ranks: Vec<Handle<Rank>>, iterative: Option<usize>) -> Handle<Tensor> {
+fn temp(
+    cascade: &mut Cascade,
+    name: &str,
+    ranks: Vec<Handle<Rank>>,
+    iterative: Option<usize>,
+) -> Handle<Tensor> {
     let name = fresh_name(cascade, name);
     cascade.tensors.append(Tensor {
         name,
@@ -315,7 +352,7 @@ fn decay_factor(decay: &Option<Expr>, x: Expr) -> Option<Expr> {
 pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Cascade> {
     let mut c = cascade.clone();
     let n = c.ranks[found.query].extent;
-    if block == 0 || n % block != 0 {
+    if block == 0 || !n.is_multiple_of(block) {
         return None;
     }
     let (p, m) = (found.query, found.key);
@@ -359,7 +396,10 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
         parent: Some(m),
         span: Span::UNKNOWN,
     });
-    c.ranks[m].split = Some(Split { outer: key_blocks, inner: j });
+    c.ranks[m].split = Some(Split {
+        outer: key_blocks,
+        inner: j,
+    });
     // Outer term first: the form the printer recognizes as the split parent.
     let at = |r: Handle<Rank>| IndexExpr {
         terms: vec![(block as i64, t), (1, r)],
@@ -367,8 +407,16 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
     };
     let qrename: HashMap<_, _> = [(p, at(i))].into_iter().collect();
     let krename: HashMap<_, _> = [(m, at(j))].into_iter().collect();
-    let qf: Vec<Expr> = found.query_factors.iter().map(|f| substitute_expr(f, &qrename)).collect();
-    let kf: Vec<Expr> = found.key_factors.iter().map(|f| substitute_expr(f, &krename)).collect();
+    let qf: Vec<Expr> = found
+        .query_factors
+        .iter()
+        .map(|f| substitute_expr(f, &qrename))
+        .collect();
+    let kf: Vec<Expr> = found
+        .key_factors
+        .iter()
+        .map(|f| substitute_expr(f, &krename))
+        .collect();
     let index = |terms: &[(i64, Handle<Rank>)], constant: i64| {
         let mut x = IndexExpr::constant(constant);
         for &(k, r) in terms {
@@ -396,13 +444,33 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
         .collect();
     let block_ranks: Vec<Handle<Rank>> = [t, i].into_iter().chain(others.iter().copied()).collect();
     let sums = |ranks: &[Handle<Rank>]| -> Vec<Reduction> {
-        ranks.iter().map(|&r| Reduction { rank: r, op: ReduceOp::Sum }).collect()
+        ranks
+            .iter()
+            .map(|&r| Reduction {
+                rank: r,
+                op: ReduceOp::Sum,
+            })
+            .collect()
     };
 
     let intra = temp(&mut c, &format!("{o_name}I"), block_ranks.clone(), None);
     let state_base = ir_util::name_from_reads(&c, &product(found.key_factors.clone()));
-    let state = temp(&mut c, &state_base, std::iter::once(t).chain(state_ranks.iter().copied()).collect(), Some(0));
-    let update = temp(&mut c, &format!("{state_base}U"), std::iter::once(t).chain(state_ranks.iter().copied()).collect(), None);
+    let state = temp(
+        &mut c,
+        &state_base,
+        std::iter::once(t)
+            .chain(state_ranks.iter().copied())
+            .collect(),
+        Some(0),
+    );
+    let update = temp(
+        &mut c,
+        &format!("{state_base}U"),
+        std::iter::once(t)
+            .chain(state_ranks.iter().copied())
+            .collect(),
+        None,
+    );
     let inter_base = format!(
         "{}{}",
         ir_util::name_from_reads(&c, &product(found.query_factors.clone())),
@@ -414,22 +482,26 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
     intra_factors.extend(kf.iter().cloned());
     intra_factors.extend(decay_factor(&found.decay, index(&[(1, i), (-1, j)], 0)));
     let mut intra_reductions = sums(&found.inner);
-    intra_reductions.push(Reduction { rank: j, op: ReduceOp::Sum });
+    intra_reductions.push(Reduction {
+        rank: j,
+        op: ReduceOp::Sum,
+    });
 
     let state_at = |step: IndexExpr| {
-        Expr::Access(access(state, std::iter::once(step).chain(plain(&state_ranks)).collect()))
+        Expr::Access(access(
+            state,
+            std::iter::once(step).chain(plain(&state_ranks)).collect(),
+        ))
     };
     let mut next = IndexExpr::rank(t);
     next.constant = 1;
     let mut inter_factors = qf.clone();
     inter_factors.push(state_at(IndexExpr::rank(t)));
 
-    let mut update_factors: Vec<Expr> = decay_factor(
-        &found.decay,
-        index(&[(-1, j)], block as i64 - 1),
-    )
-    .into_iter()
-    .collect();
+    let mut update_factors: Vec<Expr> =
+        decay_factor(&found.decay, index(&[(-1, j)], block as i64 - 1))
+            .into_iter()
+            .collect();
     update_factors.extend(kf.iter().cloned());
 
     let carried = match decay_factor(&found.decay, Expr::Literal(block as f64)) {
@@ -463,7 +535,12 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
             span: o.span,
         },
         Einsum {
-            output: access(update, std::iter::once(IndexExpr::rank(t)).chain(plain(&state_ranks)).collect()),
+            output: access(
+                update,
+                std::iter::once(IndexExpr::rank(t))
+                    .chain(plain(&state_ranks))
+                    .collect(),
+            ),
             expr: product(update_factors),
             reductions: sums(&[j]),
             mask: vec![],
@@ -471,11 +548,19 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
             span: Span::UNKNOWN,
         },
         Einsum {
-            output: access(state, std::iter::once(next).chain(plain(&state_ranks)).collect()),
+            output: access(
+                state,
+                std::iter::once(next).chain(plain(&state_ranks)).collect(),
+            ),
             expr: Expr::binary(
                 BinaryOp::Add,
                 carried,
-                Expr::Access(access(update, std::iter::once(IndexExpr::rank(t)).chain(plain(&state_ranks)).collect())),
+                Expr::Access(access(
+                    update,
+                    std::iter::once(IndexExpr::rank(t))
+                        .chain(plain(&state_ranks))
+                        .collect(),
+                )),
             ),
             reductions: vec![],
             mask: vec![],

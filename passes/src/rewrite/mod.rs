@@ -80,7 +80,10 @@ pub struct CascadeCost {
 
 impl CascadeCost {
     pub fn of(report: &Report) -> CascadeCost {
-        let memory = report.pass_detail.iter().filter(|r| r.role != RankRole::Tile);
+        let memory = report
+            .pass_detail
+            .iter()
+            .filter(|r| r.role != RankRole::Tile);
         CascadeCost {
             memory_passes: memory.map(|r| r.passes).max().unwrap_or(0),
             bytes: report.bytes_fused,
@@ -124,6 +127,26 @@ pub struct Optimized {
     pub after: Report,
 }
 
+impl Optimized {
+    /// The rewrites applied, in order, with the cost before and after each, as text for
+    /// `einattn optimize` (the full analyses are `before` and `after`).
+    pub fn render_log(&self) -> String {
+        let mut out = format!("before: {}\n", CascadeCost::of(&self.before));
+        if self.applied.is_empty() {
+            out.push_str("no rewrite made the cascade cheaper\n");
+        }
+        for (k, a) in self.applied.iter().enumerate() {
+            out.push_str(&format!("{}. {}: {}\n", k + 1, a.rule, a.detail));
+            if !a.rules.is_empty() {
+                out.push_str(&format!("   rules: {}\n", a.rules.join(", ")));
+            }
+            out.push_str(&format!("   {} -> {}\n", a.before, a.after));
+        }
+        out.push_str(&format!("after: {}\n", CascadeCost::of(&self.after)));
+        out
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum OptimizeError {
     #[error("the cascade has {0} ranks; the rewrite engine handles at most 128")]
@@ -146,7 +169,14 @@ impl State<'_> {
     }
 
     /// Keeps `candidate` if it is cheaper (or `force`d), logging `rule`.
-    fn offer(&mut self, candidate: Cascade, rule: &str, rules: Vec<String>, detail: String, force: bool) -> bool {
+    fn offer(
+        &mut self,
+        candidate: Cascade,
+        rule: &str,
+        rules: Vec<String>,
+        detail: String,
+        force: bool,
+    ) -> bool {
         let (report, cost) = self.evaluate(&candidate);
         if !(force || cost < self.cost) {
             return false;
@@ -165,7 +195,12 @@ impl State<'_> {
     }
 
     fn algebra(&mut self, why: &str) -> bool {
-        let out = algebra::saturate(&self.cascade, &algebra::rules(), &self.options.limits, self.options.explain);
+        let out = algebra::saturate(
+            &self.cascade,
+            &algebra::rules(),
+            &self.options.limits,
+            self.options.explain,
+        );
         if !out.changed {
             return false;
         }
@@ -177,14 +212,19 @@ impl State<'_> {
     }
 
     fn chunk(&mut self) -> bool {
-        let Some(found) = chunk::find(&self.cascade) else { return false };
+        let Some(found) = chunk::find(&self.cascade) else {
+            return false;
+        };
         let n = self.cascade.ranks[found.query].extent;
         let block = split::tile_dividing(n, self.options.block);
         if block >= n {
             return false;
         }
-        let Some(candidate) = chunk::chunk(&self.cascade, &found, block) else { return false };
-        let detail = format!(
+        let Some(candidate) = chunk::chunk(&self.cascade, &found, block) else {
+            return false;
+        };
+        let detail =
+            format!(
             "`{}`: causal linear form over {} <= {} chunked into blocks of {block}{}; the keys of \
              earlier blocks fold into a recurrent state",
             self.cascade.tensors[self.cascade.einsums[found.einsum].output.tensor].name,
@@ -194,7 +234,12 @@ impl State<'_> {
         );
         // The chunked intra-block term is one big product; the algebra reassociates it
         // (scores first, then the values) before the cost is judged.
-        let polished = algebra::saturate(&candidate, &algebra::rules(), &self.options.limits, self.options.explain);
+        let polished = algebra::saturate(
+            &candidate,
+            &algebra::rules(),
+            &self.options.limits,
+            self.options.explain,
+        );
         let (candidate, rules) = if polished.changed {
             let (_, raw) = self.evaluate(&candidate);
             let (_, better) = self.evaluate(&polished.cascade);
@@ -217,7 +262,10 @@ impl State<'_> {
             // online form is the fallback.
             let splits = split::tile_dividing(
                 extent,
-                self.options.split_k_target.div_ceil(points.max(1)).min(extent / 2),
+                self.options
+                    .split_k_target
+                    .div_ceil(points.max(1))
+                    .min(extent / 2),
             );
             let decode = points < self.options.split_k_below && splits >= 2;
             let tile = if decode {
@@ -232,12 +280,20 @@ impl State<'_> {
             if split::split_rank(&mut candidate, rank, tile).is_err() {
                 continue;
             }
-            let Some(group) = normalizer::find_group(&candidate, rank) else { continue };
-            let g = candidate.tensors[candidate.einsums[group.max_einsum].output.tensor].name.clone();
+            let Some(group) = normalizer::find_group(&candidate, rank) else {
+                continue;
+            };
+            let g = candidate.tensors[candidate.einsums[group.max_einsum].output.tensor]
+                .name
+                .clone();
             let sums: Vec<String> = group
                 .sums
                 .iter()
-                .map(|s| candidate.tensors[candidate.einsums[s.einsum].output.tensor].name.clone())
+                .map(|s| {
+                    candidate.tensors[candidate.einsums[s.einsum].output.tensor]
+                        .name
+                        .clone()
+                })
                 .collect();
             let (rewritten, rule, detail) = if decode {
                 (

@@ -56,13 +56,17 @@ fn reduces_exactly(e: &Einsum, tile: Handle<Rank>, outer: Handle<Rank>, op: Redu
 
 /// The split ranks `(outer, tile)` of `rank`'s children, if it was split.
 fn children(cascade: &Cascade, rank: Handle<Rank>) -> Option<(Handle<Rank>, Handle<Rank>)> {
-    cascade.ranks[rank].split.as_ref().map(|s| (s.outer, s.inner))
+    cascade.ranks[rank]
+        .split
+        .as_ref()
+        .map(|s| (s.outer, s.inner))
 }
 
 /// Finds the max-normalized group over the split of `rank`, if there is one.
 pub fn find_group(cascade: &Cascade, rank: Handle<Rank>) -> Option<NormalizedGroup> {
     let (outer, tile) = children(cascade, rank)?;
-    let absent = ir_util::tensors_may_be_absent(cascade, &einattn_ir::validate::topological_order(cascade));
+    let absent =
+        ir_util::tensors_may_be_absent(cascade, &einattn_ir::validate::topological_order(cascade));
     for (g, ge) in cascade.einsums.iter() {
         if ge.recurrence.is_some()
             || !reduces_exactly(ge, tile, outer, ReduceOp::Max)
@@ -74,7 +78,8 @@ pub fn find_group(cascade: &Cascade, rank: Handle<Rank>) -> Option<NormalizedGro
         let x_view = inline_maps(cascade, &ge.expr);
         let mut sums = Vec::new();
         for (u, ue) in cascade.einsums.iter() {
-            if u == g || ue.recurrence.is_some() || !reduces_exactly(ue, tile, outer, ReduceOp::Sum) {
+            if u == g || ue.recurrence.is_some() || !reduces_exactly(ue, tile, outer, ReduceOp::Sum)
+            {
                 continue;
             }
             if let Some(s) = match_sum(cascade, u, ue, ge, &x_view) {
@@ -88,24 +93,29 @@ pub fn find_group(cascade: &Cascade, rank: Handle<Rank>) -> Option<NormalizedGro
         let members: Vec<Handle<Tensor>> = std::iter::once(g_tensor)
             .chain(sums.iter().map(|s| cascade.einsums[s.einsum].output.tensor))
             .collect();
-        if sums
-            .iter()
-            .any(|s| members.iter().any(|&t| reads(&s.weight, t) || reads(&s.operand, t)))
-        {
+        if sums.iter().any(|s| {
+            members
+                .iter()
+                .any(|&t| reads(&s.weight, t) || reads(&s.operand, t))
+        }) {
             continue;
         }
         // A condition over neither split rank would make whole rows absent, and the
         // recurrences cannot carry an absent state.
         let on_split = |c: &Condition| {
-            [&c.lhs, &c.rhs].iter().any(|x| x.mentions(tile) || x.mentions(outer))
+            [&c.lhs, &c.rhs]
+                .iter()
+                .any(|x| x.mentions(tile) || x.mentions(outer))
         };
         if !ge.mask.iter().all(on_split) || !sums.iter().all(|s| s.mask.iter().all(on_split)) {
             continue;
         }
         let mut maskable = !ge.mask.is_empty() || sums.iter().any(|s| !s.mask.is_empty());
-        ge.expr.visit_accesses(&mut |a| maskable |= absent[a.tensor.index()]);
+        ge.expr
+            .visit_accesses(&mut |a| maskable |= absent[a.tensor.index()]);
         for s in &sums {
-            s.weight.visit_accesses(&mut |a| maskable |= absent[a.tensor.index()]);
+            s.weight
+                .visit_accesses(&mut |a| maskable |= absent[a.tensor.index()]);
         }
         return Some(NormalizedGroup {
             max_einsum: g,
@@ -174,13 +184,23 @@ fn match_sum(
     let view = view_with_masks(cascade, &ue.expr, &mut mask);
     let mut fs = factors(&view);
     let position = fs.iter().position(|f| {
-        let Expr::Unary(UnaryOp::Exp, arg) = f else { return false };
-        let Expr::Binary(BinaryOp::Sub, _, b) = arg.as_ref() else { return false };
+        let Expr::Unary(UnaryOp::Exp, arg) = f else {
+            return false;
+        };
+        let Expr::Binary(BinaryOp::Sub, _, b) = arg.as_ref() else {
+            return false;
+        };
         matches!(b.as_ref(), Expr::Access(a) if a.tensor == ge.output.tensor)
     })?;
-    let Expr::Unary(_, arg) = fs.remove(position) else { return None };
-    let Expr::Binary(_, operand, max_read) = *arg else { return None };
-    let Expr::Access(max_read) = *max_read else { return None };
+    let Expr::Unary(_, arg) = fs.remove(position) else {
+        return None;
+    };
+    let Expr::Binary(_, operand, max_read) = *arg else {
+        return None;
+    };
+    let Expr::Access(max_read) = *max_read else {
+        return None;
+    };
     // `X` renamed from the max Einsum's ranks to where the sum reads the max.
     let mut rename = HashMap::new();
     for (o, i) in ge.output.indices.iter().zip(&max_read.indices) {
@@ -215,7 +235,12 @@ fn ranks_of(indices: &[IndexExpr]) -> Vec<IndexExpr> {
     indices.to_vec()
 }
 
-fn temp(cascade: &mut Cascade, name: &str, ranks: Vec<Handle<Rank>>, iterative: Option<usize>) -> Handle<Tensor> {
+fn temp(
+    cascade: &mut Cascade,
+    name: &str,
+    ranks: Vec<Handle<Rank>>,
+    iterative: Option<usize>,
+) -> Handle<Tensor> {
     let name = fresh_name(cascade, name);
     cascade.tensors.append(Tensor {
         name,
@@ -246,11 +271,17 @@ fn clamp(e: Expr, maskable: bool) -> Expr {
 
 /// The output ranks of an Einsum (its output access must be plain ranks).
 fn output_ranks(e: &Einsum) -> Vec<Handle<Rank>> {
-    e.output.indices.iter().filter_map(IndexExpr::as_rank).collect()
+    e.output
+        .indices
+        .iter()
+        .filter_map(IndexExpr::as_rank)
+        .collect()
 }
 
 fn with_rank(index: &[IndexExpr], first: IndexExpr) -> Vec<IndexExpr> {
-    std::iter::once(first).chain(index.iter().cloned()).collect()
+    std::iter::once(first)
+        .chain(index.iter().cloned())
+        .collect()
 }
 
 /// Replaces every read of `from` (outside `skip`) with a read of `to` at the same indices
@@ -299,14 +330,32 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
     let mut next = IndexExpr::rank(outer);
     next.constant = 1;
 
-    let tile_max = temp(&mut c, &format!("{g_name}_tile"), with_ranks(outer, &f_g), None);
-    let running_max = temp(&mut c, &format!("{g_name}_run"), with_ranks(outer, &f_g), Some(0));
-    let rescale = temp(&mut c, &format!("{g_name}_rescale"), with_ranks(outer, &f_g), None);
+    let tile_max = temp(
+        &mut c,
+        &format!("{g_name}_tile"),
+        with_ranks(outer, &f_g),
+        None,
+    );
+    let running_max = temp(
+        &mut c,
+        &format!("{g_name}_run"),
+        with_ranks(outer, &f_g),
+        Some(0),
+    );
+    let rescale = temp(
+        &mut c,
+        &format!("{g_name}_rescale"),
+        with_ranks(outer, &f_g),
+        None,
+    );
     let mut added = vec![
         Einsum {
             output: access(tile_max, with_rank(&g_out, step.clone())),
             expr: group.operand.clone(),
-            reductions: vec![Reduction { rank: tile, op: ReduceOp::Max }],
+            reductions: vec![Reduction {
+                rank: tile,
+                op: ReduceOp::Max,
+            }],
             mask: ge.mask.clone(),
             recurrence: None,
             span: ge.span,
@@ -350,8 +399,18 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
         let u_name = c.tensors[ue.output.tensor].name.clone();
         let f_u = output_ranks(&ue);
         let u_out = ranks_of(&ue.output.indices);
-        let tile_sum = temp(&mut c, &format!("{u_name}_tile"), with_ranks(outer, &f_u), None);
-        let running = temp(&mut c, &format!("{u_name}_run"), with_ranks(outer, &f_u), Some(0));
+        let tile_sum = temp(
+            &mut c,
+            &format!("{u_name}_tile"),
+            with_ranks(outer, &f_u),
+            None,
+        );
+        let running = temp(
+            &mut c,
+            &format!("{u_name}_run"),
+            with_ranks(outer, &f_u),
+            Some(0),
+        );
         let max_next = access(running_max, with_rank(&s.max_read.indices, next.clone()));
         let max_step = with_rank(&s.max_read.indices, step.clone());
         let exponential = match &shared_exp {
@@ -361,7 +420,10 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
         added.push(Einsum {
             output: access(tile_sum, with_rank(&u_out, step.clone())),
             expr: times(exponential, s.weight.clone()),
-            reductions: vec![Reduction { rank: tile, op: ReduceOp::Sum }],
+            reductions: vec![Reduction {
+                rank: tile,
+                op: ReduceOp::Sum,
+            }],
             mask: s.mask.clone(),
             recurrence: None,
             span: ue.span,
@@ -388,11 +450,25 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
         });
         let u_tensor = ue.output.tensor;
         redirect(&mut c, u_tensor, running, steps);
-        retire(&mut c, s.einsum, Expr::Access(access(running, with_rank(&u_out, IndexExpr::constant(steps)))));
+        retire(
+            &mut c,
+            s.einsum,
+            Expr::Access(access(
+                running,
+                with_rank(&u_out, IndexExpr::constant(steps)),
+            )),
+        );
     }
     let g_tensor = ge.output.tensor;
     redirect(&mut c, g_tensor, running_max, steps);
-    retire(&mut c, group.max_einsum, Expr::Access(access(running_max, with_rank(&g_out, IndexExpr::constant(steps)))));
+    retire(
+        &mut c,
+        group.max_einsum,
+        Expr::Access(access(
+            running_max,
+            with_rank(&g_out, IndexExpr::constant(steps)),
+        )),
+    );
     for e in added {
         c.einsums.append(e);
     }
@@ -403,7 +479,7 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
 /// `a * w`, or `a` when the weight is the literal 1.
 fn times(a: Expr, w: Expr) -> Expr {
     match w {
-        Expr::Literal(v) if v == 1.0 => a,
+        Expr::Literal(1.0) => a,
         w => Expr::binary(BinaryOp::Mul, a, w),
     }
 }
@@ -428,7 +504,10 @@ fn shared_exponential(
     // Absent operands stay absent in the stored exponential, and each sum keeps its mask.
     let expr = exp(sub(
         first.operand.clone(),
-        Expr::Access(access(running_max, with_rank(&first.max_read.indices, next.clone()))),
+        Expr::Access(access(
+            running_max,
+            with_rank(&first.max_read.indices, next.clone()),
+        )),
     ));
     let mut ranks = ir_util::expr_ranks(&expr);
     ranks.sort();
@@ -459,11 +538,19 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
     let f_g = output_ranks(&ge);
     let g_out = ranks_of(&ge.output.indices);
     let slice = IndexExpr::rank(outer);
-    let part_max = temp(&mut c, &format!("{g_name}_part"), with_ranks(outer, &f_g), None);
+    let part_max = temp(
+        &mut c,
+        &format!("{g_name}_part"),
+        with_ranks(outer, &f_g),
+        None,
+    );
     let mut added = vec![Einsum {
         output: access(part_max, with_rank(&g_out, slice.clone())),
         expr: group.operand.clone(),
-        reductions: vec![Reduction { rank: tile, op: ReduceOp::Max }],
+        reductions: vec![Reduction {
+            rank: tile,
+            op: ReduceOp::Max,
+        }],
         mask: ge.mask.clone(),
         recurrence: None,
         span: ge.span,
@@ -472,7 +559,10 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
     c.einsums[group.max_einsum] = Einsum {
         output: ge.output.clone(),
         expr: Expr::Access(access(part_max, with_rank(&g_out, slice.clone()))),
-        reductions: vec![Reduction { rank: outer, op: ReduceOp::Max }],
+        reductions: vec![Reduction {
+            rank: outer,
+            op: ReduceOp::Max,
+        }],
         mask: vec![],
         recurrence: None,
         span: ge.span,
@@ -482,12 +572,26 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
         let u_name = c.tensors[ue.output.tensor].name.clone();
         let f_u = output_ranks(&ue);
         let u_out = ranks_of(&ue.output.indices);
-        let part_sum = temp(&mut c, &format!("{u_name}_part"), with_ranks(outer, &f_u), None);
-        let slice_max = Expr::Access(access(part_max, with_rank(&s.max_read.indices, slice.clone())));
+        let part_sum = temp(
+            &mut c,
+            &format!("{u_name}_part"),
+            with_ranks(outer, &f_u),
+            None,
+        );
+        let slice_max = Expr::Access(access(
+            part_max,
+            with_rank(&s.max_read.indices, slice.clone()),
+        ));
         added.push(Einsum {
             output: access(part_sum, with_rank(&u_out, slice.clone())),
-            expr: times(exp(sub(s.operand.clone(), slice_max.clone())), s.weight.clone()),
-            reductions: vec![Reduction { rank: tile, op: ReduceOp::Sum }],
+            expr: times(
+                exp(sub(s.operand.clone(), slice_max.clone())),
+                s.weight.clone(),
+            ),
+            reductions: vec![Reduction {
+                rank: tile,
+                op: ReduceOp::Sum,
+            }],
             mask: s.mask.clone(),
             recurrence: None,
             span: ue.span,
@@ -496,10 +600,16 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
             output: ue.output.clone(),
             expr: Expr::binary(
                 BinaryOp::Mul,
-                exp(sub(slice_max, clamp(Expr::Access(s.max_read.clone()), group.maskable))),
+                exp(sub(
+                    slice_max,
+                    clamp(Expr::Access(s.max_read.clone()), group.maskable),
+                )),
                 Expr::Access(access(part_sum, with_rank(&u_out, slice.clone()))),
             ),
-            reductions: vec![Reduction { rank: outer, op: ReduceOp::Sum }],
+            reductions: vec![Reduction {
+                rank: outer,
+                op: ReduceOp::Sum,
+            }],
             mask: vec![],
             recurrence: None,
             span: ue.span,

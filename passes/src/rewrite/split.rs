@@ -16,7 +16,10 @@ use std::collections::HashMap;
 pub enum SplitError {
     AlreadySplit,
     Iterative,
-    TileDoesNotDivide { extent: u64, tile: u64 },
+    TileDoesNotDivide {
+        extent: u64,
+        tile: u64,
+    },
     /// A temporary's dimension over the rank is read at something other than the rank.
     IrregularAccess(String),
 }
@@ -25,7 +28,7 @@ pub enum SplitError {
 pub fn tile_dividing(extent: u64, wanted: u64) -> u64 {
     (1..=wanted.clamp(1, extent.max(1)))
         .rev()
-        .find(|t| extent % t == 0)
+        .find(|t| extent.is_multiple_of(*t))
         .unwrap_or(1)
 }
 
@@ -40,8 +43,11 @@ pub fn split_rank(
     if r.split.is_some() || r.parent.is_some() {
         return Err(SplitError::AlreadySplit);
     }
-    if tile == 0 || r.extent % tile != 0 {
-        return Err(SplitError::TileDoesNotDivide { extent: r.extent, tile });
+    if tile == 0 || !r.extent.is_multiple_of(tile) {
+        return Err(SplitError::TileDoesNotDivide {
+            extent: r.extent,
+            tile,
+        });
     }
     if cascade
         .einsums
@@ -131,9 +137,8 @@ pub fn split_rank(
             span: a.span,
         }
     };
-    let fix_expr = |e: &Expr| {
-        super::ir_util::map_accesses(e, &mut |a| Expr::Access(fix_access(a)), &rename)
-    };
+    let fix_expr =
+        |e: &Expr| super::ir_util::map_accesses(e, &mut |a| Expr::Access(fix_access(a)), &rename);
     let handles: Vec<_> = cascade.einsums.handles().collect();
     for h in handles {
         let e = &cascade.einsums[h];
@@ -152,8 +157,14 @@ pub fn split_rank(
         let mut reductions = Vec::with_capacity(e.reductions.len() + 1);
         for red in &e.reductions {
             if red.rank == rank {
-                reductions.push(Reduction { rank: inner, op: red.op });
-                reductions.push(Reduction { rank: outer, op: red.op });
+                reductions.push(Reduction {
+                    rank: inner,
+                    op: red.op,
+                });
+                reductions.push(Reduction {
+                    rank: outer,
+                    op: red.op,
+                });
             } else {
                 reductions.push(red.clone());
             }

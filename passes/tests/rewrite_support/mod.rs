@@ -35,7 +35,10 @@ pub fn example(name: &str) -> String {
 fn evaluate(cascade: &Cascade, inputs: &HashMap<Handle<Tensor>, TensorData>) -> interp::Values {
     let order = einattn_ir::validate::topological_order(cascade);
     interp::evaluate_in_order(cascade, inputs, &order).unwrap_or_else(|e| {
-        panic!("evaluation failed: {e}\n{}", einattn_ir::print::print(cascade))
+        panic!(
+            "evaluation failed: {e}\n{}",
+            einattn_ir::print::print(cascade)
+        )
     })
 }
 
@@ -44,7 +47,10 @@ fn evaluate(cascade: &Cascade, inputs: &HashMap<Handle<Tensor>, TensorData>) -> 
 /// cascade does not validate or lacks an output.
 pub fn max_relative_error(original: &Cascade, rewritten: &Cascade, seed: u64) -> f64 {
     if let Err(d) = einattn_ir::validate::validate(rewritten) {
-        panic!("rewritten cascade is invalid: {d:?}\n{}", einattn_ir::print::print(rewritten));
+        panic!(
+            "rewritten cascade is invalid: {d:?}\n{}",
+            einattn_ir::print::print(rewritten)
+        );
     }
     let inputs = interp::random_inputs(original, seed);
     let by_name: HashMap<&str, &TensorData> = inputs
@@ -73,7 +79,11 @@ pub fn max_relative_error(original: &Cascade, rewritten: &Cascade, seed: u64) ->
             panic!("output `{name}` was not computed");
         };
         let err = g.relative_error(w);
-        worst = if err.is_nan() { f64::INFINITY } else { worst.max(err) };
+        worst = if err.is_nan() {
+            f64::INFINITY
+        } else {
+            worst.max(err)
+        };
     }
     worst
 }
