@@ -454,7 +454,8 @@ pub struct Condition {
 
 impl Condition {
     pub fn holds(&self, index_of: impl Fn(Handle<Rank>) -> i64 + Copy) -> bool {
-        self.op.holds(self.lhs.eval(index_of), self.rhs.eval(index_of))
+        self.op
+            .holds(self.lhs.eval(index_of), self.rhs.eval(index_of))
     }
 }
 

@@ -252,11 +252,9 @@ impl Evaluator<'_> {
                     Some((t, data)) if t == access.tensor => Some(data),
                     _ => self.values.get(&access.tensor),
                 };
-                let data = data.ok_or_else(|| {
-                    EvalError::Unassigned {
-                        tensor: self.cascade.tensors[access.tensor].name.clone(),
-                        span: access.span,
-                    }
+                let data = data.ok_or_else(|| EvalError::Unassigned {
+                    tensor: self.cascade.tensors[access.tensor].name.clone(),
+                    span: access.span,
                 })?;
                 data.get(access.offset(self.cascade, idx)?)
             }

@@ -1,0 +1,307 @@
+//! The `einattn` commands. `main.rs` only parses arguments and maps errors to exit codes.
+
+use einattn_ir::interp::{self, TensorData};
+use einattn_ir::{Cascade, Handle, Tensor, TensorKind};
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A failed command: what to print and the process exit code (1: bad input, 2: bad usage).
+#[derive(Debug)]
+pub struct CliError {
+    pub message: String,
+    pub exit_code: i32,
+}
+
+impl CliError {
+    /// The input (a `.ein` file, an `.npy`) is wrong.
+    pub fn input(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            exit_code: 1,
+        }
+    }
+
+    /// The command line is wrong.
+    pub fn usage(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            exit_code: 2,
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Parses `NAME=VALUE` for `-D`.
+pub fn parse_define(text: &str) -> Result<(String, u64), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got `{text}`"))?;
+    let name = name.trim();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("`{name}` is not a size name"));
+    }
+    let value: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{value}` is not a non-negative integer (in `{text}`)"))?;
+    Ok((name.to_string(), value))
+}
+
+/// A `.ein` file read from disk.
+pub struct SourceFile {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl SourceFile {
+    pub fn load(path: &Path) -> Result<Self, CliError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            CliError::input(format!("error: cannot read `{}`: {e}", path.display()))
+        })?;
+        Ok(SourceFile {
+            path: path.to_path_buf(),
+            text,
+        })
+    }
+
+    pub fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Parses, lowers and validates; diagnostics come back rendered.
+    pub fn compile(&self, defines: &[(String, u64)]) -> Result<Cascade, CliError> {
+        einattn_dsl::compile_source(&self.name(), &self.text, defines)
+            .map_err(|d| CliError::input(d.render(&self.name(), &self.text)))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReportFormat {
+    Text,
+    Json,
+}
+
+/// Sequence-parallel options from the command line: `--sp P [--seq Q,K] [--scheme NAME]`.
+#[derive(Clone, Debug, Default)]
+pub struct SpArgs {
+    pub devices: Option<u64>,
+    pub sequence: Option<(String, String)>,
+    pub scheme: Option<String>,
+}
+
+impl SpArgs {
+    fn options(&self) -> Option<einattn_passes::sp::SpOptions> {
+        let mut options = einattn_passes::sp::SpOptions::new(self.devices?);
+        options.sequence = self.sequence.clone();
+        options.scheme = self.scheme.clone();
+        Some(options)
+    }
+}
+
+pub fn analyze(
+    file: &Path,
+    defines: &[(String, u64)],
+    format: ReportFormat,
+    sp: &SpArgs,
+) -> Result<String, CliError> {
+    let source = SourceFile::load(file)?;
+    let cascade = source.compile(defines)?;
+    if let Some(options) = sp.options() {
+        let decision = einattn_passes::sp::plan_sequence_parallel(&cascade, &options)
+            .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
+        return Ok(match format {
+            ReportFormat::Text => decision.report.render_text(),
+            ReportFormat::Json => decision.report.to_json(),
+        });
+    }
+    let report = einattn_passes::analysis::analyze(
+        &cascade,
+        &einattn_passes::analysis::AnalysisOptions::default(),
+    );
+    Ok(match format {
+        ReportFormat::Text => report.render_text(),
+        ReportFormat::Json => serde_json::to_string_pretty(&report)
+            .map_err(|e| CliError::input(format!("error: cannot serialize the report: {e}")))?,
+    })
+}
+
+/// The stages `einattn compile --emit` can print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Ast,
+    Ir,
+    Report,
+}
+
+pub fn emit(file: &Path, defines: &[(String, u64)], stage: Stage) -> Result<String, CliError> {
+    let source = SourceFile::load(file)?;
+    match stage {
+        Stage::Ast => {
+            let ast = einattn_dsl::parse(&source.name(), &source.text)
+                .map_err(|d| CliError::input(d.render(&source.name(), &source.text)))?;
+            Ok(format!("{ast:#?}"))
+        }
+        Stage::Ir => Ok(einattn_ir::print::print(&source.compile(defines)?)),
+        Stage::Report => analyze(file, defines, ReportFormat::Text, &SpArgs::default()),
+    }
+}
+
+/// `einattn compile FILE --sp P -o DIR`: writes `DIR/plan.json` and returns the planner's
+/// comparison table.
+pub fn compile_plan(
+    file: &Path,
+    defines: &[(String, u64)],
+    sp: &SpArgs,
+    optimize_first: bool,
+    out_dir: &Path,
+) -> Result<String, CliError> {
+    let source = SourceFile::load(file)?;
+    let mut cascade = source.compile(defines)?;
+    if optimize_first {
+        cascade = optimized(&source, &cascade)?.cascade;
+    }
+    let options = sp
+        .options()
+        .ok_or_else(|| CliError::usage("error: `compile` needs `--sp P` or `--emit STAGE`"))?;
+    let (decision, path) = einattn_backends::plan::write_plan(&cascade, &options, out_dir)
+        .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
+    Ok(format!(
+        "{}\nwrote {}\n",
+        decision.report.render_text().trim_end(),
+        path.display()
+    ))
+}
+
+fn optimized(
+    source: &SourceFile,
+    cascade: &Cascade,
+) -> Result<einattn_passes::rewrite::Optimized, CliError> {
+    einattn_passes::rewrite::optimize(
+        cascade,
+        &einattn_passes::rewrite::OptimizeOptions::default(),
+    )
+    .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))
+}
+
+/// `einattn optimize`: the log of rules applied with the analysis before and after, and
+/// the optimized cascade as `.ein` text (written to `out` when given, else appended).
+pub fn optimize(
+    file: &Path,
+    defines: &[(String, u64)],
+    out: Option<&Path>,
+) -> Result<String, CliError> {
+    let source = SourceFile::load(file)?;
+    let cascade = source.compile(defines)?;
+    let result = optimized(&source, &cascade)?;
+    let text = einattn_ir::print::print(&result.cascade);
+    let mut log = result.render_log();
+    match out {
+        Some(path) => {
+            std::fs::write(path, &text).map_err(|e| {
+                CliError::input(format!("error: cannot write `{}`: {e}", path.display()))
+            })?;
+            log.push_str(&format!("\nwrote {}\n", path.display()));
+        }
+        None => {
+            log.push('\n');
+            log.push_str(&text);
+        }
+    }
+    Ok(log)
+}
+
+/// What `einattn run` wrote, for the summary it prints.
+pub struct RunSummary {
+    pub written: Vec<(String, Vec<usize>, PathBuf)>,
+}
+
+/// Evaluates a cascade with the reference interpreter. Inputs come from `--input NAME=PATH`
+/// or are drawn from `seed`; every input and output is written to `out_dir` as `NAME.npy`.
+pub fn run(
+    file: &Path,
+    defines: &[(String, u64)],
+    seed: u64,
+    input_files: &[(String, PathBuf)],
+    out_dir: &Path,
+) -> Result<RunSummary, CliError> {
+    let source = SourceFile::load(file)?;
+    let cascade = source.compile(defines)?;
+    let mut inputs = interp::random_inputs(&cascade, seed);
+    for (name, path) in input_files {
+        let tensor = find_input(&cascade, name)?;
+        let data = crate::npy::read(path).map_err(|e| {
+            CliError::input(format!("error: cannot read `{}`: {e}", path.display()))
+        })?;
+        let expected = interp::shape_of(&cascade, tensor);
+        if data.shape != expected {
+            return Err(CliError::input(format!(
+                "error: `{}` has shape {:?}, but `{name}` in {} has shape {:?}",
+                path.display(),
+                data.shape,
+                source.name(),
+                expected
+            )));
+        }
+        inputs.insert(tensor, data);
+    }
+    let order = einattn_ir::validate::topological_order(&cascade);
+    let values = interp::evaluate_in_order(&cascade, &inputs, &order)
+        .map_err(|e| CliError::input(format!("error: evaluation failed: {e}")))?;
+    std::fs::create_dir_all(out_dir).map_err(|e| {
+        CliError::input(format!("error: cannot create `{}`: {e}", out_dir.display()))
+    })?;
+    let mut written = Vec::new();
+    for (h, t) in cascade.tensors.iter() {
+        if t.kind == TensorKind::Temp {
+            continue;
+        }
+        let Some(data) = values.get(h) else { continue };
+        let path = out_dir.join(format!("{}.npy", t.name));
+        crate::npy::write(&path, data).map_err(|e| {
+            CliError::input(format!("error: cannot write `{}`: {e}", path.display()))
+        })?;
+        written.push((t.name.clone(), data.shape.clone(), path));
+    }
+    Ok(RunSummary { written })
+}
+
+fn find_input(cascade: &Cascade, name: &str) -> Result<Handle<Tensor>, CliError> {
+    let names: Vec<&str> = cascade
+        .tensors
+        .iter()
+        .filter(|(_, t)| matches!(t.kind, TensorKind::Input | TensorKind::Param))
+        .map(|(_, t)| t.name.as_str())
+        .collect();
+    cascade
+        .inputs()
+        .find(|&h| cascade.tensors[h].name == name)
+        .ok_or_else(|| {
+            CliError::usage(format!(
+                "error: `--input {name}=...`: the kernel has no input or parameter `{name}` (it has: {})",
+                names.join(", ")
+            ))
+        })
+}
+
+/// Evaluates with seeded random inputs and returns every tensor's value by name; used by
+/// tests and by `check` to get the reference.
+pub fn reference_values(
+    cascade: &Cascade,
+    seed: u64,
+) -> Result<HashMap<String, TensorData>, CliError> {
+    let inputs = interp::random_inputs(cascade, seed);
+    let order = einattn_ir::validate::topological_order(cascade);
+    let values = interp::evaluate_in_order(cascade, &inputs, &order)
+        .map_err(|e| CliError::input(format!("error: evaluation failed: {e}")))?;
+    Ok(values
+        .tensors
+        .into_iter()
+        .map(|(h, d)| (cascade.tensors[h].name.clone(), d))
+        .collect())
+}
