@@ -1,0 +1,131 @@
+//! The `einattn` binary end to end: reports, exit codes, diagnostics, `.npy` output.
+
+use std::process::Command;
+
+fn einattn(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_einattn"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn json_passes(example: &str) -> serde_json::Value {
+    let out = einattn(&["analyze", example, "--format", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    report["passes"].clone()
+}
+
+#[test]
+fn analyze_reports_three_two_and_one_pass_over_m() {
+    assert_eq!(json_passes("examples/attention_3pass.ein")["m"], 3);
+    assert_eq!(json_passes("examples/attention_2pass.ein")["m"], 2);
+    assert_eq!(json_passes("examples/attention_1pass.ein")["m"], 1);
+}
+
+#[test]
+fn lightning_is_one_pass_over_its_block_rank_with_a_d_by_e_state() {
+    let out = einattn(&[
+        "analyze",
+        "examples/lightning.ein",
+        "-D",
+        "D=32",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["passes"]["n"], 1);
+    let kv = report["buffers"]
+        .as_array()
+        .expect("buffers")
+        .iter()
+        .find(|b| b["tensor"] == "KV")
+        .expect("a KV buffer");
+    assert_eq!(kv["kind"], "state");
+    assert_eq!(kv["elements_per_point"], 32 * 32);
+}
+
+#[test]
+fn bad_input_exits_1_with_file_line_column_and_caret() {
+    let dir = std::env::temp_dir().join(format!("einattn-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("bad.ein");
+    std::fs::write(
+        &file,
+        "kernel bad\nrank m: 8\ninput X[m]: bf16\noutput Y[m]: f32\nY[m] = Z[m]\n",
+    )
+    .expect("write");
+    let out = einattn(&["analyze", file.to_str().expect("utf-8 path")]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.ein:5:8"), "{stderr}");
+    assert!(stderr.contains('^'), "{stderr}");
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let out = einattn(&["analyze", "examples/lightning.ein", "-D", "N"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = einattn(&["run", "examples/lightning.ein", "--input", "Nope=x.npy"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn run_writes_inputs_and_outputs_that_read_back() {
+    let dir = std::env::temp_dir().join(format!("einattn-run-{}", std::process::id()));
+    let out = einattn(&[
+        "run",
+        "examples/linear_attention.ein",
+        "-D",
+        "N=16",
+        "-D",
+        "D=4",
+        "--seed",
+        "3",
+        "--out",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o = einattn::npy::read(&dir.join("O.npy")).expect("O.npy");
+    assert_eq!(o.shape, vec![1, 16, 2, 4]);
+    // Feeding the written inputs back gives the same output.
+    let again = dir.join("again");
+    let args: Vec<String> = ["Q", "K", "V"]
+        .iter()
+        .map(|n| format!("{n}={}", dir.join(format!("{n}.npy")).display()))
+        .collect();
+    let mut cmd = vec![
+        "run",
+        "examples/linear_attention.ein",
+        "-D",
+        "N=16",
+        "-D",
+        "D=4",
+        "--seed",
+        "99",
+    ];
+    for a in &args {
+        cmd.push("--input");
+        cmd.push(a);
+    }
+    cmd.push("--out");
+    let again_str = again.to_str().expect("utf-8 path").to_string();
+    cmd.push(&again_str);
+    let out = einattn(&cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o2 = einattn::npy::read(&again.join("O.npy")).expect("O.npy");
+    assert_eq!(o.values, o2.values);
+}
