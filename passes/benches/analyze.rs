@@ -10,7 +10,10 @@ use criterion::Criterion;
 use einattn_passes::analysis::{analyze, AnalysisOptions};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+mod common;
+use common::{machine, time_runs, utc_date};
 
 const LONG_SEQUENCE: u64 = 65536;
 /// The budget the design sets for one parse + check + analyze.
@@ -110,93 +113,31 @@ fn run_criterion(cases: &[Case], options: &AnalysisOptions) {
     c.final_summary();
 }
 
-struct Timing {
-    median_us: f64,
-    p95_us: f64,
-    max_us: f64,
-}
-
-fn time_runs(runs: usize, mut f: impl FnMut()) -> Timing {
-    for _ in 0..5 {
-        f();
-    }
-    let mut samples: Vec<f64> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e6
-        })
-        .collect();
-    samples.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-    Timing {
-        median_us: at(0.5),
-        p95_us: at(0.95),
-        max_us: at(1.0),
-    }
-}
-
-/// `YYYY-MM-DD` (UTC) from the system clock, without a date crate.
-fn utc_date() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = (secs / 86_400) as i64;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    format!("{cpu}, {cores} cores, {}", std::env::consts::OS)
-}
-
 fn write_results(cases: &[Case], options: &AnalysisOptions, path: &Path) -> std::io::Result<()> {
     let mut rows = Vec::new();
     for case in cases {
-        let full = time_runs(200, || {
+        let full = time_runs(200, 1e6, || {
             black_box(parse_check_analyze(case, options));
         });
         let cascade = einattn_dsl::compile_source(&case.file_name, &case.source, &case.defines)
             .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-        let analysis = time_runs(200, || {
+        let analysis = time_runs(200, 1e6, || {
             black_box(analyze(&cascade, options));
         });
         println!(
             "{:<28} {:<16} parse+check+analyze median {:>8.1} us (p95 {:>8.1}, max {:>8.1}); analyze alone {:>8.1} us",
-            case.example, case.sizes, full.median_us, full.p95_us, full.max_us, analysis.median_us
+            case.example, case.sizes, full.median, full.p95, full.max, analysis.median
         );
         rows.push(serde_json::json!({
             "example": case.example,
             "sizes": case.sizes,
             "parse_check_analyze_us": {
-                "median": full.median_us, "p95": full.p95_us, "max": full.max_us
+                "median": full.median, "p95": full.p95, "max": full.max
             },
             "analyze_us": {
-                "median": analysis.median_us, "p95": analysis.p95_us, "max": analysis.max_us
+                "median": analysis.median, "p95": analysis.p95, "max": analysis.max
             },
-            "within_budget": full.max_us < BUDGET_MS * 1000.0,
+            "within_budget": full.max < BUDGET_MS * 1000.0,
         }));
     }
     let doc = serde_json::json!({

@@ -11,7 +11,10 @@ use einattn_ir::Cascade;
 use einattn_passes::rewrite::{optimize, OptimizeOptions};
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+mod common;
+use common::{machine, time_runs, utc_date};
 
 /// The budget for one optimization.
 const BUDGET_MS: f64 = 200.0;
@@ -77,72 +80,10 @@ fn run_criterion(cases: &[Case], options: &OptimizeOptions) {
     c.final_summary();
 }
 
-struct Timing {
-    median_ms: f64,
-    p95_ms: f64,
-    max_ms: f64,
-}
-
-fn time_runs(runs: usize, mut f: impl FnMut()) -> Timing {
-    for _ in 0..3 {
-        f();
-    }
-    let mut samples: Vec<f64> = (0..runs)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    samples.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
-    Timing {
-        median_ms: at(0.5),
-        p95_ms: at(0.95),
-        max_ms: at(1.0),
-    }
-}
-
-/// `YYYY-MM-DD` (UTC) from the system clock, without a date crate.
-fn utc_date() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let days = (secs / 86_400) as i64;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    format!("{cpu}, {cores} cores, {}", std::env::consts::OS)
-}
-
 fn write_results(cases: &[Case], options: &OptimizeOptions, path: &Path) -> std::io::Result<()> {
     let mut rows = Vec::new();
     for case in cases {
-        let timing = time_runs(RUNS, || {
+        let timing = time_runs(RUNS, 1e3, || {
             black_box(run(case, options));
         });
         let out = optimize(&case.cascade, options).map_err(std::io::Error::other)?;
@@ -150,22 +91,22 @@ fn write_results(cases: &[Case], options: &OptimizeOptions, path: &Path) -> std:
         println!(
             "{:<28} median {:>7.2} ms (p95 {:>7.2}, max {:>7.2})  {}",
             case.name,
-            timing.median_ms,
-            timing.p95_ms,
-            timing.max_ms,
+            timing.median,
+            timing.p95,
+            timing.max,
             rules.join(", ")
         );
         rows.push(serde_json::json!({
             "example": case.name,
             "optimize_ms": {
-                "median": timing.median_ms, "p95": timing.p95_ms, "max": timing.max_ms
+                "median": timing.median, "p95": timing.p95, "max": timing.max
             },
             "applied": rules,
             "passes_before": out.before.passes,
             "passes_after": out.after.passes,
             "flops_before": out.before.flops,
             "flops_after": out.after.flops,
-            "within_budget": timing.max_ms < BUDGET_MS,
+            "within_budget": timing.max < BUDGET_MS,
         }));
     }
     let doc = serde_json::json!({
