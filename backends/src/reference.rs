@@ -10,69 +10,94 @@ pub struct AttentionInputs<'a> {
     pub q: &'a HostTensor,
     pub k: &'a HostTensor,
     pub v: &'a HostTensor,
-    pub scale: f64,
-    pub softcap: f64,
-    /// One slope per head (ALiBi), used when the spec asks for it.
-    pub alibi_slopes: &'a [f64],
+    /// Values of the score's scalars, in [`crate::tile::attention::Score::scalars`] order.
+    pub scalars: &'a [f64],
+    /// One array (one value per head) per score head parameter.
+    pub head_params: &'a [Vec<f64>],
 }
 
 /// Output `[B, N_q, H, d]` (contiguous BNHD) and log-sum-exp `[B, H, N_q]`.
-/// Rows with no visible key give zeros and `-inf`.
+/// Rows with no visible key give zeros and `-inf`. Rows are spread over the machine's
+/// threads: GPU checks at N = 4096 would otherwise wait minutes for the reference.
 pub fn attention(spec: &AttentionSpec, prob: Problem, x: &AttentionInputs) -> (Vec<f64>, Vec<f64>) {
     let d = spec.head_dim as usize;
-    let (bsz, h_n, n_q, n_k) = (prob.batch, prob.heads, prob.n_q, prob.n_k);
+    let (bsz, h_n, n_q) = (prob.batch, prob.heads, prob.n_q);
     let mut out = vec![0.0; bsz * n_q * h_n * d];
+    let mut row_lse = vec![f64::NEG_INFINITY; bsz * n_q * h_n];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let rows_per_thread = (bsz * n_q * h_n).div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (chunk, (out, lse)) in out
+            .chunks_mut(rows_per_thread * d.max(1))
+            .zip(row_lse.chunks_mut(rows_per_thread))
+            .enumerate()
+        {
+            scope.spawn(move || {
+                let first = chunk * rows_per_thread;
+                for (i, (o, l)) in out.chunks_mut(d.max(1)).zip(lse.iter_mut()).enumerate() {
+                    let row = first + i;
+                    let (b, p, h) = (row / (n_q * h_n), (row / h_n) % n_q, row % h_n);
+                    *l = attention_row(spec, prob, x, (b, p, h), o);
+                }
+            });
+        }
+    });
     let mut lse = vec![f64::NEG_INFINITY; bsz * h_n * n_q];
-    let masks = spec.masks();
-    let mut logits = vec![0.0; n_k];
     for b in 0..bsz {
-        for h in 0..h_n {
-            let hk = h / prob.kv_group;
-            for p in 0..n_q {
-                let qo = x.q.offset(b, p, h);
-                let mut mx = f64::NEG_INFINITY;
-                for (m, l) in logits.iter_mut().enumerate() {
-                    let visible = masks.iter().all(|mk| mk.allows(p as i64, m as i64));
-                    if !visible {
-                        *l = f64::NEG_INFINITY;
-                        continue;
-                    }
-                    let ko = x.k.offset(b, m, hk);
-                    let dot: f64 = (0..d).map(|c| x.q.data[qo + c] * x.k.data[ko + c]).sum();
-                    let mut s = x.scale * dot;
-                    if spec.softcap {
-                        s = x.softcap * (s / x.softcap).tanh();
-                    }
-                    if spec.alibi {
-                        s += x.alibi_slopes[h] * (m as f64 - p as f64);
-                    }
-                    *l = s;
-                    mx = mx.max(s);
-                }
-                if mx == f64::NEG_INFINITY {
-                    continue;
-                }
-                let mut denom = 0.0;
-                let oo = (b * n_q + p) * h_n * d + h * d;
-                for (m, l) in logits.iter().enumerate() {
-                    if *l == f64::NEG_INFINITY {
-                        continue;
-                    }
-                    let w = (l - mx).exp();
-                    denom += w;
-                    let vo = x.v.offset(b, m, hk);
-                    for c in 0..d {
-                        out[oo + c] += w * x.v.data[vo + c];
-                    }
-                }
-                for c in 0..d {
-                    out[oo + c] /= denom;
-                }
-                lse[(b * h_n + h) * n_q + p] = mx + denom.ln();
+        for p in 0..n_q {
+            for h in 0..h_n {
+                lse[(b * h_n + h) * n_q + p] = row_lse[(b * n_q + p) * h_n + h];
             }
         }
     }
     (out, lse)
+}
+
+/// One query row: writes `softmax(s) V` into `out` and returns the log-sum-exp.
+fn attention_row(
+    spec: &AttentionSpec,
+    prob: Problem,
+    x: &AttentionInputs,
+    (b, p, h): (usize, usize, usize),
+    out: &mut [f64],
+) -> f64 {
+    let d = spec.head_dim as usize;
+    let hk = h / prob.kv_group;
+    let masks = spec.masks();
+    let head_values: Vec<f64> = x.head_params.iter().map(|v| v[h]).collect();
+    let qo = x.q.offset(b, p, h);
+    let mut logits = vec![f64::NEG_INFINITY; prob.n_k];
+    let mut mx = f64::NEG_INFINITY;
+    for (m, l) in logits.iter_mut().enumerate() {
+        if !masks.iter().all(|mk| mk.allows(p as i64, m as i64)) {
+            continue;
+        }
+        let ko = x.k.offset(b, m, hk);
+        let dot: f64 = (0..d).map(|c| x.q.data[qo + c] * x.k.data[ko + c]).sum();
+        *l = spec
+            .score
+            .eval(dot, p as f64, m as f64, x.scalars, &head_values);
+        mx = mx.max(*l);
+    }
+    if mx == f64::NEG_INFINITY {
+        return f64::NEG_INFINITY;
+    }
+    let mut denom = 0.0;
+    for (m, l) in logits.iter().enumerate() {
+        if *l == f64::NEG_INFINITY {
+            continue;
+        }
+        let w = (l - mx).exp();
+        denom += w;
+        let vo = x.v.offset(b, m, hk);
+        for c in 0..d {
+            out[c] += w * x.v.data[vo + c];
+        }
+    }
+    for o in out.iter_mut() {
+        *o /= denom;
+    }
+    mx + denom.ln()
 }
 
 /// `||a - b|| / ||b||` over all elements; NaN anywhere gives NaN (never passes a `<` test).

@@ -19,12 +19,11 @@ fn specs() -> Vec<AttentionSpec> {
                         s.window = Some(256);
                     }
                     3 => {
-                        s.alibi = true;
+                        s.score = s.score.with_alibi();
                         s.write_lse = true;
                     }
                     _ => {
-                        s.softcap = true;
-                        s.alibi = true;
+                        s.score = s.score.with_softcap().with_alibi();
                         s.causal = true;
                         s.window = Some(100);
                         s.write_lse = true;

@@ -70,8 +70,7 @@ fn masks_reverse_the_grid_and_skip_tiles() {
 #[test]
 fn score_modifiers_lower_to_sfu_and_head_loads() {
     let mut spec = AttentionSpec::new(64, Elem::Bf16);
-    spec.softcap = true;
-    spec.alibi = true;
+    spec.score = spec.score.with_softcap().with_alibi();
     spec.write_lse = true;
     let k = ptx_for(&spec);
     assert!(k.text.contains("tanh.approx.f32"));
@@ -83,7 +82,7 @@ fn score_modifiers_lower_to_sfu_and_head_loads() {
 #[test]
 fn entry_parameters_follow_the_abi() {
     let mut spec = AttentionSpec::new(128, Elem::Bf16);
-    spec.alibi = true;
+    spec.score = spec.score.with_alibi();
     spec.write_lse = true;
     let k = ptx_for(&spec);
     let start = k.text.find(".visible .entry").expect("entry");

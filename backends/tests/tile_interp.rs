@@ -64,11 +64,13 @@ fn check(case: &Case) -> Result<(), String> {
     let softcap = rng.random_range(0.5..3.0);
     let slopes = alibi_slopes(prob.heads);
     let (prog, bind) = flash_attention(&spec, &sched).map_err(|e| e.to_string())?;
-    let mut scalars = vec![0.0; prog.scalars.len()];
-    scalars[bind.scale.index()] = scale;
-    if let Some(c) = bind.softcap {
-        scalars[c.index()] = softcap;
-    }
+    let scalars: Vec<f64> = spec
+        .score
+        .scalars
+        .iter()
+        .map(|n| if n == "softcap" { softcap } else { scale })
+        .collect();
+    let head_params: Vec<Vec<f64>> = prog.head_params.iter().map(|_| slopes.clone()).collect();
     let mut io = Bindings {
         tensors: vec![q.clone(), k.clone(), v.clone(), o],
         row_outputs: prog
@@ -76,17 +78,16 @@ fn check(case: &Case) -> Result<(), String> {
             .iter()
             .map(|_| vec![f64::NAN; prob.batch * prob.heads * prob.n_q])
             .collect(),
-        scalars,
-        head_params: prog.head_params.iter().map(|_| slopes.clone()).collect(),
+        scalars: scalars.clone(),
+        head_params: head_params.clone(),
     };
     run(&prog, prob, &mut io).map_err(|e| e.to_string())?;
     let inputs = AttentionInputs {
         q: &q,
         k: &k,
         v: &v,
-        scale,
-        softcap,
-        alibi_slopes: &slopes,
+        scalars: &scalars,
+        head_params: &head_params,
     };
     let (want, want_lse) = attention(&spec, prob, &inputs);
     let got = &io.tensors[bind.o.index()].data;
@@ -137,8 +138,12 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 let mut spec = AttentionSpec::new(d, if f16 { Elem::F16 } else { Elem::Bf16 });
                 spec.causal = causal;
                 spec.window = window;
-                spec.alibi = alibi;
-                spec.softcap = softcap;
+                if softcap {
+                    spec.score = spec.score.with_softcap();
+                }
+                if alibi {
+                    spec.score = spec.score.with_alibi();
+                }
                 spec.write_lse = lse;
                 let warps = [1u32, 2, 4][warps_i];
                 let block_m = 16 * warps * [1u32, 2, 4][bm_i].min(4 / warps.min(4)).max(1);

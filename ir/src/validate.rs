@@ -51,6 +51,8 @@ pub enum DiagnosticKind {
     UnknownDefine,
     /// An index whose range (by interval arithmetic) leaves the dimension.
     OutOfRange,
+    /// A valid cascade that a backend cannot map onto its kernels.
+    NotMappable,
     /// A rank iterated by an Einsum but neither an output index nor reduced, a rank
     /// reduced twice, a type or value that makes no sense: everything else.
     Invalid,

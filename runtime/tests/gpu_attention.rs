@@ -75,9 +75,8 @@ fn causal_attention_matches_reference_on_gpu() {
         q: &qh,
         k: &kh,
         v: &vh,
-        scale: scale as f64,
-        softcap: 1.0,
-        alibi_slopes: &[],
+        scalars: &[scale as f64],
+        head_params: &[],
     };
     let prob = Problem {
         batch: 1,

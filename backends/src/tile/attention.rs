@@ -24,10 +24,118 @@ use super::*;
 pub const LN_2: f64 = std::f64::consts::LN_2;
 pub const LOG2_E: f64 = std::f64::consts::LOG2_E;
 
-/// What to compute. Logits are `s0 = scale * q.k`, then optionally
-/// `s1 = softcap * tanh(s0 / softcap)`, then optionally `s2 = s1 + slope[h] * (m - p)`
-/// (ALiBi); masked keys are excluded; `O = softmax(s) V`, `LSE = log sum exp s`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The logit of one (query, key) pair as a function of the raw dot product `q.k`, in
+/// natural-log units. In [`Score::expr`], `ScalarExpr::Elem(_)` stands for the dot product,
+/// `Index(Query)`/`Index(Key)` for the positions `p`/`m`, `Scalar(i)` for the kernel scalar
+/// named `scalars[i]` and `Head(j)` for the per-head array named `head_params[j]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Score {
+    pub expr: ScalarExpr,
+    pub scalars: Vec<String>,
+    pub head_params: Vec<String>,
+}
+
+/// The placeholder register that stands for the dot product in [`Score::expr`].
+pub const DOT: RegId = RegId(u32::MAX);
+
+impl Score {
+    /// `scale * q.k`.
+    pub fn scaled() -> Score {
+        Score {
+            expr: mul(scalar(ScalarId(0)), elem(DOT)),
+            scalars: vec!["scale".into()],
+            head_params: vec![],
+        }
+    }
+
+    /// `cap * tanh(x / cap)` around the current logit, with `cap` a new scalar `softcap`.
+    pub fn with_softcap(mut self) -> Score {
+        self.scalars.push("softcap".into());
+        let cap = scalar(ScalarId(self.scalars.len() as u32 - 1));
+        self.expr = mul(cap.clone(), tanh(div(self.expr, cap)));
+        self
+    }
+
+    /// Adds the ALiBi bias `slope[h] * (m - p)`, with `slope` a new head array `alibi_slopes`.
+    pub fn with_alibi(mut self) -> Score {
+        self.head_params.push("alibi_slopes".into());
+        let slope = head(HeadParamId(self.head_params.len() as u32 - 1));
+        self.expr = add(
+            self.expr,
+            mul(slope, sub(index(SeqRank::Key), index(SeqRank::Query))),
+        );
+        self
+    }
+
+    /// True for `scale * q.k` with the scale a kernel scalar: the kernel then keeps raw
+    /// scores and folds the scale into the max and the exponent, which needs `scale > 0`.
+    pub fn scaled_dot(&self) -> Option<ScalarId> {
+        match &self.expr {
+            ScalarExpr::Binary(BinaryOp::Mul, a, b) => match (&**a, &**b) {
+                (ScalarExpr::Scalar(s), ScalarExpr::Elem(DOT))
+                | (ScalarExpr::Elem(DOT), ScalarExpr::Scalar(s)) => Some(*s),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Evaluates the logit in f64 (the reference formula's path).
+    pub fn eval(&self, dot: f64, p: f64, m: f64, scalars: &[f64], head_params: &[f64]) -> f64 {
+        fn go(e: &ScalarExpr, x: &(f64, f64, f64, &[f64], &[f64])) -> f64 {
+            match e {
+                ScalarExpr::Lit(v) => *v,
+                ScalarExpr::Scalar(id) => x.3[id.index()],
+                ScalarExpr::Head(id) => x.4[id.index()],
+                ScalarExpr::Index(SeqRank::Query) => x.1,
+                ScalarExpr::Index(SeqRank::Key) => x.2,
+                ScalarExpr::Elem(_) | ScalarExpr::Row(_) => x.0,
+                ScalarExpr::Unary(op, a) => op.apply(go(a, x)),
+                ScalarExpr::Binary(op, a, b) => op.apply(go(a, x), go(b, x)),
+                ScalarExpr::Select {
+                    op,
+                    lhs,
+                    rhs,
+                    then,
+                    otherwise,
+                } => {
+                    if op.holds(go(lhs, x), go(rhs, x)) {
+                        go(then, x)
+                    } else {
+                        go(otherwise, x)
+                    }
+                }
+            }
+        }
+        go(&self.expr, &(dot, p, m, scalars, head_params))
+    }
+
+    /// A short stable tag of the expression for kernel names.
+    fn tag(&self) -> String {
+        if self.scaled_dot().is_some() {
+            return String::new();
+        }
+        if *self == Score::scaled().with_alibi() {
+            return "_alibi".into();
+        }
+        if *self == Score::scaled().with_softcap() {
+            return "_softcap".into();
+        }
+        if *self == Score::scaled().with_softcap().with_alibi() {
+            return "_softcap_alibi".into();
+        }
+        // FNV-1a of the printed tree: different modifiers get different entry points.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in format!("{:?}", self.expr).bytes() {
+            h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+        }
+        format!("_s{h:08x}")
+    }
+}
+
+/// What to compute: logits `s = score(q.k, p, m)`; masked keys are excluded;
+/// `O = softmax(s) V`, optionally `LSE = log sum exp s`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct AttentionSpec {
     pub head_dim: u32,
     pub elem: Elem,
@@ -35,10 +143,9 @@ pub struct AttentionSpec {
     pub causal: bool,
     /// Keep keys with `p - m < window` (combine with `causal` for the usual sliding window).
     pub window: Option<u32>,
-    /// Add `slope[h] * (m - p)`; slopes come from the `alibi_slopes` head parameter.
-    pub alibi: bool,
-    /// Apply `softcap * tanh(s / softcap)`; the cap comes from the `softcap` scalar parameter.
-    pub softcap: bool,
+    /// Band masks beyond the causal and window forms (`m - p <= c` and friends).
+    pub extra_masks: Vec<BandMask>,
+    pub score: Score,
     /// Also write the log-sum-exp (natural log) per query row.
     pub write_lse: bool,
 }
@@ -50,8 +157,8 @@ impl AttentionSpec {
             elem,
             causal: false,
             window: None,
-            alibi: false,
-            softcap: false,
+            extra_masks: vec![],
+            score: Score::scaled(),
             write_lse: false,
         }
     }
@@ -63,6 +170,7 @@ impl AttentionSpec {
         if let Some(w) = self.window {
             v.push(BandMask::window(w));
         }
+        v.extend(self.extra_masks.iter().copied());
         v
     }
     /// A short name used for kernel entry points.
@@ -74,16 +182,22 @@ impl AttentionSpec {
         if let Some(w) = self.window {
             s.push_str(&format!("_win{w}"));
         }
-        if self.alibi {
-            s.push_str("_alibi");
+        for m in &self.extra_masks {
+            let dir = match m.direction {
+                BandDirection::KeyMinusQuery => "kq",
+                BandDirection::QueryMinusKey => "qk",
+            };
+            s.push_str(&format!("_band{dir}{}", m.bound).replace('-', "n"));
         }
-        if self.softcap {
-            s.push_str("_softcap");
-        }
+        s.push_str(&self.score.tag());
         if self.write_lse {
             s.push_str("_lse");
         }
         s
+    }
+    /// True when the score is anything but `scale * q.k`.
+    pub fn modifies_score(&self) -> bool {
+        self.score.scaled_dot().is_none()
     }
 }
 
@@ -113,7 +227,7 @@ impl AttentionSchedule {
         // The vote-skip of the rescale costs up to 5% (d=64) where registers suffice, but
         // at 255 registers it is what keeps ptxas from spilling: plain d<=64 kernels fit
         // without it; d=128 and score-modified or windowed kernels need it.
-        let plain = !spec.alibi && !spec.softcap && spec.window.is_none();
+        let plain = !spec.modifies_score() && spec.window.is_none();
         AttentionSchedule {
             block_m: 128,
             block_n,
@@ -125,7 +239,8 @@ impl AttentionSchedule {
     }
 }
 
-/// Handles of the pieces of an attention program a launcher needs to bind.
+/// Handles of the pieces of an attention program a launcher needs to bind. The program's
+/// scalars and head parameters are those of [`Score`], in its order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionBindings {
     pub q: TensorId,
@@ -133,9 +248,6 @@ pub struct AttentionBindings {
     pub v: TensorId,
     pub o: TensorId,
     pub lse: Option<RowOutputId>,
-    pub scale: ScalarId,
-    pub softcap: Option<ScalarId>,
-    pub alibi_slopes: Option<HeadParamId>,
 }
 
 /// Builds the 1-pass softmax attention tile program.
@@ -189,22 +301,12 @@ pub fn flash_attention(
         p.row_outputs.push(RowOutput { name: "lse".into() });
         RowOutputId(0)
     });
-    p.scalars.push(ScalarParam {
-        name: "scale".into(),
-    });
-    let scale = ScalarId(0);
-    let softcap = spec.softcap.then(|| {
-        p.scalars.push(ScalarParam {
-            name: "softcap".into(),
-        });
-        ScalarId(1)
-    });
-    let alibi_slopes = spec.alibi.then(|| {
-        p.head_params.push(HeadParam {
-            name: "alibi_slopes".into(),
-        });
-        HeadParamId(0)
-    });
+    for name in &spec.score.scalars {
+        p.scalars.push(ScalarParam { name: name.clone() });
+    }
+    for name in &spec.score.head_params {
+        p.head_params.push(HeadParam { name: name.clone() });
+    }
 
     let shared = |p: &mut TileProgram, name: &str, rows, rank| {
         p.shared.push(SharedTile {
@@ -264,9 +366,10 @@ pub fn flash_attention(
     let alpha = new_row(&mut p, "alpha");
     let tile_sum = new_row(&mut p, "tile_sum");
 
-    let plain = !spec.softcap && !spec.alibi;
+    let plain_scale = spec.score.scaled_dot();
+    let plain = plain_scale.is_some();
     // Uniform factor: scale * log2(e), hoisted by the printer.
-    let scale_log2 = mul(scalar(scale), lit(LOG2_E));
+    let scale_log2 = mul(scalar(plain_scale.unwrap_or(ScalarId(0))), lit(LOG2_E));
 
     let mut body = vec![Stmt::LoadTile { dst: q_s, src: q }];
     let a_op = match q_frag {
@@ -317,25 +420,10 @@ pub fn flash_attention(
             expr: max(row(m_run), mul(row(tile_max), scale_log2.clone())),
         });
     } else {
-        let mut x = mul(elem(s), scalar(scale));
-        if let Some(cap) = softcap {
-            x = mul(
-                tanh(mul(elem(s), div(scalar(scale), scalar(cap)))),
-                scalar(cap),
-            );
-        }
-        if let Some(slopes) = alibi_slopes {
-            x = add(
-                x,
-                mul(
-                    head(slopes),
-                    sub(index(SeqRank::Key), index(SeqRank::Query)),
-                ),
-            );
-        }
+        let x = simplify(&substitute_dot(&spec.score.expr, s));
         lp.push(Stmt::Map {
             dst: s,
-            expr: mul(x, lit(LOG2_E)),
+            expr: simplify(&mul(x, lit(LOG2_E))),
         });
         lp.push(Stmt::Mask {
             dst: s,
@@ -430,17 +518,72 @@ pub fn flash_attention(
     }
     p.body = body;
     p.validate()?;
-    Ok((
-        p,
-        AttentionBindings {
-            q,
-            k,
-            v,
-            o,
-            lse,
-            scale,
-            softcap,
-            alibi_slopes,
-        },
-    ))
+    Ok((p, AttentionBindings { q, k, v, o, lse }))
+}
+
+/// Replaces the dot-product placeholder of a [`Score`] with the score register.
+fn substitute_dot(e: &ScalarExpr, s: RegId) -> ScalarExpr {
+    match e {
+        ScalarExpr::Elem(DOT) => elem(s),
+        ScalarExpr::Unary(op, a) => un(*op, substitute_dot(a, s)),
+        ScalarExpr::Binary(op, a, b) => bin(*op, substitute_dot(a, s), substitute_dot(b, s)),
+        ScalarExpr::Select {
+            op,
+            lhs,
+            rhs,
+            then,
+            otherwise,
+        } => select(
+            *op,
+            substitute_dot(lhs, s),
+            substitute_dot(rhs, s),
+            substitute_dot(then, s),
+            substitute_dot(otherwise, s),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Rewrites an element-wise expression so that per-element work is minimal: division by a
+/// uniform value becomes multiplication by its (hoisted) reciprocal, and the uniform factors
+/// of a product are gathered into one hoisted constant.
+pub fn simplify(e: &ScalarExpr) -> ScalarExpr {
+    match e {
+        ScalarExpr::Binary(BinaryOp::Div, a, b) if b.is_uniform() && !a.is_uniform() => {
+            simplify(&mul((**a).clone(), recip((**b).clone())))
+        }
+        ScalarExpr::Binary(BinaryOp::Mul, _, _) => {
+            let mut factors = Vec::new();
+            flatten_product(e, &mut factors);
+            let (uniform, varying): (Vec<_>, Vec<_>) =
+                factors.into_iter().partition(|f| f.is_uniform());
+            let product = |fs: Vec<ScalarExpr>| fs.into_iter().reduce(mul);
+            match (
+                product(uniform),
+                product(varying.iter().map(simplify).collect()),
+            ) {
+                (Some(u), Some(v)) => mul(u, v),
+                (Some(u), None) => u,
+                (None, Some(v)) => v,
+                (None, None) => lit(1.0),
+            }
+        }
+        ScalarExpr::Unary(op, a) => un(*op, simplify(a)),
+        ScalarExpr::Binary(op, a, b) => bin(*op, simplify(a), simplify(b)),
+        other => other.clone(),
+    }
+}
+
+fn flatten_product(e: &ScalarExpr, out: &mut Vec<ScalarExpr>) {
+    match e {
+        ScalarExpr::Binary(BinaryOp::Mul, a, b) => {
+            flatten_product(a, out);
+            flatten_product(b, out);
+        }
+        ScalarExpr::Binary(BinaryOp::Div, a, b) if b.is_uniform() => {
+            flatten_product(a, out);
+            out.push(recip((**b).clone()));
+        }
+        other => out.push(other.clone()),
+    }
 }

@@ -382,30 +382,9 @@ impl Cta<'_> {
                 self.regs[id.index()][r * cols + c]
             }
             ScalarExpr::Row(id) => self.rows[id.index()][r],
-            ScalarExpr::Unary(op, a) => {
-                let a = self.eval(a, io, r, c)?;
-                match op {
-                    UnaryOp::Neg => -a,
-                    UnaryOp::Exp => a.exp(),
-                    UnaryOp::Exp2 => a.exp2(),
-                    UnaryOp::Log => a.ln(),
-                    UnaryOp::Log2 => a.log2(),
-                    UnaryOp::Sqrt => a.sqrt(),
-                    UnaryOp::Tanh => a.tanh(),
-                    UnaryOp::Recip => 1.0 / a,
-                }
-            }
+            ScalarExpr::Unary(op, a) => op.apply(self.eval(a, io, r, c)?),
             ScalarExpr::Binary(op, a, b) => {
-                let a = self.eval(a, io, r, c)?;
-                let b = self.eval(b, io, r, c)?;
-                match op {
-                    BinaryOp::Add => a + b,
-                    BinaryOp::Sub => a - b,
-                    BinaryOp::Mul => a * b,
-                    BinaryOp::Div => a / b,
-                    BinaryOp::Max => a.max(b),
-                    BinaryOp::Min => a.min(b),
-                }
+                op.apply(self.eval(a, io, r, c)?, self.eval(b, io, r, c)?)
             }
             ScalarExpr::Select {
                 op,
@@ -414,16 +393,7 @@ impl Cta<'_> {
                 then,
                 otherwise,
             } => {
-                let l = self.eval(lhs, io, r, c)?;
-                let rv = self.eval(rhs, io, r, c)?;
-                let cond = match op {
-                    CmpOp::Lt => l < rv,
-                    CmpOp::Le => l <= rv,
-                    CmpOp::Gt => l > rv,
-                    CmpOp::Ge => l >= rv,
-                    CmpOp::Eq => l == rv,
-                    CmpOp::Ne => l != rv,
-                };
+                let cond = op.holds(self.eval(lhs, io, r, c)?, self.eval(rhs, io, r, c)?);
                 if cond {
                     self.eval(then, io, r, c)?
                 } else {

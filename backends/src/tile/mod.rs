@@ -200,6 +200,47 @@ pub enum CmpOp {
     Ne,
 }
 
+impl UnaryOp {
+    pub fn apply(self, a: f64) -> f64 {
+        match self {
+            UnaryOp::Neg => -a,
+            UnaryOp::Exp => a.exp(),
+            UnaryOp::Exp2 => a.exp2(),
+            UnaryOp::Log => a.ln(),
+            UnaryOp::Log2 => a.log2(),
+            UnaryOp::Sqrt => a.sqrt(),
+            UnaryOp::Tanh => a.tanh(),
+            UnaryOp::Recip => 1.0 / a,
+        }
+    }
+}
+
+impl BinaryOp {
+    pub fn apply(self, a: f64, b: f64) -> f64 {
+        match self {
+            BinaryOp::Add => a + b,
+            BinaryOp::Sub => a - b,
+            BinaryOp::Mul => a * b,
+            BinaryOp::Div => a / b,
+            BinaryOp::Max => a.max(b),
+            BinaryOp::Min => a.min(b),
+        }
+    }
+}
+
+impl CmpOp {
+    pub fn holds(self, a: f64, b: f64) -> bool {
+        match self {
+            CmpOp::Lt => a < b,
+            CmpOp::Le => a <= b,
+            CmpOp::Gt => a > b,
+            CmpOp::Ge => a >= b,
+            CmpOp::Eq => a == b,
+            CmpOp::Ne => a != b,
+        }
+    }
+}
+
 /// A scalar expression evaluated per element (in [`Stmt::Map`]) or per row
 /// (in [`Stmt::RowMap`]).
 #[derive(Debug, Clone, PartialEq)]

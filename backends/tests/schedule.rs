@@ -1,0 +1,225 @@
+//! The scheduler reads every softmax example as attention, and the kernel it builds
+//! computes what the cascade says: the Tile IR interpreter (running the exact tiling,
+//! masking and skipping the GPU runs) is compared with the reference interpreter.
+
+use einattn_backends::compile::compile_kernel;
+use einattn_backends::flash_attention;
+use einattn_backends::reference::relative_error;
+use einattn_backends::schedule::{recognize, schedule, AttentionMatch, ScheduleOptions};
+use einattn_backends::tile::attention::AttentionSchedule;
+use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
+use einattn_backends::tile::Elem;
+use einattn_ir::cascade::Cascade;
+use einattn_ir::interp::{evaluate_in_order, random_inputs};
+use einattn_ir::validate::topological_order;
+use proptest::prelude::*;
+
+const SOFTMAX_EXAMPLES: [&str; 6] = [
+    "attention_1pass",
+    "attention_2pass",
+    "attention_3pass",
+    "attention_causal",
+    "attention_sliding_window",
+    "flash_decoding",
+];
+
+fn load(name: &str, defines: &[(&str, u64)]) -> Cascade {
+    let path = format!("{}/../examples/{name}.ein", env!("CARGO_MANIFEST_DIR"));
+    let src = std::fs::read_to_string(&path).expect("example exists");
+    let defines: Vec<(String, u64)> = defines.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    einattn_dsl::compile_source(&path, &src, &defines)
+        .unwrap_or_else(|d| panic!("{}", d.render(&path, &src)))
+}
+
+/// Runs the matched kernel's tile program on the cascade's random inputs and compares its
+/// output with the reference interpreter's. Returns the relative error.
+fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64 {
+    let m: AttentionMatch = recognize(c).unwrap_or_else(|d| panic!("{}: {}", c.name, d.message));
+    let inputs = random_inputs(c, seed);
+    let values = evaluate_in_order(c, &inputs, &topological_order(c)).expect("interpreter runs");
+    let (prog, bind) = flash_attention(&m.spec, &kernel).expect("tile program builds");
+    let host = |l: &einattn_backends::schedule::Layout, data: Vec<f64>| HostTensor {
+        data,
+        stride_b: l.stride_batch as usize,
+        stride_n: l.stride_seq as usize,
+        stride_h: l.stride_head as usize,
+    };
+    // The kernel sees what the GPU would: inputs rounded to the storage type.
+    let rounded = |t| {
+        inputs[&t]
+            .stored()
+            .iter()
+            .map(|&x| m.spec.elem.round(x))
+            .collect::<Vec<f64>>()
+    };
+    let mut io = Bindings {
+        tensors: vec![
+            host(&m.q, rounded(m.q.tensor)),
+            host(&m.k, rounded(m.k.tensor)),
+            host(&m.v, rounded(m.v.tensor)),
+            host(&m.o, vec![f64::NAN; m.o.elements as usize]),
+        ],
+        row_outputs: vec![],
+        scalars: m
+            .scalar_params
+            .iter()
+            .map(|t| inputs[t].stored()[0])
+            .collect(),
+        head_params: m.head_params.iter().map(|t| inputs[t].stored()).collect(),
+    };
+    let prob = Problem {
+        batch: m.batch as usize,
+        heads: m.heads as usize,
+        kv_group: 1,
+        n_q: m.n_q as usize,
+        n_k: m.n_k as usize,
+    };
+    run(&prog, prob, &mut io).expect("tile interpreter runs");
+    let want = values.get(m.o.tensor).expect("output computed").stored();
+    relative_error(&io.tensors[bind.o.index()].data, &want)
+}
+
+#[test]
+fn every_softmax_example_is_recognized() {
+    for name in SOFTMAX_EXAMPLES {
+        let c = load(name, &[]);
+        let m = recognize(&c).unwrap_or_else(|d| panic!("{name}: {}", d.message));
+        assert_eq!(
+            m.spec.head_dim as u64,
+            m.n_k.min(u64::MAX).min(c.ranks[m.roles.head_dim].extent)
+        );
+        assert!(!m.reading.is_empty());
+    }
+    let causal = recognize(&load("attention_causal", &[])).expect("recognized");
+    assert!(causal.spec.causal && causal.spec.window.is_none());
+    let sw = recognize(&load("attention_sliding_window", &[])).expect("recognized");
+    assert!(sw.spec.causal);
+    assert_eq!(sw.spec.window, Some(256));
+    assert_eq!(sw.spec.score.head_params, vec!["slope".to_string()]);
+    assert!(sw.spec.modifies_score());
+    let dec = recognize(&load("flash_decoding", &[])).expect("recognized");
+    assert_eq!((dec.n_q, dec.heads, dec.n_k), (1, 8, 16384));
+}
+
+#[test]
+fn non_attention_cascades_are_refused_with_a_reason() {
+    for name in ["lightning", "linear_attention", "lm_head_entropy"] {
+        let c = load(name, &[]);
+        let err = recognize(&c).expect_err("not softmax attention");
+        assert!(!err.message.is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn tile_program_matches_the_interpreter_on_every_example() {
+    // Small sizes keep the f64 interpreter fast; tails and several tiles are exercised.
+    let cases: [(&str, &[(&str, u64)]); 6] = [
+        ("attention_1pass", &[("M", 96), ("D", 32), ("TILE", 32)]),
+        ("attention_2pass", &[("M", 80), ("D", 16)]),
+        ("attention_3pass", &[("M", 72), ("D", 32)]),
+        (
+            "attention_causal",
+            &[("N", 100), ("D", 16), ("TILE", 20), ("H", 3)],
+        ),
+        (
+            "attention_sliding_window",
+            &[("N", 120), ("D", 16), ("TILE", 8), ("W", 37), ("B", 2)],
+        ),
+        ("flash_decoding", &[("N", 200), ("D", 32), ("H", 3)]),
+    ];
+    for (name, defines) in cases {
+        let c = load(name, defines);
+        for kernel in [
+            AttentionSchedule {
+                block_m: 64,
+                block_n: 32,
+                warps: 4,
+                stages: 2,
+                q_in_registers: false,
+                skip_unit_rescale: true,
+            },
+            AttentionSchedule {
+                block_m: 32,
+                block_n: 16,
+                warps: 2,
+                stages: 3,
+                q_in_registers: true,
+                skip_unit_rescale: false,
+            },
+        ] {
+            let err = tile_vs_interpreter(&c, kernel, 11);
+            assert!(err < 1e-2, "{name} {kernel:?}: relative error {err}");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    /// Random sizes, tiles and windows: the schedule's kernel agrees with the cascade.
+    #[test]
+    fn sliding_window_random_shapes(n in 1u64..90, w in 1u64..60, tile_i in 0usize..3,
+                                    bn_i in 0usize..3, seed in any::<u64>()) {
+        let tile = [1u64, 2, 4][tile_i];
+        let n = n.div_ceil(tile) * tile;
+        let c = load("attention_sliding_window",
+                     &[("N", n), ("D", 16), ("TILE", tile), ("W", w), ("H", 2)]);
+        let kernel = AttentionSchedule {
+            block_m: 32, block_n: [16, 32, 64][bn_i], warps: 2, stages: 2,
+            q_in_registers: false, skip_unit_rescale: seed % 2 == 0,
+        };
+        let err = tile_vs_interpreter(&c, kernel, seed);
+        prop_assert!(err < 1e-2, "relative error {}", err);
+    }
+}
+
+#[test]
+fn default_schedules_follow_the_cost_model() {
+    for (d, bn) in [(64u64, 128u32), (128, 64)] {
+        let c = load(
+            "attention_causal",
+            &[("N", 4096), ("D", d), ("H", 16), ("B", 4)],
+        );
+        let s = schedule(&c, &ScheduleOptions::default()).expect("schedules");
+        assert_eq!(
+            (s.kernel.block_m, s.kernel.block_n, s.kernel.warps),
+            (128, bn, 4),
+            "d={d}\n{}",
+            s.explain()
+        );
+        assert!(s.explain().contains("why:"));
+    }
+    let c = load("attention_1pass", &[]);
+    let forced = ScheduleOptions {
+        block_m: Some(64),
+        block_n: Some(32),
+        stages: Some(3),
+        ..ScheduleOptions::default()
+    };
+    let s = schedule(&c, &forced).expect("schedules");
+    assert_eq!(
+        (s.kernel.block_m, s.kernel.block_n, s.kernel.stages),
+        (64, 32, 3)
+    );
+    let too_big = ScheduleOptions {
+        block_n: Some(128),
+        elem: Some(Elem::F16),
+        ..ScheduleOptions::default()
+    };
+    let c128 = load("attention_1pass", &[("D", 128)]);
+    let ok = schedule(&c128, &too_big).expect("block_m 64 still fits");
+    assert_eq!(ok.kernel.block_m, 64);
+    assert_eq!(ok.spec().elem, Elem::F16);
+}
+
+#[test]
+fn compile_produces_a_manifest_that_matches_the_ptx() {
+    let c = load("attention_sliding_window", &[]);
+    let k = compile_kernel(&c, &ScheduleOptions::default()).expect("compiles");
+    let man = k.manifest(&c, "k.ptx");
+    assert_eq!(man["kernel"], k.ptx.entry);
+    assert!(k.ptx.text.contains(&format!(".entry {}", k.ptx.entry)));
+    let params = man["params"].as_array().expect("params");
+    assert_eq!(params.len(), k.ptx.abi.len());
+    assert!(params.iter().any(|p| p["from"]["param"] == "slope"));
+    assert!(params.iter().any(|p| p["from"]["tensor"] == "Q"));
+}
