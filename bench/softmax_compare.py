@@ -1,10 +1,12 @@
 """Softmax-attention baselines on the same shapes as our kernels, in the same device call.
 
-Runs PyTorch SDPA (flash = FA2, cuDNN) and FlexAttention (torch.compile) forward, bf16,
-B*N = 16384, H*d = 2048, N in {4096, 16384}, causal or not; reads our numbers from
-$OUT/ours.json (written by runtime/examples/gpu_attn_check) and writes
-$OUT/softmax_compare.json and $OUT/softmax_compare.md.
-TFLOP/s = 4*B*H*N^2*d / time (halved when causal); medians of triton.testing.do_bench.
+Runs our kernels (`einattn bench --format json` on examples/attention_mha.ein and
+examples/attention_causal.ein), PyTorch SDPA (flash = FA2, cuDNN) and FlexAttention
+(torch.compile) forward, bf16, B*N = 16384, H*d = 2048, N in {4096, 16384}, causal or not,
+and writes $OUT/softmax_compare.json and $OUT/softmax_compare.md.
+TFLOP/s = 4*B*H*N^2*d / time (halved when causal); medians (CUDA events for ours,
+triton.testing.do_bench for the baselines).
+Usage: python3 bench/softmax_compare.py [path/to/einattn]
 """
 import datetime
 import json
@@ -37,17 +39,19 @@ def main():
     except Exception as e:  # noqa: BLE001
         env["driver"] = repr(e)
     print(env, flush=True)
-    ours = {}
-    try:
-        with open(os.path.join(OUT, "ours.json")) as f:
-            data = json.load(f)
-        env["ours_device"] = data.get("device")
-        for r in data.get("bench", []):
-            ours[(r["d"], r["n"], r["causal"])] = r
-        env["ours_checks_pass"] = all(c["pass"] for c in data.get("checks", []))
-        env["ours_checks"] = len(data.get("checks", []))
-    except Exception as e:  # noqa: BLE001
-        print("no ours.json:", repr(e), flush=True)
+    binary = sys.argv[1] if len(sys.argv) > 1 else "target/release/einattn"
+
+    def ours(d, n, B, H, causal):
+        example = "examples/attention_causal.ein" if causal else "examples/attention_mha.ein"
+        cmd = [binary, "bench", example, "-D", f"B={B}", "-D", f"H={H}", "-D", f"N={n}",
+               "-D", f"D={d}", "-D", "TILE=64", "--reps", "100", "--format", "json"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            print("ours failed:", " ".join(cmd), r.stderr[-500:], flush=True)
+            return None
+        out = json.loads(r.stdout)
+        out["command"] = " ".join(cmd)
+        return out
 
     flex = None
     try:
@@ -88,14 +92,20 @@ def main():
                     except Exception as e:  # noqa: BLE001
                         row["flex"] = None
                         print("flex failed", repr(e)[:200], flush=True)
-                o = ours.get((d, n, causal))
+                o = ours(d, n, B, H, causal)
                 if o is not None:
-                    row["ours"] = o["tflops"]
-                    row["ours_ms"] = o["ms"]
+                    # Same FLOP count as the baselines (ours counts visible pairs exactly).
+                    row["ours"] = round(flops / o["median_ms"] / 1e9, 1)
+                    row["ours_ms"] = o["median_ms"]
+                    row["ours_kernel"] = o["kernel"]
+                    row["ours_schedule"] = o["schedule"]
+                    row["ours_registers"] = o["registers"]
+                    row["ours_predicted_ms"] = round(o["predicted_ms"], 4)
+                    row["ours_command"] = o["command"]
                     if row.get("flash"):
-                        row["ours_vs_flash"] = round(o["tflops"] / row["flash"], 3)
+                        row["ours_vs_flash"] = round(row["ours"] / row["flash"], 3)
                     if row.get("cudnn"):
-                        row["ours_vs_cudnn"] = round(o["tflops"] / row["cudnn"], 3)
+                        row["ours_vs_cudnn"] = round(row["ours"] / row["cudnn"], 3)
                 rows.append(row)
                 print(row, flush=True)
                 del row

@@ -137,11 +137,157 @@ pub enum Stage {
     Ast,
     Ir,
     Report,
+    Schedule,
+    Tile,
+    Ptx,
 }
 
-pub fn emit(file: &Path, defines: &[(String, u64)], stage: Stage) -> Result<String, CliError> {
+/// Kernel options from the command line: target, storage type, schedule overrides.
+#[derive(Clone, Debug, Default)]
+pub struct KernelArgs {
+    pub target: Option<einattn_backends::Target>,
+    pub elem: Option<einattn_backends::tile::Elem>,
+    /// `--tile NAME=SIZE`: a key rank (or its tile rank) sets the key tile, the query rank
+    /// (or `NAME0`) the query rows per CTA.
+    pub tiles: Vec<(String, u64)>,
+    pub warps: Option<u32>,
+    pub stages: Option<u32>,
+    /// Run the rewrite engine first.
+    pub optimize: bool,
+}
+
+/// Loads, optionally optimizes, and compiles a cascade to one kernel.
+pub fn build_kernel(
+    source: &SourceFile,
+    defines: &[(String, u64)],
+    args: &KernelArgs,
+) -> Result<(Cascade, einattn_backends::compile::CompiledKernel), CliError> {
+    use einattn_backends::schedule::{recognize, ScheduleOptions};
+    let mut cascade = source.compile(defines)?;
+    if args.optimize {
+        cascade = optimized(source, &cascade)?.cascade;
+    }
+    let render = |d: einattn_ir::validate::Diagnostic| {
+        let mut d = d;
+        if args.optimize {
+            // Spans of rewritten Einsums point nowhere useful in the original text.
+            d.span = None;
+        }
+        CliError::input(einattn_dsl::Diagnostics::new(vec![d]).render(&source.name(), &source.text))
+    };
+    let mut options = ScheduleOptions {
+        elem: args.elem,
+        warps: args.warps,
+        stages: args.stages,
+        ..ScheduleOptions::default()
+    };
+    if let Some(t) = args.target {
+        options.target = t;
+    }
+    if !args.tiles.is_empty() {
+        let m = recognize(&cascade).map_err(render)?;
+        let name = |r: einattn_ir::Handle<einattn_ir::Rank>| cascade.ranks[r].name.clone();
+        let mut key_names = vec![name(m.roles.key)];
+        if let Some((_, inner, _)) = m.roles.key_split {
+            key_names.push(name(inner));
+        }
+        key_names.push(format!("{}0", name(m.roles.key)));
+        key_names.dedup();
+        let query_names: Vec<String> = m
+            .roles
+            .query
+            .map(|q| vec![name(q), format!("{}0", name(q))])
+            .unwrap_or_default();
+        for (n, size) in &args.tiles {
+            let size = u32::try_from(*size)
+                .map_err(|_| CliError::usage(format!("error: tile size {size} is too large")))?;
+            if key_names.contains(n) {
+                options.block_n = Some(size);
+            } else if query_names.contains(n) {
+                options.block_m = Some(size);
+            } else {
+                return Err(CliError::usage(format!(
+                    "error: `--tile {n}=...`: `{n}` is neither the key rank ({}) nor the query rank ({})",
+                    key_names.join(", "),
+                    if query_names.is_empty() { "none".to_string() } else { query_names.join(", ") }
+                )));
+            }
+        }
+    }
+    let kernel = einattn_backends::compile::compile_kernel(&cascade, &options).map_err(render)?;
+    Ok((cascade, kernel))
+}
+
+/// `einattn compile FILE [--target T] -o DIR`: writes `DIR/<kernel>.ptx` and
+/// `DIR/manifest.json`.
+pub fn compile_ptx(
+    file: &Path,
+    defines: &[(String, u64)],
+    args: &KernelArgs,
+    out_dir: &Path,
+) -> Result<String, CliError> {
+    let source = SourceFile::load(file)?;
+    let (cascade, kernel) = build_kernel(&source, defines, args)?;
+    let write_err = |p: &Path, e: std::io::Error| {
+        CliError::input(format!("error: cannot write `{}`: {e}", p.display()))
+    };
+    std::fs::create_dir_all(out_dir).map_err(|e| write_err(out_dir, e))?;
+    let ptx_name = format!("{}.ptx", kernel.ptx.entry);
+    let ptx_path = out_dir.join(&ptx_name);
+    std::fs::write(&ptx_path, &kernel.ptx.text).map_err(|e| write_err(&ptx_path, e))?;
+    let manifest = kernel.manifest(&cascade, &ptx_name);
+    let manifest_path = out_dir.join("manifest.json");
+    let text = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| CliError::input(format!("error: {e}")))?;
+    std::fs::write(&manifest_path, text + "\n").map_err(|e| write_err(&manifest_path, e))?;
+    Ok(format!(
+        "{}: {} ({}, {} threads, {} B shared)\nwrote {}\nwrote {}\n",
+        cascade.name,
+        kernel.ptx.entry,
+        kernel.ptx.target.name(),
+        kernel.ptx.threads,
+        kernel.ptx.dynamic_smem_bytes,
+        ptx_path.display(),
+        manifest_path.display()
+    ))
+}
+
+/// `einattn check`: (report, passed).
+pub fn check(
+    file: &Path,
+    defines: &[(String, u64)],
+    args: &KernelArgs,
+    seed: u64,
+) -> Result<(String, bool), CliError> {
+    let source = SourceFile::load(file)?;
+    let (cascade, kernel) = build_kernel(&source, defines, args)?;
+    crate::gpu::check(&cascade, &kernel, seed)
+}
+
+/// `einattn bench`.
+pub fn bench(
+    file: &Path,
+    defines: &[(String, u64)],
+    args: &KernelArgs,
+    reps: usize,
+    format: ReportFormat,
+) -> Result<String, CliError> {
+    let source = SourceFile::load(file)?;
+    let (cascade, kernel) = build_kernel(&source, defines, args)?;
+    crate::gpu::bench(&cascade, &kernel, reps, format)
+}
+
+pub fn emit(
+    file: &Path,
+    defines: &[(String, u64)],
+    stage: Stage,
+    args: &KernelArgs,
+) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
     match stage {
+        Stage::Schedule => Ok(build_kernel(&source, defines, args)?.1.schedule.explain()),
+        Stage::Tile => Ok(build_kernel(&source, defines, args)?.1.program.to_string()),
+        Stage::Ptx => Ok(build_kernel(&source, defines, args)?.1.ptx.text),
         Stage::Ast => {
             let ast = einattn_dsl::parse(&source.name(), &source.text)
                 .map_err(|d| CliError::input(d.render(&source.name(), &source.text)))?;

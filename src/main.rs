@@ -58,13 +58,91 @@ enum Command {
         emit: Option<EmitStage>,
         #[command(flatten)]
         sp: SpFlags,
-        /// Run the rewrite engine before compiling.
-        #[arg(long)]
-        optimize: bool,
+        #[command(flatten)]
+        kernel: KernelFlags,
         /// Output directory.
         #[arg(short = 'o', long = "out", default_value = "einattn-build")]
         out: PathBuf,
     },
+    /// Run the compiled kernel on the GPU with fresh random inputs and compare with the
+    /// reference interpreter; exits 1 on a mismatch, 3 when there is no GPU.
+    Check {
+        file: PathBuf,
+        #[arg(short = 'D', value_name = "NAME=VALUE", value_parser = cli::parse_define)]
+        define: Vec<(String, u64)>,
+        #[command(flatten)]
+        kernel: KernelFlags,
+        /// Seed of the random inputs (default: drawn from the clock, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Time the compiled kernel on the GPU: median, TFLOP/s, percent of the peak.
+    Bench {
+        file: PathBuf,
+        #[arg(short = 'D', value_name = "NAME=VALUE", value_parser = cli::parse_define)]
+        define: Vec<(String, u64)>,
+        #[command(flatten)]
+        kernel: KernelFlags,
+        #[arg(long, default_value_t = 50)]
+        reps: usize,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(clap::Args)]
+struct KernelFlags {
+    /// GPU architecture of the PTX.
+    #[arg(long, value_enum)]
+    target: Option<TargetArg>,
+    /// Storage type of Q, K, V and O (default: the cascade's).
+    #[arg(long, value_enum)]
+    dtype: Option<DtypeArg>,
+    /// Tile sizes by rank: --tile m0=64,p0=128 (key tile, query rows per CTA).
+    #[arg(long, value_name = "RANK=SIZE,...", value_delimiter = ',', value_parser = cli::parse_define)]
+    tile: Vec<(String, u64)>,
+    /// Warps per CTA.
+    #[arg(long)]
+    warps: Option<u32>,
+    /// Pipeline stages of the K/V shared-memory ring.
+    #[arg(long)]
+    stages: Option<u32>,
+    /// Run the rewrite engine before compiling.
+    #[arg(long)]
+    optimize: bool,
+}
+
+impl KernelFlags {
+    fn into_args(self) -> cli::KernelArgs {
+        cli::KernelArgs {
+            target: self.target.map(|t| match t {
+                TargetArg::Sm80 => einattn_backends::Target::Sm80,
+                TargetArg::Sm90a => einattn_backends::Target::Sm90a,
+            }),
+            elem: self.dtype.map(|d| match d {
+                DtypeArg::Bf16 => einattn_backends::tile::Elem::Bf16,
+                DtypeArg::F16 => einattn_backends::tile::Elem::F16,
+            }),
+            tiles: self.tile,
+            warps: self.warps,
+            stages: self.stages,
+            optimize: self.optimize,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    #[value(name = "sm_80")]
+    Sm80,
+    #[value(name = "sm_90a")]
+    Sm90a,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    Bf16,
+    F16,
 }
 
 #[derive(clap::Args)]
@@ -108,6 +186,9 @@ enum EmitStage {
     Ast,
     Ir,
     Report,
+    Schedule,
+    Tile,
+    Ptx,
 }
 
 fn parse_input(text: &str) -> Result<(String, PathBuf), String> {
@@ -115,6 +196,21 @@ fn parse_input(text: &str) -> Result<(String, PathBuf), String> {
         .split_once('=')
         .ok_or_else(|| format!("expected NAME=PATH, got `{text}`"))?;
     Ok((name.to_string(), PathBuf::from(path)))
+}
+
+/// Writes to stdout; a closed pipe (`einattn ... | head`) ends the output quietly instead
+/// of panicking as `print!` does.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! sayln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
 }
 
 fn execute(args: Args) -> Result<(), CliError> {
@@ -129,10 +225,10 @@ fn execute(args: Args) -> Result<(), CliError> {
                 Format::Text => ReportFormat::Text,
                 Format::Json => ReportFormat::Json,
             };
-            println!("{}", cli::analyze(&file, &define, format, &sp.into_args())?);
+            sayln!("{}", cli::analyze(&file, &define, format, &sp.into_args())?);
         }
         Command::Optimize { file, define, out } => {
-            print!("{}", cli::optimize(&file, &define, out.as_deref())?);
+            say!("{}", cli::optimize(&file, &define, out.as_deref())?);
         }
         Command::Run {
             file,
@@ -143,7 +239,7 @@ fn execute(args: Args) -> Result<(), CliError> {
         } => {
             let summary = cli::run(&file, &define, seed, &input, &out)?;
             for (name, shape, path) in summary.written {
-                println!("{name:>8} {shape:?} -> {}", path.display());
+                sayln!("{name:>8} {shape:?} -> {}", path.display());
             }
         }
         Command::Compile {
@@ -151,22 +247,65 @@ fn execute(args: Args) -> Result<(), CliError> {
             define,
             emit,
             sp,
-            optimize,
+            kernel,
             out,
-        } => match emit {
-            Some(emit) => {
-                let stage = match emit {
-                    EmitStage::Ast => Stage::Ast,
-                    EmitStage::Ir => Stage::Ir,
-                    EmitStage::Report => Stage::Report,
-                };
-                print!("{}", cli::emit(&file, &define, stage)?);
+        } => {
+            let kernel = kernel.into_args();
+            match emit {
+                Some(emit) => {
+                    let stage = match emit {
+                        EmitStage::Ast => Stage::Ast,
+                        EmitStage::Ir => Stage::Ir,
+                        EmitStage::Report => Stage::Report,
+                        EmitStage::Schedule => Stage::Schedule,
+                        EmitStage::Tile => Stage::Tile,
+                        EmitStage::Ptx => Stage::Ptx,
+                    };
+                    say!("{}", cli::emit(&file, &define, stage, &kernel)?);
+                }
+                None if sp.devices.is_some() => say!(
+                    "{}",
+                    cli::compile_plan(&file, &define, &sp.into_args(), kernel.optimize, &out)?
+                ),
+                None => say!("{}", cli::compile_ptx(&file, &define, &kernel, &out)?),
             }
-            None => print!(
+        }
+        Command::Check {
+            file,
+            define,
+            kernel,
+            seed,
+        } => {
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+            let (report, pass) = cli::check(&file, &define, &kernel.into_args(), seed)?;
+            say!("{report}");
+            if !pass {
+                return Err(CliError {
+                    message: "error: the GPU output does not match the reference".into(),
+                    exit_code: einattn::gpu::MISMATCH_EXIT,
+                });
+            }
+        }
+        Command::Bench {
+            file,
+            define,
+            kernel,
+            reps,
+            format,
+        } => {
+            let format = match format {
+                Format::Text => ReportFormat::Text,
+                Format::Json => ReportFormat::Json,
+            };
+            say!(
                 "{}",
-                cli::compile_plan(&file, &define, &sp.into_args(), optimize, &out)?
-            ),
-        },
+                cli::bench(&file, &define, &kernel.into_args(), reps.max(1), format)?
+            );
+        }
     }
     Ok(())
 }

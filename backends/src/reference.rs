@@ -90,8 +90,8 @@ fn attention_row(
         let w = (l - mx).exp();
         denom += w;
         let vo = x.v.offset(b, m, hk);
-        for c in 0..d {
-            out[c] += w * x.v.data[vo + c];
+        for (o, v) in out.iter_mut().zip(&x.v.data[vo..vo + d]) {
+            *o += w * v;
         }
     }
     for o in out.iter_mut() {

@@ -1,7 +1,7 @@
 //! ptxas accepts the generated PTX for sm_80 and sm_90a, and default schedules do not
 //! spill to local memory. Skipped (with a message) where ptxas is not installed.
 
-use einattn_backends::ptx::ptxas::{assemble, find_ptxas};
+use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
 use einattn_backends::tile::Elem;
 use einattn_backends::{flash_attention, print_ptx, AttentionSchedule, AttentionSpec, Target};
 
@@ -38,8 +38,7 @@ fn specs() -> Vec<AttentionSpec> {
 
 #[test]
 fn ptxas_accepts_default_schedules_without_spills() {
-    let Some(ptxas) = find_ptxas() else {
-        eprintln!("SKIPPED: ptxas not found (pip install nvidia-cuda-nvcc, or set EINATTN_PTXAS)");
+    let Some(ptxas) = ptxas_for_test("ptxas_accepts_default_schedules_without_spills") else {
         return;
     };
     for spec in specs() {
@@ -65,8 +64,7 @@ fn ptxas_accepts_default_schedules_without_spills() {
 
 #[test]
 fn ptxas_accepts_other_schedules() {
-    let Some(ptxas) = find_ptxas() else {
-        eprintln!("SKIPPED: ptxas not found");
+    let Some(ptxas) = ptxas_for_test("ptxas_accepts_other_schedules") else {
         return;
     };
     // Knob combinations the scheduler may pick: they must assemble (spills allowed).

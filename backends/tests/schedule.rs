@@ -14,8 +14,10 @@ use einattn_ir::interp::{evaluate_in_order, random_inputs};
 use einattn_ir::validate::topological_order;
 use proptest::prelude::*;
 
-const SOFTMAX_EXAMPLES: [&str; 6] = [
+const SOFTMAX_EXAMPLES: [&str; 8] = [
     "attention_1pass",
+    "attention_mha",
+    "attention_softcap",
     "attention_2pass",
     "attention_3pass",
     "attention_causal",
@@ -84,10 +86,8 @@ fn every_softmax_example_is_recognized() {
     for name in SOFTMAX_EXAMPLES {
         let c = load(name, &[]);
         let m = recognize(&c).unwrap_or_else(|d| panic!("{name}: {}", d.message));
-        assert_eq!(
-            m.spec.head_dim as u64,
-            m.n_k.min(u64::MAX).min(c.ranks[m.roles.head_dim].extent)
-        );
+        assert_eq!(m.spec.head_dim as u64, c.ranks[m.roles.head_dim].extent);
+        assert_eq!(m.n_k, c.ranks[m.roles.key].extent);
         assert!(!m.reading.is_empty());
     }
     let causal = recognize(&load("attention_causal", &[])).expect("recognized");
@@ -113,7 +113,12 @@ fn non_attention_cascades_are_refused_with_a_reason() {
 #[test]
 fn tile_program_matches_the_interpreter_on_every_example() {
     // Small sizes keep the f64 interpreter fast; tails and several tiles are exercised.
-    let cases: [(&str, &[(&str, u64)]); 6] = [
+    let cases: [(&str, &[(&str, u64)]); 8] = [
+        (
+            "attention_mha",
+            &[("N", 48), ("D", 16), ("TILE", 16), ("B", 2), ("H", 2)],
+        ),
+        ("attention_softcap", &[("N", 70), ("D", 16), ("H", 2)]),
         ("attention_1pass", &[("M", 96), ("D", 32), ("TILE", 32)]),
         ("attention_2pass", &[("M", 80), ("D", 16)]),
         ("attention_3pass", &[("M", 72), ("D", 32)]),
@@ -222,4 +227,45 @@ fn compile_produces_a_manifest_that_matches_the_ptx() {
     assert_eq!(params.len(), k.ptx.abi.len());
     assert!(params.iter().any(|p| p["from"]["param"] == "slope"));
     assert!(params.iter().any(|p| p["from"]["tensor"] == "Q"));
+}
+
+/// Every softmax example compiles to PTX that ptxas assembles for sm_80 and sm_90a without
+/// local-memory spills, at head dims 64 and 128 and both 16-bit types, with the default
+/// (cost-model) schedule.
+#[test]
+fn every_example_assembles_without_spills() {
+    use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
+    use einattn_backends::Target;
+    let Some(ptxas) = ptxas_for_test("every_example_assembles_without_spills") else {
+        return;
+    };
+    for name in SOFTMAX_EXAMPLES {
+        for d in [64u64, 128] {
+            for elem in [Elem::Bf16, Elem::F16] {
+                let c = load(name, &[("D", d)]);
+                for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
+                    let options = ScheduleOptions {
+                        target,
+                        elem: Some(elem),
+                        ..ScheduleOptions::default()
+                    };
+                    let k = compile_kernel(&c, &options).expect("compiles");
+                    let r = assemble(&ptxas, &k.ptx.text, arch)
+                        .unwrap_or_else(|e| panic!("{name} d={d} {arch}: {e}"));
+                    eprintln!(
+                        "{name} d={d} {} {arch}: {} ({}x{}) {} registers, {} spill stores, {} B stack",
+                        elem.name(),
+                        k.ptx.entry,
+                        k.schedule.kernel.block_m,
+                        k.schedule.kernel.block_n,
+                        r.registers,
+                        r.spill_stores,
+                        r.stack_frame
+                    );
+                    assert!(r.registers > 0, "no register report:\n{}", r.log);
+                    assert!(!r.spills(), "{name} d={d} {arch} spills:\n{}", r.log);
+                }
+            }
+        }
+    }
 }

@@ -5,6 +5,9 @@
 //! cost model over the candidate shapes that fit the register file, lets the user override
 //! any knob, and [`Schedule::explain`] says what was chosen and why.
 
+// A failed compile builds one diagnostic; boxing it would only add noise to every `?`.
+#![allow(clippy::result_large_err)]
+
 pub mod recognize;
 
 pub use recognize::{recognize, AttentionMatch, Layout, Roles};
@@ -339,10 +342,6 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     ]
     .into_iter()
     .fold(("", 0.0), |acc, x| if x.1 > acc.1 { x } else { acc });
-    // One CTA alone serializes MMA and softmax; co-resident CTAs overlap them.
-    let overlap = if ctas_per_sm >= 2 { 1.0 } else { 0.0 };
-    let per_tile_alone = tile_mma + tile_softmax + tile_load * 0.5;
-    let per_tile_shared = tile_mma.max(tile_softmax + tile_load * 0.3).max(tile_load);
     let masks = spec.masks();
     let q_tiles = m.n_q.div_ceil(k.block_m as u64);
     let mut key_tiles_total = 0u64;
@@ -357,15 +356,22 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     }
     let ctas = q_tiles * m.batch * m.heads;
     let slots = (gpu.sm_count * ctas_per_sm) as f64;
-    let tile_clocks =
-        overlap * per_tile_shared * ctas_per_sm as f64 + (1.0 - overlap) * per_tile_alone;
-    // Clocks for one SM to run one key tile of each of its resident CTAs.
+    // CTAs actually sharing an SM: a small grid leaves slots empty.
+    let resident = (ctas.div_ceil(gpu.sm_count as u64) as u32).clamp(1, ctas_per_sm);
+    // Clocks for one SM to run one key tile of each of its resident CTAs. One CTA alone
+    // serializes MMA and softmax; co-resident CTAs overlap them, so the SM's time is its
+    // busiest resource's.
+    let tile_clocks = if resident >= 2 {
+        tile_mma.max(tile_softmax + tile_load * 0.3).max(tile_load) * resident as f64
+    } else {
+        tile_mma + tile_softmax + tile_load * 0.5
+    };
     let total_tiles = (key_tiles_total * m.batch * m.heads) as f64;
     let waves = (ctas as f64 / slots).ceil().max(1.0);
-    let busy = total_tiles / slots * tile_clocks;
+    let busy = total_tiles / (gpu.sm_count * resident) as f64 * tile_clocks;
     let longest = key_tiles_max as f64 * tile_clocks;
     // A CTA's prologue (Q load) and epilogue (O store) cost about two tiles' loads.
-    let fixed = waves * 2.0 * tile_load * ctas_per_sm as f64;
+    let fixed = waves * 2.0 * tile_load * resident as f64;
     let clocks = busy.max(longest) + fixed;
     Some(Estimate {
         registers,

@@ -10,6 +10,9 @@
 //! reads as exactly that, so a kernel built from the match computes what the cascade says
 //! (tests confirm it numerically against the reference interpreter).
 
+// A failed compile builds one diagnostic; boxing it would only add noise to every `?`.
+#![allow(clippy::result_large_err)]
+
 use crate::tile::attention::{AttentionSpec, Score, DOT};
 use crate::tile::{ex, BandDirection, BandMask, Elem, HeadParamId, ScalarExpr, ScalarId, SeqRank};
 use einattn_ir::arena::Handle;
@@ -179,12 +182,23 @@ fn has_dot(e: &ScalarExpr) -> bool {
 
 /// Reads `cascade` as softmax attention, or says which Einsum does not fit and why.
 pub fn recognize(cascade: &Cascade) -> Result<AttentionMatch, Diagnostic> {
-    let score_einsum = find_score_einsum(cascade)?;
-    let mut r = Reader::new(cascade, score_einsum)?;
-    for e in topological_order(cascade) {
-        r.read_einsum(e)?;
-    }
-    r.finish()
+    let read = || {
+        let score_einsum = find_score_einsum(cascade)?;
+        let mut r = Reader::new(cascade, score_einsum)?;
+        for e in topological_order(cascade) {
+            r.read_einsum(e)?;
+        }
+        r.finish()
+    };
+    read().map_err(|mut d| {
+        d.message = format!("`{}` does not map to the attention kernel: {}", cascade.name, d.message);
+        if d.help.is_none() {
+            d.help = Some(
+                "the GPU backend maps softmax attention: O = softmax(s(Q . K)) V in 1-, 2- or 3-pass form, with band masks and score modifiers".into(),
+            );
+        }
+        d
+    })
 }
 
 /// The Einsum that contracts two inputs over a rank with a sum: `Q . K`.
@@ -209,10 +223,7 @@ fn find_score_einsum(c: &Cascade) -> Result<Handle<Einsum>, Diagnostic> {
     }
     found.ok_or_else(|| {
         not_mappable(
-            format!(
-                "`{}` is not softmax attention: no Einsum contracts two inputs (`Q[p, e] * K[m, e]` summed over `e`)",
-                c.name
-            ),
+            "no Einsum contracts two inputs (`Q[p, e] * K[m, e]` summed over `e`)".to_string(),
             Span::UNKNOWN,
         )
         .with_help("the GPU backend maps softmax attention (1-, 2- and 3-pass forms, masks, score modifiers)")
@@ -507,7 +518,7 @@ impl<'c> Reader<'c> {
         let kind = match eval_literal(&rec.init) {
             // A very negative finite start acts as -inf for every row that sees a key.
             Some(x) if x <= -1e30 => StateKind::Max,
-            Some(x) if x == 0.0 => StateKind::Sum {
+            Some(0.0) => StateKind::Sum {
                 v: t.ranks.contains(&self.roles.value_dim),
             },
             _ => {
@@ -662,9 +673,7 @@ impl<'c> Reader<'c> {
         for &(coef, r) in &i.terms {
             if Some(r) == self.roles.query {
                 query_coef += coef;
-            } else if r == self.roles.key {
-                key_coef += coef;
-            } else if self.roles.key_split.is_some_and(|s| s.1 == r) {
+            } else if r == self.roles.key || self.roles.key_split.is_some_and(|s| s.1 == r) {
                 key_coef += coef;
             } else if self.roles.key_split.is_some_and(|s| s.0 == r) {
                 outer_coef += coef;

@@ -1,0 +1,362 @@
+//! `einattn check` and `einattn bench`: run a compiled cascade on the GPU.
+
+use crate::cli::{CliError, ReportFormat};
+use einattn_backends::compile::CompiledKernel;
+use einattn_backends::reference::{self, relative_error, AttentionInputs};
+use einattn_backends::schedule::Layout;
+use einattn_backends::tile::interp::{HostTensor, Problem};
+use einattn_backends::tile::{AbiRole, Elem};
+use einattn_ir::cascade::Cascade;
+use einattn_ir::interp::{evaluate_in_order, random_inputs, TensorData};
+use einattn_ir::validate::topological_order;
+use einattn_runtime::{DeviceBuffer, Gpu, KernelArg, LaunchDims, RuntimeError};
+use serde_json::json;
+use std::collections::HashMap;
+use std::fmt::Write;
+
+/// Above this many multiply-adds the tree-walking interpreter takes longer than a check
+/// should; the direct f64 formula of the recognized computation (checked against the
+/// interpreter by the test suite) stands in for it.
+const INTERPRETER_MAC_LIMIT: u64 = 40_000_000;
+
+/// Exit code when the GPU result does not match.
+pub const MISMATCH_EXIT: i32 = 1;
+/// Exit code when there is no GPU to run on.
+pub const NO_GPU_EXIT: i32 = 3;
+
+fn gpu_error(e: RuntimeError) -> CliError {
+    match e {
+        RuntimeError::GpuUnavailable { reason } => CliError {
+            message: format!("error: no GPU to run on: {reason}"),
+            exit_code: NO_GPU_EXIT,
+        },
+        other => CliError::input(format!("error: {other}")),
+    }
+}
+
+fn to_bits(elem: Elem, x: f64) -> u16 {
+    match elem {
+        Elem::F16 => half::f16::from_f64(x).to_bits(),
+        _ => half::bf16::from_f64(x).to_bits(),
+    }
+}
+
+fn from_bits(elem: Elem, b: u16) -> f64 {
+    match elem {
+        Elem::F16 => half::f16::from_bits(b).to_f64(),
+        _ => half::bf16::from_bits(b).to_f64(),
+    }
+}
+
+/// Device copies of the kernel's tensors and arrays, and the argument list.
+struct Launch {
+    dims: LaunchDims,
+    args: Vec<KernelArg>,
+    out: DeviceBuffer<u16>,
+    _keep: Vec<DeviceBuffer<u16>>,
+    _keep_f32: Vec<DeviceBuffer<f32>>,
+}
+
+fn prepare(
+    gpu: &Gpu,
+    k: &CompiledKernel,
+    inputs: &HashMap<einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>, TensorData>,
+) -> Result<Launch, CliError> {
+    let m = &k.schedule.matched;
+    let elem = m.spec.elem;
+    let upload = |l: &Layout| -> Result<DeviceBuffer<u16>, CliError> {
+        let bits: Vec<u16> = match inputs.get(&l.tensor) {
+            Some(t) => t.stored().iter().map(|&x| to_bits(elem, x)).collect(),
+            None => vec![to_bits(elem, f64::NAN); l.elements as usize],
+        };
+        gpu.upload(&bits).map_err(gpu_error)
+    };
+    let layouts = [&m.q, &m.k, &m.v, &m.o];
+    let mut bufs = Vec::new();
+    for l in layouts {
+        bufs.push(upload(l)?);
+    }
+    let mut arrays = Vec::new();
+    for &t in &m.head_params {
+        let vals: Vec<f32> = inputs[&t].stored().iter().map(|&x| x as f32).collect();
+        arrays.push(gpu.upload(&vals).map_err(gpu_error)?);
+    }
+    let mut args = Vec::new();
+    for p in &k.ptx.abi {
+        args.push(match &p.role {
+            AbiRole::TensorPtr(t) => bufs[t.index()].arg(gpu),
+            AbiRole::HeadParamPtr(h) => arrays[h.index()].arg(gpu),
+            AbiRole::RowOutputPtr(_) => {
+                return Err(CliError::input(
+                    "error: row outputs are not bound by `check`".to_string(),
+                ))
+            }
+            AbiRole::QueryLen => KernelArg::U32(m.n_q as u32),
+            AbiRole::KeyLen => KernelArg::U32(m.n_k as u32),
+            AbiRole::Heads => KernelArg::U32(m.heads as u32),
+            AbiRole::KvGroup => KernelArg::U32(1),
+            AbiRole::StrideBatch(t) => KernelArg::U64(layouts[t.index()].stride_batch),
+            AbiRole::StrideSeq(t) => KernelArg::U64(layouts[t.index()].stride_seq),
+            AbiRole::StrideHead(t) => KernelArg::U64(layouts[t.index()].stride_head),
+            AbiRole::Scalar(s) => {
+                let v = inputs[&m.scalar_params[s.index()]].stored()[0];
+                if s.index() == 0 && m.spec.score.scaled_dot().is_some() && v <= 0.0 {
+                    return Err(CliError::input(format!(
+                        "error: this kernel folds the scale into the max and needs scale > 0 (got {v})"
+                    )));
+                }
+                KernelArg::F32(v as f32)
+            }
+        });
+    }
+    let out = bufs
+        .pop()
+        .ok_or_else(|| CliError::input("error: no output buffer"))?;
+    Ok(Launch {
+        dims: LaunchDims {
+            grid: k.ptx.grid(m.batch as u32, m.heads as u32, m.n_q as u32),
+            block: (k.ptx.threads, 1, 1),
+            dynamic_smem_bytes: k.ptx.dynamic_smem_bytes,
+        },
+        args,
+        out,
+        _keep: bufs,
+        _keep_f32: arrays,
+    })
+}
+
+/// Draws inputs as the interpreter does, rounded to the kernel's storage type so both sides
+/// see the same numbers.
+fn rounded_inputs(
+    cascade: &Cascade,
+    k: &CompiledKernel,
+    seed: u64,
+) -> HashMap<einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>, TensorData> {
+    let m = &k.schedule.matched;
+    let mut inputs = random_inputs(cascade, seed);
+    for l in [&m.q, &m.k, &m.v] {
+        if let Some(t) = inputs.get_mut(&l.tensor) {
+            let vals: Vec<f64> = t.stored().iter().map(|&x| m.spec.elem.round(x)).collect();
+            *t = TensorData::new(t.shape.clone(), vals);
+        }
+    }
+    inputs
+}
+
+fn open_gpu() -> Result<(Gpu, String), CliError> {
+    let gpu = Gpu::open(0).map_err(gpu_error)?;
+    let name = gpu.name().map_err(gpu_error)?;
+    Ok((gpu, name))
+}
+
+/// `einattn check`: GPU output against the reference on fresh random inputs.
+pub fn check(cascade: &Cascade, k: &CompiledKernel, seed: u64) -> Result<(String, bool), CliError> {
+    let m = &k.schedule.matched;
+    let inputs = rounded_inputs(cascade, k, seed);
+    let (gpu, device) = open_gpu()?;
+    let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
+    let launch = prepare(&gpu, k, &inputs)?;
+    gpu.launch(&kernel, launch.dims, &launch.args)
+        .map_err(gpu_error)?;
+    gpu.synchronize().map_err(gpu_error)?;
+    let got: Vec<f64> = gpu
+        .download(&launch.out)
+        .map_err(gpu_error)?
+        .iter()
+        .map(|&b| from_bits(m.spec.elem, b))
+        .collect();
+    let d = m.spec.head_dim as u64;
+    let macs = m.batch * m.heads * m.n_q * m.n_k * d * 2;
+    let (want, reference_name) = if macs <= INTERPRETER_MAC_LIMIT {
+        let values = evaluate_in_order(cascade, &inputs, &topological_order(cascade))
+            .map_err(|e| CliError::input(format!("error: the interpreter failed: {e}")))?;
+        let out = values
+            .get(m.o.tensor)
+            .ok_or_else(|| CliError::input("error: the interpreter produced no output"))?;
+        (out.stored(), "the cascade interpreter (f64)")
+    } else {
+        (
+            formula_output(m, &inputs),
+            "the f64 attention formula (size above the interpreter's limit)",
+        )
+    };
+    let err = relative_error(&got, &want);
+    let tolerance = 2e-2;
+    let pass = err < tolerance;
+    let resources = kernel.resources().map_err(gpu_error)?;
+    let mut s = String::new();
+    let _ = writeln!(s, "device: {device}");
+    let _ = writeln!(
+        s,
+        "kernel: {} ({} registers, {} B local, {} B shared)",
+        k.ptx.entry, resources.registers, resources.local_bytes, k.ptx.dynamic_smem_bytes
+    );
+    let _ = writeln!(
+        s,
+        "problem: B={} H={} N_q={} N_k={} d={} {}; seed {seed}; reference: {reference_name}",
+        m.batch,
+        m.heads,
+        m.n_q,
+        m.n_k,
+        d,
+        m.spec.elem.name()
+    );
+    let _ = writeln!(
+        s,
+        "{}: ||out - ref|| / ||ref|| = {err:.3e} (tolerance {tolerance:.0e})",
+        if pass { "PASS" } else { "FAIL" }
+    );
+    Ok((s, pass))
+}
+
+/// The output of the recognized computation by the direct f64 formula, in O's layout.
+fn formula_output(
+    m: &einattn_backends::schedule::AttentionMatch,
+    inputs: &HashMap<einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>, TensorData>,
+) -> Vec<f64> {
+    let host = |l: &Layout| HostTensor {
+        data: inputs[&l.tensor].stored(),
+        stride_b: l.stride_batch as usize,
+        stride_n: l.stride_seq as usize,
+        stride_h: l.stride_head as usize,
+    };
+    let (q, kk, v) = (host(&m.q), host(&m.k), host(&m.v));
+    let scalars: Vec<f64> = m
+        .scalar_params
+        .iter()
+        .map(|t| inputs[t].stored()[0])
+        .collect();
+    let head_params: Vec<Vec<f64>> = m.head_params.iter().map(|t| inputs[t].stored()).collect();
+    let prob = Problem {
+        batch: m.batch as usize,
+        heads: m.heads as usize,
+        kv_group: 1,
+        n_q: m.n_q as usize,
+        n_k: m.n_k as usize,
+    };
+    let x = AttentionInputs {
+        q: &q,
+        k: &kk,
+        v: &v,
+        scalars: &scalars,
+        head_params: &head_params,
+    };
+    let (bnhd, _) = reference::attention(&m.spec, prob, &x);
+    // Scatter the contiguous BNHD result into O's own layout.
+    let d = m.spec.head_dim as usize;
+    let mut out = vec![0.0; m.o.elements as usize];
+    for b in 0..prob.batch {
+        for p in 0..prob.n_q {
+            for h in 0..prob.heads {
+                let src = ((b * prob.n_q + p) * prob.heads + h) * d;
+                let dst = b * m.o.stride_batch as usize
+                    + p * m.o.stride_seq as usize
+                    + h * m.o.stride_head as usize;
+                out[dst..dst + d].copy_from_slice(&bnhd[src..src + d]);
+            }
+        }
+    }
+    out
+}
+
+/// Dense bf16/f16 tensor-core peak of known parts, FLOP/s.
+fn peak_flops(device: &str) -> Option<f64> {
+    if device.contains("H100") || device.contains("H200") || device.contains("H800") {
+        Some(989e12)
+    } else if device.contains("A100") {
+        Some(312e12)
+    } else {
+        None
+    }
+}
+
+/// `einattn bench`: median time, TFLOP/s (counting only visible query-key pairs) and the
+/// fraction of the tensor-core peak.
+pub fn bench(
+    cascade: &Cascade,
+    k: &CompiledKernel,
+    reps: usize,
+    format: ReportFormat,
+) -> Result<String, CliError> {
+    let m = &k.schedule.matched;
+    let inputs = rounded_inputs(cascade, k, 0);
+    let (gpu, device) = open_gpu()?;
+    let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
+    let launch = prepare(&gpu, k, &inputs)?;
+    let t = gpu
+        .time(reps.div_ceil(4).max(3), reps, || {
+            gpu.launch(&kernel, launch.dims, &launch.args)
+        })
+        .map_err(gpu_error)?;
+    let masks = m.spec.masks();
+    let mut visible = 0u64;
+    for p in 0..m.n_q as i64 {
+        // Visible keys of row p form one interval under band masks.
+        let (mut lo, mut hi) = (0i64, m.n_k as i64 - 1);
+        for b in &masks {
+            match b.direction {
+                einattn_backends::tile::BandDirection::KeyMinusQuery => hi = hi.min(p + b.bound),
+                einattn_backends::tile::BandDirection::QueryMinusKey => lo = lo.max(p - b.bound),
+            }
+        }
+        visible += (hi - lo + 1).max(0) as u64;
+    }
+    let flops = 4.0 * (m.batch * m.heads * visible * m.spec.head_dim as u64) as f64;
+    let tflops = flops / (t.median_ms * 1e-3) / 1e12;
+    let peak = peak_flops(&device);
+    let resources = kernel.resources().map_err(gpu_error)?;
+    let value = json!({
+        "device": device,
+        "kernel": k.ptx.entry,
+        "cascade": cascade.name,
+        "problem": {"batch": m.batch, "heads": m.heads, "n_q": m.n_q, "n_k": m.n_k,
+                    "head_dim": m.spec.head_dim, "elem": m.spec.elem.name(),
+                    "causal": m.spec.causal, "window": m.spec.window},
+        "schedule": {"block_m": k.schedule.kernel.block_m, "block_n": k.schedule.kernel.block_n,
+                     "warps": k.schedule.kernel.warps, "stages": k.schedule.kernel.stages},
+        "registers": resources.registers,
+        "local_bytes": resources.local_bytes,
+        "median_ms": t.median_ms,
+        "min_ms": t.min_ms,
+        "max_ms": t.max_ms,
+        "reps": t.reps,
+        "flops": flops,
+        "tflops": tflops,
+        "peak_tflops": peak.map(|p| p / 1e12),
+        "percent_of_peak": peak.map(|p| 100.0 * tflops * 1e12 / p),
+        "predicted_ms": k.schedule.estimate.seconds * 1e3,
+    });
+    Ok(match format {
+        ReportFormat::Json => serde_json::to_string_pretty(&value)
+            .map_err(|e| CliError::input(format!("error: {e}")))?,
+        ReportFormat::Text => {
+            let mut s = String::new();
+            let _ = writeln!(s, "device: {device}");
+            let _ = writeln!(
+                s,
+                "kernel: {} ({} registers)",
+                k.ptx.entry, resources.registers
+            );
+            let _ = writeln!(
+                s,
+                "median {:.4} ms (min {:.4}, max {:.4}, {} reps); predicted {:.4} ms",
+                t.median_ms,
+                t.min_ms,
+                t.max_ms,
+                t.reps,
+                k.schedule.estimate.seconds * 1e3
+            );
+            let _ = write!(s, "{tflops:.1} TFLOP/s");
+            if let Some(p) = peak {
+                let _ = write!(
+                    s,
+                    " = {:.1}% of the {:.0} TFLOP/s tensor-core peak",
+                    100.0 * tflops * 1e12 / p,
+                    p / 1e12
+                );
+            }
+            s.push('\n');
+            s
+        }
+    })
+}
