@@ -129,3 +129,115 @@ fn run_writes_inputs_and_outputs_that_read_back() {
     let o2 = einattn::npy::read(&again.join("O.npy")).expect("O.npy");
     assert_eq!(o.values, o2.values);
 }
+
+#[test]
+fn compile_writes_ptx_and_a_manifest_that_agree() {
+    let dir = std::env::temp_dir().join(format!("einattn-cli-compile-{}", std::process::id()));
+    let out = einattn(&[
+        "compile",
+        "examples/attention_causal.ein",
+        "-D",
+        "D=128",
+        "--target",
+        "sm_90a",
+        "-o",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest written"),
+    )
+    .expect("manifest is JSON");
+    let ptx_name = manifest["ptx"].as_str().expect("ptx file named");
+    let ptx = std::fs::read_to_string(dir.join(ptx_name)).expect("ptx written");
+    let entry = manifest["kernel"].as_str().expect("kernel named");
+    assert!(ptx.contains(&format!(".entry {entry}(")));
+    assert!(ptx.contains(".target sm_90a"));
+    assert_eq!(manifest["causal"], true);
+    assert_eq!(manifest["problem"]["head_dim"], 128);
+    // Every .param of the entry is described, in order.
+    let params = manifest["params"].as_array().expect("params");
+    let declared = ptx.matches(".param .").count();
+    assert_eq!(params.len(), declared);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn emit_schedule_explains_the_mapping_and_overrides_apply() {
+    let out = einattn(&[
+        "compile",
+        "examples/attention_3pass.ein",
+        "--emit",
+        "schedule",
+        "--tile",
+        "m=32,p=64",
+        "--stages",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("key tiles of 32"), "{text}");
+    assert!(text.contains("3-stage"), "{text}");
+    assert!(
+        text.contains("softmax(s) V (the attention output)"),
+        "{text}"
+    );
+    let bad = einattn(&[
+        "compile",
+        "examples/attention_3pass.ein",
+        "--emit",
+        "ptx",
+        "--tile",
+        "q=8",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("neither the key rank"));
+}
+
+#[test]
+fn compile_refuses_a_non_attention_cascade_with_a_located_reason() {
+    let out = einattn(&[
+        "compile",
+        "examples/lm_head_entropy.ein",
+        "-o",
+        "/nonexistent",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not map to the attention kernel"),
+        "{err}"
+    );
+    assert!(err.contains("help:"), "{err}");
+}
+
+#[test]
+fn check_and_bench_need_a_gpu_or_run_on_it() {
+    for cmd in ["check", "bench"] {
+        let out = einattn(&[
+            cmd,
+            "examples/attention_1pass.ein",
+            "-D",
+            "M=128",
+            "-D",
+            "TILE=64",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            // No GPU here: a clear message and its own exit code.
+            Some(3) => assert!(stderr.contains("no GPU"), "{stderr}"),
+            Some(0) if cmd == "check" => assert!(stdout.contains("PASS"), "{stdout}"),
+            Some(0) => assert!(stdout.contains("TFLOP/s"), "{stdout}"),
+            other => panic!("{cmd}: exit {other:?}\n{stdout}\n{stderr}"),
+        }
+    }
+}
