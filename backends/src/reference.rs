@@ -126,3 +126,38 @@ pub fn alibi_slopes(heads: usize) -> Vec<f64> {
         .map(|h| 2f64.powf(-8.0 * (h as f64 + 1.0) / heads as f64))
         .collect()
 }
+
+/// Causal linear attention in f64 by its recurrence: `S_i = lam S_{i-1} + k_i^T v_i`,
+/// `o_i = q_i S_i`, with `lam = exp(-decay[h])` (1 without decay). Output contiguous
+/// `[B, N, H, e]`.
+pub fn linear_attention(
+    spec: &crate::tile::linear::LinearSpec,
+    prob: Problem,
+    q: &HostTensor,
+    k: &HostTensor,
+    v: &HostTensor,
+    decay: Option<&[f64]>,
+) -> Vec<f64> {
+    let (d, e) = (spec.head_dim as usize, spec.value_dim as usize);
+    let n = prob.n_q;
+    let mut out = vec![0.0; prob.batch * n * prob.heads * e];
+    for b in 0..prob.batch {
+        for h in 0..prob.heads {
+            let lam = decay.map_or(1.0, |s| (-s[h]).exp());
+            let mut state = vec![0.0; d * e];
+            for i in 0..n {
+                let (ko, vo, qo) = (k.offset(b, i, h), v.offset(b, i, h), q.offset(b, i, h));
+                for a in 0..d {
+                    for c in 0..e {
+                        state[a * e + c] = lam * state[a * e + c] + k.data[ko + a] * v.data[vo + c];
+                    }
+                }
+                let oo = ((b * n + i) * prob.heads + h) * e;
+                for c in 0..e {
+                    out[oo + c] = (0..d).map(|a| q.data[qo + a] * state[a * e + c]).sum();
+                }
+            }
+        }
+    }
+    out
+}

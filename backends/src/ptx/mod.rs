@@ -80,12 +80,18 @@ pub struct PtxKernel {
     pub block_m: u32,
     pub dynamic_smem_bytes: u32,
     pub abi: Vec<AbiParam>,
+    /// For a sequential program: its column blocks (grid x); `None` for query-tiled ones.
+    pub col_blocks: Option<u32>,
 }
 
 impl PtxKernel {
-    /// Grid `(query tiles, batch * heads, 1)`.
+    /// Grid `(query tiles, batch * heads, 1)`, or `(column blocks, batch * heads, 1)` for a
+    /// sequential program.
     pub fn grid(&self, batch: u32, heads: u32, n_q: u32) -> (u32, u32, u32) {
-        (n_q.div_ceil(self.block_m), batch * heads, 1)
+        match self.col_blocks {
+            Some(cb) => (cb, batch * heads, 1),
+            None => (n_q.div_ceil(self.block_m), batch * heads, 1),
+        }
     }
 }
 
@@ -108,6 +114,7 @@ pub fn print_ptx(prog: &TileProgram, target: Target) -> Result<PtxKernel, TileEr
         block_m: prog.schedule.block_m,
         dynamic_smem_bytes: p.smem_total,
         abi: prog.abi(),
+        col_blocks: prog.sequential.then_some(prog.col_blocks),
     })
 }
 
@@ -130,6 +137,7 @@ struct Printer<'a> {
     n_rd: usize,
     n_f: usize,
     n_p: usize,
+    n_h: usize,
     n_label: usize,
     uniform_cache: HashMap<String, String>,
     /// Byte offset of each shared tile in the dynamic shared-memory block.
@@ -171,6 +179,7 @@ impl<'a> Printer<'a> {
             n_rd: 0,
             n_f: 0,
             n_p: 0,
+            n_h: 0,
             n_label: 0,
             uniform_cache: HashMap::new(),
             smem_offset,
@@ -193,6 +202,10 @@ impl<'a> Printer<'a> {
     fn f(&mut self) -> String {
         self.n_f += 1;
         format!("%f{}", self.n_f - 1)
+    }
+    fn h16(&mut self) -> String {
+        self.n_h += 1;
+        format!("%h{}", self.n_h - 1)
     }
     fn pred(&mut self) -> String {
         self.n_p += 1;
@@ -312,7 +325,12 @@ impl<'a> Printer<'a> {
             .iter()
             .any(|s| matches!(s, Stmt::KeyLoop { masks, .. } if !masks.is_empty()));
         let qtile = self.named(".b32", "qtile");
-        if has_masks {
+        let colb = self.named(".b32", "colb");
+        if prog.sequential {
+            // The CTA walks the whole sequence; grid x is its value-column block.
+            self.ins(format!("mov.u32 {qtile}, 0;"));
+            self.ins(format!("mov.u32 {colb}, %ctaid.x;"));
+        } else if has_masks {
             let n = self.r();
             let c = self.r();
             self.ins(format!("mov.u32 {n}, %nctaid.x;"));
@@ -321,6 +339,9 @@ impl<'a> Printer<'a> {
             self.ins(format!("sub.u32 {qtile}, {qtile}, 1;"));
         } else {
             self.ins(format!("mov.u32 {qtile}, %ctaid.x;"));
+        }
+        if !prog.sequential {
+            self.ins(format!("mov.u32 {colb}, 0;"));
         }
         let p0 = self.named(".b32", "qrow0");
         self.ins(format!(
@@ -703,16 +724,29 @@ impl<'a> Printer<'a> {
                 let ty = Self::mma_type(t.elem)?;
                 let cols = prog.regs[src.index()].cols;
                 self.comment(format!("store {}", t.name));
+                let sequential = prog.sequential;
+                let col_block = cols < t.head_dim;
                 for mt in 0..self.mtiles {
                     for half in 0..2 {
                         let pi = self.r();
                         self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
+                        if sequential {
+                            self.ins(format!("add.s32 {pi}, {pi}, %korg;"));
+                        }
                         let ok = self.pred();
                         self.ins(format!("setp.lt.s32 {ok}, {pi}, %nq;"));
                         let addr = self.rd();
                         self.ins(format!("cvt.u64.u32 {addr}, {pi};"));
                         self.ins(format!("mul.lo.u64 {addr}, {addr}, %rsb{};", dst.0));
                         self.ins(format!("add.u64 {addr}, {addr}, %base{};", dst.0));
+                        if col_block {
+                            let cb = self.rd();
+                            self.ins(format!(
+                                "mul.wide.u32 {cb}, %colb, {};",
+                                cols * t.elem.bytes()
+                            ));
+                            self.ins(format!("add.u64 {addr}, {addr}, {cb};"));
+                        }
                         let cb = self.rd();
                         self.ins(format!("mul.wide.u32 {cb}, %tig, {};", 2 * t.elem.bytes()));
                         self.ins(format!("add.u64 {addr}, {addr}, {cb};"));
@@ -729,6 +763,8 @@ impl<'a> Printer<'a> {
                     }
                 }
             }
+            Stmt::ContractT { acc, a, scale, b } => self.emit_contract_t(*acc, *a, scale, *b)?,
+            Stmt::StoreShared { src, dst } => self.emit_store_shared(*src, *dst)?,
             Stmt::StoreRow { src, dst } => {
                 for mt in 0..self.mtiles {
                     for half in 0..2 {
@@ -807,6 +843,12 @@ impl<'a> Printer<'a> {
         self.ins(format!("add.u64 {gaddr}, {gaddr}, %base{};", src.0));
         self.ins(format!("mul.wide.u32 {tmp}, {tch}, 16;"));
         self.ins(format!("add.u64 {gaddr}, {gaddr}, {tmp};"));
+        if t.cols < prog.tensors[src.index()].head_dim {
+            // A column block of a wider tensor.
+            let cb = self.rd();
+            self.ins(format!("mul.wide.u32 {cb}, %colb, {row_bytes};"));
+            self.ins(format!("add.u64 {gaddr}, {gaddr}, {cb};"));
+        }
         let step = self.rd();
         self.ins(format!(
             "mul.lo.u64 {step}, %rsb{}, {rows_per_iter};",
@@ -930,6 +972,186 @@ impl<'a> Printer<'a> {
         Ok(())
     }
 
+    /// `acc += (scale * a)^T . b`: A fragments from `a` (stored `[k][m]`) by
+    /// `ldmatrix.trans` with the B-operand lane pattern, each k scaled in f32 and rounded
+    /// back to 16 bits, then the same MMAs as a `RowsAreK` contraction.
+    fn emit_contract_t(
+        &mut self,
+        acc: RegId,
+        a: SharedId,
+        scale: &ScalarExpr,
+        b: SharedId,
+    ) -> Result<(), TileError> {
+        let prog = self.prog;
+        let acc_t = &prog.regs[acc.index()];
+        let at = &prog.shared[a.index()];
+        let bt = &prog.shared[b.index()];
+        let ty = Self::mma_type(at.elem)?;
+        let a_rb = at.cols * 2;
+        let b_rb = bt.cols * 2;
+        let abase = self.smem_base[a.index()].clone();
+        let bbase = self.smem_base[b.index()].clone();
+        self.comment(format!(
+            "contract {} += ({} scaled)^T . {}",
+            acc_t.name, at.name, bt.name
+        ));
+        // Per m-tile: lane row and swizzled chunk of its 8x8 matrix (columns of `a` are the
+        // accumulator rows, which depend on the warp).
+        let bit = self.r();
+        self.ins(format!("bfe.u32 {bit}, %lane, 3, 1;"));
+        let l7 = self.r();
+        self.ins(format!("and.b32 {l7}, %lane, 7;"));
+        let mut offs = Vec::new();
+        for mt in 0..self.mtiles {
+            let chunk = self.r();
+            self.ins(format!(
+                "mad.lo.u32 {chunk}, %warp, {}, {};",
+                prog.rows_per_warp() / 8,
+                mt * 2
+            ));
+            self.ins(format!("or.b32 {chunk}, {chunk}, {bit};"));
+            let hi = self.r();
+            self.ins(format!("and.b32 {hi}, {chunk}, -8;"));
+            self.ins(format!("and.b32 {chunk}, {chunk}, 7;"));
+            self.ins(format!("xor.b32 {chunk}, {chunk}, {l7};"));
+            self.ins(format!("or.b32 {chunk}, {chunk}, {hi};"));
+            let off = self.r();
+            self.ins(format!("mad.lo.u32 {off}, %lmN_row, {a_rb}, {abase};"));
+            self.ins(format!("mad.lo.u32 {off}, {chunk}, 16, {off};"));
+            offs.push(off);
+        }
+        let conv = match at.elem {
+            Elem::Bf16 => "bf16",
+            _ => "f16",
+        };
+        for ks in 0..at.rows / 16 {
+            // Scale factors of this thread's four k values: nt 2ks and 2ks+1, lo 0 and 1.
+            let mut fac = Vec::new();
+            for nt in [2 * ks, 2 * ks + 1] {
+                for lo in 0..2 {
+                    let ctx = ElemCtx {
+                        mt: 0,
+                        half: 0,
+                        col: Some((nt, lo)),
+                    };
+                    fac.push(self.emit_expr(scale, &ctx)?);
+                }
+            }
+            let unit = matches!(scale, ScalarExpr::Lit(x) if *x == 1.0);
+            let mut afr: Vec<Vec<String>> = Vec::new();
+            for off in offs.clone() {
+                let regs: Vec<String> = (0..4).map(|_| self.r()).collect();
+                self.ins(format!(
+                    "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{}}}, [{off}+{}];",
+                    regs.join(", "),
+                    ks * 16 * a_rb
+                ));
+                if !unit {
+                    for (i, r) in regs.iter().enumerate() {
+                        // a0, a1 hold k = 2tig (+1); a2, a3 hold k = 8 + 2tig (+1).
+                        let (f_lo, f_hi) = if i < 2 {
+                            (&fac[0], &fac[1])
+                        } else {
+                            (&fac[2], &fac[3])
+                        };
+                        let (x_lo, x_hi) = (self.f(), self.f());
+                        match at.elem {
+                            Elem::Bf16 => {
+                                let (t_lo, t_hi) = (self.r(), self.r());
+                                self.ins(format!("shl.b32 {t_lo}, {r}, 16;"));
+                                self.ins(format!("and.b32 {t_hi}, {r}, -65536;"));
+                                self.ins(format!("mov.b32 {x_lo}, {t_lo};"));
+                                self.ins(format!("mov.b32 {x_hi}, {t_hi};"));
+                            }
+                            _ => {
+                                let (h_lo, h_hi) = (self.h16(), self.h16());
+                                self.ins(format!("mov.b32 {{{h_lo}, {h_hi}}}, {r};"));
+                                self.ins(format!("cvt.f32.f16 {x_lo}, {h_lo};"));
+                                self.ins(format!("cvt.f32.f16 {x_hi}, {h_hi};"));
+                            }
+                        }
+                        self.ins(format!("mul.f32 {x_lo}, {x_lo}, {f_lo};"));
+                        self.ins(format!("mul.f32 {x_hi}, {x_hi}, {f_hi};"));
+                        self.ins(format!("cvt.rn.{conv}x2.f32 {r}, {x_hi}, {x_lo};"));
+                    }
+                }
+                afr.push(regs);
+            }
+            for nj in 0..acc_t.cols / 16 {
+                let bregs: Vec<String> = (0..4).map(|_| self.r()).collect();
+                let (addr, imm) = self.ldm_addr(&bbase, "A", b_rb, ks * 16, 2 * nj);
+                self.ins(format!(
+                    "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{}}}, [{addr}+{imm}];",
+                    bregs.join(", ")
+                ));
+                for (mt, af) in afr.iter().enumerate() {
+                    for half in 0..2u32 {
+                        let nt = 2 * nj + half;
+                        let c: Vec<String> = (0..4)
+                            .map(|e| self.acc_reg(acc, mt as u32, nt, e))
+                            .collect();
+                        let b0 = &bregs[(2 * half) as usize];
+                        let b1 = &bregs[(2 * half + 1) as usize];
+                        self.ins(format!(
+                            "mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{c}}}, {{{a}}}, {{{b0}, {b1}}}, {{{c}}};",
+                            c = c.join(", "),
+                            a = af.join(", ")
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rounds an accumulator into a shared tile (swizzled like loaded tiles), after a
+    /// barrier so no warp still reads the previous contents.
+    fn emit_store_shared(&mut self, src: RegId, dst: SharedId) -> Result<(), TileError> {
+        let prog = self.prog;
+        let t = &prog.shared[dst.index()];
+        let cols = prog.regs[src.index()].cols;
+        let ty = Self::mma_type(t.elem)?;
+        let rb = t.cols * 2;
+        let base = self.smem_base[dst.index()].clone();
+        self.comment(format!(
+            "{} = round({})",
+            t.name,
+            prog.regs[src.index()].name
+        ));
+        self.ins("bar.sync 0;");
+        // Row (warp * rpw + g) * rb; chunk nt lands at (nt & ~7) | ((nt & 7) ^ g).
+        let row = self.r();
+        self.ins(format!(
+            "mad.lo.u32 {row}, %warp, {}, %g;",
+            prog.rows_per_warp()
+        ));
+        self.ins(format!("mad.lo.u32 {row}, {row}, {rb}, {base};"));
+        self.ins(format!("mad.lo.u32 {row}, %tig, 4, {row};"));
+        let mut sw = Vec::new();
+        for j in 0..8u32.min(cols / 8) {
+            let x = self.r();
+            self.ins(format!("xor.b32 {x}, %g, {j};"));
+            self.ins(format!("mad.lo.u32 {x}, {x}, 16, {row};"));
+            sw.push(x);
+        }
+        for mt in 0..self.mtiles {
+            for half in 0..2 {
+                for nt in 0..cols / 8 {
+                    let lo = self.acc_reg(src, mt, nt, half * 2);
+                    let hi = self.acc_reg(src, mt, nt, half * 2 + 1);
+                    let pk = self.r();
+                    self.ins(format!("cvt.rn.{ty}x2.f32 {pk}, {hi}, {lo};"));
+                    let imm = (mt * 16 + half * 8) * rb + (nt & !7) * 16;
+                    self.ins(format!(
+                        "st.shared.b32 [{}+{imm}], {pk};",
+                        sw[(nt & 7) as usize]
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn emit_key_loop(
         &mut self,
         block_n: u32,
@@ -1035,7 +1257,7 @@ impl<'a> Printer<'a> {
         self.ins(format!("add.s32 {it_next}, {it}, {};", stages - 1));
         issue(self, &it_next, &nxt)?;
         // Current tile.
-        let korg = self.r();
+        let korg = self.named(".b32", "korg");
         self.ins(format!("add.s32 {korg}, %tbegin, {it};"));
         self.ins(format!("mul.lo.s32 {korg}, {korg}, {block_n};"));
         let saved: Vec<String> = streams
@@ -1075,7 +1297,12 @@ impl<'a> Printer<'a> {
                 }
             }
         }
-        self.ins(format!("mad.lo.s32 {kcol}, %tig, 2, {korg};"));
+        if prog.sequential {
+            // Positions inside a sequential program's tile are tile-relative.
+            self.ins(format!("shl.b32 {kcol}, %tig, 1;"));
+        } else {
+            self.ins(format!("mad.lo.s32 {kcol}, %tig, 2, {korg};"));
+        }
         self.ins(format!("cvt.rn.f32.s32 {kf}, {kcol};"));
         let st = LoopState {
             masks: masks.to_vec(),
@@ -1262,6 +1489,9 @@ impl<'a> Printer<'a> {
         let _ = writeln!(s, "\t.reg .b64 %rd<{}>;", self.n_rd.max(1));
         let _ = writeln!(s, "\t.reg .f32 %f<{}>;", self.n_f.max(1));
         let _ = writeln!(s, "\t.reg .pred %p<{}>;", self.n_p.max(1));
+        if self.n_h > 0 {
+            let _ = writeln!(s, "\t.reg .b16 %h<{}>;", self.n_h);
+        }
         for (i, t) in prog.regs.iter().enumerate() {
             match t.kind {
                 RegKind::Accumulator => {

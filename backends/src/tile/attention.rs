@@ -267,6 +267,8 @@ pub fn flash_attention(
     }
     let d = spec.head_dim;
     let mut p = TileProgram {
+        sequential: false,
+        col_blocks: 1,
         name: spec.kernel_name(),
         schedule: TileSchedule {
             block_m: sched.block_m,

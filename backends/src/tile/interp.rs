@@ -80,6 +80,8 @@ struct Cta<'a> {
     b: usize,
     h: usize,
     p0: usize,
+    /// The column block of a sequential program's CTA.
+    col_block: usize,
     key_origin: usize,
     shared: Vec<Vec<f64>>,
     regs: Vec<Vec<f64>>,
@@ -123,16 +125,25 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
         }
     }
     let bm = prog.schedule.block_m as usize;
-    let q_tiles = prob.n_q.div_ceil(bm);
+    if prog.sequential && prob.n_q != prob.n_k {
+        return invalid("a sequential program needs N_q == N_k");
+    }
+    // A sequential CTA owns a column block; an attention CTA a query tile.
+    let (x_cells, col_blocks) = if prog.sequential {
+        (prog.col_blocks as usize, true)
+    } else {
+        (prob.n_q.div_ceil(bm), false)
+    };
     for b in 0..prob.batch {
         for h in 0..prob.heads {
-            for qt in 0..q_tiles {
+            for x in 0..x_cells {
                 let mut cta = Cta {
                     prog,
                     prob,
                     b,
                     h,
-                    p0: qt * bm,
+                    p0: if col_blocks { 0 } else { x * bm },
+                    col_block: if col_blocks { x } else { 0 },
                     key_origin: 0,
                     shared: prog
                         .shared
@@ -167,6 +178,15 @@ impl Cta<'_> {
         }
     }
 
+    /// First column a tile of `cols` columns covers in a tensor of `tensor_cols`.
+    fn col_offset(&self, cols: usize, tensor_cols: u32) -> usize {
+        if cols < tensor_cols as usize {
+            self.col_block * cols
+        } else {
+            0
+        }
+    }
+
     fn p_last(&self) -> usize {
         (self.p0 + self.prog.schedule.block_m as usize).min(self.prob.n_q) - 1
     }
@@ -184,18 +204,20 @@ impl Cta<'_> {
                     let decl = &self.prog.shared[dst.index()];
                     let t = &io.tensors[src.index()];
                     let origin = match decl.rank {
+                        _ if self.prog.sequential => self.key_origin,
                         SeqRank::Query => self.p0,
                         SeqRank::Key => self.key_origin,
                     };
                     let n = self.prob.seq_len(decl.rank);
                     let head = self.head_of(decl.rank);
                     let cols = decl.cols as usize;
+                    let col0 = self.col_offset(cols, self.prog.tensors[src.index()].head_dim);
                     let tile = &mut self.shared[dst.index()];
                     for r in 0..decl.rows as usize {
                         for c in 0..cols {
                             tile[r * cols + c] = if origin + r < n {
                                 decl.elem
-                                    .round(t.data[t.offset(self.b, origin + r, head) + c])
+                                    .round(t.data[t.offset(self.b, origin + r, head) + col0 + c])
                             } else {
                                 0.0
                             };
@@ -316,7 +338,14 @@ impl Cta<'_> {
                     let p0 = self.p0 as i64;
                     let p_last = self.p_last() as i64;
                     let n_k = self.prob.n_k as i64;
-                    let range = key_tile_range(masks, p0, p_last, n_k, bn);
+                    let range = if self.prog.sequential {
+                        KeyTileRange {
+                            begin: 0,
+                            end: n_k.div_euclid(bn) + i64::from(n_k % bn != 0),
+                        }
+                    } else {
+                        key_tile_range(masks, p0, p_last, n_k, bn)
+                    };
                     for t in range.begin..range.end {
                         self.key_origin = (t * bn) as usize;
                         let ctx = LoopCtx {
@@ -330,19 +359,57 @@ impl Cta<'_> {
                 Stmt::Store { src, dst } => {
                     let cols = self.prog.regs[src.index()].cols as usize;
                     let head = self.head_of(SeqRank::Query);
+                    let col0 = self.col_offset(cols, self.prog.tensors[dst.index()].head_dim);
+                    let first = if self.prog.sequential {
+                        self.key_origin
+                    } else {
+                        self.p0
+                    };
                     for r in 0..bm {
-                        let p = self.p0 + r;
+                        let p = first + r;
                         if p >= self.prob.n_q {
                             continue;
                         }
                         let t = &mut io.tensors[dst.index()];
-                        let off = t.offset(self.b, p, head);
+                        let off = t.offset(self.b, p, head) + col0;
                         for c in 0..cols {
                             t.data[off + c] = self.prog.tensors[dst.index()]
                                 .elem
                                 .round(self.regs[src.index()][r * cols + c]);
                         }
                     }
+                }
+                Stmt::ContractT { acc, a, scale, b } => {
+                    let n_cols = self.prog.regs[acc.index()].cols as usize;
+                    let at = &self.prog.shared[a.index()];
+                    let (k_len, a_cols) = (at.rows as usize, at.cols as usize);
+                    let b_cols = self.prog.shared[b.index()].cols as usize;
+                    let mut scales = Vec::with_capacity(k_len);
+                    for kk in 0..k_len {
+                        scales.push(self.eval(scale, io, 0, Some(kk))?);
+                    }
+                    let a_vals = &self.shared[a.index()];
+                    let b_vals = &self.shared[b.index()];
+                    let mut out = self.regs[acc.index()].clone();
+                    for r in 0..bm {
+                        for n in 0..n_cols {
+                            let mut sum = 0.0;
+                            for (kk, sc) in scales.iter().enumerate() {
+                                let av = at.elem.round(sc * a_vals[kk * a_cols + r]);
+                                sum += av * b_vals[kk * b_cols + n];
+                            }
+                            out[r * n_cols + n] += sum;
+                        }
+                    }
+                    self.regs[acc.index()] = out;
+                }
+                Stmt::StoreShared { src, dst } => {
+                    let elem = self.prog.shared[dst.index()].elem;
+                    let vals: Vec<f64> = self.regs[src.index()]
+                        .iter()
+                        .map(|&x| elem.round(x))
+                        .collect();
+                    self.shared[dst.index()] = vals;
                 }
                 Stmt::StoreRow { src, dst } => {
                     for r in 0..bm {
@@ -370,11 +437,16 @@ impl Cta<'_> {
             ScalarExpr::Lit(x) => *x,
             ScalarExpr::Scalar(id) => io.scalars[id.index()],
             ScalarExpr::Head(id) => io.head_params[id.index()][self.h],
+            ScalarExpr::Index(SeqRank::Query) if self.prog.sequential => r as f64,
             ScalarExpr::Index(SeqRank::Query) => (self.p0 + r) as f64,
             ScalarExpr::Index(SeqRank::Key) => {
                 let c =
                     c.ok_or_else(|| TileError::Invalid("key index in a row expression".into()))?;
-                (self.key_origin + c) as f64
+                if self.prog.sequential {
+                    c as f64
+                } else {
+                    (self.key_origin + c) as f64
+                }
             }
             ScalarExpr::Elem(id) => {
                 let c = c.ok_or_else(|| TileError::Invalid("Elem in a row expression".into()))?;

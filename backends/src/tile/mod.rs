@@ -37,6 +37,7 @@
 
 pub mod attention;
 pub mod interp;
+pub mod linear;
 
 use std::fmt;
 
@@ -496,6 +497,20 @@ pub enum Stmt {
     Store { src: RegId, dst: TensorId },
     /// Write the rows `< N_q` of a row vector to a row output.
     StoreRow { src: RowId, dst: RowOutputId },
+    /// `acc[r][n] += sum_k round(scale(k) * a[k][r]) * b[k][n]`: the A operand is the
+    /// transpose of shared tile `a` (rows `k`, columns the accumulator's rows), each
+    /// contracted row scaled by `scale` (an expression of `Index(Key)` = `k` and uniform
+    /// values) before rounding to 16 bits; `b` is laid out `RowsAreK`. The state update
+    /// `S += K^T diag(decay) V` of linear attention.
+    ContractT {
+        acc: RegId,
+        a: SharedId,
+        scale: ScalarExpr,
+        b: SharedId,
+    },
+    /// Round an f32 tile (`block_m x cols`) to 16 bits into a shared tile of the same shape
+    /// (a state the next iteration reads as an MMA operand). Waits for every warp first.
+    StoreShared { src: RegId, dst: SharedId },
 }
 
 /// Launch-shape knobs fixed at lowering time.
@@ -512,11 +527,21 @@ pub struct TileSchedule {
     pub skip_unit_rescale: bool,
 }
 
-/// A tile program: one CTA's work for one (query tile, batch, head).
+/// A tile program: one CTA's work for one (query tile, batch, head), or, when
+/// `sequential`, for one (column block, batch, head).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TileProgram {
     pub name: String,
     pub schedule: TileSchedule,
+    /// A recurrence over the whole sequence (linear attention): one CTA walks every tile
+    /// of the key loop in order and its rows are the current tile's positions. Loads and
+    /// stores inside the loop address the current tile of any tensor (`N_q == N_k`), and
+    /// `Index(Query)`/`Index(Key)` are the row and column *within the tile*. The key
+    /// loop's tile equals `block_m` and has no masks.
+    pub sequential: bool,
+    /// Column blocks of a sequential program (grid x): a shared or register tile with
+    /// fewer columns than its tensor covers columns `[cb * cols, (cb + 1) * cols)`.
+    pub col_blocks: u32,
     pub tensors: Vec<TensorParam>,
     pub row_outputs: Vec<RowOutput>,
     pub scalars: Vec<ScalarParam>,
@@ -694,6 +719,20 @@ impl TileProgram {
         if s.stages < 2 {
             return invalid("stages must be at least 2");
         }
+        if self.col_blocks == 0 || (!self.sequential && self.col_blocks != 1) {
+            return invalid("col_blocks must be 1, or positive in a sequential program");
+        }
+        if self.sequential {
+            for st in &self.body {
+                if let Stmt::KeyLoop { block_n, masks, .. } = st {
+                    if *block_n != s.block_m || !masks.is_empty() {
+                        return invalid(
+                            "a sequential program's loop walks block_m tiles without masks",
+                        );
+                    }
+                }
+            }
+        }
         let loops = self
             .body
             .iter()
@@ -800,7 +839,9 @@ impl TileProgram {
                 Stmt::LoadTile { dst, src } => {
                     let t = self.shared_tile(*dst)?;
                     let g = self.tensor(*src)?;
-                    if g.is_output || g.elem != t.elem || g.head_dim != t.cols || g.rows != t.rank {
+                    let cols_ok = g.head_dim == t.cols
+                        || (self.sequential && g.head_dim == t.cols * self.col_blocks);
+                    if g.is_output || g.elem != t.elem || !cols_ok || g.rows != t.rank {
                         return invalid(format!(
                             "LoadTile {} <- {}: mismatched tile",
                             t.name, g.name
@@ -810,7 +851,12 @@ impl TileProgram {
                         SeqRank::Query => self.schedule.block_m,
                         SeqRank::Key => self.block_n().unwrap_or(0),
                     };
-                    if t.rows != want_rows || (t.rank == SeqRank::Key) != in_loop {
+                    let placed = if self.sequential {
+                        in_loop && t.rows == self.schedule.block_m
+                    } else {
+                        t.rows == want_rows && (t.rank == SeqRank::Key) == in_loop
+                    };
+                    if !placed {
                         return invalid(format!(
                             "LoadTile {}: query tiles load outside the key loop with block_m rows, key tiles inside with block_n rows",
                             t.name
@@ -851,7 +897,7 @@ impl TileProgram {
                     let (a_elem, a_k) = match a {
                         AOperand::Shared(id) => {
                             let t = self.shared_tile(*id)?;
-                            if t.rank != SeqRank::Query {
+                            if t.rank != SeqRank::Query && !self.sequential {
                                 return invalid("A operand from shared must be a query tile");
                             }
                             (t.elem, t.cols)
@@ -875,8 +921,55 @@ impl TileProgram {
                             acc_t.name, acc_t.cols
                         ));
                     }
-                    if !in_loop && b_t.rank == SeqRank::Key {
+                    if !in_loop && self.streamed_tiles().contains(b) {
                         return invalid("a key tile is only live inside the key loop");
+                    }
+                }
+                Stmt::ContractT { acc, a, scale, b } => {
+                    let acc_t = self.reg(*acc)?;
+                    let a_t = self.shared_tile(*a)?;
+                    let b_t = self.shared_tile(*b)?;
+                    if !self.sequential || !in_loop {
+                        return invalid("ContractT is for the loop of a sequential program");
+                    }
+                    if acc_t.kind != RegKind::Accumulator
+                        || a_t.cols != self.schedule.block_m
+                        || a_t.rows != b_t.rows
+                        || b_t.cols != acc_t.cols
+                        || a_t.elem != b_t.elem
+                    {
+                        return invalid(format!(
+                            "ContractT {}: A^T must be block_m x k, B k x n, acc n wide",
+                            acc_t.name
+                        ));
+                    }
+                    let mut bad = false;
+                    scale.visit(&mut |n| {
+                        bad |= matches!(
+                            n,
+                            ScalarExpr::Index(SeqRank::Query)
+                                | ScalarExpr::Elem(_)
+                                | ScalarExpr::Row(_)
+                        )
+                    });
+                    if bad {
+                        return invalid(
+                            "ContractT scale may use the key index and uniform values only",
+                        );
+                    }
+                }
+                Stmt::StoreShared { src, dst } => {
+                    let s_t = self.reg(*src)?;
+                    let d_t = self.shared_tile(*dst)?;
+                    if s_t.kind != RegKind::Accumulator
+                        || d_t.rows != self.schedule.block_m
+                        || d_t.cols != s_t.cols
+                        || self.streamed_tiles().contains(dst)
+                    {
+                        return invalid(format!(
+                            "StoreShared {} -> {}: a block_m x cols f32 tile into an unstreamed tile of that shape",
+                            s_t.name, d_t.name
+                        ));
                     }
                 }
                 Stmt::Map { dst, expr } => {
@@ -950,11 +1043,12 @@ impl TileProgram {
                 Stmt::Store { src, dst } => {
                     let s = self.reg(*src)?;
                     let d = self.tensor(*dst)?;
-                    if !d.is_output
-                        || d.rows != SeqRank::Query
-                        || s.cols != d.head_dim
-                        || s.kind != RegKind::Accumulator
-                    {
+                    let shape_ok = if self.sequential {
+                        in_loop && (s.cols == d.head_dim || s.cols * self.col_blocks == d.head_dim)
+                    } else {
+                        d.rows == SeqRank::Query && s.cols == d.head_dim
+                    };
+                    if !d.is_output || !shape_ok || s.kind != RegKind::Accumulator {
                         return invalid(format!("Store {} -> {}: mismatched", s.name, d.name));
                     }
                 }
@@ -1218,6 +1312,20 @@ impl TileProgram {
                     "{pad}store {} -> {}",
                     self.rows[src.index()].name,
                     self.row_outputs[dst.index()].name
+                )?,
+                Stmt::ContractT { acc, a, scale, b } => writeln!(
+                    f,
+                    "{pad}{} += ({} * {})^T . {}",
+                    self.regs[acc.index()].name,
+                    self.shared[a.index()].name,
+                    self.fmt_expr(scale),
+                    self.shared[b.index()].name
+                )?,
+                Stmt::StoreShared { src, dst } => writeln!(
+                    f,
+                    "{pad}{} = round({})",
+                    self.shared[dst.index()].name,
+                    self.regs[src.index()].name
                 )?,
             }
         }

@@ -1,0 +1,258 @@
+//! Causal linear attention (Lightning Attention-2) as a sequential tile program.
+//!
+//! One CTA per (value-column block, batch, head) walks the sequence in blocks of `d`
+//! tokens, carrying the `d x e` state `S` (f32 in registers, and a 16-bit copy in shared
+//! memory that feeds the next block's MMA). For block `t` with rows `i` and keys `j`:
+//!
+//! | Lightning Attention-2 | statement |
+//! | --- | --- |
+//! | intra: `(Q K^T * M) V`, `M[i][j] = lam^(i - j)` for `j <= i` | `s = Q . K^T; s = select(j <= i, s * lam^(i-j), 0); o += round(s) . V` |
+//! | inter: `lam^(i + 1) Q S_t` | `o = Q . S; o = o * lam^(i + 1)` |
+//! | state: `S_{t+1} = lam^B S_t + sum_j lam^(B-1-j) K_j^T V_j` | `st = st * lam^B; st += (K * lam^(B-1-j))^T . V; S = round(st)` |
+//!
+//! with `lam = exp(-s[h])` (no decay: `lam = 1`). Positions are relative to the block, so
+//! the factors never grow with the sequence.
+
+use super::ex::*;
+use super::*;
+use crate::tile::attention::LOG2_E;
+
+/// How the contribution of key `j` to query `i >= j` decays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decay {
+    /// Plain causal linear attention.
+    None,
+    /// `exp(-s[h] * (i - j))` with `s` the named per-head parameter (Lightning, RetNet).
+    PerHead(String),
+}
+
+/// What to compute: `O_i = sum_{j <= i} decay(i - j) (q_i . k_j) v_j`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinearSpec {
+    pub head_dim: u32,
+    pub value_dim: u32,
+    pub elem: Elem,
+    pub decay: Decay,
+}
+
+impl LinearSpec {
+    pub fn kernel_name(&self, value_block: u32) -> String {
+        let mut s = format!(
+            "einattn_linear_d{}_e{}_{}",
+            self.head_dim,
+            self.value_dim,
+            self.elem.name()
+        );
+        if let Decay::PerHead(_) = self.decay {
+            s.push_str("_decay");
+        }
+        if value_block < self.value_dim {
+            s.push_str(&format!("_eb{value_block}"));
+        }
+        s
+    }
+}
+
+/// Schedule knobs: the token block is `head_dim` (the state's rows share the CTA's rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearSchedule {
+    /// Value columns per CTA (`value_dim` or a divisor: more CTAs, fewer registers).
+    pub value_block: u32,
+    pub warps: u32,
+    pub stages: u32,
+}
+
+impl LinearSchedule {
+    pub fn default_for(spec: &LinearSpec) -> LinearSchedule {
+        // d = 128 needs 8 warps (16 rows each) so the score, output and state accumulators
+        // fit in registers; splitting e in two also doubles the CTAs along the grid.
+        if spec.head_dim >= 128 {
+            LinearSchedule {
+                value_block: (spec.value_dim / 2).max(64).min(spec.value_dim),
+                warps: 8,
+                stages: 2,
+            }
+        } else {
+            LinearSchedule {
+                value_block: spec.value_dim,
+                warps: 4,
+                stages: 2,
+            }
+        }
+    }
+}
+
+/// Handles a launcher binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinearBindings {
+    pub q: TensorId,
+    pub k: TensorId,
+    pub v: TensorId,
+    pub o: TensorId,
+    /// The decay parameter, when there is one.
+    pub decay: Option<HeadParamId>,
+}
+
+pub fn lightning(
+    spec: &LinearSpec,
+    sched: &LinearSchedule,
+) -> Result<(TileProgram, LinearBindings), TileError> {
+    let (d, e, eb) = (spec.head_dim, spec.value_dim, sched.value_block);
+    if spec.elem == Elem::F32 {
+        return Err(TileError::Unsupported("inputs must be bf16 or f16".into()));
+    }
+    if eb == 0 || !e.is_multiple_of(eb) || !eb.is_multiple_of(16) || !d.is_multiple_of(16) {
+        return Err(TileError::Unsupported(format!(
+            "value block {eb} must divide e = {e}; d and the block must be multiples of 16"
+        )));
+    }
+    let block = d;
+    let mut p = TileProgram {
+        name: spec.kernel_name(eb),
+        schedule: TileSchedule {
+            block_m: block,
+            warps: sched.warps,
+            stages: sched.stages,
+            skip_unit_rescale: false,
+        },
+        sequential: true,
+        col_blocks: e / eb,
+        tensors: vec![],
+        row_outputs: vec![],
+        scalars: vec![],
+        head_params: vec![],
+        shared: vec![],
+        regs: vec![],
+        rows: vec![],
+        body: vec![],
+    };
+    let mut tensor = |name: &str, rows, cols, is_output| {
+        p.tensors.push(TensorParam {
+            name: name.into(),
+            elem: spec.elem,
+            rows,
+            head_dim: cols,
+            is_output,
+        });
+        TensorId(p.tensors.len() as u32 - 1)
+    };
+    let q = tensor("q", SeqRank::Query, d, false);
+    let k = tensor("k", SeqRank::Key, d, false);
+    let v = tensor("v", SeqRank::Key, e, false);
+    let o = tensor("o", SeqRank::Query, e, true);
+    let decay = match &spec.decay {
+        Decay::None => None,
+        Decay::PerHead(name) => {
+            p.head_params.push(HeadParam { name: name.clone() });
+            Some(HeadParamId(0))
+        }
+    };
+    let mut shared = |name: &str, rows, cols, rank| {
+        p.shared.push(SharedTile {
+            name: name.into(),
+            rows,
+            cols,
+            elem: spec.elem,
+            rank,
+        });
+        SharedId(p.shared.len() as u32 - 1)
+    };
+    let q_s = shared("q_s", block, d, SeqRank::Query);
+    let k_s = shared("k_s", block, d, SeqRank::Key);
+    let v_s = shared("v_s", block, eb, SeqRank::Key);
+    let state_s = shared("state_s", d, eb, SeqRank::Key);
+    let mut reg = |name: &str, cols, col_rank, kind| {
+        p.regs.push(RegTile {
+            name: name.into(),
+            cols,
+            col_rank,
+            kind,
+        });
+        RegId(p.regs.len() as u32 - 1)
+    };
+    let s = reg("s", block, ColRank::Key, RegKind::Accumulator);
+    let pf = reg("p", block, ColRank::Key, RegKind::AOperand(spec.elem));
+    let acc = reg("o", eb, ColRank::HeadDim, RegKind::Accumulator);
+    let st = reg("state", eb, ColRank::HeadDim, RegKind::Accumulator);
+
+    // lam^x = exp2(-s[h] log2(e) x); the factor is uniform and hoisted.
+    let decay_pow = |x: ScalarExpr| decay.map(|hp| exp2(mul(mul(head(hp), lit(-LOG2_E)), x)));
+    let (i, j) = (index(SeqRank::Query), index(SeqRank::Key));
+    let intra = match decay_pow(sub(i.clone(), j.clone())) {
+        Some(f) => mul(elem(s), f),
+        None => elem(s),
+    };
+    let mut lp = vec![
+        Stmt::LoadTile { dst: q_s, src: q },
+        Stmt::LoadTile { dst: k_s, src: k },
+        Stmt::LoadTile { dst: v_s, src: v },
+        Stmt::Fill { dst: s, value: 0.0 },
+        Stmt::Contract {
+            acc: s,
+            a: AOperand::Shared(q_s),
+            b: k_s,
+            b_layout: BLayout::RowsAreN,
+        },
+        Stmt::Map {
+            dst: s,
+            expr: select(CmpOp::Le, j.clone(), i.clone(), intra, lit(0.0)),
+        },
+        Stmt::Fill {
+            dst: acc,
+            value: 0.0,
+        },
+        Stmt::Contract {
+            acc,
+            a: AOperand::Shared(q_s),
+            b: state_s,
+            b_layout: BLayout::RowsAreK,
+        },
+    ];
+    if let Some(f) = decay_pow(add(i, lit(1.0))) {
+        lp.push(Stmt::Map {
+            dst: acc,
+            expr: mul(elem(acc), f),
+        });
+    }
+    lp.push(Stmt::Convert { dst: pf, src: s });
+    lp.push(Stmt::Contract {
+        acc,
+        a: AOperand::Reg(pf),
+        b: v_s,
+        b_layout: BLayout::RowsAreK,
+    });
+    lp.push(Stmt::Store { src: acc, dst: o });
+    if let Some(f) = decay_pow(lit(block as f64)) {
+        lp.push(Stmt::Map {
+            dst: st,
+            expr: mul(elem(st), f),
+        });
+    }
+    lp.push(Stmt::ContractT {
+        acc: st,
+        a: k_s,
+        scale: decay_pow(sub(lit(block as f64 - 1.0), j)).unwrap_or(lit(1.0)),
+        b: v_s,
+    });
+    lp.push(Stmt::StoreShared {
+        src: st,
+        dst: state_s,
+    });
+    p.body = vec![
+        Stmt::Fill {
+            dst: st,
+            value: 0.0,
+        },
+        Stmt::StoreShared {
+            src: st,
+            dst: state_s,
+        },
+        Stmt::KeyLoop {
+            block_n: block,
+            masks: vec![],
+            body: lp,
+        },
+    ];
+    p.validate()?;
+    Ok((p, LinearBindings { q, k, v, o, decay }))
+}

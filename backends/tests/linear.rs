@@ -1,0 +1,100 @@
+//! The sequential linear-attention tile program against the f64 recurrence, and its PTX
+//! through ptxas.
+
+use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
+use einattn_backends::reference::{linear_attention, relative_error};
+use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
+use einattn_backends::tile::linear::{lightning, Decay, LinearSchedule, LinearSpec};
+use einattn_backends::tile::Elem;
+use einattn_backends::{print_ptx, Target};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn check(spec: &LinearSpec, sched: &LinearSchedule, prob: Problem, seed: u64) -> f64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (d, e) = (spec.head_dim as usize, spec.value_dim as usize);
+    let mut tensor = |cols: usize| {
+        let data: Vec<f64> = (0..prob.batch * prob.n_q * prob.heads * cols)
+            .map(|_| spec.elem.round(rng.random_range(-1.0..1.0)))
+            .collect();
+        HostTensor::bnhd(data, prob.n_q, prob.heads, cols)
+    };
+    let (q, k, v) = (tensor(d), tensor(d), tensor(e));
+    let o = HostTensor::bnhd(
+        vec![f64::NAN; prob.batch * prob.n_q * prob.heads * e],
+        prob.n_q,
+        prob.heads,
+        e,
+    );
+    let decay: Vec<f64> = (0..prob.heads)
+        .map(|_| rng.random_range(0.01..0.5))
+        .collect();
+    let (prog, bind) = lightning(spec, sched).expect("builds");
+    let mut io = Bindings {
+        tensors: vec![q.clone(), k.clone(), v.clone(), o],
+        row_outputs: vec![],
+        scalars: vec![],
+        head_params: bind.decay.map(|_| vec![decay.clone()]).unwrap_or_default(),
+    };
+    run(&prog, prob, &mut io).expect("runs");
+    let has_decay = matches!(spec.decay, Decay::PerHead(_));
+    let want = linear_attention(
+        spec,
+        prob,
+        &q,
+        &k,
+        &v,
+        has_decay.then_some(decay.as_slice()),
+    );
+    relative_error(&io.tensors[bind.o.index()].data, &want)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, .. ProptestConfig::default() })]
+    #[test]
+    fn interpreter_matches_the_recurrence(n in 1usize..150, heads in 1usize..3, decay in any::<bool>(),
+                                          split in any::<bool>(), f16 in any::<bool>(), seed in any::<u64>()) {
+        let spec = LinearSpec {
+            head_dim: 32,
+            value_dim: 32,
+            elem: if f16 { Elem::F16 } else { Elem::Bf16 },
+            decay: if decay { Decay::PerHead("s".into()) } else { Decay::None },
+        };
+        let sched = LinearSchedule { value_block: if split { 16 } else { 32 }, warps: 2, stages: 2 };
+        let prob = Problem { batch: 1, heads, kv_group: 1, n_q: n, n_k: n };
+        let err = check(&spec, &sched, prob, seed);
+        prop_assert!(err < 2e-2, "relative error {}", err);
+    }
+}
+
+#[test]
+fn default_schedules_assemble_without_spills() {
+    let Some(ptxas) = ptxas_for_test("linear default_schedules_assemble_without_spills") else {
+        return;
+    };
+    for d in [64u32, 128] {
+        for elem in [Elem::Bf16, Elem::F16] {
+            for decay in [Decay::None, Decay::PerHead("s".into())] {
+                let spec = LinearSpec {
+                    head_dim: d,
+                    value_dim: d,
+                    elem,
+                    decay,
+                };
+                let sched = LinearSchedule::default_for(&spec);
+                let (prog, _) = lightning(&spec, &sched).expect("builds");
+                for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
+                    let k = print_ptx(&prog, target).expect("prints");
+                    let r = assemble(&ptxas, &k.text, arch)
+                        .unwrap_or_else(|e| panic!("{}: {e}", k.entry));
+                    eprintln!(
+                        "{} {arch}: {} registers, {} B stack",
+                        k.entry, r.registers, r.stack_frame
+                    );
+                    assert!(!r.spills(), "{} spills on {arch}:\n{}", k.entry, r.log);
+                }
+            }
+        }
+    }
+}
