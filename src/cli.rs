@@ -156,14 +156,116 @@ pub struct KernelArgs {
     pub optimize: bool,
 }
 
-/// Loads, optionally optimizes, and compiles a cascade to one kernel.
+/// A cascade compiled to one of the kernel families.
+pub enum Kernel {
+    Attention(einattn_backends::compile::CompiledKernel),
+    Linear(einattn_backends::compile::CompiledLinear),
+}
+
+impl Kernel {
+    pub fn ptx(&self) -> &einattn_backends::PtxKernel {
+        match self {
+            Kernel::Attention(k) => &k.ptx,
+            Kernel::Linear(k) => &k.ptx,
+        }
+    }
+    pub fn program(&self) -> &einattn_backends::TileProgram {
+        match self {
+            Kernel::Attention(k) => &k.program,
+            Kernel::Linear(k) => &k.program,
+        }
+    }
+    pub fn explain(&self) -> String {
+        match self {
+            Kernel::Attention(k) => k.schedule.explain(),
+            Kernel::Linear(k) => k.explain(),
+        }
+    }
+    pub fn manifest(&self, cascade: &Cascade, ptx_file: &str) -> serde_json::Value {
+        match self {
+            Kernel::Attention(k) => k.manifest(cascade, ptx_file),
+            Kernel::Linear(k) => k.manifest(cascade, ptx_file),
+        }
+    }
+}
+
+/// Loads, optionally optimizes, and compiles a cascade to one kernel: softmax attention
+/// first; causal linear attention (confirmed on a small instance of the same source) next.
 pub fn build_kernel(
     source: &SourceFile,
     defines: &[(String, u64)],
     args: &KernelArgs,
+) -> Result<(Cascade, Kernel), CliError> {
+    let cascade = source.compile(defines)?;
+    let softmax = build_attention(source, &cascade, args);
+    let Err(softmax_err) = softmax else {
+        let (c, k) = softmax?;
+        return Ok((c, Kernel::Attention(k)));
+    };
+    if softmax_err.exit_code != 1 {
+        return Err(softmax_err);
+    }
+    match build_linear(source, &cascade, defines, args) {
+        Ok(k) => Ok((cascade, Kernel::Linear(k))),
+        Err(linear_err) => Err(CliError::input(format!(
+            "{}\n\nnor as linear attention:\n{}",
+            softmax_err.message.trim_end(),
+            linear_err.message.trim_end()
+        ))),
+    }
+}
+
+fn build_linear(
+    source: &SourceFile,
+    cascade: &Cascade,
+    defines: &[(String, u64)],
+    args: &KernelArgs,
+) -> Result<einattn_backends::compile::CompiledLinear, CliError> {
+    use einattn_backends::schedule::{recognize_linear, ScheduleOptions};
+    let render = |d: einattn_ir::validate::Diagnostic| {
+        CliError::input(einattn_dsl::Diagnostics::new(vec![d]).render(&source.name(), &source.text))
+    };
+    // The same source at small sizes, for the interpreter to confirm the reading.
+    let hypothesis = recognize_linear(cascade, false).map_err(render)?;
+    let mut small_defines: Vec<(String, u64)> = defines.to_vec();
+    for (rank, small) in &hypothesis.shrinkable {
+        if let einattn_ir::ExtentSource::Symbol(name) = &cascade.ranks[*rank].source {
+            small_defines.retain(|(n, _)| n != name);
+            small_defines.push((name.clone(), *small));
+        }
+    }
+    let small = source.compile(&small_defines)?;
+    let mut options = ScheduleOptions {
+        elem: args.elem,
+        warps: args.warps,
+        stages: args.stages,
+        ..ScheduleOptions::default()
+    };
+    if let Some(t) = args.target {
+        options.target = t;
+    }
+    let mut value_block = None;
+    for (n, size) in &args.tiles {
+        let value_rank = cascade.tensors[hypothesis.v.tensor].ranks.last().copied();
+        if value_rank.is_some_and(|r| cascade.ranks[r].name == *n) {
+            value_block = Some(*size as u32);
+        } else {
+            return Err(CliError::usage(format!(
+                "error: `--tile {n}=...`: the linear kernel takes a tile of the value rank only"
+            )));
+        }
+    }
+    einattn_backends::compile::compile_linear(cascade, &small, &options, value_block)
+        .map_err(render)
+}
+
+fn build_attention(
+    source: &SourceFile,
+    cascade: &Cascade,
+    args: &KernelArgs,
 ) -> Result<(Cascade, einattn_backends::compile::CompiledKernel), CliError> {
     use einattn_backends::schedule::{recognize, ScheduleOptions};
-    let mut cascade = source.compile(defines)?;
+    let mut cascade = cascade.clone();
     if args.optimize {
         cascade = optimized(source, &cascade)?.cascade;
     }
@@ -232,9 +334,9 @@ pub fn compile_ptx(
         CliError::input(format!("error: cannot write `{}`: {e}", p.display()))
     };
     std::fs::create_dir_all(out_dir).map_err(|e| write_err(out_dir, e))?;
-    let ptx_name = format!("{}.ptx", kernel.ptx.entry);
+    let ptx_name = format!("{}.ptx", kernel.ptx().entry);
     let ptx_path = out_dir.join(&ptx_name);
-    std::fs::write(&ptx_path, &kernel.ptx.text).map_err(|e| write_err(&ptx_path, e))?;
+    std::fs::write(&ptx_path, &kernel.ptx().text).map_err(|e| write_err(&ptx_path, e))?;
     let manifest = kernel.manifest(&cascade, &ptx_name);
     let manifest_path = out_dir.join("manifest.json");
     let text = serde_json::to_string_pretty(&manifest)
@@ -243,10 +345,10 @@ pub fn compile_ptx(
     Ok(format!(
         "{}: {} ({}, {} threads, {} B shared)\nwrote {}\nwrote {}\n",
         cascade.name,
-        kernel.ptx.entry,
-        kernel.ptx.target.name(),
-        kernel.ptx.threads,
-        kernel.ptx.dynamic_smem_bytes,
+        kernel.ptx().entry,
+        kernel.ptx().target.name(),
+        kernel.ptx().threads,
+        kernel.ptx().dynamic_smem_bytes,
         ptx_path.display(),
         manifest_path.display()
     ))
@@ -261,7 +363,10 @@ pub fn check(
 ) -> Result<(String, bool), CliError> {
     let source = SourceFile::load(file)?;
     let (cascade, kernel) = build_kernel(&source, defines, args)?;
-    crate::gpu::check(&cascade, &kernel, seed)
+    match &kernel {
+        Kernel::Attention(k) => crate::gpu::check(&cascade, k, seed),
+        Kernel::Linear(k) => crate::gpu::check_linear(&cascade, k, seed),
+    }
 }
 
 /// `einattn bench`.
@@ -274,7 +379,10 @@ pub fn bench(
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
     let (cascade, kernel) = build_kernel(&source, defines, args)?;
-    crate::gpu::bench(&cascade, &kernel, reps, format)
+    match &kernel {
+        Kernel::Attention(k) => crate::gpu::bench(&cascade, k, reps, format),
+        Kernel::Linear(k) => crate::gpu::bench_linear(&cascade, k, reps, format),
+    }
 }
 
 pub fn emit(
@@ -285,9 +393,12 @@ pub fn emit(
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
     match stage {
-        Stage::Schedule => Ok(build_kernel(&source, defines, args)?.1.schedule.explain()),
-        Stage::Tile => Ok(build_kernel(&source, defines, args)?.1.program.to_string()),
-        Stage::Ptx => Ok(build_kernel(&source, defines, args)?.1.ptx.text),
+        Stage::Schedule => Ok(build_kernel(&source, defines, args)?.1.explain()),
+        Stage::Tile => Ok(build_kernel(&source, defines, args)?
+            .1
+            .program()
+            .to_string()),
+        Stage::Ptx => Ok(build_kernel(&source, defines, args)?.1.ptx().text.clone()),
         Stage::Ast => {
             let ast = einattn_dsl::parse(&source.name(), &source.text)
                 .map_err(|d| CliError::input(d.render(&source.name(), &source.text)))?;

@@ -360,3 +360,263 @@ pub fn bench(
         }
     })
 }
+
+/// Device buffers and arguments of a linear-attention launch.
+fn prepare_linear(
+    gpu: &Gpu,
+    k: &einattn_backends::compile::CompiledLinear,
+    inputs: &Inputs,
+) -> Result<Launch, CliError> {
+    let m = &k.matched;
+    let elem = m.spec.elem;
+    let layouts = [&m.q, &m.k, &m.v, &m.o];
+    let mut bufs = Vec::new();
+    for l in layouts {
+        let bits: Vec<u16> = match inputs.get(&l.tensor) {
+            Some(t) => t.stored().iter().map(|&x| to_bits(elem, x)).collect(),
+            None => vec![to_bits(elem, f64::NAN); l.elements as usize],
+        };
+        bufs.push(gpu.upload(&bits).map_err(gpu_error)?);
+    }
+    let mut arrays = Vec::new();
+    if let Some(p) = m.decay_param {
+        let vals: Vec<f32> = inputs[&p].stored().iter().map(|&x| x as f32).collect();
+        arrays.push(gpu.upload(&vals).map_err(gpu_error)?);
+    }
+    let mut args = Vec::new();
+    for p in &k.ptx.abi {
+        args.push(match &p.role {
+            AbiRole::TensorPtr(t) => bufs[t.index()].arg(gpu),
+            AbiRole::HeadParamPtr(h) => arrays[h.index()].arg(gpu),
+            AbiRole::QueryLen | AbiRole::KeyLen => KernelArg::U32(m.n as u32),
+            AbiRole::Heads => KernelArg::U32(m.heads as u32),
+            AbiRole::KvGroup => KernelArg::U32(1),
+            AbiRole::StrideBatch(t) => KernelArg::U64(layouts[t.index()].stride_batch),
+            AbiRole::StrideSeq(t) => KernelArg::U64(layouts[t.index()].stride_seq),
+            AbiRole::StrideHead(t) => KernelArg::U64(layouts[t.index()].stride_head),
+            AbiRole::RowOutputPtr(_) | AbiRole::Scalar(_) => {
+                return Err(CliError::input(
+                    "error: unexpected parameter in a linear kernel",
+                ))
+            }
+        });
+    }
+    let out = bufs
+        .pop()
+        .ok_or_else(|| CliError::input("error: no output buffer"))?;
+    Ok(Launch {
+        dims: LaunchDims {
+            grid: k.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32),
+            block: (k.ptx.threads, 1, 1),
+            dynamic_smem_bytes: k.ptx.dynamic_smem_bytes,
+        },
+        args,
+        out,
+        _keep: bufs,
+        _keep_f32: arrays,
+    })
+}
+
+type Inputs = HashMap<einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>, TensorData>;
+
+fn linear_inputs(
+    cascade: &Cascade,
+    k: &einattn_backends::compile::CompiledLinear,
+    seed: u64,
+) -> Inputs {
+    let m = &k.matched;
+    let mut inputs = random_inputs(cascade, seed);
+    for l in [&m.q, &m.k, &m.v] {
+        if let Some(t) = inputs.get_mut(&l.tensor) {
+            let vals: Vec<f64> = t.stored().iter().map(|&x| m.spec.elem.round(x)).collect();
+            *t = TensorData::new(t.shape.clone(), vals);
+        }
+    }
+    inputs
+}
+
+/// The f64 recurrence of the recognized computation, in O's layout.
+fn linear_reference(m: &einattn_backends::schedule::LinearMatch, inputs: &Inputs) -> Vec<f64> {
+    let host = |l: &Layout| HostTensor {
+        data: inputs[&l.tensor].stored(),
+        stride_b: l.stride_batch as usize,
+        stride_n: l.stride_seq as usize,
+        stride_h: l.stride_head as usize,
+    };
+    let prob = Problem {
+        batch: m.batch as usize,
+        heads: m.heads as usize,
+        kv_group: 1,
+        n_q: m.n as usize,
+        n_k: m.n as usize,
+    };
+    let decay = m.decay_param.map(|p| inputs[&p].stored());
+    let bnhd = reference::linear_attention(
+        &m.spec,
+        prob,
+        &host(&m.q),
+        &host(&m.k),
+        &host(&m.v),
+        decay.as_deref(),
+    );
+    let e = m.spec.value_dim as usize;
+    let mut out = vec![0.0; m.o.elements as usize];
+    for b in 0..prob.batch {
+        for i in 0..prob.n_q {
+            for h in 0..prob.heads {
+                let src = ((b * prob.n_q + i) * prob.heads + h) * e;
+                let dst = b * m.o.stride_batch as usize
+                    + i * m.o.stride_seq as usize
+                    + h * m.o.stride_head as usize;
+                out[dst..dst + e].copy_from_slice(&bnhd[src..src + e]);
+            }
+        }
+    }
+    out
+}
+
+/// `einattn check` for linear attention.
+pub fn check_linear(
+    cascade: &Cascade,
+    k: &einattn_backends::compile::CompiledLinear,
+    seed: u64,
+) -> Result<(String, bool), CliError> {
+    let m = &k.matched;
+    let inputs = linear_inputs(cascade, k, seed);
+    let (gpu, device) = open_gpu()?;
+    let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
+    let launch = prepare_linear(&gpu, k, &inputs)?;
+    gpu.launch(&kernel, launch.dims, &launch.args)
+        .map_err(gpu_error)?;
+    gpu.synchronize().map_err(gpu_error)?;
+    let got: Vec<f64> = gpu
+        .download(&launch.out)
+        .map_err(gpu_error)?
+        .iter()
+        .map(|&b| from_bits(m.spec.elem, b))
+        .collect();
+    let small = m.batch * m.heads * m.n * m.n * m.spec.head_dim as u64 <= INTERPRETER_MAC_LIMIT;
+    let (want, reference_name) = if small {
+        let values = evaluate_in_order(cascade, &inputs, &topological_order(cascade))
+            .map_err(|e| CliError::input(format!("error: the interpreter failed: {e}")))?;
+        let out = values
+            .get(m.o.tensor)
+            .ok_or_else(|| CliError::input("error: the interpreter produced no output"))?;
+        (out.stored(), "the cascade interpreter (f64)")
+    } else {
+        (
+            linear_reference(m, &inputs),
+            "the f64 recurrence (size above the interpreter's limit)",
+        )
+    };
+    let err = relative_error(&got, &want);
+    let tolerance = 2e-2;
+    let pass = err < tolerance;
+    let resources = kernel.resources().map_err(gpu_error)?;
+    let mut s = String::new();
+    let _ = writeln!(s, "device: {device}");
+    let _ = writeln!(
+        s,
+        "kernel: {} ({} registers, {} B local, {} B shared)",
+        k.ptx.entry, resources.registers, resources.local_bytes, k.ptx.dynamic_smem_bytes
+    );
+    let _ =
+        writeln!(
+        s,
+        "problem: B={} H={} N={} d={} e={} {} decay {:?}; seed {seed}; reference: {reference_name}",
+        m.batch, m.heads, m.n, m.spec.head_dim, m.spec.value_dim, m.spec.elem.name(), m.spec.decay
+    );
+    let _ = writeln!(
+        s,
+        "{}: ||out - ref|| / ||ref|| = {err:.3e} (tolerance {tolerance:.0e})",
+        if pass { "PASS" } else { "FAIL" }
+    );
+    Ok((s, pass))
+}
+
+/// HBM bandwidth of known parts, bytes/s.
+fn memory_bandwidth(device: &str) -> Option<f64> {
+    if device.contains("H200") {
+        Some(4.8e12)
+    } else if device.contains("H100") {
+        Some(3.35e12)
+    } else {
+        None
+    }
+}
+
+/// `einattn bench` for linear attention: tokens per second and the fraction of the
+/// memory floor (Q, K, V read and O written once).
+pub fn bench_linear(
+    cascade: &Cascade,
+    k: &einattn_backends::compile::CompiledLinear,
+    reps: usize,
+    format: ReportFormat,
+) -> Result<String, CliError> {
+    let m = &k.matched;
+    let inputs = linear_inputs(cascade, k, 0);
+    let (gpu, device) = open_gpu()?;
+    let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
+    let launch = prepare_linear(&gpu, k, &inputs)?;
+    let t = gpu
+        .time(reps.div_ceil(4).max(3), reps, || {
+            gpu.launch(&kernel, launch.dims, &launch.args)
+        })
+        .map_err(gpu_error)?;
+    let tokens = (m.batch * m.n) as f64;
+    let mtok = tokens / (t.median_ms * 1e-3) / 1e6;
+    let eb = m.spec.elem.bytes() as f64;
+    let bytes = tokens
+        * m.heads as f64
+        * (2.0 * m.spec.head_dim as f64 + 2.0 * m.spec.value_dim as f64)
+        * eb;
+    let floor_mtok = memory_bandwidth(&device).map(|bw| tokens / (bytes / bw) / 1e6);
+    let resources = kernel.resources().map_err(gpu_error)?;
+    let value = json!({
+        "device": device,
+        "kernel": k.ptx.entry,
+        "cascade": cascade.name,
+        "problem": {"batch": m.batch, "heads": m.heads, "n": m.n, "head_dim": m.spec.head_dim,
+                    "value_dim": m.spec.value_dim, "elem": m.spec.elem.name(),
+                    "decay": format!("{:?}", m.spec.decay)},
+        "schedule": {"value_block": k.schedule.value_block, "warps": k.schedule.warps, "stages": k.schedule.stages},
+        "registers": resources.registers,
+        "local_bytes": resources.local_bytes,
+        "median_ms": t.median_ms,
+        "min_ms": t.min_ms,
+        "max_ms": t.max_ms,
+        "reps": t.reps,
+        "mtok_per_s": mtok,
+        "ns_per_token": t.median_ms * 1e6 / tokens,
+        "memory_floor_mtok_per_s": floor_mtok,
+        "percent_of_memory_floor": floor_mtok.map(|f| 100.0 * mtok / f),
+    });
+    Ok(match format {
+        ReportFormat::Json => serde_json::to_string_pretty(&value)
+            .map_err(|e| CliError::input(format!("error: {e}")))?,
+        ReportFormat::Text => {
+            let mut s = String::new();
+            let _ = writeln!(s, "device: {device}");
+            let _ = writeln!(
+                s,
+                "kernel: {} ({} registers)",
+                k.ptx.entry, resources.registers
+            );
+            let _ = writeln!(
+                s,
+                "median {:.4} ms (min {:.4}, max {:.4}, {} reps)",
+                t.median_ms, t.min_ms, t.max_ms, t.reps
+            );
+            let _ = write!(s, "{mtok:.1} Mtok/s");
+            if let Some(f) = floor_mtok {
+                let _ = write!(
+                    s,
+                    " = {:.1}% of the {f:.0} Mtok/s memory floor",
+                    100.0 * mtok / f
+                );
+            }
+            s.push('\n');
+            s
+        }
+    })
+}

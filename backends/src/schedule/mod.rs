@@ -8,8 +8,10 @@
 // A failed compile builds one diagnostic; boxing it would only add noise to every `?`.
 #![allow(clippy::result_large_err)]
 
+pub mod linear;
 pub mod recognize;
 
+pub use linear::{recognize_linear, verify_linear, LinearMatch};
 pub use recognize::{recognize, AttentionMatch, Layout, Roles};
 
 use crate::tile::attention::{AttentionSchedule, AttentionSpec};

@@ -1,0 +1,324 @@
+//! Recognizes causal linear attention (with or without a per-head decay) in a cascade.
+//!
+//! Linear attention has many equivalent cascades (quadratic masked, chunked with a state
+//! recurrence, ...), so the recognizer forms a hypothesis from the cascade's interface
+//! (which inputs are Q, K, V; which ranks are batch, head, sequence and the two feature
+//! dimensions; whether a `where` mask makes it causal; which per-head parameter decays)
+//! and [`verify_linear`] confirms it numerically: the reference interpreter runs a small
+//! instance of the same cascade and must agree with the f64 recurrence of the hypothesis.
+
+use super::recognize::Layout;
+use crate::reference::{linear_attention, relative_error};
+use crate::tile::interp::{HostTensor, Problem};
+use crate::tile::linear::{Decay, LinearSpec};
+use crate::tile::Elem;
+use einattn_ir::arena::Handle;
+use einattn_ir::cascade::{Cascade, DType, Rank, ReduceOp, Span, Tensor, TensorKind};
+use einattn_ir::interp::{evaluate_in_order, random_inputs};
+use einattn_ir::validate::{topological_order, Diagnostic, DiagnosticKind};
+
+/// A cascade read as causal linear attention.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearMatch {
+    pub spec: LinearSpec,
+    pub q: Layout,
+    pub k: Layout,
+    pub v: Layout,
+    pub o: Layout,
+    pub decay_param: Option<Handle<Tensor>>,
+    pub batch: u64,
+    pub heads: u64,
+    pub n: u64,
+    /// Ranks a small verification instance may shrink, with their small extents (the
+    /// sequence stays a multiple of its split tile).
+    pub shrinkable: Vec<(Handle<Rank>, u64)>,
+}
+
+fn not_mappable(c: &Cascade, message: impl Into<String>, span: Span) -> Diagnostic {
+    Diagnostic::error(
+        DiagnosticKind::NotMappable,
+        format!(
+            "`{}` does not map to the linear-attention kernel: {}",
+            c.name,
+            message.into()
+        ),
+        span,
+    )
+}
+
+/// Forms the linear-attention hypothesis for `c` (not yet verified). The two contracted
+/// inputs are symmetric in the Einsum, so `swap` says which is Q: verification tells.
+pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnostic> {
+    let inputs: Vec<Handle<Tensor>> = c
+        .tensors
+        .iter()
+        .filter(|(_, t)| t.kind == TensorKind::Input)
+        .map(|(h, _)| h)
+        .collect();
+    let outputs: Vec<Handle<Tensor>> = c
+        .tensors
+        .iter()
+        .filter(|(_, t)| t.kind == TensorKind::Output)
+        .map(|(h, _)| h)
+        .collect();
+    let params: Vec<Handle<Tensor>> = c
+        .tensors
+        .iter()
+        .filter(|(_, t)| t.kind == TensorKind::Param)
+        .map(|(h, _)| h)
+        .collect();
+    let ([_, _, _], [o]) = (&inputs[..], &outputs[..]) else {
+        return Err(not_mappable(
+            c,
+            "expected inputs Q, K, V and one output",
+            Span::UNKNOWN,
+        ));
+    };
+    let o = *o;
+    // The Einsum that contracts two inputs over a shared rank: Q . K (or K^T V first, as in
+    // non-causal forms; then the first two inputs by declaration order are Q and K).
+    let mut qk = None;
+    for (_, e) in c.einsums.iter() {
+        let mut acc = Vec::new();
+        e.expr.visit_accesses(&mut |a| {
+            if c.tensors[a.tensor].kind == TensorKind::Input {
+                acc.push(a.tensor)
+            }
+        });
+        if acc.len() == 2 && e.reductions.iter().any(|r| r.op == ReduceOp::Sum) {
+            let reduced: Vec<Handle<Rank>> = e.reductions.iter().map(|r| r.rank).collect();
+            qk = Some((acc[0], acc[1], reduced, e.span, !e.mask.is_empty()));
+            break;
+        }
+    }
+    let Some((a, b, reduced, span, _)) = qk else {
+        return Err(not_mappable(
+            c,
+            "no Einsum contracts two inputs",
+            Span::UNKNOWN,
+        ));
+    };
+    let ranks = |t: Handle<Tensor>| c.tensors[t].ranks.clone();
+    let (q, k, v) = {
+        let third = inputs
+            .iter()
+            .copied()
+            .find(|t| *t != a && *t != b)
+            .ok_or_else(|| not_mappable(c, "no V", span))?;
+        let contracted = reduced
+            .iter()
+            .copied()
+            .find(|r| ranks(a).contains(r) && ranks(b).contains(r));
+        match contracted {
+            Some(_) if swap => (b, a, third),
+            Some(_) => (a, b, third),
+            None => return Err(not_mappable(c, "Q and K share no contracted rank", span)),
+        }
+    };
+    let (qr, kr, vr, or) = (ranks(q), ranks(k), ranks(v), ranks(o));
+    let last = |r: &Vec<Handle<Rank>>| r.last().copied();
+    let (Some(d), Some(e)) = (last(&qr), last(&vr)) else {
+        return Err(not_mappable(c, "tensors need a feature rank", span));
+    };
+    if last(&kr) != Some(d) || last(&or) != Some(e) {
+        return Err(not_mappable(
+            c,
+            "Q and K must store their feature rank last, V and O theirs",
+            span,
+        ));
+    }
+    // Sequence rank of each tensor: its rank that is not shared by all four and is not a
+    // feature rank (`p` vs `n`), or the split rank when they share it (`n -> t, i`).
+    let all_share =
+        |r: &Handle<Rank>| qr.contains(r) && kr.contains(r) && vr.contains(r) && or.contains(r);
+    let seq_of = |rs: &Vec<Handle<Rank>>| -> Option<Handle<Rank>> {
+        let own: Vec<Handle<Rank>> = rs
+            .iter()
+            .copied()
+            .filter(|r| *r != d && *r != e && !all_share(r))
+            .collect();
+        match own[..] {
+            [r] => Some(r),
+            [] => rs
+                .iter()
+                .copied()
+                .find(|r| *r != d && *r != e && c.ranks[*r].split.is_some()),
+            _ => None,
+        }
+    };
+    let (Some(sq), Some(sk), Some(sv), Some(so)) =
+        (seq_of(&qr), seq_of(&kr), seq_of(&vr), seq_of(&or))
+    else {
+        return Err(not_mappable(c, "cannot tell the sequence rank", span));
+    };
+    let n = c.ranks[sq].extent;
+    if [sk, sv, so].iter().any(|r| c.ranks[*r].extent != n) {
+        return Err(not_mappable(
+            c,
+            "queries and keys must have the same length",
+            span,
+        ));
+    }
+    let shared: Vec<Handle<Rank>> = qr
+        .iter()
+        .copied()
+        .filter(|r| *r != d && *r != sq && kr.contains(r) && vr.contains(r) && or.contains(r))
+        .collect();
+    let head_of_param = params.iter().find_map(|p| match ranks(*p)[..] {
+        [r] if shared.contains(&r) => Some(r),
+        _ => None,
+    });
+    let (batch, head) = match shared[..] {
+        [] => (None, None),
+        [h] => (None, Some(h)),
+        [x, y] if head_of_param == Some(x) => (Some(y), Some(x)),
+        [x, y] => (Some(x), Some(y)),
+        _ => {
+            return Err(not_mappable(
+                c,
+                "at most batch and head ranks besides the sequence",
+                span,
+            ))
+        }
+    };
+    let decay_param = match params[..] {
+        [] => None,
+        [p] if ranks(p).len() == 1 && Some(ranks(p)[0]) == head => Some(p),
+        _ => {
+            return Err(not_mappable(
+                c,
+                "the only parameter may be a per-head decay `s[h]`",
+                Span::UNKNOWN,
+            ))
+        }
+    };
+    let causal = c.einsums.iter().any(|(_, e)| !e.mask.is_empty());
+    if !causal {
+        return Err(not_mappable(
+            c,
+            "only causal linear attention (a `where j <= i` mask) is mapped; the non-causal form is not implemented yet",
+            Span::UNKNOWN,
+        ));
+    }
+    let elem = match c.tensors[q].dtype {
+        Some(DType::Bf16) => Elem::Bf16,
+        Some(DType::F16) => Elem::F16,
+        _ => {
+            return Err(not_mappable(
+                c,
+                "Q, K, V must be bf16 or f16",
+                c.tensors[q].span,
+            ))
+        }
+    };
+    let (dd, ee) = (c.ranks[d].extent as u32, c.ranks[e].extent as u32);
+    let layout = |t: Handle<Tensor>, seq: Handle<Rank>| {
+        let tensor = &c.tensors[t];
+        let mut stride = 1u64;
+        let mut strides = vec![0u64; tensor.ranks.len()];
+        for (i, &r) in tensor.ranks.iter().enumerate().rev() {
+            strides[i] = stride;
+            stride *= c.ranks[r].extent;
+        }
+        let of = |r: Option<Handle<Rank>>| {
+            r.and_then(|r| tensor.ranks.iter().position(|&x| x == r))
+                .map_or(0, |i| strides[i])
+        };
+        Layout {
+            tensor: t,
+            stride_batch: of(batch),
+            stride_seq: of(Some(seq)),
+            stride_head: of(head),
+            elements: stride,
+        }
+    };
+    let tile = |r: Handle<Rank>| {
+        c.ranks[r]
+            .split
+            .as_ref()
+            .map_or(1, |s| c.ranks[s.inner].extent)
+    };
+    let mut shrinkable: Vec<(Handle<Rank>, u64)> = [sq, sk, sv, so]
+        .iter()
+        .map(|&r| (r, if tile(r) > 1 { 3 * tile(r) } else { 24 }))
+        .collect();
+    shrinkable.extend(batch.map(|r| (r, 1)));
+    shrinkable.extend(head.map(|r| (r, 2)));
+    shrinkable.extend([(d, 16), (e, 16)]);
+    let extent = |r: Option<Handle<Rank>>| r.map_or(1, |r| c.ranks[r].extent);
+    Ok(LinearMatch {
+        spec: LinearSpec {
+            head_dim: dd,
+            value_dim: ee,
+            elem,
+            decay: decay_param.map_or(Decay::None, |p| Decay::PerHead(c.tensors[p].name.clone())),
+        },
+        q: layout(q, sq),
+        k: layout(k, sk),
+        v: layout(v, sv),
+        o: layout(o, so),
+        decay_param,
+        batch: extent(batch),
+        heads: extent(head),
+        n,
+        shrinkable,
+    })
+}
+
+/// Runs the reference interpreter on `small` (the same cascade at small sizes) and checks
+/// that it computes the recurrence of its own linear-attention hypothesis.
+pub fn verify_linear(small: &Cascade, swap: bool, seed: u64) -> Result<f64, Diagnostic> {
+    let m = recognize_linear(small, swap)?;
+    let inputs = random_inputs(small, seed);
+    let values = evaluate_in_order(small, &inputs, &topological_order(small))
+        .map_err(|e| not_mappable(small, format!("the interpreter failed: {e}"), Span::UNKNOWN))?;
+    let host = |l: &Layout| HostTensor {
+        data: inputs[&l.tensor].stored(),
+        stride_b: l.stride_batch as usize,
+        stride_n: l.stride_seq as usize,
+        stride_h: l.stride_head as usize,
+    };
+    let prob = Problem {
+        batch: m.batch as usize,
+        heads: m.heads as usize,
+        kv_group: 1,
+        n_q: m.n as usize,
+        n_k: m.n as usize,
+    };
+    let decay = m.decay_param.map(|p| inputs[&p].stored());
+    let want_bnhd = linear_attention(
+        &m.spec,
+        prob,
+        &host(&m.q),
+        &host(&m.k),
+        &host(&m.v),
+        decay.as_deref(),
+    );
+    let got = values
+        .get(m.o.tensor)
+        .ok_or_else(|| not_mappable(small, "no output", Span::UNKNOWN))?
+        .stored();
+    // Gather the cascade's output into contiguous BNHD to compare.
+    let e = m.spec.value_dim as usize;
+    let mut got_bnhd = vec![0.0; want_bnhd.len()];
+    for b in 0..prob.batch {
+        for i in 0..prob.n_q {
+            for h in 0..prob.heads {
+                let src = b * m.o.stride_batch as usize
+                    + i * m.o.stride_seq as usize
+                    + h * m.o.stride_head as usize;
+                let dst = ((b * prob.n_q + i) * prob.heads + h) * e;
+                got_bnhd[dst..dst + e].copy_from_slice(&got[src..src + e]);
+            }
+        }
+    }
+    let err = relative_error(&got_bnhd, &want_bnhd);
+    if err.is_nan() || err > 1e-9 {
+        return Err(not_mappable(
+            small,
+            format!("the cascade is not causal linear attention with this decay (relative difference {err:.2e} on a small instance)"),
+            Span::UNKNOWN,
+        ));
+    }
+    Ok(err)
+}

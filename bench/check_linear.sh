@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# `einattn check` over the causal linear-attention examples (per-head decay: lightning,
+# lightning_naive; no decay: linear_causal): bf16 and f16, d = e = 64 and 128,
+# N in {64, 1000, 8192}. Exits non-zero if any check fails.
+# Usage: bench/check_linear.sh [path/to/einattn]
+set -uo pipefail
+BIN=${1:-target/release/einattn}
+pass=0; fail=0
+for n in 64 1000 8192; do
+  # lightning.ein splits N into blocks that must divide it: 1000 = 125 x 8.
+  blk=64; if [ $n = 1000 ]; then blk=8; fi
+  for d in 64 128; do
+    for dt in bf16 f16; do
+      while read -r ex defs; do
+        out=$($BIN check examples/$ex.ein $defs --dtype $dt 2>&1)
+        rc=$?
+        line=$(echo "$out" | grep -E "^(PASS|FAIL)" || echo "$out" | tail -1)
+        if [ $rc = 0 ]; then pass=$((pass+1)); else fail=$((fail+1)); fi
+        echo "$ex N=$n d=$d $dt: $line"
+      done <<LIST
+lightning -D N=$n -D D=$d -D BLOCK=$blk
+lightning_naive -D N=$n -D D=$d
+linear_causal -D N=$n -D D=$d
+LIST
+    done
+  done
+done
+echo "checks: $pass passed, $fail failed"
+[ $fail = 0 ]
