@@ -145,6 +145,10 @@ struct Printer<'a> {
     smem_total: u32,
     /// Register holding each shared tile's current base address (streamed: current stage).
     smem_base: Vec<String>,
+    /// For a tile written inside the key loop (a carried state): the copy this iteration
+    /// writes, while `smem_base` is the copy it reads. Double buffering lets the write skip
+    /// the barrier that would otherwise wait for every warp's last read.
+    store_base: Vec<Option<String>>,
     mtiles: u32,
     /// Register holding key index in the current key loop iteration (`key_origin + 2 tig`).
     in_loop: bool,
@@ -153,6 +157,7 @@ struct Printer<'a> {
 impl<'a> Printer<'a> {
     fn new(prog: &'a TileProgram) -> Result<Self, TileError> {
         let streamed = prog.streamed_tiles();
+        let double = prog.loop_written_tiles();
         let mut smem_offset = Vec::new();
         let mut off = 0u32;
         for (i, t) in prog.shared.iter().enumerate() {
@@ -165,6 +170,8 @@ impl<'a> Printer<'a> {
             smem_offset.push(off);
             let copies = if streamed.contains(&SharedId(i as u32)) {
                 prog.schedule.stages
+            } else if double.contains(&SharedId(i as u32)) {
+                2
             } else {
                 1
             };
@@ -185,6 +192,7 @@ impl<'a> Printer<'a> {
             smem_offset,
             smem_total: off,
             smem_base: vec![String::new(); prog.shared.len()],
+            store_base: vec![None; prog.shared.len()],
             mtiles: prog.rows_per_warp() / 16,
             in_loop: false,
         })
@@ -1272,6 +1280,25 @@ impl<'a> Printer<'a> {
             ));
             self.smem_base[dst.index()] = sb;
         }
+        let doubled = prog.loop_written_tiles();
+        let saved_doubled: Vec<String> = doubled
+            .iter()
+            .map(|d| self.smem_base[d.index()].clone())
+            .collect();
+        for d in &doubled {
+            let t = &prog.shared[d.index()];
+            let bytes = (t.rows * t.cols * t.elem.bytes()).div_ceil(128) * 128;
+            let parity = self.r();
+            self.ins(format!("and.b32 {parity}, {it}, 1;"));
+            let base = self.smem_base[d.index()].clone();
+            let read = self.r();
+            self.ins(format!("mad.lo.u32 {read}, {parity}, {bytes}, {base};"));
+            let write = self.r();
+            self.ins(format!("xor.b32 {parity}, {parity}, 1;"));
+            self.ins(format!("mad.lo.u32 {write}, {parity}, {bytes}, {base};"));
+            self.smem_base[d.index()] = read;
+            self.store_base[d.index()] = Some(write);
+        }
         // Boundary tile? key tail, or a band edge crossing the tile.
         let t = self.r();
         self.ins(format!("add.s32 {t}, {korg}, {block_n};"));
@@ -1313,6 +1340,10 @@ impl<'a> Printer<'a> {
         self.in_loop = false;
         for (i, (dst, _)) in streams.iter().enumerate() {
             self.smem_base[dst.index()] = saved[i].clone();
+        }
+        for (d, base) in doubled.iter().zip(saved_doubled) {
+            self.smem_base[d.index()] = base;
+            self.store_base[d.index()] = None;
         }
         // Advance the ring.
         self.ins(format!("add.s32 {it}, {it}, 1;"));

@@ -684,12 +684,32 @@ impl TileProgram {
             let bytes = t.rows * t.cols * t.elem.bytes();
             let copies = if streamed.contains(&SharedId(i as u32)) {
                 self.schedule.stages
+            } else if self.loop_written_tiles().contains(&SharedId(i as u32)) {
+                2
             } else {
                 1
             };
             total += bytes * copies;
         }
         total
+    }
+
+    /// Shared tiles written by `StoreShared` inside the key loop: states carried from one
+    /// iteration to the next, double-buffered by the lowering.
+    pub fn loop_written_tiles(&self) -> Vec<SharedId> {
+        let mut out = Vec::new();
+        for s in &self.body {
+            if let Stmt::KeyLoop { body, .. } = s {
+                for b in body {
+                    if let Stmt::StoreShared { dst, .. } = b {
+                        if !out.contains(dst) {
+                            out.push(*dst);
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Shared tiles loaded inside the key loop (streamed through the stage ring).
