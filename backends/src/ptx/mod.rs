@@ -1120,13 +1120,19 @@ impl<'a> Printer<'a> {
         let cols = prog.regs[src.index()].cols;
         let ty = Self::mma_type(t.elem)?;
         let rb = t.cols * 2;
-        let base = self.smem_base[dst.index()].clone();
         self.comment(format!(
             "{} = round({})",
             t.name,
             prog.regs[src.index()].name
         ));
-        self.ins("bar.sync 0;");
+        let base = match self.store_base[dst.index()].clone() {
+            // The other copy: its last reader finished before this iteration's barrier.
+            Some(write) => write,
+            None => {
+                self.ins("bar.sync 0;");
+                self.smem_base[dst.index()].clone()
+            }
+        };
         // Row (warp * rpw + g) * rb; chunk nt lands at (nt & ~7) | ((nt & 7) ^ g).
         let row = self.r();
         self.ins(format!(

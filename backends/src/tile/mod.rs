@@ -527,6 +527,9 @@ pub struct TileSchedule {
     pub skip_unit_rescale: bool,
 }
 
+/// Dynamic shared memory one CTA may use on sm_80 through sm_90 (227 KB).
+pub const MAX_SHARED_BYTES: u32 = 232_448;
+
 /// A tile program: one CTA's work for one (query tile, batch, head), or, when
 /// `sequential`, for one (column block, batch, head).
 #[derive(Debug, Clone, PartialEq)]
@@ -738,6 +741,12 @@ impl TileProgram {
         }
         if s.stages < 2 {
             return invalid("stages must be at least 2");
+        }
+        if self.shared_bytes() > MAX_SHARED_BYTES {
+            return invalid(format!(
+                "{} B of shared memory exceed the {MAX_SHARED_BYTES} B a CTA may use",
+                self.shared_bytes()
+            ));
         }
         if self.col_blocks == 0 || (!self.sequential && self.col_blocks != 1) {
             return invalid("col_blocks must be 1, or positive in a sequential program");
