@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `einattn check` over the causal linear-attention examples (per-head decay: lightning,
-# lightning_naive; no decay: linear_causal): bf16 and f16, d = e = 64 and 128,
+# `einattn check` over the linear-attention examples (per-head decay: lightning,
+# lightning_naive; no decay: linear_causal; non-causal: linear_attention): bf16 and f16, d = e = 64 and 128,
 # N in {64, 1000, 8192}. Exits non-zero if any check fails.
 # Usage: bench/check_linear.sh [path/to/einattn]
 set -uo pipefail
@@ -21,6 +21,7 @@ for n in 64 1000 8192; do
 lightning -D N=$n -D D=$d -D BLOCK=$blk
 lightning_naive -D N=$n -D D=$d
 linear_causal -D N=$n -D D=$d
+linear_attention -D N=$n -D D=$d
 LIST
     done
   done

@@ -210,11 +210,19 @@ impl CompiledLinear {
             m.spec.elem.name(),
             m.spec.decay
         );
-        let _ = writeln!(
-            out,
-            "strategy: single pass, one CTA per (value block, batch, head) walks the sequence in blocks of {} tokens carrying the d x {} state (f32 registers + 16-bit shared copy)",
-            m.spec.head_dim, s.value_block
-        );
+        if m.spec.causal {
+            let _ = writeln!(
+                out,
+                "strategy: single pass, one CTA per (value block, batch, head) walks the sequence in blocks of {} tokens carrying the d x {} state (f32 registers + 16-bit shared copy)",
+                m.spec.head_dim, s.value_block
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "strategy: non-causal, two loops per (value block, batch, head): the whole d x {} state from K and V, then every output as Q S",
+                s.value_block
+            );
+        }
         let _ = writeln!(
             out,
             "grid: ({}, batch * heads, 1) = ({}, {}, 1); {} threads, {}-stage cp.async ring, {} B shared",

@@ -127,9 +127,9 @@ pub fn alibi_slopes(heads: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Causal linear attention in f64 by its recurrence: `S_i = lam S_{i-1} + k_i^T v_i`,
-/// `o_i = q_i S_i`, with `lam = exp(-decay[h])` (1 without decay). Output contiguous
-/// `[B, N, H, e]`.
+/// Linear attention in f64 by its recurrence: `S_i = lam S_{i-1} + k_i^T v_i`,
+/// `o_i = q_i S_i`, with `lam = exp(-decay[h])` (1 without decay); non-causal: `o_i = q_i S`
+/// with `S` over all keys. Output contiguous `[B, N, H, e]`.
 pub fn linear_attention(
     spec: &crate::tile::linear::LinearSpec,
     prob: Problem,
@@ -145,9 +145,20 @@ pub fn linear_attention(
         for h in 0..prob.heads {
             let lam = decay.map_or(1.0, |s| (-s[h]).exp());
             let mut state = vec![0.0; d * e];
+            if !spec.causal {
+                // Every query sees every key: the final state serves all rows.
+                for i in 0..n {
+                    let (ko, vo) = (k.offset(b, i, h), v.offset(b, i, h));
+                    for a in 0..d {
+                        for c in 0..e {
+                            state[a * e + c] += k.data[ko + a] * v.data[vo + c];
+                        }
+                    }
+                }
+            }
             for i in 0..n {
                 let (ko, vo, qo) = (k.offset(b, i, h), v.offset(b, i, h), q.offset(b, i, h));
-                for a in 0..d {
+                for a in 0..d * usize::from(spec.causal) {
                     for c in 0..e {
                         state[a * e + c] = lam * state[a * e + c] + k.data[ko + a] * v.data[vo + c];
                     }

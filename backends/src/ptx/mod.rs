@@ -227,6 +227,14 @@ impl<'a> Printer<'a> {
         self.decls.push(format!("\t.reg {ty} %{name};"));
         format!("%{name}")
     }
+    /// A named register shared by every key loop of the program (each loop re-initializes it).
+    fn named_once(&mut self, ty: &str, name: &str) -> String {
+        let decl = format!("\t.reg {ty} %{name};");
+        if !self.decls.contains(&decl) {
+            self.decls.push(decl);
+        }
+        format!("%{name}")
+    }
     fn ins(&mut self, s: impl AsRef<str>) {
         self.body.push('\t');
         self.body.push_str(s.as_ref());
@@ -1176,8 +1184,8 @@ impl<'a> Printer<'a> {
         let stages = prog.schedule.stages;
         self.comment(format!("key loop: tiles of {block_n}, {stages} stages"));
         // Key range from the band masks (signed arithmetic).
-        let kstart = self.named(".b32", "kstart");
-        let kend = self.named(".b32", "kend");
+        let kstart = self.named_once(".b32", "kstart");
+        let kend = self.named_once(".b32", "kend");
         self.ins(format!("mov.u32 {kstart}, 0;"));
         self.ins(format!("mov.u32 {kend}, %nk;"));
         for m in masks {
@@ -1193,8 +1201,8 @@ impl<'a> Printer<'a> {
                 }
             }
         }
-        let tbegin = self.named(".b32", "tbegin");
-        let niter = self.named(".b32", "niter");
+        let tbegin = self.named_once(".b32", "tbegin");
+        let niter = self.named_once(".b32", "niter");
         self.ins(format!("div.s32 {tbegin}, {kstart}, {block_n};"));
         let tend = self.r();
         self.ins(format!("add.s32 {tend}, {kend}, {};", block_n - 1));
@@ -1250,15 +1258,15 @@ impl<'a> Printer<'a> {
             self.ins(format!("mov.u32 {it}, {s};"));
             issue(self, &it, &it)?;
         }
-        let it = self.named(".b32", "it");
-        let cur = self.named(".b32", "stage_cur");
-        let nxt = self.named(".b32", "stage_next");
+        let it = self.named_once(".b32", "it");
+        let cur = self.named_once(".b32", "stage_cur");
+        let nxt = self.named_once(".b32", "stage_next");
         self.ins(format!("mov.u32 {it}, 0;"));
         self.ins(format!("mov.u32 {cur}, 0;"));
         self.ins(format!("mov.u32 {nxt}, {};", stages - 1));
-        let needmask = self.named(".pred", "needmask");
-        let kcol = self.named(".b32", "kcol");
-        let kf = self.named(".f32", "kf");
+        let needmask = self.named_once(".pred", "needmask");
+        let kcol = self.named_once(".b32", "kcol");
+        let kf = self.named_once(".f32", "kf");
         let top = self.label("ktop");
         let end = self.label("kend");
         self.body.push_str(&format!("{top}:\n"));
@@ -1271,7 +1279,7 @@ impl<'a> Printer<'a> {
         self.ins(format!("add.s32 {it_next}, {it}, {};", stages - 1));
         issue(self, &it_next, &nxt)?;
         // Current tile.
-        let korg = self.named(".b32", "korg");
+        let korg = self.named_once(".b32", "korg");
         self.ins(format!("add.s32 {korg}, %tbegin, {it};"));
         self.ins(format!("mul.lo.s32 {korg}, {korg}, {block_n};"));
         let saved: Vec<String> = streams

@@ -1,4 +1,5 @@
-//! Recognizes causal linear attention (with or without a per-head decay) in a cascade.
+//! Recognizes linear attention (causal with or without a per-head decay, or non-causal)
+//! in a cascade.
 //!
 //! Linear attention has many equivalent cascades (quadratic masked, chunked with a state
 //! recurrence, ...), so the recognizer forms a hypothesis from the cascade's interface
@@ -13,7 +14,7 @@ use crate::tile::interp::{HostTensor, Problem};
 use crate::tile::linear::{Decay, LinearSpec};
 use crate::tile::Elem;
 use einattn_ir::arena::Handle;
-use einattn_ir::cascade::{Cascade, DType, Rank, ReduceOp, Span, Tensor, TensorKind};
+use einattn_ir::cascade::{Cascade, DType, Rank, Span, Tensor, TensorKind};
 use einattn_ir::interp::{evaluate_in_order, random_inputs};
 use einattn_ir::validate::{topological_order, Diagnostic, DiagnosticKind};
 
@@ -75,46 +76,23 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
         ));
     };
     let o = *o;
-    // The Einsum that contracts two inputs over a shared rank: Q . K (or K^T V first, as in
-    // non-causal forms; then the first two inputs by declaration order are Q and K).
-    let mut qk = None;
-    for (_, e) in c.einsums.iter() {
-        let mut acc = Vec::new();
-        e.expr.visit_accesses(&mut |a| {
-            if c.tensors[a.tensor].kind == TensorKind::Input {
-                acc.push(a.tensor)
-            }
-        });
-        if acc.len() == 2 && e.reductions.iter().any(|r| r.op == ReduceOp::Sum) {
-            let reduced: Vec<Handle<Rank>> = e.reductions.iter().map(|r| r.rank).collect();
-            qk = Some((acc[0], acc[1], reduced, e.span, !e.mask.is_empty()));
-            break;
-        }
-    }
-    let Some((a, b, reduced, span, _)) = qk else {
+    let span = c.tensors[o].span;
+    let ranks = |t: Handle<Tensor>| c.tensors[t].ranks.clone();
+    // V is the input that shares the output's feature rank; Q and K are the other two,
+    // symmetric in `q . k`, so `swap` picks which is Q.
+    let e_rank = ranks(o).last().copied();
+    let (vs, qk): (Vec<Handle<Tensor>>, Vec<Handle<Tensor>>) = inputs
+        .iter()
+        .copied()
+        .partition(|&t| ranks(t).last().copied() == e_rank);
+    let ([v], [a, b]) = (&vs[..], &qk[..]) else {
         return Err(not_mappable(
             c,
-            "no Einsum contracts two inputs",
-            Span::UNKNOWN,
+            "exactly one input (V) must end with the output's feature rank",
+            span,
         ));
     };
-    let ranks = |t: Handle<Tensor>| c.tensors[t].ranks.clone();
-    let (q, k, v) = {
-        let third = inputs
-            .iter()
-            .copied()
-            .find(|t| *t != a && *t != b)
-            .ok_or_else(|| not_mappable(c, "no V", span))?;
-        let contracted = reduced
-            .iter()
-            .copied()
-            .find(|r| ranks(a).contains(r) && ranks(b).contains(r));
-        match contracted {
-            Some(_) if swap => (b, a, third),
-            Some(_) => (a, b, third),
-            None => return Err(not_mappable(c, "Q and K share no contracted rank", span)),
-        }
-    };
+    let (q, k, v) = if swap { (*b, *a, *v) } else { (*a, *b, *v) };
     let (qr, kr, vr, or) = (ranks(q), ranks(k), ranks(v), ranks(o));
     let last = |r: &Vec<Handle<Rank>>| r.last().copied();
     let (Some(d), Some(e)) = (last(&qr), last(&vr)) else {
@@ -193,10 +171,10 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
         }
     };
     let causal = c.einsums.iter().any(|(_, e)| !e.mask.is_empty());
-    if !causal {
+    if !causal && decay_param.is_some() {
         return Err(not_mappable(
             c,
-            "only causal linear attention (a `where j <= i` mask) is mapped; the non-causal form is not implemented yet",
+            "non-causal linear attention with a decay is not mapped",
             Span::UNKNOWN,
         ));
     }
@@ -252,6 +230,7 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
             value_dim: ee,
             elem,
             decay: decay_param.map_or(Decay::None, |p| Decay::PerHead(c.tensors[p].name.clone())),
+            causal,
         },
         q: layout(q, sq),
         k: layout(k, sk),

@@ -11,7 +11,8 @@
 //! | state: `S_{t+1} = lam^B S_t + sum_j lam^(B-1-j) K_j^T V_j` | `st = st * lam^B; st += (K * lam^(B-1-j))^T . V; S = round(st)` |
 //!
 //! with `lam = exp(-s[h])` (no decay: `lam = 1`). Positions are relative to the block, so
-//! the factors never grow with the sequence.
+//! the factors never grow with the sequence. Non-causal linear attention (`O = Q (K^T V)`)
+//! takes two loops: the whole state first, then the outputs.
 
 use super::ex::*;
 use super::*;
@@ -26,13 +27,15 @@ pub enum Decay {
     PerHead(String),
 }
 
-/// What to compute: `O_i = sum_{j <= i} decay(i - j) (q_i . k_j) v_j`.
+/// What to compute: `O_i = sum_{j <= i} decay(i - j) (q_i . k_j) v_j`, or without the
+/// `j <= i` bound (and without decay) when not `causal`: `O = Q (K^T V)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinearSpec {
     pub head_dim: u32,
     pub value_dim: u32,
     pub elem: Elem,
     pub decay: Decay,
+    pub causal: bool,
 }
 
 impl LinearSpec {
@@ -45,6 +48,9 @@ impl LinearSpec {
         );
         if let Decay::PerHead(_) = self.decay {
             s.push_str("_decay");
+        }
+        if !self.causal {
+            s.push_str("_noncausal");
         }
         if value_block < self.value_dim {
             s.push_str(&format!("_eb{value_block}"));
@@ -105,6 +111,11 @@ pub fn lightning(
         return Err(TileError::Unsupported(format!(
             "value block {eb} must divide e = {e}; d and the block must be multiples of 16"
         )));
+    }
+    if !spec.causal && spec.decay != Decay::None {
+        return Err(TileError::Unsupported(
+            "non-causal linear attention with decay".into(),
+        ));
     }
     let block = d;
     let mut p = TileProgram {
@@ -177,6 +188,54 @@ pub fn lightning(
 
     // lam^x = exp2(-s[h] log2(e) x); the factor is uniform and hoisted.
     let decay_pow = |x: ScalarExpr| decay.map(|hp| exp2(mul(mul(head(hp), lit(-LOG2_E)), x)));
+    if !spec.causal {
+        // Two passes over the sequence: the whole state, then every output from it.
+        p.body = vec![
+            Stmt::Fill {
+                dst: st,
+                value: 0.0,
+            },
+            Stmt::KeyLoop {
+                block_n: block,
+                masks: vec![],
+                body: vec![
+                    Stmt::LoadTile { dst: k_s, src: k },
+                    Stmt::LoadTile { dst: v_s, src: v },
+                    Stmt::ContractT {
+                        acc: st,
+                        a: k_s,
+                        scale: lit(1.0),
+                        b: v_s,
+                    },
+                ],
+            },
+            Stmt::StoreShared {
+                src: st,
+                dst: state_s,
+            },
+            Stmt::KeyLoop {
+                block_n: block,
+                masks: vec![],
+                body: vec![
+                    Stmt::LoadTile { dst: q_s, src: q },
+                    Stmt::Fill {
+                        dst: acc,
+                        value: 0.0,
+                    },
+                    Stmt::Contract {
+                        acc,
+                        a: AOperand::Shared(q_s),
+                        b: state_s,
+                        b_layout: BLayout::RowsAreK,
+                    },
+                    Stmt::Store { src: acc, dst: o },
+                ],
+            },
+        ];
+        let _ = pf;
+        p.validate()?;
+        return Ok((p, LinearBindings { q, k, v, o, decay }));
+    }
     let (i, j) = (index(SeqRank::Query), index(SeqRank::Key));
     let intra = match decay_pow(sub(i.clone(), j.clone())) {
         Some(f) => mul(elem(s), f),

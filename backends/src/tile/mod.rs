@@ -767,8 +767,8 @@ impl TileProgram {
             .iter()
             .filter(|s| matches!(s, Stmt::KeyLoop { .. }))
             .count();
-        if loops > 1 {
-            return invalid("at most one key loop");
+        if loops > 1 && !self.sequential {
+            return invalid("at most one key loop (several only in a sequential program)");
         }
         for t in &self.shared {
             if t.elem == Elem::F32 {
