@@ -158,8 +158,8 @@ pub struct KernelArgs {
 
 /// A cascade compiled to one of the kernel families.
 pub enum Kernel {
-    Attention(einattn_backends::compile::CompiledKernel),
-    Linear(einattn_backends::compile::CompiledLinear),
+    Attention(Box<einattn_backends::compile::CompiledKernel>),
+    Linear(Box<einattn_backends::compile::CompiledLinear>),
 }
 
 impl Kernel {
@@ -200,13 +200,13 @@ pub fn build_kernel(
     let softmax = build_attention(source, &cascade, args);
     let Err(softmax_err) = softmax else {
         let (c, k) = softmax?;
-        return Ok((c, Kernel::Attention(k)));
+        return Ok((c, Kernel::Attention(Box::new(k))));
     };
     if softmax_err.exit_code != 1 {
         return Err(softmax_err);
     }
     match build_linear(source, &cascade, defines, args) {
-        Ok(k) => Ok((cascade, Kernel::Linear(k))),
+        Ok(k) => Ok((cascade, Kernel::Linear(Box::new(k)))),
         Err(linear_err) => Err(CliError::input(format!(
             "{}\n\nnor as linear attention:\n{}",
             softmax_err.message.trim_end(),
