@@ -154,6 +154,10 @@ pub struct KernelArgs {
     pub stages: Option<u32>,
     /// Run the rewrite engine first.
     pub optimize: bool,
+    /// Linear attention: `single` pass or `chunked` two-phase (default: the cost model).
+    pub strategy: Option<String>,
+    /// Linear attention, chunked: tokens per chunk (default: the cost model).
+    pub chunk_tokens: Option<u64>,
 }
 
 /// A cascade compiled to one of the kernel families.
@@ -167,6 +171,13 @@ impl Kernel {
         match self {
             Kernel::Attention(k) => &k.ptx,
             Kernel::Linear(k) => &k.ptx,
+        }
+    }
+    /// A kernel launched before [`Kernel::ptx`] (the chunked strategy's chunk states).
+    pub fn pre_ptx(&self) -> Option<&einattn_backends::PtxKernel> {
+        match self {
+            Kernel::Attention(_) => None,
+            Kernel::Linear(k) => k.pre.as_ref().map(|(_, p)| p),
         }
     }
     pub fn program(&self) -> &einattn_backends::TileProgram {
@@ -255,7 +266,38 @@ fn build_linear(
             )));
         }
     }
-    einattn_backends::compile::compile_linear(cascade, &small, &options, value_block)
+    use einattn_backends::tile::linear::Strategy;
+    let d = u64::from(hypothesis.spec.head_dim);
+    let strategy = match (args.strategy.as_deref(), args.chunk_tokens) {
+        (None, None) => None,
+        (Some("single"), None) => Some(Strategy::SinglePass),
+        (Some("single"), Some(_)) => {
+            return Err(CliError::usage(
+                "error: `--chunk-tokens` goes with `--strategy chunked`",
+            ))
+        }
+        (Some("chunked") | None, tokens) => {
+            let tiles = hypothesis.n.div_ceil(d);
+            let chunk_tiles = match tokens {
+                Some(t) if t == 0 || t % d != 0 => {
+                    return Err(CliError::usage(format!(
+                        "error: `--chunk-tokens {t}` must be a positive multiple of the block ({d} tokens)"
+                    )))
+                }
+                Some(t) => t / d,
+                None => tiles.div_ceil(8).max(1),
+            };
+            Some(Strategy::Chunked {
+                chunk_tiles: chunk_tiles as u32,
+            })
+        }
+        (Some(other), _) => {
+            return Err(CliError::usage(format!(
+                "error: unknown strategy `{other}` (single, chunked)"
+            )))
+        }
+    };
+    einattn_backends::compile::compile_linear(cascade, &small, &options, value_block, strategy)
         .map_err(render)
 }
 
@@ -334,6 +376,10 @@ pub fn compile_ptx(
         CliError::input(format!("error: cannot write `{}`: {e}", p.display()))
     };
     std::fs::create_dir_all(out_dir).map_err(|e| write_err(out_dir, e))?;
+    if let Some(pre) = kernel.pre_ptx() {
+        let path = out_dir.join(format!("{}.ptx", pre.entry));
+        std::fs::write(&path, &pre.text).map_err(|e| write_err(&path, e))?;
+    }
     let ptx_name = format!("{}.ptx", kernel.ptx().entry);
     let ptx_path = out_dir.join(&ptx_name);
     std::fs::write(&ptx_path, &kernel.ptx().text).map_err(|e| write_err(&ptx_path, e))?;

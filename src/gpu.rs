@@ -86,9 +86,9 @@ fn prepare(
         args.push(match &p.role {
             AbiRole::TensorPtr(t) => bufs[t.index()].arg(gpu),
             AbiRole::HeadParamPtr(h) => arrays[h.index()].arg(gpu),
-            AbiRole::RowOutputPtr(_) => {
+            AbiRole::RowOutputPtr(_) | AbiRole::StatePtr(_) => {
                 return Err(CliError::input(
-                    "error: row outputs are not bound by `check`".to_string(),
+                    "error: row outputs and states are not bound by the attention launcher".to_string(),
                 ))
             }
             AbiRole::QueryLen => KernelArg::U32(m.n_q as u32),
@@ -383,11 +383,20 @@ fn prepare_linear(
         let vals: Vec<f32> = inputs[&p].stored().iter().map(|&x| x as f32).collect();
         arrays.push(gpu.upload(&vals).map_err(gpu_error)?);
     }
+    let grid = k.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32);
+    let state_index = arrays.len();
+    if k.pre.is_some() {
+        let len = (m.batch * m.heads) as usize
+            * grid.2 as usize
+            * (m.spec.head_dim * m.spec.value_dim) as usize;
+        arrays.push(gpu.filled(len, 0f32).map_err(gpu_error)?);
+    }
     let mut args = Vec::new();
     for p in &k.ptx.abi {
         args.push(match &p.role {
             AbiRole::TensorPtr(t) => bufs[t.index()].arg(gpu),
             AbiRole::HeadParamPtr(h) => arrays[h.index()].arg(gpu),
+            AbiRole::StatePtr(_) => arrays[state_index].arg(gpu),
             AbiRole::QueryLen | AbiRole::KeyLen => KernelArg::U32(m.n as u32),
             AbiRole::Heads => KernelArg::U32(m.heads as u32),
             AbiRole::KvGroup => KernelArg::U32(1),
@@ -406,7 +415,7 @@ fn prepare_linear(
         .ok_or_else(|| CliError::input("error: no output buffer"))?;
     Ok(Launch {
         dims: LaunchDims {
-            grid: k.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32),
+            grid,
             block: (k.ptx.threads, 1, 1),
             dynamic_smem_bytes: k.ptx.dynamic_smem_bytes,
         },
@@ -485,9 +494,22 @@ pub fn check_linear(
     let inputs = linear_inputs(cascade, k, seed);
     let (gpu, device) = open_gpu()?;
     let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
+    let pre = match &k.pre {
+        Some((_, p)) => Some((gpu.load_ptx(&p.text, &p.entry).map_err(gpu_error)?, p)),
+        None => None,
+    };
     let launch = prepare_linear(&gpu, k, &inputs)?;
-    gpu.launch(&kernel, launch.dims, &launch.args)
-        .map_err(gpu_error)?;
+    let run = || -> Result<(), RuntimeError> {
+        if let Some((pk, p)) = &pre {
+            let dims = LaunchDims {
+                dynamic_smem_bytes: p.dynamic_smem_bytes,
+                ..launch.dims
+            };
+            gpu.launch(pk, dims, &launch.args)?;
+        }
+        gpu.launch(&kernel, launch.dims, &launch.args)
+    };
+    run().map_err(gpu_error)?;
     gpu.synchronize().map_err(gpu_error)?;
     let got: Vec<f64> = gpu
         .download(&launch.out)
@@ -557,11 +579,23 @@ pub fn bench_linear(
     let inputs = linear_inputs(cascade, k, 0);
     let (gpu, device) = open_gpu()?;
     let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
+    let pre = match &k.pre {
+        Some((_, p)) => Some((gpu.load_ptx(&p.text, &p.entry).map_err(gpu_error)?, p)),
+        None => None,
+    };
     let launch = prepare_linear(&gpu, k, &inputs)?;
+    let run = || -> Result<(), RuntimeError> {
+        if let Some((pk, p)) = &pre {
+            let dims = LaunchDims {
+                dynamic_smem_bytes: p.dynamic_smem_bytes,
+                ..launch.dims
+            };
+            gpu.launch(pk, dims, &launch.args)?;
+        }
+        gpu.launch(&kernel, launch.dims, &launch.args)
+    };
     let t = gpu
-        .time(reps.div_ceil(4).max(3), reps, || {
-            gpu.launch(&kernel, launch.dims, &launch.args)
-        })
+        .time(reps.div_ceil(4).max(3), reps, run)
         .map_err(gpu_error)?;
     let tokens = (m.batch * m.n) as f64;
     let mtok = tokens / (t.median_ms * 1e-3) / 1e6;

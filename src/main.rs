@@ -110,6 +110,12 @@ struct KernelFlags {
     /// Run the rewrite engine before compiling.
     #[arg(long)]
     optimize: bool,
+    /// Linear attention: walk the sequence in a single pass or in parallel chunks.
+    #[arg(long, value_parser = ["single", "chunked"])]
+    strategy: Option<String>,
+    /// Linear attention, chunked strategy: tokens per chunk.
+    #[arg(long)]
+    chunk_tokens: Option<u64>,
 }
 
 impl KernelFlags {
@@ -127,6 +133,8 @@ impl KernelFlags {
             warps: self.warps,
             stages: self.stages,
             optimize: self.optimize,
+            strategy: self.strategy,
+            chunk_tokens: self.chunk_tokens,
         }
     }
 }

@@ -66,6 +66,7 @@ impl CompiledKernel {
                 let source = match &p.role {
                     AbiRole::TensorPtr(t) => json!({"tensor": tensor_name(t.index())}),
                     AbiRole::RowOutputPtr(_) => json!({"row_output": p.name}),
+                    AbiRole::StatePtr(_) => json!(null),
                     AbiRole::HeadParamPtr(h) => {
                         json!({"param": cascade.tensors[m.head_params[h.index()]].name})
                     }
@@ -117,6 +118,8 @@ pub struct CompiledLinear {
     pub program: TileProgram,
     pub bindings: crate::tile::linear::LinearBindings,
     pub ptx: PtxKernel,
+    /// The chunked strategy's first kernel (chunk states), launched before `ptx`.
+    pub pre: Option<(TileProgram, PtxKernel)>,
     pub target: crate::Target,
     /// Relative difference between the interpreter and the recurrence on the small instance.
     pub verified_error: f64,
@@ -129,9 +132,10 @@ pub fn compile_linear(
     small: &Cascade,
     options: &ScheduleOptions,
     value_block: Option<u32>,
+    strategy: Option<crate::tile::linear::Strategy>,
 ) -> Result<CompiledLinear, Diagnostic> {
     use crate::schedule::{recognize_linear, verify_linear};
-    use crate::tile::linear::{lightning, LinearSchedule};
+    use crate::tile::linear::{lightning_part, LinearSchedule, Part, Strategy};
     let mut last_err = None;
     for swap in [false, true] {
         match verify_linear(small, swap, 7) {
@@ -158,18 +162,44 @@ pub fn compile_linear(
                 if let Some(s) = options.stages {
                     schedule.stages = s;
                 }
+                schedule.strategy = match strategy {
+                    Some(s) => s,
+                    None => crate::tile::linear::choose_strategy(
+                        &matched.spec,
+                        &schedule,
+                        matched.batch * matched.heads,
+                        matched.n,
+                    ),
+                };
                 let backend_error = |e: crate::TileError| {
                     Diagnostic::error(DiagnosticKind::NotMappable, e.to_string(), Span::UNKNOWN)
                 };
+                let (main_part, pre_part) = match schedule.strategy {
+                    Strategy::SinglePass => (Part::Whole, None),
+                    Strategy::Chunked { chunk_tiles } => (
+                        Part::ChunkOutputs { chunk_tiles },
+                        Some(Part::ChunkStates { chunk_tiles }),
+                    ),
+                };
                 let (program, bindings) =
-                    lightning(&matched.spec, &schedule).map_err(backend_error)?;
+                    lightning_part(&matched.spec, &schedule, main_part).map_err(backend_error)?;
                 let ptx = print_ptx(&program, options.target).map_err(backend_error)?;
+                let pre = match pre_part {
+                    Some(part) => {
+                        let (p, _) = lightning_part(&matched.spec, &schedule, part)
+                            .map_err(backend_error)?;
+                        let k = print_ptx(&p, options.target).map_err(backend_error)?;
+                        Some((p, k))
+                    }
+                    None => None,
+                };
                 return Ok(CompiledLinear {
                     matched,
                     schedule,
                     program,
                     bindings,
                     ptx,
+                    pre,
                     target: options.target,
                     verified_error: err,
                 });
@@ -210,7 +240,14 @@ impl CompiledLinear {
             m.spec.elem.name(),
             m.spec.decay
         );
-        if m.spec.causal {
+        if let crate::tile::linear::Strategy::Chunked { chunk_tiles } = s.strategy {
+            let _ = writeln!(
+                out,
+                "strategy: chunked two-phase, chunks of {} tokens: kernel 1 writes each chunk's d x {} state (f32), kernel 2 starts each chunk from the decayed sum of the earlier chunks' states; grid z = chunks",
+                chunk_tiles * m.spec.head_dim,
+                s.value_block
+            );
+        } else if m.spec.causal {
             let _ = writeln!(
                 out,
                 "strategy: single pass, one CTA per (value block, batch, head) walks the sequence in blocks of {} tokens carrying the d x {} state (f32 registers + 16-bit shared copy)",
@@ -225,10 +262,9 @@ impl CompiledLinear {
         }
         let _ = writeln!(
             out,
-            "grid: ({}, batch * heads, 1) = ({}, {}, 1); {} threads, {}-stage cp.async ring, {} B shared",
+            "grid: ({}, batch * heads, chunks) = {:?}; {} threads, {}-stage cp.async ring, {} B shared",
             m.spec.value_dim / s.value_block,
-            m.spec.value_dim / s.value_block,
-            m.batch * m.heads,
+            self.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32),
             s.warps * 32,
             s.stages,
             self.ptx.dynamic_smem_bytes
@@ -284,6 +320,9 @@ impl CompiledLinear {
                     AbiRole::StrideBatch(t) => json!({"value": layouts[t.index()].stride_batch}),
                     AbiRole::StrideSeq(t) => json!({"value": layouts[t.index()].stride_seq}),
                     AbiRole::StrideHead(t) => json!({"value": layouts[t.index()].stride_head}),
+                    AbiRole::StatePtr(_) => {
+                        json!({"scratch": "chunk states, f32 [B, H, chunks, d, e]"})
+                    }
                     AbiRole::RowOutputPtr(_) | AbiRole::Scalar(_) => json!(null),
                 };
                 json!({"name": p.name, "type": kind, "from": source})
@@ -304,6 +343,11 @@ impl CompiledLinear {
             "schedule": {"value_block": self.schedule.value_block, "warps": self.schedule.warps,
                          "stages": self.schedule.stages},
             "decay": format!("{:?}", m.spec.decay),
+            "strategy": format!("{:?}", self.schedule.strategy),
+            "launch_first": self.pre.as_ref().map(|(_, k)| json!({
+                "kernel": k.entry, "ptx": format!("{}.ptx", k.entry),
+                "note": "same parameters and grid; chunk_states is f32 [B, H, chunks, d, e] scratch",
+            })),
             "params": params,
         })
     }

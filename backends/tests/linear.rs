@@ -4,7 +4,9 @@
 use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
 use einattn_backends::reference::{linear_attention, relative_error};
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
-use einattn_backends::tile::linear::{lightning, Decay, LinearSchedule, LinearSpec};
+use einattn_backends::tile::linear::{
+    lightning, lightning_part, Decay, LinearSchedule, LinearSpec, Part,
+};
 use einattn_backends::tile::Elem;
 use einattn_backends::{print_ptx, Target};
 use proptest::prelude::*;
@@ -36,6 +38,7 @@ fn check(spec: &LinearSpec, sched: &LinearSchedule, prob: Problem, seed: u64) ->
         row_outputs: vec![],
         scalars: vec![],
         head_params: bind.decay.map(|_| vec![decay.clone()]).unwrap_or_default(),
+        states: vec![],
     };
     run(&prog, prob, &mut io).expect("runs");
     let has_decay = matches!(spec.decay, Decay::PerHead(_));
@@ -63,7 +66,7 @@ proptest! {
             decay: if decay && causal { Decay::PerHead("s".into()) } else { Decay::None },
             causal,
         };
-        let sched = LinearSchedule { value_block: if split { 16 } else { 32 }, warps: 2, stages: 2 };
+        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2 };
         let prob = Problem { batch: 1, heads, kv_group: 1, n_q: n, n_k: n };
         let err = check(&spec, &sched, prob, seed);
         prop_assert!(err < 2e-2, "relative error {}", err);
@@ -90,9 +93,20 @@ fn default_schedules_assemble_without_spills() {
                     causal,
                 };
                 let sched = LinearSchedule::default_for(&spec);
-                let (prog, _) = lightning(&spec, &sched).expect("builds");
-                for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
-                    let k = print_ptx(&prog, target).expect("prints");
+                let mut progs = vec![lightning(&spec, &sched).expect("builds").0];
+                if causal {
+                    for part in [
+                        Part::ChunkStates { chunk_tiles: 4 },
+                        Part::ChunkOutputs { chunk_tiles: 4 },
+                    ] {
+                        progs.push(lightning_part(&spec, &sched, part).expect("builds").0);
+                    }
+                }
+                for (prog, (target, arch)) in progs
+                    .iter()
+                    .flat_map(|p| [(p, (Target::Sm80, "sm_80")), (p, (Target::Sm90a, "sm_90a"))])
+                {
+                    let k = print_ptx(prog, target).expect("prints");
                     let r = assemble(&ptxas, &k.text, arch)
                         .unwrap_or_else(|e| panic!("{}: {e}", k.entry));
                     eprintln!(
@@ -135,7 +149,7 @@ fn linear_examples_compile_and_match_the_interpreter() {
         } else {
             load(name, &[("N", 24), ("D", 16)])
         };
-        let k = compile_linear(&c, &small, &ScheduleOptions::default(), None)
+        let k = compile_linear(&c, &small, &ScheduleOptions::default(), None, None)
             .unwrap_or_else(|d| panic!("{name}: {}", d.message));
         assert_eq!(k.matched.spec.causal, name != "linear_attention", "{name}");
         let m = &k.matched;
@@ -171,6 +185,7 @@ fn linear_examples_compile_and_match_the_interpreter() {
                 .decay_param
                 .map(|p| vec![inputs[&p].stored()])
                 .unwrap_or_default(),
+            states: vec![],
         };
         let prob = Problem {
             batch: m.batch as usize,
@@ -182,5 +197,51 @@ fn linear_examples_compile_and_match_the_interpreter() {
         run(&k.program, prob, &mut io).expect("tile interpreter runs");
         let err = relative_error(&io.tensors[k.bindings.o.index()].data, &want);
         assert!(err < 2e-2, "{name}: relative error {err}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, .. ProptestConfig::default() })]
+    /// The chunked strategy (chunk states, then outputs from the decayed prefix of earlier
+    /// chunks) computes the same as the recurrence, for any chunk size and ragged tails.
+    #[test]
+    fn chunked_strategy_matches_the_recurrence(n in 1usize..200, chunk_tiles in 1u32..4, decay in any::<bool>(),
+                                               split in any::<bool>(), seed in any::<u64>()) {
+        use einattn_backends::tile::interp::chunk_count;
+        use einattn_backends::tile::linear::{lightning_part, Part};
+        let spec = LinearSpec {
+            head_dim: 32,
+            value_dim: 32,
+            elem: Elem::Bf16,
+            decay: if decay { Decay::PerHead("s".into()) } else { Decay::None },
+            causal: true,
+        };
+        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2 };
+        let prob = Problem { batch: 2, heads: 2, kv_group: 1, n_q: n, n_k: n };
+        let (states, bind) = lightning_part(&spec, &sched, Part::ChunkStates { chunk_tiles }).expect("builds");
+        let (outputs, _) = lightning_part(&spec, &sched, Part::ChunkOutputs { chunk_tiles }).expect("builds");
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut tensor = |cols: usize| {
+            let data: Vec<f64> = (0..prob.batch * n * prob.heads * cols)
+                .map(|_| spec.elem.round(rng.random_range(-1.0..1.0)))
+                .collect();
+            HostTensor::bnhd(data, n, prob.heads, cols)
+        };
+        let (q, k, v) = (tensor(32), tensor(32), tensor(32));
+        let o = HostTensor::bnhd(vec![f64::NAN; prob.batch * n * prob.heads * 32], n, prob.heads, 32);
+        let s: Vec<f64> = (0..prob.heads).map(|h| 0.05 + 0.2 * h as f64).collect();
+        let chunks = chunk_count(&states, prob);
+        let mut io = Bindings {
+            tensors: vec![q.clone(), k.clone(), v.clone(), o],
+            row_outputs: vec![],
+            scalars: vec![],
+            head_params: bind.decay.map(|_| vec![s.clone()]).unwrap_or_default(),
+            states: vec![vec![f64::NAN; prob.batch * prob.heads * chunks * 32 * 32]],
+        };
+        run(&states, prob, &mut io).expect("states run");
+        run(&outputs, prob, &mut io).expect("outputs run");
+        let want = linear_attention(&spec, prob, &q, &k, &v, decay.then_some(s.as_slice()));
+        let err = relative_error(&io.tensors[bind.o.index()].data, &want);
+        prop_assert!(err < 2e-2, "relative error {} (chunks {})", err, chunks);
     }
 }

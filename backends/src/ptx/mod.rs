@@ -82,14 +82,19 @@ pub struct PtxKernel {
     pub abi: Vec<AbiParam>,
     /// For a sequential program: its column blocks (grid x); `None` for query-tiled ones.
     pub col_blocks: Option<u32>,
+    /// For a chunked program: tiles per chunk (grid z is the chunk count).
+    pub chunk_tiles: Option<u32>,
 }
 
 impl PtxKernel {
     /// Grid `(query tiles, batch * heads, 1)`, or `(column blocks, batch * heads, 1)` for a
     /// sequential program.
     pub fn grid(&self, batch: u32, heads: u32, n_q: u32) -> (u32, u32, u32) {
+        let chunks = self
+            .chunk_tiles
+            .map_or(1, |ct| n_q.div_ceil(self.block_m).div_ceil(ct).max(1));
         match self.col_blocks {
-            Some(cb) => (cb, batch * heads, 1),
+            Some(cb) => (cb, batch * heads, chunks),
             None => (n_q.div_ceil(self.block_m), batch * heads, 1),
         }
     }
@@ -115,6 +120,7 @@ pub fn print_ptx(prog: &TileProgram, target: Target) -> Result<PtxKernel, TileEr
         dynamic_smem_bytes: p.smem_total,
         abi: prog.abi(),
         col_blocks: prog.sequential.then_some(prog.col_blocks),
+        chunk_tiles: prog.chunked().then_some(prog.chunk_tiles),
     })
 }
 
@@ -290,6 +296,12 @@ impl<'a> Printer<'a> {
                     let g = self.named(".b64", &format!("hpp{}", id.0));
                     self.ins(format!("cvta.to.global.u64 {g}, {raw};"));
                 }
+                AbiRole::StatePtr(id) => {
+                    let raw = self.named(".b64", &format!("straw{}", id.0));
+                    self.ins(format!("ld.param.u64 {raw}, [{}];", a.name));
+                    let g = self.named(".b64", &format!("stp{}", id.0));
+                    self.ins(format!("cvta.to.global.u64 {g}, {raw};"));
+                }
                 AbiRole::QueryLen => {
                     let r = self.named(".b32", "nq");
                     self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
@@ -342,6 +354,12 @@ impl<'a> Printer<'a> {
             .any(|s| matches!(s, Stmt::KeyLoop { masks, .. } if !masks.is_empty()));
         let qtile = self.named(".b32", "qtile");
         let colb = self.named(".b32", "colb");
+        if prog.chunked() {
+            let chunk = self.named(".b32", "chunk");
+            let nchunks = self.named(".b32", "nchunks");
+            self.ins(format!("mov.u32 {chunk}, %ctaid.z;"));
+            self.ins(format!("mov.u32 {nchunks}, %nctaid.z;"));
+        }
         if prog.sequential {
             // The CTA walks the whole sequence; grid x is its value-column block.
             self.ins(format!("mov.u32 {qtile}, 0;"));
@@ -781,6 +799,10 @@ impl<'a> Printer<'a> {
             }
             Stmt::ContractT { acc, a, scale, b } => self.emit_contract_t(*acc, *a, scale, *b)?,
             Stmt::StoreShared { src, dst } => self.emit_store_shared(*src, *dst)?,
+            Stmt::StoreState { src, dst } => self.emit_store_state(*src, *dst)?,
+            Stmt::LoadStatePrefix { dst, src, decay } => {
+                self.emit_load_state_prefix(*dst, *src, decay)?
+            }
             Stmt::StoreRow { src, dst } => {
                 for mt in 0..self.mtiles {
                     for half in 0..2 {
@@ -1120,6 +1142,114 @@ impl<'a> Printer<'a> {
         Ok(())
     }
 
+    /// Address of this thread's first element of chunk `chunk_reg` in state `id`:
+    /// row `warp * rpw + g`, columns `colb * cols + 2 tig`.
+    fn state_addr(&mut self, id: StateId, cols: u32, chunk_reg: &str) -> String {
+        let prog = self.prog;
+        let total = prog.states[id.index()].cols;
+        let bm = prog.schedule.block_m;
+        let row = self.r();
+        self.ins(format!("mad.lo.u32 {row}, %bidx, %heads, %hidx;"));
+        self.ins(format!("mad.lo.u32 {row}, {row}, %nchunks, {chunk_reg};"));
+        self.ins(format!("mul.lo.u32 {row}, {row}, {bm};"));
+        self.ins(format!(
+            "mad.lo.u32 {row}, %warp, {}, {row};",
+            prog.rows_per_warp()
+        ));
+        self.ins(format!("add.u32 {row}, {row}, %g;"));
+        let addr = self.rd();
+        self.ins(format!("mul.wide.u32 {addr}, {row}, {};", total * 4));
+        let col = self.r();
+        self.ins(format!("mul.lo.u32 {col}, %colb, {cols};"));
+        self.ins(format!("mad.lo.u32 {col}, %tig, 2, {col};"));
+        let c64 = self.rd();
+        self.ins(format!("mul.wide.u32 {c64}, {col}, 4;"));
+        self.ins(format!("add.u64 {addr}, {addr}, {c64};"));
+        self.ins(format!("add.u64 {addr}, {addr}, %stp{};", id.0));
+        addr
+    }
+
+    /// Writes this CTA's chunk of a state array (f32, two adjacent columns per store).
+    fn emit_store_state(&mut self, src: RegId, dst: StateId) -> Result<(), TileError> {
+        let prog = self.prog;
+        let cols = prog.regs[src.index()].cols;
+        let total = prog.states[dst.index()].cols;
+        self.comment(format!(
+            "{}[chunk] = {}",
+            prog.states[dst.index()].name,
+            prog.regs[src.index()].name
+        ));
+        let addr = self.state_addr(dst, cols, "%chunk");
+        for mt in 0..self.mtiles {
+            for half in 0..2 {
+                for nt in 0..cols / 8 {
+                    let lo = self.acc_reg(src, mt, nt, half * 2);
+                    let hi = self.acc_reg(src, mt, nt, half * 2 + 1);
+                    let imm = ((mt * 16 + half * 8) * total + nt * 8) * 4;
+                    self.ins(format!("st.global.v2.f32 [{addr}+{imm}], {{{lo}, {hi}}};"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `dst = sum over c < chunk of decay^(chunk - 1 - c) * src[c]` by Horner's rule.
+    fn emit_load_state_prefix(
+        &mut self,
+        dst: RegId,
+        src: StateId,
+        decay: &ScalarExpr,
+    ) -> Result<(), TileError> {
+        let prog = self.prog;
+        let cols = prog.regs[dst.index()].cols;
+        let total = prog.states[src.index()].cols;
+        self.comment(format!(
+            "{} = prefix of {}",
+            prog.regs[dst.index()].name,
+            prog.states[src.index()].name
+        ));
+        let ctx = ElemCtx {
+            mt: 0,
+            half: 0,
+            col: None,
+        };
+        let f = self.emit_expr(decay, &ctx)?;
+        for mt in 0..self.mtiles {
+            for nt in 0..cols / 8 {
+                for e in 0..4 {
+                    let r = self.acc_reg(dst, mt, nt, e);
+                    self.ins(format!("mov.f32 {r}, 0f00000000;"));
+                }
+            }
+        }
+        let c = self.r();
+        self.ins(format!("mov.u32 {c}, 0;"));
+        let top = self.label("prefix");
+        let end = self.label("prefix_end");
+        self.body.push_str(&format!("{top}:\n"));
+        let done = self.pred();
+        self.ins(format!("setp.ge.u32 {done}, {c}, %chunk;"));
+        self.ins(format!("@{done} bra.uni {end};"));
+        let addr = self.state_addr(src, cols, &c);
+        for mt in 0..self.mtiles {
+            for half in 0..2 {
+                for nt in 0..cols / 8 {
+                    let lo = self.acc_reg(dst, mt, nt, half * 2);
+                    let hi = self.acc_reg(dst, mt, nt, half * 2 + 1);
+                    let (x, y) = (self.f(), self.f());
+                    let imm = ((mt * 16 + half * 8) * total + nt * 8) * 4;
+                    self.ins(format!("ld.global.v2.f32 {{{x}, {y}}}, [{addr}+{imm}];"));
+                    self.ins(format!("fma.rn.f32 {lo}, {lo}, {f}, {x};"));
+                    self.ins(format!("fma.rn.f32 {hi}, {hi}, {f}, {y};"));
+                }
+            }
+        }
+        self.ins(format!("add.u32 {c}, {c}, 1;"));
+        self.ins(format!("bra.uni {top};"));
+        self.body.push_str(&format!("{end}:\n"));
+        Ok(())
+    }
+
     /// Rounds an accumulator into a shared tile (swizzled like loaded tiles), after a
     /// barrier so no warp still reads the previous contents.
     fn emit_store_shared(&mut self, src: RegId, dst: SharedId) -> Result<(), TileError> {
@@ -1200,6 +1330,14 @@ impl<'a> Printer<'a> {
                     self.ins(format!("max.s32 {kstart}, {kstart}, {t};"));
                 }
             }
+        }
+        if prog.chunked() {
+            // This chunk's tiles only.
+            let span_keys = prog.chunk_tiles * block_n;
+            self.ins(format!("mul.lo.u32 {kstart}, %chunk, {span_keys};"));
+            let span = self.r();
+            self.ins(format!("add.s32 {span}, {kstart}, {span_keys};"));
+            self.ins(format!("min.s32 {kend}, {kend}, {span};"));
         }
         let tbegin = self.named_once(".b32", "tbegin");
         let niter = self.named_once(".b32", "niter");

@@ -269,6 +269,8 @@ pub fn flash_attention(
     let mut p = TileProgram {
         sequential: false,
         col_blocks: 1,
+        chunk_tiles: 0,
+        states: vec![],
         name: spec.kernel_name(),
         schedule: TileSchedule {
             block_m: sched.block_m,

@@ -72,6 +72,8 @@ pub struct Bindings {
     pub scalars: Vec<f64>,
     /// One value per head each.
     pub head_params: Vec<Vec<f64>>,
+    /// The state arrays of a chunked program, `[B, H, chunks, rows, cols]` each.
+    pub states: Vec<Vec<f64>>,
 }
 
 struct Cta<'a> {
@@ -82,6 +84,9 @@ struct Cta<'a> {
     p0: usize,
     /// The column block of a sequential program's CTA.
     col_block: usize,
+    /// The chunk of a chunked program's CTA, of `chunks`, each of `chunk_tiles` tiles.
+    chunk: usize,
+    chunks: usize,
     key_origin: usize,
     shared: Vec<Vec<f64>>,
     regs: Vec<Vec<f64>>,
@@ -134,9 +139,18 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
     } else {
         (prob.n_q.div_ceil(bm), false)
     };
+    let chunks = chunk_count(prog, prob);
+    if io.states.len() != prog.states.len() {
+        return invalid("bindings do not match the program's states");
+    }
+    for (st, decl) in io.states.iter().zip(&prog.states) {
+        if st.len() < prob.batch * prob.heads * chunks * bm * decl.cols as usize {
+            return invalid(format!("state {} is too small", decl.name));
+        }
+    }
     for b in 0..prob.batch {
         for h in 0..prob.heads {
-            for x in 0..x_cells {
+            for (x, chunk) in (0..x_cells).flat_map(|x| (0..chunks).map(move |c| (x, c))) {
                 let mut cta = Cta {
                     prog,
                     prob,
@@ -144,6 +158,8 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
                     h,
                     p0: if col_blocks { 0 } else { x * bm },
                     col_block: if col_blocks { x } else { 0 },
+                    chunk,
+                    chunks,
                     key_origin: 0,
                     shared: prog
                         .shared
@@ -164,6 +180,16 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
     Ok(())
 }
 
+/// Chunks of a launch: 1 unless the program is chunked.
+pub fn chunk_count(prog: &TileProgram, prob: Problem) -> usize {
+    if prog.chunked() {
+        let tiles = prob.n_k.div_ceil(prog.schedule.block_m as usize);
+        tiles.div_ceil(prog.chunk_tiles as usize).max(1)
+    } else {
+        1
+    }
+}
+
 struct LoopCtx<'a> {
     masks: &'a [BandMask],
     block_n: usize,
@@ -176,6 +202,13 @@ impl Cta<'_> {
             SeqRank::Query => self.h,
             SeqRank::Key => self.h / self.prob.kv_group,
         }
+    }
+
+    /// Offset of row `r` of chunk `chunk` in a state array with `cols` columns.
+    fn state_row(&self, r: usize, chunk: usize, cols: usize) -> usize {
+        let bm = self.prog.schedule.block_m as usize;
+        let _ = self.chunks;
+        (((self.b * self.prob.heads + self.h) * self.chunks + chunk) * bm + r) * cols
     }
 
     /// First column a tile of `cols` columns covers in a tensor of `tensor_cols`.
@@ -339,9 +372,18 @@ impl Cta<'_> {
                     let p_last = self.p_last() as i64;
                     let n_k = self.prob.n_k as i64;
                     let range = if self.prog.sequential {
-                        KeyTileRange {
-                            begin: 0,
-                            end: n_k.div_euclid(bn) + i64::from(n_k % bn != 0),
+                        let tiles = n_k.div_euclid(bn) + i64::from(n_k % bn != 0);
+                        if self.prog.chunked() {
+                            let ct = self.prog.chunk_tiles as i64;
+                            KeyTileRange {
+                                begin: self.chunk as i64 * ct,
+                                end: ((self.chunk as i64 + 1) * ct).min(tiles),
+                            }
+                        } else {
+                            KeyTileRange {
+                                begin: 0,
+                                end: tiles,
+                            }
                         }
                     } else {
                         key_tile_range(masks, p0, p_last, n_k, bn)
@@ -402,6 +444,35 @@ impl Cta<'_> {
                         }
                     }
                     self.regs[acc.index()] = out;
+                }
+                Stmt::StoreState { src, dst } => {
+                    let cols = self.prog.regs[src.index()].cols as usize;
+                    let total = self.prog.states[dst.index()].cols as usize;
+                    let col0 = self.col_offset(cols, total as u32);
+                    for r in 0..bm {
+                        let row = self.state_row(r, self.chunk, total);
+                        for c in 0..cols {
+                            io.states[dst.index()][row + col0 + c] =
+                                self.regs[src.index()][r * cols + c] as f32 as f64;
+                        }
+                    }
+                }
+                Stmt::LoadStatePrefix { dst, src, decay } => {
+                    let cols = self.prog.regs[dst.index()].cols as usize;
+                    let total = self.prog.states[src.index()].cols as usize;
+                    let col0 = self.col_offset(cols, total as u32);
+                    let f = self.eval(decay, io, 0, None)?;
+                    let mut acc = vec![0.0; bm * cols];
+                    for c_prev in 0..self.chunk {
+                        for r in 0..bm {
+                            let row = self.state_row(r, c_prev, total);
+                            for c in 0..cols {
+                                acc[r * cols + c] =
+                                    acc[r * cols + c] * f + io.states[src.index()][row + col0 + c];
+                            }
+                        }
+                    }
+                    self.regs[dst.index()] = acc;
                 }
                 Stmt::StoreShared { src, dst } => {
                     let elem = self.prog.shared[dst.index()].elem;

@@ -59,9 +59,44 @@ impl LinearSpec {
     }
 }
 
+/// How the sequence is walked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// One CTA per (value block, batch, head) carries the state through the whole sequence:
+    /// Q, K, V and O cross HBM once.
+    SinglePass,
+    /// The sequence is cut into chunks of `chunk_tiles` blocks that run in parallel: a
+    /// first kernel writes each chunk's state, a second starts each chunk from the earlier
+    /// ones. K and V are read twice; worth it when batch x heads leaves SMs idle.
+    Chunked { chunk_tiles: u32 },
+}
+
+/// The cost model's choice: single pass while its grid fills the GPU (or the sequence is
+/// short), else chunks sized so that chunks x CTAs covers the SMs about twice.
+pub fn choose_strategy(
+    spec: &LinearSpec,
+    sched: &LinearSchedule,
+    batch_heads: u64,
+    n: u64,
+) -> Strategy {
+    const SMS: u64 = 132;
+    let ctas = batch_heads * (spec.value_dim / sched.value_block) as u64;
+    let tiles = n.div_ceil(spec.head_dim as u64);
+    if !spec.causal || ctas * 2 >= SMS || tiles < 8 {
+        return Strategy::SinglePass;
+    }
+    // Each chunk's CTA reads every earlier chunk's state: cap the chunks so that quadratic
+    // prologue stays small next to the chunk's own blocks.
+    let chunks = (2 * SMS).div_ceil(ctas).min(tiles / 4).clamp(2, 32);
+    Strategy::Chunked {
+        chunk_tiles: tiles.div_ceil(chunks) as u32,
+    }
+}
+
 /// Schedule knobs: the token block is `head_dim` (the state's rows share the CTA's rows).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinearSchedule {
+    pub strategy: Strategy,
     /// Value columns per CTA (`value_dim` or a divisor: more CTAs, fewer registers).
     pub value_block: u32,
     pub warps: u32,
@@ -74,12 +109,14 @@ impl LinearSchedule {
         // fit in registers; splitting e in two also doubles the CTAs along the grid.
         if spec.head_dim >= 128 {
             LinearSchedule {
+                strategy: Strategy::SinglePass,
                 value_block: (spec.value_dim / 2).max(64).min(spec.value_dim),
                 warps: 8,
                 stages: 2,
             }
         } else {
             LinearSchedule {
+                strategy: Strategy::SinglePass,
                 value_block: spec.value_dim,
                 warps: 4,
                 stages: 2,
@@ -99,11 +136,41 @@ pub struct LinearBindings {
     pub decay: Option<HeadParamId>,
 }
 
+/// Which program of a strategy to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The single-pass kernel: one CTA walks the whole sequence.
+    Whole,
+    /// Chunked, first kernel: each chunk of `chunk_tiles` blocks writes its local state.
+    ChunkStates { chunk_tiles: u32 },
+    /// Chunked, second kernel: each chunk starts from the decayed sum of the earlier
+    /// chunks' states and writes its outputs.
+    ChunkOutputs { chunk_tiles: u32 },
+}
+
+/// The single-pass program ([`Part::Whole`]).
 pub fn lightning(
     spec: &LinearSpec,
     sched: &LinearSchedule,
 ) -> Result<(TileProgram, LinearBindings), TileError> {
+    lightning_part(spec, sched, Part::Whole)
+}
+
+pub fn lightning_part(
+    spec: &LinearSpec,
+    sched: &LinearSchedule,
+    part: Part,
+) -> Result<(TileProgram, LinearBindings), TileError> {
     let (d, e, eb) = (spec.head_dim, spec.value_dim, sched.value_block);
+    let chunk_tiles = match part {
+        Part::Whole => 0,
+        Part::ChunkStates { chunk_tiles } | Part::ChunkOutputs { chunk_tiles } => chunk_tiles,
+    };
+    if part != Part::Whole && (chunk_tiles == 0 || !spec.causal) {
+        return Err(TileError::Unsupported(
+            "the chunked strategy needs causal attention and at least one block per chunk".into(),
+        ));
+    }
     if spec.elem == Elem::F32 {
         return Err(TileError::Unsupported("inputs must be bf16 or f16".into()));
     }
@@ -118,8 +185,13 @@ pub fn lightning(
         ));
     }
     let block = d;
+    let suffix = match part {
+        Part::Whole => String::new(),
+        Part::ChunkStates { chunk_tiles } => format!("_states_c{chunk_tiles}"),
+        Part::ChunkOutputs { chunk_tiles } => format!("_outputs_c{chunk_tiles}"),
+    };
     let mut p = TileProgram {
-        name: spec.kernel_name(eb),
+        name: spec.kernel_name(eb) + &suffix,
         schedule: TileSchedule {
             block_m: block,
             warps: sched.warps,
@@ -128,6 +200,15 @@ pub fn lightning(
         },
         sequential: true,
         col_blocks: e / eb,
+        chunk_tiles,
+        states: if part == Part::Whole {
+            vec![]
+        } else {
+            vec![StateParam {
+                name: "chunk_states".into(),
+                cols: e,
+            }]
+        },
         tensors: vec![],
         row_outputs: vec![],
         scalars: vec![],
@@ -281,37 +362,82 @@ pub fn lightning(
         b_layout: BLayout::RowsAreK,
     });
     lp.push(Stmt::Store { src: acc, dst: o });
-    if let Some(f) = decay_pow(lit(block as f64)) {
-        lp.push(Stmt::Map {
-            dst: st,
-            expr: mul(elem(st), f),
+    let _ = j;
+    let states = StateId(0);
+    let state_update = |lp: &mut Vec<Stmt>| {
+        if let Some(f) = decay_pow(lit(block as f64)) {
+            lp.push(Stmt::Map {
+                dst: st,
+                expr: mul(elem(st), f),
+            });
+        }
+        lp.push(Stmt::ContractT {
+            acc: st,
+            a: k_s,
+            scale: decay_pow(sub(lit(block as f64 - 1.0), index(SeqRank::Key))).unwrap_or(lit(1.0)),
+            b: v_s,
         });
-    }
-    lp.push(Stmt::ContractT {
-        acc: st,
-        a: k_s,
-        scale: decay_pow(sub(lit(block as f64 - 1.0), j)).unwrap_or(lit(1.0)),
-        b: v_s,
-    });
+    };
+    state_update(&mut lp);
     lp.push(Stmt::StoreShared {
         src: st,
         dst: state_s,
     });
-    p.body = vec![
-        Stmt::Fill {
-            dst: st,
-            value: 0.0,
-        },
-        Stmt::StoreShared {
-            src: st,
-            dst: state_s,
-        },
-        Stmt::KeyLoop {
-            block_n: block,
-            masks: vec![],
-            body: lp,
-        },
-    ];
+    p.body = match part {
+        Part::Whole => vec![
+            Stmt::Fill {
+                dst: st,
+                value: 0.0,
+            },
+            Stmt::StoreShared {
+                src: st,
+                dst: state_s,
+            },
+            Stmt::KeyLoop {
+                block_n: block,
+                masks: vec![],
+                body: lp,
+            },
+        ],
+        Part::ChunkStates { .. } => {
+            let mut only_state = vec![
+                Stmt::LoadTile { dst: k_s, src: k },
+                Stmt::LoadTile { dst: v_s, src: v },
+            ];
+            state_update(&mut only_state);
+            vec![
+                Stmt::Fill {
+                    dst: st,
+                    value: 0.0,
+                },
+                Stmt::KeyLoop {
+                    block_n: block,
+                    masks: vec![],
+                    body: only_state,
+                },
+                Stmt::StoreState {
+                    src: st,
+                    dst: states,
+                },
+            ]
+        }
+        Part::ChunkOutputs { chunk_tiles } => vec![
+            Stmt::LoadStatePrefix {
+                dst: st,
+                src: states,
+                decay: decay_pow(lit((block * chunk_tiles) as f64)).unwrap_or(lit(1.0)),
+            },
+            Stmt::StoreShared {
+                src: st,
+                dst: state_s,
+            },
+            Stmt::KeyLoop {
+                block_n: block,
+                masks: vec![],
+                body: lp,
+            },
+        ],
+    };
     p.validate()?;
     Ok((p, LinearBindings { q, k, v, o, decay }))
 }

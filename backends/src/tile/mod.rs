@@ -100,6 +100,7 @@ id_type!(HeadParamId);
 id_type!(SharedId);
 id_type!(RegId);
 id_type!(RowId);
+id_type!(StateId);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorParam {
@@ -108,6 +109,14 @@ pub struct TensorParam {
     pub rows: SeqRank,
     pub head_dim: u32,
     pub is_output: bool,
+}
+
+/// A global f32 array of per-chunk states of a chunked sequential program:
+/// `[B, H, chunks, block_m, cols]`, row-major (a CTA's column block covers its columns).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateParam {
+    pub name: String,
+    pub cols: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -508,6 +517,15 @@ pub enum Stmt {
         scale: ScalarExpr,
         b: SharedId,
     },
+    /// Write an f32 tile (`block_m x cols`) as this CTA's chunk of a state array.
+    StoreState { src: RegId, dst: StateId },
+    /// `dst = sum over chunks c' < c of decay^(c - 1 - c') * src[c']` (Horner's rule over
+    /// the earlier chunks' states; `decay` is uniform): the state entering chunk `c`.
+    LoadStatePrefix {
+        dst: RegId,
+        src: StateId,
+        decay: ScalarExpr,
+    },
     /// Round an f32 tile (`block_m x cols`) to 16 bits into a shared tile of the same shape
     /// (a state the next iteration reads as an MMA operand). Waits for every warp first.
     StoreShared { src: RegId, dst: SharedId },
@@ -545,6 +563,11 @@ pub struct TileProgram {
     /// Column blocks of a sequential program (grid x): a shared or register tile with
     /// fewer columns than its tensor covers columns `[cb * cols, (cb + 1) * cols)`.
     pub col_blocks: u32,
+    /// A sequential program split along the sequence when nonzero: grid z is the chunk,
+    /// and the CTA of chunk `c` walks tiles `[c * chunk_tiles, (c + 1) * chunk_tiles)`,
+    /// with positions still tile-relative.
+    pub chunk_tiles: u32,
+    pub states: Vec<StateParam>,
     pub tensors: Vec<TensorParam>,
     pub row_outputs: Vec<RowOutput>,
     pub scalars: Vec<ScalarParam>,
@@ -583,6 +606,7 @@ pub enum AbiRole {
     TensorPtr(TensorId),
     RowOutputPtr(RowOutputId),
     HeadParamPtr(HeadParamId),
+    StatePtr(StateId),
     QueryLen,
     KeyLen,
     Heads,
@@ -602,6 +626,9 @@ pub struct AbiParam {
 }
 
 impl TileProgram {
+    pub fn chunked(&self) -> bool {
+        self.chunk_tiles > 0
+    }
     pub fn threads(&self) -> u32 {
         self.schedule.warps * 32
     }
@@ -634,6 +661,13 @@ impl TileProgram {
                 role: AbiRole::HeadParamPtr(HeadParamId(i as u32)),
             });
         }
+        for (i, st) in self.states.iter().enumerate() {
+            v.push(AbiParam {
+                name: st.name.clone(),
+                kind: AbiKind::Ptr,
+                role: AbiRole::StatePtr(StateId(i as u32)),
+            });
+        }
         for (name, role) in [
             ("n_q", AbiRole::QueryLen),
             ("n_k", AbiRole::KeyLen),
@@ -646,6 +680,7 @@ impl TileProgram {
                 role,
             });
         }
+
         for (i, t) in self.tensors.iter().enumerate() {
             let id = TensorId(i as u32);
             for (suffix, role) in [
@@ -747,6 +782,9 @@ impl TileProgram {
                 "{} B of shared memory exceed the {MAX_SHARED_BYTES} B a CTA may use",
                 self.shared_bytes()
             ));
+        }
+        if self.chunked() && !self.sequential {
+            return invalid("only sequential programs are chunked");
         }
         if self.col_blocks == 0 || (!self.sequential && self.col_blocks != 1) {
             return invalid("col_blocks must be 1, or positive in a sequential program");
@@ -985,6 +1023,31 @@ impl TileProgram {
                         return invalid(
                             "ContractT scale may use the key index and uniform values only",
                         );
+                    }
+                }
+                Stmt::StoreState { src, dst }
+                | Stmt::LoadStatePrefix {
+                    dst: src, src: dst, ..
+                } => {
+                    let r = self.reg(*src)?;
+                    let sp = self
+                        .states
+                        .get(dst.index())
+                        .map_or_else(|| invalid(format!("unknown state {dst:?}")), Ok)?;
+                    if !self.chunked()
+                        || in_loop
+                        || r.kind != RegKind::Accumulator
+                        || !(r.cols == sp.cols || r.cols * self.col_blocks == sp.cols)
+                    {
+                        return invalid(format!(
+                            "state {} <-> {}: a chunked program's f32 tile outside the loop",
+                            sp.name, r.name
+                        ));
+                    }
+                    if let Stmt::LoadStatePrefix { decay, .. } = st {
+                        if !decay.is_uniform() {
+                            return invalid("the chunk decay of LoadStatePrefix must be uniform");
+                        }
                     }
                 }
                 Stmt::StoreShared { src, dst } => {
@@ -1349,6 +1412,19 @@ impl TileProgram {
                     self.shared[a.index()].name,
                     self.fmt_expr(scale),
                     self.shared[b.index()].name
+                )?,
+                Stmt::StoreState { src, dst } => writeln!(
+                    f,
+                    "{pad}{}[chunk] = {}",
+                    self.states[dst.index()].name,
+                    self.regs[src.index()].name
+                )?,
+                Stmt::LoadStatePrefix { dst, src, decay } => writeln!(
+                    f,
+                    "{pad}{} = sum over c < chunk of ({})^(chunk - 1 - c) * {}[c]",
+                    self.regs[dst.index()].name,
+                    self.fmt_expr(decay),
+                    self.states[src.index()].name
                 )?,
                 Stmt::StoreShared { src, dst } => writeln!(
                     f,
