@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `einattn check` over the linear-attention examples (per-head decay: lightning,
-# lightning_naive; no decay: linear_causal; non-causal: linear_attention): bf16 and f16, d = e = 64 and 128,
+# lightning_naive; no decay: linear_causal; non-causal: linear_attention; data-dependent gate:
+# gated_linear): bf16 and f16, d = e = 64 and 128,
 # N in {64, 1000, 8192}. Exits non-zero if any check fails.
 # Usage: bench/check_linear.sh [path/to/einattn]
 set -uo pipefail
@@ -22,6 +23,7 @@ lightning -D N=$n -D D=$d -D BLOCK=$blk
 lightning_naive -D N=$n -D D=$d
 linear_causal -D N=$n -D D=$d
 linear_attention -D N=$n -D D=$d
+gated_linear -D N=$n -D D=$d -D BLOCK=$blk
 LIST
     done
   done

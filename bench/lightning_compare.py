@@ -1,5 +1,6 @@
 """Lightning attention forward side by side, in one device call: ours (`einattn bench` on
-examples/lightning.ein), fla `chunk_lightning_attn` and OpenNLPLab `lightning_attn2`.
+examples/lightning.ein), fla `chunk_lightning_attn` and OpenNLPLab `lightning_attn2`; and the
+data-dependent scalar gate: ours on examples/gated_linear.ein vs fla `chunk_simple_gla`.
 B=4, H=16, d=e=128, bf16, per-head decay, N in {8192, 32768, 65536}. Mtok/s = B*N / time.
 Writes $OUT/lightning_compare.json and .md. Baselines: medians of triton.testing.do_bench.
 Usage: python3 bench/lightning_compare.py [path/to/einattn]   (fla, lightning_attn importable)
@@ -22,7 +23,11 @@ def bench(fn, rep=200):
 
 
 def ours(n, B, H, d, dtype="bf16"):
-    cmd = [binary, "bench", "examples/lightning.ein", "-D", f"B={B}", "-D", f"H={H}", "-D", f"N={n}",
+    return ours_example("examples/lightning.ein", n, B, H, d, dtype)
+
+
+def ours_example(example, n, B, H, d, dtype="bf16"):
+    cmd = [binary, "bench", example, "-D", f"B={B}", "-D", f"H={H}", "-D", f"N={n}",
            "-D", f"D={d}", "-D", "BLOCK=64", "--dtype", dtype, "--reps", "50", "--format", "json"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -43,6 +48,11 @@ def main():
     except Exception as e:  # noqa: BLE001
         chunk_lightning_attn = None
         print("fla import failed", repr(e), flush=True)
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as e:  # noqa: BLE001
+        chunk_simple_gla = None
+        print("fla simple_gla import failed", repr(e), flush=True)
     try:
         from lightning_attn.ops.triton import lightning_attn2
     except Exception as e:  # noqa: BLE001
@@ -73,6 +83,19 @@ def main():
                 row.update(la2_ms=round(ms, 4), la2_Mtok_s=round(B * n / ms / 1e3, 1))
             except Exception as e:  # noqa: BLE001
                 row["la2_err"] = repr(e)[:300]
+        # Data-dependent scalar gate: ours on examples/gated_linear.ein vs fla chunk_simple_gla.
+        og = ours_example("examples/gated_linear.ein", n, B, H, d)
+        if og is not None:
+            row.update(ours_gate_Mtok_s=round(og["mtok_per_s"], 1), ours_gate_command=og["command"])
+        if chunk_simple_gla is not None:
+            try:
+                g = torch.nn.functional.logsigmoid(torch.randn(B, n, H, device="cuda", dtype=torch.float32))
+                ms = bench(lambda: chunk_simple_gla(qb, kb, vb, g=g))
+                row.update(fla_gate_Mtok_s=round(B * n / ms / 1e3, 1))
+            except Exception as e:  # noqa: BLE001
+                row["fla_gate_err"] = repr(e)[:300]
+        if row.get("ours_gate_Mtok_s") and row.get("fla_gate_Mtok_s"):
+            row["ours_vs_fla_gate"] = round(row["ours_gate_Mtok_s"] / row["fla_gate_Mtok_s"], 3)
         if row.get("ours_Mtok_s") and row.get("fla_Mtok_s"):
             row["ours_vs_fla"] = round(row["ours_Mtok_s"] / row["fla_Mtok_s"], 3)
         rows.append(row)
@@ -82,12 +105,13 @@ def main():
     with open(os.path.join(OUT, "lightning_compare.json"), "w") as f:
         json.dump(dict(env=env, lightning=rows), f, indent=1)
     lines = [f"Device: {env['gpu']}, torch {env['torch']}, triton {env['triton']}; {env['date']}", "",
-             "| N | ours ms | ours Mtok/s | fla Mtok/s | lightning_attn2 Mtok/s | ours/fla | ours % of memory floor |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| N | ours ms | ours Mtok/s | fla Mtok/s | lightning_attn2 Mtok/s | ours/fla | ours % of memory floor | gated: ours | fla simple_gla | ours/fla |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         pct = r.get("ours_pct_memory_floor")
         lines.append(f"| {r['n']} | {r.get('ours_ms', '-')} | {r.get('ours_Mtok_s', '-')} | {r.get('fla_Mtok_s', '-')} | "
-                     f"{r.get('la2_Mtok_s', '-')} | {r.get('ours_vs_fla', '-')} | {round(pct, 1) if pct else '-'} |")
+                     f"{r.get('la2_Mtok_s', '-')} | {r.get('ours_vs_fla', '-')} | {round(pct, 1) if pct else '-'} | "
+                     f"{r.get('ours_gate_Mtok_s', '-')} | {r.get('fla_gate_Mtok_s', '-')} | {r.get('ours_vs_fla_gate', '-')} |")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(OUT, "lightning_compare.md"), "w") as f:
         f.write(md)

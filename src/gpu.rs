@@ -86,7 +86,12 @@ fn prepare(
         args.push(match &p.role {
             AbiRole::TensorPtr(t) => bufs[t.index()].arg(gpu),
             AbiRole::HeadParamPtr(h) => arrays[h.index()].arg(gpu),
-            AbiRole::RowOutputPtr(_) | AbiRole::StatePtr(_) => {
+            AbiRole::RowOutputPtr(_)
+            | AbiRole::StatePtr(_)
+            | AbiRole::TokenPtr(_)
+            | AbiRole::TokenStrideBatch(_)
+            | AbiRole::TokenStrideSeq(_)
+            | AbiRole::TokenStrideHead(_) => {
                 return Err(CliError::input(
                     "error: row outputs and states are not bound by the attention launcher".to_string(),
                 ))
@@ -383,6 +388,11 @@ fn prepare_linear(
         let vals: Vec<f32> = inputs[&p].stored().iter().map(|&x| x as f32).collect();
         arrays.push(gpu.upload(&vals).map_err(gpu_error)?);
     }
+    let gate_index = arrays.len();
+    if let Some(g) = &m.gate {
+        let vals: Vec<f32> = inputs[&g.tensor].stored().iter().map(|&x| x as f32).collect();
+        arrays.push(gpu.upload(&vals).map_err(gpu_error)?);
+    }
     let grid = k.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32);
     let state_index = arrays.len();
     if k.pre.is_some() {
@@ -397,6 +407,10 @@ fn prepare_linear(
             AbiRole::TensorPtr(t) => bufs[t.index()].arg(gpu),
             AbiRole::HeadParamPtr(h) => arrays[h.index()].arg(gpu),
             AbiRole::StatePtr(_) => arrays[state_index].arg(gpu),
+            AbiRole::TokenPtr(_) => arrays[gate_index].arg(gpu),
+            AbiRole::TokenStrideBatch(_) => KernelArg::U64(m.gate.map_or(0, |g| g.stride_batch)),
+            AbiRole::TokenStrideSeq(_) => KernelArg::U64(m.gate.map_or(0, |g| g.stride_seq)),
+            AbiRole::TokenStrideHead(_) => KernelArg::U64(m.gate.map_or(0, |g| g.stride_head)),
             AbiRole::QueryLen | AbiRole::KeyLen => KernelArg::U32(m.n as u32),
             AbiRole::Heads => KernelArg::U32(m.heads as u32),
             AbiRole::KvGroup => KernelArg::U32(1),
@@ -460,13 +474,15 @@ fn linear_reference(m: &einattn_backends::schedule::LinearMatch, inputs: &Inputs
         n_k: m.n as usize,
     };
     let decay = m.decay_param.map(|p| inputs[&p].stored());
-    let bnhd = reference::linear_attention(
+    let gate = m.gate.as_ref().map(&host);
+    let bnhd = reference::linear_attention_gated(
         &m.spec,
         prob,
         &host(&m.q),
         &host(&m.k),
         &host(&m.v),
         decay.as_deref(),
+        gate.as_ref(),
     );
     let e = m.spec.value_dim as usize;
     let mut out = vec![0.0; m.o.elements as usize];

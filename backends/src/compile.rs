@@ -66,7 +66,11 @@ impl CompiledKernel {
                 let source = match &p.role {
                     AbiRole::TensorPtr(t) => json!({"tensor": tensor_name(t.index())}),
                     AbiRole::RowOutputPtr(_) => json!({"row_output": p.name}),
-                    AbiRole::StatePtr(_) => json!(null),
+                    AbiRole::StatePtr(_)
+                    | AbiRole::TokenPtr(_)
+                    | AbiRole::TokenStrideBatch(_)
+                    | AbiRole::TokenStrideSeq(_)
+                    | AbiRole::TokenStrideHead(_) => json!(null),
                     AbiRole::HeadParamPtr(h) => {
                         json!({"param": cascade.tensors[m.head_params[h.index()]].name})
                     }
@@ -323,6 +327,12 @@ impl CompiledLinear {
                     AbiRole::StatePtr(_) => {
                         json!({"scratch": "chunk states, f32 [B, H, chunks, d, e]"})
                     }
+                    AbiRole::TokenPtr(_) => {
+                        json!({"param": m.gate.map(|t| cascade.tensors[t.tensor].name.clone())})
+                    }
+                    AbiRole::TokenStrideBatch(_) => json!({"value": m.gate.map(|g| g.stride_batch)}),
+                    AbiRole::TokenStrideSeq(_) => json!({"value": m.gate.map(|g| g.stride_seq)}),
+                    AbiRole::TokenStrideHead(_) => json!({"value": m.gate.map(|g| g.stride_head)}),
                     AbiRole::RowOutputPtr(_) | AbiRole::Scalar(_) => json!(null),
                 };
                 json!({"name": p.name, "type": kind, "from": source})

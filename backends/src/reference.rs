@@ -138,6 +138,20 @@ pub fn linear_attention(
     v: &HostTensor,
     decay: Option<&[f64]>,
 ) -> Vec<f64> {
+    linear_attention_gated(spec, prob, q, k, v, decay, None)
+}
+
+/// [`linear_attention`] with an optional per-token cumulative log-gate `G` (laid out like a
+/// one-column tensor): `S_i = exp(G_i - G_{i-1}) S_{i-1} + k_i^T v_i`, `G_{-1} = 0`.
+pub fn linear_attention_gated(
+    spec: &crate::tile::linear::LinearSpec,
+    prob: Problem,
+    q: &HostTensor,
+    k: &HostTensor,
+    v: &HostTensor,
+    decay: Option<&[f64]>,
+    gate: Option<&HostTensor>,
+) -> Vec<f64> {
     let (d, e) = (spec.head_dim as usize, spec.value_dim as usize);
     let n = prob.n_q;
     let mut out = vec![0.0; prob.batch * n * prob.heads * e];
@@ -158,9 +172,16 @@ pub fn linear_attention(
             }
             for i in 0..n {
                 let (ko, vo, qo) = (k.offset(b, i, h), v.offset(b, i, h), q.offset(b, i, h));
+                let step = match gate {
+                    Some(g) => {
+                        let at = |t: usize| g.data[g.offset(b, t, h)];
+                        (at(i) - if i == 0 { 0.0 } else { at(i - 1) }).exp()
+                    }
+                    None => lam,
+                };
                 for a in 0..d * usize::from(spec.causal) {
                     for c in 0..e {
-                        state[a * e + c] = lam * state[a * e + c] + k.data[ko + a] * v.data[vo + c];
+                        state[a * e + c] = step * state[a * e + c] + k.data[ko + a] * v.data[vo + c];
                     }
                 }
                 let oo = ((b * n + i) * prob.heads + h) * e;

@@ -38,6 +38,7 @@ fn check(spec: &LinearSpec, sched: &LinearSchedule, prob: Problem, seed: u64) ->
         row_outputs: vec![],
         scalars: vec![],
         head_params: bind.decay.map(|_| vec![decay.clone()]).unwrap_or_default(),
+        tokens: vec![],
         states: vec![],
     };
     run(&prog, prob, &mut io).expect("runs");
@@ -84,6 +85,7 @@ fn default_schedules_assemble_without_spills() {
                 (Decay::None, true),
                 (Decay::PerHead("s".into()), true),
                 (Decay::None, false),
+                (Decay::Gate("G".into()), true),
             ] {
                 let spec = LinearSpec {
                     head_dim: d,
@@ -94,7 +96,7 @@ fn default_schedules_assemble_without_spills() {
                 };
                 let sched = LinearSchedule::default_for(&spec);
                 let mut progs = vec![lightning(&spec, &sched).expect("builds").0];
-                if causal {
+                if causal && !matches!(spec.decay, Decay::Gate(_)) {
                     for part in [
                         Part::ChunkStates { chunk_tiles: 4 },
                         Part::ChunkOutputs { chunk_tiles: 4 },
@@ -141,10 +143,11 @@ fn linear_examples_compile_and_match_the_interpreter() {
         ("lightning_naive", &[("N", 130), ("D", 64)][..]),
         ("linear_causal", &[("N", 70), ("D", 64)][..]),
         ("linear_attention", &[("N", 90), ("D", 64)][..]),
+        ("gated_linear", &[("N", 192), ("BLOCK", 8), ("D", 64)][..]),
     ] {
         let c = load(name, sizes);
         // The same source at small sizes: the recognizer's reading is confirmed there.
-        let small = if name == "lightning" {
+        let small = if name == "lightning" || name == "gated_linear" {
             load(name, &[("N", 24), ("BLOCK", 8), ("D", 16)])
         } else {
             load(name, &[("N", 24), ("D", 16)])
@@ -172,6 +175,18 @@ fn linear_examples_compile_and_match_the_interpreter() {
                 .map(|&x| m.spec.elem.round(x))
                 .collect()
         };
+        let gate_tokens: Vec<(Vec<f64>, usize, usize, usize)> = m
+            .gate
+            .iter()
+            .map(|g| {
+                (
+                    inputs[&g.tensor].stored(),
+                    g.stride_batch as usize,
+                    g.stride_seq as usize,
+                    g.stride_head as usize,
+                )
+            })
+            .collect();
         let mut io = Bindings {
             tensors: vec![
                 host(&m.q, rounded(m.q.tensor)),
@@ -185,7 +200,8 @@ fn linear_examples_compile_and_match_the_interpreter() {
                 .decay_param
                 .map(|p| vec![inputs[&p].stored()])
                 .unwrap_or_default(),
-            states: vec![],
+            tokens: gate_tokens,
+        states: vec![],
         };
         let prob = Problem {
             batch: m.batch as usize,
@@ -236,7 +252,8 @@ proptest! {
             row_outputs: vec![],
             scalars: vec![],
             head_params: bind.decay.map(|_| vec![s.clone()]).unwrap_or_default(),
-            states: vec![vec![f64::NAN; prob.batch * prob.heads * chunks * 32 * 32]],
+            tokens: vec![],
+        states: vec![vec![f64::NAN; prob.batch * prob.heads * chunks * 32 * 32]],
         };
         run(&states, prob, &mut io).expect("states run");
         run(&outputs, prob, &mut io).expect("outputs run");

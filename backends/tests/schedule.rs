@@ -68,6 +68,7 @@ fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64
             .map(|t| inputs[t].stored()[0])
             .collect(),
         head_params: m.head_params.iter().map(|t| inputs[t].stored()).collect(),
+        tokens: vec![],
         states: vec![],
     };
     let prob = Problem {

@@ -80,6 +80,7 @@ fn check(case: &Case) -> Result<(), String> {
             .collect(),
         scalars: scalars.clone(),
         head_params: head_params.clone(),
+        tokens: vec![],
         states: vec![],
     };
     run(&prog, prob, &mut io).map_err(|e| e.to_string())?;

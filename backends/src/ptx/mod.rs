@@ -296,6 +296,24 @@ impl<'a> Printer<'a> {
                     let g = self.named(".b64", &format!("hpp{}", id.0));
                     self.ins(format!("cvta.to.global.u64 {g}, {raw};"));
                 }
+                AbiRole::TokenPtr(id) => {
+                    let raw = self.named(".b64", &format!("tkraw{}", id.0));
+                    self.ins(format!("ld.param.u64 {raw}, [{}];", a.name));
+                    let g = self.named(".b64", &format!("tkp{}", id.0));
+                    self.ins(format!("cvta.to.global.u64 {g}, {raw};"));
+                }
+                AbiRole::TokenStrideBatch(id) => {
+                    let r = self.named(".b64", &format!("tksb{}", id.0));
+                    self.ins(format!("ld.param.u64 {r}, [{}];", a.name));
+                }
+                AbiRole::TokenStrideSeq(id) => {
+                    let r = self.named(".b64", &format!("tksn{}", id.0));
+                    self.ins(format!("ld.param.u64 {r}, [{}];", a.name));
+                }
+                AbiRole::TokenStrideHead(id) => {
+                    let r = self.named(".b64", &format!("tksh{}", id.0));
+                    self.ins(format!("ld.param.u64 {r}, [{}];", a.name));
+                }
                 AbiRole::StatePtr(id) => {
                     let raw = self.named(".b64", &format!("straw{}", id.0));
                     self.ins(format!("ld.param.u64 {raw}, [{}];", a.name));
@@ -430,6 +448,21 @@ impl<'a> Printer<'a> {
             self.ins(format!("add.u64 {base}, %gptr{i}, {off};"));
             let rs = self.named(".b64", &format!("rsb{i}"));
             self.ins(format!("shl.b64 {rs}, %sn{i}, {};", eb.trailing_zeros()));
+        }
+        // Per-token inputs: base of this (batch, head) and the token stride, in bytes.
+        for i in 0..prog.tokens.len() {
+            let bb = self.rd();
+            let hh = self.rd();
+            self.ins(format!("cvt.u64.u32 {bb}, %bidx;"));
+            self.ins(format!("cvt.u64.u32 {hh}, %hidx;"));
+            let off = self.rd();
+            self.ins(format!("mul.lo.u64 {off}, {bb}, %tksb{i};"));
+            self.ins(format!("mad.lo.u64 {off}, {hh}, %tksh{i}, {off};"));
+            self.ins(format!("shl.b64 {off}, {off}, 2;"));
+            let base = self.named(".b64", &format!("tkbase{i}"));
+            self.ins(format!("add.u64 {base}, %tkp{i}, {off};"));
+            let st = self.named(".b64", &format!("tkrs{i}"));
+            self.ins(format!("shl.b64 {st}, %tksn{i}, 2;"));
         }
         // Float query index of each of this thread's rows.
         for mt in 0..self.mtiles {
@@ -1562,6 +1595,55 @@ impl<'a> Printer<'a> {
                 self.acc_reg(*id, ctx.mt, nt, ctx.half * 2 + lo)
             }
             ScalarExpr::Row(id) => self.row_reg(*id, ctx.mt, ctx.half),
+            ScalarExpr::Token(id, at) => {
+                if !self.in_loop {
+                    return Err(TileError::Invalid("token input outside the loop".into()));
+                }
+                let pos = self.r();
+                match at {
+                    TokenAt::Row => {
+                        self.ins(format!(
+                            "add.s32 {pos}, %prow0, {};",
+                            ctx.mt * 16 + ctx.half * 8
+                        ));
+                        self.ins(format!("add.s32 {pos}, {pos}, %korg;"));
+                    }
+                    TokenAt::Col => {
+                        let (nt, lo) = ctx.col.ok_or_else(|| {
+                            TileError::Invalid("column token in a row expression".into())
+                        })?;
+                        self.ins(format!("add.s32 {pos}, %kcol, {};", nt * 8 + lo));
+                        self.ins(format!("add.s32 {pos}, {pos}, %korg;"));
+                    }
+                    TokenAt::Last => {
+                        self.ins(format!(
+                            "add.s32 {pos}, %korg, {};",
+                            self.prog.schedule.block_m
+                        ));
+                        self.ins(format!("min.s32 {pos}, {pos}, %nk;"));
+                        self.ins(format!("sub.s32 {pos}, {pos}, 1;"));
+                    }
+                    TokenAt::Before => {
+                        self.ins(format!("sub.s32 {pos}, %korg, 1;"));
+                    }
+                }
+                // Past the end: the last token (those elements are masked); before the
+                // start: 0.
+                let last = self.r();
+                self.ins(format!("sub.s32 {last}, %nk, 1;"));
+                self.ins(format!("min.s32 {pos}, {pos}, {last};"));
+                let neg = self.pred();
+                self.ins(format!("setp.lt.s32 {neg}, {pos}, 0;"));
+                self.ins(format!("max.s32 {pos}, {pos}, 0;"));
+                let addr = self.rd();
+                self.ins(format!("cvt.u64.u32 {addr}, {pos};"));
+                self.ins(format!("mul.lo.u64 {addr}, {addr}, %tkrs{};", id.0));
+                self.ins(format!("add.u64 {addr}, {addr}, %tkbase{};", id.0));
+                let v = self.f();
+                self.ins(format!("ld.global.nc.f32 {v}, [{addr}];"));
+                self.ins(format!("selp.f32 {v}, 0f00000000, {v}, {neg};"));
+                v
+            }
             ScalarExpr::Unary(op, a) => {
                 let a = self.emit_expr(a, ctx)?;
                 let t = self.f();

@@ -9,7 +9,7 @@
 //! instance of the same cascade and must agree with the f64 recurrence of the hypothesis.
 
 use super::recognize::Layout;
-use crate::reference::{linear_attention, relative_error};
+use crate::reference::{linear_attention_gated, relative_error};
 use crate::tile::interp::{HostTensor, Problem};
 use crate::tile::linear::{Decay, LinearSpec};
 use crate::tile::Elem;
@@ -27,6 +27,8 @@ pub struct LinearMatch {
     pub v: Layout,
     pub o: Layout,
     pub decay_param: Option<Handle<Tensor>>,
+    /// The per-token gate input `G[b, n, h]` and its strides, when there is one.
+    pub gate: Option<Layout>,
     pub batch: u64,
     pub heads: u64,
     pub n: u64,
@@ -68,13 +70,28 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
         .filter(|(_, t)| t.kind == TensorKind::Param)
         .map(|(h, _)| h)
         .collect();
-    let ([_, _, _], [o]) = (&inputs[..], &outputs[..]) else {
+    let [o] = outputs[..] else {
+        return Err(not_mappable(c, "expected one output", Span::UNKNOWN));
+    };
+    let o = &o;
+    // A per-token gate is an input without a feature rank: each of its ranks is a rank of
+    // the output other than the output's feature rank (or a rank split from one).
+    let out_ranks = c.tensors[*o].ranks.clone();
+    let is_gate = |t: &Handle<Tensor>| {
+        let r = &c.tensors[*t].ranks;
+        r.len() + 1 == out_ranks.len() && r.iter().all(|x| out_ranks[..out_ranks.len() - 1].contains(x))
+    };
+    let all_inputs = inputs.len();
+    let (gates, inputs): (Vec<Handle<Tensor>>, Vec<Handle<Tensor>>) =
+        inputs.iter().copied().partition(|t| all_inputs == 4 && is_gate(t));
+    if inputs.len() != 3 || gates.len() > 1 {
         return Err(not_mappable(
             c,
-            "expected inputs Q, K, V and one output",
+            "expected inputs Q, K, V (and optionally a per-token gate G[b, n, h])",
             Span::UNKNOWN,
         ));
-    };
+    }
+    let gate_tensor = gates.first().copied();
     let o = *o;
     let span = c.tensors[o].span;
     let ranks = |t: Handle<Tensor>| c.tensors[t].ranks.clone();
@@ -159,6 +176,15 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
             ))
         }
     };
+    if let Some(g) = gate_tensor {
+        if c.tensors[g].dtype != Some(DType::F32) || !params.is_empty() {
+            return Err(not_mappable(
+                c,
+                "the gate G must be f32, and a gate excludes a per-head decay",
+                c.tensors[g].span,
+            ));
+        }
+    }
     let decay_param = match params[..] {
         [] => None,
         [p] if ranks(p).len() == 1 && Some(ranks(p)[0]) == head => Some(p),
@@ -171,7 +197,7 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
         }
     };
     let causal = c.einsums.iter().any(|(_, e)| !e.mask.is_empty());
-    if !causal && decay_param.is_some() {
+    if !causal && (decay_param.is_some() || gate_tensor.is_some()) {
         return Err(not_mappable(
             c,
             "non-causal linear attention with a decay is not mapped",
@@ -229,8 +255,26 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
             head_dim: dd,
             value_dim: ee,
             elem,
-            decay: decay_param.map_or(Decay::None, |p| Decay::PerHead(c.tensors[p].name.clone())),
+            decay: match (decay_param, gate_tensor) {
+                (Some(p), _) => Decay::PerHead(c.tensors[p].name.clone()),
+                (None, Some(g)) => Decay::Gate(c.tensors[g].name.clone()),
+                (None, None) => Decay::None,
+            },
             causal,
+        },
+        gate: match gate_tensor {
+            Some(g) => {
+                let seq = seq_of(&ranks(g))
+                    .or_else(|| {
+                        ranks(g)
+                            .iter()
+                            .copied()
+                            .find(|r| Some(*r) != batch && Some(*r) != head)
+                    })
+                    .ok_or_else(|| not_mappable(c, "the gate has no sequence rank", span))?;
+                Some(layout(g, seq))
+            }
+            None => None,
         },
         q: layout(q, sq),
         k: layout(k, sk),
@@ -265,13 +309,15 @@ pub fn verify_linear(small: &Cascade, swap: bool, seed: u64) -> Result<f64, Diag
         n_k: m.n as usize,
     };
     let decay = m.decay_param.map(|p| inputs[&p].stored());
-    let want_bnhd = linear_attention(
+    let gate = m.gate.as_ref().map(&host);
+    let want_bnhd = linear_attention_gated(
         &m.spec,
         prob,
         &host(&m.q),
         &host(&m.k),
         &host(&m.v),
         decay.as_deref(),
+        gate.as_ref(),
     );
     let got = values
         .get(m.o.tensor)

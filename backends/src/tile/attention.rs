@@ -89,7 +89,7 @@ impl Score {
                 ScalarExpr::Head(id) => x.4[id.index()],
                 ScalarExpr::Index(SeqRank::Query) => x.1,
                 ScalarExpr::Index(SeqRank::Key) => x.2,
-                ScalarExpr::Elem(_) | ScalarExpr::Row(_) => x.0,
+                ScalarExpr::Elem(_) | ScalarExpr::Row(_) | ScalarExpr::Token(..) => x.0,
                 ScalarExpr::Unary(op, a) => op.apply(go(a, x)),
                 ScalarExpr::Binary(op, a, b) => op.apply(go(a, x), go(b, x)),
                 ScalarExpr::Select {
@@ -269,6 +269,7 @@ pub fn flash_attention(
     let mut p = TileProgram {
         sequential: false,
         col_blocks: 1,
+        tokens: vec![],
         chunk_tiles: 0,
         states: vec![],
         name: spec.kernel_name(),

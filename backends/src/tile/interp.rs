@@ -74,6 +74,8 @@ pub struct Bindings {
     pub head_params: Vec<Vec<f64>>,
     /// The state arrays of a chunked program, `[B, H, chunks, rows, cols]` each.
     pub states: Vec<Vec<f64>>,
+    /// Per-token inputs: `(values, stride_b, stride_n, stride_h)`.
+    pub tokens: Vec<(Vec<f64>, usize, usize, usize)>,
 }
 
 struct Cta<'a> {
@@ -525,6 +527,25 @@ impl Cta<'_> {
                 self.regs[id.index()][r * cols + c]
             }
             ScalarExpr::Row(id) => self.rows[id.index()][r],
+            ScalarExpr::Token(id, at) => {
+                let (vals, sb, sn, sh) = &io.tokens[id.index()];
+                let bm = self.prog.schedule.block_m as usize;
+                let n = self.prob.n_k;
+                let pos = match at {
+                    TokenAt::Row => Some(self.key_origin + r),
+                    TokenAt::Col => Some(
+                        self.key_origin
+                            + c.ok_or_else(|| TileError::Invalid("column token in a row expression".into()))?,
+                    ),
+                    TokenAt::Last => Some((self.key_origin + bm).min(n) - 1),
+                    TokenAt::Before => self.key_origin.checked_sub(1),
+                };
+                match pos {
+                    // Rows and columns past the end read the last token (they are masked).
+                    Some(t) => vals[self.b * sb + t.min(n - 1) * sn + self.h * sh],
+                    None => 0.0,
+                }
+            }
             ScalarExpr::Unary(op, a) => op.apply(self.eval(a, io, r, c)?),
             ScalarExpr::Binary(op, a, b) => {
                 op.apply(self.eval(a, io, r, c)?, self.eval(b, io, r, c)?)

@@ -25,6 +25,9 @@ pub enum Decay {
     None,
     /// `exp(-s[h] * (i - j))` with `s` the named per-head parameter (Lightning, RetNet).
     PerHead(String),
+    /// `exp(G[i] - G[j])` with `G` the named per-token input `[B, N, H]` (f32): the
+    /// cumulative log of a data-dependent scalar gate (gated linear attention, Mamba-2).
+    Gate(String),
 }
 
 /// What to compute: `O_i = sum_{j <= i} decay(i - j) (q_i . k_j) v_j`, or without the
@@ -46,8 +49,10 @@ impl LinearSpec {
             self.value_dim,
             self.elem.name()
         );
-        if let Decay::PerHead(_) = self.decay {
-            s.push_str("_decay");
+        match self.decay {
+            Decay::None => {}
+            Decay::PerHead(_) => s.push_str("_decay"),
+            Decay::Gate(_) => s.push_str("_gate"),
         }
         if !self.causal {
             s.push_str("_noncausal");
@@ -82,7 +87,8 @@ pub fn choose_strategy(
     const SMS: u64 = 132;
     let ctas = batch_heads * (spec.value_dim / sched.value_block) as u64;
     let tiles = n.div_ceil(spec.head_dim as u64);
-    if !spec.causal || ctas * 2 >= SMS || tiles < 8 {
+    let gated = matches!(spec.decay, Decay::Gate(_));
+    if !spec.causal || gated || ctas * 2 >= SMS || tiles < 8 {
         return Strategy::SinglePass;
     }
     // Each chunk's CTA reads every earlier chunk's state: cap the chunks so that quadratic
@@ -134,6 +140,8 @@ pub struct LinearBindings {
     pub o: TensorId,
     /// The decay parameter, when there is one.
     pub decay: Option<HeadParamId>,
+    /// The per-token gate input, when there is one.
+    pub gate: Option<TokenId>,
 }
 
 /// Which program of a strategy to build.
@@ -166,9 +174,11 @@ pub fn lightning_part(
         Part::Whole => 0,
         Part::ChunkStates { chunk_tiles } | Part::ChunkOutputs { chunk_tiles } => chunk_tiles,
     };
-    if part != Part::Whole && (chunk_tiles == 0 || !spec.causal) {
+    if part != Part::Whole
+        && (chunk_tiles == 0 || !spec.causal || matches!(spec.decay, Decay::Gate(_)))
+    {
         return Err(TileError::Unsupported(
-            "the chunked strategy needs causal attention and at least one block per chunk".into(),
+            "the chunked strategy needs causal attention without a gate and at least one block per chunk".into(),
         ));
     }
     if spec.elem == Elem::F32 {
@@ -200,6 +210,7 @@ pub fn lightning_part(
         },
         sequential: true,
         col_blocks: e / eb,
+        tokens: vec![],
         chunk_tiles,
         states: if part == Part::Whole {
             vec![]
@@ -233,11 +244,22 @@ pub fn lightning_part(
     let v = tensor("v", SeqRank::Key, e, false);
     let o = tensor("o", SeqRank::Query, e, true);
     let decay = match &spec.decay {
-        Decay::None => None,
+        Decay::None | Decay::Gate(_) => None,
         Decay::PerHead(name) => {
             p.head_params.push(HeadParam { name: name.clone() });
             Some(HeadParamId(0))
         }
+    };
+    let gate = match &spec.decay {
+        Decay::Gate(name) => {
+            p.tokens.push(TokenParam { name: name.clone() });
+            Some(TokenId(0))
+        }
+        _ => None,
+    };
+    // exp(G[a] - G[b]) between two tokens of the tile.
+    let gate_between = |a: TokenAt, b: TokenAt| {
+        gate.map(|g| un(UnaryOp::Exp, sub(ScalarExpr::Token(g, a), ScalarExpr::Token(g, b))))
     };
     let mut shared = |name: &str, rows, cols, rank| {
         p.shared.push(SharedTile {
@@ -315,10 +337,19 @@ pub fn lightning_part(
         ];
         let _ = pf;
         p.validate()?;
-        return Ok((p, LinearBindings { q, k, v, o, decay }));
+        return Ok((p, LinearBindings {
+            q,
+            k,
+            v,
+            o,
+            decay,
+            gate,
+        }));
     }
     let (i, j) = (index(SeqRank::Query), index(SeqRank::Key));
-    let intra = match decay_pow(sub(i.clone(), j.clone())) {
+    let intra = match decay_pow(sub(i.clone(), j.clone()))
+        .or_else(|| gate_between(TokenAt::Row, TokenAt::Col))
+    {
         Some(f) => mul(elem(s), f),
         None => elem(s),
     };
@@ -348,7 +379,7 @@ pub fn lightning_part(
             b_layout: BLayout::RowsAreK,
         },
     ];
-    if let Some(f) = decay_pow(add(i, lit(1.0))) {
+    if let Some(f) = decay_pow(add(i, lit(1.0))).or_else(|| gate_between(TokenAt::Row, TokenAt::Before)) {
         lp.push(Stmt::Map {
             dst: acc,
             expr: mul(elem(acc), f),
@@ -365,7 +396,9 @@ pub fn lightning_part(
     let _ = j;
     let states = StateId(0);
     let state_update = |lp: &mut Vec<Stmt>| {
-        if let Some(f) = decay_pow(lit(block as f64)) {
+        if let Some(f) =
+            decay_pow(lit(block as f64)).or_else(|| gate_between(TokenAt::Last, TokenAt::Before))
+        {
             lp.push(Stmt::Map {
                 dst: st,
                 expr: mul(elem(st), f),
@@ -374,7 +407,9 @@ pub fn lightning_part(
         lp.push(Stmt::ContractT {
             acc: st,
             a: k_s,
-            scale: decay_pow(sub(lit(block as f64 - 1.0), index(SeqRank::Key))).unwrap_or(lit(1.0)),
+            scale: decay_pow(sub(lit(block as f64 - 1.0), index(SeqRank::Key)))
+                .or_else(|| gate_between(TokenAt::Last, TokenAt::Col))
+                .unwrap_or(lit(1.0)),
             b: v_s,
         });
     };
@@ -439,5 +474,12 @@ pub fn lightning_part(
         ],
     };
     p.validate()?;
-    Ok((p, LinearBindings { q, k, v, o, decay }))
+    Ok((p, LinearBindings {
+            q,
+            k,
+            v,
+            o,
+            decay,
+            gate,
+        }))
 }

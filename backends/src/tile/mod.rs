@@ -101,6 +101,7 @@ id_type!(SharedId);
 id_type!(RegId);
 id_type!(RowId);
 id_type!(StateId);
+id_type!(TokenId);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorParam {
@@ -109,6 +110,25 @@ pub struct TensorParam {
     pub rows: SeqRank,
     pub head_dim: u32,
     pub is_output: bool,
+}
+
+/// A per-token f32 input `[B, N, H]` with run-time element strides (a cumulative log-gate).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenParam {
+    pub name: String,
+}
+
+/// Which token of a sequential program's current tile a [`ScalarExpr::Token`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenAt {
+    /// The element's row (query) token.
+    Row,
+    /// The element's column (key) token; in `ContractT` scales, the contracted token.
+    Col,
+    /// The tile's last valid token.
+    Last,
+    /// The token before the tile (the value is 0 before the first token).
+    Before,
 }
 
 /// A global f32 array of per-chunk states of a chunked sequential program:
@@ -267,6 +287,8 @@ pub enum ScalarExpr {
     Elem(RegId),
     /// A row vector's value at the current row.
     Row(RowId),
+    /// A per-token input at a token of the current tile (sequential programs).
+    Token(TokenId, TokenAt),
     Unary(UnaryOp, Box<ScalarExpr>),
     Binary(BinaryOp, Box<ScalarExpr>, Box<ScalarExpr>),
     /// `if lhs op rhs { then } else { otherwise }`.
@@ -386,7 +408,10 @@ impl ScalarExpr {
         self.visit(&mut |e| {
             if matches!(
                 e,
-                ScalarExpr::Index(_) | ScalarExpr::Elem(_) | ScalarExpr::Row(_)
+                ScalarExpr::Index(_)
+                    | ScalarExpr::Elem(_)
+                    | ScalarExpr::Row(_)
+                    | ScalarExpr::Token(..)
             ) {
                 uniform = false
             }
@@ -568,6 +593,8 @@ pub struct TileProgram {
     /// with positions still tile-relative.
     pub chunk_tiles: u32,
     pub states: Vec<StateParam>,
+    /// Per-token inputs of a sequential program.
+    pub tokens: Vec<TokenParam>,
     pub tensors: Vec<TensorParam>,
     pub row_outputs: Vec<RowOutput>,
     pub scalars: Vec<ScalarParam>,
@@ -607,6 +634,10 @@ pub enum AbiRole {
     RowOutputPtr(RowOutputId),
     HeadParamPtr(HeadParamId),
     StatePtr(StateId),
+    TokenPtr(TokenId),
+    TokenStrideBatch(TokenId),
+    TokenStrideSeq(TokenId),
+    TokenStrideHead(TokenId),
     QueryLen,
     KeyLen,
     Heads,
@@ -667,6 +698,24 @@ impl TileProgram {
                 kind: AbiKind::Ptr,
                 role: AbiRole::StatePtr(StateId(i as u32)),
             });
+        }
+        for (i, t) in self.tokens.iter().enumerate() {
+            v.push(AbiParam {
+                name: t.name.clone(),
+                kind: AbiKind::Ptr,
+                role: AbiRole::TokenPtr(TokenId(i as u32)),
+            });
+            for (suffix, role) in [
+                ("sb", AbiRole::TokenStrideBatch(TokenId(i as u32))),
+                ("sn", AbiRole::TokenStrideSeq(TokenId(i as u32))),
+                ("sh", AbiRole::TokenStrideHead(TokenId(i as u32))),
+            ] {
+                v.push(AbiParam {
+                    name: format!("{}_{suffix}", t.name),
+                    kind: AbiKind::U64,
+                    role,
+                });
+            }
         }
         for (name, role) in [
             ("n_q", AbiRole::QueryLen),
@@ -1017,6 +1066,7 @@ impl TileProgram {
                             ScalarExpr::Index(SeqRank::Query)
                                 | ScalarExpr::Elem(_)
                                 | ScalarExpr::Row(_)
+                                | ScalarExpr::Token(_, TokenAt::Row)
                         )
                     });
                     if bad {
@@ -1275,6 +1325,9 @@ impl TileProgram {
             ScalarExpr::Head(id) => format!("{}[h]", self.head_params[id.index()].name),
             ScalarExpr::Index(SeqRank::Query) => "p".into(),
             ScalarExpr::Index(SeqRank::Key) => "m".into(),
+            ScalarExpr::Token(id, at) => {
+                format!("{}[{at:?}]", self.tokens[id.index()].name.to_lowercase())
+            }
             ScalarExpr::Elem(id) => self.regs[id.index()].name.clone(),
             ScalarExpr::Row(id) => self.rows[id.index()].name.clone(),
             ScalarExpr::Unary(op, a) => {
