@@ -390,7 +390,11 @@ fn prepare_linear(
     }
     let gate_index = arrays.len();
     if let Some(g) = &m.gate {
-        let vals: Vec<f32> = inputs[&g.tensor].stored().iter().map(|&x| x as f32).collect();
+        let vals: Vec<f32> = inputs[&g.tensor]
+            .stored()
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
         arrays.push(gpu.upload(&vals).map_err(gpu_error)?);
     }
     let grid = k.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32);

@@ -330,7 +330,9 @@ impl CompiledLinear {
                     AbiRole::TokenPtr(_) => {
                         json!({"param": m.gate.map(|t| cascade.tensors[t.tensor].name.clone())})
                     }
-                    AbiRole::TokenStrideBatch(_) => json!({"value": m.gate.map(|g| g.stride_batch)}),
+                    AbiRole::TokenStrideBatch(_) => {
+                        json!({"value": m.gate.map(|g| g.stride_batch)})
+                    }
                     AbiRole::TokenStrideSeq(_) => json!({"value": m.gate.map(|g| g.stride_seq)}),
                     AbiRole::TokenStrideHead(_) => json!({"value": m.gate.map(|g| g.stride_head)}),
                     AbiRole::RowOutputPtr(_) | AbiRole::Scalar(_) => json!(null),

@@ -181,7 +181,8 @@ pub fn linear_attention_gated(
                 };
                 for a in 0..d * usize::from(spec.causal) {
                     for c in 0..e {
-                        state[a * e + c] = step * state[a * e + c] + k.data[ko + a] * v.data[vo + c];
+                        state[a * e + c] =
+                            step * state[a * e + c] + k.data[ko + a] * v.data[vo + c];
                     }
                 }
                 let oo = ((b * n + i) * prob.heads + h) * e;

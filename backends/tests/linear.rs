@@ -201,7 +201,7 @@ fn linear_examples_compile_and_match_the_interpreter() {
                 .map(|p| vec![inputs[&p].stored()])
                 .unwrap_or_default(),
             tokens: gate_tokens,
-        states: vec![],
+            states: vec![],
         };
         let prob = Problem {
             batch: m.batch as usize,

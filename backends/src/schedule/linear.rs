@@ -79,11 +79,15 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
     let out_ranks = c.tensors[*o].ranks.clone();
     let is_gate = |t: &Handle<Tensor>| {
         let r = &c.tensors[*t].ranks;
-        r.len() + 1 == out_ranks.len() && r.iter().all(|x| out_ranks[..out_ranks.len() - 1].contains(x))
+        r.len() + 1 == out_ranks.len()
+            && r.iter()
+                .all(|x| out_ranks[..out_ranks.len() - 1].contains(x))
     };
     let all_inputs = inputs.len();
-    let (gates, inputs): (Vec<Handle<Tensor>>, Vec<Handle<Tensor>>) =
-        inputs.iter().copied().partition(|t| all_inputs == 4 && is_gate(t));
+    let (gates, inputs): (Vec<Handle<Tensor>>, Vec<Handle<Tensor>>) = inputs
+        .iter()
+        .copied()
+        .partition(|t| all_inputs == 4 && is_gate(t));
     if inputs.len() != 3 || gates.len() > 1 {
         return Err(not_mappable(
             c,

@@ -535,7 +535,9 @@ impl Cta<'_> {
                     TokenAt::Row => Some(self.key_origin + r),
                     TokenAt::Col => Some(
                         self.key_origin
-                            + c.ok_or_else(|| TileError::Invalid("column token in a row expression".into()))?,
+                            + c.ok_or_else(|| {
+                                TileError::Invalid("column token in a row expression".into())
+                            })?,
                     ),
                     TokenAt::Last => Some((self.key_origin + bm).min(n) - 1),
                     TokenAt::Before => self.key_origin.checked_sub(1),

@@ -259,7 +259,12 @@ pub fn lightning_part(
     };
     // exp(G[a] - G[b]) between two tokens of the tile.
     let gate_between = |a: TokenAt, b: TokenAt| {
-        gate.map(|g| un(UnaryOp::Exp, sub(ScalarExpr::Token(g, a), ScalarExpr::Token(g, b))))
+        gate.map(|g| {
+            un(
+                UnaryOp::Exp,
+                sub(ScalarExpr::Token(g, a), ScalarExpr::Token(g, b)),
+            )
+        })
     };
     let mut shared = |name: &str, rows, cols, rank| {
         p.shared.push(SharedTile {
@@ -337,14 +342,17 @@ pub fn lightning_part(
         ];
         let _ = pf;
         p.validate()?;
-        return Ok((p, LinearBindings {
-            q,
-            k,
-            v,
-            o,
-            decay,
-            gate,
-        }));
+        return Ok((
+            p,
+            LinearBindings {
+                q,
+                k,
+                v,
+                o,
+                decay,
+                gate,
+            },
+        ));
     }
     let (i, j) = (index(SeqRank::Query), index(SeqRank::Key));
     let intra = match decay_pow(sub(i.clone(), j.clone()))
@@ -379,7 +387,9 @@ pub fn lightning_part(
             b_layout: BLayout::RowsAreK,
         },
     ];
-    if let Some(f) = decay_pow(add(i, lit(1.0))).or_else(|| gate_between(TokenAt::Row, TokenAt::Before)) {
+    if let Some(f) =
+        decay_pow(add(i, lit(1.0))).or_else(|| gate_between(TokenAt::Row, TokenAt::Before))
+    {
         lp.push(Stmt::Map {
             dst: acc,
             expr: mul(elem(acc), f),
@@ -474,12 +484,15 @@ pub fn lightning_part(
         ],
     };
     p.validate()?;
-    Ok((p, LinearBindings {
+    Ok((
+        p,
+        LinearBindings {
             q,
             k,
             v,
             o,
             decay,
             gate,
-        }))
+        },
+    ))
 }
