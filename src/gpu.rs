@@ -88,6 +88,8 @@ fn prepare(
             AbiRole::HeadParamPtr(h) => arrays[h.index()].arg(gpu),
             AbiRole::RowOutputPtr(_)
             | AbiRole::StatePtr(_)
+            | AbiRole::ChunkBase
+            | AbiRole::ChunkTotal
             | AbiRole::TokenPtr(_)
             | AbiRole::TokenStrideBatch(_)
             | AbiRole::TokenStrideSeq(_)
@@ -411,6 +413,8 @@ fn prepare_linear(
             AbiRole::TensorPtr(t) => bufs[t.index()].arg(gpu),
             AbiRole::HeadParamPtr(h) => arrays[h.index()].arg(gpu),
             AbiRole::StatePtr(_) => arrays[state_index].arg(gpu),
+            AbiRole::ChunkBase => KernelArg::U32(0),
+            AbiRole::ChunkTotal => KernelArg::U32(grid.2),
             AbiRole::TokenPtr(_) => arrays[gate_index].arg(gpu),
             AbiRole::TokenStrideBatch(_) => KernelArg::U64(m.gate.map_or(0, |g| g.stride_batch)),
             AbiRole::TokenStrideSeq(_) => KernelArg::U64(m.gate.map_or(0, |g| g.stride_seq)),

@@ -67,6 +67,8 @@ impl CompiledKernel {
                     AbiRole::TensorPtr(t) => json!({"tensor": tensor_name(t.index())}),
                     AbiRole::RowOutputPtr(_) => json!({"row_output": p.name}),
                     AbiRole::StatePtr(_)
+                    | AbiRole::ChunkBase
+                    | AbiRole::ChunkTotal
                     | AbiRole::TokenPtr(_)
                     | AbiRole::TokenStrideBatch(_)
                     | AbiRole::TokenStrideSeq(_)
@@ -325,8 +327,10 @@ impl CompiledLinear {
                     AbiRole::StrideSeq(t) => json!({"value": layouts[t.index()].stride_seq}),
                     AbiRole::StrideHead(t) => json!({"value": layouts[t.index()].stride_head}),
                     AbiRole::StatePtr(_) => {
-                        json!({"scratch": "chunk states, f32 [B, H, chunks, d, e]"})
+                        json!({"scratch": "chunk states, f32 [chunks, B, H, d, e]"})
                     }
+                    AbiRole::ChunkBase => json!({"value": 0}),
+                    AbiRole::ChunkTotal => json!({"value": "grid z (chunks)"}),
                     AbiRole::TokenPtr(_) => {
                         json!({"param": m.gate.map(|t| cascade.tensors[t.tensor].name.clone())})
                     }

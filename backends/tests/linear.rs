@@ -39,6 +39,8 @@ fn check(spec: &LinearSpec, sched: &LinearSchedule, prob: Problem, seed: u64) ->
         scalars: vec![],
         head_params: bind.decay.map(|_| vec![decay.clone()]).unwrap_or_default(),
         tokens: vec![],
+        chunk_base: 0,
+        chunk_total: 0,
         states: vec![],
     };
     run(&prog, prob, &mut io).expect("runs");
@@ -201,6 +203,8 @@ fn linear_examples_compile_and_match_the_interpreter() {
                 .map(|p| vec![inputs[&p].stored()])
                 .unwrap_or_default(),
             tokens: gate_tokens,
+            chunk_base: 0,
+            chunk_total: 0,
             states: vec![],
         };
         let prob = Problem {
@@ -253,6 +257,8 @@ proptest! {
             scalars: vec![],
             head_params: bind.decay.map(|_| vec![s.clone()]).unwrap_or_default(),
             tokens: vec![],
+        chunk_base: 0,
+        chunk_total: 0,
         states: vec![vec![f64::NAN; prob.batch * prob.heads * chunks * 32 * 32]],
         };
         run(&states, prob, &mut io).expect("states run");
@@ -260,5 +266,84 @@ proptest! {
         let want = linear_attention(&spec, prob, &q, &k, &v, decay.then_some(s.as_slice()));
         let err = relative_error(&io.tensors[bind.o.index()].data, &want);
         prop_assert!(err < 2e-2, "relative error {} (chunks {})", err, chunks);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, .. ProptestConfig::default() })]
+    /// LASP-2 with the chunk kernels: P devices each hold a slice of the sequence; each runs
+    /// the state-only kernel on its slice (writing its slot of the chunk-major state array,
+    /// which is what an all-gather of the per-device states produces), then the output
+    /// kernel with `chunk_base = rank`, which starts from the decayed prefix of the earlier
+    /// devices' states. The concatenated outputs equal the single-device recurrence.
+    #[test]
+    fn lasp2_with_the_chunk_kernels_matches_one_device(p in 2usize..5, blocks_per_rank in 1usize..4,
+                                                      tail in 0usize..32, decay in any::<bool>(), seed in any::<u64>()) {
+        use einattn_backends::tile::linear::{lightning_part, Part};
+        let d = 32usize;
+        let spec = LinearSpec {
+            head_dim: d as u32,
+            value_dim: d as u32,
+            elem: Elem::Bf16,
+            decay: if decay { Decay::PerHead("s".into()) } else { Decay::None },
+            causal: true,
+        };
+        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: 32, warps: 2, stages: 2 };
+        let local = blocks_per_rank * d;
+        // Every rank holds `local` tokens but the last, which may be shorter.
+        let n = local * (p - 1) + (local - tail.min(local - 1));
+        let heads = 2;
+        let chunk_tiles = blocks_per_rank as u32;
+        let (states_prog, bind) = lightning_part(&spec, &sched, Part::ChunkStates { chunk_tiles }).expect("builds");
+        let (outputs_prog, _) = lightning_part(&spec, &sched, Part::ChunkOutputs { chunk_tiles }).expect("builds");
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut full = |cols: usize| -> Vec<f64> {
+            (0..n * heads * cols).map(|_| spec.elem.round(rng.random_range(-1.0..1.0))).collect()
+        };
+        let (qf, kf, vf) = (full(d), full(d), full(d));
+        let s: Vec<f64> = (0..heads).map(|h| 0.05 + 0.3 * h as f64).collect();
+        // The gathered state array of all ranks: [P, B, H, d, e].
+        let mut gathered = vec![f64::NAN; p * heads * d * d];
+        let slice = |x: &Vec<f64>, r: usize, len: usize| {
+            HostTensor::bnhd(x[r * local * heads * d..(r * local + len) * heads * d].to_vec(), len, heads, d)
+        };
+        let lens: Vec<usize> = (0..p).map(|r| if r + 1 == p { n - r * local } else { local }).collect();
+        let bindings = |r: usize, states: Vec<f64>| Bindings {
+            tensors: vec![
+                slice(&qf, r, lens[r]),
+                slice(&kf, r, lens[r]),
+                slice(&vf, r, lens[r]),
+                HostTensor::bnhd(vec![f64::NAN; lens[r] * heads * d], lens[r], heads, d),
+            ],
+            row_outputs: vec![],
+            scalars: vec![],
+            head_params: bind.decay.map(|_| vec![s.clone()]).unwrap_or_default(),
+            tokens: vec![],
+            chunk_base: r,
+            chunk_total: p,
+            states: vec![states],
+        };
+        // Phase 1 on every device; each writes only its own slot, so running them over one
+        // shared array is the all-gather.
+        for (r, &len) in lens.iter().enumerate() {
+            let prob = Problem { batch: 1, heads, kv_group: 1, n_q: len, n_k: len };
+            let mut io = bindings(r, gathered.clone());
+            run(&states_prog, prob, &mut io).expect("state pass");
+            let slot = heads * d * d;
+            gathered[r * slot..(r + 1) * slot].copy_from_slice(&io.states[0][r * slot..(r + 1) * slot]);
+        }
+        // Phase 2 on every device.
+        let mut out = Vec::new();
+        for (r, &len) in lens.iter().enumerate() {
+            let prob = Problem { batch: 1, heads, kv_group: 1, n_q: len, n_k: len };
+            let mut io = bindings(r, gathered.clone());
+            run(&outputs_prog, prob, &mut io).expect("output pass");
+            out.extend_from_slice(&io.tensors[bind.o.index()].data);
+        }
+        let prob = Problem { batch: 1, heads, kv_group: 1, n_q: n, n_k: n };
+        let host = |x: &Vec<f64>| HostTensor::bnhd(x.clone(), n, heads, d);
+        let want = linear_attention(&spec, prob, &host(&qf), &host(&kf), &host(&vf), decay.then_some(s.as_slice()));
+        let err = relative_error(&out, &want);
+        prop_assert!(err < 2e-2, "P = {}: relative error {}", p, err);
     }
 }

@@ -69,6 +69,8 @@ fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64
             .collect(),
         head_params: m.head_params.iter().map(|t| inputs[t].stored()).collect(),
         tokens: vec![],
+        chunk_base: 0,
+        chunk_total: 0,
         states: vec![],
     };
     let prob = Problem {

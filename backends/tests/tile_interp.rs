@@ -81,6 +81,8 @@ fn check(case: &Case) -> Result<(), String> {
         scalars: scalars.clone(),
         head_params: head_params.clone(),
         tokens: vec![],
+        chunk_base: 0,
+        chunk_total: 0,
         states: vec![],
     };
     run(&prog, prob, &mut io).map_err(|e| e.to_string())?;

@@ -296,6 +296,14 @@ impl<'a> Printer<'a> {
                     let g = self.named(".b64", &format!("hpp{}", id.0));
                     self.ins(format!("cvta.to.global.u64 {g}, {raw};"));
                 }
+                AbiRole::ChunkBase => {
+                    let r = self.named(".b32", "cbase");
+                    self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
+                }
+                AbiRole::ChunkTotal => {
+                    let r = self.named(".b32", "nchunks");
+                    self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
+                }
                 AbiRole::TokenPtr(id) => {
                     let raw = self.named(".b64", &format!("tkraw{}", id.0));
                     self.ins(format!("ld.param.u64 {raw}, [{}];", a.name));
@@ -373,10 +381,13 @@ impl<'a> Printer<'a> {
         let qtile = self.named(".b32", "qtile");
         let colb = self.named(".b32", "colb");
         if prog.chunked() {
+            // Tiles come from the launch's own chunk; the state slot from the global one.
+            let local = self.named(".b32", "lchunk");
+            self.ins(format!("mov.u32 {local}, %ctaid.z;"));
             let chunk = self.named(".b32", "chunk");
-            let nchunks = self.named(".b32", "nchunks");
-            self.ins(format!("mov.u32 {chunk}, %ctaid.z;"));
-            self.ins(format!("mov.u32 {nchunks}, %nctaid.z;"));
+            self.ins(format!("add.u32 {chunk}, %cbase, {local};"));
+            let nbh = self.named(".b32", "nbh");
+            self.ins(format!("mov.u32 {nbh}, %nctaid.y;"));
         }
         if prog.sequential {
             // The CTA walks the whole sequence; grid x is its value-column block.
@@ -1183,7 +1194,7 @@ impl<'a> Printer<'a> {
         let bm = prog.schedule.block_m;
         let row = self.r();
         self.ins(format!("mad.lo.u32 {row}, %bidx, %heads, %hidx;"));
-        self.ins(format!("mad.lo.u32 {row}, {row}, %nchunks, {chunk_reg};"));
+        self.ins(format!("mad.lo.u32 {row}, {chunk_reg}, %nbh, {row};"));
         self.ins(format!("mul.lo.u32 {row}, {row}, {bm};"));
         self.ins(format!(
             "mad.lo.u32 {row}, %warp, {}, {row};",
@@ -1367,7 +1378,7 @@ impl<'a> Printer<'a> {
         if prog.chunked() {
             // This chunk's tiles only.
             let span_keys = prog.chunk_tiles * block_n;
-            self.ins(format!("mul.lo.u32 {kstart}, %chunk, {span_keys};"));
+            self.ins(format!("mul.lo.u32 {kstart}, %lchunk, {span_keys};"));
             let span = self.r();
             self.ins(format!("add.s32 {span}, {kstart}, {span_keys};"));
             self.ins(format!("min.s32 {kend}, {kend}, {span};"));

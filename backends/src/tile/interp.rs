@@ -72,8 +72,12 @@ pub struct Bindings {
     pub scalars: Vec<f64>,
     /// One value per head each.
     pub head_params: Vec<Vec<f64>>,
-    /// The state arrays of a chunked program, `[B, H, chunks, rows, cols]` each.
+    /// The state arrays of a chunked program, `[chunks, B, H, rows, cols]` each.
     pub states: Vec<Vec<f64>>,
+    /// The global index of this launch's first chunk (`chunk_base`; a device's rank under
+    /// LASP-2), and the chunks in the state arrays (0: this launch's own).
+    pub chunk_base: usize,
+    pub chunk_total: usize,
     /// Per-token inputs: `(values, stride_b, stride_n, stride_h)`.
     pub tokens: Vec<(Vec<f64>, usize, usize, usize)>,
 }
@@ -86,9 +90,10 @@ struct Cta<'a> {
     p0: usize,
     /// The column block of a sequential program's CTA.
     col_block: usize,
-    /// The chunk of a chunked program's CTA, of `chunks`, each of `chunk_tiles` tiles.
+    /// The chunk of a chunked program's CTA within its launch (its tiles), and its global
+    /// index (its state slot).
+    local_chunk: usize,
     chunk: usize,
-    chunks: usize,
     key_origin: usize,
     shared: Vec<Vec<f64>>,
     regs: Vec<Vec<f64>>,
@@ -141,7 +146,12 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
     } else {
         (prob.n_q.div_ceil(bm), false)
     };
-    let chunks = chunk_count(prog, prob);
+    let local_chunks = chunk_count(prog, prob);
+    let chunks = if io.chunk_total == 0 {
+        io.chunk_base + local_chunks
+    } else {
+        io.chunk_total
+    };
     if io.states.len() != prog.states.len() {
         return invalid("bindings do not match the program's states");
     }
@@ -152,7 +162,7 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
     }
     for b in 0..prob.batch {
         for h in 0..prob.heads {
-            for (x, chunk) in (0..x_cells).flat_map(|x| (0..chunks).map(move |c| (x, c))) {
+            for (x, local) in (0..x_cells).flat_map(|x| (0..local_chunks).map(move |c| (x, c))) {
                 let mut cta = Cta {
                     prog,
                     prob,
@@ -160,8 +170,8 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
                     h,
                     p0: if col_blocks { 0 } else { x * bm },
                     col_block: if col_blocks { x } else { 0 },
-                    chunk,
-                    chunks,
+                    local_chunk: local,
+                    chunk: io.chunk_base + local,
                     key_origin: 0,
                     shared: prog
                         .shared
@@ -209,8 +219,8 @@ impl Cta<'_> {
     /// Offset of row `r` of chunk `chunk` in a state array with `cols` columns.
     fn state_row(&self, r: usize, chunk: usize, cols: usize) -> usize {
         let bm = self.prog.schedule.block_m as usize;
-        let _ = self.chunks;
-        (((self.b * self.prob.heads + self.h) * self.chunks + chunk) * bm + r) * cols
+        let bh = self.prob.batch * self.prob.heads;
+        (((chunk * bh + self.b * self.prob.heads + self.h) * bm) + r) * cols
     }
 
     /// First column a tile of `cols` columns covers in a tensor of `tensor_cols`.
@@ -378,8 +388,8 @@ impl Cta<'_> {
                         if self.prog.chunked() {
                             let ct = self.prog.chunk_tiles as i64;
                             KeyTileRange {
-                                begin: self.chunk as i64 * ct,
-                                end: ((self.chunk as i64 + 1) * ct).min(tiles),
+                                begin: self.local_chunk as i64 * ct,
+                                end: ((self.local_chunk as i64 + 1) * ct).min(tiles),
                             }
                         } else {
                             KeyTileRange {

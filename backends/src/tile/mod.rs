@@ -132,7 +132,8 @@ pub enum TokenAt {
 }
 
 /// A global f32 array of per-chunk states of a chunked sequential program:
-/// `[B, H, chunks, block_m, cols]`, row-major (a CTA's column block covers its columns).
+/// `[chunks, B, H, block_m, cols]`, row-major (a CTA's column block covers its columns).
+/// Chunk-major, so the all-gather of per-device states under LASP-2 is this array as is.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StateParam {
     pub name: String,
@@ -634,6 +635,11 @@ pub enum AbiRole {
     RowOutputPtr(RowOutputId),
     HeadParamPtr(HeadParamId),
     StatePtr(StateId),
+    /// The global index of the launch's first chunk (a device's rank under LASP-2; 0 on one
+    /// device): chunk `chunk_base + ctaid.z` owns state slot and prefix length.
+    ChunkBase,
+    /// Chunks in the state arrays (all devices' together under LASP-2).
+    ChunkTotal,
     TokenPtr(TokenId),
     TokenStrideBatch(TokenId),
     TokenStrideSeq(TokenId),
@@ -717,12 +723,23 @@ impl TileProgram {
                 });
             }
         }
+        let chunk_params = if self.chunked() {
+            vec![
+                ("chunk_base", AbiRole::ChunkBase),
+                ("chunk_total", AbiRole::ChunkTotal),
+            ]
+        } else {
+            vec![]
+        };
         for (name, role) in [
             ("n_q", AbiRole::QueryLen),
             ("n_k", AbiRole::KeyLen),
             ("heads", AbiRole::Heads),
             ("kv_group", AbiRole::KvGroup),
-        ] {
+        ]
+        .into_iter()
+        .chain(chunk_params)
+        {
             v.push(AbiParam {
                 name: name.into(),
                 kind: AbiKind::U32,
