@@ -246,6 +246,8 @@ struct Reader<'c> {
     /// The key position of the Einsum being read: `m`, or `tile * m1 + m0`.
     key_here: Option<IndexExpr>,
     span: Span,
+    /// Where a running max starts at exactly -inf (the recurrence's span).
+    max_starts_at_neg_inf: Option<Span>,
 }
 
 impl<'c> Reader<'c> {
@@ -382,6 +384,7 @@ impl<'c> Reader<'c> {
             reading: Vec::new(),
             key_here: None,
             span: Span::UNKNOWN,
+            max_starts_at_neg_inf: None,
         })
     }
 
@@ -516,6 +519,10 @@ impl<'c> Reader<'c> {
         }
         let t = &self.c.tensors[e.output.tensor];
         let kind = match eval_literal(&rec.init) {
+            Some(x) if x == f64::NEG_INFINITY => {
+                self.max_starts_at_neg_inf = Some(rec.init_span);
+                StateKind::Max
+            }
             // A very negative finite start acts as -inf for every row that sees a key.
             Some(x) if x <= -1e30 => StateKind::Max,
             Some(0.0) => StateKind::Sum {
@@ -1025,6 +1032,19 @@ impl<'c> Reader<'c> {
                 }
                 _ => spec.extra_masks.push(*m),
             }
+        }
+        let hides_leading_keys = self
+            .masks
+            .iter()
+            .any(|m| m.direction == BandDirection::QueryMinusKey);
+        if let (true, Some(span)) = (hides_leading_keys, self.max_starts_at_neg_inf) {
+            // The kernel guards this case; the cascade as written does not, so they would
+            // disagree on exactly the rows the window cuts.
+            return Err(not_mappable(
+                "with a mask that hides a query's first keys, a running max that starts at -inf gives exp(-inf - -inf) = NaN in the cascade for those rows",
+                span,
+            )
+            .with_help("start the running max at a finite -1e30, as examples/attention_sliding_window.ein does"));
         }
         if self.roles.query.is_none() && !self.masks.is_empty() {
             return Err(not_mappable("masks need a query rank", Span::UNKNOWN));
