@@ -218,6 +218,8 @@ pub fn build_kernel(
     }
     match build_linear(source, &cascade, defines, args) {
         Ok(k) => Ok((cascade, Kernel::Linear(Box::new(k)))),
+        // A bad linear-attention flag is the answer, not the softmax reading's failure.
+        Err(linear_err) if linear_err.exit_code != 1 => Err(linear_err),
         Err(linear_err) => Err(CliError::input(format!(
             "{}\n\nnor as linear attention:\n{}",
             softmax_err.message.trim_end(),

@@ -241,3 +241,70 @@ fn check_and_bench_need_a_gpu_or_run_on_it() {
         }
     }
 }
+
+#[test]
+fn linear_attention_compiles_to_its_kernels_and_strategies_are_selectable() {
+    let dir = std::env::temp_dir().join(format!("einattn-cli-linear-{}", std::process::id()));
+    let d = dir.to_str().expect("utf-8 path");
+    let out = einattn(&[
+        "compile",
+        "examples/lightning.ein",
+        "-D",
+        "N=4096",
+        "--strategy",
+        "chunked",
+        "--chunk-tokens",
+        "512",
+        "-o",
+        d,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest written"),
+    )
+    .expect("manifest is JSON");
+    // Two kernels: the chunk states first, then the outputs.
+    let first = manifest["launch_first"]["ptx"]
+        .as_str()
+        .expect("a first kernel");
+    assert!(dir.join(first).is_file());
+    assert!(dir.join(manifest["ptx"].as_str().expect("ptx")).is_file());
+    assert!(manifest["strategy"]
+        .as_str()
+        .expect("strategy")
+        .contains("Chunked"));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let single = einattn(&[
+        "compile",
+        "examples/lightning.ein",
+        "--strategy",
+        "single",
+        "--emit",
+        "schedule",
+    ]);
+    assert!(single.status.success());
+    assert!(String::from_utf8_lossy(&single.stdout).contains("single pass"));
+    let bad = einattn(&[
+        "compile",
+        "examples/lightning.ein",
+        "--chunk-tokens",
+        "100",
+        "--emit",
+        "ptx",
+    ]);
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    // Not linear attention and not softmax attention: both reasons are given.
+    let neither = einattn(&["compile", "examples/lm_head_entropy.ein", "--emit", "ptx"]);
+    assert_eq!(neither.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&neither.stderr).contains("nor as linear attention"));
+}
