@@ -408,9 +408,18 @@ pub fn check(
     defines: &[(String, u64)],
     args: &KernelArgs,
     seed: u64,
+    devices: Option<usize>,
 ) -> Result<(String, bool), CliError> {
     let source = SourceFile::load(file)?;
     let (cascade, kernel) = build_kernel(&source, defines, args)?;
+    if let Some(p) = devices {
+        return match &kernel {
+            Kernel::Linear(k) => crate::gpu::check_sp_linear(&cascade, k, p, seed),
+            Kernel::Attention(_) => Err(CliError::usage(
+                "error: `check --sp` runs linear attention (LASP-2) so far; softmax plans run on the CPU executor (`compile --sp`)",
+            )),
+        };
+    }
     match &kernel {
         Kernel::Attention(k) => crate::gpu::check(&cascade, k, seed),
         Kernel::Linear(k) => crate::gpu::check_linear(&cascade, k, seed),

@@ -678,3 +678,183 @@ pub fn bench_linear(
         }
     })
 }
+
+/// `einattn check FILE --sp P` for causal linear attention: LASP-2 over P GPUs of this
+/// host. Device `r` holds tokens `[r L, (r + 1) L)`; it runs the state-only kernel on its
+/// slice (its slot of the chunk-major state array), one NCCL all-gather hands every device
+/// every slot, and the output kernel starts device `r` from the decayed sum of the slots
+/// before `r`. The stitched output is compared with the single-device reference.
+pub fn check_sp_linear(
+    cascade: &Cascade,
+    k: &einattn_backends::compile::CompiledLinear,
+    devices: usize,
+    seed: u64,
+) -> Result<(String, bool), CliError> {
+    use einattn_backends::print_ptx;
+    use einattn_backends::tile::linear::{lightning_part, Part};
+    use einattn_runtime::nccl::NcclGroup;
+    let m = &k.matched;
+    if !m.spec.causal || m.gate.is_some() || devices < 2 {
+        return Err(CliError::usage(
+            "error: `--sp` runs causal linear attention with no or a per-head decay on 2 or more GPUs",
+        ));
+    }
+    let (d, e) = (m.spec.head_dim as usize, m.spec.value_dim as usize);
+    let n = m.n as usize;
+    let local = n.div_ceil(devices).div_ceil(d) * d;
+    let lens: Vec<usize> = (0..devices)
+        .map(|r| n.saturating_sub(r * local).min(local))
+        .collect();
+    if lens.contains(&0) {
+        return Err(CliError::usage(format!(
+            "error: {n} tokens do not give each of {devices} devices a block of {d}"
+        )));
+    }
+    let chunk_tiles = (local / d) as u32;
+    let build = |part| -> Result<einattn_backends::PtxKernel, CliError> {
+        let (prog, _) = lightning_part(&m.spec, &k.schedule, part)
+            .map_err(|e| CliError::input(format!("error: {e}")))?;
+        print_ptx(&prog, k.target).map_err(|e| CliError::input(format!("error: {e}")))
+    };
+    let states_ptx = build(Part::ChunkStates { chunk_tiles })?;
+    let outputs_ptx = build(Part::ChunkOutputs { chunk_tiles })?;
+    let inputs = linear_inputs(cascade, k, seed);
+    let (b_n, h_n) = (m.batch as usize, m.heads as usize);
+    // Rank r's rows of a tensor, compact [B, len, H, cols].
+    let slice = |l: &Layout, cols: usize, r: usize| -> Vec<u16> {
+        let data = inputs[&l.tensor].stored();
+        let mut out = Vec::with_capacity(b_n * lens[r] * h_n * cols);
+        for b in 0..b_n {
+            for t in r * local..r * local + lens[r] {
+                for h in 0..h_n {
+                    let o = b * l.stride_batch as usize
+                        + t * l.stride_seq as usize
+                        + h * l.stride_head as usize;
+                    out.extend(data[o..o + cols].iter().map(|&x| to_bits(m.spec.elem, x)));
+                }
+            }
+        }
+        out
+    };
+    let mut gpus = Vec::new();
+    for r in 0..devices {
+        gpus.push(Gpu::open(r).map_err(gpu_error)?);
+    }
+    let device = gpus[0].name().map_err(gpu_error)?;
+    let group = NcclGroup::new(&gpus.iter().collect::<Vec<_>>()).map_err(gpu_error)?;
+    let slot = b_n * h_n * d * e;
+    let grid = (
+        m.spec.value_dim / k.schedule.value_block,
+        (b_n * h_n) as u32,
+        1,
+    );
+    let mut states = Vec::new();
+    let mut gathered = Vec::new();
+    let mut per_rank = Vec::new();
+    for (r, gpu) in gpus.iter().enumerate() {
+        let kernels = (
+            gpu.load_ptx(&states_ptx.text, &states_ptx.entry)
+                .map_err(gpu_error)?,
+            gpu.load_ptx(&outputs_ptx.text, &outputs_ptx.entry)
+                .map_err(gpu_error)?,
+        );
+        let tensors = [
+            gpu.upload(&slice(&m.q, d, r)).map_err(gpu_error)?,
+            gpu.upload(&slice(&m.k, d, r)).map_err(gpu_error)?,
+            gpu.upload(&slice(&m.v, e, r)).map_err(gpu_error)?,
+            gpu.filled(b_n * lens[r] * h_n * e, to_bits(m.spec.elem, f64::NAN))
+                .map_err(gpu_error)?,
+        ];
+        let decay = match m.decay_param {
+            Some(p) => {
+                let v: Vec<f32> = inputs[&p].stored().iter().map(|&x| x as f32).collect();
+                Some(gpu.upload(&v).map_err(gpu_error)?)
+            }
+            None => None,
+        };
+        states.push(gpu.filled(devices * slot, 0f32).map_err(gpu_error)?);
+        gathered.push(gpu.filled(devices * slot, f32::NAN).map_err(gpu_error)?);
+        per_rank.push((kernels, tensors, decay));
+    }
+    // Arguments of rank r's launch reading or writing `state`.
+    let args = |r: usize, state: &DeviceBuffer<f32>| -> Vec<KernelArg> {
+        let gpu = &gpus[r];
+        let (_, tensors, decay) = &per_rank[r];
+        let cols = [d, d, e, e];
+        states_ptx
+            .abi
+            .iter()
+            .map(|p| match &p.role {
+                AbiRole::TensorPtr(t) => tensors[t.index()].arg(gpu),
+                AbiRole::HeadParamPtr(_) => {
+                    decay.as_ref().map_or(KernelArg::U64(0), |b| b.arg(gpu))
+                }
+                AbiRole::StatePtr(_) => state.arg(gpu),
+                AbiRole::ChunkBase => KernelArg::U32(r as u32),
+                AbiRole::ChunkTotal => KernelArg::U32(devices as u32),
+                AbiRole::QueryLen | AbiRole::KeyLen => KernelArg::U32(lens[r] as u32),
+                AbiRole::Heads => KernelArg::U32(h_n as u32),
+                AbiRole::KvGroup => KernelArg::U32(1),
+                AbiRole::StrideBatch(t) => KernelArg::U64((lens[r] * h_n * cols[t.index()]) as u64),
+                AbiRole::StrideSeq(t) => KernelArg::U64((h_n * cols[t.index()]) as u64),
+                AbiRole::StrideHead(t) => KernelArg::U64(cols[t.index()] as u64),
+                _ => KernelArg::U64(0),
+            })
+            .collect()
+    };
+    let dims = |p: &einattn_backends::PtxKernel| LaunchDims {
+        grid,
+        block: (p.threads, 1, 1),
+        dynamic_smem_bytes: p.dynamic_smem_bytes,
+    };
+    for (r, gpu) in gpus.iter().enumerate() {
+        gpu.launch(&per_rank[r].0 .0, dims(&states_ptx), &args(r, &states[r]))
+            .map_err(gpu_error)?;
+    }
+    group
+        .all_gather_slots(&states, &mut gathered, slot)
+        .map_err(gpu_error)?;
+    for (r, gpu) in gpus.iter().enumerate() {
+        gpu.launch(
+            &per_rank[r].0 .1,
+            dims(&outputs_ptx),
+            &args(r, &gathered[r]),
+        )
+        .map_err(gpu_error)?;
+    }
+    // Stitch the ranks' outputs into O's layout.
+    let mut got = vec![0.0; m.o.elements as usize];
+    for (r, gpu) in gpus.iter().enumerate() {
+        gpu.synchronize().map_err(gpu_error)?;
+        let o = gpu.download(&per_rank[r].1[3]).map_err(gpu_error)?;
+        for b in 0..b_n {
+            for t in 0..lens[r] {
+                for h in 0..h_n {
+                    let src = ((b * lens[r] + t) * h_n + h) * e;
+                    let dst = b * m.o.stride_batch as usize
+                        + (r * local + t) * m.o.stride_seq as usize
+                        + h * m.o.stride_head as usize;
+                    for c in 0..e {
+                        got[dst + c] = from_bits(m.spec.elem, o[src + c]);
+                    }
+                }
+            }
+        }
+    }
+    let want = linear_reference(m, &inputs);
+    let err = relative_error(&got, &want);
+    let pass = err < 2e-2;
+    let mut s = String::new();
+    let _ = writeln!(s, "devices: {devices} x {device} (LASP-2: state pass, NCCL all-gather of {} KiB per device, output pass)", slot * 4 / 1024);
+    let _ = writeln!(
+        s,
+        "kernels: {} then {}; {} tokens per device",
+        states_ptx.entry, outputs_ptx.entry, local
+    );
+    let _ = writeln!(
+        s,
+        "{}: ||out - ref|| / ||ref|| = {err:.3e} against the single-device f64 recurrence (tolerance 2e-2)",
+        if pass { "PASS" } else { "FAIL" }
+    );
+    Ok((s, pass))
+}

@@ -75,6 +75,10 @@ enum Command {
         /// Seed of the random inputs (default: drawn from the clock, printed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Split the sequence over this many GPUs of this host (LASP-2 over NCCL) and
+        /// compare with one device.
+        #[arg(long = "sp", value_name = "P", value_parser = clap::value_parser!(u64).range(2..))]
+        sp: Option<u64>,
     },
     /// Time the compiled kernel on the GPU: median, TFLOP/s, percent of the peak.
     Bench {
@@ -283,13 +287,20 @@ fn execute(args: Args) -> Result<(), CliError> {
             define,
             kernel,
             seed,
+            sp,
         } => {
             let seed = seed.unwrap_or_else(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(1, |d| d.as_nanos() as u64)
             });
-            let (report, pass) = cli::check(&file, &define, &kernel.into_args(), seed)?;
+            let (report, pass) = cli::check(
+                &file,
+                &define,
+                &kernel.into_args(),
+                seed,
+                sp.map(|p| p as usize),
+            )?;
             say!("{report}");
             if !pass {
                 return Err(CliError {

@@ -9,6 +9,8 @@
 //! because kernels receive raw device pointers ([`KernelArg::Ptr`]) and stream order already
 //! orders them.
 
+pub mod nccl;
+
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -31,6 +33,8 @@ pub enum RuntimeError {
     },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error("NCCL error while {0}")]
+    Nccl(String),
 }
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;

@@ -1,0 +1,77 @@
+//! NCCL collectives across the GPUs of one process, through cudarc with `libnccl` loaded at
+//! run time. One thread drives every GPU: kernels are enqueued on each GPU's stream and a
+//! collective is issued as one NCCL group over all ranks.
+
+use crate::{DeviceBuffer, Gpu, Result, RuntimeError};
+use cudarc::nccl::{result as nccl, safe::Comm};
+
+/// Whether `libnccl` can be opened on this machine.
+pub fn nccl_present() -> bool {
+    // SAFETY: only tries to dlopen the library by its usual names.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+fn nccl_err(what: &str, e: nccl::NcclError) -> RuntimeError {
+    RuntimeError::Nccl(format!("{what}: {e:?}"))
+}
+
+/// One communicator per GPU (`ncclCommInitAll`); rank `r` is `gpus[r]`.
+pub struct NcclGroup {
+    comms: Vec<Comm>,
+}
+
+impl NcclGroup {
+    pub fn new(gpus: &[&Gpu]) -> Result<NcclGroup> {
+        if !nccl_present() {
+            return Err(RuntimeError::GpuUnavailable {
+                reason: "the NCCL library (libnccl.so.2) was not found; add its folder to LD_LIBRARY_PATH".into(),
+            });
+        }
+        let streams = gpus.iter().map(|g| g.stream.clone()).collect();
+        let comms =
+            Comm::from_devices(streams).map_err(|e| nccl_err("creating communicators", e))?;
+        Ok(NcclGroup { comms })
+    }
+
+    pub fn size(&self) -> usize {
+        self.comms.len()
+    }
+
+    /// All-gather of equal slots: rank `r` contributes `send[r][r * count .. (r + 1) * count]`
+    /// and every rank receives all the slots in `recv[r]`, slot `q` at `q * count` (so a
+    /// chunk-major array filled slot by slot comes back whole on every rank).
+    pub fn all_gather_slots(
+        &self,
+        send: &[DeviceBuffer<f32>],
+        recv: &mut [DeviceBuffer<f32>],
+        count: usize,
+    ) -> Result<()> {
+        let p = self.comms.len();
+        if send.len() != p || recv.len() != p {
+            return Err(RuntimeError::InvalidArgument(
+                "one send and one receive buffer per rank".into(),
+            ));
+        }
+        for (s, r) in send.iter().zip(recv.iter()) {
+            if s.len() < p * count || r.len() < p * count {
+                return Err(RuntimeError::InvalidArgument(format!(
+                    "buffers need {} elements for {p} slots of {count}",
+                    p * count
+                )));
+            }
+        }
+        nccl::group_start().map_err(|e| nccl_err("starting a group", e))?;
+        for (rank, (comm, (s, r))) in self
+            .comms
+            .iter()
+            .zip(send.iter().zip(recv.iter_mut()))
+            .enumerate()
+        {
+            let slot = s.slice.slice(rank * count..(rank + 1) * count);
+            comm.all_gather(&slot, &mut r.slice)
+                .map_err(|e| nccl_err("all-gather", e))?;
+        }
+        nccl::group_end().map_err(|e| nccl_err("ending a group", e))?;
+        Ok(())
+    }
+}
