@@ -308,3 +308,22 @@ fn linear_attention_compiles_to_its_kernels_and_strategies_are_selectable() {
     assert_eq!(neither.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&neither.stderr).contains("nor as linear attention"));
 }
+
+#[test]
+fn check_sp_needs_gpus_or_runs_lasp2() {
+    let out = einattn(&["check", "examples/lightning.ein", "--sp", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(3) => assert!(
+            stderr.contains("no GPU") || stderr.contains("NCCL"),
+            "{stderr}"
+        ),
+        Some(0) => assert!(String::from_utf8_lossy(&out.stdout).contains("PASS")),
+        other => panic!("exit {other:?}: {stderr}"),
+    }
+    // Softmax plans are not run on GPUs yet: a usage error that says so.
+    let softmax = einattn(&["check", "examples/attention_causal.ein", "--sp", "2"]);
+    assert_eq!(softmax.status.code(), Some(2));
+    let one = einattn(&["check", "examples/lightning.ein", "--sp", "1"]);
+    assert_eq!(one.status.code(), Some(2));
+}
