@@ -86,6 +86,7 @@ fn prepare(
         args.push(match &p.role {
             AbiRole::TensorPtr(t) => bufs[t.index()].arg(gpu),
             AbiRole::HeadParamPtr(h) => arrays[h.index()].arg(gpu),
+            AbiRole::QueryOffset => KernelArg::U32(0),
             AbiRole::RowOutputPtr(_)
             | AbiRole::StatePtr(_)
             | AbiRole::ChunkBase
@@ -247,6 +248,7 @@ fn formula_output(
         v: &v,
         scalars: &scalars,
         head_params: &head_params,
+        q_offset: 0,
     };
     let (bnhd, _) = reference::attention(&m.spec, prob, &x);
     // Scatter the contiguous BNHD result into O's own layout.
@@ -413,7 +415,7 @@ fn prepare_linear(
             AbiRole::TensorPtr(t) => bufs[t.index()].arg(gpu),
             AbiRole::HeadParamPtr(h) => arrays[h.index()].arg(gpu),
             AbiRole::StatePtr(_) => arrays[state_index].arg(gpu),
-            AbiRole::ChunkBase => KernelArg::U32(0),
+            AbiRole::ChunkBase | AbiRole::QueryOffset => KernelArg::U32(0),
             AbiRole::ChunkTotal => KernelArg::U32(grid.2),
             AbiRole::TokenPtr(_) => arrays[gate_index].arg(gpu),
             AbiRole::TokenStrideBatch(_) => KernelArg::U64(m.gate.map_or(0, |g| g.stride_batch)),

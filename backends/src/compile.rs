@@ -67,6 +67,7 @@ impl CompiledKernel {
                     AbiRole::TensorPtr(t) => json!({"tensor": tensor_name(t.index())}),
                     AbiRole::RowOutputPtr(_) => json!({"row_output": p.name}),
                     AbiRole::StatePtr(_)
+                    | AbiRole::QueryOffset
                     | AbiRole::ChunkBase
                     | AbiRole::ChunkTotal
                     | AbiRole::TokenPtr(_)
@@ -329,7 +330,7 @@ impl CompiledLinear {
                     AbiRole::StatePtr(_) => {
                         json!({"scratch": "chunk states, f32 [chunks, B, H, d, e]"})
                     }
-                    AbiRole::ChunkBase => json!({"value": 0}),
+                    AbiRole::ChunkBase | AbiRole::QueryOffset => json!({"value": 0}),
                     AbiRole::ChunkTotal => json!({"value": "grid z (chunks)"}),
                     AbiRole::TokenPtr(_) => {
                         json!({"param": m.gate.map(|t| cascade.tensors[t.tensor].name.clone())})

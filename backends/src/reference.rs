@@ -14,6 +14,8 @@ pub struct AttentionInputs<'a> {
     pub scalars: &'a [f64],
     /// One array (one value per head) per score head parameter.
     pub head_params: &'a [Vec<f64>],
+    /// Position of query row 0 (masks and the score see `q_offset + row`).
+    pub q_offset: usize,
 }
 
 /// Output `[B, N_q, H, d]` (contiguous BNHD) and log-sum-exp `[B, H, N_q]`.
@@ -66,17 +68,18 @@ fn attention_row(
     let masks = spec.masks();
     let head_values: Vec<f64> = x.head_params.iter().map(|v| v[h]).collect();
     let qo = x.q.offset(b, p, h);
+    let pos = (p + x.q_offset) as i64;
     let mut logits = vec![f64::NEG_INFINITY; prob.n_k];
     let mut mx = f64::NEG_INFINITY;
     for (m, l) in logits.iter_mut().enumerate() {
-        if !masks.iter().all(|mk| mk.allows(p as i64, m as i64)) {
+        if !masks.iter().all(|mk| mk.allows(pos, m as i64)) {
             continue;
         }
         let ko = x.k.offset(b, m, hk);
         let dot: f64 = (0..d).map(|c| x.q.data[qo + c] * x.k.data[ko + c]).sum();
         *l = spec
             .score
-            .eval(dot, p as f64, m as f64, x.scalars, &head_values);
+            .eval(dot, pos as f64, m as f64, x.scalars, &head_values);
         mx = mx.max(*l);
     }
     if mx == f64::NEG_INFINITY {

@@ -40,6 +40,7 @@ fn check(spec: &LinearSpec, sched: &LinearSchedule, prob: Problem, seed: u64) ->
         head_params: bind.decay.map(|_| vec![decay.clone()]).unwrap_or_default(),
         tokens: vec![],
         chunk_base: 0,
+        q_offset: 0,
         chunk_total: 0,
         states: vec![],
     };
@@ -204,6 +205,7 @@ fn linear_examples_compile_and_match_the_interpreter() {
                 .unwrap_or_default(),
             tokens: gate_tokens,
             chunk_base: 0,
+            q_offset: 0,
             chunk_total: 0,
             states: vec![],
         };
@@ -258,6 +260,7 @@ proptest! {
             head_params: bind.decay.map(|_| vec![s.clone()]).unwrap_or_default(),
             tokens: vec![],
         chunk_base: 0,
+        q_offset: 0,
         chunk_total: 0,
         states: vec![vec![f64::NAN; prob.batch * prob.heads * chunks * 32 * 32]],
         };
@@ -320,7 +323,8 @@ proptest! {
             head_params: bind.decay.map(|_| vec![s.clone()]).unwrap_or_default(),
             tokens: vec![],
             chunk_base: r,
-            chunk_total: p,
+            q_offset: 0,
+        chunk_total: p,
             states: vec![states],
         };
         // Phase 1 on every device; each writes only its own slot, so running them over one

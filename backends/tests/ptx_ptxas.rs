@@ -87,4 +87,17 @@ fn ptxas_accepts_other_schedules() {
         let k = print_ptx(&prog, Target::Sm90a).expect("prints");
         assemble(&ptxas, &k.text, "sm_90a").unwrap_or_else(|e| panic!("{sched:?}: {e}"));
     }
+    // A sequence slice at a query offset (sequence parallelism), causal with a window.
+    let mut sliced = AttentionSpec::new(128, Elem::Bf16);
+    sliced.causal = true;
+    sliced.window = Some(512);
+    sliced.query_offset = true;
+    let sched = AttentionSchedule::default_for(&sliced);
+    let (prog, _) = flash_attention(&sliced, &sched).expect("builds");
+    for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
+        let k = print_ptx(&prog, target).expect("prints");
+        assert!(k.abi.iter().any(|p| p.name == "q_offset"));
+        let r = assemble(&ptxas, &k.text, arch).unwrap_or_else(|e| panic!("{}: {e}", k.entry));
+        assert!(!r.spills(), "{} spills on {arch}:\n{}", k.entry, r.log);
+    }
 }

@@ -70,6 +70,7 @@ fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64
         head_params: m.head_params.iter().map(|t| inputs[t].stored()).collect(),
         tokens: vec![],
         chunk_base: 0,
+        q_offset: 0,
         chunk_total: 0,
         states: vec![],
     };

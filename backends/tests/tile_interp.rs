@@ -82,6 +82,7 @@ fn check(case: &Case) -> Result<(), String> {
         head_params: head_params.clone(),
         tokens: vec![],
         chunk_base: 0,
+        q_offset: 0,
         chunk_total: 0,
         states: vec![],
     };
@@ -92,6 +93,7 @@ fn check(case: &Case) -> Result<(), String> {
         v: &v,
         scalars: &scalars,
         head_params: &head_params,
+        q_offset: 0,
     };
     let (want, want_lse) = attention(&spec, prob, &inputs);
     let got = &io.tensors[bind.o.index()].data;
@@ -283,4 +285,62 @@ fn skipped_tiles_really_are_skipped() {
     let w = [BandMask::causal(), BandMask::window(64)];
     let r = key_tile_range(&w, 128, 255, 4096, 64);
     assert_eq!((r.begin, r.end), (1, 4));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    /// A slice of the queries at a position offset (one device's share under sequence
+    /// parallelism, keys whole) gives exactly those rows of the full attention, with causal
+    /// and window masks and ALiBi seeing global positions.
+    #[test]
+    fn query_offset_slices_equal_rows_of_the_full_attention(
+        n in 2usize..150, split in 0.0f64..1.0, window in proptest::option::of(1u32..80),
+        alibi in any::<bool>(), seed in any::<u64>())
+    {
+        let mut spec = AttentionSpec::new(16, Elem::Bf16);
+        spec.causal = true;
+        spec.window = window;
+        if alibi {
+            spec.score = spec.score.with_alibi();
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let heads = 2;
+        let q = random_tensor(&mut rng, spec.elem, 1, n, heads, 16, false);
+        let k = random_tensor(&mut rng, spec.elem, 1, n, heads, 16, false);
+        let v = random_tensor(&mut rng, spec.elem, 1, n, heads, 16, false);
+        let scalars = [0.25];
+        let slopes = vec![alibi_slopes(heads)];
+        let head_params: Vec<Vec<f64>> = if alibi { slopes } else { vec![] };
+        let full_prob = Problem { batch: 1, heads, kv_group: 1, n_q: n, n_k: n };
+        let full_inputs = AttentionInputs {
+            q: &q, k: &k, v: &v, scalars: &scalars, head_params: &head_params, q_offset: 0,
+        };
+        let (want_full, _) = attention(&spec, full_prob, &full_inputs);
+        // The device's queries: rows [off, n).
+        let off = ((n as f64 * split) as usize).min(n - 1);
+        let len = n - off;
+        let row = heads * 16;
+        let q_slice = HostTensor::bnhd(q.data[off * row..].to_vec(), len, heads, 16);
+        let mut sliced = spec.clone();
+        sliced.query_offset = true;
+        let sched = AttentionSchedule {
+            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, skip_unit_rescale: false,
+        };
+        let (prog, bind) = flash_attention(&sliced, &sched).expect("builds");
+        let mut io = Bindings {
+            tensors: vec![q_slice, k.clone(), v.clone(), HostTensor::bnhd(vec![f64::NAN; len * row], len, heads, 16)],
+            row_outputs: vec![],
+            scalars: scalars.to_vec(),
+            head_params: head_params.clone(),
+            tokens: vec![],
+            chunk_base: 0,
+            q_offset: off,
+            chunk_total: 0,
+            states: vec![],
+        };
+        let prob = Problem { batch: 1, heads, kv_group: 1, n_q: len, n_k: n };
+        run(&prog, prob, &mut io).expect("runs");
+        let err = relative_error(&io.tensors[bind.o.index()].data, &want_full[off * row..]);
+        prop_assert!(err < 1e-2, "offset {}: relative error {}", off, err);
+    }
 }

@@ -77,6 +77,7 @@ fn causal_attention_matches_reference_on_gpu() {
         v: &vh,
         scalars: &[scale as f64],
         head_params: &[],
+        q_offset: 0,
     };
     let prob = Problem {
         batch: 1,

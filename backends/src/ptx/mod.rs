@@ -300,6 +300,10 @@ impl<'a> Printer<'a> {
                     let r = self.named(".b32", "cbase");
                     self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
                 }
+                AbiRole::QueryOffset => {
+                    let r = self.named(".b32", "qoff");
+                    self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
+                }
                 AbiRole::ChunkTotal => {
                     let r = self.named(".b32", "nchunks");
                     self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
@@ -475,11 +479,19 @@ impl<'a> Printer<'a> {
             let st = self.named(".b64", &format!("tkrs{i}"));
             self.ins(format!("shl.b64 {st}, %tksn{i}, 2;"));
         }
+        // Query positions (masks, `Index(Query)`): memory rows plus the program's offset.
+        let qoff = if prog.query_offset { "%qoff" } else { "0" };
+        let qpos0 = self.named(".b32", "qpos0");
+        self.ins(format!("add.s32 {qpos0}, %qrow0, {qoff};"));
+        let plastpos = self.named(".b32", "plastpos");
+        self.ins(format!("add.s32 {plastpos}, %plast, {qoff};"));
+        let prowpos = self.named(".b32", "prowpos0");
+        self.ins(format!("add.s32 {prowpos}, %prow0, {qoff};"));
         // Float query index of each of this thread's rows.
         for mt in 0..self.mtiles {
             for half in 0..2 {
                 let pi = self.r();
-                self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
+                self.ins(format!("add.s32 {pi}, %prowpos0, {};", mt * 16 + half * 8));
                 let pf = self.named(".f32", &format!("pf_{mt}_{half}"));
                 self.ins(format!("cvt.rn.f32.s32 {pf}, {pi};"));
             }
@@ -683,7 +695,7 @@ impl<'a> Printer<'a> {
                     for half in 0..2 {
                         // Per-row limits: key > p + bound (KeyMinusQuery) or key < p - bound.
                         let pi = self.r();
-                        self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
+                        self.ins(format!("add.s32 {pi}, %prowpos0, {};", mt * 16 + half * 8));
                         let mut lims = Vec::new();
                         for m in &masks {
                             let l = self.r();
@@ -1366,11 +1378,11 @@ impl<'a> Printer<'a> {
             let t = self.r();
             match m.direction {
                 BandDirection::KeyMinusQuery => {
-                    self.ins(format!("add.s32 {t}, %plast, {};", m.bound + 1));
+                    self.ins(format!("add.s32 {t}, %plastpos, {};", m.bound + 1));
                     self.ins(format!("min.s32 {kend}, {kend}, {t};"));
                 }
                 BandDirection::QueryMinusKey => {
-                    self.ins(format!("sub.s32 {t}, %qrow0, {};", m.bound));
+                    self.ins(format!("sub.s32 {t}, %qpos0, {};", m.bound));
                     self.ins(format!("max.s32 {kstart}, {kstart}, {t};"));
                 }
             }
@@ -1504,7 +1516,7 @@ impl<'a> Printer<'a> {
             match m.direction {
                 BandDirection::KeyMinusQuery => {
                     // korg + block_n - 1 - p0 > bound
-                    self.ins(format!("sub.s32 {x}, {korg}, %qrow0;"));
+                    self.ins(format!("sub.s32 {x}, {korg}, %qpos0;"));
                     self.ins(format!(
                         "setp.gt.or.s32 {needmask}, {x}, {}, {needmask};",
                         m.bound - block_n as i64 + 1
@@ -1512,7 +1524,7 @@ impl<'a> Printer<'a> {
                 }
                 BandDirection::QueryMinusKey => {
                     // p_last - korg > bound
-                    self.ins(format!("sub.s32 {x}, %plast, {korg};"));
+                    self.ins(format!("sub.s32 {x}, %plastpos, {korg};"));
                     self.ins(format!(
                         "setp.gt.or.s32 {needmask}, {x}, {}, {needmask};",
                         m.bound

@@ -148,6 +148,8 @@ pub struct AttentionSpec {
     pub score: Score,
     /// Also write the log-sum-exp (natural log) per query row.
     pub write_lse: bool,
+    /// Query rows sit at a launch-given position offset (a sequence slice under SP).
+    pub query_offset: bool,
 }
 
 impl AttentionSpec {
@@ -160,6 +162,7 @@ impl AttentionSpec {
             extra_masks: vec![],
             score: Score::scaled(),
             write_lse: false,
+            query_offset: false,
         }
     }
     pub fn masks(&self) -> Vec<BandMask> {
@@ -192,6 +195,9 @@ impl AttentionSpec {
         s.push_str(&self.score.tag());
         if self.write_lse {
             s.push_str("_lse");
+        }
+        if self.query_offset {
+            s.push_str("_qoff");
         }
         s
     }
@@ -270,6 +276,7 @@ pub fn flash_attention(
         sequential: false,
         col_blocks: 1,
         tokens: vec![],
+        query_offset: spec.query_offset,
         chunk_tiles: 0,
         states: vec![],
         name: spec.kernel_name(),

@@ -78,6 +78,8 @@ pub struct Bindings {
     /// LASP-2), and the chunks in the state arrays (0: this launch's own).
     pub chunk_base: usize,
     pub chunk_total: usize,
+    /// Position of query row 0 for a program with `query_offset` (0 otherwise).
+    pub q_offset: usize,
     /// Per-token inputs: `(values, stride_b, stride_n, stride_h)`.
     pub tokens: Vec<(Vec<f64>, usize, usize, usize)>,
 }
@@ -94,6 +96,8 @@ struct Cta<'a> {
     /// index (its state slot).
     local_chunk: usize,
     chunk: usize,
+    /// Position of query row 0 (tile-relative rows are `p0 + r` in memory).
+    q_offset: usize,
     key_origin: usize,
     shared: Vec<Vec<f64>>,
     regs: Vec<Vec<f64>>,
@@ -171,6 +175,7 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
                     p0: if col_blocks { 0 } else { x * bm },
                     col_block: if col_blocks { x } else { 0 },
                     local_chunk: local,
+                    q_offset: if prog.query_offset { io.q_offset } else { 0 },
                     chunk: io.chunk_base + local,
                     key_origin: 0,
                     shared: prog
@@ -334,7 +339,7 @@ impl Cta<'_> {
                     if lp.needs_mask {
                         let cols = lp.block_n;
                         for r in 0..bm {
-                            let p = (self.p0 + r) as i64;
+                            let p = (self.p0 + self.q_offset + r) as i64;
                             for c in 0..cols {
                                 let m = (self.key_origin + c) as i64;
                                 let visible = m < self.prob.n_k as i64
@@ -380,8 +385,8 @@ impl Cta<'_> {
                     body,
                 } => {
                     let bn = *block_n as i64;
-                    let p0 = self.p0 as i64;
-                    let p_last = self.p_last() as i64;
+                    let p0 = (self.p0 + self.q_offset) as i64;
+                    let p_last = (self.p_last() + self.q_offset) as i64;
                     let n_k = self.prob.n_k as i64;
                     let range = if self.prog.sequential {
                         let tiles = n_k.div_euclid(bn) + i64::from(n_k % bn != 0);
@@ -521,7 +526,7 @@ impl Cta<'_> {
             ScalarExpr::Scalar(id) => io.scalars[id.index()],
             ScalarExpr::Head(id) => io.head_params[id.index()][self.h],
             ScalarExpr::Index(SeqRank::Query) if self.prog.sequential => r as f64,
-            ScalarExpr::Index(SeqRank::Query) => (self.p0 + r) as f64,
+            ScalarExpr::Index(SeqRank::Query) => (self.p0 + self.q_offset + r) as f64,
             ScalarExpr::Index(SeqRank::Key) => {
                 let c =
                     c.ok_or_else(|| TileError::Invalid("key index in a row expression".into()))?;

@@ -211,6 +211,7 @@ pub fn lightning_part(
         sequential: true,
         col_blocks: e / eb,
         tokens: vec![],
+        query_offset: false,
         chunk_tiles,
         states: if part == Part::Whole {
             vec![]

@@ -596,6 +596,10 @@ pub struct TileProgram {
     pub states: Vec<StateParam>,
     /// Per-token inputs of a sequential program.
     pub tokens: Vec<TokenParam>,
+    /// Query rows sit at positions `q_offset + row` (a launch parameter) in masks and
+    /// `Index(Query)`: a device holding a slice of the sequence under sequence parallelism
+    /// masks against the keys of the whole sequence. Loads and stores stay local.
+    pub query_offset: bool,
     pub tensors: Vec<TensorParam>,
     pub row_outputs: Vec<RowOutput>,
     pub scalars: Vec<ScalarParam>,
@@ -640,6 +644,8 @@ pub enum AbiRole {
     ChunkBase,
     /// Chunks in the state arrays (all devices' together under LASP-2).
     ChunkTotal,
+    /// The position of query row 0 (see [`TileProgram::query_offset`]).
+    QueryOffset,
     TokenPtr(TokenId),
     TokenStrideBatch(TokenId),
     TokenStrideSeq(TokenId),
@@ -723,7 +729,7 @@ impl TileProgram {
                 });
             }
         }
-        let chunk_params = if self.chunked() {
+        let mut chunk_params = if self.chunked() {
             vec![
                 ("chunk_base", AbiRole::ChunkBase),
                 ("chunk_total", AbiRole::ChunkTotal),
@@ -731,6 +737,9 @@ impl TileProgram {
         } else {
             vec![]
         };
+        if self.query_offset {
+            chunk_params.push(("q_offset", AbiRole::QueryOffset));
+        }
         for (name, role) in [
             ("n_q", AbiRole::QueryLen),
             ("n_k", AbiRole::KeyLen),
