@@ -415,9 +415,7 @@ pub fn check(
     if let Some(p) = devices {
         return match &kernel {
             Kernel::Linear(k) => crate::gpu::check_sp_linear(&cascade, k, p, seed),
-            Kernel::Attention(_) => Err(CliError::usage(
-                "error: `check --sp` runs linear attention (LASP-2) so far; softmax plans run on the CPU executor (`compile --sp`)",
-            )),
+            Kernel::Attention(k) => crate::gpu::check_sp_attention(&cascade, k, p, seed),
         };
     }
     match &kernel {

@@ -860,3 +860,201 @@ pub fn check_sp_linear(
     );
     Ok((s, pass))
 }
+
+/// `einattn check FILE --sp P` for softmax attention: the all-gather-K/V scheme with the
+/// zigzag split. The sequence is cut into 2P chunks; device `r` holds chunks `r` and
+/// `2P - 1 - r` (equal causal work on every device), all-gathers K and V into sequence
+/// order, and runs the kernel on each of its query chunks with `q_offset` set to the
+/// chunk's position, so the masks see global positions. Batch 1 (long sequences).
+pub fn check_sp_attention(
+    cascade: &Cascade,
+    k: &CompiledKernel,
+    devices: usize,
+    seed: u64,
+) -> Result<(String, bool), CliError> {
+    use einattn_backends::{flash_attention, print_ptx};
+    use einattn_runtime::nccl::NcclGroup;
+    let m = &k.schedule.matched;
+    let n = m.n_k as usize;
+    if m.n_q != m.n_k || m.batch != 1 || devices < 2 || !n.is_multiple_of(2 * devices) {
+        return Err(CliError::usage(format!(
+            "error: `--sp {devices}` on softmax attention needs batch 1, as many queries as keys and N divisible by {}",
+            2 * devices
+        )));
+    }
+    let mut spec = m.spec.clone();
+    spec.query_offset = true;
+    let (prog, _) = flash_attention(&spec, &k.schedule.kernel)
+        .map_err(|e| CliError::input(format!("error: {e}")))?;
+    let ptx = print_ptx(&prog, k.ptx.target).map_err(|e| CliError::input(format!("error: {e}")))?;
+    let inputs = rounded_inputs(cascade, k, seed);
+    let (h_n, d) = (m.heads as usize, m.spec.head_dim as usize);
+    let c = n / (2 * devices);
+    let row = h_n * d;
+    let count = c * row;
+    // Rows [t0, t0 + c) of a tensor as compact [c, H, d] bits.
+    let rows = |l: &Layout, t0: usize| -> Vec<u16> {
+        let data = inputs[&l.tensor].stored();
+        let mut out = Vec::with_capacity(count);
+        for t in t0..t0 + c {
+            for h in 0..h_n {
+                let o = t * l.stride_seq as usize + h * l.stride_head as usize;
+                out.extend(data[o..o + d].iter().map(|&x| to_bits(m.spec.elem, x)));
+            }
+        }
+        out
+    };
+    let mut gpus = Vec::new();
+    for r in 0..devices {
+        gpus.push(Gpu::open(r).map_err(gpu_error)?);
+    }
+    let device = gpus[0].name().map_err(gpu_error)?;
+    let group = NcclGroup::new(&gpus.iter().collect::<Vec<_>>()).map_err(gpu_error)?;
+    let chunks = |r: usize| [r, 2 * devices - 1 - r];
+    struct Rank {
+        kernel: einattn_runtime::Kernel,
+        q: [DeviceBuffer<u16>; 2],
+        o: [DeviceBuffer<u16>; 2],
+        head_params: Vec<DeviceBuffer<f32>>,
+    }
+    let mut ranks = Vec::new();
+    // K and V: the first chunks gather straight into sequence order; the second chunks
+    // arrive mirrored and are put in place with device copies.
+    let mut send = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let mut full_k = Vec::new();
+    let mut full_v = Vec::new();
+    let mut tmp = [Vec::new(), Vec::new()];
+    for (r, gpu) in gpus.iter().enumerate() {
+        let [a, b] = chunks(r);
+        let up = |x: Vec<u16>| gpu.upload(&x).map_err(gpu_error);
+        send[0].push(up(rows(&m.k, a * c))?);
+        send[1].push(up(rows(&m.k, b * c))?);
+        send[2].push(up(rows(&m.v, a * c))?);
+        send[3].push(up(rows(&m.v, b * c))?);
+        let poison = to_bits(m.spec.elem, f64::NAN);
+        full_k.push(gpu.filled(n * row, poison).map_err(gpu_error)?);
+        full_v.push(gpu.filled(n * row, poison).map_err(gpu_error)?);
+        tmp[0].push(gpu.filled(devices * count, poison).map_err(gpu_error)?);
+        tmp[1].push(gpu.filled(devices * count, poison).map_err(gpu_error)?);
+        let mut head_params = Vec::new();
+        for &t in &m.head_params {
+            let v: Vec<f32> = inputs[&t].stored().iter().map(|&x| x as f32).collect();
+            head_params.push(gpu.upload(&v).map_err(gpu_error)?);
+        }
+        ranks.push(Rank {
+            kernel: gpu.load_ptx(&ptx.text, &ptx.entry).map_err(gpu_error)?,
+            q: [up(rows(&m.q, a * c))?, up(rows(&m.q, b * c))?],
+            o: [
+                gpu.filled(count, poison).map_err(gpu_error)?,
+                gpu.filled(count, poison).map_err(gpu_error)?,
+            ],
+            head_params,
+        });
+    }
+    group
+        .all_gather_u16(&send[0], &mut full_k, count)
+        .map_err(gpu_error)?;
+    group
+        .all_gather_u16(&send[2], &mut full_v, count)
+        .map_err(gpu_error)?;
+    let [tk, tv] = &mut tmp;
+    group
+        .all_gather_u16(&send[1], tk, count)
+        .map_err(gpu_error)?;
+    group
+        .all_gather_u16(&send[3], tv, count)
+        .map_err(gpu_error)?;
+    for (r, gpu) in gpus.iter().enumerate() {
+        for q in 0..devices {
+            // Slot q holds chunk 2P - 1 - q.
+            let at = (2 * devices - 1 - q) * count;
+            gpu.copy_within(&tk[r], q * count..(q + 1) * count, &mut full_k[r], at)
+                .map_err(gpu_error)?;
+            gpu.copy_within(&tv[r], q * count..(q + 1) * count, &mut full_v[r], at)
+                .map_err(gpu_error)?;
+        }
+    }
+    let dims = LaunchDims {
+        grid: ptx.grid(1, h_n as u32, c as u32),
+        block: (ptx.threads, 1, 1),
+        dynamic_smem_bytes: ptx.dynamic_smem_bytes,
+    };
+    for (r, gpu) in gpus.iter().enumerate() {
+        for (half, chunk) in chunks(r).into_iter().enumerate() {
+            let rk = &ranks[r];
+            let args: Vec<KernelArg> = ptx
+                .abi
+                .iter()
+                .map(|p| match &p.role {
+                    AbiRole::TensorPtr(t) => match t.index() {
+                        0 => rk.q[half].arg(gpu),
+                        1 => full_k[r].arg(gpu),
+                        2 => full_v[r].arg(gpu),
+                        _ => rk.o[half].arg(gpu),
+                    },
+                    AbiRole::HeadParamPtr(h) => rk.head_params[h.index()].arg(gpu),
+                    AbiRole::QueryOffset => KernelArg::U32((chunk * c) as u32),
+                    AbiRole::QueryLen => KernelArg::U32(c as u32),
+                    AbiRole::KeyLen => KernelArg::U32(n as u32),
+                    AbiRole::Heads => KernelArg::U32(h_n as u32),
+                    AbiRole::KvGroup => KernelArg::U32(1),
+                    AbiRole::StrideBatch(t) => KernelArg::U64(if matches!(t.index(), 1 | 2) {
+                        n * row
+                    } else {
+                        count
+                    } as u64),
+                    AbiRole::StrideSeq(_) => KernelArg::U64(row as u64),
+                    AbiRole::StrideHead(_) => KernelArg::U64(d as u64),
+                    AbiRole::Scalar(s) => {
+                        KernelArg::F32(inputs[&m.scalar_params[s.index()]].stored()[0] as f32)
+                    }
+                    _ => KernelArg::U64(0),
+                })
+                .collect();
+            gpu.launch(&rk.kernel, dims, &args).map_err(gpu_error)?;
+        }
+    }
+    let mut got = vec![0.0; m.o.elements as usize];
+    for (r, gpu) in gpus.iter().enumerate() {
+        gpu.synchronize().map_err(gpu_error)?;
+        for (half, chunk) in chunks(r).into_iter().enumerate() {
+            let o = gpu.download(&ranks[r].o[half]).map_err(gpu_error)?;
+            for t in 0..c {
+                for h in 0..h_n {
+                    let src = (t * h_n + h) * d;
+                    let dst =
+                        (chunk * c + t) * m.o.stride_seq as usize + h * m.o.stride_head as usize;
+                    for e in 0..d {
+                        got[dst + e] = from_bits(m.spec.elem, o[src + e]);
+                    }
+                }
+            }
+        }
+    }
+    let macs = m.heads * m.n_q * m.n_k * m.spec.head_dim as u64 * 2;
+    let want = if macs <= INTERPRETER_MAC_LIMIT {
+        evaluate_in_order(cascade, &inputs, &topological_order(cascade))
+            .map_err(|e| CliError::input(format!("error: the interpreter failed: {e}")))?
+            .get(m.o.tensor)
+            .ok_or_else(|| CliError::input("error: the interpreter produced no output"))?
+            .stored()
+    } else {
+        formula_output(m, &inputs)
+    };
+    let err = relative_error(&got, &want);
+    let pass = err < 2e-2;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "devices: {devices} x {device} (all-gather of K and V, zigzag: device r holds query chunks r and {}-1-r of {})",
+        2 * devices,
+        c
+    );
+    let _ = writeln!(s, "kernel: {}", ptx.entry);
+    let _ = writeln!(
+        s,
+        "{}: ||out - ref|| / ||ref|| = {err:.3e} against the single-device reference (tolerance 2e-2)",
+        if pass { "PASS" } else { "FAIL" }
+    );
+    Ok((s, pass))
+}

@@ -287,6 +287,26 @@ impl Gpu {
         Ok(repr.into_iter().map(T::from_repr).collect())
     }
 
+    /// Copies `src[range]` into `dst` at `dst_offset`, on this GPU's stream.
+    pub fn copy_within<T: Element>(
+        &self,
+        src: &DeviceBuffer<T>,
+        range: std::ops::Range<usize>,
+        dst: &mut DeviceBuffer<T>,
+        dst_offset: usize,
+    ) -> Result<()> {
+        let n = range.len();
+        if range.end > src.len() || dst_offset + n > dst.len() {
+            return Err(RuntimeError::InvalidArgument("copy out of range".into()));
+        }
+        let from = src.slice.slice(range);
+        let mut to = dst.slice.slice_mut(dst_offset..dst_offset + n);
+        drv(
+            "copying on the device",
+            self.stream.memcpy_dtod(&from, &mut to),
+        )
+    }
+
     /// Overwrites a buffer with `value` from the host (poisoning before a check).
     pub fn fill<T: Element>(&self, buf: &mut DeviceBuffer<T>, value: T) -> Result<()> {
         let repr = vec![value.to_repr(); buf.len()];

@@ -74,4 +74,47 @@ impl NcclGroup {
         nccl::group_end().map_err(|e| nccl_err("ending a group", e))?;
         Ok(())
     }
+
+    /// All-gather of 16-bit data (bf16/f16 bit patterns, sent as bytes): rank `r`'s
+    /// `send[r]` (`count` elements) lands at `r * count` in every `recv`.
+    pub fn all_gather_u16(
+        &self,
+        send: &[DeviceBuffer<u16>],
+        recv: &mut [DeviceBuffer<u16>],
+        count: usize,
+    ) -> Result<()> {
+        let p = self.comms.len();
+        if send.len() != p || recv.len() != p {
+            return Err(RuntimeError::InvalidArgument(
+                "one send and one receive buffer per rank".into(),
+            ));
+        }
+        for (s, r) in send.iter().zip(recv.iter()) {
+            if s.len() < count || r.len() < p * count {
+                return Err(RuntimeError::InvalidArgument(format!(
+                    "send needs {count} and receive {} elements",
+                    p * count
+                )));
+            }
+        }
+        nccl::group_start().map_err(|e| nccl_err("starting a group", e))?;
+        for (comm, (s, r)) in self.comms.iter().zip(send.iter().zip(recv.iter_mut())) {
+            // SAFETY: u16 data viewed as twice as many bytes; lengths checked above.
+            let (src, mut dst) = unsafe {
+                (
+                    s.slice.transmute::<u8>(2 * count),
+                    r.slice.transmute_mut::<u8>(2 * p * count),
+                )
+            };
+            let (Some(src), Some(dst)) = (src.as_ref(), dst.as_mut()) else {
+                return Err(RuntimeError::InvalidArgument(
+                    "buffer views out of range".into(),
+                ));
+            };
+            comm.all_gather(src, dst)
+                .map_err(|e| nccl_err("all-gather", e))?;
+        }
+        nccl::group_end().map_err(|e| nccl_err("ending a group", e))?;
+        Ok(())
+    }
 }
