@@ -809,21 +809,25 @@ pub fn check_sp_linear(
         block: (p.threads, 1, 1),
         dynamic_smem_bytes: p.dynamic_smem_bytes,
     };
-    for (r, gpu) in gpus.iter().enumerate() {
-        gpu.launch(&per_rank[r].0 .0, dims(&states_ptx), &args(r, &states[r]))
+    let mut run_plan = || -> Result<(), CliError> {
+        for (r, gpu) in gpus.iter().enumerate() {
+            gpu.launch(&per_rank[r].0 .0, dims(&states_ptx), &args(r, &states[r]))
+                .map_err(gpu_error)?;
+        }
+        group
+            .all_gather_slots(&states, &mut gathered, slot)
             .map_err(gpu_error)?;
-    }
-    group
-        .all_gather_slots(&states, &mut gathered, slot)
-        .map_err(gpu_error)?;
-    for (r, gpu) in gpus.iter().enumerate() {
-        gpu.launch(
-            &per_rank[r].0 .1,
-            dims(&outputs_ptx),
-            &args(r, &gathered[r]),
-        )
-        .map_err(gpu_error)?;
-    }
+        for (r, gpu) in gpus.iter().enumerate() {
+            gpu.launch(
+                &per_rank[r].0 .1,
+                dims(&outputs_ptx),
+                &args(r, &gathered[r]),
+            )
+            .map_err(gpu_error)?;
+        }
+        Ok(())
+    };
+    run_plan()?;
     // Stitch the ranks' outputs into O's layout.
     let mut got = vec![0.0; m.o.elements as usize];
     for (r, gpu) in gpus.iter().enumerate() {
@@ -843,10 +847,16 @@ pub fn check_sp_linear(
             }
         }
     }
+    let plan_ms = time_plan(&gpus, &mut run_plan)?;
     let want = linear_reference(m, &inputs);
     let err = relative_error(&got, &want);
     let pass = err < 2e-2;
     let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "plan time: median {plan_ms:.4} ms over 20 runs ({:.1} Mtok/s)",
+        (m.batch as f64 * n as f64) / (plan_ms * 1e-3) / 1e6
+    );
     let _ = writeln!(s, "devices: {devices} x {device} (LASP-2: state pass, NCCL all-gather of {} KiB per device, output pass)", slot * 4 / 1024);
     let _ = writeln!(
         s,
@@ -951,69 +961,73 @@ pub fn check_sp_attention(
             head_params,
         });
     }
-    group
-        .all_gather_u16(&send[0], &mut full_k, count)
-        .map_err(gpu_error)?;
-    group
-        .all_gather_u16(&send[2], &mut full_v, count)
-        .map_err(gpu_error)?;
-    let [tk, tv] = &mut tmp;
-    group
-        .all_gather_u16(&send[1], tk, count)
-        .map_err(gpu_error)?;
-    group
-        .all_gather_u16(&send[3], tv, count)
-        .map_err(gpu_error)?;
-    for (r, gpu) in gpus.iter().enumerate() {
-        for q in 0..devices {
-            // Slot q holds chunk 2P - 1 - q.
-            let at = (2 * devices - 1 - q) * count;
-            gpu.copy_within(&tk[r], q * count..(q + 1) * count, &mut full_k[r], at)
-                .map_err(gpu_error)?;
-            gpu.copy_within(&tv[r], q * count..(q + 1) * count, &mut full_v[r], at)
-                .map_err(gpu_error)?;
-        }
-    }
     let dims = LaunchDims {
         grid: ptx.grid(1, h_n as u32, c as u32),
         block: (ptx.threads, 1, 1),
         dynamic_smem_bytes: ptx.dynamic_smem_bytes,
     };
-    for (r, gpu) in gpus.iter().enumerate() {
-        for (half, chunk) in chunks(r).into_iter().enumerate() {
-            let rk = &ranks[r];
-            let args: Vec<KernelArg> = ptx
-                .abi
-                .iter()
-                .map(|p| match &p.role {
-                    AbiRole::TensorPtr(t) => match t.index() {
-                        0 => rk.q[half].arg(gpu),
-                        1 => full_k[r].arg(gpu),
-                        2 => full_v[r].arg(gpu),
-                        _ => rk.o[half].arg(gpu),
-                    },
-                    AbiRole::HeadParamPtr(h) => rk.head_params[h.index()].arg(gpu),
-                    AbiRole::QueryOffset => KernelArg::U32((chunk * c) as u32),
-                    AbiRole::QueryLen => KernelArg::U32(c as u32),
-                    AbiRole::KeyLen => KernelArg::U32(n as u32),
-                    AbiRole::Heads => KernelArg::U32(h_n as u32),
-                    AbiRole::KvGroup => KernelArg::U32(1),
-                    AbiRole::StrideBatch(t) => KernelArg::U64(if matches!(t.index(), 1 | 2) {
-                        n * row
-                    } else {
-                        count
-                    } as u64),
-                    AbiRole::StrideSeq(_) => KernelArg::U64(row as u64),
-                    AbiRole::StrideHead(_) => KernelArg::U64(d as u64),
-                    AbiRole::Scalar(s) => {
-                        KernelArg::F32(inputs[&m.scalar_params[s.index()]].stored()[0] as f32)
-                    }
-                    _ => KernelArg::U64(0),
-                })
-                .collect();
-            gpu.launch(&rk.kernel, dims, &args).map_err(gpu_error)?;
+    let mut run_plan = || -> Result<(), CliError> {
+        group
+            .all_gather_u16(&send[0], &mut full_k, count)
+            .map_err(gpu_error)?;
+        group
+            .all_gather_u16(&send[2], &mut full_v, count)
+            .map_err(gpu_error)?;
+        let [tk, tv] = &mut tmp;
+        group
+            .all_gather_u16(&send[1], tk, count)
+            .map_err(gpu_error)?;
+        group
+            .all_gather_u16(&send[3], tv, count)
+            .map_err(gpu_error)?;
+        for (r, gpu) in gpus.iter().enumerate() {
+            for q in 0..devices {
+                // Slot q holds chunk 2P - 1 - q.
+                let at = (2 * devices - 1 - q) * count;
+                gpu.copy_within(&tk[r], q * count..(q + 1) * count, &mut full_k[r], at)
+                    .map_err(gpu_error)?;
+                gpu.copy_within(&tv[r], q * count..(q + 1) * count, &mut full_v[r], at)
+                    .map_err(gpu_error)?;
+            }
         }
-    }
+        for (r, gpu) in gpus.iter().enumerate() {
+            for (half, chunk) in chunks(r).into_iter().enumerate() {
+                let rk = &ranks[r];
+                let args: Vec<KernelArg> = ptx
+                    .abi
+                    .iter()
+                    .map(|p| match &p.role {
+                        AbiRole::TensorPtr(t) => match t.index() {
+                            0 => rk.q[half].arg(gpu),
+                            1 => full_k[r].arg(gpu),
+                            2 => full_v[r].arg(gpu),
+                            _ => rk.o[half].arg(gpu),
+                        },
+                        AbiRole::HeadParamPtr(h) => rk.head_params[h.index()].arg(gpu),
+                        AbiRole::QueryOffset => KernelArg::U32((chunk * c) as u32),
+                        AbiRole::QueryLen => KernelArg::U32(c as u32),
+                        AbiRole::KeyLen => KernelArg::U32(n as u32),
+                        AbiRole::Heads => KernelArg::U32(h_n as u32),
+                        AbiRole::KvGroup => KernelArg::U32(1),
+                        AbiRole::StrideBatch(t) => KernelArg::U64(if matches!(t.index(), 1 | 2) {
+                            n * row
+                        } else {
+                            count
+                        } as u64),
+                        AbiRole::StrideSeq(_) => KernelArg::U64(row as u64),
+                        AbiRole::StrideHead(_) => KernelArg::U64(d as u64),
+                        AbiRole::Scalar(s) => {
+                            KernelArg::F32(inputs[&m.scalar_params[s.index()]].stored()[0] as f32)
+                        }
+                        _ => KernelArg::U64(0),
+                    })
+                    .collect();
+                gpu.launch(&rk.kernel, dims, &args).map_err(gpu_error)?;
+            }
+        }
+        Ok(())
+    };
+    run_plan()?;
     let mut got = vec![0.0; m.o.elements as usize];
     for (r, gpu) in gpus.iter().enumerate() {
         gpu.synchronize().map_err(gpu_error)?;
@@ -1041,9 +1055,32 @@ pub fn check_sp_attention(
     } else {
         formula_output(m, &inputs)
     };
+    let plan_ms = time_plan(&gpus, &mut run_plan)?;
     let err = relative_error(&got, &want);
     let pass = err < 2e-2;
     let mut s = String::new();
+    let visible: f64 = (0..n as i64)
+        .map(|p| {
+            let (mut lo, mut hi) = (0i64, n as i64 - 1);
+            for b in m.spec.masks() {
+                match b.direction {
+                    einattn_backends::tile::BandDirection::KeyMinusQuery => {
+                        hi = hi.min(p + b.bound)
+                    }
+                    einattn_backends::tile::BandDirection::QueryMinusKey => {
+                        lo = lo.max(p - b.bound)
+                    }
+                }
+            }
+            (hi - lo + 1).max(0) as f64
+        })
+        .sum();
+    let flops = 4.0 * m.heads as f64 * visible * d as f64;
+    let _ = writeln!(
+        s,
+        "plan time: median {plan_ms:.4} ms over 20 runs ({:.1} TFLOP/s over all devices)",
+        flops / (plan_ms * 1e-3) / 1e12
+    );
     let _ = writeln!(
         s,
         "devices: {devices} x {device} (all-gather of K and V, zigzag: device r holds query chunks r and {}-1-r of {})",
@@ -1057,4 +1094,27 @@ pub fn check_sp_attention(
         if pass { "PASS" } else { "FAIL" }
     );
     Ok((s, pass))
+}
+
+/// Median wall time of a multi-GPU plan: every GPU synchronized before and after each run.
+fn time_plan(gpus: &[Gpu], run: &mut dyn FnMut() -> Result<(), CliError>) -> Result<f64, CliError> {
+    let sync = || -> Result<(), CliError> {
+        for g in gpus {
+            g.synchronize().map_err(gpu_error)?;
+        }
+        Ok(())
+    };
+    for _ in 0..3 {
+        run()?;
+    }
+    let mut ms = Vec::new();
+    for _ in 0..20 {
+        sync()?;
+        let t0 = std::time::Instant::now();
+        run()?;
+        sync()?;
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    Ok(ms[ms.len() / 2])
 }
