@@ -1026,44 +1026,62 @@ impl<'a> Printer<'a> {
                     }
                 }
             }
-            for nj in 0..n_cols / 16 {
-                let bregs: Vec<String> = (0..4).map(|_| self.r()).collect();
-                match layout {
-                    BLayout::RowsAreN => {
-                        // Rows n0..n0+15 of the tile, chunk pair 2ks: r0,r1 = b of n-tile 2nj, r2,r3 of 2nj+1.
-                        let (addr, imm) = self.ldm_addr(&bbase, "N", b_rb, nj * 16, 2 * ks);
-                        self.ins(format!(
-                            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}}}, [{addr}+{imm}];",
-                            bregs.join(", ")
-                        ));
-                    }
-                    BLayout::RowsAreK => {
-                        // Rows k0..k0+15, chunk pair 2nj, transposed: r0,r1 = b of n-tile 2nj, r2,r3 of 2nj+1.
-                        let (addr, imm) = self.ldm_addr(&bbase, "A", b_rb, ks * 16, 2 * nj);
-                        self.ins(format!(
-                            "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{}}}, [{addr}+{imm}];",
-                            bregs.join(", ")
-                        ));
-                    }
+            self.emit_b_fragments_and_mma(acc, &afr, &bbase, b_rb, layout, ks, n_cols, ty);
+        }
+        Ok(())
+    }
+
+    /// One k-step of a contraction: for every 16 output columns, the B fragments of
+    /// k-step `ks` (`ldmatrix`, transposed for `RowsAreK`), then an MMA per m-tile of `afr`
+    /// and per 8-column half.
+    #[allow(clippy::too_many_arguments)]
+    fn emit_b_fragments_and_mma(
+        &mut self,
+        acc: RegId,
+        afr: &[Vec<String>],
+        bbase: &str,
+        b_rb: u32,
+        layout: BLayout,
+        ks: u32,
+        n_cols: u32,
+        ty: &str,
+    ) {
+        for nj in 0..n_cols / 16 {
+            let bregs: Vec<String> = (0..4).map(|_| self.r()).collect();
+            match layout {
+                BLayout::RowsAreN => {
+                    // Rows n0..n0+15 of the tile, chunk pair 2ks: r0,r1 = b of n-tile 2nj, r2,r3 of 2nj+1.
+                    let (addr, imm) = self.ldm_addr(bbase, "N", b_rb, nj * 16, 2 * ks);
+                    self.ins(format!(
+                        "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}}}, [{addr}+{imm}];",
+                        bregs.join(", ")
+                    ));
                 }
-                for (mt, af) in afr.iter().enumerate() {
-                    for half in 0..2u32 {
-                        let nt = 2 * nj + half;
-                        let c: Vec<String> = (0..4)
-                            .map(|e| self.acc_reg(acc, mt as u32, nt, e))
-                            .collect();
-                        let b0 = &bregs[(2 * half) as usize];
-                        let b1 = &bregs[(2 * half + 1) as usize];
-                        self.ins(format!(
-                            "mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{c}}}, {{{a}}}, {{{b0}, {b1}}}, {{{c}}};",
-                            c = c.join(", "),
-                            a = af.join(", ")
-                        ));
-                    }
+                BLayout::RowsAreK => {
+                    // Rows k0..k0+15, chunk pair 2nj, transposed: r0,r1 = b of n-tile 2nj, r2,r3 of 2nj+1.
+                    let (addr, imm) = self.ldm_addr(bbase, "A", b_rb, ks * 16, 2 * nj);
+                    self.ins(format!(
+                        "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{}}}, [{addr}+{imm}];",
+                        bregs.join(", ")
+                    ));
+                }
+            }
+            for (mt, af) in afr.iter().enumerate() {
+                for half in 0..2u32 {
+                    let nt = 2 * nj + half;
+                    let c: Vec<String> = (0..4)
+                        .map(|e| self.acc_reg(acc, mt as u32, nt, e))
+                        .collect();
+                    let b0 = &bregs[(2 * half) as usize];
+                    let b1 = &bregs[(2 * half + 1) as usize];
+                    self.ins(format!(
+                        "mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{c}}}, {{{a}}}, {{{b0}, {b1}}}, {{{c}}};",
+                        c = c.join(", "),
+                        a = af.join(", ")
+                    ));
                 }
             }
         }
-        Ok(())
     }
 
     /// `acc += (scale * a)^T . b`: A fragments from `a` (stored `[k][m]`) by
@@ -1171,29 +1189,16 @@ impl<'a> Printer<'a> {
                 }
                 afr.push(regs);
             }
-            for nj in 0..acc_t.cols / 16 {
-                let bregs: Vec<String> = (0..4).map(|_| self.r()).collect();
-                let (addr, imm) = self.ldm_addr(&bbase, "A", b_rb, ks * 16, 2 * nj);
-                self.ins(format!(
-                    "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{}}}, [{addr}+{imm}];",
-                    bregs.join(", ")
-                ));
-                for (mt, af) in afr.iter().enumerate() {
-                    for half in 0..2u32 {
-                        let nt = 2 * nj + half;
-                        let c: Vec<String> = (0..4)
-                            .map(|e| self.acc_reg(acc, mt as u32, nt, e))
-                            .collect();
-                        let b0 = &bregs[(2 * half) as usize];
-                        let b1 = &bregs[(2 * half + 1) as usize];
-                        self.ins(format!(
-                            "mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {{{c}}}, {{{a}}}, {{{b0}, {b1}}}, {{{c}}};",
-                            c = c.join(", "),
-                            a = af.join(", ")
-                        ));
-                    }
-                }
-            }
+            self.emit_b_fragments_and_mma(
+                acc,
+                &afr,
+                &bbase,
+                b_rb,
+                BLayout::RowsAreK,
+                ks,
+                acc_t.cols,
+                ty,
+            );
         }
         Ok(())
     }
