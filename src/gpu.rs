@@ -4,7 +4,7 @@ use crate::cli::{CliError, ReportFormat};
 use einattn_backends::compile::CompiledKernel;
 use einattn_backends::reference::{self, relative_error, AttentionInputs};
 use einattn_backends::schedule::Layout;
-use einattn_backends::tile::interp::{HostTensor, Problem};
+use einattn_backends::tile::interp::Problem;
 use einattn_backends::tile::{AbiRole, Elem};
 use einattn_ir::cascade::Cascade;
 use einattn_ir::interp::{evaluate_in_order, random_inputs, TensorData};
@@ -222,12 +222,7 @@ fn formula_output(
     m: &einattn_backends::schedule::AttentionMatch,
     inputs: &HashMap<einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>, TensorData>,
 ) -> Vec<f64> {
-    let host = |l: &Layout| HostTensor {
-        data: inputs[&l.tensor].stored(),
-        stride_b: l.stride_batch as usize,
-        stride_n: l.stride_seq as usize,
-        stride_h: l.stride_head as usize,
-    };
+    let host = |l: &Layout| l.host(inputs[&l.tensor].stored());
     let (q, kk, v) = (host(&m.q), host(&m.k), host(&m.v));
     let scalars: Vec<f64> = m
         .scalar_params
@@ -251,21 +246,13 @@ fn formula_output(
         q_offset: 0,
     };
     let (bnhd, _) = reference::attention(&m.spec, prob, &x);
-    // Scatter the contiguous BNHD result into O's own layout.
-    let d = m.spec.head_dim as usize;
-    let mut out = vec![0.0; m.o.elements as usize];
-    for b in 0..prob.batch {
-        for p in 0..prob.n_q {
-            for h in 0..prob.heads {
-                let src = ((b * prob.n_q + p) * prob.heads + h) * d;
-                let dst = b * m.o.stride_batch as usize
-                    + p * m.o.stride_seq as usize
-                    + h * m.o.stride_head as usize;
-                out[dst..dst + d].copy_from_slice(&bnhd[src..src + d]);
-            }
-        }
-    }
-    out
+    m.o.from_bnhd(
+        &bnhd,
+        prob.batch,
+        prob.n_q,
+        prob.heads,
+        m.spec.head_dim as usize,
+    )
 }
 
 /// Dense bf16/f16 tensor-core peak of known parts, FLOP/s.
@@ -470,12 +457,7 @@ fn linear_inputs(
 
 /// The f64 recurrence of the recognized computation, in O's layout.
 fn linear_reference(m: &einattn_backends::schedule::LinearMatch, inputs: &Inputs) -> Vec<f64> {
-    let host = |l: &Layout| HostTensor {
-        data: inputs[&l.tensor].stored(),
-        stride_b: l.stride_batch as usize,
-        stride_n: l.stride_seq as usize,
-        stride_h: l.stride_head as usize,
-    };
+    let host = |l: &Layout| l.host(inputs[&l.tensor].stored());
     let prob = Problem {
         batch: m.batch as usize,
         heads: m.heads as usize,
@@ -494,20 +476,13 @@ fn linear_reference(m: &einattn_backends::schedule::LinearMatch, inputs: &Inputs
         decay.as_deref(),
         gate.as_ref(),
     );
-    let e = m.spec.value_dim as usize;
-    let mut out = vec![0.0; m.o.elements as usize];
-    for b in 0..prob.batch {
-        for i in 0..prob.n_q {
-            for h in 0..prob.heads {
-                let src = ((b * prob.n_q + i) * prob.heads + h) * e;
-                let dst = b * m.o.stride_batch as usize
-                    + i * m.o.stride_seq as usize
-                    + h * m.o.stride_head as usize;
-                out[dst..dst + e].copy_from_slice(&bnhd[src..src + e]);
-            }
-        }
-    }
-    out
+    m.o.from_bnhd(
+        &bnhd,
+        prob.batch,
+        prob.n_q,
+        prob.heads,
+        m.spec.value_dim as usize,
+    )
 }
 
 /// `einattn check` for linear attention.
@@ -729,9 +704,7 @@ pub fn check_sp_linear(
         for b in 0..b_n {
             for t in r * local..r * local + lens[r] {
                 for h in 0..h_n {
-                    let o = b * l.stride_batch as usize
-                        + t * l.stride_seq as usize
-                        + h * l.stride_head as usize;
+                    let o = l.offset(b, t, h);
                     out.extend(data[o..o + cols].iter().map(|&x| to_bits(m.spec.elem, x)));
                 }
             }
@@ -837,9 +810,7 @@ pub fn check_sp_linear(
             for t in 0..lens[r] {
                 for h in 0..h_n {
                     let src = ((b * lens[r] + t) * h_n + h) * e;
-                    let dst = b * m.o.stride_batch as usize
-                        + (r * local + t) * m.o.stride_seq as usize
-                        + h * m.o.stride_head as usize;
+                    let dst = m.o.offset(b, r * local + t, h);
                     for c in 0..e {
                         got[dst + c] = from_bits(m.spec.elem, o[src + c]);
                     }
@@ -908,7 +879,7 @@ pub fn check_sp_attention(
         let mut out = Vec::with_capacity(count);
         for t in t0..t0 + c {
             for h in 0..h_n {
-                let o = t * l.stride_seq as usize + h * l.stride_head as usize;
+                let o = l.offset(0, t, h);
                 out.extend(data[o..o + d].iter().map(|&x| to_bits(m.spec.elem, x)));
             }
         }
@@ -1036,8 +1007,7 @@ pub fn check_sp_attention(
             for t in 0..c {
                 for h in 0..h_n {
                     let src = (t * h_n + h) * d;
-                    let dst =
-                        (chunk * c + t) * m.o.stride_seq as usize + h * m.o.stride_head as usize;
+                    let dst = m.o.offset(0, chunk * c + t, h);
                     for e in 0..d {
                         got[dst + e] = from_bits(m.spec.elem, o[src + e]);
                     }

@@ -57,12 +57,7 @@ impl CompiledKernel {
             .abi
             .iter()
             .map(|p| {
-                let kind = match p.kind {
-                    AbiKind::Ptr => "ptr",
-                    AbiKind::U32 => "u32",
-                    AbiKind::U64 => "u64",
-                    AbiKind::F32 => "f32",
-                };
+                let kind = abi_kind_name(p.kind);
                 let source = match &p.role {
                     AbiRole::TensorPtr(t) => json!({"tensor": tensor_name(t.index())}),
                     AbiRole::RowOutputPtr(_) => json!({"row_output": p.name}),
@@ -308,12 +303,7 @@ impl CompiledLinear {
             .abi
             .iter()
             .map(|p| {
-                let kind = match p.kind {
-                    AbiKind::Ptr => "ptr",
-                    AbiKind::U32 => "u32",
-                    AbiKind::U64 => "u64",
-                    AbiKind::F32 => "f32",
-                };
+                let kind = abi_kind_name(p.kind);
                 let source = match &p.role {
                     AbiRole::TensorPtr(t) => {
                         json!({"tensor": cascade.tensors[layouts[t.index()].tensor].name})
@@ -367,5 +357,15 @@ impl CompiledLinear {
             })),
             "params": params,
         })
+    }
+}
+
+/// A kernel parameter's type as the manifest spells it.
+fn abi_kind_name(kind: AbiKind) -> &'static str {
+    match kind {
+        AbiKind::Ptr => "ptr",
+        AbiKind::U32 => "u32",
+        AbiKind::U64 => "u64",
+        AbiKind::F32 => "f32",
     }
 }

@@ -165,12 +165,7 @@ fn linear_examples_compile_and_match_the_interpreter() {
             .get(m.o.tensor)
             .expect("output")
             .stored();
-        let host = |l: &einattn_backends::schedule::Layout, data: Vec<f64>| HostTensor {
-            data,
-            stride_b: l.stride_batch as usize,
-            stride_n: l.stride_seq as usize,
-            stride_h: l.stride_head as usize,
-        };
+        let host = |l: &einattn_backends::schedule::Layout, data: Vec<f64>| l.host(data);
         let rounded = |t| -> Vec<f64> {
             inputs[&t]
                 .stored()

@@ -7,7 +7,7 @@ use einattn_backends::flash_attention;
 use einattn_backends::reference::relative_error;
 use einattn_backends::schedule::{recognize, schedule, AttentionMatch, ScheduleOptions};
 use einattn_backends::tile::attention::AttentionSchedule;
-use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
+use einattn_backends::tile::interp::{run, Bindings, Problem};
 use einattn_backends::tile::Elem;
 use einattn_ir::cascade::Cascade;
 use einattn_ir::interp::{evaluate_in_order, random_inputs};
@@ -40,12 +40,7 @@ fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64
     let inputs = random_inputs(c, seed);
     let values = evaluate_in_order(c, &inputs, &topological_order(c)).expect("interpreter runs");
     let (prog, bind) = flash_attention(&m.spec, &kernel).expect("tile program builds");
-    let host = |l: &einattn_backends::schedule::Layout, data: Vec<f64>| HostTensor {
-        data,
-        stride_b: l.stride_batch as usize,
-        stride_n: l.stride_seq as usize,
-        stride_h: l.stride_head as usize,
-    };
+    let host = |l: &einattn_backends::schedule::Layout, data: Vec<f64>| l.host(data);
     // The kernel sees what the GPU would: inputs rounded to the storage type.
     let rounded = |t| {
         inputs[&t]

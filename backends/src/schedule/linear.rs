@@ -10,7 +10,7 @@
 
 use super::recognize::Layout;
 use crate::reference::{linear_attention_gated, relative_error};
-use crate::tile::interp::{HostTensor, Problem};
+use crate::tile::interp::Problem;
 use crate::tile::linear::{Decay, LinearSpec};
 use crate::tile::Elem;
 use einattn_ir::arena::Handle;
@@ -220,26 +220,7 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
         }
     };
     let (dd, ee) = (c.ranks[d].extent as u32, c.ranks[e].extent as u32);
-    let layout = |t: Handle<Tensor>, seq: Handle<Rank>| {
-        let tensor = &c.tensors[t];
-        let mut stride = 1u64;
-        let mut strides = vec![0u64; tensor.ranks.len()];
-        for (i, &r) in tensor.ranks.iter().enumerate().rev() {
-            strides[i] = stride;
-            stride *= c.ranks[r].extent;
-        }
-        let of = |r: Option<Handle<Rank>>| {
-            r.and_then(|r| tensor.ranks.iter().position(|&x| x == r))
-                .map_or(0, |i| strides[i])
-        };
-        Layout {
-            tensor: t,
-            stride_batch: of(batch),
-            stride_seq: of(Some(seq)),
-            stride_head: of(head),
-            elements: stride,
-        }
-    };
+    let layout = |t: Handle<Tensor>, seq: Handle<Rank>| Layout::of(c, t, batch, Some(seq), head);
     let tile = |r: Handle<Rank>| {
         c.ranks[r]
             .split
@@ -299,12 +280,7 @@ pub fn verify_linear(small: &Cascade, swap: bool, seed: u64) -> Result<f64, Diag
     let inputs = random_inputs(small, seed);
     let values = evaluate_in_order(small, &inputs, &topological_order(small))
         .map_err(|e| not_mappable(small, format!("the interpreter failed: {e}"), Span::UNKNOWN))?;
-    let host = |l: &Layout| HostTensor {
-        data: inputs[&l.tensor].stored(),
-        stride_b: l.stride_batch as usize,
-        stride_n: l.stride_seq as usize,
-        stride_h: l.stride_head as usize,
-    };
+    let host = |l: &Layout| l.host(inputs[&l.tensor].stored());
     let prob = Problem {
         batch: m.batch as usize,
         heads: m.heads as usize,
@@ -327,21 +303,14 @@ pub fn verify_linear(small: &Cascade, swap: bool, seed: u64) -> Result<f64, Diag
         .get(m.o.tensor)
         .ok_or_else(|| not_mappable(small, "no output", Span::UNKNOWN))?
         .stored();
-    // Gather the cascade's output into contiguous BNHD to compare.
-    let e = m.spec.value_dim as usize;
-    let mut got_bnhd = vec![0.0; want_bnhd.len()];
-    for b in 0..prob.batch {
-        for i in 0..prob.n_q {
-            for h in 0..prob.heads {
-                let src = b * m.o.stride_batch as usize
-                    + i * m.o.stride_seq as usize
-                    + h * m.o.stride_head as usize;
-                let dst = ((b * prob.n_q + i) * prob.heads + h) * e;
-                got_bnhd[dst..dst + e].copy_from_slice(&got[src..src + e]);
-            }
-        }
-    }
-    let err = relative_error(&got_bnhd, &want_bnhd);
+    let want = m.o.from_bnhd(
+        &want_bnhd,
+        prob.batch,
+        prob.n_q,
+        prob.heads,
+        m.spec.value_dim as usize,
+    );
+    let err = relative_error(&got, &want);
     if err.is_nan() || err > 1e-9 {
         return Err(not_mappable(
             small,

@@ -82,32 +82,21 @@ impl Score {
 
     /// Evaluates the logit in f64 (the reference formula's path).
     pub fn eval(&self, dot: f64, p: f64, m: f64, scalars: &[f64], head_params: &[f64]) -> f64 {
-        fn go(e: &ScalarExpr, x: &(f64, f64, f64, &[f64], &[f64])) -> f64 {
-            match e {
+        let value = self.expr.eval(&mut |leaf| {
+            Ok::<f64, std::convert::Infallible>(match leaf {
                 ScalarExpr::Lit(v) => *v,
-                ScalarExpr::Scalar(id) => x.3[id.index()],
-                ScalarExpr::Head(id) => x.4[id.index()],
-                ScalarExpr::Index(SeqRank::Query) => x.1,
-                ScalarExpr::Index(SeqRank::Key) => x.2,
-                ScalarExpr::Elem(_) | ScalarExpr::Row(_) | ScalarExpr::Token(..) => x.0,
-                ScalarExpr::Unary(op, a) => op.apply(go(a, x)),
-                ScalarExpr::Binary(op, a, b) => op.apply(go(a, x), go(b, x)),
-                ScalarExpr::Select {
-                    op,
-                    lhs,
-                    rhs,
-                    then,
-                    otherwise,
-                } => {
-                    if op.holds(go(lhs, x), go(rhs, x)) {
-                        go(then, x)
-                    } else {
-                        go(otherwise, x)
-                    }
-                }
-            }
+                ScalarExpr::Scalar(id) => scalars[id.index()],
+                ScalarExpr::Head(id) => head_params[id.index()],
+                ScalarExpr::Index(SeqRank::Query) => p,
+                ScalarExpr::Index(SeqRank::Key) => m,
+                // The dot product placeholder (scores have no other tiles, rows or tokens).
+                _ => dot,
+            })
+        });
+        match value {
+            Ok(v) => v,
+            Err(never) => match never {},
         }
-        go(&self.expr, &(dot, p, m, scalars, head_params))
     }
 
     /// A short stable tag of the expression for kernel names.

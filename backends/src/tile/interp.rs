@@ -521,6 +521,16 @@ impl Cta<'_> {
         r: usize,
         c: Option<usize>,
     ) -> Result<f64, TileError> {
+        e.eval(&mut |leaf| self.leaf(leaf, io, r, c))
+    }
+
+    fn leaf(
+        &self,
+        e: &ScalarExpr,
+        io: &Bindings,
+        r: usize,
+        c: Option<usize>,
+    ) -> Result<f64, TileError> {
         Ok(match e {
             ScalarExpr::Lit(x) => *x,
             ScalarExpr::Scalar(id) => io.scalars[id.index()],
@@ -563,23 +573,8 @@ impl Cta<'_> {
                     None => 0.0,
                 }
             }
-            ScalarExpr::Unary(op, a) => op.apply(self.eval(a, io, r, c)?),
-            ScalarExpr::Binary(op, a, b) => {
-                op.apply(self.eval(a, io, r, c)?, self.eval(b, io, r, c)?)
-            }
-            ScalarExpr::Select {
-                op,
-                lhs,
-                rhs,
-                then,
-                otherwise,
-            } => {
-                let cond = op.holds(self.eval(lhs, io, r, c)?, self.eval(rhs, io, r, c)?);
-                if cond {
-                    self.eval(then, io, r, c)?
-                } else {
-                    self.eval(otherwise, io, r, c)?
-                }
+            ScalarExpr::Unary(..) | ScalarExpr::Binary(..) | ScalarExpr::Select { .. } => {
+                return invalid("not a leaf")
             }
         })
     }

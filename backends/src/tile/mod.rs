@@ -402,6 +402,29 @@ impl ScalarExpr {
         f(self)
     }
 
+    /// Evaluates the tree in f64, asking `leaf` for every leaf (literals, parameters,
+    /// indices, tile elements, rows, tokens) and applying the operators itself.
+    pub fn eval<E>(&self, leaf: &mut impl FnMut(&ScalarExpr) -> Result<f64, E>) -> Result<f64, E> {
+        Ok(match self {
+            ScalarExpr::Unary(op, a) => op.apply(a.eval(leaf)?),
+            ScalarExpr::Binary(op, a, b) => op.apply(a.eval(leaf)?, b.eval(leaf)?),
+            ScalarExpr::Select {
+                op,
+                lhs,
+                rhs,
+                then,
+                otherwise,
+            } => {
+                if op.holds(lhs.eval(leaf)?, rhs.eval(leaf)?) {
+                    then.eval(leaf)?
+                } else {
+                    otherwise.eval(leaf)?
+                }
+            }
+            other => leaf(other)?,
+        })
+    }
+
     /// True when the value is the same for every element and row of a CTA
     /// (only literals and parameters): such subtrees are computed once per kernel.
     pub fn is_uniform(&self) -> bool {
