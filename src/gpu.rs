@@ -133,22 +133,57 @@ fn prepare(
     })
 }
 
-/// Draws inputs as the interpreter does, rounded to the kernel's storage type so both sides
-/// see the same numbers.
-fn rounded_inputs(
-    cascade: &Cascade,
-    k: &CompiledKernel,
-    seed: u64,
-) -> HashMap<einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>, TensorData> {
-    let m = &k.schedule.matched;
+/// Draws inputs as the interpreter does, with Q, K and V rounded to the kernel's storage
+/// type so both sides see the same numbers.
+fn rounded_inputs(cascade: &Cascade, qkv: [&Layout; 3], elem: Elem, seed: u64) -> Inputs {
     let mut inputs = random_inputs(cascade, seed);
-    for l in [&m.q, &m.k, &m.v] {
+    for l in qkv {
         if let Some(t) = inputs.get_mut(&l.tensor) {
-            let vals: Vec<f64> = t.stored().iter().map(|&x| m.spec.elem.round(x)).collect();
+            let vals: Vec<f64> = t.stored().iter().map(|&x| elem.round(x)).collect();
             *t = TensorData::new(t.shape.clone(), vals);
         }
     }
     inputs
+}
+
+/// The cascade interpreter's output tensor on `inputs`.
+fn interpreter_output(
+    cascade: &Cascade,
+    inputs: &Inputs,
+    out: einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>,
+) -> Result<Vec<f64>, CliError> {
+    let values = evaluate_in_order(cascade, inputs, &topological_order(cascade))
+        .map_err(|e| CliError::input(format!("error: the interpreter failed: {e}")))?;
+    Ok(values
+        .get(out)
+        .ok_or_else(|| CliError::input("error: the interpreter produced no output"))?
+        .stored())
+}
+
+/// The lines `check` prints and whether the error passes (NaN never does).
+fn check_report(
+    device: &str,
+    kernel: &einattn_backends::PtxKernel,
+    resources: einattn_runtime::KernelResources,
+    problem: &str,
+    err: f64,
+) -> (String, bool) {
+    let tolerance = 2e-2;
+    let pass = err < tolerance;
+    let mut s = String::new();
+    let _ = writeln!(s, "device: {device}");
+    let _ = writeln!(
+        s,
+        "kernel: {} ({} registers, {} B local, {} B shared)",
+        kernel.entry, resources.registers, resources.local_bytes, kernel.dynamic_smem_bytes
+    );
+    let _ = writeln!(s, "problem: {problem}");
+    let _ = writeln!(
+        s,
+        "{}: ||out - ref|| / ||ref|| = {err:.3e} (tolerance {tolerance:.0e})",
+        if pass { "PASS" } else { "FAIL" }
+    );
+    (s, pass)
 }
 
 fn open_gpu() -> Result<(Gpu, String), CliError> {
@@ -160,7 +195,16 @@ fn open_gpu() -> Result<(Gpu, String), CliError> {
 /// `einattn check`: GPU output against the reference on fresh random inputs.
 pub fn check(cascade: &Cascade, k: &CompiledKernel, seed: u64) -> Result<(String, bool), CliError> {
     let m = &k.schedule.matched;
-    let inputs = rounded_inputs(cascade, k, seed);
+    let inputs = rounded_inputs(
+        cascade,
+        [
+            &k.schedule.matched.q,
+            &k.schedule.matched.k,
+            &k.schedule.matched.v,
+        ],
+        k.schedule.matched.spec.elem,
+        seed,
+    );
     let (gpu, device) = open_gpu()?;
     let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
     let launch = prepare(&gpu, k, &inputs)?;
@@ -176,32 +220,18 @@ pub fn check(cascade: &Cascade, k: &CompiledKernel, seed: u64) -> Result<(String
     let d = m.spec.head_dim as u64;
     let macs = m.batch * m.heads * m.n_q * m.n_k * d * 2;
     let (want, reference_name) = if macs <= INTERPRETER_MAC_LIMIT {
-        let values = evaluate_in_order(cascade, &inputs, &topological_order(cascade))
-            .map_err(|e| CliError::input(format!("error: the interpreter failed: {e}")))?;
-        let out = values
-            .get(m.o.tensor)
-            .ok_or_else(|| CliError::input("error: the interpreter produced no output"))?;
-        (out.stored(), "the cascade interpreter (f64)")
+        (
+            interpreter_output(cascade, &inputs, m.o.tensor)?,
+            "the cascade interpreter (f64)",
+        )
     } else {
         (
             formula_output(m, &inputs),
             "the f64 attention formula (size above the interpreter's limit)",
         )
     };
-    let err = relative_error(&got, &want);
-    let tolerance = 2e-2;
-    let pass = err < tolerance;
-    let resources = kernel.resources().map_err(gpu_error)?;
-    let mut s = String::new();
-    let _ = writeln!(s, "device: {device}");
-    let _ = writeln!(
-        s,
-        "kernel: {} ({} registers, {} B local, {} B shared)",
-        k.ptx.entry, resources.registers, resources.local_bytes, k.ptx.dynamic_smem_bytes
-    );
-    let _ = writeln!(
-        s,
-        "problem: B={} H={} N_q={} N_k={} d={} {}; seed {seed}; reference: {reference_name}",
+    let problem = format!(
+        "B={} H={} N_q={} N_k={} d={} {}; seed {seed}; reference: {reference_name}",
         m.batch,
         m.heads,
         m.n_q,
@@ -209,10 +239,13 @@ pub fn check(cascade: &Cascade, k: &CompiledKernel, seed: u64) -> Result<(String
         d,
         m.spec.elem.name()
     );
-    let _ = writeln!(
-        s,
-        "{}: ||out - ref|| / ||ref|| = {err:.3e} (tolerance {tolerance:.0e})",
-        if pass { "PASS" } else { "FAIL" }
+    let resources = kernel.resources().map_err(gpu_error)?;
+    let (s, pass) = check_report(
+        &device,
+        &k.ptx,
+        resources,
+        &problem,
+        relative_error(&got, &want),
     );
     Ok((s, pass))
 }
@@ -275,7 +308,16 @@ pub fn bench(
     format: ReportFormat,
 ) -> Result<String, CliError> {
     let m = &k.schedule.matched;
-    let inputs = rounded_inputs(cascade, k, 0);
+    let inputs = rounded_inputs(
+        cascade,
+        [
+            &k.schedule.matched.q,
+            &k.schedule.matched.k,
+            &k.schedule.matched.v,
+        ],
+        k.schedule.matched.spec.elem,
+        0,
+    );
     let (gpu, device) = open_gpu()?;
     let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
     let launch = prepare(&gpu, k, &inputs)?;
@@ -439,52 +481,6 @@ fn prepare_linear(
 
 type Inputs = HashMap<einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>, TensorData>;
 
-fn linear_inputs(
-    cascade: &Cascade,
-    k: &einattn_backends::compile::CompiledLinear,
-    seed: u64,
-) -> Inputs {
-    let m = &k.matched;
-    let mut inputs = random_inputs(cascade, seed);
-    for l in [&m.q, &m.k, &m.v] {
-        if let Some(t) = inputs.get_mut(&l.tensor) {
-            let vals: Vec<f64> = t.stored().iter().map(|&x| m.spec.elem.round(x)).collect();
-            *t = TensorData::new(t.shape.clone(), vals);
-        }
-    }
-    inputs
-}
-
-/// The f64 recurrence of the recognized computation, in O's layout.
-fn linear_reference(m: &einattn_backends::schedule::LinearMatch, inputs: &Inputs) -> Vec<f64> {
-    let host = |l: &Layout| l.host(inputs[&l.tensor].stored());
-    let prob = Problem {
-        batch: m.batch as usize,
-        heads: m.heads as usize,
-        kv_group: 1,
-        n_q: m.n as usize,
-        n_k: m.n as usize,
-    };
-    let decay = m.decay_param.map(|p| inputs[&p].stored());
-    let gate = m.gate.as_ref().map(&host);
-    let bnhd = reference::linear_attention_gated(
-        &m.spec,
-        prob,
-        &host(&m.q),
-        &host(&m.k),
-        &host(&m.v),
-        decay.as_deref(),
-        gate.as_ref(),
-    );
-    m.o.from_bnhd(
-        &bnhd,
-        prob.batch,
-        prob.n_q,
-        prob.heads,
-        m.spec.value_dim as usize,
-    )
-}
-
 /// `einattn check` for linear attention.
 pub fn check_linear(
     cascade: &Cascade,
@@ -492,7 +488,12 @@ pub fn check_linear(
     seed: u64,
 ) -> Result<(String, bool), CliError> {
     let m = &k.matched;
-    let inputs = linear_inputs(cascade, k, seed);
+    let inputs = rounded_inputs(
+        cascade,
+        [&k.matched.q, &k.matched.k, &k.matched.v],
+        k.matched.spec.elem,
+        seed,
+    );
     let (gpu, device) = open_gpu()?;
     let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
     let pre = match &k.pre {
@@ -520,39 +521,33 @@ pub fn check_linear(
         .collect();
     let small = m.batch * m.heads * m.n * m.n * m.spec.head_dim as u64 <= INTERPRETER_MAC_LIMIT;
     let (want, reference_name) = if small {
-        let values = evaluate_in_order(cascade, &inputs, &topological_order(cascade))
-            .map_err(|e| CliError::input(format!("error: the interpreter failed: {e}")))?;
-        let out = values
-            .get(m.o.tensor)
-            .ok_or_else(|| CliError::input("error: the interpreter produced no output"))?;
-        (out.stored(), "the cascade interpreter (f64)")
+        (
+            interpreter_output(cascade, &inputs, m.o.tensor)?,
+            "the cascade interpreter (f64)",
+        )
     } else {
         (
-            linear_reference(m, &inputs),
+            m.reference_output(&inputs),
             "the f64 recurrence (size above the interpreter's limit)",
         )
     };
-    let err = relative_error(&got, &want);
-    let tolerance = 2e-2;
-    let pass = err < tolerance;
+    let problem = format!(
+        "B={} H={} N={} d={} e={} {} decay {:?}; seed {seed}; reference: {reference_name}",
+        m.batch,
+        m.heads,
+        m.n,
+        m.spec.head_dim,
+        m.spec.value_dim,
+        m.spec.elem.name(),
+        m.spec.decay
+    );
     let resources = kernel.resources().map_err(gpu_error)?;
-    let mut s = String::new();
-    let _ = writeln!(s, "device: {device}");
-    let _ = writeln!(
-        s,
-        "kernel: {} ({} registers, {} B local, {} B shared)",
-        k.ptx.entry, resources.registers, resources.local_bytes, k.ptx.dynamic_smem_bytes
-    );
-    let _ =
-        writeln!(
-        s,
-        "problem: B={} H={} N={} d={} e={} {} decay {:?}; seed {seed}; reference: {reference_name}",
-        m.batch, m.heads, m.n, m.spec.head_dim, m.spec.value_dim, m.spec.elem.name(), m.spec.decay
-    );
-    let _ = writeln!(
-        s,
-        "{}: ||out - ref|| / ||ref|| = {err:.3e} (tolerance {tolerance:.0e})",
-        if pass { "PASS" } else { "FAIL" }
+    let (s, pass) = check_report(
+        &device,
+        &k.ptx,
+        resources,
+        &problem,
+        relative_error(&got, &want),
     );
     Ok((s, pass))
 }
@@ -577,7 +572,12 @@ pub fn bench_linear(
     format: ReportFormat,
 ) -> Result<String, CliError> {
     let m = &k.matched;
-    let inputs = linear_inputs(cascade, k, 0);
+    let inputs = rounded_inputs(
+        cascade,
+        [&k.matched.q, &k.matched.k, &k.matched.v],
+        k.matched.spec.elem,
+        0,
+    );
     let (gpu, device) = open_gpu()?;
     let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
     let pre = match &k.pre {
@@ -695,7 +695,12 @@ pub fn check_sp_linear(
     };
     let states_ptx = build(Part::ChunkStates { chunk_tiles })?;
     let outputs_ptx = build(Part::ChunkOutputs { chunk_tiles })?;
-    let inputs = linear_inputs(cascade, k, seed);
+    let inputs = rounded_inputs(
+        cascade,
+        [&k.matched.q, &k.matched.k, &k.matched.v],
+        k.matched.spec.elem,
+        seed,
+    );
     let (b_n, h_n) = (m.batch as usize, m.heads as usize);
     // Rank r's rows of a tensor, compact [B, len, H, cols].
     let slice = |l: &Layout, cols: usize, r: usize| -> Vec<u16> {
@@ -819,7 +824,7 @@ pub fn check_sp_linear(
         }
     }
     let plan_ms = time_plan(&gpus, &mut run_plan)?;
-    let want = linear_reference(m, &inputs);
+    let want = m.reference_output(&inputs);
     let err = relative_error(&got, &want);
     let pass = err < 2e-2;
     let mut s = String::new();
@@ -868,7 +873,16 @@ pub fn check_sp_attention(
     let (prog, _) = flash_attention(&spec, &k.schedule.kernel)
         .map_err(|e| CliError::input(format!("error: {e}")))?;
     let ptx = print_ptx(&prog, k.ptx.target).map_err(|e| CliError::input(format!("error: {e}")))?;
-    let inputs = rounded_inputs(cascade, k, seed);
+    let inputs = rounded_inputs(
+        cascade,
+        [
+            &k.schedule.matched.q,
+            &k.schedule.matched.k,
+            &k.schedule.matched.v,
+        ],
+        k.schedule.matched.spec.elem,
+        seed,
+    );
     let (h_n, d) = (m.heads as usize, m.spec.head_dim as usize);
     let c = n / (2 * devices);
     let row = h_n * d;
@@ -1017,11 +1031,7 @@ pub fn check_sp_attention(
     }
     let macs = m.heads * m.n_q * m.n_k * m.spec.head_dim as u64 * 2;
     let want = if macs <= INTERPRETER_MAC_LIMIT {
-        evaluate_in_order(cascade, &inputs, &topological_order(cascade))
-            .map_err(|e| CliError::input(format!("error: the interpreter failed: {e}")))?
-            .get(m.o.tensor)
-            .ok_or_else(|| CliError::input("error: the interpreter produced no output"))?
-            .stored()
+        interpreter_output(cascade, &inputs, m.o.tensor)?
     } else {
         formula_output(m, &inputs)
     };

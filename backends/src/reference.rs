@@ -130,23 +130,11 @@ pub fn alibi_slopes(heads: usize) -> Vec<f64> {
         .collect()
 }
 
-/// Linear attention in f64 by its recurrence: `S_i = lam S_{i-1} + k_i^T v_i`,
-/// `o_i = q_i S_i`, with `lam = exp(-decay[h])` (1 without decay); non-causal: `o_i = q_i S`
-/// with `S` over all keys. Output contiguous `[B, N, H, e]`.
+/// Linear attention in f64 by its recurrence: `S_i = f_i S_{i-1} + k_i^T v_i`,
+/// `o_i = q_i S_i`, with `f_i = exp(-decay[h])` for a per-head decay, `exp(G_i - G_{i-1})`
+/// for a per-token cumulative log-gate `G` (laid out like a one-column tensor, `G_{-1} = 0`),
+/// else 1; non-causal: `o_i = q_i S` with `S` over all keys. Output contiguous `[B, N, H, e]`.
 pub fn linear_attention(
-    spec: &crate::tile::linear::LinearSpec,
-    prob: Problem,
-    q: &HostTensor,
-    k: &HostTensor,
-    v: &HostTensor,
-    decay: Option<&[f64]>,
-) -> Vec<f64> {
-    linear_attention_gated(spec, prob, q, k, v, decay, None)
-}
-
-/// [`linear_attention`] with an optional per-token cumulative log-gate `G` (laid out like a
-/// one-column tensor): `S_i = exp(G_i - G_{i-1}) S_{i-1} + k_i^T v_i`, `G_{-1} = 0`.
-pub fn linear_attention_gated(
     spec: &crate::tile::linear::LinearSpec,
     prob: Problem,
     q: &HostTensor,

@@ -53,6 +53,7 @@ fn check(spec: &LinearSpec, sched: &LinearSchedule, prob: Problem, seed: u64) ->
         &k,
         &v,
         has_decay.then_some(decay.as_slice()),
+        None,
     );
     relative_error(&io.tensors[bind.o.index()].data, &want)
 }
@@ -261,7 +262,7 @@ proptest! {
         };
         run(&states, prob, &mut io).expect("states run");
         run(&outputs, prob, &mut io).expect("outputs run");
-        let want = linear_attention(&spec, prob, &q, &k, &v, decay.then_some(s.as_slice()));
+        let want = linear_attention(&spec, prob, &q, &k, &v, decay.then_some(s.as_slice()), None);
         let err = relative_error(&io.tensors[bind.o.index()].data, &want);
         prop_assert!(err < 2e-2, "relative error {} (chunks {})", err, chunks);
     }
@@ -341,7 +342,7 @@ proptest! {
         }
         let prob = Problem { batch: 1, heads, kv_group: 1, n_q: n, n_k: n };
         let host = |x: &Vec<f64>| HostTensor::bnhd(x.clone(), n, heads, d);
-        let want = linear_attention(&spec, prob, &host(&qf), &host(&kf), &host(&vf), decay.then_some(s.as_slice()));
+        let want = linear_attention(&spec, prob, &host(&qf), &host(&kf), &host(&vf), decay.then_some(s.as_slice()), None);
         let err = relative_error(&out, &want);
         prop_assert!(err < 2e-2, "P = {}: relative error {}", p, err);
     }

@@ -37,6 +37,28 @@ impl NcclGroup {
         self.comms.len()
     }
 
+    /// One send and one receive buffer per rank, of at least these many elements.
+    fn check_buffers(
+        &self,
+        send: impl ExactSizeIterator<Item = usize>,
+        recv: impl ExactSizeIterator<Item = usize>,
+        send_len: usize,
+        recv_len: usize,
+    ) -> Result<()> {
+        let p = self.comms.len();
+        if send.len() != p || recv.len() != p {
+            return Err(RuntimeError::InvalidArgument(
+                "one send and one receive buffer per rank".into(),
+            ));
+        }
+        if send.zip(recv).any(|(s, r)| s < send_len || r < recv_len) {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "send buffers need {send_len} and receive buffers {recv_len} elements"
+            )));
+        }
+        Ok(())
+    }
+
     /// All-gather of equal slots: rank `r` contributes `send[r][r * count .. (r + 1) * count]`
     /// and every rank receives all the slots in `recv[r]`, slot `q` at `q * count` (so a
     /// chunk-major array filled slot by slot comes back whole on every rank).
@@ -47,19 +69,12 @@ impl NcclGroup {
         count: usize,
     ) -> Result<()> {
         let p = self.comms.len();
-        if send.len() != p || recv.len() != p {
-            return Err(RuntimeError::InvalidArgument(
-                "one send and one receive buffer per rank".into(),
-            ));
-        }
-        for (s, r) in send.iter().zip(recv.iter()) {
-            if s.len() < p * count || r.len() < p * count {
-                return Err(RuntimeError::InvalidArgument(format!(
-                    "buffers need {} elements for {p} slots of {count}",
-                    p * count
-                )));
-            }
-        }
+        self.check_buffers(
+            send.iter().map(|b| b.len()),
+            recv.iter().map(|b| b.len()),
+            p * count,
+            p * count,
+        )?;
         nccl::group_start().map_err(|e| nccl_err("starting a group", e))?;
         for (rank, (comm, (s, r))) in self
             .comms
@@ -84,19 +99,12 @@ impl NcclGroup {
         count: usize,
     ) -> Result<()> {
         let p = self.comms.len();
-        if send.len() != p || recv.len() != p {
-            return Err(RuntimeError::InvalidArgument(
-                "one send and one receive buffer per rank".into(),
-            ));
-        }
-        for (s, r) in send.iter().zip(recv.iter()) {
-            if s.len() < count || r.len() < p * count {
-                return Err(RuntimeError::InvalidArgument(format!(
-                    "send needs {count} and receive {} elements",
-                    p * count
-                )));
-            }
-        }
+        self.check_buffers(
+            send.iter().map(|b| b.len()),
+            recv.iter().map(|b| b.len()),
+            count,
+            p * count,
+        )?;
         nccl::group_start().map_err(|e| nccl_err("starting a group", e))?;
         for (comm, (s, r)) in self.comms.iter().zip(send.iter().zip(recv.iter_mut())) {
             // SAFETY: u16 data viewed as twice as many bytes; lengths checked above.

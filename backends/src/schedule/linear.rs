@@ -9,14 +9,15 @@
 //! instance of the same cascade and must agree with the f64 recurrence of the hypothesis.
 
 use super::recognize::Layout;
-use crate::reference::{linear_attention_gated, relative_error};
+use crate::reference::{linear_attention, relative_error};
 use crate::tile::interp::Problem;
 use crate::tile::linear::{Decay, LinearSpec};
 use crate::tile::Elem;
 use einattn_ir::arena::Handle;
 use einattn_ir::cascade::{Cascade, DType, Rank, Span, Tensor, TensorKind};
-use einattn_ir::interp::{evaluate_in_order, random_inputs};
+use einattn_ir::interp::{evaluate_in_order, random_inputs, TensorData};
 use einattn_ir::validate::{topological_order, Diagnostic, DiagnosticKind};
+use std::collections::HashMap;
 
 /// A cascade read as causal linear attention.
 #[derive(Debug, Clone, PartialEq)]
@@ -273,6 +274,39 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
     })
 }
 
+impl LinearMatch {
+    /// The f64 recurrence of this reading on `inputs` (the cascade's storage of every
+    /// input and parameter), in O's layout.
+    pub fn reference_output(&self, inputs: &HashMap<Handle<Tensor>, TensorData>) -> Vec<f64> {
+        let host = |l: &Layout| l.host(inputs[&l.tensor].stored());
+        let prob = Problem {
+            batch: self.batch as usize,
+            heads: self.heads as usize,
+            kv_group: 1,
+            n_q: self.n as usize,
+            n_k: self.n as usize,
+        };
+        let decay = self.decay_param.map(|p| inputs[&p].stored());
+        let gate = self.gate.as_ref().map(&host);
+        let bnhd = linear_attention(
+            &self.spec,
+            prob,
+            &host(&self.q),
+            &host(&self.k),
+            &host(&self.v),
+            decay.as_deref(),
+            gate.as_ref(),
+        );
+        self.o.from_bnhd(
+            &bnhd,
+            prob.batch,
+            prob.n_q,
+            prob.heads,
+            self.spec.value_dim as usize,
+        )
+    }
+}
+
 /// Runs the reference interpreter on `small` (the same cascade at small sizes) and checks
 /// that it computes the recurrence of its own linear-attention hypothesis.
 pub fn verify_linear(small: &Cascade, swap: bool, seed: u64) -> Result<f64, Diagnostic> {
@@ -280,36 +314,11 @@ pub fn verify_linear(small: &Cascade, swap: bool, seed: u64) -> Result<f64, Diag
     let inputs = random_inputs(small, seed);
     let values = evaluate_in_order(small, &inputs, &topological_order(small))
         .map_err(|e| not_mappable(small, format!("the interpreter failed: {e}"), Span::UNKNOWN))?;
-    let host = |l: &Layout| l.host(inputs[&l.tensor].stored());
-    let prob = Problem {
-        batch: m.batch as usize,
-        heads: m.heads as usize,
-        kv_group: 1,
-        n_q: m.n as usize,
-        n_k: m.n as usize,
-    };
-    let decay = m.decay_param.map(|p| inputs[&p].stored());
-    let gate = m.gate.as_ref().map(&host);
-    let want_bnhd = linear_attention_gated(
-        &m.spec,
-        prob,
-        &host(&m.q),
-        &host(&m.k),
-        &host(&m.v),
-        decay.as_deref(),
-        gate.as_ref(),
-    );
     let got = values
         .get(m.o.tensor)
         .ok_or_else(|| not_mappable(small, "no output", Span::UNKNOWN))?
         .stored();
-    let want = m.o.from_bnhd(
-        &want_bnhd,
-        prob.batch,
-        prob.n_q,
-        prob.heads,
-        m.spec.value_dim as usize,
-    );
+    let want = m.reference_output(&inputs);
     let err = relative_error(&got, &want);
     if err.is_nan() || err > 1e-9 {
         return Err(not_mappable(
