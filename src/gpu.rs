@@ -481,6 +481,50 @@ fn prepare_linear(
 
 type Inputs = HashMap<einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>, TensorData>;
 
+/// A linear-attention launch ready to run on GPU 0: its kernels (the chunked strategy's
+/// state kernel first) and their shared arguments.
+struct LoadedLinear<'k> {
+    gpu: Gpu,
+    device: String,
+    kernel: einattn_runtime::Kernel,
+    pre: Option<(einattn_runtime::Kernel, &'k einattn_backends::PtxKernel)>,
+    launch: Launch,
+}
+
+impl<'k> LoadedLinear<'k> {
+    fn new(
+        k: &'k einattn_backends::compile::CompiledLinear,
+        inputs: &Inputs,
+    ) -> Result<Self, CliError> {
+        let (gpu, device) = open_gpu()?;
+        let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
+        let pre = match &k.pre {
+            Some((_, p)) => Some((gpu.load_ptx(&p.text, &p.entry).map_err(gpu_error)?, p)),
+            None => None,
+        };
+        let launch = prepare_linear(&gpu, k, inputs)?;
+        Ok(LoadedLinear {
+            gpu,
+            device,
+            kernel,
+            pre,
+            launch,
+        })
+    }
+
+    fn run(&self) -> Result<(), RuntimeError> {
+        if let Some((pk, p)) = &self.pre {
+            let dims = LaunchDims {
+                dynamic_smem_bytes: p.dynamic_smem_bytes,
+                ..self.launch.dims
+            };
+            self.gpu.launch(pk, dims, &self.launch.args)?;
+        }
+        self.gpu
+            .launch(&self.kernel, self.launch.dims, &self.launch.args)
+    }
+}
+
 /// `einattn check` for linear attention.
 pub fn check_linear(
     cascade: &Cascade,
@@ -494,24 +538,10 @@ pub fn check_linear(
         k.matched.spec.elem,
         seed,
     );
-    let (gpu, device) = open_gpu()?;
-    let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
-    let pre = match &k.pre {
-        Some((_, p)) => Some((gpu.load_ptx(&p.text, &p.entry).map_err(gpu_error)?, p)),
-        None => None,
-    };
-    let launch = prepare_linear(&gpu, k, &inputs)?;
-    let run = || -> Result<(), RuntimeError> {
-        if let Some((pk, p)) = &pre {
-            let dims = LaunchDims {
-                dynamic_smem_bytes: p.dynamic_smem_bytes,
-                ..launch.dims
-            };
-            gpu.launch(pk, dims, &launch.args)?;
-        }
-        gpu.launch(&kernel, launch.dims, &launch.args)
-    };
-    run().map_err(gpu_error)?;
+    let loaded = LoadedLinear::new(k, &inputs)?;
+    let (gpu, device, kernel, launch) =
+        (&loaded.gpu, &loaded.device, &loaded.kernel, &loaded.launch);
+    loaded.run().map_err(gpu_error)?;
     gpu.synchronize().map_err(gpu_error)?;
     let got: Vec<f64> = gpu
         .download(&launch.out)
@@ -578,25 +608,10 @@ pub fn bench_linear(
         k.matched.spec.elem,
         0,
     );
-    let (gpu, device) = open_gpu()?;
-    let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
-    let pre = match &k.pre {
-        Some((_, p)) => Some((gpu.load_ptx(&p.text, &p.entry).map_err(gpu_error)?, p)),
-        None => None,
-    };
-    let launch = prepare_linear(&gpu, k, &inputs)?;
-    let run = || -> Result<(), RuntimeError> {
-        if let Some((pk, p)) = &pre {
-            let dims = LaunchDims {
-                dynamic_smem_bytes: p.dynamic_smem_bytes,
-                ..launch.dims
-            };
-            gpu.launch(pk, dims, &launch.args)?;
-        }
-        gpu.launch(&kernel, launch.dims, &launch.args)
-    };
+    let loaded = LoadedLinear::new(k, &inputs)?;
+    let (gpu, device, kernel) = (&loaded.gpu, &loaded.device, &loaded.kernel);
     let t = gpu
-        .time(reps.div_ceil(4).max(3), reps, run)
+        .time(reps.div_ceil(4).max(3), reps, || loaded.run())
         .map_err(gpu_error)?;
     let tokens = (m.batch * m.n) as f64;
     let mtok = tokens / (t.median_ms * 1e-3) / 1e6;
