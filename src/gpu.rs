@@ -573,7 +573,7 @@ pub fn check_linear(
     );
     let resources = kernel.resources().map_err(gpu_error)?;
     let (s, pass) = check_report(
-        &device,
+        device,
         &k.ptx,
         resources,
         &problem,
@@ -620,7 +620,7 @@ pub fn bench_linear(
         * m.heads as f64
         * (2.0 * m.spec.head_dim as f64 + 2.0 * m.spec.value_dim as f64)
         * eb;
-    let floor_mtok = memory_bandwidth(&device).map(|bw| tokens / (bytes / bw) / 1e6);
+    let floor_mtok = memory_bandwidth(device).map(|bw| tokens / (bytes / bw) / 1e6);
     let resources = kernel.resources().map_err(gpu_error)?;
     let value = json!({
         "device": device,
