@@ -208,23 +208,50 @@ pub fn build_kernel(
     args: &KernelArgs,
 ) -> Result<(Cascade, Kernel), CliError> {
     let cascade = source.compile(defines)?;
-    let softmax = build_attention(source, &cascade, args);
-    let Err(softmax_err) = softmax else {
-        let (c, k) = softmax?;
-        return Ok((c, Kernel::Attention(Box::new(k))));
+    let softmax_err = match build_attention(source, &cascade, args) {
+        Ok((c, k)) => return Ok((c, Kernel::Attention(Box::new(k)))),
+        // Read as softmax attention, but the options or sizes do not fit: that is the answer.
+        Err(e) if e.recognized => return Err(e.error),
+        Err(e) => e.error,
     };
-    if softmax_err.exit_code != 1 {
-        return Err(softmax_err);
-    }
     match build_linear(source, &cascade, defines, args) {
         Ok(k) => Ok((cascade, Kernel::Linear(Box::new(k)))),
-        // A bad linear-attention flag is the answer, not the softmax reading's failure.
-        Err(linear_err) if linear_err.exit_code != 1 => Err(linear_err),
-        Err(linear_err) => Err(CliError::input(format!(
+        Err(e) if e.recognized => Err(e.error),
+        Err(e) => Err(CliError::input(format!(
             "{}\n\nnor as linear attention:\n{}",
             softmax_err.message.trim_end(),
-            linear_err.message.trim_end()
+            e.error.message.trim_end()
         ))),
+    }
+}
+
+/// A failed kernel build, and whether the cascade was read as that kernel family (then the
+/// error is about options or sizes and stands alone; else the next family is tried).
+struct KernelError {
+    error: CliError,
+    recognized: bool,
+}
+
+impl From<CliError> for KernelError {
+    /// Usage errors belong to the family whose flags they name; input errors are a
+    /// failure to read the cascade as the family.
+    fn from(error: CliError) -> Self {
+        let recognized = error.exit_code != 1;
+        KernelError { error, recognized }
+    }
+}
+
+fn usage_error(message: impl Into<String>) -> KernelError {
+    CliError::usage(message).into()
+}
+
+/// Renders a backend diagnostic against the source.
+fn kernel_error(source: &SourceFile, d: einattn_ir::validate::Diagnostic) -> KernelError {
+    KernelError {
+        recognized: d.kind != einattn_ir::validate::DiagnosticKind::NotMappable,
+        error: CliError::input(
+            einattn_dsl::Diagnostics::new(vec![d]).render(&source.name(), &source.text),
+        ),
     }
 }
 
@@ -233,11 +260,9 @@ fn build_linear(
     cascade: &Cascade,
     defines: &[(String, u64)],
     args: &KernelArgs,
-) -> Result<einattn_backends::compile::CompiledLinear, CliError> {
+) -> Result<einattn_backends::compile::CompiledLinear, KernelError> {
     use einattn_backends::schedule::{recognize_linear, ScheduleOptions};
-    let render = |d: einattn_ir::validate::Diagnostic| {
-        CliError::input(einattn_dsl::Diagnostics::new(vec![d]).render(&source.name(), &source.text))
-    };
+    let render = |d| kernel_error(source, d);
     // The same source at small sizes, for the interpreter to confirm the reading.
     let hypothesis = recognize_linear(cascade, false).map_err(render)?;
     let mut small_defines: Vec<(String, u64)> = defines.to_vec();
@@ -263,7 +288,7 @@ fn build_linear(
         if value_rank.is_some_and(|r| cascade.ranks[r].name == *n) {
             value_block = Some(*size as u32);
         } else {
-            return Err(CliError::usage(format!(
+            return Err(usage_error(format!(
                 "error: `--tile {n}=...`: the linear kernel takes a tile of the value rank only"
             )));
         }
@@ -274,7 +299,7 @@ fn build_linear(
         (None, None) => None,
         (Some("single"), None) => Some(Strategy::SinglePass),
         (Some("single"), Some(_)) => {
-            return Err(CliError::usage(
+            return Err(usage_error(
                 "error: `--chunk-tokens` goes with `--strategy chunked`",
             ))
         }
@@ -282,7 +307,7 @@ fn build_linear(
             let tiles = hypothesis.n.div_ceil(d);
             let chunk_tiles = match tokens {
                 Some(t) if t == 0 || t % d != 0 => {
-                    return Err(CliError::usage(format!(
+                    return Err(usage_error(format!(
                         "error: `--chunk-tokens {t}` must be a positive multiple of the block ({d} tokens)"
                     )))
                 }
@@ -294,7 +319,7 @@ fn build_linear(
             })
         }
         (Some(other), _) => {
-            return Err(CliError::usage(format!(
+            return Err(usage_error(format!(
                 "error: unknown strategy `{other}` (single, chunked)"
             )))
         }
@@ -307,19 +332,18 @@ fn build_attention(
     source: &SourceFile,
     cascade: &Cascade,
     args: &KernelArgs,
-) -> Result<(Cascade, einattn_backends::compile::CompiledKernel), CliError> {
+) -> Result<(Cascade, einattn_backends::compile::CompiledKernel), KernelError> {
     use einattn_backends::schedule::{recognize, ScheduleOptions};
     let mut cascade = cascade.clone();
     if args.optimize {
         cascade = optimized(source, &cascade)?.cascade;
     }
-    let render = |d: einattn_ir::validate::Diagnostic| {
-        let mut d = d;
+    let render = |mut d: einattn_ir::validate::Diagnostic| {
         if args.optimize {
             // Spans of rewritten Einsums point nowhere useful in the original text.
             d.span = None;
         }
-        CliError::input(einattn_dsl::Diagnostics::new(vec![d]).render(&source.name(), &source.text))
+        kernel_error(source, d)
     };
     let mut options = ScheduleOptions {
         elem: args.elem,
@@ -352,7 +376,7 @@ fn build_attention(
             } else if query_names.contains(n) {
                 options.block_m = Some(size);
             } else {
-                return Err(CliError::usage(format!(
+                return Err(usage_error(format!(
                     "error: `--tile {n}=...`: `{n}` is neither the key rank ({}) nor the query rank ({})",
                     key_names.join(", "),
                     if query_names.is_empty() { "none".to_string() } else { query_names.join(", ") }

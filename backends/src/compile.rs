@@ -28,7 +28,11 @@ pub fn compile_kernel(
 ) -> Result<CompiledKernel, Diagnostic> {
     let schedule = schedule(cascade, options)?;
     let backend_error = |e: crate::TileError| {
-        Diagnostic::error(DiagnosticKind::NotMappable, e.to_string(), Span::UNKNOWN)
+        Diagnostic::error(
+            DiagnosticKind::UnsupportedShape,
+            e.to_string(),
+            Span::UNKNOWN,
+        )
     };
     let (program, bindings) =
         flash_attention(schedule.spec(), &schedule.kernel).map_err(backend_error)?;
@@ -146,7 +150,7 @@ pub fn compile_linear(
                 let (d, e) = (matched.spec.head_dim, matched.spec.value_dim);
                 if d != e || !(d == 64 || d == 128) {
                     return Err(Diagnostic::error(
-                        DiagnosticKind::NotMappable,
+                        DiagnosticKind::UnsupportedShape,
                         format!("the linear-attention kernel maps d = e in {{64, 128}} (got d = {d}, e = {e})"),
                         Span::UNKNOWN,
                     ));
@@ -174,7 +178,11 @@ pub fn compile_linear(
                     ),
                 };
                 let backend_error = |e: crate::TileError| {
-                    Diagnostic::error(DiagnosticKind::NotMappable, e.to_string(), Span::UNKNOWN)
+                    Diagnostic::error(
+                        DiagnosticKind::UnsupportedShape,
+                        e.to_string(),
+                        Span::UNKNOWN,
+                    )
                 };
                 let (main_part, pre_part) = match schedule.strategy {
                     Strategy::SinglePass => (Part::Whole, None),

@@ -53,6 +53,9 @@ pub enum DiagnosticKind {
     OutOfRange,
     /// A valid cascade that a backend cannot map onto its kernels.
     NotMappable,
+    /// A cascade a backend maps, but not with these sizes or options (no tile shape fits,
+    /// a head dimension the kernel does not take).
+    UnsupportedShape,
     /// A rank iterated by an Einsum but neither an output index nor reduced, a rank
     /// reduced twice, a type or value that makes no sense: everything else.
     Invalid,

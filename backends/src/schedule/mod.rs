@@ -176,7 +176,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     if let Some(elem) = options.elem {
         if elem == Elem::F32 {
             return Err(Diagnostic::error(
-                DiagnosticKind::NotMappable,
+                DiagnosticKind::UnsupportedShape,
                 "the attention kernel stores bf16 or f16",
                 Span::UNKNOWN,
             ));
@@ -216,7 +216,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     }
     if candidates.is_empty() {
         return Err(Diagnostic::error(
-            DiagnosticKind::NotMappable,
+            DiagnosticKind::UnsupportedShape,
             "no kernel shape fits: the requested tile sizes exceed the register file or shared memory, or are not multiples of 16 rows per warp",
             Span::UNKNOWN,
         )
