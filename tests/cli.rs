@@ -347,3 +347,33 @@ fn check_sp_needs_gpus_or_runs_lasp2() {
     let one = einattn(&["check", "examples/lightning.ein", "--sp", "1"]);
     assert_eq!(one.status.code(), Some(2));
 }
+
+#[test]
+fn option_errors_of_a_recognized_kernel_stand_alone() {
+    // Lightning is read as linear attention; a bad stage count is that kernel's error, not
+    // a reason to report that it is not softmax attention.
+    let out = einattn(&[
+        "compile",
+        "examples/lightning.ein",
+        "--stages",
+        "1",
+        "--emit",
+        "ptx",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stages"), "{err}");
+    assert!(!err.contains("softmax"), "{err}");
+    let out = einattn(&[
+        "compile",
+        "examples/attention_1pass.ein",
+        "--tile",
+        "m0=48",
+        "--emit",
+        "ptx",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no kernel shape fits"), "{err}");
+    assert!(!err.contains("linear attention"), "{err}");
+}
