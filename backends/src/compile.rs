@@ -329,7 +329,9 @@ impl CompiledLinear {
                         json!({"scratch": "chunk states, f32 [chunks, B, H, d, e]"})
                     }
                     AbiRole::ChunkBase | AbiRole::QueryOffset => json!({"value": 0}),
-                    AbiRole::ChunkTotal => json!({"value": "grid z (chunks)"}),
+                    AbiRole::ChunkTotal => json!({
+                        "value": self.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32).2
+                    }),
                     AbiRole::TokenPtr(_) => {
                         json!({"param": m.gate.map(|t| cascade.tensors[t.tensor].name.clone())})
                     }
