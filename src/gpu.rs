@@ -839,27 +839,139 @@ pub fn check_sp_linear(
         }
     }
     let plan_ms = time_plan(&gpus, &mut run_plan)?;
-    let want = m.reference_output(&inputs);
-    let err = relative_error(&got, &want);
-    let pass = err < 2e-2;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "plan time: median {plan_ms:.4} ms over 20 runs ({:.1} Mtok/s)",
-        (m.batch as f64 * n as f64) / (plan_ms * 1e-3) / 1e6
-    );
-    let _ = writeln!(s, "devices: {devices} x {device} (LASP-2: state pass, NCCL all-gather of {} KiB per device, output pass)", slot * 4 / 1024);
-    let _ = writeln!(
-        s,
-        "kernels: {} then {}; {} tokens per device",
-        states_ptx.entry, outputs_ptx.entry, local
-    );
-    let _ = writeln!(
-        s,
-        "{}: ||out - ref|| / ||ref|| = {err:.3e} against the single-device f64 recurrence (tolerance 2e-2)",
-        if pass { "PASS" } else { "FAIL" }
-    );
-    Ok((s, pass))
+    drop(run_plan);
+    drop(per_rank);
+    drop((states, gathered));
+    let single = {
+        let loaded = LoadedLinear::new(k, &inputs)?;
+        loaded.run().map_err(gpu_error)?;
+        single_gpu_result(&loaded.gpu, &loaded.launch.out, m.spec.elem, &mut || {
+            loaded.run().map_err(gpu_error)
+        })?
+    };
+    let small = m.batch * m.heads * m.n * m.spec.head_dim as u64 * m.spec.value_dim as u64
+        <= 64 * INTERPRETER_MAC_LIMIT;
+    let reference = small.then(|| (m.reference_output(&inputs), "the f64 recurrence"));
+    let tokens = m.batch as f64 * n as f64;
+    let summary = SpRun {
+        scheme: "lasp2",
+        devices,
+        device,
+        plan_ms,
+        predicted_ms: predicted_ms(cascade, devices, "lasp2"),
+        rate: |ms: f64| format!("{:.1} Mtok/s", tokens / (ms * 1e-3) / 1e6),
+        what: format!(
+            "LASP-2: {} on {local} tokens per device, NCCL all-gather of {} KiB per device, {}",
+            states_ptx.entry,
+            slot * 4 / 1024,
+            outputs_ptx.entry
+        ),
+    };
+    Ok(summary.report(&got, single, reference))
+}
+
+/// The single-GPU kernel on the whole problem: its output (the reference of large SP
+/// checks) and its median time measured like the plan's.
+fn single_gpu_result(
+    gpu: &Gpu,
+    out: &DeviceBuffer<u16>,
+    elem: Elem,
+    run: &mut dyn FnMut() -> Result<(), CliError>,
+) -> Result<(Vec<f64>, f64), CliError> {
+    gpu.synchronize().map_err(gpu_error)?;
+    let got = gpu
+        .download(out)
+        .map_err(gpu_error)?
+        .iter()
+        .map(|&b| from_bits(elem, b))
+        .collect();
+    let ms = time_plan(std::slice::from_ref(gpu), run)?;
+    Ok((got, ms))
+}
+
+/// The planner's predicted time of `scheme` for this cascade, in ms.
+fn predicted_ms(cascade: &Cascade, devices: usize, scheme: &str) -> Option<f64> {
+    let mut options = einattn_passes::sp::SpOptions::new(devices as u64);
+    options.scheme = Some(scheme.to_string());
+    let decision = einattn_passes::sp::plan_sequence_parallel(cascade, &options).ok()?;
+    decision
+        .report
+        .estimates
+        .iter()
+        .find(|e| e.scheme == scheme)
+        .map(|e| e.total_s * 1e3)
+}
+
+/// What an SP check measured, printed the same way for every scheme.
+struct SpRun<F: Fn(f64) -> String> {
+    scheme: &'static str,
+    devices: usize,
+    device: String,
+    plan_ms: f64,
+    predicted_ms: Option<f64>,
+    rate: F,
+    what: String,
+}
+
+impl<F: Fn(f64) -> String> SpRun<F> {
+    /// The report and whether it passes: against the f64 `reference` when the problem is
+    /// small enough to compute one, else against the single-GPU kernel's output (whose own
+    /// checks against f64 run at the sizes the reference reaches).
+    fn report(
+        &self,
+        got: &[f64],
+        (single, single_ms): (Vec<f64>, f64),
+        reference: Option<(Vec<f64>, &str)>,
+    ) -> (String, bool) {
+        let mut s = String::new();
+        let _ = writeln!(s, "devices: {} x {}", self.devices, self.device);
+        let _ = writeln!(s, "plan: {} ({})", self.scheme, self.what);
+        let _ = writeln!(
+            s,
+            "plan time: median {:.4} ms over 20 runs ({})",
+            self.plan_ms,
+            (self.rate)(self.plan_ms)
+        );
+        let _ = writeln!(
+            s,
+            "one GPU, whole problem: median {single_ms:.4} ms ({}); speed-up {:.3}x",
+            (self.rate)(single_ms),
+            single_ms / self.plan_ms
+        );
+        if let Some(p) = self.predicted_ms {
+            let _ = writeln!(
+                s,
+                "cost model: predicted {p:.4} ms; measured / predicted = {:.3}",
+                self.plan_ms / p
+            );
+        }
+        let vs_single = relative_error(got, &single);
+        let (err, name) = match &reference {
+            Some((want, name)) => (relative_error(got, want), *name),
+            None => (vs_single, "the single-GPU kernel on the whole problem"),
+        };
+        let pass = err < 2e-2;
+        if reference.is_some() {
+            let _ = writeln!(
+                s,
+                "||out - single GPU|| / ||single GPU|| = {vs_single:.3e}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{}: ||out - ref|| / ||ref|| = {err:.3e} against {name} (tolerance 2e-2)",
+            if pass { "PASS" } else { "FAIL" }
+        );
+        let _ = writeln!(
+            s,
+            "json: {}",
+            json!({"scheme": self.scheme, "devices": self.devices, "device": self.device,
+                   "plan_ms": self.plan_ms, "single_gpu_ms": single_ms,
+                   "speedup": single_ms / self.plan_ms, "predicted_ms": self.predicted_ms,
+                   "relative_error": err, "reference": name, "pass": pass})
+        );
+        (s, pass)
+    }
 }
 
 /// `einattn check FILE --sp P` for softmax attention: the all-gather-K/V scheme with the
@@ -1044,16 +1156,31 @@ pub fn check_sp_attention(
             }
         }
     }
-    let macs = m.heads * m.n_q * m.n_k * m.spec.head_dim as u64 * 2;
-    let want = if macs <= INTERPRETER_MAC_LIMIT {
-        interpreter_output(cascade, &inputs, m.o.tensor)?
-    } else {
-        formula_output(m, &inputs)
-    };
     let plan_ms = time_plan(&gpus, &mut run_plan)?;
-    let err = relative_error(&got, &want);
-    let pass = err < 2e-2;
-    let mut s = String::new();
+    drop(run_plan);
+    drop((ranks, send, full_k, full_v, tmp));
+    let single = {
+        let (gpu, _) = open_gpu()?;
+        let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
+        let launch = prepare(&gpu, k, &inputs)?;
+        let mut run = || {
+            gpu.launch(&kernel, launch.dims, &launch.args)
+                .map_err(gpu_error)
+        };
+        run()?;
+        single_gpu_result(&gpu, &launch.out, m.spec.elem, &mut run)?
+    };
+    let macs = m.heads * m.n_q * m.n_k * m.spec.head_dim as u64 * 2;
+    let reference = if macs <= INTERPRETER_MAC_LIMIT {
+        Some((
+            interpreter_output(cascade, &inputs, m.o.tensor)?,
+            "the cascade interpreter (f64)",
+        ))
+    } else if macs <= 64 * INTERPRETER_MAC_LIMIT {
+        Some((formula_output(m, &inputs), "the f64 attention formula"))
+    } else {
+        None
+    };
     let visible: f64 = (0..n as i64)
         .map(|p| {
             let (mut lo, mut hi) = (0i64, n as i64 - 1);
@@ -1071,24 +1198,20 @@ pub fn check_sp_attention(
         })
         .sum();
     let flops = 4.0 * m.heads as f64 * visible * d as f64;
-    let _ = writeln!(
-        s,
-        "plan time: median {plan_ms:.4} ms over 20 runs ({:.1} TFLOP/s over all devices)",
-        flops / (plan_ms * 1e-3) / 1e12
-    );
-    let _ = writeln!(
-        s,
-        "devices: {devices} x {device} (all-gather of K and V, zigzag: device r holds query chunks r and {}-1-r of {})",
-        2 * devices,
-        c
-    );
-    let _ = writeln!(s, "kernel: {}", ptx.entry);
-    let _ = writeln!(
-        s,
-        "{}: ||out - ref|| / ||ref|| = {err:.3e} against the single-device reference (tolerance 2e-2)",
-        if pass { "PASS" } else { "FAIL" }
-    );
-    Ok((s, pass))
+    let summary = SpRun {
+        scheme: "allgather_kv_zigzag",
+        devices,
+        device,
+        plan_ms,
+        predicted_ms: predicted_ms(cascade, devices, "allgather_kv_zigzag"),
+        rate: |ms: f64| format!("{:.1} TFLOP/s", flops / (ms * 1e-3) / 1e12),
+        what: format!(
+            "all-gather of K and V, zigzag: device r holds query chunks r and {}-1-r of {c} tokens; {}",
+            2 * devices,
+            ptx.entry
+        ),
+    };
+    Ok(summary.report(&got, single, reference))
 }
 
 /// Median wall time of a multi-GPU plan: every GPU synchronized before and after each run.
