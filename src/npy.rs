@@ -12,7 +12,7 @@ pub fn write(path: &Path, data: &TensorData) -> std::io::Result<()> {
         .shape(&shape)
         .writer(file)
         .begin_nd()?;
-    writer.extend(data.stored())?;
+    writer.extend(data.stored().iter().copied())?;
     writer.finish()
 }
 

@@ -51,9 +51,9 @@ impl TensorData {
     }
 
     /// Values with absent elements read as 0, as an output is stored.
-    pub fn stored(&self) -> Vec<f64> {
+    pub fn stored(&self) -> std::borrow::Cow<'_, [f64]> {
         match &self.present {
-            None => self.values.clone(),
+            None => std::borrow::Cow::Borrowed(&self.values),
             Some(p) => self
                 .values
                 .iter()
@@ -71,7 +71,7 @@ impl TensorData {
             return f64::NAN;
         }
         let (mut num, mut den) = (0.0, 0.0);
-        for (x, y) in a.iter().zip(&b) {
+        for (x, y) in a.iter().zip(b.iter()) {
             num += (x - y) * (x - y);
             den += y * y;
         }
@@ -124,23 +124,62 @@ pub fn shape_of(cascade: &Cascade, tensor: Handle<Tensor>) -> Vec<usize> {
 }
 
 /// Draws inputs from a seeded generator: inputs uniform in [-1, 1); parameters take their
-/// default, or uniform in [0.05, 1) (positive, so decays decay).
+/// default, or uniform in [0.05, 1) (positive, so decays decay). Tensor `j` draws from
+/// stream `j` of the generator and each block of [`RANDOM_BLOCK`] values from its own
+/// window of that stream, so large inputs fill on every core and the values depend only
+/// on the seed.
 pub fn random_inputs(cascade: &Cascade, seed: u64) -> HashMap<Handle<Tensor>, TensorData> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = HashMap::new();
-    for (h, t) in cascade.tensors.iter() {
+    for (j, (h, t)) in cascade.tensors.iter().enumerate() {
         let shape = shape_of(cascade, h);
         let n: usize = shape.iter().product();
-        let values: Vec<f64> = match (t.kind, t.default) {
-            (TensorKind::Input, _) => (0..n).map(|_| rng.random_range(-1.0..1.0)).collect(),
-            (TensorKind::Param, Some(v)) => vec![v; n],
-            (TensorKind::Param, None) => (0..n).map(|_| rng.random_range(0.05..1.0)).collect(),
+        let range = match (t.kind, t.default) {
+            (TensorKind::Input, _) => -1.0..1.0,
+            (TensorKind::Param, Some(v)) => {
+                out.insert(h, TensorData::filled(shape, v));
+                continue;
+            }
+            (TensorKind::Param, None) => 0.05..1.0,
             _ => continue,
         };
+        let mut values = vec![0.0; n];
+        let fill = |block: usize, chunk: &mut [f64]| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(j as u64);
+            rng.set_word_pos((block as u128) << 32);
+            for x in chunk {
+                *x = rng.random_range(range.clone());
+            }
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        if n <= RANDOM_BLOCK || threads == 1 {
+            for (b, chunk) in values.chunks_mut(RANDOM_BLOCK).enumerate() {
+                fill(b, chunk);
+            }
+        } else {
+            let blocks: Vec<(usize, &mut [f64])> =
+                values.chunks_mut(RANDOM_BLOCK).enumerate().collect();
+            let per_thread = blocks.len().div_ceil(threads);
+            let mut blocks = blocks.into_iter();
+            std::thread::scope(|scope| loop {
+                let part: Vec<_> = blocks.by_ref().take(per_thread).collect();
+                if part.is_empty() {
+                    break;
+                }
+                scope.spawn(move || {
+                    for (b, chunk) in part {
+                        fill(b, chunk);
+                    }
+                });
+            });
+        }
         out.insert(h, TensorData::new(shape, values));
     }
     out
 }
+
+/// Values drawn from one window of the generator by [`random_inputs`].
+pub const RANDOM_BLOCK: usize = 1 << 16;
 
 /// An access with its offset precomputed as `base + sum(stride * index[rank])`.
 struct FlatAccess {

@@ -155,11 +155,14 @@ pub fn execute_plan(
                         let t = by_name
                             .get(&piece.tensor)
                             .ok_or_else(|| err(format!("no tensor `{}`", piece.tensor)))?;
-                        let data = inputs.get(t).map(|d| d.stored()).unwrap_or_else(|| {
-                            // A parameter with a default need not be supplied.
-                            let n = cascade.tensor_elements(*t) as usize;
-                            vec![cascade.tensors[*t].default.unwrap_or(f64::NAN); n]
-                        });
+                        let data = inputs
+                            .get(t)
+                            .map(|d| d.stored().into_owned())
+                            .unwrap_or_else(|| {
+                                // A parameter with a default need not be supplied.
+                                let n = cascade.tensor_elements(*t) as usize;
+                                vec![cascade.tensors[*t].default.unwrap_or(f64::NAN); n]
+                            });
                         let shape = shape_of(cascade, *t);
                         let base = piece.offset as usize;
                         let mut overflow = false;
@@ -688,7 +691,7 @@ impl Machine<'_> {
                         .cascade
                         .tensor_by_name(&a.tensor)
                         .ok_or_else(|| err(format!("no output `{}`", a.tensor)))?;
-                    values.get(h).map(|d| d.stored())
+                    values.get(h).map(|d| d.stored().into_owned())
                 }
                 ArgRole::StateOut | ArgRole::StatsOut => {
                     let h = cascade

@@ -278,7 +278,7 @@ impl LinearMatch {
     /// The f64 recurrence of this reading on `inputs` (the cascade's storage of every
     /// input and parameter), in O's layout.
     pub fn reference_output(&self, inputs: &HashMap<Handle<Tensor>, TensorData>) -> Vec<f64> {
-        let host = |l: &Layout| l.host(inputs[&l.tensor].stored());
+        let host = |l: &Layout| l.host(inputs[&l.tensor].stored().into_owned());
         let prob = Problem {
             batch: self.batch as usize,
             heads: self.heads as usize,

@@ -277,9 +277,10 @@ pub fn lightning_part(
         });
         SharedId(p.shared.len() as u32 - 1)
     };
-    let q_s = shared("q_s", block, d, SeqRank::Query);
+    // K and V first: the state kernel keeps only those two (see `Part::ChunkStates`).
     let k_s = shared("k_s", block, d, SeqRank::Key);
     let v_s = shared("v_s", block, eb, SeqRank::Key);
+    let q_s = shared("q_s", block, d, SeqRank::Query);
     let state_s = shared("state_s", d, eb, SeqRank::Key);
     let mut reg = |name: &str, cols, col_rank, kind| {
         p.regs.push(RegTile {
@@ -446,6 +447,9 @@ pub fn lightning_part(
             },
         ],
         Part::ChunkStates { .. } => {
+            // Q and the shared copy of the state are never touched here; dropping them
+            // halves the shared memory, so two CTAs fit on an SM.
+            p.shared.truncate(2);
             let mut only_state = vec![
                 Stmt::LoadTile { dst: k_s, src: k },
                 Stmt::LoadTile { dst: v_s, src: v },

@@ -566,7 +566,7 @@ pub fn final_step(
     let last = data.shape[d].checked_sub(1)?;
     let mut sliced = slice_dim(
         &TensorData {
-            values: data.stored(),
+            values: data.stored().into_owned(),
             shape: data.shape.clone(),
             present: None,
         },
