@@ -165,7 +165,8 @@ fn linear_examples_compile_and_match_the_interpreter() {
             .expect("interpreter")
             .get(m.o.tensor)
             .expect("output")
-            .stored();
+            .stored()
+            .into_owned();
         let host = |l: &einattn_backends::schedule::Layout, data: Vec<f64>| l.host(data);
         let rounded = |t| -> Vec<f64> {
             inputs[&t]
@@ -179,7 +180,7 @@ fn linear_examples_compile_and_match_the_interpreter() {
             .iter()
             .map(|g| {
                 (
-                    inputs[&g.tensor].stored(),
+                    inputs[&g.tensor].stored().into_owned(),
                     g.stride_batch as usize,
                     g.stride_seq as usize,
                     g.stride_head as usize,
@@ -197,7 +198,7 @@ fn linear_examples_compile_and_match_the_interpreter() {
             scalars: vec![],
             head_params: m
                 .decay_param
-                .map(|p| vec![inputs[&p].stored()])
+                .map(|p| vec![inputs[&p].stored().into_owned()])
                 .unwrap_or_default(),
             tokens: gate_tokens,
             chunk_base: 0,

@@ -62,7 +62,11 @@ fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64
             .iter()
             .map(|t| inputs[t].stored()[0])
             .collect(),
-        head_params: m.head_params.iter().map(|t| inputs[t].stored()).collect(),
+        head_params: m
+            .head_params
+            .iter()
+            .map(|t| inputs[t].stored().into_owned())
+            .collect(),
         tokens: vec![],
         chunk_base: 0,
         q_offset: 0,
