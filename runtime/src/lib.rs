@@ -9,7 +9,11 @@
 //! because kernels receive raw device pointers ([`KernelArg::Ptr`]) and stream order already
 //! orders them.
 
+pub mod launch;
 pub mod nccl;
+
+pub use launch::{share_bytes, LaunchEnv};
+pub use nccl::{NcclGroup, NcclRank};
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -35,6 +39,9 @@ pub enum RuntimeError {
     InvalidArgument(String),
     #[error("NCCL error while {0}")]
     Nccl(String),
+    /// The launcher's processes could not meet (see [`launch::share_bytes`]).
+    #[error("rendezvous failed: {0}")]
+    Rendezvous(String),
 }
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;
@@ -71,6 +78,15 @@ impl Element for f32 {
         self
     }
     fn from_repr(r: f32) -> f32 {
+        r
+    }
+}
+impl Element for f64 {
+    type Repr = f64;
+    fn to_repr(self) -> f64 {
+        self
+    }
+    fn from_repr(r: f64) -> f64 {
         r
     }
 }
