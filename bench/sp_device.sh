@@ -23,6 +23,22 @@ run lightning_small $BIN check examples/lightning.ein -D B=2 -D H=4 -D D=128 -D 
 run causal_small $BIN check examples/attention_causal.ein -D H=4 -D D=128 -D N=8192 --sp 2
 run lightning_262144 $BIN check examples/lightning.ein -D B=4 -D H=16 -D D=128 -D N=262144 --sp 2
 run causal_65536 $BIN check examples/attention_causal.ein -D H=16 -D D=128 -D N=65536 --sp 2
+# One process per GPU, as a launcher starts them (RANK, WORLD_SIZE, LOCAL_RANK,
+# MASTER_ADDR, MASTER_PORT); rank 0 prints the report.
+launch() { # name, command...
+  local name=$1; shift
+  echo "== $name (2 processes): $*" | tee -a "$OUT/sp.log"
+  local t0=$SECONDS
+  for r in 1 0; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=29533 \
+      timeout 300 "$@" >"$OUT/$name.rank$r.txt" 2>&1 &
+  done
+  local rc=0; for j in $(jobs -p); do wait "$j" || rc=$?; done
+  echo "rc=$rc wall=$((SECONDS - t0)) s" | tee -a "$OUT/$name.rank0.txt" "$OUT/sp.log"
+  cat "$OUT/$name.rank0.txt"; tail -3 "$OUT/$name.rank1.txt"
+}
+launch lightning_65536_procs $BIN check examples/lightning.ein -D B=4 -D H=16 -D D=128 -D N=65536 --sp 2
+launch causal_16384_procs $BIN check examples/attention_causal.ein -D H=16 -D D=128 -D N=16384 --sp 2
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site

@@ -193,7 +193,11 @@ fn check_report(
 }
 
 fn open_gpu() -> Result<(Gpu, String), CliError> {
-    let gpu = Gpu::open(0).map_err(gpu_error)?;
+    open_gpu_at(0)
+}
+
+fn open_gpu_at(ordinal: usize) -> Result<(Gpu, String), CliError> {
+    let gpu = Gpu::open(ordinal).map_err(gpu_error)?;
     let name = gpu.name().map_err(gpu_error)?;
     Ok((gpu, name))
 }
@@ -506,7 +510,15 @@ impl<'k> LoadedLinear<'k> {
         k: &'k einattn_backends::compile::CompiledLinear,
         inputs: &Inputs,
     ) -> Result<Self, CliError> {
-        let (gpu, device) = open_gpu()?;
+        Self::new_at(0, k, inputs)
+    }
+
+    fn new_at(
+        ordinal: usize,
+        k: &'k einattn_backends::compile::CompiledLinear,
+        inputs: &Inputs,
+    ) -> Result<Self, CliError> {
+        let (gpu, device) = open_gpu_at(ordinal)?;
         let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
         let pre = match &k.pre {
             Some((_, p)) => Some((gpu.load_ptx(&p.text, &p.entry).map_err(gpu_error)?, p)),
@@ -694,7 +706,6 @@ pub fn check_sp_linear(
 ) -> Result<(String, bool), CliError> {
     use einattn_backends::print_ptx;
     use einattn_backends::tile::linear::{lightning_part, Part};
-    use einattn_runtime::nccl::NcclGroup;
     let m = &k.matched;
     if !m.spec.causal || m.gate.is_some() || devices < 2 {
         return Err(CliError::usage(
@@ -748,12 +759,8 @@ pub fn check_sp_linear(
         }
         out
     };
-    let mut gpus = Vec::new();
-    for r in 0..devices {
-        gpus.push(Gpu::open(r).map_err(gpu_error)?);
-    }
-    let device = gpus[0].name().map_err(gpu_error)?;
-    let group = NcclGroup::new(&gpus.iter().collect::<Vec<_>>()).map_err(gpu_error)?;
+    let ranks = Ranks::open(devices)?;
+    let device = ranks.first().name().map_err(gpu_error)?;
     let slot = b_n * h_n * d * e;
     let grid = (
         m.spec.value_dim / k.schedule.value_block,
@@ -763,7 +770,8 @@ pub fn check_sp_linear(
     let mut states = Vec::new();
     let mut gathered = Vec::new();
     let mut per_rank = Vec::new();
-    for (r, gpu) in gpus.iter().enumerate() {
+    for (r, gpu) in &ranks.gpus {
+        let r = *r;
         let kernels = (
             gpu.load_ptx(&states_ptx.text, &states_ptx.entry)
                 .map_err(gpu_error)?,
@@ -791,10 +799,11 @@ pub fn check_sp_linear(
         );
         per_rank.push((kernels, tensors, decay));
     }
-    // Arguments of rank r's launch reading or writing `state`.
-    let args = |r: usize, state: &DeviceBuffer<f32>| -> Vec<KernelArg> {
-        let gpu = &gpus[r];
-        let (_, tensors, decay) = &per_rank[r];
+    // Arguments of the launch of driven rank `i` reading or writing `state`.
+    let args = |i: usize, state: &DeviceBuffer<f32>| -> Vec<KernelArg> {
+        let (r, gpu) = &ranks.gpus[i];
+        let r = *r;
+        let (_, tensors, decay) = &per_rank[i];
         let cols = [d, d, e, e];
         states_ptx
             .abi
@@ -823,47 +832,32 @@ pub fn check_sp_linear(
         dynamic_smem_bytes: p.dynamic_smem_bytes,
     };
     let mut run_plan = || -> Result<(), CliError> {
-        for (r, gpu) in gpus.iter().enumerate() {
-            gpu.launch(&per_rank[r].0 .0, dims(&states_ptx), &args(r, &states[r]))
+        for (i, (_, gpu)) in ranks.gpus.iter().enumerate() {
+            gpu.launch(&per_rank[i].0 .0, dims(&states_ptx), &args(i, &states[i]))
                 .map_err(gpu_error)?;
         }
-        group
-            .all_gather_slots(&states, &mut gathered, sub * slot)
-            .map_err(gpu_error)?;
-        for (r, gpu) in gpus.iter().enumerate() {
+        ranks.all_gather_slots(&states, &mut gathered, sub * slot)?;
+        for (i, (_, gpu)) in ranks.gpus.iter().enumerate() {
             gpu.launch(
-                &per_rank[r].0 .1,
+                &per_rank[i].0 .1,
                 dims(&outputs_ptx),
-                &args(r, &gathered[r]),
+                &args(i, &gathered[i]),
             )
             .map_err(gpu_error)?;
         }
         Ok(())
     };
     run_plan()?;
-    // Stitch the ranks' outputs into O's layout.
-    let mut got = vec![0.0; m.o.elements as usize];
-    for (r, gpu) in gpus.iter().enumerate() {
+    let mut outputs = Vec::new();
+    for (i, (r, gpu)) in ranks.gpus.iter().enumerate() {
         gpu.synchronize().map_err(gpu_error)?;
-        let o = gpu.download(&per_rank[r].1[3]).map_err(gpu_error)?;
-        for b in 0..b_n {
-            for t in 0..lens[r] {
-                for h in 0..h_n {
-                    let src = ((b * lens[r] + t) * h_n + h) * e;
-                    let dst = m.o.offset(b, r * local + t, h);
-                    for c in 0..e {
-                        got[dst + c] = from_bits(m.spec.elem, o[src + c]);
-                    }
-                }
-            }
-        }
+        outputs.push((*r, gpu.download(&per_rank[i].1[3]).map_err(gpu_error)?));
     }
-    let plan_ms = time_plan(&gpus, &mut run_plan)?;
-    drop(run_plan);
+    let plan_ms = ranks.time(&mut run_plan)?;
     drop(per_rank);
     drop((states, gathered));
     let single = {
-        let loaded = LoadedLinear::new(k, &inputs)?;
+        let loaded = LoadedLinear::new_at(ranks.ordinal, k, &inputs)?;
         loaded.run().map_err(gpu_error)?;
         single_gpu_result(&loaded.gpu, &loaded.launch.out, m.spec.elem, &mut || {
             loaded.run().map_err(gpu_error)
@@ -872,11 +866,33 @@ pub fn check_sp_linear(
     let small = m.batch * m.heads * m.n * m.spec.head_dim as u64 * m.spec.value_dim as u64
         <= 64 * INTERPRETER_MAC_LIMIT;
     let reference = small.then(|| (m.reference_output(&inputs), "the f64 recurrence"));
+    // Each driven rank's rows against the same rows of a reference, in O's layout.
+    let compare = |want: &[f64]| -> [f64; 2] {
+        let mut parts = [0.0, 0.0];
+        for (r, o) in &outputs {
+            let r = *r;
+            for b in 0..b_n {
+                for t in 0..lens[r] {
+                    for h in 0..h_n {
+                        let src = ((b * lens[r] + t) * h_n + h) * e;
+                        let dst = m.o.offset(b, r * local + t, h);
+                        let [a, c] = error_parts(
+                            (0..e).map(|x| (from_bits(m.spec.elem, o[src + x]), want[dst + x])),
+                        );
+                        parts[0] += a;
+                        parts[1] += c;
+                    }
+                }
+            }
+        }
+        parts
+    };
     let tokens = m.batch as f64 * n as f64;
     let summary = SpRun {
         scheme: "lasp2",
         devices,
         device,
+        launcher: ranks.launcher(),
         plan_ms,
         predicted_ms: predicted_ms(cascade, devices, "lasp2"),
         rate: |ms: f64| format!("{:.1} Mtok/s", tokens / (ms * 1e-3) / 1e6),
@@ -887,7 +903,7 @@ pub fn check_sp_linear(
             outputs_ptx.entry
         ),
     };
-    Ok(summary.report(&got, single, reference))
+    summary.report(&ranks, &compare, single, reference)
 }
 
 /// The single-GPU kernel on the whole problem: its output (the reference of large SP
@@ -905,7 +921,7 @@ fn single_gpu_result(
         .iter()
         .map(|&b| from_bits(elem, b))
         .collect();
-    let ms = time_plan(std::slice::from_ref(gpu), run)?;
+    let ms = time_plan(&[gpu], run)?;
     Ok((got, ms))
 }
 
@@ -927,6 +943,7 @@ struct SpRun<F: Fn(f64) -> String> {
     scheme: &'static str,
     devices: usize,
     device: String,
+    launcher: &'static str,
     plan_ms: f64,
     predicted_ms: Option<f64>,
     rate: F,
@@ -934,17 +951,38 @@ struct SpRun<F: Fn(f64) -> String> {
 }
 
 impl<F: Fn(f64) -> String> SpRun<F> {
-    /// The report and whether it passes: against the f64 `reference` when the problem is
-    /// small enough to compute one, else against the single-GPU kernel's output (whose own
-    /// checks against f64 run at the sizes the reference reaches).
+    /// The report (printed by rank 0 only) and whether it passes: against the f64
+    /// `reference` when the problem is small enough to compute one, else against the
+    /// single-GPU kernel's output (whose own checks against f64 run at the sizes the
+    /// reference reaches). `compare` gives the error parts of this process's rows.
     fn report(
         &self,
-        got: &[f64],
+        ranks: &Ranks,
+        compare: &dyn Fn(&[f64]) -> [f64; 2],
         (single, single_ms): (Vec<f64>, f64),
         reference: Option<(Vec<f64>, &str)>,
-    ) -> (String, bool) {
+    ) -> Result<(String, bool), CliError> {
+        let mut parts = compare(&single).to_vec();
+        if let Some((want, _)) = &reference {
+            parts.extend(compare(want));
+        }
+        let parts = ranks.sum(&parts)?;
+        let rel = |num: f64, den: f64| (num / den).sqrt();
+        let vs_single = rel(parts[0], parts[1]);
+        let (err, name) = match &reference {
+            Some((_, name)) => (rel(parts[2], parts[3]), *name),
+            None => (vs_single, "the single-GPU kernel on the whole problem"),
+        };
+        let pass = err < 2e-2;
+        if !ranks.leader() {
+            return Ok((String::new(), pass));
+        }
         let mut s = String::new();
-        let _ = writeln!(s, "devices: {} x {}", self.devices, self.device);
+        let _ = writeln!(
+            s,
+            "devices: {} x {} ({})",
+            self.devices, self.device, self.launcher
+        );
         let _ = writeln!(s, "plan: {} ({})", self.scheme, self.what);
         let _ = writeln!(
             s,
@@ -965,12 +1003,6 @@ impl<F: Fn(f64) -> String> SpRun<F> {
                 self.plan_ms / p
             );
         }
-        let vs_single = relative_error(got, &single);
-        let (err, name) = match &reference {
-            Some((want, name)) => (relative_error(got, want), *name),
-            None => (vs_single, "the single-GPU kernel on the whole problem"),
-        };
-        let pass = err < 2e-2;
         if reference.is_some() {
             let _ = writeln!(s, "||out - single GPU|| / ||single GPU|| = {vs_single:.3e}");
         }
@@ -983,11 +1015,11 @@ impl<F: Fn(f64) -> String> SpRun<F> {
             s,
             "json: {}",
             json!({"scheme": self.scheme, "devices": self.devices, "device": self.device,
-                   "plan_ms": self.plan_ms, "single_gpu_ms": single_ms,
+                   "launcher": self.launcher, "plan_ms": self.plan_ms, "single_gpu_ms": single_ms,
                    "speedup": single_ms / self.plan_ms, "predicted_ms": self.predicted_ms,
                    "relative_error": err, "reference": name, "pass": pass})
         );
-        (s, pass)
+        Ok((s, pass))
     }
 }
 
@@ -1003,7 +1035,6 @@ pub fn check_sp_attention(
     seed: u64,
 ) -> Result<(String, bool), CliError> {
     use einattn_backends::{flash_attention, print_ptx};
-    use einattn_runtime::nccl::NcclGroup;
     let m = &k.schedule.matched;
     let n = m.n_k as usize;
     if m.n_q != m.n_k || m.batch != 1 || devices < 2 || !n.is_multiple_of(2 * devices) {
@@ -1043,12 +1074,8 @@ pub fn check_sp_attention(
         }
         out
     };
-    let mut gpus = Vec::new();
-    for r in 0..devices {
-        gpus.push(Gpu::open(r).map_err(gpu_error)?);
-    }
-    let device = gpus[0].name().map_err(gpu_error)?;
-    let group = NcclGroup::new(&gpus.iter().collect::<Vec<_>>()).map_err(gpu_error)?;
+    let ranks = Ranks::open(devices)?;
+    let device = ranks.first().name().map_err(gpu_error)?;
     let chunks = |r: usize| [r, 2 * devices - 1 - r];
     struct Rank {
         kernel: einattn_runtime::Kernel,
@@ -1056,15 +1083,15 @@ pub fn check_sp_attention(
         o: [DeviceBuffer<u16>; 2],
         head_params: Vec<DeviceBuffer<f32>>,
     }
-    let mut ranks = Vec::new();
+    let mut per_rank = Vec::new();
     // K and V: the first chunks gather straight into sequence order; the second chunks
     // arrive mirrored and are put in place with device copies.
     let mut send = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
     let mut full_k = Vec::new();
     let mut full_v = Vec::new();
     let mut tmp = [Vec::new(), Vec::new()];
-    for (r, gpu) in gpus.iter().enumerate() {
-        let [a, b] = chunks(r);
+    for (r, gpu) in &ranks.gpus {
+        let [a, b] = chunks(*r);
         let up = |x: Vec<u16>| gpu.upload(&x).map_err(gpu_error);
         send[0].push(up(rows(&m.k, a * c))?);
         send[1].push(up(rows(&m.k, b * c))?);
@@ -1080,7 +1107,7 @@ pub fn check_sp_attention(
             let v: Vec<f32> = inputs[&t].stored().iter().map(|&x| x as f32).collect();
             head_params.push(gpu.upload(&v).map_err(gpu_error)?);
         }
-        ranks.push(Rank {
+        per_rank.push(Rank {
             kernel: gpu.load_ptx(&ptx.text, &ptx.entry).map_err(gpu_error)?,
             q: [up(rows(&m.q, a * c))?, up(rows(&m.q, b * c))?],
             o: [
@@ -1090,46 +1117,43 @@ pub fn check_sp_attention(
             head_params,
         });
     }
+    let scalars: Vec<f32> = m
+        .scalar_params
+        .iter()
+        .map(|t| inputs[t].stored()[0] as f32)
+        .collect();
     let dims = LaunchDims {
         grid: ptx.grid(1, h_n as u32, c as u32),
         block: (ptx.threads, 1, 1),
         dynamic_smem_bytes: ptx.dynamic_smem_bytes,
     };
     let mut run_plan = || -> Result<(), CliError> {
-        group
-            .all_gather_u16(&send[0], &mut full_k, count)
-            .map_err(gpu_error)?;
-        group
-            .all_gather_u16(&send[2], &mut full_v, count)
-            .map_err(gpu_error)?;
+        ranks.all_gather_u16(&send[0], &mut full_k, count)?;
+        ranks.all_gather_u16(&send[2], &mut full_v, count)?;
         let [tk, tv] = &mut tmp;
-        group
-            .all_gather_u16(&send[1], tk, count)
-            .map_err(gpu_error)?;
-        group
-            .all_gather_u16(&send[3], tv, count)
-            .map_err(gpu_error)?;
-        for (r, gpu) in gpus.iter().enumerate() {
+        ranks.all_gather_u16(&send[1], tk, count)?;
+        ranks.all_gather_u16(&send[3], tv, count)?;
+        for (i, (_, gpu)) in ranks.gpus.iter().enumerate() {
             for q in 0..devices {
                 // Slot q holds chunk 2P - 1 - q.
                 let at = (2 * devices - 1 - q) * count;
-                gpu.copy_within(&tk[r], q * count..(q + 1) * count, &mut full_k[r], at)
+                gpu.copy_within(&tk[i], q * count..(q + 1) * count, &mut full_k[i], at)
                     .map_err(gpu_error)?;
-                gpu.copy_within(&tv[r], q * count..(q + 1) * count, &mut full_v[r], at)
+                gpu.copy_within(&tv[i], q * count..(q + 1) * count, &mut full_v[i], at)
                     .map_err(gpu_error)?;
             }
         }
-        for (r, gpu) in gpus.iter().enumerate() {
-            for (half, chunk) in chunks(r).into_iter().enumerate() {
-                let rk = &ranks[r];
+        for (i, (r, gpu)) in ranks.gpus.iter().enumerate() {
+            for (half, chunk) in chunks(*r).into_iter().enumerate() {
+                let rk = &per_rank[i];
                 let args: Vec<KernelArg> = ptx
                     .abi
                     .iter()
                     .map(|p| match &p.role {
                         AbiRole::TensorPtr(t) => match t.index() {
                             0 => rk.q[half].arg(gpu),
-                            1 => full_k[r].arg(gpu),
-                            2 => full_v[r].arg(gpu),
+                            1 => full_k[i].arg(gpu),
+                            2 => full_v[i].arg(gpu),
                             _ => rk.o[half].arg(gpu),
                         },
                         AbiRole::HeadParamPtr(h) => rk.head_params[h.index()].arg(gpu),
@@ -1145,9 +1169,7 @@ pub fn check_sp_attention(
                         } as u64),
                         AbiRole::StrideSeq(_) => KernelArg::U64(row as u64),
                         AbiRole::StrideHead(_) => KernelArg::U64(d as u64),
-                        AbiRole::Scalar(s) => {
-                            KernelArg::F32(inputs[&m.scalar_params[s.index()]].stored()[0] as f32)
-                        }
+                        AbiRole::Scalar(s) => KernelArg::F32(scalars[s.index()]),
                         _ => KernelArg::U64(0),
                     })
                     .collect();
@@ -1157,27 +1179,20 @@ pub fn check_sp_attention(
         Ok(())
     };
     run_plan()?;
-    let mut got = vec![0.0; m.o.elements as usize];
-    for (r, gpu) in gpus.iter().enumerate() {
+    let mut outputs = Vec::new();
+    for (i, (r, gpu)) in ranks.gpus.iter().enumerate() {
         gpu.synchronize().map_err(gpu_error)?;
-        for (half, chunk) in chunks(r).into_iter().enumerate() {
-            let o = gpu.download(&ranks[r].o[half]).map_err(gpu_error)?;
-            for t in 0..c {
-                for h in 0..h_n {
-                    let src = (t * h_n + h) * d;
-                    let dst = m.o.offset(0, chunk * c + t, h);
-                    for e in 0..d {
-                        got[dst + e] = from_bits(m.spec.elem, o[src + e]);
-                    }
-                }
-            }
+        for (half, chunk) in chunks(*r).into_iter().enumerate() {
+            outputs.push((
+                chunk,
+                gpu.download(&per_rank[i].o[half]).map_err(gpu_error)?,
+            ));
         }
     }
-    let plan_ms = time_plan(&gpus, &mut run_plan)?;
-    drop(run_plan);
-    drop((ranks, send, full_k, full_v, tmp));
+    let plan_ms = ranks.time(&mut run_plan)?;
+    drop((per_rank, send, full_k, full_v, tmp));
     let single = {
-        let (gpu, _) = open_gpu()?;
+        let (gpu, _) = open_gpu_at(ranks.ordinal)?;
         let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
         let launch = prepare(&gpu, k, &inputs)?;
         let mut run = || {
@@ -1197,6 +1212,24 @@ pub fn check_sp_attention(
         Some((formula_output(m, &inputs), "the f64 attention formula"))
     } else {
         None
+    };
+    // This process's query chunks against the same rows of a reference.
+    let compare = |want: &[f64]| -> [f64; 2] {
+        let mut parts = [0.0, 0.0];
+        for (chunk, o) in &outputs {
+            for t in 0..c {
+                for h in 0..h_n {
+                    let src = (t * h_n + h) * d;
+                    let dst = m.o.offset(0, chunk * c + t, h);
+                    let [a, b] = error_parts(
+                        (0..d).map(|x| (from_bits(m.spec.elem, o[src + x]), want[dst + x])),
+                    );
+                    parts[0] += a;
+                    parts[1] += b;
+                }
+            }
+        }
+        parts
     };
     let visible: f64 = (0..n as i64)
         .map(|p| {
@@ -1219,6 +1252,7 @@ pub fn check_sp_attention(
         scheme: "allgather_kv_zigzag",
         devices,
         device,
+        launcher: ranks.launcher(),
         plan_ms,
         predicted_ms: predicted_ms(cascade, devices, "allgather_kv_zigzag"),
         rate: |ms: f64| format!("{:.1} TFLOP/s", flops / (ms * 1e-3) / 1e12),
@@ -1228,11 +1262,135 @@ pub fn check_sp_attention(
             ptx.entry
         ),
     };
-    Ok(summary.report(&got, single, reference))
+    summary.report(&ranks, &compare, single, reference)
+}
+
+/// The GPUs this process drives in an SP run and how they talk: every GPU of the host from
+/// one thread (`ncclCommInitAll`), or one GPU per process when a launcher set `WORLD_SIZE`
+/// (`RANK`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`; rank 0 hands out the NCCL id).
+struct Ranks {
+    /// (rank, GPU) for each rank this process drives.
+    gpus: Vec<(usize, Gpu)>,
+    comm: Comm,
+    /// The device ordinal of this process's first GPU (for the single-GPU reference).
+    ordinal: usize,
+}
+
+enum Comm {
+    Group(einattn_runtime::nccl::NcclGroup),
+    Process(einattn_runtime::nccl::NcclRank),
+}
+
+impl Ranks {
+    fn open(devices: usize) -> Result<Ranks, CliError> {
+        use einattn_runtime::launch::LaunchEnv;
+        use einattn_runtime::nccl::{NcclGroup, NcclRank};
+        match LaunchEnv::from_env().map_err(|e| CliError::usage(format!("error: {e}")))? {
+            Some(env) => {
+                if env.world_size != devices {
+                    return Err(CliError::usage(format!(
+                        "error: `--sp {devices}` under a launcher with WORLD_SIZE={}",
+                        env.world_size
+                    )));
+                }
+                let gpu = Gpu::open(env.local_rank).map_err(gpu_error)?;
+                let comm = NcclRank::new(&gpu, &env).map_err(gpu_error)?;
+                Ok(Ranks {
+                    gpus: vec![(env.rank, gpu)],
+                    comm: Comm::Process(comm),
+                    ordinal: env.local_rank,
+                })
+            }
+            None => {
+                let mut gpus = Vec::new();
+                for r in 0..devices {
+                    gpus.push((r, Gpu::open(r).map_err(gpu_error)?));
+                }
+                let group = NcclGroup::new(&gpus.iter().map(|(_, g)| g).collect::<Vec<_>>())
+                    .map_err(gpu_error)?;
+                Ok(Ranks {
+                    gpus,
+                    comm: Comm::Group(group),
+                    ordinal: 0,
+                })
+            }
+        }
+    }
+
+    /// The GPU of this process that runs the single-GPU reference.
+    fn first(&self) -> &Gpu {
+        &self.gpus[0].1
+    }
+
+    /// Whether this process prints the report (rank 0, or the only process).
+    fn leader(&self) -> bool {
+        self.gpus[0].0 == 0
+    }
+
+    fn launcher(&self) -> &'static str {
+        match self.comm {
+            Comm::Group(_) => "one process driving every GPU",
+            Comm::Process(_) => "one process per GPU (launcher)",
+        }
+    }
+
+    /// All-gather of equal f32 slots; `send` and `recv` hold one buffer per driven rank.
+    fn all_gather_slots(
+        &self,
+        send: &[DeviceBuffer<f32>],
+        recv: &mut [DeviceBuffer<f32>],
+        count: usize,
+    ) -> Result<(), CliError> {
+        match &self.comm {
+            Comm::Group(g) => g.all_gather_slots(send, recv, count),
+            Comm::Process(c) => c.all_gather_slots(&send[0], &mut recv[0], count),
+        }
+        .map_err(gpu_error)
+    }
+
+    /// All-gather of 16-bit data: each driven rank's `send` lands at `rank * count`.
+    fn all_gather_u16(
+        &self,
+        send: &[DeviceBuffer<u16>],
+        recv: &mut [DeviceBuffer<u16>],
+        count: usize,
+    ) -> Result<(), CliError> {
+        match &self.comm {
+            Comm::Group(g) => g.all_gather_u16(send, recv, count),
+            Comm::Process(c) => c.all_gather_u16(&send[0], &mut recv[0], count),
+        }
+        .map_err(gpu_error)
+    }
+
+    /// Sums over every process (per-rank error norms); the identity in one process.
+    fn sum(&self, values: &[f64]) -> Result<Vec<f64>, CliError> {
+        match &self.comm {
+            Comm::Group(_) => Ok(values.to_vec()),
+            Comm::Process(c) => c
+                .all_reduce_sum_f64_host(self.first(), values)
+                .map_err(gpu_error),
+        }
+    }
+
+    fn time(&self, run: &mut dyn FnMut() -> Result<(), CliError>) -> Result<f64, CliError> {
+        let gpus: Vec<&Gpu> = self.gpus.iter().map(|(_, g)| g).collect();
+        time_plan(&gpus, run)
+    }
+}
+
+/// Squared error and squared reference summed over `pairs` of (got, want): the parts of a
+/// relative error that processes add up. A NaN anywhere makes the error NaN.
+fn error_parts(pairs: impl Iterator<Item = (f64, f64)>) -> [f64; 2] {
+    pairs.fold([0.0, 0.0], |[num, den], (g, w)| {
+        [num + (g - w) * (g - w), den + w * w]
+    })
 }
 
 /// Median wall time of a multi-GPU plan: every GPU synchronized before and after each run.
-fn time_plan(gpus: &[Gpu], run: &mut dyn FnMut() -> Result<(), CliError>) -> Result<f64, CliError> {
+fn time_plan(
+    gpus: &[&Gpu],
+    run: &mut dyn FnMut() -> Result<(), CliError>,
+) -> Result<f64, CliError> {
     let sync = || -> Result<(), CliError> {
         for g in gpus {
             g.synchronize().map_err(gpu_error)?;
