@@ -19,10 +19,13 @@ run() { # name, command...
   cat "$OUT/$name.txt"
 }
 nvidia-smi -L | tee "$OUT/gpus.txt"
+# ONLY=procs runs just the one-process-per-GPU checks.
+if [ "${ONLY:-}" != procs ]; then
 run lightning_small $BIN check examples/lightning.ein -D B=2 -D H=4 -D D=128 -D N=16384 --sp 2
 run causal_small $BIN check examples/attention_causal.ein -D H=4 -D D=128 -D N=8192 --sp 2
 run lightning_262144 $BIN check examples/lightning.ein -D B=4 -D H=16 -D D=128 -D N=262144 --sp 2
 run causal_65536 $BIN check examples/attention_causal.ein -D H=16 -D D=128 -D N=65536 --sp 2
+fi
 # One process per GPU, as a launcher starts them (RANK, WORLD_SIZE, LOCAL_RANK,
 # MASTER_ADDR, MASTER_PORT); rank 0 prints the report.
 launch() { # name, command...
@@ -38,8 +41,10 @@ launch() { # name, command...
   cat "$OUT/$name.rank0.txt"; tail -3 "$OUT/$name.rank1.txt"
 }
 launch lightning_65536_procs $BIN check examples/lightning.ein -D B=4 -D H=16 -D D=128 -D N=65536 --sp 2
+launch lightning_small_procs $BIN check examples/lightning.ein -D B=2 -D H=4 -D D=128 -D N=16384 --sp 2
+launch causal_small_procs $BIN check examples/attention_causal.ein -D H=4 -D D=128 -D N=8192 --sp 2
 launch causal_16384_procs $BIN check examples/attention_causal.ein -D H=16 -D D=128 -D N=16384 --sp 2
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ "${ONLY:-}" != procs ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
   (cd "$OUT" && OUT="$OUT" timeout 300 torchrun --nproc_per_node=2 "$OLDPWD/.whl/tools/anchors_sp.py" >"$OUT/anchors_sp.txt" 2>&1; echo "rc=$?" >>"$OUT/anchors_sp.txt")

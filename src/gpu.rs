@@ -739,6 +739,9 @@ pub fn check_sp_linear(
     };
     let states_ptx = build(Part::ChunkStates { chunk_tiles })?;
     let outputs_ptx = build(Part::ChunkOutputs { chunk_tiles })?;
+    let ranks = Ranks::open(devices)?;
+    // Every process draws the same inputs: rank 0's seed.
+    let seed = ranks.shared_seed(seed)?;
     let inputs = rounded_inputs(
         cascade,
         [&k.matched.q, &k.matched.k, &k.matched.v],
@@ -759,7 +762,6 @@ pub fn check_sp_linear(
         }
         out
     };
-    let ranks = Ranks::open(devices)?;
     let device = ranks.first().name().map_err(gpu_error)?;
     let slot = b_n * h_n * d * e;
     let grid = (
@@ -1048,6 +1050,9 @@ pub fn check_sp_attention(
     let (prog, _) = flash_attention(&spec, &k.schedule.kernel)
         .map_err(|e| CliError::input(format!("error: {e}")))?;
     let ptx = print_ptx(&prog, k.ptx.target).map_err(|e| CliError::input(format!("error: {e}")))?;
+    let ranks = Ranks::open(devices)?;
+    // Every process draws the same inputs: rank 0's seed.
+    let seed = ranks.shared_seed(seed)?;
     let inputs = rounded_inputs(
         cascade,
         [
@@ -1074,7 +1079,6 @@ pub fn check_sp_attention(
         }
         out
     };
-    let ranks = Ranks::open(devices)?;
     let device = ranks.first().name().map_err(gpu_error)?;
     let chunks = |r: usize| [r, 2 * devices - 1 - r];
     struct Rank {
@@ -1360,6 +1364,14 @@ impl Ranks {
             Comm::Process(c) => c.all_gather_u16(&send[0], &mut recv[0], count),
         }
         .map_err(gpu_error)
+    }
+
+    /// Rank 0's `seed` on every process.
+    fn shared_seed(&self, seed: u64) -> Result<u64, CliError> {
+        let mine = if self.leader() { seed } else { 0 };
+        // Two 32-bit halves: exact in f64 sums.
+        let sum = self.sum(&[(mine >> 32) as f64, (mine & 0xffff_ffff) as f64])?;
+        Ok(((sum[0] as u64) << 32) | sum[1] as u64)
     }
 
     /// Sums over every process (per-rank error norms); the identity in one process.
