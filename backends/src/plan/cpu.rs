@@ -526,6 +526,29 @@ impl Machine<'_> {
                 }
                 write(&mut self.memory[r], dst, &out)
             }
+            Step::Place {
+                src,
+                dst,
+                shape,
+                slices,
+                ..
+            } => {
+                let piece = read(&self.memory[r], src)?;
+                let mut whole = read(&self.memory[r], dst)?;
+                let runs = crate::plan::format::piece_runs(shape, slices);
+                let needed: u64 = runs.iter().map(|&(_, _, n)| n).sum();
+                if needed != src.count || whole.len() as u64 != shape.iter().product::<u64>() {
+                    return Err(err(format!(
+                        "placing {} values of `{}` into `{}`: the slices need {needed} and a whole of {:?}",
+                        src.count, src.buffer, dst.buffer, shape
+                    )));
+                }
+                for (at, from, n) in runs {
+                    let (at, from, n) = (at as usize, from as usize, n as usize);
+                    whole[at..at + n].copy_from_slice(&piece[from..from + n]);
+                }
+                write(&mut self.memory[r], dst, &whole)
+            }
             _ => Err(err("not a local step")),
         }
     }

@@ -1005,7 +1005,6 @@ fn emit_softmax(
     }
     let r = b.rank;
     let p = ctx.devices;
-    let tokens = cls.seq.tokens;
     let mine = ctx.chunks(r);
     let c_len = mine[0].len;
     data_buffers(ctx, b, &mine, &[Side::Query], None);
@@ -1031,6 +1030,9 @@ fn emit_softmax(
         kv_elems,
         BufferInit::Pieces { pieces },
     );
+    if kind == SchemeKind::AllGatherKv {
+        return emit_allgather_kv(ctx, b, analyzer, &mine, &kv, kv_block, kv_elems);
+    }
     let (stats, merge_stats, stats_elems) = stats_layout(ctx, c_len);
     for i in 0..mine.len() {
         b.buffer(&format!("stats{i}"), "f32", stats_elems, BufferInit::Uninit);
@@ -1093,70 +1095,6 @@ fn emit_softmax(
     };
 
     match kind {
-        SchemeKind::AllGatherKv => {
-            b.buffer("kv_all", &kv_dtype(ctx), kv_elems * p, BufferInit::Uninit);
-            let gathered = b.event();
-            b.steps.push(Step::AllGather {
-                send: region("kv", 0, kv_elems),
-                recv: region("kv_all", 0, kv_elems * p),
-                dtype: kv_dtype(ctx),
-                exec: RankBuilder::exec(COMM, Vec::new(), Some(gathered.clone())),
-            });
-            // Local key chunks first: they overlap the gather.
-            let (local_pairs, remote_pairs): (Vec<_>, Vec<_>) = my_pairs
-                .iter()
-                .copied()
-                .partition(|(_, k, _)| mine.contains(k));
-            for (q, k, mask) in local_pairs {
-                let qi = chunk_index(&q, &mine) as usize;
-                let key = KeySource {
-                    buffer: "kv".to_string(),
-                    offset: chunk_index(&k, &mine) * kv_block,
-                };
-                run_pair(
-                    b,
-                    &mut started,
-                    qi,
-                    (&query_buffer(ctx), qi as u64),
-                    q,
-                    k,
-                    mask,
-                    &key,
-                    (&format!("stats{qi}"), 0),
-                    Vec::new(),
-                    None,
-                );
-            }
-            let mut first_remote = true;
-            for (q, k, mask) in remote_pairs {
-                let qi = chunk_index(&q, &mine) as usize;
-                let owner = schemes::owner_of(tokens, p, ctx.zigzag, k);
-                let owner_chunks = ctx.chunks(owner);
-                let key = KeySource {
-                    buffer: "kv_all".to_string(),
-                    offset: (owner * pieces_per_rank + chunk_index(&k, &owner_chunks)) * kv_block,
-                };
-                let wait = if first_remote {
-                    vec![gathered.clone()]
-                } else {
-                    Vec::new()
-                };
-                first_remote = false;
-                run_pair(
-                    b,
-                    &mut started,
-                    qi,
-                    (&query_buffer(ctx), qi as u64),
-                    q,
-                    k,
-                    mask,
-                    &key,
-                    (&format!("stats{qi}"), 0),
-                    wait,
-                    None,
-                );
-            }
-        }
         SchemeKind::Ring => {
             // Double-buffered ring: at step s this rank holds the chunks of rank (r - s).
             b.buffer("kv_ring0", &kv_dtype(ctx), kv_elems, BufferInit::Uninit);
@@ -1427,6 +1365,131 @@ fn emit_softmax(
         let exec = RankBuilder::exec(COMPUTE, Vec::new(), None);
         b.steps
             .push(kernels.epilogue(*q, qi as u64, (&format!("stats{qi}"), 0), exec));
+    }
+    Ok(())
+}
+
+/// All-gather of K/V (LASP-2H), contiguous or zigzag: one all-gather of every device's key
+/// chunks, placed into whole-sequence key tensors, then one `full` kernel per held query
+/// chunk over every key (the masks, at global positions, skip what causality hides).
+fn emit_allgather_kv(
+    ctx: &Ctx,
+    b: &mut RankBuilder,
+    analyzer: &mut PairAnalyzer,
+    mine: &[TokenRange],
+    kv: &Placed,
+    kv_block: u64,
+    kv_elems: u64,
+) -> Result<(), PlanError> {
+    let p = ctx.devices;
+    let tokens = ctx.cls.seq.tokens;
+    let dtype = kv_dtype(ctx);
+    b.buffer("kv_all", &dtype, kv_elems * p, BufferInit::Uninit);
+    let gathered = b.event();
+    b.steps.push(Step::AllGather {
+        send: region("kv", 0, kv_elems),
+        recv: region("kv_all", 0, kv_elems * p),
+        dtype: dtype.clone(),
+        exec: RankBuilder::exec(COMM, Vec::new(), Some(gathered.clone())),
+    });
+    let pieces_per_rank = mine.len() as u64;
+    let mut whole_keys = Vec::new();
+    for (t, _, _) in kv {
+        let name = format!("{}_seq", ctx.cascade.tensors[*t].name);
+        let shape = ctx.local_shape(*t, tokens, tokens, None);
+        b.buffer(&name, &dtype, Ctx::elements(&shape), BufferInit::Uninit);
+        whole_keys.push((*t, name, shape));
+    }
+    let mut wait = vec![gathered];
+    for owner in 0..p {
+        for (j, c) in ctx.chunks(owner).iter().enumerate() {
+            for ((t, chunk_shape, off), (_, name, shape)) in kv.iter().zip(&whole_keys) {
+                b.steps.push(Step::Place {
+                    src: region(
+                        "kv_all",
+                        (owner * pieces_per_rank + j as u64) * kv_block + off,
+                        Ctx::elements(chunk_shape),
+                    ),
+                    dst: region(name, 0, Ctx::elements(shape)),
+                    shape: shape.clone(),
+                    slices: piece_slices(ctx, *t, *c, None),
+                    dtype: dtype.clone(),
+                    exec: RankBuilder::exec(COMPUTE, std::mem::take(&mut wait), None),
+                });
+            }
+        }
+    }
+    let pairs = schemes::device_pairs(analyzer, p, ctx.zigzag, b.rank)?;
+    let all_keys = TokenRange {
+        start: 0,
+        len: tokens,
+    };
+    let q_buffer = query_buffer(ctx);
+    for (qi, q) in mine.iter().enumerate() {
+        let seen: Vec<PairMask> = pairs
+            .iter()
+            .filter(|(pq, _, _)| pq == q)
+            .map(|&(_, _, m)| m)
+            .collect();
+        if seen.is_empty() {
+            return Err(PlanError::Unsupported(format!(
+                "queries [{}, {}) see no key at all",
+                q.start,
+                q.end()
+            )));
+        }
+        // Full only when every key chunk is seen unmasked.
+        let mask = if seen.len() as u64 == 2u64.pow(ctx.zigzag as u32) * p
+            && seen.iter().all(|&m| m == PairMask::Full)
+        {
+            PairMask::Full
+        } else {
+            PairMask::Partial
+        };
+        let mut args = Vec::new();
+        for t in ctx.seq_inputs(Side::Query) {
+            let shape = ctx.local_shape(t, q.len, tokens, None);
+            let n = Ctx::elements(&shape);
+            args.push(KernelArg {
+                tensor: ctx.cascade.tensors[t].name.clone(),
+                role: ArgRole::Input,
+                key_chunk: None,
+                shape,
+                region: region(&q_buffer, qi as u64 * n, n),
+            });
+        }
+        for (t, name, shape) in &whole_keys {
+            args.push(KernelArg {
+                tensor: ctx.cascade.tensors[*t].name.clone(),
+                role: ArgRole::Input,
+                key_chunk: Some(0),
+                shape: shape.clone(),
+                region: region(name, 0, Ctx::elements(shape)),
+            });
+        }
+        args.extend(ctx.params().into_iter().map(|t| {
+            let shape = ctx.local_shape(t, 0, 0, None);
+            let n = Ctx::elements(&shape);
+            KernelArg {
+                tensor: ctx.cascade.tensors[t].name.clone(),
+                role: ArgRole::Param,
+                key_chunk: None,
+                shape,
+                region: region(&ctx.cascade.tensors[t].name, 0, n),
+            }
+        }));
+        args.extend(output_args(ctx, *q, qi as u64));
+        b.steps.push(Step::Kernel(KernelStep {
+            kernel: kernel_name(ctx, Phase::Full),
+            phase: Phase::Full,
+            queries: *q,
+            keys: vec![all_keys],
+            masks: vec![mask],
+            heads: None,
+            args,
+            grid: ctx.grid(*q, None),
+            exec: RankBuilder::exec(COMPUTE, Vec::new(), None),
+        }));
     }
     Ok(())
 }

@@ -229,6 +229,56 @@ pub enum Step {
         #[serde(flatten)]
         exec: Exec,
     },
+    /// `src` holds a packed sub-tensor (the `slices` of a tensor of `shape`, row-major);
+    /// it is written to its place in `dst`, which holds the whole tensor.
+    Place {
+        src: Region,
+        dst: Region,
+        shape: Vec<u64>,
+        slices: Vec<DimSlice>,
+        dtype: String,
+        #[serde(flatten)]
+        exec: Exec,
+    },
+}
+
+/// The contiguous runs a sub-tensor (`slices` of a row-major tensor of `shape`, other dims
+/// whole) occupies: `(offset in the whole tensor, offset in the packed sub-tensor, length)`,
+/// in order. Pieces, placements and their GPU copies all walk these.
+pub fn piece_runs(shape: &[u64], slices: &[DimSlice]) -> Vec<(u64, u64, u64)> {
+    let mut start = vec![0u64; shape.len()];
+    let mut len = shape.to_vec();
+    for s in slices {
+        if s.dim < shape.len() {
+            start[s.dim] = s.start;
+            len[s.dim] = s.len;
+        }
+    }
+    // Dims after the innermost sliced one are whole, so each run spans that dim's range.
+    let Some(last) = slices
+        .iter()
+        .map(|s| s.dim)
+        .filter(|&d| d < shape.len())
+        .max()
+    else {
+        return vec![(0, 0, shape.iter().product())];
+    };
+    let inner: u64 = shape[last + 1..].iter().product();
+    let run = len[last] * inner;
+    let outer: u64 = len[..last].iter().product();
+    let mut runs = Vec::with_capacity(outer as usize);
+    for o in 0..outer {
+        // Row-major index of `o` over the piece's outer dims, then its offset in the whole.
+        let (mut rest, mut whole, mut stride) = (o, 0u64, shape[last..].iter().product::<u64>());
+        for d in (0..last).rev() {
+            let i = rest % len[d];
+            rest /= len[d];
+            whole += (start[d] + i) * stride;
+            stride *= shape[d];
+        }
+        runs.push((whole + start[last] * inner, o * run, run));
+    }
+    runs
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,7 +385,8 @@ impl Step {
             | Step::SendRecv { exec, .. }
             | Step::PrefixCombine { exec, .. }
             | Step::LseMerge { exec, .. }
-            | Step::Rearrange { exec, .. } => exec,
+            | Step::Rearrange { exec, .. }
+            | Step::Place { exec, .. } => exec,
         }
     }
 
@@ -359,5 +410,42 @@ impl Plan {
 
     pub fn from_json(text: &str) -> Result<Plan, serde_json::Error> {
         serde_json::from_str(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn piece_runs_cover_the_slice_in_order() {
+        // [2, 5, 3] sliced to rows 1..4 of dim 1: two runs of 3 x 3.
+        let runs = piece_runs(
+            &[2, 5, 3],
+            &[DimSlice {
+                dim: 1,
+                start: 1,
+                len: 3,
+            }],
+        );
+        assert_eq!(runs, vec![(3, 0, 9), (18, 9, 9)]);
+        // Two sliced dims: runs along the inner one.
+        let runs = piece_runs(
+            &[4, 3, 2],
+            &[
+                DimSlice {
+                    dim: 0,
+                    start: 2,
+                    len: 2,
+                },
+                DimSlice {
+                    dim: 1,
+                    start: 1,
+                    len: 1,
+                },
+            ],
+        );
+        assert_eq!(runs, vec![(14, 0, 2), (20, 2, 2)]);
+        assert_eq!(piece_runs(&[3, 4], &[]), vec![(0, 0, 12)]);
     }
 }

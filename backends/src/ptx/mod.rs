@@ -43,6 +43,7 @@
 //! * **Stores**: each thread writes its 2 adjacent output elements as one 32-bit store,
 //!   rows `>= N_q` predicated off; the row output (LSE) is written by `tig == 0` lanes.
 
+pub mod elementwise;
 pub mod ptxas;
 
 use std::collections::HashMap;

@@ -175,6 +175,8 @@ pub struct Estimate {
     pub total_s: f64,
     /// One line on how the total is formed.
     pub formula: String,
+    /// Whether the GPU executor runs this scheme ([`SchemeKind::runs_on_gpu`]).
+    pub runs_on_gpu: bool,
 }
 
 impl Estimate {
@@ -190,6 +192,7 @@ impl Estimate {
             overlap_s: 0.0,
             total_s: f64::INFINITY,
             formula: String::new(),
+            runs_on_gpu: scheme.kind.runs_on_gpu(),
         }
     }
 }
@@ -328,6 +331,7 @@ pub fn estimate(
         overlap_s: 0.0,
         total_s: 0.0,
         formula: String::new(),
+        runs_on_gpu: scheme.kind.runs_on_gpu(),
     };
 
     match scheme.kind {
@@ -433,13 +437,12 @@ pub fn estimate(
                                 remote += t;
                             }
                         }
-                        let compute = local + remote + epilogue;
-                        // Local key chunks run while the gather is in flight.
-                        let overlap = if cls.keys_any_order() {
-                            local.min(t_gather)
-                        } else {
-                            0.0
-                        };
+                        // The gathered chunks are placed into whole-sequence K and V
+                        // (read and written once), then one kernel per query chunk runs
+                        // after the gather: nothing overlaps it.
+                        let place = params.memory_time(2.0 * tokens as f64 * kv_per_token);
+                        let compute = local + remote + epilogue + place;
+                        let overlap = 0.0;
                         let total = compute + t_gather - overlap;
                         max_bytes = max_bytes.max(received as u64);
                         if total > worst.0 {

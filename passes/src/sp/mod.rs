@@ -167,7 +167,12 @@ pub fn plan_sequence_parallel(
             }
             *s
         }
-        None => match scored.first() {
+        // The cheapest scheme the GPU executor runs; the cheapest of all if none does.
+        None => match scored
+            .iter()
+            .find(|(_, e)| e.not_applicable.is_none() && e.runs_on_gpu)
+            .or_else(|| scored.first())
+        {
             Some((s, e)) if e.not_applicable.is_none() => *s,
             _ => {
                 let why: Vec<String> = scored
@@ -248,9 +253,10 @@ impl SpReport {
             let mark = if e.scheme == self.chosen { "*" } else { " " };
             match &e.not_applicable {
                 None => {
-                    let _ = writeln!(
+                    let _ =
+                        writeln!(
                         s,
-                        "{mark} {:<20} {:>12.3} {:>5} {:>5} {:>10.3} {:>10.3} {:>10.3} {:>10.3}",
+                        "{mark} {:<20} {:>12.3} {:>5} {:>5} {:>10.3} {:>10.3} {:>10.3} {:>10.3}{}",
                         e.scheme,
                         e.bytes_per_device as f64 / (1024.0 * 1024.0),
                         e.collectives,
@@ -258,7 +264,8 @@ impl SpReport {
                         e.compute_s * 1e3,
                         e.comm_s * 1e3,
                         e.overlap_s * 1e3,
-                        e.total_s * 1e3
+                        e.total_s * 1e3,
+                        if e.runs_on_gpu { "" } else { "  (no GPU lowering)" }
                     );
                 }
                 Some(why) => {
@@ -266,7 +273,11 @@ impl SpReport {
                 }
             }
         }
-        let _ = writeln!(s, "\nchosen: {}", self.chosen);
+        let _ = writeln!(
+            s,
+            "\nchosen: {} (the cheapest scheme the GPU executor runs)",
+            self.chosen
+        );
         if let Some(e) = self.estimates.iter().find(|e| e.scheme == self.chosen) {
             let _ = writeln!(s, "  {}", e.formula);
         }
