@@ -19,7 +19,8 @@ run() { # name, command...
   cat "$OUT/$name.txt"
 }
 nvidia-smi -L | tee "$OUT/gpus.txt"
-# ONLY=procs runs just the one-process-per-GPU checks.
+# ONLY=procs runs just the one-process-per-GPU checks; ONLY=ours skips the torch + fla
+# reference at the end.
 if [ "${ONLY:-}" != procs ]; then
 run lightning_small $BIN check examples/lightning.ein -D B=2 -D H=4 -D D=128 -D N=16384 --sp 2
 run causal_small $BIN check examples/attention_causal.ein -D H=4 -D D=128 -D N=8192 --sp 2
@@ -40,11 +41,14 @@ launch() { # name, command...
   echo "rc=$rc wall=$((SECONDS - t0)) s" | tee -a "$OUT/$name.rank0.txt" "$OUT/sp.log"
   cat "$OUT/$name.rank0.txt"; tail -3 "$OUT/$name.rank1.txt"
 }
+# compile --sp writes the plan and its kernels; run-plan executes that directory.
+run compile_plan_65536 $BIN compile examples/lightning.ein -D B=4 -D H=16 -D D=128 -D N=65536 --sp 2 -o "$OUT/plan_lightning_65536"
+run run_plan_65536 $BIN run-plan "$OUT/plan_lightning_65536"
 launch lightning_65536_procs $BIN check examples/lightning.ein -D B=4 -D H=16 -D D=128 -D N=65536 --sp 2
 launch lightning_small_procs $BIN check examples/lightning.ein -D B=2 -D H=4 -D D=128 -D N=16384 --sp 2
 launch causal_small_procs $BIN check examples/attention_causal.ein -D H=4 -D D=128 -D N=8192 --sp 2
 launch causal_16384_procs $BIN check examples/attention_causal.ein -D H=16 -D D=128 -D N=16384 --sp 2
-if [ "${ONLY:-}" != procs ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+if [ -z "${ONLY:-}" ] && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
   (cd "$OUT" && OUT="$OUT" timeout 300 torchrun --nproc_per_node=2 "$OLDPWD/.whl/tools/anchors_sp.py" >"$OUT/anchors_sp.txt" 2>&1; echo "rc=$?" >>"$OUT/anchors_sp.txt")

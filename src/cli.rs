@@ -432,15 +432,19 @@ pub fn check(
     defines: &[(String, u64)],
     args: &KernelArgs,
     seed: u64,
-    devices: Option<usize>,
+    sp: &SpArgs,
 ) -> Result<(String, bool), CliError> {
     let source = SourceFile::load(file)?;
+    if sp.devices.is_some_and(|p| p < 2) {
+        return Err(CliError::usage(
+            "error: `check --sp P` splits the sequence over P >= 2 GPUs",
+        ));
+    }
     let (cascade, kernel) = build_kernel(&source, defines, args)?;
-    if let Some(p) = devices {
-        return match &kernel {
-            Kernel::Linear(k) => crate::gpu::check_sp_linear(&cascade, k, p, seed),
-            Kernel::Attention(k) => crate::gpu::check_sp_attention(&cascade, k, p, seed),
-        };
+    if let Some(options) = sp.options() {
+        let (_, plan) = einattn_backends::plan::plan_cascade(&cascade, &options)
+            .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
+        return crate::gpu::check_sp(&cascade, &kernel, &plan, seed);
     }
     match &kernel {
         Kernel::Attention(k) => crate::gpu::check(&cascade, k, seed),
@@ -448,7 +452,94 @@ pub fn check(
     }
 }
 
-/// `einattn bench`.
+/// What `compile --sp P -o DIR` records so that `run-plan DIR` rebuilds the same kernels:
+/// the source (copied as `source.ein`), the size bindings and the kernel options.
+fn build_record(defines: &[(String, u64)], args: &KernelArgs) -> serde_json::Value {
+    serde_json::json!({
+        "source": "source.ein",
+        "defines": defines.iter().map(|(n, v)| serde_json::json!([n, v])).collect::<Vec<_>>(),
+        "target": args.target.map(|t| t.name()),
+        "dtype": args.elem.map(|e| e.name()),
+        "tiles": args.tiles.iter().map(|(n, v)| serde_json::json!([n, v])).collect::<Vec<_>>(),
+        "warps": args.warps,
+        "stages": args.stages,
+        "optimize": args.optimize,
+        "strategy": args.strategy,
+        "chunk_tokens": args.chunk_tokens,
+    })
+}
+
+/// A build record read back: the source file name, the size bindings, the kernel options.
+type BuildRecord = (String, Vec<(String, u64)>, KernelArgs);
+
+fn read_build_record(v: &serde_json::Value) -> Result<BuildRecord, String> {
+    let pairs = |key: &str| -> Result<Vec<(String, u64)>, String> {
+        v.get(key)
+            .and_then(|x| x.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|p| {
+                        match (
+                            p.get(0).and_then(|n| n.as_str()),
+                            p.get(1).and_then(|x| x.as_u64()),
+                        ) {
+                            (Some(n), Some(x)) => Ok((n.to_string(), x)),
+                            _ => Err(format!("`{key}` holds [name, number] pairs")),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_else(|| Ok(Vec::new()))
+    };
+    let text = |key: &str| v.get(key).and_then(|x| x.as_str()).map(str::to_string);
+    let number = |key: &str| v.get(key).and_then(|x| x.as_u64());
+    let target = match text("target").as_deref() {
+        None => None,
+        Some("sm_80") => Some(einattn_backends::Target::Sm80),
+        Some("sm_90a") => Some(einattn_backends::Target::Sm90a),
+        Some(other) => return Err(format!("unknown target `{other}`")),
+    };
+    let elem = match text("dtype").as_deref() {
+        None => None,
+        Some("bf16") => Some(einattn_backends::tile::Elem::Bf16),
+        Some("f16") => Some(einattn_backends::tile::Elem::F16),
+        Some(other) => return Err(format!("unknown dtype `{other}`")),
+    };
+    let args = KernelArgs {
+        target,
+        elem,
+        tiles: pairs("tiles")?,
+        warps: number("warps").map(|x| x as u32),
+        stages: number("stages").map(|x| x as u32),
+        optimize: v.get("optimize").and_then(|x| x.as_bool()).unwrap_or(false),
+        strategy: text("strategy"),
+        chunk_tokens: number("chunk_tokens"),
+    };
+    let source = text("source").unwrap_or_else(|| "source.ein".to_string());
+    Ok((source, pairs("defines")?, args))
+}
+
+/// `einattn run-plan DIR`: rebuilds the kernels `compile --sp P -o DIR` recorded, runs
+/// `DIR/plan.json` on the GPUs and compares with one GPU on the whole problem.
+pub fn run_plan(dir: &Path, seed: u64) -> Result<(String, bool), CliError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path)
+            .map_err(|e| CliError::input(format!("error: cannot read `{}`: {e}", path.display())))
+    };
+    let record: serde_json::Value = serde_json::from_str(&read("build.json")?).map_err(|e| {
+        CliError::input(format!("error: {}: {e}", dir.join("build.json").display()))
+    })?;
+    let (source_name, defines, args) = read_build_record(&record).map_err(|e| {
+        CliError::input(format!("error: {}: {e}", dir.join("build.json").display()))
+    })?;
+    let plan = einattn_backends::plan::Plan::from_json(&read("plan.json")?)
+        .map_err(|e| CliError::input(format!("error: {}: {e}", dir.join("plan.json").display())))?;
+    let source = SourceFile::load(&dir.join(source_name))?;
+    let (cascade, kernel) = build_kernel(&source, &defines, &args)?;
+    crate::gpu::check_sp(&cascade, &kernel, &plan, seed)
+}
+
 pub fn bench(
     file: &Path,
     defines: &[(String, u64)],
@@ -494,24 +585,53 @@ pub fn compile_plan(
     file: &Path,
     defines: &[(String, u64)],
     sp: &SpArgs,
-    optimize_first: bool,
+    args: &KernelArgs,
     out_dir: &Path,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
-    let mut cascade = source.compile(defines)?;
-    if optimize_first {
-        cascade = optimized(&source, &cascade)?.cascade;
-    }
     let options = sp
         .options()
         .ok_or_else(|| CliError::usage("error: `compile` needs `--sp P` or `--emit STAGE`"))?;
+    let (cascade, kernel) = build_kernel(&source, defines, args)?;
     let (decision, path) = einattn_backends::plan::write_plan(&cascade, &options, out_dir)
         .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
-    Ok(format!(
-        "{}\nwrote {}\n",
-        decision.report.render_text().trim_end(),
-        path.display()
-    ))
+    let (_, plan) = einattn_backends::plan::plan_cascade(&cascade, &options)
+        .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
+    let write = |name: &str, text: &str| -> Result<std::path::PathBuf, CliError> {
+        let p = out_dir.join(name);
+        std::fs::write(&p, text)
+            .map_err(|e| CliError::input(format!("error: cannot write `{}`: {e}", p.display())))?;
+        Ok(p)
+    };
+    write("source.ein", &source.text)?;
+    let record = serde_json::to_string_pretty(&build_record(defines, args))
+        .map_err(|e| CliError::input(format!("error: {e}")))?;
+    write("build.json", &(record + "\n"))?;
+    let lowering = match &kernel {
+        Kernel::Linear(k) => crate::plan_gpu::Lowering::Linear(k),
+        Kernel::Attention(k) => crate::plan_gpu::Lowering::Attention(k),
+    };
+    let mut lines = vec![
+        decision.report.render_text().trim_end().to_string(),
+        format!("wrote {}", path.display()),
+    ];
+    match crate::plan_gpu::lowered_ptx(&plan, &lowering) {
+        Ok(kernels) => {
+            for (entry, text) in kernels {
+                let p = write(&format!("{entry}.ptx"), &text)?;
+                lines.push(format!("wrote {}", p.display()));
+            }
+        }
+        // The plan stands on its own; say why the GPU executor will refuse it.
+        Err(e) => lines.push(format!("note: {}", e.message.trim_start_matches("error: "))),
+    }
+    lines.push(format!(
+        "wrote {} and {} (run it with `einattn run-plan {}`)",
+        out_dir.join("source.ein").display(),
+        out_dir.join("build.json").display(),
+        out_dir.display()
+    ));
+    Ok(lines.join("\n") + "\n")
 }
 
 fn optimized(

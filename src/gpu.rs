@@ -24,7 +24,7 @@ pub const MISMATCH_EXIT: i32 = 1;
 /// Exit code when there is no GPU to run on.
 pub const NO_GPU_EXIT: i32 = 3;
 
-fn gpu_error(e: RuntimeError) -> CliError {
+pub(crate) fn gpu_error(e: RuntimeError) -> CliError {
     match e {
         RuntimeError::GpuUnavailable { reason } => CliError {
             message: format!("error: no GPU to run on: {reason}"),
@@ -34,14 +34,14 @@ fn gpu_error(e: RuntimeError) -> CliError {
     }
 }
 
-fn to_bits(elem: Elem, x: f64) -> u16 {
+pub(crate) fn to_bits(elem: Elem, x: f64) -> u16 {
     match elem {
         Elem::F16 => half::f16::from_f64(x).to_bits(),
         _ => half::bf16::from_f64(x).to_bits(),
     }
 }
 
-fn from_bits(elem: Elem, b: u16) -> f64 {
+pub(crate) fn from_bits(elem: Elem, b: u16) -> f64 {
     match elem {
         Elem::F16 => half::f16::from_bits(b).to_f64(),
         _ => half::bf16::from_bits(b).to_f64(),
@@ -493,7 +493,8 @@ fn prepare_linear(
     })
 }
 
-type Inputs = HashMap<einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>, TensorData>;
+pub(crate) type Inputs =
+    HashMap<einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>, TensorData>;
 
 /// A linear-attention launch ready to run on GPU 0: its kernels (the chunked strategy's
 /// state kernel first) and their shared arguments.
@@ -693,219 +694,149 @@ pub fn bench_linear(
     })
 }
 
-/// `einattn check FILE --sp P` for causal linear attention: LASP-2 over P GPUs of this
-/// host. Device `r` holds tokens `[r L, (r + 1) L)`; it runs the state-only kernel on its
-/// slice (its slot of the chunk-major state array), one NCCL all-gather hands every device
-/// every slot, and the output kernel starts device `r` from the decayed sum of the slots
-/// before `r`. The stitched output is compared with the single-device reference.
-pub fn check_sp_linear(
+/// `einattn check FILE --sp P` and `einattn run-plan DIR`: runs `plan` on the GPUs (one
+/// process driving all of them, or one process per GPU under a launcher) through the plan
+/// executor, times it, runs the single-GPU kernel on the whole problem, and compares.
+pub fn check_sp(
     cascade: &Cascade,
-    k: &einattn_backends::compile::CompiledLinear,
-    devices: usize,
+    kernel: &crate::cli::Kernel,
+    plan: &einattn_backends::plan::Plan,
     seed: u64,
 ) -> Result<(String, bool), CliError> {
-    use einattn_backends::print_ptx;
-    use einattn_backends::tile::linear::{lightning_part, Part};
-    let m = &k.matched;
-    if !m.spec.causal || m.gate.is_some() || devices < 2 {
-        return Err(CliError::usage(
-            "error: `--sp` runs causal linear attention with no or a per-head decay on 2 or more GPUs",
-        ));
-    }
-    let (d, e) = (m.spec.head_dim as usize, m.spec.value_dim as usize);
-    let n = m.n as usize;
-    let (b_n, h_n) = (m.batch as usize, m.heads as usize);
-    // Each device cuts its slice into `sub` chunks (global chunk `r * sub + z`): the state
-    // pass then has enough CTAs to stream K and V at memory speed, and the output pass
-    // starts every sub-chunk from the states before it.
-    let ctas = b_n * h_n * (m.spec.value_dim / k.schedule.value_block) as usize;
-    let tiles = n.div_ceil(devices).div_ceil(d);
-    let chunk = tiles.div_ceil((2 * 132usize).div_ceil(ctas).clamp(2, 16).min(tiles)) * d;
-    let sub = n.div_ceil(devices).div_ceil(chunk);
-    let local = sub * chunk;
-    let lens: Vec<usize> = (0..devices)
-        .map(|r| n.saturating_sub(r * local).min(local))
-        .collect();
-    if lens.iter().any(|&l| l <= (sub - 1) * chunk) {
-        return Err(CliError::usage(format!(
-            "error: {n} tokens do not give each of {devices} devices {sub} chunks of {chunk}"
-        )));
-    }
-    let chunk_tiles = (chunk / d) as u32;
-    let build = |part| -> Result<einattn_backends::PtxKernel, CliError> {
-        let (prog, _) = lightning_part(&m.spec, &k.schedule, part)
-            .map_err(|e| CliError::input(format!("error: {e}")))?;
-        print_ptx(&prog, k.target).map_err(|e| CliError::input(format!("error: {e}")))
+    use crate::cli::Kernel;
+    use crate::plan_gpu::{check_lowerable, Lowering, PlanExec};
+    let lowering = match kernel {
+        Kernel::Linear(k) => Lowering::Linear(k),
+        Kernel::Attention(k) => Lowering::Attention(k),
     };
-    let states_ptx = build(Part::ChunkStates { chunk_tiles })?;
-    let outputs_ptx = build(Part::ChunkOutputs { chunk_tiles })?;
+    check_lowerable(plan, &lowering)?;
+    let devices = plan.world_size as usize;
     let ranks = Ranks::open(devices)?;
     // Every process draws the same inputs: rank 0's seed.
     let seed = ranks.shared_seed(seed)?;
-    let inputs = rounded_inputs(
-        cascade,
-        [&k.matched.q, &k.matched.k, &k.matched.v],
-        k.matched.spec.elem,
-        seed,
-    );
-    // Rank r's rows of a tensor, compact [B, len, H, cols].
-    let slice = |l: &Layout, cols: usize, r: usize| -> Vec<u16> {
-        let data = inputs[&l.tensor].stored();
-        let mut out = Vec::with_capacity(b_n * lens[r] * h_n * cols);
-        for b in 0..b_n {
-            for t in r * local..r * local + lens[r] {
-                for h in 0..h_n {
-                    let o = l.offset(b, t, h);
-                    out.extend(data[o..o + cols].iter().map(|&x| to_bits(m.spec.elem, x)));
-                }
-            }
+    let (qkv, elem, o) = match kernel {
+        Kernel::Linear(k) => (
+            [&k.matched.q, &k.matched.k, &k.matched.v],
+            k.matched.spec.elem,
+            k.matched.o.tensor,
+        ),
+        Kernel::Attention(k) => {
+            let m = &k.schedule.matched;
+            ([&m.q, &m.k, &m.v], m.spec.elem, m.o.tensor)
         }
-        out
     };
+    let inputs = rounded_inputs(cascade, qkv, elem, seed);
     let device = ranks.first().name().map_err(gpu_error)?;
-    let slot = b_n * h_n * d * e;
-    let grid = (
-        m.spec.value_dim / k.schedule.value_block,
-        (b_n * h_n) as u32,
-        sub as u32,
-    );
-    let mut states = Vec::new();
-    let mut gathered = Vec::new();
-    let mut per_rank = Vec::new();
-    for (r, gpu) in &ranks.gpus {
-        let r = *r;
-        let kernels = (
-            gpu.load_ptx(&states_ptx.text, &states_ptx.entry)
-                .map_err(gpu_error)?,
-            gpu.load_ptx(&outputs_ptx.text, &outputs_ptx.entry)
-                .map_err(gpu_error)?,
-        );
-        let tensors = [
-            gpu.upload(&slice(&m.q, d, r)).map_err(gpu_error)?,
-            gpu.upload(&slice(&m.k, d, r)).map_err(gpu_error)?,
-            gpu.upload(&slice(&m.v, e, r)).map_err(gpu_error)?,
-            gpu.filled(b_n * lens[r] * h_n * e, to_bits(m.spec.elem, f64::NAN))
-                .map_err(gpu_error)?,
-        ];
-        let decay = match m.decay_param {
-            Some(p) => {
-                let v: Vec<f32> = inputs[&p].stored().iter().map(|&x| x as f32).collect();
-                Some(gpu.upload(&v).map_err(gpu_error)?)
-            }
-            None => None,
-        };
-        states.push(gpu.filled(devices * sub * slot, 0f32).map_err(gpu_error)?);
-        gathered.push(
-            gpu.filled(devices * sub * slot, f32::NAN)
-                .map_err(gpu_error)?,
-        );
-        per_rank.push((kernels, tensors, decay));
-    }
-    // Arguments of the launch of driven rank `i` reading or writing `state`.
-    let args = |i: usize, state: &DeviceBuffer<f32>| -> Vec<KernelArg> {
-        let (r, gpu) = &ranks.gpus[i];
-        let r = *r;
-        let (_, tensors, decay) = &per_rank[i];
-        let cols = [d, d, e, e];
-        states_ptx
-            .abi
-            .iter()
-            .map(|p| match &p.role {
-                AbiRole::TensorPtr(t) => tensors[t.index()].arg(gpu),
-                AbiRole::HeadParamPtr(_) => {
-                    decay.as_ref().map_or(KernelArg::U64(0), |b| b.arg(gpu))
-                }
-                AbiRole::StatePtr(_) => state.arg(gpu),
-                AbiRole::ChunkBase => KernelArg::U32((r * sub) as u32),
-                AbiRole::ChunkTotal => KernelArg::U32((devices * sub) as u32),
-                AbiRole::QueryLen | AbiRole::KeyLen => KernelArg::U32(lens[r] as u32),
-                AbiRole::Heads => KernelArg::U32(h_n as u32),
-                AbiRole::KvGroup => KernelArg::U32(1),
-                AbiRole::StrideBatch(t) => KernelArg::U64((lens[r] * h_n * cols[t.index()]) as u64),
-                AbiRole::StrideSeq(t) => KernelArg::U64((h_n * cols[t.index()]) as u64),
-                AbiRole::StrideHead(t) => KernelArg::U64(cols[t.index()] as u64),
-                _ => KernelArg::U64(0),
-            })
-            .collect()
-    };
-    let dims = |p: &einattn_backends::PtxKernel| LaunchDims {
-        grid,
-        block: (p.threads, 1, 1),
-        dynamic_smem_bytes: p.dynamic_smem_bytes,
-    };
-    let mut run_plan = || -> Result<(), CliError> {
-        for (i, (_, gpu)) in ranks.gpus.iter().enumerate() {
-            gpu.launch(&per_rank[i].0 .0, dims(&states_ptx), &args(i, &states[i]))
-                .map_err(gpu_error)?;
+    let mut exec = PlanExec::new(plan, &ranks, lowering, cascade, &inputs)?;
+    exec.run()?;
+    let plan_ms = ranks.time(&mut || exec.run())?;
+    let single = match kernel {
+        Kernel::Linear(k) => {
+            let loaded = LoadedLinear::new_at(ranks.ordinal, k, &inputs)?;
+            loaded.run().map_err(gpu_error)?;
+            single_gpu_result(&loaded.gpu, &loaded.launch.out, elem, &mut || {
+                loaded.run().map_err(gpu_error)
+            })?
         }
-        ranks.all_gather_slots(&states, &mut gathered, sub * slot)?;
-        for (i, (_, gpu)) in ranks.gpus.iter().enumerate() {
-            gpu.launch(
-                &per_rank[i].0 .1,
-                dims(&outputs_ptx),
-                &args(i, &gathered[i]),
-            )
-            .map_err(gpu_error)?;
+        Kernel::Attention(k) => {
+            let (gpu, _) = open_gpu_at(ranks.ordinal)?;
+            let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
+            let launch = prepare(&gpu, k, &inputs)?;
+            let mut run = || {
+                gpu.launch(&kernel, launch.dims, &launch.args)
+                    .map_err(gpu_error)
+            };
+            run()?;
+            single_gpu_result(&gpu, &launch.out, elem, &mut run)?
         }
-        Ok(())
     };
-    run_plan()?;
-    let mut outputs = Vec::new();
-    for (i, (r, gpu)) in ranks.gpus.iter().enumerate() {
-        gpu.synchronize().map_err(gpu_error)?;
-        outputs.push((*r, gpu.download(&per_rank[i].1[3]).map_err(gpu_error)?));
-    }
-    let plan_ms = ranks.time(&mut run_plan)?;
-    drop(per_rank);
-    drop((states, gathered));
-    let single = {
-        let loaded = LoadedLinear::new_at(ranks.ordinal, k, &inputs)?;
-        loaded.run().map_err(gpu_error)?;
-        single_gpu_result(&loaded.gpu, &loaded.launch.out, m.spec.elem, &mut || {
-            loaded.run().map_err(gpu_error)
-        })?
-    };
-    let small = m.batch * m.heads * m.n * m.spec.head_dim as u64 * m.spec.value_dim as u64
-        <= 64 * INTERPRETER_MAC_LIMIT;
-    let reference = small.then(|| (m.reference_output(&inputs), "the f64 recurrence"));
-    // Each driven rank's rows against the same rows of a reference, in O's layout.
-    let compare = |want: &[f64]| -> [f64; 2] {
-        let mut parts = [0.0, 0.0];
-        for (r, o) in &outputs {
-            let r = *r;
-            for b in 0..b_n {
-                for t in 0..lens[r] {
-                    for h in 0..h_n {
-                        let src = ((b * lens[r] + t) * h_n + h) * e;
-                        let dst = m.o.offset(b, r * local + t, h);
-                        let [a, c] = error_parts(
-                            (0..e).map(|x| (from_bits(m.spec.elem, o[src + x]), want[dst + x])),
-                        );
-                        parts[0] += a;
-                        parts[1] += c;
-                    }
-                }
+    let reference = match kernel {
+        Kernel::Linear(k) => {
+            let m = &k.matched;
+            let work = m.batch * m.heads * m.n * m.spec.head_dim as u64 * m.spec.value_dim as u64;
+            (work <= 64 * INTERPRETER_MAC_LIMIT)
+                .then(|| (m.reference_output(&inputs), "the f64 recurrence"))
+        }
+        Kernel::Attention(k) => {
+            let m = &k.schedule.matched;
+            let macs = m.batch * m.heads * m.n_q * m.n_k * m.spec.head_dim as u64 * 2;
+            if macs <= INTERPRETER_MAC_LIMIT {
+                Some((
+                    interpreter_output(cascade, &inputs, m.o.tensor)?,
+                    "the cascade interpreter (f64)",
+                ))
+            } else if macs <= 64 * INTERPRETER_MAC_LIMIT {
+                Some((formula_output(m, &inputs), "the f64 attention formula"))
+            } else {
+                None
             }
         }
-        parts
     };
-    let tokens = m.batch as f64 * n as f64;
+    let out_name = cascade.tensors[o].name.clone();
+    let compare = |want: &[f64]| exec.compare(&out_name, want).unwrap_or([f64::NAN, 1.0]);
+    let rate: Box<dyn Fn(f64) -> String> = match kernel {
+        Kernel::Linear(k) => {
+            let tokens = (k.matched.batch * k.matched.n) as f64;
+            Box::new(move |ms: f64| format!("{:.1} Mtok/s", tokens / (ms * 1e-3) / 1e6))
+        }
+        Kernel::Attention(k) => {
+            let flops = attention_flops(&k.schedule.matched);
+            Box::new(move |ms: f64| format!("{:.1} TFLOP/s", flops / (ms * 1e-3) / 1e12))
+        }
+    };
+    let mut steps: std::collections::BTreeMap<String, usize> = Default::default();
+    if let Some(r0) = plan.ranks.first() {
+        for st in &r0.steps {
+            let key = match st {
+                einattn_backends::plan::Step::Kernel(k) => k.kernel.clone(),
+                other => serde_json::to_value(other)
+                    .ok()
+                    .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
+                    .unwrap_or_default(),
+            };
+            *steps.entry(key).or_default() += 1;
+        }
+    }
     let summary = SpRun {
-        scheme: "lasp2",
+        scheme: plan.scheme.clone(),
         devices,
         device,
         launcher: ranks.launcher(),
         plan_ms,
-        predicted_ms: predicted_ms(cascade, devices, "lasp2"),
-        rate: |ms: f64| format!("{:.1} Mtok/s", tokens / (ms * 1e-3) / 1e6),
+        predicted_ms: Some(plan.predicted_ms),
+        rate,
         what: format!(
-            "LASP-2: {} on {local} tokens per device in {sub} chunks, NCCL all-gather of {} KiB per device, {}",
-            states_ptx.entry,
-            sub * slot * 4 / 1024,
-            outputs_ptx.entry
+            "rank 0 runs {}",
+            steps
+                .iter()
+                .map(|(k, n)| format!("{n} x {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     summary.report(&ranks, &compare, single, reference)
+}
+
+/// FLOPs of the attention the masks leave (4 per visible score and head dim).
+fn attention_flops(m: &einattn_backends::schedule::AttentionMatch) -> f64 {
+    let n = m.n_k as i64;
+    let visible: f64 = (0..m.n_q as i64)
+        .map(|p| {
+            let (mut lo, mut hi) = (0i64, n - 1);
+            for b in m.spec.masks() {
+                match b.direction {
+                    einattn_backends::tile::BandDirection::KeyMinusQuery => {
+                        hi = hi.min(p + b.bound)
+                    }
+                    einattn_backends::tile::BandDirection::QueryMinusKey => {
+                        lo = lo.max(p - b.bound)
+                    }
+                }
+            }
+            (hi - lo + 1).max(0) as f64
+        })
+        .sum();
+    4.0 * (m.batch * m.heads) as f64 * visible * m.spec.head_dim as f64
 }
 
 /// The single-GPU kernel on the whole problem: its output (the reference of large SP
@@ -927,22 +858,9 @@ fn single_gpu_result(
     Ok((got, ms))
 }
 
-/// The planner's predicted time of `scheme` for this cascade, in ms.
-fn predicted_ms(cascade: &Cascade, devices: usize, scheme: &str) -> Option<f64> {
-    let mut options = einattn_passes::sp::SpOptions::new(devices as u64);
-    options.scheme = Some(scheme.to_string());
-    let decision = einattn_passes::sp::plan_sequence_parallel(cascade, &options).ok()?;
-    decision
-        .report
-        .estimates
-        .iter()
-        .find(|e| e.scheme == scheme)
-        .map(|e| e.total_s * 1e3)
-}
-
 /// What an SP check measured, printed the same way for every scheme.
 struct SpRun<F: Fn(f64) -> String> {
-    scheme: &'static str,
+    scheme: String,
     devices: usize,
     device: String,
     launcher: &'static str,
@@ -1025,254 +943,10 @@ impl<F: Fn(f64) -> String> SpRun<F> {
     }
 }
 
-/// `einattn check FILE --sp P` for softmax attention: the all-gather-K/V scheme with the
-/// zigzag split. The sequence is cut into 2P chunks; device `r` holds chunks `r` and
-/// `2P - 1 - r` (equal causal work on every device), all-gathers K and V into sequence
-/// order, and runs the kernel on each of its query chunks with `q_offset` set to the
-/// chunk's position, so the masks see global positions. Batch 1 (long sequences).
-pub fn check_sp_attention(
-    cascade: &Cascade,
-    k: &CompiledKernel,
-    devices: usize,
-    seed: u64,
-) -> Result<(String, bool), CliError> {
-    use einattn_backends::{flash_attention, print_ptx};
-    let m = &k.schedule.matched;
-    let n = m.n_k as usize;
-    if m.n_q != m.n_k || m.batch != 1 || devices < 2 || !n.is_multiple_of(2 * devices) {
-        return Err(CliError::usage(format!(
-            "error: `--sp {devices}` on softmax attention needs batch 1, as many queries as keys and N divisible by {}",
-            2 * devices
-        )));
-    }
-    let mut spec = m.spec.clone();
-    spec.query_offset = true;
-    let (prog, _) = flash_attention(&spec, &k.schedule.kernel)
-        .map_err(|e| CliError::input(format!("error: {e}")))?;
-    let ptx = print_ptx(&prog, k.ptx.target).map_err(|e| CliError::input(format!("error: {e}")))?;
-    let ranks = Ranks::open(devices)?;
-    // Every process draws the same inputs: rank 0's seed.
-    let seed = ranks.shared_seed(seed)?;
-    let inputs = rounded_inputs(
-        cascade,
-        [
-            &k.schedule.matched.q,
-            &k.schedule.matched.k,
-            &k.schedule.matched.v,
-        ],
-        k.schedule.matched.spec.elem,
-        seed,
-    );
-    let (h_n, d) = (m.heads as usize, m.spec.head_dim as usize);
-    let c = n / (2 * devices);
-    let row = h_n * d;
-    let count = c * row;
-    // Rows [t0, t0 + c) of a tensor as compact [c, H, d] bits.
-    let rows = |l: &Layout, t0: usize| -> Vec<u16> {
-        let data = inputs[&l.tensor].stored();
-        let mut out = Vec::with_capacity(count);
-        for t in t0..t0 + c {
-            for h in 0..h_n {
-                let o = l.offset(0, t, h);
-                out.extend(data[o..o + d].iter().map(|&x| to_bits(m.spec.elem, x)));
-            }
-        }
-        out
-    };
-    let device = ranks.first().name().map_err(gpu_error)?;
-    let chunks = |r: usize| [r, 2 * devices - 1 - r];
-    struct Rank {
-        kernel: einattn_runtime::Kernel,
-        q: [DeviceBuffer<u16>; 2],
-        o: [DeviceBuffer<u16>; 2],
-        head_params: Vec<DeviceBuffer<f32>>,
-    }
-    let mut per_rank = Vec::new();
-    // K and V: the first chunks gather straight into sequence order; the second chunks
-    // arrive mirrored and are put in place with device copies.
-    let mut send = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-    let mut full_k = Vec::new();
-    let mut full_v = Vec::new();
-    let mut tmp = [Vec::new(), Vec::new()];
-    for (r, gpu) in &ranks.gpus {
-        let [a, b] = chunks(*r);
-        let up = |x: Vec<u16>| gpu.upload(&x).map_err(gpu_error);
-        send[0].push(up(rows(&m.k, a * c))?);
-        send[1].push(up(rows(&m.k, b * c))?);
-        send[2].push(up(rows(&m.v, a * c))?);
-        send[3].push(up(rows(&m.v, b * c))?);
-        let poison = to_bits(m.spec.elem, f64::NAN);
-        full_k.push(gpu.filled(n * row, poison).map_err(gpu_error)?);
-        full_v.push(gpu.filled(n * row, poison).map_err(gpu_error)?);
-        tmp[0].push(gpu.filled(devices * count, poison).map_err(gpu_error)?);
-        tmp[1].push(gpu.filled(devices * count, poison).map_err(gpu_error)?);
-        let mut head_params = Vec::new();
-        for &t in &m.head_params {
-            let v: Vec<f32> = inputs[&t].stored().iter().map(|&x| x as f32).collect();
-            head_params.push(gpu.upload(&v).map_err(gpu_error)?);
-        }
-        per_rank.push(Rank {
-            kernel: gpu.load_ptx(&ptx.text, &ptx.entry).map_err(gpu_error)?,
-            q: [up(rows(&m.q, a * c))?, up(rows(&m.q, b * c))?],
-            o: [
-                gpu.filled(count, poison).map_err(gpu_error)?,
-                gpu.filled(count, poison).map_err(gpu_error)?,
-            ],
-            head_params,
-        });
-    }
-    let scalars: Vec<f32> = m
-        .scalar_params
-        .iter()
-        .map(|t| inputs[t].stored()[0] as f32)
-        .collect();
-    let dims = LaunchDims {
-        grid: ptx.grid(1, h_n as u32, c as u32),
-        block: (ptx.threads, 1, 1),
-        dynamic_smem_bytes: ptx.dynamic_smem_bytes,
-    };
-    let mut run_plan = || -> Result<(), CliError> {
-        ranks.all_gather_u16(&send[0], &mut full_k, count)?;
-        ranks.all_gather_u16(&send[2], &mut full_v, count)?;
-        let [tk, tv] = &mut tmp;
-        ranks.all_gather_u16(&send[1], tk, count)?;
-        ranks.all_gather_u16(&send[3], tv, count)?;
-        for (i, (_, gpu)) in ranks.gpus.iter().enumerate() {
-            for q in 0..devices {
-                // Slot q holds chunk 2P - 1 - q.
-                let at = (2 * devices - 1 - q) * count;
-                gpu.copy_within(&tk[i], q * count..(q + 1) * count, &mut full_k[i], at)
-                    .map_err(gpu_error)?;
-                gpu.copy_within(&tv[i], q * count..(q + 1) * count, &mut full_v[i], at)
-                    .map_err(gpu_error)?;
-            }
-        }
-        for (i, (r, gpu)) in ranks.gpus.iter().enumerate() {
-            for (half, chunk) in chunks(*r).into_iter().enumerate() {
-                let rk = &per_rank[i];
-                let args: Vec<KernelArg> = ptx
-                    .abi
-                    .iter()
-                    .map(|p| match &p.role {
-                        AbiRole::TensorPtr(t) => match t.index() {
-                            0 => rk.q[half].arg(gpu),
-                            1 => full_k[i].arg(gpu),
-                            2 => full_v[i].arg(gpu),
-                            _ => rk.o[half].arg(gpu),
-                        },
-                        AbiRole::HeadParamPtr(h) => rk.head_params[h.index()].arg(gpu),
-                        AbiRole::QueryOffset => KernelArg::U32((chunk * c) as u32),
-                        AbiRole::QueryLen => KernelArg::U32(c as u32),
-                        AbiRole::KeyLen => KernelArg::U32(n as u32),
-                        AbiRole::Heads => KernelArg::U32(h_n as u32),
-                        AbiRole::KvGroup => KernelArg::U32(1),
-                        AbiRole::StrideBatch(t) => KernelArg::U64(if matches!(t.index(), 1 | 2) {
-                            n * row
-                        } else {
-                            count
-                        } as u64),
-                        AbiRole::StrideSeq(_) => KernelArg::U64(row as u64),
-                        AbiRole::StrideHead(_) => KernelArg::U64(d as u64),
-                        AbiRole::Scalar(s) => KernelArg::F32(scalars[s.index()]),
-                        _ => KernelArg::U64(0),
-                    })
-                    .collect();
-                gpu.launch(&rk.kernel, dims, &args).map_err(gpu_error)?;
-            }
-        }
-        Ok(())
-    };
-    run_plan()?;
-    let mut outputs = Vec::new();
-    for (i, (r, gpu)) in ranks.gpus.iter().enumerate() {
-        gpu.synchronize().map_err(gpu_error)?;
-        for (half, chunk) in chunks(*r).into_iter().enumerate() {
-            outputs.push((
-                chunk,
-                gpu.download(&per_rank[i].o[half]).map_err(gpu_error)?,
-            ));
-        }
-    }
-    let plan_ms = ranks.time(&mut run_plan)?;
-    drop((per_rank, send, full_k, full_v, tmp));
-    let single = {
-        let (gpu, _) = open_gpu_at(ranks.ordinal)?;
-        let kernel = gpu.load_ptx(&k.ptx.text, &k.ptx.entry).map_err(gpu_error)?;
-        let launch = prepare(&gpu, k, &inputs)?;
-        let mut run = || {
-            gpu.launch(&kernel, launch.dims, &launch.args)
-                .map_err(gpu_error)
-        };
-        run()?;
-        single_gpu_result(&gpu, &launch.out, m.spec.elem, &mut run)?
-    };
-    let macs = m.heads * m.n_q * m.n_k * m.spec.head_dim as u64 * 2;
-    let reference = if macs <= INTERPRETER_MAC_LIMIT {
-        Some((
-            interpreter_output(cascade, &inputs, m.o.tensor)?,
-            "the cascade interpreter (f64)",
-        ))
-    } else if macs <= 64 * INTERPRETER_MAC_LIMIT {
-        Some((formula_output(m, &inputs), "the f64 attention formula"))
-    } else {
-        None
-    };
-    // This process's query chunks against the same rows of a reference.
-    let compare = |want: &[f64]| -> [f64; 2] {
-        let mut parts = [0.0, 0.0];
-        for (chunk, o) in &outputs {
-            for t in 0..c {
-                for h in 0..h_n {
-                    let src = (t * h_n + h) * d;
-                    let dst = m.o.offset(0, chunk * c + t, h);
-                    let [a, b] = error_parts(
-                        (0..d).map(|x| (from_bits(m.spec.elem, o[src + x]), want[dst + x])),
-                    );
-                    parts[0] += a;
-                    parts[1] += b;
-                }
-            }
-        }
-        parts
-    };
-    let visible: f64 = (0..n as i64)
-        .map(|p| {
-            let (mut lo, mut hi) = (0i64, n as i64 - 1);
-            for b in m.spec.masks() {
-                match b.direction {
-                    einattn_backends::tile::BandDirection::KeyMinusQuery => {
-                        hi = hi.min(p + b.bound)
-                    }
-                    einattn_backends::tile::BandDirection::QueryMinusKey => {
-                        lo = lo.max(p - b.bound)
-                    }
-                }
-            }
-            (hi - lo + 1).max(0) as f64
-        })
-        .sum();
-    let flops = 4.0 * m.heads as f64 * visible * d as f64;
-    let summary = SpRun {
-        scheme: "allgather_kv_zigzag",
-        devices,
-        device,
-        launcher: ranks.launcher(),
-        plan_ms,
-        predicted_ms: predicted_ms(cascade, devices, "allgather_kv_zigzag"),
-        rate: |ms: f64| format!("{:.1} TFLOP/s", flops / (ms * 1e-3) / 1e12),
-        what: format!(
-            "all-gather of K and V, zigzag: device r holds query chunks r and {}-1-r of {c} tokens; {}",
-            2 * devices,
-            ptx.entry
-        ),
-    };
-    summary.report(&ranks, &compare, single, reference)
-}
-
 /// The GPUs this process drives in an SP run and how they talk: every GPU of the host from
 /// one thread (`ncclCommInitAll`), or one GPU per process when a launcher set `WORLD_SIZE`
 /// (`RANK`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`; rank 0 hands out the NCCL id).
-struct Ranks {
+pub(crate) struct Ranks {
     /// (rank, GPU) for each rank this process drives.
     gpus: Vec<(usize, Gpu)>,
     comm: Comm,
@@ -1286,7 +960,7 @@ enum Comm {
 }
 
 impl Ranks {
-    fn open(devices: usize) -> Result<Ranks, CliError> {
+    pub(crate) fn open(devices: usize) -> Result<Ranks, CliError> {
         use einattn_runtime::launch::LaunchEnv;
         use einattn_runtime::nccl::{NcclGroup, NcclRank};
         match LaunchEnv::from_env().map_err(|e| CliError::usage(format!("error: {e}")))? {
@@ -1321,6 +995,42 @@ impl Ranks {
         }
     }
 
+    /// (rank, GPU) of each rank this process drives.
+    pub(crate) fn gpus(&self) -> impl Iterator<Item = (usize, &Gpu)> {
+        self.gpus.iter().map(|(r, g)| (*r, g))
+    }
+
+    /// The GPU of the `i`-th rank this process drives.
+    pub(crate) fn gpu_of(&self, i: usize) -> &Gpu {
+        &self.gpus[i].1
+    }
+
+    /// Ranks of the whole job (all of them, across processes).
+    pub(crate) fn world_size(&self) -> usize {
+        match &self.comm {
+            Comm::Group(g) => g.size(),
+            Comm::Process(c) => c.world_size(),
+        }
+    }
+
+    /// All-gather over element ranges, one part per driven rank (in driven order).
+    pub(crate) fn all_gather_regions<T: einattn_runtime::Element>(
+        &self,
+        mut parts: Vec<einattn_runtime::nccl::GatherPart<'_, T>>,
+        count: usize,
+    ) -> Result<(), CliError> {
+        match &self.comm {
+            Comm::Group(g) => g.all_gather_regions(parts, count),
+            Comm::Process(c) => match parts.pop() {
+                Some(part) if parts.is_empty() => c.all_gather_region(part, count),
+                _ => Err(RuntimeError::InvalidArgument(
+                    "one all-gather part per process".into(),
+                )),
+            },
+        }
+        .map_err(gpu_error)
+    }
+
     /// The GPU of this process that runs the single-GPU reference.
     fn first(&self) -> &Gpu {
         &self.gpus[0].1
@@ -1336,34 +1046,6 @@ impl Ranks {
             Comm::Group(_) => "one process driving every GPU",
             Comm::Process(_) => "one process per GPU (launcher)",
         }
-    }
-
-    /// All-gather of equal f32 slots; `send` and `recv` hold one buffer per driven rank.
-    fn all_gather_slots(
-        &self,
-        send: &[DeviceBuffer<f32>],
-        recv: &mut [DeviceBuffer<f32>],
-        count: usize,
-    ) -> Result<(), CliError> {
-        match &self.comm {
-            Comm::Group(g) => g.all_gather_slots(send, recv, count),
-            Comm::Process(c) => c.all_gather_slots(&send[0], &mut recv[0], count),
-        }
-        .map_err(gpu_error)
-    }
-
-    /// All-gather of 16-bit data: each driven rank's `send` lands at `rank * count`.
-    fn all_gather_u16(
-        &self,
-        send: &[DeviceBuffer<u16>],
-        recv: &mut [DeviceBuffer<u16>],
-        count: usize,
-    ) -> Result<(), CliError> {
-        match &self.comm {
-            Comm::Group(g) => g.all_gather_u16(send, recv, count),
-            Comm::Process(c) => c.all_gather_u16(&send[0], &mut recv[0], count),
-        }
-        .map_err(gpu_error)
     }
 
     /// Rank 0's `seed` on every process.
@@ -1392,7 +1074,7 @@ impl Ranks {
 
 /// Squared error and squared reference summed over `pairs` of (got, want): the parts of a
 /// relative error that processes add up. A NaN anywhere makes the error NaN.
-fn error_parts(pairs: impl Iterator<Item = (f64, f64)>) -> [f64; 2] {
+pub(crate) fn error_parts(pairs: impl Iterator<Item = (f64, f64)>) -> [f64; 2] {
     pairs.fold([0.0, 0.0], |[num, den], (g, w)| {
         [num + (g - w) * (g - w), den + w * w]
     })

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod gpu;
 pub mod npy;
+pub mod plan_gpu;
 
 pub use einattn_dsl as dsl;
 pub use einattn_ir as ir;

@@ -75,10 +75,19 @@ enum Command {
         /// Seed of the random inputs (default: drawn from the clock, printed).
         #[arg(long)]
         seed: Option<u64>,
-        /// Split the sequence over this many GPUs of this host (LASP-2 over NCCL) and
-        /// compare with one device.
-        #[arg(long = "sp", value_name = "P", value_parser = clap::value_parser!(u64).range(2..))]
-        sp: Option<u64>,
+        /// Split the sequence over GPUs (`--sp P`): plan, run the plan over NCCL and
+        /// compare with one GPU on the whole problem.
+        #[command(flatten)]
+        sp: SpFlags,
+    },
+    /// Run the plan `compile FILE --sp P -o DIR` wrote, on P GPUs of this host (or one
+    /// process per GPU under a launcher that sets RANK, WORLD_SIZE, LOCAL_RANK,
+    /// MASTER_ADDR, MASTER_PORT), and compare with one GPU; exits 1 on a mismatch.
+    RunPlan {
+        dir: PathBuf,
+        /// Seed of the random inputs (default: drawn from the clock).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Time the compiled kernel on the GPU: median, TFLOP/s, percent of the peak.
     Bench {
@@ -225,6 +234,25 @@ macro_rules! sayln {
     }};
 }
 
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}
+
+/// Prints a check's report; a mismatch exits with its own code.
+fn report_check(report: &str, pass: bool) -> Result<(), CliError> {
+    say!("{report}");
+    if pass {
+        Ok(())
+    } else {
+        Err(CliError {
+            message: "error: the GPU output does not match the reference".into(),
+            exit_code: einattn::gpu::MISMATCH_EXIT,
+        })
+    }
+}
+
 fn execute(args: Args) -> Result<(), CliError> {
     match args.command {
         Command::Analyze {
@@ -277,7 +305,7 @@ fn execute(args: Args) -> Result<(), CliError> {
                 }
                 None if sp.devices.is_some() => say!(
                     "{}",
-                    cli::compile_plan(&file, &define, &sp.into_args(), kernel.optimize, &out)?
+                    cli::compile_plan(&file, &define, &sp.into_args(), &kernel, &out)?
                 ),
                 None => say!("{}", cli::compile_ptx(&file, &define, &kernel, &out)?),
             }
@@ -289,25 +317,18 @@ fn execute(args: Args) -> Result<(), CliError> {
             seed,
             sp,
         } => {
-            let seed = seed.unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            });
             let (report, pass) = cli::check(
                 &file,
                 &define,
                 &kernel.into_args(),
-                seed,
-                sp.map(|p| p as usize),
+                seed.unwrap_or_else(clock_seed),
+                &sp.into_args(),
             )?;
-            say!("{report}");
-            if !pass {
-                return Err(CliError {
-                    message: "error: the GPU output does not match the reference".into(),
-                    exit_code: einattn::gpu::MISMATCH_EXIT,
-                });
-            }
+            report_check(&report, pass)?;
+        }
+        Command::RunPlan { dir, seed } => {
+            let (report, pass) = cli::run_plan(&dir, seed.unwrap_or_else(clock_seed))?;
+            report_check(&report, pass)?;
         }
         Command::Bench {
             file,

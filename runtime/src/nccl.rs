@@ -74,6 +74,49 @@ fn gather_slot(
     Ok(())
 }
 
+/// Enqueues one rank's part of an all-gather over element ranges: `count` elements of `send`
+/// from `send_offset` land at `recv_offset + rank * count` in every rank's `recv`. Moved as
+/// bytes, so any element type goes.
+fn gather_region<T: crate::Element>(
+    comm: &Comm,
+    send: &DeviceBuffer<T>,
+    send_offset: usize,
+    recv: &mut DeviceBuffer<T>,
+    recv_offset: usize,
+    count: usize,
+) -> Result<()> {
+    let p = comm.world_size();
+    if send_offset + count > send.len() || recv_offset + p * count > recv.len() {
+        return Err(RuntimeError::InvalidArgument(format!(
+            "all-gather of {count} elements from {send_offset} of {} into {recv_offset} of {}",
+            send.len(),
+            recv.len()
+        )));
+    }
+    let size = std::mem::size_of::<T::Repr>();
+    let src = send.slice.slice(send_offset..send_offset + count);
+    let mut dst = recv.slice.slice_mut(recv_offset..recv_offset + p * count);
+    // SAFETY: plain element data viewed as its bytes; the ranges were checked above.
+    let (src, dst) = unsafe {
+        (
+            src.transmute::<u8>(count * size),
+            dst.transmute_mut::<u8>(p * count * size),
+        )
+    };
+    let (Some(src), Some(mut dst)) = (src, dst) else {
+        return Err(RuntimeError::InvalidArgument(
+            "buffer views out of range".into(),
+        ));
+    };
+    comm.all_gather(&src, &mut dst)
+        .map_err(|e| nccl_err("all-gather", e))?;
+    Ok(())
+}
+
+/// One rank's buffers of an all-gather over element ranges: `(send, send_offset, recv,
+/// recv_offset)`.
+pub type GatherPart<'a, T> = (&'a DeviceBuffer<T>, usize, &'a mut DeviceBuffer<T>, usize);
+
 /// Enqueues one rank's part of an all-gather of 16-bit data (buffers already checked).
 fn gather_u16(
     comm: &Comm,
@@ -115,6 +158,26 @@ impl NcclGroup {
 
     pub fn size(&self) -> usize {
         self.comms.len()
+    }
+
+    /// All-gather over element ranges, one part per rank in rank order (see
+    /// [`GatherPart`]): rank `r`'s `count` elements land at `recv_offset + r * count`.
+    pub fn all_gather_regions<T: crate::Element>(
+        &self,
+        parts: Vec<GatherPart<'_, T>>,
+        count: usize,
+    ) -> Result<()> {
+        if parts.len() != self.comms.len() {
+            return Err(RuntimeError::InvalidArgument(
+                "one all-gather part per rank".into(),
+            ));
+        }
+        nccl::group_start().map_err(|e| nccl_err("starting a group", e))?;
+        for (comm, (send, so, recv, ro)) in self.comms.iter().zip(parts) {
+            gather_region(comm, send, so, recv, ro, count)?;
+        }
+        nccl::group_end().map_err(|e| nccl_err("ending a group", e))?;
+        Ok(())
     }
 
     /// All-gather of equal slots: rank `r` contributes `send[r][r * count .. (r + 1) * count]`
@@ -215,6 +278,16 @@ impl NcclRank {
 
     pub fn world_size(&self) -> usize {
         self.comm.world_size()
+    }
+
+    /// All-gather over element ranges: this rank's `count` elements of `send` from
+    /// `send_offset` land at `recv_offset + rank * count` in every rank's `recv`.
+    pub fn all_gather_region<T: crate::Element>(
+        &self,
+        (send, send_offset, recv, recv_offset): GatherPart<'_, T>,
+        count: usize,
+    ) -> Result<()> {
+        gather_region(&self.comm, send, send_offset, recv, recv_offset, count)
     }
 
     /// All-gather of equal slots: this rank contributes `send[rank * count .. (rank + 1) *

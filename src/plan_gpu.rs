@@ -1,0 +1,950 @@
+//! The GPU plan executor: runs an SP plan (`plan.json`, docs/sp.md) step by step on the
+//! GPUs of [`Ranks`], lowering each step to kernels einattn generates and NCCL calls.
+//!
+//! - buffers are allocated per rank with the plan's dtype and filled from the pieces of the
+//!   global inputs (uninitialized ones are poisoned with NaN, so a read before a write
+//!   shows in the check);
+//! - `state_only` on linear attention: the chunk-state kernel over `sub` chunks of the
+//!   window (into a per-window scratch array), an element-wise combine into `state_out`
+//!   and the chunk's cumulative decay into `decay_out`;
+//! - `output_with_prefix`: `state_in` goes to slot 0 of the window's scratch array and the
+//!   chunk-output kernel starts each of its chunks from the decayed sum of the slots before
+//!   it (the prefix, then the window's own earlier chunks);
+//! - `full` on softmax attention: the attention kernel with a query offset, so masks see
+//!   global positions while memory stays local;
+//! - `prefix_combine`: the element-wise combine kernel; `place`: device copies; `all_gather`:
+//!   one NCCL all-gather over the regions.
+//!
+//! Steps of a rank run in plan order on its GPU's one stream, which satisfies every event
+//! of the plan (plan order is a topological order); what the plan would overlap runs one
+//! after another. Schemes whose steps have no lowering (Ring, TokenRing and their merges,
+//! Ulysses' rearranges, LASP-1's sends) are refused before anything runs.
+
+use crate::cli::CliError;
+use crate::gpu::{error_parts, from_bits, gpu_error, to_bits, Inputs, Ranks};
+use einattn_backends::compile::{CompiledKernel, CompiledLinear};
+use einattn_backends::plan::{
+    piece_runs, ArgRole, BufferInit, KernelArg as PlanArg, KernelStep, Phase, Plan, Region, Step,
+};
+use einattn_backends::ptx::elementwise::{
+    chunk_decay_ptx, prefix_combine_ptx, ELEMENTWISE_THREADS,
+};
+use einattn_backends::schedule::Layout;
+use einattn_backends::tile::linear::{lightning_part, Part};
+use einattn_backends::tile::{AbiRole, Elem};
+use einattn_backends::{print_ptx, PtxKernel};
+use einattn_ir::cascade::Cascade;
+use einattn_runtime::{DeviceBuffer, Gpu, Kernel, KernelArg, LaunchDims};
+use std::collections::HashMap;
+
+/// What the plan's kernel steps lower to.
+pub enum Lowering<'k> {
+    Linear(&'k CompiledLinear),
+    Attention(&'k CompiledKernel),
+}
+
+fn plan_error(message: impl Into<String>) -> CliError {
+    CliError::input(format!("error: plan: {}", message.into()))
+}
+
+/// Refuses plans with steps that have no GPU lowering, before any GPU work.
+pub fn check_lowerable(plan: &Plan, lowering: &Lowering) -> Result<(), CliError> {
+    for rank in &plan.ranks {
+        for step in &rank.steps {
+            let what = match step {
+                Step::Kernel(k) => match (k.phase, lowering) {
+                    (Phase::StateOnly | Phase::OutputWithPrefix, Lowering::Linear(_)) => None,
+                    (Phase::Full, Lowering::Attention(_)) => None,
+                    (phase, _) => Some(format!("a `{phase:?}` kernel of this family")),
+                },
+                Step::AllGather { .. } | Step::PrefixCombine { .. } | Step::Place { .. } => None,
+                Step::SendRecv { .. } => Some("point-to-point sends".to_string()),
+                Step::AllToAll { .. } => Some("all-to-all".to_string()),
+                Step::AllReduce { .. } | Step::ReduceScatter { .. } => {
+                    Some("reductions".to_string())
+                }
+                Step::LseMerge { .. } => Some("merges of softmax statistics".to_string()),
+                Step::Rearrange { .. } => Some("rearranges".to_string()),
+            };
+            if let Some(what) = what {
+                return Err(plan_error(format!(
+                    "scheme `{}` needs {what}, which the GPU executor does not lower yet \
+                     (it runs lasp2 and allgather_kv[_zigzag]; choose one with --sp-scheme)",
+                    plan.scheme
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A plan buffer on a GPU: 16-bit floats as bits, or f32.
+enum Buf {
+    Half(DeviceBuffer<u16>),
+    Float(DeviceBuffer<f32>),
+}
+
+impl Buf {
+    fn address(&self, gpu: &Gpu, offset: u64) -> u64 {
+        match self {
+            Buf::Half(b) => b.device_address(gpu) + 2 * offset,
+            Buf::Float(b) => b.device_address(gpu) + 4 * offset,
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Buf::Half(b) => b.len(),
+            Buf::Float(b) => b.len(),
+        }
+    }
+}
+
+/// The kernels of one GPU, loaded once.
+struct Loaded {
+    combine: Kernel,
+    decay: Kernel,
+    /// Per chunk length (tiles): the linear chunk-state and chunk-output kernels.
+    linear: HashMap<u32, (PtxKernel, Kernel, PtxKernel, Kernel)>,
+    attention: Option<(PtxKernel, Kernel)>,
+}
+
+/// What the launches of one linear step need, resolved from the plan.
+struct LinearLaunch {
+    chunk_tiles: u32,
+    addrs: [u64; 4],
+    strides: [[u64; 3]; 4],
+    rate_addr: Option<u64>,
+    len: u64,
+    d: u64,
+    e_dim: u64,
+    b_n: u64,
+    h_n: u64,
+    grid_x: u32,
+}
+
+/// Per window of a linear kernel: the chunking and the scratch array of chunk states
+/// (slot 0 the prefix, slots `1..=sub` the window's chunks).
+struct Window {
+    chunk_tiles: u32,
+    sub: usize,
+    slots: DeviceBuffer<f32>,
+    /// The per-chunk decay (one value per head) the combine uses.
+    chunk_decay: DeviceBuffer<f32>,
+    has_states: bool,
+}
+
+struct RankExec {
+    rank: usize,
+    buffers: HashMap<String, Buf>,
+    windows: HashMap<(u64, u64), Window>,
+    loaded: Loaded,
+}
+
+/// A plan loaded onto the GPUs of `ranks`, ready to run (repeatedly, for timing).
+pub(crate) struct PlanExec<'a, 'k> {
+    plan: &'a Plan,
+    ranks: &'a Ranks,
+    lowering: Lowering<'k>,
+    host: &'a Inputs,
+    cascade: &'a Cascade,
+    execs: Vec<RankExec>,
+}
+
+fn elem_of(dtype: &str) -> Result<Option<Elem>, CliError> {
+    Ok(match dtype {
+        "bf16" => Some(Elem::Bf16),
+        "f16" => Some(Elem::F16),
+        "f32" => None,
+        other => {
+            return Err(plan_error(format!(
+                "buffers of `{other}` are not supported"
+            )))
+        }
+    })
+}
+
+/// Strides (batch, sequence, head) of a tensor stored like `layout` but with `local` of the
+/// `global` sequence positions: the dims outside the sequence shrink with it.
+fn local_strides(layout: &Layout, global: u64, local: u64) -> [u64; 3] {
+    let outer = layout.stride_seq * global;
+    [layout.stride_batch, layout.stride_seq, layout.stride_head].map(|s| {
+        if layout.stride_seq > 0 && s >= outer {
+            s / global * local
+        } else {
+            s
+        }
+    })
+}
+
+const LOG2_E: f64 = std::f64::consts::LOG2_E;
+
+impl<'a, 'k> PlanExec<'a, 'k> {
+    pub fn new(
+        plan: &'a Plan,
+        ranks: &'a Ranks,
+        lowering: Lowering<'k>,
+        cascade: &'a Cascade,
+        host: &'a Inputs,
+    ) -> Result<Self, CliError> {
+        check_lowerable(plan, &lowering)?;
+        if plan.world_size as usize != ranks.world_size() {
+            return Err(plan_error(format!(
+                "the plan is for {} devices, this run has {}",
+                plan.world_size,
+                ranks.world_size()
+            )));
+        }
+        let target = match &lowering {
+            Lowering::Linear(k) => k.target,
+            Lowering::Attention(k) => k.ptx.target,
+        };
+        let mut execs = Vec::new();
+        for (r, gpu) in ranks.gpus() {
+            let rp = plan
+                .ranks
+                .iter()
+                .find(|x| x.rank as usize == r)
+                .ok_or_else(|| plan_error(format!("no steps for rank {r}")))?;
+            let loaded = Loaded {
+                combine: gpu
+                    .load_ptx(&prefix_combine_ptx(target), "einattn_prefix_combine")
+                    .map_err(gpu_error)?,
+                decay: gpu
+                    .load_ptx(&chunk_decay_ptx(target), "einattn_chunk_decay")
+                    .map_err(gpu_error)?,
+                linear: HashMap::new(),
+                attention: match &lowering {
+                    Lowering::Attention(k) => {
+                        let mut spec = k.schedule.matched.spec.clone();
+                        spec.query_offset = true;
+                        let (prog, _) =
+                            einattn_backends::flash_attention(&spec, &k.schedule.kernel)
+                                .map_err(|e| plan_error(e.to_string()))?;
+                        let ptx =
+                            print_ptx(&prog, target).map_err(|e| plan_error(e.to_string()))?;
+                        let kernel = gpu.load_ptx(&ptx.text, &ptx.entry).map_err(gpu_error)?;
+                        Some((ptx, kernel))
+                    }
+                    Lowering::Linear(_) => None,
+                },
+            };
+            let mut buffers = HashMap::new();
+            for b in &rp.buffers {
+                let n = b.elements as usize;
+                let elem = elem_of(&b.dtype)?;
+                // Constant buffers fill on the device; pieces are assembled on the host.
+                let constant = match &b.init {
+                    BufferInit::Uninit => Some(f64::NAN),
+                    BufferInit::Value { value } => Some(*value),
+                    BufferInit::Pieces { .. } => None,
+                };
+                if let Some(v) = constant {
+                    let buf = match elem {
+                        Some(e) => Buf::Half(gpu.filled(n, to_bits(e, v)).map_err(gpu_error)?),
+                        None => Buf::Float(gpu.filled(n, v as f32).map_err(gpu_error)?),
+                    };
+                    buffers.insert(b.name.clone(), buf);
+                    continue;
+                }
+                let mut values = vec![f64::NAN; n];
+                if let BufferInit::Pieces { pieces } = &b.init {
+                    for piece in pieces {
+                        let (t, g) = plan
+                            .tensors
+                            .iter()
+                            .find(|t| t.name == piece.tensor)
+                            .and_then(|g| cascade.tensor_by_name(&g.name).map(|t| (t, g)))
+                            .ok_or_else(|| plan_error(format!("no tensor `{}`", piece.tensor)))?;
+                        let data = host_values(cascade, host, t)?;
+                        for (at, from, len) in piece_runs(&g.shape, &piece.slices) {
+                            let (at, from, len) = (at as usize, from as usize, len as usize);
+                            let dst = piece.offset as usize + from;
+                            values
+                                .get_mut(dst..dst + len)
+                                .ok_or_else(|| plan_error(format!("piece outside `{}`", b.name)))?
+                                .copy_from_slice(&data[at..at + len]);
+                        }
+                    }
+                }
+                let buf = match elem {
+                    Some(e) => Buf::Half(
+                        gpu.upload(&values.iter().map(|&x| to_bits(e, x)).collect::<Vec<_>>())
+                            .map_err(gpu_error)?,
+                    ),
+                    None => Buf::Float(
+                        gpu.upload(&values.iter().map(|&x| x as f32).collect::<Vec<_>>())
+                            .map_err(gpu_error)?,
+                    ),
+                };
+                buffers.insert(b.name.clone(), buf);
+            }
+            execs.push(RankExec {
+                rank: r,
+                buffers,
+                windows: HashMap::new(),
+                loaded,
+            });
+        }
+        Ok(PlanExec {
+            plan,
+            ranks,
+            lowering,
+            host,
+            cascade,
+            execs,
+        })
+    }
+
+    /// Runs every rank's steps once, collectives in lockstep across the ranks driven here.
+    pub fn run(&mut self) -> Result<(), CliError> {
+        let steps: Vec<&Vec<Step>> = self
+            .execs
+            .iter()
+            .map(|e| {
+                self.plan
+                    .ranks
+                    .iter()
+                    .find(|x| x.rank as usize == e.rank)
+                    .map(|x| &x.steps)
+                    .ok_or_else(|| plan_error(format!("no steps for rank {}", e.rank)))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut pc = vec![0usize; steps.len()];
+        loop {
+            for i in 0..steps.len() {
+                while let Some(step) = steps[i].get(pc[i]).filter(|s| !s.is_collective()) {
+                    self.local_step(i, step)?;
+                    pc[i] += 1;
+                }
+            }
+            let at: Vec<Option<&Step>> = (0..steps.len()).map(|i| steps[i].get(pc[i])).collect();
+            if at.iter().all(|s| s.is_none()) {
+                return Ok(());
+            }
+            let collective: Vec<&Step> = at.iter().flatten().copied().collect();
+            if collective.len() != at.len() {
+                return Err(plan_error("ranks disagree on their collectives"));
+            }
+            self.all_gather(&collective)?;
+            for p in pc.iter_mut() {
+                *p += 1;
+            }
+        }
+    }
+
+    fn all_gather(&mut self, steps: &[&Step]) -> Result<(), CliError> {
+        let mut regions = Vec::new();
+        for s in steps {
+            match s {
+                Step::AllGather { send, recv, .. } => regions.push((send.clone(), recv.clone())),
+                other => {
+                    return Err(plan_error(format!(
+                        "collective {other:?} has no GPU lowering"
+                    )))
+                }
+            }
+        }
+        let count = regions[0].0.count as usize;
+        if regions.iter().any(|(s, _)| s.count as usize != count) {
+            return Err(plan_error("all-gather counts differ across ranks"));
+        }
+        // The receive buffers leave their maps while borrowed mutably next to the sends.
+        let mut taken = Vec::new();
+        for (e, (_, recv)) in self.execs.iter_mut().zip(&regions) {
+            let buf = e
+                .buffers
+                .remove(&recv.buffer)
+                .ok_or_else(|| plan_error(format!("no buffer `{}`", recv.buffer)))?;
+            taken.push(buf);
+        }
+        let result = {
+            let mut halves = Vec::new();
+            let mut floats = Vec::new();
+            for ((e, (send, recv)), buf) in self.execs.iter().zip(&regions).zip(taken.iter_mut()) {
+                let src = e
+                    .buffers
+                    .get(&send.buffer)
+                    .ok_or_else(|| plan_error(format!("no buffer `{}`", send.buffer)))?;
+                match (src, buf) {
+                    (Buf::Half(s), Buf::Half(r)) => {
+                        halves.push((s, send.offset as usize, r, recv.offset as usize))
+                    }
+                    (Buf::Float(s), Buf::Float(r)) => {
+                        floats.push((s, send.offset as usize, r, recv.offset as usize))
+                    }
+                    _ => return Err(plan_error("all-gather between different dtypes")),
+                }
+            }
+            if !halves.is_empty() {
+                self.ranks.all_gather_regions(halves, count)
+            } else {
+                self.ranks.all_gather_regions(floats, count)
+            }
+        };
+        for ((e, (_, recv)), buf) in self.execs.iter_mut().zip(&regions).zip(taken) {
+            e.buffers.insert(recv.buffer.clone(), buf);
+        }
+        result
+    }
+
+    fn local_step(&mut self, i: usize, step: &Step) -> Result<(), CliError> {
+        let gpu = self.ranks.gpu_of(i);
+        match step {
+            Step::Kernel(k) => match self.lowering {
+                Lowering::Linear(lin) => self.linear_kernel(i, gpu, lin, k),
+                Lowering::Attention(att) => self.attention_kernel(i, gpu, att, k),
+            },
+            Step::Place {
+                src,
+                dst,
+                shape,
+                slices,
+                ..
+            } => {
+                let e = &mut self.execs[i];
+                let mut to = e
+                    .buffers
+                    .remove(&dst.buffer)
+                    .ok_or_else(|| plan_error(format!("no buffer `{}`", dst.buffer)))?;
+                let result = (|| {
+                    let from = e
+                        .buffers
+                        .get(&src.buffer)
+                        .ok_or_else(|| plan_error(format!("no buffer `{}`", src.buffer)))?;
+                    for (at, off, len) in piece_runs(shape, slices) {
+                        let (s, d) = ((src.offset + off) as usize, (dst.offset + at) as usize);
+                        let len = len as usize;
+                        match (from, &mut to) {
+                            (Buf::Half(a), Buf::Half(b)) => gpu.copy_within(a, s..s + len, b, d),
+                            (Buf::Float(a), Buf::Float(b)) => gpu.copy_within(a, s..s + len, b, d),
+                            _ => return Err(plan_error("place between different dtypes")),
+                        }
+                        .map_err(gpu_error)?;
+                    }
+                    Ok(())
+                })();
+                e.buffers.insert(dst.buffer.clone(), to);
+                result
+            }
+            Step::PrefixCombine {
+                slots,
+                slot_elements,
+                first,
+                count,
+                init,
+                init_value,
+                states,
+                out,
+                ..
+            } => {
+                let e = &self.execs[i];
+                for st in states {
+                    let n: u64 = st.shape.iter().product();
+                    let (div, modulo) = decay_indexing(&st.shape, &st.decay_dims)?;
+                    let init_addr = match init {
+                        Some(r) => self.address(i, gpu, r, st.out_offset)?,
+                        None => 0,
+                    };
+                    let args = [
+                        KernelArg::Ptr(self.address(i, gpu, slots, st.offset)?),
+                        KernelArg::U64(*slot_elements),
+                        KernelArg::U32(*first as u32),
+                        KernelArg::U32(*count as u32),
+                        KernelArg::Ptr(self.address(i, gpu, slots, st.decay_offset)?),
+                        KernelArg::U64(*slot_elements),
+                        KernelArg::U64(div),
+                        KernelArg::U64(modulo),
+                        KernelArg::Ptr(init_addr),
+                        KernelArg::F32(*init_value as f32),
+                        KernelArg::Ptr(self.address(i, gpu, out, st.out_offset)?),
+                        KernelArg::U64(n),
+                    ];
+                    gpu.launch(&e.loaded.combine, elementwise_dims(n), &args)
+                        .map_err(gpu_error)?;
+                }
+                Ok(())
+            }
+            other => Err(plan_error(format!("no GPU lowering for {other:?}"))),
+        }
+    }
+
+    /// The device address of `region` plus `extra` elements, checked against its buffer.
+    fn address(&self, i: usize, gpu: &Gpu, region: &Region, extra: u64) -> Result<u64, CliError> {
+        let buf = self.execs[i]
+            .buffers
+            .get(&region.buffer)
+            .ok_or_else(|| plan_error(format!("no buffer `{}`", region.buffer)))?;
+        if region.offset + region.count > buf.len() as u64 || extra > region.count {
+            return Err(plan_error(format!(
+                "region [{}, +{}) is outside `{}`",
+                region.offset, region.count, region.buffer
+            )));
+        }
+        Ok(buf.address(gpu, region.offset + extra))
+    }
+
+    fn arg<'s>(k: &'s KernelStep, tensor: &str, roles: &[ArgRole]) -> Option<&'s PlanArg> {
+        k.args
+            .iter()
+            .find(|a| a.tensor == tensor && roles.contains(&a.role))
+    }
+
+    fn linear_kernel(
+        &mut self,
+        i: usize,
+        gpu: &Gpu,
+        lin: &CompiledLinear,
+        k: &KernelStep,
+    ) -> Result<(), CliError> {
+        let m = &lin.matched;
+        let name = |l: &Layout| self.cascade.tensors[l.tensor].name.clone();
+        let (d, e_dim) = (m.spec.head_dim as u64, m.spec.value_dim as u64);
+        let len = k.queries.len;
+        let (b_n, h_n) = (m.batch, m.heads);
+        let slot = (b_n * h_n * d * e_dim) as usize;
+        let window_key = (k.queries.start, len);
+        if let std::collections::hash_map::Entry::Vacant(v) =
+            self.execs[i].windows.entry(window_key)
+        {
+            let (sub, chunk_tiles) = window_chunking(lin, len);
+            v.insert(Window {
+                chunk_tiles,
+                sub: sub as usize,
+                slots: gpu
+                    .filled((sub as usize + 1) * slot, f32::NAN)
+                    .map_err(gpu_error)?,
+                chunk_decay: gpu.filled(h_n as usize, 1f32).map_err(gpu_error)?,
+                has_states: false,
+            });
+        }
+        let chunk_tiles = self.execs[i].windows[&window_key].chunk_tiles;
+        if let std::collections::hash_map::Entry::Vacant(v) =
+            self.execs[i].loaded.linear.entry(chunk_tiles)
+        {
+            let build = |part| -> Result<PtxKernel, CliError> {
+                let (prog, _) = lightning_part(&m.spec, &lin.schedule, part)
+                    .map_err(|e| plan_error(e.to_string()))?;
+                print_ptx(&prog, lin.target).map_err(|e| plan_error(e.to_string()))
+            };
+            let states = build(Part::ChunkStates { chunk_tiles })?;
+            let outputs = build(Part::ChunkOutputs { chunk_tiles })?;
+            let ks = gpu
+                .load_ptx(&states.text, &states.entry)
+                .map_err(gpu_error)?;
+            let ko = gpu
+                .load_ptx(&outputs.text, &outputs.entry)
+                .map_err(gpu_error)?;
+            v.insert((states, ks, outputs, ko));
+        }
+        let decay_param = m.decay_param.map(|p| self.cascade.tensors[p].name.clone());
+        let rate_addr = match &decay_param {
+            Some(p) => {
+                let a = Self::arg(k, p, &[ArgRole::Param])
+                    .ok_or_else(|| plan_error(format!("no argument `{p}`")))?;
+                Some(self.address(i, gpu, &a.region, 0)?)
+            }
+            None => None,
+        };
+        let tensor_addr = |l: &Layout, roles: &[ArgRole]| -> Result<u64, CliError> {
+            match Self::arg(k, &name(l), roles) {
+                Some(a) => self.address(i, gpu, &a.region, 0),
+                None => Ok(0),
+            }
+        };
+        let addrs = [
+            tensor_addr(&m.q, &[ArgRole::Input])?,
+            tensor_addr(&m.k, &[ArgRole::Input])?,
+            tensor_addr(&m.v, &[ArgRole::Input])?,
+            tensor_addr(&m.o, &[ArgRole::Output])?,
+        ];
+        let strides = [&m.q, &m.k, &m.v, &m.o].map(|l| local_strides(l, m.n, len));
+        // The window's scratch leaves its map while this step writes it.
+        let mut w = self.execs[i]
+            .windows
+            .remove(&window_key)
+            .ok_or_else(|| plan_error("window scratch missing"))?;
+        let result = self.linear_launches(
+            i,
+            gpu,
+            k,
+            &mut w,
+            LinearLaunch {
+                chunk_tiles,
+                addrs,
+                strides,
+                rate_addr,
+                len,
+                d,
+                e_dim,
+                b_n,
+                h_n,
+                grid_x: m.spec.value_dim / lin.schedule.value_block,
+            },
+        );
+        self.execs[i].windows.insert(window_key, w);
+        result
+    }
+
+    fn linear_launches(
+        &self,
+        i: usize,
+        gpu: &Gpu,
+        k: &KernelStep,
+        w: &mut Window,
+        l: LinearLaunch,
+    ) -> Result<(), CliError> {
+        let exec = &self.execs[i];
+        let slot = (l.b_n * l.h_n * l.d * l.e_dim) as usize;
+        let (states_ptx, states_k, outputs_ptx, outputs_k) = &exec.loaded.linear[&l.chunk_tiles];
+        let grid = (l.grid_x, (l.b_n * l.h_n) as u32, w.sub as u32);
+        let slots_addr = w.slots.device_address(gpu);
+        let (sub, len, h_n) = (w.sub as u32, l.len, l.h_n);
+        let args = |ptx: &PtxKernel| -> Vec<KernelArg> {
+            ptx.abi
+                .iter()
+                .map(|p| match &p.role {
+                    AbiRole::TensorPtr(t) => KernelArg::Ptr(l.addrs[t.index()]),
+                    AbiRole::HeadParamPtr(_) => KernelArg::Ptr(l.rate_addr.unwrap_or(0)),
+                    AbiRole::StatePtr(_) => KernelArg::Ptr(slots_addr),
+                    AbiRole::ChunkBase => KernelArg::U32(1),
+                    AbiRole::ChunkTotal => KernelArg::U32(1 + sub),
+                    AbiRole::QueryLen | AbiRole::KeyLen => KernelArg::U32(len as u32),
+                    AbiRole::Heads => KernelArg::U32(h_n as u32),
+                    AbiRole::KvGroup => KernelArg::U32(1),
+                    AbiRole::StrideBatch(t) => KernelArg::U64(l.strides[t.index()][0]),
+                    AbiRole::StrideSeq(t) => KernelArg::U64(l.strides[t.index()][1]),
+                    AbiRole::StrideHead(t) => KernelArg::U64(l.strides[t.index()][2]),
+                    _ => KernelArg::U64(0),
+                })
+                .collect()
+        };
+        let dims = |ptx: &PtxKernel| LaunchDims {
+            grid,
+            block: (ptx.threads, 1, 1),
+            dynamic_smem_bytes: ptx.dynamic_smem_bytes,
+        };
+        let state_name = k
+            .args
+            .iter()
+            .find(|a| matches!(a.role, ArgRole::StateOut | ArgRole::StateIn))
+            .map(|a| a.tensor.clone())
+            .ok_or_else(|| plan_error(format!("{} has no state argument", k.kernel)))?;
+        let decay_scale = |tokens: u64| (-LOG2_E * tokens as f64) as f32;
+        match k.phase {
+            Phase::StateOnly => {
+                gpu.launch(states_k, dims(states_ptx), &args(states_ptx))
+                    .map_err(gpu_error)?;
+                // Each chunk's decay, then the window's state as the decayed sum of chunks.
+                let chunk_tokens = l.chunk_tiles as u64 * l.d;
+                let decay_addr = w.chunk_decay.device_address(gpu);
+                if let Some(rate) = l.rate_addr {
+                    launch_decay(
+                        gpu,
+                        &exec.loaded.decay,
+                        rate,
+                        decay_addr,
+                        h_n,
+                        decay_scale(chunk_tokens),
+                    )?;
+                }
+                let out = Self::arg(k, &state_name, &[ArgRole::StateOut])
+                    .ok_or_else(|| plan_error("state_only writes no state"))?;
+                let combine = [
+                    KernelArg::Ptr(slots_addr + 4 * slot as u64),
+                    KernelArg::U64(slot as u64),
+                    KernelArg::U32(0),
+                    KernelArg::U32(sub),
+                    KernelArg::Ptr(decay_addr),
+                    KernelArg::U64(0),
+                    KernelArg::U64(l.d * l.e_dim),
+                    KernelArg::U64(h_n),
+                    KernelArg::Ptr(0),
+                    KernelArg::F32(0.0),
+                    KernelArg::Ptr(self.address(i, gpu, &out.region, 0)?),
+                    KernelArg::U64(slot as u64),
+                ];
+                gpu.launch(
+                    &exec.loaded.combine,
+                    elementwise_dims(slot as u64),
+                    &combine,
+                )
+                .map_err(gpu_error)?;
+                if let Some(a) = k.args.iter().find(|a| a.role == ArgRole::DecayOut) {
+                    let out = self.address(i, gpu, &a.region, 0)?;
+                    let rate = l
+                        .rate_addr
+                        .ok_or_else(|| plan_error("a decay output without a decay rate"))?;
+                    launch_decay(
+                        gpu,
+                        &exec.loaded.decay,
+                        rate,
+                        out,
+                        a.region.count,
+                        decay_scale(len),
+                    )?;
+                }
+                w.has_states = true;
+                Ok(())
+            }
+            Phase::OutputWithPrefix => {
+                if !w.has_states && w.sub > 1 {
+                    return Err(plan_error(
+                        "output_with_prefix on a window whose chunk states were not computed",
+                    ));
+                }
+                let prefix = Self::arg(k, &state_name, &[ArgRole::StateIn])
+                    .ok_or_else(|| plan_error("output_with_prefix reads no state"))?;
+                let Some(Buf::Float(src)) = exec.buffers.get(&prefix.region.buffer) else {
+                    return Err(plan_error(format!(
+                        "no f32 buffer `{}`",
+                        prefix.region.buffer
+                    )));
+                };
+                // The prefix goes to slot 0, where the output kernel's combine starts.
+                let start = prefix.region.offset as usize;
+                gpu.copy_within(src, start..start + slot, &mut w.slots, 0)
+                    .map_err(gpu_error)?;
+                gpu.launch(outputs_k, dims(outputs_ptx), &args(outputs_ptx))
+                    .map_err(gpu_error)
+            }
+            other => Err(plan_error(format!("no linear lowering for {other:?}"))),
+        }
+    }
+
+    fn attention_kernel(
+        &mut self,
+        i: usize,
+        gpu: &Gpu,
+        att: &CompiledKernel,
+        k: &KernelStep,
+    ) -> Result<(), CliError> {
+        let m = &att.schedule.matched;
+        let name = |l: &Layout| self.cascade.tensors[l.tensor].name.clone();
+        let keys: u64 = k.keys.iter().map(|r| r.len).sum();
+        if k.keys.first().map(|r| r.start) != Some(0) || keys != m.n_k {
+            return Err(plan_error(
+                "the attention kernel runs over every key (a full kernel after the gather)",
+            ));
+        }
+        let (ptx, kernel) = self.execs[i]
+            .loaded
+            .attention
+            .as_ref()
+            .ok_or_else(|| plan_error("no attention kernel loaded"))?;
+        let region_of = |l: &Layout, role: ArgRole| -> Result<u64, CliError> {
+            let a = Self::arg(k, &name(l), &[role])
+                .ok_or_else(|| plan_error(format!("{} has no `{}`", k.kernel, name(l))))?;
+            self.address(i, gpu, &a.region, 0)
+        };
+        let addrs = [
+            region_of(&m.q, ArgRole::Input)?,
+            region_of(&m.k, ArgRole::Input)?,
+            region_of(&m.v, ArgRole::Input)?,
+            region_of(&m.o, ArgRole::Output)?,
+        ];
+        let q_len = k.queries.len;
+        let strides = [
+            local_strides(&m.q, m.n_q, q_len),
+            local_strides(&m.k, m.n_k, m.n_k),
+            local_strides(&m.v, m.n_k, m.n_k),
+            local_strides(&m.o, m.n_q, q_len),
+        ];
+        let mut head_params = Vec::new();
+        for &t in &m.head_params {
+            let a = Self::arg(k, &self.cascade.tensors[t].name, &[ArgRole::Param])
+                .ok_or_else(|| plan_error("a head parameter is not an argument"))?;
+            head_params.push(self.address(i, gpu, &a.region, 0)?);
+        }
+        let scalars: Vec<f32> = m
+            .scalar_params
+            .iter()
+            .map(|t| host_values(self.cascade, self.host, *t).map(|v| v[0] as f32))
+            .collect::<Result<_, _>>()?;
+        let args: Vec<KernelArg> = ptx
+            .abi
+            .iter()
+            .map(|p| match &p.role {
+                AbiRole::TensorPtr(t) => KernelArg::Ptr(addrs[t.index()]),
+                AbiRole::HeadParamPtr(h) => KernelArg::Ptr(head_params[h.index()]),
+                AbiRole::QueryOffset => KernelArg::U32(k.queries.start as u32),
+                AbiRole::QueryLen => KernelArg::U32(q_len as u32),
+                AbiRole::KeyLen => KernelArg::U32(m.n_k as u32),
+                AbiRole::Heads => KernelArg::U32(m.heads as u32),
+                AbiRole::KvGroup => KernelArg::U32(1),
+                AbiRole::StrideBatch(t) => KernelArg::U64(strides[t.index()][0]),
+                AbiRole::StrideSeq(t) => KernelArg::U64(strides[t.index()][1]),
+                AbiRole::StrideHead(t) => KernelArg::U64(strides[t.index()][2]),
+                AbiRole::Scalar(s) => KernelArg::F32(scalars[s.index()]),
+                _ => KernelArg::U64(0),
+            })
+            .collect();
+        let dims = LaunchDims {
+            grid: ptx.grid(m.batch as u32, m.heads as u32, q_len as u32),
+            block: (ptx.threads, 1, 1),
+            dynamic_smem_bytes: ptx.dynamic_smem_bytes,
+        };
+        gpu.launch(kernel, dims, &args).map_err(gpu_error)
+    }
+
+    /// Error parts of this process's output pieces against `want` (the global output `O`
+    /// in its own layout), summed over the ranks driven here.
+    pub fn compare(&self, output: &str, want: &[f64]) -> Result<[f64; 2], CliError> {
+        let g = self
+            .plan
+            .tensors
+            .iter()
+            .find(|t| t.name == output)
+            .ok_or_else(|| plan_error(format!("no output `{output}`")))?;
+        let mut parts = [0.0, 0.0];
+        for (i, e) in self.execs.iter().enumerate() {
+            let gpu = self.ranks.gpu_of(i);
+            let rp = self
+                .plan
+                .ranks
+                .iter()
+                .find(|x| x.rank as usize == e.rank)
+                .ok_or_else(|| plan_error("rank missing"))?;
+            for piece in rp.outputs.iter().filter(|p| p.tensor == output) {
+                let Some(Buf::Half(buf)) = e.buffers.get(&piece.buffer) else {
+                    return Err(plan_error("outputs are 16-bit"));
+                };
+                let elem = elem_of(&g.dtype)?.ok_or_else(|| plan_error("outputs are 16-bit"))?;
+                gpu.synchronize().map_err(gpu_error)?;
+                let got = gpu.download(buf).map_err(gpu_error)?;
+                for (at, from, len) in piece_runs(&g.shape, &piece.slices) {
+                    let (at, from) = (at as usize, (piece.offset + from) as usize);
+                    let [a, b] = error_parts(
+                        (0..len as usize).map(|x| (from_bits(elem, got[from + x]), want[at + x])),
+                    );
+                    parts[0] += a;
+                    parts[1] += b;
+                }
+            }
+        }
+        Ok(parts)
+    }
+}
+
+/// How a linear kernel's window of `len` tokens is cut: `(chunks, tiles per chunk)`.
+/// Enough chunks that the state pass has about two CTAs per SM to stream K and V; a count
+/// that divides the window's tiles, since the combine uses one decay for every chunk.
+fn window_chunking(lin: &CompiledLinear, len: u64) -> (u64, u32) {
+    const SMS: u64 = 132;
+    let m = &lin.matched;
+    let ctas = m.batch * m.heads * (m.spec.value_dim / lin.schedule.value_block) as u64;
+    let tiles = len.div_ceil(m.spec.head_dim as u64).max(1);
+    let mut sub = (2 * SMS).div_ceil(ctas).clamp(2, 16).min(tiles);
+    while sub > 1 && !tiles.is_multiple_of(sub) {
+        sub -= 1;
+    }
+    (sub, (tiles / sub) as u32)
+}
+
+/// The PTX modules the executor runs for `plan` (entry name, text): what
+/// `compile --sp P -o DIR` writes next to `plan.json`.
+pub fn lowered_ptx(plan: &Plan, lowering: &Lowering) -> Result<Vec<(String, String)>, CliError> {
+    check_lowerable(plan, lowering)?;
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut push = |entry: String, text: String| {
+        if !out.iter().any(|(e, _)| *e == entry) {
+            out.push((entry, text));
+        }
+    };
+    let target = match lowering {
+        Lowering::Linear(k) => k.target,
+        Lowering::Attention(k) => k.ptx.target,
+    };
+    for rank in &plan.ranks {
+        for step in &rank.steps {
+            match (step, lowering) {
+                (Step::Kernel(k), Lowering::Linear(lin)) => {
+                    let (_, chunk_tiles) = window_chunking(lin, k.queries.len);
+                    for part in [
+                        Part::ChunkStates { chunk_tiles },
+                        Part::ChunkOutputs { chunk_tiles },
+                    ] {
+                        let (prog, _) = lightning_part(&lin.matched.spec, &lin.schedule, part)
+                            .map_err(|e| plan_error(e.to_string()))?;
+                        let ptx =
+                            print_ptx(&prog, target).map_err(|e| plan_error(e.to_string()))?;
+                        push(ptx.entry, ptx.text);
+                    }
+                }
+                (Step::Kernel(_), Lowering::Attention(att)) => {
+                    let mut spec = att.schedule.matched.spec.clone();
+                    spec.query_offset = true;
+                    let (prog, _) = einattn_backends::flash_attention(&spec, &att.schedule.kernel)
+                        .map_err(|e| plan_error(e.to_string()))?;
+                    let ptx = print_ptx(&prog, target).map_err(|e| plan_error(e.to_string()))?;
+                    push(ptx.entry, ptx.text);
+                }
+                _ => {}
+            }
+        }
+    }
+    push("einattn_prefix_combine".into(), prefix_combine_ptx(target));
+    push("einattn_chunk_decay".into(), chunk_decay_ptx(target));
+    Ok(out)
+}
+
+fn launch_decay(
+    gpu: &Gpu,
+    kernel: &Kernel,
+    rate: u64,
+    out: u64,
+    n: u64,
+    scale: f32,
+) -> Result<(), CliError> {
+    let args = [
+        KernelArg::Ptr(rate),
+        KernelArg::Ptr(out),
+        KernelArg::U32(n as u32),
+        KernelArg::F32(scale),
+    ];
+    gpu.launch(kernel, elementwise_dims(n), &args)
+        .map_err(gpu_error)
+}
+
+fn elementwise_dims(n: u64) -> LaunchDims {
+    let blocks = n.div_ceil(ELEMENTWISE_THREADS as u64).clamp(1, 4096) as u32;
+    LaunchDims {
+        grid: (blocks, 1, 1),
+        block: (ELEMENTWISE_THREADS, 1, 1),
+        dynamic_smem_bytes: 0,
+    }
+}
+
+/// `(div, mod)` such that element `i` of a row-major state of `shape` reads decay
+/// `(i / div) % mod`: the decay dims must be adjacent.
+fn decay_indexing(shape: &[u64], dims: &[usize]) -> Result<(u64, u64), CliError> {
+    let (Some(&lo), Some(&hi)) = (dims.iter().min(), dims.iter().max()) else {
+        return Ok((1, 1));
+    };
+    if hi - lo + 1 != dims.len() || hi >= shape.len() {
+        return Err(plan_error(format!(
+            "decay over dims {dims:?} of a state {shape:?}: only adjacent dims are lowered"
+        )));
+    }
+    let div = shape[hi + 1..].iter().product();
+    let modulo = shape[lo..=hi].iter().product();
+    Ok((div, modulo))
+}
+
+/// The host values of an input or parameter, stored (absent entries as 0).
+fn host_values<'h>(
+    cascade: &Cascade,
+    host: &'h Inputs,
+    t: einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>,
+) -> Result<std::borrow::Cow<'h, [f64]>, CliError> {
+    match host.get(&t) {
+        Some(d) => Ok(d.stored()),
+        None => match cascade.tensors[t].default {
+            Some(v) => Ok(vec![v; cascade.tensor_elements(t) as usize].into()),
+            None => Err(plan_error(format!(
+                "no values for `{}`",
+                cascade.tensors[t].name
+            ))),
+        },
+    }
+}
