@@ -69,7 +69,7 @@ pub fn check_lowerable(plan: &Plan, lowering: &Lowering) -> Result<(), CliError>
             if let Some(what) = what {
                 return Err(plan_error(format!(
                     "scheme `{}` needs {what}, which the GPU executor does not lower yet \
-                     (it runs lasp2 and allgather_kv[_zigzag]; choose one with --sp-scheme)",
+                     (it runs lasp2 and allgather_kv[_zigzag]; choose one with --scheme)",
                     plan.scheme
                 )));
             }

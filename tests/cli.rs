@@ -396,7 +396,12 @@ fn compile_sp_writes_a_runnable_plan_directory() {
         "-o",
         &dir_s,
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("plan.json")).expect("plan.json"))
             .expect("plan.json parses");
@@ -415,8 +420,14 @@ fn compile_sp_writes_a_runnable_plan_directory() {
         }
     }
     entries.sort();
-    assert!(entries.iter().any(|e| e.contains("_states_c")), "{entries:?}");
-    assert!(entries.iter().any(|e| e.contains("_outputs_c")), "{entries:?}");
+    assert!(
+        entries.iter().any(|e| e.contains("_states_c")),
+        "{entries:?}"
+    );
+    assert!(
+        entries.iter().any(|e| e.contains("_outputs_c")),
+        "{entries:?}"
+    );
     assert!(entries.contains(&"einattn_prefix_combine".to_string()));
     let record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("build.json")).expect("build"))
@@ -444,7 +455,12 @@ fn compile_sp_writes_a_runnable_plan_directory() {
         "-o",
         &ring_s,
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("does not lower"));
     let run = einattn(&["run-plan", &ring_s]);
     assert_eq!(run.status.code(), Some(1));
