@@ -948,3 +948,139 @@ fn host_values<'h>(
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{build_kernel, Kernel, KernelArgs, SourceFile};
+    use einattn_backends::plan::plan_cascade;
+    use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
+    use einattn_passes::sp::SpOptions;
+
+    fn layout(sb: u64, ss: u64, sh: u64) -> Layout {
+        Layout {
+            tensor: einattn_ir::arena::Handle::new(0),
+            stride_batch: sb,
+            stride_seq: ss,
+            stride_head: sh,
+            elements: 0,
+        }
+    }
+
+    #[test]
+    fn local_strides_shrink_only_the_dims_outside_the_sequence() {
+        // [B, N, H, d] with N = 64, H = 4, d = 8: batch shrinks with the window.
+        assert_eq!(
+            local_strides(&layout(64 * 32, 32, 8), 64, 16),
+            [16 * 32, 32, 8]
+        );
+        // [B, H, N, d]: batch and head are outside the sequence.
+        let bhnd = layout(4 * 64 * 8, 8, 64 * 8);
+        assert_eq!(local_strides(&bhnd, 64, 16), [4 * 16 * 8, 8, 16 * 8]);
+    }
+
+    #[test]
+    fn decay_indexing_reads_the_decay_dims_of_a_state() {
+        // KV [b, h, d, e] = [2, 3, 4, 5] with a per-head decay: (i / 20) % 3.
+        assert_eq!(decay_indexing(&[2, 3, 4, 5], &[1]).ok(), Some((20, 3)));
+        assert_eq!(decay_indexing(&[2, 3, 4, 5], &[0, 1]).ok(), Some((20, 6)));
+        assert_eq!(decay_indexing(&[2, 3, 4, 5], &[]).ok(), Some((1, 1)));
+        assert!(decay_indexing(&[2, 3, 4, 5], &[0, 2]).is_err());
+    }
+
+    fn compiled(file: &str, defines: &[(&str, u64)]) -> (Cascade, Kernel) {
+        let source = SourceFile::load(std::path::Path::new(file)).expect("example loads");
+        let defines: Vec<(String, u64)> =
+            defines.iter().map(|(n, v)| (n.to_string(), *v)).collect();
+        build_kernel(&source, &defines, &KernelArgs::default())
+            .map_err(|e| e.message)
+            .expect("compiles")
+    }
+
+    #[test]
+    fn window_chunks_divide_the_window_and_fill_the_gpu() {
+        let (_, kernel) = compiled(
+            "examples/lightning.ein",
+            &[("B", 4), ("H", 16), ("D", 128), ("N", 262144)],
+        );
+        let Kernel::Linear(lin) = kernel else {
+            panic!("lightning is linear attention")
+        };
+        for len in [131072u64, 65536, 1024, 128] {
+            let (sub, tiles) = window_chunking(&lin, len);
+            assert_eq!(sub * tiles as u64 * 128, len.max(128), "len {len}");
+            assert!(sub >= 1);
+        }
+        // 128 CTAs per chunk: two chunks give about two CTAs per SM.
+        assert_eq!(window_chunking(&lin, 131072).0, 2);
+    }
+
+    /// Every module `compile --sp` writes for the two lowered schemes assembles.
+    #[test]
+    fn lowered_kernels_assemble() {
+        let Some(ptxas) = ptxas_for_test("lowered_kernels_assemble") else {
+            return;
+        };
+        for (file, defines, scheme) in [
+            (
+                "examples/lightning.ein",
+                vec![("N", 4096), ("D", 128)],
+                "lasp2",
+            ),
+            (
+                "examples/attention_causal.ein",
+                vec![("N", 4096), ("D", 128)],
+                "allgather_kv_zigzag",
+            ),
+        ] {
+            let (cascade, kernel) = compiled(file, &defines);
+            let mut options = SpOptions::new(2);
+            options.scheme = Some(scheme.to_string());
+            let (_, plan) = plan_cascade(&cascade, &options).expect("plans");
+            let lowering = match &kernel {
+                Kernel::Linear(k) => Lowering::Linear(k),
+                Kernel::Attention(k) => Lowering::Attention(k),
+            };
+            let modules = lowered_ptx(&plan, &lowering)
+                .map_err(|e| e.message)
+                .expect("lowers");
+            assert!(
+                modules.len() >= 3,
+                "{file}: {:?}",
+                modules.iter().map(|m| &m.0).collect::<Vec<_>>()
+            );
+            for (entry, text) in modules {
+                let report = assemble(&ptxas, &text, "sm_80")
+                    .unwrap_or_else(|e| panic!("{file} {entry}: {e}"));
+                assert!(!report.spills(), "{file} {entry}: {report:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn plans_without_a_lowering_are_refused_before_gpu_work() {
+        let (cascade, kernel) = compiled("examples/attention_causal.ein", &[]);
+        let Kernel::Attention(att) = &kernel else {
+            panic!("softmax attention")
+        };
+        let mut refused = 0;
+        for scheme in ["ring", "tokenring_zigzag", "ulysses"] {
+            let mut options = SpOptions::new(2);
+            options.scheme = Some(scheme.to_string());
+            // Ulysses needs heads divisible by the devices; the others always plan here.
+            let Ok((_, plan)) = plan_cascade(&cascade, &options) else {
+                continue;
+            };
+            refused += 1;
+            let err = check_lowerable(&plan, &Lowering::Attention(att))
+                .err()
+                .unwrap_or_else(|| panic!("{scheme} was accepted"));
+            assert!(err.message.contains("does not lower"), "{}", err.message);
+        }
+        assert!(refused >= 2, "only {refused} schemes planned");
+        let mut options = SpOptions::new(2);
+        options.scheme = Some("allgather_kv_zigzag".to_string());
+        let (_, plan) = plan_cascade(&cascade, &options).expect("plans");
+        assert!(check_lowerable(&plan, &Lowering::Attention(att)).is_ok());
+    }
+}
