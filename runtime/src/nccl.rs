@@ -38,54 +38,13 @@ fn nccl_err(what: &str, e: nccl::NcclError) -> RuntimeError {
     RuntimeError::Nccl(format!("{what}: {:?}", e.0))
 }
 
-/// `buffers` send and receive buffers, each of at least `send_len` / `recv_len` elements.
-fn check_buffers(
-    buffers: usize,
-    send: impl ExactSizeIterator<Item = usize>,
-    recv: impl ExactSizeIterator<Item = usize>,
-    send_len: usize,
-    recv_len: usize,
-) -> Result<()> {
-    if send.len() != buffers || recv.len() != buffers {
-        return Err(RuntimeError::InvalidArgument(
-            "one send and one receive buffer per rank".into(),
-        ));
-    }
-    if send.zip(recv).any(|(s, r)| s < send_len || r < recv_len) {
-        return Err(RuntimeError::InvalidArgument(format!(
-            "send buffers need {send_len} and receive buffers {recv_len} elements"
-        )));
-    }
-    Ok(())
-}
-
-/// Enqueues one rank's part of [`NcclGroup::all_gather_slots`] / [`NcclRank::all_gather_slots`]
-/// (buffers already checked).
-fn gather_slot(
-    comm: &Comm,
-    send: &DeviceBuffer<f32>,
-    recv: &mut DeviceBuffer<f32>,
+/// Checks one rank's part of an all-gather over element ranges (before any NCCL call, so a
+/// refusal leaves no group half open and the ranks in step).
+fn check_region<T: crate::Element>(
+    p: usize,
+    (send, send_offset, recv, recv_offset): &GatherPart<'_, T>,
     count: usize,
 ) -> Result<()> {
-    let rank = comm.rank();
-    let slot = send.slice.slice(rank * count..(rank + 1) * count);
-    comm.all_gather(&slot, &mut recv.slice)
-        .map_err(|e| nccl_err("all-gather", e))?;
-    Ok(())
-}
-
-/// Enqueues one rank's part of an all-gather over element ranges: `count` elements of `send`
-/// from `send_offset` land at `recv_offset + rank * count` in every rank's `recv`. Moved as
-/// bytes, so any element type goes.
-fn gather_region<T: crate::Element>(
-    comm: &Comm,
-    send: &DeviceBuffer<T>,
-    send_offset: usize,
-    recv: &mut DeviceBuffer<T>,
-    recv_offset: usize,
-    count: usize,
-) -> Result<()> {
-    let p = comm.world_size();
     if send_offset + count > send.len() || recv_offset + p * count > recv.len() {
         return Err(RuntimeError::InvalidArgument(format!(
             "all-gather of {count} elements from {send_offset} of {} into {recv_offset} of {}",
@@ -93,10 +52,23 @@ fn gather_region<T: crate::Element>(
             recv.len()
         )));
     }
+    Ok(())
+}
+
+/// Enqueues one rank's part of an all-gather over element ranges (checked by
+/// [`check_region`]): `count` elements of `send` from `send_offset` land at
+/// `recv_offset + rank * count` in every rank's `recv`. Moved as bytes, so any element type
+/// goes.
+fn gather_region<T: crate::Element>(
+    comm: &Comm,
+    (send, send_offset, recv, recv_offset): GatherPart<'_, T>,
+    count: usize,
+) -> Result<()> {
+    let p = comm.world_size();
     let size = std::mem::size_of::<T::Repr>();
     let src = send.slice.slice(send_offset..send_offset + count);
     let mut dst = recv.slice.slice_mut(recv_offset..recv_offset + p * count);
-    // SAFETY: plain element data viewed as its bytes; the ranges were checked above.
+    // SAFETY: plain element data viewed as its bytes; the ranges were checked.
     let (src, dst) = unsafe {
         (
             src.transmute::<u8>(count * size),
@@ -116,31 +88,6 @@ fn gather_region<T: crate::Element>(
 /// One rank's buffers of an all-gather over element ranges: `(send, send_offset, recv,
 /// recv_offset)`.
 pub type GatherPart<'a, T> = (&'a DeviceBuffer<T>, usize, &'a mut DeviceBuffer<T>, usize);
-
-/// Enqueues one rank's part of an all-gather of 16-bit data (buffers already checked).
-fn gather_u16(
-    comm: &Comm,
-    send: &DeviceBuffer<u16>,
-    recv: &mut DeviceBuffer<u16>,
-    count: usize,
-) -> Result<()> {
-    let p = comm.world_size();
-    // SAFETY: u16 data viewed as twice as many bytes; lengths checked by the caller.
-    let (src, mut dst) = unsafe {
-        (
-            send.slice.transmute::<u8>(2 * count),
-            recv.slice.transmute_mut::<u8>(2 * p * count),
-        )
-    };
-    let (Some(src), Some(dst)) = (src.as_ref(), dst.as_mut()) else {
-        return Err(RuntimeError::InvalidArgument(
-            "buffer views out of range".into(),
-        ));
-    };
-    comm.all_gather(src, dst)
-        .map_err(|e| nccl_err("all-gather", e))?;
-    Ok(())
-}
 
 /// One communicator per GPU (`ncclCommInitAll`); rank `r` is `gpus[r]`.
 pub struct NcclGroup {
@@ -172,58 +119,12 @@ impl NcclGroup {
                 "one all-gather part per rank".into(),
             ));
         }
-        nccl::group_start().map_err(|e| nccl_err("starting a group", e))?;
-        for (comm, (send, so, recv, ro)) in self.comms.iter().zip(parts) {
-            gather_region(comm, send, so, recv, ro, count)?;
+        for part in &parts {
+            check_region(self.comms.len(), part, count)?;
         }
-        nccl::group_end().map_err(|e| nccl_err("ending a group", e))?;
-        Ok(())
-    }
-
-    /// All-gather of equal slots: rank `r` contributes `send[r][r * count .. (r + 1) * count]`
-    /// and every rank receives all the slots in `recv[r]`, slot `q` at `q * count` (so a
-    /// chunk-major array filled slot by slot comes back whole on every rank).
-    pub fn all_gather_slots(
-        &self,
-        send: &[DeviceBuffer<f32>],
-        recv: &mut [DeviceBuffer<f32>],
-        count: usize,
-    ) -> Result<()> {
-        let p = self.comms.len();
-        check_buffers(
-            p,
-            send.iter().map(|b| b.len()),
-            recv.iter().map(|b| b.len()),
-            p * count,
-            p * count,
-        )?;
         nccl::group_start().map_err(|e| nccl_err("starting a group", e))?;
-        for (comm, (s, r)) in self.comms.iter().zip(send.iter().zip(recv.iter_mut())) {
-            gather_slot(comm, s, r, count)?;
-        }
-        nccl::group_end().map_err(|e| nccl_err("ending a group", e))?;
-        Ok(())
-    }
-
-    /// All-gather of 16-bit data (bf16/f16 bit patterns, sent as bytes): rank `r`'s
-    /// `send[r]` (`count` elements) lands at `r * count` in every `recv`.
-    pub fn all_gather_u16(
-        &self,
-        send: &[DeviceBuffer<u16>],
-        recv: &mut [DeviceBuffer<u16>],
-        count: usize,
-    ) -> Result<()> {
-        let p = self.comms.len();
-        check_buffers(
-            p,
-            send.iter().map(|b| b.len()),
-            recv.iter().map(|b| b.len()),
-            count,
-            p * count,
-        )?;
-        nccl::group_start().map_err(|e| nccl_err("starting a group", e))?;
-        for (comm, (s, r)) in self.comms.iter().zip(send.iter().zip(recv.iter_mut())) {
-            gather_u16(comm, s, r, count)?;
+        for (comm, part) in self.comms.iter().zip(parts) {
+            gather_region(comm, part, count)?;
         }
         nccl::group_end().map_err(|e| nccl_err("ending a group", e))?;
         Ok(())
@@ -284,49 +185,11 @@ impl NcclRank {
     /// `send_offset` land at `recv_offset + rank * count` in every rank's `recv`.
     pub fn all_gather_region<T: crate::Element>(
         &self,
-        (send, send_offset, recv, recv_offset): GatherPart<'_, T>,
+        part: GatherPart<'_, T>,
         count: usize,
     ) -> Result<()> {
-        gather_region(&self.comm, send, send_offset, recv, recv_offset, count)
-    }
-
-    /// All-gather of equal slots: this rank contributes `send[rank * count .. (rank + 1) *
-    /// count]` and receives every rank's slot `q` at `recv[q * count ..]`, as
-    /// [`NcclGroup::all_gather_slots`] does for each of its ranks.
-    pub fn all_gather_slots(
-        &self,
-        send: &DeviceBuffer<f32>,
-        recv: &mut DeviceBuffer<f32>,
-        count: usize,
-    ) -> Result<()> {
-        let p = self.world_size();
-        check_buffers(
-            1,
-            std::iter::once(send.len()),
-            std::iter::once(recv.len()),
-            p * count,
-            p * count,
-        )?;
-        gather_slot(&self.comm, send, recv, count)
-    }
-
-    /// All-gather of 16-bit data (bf16/f16 bit patterns, sent as bytes): `send[..count]` of
-    /// rank `r` lands at `r * count` in every rank's `recv`.
-    pub fn all_gather_u16(
-        &self,
-        send: &DeviceBuffer<u16>,
-        recv: &mut DeviceBuffer<u16>,
-        count: usize,
-    ) -> Result<()> {
-        let p = self.world_size();
-        check_buffers(
-            1,
-            std::iter::once(send.len()),
-            std::iter::once(recv.len()),
-            count,
-            p * count,
-        )?;
-        gather_u16(&self.comm, send, recv, count)
+        check_region(self.world_size(), &part, count)?;
+        gather_region(&self.comm, part, count)
     }
 
     /// Element-wise sum of `values` over all ranks, on the host: for combining per-rank error

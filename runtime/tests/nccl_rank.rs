@@ -50,7 +50,7 @@ fn child_nccl_rank() {
     }
     let send = gpu.upload(&host).expect("upload");
     let mut recv = gpu.filled(p * COUNT, f32::NAN).expect("alloc");
-    rank.all_gather_slots(&send, &mut recv, COUNT)
+    rank.all_gather_region((&send, r * COUNT, &mut recv, 0), COUNT)
         .expect("all-gather slots");
     let got = gpu.download(&recv).expect("download");
     for q in 0..p {
@@ -62,7 +62,7 @@ fn child_nccl_rank() {
     let bits: Vec<u16> = (0..COUNT).map(|j| (r * 1000 + j) as u16).collect();
     let send16 = gpu.upload(&bits).expect("upload");
     let mut recv16 = gpu.filled(p * COUNT, 0xffffu16).expect("alloc");
-    rank.all_gather_u16(&send16, &mut recv16, COUNT)
+    rank.all_gather_region((&send16, 0, &mut recv16, 0), COUNT)
         .expect("all-gather u16");
     let got16 = gpu.download(&recv16).expect("download");
     for q in 0..p {
@@ -85,9 +85,10 @@ fn child_nccl_rank() {
     );
     assert_eq!(sums[2], p as f64);
 
-    // A short buffer is refused before anything reaches NCCL, so the ranks stay in step.
-    let short = gpu.filled(p * COUNT - 1, 0.0f32).expect("alloc");
-    match rank.all_gather_slots(&short, &mut recv, COUNT) {
+    // A short receive buffer is refused on every rank before anything reaches NCCL, so
+    // the ranks stay in step.
+    let mut short = gpu.filled(p * COUNT - 1, 0.0f32).expect("alloc");
+    match rank.all_gather_region((&send, r * COUNT, &mut short, 0), COUNT) {
         Err(RuntimeError::InvalidArgument(_)) => {}
         other => panic!("expected InvalidArgument, got {other:?}"),
     }

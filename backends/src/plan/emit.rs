@@ -519,6 +519,24 @@ fn plain_args(
     args
 }
 
+/// Arguments for every parameter, each whole in the buffer named after it.
+fn param_args(ctx: &Ctx) -> Vec<KernelArg> {
+    ctx.params()
+        .into_iter()
+        .map(|t| {
+            let shape = ctx.local_shape(t, 0, 0, None);
+            let n = Ctx::elements(&shape);
+            KernelArg {
+                tensor: ctx.cascade.tensors[t].name.clone(),
+                role: ArgRole::Param,
+                key_chunk: None,
+                shape,
+                region: region(&ctx.cascade.tensors[t].name, 0, n),
+            }
+        })
+        .collect()
+}
+
 fn output_args(ctx: &Ctx, chunk: TokenRange, block: u64) -> Vec<KernelArg> {
     ctx.outputs()
         .into_iter()
@@ -943,21 +961,7 @@ impl SoftmaxKernels<'_> {
     }
 
     fn param_args(&self) -> Vec<KernelArg> {
-        let ctx = self.ctx;
-        ctx.params()
-            .into_iter()
-            .map(|t| {
-                let shape = ctx.local_shape(t, 0, 0, None);
-                let n = Ctx::elements(&shape);
-                KernelArg {
-                    tensor: ctx.cascade.tensors[t].name.clone(),
-                    role: ArgRole::Param,
-                    key_chunk: None,
-                    shape,
-                    region: region(&ctx.cascade.tensors[t].name, 0, n),
-                }
-            })
-            .collect()
+        param_args(self.ctx)
     }
 
     fn epilogue(&self, q: TokenRange, block: u64, stats: (&str, u64), exec: Exec) -> Step {
@@ -1467,17 +1471,7 @@ fn emit_allgather_kv(
                 region: region(name, 0, Ctx::elements(shape)),
             });
         }
-        args.extend(ctx.params().into_iter().map(|t| {
-            let shape = ctx.local_shape(t, 0, 0, None);
-            let n = Ctx::elements(&shape);
-            KernelArg {
-                tensor: ctx.cascade.tensors[t].name.clone(),
-                role: ArgRole::Param,
-                key_chunk: None,
-                shape,
-                region: region(&ctx.cascade.tensors[t].name, 0, n),
-            }
-        }));
+        args.extend(param_args(ctx));
         args.extend(output_args(ctx, *q, qi as u64));
         b.steps.push(Step::Kernel(KernelStep {
             kernel: kernel_name(ctx, Phase::Full),
