@@ -519,6 +519,31 @@ fn plain_args(
     args
 }
 
+/// Arguments for the query-side inputs of a `q_len x k_len` launch, held at block `block`
+/// of `buffer` (`source = (buffer, block)`).
+fn query_args(
+    ctx: &Ctx,
+    inputs: &[Handle<Tensor>],
+    q_len: u64,
+    k_len: u64,
+    (buffer, block): (&str, u64),
+) -> Vec<KernelArg> {
+    inputs
+        .iter()
+        .map(|&t| {
+            let shape = ctx.local_shape(t, q_len, k_len, None);
+            let n = Ctx::elements(&shape);
+            KernelArg {
+                tensor: ctx.cascade.tensors[t].name.clone(),
+                role: ArgRole::Input,
+                key_chunk: None,
+                shape,
+                region: region(buffer, block * n, n),
+            }
+        })
+        .collect()
+}
+
 /// Arguments for every parameter, each whole in the buffer named after it.
 fn param_args(ctx: &Ctx) -> Vec<KernelArg> {
     ctx.params()
@@ -908,18 +933,7 @@ impl SoftmaxKernels<'_> {
         exec: Exec,
     ) -> Step {
         let ctx = self.ctx;
-        let mut args = Vec::new();
-        for &t in &self.q_inputs {
-            let shape = ctx.local_shape(t, q.len, k.len, None);
-            let n = Ctx::elements(&shape);
-            args.push(KernelArg {
-                tensor: ctx.cascade.tensors[t].name.clone(),
-                role: ArgRole::Input,
-                key_chunk: None,
-                shape,
-                region: region(q_source.0, q_source.1 * n, n),
-            });
-        }
+        let mut args = query_args(ctx, &self.q_inputs, q.len, k.len, q_source);
         for (t, shape, off) in &self.kv {
             args.push(KernelArg {
                 tensor: ctx.cascade.tensors[*t].name.clone(),
@@ -1450,18 +1464,13 @@ fn emit_allgather_kv(
         } else {
             PairMask::Partial
         };
-        let mut args = Vec::new();
-        for t in ctx.seq_inputs(Side::Query) {
-            let shape = ctx.local_shape(t, q.len, tokens, None);
-            let n = Ctx::elements(&shape);
-            args.push(KernelArg {
-                tensor: ctx.cascade.tensors[t].name.clone(),
-                role: ArgRole::Input,
-                key_chunk: None,
-                shape,
-                region: region(&q_buffer, qi as u64 * n, n),
-            });
-        }
+        let mut args = query_args(
+            ctx,
+            &ctx.seq_inputs(Side::Query),
+            q.len,
+            tokens,
+            (&q_buffer, qi as u64),
+        );
         for (t, name, shape) in &whole_keys {
             args.push(KernelArg {
                 tensor: ctx.cascade.tensors[*t].name.clone(),
