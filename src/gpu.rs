@@ -1031,6 +1031,31 @@ impl Ranks {
         .map_err(gpu_error)
     }
 
+    /// Sends and receives of driven ranks (`(driven index, part)`), as one NCCL group.
+    pub(crate) fn send_recv<T: einattn_runtime::Element>(
+        &self,
+        parts: Vec<(usize, einattn_runtime::nccl::P2pPart<'_, T>)>,
+    ) -> Result<(), CliError> {
+        match &self.comm {
+            Comm::Group(g) => g.send_recv(
+                parts
+                    .into_iter()
+                    .map(|(i, part)| (self.gpus[i].0, part))
+                    .collect(),
+            ),
+            Comm::Process(c) => {
+                let mut parts = parts;
+                match parts.pop() {
+                    Some((_, part)) if parts.is_empty() => c.send_recv(part),
+                    _ => Err(RuntimeError::InvalidArgument(
+                        "one point-to-point part per process".into(),
+                    )),
+                }
+            }
+        }
+        .map_err(gpu_error)
+    }
+
     /// The GPU of this process that runs the single-GPU reference.
     fn first(&self) -> &Gpu {
         &self.gpus[0].1

@@ -13,12 +13,13 @@
 //! - `full` on softmax attention: the attention kernel with a query offset, so masks see
 //!   global positions while memory stays local;
 //! - `prefix_combine`: the element-wise combine kernel; `place`: device copies; `all_gather`:
-//!   one NCCL all-gather over the regions.
+//!   one NCCL all-gather over the regions; `send_recv`: NCCL sends and receives.
 //!
 //! Steps of a rank run in plan order on its GPU's one stream, which satisfies every event
 //! of the plan (plan order is a topological order); what the plan would overlap runs one
-//! after another. Schemes whose steps have no lowering (Ring, TokenRing and their merges,
-//! Ulysses' rearranges, LASP-1's sends) are refused before anything runs.
+//! after another. Sends and receives (LASP-1) go as NCCL groups of matched pairs
+//! ([`schedule`]). Schemes whose steps have no lowering (Ring, TokenRing and their merges,
+//! Ulysses' rearranges) are refused before anything runs.
 
 use crate::cli::CliError;
 use crate::gpu::{error_parts, from_bits, gpu_error, to_bits, Inputs, Ranks};
@@ -34,6 +35,7 @@ use einattn_backends::tile::linear::{lightning_part, Part};
 use einattn_backends::tile::{AbiRole, Elem};
 use einattn_backends::{print_ptx, PtxKernel};
 use einattn_ir::cascade::Cascade;
+use einattn_runtime::nccl::P2pPart;
 use einattn_runtime::{DeviceBuffer, Gpu, Kernel, KernelArg, LaunchDims};
 use std::collections::HashMap;
 
@@ -58,7 +60,7 @@ pub fn check_lowerable(plan: &Plan, lowering: &Lowering) -> Result<(), CliError>
                     (phase, _) => Some(format!("a `{phase:?}` kernel of this family")),
                 },
                 Step::AllGather { .. } | Step::PrefixCombine { .. } | Step::Place { .. } => None,
-                Step::SendRecv { .. } => Some("point-to-point sends".to_string()),
+                Step::SendRecv { .. } => None,
                 Step::AllToAll { .. } => Some("all-to-all".to_string()),
                 Step::AllReduce { .. } | Step::ReduceScatter { .. } => {
                     Some("reductions".to_string())
@@ -69,7 +71,7 @@ pub fn check_lowerable(plan: &Plan, lowering: &Lowering) -> Result<(), CliError>
             if let Some(what) = what {
                 return Err(plan_error(format!(
                     "scheme `{}` needs {what}, which the GPU executor does not lower yet \
-                     (it runs lasp2 and allgather_kv[_zigzag]; choose one with --scheme)",
+                     (it runs lasp2, lasp1 and allgather_kv[_zigzag]; choose one with --scheme)",
                     plan.scheme
                 )));
             }
@@ -296,9 +298,9 @@ impl<'a, 'k> PlanExec<'a, 'k> {
         })
     }
 
-    /// Runs every rank's steps once, collectives in lockstep across the ranks driven here.
+    /// Runs every rank's steps once, in the order [`schedule`] gives.
     pub fn run(&mut self) -> Result<(), CliError> {
-        let steps: Vec<&Vec<Step>> = self
+        let steps: Vec<&[Step]> = self
             .execs
             .iter()
             .map(|e| {
@@ -306,31 +308,138 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                     .ranks
                     .iter()
                     .find(|x| x.rank as usize == e.rank)
-                    .map(|x| &x.steps)
+                    .map(|x| x.steps.as_slice())
                     .ok_or_else(|| plan_error(format!("no steps for rank {}", e.rank)))
             })
             .collect::<Result<_, _>>()?;
-        let mut pc = vec![0usize; steps.len()];
-        loop {
-            for i in 0..steps.len() {
-                while let Some(step) = steps[i].get(pc[i]).filter(|s| !s.is_collective()) {
-                    self.local_step(i, step)?;
-                    pc[i] += 1;
+        let ranks: Vec<usize> = self.execs.iter().map(|e| e.rank).collect();
+        for batch in schedule(&steps, &ranks)? {
+            match batch {
+                Batch::Local(i, k) => self.local_step(i, &steps[i][k])?,
+                Batch::Collective(at) => {
+                    let group: Vec<&Step> = at.iter().map(|&(i, k)| &steps[i][k]).collect();
+                    self.all_gather(&group)?
                 }
-            }
-            let at: Vec<Option<&Step>> = (0..steps.len()).map(|i| steps[i].get(pc[i])).collect();
-            if at.iter().all(|s| s.is_none()) {
-                return Ok(());
-            }
-            let collective: Vec<&Step> = at.iter().flatten().copied().collect();
-            if collective.len() != at.len() {
-                return Err(plan_error("ranks disagree on their collectives"));
-            }
-            self.all_gather(&collective)?;
-            for p in pc.iter_mut() {
-                *p += 1;
+                Batch::PointToPoint(at) => self.send_recv(&steps, &at)?,
             }
         }
+        Ok(())
+    }
+
+    fn send_recv(&mut self, steps: &[&[Step]], at: &[(usize, usize)]) -> Result<(), CliError> {
+        // Receive buffers leave their maps while borrowed mutably next to the sends.
+        let mut taken: Vec<Option<(String, Buf)>> = Vec::new();
+        for &(i, k) in at {
+            let Step::SendRecv { recv, .. } = &steps[i][k] else {
+                return Err(plan_error("not a send/receive step"));
+            };
+            taken.push(match recv {
+                Some(r) => {
+                    let buf = self.execs[i]
+                        .buffers
+                        .remove(&r.region.buffer)
+                        .ok_or_else(|| plan_error(format!("no buffer `{}`", r.region.buffer)))?;
+                    Some((r.region.buffer.clone(), buf))
+                }
+                None => None,
+            });
+        }
+        let result = (|| {
+            let mut floats = Vec::new();
+            let mut halves = Vec::new();
+            for (&(i, k), slot) in at.iter().zip(taken.iter_mut()) {
+                let Step::SendRecv { send, recv, .. } = &steps[i][k] else {
+                    return Err(plan_error("not a send/receive step"));
+                };
+                let send_buf = match send {
+                    Some(s) => Some((
+                        self.execs[i].buffers.get(&s.region.buffer).ok_or_else(|| {
+                            plan_error(format!("no buffer `{}`", s.region.buffer))
+                        })?,
+                        s,
+                    )),
+                    None => None,
+                };
+                let recv_buf = slot.as_mut().map(|(_, b)| b).zip(recv.as_ref());
+                let is_half = matches!(send_buf.map(|x| x.0), Some(Buf::Half(_)))
+                    || matches!(recv_buf.as_ref().map(|x| &*x.0), Some(Buf::Half(_)));
+                if is_half {
+                    halves.push((
+                        i,
+                        P2pPart {
+                            send: match send_buf {
+                                Some((Buf::Half(b), s)) => Some((
+                                    b,
+                                    s.region.offset as usize,
+                                    s.region.count as usize,
+                                    s.peer as usize,
+                                )),
+                                Some(_) => {
+                                    return Err(plan_error("send and receive of different dtypes"))
+                                }
+                                None => None,
+                            },
+                            recv: match recv_buf {
+                                Some((Buf::Half(b), r)) => Some((
+                                    b,
+                                    r.region.offset as usize,
+                                    r.region.count as usize,
+                                    r.peer as usize,
+                                )),
+                                Some(_) => {
+                                    return Err(plan_error("send and receive of different dtypes"))
+                                }
+                                None => None,
+                            },
+                        },
+                    ));
+                } else {
+                    floats.push((
+                        i,
+                        P2pPart {
+                            send: match send_buf {
+                                Some((Buf::Float(b), s)) => Some((
+                                    b,
+                                    s.region.offset as usize,
+                                    s.region.count as usize,
+                                    s.peer as usize,
+                                )),
+                                Some(_) => {
+                                    return Err(plan_error("send and receive of different dtypes"))
+                                }
+                                None => None,
+                            },
+                            recv: match recv_buf {
+                                Some((Buf::Float(b), r)) => Some((
+                                    b,
+                                    r.region.offset as usize,
+                                    r.region.count as usize,
+                                    r.peer as usize,
+                                )),
+                                Some(_) => {
+                                    return Err(plan_error("send and receive of different dtypes"))
+                                }
+                                None => None,
+                            },
+                        },
+                    ));
+                }
+            }
+            if !halves.is_empty() && !floats.is_empty() {
+                return Err(plan_error("one point-to-point group of two dtypes"));
+            }
+            if halves.is_empty() {
+                self.ranks.send_recv(floats)
+            } else {
+                self.ranks.send_recv(halves)
+            }
+        })();
+        for (&(i, _), slot) in at.iter().zip(taken) {
+            if let Some((name, buf)) = slot {
+                self.execs[i].buffers.insert(name, buf);
+            }
+        }
+        result
     }
 
     fn all_gather(&mut self, steps: &[&Step]) -> Result<(), CliError> {
@@ -826,6 +935,96 @@ impl<'a, 'k> PlanExec<'a, 'k> {
     }
 }
 
+/// One unit of the executor's order: a local step of one driven rank (index, step), a
+/// collective every driven rank reaches together, or a group of matched sends and
+/// receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Batch {
+    Local(usize, usize),
+    Collective(Vec<(usize, usize)>),
+    PointToPoint(Vec<(usize, usize)>),
+}
+
+/// The order the executor runs the steps of the driven ranks (`ranks[i]` is the rank of
+/// `steps[i]`) in: each rank's local steps as far as they go; a collective once every
+/// driven rank has reached one; sends and receives in groups where every send meets its
+/// peer's receive (all of them at once when one process drives a single rank, as NCCL
+/// matches them across processes). A plan whose ranks cannot all progress is refused.
+pub fn schedule(steps: &[&[Step]], ranks: &[usize]) -> Result<Vec<Batch>, CliError> {
+    let n = steps.len();
+    let mut pc = vec![0usize; n];
+    let mut out = Vec::new();
+    let blocking = |s: &Step| s.is_collective() || matches!(s, Step::SendRecv { .. });
+    loop {
+        for i in 0..n {
+            while let Some(step) = steps[i].get(pc[i]).filter(|s| !blocking(s)) {
+                let _ = step;
+                out.push(Batch::Local(i, pc[i]));
+                pc[i] += 1;
+            }
+        }
+        let at: Vec<Option<&Step>> = (0..n).map(|i| steps[i].get(pc[i])).collect();
+        if at.iter().all(Option::is_none) {
+            return Ok(out);
+        }
+        if at.iter().all(|s| s.is_some_and(Step::is_collective)) {
+            out.push(Batch::Collective((0..n).map(|i| (i, pc[i])).collect()));
+            pc.iter_mut().for_each(|p| *p += 1);
+            continue;
+        }
+        // Pending point-to-point steps: (driven index, peer it sends to, peer it receives from).
+        let pending: Vec<(usize, Option<usize>, Option<usize>)> = (0..n)
+            .filter_map(|i| match at[i] {
+                Some(Step::SendRecv { send, recv, .. }) => Some((
+                    i,
+                    send.as_ref().map(|s| s.peer as usize),
+                    recv.as_ref().map(|r| r.peer as usize),
+                )),
+                _ => None,
+            })
+            .collect();
+        let index_of = |rank: usize| ranks.iter().position(|&r| r == rank);
+        let ready: Vec<usize> = if n == 1 {
+            pending.iter().map(|p| p.0).collect()
+        } else {
+            pending
+                .iter()
+                .filter(|&&(i, to, from)| {
+                    let meets = |peer: usize, sending: bool| {
+                        index_of(peer).is_some_and(|j| {
+                            pending.iter().any(|&(k, t, f)| {
+                                k == j
+                                    && if sending {
+                                        f == Some(ranks[i])
+                                    } else {
+                                        t == Some(ranks[i])
+                                    }
+                            })
+                        })
+                    };
+                    to.is_none_or(|p| meets(p, true)) && from.is_none_or(|p| meets(p, false))
+                })
+                .map(|p| p.0)
+                .collect()
+        };
+        if ready.is_empty() {
+            let where_: Vec<String> = (0..n)
+                .map(|i| format!("rank {} at step {}", ranks[i], pc[i]))
+                .collect();
+            return Err(plan_error(format!(
+                "the ranks cannot progress: {}",
+                where_.join(", ")
+            )));
+        }
+        out.push(Batch::PointToPoint(
+            ready.iter().map(|&i| (i, pc[i])).collect(),
+        ));
+        for i in ready {
+            pc[i] += 1;
+        }
+    }
+}
+
 /// How a linear kernel's window of `len` tokens is cut: `(chunks, tiles per chunk)`.
 /// Enough chunks that the state pass has about two CTAs per SM to stream K and V; a count
 /// that divides the window's tiles, since the combine uses one decay for every chunk.
@@ -1053,6 +1252,77 @@ mod tests {
                 let report = assemble(&ptxas, &text, "sm_80")
                     .unwrap_or_else(|e| panic!("{file} {entry}: {e}"));
                 assert!(!report.spills(), "{file} {entry}: {report:?}");
+            }
+        }
+    }
+
+    /// Every step once, collectives together, every send with its receive, for the
+    /// lowered schemes at several device counts, driven from one process or one rank each.
+    #[test]
+    fn schedules_cover_every_step_and_pair_every_send() {
+        for (file, n, schemes) in [
+            ("examples/lightning.ein", 3072u64, vec!["lasp2", "lasp1"]),
+            (
+                "examples/attention_causal.ein",
+                4096,
+                vec!["allgather_kv_zigzag", "allgather_kv"],
+            ),
+        ] {
+            let (cascade, _) = compiled(file, &[("N", n)]);
+            for scheme in schemes {
+                for p in [2u64, 3, 4, 8] {
+                    let mut options = SpOptions::new(p);
+                    options.scheme = Some(scheme.to_string());
+                    let Ok((_, plan)) = plan_cascade(&cascade, &options) else {
+                        assert!(p == 3 || p == 8, "{file} {scheme} P={p} should plan");
+                        continue;
+                    };
+                    let steps: Vec<&[Step]> =
+                        plan.ranks.iter().map(|r| r.steps.as_slice()).collect();
+                    let ranks: Vec<usize> = plan.ranks.iter().map(|r| r.rank as usize).collect();
+                    let order = schedule(&steps, &ranks)
+                        .map_err(|e| e.message)
+                        .unwrap_or_else(|e| panic!("{file} {scheme} P={p}: {e}"));
+                    let mut seen: Vec<Vec<bool>> =
+                        steps.iter().map(|s| vec![false; s.len()]).collect();
+                    let mut next = vec![0usize; steps.len()];
+                    for batch in &order {
+                        let at: Vec<(usize, usize)> = match batch {
+                            Batch::Local(i, k) => vec![(*i, *k)],
+                            Batch::Collective(at) => {
+                                assert_eq!(at.len(), steps.len(), "a collective on every rank");
+                                at.clone()
+                            }
+                            Batch::PointToPoint(at) => {
+                                // Each send in the group meets a receive from its sender.
+                                for &(i, k) in at {
+                                    if let Step::SendRecv { send: Some(s), .. } = &steps[i][k] {
+                                        let j = s.peer as usize;
+                                        assert!(at.iter().any(|&(x, y)| x == j
+                                            && matches!(&steps[x][y], Step::SendRecv { recv: Some(r), .. } if r.peer as usize == ranks[i])));
+                                    }
+                                }
+                                at.clone()
+                            }
+                        };
+                        for (i, k) in at {
+                            assert_eq!(k, next[i], "{scheme} P={p}: rank {i} out of order");
+                            seen[i][k] = true;
+                            next[i] += 1;
+                        }
+                    }
+                    assert!(
+                        seen.iter().flatten().all(|&x| x),
+                        "{scheme} P={p}: steps left"
+                    );
+                    // One process per GPU: each rank alone schedules all its steps.
+                    for (i, s) in steps.iter().enumerate() {
+                        let alone = schedule(&[s], &[ranks[i]])
+                            .map_err(|e| e.message)
+                            .expect("alone");
+                        assert_eq!(alone.len(), s.len());
+                    }
+                }
             }
         }
     }

@@ -85,6 +85,55 @@ fn gather_region<T: crate::Element>(
     Ok(())
 }
 
+/// One rank's part of a point-to-point exchange: optionally `(buffer, offset, count, peer)`
+/// to send, optionally one to receive into.
+pub struct P2pPart<'a, T: crate::Element> {
+    pub send: Option<(&'a DeviceBuffer<T>, usize, usize, usize)>,
+    pub recv: Option<(&'a mut DeviceBuffer<T>, usize, usize, usize)>,
+}
+
+fn check_p2p<T: crate::Element>(p: usize, part: &P2pPart<'_, T>) -> Result<()> {
+    let bad = |(len, offset, count, peer): (usize, usize, usize, usize)| {
+        offset + count > len || peer >= p
+    };
+    if part
+        .send
+        .as_ref()
+        .is_some_and(|s| bad((s.0.len(), s.1, s.2, s.3)))
+        || part
+            .recv
+            .as_ref()
+            .is_some_and(|r| bad((r.0.len(), r.1, r.2, r.3)))
+    {
+        return Err(RuntimeError::InvalidArgument(
+            "a send or receive outside its buffer or to a rank that does not exist".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Enqueues one rank's sends and receives (checked by [`check_p2p`]), as bytes.
+fn enqueue_p2p<T: crate::Element>(comm: &Comm, part: P2pPart<'_, T>) -> Result<()> {
+    let size = std::mem::size_of::<T::Repr>();
+    if let Some((buf, offset, count, peer)) = part.send {
+        let view = buf.slice.slice(offset..offset + count);
+        // SAFETY: plain element data viewed as its bytes; the range was checked.
+        let bytes = unsafe { view.transmute::<u8>(count * size) }
+            .ok_or_else(|| RuntimeError::InvalidArgument("buffer views out of range".into()))?;
+        comm.send(&bytes, peer as i32)
+            .map_err(|e| nccl_err("send", e))?;
+    }
+    if let Some((buf, offset, count, peer)) = part.recv {
+        let mut view = buf.slice.slice_mut(offset..offset + count);
+        // SAFETY: as above.
+        let mut bytes = unsafe { view.transmute_mut::<u8>(count * size) }
+            .ok_or_else(|| RuntimeError::InvalidArgument("buffer views out of range".into()))?;
+        comm.recv(&mut bytes, peer as i32)
+            .map_err(|e| nccl_err("receive", e))?;
+    }
+    Ok(())
+}
+
 /// One rank's buffers of an all-gather over element ranges: `(send, send_offset, recv,
 /// recv_offset)`.
 pub type GatherPart<'a, T> = (&'a DeviceBuffer<T>, usize, &'a mut DeviceBuffer<T>, usize);
@@ -125,6 +174,24 @@ impl NcclGroup {
         nccl::group_start().map_err(|e| nccl_err("starting a group", e))?;
         for (comm, part) in self.comms.iter().zip(parts) {
             gather_region(comm, part, count)?;
+        }
+        nccl::group_end().map_err(|e| nccl_err("ending a group", e))?;
+        Ok(())
+    }
+
+    /// Sends and receives of some ranks (`(rank, part)`), in one NCCL group so that every
+    /// send meets its receive.
+    pub fn send_recv<T: crate::Element>(&self, parts: Vec<(usize, P2pPart<'_, T>)>) -> Result<()> {
+        let p = self.comms.len();
+        for (r, part) in &parts {
+            if *r >= p {
+                return Err(RuntimeError::InvalidArgument(format!("no rank {r}")));
+            }
+            check_p2p(p, part)?;
+        }
+        nccl::group_start().map_err(|e| nccl_err("starting a group", e))?;
+        for (r, part) in parts {
+            enqueue_p2p(&self.comms[r], part)?;
         }
         nccl::group_end().map_err(|e| nccl_err("ending a group", e))?;
         Ok(())
@@ -190,6 +257,15 @@ impl NcclRank {
     ) -> Result<()> {
         check_region(self.world_size(), &part, count)?;
         gather_region(&self.comm, part, count)
+    }
+
+    /// This rank's sends and receives, in one NCCL group.
+    pub fn send_recv<T: crate::Element>(&self, part: P2pPart<'_, T>) -> Result<()> {
+        check_p2p(self.world_size(), &part)?;
+        nccl::group_start().map_err(|e| nccl_err("starting a group", e))?;
+        let result = enqueue_p2p(&self.comm, part);
+        nccl::group_end().map_err(|e| nccl_err("ending a group", e))?;
+        result
     }
 
     /// Element-wise sum of `values` over all ranks, on the host: for combining per-rank error

@@ -37,12 +37,15 @@ pub struct Scheme {
 
 impl SchemeKind {
     /// Whether the GPU executor lowers this scheme's plans to kernels einattn generates:
-    /// LASP-2 (state-only and prefix-start linear kernels, an element-wise combine) and the
-    /// all-gather of K/V (the attention kernel with a query offset). Ring and TokenRing
-    /// need partial kernels with merge statistics and Ulysses a layout kernel, which have
-    /// no GPU lowering yet; LASP-1 needs point-to-point sends in the executor.
+    /// LASP-2 and LASP-1 (state-only and prefix-start linear kernels, an element-wise
+    /// combine, an all-gather or sends) and the all-gather of K/V (the attention kernel
+    /// with a query offset). Ring and TokenRing need partial kernels with merge statistics
+    /// and Ulysses a layout kernel, which have no GPU lowering yet.
     pub fn runs_on_gpu(self) -> bool {
-        matches!(self, SchemeKind::Lasp2 | SchemeKind::AllGatherKv)
+        matches!(
+            self,
+            SchemeKind::Lasp2 | SchemeKind::Lasp1 | SchemeKind::AllGatherKv
+        )
     }
 }
 
