@@ -546,9 +546,15 @@ pub fn bench(
     args: &KernelArgs,
     reps: usize,
     format: ReportFormat,
+    sp: &SpArgs,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
     let (cascade, kernel) = build_kernel(&source, defines, args)?;
+    if let Some(options) = sp.options() {
+        let (_, plan) = einattn_backends::plan::plan_cascade(&cascade, &options)
+            .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
+        return crate::gpu::bench_sp(&cascade, &kernel, &plan, reps, format);
+    }
     match &kernel {
         Kernel::Attention(k) => crate::gpu::bench(&cascade, k, reps, format),
         Kernel::Linear(k) => crate::gpu::bench_linear(&cascade, k, reps, format),

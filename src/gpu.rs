@@ -817,6 +817,68 @@ pub fn check_sp(
     summary.report(&ranks, &compare, single, reference)
 }
 
+/// `einattn bench FILE --sp P`: times `plan` on the GPUs (median of `reps`) without a
+/// reference, so sizes past one GPU's or one host's memory run: every rank draws its own
+/// slices of the sequence inputs and only the parameters come from the host. Prints the
+/// cost model's prediction next to the measurement.
+pub fn bench_sp(
+    cascade: &Cascade,
+    kernel: &crate::cli::Kernel,
+    plan: &einattn_backends::plan::Plan,
+    reps: usize,
+    format: ReportFormat,
+) -> Result<String, CliError> {
+    use crate::cli::Kernel;
+    use crate::plan_gpu::{Lowering, PlanExec};
+    let lowering = match kernel {
+        Kernel::Linear(k) => Lowering::Linear(k),
+        Kernel::Attention(k) => Lowering::Attention(k),
+    };
+    let ranks = Ranks::open(plan.world_size as usize)?;
+    let params = einattn_ir::interp::random_inputs_of(cascade, 0, |t| {
+        t.kind == einattn_ir::cascade::TensorKind::Param
+    });
+    let device = ranks.first().name().map_err(gpu_error)?;
+    let mut exec = PlanExec::new(plan, &ranks, lowering, cascade, &params)?;
+    exec.run()?;
+    let ms = time_plan_reps(&ranks, &mut || exec.run(), reps)?;
+    let (rate, unit) = match kernel {
+        Kernel::Linear(k) => (
+            (k.matched.batch * k.matched.n) as f64 / (ms * 1e-3) / 1e6,
+            "Mtok/s",
+        ),
+        Kernel::Attention(k) => (
+            attention_flops(&k.schedule.matched) / (ms * 1e-3) / 1e12,
+            "TFLOP/s",
+        ),
+    };
+    if !ranks.leader() {
+        return Ok(String::new());
+    }
+    let value = json!({
+        "device": device, "devices": plan.world_size, "launcher": ranks.launcher(),
+        "cascade": cascade.name, "scheme": plan.scheme, "tokens": plan.sequence.tokens,
+        "median_ms": ms, "reps": reps, "rate": rate, "rate_unit": unit,
+        "predicted_ms": plan.predicted_ms, "measured_over_predicted": ms / plan.predicted_ms,
+    });
+    Ok(match format {
+        ReportFormat::Json => {
+            serde_json::to_string_pretty(&value)
+                .map_err(|e| CliError::input(format!("error: {e}")))?
+                + "\n"
+        }
+        ReportFormat::Text => format!(
+            "devices: {} x {device} ({})\nplan: {} over {} tokens\nmedian {ms:.4} ms over {reps} runs ({rate:.1} {unit})\ncost model: predicted {:.4} ms; measured / predicted = {:.3}\n",
+            plan.world_size,
+            ranks.launcher(),
+            plan.scheme,
+            plan.sequence.tokens,
+            plan.predicted_ms,
+            ms / plan.predicted_ms
+        ),
+    })
+}
+
 /// FLOPs of the attention the masks leave (4 per visible score and head dim).
 fn attention_flops(m: &einattn_backends::schedule::AttentionMatch) -> f64 {
     let n = m.n_k as i64;
@@ -854,7 +916,7 @@ fn single_gpu_result(
         .iter()
         .map(|&b| from_bits(elem, b))
         .collect();
-    let ms = time_plan(&[gpu], run)?;
+    let ms = time_plan(&[gpu], run, 20)?;
     Ok((got, ms))
 }
 
@@ -1092,8 +1154,7 @@ impl Ranks {
     }
 
     fn time(&self, run: &mut dyn FnMut() -> Result<(), CliError>) -> Result<f64, CliError> {
-        let gpus: Vec<&Gpu> = self.gpus.iter().map(|(_, g)| g).collect();
-        time_plan(&gpus, run)
+        time_plan_reps(self, run, 20)
     }
 }
 
@@ -1105,10 +1166,21 @@ pub(crate) fn error_parts(pairs: impl Iterator<Item = (f64, f64)>) -> [f64; 2] {
     })
 }
 
-/// Median wall time of a multi-GPU plan: every GPU synchronized before and after each run.
+fn time_plan_reps(
+    ranks: &Ranks,
+    run: &mut dyn FnMut() -> Result<(), CliError>,
+    reps: usize,
+) -> Result<f64, CliError> {
+    let gpus: Vec<&Gpu> = ranks.gpus.iter().map(|(_, g)| g).collect();
+    time_plan(&gpus, run, reps)
+}
+
+/// Median wall time of a multi-GPU plan over `reps` runs: every GPU synchronized before and
+/// after each run.
 fn time_plan(
     gpus: &[&Gpu],
     run: &mut dyn FnMut() -> Result<(), CliError>,
+    reps: usize,
 ) -> Result<f64, CliError> {
     let sync = || -> Result<(), CliError> {
         for g in gpus {
@@ -1120,7 +1192,7 @@ fn time_plan(
         run()?;
     }
     let mut ms = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..reps.max(1) {
         sync()?;
         let t0 = std::time::Instant::now();
         run()?;

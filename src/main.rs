@@ -100,6 +100,9 @@ enum Command {
         reps: usize,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        /// Time the plan for P GPUs instead (each rank draws its own inputs; no reference).
+        #[command(flatten)]
+        sp: SpFlags,
     },
 }
 
@@ -336,6 +339,7 @@ fn execute(args: Args) -> Result<(), CliError> {
             kernel,
             reps,
             format,
+            sp,
         } => {
             let format = match format {
                 Format::Text => ReportFormat::Text,
@@ -343,7 +347,14 @@ fn execute(args: Args) -> Result<(), CliError> {
             };
             say!(
                 "{}",
-                cli::bench(&file, &define, &kernel.into_args(), reps.max(1), format)?
+                cli::bench(
+                    &file,
+                    &define,
+                    &kernel.into_args(),
+                    reps.max(1),
+                    format,
+                    &sp.into_args()
+                )?
             );
         }
     }

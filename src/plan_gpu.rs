@@ -232,7 +232,7 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                 },
             };
             let mut buffers = HashMap::new();
-            for b in &rp.buffers {
+            for (bi, b) in rp.buffers.iter().enumerate() {
                 let n = b.elements as usize;
                 let elem = elem_of(&b.dtype)?;
                 // Constant buffers fill on the device; pieces are assembled on the host.
@@ -248,6 +248,23 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                     };
                     buffers.insert(b.name.clone(), buf);
                     continue;
+                }
+                // `bench --sp` leaves the sequence inputs out of `host`: a rank draws its
+                // pieces itself (uniform in [-1, 1)), so no host holds the whole problem.
+                let absent = |name: &str| {
+                    cascade.tensor_by_name(name).is_some_and(|t| {
+                        !host.contains_key(&t) && cascade.tensors[t].default.is_none()
+                    })
+                };
+                if let BufferInit::Pieces { pieces } = &b.init {
+                    if let (Some(e), true) = (elem, pieces.iter().all(|p| absent(&p.tensor))) {
+                        let bits = drawn_bits(e, n, ((r as u64) << 32) | bi as u64);
+                        buffers.insert(
+                            b.name.clone(),
+                            Buf::Half(gpu.upload(&bits).map_err(gpu_error)?),
+                        );
+                        continue;
+                    }
                 }
                 let mut values = vec![f64::NAN; n];
                 if let BufferInit::Pieces { pieces } = &b.init {
@@ -1085,6 +1102,27 @@ pub fn lowered_ptx(plan: &Plan, lowering: &Lowering) -> Result<Vec<(String, Stri
     push("einattn_prefix_combine".into(), prefix_combine_ptx(target));
     push("einattn_chunk_decay".into(), chunk_decay_ptx(target));
     Ok(out)
+}
+
+/// `n` values uniform in [-1, 1) as 16-bit bits, drawn on every core from `seed`.
+fn drawn_bits(elem: Elem, n: usize, seed: u64) -> Vec<u16> {
+    use rand::{Rng, SeedableRng};
+    const BLOCK: usize = 1 << 16;
+    let mut out = vec![0u16; n];
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    let per_thread = n.div_ceil(BLOCK).div_ceil(threads).max(1) * BLOCK;
+    std::thread::scope(|scope| {
+        for (t, chunk) in out.chunks_mut(per_thread).enumerate() {
+            scope.spawn(move || {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(t as u64 + 1);
+                for x in chunk {
+                    *x = to_bits(elem, rng.random_range(-1.0..1.0));
+                }
+            });
+        }
+    });
+    out
 }
 
 fn launch_decay(

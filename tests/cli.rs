@@ -465,6 +465,20 @@ fn compile_sp_writes_a_runnable_plan_directory() {
     let run = einattn(&["run-plan", &ring_s]);
     assert_eq!(run.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&run.stderr).contains("does not lower"));
+    // bench --sp times the plan without a reference: exit 3 without GPUs.
+    let bench = einattn(&[
+        "bench",
+        "examples/lightning.ein",
+        "-D",
+        "N=2048",
+        "--sp",
+        "2",
+    ]);
+    match bench.status.code() {
+        Some(3) => {}
+        Some(0) => assert!(String::from_utf8_lossy(&bench.stdout).contains("predicted")),
+        other => panic!("exit {other:?}: {}", String::from_utf8_lossy(&bench.stderr)),
+    }
     let missing = einattn(&["run-plan", &dir.join("nothing").to_string_lossy()]);
     assert_eq!(missing.status.code(), Some(1));
     let _ = std::fs::remove_dir_all(&dir);

@@ -129,8 +129,21 @@ pub fn shape_of(cascade: &Cascade, tensor: Handle<Tensor>) -> Vec<usize> {
 /// window of that stream, so large inputs fill on every core and the values depend only
 /// on the seed.
 pub fn random_inputs(cascade: &Cascade, seed: u64) -> HashMap<Handle<Tensor>, TensorData> {
+    random_inputs_of(cascade, seed, |_| true)
+}
+
+/// [`random_inputs`] for the tensors `wanted` accepts (each draws the values it would
+/// draw there).
+pub fn random_inputs_of(
+    cascade: &Cascade,
+    seed: u64,
+    wanted: impl Fn(&Tensor) -> bool,
+) -> HashMap<Handle<Tensor>, TensorData> {
     let mut out = HashMap::new();
     for (j, (h, t)) in cascade.tensors.iter().enumerate() {
+        if !wanted(t) {
+            continue;
+        }
         let shape = shape_of(cascade, h);
         let n: usize = shape.iter().product();
         let range = match (t.kind, t.default) {
