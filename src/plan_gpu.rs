@@ -25,10 +25,11 @@ use crate::cli::CliError;
 use crate::gpu::{error_parts, from_bits, gpu_error, to_bits, Inputs, Ranks};
 use einattn_backends::compile::{CompiledKernel, CompiledLinear};
 use einattn_backends::plan::{
-    piece_runs, ArgRole, BufferInit, KernelArg as PlanArg, KernelStep, Phase, Plan, Region, Step,
+    piece_runs, ArgRole, BufferInit, KernelArg as PlanArg, KernelStep, PeerRegion, Phase, Plan,
+    Region, Step,
 };
 use einattn_backends::ptx::elementwise::{
-    chunk_decay_ptx, prefix_combine_ptx, ELEMENTWISE_THREADS,
+    chunk_decay_ptx, prefix_combine_ptx, rearrange_ptx, ELEMENTWISE_THREADS, REARRANGE_DIMS,
 };
 use einattn_backends::schedule::Layout;
 use einattn_backends::tile::linear::{lightning_part, Part};
@@ -55,18 +56,19 @@ pub fn check_lowerable(plan: &Plan, lowering: &Lowering) -> Result<(), CliError>
         for step in &rank.steps {
             let what = match step {
                 Step::Kernel(k) => match (k.phase, lowering) {
-                    (Phase::StateOnly | Phase::OutputWithPrefix, Lowering::Linear(_)) => None,
+                    (
+                        Phase::StateOnly | Phase::OutputWithPrefix | Phase::Full,
+                        Lowering::Linear(_),
+                    ) => None,
                     (Phase::Full, Lowering::Attention(_)) => None,
                     (phase, _) => Some(format!("a `{phase:?}` kernel of this family")),
                 },
                 Step::AllGather { .. } | Step::PrefixCombine { .. } | Step::Place { .. } => None,
-                Step::SendRecv { .. } => None,
-                Step::AllToAll { .. } => Some("all-to-all".to_string()),
+                Step::SendRecv { .. } | Step::AllToAll { .. } | Step::Rearrange { .. } => None,
                 Step::AllReduce { .. } | Step::ReduceScatter { .. } => {
                     Some("reductions".to_string())
                 }
                 Step::LseMerge { .. } => Some("merges of softmax statistics".to_string()),
-                Step::Rearrange { .. } => Some("rearranges".to_string()),
             };
             if let Some(what) = what {
                 return Err(plan_error(format!(
@@ -106,6 +108,10 @@ impl Buf {
 struct Loaded {
     combine: Kernel,
     decay: Kernel,
+    rearrange16: Kernel,
+    rearrange32: Kernel,
+    /// The single-pass linear kernel (Ulysses' `full` steps).
+    linear_whole: Option<(PtxKernel, Kernel)>,
     /// Per chunk length (tiles): the linear chunk-state and chunk-output kernels.
     linear: HashMap<u32, (PtxKernel, Kernel, PtxKernel, Kernel)>,
     attention: Option<(PtxKernel, Kernel)>,
@@ -166,17 +172,27 @@ fn elem_of(dtype: &str) -> Result<Option<Elem>, CliError> {
     })
 }
 
-/// Strides (batch, sequence, head) of a tensor stored like `layout` but with `local` of the
-/// `global` sequence positions: the dims outside the sequence shrink with it.
-fn local_strides(layout: &Layout, global: u64, local: u64) -> [u64; 3] {
-    let outer = layout.stride_seq * global;
-    [layout.stride_batch, layout.stride_seq, layout.stride_head].map(|s| {
-        if layout.stride_seq > 0 && s >= outer {
-            s / global * local
-        } else {
-            s
+/// Strides (batch, sequence, head) of a row-major piece of `local` shape of a tensor whose
+/// whole is `global` and is stored like `layout`: each stride of the whole names the dim
+/// it steps over (the product of the extents after it), and the piece's stride is the
+/// same product over its own extents. (Where extents of 1 make two dims step alike, both
+/// readings give the same stride.)
+fn local_strides(layout: &Layout, global: &[u64], local: &[u64]) -> Result<[u64; 3], CliError> {
+    let after = |shape: &[u64], k: usize| shape[k + 1..].iter().product::<u64>();
+    let mut out = [0u64; 3];
+    for (o, s) in out
+        .iter_mut()
+        .zip([layout.stride_batch, layout.stride_seq, layout.stride_head])
+    {
+        if s == 0 {
+            continue;
         }
-    })
+        let k = (0..global.len())
+            .find(|&k| after(global, k) == s)
+            .ok_or_else(|| plan_error(format!("stride {s} is not a dim of {global:?}")))?;
+        *o = after(local, k);
+    }
+    Ok(out)
 }
 
 const LOG2_E: f64 = std::f64::consts::LOG2_E;
@@ -215,7 +231,25 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                 decay: gpu
                     .load_ptx(&chunk_decay_ptx(target), "einattn_chunk_decay")
                     .map_err(gpu_error)?,
+                rearrange16: gpu
+                    .load_ptx(&rearrange_ptx(target, 16), "einattn_rearrange_b16")
+                    .map_err(gpu_error)?,
+                rearrange32: gpu
+                    .load_ptx(&rearrange_ptx(target, 32), "einattn_rearrange_b32")
+                    .map_err(gpu_error)?,
                 linear: HashMap::new(),
+                linear_whole: match &lowering {
+                    Lowering::Linear(lin) => {
+                        let (prog, _) =
+                            lightning_part(&lin.matched.spec, &lin.schedule, Part::Whole)
+                                .map_err(|e| plan_error(e.to_string()))?;
+                        let ptx =
+                            print_ptx(&prog, target).map_err(|e| plan_error(e.to_string()))?;
+                        let kernel = gpu.load_ptx(&ptx.text, &ptx.entry).map_err(gpu_error)?;
+                        Some((ptx, kernel))
+                    }
+                    Lowering::Attention(_) => None,
+                },
                 attention: match &lowering {
                     Lowering::Attention(k) => {
                         let mut spec = k.schedule.matched.spec.clone();
@@ -333,10 +367,13 @@ impl<'a, 'k> PlanExec<'a, 'k> {
         for batch in schedule(&steps, &ranks)? {
             match batch {
                 Batch::Local(i, k) => self.local_step(i, &steps[i][k])?,
-                Batch::Collective(at) => {
-                    let group: Vec<&Step> = at.iter().map(|&(i, k)| &steps[i][k]).collect();
-                    self.all_gather(&group)?
-                }
+                Batch::Collective(at) => match &steps[at[0].0][at[0].1] {
+                    Step::AllToAll { .. } => self.all_to_all(&steps, &at)?,
+                    _ => {
+                        let group: Vec<&Step> = at.iter().map(|&(i, k)| &steps[i][k]).collect();
+                        self.all_gather(&group)?
+                    }
+                },
                 Batch::PointToPoint(at) => self.send_recv(&steps, &at)?,
             }
         }
@@ -364,6 +401,13 @@ impl<'a, 'k> PlanExec<'a, 'k> {
         let result = (|| {
             let mut floats = Vec::new();
             let mut halves = Vec::new();
+            let block = |r: &PeerRegion| {
+                vec![(
+                    r.region.offset as usize,
+                    r.region.count as usize,
+                    r.peer as usize,
+                )]
+            };
             for (&(i, k), slot) in at.iter().zip(taken.iter_mut()) {
                 let Step::SendRecv { send, recv, .. } = &steps[i][k] else {
                     return Err(plan_error("not a send/receive step"));
@@ -373,73 +417,45 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                         self.execs[i].buffers.get(&s.region.buffer).ok_or_else(|| {
                             plan_error(format!("no buffer `{}`", s.region.buffer))
                         })?,
-                        s,
+                        block(s),
                     )),
                     None => None,
                 };
-                let recv_buf = slot.as_mut().map(|(_, b)| b).zip(recv.as_ref());
-                let is_half = matches!(send_buf.map(|x| x.0), Some(Buf::Half(_)))
-                    || matches!(recv_buf.as_ref().map(|x| &*x.0), Some(Buf::Half(_)));
-                if is_half {
-                    halves.push((
+                let recv_buf = slot.as_mut().map(|(_, b)| b).zip(recv.as_ref().map(block));
+                match (send_buf, recv_buf) {
+                    (
+                        s @ (None | Some((Buf::Half(_), _))),
+                        r @ (None | Some((Buf::Half(_), _))),
+                    ) => halves.push((
                         i,
                         P2pPart {
-                            send: match send_buf {
-                                Some((Buf::Half(b), s)) => Some((
-                                    b,
-                                    s.region.offset as usize,
-                                    s.region.count as usize,
-                                    s.peer as usize,
-                                )),
-                                Some(_) => {
-                                    return Err(plan_error("send and receive of different dtypes"))
-                                }
-                                None => None,
-                            },
-                            recv: match recv_buf {
-                                Some((Buf::Half(b), r)) => Some((
-                                    b,
-                                    r.region.offset as usize,
-                                    r.region.count as usize,
-                                    r.peer as usize,
-                                )),
-                                Some(_) => {
-                                    return Err(plan_error("send and receive of different dtypes"))
-                                }
-                                None => None,
-                            },
+                            send: s.and_then(|(b, x)| match b {
+                                Buf::Half(b) => Some((b, x)),
+                                Buf::Float(_) => None,
+                            }),
+                            recv: r.and_then(|(b, x)| match b {
+                                Buf::Half(b) => Some((b, x)),
+                                Buf::Float(_) => None,
+                            }),
                         },
-                    ));
-                } else {
-                    floats.push((
+                    )),
+                    (
+                        s @ (None | Some((Buf::Float(_), _))),
+                        r @ (None | Some((Buf::Float(_), _))),
+                    ) => floats.push((
                         i,
                         P2pPart {
-                            send: match send_buf {
-                                Some((Buf::Float(b), s)) => Some((
-                                    b,
-                                    s.region.offset as usize,
-                                    s.region.count as usize,
-                                    s.peer as usize,
-                                )),
-                                Some(_) => {
-                                    return Err(plan_error("send and receive of different dtypes"))
-                                }
-                                None => None,
-                            },
-                            recv: match recv_buf {
-                                Some((Buf::Float(b), r)) => Some((
-                                    b,
-                                    r.region.offset as usize,
-                                    r.region.count as usize,
-                                    r.peer as usize,
-                                )),
-                                Some(_) => {
-                                    return Err(plan_error("send and receive of different dtypes"))
-                                }
-                                None => None,
-                            },
+                            send: s.and_then(|(b, x)| match b {
+                                Buf::Float(b) => Some((b, x)),
+                                Buf::Half(_) => None,
+                            }),
+                            recv: r.and_then(|(b, x)| match b {
+                                Buf::Float(b) => Some((b, x)),
+                                Buf::Half(_) => None,
+                            }),
                         },
-                    ));
+                    )),
+                    _ => return Err(plan_error("send and receive of different dtypes")),
                 }
             }
             if !halves.is_empty() && !floats.is_empty() {
@@ -455,6 +471,91 @@ impl<'a, 'k> PlanExec<'a, 'k> {
             if let Some((name, buf)) = slot {
                 self.execs[i].buffers.insert(name, buf);
             }
+        }
+        result
+    }
+
+    /// All-to-all as one group of sends and receives (block `q` of `send` to rank `q`,
+    /// block `q` of `recv` from rank `q`); a rank's own block is a device copy.
+    fn all_to_all(&mut self, steps: &[&[Step]], at: &[(usize, usize)]) -> Result<(), CliError> {
+        let world = self.plan.world_size as usize;
+        let mut taken = Vec::new();
+        for &(i, k) in at {
+            let Step::AllToAll { recv, .. } = &steps[i][k] else {
+                return Err(plan_error("ranks disagree on their collectives"));
+            };
+            let buf = self.execs[i]
+                .buffers
+                .remove(&recv.buffer)
+                .ok_or_else(|| plan_error(format!("no buffer `{}`", recv.buffer)))?;
+            taken.push((recv.buffer.clone(), buf));
+        }
+        let result = (|| {
+            let mut floats = Vec::new();
+            let mut halves = Vec::new();
+            for (&(i, k), (_, recv_buf)) in at.iter().zip(taken.iter_mut()) {
+                let Step::AllToAll {
+                    send,
+                    recv,
+                    count_per_peer,
+                    ..
+                } = &steps[i][k]
+                else {
+                    return Err(plan_error("ranks disagree on their collectives"));
+                };
+                let (r, cpp) = (self.execs[i].rank, *count_per_peer as usize);
+                let gpu = self.ranks.gpu_of(i);
+                let send_buf = self.execs[i]
+                    .buffers
+                    .get(&send.buffer)
+                    .ok_or_else(|| plan_error(format!("no buffer `{}`", send.buffer)))?;
+                let blocks = |base: u64| -> Vec<(usize, usize, usize)> {
+                    (0..world)
+                        .filter(|&q| q != r)
+                        .map(|q| (base as usize + q * cpp, cpp, q))
+                        .collect()
+                };
+                let own = (
+                    send.offset as usize + r * cpp,
+                    recv.offset as usize + r * cpp,
+                );
+                match (send_buf, recv_buf) {
+                    (Buf::Half(a), Buf::Half(b)) => {
+                        gpu.copy_within(a, own.0..own.0 + cpp, b, own.1)
+                            .map_err(gpu_error)?;
+                        halves.push((
+                            i,
+                            P2pPart {
+                                send: Some((a, blocks(send.offset))),
+                                recv: Some((b, blocks(recv.offset))),
+                            },
+                        ));
+                    }
+                    (Buf::Float(a), Buf::Float(b)) => {
+                        gpu.copy_within(a, own.0..own.0 + cpp, b, own.1)
+                            .map_err(gpu_error)?;
+                        floats.push((
+                            i,
+                            P2pPart {
+                                send: Some((a, blocks(send.offset))),
+                                recv: Some((b, blocks(recv.offset))),
+                            },
+                        ));
+                    }
+                    _ => return Err(plan_error("all-to-all between different dtypes")),
+                }
+            }
+            if !halves.is_empty() && !floats.is_empty() {
+                return Err(plan_error("one all-to-all of two dtypes"));
+            }
+            if halves.is_empty() {
+                self.ranks.send_recv(floats)
+            } else {
+                self.ranks.send_recv(halves)
+            }
+        })();
+        for (&(i, _), (name, buf)) in at.iter().zip(taken) {
+            self.execs[i].buffers.insert(name, buf);
         }
         result
     }
@@ -591,8 +692,61 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                 }
                 Ok(())
             }
+            Step::Rearrange {
+                src,
+                dst,
+                shape,
+                perm,
+                ..
+            } => {
+                if shape.len() > REARRANGE_DIMS || perm.len() != shape.len() {
+                    return Err(plan_error(format!(
+                        "a rearrange of {} dims (at most {REARRANGE_DIMS})",
+                        shape.len()
+                    )));
+                }
+                let n: u64 = shape.iter().product();
+                if src.count != n || dst.count != n {
+                    return Err(plan_error("a rearrange between regions of other sizes"));
+                }
+                // Row-major strides of the source; output dim a walks source dim perm[a].
+                let mut strides = vec![1u64; shape.len()];
+                for a in (0..shape.len().saturating_sub(1)).rev() {
+                    strides[a] = strides[a + 1] * shape[a + 1];
+                }
+                let pad = REARRANGE_DIMS - shape.len();
+                let out_shape = std::iter::repeat_n(1, pad).chain(perm.iter().map(|&a| shape[a]));
+                let src_stride =
+                    std::iter::repeat_n(0, pad).chain(perm.iter().map(|&a| strides[a]));
+                let e = &self.execs[i];
+                let half = matches!(e.buffers.get(&src.buffer), Some(Buf::Half(_)));
+                let kernel = if half {
+                    &e.loaded.rearrange16
+                } else {
+                    &e.loaded.rearrange32
+                };
+                let mut args = vec![
+                    KernelArg::Ptr(self.address(i, gpu, src, 0)?),
+                    KernelArg::Ptr(self.address(i, gpu, dst, 0)?),
+                    KernelArg::U64(n),
+                ];
+                args.extend(out_shape.map(KernelArg::U64));
+                args.extend(src_stride.map(KernelArg::U64));
+                gpu.launch(kernel, elementwise_dims(n), &args)
+                    .map_err(gpu_error)
+            }
             other => Err(plan_error(format!("no GPU lowering for {other:?}"))),
         }
+    }
+
+    /// The whole shape of a global tensor of the plan.
+    fn global_shape(&self, tensor: &str) -> Result<Vec<u64>, CliError> {
+        self.plan
+            .tensors
+            .iter()
+            .find(|t| t.name == tensor)
+            .map(|t| t.shape.clone())
+            .ok_or_else(|| plan_error(format!("no tensor `{tensor}` in the plan")))
     }
 
     /// The device address of `region` plus `extra` elements, checked against its buffer.
@@ -630,9 +784,10 @@ impl<'a, 'k> PlanExec<'a, 'k> {
         let (b_n, h_n) = (m.batch, m.heads);
         let slot = (b_n * h_n * d * e_dim) as usize;
         let window_key = (k.queries.start, len);
-        if let std::collections::hash_map::Entry::Vacant(v) =
-            self.execs[i].windows.entry(window_key)
-        {
+        if let (std::collections::hash_map::Entry::Vacant(v), false) = (
+            self.execs[i].windows.entry(window_key),
+            k.phase == Phase::Full,
+        ) {
             let (sub, chunk_tiles) = window_chunking(lin, len);
             v.insert(Window {
                 chunk_tiles,
@@ -644,10 +799,14 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                 has_states: false,
             });
         }
-        let chunk_tiles = self.execs[i].windows[&window_key].chunk_tiles;
-        if let std::collections::hash_map::Entry::Vacant(v) =
-            self.execs[i].loaded.linear.entry(chunk_tiles)
-        {
+        let chunk_tiles = self.execs[i]
+            .windows
+            .get(&window_key)
+            .map_or(0, |w| w.chunk_tiles);
+        if let (std::collections::hash_map::Entry::Vacant(v), false) = (
+            self.execs[i].loaded.linear.entry(chunk_tiles),
+            k.phase == Phase::Full,
+        ) {
             let build = |part| -> Result<PtxKernel, CliError> {
                 let (prog, _) = lightning_part(&m.spec, &lin.schedule, part)
                     .map_err(|e| plan_error(e.to_string()))?;
@@ -684,7 +843,48 @@ impl<'a, 'k> PlanExec<'a, 'k> {
             tensor_addr(&m.v, &[ArgRole::Input])?,
             tensor_addr(&m.o, &[ArgRole::Output])?,
         ];
-        let strides = [&m.q, &m.k, &m.v, &m.o].map(|l| local_strides(l, m.n, len));
+        let mut strides = [[0u64; 3]; 4];
+        for (st, (l, roles)) in strides.iter_mut().zip([
+            (&m.q, &[ArgRole::Input][..]),
+            (&m.k, &[ArgRole::Input][..]),
+            (&m.v, &[ArgRole::Input][..]),
+            (&m.o, &[ArgRole::Output][..]),
+        ]) {
+            if let Some(a) = Self::arg(k, &name(l), roles) {
+                *st = local_strides(l, &self.global_shape(&name(l))?, &a.shape)?;
+            }
+        }
+        if k.phase == Phase::Full {
+            // Ulysses: the single-pass kernel over the whole sequence on this rank's heads.
+            let heads = k.heads.map_or(h_n, |h| h.len);
+            let e = &self.execs[i];
+            let (ptx, kernel) = e
+                .loaded
+                .linear_whole
+                .as_ref()
+                .ok_or_else(|| plan_error("no single-pass linear kernel loaded"))?;
+            let args: Vec<KernelArg> = ptx
+                .abi
+                .iter()
+                .map(|p| match &p.role {
+                    AbiRole::TensorPtr(t) => KernelArg::Ptr(addrs[t.index()]),
+                    AbiRole::HeadParamPtr(_) => KernelArg::Ptr(rate_addr.unwrap_or(0)),
+                    AbiRole::QueryLen | AbiRole::KeyLen => KernelArg::U32(len as u32),
+                    AbiRole::Heads => KernelArg::U32(heads as u32),
+                    AbiRole::KvGroup => KernelArg::U32(1),
+                    AbiRole::StrideBatch(t) => KernelArg::U64(strides[t.index()][0]),
+                    AbiRole::StrideSeq(t) => KernelArg::U64(strides[t.index()][1]),
+                    AbiRole::StrideHead(t) => KernelArg::U64(strides[t.index()][2]),
+                    _ => KernelArg::U64(0),
+                })
+                .collect();
+            let dims = LaunchDims {
+                grid: ptx.grid(b_n as u32, heads as u32, len as u32),
+                block: (ptx.threads, 1, 1),
+                dynamic_smem_bytes: ptx.dynamic_smem_bytes,
+            };
+            return gpu.launch(kernel, dims, &args).map_err(gpu_error);
+        }
         // The window's scratch leaves its map while this step writes it.
         let mut w = self.execs[i]
             .windows
@@ -870,12 +1070,18 @@ impl<'a, 'k> PlanExec<'a, 'k> {
             region_of(&m.o, ArgRole::Output)?,
         ];
         let q_len = k.queries.len;
-        let strides = [
-            local_strides(&m.q, m.n_q, q_len),
-            local_strides(&m.k, m.n_k, m.n_k),
-            local_strides(&m.v, m.n_k, m.n_k),
-            local_strides(&m.o, m.n_q, q_len),
-        ];
+        let heads = k.heads.map_or(m.heads, |h| h.len);
+        let mut strides = [[0u64; 3]; 4];
+        for (st, (l, role)) in strides.iter_mut().zip([
+            (&m.q, ArgRole::Input),
+            (&m.k, ArgRole::Input),
+            (&m.v, ArgRole::Input),
+            (&m.o, ArgRole::Output),
+        ]) {
+            let a = Self::arg(k, &name(l), &[role])
+                .ok_or_else(|| plan_error(format!("{} has no `{}`", k.kernel, name(l))))?;
+            *st = local_strides(l, &self.global_shape(&name(l))?, &a.shape)?;
+        }
         let mut head_params = Vec::new();
         for &t in &m.head_params {
             let a = Self::arg(k, &self.cascade.tensors[t].name, &[ArgRole::Param])
@@ -896,7 +1102,7 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                 AbiRole::QueryOffset => KernelArg::U32(k.queries.start as u32),
                 AbiRole::QueryLen => KernelArg::U32(q_len as u32),
                 AbiRole::KeyLen => KernelArg::U32(m.n_k as u32),
-                AbiRole::Heads => KernelArg::U32(m.heads as u32),
+                AbiRole::Heads => KernelArg::U32(heads as u32),
                 AbiRole::KvGroup => KernelArg::U32(1),
                 AbiRole::StrideBatch(t) => KernelArg::U64(strides[t.index()][0]),
                 AbiRole::StrideSeq(t) => KernelArg::U64(strides[t.index()][1]),
@@ -906,7 +1112,7 @@ impl<'a, 'k> PlanExec<'a, 'k> {
             })
             .collect();
         let dims = LaunchDims {
-            grid: ptx.grid(m.batch as u32, m.heads as u32, q_len as u32),
+            grid: ptx.grid(m.batch as u32, heads as u32, q_len as u32),
             block: (ptx.threads, 1, 1),
             dynamic_smem_bytes: ptx.dynamic_smem_bytes,
         };
@@ -1076,10 +1282,15 @@ pub fn lowered_ptx(plan: &Plan, lowering: &Lowering) -> Result<Vec<(String, Stri
             match (step, lowering) {
                 (Step::Kernel(k), Lowering::Linear(lin)) => {
                     let (_, chunk_tiles) = window_chunking(lin, k.queries.len);
-                    for part in [
-                        Part::ChunkStates { chunk_tiles },
-                        Part::ChunkOutputs { chunk_tiles },
-                    ] {
+                    let parts = if k.phase == Phase::Full {
+                        vec![Part::Whole]
+                    } else {
+                        vec![
+                            Part::ChunkStates { chunk_tiles },
+                            Part::ChunkOutputs { chunk_tiles },
+                        ]
+                    };
+                    for part in parts {
                         let (prog, _) = lightning_part(&lin.matched.spec, &lin.schedule, part)
                             .map_err(|e| plan_error(e.to_string()))?;
                         let ptx =
@@ -1101,6 +1312,15 @@ pub fn lowered_ptx(plan: &Plan, lowering: &Lowering) -> Result<Vec<(String, Stri
     }
     push("einattn_prefix_combine".into(), prefix_combine_ptx(target));
     push("einattn_chunk_decay".into(), chunk_decay_ptx(target));
+    if plan
+        .ranks
+        .iter()
+        .flat_map(|r| &r.steps)
+        .any(|s| matches!(s, Step::Rearrange { .. }))
+    {
+        push("einattn_rearrange_b16".into(), rearrange_ptx(target, 16));
+        push("einattn_rearrange_b32".into(), rearrange_ptx(target, 32));
+    }
     Ok(out)
 }
 
@@ -1205,15 +1425,25 @@ mod tests {
     }
 
     #[test]
-    fn local_strides_shrink_only_the_dims_outside_the_sequence() {
-        // [B, N, H, d] with N = 64, H = 4, d = 8: batch shrinks with the window.
-        assert_eq!(
-            local_strides(&layout(64 * 32, 32, 8), 64, 16),
-            [16 * 32, 32, 8]
-        );
+    fn local_strides_follow_the_piece_shape() {
+        // [B, N, H, d] = [2, 64, 4, 8]: a 16-token window shrinks the batch stride.
+        let bnhd = layout(64 * 32, 32, 8);
+        let strides = local_strides(&bnhd, &[2, 64, 4, 8], &[2, 16, 4, 8]).ok();
+        assert_eq!(strides, Some([16 * 32, 32, 8]));
+        // Half the heads (Ulysses): the sequence stride shrinks too.
+        let strides = local_strides(&bnhd, &[2, 64, 4, 8], &[2, 64, 2, 8]).ok();
+        assert_eq!(strides, Some([64 * 16, 16, 8]));
         // [B, H, N, d]: batch and head are outside the sequence.
         let bhnd = layout(4 * 64 * 8, 8, 64 * 8);
-        assert_eq!(local_strides(&bhnd, 64, 16), [4 * 16 * 8, 8, 16 * 8]);
+        let strides = local_strides(&bhnd, &[2, 4, 64, 8], &[2, 4, 16, 8]).ok();
+        assert_eq!(strides, Some([4 * 16 * 8, 8, 16 * 8]));
+        // One head: head and sequence strides coincide in the whole and in the piece.
+        let one = layout(64 * 8, 8, 8);
+        assert_eq!(
+            local_strides(&one, &[1, 64, 1, 8], &[1, 16, 1, 8]).ok(),
+            Some([16 * 8, 8, 8])
+        );
+        assert!(local_strides(&layout(7, 1, 1), &[2, 3], &[2, 3]).is_err());
     }
 
     #[test]
@@ -1269,6 +1499,16 @@ mod tests {
                 vec![("N", 4096), ("D", 128)],
                 "allgather_kv_zigzag",
             ),
+            (
+                "examples/lightning.ein",
+                vec![("N", 4096), ("D", 128)],
+                "ulysses",
+            ),
+            (
+                "examples/attention_causal.ein",
+                vec![("N", 4096), ("D", 128)],
+                "ulysses",
+            ),
         ] {
             let (cascade, kernel) = compiled(file, &defines);
             let mut options = SpOptions::new(2);
@@ -1299,11 +1539,15 @@ mod tests {
     #[test]
     fn schedules_cover_every_step_and_pair_every_send() {
         for (file, n, schemes) in [
-            ("examples/lightning.ein", 3072u64, vec!["lasp2", "lasp1"]),
+            (
+                "examples/lightning.ein",
+                3072u64,
+                vec!["lasp2", "lasp1", "ulysses"],
+            ),
             (
                 "examples/attention_causal.ein",
                 4096,
-                vec!["allgather_kv_zigzag", "allgather_kv"],
+                vec!["allgather_kv_zigzag", "allgather_kv", "ulysses"],
             ),
         ] {
             let (cascade, _) = compiled(file, &[("N", n)]);
@@ -1312,7 +1556,11 @@ mod tests {
                     let mut options = SpOptions::new(p);
                     options.scheme = Some(scheme.to_string());
                     let Ok((_, plan)) = plan_cascade(&cascade, &options) else {
-                        assert!(p == 3 || p == 8, "{file} {scheme} P={p} should plan");
+                        // Zigzag needs 2P chunks; Ulysses needs P to divide the heads (2 here).
+                        assert!(
+                            p == 3 || p == 8 || scheme == "ulysses",
+                            "{file} {scheme} P={p}"
+                        );
                         continue;
                     };
                     let steps: Vec<&[Step]> =
@@ -1372,10 +1620,9 @@ mod tests {
             panic!("softmax attention")
         };
         let mut refused = 0;
-        for scheme in ["ring", "tokenring_zigzag", "ulysses"] {
+        for scheme in ["ring", "ring_zigzag", "tokenring", "tokenring_zigzag"] {
             let mut options = SpOptions::new(2);
             options.scheme = Some(scheme.to_string());
-            // Ulysses needs heads divisible by the devices; the others always plan here.
             let Ok((_, plan)) = plan_cascade(&cascade, &options) else {
                 continue;
             };
@@ -1386,9 +1633,14 @@ mod tests {
             assert!(err.message.contains("does not lower"), "{}", err.message);
         }
         assert!(refused >= 2, "only {refused} schemes planned");
-        let mut options = SpOptions::new(2);
-        options.scheme = Some("allgather_kv_zigzag".to_string());
-        let (_, plan) = plan_cascade(&cascade, &options).expect("plans");
-        assert!(check_lowerable(&plan, &Lowering::Attention(att)).is_ok());
+        for scheme in ["allgather_kv_zigzag", "ulysses"] {
+            let mut options = SpOptions::new(2);
+            options.scheme = Some(scheme.to_string());
+            let (_, plan) = plan_cascade(&cascade, &options).expect("plans");
+            assert!(
+                check_lowerable(&plan, &Lowering::Attention(att)).is_ok(),
+                "{scheme}"
+            );
+        }
     }
 }

@@ -85,25 +85,30 @@ fn gather_region<T: crate::Element>(
     Ok(())
 }
 
-/// One rank's part of a point-to-point exchange: optionally `(buffer, offset, count, peer)`
-/// to send, optionally one to receive into.
+/// Blocks of a buffer that go to or come from peers: `(offset, count, peer)` in elements.
+pub type PeerBlocks = Vec<(usize, usize, usize)>;
+
+/// One rank's part of a point-to-point exchange: blocks of one buffer to send, and blocks
+/// of one buffer to receive into.
 pub struct P2pPart<'a, T: crate::Element> {
-    pub send: Option<(&'a DeviceBuffer<T>, usize, usize, usize)>,
-    pub recv: Option<(&'a mut DeviceBuffer<T>, usize, usize, usize)>,
+    pub send: Option<(&'a DeviceBuffer<T>, PeerBlocks)>,
+    pub recv: Option<(&'a mut DeviceBuffer<T>, PeerBlocks)>,
 }
 
 fn check_p2p<T: crate::Element>(p: usize, part: &P2pPart<'_, T>) -> Result<()> {
-    let bad = |(len, offset, count, peer): (usize, usize, usize, usize)| {
-        offset + count > len || peer >= p
+    let bad = |len: usize, blocks: &[(usize, usize, usize)]| {
+        blocks
+            .iter()
+            .any(|&(offset, count, peer)| offset + count > len || peer >= p)
     };
     if part
         .send
         .as_ref()
-        .is_some_and(|s| bad((s.0.len(), s.1, s.2, s.3)))
+        .is_some_and(|(b, blocks)| bad(b.len(), blocks))
         || part
             .recv
             .as_ref()
-            .is_some_and(|r| bad((r.0.len(), r.1, r.2, r.3)))
+            .is_some_and(|(b, blocks)| bad(b.len(), blocks))
     {
         return Err(RuntimeError::InvalidArgument(
             "a send or receive outside its buffer or to a rank that does not exist".into(),
@@ -115,21 +120,25 @@ fn check_p2p<T: crate::Element>(p: usize, part: &P2pPart<'_, T>) -> Result<()> {
 /// Enqueues one rank's sends and receives (checked by [`check_p2p`]), as bytes.
 fn enqueue_p2p<T: crate::Element>(comm: &Comm, part: P2pPart<'_, T>) -> Result<()> {
     let size = std::mem::size_of::<T::Repr>();
-    if let Some((buf, offset, count, peer)) = part.send {
-        let view = buf.slice.slice(offset..offset + count);
-        // SAFETY: plain element data viewed as its bytes; the range was checked.
-        let bytes = unsafe { view.transmute::<u8>(count * size) }
-            .ok_or_else(|| RuntimeError::InvalidArgument("buffer views out of range".into()))?;
-        comm.send(&bytes, peer as i32)
-            .map_err(|e| nccl_err("send", e))?;
+    let out_of_range = || RuntimeError::InvalidArgument("buffer views out of range".into());
+    if let Some((buf, blocks)) = part.send {
+        for (offset, count, peer) in blocks {
+            let view = buf.slice.slice(offset..offset + count);
+            // SAFETY: plain element data viewed as its bytes; the range was checked.
+            let bytes = unsafe { view.transmute::<u8>(count * size) }.ok_or_else(out_of_range)?;
+            comm.send(&bytes, peer as i32)
+                .map_err(|e| nccl_err("send", e))?;
+        }
     }
-    if let Some((buf, offset, count, peer)) = part.recv {
-        let mut view = buf.slice.slice_mut(offset..offset + count);
-        // SAFETY: as above.
-        let mut bytes = unsafe { view.transmute_mut::<u8>(count * size) }
-            .ok_or_else(|| RuntimeError::InvalidArgument("buffer views out of range".into()))?;
-        comm.recv(&mut bytes, peer as i32)
-            .map_err(|e| nccl_err("receive", e))?;
+    if let Some((buf, blocks)) = part.recv {
+        for (offset, count, peer) in blocks {
+            let mut view = buf.slice.slice_mut(offset..offset + count);
+            // SAFETY: as above.
+            let mut bytes =
+                unsafe { view.transmute_mut::<u8>(count * size) }.ok_or_else(out_of_range)?;
+            comm.recv(&mut bytes, peer as i32)
+                .map_err(|e| nccl_err("receive", e))?;
+        }
     }
     Ok(())
 }

@@ -158,6 +158,98 @@ DONE:
     )
 }
 
+/// Dimensions [`rearrange_ptx`] handles (leading ones padded with extent 1).
+pub const REARRANGE_DIMS: usize = 6;
+
+/// `einattn_rearrange_b{16,32}`: `dst[i] = src[sum_a idx_a(i) * src_stride[a]]` for `i < n`,
+/// where `idx_a(i)` are the row-major indices of `i` over `out_shape` (the permuted shape):
+/// a transpose of elements of `bits` bits. Parameters: `src: u64, dst: u64, n: u64`, then
+/// `out_shape[6]: u64`, then `src_stride[6]: u64`.
+pub fn rearrange_ptx(target: Target, bits: u32) -> String {
+    let (ld, reg, width) = match bits {
+        16 => ("ld.global.u16", "%h", 2),
+        _ => ("ld.global.b32", "%w", 4),
+    };
+    let st = if bits == 16 {
+        "st.global.u16"
+    } else {
+        "st.global.b32"
+    };
+    let d = REARRANGE_DIMS;
+    let mut params = vec![
+        "    .param .u64 p_src".to_string(),
+        "    .param .u64 p_dst".to_string(),
+        "    .param .u64 p_n".to_string(),
+    ];
+    params.extend((0..d).map(|a| format!("    .param .u64 p_shape{a}")));
+    params.extend((0..d).map(|a| format!("    .param .u64 p_stride{a}")));
+    let mut loads = String::new();
+    for a in 0..d {
+        loads.push_str(&format!(
+            "    ld.param.u64 %rd{}, [p_shape{a}];\n    ld.param.u64 %rd{}, [p_stride{a}];\n",
+            10 + a,
+            20 + a
+        ));
+    }
+    // Innermost dim first: idx = rem % shape, rem /= shape, off += idx * stride.
+    let mut index = String::new();
+    for a in (0..d).rev() {
+        index.push_str(&format!(
+            "    rem.u64 %rd7, %rd5, %rd{s};\n    div.u64 %rd5, %rd5, %rd{s};\n    mad.lo.u64 %rd6, %rd7, %rd{t}, %rd6;\n",
+            s = 10 + a,
+            t = 20 + a
+        ));
+    }
+    format!(
+        r#".version {PTX_VERSION}
+.target {target}
+.address_size 64
+
+.visible .entry einattn_rearrange_b{bits}(
+{params}
+)
+{{
+    .reg .pred %p<2>;
+    .reg .b32 %r<6>;
+    .reg .b64 %rd<32>;
+    .reg .b16 %h<2>;
+    .reg .b32 %w<2>;
+
+    ld.param.u64 %rd1, [p_src];
+    ld.param.u64 %rd2, [p_dst];
+    ld.param.u64 %rd3, [p_n];
+    cvta.to.global.u64 %rd1, %rd1;
+    cvta.to.global.u64 %rd2, %rd2;
+{loads}    mov.u32 %r1, %ctaid.x;
+    mov.u32 %r2, %ntid.x;
+    mov.u32 %r3, %tid.x;
+    mov.u32 %r4, %nctaid.x;
+    mul.wide.u32 %rd4, %r1, %r2;
+    cvt.u64.u32 %rd8, %r3;
+    add.u64 %rd4, %rd4, %rd8;
+    mul.wide.u32 %rd9, %r4, %r2;
+ELEMENT:
+    setp.ge.u64 %p1, %rd4, %rd3;
+    @%p1 bra DONE;
+    mov.u64 %rd5, %rd4;
+    mov.u64 %rd6, 0;
+{index}    mul.lo.u64 %rd6, %rd6, {width};
+    add.u64 %rd6, %rd1, %rd6;
+    {ld} {reg}1, [%rd6];
+    mul.lo.u64 %rd8, %rd4, {width};
+    add.u64 %rd8, %rd2, %rd8;
+    {st} [%rd8], {reg}1;
+    add.u64 %rd4, %rd4, %rd9;
+    bra ELEMENT;
+DONE:
+    ret;
+}}
+"#,
+        target = target.name(),
+        params = params.join(",\n"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,7 +261,12 @@ mod tests {
             return;
         };
         for target in [Target::Sm80, Target::Sm90a] {
-            for text in [prefix_combine_ptx(target), chunk_decay_ptx(target)] {
+            for text in [
+                prefix_combine_ptx(target),
+                chunk_decay_ptx(target),
+                rearrange_ptx(target, 16),
+                rearrange_ptx(target, 32),
+            ] {
                 let report = assemble(&ptxas, &text, target.name())
                     .unwrap_or_else(|e| panic!("{}: {e}\n{text}", target.name()));
                 assert!(!report.spills(), "{report:?}");

@@ -175,8 +175,8 @@ pub struct Estimate {
     pub total_s: f64,
     /// One line on how the total is formed.
     pub formula: String,
-    /// Whether the GPU executor runs this scheme ([`SchemeKind::runs_on_gpu`]).
-    pub runs_on_gpu: bool,
+    /// What the GPU executor does with this scheme ([`SchemeKind::gpu_support`]).
+    pub gpu: crate::sp::schemes::GpuSupport,
 }
 
 impl Estimate {
@@ -192,7 +192,7 @@ impl Estimate {
             overlap_s: 0.0,
             total_s: f64::INFINITY,
             formula: String::new(),
-            runs_on_gpu: scheme.kind.runs_on_gpu(),
+            gpu: scheme.kind.gpu_support(),
         }
     }
 }
@@ -331,7 +331,7 @@ pub fn estimate(
         overlap_s: 0.0,
         total_s: 0.0,
         formula: String::new(),
-        runs_on_gpu: scheme.kind.runs_on_gpu(),
+        gpu: scheme.kind.gpu_support(),
     };
 
     match scheme.kind {

@@ -24,7 +24,7 @@ pub mod seq;
 
 pub use classify::{classify, CarriedState, Classification, StateRole};
 pub use cost::{CostParams, Estimate, LinkModel};
-pub use schemes::{PairMask, Scheme, SchemeKind, TokenRange};
+pub use schemes::{GpuSupport, PairMask, Scheme, SchemeKind, TokenRange};
 pub use seq::SequenceRanks;
 
 use crate::analysis::AnalysisOptions;
@@ -167,10 +167,10 @@ pub fn plan_sequence_parallel(
             }
             *s
         }
-        // The cheapest scheme the GPU executor runs; the cheapest of all if none does.
+        // The cheapest scheme the GPU executor has run; the cheapest of all if none has.
         None => match scored
             .iter()
-            .find(|(_, e)| e.not_applicable.is_none() && e.runs_on_gpu)
+            .find(|(_, e)| e.not_applicable.is_none() && e.gpu == GpuSupport::Validated)
             .or_else(|| scored.first())
         {
             Some((s, e)) if e.not_applicable.is_none() => *s,
@@ -253,8 +253,7 @@ impl SpReport {
             let mark = if e.scheme == self.chosen { "*" } else { " " };
             match &e.not_applicable {
                 None => {
-                    let _ =
-                        writeln!(
+                    let _ = writeln!(
                         s,
                         "{mark} {:<20} {:>12.3} {:>5} {:>5} {:>10.3} {:>10.3} {:>10.3} {:>10.3}{}",
                         e.scheme,
@@ -265,7 +264,11 @@ impl SpReport {
                         e.comm_s * 1e3,
                         e.overlap_s * 1e3,
                         e.total_s * 1e3,
-                        if e.runs_on_gpu { "" } else { "  (no GPU lowering)" }
+                        match e.gpu {
+                            GpuSupport::Validated => "",
+                            GpuSupport::Lowered => "  (GPU lowering not yet run on GPUs)",
+                            GpuSupport::None => "  (no GPU lowering)",
+                        }
                     );
                 }
                 Some(why) => {
@@ -275,7 +278,7 @@ impl SpReport {
         }
         let _ = writeln!(
             s,
-            "\nchosen: {} (the cheapest scheme the GPU executor runs)",
+            "\nchosen: {} (the cheapest scheme the GPU executor has run)",
             self.chosen
         );
         if let Some(e) = self.estimates.iter().find(|e| e.scheme == self.chosen) {

@@ -35,17 +35,32 @@ pub struct Scheme {
     pub head_rank: Option<Handle<Rank>>,
 }
 
+/// What the GPU executor does with a scheme's plans ([`SchemeKind::gpu_support`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GpuSupport {
+    /// No lowering: the executor refuses the plan.
+    None,
+    /// Lowered, not yet run on GPUs: runs when asked for (`--scheme`), not picked by default.
+    Lowered,
+    /// Run on GPUs and checked against one GPU: the planner picks the cheapest of these.
+    Validated,
+}
+
 impl SchemeKind {
-    /// Whether the GPU executor lowers this scheme's plans to kernels einattn generates:
-    /// LASP-2 and LASP-1 (state-only and prefix-start linear kernels, an element-wise
-    /// combine, an all-gather or sends) and the all-gather of K/V (the attention kernel
-    /// with a query offset). Ring and TokenRing need partial kernels with merge statistics
-    /// and Ulysses a layout kernel, which have no GPU lowering yet.
-    pub fn runs_on_gpu(self) -> bool {
-        matches!(
-            self,
-            SchemeKind::Lasp2 | SchemeKind::Lasp1 | SchemeKind::AllGatherKv
-        )
+    /// How far the GPU executor supports this scheme's plans. Validated: LASP-2 (state-only
+    /// and prefix-start linear kernels, an element-wise combine, an all-gather) and the
+    /// all-gather of K/V (the attention kernel with a query offset) have run on GPUs and
+    /// matched one GPU. Lowered: LASP-1 (sends and receives) and Ulysses (a permutation
+    /// kernel, all-to-all, the whole-sequence kernels on a rank's heads) have lowerings that
+    /// are tested on the CPU but have not run on GPUs yet. Ring and TokenRing need partial
+    /// kernels that write merge statistics, which have no lowering yet.
+    pub fn gpu_support(self) -> GpuSupport {
+        match self {
+            SchemeKind::Lasp2 | SchemeKind::AllGatherKv => GpuSupport::Validated,
+            SchemeKind::Lasp1 | SchemeKind::Ulysses => GpuSupport::Lowered,
+            SchemeKind::Ring | SchemeKind::TokenRing => GpuSupport::None,
+        }
     }
 }
 
