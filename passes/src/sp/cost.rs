@@ -550,12 +550,26 @@ pub fn estimate(
             } as f64;
             let out_per_token = output_bytes_per_token(cascade, cls) as f64;
             let frac = (p - 1) as f64 / p as f64;
-            let t_in = params.all_to_all.time(frac * chunk as f64 * per_token);
+            // One all-to-all per sequence input (each pays the latency), one for the output.
+            let (q, k) = (cls.seq.query.declared, cls.seq.key.declared);
+            let inputs = cascade
+                .tensors
+                .iter()
+                .filter(|(_, t)| {
+                    t.kind == TensorKind::Input && (t.ranks.contains(&q) || t.ranks.contains(&k))
+                })
+                .count()
+                .max(1) as f64;
+            let t_in = inputs
+                * params
+                    .all_to_all
+                    .time(frac * chunk as f64 * per_token / inputs);
             let t_out = params.all_to_all.time(frac * chunk as f64 * out_per_token);
-            // Packing to and from the all-to-all layout reads and writes each buffer once.
-            let t_pack = params.memory_time(2.0 * chunk as f64 * (per_token + out_per_token));
+            // Each buffer is rearranged before and after its all-to-all, each time read and
+            // written once.
+            let t_pack = params.memory_time(4.0 * chunk as f64 * (per_token + out_per_token));
             e.bytes_per_device = (frac * chunk as f64 * (per_token + out_per_token)) as u64;
-            e.collectives = 2;
+            e.collectives = inputs as u64 + 1;
             e.steps = 2;
             e.compute_s = t_full + t_pack;
             e.comm_s = t_in + t_out;

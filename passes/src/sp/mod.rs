@@ -266,7 +266,7 @@ impl SpReport {
                         e.total_s * 1e3,
                         match e.gpu {
                             GpuSupport::Validated => "",
-                            GpuSupport::Lowered => "  (GPU lowering not yet run on GPUs)",
+                            GpuSupport::Lowered => "  (GPU lowering not picked by default)",
                             GpuSupport::None => "  (no GPU lowering)",
                         }
                     );

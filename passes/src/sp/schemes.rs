@@ -41,24 +41,29 @@ pub struct Scheme {
 pub enum GpuSupport {
     /// No lowering: the executor refuses the plan.
     None,
-    /// Lowered, not yet run on GPUs: runs when asked for (`--scheme`), not picked by default.
+    /// Lowered: runs when asked for (`--scheme`) but is not picked by default (not proven
+    /// on GPUs, or slower there than the model says).
     Lowered,
     /// Run on GPUs and checked against one GPU: the planner picks the cheapest of these.
     Validated,
 }
 
 impl SchemeKind {
-    /// How far the GPU executor supports this scheme's plans. Validated: LASP-2 (state-only
-    /// and prefix-start linear kernels, an element-wise combine, an all-gather) and the
-    /// all-gather of K/V (the attention kernel with a query offset) have run on GPUs and
-    /// matched one GPU. Lowered: LASP-1 (sends and receives) and Ulysses (a permutation
-    /// kernel, all-to-all, the whole-sequence kernels on a rank's heads) have lowerings that
-    /// are tested on the CPU but have not run on GPUs yet. Ring and TokenRing need partial
-    /// kernels that write merge statistics, which have no lowering yet.
+    /// How far the GPU executor supports this scheme's plans. Validated: LASP-2, LASP-1
+    /// (state-only and prefix-start linear kernels, an element-wise combine, an all-gather or
+    /// sends) and the all-gather of K/V (the attention kernel with a query offset) have run
+    /// on GPUs, matched one GPU, and run about as fast as the model says. Lowered: Ulysses
+    /// (a permutation kernel, all-to-all, the whole-sequence kernels on a rank's heads) runs
+    /// and matches one GPU, but its element-wise permutation kernel (64-bit index division
+    /// per element) is far slower than the memory-bound packing the model assumes, so it is
+    /// not picked by default. Ring and TokenRing need partial kernels that write merge
+    /// statistics, which have no lowering yet.
     pub fn gpu_support(self) -> GpuSupport {
         match self {
-            SchemeKind::Lasp2 | SchemeKind::AllGatherKv => GpuSupport::Validated,
-            SchemeKind::Lasp1 | SchemeKind::Ulysses => GpuSupport::Lowered,
+            SchemeKind::Lasp2 | SchemeKind::Lasp1 | SchemeKind::AllGatherKv => {
+                GpuSupport::Validated
+            }
+            SchemeKind::Ulysses => GpuSupport::Lowered,
             SchemeKind::Ring | SchemeKind::TokenRing => GpuSupport::None,
         }
     }
