@@ -1250,12 +1250,16 @@ pub fn schedule(steps: &[&[Step]], ranks: &[usize]) -> Result<Vec<Batch>, CliErr
 
 /// How a linear kernel's window of `len` tokens is cut: `(chunks, tiles per chunk)`.
 /// Enough chunks that the state pass has about two CTAs per SM to stream K and V; a count
-/// that divides the window's tiles, since the combine uses one decay for every chunk.
+/// that divides the window's tiles, since the combine uses one decay for every chunk (so a
+/// window that ends inside a tile, whose last chunk would be shorter, stays one chunk).
 fn window_chunking(lin: &CompiledLinear, len: u64) -> (u64, u32) {
     const SMS: u64 = 132;
     let m = &lin.matched;
     let ctas = m.batch * m.heads * (m.spec.value_dim / lin.schedule.value_block) as u64;
     let tiles = len.div_ceil(m.spec.head_dim as u64).max(1);
+    if !len.is_multiple_of(m.spec.head_dim as u64) {
+        return (1, tiles as u32);
+    }
     let mut sub = (2 * SMS).div_ceil(ctas).clamp(2, 16).min(tiles);
     while sub > 1 && !tiles.is_multiple_of(sub) {
         sub -= 1;
@@ -1480,6 +1484,8 @@ mod tests {
         }
         // 128 CTAs per chunk: two chunks give about two CTAs per SM.
         assert_eq!(window_chunking(&lin, 131072).0, 2);
+        // A window ending inside a tile is one chunk (its last chunk would decay less).
+        assert_eq!(window_chunking(&lin, 131072 - 64), (1, 1024));
     }
 
     /// Every module `compile --sp` writes for the two lowered schemes assembles.
