@@ -102,6 +102,34 @@ impl Buf {
             Buf::Float(b) => b.len(),
         }
     }
+
+    fn half(&self) -> Option<&DeviceBuffer<u16>> {
+        match self {
+            Buf::Half(b) => Some(b),
+            Buf::Float(_) => None,
+        }
+    }
+
+    fn half_mut(&mut self) -> Option<&mut DeviceBuffer<u16>> {
+        match self {
+            Buf::Half(b) => Some(b),
+            Buf::Float(_) => None,
+        }
+    }
+
+    fn float(&self) -> Option<&DeviceBuffer<f32>> {
+        match self {
+            Buf::Float(b) => Some(b),
+            Buf::Half(_) => None,
+        }
+    }
+
+    fn float_mut(&mut self) -> Option<&mut DeviceBuffer<f32>> {
+        match self {
+            Buf::Float(b) => Some(b),
+            Buf::Half(_) => None,
+        }
+    }
 }
 
 /// The kernels of one GPU, loaded once.
@@ -422,40 +450,33 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                     None => None,
                 };
                 let recv_buf = slot.as_mut().map(|(_, b)| b).zip(recv.as_ref().map(block));
-                match (send_buf, recv_buf) {
-                    (
-                        s @ (None | Some((Buf::Half(_), _))),
-                        r @ (None | Some((Buf::Half(_), _))),
-                    ) => halves.push((
+                let half = matches!(send_buf, Some((Buf::Half(_), _)))
+                    || matches!(recv_buf, Some((Buf::Half(_), _)));
+                let mismatch = || plan_error("send and receive of different dtypes");
+                if half {
+                    halves.push((
                         i,
                         P2pPart {
-                            send: s.and_then(|(b, x)| match b {
-                                Buf::Half(b) => Some((b, x)),
-                                Buf::Float(_) => None,
-                            }),
-                            recv: r.and_then(|(b, x)| match b {
-                                Buf::Half(b) => Some((b, x)),
-                                Buf::Float(_) => None,
-                            }),
+                            send: send_buf
+                                .map(|(b, x)| b.half().map(|b| (b, x)).ok_or_else(mismatch))
+                                .transpose()?,
+                            recv: recv_buf
+                                .map(|(b, x)| b.half_mut().map(|b| (b, x)).ok_or_else(mismatch))
+                                .transpose()?,
                         },
-                    )),
-                    (
-                        s @ (None | Some((Buf::Float(_), _))),
-                        r @ (None | Some((Buf::Float(_), _))),
-                    ) => floats.push((
+                    ));
+                } else {
+                    floats.push((
                         i,
                         P2pPart {
-                            send: s.and_then(|(b, x)| match b {
-                                Buf::Float(b) => Some((b, x)),
-                                Buf::Half(_) => None,
-                            }),
-                            recv: r.and_then(|(b, x)| match b {
-                                Buf::Float(b) => Some((b, x)),
-                                Buf::Half(_) => None,
-                            }),
+                            send: send_buf
+                                .map(|(b, x)| b.float().map(|b| (b, x)).ok_or_else(mismatch))
+                                .transpose()?,
+                            recv: recv_buf
+                                .map(|(b, x)| b.float_mut().map(|b| (b, x)).ok_or_else(mismatch))
+                                .transpose()?,
                         },
-                    )),
-                    _ => return Err(plan_error("send and receive of different dtypes")),
+                    ));
                 }
             }
             if !halves.is_empty() && !floats.is_empty() {
