@@ -29,7 +29,8 @@ use einattn_backends::plan::{
     Region, Step,
 };
 use einattn_backends::ptx::elementwise::{
-    chunk_decay_ptx, prefix_combine_ptx, rearrange_ptx, ELEMENTWISE_THREADS, REARRANGE_DIMS,
+    chunk_decay_ptx, plan_rearrange, prefix_combine_ptx, rearrange_ptx, ELEMENTWISE_THREADS,
+    REARRANGE_DIMS,
 };
 use einattn_backends::schedule::Layout;
 use einattn_backends::tile::linear::{lightning_part, Part};
@@ -64,7 +65,10 @@ pub fn check_lowerable(plan: &Plan, lowering: &Lowering) -> Result<(), CliError>
                     (phase, _) => Some(format!("a `{phase:?}` kernel of this family")),
                 },
                 Step::AllGather { .. } | Step::PrefixCombine { .. } | Step::Place { .. } => None,
-                Step::SendRecv { .. } | Step::AllToAll { .. } | Step::Rearrange { .. } => None,
+                Step::SendRecv { .. } | Step::AllToAll { .. } => None,
+                Step::Rearrange { shape, perm, .. } => plan_rearrange(shape, perm)
+                    .is_none()
+                    .then(|| format!("a rearrange of {shape:?} by {perm:?} (too many dims apart)")),
                 Step::AllReduce { .. } | Step::ReduceScatter { .. } => {
                     Some("reductions".to_string())
                 }
@@ -73,7 +77,7 @@ pub fn check_lowerable(plan: &Plan, lowering: &Lowering) -> Result<(), CliError>
             if let Some(what) = what {
                 return Err(plan_error(format!(
                     "scheme `{}` needs {what}, which the GPU executor does not lower yet \
-                     (it runs lasp2, lasp1 and allgather_kv[_zigzag]; choose one with --scheme)",
+                     (it runs lasp2, lasp1, allgather_kv[_zigzag] and ulysses; choose one with --scheme)",
                     plan.scheme
                 )));
             }
@@ -720,25 +724,16 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                 perm,
                 ..
             } => {
-                if shape.len() > REARRANGE_DIMS || perm.len() != shape.len() {
-                    return Err(plan_error(format!(
-                        "a rearrange of {} dims (at most {REARRANGE_DIMS})",
-                        shape.len()
-                    )));
-                }
                 let n: u64 = shape.iter().product();
-                if src.count != n || dst.count != n {
+                if src.count != n || dst.count != n || perm.len() != shape.len() {
                     return Err(plan_error("a rearrange between regions of other sizes"));
                 }
-                // Row-major strides of the source; output dim a walks source dim perm[a].
-                let mut strides = vec![1u64; shape.len()];
-                for a in (0..shape.len().saturating_sub(1)).rev() {
-                    strides[a] = strides[a + 1] * shape[a + 1];
-                }
-                let pad = REARRANGE_DIMS - shape.len();
-                let out_shape = std::iter::repeat_n(1, pad).chain(perm.iter().map(|&a| shape[a]));
-                let src_stride =
-                    std::iter::repeat_n(0, pad).chain(perm.iter().map(|&a| strides[a]));
+                let plan = plan_rearrange(shape, perm).ok_or_else(|| {
+                    plan_error(format!(
+                        "a rearrange of {shape:?} by {perm:?} keeps more than {REARRANGE_DIMS} dims apart"
+                    ))
+                })?;
+                let pad = REARRANGE_DIMS - plan.outer_shape.len();
                 let e = &self.execs[i];
                 let half = matches!(e.buffers.get(&src.buffer), Some(Buf::Half(_)));
                 let kernel = if half {
@@ -749,11 +744,21 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                 let mut args = vec![
                     KernelArg::Ptr(self.address(i, gpu, src, 0)?),
                     KernelArg::Ptr(self.address(i, gpu, dst, 0)?),
-                    KernelArg::U64(n),
+                    KernelArg::U64(plan.runs()),
+                    KernelArg::U64(plan.run_len),
                 ];
-                args.extend(out_shape.map(KernelArg::U64));
-                args.extend(src_stride.map(KernelArg::U64));
-                gpu.launch(kernel, elementwise_dims(n), &args)
+                args.extend(
+                    std::iter::repeat_n(1, pad)
+                        .chain(plan.outer_shape.iter().copied())
+                        .map(KernelArg::U64),
+                );
+                args.extend(
+                    std::iter::repeat_n(0, pad)
+                        .chain(plan.outer_stride.iter().copied())
+                        .map(KernelArg::U64),
+                );
+                // One warp per run.
+                gpu.launch(kernel, elementwise_dims(32 * plan.runs()), &args)
                     .map_err(gpu_error)
             }
             other => Err(plan_error(format!("no GPU lowering for {other:?}"))),

@@ -158,28 +158,81 @@ DONE:
     )
 }
 
-/// Dimensions [`rearrange_ptx`] handles (leading ones padded with extent 1).
-pub const REARRANGE_DIMS: usize = 6;
+/// Outer dimensions [`rearrange_ptx`] handles after [`plan_rearrange`] fused what it could
+/// (leading ones padded with extent 1).
+pub const REARRANGE_DIMS: usize = 5;
 
-/// `einattn_rearrange_b{16,32}`: `dst[i] = src[sum_a idx_a(i) * src_stride[a]]` for `i < n`,
-/// where `idx_a(i)` are the row-major indices of `i` over `out_shape` (the permuted shape):
-/// a transpose of elements of `bits` bits. Parameters: `src: u64, dst: u64, n: u64`, then
-/// `out_shape[6]: u64`, then `src_stride[6]: u64`.
-pub fn rearrange_ptx(target: Target, bits: u32) -> String {
-    let (ld, reg, width) = match bits {
-        16 => ("ld.global.u16", "%h", 2),
-        _ => ("ld.global.b32", "%w", 4),
+/// A permutation `dst = transpose(src viewed as shape, perm)` in the form the run-copy
+/// kernel takes: `dst` is `runs` contiguous runs of `run_len` elements; run `r` starts in
+/// `src` at `sum_a idx_a(r) * outer_stride[a]`, with `idx_a(r)` the row-major indices of `r`
+/// over `outer_shape`, and its elements are contiguous in `src` too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RearrangePlan {
+    pub outer_shape: Vec<u64>,
+    pub outer_stride: Vec<u64>,
+    pub run_len: u64,
+}
+
+impl RearrangePlan {
+    pub fn runs(&self) -> u64 {
+        self.outer_shape.iter().product()
+    }
+}
+
+/// Fuses the permutation's output dims that stay contiguous in the source (and drops
+/// extent-1 dims), so that the innermost output dim becomes a contiguous run wherever the
+/// source allows; `None` when more than [`REARRANGE_DIMS`] outer dims remain.
+pub fn plan_rearrange(shape: &[u64], perm: &[usize]) -> Option<RearrangePlan> {
+    let mut strides = vec![1u64; shape.len()];
+    for a in (0..shape.len().saturating_sub(1)).rev() {
+        strides[a] = strides[a + 1] * shape[a + 1];
+    }
+    // (extent, source stride) per output dim, outermost first.
+    let mut dims: Vec<(u64, u64)> = Vec::new();
+    for &a in perm {
+        let (extent, stride) = (*shape.get(a)?, strides[a]);
+        if extent == 1 {
+            continue;
+        }
+        match dims.last_mut() {
+            // The previous dim steps over exactly this one: one longer dim.
+            Some(prev) if prev.1 == extent * stride => *prev = (prev.0 * extent, stride),
+            _ => dims.push((extent, stride)),
+        }
+    }
+    let run_len = match dims.last() {
+        Some(&(extent, 1)) => {
+            dims.pop();
+            extent
+        }
+        _ => 1,
     };
-    let st = if bits == 16 {
-        "st.global.u16"
-    } else {
-        "st.global.b32"
+    if dims.len() > REARRANGE_DIMS {
+        return None;
+    }
+    Some(RearrangePlan {
+        outer_shape: dims.iter().map(|d| d.0).collect(),
+        outer_stride: dims.iter().map(|d| d.1).collect(),
+        run_len,
+    })
+}
+
+/// `einattn_rearrange_b{16,32}`: copies the runs of a [`RearrangePlan`], one warp per run
+/// (lanes stride over its elements, so loads and stores coalesce; the run's source offset
+/// is computed once per run). Parameters: `src: u64, dst: u64, runs: u64, run_len: u64`,
+/// then `outer_shape[5]: u64`, then `outer_stride[5]: u64` (leading dims padded with
+/// extent 1, stride 0). Launch with 32 threads per run.
+pub fn rearrange_ptx(target: Target, bits: u32) -> String {
+    let (ld, st, reg, width) = match bits {
+        16 => ("ld.global.u16", "st.global.u16", "%h", 2),
+        _ => ("ld.global.b32", "st.global.b32", "%w", 4),
     };
     let d = REARRANGE_DIMS;
     let mut params = vec![
         "    .param .u64 p_src".to_string(),
         "    .param .u64 p_dst".to_string(),
-        "    .param .u64 p_n".to_string(),
+        "    .param .u64 p_runs".to_string(),
+        "    .param .u64 p_run_len".to_string(),
     ];
     params.extend((0..d).map(|a| format!("    .param .u64 p_shape{a}")));
     params.extend((0..d).map(|a| format!("    .param .u64 p_stride{a}")));
@@ -187,17 +240,17 @@ pub fn rearrange_ptx(target: Target, bits: u32) -> String {
     for a in 0..d {
         loads.push_str(&format!(
             "    ld.param.u64 %rd{}, [p_shape{a}];\n    ld.param.u64 %rd{}, [p_stride{a}];\n",
-            10 + a,
-            20 + a
+            20 + a,
+            30 + a
         ));
     }
-    // Innermost dim first: idx = rem % shape, rem /= shape, off += idx * stride.
+    // The run's source offset: innermost outer dim first.
     let mut index = String::new();
     for a in (0..d).rev() {
         index.push_str(&format!(
-            "    rem.u64 %rd7, %rd5, %rd{s};\n    div.u64 %rd5, %rd5, %rd{s};\n    mad.lo.u64 %rd6, %rd7, %rd{t}, %rd6;\n",
-            s = 10 + a,
-            t = 20 + a
+            "    rem.u64 %rd9, %rd7, %rd{s};\n    div.u64 %rd7, %rd7, %rd{s};\n    mad.lo.u64 %rd8, %rd9, %rd{t}, %rd8;\n",
+            s = 20 + a,
+            t = 30 + a
         ));
     }
     format!(
@@ -209,38 +262,53 @@ pub fn rearrange_ptx(target: Target, bits: u32) -> String {
 {params}
 )
 {{
-    .reg .pred %p<2>;
-    .reg .b32 %r<6>;
-    .reg .b64 %rd<32>;
+    .reg .pred %p<3>;
+    .reg .b32 %r<10>;
+    .reg .b64 %rd<40>;
     .reg .b16 %h<2>;
     .reg .b32 %w<2>;
 
     ld.param.u64 %rd1, [p_src];
     ld.param.u64 %rd2, [p_dst];
-    ld.param.u64 %rd3, [p_n];
+    ld.param.u64 %rd3, [p_runs];
+    ld.param.u64 %rd14, [p_run_len];
     cvta.to.global.u64 %rd1, %rd1;
     cvta.to.global.u64 %rd2, %rd2;
 {loads}    mov.u32 %r1, %ctaid.x;
     mov.u32 %r2, %ntid.x;
     mov.u32 %r3, %tid.x;
     mov.u32 %r4, %nctaid.x;
-    mul.wide.u32 %rd4, %r1, %r2;
-    cvt.u64.u32 %rd8, %r3;
-    add.u64 %rd4, %rd4, %rd8;
-    mul.wide.u32 %rd9, %r4, %r2;
-ELEMENT:
+    mad.lo.u32 %r5, %r1, %r2, %r3;
+    shr.u32 %r6, %r5, 5;
+    and.b32 %r7, %r3, 31;
+    mul.lo.u32 %r8, %r4, %r2;
+    shr.u32 %r8, %r8, 5;
+    cvt.u64.u32 %rd4, %r6;
+    cvt.u64.u32 %rd5, %r8;
+    cvt.u64.u32 %rd6, %r7;
+RUN:
     setp.ge.u64 %p1, %rd4, %rd3;
     @%p1 bra DONE;
-    mov.u64 %rd5, %rd4;
-    mov.u64 %rd6, 0;
-{index}    mul.lo.u64 %rd6, %rd6, {width};
-    add.u64 %rd6, %rd1, %rd6;
-    {ld} {reg}1, [%rd6];
-    mul.lo.u64 %rd8, %rd4, {width};
-    add.u64 %rd8, %rd2, %rd8;
-    {st} [%rd8], {reg}1;
-    add.u64 %rd4, %rd4, %rd9;
+    mov.u64 %rd7, %rd4;
+    mov.u64 %rd8, 0;
+{index}    mul.lo.u64 %rd10, %rd4, %rd14;
+    mov.u64 %rd11, %rd6;
+ELEMENT:
+    setp.ge.u64 %p2, %rd11, %rd14;
+    @%p2 bra NEXT;
+    add.u64 %rd12, %rd8, %rd11;
+    mul.lo.u64 %rd12, %rd12, {width};
+    add.u64 %rd12, %rd1, %rd12;
+    {ld} {reg}1, [%rd12];
+    add.u64 %rd13, %rd10, %rd11;
+    mul.lo.u64 %rd13, %rd13, {width};
+    add.u64 %rd13, %rd2, %rd13;
+    {st} [%rd13], {reg}1;
+    add.u64 %rd11, %rd11, 32;
     bra ELEMENT;
+NEXT:
+    add.u64 %rd4, %rd4, %rd5;
+    bra RUN;
 DONE:
     ret;
 }}
@@ -254,6 +322,96 @@ DONE:
 mod tests {
     use super::*;
     use crate::ptx::ptxas::{assemble, ptxas_for_test};
+
+    /// The kernel's loops, in Rust: what `rearrange_ptx` computes for a plan.
+    fn run_copy(plan: &RearrangePlan, src: &[u32]) -> Vec<u32> {
+        let pad = REARRANGE_DIMS - plan.outer_shape.len();
+        let shape: Vec<u64> = std::iter::repeat_n(1, pad)
+            .chain(plan.outer_shape.iter().copied())
+            .collect();
+        let stride: Vec<u64> = std::iter::repeat_n(0, pad)
+            .chain(plan.outer_stride.iter().copied())
+            .collect();
+        let mut dst = vec![u32::MAX; (plan.runs() * plan.run_len) as usize];
+        for r in 0..plan.runs() {
+            let (mut rest, mut base) = (r, 0);
+            for a in (0..REARRANGE_DIMS).rev() {
+                base += (rest % shape[a]) * stride[a];
+                rest /= shape[a];
+            }
+            for j in 0..plan.run_len {
+                dst[(r * plan.run_len + j) as usize] = src[(base + j) as usize];
+            }
+        }
+        dst
+    }
+
+    fn naive(shape: &[u64], perm: &[usize], src: &[u32]) -> Vec<u32> {
+        let n: u64 = shape.iter().product();
+        let mut strides = vec![1u64; shape.len()];
+        for a in (0..shape.len().saturating_sub(1)).rev() {
+            strides[a] = strides[a + 1] * shape[a + 1];
+        }
+        let out: Vec<u64> = perm.iter().map(|&a| shape[a]).collect();
+        (0..n)
+            .map(|i| {
+                let (mut rest, mut off) = (i, 0);
+                for a in (0..out.len()).rev() {
+                    off += (rest % out[a]) * strides[perm[a]];
+                    rest /= out[a];
+                }
+                src[off as usize]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn run_copy_plans_transpose_like_the_definition() {
+        // Ulysses' packings (group of heads to the front and back) and general transposes,
+        // with extent-1 dims and runs of one element.
+        let cases: Vec<(Vec<u64>, Vec<usize>)> = vec![
+            (vec![1, 512, 2, 2, 64], vec![2, 0, 1, 3, 4]),
+            (vec![2, 1, 512, 2, 64], vec![1, 0, 2, 3, 4]),
+            (vec![1, 2, 512, 2, 64], vec![1, 0, 2, 3, 4]),
+            (vec![2, 1, 512, 2, 64], vec![1, 2, 0, 3, 4]),
+            (vec![3, 4, 5], vec![2, 1, 0]),
+            (vec![3, 4, 5, 6], vec![0, 1, 2, 3]),
+            (vec![2, 3, 1, 4, 5, 2], vec![5, 3, 1, 0, 2, 4]),
+            (vec![7], vec![0]),
+        ];
+        for (shape, perm) in cases {
+            let n: u64 = shape.iter().product();
+            let src: Vec<u32> = (0..n as u32).collect();
+            let plan = plan_rearrange(&shape, &perm).expect("plans");
+            assert_eq!(
+                run_copy(&plan, &src),
+                naive(&shape, &perm, &src),
+                "{shape:?} {perm:?}"
+            );
+        }
+        // Ulysses keeps the head dim innermost: runs are whole rows of d elements or more.
+        let plan = plan_rearrange(&[1, 512, 2, 2, 64], &[2, 0, 1, 3, 4]).expect("plans");
+        assert_eq!((plan.run_len, plan.outer_shape.len()), (128, 2));
+        assert_eq!(plan_rearrange(&[3], &[1]), None);
+    }
+
+    proptest::proptest! {
+        /// Any permutation of up to six dims that leaves at most five outer dims copies
+        /// like the definition.
+        #[test]
+        fn run_copy_plans_match_the_definition(
+            shape in proptest::collection::vec(1u64..4, 1..7),
+            keys in proptest::collection::vec(0u32..1000, 6),
+        ) {
+            let mut perm: Vec<usize> = (0..shape.len()).collect();
+            perm.sort_by_key(|&a| keys[a]);
+            let n: u64 = shape.iter().product();
+            let src: Vec<u32> = (0..n as u32).collect();
+            if let Some(plan) = plan_rearrange(&shape, &perm) {
+                proptest::prop_assert_eq!(run_copy(&plan, &src), naive(&shape, &perm, &src));
+            }
+        }
+    }
 
     #[test]
     fn elementwise_kernels_assemble_for_every_target() {

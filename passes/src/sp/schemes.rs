@@ -53,10 +53,10 @@ impl SchemeKind {
     /// (state-only and prefix-start linear kernels, an element-wise combine, an all-gather or
     /// sends) and the all-gather of K/V (the attention kernel with a query offset) have run
     /// on GPUs, matched one GPU, and run about as fast as the model says. Lowered: Ulysses
-    /// (a permutation kernel, all-to-all, the whole-sequence kernels on a rank's heads) runs
-    /// and matches one GPU, but its element-wise permutation kernel (64-bit index division
-    /// per element) is far slower than the memory-bound packing the model assumes, so it is
-    /// not picked by default. Ring and TokenRing need partial kernels that write merge
+    /// (a permutation kernel, all-to-all, the whole-sequence kernels on a rank's heads) ran
+    /// and matched one GPU, but its first permutation kernel was far slower than the
+    /// memory-bound packing the model assumes; its run-copy replacement has not run on GPUs
+    /// yet, so Ulysses is not picked by default. Ring and TokenRing need partial kernels that write merge
     /// statistics, which have no lowering yet.
     pub fn gpu_support(self) -> GpuSupport {
         match self {
