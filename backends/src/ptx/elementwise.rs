@@ -8,6 +8,34 @@ use super::{Target, PTX_VERSION};
 /// Threads per CTA of the element-wise kernels.
 pub const ELEMENTWISE_THREADS: u32 = 256;
 
+/// A PTX module of one kernel: `params` as `(type, name, register)` are declared in order
+/// and loaded into their registers before `body`. Every kernel here declares the same
+/// register files (unused ones cost nothing).
+fn module(target: Target, entry: &str, params: &[(&str, String, String)], body: &str) -> String {
+    let decls: Vec<String> = params
+        .iter()
+        .map(|(ty, name, _)| format!("    .param .{ty} {name}"))
+        .collect();
+    let loads: String = params
+        .iter()
+        .map(|(ty, name, reg)| format!("    ld.param.{ty} {reg}, [{name}];\n"))
+        .collect();
+    format!(
+        ".version {PTX_VERSION}\n.target {target}\n.address_size 64\n\n.visible .entry {entry}(\n{decls}\n)\n{{\n    .reg .pred %p<4>;\n    .reg .b32 %r<12>;\n    .reg .b64 %rd<40>;\n    .reg .f32 %f<6>;\n    .reg .b16 %h<2>;\n    .reg .b32 %w<2>;\n\n{loads}{body}}}\n",
+        target = target.name(),
+        decls = decls.join(",\n"),
+    )
+}
+
+fn param(ty: &str, name: &str, reg: &str) -> (&'static str, String, String) {
+    let ty: &'static str = match ty {
+        "u32" => "u32",
+        "f32" => "f32",
+        _ => "u64",
+    };
+    (ty, name.to_string(), reg.to_string())
+}
+
 /// `einattn_prefix_combine`: for every element `i < n` of one state,
 /// `acc = init ? init[i] : init_value; for s in first..first + count:
 ///  acc = decay[s * decay_stride + (i / decay_div) % decay_mod] * acc + slots[s * slot_stride + i];
@@ -17,44 +45,25 @@ pub const ELEMENTWISE_THREADS: u32 = 256;
 /// decay_stride: u64, decay_div: u64, decay_mod: u64, init: u64 (0 = none),
 /// init_value: f32, out: u64, n: u64`.
 pub fn prefix_combine_ptx(target: Target) -> String {
-    format!(
-        r#".version {PTX_VERSION}
-.target {target}
-.address_size 64
-
-.visible .entry einattn_prefix_combine(
-    .param .u64 p_slots,
-    .param .u64 p_slot_stride,
-    .param .u32 p_first,
-    .param .u32 p_count,
-    .param .u64 p_decay,
-    .param .u64 p_decay_stride,
-    .param .u64 p_decay_div,
-    .param .u64 p_decay_mod,
-    .param .u64 p_init,
-    .param .f32 p_init_value,
-    .param .u64 p_out,
-    .param .u64 p_n
-)
-{{
-    .reg .pred %p<4>;
-    .reg .b32 %r<10>;
-    .reg .b64 %rd<32>;
-    .reg .f32 %f<6>;
-
-    ld.param.u64 %rd1, [p_slots];
-    ld.param.u64 %rd2, [p_slot_stride];
-    ld.param.u32 %r1, [p_first];
-    ld.param.u32 %r2, [p_count];
-    ld.param.u64 %rd3, [p_decay];
-    ld.param.u64 %rd4, [p_decay_stride];
-    ld.param.u64 %rd5, [p_decay_div];
-    ld.param.u64 %rd6, [p_decay_mod];
-    ld.param.u64 %rd7, [p_init];
-    ld.param.f32 %f1, [p_init_value];
-    ld.param.u64 %rd8, [p_out];
-    ld.param.u64 %rd9, [p_n];
-    cvta.to.global.u64 %rd1, %rd1;
+    let params = [
+        param("u64", "p_slots", "%rd1"),
+        param("u64", "p_slot_stride", "%rd2"),
+        param("u32", "p_first", "%r1"),
+        param("u32", "p_count", "%r2"),
+        param("u64", "p_decay", "%rd3"),
+        param("u64", "p_decay_stride", "%rd4"),
+        param("u64", "p_decay_div", "%rd5"),
+        param("u64", "p_decay_mod", "%rd6"),
+        param("u64", "p_init", "%rd7"),
+        param("f32", "p_init_value", "%f1"),
+        param("u64", "p_out", "%rd8"),
+        param("u64", "p_n", "%rd9"),
+    ];
+    module(
+        target,
+        "einattn_prefix_combine",
+        &params,
+        r#"    cvta.to.global.u64 %rd1, %rd1;
     cvta.to.global.u64 %rd3, %rd3;
     cvta.to.global.u64 %rd8, %rd8;
     add.u32 %r3, %r1, %r2;
@@ -104,9 +113,7 @@ STORE:
     bra ELEMENT;
 DONE:
     ret;
-}}
 "#,
-        target = target.name()
     )
 }
 
@@ -114,28 +121,17 @@ DONE:
 /// `scale = -log2(e) x tokens`: the cumulative per-head decay `exp(-rate tokens)` of a
 /// chunk of `tokens` positions. Parameters: `rate: u64, out: u64, n: u32, scale: f32`.
 pub fn chunk_decay_ptx(target: Target) -> String {
-    format!(
-        r#".version {PTX_VERSION}
-.target {target}
-.address_size 64
-
-.visible .entry einattn_chunk_decay(
-    .param .u64 p_rate,
-    .param .u64 p_out,
-    .param .u32 p_n,
-    .param .f32 p_scale
-)
-{{
-    .reg .pred %p<2>;
-    .reg .b32 %r<6>;
-    .reg .b64 %rd<8>;
-    .reg .f32 %f<4>;
-
-    ld.param.u64 %rd1, [p_rate];
-    ld.param.u64 %rd2, [p_out];
-    ld.param.u32 %r1, [p_n];
-    ld.param.f32 %f1, [p_scale];
-    cvta.to.global.u64 %rd1, %rd1;
+    let params = [
+        param("u64", "p_rate", "%rd1"),
+        param("u64", "p_out", "%rd2"),
+        param("u32", "p_n", "%r1"),
+        param("f32", "p_scale", "%f1"),
+    ];
+    module(
+        target,
+        "einattn_chunk_decay",
+        &params,
+        r#"    cvta.to.global.u64 %rd1, %rd1;
     cvta.to.global.u64 %rd2, %rd2;
     mov.u32 %r2, %ctaid.x;
     mov.u32 %r3, %ntid.x;
@@ -152,9 +148,7 @@ pub fn chunk_decay_ptx(target: Target) -> String {
     st.global.f32 [%rd5], %f3;
 DONE:
     ret;
-}}
 "#,
-        target = target.name()
     )
 }
 
@@ -229,21 +223,13 @@ pub fn rearrange_ptx(target: Target, bits: u32) -> String {
     };
     let d = REARRANGE_DIMS;
     let mut params = vec![
-        "    .param .u64 p_src".to_string(),
-        "    .param .u64 p_dst".to_string(),
-        "    .param .u64 p_runs".to_string(),
-        "    .param .u64 p_run_len".to_string(),
+        param("u64", "p_src", "%rd1"),
+        param("u64", "p_dst", "%rd2"),
+        param("u64", "p_runs", "%rd3"),
+        param("u64", "p_run_len", "%rd14"),
     ];
-    params.extend((0..d).map(|a| format!("    .param .u64 p_shape{a}")));
-    params.extend((0..d).map(|a| format!("    .param .u64 p_stride{a}")));
-    let mut loads = String::new();
-    for a in 0..d {
-        loads.push_str(&format!(
-            "    ld.param.u64 %rd{}, [p_shape{a}];\n    ld.param.u64 %rd{}, [p_stride{a}];\n",
-            20 + a,
-            30 + a
-        ));
-    }
+    params.extend((0..d).map(|a| param("u64", &format!("p_shape{a}"), &format!("%rd{}", 20 + a))));
+    params.extend((0..d).map(|a| param("u64", &format!("p_stride{a}"), &format!("%rd{}", 30 + a))));
     // The run's source offset: innermost outer dim first.
     let mut index = String::new();
     for a in (0..d).rev() {
@@ -253,28 +239,10 @@ pub fn rearrange_ptx(target: Target, bits: u32) -> String {
             t = 30 + a
         ));
     }
-    format!(
-        r#".version {PTX_VERSION}
-.target {target}
-.address_size 64
-
-.visible .entry einattn_rearrange_b{bits}(
-{params}
-)
-{{
-    .reg .pred %p<3>;
-    .reg .b32 %r<10>;
-    .reg .b64 %rd<40>;
-    .reg .b16 %h<2>;
-    .reg .b32 %w<2>;
-
-    ld.param.u64 %rd1, [p_src];
-    ld.param.u64 %rd2, [p_dst];
-    ld.param.u64 %rd3, [p_runs];
-    ld.param.u64 %rd14, [p_run_len];
-    cvta.to.global.u64 %rd1, %rd1;
+    let body = format!(
+        r#"    cvta.to.global.u64 %rd1, %rd1;
     cvta.to.global.u64 %rd2, %rd2;
-{loads}    mov.u32 %r1, %ctaid.x;
+    mov.u32 %r1, %ctaid.x;
     mov.u32 %r2, %ntid.x;
     mov.u32 %r3, %tid.x;
     mov.u32 %r4, %nctaid.x;
@@ -311,10 +279,13 @@ NEXT:
     bra RUN;
 DONE:
     ret;
-}}
-"#,
-        target = target.name(),
-        params = params.join(",\n"),
+"#
+    );
+    module(
+        target,
+        &format!("einattn_rearrange_b{bits}"),
+        &params,
+        &body,
     )
 }
 
