@@ -86,6 +86,68 @@ pub fn check_lowerable(plan: &Plan, lowering: &Lowering) -> Result<(), CliError>
     Ok(())
 }
 
+/// Refuses a plan (a `plan.json` may be edited by hand) whose global tensors differ from
+/// the cascade's or whose pieces reach outside them or their buffers, before any copy
+/// indexes with them.
+fn check_shapes(plan: &Plan, cascade: &Cascade) -> Result<(), CliError> {
+    for g in &plan.tensors {
+        let t = cascade
+            .tensor_by_name(&g.name)
+            .ok_or_else(|| plan_error(format!("`{}` is not a tensor of the cascade", g.name)))?;
+        let want: Vec<u64> = einattn_ir::interp::shape_of(cascade, t)
+            .into_iter()
+            .map(|x| x as u64)
+            .collect();
+        if want != g.shape {
+            return Err(plan_error(format!(
+                "`{}` has shape {:?} in the plan and {want:?} in the cascade",
+                g.name, g.shape
+            )));
+        }
+    }
+    for rank in &plan.ranks {
+        let pieces = rank
+            .outputs
+            .iter()
+            .map(|p| (p, None))
+            .chain(rank.buffers.iter().flat_map(|b| match &b.init {
+                BufferInit::Pieces { pieces } => pieces.iter().map(|p| (p, Some(b))).collect(),
+                _ => Vec::new(),
+            }));
+        for (piece, buffer) in pieces {
+            let g = plan
+                .tensors
+                .iter()
+                .find(|t| t.name == piece.tensor)
+                .ok_or_else(|| plan_error(format!("no tensor `{}`", piece.tensor)))?;
+            let inside = piece.slices.iter().all(|sl| {
+                g.shape
+                    .get(sl.dim)
+                    .is_some_and(|&extent| sl.start + sl.len <= extent)
+            });
+            let packed: u64 = piece_runs(&g.shape, &piece.slices)
+                .iter()
+                .map(|r| r.2)
+                .sum();
+            let elements = match buffer {
+                Some(b) => Some(b.elements),
+                None => rank
+                    .buffers
+                    .iter()
+                    .find(|b| b.name == piece.buffer)
+                    .map(|b| b.elements),
+            };
+            if !inside || elements.is_none_or(|n| piece.offset + packed > n) {
+                return Err(plan_error(format!(
+                    "rank {}: a piece of `{}` reaches outside the tensor or buffer `{}`",
+                    rank.rank, piece.tensor, piece.buffer
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A plan buffer on a GPU: 16-bit floats as bits, or f32.
 enum Buf {
     Half(DeviceBuffer<u16>),
@@ -238,6 +300,7 @@ impl<'a, 'k> PlanExec<'a, 'k> {
         host: &'a Inputs,
     ) -> Result<Self, CliError> {
         check_lowerable(plan, &lowering)?;
+        check_shapes(plan, cascade)?;
         if plan.world_size as usize != ranks.world_size() {
             return Err(plan_error(format!(
                 "the plan is for {} devices, this run has {}",
@@ -694,6 +757,19 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                 for st in states {
                     let n: u64 = st.shape.iter().product();
                     let (div, modulo) = decay_indexing(&st.shape, &st.decay_dims)?;
+                    // The kernel reads every slot's state and decay and writes `n` values:
+                    // all of them must lie inside the regions.
+                    let fits = (first + count) * slot_elements <= slots.count
+                        && st.offset + n <= *slot_elements
+                        && st.decay_offset + modulo <= *slot_elements
+                        && st.out_offset + n <= out.count
+                        && init.as_ref().is_none_or(|r| st.out_offset + n <= r.count);
+                    if !fits {
+                        return Err(plan_error(format!(
+                            "prefix_combine of `{}` reaches outside its regions",
+                            st.state
+                        )));
+                    }
                     let init_addr = match init {
                         Some(r) => self.address(i, gpu, r, st.out_offset)?,
                         None => 0,
@@ -1643,6 +1719,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn edited_plans_that_reach_outside_their_tensors_are_refused() {
+        let (cascade, _) = compiled("examples/lightning.ein", &[("N", 2048)]);
+        let (_, plan) = plan_cascade(&cascade, &SpOptions::new(2)).expect("plans");
+        assert!(check_shapes(&plan, &cascade).is_ok());
+        let mut wrong_shape = plan.clone();
+        wrong_shape.tensors[0].shape[1] += 1;
+        assert!(check_shapes(&wrong_shape, &cascade).is_err());
+        let mut outside = plan.clone();
+        let BufferInit::Pieces { pieces } = &mut outside.ranks[1].buffers[0].init else {
+            panic!("the first buffer holds pieces of an input")
+        };
+        pieces[0].slices[0].start += 1;
+        let err = check_shapes(&outside, &cascade).err().map(|e| e.message);
+        assert!(err.is_some_and(|m| m.contains("outside")));
+        let mut past_buffer = plan;
+        past_buffer.ranks[0].buffers[0].elements -= 1;
+        assert!(check_shapes(&past_buffer, &cascade).is_err());
     }
 
     #[test]
