@@ -378,37 +378,56 @@ pub fn bench(
         "percent_of_peak": peak.map(|p| 100.0 * tflops * 1e12 / p),
         "predicted_ms": k.schedule.estimate.seconds * 1e3,
     });
+    let mut rate = format!("{tflops:.1} TFLOP/s");
+    if let Some(p) = peak {
+        let _ = write!(
+            rate,
+            " = {:.1}% of the {:.0} TFLOP/s tensor-core peak",
+            100.0 * tflops * 1e12 / p,
+            p / 1e12
+        );
+    }
+    let timing = format!(
+        "{}; predicted {:.4} ms",
+        timing_line(&t),
+        k.schedule.estimate.seconds * 1e3
+    );
+    bench_report(
+        format,
+        &value,
+        &device,
+        &k.ptx.entry,
+        resources.registers,
+        &timing,
+        &rate,
+    )
+}
+
+fn timing_line(t: &einattn_runtime::Timing) -> String {
+    format!(
+        "median {:.4} ms (min {:.4}, max {:.4}, {} reps)",
+        t.median_ms, t.min_ms, t.max_ms, t.reps
+    )
+}
+
+/// A kernel benchmark's report: `value` as JSON, or the device, the kernel, the timing and
+/// the rate as text.
+fn bench_report(
+    format: ReportFormat,
+    value: &serde_json::Value,
+    device: &str,
+    kernel: &str,
+    registers: i32,
+    timing: &str,
+    rate: &str,
+) -> Result<String, CliError> {
     Ok(match format {
-        ReportFormat::Json => serde_json::to_string_pretty(&value)
+        ReportFormat::Json => serde_json::to_string_pretty(value)
             .map_err(|e| CliError::input(format!("error: {e}")))?,
         ReportFormat::Text => {
-            let mut s = String::new();
-            let _ = writeln!(s, "device: {device}");
-            let _ = writeln!(
-                s,
-                "kernel: {} ({} registers)",
-                k.ptx.entry, resources.registers
-            );
-            let _ = writeln!(
-                s,
-                "median {:.4} ms (min {:.4}, max {:.4}, {} reps); predicted {:.4} ms",
-                t.median_ms,
-                t.min_ms,
-                t.max_ms,
-                t.reps,
-                k.schedule.estimate.seconds * 1e3
-            );
-            let _ = write!(s, "{tflops:.1} TFLOP/s");
-            if let Some(p) = peak {
-                let _ = write!(
-                    s,
-                    " = {:.1}% of the {:.0} TFLOP/s tensor-core peak",
-                    100.0 * tflops * 1e12 / p,
-                    p / 1e12
-                );
-            }
-            s.push('\n');
-            s
+            format!(
+                "device: {device}\nkernel: {kernel} ({registers} registers)\n{timing}\n{rate}\n"
+            )
         }
     })
 }
@@ -664,34 +683,23 @@ pub fn bench_linear(
         "memory_floor_mtok_per_s": floor_mtok,
         "percent_of_memory_floor": floor_mtok.map(|f| 100.0 * mtok / f),
     });
-    Ok(match format {
-        ReportFormat::Json => serde_json::to_string_pretty(&value)
-            .map_err(|e| CliError::input(format!("error: {e}")))?,
-        ReportFormat::Text => {
-            let mut s = String::new();
-            let _ = writeln!(s, "device: {device}");
-            let _ = writeln!(
-                s,
-                "kernel: {} ({} registers)",
-                k.ptx.entry, resources.registers
-            );
-            let _ = writeln!(
-                s,
-                "median {:.4} ms (min {:.4}, max {:.4}, {} reps)",
-                t.median_ms, t.min_ms, t.max_ms, t.reps
-            );
-            let _ = write!(s, "{mtok:.1} Mtok/s");
-            if let Some(f) = floor_mtok {
-                let _ = write!(
-                    s,
-                    " = {:.1}% of the {f:.0} Mtok/s memory floor",
-                    100.0 * mtok / f
-                );
-            }
-            s.push('\n');
-            s
-        }
-    })
+    let mut rate = format!("{mtok:.1} Mtok/s");
+    if let Some(f) = floor_mtok {
+        let _ = write!(
+            rate,
+            " = {:.1}% of the {f:.0} Mtok/s memory floor",
+            100.0 * mtok / f
+        );
+    }
+    bench_report(
+        format,
+        &value,
+        device,
+        &k.ptx.entry,
+        resources.registers,
+        &timing_line(&t),
+        &rate,
+    )
 }
 
 /// `einattn check FILE --sp P` and `einattn run-plan DIR`: runs `plan` on the GPUs (one

@@ -706,79 +706,55 @@ impl TileProgram {
     /// Strides are in elements; the row output is `[B, H, N_q]` f32.
     pub fn abi(&self) -> Vec<AbiParam> {
         let mut v = Vec::new();
+        let mut push = |name: String, kind, role| v.push(AbiParam { name, kind, role });
+        let ptr = AbiKind::Ptr;
         for (i, t) in self.tensors.iter().enumerate() {
-            v.push(AbiParam {
-                name: t.name.clone(),
-                kind: AbiKind::Ptr,
-                role: AbiRole::TensorPtr(TensorId(i as u32)),
-            });
+            push(t.name.clone(), ptr, AbiRole::TensorPtr(TensorId(i as u32)));
         }
         for (i, r) in self.row_outputs.iter().enumerate() {
-            v.push(AbiParam {
-                name: r.name.clone(),
-                kind: AbiKind::Ptr,
-                role: AbiRole::RowOutputPtr(RowOutputId(i as u32)),
-            });
+            push(
+                r.name.clone(),
+                ptr,
+                AbiRole::RowOutputPtr(RowOutputId(i as u32)),
+            );
         }
         for (i, h) in self.head_params.iter().enumerate() {
-            v.push(AbiParam {
-                name: h.name.clone(),
-                kind: AbiKind::Ptr,
-                role: AbiRole::HeadParamPtr(HeadParamId(i as u32)),
-            });
+            push(
+                h.name.clone(),
+                ptr,
+                AbiRole::HeadParamPtr(HeadParamId(i as u32)),
+            );
         }
         for (i, st) in self.states.iter().enumerate() {
-            v.push(AbiParam {
-                name: st.name.clone(),
-                kind: AbiKind::Ptr,
-                role: AbiRole::StatePtr(StateId(i as u32)),
-            });
+            push(st.name.clone(), ptr, AbiRole::StatePtr(StateId(i as u32)));
         }
         for (i, t) in self.tokens.iter().enumerate() {
-            v.push(AbiParam {
-                name: t.name.clone(),
-                kind: AbiKind::Ptr,
-                role: AbiRole::TokenPtr(TokenId(i as u32)),
-            });
+            let id = TokenId(i as u32);
+            push(t.name.clone(), ptr, AbiRole::TokenPtr(id));
             for (suffix, role) in [
-                ("sb", AbiRole::TokenStrideBatch(TokenId(i as u32))),
-                ("sn", AbiRole::TokenStrideSeq(TokenId(i as u32))),
-                ("sh", AbiRole::TokenStrideHead(TokenId(i as u32))),
+                ("sb", AbiRole::TokenStrideBatch(id)),
+                ("sn", AbiRole::TokenStrideSeq(id)),
+                ("sh", AbiRole::TokenStrideHead(id)),
             ] {
-                v.push(AbiParam {
-                    name: format!("{}_{suffix}", t.name),
-                    kind: AbiKind::U64,
-                    role,
-                });
+                push(format!("{}_{suffix}", t.name), AbiKind::U64, role);
             }
         }
-        let mut chunk_params = if self.chunked() {
-            vec![
-                ("chunk_base", AbiRole::ChunkBase),
-                ("chunk_total", AbiRole::ChunkTotal),
-            ]
-        } else {
-            vec![]
-        };
-        if self.query_offset {
-            chunk_params.push(("q_offset", AbiRole::QueryOffset));
-        }
-        for (name, role) in [
+        let mut sizes = vec![
             ("n_q", AbiRole::QueryLen),
             ("n_k", AbiRole::KeyLen),
             ("heads", AbiRole::Heads),
             ("kv_group", AbiRole::KvGroup),
-        ]
-        .into_iter()
-        .chain(chunk_params)
-        {
-            v.push(AbiParam {
-                name: name.into(),
-                kind: AbiKind::U32,
-                role,
-            });
+        ];
+        if self.chunked() {
+            sizes.push(("chunk_base", AbiRole::ChunkBase));
+            sizes.push(("chunk_total", AbiRole::ChunkTotal));
         }
-
+        if self.query_offset {
+            sizes.push(("q_offset", AbiRole::QueryOffset));
+        }
+        for (name, role) in sizes {
+            push(name.into(), AbiKind::U32, role);
+        }
         for (i, t) in self.tensors.iter().enumerate() {
             let id = TensorId(i as u32);
             for (suffix, role) in [
@@ -786,19 +762,15 @@ impl TileProgram {
                 ("sn", AbiRole::StrideSeq(id)),
                 ("sh", AbiRole::StrideHead(id)),
             ] {
-                v.push(AbiParam {
-                    name: format!("{}_{suffix}", t.name),
-                    kind: AbiKind::U64,
-                    role,
-                });
+                push(format!("{}_{suffix}", t.name), AbiKind::U64, role);
             }
         }
-        for (i, s) in self.scalars.iter().enumerate() {
-            v.push(AbiParam {
-                name: s.name.clone(),
-                kind: AbiKind::F32,
-                role: AbiRole::Scalar(ScalarId(i as u32)),
-            });
+        for (i, sc) in self.scalars.iter().enumerate() {
+            push(
+                sc.name.clone(),
+                AbiKind::F32,
+                AbiRole::Scalar(ScalarId(i as u32)),
+            );
         }
         v
     }
