@@ -160,6 +160,22 @@ pub struct KernelArgs {
     pub chunk_tokens: Option<u64>,
 }
 
+impl KernelArgs {
+    /// The schedule knobs these options set; the rest stay the cost model's.
+    fn schedule_options(&self) -> einattn_backends::schedule::ScheduleOptions {
+        let mut options = einattn_backends::schedule::ScheduleOptions {
+            elem: self.elem,
+            warps: self.warps,
+            stages: self.stages,
+            ..einattn_backends::schedule::ScheduleOptions::default()
+        };
+        if let Some(t) = self.target {
+            options.target = t;
+        }
+        options
+    }
+}
+
 /// A cascade compiled to one of the kernel families.
 pub enum Kernel {
     Attention(Box<einattn_backends::compile::CompiledKernel>),
@@ -261,7 +277,7 @@ fn build_linear(
     defines: &[(String, u64)],
     args: &KernelArgs,
 ) -> Result<einattn_backends::compile::CompiledLinear, KernelError> {
-    use einattn_backends::schedule::{recognize_linear, ScheduleOptions};
+    use einattn_backends::schedule::recognize_linear;
     let render = |d| kernel_error(source, d);
     // The same source at small sizes, for the interpreter to confirm the reading.
     let hypothesis = recognize_linear(cascade, false).map_err(render)?;
@@ -273,15 +289,7 @@ fn build_linear(
         }
     }
     let small = source.compile(&small_defines)?;
-    let mut options = ScheduleOptions {
-        elem: args.elem,
-        warps: args.warps,
-        stages: args.stages,
-        ..ScheduleOptions::default()
-    };
-    if let Some(t) = args.target {
-        options.target = t;
-    }
+    let options = args.schedule_options();
     let mut value_block = None;
     for (n, size) in &args.tiles {
         let value_rank = cascade.tensors[hypothesis.v.tensor].ranks.last().copied();
@@ -333,7 +341,7 @@ fn build_attention(
     cascade: &Cascade,
     args: &KernelArgs,
 ) -> Result<(Cascade, einattn_backends::compile::CompiledKernel), KernelError> {
-    use einattn_backends::schedule::{recognize, ScheduleOptions};
+    use einattn_backends::schedule::recognize;
     let mut cascade = cascade.clone();
     if args.optimize {
         cascade = optimized(source, &cascade)?.cascade;
@@ -345,15 +353,7 @@ fn build_attention(
         }
         kernel_error(source, d)
     };
-    let mut options = ScheduleOptions {
-        elem: args.elem,
-        warps: args.warps,
-        stages: args.stages,
-        ..ScheduleOptions::default()
-    };
-    if let Some(t) = args.target {
-        options.target = t;
-    }
+    let mut options = args.schedule_options();
     if !args.tiles.is_empty() {
         let m = recognize(&cascade).map_err(render)?;
         let name = |r: einattn_ir::Handle<einattn_ir::Rank>| cascade.ranks[r].name.clone();

@@ -205,6 +205,15 @@ enum Format {
     Json,
 }
 
+impl From<Format> for ReportFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Text => ReportFormat::Text,
+            Format::Json => ReportFormat::Json,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum EmitStage {
     Ast,
@@ -264,10 +273,7 @@ fn execute(args: Args) -> Result<(), CliError> {
             format,
             sp,
         } => {
-            let format = match format {
-                Format::Text => ReportFormat::Text,
-                Format::Json => ReportFormat::Json,
-            };
+            let format = format.into();
             sayln!("{}", cli::analyze(&file, &define, format, &sp.into_args())?);
         }
         Command::Optimize { file, define, out } => {
@@ -341,10 +347,7 @@ fn execute(args: Args) -> Result<(), CliError> {
             format,
             sp,
         } => {
-            let format = match format {
-                Format::Text => ReportFormat::Text,
-                Format::Json => ReportFormat::Json,
-            };
+            let format = format.into();
             say!(
                 "{}",
                 cli::bench(
