@@ -6,19 +6,13 @@
 # Usage: bench/check_linear.sh [path/to/einattn]
 set -uo pipefail
 BIN=${1:-target/release/einattn}
-pass=0; fail=0
+source "$(dirname "$0")/check_lib.sh"
 for n in 64 1000 8192; do
   # lightning.ein splits N into blocks that must divide it: 1000 = 125 x 8.
   blk=64; if [ $n = 1000 ]; then blk=8; fi
   for d in 64 128; do
     for dt in bf16 f16; do
-      while read -r ex defs; do
-        out=$($BIN check examples/$ex.ein $defs --dtype $dt 2>&1)
-        rc=$?
-        line=$(echo "$out" | grep -E "^(PASS|FAIL)" || echo "$out" | tail -1)
-        if [ $rc = 0 ]; then pass=$((pass+1)); else fail=$((fail+1)); fi
-        echo "$ex N=$n d=$d $dt: $line"
-      done <<LIST
+      check_lines $n $d $dt <<LIST
 lightning -D N=$n -D D=$d -D BLOCK=$blk
 lightning_naive -D N=$n -D D=$d
 linear_causal -D N=$n -D D=$d
@@ -28,5 +22,4 @@ LIST
     done
   done
 done
-echo "checks: $pass passed, $fail failed"
-[ $fail = 0 ]
+check_summary

@@ -6,20 +6,14 @@
 # Usage: bench/check_softmax.sh [path/to/einattn]
 set -uo pipefail
 BIN=${1:-target/release/einattn}
-pass=0; fail=0
+source "$(dirname "$0")/check_lib.sh"
 # Split tiles must divide N: 1000 = 25 x 40.
 tile_for() { if [ "$1" = 1000 ]; then echo 40; else echo 64; fi; }
 for n in 128 1000 4096; do
   t=$(tile_for $n)
   for d in 64 128; do
     for dt in bf16 f16; do
-      while read -r ex defs; do
-        out=$($BIN check examples/$ex.ein $defs --dtype $dt 2>&1)
-        rc=$?
-        line=$(echo "$out" | grep -E "^(PASS|FAIL)" || echo "$out" | tail -1)
-        if [ $rc = 0 ]; then pass=$((pass+1)); else fail=$((fail+1)); fi
-        echo "$ex N=$n d=$d $dt: $line"
-      done <<LIST
+      check_lines $n $d $dt <<LIST
 attention_1pass -D M=$n -D D=$d -D TILE=$t
 attention_2pass -D M=$n -D D=$d
 attention_3pass -D M=$n -D D=$d
@@ -32,5 +26,4 @@ LIST
     done
   done
 done
-echo "checks: $pass passed, $fail failed"
-[ $fail = 0 ]
+check_summary

@@ -1,0 +1,20 @@
+# Shared by bench/check_softmax.sh and bench/check_linear.sh (source it): runs
+# `einattn check` for each "EXAMPLE DEFINES..." line on stdin with the given size and
+# dtype labels, prints one line per check, and counts passes and failures in `pass`/`fail`.
+# Usage: check_lines N D DTYPE <<LIST ... LIST
+pass=0; fail=0
+check_lines() {
+  local n=$1 d=$2 dt=$3 ex defs out rc line
+  while read -r ex defs; do
+    out=$($BIN check examples/$ex.ein $defs --dtype $dt 2>&1)
+    rc=$?
+    line=$(echo "$out" | grep -E "^(PASS|FAIL)" || echo "$out" | tail -1)
+    if [ $rc = 0 ]; then pass=$((pass+1)); else fail=$((fail+1)); fi
+    echo "$ex N=$n d=$d $dt: $line"
+  done
+}
+# The tally and the exit status of the whole run.
+check_summary() {
+  echo "checks: $pass passed, $fail failed"
+  [ $fail = 0 ]
+}
