@@ -2,9 +2,8 @@
 
 use crate::cli::{CliError, ReportFormat};
 use einattn_backends::compile::CompiledKernel;
-use einattn_backends::reference::{self, relative_error, AttentionInputs};
+use einattn_backends::reference::relative_error;
 use einattn_backends::schedule::Layout;
-use einattn_backends::tile::interp::Problem;
 use einattn_backends::tile::{AbiRole, Elem};
 use einattn_ir::cascade::Cascade;
 use einattn_ir::interp::{evaluate_in_order, random_inputs, TensorData};
@@ -236,7 +235,7 @@ pub fn check(cascade: &Cascade, k: &CompiledKernel, seed: u64) -> Result<(String
         )
     } else {
         (
-            formula_output(m, &inputs),
+            m.reference_output(&inputs),
             "the f64 attention formula (size above the interpreter's limit)",
         )
     };
@@ -258,48 +257,6 @@ pub fn check(cascade: &Cascade, k: &CompiledKernel, seed: u64) -> Result<(String
         relative_error(&got, &want),
     );
     Ok((s, pass))
-}
-
-/// The output of the recognized computation by the direct f64 formula, in O's layout.
-fn formula_output(
-    m: &einattn_backends::schedule::AttentionMatch,
-    inputs: &HashMap<einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>, TensorData>,
-) -> Vec<f64> {
-    let host = |l: &Layout| l.host(inputs[&l.tensor].stored().into_owned());
-    let (q, kk, v) = (host(&m.q), host(&m.k), host(&m.v));
-    let scalars: Vec<f64> = m
-        .scalar_params
-        .iter()
-        .map(|t| inputs[t].stored()[0])
-        .collect();
-    let head_params: Vec<Vec<f64>> = m
-        .head_params
-        .iter()
-        .map(|t| inputs[t].stored().into_owned())
-        .collect();
-    let prob = Problem {
-        batch: m.batch as usize,
-        heads: m.heads as usize,
-        kv_group: 1,
-        n_q: m.n_q as usize,
-        n_k: m.n_k as usize,
-    };
-    let x = AttentionInputs {
-        q: &q,
-        k: &kk,
-        v: &v,
-        scalars: &scalars,
-        head_params: &head_params,
-        q_offset: 0,
-    };
-    let (bnhd, _) = reference::attention(&m.spec, prob, &x);
-    m.o.from_bnhd(
-        &bnhd,
-        prob.batch,
-        prob.n_q,
-        prob.heads,
-        m.spec.head_dim as usize,
-    )
 }
 
 /// Dense bf16/f16 tensor-core peak of known parts, FLOP/s.
@@ -774,7 +731,7 @@ pub fn check_sp(
                     "the cascade interpreter (f64)",
                 ))
             } else if macs <= 64 * INTERPRETER_MAC_LIMIT {
-                Some((formula_output(m, &inputs), "the f64 attention formula"))
+                Some((m.reference_output(&inputs), "the f64 attention formula"))
             } else {
                 None
             }

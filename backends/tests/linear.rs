@@ -206,13 +206,7 @@ fn linear_examples_compile_and_match_the_interpreter() {
             chunk_total: 0,
             states: vec![],
         };
-        let prob = Problem {
-            batch: m.batch as usize,
-            heads: m.heads as usize,
-            kv_group: 1,
-            n_q: m.n as usize,
-            n_k: m.n as usize,
-        };
+        let prob = m.problem();
         run(&k.program, prob, &mut io).expect("tile interpreter runs");
         let err = relative_error(&io.tensors[k.bindings.o.index()].data, &want);
         assert!(err < 2e-2, "{name}: relative error {err}");

@@ -73,13 +73,7 @@ fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64
         chunk_total: 0,
         states: vec![],
     };
-    let prob = Problem {
-        batch: m.batch as usize,
-        heads: m.heads as usize,
-        kv_group: 1,
-        n_q: m.n_q as usize,
-        n_k: m.n_k as usize,
-    };
+    let prob = m.problem();
     run(&prog, prob, &mut io).expect("tile interpreter runs");
     let want = values.get(m.o.tensor).expect("output computed").stored();
     relative_error(&io.tensors[bind.o.index()].data, &want)

@@ -275,17 +275,22 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
 }
 
 impl LinearMatch {
-    /// The f64 recurrence of this reading on `inputs` (the cascade's storage of every
-    /// input and parameter), in O's layout.
-    pub fn reference_output(&self, inputs: &HashMap<Handle<Tensor>, TensorData>) -> Vec<f64> {
-        let host = |l: &Layout| l.host(inputs[&l.tensor].stored().into_owned());
-        let prob = Problem {
+    /// The whole problem's sizes, as the Tile interpreter and the references take them.
+    pub fn problem(&self) -> Problem {
+        Problem {
             batch: self.batch as usize,
             heads: self.heads as usize,
             kv_group: 1,
             n_q: self.n as usize,
             n_k: self.n as usize,
-        };
+        }
+    }
+
+    /// The f64 recurrence of this reading on `inputs` (the cascade's storage of every
+    /// input and parameter), in O's layout.
+    pub fn reference_output(&self, inputs: &HashMap<Handle<Tensor>, TensorData>) -> Vec<f64> {
+        let host = |l: &Layout| l.host(inputs[&l.tensor].stored().into_owned());
+        let prob = self.problem();
         let decay = self.decay_param.map(|p| inputs[&p].stored());
         let gate = self.gate.as_ref().map(&host);
         let bnhd = linear_attention(

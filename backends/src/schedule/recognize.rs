@@ -143,6 +143,57 @@ pub struct AttentionMatch {
     pub reading: Vec<(String, String)>,
 }
 
+impl AttentionMatch {
+    /// The whole problem's sizes, as the Tile interpreter and the references take them.
+    pub fn problem(&self) -> crate::tile::interp::Problem {
+        crate::tile::interp::Problem {
+            batch: self.batch as usize,
+            heads: self.heads as usize,
+            kv_group: 1,
+            n_q: self.n_q as usize,
+            n_k: self.n_k as usize,
+        }
+    }
+
+    /// The recognized computation by the direct f64 attention formula on `inputs` (the
+    /// cascade's storage of every input and parameter), in O's layout: the reference where
+    /// the cascade interpreter would take too long.
+    pub fn reference_output(
+        &self,
+        inputs: &HashMap<Handle<Tensor>, einattn_ir::interp::TensorData>,
+    ) -> Vec<f64> {
+        let host = |l: &Layout| l.host(inputs[&l.tensor].stored().into_owned());
+        let (q, k, v) = (host(&self.q), host(&self.k), host(&self.v));
+        let scalars: Vec<f64> = self
+            .scalar_params
+            .iter()
+            .map(|t| inputs[t].stored()[0])
+            .collect();
+        let head_params: Vec<Vec<f64>> = self
+            .head_params
+            .iter()
+            .map(|t| inputs[t].stored().into_owned())
+            .collect();
+        let prob = self.problem();
+        let x = crate::reference::AttentionInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            scalars: &scalars,
+            head_params: &head_params,
+            q_offset: 0,
+        };
+        let (bnhd, _) = crate::reference::attention(&self.spec, prob, &x);
+        self.o.from_bnhd(
+            &bnhd,
+            prob.batch,
+            prob.n_q,
+            prob.heads,
+            self.spec.head_dim as usize,
+        )
+    }
+}
+
 /// A key range, relative to the key tile `m1` an Einsum is at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Range {
