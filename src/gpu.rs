@@ -165,6 +165,34 @@ fn interpreter_output(
         .into_owned())
 }
 
+/// The f64 reference of a check and its name: the cascade interpreter when `interpreter`
+/// (the problem is within its limit), else the recognized computation's direct formula
+/// when one is given.
+fn f64_reference(
+    cascade: &Cascade,
+    inputs: &Inputs,
+    out: einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>,
+    interpreter: bool,
+    formula: Option<(&str, &dyn Fn() -> Vec<f64>)>,
+) -> Result<Option<(Vec<f64>, String)>, CliError> {
+    if interpreter {
+        let values = interpreter_output(cascade, inputs, out)?;
+        return Ok(Some((values, "the cascade interpreter (f64)".to_string())));
+    }
+    Ok(formula.map(|(name, f)| (f(), name.to_string())))
+}
+
+/// A 16-bit output buffer as f64 values.
+fn download_values(gpu: &Gpu, out: &DeviceBuffer<u16>, elem: Elem) -> Result<Vec<f64>, CliError> {
+    gpu.synchronize().map_err(gpu_error)?;
+    Ok(gpu
+        .download(out)
+        .map_err(gpu_error)?
+        .iter()
+        .map(|&b| from_bits(elem, b))
+        .collect())
+}
+
 /// The lines `check` prints and whether the error passes (NaN never does).
 fn check_report(
     device: &str,
@@ -219,26 +247,21 @@ pub fn check(cascade: &Cascade, k: &CompiledKernel, seed: u64) -> Result<(String
     let launch = prepare(&gpu, k, &inputs)?;
     gpu.launch(&kernel, launch.dims, &launch.args)
         .map_err(gpu_error)?;
-    gpu.synchronize().map_err(gpu_error)?;
-    let got: Vec<f64> = gpu
-        .download(&launch.out)
-        .map_err(gpu_error)?
-        .iter()
-        .map(|&b| from_bits(m.spec.elem, b))
-        .collect();
+    let got = download_values(&gpu, &launch.out, m.spec.elem)?;
     let d = m.spec.head_dim as u64;
     let macs = m.batch * m.heads * m.n_q * m.n_k * d * 2;
-    let (want, reference_name) = if macs <= INTERPRETER_MAC_LIMIT {
-        (
-            interpreter_output(cascade, &inputs, m.o.tensor)?,
-            "the cascade interpreter (f64)",
-        )
-    } else {
-        (
-            m.reference_output(&inputs),
+    let formula = || m.reference_output(&inputs);
+    let (want, reference_name) = f64_reference(
+        cascade,
+        &inputs,
+        m.o.tensor,
+        macs <= INTERPRETER_MAC_LIMIT,
+        Some((
             "the f64 attention formula (size above the interpreter's limit)",
-        )
-    };
+            &formula,
+        )),
+    )?
+    .ok_or_else(|| CliError::input("error: no reference for this check"))?;
     let problem = format!(
         "B={} H={} N_q={} N_k={} d={} {}; seed {seed}; reference: {reference_name}",
         m.batch,
@@ -541,25 +564,20 @@ pub fn check_linear(
     let (gpu, device, kernel, launch) =
         (&loaded.gpu, &loaded.device, &loaded.kernel, &loaded.launch);
     loaded.run().map_err(gpu_error)?;
-    gpu.synchronize().map_err(gpu_error)?;
-    let got: Vec<f64> = gpu
-        .download(&launch.out)
-        .map_err(gpu_error)?
-        .iter()
-        .map(|&b| from_bits(m.spec.elem, b))
-        .collect();
+    let got = download_values(gpu, &launch.out, m.spec.elem)?;
     let small = m.batch * m.heads * m.n * m.n * m.spec.head_dim as u64 <= INTERPRETER_MAC_LIMIT;
-    let (want, reference_name) = if small {
-        (
-            interpreter_output(cascade, &inputs, m.o.tensor)?,
-            "the cascade interpreter (f64)",
-        )
-    } else {
-        (
-            m.reference_output(&inputs),
+    let formula = || m.reference_output(&inputs);
+    let (want, reference_name) = f64_reference(
+        cascade,
+        &inputs,
+        m.o.tensor,
+        small,
+        Some((
             "the f64 recurrence (size above the interpreter's limit)",
-        )
-    };
+            &formula,
+        )),
+    )?
+    .ok_or_else(|| CliError::input("error: no reference for this check"))?;
     let problem = format!(
         "B={} H={} N={} d={} e={} {} decay {:?}; seed {seed}; reference: {reference_name}",
         m.batch,
@@ -715,30 +733,39 @@ pub fn check_sp(
             single_gpu_result(&gpu, &launch.out, elem, &mut run)?
         }
     };
+    // The f64 reference where the problem is small enough to compute one on the host.
     let reference = match kernel {
         Kernel::Linear(k) => {
             let m = &k.matched;
-            let work = m.batch * m.heads * m.n * m.spec.head_dim as u64 * m.spec.value_dim as u64;
-            (work <= 64 * INTERPRETER_MAC_LIMIT)
-                .then(|| (m.reference_output(&inputs), "the f64 recurrence"))
+            let (d, e) = (m.spec.head_dim as u64, m.spec.value_dim as u64);
+            let formula = || m.reference_output(&inputs);
+            f64_reference(
+                cascade,
+                &inputs,
+                o,
+                m.batch * m.heads * m.n * m.n * d <= INTERPRETER_MAC_LIMIT,
+                (m.batch * m.heads * m.n * d * e <= 64 * INTERPRETER_MAC_LIMIT)
+                    .then_some(("the f64 recurrence", &formula as &dyn Fn() -> Vec<f64>)),
+            )?
         }
         Kernel::Attention(k) => {
             let m = &k.schedule.matched;
             let macs = m.batch * m.heads * m.n_q * m.n_k * m.spec.head_dim as u64 * 2;
-            if macs <= INTERPRETER_MAC_LIMIT {
-                Some((
-                    interpreter_output(cascade, &inputs, m.o.tensor)?,
-                    "the cascade interpreter (f64)",
-                ))
-            } else if macs <= 64 * INTERPRETER_MAC_LIMIT {
-                Some((m.reference_output(&inputs), "the f64 attention formula"))
-            } else {
-                None
-            }
+            let formula = || m.reference_output(&inputs);
+            f64_reference(
+                cascade,
+                &inputs,
+                o,
+                macs <= INTERPRETER_MAC_LIMIT,
+                (macs <= 64 * INTERPRETER_MAC_LIMIT).then_some((
+                    "the f64 attention formula",
+                    &formula as &dyn Fn() -> Vec<f64>,
+                )),
+            )?
         }
     };
     let out_name = cascade.tensors[o].name.clone();
-    let compare = |want: &[f64]| exec.compare(&out_name, want).unwrap_or([f64::NAN, 1.0]);
+    let compare = |want: &[f64]| exec.compare(&out_name, want);
     let rate: Box<dyn Fn(f64) -> String> = match kernel {
         Kernel::Linear(k) => {
             let tokens = (k.matched.batch * k.matched.n) as f64;
@@ -874,16 +901,13 @@ fn single_gpu_result(
     elem: Elem,
     run: &mut dyn FnMut() -> Result<(), CliError>,
 ) -> Result<(Vec<f64>, f64), CliError> {
-    gpu.synchronize().map_err(gpu_error)?;
-    let got = gpu
-        .download(out)
-        .map_err(gpu_error)?
-        .iter()
-        .map(|&b| from_bits(elem, b))
-        .collect();
+    let got = download_values(gpu, out, elem)?;
     let ms = time_plan(&[gpu], run, 20)?;
     Ok((got, ms))
 }
+
+/// The error parts (see [`error_parts`]) of this process's outputs against a reference.
+type ErrorParts<'a> = dyn Fn(&[f64]) -> Result<[f64; 2], CliError> + 'a;
 
 /// What an SP check measured, printed the same way for every scheme.
 struct SpRun<F: Fn(f64) -> String> {
@@ -905,19 +929,19 @@ impl<F: Fn(f64) -> String> SpRun<F> {
     fn report(
         &self,
         ranks: &Ranks,
-        compare: &dyn Fn(&[f64]) -> [f64; 2],
+        compare: &ErrorParts,
         (single, single_ms): (Vec<f64>, f64),
-        reference: Option<(Vec<f64>, &str)>,
+        reference: Option<(Vec<f64>, String)>,
     ) -> Result<(String, bool), CliError> {
-        let mut parts = compare(&single).to_vec();
+        let mut parts = compare(&single)?.to_vec();
         if let Some((want, _)) = &reference {
-            parts.extend(compare(want));
+            parts.extend(compare(want)?);
         }
         let parts = ranks.sum(&parts)?;
         let rel = |num: f64, den: f64| (num / den).sqrt();
         let vs_single = rel(parts[0], parts[1]);
         let (err, name) = match &reference {
-            Some((_, name)) => (rel(parts[2], parts[3]), *name),
+            Some((_, name)) => (rel(parts[2], parts[3]), name.as_str()),
             None => (vs_single, "the single-GPU kernel on the whole problem"),
         };
         let pass = err < 2e-2;
