@@ -826,6 +826,7 @@ pub fn bench_sp(
         Kernel::Linear(k) => Lowering::Linear(k),
         Kernel::Attention(k) => Lowering::Attention(k),
     };
+    crate::plan_gpu::check_lowerable(plan, &lowering)?;
     let ranks = Ranks::open(plan.world_size as usize)?;
     let params = einattn_ir::interp::random_inputs_of(cascade, 0, |t| {
         t.kind == einattn_ir::cascade::TensorKind::Param

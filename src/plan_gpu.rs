@@ -53,6 +53,13 @@ fn plan_error(message: impl Into<String>) -> CliError {
 
 /// Refuses plans with steps that have no GPU lowering, before any GPU work.
 pub fn check_lowerable(plan: &Plan, lowering: &Lowering) -> Result<(), CliError> {
+    let ranks: Vec<u64> = plan.ranks.iter().map(|r| r.rank).collect();
+    if plan.world_size == 0 || ranks != (0..plan.world_size).collect::<Vec<_>>() {
+        return Err(plan_error(format!(
+            "a plan for {} devices must list ranks 0..{} in order (it lists {ranks:?})",
+            plan.world_size, plan.world_size
+        )));
+    }
     for rank in &plan.ranks {
         for step in &rank.steps {
             let what = match step {
@@ -1736,6 +1743,13 @@ mod tests {
         pieces[0].slices[0].start += 1;
         let err = check_shapes(&outside, &cascade).err().map(|e| e.message);
         assert!(err.is_some_and(|m| m.contains("outside")));
+        let mut no_ranks = plan.clone();
+        no_ranks.ranks.clear();
+        let (_, kernel) = compiled("examples/lightning.ein", &[("N", 2048)]);
+        let Kernel::Linear(lin) = &kernel else {
+            panic!("linear attention")
+        };
+        assert!(check_lowerable(&no_ranks, &Lowering::Linear(lin)).is_err());
         let mut past_buffer = plan;
         past_buffer.ranks[0].buffers[0].elements -= 1;
         assert!(check_shapes(&past_buffer, &cascade).is_err());
