@@ -781,10 +781,7 @@ pub fn check_sp(
         for st in &r0.steps {
             let key = match st {
                 einattn_backends::plan::Step::Kernel(k) => k.kernel.clone(),
-                other => serde_json::to_value(other)
-                    .ok()
-                    .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
-                    .unwrap_or_default(),
+                other => other.op_name().to_string(),
             };
             *steps.entry(key).or_default() += 1;
         }

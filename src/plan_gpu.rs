@@ -892,45 +892,6 @@ impl<'a, 'k> PlanExec<'a, 'k> {
         let len = k.queries.len;
         let (b_n, h_n) = (m.batch, m.heads);
         let slot = (b_n * h_n * d * e_dim) as usize;
-        let window_key = (k.queries.start, len);
-        if let (std::collections::hash_map::Entry::Vacant(v), false) = (
-            self.execs[i].windows.entry(window_key),
-            k.phase == Phase::Full,
-        ) {
-            let (sub, chunk_tiles) = window_chunking(lin, len);
-            v.insert(Window {
-                chunk_tiles,
-                sub: sub as usize,
-                slots: gpu
-                    .filled((sub as usize + 1) * slot, f32::NAN)
-                    .map_err(gpu_error)?,
-                chunk_decay: gpu.filled(h_n as usize, 1f32).map_err(gpu_error)?,
-                has_states: false,
-            });
-        }
-        let chunk_tiles = self.execs[i]
-            .windows
-            .get(&window_key)
-            .map_or(0, |w| w.chunk_tiles);
-        if let (std::collections::hash_map::Entry::Vacant(v), false) = (
-            self.execs[i].loaded.linear.entry(chunk_tiles),
-            k.phase == Phase::Full,
-        ) {
-            let build = |part| -> Result<PtxKernel, CliError> {
-                let (prog, _) = lightning_part(&m.spec, &lin.schedule, part)
-                    .map_err(|e| plan_error(e.to_string()))?;
-                print_ptx(&prog, lin.target).map_err(|e| plan_error(e.to_string()))
-            };
-            let states = build(Part::ChunkStates { chunk_tiles })?;
-            let outputs = build(Part::ChunkOutputs { chunk_tiles })?;
-            let ks = gpu
-                .load_ptx(&states.text, &states.entry)
-                .map_err(gpu_error)?;
-            let ko = gpu
-                .load_ptx(&outputs.text, &outputs.entry)
-                .map_err(gpu_error)?;
-            v.insert((states, ks, outputs, ko));
-        }
         let decay_param = m.decay_param.map(|p| self.cascade.tensors[p].name.clone());
         let rate_addr = match &decay_param {
             Some(p) => {
@@ -993,6 +954,40 @@ impl<'a, 'k> PlanExec<'a, 'k> {
                 dynamic_smem_bytes: ptx.dynamic_smem_bytes,
             };
             return gpu.launch(kernel, dims, &args).map_err(gpu_error);
+        }
+        let window_key = (k.queries.start, len);
+        if let std::collections::hash_map::Entry::Vacant(v) =
+            self.execs[i].windows.entry(window_key)
+        {
+            let (sub, chunk_tiles) = window_chunking(lin, len);
+            v.insert(Window {
+                chunk_tiles,
+                sub: sub as usize,
+                slots: gpu
+                    .filled((sub as usize + 1) * slot, f32::NAN)
+                    .map_err(gpu_error)?,
+                chunk_decay: gpu.filled(h_n as usize, 1f32).map_err(gpu_error)?,
+                has_states: false,
+            });
+        }
+        let chunk_tiles = self.execs[i].windows[&window_key].chunk_tiles;
+        if let std::collections::hash_map::Entry::Vacant(v) =
+            self.execs[i].loaded.linear.entry(chunk_tiles)
+        {
+            let build = |part| -> Result<PtxKernel, CliError> {
+                let (prog, _) = lightning_part(&m.spec, &lin.schedule, part)
+                    .map_err(|e| plan_error(e.to_string()))?;
+                print_ptx(&prog, lin.target).map_err(|e| plan_error(e.to_string()))
+            };
+            let states = build(Part::ChunkStates { chunk_tiles })?;
+            let outputs = build(Part::ChunkOutputs { chunk_tiles })?;
+            let ks = gpu
+                .load_ptx(&states.text, &states.entry)
+                .map_err(gpu_error)?;
+            let ko = gpu
+                .load_ptx(&outputs.text, &outputs.entry)
+                .map_err(gpu_error)?;
+            v.insert((states, ks, outputs, ko));
         }
         // The window's scratch leaves its map while this step writes it.
         let mut w = self.execs[i]

@@ -390,6 +390,22 @@ impl Step {
         }
     }
 
+    /// The step's `op` as the JSON names it.
+    pub fn op_name(&self) -> &'static str {
+        match self {
+            Step::Kernel(_) => "kernel",
+            Step::AllGather { .. } => "all_gather",
+            Step::AllToAll { .. } => "all_to_all",
+            Step::AllReduce { .. } => "all_reduce",
+            Step::ReduceScatter { .. } => "reduce_scatter",
+            Step::SendRecv { .. } => "send_recv",
+            Step::PrefixCombine { .. } => "prefix_combine",
+            Step::LseMerge { .. } => "lse_merge",
+            Step::Rearrange { .. } => "rearrange",
+            Step::Place { .. } => "place",
+        }
+    }
+
     /// Whether every rank must reach this step together (an NCCL collective).
     pub fn is_collective(&self) -> bool {
         matches!(
@@ -416,6 +432,41 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn op_names_are_the_json_tags() {
+        let steps = [
+            Step::PrefixCombine {
+                slots: Region {
+                    buffer: "s".into(),
+                    offset: 0,
+                    count: 1,
+                },
+                slot_elements: 1,
+                first: 0,
+                count: 1,
+                init: None,
+                init_value: 0.0,
+                states: vec![],
+                out: Region {
+                    buffer: "o".into(),
+                    offset: 0,
+                    count: 1,
+                },
+                exec: Exec::default(),
+            },
+            Step::SendRecv {
+                send: None,
+                recv: None,
+                dtype: "f32".into(),
+                exec: Exec::default(),
+            },
+        ];
+        for step in steps {
+            let json = serde_json::to_value(&step).expect("serializes");
+            assert_eq!(json["op"], step.op_name());
+        }
+    }
 
     #[test]
     fn piece_runs_cover_the_slice_in_order() {
