@@ -92,15 +92,14 @@ impl CompiledKernel {
             })
             .collect();
         let k = &self.schedule.kernel;
-        json!({
-            "cascade": cascade.name,
-            "kernel": self.ptx.entry,
-            "ptx": ptx_file,
-            "target": self.ptx.target.name(),
-            "block": [self.ptx.threads, 1, 1],
-            "grid_formula": format!("[ceil(n_q / {}), batch * heads, 1]", self.ptx.block_m),
-            "grid": self.ptx.grid(m.batch as u32, m.heads as u32, m.n_q as u32),
-            "dynamic_shared_bytes": self.ptx.dynamic_smem_bytes,
+        let mut manifest = manifest_head(
+            cascade,
+            &self.ptx,
+            ptx_file,
+            format!("[ceil(n_q / {}), batch * heads, 1]", self.ptx.block_m),
+            self.ptx.grid(m.batch as u32, m.heads as u32, m.n_q as u32),
+        );
+        manifest.extend(json_object(json!({
             "problem": {"batch": m.batch, "heads": m.heads, "n_q": m.n_q, "n_k": m.n_k,
                         "head_dim": spec.head_dim, "elem": spec.elem.name()},
             "schedule": {"block_m": k.block_m, "block_n": k.block_n, "warps": k.warps,
@@ -112,7 +111,8 @@ impl CompiledKernel {
             "requires": if spec.score.scaled_dot().is_some() { vec!["scale > 0"] } else { vec![] },
             "params": params,
             "estimate_ms": self.schedule.estimate.seconds * 1e3,
-        })
+        })));
+        serde_json::Value::Object(manifest)
     }
 }
 
@@ -345,15 +345,14 @@ impl CompiledLinear {
                 json!({"name": p.name, "type": kind, "from": source})
             })
             .collect();
-        json!({
-            "cascade": cascade.name,
-            "kernel": self.ptx.entry,
-            "ptx": ptx_file,
-            "target": self.ptx.target.name(),
-            "block": [self.ptx.threads, 1, 1],
-            "grid_formula": format!("[{}, batch * heads, 1]", self.program.col_blocks),
-            "grid": self.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32),
-            "dynamic_shared_bytes": self.ptx.dynamic_smem_bytes,
+        let mut manifest = manifest_head(
+            cascade,
+            &self.ptx,
+            ptx_file,
+            format!("[{}, batch * heads, 1]", self.program.col_blocks),
+            self.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32),
+        );
+        manifest.extend(json_object(json!({
             "problem": {"batch": m.batch, "heads": m.heads, "n": m.n,
                         "head_dim": m.spec.head_dim, "value_dim": m.spec.value_dim,
                         "elem": m.spec.elem.name()},
@@ -363,10 +362,38 @@ impl CompiledLinear {
             "strategy": format!("{:?}", self.schedule.strategy),
             "launch_first": self.pre.as_ref().map(|(_, k)| json!({
                 "kernel": k.entry, "ptx": format!("{}.ptx", k.entry),
-                "note": "same parameters and grid; chunk_states is f32 [B, H, chunks, d, e] scratch",
+                "note": "same parameters and grid; chunk_states is f32 [chunks, B, H, d, e] scratch",
             })),
             "params": params,
-        })
+        })));
+        serde_json::Value::Object(manifest)
+    }
+}
+
+/// The manifest fields every kernel has: where it comes from, its PTX and how to launch it.
+fn manifest_head(
+    cascade: &Cascade,
+    ptx: &PtxKernel,
+    ptx_file: &str,
+    grid_formula: String,
+    grid: (u32, u32, u32),
+) -> serde_json::Map<String, serde_json::Value> {
+    json_object(json!({
+        "cascade": cascade.name,
+        "kernel": ptx.entry,
+        "ptx": ptx_file,
+        "target": ptx.target.name(),
+        "block": [ptx.threads, 1, 1],
+        "grid_formula": grid_formula,
+        "grid": grid,
+        "dynamic_shared_bytes": ptx.dynamic_smem_bytes,
+    }))
+}
+
+fn json_object(v: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
     }
 }
 
