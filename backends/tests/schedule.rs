@@ -7,7 +7,7 @@ use einattn_backends::flash_attention;
 use einattn_backends::reference::relative_error;
 use einattn_backends::schedule::{recognize, schedule, AttentionMatch, ScheduleOptions};
 use einattn_backends::tile::attention::AttentionSchedule;
-use einattn_backends::tile::interp::{run, Bindings, Problem};
+use einattn_backends::tile::interp::{run, Bindings};
 use einattn_backends::tile::Elem;
 use einattn_ir::cascade::Cascade;
 use einattn_ir::interp::{evaluate_in_order, random_inputs};
