@@ -4,6 +4,7 @@ data-dependent scalar gate: ours on examples/gated_linear.ein vs fla `chunk_simp
 B=4, H=16, d=e=128, bf16, per-head decay, N in {8192, 32768, 65536}. Mtok/s = B*N / time.
 Writes $OUT/lightning_compare.json and .md. Baselines: medians of triton.testing.do_bench.
 Usage: python3 bench/lightning_compare.py [path/to/einattn]   (fla, lightning_attn importable)
+Kernel flags for ours (e.g. "--target sm_90a --mma wgmma") come from $EINATTN_FLAGS.
 """
 import datetime
 import json
@@ -29,6 +30,7 @@ def ours(n, B, H, d, dtype="bf16"):
 def ours_example(example, n, B, H, d, dtype="bf16"):
     cmd = [binary, "bench", example, "-D", f"B={B}", "-D", f"H={H}", "-D", f"N={n}",
            "-D", f"D={d}", "-D", "BLOCK=64", "--dtype", dtype, "--reps", "50", "--format", "json"]
+    cmd += os.environ.get("EINATTN_FLAGS", "").split()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print("ours failed:", " ".join(cmd), r.stderr[-800:], flush=True)

@@ -152,6 +152,7 @@ pub struct KernelArgs {
     pub tiles: Vec<(String, u64)>,
     pub warps: Option<u32>,
     pub stages: Option<u32>,
+    pub mma: Option<einattn_backends::tile::MmaUnit>,
     /// Run the rewrite engine first.
     pub optimize: bool,
     /// Linear attention: `single` pass or `chunked` two-phase (default: the cost model).
@@ -167,6 +168,7 @@ impl KernelArgs {
             elem: self.elem,
             warps: self.warps,
             stages: self.stages,
+            mma: self.mma,
             ..einattn_backends::schedule::ScheduleOptions::default()
         };
         if let Some(t) = self.target {
@@ -463,6 +465,7 @@ fn build_record(defines: &[(String, u64)], args: &KernelArgs) -> serde_json::Val
         "tiles": args.tiles.iter().map(|(n, v)| serde_json::json!([n, v])).collect::<Vec<_>>(),
         "warps": args.warps,
         "stages": args.stages,
+        "mma": args.mma.map(|m| m.name()),
         "optimize": args.optimize,
         "strategy": args.strategy,
         "chunk_tokens": args.chunk_tokens,
@@ -511,6 +514,12 @@ fn read_build_record(v: &serde_json::Value) -> Result<BuildRecord, String> {
         tiles: pairs("tiles")?,
         warps: number("warps").map(|x| x as u32),
         stages: number("stages").map(|x| x as u32),
+        mma: match text("mma").as_deref() {
+            None => None,
+            Some("mma.sync") => Some(einattn_backends::tile::MmaUnit::Sync),
+            Some("wgmma") => Some(einattn_backends::tile::MmaUnit::Warpgroup),
+            Some(other) => return Err(format!("unknown mma `{other}`")),
+        },
         optimize: v.get("optimize").and_then(|x| x.as_bool()).unwrap_or(false),
         strategy: text("strategy"),
         chunk_tokens: number("chunk_tokens"),

@@ -126,6 +126,10 @@ struct KernelFlags {
     /// Run the rewrite engine before compiling.
     #[arg(long)]
     optimize: bool,
+    /// Tensor-core instructions: per-warp `mma.sync`, or warpgroup `wgmma` (sm_90a; linear
+    /// attention). Default: the scheduler's choice.
+    #[arg(long, value_enum)]
+    mma: Option<MmaArg>,
     /// Linear attention: walk the sequence in a single pass or in parallel chunks.
     #[arg(long, value_parser = ["single", "chunked"])]
     strategy: Option<String>,
@@ -148,6 +152,10 @@ impl KernelFlags {
             tiles: self.tile,
             warps: self.warps,
             stages: self.stages,
+            mma: self.mma.map(|m| match m {
+                MmaArg::Sync => einattn_backends::tile::MmaUnit::Sync,
+                MmaArg::Wgmma => einattn_backends::tile::MmaUnit::Warpgroup,
+            }),
             optimize: self.optimize,
             strategy: self.strategy,
             chunk_tokens: self.chunk_tokens,
@@ -161,6 +169,12 @@ enum TargetArg {
     Sm80,
     #[value(name = "sm_90a")]
     Sm90a,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MmaArg {
+    Sync,
+    Wgmma,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -27,6 +27,13 @@ pub fn compile_kernel(
     options: &ScheduleOptions,
 ) -> Result<CompiledKernel, Diagnostic> {
     let schedule = schedule(cascade, options)?;
+    if options.mma == Some(crate::tile::MmaUnit::Warpgroup) {
+        return Err(Diagnostic::error(
+            DiagnosticKind::UnsupportedShape,
+            "the wgmma lowering is built for the linear-attention kernels; softmax attention uses mma.sync",
+            Span::UNKNOWN,
+        ));
+    }
     let backend_error = |e: crate::TileError| {
         Diagnostic::error(
             DiagnosticKind::UnsupportedShape,
@@ -168,6 +175,9 @@ pub fn compile_linear(
                 if let Some(s) = options.stages {
                     schedule.stages = s;
                 }
+                schedule.mma = options
+                    .mma
+                    .unwrap_or_else(|| schedule.default_mma(matched.spec.head_dim, options.target));
                 schedule.strategy = match strategy {
                     Some(s) => s,
                     None => crate::tile::linear::choose_strategy(

@@ -71,7 +71,7 @@ proptest! {
             decay: if decay && causal { Decay::PerHead("s".into()) } else { Decay::None },
             causal,
         };
-        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2 };
+        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
         let prob = Problem { batch: 1, heads, kv_group: 1, n_q: n, n_k: n };
         let err = check(&spec, &sched, prob, seed);
         prop_assert!(err < 2e-2, "relative error {}", err);
@@ -229,7 +229,7 @@ proptest! {
             decay: if decay { Decay::PerHead("s".into()) } else { Decay::None },
             causal: true,
         };
-        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2 };
+        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
         let prob = Problem { batch: 2, heads: 2, kv_group: 1, n_q: n, n_k: n };
         let (states, bind) = lightning_part(&spec, &sched, Part::ChunkStates { chunk_tiles }).expect("builds");
         let (outputs, _) = lightning_part(&spec, &sched, Part::ChunkOutputs { chunk_tiles }).expect("builds");
@@ -282,7 +282,7 @@ proptest! {
             decay: if decay { Decay::PerHead("s".into()) } else { Decay::None },
             causal: true,
         };
-        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: 32, warps: 2, stages: 2 };
+        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: 32, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
         let local = blocks_per_rank * d;
         // Every rank holds `local` tokens but the last, which may be shorter.
         let n = local * (p - 1) + (local - tail.min(local - 1));

@@ -19,10 +19,13 @@
 //! * **Row vectors**: a thread holds rows `g` and `g + 8` of each of its m-tiles:
 //!   `%w<id>_<mt*2 + half>`. Row reductions fold the thread's columns, then two
 //!   `shfl.sync.bfly` (xor 1, 2) combine the 4 threads of a quad that share a row.
-//! * **Shared tiles** are row-major with rows of `cols * 2` bytes, cut into 16-byte chunks;
-//!   chunk `c` of row `r` is stored at chunk `c ^ (r % 8)` (XOR swizzle), so the 8 row
-//!   addresses of one `ldmatrix` 8x8 matrix hit 8 different bank groups, and `cp.async`
-//!   16-byte writes stay conflict-free. Requires `cols >= 64` (8 chunks).
+//! * **Shared tiles** are stored as `cols / 64` column blocks of `rows x 64` elements, one
+//!   after the other; a block's rows are 128 bytes, cut into 16-byte chunks, and chunk `c`
+//!   of row `r` is stored at chunk `c ^ (r % 8)` (XOR swizzle). The 8 row addresses of one
+//!   `ldmatrix` 8x8 matrix hit 8 different bank groups, `cp.async` 16-byte writes stay
+//!   conflict-free, and a block is exactly the canonical 128-byte-swizzled layout that
+//!   `wgmma` reads through a matrix descriptor (tiles start on 1024-byte boundaries).
+//!   Requires `cols >= 64`.
 //! * **Loads** (`LoadTile`): each thread copies 16-byte chunks with
 //!   `cp.async.cg.shared.global ... 16, src_size`; rows past the sequence end get
 //!   `src_size = 0` (zero fill) and a clamped address. Requires `threads % chunks_per_row
@@ -31,6 +34,16 @@
 //! * **Contractions**: A from registers or `ldmatrix.x4` (query tile), B via `ldmatrix.x4`
 //!   (`RowsAreN`: rows are output columns, e.g. K for `Q K^T`) or `ldmatrix.x4.trans`
 //!   (`RowsAreK`, e.g. V for `P V`), then `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}`.
+//! * **Warpgroup contractions** ([`MmaUnit::Warpgroup`], sm_90a): warpgroup `w / 4` owns
+//!   rows `[64 (w / 4), +64)`, and the `m64nNk16` accumulator layout of each of its warps is
+//!   the `m16n8k16` C layout above, so register tiles are unchanged. Per k-step one
+//!   `wgmma.mma_async` reads B (and a shared A) through a descriptor: K-major for
+//!   `RowsAreN` (a 16-column step is +32 bytes inside a 128-byte row), N-major for `RowsAreK`
+//!   (+16 rows); register A operands (`P`, the scaled `K^T` of `ContractT`) use the
+//!   `m16n8k16` A layout. Shared data written by `cp.async` or `st.shared` is published to
+//!   the async proxy (`fence.proxy.async`) before the barrier that precedes its reads; each
+//!   contraction is `wgmma.fence`, its k-steps, `commit_group`, and a wait before the next
+//!   statement touches its accumulator.
 //! * **Key loop**: tiles `[t_begin, t_end)` from the band masks (tile skipping, see
 //!   [`crate::tile::key_tile_range`]); `stages`-deep ring for the streamed tiles: the prologue
 //!   issues `stages - 1` tiles, each iteration waits (`cp.async.wait_group stages-2`),
@@ -51,8 +64,8 @@ use std::fmt::Write as _;
 
 use crate::tile::*;
 
-/// Code-generation target. Both use the `sm_80` instruction set; `Sm90a` only changes
-/// the `.target` line.
+/// Code-generation target. Programs scheduled for `mma.sync` print the same instructions
+/// for both; `wgmma` (see [`MmaUnit`]) needs `Sm90a`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
     Sm80,
@@ -108,6 +121,9 @@ fn unsupported<T>(msg: impl Into<String>) -> Result<T, TileError> {
 /// Prints `prog` as a PTX module with one `.entry` named after the program.
 pub fn print_ptx(prog: &TileProgram, target: Target) -> Result<PtxKernel, TileError> {
     prog.validate()?;
+    if prog.schedule.mma == MmaUnit::Warpgroup && target != Target::Sm90a {
+        return unsupported("wgmma needs the sm_90a target");
+    }
     let mut p = Printer::new(prog)?;
     p.emit_setup()?;
     p.emit_block(&prog.body, None)?;
@@ -182,7 +198,7 @@ impl<'a> Printer<'a> {
             } else {
                 1
             };
-            off += (t.rows * t.cols * t.elem.bytes() * copies).div_ceil(128) * 128;
+            off += (t.rows * t.cols * t.elem.bytes() * copies).div_ceil(SMEM_ALIGN) * SMEM_ALIGN;
         }
         Ok(Printer {
             prog,
@@ -533,27 +549,32 @@ impl<'a> Printer<'a> {
                 self.ins(format!("shl.b32 {sw}, {sw}, 4;"));
             }
         }
+        if prog.schedule.mma == MmaUnit::Warpgroup {
+            // wgmma's scale-d operand: always accumulate into D.
+            let p = self.named(".pred", "wgacc");
+            self.ins(format!("setp.eq.u32 {p}, {tid}, {tid};"));
+        }
         self.body.push_str(SETUP_END);
         Ok(())
     }
 
-    /// Offset register (base + lane row * row bytes + swizzle) for an ldmatrix of pattern
-    /// `pat` on a tile with `row_bytes`, for chunk pair starting at `e`; returns
-    /// `(register, immediate)`.
+    /// Offset register (base + lane row * 128 + swizzle) for an ldmatrix of pattern `pat`
+    /// on a tile whose 64-column blocks are `block_bytes` apart, for the chunk pair starting
+    /// at chunk `e` of row `block_row`; returns `(register, immediate)`.
     fn ldm_addr(
         &mut self,
         base: &str,
         pat: &str,
-        row_bytes: u32,
+        block_bytes: u32,
         block_row: u32,
         e: u32,
     ) -> (String, u32) {
         let a = self.r();
         self.ins(format!(
-            "mad.lo.u32 {a}, %lm{pat}_row, {row_bytes}, {base};"
+            "mad.lo.u32 {a}, %lm{pat}_row, {ROW_BYTES}, {base};"
         ));
         self.ins(format!("add.u32 {a}, {a}, %lm{pat}_sw{};", (e & 7) / 2));
-        (a, block_row * row_bytes + (e & !7) * 16)
+        (a, block_row * ROW_BYTES + (e / 8) * block_bytes)
     }
 
     // ---- statements --------------------------------------------------------------------
@@ -582,6 +603,7 @@ impl<'a> Printer<'a> {
                 self.ins("cp.async.commit_group;");
                 // Simple and safe: the tile is complete and visible before anything follows.
                 self.ins("cp.async.wait_group 0;");
+                self.emit_async_proxy_fence();
                 self.ins("bar.sync 0;");
             }
             Stmt::Fill { dst, value } => {
@@ -606,16 +628,16 @@ impl<'a> Printer<'a> {
             Stmt::Fragments { dst, src } => {
                 self.comment(format!("fragments {}", prog.regs[dst.index()].name));
                 let t = &prog.shared[src.index()];
-                let rb = t.cols * 2;
+                let block_bytes = t.rows * ROW_BYTES;
                 let wbase = self.r();
                 let sb = self.smem_base[src.index()].clone();
                 self.ins(format!(
                     "mad.lo.u32 {wbase}, %warp, {}, {sb};",
-                    prog.rows_per_warp() * rb
+                    prog.rows_per_warp() * ROW_BYTES
                 ));
                 for mt in 0..self.mtiles {
                     for ks in 0..t.cols / 16 {
-                        let (a, imm) = self.ldm_addr(&wbase, "A", rb, mt * 16, 2 * ks);
+                        let (a, imm) = self.ldm_addr(&wbase, "A", block_bytes, mt * 16, 2 * ks);
                         let regs: Vec<String> =
                             (0..4).map(|i| self.afrag_reg(*dst, mt, ks, i)).collect();
                         self.ins(format!(
@@ -884,6 +906,9 @@ impl<'a> Printer<'a> {
     }
 
     /// Issues the cp.async copies of one tile (no commit). `origin` holds the first row.
+    /// Each thread copies one 16-byte chunk `thr % 8` of a 128-byte block row per step; the
+    /// steps walk the first column block's rows, then the next block's, so the shared
+    /// address is the same affine function of the step for every tile width.
     fn emit_load_issue(
         &mut self,
         dst: SharedId,
@@ -894,39 +919,34 @@ impl<'a> Printer<'a> {
         let prog = self.prog;
         let t = &prog.shared[dst.index()];
         let threads = prog.threads();
-        let chunks = t.cols * t.elem.bytes() / 16;
-        if !threads.is_multiple_of(chunks)
-            || !(threads / chunks).is_multiple_of(8)
-            || !(t.rows * chunks).is_multiple_of(threads)
-        {
+        let rows_per_iter = threads / 8;
+        if !t.rows.is_multiple_of(rows_per_iter) {
             return unsupported(format!(
-                "tile {}: {threads} threads cannot copy {chunks}-chunk rows with a fixed swizzle",
-                t.name
+                "tile {}: {threads} threads copy {rows_per_iter} rows per step, which must divide its {} rows",
+                t.name, t.rows
             ));
         }
-        let rows_per_iter = threads / chunks;
-        let iters = t.rows * chunks / threads;
+        let blocks = t.cols * t.elem.bytes() / ROW_BYTES;
+        let iters = t.rows * blocks / rows_per_iter;
+        // Bytes of a row in global memory.
         let row_bytes = t.cols * t.elem.bytes();
         let n = if t.rank == SeqRank::Query {
             "%nq"
         } else {
             "%nk"
         };
-        // Thread's row within an iteration and its chunk.
+        // Thread's row within a step and its chunk.
         let trow = self.r();
         let tch = self.r();
-        self.ins(format!(
-            "shr.u32 {trow}, %thr, {};",
-            chunks.trailing_zeros()
-        ));
-        self.ins(format!("and.b32 {tch}, %thr, {};", chunks - 1));
-        // Shared: row * row_bytes + ((chunk ^ (row & 7)) * 16).
+        self.ins(format!("shr.u32 {trow}, %thr, 3;"));
+        self.ins(format!("and.b32 {tch}, %thr, 7;"));
+        // Shared: row * 128 + ((chunk ^ (row % 8)) * 16); steps add whole 8-row groups.
         let s = self.r();
         let x = self.r();
         self.ins(format!("and.b32 {x}, {trow}, 7;"));
         self.ins(format!("xor.b32 {x}, {x}, {tch};"));
         self.ins(format!("shl.b32 {x}, {x}, 4;"));
-        self.ins(format!("mad.lo.u32 {s}, {trow}, {row_bytes}, {smem};"));
+        self.ins(format!("mad.lo.u32 {s}, {trow}, {ROW_BYTES}, {smem};"));
         self.ins(format!("add.u32 {s}, {s}, {x};"));
         // Global: base + (origin + row) * row_stride + chunk * 16.
         let row0 = self.r();
@@ -944,32 +964,113 @@ impl<'a> Printer<'a> {
             self.ins(format!("mul.wide.u32 {cb}, %colb, {row_bytes};"));
             self.ins(format!("add.u64 {gaddr}, {gaddr}, {cb};"));
         }
-        let step = self.rd();
-        self.ins(format!(
-            "mul.lo.u64 {step}, %rsb{}, {rows_per_iter};",
-            src.0
-        ));
         for i in 0..iters {
+            // Step i covers rows (i * rpi) % rows + [0, rpi) of column block (i * rpi) / rows.
+            let row_off = (i * rows_per_iter) % t.rows;
+            let block = (i * rows_per_iter) / t.rows;
             let row = self.r();
-            self.ins(format!("add.s32 {row}, {row0}, {};", i * rows_per_iter));
+            self.ins(format!("add.s32 {row}, {row0}, {row_off};"));
             let ok = self.pred();
             self.ins(format!("setp.lt.s32 {ok}, {row}, {n};"));
             let sz = self.r();
             self.ins(format!("selp.u32 {sz}, 16, 0, {ok};"));
             let ga = self.rd();
-            if i == 0 {
+            if row_off == 0 {
                 self.ins(format!("mov.u64 {ga}, {gaddr};"));
             } else {
-                self.ins(format!("mad.lo.u64 {ga}, {step}, {i}, {gaddr};"));
+                self.ins(format!(
+                    "mad.lo.u64 {ga}, %rsb{}, {row_off}, {gaddr};",
+                    src.0
+                ));
             }
             // Out-of-range rows read nothing (src_size 0); keep the address inside the tensor.
             self.ins(format!("selp.b64 {ga}, {ga}, %base{}, {ok};", src.0));
             self.ins(format!(
-                "cp.async.cg.shared.global [{s}+{}], [{ga}], 16, {sz};",
-                i * rows_per_iter * row_bytes
+                "cp.async.cg.shared.global [{s}+{}], [{ga}+{}], 16, {sz};",
+                i * rows_per_iter * ROW_BYTES,
+                block * ROW_BYTES
             ));
         }
         Ok(())
+    }
+
+    /// Makes this thread's earlier generic-proxy writes to shared memory (`cp.async`,
+    /// `st.shared`) visible to `wgmma` reads that follow the next barrier.
+    fn emit_async_proxy_fence(&mut self) {
+        if self.prog.schedule.mma == MmaUnit::Warpgroup {
+            self.ins("fence.proxy.async.shared::cta;");
+        }
+    }
+
+    /// A 64-bit `wgmma` descriptor for a tile stored as described in the module docs,
+    /// starting at shared address `addr`: 128-byte swizzle, 8-row groups 1024 bytes apart
+    /// (the stride byte offset), and, for N-major operands, 64-column blocks
+    /// `block_bytes` apart (the leading byte offset; unused for K-major).
+    fn wgmma_desc(&mut self, addr: &str, block_bytes: u32, n_major: bool) -> String {
+        let lbo: u64 = if n_major {
+            (block_bytes >> 4) as u64
+        } else {
+            1
+        };
+        let sbo: u64 = (8 * ROW_BYTES >> 4) as u64;
+        let fixed = (lbo << 16) | (sbo << 32) | (1u64 << 62);
+        let d = self.rd();
+        self.ins(format!("cvt.u64.u32 {d}, {addr};"));
+        self.ins(format!("shr.u64 {d}, {d}, 4;"));
+        self.ins(format!("and.b64 {d}, {d}, 16383;"));
+        self.ins(format!("or.b64 {d}, {d}, {fixed};"));
+        d
+    }
+
+    /// `acc += A . B` over `ks_count` k-steps with `wgmma.mma_async`, one instruction per
+    /// k-step (and per 256 accumulator columns). `a_src(ks)` gives the A operand of a k-step:
+    /// four registers or a descriptor.
+    fn emit_wgmma(
+        &mut self,
+        acc: RegId,
+        a_ops: &[String],
+        bdesc: &str,
+        b_step: impl Fn(u32) -> u32,
+        b_n_major: bool,
+        n_block_bytes: u32,
+        ty: &str,
+    ) {
+        let cols = self.prog.regs[acc.index()].cols;
+        self.ins("wgmma.fence.sync.aligned;");
+        for (ks, a) in a_ops.iter().enumerate() {
+            let mut n0 = 0;
+            while n0 < cols {
+                let n = (cols - n0).min(256);
+                let c: Vec<String> = (n0 / 8..(n0 + n) / 8)
+                    .flat_map(|nt| (0..4).map(move |e| (nt, e)))
+                    .map(|(nt, e)| self.acc_reg(acc, 0, nt, e))
+                    .collect();
+                // The B columns n0.. : K-major rows n0.. (128 bytes each); N-major column
+                // block n0 / 64.
+                let col_off = if b_n_major {
+                    (n0 / 64) * n_block_bytes
+                } else {
+                    n0 * ROW_BYTES
+                };
+                let bd = self.rd();
+                self.ins(format!(
+                    "add.s64 {bd}, {bdesc}, {};",
+                    (b_step(ks as u32) + col_off) >> 4
+                ));
+                let tail = if a.starts_with('{') {
+                    format!("{}", b_n_major as u32)
+                } else {
+                    format!("0, {}", b_n_major as u32)
+                };
+                self.ins(format!(
+                    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{}}}, {a}, {bd}, %wgacc, 1, 1, {tail};",
+                    c.join(", ")
+                ));
+                n0 += n;
+            }
+        }
+        self.ins("wgmma.commit_group.sync.aligned;");
+        self.ins("wgmma.wait_group.sync.aligned 0;");
     }
 
     fn emit_contract(
@@ -980,6 +1081,9 @@ impl<'a> Printer<'a> {
         layout: BLayout,
     ) -> Result<(), TileError> {
         let prog = self.prog;
+        if prog.schedule.mma == MmaUnit::Warpgroup {
+            return self.emit_contract_wgmma(acc, a, b, layout);
+        }
         let acc_t = &prog.regs[acc.index()];
         let bt = &prog.shared[b.index()];
         let ty = Self::mma_type(bt.elem)?;
@@ -988,7 +1092,7 @@ impl<'a> Printer<'a> {
             BLayout::RowsAreN => bt.cols,
             BLayout::RowsAreK => bt.rows,
         };
-        let b_rb = bt.cols * 2;
+        let b_block = bt.rows * ROW_BYTES;
         let bbase = self.smem_base[b.index()].clone();
         self.comment(format!("contract {} += . {}", acc_t.name, bt.name));
         // A from shared: warp's base.
@@ -999,9 +1103,9 @@ impl<'a> Printer<'a> {
                 let sb = self.smem_base[id.index()].clone();
                 self.ins(format!(
                     "mad.lo.u32 {wbase}, %warp, {}, {sb};",
-                    prog.rows_per_warp() * t.cols * 2
+                    prog.rows_per_warp() * ROW_BYTES
                 ));
-                Some((wbase, t.cols * 2))
+                Some((wbase, t.rows * ROW_BYTES))
             }
             AOperand::Reg(_) => None,
         };
@@ -1027,8 +1131,68 @@ impl<'a> Printer<'a> {
                     }
                 }
             }
-            self.emit_b_fragments_and_mma(acc, &afr, &bbase, b_rb, layout, ks, n_cols, ty);
+            self.emit_b_fragments_and_mma(acc, &afr, &bbase, b_block, layout, ks, n_cols, ty);
         }
+        Ok(())
+    }
+
+    fn emit_contract_wgmma(
+        &mut self,
+        acc: RegId,
+        a: AOperand,
+        b: SharedId,
+        layout: BLayout,
+    ) -> Result<(), TileError> {
+        let prog = self.prog;
+        let acc_t = &prog.regs[acc.index()];
+        let bt = &prog.shared[b.index()];
+        let ty = Self::mma_type(bt.elem)?;
+        let b_block = bt.rows * ROW_BYTES;
+        self.comment(format!("contract {} += . {} (wgmma)", acc_t.name, bt.name));
+        let (k_len, n_major) = match layout {
+            BLayout::RowsAreN => (bt.cols, false),
+            BLayout::RowsAreK => (bt.rows, true),
+        };
+        let bbase = self.smem_base[b.index()].clone();
+        let bdesc = self.wgmma_desc(&bbase, b_block, n_major);
+        let a_ops: Vec<String> = match a {
+            AOperand::Reg(id) => (0..k_len / 16)
+                .map(|ks| {
+                    let r: Vec<String> = (0..4).map(|i| self.afrag_reg(id, 0, ks, i)).collect();
+                    format!("{{{}}}", r.join(", "))
+                })
+                .collect(),
+            AOperand::Shared(id) => {
+                // K-major A: the warpgroup's 64 rows of the tile.
+                let at = &prog.shared[id.index()];
+                let a_block = at.rows * ROW_BYTES;
+                let sb = self.smem_base[id.index()].clone();
+                let wg = self.r();
+                self.ins(format!("shr.u32 {wg}, %warp, 2;"));
+                let base = self.r();
+                self.ins(format!(
+                    "mad.lo.u32 {base}, {wg}, {}, {sb};",
+                    64 * ROW_BYTES
+                ));
+                let adesc = self.wgmma_desc(&base, a_block, false);
+                (0..k_len / 16)
+                    .map(|ks| {
+                        let d = self.rd();
+                        let off = (ks / 4) * a_block + (ks % 4) * 32;
+                        self.ins(format!("add.s64 {d}, {adesc}, {};", off >> 4));
+                        d
+                    })
+                    .collect()
+            }
+        };
+        let b_step = move |ks: u32| {
+            if n_major {
+                ks * 16 * ROW_BYTES
+            } else {
+                (ks / 4) * b_block + (ks % 4) * 32
+            }
+        };
+        self.emit_wgmma(acc, &a_ops, &bdesc, b_step, n_major, b_block, ty);
         Ok(())
     }
 
@@ -1041,7 +1205,7 @@ impl<'a> Printer<'a> {
         acc: RegId,
         afr: &[Vec<String>],
         bbase: &str,
-        b_rb: u32,
+        b_block: u32,
         layout: BLayout,
         ks: u32,
         n_cols: u32,
@@ -1052,7 +1216,7 @@ impl<'a> Printer<'a> {
             match layout {
                 BLayout::RowsAreN => {
                     // Rows n0..n0+15 of the tile, chunk pair 2ks: r0,r1 = b of n-tile 2nj, r2,r3 of 2nj+1.
-                    let (addr, imm) = self.ldm_addr(bbase, "N", b_rb, nj * 16, 2 * ks);
+                    let (addr, imm) = self.ldm_addr(bbase, "N", b_block, nj * 16, 2 * ks);
                     self.ins(format!(
                         "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}}}, [{addr}+{imm}];",
                         bregs.join(", ")
@@ -1060,7 +1224,7 @@ impl<'a> Printer<'a> {
                 }
                 BLayout::RowsAreK => {
                     // Rows k0..k0+15, chunk pair 2nj, transposed: r0,r1 = b of n-tile 2nj, r2,r3 of 2nj+1.
-                    let (addr, imm) = self.ldm_addr(bbase, "A", b_rb, ks * 16, 2 * nj);
+                    let (addr, imm) = self.ldm_addr(bbase, "A", b_block, ks * 16, 2 * nj);
                     self.ins(format!(
                         "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{}}}, [{addr}+{imm}];",
                         bregs.join(", ")
@@ -1100,8 +1264,8 @@ impl<'a> Printer<'a> {
         let at = &prog.shared[a.index()];
         let bt = &prog.shared[b.index()];
         let ty = Self::mma_type(at.elem)?;
-        let a_rb = at.cols * 2;
-        let b_rb = bt.cols * 2;
+        let a_block = at.rows * ROW_BYTES;
+        let b_block = bt.rows * ROW_BYTES;
         let abase = self.smem_base[a.index()].clone();
         let bbase = self.smem_base[b.index()].clone();
         self.comment(format!(
@@ -1123,13 +1287,14 @@ impl<'a> Printer<'a> {
                 mt * 2
             ));
             self.ins(format!("or.b32 {chunk}, {chunk}, {bit};"));
-            let hi = self.r();
-            self.ins(format!("and.b32 {hi}, {chunk}, -8;"));
+            // Column block chunk / 8, swizzled chunk (chunk % 8) ^ row.
+            let blk = self.r();
+            self.ins(format!("shr.u32 {blk}, {chunk}, 3;"));
             self.ins(format!("and.b32 {chunk}, {chunk}, 7;"));
             self.ins(format!("xor.b32 {chunk}, {chunk}, {l7};"));
-            self.ins(format!("or.b32 {chunk}, {chunk}, {hi};"));
             let off = self.r();
-            self.ins(format!("mad.lo.u32 {off}, %lmN_row, {a_rb}, {abase};"));
+            self.ins(format!("mad.lo.u32 {off}, %lmN_row, {ROW_BYTES}, {abase};"));
+            self.ins(format!("mad.lo.u32 {off}, {blk}, {a_block}, {off};"));
             self.ins(format!("mad.lo.u32 {off}, {chunk}, 16, {off};"));
             offs.push(off);
         }
@@ -1137,6 +1302,8 @@ impl<'a> Printer<'a> {
             Elem::Bf16 => "bf16",
             _ => "f16",
         };
+        let wgmma = prog.schedule.mma == MmaUnit::Warpgroup;
+        let mut wg_a: Vec<String> = Vec::new();
         for ks in 0..at.rows / 16 {
             // Scale factors of this thread's four k values: nt 2ks and 2ks+1, lo 0 and 1.
             let mut fac = Vec::new();
@@ -1157,7 +1324,7 @@ impl<'a> Printer<'a> {
                 self.ins(format!(
                     "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{}}}, [{off}+{}];",
                     regs.join(", "),
-                    ks * 16 * a_rb
+                    ks * 16 * ROW_BYTES
                 ));
                 if !unit {
                     for (i, r) in regs.iter().enumerate() {
@@ -1190,14 +1357,30 @@ impl<'a> Printer<'a> {
                 }
                 afr.push(regs);
             }
-            self.emit_b_fragments_and_mma(
+            if wgmma {
+                wg_a.push(format!("{{{}}}", afr[0].join(", ")));
+            } else {
+                self.emit_b_fragments_and_mma(
+                    acc,
+                    &afr,
+                    &bbase,
+                    b_block,
+                    BLayout::RowsAreK,
+                    ks,
+                    acc_t.cols,
+                    ty,
+                );
+            }
+        }
+        if wgmma {
+            let bdesc = self.wgmma_desc(&bbase, b_block, true);
+            self.emit_wgmma(
                 acc,
-                &afr,
-                &bbase,
-                b_rb,
-                BLayout::RowsAreK,
-                ks,
-                acc_t.cols,
+                &wg_a,
+                &bdesc,
+                |ks| ks * 16 * ROW_BYTES,
+                true,
+                b_block,
                 ty,
             );
         }
@@ -1319,7 +1502,7 @@ impl<'a> Printer<'a> {
         let t = &prog.shared[dst.index()];
         let cols = prog.regs[src.index()].cols;
         let ty = Self::mma_type(t.elem)?;
-        let rb = t.cols * 2;
+        let block_bytes = t.rows * ROW_BYTES;
         self.comment(format!(
             "{} = round({})",
             t.name,
@@ -1333,13 +1516,13 @@ impl<'a> Printer<'a> {
                 self.smem_base[dst.index()].clone()
             }
         };
-        // Row (warp * rpw + g) * rb; chunk nt lands at (nt & ~7) | ((nt & 7) ^ g).
+        // Row warp * rpw + g; chunk nt lands in column block nt / 8 at chunk (nt % 8) ^ g.
         let row = self.r();
         self.ins(format!(
             "mad.lo.u32 {row}, %warp, {}, %g;",
             prog.rows_per_warp()
         ));
-        self.ins(format!("mad.lo.u32 {row}, {row}, {rb}, {base};"));
+        self.ins(format!("mad.lo.u32 {row}, {row}, {ROW_BYTES}, {base};"));
         self.ins(format!("mad.lo.u32 {row}, %tig, 4, {row};"));
         let mut sw = Vec::new();
         for j in 0..8u32.min(cols / 8) {
@@ -1355,7 +1538,7 @@ impl<'a> Printer<'a> {
                     let hi = self.acc_reg(src, mt, nt, half * 2 + 1);
                     let pk = self.r();
                     self.ins(format!("cvt.rn.{ty}x2.f32 {pk}, {hi}, {lo};"));
-                    let imm = (mt * 16 + half * 8) * rb + (nt & !7) * 16;
+                    let imm = (mt * 16 + half * 8) * ROW_BYTES + (nt / 8) * block_bytes;
                     self.ins(format!(
                         "st.shared.b32 [{}+{imm}], {pk};",
                         sw[(nt & 7) as usize]
@@ -1427,7 +1610,7 @@ impl<'a> Printer<'a> {
             .iter()
             .map(|(d, _)| {
                 let t = &prog.shared[d.index()];
-                (t.rows * t.cols * t.elem.bytes()).div_ceil(128) * 128
+                (t.rows * t.cols * t.elem.bytes()).div_ceil(SMEM_ALIGN) * SMEM_ALIGN
             })
             .collect();
 
@@ -1474,6 +1657,7 @@ impl<'a> Printer<'a> {
         self.ins(format!("setp.ge.s32 {done}, {it}, %niter;"));
         self.ins(format!("@{done} bra.uni {end};"));
         self.ins(format!("cp.async.wait_group {};", stages - 2));
+        self.emit_async_proxy_fence();
         self.ins("bar.sync 0;");
         let it_next = self.r();
         self.ins(format!("add.s32 {it_next}, {it}, {};", stages - 1));
@@ -1501,7 +1685,7 @@ impl<'a> Printer<'a> {
             .collect();
         for d in &doubled {
             let t = &prog.shared[d.index()];
-            let bytes = (t.rows * t.cols * t.elem.bytes()).div_ceil(128) * 128;
+            let bytes = (t.rows * t.cols * t.elem.bytes()).div_ceil(SMEM_ALIGN) * SMEM_ALIGN;
             let parity = self.r();
             self.ins(format!("and.b32 {parity}, {it}, 1;"));
             let base = self.smem_base[d.index()].clone();
@@ -1761,7 +1945,7 @@ impl<'a> Printer<'a> {
         let _ = writeln!(s, ".version {PTX_VERSION}");
         let _ = writeln!(s, ".target {}", target.name());
         let _ = writeln!(s, ".address_size 64\n");
-        let _ = writeln!(s, ".extern .shared .align 128 .b8 einattn_smem[];\n");
+        let _ = writeln!(s, ".extern .shared .align 1024 .b8 einattn_smem[];\n");
         let _ = writeln!(s, ".visible .entry {}(", prog.name);
         let abi = prog.abi();
         for (i, a) in abi.iter().enumerate() {
@@ -1825,6 +2009,13 @@ impl<'a> Printer<'a> {
 }
 
 const SETUP_END: &str = "\t// end of setup\n";
+
+/// Bytes of one row of a shared tile's 64-column block.
+const ROW_BYTES: u32 = 128;
+
+/// Alignment of every shared tile (and ring stage): the 128-byte swizzle repeats every
+/// 8 rows of 128 bytes, and `wgmma` descriptors assume it starts on such a boundary.
+const SMEM_ALIGN: u32 = 1024;
 
 /// Where an expression is evaluated: this thread's m-tile, row half, and (for element maps)
 /// n-tile and low/high column of the pair.

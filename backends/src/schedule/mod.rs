@@ -32,6 +32,8 @@ pub struct ScheduleOptions {
     pub block_n: Option<u32>,
     pub warps: Option<u32>,
     pub stages: Option<u32>,
+    /// Tensor-core instructions (default: the kernel family's choice for the target).
+    pub mma: Option<crate::tile::MmaUnit>,
 }
 
 impl Default for ScheduleOptions {
@@ -43,6 +45,7 @@ impl Default for ScheduleOptions {
             block_n: None,
             warps: None,
             stages: None,
+            mma: None,
         }
     }
 }

@@ -274,6 +274,7 @@ pub fn flash_attention(
             warps: sched.warps,
             stages: sched.stages,
             skip_unit_rescale: sched.skip_unit_rescale,
+            mma: MmaUnit::Sync,
         },
         tensors: vec![],
         row_outputs: vec![],

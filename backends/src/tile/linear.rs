@@ -107,9 +107,22 @@ pub struct LinearSchedule {
     pub value_block: u32,
     pub warps: u32,
     pub stages: u32,
+    pub mma: MmaUnit,
 }
 
 impl LinearSchedule {
+    /// `wgmma` where the target has it: the contractions then read K, V, Q and the state
+    /// from shared memory directly, which frees the registers and issue slots that
+    /// `ldmatrix` B fragments take under `mma.sync`.
+    /// (It needs 16-row warps in whole warpgroups; the block is `d` rows.)
+    pub fn default_mma(&self, head_dim: u32, target: crate::Target) -> MmaUnit {
+        let warpgroups = self.warps.is_multiple_of(4) && head_dim == 16 * self.warps;
+        match target {
+            crate::Target::Sm90a if warpgroups => MmaUnit::Warpgroup,
+            _ => MmaUnit::Sync,
+        }
+    }
+
     pub fn default_for(spec: &LinearSpec) -> LinearSchedule {
         // d = 128 needs 8 warps (16 rows each) so the score, output and state accumulators
         // fit in registers; splitting e in two also doubles the CTAs along the grid.
@@ -119,6 +132,7 @@ impl LinearSchedule {
                 value_block: (spec.value_dim / 2).max(64).min(spec.value_dim),
                 warps: 8,
                 stages: 2,
+                mma: MmaUnit::Sync,
             }
         } else {
             LinearSchedule {
@@ -126,6 +140,7 @@ impl LinearSchedule {
                 value_block: spec.value_dim,
                 warps: 4,
                 stages: 2,
+                mma: MmaUnit::Sync,
             }
         }
     }
@@ -207,6 +222,7 @@ pub fn lightning_part(
             warps: sched.warps,
             stages: sched.stages,
             skip_unit_rescale: false,
+            mma: sched.mma,
         },
         sequential: true,
         col_blocks: e / eb,

@@ -592,6 +592,29 @@ pub struct TileSchedule {
     /// Lowering hint: skip `acc = acc * row` when every row factor of a warp is exactly 1
     /// (a warp vote); helps when registers are tight, costs a branch otherwise.
     pub skip_unit_rescale: bool,
+    /// Which tensor-core instructions carry the contractions.
+    pub mma: MmaUnit,
+}
+
+/// The tensor-core instructions a lowering uses for `Contract` and `ContractT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MmaUnit {
+    /// `mma.sync` per warp (sm_80 and later): B operands go through registers via `ldmatrix`.
+    #[default]
+    Sync,
+    /// `wgmma.mma_async` per warpgroup of 4 warps (sm_90a): B (and a shared A) operands are
+    /// read from shared memory through descriptors, so no B fragment ever occupies a
+    /// register. Needs 16 rows per warp and whole warpgroups.
+    Warpgroup,
+}
+
+impl MmaUnit {
+    pub fn name(self) -> &'static str {
+        match self {
+            MmaUnit::Sync => "mma.sync",
+            MmaUnit::Warpgroup => "wgmma",
+        }
+    }
 }
 
 /// Dynamic shared memory one CTA may use on sm_80 through sm_90 (227 KB).
@@ -846,6 +869,12 @@ impl TileProgram {
         }
         if s.stages < 2 {
             return invalid("stages must be at least 2");
+        }
+        if s.mma == MmaUnit::Warpgroup && (self.rows_per_warp() != 16 || s.warps % 4 != 0) {
+            return invalid(format!(
+                "wgmma needs whole warpgroups of 16-row warps (block_m {}, warps {})",
+                s.block_m, s.warps
+            ));
         }
         if self.shared_bytes() > MAX_SHARED_BYTES {
             return invalid(format!(
