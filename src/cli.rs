@@ -162,6 +162,16 @@ pub struct KernelArgs {
 }
 
 impl KernelArgs {
+    /// `check` and `bench` on one GPU compile for the GPU they run on unless `--target`
+    /// says otherwise (sequence-parallel runs keep the portable sm_80 default).
+    fn for_device(&self, sp: &SpArgs) -> KernelArgs {
+        let mut args = self.clone();
+        if args.target.is_none() && sp.devices.is_none() {
+            args.target = crate::gpu::device_target();
+        }
+        args
+    }
+
     /// The schedule knobs these options set; the rest stay the cost model's.
     fn schedule_options(&self) -> einattn_backends::schedule::ScheduleOptions {
         let mut options = einattn_backends::schedule::ScheduleOptions {
@@ -442,6 +452,7 @@ pub fn check(
             "error: `check --sp P` splits the sequence over P >= 2 GPUs",
         ));
     }
+    let args = &args.for_device(sp);
     let (cascade, kernel) = build_kernel(&source, defines, args)?;
     if let Some(options) = sp.options() {
         let (_, plan) = einattn_backends::plan::plan_cascade(&cascade, &options)
@@ -558,6 +569,7 @@ pub fn bench(
     sp: &SpArgs,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
+    let args = &args.for_device(sp);
     let (cascade, kernel) = build_kernel(&source, defines, args)?;
     if let Some(options) = sp.options() {
         let (_, plan) = einattn_backends::plan::plan_cascade(&cascade, &options)

@@ -230,6 +230,19 @@ fn open_gpu_at(ordinal: usize) -> Result<(Gpu, String), CliError> {
 }
 
 /// `einattn check`: GPU output against the reference on fresh random inputs.
+/// The code-generation target that suits GPU 0: sm_90a on Hopper (compute capability
+/// 9.x, where the linear kernels use wgmma), sm_80 elsewhere; `None` without a usable GPU
+/// (the run itself then reports why).
+pub fn device_target() -> Option<einattn_backends::Target> {
+    let gpu = Gpu::open(0).ok()?;
+    let (major, _) = gpu.compute_capability().ok()?;
+    Some(if major == 9 {
+        einattn_backends::Target::Sm90a
+    } else {
+        einattn_backends::Target::Sm80
+    })
+}
+
 pub fn check(cascade: &Cascade, k: &CompiledKernel, seed: u64) -> Result<(String, bool), CliError> {
     let m = &k.schedule.matched;
     let inputs = rounded_inputs(
@@ -646,7 +659,9 @@ pub fn bench_linear(
         "problem": {"batch": m.batch, "heads": m.heads, "n": m.n, "head_dim": m.spec.head_dim,
                     "value_dim": m.spec.value_dim, "elem": m.spec.elem.name(),
                     "decay": format!("{:?}", m.spec.decay)},
-        "schedule": {"value_block": k.schedule.value_block, "warps": k.schedule.warps, "stages": k.schedule.stages},
+        "schedule": {"value_block": k.schedule.value_block, "warps": k.schedule.warps, "stages": k.schedule.stages,
+                     "mma": k.schedule.mma.name(), "strategy": format!("{:?}", k.schedule.strategy),
+                     "target": k.target.name()},
         "registers": resources.registers,
         "local_bytes": resources.local_bytes,
         "median_ms": t.median_ms,

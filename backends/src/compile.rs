@@ -304,6 +304,15 @@ impl CompiledLinear {
         );
         let _ = writeln!(
             out,
+            "tensor cores: {}; {}",
+            s.mma.name(),
+            match s.mma {
+                crate::tile::MmaUnit::Warpgroup => "each warpgroup issues m64nNk16 MMAs that read K, V, Q and the state copy from shared memory through descriptors, asynchronously, so the decay and mask work overlaps them (sm_90a)",
+                crate::tile::MmaUnit::Sync => "per-warp m16n8k16 MMAs with ldmatrix fragments (the sm_80 instruction set; on sm_90a pass --target sm_90a for wgmma)",
+            }
+        );
+        let _ = writeln!(
+            out,
             "verified: the interpreter agrees with the recurrence on a small instance (relative difference {:.1e})",
             self.verified_error
         );

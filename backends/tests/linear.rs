@@ -99,18 +99,34 @@ fn default_schedules_assemble_without_spills() {
                     causal,
                 };
                 let sched = LinearSchedule::default_for(&spec);
-                let mut progs = vec![lightning(&spec, &sched).expect("builds").0];
-                if causal && !matches!(spec.decay, Decay::Gate(_)) {
-                    for part in [
-                        Part::ChunkStates { chunk_tiles: 4 },
-                        Part::ChunkOutputs { chunk_tiles: 4 },
-                    ] {
-                        progs.push(lightning_part(&spec, &sched, part).expect("builds").0);
+                // The wgmma schedule the compiler picks on sm_90a, assembled for sm_90a only.
+                let wgmma = LinearSchedule {
+                    mma: sched.default_mma(d, Target::Sm90a),
+                    ..sched
+                };
+                assert_eq!(wgmma.mma, einattn_backends::tile::MmaUnit::Warpgroup);
+                let mut progs = Vec::new();
+                for (sched, targets) in [
+                    (
+                        sched,
+                        &[(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")][..],
+                    ),
+                    (wgmma, &[(Target::Sm90a, "sm_90a")][..]),
+                ] {
+                    progs.push((lightning(&spec, &sched).expect("builds").0, targets));
+                    if causal && !matches!(spec.decay, Decay::Gate(_)) {
+                        for part in [
+                            Part::ChunkStates { chunk_tiles: 4 },
+                            Part::ChunkOutputs { chunk_tiles: 4 },
+                        ] {
+                            let p = lightning_part(&spec, &sched, part).expect("builds").0;
+                            progs.push((p, targets));
+                        }
                     }
                 }
-                for (prog, (target, arch)) in progs
+                for (prog, &(target, arch)) in progs
                     .iter()
-                    .flat_map(|p| [(p, (Target::Sm80, "sm_80")), (p, (Target::Sm90a, "sm_90a"))])
+                    .flat_map(|(p, targets)| targets.iter().map(move |t| (p, t)))
                 {
                     let k = print_ptx(prog, target).expect("prints");
                     let r = assemble(&ptxas, &k.text, arch)

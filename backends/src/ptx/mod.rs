@@ -127,6 +127,7 @@ pub fn print_ptx(prog: &TileProgram, target: Target) -> Result<PtxKernel, TileEr
     let mut p = Printer::new(prog)?;
     p.emit_setup()?;
     p.emit_block(&prog.body, None)?;
+    p.wait_wgmma(0);
     let text = p.finish(target);
     Ok(PtxKernel {
         entry: prog.name.clone(),
@@ -175,6 +176,20 @@ struct Printer<'a> {
     mtiles: u32,
     /// Register holding key index in the current key loop iteration (`key_origin + 2 tig`).
     in_loop: bool,
+    /// Committed `wgmma` groups not yet waited for, oldest first.
+    wgmma_pending: Vec<WgmmaGroup>,
+    /// Loop-invariant per-element values computed once at kernel start (see
+    /// [`Printer::invariant_key`]), by expression and position class.
+    invariant_cache: HashMap<(String, (i32, i32, i32)), String>,
+}
+
+/// What one committed `wgmma` group may still be reading or writing.
+#[derive(Debug, Clone, Default)]
+struct WgmmaGroup {
+    /// Register tiles: the accumulator and a register A operand.
+    regs: Vec<RegId>,
+    /// Shared tiles it reads.
+    shared: Vec<SharedId>,
 }
 
 impl<'a> Printer<'a> {
@@ -218,6 +233,8 @@ impl<'a> Printer<'a> {
             store_base: vec![None; prog.shared.len()],
             mtiles: prog.rows_per_warp() / 16,
             in_loop: false,
+            wgmma_pending: Vec::new(),
+            invariant_cache: HashMap::new(),
         })
     }
 
@@ -549,6 +566,14 @@ impl<'a> Printer<'a> {
                 self.ins(format!("shl.b32 {sw}, {sw}, 4;"));
             }
         }
+        if prog.sequential {
+            // Key positions are tile-relative: the thread's first key column never changes,
+            // so values hoisted out of the loop may use it.
+            let kcol = self.named_once(".b32", "kcol");
+            let kf = self.named_once(".f32", "kf");
+            self.ins(format!("shl.b32 {kcol}, {tig}, 1;"));
+            self.ins(format!("cvt.rn.f32.s32 {kf}, {kcol};"));
+        }
         if prog.schedule.mma == MmaUnit::Warpgroup {
             // wgmma's scale-d operand: always accumulate into D.
             let p = self.named(".pred", "wgacc");
@@ -580,9 +605,104 @@ impl<'a> Printer<'a> {
     // ---- statements --------------------------------------------------------------------
     fn emit_block(&mut self, body: &[Stmt], lp: Option<&LoopState>) -> Result<(), TileError> {
         for st in body {
+            self.wait_for_conflicting_wgmma(st);
             self.emit_stmt(st, lp)?;
         }
         Ok(())
+    }
+
+    /// `wgmma` runs asynchronously: a statement that touches a register tile of a pending
+    /// group, or writes a shared tile one reads, first waits until that group (and every
+    /// older one) is done; later groups stay in flight.
+    fn wait_for_conflicting_wgmma(&mut self, st: &Stmt) {
+        if self.wgmma_pending.is_empty() {
+            return;
+        }
+        let (regs, writes, all) = self.stmt_footprint(st);
+        let conflict = self.wgmma_pending.iter().rposition(|g| {
+            all || g.regs.iter().any(|r| regs.contains(r))
+                || g.shared.iter().any(|t| writes.contains(t))
+        });
+        if let Some(i) = conflict {
+            self.wait_wgmma(self.wgmma_pending.len() - 1 - i);
+        }
+    }
+
+    /// Waits until at most `keep` committed groups are pending.
+    fn wait_wgmma(&mut self, keep: usize) {
+        if self.wgmma_pending.len() > keep {
+            self.ins(format!("wgmma.wait_group.sync.aligned {keep};"));
+            let done = self.wgmma_pending.len() - keep;
+            self.wgmma_pending.drain(..done);
+        }
+    }
+
+    /// Register tiles a statement reads or writes, shared tiles it writes, and whether it
+    /// must see every pending group finished (loops, loads, anything not itemized).
+    fn stmt_footprint(&self, st: &Stmt) -> (Vec<RegId>, Vec<SharedId>, bool) {
+        let expr_regs = |e: &ScalarExpr, out: &mut Vec<RegId>| {
+            e.visit(&mut |x| {
+                if let ScalarExpr::Elem(id) = x {
+                    out.push(*id);
+                }
+            })
+        };
+        let mut regs = Vec::new();
+        let mut writes = Vec::new();
+        let all = match st {
+            Stmt::Fill { dst, .. } | Stmt::Mask { dst, .. } | Stmt::Fragments { dst, .. } => {
+                regs.push(*dst);
+                false
+            }
+            Stmt::Map { dst, expr } => {
+                regs.push(*dst);
+                expr_regs(expr, &mut regs);
+                false
+            }
+            Stmt::Convert { dst, src } => {
+                regs.extend([*dst, *src]);
+                false
+            }
+            Stmt::Contract { acc, a, .. } => {
+                regs.push(*acc);
+                if let AOperand::Reg(id) = a {
+                    regs.push(*id);
+                }
+                false
+            }
+            Stmt::ContractT { acc, scale, .. } => {
+                regs.push(*acc);
+                expr_regs(scale, &mut regs);
+                false
+            }
+            Stmt::Store { src, .. } | Stmt::StoreState { src, .. } => {
+                regs.push(*src);
+                false
+            }
+            Stmt::RowReduce { src, .. } => {
+                regs.push(*src);
+                false
+            }
+            Stmt::RowMap { expr, .. } => {
+                expr_regs(expr, &mut regs);
+                false
+            }
+            Stmt::LoadStatePrefix { dst, .. } => {
+                regs.push(*dst);
+                false
+            }
+            Stmt::StoreShared { src, dst } => {
+                regs.push(*src);
+                // A double-buffered state is written to the copy nobody reads this iteration.
+                if self.store_base[dst.index()].is_none() {
+                    writes.push(*dst);
+                }
+                false
+            }
+            Stmt::FillRow { .. } | Stmt::StoreRow { .. } => false,
+            Stmt::LoadTile { .. } | Stmt::KeyLoop { .. } => true,
+        };
+        (regs, writes, all)
     }
 
     fn emit_stmt(&mut self, st: &Stmt, lp: Option<&LoopState>) -> Result<(), TileError> {
@@ -1025,9 +1145,11 @@ impl<'a> Printer<'a> {
     /// `acc += A . B` over `ks_count` k-steps with `wgmma.mma_async`, one instruction per
     /// k-step (and per 256 accumulator columns). `a_src(ks)` gives the A operand of a k-step:
     /// four registers or a descriptor.
+    #[allow(clippy::too_many_arguments)]
     fn emit_wgmma(
         &mut self,
         acc: RegId,
+        group: WgmmaGroup,
         a_ops: &[String],
         bdesc: &str,
         b_step: impl Fn(u32) -> u32,
@@ -1070,7 +1192,7 @@ impl<'a> Printer<'a> {
             }
         }
         self.ins("wgmma.commit_group.sync.aligned;");
-        self.ins("wgmma.wait_group.sync.aligned 0;");
+        self.wgmma_pending.push(group);
     }
 
     fn emit_contract(
@@ -1192,7 +1314,15 @@ impl<'a> Printer<'a> {
                 (ks / 4) * b_block + (ks % 4) * 32
             }
         };
-        self.emit_wgmma(acc, &a_ops, &bdesc, b_step, n_major, b_block, ty);
+        let mut group = WgmmaGroup {
+            regs: vec![acc],
+            shared: vec![b],
+        };
+        match a {
+            AOperand::Reg(id) => group.regs.push(id),
+            AOperand::Shared(id) => group.shared.push(id),
+        }
+        self.emit_wgmma(acc, group, &a_ops, &bdesc, b_step, n_major, b_block, ty);
         Ok(())
     }
 
@@ -1374,8 +1504,13 @@ impl<'a> Printer<'a> {
         }
         if wgmma {
             let bdesc = self.wgmma_desc(&bbase, b_block, true);
+            let group = WgmmaGroup {
+                regs: vec![acc],
+                shared: vec![b],
+            };
             self.emit_wgmma(
                 acc,
+                group,
                 &wg_a,
                 &bdesc,
                 |ks| ks * 16 * ROW_BYTES,
@@ -1735,6 +1870,8 @@ impl<'a> Printer<'a> {
         };
         self.in_loop = true;
         self.emit_block(body, Some(&st))?;
+        // The next iteration's loads overwrite the tiles this one's groups read.
+        self.wait_wgmma(0);
         self.in_loop = false;
         for (i, (dst, _)) in streams.iter().enumerate() {
             self.smem_base[dst.index()] = saved[i].clone();
@@ -1765,6 +1902,18 @@ impl<'a> Printer<'a> {
             ScalarExpr::Head(id) => return Ok(format!("%hp{}", id.0)),
             _ => {}
         }
+        if let Some(class) = self.invariant_key(e, ctx) {
+            let key = (format!("{e:?}"), class);
+            if let Some(r) = self.invariant_cache.get(&key) {
+                return Ok(r.clone());
+            }
+            let saved = std::mem::take(&mut self.body);
+            let v = self.emit_expr_inner(e, ctx)?;
+            let code = std::mem::replace(&mut self.body, saved);
+            self.hoisted.push_str(&code);
+            self.invariant_cache.insert(key, v.clone());
+            return Ok(v);
+        }
         if e.is_uniform() {
             let key = format!("{e:?}");
             if let Some(r) = self.uniform_cache.get(&key) {
@@ -1779,6 +1928,26 @@ impl<'a> Printer<'a> {
             return Ok(v);
         }
         self.emit_expr_inner(e, ctx)
+    }
+
+    /// In a sequential program positions are tile-relative, so an expensive expression of
+    /// positions alone (a decay factor) has the same value in every iteration: it is
+    /// computed once at kernel start. Elements share a register when the expression has the
+    /// same value for them: same row (query only), same column (key only), or same `i - j`
+    /// relative to the thread's first row and column (a difference); other expressions are
+    /// left in the loop (one register per element would be too many).
+    fn invariant_key(&self, e: &ScalarExpr, ctx: &ElemCtx) -> Option<(i32, i32, i32)> {
+        if !self.in_loop || !self.prog.sequential || !e.has_transcendental() {
+            return None;
+        }
+        let row = (ctx.mt * 16 + ctx.half * 8) as i32;
+        let col = ctx.col.map(|(nt, lo)| (nt * 8 + lo) as i32);
+        match (e.position_dependence()?, col) {
+            (PositionDependence::Query, _) => Some((0, row, 0)),
+            (PositionDependence::Key, Some(c)) => Some((1, c, 0)),
+            (PositionDependence::Difference, Some(c)) => Some((2, row - c, 0)),
+            _ => None,
+        }
     }
 
     fn emit_expr_inner(&mut self, e: &ScalarExpr, ctx: &ElemCtx) -> Result<String, TileError> {

@@ -379,49 +379,6 @@ pub fn lightning_part(
         Some(f) => mul(elem(s), f),
         None => elem(s),
     };
-    let mut lp = vec![
-        Stmt::LoadTile { dst: q_s, src: q },
-        Stmt::LoadTile { dst: k_s, src: k },
-        Stmt::LoadTile { dst: v_s, src: v },
-        Stmt::Fill { dst: s, value: 0.0 },
-        Stmt::Contract {
-            acc: s,
-            a: AOperand::Shared(q_s),
-            b: k_s,
-            b_layout: BLayout::RowsAreN,
-        },
-        Stmt::Map {
-            dst: s,
-            expr: select(CmpOp::Le, j.clone(), i.clone(), intra, lit(0.0)),
-        },
-        Stmt::Fill {
-            dst: acc,
-            value: 0.0,
-        },
-        Stmt::Contract {
-            acc,
-            a: AOperand::Shared(q_s),
-            b: state_s,
-            b_layout: BLayout::RowsAreK,
-        },
-    ];
-    if let Some(f) =
-        decay_pow(add(i, lit(1.0))).or_else(|| gate_between(TokenAt::Row, TokenAt::Before))
-    {
-        lp.push(Stmt::Map {
-            dst: acc,
-            expr: mul(elem(acc), f),
-        });
-    }
-    lp.push(Stmt::Convert { dst: pf, src: s });
-    lp.push(Stmt::Contract {
-        acc,
-        a: AOperand::Reg(pf),
-        b: v_s,
-        b_layout: BLayout::RowsAreK,
-    });
-    lp.push(Stmt::Store { src: acc, dst: o });
-    let _ = j;
     let states = StateId(0);
     let state_update = |lp: &mut Vec<Stmt>| {
         if let Some(f) =
@@ -441,11 +398,77 @@ pub fn lightning_part(
             b: v_s,
         });
     };
-    state_update(&mut lp);
-    lp.push(Stmt::StoreShared {
+    // The update writes the registers `st`; `state_s` keeps the previous state until the
+    // end of the iteration, where the inter-block product has read it.
+    let qk = vec![
+        Stmt::Fill { dst: s, value: 0.0 },
+        Stmt::Contract {
+            acc: s,
+            a: AOperand::Shared(q_s),
+            b: k_s,
+            b_layout: BLayout::RowsAreN,
+        },
+    ];
+    let qs = vec![
+        Stmt::Fill {
+            dst: acc,
+            value: 0.0,
+        },
+        Stmt::Contract {
+            acc,
+            a: AOperand::Shared(q_s),
+            b: state_s,
+            b_layout: BLayout::RowsAreK,
+        },
+    ];
+    let mut upd = Vec::new();
+    state_update(&mut upd);
+    let maps = vec![Stmt::Map {
+        dst: s,
+        expr: select(CmpOp::Le, j.clone(), i.clone(), intra, lit(0.0)),
+    }];
+    let mut dec = Vec::new();
+    if let Some(f) =
+        decay_pow(add(i, lit(1.0))).or_else(|| gate_between(TokenAt::Row, TokenAt::Before))
+    {
+        dec.push(Stmt::Map {
+            dst: acc,
+            expr: mul(elem(acc), f),
+        });
+    }
+    let conv = vec![Stmt::Convert { dst: pf, src: s }];
+    let pv = vec![Stmt::Contract {
+        acc,
+        a: AOperand::Reg(pf),
+        b: v_s,
+        b_layout: BLayout::RowsAreK,
+    }];
+    let store = vec![Stmt::Store { src: acc, dst: o }];
+    let ss = vec![Stmt::StoreShared {
         src: st,
         dst: state_s,
-    });
+    }];
+    let _ = j;
+    // Statement order decides what the asynchronous MMAs (wgmma) overlap. Measured on an
+    // H200 (B=4 H=16 d=e=128 N=65536, bench/results/linear_2026-12-01): scores first and
+    // their element-wise work while nothing else is queued, then the inter-block product,
+    // P V, and the state update, whose operand scaling overlaps P V and whose MMAs overlap
+    // the output store (159 Mtok/s; the five orders tried ran 139-159). With a gate the
+    // element-wise work reads per-token inputs from memory, and queueing the inter-block
+    // product before it hides that latency better (115 vs 105 Mtok/s).
+    let seq: Vec<&Vec<Stmt>> = if gate.is_some() {
+        vec![&qk, &qs, &maps, &dec, &conv, &pv, &upd, &store, &ss]
+    } else {
+        vec![&qk, &maps, &qs, &dec, &conv, &pv, &upd, &store, &ss]
+    };
+    let mut lp = vec![
+        Stmt::LoadTile { dst: q_s, src: q },
+        Stmt::LoadTile { dst: k_s, src: k },
+        Stmt::LoadTile { dst: v_s, src: v },
+    ];
+    for part in seq {
+        lp.extend(part.iter().cloned());
+    }
     p.body = match part {
         Part::Whole => vec![
             Stmt::Fill {

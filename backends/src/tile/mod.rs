@@ -427,6 +427,77 @@ impl ScalarExpr {
 
     /// True when the value is the same for every element and row of a CTA
     /// (only literals and parameters): such subtrees are computed once per kernel.
+    /// How a position-only expression (no tile elements, row vectors or token inputs)
+    /// depends on the element's positions; `None` for any other expression or a uniform one.
+    pub fn position_dependence(&self) -> Option<PositionDependence> {
+        // (query free, key free, uses query - key)
+        fn walk(e: &ScalarExpr, ok: &mut bool) -> (bool, bool, bool) {
+            match e {
+                ScalarExpr::Binary(BinaryOp::Sub, a, b)
+                    if matches!(
+                        (a.as_ref(), b.as_ref()),
+                        (
+                            ScalarExpr::Index(SeqRank::Query),
+                            ScalarExpr::Index(SeqRank::Key)
+                        )
+                    ) =>
+                {
+                    (false, false, true)
+                }
+                ScalarExpr::Index(SeqRank::Query) => (true, false, false),
+                ScalarExpr::Index(SeqRank::Key) => (false, true, false),
+                ScalarExpr::Elem(_) | ScalarExpr::Row(_) | ScalarExpr::Token(..) => {
+                    *ok = false;
+                    (false, false, false)
+                }
+                ScalarExpr::Unary(_, a) => walk(a, ok),
+                ScalarExpr::Binary(_, a, b) => {
+                    let (x, y) = (walk(a, ok), walk(b, ok));
+                    (x.0 || y.0, x.1 || y.1, x.2 || y.2)
+                }
+                ScalarExpr::Select {
+                    lhs,
+                    rhs,
+                    then,
+                    otherwise,
+                    ..
+                } => [lhs, rhs, then, otherwise]
+                    .iter()
+                    .fold((false, false, false), |acc, x| {
+                        let y = walk(x, ok);
+                        (acc.0 || y.0, acc.1 || y.1, acc.2 || y.2)
+                    }),
+                _ => (false, false, false),
+            }
+        }
+        let mut ok = true;
+        let (q, k, diff) = walk(self, &mut ok);
+        if !ok {
+            return None;
+        }
+        Some(match (q, k, diff) {
+            (false, false, false) => return None,
+            (false, false, true) => PositionDependence::Difference,
+            (true, false, false) => PositionDependence::Query,
+            (false, true, false) => PositionDependence::Key,
+            _ => PositionDependence::Both,
+        })
+    }
+
+    /// Whether the expression evaluates a special function (`exp`, `log`, `sqrt`, ...),
+    /// i.e. is worth computing once instead of per use.
+    pub fn has_transcendental(&self) -> bool {
+        let mut found = false;
+        self.visit(&mut |e| {
+            if let ScalarExpr::Unary(op, _) = e {
+                if !matches!(op, UnaryOp::Neg) {
+                    found = true;
+                }
+            }
+        });
+        found
+    }
+
     pub fn is_uniform(&self) -> bool {
         let mut uniform = true;
         self.visit(&mut |e| {
@@ -442,6 +513,17 @@ impl ScalarExpr {
         });
         uniform
     }
+}
+
+/// Through what a position-only expression depends on an element's query position `i`
+/// and key position `j`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PositionDependence {
+    Query,
+    Key,
+    /// Only through `i - j` (a decay between two positions).
+    Difference,
+    Both,
 }
 
 /// A band constraint `sign * (m - p) <= bound` between key position `m` and query
