@@ -1132,7 +1132,7 @@ impl<'a> Printer<'a> {
         } else {
             1
         };
-        let sbo: u64 = (8 * ROW_BYTES >> 4) as u64;
+        let sbo: u64 = ((8 * ROW_BYTES) >> 4) as u64;
         let fixed = (lbo << 16) | (sbo << 32) | (1u64 << 62);
         let d = self.rd();
         self.ins(format!("cvt.u64.u32 {d}, {addr};"));

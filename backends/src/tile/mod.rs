@@ -952,7 +952,8 @@ impl TileProgram {
         if s.stages < 2 {
             return invalid("stages must be at least 2");
         }
-        if s.mma == MmaUnit::Warpgroup && (self.rows_per_warp() != 16 || s.warps % 4 != 0) {
+        if s.mma == MmaUnit::Warpgroup && (self.rows_per_warp() != 16 || !s.warps.is_multiple_of(4))
+        {
             return invalid(format!(
                 "wgmma needs whole warpgroups of 16-row warps (block_m {}, warps {})",
                 s.block_m, s.warps
