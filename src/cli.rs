@@ -318,7 +318,8 @@ fn build_linear(
     let strategy = match (args.strategy.as_deref(), args.chunk_tokens) {
         (None, None) => None,
         (Some("single"), None) => Some(Strategy::SinglePass),
-        (Some("single"), Some(_)) => {
+        (Some("lookback"), None) => Some(Strategy::LookBack),
+        (Some("single" | "lookback"), Some(_)) => {
             return Err(usage_error(
                 "error: `--chunk-tokens` goes with `--strategy chunked`",
             ))
@@ -340,7 +341,7 @@ fn build_linear(
         }
         (Some(other), _) => {
             return Err(usage_error(format!(
-                "error: unknown strategy `{other}` (single, chunked)"
+                "error: unknown strategy `{other}` (single, chunked, lookback)"
             )))
         }
     };

@@ -54,6 +54,8 @@ struct Launch {
     out: DeviceBuffer<u16>,
     _keep: Vec<DeviceBuffer<u16>>,
     _keep_f32: Vec<DeviceBuffer<f32>>,
+    /// A look-back kernel's ticket counter and flags, zeroed before every launch.
+    flags: Option<std::cell::RefCell<DeviceBuffer<u32>>>,
 }
 
 fn prepare(
@@ -88,6 +90,7 @@ fn prepare(
             AbiRole::QueryOffset => KernelArg::U32(0),
             AbiRole::RowOutputPtr(_)
             | AbiRole::StatePtr(_)
+            | AbiRole::LookBackFlags
             | AbiRole::ChunkBase
             | AbiRole::ChunkTotal
             | AbiRole::TokenPtr(_)
@@ -129,6 +132,7 @@ fn prepare(
         out,
         _keep: bufs,
         _keep_f32: arrays,
+        flags: None,
     })
 }
 
@@ -458,18 +462,27 @@ fn prepare_linear(
     }
     let grid = k.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32);
     let state_index = arrays.len();
-    if k.pre.is_some() {
-        let len = (m.batch * m.heads) as usize
-            * grid.2 as usize
-            * (m.spec.head_dim * m.spec.value_dim) as usize;
+    let cells = (m.batch * m.heads) as usize * grid.2 as usize;
+    for _ in &k.program.states {
+        let len = cells * (m.spec.head_dim * m.spec.value_dim) as usize;
         arrays.push(gpu.filled(len, 0f32).map_err(gpu_error)?);
     }
+    let flags = if k.program.look_back {
+        let words = 1 + cells * grid.0 as usize;
+        Some(gpu.filled(words, 0u32).map_err(gpu_error)?)
+    } else {
+        None
+    };
     let mut args = Vec::new();
     for p in &k.ptx.abi {
         args.push(match &p.role {
             AbiRole::TensorPtr(t) => bufs[t.index()].arg(gpu),
             AbiRole::HeadParamPtr(h) => arrays[h.index()].arg(gpu),
-            AbiRole::StatePtr(_) => arrays[state_index].arg(gpu),
+            AbiRole::StatePtr(s) => arrays[state_index + s.index()].arg(gpu),
+            AbiRole::LookBackFlags => match &flags {
+                Some(f) => f.arg(gpu),
+                None => return Err(CliError::input("error: no look-back flags")),
+            },
             AbiRole::ChunkBase | AbiRole::QueryOffset => KernelArg::U32(0),
             AbiRole::ChunkTotal => KernelArg::U32(grid.2),
             AbiRole::TokenPtr(_) => arrays[gate_index].arg(gpu),
@@ -502,6 +515,7 @@ fn prepare_linear(
         out,
         _keep: bufs,
         _keep_f32: arrays,
+        flags: flags.map(std::cell::RefCell::new),
     })
 }
 
@@ -548,6 +562,9 @@ impl<'k> LoadedLinear<'k> {
     }
 
     fn run(&self) -> Result<(), RuntimeError> {
+        if let Some(flags) = &self.launch.flags {
+            self.gpu.zero(&mut flags.borrow_mut())?;
+        }
         if let Some((pk, p)) = &self.pre {
             let dims = LaunchDims {
                 dynamic_smem_bytes: p.dynamic_smem_bytes,

@@ -130,8 +130,9 @@ struct KernelFlags {
     /// attention). Default: the scheduler's choice.
     #[arg(long, value_enum)]
     mma: Option<MmaArg>,
-    /// Linear attention: walk the sequence in a single pass or in parallel chunks.
-    #[arg(long, value_parser = ["single", "chunked"])]
+    /// Linear attention: one CTA walks the sequence (single), parallel chunks in two
+    /// kernels (chunked), or one block per CTA with a decoupled look-back (lookback).
+    #[arg(long, value_parser = ["single", "chunked", "lookback"])]
     strategy: Option<String>,
     /// Linear attention, chunked strategy: tokens per chunk.
     #[arg(long)]

@@ -73,6 +73,7 @@ impl CompiledKernel {
                     AbiRole::TensorPtr(t) => json!({"tensor": tensor_name(t.index())}),
                     AbiRole::RowOutputPtr(_) => json!({"row_output": p.name}),
                     AbiRole::StatePtr(_)
+                    | AbiRole::LookBackFlags
                     | AbiRole::QueryOffset
                     | AbiRole::ChunkBase
                     | AbiRole::ChunkTotal
@@ -196,6 +197,7 @@ pub fn compile_linear(
                 };
                 let (main_part, pre_part) = match schedule.strategy {
                     Strategy::SinglePass => (Part::Whole, None),
+                    Strategy::LookBack => (Part::LookBack, None),
                     Strategy::Chunked { chunk_tiles } => (
                         Part::ChunkOutputs { chunk_tiles },
                         Some(Part::ChunkStates { chunk_tiles }),
@@ -260,7 +262,13 @@ impl CompiledLinear {
             m.spec.elem.name(),
             m.spec.decay
         );
-        if let crate::tile::linear::Strategy::Chunked { chunk_tiles } = s.strategy {
+        if s.strategy == crate::tile::linear::Strategy::LookBack {
+            let _ = writeln!(
+                out,
+                "strategy: decoupled look-back, one CTA per (block of {} tokens, value block, batch, head), all in parallel: each reads its Q, K, V once, computes the intra-block outputs and its own d x {} state, publishes that state, walks back over the earlier blocks' published states (stopping at the first inclusive prefix), publishes its inclusive prefix and adds Q times the entering state; only states are re-read",
+                m.spec.head_dim, s.value_block
+            );
+        } else if let crate::tile::linear::Strategy::Chunked { chunk_tiles } = s.strategy {
             let _ = writeln!(
                 out,
                 "strategy: chunked two-phase, chunks of {} tokens: kernel 1 writes each chunk's d x {} state (f32), kernel 2 starts each chunk from the decayed sum of the earlier chunks' states; grid z = chunks",
@@ -347,6 +355,9 @@ impl CompiledLinear {
                     AbiRole::StatePtr(_) => {
                         json!({"scratch": "chunk states, f32 [chunks, B, H, d, e]"})
                     }
+                    AbiRole::LookBackFlags => json!({
+                        "scratch": "u32 [1 + chunks * B * H * col_blocks], zeroed before every launch"
+                    }),
                     AbiRole::ChunkBase | AbiRole::QueryOffset => json!({"value": 0}),
                     AbiRole::ChunkTotal => json!({
                         "value": self.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32).2

@@ -118,6 +118,7 @@ fn default_schedules_assemble_without_spills() {
                         for part in [
                             Part::ChunkStates { chunk_tiles: 4 },
                             Part::ChunkOutputs { chunk_tiles: 4 },
+                            Part::LookBack,
                         ] {
                             let p = lightning_part(&spec, &sched, part).expect("builds").0;
                             progs.push((p, targets));
@@ -276,6 +277,80 @@ proptest! {
         let want = linear_attention(&spec, prob, &q, &k, &v, decay.then_some(s.as_slice()), None);
         let err = relative_error(&io.tensors[bind.o.index()].data, &want);
         prop_assert!(err < 2e-2, "relative error {} (chunks {})", err, chunks);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, .. ProptestConfig::default() })]
+    /// The look-back strategy (one block per CTA: intra-block outputs and the block's own
+    /// state, the entering state by look-back, then the inter-block part) computes the same
+    /// as the recurrence, with ragged tails and split value columns; its inclusive prefixes
+    /// are the states after each block.
+    #[test]
+    fn look_back_strategy_matches_the_recurrence(n in 1usize..200, decay in any::<bool>(),
+                                                 split in any::<bool>(), seed in any::<u64>()) {
+        use einattn_backends::tile::interp::chunk_count;
+        let spec = LinearSpec {
+            head_dim: 32,
+            value_dim: 32,
+            elem: Elem::Bf16,
+            decay: if decay { Decay::PerHead("s".into()) } else { Decay::None },
+            causal: true,
+        };
+        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::LookBack, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
+        let prob = Problem { batch: 2, heads: 2, kv_group: 1, n_q: n, n_k: n };
+        let (prog, bind) = lightning_part(&spec, &sched, Part::LookBack).expect("builds");
+        prop_assert!(prog.look_back && prog.chunk_tiles == 1);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut tensor = |cols: usize| {
+            let data: Vec<f64> = (0..prob.batch * n * prob.heads * cols)
+                .map(|_| spec.elem.round(rng.random_range(-1.0..1.0)))
+                .collect();
+            HostTensor::bnhd(data, n, prob.heads, cols)
+        };
+        let (q, k, v) = (tensor(32), tensor(32), tensor(32));
+        let o = HostTensor::bnhd(vec![f64::NAN; prob.batch * n * prob.heads * 32], n, prob.heads, 32);
+        let s: Vec<f64> = (0..prob.heads).map(|h| 0.05 + 0.2 * h as f64).collect();
+        let chunks = chunk_count(&prog, prob);
+        prop_assert_eq!(chunks, n.div_ceil(32));
+        let state_len = prob.batch * prob.heads * chunks * 32 * 32;
+        let mut io = Bindings {
+            tensors: vec![q.clone(), k.clone(), v.clone(), o],
+            row_outputs: vec![],
+            scalars: vec![],
+            head_params: bind.decay.map(|_| vec![s.clone()]).unwrap_or_default(),
+            tokens: vec![],
+            chunk_base: 0,
+            q_offset: 0,
+            chunk_total: 0,
+            states: vec![vec![f64::NAN; state_len], vec![f64::NAN; state_len]],
+        };
+        run(&prog, prob, &mut io).expect("runs");
+        let want = linear_attention(&spec, prob, &q, &k, &v, decay.then_some(s.as_slice()), None);
+        let err = relative_error(&io.tensors[bind.o.index()].data, &want);
+        prop_assert!(err < 2e-2, "relative error {} (chunks {})", err, chunks);
+        // The last block's inclusive prefix is the state after the whole sequence:
+        // S = sum_j lam^(n_pad - 1 - j) k_j^T v_j over the padded length.
+        let (b, h) = (1usize, 1usize);
+        let lam = if decay { (-s[h]).exp() } else { 1.0 };
+        let padded = chunks * 32;
+        let slot = ((chunks - 1) * prob.batch + b) * prob.heads + h;
+        let mut max_err: f64 = 0.0;
+        let mut max_ref: f64 = 0.0;
+        for r in 0..32 {
+            for c in 0..32 {
+                let mut want = 0.0;
+                for j in 0..n {
+                    want += lam.powi((padded - 1 - j) as i32)
+                        * k.data[k.offset(b, j, h) + r]
+                        * v.data[v.offset(b, j, h) + c];
+                }
+                let got = io.states[1][(slot * 32 + r) * 32 + c];
+                max_err = max_err.max((got - want).abs());
+                max_ref = max_ref.max(want.abs());
+            }
+        }
+        prop_assert!(max_err <= 2e-2 * max_ref.max(1.0), "inclusive state off by {} (max {})", max_err, max_ref);
     }
 }
 

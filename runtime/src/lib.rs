@@ -324,6 +324,17 @@ impl Gpu {
     }
 
     /// Overwrites a buffer with `value` from the host (poisoning before a check).
+    /// Sets every byte of `buf` to 0 on this GPU's stream (no host copy).
+    pub fn zero<T: Element>(&self, buf: &mut DeviceBuffer<T>) -> Result<()>
+    where
+        T::Repr: cudarc::driver::ValidAsZeroBits,
+    {
+        drv(
+            "zeroing device memory",
+            self.stream.memset_zeros(&mut buf.slice),
+        )
+    }
+
     pub fn fill<T: Element>(&self, buf: &mut DeviceBuffer<T>, value: T) -> Result<()> {
         let repr = vec![value.to_repr(); buf.len()];
         drv(

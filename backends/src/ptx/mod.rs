@@ -178,6 +178,9 @@ struct Printer<'a> {
     in_loop: bool,
     /// Committed `wgmma` groups not yet waited for, oldest first.
     wgmma_pending: Vec<WgmmaGroup>,
+    /// A look-back program's word of shared memory that broadcasts thread 0's ticket and
+    /// the flags it reads.
+    lb_smem: u32,
     /// Loop-invariant per-element values computed once at kernel start (see
     /// [`Printer::invariant_key`]), by expression and position class.
     invariant_cache: HashMap<(String, (i32, i32, i32)), String>,
@@ -228,7 +231,8 @@ impl<'a> Printer<'a> {
             n_label: 0,
             uniform_cache: HashMap::new(),
             smem_offset,
-            smem_total: off,
+            lb_smem: off,
+            smem_total: off + if prog.look_back { 16 } else { 0 },
             smem_base: vec![String::new(); prog.shared.len()],
             store_base: vec![None; prog.shared.len()],
             mtiles: prog.rows_per_warp() / 16,
@@ -360,6 +364,12 @@ impl<'a> Printer<'a> {
                     let r = self.named(".b64", &format!("tksh{}", id.0));
                     self.ins(format!("ld.param.u64 {r}, [{}];", a.name));
                 }
+                AbiRole::LookBackFlags => {
+                    let raw = self.named(".b64", "lbraw");
+                    self.ins(format!("ld.param.u64 {raw}, [{}];", a.name));
+                    let g = self.named(".b64", "lbflags");
+                    self.ins(format!("cvta.to.global.u64 {g}, {raw};"));
+                }
                 AbiRole::StatePtr(id) => {
                     let raw = self.named(".b64", &format!("straw{}", id.0));
                     self.ins(format!("ld.param.u64 {raw}, [{}];", a.name));
@@ -418,10 +428,43 @@ impl<'a> Printer<'a> {
             .any(|s| matches!(s, Stmt::KeyLoop { masks, .. } if !masks.is_empty()));
         let qtile = self.named(".b32", "qtile");
         let colb = self.named(".b32", "colb");
+        // The CTA's grid cell: its block index, or, in a look-back program, its ticket in
+        // chunk-major order, so that every CTA of an earlier chunk has started before it.
+        let (cell_x, cell_y, cell_z) = if prog.look_back {
+            let ticket = self.named(".b32", "ticket");
+            let first = self.pred();
+            self.ins(format!("setp.eq.u32 {first}, {tid}, 0;"));
+            self.ins(format!(
+                "@{first} atom.global.add.u32 {ticket}, [%lbflags], 1;"
+            ));
+            let slot = self.lb_smem_addr();
+            self.ins(format!("@{first} st.shared.u32 [{slot}], {ticket};"));
+            self.ins("bar.sync 0;");
+            self.ins(format!("ld.shared.u32 {ticket}, [{slot}];"));
+            let cells = self.r();
+            self.ins(format!("mov.u32 {cells}, %nctaid.x;"));
+            let ny = self.r();
+            self.ins(format!("mov.u32 {ny}, %nctaid.y;"));
+            self.ins(format!("mul.lo.u32 {cells}, {cells}, {ny};"));
+            let (x, y, z, rest) = (self.r(), self.r(), self.r(), self.r());
+            self.ins(format!("div.u32 {z}, {ticket}, {cells};"));
+            self.ins(format!("rem.u32 {rest}, {ticket}, {cells};"));
+            let nx = self.r();
+            self.ins(format!("mov.u32 {nx}, %nctaid.x;"));
+            self.ins(format!("div.u32 {y}, {rest}, {nx};"));
+            self.ins(format!("rem.u32 {x}, {rest}, {nx};"));
+            (x, y, z)
+        } else {
+            (
+                "%ctaid.x".to_string(),
+                "%ctaid.y".to_string(),
+                "%ctaid.z".to_string(),
+            )
+        };
         if prog.chunked() {
             // Tiles come from the launch's own chunk; the state slot from the global one.
             let local = self.named(".b32", "lchunk");
-            self.ins(format!("mov.u32 {local}, %ctaid.z;"));
+            self.ins(format!("mov.u32 {local}, {cell_z};"));
             let chunk = self.named(".b32", "chunk");
             self.ins(format!("add.u32 {chunk}, %cbase, {local};"));
             let nbh = self.named(".b32", "nbh");
@@ -430,7 +473,7 @@ impl<'a> Printer<'a> {
         if prog.sequential {
             // The CTA walks the whole sequence; grid x is its value-column block.
             self.ins(format!("mov.u32 {qtile}, 0;"));
-            self.ins(format!("mov.u32 {colb}, %ctaid.x;"));
+            self.ins(format!("mov.u32 {colb}, {cell_x};"));
         } else if has_masks {
             let n = self.r();
             let c = self.r();
@@ -449,8 +492,8 @@ impl<'a> Printer<'a> {
             "mul.lo.u32 {p0}, {qtile}, {};",
             prog.schedule.block_m
         ));
-        let bh = self.r();
-        self.ins(format!("mov.u32 {bh}, %ctaid.y;"));
+        let bh = self.named(".b32", "bhidx");
+        self.ins(format!("mov.u32 {bh}, {cell_y};"));
         let b = self.named(".b32", "bidx");
         let h = self.named(".b32", "hidx");
         let hk = self.named(".b32", "hkidx");
@@ -700,7 +743,7 @@ impl<'a> Printer<'a> {
                 false
             }
             Stmt::FillRow { .. } | Stmt::StoreRow { .. } => false,
-            Stmt::LoadTile { .. } | Stmt::KeyLoop { .. } => true,
+            Stmt::LoadTile { .. } | Stmt::KeyLoop { .. } | Stmt::LookBack { .. } => true,
         };
         (regs, writes, all)
     }
@@ -998,6 +1041,13 @@ impl<'a> Printer<'a> {
             }
             Stmt::ContractT { acc, a, scale, b } => self.emit_contract_t(*acc, *a, scale, *b)?,
             Stmt::StoreShared { src, dst } => self.emit_store_shared(*src, *dst)?,
+            Stmt::LookBack {
+                state,
+                prefix,
+                aggregates,
+                inclusive,
+                decay,
+            } => self.emit_look_back(*state, *prefix, *aggregates, *inclusive, decay)?,
             Stmt::StoreState { src, dst } => self.emit_store_state(*src, *dst)?,
             Stmt::LoadStatePrefix { dst, src, decay } => {
                 self.emit_load_state_prefix(*dst, *src, decay)?
@@ -1630,6 +1680,154 @@ impl<'a> Printer<'a> {
         Ok(())
     }
 
+    fn lb_smem_addr(&mut self) -> String {
+        let a = self.r();
+        self.ins(format!("add.u32 {a}, %smem, {};", self.lb_smem));
+        a
+    }
+
+    /// Address of this CTA's (or chunk `chunk`'s) flag word: after the ticket counter,
+    /// `(chunk * B*H + bh) * col_blocks + colb`.
+    fn lb_flag_addr(&mut self, chunk: &str) -> String {
+        let slot = self.r();
+        self.ins(format!("mad.lo.u32 {slot}, {chunk}, %nbh, %bhidx;"));
+        let ncb = self.r();
+        self.ins(format!("mov.u32 {ncb}, %nctaid.x;"));
+        self.ins(format!("mad.lo.u32 {slot}, {slot}, {ncb}, %colb;"));
+        self.ins(format!("add.u32 {slot}, {slot}, 1;"));
+        let a = self.rd();
+        self.ins(format!("mul.wide.u32 {a}, {slot}, 4;"));
+        self.ins(format!("add.u64 {a}, {a}, %lbflags;"));
+        a
+    }
+
+    /// Publishes this CTA's part of a state array and then, from thread 0, the flag value
+    /// `flag`: every thread's stores are made visible at GPU scope first.
+    fn emit_publish(&mut self, src: RegId, dst: StateId, flag: u32) -> Result<(), TileError> {
+        self.emit_store_state(src, dst)?;
+        self.ins("fence.acq_rel.gpu;");
+        self.ins("bar.sync 0;");
+        let addr = self.lb_flag_addr("%chunk");
+        let first = self.pred();
+        self.ins(format!("setp.eq.u32 {first}, %thr, 0;"));
+        self.ins(format!(
+            "@{first} st.release.gpu.global.u32 [{addr}], {flag};"
+        ));
+        Ok(())
+    }
+
+    /// See [`Stmt::LookBack`]. Flags: 0 nothing yet, 1 aggregate, 2 inclusive prefix.
+    fn emit_look_back(
+        &mut self,
+        state: RegId,
+        prefix: RegId,
+        aggregates: StateId,
+        inclusive: StateId,
+        decay: &ScalarExpr,
+    ) -> Result<(), TileError> {
+        let prog = self.prog;
+        let cols = prog.regs[state.index()].cols;
+        let total = prog.states[aggregates.index()].cols;
+        self.comment(format!(
+            "look back: {} from the earlier chunks",
+            prog.regs[prefix.index()].name
+        ));
+        let ctx = ElemCtx {
+            mt: 0,
+            half: 0,
+            col: None,
+        };
+        let f = self.emit_expr(decay, &ctx)?;
+        self.emit_publish(state, aggregates, 1)?;
+        for mt in 0..self.mtiles {
+            for nt in 0..cols / 8 {
+                for e in 0..4 {
+                    let r = self.acc_reg(prefix, mt, nt, e);
+                    self.ins(format!("mov.f32 {r}, 0f00000000;"));
+                }
+            }
+        }
+        let scale = self.f();
+        self.ins(format!("mov.f32 {scale}, 0f3F800000;"));
+        let p = self.r();
+        self.ins(format!("mov.u32 {p}, %chunk;"));
+        let top = self.label("lookback");
+        let end = self.label("lookback_end");
+        self.body.push_str(&format!("{top}:\n"));
+        let done = self.pred();
+        self.ins(format!("setp.eq.u32 {done}, {p}, 0;"));
+        self.ins(format!("@{done} bra.uni {end};"));
+        self.ins(format!("sub.u32 {p}, {p}, 1;"));
+        // Thread 0 waits for chunk p's flag and hands it to the CTA.
+        let flag_addr = self.lb_flag_addr(&p);
+        let slot = self.lb_smem_addr();
+        let first = self.pred();
+        self.ins(format!("setp.eq.u32 {first}, %thr, 0;"));
+        let skip = self.label("lb_notfirst");
+        let spin = self.label("lb_spin");
+        self.ins(format!("@!{first} bra {skip};"));
+        let fl = self.r();
+        self.body.push_str(&format!("{spin}:\n"));
+        self.ins(format!("ld.acquire.gpu.global.u32 {fl}, [{flag_addr}];"));
+        let zero = self.pred();
+        self.ins(format!("setp.eq.u32 {zero}, {fl}, 0;"));
+        self.ins(format!("@{zero} nanosleep.u32 32;"));
+        self.ins(format!("@{zero} bra {spin};"));
+        self.ins(format!("st.shared.u32 [{slot}], {fl};"));
+        self.body.push_str(&format!("{skip}:\n"));
+        // Warp 0 arrives diverged (thread 0 spun): the non-aligned barrier.
+        self.ins("barrier.sync 0;");
+        let flag = self.r();
+        self.ins(format!("ld.shared.u32 {flag}, [{slot}];"));
+        self.ins("fence.acq_rel.gpu;");
+        let incl = self.pred();
+        self.ins(format!("setp.eq.u32 {incl}, {flag}, 2;"));
+        let agg = self.state_addr(aggregates, cols, &p);
+        let inc = self.state_addr(inclusive, cols, &p);
+        let addr = self.rd();
+        self.ins(format!("selp.b64 {addr}, {inc}, {agg}, {incl};"));
+        for mt in 0..self.mtiles {
+            for half in 0..2 {
+                for nt in 0..cols / 8 {
+                    let lo = self.acc_reg(prefix, mt, nt, half * 2);
+                    let hi = self.acc_reg(prefix, mt, nt, half * 2 + 1);
+                    let (x, y) = (self.f(), self.f());
+                    let imm = ((mt * 16 + half * 8) * total + nt * 8) * 4;
+                    self.ins(format!("ld.global.cg.v2.f32 {{{x}, {y}}}, [{addr}+{imm}];"));
+                    self.ins(format!("fma.rn.f32 {lo}, {x}, {scale}, {lo};"));
+                    self.ins(format!("fma.rn.f32 {hi}, {y}, {scale}, {hi};"));
+                }
+            }
+        }
+        // Every thread has read the flag before thread 0 may overwrite the slot.
+        self.ins("bar.sync 0;");
+        self.ins(format!("@{incl} bra.uni {end};"));
+        self.ins(format!("mul.f32 {scale}, {scale}, {f};"));
+        self.ins(format!("bra.uni {top};"));
+        self.body.push_str(&format!("{end}:\n"));
+        // inclusive = decay * prefix + own state, published; then state = prefix.
+        for mt in 0..self.mtiles {
+            for nt in 0..cols / 8 {
+                for e in 0..4 {
+                    let s = self.acc_reg(state, mt, nt, e);
+                    let pr = self.acc_reg(prefix, mt, nt, e);
+                    self.ins(format!("fma.rn.f32 {s}, {pr}, {f}, {s};"));
+                }
+            }
+        }
+        self.emit_publish(state, inclusive, 2)?;
+        for mt in 0..self.mtiles {
+            for nt in 0..cols / 8 {
+                for e in 0..4 {
+                    let s = self.acc_reg(state, mt, nt, e);
+                    let pr = self.acc_reg(prefix, mt, nt, e);
+                    self.ins(format!("mov.f32 {s}, {pr};"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Rounds an accumulator into a shared tile (swizzled like loaded tiles), after a
     /// barrier so no warp still reads the previous contents.
     fn emit_store_shared(&mut self, src: RegId, dst: SharedId) -> Result<(), TileError> {
@@ -1680,6 +1878,11 @@ impl<'a> Printer<'a> {
                     ));
                 }
             }
+        }
+        if self.store_base[dst.index()].is_none() && !self.in_loop {
+            // Outside a loop nothing else orders these writes before the reads that follow.
+            self.emit_async_proxy_fence();
+            self.ins("bar.sync 0;");
         }
         Ok(())
     }
@@ -1937,7 +2140,9 @@ impl<'a> Printer<'a> {
     /// relative to the thread's first row and column (a difference); other expressions are
     /// left in the loop (one register per element would be too many).
     fn invariant_key(&self, e: &ScalarExpr, ctx: &ElemCtx) -> Option<(i32, i32, i32)> {
-        if !self.in_loop || !self.prog.sequential || !e.has_transcendental() {
+        // (A look-back program's loop runs once: nothing to gain, registers to lose.)
+        if !self.in_loop || !self.prog.sequential || self.prog.look_back || !e.has_transcendental()
+        {
             return None;
         }
         let row = (ctx.mt * 16 + ctx.half * 8) as i32;

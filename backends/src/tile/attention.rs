@@ -266,6 +266,7 @@ pub fn flash_attention(
         col_blocks: 1,
         tokens: vec![],
         query_offset: spec.query_offset,
+        look_back: false,
         chunk_tiles: 0,
         states: vec![],
         name: spec.kernel_name(),

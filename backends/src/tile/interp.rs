@@ -491,6 +491,48 @@ impl Cta<'_> {
                     }
                     self.regs[dst.index()] = acc;
                 }
+                Stmt::LookBack {
+                    state,
+                    prefix,
+                    aggregates,
+                    inclusive,
+                    decay,
+                } => {
+                    // CTAs run chunk by chunk here, so every earlier aggregate is published;
+                    // summing them all is what any walk back computes.
+                    let cols = self.prog.regs[state.index()].cols as usize;
+                    let total = self.prog.states[aggregates.index()].cols as usize;
+                    let col0 = self.col_offset(cols, total as u32);
+                    let f = self.eval(decay, io, 0, None)?;
+                    let own = self.regs[state.index()].clone();
+                    for r in 0..bm {
+                        let row = self.state_row(r, self.chunk, total);
+                        for c in 0..cols {
+                            io.states[aggregates.index()][row + col0 + c] =
+                                own[r * cols + c] as f32 as f64;
+                        }
+                    }
+                    let mut pre = vec![0.0; bm * cols];
+                    for c_prev in 0..self.chunk {
+                        for r in 0..bm {
+                            let row = self.state_row(r, c_prev, total);
+                            for c in 0..cols {
+                                pre[r * cols + c] = pre[r * cols + c] * f
+                                    + io.states[aggregates.index()][row + col0 + c];
+                            }
+                        }
+                    }
+                    for r in 0..bm {
+                        let row = self.state_row(r, self.chunk, total);
+                        for c in 0..cols {
+                            let i = r * cols + c;
+                            io.states[inclusive.index()][row + col0 + c] =
+                                (f * pre[i] + own[i]) as f32 as f64;
+                        }
+                    }
+                    self.regs[prefix.index()] = pre.clone();
+                    self.regs[state.index()] = pre;
+                }
                 Stmt::StoreShared { src, dst } => {
                     let elem = self.prog.shared[dst.index()].elem;
                     let vals: Vec<f64> = self.regs[src.index()]

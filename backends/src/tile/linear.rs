@@ -74,6 +74,11 @@ pub enum Strategy {
     /// first kernel writes each chunk's state, a second starts each chunk from the earlier
     /// ones. K and V are read twice; worth it when batch x heads leaves SMs idle.
     Chunked { chunk_tiles: u32 },
+    /// One CTA per block of the sequence, all in parallel: each computes its block's
+    /// intra-block outputs and local state from one read of Q, K and V, obtains the state
+    /// entering the block by a decoupled look-back over the earlier blocks' published
+    /// states, and adds the inter-block part. Only states are re-read.
+    LookBack,
 }
 
 /// The cost model's choice: single pass while its grid fills the GPU (or the sequence is
@@ -169,6 +174,8 @@ pub enum Part {
     /// Chunked, second kernel: each chunk starts from the decayed sum of the earlier
     /// chunks' states and writes its outputs.
     ChunkOutputs { chunk_tiles: u32 },
+    /// The look-back kernel ([`Strategy::LookBack`]).
+    LookBack,
 }
 
 /// The single-pass program ([`Part::Whole`]).
@@ -188,6 +195,7 @@ pub fn lightning_part(
     let chunk_tiles = match part {
         Part::Whole => 0,
         Part::ChunkStates { chunk_tiles } | Part::ChunkOutputs { chunk_tiles } => chunk_tiles,
+        Part::LookBack => 1,
     };
     if part != Part::Whole
         && (chunk_tiles == 0 || !spec.causal || matches!(spec.decay, Decay::Gate(_)))
@@ -214,6 +222,7 @@ pub fn lightning_part(
         Part::Whole => String::new(),
         Part::ChunkStates { chunk_tiles } => format!("_states_c{chunk_tiles}"),
         Part::ChunkOutputs { chunk_tiles } => format!("_outputs_c{chunk_tiles}"),
+        Part::LookBack => "_lookback".into(),
     };
     let mut p = TileProgram {
         name: spec.kernel_name(eb) + &suffix,
@@ -228,14 +237,21 @@ pub fn lightning_part(
         col_blocks: e / eb,
         tokens: vec![],
         query_offset: false,
+        look_back: part == Part::LookBack,
         chunk_tiles,
-        states: if part == Part::Whole {
-            vec![]
-        } else {
-            vec![StateParam {
+        states: match part {
+            Part::Whole => vec![],
+            Part::ChunkStates { .. } | Part::ChunkOutputs { .. } => vec![StateParam {
                 name: "chunk_states".into(),
                 cols: e,
-            }]
+            }],
+            Part::LookBack => ["chunk_states", "chunk_inclusive"]
+                .iter()
+                .map(|name| StateParam {
+                    name: (*name).into(),
+                    cols: e,
+                })
+                .collect(),
         },
         tensors: vec![],
         row_outputs: vec![],
@@ -428,9 +444,9 @@ pub fn lightning_part(
         expr: select(CmpOp::Le, j.clone(), i.clone(), intra, lit(0.0)),
     }];
     let mut dec = Vec::new();
-    if let Some(f) =
-        decay_pow(add(i, lit(1.0))).or_else(|| gate_between(TokenAt::Row, TokenAt::Before))
-    {
+    let inter_decay =
+        decay_pow(add(i, lit(1.0))).or_else(|| gate_between(TokenAt::Row, TokenAt::Before));
+    if let Some(f) = inter_decay.clone() {
         dec.push(Stmt::Map {
             dst: acc,
             expr: mul(elem(acc), f),
@@ -509,6 +525,66 @@ pub fn lightning_part(
                     dst: states,
                 },
             ]
+        }
+        Part::LookBack => {
+            // One block: its intra-block outputs and its own state from a single read of
+            // Q, K and V; the entering state by look-back; then the inter-block outputs
+            // from Q, still in shared memory.
+            let prefix = reg("prefix", eb, ColRank::HeadDim, RegKind::Accumulator);
+            let inter = reg("inter", eb, ColRank::HeadDim, RegKind::Accumulator);
+            let mut body = vec![
+                Stmt::LoadTile { dst: q_s, src: q },
+                Stmt::LoadTile { dst: k_s, src: k },
+                Stmt::LoadTile { dst: v_s, src: v },
+            ];
+            for part in [&qk, &maps, &conv, &pv, &upd] {
+                body.extend(part.iter().cloned());
+            }
+            let mut out = vec![
+                Stmt::Fill {
+                    dst: st,
+                    value: 0.0,
+                },
+                Stmt::Fill {
+                    dst: acc,
+                    value: 0.0,
+                },
+                Stmt::KeyLoop {
+                    block_n: block,
+                    masks: vec![],
+                    body,
+                },
+                Stmt::LookBack {
+                    state: st,
+                    prefix,
+                    aggregates: StateId(0),
+                    inclusive: StateId(1),
+                    decay: decay_pow(lit(block as f64)).unwrap_or(lit(1.0)),
+                },
+                Stmt::StoreShared {
+                    src: st,
+                    dst: state_s,
+                },
+                Stmt::Fill {
+                    dst: inter,
+                    value: 0.0,
+                },
+                Stmt::Contract {
+                    acc: inter,
+                    a: AOperand::Shared(q_s),
+                    b: state_s,
+                    b_layout: BLayout::RowsAreK,
+                },
+            ];
+            out.push(Stmt::Map {
+                dst: acc,
+                expr: match inter_decay.clone() {
+                    Some(f) => add(elem(acc), mul(elem(inter), f)),
+                    None => add(elem(acc), elem(inter)),
+                },
+            });
+            out.push(Stmt::Store { src: acc, dst: o });
+            out
         }
         Part::ChunkOutputs { chunk_tiles } => vec![
             Stmt::LoadStatePrefix {

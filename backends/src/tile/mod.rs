@@ -660,6 +660,19 @@ pub enum Stmt {
     /// Round an f32 tile (`block_m x cols`) to 16 bits into a shared tile of the same shape
     /// (a state the next iteration reads as an MMA operand). Waits for every warp first.
     StoreShared { src: RegId, dst: SharedId },
+    /// The decoupled look-back of a [`TileProgram::look_back`] program: publish `state`
+    /// (this chunk's own state) as `aggregates[chunk]`; `prefix = sum over c < chunk of
+    /// decay^(chunk - 1 - c) * state_c`, gathered by walking back over the earlier chunks
+    /// until one has published its inclusive state (their aggregates before it); publish
+    /// `inclusive[chunk] = decay * prefix + state`; then `state = prefix`. `decay` is
+    /// uniform (one chunk's decay).
+    LookBack {
+        state: RegId,
+        prefix: RegId,
+        aggregates: StateId,
+        inclusive: StateId,
+        decay: ScalarExpr,
+    },
 }
 
 /// Launch-shape knobs fixed at lowering time.
@@ -728,6 +741,12 @@ pub struct TileProgram {
     /// `Index(Query)`: a device holding a slice of the sequence under sequence parallelism
     /// masks against the keys of the whole sequence. Loads and stores stay local.
     pub query_offset: bool,
+    /// A chunked sequential program whose chunks (one tile each) run in parallel and
+    /// exchange states through a decoupled look-back ([`Stmt::LookBack`]): a CTA takes a
+    /// ticket (chunk-major order, so every earlier chunk's CTA has started) and publishes
+    /// its states with flags in a `u32` array of `1 + chunks * B * H * col_blocks` words
+    /// (the ticket counter first), which the launcher zeroes before every launch.
+    pub look_back: bool,
     pub tensors: Vec<TensorParam>,
     pub row_outputs: Vec<RowOutput>,
     pub scalars: Vec<ScalarParam>,
@@ -774,6 +793,8 @@ pub enum AbiRole {
     ChunkTotal,
     /// The position of query row 0 (see [`TileProgram::query_offset`]).
     QueryOffset,
+    /// The zeroed ticket counter and state flags of a look-back program.
+    LookBackFlags,
     TokenPtr(TokenId),
     TokenStrideBatch(TokenId),
     TokenStrideSeq(TokenId),
@@ -832,6 +853,9 @@ impl TileProgram {
         }
         for (i, st) in self.states.iter().enumerate() {
             push(st.name.clone(), ptr, AbiRole::StatePtr(StateId(i as u32)));
+        }
+        if self.look_back {
+            push("look_back_flags".into(), ptr, AbiRole::LookBackFlags);
         }
         for (i, t) in self.tokens.iter().enumerate() {
             let id = TokenId(i as u32);
@@ -967,6 +991,11 @@ impl TileProgram {
         }
         if self.chunked() && !self.sequential {
             return invalid("only sequential programs are chunked");
+        }
+        if self.look_back && (self.chunk_tiles != 1 || self.states.len() != 2) {
+            return invalid(
+                "a look-back program has chunks of one tile and two state arrays (aggregates, inclusive prefixes)",
+            );
         }
         if self.col_blocks == 0 || (!self.sequential && self.col_blocks != 1) {
             return invalid("col_blocks must be 1, or positive in a sequential program");
@@ -1247,6 +1276,34 @@ impl TileProgram {
                         ));
                     }
                 }
+                Stmt::LookBack {
+                    state,
+                    prefix,
+                    aggregates,
+                    inclusive,
+                    decay,
+                } => {
+                    let (s_t, p_t) = (self.reg(*state)?, self.reg(*prefix)?);
+                    let known = |id: &StateId| self.states.get(id.index()).map(|s| s.cols);
+                    let fits = |c: Option<u32>| {
+                        c.is_some_and(|c| c == s_t.cols || c == s_t.cols * self.col_blocks)
+                    };
+                    if !self.look_back
+                        || in_loop
+                        || s_t.kind != RegKind::Accumulator
+                        || p_t.kind != RegKind::Accumulator
+                        || s_t.cols != p_t.cols
+                        || state == prefix
+                        || aggregates == inclusive
+                        || !fits(known(aggregates))
+                        || !fits(known(inclusive))
+                        || !decay.is_uniform()
+                    {
+                        return invalid(
+                            "LookBack: two distinct f32 tiles of one shape, two state arrays, a uniform decay, outside the loop of a look-back program",
+                        );
+                    }
+                }
                 Stmt::Map { dst, expr } => {
                     let d = self.reg(*dst)?;
                     if d.kind != RegKind::Accumulator {
@@ -1318,8 +1375,11 @@ impl TileProgram {
                 Stmt::Store { src, dst } => {
                     let s = self.reg(*src)?;
                     let d = self.tensor(*dst)?;
+                    // A sequential program stores the current tile: inside the loop, or after
+                    // it in a look-back program, whose one tile stays current.
                     let shape_ok = if self.sequential {
-                        in_loop && (s.cols == d.head_dim || s.cols * self.col_blocks == d.head_dim)
+                        (in_loop || self.look_back)
+                            && (s.cols == d.head_dim || s.cols * self.col_blocks == d.head_dim)
                     } else {
                         d.rows == SeqRank::Query && s.cols == d.head_dim
                     };
@@ -1617,6 +1677,21 @@ impl TileProgram {
                     "{pad}{} = round({})",
                     self.shared[dst.index()].name,
                     self.regs[src.index()].name
+                )?,
+                Stmt::LookBack {
+                    state,
+                    prefix,
+                    aggregates,
+                    inclusive,
+                    decay,
+                } => writeln!(
+                    f,
+                    "{pad}look back: {ag}[chunk] = {st}; {pre} = sum over c < chunk of ({d})^(chunk - 1 - c) * state_c (from {ag}/{inc}); {inc}[chunk] = ({d}) * {pre} + {st}; {st} = {pre}",
+                    ag = self.states[aggregates.index()].name,
+                    inc = self.states[inclusive.index()].name,
+                    st = self.regs[state.index()].name,
+                    pre = self.regs[prefix.index()].name,
+                    d = self.fmt_expr(decay),
                 )?,
             }
         }
