@@ -289,6 +289,38 @@ fn linear_attention_compiles_to_its_kernels_and_strategies_are_selectable() {
     ]);
     assert!(single.status.success());
     assert!(String::from_utf8_lossy(&single.stdout).contains("single pass"));
+    // The look-back strategy: one kernel, one CTA per block, a flags array to zero.
+    let lb_dir = dir.with_extension("lookback");
+    let lb = einattn(&[
+        "compile",
+        "examples/lightning.ein",
+        "-D",
+        "N=4096",
+        "--strategy",
+        "lookback",
+        "-o",
+        lb_dir.to_str().expect("utf-8 path"),
+    ]);
+    assert!(lb.status.success(), "{}", String::from_utf8_lossy(&lb.stderr));
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(lb_dir.join("manifest.json")).expect("manifest written"),
+    )
+    .expect("manifest is JSON");
+    assert_eq!(manifest["strategy"], "LookBack");
+    assert!(manifest["launch_first"].is_null());
+    let d = manifest["problem"]["head_dim"].as_u64().expect("head_dim");
+    assert_eq!(manifest["grid"][2].as_u64(), Some(4096u64.div_ceil(d)));
+    let flags = manifest["params"]
+        .as_array()
+        .expect("params")
+        .iter()
+        .find(|p| p["name"] == "look_back_flags")
+        .expect("a flags parameter");
+    assert!(flags["from"]["scratch"]
+        .as_str()
+        .expect("scratch")
+        .contains("zeroed before every launch"));
+    let _ = std::fs::remove_dir_all(&lb_dir);
     let bad = einattn(&[
         "compile",
         "examples/lightning.ein",

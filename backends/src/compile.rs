@@ -379,7 +379,15 @@ impl CompiledLinear {
             cascade,
             &self.ptx,
             ptx_file,
-            format!("[{}, batch * heads, 1]", self.program.col_blocks),
+            if self.program.chunked() {
+                format!(
+                    "[{}, batch * heads, ceil(n / {})]",
+                    self.program.col_blocks,
+                    self.program.chunk_tiles * self.program.schedule.block_m
+                )
+            } else {
+                format!("[{}, batch * heads, 1]", self.program.col_blocks)
+            },
             self.ptx.grid(m.batch as u32, m.heads as u32, m.n as u32),
         );
         manifest.extend(json_object(json!({

@@ -1680,9 +1680,11 @@ impl<'a> Printer<'a> {
         Ok(())
     }
 
+    /// (From the symbol: the ticket is taken before the setup names `%smem`.)
     fn lb_smem_addr(&mut self) -> String {
         let a = self.r();
-        self.ins(format!("add.u32 {a}, %smem, {};", self.lb_smem));
+        self.ins(format!("mov.u32 {a}, einattn_smem;"));
+        self.ins(format!("add.u32 {a}, {a}, {};", self.lb_smem));
         a
     }
 

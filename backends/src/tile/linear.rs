@@ -82,7 +82,12 @@ pub enum Strategy {
 }
 
 /// The cost model's choice: single pass while its grid fills the GPU (or the sequence is
-/// short), else chunks sized so that chunks x CTAs covers the SMs about twice.
+/// short), else chunks sized so that chunks x CTAs covers the SMs about twice; when the
+/// chunk count is capped so low that chunks x CTAs would not cover half the SMs, one CTA
+/// per block with the look-back. The look-back moves about twice the bytes of the single
+/// pass (a block's published and read states weigh as much as its Q, K, V and O), the
+/// chunked form about 1.5x, so each is worth it only for the parallelism it adds (H200,
+/// d = 128: B=1 H=2 N=64K chunked 234, look-back 210, single pass 40 Mtok/s).
 pub fn choose_strategy(
     spec: &LinearSpec,
     sched: &LinearSchedule,
@@ -99,6 +104,9 @@ pub fn choose_strategy(
     // Each chunk's CTA reads every earlier chunk's state: cap the chunks so that quadratic
     // prologue stays small next to the chunk's own blocks.
     let chunks = (2 * SMS).div_ceil(ctas).min(tiles / 4).clamp(2, 32);
+    if 2 * ctas * chunks < SMS {
+        return Strategy::LookBack;
+    }
     Strategy::Chunked {
         chunk_tiles: tiles.div_ceil(chunks) as u32,
     }
