@@ -301,7 +301,11 @@ fn linear_attention_compiles_to_its_kernels_and_strategies_are_selectable() {
         "-o",
         lb_dir.to_str().expect("utf-8 path"),
     ]);
-    assert!(lb.status.success(), "{}", String::from_utf8_lossy(&lb.stderr));
+    assert!(
+        lb.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lb.stderr)
+    );
     let manifest: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(lb_dir.join("manifest.json")).expect("manifest written"),
     )

@@ -306,10 +306,15 @@ impl CompiledLinear {
                 "the whole e fits in registers"
             }
         );
-        let _ = writeln!(
-            out,
-            "why: not the chunked two-phase form: it writes and re-reads a d x e state per chunk (as much traffic as Q, K, V at chunk 64); here only Q, K, V and O cross HBM once"
-        );
+        let (model, why) =
+            crate::tile::linear::strategy_choice(&m.spec, &self.schedule, m.batch * m.heads, m.n);
+        let _ = writeln!(out, "why: {why}");
+        if model != s.strategy {
+            let _ = writeln!(
+                out,
+                "note: --strategy overrides the cost model's choice ({model:?})"
+            );
+        }
         let _ = writeln!(
             out,
             "tensor cores: {}; {}",

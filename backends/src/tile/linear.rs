@@ -94,22 +94,62 @@ pub fn choose_strategy(
     batch_heads: u64,
     n: u64,
 ) -> Strategy {
+    strategy_choice(spec, sched, batch_heads, n).0
+}
+
+/// [`choose_strategy`] with the reason, for `--emit schedule`.
+pub fn strategy_choice(
+    spec: &LinearSpec,
+    sched: &LinearSchedule,
+    batch_heads: u64,
+    n: u64,
+) -> (Strategy, String) {
     const SMS: u64 = 132;
     let ctas = batch_heads * (spec.value_dim / sched.value_block) as u64;
     let tiles = n.div_ceil(spec.head_dim as u64);
     let gated = matches!(spec.decay, Decay::Gate(_));
-    if !spec.causal || gated || ctas * 2 >= SMS || tiles < 8 {
-        return Strategy::SinglePass;
+    if !spec.causal || gated {
+        return (
+            Strategy::SinglePass,
+            "single pass: the chunked and look-back forms need causal attention without a gate"
+                .into(),
+        );
+    }
+    if ctas * 2 >= SMS || tiles < 8 {
+        return (
+            Strategy::SinglePass,
+            format!(
+                "single pass: {ctas} CTAs (batch x heads x value blocks) {}; only Q, K, V and O cross HBM once (chunked reads K and V twice; the look-back publishes and re-reads states as large as a block's Q, K, V and O)",
+                if tiles < 8 {
+                    format!("and {tiles} blocks: too short to split")
+                } else {
+                    format!("keep the {SMS} SMs busy")
+                }
+            ),
+        );
     }
     // Each chunk's CTA reads every earlier chunk's state: cap the chunks so that quadratic
     // prologue stays small next to the chunk's own blocks.
     let chunks = (2 * SMS).div_ceil(ctas).min(tiles / 4).clamp(2, 32);
     if 2 * ctas * chunks < SMS {
-        return Strategy::LookBack;
+        return (
+            Strategy::LookBack,
+            format!(
+                "look-back: {ctas} CTAs leave the {SMS} SMs idle and chunking is capped at {chunks} chunks ({} CTAs, under half the SMs); one CTA per block gives {}",
+                ctas * chunks,
+                ctas * tiles
+            ),
+        );
     }
-    Strategy::Chunked {
-        chunk_tiles: tiles.div_ceil(chunks) as u32,
-    }
+    (
+        Strategy::Chunked {
+            chunk_tiles: tiles.div_ceil(chunks) as u32,
+        },
+        format!(
+            "chunked: {ctas} CTAs leave the {SMS} SMs idle; {chunks} chunks give {} (K and V are read twice, cheaper than the look-back's per-block states)",
+            ctas * chunks
+        ),
+    )
 }
 
 /// Schedule knobs: the token block is `head_dim` (the state's rows share the CTA's rows).
