@@ -293,6 +293,13 @@ impl<'a> Printer<'a> {
         let cols = self.prog.regs[id.index()].cols;
         format!("%t{}_{}", id.0, (mt * (cols / 8) + nt) * 4 + e)
     }
+    /// Every register of an accumulator tile, in register order.
+    fn acc_regs(&self, id: RegId) -> Vec<String> {
+        let cols = self.prog.regs[id.index()].cols;
+        (0..self.mtiles * cols / 8 * 4)
+            .map(|i| format!("%t{}_{i}", id.0))
+            .collect()
+    }
     fn afrag_reg(&self, id: RegId, mt: u32, ks: u32, i: u32) -> String {
         let cols = self.prog.regs[id.index()].cols;
         format!("%a{}_{}", id.0, (mt * (cols / 16) + ks) * 4 + i)
@@ -770,14 +777,8 @@ impl<'a> Printer<'a> {
                 self.ins("bar.sync 0;");
             }
             Stmt::Fill { dst, value } => {
-                let cols = prog.regs[dst.index()].cols;
-                for mt in 0..self.mtiles {
-                    for nt in 0..cols / 8 {
-                        for e in 0..4 {
-                            let r = self.acc_reg(*dst, mt, nt, e);
-                            self.ins(format!("mov.f32 {r}, {};", f32_lit(*value)));
-                        }
-                    }
+                for r in self.acc_regs(*dst) {
+                    self.ins(format!("mov.f32 {r}, {};", f32_lit(*value)));
                 }
             }
             Stmt::FillRow { dst, value } => {
@@ -1644,13 +1645,8 @@ impl<'a> Printer<'a> {
             col: None,
         };
         let f = self.emit_expr(decay, &ctx)?;
-        for mt in 0..self.mtiles {
-            for nt in 0..cols / 8 {
-                for e in 0..4 {
-                    let r = self.acc_reg(dst, mt, nt, e);
-                    self.ins(format!("mov.f32 {r}, 0f00000000;"));
-                }
-            }
+        for r in self.acc_regs(dst) {
+            self.ins(format!("mov.f32 {r}, 0f00000000;"));
         }
         let c = self.r();
         self.ins(format!("mov.u32 {c}, 0;"));
@@ -1741,13 +1737,8 @@ impl<'a> Printer<'a> {
         };
         let f = self.emit_expr(decay, &ctx)?;
         self.emit_publish(state, aggregates, 1)?;
-        for mt in 0..self.mtiles {
-            for nt in 0..cols / 8 {
-                for e in 0..4 {
-                    let r = self.acc_reg(prefix, mt, nt, e);
-                    self.ins(format!("mov.f32 {r}, 0f00000000;"));
-                }
-            }
+        for r in self.acc_regs(prefix) {
+            self.ins(format!("mov.f32 {r}, 0f00000000;"));
         }
         let scale = self.f();
         self.ins(format!("mov.f32 {scale}, 0f3F800000;"));
@@ -1808,24 +1799,17 @@ impl<'a> Printer<'a> {
         self.ins(format!("bra.uni {top};"));
         self.body.push_str(&format!("{end}:\n"));
         // inclusive = decay * prefix + own state, published; then state = prefix.
-        for mt in 0..self.mtiles {
-            for nt in 0..cols / 8 {
-                for e in 0..4 {
-                    let s = self.acc_reg(state, mt, nt, e);
-                    let pr = self.acc_reg(prefix, mt, nt, e);
-                    self.ins(format!("fma.rn.f32 {s}, {pr}, {f}, {s};"));
-                }
-            }
+        let pairs: Vec<(String, String)> = self
+            .acc_regs(state)
+            .into_iter()
+            .zip(self.acc_regs(prefix))
+            .collect();
+        for (s, pr) in &pairs {
+            self.ins(format!("fma.rn.f32 {s}, {pr}, {f}, {s};"));
         }
         self.emit_publish(state, inclusive, 2)?;
-        for mt in 0..self.mtiles {
-            for nt in 0..cols / 8 {
-                for e in 0..4 {
-                    let s = self.acc_reg(state, mt, nt, e);
-                    let pr = self.acc_reg(prefix, mt, nt, e);
-                    self.ins(format!("mov.f32 {s}, {pr};"));
-                }
-            }
+        for (s, pr) in &pairs {
+            self.ins(format!("mov.f32 {s}, {pr};"));
         }
         Ok(())
     }
