@@ -1600,6 +1600,25 @@ impl<'a> Printer<'a> {
         addr
     }
 
+    /// This thread's adjacent column pairs of accumulator `id` and their byte offsets from
+    /// [`Printer::state_addr`] in a state array `total` columns wide.
+    fn state_pairs(&self, id: RegId, total: u32) -> Vec<(String, String, u32)> {
+        let cols = self.prog.regs[id.index()].cols;
+        let mut out = Vec::new();
+        for mt in 0..self.mtiles {
+            for half in 0..2 {
+                for nt in 0..cols / 8 {
+                    out.push((
+                        self.acc_reg(id, mt, nt, half * 2),
+                        self.acc_reg(id, mt, nt, half * 2 + 1),
+                        ((mt * 16 + half * 8) * total + nt * 8) * 4,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Writes this CTA's chunk of a state array (f32, two adjacent columns per store).
     fn emit_store_state(&mut self, src: RegId, dst: StateId) -> Result<(), TileError> {
         let prog = self.prog;
@@ -1611,15 +1630,8 @@ impl<'a> Printer<'a> {
             prog.regs[src.index()].name
         ));
         let addr = self.state_addr(dst, cols, "%chunk");
-        for mt in 0..self.mtiles {
-            for half in 0..2 {
-                for nt in 0..cols / 8 {
-                    let lo = self.acc_reg(src, mt, nt, half * 2);
-                    let hi = self.acc_reg(src, mt, nt, half * 2 + 1);
-                    let imm = ((mt * 16 + half * 8) * total + nt * 8) * 4;
-                    self.ins(format!("st.global.v2.f32 [{addr}+{imm}], {{{lo}, {hi}}};"));
-                }
-            }
+        for (lo, hi, imm) in self.state_pairs(src, total) {
+            self.ins(format!("st.global.v2.f32 [{addr}+{imm}], {{{lo}, {hi}}};"));
         }
         Ok(())
     }
@@ -1657,18 +1669,11 @@ impl<'a> Printer<'a> {
         self.ins(format!("setp.ge.u32 {done}, {c}, %chunk;"));
         self.ins(format!("@{done} bra.uni {end};"));
         let addr = self.state_addr(src, cols, &c);
-        for mt in 0..self.mtiles {
-            for half in 0..2 {
-                for nt in 0..cols / 8 {
-                    let lo = self.acc_reg(dst, mt, nt, half * 2);
-                    let hi = self.acc_reg(dst, mt, nt, half * 2 + 1);
-                    let (x, y) = (self.f(), self.f());
-                    let imm = ((mt * 16 + half * 8) * total + nt * 8) * 4;
-                    self.ins(format!("ld.global.v2.f32 {{{x}, {y}}}, [{addr}+{imm}];"));
-                    self.ins(format!("fma.rn.f32 {lo}, {lo}, {f}, {x};"));
-                    self.ins(format!("fma.rn.f32 {hi}, {hi}, {f}, {y};"));
-                }
-            }
+        for (lo, hi, imm) in self.state_pairs(dst, total) {
+            let (x, y) = (self.f(), self.f());
+            self.ins(format!("ld.global.v2.f32 {{{x}, {y}}}, [{addr}+{imm}];"));
+            self.ins(format!("fma.rn.f32 {lo}, {lo}, {f}, {x};"));
+            self.ins(format!("fma.rn.f32 {hi}, {hi}, {f}, {y};"));
         }
         self.ins(format!("add.u32 {c}, {c}, 1;"));
         self.ins(format!("bra.uni {top};"));
@@ -1779,18 +1784,11 @@ impl<'a> Printer<'a> {
         let inc = self.state_addr(inclusive, cols, &p);
         let addr = self.rd();
         self.ins(format!("selp.b64 {addr}, {inc}, {agg}, {incl};"));
-        for mt in 0..self.mtiles {
-            for half in 0..2 {
-                for nt in 0..cols / 8 {
-                    let lo = self.acc_reg(prefix, mt, nt, half * 2);
-                    let hi = self.acc_reg(prefix, mt, nt, half * 2 + 1);
-                    let (x, y) = (self.f(), self.f());
-                    let imm = ((mt * 16 + half * 8) * total + nt * 8) * 4;
-                    self.ins(format!("ld.global.cg.v2.f32 {{{x}, {y}}}, [{addr}+{imm}];"));
-                    self.ins(format!("fma.rn.f32 {lo}, {x}, {scale}, {lo};"));
-                    self.ins(format!("fma.rn.f32 {hi}, {y}, {scale}, {hi};"));
-                }
-            }
+        for (lo, hi, imm) in self.state_pairs(prefix, total) {
+            let (x, y) = (self.f(), self.f());
+            self.ins(format!("ld.global.cg.v2.f32 {{{x}, {y}}}, [{addr}+{imm}];"));
+            self.ins(format!("fma.rn.f32 {lo}, {x}, {scale}, {lo};"));
+            self.ins(format!("fma.rn.f32 {hi}, {y}, {scale}, {hi};"));
         }
         // Every thread has read the flag before thread 0 may overwrite the slot.
         self.ins("bar.sync 0;");
