@@ -235,6 +235,13 @@ pub fn build_kernel(
     defines: &[(String, u64)],
     args: &KernelArgs,
 ) -> Result<(Cascade, Kernel), CliError> {
+    if args.mma == Some(einattn_backends::tile::MmaUnit::Warpgroup)
+        && args.target != Some(einattn_backends::Target::Sm90a)
+    {
+        return Err(CliError::usage(
+            "error: `--mma wgmma` needs the Hopper instruction set\n  = help: add `--target sm_90a`",
+        ));
+    }
     let cascade = source.compile(defines)?;
     let softmax_err = match build_attention(source, &cascade, args) {
         Ok((c, k)) => return Ok((c, Kernel::Attention(Box::new(k)))),

@@ -233,7 +233,6 @@ fn open_gpu_at(ordinal: usize) -> Result<(Gpu, String), CliError> {
     Ok((gpu, name))
 }
 
-/// `einattn check`: GPU output against the reference on fresh random inputs.
 /// The code-generation target that suits GPU 0: sm_90a on Hopper (compute capability
 /// 9.x, where the linear kernels use wgmma), sm_80 elsewhere; `None` without a usable GPU
 /// (the run itself then reports why).
@@ -247,6 +246,7 @@ pub fn device_target() -> Option<einattn_backends::Target> {
     })
 }
 
+/// `einattn check`: GPU output against the reference on fresh random inputs.
 pub fn check(cascade: &Cascade, k: &CompiledKernel, seed: u64) -> Result<(String, bool), CliError> {
     let m = &k.schedule.matched;
     let inputs = rounded_inputs(

@@ -13,7 +13,12 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn check(spec: &LinearSpec, sched: &LinearSchedule, prob: Problem, seed: u64) -> f64 {
+/// Random Q, K, V in `[-1, 1)` (rounded to the spec's type) and a NaN-poisoned O, `BNHD`.
+fn random_qkvo(
+    spec: &LinearSpec,
+    prob: Problem,
+    seed: u64,
+) -> (HostTensor, HostTensor, HostTensor, HostTensor) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (d, e) = (spec.head_dim as usize, spec.value_dim as usize);
     let mut tensor = |cols: usize| {
@@ -29,6 +34,12 @@ fn check(spec: &LinearSpec, sched: &LinearSchedule, prob: Problem, seed: u64) ->
         prob.heads,
         e,
     );
+    (q, k, v, o)
+}
+
+fn check(spec: &LinearSpec, sched: &LinearSchedule, prob: Problem, seed: u64) -> f64 {
+    let (q, k, v, o) = random_qkvo(spec, prob, seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
     let decay: Vec<f64> = (0..prob.heads)
         .map(|_| rng.random_range(0.01..0.5))
         .collect();
@@ -250,15 +261,7 @@ proptest! {
         let prob = Problem { batch: 2, heads: 2, kv_group: 1, n_q: n, n_k: n };
         let (states, bind) = lightning_part(&spec, &sched, Part::ChunkStates { chunk_tiles }).expect("builds");
         let (outputs, _) = lightning_part(&spec, &sched, Part::ChunkOutputs { chunk_tiles }).expect("builds");
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut tensor = |cols: usize| {
-            let data: Vec<f64> = (0..prob.batch * n * prob.heads * cols)
-                .map(|_| spec.elem.round(rng.random_range(-1.0..1.0)))
-                .collect();
-            HostTensor::bnhd(data, n, prob.heads, cols)
-        };
-        let (q, k, v) = (tensor(32), tensor(32), tensor(32));
-        let o = HostTensor::bnhd(vec![f64::NAN; prob.batch * n * prob.heads * 32], n, prob.heads, 32);
+        let (q, k, v, o) = random_qkvo(&spec, prob, seed);
         let s: Vec<f64> = (0..prob.heads).map(|h| 0.05 + 0.2 * h as f64).collect();
         let chunks = chunk_count(&states, prob);
         let mut io = Bindings {
@@ -301,15 +304,7 @@ proptest! {
         let prob = Problem { batch: 2, heads: 2, kv_group: 1, n_q: n, n_k: n };
         let (prog, bind) = lightning_part(&spec, &sched, Part::LookBack).expect("builds");
         prop_assert!(prog.look_back && prog.chunk_tiles == 1);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut tensor = |cols: usize| {
-            let data: Vec<f64> = (0..prob.batch * n * prob.heads * cols)
-                .map(|_| spec.elem.round(rng.random_range(-1.0..1.0)))
-                .collect();
-            HostTensor::bnhd(data, n, prob.heads, cols)
-        };
-        let (q, k, v) = (tensor(32), tensor(32), tensor(32));
-        let o = HostTensor::bnhd(vec![f64::NAN; prob.batch * n * prob.heads * 32], n, prob.heads, 32);
+        let (q, k, v, o) = random_qkvo(&spec, prob, seed);
         let s: Vec<f64> = (0..prob.heads).map(|h| 0.05 + 0.2 * h as f64).collect();
         let chunks = chunk_count(&prog, prob);
         prop_assert_eq!(chunks, n.div_ceil(32));

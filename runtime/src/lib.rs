@@ -323,7 +323,6 @@ impl Gpu {
         )
     }
 
-    /// Overwrites a buffer with `value` from the host (poisoning before a check).
     /// Sets every byte of `buf` to 0 on this GPU's stream (no host copy).
     pub fn zero<T: Element>(&self, buf: &mut DeviceBuffer<T>) -> Result<()>
     where
@@ -335,6 +334,7 @@ impl Gpu {
         )
     }
 
+    /// Overwrites a buffer with `value` from the host (poisoning before a check).
     pub fn fill<T: Element>(&self, buf: &mut DeviceBuffer<T>, value: T) -> Result<()> {
         let repr = vec![value.to_repr(); buf.len()];
         drv(

@@ -183,7 +183,7 @@ struct Printer<'a> {
     lb_smem: u32,
     /// Loop-invariant per-element values computed once at kernel start (see
     /// [`Printer::invariant_key`]), by expression and position class.
-    invariant_cache: HashMap<(String, (i32, i32, i32)), String>,
+    invariant_cache: HashMap<(String, (u8, i32)), String>,
 }
 
 /// What one committed `wgmma` group may still be reading or writing.
@@ -1193,9 +1193,10 @@ impl<'a> Printer<'a> {
         d
     }
 
-    /// `acc += A . B` over `ks_count` k-steps with `wgmma.mma_async`, one instruction per
-    /// k-step (and per 256 accumulator columns). `a_src(ks)` gives the A operand of a k-step:
-    /// four registers or a descriptor.
+    /// `acc += A . B` with `wgmma.mma_async`, one instruction per k-step (and per 256
+    /// accumulator columns), then a commit; the group joins the pending ones. `a_ops[ks]` is
+    /// the A operand of k-step `ks` (`{four registers}` or a descriptor); `b_step(ks)` the
+    /// byte offset of its B rows from `bdesc`.
     #[allow(clippy::too_many_arguments)]
     fn emit_wgmma(
         &mut self,
@@ -1681,7 +1682,8 @@ impl<'a> Printer<'a> {
         Ok(())
     }
 
-    /// (From the symbol: the ticket is taken before the setup names `%smem`.)
+    /// The look-back word's shared address, from the symbol itself: the ticket is taken
+    /// before the setup names `%smem`.
     fn lb_smem_addr(&mut self) -> String {
         let a = self.r();
         self.ins(format!("mov.u32 {a}, einattn_smem;"));
@@ -2123,7 +2125,7 @@ impl<'a> Printer<'a> {
     /// same value for them: same row (query only), same column (key only), or same `i - j`
     /// relative to the thread's first row and column (a difference); other expressions are
     /// left in the loop (one register per element would be too many).
-    fn invariant_key(&self, e: &ScalarExpr, ctx: &ElemCtx) -> Option<(i32, i32, i32)> {
+    fn invariant_key(&self, e: &ScalarExpr, ctx: &ElemCtx) -> Option<(u8, i32)> {
         // (A look-back program's loop runs once: nothing to gain, registers to lose.)
         if !self.in_loop || !self.prog.sequential || self.prog.look_back || !e.has_transcendental()
         {
@@ -2132,9 +2134,9 @@ impl<'a> Printer<'a> {
         let row = (ctx.mt * 16 + ctx.half * 8) as i32;
         let col = ctx.col.map(|(nt, lo)| (nt * 8 + lo) as i32);
         match (e.position_dependence()?, col) {
-            (PositionDependence::Query, _) => Some((0, row, 0)),
-            (PositionDependence::Key, Some(c)) => Some((1, c, 0)),
-            (PositionDependence::Difference, Some(c)) => Some((2, row - c, 0)),
+            (PositionDependence::Query, _) => Some((0, row)),
+            (PositionDependence::Key, Some(c)) => Some((1, c)),
+            (PositionDependence::Difference, Some(c)) => Some((2, row - c)),
             _ => None,
         }
     }

@@ -221,6 +221,39 @@ impl Cta<'_> {
         }
     }
 
+    /// Writes this CTA's chunk of state array `dst` (rounded to f32, as the GPU stores it).
+    fn write_state(&self, io: &mut Bindings, dst: StateId, vals: &[f64]) {
+        let bm = self.prog.schedule.block_m as usize;
+        let cols = vals.len() / bm;
+        let total = self.prog.states[dst.index()].cols as usize;
+        let col0 = self.col_offset(cols, total as u32);
+        for r in 0..bm {
+            let row = self.state_row(r, self.chunk, total);
+            for c in 0..cols {
+                io.states[dst.index()][row + col0 + c] = vals[r * cols + c] as f32 as f64;
+            }
+        }
+    }
+
+    /// `sum over c < chunk of f^(chunk - 1 - c) * src[c]` over `cols` columns (this CTA's
+    /// block of them when the array is wider), by Horner's rule.
+    fn state_prefix(&self, io: &Bindings, src: StateId, cols: usize, f: f64) -> Vec<f64> {
+        let bm = self.prog.schedule.block_m as usize;
+        let total = self.prog.states[src.index()].cols as usize;
+        let col0 = self.col_offset(cols, total as u32);
+        let mut acc = vec![0.0; bm * cols];
+        for c_prev in 0..self.chunk {
+            for r in 0..bm {
+                let row = self.state_row(r, c_prev, total);
+                for c in 0..cols {
+                    acc[r * cols + c] =
+                        acc[r * cols + c] * f + io.states[src.index()][row + col0 + c];
+                }
+            }
+        }
+        acc
+    }
+
     /// Offset of row `r` of chunk `chunk` in a state array with `cols` columns.
     fn state_row(&self, r: usize, chunk: usize, cols: usize) -> usize {
         let bm = self.prog.schedule.block_m as usize;
@@ -463,33 +496,13 @@ impl Cta<'_> {
                     self.regs[acc.index()] = out;
                 }
                 Stmt::StoreState { src, dst } => {
-                    let cols = self.prog.regs[src.index()].cols as usize;
-                    let total = self.prog.states[dst.index()].cols as usize;
-                    let col0 = self.col_offset(cols, total as u32);
-                    for r in 0..bm {
-                        let row = self.state_row(r, self.chunk, total);
-                        for c in 0..cols {
-                            io.states[dst.index()][row + col0 + c] =
-                                self.regs[src.index()][r * cols + c] as f32 as f64;
-                        }
-                    }
+                    let vals = self.regs[src.index()].clone();
+                    self.write_state(io, *dst, &vals);
                 }
                 Stmt::LoadStatePrefix { dst, src, decay } => {
-                    let cols = self.prog.regs[dst.index()].cols as usize;
-                    let total = self.prog.states[src.index()].cols as usize;
-                    let col0 = self.col_offset(cols, total as u32);
                     let f = self.eval(decay, io, 0, None)?;
-                    let mut acc = vec![0.0; bm * cols];
-                    for c_prev in 0..self.chunk {
-                        for r in 0..bm {
-                            let row = self.state_row(r, c_prev, total);
-                            for c in 0..cols {
-                                acc[r * cols + c] =
-                                    acc[r * cols + c] * f + io.states[src.index()][row + col0 + c];
-                            }
-                        }
-                    }
-                    self.regs[dst.index()] = acc;
+                    let cols = self.prog.regs[dst.index()].cols as usize;
+                    self.regs[dst.index()] = self.state_prefix(io, *src, cols, f);
                 }
                 Stmt::LookBack {
                     state,
@@ -500,36 +513,12 @@ impl Cta<'_> {
                 } => {
                     // CTAs run chunk by chunk here, so every earlier aggregate is published;
                     // summing them all is what any walk back computes.
-                    let cols = self.prog.regs[state.index()].cols as usize;
-                    let total = self.prog.states[aggregates.index()].cols as usize;
-                    let col0 = self.col_offset(cols, total as u32);
                     let f = self.eval(decay, io, 0, None)?;
                     let own = self.regs[state.index()].clone();
-                    for r in 0..bm {
-                        let row = self.state_row(r, self.chunk, total);
-                        for c in 0..cols {
-                            io.states[aggregates.index()][row + col0 + c] =
-                                own[r * cols + c] as f32 as f64;
-                        }
-                    }
-                    let mut pre = vec![0.0; bm * cols];
-                    for c_prev in 0..self.chunk {
-                        for r in 0..bm {
-                            let row = self.state_row(r, c_prev, total);
-                            for c in 0..cols {
-                                pre[r * cols + c] = pre[r * cols + c] * f
-                                    + io.states[aggregates.index()][row + col0 + c];
-                            }
-                        }
-                    }
-                    for r in 0..bm {
-                        let row = self.state_row(r, self.chunk, total);
-                        for c in 0..cols {
-                            let i = r * cols + c;
-                            io.states[inclusive.index()][row + col0 + c] =
-                                (f * pre[i] + own[i]) as f32 as f64;
-                        }
-                    }
+                    self.write_state(io, *aggregates, &own);
+                    let pre = self.state_prefix(io, *aggregates, own.len() / bm, f);
+                    let inc: Vec<f64> = pre.iter().zip(&own).map(|(p, o)| f * p + o).collect();
+                    self.write_state(io, *inclusive, &inc);
                     self.regs[prefix.index()] = pre.clone();
                     self.regs[state.index()] = pre;
                 }

@@ -249,7 +249,7 @@ pub fn lightning_part(
         && (chunk_tiles == 0 || !spec.causal || matches!(spec.decay, Decay::Gate(_)))
     {
         return Err(TileError::Unsupported(
-            "the chunked strategy needs causal attention without a gate and at least one block per chunk".into(),
+            "the chunked and look-back strategies need causal attention without a gate (and at least one block per chunk); use `--strategy single`".into(),
         ));
     }
     if spec.elem == Elem::F32 {
