@@ -1,12 +1,26 @@
-//! The `einattn` commands. `main.rs` only parses arguments and maps errors to exit codes.
+//! The `einattn` commands: each reads its files, calls the compiler (`einattn_backends`) or
+//! the runner (`einattn_exec`), and returns the text to print or an error with its exit
+//! code. `main.rs` only parses arguments.
 
+// A compile error carries its diagnostics; boxing them would only add noise to every `?`.
+#![allow(clippy::result_large_err)]
+
+use einattn_backends::abi::KernelSet;
+use einattn_backends::family::{self, CompileError, Compiled, KernelOptions, Request};
+use einattn_backends::plan::lower::{lower, LoweredPlan};
+use einattn_backends::plan::Plan;
+use einattn_backends::Target;
+use einattn_exec::ranks::RankMapping;
+use einattn_exec::{ExecError, ReportFormat};
 use einattn_ir::interp::{self, TensorData};
 use einattn_ir::{Cascade, Handle, Tensor, TensorKind};
+use einattn_passes::analysis::GpuModel;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// A failed command: what to print and the process exit code (1: bad input, 2: bad usage).
+/// A failed command: what to print and the process exit code (1: bad input, 2: bad usage,
+/// 3: no GPU).
 #[derive(Debug)]
 pub struct CliError {
     pub message: String,
@@ -14,7 +28,7 @@ pub struct CliError {
 }
 
 impl CliError {
-    /// The input (a `.ein` file, an `.npy`) is wrong.
+    /// The input (a `.ein` file, an `.npy`, a plan) is wrong.
     pub fn input(message: impl Into<String>) -> Self {
         CliError {
             message: message.into(),
@@ -37,7 +51,16 @@ impl fmt::Display for CliError {
     }
 }
 
-/// Parses `NAME=VALUE` for `-D`.
+impl From<ExecError> for CliError {
+    fn from(e: ExecError) -> Self {
+        CliError {
+            message: e.to_string(),
+            exit_code: e.exit_code(),
+        }
+    }
+}
+
+/// Parses `NAME=VALUE` for `-D` and `--tile`.
 pub fn parse_define(text: &str) -> Result<(String, u64), String> {
     let (name, value) = text
         .split_once('=')
@@ -79,12 +102,36 @@ impl SourceFile {
         einattn_dsl::compile_source(&self.name(), &self.text, defines)
             .map_err(|d| CliError::input(d.render(&self.name(), &self.text)))
     }
-}
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReportFormat {
-    Text,
-    Json,
+    fn render(&self, diagnostics: Vec<einattn_ir::validate::Diagnostic>) -> String {
+        einattn_dsl::Diagnostics::new(diagnostics).render(&self.name(), &self.text)
+    }
+
+    /// A compile error as the user reads it: located diagnostics against this file, each
+    /// family's reason when none read the cascade.
+    fn compile_error(&self, e: CompileError) -> CliError {
+        match e {
+            CompileError::Usage(m) => CliError::usage(m),
+            CompileError::Refused(d) => CliError::input(self.render(vec![d])),
+            CompileError::Source(ds) => CliError::input(self.render(ds)),
+            CompileError::Input(m) => CliError::input(format!("error: {}: {m}", self.name())),
+            CompileError::Unmapped(reasons) => {
+                let parts: Vec<String> = reasons
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (what, ds))| {
+                        let text = self.render(ds).trim_end().to_string();
+                        if i == 0 {
+                            text
+                        } else {
+                            format!("nor as {what}:\n{text}")
+                        }
+                    })
+                    .collect();
+                CliError::input(parts.join("\n\n"))
+            }
+        }
+    }
 }
 
 /// Sequence-parallel options from the command line: `--sp P [--seq Q,K] [--scheme NAME]`.
@@ -93,6 +140,18 @@ pub struct SpArgs {
     pub devices: Option<u64>,
     pub sequence: Option<(String, String)>,
     pub scheme: Option<String>,
+    /// Run every rank on GPU 0 (collectives as device copies).
+    pub one_gpu: bool,
+}
+
+impl SpArgs {
+    fn mapping(&self) -> RankMapping {
+        if self.one_gpu {
+            RankMapping::OneGpuForAll
+        } else {
+            RankMapping::OneGpuEach
+        }
+    }
 }
 
 impl SpArgs {
@@ -101,6 +160,28 @@ impl SpArgs {
         options.sequence = self.sequence.clone();
         options.scheme = self.scheme.clone();
         Some(options)
+    }
+}
+
+/// Kernel options from the command line; an absent `target` is the device's for `check`
+/// and `bench` on one GPU, else `sm_80`.
+#[derive(Clone, Debug, Default)]
+pub struct KernelArgs {
+    pub target: Option<Target>,
+    pub options: KernelOptions,
+}
+
+impl KernelArgs {
+    /// The options with the target resolved: `check` and `bench` on one GPU compile for
+    /// the GPU they run on (sequence-parallel runs keep the portable sm_80 default).
+    fn resolve(&self, on_device: bool) -> KernelOptions {
+        let mut options = self.options.clone();
+        options.target = match self.target {
+            Some(t) => t,
+            None if on_device => einattn_exec::device::target().unwrap_or_default(),
+            None => Target::default(),
+        };
+        options
     }
 }
 
@@ -142,273 +223,47 @@ pub enum Stage {
     Ptx,
 }
 
-/// Kernel options from the command line: target, storage type, schedule overrides.
-#[derive(Clone, Debug, Default)]
-pub struct KernelArgs {
-    pub target: Option<einattn_backends::Target>,
-    pub elem: Option<einattn_backends::tile::Elem>,
-    /// `--tile NAME=SIZE`: a key rank (or its tile rank) sets the key tile, the query rank
-    /// (or `NAME0`) the query rows per CTA.
-    pub tiles: Vec<(String, u64)>,
-    pub warps: Option<u32>,
-    pub stages: Option<u32>,
-    pub mma: Option<einattn_backends::tile::MmaUnit>,
-    /// Run the rewrite engine first.
-    pub optimize: bool,
-    /// Linear attention: `single` pass or `chunked` two-phase (default: the cost model).
-    pub strategy: Option<String>,
-    /// Linear attention, chunked: tokens per chunk (default: the cost model).
-    pub chunk_tokens: Option<u64>,
-}
-
-impl KernelArgs {
-    /// `check` and `bench` on one GPU compile for the GPU they run on unless `--target`
-    /// says otherwise (sequence-parallel runs keep the portable sm_80 default).
-    fn for_device(&self, sp: &SpArgs) -> KernelArgs {
-        let mut args = self.clone();
-        if args.target.is_none() && sp.devices.is_none() {
-            args.target = crate::gpu::device_target();
-        }
-        args
-    }
-
-    /// The schedule knobs these options set; the rest stay the cost model's.
-    fn schedule_options(&self) -> einattn_backends::schedule::ScheduleOptions {
-        let mut options = einattn_backends::schedule::ScheduleOptions {
-            elem: self.elem,
-            warps: self.warps,
-            stages: self.stages,
-            mma: self.mma,
-            ..einattn_backends::schedule::ScheduleOptions::default()
-        };
-        if let Some(t) = self.target {
-            options.target = t;
-        }
-        options
-    }
-}
-
-/// A cascade compiled to one of the kernel families.
-pub enum Kernel {
-    Attention(Box<einattn_backends::compile::CompiledKernel>),
-    Linear(Box<einattn_backends::compile::CompiledLinear>),
-}
-
-impl Kernel {
-    pub fn ptx(&self) -> &einattn_backends::PtxKernel {
-        match self {
-            Kernel::Attention(k) => &k.ptx,
-            Kernel::Linear(k) => &k.ptx,
-        }
-    }
-    /// A kernel launched before [`Kernel::ptx`] (the chunked strategy's chunk states).
-    pub fn pre_ptx(&self) -> Option<&einattn_backends::PtxKernel> {
-        match self {
-            Kernel::Attention(_) => None,
-            Kernel::Linear(k) => k.pre.as_ref().map(|(_, p)| p),
-        }
-    }
-    pub fn program(&self) -> &einattn_backends::TileProgram {
-        match self {
-            Kernel::Attention(k) => &k.program,
-            Kernel::Linear(k) => &k.program,
-        }
-    }
-    pub fn explain(&self) -> String {
-        match self {
-            Kernel::Attention(k) => k.schedule.explain(),
-            Kernel::Linear(k) => k.explain(),
-        }
-    }
-    pub fn manifest(&self, cascade: &Cascade, ptx_file: &str) -> serde_json::Value {
-        match self {
-            Kernel::Attention(k) => k.manifest(cascade, ptx_file),
-            Kernel::Linear(k) => k.manifest(cascade, ptx_file),
-        }
-    }
-}
-
-/// Loads, optionally optimizes, and compiles a cascade to one kernel: softmax attention
-/// first; causal linear attention (confirmed on a small instance of the same source) next.
-pub fn build_kernel(
+/// Loads and compiles a cascade with the kernel families (`on_device`: for a run on this
+/// machine's GPU).
+pub fn build_kernels(
     source: &SourceFile,
     defines: &[(String, u64)],
     args: &KernelArgs,
-) -> Result<(Cascade, Kernel), CliError> {
-    if args.mma == Some(einattn_backends::tile::MmaUnit::Warpgroup)
-        && args.target != Some(einattn_backends::Target::Sm90a)
-    {
-        return Err(CliError::usage(
-            "error: `--mma wgmma` needs the Hopper instruction set\n  = help: add `--target sm_90a`",
-        ));
-    }
+    on_device: bool,
+) -> Result<Box<dyn Compiled>, CliError> {
+    let options = args.resolve(on_device);
     let cascade = source.compile(defines)?;
-    let softmax_err = match build_attention(source, &cascade, args) {
-        Ok((c, k)) => return Ok((c, Kernel::Attention(Box::new(k)))),
-        // Read as softmax attention, but the options or sizes do not fit: that is the answer.
-        Err(e) if e.recognized => return Err(e.error),
-        Err(e) => e.error,
+    let instantiate = |sizes: &[(String, u64)]| {
+        einattn_dsl::compile_source(&source.name(), &source.text, sizes)
+            .map_err(|d| CompileError::Source(d.items().to_vec()))
     };
-    match build_linear(source, &cascade, defines, args) {
-        Ok(k) => Ok((cascade, Kernel::Linear(Box::new(k)))),
-        Err(e) if e.recognized => Err(e.error),
-        Err(e) => Err(CliError::input(format!(
-            "{}\n\nnor as linear attention:\n{}",
-            softmax_err.message.trim_end(),
-            e.error.message.trim_end()
-        ))),
+    family::compile(&Request {
+        cascade: &cascade,
+        options: &options,
+        defines,
+        instantiate: &instantiate,
+    })
+    .map_err(|e| source.compile_error(e))
+}
+
+/// The kernels of a compile with their PTX.
+fn kernel_set(compiled: &dyn Compiled) -> KernelSet {
+    KernelSet {
+        manifest: compiled.manifest(),
+        ptx: compiled
+            .modules()
+            .iter()
+            .map(|m| (m.ptx.entry.clone(), m.ptx.text.clone()))
+            .collect(),
     }
 }
 
-/// A failed kernel build, and whether the cascade was read as that kernel family (then the
-/// error is about options or sizes and stands alone; else the next family is tried).
-struct KernelError {
-    error: CliError,
-    recognized: bool,
+fn create_dir(dir: &Path) -> Result<(), CliError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError::input(format!("error: cannot create `{}`: {e}", dir.display())))
 }
 
-impl From<CliError> for KernelError {
-    /// Usage errors belong to the family whose flags they name; input errors are a
-    /// failure to read the cascade as the family.
-    fn from(error: CliError) -> Self {
-        let recognized = error.exit_code != 1;
-        KernelError { error, recognized }
-    }
-}
-
-fn usage_error(message: impl Into<String>) -> KernelError {
-    CliError::usage(message).into()
-}
-
-/// Renders a backend diagnostic against the source.
-fn kernel_error(source: &SourceFile, d: einattn_ir::validate::Diagnostic) -> KernelError {
-    KernelError {
-        recognized: d.kind != einattn_ir::validate::DiagnosticKind::NotMappable,
-        error: CliError::input(
-            einattn_dsl::Diagnostics::new(vec![d]).render(&source.name(), &source.text),
-        ),
-    }
-}
-
-fn build_linear(
-    source: &SourceFile,
-    cascade: &Cascade,
-    defines: &[(String, u64)],
-    args: &KernelArgs,
-) -> Result<einattn_backends::compile::CompiledLinear, KernelError> {
-    use einattn_backends::schedule::recognize_linear;
-    let render = |d| kernel_error(source, d);
-    // The same source at small sizes, for the interpreter to confirm the reading.
-    let hypothesis = recognize_linear(cascade, false).map_err(render)?;
-    let mut small_defines: Vec<(String, u64)> = defines.to_vec();
-    for (rank, small) in &hypothesis.shrinkable {
-        if let einattn_ir::ExtentSource::Symbol(name) = &cascade.ranks[*rank].source {
-            small_defines.retain(|(n, _)| n != name);
-            small_defines.push((name.clone(), *small));
-        }
-    }
-    let small = source.compile(&small_defines)?;
-    let options = args.schedule_options();
-    let mut value_block = None;
-    for (n, size) in &args.tiles {
-        let value_rank = cascade.tensors[hypothesis.v.tensor].ranks.last().copied();
-        if value_rank.is_some_and(|r| cascade.ranks[r].name == *n) {
-            value_block = Some(*size as u32);
-        } else {
-            return Err(usage_error(format!(
-                "error: `--tile {n}=...`: the linear kernel takes a tile of the value rank only"
-            )));
-        }
-    }
-    use einattn_backends::tile::linear::Strategy;
-    let d = u64::from(hypothesis.spec.head_dim);
-    let strategy = match (args.strategy.as_deref(), args.chunk_tokens) {
-        (None, None) => None,
-        (Some("single"), None) => Some(Strategy::SinglePass),
-        (Some("lookback"), None) => Some(Strategy::LookBack),
-        (Some("single" | "lookback"), Some(_)) => {
-            return Err(usage_error(
-                "error: `--chunk-tokens` goes with `--strategy chunked`",
-            ))
-        }
-        (Some("chunked") | None, tokens) => {
-            let tiles = hypothesis.n.div_ceil(d);
-            let chunk_tiles = match tokens {
-                Some(t) if t == 0 || t % d != 0 => {
-                    return Err(usage_error(format!(
-                        "error: `--chunk-tokens {t}` must be a positive multiple of the block ({d} tokens)"
-                    )))
-                }
-                Some(t) => t / d,
-                None => tiles.div_ceil(8).max(1),
-            };
-            Some(Strategy::Chunked {
-                chunk_tiles: chunk_tiles as u32,
-            })
-        }
-        (Some(other), _) => {
-            return Err(usage_error(format!(
-                "error: unknown strategy `{other}` (single, chunked, lookback)"
-            )))
-        }
-    };
-    einattn_backends::compile::compile_linear(cascade, &small, &options, value_block, strategy)
-        .map_err(render)
-}
-
-fn build_attention(
-    source: &SourceFile,
-    cascade: &Cascade,
-    args: &KernelArgs,
-) -> Result<(Cascade, einattn_backends::compile::CompiledKernel), KernelError> {
-    use einattn_backends::schedule::recognize;
-    let mut cascade = cascade.clone();
-    if args.optimize {
-        cascade = optimized(source, &cascade)?.cascade;
-    }
-    let render = |mut d: einattn_ir::validate::Diagnostic| {
-        if args.optimize {
-            // Spans of rewritten Einsums point nowhere useful in the original text.
-            d.span = None;
-        }
-        kernel_error(source, d)
-    };
-    let mut options = args.schedule_options();
-    if !args.tiles.is_empty() {
-        let m = recognize(&cascade).map_err(render)?;
-        let name = |r: einattn_ir::Handle<einattn_ir::Rank>| cascade.ranks[r].name.clone();
-        let mut key_names = vec![name(m.roles.key)];
-        if let Some((_, inner, _)) = m.roles.key_split {
-            key_names.push(name(inner));
-        }
-        key_names.push(format!("{}0", name(m.roles.key)));
-        key_names.dedup();
-        let query_names: Vec<String> = m
-            .roles
-            .query
-            .map(|q| vec![name(q), format!("{}0", name(q))])
-            .unwrap_or_default();
-        for (n, size) in &args.tiles {
-            let size = u32::try_from(*size)
-                .map_err(|_| CliError::usage(format!("error: tile size {size} is too large")))?;
-            if key_names.contains(n) {
-                options.block_n = Some(size);
-            } else if query_names.contains(n) {
-                options.block_m = Some(size);
-            } else {
-                return Err(usage_error(format!(
-                    "error: `--tile {n}=...`: `{n}` is neither the key rank ({}) nor the query rank ({})",
-                    key_names.join(", "),
-                    if query_names.is_empty() { "none".to_string() } else { query_names.join(", ") }
-                )));
-            }
-        }
-    }
-    let kernel = einattn_backends::compile::compile_kernel(&cascade, &options).map_err(render)?;
-    Ok((cascade, kernel))
-}
-
-/// `einattn compile FILE [--target T] -o DIR`: writes `DIR/<kernel>.ptx` and
+/// `einattn compile FILE [--target T] -o DIR`: writes every kernel's PTX and
 /// `DIR/manifest.json`.
 pub fn compile_ptx(
     file: &Path,
@@ -417,33 +272,49 @@ pub fn compile_ptx(
     out_dir: &Path,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
-    let (cascade, kernel) = build_kernel(&source, defines, args)?;
-    let write_err = |p: &Path, e: std::io::Error| {
-        CliError::input(format!("error: cannot write `{}`: {e}", p.display()))
-    };
-    std::fs::create_dir_all(out_dir).map_err(|e| write_err(out_dir, e))?;
-    if let Some(pre) = kernel.pre_ptx() {
-        let path = out_dir.join(format!("{}.ptx", pre.entry));
-        std::fs::write(&path, &pre.text).map_err(|e| write_err(&path, e))?;
-    }
-    let ptx_name = format!("{}.ptx", kernel.ptx().entry);
-    let ptx_path = out_dir.join(&ptx_name);
-    std::fs::write(&ptx_path, &kernel.ptx().text).map_err(|e| write_err(&ptx_path, e))?;
-    let manifest = kernel.manifest(&cascade, &ptx_name);
-    let manifest_path = out_dir.join("manifest.json");
-    let text = serde_json::to_string_pretty(&manifest)
+    let compiled = build_kernels(&source, defines, args, false)?;
+    create_dir(out_dir)?;
+    let written = kernel_set(compiled.as_ref())
+        .write(out_dir)
         .map_err(|e| CliError::input(format!("error: {e}")))?;
-    std::fs::write(&manifest_path, text + "\n").map_err(|e| write_err(&manifest_path, e))?;
-    Ok(format!(
-        "{}: {} ({}, {} threads, {} B shared)\nwrote {}\nwrote {}\n",
-        cascade.name,
-        kernel.ptx().entry,
-        kernel.ptx().target.name(),
-        kernel.ptx().threads,
-        kernel.ptx().dynamic_smem_bytes,
-        ptx_path.display(),
-        manifest_path.display()
-    ))
+    let main = compiled
+        .main()
+        .ok_or_else(|| CliError::input("error: no kernels"))?;
+    let mut out = format!(
+        "{}: {} ({}, {} threads, {} B shared)\n",
+        compiled.cascade().name,
+        main.ptx.entry,
+        main.ptx.target.name(),
+        main.ptx.threads,
+        main.ptx.dynamic_smem_bytes
+    );
+    for path in written {
+        out.push_str(&format!("wrote {}\n", path.display()));
+    }
+    Ok(out)
+}
+
+/// The plan `--sp` asks for, lowered to the kernels of `compiled` (chunked for `gpu`).
+fn planned(
+    source: &SourceFile,
+    compiled: &dyn Compiled,
+    sp: &SpArgs,
+    gpu: &GpuModel,
+) -> Result<
+    (
+        einattn_passes::sp::SpDecision,
+        Plan,
+        Result<LoweredPlan, String>,
+    ),
+    CliError,
+> {
+    let options = sp
+        .options()
+        .ok_or_else(|| CliError::usage("error: this needs `--sp P`"))?;
+    let (decision, plan) = einattn_backends::plan::plan_cascade(compiled.cascade(), &options)
+        .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
+    let lowered = lower(&plan, compiled, gpu);
+    Ok((decision, plan, lowered))
 }
 
 /// `einattn check`: (report, passed).
@@ -460,34 +331,38 @@ pub fn check(
             "error: `check --sp P` splits the sequence over P >= 2 GPUs",
         ));
     }
-    let args = &args.for_device(sp);
-    let (cascade, kernel) = build_kernel(&source, defines, args)?;
-    if let Some(options) = sp.options() {
-        let (_, plan) = einattn_backends::plan::plan_cascade(&cascade, &options)
-            .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
-        return crate::gpu::check_sp(&cascade, &kernel, &plan, seed);
+    let compiled = build_kernels(&source, defines, args, sp.devices.is_none())?;
+    if sp.devices.is_some() {
+        let gpu = einattn_exec::device::model().unwrap_or_else(GpuModel::h200);
+        let (_, _, lowered) = planned(&source, compiled.as_ref(), sp, &gpu)?;
+        let lowered = lowered.map_err(|e| CliError::input(format!("error: {e}")))?;
+        return Ok(einattn_exec::plan::run::check_plan(
+            &lowered.plan,
+            &lowered.kernels,
+            compiled.as_ref(),
+            seed,
+            sp.mapping(),
+        )?);
     }
-    match &kernel {
-        Kernel::Attention(k) => crate::gpu::check(&cascade, k, seed),
-        Kernel::Linear(k) => crate::gpu::check_linear(&cascade, k, seed),
-    }
+    Ok(einattn_exec::check::check(compiled.as_ref(), seed)?)
 }
 
-/// What `compile --sp P -o DIR` records so that `run-plan DIR` rebuilds the same kernels:
+/// What `compile --sp P -o DIR` records so that `run-plan DIR` can compute the reference:
 /// the source (copied as `source.ein`), the size bindings and the kernel options.
 fn build_record(defines: &[(String, u64)], args: &KernelArgs) -> serde_json::Value {
+    let o = &args.options;
     serde_json::json!({
         "source": "source.ein",
         "defines": defines.iter().map(|(n, v)| serde_json::json!([n, v])).collect::<Vec<_>>(),
         "target": args.target.map(|t| t.name()),
-        "dtype": args.elem.map(|e| e.name()),
-        "tiles": args.tiles.iter().map(|(n, v)| serde_json::json!([n, v])).collect::<Vec<_>>(),
-        "warps": args.warps,
-        "stages": args.stages,
-        "mma": args.mma.map(|m| m.name()),
-        "optimize": args.optimize,
-        "strategy": args.strategy,
-        "chunk_tokens": args.chunk_tokens,
+        "dtype": o.elem.map(|e| e.name()),
+        "tiles": o.tiles.iter().map(|(n, v)| serde_json::json!([n, v])).collect::<Vec<_>>(),
+        "warps": o.warps,
+        "stages": o.stages,
+        "mma": o.mma.map(|m| m.name()),
+        "optimize": o.optimize,
+        "strategy": o.strategy,
+        "chunk_tokens": o.chunk_tokens,
     })
 }
 
@@ -495,6 +370,7 @@ fn build_record(defines: &[(String, u64)], args: &KernelArgs) -> serde_json::Val
 type BuildRecord = (String, Vec<(String, u64)>, KernelArgs);
 
 fn read_build_record(v: &serde_json::Value) -> Result<BuildRecord, String> {
+    use einattn_backends::tile::{Elem, MmaUnit};
     let pairs = |key: &str| -> Result<Vec<(String, u64)>, String> {
         v.get(key)
             .and_then(|x| x.as_array())
@@ -514,58 +390,110 @@ fn read_build_record(v: &serde_json::Value) -> Result<BuildRecord, String> {
             .unwrap_or_else(|| Ok(Vec::new()))
     };
     let text = |key: &str| v.get(key).and_then(|x| x.as_str()).map(str::to_string);
-    let number = |key: &str| v.get(key).and_then(|x| x.as_u64());
+    let small = |key: &str| -> Result<Option<u32>, String> {
+        v.get(key)
+            .and_then(|x| x.as_u64())
+            .map(|x| u32::try_from(x).map_err(|_| format!("`{key}` = {x} is too large")))
+            .transpose()
+    };
     let target = match text("target").as_deref() {
         None => None,
-        Some("sm_80") => Some(einattn_backends::Target::Sm80),
-        Some("sm_90a") => Some(einattn_backends::Target::Sm90a),
+        Some("sm_80") => Some(Target::Sm80),
+        Some("sm_90a") => Some(Target::Sm90a),
         Some(other) => return Err(format!("unknown target `{other}`")),
     };
-    let elem = match text("dtype").as_deref() {
-        None => None,
-        Some("bf16") => Some(einattn_backends::tile::Elem::Bf16),
-        Some("f16") => Some(einattn_backends::tile::Elem::F16),
-        Some(other) => return Err(format!("unknown dtype `{other}`")),
-    };
-    let args = KernelArgs {
-        target,
-        elem,
+    let options = KernelOptions {
+        target: target.unwrap_or_default(),
+        elem: match text("dtype").as_deref() {
+            None => None,
+            Some("bf16") => Some(Elem::Bf16),
+            Some("f16") => Some(Elem::F16),
+            Some(other) => return Err(format!("unknown dtype `{other}`")),
+        },
         tiles: pairs("tiles")?,
-        warps: number("warps").map(|x| x as u32),
-        stages: number("stages").map(|x| x as u32),
+        warps: small("warps")?,
+        stages: small("stages")?,
         mma: match text("mma").as_deref() {
             None => None,
-            Some("mma.sync") => Some(einattn_backends::tile::MmaUnit::Sync),
-            Some("wgmma") => Some(einattn_backends::tile::MmaUnit::Warpgroup),
+            Some("mma.sync") => Some(MmaUnit::Sync),
+            Some("wgmma") => Some(MmaUnit::Warpgroup),
             Some(other) => return Err(format!("unknown mma `{other}`")),
         },
         optimize: v.get("optimize").and_then(|x| x.as_bool()).unwrap_or(false),
         strategy: text("strategy"),
-        chunk_tokens: number("chunk_tokens"),
+        chunk_tokens: v.get("chunk_tokens").and_then(|x| x.as_u64()),
     };
     let source = text("source").unwrap_or_else(|| "source.ein".to_string());
-    Ok((source, pairs("defines")?, args))
+    Ok((source, pairs("defines")?, KernelArgs { target, options }))
 }
 
-/// `einattn run-plan DIR`: rebuilds the kernels `compile --sp P -o DIR` recorded, runs
-/// `DIR/plan.json` on the GPUs and compares with one GPU on the whole problem.
-pub fn run_plan(dir: &Path, seed: u64) -> Result<(String, bool), CliError> {
+/// The plan folder's source: a plain file name inside `dir`, never a path elsewhere.
+fn plan_source(dir: &Path, name: &str) -> Result<SourceFile, CliError> {
+    let plain = Path::new(name)
+        .file_name()
+        .is_some_and(|f| f == std::ffi::OsStr::new(name));
+    if !plain {
+        return Err(CliError::input(format!(
+            "error: {}: `source` must name a file in the plan folder, not `{name}`",
+            dir.join("build.json").display()
+        )));
+    }
+    SourceFile::load(&dir.join(name))
+}
+
+/// `einattn run-plan DIR`: validates `DIR/plan.json` and the kernels beside it on the CPU,
+/// then runs them on the GPUs and compares with one GPU on the whole problem and the
+/// reference (the source is read only for the reference).
+pub fn run_plan(dir: &Path, seed: u64, mapping: RankMapping) -> Result<(String, bool), CliError> {
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read_to_string(&path)
             .map_err(|e| CliError::input(format!("error: cannot read `{}`: {e}", path.display())))
     };
-    let record: serde_json::Value = serde_json::from_str(&read("build.json")?).map_err(|e| {
-        CliError::input(format!("error: {}: {e}", dir.join("build.json").display()))
-    })?;
-    let (source_name, defines, args) = read_build_record(&record).map_err(|e| {
-        CliError::input(format!("error: {}: {e}", dir.join("build.json").display()))
-    })?;
-    let plan = einattn_backends::plan::Plan::from_json(&read("plan.json")?)
-        .map_err(|e| CliError::input(format!("error: {}: {e}", dir.join("plan.json").display())))?;
-    let source = SourceFile::load(&dir.join(source_name))?;
-    let (cascade, kernel) = build_kernel(&source, &defines, &args)?;
-    crate::gpu::check_sp(&cascade, &kernel, &plan, seed)
+    let in_dir = |name: &str, e: String| {
+        CliError::input(format!("error: {}: {e}", dir.join(name).display()))
+    };
+    let plan =
+        Plan::from_json(&read("plan.json")?).map_err(|e| in_dir("plan.json", e.to_string()))?;
+    einattn_backends::plan::lower::check_steps(&plan).map_err(|e| in_dir("plan.json", e))?;
+    let kernels = KernelSet::read(dir).map_err(|e| CliError::input(format!("error: {e}")))?;
+    einattn_backends::plan::validate::validate(&plan, &kernels)
+        .map_err(|e| in_dir("plan.json", e))?;
+    let record: serde_json::Value = serde_json::from_str(&read("build.json")?)
+        .map_err(|e| in_dir("build.json", e.to_string()))?;
+    let (source_name, defines, args) =
+        read_build_record(&record).map_err(|e| in_dir("build.json", e))?;
+    let source = plan_source(dir, &source_name)?;
+    let compiled = build_kernels(&source, &defines, &args, false)?;
+    check_plan_matches_source(&plan, compiled.cascade()).map_err(|e| in_dir("plan.json", e))?;
+    Ok(einattn_exec::plan::run::check_plan(
+        &plan,
+        &kernels,
+        compiled.as_ref(),
+        seed,
+        mapping,
+    )?)
+}
+
+/// The plan's global tensors are the cascade's, with its shapes.
+fn check_plan_matches_source(plan: &Plan, cascade: &Cascade) -> Result<(), String> {
+    for g in &plan.tensors {
+        let t = cascade
+            .tensor_by_name(&g.name)
+            .ok_or_else(|| format!("`{}` is not a tensor of the source", g.name))?;
+        let want: Vec<u64> = cascade.tensors[t]
+            .ranks
+            .iter()
+            .map(|&r| cascade.ranks[r].extent)
+            .collect();
+        if want != g.shape {
+            return Err(format!(
+                "`{}` has shape {:?} in the plan and {want:?} in the source",
+                g.name, g.shape
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub fn bench(
@@ -577,17 +505,21 @@ pub fn bench(
     sp: &SpArgs,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
-    let args = &args.for_device(sp);
-    let (cascade, kernel) = build_kernel(&source, defines, args)?;
-    if let Some(options) = sp.options() {
-        let (_, plan) = einattn_backends::plan::plan_cascade(&cascade, &options)
-            .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
-        return crate::gpu::bench_sp(&cascade, &kernel, &plan, reps, format);
+    let compiled = build_kernels(&source, defines, args, sp.devices.is_none())?;
+    if sp.devices.is_some() {
+        let gpu = einattn_exec::device::model().unwrap_or_else(GpuModel::h200);
+        let (_, _, lowered) = planned(&source, compiled.as_ref(), sp, &gpu)?;
+        let lowered = lowered.map_err(|e| CliError::input(format!("error: {e}")))?;
+        return Ok(einattn_exec::plan::run::bench_plan(
+            &lowered.plan,
+            &lowered.kernels,
+            compiled.as_ref(),
+            reps,
+            format,
+            sp.mapping(),
+        )?);
     }
-    match &kernel {
-        Kernel::Attention(k) => crate::gpu::bench(&cascade, k, reps, format),
-        Kernel::Linear(k) => crate::gpu::bench_linear(&cascade, k, reps, format),
-    }
+    Ok(einattn_exec::bench::bench(compiled.as_ref(), reps, format)?)
 }
 
 pub fn emit(
@@ -597,13 +529,23 @@ pub fn emit(
     args: &KernelArgs,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
+    let main_module = |c: &dyn Compiled| -> Result<family::Module, CliError> {
+        c.main()
+            .cloned()
+            .ok_or_else(|| CliError::input("error: no kernels"))
+    };
     match stage {
-        Stage::Schedule => Ok(build_kernel(&source, defines, args)?.1.explain()),
-        Stage::Tile => Ok(build_kernel(&source, defines, args)?
-            .1
-            .program()
-            .to_string()),
-        Stage::Ptx => Ok(build_kernel(&source, defines, args)?.1.ptx().text.clone()),
+        Stage::Schedule => Ok(build_kernels(&source, defines, args, false)?.explain()),
+        Stage::Tile => Ok(
+            main_module(build_kernels(&source, defines, args, false)?.as_ref())?
+                .program
+                .to_string(),
+        ),
+        Stage::Ptx => Ok(
+            main_module(build_kernels(&source, defines, args, false)?.as_ref())?
+                .ptx
+                .text,
+        ),
         Stage::Ast => {
             let ast = einattn_dsl::parse(&source.name(), &source.text)
                 .map_err(|d| CliError::input(d.render(&source.name(), &source.text)))?;
@@ -614,8 +556,8 @@ pub fn emit(
     }
 }
 
-/// `einattn compile FILE --sp P -o DIR`: writes `DIR/plan.json` and returns the planner's
-/// comparison table.
+/// `einattn compile FILE --sp P -o DIR`: writes `DIR/plan.json`, the kernels it launches
+/// with their manifest, the source and the build record; returns the planner's table.
 pub fn compile_plan(
     file: &Path,
     defines: &[(String, u64)],
@@ -624,42 +566,41 @@ pub fn compile_plan(
     out_dir: &Path,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
-    let options = sp
-        .options()
-        .ok_or_else(|| CliError::usage("error: `compile` needs `--sp P` or `--emit STAGE`"))?;
-    let (cascade, kernel) = build_kernel(&source, defines, args)?;
-    let (decision, path) = einattn_backends::plan::write_plan(&cascade, &options, out_dir)
-        .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
-    let (_, plan) = einattn_backends::plan::plan_cascade(&cascade, &options)
-        .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
-    let write = |name: &str, text: &str| -> Result<std::path::PathBuf, CliError> {
+    let compiled = build_kernels(&source, defines, args, false)?;
+    // Plans are costed for the H200 the SP anchors were measured on; windows are chunked
+    // for the same part.
+    let (decision, plan, lowered) = planned(&source, compiled.as_ref(), sp, &GpuModel::h200())?;
+    create_dir(out_dir)?;
+    let write = |name: &str, text: &str| -> Result<PathBuf, CliError> {
         let p = out_dir.join(name);
         std::fs::write(&p, text)
             .map_err(|e| CliError::input(format!("error: cannot write `{}`: {e}", p.display())))?;
         Ok(p)
     };
-    write("source.ein", &source.text)?;
-    let record = serde_json::to_string_pretty(&build_record(defines, args))
-        .map_err(|e| CliError::input(format!("error: {e}")))?;
-    write("build.json", &(record + "\n"))?;
-    let lowering = match &kernel {
-        Kernel::Linear(k) => crate::plan_gpu::Lowering::Linear(k),
-        Kernel::Attention(k) => crate::plan_gpu::Lowering::Attention(k),
-    };
-    let mut lines = vec![
-        decision.report.render_text().trim_end().to_string(),
-        format!("wrote {}", path.display()),
-    ];
-    match crate::plan_gpu::lowered_ptx(&plan, &lowering) {
-        Ok(kernels) => {
-            for (entry, text) in kernels {
-                let p = write(&format!("{entry}.ptx"), &text)?;
+    let mut lines = vec![decision.report.render_text().trim_end().to_string()];
+    match &lowered {
+        Ok(l) => {
+            let path = write("plan.json", &(l.plan.to_json() + "\n"))?;
+            lines.push(format!("wrote {}", path.display()));
+            for p in l
+                .kernels
+                .write(out_dir)
+                .map_err(|e| CliError::input(format!("error: {e}")))?
+            {
                 lines.push(format!("wrote {}", p.display()));
             }
         }
         // The plan stands on its own; say why the GPU executor will refuse it.
-        Err(e) => lines.push(format!("note: {}", e.message.trim_start_matches("error: "))),
+        Err(e) => {
+            let path = write("plan.json", &(plan.to_json() + "\n"))?;
+            lines.push(format!("wrote {}", path.display()));
+            lines.push(format!("note: {e}"));
+        }
     }
+    write("source.ein", &source.text)?;
+    let record = serde_json::to_string_pretty(&build_record(defines, args))
+        .map_err(|e| CliError::input(format!("error: {e}")))?;
+    write("build.json", &(record + "\n"))?;
     lines.push(format!(
         "wrote {} and {} (run it with `einattn run-plan {}`)",
         out_dir.join("source.ein").display(),
@@ -667,17 +608,6 @@ pub fn compile_plan(
         out_dir.display()
     ));
     Ok(lines.join("\n") + "\n")
-}
-
-fn optimized(
-    source: &SourceFile,
-    cascade: &Cascade,
-) -> Result<einattn_passes::rewrite::Optimized, CliError> {
-    einattn_passes::rewrite::optimize(
-        cascade,
-        &einattn_passes::rewrite::OptimizeOptions::default(),
-    )
-    .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))
 }
 
 /// `einattn optimize`: the log of rules applied with the analysis before and after, and
@@ -689,7 +619,11 @@ pub fn optimize(
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
     let cascade = source.compile(defines)?;
-    let result = optimized(&source, &cascade)?;
+    let result = einattn_passes::rewrite::optimize(
+        &cascade,
+        &einattn_passes::rewrite::OptimizeOptions::default(),
+    )
+    .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
     let text = einattn_ir::print::print(&result.cascade);
     let mut log = result.render_log();
     match out {
@@ -744,9 +678,7 @@ pub fn run(
     let order = einattn_ir::validate::topological_order(&cascade);
     let values = interp::evaluate_in_order(&cascade, &inputs, &order)
         .map_err(|e| CliError::input(format!("error: evaluation failed: {e}")))?;
-    std::fs::create_dir_all(out_dir).map_err(|e| {
-        CliError::input(format!("error: cannot create `{}`: {e}", out_dir.display()))
-    })?;
+    create_dir(out_dir)?;
     let mut written = Vec::new();
     for (h, t) in cascade.tensors.iter() {
         if t.kind == TensorKind::Temp {
@@ -781,7 +713,7 @@ fn find_input(cascade: &Cascade, name: &str) -> Result<Handle<Tensor>, CliError>
 }
 
 /// Evaluates with seeded random inputs and returns every tensor's value by name; used by
-/// tests and by `check` to get the reference.
+/// tests.
 pub fn reference_values(
     cascade: &Cascade,
     seed: u64,

@@ -4,9 +4,7 @@
 //! implementations, so that tests and build scripts call exactly what the CLI calls.
 
 pub mod cli;
-pub mod gpu;
 pub mod npy;
-pub mod plan_gpu;
 
 pub use einattn_dsl as dsl;
 pub use einattn_ir as ir;

@@ -1,5 +1,6 @@
 use clap::{Parser, Subcommand, ValueEnum};
-use einattn::cli::{self, CliError, ReportFormat, Stage};
+use einattn::cli::{self, CliError, Stage};
+use einattn_exec::ReportFormat;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -88,6 +89,10 @@ enum Command {
         /// Seed of the random inputs (default: drawn from the clock).
         #[arg(long)]
         seed: Option<u64>,
+        /// Run every rank on GPU 0, collectives as device copies (checks a plan's kernels
+        /// and steps on a machine with one GPU; the times mean nothing).
+        #[arg(long)]
+        one_gpu: bool,
     },
     /// Time the compiled kernel on the GPU: median, TFLOP/s, percent of the peak.
     Bench {
@@ -146,20 +151,23 @@ impl KernelFlags {
                 TargetArg::Sm80 => einattn_backends::Target::Sm80,
                 TargetArg::Sm90a => einattn_backends::Target::Sm90a,
             }),
-            elem: self.dtype.map(|d| match d {
-                DtypeArg::Bf16 => einattn_backends::tile::Elem::Bf16,
-                DtypeArg::F16 => einattn_backends::tile::Elem::F16,
-            }),
-            tiles: self.tile,
-            warps: self.warps,
-            stages: self.stages,
-            mma: self.mma.map(|m| match m {
-                MmaArg::Sync => einattn_backends::tile::MmaUnit::Sync,
-                MmaArg::Wgmma => einattn_backends::tile::MmaUnit::Warpgroup,
-            }),
-            optimize: self.optimize,
-            strategy: self.strategy,
-            chunk_tokens: self.chunk_tokens,
+            options: einattn_backends::KernelOptions {
+                target: einattn_backends::Target::default(),
+                elem: self.dtype.map(|d| match d {
+                    DtypeArg::Bf16 => einattn_backends::tile::Elem::Bf16,
+                    DtypeArg::F16 => einattn_backends::tile::Elem::F16,
+                }),
+                tiles: self.tile,
+                warps: self.warps,
+                stages: self.stages,
+                mma: self.mma.map(|m| match m {
+                    MmaArg::Sync => einattn_backends::tile::MmaUnit::Sync,
+                    MmaArg::Wgmma => einattn_backends::tile::MmaUnit::Warpgroup,
+                }),
+                optimize: self.optimize,
+                strategy: self.strategy,
+                chunk_tokens: self.chunk_tokens,
+            },
         }
     }
 }
@@ -195,6 +203,9 @@ struct SpFlags {
     /// Use this scheme instead of the cheapest (lasp2, lasp1, allgather_kv, ring, ...).
     #[arg(long, requires = "devices")]
     scheme: Option<String>,
+    /// `check`/`bench --sp P`: run every rank on GPU 0, collectives as device copies.
+    #[arg(long, requires = "devices")]
+    one_gpu: bool,
 }
 
 impl SpFlags {
@@ -203,6 +214,7 @@ impl SpFlags {
             devices: self.devices,
             sequence: self.sequence,
             scheme: self.scheme,
+            one_gpu: self.one_gpu,
         }
     }
 }
@@ -275,7 +287,7 @@ fn report_check(report: &str, pass: bool) -> Result<(), CliError> {
     } else {
         Err(CliError {
             message: "error: the GPU output does not match the reference".into(),
-            exit_code: einattn::gpu::MISMATCH_EXIT,
+            exit_code: einattn_exec::MISMATCH_EXIT,
         })
     }
 }
@@ -350,8 +362,13 @@ fn execute(args: Args) -> Result<(), CliError> {
             )?;
             report_check(&report, pass)?;
         }
-        Command::RunPlan { dir, seed } => {
-            let (report, pass) = cli::run_plan(&dir, seed.unwrap_or_else(clock_seed))?;
+        Command::RunPlan { dir, seed, one_gpu } => {
+            let mapping = if one_gpu {
+                einattn_exec::ranks::RankMapping::OneGpuForAll
+            } else {
+                einattn_exec::ranks::RankMapping::OneGpuEach
+            };
+            let (report, pass) = cli::run_plan(&dir, seed.unwrap_or_else(clock_seed), mapping)?;
             report_check(&report, pass)?;
         }
         Command::Bench {

@@ -152,15 +152,18 @@ fn compile_writes_ptx_and_a_manifest_that_agree() {
         &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest written"),
     )
     .expect("manifest is JSON");
-    let ptx_name = manifest["ptx"].as_str().expect("ptx file named");
+    assert_eq!(manifest["launch"].as_array().map(Vec::len), Some(1));
+    let kernel = &manifest["kernels"][0];
+    let ptx_name = kernel["ptx"].as_str().expect("ptx file named");
     let ptx = std::fs::read_to_string(dir.join(ptx_name)).expect("ptx written");
-    let entry = manifest["kernel"].as_str().expect("kernel named");
+    let entry = kernel["kernel"].as_str().expect("kernel named");
+    assert_eq!(manifest["launch"][0], entry);
     assert!(ptx.contains(&format!(".entry {entry}(")));
     assert!(ptx.contains(".target sm_90a"));
-    assert_eq!(manifest["causal"], true);
-    assert_eq!(manifest["problem"]["head_dim"], 128);
+    assert_eq!(kernel["family"]["problem"]["causal"], true);
+    assert_eq!(kernel["sizes"]["head_dim"], 128);
     // Every .param of the entry is described, in order.
-    let params = manifest["params"].as_array().expect("params");
+    let params = kernel["params"].as_array().expect("params");
     let declared = ptx.matches(".param .").count();
     assert_eq!(params.len(), declared);
     let _ = std::fs::remove_dir_all(&dir);
@@ -268,15 +271,17 @@ fn linear_attention_compiles_to_its_kernels_and_strategies_are_selectable() {
     )
     .expect("manifest is JSON");
     // Two kernels: the chunk states first, then the outputs.
-    let first = manifest["launch_first"]["ptx"]
-        .as_str()
-        .expect("a first kernel");
-    assert!(dir.join(first).is_file());
-    assert!(dir.join(manifest["ptx"].as_str().expect("ptx")).is_file());
-    assert!(manifest["strategy"]
-        .as_str()
-        .expect("strategy")
-        .contains("Chunked"));
+    let launch = manifest["launch"].as_array().expect("launch order");
+    assert_eq!(launch.len(), 2);
+    assert!(launch[0].as_str().is_some_and(|e| e.contains("_states_")));
+    assert!(launch[1].as_str().is_some_and(|e| e.contains("_outputs_")));
+    for k in manifest["kernels"].as_array().expect("kernels") {
+        assert!(dir.join(k["ptx"].as_str().expect("ptx")).is_file());
+        assert!(k["family"]["schedule"]["strategy"]
+            .as_str()
+            .expect("strategy")
+            .contains("Chunked"));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 
     let single = einattn(&[
@@ -310,20 +315,25 @@ fn linear_attention_compiles_to_its_kernels_and_strategies_are_selectable() {
         &std::fs::read_to_string(lb_dir.join("manifest.json")).expect("manifest written"),
     )
     .expect("manifest is JSON");
-    assert_eq!(manifest["strategy"], "LookBack");
-    assert!(manifest["launch_first"].is_null());
-    let d = manifest["problem"]["head_dim"].as_u64().expect("head_dim");
-    assert_eq!(manifest["grid"][2].as_u64(), Some(4096u64.div_ceil(d)));
-    let flags = manifest["params"]
+    assert_eq!(manifest["launch"].as_array().map(Vec::len), Some(1));
+    let kernel = &manifest["kernels"][0];
+    assert_eq!(kernel["family"]["schedule"]["strategy"], "LookBack");
+    let d = kernel["sizes"]["head_dim"].as_u64().expect("head_dim");
+    assert_eq!(kernel["grid"][2].as_u64(), Some(4096u64.div_ceil(d)));
+    let flags = kernel["params"]
         .as_array()
         .expect("params")
         .iter()
         .find(|p| p["name"] == "look_back_flags")
         .expect("a flags parameter");
-    assert!(flags["from"]["scratch"]
-        .as_str()
+    assert_eq!(flags["from"]["scratch"]["scratch"], "look_back_flags");
+    let scratch = kernel["scratch"]
+        .as_array()
         .expect("scratch")
-        .contains("zeroed before every launch"));
+        .iter()
+        .find(|s| s["name"] == "look_back_flags")
+        .expect("the flags are scratch");
+    assert_eq!(scratch["zero_before_launch"], true);
     let _ = std::fs::remove_dir_all(&lb_dir);
     let bad = einattn(&[
         "compile",

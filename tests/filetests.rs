@@ -120,7 +120,8 @@ fn filetests() {
     let before = expected.len();
     expected.dedup();
     assert_eq!(before, expected.len(), "two cases share an expected file");
-    let scratch_root = std::env::temp_dir().join(format!("einattn-filetests-{}", std::process::id()));
+    let scratch_root =
+        std::env::temp_dir().join(format!("einattn-filetests-{}", std::process::id()));
     let next = AtomicUsize::new(0);
     let failures = Mutex::new(Vec::new());
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(8));
@@ -129,7 +130,11 @@ fn filetests() {
             scope.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(case) = all.get(i) else { break };
-                let rel = case.strip_prefix(root()).unwrap_or(case).display().to_string();
+                let rel = case
+                    .strip_prefix(root())
+                    .unwrap_or(case)
+                    .display()
+                    .to_string();
                 let want_path = case.with_extension("out");
                 let result = run_case(case, &scratch_root.join(i.to_string()));
                 let failure = match result {
@@ -172,7 +177,11 @@ fn filetests() {
     }
     let mut failures = failures.into_inner().unwrap_or_default();
     failures.sort();
-    failures.extend(orphans.into_iter().map(|o| format!("{o}: no case produces it")));
+    failures.extend(
+        orphans
+            .into_iter()
+            .map(|o| format!("{o}: no case produces it")),
+    );
     assert!(
         failures.is_empty(),
         "{} of {} file tests failed:\n{}",

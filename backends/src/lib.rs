@@ -1,23 +1,25 @@
-//! einattn backends.
+//! einattn backends: from a cascade to GPU kernels and sequence-parallel plans.
 //!
+//! * [`family`]: the kernel families (softmax attention, linear attention, the element-wise
+//!   helpers), each reading a cascade as Tile IR programs and launch contracts;
 //! * [`tile`]: the Tile IR (a structured per-CTA program over shared-memory and register
-//!   tiles), its CPU interpreter, and the attention program builder.
-//! * [`ptx`]: the PTX printer (`sm_80` instructions: `mma.sync`, `ldmatrix`, `cp.async`;
-//!   the same text assembles for `sm_90a`), plus a `ptxas` driver for validation.
-//! * [`schedule`]: reads a cascade as softmax attention (any pass structure) and picks the
-//!   kernel shape by a cost model; [`compile`] runs the whole pipeline to PTX.
-//! * [`reference`]: naive f64 attention used by tests and GPU checks.
+//!   tiles), its validator, printer and CPU interpreter;
+//! * [`ptx`]: the PTX printer (`sm_80` `mma.sync`, `sm_90a` `wgmma`), plus a `ptxas`
+//!   driver for validation;
+//! * [`abi`]: the launch contract of a kernel and the one binder of its parameters;
+//! * [`plan`]: SP plans: emission per scheme, the kernels a plan launches, a CPU executor;
+//! * [`reference`]: direct f64 formulas of the families' computations.
 //!
 //! See `backends/README.md` for the Tile IR, the fragment layouts and what each lowering
-//! assumes.
+//! assumes, and `docs/architecture.md` for where this crate sits.
 
-pub mod compile;
+pub mod abi;
+pub mod family;
 pub mod plan;
 pub mod ptx;
 pub mod reference;
-pub mod schedule;
 pub mod tile;
 
+pub use family::{compile, CompileError, Compiled, KernelFamily, KernelOptions, Module};
 pub use ptx::{print_ptx, PtxKernel, Target};
-pub use tile::attention::{flash_attention, AttentionSchedule, AttentionSpec};
 pub use tile::{TileError, TileProgram};

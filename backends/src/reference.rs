@@ -1,7 +1,7 @@
 //! Naive softmax attention in f64: the formula the tile programs and GPU kernels are
 //! checked against. Independent of the Tile IR on purpose.
 
-use crate::tile::attention::AttentionSpec;
+use crate::family::softmax::program::AttentionSpec;
 use crate::tile::interp::{HostTensor, Problem};
 
 /// Host inputs of one attention call.
@@ -10,7 +10,7 @@ pub struct AttentionInputs<'a> {
     pub q: &'a HostTensor,
     pub k: &'a HostTensor,
     pub v: &'a HostTensor,
-    /// Values of the score's scalars, in [`crate::tile::attention::Score::scalars`] order.
+    /// Values of the score's scalars, in [`crate::family::softmax::program::Score::scalars`] order.
     pub scalars: &'a [f64],
     /// One array (one value per head) per score head parameter.
     pub head_params: &'a [Vec<f64>],
@@ -135,7 +135,7 @@ pub fn alibi_slopes(heads: usize) -> Vec<f64> {
 /// for a per-token cumulative log-gate `G` (laid out like a one-column tensor, `G_{-1} = 0`),
 /// else 1; non-causal: `o_i = q_i S` with `S` over all keys. Output contiguous `[B, N, H, e]`.
 pub fn linear_attention(
-    spec: &crate::tile::linear::LinearSpec,
+    spec: &crate::family::linear::program::LinearSpec,
     prob: Problem,
     q: &HostTensor,
     k: &HostTensor,

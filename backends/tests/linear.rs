@@ -1,12 +1,12 @@
 //! The sequential linear-attention tile program against the f64 recurrence, and its PTX
 //! through ptxas.
 
+use einattn_backends::family::linear::program::{
+    lightning, lightning_part, Decay, LinearSchedule, LinearSpec, Part,
+};
 use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
 use einattn_backends::reference::{linear_attention, relative_error};
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
-use einattn_backends::tile::linear::{
-    lightning, lightning_part, Decay, LinearSchedule, LinearSpec, Part,
-};
 use einattn_backends::tile::Elem;
 use einattn_backends::{print_ptx, Target};
 use proptest::prelude::*;
@@ -82,7 +82,7 @@ proptest! {
             decay: if decay && causal { Decay::PerHead("s".into()) } else { Decay::None },
             causal,
         };
-        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
+        let sched = LinearSchedule { strategy: einattn_backends::family::linear::Strategy::SinglePass, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
         let prob = Problem { batch: 1, heads, kv_group: 1, n_q: n, n_k: n };
         let err = check(&spec, &sched, prob, seed);
         prop_assert!(err < 2e-2, "relative error {}", err);
@@ -166,8 +166,8 @@ fn load(name: &str, defines: &[(&str, u64)]) -> einattn_ir::cascade::Cascade {
 /// and the kernel's Tile program computes what the cascade says.
 #[test]
 fn linear_examples_compile_and_match_the_interpreter() {
-    use einattn_backends::compile::compile_linear;
-    use einattn_backends::schedule::ScheduleOptions;
+    use einattn_backends::family::linear::compile_linear;
+    use einattn_backends::family::{Compiled, KernelOptions};
     use einattn_ir::interp::{evaluate_in_order, random_inputs};
     use einattn_ir::validate::topological_order;
     for (name, sizes) in [
@@ -184,8 +184,8 @@ fn linear_examples_compile_and_match_the_interpreter() {
         } else {
             load(name, &[("N", 24), ("D", 16)])
         };
-        let k = compile_linear(&c, &small, &ScheduleOptions::default(), None, None)
-            .unwrap_or_else(|d| panic!("{name}: {}", d.message));
+        let k = compile_linear(&c, &small, &KernelOptions::default(), None, None)
+            .unwrap_or_else(|e| panic!("{name}: {}", e.message()));
         assert_eq!(k.matched.spec.causal, name != "linear_attention", "{name}");
         let m = &k.matched;
         let inputs = random_inputs(&c, 3);
@@ -195,7 +195,7 @@ fn linear_examples_compile_and_match_the_interpreter() {
             .expect("output")
             .stored()
             .into_owned();
-        let host = |l: &einattn_backends::schedule::Layout, data: Vec<f64>| l.host(data);
+        let host = |l: &einattn_backends::family::Layout, data: Vec<f64>| l.host(data);
         let rounded = |t| -> Vec<f64> {
             inputs[&t]
                 .stored()
@@ -235,8 +235,10 @@ fn linear_examples_compile_and_match_the_interpreter() {
             states: vec![],
         };
         let prob = m.problem();
-        run(&k.program, prob, &mut io).expect("tile interpreter runs");
-        let err = relative_error(&io.tensors[k.bindings.o.index()].data, &want);
+        let program = &k.modules().last().expect("a kernel").program;
+        run(program, prob, &mut io).expect("tile interpreter runs");
+        // The contract's tensors are Q, K, V, O in the program's order.
+        let err = relative_error(&io.tensors[3].data, &want);
         assert!(err < 2e-2, "{name}: relative error {err}");
     }
 }
@@ -249,7 +251,7 @@ proptest! {
     fn chunked_strategy_matches_the_recurrence(n in 1usize..200, chunk_tiles in 1u32..4, decay in any::<bool>(),
                                                split in any::<bool>(), seed in any::<u64>()) {
         use einattn_backends::tile::interp::chunk_count;
-        use einattn_backends::tile::linear::{lightning_part, Part};
+        use einattn_backends::family::linear::program::{lightning_part, Part};
         let spec = LinearSpec {
             head_dim: 32,
             value_dim: 32,
@@ -257,7 +259,7 @@ proptest! {
             decay: if decay { Decay::PerHead("s".into()) } else { Decay::None },
             causal: true,
         };
-        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
+        let sched = LinearSchedule { strategy: einattn_backends::family::linear::Strategy::SinglePass, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
         let prob = Problem { batch: 2, heads: 2, kv_group: 1, n_q: n, n_k: n };
         let (states, bind) = lightning_part(&spec, &sched, Part::ChunkStates { chunk_tiles }).expect("builds");
         let (outputs, _) = lightning_part(&spec, &sched, Part::ChunkOutputs { chunk_tiles }).expect("builds");
@@ -300,7 +302,7 @@ proptest! {
             decay: if decay { Decay::PerHead("s".into()) } else { Decay::None },
             causal: true,
         };
-        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::LookBack, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
+        let sched = LinearSchedule { strategy: einattn_backends::family::linear::Strategy::LookBack, value_block: if split { 16 } else { 32 }, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
         let prob = Problem { batch: 2, heads: 2, kv_group: 1, n_q: n, n_k: n };
         let (prog, bind) = lightning_part(&spec, &sched, Part::LookBack).expect("builds");
         prop_assert!(prog.look_back && prog.chunk_tiles == 1);
@@ -359,7 +361,7 @@ proptest! {
     #[test]
     fn lasp2_with_the_chunk_kernels_matches_one_device(p in 2usize..5, blocks_per_rank in 1usize..4,
                                                       tail in 0usize..32, decay in any::<bool>(), seed in any::<u64>()) {
-        use einattn_backends::tile::linear::{lightning_part, Part};
+        use einattn_backends::family::linear::program::{lightning_part, Part};
         let d = 32usize;
         let spec = LinearSpec {
             head_dim: d as u32,
@@ -368,7 +370,7 @@ proptest! {
             decay: if decay { Decay::PerHead("s".into()) } else { Decay::None },
             causal: true,
         };
-        let sched = LinearSchedule { strategy: einattn_backends::tile::linear::Strategy::SinglePass, value_block: 32, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
+        let sched = LinearSchedule { strategy: einattn_backends::family::linear::Strategy::SinglePass, value_block: 32, warps: 2, stages: 2, mma: einattn_backends::tile::MmaUnit::Sync };
         let local = blocks_per_rank * d;
         // Every rank holds `local` tokens but the last, which may be shorter.
         let n = local * (p - 1) + (local - tail.min(local - 1));

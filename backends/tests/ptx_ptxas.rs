@@ -1,9 +1,10 @@
 //! ptxas accepts the generated PTX for sm_80 and sm_90a, and default schedules do not
 //! spill to local memory. Skipped (with a message) where ptxas is not installed.
 
+use einattn_backends::family::softmax::{flash_attention, AttentionSchedule, AttentionSpec};
 use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
 use einattn_backends::tile::Elem;
-use einattn_backends::{flash_attention, print_ptx, AttentionSchedule, AttentionSpec, Target};
+use einattn_backends::{print_ptx, Target};
 
 fn specs() -> Vec<AttentionSpec> {
     let mut v = Vec::new();

@@ -1,8 +1,9 @@
 //! Structure of the printed PTX: the instructions each lowering promises, the ABI order,
 //! and typed errors for what the printer does not support.
 
+use einattn_backends::family::softmax::{flash_attention, AttentionSchedule, AttentionSpec};
 use einattn_backends::tile::{Elem, TileError};
-use einattn_backends::{flash_attention, print_ptx, AttentionSchedule, AttentionSpec, Target};
+use einattn_backends::{print_ptx, Target};
 
 fn ptx_for(spec: &AttentionSpec) -> einattn_backends::PtxKernel {
     let sched = AttentionSchedule::default_for(spec);

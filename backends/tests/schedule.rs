@@ -2,11 +2,11 @@
 //! computes what the cascade says: the Tile IR interpreter (running the exact tiling,
 //! masking and skipping the GPU runs) is compared with the reference interpreter.
 
-use einattn_backends::compile::compile_kernel;
-use einattn_backends::flash_attention;
+use einattn_backends::family::softmax::AttentionSchedule;
+use einattn_backends::family::softmax::{compile_softmax, flash_attention, SoftmaxKernels};
+use einattn_backends::family::softmax::{recognize, schedule, AttentionMatch, ScheduleOptions};
+use einattn_backends::family::{Compiled, KernelOptions};
 use einattn_backends::reference::relative_error;
-use einattn_backends::schedule::{recognize, schedule, AttentionMatch, ScheduleOptions};
-use einattn_backends::tile::attention::AttentionSchedule;
 use einattn_backends::tile::interp::{run, Bindings};
 use einattn_backends::tile::Elem;
 use einattn_ir::cascade::Cascade;
@@ -40,7 +40,7 @@ fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64
     let inputs = random_inputs(c, seed);
     let values = evaluate_in_order(c, &inputs, &topological_order(c)).expect("interpreter runs");
     let (prog, bind) = flash_attention(&m.spec, &kernel).expect("tile program builds");
-    let host = |l: &einattn_backends::schedule::Layout, data: Vec<f64>| l.host(data);
+    let host = |l: &einattn_backends::family::Layout, data: Vec<f64>| l.host(data);
     // The kernel sees what the GPU would: inputs rounded to the storage type.
     let rounded = |t| {
         inputs[&t]
@@ -215,16 +215,26 @@ fn default_schedules_follow_the_cost_model() {
 }
 
 #[test]
-fn compile_produces_a_manifest_that_matches_the_ptx() {
+fn compile_produces_a_contract_that_matches_the_ptx() {
+    use einattn_backends::abi::Source;
     let c = load("attention_sliding_window", &[]);
-    let k = compile_kernel(&c, &ScheduleOptions::default()).expect("compiles");
-    let man = k.manifest(&c, "k.ptx");
-    assert_eq!(man["kernel"], k.ptx.entry);
-    assert!(k.ptx.text.contains(&format!(".entry {}", k.ptx.entry)));
-    let params = man["params"].as_array().expect("params");
-    assert_eq!(params.len(), k.ptx.abi.len());
-    assert!(params.iter().any(|p| p["from"]["param"] == "slope"));
-    assert!(params.iter().any(|p| p["from"]["tensor"] == "Q"));
+    let k = compile_kernel(&c, &KernelOptions::default());
+    let m = &k.modules()[0];
+    assert_eq!(m.contract.kernel, m.ptx.entry);
+    assert!(m.ptx.text.contains(&format!(".entry {}", m.ptx.entry)));
+    let params = &m.contract.params;
+    assert_eq!(params.len(), m.ptx.abi.len());
+    let reads = |t: &str| {
+        params
+            .iter()
+            .any(|p| p.from == Source::Tensor { tensor: t.into() })
+    };
+    assert!(reads("slope") && reads("Q") && reads("O"));
+    assert_eq!(m.contract.check(), Ok(()));
+}
+
+fn compile_kernel(c: &einattn_ir::Cascade, options: &KernelOptions) -> SoftmaxKernels {
+    compile_softmax(c, options).unwrap_or_else(|e| panic!("{}", e.message()))
 }
 
 /// Every softmax example compiles to PTX that ptxas assembles for sm_80 and sm_90a without
@@ -242,18 +252,19 @@ fn every_example_assembles_without_spills() {
             for elem in [Elem::Bf16, Elem::F16] {
                 let c = load(name, &[("D", d)]);
                 for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
-                    let options = ScheduleOptions {
+                    let options = KernelOptions {
                         target,
                         elem: Some(elem),
-                        ..ScheduleOptions::default()
+                        ..KernelOptions::default()
                     };
-                    let k = compile_kernel(&c, &options).expect("compiles");
-                    let r = assemble(&ptxas, &k.ptx.text, arch)
+                    let k = compile_kernel(&c, &options);
+                    let ptx = &k.modules()[0].ptx;
+                    let r = assemble(&ptxas, &ptx.text, arch)
                         .unwrap_or_else(|e| panic!("{name} d={d} {arch}: {e}"));
                     eprintln!(
                         "{name} d={d} {} {arch}: {} ({}x{}) {} registers, {} spill stores, {} B stack",
                         elem.name(),
-                        k.ptx.entry,
+                        ptx.entry,
                         k.schedule.kernel.block_m,
                         k.schedule.kernel.block_n,
                         r.registers,

@@ -1,10 +1,10 @@
 //! The Tile IR attention program, run by the CPU interpreter, equals the naive formula for
 //! random shapes, layouts, masks, score modifiers and tile sizes (ragged tails included).
 
+use einattn_backends::family::softmax::{flash_attention, AttentionSchedule, AttentionSpec};
 use einattn_backends::reference::{alibi_slopes, attention, relative_error, AttentionInputs};
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
 use einattn_backends::tile::Elem;
-use einattn_backends::{flash_attention, AttentionSchedule, AttentionSpec};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

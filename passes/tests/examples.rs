@@ -1,6 +1,6 @@
 //! The analysis of every example in `examples/`, through the parser: explicit asserts of
-//! the numbers the design fixes (passes, states, FLOP formulas), then a golden JSON report
-//! per example (insta snapshots in `tests/snapshots/`; review changes with `cargo insta`).
+//! the numbers the design fixes (passes, states, FLOP formulas). The full reports, text and
+//! JSON, are file tests (`tests/filetests/analyze/`).
 
 use einattn_passes::analysis::{analyze, AnalysisOptions, BufferKind, Report};
 use std::path::PathBuf;
@@ -35,7 +35,7 @@ fn einsum<'r>(r: &'r Report, name: &str) -> &'r einattn_passes::analysis::Einsum
 }
 
 #[test]
-fn every_example_is_analyzed_and_has_a_golden_report() {
+fn every_example_is_analyzed_without_warnings() {
     let mut names: Vec<String> = std::fs::read_dir(examples_dir())
         .expect("examples/ exists")
         .filter_map(|e| e.ok())
@@ -48,8 +48,7 @@ fn every_example_is_analyzed_and_has_a_golden_report() {
     for name in names {
         let r = report(&name);
         assert!(r.warnings.is_empty(), "{name}: {:?}", r.warnings);
-        insta::assert_json_snapshot!(format!("report_{name}"), r);
-        insta::assert_snapshot!(format!("text_{name}"), r.render_text());
+        assert!(!r.render_text().is_empty(), "{name}");
     }
 }
 

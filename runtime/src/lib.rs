@@ -9,11 +9,13 @@
 //! because kernels receive raw device pointers ([`KernelArg::Ptr`]) and stream order already
 //! orders them.
 
-pub mod launch;
 pub mod nccl;
+pub mod rendezvous;
+pub mod stand_in;
 
-pub use launch::{share_bytes, LaunchEnv};
 pub use nccl::{NcclGroup, NcclRank};
+pub use rendezvous::{share_bytes, LaunchEnv};
+pub use stand_in::StandInGroup;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -39,7 +41,7 @@ pub enum RuntimeError {
     InvalidArgument(String),
     #[error("NCCL error while {0}")]
     Nccl(String),
-    /// The launcher's processes could not meet (see [`launch::share_bytes`]).
+    /// The launcher's processes could not meet (see [`rendezvous::share_bytes`]).
     #[error("rendezvous failed: {0}")]
     Rendezvous(String),
 }

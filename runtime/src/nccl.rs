@@ -1,11 +1,11 @@
 //! NCCL collectives through cudarc, with `libnccl` loaded at run time, in two arrangements:
 //! [`NcclGroup`] drives every GPU of one process from one thread (each collective is one NCCL
 //! group over all ranks); [`NcclRank`] is one rank of a job with one process per GPU, possibly
-//! across hosts ([`crate::launch`]).
+//! across hosts ([`crate::rendezvous`]).
 
 use std::ffi::c_char;
 
-use crate::launch::{share_bytes, LaunchEnv, PAYLOAD_BYTES};
+use crate::rendezvous::{share_bytes, LaunchEnv, PAYLOAD_BYTES};
 use crate::{drv, DeviceBuffer, Gpu, Result, RuntimeError};
 use cudarc::nccl::{
     result as nccl,

@@ -9,7 +9,7 @@ use std::thread::{sleep, spawn, JoinHandle};
 use std::time::Duration;
 
 use common::{free_port, run_ranks, CHILD_MARKER};
-use einattn_runtime::launch::{share_bytes_within, PAYLOAD_BYTES};
+use einattn_runtime::rendezvous::{share_bytes_within, PAYLOAD_BYTES};
 use einattn_runtime::{share_bytes, LaunchEnv, RuntimeError};
 
 /// Long enough never to trip in a healthy test, short enough that a broken one fails fast.

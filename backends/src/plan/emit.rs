@@ -694,6 +694,8 @@ fn emit_lasp(ctx: &Ctx, b: &mut RankBuilder, gather: bool) -> Result<(), PlanErr
         heads: None,
         args,
         grid: ctx.grid(chunk, None),
+        launch: Vec::new(),
+        chunks: None,
         exec: RankBuilder::exec(COMPUTE, Vec::new(), Some(states_ready.clone())),
     }));
     let plain_states: Vec<CombineState> = combine_states.iter().map(|(c, _)| c.clone()).collect();
@@ -794,6 +796,8 @@ fn finish_lasp_output(
         heads: None,
         args,
         grid: ctx.grid(chunk, None),
+        launch: Vec::new(),
+        chunks: None,
         exec: RankBuilder::exec(COMPUTE, wait, None),
     }));
     Ok(())
@@ -970,6 +974,8 @@ impl SoftmaxKernels<'_> {
             heads: None,
             args,
             grid: ctx.grid(q, None),
+            launch: Vec::new(),
+            chunks: None,
             exec,
         })
     }
@@ -1001,6 +1007,8 @@ impl SoftmaxKernels<'_> {
             heads: None,
             args,
             grid: ctx.grid(q, None),
+            launch: Vec::new(),
+            chunks: None,
             exec,
         })
     }
@@ -1491,6 +1499,8 @@ fn emit_allgather_kv(
             heads: None,
             args,
             grid: ctx.grid(*q, None),
+            launch: Vec::new(),
+            chunks: None,
             exec: RankBuilder::exec(COMPUTE, Vec::new(), None),
         }));
     }
@@ -1707,6 +1717,8 @@ fn emit_ulysses(ctx: &Ctx, b: &mut RankBuilder) -> Result<(), PlanError> {
         heads: Some(my_heads),
         args,
         grid: ctx.grid(all_tokens, Some(hl)),
+        launch: Vec::new(),
+        chunks: None,
         exec: RankBuilder::exec(COMPUTE, ready, Some(computed)),
     }));
     output_buffers(ctx, b, &[chunk]);

@@ -344,6 +344,13 @@ pub struct KernelStep {
     pub args: Vec<KernelArg>,
     /// CTAs: (query tiles, parallel points, 1); advisory for the executor.
     pub grid: [u64; 3],
+    /// The kernels (entries of the plan's manifest) this step launches, in order: filled
+    /// when the plan is lowered to a kernel family's modules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub launch: Vec<String>,
+    /// For chunked state kernels: the chunks the window is cut into.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<u64>,
     #[serde(flatten)]
     pub exec: Exec,
 }

@@ -2,12 +2,19 @@
 //!
 //! - [`format`]: the serde types of `plan.json`;
 //! - [`emit`]: lowers the planner's chosen scheme (`einattn_passes::sp`) to a plan;
+//! - [`lower`]: assigns a compiled kernel family's modules to the plan's kernel steps;
+//! - [`validate`]: checks a plan and its kernels on the CPU before anything runs them;
+//! - [`order`]: the order in which the ranks' steps run (collectives together, sends with
+//!   their receives);
 //! - [`cpu`]: runs a plan on the CPU with simulated collectives over the reference
 //!   interpreter, which is how CI tests SP without GPUs.
 
 pub mod cpu;
 pub mod emit;
 pub mod format;
+pub mod lower;
+pub mod order;
+pub mod validate;
 
 pub use cpu::execute_plan;
 pub use emit::{emit_plan, PlanError};

@@ -56,7 +56,6 @@
 //! * **Stores**: each thread writes its 2 adjacent output elements as one 32-bit store,
 //!   rows `>= N_q` predicated off; the row output (LSE) is written by `tig == 0` lanes.
 
-pub mod elementwise;
 pub mod ptxas;
 
 use std::collections::HashMap;
@@ -66,8 +65,9 @@ use crate::tile::*;
 
 /// Code-generation target. Programs scheduled for `mma.sync` print the same instructions
 /// for both; `wgmma` (see [`MmaUnit`]) needs `Sm90a`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Target {
+    #[default]
     Sm80,
     Sm90a,
 }

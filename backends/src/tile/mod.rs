@@ -33,11 +33,9 @@
 //! literals, parameters, rank indices as values), so a scheduler can lower any cascade's map
 //! operators into it.
 //!
-//! The attention program of FuseMax's 1-pass cascade is built by [`attention::flash_attention`].
+//! The attention program of FuseMax's 1-pass cascade is built by [`crate::family::softmax::flash_attention`].
 
-pub mod attention;
 pub mod interp;
-pub mod linear;
 
 use std::fmt;
 

@@ -1,4 +1,7 @@
-//! The machine model behind the roofline bound and the "fits on chip" decisions.
+//! The machine model behind the roofline bound and the "fits on chip" decisions: the one
+//! table of GPUs the project knows. The analysis, the schedulers' cost models, the SP
+//! planner and the benchmarks all read a [`GpuModel`] from here; at run time the device's
+//! own counts (SMs, shared memory) replace the table's ([`GpuModel::for_device`]).
 //!
 //! Four throughputs bound a kernel from below: tensor-core contraction FLOP/s, scalar
 //! (CUDA-core fp32) FLOP/s, special-function (SFU: exp, log, tanh, sqrt) op/s, and memory
@@ -26,15 +29,15 @@ pub struct GpuModel {
 }
 
 impl GpuModel {
-    /// NVIDIA H100 (the project's figures): 771 TFLOP/s bf16 dense, 67 TFLOP/s fp32,
-    /// ~3.7 Tops/s SFU (132 SMs x 16 SFU lanes x ~1.75 GHz), 3.0 TB/s HBM3.
+    /// NVIDIA H100 SXM (datasheet): 989 TFLOP/s bf16 dense, 67 TFLOP/s fp32, ~3.7 Tops/s
+    /// SFU (132 SMs x 16 SFU lanes x ~1.75 GHz), 3.35 TB/s HBM3.
     pub fn h100() -> GpuModel {
         GpuModel {
             name: "H100".to_string(),
-            contraction_flops: 771e12,
+            contraction_flops: 989e12,
             scalar_flops: 67e12,
             transcendental_ops: 3.7e12,
-            memory_bandwidth: 3.0e12,
+            memory_bandwidth: 3.35e12,
             sm_count: 132,
             shared_memory_per_sm: 228 * 1024,
             registers_per_sm: 256 * 1024,
@@ -63,6 +66,21 @@ impl GpuModel {
             shared_memory_per_sm: 164 * 1024,
             registers_per_sm: 256 * 1024,
         }
+    }
+
+    /// The model of a device by its driver name (`NVIDIA H200`, `NVIDIA A100-SXM4-80GB`):
+    /// the table entry it names, with the device's own SM count; `None` for a part the
+    /// table does not know.
+    pub fn for_device(device_name: &str, sm_count: Option<u32>) -> Option<GpuModel> {
+        let upper = device_name.to_ascii_uppercase();
+        let mut model = ["H200", "H100", "H800", "A100"]
+            .iter()
+            .find(|part| upper.contains(*part))
+            .and_then(|part| GpuModel::by_name(if *part == "H800" { "h100" } else { part }))?;
+        if let Some(sms) = sm_count.filter(|&n| n > 0) {
+            model.sm_count = sms;
+        }
+        Some(model)
     }
 
     /// A preset by name (`h100`, `h200`, `a100`; case-insensitive).

@@ -111,10 +111,11 @@ impl CostParams {
             memory_bandwidth: gpu.memory_bandwidth,
             // Calibrated on one H200 from single-GPU benchmarks of our own kernels, not from
             // SP runs (bench/results/softmax_2026-11-29: causal softmax at d=128, N=16384
-            // runs at 347 TFLOP/s = 0.45 of the 771 TFLOP/s matmul peak;
+            // runs at 347 TFLOP/s = 0.45 of the 771 TFLOP/s this model once took as the
+            // peak, 0.35 of the 989 TFLOP/s datasheet peak the machine table now holds;
             // bench/results/linear_2026-11-29: Lightning at d=128 streams Q, K, V and O at
             // 35-37% of the HBM rate). The SP predictions are then checked against SP runs.
-            contraction_efficiency: 0.45,
+            contraction_efficiency: 0.45 * 771.0 / 989.0,
             scalar_efficiency: 0.5,
             memory_efficiency: 0.36,
             launch_s: 5e-6,

@@ -1,0 +1,529 @@
+//! Linear attention (causal with a per-head decay or a per-token gate, or non-causal), as
+//! Lightning-style kernels that carry the `d x e` state through the sequence.
+//!
+//! - [`recognize`]: forms a reading of the cascade and confirms it numerically on a small
+//!   instance of the same source ([`LinearMatch`]);
+//! - [`program`]: the Tile IR programs of each strategy (single pass, chunked two-phase,
+//!   decoupled look-back) and the cost model that picks one.
+
+pub mod program;
+pub mod recognize;
+
+pub use program::{LinearSchedule, LinearSpec, Part, Strategy};
+pub use recognize::{recognize_linear, verify_linear, LinearMatch};
+
+use super::{
+    backend_error, contract, contract_tensor, dtype, CompileError, Compiled, ContractNames,
+    ContractParts, FamilyError, Inputs, KernelFamily, Module, Rate, Request,
+};
+use crate::abi::{Dtype, Scratch, TensorRole};
+use crate::plan::{Phase, Plan, Step};
+use crate::print_ptx;
+use crate::tile::MmaUnit;
+use einattn_ir::cascade::{Cascade, Span};
+use einattn_ir::validate::{Diagnostic, DiagnosticKind};
+use einattn_passes::analysis::GpuModel;
+use serde_json::json;
+use std::fmt::Write as _;
+
+/// The linear-attention family.
+pub struct Linear;
+
+impl KernelFamily for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn reads_as(&self) -> &'static str {
+        "linear attention"
+    }
+
+    fn compile(&self, request: &Request) -> Result<Box<dyn Compiled>, FamilyError> {
+        let cascade = request.cascade;
+        let options = request.options;
+        let not_mine = |d: Diagnostic| {
+            if d.kind == DiagnosticKind::NotMappable {
+                FamilyError::NotMine(vec![d])
+            } else {
+                FamilyError::Failed(CompileError::Refused(d))
+            }
+        };
+        // The same source at small sizes, for the interpreter to confirm the reading.
+        let hypothesis = recognize_linear(cascade, false).map_err(not_mine)?;
+        let mut small_defines = request.defines.to_vec();
+        for (rank, small) in &hypothesis.shrinkable {
+            if let einattn_ir::ExtentSource::Symbol(name) = &cascade.ranks[*rank].source {
+                small_defines.retain(|(n, _)| n != name);
+                small_defines.push((name.clone(), *small));
+            }
+        }
+        let small = match (request.instantiate)(&small_defines) {
+            Ok(small) => small,
+            // The source does not build at small sizes: a reading this family cannot confirm.
+            Err(CompileError::Source(ds)) => return Err(FamilyError::NotMine(ds)),
+            Err(e) => return Err(FamilyError::Failed(e)),
+        };
+        let mut value_block = None;
+        for (n, size) in &options.tiles {
+            let value_rank = cascade.tensors[hypothesis.v.tensor].ranks.last().copied();
+            if value_rank.is_none_or(|r| cascade.ranks[r].name != *n) {
+                return Err(CompileError::Usage(format!(
+                    "error: `--tile {n}=...`: the linear kernel takes a tile of the value rank only"
+                ))
+                .into());
+            }
+            let e = u64::from(hypothesis.spec.value_dim);
+            if *size == 0 || *size > e || e % size != 0 {
+                return Err(CompileError::Usage(format!(
+                    "error: `--tile {n}={size}`: the value block must divide the value dimension ({e})"
+                ))
+                .into());
+            }
+            value_block = Some(*size as u32);
+        }
+        let d = u64::from(hypothesis.spec.head_dim);
+        let strategy = match (options.strategy.as_deref(), options.chunk_tokens) {
+            (None, None) => None,
+            (Some("single"), None) => Some(Strategy::SinglePass),
+            (Some("lookback"), None) => Some(Strategy::LookBack),
+            (Some("single" | "lookback"), Some(_)) => {
+                return Err(CompileError::Usage(
+                    "error: `--chunk-tokens` goes with `--strategy chunked`".into(),
+                )
+                .into())
+            }
+            (Some("chunked") | None, tokens) => {
+                let tiles = hypothesis.n.div_ceil(d);
+                let chunk_tiles = match tokens {
+                    Some(t) if t == 0 || t % d != 0 => {
+                        return Err(CompileError::Usage(format!(
+                            "error: `--chunk-tokens {t}` must be a positive multiple of the block ({d} tokens)"
+                        ))
+                        .into())
+                    }
+                    Some(t) => t / d,
+                    None => tiles.div_ceil(8).max(1),
+                };
+                let chunk_tiles = u32::try_from(chunk_tiles).map_err(|_| {
+                    CompileError::Usage(format!(
+                        "error: {chunk_tiles} blocks per chunk is past the kernel's 32-bit chunk index"
+                    ))
+                })?;
+                Some(Strategy::Chunked { chunk_tiles })
+            }
+            (Some(other), _) => {
+                return Err(CompileError::Usage(format!(
+                    "error: unknown strategy `{other}` (single, chunked, lookback)"
+                ))
+                .into())
+            }
+        };
+        compile_linear(cascade, &small, options, value_block, strategy)
+            .map(|k| Box::new(k) as Box<dyn Compiled>)
+    }
+}
+
+/// A cascade compiled to the linear-attention kernels.
+#[derive(Debug, Clone)]
+pub struct LinearKernels {
+    cascade: Cascade,
+    pub matched: LinearMatch,
+    pub schedule: LinearSchedule,
+    pub target: crate::Target,
+    /// Relative difference between the interpreter and the recurrence on the small instance.
+    pub verified_error: f64,
+    /// The chunked strategy's chunk-state kernel first, then the kernel that writes O.
+    modules: Vec<Module>,
+}
+
+/// Compiles causal linear attention: the hypothesis read from `cascade` must be confirmed
+/// on `small` (the same source at small sizes) by the reference interpreter.
+pub fn compile_linear(
+    cascade: &Cascade,
+    small: &Cascade,
+    options: &super::KernelOptions,
+    value_block: Option<u32>,
+    strategy: Option<Strategy>,
+) -> Result<LinearKernels, FamilyError> {
+    let mut last_err = None;
+    for swap in [false, true] {
+        let err = match verify_linear(small, swap, 7) {
+            Ok(err) => err,
+            Err(e) => {
+                last_err = Some(e);
+                continue;
+            }
+        };
+        let mut matched =
+            recognize_linear(cascade, swap).map_err(|d| FamilyError::NotMine(vec![d]))?;
+        let (d, e) = (matched.spec.head_dim, matched.spec.value_dim);
+        if d != e || !(d == 64 || d == 128) {
+            return Err(CompileError::Refused(Diagnostic::error(
+                DiagnosticKind::UnsupportedShape,
+                format!(
+                    "the linear-attention kernel maps d = e in {{64, 128}} (got d = {d}, e = {e})"
+                ),
+                Span::UNKNOWN,
+            ))
+            .into());
+        }
+        if let Some(elem) = options.elem {
+            matched.spec.elem = elem;
+        }
+        let mut schedule = LinearSchedule::default_for(&matched.spec);
+        if let Some(v) = value_block {
+            schedule.value_block = v;
+        }
+        if let Some(w) = options.warps {
+            schedule.warps = w;
+        }
+        if let Some(s) = options.stages {
+            schedule.stages = s;
+        }
+        schedule.mma = options
+            .mma
+            .unwrap_or_else(|| schedule.default_mma(matched.spec.head_dim, options.target));
+        schedule.strategy = match strategy {
+            Some(s) => s,
+            None => program::choose_strategy(
+                &matched.spec,
+                &schedule,
+                matched.batch * matched.heads,
+                matched.n,
+            ),
+        };
+        let parts = match schedule.strategy {
+            Strategy::SinglePass => vec![Part::Whole],
+            Strategy::LookBack => vec![Part::LookBack],
+            Strategy::Chunked { chunk_tiles } => vec![
+                Part::ChunkStates { chunk_tiles },
+                Part::ChunkOutputs { chunk_tiles },
+            ],
+        };
+        let mut kernels = LinearKernels {
+            cascade: cascade.clone(),
+            matched,
+            schedule,
+            target: options.target,
+            verified_error: err,
+            modules: Vec::new(),
+        };
+        for part in parts {
+            let module = kernels.module(part)?;
+            kernels.modules.push(module);
+        }
+        return Ok(kernels);
+    }
+    Err(FamilyError::NotMine(vec![last_err.unwrap_or_else(|| {
+        Diagnostic::error(
+            DiagnosticKind::NotMappable,
+            "not linear attention",
+            Span::UNKNOWN,
+        )
+    })]))
+}
+
+impl LinearKernels {
+    /// The program of `part` printed, with its contract at the whole problem's sizes.
+    fn module(&self, part: Part) -> Result<Module, CompileError> {
+        let m = &self.matched;
+        let (program, _) =
+            program::lightning_part(&m.spec, &self.schedule, part).map_err(backend_error)?;
+        let ptx = print_ptx(&program, self.target).map_err(backend_error)?;
+        let c = &self.cascade;
+        let elem = dtype(m.spec.elem);
+        let io = [
+            (&m.q, TensorRole::Input),
+            (&m.k, TensorRole::Input),
+            (&m.v, TensorRole::Input),
+            (&m.o, TensorRole::Output),
+        ];
+        let mut tensors: Vec<_> = io
+            .iter()
+            .map(|(l, role)| contract_tensor(c, l.tensor, *role, elem, Some(l)))
+            .collect();
+        if let Some(p) = m.decay_param {
+            tensors.push(contract_tensor(c, p, TensorRole::Param, Dtype::F32, None));
+        }
+        if let Some(g) = &m.gate {
+            tensors.push(contract_tensor(
+                c,
+                g.tensor,
+                TensorRole::Input,
+                Dtype::F32,
+                Some(g),
+            ));
+        }
+        let name = |t| c.tensors[t].name.clone();
+        let names = ContractNames {
+            tensors: io.iter().map(|(l, _)| name(l.tensor)).collect(),
+            head_params: m.decay_param.iter().map(|&t| name(t)).collect(),
+            scalars: Vec::new(),
+            tokens: m.gate.iter().map(|g| name(g.tensor)).collect(),
+            states: program.states.iter().map(|s| s.name.clone()).collect(),
+            row_outputs: Vec::new(),
+        };
+        // Chunks of the whole problem: the grid's z.
+        let chunks = match program.chunk_tiles {
+            0 => 1,
+            ct => {
+                m.n.div_ceil(u64::from(program.schedule.block_m) * u64::from(ct))
+                    .max(1)
+            }
+        };
+        let (d, e) = (u64::from(m.spec.head_dim), u64::from(m.spec.value_dim));
+        let cells = m.batch * m.heads * chunks;
+        let mut scratch: Vec<Scratch> = program
+            .states
+            .iter()
+            .map(|s| Scratch {
+                name: s.name.clone(),
+                dtype: Dtype::F32,
+                elements: cells * d * e,
+                zero_before_launch: false,
+                what: "chunk states, f32 [chunks, B, H, d, e], chunk-major".into(),
+            })
+            .collect();
+        if program.look_back {
+            scratch.push(Scratch {
+                name: "look_back_flags".into(),
+                dtype: Dtype::U32,
+                elements: 1 + cells * u64::from(program.col_blocks),
+                what: "the ticket counter, then one flag per (chunk, batch, head, column block)"
+                    .into(),
+                zero_before_launch: true,
+            });
+        }
+        let sizes = [
+            ("batch", m.batch),
+            ("heads", m.heads),
+            ("n_q", m.n),
+            ("n_k", m.n),
+            ("kv_group", 1),
+            ("chunk_base", 0),
+            ("chunk_total", chunks),
+            ("q_offset", 0),
+            ("head_dim", d),
+            ("value_dim", e),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let s = &self.schedule;
+        let contract = contract(
+            &ptx,
+            ContractParts {
+                sizes,
+                tensors,
+                scratch,
+                names,
+                requires: Vec::new(),
+                family: json!({
+                    "problem": {"batch": m.batch, "heads": m.heads, "n": m.n,
+                                "head_dim": m.spec.head_dim, "value_dim": m.spec.value_dim,
+                                "elem": m.spec.elem.name(), "decay": format!("{:?}", m.spec.decay)},
+                    "schedule": {"value_block": s.value_block, "warps": s.warps, "stages": s.stages,
+                                 "mma": s.mma.name(), "strategy": format!("{:?}", s.strategy),
+                                 "target": self.target.name()},
+                }),
+            },
+        )?;
+        Ok(Module {
+            program,
+            ptx,
+            contract,
+        })
+    }
+}
+
+impl Compiled for LinearKernels {
+    fn family(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cascade(&self) -> &Cascade {
+        &self.cascade
+    }
+
+    fn modules(&self) -> &[Module] {
+        &self.modules
+    }
+
+    fn explain(&self) -> String {
+        let m = &self.matched;
+        let s = &self.schedule;
+        let mut out = String::new();
+        let main = self.modules.last().map(|m| &m.ptx);
+        let entry = main.map_or("", |p| p.entry.as_str());
+        let _ = writeln!(out, "kernel: {entry} (target {})", self.target.name());
+        let _ = writeln!(
+            out,
+            "problem: batch {} x heads {} x tokens {}, d {}, e {}, {}, decay {:?}",
+            m.batch,
+            m.heads,
+            m.n,
+            m.spec.head_dim,
+            m.spec.value_dim,
+            m.spec.elem.name(),
+            m.spec.decay
+        );
+        if s.strategy == Strategy::LookBack {
+            let _ = writeln!(
+                out,
+                "strategy: decoupled look-back, one CTA per (block of {} tokens, value block, batch, head), all in parallel: each reads its Q, K, V once, computes the intra-block outputs and its own d x {} state, publishes that state, walks back over the earlier blocks' published states (stopping at the first inclusive prefix), publishes its inclusive prefix and adds Q times the entering state; only states are re-read",
+                m.spec.head_dim, s.value_block
+            );
+        } else if let Strategy::Chunked { chunk_tiles } = s.strategy {
+            let _ = writeln!(
+                out,
+                "strategy: chunked two-phase, chunks of {} tokens: kernel 1 writes each chunk's d x {} state (f32), kernel 2 starts each chunk from the decayed sum of the earlier chunks' states; grid z = chunks",
+                chunk_tiles * m.spec.head_dim,
+                s.value_block
+            );
+        } else if m.spec.causal {
+            let _ = writeln!(
+                out,
+                "strategy: single pass, one CTA per (value block, batch, head) walks the sequence in blocks of {} tokens carrying the d x {} state (f32 registers + 16-bit shared copy)",
+                m.spec.head_dim, s.value_block
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "strategy: non-causal, two loops per (value block, batch, head): the whole d x {} state from K and V, then every output as Q S",
+                s.value_block
+            );
+        }
+        if let Some(main) = self.modules.last() {
+            let g = main.contract.grid;
+            let _ = writeln!(
+                out,
+                "grid: ({}, batch * heads, chunks) = ({}, {}, {}); {} threads, {}-stage cp.async ring, {} B shared",
+                m.spec.value_dim / s.value_block,
+                g[0],
+                g[1],
+                g[2],
+                s.warps * 32,
+                s.stages,
+                main.ptx.dynamic_smem_bytes
+            );
+        }
+        let _ = writeln!(
+            out,
+            "why: the block equals d so the state's rows are the CTA's rows; {}",
+            if s.value_block < m.spec.value_dim {
+                "splitting e in two keeps the score, output and state accumulators under 255 registers and doubles the CTAs"
+            } else {
+                "the whole e fits in registers"
+            }
+        );
+        let (model, why) =
+            program::strategy_choice(&m.spec, &self.schedule, m.batch * m.heads, m.n);
+        let _ = writeln!(out, "why: {why}");
+        if model != s.strategy {
+            let _ = writeln!(
+                out,
+                "note: --strategy overrides the cost model's choice ({model:?})"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "tensor cores: {}; {}",
+            s.mma.name(),
+            match s.mma {
+                MmaUnit::Warpgroup => "each warpgroup issues m64nNk16 MMAs that read K, V, Q and the state copy from shared memory through descriptors, asynchronously, so the decay and mask work overlaps them (sm_90a)",
+                MmaUnit::Sync => "per-warp m16n8k16 MMAs with ldmatrix fragments (the sm_80 instruction set; on sm_90a pass --target sm_90a for wgmma)",
+            }
+        );
+        let _ = writeln!(
+            out,
+            "verified: the interpreter agrees with the recurrence on a small instance (relative difference {:.1e})",
+            self.verified_error
+        );
+        out
+    }
+
+    fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
+        (self.matched.reference_output(inputs), "the f64 recurrence")
+    }
+
+    fn interpreter_work(&self) -> u64 {
+        let m = &self.matched;
+        m.batch * m.heads * m.n * m.n * u64::from(m.spec.head_dim)
+    }
+
+    fn formula_work(&self) -> u64 {
+        let m = &self.matched;
+        m.batch * m.heads * m.n * u64::from(m.spec.head_dim) * u64::from(m.spec.value_dim)
+    }
+
+    fn rate(&self) -> Rate {
+        let m = &self.matched;
+        let tokens = (m.batch * m.n) as f64;
+        let bytes = tokens
+            * m.heads as f64
+            * (2.0 * f64::from(m.spec.head_dim) + 2.0 * f64::from(m.spec.value_dim))
+            * f64::from(m.spec.elem.bytes());
+        Rate::Tokens { tokens, bytes }
+    }
+
+    fn plan_modules(&self, plan: &mut Plan, gpu: &GpuModel) -> Result<Vec<Module>, String> {
+        let mut modules: Vec<Module> = Vec::new();
+        let mut add = |module: Module| -> String {
+            let entry = module.ptx.entry.clone();
+            if !modules.iter().any(|m| m.ptx.entry == entry) {
+                modules.push(module);
+            }
+            entry
+        };
+        for rank in &mut plan.ranks {
+            for step in &mut rank.steps {
+                let Step::Kernel(k) = step else { continue };
+                match k.phase {
+                    Phase::Full => {
+                        // Ulysses: the single-pass kernel over this rank's heads.
+                        let module = self.module(Part::Whole).map_err(|e| e.to_string())?;
+                        k.launch = vec![add(module)];
+                    }
+                    Phase::StateOnly | Phase::OutputWithPrefix => {
+                        let (chunks, chunk_tiles) = self.window_chunking(k.queries.len, gpu)?;
+                        let states = self
+                            .module(Part::ChunkStates { chunk_tiles })
+                            .map_err(|e| e.to_string())?;
+                        let outputs = self
+                            .module(Part::ChunkOutputs { chunk_tiles })
+                            .map_err(|e| e.to_string())?;
+                        k.launch = vec![add(states), add(outputs)];
+                        k.chunks = Some(chunks);
+                    }
+                    other => return Err(format!("a `{other:?}` kernel of this family")),
+                }
+            }
+        }
+        Ok(modules)
+    }
+}
+
+impl LinearKernels {
+    /// How a window of `len` tokens is cut: `(chunks, tiles per chunk)`. Enough chunks
+    /// that the state pass has about two CTAs per SM to stream K and V; a count that
+    /// divides the window's tiles, since the combine uses one decay for every chunk (so a
+    /// window that ends inside a tile, whose last chunk would be shorter, stays one chunk).
+    pub fn window_chunking(&self, len: u64, gpu: &GpuModel) -> Result<(u64, u32), String> {
+        let m = &self.matched;
+        let sms = u64::from(gpu.sm_count);
+        let ctas = m.batch * m.heads * u64::from(m.spec.value_dim / self.schedule.value_block);
+        let d = u64::from(m.spec.head_dim);
+        let tiles = len.div_ceil(d).max(1);
+        let too_long = |t: u64| {
+            u32::try_from(t).map_err(|_| format!("a window of {len} tokens has {t} blocks per chunk, past the kernel's 32-bit index"))
+        };
+        if !len.is_multiple_of(d) {
+            return Ok((1, too_long(tiles)?));
+        }
+        let mut sub = (2 * sms).div_ceil(ctas.max(1)).clamp(2, 16).min(tiles);
+        while sub > 1 && !tiles.is_multiple_of(sub) {
+            sub -= 1;
+        }
+        Ok((sub, too_long(tiles / sub)?))
+    }
+}

@@ -1,0 +1,402 @@
+//! Kernel families: the ways the backend reads a cascade as GPU kernels.
+//!
+//! Each family lives in its own folder and implements [`KernelFamily`]: it reads the
+//! cascade (or says why it cannot, so the next family is tried), picks the kernel shape by
+//! its cost model, builds Tile IR programs, prints them as PTX and writes a launch contract
+//! for each ([`Module`]). [`FAMILIES`] is the order they are tried in; adding a family is
+//! its folder and one line there.
+//!
+//! - [`softmax`]: softmax attention in any pass structure (FlashAttention-style kernel);
+//! - [`linear`]: linear attention with decays and gates (Lightning-style kernels);
+//! - [`elementwise`]: the small helper kernels an SP plan launches between them.
+
+// A failed compile builds one diagnostic; boxing it would only add noise to every `?`.
+#![allow(clippy::result_large_err)]
+
+pub mod elementwise;
+mod layout;
+pub mod linear;
+pub mod softmax;
+
+pub use layout::Layout;
+
+use crate::abi::{self, ContractParam, ContractTensor, GridAxis, LaunchContract, Manifest, Source};
+use crate::plan::Plan;
+use crate::ptx::{PtxKernel, Target};
+use crate::tile::{AbiKind, AbiParam, AbiRole, Elem, MmaUnit, TileProgram};
+use einattn_ir::cascade::{Cascade, Tensor};
+use einattn_ir::interp::TensorData;
+use einattn_ir::validate::Diagnostic;
+use einattn_ir::Handle;
+use einattn_passes::analysis::GpuModel;
+use std::collections::{BTreeMap, HashMap};
+
+/// The families, in the order a cascade is offered to them.
+pub static FAMILIES: &[&dyn KernelFamily] = &[&softmax::Softmax, &linear::Linear];
+
+/// Values of a cascade's inputs and parameters, by tensor.
+pub type Inputs = HashMap<Handle<Tensor>, TensorData>;
+
+/// What the user asks of the compile; `None` leaves a choice to the family's cost model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelOptions {
+    pub target: Target,
+    /// Storage type of the sequence tensors (default: the cascade's).
+    pub elem: Option<Elem>,
+    /// `--tile RANK=SIZE`: tile sizes by rank name, read by the family that knows the rank.
+    pub tiles: Vec<(String, u64)>,
+    pub warps: Option<u32>,
+    pub stages: Option<u32>,
+    pub mma: Option<MmaUnit>,
+    /// Run the rewrite engine first.
+    pub optimize: bool,
+    /// A family's named strategy (`single`, `chunked`, `lookback` for linear attention).
+    pub strategy: Option<String>,
+    /// Linear attention, chunked: tokens per chunk.
+    pub chunk_tokens: Option<u64>,
+}
+
+/// Builds the source of a cascade again with other size bindings.
+pub type Instantiate<'a> = dyn Fn(&[(String, u64)]) -> Result<Cascade, CompileError> + 'a;
+
+/// A cascade and the means to see its source at other sizes.
+pub struct Request<'a> {
+    pub cascade: &'a Cascade,
+    pub options: &'a KernelOptions,
+    /// The size bindings `cascade` was built with.
+    pub defines: &'a [(String, u64)],
+    /// The same source built with other size bindings (the linear family confirms its
+    /// reading on a small instance).
+    pub instantiate: &'a Instantiate<'a>,
+}
+
+/// Why a compile failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CompileError {
+    /// The options do not fit the kernel (a usage error).
+    Usage(String),
+    /// The cascade was read, but a size or shape is not supported: a located reason.
+    Refused(Diagnostic),
+    /// No family reads the cascade: each family's reason, in [`FAMILIES`] order, with what
+    /// the family reads cascades as.
+    Unmapped(Vec<(&'static str, Vec<Diagnostic>)>),
+    /// The source could not be built at the sizes a family asked for.
+    Source(Vec<Diagnostic>),
+    /// A failure with no place in the source (the rewrite engine's); the caller names the
+    /// file.
+    Input(String),
+}
+
+impl std::fmt::Display for CompileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CompileError::Usage(m) | CompileError::Input(m) => f.write_str(m),
+            CompileError::Refused(d) => f.write_str(&d.message),
+            CompileError::Unmapped(reasons) => {
+                let parts: Vec<String> = reasons
+                    .iter()
+                    .map(|(what, ds)| {
+                        let messages: Vec<&str> = ds.iter().map(|d| d.message.as_str()).collect();
+                        format!("not {what}: {}", messages.join("; "))
+                    })
+                    .collect();
+                f.write_str(&parts.join("; "))
+            }
+            CompileError::Source(ds) => {
+                let parts: Vec<&str> = ds.iter().map(|d| d.message.as_str()).collect();
+                f.write_str(&parts.join("; "))
+            }
+        }
+    }
+}
+
+/// Why one family did not compile a cascade.
+pub enum FamilyError {
+    /// The cascade is not this family's (the reasons): try the next one.
+    NotMine(Vec<Diagnostic>),
+    /// The cascade is this family's but cannot be compiled as asked: the answer.
+    Failed(CompileError),
+}
+
+impl FamilyError {
+    /// What went wrong, in words (the diagnostics' messages).
+    pub fn message(&self) -> String {
+        match self {
+            FamilyError::NotMine(ds) => {
+                let m: Vec<&str> = ds.iter().map(|d| d.message.as_str()).collect();
+                m.join("; ")
+            }
+            FamilyError::Failed(e) => e.to_string(),
+        }
+    }
+}
+
+impl From<CompileError> for FamilyError {
+    fn from(e: CompileError) -> Self {
+        FamilyError::Failed(e)
+    }
+}
+
+/// A way of reading cascades as kernels.
+pub trait KernelFamily: Sync {
+    /// Short name, recorded in manifests (`softmax`).
+    fn name(&self) -> &'static str;
+    /// What it reads cascades as, for messages (`softmax attention`).
+    fn reads_as(&self) -> &'static str;
+    fn compile(&self, request: &Request) -> Result<Box<dyn Compiled>, FamilyError>;
+}
+
+/// One printed kernel with its Tile IR program and launch contract.
+#[derive(Debug, Clone)]
+pub struct Module {
+    pub program: TileProgram,
+    pub ptx: PtxKernel,
+    pub contract: LaunchContract,
+}
+
+/// How a benchmark rates a family's kernels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rate {
+    /// Tensor-core work: the FLOPs of the score points the masks leave, and the cost
+    /// model's predicted time.
+    Flops { flops: f64, predicted_ms: f64 },
+    /// Sequence throughput: tokens, and the bytes one pass over Q, K, V and O moves.
+    Tokens { tokens: f64, bytes: f64 },
+}
+
+/// A cascade compiled by a family.
+pub trait Compiled: Send + Sync {
+    /// The family's [`KernelFamily::name`].
+    fn family(&self) -> &'static str;
+    /// The cascade the kernels compute (after the family's rewrites, if any).
+    fn cascade(&self) -> &Cascade;
+    /// The kernels, in launch order for the whole problem.
+    fn modules(&self) -> &[Module];
+    /// `--emit schedule`: what was chosen and why, in words.
+    fn explain(&self) -> String;
+    /// The computation by a direct f64 formula on `inputs`, in the output's storage order:
+    /// the reference of checks past the interpreter's reach. Its name says which formula.
+    fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str);
+    /// Multiply-adds the cascade interpreter would spend on the whole problem.
+    fn interpreter_work(&self) -> u64;
+    /// Multiply-adds [`Compiled::formula`] spends.
+    fn formula_work(&self) -> u64;
+    fn rate(&self) -> Rate;
+    /// Assigns each kernel step of `plan` the modules it launches (their entries in the
+    /// step's `launch`) and returns them; `gpu` sizes the chunking of each window.
+    fn plan_modules(&self, plan: &mut Plan, gpu: &GpuModel) -> Result<Vec<Module>, String>;
+}
+
+impl<'a> dyn Compiled + 'a {
+    /// The manifest of the whole-problem kernels.
+    pub fn manifest(&self) -> Manifest {
+        Manifest {
+            format: abi::MANIFEST_FORMAT.to_string(),
+            cascade: self.cascade().name.clone(),
+            family: self.family().to_string(),
+            launch: self.modules().iter().map(|m| m.ptx.entry.clone()).collect(),
+            kernels: self.modules().iter().map(|m| m.contract.clone()).collect(),
+        }
+    }
+
+    /// The kernel that writes the output (the last one launched).
+    pub fn main(&self) -> Option<&Module> {
+        self.modules().last()
+    }
+}
+
+/// Offers the cascade to every family in turn.
+pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
+    if request.options.mma == Some(MmaUnit::Warpgroup) && request.options.target != Target::Sm90a {
+        return Err(CompileError::Usage(
+            "error: `--mma wgmma` needs the Hopper instruction set\n  = help: add `--target sm_90a`"
+                .into(),
+        ));
+    }
+    let mut reasons = Vec::new();
+    for family in FAMILIES {
+        match family.compile(request) {
+            Ok(compiled) => return Ok(compiled),
+            Err(FamilyError::Failed(e)) => return Err(e),
+            Err(FamilyError::NotMine(d)) => reasons.push((family.reads_as(), d)),
+        }
+    }
+    Err(CompileError::Unmapped(reasons))
+}
+
+/// What a contract's pointer, size, stride and scalar parameters are in the cascade: the
+/// tile program's ids mapped to cascade names.
+pub struct ContractNames {
+    pub tensors: Vec<String>,
+    pub head_params: Vec<String>,
+    pub scalars: Vec<(String, Option<f64>)>,
+    pub tokens: Vec<String>,
+    pub states: Vec<String>,
+    pub row_outputs: Vec<String>,
+}
+
+/// The contract parameters of a tile program's ABI, named by what they are in the cascade.
+pub fn contract_params(abi: &[AbiParam], names: &ContractNames) -> Vec<ContractParam> {
+    abi.iter()
+        .map(|p| {
+            let size = |s: &str| Source::Size { size: s.into() };
+            let stride = |t: &String, axis| Source::Stride {
+                tensor: t.clone(),
+                axis,
+            };
+            use abi::Axis::{Batch, Head, Seq};
+            let from = match &p.role {
+                AbiRole::TensorPtr(t) => Source::Tensor {
+                    tensor: names.tensors[t.index()].clone(),
+                },
+                AbiRole::HeadParamPtr(h) => Source::Tensor {
+                    tensor: names.head_params[h.index()].clone(),
+                },
+                AbiRole::TokenPtr(t) => Source::Tensor {
+                    tensor: names.tokens[t.index()].clone(),
+                },
+                AbiRole::StatePtr(s) => Source::Scratch {
+                    scratch: names.states[s.index()].clone(),
+                },
+                AbiRole::RowOutputPtr(r) => Source::Scratch {
+                    scratch: names.row_outputs[r.index()].clone(),
+                },
+                AbiRole::LookBackFlags => Source::Scratch {
+                    scratch: "look_back_flags".into(),
+                },
+                AbiRole::ChunkBase => size("chunk_base"),
+                AbiRole::ChunkTotal => size("chunk_total"),
+                AbiRole::QueryOffset => size("q_offset"),
+                AbiRole::QueryLen => size("n_q"),
+                AbiRole::KeyLen => size("n_k"),
+                AbiRole::Heads => size("heads"),
+                AbiRole::KvGroup => size("kv_group"),
+                AbiRole::StrideBatch(t) => stride(&names.tensors[t.index()], Batch),
+                AbiRole::StrideSeq(t) => stride(&names.tensors[t.index()], Seq),
+                AbiRole::StrideHead(t) => stride(&names.tensors[t.index()], Head),
+                AbiRole::TokenStrideBatch(t) => stride(&names.tokens[t.index()], Batch),
+                AbiRole::TokenStrideSeq(t) => stride(&names.tokens[t.index()], Seq),
+                AbiRole::TokenStrideHead(t) => stride(&names.tokens[t.index()], Head),
+                AbiRole::Scalar(s) => Source::Scalar {
+                    param: names.scalars[s.index()].0.clone(),
+                    default: names.scalars[s.index()].1,
+                },
+            };
+            ContractParam {
+                name: p.name.clone(),
+                ty: match p.kind {
+                    AbiKind::Ptr => abi::ParamType::Ptr,
+                    AbiKind::U32 => abi::ParamType::U32,
+                    AbiKind::U64 => abi::ParamType::U64,
+                    AbiKind::F32 => abi::ParamType::F32,
+                },
+                from,
+            }
+        })
+        .collect()
+}
+
+/// The grid of a tile program: `(ceil(n_q / block_m), batch * heads, 1)` for a query-tiled
+/// program; `(column blocks, batch * heads, chunks)` for a sequential one.
+pub fn grid_formula(ptx: &PtxKernel) -> [GridAxis; 3] {
+    let rows = GridAxis::ceil_div(&["batch", "heads"], 1);
+    match ptx.col_blocks {
+        None => [
+            GridAxis::ceil_div(&["n_q"], u64::from(ptx.block_m)),
+            rows,
+            GridAxis::fixed(1),
+        ],
+        Some(cb) => [
+            GridAxis::fixed(u64::from(cb)),
+            rows,
+            match ptx.chunk_tiles {
+                Some(ct) => GridAxis {
+                    sizes: vec!["n_q".into()],
+                    divide_by: u64::from(ptx.block_m) * u64::from(ct),
+                    at_least: 1,
+                    at_most: None,
+                    times: 1,
+                },
+                None => GridAxis::fixed(1),
+            },
+        ],
+    }
+}
+
+/// The parts of a contract every family fills the same way.
+pub struct ContractParts {
+    pub sizes: BTreeMap<String, u64>,
+    pub tensors: Vec<ContractTensor>,
+    pub scratch: Vec<abi::Scratch>,
+    pub names: ContractNames,
+    pub requires: Vec<String>,
+    pub family: serde_json::Value,
+}
+
+/// The launch contract of `ptx`, whose grid is evaluated at `parts.sizes`.
+pub fn contract(ptx: &PtxKernel, parts: ContractParts) -> Result<LaunchContract, CompileError> {
+    let grid_formula = grid_formula(ptx);
+    let mut c = LaunchContract {
+        kernel: ptx.entry.clone(),
+        ptx: format!("{}.ptx", ptx.entry),
+        target: ptx.target.name().to_string(),
+        block: [ptx.threads, 1, 1],
+        grid: [0; 3],
+        grid_formula,
+        dynamic_shared_bytes: ptx.dynamic_smem_bytes,
+        sizes: parts.sizes,
+        tensors: parts.tensors,
+        scratch: parts.scratch,
+        params: contract_params(&ptx.abi, &parts.names),
+        requires: parts.requires,
+        family: parts.family,
+    };
+    c.grid = c.compiled_grid().map_err(|e| {
+        CompileError::Refused(Diagnostic::error(
+            einattn_ir::validate::DiagnosticKind::UnsupportedShape,
+            format!("the problem is too large for one launch: {e}"),
+            einattn_ir::cascade::Span::UNKNOWN,
+        ))
+    })?;
+    Ok(c)
+}
+
+/// A cascade tensor as a contract records it.
+pub fn contract_tensor(
+    cascade: &Cascade,
+    t: Handle<Tensor>,
+    role: abi::TensorRole,
+    dtype: abi::Dtype,
+    layout: Option<&Layout>,
+) -> ContractTensor {
+    let tensor = &cascade.tensors[t];
+    ContractTensor {
+        name: tensor.name.clone(),
+        role,
+        dtype,
+        shape: tensor
+            .ranks
+            .iter()
+            .map(|&r| cascade.ranks[r].extent)
+            .collect(),
+        strides: layout.map(Layout::strides),
+    }
+}
+
+/// The contract dtype of a storage element type.
+pub fn dtype(elem: Elem) -> abi::Dtype {
+    match elem {
+        Elem::Bf16 => abi::Dtype::Bf16,
+        Elem::F16 => abi::Dtype::F16,
+        Elem::F32 => abi::Dtype::F32,
+    }
+}
+
+/// A tile-program or PTX error as a refusal of the cascade.
+pub fn backend_error(e: crate::TileError) -> CompileError {
+    CompileError::Refused(Diagnostic::error(
+        einattn_ir::validate::DiagnosticKind::UnsupportedShape,
+        e.to_string(),
+        einattn_ir::cascade::Span::UNKNOWN,
+    ))
+}

@@ -1,0 +1,303 @@
+//! Softmax attention: any pass structure of `O = softmax(s(Q.K)) V` with band masks and
+//! score modifiers, as one FlashAttention-2-style kernel.
+//!
+//! - [`recognize`]: reads the cascade as softmax attention ([`AttentionMatch`]);
+//! - [`schedule`]: the cost model that picks the kernel shape;
+//! - [`program`]: the Tile IR program of the 1-pass (online softmax) kernel.
+
+pub mod program;
+pub mod recognize;
+pub mod schedule;
+
+pub use program::{flash_attention, AttentionSchedule, AttentionSpec};
+pub use recognize::{recognize, AttentionMatch, Roles};
+pub use schedule::{schedule, Schedule, ScheduleOptions};
+
+use super::{
+    backend_error, contract, contract_tensor, dtype, CompileError, Compiled, ContractNames,
+    ContractParts, FamilyError, Inputs, KernelFamily, Module, Rate, Request,
+};
+use crate::abi::{Dtype, TensorRole};
+use crate::plan::{Phase, Plan, Step};
+use crate::print_ptx;
+use crate::tile::BandDirection;
+use einattn_ir::cascade::Cascade;
+use einattn_ir::validate::DiagnosticKind;
+use einattn_passes::analysis::GpuModel;
+use serde_json::json;
+
+/// The softmax-attention family.
+pub struct Softmax;
+
+impl KernelFamily for Softmax {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn reads_as(&self) -> &'static str {
+        "softmax attention"
+    }
+
+    fn compile(&self, request: &Request) -> Result<Box<dyn Compiled>, FamilyError> {
+        compile_softmax(request.cascade, request.options).map(|k| Box::new(k) as Box<dyn Compiled>)
+    }
+}
+
+/// Reads `cascade` as softmax attention and compiles its kernel.
+pub fn compile_softmax(
+    cascade: &Cascade,
+    options: &super::KernelOptions,
+) -> Result<SoftmaxKernels, FamilyError> {
+    {
+        let mut cascade = cascade.clone();
+        if options.optimize {
+            cascade = einattn_passes::rewrite::optimize(
+                &cascade,
+                &einattn_passes::rewrite::OptimizeOptions::default(),
+            )
+            .map_err(|e| CompileError::Input(e.to_string()))?
+            .cascade;
+        }
+        let refuse = |mut d: einattn_ir::validate::Diagnostic| {
+            if options.optimize {
+                // Spans of rewritten Einsums point nowhere useful in the original text.
+                d.span = None;
+            }
+            if d.kind == DiagnosticKind::NotMappable {
+                FamilyError::NotMine(vec![d])
+            } else {
+                FamilyError::Failed(CompileError::Refused(d))
+            }
+        };
+        let mut sched = ScheduleOptions {
+            target: options.target,
+            elem: options.elem,
+            warps: options.warps,
+            stages: options.stages,
+            mma: options.mma,
+            ..ScheduleOptions::default()
+        };
+        if !options.tiles.is_empty() {
+            let m = recognize(&cascade).map_err(refuse)?;
+            let name = |r| cascade.ranks[r].name.clone();
+            let mut key_names = vec![name(m.roles.key)];
+            if let Some((_, inner, _)) = m.roles.key_split {
+                key_names.push(name(inner));
+            }
+            key_names.push(format!("{}0", name(m.roles.key)));
+            key_names.dedup();
+            let query_names: Vec<String> = m
+                .roles
+                .query
+                .map(|q| vec![name(q), format!("{}0", name(q))])
+                .unwrap_or_default();
+            for (n, size) in &options.tiles {
+                let size = u32::try_from(*size).map_err(|_| {
+                    CompileError::Usage(format!("error: tile size {size} is too large"))
+                })?;
+                if key_names.contains(n) {
+                    sched.block_n = Some(size);
+                } else if query_names.contains(n) {
+                    sched.block_m = Some(size);
+                } else {
+                    return Err(CompileError::Usage(format!(
+                        "error: `--tile {n}=...`: `{n}` is neither the key rank ({}) nor the query rank ({})",
+                        key_names.join(", "),
+                        if query_names.is_empty() { "none".to_string() } else { query_names.join(", ") }
+                    ))
+                    .into());
+                }
+            }
+        }
+        let schedule = schedule(&cascade, &sched).map_err(refuse)?;
+        if options.mma == Some(crate::tile::MmaUnit::Warpgroup) {
+            return Err(refuse(einattn_ir::validate::Diagnostic::error(
+                DiagnosticKind::UnsupportedShape,
+                "the wgmma lowering is built for the linear-attention kernels; softmax attention uses mma.sync",
+                einattn_ir::cascade::Span::UNKNOWN,
+            )));
+        }
+        let module = build_module(&cascade, &schedule, schedule.spec().clone())?;
+        Ok(SoftmaxKernels {
+            cascade,
+            schedule,
+            modules: vec![module],
+        })
+    }
+}
+
+/// The kernel of `spec` (the schedule's, or its query-offset variant) with its contract.
+fn build_module(
+    cascade: &Cascade,
+    schedule: &Schedule,
+    spec: AttentionSpec,
+) -> Result<Module, CompileError> {
+    let (program, _) = flash_attention(&spec, &schedule.kernel).map_err(backend_error)?;
+    let ptx = print_ptx(&program, schedule.target).map_err(backend_error)?;
+    let m = &schedule.matched;
+    let elem = dtype(spec.elem);
+    let io = [
+        (&m.q, TensorRole::Input),
+        (&m.k, TensorRole::Input),
+        (&m.v, TensorRole::Input),
+        (&m.o, TensorRole::Output),
+    ];
+    let mut tensors: Vec<_> = io
+        .iter()
+        .map(|(l, role)| contract_tensor(cascade, l.tensor, *role, elem, Some(l)))
+        .collect();
+    for &t in &m.head_params {
+        tensors.push(contract_tensor(
+            cascade,
+            t,
+            TensorRole::Param,
+            Dtype::F32,
+            None,
+        ));
+    }
+    let name = |t| cascade.tensors[t].name.clone();
+    let names = ContractNames {
+        tensors: io.iter().map(|(l, _)| name(l.tensor)).collect(),
+        head_params: m.head_params.iter().map(|&t| name(t)).collect(),
+        scalars: m
+            .scalar_params
+            .iter()
+            .map(|&t| (name(t), cascade.tensors[t].default))
+            .collect(),
+        tokens: Vec::new(),
+        states: Vec::new(),
+        row_outputs: program.row_outputs.iter().map(|r| r.name.clone()).collect(),
+    };
+    let mut sizes: std::collections::BTreeMap<String, u64> = [
+        ("batch", m.batch),
+        ("heads", m.heads),
+        ("n_q", m.n_q),
+        ("n_k", m.n_k),
+        ("kv_group", 1),
+        ("head_dim", u64::from(spec.head_dim)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if spec.query_offset {
+        sizes.insert("q_offset".into(), 0);
+    }
+    let k = &schedule.kernel;
+    let contract = contract(
+        &ptx,
+        ContractParts {
+            sizes,
+            tensors,
+            scratch: Vec::new(),
+            names,
+            requires: if spec.score.scaled_dot().is_some() {
+                vec!["scale > 0".into()]
+            } else {
+                vec![]
+            },
+            family: json!({
+                "problem": {"batch": m.batch, "heads": m.heads, "n_q": m.n_q, "n_k": m.n_k,
+                            "head_dim": spec.head_dim, "elem": spec.elem.name(),
+                            "causal": spec.causal, "window": spec.window},
+                "schedule": {"block_m": k.block_m, "block_n": k.block_n, "warps": k.warps,
+                             "stages": k.stages, "q_in_registers": k.q_in_registers,
+                             "skip_unit_rescale": k.skip_unit_rescale},
+                "score": format!("{:?}", spec.score.expr),
+                "estimate_ms": schedule.estimate.seconds * 1e3,
+            }),
+        },
+    )?;
+    Ok(Module {
+        program,
+        ptx,
+        contract,
+    })
+}
+
+/// A cascade compiled to the softmax-attention kernel.
+pub struct SoftmaxKernels {
+    cascade: Cascade,
+    pub schedule: Schedule,
+    modules: Vec<Module>,
+}
+
+impl Compiled for SoftmaxKernels {
+    fn family(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn cascade(&self) -> &Cascade {
+        &self.cascade
+    }
+
+    fn modules(&self) -> &[Module] {
+        &self.modules
+    }
+
+    fn explain(&self) -> String {
+        self.schedule.explain()
+    }
+
+    fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
+        (
+            self.schedule.matched.reference_output(inputs),
+            "the f64 attention formula",
+        )
+    }
+
+    fn interpreter_work(&self) -> u64 {
+        let m = &self.schedule.matched;
+        m.batch * m.heads * m.n_q * m.n_k * u64::from(m.spec.head_dim) * 2
+    }
+
+    fn formula_work(&self) -> u64 {
+        self.interpreter_work()
+    }
+
+    fn rate(&self) -> Rate {
+        Rate::Flops {
+            flops: visible_flops(&self.schedule.matched),
+            predicted_ms: self.schedule.estimate.seconds * 1e3,
+        }
+    }
+
+    fn plan_modules(&self, plan: &mut Plan, _gpu: &GpuModel) -> Result<Vec<Module>, String> {
+        // Every kernel step runs the whole key range of a query slice: the kernel with a
+        // query offset, so masks see global positions while memory stays local.
+        let mut spec = self.schedule.spec().clone();
+        spec.query_offset = true;
+        let module =
+            build_module(&self.cascade, &self.schedule, spec).map_err(|e| e.to_string())?;
+        for rank in &mut plan.ranks {
+            for step in &mut rank.steps {
+                if let Step::Kernel(k) = step {
+                    if k.phase != Phase::Full {
+                        return Err(format!("a `{:?}` kernel of this family", k.phase));
+                    }
+                    k.launch = vec![module.ptx.entry.clone()];
+                }
+            }
+        }
+        Ok(vec![module])
+    }
+}
+
+/// FLOPs of the attention the masks leave: 4 per visible (query, key) pair and head dim.
+pub fn visible_flops(m: &AttentionMatch) -> f64 {
+    let masks = m.spec.masks();
+    let n = m.n_k as i64;
+    let visible: f64 = (0..m.n_q as i64)
+        .map(|p| {
+            // Visible keys of row p form one interval under band masks.
+            let (mut lo, mut hi) = (0i64, n - 1);
+            for b in &masks {
+                match b.direction {
+                    BandDirection::KeyMinusQuery => hi = hi.min(p + b.bound),
+                    BandDirection::QueryMinusKey => lo = lo.max(p - b.bound),
+                }
+            }
+            (hi - lo + 1).max(0) as f64
+        })
+        .sum();
+    4.0 * (m.batch * m.heads) as f64 * visible * f64::from(m.spec.head_dim)
+}

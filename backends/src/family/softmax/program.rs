@@ -1,0 +1,592 @@
+//! Softmax attention as a tile program: FuseMax's 1-pass cascade (the FlashAttention-2
+//! forward), with score modifiers (scale, ALiBi, tanh soft-cap) and band masks
+//! (causal, sliding window).
+//!
+//! Scores are kept in log2 units (`x = logit * log2(e)`) so the exponentials are `ex2`; the
+//! factor is folded into the scale, which the printer hoists as a uniform value. The
+//! cascade of `algorithms.md` section 2 maps onto the statements as
+//!
+//! | cascade | statement |
+//! | --- | --- |
+//! | `BQK = Q . BK` | `S = 0; S += Q . K^T` |
+//! | score modifiers, `where` masks | `S = map ...; mask S` |
+//! | `LM = max over m0`, `RM' = max(RM, LM)` | `tile_max = row_max(S); m_new = max(m, tile_max)` |
+//! | `SLN = exp(BQK - RM')`, `SLD = sum SLN` | `S = exp2(S - m_new)`, `tile_sum = row_sum(S)` |
+//! | `PRM = exp(RM - RM')` | `alpha = exp2(m - m_new)` |
+//! | `RD' = SLD + RD * PRM` | `l = l * alpha + tile_sum` |
+//! | `RNV' = SLNV + RNV * PRM` | `O = O * alpha; P = convert(S); O += P . V` |
+//! | `AV = RNV / RD` | `O = O * (1 / l); store O` |
+
+use crate::tile::ex::*;
+use crate::tile::*;
+
+/// ln 2 and log2(e), the unit changes between natural and base-2 logits.
+pub const LN_2: f64 = std::f64::consts::LN_2;
+pub const LOG2_E: f64 = std::f64::consts::LOG2_E;
+
+/// The logit of one (query, key) pair as a function of the raw dot product `q.k`, in
+/// natural-log units. In [`Score::expr`], `ScalarExpr::Elem(_)` stands for the dot product,
+/// `Index(Query)`/`Index(Key)` for the positions `p`/`m`, `Scalar(i)` for the kernel scalar
+/// named `scalars[i]` and `Head(j)` for the per-head array named `head_params[j]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Score {
+    pub expr: ScalarExpr,
+    pub scalars: Vec<String>,
+    pub head_params: Vec<String>,
+}
+
+/// The placeholder register that stands for the dot product in [`Score::expr`].
+pub const DOT: RegId = RegId(u32::MAX);
+
+impl Score {
+    /// `scale * q.k`.
+    pub fn scaled() -> Score {
+        Score {
+            expr: mul(scalar(ScalarId(0)), elem(DOT)),
+            scalars: vec!["scale".into()],
+            head_params: vec![],
+        }
+    }
+
+    /// `cap * tanh(x / cap)` around the current logit, with `cap` a new scalar `softcap`.
+    pub fn with_softcap(mut self) -> Score {
+        self.scalars.push("softcap".into());
+        let cap = scalar(ScalarId(self.scalars.len() as u32 - 1));
+        self.expr = mul(cap.clone(), tanh(div(self.expr, cap)));
+        self
+    }
+
+    /// Adds the ALiBi bias `slope[h] * (m - p)`, with `slope` a new head array `alibi_slopes`.
+    pub fn with_alibi(mut self) -> Score {
+        self.head_params.push("alibi_slopes".into());
+        let slope = head(HeadParamId(self.head_params.len() as u32 - 1));
+        self.expr = add(
+            self.expr,
+            mul(slope, sub(index(SeqRank::Key), index(SeqRank::Query))),
+        );
+        self
+    }
+
+    /// True for `scale * q.k` with the scale a kernel scalar: the kernel then keeps raw
+    /// scores and folds the scale into the max and the exponent, which needs `scale > 0`.
+    pub fn scaled_dot(&self) -> Option<ScalarId> {
+        match &self.expr {
+            ScalarExpr::Binary(BinaryOp::Mul, a, b) => match (&**a, &**b) {
+                (ScalarExpr::Scalar(s), ScalarExpr::Elem(DOT))
+                | (ScalarExpr::Elem(DOT), ScalarExpr::Scalar(s)) => Some(*s),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Evaluates the logit in f64 (the reference formula's path).
+    pub fn eval(&self, dot: f64, p: f64, m: f64, scalars: &[f64], head_params: &[f64]) -> f64 {
+        let value = self.expr.eval(&mut |leaf| {
+            Ok::<f64, std::convert::Infallible>(match leaf {
+                ScalarExpr::Lit(v) => *v,
+                ScalarExpr::Scalar(id) => scalars[id.index()],
+                ScalarExpr::Head(id) => head_params[id.index()],
+                ScalarExpr::Index(SeqRank::Query) => p,
+                ScalarExpr::Index(SeqRank::Key) => m,
+                // The dot product placeholder (scores have no other tiles, rows or tokens).
+                _ => dot,
+            })
+        });
+        match value {
+            Ok(v) => v,
+            Err(never) => match never {},
+        }
+    }
+
+    /// A short stable tag of the expression for kernel names.
+    fn tag(&self) -> String {
+        if self.scaled_dot().is_some() {
+            return String::new();
+        }
+        if *self == Score::scaled().with_alibi() {
+            return "_alibi".into();
+        }
+        if *self == Score::scaled().with_softcap() {
+            return "_softcap".into();
+        }
+        if *self == Score::scaled().with_softcap().with_alibi() {
+            return "_softcap_alibi".into();
+        }
+        // FNV-1a of the printed tree: different modifiers get different entry points.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in format!("{:?}", self.expr).bytes() {
+            h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+        }
+        format!("_s{h:08x}")
+    }
+}
+
+/// What to compute: logits `s = score(q.k, p, m)`; masked keys are excluded;
+/// `O = softmax(s) V`, optionally `LSE = log sum exp s`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttentionSpec {
+    pub head_dim: u32,
+    pub elem: Elem,
+    /// `m <= p` (top-left aligned, as PyTorch's `is_causal`).
+    pub causal: bool,
+    /// Keep keys with `p - m < window` (combine with `causal` for the usual sliding window).
+    pub window: Option<u32>,
+    /// Band masks beyond the causal and window forms (`m - p <= c` and friends).
+    pub extra_masks: Vec<BandMask>,
+    pub score: Score,
+    /// Also write the log-sum-exp (natural log) per query row.
+    pub write_lse: bool,
+    /// Query rows sit at a launch-given position offset (a sequence slice under SP).
+    pub query_offset: bool,
+}
+
+impl AttentionSpec {
+    pub fn new(head_dim: u32, elem: Elem) -> AttentionSpec {
+        AttentionSpec {
+            head_dim,
+            elem,
+            causal: false,
+            window: None,
+            extra_masks: vec![],
+            score: Score::scaled(),
+            write_lse: false,
+            query_offset: false,
+        }
+    }
+    pub fn masks(&self) -> Vec<BandMask> {
+        let mut v = Vec::new();
+        if self.causal {
+            v.push(BandMask::causal());
+        }
+        if let Some(w) = self.window {
+            v.push(BandMask::window(w));
+        }
+        v.extend(self.extra_masks.iter().copied());
+        v
+    }
+    /// A short name used for kernel entry points.
+    pub fn kernel_name(&self) -> String {
+        let mut s = format!("einattn_fwd_d{}_{}", self.head_dim, self.elem.name());
+        if self.causal {
+            s.push_str("_causal");
+        }
+        if let Some(w) = self.window {
+            s.push_str(&format!("_win{w}"));
+        }
+        for m in &self.extra_masks {
+            let dir = match m.direction {
+                BandDirection::KeyMinusQuery => "kq",
+                BandDirection::QueryMinusKey => "qk",
+            };
+            s.push_str(&format!("_band{dir}{}", m.bound).replace('-', "n"));
+        }
+        s.push_str(&self.score.tag());
+        if self.write_lse {
+            s.push_str("_lse");
+        }
+        if self.query_offset {
+            s.push_str("_qoff");
+        }
+        s
+    }
+    /// True when the score is anything but `scale * q.k`.
+    pub fn modifies_score(&self) -> bool {
+        self.score.scaled_dot().is_none()
+    }
+}
+
+/// Schedule knobs of the attention lowering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionSchedule {
+    pub block_m: u32,
+    pub block_n: u32,
+    pub warps: u32,
+    pub stages: u32,
+    /// Keep Q's A fragments in registers for the whole key loop (else re-read from shared
+    /// memory at every key tile).
+    pub q_in_registers: bool,
+    /// See [`TileSchedule::skip_unit_rescale`].
+    pub skip_unit_rescale: bool,
+}
+
+impl AttentionSchedule {
+    /// Defaults chosen from the ptxas register report and H100 measurements
+    /// (see `bench/NOTES-softmax.md`).
+    pub fn default_for(spec: &AttentionSpec) -> AttentionSchedule {
+        // FlashAttention-2's shape: 4 warps, each owning 32 query rows (two m16 tiles), so
+        // every K/V fragment read from shared memory feeds two MMAs; Q is re-read from
+        // shared memory (registers are full). 255 registers x 128 threads and <= 98 KB of
+        // shared memory leave room for 2 CTAs per SM. Measured on H100 (bench/NOTES-softmax.md).
+        let block_n = if spec.head_dim <= 64 { 128 } else { 64 };
+        // The vote-skip of the rescale costs up to 5% (d=64) where registers suffice, but
+        // at 255 registers it is what keeps ptxas from spilling: plain d<=64 kernels fit
+        // without it; d=128 and score-modified or windowed kernels need it.
+        let plain = !spec.modifies_score() && spec.window.is_none();
+        AttentionSchedule {
+            block_m: 128,
+            block_n,
+            warps: 4,
+            stages: 2,
+            q_in_registers: false,
+            skip_unit_rescale: !(spec.head_dim <= 64 && plain),
+        }
+    }
+}
+
+/// Handles of the pieces of an attention program a launcher needs to bind. The program's
+/// scalars and head parameters are those of [`Score`], in its order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionBindings {
+    pub q: TensorId,
+    pub k: TensorId,
+    pub v: TensorId,
+    pub o: TensorId,
+    pub lse: Option<RowOutputId>,
+}
+
+/// Builds the 1-pass softmax attention tile program.
+pub fn flash_attention(
+    spec: &AttentionSpec,
+    sched: &AttentionSchedule,
+) -> Result<(TileProgram, AttentionBindings), TileError> {
+    if spec.elem == Elem::F32 {
+        return Err(TileError::Unsupported(
+            "attention inputs must be bf16 or f16".into(),
+        ));
+    }
+    if !spec.head_dim.is_multiple_of(16) || spec.head_dim == 0 {
+        return Err(TileError::Unsupported(
+            "head_dim must be a multiple of 16".into(),
+        ));
+    }
+    let d = spec.head_dim;
+    let mut p = TileProgram {
+        sequential: false,
+        col_blocks: 1,
+        tokens: vec![],
+        query_offset: spec.query_offset,
+        look_back: false,
+        chunk_tiles: 0,
+        states: vec![],
+        name: spec.kernel_name(),
+        schedule: TileSchedule {
+            block_m: sched.block_m,
+            warps: sched.warps,
+            stages: sched.stages,
+            skip_unit_rescale: sched.skip_unit_rescale,
+            mma: MmaUnit::Sync,
+        },
+        tensors: vec![],
+        row_outputs: vec![],
+        scalars: vec![],
+        head_params: vec![],
+        shared: vec![],
+        regs: vec![],
+        rows: vec![],
+        body: vec![],
+    };
+    let tensor = |p: &mut TileProgram, name: &str, rows, is_output| {
+        p.tensors.push(TensorParam {
+            name: name.into(),
+            elem: spec.elem,
+            rows,
+            head_dim: d,
+            is_output,
+        });
+        TensorId(p.tensors.len() as u32 - 1)
+    };
+    let q = tensor(&mut p, "q", SeqRank::Query, false);
+    let k = tensor(&mut p, "k", SeqRank::Key, false);
+    let v = tensor(&mut p, "v", SeqRank::Key, false);
+    let o = tensor(&mut p, "o", SeqRank::Query, true);
+    let lse = spec.write_lse.then(|| {
+        p.row_outputs.push(RowOutput { name: "lse".into() });
+        RowOutputId(0)
+    });
+    for name in &spec.score.scalars {
+        p.scalars.push(ScalarParam { name: name.clone() });
+    }
+    for name in &spec.score.head_params {
+        p.head_params.push(HeadParam { name: name.clone() });
+    }
+
+    let shared = |p: &mut TileProgram, name: &str, rows, rank| {
+        p.shared.push(SharedTile {
+            name: name.into(),
+            rows,
+            cols: d,
+            elem: spec.elem,
+            rank,
+        });
+        SharedId(p.shared.len() as u32 - 1)
+    };
+    let q_s = shared(&mut p, "q_s", sched.block_m, SeqRank::Query);
+    let k_s = shared(&mut p, "k_s", sched.block_n, SeqRank::Key);
+    let v_s = shared(&mut p, "v_s", sched.block_n, SeqRank::Key);
+    let reg = |p: &mut TileProgram, name: &str, cols, col_rank, kind| {
+        p.regs.push(RegTile {
+            name: name.into(),
+            cols,
+            col_rank,
+            kind,
+        });
+        RegId(p.regs.len() as u32 - 1)
+    };
+    let s = reg(
+        &mut p,
+        "s",
+        sched.block_n,
+        ColRank::Key,
+        RegKind::Accumulator,
+    );
+    let pf = reg(
+        &mut p,
+        "p",
+        sched.block_n,
+        ColRank::Key,
+        RegKind::AOperand(spec.elem),
+    );
+    let acc = reg(&mut p, "acc", d, ColRank::HeadDim, RegKind::Accumulator);
+    let q_frag = sched.q_in_registers.then(|| {
+        reg(
+            &mut p,
+            "q_frag",
+            d,
+            ColRank::HeadDim,
+            RegKind::AOperand(spec.elem),
+        )
+    });
+    let new_row = |p: &mut TileProgram, name: &str| {
+        p.rows.push(RowVec { name: name.into() });
+        RowId(p.rows.len() as u32 - 1)
+    };
+    let m_run = new_row(&mut p, "m");
+    let l_run = new_row(&mut p, "l");
+    let tile_max = new_row(&mut p, "tile_max");
+    let m_new = new_row(&mut p, "m_new");
+    let m_use = new_row(&mut p, "m_use");
+    let alpha = new_row(&mut p, "alpha");
+    let tile_sum = new_row(&mut p, "tile_sum");
+
+    let plain_scale = spec.score.scaled_dot();
+    let plain = plain_scale.is_some();
+    // Uniform factor: scale * log2(e), hoisted by the printer.
+    let scale_log2 = mul(scalar(plain_scale.unwrap_or(ScalarId(0))), lit(LOG2_E));
+
+    let mut body = vec![Stmt::LoadTile { dst: q_s, src: q }];
+    let a_op = match q_frag {
+        Some(f) => {
+            body.push(Stmt::Fragments { dst: f, src: q_s });
+            AOperand::Reg(f)
+        }
+        None => AOperand::Shared(q_s),
+    };
+    body.push(Stmt::Fill {
+        dst: acc,
+        value: 0.0,
+    });
+    body.push(Stmt::FillRow {
+        dst: m_run,
+        value: f64::NEG_INFINITY,
+    });
+    body.push(Stmt::FillRow {
+        dst: l_run,
+        value: 0.0,
+    });
+
+    let mut lp = vec![
+        Stmt::LoadTile { dst: k_s, src: k },
+        Stmt::LoadTile { dst: v_s, src: v },
+        Stmt::Fill { dst: s, value: 0.0 },
+        Stmt::Contract {
+            acc: s,
+            a: a_op,
+            b: k_s,
+            b_layout: BLayout::RowsAreN,
+        },
+    ];
+    if plain {
+        // Keep raw scores; the scale rides on the max and on the exponent (one FFMA each),
+        // as FlashAttention does. Valid because scale > 0 keeps the max where it is.
+        lp.push(Stmt::Mask {
+            dst: s,
+            fill: f64::NEG_INFINITY,
+        });
+        lp.push(Stmt::RowReduce {
+            dst: tile_max,
+            src: s,
+            op: ReduceOp::Max,
+        });
+        lp.push(Stmt::RowMap {
+            dst: m_new,
+            expr: max(row(m_run), mul(row(tile_max), scale_log2.clone())),
+        });
+    } else {
+        let x = simplify(&substitute_dot(&spec.score.expr, s));
+        lp.push(Stmt::Map {
+            dst: s,
+            expr: simplify(&mul(x, lit(LOG2_E))),
+        });
+        lp.push(Stmt::Mask {
+            dst: s,
+            fill: f64::NEG_INFINITY,
+        });
+        lp.push(Stmt::RowReduce {
+            dst: tile_max,
+            src: s,
+            op: ReduceOp::Max,
+        });
+        lp.push(Stmt::RowMap {
+            dst: m_new,
+            expr: max(row(m_run), row(tile_max)),
+        });
+    }
+    // A row that has seen only masked keys keeps max -inf; subtract 0 instead so that
+    // exp2(-inf - -inf) never makes a NaN.
+    lp.push(Stmt::RowMap {
+        dst: m_use,
+        expr: select(
+            CmpOp::Eq,
+            row(m_new),
+            lit(f64::NEG_INFINITY),
+            lit(0.0),
+            row(m_new),
+        ),
+    });
+    lp.push(Stmt::RowMap {
+        dst: alpha,
+        expr: exp2(sub(row(m_run), row(m_use))),
+    });
+    let exponent = if plain {
+        sub(mul(elem(s), scale_log2.clone()), row(m_use))
+    } else {
+        sub(elem(s), row(m_use))
+    };
+    lp.push(Stmt::Map {
+        dst: s,
+        expr: exp2(exponent),
+    });
+    lp.push(Stmt::RowReduce {
+        dst: tile_sum,
+        src: s,
+        op: ReduceOp::Sum,
+    });
+    lp.push(Stmt::RowMap {
+        dst: l_run,
+        expr: add(mul(row(l_run), row(alpha)), row(tile_sum)),
+    });
+    lp.push(Stmt::Map {
+        dst: acc,
+        expr: mul(elem(acc), row(alpha)),
+    });
+    lp.push(Stmt::Convert { dst: pf, src: s });
+    lp.push(Stmt::Contract {
+        acc,
+        a: AOperand::Reg(pf),
+        b: v_s,
+        b_layout: BLayout::RowsAreK,
+    });
+    lp.push(Stmt::RowMap {
+        dst: m_run,
+        expr: row(m_new),
+    });
+    body.push(Stmt::KeyLoop {
+        block_n: sched.block_n,
+        masks: spec.masks(),
+        body: lp,
+    });
+    // Rows that saw no key (l = 0) output zeros rather than NaN.
+    let inv_l = new_row(&mut p, "inv_l");
+    body.push(Stmt::RowMap {
+        dst: inv_l,
+        expr: select(CmpOp::Eq, row(l_run), lit(0.0), lit(0.0), recip(row(l_run))),
+    });
+    body.push(Stmt::Map {
+        dst: acc,
+        expr: mul(elem(acc), row(inv_l)),
+    });
+    body.push(Stmt::Store { src: acc, dst: o });
+    if let Some(lse) = lse {
+        let lse_row = new_row(&mut p, "lse");
+        // m is in log2 units: lse = (m + log2 l) * ln 2; -inf when no key was seen.
+        body.push(Stmt::RowMap {
+            dst: lse_row,
+            expr: mul(add(row(m_run), log2(row(l_run))), lit(LN_2)),
+        });
+        body.push(Stmt::StoreRow {
+            src: lse_row,
+            dst: lse,
+        });
+    }
+    p.body = body;
+    p.validate()?;
+    Ok((p, AttentionBindings { q, k, v, o, lse }))
+}
+
+/// Replaces the dot-product placeholder of a [`Score`] with the score register.
+fn substitute_dot(e: &ScalarExpr, s: RegId) -> ScalarExpr {
+    match e {
+        ScalarExpr::Elem(DOT) => elem(s),
+        ScalarExpr::Unary(op, a) => un(*op, substitute_dot(a, s)),
+        ScalarExpr::Binary(op, a, b) => bin(*op, substitute_dot(a, s), substitute_dot(b, s)),
+        ScalarExpr::Select {
+            op,
+            lhs,
+            rhs,
+            then,
+            otherwise,
+        } => select(
+            *op,
+            substitute_dot(lhs, s),
+            substitute_dot(rhs, s),
+            substitute_dot(then, s),
+            substitute_dot(otherwise, s),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Rewrites an element-wise expression so that per-element work is minimal: division by a
+/// uniform value becomes multiplication by its (hoisted) reciprocal, and the uniform factors
+/// of a product are gathered into one hoisted constant.
+pub fn simplify(e: &ScalarExpr) -> ScalarExpr {
+    match e {
+        ScalarExpr::Binary(BinaryOp::Div, a, b) if b.is_uniform() && !a.is_uniform() => {
+            simplify(&mul((**a).clone(), recip((**b).clone())))
+        }
+        ScalarExpr::Binary(BinaryOp::Mul, _, _) => {
+            let mut factors = Vec::new();
+            flatten_product(e, &mut factors);
+            let (uniform, varying): (Vec<_>, Vec<_>) =
+                factors.into_iter().partition(|f| f.is_uniform());
+            let product = |fs: Vec<ScalarExpr>| fs.into_iter().reduce(mul);
+            match (
+                product(uniform),
+                product(varying.iter().map(simplify).collect()),
+            ) {
+                (Some(u), Some(v)) => mul(u, v),
+                (Some(u), None) => u,
+                (None, Some(v)) => v,
+                (None, None) => lit(1.0),
+            }
+        }
+        ScalarExpr::Unary(op, a) => un(*op, simplify(a)),
+        ScalarExpr::Binary(op, a, b) => bin(*op, simplify(a), simplify(b)),
+        other => other.clone(),
+    }
+}
+
+fn flatten_product(e: &ScalarExpr, out: &mut Vec<ScalarExpr>) {
+    match e {
+        ScalarExpr::Binary(BinaryOp::Mul, a, b) => {
+            flatten_product(a, out);
+            flatten_product(b, out);
+        }
+        ScalarExpr::Binary(BinaryOp::Div, a, b) if b.is_uniform() => {
+            flatten_product(a, out);
+            out.push(recip((**b).clone()));
+        }
+        other => out.push(other.clone()),
+    }
+}

@@ -1,0 +1,386 @@
+//! Scheduling: from a cascade to one GPU kernel.
+//!
+//! [`recognize`] reads the cascade as softmax attention (any pass structure); [`schedule`]
+//! then picks the kernel's shape (query rows per CTA, key tile, warps, pipeline stages) by a
+//! cost model over the candidate shapes that fit the register file, lets the user override
+//! any knob, and [`Schedule::explain`] says what was chosen and why.
+
+// A failed compile builds one diagnostic; boxing it would only add noise to every `?`.
+#![allow(clippy::result_large_err)]
+
+use super::recognize::{recognize, AttentionMatch};
+
+use super::program::{AttentionSchedule, AttentionSpec};
+use crate::tile::{key_tile_range, Elem};
+use crate::Target;
+use einattn_ir::cascade::{Cascade, Span};
+use einattn_ir::validate::{Diagnostic, DiagnosticKind};
+use einattn_passes::analysis::GpuModel;
+use std::fmt::Write;
+
+/// What the user asks of the scheduler; `None` leaves a knob to the cost model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduleOptions {
+    pub target: Target,
+    /// Storage type of Q, K, V and O (default: the cascade's).
+    pub elem: Option<Elem>,
+    pub block_m: Option<u32>,
+    pub block_n: Option<u32>,
+    pub warps: Option<u32>,
+    pub stages: Option<u32>,
+    /// Tensor-core instructions (default: the kernel family's choice for the target).
+    pub mma: Option<crate::tile::MmaUnit>,
+}
+
+impl Default for ScheduleOptions {
+    fn default() -> Self {
+        ScheduleOptions {
+            target: Target::Sm80,
+            elem: None,
+            block_m: None,
+            block_n: None,
+            warps: None,
+            stages: None,
+            mma: None,
+        }
+    }
+}
+
+/// The cost model's view of one candidate kernel shape.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    /// f32 registers per thread the fragments need (accumulators, plus Q when register-resident).
+    pub registers: u32,
+    pub shared_bytes: u32,
+    pub ctas_per_sm: u32,
+    /// Predicted kernel time, seconds.
+    pub seconds: f64,
+    /// Which resource bounds a key tile's time: "tensor cores", "exp/ALU" or "L2 loads".
+    pub bound: &'static str,
+}
+
+/// A scheduled kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    pub matched: AttentionMatch,
+    pub kernel: AttentionSchedule,
+    pub target: Target,
+    pub estimate: Estimate,
+    /// The candidates the model weighed, best first (only when the model chose).
+    pub candidates: Vec<(AttentionSchedule, Estimate)>,
+    pub reasons: Vec<String>,
+}
+
+impl Schedule {
+    pub fn spec(&self) -> &AttentionSpec {
+        &self.matched.spec
+    }
+
+    /// `--emit schedule`: the mapping, the chosen shape and the model's reasons.
+    pub fn explain(&self) -> String {
+        let m = &self.matched;
+        let mut s = String::new();
+        let spec = &m.spec;
+        let _ = writeln!(
+            s,
+            "kernel: {} (target {})",
+            spec.kernel_name(),
+            self.target.name()
+        );
+        let _ = writeln!(
+            s,
+            "problem: batch {} x heads {} x queries {} x keys {}, head dim {}, {}",
+            m.batch,
+            m.heads,
+            m.n_q,
+            m.n_k,
+            spec.head_dim,
+            spec.elem.name()
+        );
+        let _ = writeln!(
+            s,
+            "grid: (ceil(n_q / {}), batch * heads, 1) = ({}, {}, 1); {} threads",
+            self.kernel.block_m,
+            m.n_q.div_ceil(self.kernel.block_m as u64),
+            m.batch * m.heads,
+            self.kernel.warps * 32
+        );
+        let _ = writeln!(
+            s,
+            "in-kernel loop: key tiles of {} over the iterative key rank, {}-stage cp.async ring",
+            self.kernel.block_n, self.kernel.stages
+        );
+        let masks: Vec<String> = spec
+            .masks()
+            .iter()
+            .map(|b| format!("{:?} <= {}", b.direction, b.bound))
+            .collect();
+        let _ = writeln!(
+            s,
+            "masks: {}",
+            if masks.is_empty() {
+                "none".into()
+            } else {
+                masks.join(", ")
+            }
+        );
+        let _ = writeln!(s, "score: {:?}", spec.score.expr);
+        let _ = writeln!(
+            s,
+            "accumulators: f32 (scores and output), running max and sum per row"
+        );
+        let _ = writeln!(s, "cascade read as:");
+        for (name, what) in &m.reading {
+            let _ = writeln!(s, "  {name:<12} {what}");
+        }
+        let e = &self.estimate;
+        let _ = writeln!(
+            s,
+            "estimate: {:.3} ms, {} registers/thread for fragments, {} B shared, {} CTA(s)/SM, key tile bound by {}",
+            e.seconds * 1e3,
+            e.registers,
+            e.shared_bytes,
+            e.ctas_per_sm,
+            e.bound
+        );
+        if !self.candidates.is_empty() {
+            let _ = writeln!(
+                s,
+                "candidates (block_m x block_n, warps, stages: predicted ms):"
+            );
+            for (c, e) in self.candidates.iter().take(8) {
+                let _ = writeln!(
+                    s,
+                    "  {:>3} x {:<3} w{} s{}: {:.3} ms ({} CTA/SM, {})",
+                    c.block_m,
+                    c.block_n,
+                    c.warps,
+                    c.stages,
+                    e.seconds * 1e3,
+                    e.ctas_per_sm,
+                    e.bound
+                );
+            }
+        }
+        for r in &self.reasons {
+            let _ = writeln!(s, "why: {r}");
+        }
+        s
+    }
+}
+
+/// Recognizes the cascade and picks the kernel shape.
+pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule, Diagnostic> {
+    let mut matched = recognize(cascade)?;
+    if let Some(elem) = options.elem {
+        if elem == Elem::F32 {
+            return Err(Diagnostic::error(
+                DiagnosticKind::UnsupportedShape,
+                "the attention kernel stores bf16 or f16",
+                Span::UNKNOWN,
+            ));
+        }
+        matched.spec.elem = elem;
+    }
+    let spec = &matched.spec;
+    let gpu = GpuModel::h100();
+    let base = AttentionSchedule::default_for(spec);
+    let mut reasons = Vec::new();
+    let fixed = |o: Option<u32>| o.map(|v| vec![v]);
+    let block_ms = fixed(options.block_m).unwrap_or_else(|| vec![64, 128]);
+    let block_ns = fixed(options.block_n).unwrap_or_else(|| vec![32, 64, 128]);
+    let warps = fixed(options.warps).unwrap_or_else(|| vec![4]);
+    let stages = fixed(options.stages).unwrap_or_else(|| vec![2, 3]);
+    let mut candidates = Vec::new();
+    for &bm in &block_ms {
+        for &bn in &block_ns {
+            for &w in &warps {
+                for &st in &stages {
+                    let k = AttentionSchedule {
+                        block_m: bm,
+                        block_n: bn,
+                        warps: w,
+                        stages: st,
+                        ..base
+                    };
+                    if !shape_is_legal(spec, &k) {
+                        continue;
+                    }
+                    if let Some(e) = estimate(&matched, &k, &gpu) {
+                        candidates.push((k, e));
+                    }
+                }
+            }
+        }
+    }
+    if candidates.is_empty() {
+        return Err(Diagnostic::error(
+            DiagnosticKind::UnsupportedShape,
+            "no kernel shape fits: the requested tile sizes exceed the register file or shared memory, or are not multiples of 16 rows per warp",
+            Span::UNKNOWN,
+        )
+        .with_help("legal shapes: block_m = 16 * warps * {1, 2}, block_n in {16, 32, 64, 128}, stages 2-4"));
+    }
+    candidates.sort_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
+    let (kernel, estimate) = candidates[0];
+    let overridden = [
+        options.block_m,
+        options.block_n,
+        options.warps,
+        options.stages,
+    ]
+    .iter()
+    .any(Option::is_some);
+    if overridden {
+        reasons.push("some knobs were set on the command line; the model chose the rest".into());
+    }
+    reasons.push(format!(
+        "{} rows per CTA: each K/V tile read into shared memory feeds {} query rows, and {} CTA(s) fit per SM",
+        kernel.block_m, kernel.block_m, estimate.ctas_per_sm
+    ));
+    reasons.push(format!(
+        "key tile {}: the score and output accumulators take {} registers per thread (of 255), leaving room for the softmax temporaries",
+        kernel.block_n, estimate.registers
+    ));
+    if kernel.skip_unit_rescale {
+        reasons.push("the rescale of the output is skipped when no row's max grew (saves registers under 255)".into());
+    }
+    if spec.score.scaled_dot().is_some() {
+        reasons.push(
+            "score is scale * q.k: the scale rides on the max and the exponent (one FMA), which needs scale > 0"
+                .into(),
+        );
+    }
+    Ok(Schedule {
+        matched,
+        kernel,
+        target: options.target,
+        estimate,
+        candidates,
+        reasons,
+    })
+}
+
+/// Shapes the Tile IR lowering accepts: whole m16 tiles per warp, at most two per warp.
+fn shape_is_legal(spec: &AttentionSpec, k: &AttentionSchedule) -> bool {
+    let rows = k.block_m / k.warps.max(1);
+    k.warps > 0
+        && k.block_m.is_multiple_of(k.warps)
+        && rows.is_multiple_of(16)
+        && (16..=32).contains(&rows)
+        && [16, 32, 64, 128].contains(&k.block_n)
+        && (2..=4).contains(&k.stages)
+        && spec.head_dim.is_multiple_of(16)
+}
+
+/// The cost model. A CTA walks its key tiles; each tile costs the larger of its tensor-core
+/// time (mma.sync reaches about half of the dense peak, plus the fragment reads from shared
+/// memory that feed it), its exponential and ALU time, and
+/// its K/V load time from L2 (shared by the CTAs of an SM); CTAs on one SM overlap those
+/// resources, so the SM's time is the bottleneck resource's total. Shapes whose fragments
+/// need more than 255 registers per thread (spills) or whose shared memory exceeds the SM
+/// are rejected.
+pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Option<Estimate> {
+    let spec = &m.spec;
+    let d = spec.head_dim as u64;
+    let rows16 = (k.block_m / k.warps / 16) as u64;
+    // Fragments: scores (m16 x n8 tiles, 4 f32 each), output accumulator, and Q when it
+    // stays in registers. P reuses the scores' registers after conversion.
+    let score_regs = rows16 * (k.block_n as u64 / 8) * 4;
+    let out_regs = rows16 * (d / 8) * 4;
+    let q_regs = if k.q_in_registers {
+        rows16 * (d / 16) * 4
+    } else {
+        0
+    };
+    let registers = (score_regs + out_regs + q_regs) as u32;
+    // Addresses, loop counters, row state and softmax temporaries take about 40 more.
+    if registers + 40 > 255 {
+        return None;
+    }
+    let elem_bytes = spec.elem.bytes() as u64;
+    let shared =
+        ((k.block_m as u64 + 2 * k.stages as u64 * k.block_n as u64) * d * elem_bytes) as u32;
+    let smem_per_sm = gpu.shared_memory_per_sm as u32;
+    if shared > smem_per_sm {
+        return None;
+    }
+    let threads = k.warps * 32;
+    let regs_alloc = (registers + 40).div_ceil(8) * 8;
+    let by_regs = (65536 / (regs_alloc.max(64) * threads)).max(1);
+    let ctas_per_sm = (smem_per_sm / (shared + 1024)).min(by_regs).clamp(1, 8);
+    let clock = 1.755e9;
+    let sms = gpu.sm_count as f64;
+    // Per-SM rates per clock.
+    // mma.sync sustains about 500 TFLOP/s on Hopper: 0.65 of the 771 TFLOP/s this model was
+    // calibrated against, 0.51 of the 989 TFLOP/s datasheet peak of the machine table.
+    let mma_flops = gpu.contraction_flops * (0.65 * 771.0 / 989.0) / sms / clock;
+    let sfu_ops = gpu.transcendental_ops / sms / clock;
+    let alu_flops = gpu.scalar_flops / sms / clock;
+    let l2_bytes = 5.5e12 / sms / clock;
+    let bm = k.block_m as f64;
+    let bn = k.block_n as f64;
+    // Each warp reads the whole K and V tiles from shared memory as B fragments (ldmatrix,
+    // 128 B/clock/SM), plus Q's A fragments when Q is not register-resident; within a warp
+    // those reads only half overlap its MMAs.
+    let smem_bytes = k.warps as f64 * 2.0 * bn * d as f64 * elem_bytes as f64
+        + if k.q_in_registers {
+            0.0
+        } else {
+            bm * d as f64 * elem_bytes as f64
+        };
+    let tile_mma = 4.0 * bm * bn * d as f64 / mma_flops + 0.5 * smem_bytes / 128.0;
+    let extra_ops = if spec.modifies_score() { 6.0 } else { 0.0 };
+    // Per tile, besides the per-score work: the output rescale (block_m x d multiplies),
+    // the row max and sum shuffles, and the barrier and cp.async wait of the stage ring.
+    let tile_softmax = bm * bn / sfu_ops
+        + bm * bn * (10.0 + extra_ops) / alu_flops
+        + bm * d as f64 / alu_flops
+        + 300.0;
+    let tile_load = 2.0 * bn * d as f64 * elem_bytes as f64 / l2_bytes;
+    let (bound, _) = [
+        ("tensor cores", tile_mma),
+        ("exp/ALU", tile_softmax),
+        ("L2 loads", tile_load),
+    ]
+    .into_iter()
+    .fold(("", 0.0), |acc, x| if x.1 > acc.1 { x } else { acc });
+    let masks = spec.masks();
+    let q_tiles = m.n_q.div_ceil(k.block_m as u64);
+    let mut key_tiles_total = 0u64;
+    let mut key_tiles_max = 0u64;
+    for t in 0..q_tiles {
+        let p0 = (t * k.block_m as u64) as i64;
+        let p_last = (p0 + k.block_m as i64 - 1).min(m.n_q as i64 - 1);
+        let r = key_tile_range(&masks, p0, p_last, m.n_k as i64, k.block_n as i64);
+        let n = (r.end - r.begin).max(0) as u64;
+        key_tiles_total += n;
+        key_tiles_max = key_tiles_max.max(n);
+    }
+    let ctas = q_tiles * m.batch * m.heads;
+    let slots = (gpu.sm_count * ctas_per_sm) as f64;
+    // CTAs actually sharing an SM: a small grid leaves slots empty.
+    let resident = (ctas.div_ceil(gpu.sm_count as u64) as u32).clamp(1, ctas_per_sm);
+    // Clocks for one SM to run one key tile of each of its resident CTAs. One CTA alone
+    // serializes MMA and softmax; co-resident CTAs overlap them, so the SM's time is its
+    // busiest resource's.
+    let tile_clocks = if resident >= 2 {
+        tile_mma.max(tile_softmax + tile_load * 0.3).max(tile_load) * resident as f64
+    } else {
+        tile_mma + tile_softmax + tile_load * 0.5
+    };
+    let total_tiles = (key_tiles_total * m.batch * m.heads) as f64;
+    let waves = (ctas as f64 / slots).ceil().max(1.0);
+    let busy = total_tiles / (gpu.sm_count * resident) as f64 * tile_clocks;
+    let longest = key_tiles_max as f64 * tile_clocks;
+    // A CTA's prologue (Q load) and epilogue (O store) cost about two tiles' loads.
+    let fixed = waves * 2.0 * tile_load * resident as f64;
+    let clocks = busy.max(longest) + fixed;
+    Some(Estimate {
+        registers,
+        shared_bytes: shared,
+        ctas_per_sm,
+        seconds: clocks / clock,
+        bound,
+    })
+}

@@ -1,0 +1,127 @@
+//! `einattn bench`: the median time of the kernels of a compile on the whole problem, and
+//! its rate against the device's peak from the machine model.
+
+use crate::check::rounded_inputs;
+use crate::whole::{KernelText, Whole};
+use crate::{device, ExecError, ReportFormat, Result};
+use einattn_backends::family::Rate;
+use einattn_backends::Compiled;
+use serde_json::json;
+use std::fmt::Write as _;
+
+/// `median (min, max, reps)` as the reports print it.
+pub fn timing_line(t: &einattn_runtime::Timing) -> String {
+    format!(
+        "median {:.4} ms (min {:.4}, max {:.4}, {} reps)",
+        t.median_ms, t.min_ms, t.max_ms, t.reps
+    )
+}
+
+/// `einattn bench`: times `reps` runs (after a quarter as many warm-ups).
+pub fn bench(compiled: &dyn Compiled, reps: usize, format: ReportFormat) -> Result<String> {
+    let manifest = compiled.manifest();
+    let cascade = compiled.cascade();
+    let inputs = rounded_inputs(cascade, &manifest, 0);
+    let kernels: Vec<KernelText> = compiled
+        .modules()
+        .iter()
+        .map(|m| (&m.contract, m.ptx.text.as_str()))
+        .collect();
+    let main = kernels
+        .last()
+        .ok_or_else(|| ExecError::Input("no kernels".into()))?
+        .0;
+    let whole = Whole::load(0, &kernels, cascade, &inputs)?;
+    let model = device::model_of(&whole.gpu, &whole.device);
+    let t = whole.gpu.time(reps.div_ceil(4).max(3), reps, || {
+        whole
+            .run()
+            .map_err(|e| einattn_runtime::RuntimeError::InvalidArgument(e.to_string()))
+    })?;
+    let resources = whole.resources()?;
+    let family = &main.family;
+    let mut value = json!({
+        "device": whole.device,
+        "kernel": main.kernel,
+        "cascade": cascade.name,
+        "problem": family.get("problem"),
+        "schedule": family.get("schedule"),
+        "registers": resources.registers,
+        "local_bytes": resources.local_bytes,
+        "median_ms": t.median_ms,
+        "min_ms": t.min_ms,
+        "max_ms": t.max_ms,
+        "reps": t.reps,
+    });
+    let mut timing = timing_line(&t);
+    let rate = match compiled.rate() {
+        Rate::Flops {
+            flops,
+            predicted_ms,
+        } => {
+            let tflops = flops / (t.median_ms * 1e-3) / 1e12;
+            let peak = model.as_ref().map(|m| m.contraction_flops);
+            extend(
+                &mut value,
+                json!({
+                    "flops": flops,
+                    "tflops": tflops,
+                    "peak_tflops": peak.map(|p| p / 1e12),
+                    "percent_of_peak": peak.map(|p| 100.0 * tflops * 1e12 / p),
+                    "predicted_ms": predicted_ms,
+                }),
+            );
+            let _ = write!(timing, "; predicted {predicted_ms:.4} ms");
+            let mut rate = format!("{tflops:.1} TFLOP/s");
+            if let Some(p) = peak {
+                let _ = write!(
+                    rate,
+                    " = {:.1}% of the {:.0} TFLOP/s tensor-core peak",
+                    100.0 * tflops * 1e12 / p,
+                    p / 1e12
+                );
+            }
+            rate
+        }
+        Rate::Tokens { tokens, bytes } => {
+            let mtok = tokens / (t.median_ms * 1e-3) / 1e6;
+            let floor = model
+                .as_ref()
+                .map(|m| tokens / (bytes / m.memory_bandwidth) / 1e6);
+            extend(
+                &mut value,
+                json!({
+                    "mtok_per_s": mtok,
+                    "ns_per_token": t.median_ms * 1e6 / tokens,
+                    "memory_floor_mtok_per_s": floor,
+                    "percent_of_memory_floor": floor.map(|f| 100.0 * mtok / f),
+                }),
+            );
+            let mut rate = format!("{mtok:.1} Mtok/s");
+            if let Some(f) = floor {
+                let _ = write!(
+                    rate,
+                    " = {:.1}% of the {f:.0} Mtok/s memory floor",
+                    100.0 * mtok / f
+                );
+            }
+            rate
+        }
+    };
+    Ok(match format {
+        ReportFormat::Json => {
+            serde_json::to_string_pretty(&value).map_err(|e| ExecError::Input(e.to_string()))?
+        }
+        ReportFormat::Text => format!(
+            "device: {}\nkernel: {} ({} registers)\n{timing}\n{rate}\n",
+            whole.device, main.kernel, resources.registers
+        ),
+    })
+}
+
+/// Adds the fields of `more` to the object `value`.
+fn extend(value: &mut serde_json::Value, more: serde_json::Value) {
+    if let (Some(v), serde_json::Value::Object(m)) = (value.as_object_mut(), more) {
+        v.extend(m);
+    }
+}

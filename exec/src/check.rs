@@ -1,0 +1,155 @@
+//! `einattn check`: the kernels of a compile on fresh random inputs against the reference.
+
+use crate::whole::{Inputs, KernelText, Whole};
+use crate::{device, ExecError, Result};
+use einattn_backends::abi::{Dtype, Manifest, TensorRole};
+use einattn_backends::reference::relative_error;
+use einattn_backends::Compiled;
+use einattn_ir::cascade::Cascade;
+use einattn_ir::interp::{evaluate_in_order, random_inputs};
+use einattn_ir::validate::topological_order;
+use std::fmt::Write as _;
+
+/// Above this many multiply-adds the tree-walking interpreter takes longer than a check
+/// should; the family's direct f64 formula (checked against the interpreter by the test
+/// suite) stands in for it.
+pub const INTERPRETER_MAC_LIMIT: u64 = 40_000_000;
+
+/// The relative error a 16-bit kernel must stay under.
+pub const TOLERANCE: f64 = 2e-2;
+
+/// Inputs drawn as the interpreter draws them, with the tensors the kernels store in 16
+/// bits rounded to that type so both sides see the same numbers.
+pub fn rounded_inputs(cascade: &Cascade, manifest: &Manifest, seed: u64) -> Inputs {
+    let mut inputs = random_inputs(cascade, seed);
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    for t in manifest.kernels.iter().flat_map(|k| &k.tensors) {
+        if t.role != TensorRole::Input || !matches!(t.dtype, Dtype::Bf16 | Dtype::F16) {
+            continue;
+        }
+        let Some(h) = cascade.tensor_by_name(&t.name) else {
+            continue;
+        };
+        if let Some(data) = inputs.get_mut(&h) {
+            let per_thread = data.values.len().div_ceil(threads).max(1);
+            let dtype = t.dtype;
+            std::thread::scope(|scope| {
+                for chunk in data.values.chunks_mut(per_thread) {
+                    scope.spawn(move || {
+                        chunk.iter_mut().for_each(|x| *x = device::round(dtype, *x))
+                    });
+                }
+            });
+        }
+    }
+    inputs
+}
+
+/// The f64 reference of the output and its name: the cascade interpreter when the problem
+/// is within its limit, else the family's formula when its work is at most `formula_limit`
+/// multiply-adds (`None`: no reference).
+pub fn reference(
+    compiled: &dyn Compiled,
+    inputs: &Inputs,
+    formula_limit: u64,
+) -> Result<Option<(Vec<f64>, String)>> {
+    let cascade = compiled.cascade();
+    let work = compiled.interpreter_work();
+    if work <= INTERPRETER_MAC_LIMIT {
+        let output = output_name(&compiled.manifest())?;
+        let values = evaluate_in_order(cascade, inputs, &topological_order(cascade))
+            .map_err(|e| ExecError::Input(format!("the interpreter failed: {e}")))?;
+        let t = cascade
+            .tensor_by_name(&output)
+            .ok_or_else(|| ExecError::Input(format!("no output `{output}`")))?;
+        let data = values
+            .get(t)
+            .ok_or_else(|| ExecError::Input("the interpreter produced no output".into()))?;
+        return Ok(Some((
+            data.stored().into_owned(),
+            "the cascade interpreter (f64)".to_string(),
+        )));
+    }
+    if compiled.formula_work() > formula_limit {
+        return Ok(None);
+    }
+    let (values, name) = compiled.formula(inputs);
+    Ok(Some((
+        values,
+        format!("{name} (size above the interpreter's limit)"),
+    )))
+}
+
+/// The name of the tensor the kernels write.
+pub fn output_name(manifest: &Manifest) -> Result<String> {
+    manifest
+        .kernels
+        .iter()
+        .flat_map(|k| &k.tensors)
+        .find(|t| t.role == TensorRole::Output)
+        .map(|t| t.name.clone())
+        .ok_or_else(|| ExecError::Input("no kernel writes an output".into()))
+}
+
+/// The problem a contract was compiled for, as `name=value` pairs.
+pub fn problem_line(manifest: &Manifest) -> String {
+    let problem = manifest
+        .kernels
+        .last()
+        .and_then(|k| k.family.get("problem"))
+        .and_then(|p| p.as_object());
+    match problem {
+        Some(p) => p
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}={s}"),
+                other => format!("{k}={other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => manifest.cascade.clone(),
+    }
+}
+
+/// `einattn check`: GPU output against the reference on fresh random inputs; the report
+/// and whether it passes (NaN never does).
+pub fn check(compiled: &dyn Compiled, seed: u64) -> Result<(String, bool)> {
+    let manifest = compiled.manifest();
+    let cascade = compiled.cascade();
+    let inputs = rounded_inputs(cascade, &manifest, seed);
+    let kernels: Vec<KernelText> = compiled
+        .modules()
+        .iter()
+        .map(|m| (&m.contract, m.ptx.text.as_str()))
+        .collect();
+    let whole = Whole::load(0, &kernels, cascade, &inputs)?;
+    whole.run()?;
+    let got = whole.output()?;
+    let (want, reference_name) = reference(compiled, &inputs, u64::MAX)?
+        .ok_or_else(|| ExecError::Input("no reference for this check".into()))?;
+    let err = relative_error(&got, &want);
+    let pass = err < TOLERANCE;
+    let resources = whole.resources()?;
+    let main = kernels
+        .last()
+        .ok_or_else(|| ExecError::Input("no kernels".into()))?
+        .0;
+    let mut s = String::new();
+    let _ = writeln!(s, "device: {}", whole.device);
+    let _ = writeln!(
+        s,
+        "kernel: {} ({} registers, {} B local, {} B shared)",
+        main.kernel, resources.registers, resources.local_bytes, main.dynamic_shared_bytes
+    );
+    let _ = writeln!(
+        s,
+        "problem: {}; seed {seed}; reference: {reference_name}",
+        problem_line(&manifest)
+    );
+    let _ = writeln!(
+        s,
+        "{}: ||out - ref|| / ||ref|| = {err:.3e} (tolerance {TOLERANCE:.0e})",
+        if pass { "PASS" } else { "FAIL" }
+    );
+    Ok((s, pass))
+}
