@@ -2,9 +2,6 @@
 //! the runner (`einattn_exec`), and returns the text to print or an error with its exit
 //! code. `main.rs` only parses arguments.
 
-// A compile error carries its diagnostics; boxing them would only add noise to every `?`.
-#![allow(clippy::result_large_err)]
-
 use einattn_backends::abi::KernelSet;
 use einattn_backends::family::{self, CompileError, Compiled, KernelOptions, Request};
 use einattn_backends::plan::lower::{lower, LoweredPlan};
@@ -112,7 +109,7 @@ impl SourceFile {
     fn compile_error(&self, e: CompileError) -> CliError {
         match e {
             CompileError::Usage(m) => CliError::usage(m),
-            CompileError::Refused(d) => CliError::input(self.render(vec![d])),
+            CompileError::Refused(d) => CliError::input(self.render(vec![*d])),
             CompileError::Source(ds) => CliError::input(self.render(ds)),
             CompileError::Input(m) => CliError::input(format!("error: {}: {m}", self.name())),
             CompileError::Unmapped(reasons) => {
@@ -475,8 +472,32 @@ pub fn run_plan(dir: &Path, seed: u64, mapping: RankMapping) -> Result<(String, 
     )?)
 }
 
-/// The plan's global tensors are the cascade's, with its shapes.
+/// The plan's global tensors are the cascade's, with its shapes, and every tensor or state
+/// its steps name is one of the cascade's.
 fn check_plan_matches_source(plan: &Plan, cascade: &Cascade) -> Result<(), String> {
+    use einattn_backends::plan::Step;
+    for rank in &plan.ranks {
+        for step in &rank.steps {
+            let names: Vec<&str> = match step {
+                // A decay output is named after its state.
+                Step::Kernel(k) => k
+                    .args
+                    .iter()
+                    .map(|a| a.tensor.strip_suffix("__decay").unwrap_or(&a.tensor))
+                    .collect(),
+                Step::PrefixCombine { states, .. } => {
+                    states.iter().map(|s| s.state.as_str()).collect()
+                }
+                _ => Vec::new(),
+            };
+            if let Some(n) = names.iter().find(|n| cascade.tensor_by_name(n).is_none()) {
+                return Err(format!(
+                    "rank {}: a step names `{n}`, which is not a tensor of the source",
+                    rank.rank
+                ));
+            }
+        }
+    }
     for g in &plan.tensors {
         let t = cascade
             .tensor_by_name(&g.name)

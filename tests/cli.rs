@@ -2,8 +2,14 @@
 
 use std::process::Command;
 
+/// The binary under test: `$EINATTN` when set (a test binary carried to a GPU machine),
+/// else the one cargo built.
+fn binary() -> String {
+    std::env::var("EINATTN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_einattn").to_string())
+}
+
 fn einattn(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_einattn"))
+    Command::new(binary())
         .args(args)
         .output()
         .expect("the binary runs")
@@ -528,4 +534,257 @@ fn compile_sp_writes_a_runnable_plan_directory() {
     let missing = einattn(&["run-plan", &dir.join("nothing").to_string_lossy()]);
     assert_eq!(missing.status.code(), Some(1));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `run-plan DIR` launches the PTX found in DIR: the plan passes with the modules `compile`
+/// wrote and fails once its output kernel is edited to return at once (the output stays
+/// NaN). Runs every rank on one GPU (`--one-gpu`); skips where there is none.
+#[test]
+fn run_plan_launches_the_ptx_found_in_its_folder() {
+    let dir = std::env::temp_dir().join(format!("einattn-cli-edit-{}", std::process::id()));
+    let d = dir.to_string_lossy().to_string();
+    let out = einattn(&[
+        "compile",
+        "examples/lightning.ein",
+        "-D",
+        "N=2048",
+        "--sp",
+        "2",
+        "-o",
+        &d,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = einattn(&["run-plan", &d, "--one-gpu", "--seed", "1"]);
+    if run.status.code() == Some(3) {
+        eprintln!("SKIPPED: {}", String::from_utf8_lossy(&run.stderr).trim());
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(stdout.contains("PASS"), "{stdout}");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest written"),
+    )
+    .expect("manifest is JSON");
+    let outputs = manifest["kernels"]
+        .as_array()
+        .expect("kernels")
+        .iter()
+        .find(|k| {
+            k["kernel"]
+                .as_str()
+                .is_some_and(|e| e.contains("_outputs_"))
+        })
+        .expect("an output kernel");
+    let path = dir.join(outputs["ptx"].as_str().expect("its module"));
+    let ptx = std::fs::read_to_string(&path).expect("module");
+    let body = ptx
+        .find(".entry")
+        .and_then(|e| ptx[e..].find("\n{\n").map(|b| e + b + 3));
+    let at = body.expect("an entry body");
+    std::fs::write(&path, format!("{}\tret;\n{}", &ptx[..at], &ptx[at..])).expect("edit");
+    let edited = einattn(&["run-plan", &d, "--one-gpu", "--seed", "1"]);
+    let stdout = String::from_utf8_lossy(&edited.stdout);
+    assert_eq!(
+        edited.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&edited.stderr)
+    );
+    assert!(stdout.contains("FAIL"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A small deterministic generator for the corruption test (no dependency needed).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Paths (as JSON pointers) of every value under `v` whose key is in `keys` (array items
+/// of such a key included).
+fn pointers(v: &serde_json::Value, at: String, keys: &[&str], out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                let p = format!("{at}/{k}");
+                if keys.contains(&k.as_str()) {
+                    out.push(p.clone());
+                    if let serde_json::Value::Array(items) = x {
+                        for i in 0..items.len() {
+                            out.push(format!("{p}/{i}"));
+                        }
+                    }
+                }
+                pointers(x, p, keys, out);
+            }
+        }
+        serde_json::Value::Array(items) => {
+            for (i, x) in items.iter().enumerate() {
+                pointers(x, format!("{at}/{i}"), keys, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// 200 plan folders corrupted at random (the numbers, names and keys that say what runs
+/// where, the kernels' contracts and modules, or the file cut short) are refused by
+/// run-plan's validation on the CPU: exit 1 with a message, never a GPU lookup (exit 3),
+/// never a panic.
+#[test]
+fn corrupted_plans_are_refused_before_any_gpu_lookup() {
+    let base = std::env::temp_dir().join(format!("einattn-cli-corrupt-{}", std::process::id()));
+    let mut folders = Vec::new();
+    for (file, scheme) in [
+        ("examples/lightning.ein", "lasp2"),
+        ("examples/attention_causal.ein", "ulysses"),
+    ] {
+        let dir = base.join(scheme);
+        let out = einattn(&[
+            "compile",
+            file,
+            "-D",
+            "N=2048",
+            "--sp",
+            "2",
+            "--scheme",
+            scheme,
+            "-o",
+            &dir.to_string_lossy(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        folders.push(dir);
+    }
+    const NUMBERS: &[&str] = &[
+        "world_size",
+        "rank",
+        "elements",
+        "offset",
+        "count",
+        "start",
+        "len",
+        "shape",
+        "peer",
+        "chunks",
+        "count_per_peer",
+        "slot_elements",
+        "first",
+        "dim",
+        "perm",
+        "out_offset",
+        "decay_offset",
+    ];
+    const NAMES: &[&str] = &["buffer", "tensor", "dtype", "launch", "format"];
+    let mut rng = Lcg(20261203);
+    for case in 0..200 {
+        let src = &folders[case % folders.len()];
+        let dir = base.join(format!("case{case}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("case folder");
+        for entry in std::fs::read_dir(src).expect("plan folder").flatten() {
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy");
+        }
+        let target = if rng.below(4) == 0 {
+            "manifest.json"
+        } else {
+            "plan.json"
+        };
+        let path = dir.join(target);
+        let text = std::fs::read_to_string(&path).expect("json");
+        let mut value: serde_json::Value = serde_json::from_str(&text).expect("parses");
+        let what = match rng.below(5) {
+            0 => {
+                let cut = rng.below(text.len());
+                std::fs::write(&path, &text[..cut]).expect("write");
+                format!("{target} cut at byte {cut}")
+            }
+            1 | 2 => {
+                let mut at = Vec::new();
+                let keys: &[&str] = if target == "plan.json" {
+                    NUMBERS
+                } else {
+                    &["grid", "block", "dynamic_shared_bytes", "sizes"]
+                };
+                pointers(&value, String::new(), keys, &mut at);
+                let p = at[rng.below(at.len())].clone();
+                let wild = [u64::MAX, 1 << 40, (1 << 32) + 7][rng.below(3)];
+                if let Some(v) = value.pointer_mut(&p) {
+                    *v = if v.is_object() {
+                        serde_json::json!({"n_q": wild})
+                    } else {
+                        serde_json::json!(wild)
+                    };
+                }
+                std::fs::write(&path, value.to_string()).expect("write");
+                format!("{target}{p} = {wild}")
+            }
+            3 => {
+                let mut at = Vec::new();
+                let keys: &[&str] = if target == "plan.json" {
+                    NAMES
+                } else {
+                    &["kernel", "ptx", "tensor", "scratch"]
+                };
+                pointers(&value, String::new(), keys, &mut at);
+                let p = at[rng.below(at.len())].clone();
+                if let Some(v) = value.pointer_mut(&p) {
+                    *v = if v.is_array() {
+                        serde_json::json!(["q9z"])
+                    } else if v.is_object() {
+                        serde_json::json!({"scratch": "q9z"})
+                    } else {
+                        serde_json::json!("q9z")
+                    };
+                }
+                std::fs::write(&path, value.to_string()).expect("write");
+                format!("{target}{p} = q9z")
+            }
+            _ => {
+                // A module of the plan deleted.
+                let modules: Vec<_> = std::fs::read_dir(&dir)
+                    .expect("case")
+                    .flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "ptx"))
+                    .collect();
+                let m = &modules[rng.below(modules.len())];
+                std::fs::remove_file(m.path()).expect("remove");
+                format!("{} deleted", m.file_name().to_string_lossy())
+            }
+        };
+        let run = einattn(&["run-plan", &dir.to_string_lossy(), "--seed", "1"]);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "case {case} ({what}): {stderr}");
+        assert!(
+            stderr.starts_with("error: "),
+            "case {case} ({what}): {stderr}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let _ = std::fs::remove_dir_all(&base);
 }

@@ -15,13 +15,20 @@ pub const ELEMENTWISE_THREADS: u32 = 256;
 /// and loaded into their registers before `body`. Every kernel here declares the same
 /// register files (unused ones cost nothing).
 fn module(target: Target, entry: &str, params: &[(&str, String, String)], body: &str) -> String {
+    let ptx_type = |ty: &str| {
+        if ty == "ptr" {
+            "u64".to_string()
+        } else {
+            ty.to_string()
+        }
+    };
     let decls: Vec<String> = params
         .iter()
-        .map(|(ty, name, _)| format!("    .param .{ty} {name}"))
+        .map(|(ty, name, _)| format!("    .param .{} {name}", ptx_type(ty)))
         .collect();
     let loads: String = params
         .iter()
-        .map(|(ty, name, reg)| format!("    ld.param.{ty} {reg}, [{name}];\n"))
+        .map(|(ty, name, reg)| format!("    ld.param.{} {reg}, [{name}];\n", ptx_type(ty)))
         .collect();
     format!(
         ".version {PTX_VERSION}\n.target {target}\n.address_size 64\n\n.visible .entry {entry}(\n{decls}\n)\n{{\n    .reg .pred %p<4>;\n    .reg .b32 %r<12>;\n    .reg .b64 %rd<40>;\n    .reg .f32 %f<6>;\n    .reg .b16 %h<2>;\n    .reg .b32 %w<2>;\n\n{loads}{body}}}\n",
@@ -65,6 +72,7 @@ fn helper_contract(
                 ty: match *ty {
                     "u32" => ParamType::U32,
                     "f32" => ParamType::F32,
+                    "ptr" => ParamType::Ptr,
                     _ => ParamType::U64,
                 },
                 from: Source::Argument {
@@ -91,10 +99,12 @@ pub fn helpers(target: Target, rearrange: bool) -> Vec<Helper> {
     out
 }
 
+/// A parameter: PTX type (`ptr` is a `.u64` the contract calls a pointer), name, register.
 fn param(ty: &str, name: &str, reg: &str) -> (&'static str, String, String) {
     let ty: &'static str = match ty {
         "u32" => "u32",
         "f32" => "f32",
+        "ptr" => "ptr",
         _ => "u64",
     };
     (ty, name.to_string(), reg.to_string())
@@ -110,17 +120,17 @@ fn param(ty: &str, name: &str, reg: &str) -> (&'static str, String, String) {
 /// init_value: f32, out: u64, n: u64`.
 pub fn prefix_combine(target: Target) -> Helper {
     let params = [
-        param("u64", "p_slots", "%rd1"),
+        param("ptr", "p_slots", "%rd1"),
         param("u64", "p_slot_stride", "%rd2"),
         param("u32", "p_first", "%r1"),
         param("u32", "p_count", "%r2"),
-        param("u64", "p_decay", "%rd3"),
+        param("ptr", "p_decay", "%rd3"),
         param("u64", "p_decay_stride", "%rd4"),
         param("u64", "p_decay_div", "%rd5"),
         param("u64", "p_decay_mod", "%rd6"),
-        param("u64", "p_init", "%rd7"),
+        param("ptr", "p_init", "%rd7"),
         param("f32", "p_init_value", "%f1"),
-        param("u64", "p_out", "%rd8"),
+        param("ptr", "p_out", "%rd8"),
         param("u64", "p_n", "%rd9"),
     ];
     let contract = helper_contract(target, "einattn_prefix_combine", &params);
@@ -188,8 +198,8 @@ DONE:
 /// chunk of `tokens` positions. Parameters: `rate: u64, out: u64, n: u32, scale: f32`.
 pub fn chunk_decay(target: Target) -> Helper {
     let params = [
-        param("u64", "p_rate", "%rd1"),
-        param("u64", "p_out", "%rd2"),
+        param("ptr", "p_rate", "%rd1"),
+        param("ptr", "p_out", "%rd2"),
         param("u32", "p_n", "%r1"),
         param("f32", "p_scale", "%f1"),
     ];
@@ -291,8 +301,8 @@ pub fn rearrange_kernel(target: Target, bits: u32) -> Helper {
     };
     let d = REARRANGE_DIMS;
     let mut params = vec![
-        param("u64", "p_src", "%rd1"),
-        param("u64", "p_dst", "%rd2"),
+        param("ptr", "p_src", "%rd1"),
+        param("ptr", "p_dst", "%rd2"),
         param("u64", "p_runs", "%rd3"),
         param("u64", "p_run_len", "%rd14"),
     ];

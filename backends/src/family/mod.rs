@@ -76,7 +76,7 @@ pub enum CompileError {
     /// The options do not fit the kernel (a usage error).
     Usage(String),
     /// The cascade was read, but a size or shape is not supported: a located reason.
-    Refused(Diagnostic),
+    Refused(Box<Diagnostic>),
     /// No family reads the cascade: each family's reason, in [`FAMILIES`] order, with what
     /// the family reads cascades as.
     Unmapped(Vec<(&'static str, Vec<Diagnostic>)>),
@@ -352,11 +352,11 @@ pub fn contract(ptx: &PtxKernel, parts: ContractParts) -> Result<LaunchContract,
         family: parts.family,
     };
     c.grid = c.compiled_grid().map_err(|e| {
-        CompileError::Refused(Diagnostic::error(
+        CompileError::Refused(Box::new(Diagnostic::error(
             einattn_ir::validate::DiagnosticKind::UnsupportedShape,
             format!("the problem is too large for one launch: {e}"),
             einattn_ir::cascade::Span::UNKNOWN,
-        ))
+        )))
     })?;
     Ok(c)
 }
@@ -394,9 +394,9 @@ pub fn dtype(elem: Elem) -> abi::Dtype {
 
 /// A tile-program or PTX error as a refusal of the cascade.
 pub fn backend_error(e: crate::TileError) -> CompileError {
-    CompileError::Refused(Diagnostic::error(
+    CompileError::Refused(Box::new(Diagnostic::error(
         einattn_ir::validate::DiagnosticKind::UnsupportedShape,
         e.to_string(),
         einattn_ir::cascade::Span::UNKNOWN,
-    ))
+    )))
 }

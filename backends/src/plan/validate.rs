@@ -111,6 +111,64 @@ impl RankCheck<'_> {
         Ok(())
     }
 
+    /// The largest end of every region, piece and argument on this rank, by buffer: a
+    /// buffer is exactly as large as its uses (an edit that grows one past them would only
+    /// allocate memory nothing reads).
+    fn uses(&self) -> std::collections::HashMap<&str, u64> {
+        let mut used: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        let mut note = |b: &'_ str, e: Option<u64>| {
+            let slot = used.entry(self.intern(b)).or_insert(0);
+            *slot = (*slot).max(e.unwrap_or(u64::MAX));
+        };
+        let mut region = |r: &Region| note(&r.buffer, end(r.offset, r.count));
+        for step in &self.rank.steps {
+            match step {
+                Step::Kernel(k) => k.args.iter().for_each(|a| region(&a.region)),
+                Step::AllGather { send, recv, .. }
+                | Step::AllToAll { send, recv, .. }
+                | Step::AllReduce { send, recv, .. }
+                | Step::ReduceScatter { send, recv, .. }
+                | Step::Rearrange {
+                    src: send,
+                    dst: recv,
+                    ..
+                }
+                | Step::Place {
+                    src: send,
+                    dst: recv,
+                    ..
+                } => {
+                    region(send);
+                    region(recv);
+                }
+                Step::SendRecv { send, recv, .. } => {
+                    send.iter().chain(recv).for_each(|r| region(&r.region))
+                }
+                Step::PrefixCombine {
+                    slots, init, out, ..
+                } => {
+                    region(slots);
+                    init.iter().for_each(&mut region);
+                    region(out);
+                }
+                Step::LseMerge { into, from, .. } => {
+                    region(into);
+                    region(from);
+                }
+            }
+        }
+        used
+    }
+
+    /// A buffer name of this rank as a `&str` of the plan (for [`RankCheck::uses`]).
+    fn intern<'s>(&'s self, name: &str) -> &'s str {
+        self.rank
+            .buffers
+            .iter()
+            .find(|b| b.name == name)
+            .map_or("", |b| b.name.as_str())
+    }
+
     fn buffers(&self) -> Result<(), String> {
         for (i, b) in self.rank.buffers.iter().enumerate() {
             buffer_dtype(&b.dtype).map_err(|e| self.fail(format!("buffer `{}`: {e}", b.name)))?;
@@ -139,6 +197,40 @@ impl RankCheck<'_> {
         }
         for p in &self.rank.outputs {
             self.piece(p)?;
+        }
+        let uses = self.uses();
+        for b in &self.rank.buffers {
+            let pieces = match &b.init {
+                BufferInit::Pieces { pieces } => pieces
+                    .iter()
+                    .filter_map(|p| {
+                        let t = self.plan.tensors.iter().find(|t| t.name == p.tensor)?;
+                        end(p.offset, self.slices(&t.shape, &p.slices).ok()?)
+                    })
+                    .max(),
+                _ => None,
+            };
+            let outputs = self
+                .rank
+                .outputs
+                .iter()
+                .filter(|p| p.buffer == b.name)
+                .filter_map(|p| {
+                    let t = self.plan.tensors.iter().find(|t| t.name == p.tensor)?;
+                    end(p.offset, self.slices(&t.shape, &p.slices).ok()?)
+                })
+                .max();
+            let needed = [uses.get(b.name.as_str()).copied(), pieces, outputs]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(0);
+            if b.elements > needed {
+                return Err(self.fail(format!(
+                    "buffer `{}` has {} elements, its uses reach {needed}",
+                    b.name, b.elements
+                )));
+            }
         }
         Ok(())
     }
@@ -369,6 +461,17 @@ impl RankCheck<'_> {
         }
         if end(k.queries.start, k.queries.len).is_none_or(|e| e > self.plan.sequence.tokens) {
             return Err(self.fail(format!("{} computes queries past the sequence", k.kernel)));
+        }
+        if let Some(h) = &k.heads {
+            for c in &contracts {
+                let heads = c.sizes.get("heads").copied().unwrap_or(0);
+                if h.len == 0 || end(h.start, h.len).is_none_or(|e| e > heads) {
+                    return Err(self.fail(format!(
+                        "{} computes heads [{}, +{}) of `{}`'s {heads}",
+                        k.kernel, h.start, h.len, c.kernel
+                    )));
+                }
+            }
         }
         for r in &k.keys {
             if end(r.start, r.len).is_none_or(|e| e > self.plan.sequence.tokens) {

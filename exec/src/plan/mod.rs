@@ -205,6 +205,75 @@ const SHAPE_NAMES: [&str; REARRANGE_DIMS] = ["shape0", "shape1", "shape2", "shap
 const STRIDE_NAMES: [&str; REARRANGE_DIMS] =
     ["stride0", "stride1", "stride2", "stride3", "stride4"];
 
+/// The arguments of `einattn_prefix_combine` (see `family::elementwise::prefix_combine`):
+/// device addresses and element counts.
+struct Combine {
+    slots: u64,
+    slot_stride: u64,
+    first: u32,
+    count: u32,
+    decay: u64,
+    decay_stride: u64,
+    decay_div: u64,
+    decay_mod: u64,
+    init: u64,
+    init_value: f32,
+    out: u64,
+    n: u64,
+}
+
+impl Combine {
+    fn arguments(&self) -> Arguments {
+        Arguments(vec![
+            ("slots", ArgValue::Ptr(self.slots)),
+            ("slot_stride", ArgValue::U64(self.slot_stride)),
+            ("first", ArgValue::U32(self.first)),
+            ("count", ArgValue::U32(self.count)),
+            ("decay", ArgValue::Ptr(self.decay)),
+            ("decay_stride", ArgValue::U64(self.decay_stride)),
+            ("decay_div", ArgValue::U64(self.decay_div)),
+            ("decay_mod", ArgValue::U64(self.decay_mod)),
+            ("init", ArgValue::Ptr(self.init)),
+            ("init_value", ArgValue::F32(self.init_value)),
+            ("out", ArgValue::Ptr(self.out)),
+            ("n", ArgValue::U64(self.n)),
+        ])
+    }
+}
+
+/// The arguments of `einattn_chunk_decay`: `out[i] = exp(-rate[i] * tokens)` for `i < n`.
+fn decay_arguments(rate: u64, out: u64, n: u32, tokens: u64) -> Arguments {
+    Arguments(vec![
+        ("rate", ArgValue::Ptr(rate)),
+        ("out", ArgValue::Ptr(out)),
+        ("n", ArgValue::U32(n)),
+        ("scale", ArgValue::F32((-LOG2_E * tokens as f64) as f32)),
+    ])
+}
+
+/// The arguments of `einattn_rearrange_b{16,32}` for a run-copy plan (leading dims padded
+/// with extent 1, stride 0).
+fn rearrange_arguments(
+    src: u64,
+    dst: u64,
+    plan: &einattn_backends::family::elementwise::RearrangePlan,
+) -> Arguments {
+    let pad = REARRANGE_DIMS - plan.outer_shape.len();
+    let mut args = vec![
+        ("src", ArgValue::Ptr(src)),
+        ("dst", ArgValue::Ptr(dst)),
+        ("runs", ArgValue::U64(plan.runs())),
+        ("run_len", ArgValue::U64(plan.run_len)),
+    ];
+    let shape = std::iter::repeat_n(1, pad).chain(plan.outer_shape.iter().copied());
+    let stride = std::iter::repeat_n(0, pad).chain(plan.outer_stride.iter().copied());
+    for (a, (extent, step)) in shape.zip(stride).enumerate() {
+        args.push((SHAPE_NAMES[a], ArgValue::U64(extent)));
+        args.push((STRIDE_NAMES[a], ArgValue::U64(step)));
+    }
+    Arguments(args)
+}
+
 /// A plan count as a 32-bit kernel argument.
 fn u32_arg(what: &str, v: u64) -> Result<u32> {
     u32::try_from(v)
@@ -729,29 +798,21 @@ impl<'a> PlanExec<'a> {
                         Some(r) => self.address(i, gpu, r, st.out_offset)?,
                         None => 0,
                     };
-                    let args = Arguments(vec![
-                        (
-                            "slots",
-                            ArgValue::Ptr(self.address(i, gpu, slots, st.offset)?),
-                        ),
-                        ("slot_stride", ArgValue::U64(*slot_elements)),
-                        ("first", ArgValue::U32(u32_arg("first", *first)?)),
-                        ("count", ArgValue::U32(u32_arg("count", *count)?)),
-                        (
-                            "decay",
-                            ArgValue::Ptr(self.address(i, gpu, slots, st.decay_offset)?),
-                        ),
-                        ("decay_stride", ArgValue::U64(*slot_elements)),
-                        ("decay_div", ArgValue::U64(div)),
-                        ("decay_mod", ArgValue::U64(modulo)),
-                        ("init", ArgValue::Ptr(init_addr)),
-                        ("init_value", ArgValue::F32(*init_value as f32)),
-                        (
-                            "out",
-                            ArgValue::Ptr(self.address(i, gpu, out, st.out_offset)?),
-                        ),
-                        ("n", ArgValue::U64(n)),
-                    ]);
+                    let args = Combine {
+                        slots: self.address(i, gpu, slots, st.offset)?,
+                        slot_stride: *slot_elements,
+                        first: u32_arg("first", *first)?,
+                        count: u32_arg("count", *count)?,
+                        decay: self.address(i, gpu, slots, st.decay_offset)?,
+                        decay_stride: *slot_elements,
+                        decay_div: div,
+                        decay_mod: modulo,
+                        init: init_addr,
+                        init_value: *init_value as f32,
+                        out: self.address(i, gpu, out, st.out_offset)?,
+                        n,
+                    }
+                    .arguments();
                     self.helper(i, gpu, PREFIX_COMBINE, n, &args)?;
                 }
                 Ok(())
@@ -772,23 +833,15 @@ impl<'a> PlanExec<'a> {
                         "a rearrange of {shape:?} by {perm:?} keeps more than {REARRANGE_DIMS} dims apart"
                     ))
                 })?;
-                let pad = REARRANGE_DIMS - plan.outer_shape.len();
                 let half = matches!(self.execs[i].buffers.get(&src.buffer), Some(Buf::Half(_)));
                 let entry = if half { REARRANGE_16 } else { REARRANGE_32 };
-                let mut args = vec![
-                    ("src", ArgValue::Ptr(self.address(i, gpu, src, 0)?)),
-                    ("dst", ArgValue::Ptr(self.address(i, gpu, dst, 0)?)),
-                    ("runs", ArgValue::U64(plan.runs())),
-                    ("run_len", ArgValue::U64(plan.run_len)),
-                ];
-                let shape = std::iter::repeat_n(1, pad).chain(plan.outer_shape.iter().copied());
-                let stride = std::iter::repeat_n(0, pad).chain(plan.outer_stride.iter().copied());
-                for (a, (extent, step)) in shape.zip(stride).enumerate() {
-                    args.push((SHAPE_NAMES[a], ArgValue::U64(extent)));
-                    args.push((STRIDE_NAMES[a], ArgValue::U64(step)));
-                }
+                let args = rearrange_arguments(
+                    self.address(i, gpu, src, 0)?,
+                    self.address(i, gpu, dst, 0)?,
+                    &plan,
+                );
                 // One warp per run.
-                self.helper(i, gpu, entry, 32 * plan.runs(), &Arguments(args))
+                self.helper(i, gpu, entry, 32 * plan.runs(), &args)
             }
             other => Err(plan_error(format!("no GPU lowering for {other:?}"))),
         }
@@ -1018,12 +1071,7 @@ impl<'a> PlanExec<'a> {
                 .find(|a| a.tensor == state_name && a.role == role)
         };
         let decay = |rate: u64, out: u64, n: u64, tokens: u64| -> Result<()> {
-            let args = Arguments(vec![
-                ("rate", ArgValue::Ptr(rate)),
-                ("out", ArgValue::Ptr(out)),
-                ("n", ArgValue::U32(u32_arg("heads", n)?)),
-                ("scale", ArgValue::F32((-LOG2_E * tokens as f64) as f32)),
-            ]);
+            let args = decay_arguments(rate, out, u32_arg("heads", n)?, tokens);
             self.helper(i, gpu, CHUNK_DECAY, n, &args)
         };
         match k.phase {
@@ -1039,20 +1087,21 @@ impl<'a> PlanExec<'a> {
                     .ok_or_else(|| plan_error("state_only writes no state"))?;
                 let d_e =
                     contract.compiled_size("head_dim")? * contract.compiled_size("value_dim")?;
-                let combine = Arguments(vec![
-                    ("slots", ArgValue::Ptr(slots_addr + 4 * slot)),
-                    ("slot_stride", ArgValue::U64(slot)),
-                    ("first", ArgValue::U32(0)),
-                    ("count", ArgValue::U32(u32_arg("chunks", sub)?)),
-                    ("decay", ArgValue::Ptr(decay_addr)),
-                    ("decay_stride", ArgValue::U64(0)),
-                    ("decay_div", ArgValue::U64(d_e)),
-                    ("decay_mod", ArgValue::U64(heads)),
-                    ("init", ArgValue::Ptr(0)),
-                    ("init_value", ArgValue::F32(0.0)),
-                    ("out", ArgValue::Ptr(self.address(i, gpu, &out.region, 0)?)),
-                    ("n", ArgValue::U64(slot)),
-                ]);
+                let combine = Combine {
+                    slots: slots_addr + 4 * slot,
+                    slot_stride: slot,
+                    first: 0,
+                    count: u32_arg("chunks", sub)?,
+                    decay: decay_addr,
+                    decay_stride: 0,
+                    decay_div: d_e,
+                    decay_mod: heads,
+                    init: 0,
+                    init_value: 0.0,
+                    out: self.address(i, gpu, &out.region, 0)?,
+                    n: slot,
+                }
+                .arguments();
                 self.helper(i, gpu, PREFIX_COMBINE, slot, &combine)?;
                 if let Some(a) = k.args.iter().find(|a| a.role == ArgRole::DecayOut) {
                     let out = self.address(i, gpu, &a.region, 0)?;
@@ -1168,4 +1217,77 @@ fn decay_indexing(shape: &[u64], dims: &[usize]) -> Result<(u64, u64)> {
     let div = shape[hi + 1..].iter().product();
     let modulo = shape[lo..=hi].iter().product();
     Ok((div, modulo))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use einattn_backends::family::elementwise::helpers;
+    use einattn_backends::Target;
+
+    /// The executor's arguments of every helper kernel bind to that kernel's contract: each
+    /// parameter named, of its type, in `.entry` order.
+    #[test]
+    fn helper_arguments_bind_to_the_helper_contracts() {
+        let plan = plan_rearrange(&[2, 3, 4], &[2, 0, 1]).expect("a run-copy plan");
+        for (_, contract) in helpers(Target::Sm80, true) {
+            let args = match contract.kernel.as_str() {
+                PREFIX_COMBINE => Combine {
+                    slots: 1 << 20,
+                    slot_stride: 64,
+                    first: 0,
+                    count: 3,
+                    decay: 2 << 20,
+                    decay_stride: 0,
+                    decay_div: 16,
+                    decay_mod: 4,
+                    init: 0,
+                    init_value: 0.0,
+                    out: 3 << 20,
+                    n: 64,
+                }
+                .arguments(),
+                CHUNK_DECAY => decay_arguments(1 << 20, 2 << 20, 4, 128),
+                REARRANGE_16 | REARRANGE_32 => rearrange_arguments(1 << 20, 2 << 20, &plan),
+                other => panic!("a helper the executor does not launch: {other}"),
+            };
+            let bound =
+                abi::bind(&contract, &args).unwrap_or_else(|e| panic!("{}: {e}", contract.kernel));
+            assert_eq!(bound.len(), contract.params.len());
+            assert!(bound.iter().any(|v| matches!(v, ArgValue::Ptr(_))));
+        }
+    }
+
+    #[test]
+    fn local_strides_follow_the_piece_shape() {
+        let s = |batch, seq, head| abi::Strides { batch, seq, head };
+        // [B, N, H, d] = [2, 64, 4, 8]: a 16-token window shrinks the batch stride.
+        let bnhd = s(64 * 32, 32, 8);
+        assert_eq!(
+            local_strides(bnhd, &[2, 64, 4, 8], &[2, 16, 4, 8]).ok(),
+            Some([16 * 32, 32, 8])
+        );
+        // Half the heads (Ulysses): the sequence stride shrinks too.
+        assert_eq!(
+            local_strides(bnhd, &[2, 64, 4, 8], &[2, 64, 2, 8]).ok(),
+            Some([64 * 16, 16, 8])
+        );
+        // [B, H, N, d]: batch and head are outside the sequence.
+        let bhnd = s(4 * 64 * 8, 8, 64 * 8);
+        assert_eq!(
+            local_strides(bhnd, &[2, 4, 64, 8], &[2, 4, 16, 8]).ok(),
+            Some([4 * 16 * 8, 8, 16 * 8])
+        );
+        assert!(local_strides(s(7, 1, 1), &[2, 3], &[2, 3]).is_err());
+        assert!(local_strides(bnhd, &[2, 64, 4, 8], &[2, 64]).is_err());
+    }
+
+    #[test]
+    fn decay_indexing_reads_the_decay_dims_of_a_state() {
+        // KV [b, h, d, e] = [2, 3, 4, 5] with a per-head decay: (i / 20) % 3.
+        assert_eq!(decay_indexing(&[2, 3, 4, 5], &[1]).ok(), Some((20, 3)));
+        assert_eq!(decay_indexing(&[2, 3, 4, 5], &[0, 1]).ok(), Some((20, 6)));
+        assert_eq!(decay_indexing(&[2, 3, 4, 5], &[]).ok(), Some((1, 1)));
+        assert!(decay_indexing(&[2, 3, 4, 5], &[0, 2]).is_err());
+    }
 }

@@ -45,7 +45,7 @@ impl KernelFamily for Linear {
             if d.kind == DiagnosticKind::NotMappable {
                 FamilyError::NotMine(vec![d])
             } else {
-                FamilyError::Failed(CompileError::Refused(d))
+                FamilyError::Failed(CompileError::Refused(Box::new(d)))
             }
         };
         // The same source at small sizes, for the interpreter to confirm the reading.
@@ -158,13 +158,13 @@ pub fn compile_linear(
             recognize_linear(cascade, swap).map_err(|d| FamilyError::NotMine(vec![d]))?;
         let (d, e) = (matched.spec.head_dim, matched.spec.value_dim);
         if d != e || !(d == 64 || d == 128) {
-            return Err(CompileError::Refused(Diagnostic::error(
+            return Err(CompileError::Refused(Box::new(Diagnostic::error(
                 DiagnosticKind::UnsupportedShape,
                 format!(
                     "the linear-attention kernel maps d = e in {{64, 128}} (got d = {d}, e = {e})"
                 ),
                 Span::UNKNOWN,
-            ))
+            )))
             .into());
         }
         if let Some(elem) = options.elem {

@@ -66,7 +66,7 @@ pub fn compile_softmax(
             if d.kind == DiagnosticKind::NotMappable {
                 FamilyError::NotMine(vec![d])
             } else {
-                FamilyError::Failed(CompileError::Refused(d))
+                FamilyError::Failed(CompileError::Refused(Box::new(d)))
             }
         };
         let mut sched = ScheduleOptions {

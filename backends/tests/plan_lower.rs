@@ -1,0 +1,182 @@
+//! Plans lowered to the kernels they launch: every lowered scheme's kernels assemble, the
+//! lowered plan validates, its steps run in an order where every rank progresses, and hand
+//! edits that break it are refused by validation.
+
+use einattn_backends::family::{self, CompileError, Compiled, KernelOptions, Request};
+use einattn_backends::plan::lower::lower;
+use einattn_backends::plan::order::{order, Batch};
+use einattn_backends::plan::validate::validate;
+use einattn_backends::plan::{plan_cascade, BufferInit, Step};
+use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
+use einattn_ir::Cascade;
+use einattn_passes::analysis::GpuModel;
+use einattn_passes::sp::SpOptions;
+use std::path::PathBuf;
+
+fn source(file: &str) -> (String, String) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(file);
+    let text = std::fs::read_to_string(&path).expect("example");
+    (path.display().to_string(), text)
+}
+
+fn compiled(file: &str, defines: &[(&str, u64)]) -> Box<dyn Compiled> {
+    let (name, text) = source(file);
+    let defines: Vec<(String, u64)> = defines.iter().map(|(n, v)| (n.to_string(), *v)).collect();
+    let build = |d: &[(String, u64)]| -> Result<Cascade, CompileError> {
+        einattn_dsl::compile_source(&name, &text, d)
+            .map_err(|e| CompileError::Source(e.items().to_vec()))
+    };
+    let cascade = build(&defines).expect("compiles");
+    family::compile(&Request {
+        cascade: &cascade,
+        options: &KernelOptions::default(),
+        defines: &defines,
+        instantiate: &build,
+    })
+    .unwrap_or_else(|e| panic!("{file}: {e}"))
+}
+
+fn options(p: u64, scheme: &str) -> SpOptions {
+    let mut o = SpOptions::new(p);
+    o.scheme = Some(scheme.to_string());
+    o
+}
+
+/// Every module a lowered plan carries assembles without spills.
+#[test]
+fn lowered_kernels_assemble() {
+    let Some(ptxas) = ptxas_for_test("lowered_kernels_assemble") else {
+        return;
+    };
+    for (file, scheme) in [
+        ("lightning.ein", "lasp2"),
+        ("attention_causal.ein", "allgather_kv_zigzag"),
+        ("lightning.ein", "ulysses"),
+        ("attention_causal.ein", "ulysses"),
+    ] {
+        let k = compiled(file, &[("N", 4096), ("D", 128)]);
+        let (_, plan) = plan_cascade(k.cascade(), &options(2, scheme)).expect("plans");
+        let lowered = lower(&plan, k.as_ref(), &GpuModel::h200()).expect("lowers");
+        assert!(
+            lowered.kernels.manifest.kernels.len() >= 3,
+            "{file} {scheme}"
+        );
+        for (entry, text) in &lowered.kernels.ptx {
+            let report =
+                assemble(&ptxas, text, "sm_80").unwrap_or_else(|e| panic!("{file} {entry}: {e}"));
+            assert!(!report.spills(), "{file} {entry}: {report:?}");
+        }
+    }
+}
+
+/// Every step once, collectives together, every send with its receive, for the lowered
+/// schemes at several device counts, driven from one process or one rank each.
+#[test]
+fn lowered_plans_validate_and_every_rank_progresses() {
+    for (file, n, schemes) in [
+        ("lightning.ein", 3072u64, vec!["lasp2", "lasp1", "ulysses"]),
+        (
+            "attention_causal.ein",
+            4096,
+            vec!["allgather_kv_zigzag", "allgather_kv", "ulysses"],
+        ),
+    ] {
+        let k = compiled(file, &[("N", n)]);
+        for scheme in schemes {
+            for p in [2u64, 3, 4, 8] {
+                let Ok((_, plan)) = plan_cascade(k.cascade(), &options(p, scheme)) else {
+                    // Zigzag needs 2P chunks; Ulysses needs P to divide the heads (2 here).
+                    assert!(
+                        p == 3 || p == 8 || scheme == "ulysses",
+                        "{file} {scheme} P={p}"
+                    );
+                    continue;
+                };
+                let lowered = lower(&plan, k.as_ref(), &GpuModel::h200())
+                    .unwrap_or_else(|e| panic!("{file} {scheme} P={p}: {e}"));
+                validate(&lowered.plan, &lowered.kernels).expect("validates");
+                let steps: Vec<&[Step]> = plan.ranks.iter().map(|r| r.steps.as_slice()).collect();
+                let ranks: Vec<usize> = plan.ranks.iter().map(|r| r.rank as usize).collect();
+                let batches = order(&steps, &ranks).expect("an order");
+                let mut next = vec![0usize; steps.len()];
+                for batch in &batches {
+                    let at = match batch {
+                        Batch::Local(i, k) => vec![(*i, *k)],
+                        Batch::Collective(at) => {
+                            assert_eq!(at.len(), steps.len(), "a collective on every rank");
+                            at.clone()
+                        }
+                        Batch::PointToPoint(at) => at.clone(),
+                    };
+                    for (i, k) in at {
+                        assert_eq!(k, next[i], "{scheme} P={p}: rank {i} out of order");
+                        next[i] += 1;
+                    }
+                }
+                for (i, s) in steps.iter().enumerate() {
+                    assert_eq!(next[i], s.len(), "{scheme} P={p}: steps left on rank {i}");
+                    // One process per GPU: each rank alone schedules all its steps.
+                    assert_eq!(order(&[s], &[ranks[i]]).expect("alone").len(), s.len());
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn schemes_without_a_lowering_are_refused_with_the_reason() {
+    let k = compiled("attention_causal.ein", &[]);
+    let mut refused = 0;
+    for scheme in ["ring", "ring_zigzag", "tokenring", "tokenring_zigzag"] {
+        let Ok((_, plan)) = plan_cascade(k.cascade(), &options(2, scheme)) else {
+            continue;
+        };
+        refused += 1;
+        let err = lower(&plan, k.as_ref(), &GpuModel::h200())
+            .err()
+            .unwrap_or_else(|| panic!("{scheme} was lowered"));
+        assert!(err.contains("does not lower"), "{err}");
+    }
+    assert!(refused >= 2, "only {refused} schemes planned");
+}
+
+#[test]
+fn edits_that_break_a_plan_are_refused() {
+    let k = compiled("lightning.ein", &[("N", 2048)]);
+    let (_, plan) = plan_cascade(k.cascade(), &SpOptions::new(2)).expect("plans");
+    let lowered = lower(&plan, k.as_ref(), &GpuModel::h200()).expect("lowers");
+    let (plan, kernels) = (lowered.plan, lowered.kernels);
+    assert_eq!(validate(&plan, &kernels), Ok(()));
+    let refused = |edit: &dyn Fn(&mut einattn_backends::plan::Plan)| {
+        let mut p = plan.clone();
+        edit(&mut p);
+        validate(&p, &kernels).is_err()
+    };
+    assert!(refused(&|p| p.tensors[0].shape[1] += 1));
+    assert!(refused(&|p| {
+        if let BufferInit::Pieces { pieces } = &mut p.ranks[1].buffers[0].init {
+            pieces[0].slices[0].start += 1;
+        }
+    }));
+    assert!(refused(&|p| p.ranks[0].buffers[0].elements -= 1));
+    assert!(refused(&|p| p.ranks.clear()));
+    assert!(refused(&|p| p.world_size = u64::MAX));
+    assert!(refused(&|p| p.world_size = 1 << 40));
+    assert!(refused(&|p| p.ranks[1].rank = 0));
+    assert!(refused(&|p| p.ranks[0].buffers[0].dtype = "f64".into()));
+    assert!(refused(&|p| {
+        if let Some(Step::Kernel(k)) = p.ranks[0]
+            .steps
+            .iter_mut()
+            .find(|s| matches!(s, Step::Kernel(_)))
+        {
+            k.launch = vec!["no_such_kernel".into()];
+        }
+    }));
+    assert!(refused(&|p| {
+        // One rank skips its all-gather: the collectives no longer line up.
+        p.ranks[1].steps.retain(|s| !s.is_collective());
+    }));
+}
