@@ -19,10 +19,28 @@ pub struct LoweredPlan {
 
 /// Why a plan cannot run on GPUs: the scheme needs steps that have no GPU lowering.
 fn unsupported(plan: &Plan, what: &str) -> String {
+    use einattn_passes::sp::schemes::{GpuSupport, SchemeKind};
+    let runs: Vec<&str> = [
+        ("lasp2", SchemeKind::Lasp2),
+        ("lasp1", SchemeKind::Lasp1),
+        ("allgather_kv[_zigzag]", SchemeKind::AllGatherKv),
+        ("ring[_zigzag]", SchemeKind::Ring),
+        ("tokenring[_zigzag]", SchemeKind::TokenRing),
+        ("ulysses", SchemeKind::Ulysses),
+    ]
+    .into_iter()
+    .filter(|(_, k)| k.gpu_support() != GpuSupport::None)
+    .map(|(n, _)| n)
+    .collect();
     format!(
         "plan: scheme `{}` needs {what}, which the GPU executor does not lower yet \
-         (it runs lasp2, lasp1, allgather_kv[_zigzag] and ulysses; choose one with --scheme)",
-        plan.scheme
+         (it runs {}; choose one with --scheme)",
+        plan.scheme,
+        match runs.as_slice() {
+            [] => "none".to_string(),
+            [one] => one.to_string(),
+            [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+        }
     )
 }
 

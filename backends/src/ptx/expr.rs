@@ -1,0 +1,215 @@
+//! Scalar expressions of `Map`/`RowMap` statements as PTX, with loop-invariant values
+//! (decay factors of positions) computed once per kernel.
+
+use super::*;
+
+impl Printer<'_> {
+    pub(super) fn emit_expr(&mut self, e: &ScalarExpr, ctx: &ElemCtx) -> Result<String, TileError> {
+        match e {
+            ScalarExpr::Lit(x) => return Ok(f32_lit(*x)),
+            ScalarExpr::Scalar(id) => return Ok(format!("%sc{}", id.0)),
+            ScalarExpr::Head(id) => return Ok(format!("%hp{}", id.0)),
+            _ => {}
+        }
+        if let Some(class) = self.invariant_key(e, ctx) {
+            let key = (format!("{e:?}"), class);
+            if let Some(r) = self.invariant_cache.get(&key) {
+                return Ok(r.clone());
+            }
+            let saved = std::mem::take(&mut self.body);
+            let v = self.emit_expr_inner(e, ctx)?;
+            let code = std::mem::replace(&mut self.body, saved);
+            self.hoisted.push_str(&code);
+            self.invariant_cache.insert(key, v.clone());
+            return Ok(v);
+        }
+        if e.is_uniform() {
+            let key = format!("{e:?}");
+            if let Some(r) = self.uniform_cache.get(&key) {
+                return Ok(r.clone());
+            }
+            // Compute once, in the hoisted section that runs before the body.
+            let saved = std::mem::take(&mut self.body);
+            let v = self.emit_expr_inner(e, ctx)?;
+            let code = std::mem::replace(&mut self.body, saved);
+            self.hoisted.push_str(&code);
+            self.uniform_cache.insert(key, v.clone());
+            return Ok(v);
+        }
+        self.emit_expr_inner(e, ctx)
+    }
+
+    /// In a sequential program positions are tile-relative, so an expensive expression of
+    /// positions alone (a decay factor) has the same value in every iteration: it is
+    /// computed once at kernel start. Elements share a register when the expression has the
+    /// same value for them: same row (query only), same column (key only), or same `i - j`
+    /// relative to the thread's first row and column (a difference); other expressions are
+    /// left in the loop (one register per element would be too many).
+    pub(super) fn invariant_key(&self, e: &ScalarExpr, ctx: &ElemCtx) -> Option<(u8, i32)> {
+        // (A look-back program's loop runs once: nothing to gain, registers to lose.)
+        if !self.in_loop || !self.prog.sequential || self.prog.look_back || !e.has_transcendental()
+        {
+            return None;
+        }
+        let row = (ctx.mt * 16 + ctx.half * 8) as i32;
+        let col = ctx.col.map(|(nt, lo)| (nt * 8 + lo) as i32);
+        match (e.position_dependence()?, col) {
+            (PositionDependence::Query, _) => Some((0, row)),
+            (PositionDependence::Key, Some(c)) => Some((1, c)),
+            (PositionDependence::Difference, Some(c)) => Some((2, row - c)),
+            _ => None,
+        }
+    }
+
+    pub(super) fn emit_expr_inner(
+        &mut self,
+        e: &ScalarExpr,
+        ctx: &ElemCtx,
+    ) -> Result<String, TileError> {
+        Ok(match e {
+            ScalarExpr::Lit(_) | ScalarExpr::Scalar(_) | ScalarExpr::Head(_) => {
+                self.emit_expr(e, ctx)?
+            }
+            ScalarExpr::Index(SeqRank::Query) => format!("%pf_{}_{}", ctx.mt, ctx.half),
+            ScalarExpr::Index(SeqRank::Key) => {
+                let (nt, lo) = ctx
+                    .col
+                    .ok_or_else(|| TileError::Invalid("key index in a row expression".into()))?;
+                if !self.in_loop {
+                    return Err(TileError::Invalid("key index outside the key loop".into()));
+                }
+                let t = self.f();
+                self.ins(format!(
+                    "add.f32 {t}, %kf, {};",
+                    f32_lit((nt * 8 + lo) as f64)
+                ));
+                t
+            }
+            ScalarExpr::Elem(id) => {
+                let (nt, lo) = ctx
+                    .col
+                    .ok_or_else(|| TileError::Invalid("Elem in a row expression".into()))?;
+                self.acc_reg(*id, ctx.mt, nt, ctx.half * 2 + lo)
+            }
+            ScalarExpr::Row(id) => self.row_reg(*id, ctx.mt, ctx.half),
+            ScalarExpr::Token(id, at) => {
+                if !self.in_loop {
+                    return Err(TileError::Invalid("token input outside the loop".into()));
+                }
+                let pos = self.r();
+                match at {
+                    TokenAt::Row => {
+                        self.ins(format!(
+                            "add.s32 {pos}, %prow0, {};",
+                            ctx.mt * 16 + ctx.half * 8
+                        ));
+                        self.ins(format!("add.s32 {pos}, {pos}, %korg;"));
+                    }
+                    TokenAt::Col => {
+                        let (nt, lo) = ctx.col.ok_or_else(|| {
+                            TileError::Invalid("column token in a row expression".into())
+                        })?;
+                        self.ins(format!("add.s32 {pos}, %kcol, {};", nt * 8 + lo));
+                        self.ins(format!("add.s32 {pos}, {pos}, %korg;"));
+                    }
+                    TokenAt::Last => {
+                        self.ins(format!(
+                            "add.s32 {pos}, %korg, {};",
+                            self.prog.schedule.block_m
+                        ));
+                        self.ins(format!("min.s32 {pos}, {pos}, %nk;"));
+                        self.ins(format!("sub.s32 {pos}, {pos}, 1;"));
+                    }
+                    TokenAt::Before => {
+                        self.ins(format!("sub.s32 {pos}, %korg, 1;"));
+                    }
+                }
+                // Past the end: the last token (those elements are masked); before the
+                // start: 0.
+                let last = self.r();
+                self.ins(format!("sub.s32 {last}, %nk, 1;"));
+                self.ins(format!("min.s32 {pos}, {pos}, {last};"));
+                let neg = self.pred();
+                self.ins(format!("setp.lt.s32 {neg}, {pos}, 0;"));
+                self.ins(format!("max.s32 {pos}, {pos}, 0;"));
+                let addr = self.rd();
+                self.ins(format!("cvt.u64.u32 {addr}, {pos};"));
+                self.ins(format!("mul.lo.u64 {addr}, {addr}, %tkrs{};", id.0));
+                self.ins(format!("add.u64 {addr}, {addr}, %tkbase{};", id.0));
+                let v = self.f();
+                self.ins(format!("ld.global.nc.f32 {v}, [{addr}];"));
+                self.ins(format!("selp.f32 {v}, 0f00000000, {v}, {neg};"));
+                v
+            }
+            ScalarExpr::Unary(op, a) => {
+                let a = self.emit_expr(a, ctx)?;
+                let t = self.f();
+                match op {
+                    UnaryOp::Neg => self.ins(format!("neg.f32 {t}, {a};")),
+                    UnaryOp::Exp => {
+                        let s = self.f();
+                        self.ins(format!(
+                            "mul.f32 {s}, {a}, {};",
+                            f32_lit(std::f64::consts::LOG2_E)
+                        ));
+                        self.ins(format!("ex2.approx.ftz.f32 {t}, {s};"));
+                    }
+                    UnaryOp::Exp2 => self.ins(format!("ex2.approx.ftz.f32 {t}, {a};")),
+                    UnaryOp::Log => {
+                        let s = self.f();
+                        self.ins(format!("lg2.approx.ftz.f32 {s}, {a};"));
+                        self.ins(format!(
+                            "mul.f32 {t}, {s}, {};",
+                            f32_lit(std::f64::consts::LN_2)
+                        ));
+                    }
+                    UnaryOp::Log2 => self.ins(format!("lg2.approx.ftz.f32 {t}, {a};")),
+                    UnaryOp::Sqrt => self.ins(format!("sqrt.rn.f32 {t}, {a};")),
+                    UnaryOp::Tanh => self.ins(format!("tanh.approx.f32 {t}, {a};")),
+                    UnaryOp::Recip => self.ins(format!("rcp.rn.f32 {t}, {a};")),
+                }
+                t
+            }
+            ScalarExpr::Binary(op, a, b) => {
+                let a = self.emit_expr(a, ctx)?;
+                let b = self.emit_expr(b, ctx)?;
+                let t = self.f();
+                let opn = match op {
+                    BinaryOp::Add => "add.f32",
+                    BinaryOp::Sub => "sub.f32",
+                    BinaryOp::Mul => "mul.f32",
+                    BinaryOp::Div => "div.rn.f32",
+                    BinaryOp::Max => "max.f32",
+                    BinaryOp::Min => "min.f32",
+                };
+                self.ins(format!("{opn} {t}, {a}, {b};"));
+                t
+            }
+            ScalarExpr::Select {
+                op,
+                lhs,
+                rhs,
+                then,
+                otherwise,
+            } => {
+                let l = self.emit_expr(lhs, ctx)?;
+                let r = self.emit_expr(rhs, ctx)?;
+                let a = self.emit_expr(then, ctx)?;
+                let b = self.emit_expr(otherwise, ctx)?;
+                let pr = self.pred();
+                let cmp = match op {
+                    CmpOp::Lt => "lt",
+                    CmpOp::Le => "le",
+                    CmpOp::Gt => "gt",
+                    CmpOp::Ge => "ge",
+                    CmpOp::Eq => "eq",
+                    CmpOp::Ne => "ne",
+                };
+                self.ins(format!("setp.{cmp}.f32 {pr}, {l}, {r};"));
+                let t = self.f();
+                self.ins(format!("selp.f32 {t}, {a}, {b}, {pr};"));
+                t
+            }
+        })
+    }
+}

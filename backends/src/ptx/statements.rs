@@ -1,0 +1,339 @@
+//! Statements of the Tile IR as PTX, one at a time (each kind of statement delegates to
+//! the file of its job).
+
+use super::*;
+
+impl Printer<'_> {
+    pub(super) fn emit_block(
+        &mut self,
+        body: &[Stmt],
+        lp: Option<&LoopState>,
+    ) -> Result<(), TileError> {
+        for st in body {
+            self.wait_for_conflicting_wgmma(st);
+            self.emit_stmt(st, lp)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn emit_stmt(&mut self, st: &Stmt, lp: Option<&LoopState>) -> Result<(), TileError> {
+        let prog = self.prog;
+        match st {
+            Stmt::LoadTile { dst, src } => {
+                if self.in_loop {
+                    // Streamed tiles are issued by the key loop's ring.
+                    return Ok(());
+                }
+                self.comment(format!(
+                    "load {} <- {}",
+                    prog.shared[dst.index()].name,
+                    prog.tensors[src.index()].name
+                ));
+                let base = self.smem_base[dst.index()].clone();
+                self.emit_load_issue(*dst, *src, "%qrow0", &base)?;
+                self.ins("cp.async.commit_group;");
+                // Simple and safe: the tile is complete and visible before anything follows.
+                self.ins("cp.async.wait_group 0;");
+                self.emit_async_proxy_fence();
+                self.ins("bar.sync 0;");
+            }
+            Stmt::Fill { dst, value } => {
+                for r in self.acc_regs(*dst) {
+                    self.ins(format!("mov.f32 {r}, {};", f32_lit(*value)));
+                }
+            }
+            Stmt::FillRow { dst, value } => {
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let r = self.row_reg(*dst, mt, half);
+                        self.ins(format!("mov.f32 {r}, {};", f32_lit(*value)));
+                    }
+                }
+            }
+            Stmt::Fragments { dst, src } => {
+                self.comment(format!("fragments {}", prog.regs[dst.index()].name));
+                let t = &prog.shared[src.index()];
+                let block_bytes = t.rows * ROW_BYTES;
+                let wbase = self.r();
+                let sb = self.smem_base[src.index()].clone();
+                self.ins(format!(
+                    "mad.lo.u32 {wbase}, %warp, {}, {sb};",
+                    prog.rows_per_warp() * ROW_BYTES
+                ));
+                for mt in 0..self.mtiles {
+                    for ks in 0..t.cols / 16 {
+                        let (a, imm) = self.ldm_addr(&wbase, "A", block_bytes, mt * 16, 2 * ks);
+                        let regs: Vec<String> =
+                            (0..4).map(|i| self.afrag_reg(*dst, mt, ks, i)).collect();
+                        self.ins(format!(
+                            "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {{{}}}, [{a}+{imm}];",
+                            regs.join(", ")
+                        ));
+                    }
+                }
+            }
+            Stmt::Contract {
+                acc,
+                a,
+                b,
+                b_layout,
+            } => self.emit_contract(*acc, *a, *b, *b_layout)?,
+            Stmt::Map { dst, expr } => {
+                let cols = prog.regs[dst.index()].cols;
+                // `dst = dst * row` (the online-softmax rescale) is skipped when every row
+                // factor of the warp is exactly 1, which is most key tiles once the running
+                // max settles; the product is unchanged either way.
+                let skip = match expr {
+                    _ if !prog.schedule.skip_unit_rescale => None,
+                    ScalarExpr::Binary(BinaryOp::Mul, a, b) => match (a.as_ref(), b.as_ref()) {
+                        (ScalarExpr::Elem(e), ScalarExpr::Row(r)) if e == dst => Some(*r),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                let skip_label = match skip {
+                    Some(r) => {
+                        let all_one = self.pred();
+                        let first = self.row_reg(r, 0, 0);
+                        self.ins(format!("setp.eq.f32 {all_one}, {first}, 0f3F800000;"));
+                        for mt in 0..self.mtiles {
+                            for half in 0..2 {
+                                if mt + half == 0 {
+                                    continue;
+                                }
+                                let rr = self.row_reg(r, mt, half);
+                                self.ins(format!(
+                                    "setp.eq.and.f32 {all_one}, {rr}, 0f3F800000, {all_one};"
+                                ));
+                            }
+                        }
+                        self.ins(format!("vote.sync.all.pred {all_one}, {all_one}, -1;"));
+                        let l = self.label("norescale");
+                        self.ins(format!("@{all_one} bra.uni {l};"));
+                        Some(l)
+                    }
+                    None => None,
+                };
+                for mt in 0..self.mtiles {
+                    for nt in 0..cols / 8 {
+                        for e in 0..4 {
+                            let ctx = ElemCtx {
+                                mt,
+                                half: e / 2,
+                                col: Some((nt, e % 2)),
+                            };
+                            let v = self.emit_expr(expr, &ctx)?;
+                            let r = self.acc_reg(*dst, mt, nt, e);
+                            self.ins(format!("mov.f32 {r}, {v};"));
+                        }
+                    }
+                }
+                if let Some(l) = skip_label {
+                    self.body.push_str(&format!("{l}:\n"));
+                }
+            }
+            Stmt::Mask { dst, fill } => {
+                let lp =
+                    lp.ok_or_else(|| TileError::Invalid("Mask outside the key loop".into()))?;
+                let skip = self.label("nomask");
+                self.ins(format!("@!%needmask bra.uni {skip};"));
+                let cols = prog.regs[dst.index()].cols;
+                let masks = lp.masks.clone();
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        // Per-row limits: key > p + bound (KeyMinusQuery) or key < p - bound.
+                        let pi = self.r();
+                        self.ins(format!("add.s32 {pi}, %prowpos0, {};", mt * 16 + half * 8));
+                        let mut lims = Vec::new();
+                        for m in &masks {
+                            let l = self.r();
+                            match m.direction {
+                                BandDirection::KeyMinusQuery => {
+                                    self.ins(format!("add.s32 {l}, {pi}, {};", m.bound));
+                                    lims.push(("gt", l));
+                                }
+                                BandDirection::QueryMinusKey => {
+                                    self.ins(format!("sub.s32 {l}, {pi}, {};", m.bound));
+                                    lims.push(("lt", l));
+                                }
+                            }
+                        }
+                        for nt in 0..cols / 8 {
+                            for lo in 0..2 {
+                                let key = self.r();
+                                self.ins(format!("add.s32 {key}, %kcol, {};", nt * 8 + lo));
+                                let pr = self.pred();
+                                self.ins(format!("setp.ge.s32 {pr}, {key}, %nk;"));
+                                for (cmp, l) in &lims {
+                                    self.ins(format!("setp.{cmp}.or.s32 {pr}, {key}, {l}, {pr};"));
+                                }
+                                let r = self.acc_reg(*dst, mt, nt, half * 2 + lo);
+                                self.ins(format!("selp.f32 {r}, {}, {r}, {pr};", f32_lit(*fill)));
+                            }
+                        }
+                    }
+                }
+                let _ = lp.block_n;
+                self.body.push_str(&format!("{skip}:\n"));
+            }
+            Stmt::RowReduce { dst, src, op } => {
+                let cols = prog.regs[src.index()].cols;
+                let opn = match op {
+                    ReduceOp::Max => "max.f32",
+                    ReduceOp::Sum => "add.f32",
+                };
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let mut vals: Vec<String> = Vec::new();
+                        for nt in 0..cols / 8 {
+                            for lo in 0..2 {
+                                vals.push(self.acc_reg(*src, mt, nt, half * 2 + lo));
+                            }
+                        }
+                        // Pairwise tree: shorter dependency chains than a linear fold.
+                        while vals.len() > 1 {
+                            let mut next = Vec::new();
+                            for pair in vals.chunks(2) {
+                                if pair.len() == 2 {
+                                    let t = self.f();
+                                    self.ins(format!("{opn} {t}, {}, {};", pair[0], pair[1]));
+                                    next.push(t);
+                                } else {
+                                    next.push(pair[0].clone());
+                                }
+                            }
+                            vals = next;
+                        }
+                        let mut v = vals.pop().unwrap_or_else(|| f32_lit(0.0));
+                        for x in [1, 2] {
+                            let s = self.f();
+                            self.ins(format!("shfl.sync.bfly.b32 {s}, {v}, {x}, 31, -1;"));
+                            let t = self.f();
+                            self.ins(format!("{opn} {t}, {v}, {s};"));
+                            v = t;
+                        }
+                        let r = self.row_reg(*dst, mt, half);
+                        self.ins(format!("mov.f32 {r}, {v};"));
+                    }
+                }
+            }
+            Stmt::RowMap { dst, expr } => {
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let ctx = ElemCtx {
+                            mt,
+                            half,
+                            col: None,
+                        };
+                        let v = self.emit_expr(expr, &ctx)?;
+                        let r = self.row_reg(*dst, mt, half);
+                        self.ins(format!("mov.f32 {r}, {v};"));
+                    }
+                }
+            }
+            Stmt::Convert { dst, src } => {
+                let elem = match prog.regs[dst.index()].kind {
+                    RegKind::AOperand(e) => e,
+                    RegKind::Accumulator => return unsupported("Convert into f32"),
+                };
+                let ty = Self::mma_type(elem)?;
+                let cols = prog.regs[src.index()].cols;
+                for mt in 0..self.mtiles {
+                    for ks in 0..cols / 16 {
+                        for i in 0..4 {
+                            // a0: n-tile 2ks rows g; a1: 2ks rows g+8; a2: 2ks+1 rows g; a3: 2ks+1 rows g+8
+                            let nt = 2 * ks + i / 2;
+                            let e0 = (i % 2) * 2;
+                            let lo = self.acc_reg(*src, mt, nt, e0);
+                            let hi = self.acc_reg(*src, mt, nt, e0 + 1);
+                            let d = self.afrag_reg(*dst, mt, ks, i);
+                            self.ins(format!("cvt.rn.{ty}x2.f32 {d}, {hi}, {lo};"));
+                        }
+                    }
+                }
+            }
+            Stmt::KeyLoop {
+                block_n,
+                masks,
+                body,
+            } => self.emit_key_loop(*block_n, masks, body)?,
+            Stmt::Store { src, dst } => {
+                let t = &prog.tensors[dst.index()];
+                let ty = Self::mma_type(t.elem)?;
+                let cols = prog.regs[src.index()].cols;
+                self.comment(format!("store {}", t.name));
+                let sequential = prog.sequential;
+                let col_block = cols < t.head_dim;
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let pi = self.r();
+                        self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
+                        if sequential {
+                            self.ins(format!("add.s32 {pi}, {pi}, %korg;"));
+                        }
+                        let ok = self.pred();
+                        self.ins(format!("setp.lt.s32 {ok}, {pi}, %nq;"));
+                        let addr = self.rd();
+                        self.ins(format!("cvt.u64.u32 {addr}, {pi};"));
+                        self.ins(format!("mul.lo.u64 {addr}, {addr}, %rsb{};", dst.0));
+                        self.ins(format!("add.u64 {addr}, {addr}, %base{};", dst.0));
+                        if col_block {
+                            let cb = self.rd();
+                            self.ins(format!(
+                                "mul.wide.u32 {cb}, %colb, {};",
+                                cols * t.elem.bytes()
+                            ));
+                            self.ins(format!("add.u64 {addr}, {addr}, {cb};"));
+                        }
+                        let cb = self.rd();
+                        self.ins(format!("mul.wide.u32 {cb}, %tig, {};", 2 * t.elem.bytes()));
+                        self.ins(format!("add.u64 {addr}, {addr}, {cb};"));
+                        for nt in 0..cols / 8 {
+                            let lo = self.acc_reg(*src, mt, nt, half * 2);
+                            let hi = self.acc_reg(*src, mt, nt, half * 2 + 1);
+                            let pk = self.r();
+                            self.ins(format!("cvt.rn.{ty}x2.f32 {pk}, {hi}, {lo};"));
+                            self.ins(format!(
+                                "@{ok} st.global.b32 [{addr}+{}], {pk};",
+                                nt * 8 * t.elem.bytes()
+                            ));
+                        }
+                    }
+                }
+            }
+            Stmt::ContractT { acc, a, scale, b } => self.emit_contract_t(*acc, *a, scale, *b)?,
+            Stmt::StoreShared { src, dst } => self.emit_store_shared(*src, *dst)?,
+            Stmt::LookBack {
+                state,
+                prefix,
+                aggregates,
+                inclusive,
+                decay,
+            } => self.emit_look_back(*state, *prefix, *aggregates, *inclusive, decay)?,
+            Stmt::StoreState { src, dst } => self.emit_store_state(*src, *dst)?,
+            Stmt::LoadStatePrefix { dst, src, decay } => {
+                self.emit_load_state_prefix(*dst, *src, decay)?
+            }
+            Stmt::StoreRow { src, dst } => {
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let pi = self.r();
+                        self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
+                        let ok = self.pred();
+                        self.ins(format!("setp.lt.s32 {ok}, {pi}, %nq;"));
+                        self.ins(format!("setp.eq.and.u32 {ok}, %tig, 0, {ok};"));
+                        let idx = self.r();
+                        self.ins(format!("mad.lo.u32 {idx}, %bidx, %heads, %hidx;"));
+                        self.ins(format!("mad.lo.u32 {idx}, {idx}, %nq, {pi};"));
+                        let addr = self.rd();
+                        self.ins(format!("mul.wide.u32 {addr}, {idx}, 4;"));
+                        self.ins(format!("add.u64 {addr}, {addr}, %ro{};", dst.0));
+                        let r = self.row_reg(*src, mt, half);
+                        self.ins(format!("@{ok} st.global.f32 [{addr}], {r};"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
