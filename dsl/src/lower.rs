@@ -999,7 +999,21 @@ impl Lowerer {
 
         let expr = self.value(&e.value, &mentioned);
         let mut mask = Vec::new();
+        let mut value_mask = Vec::new();
         for c in &e.mask {
+            // A condition that reads a tensor or compares with a non-integer compares
+            // values: a data-dependent mask. Otherwise both sides must be affine indices.
+            if self.is_value_side(&c.lhs) || self.is_value_side(&c.rhs) {
+                let lhs = self.value(&c.lhs, &mentioned);
+                let rhs = self.value(&c.rhs, &mentioned);
+                value_mask.push(ValueCondition {
+                    lhs,
+                    op: cmp_op(c.op),
+                    rhs,
+                    span: c.span,
+                });
+                continue;
+            }
             let lhs = self.index(&c.lhs, &mentioned);
             let rhs = self.index(&c.rhs, &mentioned);
             if let (Some(lhs), Some(rhs)) = (lhs, rhs) {
@@ -1035,6 +1049,9 @@ impl Lowerer {
             note(&c.lhs);
             note(&c.rhs);
         }
+        for c in &value_mask {
+            c.visit_indices(&mut note);
+        }
         let mut reductions: Vec<Reduction> = implicit
             .into_iter()
             .map(|rank| Reduction {
@@ -1054,6 +1071,7 @@ impl Lowerer {
             expr,
             reductions,
             mask,
+            value_mask,
             recurrence,
             span,
         });
@@ -1482,6 +1500,31 @@ impl Lowerer {
             ("min", Some(b)) => Expr::binary(BinaryOp::Min, a, b),
             _ => Expr::Literal(0.0),
         }
+    }
+
+    /// Whether one side of a `where` condition is a value rather than an index: it reads
+    /// a tensor (a scalar parameter included), calls a function or has a non-integer
+    /// literal.
+    fn is_value_side(&self, expr: &ast::Expr) -> bool {
+        let mut stack = vec![expr];
+        while let Some(e) = stack.pop() {
+            match &e.kind {
+                ExprKind::Float(_) | ExprKind::Inf => return true,
+                ExprKind::Access { .. } | ExprKind::Call { .. } => return true,
+                ExprKind::Name(id) => {
+                    if self.tensors.contains_key(&id.name) && !self.ranks.contains_key(&id.name) {
+                        return true;
+                    }
+                }
+                ExprKind::Int(_) => {}
+                ExprKind::Neg(a) => stack.push(a),
+                ExprKind::Binary(_, a, b) => {
+                    stack.push(a);
+                    stack.push(b);
+                }
+            }
+        }
+        false
     }
 
     /// Lowers an index expression, reporting why when it is not affine.

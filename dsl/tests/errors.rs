@@ -143,9 +143,11 @@ fn wrong_number_of_indices() {
 
 #[test]
 fn index_over_an_unrelated_rank() {
+    // `e` (extent 4) is neither `p`, nor split from it, nor declared over the same size.
+    // (`Q[m, e]` is valid: `m` and `p` are both declared over `M`.)
     check!(
         "rank_mismatch_family",
-        fail_with("O[p] = Q[m, e] * K[m, e]\n", &[]),
+        fail_with("O[p] = Q[e, e] * K[m, e]\n", &[]),
         DiagnosticKind::RankMismatch,
         at(9, 10)
     );

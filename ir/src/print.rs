@@ -119,6 +119,19 @@ pub fn einsum_to_string(cascade: &Cascade, einsum: Handle<Einsum>) -> String {
             index_to_string(cascade, &c.rhs)
         );
     }
+    // Value conditions after the affine ones: the front end sorts them the same way.
+    for (i, c) in e.value_mask.iter().enumerate() {
+        out.push_str(if i == 0 && e.mask.is_empty() {
+            " where "
+        } else {
+            " and "
+        });
+        let mut lhs = String::new();
+        let mut rhs = String::new();
+        write_expr(cascade, &c.lhs, SUM, false, &mut lhs);
+        write_expr(cascade, &c.rhs, SUM, false, &mut rhs);
+        let _ = write!(out, "{lhs} {} {rhs}", c.op.symbol());
+    }
     out.push('\n');
     if let Some(rec) = &e.recurrence {
         let dim = cascade
@@ -155,6 +168,9 @@ fn mentioned_ranks(e: &Einsum) -> Vec<Handle<Rank>> {
     for c in &e.mask {
         add(&c.lhs);
         add(&c.rhs);
+    }
+    for c in &e.value_mask {
+        c.visit_indices(&mut add);
     }
     if let Some(rec) = &e.recurrence {
         rec.init.visit_indices(&mut add);
@@ -279,6 +295,9 @@ fn explicit_reductions(e: &Einsum) -> &[Reduction] {
     for c in &e.mask {
         add(&c.lhs);
         add(&c.rhs);
+    }
+    for c in &e.value_mask {
+        c.visit_indices(&mut add);
     }
     let reductions = e.reductions.as_slice();
     for k in (0..=reductions.len()).rev() {
@@ -482,6 +501,11 @@ pub fn without_spans(cascade: &Cascade) -> Cascade {
         clear_expr(&mut e.expr);
         for m in &mut e.mask {
             m.span = Span::UNKNOWN;
+        }
+        for v in &mut e.value_mask {
+            v.span = Span::UNKNOWN;
+            clear_expr(&mut v.lhs);
+            clear_expr(&mut v.rhs);
         }
         if let Some(rec) = &mut e.recurrence {
             rec.init_span = Span::UNKNOWN;

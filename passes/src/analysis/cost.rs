@@ -48,6 +48,10 @@ pub(crate) struct EinsumCost {
     pub effective_mask: Vec<LeafCondition>,
     /// Whether some of those conditions come from inputs.
     pub inherits_mask: bool,
+    /// Data-dependent masks the counts above do not see (own value conditions, and the
+    /// tensors read point by point whose presence depends on values): the counts are
+    /// upper bounds when this is not empty.
+    pub data_dependent: Vec<String>,
 }
 
 impl EinsumCost {
@@ -132,6 +136,8 @@ pub(crate) fn cost_einsums(lc: &LeafCascade, counter: &mut PointCounter) -> Vec<
     // dimension positions encoded as the tensor's own output ranks (the producer's plain
     // output ranks), or None when it is always present / not trackable.
     let mut presence: Vec<Presence> = vec![None; lc.cascade.tensors.len()];
+    // Per tensor: the Einsum whose value conditions may make its elements absent.
+    let mut data_dependent: Vec<Option<String>> = vec![None; lc.cascade.tensors.len()];
 
     for &h in &lc.order {
         let e = lc.einsum(h);
@@ -160,7 +166,38 @@ pub(crate) fn cost_einsums(lc: &LeafCascade, counter: &mut PointCounter) -> Vec<
         // Conditions outside the space (a malformed mask) cannot be counted; drop them.
         effective.retain(|c| c.ranks().all(|r| e.space.contains(&r)));
 
-        let cost = cost_one(lc, e, &effective, inherits, counter);
+        let mut cost = cost_one(lc, e, &effective, inherits, counter);
+        cost.data_dependent = e
+            .value_mask
+            .iter()
+            .map(|m| format!("data-dependent mask `{m}`"))
+            .collect();
+        let mut inherited: Option<String> = None;
+        for a in e.accesses.iter().filter(|a| !a.self_read) {
+            if let Some(origin) = &data_dependent[a.tensor.index()] {
+                let note = format!("{origin}'s data-dependent mask");
+                if !cost.data_dependent.contains(&note) {
+                    cost.data_dependent.push(note);
+                }
+                inherited.get_or_insert_with(|| origin.clone());
+            }
+        }
+        // A reduction's result is present (the identity) wherever its own conditions over
+        // output ranks hold, so only a map passes the absence on, or a value condition that
+        // mentions no reduced rank.
+        let own_outer = lc.cascade.einsums[h].value_mask.iter().any(|v| {
+            !lc.cascade.einsums[h]
+                .reductions
+                .iter()
+                .any(|r| v.mentions(r.rank))
+        });
+        data_dependent[e.output_tensor.index()] = if own_outer {
+            Some(e.name.clone())
+        } else if e.reductions.is_empty() {
+            inherited
+        } else {
+            None
+        };
         costs[h.index()] = cost;
 
         // What the output inherits: conditions over plain output ranks only. A map is

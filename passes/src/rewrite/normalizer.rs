@@ -69,6 +69,7 @@ pub fn find_group(cascade: &Cascade, rank: Handle<Rank>) -> Option<NormalizedGro
         ir_util::tensors_may_be_absent(cascade, &einattn_ir::validate::topological_order(cascade));
     for (g, ge) in cascade.einsums.iter() {
         if ge.recurrence.is_some()
+            || !ge.value_mask.is_empty()
             || !reduces_exactly(ge, tile, outer, ReduceOp::Max)
             || !ge.output.indices.iter().all(|i| i.as_rank().is_some())
         {
@@ -78,7 +79,10 @@ pub fn find_group(cascade: &Cascade, rank: Handle<Rank>) -> Option<NormalizedGro
         let x_view = inline_maps(cascade, &ge.expr);
         let mut sums = Vec::new();
         for (u, ue) in cascade.einsums.iter() {
-            if u == g || ue.recurrence.is_some() || !reduces_exactly(ue, tile, outer, ReduceOp::Sum)
+            if u == g
+                || ue.recurrence.is_some()
+                || !ue.value_mask.is_empty()
+                || !reduces_exactly(ue, tile, outer, ReduceOp::Sum)
             {
                 continue;
             }
@@ -142,6 +146,7 @@ fn view_with_masks(cascade: &Cascade, expr: &Expr, mask: &mut Vec<Condition>) ->
                         if depth < 64
                             && t.kind == TensorKind::Temp
                             && e.reductions.is_empty()
+                            && e.value_mask.is_empty()
                             && e.recurrence.is_none() =>
                     {
                         let mut rename = HashMap::new();
@@ -357,6 +362,7 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
                 op: ReduceOp::Max,
             }],
             mask: ge.mask.clone(),
+            value_mask: Vec::new(),
             recurrence: None,
             span: ge.span,
         },
@@ -369,6 +375,7 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
             ),
             reductions: vec![],
             mask: vec![],
+            value_mask: Vec::new(),
             recurrence: Some(Recurrence {
                 rank: outer,
                 init: Expr::Literal(f64::NEG_INFINITY),
@@ -387,6 +394,7 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
             )),
             reductions: vec![],
             mask: vec![],
+            value_mask: Vec::new(),
             recurrence: None,
             span: Span::UNKNOWN,
         },
@@ -425,6 +433,7 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
                 op: ReduceOp::Sum,
             }],
             mask: s.mask.clone(),
+            value_mask: Vec::new(),
             recurrence: None,
             span: ue.span,
         });
@@ -441,6 +450,7 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
             ),
             reductions: vec![],
             mask: vec![],
+            value_mask: Vec::new(),
             recurrence: Some(Recurrence {
                 rank: outer,
                 init: Expr::Literal(0.0),
@@ -518,6 +528,7 @@ fn shared_exponential(
         expr,
         reductions: vec![],
         mask: vec![],
+        value_mask: Vec::new(),
         recurrence: None,
         span: Span::UNKNOWN,
     });
@@ -552,6 +563,7 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
             op: ReduceOp::Max,
         }],
         mask: ge.mask.clone(),
+        value_mask: Vec::new(),
         recurrence: None,
         span: ge.span,
     }];
@@ -564,6 +576,7 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
             op: ReduceOp::Max,
         }],
         mask: vec![],
+        value_mask: Vec::new(),
         recurrence: None,
         span: ge.span,
     };
@@ -593,6 +606,7 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
                 op: ReduceOp::Sum,
             }],
             mask: s.mask.clone(),
+            value_mask: Vec::new(),
             recurrence: None,
             span: ue.span,
         });
@@ -611,6 +625,7 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
                 op: ReduceOp::Sum,
             }],
             mask: vec![],
+            value_mask: Vec::new(),
             recurrence: None,
             span: ue.span,
         };
