@@ -564,6 +564,11 @@ pub struct Cascade {
     pub einsums: Arena<Einsum>,
     /// Size symbols and their bound values, in declaration order.
     pub sizes: Vec<(String, u64)>,
+    /// Size symbols whose value is built into the cascade as plain integers (a literal
+    /// `D` in a value, `N - 1` in an index, a split tile): printed as `size D = 64 fixed`
+    /// so that a `-D` on the printed text is refused rather than half applied.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fixed_sizes: Vec<String>,
 }
 
 impl<T: Serialize> Serialize for Arena<T> {

@@ -49,6 +49,9 @@ pub enum DiagnosticKind {
     UndefinedSize,
     /// A `-D NAME=VALUE` for a name the program does not use.
     UnknownDefine,
+    /// A term added to the rest of an Einsum's expression that does not depend on a rank
+    /// the Einsum sums over: it is added once per point of that rank (a warning).
+    SummedConstant,
     /// An index whose range (by interval arithmetic) leaves the dimension.
     OutOfRange,
     /// A valid cascade that a backend cannot map onto its kernels.
