@@ -476,6 +476,13 @@ impl Materializer<'_> {
                     cur = self.egraph.find(body);
                 }
                 Ein::Mask([cond, body]) => {
+                    // A masked term read by several terms (the causal score, read by the
+                    // max and by the exponential) is stored once, like a shared reduction:
+                    // folding it into each reader would repeat its contraction.
+                    let shared = cur != class && self.uses.get(&cur).copied().unwrap_or(0) >= 2;
+                    if shared {
+                        break;
+                    }
                     let Some(Leaf::Cond(c)) = leaf_of(self.node(cond)) else {
                         break;
                     };
