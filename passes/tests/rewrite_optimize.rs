@@ -369,3 +369,43 @@ fn a_pass_saved_at_any_price_is_not_cheaper() {
         CascadeCost::of(&analyze(&one, &options)) < CascadeCost::of(&analyze(&tiled, &options))
     );
 }
+
+/// Document-masked causal softmax in 3-pass form: the mask compares values.
+const DOCUMENT_3PASS: &str = "kernel document_3pass
+size N = 8
+size D = 2
+rank e: D
+rank f: D
+rank m: N
+rank p: N
+input Q[p, e]: f32
+input K[m, e]: f32
+input V[m, f]: f32
+input SEG[p]: f32
+output O[p, f]: f32
+S[m, p] = Q[p, e] * K[m, e] where m <= p and SEG[p] == SEG[m]
+G[p] = max[m] S[m, p]
+E[m, p] = exp(S[m, p] - G[p])
+L[p] = E[m, p]
+O[p, f] = E[m, p] * V[m, f] / L[p]
+";
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, .. ProptestConfig::default() })]
+
+    #[test]
+    fn a_value_masked_score_is_kept_and_the_softmax_still_streams(
+        n_tiles in 1u64..4, d in 1u64..3, seed in any::<u64>(),
+    ) {
+        let c = compile(DOCUMENT_3PASS, &[("N", 4 * n_tiles), ("D", d)]);
+        let out = run(&c, &small_options());
+        // The Einsum with the value condition survives as written.
+        let s = out.cascade.tensor_by_name("S").expect("S is kept");
+        let producer = out.cascade.producer(s).expect("S has its Einsum");
+        prop_assert_eq!(out.cascade.einsums[producer].value_mask.len(), 1);
+        if n_tiles > 1 {
+            prop_assert_eq!(out.after.passes.get("m"), Some(&1));
+        }
+        assert_equivalent(&c, &out.cascade, seed);
+    }
+}
