@@ -409,3 +409,23 @@ proptest! {
         assert_equivalent(&c, &out.cascade, seed);
     }
 }
+
+#[test]
+fn a_temporary_written_at_a_combined_index_survives_the_algebra() {
+    // `PS[b, h, m, p]` written from `m1, m0` cannot be inlined into terms; its Einsum must
+    // be kept, not dropped (which left a read of whatever tensor took its handle, and a
+    // cascade reported as costing nothing).
+    let source = example("attention_sliding_window.ein").replace(
+        "PS[b, h, m1, p]       = P[b, h, m1, m0, p]",
+        "PS[b, h, m, p]        = P[b, h, m1, m0, p]",
+    );
+    assert!(source.contains("PS[b, h, m, p]"));
+    let c = compile(&source, &[]);
+    let out = run(&c, &OptimizeOptions::default());
+    einattn_ir::validate::validate(&out.cascade).expect("the result validates");
+    assert!(out.after.warnings.is_empty(), "{:?}", out.after.warnings);
+    assert!(out.after.flops > 0 && out.after.bytes_fused > 0);
+    let small = compile(&source, &[("N", 8), ("D", 2), ("TILE", 4), ("W", 3)]);
+    let out = run(&small, &small_options());
+    assert_equivalent(&small, &out.cascade, 21);
+}

@@ -272,15 +272,22 @@ pub fn tidy(cascade: &mut Cascade) {
             cascade.einsums.append(e);
         }
     }
-    // Temporaries without a producer go; every other handle is renumbered.
-    let mut produced = vec![false; cascade.tensors.len()];
+    // Temporaries neither produced nor read go; every other handle is renumbered. (One
+    // read but not produced stays, so validation names it instead of the read pointing at
+    // whichever tensor takes its number.)
+    let mut used = vec![false; cascade.tensors.len()];
     for (_, e) in cascade.einsums.iter() {
-        produced[e.output.tensor.index()] = true;
+        used[e.output.tensor.index()] = true;
+        e.visit_reads(&mut |a| {
+            if let Some(u) = used.get_mut(a.tensor.index()) {
+                *u = true;
+            }
+        });
     }
     let mut remap: Vec<Option<Handle<Tensor>>> = Vec::with_capacity(cascade.tensors.len());
     let mut tensors = einattn_ir::Arena::new();
     for (h, t) in cascade.tensors.iter() {
-        if t.kind == TensorKind::Temp && !produced[h.index()] {
+        if t.kind == TensorKind::Temp && !used[h.index()] {
             remap.push(None);
         } else {
             remap.push(Some(tensors.append(t.clone())));

@@ -259,7 +259,25 @@ impl State<'_> {
         detail: String,
         force: bool,
     ) -> bool {
+        // A rewrite that breaks the cascade is a bug in it; never let its (empty) analysis
+        // pass for a cheap cascade.
+        if let Err(problems) = einattn_ir::validate::validate(&candidate) {
+            let first = problems
+                .first()
+                .map_or(String::new(), |d| d.message.clone());
+            self.note(format!(
+                "a {rule} step was dropped: it made an invalid cascade ({first})"
+            ));
+            return false;
+        }
         let (report, cost) = self.evaluate(&candidate);
+        if !report.warnings.is_empty() {
+            self.note(format!(
+                "a {rule} step was dropped: its analysis warns: {}",
+                report.warnings.join("; ")
+            ));
+            return false;
+        }
         if !(force || cost < self.cost) {
             return false;
         }

@@ -57,7 +57,7 @@ impl TreeForm {
     pub fn build(cascade: &Cascade) -> TreeForm {
         let order = einattn_ir::validate::topological_order(cascade);
         let may_be_absent = ir_util::tensors_may_be_absent(cascade, &order);
-        let kept_einsum = ir_util::opaque_einsums(cascade);
+        let mut kept_einsum = ir_util::opaque_einsums(cascade);
         let inlinable: Vec<bool> = cascade
             .tensors
             .iter()
@@ -70,6 +70,15 @@ impl TreeForm {
                     })
             })
             .collect();
+        // A temporary that cannot be inlined (its output is written at a combined index,
+        // `PS[b, h, m, p]` from `m1, m0`) is neither a root nor part of a term: its Einsum
+        // is kept as it is, or the terms reading it would read a tensor nobody produces.
+        for (h, e) in cascade.einsums.iter() {
+            let t = e.output.tensor;
+            if cascade.tensors[t].kind == TensorKind::Temp && !inlinable[t.index()] {
+                kept_einsum[h.index()] = true;
+            }
+        }
         let mut b = Builder {
             cascade,
             leaves: Leaves::default(),
