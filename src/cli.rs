@@ -94,10 +94,16 @@ impl SourceFile {
         self.path.display().to_string()
     }
 
-    /// Parses, lowers and validates; diagnostics come back rendered.
+    /// Parses, lowers and validates; diagnostics come back rendered, and warnings (a `-D`
+    /// the program does not use, a term summed over a rank it lacks) go to stderr.
     pub fn compile(&self, defines: &[(String, u64)]) -> Result<Cascade, CliError> {
-        einattn_dsl::compile_source(&self.name(), &self.text, defines)
-            .map_err(|d| CliError::input(d.render(&self.name(), &self.text)))
+        let (cascade, warnings) =
+            einattn_dsl::compile_source_with_warnings(&self.name(), &self.text, defines)
+                .map_err(|d| CliError::input(d.render(&self.name(), &self.text)))?;
+        if !warnings.is_empty() {
+            eprint!("{}", warnings.render(&self.name(), &self.text));
+        }
+        Ok(cascade)
     }
 
     fn render(&self, diagnostics: Vec<einattn_ir::validate::Diagnostic>) -> String {
@@ -699,6 +705,10 @@ pub fn run(
     let order = einattn_ir::validate::topological_order(&cascade);
     let values = interp::evaluate_in_order(&cascade, &inputs, &order)
         .map_err(|e| CliError::input(format!("error: evaluation failed: {e}")))?;
+    // NaN is a value of the semantics, but never a silent one.
+    for origin in &values.nan_origins {
+        eprintln!("warning: {}", origin.message(&cascade));
+    }
     create_dir(out_dir)?;
     let mut written = Vec::new();
     for (h, t) in cascade.tensors.iter() {

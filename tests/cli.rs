@@ -788,3 +788,113 @@ fn corrupted_plans_are_refused_before_any_gpu_lookup() {
     }
     let _ = std::fs::remove_dir_all(&base);
 }
+
+#[test]
+fn compile_optimize_compiles_every_example_that_compile_compiles() {
+    let dir = std::env::temp_dir().join(format!("einattn-cli-optimize-{}", std::process::id()));
+    let dir_s = dir.display().to_string();
+    let mut examples: Vec<std::path::PathBuf> = std::fs::read_dir("examples")
+        .expect("examples/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ein"))
+        .collect();
+    examples.sort();
+    let mut compiled = 0;
+    for path in &examples {
+        let file = path.display().to_string();
+        if !einattn(&["compile", &file, "-o", &dir_s]).status.success() {
+            continue;
+        }
+        compiled += 1;
+        let out = einattn(&["compile", "--optimize", &file, "-o", &dir_s]);
+        assert!(
+            out.status.success(),
+            "{file}: compile accepts it, compile --optimize does not:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(compiled >= 13, "{compiled} examples compiled");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn run_warns_about_the_nan_of_a_running_max_started_at_minus_inf() {
+    let dir = std::env::temp_dir().join(format!("einattn-cli-nan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    // The sliding-window example with its running max started at -inf: rows whose first
+    // key tiles are all outside the window compute exp(-inf - -inf).
+    let source = std::fs::read_to_string("examples/attention_sliding_window.ein")
+        .expect("example")
+        .replace(
+            "init RM[b, h, 0, p]   = -1e30",
+            "init RM[b, h, 0, p]   = -inf",
+        );
+    assert!(source.contains("= -inf"));
+    let file = dir.join("window.ein");
+    std::fs::write(&file, source).expect("write");
+    let out = einattn(&[
+        "run",
+        &file.display().to_string(),
+        "-D",
+        "N=32",
+        "-D",
+        "W=8",
+        "-D",
+        "TILE=8",
+        "-D",
+        "D=4",
+        "--out",
+        &dir.join("out").display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("warning: `C` computes NaN at"), "{stderr}");
+    assert!(stderr.contains("-inf - -inf"), "{stderr}");
+    assert!(
+        stderr.contains("running max `RM` starts at -inf"),
+        "{stderr}"
+    );
+    // The example as shipped (finite start) runs clean.
+    let clean = einattn(&[
+        "run",
+        "examples/attention_sliding_window.ein",
+        "-D",
+        "N=32",
+        "-D",
+        "W=8",
+        "-D",
+        "TILE=8",
+        "-D",
+        "D=4",
+        "--out",
+        &dir.join("clean").display().to_string(),
+    ]);
+    assert!(clean.status.success());
+    assert!(
+        !String::from_utf8_lossy(&clean.stderr).contains("NaN"),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_term_summed_over_a_rank_it_lacks_is_reported_on_stderr() {
+    let dir = std::env::temp_dir().join(format!("einattn-cli-summed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("bias.ein");
+    std::fs::write(
+        &file,
+        "kernel bias\nsize N = 8\nrank e: 4\nrank m: N\nrank p: N\ninput Q[p, e]: f32\n\
+         input K[m, e]: f32\ninput bias[p]: f32\noutput S[m, p]: f32\n\
+         S[m, p] = 0.5 * Q[p, e] * K[m, e] + bias[p]\n",
+    )
+    .expect("write");
+    let out = einattn(&["analyze", &file.display().to_string()]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: this term does not depend on `e`") && stderr.contains(":10:"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

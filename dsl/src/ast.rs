@@ -25,11 +25,13 @@ pub struct Statement {
 pub enum StatementKind {
     /// `kernel NAME`
     Kernel(Ident),
-    /// `size S = 4096`
+    /// `size S = 4096`, or `size S = 4096 fixed` (a `-D` may not change it)
     Size {
         name: Ident,
         value: u64,
         value_span: Span,
+        /// The word after the value, which must be `fixed`.
+        fixed: Option<Ident>,
     },
     /// `rank r: EXTENT`
     Rank { name: Ident, extent: Extent },
@@ -50,11 +52,13 @@ pub enum StatementKind {
     Error,
 }
 
-/// A rank's extent or a split's tile: an integer or a name.
+/// A rank's extent or a split's tile: an integer, a name, or an affine expression of
+/// size symbols (`2*N - 1`).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Extent {
     Literal { value: u64, span: Span },
     Name(Ident),
+    Expr(Expr),
 }
 
 impl Extent {
@@ -62,6 +66,19 @@ impl Extent {
         match self {
             Extent::Literal { span, .. } => *span,
             Extent::Name(ident) => ident.span,
+            Extent::Expr(e) => e.span,
+        }
+    }
+
+    /// An integer or a bare name as themselves, anything else as an expression.
+    pub fn from_expr(e: Expr) -> Extent {
+        match e.kind {
+            ExprKind::Int(value) => Extent::Literal {
+                value,
+                span: e.span,
+            },
+            ExprKind::Name(id) => Extent::Name(id),
+            _ => Extent::Expr(e),
         }
     }
 }

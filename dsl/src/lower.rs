@@ -98,6 +98,10 @@ struct Lowerer {
     mentioned: Vec<Vec<Handle<Rank>>>,
     /// Per Einsum: the recurrence rank, and whether an init has been attached.
     recurrences: Vec<Option<(Handle<Rank>, bool)>>,
+    /// Size symbols declared `fixed`.
+    declared_fixed: Vec<String>,
+    /// Per split parent: the size symbols its tile was written with.
+    tile_symbols: HashMap<Handle<Rank>, Vec<String>>,
 }
 
 /// Every name the statement mentions, in order (tensors, ranks, sizes and function names
@@ -173,6 +177,28 @@ fn cmp_op(op: ast::CmpOp) -> CmpOp {
     }
 }
 
+/// An extent expression as text the front end reads back (`2*N - 1`).
+fn extent_text(e: &ast::Expr) -> String {
+    fn go(e: &ast::Expr, min: u8) -> String {
+        let (level, text) = match &e.kind {
+            ExprKind::Int(v) => (3, v.to_string()),
+            ExprKind::Name(id) => (3, id.name.clone()),
+            ExprKind::Neg(a) => (2, format!("-{}", go(a, 2))),
+            ExprKind::Binary(BinOp::Add, a, b) => (0, format!("{} + {}", go(a, 0), go(b, 1))),
+            ExprKind::Binary(BinOp::Sub, a, b) => (0, format!("{} - {}", go(a, 0), go(b, 1))),
+            ExprKind::Binary(BinOp::Mul, a, b) => (1, format!("{}*{}", go(a, 1), go(b, 2))),
+            // Rejected before the text is taken.
+            _ => (3, "?".to_string()),
+        };
+        if level < min {
+            format!("({text})")
+        } else {
+            text
+        }
+    }
+    go(e, 0)
+}
+
 /// Divisors of `n` nearest to `tile`, for the hint of a split that does not divide.
 fn nearby_divisors(n: u64, tile: u64) -> Vec<u64> {
     if n == 0 {
@@ -229,6 +255,8 @@ impl Lowerer {
             index_spans: HashMap::new(),
             mentioned: Vec::new(),
             recurrences: Vec::new(),
+            declared_fixed: Vec::new(),
+            tile_symbols: HashMap::new(),
         }
     }
 
@@ -281,6 +309,133 @@ impl Lowerer {
             }
         }
         self.missing_inits();
+        self.cascade.fixed_sizes = self.frozen_sizes(file);
+    }
+
+    /// The size symbols the cascade holds as plain integers, which a printed copy must pin
+    /// (`Cascade::fixed_sizes`): declared `fixed`, the tile of a split, and every size or
+    /// extent used in a value or index, except the final step `R` of a state read at its
+    /// iterative dimension (the printer writes that one back as `R`).
+    fn frozen_sizes(&self, file: &ast::File) -> Vec<String> {
+        let mut frozen: Vec<String> = self.declared_fixed.clone();
+        let add = |frozen: &mut Vec<String>, names: Vec<String>| {
+            for n in names {
+                if self.sizes.contains_key(&n) && !frozen.contains(&n) {
+                    frozen.push(n);
+                }
+            }
+        };
+        for names in self.tile_symbols.values() {
+            add(&mut frozen, self.symbols_of_names(names));
+        }
+        let mut uses: Vec<&ast::Ident> = Vec::new();
+        for s in &file.statements {
+            match &s.kind {
+                StatementKind::Einsum(e) => {
+                    for i in e.target.indices.iter().flatten() {
+                        self.size_uses(i, &mut uses);
+                    }
+                    self.size_uses(&e.value, &mut uses);
+                    for c in &e.mask {
+                        self.size_uses(&c.lhs, &mut uses);
+                        self.size_uses(&c.rhs, &mut uses);
+                    }
+                }
+                StatementKind::Init { target, value } => {
+                    for i in target.indices.iter().flatten() {
+                        self.size_uses(i, &mut uses);
+                    }
+                    self.size_uses(value, &mut uses);
+                }
+                _ => {}
+            }
+        }
+        let names: Vec<String> = uses.iter().map(|id| id.name.clone()).collect();
+        add(&mut frozen, self.symbols_of_names(&names));
+        frozen.sort();
+        frozen
+    }
+
+    /// Names in `expr` that resolve to a size symbol or an extent, skipping a bare extent
+    /// at the iterative dimension of a state (its final step).
+    fn size_uses<'a>(&self, expr: &'a ast::Expr, out: &mut Vec<&'a ast::Ident>) {
+        match &expr.kind {
+            ExprKind::Int(_) | ExprKind::Float(_) | ExprKind::Inf => {}
+            ExprKind::Name(id) => {
+                if !self.tensors.contains_key(&id.name) && !self.ranks.contains_key(&id.name) {
+                    out.push(id);
+                }
+            }
+            ExprKind::Access { name, indices } => {
+                let state = self.tensors.get(&name.name).and_then(|&t| {
+                    let t = &self.cascade.tensors[t];
+                    t.iterative.and_then(|d| t.ranks.get(d).map(|&r| (d, r)))
+                });
+                for (d, i) in indices.iter().enumerate() {
+                    let final_step = match (state, &i.kind) {
+                        (Some((sd, r)), ExprKind::Name(id)) => {
+                            sd == d && id.name == self.cascade.ranks[r].name.to_uppercase()
+                        }
+                        _ => false,
+                    };
+                    if !final_step {
+                        self.size_uses(i, out);
+                    }
+                }
+            }
+            ExprKind::Call { args, .. } => {
+                for a in args {
+                    self.size_uses(a, out);
+                }
+            }
+            ExprKind::Neg(a) => self.size_uses(a, out),
+            ExprKind::Binary(_, a, b) => {
+                self.size_uses(a, out);
+                self.size_uses(b, out);
+            }
+        }
+    }
+
+    /// The size symbols behind names: a size symbol is itself; an extent name stands for
+    /// the symbols its rank's extent was built from (a split's parent and tile included).
+    fn symbols_of_names(&self, names: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut pending: Vec<String> = names.to_vec();
+        let mut seen: HashSet<String> = HashSet::new();
+        while let Some(n) = pending.pop() {
+            if !seen.insert(n.clone()) {
+                continue;
+            }
+            if self.sizes.contains_key(&n) {
+                out.push(n);
+                continue;
+            }
+            let Some(r) = self.rank_with_extent_name(&n) else {
+                continue;
+            };
+            let rank = &self.cascade.ranks[r];
+            match &rank.source {
+                ExtentSource::Symbol(text) => pending.extend(
+                    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .filter(|w| !w.is_empty())
+                        .map(str::to_string),
+                ),
+                // The outer rank's extent is the parent's over the tile; the tile's is the
+                // tile alone.
+                ExtentSource::SplitOuter | ExtentSource::SplitTile => {
+                    if let Some(p) = rank.parent {
+                        if rank.source == ExtentSource::SplitOuter {
+                            pending.push(self.cascade.ranks[p].name.to_uppercase());
+                        }
+                        if let Some(t) = self.tile_symbols.get(&p) {
+                            pending.extend(t.iter().cloned());
+                        }
+                    }
+                }
+                ExtentSource::Literal => {}
+            }
+        }
+        out
     }
 
     fn kernel(&mut self, file: &ast::File) {
@@ -335,9 +490,47 @@ impl Lowerer {
     fn sizes(&mut self, file: &ast::File) {
         let mut order: Vec<String> = Vec::new();
         for s in &file.statements {
-            let StatementKind::Size { name, value, .. } = &s.kind else {
+            let StatementKind::Size {
+                name,
+                value,
+                value_span,
+                fixed,
+            } = &s.kind
+            else {
                 continue;
             };
+            if let Some(word) = fixed {
+                if word.name != "fixed" {
+                    self.error(
+                        Diagnostic::error(
+                            DiagnosticKind::Syntax,
+                            format!("unexpected `{}` after the size", word.name),
+                            word.span,
+                        )
+                        .with_label("expected `fixed` or the end of the statement"),
+                    );
+                } else {
+                    self.declared_fixed.push(name.name.clone());
+                    if let Some(v) = self.define(&name.name).filter(|v| v != value) {
+                        self.error(
+                            Diagnostic::error(
+                                DiagnosticKind::Invalid,
+                                format!(
+                                    "`-D {}={v}`: size `{}` is fixed at {value} in this program",
+                                    name.name, name.name
+                                ),
+                                *value_span,
+                            )
+                            .with_label("its value is built into the cascade")
+                            .with_help(
+                                "this text was printed from a cascade derived at this size (by \
+                                 `einattn optimize`, say); derive it again from the original \
+                                 program with the `-D` you want",
+                            ),
+                        );
+                    }
+                }
+            }
             if let Some(prev) = self.sizes.get(&name.name) {
                 let d = Diagnostic::error(
                     DiagnosticKind::Duplicate,
@@ -379,6 +572,20 @@ impl Lowerer {
                     ..
                 } => {
                     mentioned.insert(&id.name);
+                }
+                StatementKind::Rank {
+                    extent: ast::Extent::Expr(e),
+                    ..
+                }
+                | StatementKind::Split {
+                    tile: ast::Extent::Expr(e),
+                    ..
+                } => {
+                    let mut names = Vec::new();
+                    collect_names(e, &mut names);
+                    for id in names {
+                        mentioned.insert(&id.name);
+                    }
                 }
                 kind => {
                     for id in statement_names(kind) {
@@ -501,6 +708,54 @@ impl Lowerer {
                 value: *value,
                 source: ExtentSource::Literal,
             }),
+            ast::Extent::Expr(e) => {
+                // Affine in size symbols and extents; no ranks (they have no value here).
+                let value = match self.affine(e, &[]) {
+                    Ok(ix) if ix.terms.is_empty() => ix.constant,
+                    Ok(_) => {
+                        self.error(
+                            Diagnostic::error(
+                                DiagnosticKind::Invalid,
+                                "an extent is computed from integers and size symbols only",
+                                e.span,
+                            )
+                            .with_label("this names a rank"),
+                        );
+                        return None;
+                    }
+                    Err(NotAffine::Because(d)) => {
+                        self.error(*d);
+                        return None;
+                    }
+                    Err(NotAffine::No) => {
+                        self.error(
+                            Diagnostic::error(
+                                DiagnosticKind::Invalid,
+                                "an extent is an affine expression of integers and size symbols",
+                                e.span,
+                            )
+                            .with_label("not affine"),
+                        );
+                        return None;
+                    }
+                };
+                if value < 1 {
+                    self.error(
+                        Diagnostic::error(
+                            DiagnosticKind::Invalid,
+                            format!("this extent is {value}"),
+                            e.span,
+                        )
+                        .with_label("an extent is at least 1"),
+                    );
+                    return None;
+                }
+                Some(ResolvedExtent {
+                    value: value as u64,
+                    // Kept as written, so printing keeps it symbolic.
+                    source: ExtentSource::Symbol(extent_text(e)),
+                })
+            }
             ast::Extent::Name(id) => match self.size_value(&id.name) {
                 Some(value) => Some(ResolvedExtent {
                     value,
@@ -628,11 +883,12 @@ impl Lowerer {
                 ));
             }
             self.error(d);
-            return;
+            // The two ranks are still declared (with the floor of the quotient), so the
+            // Einsums that use them lower without a cascade of `unknown rank` errors.
         }
         let outer_h = self.cascade.ranks.append(Rank {
             name: outer.name.clone(),
-            extent: parent_extent / tile_value,
+            extent: (parent_extent / tile_value.max(1)).max(1),
             source: ExtentSource::SplitOuter,
             split: None,
             parent: Some(parent_h),
@@ -640,12 +896,23 @@ impl Lowerer {
         });
         let inner_h = self.cascade.ranks.append(Rank {
             name: inner.name.clone(),
-            extent: tile_value,
+            extent: tile_value.max(1),
             source: ExtentSource::SplitTile,
             split: None,
             parent: Some(parent_h),
             span: inner.span,
         });
+        let mut names = Vec::new();
+        match tile {
+            ast::Extent::Name(id) => names.push(id.name.clone()),
+            ast::Extent::Expr(e) => {
+                let mut ids = Vec::new();
+                collect_names(e, &mut ids);
+                names.extend(ids.into_iter().map(|id| id.name.clone()));
+            }
+            ast::Extent::Literal { .. } => {}
+        }
+        self.tile_symbols.insert(parent_h, names);
         self.cascade.ranks[parent_h].split = Some(Split {
             outer: outer_h,
             inner: inner_h,
@@ -999,7 +1266,21 @@ impl Lowerer {
 
         let expr = self.value(&e.value, &mentioned);
         let mut mask = Vec::new();
+        let mut value_mask = Vec::new();
         for c in &e.mask {
+            // A condition that reads a tensor or compares with a non-integer compares
+            // values: a data-dependent mask. Otherwise both sides must be affine indices.
+            if self.is_value_side(&c.lhs) || self.is_value_side(&c.rhs) {
+                let lhs = self.value(&c.lhs, &mentioned);
+                let rhs = self.value(&c.rhs, &mentioned);
+                value_mask.push(ValueCondition {
+                    lhs,
+                    op: cmp_op(c.op),
+                    rhs,
+                    span: c.span,
+                });
+                continue;
+            }
             let lhs = self.index(&c.lhs, &mentioned);
             let rhs = self.index(&c.rhs, &mentioned);
             if let (Some(lhs), Some(rhs)) = (lhs, rhs) {
@@ -1035,6 +1316,9 @@ impl Lowerer {
             note(&c.lhs);
             note(&c.rhs);
         }
+        for c in &value_mask {
+            c.visit_indices(&mut note);
+        }
         let mut reductions: Vec<Reduction> = implicit
             .into_iter()
             .map(|rank| Reduction {
@@ -1043,6 +1327,8 @@ impl Lowerer {
             })
             .collect();
         reductions.extend(prefixes.into_iter().rev());
+
+        self.summed_constant_terms(&e.value, &reductions, &mentioned);
 
         let recurrence = recurrence_rank.map(|(rank, _)| Recurrence {
             rank,
@@ -1054,12 +1340,88 @@ impl Lowerer {
             expr,
             reductions,
             mask,
+            value_mask,
             recurrence,
             span,
         });
         self.mentioned.push(mentioned);
         self.recurrences
             .push(recurrence_rank.map(|(r, _)| (r, false)));
+    }
+
+    /// Warns about a term of a sum that does not depend on a rank the Einsum sums over
+    /// (`scale * Q[p, e] * K[m, e] + bias[p]`, summed over `e`): it is added once per point
+    /// of the rank, which is almost never meant. A whole expression constant along the
+    /// rank is a deliberate count or scale and passes.
+    fn summed_constant_terms(
+        &mut self,
+        value: &ast::Expr,
+        reductions: &[Reduction],
+        mentioned: &[Handle<Rank>],
+    ) {
+        fn terms<'a>(e: &'a ast::Expr, out: &mut Vec<&'a ast::Expr>) {
+            match &e.kind {
+                ExprKind::Binary(BinOp::Add | BinOp::Sub, a, b) => {
+                    terms(a, out);
+                    terms(b, out);
+                }
+                ExprKind::Neg(a) => terms(a, out),
+                _ => out.push(e),
+            }
+        }
+        let mut parts = Vec::new();
+        terms(value, &mut parts);
+        if parts.len() < 2 {
+            return;
+        }
+        let ranks_of = |e: &ast::Expr| -> Vec<Handle<Rank>> {
+            let mut names = Vec::new();
+            collect_names(e, &mut names);
+            let mut out = Vec::new();
+            for id in names {
+                if self.tensors.contains_key(&id.name) {
+                    continue;
+                }
+                if let Some(&r) = self.ranks.get(&id.name) {
+                    out.extend(self.expand(r, mentioned).ranks());
+                }
+            }
+            out
+        };
+        let part_ranks: Vec<Vec<Handle<Rank>>> = parts.iter().map(|p| ranks_of(p)).collect();
+        let mut warned: Vec<Span> = Vec::new();
+        for red in reductions.iter().filter(|r| r.op == ReduceOp::Sum) {
+            if !part_ranks.iter().any(|rs| rs.contains(&red.rank)) {
+                continue;
+            }
+            for (part, rs) in parts.iter().zip(&part_ranks) {
+                let constant = matches!(part.kind, ExprKind::Int(0))
+                    || matches!(part.kind, ExprKind::Float(v) if v == 0.0);
+                if rs.contains(&red.rank) || constant || warned.contains(&part.span) {
+                    continue;
+                }
+                warned.push(part.span);
+                let rank = &self.cascade.ranks[red.rank];
+                let mut d = Diagnostic::error(
+                    DiagnosticKind::SummedConstant,
+                    format!(
+                        "this term does not depend on `{}`, which the Einsum sums over",
+                        rank.name
+                    ),
+                    part.span,
+                )
+                .with_label(format!(
+                    "added {} times, once per `{}`",
+                    rank.extent, rank.name
+                ))
+                .with_help(
+                    "a sum reduces the whole expression; compute the sum in its own Einsum and \
+                     add this term to its result",
+                );
+                d.severity = validate::Severity::Warning;
+                self.error(d);
+            }
+        }
     }
 
     fn init(&mut self, target: &ast::Access, value: &ast::Expr, kind: &StatementKind, span: Span) {
@@ -1482,6 +1844,31 @@ impl Lowerer {
             ("min", Some(b)) => Expr::binary(BinaryOp::Min, a, b),
             _ => Expr::Literal(0.0),
         }
+    }
+
+    /// Whether one side of a `where` condition is a value rather than an index: it reads
+    /// a tensor (a scalar parameter included), calls a function or has a non-integer
+    /// literal.
+    fn is_value_side(&self, expr: &ast::Expr) -> bool {
+        let mut stack = vec![expr];
+        while let Some(e) = stack.pop() {
+            match &e.kind {
+                ExprKind::Float(_) | ExprKind::Inf => return true,
+                ExprKind::Access { .. } | ExprKind::Call { .. } => return true,
+                ExprKind::Name(id) => {
+                    if self.tensors.contains_key(&id.name) && !self.ranks.contains_key(&id.name) {
+                        return true;
+                    }
+                }
+                ExprKind::Int(_) => {}
+                ExprKind::Neg(a) => stack.push(a),
+                ExprKind::Binary(_, a, b) => {
+                    stack.push(a);
+                    stack.push(b);
+                }
+            }
+        }
+        false
     }
 
     /// Lowers an index expression, reporting why when it is not affine.

@@ -143,9 +143,11 @@ fn wrong_number_of_indices() {
 
 #[test]
 fn index_over_an_unrelated_rank() {
+    // `e` (extent 4) is neither `p`, nor split from it, nor declared over the same size.
+    // (`Q[m, e]` is valid: `m` and `p` are both declared over `M`.)
     check!(
         "rank_mismatch_family",
-        fail_with("O[p] = Q[m, e] * K[m, e]\n", &[]),
+        fail_with("O[p] = Q[e, e] * K[m, e]\n", &[]),
         DiagnosticKind::RankMismatch,
         at(9, 10)
     );
@@ -459,4 +461,81 @@ fn every_syntax_error_is_reported() {
         .collect();
     assert_eq!(lines, vec![9, 10], "{}", d.render("t.ein", &source));
     assert!(d.iter().all(|d| d.kind == DiagnosticKind::Syntax));
+}
+
+#[test]
+fn a_split_that_does_not_divide_is_one_error_however_its_ranks_are_used() {
+    let source = "kernel s\nsize M = 1000\nrank m: M\nrank p: 4\nsplit m -> m1, m0: 48\n\
+                  input K[m, p]: f32\noutput O[p]: f32\nL[m1, p] = max[m0] K[m, p]\n\
+                  R[m1+1, p] = max(R[m1, p], L[m1, p])\ninit R[0, p] = -inf\nO[p] = R[M1, p]\n";
+    let d = compile_source("t.ein", source, &[]).unwrap_err();
+    assert_eq!(d.len(), 1, "{}", d.render("t.ein", source));
+    assert_eq!(
+        d.first().map(|d| d.kind),
+        Some(DiagnosticKind::SplitDoesNotDivide)
+    );
+}
+
+#[test]
+fn a_define_that_changes_a_fixed_size() {
+    let source =
+        "kernel s\nsize M = 8 fixed\nrank m: M\ninput K[m]: f32\noutput O: f32\nO = K[m] / M\n";
+    assert!(compile_source("t.ein", source, &[("M".into(), 8)]).is_ok());
+    check!(
+        "define_changes_fixed_size",
+        fail_source(source, &[("M".into(), 16)]),
+        DiagnosticKind::Invalid,
+        at(2, 10)
+    );
+}
+
+#[test]
+fn a_word_other_than_fixed_after_a_size() {
+    let source = "kernel s\nsize M = 8 fxed\nrank m: M\ninput K[m]: f32\noutput O: f32\nO = K[m]\n";
+    let (kind, loc, rendered) = fail_source(source, &[]);
+    assert_eq!(kind, DiagnosticKind::Syntax, "{rendered}");
+    assert_eq!(loc, at(2, 12), "{rendered}");
+}
+
+const DELTA: &str = "\
+kernel d
+rank t: 6
+rank d: 3
+rank e: 2
+input k[t, d]: f32
+input v[t, e]: f32
+output O[t, e]: f32
+";
+
+#[test]
+fn a_step_body_whose_einsums_read_each_other_in_the_same_step() {
+    // KS reads the state after this step's update, which needs KS: a cycle inside one step.
+    let source = format!(
+        "{DELTA}KS[t, e] = k[t, d] * S[t+1, d, e]\nS[t+1, d, e] = S[t, d, e] - k[t, d] * KS[t, e]\n\
+         init S[0, d, e] = 0\nO[t, e] = KS[t, e]\n"
+    );
+    check!(
+        "step_body_cycle",
+        fail_source(&source, &[]),
+        DiagnosticKind::Cycle,
+        at(8, 1)
+    );
+}
+
+#[test]
+fn a_step_body_through_the_current_state_is_valid() {
+    let source = format!(
+        "{DELTA}KS[t, e] = k[t, d] * S[t, d, e]\nS[t+1, d, e] = S[t, d, e] - k[t, d] * KS[t, e] + k[t, d] * v[t, e]\n\
+         init S[0, d, e] = 0\nO[t, e] = KS[t, e]\n"
+    );
+    let c = compile_source("t.ein", &source, &[])
+        .unwrap_or_else(|d| panic!("{}", d.render("t.ein", &source)));
+    let bodies = einattn_ir::validate::step_bodies(&c);
+    assert_eq!(bodies.len(), 1);
+    let names: Vec<&str> = bodies[0]
+        .einsums
+        .iter()
+        .map(|&e| c.tensors[c.einsums[e].output.tensor].name.as_str())
+        .collect();
+    assert_eq!(names, ["KS", "S"], "one step computes KS first");
 }

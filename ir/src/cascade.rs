@@ -459,6 +459,41 @@ impl Condition {
     }
 }
 
+/// One conjunct of a mask that compares *values* rather than affine indices: tensor
+/// reads, maps, rank values (`SEG[b, p] == SEG[b, m]`, a document mask). It is checked
+/// where an affine condition over the same ranks would be (the innermost reduction among
+/// the ranks it mentions, or the output point), so a failing point is absent in the same
+/// way. A point whose condition reads an absent value is absent too. Data-dependent: the
+/// analysis cannot count its points and takes them all as present (an upper bound).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ValueCondition {
+    pub lhs: Expr,
+    pub op: CmpOp,
+    pub rhs: Expr,
+    pub span: Span,
+}
+
+impl ValueCondition {
+    /// Calls `f` on every tensor access of both sides, left to right.
+    pub fn visit_accesses<'a>(&'a self, f: &mut impl FnMut(&'a Access)) {
+        self.lhs.visit_accesses(f);
+        self.rhs.visit_accesses(f);
+    }
+
+    /// Calls `f` on every index expression of both sides.
+    pub fn visit_indices<'a>(&'a self, f: &mut impl FnMut(&'a IndexExpr)) {
+        self.lhs.visit_indices(f);
+        self.rhs.visit_indices(f);
+    }
+
+    /// Whether the condition mentions `rank` anywhere.
+    pub fn mentions(&self, rank: Handle<Rank>) -> bool {
+        let mut found = false;
+        self.visit_indices(&mut |i| found |= i.mentions(rank));
+        found
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Reduction {
     pub rank: Handle<Rank>,
@@ -483,6 +518,9 @@ pub struct Einsum {
     /// Conjunction of conditions; points where it fails are absent (they take the identity
     /// of whatever reduction consumes them, and read as 0 from a stored output).
     pub mask: Vec<Condition>,
+    /// Conditions on values (data-dependent masks), conjoined with `mask`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub value_mask: Vec<ValueCondition>,
     pub recurrence: Option<Recurrence>,
     pub span: Span,
 }
@@ -490,6 +528,31 @@ pub struct Einsum {
 impl Einsum {
     pub fn is_reduced(&self, rank: Handle<Rank>) -> bool {
         self.reductions.iter().any(|r| r.rank == rank)
+    }
+
+    /// Calls `f` on every tensor the Einsum reads: its expression, its value conditions
+    /// and its recurrence's init, in that order.
+    pub fn visit_reads<'a>(&'a self, f: &mut impl FnMut(&'a Access)) {
+        self.expr.visit_accesses(f);
+        for c in &self.value_mask {
+            c.visit_accesses(f);
+        }
+        if let Some(rec) = &self.recurrence {
+            rec.init.visit_accesses(f);
+        }
+    }
+
+    /// Calls `f` on every index expression of the body: the expression, the mask and the
+    /// value conditions (not the output, not the init).
+    pub fn visit_body_indices<'a>(&'a self, f: &mut impl FnMut(&'a IndexExpr)) {
+        self.expr.visit_indices(f);
+        for c in &self.mask {
+            f(&c.lhs);
+            f(&c.rhs);
+        }
+        for c in &self.value_mask {
+            c.visit_indices(f);
+        }
     }
 }
 
@@ -501,6 +564,11 @@ pub struct Cascade {
     pub einsums: Arena<Einsum>,
     /// Size symbols and their bound values, in declaration order.
     pub sizes: Vec<(String, u64)>,
+    /// Size symbols whose value is built into the cascade as plain integers (a literal
+    /// `D` in a value, `N - 1` in an index, a split tile): printed as `size D = 64 fixed`
+    /// so that a `-D` on the printed text is refused rather than half applied.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub fixed_sizes: Vec<String>,
 }
 
 impl<T: Serialize> Serialize for Arena<T> {
@@ -572,6 +640,9 @@ impl Cascade {
         e.expr.visit_indices(&mut |i| i.ranks().for_each(&mut add));
         for c in &e.mask {
             c.lhs.ranks().chain(c.rhs.ranks()).for_each(&mut add);
+        }
+        for c in &e.value_mask {
+            c.visit_indices(&mut |i| i.ranks().for_each(&mut add));
         }
         for r in &e.reductions {
             add(r.rank);

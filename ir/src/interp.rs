@@ -108,6 +108,56 @@ pub enum EvalError {
 #[derive(Clone, Debug, Default)]
 pub struct Values {
     pub tensors: HashMap<Handle<Tensor>, TensorData>,
+    /// Per Einsum that produced a NaN from operands that were not NaN, the first such
+    /// point, in evaluation order: NaN is a value of the f64 semantics, but one a user
+    /// almost never wants (`exp(-inf - -inf)` of a running max nothing has reached yet).
+    pub nan_origins: Vec<NanOrigin>,
+}
+
+/// Where a NaN first appeared in one Einsum.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NanOrigin {
+    pub einsum: Handle<Einsum>,
+    /// The point, as (rank, index) over the Einsum's iteration ranks.
+    pub point: Vec<(Handle<Rank>, i64)>,
+    /// The operation, with its operands: `-inf - -inf`.
+    pub operation: String,
+}
+
+impl NanOrigin {
+    /// One sentence for a user: the Einsum, the point, the operation and, for the
+    /// infinite difference a running max left at `-inf` produces, how to avoid it.
+    pub fn message(&self, cascade: &Cascade) -> String {
+        let e = &cascade.einsums[self.einsum];
+        let name = &cascade.tensors[e.output.tensor].name;
+        let point: Vec<String> = self
+            .point
+            .iter()
+            .map(|(r, i)| format!("{}={i}", cascade.ranks[*r].name))
+            .collect();
+        let mut text = format!(
+            "`{name}` computes NaN at ({}): {} is NaN",
+            point.join(", "),
+            self.operation
+        );
+        if self.operation.contains("inf - -inf") || self.operation.contains("inf - inf") {
+            let neg_inf_state = cascade.einsums.iter().find(|(_, x)| {
+                x.recurrence
+                    .as_ref()
+                    .is_some_and(|r| r.init == Expr::Literal(f64::NEG_INFINITY))
+                    && matches!(x.expr, Expr::Binary(BinaryOp::Max, _, _))
+            });
+            if let Some((_, x)) = neg_inf_state {
+                let state = &cascade.tensors[x.output.tensor].name;
+                text.push_str(&format!(
+                    "; the running max `{state}` starts at -inf and stays there while a mask hides \
+                     every point seen so far, so exp(-inf - -inf) = NaN: start it at a finite \
+                     value such as -1e30 (examples/attention_sliding_window.ein does)"
+                ));
+            }
+        }
+        text
+    }
 }
 
 impl Values {
@@ -290,9 +340,33 @@ struct Evaluator<'a> {
     /// The state a recurrence is advancing, read in place of `values`.
     state: Option<(Handle<Tensor>, &'a TensorData)>,
     accesses: Vec<FlatAccess>,
+    /// The first operation that made a NaN from operands that were not NaN.
+    nan: std::cell::RefCell<Option<String>>,
 }
 
-impl Evaluator<'_> {
+impl<'a> Evaluator<'a> {
+    fn new(
+        cascade: &'a Cascade,
+        values: &'a HashMap<Handle<Tensor>, TensorData>,
+        state: Option<(Handle<Tensor>, &'a TensorData)>,
+        accesses: Vec<FlatAccess>,
+    ) -> Self {
+        Evaluator {
+            cascade,
+            values,
+            state,
+            accesses,
+            nan: std::cell::RefCell::new(None),
+        }
+    }
+
+    fn note_nan(&self, describe: impl FnOnce() -> String) {
+        let mut first = self.nan.borrow_mut();
+        if first.is_none() {
+            *first = Some(describe());
+        }
+    }
+
     /// `Ok(None)` when an operand is absent.
     fn eval(&self, node: &Node, idx: &[i64]) -> Result<Option<f64>, EvalError> {
         Ok(match node {
@@ -310,12 +384,76 @@ impl Evaluator<'_> {
                 })?;
                 data.get(access.offset(self.cascade, idx)?)
             }
-            Node::Unary(op, a) => self.eval(a, idx)?.map(|x| op.apply(x)),
+            Node::Unary(op, a) => self.eval(a, idx)?.map(|x| {
+                let y = op.apply(x);
+                if y.is_nan() && !x.is_nan() {
+                    self.note_nan(|| format!("{}({})", op.name(), show(x)));
+                }
+                y
+            }),
             Node::Binary(op, a, b) => match (self.eval(a, idx)?, self.eval(b, idx)?) {
-                (Some(x), Some(y)) => Some(op.apply(x, y)),
+                (Some(x), Some(y)) => {
+                    let z = op.apply(x, y);
+                    if z.is_nan() && !x.is_nan() && !y.is_nan() {
+                        self.note_nan(|| match op.infix() {
+                            Some(sym) => format!("{} {sym} {}", show(x), show(y)),
+                            None => format!("{}({}, {})", op.name(), show(x), show(y)),
+                        });
+                    }
+                    Some(z)
+                }
                 _ => None,
             },
         })
+    }
+
+    /// Whether a value condition holds; `None` when it reads an absent value.
+    fn holds(&self, c: &ValueNode, idx: &[i64]) -> Result<Option<bool>, EvalError> {
+        Ok(match (self.eval(&c.lhs, idx)?, self.eval(&c.rhs, idx)?) {
+            (Some(a), Some(b)) => Some(match c.op {
+                CmpOp::Lt => a < b,
+                CmpOp::Le => a <= b,
+                CmpOp::Gt => a > b,
+                CmpOp::Ge => a >= b,
+                CmpOp::Eq => a == b,
+                CmpOp::Ne => a != b,
+            }),
+            _ => None,
+        })
+    }
+}
+
+/// A number as an error message shows it: `-inf`, `0`, `1.5`.
+fn show(x: f64) -> String {
+    crate::print::number(x)
+}
+
+/// A value condition with its accesses flattened.
+struct ValueNode {
+    lhs: Node,
+    op: CmpOp,
+    rhs: Node,
+}
+
+/// The conditions checked once one loop level's rank is bound: affine ones first, so a
+/// value condition only reads where the index conditions already hold.
+#[derive(Default)]
+struct Checks {
+    affine: Vec<Condition>,
+    values: Vec<ValueNode>,
+}
+
+impl Checks {
+    fn pass(&self, ev: &Evaluator, idx: &[i64]) -> Result<bool, EvalError> {
+        if !self.affine.iter().all(|c| c.holds(|r| idx[r.index()])) {
+            return Ok(false);
+        }
+        for v in &self.values {
+            if ev.holds(v, idx)? != Some(true) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 
@@ -324,9 +462,9 @@ impl Evaluator<'_> {
 struct Plan {
     body: Node,
     /// Reductions outermost first: (rank index, extent, op, conditions checkable here).
-    levels: Vec<(usize, i64, ReduceOp, Vec<Condition>)>,
+    levels: Vec<(usize, i64, ReduceOp, Checks)>,
     /// Conditions over output ranks only.
-    outer_conditions: Vec<Condition>,
+    outer: Checks,
 }
 
 impl Plan {
@@ -339,26 +477,26 @@ impl Plan {
         if level == self.levels.len() {
             return ev.eval(&self.body, idx);
         }
-        let (rank, extent, op, conds) = &self.levels[level];
+        let (rank, extent, op, checks) = &self.levels[level];
         let mut acc = op.identity();
         for i in 0..*extent {
             idx[*rank] = i;
-            if !conds.iter().all(|c| c.holds(|r| idx[r.index()])) {
+            if !checks.pass(ev, idx)? {
                 continue;
             }
             if let Some(v) = self.reduce(ev, level + 1, idx)? {
-                acc = op.combine(acc, v);
+                let next = op.combine(acc, v);
+                if next.is_nan() && !acc.is_nan() && !v.is_nan() {
+                    ev.note_nan(|| format!("{}({}, {})", op.name(), show(acc), show(v)));
+                }
+                acc = next;
             }
         }
         Ok(Some(acc))
     }
 
     fn point(&self, ev: &Evaluator, idx: &mut [i64]) -> Result<Option<f64>, EvalError> {
-        if !self
-            .outer_conditions
-            .iter()
-            .all(|c| c.holds(|r| idx[r.index()]))
-        {
+        if !self.outer.pass(ev, idx)? {
             return Ok(None);
         }
         self.reduce(ev, 0, idx)
@@ -370,37 +508,50 @@ fn plan(cascade: &Cascade, einsum: &Einsum, accesses: &mut Vec<FlatAccess>) -> P
     // Outermost reduction first; a condition is checked at the first level where all
     // of its ranks are bound, so a masked outer point skips its whole inner reduction.
     let order: Vec<&Reduction> = einsum.reductions.iter().rev().collect();
-    let bound_level = |c: &Condition| -> Option<usize> {
+    let bound_level = |ranks: &mut dyn Iterator<Item = Handle<Rank>>| -> Option<usize> {
         let mut level = None;
-        for r in c.lhs.ranks().chain(c.rhs.ranks()) {
+        for r in ranks {
             if let Some(pos) = order.iter().position(|red| red.rank == r) {
                 level = Some(level.map_or(pos, |l: usize| l.max(pos)));
             }
         }
         level
     };
-    let mut levels: Vec<(usize, i64, ReduceOp, Vec<Condition>)> = order
+    let mut levels: Vec<(usize, i64, ReduceOp, Checks)> = order
         .iter()
         .map(|red| {
             (
                 red.rank.index(),
                 cascade.ranks[red.rank].extent as i64,
                 red.op,
-                Vec::new(),
+                Checks::default(),
             )
         })
         .collect();
-    let mut outer_conditions = Vec::new();
+    let mut outer = Checks::default();
     for c in &einsum.mask {
-        match bound_level(c) {
-            Some(l) => levels[l].3.push(c.clone()),
-            None => outer_conditions.push(c.clone()),
+        match bound_level(&mut c.lhs.ranks().chain(c.rhs.ranks())) {
+            Some(l) => levels[l].3.affine.push(c.clone()),
+            None => outer.affine.push(c.clone()),
+        }
+    }
+    for c in &einsum.value_mask {
+        let mut ranks = Vec::new();
+        c.visit_indices(&mut |i| ranks.extend(i.ranks()));
+        let node = ValueNode {
+            lhs: flatten(cascade, &c.lhs, accesses),
+            op: c.op,
+            rhs: flatten(cascade, &c.rhs, accesses),
+        };
+        match bound_level(&mut ranks.into_iter()) {
+            Some(l) => levels[l].3.values.push(node),
+            None => outer.values.push(node),
         }
     }
     Plan {
         body,
         levels,
-        outer_conditions,
+        outer,
     }
 }
 
@@ -448,7 +599,9 @@ fn check_input(
 }
 
 /// Evaluates `cascade` on `inputs` (every Input and Param tensor; a Param with a default may
-/// be omitted) in the order given by `order` (a topological order of the Einsums).
+/// be omitted) in the order given by `order` (a topological order of the Einsums). The
+/// Einsums of a step body ([`crate::validate::step_bodies`]) are evaluated together, one
+/// step at a time, when the first of them comes up.
 pub fn evaluate_in_order(
     cascade: &Cascade,
     inputs: &HashMap<Handle<Tensor>, TensorData>,
@@ -478,27 +631,175 @@ pub fn evaluate_in_order(
             _ => {}
         }
     }
+    let bodies = crate::validate::step_bodies(cascade);
+    let mut done = vec![false; cascade.einsums.len()];
+    let mut nan_origins = Vec::new();
     for &e in order {
-        let data = evaluate_einsum(cascade, e, &values)?;
+        if done.get(e.index()).copied().unwrap_or(true) {
+            continue;
+        }
+        if let Some(body) = bodies.iter().find(|b| b.einsums.contains(&e)) {
+            let origins = evaluate_step_body(cascade, body, &mut values)?;
+            nan_origins.extend(origins);
+            for m in &body.einsums {
+                done[m.index()] = true;
+            }
+            continue;
+        }
+        let (data, nan) = evaluate_einsum(cascade, e, &values)?;
+        nan_origins.extend(nan);
         values.insert(cascade.einsums[e].output.tensor, data);
+        done[e.index()] = true;
     }
-    Ok(Values { tensors: values })
+    Ok(Values {
+        tensors: values,
+        nan_origins,
+    })
+}
+
+/// The output of `einsum` before any point is written: nothing present.
+fn empty_output(cascade: &Cascade, einsum: Handle<Einsum>) -> TensorData {
+    let shape = shape_of(cascade, cascade.einsums[einsum].output.tensor);
+    let n: usize = shape.iter().product();
+    TensorData {
+        shape,
+        values: vec![0.0; n],
+        present: Some(vec![false; n]),
+    }
+}
+
+/// The free ranks of an Einsum: its iteration ranks that it does not reduce.
+fn free_ranks(cascade: &Cascade, einsum: Handle<Einsum>) -> Vec<Handle<Rank>> {
+    let e = &cascade.einsums[einsum];
+    cascade
+        .iteration_ranks(einsum)
+        .into_iter()
+        .filter(|&r| !e.is_reduced(r))
+        .collect()
+}
+
+fn origin(
+    cascade: &Cascade,
+    einsum: Handle<Einsum>,
+    idx: &[i64],
+    operation: Option<String>,
+) -> Option<NanOrigin> {
+    operation.map(|operation| NanOrigin {
+        einsum,
+        point: cascade
+            .iteration_ranks(einsum)
+            .into_iter()
+            .filter(|r| !cascade.einsums[einsum].is_reduced(*r))
+            .map(|r| (r, idx[r.index()]))
+            .collect(),
+        operation,
+    })
+}
+
+/// Evaluates the members of a step body together: their outputs start empty (states get
+/// their init), then for each step of the rank every member computes its points of that
+/// step, in the body's order, reading what the others wrote so far.
+fn evaluate_step_body(
+    cascade: &Cascade,
+    body: &crate::validate::StepBody,
+    values: &mut HashMap<Handle<Tensor>, TensorData>,
+) -> Result<Vec<NanOrigin>, EvalError> {
+    let mut idx = vec![0i64; cascade.ranks.len()];
+    let mut nan: Vec<Option<NanOrigin>> = vec![None; body.einsums.len()];
+    for &e in &body.einsums {
+        values.insert(cascade.einsums[e].output.tensor, empty_output(cascade, e));
+    }
+    // Step 0 of every state.
+    for (k, &e) in body.einsums.iter().enumerate() {
+        let einsum = &cascade.einsums[e];
+        let Some(rec) = &einsum.recurrence else {
+            continue;
+        };
+        let mut accesses = Vec::new();
+        let init = flatten(cascade, &rec.init, &mut accesses);
+        let init_out = init_access(
+            cascade,
+            einsum,
+            cascade.tensors[einsum.output.tensor].iterative,
+        );
+        let others: Vec<Handle<Rank>> = free_ranks(cascade, e)
+            .into_iter()
+            .filter(|&r| r != rec.rank)
+            .collect();
+        let mut writes = Vec::new();
+        {
+            let ev = Evaluator::new(cascade, values, None, accesses);
+            for_each_point(cascade, &others, &mut idx, &mut |idx| {
+                writes.push((init_out.offset(cascade, idx)?, ev.eval(&init, idx)?));
+                if nan[k].is_none() {
+                    nan[k] = origin(cascade, e, idx, ev.nan.borrow_mut().take());
+                }
+                Ok(())
+            })?;
+        }
+        if let Some(out) = values.get_mut(&einsum.output.tensor) {
+            for (off, v) in writes {
+                write(out, off, v);
+            }
+        }
+    }
+    let mut accesses: Vec<Vec<FlatAccess>> = Vec::new();
+    let mut plans: Vec<(Plan, FlatAccess, Vec<Handle<Rank>>)> = Vec::new();
+    for &e in &body.einsums {
+        let einsum = &cascade.einsums[e];
+        let mut flat = Vec::new();
+        let p = plan(cascade, einsum, &mut flat);
+        let others = free_ranks(cascade, e)
+            .into_iter()
+            .filter(|&r| r != body.rank)
+            .collect();
+        accesses.push(flat);
+        plans.push((p, FlatAccess::new(cascade, &einsum.output), others));
+    }
+    let steps = cascade.ranks[body.rank].extent as i64;
+    for step in 0..steps {
+        idx[body.rank.index()] = step;
+        for (k, &e) in body.einsums.iter().enumerate() {
+            let (plan, output, others) = &plans[k];
+            let target = cascade.einsums[e].output.tensor;
+            let mut writes = Vec::new();
+            {
+                let ev = Evaluator::new(cascade, values, None, std::mem::take(&mut accesses[k]));
+                for_each_point(cascade, others, &mut idx, &mut |idx| {
+                    writes.push((output.offset(cascade, idx)?, plan.point(&ev, idx)?));
+                    if nan[k].is_none() {
+                        nan[k] = origin(cascade, e, idx, ev.nan.borrow_mut().take());
+                    }
+                    Ok(())
+                })?;
+                accesses[k] = ev.accesses;
+            }
+            if let Some(out) = values.get_mut(&target) {
+                for (off, v) in writes {
+                    write(out, off, v);
+                }
+            }
+        }
+    }
+    for &e in &body.einsums {
+        let t = cascade.einsums[e].output.tensor;
+        if let Some(out) = values.get_mut(&t) {
+            if out.present.as_ref().is_some_and(|p| p.iter().all(|&x| x)) {
+                out.present = None;
+            }
+        }
+    }
+    Ok(nan.into_iter().flatten().collect())
 }
 
 fn evaluate_einsum(
     cascade: &Cascade,
     einsum: Handle<Einsum>,
     values: &HashMap<Handle<Tensor>, TensorData>,
-) -> Result<TensorData, EvalError> {
+) -> Result<(TensorData, Option<NanOrigin>), EvalError> {
     let e = &cascade.einsums[einsum];
     let target = e.output.tensor;
-    let shape = shape_of(cascade, target);
-    let n: usize = shape.iter().product();
-    let mut out = TensorData {
-        shape,
-        values: vec![0.0; n],
-        present: Some(vec![false; n]),
-    };
+    let mut out = empty_output(cascade, einsum);
     let mut accesses = Vec::new();
     let output_access = FlatAccess::new(cascade, &e.output);
     let body_plan = plan(cascade, e, &mut accesses);
@@ -507,12 +808,8 @@ fn evaluate_einsum(
         .as_ref()
         .map(|rec| flatten(cascade, &rec.init, &mut accesses));
     let mut idx = vec![0i64; cascade.ranks.len()];
-
-    let free: Vec<Handle<Rank>> = cascade
-        .iteration_ranks(einsum)
-        .into_iter()
-        .filter(|&r| !e.is_reduced(r))
-        .collect();
+    let free = free_ranks(cascade, einsum);
+    let mut nan: Option<NanOrigin> = None;
 
     match (&e.recurrence, init_node) {
         (Some(rec), Some(init)) => {
@@ -523,32 +820,33 @@ fn evaluate_einsum(
             let state_dim = cascade.tensors[target].iterative;
             let steps = cascade.ranks[rec.rank].extent as i64;
             {
-                let ev = Evaluator {
-                    cascade,
-                    values,
-                    state: None,
-                    accesses: std::mem::take(&mut accesses),
-                };
+                let ev = Evaluator::new(cascade, values, None, std::mem::take(&mut accesses));
                 let init_out = init_access(cascade, e, state_dim);
                 for_each_point(cascade, &others, &mut idx, &mut |idx| {
                     let off = init_out.offset(cascade, idx)?;
                     write(&mut out, off, ev.eval(&init, idx)?);
+                    if nan.is_none() {
+                        nan = origin(cascade, einsum, idx, ev.nan.borrow_mut().take());
+                    }
                     Ok(())
                 })?;
                 accesses = ev.accesses;
             }
             for step in 0..steps {
                 idx[rec.rank.index()] = step;
-                let ev = Evaluator {
+                let ev = Evaluator::new(
                     cascade,
                     values,
-                    state: Some((target, &out)),
-                    accesses: std::mem::take(&mut accesses),
-                };
+                    Some((target, &out)),
+                    std::mem::take(&mut accesses),
+                );
                 let mut writes = Vec::new();
                 for_each_point(cascade, &others, &mut idx, &mut |idx| {
                     let off = output_access.offset(cascade, idx)?;
                     writes.push((off, body_plan.point(&ev, idx)?));
+                    if nan.is_none() {
+                        nan = origin(cascade, einsum, idx, ev.nan.borrow_mut().take());
+                    }
                     Ok(())
                 })?;
                 accesses = ev.accesses;
@@ -558,15 +856,13 @@ fn evaluate_einsum(
             }
         }
         _ => {
-            let ev = Evaluator {
-                cascade,
-                values,
-                state: None,
-                accesses,
-            };
+            let ev = Evaluator::new(cascade, values, None, accesses);
             for_each_point(cascade, &free, &mut idx, &mut |idx| {
                 let off = output_access.offset(cascade, idx)?;
                 write(&mut out, off, body_plan.point(&ev, idx)?);
+                if nan.is_none() {
+                    nan = origin(cascade, einsum, idx, ev.nan.borrow_mut().take());
+                }
                 Ok(())
             })?;
         }
@@ -574,7 +870,7 @@ fn evaluate_einsum(
     if out.present.as_ref().is_some_and(|p| p.iter().all(|&x| x)) {
         out.present = None;
     }
-    Ok(out)
+    Ok((out, nan))
 }
 
 /// The output access of the init: the state's iterative dimension at step 0.

@@ -22,7 +22,12 @@ pub fn print(cascade: &Cascade) -> String {
     if !cascade.sizes.is_empty() {
         out.push('\n');
         for (name, value) in &cascade.sizes {
-            let _ = writeln!(out, "size {name} = {value}");
+            let fixed = if cascade.fixed_sizes.contains(name) {
+                " fixed"
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "size {name} = {value}{fixed}");
         }
     }
     if !cascade.ranks.is_empty() {
@@ -119,6 +124,19 @@ pub fn einsum_to_string(cascade: &Cascade, einsum: Handle<Einsum>) -> String {
             index_to_string(cascade, &c.rhs)
         );
     }
+    // Value conditions after the affine ones: the front end sorts them the same way.
+    for (i, c) in e.value_mask.iter().enumerate() {
+        out.push_str(if i == 0 && e.mask.is_empty() {
+            " where "
+        } else {
+            " and "
+        });
+        let mut lhs = String::new();
+        let mut rhs = String::new();
+        write_expr(cascade, &c.lhs, SUM, false, &mut lhs);
+        write_expr(cascade, &c.rhs, SUM, false, &mut rhs);
+        let _ = write!(out, "{lhs} {} {rhs}", c.op.symbol());
+    }
     out.push('\n');
     if let Some(rec) = &e.recurrence {
         let dim = cascade
@@ -155,6 +173,9 @@ fn mentioned_ranks(e: &Einsum) -> Vec<Handle<Rank>> {
     for c in &e.mask {
         add(&c.lhs);
         add(&c.rhs);
+    }
+    for c in &e.value_mask {
+        c.visit_indices(&mut add);
     }
     if let Some(rec) = &e.recurrence {
         rec.init.visit_indices(&mut add);
@@ -279,6 +300,9 @@ fn explicit_reductions(e: &Einsum) -> &[Reduction] {
     for c in &e.mask {
         add(&c.lhs);
         add(&c.rhs);
+    }
+    for c in &e.value_mask {
+        c.visit_indices(&mut add);
     }
     let reductions = e.reductions.as_slice();
     for k in (0..=reductions.len()).rev() {
@@ -439,19 +463,49 @@ fn write_expr(cascade: &Cascade, expr: &Expr, min: u8, arith_operand: bool, out:
 }
 
 fn access_to_string(cascade: &Cascade, access: &Access) -> String {
-    let name = cascade
-        .tensors
-        .get(access.tensor)
-        .map_or("?", |t| t.name.as_str());
+    let tensor = cascade.tensors.get(access.tensor);
+    let name = tensor.map_or("?", |t| t.name.as_str());
     if access.indices.is_empty() {
         return name.to_string();
     }
     let parts: Vec<String> = access
         .indices
         .iter()
-        .map(|i| index_to_string(cascade, i))
+        .enumerate()
+        .map(|(d, i)| match final_step_name(cascade, tensor, d, i) {
+            Some(extent) => extent,
+            None => index_to_string(cascade, i),
+        })
         .collect();
     format!("{name}[{}]", parts.join(", "))
+}
+
+/// The extent name `R` for a read of a state's final step (`RNV[M1, ...]`), so the printed
+/// text reads the final step at any size; `None` for any other index, or when `R` would
+/// not read back as that extent (a size symbol or another rank with the same name).
+fn final_step_name(
+    cascade: &Cascade,
+    tensor: Option<&Tensor>,
+    dim: usize,
+    index: &IndexExpr,
+) -> Option<String> {
+    let t = tensor?;
+    if t.iterative != Some(dim) || !index.terms.is_empty() {
+        return None;
+    }
+    let rank = cascade.ranks.get(*t.ranks.get(dim)?)?;
+    if index.constant != i64::try_from(rank.extent).ok()? {
+        return None;
+    }
+    let upper = rank.name.to_uppercase();
+    let unique = cascade
+        .ranks
+        .iter()
+        .filter(|(_, r)| r.name.to_uppercase() == upper)
+        .count()
+        == 1;
+    let shadowed = cascade.sizes.iter().any(|(s, _)| *s == upper);
+    (unique && !shadowed).then_some(upper)
 }
 
 /// A copy with every span set to `Span::UNKNOWN`, to compare cascades parsed from
@@ -482,6 +536,11 @@ pub fn without_spans(cascade: &Cascade) -> Cascade {
         clear_expr(&mut e.expr);
         for m in &mut e.mask {
             m.span = Span::UNKNOWN;
+        }
+        for v in &mut e.value_mask {
+            v.span = Span::UNKNOWN;
+            clear_expr(&mut v.lhs);
+            clear_expr(&mut v.rhs);
         }
         if let Some(rec) = &mut e.recurrence {
             rec.init_span = Span::UNKNOWN;

@@ -49,6 +49,9 @@ pub enum DiagnosticKind {
     UndefinedSize,
     /// A `-D NAME=VALUE` for a name the program does not use.
     UnknownDefine,
+    /// A term added to the rest of an Einsum's expression that does not depend on a rank
+    /// the Einsum sums over: it is added once per point of that rank (a warning).
+    SummedConstant,
     /// An index whose range (by interval arithmetic) leaves the dimension.
     OutOfRange,
     /// A valid cascade that a backend cannot map onto its kernels.
@@ -214,43 +217,301 @@ pub fn dependencies(cascade: &Cascade) -> Vec<Vec<Handle<Einsum>>> {
                     }
                 }
             };
-            e.expr.visit_accesses(&mut add);
-            if let Some(rec) = &e.recurrence {
-                rec.init.visit_accesses(&mut add);
-            }
+            e.visit_reads(&mut add);
             deps
         })
         .collect()
 }
 
 /// An evaluation order of the Einsums: every Einsum after the producers of what it reads,
-/// and otherwise in program order (the smallest ready handle goes first). Einsums caught
-/// in a cycle (which `validate` reports) follow, in program order.
+/// and otherwise in program order (the ready group with the smallest handle goes first).
+/// The Einsums of a step body ([`step_bodies`]) are consecutive, in the order one step
+/// evaluates them; Einsums caught in any other cycle (which `validate` reports) are
+/// consecutive too, in program order.
 pub fn topological_order(cascade: &Cascade) -> Vec<Handle<Einsum>> {
     let deps = dependencies(cascade);
     let n = deps.len();
-    let mut waiting: Vec<usize> = deps.iter().map(Vec::len).collect();
-    let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (e, ds) in deps.iter().enumerate() {
-        for d in ds {
-            users[d.index()].push(e);
+    let groups = components(&deps);
+    let mut group_of = vec![0usize; n];
+    for (g, members) in groups.iter().enumerate() {
+        for &m in members {
+            group_of[m] = g;
         }
     }
-    let mut ready: BTreeSet<usize> = (0..n).filter(|&e| waiting[e] == 0).collect();
+    // Each group's members in evaluation order.
+    let ordered: Vec<Vec<usize>> = groups
+        .iter()
+        .map(|members| match step_body_of(cascade, &deps, members) {
+            Some(Ok(body)) => body.einsums.iter().map(|h| h.index()).collect(),
+            _ => members.clone(),
+        })
+        .collect();
+    let mut waiting = vec![0usize; groups.len()];
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); groups.len()];
+    for (g, members) in groups.iter().enumerate() {
+        let mut needs: Vec<usize> = Vec::new();
+        for &m in members {
+            for d in &deps[m] {
+                let dg = group_of[d.index()];
+                if dg != g && !needs.contains(&dg) {
+                    needs.push(dg);
+                }
+            }
+        }
+        waiting[g] = needs.len();
+        for dg in needs {
+            users[dg].push(g);
+        }
+    }
+    let first = |g: usize| groups[g].iter().copied().min().unwrap_or(usize::MAX);
+    let mut ready: BTreeSet<(usize, usize)> = (0..groups.len())
+        .filter(|&g| waiting[g] == 0)
+        .map(|g| (first(g), g))
+        .collect();
     let mut order = Vec::with_capacity(n);
-    let mut placed = vec![false; n];
-    while let Some(e) = ready.pop_first() {
-        order.push(Handle::new(e));
-        placed[e] = true;
-        for &u in &users[e] {
+    while let Some((_, g)) = ready.pop_first() {
+        order.extend(ordered[g].iter().map(|&e| Handle::new(e)));
+        for &u in &users[g] {
             waiting[u] -= 1;
             if waiting[u] == 0 {
-                ready.insert(u);
+                ready.insert((first(u), u));
             }
         }
     }
-    order.extend((0..n).filter(|&e| !placed[e]).map(Handle::new));
+    // Every group is placed: the condensation of a graph is acyclic.
     order
+}
+
+/// Einsums that advance together along one iterative rank, one step at a time: a
+/// dependency cycle that runs only through reads of recurrence states (the delta rule's
+/// `KS[t] = k[t] . S[t]` and `S[t+1] = f(S[t], KS[t])`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StepBody {
+    /// The iterative rank every member advances along.
+    pub rank: Handle<Rank>,
+    /// The members, in the order one step evaluates them.
+    pub einsums: Vec<Handle<Einsum>>,
+}
+
+/// The step bodies of a cascade: every dependency cycle that satisfies the rules of a
+/// step body (docs/language.md, *Recurrences*). Cycles that do not are errors of
+/// [`validate`] and are not listed.
+pub fn step_bodies(cascade: &Cascade) -> Vec<StepBody> {
+    let deps = dependencies(cascade);
+    components(&deps)
+        .iter()
+        .filter_map(|members| step_body_of(cascade, &deps, members))
+        .filter_map(Result::ok)
+        .collect()
+}
+
+/// Strongly connected components of the dependency graph (Tarjan), each sorted, in an
+/// order where a component follows the components it depends on.
+fn components(deps: &[Vec<Handle<Einsum>>]) -> Vec<Vec<usize>> {
+    let n = deps.len();
+    let mut index = vec![usize::MAX; n];
+    let mut low = vec![0usize; n];
+    let mut on_stack = vec![false; n];
+    let mut stack: Vec<usize> = Vec::new();
+    let mut next = 0usize;
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    // Iterative Tarjan: (node, position in its dependency list).
+    for root in 0..n {
+        if index[root] != usize::MAX {
+            continue;
+        }
+        let mut work: Vec<(usize, usize)> = vec![(root, 0)];
+        index[root] = next;
+        low[root] = next;
+        next += 1;
+        stack.push(root);
+        on_stack[root] = true;
+        while let Some(&mut (v, ref mut pos)) = work.last_mut() {
+            if let Some(w) = deps[v].get(*pos).map(|h| h.index()) {
+                *pos += 1;
+                if w >= n {
+                    continue;
+                }
+                if index[w] == usize::MAX {
+                    index[w] = next;
+                    low[w] = next;
+                    next += 1;
+                    stack.push(w);
+                    on_stack[w] = true;
+                    work.push((w, 0));
+                } else if on_stack[w] {
+                    low[v] = low[v].min(index[w]);
+                }
+                continue;
+            }
+            work.pop();
+            if let Some(&(parent, _)) = work.last() {
+                low[parent] = low[parent].min(low[v]);
+            }
+            if low[v] == index[v] {
+                let mut component = Vec::new();
+                while let Some(w) = stack.pop() {
+                    on_stack[w] = false;
+                    component.push(w);
+                    if w == v {
+                        break;
+                    }
+                }
+                component.sort_unstable();
+                out.push(component);
+            }
+        }
+    }
+    out
+}
+
+/// For a component that is a cycle (two or more Einsums, or one reading itself): the step
+/// body it forms, or why it is not one. `None` for a component without a cycle.
+fn step_body_of(
+    cascade: &Cascade,
+    deps: &[Vec<Handle<Einsum>>],
+    members: &[usize],
+) -> Option<Result<StepBody, String>> {
+    let cyclic = members.len() > 1
+        || members
+            .first()
+            .is_some_and(|&m| deps[m].iter().any(|d| d.index() == m));
+    if !cyclic {
+        return None;
+    }
+    Some(step_body_rules(cascade, members))
+}
+
+fn step_body_rules(cascade: &Cascade, members: &[usize]) -> Result<StepBody, String> {
+    let c = cascade;
+    let handles: Vec<Handle<Einsum>> = members.iter().map(|&m| Handle::new(m)).collect();
+    let in_body = |t: Handle<Tensor>| {
+        handles
+            .iter()
+            .find(|&&h| c.einsums.get(h).is_some_and(|e| e.output.tensor == t))
+            .copied()
+    };
+    let mut rank: Option<Handle<Rank>> = None;
+    for &h in &handles {
+        let Some(rec) = c.einsums.get(h).and_then(|e| e.recurrence.as_ref()) else {
+            continue;
+        };
+        match rank {
+            None => rank = Some(rec.rank),
+            Some(r) if r == rec.rank => {}
+            Some(_) => return Err("its recurrences advance along different ranks".into()),
+        }
+    }
+    let Some(r) = rank else {
+        return Err("no recurrence is part of it".into());
+    };
+    let rank_name = c.ranks.get(r).map_or("?", |x| x.name.as_str()).to_string();
+    let step = IndexExpr::rank(r);
+    let next = IndexExpr {
+        terms: vec![(1, r)],
+        constant: 1,
+    };
+    // The dimension of a member's output that holds the step.
+    let mut step_dim: HashMap<Handle<Tensor>, usize> = HashMap::new();
+    for &h in &handles {
+        let e = &c.einsums[h];
+        let t = e.output.tensor;
+        let name = c.tensors.get(t).map_or("?", |t| t.name.as_str());
+        if e.recurrence.is_some() {
+            match c.tensors.get(t).and_then(|t| t.iterative) {
+                Some(d) => step_dim.insert(t, d),
+                None => return Err(format!("`{name}` is not a state")),
+            };
+            continue;
+        }
+        if e.is_reduced(r) {
+            return Err(format!("`{name}` reduces the step rank `{rank_name}`"));
+        }
+        match e.output.indices.iter().position(|i| *i == step) {
+            Some(d) => step_dim.insert(t, d),
+            None => {
+                return Err(format!(
+                    "`{name}` does not index its output by the step rank `{rank_name}`"
+                ))
+            }
+        };
+    }
+    // Edges inside one step: a member reading another member's plain tensor at the current
+    // step, or a state at the next step, runs after its producer.
+    let mut after: Vec<Vec<usize>> = vec![Vec::new(); handles.len()];
+    for (k, &h) in handles.iter().enumerate() {
+        let e = &c.einsums[h];
+        let name = c
+            .tensors
+            .get(e.output.tensor)
+            .map_or("?", |t| t.name.as_str());
+        if let Some(rec) = &e.recurrence {
+            let mut bad = None;
+            rec.init.visit_accesses(&mut |a| {
+                if in_body(a.tensor).is_some() {
+                    bad = Some(a.tensor);
+                }
+            });
+            if let Some(t) = bad {
+                let read = c.tensors.get(t).map_or("?", |t| t.name.as_str());
+                return Err(format!(
+                    "the init of `{name}` reads `{read}`, which the steps compute"
+                ));
+            }
+        }
+        let mut problem: Option<String> = None;
+        let mut reads: Vec<&Access> = Vec::new();
+        e.expr.visit_accesses(&mut |a| reads.push(a));
+        for v in &e.value_mask {
+            v.visit_accesses(&mut |a| reads.push(a));
+        }
+        for a in reads {
+            let Some(p) = in_body(a.tensor) else { continue };
+            if p == h && e.recurrence.is_some() {
+                continue;
+            }
+            let read = c.tensors.get(a.tensor).map_or("?", |t| t.name.as_str());
+            let Some(&d) = step_dim.get(&a.tensor) else {
+                continue;
+            };
+            let at = a.indices.get(d);
+            let is_state = c.einsums[p].recurrence.is_some();
+            let pk = handles.iter().position(|&x| x == p).unwrap_or(k);
+            if is_state && at == Some(&step) {
+                // The state at the current step: written by the previous step.
+            } else if (is_state && at == Some(&next)) || (!is_state && at == Some(&step)) {
+                if !after[k].contains(&pk) {
+                    after[k].push(pk);
+                }
+            } else {
+                problem = Some(format!(
+                    "`{name}` reads `{read}` at a step other than `{rank_name}`{}",
+                    if is_state {
+                        format!(" or `{rank_name} + 1`")
+                    } else {
+                        String::new()
+                    }
+                ));
+            }
+        }
+        if let Some(p) = problem {
+            return Err(p);
+        }
+    }
+    // Order one step: Kahn over the edges, program order among the ready.
+    let n = handles.len();
+    let mut done = vec![false; n];
+    let mut einsums = Vec::with_capacity(n);
+    while einsums.len() < n {
+        let Some(k) = (0..n).find(|&k| !done[k] && after[k].iter().all(|&d| done[d])) else {
+            return Err(format!(
+                "inside one step of `{rank_name}` its Einsums read each other's results in a circle"
+            ));
+        };
+        done[k] = true;
+        einsums.push(handles[k]);
+    }
+    Ok(StepBody { rank: r, einsums })
 }
 
 /// Checks `cascade`; `Ok` when it has no errors.
@@ -327,11 +588,81 @@ struct Checker<'a> {
     out: Vec<Diagnostic>,
 }
 
+/// What names the sequence a rank walks: the size symbol (or extent expression) it was
+/// declared with, followed through extent names (`rank j: I` is the sequence of `i`);
+/// the rank itself for a split child; `None` for a literal extent, whose equality with
+/// another literal is a coincidence rather than a declaration.
+pub fn sequence_key(cascade: &Cascade, rank: Handle<Rank>) -> Option<String> {
+    let mut r = rank;
+    for _ in 0..cascade.ranks.len().max(1) {
+        let x = cascade.ranks.get(r)?;
+        match &x.source {
+            ExtentSource::Symbol(s) => {
+                if cascade.sizes.iter().any(|(n, _)| n == s) {
+                    return Some(s.clone());
+                }
+                match cascade
+                    .ranks
+                    .iter()
+                    .find(|(h, q)| *h != r && q.name.to_uppercase() == *s)
+                {
+                    Some((h, _)) => r = h,
+                    None => return Some(s.clone()),
+                }
+            }
+            ExtentSource::SplitOuter | ExtentSource::SplitTile => {
+                return Some(format!("#{}", r.index()))
+            }
+            ExtentSource::Literal => return None,
+        }
+    }
+    None
+}
+
 /// A closed interval of integers, for index range checks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Interval {
     lo: i64,
     hi: i64,
+}
+
+/// A combination of ranks `sum(coef * rank)`, as [`canonical_form`] writes it.
+type Form = Vec<(i128, Handle<Rank>)>;
+
+/// What a mask allows inside one Einsum: an interval per rank, and one per combination of
+/// several ranks that a condition bounds (keyed by [`canonical_form`]).
+struct Ranges {
+    intervals: HashMap<Handle<Rank>, Interval>,
+    forms: HashMap<Form, Interval>,
+}
+
+/// A rank combination `sum(coef * rank)` as a key: terms merged, zeros dropped, sorted by
+/// rank, divided by the gcd of the coefficients and signed so the first is positive.
+/// Returns the key and the factor (`+-gcd`) the combination is of it; `None` when empty.
+fn canonical_form(terms: Vec<(i128, Handle<Rank>)>) -> Option<(Form, i128)> {
+    let mut merged: Vec<(i128, Handle<Rank>)> = Vec::new();
+    for (c, r) in terms {
+        match merged.iter_mut().find(|(_, x)| *x == r) {
+            Some(t) => t.0 += c,
+            None => merged.push((c, r)),
+        }
+    }
+    merged.retain(|(c, _)| *c != 0);
+    merged.sort_by_key(|&(_, r)| r);
+    let first = merged.first()?.0;
+    fn gcd(a: i128, b: i128) -> i128 {
+        if b == 0 {
+            a.abs()
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let g = merged.iter().fold(0i128, |g, (c, _)| gcd(g, *c)).max(1);
+    let factor = if first < 0 { -g } else { g };
+    Some((
+        merged.into_iter().map(|(c, r)| (c / factor, r)).collect(),
+        factor,
+    ))
 }
 
 impl<'a> Checker<'a> {
@@ -488,6 +819,9 @@ impl<'a> Checker<'a> {
                 && expr_ok(&e.expr, &access_ok, &index_ok)
                 && e.reductions.iter().all(|r| rank_ok(&r.rank))
                 && e.mask.iter().all(|m| index_ok(&m.lhs) && index_ok(&m.rhs))
+                && e.value_mask.iter().all(|v| {
+                    expr_ok(&v.lhs, &access_ok, &index_ok) && expr_ok(&v.rhs, &access_ok, &index_ok)
+                })
                 && e.recurrence.as_ref().is_none_or(|rec| {
                     rank_ok(&rec.rank) && expr_ok(&rec.init, &access_ok, &index_ok)
                 });
@@ -565,10 +899,7 @@ impl<'a> Checker<'a> {
         let mut reported: BTreeSet<usize> = BTreeSet::new();
         for (_, e) in c.einsums.iter() {
             let mut reads: Vec<&Access> = Vec::new();
-            e.expr.visit_accesses(&mut |a| reads.push(a));
-            if let Some(rec) = &e.recurrence {
-                rec.init.visit_accesses(&mut |a| reads.push(a));
-            }
+            e.visit_reads(&mut |a| reads.push(a));
             for a in reads {
                 let t = &c.tensors[a.tensor];
                 if t.kind == TensorKind::Temp
@@ -586,6 +917,17 @@ impl<'a> Checker<'a> {
                     );
                 }
             }
+        }
+    }
+
+    /// Whether two ranks walk the same sequence: both declared with the same size symbol
+    /// (`rank m: N` and `rank p: N`), or one declared with the other's extent (`rank j: I`
+    /// for the tile `i`). Such ranks have equal extents under every binding of the sizes,
+    /// so a tensor over one may be read at the other.
+    fn same_sequence(&self, a: Handle<Rank>, b: Handle<Rank>) -> bool {
+        match (sequence_key(self.cascade, a), sequence_key(self.cascade, b)) {
+            (Some(x), Some(y)) => x == y,
+            _ => false,
         }
     }
 
@@ -619,9 +961,10 @@ impl<'a> Checker<'a> {
     }
 
     /// The range of each rank inside an Einsum: its full extent, narrowed by mask
-    /// conditions that compare the rank alone with a constant. `upper` is the largest
-    /// value the rank takes (for the iterative rank of a recurrence, the last step read).
-    fn rank_intervals(&self, einsum: &Einsum) -> HashMap<Handle<Rank>, Interval> {
+    /// conditions that compare the rank alone with a constant; and the bounds that
+    /// conditions over several ranks put on their rank combination (`m <= p` bounds
+    /// `p - m` below by 0), which narrow any index over the same combination.
+    fn rank_intervals(&self, einsum: &Einsum) -> Ranges {
         let c = self.cascade;
         let mut intervals: HashMap<Handle<Rank>, Interval> = c
             .ranks
@@ -633,8 +976,10 @@ impl<'a> Checker<'a> {
                 (h, Interval { lo: 0, hi })
             })
             .collect();
+        let mut forms: HashMap<Form, Interval> = HashMap::new();
+        let clamp = |v: i128| v.clamp(i64::MIN as i128 / 2, i64::MAX as i128 / 2) as i64;
         for cond in &einsum.mask {
-            // Bring to `coef * rank + k  op  0`, in i128 so no user constant can overflow.
+            // Bring to `form + k  op  0`, in i128 so no user constant can overflow.
             let mut terms: Vec<(i128, Handle<Rank>)> = Vec::new();
             let mut add = |c: i128, r: Handle<Rank>| match terms.iter_mut().find(|(_, x)| *x == r) {
                 Some(t) => t.0 += c,
@@ -645,16 +990,16 @@ impl<'a> Checker<'a> {
                 .terms
                 .iter()
                 .for_each(|(c, r)| add(-(*c as i128), *r));
-            terms.retain(|(c, _)| *c != 0);
             let k = cond.lhs.constant as i128 - cond.rhs.constant as i128;
-            let [(coef, r)] = terms.as_slice() else {
+            let Some((form, sign)) = canonical_form(terms) else {
                 continue;
             };
-            if coef.abs() != 1 {
+            if sign.abs() != 1 {
+                // `2*m <= 7` would need rounding; such conditions only narrow nothing.
                 continue;
             }
-            // Normalize to `rank op' bound` with coefficient +1.
-            let (op, bound) = if *coef == 1 {
+            // `sign * form + k op 0`: normalize to `form op' bound`.
+            let (op, bound) = if sign == 1 {
                 (cond.op, -k)
             } else {
                 let flipped = match cond.op {
@@ -666,40 +1011,62 @@ impl<'a> Checker<'a> {
                 };
                 (flipped, k)
             };
-            let clamp = |v: i128| v.clamp(i64::MIN as i128 / 2, i64::MAX as i128 / 2) as i64;
-            if let Some(iv) = intervals.get_mut(r) {
-                match op {
-                    CmpOp::Lt => iv.hi = iv.hi.min(clamp(bound - 1)),
-                    CmpOp::Le => iv.hi = iv.hi.min(clamp(bound)),
-                    CmpOp::Gt => iv.lo = iv.lo.max(clamp(bound + 1)),
-                    CmpOp::Ge => iv.lo = iv.lo.max(clamp(bound)),
-                    CmpOp::Eq => {
-                        iv.lo = iv.lo.max(clamp(bound));
-                        iv.hi = iv.hi.min(clamp(bound));
-                    }
-                    CmpOp::Ne => {}
+            let unbounded = Interval {
+                lo: i64::MIN / 2,
+                hi: i64::MAX / 2,
+            };
+            let iv = match form.as_slice() {
+                [(1, r)] => match intervals.get_mut(r) {
+                    Some(iv) => iv,
+                    None => continue,
+                },
+                _ => forms.entry(form).or_insert(unbounded),
+            };
+            match op {
+                CmpOp::Lt => iv.hi = iv.hi.min(clamp(bound - 1)),
+                CmpOp::Le => iv.hi = iv.hi.min(clamp(bound)),
+                CmpOp::Gt => iv.lo = iv.lo.max(clamp(bound + 1)),
+                CmpOp::Ge => iv.lo = iv.lo.max(clamp(bound)),
+                CmpOp::Eq => {
+                    iv.lo = iv.lo.max(clamp(bound));
+                    iv.hi = iv.hi.min(clamp(bound));
                 }
+                CmpOp::Ne => {}
             }
         }
-        intervals
+        Ranges { intervals, forms }
     }
 
-    fn index_range(intervals: &HashMap<Handle<Rank>, Interval>, index: &IndexExpr) -> Interval {
-        let mut lo = index.constant as i128;
-        let mut hi = index.constant as i128;
+    /// An interval holding every value `index` takes where the mask holds: the box of its
+    /// ranks' intervals, intersected with what conditions over its rank combination allow.
+    fn index_range(ranges: &Ranges, index: &IndexExpr) -> Interval {
+        let mut lo = 0i128;
+        let mut hi = 0i128;
+        let mut terms: Vec<(i128, Handle<Rank>)> = Vec::new();
         for (coef, r) in &index.terms {
-            let iv = intervals
+            let iv = ranges
+                .intervals
                 .get(r)
                 .copied()
                 .unwrap_or(Interval { lo: 0, hi: 0 });
             let (a, b) = (*coef as i128 * iv.lo as i128, *coef as i128 * iv.hi as i128);
             lo += a.min(b);
             hi += a.max(b);
+            terms.push((*coef as i128, *r));
+        }
+        if let Some((form, sign)) = canonical_form(terms) {
+            if let Some(bound) = ranges.forms.get(&form) {
+                // The index's combination is `sign` times the bounded one.
+                let (a, b) = (sign * bound.lo as i128, sign * bound.hi as i128);
+                let (blo, bhi) = (a.min(b), a.max(b));
+                lo = lo.max(blo);
+                hi = hi.min(bhi);
+            }
         }
         let clamp = |v: i128| v.clamp(i64::MIN as i128, i64::MAX as i128) as i64;
         Interval {
-            lo: clamp(lo),
-            hi: clamp(hi),
+            lo: clamp(lo + index.constant as i128),
+            hi: clamp(hi + index.constant as i128),
         }
     }
 
@@ -708,12 +1075,7 @@ impl<'a> Checker<'a> {
     }
 
     /// Number of indices, rank families and ranges of one access.
-    fn access(
-        &mut self,
-        access: &Access,
-        intervals: &HashMap<Handle<Rank>, Interval>,
-        empty: bool,
-    ) {
+    fn access(&mut self, access: &Access, intervals: &Ranges, empty: bool) {
         let c = self.cascade;
         let t = &c.tensors[access.tensor];
         if access.indices.len() != t.ranks.len() {
@@ -736,10 +1098,14 @@ impl<'a> Checker<'a> {
             return;
         }
         for (d, (index, &dim_rank)) in access.indices.iter().zip(&t.ranks).enumerate() {
-            let mentioned: Vec<Handle<Rank>> = index.ranks().collect();
-            if !mentioned.is_empty() {
-                let family = self.family(dim_rank);
-                if !mentioned.iter().any(|r| family.contains(r)) {
+            // A plain rank must be the dimension's own (or related to it by splitting, or
+            // range over the same sequence); an index that computes a position from ranks
+            // (`p - m + N - 1`, `t*I + j`) is a deliberate address and only has to stay in
+            // range, which is checked below.
+            if let Some(r) = index.as_rank() {
+                let related = self.family(dim_rank).contains(&r) || self.same_sequence(r, dim_rank);
+                if !related {
+                    let mentioned = [r];
                     let names: Vec<&str> = mentioned.iter().map(|&r| self.rank_name(r)).collect();
                     self.push(
                         Diagnostic::error(
@@ -755,7 +1121,7 @@ impl<'a> Checker<'a> {
                         )
                         .at_index(d)
                         .with_label(format!(
-                            "expected `{}` or a rank split from it",
+                            "expected `{}`, a rank split from it, or a rank declared over the same size",
                             self.rank_name(dim_rank)
                         ))
                         .with_related(t.span, "declared here"),
@@ -794,7 +1160,8 @@ impl<'a> Checker<'a> {
         let e = &c.einsums[h];
         let intervals = self.rank_intervals(e);
         // A mask that no point satisfies makes every access vacuous.
-        let empty = intervals.values().any(|iv| iv.lo > iv.hi);
+        let empty = intervals.intervals.values().any(|iv| iv.lo > iv.hi)
+            || intervals.forms.values().any(|iv| iv.lo > iv.hi);
         let out_tensor = &c.tensors[e.output.tensor];
 
         // The output: plain ranks (or split compositions), each once, plus the next-step
@@ -823,6 +1190,9 @@ impl<'a> Checker<'a> {
         }
         let mut reads: Vec<&Access> = Vec::new();
         e.expr.visit_accesses(&mut |a| reads.push(a));
+        for v in &e.value_mask {
+            v.visit_accesses(&mut |a| reads.push(a));
+        }
         for a in &reads {
             self.access(a, &intervals, empty);
         }
@@ -977,60 +1347,21 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Dependency cycles, found as strongly connected components (Tarjan).
+    /// Dependency cycles, found as strongly connected components, that are not step bodies.
     fn cycles(&mut self) {
         let c = self.cascade;
         let deps = dependencies(c);
-        let n = deps.len();
-        let mut index = vec![usize::MAX; n];
-        let mut low = vec![0usize; n];
-        let mut on_stack = vec![false; n];
-        let mut stack: Vec<usize> = Vec::new();
-        let mut next = 0usize;
-        let mut components: Vec<Vec<usize>> = Vec::new();
-        // Iterative Tarjan: (node, position in its dependency list).
-        for root in 0..n {
-            if index[root] != usize::MAX {
-                continue;
-            }
-            let mut work: Vec<(usize, usize)> = vec![(root, 0)];
-            index[root] = next;
-            low[root] = next;
-            next += 1;
-            stack.push(root);
-            on_stack[root] = true;
-            while let Some(&mut (v, ref mut pos)) = work.last_mut() {
-                if let Some(w) = deps[v].get(*pos).map(|h| h.index()) {
-                    *pos += 1;
-                    if index[w] == usize::MAX {
-                        index[w] = next;
-                        low[w] = next;
-                        next += 1;
-                        stack.push(w);
-                        on_stack[w] = true;
-                        work.push((w, 0));
-                    } else if on_stack[w] {
-                        low[v] = low[v].min(index[w]);
-                    }
-                    continue;
+        let mut why_not: HashMap<usize, String> = HashMap::new();
+        let components: Vec<Vec<usize>> = components(&deps)
+            .into_iter()
+            .filter(|members| match step_body_of(c, &deps, members) {
+                Some(Ok(_)) | None => false,
+                Some(Err(reason)) => {
+                    why_not.insert(members[0], reason);
+                    true
                 }
-                work.pop();
-                if let Some(&(parent, _)) = work.last() {
-                    low[parent] = low[parent].min(low[v]);
-                }
-                if low[v] == index[v] {
-                    let mut component = Vec::new();
-                    while let Some(w) = stack.pop() {
-                        on_stack[w] = false;
-                        component.push(w);
-                        if w == v {
-                            break;
-                        }
-                    }
-                    components.push(component);
-                }
-            }
-        }
+            })
+            .collect();
         for mut component in components {
             let self_loop = component.len() == 1
                 && deps[component[0]].iter().any(|d| d.index() == component[0]);
@@ -1064,12 +1395,21 @@ impl<'a> Checker<'a> {
                     message.push_str(&format!(", which reads `{}`", name_of(i)));
                 }
                 message.push_str(&format!(", which reads `{}`", name_of(path[0])));
+                let has_recurrence = component
+                    .iter()
+                    .any(|&i| c.einsums[Handle::<Einsum>::new(i)].recurrence.is_some());
+                let help = match why_not.get(&component[0]) {
+                    Some(reason) if has_recurrence => format!(
+                        "Einsums may depend on each other in a cycle only as the steps of a \
+                         recurrence, reading its state at the current step; here {reason}"
+                    ),
+                    _ => "Einsums may depend on each other in a cycle only through a recurrence \
+                          reading its current state"
+                        .to_string(),
+                };
                 Diagnostic::error(DiagnosticKind::Cycle, message, first.span)
                     .with_label("this Einsum is part of a cycle")
-                    .with_help(
-                        "Einsums may depend on each other in a cycle only through a recurrence \
-                         reading its current state",
-                    )
+                    .with_help(help)
             };
             for &i in &component[1..] {
                 d = d.with_related(
@@ -1128,6 +1468,7 @@ mod tests {
             }),
             reductions: Vec::new(),
             mask: Vec::new(),
+            value_mask: Vec::new(),
             recurrence: None,
             span: Span::UNKNOWN,
         });

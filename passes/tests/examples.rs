@@ -192,3 +192,50 @@ fn a_batched_dot_product_is_scalar_work() {
     assert_eq!(ez.scalar_flops, 2 * t * v);
     assert_eq!(r.passes["v"], 3);
 }
+
+#[test]
+fn gqa_with_two_splits_is_one_fused_pass_with_tiles_of_the_key_rank() {
+    // `split h -> g, r` (K/V head groups) and `split m -> m1, m0` (key tiles): the tile
+    // buffers are steps of the key rank's outer rank m1, not of the head group g.
+    let r = report_with("gqa", &[("N", 1024)]);
+    assert_eq!(r.passes["m"], 1);
+    for b in r.buffers.iter().filter(|b| b.kind == BufferKind::Tile) {
+        assert_eq!(b.rank, "m1", "{b:?}");
+        assert!(!b.ranks.contains(&"m1".to_string()), "{b:?}");
+    }
+    let s = r.buffers.iter().find(|b| b.tensor == "S").expect("S");
+    assert_eq!(s.elements_per_point, 64, "{s:?}");
+    assert_eq!(r.fusion_groups.len(), 1, "{:#?}", r.fusion_groups);
+    assert_eq!(r.bytes_fused, r.bytes_min);
+}
+
+#[test]
+fn new_variants_analyze_with_their_key_ranks() {
+    let doc = report("document_mask");
+    assert_eq!(doc.passes["m"], 1);
+    let s = einsum(&doc, "S");
+    assert_eq!(
+        s.value_mask,
+        ["data-dependent mask `SEG[b, p] == SEG[b, 64*m1 + m0]`"]
+    );
+    // Downstream maps inherit the data-dependent absence.
+    assert!(einsum(&doc, "P")
+        .value_mask
+        .iter()
+        .any(|m| m.contains("S's")));
+    for (name, key) in [
+        ("delta_rule", "t"),
+        ("gla", "t"),
+        ("delta_rule_chunked", "n"),
+    ] {
+        let r = report(name);
+        assert_eq!(r.key_rank.as_deref(), Some(key), "{name}");
+        assert_eq!(r.passes[key], 1, "{name}");
+        assert!(r.warnings.is_empty(), "{name}: {:?}", r.warnings);
+    }
+    let gemm = report("rmsnorm_gemm");
+    assert_eq!(
+        einsum(&gemm, "Y").class,
+        einattn_passes::analysis::OpClass::Contraction
+    );
+}

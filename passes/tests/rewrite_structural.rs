@@ -28,6 +28,31 @@ SNV[p, f] = SN[m, p] * V[m, f]
 AV[p, f] = SNV[p, f] / SD[p]
 ";
 
+/// A window that hides every key of row 0 and the first tiles of later rows, with the
+/// maximum itself read out: exactly -inf where a row sees no key (not the finite start of
+/// a running max), which `EMPTY` tells apart.
+const WINDOW_MAX: &str = "kernel window_max
+size N = 8
+size D = 2
+size W = 3
+rank e: D
+rank f: D
+rank m: N
+rank p: N
+input Q[p, e]: f32
+input K[m, e]: f32
+input V[m, f]: f32
+output EMPTY[p]: f32
+output SD[p]: f32
+output SNV[p, f]: f32
+S[m, p] = Q[p, e] * K[m, e] where m < p and p - m <= W
+GM[p] = max[m] S[m, p]
+SN[m, p] = exp(S[m, p] - GM[p])
+SD[p] = SN[m, p]
+SNV[p, f] = SN[m, p] * V[m, f]
+EMPTY[p] = GM[p] < -1e300
+";
+
 /// Causal linear attention without decay (lambda = 1).
 const CAUSAL_LINEAR: &str = "kernel causal_linear
 size N = 8
@@ -142,6 +167,19 @@ proptest! {
             compile(&example("attention_2pass.ein"), &[("M", m), ("D", d)])
         };
         assert_equivalent(&c, &online(&c, "m", pick), seed);
+    }
+
+    #[test]
+    fn online_normalizer_is_exact_where_masks_empty_whole_tiles_and_rows(
+        m in 1u64..12, d in 1u64..3, w in 1u64..5, pick in any::<u64>(), seed in any::<u64>(),
+    ) {
+        let c = compile(WINDOW_MAX, &[("N", m), ("D", d), ("W", w)]);
+        let out = online(&c, "m", pick);
+        // The running max starts finite; nothing clamps the rescale.
+        let text = einattn_ir::print::print(&out);
+        prop_assert!(text.contains("= -1e38"), "{}", text);
+        prop_assert!(!text.contains(", -1e38)"), "{}", text);
+        assert_equivalent(&c, &out, seed);
     }
 
     #[test]

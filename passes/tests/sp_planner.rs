@@ -237,3 +237,17 @@ fn cost_parameters_can_be_overridden_from_json() {
     };
     assert!(lasp1(&slow) > lasp1(&fast));
 }
+
+#[test]
+fn value_masks_and_step_bodies_are_not_split_across_devices() {
+    // Per-device windows rename indices and affine masks only: a document mask or the
+    // delta rule's step body would be planned wrong, so they are refused with a reason.
+    for (name, why) in [
+        ("document_mask.ein", "data-dependent mask"),
+        ("delta_rule.ein", "step body"),
+    ] {
+        let c = compile(name, &[]);
+        let e = sp::plan_sequence_parallel(&c, &SpOptions::new(2)).expect_err(name);
+        assert!(e.to_string().contains(why), "{name}: {e}");
+    }
+}

@@ -92,11 +92,25 @@ pub(crate) fn find_buffers(
             continue;
         }
 
-        // 2. Tiles: one step of a split's outer rank at a time.
-        let outer = lc
+        // 2. Tiles: one step of a split's outer rank at a time. Only the outer rank of a
+        // split that is traversed (reduced or iterated somewhere) makes steps: the outer
+        // rank of a split parallel rank (the K/V head group `g` of `split h -> g, r`) is
+        // just part of the grid. The key rank's outer rank first.
+        let traversed = |r: Handle<Rank>| {
+            analyzed
+                .iter()
+                .any(|a| a.passes.rank == r && a.role == super::RankRole::Outer)
+        };
+        let candidates: Vec<Handle<Rank>> = lc
             .tensor_leaf_ranks(t)
             .into_iter()
-            .find(|&r| lc.is_outer_child(r) && pe.iterates(r));
+            .filter(|&r| lc.is_outer_child(r) && pe.iterates(r) && traversed(r))
+            .collect();
+        let outer = candidates
+            .iter()
+            .copied()
+            .find(|&r| Some(r) == key_rank)
+            .or_else(|| candidates.first().copied());
         if let Some(q) = outer {
             let mut b = make(BufferKind::Tile, q, &[q], String::new());
             let crossing = analyzed

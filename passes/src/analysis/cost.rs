@@ -48,6 +48,10 @@ pub(crate) struct EinsumCost {
     pub effective_mask: Vec<LeafCondition>,
     /// Whether some of those conditions come from inputs.
     pub inherits_mask: bool,
+    /// Data-dependent masks the counts above do not see (own value conditions, and the
+    /// tensors read point by point whose presence depends on values): the counts are
+    /// upper bounds when this is not empty.
+    pub data_dependent: Vec<String>,
 }
 
 impl EinsumCost {
@@ -132,6 +136,8 @@ pub(crate) fn cost_einsums(lc: &LeafCascade, counter: &mut PointCounter) -> Vec<
     // dimension positions encoded as the tensor's own output ranks (the producer's plain
     // output ranks), or None when it is always present / not trackable.
     let mut presence: Vec<Presence> = vec![None; lc.cascade.tensors.len()];
+    // Per tensor: the Einsum whose value conditions may make its elements absent.
+    let mut data_dependent: Vec<Option<String>> = vec![None; lc.cascade.tensors.len()];
 
     for &h in &lc.order {
         let e = lc.einsum(h);
@@ -160,7 +166,38 @@ pub(crate) fn cost_einsums(lc: &LeafCascade, counter: &mut PointCounter) -> Vec<
         // Conditions outside the space (a malformed mask) cannot be counted; drop them.
         effective.retain(|c| c.ranks().all(|r| e.space.contains(&r)));
 
-        let cost = cost_one(lc, e, &effective, inherits, counter);
+        let mut cost = cost_one(lc, e, &effective, inherits, counter);
+        cost.data_dependent = e
+            .value_mask
+            .iter()
+            .map(|m| format!("data-dependent mask `{m}`"))
+            .collect();
+        let mut inherited: Option<String> = None;
+        for a in e.accesses.iter().filter(|a| !a.self_read) {
+            if let Some(origin) = &data_dependent[a.tensor.index()] {
+                let note = format!("{origin}'s data-dependent mask");
+                if !cost.data_dependent.contains(&note) {
+                    cost.data_dependent.push(note);
+                }
+                inherited.get_or_insert_with(|| origin.clone());
+            }
+        }
+        // A reduction's result is present (the identity) wherever its own conditions over
+        // output ranks hold, so only a map passes the absence on, or a value condition that
+        // mentions no reduced rank.
+        let own_outer = lc.cascade.einsums[h].value_mask.iter().any(|v| {
+            !lc.cascade.einsums[h]
+                .reductions
+                .iter()
+                .any(|r| v.mentions(r.rank))
+        });
+        data_dependent[e.output_tensor.index()] = if own_outer {
+            Some(e.name.clone())
+        } else if e.reductions.is_empty() {
+            inherited
+        } else {
+            None
+        };
         costs[h.index()] = cost;
 
         // What the output inherits: conditions over plain output ranks only. A map is
@@ -335,10 +372,38 @@ fn find_contraction(lc: &LeafCascade, e: &LeafEinsum, expr: &Expr) -> Option<Con
     let (operands, constants): (Vec<&Expr>, Vec<&Expr>) = factors
         .iter()
         .partition(|f| ranks_of(f).iter().any(|r| summed_all.contains(r)));
-    let [a, b] = operands.as_slice() else {
-        return None;
-    };
-    let (ra, rb) = (ranks_of(a), ranks_of(b));
+    // Two operands carry the product; a further factor over the summed ranks whose ranks
+    // all belong to one of them (a decay `exp(c (i - j))` next to a score over (i, j)) is
+    // applied to that operand before the product, as a kernel scales a tile before the
+    // MMA. The pair tried first is the one spanning the most ranks.
+    let operand_ranks: Vec<Vec<Handle<Rank>>> = operands.iter().map(|f| ranks_of(f)).collect();
+    let subset = |a: &[Handle<Rank>], b: &[Handle<Rank>]| a.iter().all(|r| b.contains(r));
+    let mut pairs: Vec<(usize, usize)> = Vec::new();
+    for i in 0..operands.len() {
+        for j in i + 1..operands.len() {
+            pairs.push((i, j));
+        }
+    }
+    pairs.sort_by_key(|&(i, j)| std::cmp::Reverse(operand_ranks[i].len() + operand_ranks[j].len()));
+    let (a, b, groups) = pairs.into_iter().find_map(|(i, j)| {
+        let mut groups: Vec<usize> = vec![usize::MAX; operands.len()];
+        groups[i] = 0;
+        groups[j] = 1;
+        for k in 0..operands.len() {
+            if k == i || k == j {
+                continue;
+            }
+            groups[k] = if subset(&operand_ranks[k], &operand_ranks[i]) {
+                0
+            } else if subset(&operand_ranks[k], &operand_ranks[j]) {
+                1
+            } else {
+                return None;
+            };
+        }
+        Some((i, j, groups))
+    })?;
+    let (ra, rb) = (operand_ranks[a].clone(), operand_ranks[b].clone());
     let summed: Vec<Handle<Rank>> = summed_all
         .iter()
         .copied()
@@ -359,12 +424,26 @@ fn find_contraction(lc: &LeafCascade, e: &LeafEinsum, expr: &Expr) -> Option<Con
         factor_ops += o;
         factor_transcendentals += t;
     }
-    // n factors are joined by n - 1 multiplications; one of them is the contraction's.
-    factor_ops += factors.len() as u64 - 2;
-    let operand_maps = [(a, ra), (b, rb)]
+    // n factors are joined by n - 1 multiplications; one of them is the contraction's, and
+    // those joining a factor to its operand are the operand's.
+    let merged = operands.len() as u64 - 2;
+    factor_ops += factors.len() as u64 - 2 - merged;
+    let operand_maps = [(0usize, ra), (1usize, rb)]
         .into_iter()
-        .filter_map(|(operand, ranks)| {
-            let (ops, transcendentals) = count_ops(operand);
+        .filter_map(|(group, ranks)| {
+            let (mut ops, mut transcendentals) = (0u64, 0u64);
+            for (k, f) in operands.iter().enumerate() {
+                if groups[k] != group {
+                    continue;
+                }
+                let (o, t) = count_ops(f);
+                ops += o;
+                transcendentals += t;
+                if k != a && k != b {
+                    // The multiplication that applies it to its operand.
+                    ops += 1;
+                }
+            }
             (ops > 0).then_some(OperandMap {
                 ranks,
                 ops,

@@ -140,6 +140,11 @@ pub struct EinsumReport {
     pub mask: Vec<String>,
     /// Whether some conditions come from inputs (absence propagates through maps).
     pub mask_inherited: bool,
+    /// Data-dependent masks the point counts cannot see, in words: own value conditions
+    /// (`data-dependent mask \`SEG[b, p] == SEG[b, m]\``) and inherited ones (`S's
+    /// data-dependent mask`). With any, the counts are upper bounds.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub value_mask: Vec<String>,
     /// Points of the iteration space without any mask.
     pub points_dense: u64,
     /// Points that are computed.
@@ -436,6 +441,7 @@ pub fn analyze(cascade: &Cascade, options: &AnalysisOptions) -> Report {
                     .map(|m| render::format_condition(&lc, m))
                     .collect(),
                 mask_inherited: c.inherits_mask,
+                value_mask: c.data_dependent.clone(),
                 points_dense: c.points_dense,
                 points: c.points,
                 output_points: c.output_points,

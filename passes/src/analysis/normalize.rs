@@ -115,6 +115,8 @@ pub(crate) struct LeafEinsum {
     pub reductions: Vec<(Handle<Rank>, ReduceOp)>,
     /// The Einsum's own mask (not what it inherits from its inputs).
     pub mask: Vec<LeafCondition>,
+    /// Its conditions on values (data-dependent masks), as written.
+    pub value_mask: Vec<String>,
     pub recurrence_rank: Option<Handle<Rank>>,
 }
 
@@ -217,10 +219,11 @@ impl<'c> LeafCascade<'c> {
             .map(|(_, t)| t.ranks.iter().map(|&r| leaf_ranks(cascade, r)).collect())
             .collect();
 
+        let bodies = einattn_ir::validate::step_bodies(cascade);
         let einsums: Vec<LeafEinsum> = cascade
             .einsums
             .iter()
-            .map(|(handle, e)| leaf_einsum(cascade, handle, e))
+            .map(|(handle, e)| leaf_einsum(cascade, handle, e, &bodies))
             .collect();
 
         let mut producer: Vec<Option<Handle<Einsum>>> = vec![None; cascade.tensors.len()];
@@ -380,22 +383,55 @@ impl<'c> LeafCascade<'c> {
     }
 }
 
-fn leaf_einsum(cascade: &Cascade, handle: Handle<Einsum>, e: &Einsum) -> LeafEinsum {
+fn leaf_einsum(
+    cascade: &Cascade,
+    handle: Handle<Einsum>,
+    e: &Einsum,
+    bodies: &[einattn_ir::validate::StepBody],
+) -> LeafEinsum {
     let own_state = e.recurrence.as_ref().map(|_| e.output.tensor);
+    // In a step body, reading a member recurrence's state at the current step reads the
+    // previous step: like a recurrence's read of its own state, not a dependency.
+    let body = bodies.iter().find(|b| b.einsums.contains(&handle));
+    let carried = |a: &einattn_ir::Access| -> bool {
+        let Some(b) = body else { return false };
+        let state = b.einsums.iter().any(|&m| {
+            let me = &cascade.einsums[m];
+            me.recurrence.is_some() && me.output.tensor == a.tensor
+        });
+        let dim = cascade.tensors[a.tensor].iterative;
+        state && dim.and_then(|d| a.indices.get(d)) == Some(&IndexExpr::rank(b.rank))
+    };
     let mut accesses = Vec::new();
     let mut collect = |expr: &Expr| {
         expr.visit_accesses(&mut |a| {
             accesses.push(LeafAccess {
                 tensor: a.tensor,
                 indices: a.indices.iter().map(|i| expand_index(cascade, i)).collect(),
-                self_read: own_state == Some(a.tensor),
+                self_read: own_state == Some(a.tensor) || carried(a),
             })
         })
     };
     collect(&e.expr);
+    for v in &e.value_mask {
+        collect(&v.lhs);
+        collect(&v.rhs);
+    }
     if let Some(rec) = &e.recurrence {
         collect(&rec.init);
     }
+    let value_mask = e
+        .value_mask
+        .iter()
+        .map(|v| {
+            format!(
+                "{} {} {}",
+                einattn_ir::print::expr_to_string(cascade, &v.lhs),
+                v.op.symbol(),
+                einattn_ir::print::expr_to_string(cascade, &v.rhs)
+            )
+        })
+        .collect();
 
     let mut space = Vec::new();
     for r in cascade.iteration_ranks(handle) {
@@ -438,6 +474,7 @@ fn leaf_einsum(cascade: &Cascade, handle: Handle<Einsum>, e: &Einsum) -> LeafEin
         space,
         reductions,
         mask,
+        value_mask,
         recurrence_rank: e
             .recurrence
             .as_ref()
@@ -542,6 +579,16 @@ pub(crate) fn check_handles(cascade: &Cascade) -> Result<(), String> {
         }
         ok &= e.reductions.iter().all(|r| rank_ok(r.rank))
             && e.mask.iter().all(|c| index_ok(&c.lhs) && index_ok(&c.rhs))
+            && e.value_mask.iter().all(|v| {
+                let mut ok = true;
+                v.visit_indices(&mut |i| ok &= index_ok(i));
+                v.visit_accesses(&mut |a| {
+                    ok &= a.tensor.index() < n_tensors
+                        && a.indices.len()
+                            == cascade.tensors.get(a.tensor).map_or(0, |t| t.ranks.len())
+                });
+                ok
+            })
             && e.recurrence.as_ref().is_none_or(|rec| rank_ok(rec.rank));
         if !ok {
             problems.push(format!(

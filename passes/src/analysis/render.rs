@@ -162,6 +162,11 @@ pub(crate) fn render_text(r: &Report) -> String {
                 }
             )
         };
+        let masked = if e.value_mask.is_empty() {
+            masked
+        } else {
+            format!("{masked} (at most: {})", e.value_mask.join(", "))
+        };
         let _ = writeln!(
             out,
             "{}: {class}; {} points{masked}; {} FLOP ({} tensor-core, {} scalar, {} transcendental)",

@@ -106,6 +106,7 @@ impl Build {
                 .map(|&(rank, op)| Reduction { rank, op })
                 .collect(),
             mask,
+            value_mask: Vec::new(),
             recurrence: recurrence.map(|(rank, init)| Recurrence {
                 rank,
                 init,

@@ -98,6 +98,7 @@ fn view(cascade: &Cascade, expr: &Expr, mask: &mut Vec<Condition>) -> Expr {
                 Some(p)
                     if cascade.tensors[a.tensor].kind == TensorKind::Temp
                         && p.reductions.is_empty()
+                        && p.value_mask.is_empty()
                         && p.recurrence.is_none() =>
                 {
                     let Some(rename) = rename_to(p, a) else {
@@ -236,6 +237,11 @@ fn decay_coefficient(arg: &Expr, p: Handle<Rank>, m: Handle<Rank>) -> Option<Exp
 
 /// Finds a causal linear form (see the module documentation).
 pub fn find(cascade: &Cascade) -> Option<CausalLinear> {
+    // A data-dependent mask can make a factor absent, which the chunked form would turn
+    // into an absent output where the sum gave 0: not chunked.
+    if ir_util::has_value_masks(cascade) {
+        return None;
+    }
     for (h, e) in cascade.einsums.iter() {
         if e.reductions.is_empty() || !e.output.indices.iter().all(|i| i.as_rank().is_some()) {
             continue;
@@ -531,6 +537,7 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
                 rhs: IndexExpr::rank(i),
                 span: Span::UNKNOWN,
             }],
+            value_mask: Vec::new(),
             recurrence: None,
             span: o.span,
         },
@@ -544,6 +551,7 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
             expr: product(update_factors),
             reductions: sums(&[j]),
             mask: vec![],
+            value_mask: Vec::new(),
             recurrence: None,
             span: Span::UNKNOWN,
         },
@@ -564,6 +572,7 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
             ),
             reductions: vec![],
             mask: vec![],
+            value_mask: Vec::new(),
             recurrence: Some(Recurrence {
                 rank: t,
                 init: Expr::Literal(0.0),
@@ -576,6 +585,7 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
             expr: product(inter_factors),
             reductions: sums(&found.inner),
             mask: vec![],
+            value_mask: Vec::new(),
             recurrence: None,
             span: Span::UNKNOWN,
         },
@@ -589,6 +599,7 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
         ),
         reductions: vec![],
         mask: vec![],
+        value_mask: Vec::new(),
         recurrence: None,
         span: o.span,
     };

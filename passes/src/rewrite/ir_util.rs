@@ -72,6 +72,31 @@ pub fn reads(expr: &Expr, tensor: Handle<Tensor>) -> bool {
     found
 }
 
+/// Per Einsum, whether the expression-level rewrites must leave it as it is: a
+/// recurrence, a member of a step body (its steps interleave with the others'), or an
+/// Einsum with a data-dependent mask (the e-graph's masks are affine conditions).
+pub fn opaque_einsums(cascade: &Cascade) -> Vec<bool> {
+    let mut opaque: Vec<bool> = cascade
+        .einsums
+        .iter()
+        .map(|(_, e)| e.recurrence.is_some() || !e.value_mask.is_empty())
+        .collect();
+    for body in einattn_ir::validate::step_bodies(cascade) {
+        for e in body.einsums {
+            opaque[e.index()] = true;
+        }
+    }
+    opaque
+}
+
+/// Whether some Einsum has a data-dependent mask (a `where` on values).
+pub fn has_value_masks(cascade: &Cascade) -> bool {
+    cascade
+        .einsums
+        .iter()
+        .any(|(_, e)| !e.value_mask.is_empty())
+}
+
 /// Per tensor, whether some element may be absent: a mask over the producer's free ranks,
 /// or a map (no reduction) over something that may be absent.
 pub fn tensors_may_be_absent(cascade: &Cascade, order: &[Handle<Einsum>]) -> Vec<bool> {
@@ -83,15 +108,12 @@ pub fn tensors_may_be_absent(cascade: &Cascade, order: &[Handle<Einsum>]) -> Vec
                 .reductions
                 .iter()
                 .any(|r| c.lhs.mentions(r.rank) || c.rhs.mentions(r.rank))
-        });
+        }) || einsum
+            .value_mask
+            .iter()
+            .any(|v| !einsum.reductions.iter().any(|r| v.mentions(r.rank)));
         let mut reads_absent = false;
-        einsum
-            .expr
-            .visit_accesses(&mut |a| reads_absent |= absent[a.tensor.index()]);
-        if let Some(rec) = &einsum.recurrence {
-            rec.init
-                .visit_accesses(&mut |a| reads_absent |= absent[a.tensor.index()]);
-        }
+        einsum.visit_reads(&mut |a| reads_absent |= absent[a.tensor.index()]);
         absent[einsum.output.tensor.index()] =
             outer_mask || (einsum.reductions.is_empty() && reads_absent);
     }
@@ -106,7 +128,11 @@ pub fn map_definition(cascade: &Cascade, access: &Access) -> Option<Expr> {
         return None;
     }
     let e = &cascade.einsums[cascade.producer(access.tensor)?];
-    if !e.reductions.is_empty() || !e.mask.is_empty() || e.recurrence.is_some() {
+    if !e.reductions.is_empty()
+        || !e.mask.is_empty()
+        || !e.value_mask.is_empty()
+        || e.recurrence.is_some()
+    {
         return None;
     }
     let mut rename = HashMap::new();
@@ -215,6 +241,9 @@ pub fn tidy(cascade: &mut Cascade) {
                     read[a.tensor.index()] = true;
                 }
             });
+            for v in &e.value_mask {
+                v.visit_accesses(&mut |a| read[a.tensor.index()] = true);
+            }
             if let Some(rec) = &e.recurrence {
                 rec.init
                     .visit_accesses(&mut |a| read[a.tensor.index()] = true);
@@ -243,15 +272,22 @@ pub fn tidy(cascade: &mut Cascade) {
             cascade.einsums.append(e);
         }
     }
-    // Temporaries without a producer go; every other handle is renumbered.
-    let mut produced = vec![false; cascade.tensors.len()];
+    // Temporaries neither produced nor read go; every other handle is renumbered. (One
+    // read but not produced stays, so validation names it instead of the read pointing at
+    // whichever tensor takes its number.)
+    let mut used = vec![false; cascade.tensors.len()];
     for (_, e) in cascade.einsums.iter() {
-        produced[e.output.tensor.index()] = true;
+        used[e.output.tensor.index()] = true;
+        e.visit_reads(&mut |a| {
+            if let Some(u) = used.get_mut(a.tensor.index()) {
+                *u = true;
+            }
+        });
     }
     let mut remap: Vec<Option<Handle<Tensor>>> = Vec::with_capacity(cascade.tensors.len());
     let mut tensors = einattn_ir::Arena::new();
     for (h, t) in cascade.tensors.iter() {
-        if t.kind == TensorKind::Temp && !produced[h.index()] {
+        if t.kind == TensorKind::Temp && !used[h.index()] {
             remap.push(None);
         } else {
             remap.push(Some(tensors.append(t.clone())));
@@ -268,6 +304,10 @@ pub fn tidy(cascade: &mut Cascade) {
         let mut e = cascade.einsums[h].clone();
         fix(&mut e.output);
         e.expr = remap_expr(&e.expr, &fix);
+        for v in e.value_mask.iter_mut() {
+            v.lhs = remap_expr(&v.lhs, &fix);
+            v.rhs = remap_expr(&v.rhs, &fix);
+        }
         if let Some(rec) = e.recurrence.as_mut() {
             rec.init = remap_expr(&rec.init, &fix);
         }

@@ -68,9 +68,20 @@ impl Default for OptimizeOptions {
     }
 }
 
-/// What a cascade costs, compared lexicographically in field order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+/// What a cascade costs. Compared by an estimated time first, so passes, bytes and FLOPs
+/// are weighed together: a rewrite that removes a pass over memory but moves more bytes or
+/// does more work than the pass saved is not cheaper. Equal times (every group bound by a
+/// term the step does not change) fall back to fewer passes over memory, then fewer bytes,
+/// then fewer FLOPs.
+#[derive(Clone, Copy, Debug, Serialize)]
 pub struct CascadeCost {
+    /// The roofline time of each fusion group on the analysis's GPU, summed over the
+    /// groups, seconds. A group (one pass, one kernel or loop) takes the largest of its
+    /// tensor-core, scalar, special-function and memory times: its members' FLOPs
+    /// (recomputed members included) and the bytes it moves. Groups run one after the
+    /// other, so a pass saved is its whole time saved, and work added to a group counts
+    /// as soon as it becomes that group's bound.
+    pub time_s: f64,
     /// The most passes over any rank that is not an on-chip tile: trips through memory.
     pub memory_passes: u32,
     /// Bytes the fusion groups move (`bytes_fused`).
@@ -85,6 +96,7 @@ impl CascadeCost {
             .iter()
             .filter(|r| r.role != RankRole::Tile);
         CascadeCost {
+            time_s: group_time(report),
             memory_passes: memory.map(|r| r.passes).max().unwrap_or(0),
             bytes: report.bytes_fused,
             flops: report.flops,
@@ -92,12 +104,68 @@ impl CascadeCost {
     }
 }
 
+/// The sum over fusion groups of each group's roofline time (see [`CascadeCost::time_s`]).
+fn group_time(report: &Report) -> f64 {
+    let gpu = &report.roofline.gpu;
+    let per = |work: f64, rate: f64| if rate > 0.0 { work / rate } else { 0.0 };
+    let by_name = |name: &str| report.einsums.iter().find(|e| e.einsum == name);
+    report
+        .fusion_groups
+        .iter()
+        .map(|g| {
+            let (mut contraction, mut scalar, mut transcendental) = (0.0, 0.0, 0.0);
+            for m in &g.einsums {
+                if let Some(e) = by_name(&m.einsum) {
+                    contraction += e.contraction_flops as f64;
+                    scalar += e.scalar_flops as f64;
+                    transcendental += e.transcendental_ops as f64;
+                }
+            }
+            [
+                per(contraction, gpu.contraction_flops),
+                per(scalar, gpu.scalar_flops),
+                per(transcendental, gpu.transcendental_ops),
+                per(g.bytes_moved as f64, gpu.memory_bandwidth),
+            ]
+            .into_iter()
+            .fold(0.0f64, f64::max)
+        })
+        .sum()
+}
+
+impl PartialEq for CascadeCost {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == std::cmp::Ordering::Equal
+    }
+}
+
+impl Eq for CascadeCost {}
+
+impl PartialOrd for CascadeCost {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for CascadeCost {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.time_s
+            .total_cmp(&other.time_s)
+            .then(self.memory_passes.cmp(&other.memory_passes))
+            .then(self.bytes.cmp(&other.bytes))
+            .then(self.flops.cmp(&other.flops))
+    }
+}
+
 impl fmt::Display for CascadeCost {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} pass(es) over memory, {} bytes, {} FLOPs",
-            self.memory_passes, self.bytes, self.flops
+            "{:.3} us, {} pass(es) over memory, {} bytes, {} FLOPs",
+            self.time_s * 1e6,
+            self.memory_passes,
+            self.bytes,
+            self.flops
         )
     }
 }
@@ -125,6 +193,9 @@ pub struct Optimized {
     pub applied: Vec<AppliedRule>,
     pub before: Report,
     pub after: Report,
+    /// Rewrites that applied in form but were not tried, and why (a key rank whose extent
+    /// has no tile of a useful size).
+    pub notes: Vec<String>,
 }
 
 impl Optimized {
@@ -142,6 +213,9 @@ impl Optimized {
             }
             out.push_str(&format!("   {} -> {}\n", a.before, a.after));
         }
+        for note in &self.notes {
+            out.push_str(&format!("note: {note}\n"));
+        }
         out.push_str(&format!("after: {}\n", CascadeCost::of(&self.after)));
         out
     }
@@ -158,7 +232,15 @@ struct State<'o> {
     report: Report,
     cost: CascadeCost,
     applied: Vec<AppliedRule>,
+    notes: Vec<String>,
     options: &'o OptimizeOptions,
+}
+
+/// The smallest tile worth splitting a rank into for a tile of `wanted`: a quarter of it.
+/// Below that, the per-tile work (a rescale per tile, a running-state update) stops being
+/// amortized: a tile of 1 adds about half the FLOPs of softmax attention.
+fn smallest_tile(wanted: u64) -> u64 {
+    (wanted / 4).max(2)
 }
 
 impl State<'_> {
@@ -177,7 +259,25 @@ impl State<'_> {
         detail: String,
         force: bool,
     ) -> bool {
+        // A rewrite that breaks the cascade is a bug in it; never let its (empty) analysis
+        // pass for a cheap cascade.
+        if let Err(problems) = einattn_ir::validate::validate(&candidate) {
+            let first = problems
+                .first()
+                .map_or(String::new(), |d| d.message.clone());
+            self.note(format!(
+                "a {rule} step was dropped: it made an invalid cascade ({first})"
+            ));
+            return false;
+        }
         let (report, cost) = self.evaluate(&candidate);
+        if !report.warnings.is_empty() {
+            self.note(format!(
+                "a {rule} step was dropped: its analysis warns: {}",
+                report.warnings.join("; ")
+            ));
+            return false;
+        }
         if !(force || cost < self.cost) {
             return false;
         }
@@ -192,6 +292,12 @@ impl State<'_> {
         self.report = report;
         self.cost = cost;
         true
+    }
+
+    fn note(&mut self, note: String) {
+        if !self.notes.contains(&note) {
+            self.notes.push(note);
+        }
     }
 
     fn algebra(&mut self, why: &str) -> bool {
@@ -218,6 +324,17 @@ impl State<'_> {
         let n = self.cascade.ranks[found.query].extent;
         let block = split::tile_dividing(n, self.options.block);
         if block >= n {
+            return false;
+        }
+        if block < smallest_tile(self.options.block) {
+            let name = self.cascade.ranks[found.query].name.clone();
+            self.note(format!(
+                "causal chunking over `{name}` not tried: its extent {n} has no divisor between \
+                 {} and {} to block it by (pad it to a multiple of {})",
+                smallest_tile(self.options.block),
+                self.options.block,
+                self.options.block
+            ));
             return false;
         }
         let Some(candidate) = chunk::chunk(&self.cascade, &found, block) else {
@@ -274,6 +391,17 @@ impl State<'_> {
                 split::tile_dividing(extent, self.options.tile)
             };
             if tile >= extent {
+                continue;
+            }
+            if !decode && tile < smallest_tile(self.options.tile) {
+                self.note(format!(
+                    "the online rewrite over `{name}` was not tried: its extent {extent} has no \
+                     divisor between {} and {} to tile it by (a tile of {tile} would cost more \
+                     than the pass it saves; pad `{name}` to a multiple of {})",
+                    smallest_tile(self.options.tile),
+                    self.options.tile,
+                    self.options.tile
+                ));
                 continue;
             }
             let mut candidate = self.cascade.clone();
@@ -341,6 +469,7 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
         report: before.clone(),
         cost,
         applied: Vec::new(),
+        notes: Vec::new(),
         options,
     };
     state.algebra("whole cascade");
@@ -354,5 +483,6 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
         applied: state.applied,
         before,
         after: state.report,
+        notes: state.notes,
     })
 }

@@ -18,9 +18,10 @@ use einattn_ir::{
 };
 use std::collections::HashMap;
 
-/// Where masks or absent reads may leave a maximum at `-inf`, rescaling factors use
-/// `max(m, LOW)` instead of `m`, so `exp(-inf - (-inf))` never appears. Finite in f32 and
-/// bf16, below any score that matters.
+/// Where masks or absent reads may leave a maximum at `-inf`: the online form starts its
+/// running max at LOW, and split-K's merge uses `max(m, LOW)` instead of `m`, so
+/// `exp(-inf - (-inf))` never appears. Finite in f32 and bf16, below any score that
+/// matters (a score below it would count as absent).
 const LOW: f64 = -1e38;
 
 /// One max reduction and the sums it normalizes, found on a split rank.
@@ -69,16 +70,22 @@ pub fn find_group(cascade: &Cascade, rank: Handle<Rank>) -> Option<NormalizedGro
         ir_util::tensors_may_be_absent(cascade, &einattn_ir::validate::topological_order(cascade));
     for (g, ge) in cascade.einsums.iter() {
         if ge.recurrence.is_some()
+            || !ge.value_mask.is_empty()
             || !reduces_exactly(ge, tile, outer, ReduceOp::Max)
             || !ge.output.indices.iter().all(|i| i.as_rank().is_some())
         {
             continue;
         }
         let g_tensor = ge.output.tensor;
-        let x_view = inline_maps(cascade, &ge.expr);
+        // Seen through map temporaries, masked ones included, as the sums are seen (their
+        // conditions reach the sums' masks; the max's absent points are skipped anyway).
+        let x_view = view_with_masks(cascade, &ge.expr, &mut Vec::new());
         let mut sums = Vec::new();
         for (u, ue) in cascade.einsums.iter() {
-            if u == g || ue.recurrence.is_some() || !reduces_exactly(ue, tile, outer, ReduceOp::Sum)
+            if u == g
+                || ue.recurrence.is_some()
+                || !ue.value_mask.is_empty()
+                || !reduces_exactly(ue, tile, outer, ReduceOp::Sum)
             {
                 continue;
             }
@@ -142,6 +149,7 @@ fn view_with_masks(cascade: &Cascade, expr: &Expr, mask: &mut Vec<Condition>) ->
                         if depth < 64
                             && t.kind == TensorKind::Temp
                             && e.reductions.is_empty()
+                            && e.value_mask.is_empty()
                             && e.recurrence.is_none() =>
                     {
                         let mut rename = HashMap::new();
@@ -214,9 +222,13 @@ fn match_sum(
     if max_read.indices.iter().any(|i| i.ranks().any(split)) {
         return None;
     }
+    // The operand as the max Einsum reads it (`S`, materialized once) rather than as the
+    // sum's view spells it out (`cap * tanh(QK)`): equal values, but the view would
+    // recompute every map of it in the exponential.
+    let operand = ir_util::substitute_expr(&ge.expr, &rename);
     Some(NormalizedSum {
         einsum: u,
-        operand: *operand,
+        operand,
         max_read,
         weight: product(fs),
         mask,
@@ -357,6 +369,7 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
                 op: ReduceOp::Max,
             }],
             mask: ge.mask.clone(),
+            value_mask: Vec::new(),
             recurrence: None,
             span: ge.span,
         },
@@ -369,9 +382,18 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
             ),
             reductions: vec![],
             mask: vec![],
+            value_mask: Vec::new(),
+            // Where a whole tile may be absent (masks), the running max starts at the
+            // finite LOW rather than -inf: a step that has seen nothing then rescales by
+            // exp(LOW - LOW) = 1 (its sums are 0) instead of exp(-inf - -inf) = NaN, with
+            // no clamp in the rescale (which the kernel recognizer reads as is).
             recurrence: Some(Recurrence {
                 rank: outer,
-                init: Expr::Literal(f64::NEG_INFINITY),
+                init: Expr::Literal(if group.maskable {
+                    LOW
+                } else {
+                    f64::NEG_INFINITY
+                }),
                 init_span: Span::UNKNOWN,
             }),
             span: Span::UNKNOWN,
@@ -380,13 +402,11 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
             output: access(rescale, with_rank(&g_out, step.clone())),
             expr: exp(sub(
                 Expr::Access(access(running_max, with_rank(&g_out, step.clone()))),
-                clamp(
-                    Expr::Access(access(running_max, with_rank(&g_out, next.clone()))),
-                    group.maskable,
-                ),
+                Expr::Access(access(running_max, with_rank(&g_out, next.clone()))),
             )),
             reductions: vec![],
             mask: vec![],
+            value_mask: Vec::new(),
             recurrence: None,
             span: Span::UNKNOWN,
         },
@@ -425,6 +445,7 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
                 op: ReduceOp::Sum,
             }],
             mask: s.mask.clone(),
+            value_mask: Vec::new(),
             recurrence: None,
             span: ue.span,
         });
@@ -441,6 +462,7 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
             ),
             reductions: vec![],
             mask: vec![],
+            value_mask: Vec::new(),
             recurrence: Some(Recurrence {
                 rank: outer,
                 init: Expr::Literal(0.0),
@@ -460,15 +482,32 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
         );
     }
     let g_tensor = ge.output.tensor;
-    redirect(&mut c, g_tensor, running_max, steps);
-    retire(
-        &mut c,
-        group.max_einsum,
-        Expr::Access(access(
-            running_max,
-            with_rank(&g_out, IndexExpr::constant(steps)),
-        )),
-    );
+    if group.maskable {
+        // The running max of a row with no present point ends at LOW, not -inf; readers
+        // of the maximum itself get the exact value: the max of the tile maxima.
+        c.einsums[group.max_einsum] = Einsum {
+            output: ge.output.clone(),
+            expr: Expr::Access(access(tile_max, with_rank(&g_out, step.clone()))),
+            reductions: vec![Reduction {
+                rank: outer,
+                op: ReduceOp::Max,
+            }],
+            mask: vec![],
+            value_mask: Vec::new(),
+            recurrence: None,
+            span: ge.span,
+        };
+    } else {
+        redirect(&mut c, g_tensor, running_max, steps);
+        retire(
+            &mut c,
+            group.max_einsum,
+            Expr::Access(access(
+                running_max,
+                with_rank(&g_out, IndexExpr::constant(steps)),
+            )),
+        );
+    }
     for e in added {
         c.einsums.append(e);
     }
@@ -518,6 +557,7 @@ fn shared_exponential(
         expr,
         reductions: vec![],
         mask: vec![],
+        value_mask: Vec::new(),
         recurrence: None,
         span: Span::UNKNOWN,
     });
@@ -552,6 +592,7 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
             op: ReduceOp::Max,
         }],
         mask: ge.mask.clone(),
+        value_mask: Vec::new(),
         recurrence: None,
         span: ge.span,
     }];
@@ -564,6 +605,7 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
             op: ReduceOp::Max,
         }],
         mask: vec![],
+        value_mask: Vec::new(),
         recurrence: None,
         span: ge.span,
     };
@@ -593,6 +635,7 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
                 op: ReduceOp::Sum,
             }],
             mask: s.mask.clone(),
+            value_mask: Vec::new(),
             recurrence: None,
             span: ue.span,
         });
@@ -611,6 +654,7 @@ pub fn split_k(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
                 op: ReduceOp::Sum,
             }],
             mask: vec![],
+            value_mask: Vec::new(),
             recurrence: None,
             span: ue.span,
         };

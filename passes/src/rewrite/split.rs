@@ -7,7 +7,7 @@
 use super::ir_util::{fresh_rank_name, substitute_index};
 use einattn_ir::{
     Access, Cascade, Condition, Expr, ExtentSource, Handle, IndexExpr, Rank, Reduction, Split,
-    TensorKind,
+    TensorKind, ValueCondition,
 };
 use std::collections::HashMap;
 
@@ -81,10 +81,7 @@ pub fn split_rank(
             }
         };
         check(&e.output);
-        e.expr.visit_accesses(&mut check);
-        if let Some(rec) = &e.recurrence {
-            rec.init.visit_accesses(&mut check);
-        }
+        e.visit_reads(&mut check);
         if !ok {
             return Err(SplitError::IrregularAccess(
                 cascade.tensors[e.output.tensor].name.clone(),
@@ -170,10 +167,21 @@ pub fn split_rank(
             }
         }
         let init = e.recurrence.as_ref().map(|rec| fix_expr(&rec.init));
+        let value_mask: Vec<ValueCondition> = e
+            .value_mask
+            .iter()
+            .map(|v| ValueCondition {
+                lhs: fix_expr(&v.lhs),
+                op: v.op,
+                rhs: fix_expr(&v.rhs),
+                span: v.span,
+            })
+            .collect();
         let e = &mut cascade.einsums[h];
         e.output = output;
         e.expr = expr;
         e.mask = mask;
+        e.value_mask = value_mask;
         e.reductions = reductions;
         if let (Some(rec), Some(init)) = (e.recurrence.as_mut(), init) {
             rec.init = init;

@@ -2,8 +2,9 @@
 //!
 //! [`TreeForm::build`] turns every non-recurrent Einsum into a term of [`Ein`], inlining the
 //! temporaries it reads, so the algebra sees whole computations (`(Q K^T) V` as one term
-//! rather than two Einsums). Recurrences stay as they are: the terms read their states as
-//! leaves. [`materialize`] goes back: every reduction or mask in an extracted term becomes
+//! rather than two Einsums). Recurrences, the Einsums of step bodies and Einsums with
+//! data-dependent masks stay as they are ([`ir_util::opaque_einsums`]): the terms read
+//! their outputs as leaves. [`materialize`] goes back: every reduction or mask in an extracted term becomes
 //! an Einsum of its own, and so does a shared subterm with a transcendental in it (the
 //! numerator of softmax, read by both the denominator and the contraction).
 
@@ -56,18 +57,28 @@ impl TreeForm {
     pub fn build(cascade: &Cascade) -> TreeForm {
         let order = einattn_ir::validate::topological_order(cascade);
         let may_be_absent = ir_util::tensors_may_be_absent(cascade, &order);
+        let mut kept_einsum = ir_util::opaque_einsums(cascade);
         let inlinable: Vec<bool> = cascade
             .tensors
             .iter()
             .map(|(h, t)| {
                 t.kind == TensorKind::Temp
                     && t.iterative.is_none()
-                    && cascade.producer(h).is_some_and(|e| {
-                        let e = &cascade.einsums[e];
-                        e.recurrence.is_none() && plain_distinct(&e.output.indices)
+                    && cascade.producer(h).is_some_and(|p| {
+                        let e = &cascade.einsums[p];
+                        !kept_einsum[p.index()] && plain_distinct(&e.output.indices)
                     })
             })
             .collect();
+        // A temporary that cannot be inlined (its output is written at a combined index,
+        // `PS[b, h, m, p]` from `m1, m0`) is neither a root nor part of a term: its Einsum
+        // is kept as it is, or the terms reading it would read a tensor nobody produces.
+        for (h, e) in cascade.einsums.iter() {
+            let t = e.output.tensor;
+            if cascade.tensors[t].kind == TensorKind::Temp && !inlinable[t.index()] {
+                kept_einsum[h.index()] = true;
+            }
+        }
         let mut b = Builder {
             cascade,
             leaves: Leaves::default(),
@@ -80,24 +91,21 @@ impl TreeForm {
         let kept: Vec<Handle<Einsum>> = order
             .iter()
             .copied()
-            .filter(|&e| cascade.einsums[e].recurrence.is_some())
+            .filter(|&e| kept_einsum[e.index()])
             .collect();
         // Roots: outputs, and temporaries read by a kept Einsum.
         let mut root_tensors: Vec<Handle<Tensor>> = Vec::new();
         for &e in &order {
             let einsum = &cascade.einsums[e];
             let t = einsum.output.tensor;
-            if einsum.recurrence.is_none() && cascade.tensors[t].kind == TensorKind::Output {
+            if !kept_einsum[e.index()] && cascade.tensors[t].kind == TensorKind::Output {
                 root_tensors.push(t);
             }
         }
         for &e in &kept {
             let einsum = &cascade.einsums[e];
             let mut reads = Vec::new();
-            einsum.expr.visit_accesses(&mut |a| reads.push(a.tensor));
-            if let Some(rec) = &einsum.recurrence {
-                rec.init.visit_accesses(&mut |a| reads.push(a.tensor));
-            }
+            einsum.visit_reads(&mut |a| reads.push(a.tensor));
             for t in reads {
                 if b.inlinable[t.index()] && !root_tensors.contains(&t) {
                     root_tensors.push(t);
@@ -477,6 +485,13 @@ impl Materializer<'_> {
                     cur = self.egraph.find(body);
                 }
                 Ein::Mask([cond, body]) => {
+                    // A masked term read by several terms (the causal score, read by the
+                    // max and by the exponential) is stored once, like a shared reduction:
+                    // folding it into each reader would repeat its contraction.
+                    let shared = cur != class && self.uses.get(&cur).copied().unwrap_or(0) >= 2;
+                    if shared {
+                        break;
+                    }
                     let Some(Leaf::Cond(c)) = leaf_of(self.node(cond)) else {
                         break;
                     };
@@ -509,6 +524,7 @@ impl Materializer<'_> {
             expr,
             reductions: peeled,
             mask,
+            value_mask: Vec::new(),
             recurrence: None,
             span,
         }

@@ -427,6 +427,7 @@ pub fn localize(original: &Cascade, spec: &LocalSpec) -> Result<LocalCascade, Sp
             ),
             reductions: Vec::new(),
             mask: Vec::new(),
+            value_mask: Vec::new(),
             recurrence: Some(Recurrence {
                 rank: rec.rank,
                 init: Expr::Literal(1.0),

@@ -136,6 +136,23 @@ pub fn plan_sequence_parallel(
     cascade: &Cascade,
     options: &SpOptions,
 ) -> Result<SpDecision, SpError> {
+    // The per-device windows rename indices and affine masks; a condition on values, or
+    // Einsums that advance together step by step, are not rewritten there yet.
+    if cascade
+        .einsums
+        .iter()
+        .any(|(_, e)| !e.value_mask.is_empty())
+    {
+        return Err(SpError::Window(
+            "a data-dependent mask (a `where` on values) is not split across devices".into(),
+        ));
+    }
+    if !einattn_ir::validate::step_bodies(cascade).is_empty() {
+        return Err(SpError::Window(
+            "Einsums that advance together along a recurrence (a step body) are not split across devices"
+                .into(),
+        ));
+    }
     let seq = match &options.sequence {
         Some((q, k)) => SequenceRanks::by_names(cascade, q, k)?,
         None => SequenceRanks::detect(cascade)?,

@@ -446,6 +446,11 @@ impl<'c> Reader<'c> {
         let c = self.c;
         let e = &c.einsums[h];
         self.span = e.span;
+        // The kernel's masks are affine bands; a condition on values would be dropped.
+        if !e.value_mask.is_empty() {
+            return self
+                .err("data-dependent masks (a `where` that compares values) are not mapped");
+        }
         let ranks = c.iteration_ranks(h);
         self.key_here = if ranks.contains(&self.roles.key) {
             Some(IndexExpr::rank(self.roles.key))
