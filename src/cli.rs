@@ -4,15 +4,15 @@
 
 use einattn_backends::abi::KernelSet;
 use einattn_backends::family::{self, CompileError, Compiled, KernelOptions, Request};
+use einattn_backends::plan::folder::BuildRecord;
 use einattn_backends::plan::lower::{lower, LoweredPlan};
 use einattn_backends::plan::Plan;
 use einattn_backends::Target;
 use einattn_exec::ranks::RankMapping;
 use einattn_exec::{ExecError, ReportFormat};
-use einattn_ir::interp::{self, TensorData};
+use einattn_ir::interp;
 use einattn_ir::{Cascade, Handle, Tensor, TensorKind};
 use einattn_passes::analysis::GpuModel;
-use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -350,86 +350,6 @@ pub fn check(
     Ok(einattn_exec::check::check(compiled.as_ref(), seed)?)
 }
 
-/// What `compile --sp P -o DIR` records so that `run-plan DIR` can compute the reference:
-/// the source (copied as `source.ein`), the size bindings and the kernel options.
-fn build_record(defines: &[(String, u64)], args: &KernelArgs) -> serde_json::Value {
-    let o = &args.options;
-    serde_json::json!({
-        "source": "source.ein",
-        "defines": defines.iter().map(|(n, v)| serde_json::json!([n, v])).collect::<Vec<_>>(),
-        "target": args.target.map(|t| t.name()),
-        "dtype": o.elem.map(|e| e.name()),
-        "tiles": o.tiles.iter().map(|(n, v)| serde_json::json!([n, v])).collect::<Vec<_>>(),
-        "warps": o.warps,
-        "stages": o.stages,
-        "mma": o.mma.map(|m| m.name()),
-        "optimize": o.optimize,
-        "strategy": o.strategy,
-        "chunk_tokens": o.chunk_tokens,
-    })
-}
-
-/// A build record read back: the source file name, the size bindings, the kernel options.
-type BuildRecord = (String, Vec<(String, u64)>, KernelArgs);
-
-fn read_build_record(v: &serde_json::Value) -> Result<BuildRecord, String> {
-    use einattn_backends::tile::{Elem, MmaUnit};
-    let pairs = |key: &str| -> Result<Vec<(String, u64)>, String> {
-        v.get(key)
-            .and_then(|x| x.as_array())
-            .map(|a| {
-                a.iter()
-                    .map(|p| {
-                        match (
-                            p.get(0).and_then(|n| n.as_str()),
-                            p.get(1).and_then(|x| x.as_u64()),
-                        ) {
-                            (Some(n), Some(x)) => Ok((n.to_string(), x)),
-                            _ => Err(format!("`{key}` holds [name, number] pairs")),
-                        }
-                    })
-                    .collect()
-            })
-            .unwrap_or_else(|| Ok(Vec::new()))
-    };
-    let text = |key: &str| v.get(key).and_then(|x| x.as_str()).map(str::to_string);
-    let small = |key: &str| -> Result<Option<u32>, String> {
-        v.get(key)
-            .and_then(|x| x.as_u64())
-            .map(|x| u32::try_from(x).map_err(|_| format!("`{key}` = {x} is too large")))
-            .transpose()
-    };
-    let target = match text("target").as_deref() {
-        None => None,
-        Some("sm_80") => Some(Target::Sm80),
-        Some("sm_90a") => Some(Target::Sm90a),
-        Some(other) => return Err(format!("unknown target `{other}`")),
-    };
-    let options = KernelOptions {
-        target: target.unwrap_or_default(),
-        elem: match text("dtype").as_deref() {
-            None => None,
-            Some("bf16") => Some(Elem::Bf16),
-            Some("f16") => Some(Elem::F16),
-            Some(other) => return Err(format!("unknown dtype `{other}`")),
-        },
-        tiles: pairs("tiles")?,
-        warps: small("warps")?,
-        stages: small("stages")?,
-        mma: match text("mma").as_deref() {
-            None => None,
-            Some("mma.sync") => Some(MmaUnit::Sync),
-            Some("wgmma") => Some(MmaUnit::Warpgroup),
-            Some(other) => return Err(format!("unknown mma `{other}`")),
-        },
-        optimize: v.get("optimize").and_then(|x| x.as_bool()).unwrap_or(false),
-        strategy: text("strategy"),
-        chunk_tokens: v.get("chunk_tokens").and_then(|x| x.as_u64()),
-    };
-    let source = text("source").unwrap_or_else(|| "source.ein".to_string());
-    Ok((source, pairs("defines")?, KernelArgs { target, options }))
-}
-
 /// The plan folder's source: a plain file name inside `dir`, never a path elsewhere.
 fn plan_source(dir: &Path, name: &str) -> Result<SourceFile, CliError> {
     let plain = Path::new(name)
@@ -462,11 +382,16 @@ pub fn run_plan(dir: &Path, seed: u64, mapping: RankMapping) -> Result<(String, 
     let kernels = KernelSet::read(dir).map_err(|e| CliError::input(format!("error: {e}")))?;
     einattn_backends::plan::validate::validate(&plan, &kernels)
         .map_err(|e| in_dir("plan.json", e))?;
-    let record: serde_json::Value = serde_json::from_str(&read("build.json")?)
-        .map_err(|e| in_dir("build.json", e.to_string()))?;
-    let (source_name, defines, args) =
-        read_build_record(&record).map_err(|e| in_dir("build.json", e))?;
-    let source = plan_source(dir, &source_name)?;
+    let record = read("build.json")?;
+    let record = BuildRecord::from_json(&record).map_err(|e| in_dir("build.json", e))?;
+    let source = plan_source(dir, &record.source)?;
+    let (defines, args) = (
+        record.defines,
+        KernelArgs {
+            target: record.target,
+            options: record.options,
+        },
+    );
     let compiled = build_kernels(&source, &defines, &args, false)?;
     check_plan_matches_source(&plan, compiled.cascade()).map_err(|e| in_dir("plan.json", e))?;
     Ok(einattn_exec::plan::run::check_plan(
@@ -625,9 +550,14 @@ pub fn compile_plan(
         }
     }
     write("source.ein", &source.text)?;
-    let record = serde_json::to_string_pretty(&build_record(defines, args))
-        .map_err(|e| CliError::input(format!("error: {e}")))?;
-    write("build.json", &(record + "\n"))?;
+    let record = BuildRecord {
+        source: "source.ein".into(),
+        defines: defines.to_vec(),
+        target: args.target,
+        options: args.options.clone(),
+    }
+    .to_json();
+    write("build.json", &record)?;
     lines.push(format!(
         "wrote {} and {} (run it with `einattn run-plan {}`)",
         out_dir.join("source.ein").display(),
@@ -741,21 +671,4 @@ fn find_input(cascade: &Cascade, name: &str) -> Result<Handle<Tensor>, CliError>
                 names.join(", ")
             ))
         })
-}
-
-/// Evaluates with seeded random inputs and returns every tensor's value by name; used by
-/// tests.
-pub fn reference_values(
-    cascade: &Cascade,
-    seed: u64,
-) -> Result<HashMap<String, TensorData>, CliError> {
-    let inputs = interp::random_inputs(cascade, seed);
-    let order = einattn_ir::validate::topological_order(cascade);
-    let values = interp::evaluate_in_order(cascade, &inputs, &order)
-        .map_err(|e| CliError::input(format!("error: evaluation failed: {e}")))?;
-    Ok(values
-        .tensors
-        .into_iter()
-        .map(|(h, d)| (cascade.tensors[h].name.clone(), d))
-        .collect())
 }

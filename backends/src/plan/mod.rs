@@ -11,6 +11,7 @@
 
 pub mod cpu;
 pub mod emit;
+pub mod folder;
 pub mod format;
 pub mod lower;
 pub mod order;
