@@ -1,6 +1,6 @@
 """Wall time of `einattn compile` (parse, analyze, schedule, Tile IR, PTX, manifest) on the CPU.
 
-Usage: python3 bench/compile_time.py [path/to/einattn] > bench/results/compile_time_DATE.json
+Usage: python3 bench/compile_time.py [path/to/einattn] > bench/results/compile_time_DATE/compile_time.json
 Runs each example 30 times (after one warm-up) and reports the median and max wall time.
 """
 import datetime

@@ -2,7 +2,7 @@
 # Sequence-parallel runs on a 2-GPU host, in one device call: `einattn check --sp 2` on
 # small problems (checked against f64) and on the sizes (checked against our
 # single-GPU kernel on the whole problem, which is timed in the same process), then the
-# torch + fla LASP-2 reference (../shared/tools/anchors_sp.py, carried in .whl/tools).
+# torch + fla LASP-2 reference (anchors_sp.py, carried in .whl/tools; not part of the repository).
 # Logs go to $OUT (default /tmp/sp). Usage: bench/sp_device.sh [path/to/einattn]
 set -uo pipefail
 BIN=${1:-target/release/einattn}

@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p einattn-passes --bench analyze` runs criterion, then times each case on
 //! its own (median, p95 and max of single runs) and writes the figures, with the command,
-//! machine and date, to `bench/results/analyze_<date>.json`. Under `cargo test` (no
+//! machine and date, to `bench/results/analyze_<date>/analyze.json`. Under `cargo test` (no
 //! `--bench` argument) every case runs once and nothing is written.
 
 use criterion::Criterion;
@@ -172,9 +172,10 @@ fn main() {
         return;
     }
     run_criterion(&cases, &options);
-    let path = repo_root()
+    let dir = repo_root()
         .join("bench/results")
-        .join(format!("analyze_{}.json", utc_date()));
+        .join(format!("analyze_{}", utc_date()));
+    let path = dir.join("analyze.json");
     match write_results(&cases, &options, &path) {
         Ok(()) => println!("wrote {}", path.display()),
         Err(e) => eprintln!("could not write {}: {e}", path.display()),

@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p einattn-passes --bench optimize` runs criterion, then times each case
 //! on its own (median, p95 and max of single runs) and writes the figures, with the
-//! command, machine and date, to `bench/results/optimize_<date>.json`. Under `cargo test`
+//! command, machine and date, to `bench/results/optimize_<date>/optimize.json`. Under `cargo test`
 //! (no `--bench` argument) every case runs once and nothing is written.
 
 use criterion::Criterion;
@@ -141,9 +141,10 @@ fn main() {
         return;
     }
     run_criterion(&cases, &options);
-    let path = repo_root()
+    let dir = repo_root()
         .join("bench/results")
-        .join(format!("optimize_{}.json", utc_date()));
+        .join(format!("optimize_{}", utc_date()));
+    let path = dir.join("optimize.json");
     match write_results(&cases, &options, &path) {
         Ok(()) => println!("wrote {}", path.display()),
         Err(e) => eprintln!("could not write {}: {e}", path.display()),

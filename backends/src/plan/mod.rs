@@ -1,4 +1,4 @@
-//! Sequence-parallel plans (design.md section 8; the format is documented in docs/sp.md).
+//! Sequence-parallel plans (docs/sp.md; the format is documented there).
 //!
 //! - [`format`]: the serde types of `plan.json`;
 //! - [`emit`]: lowers the planner's chosen scheme (`einattn_passes::sp`) to a plan;

@@ -1,4 +1,4 @@
-//! FuseMax-style analysis of a cascade (design.md section 5; docs/analysis.md).
+//! FuseMax-style analysis of a cascade (docs/analysis.md).
 //!
 //! [`analyze`] answers, for a bound cascade:
 //! - how many passes each reduced or iterated rank needs, and why each new pass starts;

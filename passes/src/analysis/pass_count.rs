@@ -1,4 +1,4 @@
-//! Passes over a rank (FuseMax; algorithms.md section 3), made precise.
+//! Passes over a rank (FuseMax; docs/algorithms.md section 3), made precise.
 //!
 //! Fix a leaf rank `r`. An Einsum *iterates* `r` when `r` is in its iteration space. Walking
 //! the Einsums in dependency order, every tensor gets two facts:

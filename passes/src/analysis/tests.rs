@@ -157,7 +157,7 @@ fn le(l: IndexExpr, r: IndexExpr) -> Condition {
     }
 }
 
-/// The FuseMax 3-pass (or, with `two_pass`, 2-pass) cascade of algorithms.md section 2.
+/// The FuseMax 3-pass (or, with `two_pass`, 2-pass) cascade of docs/algorithms.md section 2.
 fn softmax_multi_pass(m_size: u64, d: u64, two_pass: bool, causal: bool) -> Cascade {
     let mut b = Build::new(if two_pass {
         "attention_2pass"

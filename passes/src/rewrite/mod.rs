@@ -1,4 +1,4 @@
-//! The rewrite engine (design.md section 6; docs/rewrites.md): finds an equivalent cascade
+//! The rewrite engine (docs/rewrites.md): finds an equivalent cascade
 //! with fewer passes over memory, fewer bytes and fewer FLOPs, and says how it got there.
 //!
 //! Two layers:

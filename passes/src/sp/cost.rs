@@ -57,7 +57,7 @@ pub struct CostParams {
 
 impl Default for CostParams {
     /// H200 rates (the 2xH200 NVLink host the SP anchors were measured on). Links from
-    /// `anchors.md`: all-gather 0.072 ms at 4 MiB per rank, 0.365 ms at 64 MiB and
+    /// `docs/anchors.md`: all-gather 0.072 ms at 4 MiB per rank, 0.365 ms at 64 MiB and
     /// 1.17 ms at 256 MiB (fit: 45 us + bytes / 240 GB/s, floor 70 us); ring send+recv
     /// 0.130 ms at 4 MiB, 1.07 ms at 256 MiB (fit: 110 us + bytes / 255 GB/s, floor
     /// 130 us). All-to-all is taken as the all-gather link.

@@ -1,5 +1,5 @@
 //! Sequence parallelism: split the sequence rank across `P` devices, find what crosses
-//! the split, enumerate the schemes that apply, cost them and pick one (design.md
+//! the split, enumerate the schemes that apply, cost them and pick one (docs/architecture.md
 //! section 8; docs/sp.md).
 //!
 //! - [`seq`]: which ranks are the sequence (queries and keys);

@@ -4,7 +4,7 @@
 //!
 //! Scores are kept in log2 units (`x = logit * log2(e)`) so the exponentials are `ex2`; the
 //! factor is folded into the scale, which the printer hoists as a uniform value. The
-//! cascade of `algorithms.md` section 2 maps onto the statements as
+//! cascade of `docs/algorithms.md` section 2 maps onto the statements as
 //!
 //! | cascade | statement |
 //! | --- | --- |
