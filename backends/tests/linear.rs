@@ -235,7 +235,11 @@ fn linear_examples_compile_and_match_the_interpreter() {
             states: vec![],
         };
         let prob = m.problem();
-        let program = &k.modules().last().expect("a kernel").program;
+        let program = k
+            .modules()
+            .last()
+            .and_then(|m| m.program.tile())
+            .expect("a Tile program");
         run(program, prob, &mut io).expect("tile interpreter runs");
         // The contract's tensors are Q, K, V, O in the program's order.
         let err = relative_error(&io.tensors[3].data, &want);

@@ -83,6 +83,30 @@ pub fn bench(compiled: &dyn Compiled, reps: usize, format: ReportFormat) -> Resu
             }
             rate
         }
+        Rate::Roofline {
+            flops,
+            bytes,
+            bound_ms,
+        } => {
+            let secs = t.median_ms * 1e-3;
+            extend(
+                &mut value,
+                json!({
+                    "flops": flops,
+                    "tflops": flops / secs / 1e12,
+                    "bytes": bytes,
+                    "gb_per_s": bytes / secs / 1e9,
+                    "roofline_ms": bound_ms,
+                    "percent_of_roofline": 100.0 * bound_ms / t.median_ms,
+                }),
+            );
+            format!(
+                "{:.2} TFLOP/s, {:.1} GB/s = {:.1}% of the analysis's roofline ({bound_ms:.4} ms)",
+                flops / secs / 1e12,
+                bytes / secs / 1e9,
+                100.0 * bound_ms / t.median_ms
+            )
+        }
         Rate::Tokens { tokens, bytes } => {
             let mtok = tokens / (t.median_ms * 1e-3) / 1e6;
             let floor = model

@@ -45,48 +45,70 @@ pub fn rounded_inputs(cascade: &Cascade, manifest: &Manifest, seed: u64) -> Inpu
     inputs
 }
 
-/// The f64 reference of the output and its name: the cascade interpreter when the problem
-/// is within its limit, else the family's formula when its work is at most `formula_limit`
-/// multiply-adds (`None`: no reference).
+/// Reference values by output name, and how they were computed.
+pub type Reference = (std::collections::HashMap<String, Vec<f64>>, String);
+
+/// The f64 reference and its name: every output by the cascade interpreter when the
+/// problem is within its limit, else the main output by the family's formula when its work
+/// is at most `formula_limit` multiply-adds (`None`: no reference).
 pub fn reference(
     compiled: &dyn Compiled,
     inputs: &Inputs,
     formula_limit: u64,
-) -> Result<Option<(Vec<f64>, String)>> {
+) -> Result<Option<Reference>> {
     let cascade = compiled.cascade();
+    let manifest = compiled.manifest();
     let work = compiled.interpreter_work();
     if work <= INTERPRETER_MAC_LIMIT {
-        let output = output_name(&compiled.manifest())?;
         let values = evaluate_in_order(cascade, inputs, &topological_order(cascade))
             .map_err(|e| ExecError::Input(format!("the interpreter failed: {e}")))?;
-        let t = cascade
-            .tensor_by_name(&output)
-            .ok_or_else(|| ExecError::Input(format!("no output `{output}`")))?;
-        let data = values
-            .get(t)
-            .ok_or_else(|| ExecError::Input("the interpreter produced no output".into()))?;
-        return Ok(Some((
-            data.stored().into_owned(),
-            "the cascade interpreter (f64)".to_string(),
-        )));
+        let mut out = std::collections::HashMap::new();
+        for name in output_names(&manifest) {
+            let t = cascade
+                .tensor_by_name(&name)
+                .ok_or_else(|| ExecError::Input(format!("no output `{name}`")))?;
+            let data = values
+                .get(t)
+                .ok_or_else(|| ExecError::Input("the interpreter produced no output".into()))?;
+            out.insert(name, data.stored().into_owned());
+        }
+        return Ok(Some((out, "the cascade interpreter (f64)".to_string())));
     }
     if compiled.formula_work() > formula_limit {
         return Ok(None);
     }
     let (values, name) = compiled.formula(inputs);
+    let main = output_name(&manifest)?;
     Ok(Some((
-        values,
+        [(main, values)].into_iter().collect(),
         format!("{name} (size above the interpreter's limit)"),
     )))
 }
 
-/// The name of the tensor the kernels write.
+/// Every tensor the kernels write, in contract order.
+pub fn output_names(manifest: &Manifest) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for t in manifest.kernels.iter().flat_map(|k| &k.tensors) {
+        if t.role == TensorRole::Output && !out.contains(&t.name) {
+            out.push(t.name.clone());
+        }
+    }
+    out
+}
+
+/// The main output: the one the last kernel writes.
 pub fn output_name(manifest: &Manifest) -> Result<String> {
     manifest
         .kernels
-        .iter()
-        .flat_map(|k| &k.tensors)
-        .find(|t| t.role == TensorRole::Output)
+        .last()
+        .and_then(|k| k.tensors.iter().find(|t| t.role == TensorRole::Output))
+        .or_else(|| {
+            manifest
+                .kernels
+                .iter()
+                .flat_map(|k| &k.tensors)
+                .find(|t| t.role == TensorRole::Output)
+        })
         .map(|t| t.name.clone())
         .ok_or_else(|| ExecError::Input("no kernel writes an output".into()))
 }
@@ -124,11 +146,27 @@ pub fn check(compiled: &dyn Compiled, seed: u64) -> Result<(String, bool)> {
         .collect();
     let whole = Whole::load(0, &kernels, cascade, &inputs)?;
     whole.run()?;
-    let got = whole.output()?;
     let (want, reference_name) = reference(compiled, &inputs, u64::MAX)?
         .ok_or_else(|| ExecError::Input("no reference for this check".into()))?;
-    let err = relative_error(&got, &want);
-    let pass = err < TOLERANCE;
+    // The worst output decides; a NaN anywhere fails.
+    let mut errors = Vec::new();
+    for name in output_names(&manifest) {
+        let Some(reference) = want.get(&name) else {
+            continue;
+        };
+        errors.push((
+            name.clone(),
+            relative_error(&whole.output(&name)?, reference),
+        ));
+    }
+    let err = errors.iter().map(|(_, e)| *e).fold(0.0f64, |a, e| {
+        if a.is_nan() || e.is_nan() {
+            f64::NAN
+        } else {
+            a.max(e)
+        }
+    });
+    let pass = !errors.is_empty() && err < TOLERANCE;
     let resources = whole.resources()?;
     let main = kernels
         .last()
@@ -146,6 +184,11 @@ pub fn check(compiled: &dyn Compiled, seed: u64) -> Result<(String, bool)> {
         "problem: {}; seed {seed}; reference: {reference_name}",
         problem_line(&manifest)
     );
+    if errors.len() > 1 {
+        for (name, e) in &errors {
+            let _ = writeln!(s, "  {name}: ||out - ref|| / ||ref|| = {e:.3e}");
+        }
+    }
     let _ = writeln!(
         s,
         "{}: ||out - ref|| / ||ref|| = {err:.3e} (tolerance {TOLERANCE:.0e})",

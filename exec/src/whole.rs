@@ -37,7 +37,8 @@ pub struct Whole {
     tensors: HashMap<String, (Dtype, DeviceArray)>,
     /// Interior mutability: a run zeroes flags while the arrays stay bound.
     scratch: HashMap<String, std::cell::RefCell<DeviceArray>>,
-    output: String,
+    /// The tensors the kernels write, in contract order (the last is the main output).
+    outputs: Vec<String>,
 }
 
 /// A driver argument from a bound value.
@@ -160,7 +161,7 @@ impl Whole {
         let (gpu, device) = device::open(ordinal)?;
         let mut tensors: HashMap<String, (Dtype, DeviceArray)> = HashMap::new();
         let mut scratch: HashMap<String, std::cell::RefCell<DeviceArray>> = HashMap::new();
-        let mut output = None;
+        let mut outputs: Vec<String> = Vec::new();
         for (contract, _) in kernels {
             for t in &contract.tensors {
                 if tensors.contains_key(&t.name) {
@@ -170,7 +171,7 @@ impl Whole {
                     .map_err(|_| ExecError::Input(format!("`{}` is too large", t.name)))?;
                 let array = match t.role {
                     TensorRole::Output => {
-                        output = Some(t.name.clone());
+                        outputs.push(t.name.clone());
                         DeviceArray::filled(&gpu, t.dtype, n, f64::NAN)?
                     }
                     TensorRole::Input | TensorRole::Param => {
@@ -199,7 +200,9 @@ impl Whole {
                 );
             }
         }
-        let output = output.ok_or_else(|| ExecError::Input("no kernel writes an output".into()))?;
+        if outputs.is_empty() {
+            return Err(ExecError::Input("no kernel writes an output".into()));
+        }
         let mut launches = Vec::new();
         for (contract, text) in kernels {
             let values = WholeValues {
@@ -231,7 +234,7 @@ impl Whole {
             launches,
             tensors,
             scratch,
-            output,
+            outputs,
         })
     }
 
@@ -248,9 +251,17 @@ impl Whole {
         Ok(())
     }
 
-    /// The output tensor's values (waits for the launches).
-    pub fn output(&self) -> Result<Vec<f64>> {
-        let (dtype, array) = &self.tensors[&self.output];
+    /// The names of the tensors the kernels write.
+    pub fn outputs(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// An output tensor's values (waits for the launches).
+    pub fn output(&self, name: &str) -> Result<Vec<f64>> {
+        let (dtype, array) = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ExecError::Input(format!("no output `{name}`")))?;
         array.download(&self.gpu, *dtype)
     }
 

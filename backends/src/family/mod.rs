@@ -8,12 +8,15 @@
 //!
 //! - [`softmax`]: softmax attention in any pass structure (FlashAttention-style kernel);
 //! - [`linear`]: linear attention with decays and gates (Lightning-style kernels);
+//! - [`general`]: every other valid cascade, one point kernel per Einsum, recurrence or
+//!   step body (the reference interpreter's loop nests, on every thread);
 //! - [`elementwise`]: the small helper kernels an SP plan launches between them.
 
 // A failed compile builds one diagnostic; boxing it would only add noise to every `?`.
 #![allow(clippy::result_large_err)]
 
 pub mod elementwise;
+pub mod general;
 mod layout;
 pub mod linear;
 pub mod softmax;
@@ -32,7 +35,10 @@ use einattn_passes::analysis::GpuModel;
 use std::collections::{BTreeMap, HashMap};
 
 /// The families, in the order a cascade is offered to them.
-pub static FAMILIES: &[&dyn KernelFamily] = &[&softmax::Softmax, &linear::Linear];
+/// The general lowering comes last: it compiles every valid cascade, the others only what
+/// they recognize, faster.
+pub static FAMILIES: &[&dyn KernelFamily] =
+    &[&softmax::Softmax, &linear::Linear, &general::General];
 
 /// Values of a cascade's inputs and parameters, by tensor.
 pub type Inputs = HashMap<Handle<Tensor>, TensorData>;
@@ -146,10 +152,38 @@ pub trait KernelFamily: Sync {
     fn compile(&self, request: &Request) -> Result<Box<dyn Compiled>, FamilyError>;
 }
 
-/// One printed kernel with its Tile IR program and launch contract.
+/// The program a module was printed from (`--emit tile` prints it).
+#[derive(Debug, Clone)]
+pub enum KernelProgram {
+    /// A Tile IR program (the softmax and linear families).
+    Tile(Box<TileProgram>),
+    /// The general lowering's point program (all of a cascade's kernels).
+    Points(Box<general::program::PointProgram>),
+}
+
+impl KernelProgram {
+    /// The Tile IR program, for the families that print one.
+    pub fn tile(&self) -> Option<&TileProgram> {
+        match self {
+            KernelProgram::Tile(t) => Some(t),
+            KernelProgram::Points(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for KernelProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelProgram::Tile(t) => t.fmt(f),
+            KernelProgram::Points(p) => p.fmt(f),
+        }
+    }
+}
+
+/// One printed kernel with the program it came from and its launch contract.
 #[derive(Debug, Clone)]
 pub struct Module {
-    pub program: TileProgram,
+    pub program: KernelProgram,
     pub ptx: PtxKernel,
     pub contract: LaunchContract,
 }
@@ -162,6 +196,13 @@ pub enum Rate {
     Flops { flops: f64, predicted_ms: f64 },
     /// Sequence throughput: tokens, and the bytes one pass over Q, K, V and O moves.
     Tokens { tokens: f64, bytes: f64 },
+    /// The analysis's view: FLOPs, the minimum bytes, and the roofline's lower bound on
+    /// the time (the general lowering).
+    Roofline {
+        flops: f64,
+        bytes: f64,
+        bound_ms: f64,
+    },
 }
 
 /// A cascade compiled by a family.

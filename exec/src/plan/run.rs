@@ -25,6 +25,9 @@ fn rate_of(rate: Rate) -> Box<dyn Fn(f64) -> String> {
         Rate::Tokens { tokens, .. } => {
             Box::new(move |ms: f64| format!("{:.1} Mtok/s", tokens / (ms * 1e-3) / 1e6))
         }
+        Rate::Roofline { flops, .. } => {
+            Box::new(move |ms: f64| format!("{:.2} TFLOP/s", flops / (ms * 1e-3) / 1e12))
+        }
     }
 }
 
@@ -77,11 +80,12 @@ pub fn check_plan(
         .collect();
     let whole = Whole::load(ranks.ordinal, &single_kernels, cascade, &inputs)?;
     whole.run()?;
-    let single = whole.output()?;
+    let out_name = output_name(&manifest)?;
+    let single = whole.output(&out_name)?;
     let single_ms = time_plan(&[&whole.gpu], &mut || whole.run(), 20)?;
     // The f64 reference where the problem is small enough to compute one on the host.
-    let reference = reference(compiled, &inputs, 64 * INTERPRETER_MAC_LIMIT)?;
-    let out_name = output_name(&manifest)?;
+    let reference = reference(compiled, &inputs, 64 * INTERPRETER_MAC_LIMIT)?
+        .and_then(|(mut values, name)| values.remove(&out_name).map(|v| (v, name)));
     let compare = |want: &[f64]| exec.compare(&out_name, want);
     let summary = SpRun {
         scheme: plan.scheme.clone(),
@@ -119,7 +123,9 @@ pub fn bench_plan(
     let ms = time_plan_reps(&ranks, &mut || exec.run(), reps)?;
     let (rate, unit) = match compiled.rate() {
         Rate::Tokens { tokens, .. } => (tokens / (ms * 1e-3) / 1e6, "Mtok/s"),
-        Rate::Flops { flops, .. } => (flops / (ms * 1e-3) / 1e12, "TFLOP/s"),
+        Rate::Flops { flops, .. } | Rate::Roofline { flops, .. } => {
+            (flops / (ms * 1e-3) / 1e12, "TFLOP/s")
+        }
     };
     if !ranks.leader() {
         return Ok(String::new());

@@ -329,7 +329,7 @@ impl LinearKernels {
             },
         )?;
         Ok(Module {
-            program,
+            program: super::KernelProgram::Tile(Box::new(program)),
             ptx,
             contract,
         })

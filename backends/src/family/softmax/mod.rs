@@ -208,7 +208,7 @@ fn build_module(
         },
     )?;
     Ok(Module {
-        program,
+        program: super::KernelProgram::Tile(Box::new(program)),
         ptx,
         contract,
     })

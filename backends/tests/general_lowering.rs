@@ -1,0 +1,133 @@
+//! The general lowering against the reference interpreter, on the CPU: every example (at
+//! small sizes) lowered to point kernels and run by the point-program interpreter gives
+//! the cascade interpreter's outputs.
+
+use einattn_backends::family::general::{interp, lower::lower, program::SlotKind};
+use einattn_ir::interp::{evaluate_in_order, random_inputs, TensorData};
+use einattn_ir::validate::topological_order;
+use einattn_ir::Cascade;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn load(name: &str, defines: &[(&str, u64)]) -> Cascade {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(format!("{name}.ein"));
+    let src = std::fs::read_to_string(&path).expect("example");
+    let defines: Vec<(String, u64)> = defines.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    einattn_dsl::compile_source(&path.display().to_string(), &src, &defines)
+        .unwrap_or_else(|d| panic!("{}", d.render(name, &src)))
+}
+
+/// The largest relative difference between the point program's outputs and the cascade
+/// interpreter's, over every output.
+pub fn difference(c: &Cascade, seed: u64) -> f64 {
+    let inputs = random_inputs(c, seed);
+    let want = evaluate_in_order(c, &inputs, &topological_order(c)).expect("interpreter");
+    let program = lower(c, None, "k");
+    let by_name: HashMap<String, TensorData> = inputs
+        .iter()
+        .map(|(h, d)| (c.tensors[*h].name.clone(), d.clone()))
+        .collect();
+    let mut by_name = by_name;
+    for (h, t) in c.tensors.iter() {
+        if let (einattn_ir::TensorKind::Param, Some(v)) = (t.kind, t.default) {
+            by_name
+                .entry(t.name.clone())
+                .or_insert_with(|| TensorData::filled(einattn_ir::interp::shape_of(c, h), v));
+        }
+    }
+    let memory = interp::Memory::new(&program, &by_name).expect("memory");
+    let got = interp::run(&program, memory).expect("runs");
+    let mut worst: f64 = 0.0;
+    for (s, slot) in program.slots.iter().enumerate() {
+        if slot.kind != SlotKind::Output {
+            continue;
+        }
+        let t = c
+            .tensor_by_name(&slot.name)
+            .expect("an output of the cascade");
+        let reference = want.get(t).expect("computed").stored();
+        let mine = got.stored(s);
+        let err = einattn_backends::reference::relative_error(&mine, &reference);
+        worst = worst.max(if err.is_nan() { f64::INFINITY } else { err });
+    }
+    worst
+}
+
+#[test]
+fn every_example_lowers_to_point_kernels_that_match_the_interpreter() {
+    let small: &[(&str, &[(&str, u64)])] = &[
+        ("attention_1pass", &[("M", 128), ("D", 16), ("TILE", 32)]),
+        ("attention_2pass", &[("M", 64), ("D", 16)]),
+        ("attention_3pass", &[("M", 64), ("D", 16)]),
+        ("attention_causal", &[("N", 128), ("D", 16), ("TILE", 32)]),
+        ("attention_mha", &[("N", 128), ("D", 16), ("TILE", 32)]),
+        (
+            "attention_sliding_window",
+            &[("N", 128), ("D", 16), ("TILE", 32), ("W", 40)],
+        ),
+        ("attention_softcap", &[("N", 128), ("D", 16)]),
+        ("flash_decoding", &[("N", 128), ("D", 16)]),
+        ("gated_linear", &[("N", 64), ("D", 16), ("BLOCK", 8)]),
+        ("lightning", &[("N", 64), ("D", 16), ("BLOCK", 8)]),
+        ("lightning_naive", &[("N", 64), ("D", 16)]),
+        ("linear_attention", &[("N", 64), ("D", 16)]),
+        ("linear_causal", &[("N", 64), ("D", 16)]),
+        ("lm_head_entropy", &[("T", 16), ("D", 16), ("VOCAB", 64)]),
+    ];
+    let mut names: Vec<String> =
+        std::fs::read_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples"))
+            .expect("examples")
+            .flatten()
+            .filter_map(|e| {
+                e.path()
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+            })
+            .collect();
+    names.sort();
+    for name in names {
+        let sizes = small
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(&[][..], |(_, s)| s);
+        let c = load(&name, sizes);
+        let err = difference(&c, 5);
+        assert!(err < 1e-12, "{name}: relative difference {err}");
+    }
+}
+
+/// Every point kernel of every example assembles for sm_80 and sm_90a without spills.
+#[test]
+fn every_point_kernel_assembles() {
+    use einattn_backends::family::general::ptx::print;
+    use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
+    use einattn_backends::Target;
+    let Some(ptxas) = ptxas_for_test("every_point_kernel_assembles") else {
+        return;
+    };
+    let mut names: Vec<String> =
+        std::fs::read_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples"))
+            .expect("examples")
+            .flatten()
+            .filter_map(|e| {
+                e.path()
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+            })
+            .collect();
+    names.sort();
+    for name in names {
+        let c = load(&name, &[]);
+        let program = lower(&c, None, "k");
+        for k in &program.kernels {
+            for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
+                let ptx = print(&program, k, target);
+                let r = assemble(&ptxas, &ptx.text, arch)
+                    .unwrap_or_else(|e| panic!("{name} {} {arch}: {e}\n{}", ptx.entry, ptx.text));
+                assert!(!r.spills(), "{name} {}: {r:?}", ptx.entry);
+            }
+        }
+    }
+}
