@@ -42,6 +42,8 @@ pub enum SpError {
     Evaluation(String),
     /// The requested scheme does not apply.
     Scheme(String),
+    /// More devices than the planner compares pairs for ([`MAX_DEVICES`]).
+    Devices(String),
 }
 
 impl std::error::Error for SpError {}
@@ -53,6 +55,7 @@ impl std::fmt::Display for SpError {
             SpError::Window(m) => write!(f, "per-device cascade: {m}"),
             SpError::Evaluation(m) => write!(f, "evaluation: {m}"),
             SpError::Scheme(m) => write!(f, "scheme: {m}"),
+            SpError::Devices(m) => write!(f, "devices: {m}"),
         }
     }
 }
@@ -130,12 +133,24 @@ pub fn candidate_schemes(cls: &Classification) -> Vec<Scheme> {
     ]
 }
 
+/// The most devices the planner splits a sequence over. Costing the key-splitting schemes
+/// visits every (query chunk, key chunk) pair of every device, `P^2` of them (`4 P^2`
+/// zigzag): at 1024 devices that is about 3 s for causal attention; beyond, refuse rather
+/// than run for minutes (docs/sp.md).
+pub const MAX_DEVICES: u64 = 1024;
+
 /// Classifies the cascade's dependencies across the split, costs every scheme and picks
 /// the cheapest applicable one (or the one `options.scheme` names).
 pub fn plan_sequence_parallel(
     cascade: &Cascade,
     options: &SpOptions,
 ) -> Result<SpDecision, SpError> {
+    if options.devices > MAX_DEVICES {
+        return Err(SpError::Devices(format!(
+            "{} devices requested; the planner handles at most {MAX_DEVICES} (it costs every pair of sequence chunks, P^2 of them)",
+            options.devices
+        )));
+    }
     let seq = match &options.sequence {
         Some((q, k)) => SequenceRanks::by_names(cascade, q, k)?,
         None => SequenceRanks::detect(cascade)?,
