@@ -19,6 +19,7 @@
 
 pub mod algebra;
 pub mod chunk;
+pub mod extract;
 pub mod ir_util;
 pub mod lang;
 pub mod normalizer;
