@@ -714,16 +714,24 @@ pub struct RunSummary {
 
 /// Evaluates a cascade with the reference interpreter. Inputs come from `--input NAME=PATH`
 /// or are drawn from `seed`; every input and output is written to `out_dir` as `NAME.npy`.
+/// Refused before anything is allocated when the evaluation would exceed `limits`.
 pub fn run(
     file: &Path,
     defines: &[(String, u64)],
     seed: u64,
     input_files: &[(String, PathBuf)],
     out_dir: &Path,
+    limits: interp::Limits,
 ) -> Result<RunSummary, CliError> {
     let source = SourceFile::load(file)?;
     let cascade = source.compile(defines)?;
-    let mut inputs = interp::random_inputs(&cascade, seed);
+    let mut inputs = interp::random_inputs_limited(&cascade, seed, limits).map_err(|e| {
+        CliError::input(format!(
+            "error: {}: {e}
+  = help: bind smaller sizes with -D, or raise the bounds with --max-elements and --max-work",
+            source.name()
+        ))
+    })?;
     for (name, path) in input_files {
         let tensor = find_input(&cascade, name)?;
         let data = crate::npy::read(path).map_err(|e| {

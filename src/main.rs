@@ -47,6 +47,13 @@ enum Command {
         /// Directory for NAME.npy of every input and output.
         #[arg(long, default_value = "einattn-out")]
         out: PathBuf,
+        /// Refuse to run when the tensors held at once would exceed this many elements
+        /// (8 bytes each).
+        #[arg(long, value_name = "N", default_value_t = einattn_ir::interp::Limits::default().max_elements)]
+        max_elements: u64,
+        /// Refuse to run when the Einsums would iterate more than this many points.
+        #[arg(long, value_name = "N", default_value_t = einattn_ir::interp::Limits::default().max_work)]
+        max_work: u64,
     },
     /// Compile a cascade; `--emit` prints one stage of the pipeline.
     Compile {
@@ -300,8 +307,14 @@ fn execute(args: Args) -> Result<(), CliError> {
             seed,
             input,
             out,
+            max_elements,
+            max_work,
         } => {
-            let summary = cli::run(&file, &define, seed, &input, &out)?;
+            let limits = einattn_ir::interp::Limits {
+                max_elements,
+                max_work,
+            };
+            let summary = cli::run(&file, &define, seed, &input, &out, limits)?;
             for (name, shape, path) in summary.written {
                 sayln!("{name:>8} {shape:?} -> {}", path.display());
             }

@@ -1,0 +1,84 @@
+//! The CLI on hostile inputs, as files: each `tests/hardening/NAME.cmd` is one command line
+//! (arguments separated by whitespace; `{out}` is a fresh scratch folder) run in
+//! `tests/hardening/`, and `NAME.expected` is what it must print: the line `exit N`, then
+//! its stderr, then `--- stdout` and its stdout. Every case must finish within a few
+//! seconds. `UPDATE_EXPECTED=1 cargo test --test hardening` rewrites the expected files.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn cases_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/hardening")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("einattn-hardening-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch folder");
+    dir
+}
+
+/// What a case printed, in the `.expected` format.
+fn render(code: Option<i32>, stdout: &[u8], stderr: &[u8], out: &Path) -> String {
+    let clean = |b: &[u8]| String::from_utf8_lossy(b).replace(&out.display().to_string(), "{out}");
+    let code = code.map_or("signal".to_string(), |c| c.to_string());
+    format!(
+        "exit {code}\n{}--- stdout\n{}",
+        clean(stderr),
+        clean(stdout)
+    )
+}
+
+fn run_case(name: &str) -> (String, Duration) {
+    let dir = cases_dir();
+    let cmd = std::fs::read_to_string(dir.join(format!("{name}.cmd"))).expect("the .cmd file");
+    let out = scratch(name);
+    let args: Vec<String> = cmd
+        .split_whitespace()
+        .map(|a| a.replace("{out}", &out.display().to_string()))
+        .collect();
+    let start = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_einattn"))
+        .args(&args)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("the binary runs");
+    let elapsed = start.elapsed();
+    let text = render(output.status.code(), &output.stdout, &output.stderr, &out);
+    let _ = std::fs::remove_dir_all(&out);
+    (text, elapsed)
+}
+
+#[test]
+fn every_case_prints_what_it_expects_quickly() {
+    let dir = cases_dir();
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .expect("tests/hardening")
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            (p.extension()? == "cmd").then(|| p.file_stem()?.to_str().map(str::to_string))?
+        })
+        .collect();
+    names.sort();
+    assert!(!names.is_empty());
+    let update = std::env::var_os("UPDATE_EXPECTED").is_some();
+    let mut failures = Vec::new();
+    for name in &names {
+        let (got, elapsed) = run_case(name);
+        if elapsed > Duration::from_secs(5) {
+            failures.push(format!("{name}: took {elapsed:?}"));
+        }
+        let path = dir.join(format!("{name}.expected"));
+        if update {
+            std::fs::write(&path, &got).expect("write expected");
+            continue;
+        }
+        let want = std::fs::read_to_string(&path).unwrap_or_default();
+        if got != want {
+            failures.push(format!("{name}:\n--- expected\n{want}\n--- got\n{got}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

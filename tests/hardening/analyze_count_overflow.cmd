@@ -1,0 +1,1 @@
+analyze huge_reduction.ein

@@ -1,0 +1,1 @@
+run huge_reduction.ein --out {out}

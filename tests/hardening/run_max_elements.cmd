@@ -1,0 +1,1 @@
+run quadratic.ein --max-elements 100 --out {out}

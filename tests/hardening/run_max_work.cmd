@@ -1,0 +1,1 @@
+run quadratic.ein --max-work 100 --out {out}

@@ -1,0 +1,1 @@
+run quadratic.ein -D M=65536 --out {out}
