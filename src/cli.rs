@@ -734,19 +734,15 @@ pub fn run(
     })?;
     for (name, path) in input_files {
         let tensor = find_input(&cascade, name)?;
-        let data = crate::npy::read(path).map_err(|e| {
-            CliError::input(format!("error: cannot read `{}`: {e}", path.display()))
-        })?;
         let expected = interp::shape_of(&cascade, tensor);
-        if data.shape != expected {
-            return Err(CliError::input(format!(
-                "error: `{}` has shape {:?}, but `{name}` in {} has shape {:?}",
+        let data = crate::npy::read(path, &expected).map_err(|e| match e {
+            crate::npy::ReadError::Shape(got) => CliError::input(format!(
+                "error: `{}` has shape {got:?}, but `{name}` in {} has shape {expected:?}",
                 path.display(),
-                data.shape,
                 source.name(),
-                expected
-            )));
-        }
+            )),
+            e => CliError::input(format!("error: cannot read `{}`: {e}", path.display())),
+        })?;
         inputs.insert(tensor, data);
     }
     let order = einattn_ir::validate::topological_order(&cascade);

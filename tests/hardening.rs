@@ -82,3 +82,31 @@ fn every_case_prints_what_it_expects_quickly() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+/// A Fortran-order `.npy` is the same array as its C-order twin: `run` reads both to the
+/// same inputs and outputs (it used to read Fortran data as if it were row-major).
+#[test]
+fn fortran_and_c_order_inputs_give_the_same_run() {
+    let dir = cases_dir();
+    let mut outputs = Vec::new();
+    for (k, file) in ["q_c.npy", "q_fortran.npy"].iter().enumerate() {
+        let out = scratch(&format!("order{k}"));
+        let status = Command::new(env!("CARGO_BIN_EXE_einattn"))
+            .args(["run", "quadratic.ein", "--input"])
+            .arg(format!("Q={file}"))
+            .arg("--out")
+            .arg(&out)
+            .current_dir(&dir)
+            .output()
+            .expect("the binary runs");
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let read = |name: &str| std::fs::read(out.join(name)).expect("written");
+        outputs.push((read("Q.npy"), read("S.npy")));
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    assert!(outputs[0] == outputs[1], "C and Fortran order disagree");
+}

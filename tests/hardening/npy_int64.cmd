@@ -1,0 +1,1 @@
+run quadratic.ein --input Q=q_int64.npy --out {out}
