@@ -253,19 +253,33 @@ fn parse_input(text: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_string(), PathBuf::from(path)))
 }
 
-/// Writes to stdout; a closed pipe (`einattn ... | head`) ends the output quietly instead
-/// of panicking as `print!` does.
+/// Writes to stdout, returning from the enclosing function on failure: a closed pipe
+/// (`einattn ... | head`) ends the output quietly, instead of panicking as `print!` does;
+/// any other failure (a full disk) is an error, instead of exit 0 with nothing written.
 macro_rules! say {
     ($($t:tt)*) => {{
         use std::io::Write as _;
-        let _ = write!(std::io::stdout(), $($t)*);
+        write!(std::io::stdout(), $($t)*).map_err(stdout_error)?;
     }};
 }
 macro_rules! sayln {
     ($($t:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($t)*);
+        writeln!(std::io::stdout(), $($t)*).map_err(stdout_error)?;
     }};
+}
+
+/// What a failed write to stdout ends the command with: nothing and exit 0 for a reader
+/// that went away (EPIPE), an error for anything else.
+fn stdout_error(e: std::io::Error) -> CliError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        CliError {
+            message: String::new(),
+            exit_code: 0,
+        }
+    } else {
+        CliError::input(format!("error: cannot write to standard output: {e}"))
+    }
 }
 
 fn clock_seed() -> u64 {
@@ -393,11 +407,18 @@ fn execute(args: Args) -> Result<(), CliError> {
 }
 
 fn main() -> ExitCode {
-    match execute(Args::parse()) {
+    // Output still buffered (a last line without a newline) must reach stdout too.
+    let flushed = |()| {
+        use std::io::Write as _;
+        std::io::stdout().flush().map_err(stdout_error)
+    };
+    match execute(Args::parse()).and_then(flushed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{}", e.message.trim_end());
-            ExitCode::from(e.exit_code as u8)
+            if !e.message.is_empty() {
+                eprintln!("{}", e.message.trim_end());
+            }
+            ExitCode::from(u8::try_from(e.exit_code).unwrap_or(1))
         }
     }
 }

@@ -110,3 +110,47 @@ fn fortran_and_c_order_inputs_give_the_same_run() {
     }
     assert!(outputs[0] == outputs[1], "C and Fortran order disagree");
 }
+
+/// A full disk is an error (it used to exit 0 with nothing written); a reader that goes
+/// away (`| head`) ends the output quietly with exit 0.
+#[test]
+fn stdout_write_errors_are_reported_and_a_closed_pipe_is_not() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for args in [
+        &["compile", "examples/attention_causal.ein", "--emit", "ptx"][..],
+        &["analyze", "examples/attention_causal.ein"][..],
+    ] {
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let out = Command::new(env!("CARGO_BIN_EXE_einattn"))
+            .args(args)
+            .current_dir(root)
+            .stdout(full)
+            .output()
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("cannot write to standard output"),
+            "{args:?}: {stderr}"
+        );
+
+        let mut child = Command::new(env!("CARGO_BIN_EXE_einattn"))
+            .args(args)
+            .current_dir(root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary runs");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("it ends");
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            out.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
