@@ -154,3 +154,29 @@ fn stdout_write_errors_are_reported_and_a_closed_pipe_is_not() {
         );
     }
 }
+
+/// The same input gets the same diagnostics every time ("did you mean" suggestions used to
+/// depend on hash order when several names were equally close).
+#[test]
+fn diagnostics_are_deterministic() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_einattn"))
+            .args([
+                "analyze",
+                "examples/lightning.ein",
+                "-D",
+                "N=300",
+                "-D",
+                "q=1",
+            ])
+            .current_dir(root)
+            .output()
+            .expect("the binary runs")
+    };
+    let first = run();
+    assert_eq!(first.status.code(), Some(1));
+    for _ in 0..8 {
+        assert_eq!(run().stderr, first.stderr);
+    }
+}

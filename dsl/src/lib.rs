@@ -46,14 +46,44 @@ pub fn parse(file_name: &str, source: &str) -> Result<ast::File, Diagnostics> {
 }
 
 /// Parses, lowers and validates `source`, binding size symbols from `size` declarations
-/// overridden by `defines` (`-D NAME=VALUE`).
+/// overridden by `defines` (`-D NAME=VALUE`). Warnings (a `-D` for a symbol the program
+/// never mentions) are printed to stderr, each once per process, so that every command
+/// shows them; [`compile_source_with_warnings`] returns them instead.
 pub fn compile_source(
     file_name: &str,
     source: &str,
     defines: &[(String, u64)],
 ) -> Result<Cascade, Diagnostics> {
-    let file = parse(file_name, source)?;
-    compile_ast(&file, defines)
+    let (cascade, warnings) = compile_source_with_warnings(file_name, source, defines)?;
+    print_warnings_once(file_name, source, &warnings);
+    Ok(cascade)
+}
+
+/// Prints each warning to stderr unless this process printed the same text before: a
+/// command may compile one file several times (the linear kernels confirm their reading
+/// on a small instance), and should say each thing once.
+fn print_warnings_once(file_name: &str, source: &str, warnings: &Diagnostics) {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static SHOWN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    for d in warnings.iter() {
+        let mut d = d.clone();
+        if d.span.is_none() {
+            // Nothing in the text to point at (a `-D` is on the command line): say which
+            // file it is about.
+            d.message = format!("{file_name}: {}", d.message);
+        }
+        let text = Diagnostics::new(vec![d]).render(file_name, source);
+        let text = text.trim_end().to_string();
+        let shown = SHOWN.get_or_init(|| Mutex::new(HashSet::new()));
+        // A poisoned lock only means another thread panicked while printing: print anyway.
+        let first = shown
+            .lock()
+            .map_or(true, |mut set| set.insert(text.clone()));
+        if first {
+            eprintln!("{text}");
+        }
+    }
 }
 
 /// Like [`compile_source`], but also returns the warnings of a successful compilation
