@@ -61,9 +61,7 @@ pub struct SourceFile {
 
 impl SourceFile {
     pub fn load(path: &Path) -> Result<Self, CliError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            CliError::input(format!("error: cannot read `{}`: {e}", path.display()))
-        })?;
+        let text = einattn_dsl::read_source(path).map_err(CliError::input)?;
         Ok(SourceFile {
             path: path.to_path_buf(),
             text,

@@ -1,0 +1,1 @@
+analyze cr_line_endings.ein

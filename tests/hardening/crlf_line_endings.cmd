@@ -1,0 +1,1 @@
+analyze crlf_line_endings.ein

@@ -1,0 +1,1 @@
+analyze not_utf8.ein
