@@ -689,6 +689,18 @@ pub fn optimize(
     let cascade = source.compile(defines)?;
     let result = optimized(&source, &cascade)?;
     let text = einattn_ir::print::print(&result.cascade);
+    // What is written must be what `analyze` accepts: check the text itself.
+    if let Err(d) = einattn_dsl::compile_source_with_warnings("optimized.ein", &text, &[]) {
+        let step = result.applied.last().map_or_else(
+            || "with no rewrite applied".to_string(),
+            |a| format!("after step {} ({})", result.applied.len(), a.rule),
+        );
+        return Err(CliError::input(format!(
+            "error: {}: the optimized cascade ({step}) does not compile; nothing was written:\n{}",
+            source.name(),
+            d.render("optimized.ein", &text)
+        )));
+    }
     let mut log = result.render_log();
     match out {
         Some(path) => {

@@ -180,3 +180,36 @@ fn diagnostics_are_deterministic() {
         assert_eq!(run().stderr, first.stderr);
     }
 }
+
+/// What `optimize -o` writes is a cascade `analyze` accepts (it used to write one that
+/// read a 5-rank state with 4 indices, and exit 0).
+#[test]
+fn optimize_writes_only_what_analyze_accepts() {
+    let dir = cases_dir();
+    let out = scratch("optimized");
+    let written = out.join("o.ein");
+    let opt = Command::new(env!("CARGO_BIN_EXE_einattn"))
+        .args(["optimize", "ps_over_parent_rank.ein", "-o"])
+        .arg(&written)
+        .current_dir(&dir)
+        .output()
+        .expect("the binary runs");
+    assert_eq!(
+        opt.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&opt.stderr)
+    );
+    let analyze = Command::new(env!("CARGO_BIN_EXE_einattn"))
+        .arg("analyze")
+        .arg(&written)
+        .output()
+        .expect("the binary runs");
+    assert_eq!(
+        analyze.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&analyze.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -118,12 +118,23 @@ pub struct AppliedRule {
     pub after: CascadeCost,
 }
 
+/// A rewrite whose result the validator rejected: discarded, and said so in the log.
+#[derive(Clone, Debug, Serialize)]
+pub struct RejectedRule {
+    pub rule: String,
+    pub detail: String,
+    /// The validator's first error.
+    pub problem: String,
+}
+
 /// The result of [`optimize`].
 #[derive(Clone, Debug)]
 pub struct Optimized {
     pub cascade: Cascade,
     /// Kept rewrites, in the order applied.
     pub applied: Vec<AppliedRule>,
+    /// Rewrites whose result was not a valid cascade (a defect of the rule): not applied.
+    pub rejected: Vec<RejectedRule>,
     pub before: Report,
     pub after: Report,
 }
@@ -143,6 +154,12 @@ impl Optimized {
             }
             out.push_str(&format!("   {} -> {}\n", a.before, a.after));
         }
+        for r in &self.rejected {
+            out.push_str(&format!(
+                "not applied: {}: {}: its result is not a valid cascade ({})\n",
+                r.rule, r.detail, r.problem
+            ));
+        }
         out.push_str(&format!("after: {}\n", CascadeCost::of(&self.after)));
         out
     }
@@ -159,6 +176,7 @@ struct State<'o> {
     report: Report,
     cost: CascadeCost,
     applied: Vec<AppliedRule>,
+    rejected: Vec<RejectedRule>,
     options: &'o OptimizeOptions,
 }
 
@@ -178,6 +196,19 @@ impl State<'_> {
         detail: String,
         force: bool,
     ) -> bool {
+        // The analysis of a malformed cascade is empty, which would look cheapest of all.
+        if let Err(problems) = einattn_ir::validate::validate(&candidate) {
+            let problem = problems
+                .iter()
+                .find(|d| d.is_error())
+                .map_or_else(|| "invalid".to_string(), |d| d.message.clone());
+            self.rejected.push(RejectedRule {
+                rule: rule.to_string(),
+                detail,
+                problem,
+            });
+            return false;
+        }
         let (report, cost) = self.evaluate(&candidate);
         if !(force || cost < self.cost) {
             return false;
@@ -342,6 +373,7 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
         report: before.clone(),
         cost,
         applied: Vec::new(),
+        rejected: Vec::new(),
         options,
     };
     state.algebra("whole cascade");
@@ -353,6 +385,7 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
     Ok(Optimized {
         cascade: state.cascade,
         applied: state.applied,
+        rejected: state.rejected,
         before,
         after: state.report,
     })
