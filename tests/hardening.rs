@@ -213,3 +213,33 @@ fn optimize_writes_only_what_analyze_accepts() {
     );
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// A `libcuda.so` that loads but is not a driver (it lacks `cuInit`) means no usable GPU:
+/// exit 3 with the reason, where cudarc used to panic ("Missing symbol cuInit", exit 101).
+#[test]
+fn a_stub_libcuda_is_no_gpu_not_a_panic() {
+    let dir = scratch("stub-libcuda");
+    let c = dir.join("stub.c");
+    std::fs::write(&c, "int not_cuda(void) { return 0; }\n").expect("write");
+    // The C compiler Rust links with builds the stub.
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let built = Command::new(&cc)
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(dir.join("libcuda.so"))
+        .arg(&c)
+        .status()
+        .unwrap_or_else(|e| panic!("`{cc}` builds the stub library: {e}"));
+    assert!(built.success(), "`{cc}` failed");
+    std::fs::copy(dir.join("libcuda.so"), dir.join("libcuda.so.1")).expect("copy");
+    let out = Command::new(env!("CARGO_BIN_EXE_einattn"))
+        .args(["check", "examples/attention_causal.ein", "-D", "N=128"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("LD_LIBRARY_PATH", &dir)
+        .output()
+        .expect("the binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("lacks cuInit"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
