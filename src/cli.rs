@@ -745,7 +745,7 @@ pub fn run(
     for (name, path) in input_files {
         let tensor = find_input(&cascade, name)?;
         let expected = interp::shape_of(&cascade, tensor);
-        let data = crate::npy::read(path, &expected).map_err(|e| match e {
+        let data = crate::npy::read_as(path, &expected).map_err(|e| match e {
             crate::npy::ReadError::Shape(got) => CliError::input(format!(
                 "error: `{}` has shape {got:?}, but `{name}` in {} has shape {expected:?}",
                 path.display(),

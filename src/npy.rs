@@ -48,11 +48,23 @@ fn invalid(message: impl Into<String>) -> ReadError {
     ReadError::Invalid(message.into())
 }
 
+/// Reads an `.npy` of float64 or float32 values of any shape, as [`read_as`] does.
+pub fn read(path: &Path) -> std::io::Result<TensorData> {
+    read_checked(path, None).map_err(|e| match e {
+        ReadError::Io(e) => e,
+        other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
+    })
+}
+
 /// Reads an `.npy` of float64 or float32 values with shape `expected`, in C (row-major)
 /// or Fortran (column-major) order; Fortran data is transposed into the row-major order
 /// the interpreter uses. The header is checked (shape, dtype, that the data it declares
 /// is all there) before any data is read, so a hostile header allocates nothing.
-pub fn read(path: &Path, expected: &[usize]) -> Result<TensorData, ReadError> {
+pub fn read_as(path: &Path, expected: &[usize]) -> Result<TensorData, ReadError> {
+    read_checked(path, Some(expected))
+}
+
+fn read_checked(path: &Path, expected: Option<&[usize]>) -> Result<TensorData, ReadError> {
     let mut file = std::fs::File::open(path).map_err(ReadError::Io)?;
     let file_len = file.metadata().map_err(ReadError::Io)?.len();
 
@@ -134,7 +146,7 @@ pub fn read(path: &Path, expected: &[usize]) -> Result<TensorData, ReadError> {
                 header.shape()
             ))
         })?;
-    if shape != expected {
+    if expected.is_some_and(|e| shape != e) {
         return Err(ReadError::Shape(shape));
     }
     let elements = shape

@@ -419,8 +419,8 @@ impl<'a> PairAnalyzer<'a> {
         let fits = |r: &TokenRange, tile: u64| {
             r.len > 0
                 && r.start.checked_add(r.len).is_some_and(|e| e <= seq.tokens)
-                && r.start % tile == 0
-                && r.len % tile == 0
+                && r.start.is_multiple_of(tile)
+                && r.len.is_multiple_of(tile)
         };
         let keys = if seq.single_rank() {
             // One window: the key chunk does not enter the per-device cascade.
