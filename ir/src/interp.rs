@@ -180,9 +180,10 @@ impl std::fmt::Display for Estimate {
             write!(f, "the evaluation would {}", over.join(" and "))?;
         }
         if let Some((name, shape, n)) = &self.largest {
+            let s = if *n == 1 { "" } else { "s" };
             write!(
                 f,
-                "; the largest tensor is `{name}` {shape:?} ({n} elements)"
+                "; the largest tensor is `{name}` {shape:?} ({n} element{s})"
             )?;
         }
         if let Some((name, n)) = &self.busiest {
