@@ -78,7 +78,36 @@ fn masked_sp_planning_at_two_to_the_31_tokens_is_fast() {
             .estimates
             .iter()
             .any(|e| e.not_applicable.is_none()));
+        // Each device's share of the scores passes 2^64 FLOPs: the table says its times
+        // rest on saturated counts.
+        assert!(
+            decision
+                .report
+                .warnings
+                .iter()
+                .any(|w| w.contains("FLOPs exceed 2^64 - 1")),
+            "--sp {devices}: {:?}",
+            decision.report.warnings
+        );
+        assert!(decision
+            .report
+            .render_text()
+            .contains("warnings (per-device analyses)"));
     }
+}
+
+#[test]
+fn optimizing_softcap_at_two_to_the_31_tokens_is_fast_and_says_its_costs_saturate() {
+    let c = compile("attention_softcap.ein", &[("N", 1 << 31)]);
+    let start = Instant::now();
+    let out = einattn_passes::rewrite::optimize(&c, &Default::default()).expect("optimizes");
+    assert!(start.elapsed() < LIMIT, "{:?}", start.elapsed());
+    let log = out.render_log();
+    assert!(log.contains("after: 1 pass(es) over memory"), "{log}");
+    assert!(
+        log.contains("warning: total FLOPs exceed 2^64 - 1"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -161,6 +161,16 @@ impl Optimized {
             ));
         }
         out.push_str(&format!("after: {}\n", CascadeCost::of(&self.after)));
+        // The costs above can be saturated or counted coarsely: the analyses say so.
+        let mut warnings: Vec<&String> = Vec::new();
+        for w in self.before.warnings.iter().chain(&self.after.warnings) {
+            if !warnings.contains(&w) {
+                warnings.push(w);
+            }
+        }
+        for w in warnings {
+            out.push_str(&format!("warning: {w}\n"));
+        }
         out
     }
 }

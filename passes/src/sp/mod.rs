@@ -106,6 +106,10 @@ pub struct SpReport {
     pub estimates: Vec<Estimate>,
     pub chosen: String,
     pub cost_params: CostParams,
+    /// What the per-device analyses warned about (saturated counts): the times above
+    /// rest on them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The schemes the planner considers, in the order the table lists ties.
@@ -214,6 +218,7 @@ pub fn plan_sequence_parallel(
         estimates: scored.into_iter().map(|(_, e)| e).collect(),
         chosen: chosen.name(),
         cost_params: options.cost.clone(),
+        warnings: analyzer.warnings(),
     };
     Ok(SpDecision {
         classification: cls,
@@ -298,6 +303,12 @@ impl SpReport {
         );
         if let Some(e) = self.estimates.iter().find(|e| e.scheme == self.chosen) {
             let _ = writeln!(s, "  {}", e.formula);
+        }
+        if !self.warnings.is_empty() {
+            let _ = writeln!(s, "\nwarnings (per-device analyses):");
+            for w in &self.warnings {
+                let _ = writeln!(s, "  {w}");
+            }
         }
         s
     }

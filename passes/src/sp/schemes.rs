@@ -412,6 +412,19 @@ impl<'a> PairAnalyzer<'a> {
         }
     }
 
+    /// The warnings of every per-device analysis made so far (masks counted as their box,
+    /// counts saturated at 2^64 - 1), each once, sorted.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .cache
+            .values()
+            .flat_map(|r| r.warnings.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     /// The class of a pair, or `None` when its windows do not fit the sequence (then the
     /// analysis says why).
     pub fn pair_class(&self, queries: TokenRange, keys: TokenRange) -> Option<PairClass> {
