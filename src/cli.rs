@@ -81,9 +81,7 @@ pub struct SourceFile {
 
 impl SourceFile {
     pub fn load(path: &Path) -> Result<Self, CliError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            CliError::input(format!("error: cannot read `{}`: {e}", path.display()))
-        })?;
+        let text = einattn_dsl::read_source(path).map_err(CliError::input)?;
         Ok(SourceFile {
             path: path.to_path_buf(),
             text,
@@ -582,6 +580,18 @@ pub fn optimize(
     )
     .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
     let text = einattn_ir::print::print(&result.cascade);
+    // What is written must be what `analyze` accepts: check the text itself.
+    if let Err(d) = einattn_dsl::compile_source_with_warnings("optimized.ein", &text, &[]) {
+        let step = result.applied.last().map_or_else(
+            || "with no rewrite applied".to_string(),
+            |a| format!("after step {} ({})", result.applied.len(), a.rule),
+        );
+        return Err(CliError::input(format!(
+            "error: {}: the optimized cascade ({step}) does not compile; nothing was written:\n{}",
+            source.name(),
+            d.render("optimized.ein", &text)
+        )));
+    }
     let mut log = result.render_log();
     match out {
         Some(path) => {
@@ -605,31 +615,35 @@ pub struct RunSummary {
 
 /// Evaluates a cascade with the reference interpreter. Inputs come from `--input NAME=PATH`
 /// or are drawn from `seed`; every input and output is written to `out_dir` as `NAME.npy`.
+/// Refused before anything is allocated when the evaluation would exceed `limits`.
 pub fn run(
     file: &Path,
     defines: &[(String, u64)],
     seed: u64,
     input_files: &[(String, PathBuf)],
     out_dir: &Path,
+    limits: interp::Limits,
 ) -> Result<RunSummary, CliError> {
     let source = SourceFile::load(file)?;
     let cascade = source.compile(defines)?;
-    let mut inputs = interp::random_inputs(&cascade, seed);
+    let mut inputs = interp::random_inputs_limited(&cascade, seed, limits).map_err(|e| {
+        CliError::input(format!(
+            "error: {}: {e}
+  = help: bind smaller sizes with -D, or raise the bounds with --max-elements and --max-work",
+            source.name()
+        ))
+    })?;
     for (name, path) in input_files {
         let tensor = find_input(&cascade, name)?;
-        let data = crate::npy::read(path).map_err(|e| {
-            CliError::input(format!("error: cannot read `{}`: {e}", path.display()))
-        })?;
         let expected = interp::shape_of(&cascade, tensor);
-        if data.shape != expected {
-            return Err(CliError::input(format!(
-                "error: `{}` has shape {:?}, but `{name}` in {} has shape {:?}",
+        let data = einattn_exec::npy::read_as(path, &expected).map_err(|e| match e {
+            einattn_exec::npy::ReadError::Shape(got) => CliError::input(format!(
+                "error: `{}` has shape {got:?}, but `{name}` in {} has shape {expected:?}",
                 path.display(),
-                data.shape,
                 source.name(),
-                expected
-            )));
-        }
+            )),
+            e => CliError::input(format!("error: cannot read `{}`: {e}", path.display())),
+        })?;
         inputs.insert(tensor, data);
     }
     let order = einattn_ir::validate::topological_order(&cascade);
@@ -647,7 +661,7 @@ pub fn run(
         }
         let Some(data) = values.get(h) else { continue };
         let path = out_dir.join(format!("{}.npy", t.name));
-        crate::npy::write(&path, data).map_err(|e| {
+        einattn_exec::npy::write(&path, data).map_err(|e| {
             CliError::input(format!("error: cannot write `{}`: {e}", path.display()))
         })?;
         written.push((t.name.clone(), data.shape.clone(), path));

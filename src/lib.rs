@@ -4,7 +4,6 @@
 //! implementations, so that tests and build scripts call exactly what the CLI calls.
 
 pub mod cli;
-pub mod npy;
 
 pub use einattn_dsl as dsl;
 pub use einattn_ir as ir;

@@ -48,6 +48,13 @@ enum Command {
         /// Directory for NAME.npy of every input and output.
         #[arg(long, default_value = "einattn-out")]
         out: PathBuf,
+        /// Refuse to run when the tensors held at once would exceed this many elements
+        /// (8 bytes each).
+        #[arg(long, value_name = "N", default_value_t = einattn_ir::interp::Limits::default().max_elements)]
+        max_elements: u64,
+        /// Refuse to run when the Einsums would iterate more than this many points.
+        #[arg(long, value_name = "N", default_value_t = einattn_ir::interp::Limits::default().max_work)]
+        max_work: u64,
     },
     /// Compile a cascade; `--emit` prints one stage of the pipeline.
     Compile {
@@ -258,19 +265,33 @@ fn parse_input(text: &str) -> Result<(String, PathBuf), String> {
     Ok((name.to_string(), PathBuf::from(path)))
 }
 
-/// Writes to stdout; a closed pipe (`einattn ... | head`) ends the output quietly instead
-/// of panicking as `print!` does.
+/// Writes to stdout, returning from the enclosing function on failure: a closed pipe
+/// (`einattn ... | head`) ends the output quietly, instead of panicking as `print!` does;
+/// any other failure (a full disk) is an error, instead of exit 0 with nothing written.
 macro_rules! say {
     ($($t:tt)*) => {{
         use std::io::Write as _;
-        let _ = write!(std::io::stdout(), $($t)*);
+        write!(std::io::stdout(), $($t)*).map_err(stdout_error)?;
     }};
 }
 macro_rules! sayln {
     ($($t:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($t)*);
+        writeln!(std::io::stdout(), $($t)*).map_err(stdout_error)?;
     }};
+}
+
+/// What a failed write to stdout ends the command with: nothing and exit 0 for a reader
+/// that went away (EPIPE), an error for anything else.
+fn stdout_error(e: std::io::Error) -> CliError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        CliError {
+            message: String::new(),
+            exit_code: 0,
+        }
+    } else {
+        CliError::input(format!("error: cannot write to standard output: {e}"))
+    }
 }
 
 fn clock_seed() -> u64 {
@@ -312,8 +333,14 @@ fn execute(args: Args) -> Result<(), CliError> {
             seed,
             input,
             out,
+            max_elements,
+            max_work,
         } => {
-            let summary = cli::run(&file, &define, seed, &input, &out)?;
+            let limits = einattn_ir::interp::Limits {
+                max_elements,
+                max_work,
+            };
+            let summary = cli::run(&file, &define, seed, &input, &out, limits)?;
             for (name, shape, path) in summary.written {
                 sayln!("{name:>8} {shape:?} -> {}", path.display());
             }
@@ -397,11 +424,18 @@ fn execute(args: Args) -> Result<(), CliError> {
 }
 
 fn main() -> ExitCode {
-    match execute(Args::parse()) {
+    // Output still buffered (a last line without a newline) must reach stdout too.
+    let flushed = |()| {
+        use std::io::Write as _;
+        std::io::stdout().flush().map_err(stdout_error)
+    };
+    match execute(Args::parse()).and_then(flushed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{}", e.message.trim_end());
-            ExitCode::from(e.exit_code as u8)
+            if !e.message.is_empty() {
+                eprintln!("{}", e.message.trim_end());
+            }
+            ExitCode::from(u8::try_from(e.exit_code).unwrap_or(1))
         }
     }
 }

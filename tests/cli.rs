@@ -101,7 +101,7 @@ fn run_writes_inputs_and_outputs_that_read_back() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let o = einattn::npy::read(&dir.join("O.npy")).expect("O.npy");
+    let o = einattn_exec::npy::read(&dir.join("O.npy")).expect("O.npy");
     assert_eq!(o.shape, vec![1, 16, 2, 4]);
     // Feeding the written inputs back gives the same output.
     let again = dir.join("again");
@@ -132,7 +132,7 @@ fn run_writes_inputs_and_outputs_that_read_back() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let o2 = einattn::npy::read(&again.join("O.npy")).expect("O.npy");
+    let o2 = einattn_exec::npy::read(&again.join("O.npy")).expect("O.npy");
     assert_eq!(o.values, o2.values);
 }
 

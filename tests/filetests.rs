@@ -6,6 +6,9 @@
 //! the scratch folder written back as `%t`) must equal the case's expected file: the case's
 //! path with its extension replaced by `.out`.
 //!
+//! Files in a folder named `inputs` are what cases read, not cases. Every command must
+//! finish within [`LIMIT`].
+//!
 //! `EINATTN_BLESS=1 cargo test --test filetests` rewrites the expected files. Adding a case
 //! needs no Rust: write the file, bless it, read the output, commit both.
 
@@ -13,6 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The time one command may take (hostile inputs must be refused quickly; everything else
+/// is far below it).
+const LIMIT: Duration = Duration::from_secs(10);
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -29,7 +37,9 @@ fn cases(dir: &Path) -> Vec<PathBuf> {
         for entry in entries.flatten() {
             let path = entry.path();
             if path.is_dir() {
-                stack.push(path);
+                if path.file_name().is_none_or(|n| n != "inputs") {
+                    stack.push(path);
+                }
             } else if matches!(
                 path.extension().and_then(|e| e.to_str()),
                 Some("ein" | "run")
@@ -74,6 +84,7 @@ fn run_case(case: &Path, scratch: &Path) -> Result<String, String> {
         let line = command
             .replace("%s", &rel.display().to_string())
             .replace("%t", &scratch.display().to_string());
+        let start = Instant::now();
         let out = Command::new("sh")
             .arg("-c")
             .arg(&line)
@@ -82,6 +93,9 @@ fn run_case(case: &Path, scratch: &Path) -> Result<String, String> {
             .env_remove("EINATTN_BLESS")
             .output()
             .map_err(|e| format!("cannot run `{line}`: {e}"))?;
+        if start.elapsed() > LIMIT {
+            return Err(format!("`{line}` took {:?}", start.elapsed()));
+        }
         let mut o = String::from_utf8_lossy(&out.stdout).into_owned();
         o.push_str(&String::from_utf8_lossy(&out.stderr));
         match out.status.code() {

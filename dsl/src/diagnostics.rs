@@ -45,15 +45,36 @@ fn clamp(source: &str, span: Span) -> std::ops::Range<usize> {
     start..end
 }
 
-/// The line and column of a byte offset in `source`.
+/// The line and column of a byte offset in `source`. Lines end at `\n`, `\r\n` or a lone
+/// `\r`, as the lexer reads them.
 pub fn line_col(source: &str, offset: usize) -> LineCol {
     let offset = floor_boundary(source, offset);
-    let before = &source[..offset];
+    let normalized = normalize_line_endings(&source[..offset]);
+    let before = normalized.as_ref();
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     LineCol {
         line: before.matches('\n').count() + 1,
         column: before[line_start..].chars().count() + 1,
     }
+}
+
+/// `source` with every lone `\r` replaced by `\n`: same length, so byte offsets into one
+/// are offsets into the other, and line-based tools see the lines the lexer sees.
+pub fn normalize_line_endings(source: &str) -> std::borrow::Cow<'_, str> {
+    if !source.contains('\r') {
+        return std::borrow::Cow::Borrowed(source);
+    }
+    let bytes = source.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'\r' && bytes.get(i + 1) != Some(&b'\n') {
+            out.push(b'\n');
+        } else {
+            out.push(b);
+        }
+    }
+    // Replacing one ASCII byte by another keeps the text valid UTF-8.
+    std::borrow::Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| source.to_string()))
 }
 
 impl Diagnostics {
@@ -100,6 +121,8 @@ impl Diagnostics {
 
     /// Every diagnostic, rendered against the source it is about, separated by blank lines.
     pub fn render(&self, file_name: &str, source: &str) -> String {
+        let normalized = normalize_line_endings(source);
+        let source = normalized.as_ref();
         let file = SimpleFile::new(file_name, source);
         let config = Config {
             chars: Chars::ascii(),

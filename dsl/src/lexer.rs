@@ -17,11 +17,15 @@ use std::fmt;
 pub const MAX_STATEMENT_TOKENS: usize = 1000;
 
 /// Tokens as logos scans them, before terminators are filtered.
+///
+/// A line break is `\n`, `\r\n` or a lone `\r` (classic Mac files): with `\r` skipped as
+/// a space, a file of `\r` line endings was one line, its first comment ran to the end of
+/// the file, and it read as an empty program.
 #[derive(Logos, Clone, Copy, Debug, PartialEq)]
-#[logos(skip r"[ \t\r\f]+")]
-#[logos(skip(r"#[^\n]*", allow_greedy = true))]
+#[logos(skip r"[ \t\f]+")]
+#[logos(skip(r"#[^\r\n]*", allow_greedy = true))]
 enum RawToken<'a> {
-    #[token("\n")]
+    #[regex(r"\r\n|\r|\n")]
     Newline,
     #[token(";")]
     Semicolon,
@@ -364,6 +368,20 @@ mod tests {
         assert_eq!(t.iter().filter(|t| **t == Token::Terminator).count(), 2);
         assert_eq!(t.last(), Some(&Token::Terminator));
         assert_eq!(t.first(), Some(&Token::Ident("A")));
+    }
+
+    #[test]
+    fn every_line_ending_ends_a_statement_and_a_comment() {
+        for nl in ["\n", "\r\n", "\r"] {
+            let source = format!("A = 1 # c{nl}B = 2{nl}{nl}C = 3");
+            let t = tokens(&source);
+            assert_eq!(
+                t.iter().filter(|t| **t == Token::Terminator).count(),
+                3,
+                "{nl:?}: {t:?}"
+            );
+            assert!(t.contains(&Token::Ident("C")), "{nl:?}: {t:?}");
+        }
     }
 
     #[test]

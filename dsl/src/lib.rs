@@ -25,6 +25,53 @@ lalrpop_util::lalrpop_mod!(
     grammar
 );
 
+/// The largest source file read: spans are 32-bit byte offsets, and real programs are a
+/// few kilobytes.
+pub const MAX_SOURCE_BYTES: u64 = 64 << 20;
+
+/// Reads a source file: at most [`MAX_SOURCE_BYTES`] (so `/dev/zero` is refused, not read
+/// until memory runs out), and UTF-8 (the error names the byte offset of the first byte
+/// that is not, with its line, column and a caret). Errors come back rendered.
+pub fn read_source(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let name = path.display().to_string();
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("error: cannot read `{name}`: {e}"))?;
+    let mut bytes = Vec::new();
+    file.take(MAX_SOURCE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("error: cannot read `{name}`: {e}"))?;
+    if bytes.len() as u64 > MAX_SOURCE_BYTES {
+        return Err(format!(
+            "error: `{name}` is larger than {} MiB; einattn reads source files up to that size",
+            MAX_SOURCE_BYTES >> 20
+        ));
+    }
+    decode_source(&name, bytes)
+}
+
+/// Decodes source bytes as UTF-8, or renders where they stop being UTF-8.
+pub fn decode_source(file_name: &str, bytes: Vec<u8>) -> Result<String, String> {
+    let error = match String::from_utf8(bytes) {
+        Ok(text) => return Ok(text),
+        Err(e) => e,
+    };
+    let offset = error.utf8_error().valid_up_to();
+    let bytes = error.into_bytes();
+    let byte = bytes.get(offset).copied().unwrap_or(0);
+    // The lossy text equals the source up to `offset`, where U+FFFD (3 bytes) stands for
+    // the bad byte: the caret lands on it.
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let d = Diagnostic::error(
+        einattn_ir::validate::DiagnosticKind::Syntax,
+        format!("the file is not UTF-8 text: byte offset {offset} (0x{byte:02X}) does not start a valid character"),
+        Span::new(offset, offset + '\u{FFFD}'.len_utf8()),
+    )
+    .with_label("not UTF-8")
+    .with_help("save the file as UTF-8 (plain ASCII is UTF-8)");
+    Err(Diagnostics::new(vec![d]).render(file_name, &text))
+}
+
 /// Parses `source` into its syntax tree. `file_name` is only for the caller's rendering
 /// of the diagnostics; spans are byte offsets into `source`.
 pub fn parse(file_name: &str, source: &str) -> Result<ast::File, Diagnostics> {
@@ -46,14 +93,44 @@ pub fn parse(file_name: &str, source: &str) -> Result<ast::File, Diagnostics> {
 }
 
 /// Parses, lowers and validates `source`, binding size symbols from `size` declarations
-/// overridden by `defines` (`-D NAME=VALUE`).
+/// overridden by `defines` (`-D NAME=VALUE`). Warnings (a `-D` for a symbol the program
+/// never mentions) are printed to stderr, each once per process, so that every command
+/// shows them; [`compile_source_with_warnings`] returns them instead.
 pub fn compile_source(
     file_name: &str,
     source: &str,
     defines: &[(String, u64)],
 ) -> Result<Cascade, Diagnostics> {
-    let file = parse(file_name, source)?;
-    compile_ast(&file, defines)
+    let (cascade, warnings) = compile_source_with_warnings(file_name, source, defines)?;
+    print_warnings_once(file_name, source, &warnings);
+    Ok(cascade)
+}
+
+/// Prints each warning to stderr unless this process printed the same text before: a
+/// command may compile one file several times (the linear kernels confirm their reading
+/// on a small instance), and should say each thing once.
+fn print_warnings_once(file_name: &str, source: &str, warnings: &Diagnostics) {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static SHOWN: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    for d in warnings.iter() {
+        let mut d = d.clone();
+        if d.span.is_none() {
+            // Nothing in the text to point at (a `-D` is on the command line): say which
+            // file it is about.
+            d.message = format!("{file_name}: {}", d.message);
+        }
+        let text = Diagnostics::new(vec![d]).render(file_name, source);
+        let text = text.trim_end().to_string();
+        let shown = SHOWN.get_or_init(|| Mutex::new(HashSet::new()));
+        // A poisoned lock only means another thread panicked while printing: print anyway.
+        let first = shown
+            .lock()
+            .map_or(true, |mut set| set.insert(text.clone()));
+        if first {
+            eprintln!("{text}");
+        }
+    }
 }
 
 /// Like [`compile_source`], but also returns the warnings of a successful compilation

@@ -9,12 +9,14 @@
 //!   device at hand;
 //! - [`whole`]: the kernels of one compile on the whole problem, on one GPU;
 //! - [`check`] and [`bench`]: `einattn check` and `einattn bench`;
+//! - [`npy`]: `.npy` files in and out;
 //! - [`ranks`]: the GPUs of an SP run and their NCCL communicators;
 //! - [`plan`]: the plan executor, `check --sp`, `run-plan` and `bench --sp`.
 
 pub mod bench;
 pub mod check;
 pub mod device;
+pub mod npy;
 pub mod plan;
 pub mod ranks;
 pub mod whole;

@@ -612,7 +612,9 @@ impl Cascade {
         let t = &self.tensors[tensor];
         let extent = self.ranks[t.ranks[dim]].extent;
         if t.iterative == Some(dim) {
-            extent + 1
+            // Saturating: sizes come from the user; a count at u64::MAX is reported as
+            // an overflow by the analysis rather than wrapping to a small number.
+            extent.saturating_add(1)
         } else {
             extent
         }
@@ -621,7 +623,7 @@ impl Cascade {
     pub fn tensor_elements(&self, tensor: Handle<Tensor>) -> u64 {
         (0..self.tensors[tensor].ranks.len())
             .map(|d| self.dim_extent(tensor, d))
-            .product()
+            .fold(1u64, u64::saturating_mul)
     }
 
     /// The ranks an Einsum iterates over: every rank mentioned by its output, its

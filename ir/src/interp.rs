@@ -102,6 +102,208 @@ pub enum EvalError {
     },
     #[error("`{tensor}` is read before any Einsum assigns it")]
     Unassigned { tensor: String, span: Span },
+    /// The evaluation would exceed [`Limits`]; nothing was allocated.
+    #[error("{0}")]
+    TooLarge(Box<Estimate>),
+    /// A tensor's storage could not be allocated (or its size overflows the address space).
+    #[error("cannot allocate `{tensor}`: {elements} elements do not fit in memory")]
+    Allocation { tensor: String, elements: u128 },
+}
+
+/// Bounds on what one evaluation may allocate and iterate, checked from the cascade before
+/// anything is allocated ([`estimate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Elements of every tensor held at once (inputs, parameters, every Einsum's output).
+    pub max_elements: u64,
+    /// Points iterated over all Einsums (each point evaluates the expression once).
+    pub max_work: u64,
+}
+
+impl Default for Limits {
+    /// 2^28 elements (2 GiB of f64 values) and 2^33 points (minutes of evaluation): far
+    /// above what a reference run needs, far below what exhausts a machine.
+    fn default() -> Self {
+        Limits {
+            max_elements: 1 << 28,
+            max_work: 1 << 33,
+        }
+    }
+}
+
+/// What evaluating a cascade allocates and iterates, before doing it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Estimate {
+    /// Elements of every tensor the evaluation holds (all stay live to the end).
+    pub elements: u128,
+    /// Points iterated: per Einsum the product of its ranks' extents (and its `init`).
+    pub work: u128,
+    /// The largest tensor: name, shape, elements.
+    pub largest: Option<(String, Vec<u64>, u128)>,
+    /// The Einsum iterating the most points: the tensor it writes, points.
+    pub busiest: Option<(String, u128)>,
+    /// The limits it was checked against.
+    pub limits: Limits,
+}
+
+impl Estimate {
+    pub fn exceeds(&self) -> bool {
+        self.elements > u128::from(self.limits.max_elements)
+            || self.work > u128::from(self.limits.max_work)
+    }
+}
+
+impl std::fmt::Display for Estimate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut over = Vec::new();
+        if self.elements > u128::from(self.limits.max_elements) {
+            over.push(format!(
+                "hold {} tensor elements ({} as f64; the limit is {})",
+                self.elements,
+                human_bytes(self.elements.saturating_mul(8)),
+                self.limits.max_elements
+            ));
+        }
+        if self.work > u128::from(self.limits.max_work) {
+            over.push(format!(
+                "iterate {} points (the limit is {})",
+                self.work, self.limits.max_work
+            ));
+        }
+        if over.is_empty() {
+            write!(
+                f,
+                "the evaluation holds {} elements and iterates {} points, within the limits",
+                self.elements, self.work
+            )?;
+        } else {
+            write!(f, "the evaluation would {}", over.join(" and "))?;
+        }
+        if let Some((name, shape, n)) = &self.largest {
+            let s = if *n == 1 { "" } else { "s" };
+            write!(
+                f,
+                "; the largest tensor is `{name}` {shape:?} ({n} element{s})"
+            )?;
+        }
+        if let Some((name, n)) = &self.busiest {
+            write!(f, "; the Einsum writing `{name}` iterates {n} points")?;
+        }
+        Ok(())
+    }
+}
+
+fn human_bytes(bytes: u128) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// What evaluating `cascade` would allocate and iterate, from extents alone (exact
+/// arithmetic: a product past 2^128 saturates, which is past any limit).
+pub fn estimate(cascade: &Cascade, limits: Limits) -> Estimate {
+    let product = |extents: &mut dyn Iterator<Item = u64>| {
+        extents.fold(1u128, |a, e| a.saturating_mul(u128::from(e)))
+    };
+    let mut elements: u128 = 0;
+    let mut largest: Option<(String, Vec<u64>, u128)> = None;
+    for (h, t) in cascade.tensors.iter() {
+        let shape: Vec<u64> = (0..t.ranks.len())
+            .map(|d| cascade.dim_extent(h, d))
+            .collect();
+        let n = product(&mut shape.iter().copied());
+        elements = elements.saturating_add(n);
+        if largest.as_ref().is_none_or(|(_, _, m)| n > *m) {
+            largest = Some((t.name.clone(), shape, n));
+        }
+    }
+    let mut work: u128 = 0;
+    let mut busiest: Option<(String, u128)> = None;
+    for (h, e) in cascade.einsums.iter() {
+        let ranks = cascade.iteration_ranks(h);
+        let mut points = product(&mut ranks.iter().map(|&r| cascade.ranks[r].extent));
+        if let Some(rec) = &e.recurrence {
+            // The init writes step 0 at every point of the other ranks.
+            let others = ranks
+                .iter()
+                .filter(|&&r| r != rec.rank && !e.is_reduced(r))
+                .map(|&r| cascade.ranks[r].extent);
+            points = points.saturating_add(product(&mut others.into_iter()));
+        }
+        work = work.saturating_add(points);
+        if busiest.as_ref().is_none_or(|(_, m)| points > *m) {
+            busiest = Some((cascade.tensors[e.output.tensor].name.clone(), points));
+        }
+    }
+    Estimate {
+        elements,
+        work,
+        largest,
+        busiest,
+        limits,
+    }
+}
+
+/// [`estimate`], as an error when it exceeds `limits`.
+pub fn check_limits(cascade: &Cascade, limits: Limits) -> Result<Estimate, EvalError> {
+    let e = estimate(cascade, limits);
+    if e.exceeds() {
+        Err(EvalError::TooLarge(Box::new(e)))
+    } else {
+        Ok(e)
+    }
+}
+
+/// [`random_inputs`] after [`check_limits`]: the entry point for evaluations of sizes a
+/// user chose.
+pub fn random_inputs_limited(
+    cascade: &Cascade,
+    seed: u64,
+    limits: Limits,
+) -> Result<HashMap<Handle<Tensor>, TensorData>, EvalError> {
+    check_limits(cascade, limits)?;
+    Ok(random_inputs(cascade, seed))
+}
+
+/// [`evaluate_in_order`] after [`check_limits`].
+pub fn evaluate_in_order_limited(
+    cascade: &Cascade,
+    inputs: &HashMap<Handle<Tensor>, TensorData>,
+    order: &[Handle<Einsum>],
+    limits: Limits,
+) -> Result<Values, EvalError> {
+    check_limits(cascade, limits)?;
+    evaluate_in_order(cascade, inputs, order)
+}
+
+/// `n` zeros, or an error naming `tensor` when they cannot be allocated (instead of the
+/// allocator aborting the process).
+fn zeros<T: Clone + Default>(tensor: &str, n: u128) -> Result<Vec<T>, EvalError> {
+    let too_large = || EvalError::Allocation {
+        tensor: tensor.to_string(),
+        elements: n,
+    };
+    let len = usize::try_from(n).map_err(|_| too_large())?;
+    let mut v: Vec<T> = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| too_large())?;
+    v.resize(len, T::default());
+    Ok(v)
+}
+
+/// Elements of a shape, exactly.
+fn elements_of(shape: &[usize]) -> u128 {
+    shape
+        .iter()
+        .fold(1u128, |a, &d| a.saturating_mul(d as u128))
 }
 
 /// Every tensor's value after evaluation, inputs included.
@@ -588,7 +790,7 @@ fn check_input(
     data: &TensorData,
 ) -> Result<(), EvalError> {
     let expected = shape_of(cascade, tensor);
-    if data.shape != expected || data.values.len() != expected.iter().product::<usize>() {
+    if data.shape != expected || data.values.len() as u128 != elements_of(&expected) {
         return Err(EvalError::ShapeMismatch {
             name: cascade.tensors[tensor].name.clone(),
             expected,
@@ -616,7 +818,9 @@ pub fn evaluate_in_order(
             }
             (TensorKind::Param, None) if t.default.is_some() => {
                 let shape = shape_of(cascade, h);
-                values.insert(h, TensorData::filled(shape, t.default.unwrap_or(0.0)));
+                let mut data = zeros(&t.name, elements_of(&shape))?;
+                data.fill(t.default.unwrap_or(0.0));
+                values.insert(h, TensorData::new(shape, data));
             }
             (TensorKind::Input | TensorKind::Param, None) => {
                 return Err(EvalError::MissingInput {
@@ -658,14 +862,18 @@ pub fn evaluate_in_order(
 }
 
 /// The output of `einsum` before any point is written: nothing present.
-fn empty_output(cascade: &Cascade, einsum: Handle<Einsum>) -> TensorData {
-    let shape = shape_of(cascade, cascade.einsums[einsum].output.tensor);
-    let n: usize = shape.iter().product();
-    TensorData {
+/// Allocated with a checked size: a tensor past this host's memory is an error, not an
+/// abort.
+fn empty_output(cascade: &Cascade, einsum: Handle<Einsum>) -> Result<TensorData, EvalError> {
+    let target = cascade.einsums[einsum].output.tensor;
+    let shape = shape_of(cascade, target);
+    let n = elements_of(&shape);
+    let name = &cascade.tensors[target].name;
+    Ok(TensorData {
         shape,
-        values: vec![0.0; n],
-        present: Some(vec![false; n]),
-    }
+        values: zeros(name, n)?,
+        present: Some(zeros(name, n)?),
+    })
 }
 
 /// The free ranks of an Einsum: its iteration ranks that it does not reduce.
@@ -707,7 +915,7 @@ fn evaluate_step_body(
     let mut idx = vec![0i64; cascade.ranks.len()];
     let mut nan: Vec<Option<NanOrigin>> = vec![None; body.einsums.len()];
     for &e in &body.einsums {
-        values.insert(cascade.einsums[e].output.tensor, empty_output(cascade, e));
+        values.insert(cascade.einsums[e].output.tensor, empty_output(cascade, e)?);
     }
     // Step 0 of every state.
     for (k, &e) in body.einsums.iter().enumerate() {
@@ -799,7 +1007,7 @@ fn evaluate_einsum(
 ) -> Result<(TensorData, Option<NanOrigin>), EvalError> {
     let e = &cascade.einsums[einsum];
     let target = e.output.tensor;
-    let mut out = empty_output(cascade, einsum);
+    let mut out = empty_output(cascade, einsum)?;
     let mut accesses = Vec::new();
     let output_access = FlatAccess::new(cascade, &e.output);
     let body_plan = plan(cascade, e, &mut accesses);
@@ -889,6 +1097,132 @@ fn write(out: &mut TensorData, offset: usize, value: Option<f64>) {
         out.values[offset] = v;
         if let Some(p) = out.present.as_mut() {
             p[offset] = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rank(c: &mut Cascade, name: &str, extent: u64) -> Handle<Rank> {
+        c.ranks.append(Rank {
+            name: name.into(),
+            extent,
+            source: ExtentSource::Literal,
+            split: None,
+            parent: None,
+            span: Span::UNKNOWN,
+        })
+    }
+
+    fn tensor(
+        c: &mut Cascade,
+        name: &str,
+        ranks: &[Handle<Rank>],
+        kind: TensorKind,
+    ) -> Handle<Tensor> {
+        c.tensors.append(Tensor {
+            name: name.into(),
+            ranks: ranks.to_vec(),
+            kind,
+            dtype: (kind != TensorKind::Temp).then_some(DType::F32),
+            iterative: None,
+            default: None,
+            span: Span::UNKNOWN,
+        })
+    }
+
+    fn access(t: Handle<Tensor>, ranks: &[Handle<Rank>]) -> Access {
+        Access {
+            tensor: t,
+            indices: ranks.iter().map(|&r| IndexExpr::rank(r)).collect(),
+            span: Span::UNKNOWN,
+        }
+    }
+
+    /// `O[i] = A[i, j] * B[j]` summed over j, with extents `n` and `m`.
+    fn matvec(n: u64, m: u64) -> Cascade {
+        let mut c = Cascade::default();
+        let i = rank(&mut c, "i", n);
+        let j = rank(&mut c, "j", m);
+        let a = tensor(&mut c, "A", &[i, j], TensorKind::Input);
+        let b = tensor(&mut c, "B", &[j], TensorKind::Input);
+        let o = tensor(&mut c, "O", &[i], TensorKind::Output);
+        c.einsums.append(Einsum {
+            output: access(o, &[i]),
+            expr: Expr::binary(
+                BinaryOp::Mul,
+                Expr::Access(access(a, &[i, j])),
+                Expr::Access(access(b, &[j])),
+            ),
+            reductions: vec![Reduction {
+                rank: j,
+                op: ReduceOp::Sum,
+            }],
+            mask: Vec::new(),
+            value_mask: Vec::new(),
+            recurrence: None,
+            span: Span::UNKNOWN,
+        });
+        c
+    }
+
+    #[test]
+    fn the_estimate_counts_every_tensor_and_every_point() {
+        let e = estimate(&matvec(3, 5), Limits::default());
+        assert_eq!(e.elements, 15 + 5 + 3);
+        assert_eq!(e.work, 15);
+        assert_eq!(e.largest.as_ref().map(|l| l.0.as_str()), Some("A"));
+        assert!(!e.exceeds());
+    }
+
+    #[test]
+    fn sizes_past_the_limits_are_refused_before_allocating() {
+        // 2^40 x 2^40: neither the inputs nor the loop could ever finish.
+        let c = matvec(1 << 40, 1 << 40);
+        let err = random_inputs_limited(&c, 0, Limits::default()).unwrap_err();
+        let EvalError::TooLarge(e) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(e.work, 1u128 << 80);
+        let text = err.to_string();
+        assert!(text.contains("1208925819614629174706176 points"), "{text}");
+        assert!(text.contains("the largest tensor is `A`"), "{text}");
+        let values = evaluate_in_order_limited(&c, &HashMap::new(), &[], Limits::default());
+        assert!(matches!(values, Err(EvalError::TooLarge(_))));
+        // Tight limits refuse small cascades too, naming the bound that was passed.
+        let tight = Limits {
+            max_elements: 10,
+            max_work: 1000,
+        };
+        let err = check_limits(&matvec(3, 5), tight).unwrap_err().to_string();
+        assert!(err.contains("hold 23 tensor elements"), "{err}");
+        assert!(!err.contains("points (the limit"), "{err}");
+    }
+
+    #[test]
+    fn an_unallocatable_output_is_an_error_not_an_abort() {
+        // Without limits, an output of 2^62 elements fails to allocate: reported.
+        let mut c = Cascade::default();
+        let i = rank(&mut c, "i", 1 << 31);
+        let j = rank(&mut c, "j", 1 << 31);
+        let o = tensor(&mut c, "O", &[i, j], TensorKind::Output);
+        let e = c.einsums.append(Einsum {
+            output: access(o, &[i, j]),
+            expr: Expr::Literal(1.0),
+            reductions: Vec::new(),
+            mask: Vec::new(),
+            value_mask: Vec::new(),
+            recurrence: None,
+            span: Span::UNKNOWN,
+        });
+        match evaluate_in_order(&c, &HashMap::new(), &[e]) {
+            Err(EvalError::Allocation { tensor, elements }) => {
+                assert_eq!(tensor, "O");
+                assert_eq!(elements, 1u128 << 62);
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

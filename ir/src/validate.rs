@@ -168,7 +168,9 @@ pub fn closest_name<'a>(
             (d, c)
         })
         .filter(|(d, _)| *d <= limit)
-        .min_by_key(|(d, _)| *d)
+        // Ties go to the first name in byte order: callers pass names from hash sets, and
+        // the same input must always get the same suggestion.
+        .min_by_key(|&(d, c)| (d, c))
         .map(|(_, c)| c)
 }
 

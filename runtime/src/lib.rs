@@ -1,9 +1,10 @@
 //! einattn-runtime: load PTX, allocate, copy, launch and time kernels on one GPU.
 //!
 //! The CUDA driver is opened at run time (cudarc's `dynamic-loading`), so this crate builds
-//! on machines without CUDA. cudarc's loader panics when `libcuda` is missing, so every entry
-//! point goes through [`Gpu::open`], which asks `is_culib_present()` first and answers
-//! [`RuntimeError::GpuUnavailable`] instead.
+//! on machines without CUDA. cudarc's loader panics when `libcuda` is missing, or when it
+//! loads but lacks a function cudarc calls, so every entry point goes through
+//! [`Gpu::open`], which asks `is_culib_present()` and looks up the driver functions first
+//! ([`missing_driver_symbols`]) and answers [`RuntimeError::GpuUnavailable`] instead.
 //!
 //! Everything runs on one stream per [`Gpu`]; cudarc's per-buffer event tracking is turned off
 //! because kernels receive raw device pointers ([`KernelArg::Ptr`]) and stream order already
@@ -59,6 +60,58 @@ fn drv<T>(what: &str, r: std::result::Result<T, DriverError>) -> Result<T> {
 pub fn driver_present() -> bool {
     // SAFETY: only tries to dlopen the driver library by its usual names.
     unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Driver functions every run needs (initialization, devices, contexts, modules, launches,
+/// copies, events), by the names cudarc looks up. A library named `libcuda.so` that lacks
+/// one of these is not a usable driver.
+const REQUIRED_DRIVER_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDriverGetVersion",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDeviceGetAttribute",
+    "cuDevicePrimaryCtxRetain",
+    "cuCtxSetCurrent",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuLaunchKernel",
+    "cuStreamSynchronize",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventElapsedTime",
+];
+
+/// The driver functions of [`REQUIRED_DRIVER_SYMBOLS`] that the CUDA driver library found
+/// on this machine does not export (all of them when there is no library). cudarc panics
+/// on the first call of a missing one, so look before calling.
+pub fn missing_driver_symbols() -> Vec<&'static str> {
+    if !driver_present() {
+        return REQUIRED_DRIVER_SYMBOLS.to_vec();
+    }
+    // SAFETY: `culib` opens the library `driver_present` just found (the same names in the
+    // same order); looking a symbol up calls nothing in it.
+    let lib = unsafe { cudarc::driver::sys::culib() };
+    REQUIRED_DRIVER_SYMBOLS
+        .iter()
+        .copied()
+        .filter(|name| unsafe { lib.get::<unsafe extern "C" fn()>(name.as_bytes()) }.is_err())
+        .collect()
+}
+
+/// Runs a first driver call, turning a panic inside cudarc (a function missing from the
+/// library that the list above does not name) into `GpuUnavailable`.
+fn guarded<T>(what: &str, call: impl FnOnce() -> T + std::panic::UnwindSafe) -> Result<T> {
+    std::panic::catch_unwind(call).map_err(|payload| {
+        let why = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic in the CUDA bindings".to_string());
+        RuntimeError::GpuUnavailable {
+            reason: format!("the CUDA driver library failed while {what}: {why}"),
+        }
+    })
 }
 
 /// One GPU and the stream every operation of this crate runs on.
@@ -226,15 +279,30 @@ impl Gpu {
                     .into(),
             });
         }
-        let count = CudaContext::device_count().map_err(|e| RuntimeError::GpuUnavailable {
-            reason: format!("cuInit/cuDeviceGetCount failed: {e}"),
+        let missing = missing_driver_symbols();
+        if !missing.is_empty() {
+            return Err(RuntimeError::GpuUnavailable {
+                reason: format!(
+                    "the CUDA driver library found (libcuda.so) lacks {}; it is not a usable \
+                     driver (set LD_LIBRARY_PATH to the folder of the real one)",
+                    missing.join(", ")
+                ),
+            });
+        }
+        let count = guarded("counting devices", CudaContext::device_count)?.map_err(|e| {
+            RuntimeError::GpuUnavailable {
+                reason: format!("cuInit/cuDeviceGetCount failed: {e}"),
+            }
         })?;
         if (count as usize) <= ordinal {
             return Err(RuntimeError::GpuUnavailable {
                 reason: format!("GPU {ordinal} requested but {count} present"),
             });
         }
-        let ctx = drv("creating the context", CudaContext::new(ordinal))?;
+        let ctx = drv(
+            "creating the context",
+            guarded("creating the context", move || CudaContext::new(ordinal))?,
+        )?;
         // SAFETY: this crate uses one stream only, so stream order is the only order needed;
         // raw pointers handed to kernels would bypass the per-buffer events anyway.
         unsafe { ctx.disable_event_tracking() };

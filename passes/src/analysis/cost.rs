@@ -64,7 +64,10 @@ impl EinsumCost {
 /// score is carried into the max, the exponential and the contraction with V).
 #[derive(Default)]
 pub(crate) struct PointCounter {
-    cache: HashMap<(Vec<u64>, Vec<AffineCondition>), u128>,
+    cache: HashMap<(Vec<u64>, Vec<AffineCondition>), Option<u128>>,
+    /// Masks that could not be counted exactly (their points are counted as the whole
+    /// box), and counts past `u64::MAX`: reported as warnings, never silently.
+    pub notes: Vec<String>,
 }
 
 impl PointCounter {
@@ -87,8 +90,7 @@ impl PointCounter {
         let free: u128 = space
             .iter()
             .filter(|r| !involved.contains(r))
-            .map(|&r| lc.extent(r) as u128)
-            .product();
+            .fold(1u128, |a, &r| a.saturating_mul(u128::from(lc.extent(r))));
         let extents: Vec<u64> = involved.iter().map(|&r| lc.extent(r)).collect();
         let affine: Vec<AffineCondition> = conds
             .iter()
@@ -112,11 +114,26 @@ impl PointCounter {
             Some(&n) => n,
             None => {
                 let n = count_points(&key.0, &key.1);
-                self.cache.insert(key, n);
+                self.cache.insert(key.clone(), n);
                 n
             }
         };
+        let masked = masked.unwrap_or_else(|| {
+            let names: Vec<&str> = involved.iter().map(|&r| lc.rank_name(r)).collect();
+            self.note(format!(
+                "the mask over ranks {} is too complex to count exactly at these sizes; its points are counted as the whole box (an upper bound)",
+                names.join(", ")
+            ));
+            key.0.iter().fold(1u128, |a, &e| a.saturating_mul(u128::from(e)))
+        });
+        // Past u64::MAX the caller's dense count reports the overflow.
         saturate(masked.saturating_mul(free))
+    }
+
+    pub fn note(&mut self, message: String) {
+        if !self.notes.contains(&message) {
+            self.notes.push(message);
+        }
     }
 }
 
@@ -233,7 +250,18 @@ fn cost_one(
     counter: &mut PointCounter,
 ) -> EinsumCost {
     let expr = &lc.cascade.einsums[e.handle].expr;
-    let points_dense = saturate(e.space.iter().map(|&r| lc.extent(r) as u128).product());
+    let dense = e
+        .space
+        .iter()
+        .fold(1u128, |a, &r| a.saturating_mul(u128::from(lc.extent(r))));
+    if dense > u128::from(u64::MAX) {
+        counter.note(format!(
+            "`{}` iterates {} points, more than 2^64 - 1; counts, FLOPs and bytes derived from it are shown saturated at 18446744073709551615",
+            e.name,
+            if dense == u128::MAX { "at least 2^128 - 1".to_string() } else { dense.to_string() }
+        ));
+    }
+    let points_dense = saturate(dense);
     let points = counter.count(lc, &e.space, effective);
 
     // Points of the space with the first `k` reductions projected away.

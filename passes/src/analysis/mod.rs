@@ -471,7 +471,7 @@ pub fn analyze(cascade: &Cascade, options: &AnalysisOptions) -> Report {
         })
         .collect();
 
-    Report {
+    let mut report = Report {
         kernel: cascade.name.clone(),
         sizes: cascade.sizes.iter().cloned().collect(),
         parallel_ranks: lc
@@ -495,7 +495,41 @@ pub fn analyze(cascade: &Cascade, options: &AnalysisOptions) -> Report {
         buffers,
         fusion_groups: groups,
         warnings: lc.warnings.clone(),
+    };
+    report.warnings.extend(counter.notes);
+    report.warnings.extend(saturated_totals(&report));
+    report
+}
+
+/// Totals that reached `u64::MAX`: the arithmetic saturates there rather than wrap, and
+/// the report says so instead of printing 18446744073709551615 as if it were a count.
+fn saturated_totals(r: &Report) -> Vec<String> {
+    let checks: [(&str, u64); 6] = [
+        ("total FLOPs", r.flops),
+        ("contraction FLOPs", r.flops_by_class.contraction),
+        ("scalar FLOPs", r.flops_by_class.scalar),
+        ("bytes moved (minimum)", r.bytes_min),
+        ("bytes moved (fused)", r.bytes_fused),
+        ("parallel points", r.parallel_points),
+    ];
+    let mut out: Vec<String> = checks
+        .iter()
+        .filter(|(_, v)| *v == u64::MAX)
+        .map(|(what, _)| {
+            format!(
+                "{what} exceed 2^64 - 1 and are shown saturated at {}",
+                u64::MAX
+            )
+        })
+        .collect();
+    for t in r.tensor_bytes.iter().filter(|t| t.bytes == u64::MAX) {
+        out.push(format!(
+            "the bytes of `{}` exceed 2^64 - 1 and are shown saturated at {}",
+            t.tensor,
+            u64::MAX
+        ));
     }
+    out
 }
 
 impl Report {

@@ -25,6 +25,54 @@
 
 use super::normalize::{LeafAccess, LeafCascade};
 use einattn_ir::{Einsum, Handle, Rank, TensorKind};
+use std::rc::Rc;
+
+/// Why a tensor carries a full dependency: the full dependency itself, or an Einsum that
+/// reads a tensor that carries one. Kept as a shared chain and rendered on use, so a chain
+/// of `n` Einsums costs `n` links, not `n` sentences each as long as the chain.
+#[derive(Debug)]
+enum Why {
+    Source(String),
+    Via { einsum: String, from: Rc<Why> },
+}
+
+/// Links rendered in full; longer chains keep both ends and count the middle.
+const WHY_LINKS_SHOWN: usize = 16;
+
+impl Why {
+    /// "E2, which depends on E1, which depends on GM, a max over all of m".
+    fn render(&self) -> String {
+        let mut names: Vec<&str> = Vec::new();
+        let mut cur = self;
+        let source = loop {
+            match cur {
+                Why::Source(s) => break s.as_str(),
+                Why::Via { einsum, from } => {
+                    names.push(einsum);
+                    cur = from;
+                }
+            }
+        };
+        let mut out = String::new();
+        let mut push = |name: &str| {
+            out.push_str(name);
+            out.push_str(", which depends on ");
+        };
+        if names.len() <= WHY_LINKS_SHOWN {
+            names.iter().for_each(|n| push(n));
+        } else {
+            let half = WHY_LINKS_SHOWN / 2;
+            names[..half].iter().for_each(|n| push(n));
+            push(&format!(
+                "... ({} more Einsums) ...",
+                names.len() - 2 * half
+            ));
+            names[names.len() - half..].iter().for_each(|n| push(n));
+        }
+        out.push_str(source);
+        out
+    }
+}
 
 /// The pass structure over one leaf rank.
 #[derive(Clone, Debug)]
@@ -53,7 +101,7 @@ struct Dependency {
     ready: u32,
     full: bool,
     /// Words for a full dependency, reused in the consumer's cause and downstream.
-    why: Option<String>,
+    why: Option<Rc<Why>>,
 }
 
 pub(crate) fn count_passes(lc: &LeafCascade, rank: Handle<Rank>, report_name: &str) -> RankPasses {
@@ -62,7 +110,7 @@ pub(crate) fn count_passes(lc: &LeafCascade, rank: Handle<Rank>, report_name: &s
     let mut tensor_pass = vec![1u32; n_tensors];
     let mut tensor_ready = vec![1u32; n_tensors];
     let mut tensor_after_full = vec![false; n_tensors];
-    let mut tensor_why: Vec<Option<String>> = vec![None; n_tensors];
+    let mut tensor_why: Vec<Option<Rc<Why>>> = vec![None; n_tensors];
     let mut einsum_pass = vec![None; n_einsums];
     let mut einsum_cause = vec![None; n_einsums];
     let mut reasons = Vec::new();
@@ -102,7 +150,7 @@ pub(crate) fn count_passes(lc: &LeafCascade, rank: Handle<Rank>, report_name: &s
             let cause = deps
                 .iter()
                 .filter(|d| d.full && d.ready == ready && ready > 1)
-                .find_map(|d| d.why.clone());
+                .find_map(|d| d.why.as_ref().map(|w| w.render()));
             if let Some(why) = &cause {
                 if ready > passes_so_far {
                     reasons.push(format!(
@@ -122,7 +170,12 @@ pub(crate) fn count_passes(lc: &LeafCascade, rank: Handle<Rank>, report_name: &s
                 .iter()
                 .filter(|d| d.full && d.ready == ready)
                 .find_map(|d| d.why.clone())
-                .map(|why| format!("{}, which depends on {why}", e.name));
+                .map(|from| {
+                    Rc::new(Why::Via {
+                        einsum: e.name.clone(),
+                        from,
+                    })
+                });
         }
     }
 
@@ -155,7 +208,7 @@ fn dependency(
     tensor_pass: &[u32],
     tensor_ready: &[u32],
     tensor_after_full: &[bool],
-    tensor_why: &[Option<String>],
+    tensor_why: &[Option<Rc<Why>>],
     display: &dyn Fn(&str) -> String,
 ) -> Dependency {
     let t = access.tensor;
@@ -185,7 +238,10 @@ fn dependency(
                 pass,
                 ready: pass + 1,
                 full: true,
-                why: Some(format!("{name}, a {op} over {}", display("all of"))),
+                why: Some(Rc::new(Why::Source(format!(
+                    "{name}, a {op} over {}",
+                    display("all of")
+                )))),
             };
         }
         // The dimensions of T spanning the rank must be indexed by it, else the access
@@ -205,11 +261,11 @@ fn dependency(
                 pass,
                 ready: pass + 1,
                 full: true,
-                why: Some(format!(
+                why: Some(Rc::new(Why::Source(format!(
                     "{}, {what} of a traversal of {}",
                     lc.format_access(access),
                     display("all of")
-                )),
+                )))),
             };
         }
         Dependency {

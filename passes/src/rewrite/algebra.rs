@@ -5,11 +5,12 @@
 //! capture) and never absent (a reduction over only absent points yields its identity,
 //! while a product with an absent factor is absent).
 
+use super::extract::Extractor;
 use super::lang::{Ein, EinAnalysis, EinGraph, Leaf, RankSet};
 use super::tree::{materialize, Choice, TreeForm};
 use egg::{
-    rewrite, Applier, CostFunction, Extractor, Id, Language, PatternAst, RecExpr, Rewrite, Runner,
-    StopReason, Subst, Symbol, Var,
+    rewrite, Applier, CostFunction, Id, Language, PatternAst, RecExpr, Rewrite, Runner, StopReason,
+    Subst, Symbol, Var,
 };
 use einattn_ir::{Cascade, IndexExpr};
 use std::collections::HashSet;
@@ -305,7 +306,7 @@ pub fn exp_arguments(egraph: &EinGraph) -> HashSet<Id> {
 }
 
 struct BestNodes<'a, CF: CostFunction<Ein>> {
-    extractor: Extractor<'a, CF, Ein, EinAnalysis>,
+    extractor: Extractor<'a, CF>,
 }
 
 impl<CF: CostFunction<Ein>> Choice for BestNodes<'_, CF> {
@@ -345,13 +346,11 @@ pub fn saturate(
     let iterations = runner.iterations.len();
     let mut egraph = runner.egraph;
     let egraph_nodes = egraph.total_number_of_nodes();
+    let definitions = form.definition_classes(&egraph);
     let computed_once: Vec<Id> = form
         .shared
         .iter()
-        .filter_map(|t| {
-            let (_, term) = form.inlined_definitions.iter().find(|(d, _)| d == t)?;
-            egraph.lookup_expr(term)
-        })
+        .filter_map(|t| definitions.iter().find(|(d, _)| d == t)?.1)
         .collect();
     let cost = FlopCost::new(&egraph, cascade, &trusted, &original, &computed_once);
     let extractor = Extractor::new(&egraph, cost);

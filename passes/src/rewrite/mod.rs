@@ -19,6 +19,7 @@
 
 pub mod algebra;
 pub mod chunk;
+pub mod extract;
 pub mod ir_util;
 pub mod lang;
 pub mod normalizer;
@@ -185,12 +186,23 @@ pub struct AppliedRule {
     pub after: CascadeCost,
 }
 
+/// A rewrite whose result the validator rejected: discarded, and said so in the log.
+#[derive(Clone, Debug, Serialize)]
+pub struct RejectedRule {
+    pub rule: String,
+    pub detail: String,
+    /// The validator's first error.
+    pub problem: String,
+}
+
 /// The result of [`optimize`].
 #[derive(Clone, Debug)]
 pub struct Optimized {
     pub cascade: Cascade,
     /// Kept rewrites, in the order applied.
     pub applied: Vec<AppliedRule>,
+    /// Rewrites whose result was not a valid cascade (a defect of the rule): not applied.
+    pub rejected: Vec<RejectedRule>,
     pub before: Report,
     pub after: Report,
     /// Rewrites that applied in form but were not tried, and why (a key rank whose extent
@@ -216,7 +228,23 @@ impl Optimized {
         for note in &self.notes {
             out.push_str(&format!("note: {note}\n"));
         }
+        for r in &self.rejected {
+            out.push_str(&format!(
+                "not applied: {}: {}: its result is not a valid cascade ({})\n",
+                r.rule, r.detail, r.problem
+            ));
+        }
         out.push_str(&format!("after: {}\n", CascadeCost::of(&self.after)));
+        // The costs above can be saturated or counted coarsely: the analyses say so.
+        let mut warnings: Vec<&String> = Vec::new();
+        for w in self.before.warnings.iter().chain(&self.after.warnings) {
+            if !warnings.contains(&w) {
+                warnings.push(w);
+            }
+        }
+        for w in warnings {
+            out.push_str(&format!("warning: {w}\n"));
+        }
         out
     }
 }
@@ -233,6 +261,7 @@ struct State<'o> {
     cost: CascadeCost,
     applied: Vec<AppliedRule>,
     notes: Vec<String>,
+    rejected: Vec<RejectedRule>,
     options: &'o OptimizeOptions,
 }
 
@@ -259,22 +288,34 @@ impl State<'_> {
         detail: String,
         force: bool,
     ) -> bool {
-        // A rewrite that breaks the cascade is a bug in it; never let its (empty) analysis
-        // pass for a cheap cascade.
+        // The analysis of a malformed cascade is empty, which would look cheapest of all.
         if let Err(problems) = einattn_ir::validate::validate(&candidate) {
-            let first = problems
-                .first()
-                .map_or(String::new(), |d| d.message.clone());
-            self.note(format!(
-                "a {rule} step was dropped: it made an invalid cascade ({first})"
-            ));
+            let problem = problems
+                .iter()
+                .find(|d| d.is_error())
+                .map_or_else(|| "invalid".to_string(), |d| d.message.clone());
+            self.rejected.push(RejectedRule {
+                rule: rule.to_string(),
+                detail,
+                problem,
+            });
             return false;
         }
         let (report, cost) = self.evaluate(&candidate);
-        if !report.warnings.is_empty() {
+        // A step whose analysis warns of something new (a term summed over a rank it lacks,
+        // a count it cannot make) is not judged by that analysis. Counts saturated past
+        // 2^64 are not new problems of the step: the cascade had them before, and the log
+        // reports them.
+        let new: Vec<&String> = report
+            .warnings
+            .iter()
+            .filter(|w| !w.contains("2^64") && !self.report.warnings.contains(w))
+            .collect();
+        if !new.is_empty() {
+            let new: Vec<&str> = new.iter().map(|w| w.as_str()).collect();
             self.note(format!(
                 "a {rule} step was dropped: its analysis warns: {}",
-                report.warnings.join("; ")
+                new.join("; ")
             ));
             return false;
         }
@@ -470,6 +511,7 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
         cost,
         applied: Vec::new(),
         notes: Vec::new(),
+        rejected: Vec::new(),
         options,
     };
     state.algebra("whole cascade");
@@ -481,6 +523,7 @@ pub fn optimize(cascade: &Cascade, options: &OptimizeOptions) -> Result<Optimize
     Ok(Optimized {
         cascade: state.cascade,
         applied: state.applied,
+        rejected: state.rejected,
         before,
         after: state.report,
         notes: state.notes,

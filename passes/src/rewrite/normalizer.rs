@@ -686,7 +686,7 @@ pub fn max_reduced_ranks(cascade: &Cascade) -> Vec<(Handle<Rank>, u64)> {
                     .iter()
                     .flat_map(|i| i.ranks().collect::<Vec<_>>())
                     .map(|q| cascade.ranks[q].extent)
-                    .product();
+                    .fold(1u64, u64::saturating_mul);
                 out.push((red.rank, points));
             }
         }

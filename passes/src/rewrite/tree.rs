@@ -35,9 +35,14 @@ pub struct TreeForm {
     pub roots: Vec<Root>,
     /// Einsums left as they are (recurrences), in program order.
     pub kept: Vec<Handle<Einsum>>,
-    /// Temporaries that were inlined, with the term of their own definition: extraction
-    /// names a materialized subterm after the temporary it equals.
-    pub inlined_definitions: Vec<(Handle<Tensor>, RecExpr<Ein>)>,
+    /// Temporaries that were inlined, with the term of their own definition (its root in
+    /// `definitions`): extraction names a materialized subterm after the temporary it
+    /// equals.
+    pub inlined_definitions: Vec<(Handle<Tensor>, Id)>,
+    /// The terms of every inlined definition, in one expression whose nodes they share:
+    /// a chain of `n` temporaries has `n` nodes here, where one standalone term per
+    /// definition (each inlining the chain below it) had `n^2 / 2`.
+    pub definitions: RecExpr<Ein>,
     /// Inlined temporaries the original cascade reads in more than one Einsum.
     pub shared: Vec<Handle<Tensor>>,
 }
@@ -47,6 +52,15 @@ struct Builder<'c> {
     leaves: Leaves,
     may_be_absent: Vec<bool>,
     inlinable: Vec<bool>,
+    /// The Einsum producing each tensor (`Cascade::producer` scans every Einsum).
+    producers: Vec<Option<Handle<Einsum>>>,
+    /// Inlined reads already built into the expression being built: (tensor, indices) to
+    /// their term, so a temporary read again under the same indices is shared, not
+    /// rebuilt. Cleared whenever building starts on another expression.
+    memo: HashMap<(Handle<Tensor>, Vec<IndexExpr>), Id>,
+    /// Nesting of the term being built: past [`MAX_INLINE_DEPTH`] temporaries are read,
+    /// not inlined, so no term (and no recursion over one) outgrows the stack.
+    depth: usize,
     /// Ranks bound inside a tensor's inlined definition (its reductions and theirs).
     bound: HashMap<Handle<Tensor>, RankSet>,
     /// Temporaries discovered to need their own Einsum.
@@ -58,13 +72,21 @@ impl TreeForm {
         let order = einattn_ir::validate::topological_order(cascade);
         let may_be_absent = ir_util::tensors_may_be_absent(cascade, &order);
         let mut kept_einsum = ir_util::opaque_einsums(cascade);
+        // The first Einsum writing each tensor, as `Cascade::producer` finds it.
+        let mut producers: Vec<Option<Handle<Einsum>>> = vec![None; cascade.tensors.len()];
+        for (h, e) in cascade.einsums.iter() {
+            if let Some(slot) = producers.get_mut(e.output.tensor.index()) {
+                slot.get_or_insert(h);
+            }
+        }
+        let producer = |t: Handle<Tensor>| producers.get(t.index()).copied().flatten();
         let inlinable: Vec<bool> = cascade
             .tensors
             .iter()
             .map(|(h, t)| {
                 t.kind == TensorKind::Temp
                     && t.iterative.is_none()
-                    && cascade.producer(h).is_some_and(|p| {
+                    && producer(h).is_some_and(|p| {
                         let e = &cascade.einsums[p];
                         !kept_einsum[p.index()] && plain_distinct(&e.output.indices)
                     })
@@ -84,6 +106,9 @@ impl TreeForm {
             leaves: Leaves::default(),
             may_be_absent,
             inlinable,
+            producers: producers.clone(),
+            memo: HashMap::new(),
+            depth: 0,
             bound: HashMap::new(),
             new_roots: Vec::new(),
         };
@@ -118,10 +143,11 @@ impl TreeForm {
         while next < root_tensors.len() {
             let tensor = root_tensors[next];
             next += 1;
-            let Some(einsum) = cascade.producer(tensor) else {
+            let Some(einsum) = producer(tensor) else {
                 continue;
             };
             let mut term = RecExpr::default();
+            b.memo.clear();
             b.einsum_term(&mut term, einsum, &HashMap::new());
             roots.push(Root {
                 tensor,
@@ -137,12 +163,24 @@ impl TreeForm {
         }
 
         let mut inlined_definitions = Vec::new();
+        let mut definitions = RecExpr::default();
+        b.memo.clear();
+        let roots_set: HashSet<Handle<Tensor>> = root_tensors.iter().copied().collect();
         for (t, _) in cascade.tensors.iter() {
-            if b.inlinable[t.index()] && !root_tensors.contains(&t) {
-                if let Some(e) = cascade.producer(t) {
-                    let mut term = RecExpr::default();
-                    b.einsum_term(&mut term, e, &HashMap::new());
-                    inlined_definitions.push((t, term));
+            if b.inlinable[t.index()] && !roots_set.contains(&t) {
+                if let Some(e) = producer(t) {
+                    let identity: Vec<IndexExpr> = cascade.einsums[e].output.indices.clone();
+                    // A definition is the term its readers inline under its own indices:
+                    // built once, and reused by the definitions that read it.
+                    let id = match b.memo.get(&(t, identity.clone())) {
+                        Some(&id) => id,
+                        None => {
+                            let id = b.einsum_term(&mut definitions, e, &HashMap::new());
+                            b.memo.insert((t, identity), id);
+                            id
+                        }
+                    };
+                    inlined_definitions.push((t, id));
                 }
             }
         }
@@ -166,6 +204,7 @@ impl TreeForm {
             roots,
             kept,
             inlined_definitions,
+            definitions,
             shared,
         }
     }
@@ -183,13 +222,43 @@ impl TreeForm {
             .iter()
             .map(|r| egraph.add_expr(&r.term))
             .collect();
-        for (_, term) in &self.inlined_definitions {
-            egraph.add_expr(term);
+        if !self.definitions.as_ref().is_empty() {
+            egraph.add_expr(&self.definitions);
         }
         egraph.rebuild();
         (egraph, ids)
     }
+
+    /// The e-class of each inlined definition (in `inlined_definitions` order) in an
+    /// e-graph built by [`TreeForm::egraph`] and rewritten since; what
+    /// `EGraph::lookup_expr` gives for each term, in one pass over the shared nodes.
+    pub fn definition_classes(&self, egraph: &EinGraph) -> Vec<(Handle<Tensor>, Option<Id>)> {
+        let mut classes: Vec<Option<Id>> = Vec::with_capacity(self.definitions.as_ref().len());
+        for node in self.definitions.as_ref() {
+            let mut complete = true;
+            let node = node
+                .clone()
+                .map_children(|c| match classes[usize::from(c)] {
+                    Some(id) => id,
+                    None => {
+                        complete = false;
+                        c
+                    }
+                });
+            classes.push(if complete { egraph.lookup(node) } else { None });
+        }
+        self.inlined_definitions
+            .iter()
+            .map(|&(t, root)| (t, classes.get(usize::from(root)).copied().flatten()))
+            .collect()
+    }
 }
+
+/// How deep a term may nest before its temporaries are read instead of inlined. A chain of
+/// thousands of temporaries inlined into one term overflowed the stack of every recursion
+/// over terms (`optimize` of a 20,000-Einsum chain aborted); one statement nests at most
+/// a few hundred deep, and the examples' inlined terms a few dozen.
+pub const MAX_INLINE_DEPTH: usize = 256;
 
 fn plain_distinct(indices: &[IndexExpr]) -> bool {
     let ranks: Vec<Option<Handle<Rank>>> = indices.iter().map(IndexExpr::as_rank).collect();
@@ -201,25 +270,57 @@ fn plain_distinct(indices: &[IndexExpr]) -> bool {
 }
 
 impl Builder<'_> {
-    /// Ranks bound anywhere inside the inlined definition of `tensor`.
-    fn bound_ranks(&mut self, tensor: Handle<Tensor>) -> RankSet {
-        if let Some(&s) = self.bound.get(&tensor) {
-            return s;
-        }
-        let mut set = RankSet::default();
-        if let Some(e) = self.cascade.producer(tensor) {
-            let einsum = &self.cascade.einsums[e];
-            set = RankSet::of(einsum.reductions.iter().map(|r| r.rank));
-            let mut reads = Vec::new();
-            einsum.expr.visit_accesses(&mut |a| reads.push(a.tensor));
-            for t in reads {
-                if t != tensor && self.inlinable[t.index()] {
-                    set = set.union(self.bound_ranks(t));
+    fn producer(&self, tensor: Handle<Tensor>) -> Option<Handle<Einsum>> {
+        self.producers.get(tensor.index()).copied().flatten()
+    }
+
+    /// The inlinable temporaries the definition of `tensor` reads.
+    fn inlined_reads(&self, tensor: Handle<Tensor>) -> Vec<Handle<Tensor>> {
+        let mut reads = Vec::new();
+        if let Some(e) = self.producer(tensor) {
+            self.cascade.einsums[e].expr.visit_accesses(&mut |a| {
+                if a.tensor != tensor && self.inlinable[a.tensor.index()] {
+                    reads.push(a.tensor);
                 }
-            }
+            });
         }
-        self.bound.insert(tensor, set);
-        set
+        reads
+    }
+
+    /// Ranks bound anywhere inside the inlined definition of `tensor`. Depth-first with
+    /// an explicit stack: a chain of temporaries is as deep as it is long.
+    fn bound_ranks(&mut self, tensor: Handle<Tensor>) -> RankSet {
+        let mut stack = vec![(tensor, false)];
+        // Entered and not finished: a read of one of these is a cycle (a cascade the
+        // validator rejects), counted as binding nothing rather than followed forever.
+        let mut open: HashSet<Handle<Tensor>> = HashSet::new();
+        while let Some((t, reads_done)) = stack.pop() {
+            if self.bound.contains_key(&t) {
+                continue;
+            }
+            let reads = self.inlined_reads(t);
+            if !reads_done {
+                if !open.insert(t) {
+                    continue;
+                }
+                stack.push((t, true));
+                stack.extend(
+                    reads
+                        .into_iter()
+                        .filter(|r| !self.bound.contains_key(r) && !open.contains(r))
+                        .map(|r| (r, false)),
+                );
+                continue;
+            }
+            let own = self.producer(t).map_or(RankSet::default(), |e| {
+                RankSet::of(self.cascade.einsums[e].reductions.iter().map(|r| r.rank))
+            });
+            let set = reads.iter().fold(own, |s, r| {
+                s.union(self.bound.get(r).copied().unwrap_or_default())
+            });
+            self.bound.insert(t, set);
+        }
+        self.bound.get(&tensor).copied().unwrap_or_default()
     }
 
     /// The term of Einsum `e` with its free ranks renamed by `rename`.
@@ -280,6 +381,18 @@ impl Builder<'_> {
         expr: &Expr,
         rename: &HashMap<Handle<Rank>, IndexExpr>,
     ) -> Id {
+        self.depth += 1;
+        let id = self.expr_term_inner(rec, expr, rename);
+        self.depth -= 1;
+        id
+    }
+
+    fn expr_term_inner(
+        &mut self,
+        rec: &mut RecExpr<Ein>,
+        expr: &Expr,
+        rename: &HashMap<Handle<Rank>, IndexExpr>,
+    ) -> Id {
         match expr {
             Expr::Literal(v) => rec.add(Ein::Num(Num::new(*v))),
             Expr::Index(i) => {
@@ -302,7 +415,13 @@ impl Builder<'_> {
                     .map(|i| ir_util::substitute_index(i, rename))
                     .collect();
                 let t = access.tensor;
-                if let (true, Some(e)) = (self.inlinable[t.index()], self.cascade.producer(t)) {
+                if let Some(&id) = self.memo.get(&(t, indices.clone())) {
+                    return id;
+                }
+                let shallow = self.depth < MAX_INLINE_DEPTH;
+                if let (true, true, Some(e)) =
+                    (shallow, self.inlinable[t.index()], self.producer(t))
+                {
                     let producer = &self.cascade.einsums[e];
                     // Only ranks that change under the renaming can be captured by a
                     // reduction inside the definition; identity renamings shadow safely.
@@ -324,7 +443,9 @@ impl Builder<'_> {
                             .zip(&indices)
                             .filter_map(|(o, i)| o.as_rank().map(|r| (r, i.clone())))
                             .collect();
-                        return self.einsum_term(rec, e, &inner);
+                        let id = self.einsum_term(rec, e, &inner);
+                        self.memo.insert((t, indices), id);
+                        return id;
                     }
                 }
                 if self.inlinable[t.index()] && !self.new_roots.contains(&t) {
@@ -377,9 +498,9 @@ pub fn materialize(
         named: HashMap::new(),
     };
     m.out.einsums = Default::default();
-    for (t, term) in &form.inlined_definitions {
-        if let Some(class) = egraph.lookup_expr(term) {
-            m.named.entry(egraph.find(class)).or_insert(*t);
+    for (t, class) in form.definition_classes(egraph) {
+        if let Some(class) = class {
+            m.named.entry(egraph.find(class)).or_insert(t);
         }
     }
     // Roots with plain outputs are readable by other terms that contain them.

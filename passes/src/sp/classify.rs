@@ -189,7 +189,7 @@ pub fn classify(cascade: &Cascade, seq: SequenceRanks) -> Classification {
         let elements: u64 = (0..t.ranks.len())
             .filter(|&d| Some(d) != t.iterative)
             .map(|d| cascade.dim_extent(state, d))
-            .product();
+            .fold(1u64, u64::saturating_mul);
         let others: Vec<Handle<Tensor>> = state_tensors
             .iter()
             .copied()

@@ -6,7 +6,7 @@
 
 use super::classify::Classification;
 use super::local::{self, Window};
-use super::schemes::{self, PairAnalyzer, Scheme, SchemeKind, TokenRange};
+use super::schemes::{self, PairAnalyzer, PairMask, Scheme, SchemeKind, TokenRange};
 use super::SpError;
 use crate::analysis::{GpuModel, Report};
 use einattn_ir::{Cascade, DType, Handle, Tensor, TensorKind};
@@ -397,20 +397,39 @@ pub fn estimate(
             let q_per_token = query_bytes_per_token(cascade, cls) as f64;
             let mut worst = (0.0f64, 0.0f64, 0.0f64, 0.0f64); // total, compute, comm, overlap
             let mut max_bytes = 0u64;
+            // Which device holds each key chunk: looked up per pair below, so built once
+            // (scanning the devices per pair made the ring schemes cubic in P).
+            let mut owner: std::collections::HashMap<TokenRange, u64> =
+                std::collections::HashMap::new();
+            for d in 0..p {
+                for c in schemes::device_chunks(tokens, p, scheme.zigzag, d) {
+                    owner.entry(c).or_insert(d);
+                }
+            }
+            // A pair's kernel time depends only on its class: computed once per class.
+            let mut times: schemes::PairMap<f64> = schemes::PairMap::default();
             for r in 0..p {
                 let pairs = schemes::device_pairs(analyzer, p, scheme.zigzag, r)?;
                 let mine = schemes::device_chunks(tokens, p, scheme.zigzag, r);
-                let pair_time = |q: TokenRange,
-                                 k: TokenRange,
-                                 analyzer: &mut PairAnalyzer|
+                let mut pair_time = |q: TokenRange,
+                                     k: TokenRange,
+                                     analyzer: &mut PairAnalyzer|
                  -> Result<f64, SpError> {
+                    let class = analyzer.pair_class(q, k);
+                    if let Some(t) = class.and_then(|c| times.get(&c)) {
+                        return Ok(*t);
+                    }
                     let report = analyzer.report(&schemes::pair_windows(cls, q, k))?;
-                    Ok(params.kernel_time(&work_of(
+                    let t = params.kernel_time(&work_of(
                         report,
                         &partial_names,
                         &partial_tensors,
                         2.0 * q.len as f64 * stats_per_token,
-                    )))
+                    ));
+                    if let Some(c) = class {
+                        times.insert(c, t);
+                    }
+                    Ok(t)
                 };
                 let mut epilogue = 0.0;
                 for q in &mine {
@@ -459,29 +478,37 @@ pub fn estimate(
                         let mut overlap = 0.0;
                         let mut total = 0.0;
                         let mut received = 0.0;
-                        for s in 0..p {
-                            let src = (r + p - s) % p;
-                            let theirs = schemes::device_chunks(tokens, p, scheme.zigzag, src);
-                            let mut step_compute = 0.0;
-                            for (q, k, _) in &pairs {
-                                let hit = if scheme.kind == SchemeKind::Ring {
-                                    theirs.contains(k) && mine.contains(q)
-                                } else {
-                                    // TokenRing: this device computes its own keys against
-                                    // the queries of device (r - s).
-                                    false
-                                };
-                                if hit {
-                                    step_compute += pair_time(*q, *k, analyzer)? + merge_one(*q);
+                        // Ring: this device's pairs by the device holding their key chunk,
+                        // in pair order (the order the step sums them in).
+                        let mut by_owner: Vec<Vec<usize>> = vec![Vec::new(); p as usize];
+                        if scheme.kind == SchemeKind::Ring {
+                            for (i, (q, k, _)) in pairs.iter().enumerate() {
+                                if let Some(&o) = owner.get(k) {
+                                    if mine.contains(q) {
+                                        by_owner[o as usize].push(i);
+                                    }
                                 }
                             }
+                        }
+                        let mut my_keys = mine.clone();
+                        my_keys.sort();
+                        for s in 0..p {
+                            let src = (r + p - s) % p;
+                            let mut step_compute = 0.0;
+                            for &i in &by_owner[src as usize] {
+                                let (q, k, _) = pairs[i];
+                                step_compute += pair_time(q, k, analyzer)? + merge_one(q);
+                            }
                             if scheme.kind == SchemeKind::TokenRing {
-                                let theirs_pairs =
-                                    schemes::device_pairs(analyzer, p, scheme.zigzag, src)?;
-                                for (q, k, _) in &theirs_pairs {
-                                    if mine.contains(k) {
-                                        step_compute +=
-                                            pair_time(*q, *k, analyzer)? + merge_one(*q);
+                                // This device computes its own keys against the queries of
+                                // device (r - s): device src's pairs whose key chunk is
+                                // one of this device's, in `device_pairs` order.
+                                for q in schemes::device_chunks(tokens, p, scheme.zigzag, src) {
+                                    for k in &my_keys {
+                                        if analyzer.pair_mask(q, *k)? != PairMask::Empty {
+                                            step_compute +=
+                                                pair_time(q, *k, analyzer)? + merge_one(q);
+                                        }
                                     }
                                 }
                             }

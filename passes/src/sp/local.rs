@@ -157,6 +157,29 @@ pub fn expand_to_leaves(cascade: &Cascade) -> Cascade {
     out
 }
 
+/// The terms, over leaf ranks, of every index [`localize`] shifts to global positions (a
+/// condition's `lhs - rhs`, rank values), in Einsum order: the analysis of a per-device
+/// cascade depends on its windows' starts only through `sum(coef * offset)` over each of
+/// these (a condition only through the difference of its sides).
+pub fn shifted_indices(cascade: &Cascade) -> Vec<Vec<(i64, Handle<Rank>)>> {
+    let leaves = expand_to_leaves(cascade);
+    let mut out = Vec::new();
+    for (_, e) in leaves.einsums.iter() {
+        for cond in &e.mask {
+            let mut diff = cond.lhs.terms.clone();
+            diff.extend(cond.rhs.terms.iter().map(|&(c, r)| (-c, r)));
+            out.push(diff);
+        }
+        let mut expr = e.expr.clone();
+        map_value_indices(&mut expr, &mut |i| out.push(i.terms.clone()));
+        if let Some(rec) = &e.recurrence {
+            let mut init = rec.init.clone();
+            map_value_indices(&mut init, &mut |i| out.push(i.terms.clone()));
+        }
+    }
+    out
+}
+
 /// Adds `coef * offset` of every windowed leaf to the constant: global positions.
 fn shift_to_global(index: &mut IndexExpr, offsets: &HashMap<Handle<Rank>, i64>) {
     for &(coef, rank) in &index.terms {

@@ -42,6 +42,8 @@ pub enum SpError {
     Evaluation(String),
     /// The requested scheme does not apply.
     Scheme(String),
+    /// More devices than the planner compares pairs for ([`MAX_DEVICES`]).
+    Devices(String),
 }
 
 impl std::error::Error for SpError {}
@@ -53,6 +55,7 @@ impl std::fmt::Display for SpError {
             SpError::Window(m) => write!(f, "per-device cascade: {m}"),
             SpError::Evaluation(m) => write!(f, "evaluation: {m}"),
             SpError::Scheme(m) => write!(f, "scheme: {m}"),
+            SpError::Devices(m) => write!(f, "devices: {m}"),
         }
     }
 }
@@ -103,6 +106,10 @@ pub struct SpReport {
     pub estimates: Vec<Estimate>,
     pub chosen: String,
     pub cost_params: CostParams,
+    /// What the per-device analyses warned about (saturated counts): the times above
+    /// rest on them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// The schemes the planner considers, in the order the table lists ties.
@@ -130,12 +137,24 @@ pub fn candidate_schemes(cls: &Classification) -> Vec<Scheme> {
     ]
 }
 
+/// The most devices the planner splits a sequence over. Costing the key-splitting schemes
+/// visits every (query chunk, key chunk) pair of every device, `P^2` of them (`4 P^2`
+/// zigzag): at 1024 devices that is about 3 s for causal attention; beyond, refuse rather
+/// than run for minutes (docs/sp.md).
+pub const MAX_DEVICES: u64 = 1024;
+
 /// Classifies the cascade's dependencies across the split, costs every scheme and picks
 /// the cheapest applicable one (or the one `options.scheme` names).
 pub fn plan_sequence_parallel(
     cascade: &Cascade,
     options: &SpOptions,
 ) -> Result<SpDecision, SpError> {
+    if options.devices > MAX_DEVICES {
+        return Err(SpError::Devices(format!(
+            "{} devices requested; the planner handles at most {MAX_DEVICES} (it costs every pair of sequence chunks, P^2 of them)",
+            options.devices
+        )));
+    }
     // The per-device windows rename indices and affine masks; a condition on values, or
     // Einsums that advance together step by step, are not rewritten there yet.
     if cascade
@@ -216,6 +235,7 @@ pub fn plan_sequence_parallel(
         estimates: scored.into_iter().map(|(_, e)| e).collect(),
         chosen: chosen.name(),
         cost_params: options.cost.clone(),
+        warnings: analyzer.warnings(),
     };
     Ok(SpDecision {
         classification: cls,
@@ -300,6 +320,12 @@ impl SpReport {
         );
         if let Some(e) = self.estimates.iter().find(|e| e.scheme == self.chosen) {
             let _ = writeln!(s, "  {}", e.formula);
+        }
+        if !self.warnings.is_empty() {
+            let _ = writeln!(s, "\nwarnings (per-device analyses):");
+            for w in &self.warnings {
+                let _ = writeln!(s, "  {w}");
+            }
         }
         s
     }

@@ -266,8 +266,72 @@ pub fn pair_windows(cls: &Classification, queries: TokenRange, keys: TokenRange)
     w
 }
 
-/// (rank index, start, len) per window: a cache key.
-type WindowKey = Vec<(usize, u64, u64)>;
+/// What the analysis of a per-device cascade depends on: per window its rank and length,
+/// and the constant the window offsets add to each shifted index (masks and rank values
+/// see global positions; a condition counts by the difference of its sides). Two window
+/// sets with the same key give the same analysis, so the planner analyzes each distinct
+/// one once: a cascade without masks has one for all `P^2` (query chunk, key chunk) pairs,
+/// a causal one one per distance between chunks.
+type WindowKey = (Vec<(usize, u64)>, Vec<i128>);
+
+/// A (query chunk, key chunk) pair up to what its analysis depends on: pairs of one class
+/// have the same per-device analysis, mask and time. Computed in a few operations, so the
+/// planner's `P^2` pairs cost a hash lookup each rather than an analysis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PairClass {
+    query_len: u64,
+    key_len: u64,
+    /// The token distance `query start - key start` when every shifted index depends on
+    /// the two starts only through it (a causal or banded mask); else the query start.
+    first: i128,
+    /// `0` in the distance case; else the key start.
+    second: i128,
+}
+
+/// A multiply-rotate hasher for [`PairClass`] maps: the planner looks classes up `O(P^2)`
+/// times, and SipHash (built to resist adversarial keys these are not) was most of that.
+#[derive(Default, Clone, Copy)]
+pub struct PairHasher(u64);
+
+impl std::hash::Hasher for PairHasher {
+    fn finish(&self) -> u64 {
+        // The splitmix64 finalizer: every input bit reaches the low (bucket) and high
+        // (tag) bits the table uses.
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_i128(&mut self, n: i128) {
+        self.write_u64(n as u64);
+        self.write_u64((n >> 64) as u64);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+/// A map keyed by [`PairClass`].
+pub type PairMap<V> = HashMap<PairClass, V, std::hash::BuildHasherDefault<PairHasher>>;
+
+/// How the per-device analyses depend on the starts of a pair's windows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StartDependence {
+    /// Not at all (no mask or rank value mentions a sequence rank).
+    None,
+    /// Through the distance between the query and the key start only.
+    Distance,
+    /// Through both starts.
+    Both,
+}
 
 /// Memoized analyses of per-device cascades (the planner asks about the same pairs often).
 pub struct PairAnalyzer<'a> {
@@ -275,48 +339,17 @@ pub struct PairAnalyzer<'a> {
     pub cls: &'a Classification,
     pub options: AnalysisOptions,
     cache: HashMap<WindowKey, analysis::Report>,
+    masks: PairMap<PairMask>,
+    /// The terms of every index `localize` shifts to global positions, over leaf ranks.
+    shifted: Vec<Vec<(i64, Handle<Rank>)>>,
+    /// Einsums (by output name) that read a key-carrying input: they judge a pair's mask.
+    readers: Vec<String>,
+    dependence: StartDependence,
 }
 
 impl<'a> PairAnalyzer<'a> {
     pub fn new(cascade: &'a Cascade, cls: &'a Classification, options: AnalysisOptions) -> Self {
-        PairAnalyzer {
-            cascade,
-            cls,
-            options,
-            cache: HashMap::new(),
-        }
-    }
-
-    /// The analysis of the cascade restricted to `windows`.
-    pub fn report(&mut self, windows: &[Window]) -> Result<&analysis::Report, SpError> {
-        let key: Vec<(usize, u64, u64)> = windows
-            .iter()
-            .map(|w| (w.rank.index(), w.start, w.len))
-            .collect();
-        let cache_key = key;
-        if !self.cache.contains_key(&cache_key) {
-            let spec = LocalSpec {
-                windows: windows.to_vec(),
-                ..LocalSpec::default()
-            };
-            let local = local::localize(self.cascade, &spec)?;
-            let report = analysis::analyze(&local.cascade, &self.options);
-            self.cache.insert(cache_key.clone(), report);
-        }
-        self.cache
-            .get(&cache_key)
-            .ok_or_else(|| SpError::Evaluation("analysis cache".to_string()))
-    }
-
-    /// Whether the pair's scores are all, some or none present: judged on the Einsums that
-    /// read a key-carrying input (the scores and the value contraction).
-    pub fn pair_mask(
-        &mut self,
-        queries: TokenRange,
-        keys: TokenRange,
-    ) -> Result<PairMask, SpError> {
-        let cascade = self.cascade;
-        let key_rank = self.cls.seq.key.declared;
+        let key_rank = cls.seq.key.declared;
         let key_inputs: Vec<String> = cascade
             .tensors
             .iter()
@@ -335,20 +368,195 @@ impl<'a> PairAnalyzer<'a> {
             })
             .map(|(_, e)| cascade.tensors[e.output.tensor].name.clone())
             .collect();
-        let windows = pair_windows(self.cls, queries, keys);
-        let report = self.report(&windows)?;
-        let rows: Vec<&analysis::EinsumReport> = report
-            .einsums
-            .iter()
-            .filter(|e| readers.contains(&e.einsum))
-            .collect();
-        if rows.iter().all(|e| e.points == 0) {
-            Ok(PairMask::Empty)
-        } else if rows.iter().all(|e| e.points == e.points_dense) {
-            Ok(PairMask::Full)
-        } else {
-            Ok(PairMask::Partial)
+        let shifted = local::shifted_indices(cascade);
+        // Per shifted index, its coefficient on the query window's leaf and on the key
+        // window's (a window on a split rank offsets its outer leaf, in tiles).
+        let leaf_coef = |terms: &[(i64, Handle<Rank>)], leaf: Handle<Rank>| -> i128 {
+            terms
+                .iter()
+                .filter(|&&(_, r)| r == leaf)
+                .map(|&(c, _)| i128::from(c))
+                .sum()
+        };
+        let (q, k) = (cls.seq.query, cls.seq.key);
+        let two_windows = !cls.seq.single_rank();
+        let mut any = false;
+        let mut distance = two_windows;
+        for terms in &shifted {
+            let a = leaf_coef(terms, q.outer);
+            let b = if two_windows {
+                leaf_coef(terms, k.outer)
+            } else {
+                0
+            };
+            any |= a != 0 || b != 0;
+            // a * (qs / tq) + b * (ks / tk) depends on qs - ks alone iff a / tq = -b / tk.
+            distance &= a * i128::from(k.tile) == -b * i128::from(q.tile);
         }
+        let dependence = if !any {
+            StartDependence::None
+        } else if distance {
+            StartDependence::Distance
+        } else {
+            StartDependence::Both
+        };
+        PairAnalyzer {
+            cascade,
+            cls,
+            options,
+            cache: HashMap::new(),
+            masks: PairMap::default(),
+            shifted,
+            readers,
+            dependence,
+        }
+    }
+
+    /// The warnings of every per-device analysis made so far (masks counted as their box,
+    /// counts saturated at 2^64 - 1), each once, sorted.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .cache
+            .values()
+            .flat_map(|r| r.warnings.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// The class of a pair, or `None` when its windows do not fit the sequence (then the
+    /// analysis says why).
+    pub fn pair_class(&self, queries: TokenRange, keys: TokenRange) -> Option<PairClass> {
+        let seq = &self.cls.seq;
+        let fits = |r: &TokenRange, tile: u64| {
+            r.len > 0
+                && r.start.checked_add(r.len).is_some_and(|e| e <= seq.tokens)
+                && r.start.is_multiple_of(tile)
+                && r.len.is_multiple_of(tile)
+        };
+        let keys = if seq.single_rank() {
+            // One window: the key chunk does not enter the per-device cascade.
+            TokenRange { start: 0, len: 0 }
+        } else {
+            if !fits(&keys, seq.key.tile) {
+                return None;
+            }
+            keys
+        };
+        if !fits(&queries, seq.query.tile) {
+            return None;
+        }
+        let (first, second) = match self.dependence {
+            StartDependence::None => (0, 0),
+            StartDependence::Distance => (i128::from(queries.start) - i128::from(keys.start), 0),
+            StartDependence::Both => (i128::from(queries.start), i128::from(keys.start)),
+        };
+        Some(PairClass {
+            query_len: queries.len,
+            key_len: keys.len,
+            first,
+            second,
+        })
+    }
+
+    /// The cache key of `windows`, or `None` when `localize` would refuse them (then it is
+    /// called to say why).
+    fn key(&self, windows: &[Window]) -> Option<WindowKey> {
+        let mut offsets: Vec<(Handle<Rank>, i128)> = Vec::new();
+        let mut ranks = Vec::new();
+        for w in windows {
+            let rank = self.cascade.ranks.get(w.rank)?;
+            if w.len == 0 || w.start.checked_add(w.len)? > rank.extent {
+                return None;
+            }
+            ranks.push((w.rank.index(), w.len));
+            match &rank.split {
+                Some(split) => {
+                    let tile = self.cascade.ranks.get(split.inner)?.extent.max(1);
+                    if w.start % tile != 0 || w.len % tile != 0 {
+                        return None;
+                    }
+                    offsets.push((split.outer, i128::from(w.start / tile)));
+                }
+                None => offsets.push((w.rank, i128::from(w.start))),
+            }
+        }
+        let shifts = self
+            .shifted
+            .iter()
+            .map(|terms| {
+                terms
+                    .iter()
+                    .filter_map(|&(coef, r)| {
+                        // The last window of a rank wins, as in `localize`.
+                        offsets
+                            .iter()
+                            .rev()
+                            .find(|(o, _)| *o == r)
+                            .map(|&(_, o)| i128::from(coef) * o)
+                    })
+                    .sum()
+            })
+            .collect();
+        Some((ranks, shifts))
+    }
+
+    /// The analysis of the cascade restricted to `windows`.
+    pub fn report(&mut self, windows: &[Window]) -> Result<&analysis::Report, SpError> {
+        let spec = || LocalSpec {
+            windows: windows.to_vec(),
+            ..LocalSpec::default()
+        };
+        let Some(cache_key) = self.key(windows) else {
+            // `localize` names what is wrong with the windows.
+            local::localize(self.cascade, &spec())?;
+            return Err(SpError::Window("windows out of range".to_string()));
+        };
+        if !self.cache.contains_key(&cache_key) {
+            let local = local::localize(self.cascade, &spec())?;
+            let report = analysis::analyze(&local.cascade, &self.options);
+            self.cache.insert(cache_key.clone(), report);
+        }
+        self.cache
+            .get(&cache_key)
+            .ok_or_else(|| SpError::Evaluation("analysis cache".to_string()))
+    }
+
+    /// Whether the pair's scores are all, some or none present: judged on the Einsums that
+    /// read a key-carrying input (the scores and the value contraction).
+    pub fn pair_mask(
+        &mut self,
+        queries: TokenRange,
+        keys: TokenRange,
+    ) -> Result<PairMask, SpError> {
+        let class = self.pair_class(queries, keys);
+        if let Some(mask) = class.and_then(|c| self.masks.get(&c)) {
+            return Ok(*mask);
+        }
+        let windows = pair_windows(self.cls, queries, keys);
+        let readers = std::mem::take(&mut self.readers);
+        let report = self.report(&windows);
+        let mask = report.map(|report| {
+            let rows: Vec<&analysis::EinsumReport> = report
+                .einsums
+                .iter()
+                .filter(|e| readers.contains(&e.einsum))
+                .collect();
+            if rows.iter().all(|e| e.points == 0) {
+                PairMask::Empty
+            } else if rows.iter().all(|e| e.points == e.points_dense) {
+                PairMask::Full
+            } else {
+                PairMask::Partial
+            }
+        });
+        self.readers = readers;
+        let mask = mask?;
+        if let Some(c) = class {
+            self.masks.insert(c, mask);
+        }
+        Ok(mask)
     }
 }
 
@@ -362,13 +570,17 @@ pub fn device_pairs(
 ) -> Result<Vec<(TokenRange, TokenRange, PairMask)>, SpError> {
     let tokens = analyzer.cls.seq.tokens;
     let mine = device_chunks(tokens, devices, zigzag, rank);
-    let mut all_keys: Vec<TokenRange> = (0..devices)
-        .flat_map(|r| device_chunks(tokens, devices, zigzag, r))
-        .collect();
-    all_keys.sort();
+    // The devices' chunks tile the sequence in equal lengths: in start order they are
+    // chunk 0, 1, ... of that length (built directly; this runs once per device).
+    let chunks = if zigzag { 2 * devices } else { devices };
+    let len = tokens / chunks.max(1);
     let mut out = Vec::new();
     for q in &mine {
-        for k in &all_keys {
+        for k in (0..chunks).map(|i| TokenRange {
+            start: i * len,
+            len,
+        }) {
+            let k = &k;
             let mask = analyzer.pair_mask(*q, *k)?;
             if mask != PairMask::Empty {
                 out.push((*q, *k, mask));
