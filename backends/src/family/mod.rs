@@ -223,6 +223,9 @@ pub trait Compiled: Send + Sync {
     /// Multiply-adds [`Compiled::formula`] spends.
     fn formula_work(&self) -> u64;
     fn rate(&self) -> Rate;
+    /// Told why the families tried before this one did not take the cascade (for
+    /// `--emit schedule`).
+    fn passed_over(&mut self, _reasons: &[(&'static str, Vec<Diagnostic>)]) {}
     /// Assigns each kernel step of `plan` the modules it launches (their entries in the
     /// step's `launch`) and returns them; `gpu` sizes the chunking of each window.
     fn plan_modules(&self, plan: &mut Plan, gpu: &GpuModel) -> Result<Vec<Module>, String>;
@@ -255,9 +258,18 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
         ));
     }
     let mut reasons = Vec::new();
-    for family in FAMILIES {
+    for (k, family) in FAMILIES.iter().enumerate() {
+        let last = k + 1 == FAMILIES.len();
         match family.compile(request) {
-            Ok(compiled) => return Ok(compiled),
+            Ok(mut compiled) => {
+                compiled.passed_over(&reasons);
+                return Ok(compiled);
+            }
+            // A family that reads the cascade but cannot compile its sizes or shapes leaves
+            // it to the next (the general lowering takes every valid cascade).
+            Err(FamilyError::Failed(CompileError::Refused(d))) if !last => {
+                reasons.push((family.reads_as(), vec![*d]))
+            }
             Err(FamilyError::Failed(e)) => return Err(e),
             Err(FamilyError::NotMine(d)) => reasons.push((family.reads_as(), d)),
         }

@@ -106,6 +106,7 @@ pub fn compile_general(
     }
     Ok(GeneralKernels {
         cascade: cascade.clone(),
+        passed_over: Vec::new(),
         program,
         modules,
         flops: report.flops as f64,
@@ -209,6 +210,8 @@ fn contract(
 /// A cascade compiled by the general lowering.
 pub struct GeneralKernels {
     cascade: Cascade,
+    /// Why the faster families did not take the cascade.
+    passed_over: Vec<String>,
     pub program: PointProgram,
     modules: Vec<Module>,
     flops: f64,
@@ -232,12 +235,10 @@ impl Compiled for GeneralKernels {
     fn explain(&self) -> String {
         let p = &self.program;
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "lowering: general, {} point kernels (no softmax or linear-attention kernel reads `{}`)",
-            p.kernels.len(),
-            p.name
-        );
+        let _ = writeln!(out, "lowering: general, {} point kernels", p.kernels.len());
+        for reason in &self.passed_over {
+            let _ = writeln!(out, "not {reason}");
+        }
         let rank = |r: usize| p.ranks.get(r).map_or("?", |(n, _)| n.as_str());
         for (k, m) in p.kernels.iter().zip(&self.modules) {
             let grid = match m.contract.grid[0] {
@@ -327,6 +328,16 @@ impl Compiled for GeneralKernels {
             bytes: self.bytes,
             bound_ms: self.bound_ms,
         }
+    }
+
+    fn passed_over(&mut self, reasons: &[(&'static str, Vec<Diagnostic>)]) {
+        self.passed_over = reasons
+            .iter()
+            .map(|(what, ds)| {
+                let why: Vec<&str> = ds.iter().map(|d| d.message.as_str()).collect();
+                format!("{what}: {}", why.join("; "))
+            })
+            .collect();
     }
 
     fn plan_modules(&self, _plan: &mut Plan, _gpu: &GpuModel) -> Result<Vec<Module>, String> {

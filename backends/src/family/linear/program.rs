@@ -141,10 +141,14 @@ pub fn strategy_choice(
             ),
         );
     }
+    let Ok(chunk_tiles) = u32::try_from(tiles.div_ceil(chunks)) else {
+        return (
+            Strategy::LookBack,
+            format!("look-back: {tiles} blocks in {chunks} chunks is past the chunk kernel's 32-bit index"),
+        );
+    };
     (
-        Strategy::Chunked {
-            chunk_tiles: tiles.div_ceil(chunks) as u32,
-        },
+        Strategy::Chunked { chunk_tiles },
         format!(
             "chunked: {ctas} CTAs leave the {SMS} SMs idle; {chunks} chunks give {} (K and V are read twice, cheaper than the look-back's per-block states)",
             ctas * chunks

@@ -220,7 +220,16 @@ pub fn recognize_linear(c: &Cascade, swap: bool) -> Result<LinearMatch, Diagnost
             ))
         }
     };
-    let (dd, ee) = (c.ranks[d].extent as u32, c.ranks[e].extent as u32);
+    let dim = |r: Handle<Rank>| {
+        u32::try_from(c.ranks[r].extent).map_err(|_| {
+            not_mappable(
+                c,
+                format!("`{}` is past 32 bits", c.ranks[r].name),
+                c.ranks[r].span,
+            )
+        })
+    };
+    let (dd, ee) = (dim(d)?, dim(e)?);
     let layout = |t: Handle<Tensor>, seq: Handle<Rank>| Layout::of(c, t, batch, Some(seq), head);
     let tile = |r: Handle<Rank>| {
         c.ranks[r]

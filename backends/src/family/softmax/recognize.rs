@@ -1050,12 +1050,22 @@ impl<'c> Reader<'c> {
             .score
             .clone()
             .ok_or_else(|| not_mappable("the score is never reduced by a max", Span::UNKNOWN))?;
-        let mut spec = AttentionSpec::new(d as u32, elem);
+        let head_dim = u32::try_from(d).ok().filter(|&d| d <= 256).ok_or_else(|| {
+            Diagnostic::error(
+                DiagnosticKind::UnsupportedShape,
+                format!("the softmax kernel maps head dims up to 256 (got {d})"),
+                Span::UNKNOWN,
+            )
+        })?;
+        let mut spec = AttentionSpec::new(head_dim, elem);
         for m in &self.masks {
-            match (m.direction, m.bound) {
-                (BandDirection::KeyMinusQuery, 0) if !spec.causal => spec.causal = true,
-                (BandDirection::QueryMinusKey, b) if b >= 0 && spec.window.is_none() => {
-                    spec.window = Some(b as u32 + 1)
+            let window = u32::try_from(m.bound).ok().and_then(|b| b.checked_add(1));
+            match (m.direction, window) {
+                (BandDirection::KeyMinusQuery, _) if m.bound == 0 && !spec.causal => {
+                    spec.causal = true
+                }
+                (BandDirection::QueryMinusKey, Some(w)) if spec.window.is_none() => {
+                    spec.window = Some(w)
                 }
                 _ => spec.extra_masks.push(*m),
             }
