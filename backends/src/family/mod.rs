@@ -257,9 +257,18 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
                 .into(),
         ));
     }
+    // Kernel-shape options are meant for the family that reads the cascade: its refusal of
+    // them is the answer, not a reason to try another family.
+    let o = request.options;
+    let shaped = !o.tiles.is_empty()
+        || o.warps.is_some()
+        || o.stages.is_some()
+        || o.mma.is_some()
+        || o.strategy.is_some()
+        || o.chunk_tokens.is_some();
     let mut reasons = Vec::new();
     for (k, family) in FAMILIES.iter().enumerate() {
-        let last = k + 1 == FAMILIES.len();
+        let last = k + 1 == FAMILIES.len() || shaped;
         match family.compile(request) {
             Ok(mut compiled) => {
                 compiled.passed_over(&reasons);

@@ -109,17 +109,7 @@ pub fn compile_softmax(
                 }
             }
         }
-        let knobs =
-            !options.tiles.is_empty() || options.warps.is_some() || options.stages.is_some();
-        let schedule = schedule(&cascade, &sched).map_err(|d| {
-            // A shape the user asked for that does not fit is a usage error; one the cost
-            // model found none for is a refusal another family may take.
-            if knobs && d.kind == DiagnosticKind::UnsupportedShape {
-                FamilyError::Failed(CompileError::Usage(format!("error: {}", d.message)))
-            } else {
-                refuse(d)
-            }
-        })?;
+        let schedule = schedule(&cascade, &sched).map_err(refuse)?;
         if options.mma == Some(crate::tile::MmaUnit::Warpgroup) {
             return Err(CompileError::Usage(
                 "error: the wgmma lowering is built for the linear-attention kernels; softmax attention uses mma.sync\n  = help: leave out `--mma wgmma`".into(),
