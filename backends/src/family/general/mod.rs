@@ -11,6 +11,7 @@ pub mod interp;
 pub mod lower;
 pub mod program;
 pub mod ptx;
+pub mod random;
 
 use super::{
     CompileError, Compiled, FamilyError, Inputs, KernelFamily, KernelOptions, KernelProgram,
