@@ -131,7 +131,7 @@ pub fn random_cascade(seed: u64) -> String {
         if last && out.is_empty() && !space.is_empty() && rng.chance(50) {
             out.push(space[0]);
         }
-        let reduced: Vec<&'static str> =
+        let mut reduced: Vec<&'static str> =
             space.iter().copied().filter(|r| !out.contains(r)).collect();
         let mut expr = map(&mut rng, &access(&x));
         if let Some(y) = &y {
@@ -150,8 +150,6 @@ pub fn random_cascade(seed: u64) -> String {
             expr = format!("{expr} + n / N");
         }
         // The last Einsum may reduce the tiles of a split sequence: over `n0`, keeping `n1`.
-        let mut out = out;
-        let mut reduced = reduced;
         if last && split && out.contains(&"n") && rng.chance(50) {
             out.retain(|r| *r != "n");
             out.insert(0, "n1");
