@@ -19,6 +19,20 @@ fn load(name: &str, defines: &[(&str, u64)]) -> Cascade {
         .unwrap_or_else(|d| panic!("{}", d.render(name, &src)))
 }
 
+/// The names of the bundled `.ein` examples (examples/ also holds the Rust app's crate).
+fn example_names() -> Vec<String> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("examples")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "ein"))
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    names
+}
+
 /// The largest relative difference between the point program's outputs and the cascade
 /// interpreter's, over every output.
 pub fn difference(c: &Cascade, seed: u64) -> f64 {
@@ -76,17 +90,7 @@ fn every_example_lowers_to_point_kernels_that_match_the_interpreter() {
         ("linear_causal", &[("N", 64), ("D", 16)]),
         ("lm_head_entropy", &[("T", 16), ("D", 16), ("VOCAB", 64)]),
     ];
-    let mut names: Vec<String> =
-        std::fs::read_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples"))
-            .expect("examples")
-            .flatten()
-            .filter_map(|e| {
-                e.path()
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-            })
-            .collect();
-    names.sort();
+    let names = example_names();
     for name in names {
         let sizes = small
             .iter()
@@ -107,17 +111,7 @@ fn every_point_kernel_assembles() {
     let Some(ptxas) = ptxas_for_test("every_point_kernel_assembles") else {
         return;
     };
-    let mut names: Vec<String> =
-        std::fs::read_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples"))
-            .expect("examples")
-            .flatten()
-            .filter_map(|e| {
-                e.path()
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-            })
-            .collect();
-    names.sort();
+    let names = example_names();
     for name in names {
         let c = load(&name, &[]);
         let program = lower(&c, None, "k");

@@ -52,10 +52,14 @@ impl KernelFamily for General {
 }
 
 fn refuse(message: String) -> CompileError {
+    refuse_at(Span::UNKNOWN, message)
+}
+
+fn refuse_at(span: Span, message: String) -> CompileError {
     CompileError::Refused(Box::new(Diagnostic::error(
         DiagnosticKind::UnsupportedShape,
         message,
-        Span::UNKNOWN,
+        span,
     )))
 }
 
@@ -74,7 +78,19 @@ pub fn compile_general(
         .map(|s| s.elements().saturating_mul(4))
         .fold(0, u64::saturating_add);
     if scratch > MAX_SCRATCH_BYTES {
-        return Err(refuse(format!(
+        // Point at the Einsum that writes the largest intermediate: that is the one to shrink.
+        let largest = program
+            .slots
+            .iter()
+            .filter(|s| s.kind == SlotKind::Scratch)
+            .max_by_key(|s| s.elements())
+            .and_then(|s| cascade.tensor_by_name(&s.name));
+        let span = cascade
+            .einsums
+            .iter()
+            .find(|(_, e)| Some(e.output.tensor) == largest)
+            .map_or(Span::UNKNOWN, |(_, e)| e.span);
+        return Err(refuse_at(span, format!(
             "the general lowering keeps every intermediate of `{}` in memory: {:.1} GiB, over its {} GiB limit (smaller sizes, or a form the softmax or linear kernels read)",
             cascade.name,
             scratch as f64 / (1u64 << 30) as f64,

@@ -56,14 +56,14 @@ pub struct Slot {
 
 impl Slot {
     pub fn elements(&self) -> u64 {
-        self.shape.iter().product()
+        self.shape.iter().fold(1, |a, &b| a.saturating_mul(b))
     }
 
     /// Element strides of each dimension.
     pub fn strides(&self) -> Vec<u64> {
         let mut strides = vec![1u64; self.shape.len()];
         for d in (0..self.shape.len().saturating_sub(1)).rev() {
-            strides[d] = strides[d + 1] * self.shape[d + 1];
+            strides[d] = strides[d + 1].saturating_mul(self.shape[d + 1]);
         }
         strides
     }
