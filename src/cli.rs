@@ -8,10 +8,11 @@ use einattn_backends::plan::folder::BuildRecord;
 use einattn_backends::plan::lower::{lower, LoweredPlan};
 use einattn_backends::plan::Plan;
 use einattn_backends::Target;
+use einattn_exec::given::Given;
 use einattn_exec::ranks::RankMapping;
 use einattn_exec::{ExecError, ReportFormat};
 use einattn_ir::interp;
-use einattn_ir::{Cascade, Handle, Tensor, TensorKind};
+use einattn_ir::{Cascade, TensorKind};
 use einattn_passes::analysis::GpuModel;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -324,9 +325,16 @@ pub fn check(
     defines: &[(String, u64)],
     args: &KernelArgs,
     seed: u64,
+    given: &Given,
+    save_outputs: Option<&Path>,
     sp: &SpArgs,
 ) -> Result<(String, bool), CliError> {
     let source = SourceFile::load(file)?;
+    if sp.devices.is_some() && save_outputs.is_some() {
+        return Err(CliError::usage(
+            "error: `--save-outputs` writes the outputs of one GPU's kernels; drop `--sp` to use it",
+        ));
+    }
     if sp.devices.is_some_and(|p| p < 2) {
         return Err(CliError::usage(
             "error: `check --sp P` splits the sequence over P >= 2 GPUs",
@@ -342,10 +350,16 @@ pub fn check(
             &lowered.kernels,
             compiled.as_ref(),
             seed,
+            given,
             sp.mapping(),
         )?);
     }
-    Ok(einattn_exec::check::check(compiled.as_ref(), seed)?)
+    Ok(einattn_exec::check::check(
+        compiled.as_ref(),
+        seed,
+        given,
+        save_outputs,
+    )?)
 }
 
 /// The plan folder's source: a plain file name inside `dir`, never a path elsewhere.
@@ -397,6 +411,7 @@ pub fn run_plan(dir: &Path, seed: u64, mapping: RankMapping) -> Result<(String, 
         &kernels,
         compiled.as_ref(),
         seed,
+        &Given::default(),
         mapping,
     )?)
 }
@@ -452,6 +467,7 @@ pub fn bench(
     args: &KernelArgs,
     reps: usize,
     format: ReportFormat,
+    given: &Given,
     sp: &SpArgs,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
@@ -466,10 +482,16 @@ pub fn bench(
             compiled.as_ref(),
             reps,
             format,
+            given,
             sp.mapping(),
         )?);
     }
-    Ok(einattn_exec::bench::bench(compiled.as_ref(), reps, format)?)
+    Ok(einattn_exec::bench::bench(
+        compiled.as_ref(),
+        reps,
+        format,
+        given,
+    )?)
 }
 
 pub fn emit(
@@ -614,13 +636,13 @@ pub struct RunSummary {
 }
 
 /// Evaluates a cascade with the reference interpreter. Inputs come from `--input NAME=PATH`
-/// or are drawn from `seed`; every input and output is written to `out_dir` as `NAME.npy`.
+/// and `--param NAME=VALUE` or are drawn from `seed`; every input and output is written to `out_dir` as `NAME.npy`.
 /// Refused before anything is allocated when the evaluation would exceed `limits`.
 pub fn run(
     file: &Path,
     defines: &[(String, u64)],
     seed: u64,
-    input_files: &[(String, PathBuf)],
+    given: &Given,
     out_dir: &Path,
     limits: interp::Limits,
 ) -> Result<RunSummary, CliError> {
@@ -633,19 +655,7 @@ pub fn run(
             source.name()
         ))
     })?;
-    for (name, path) in input_files {
-        let tensor = find_input(&cascade, name)?;
-        let expected = interp::shape_of(&cascade, tensor);
-        let data = einattn_exec::npy::read_as(path, &expected).map_err(|e| match e {
-            einattn_exec::npy::ReadError::Shape(got) => CliError::input(format!(
-                "error: `{}` has shape {got:?}, but `{name}` in {} has shape {expected:?}",
-                path.display(),
-                source.name(),
-            )),
-            e => CliError::input(format!("error: cannot read `{}`: {e}", path.display())),
-        })?;
-        inputs.insert(tensor, data);
-    }
+    given.apply(&cascade, &mut inputs)?;
     let order = einattn_ir::validate::topological_order(&cascade);
     let values = interp::evaluate_in_order(&cascade, &inputs, &order)
         .map_err(|e| CliError::input(format!("error: evaluation failed: {e}")))?;
@@ -667,22 +677,4 @@ pub fn run(
         written.push((t.name.clone(), data.shape.clone(), path));
     }
     Ok(RunSummary { written })
-}
-
-fn find_input(cascade: &Cascade, name: &str) -> Result<Handle<Tensor>, CliError> {
-    let names: Vec<&str> = cascade
-        .tensors
-        .iter()
-        .filter(|(_, t)| matches!(t.kind, TensorKind::Input | TensorKind::Param))
-        .map(|(_, t)| t.name.as_str())
-        .collect();
-    cascade
-        .inputs()
-        .find(|&h| cascade.tensors[h].name == name)
-        .ok_or_else(|| {
-            CliError::usage(format!(
-                "error: `--input {name}=...`: the kernel has no input or parameter `{name}` (it has: {})",
-                names.join(", ")
-            ))
-        })
 }

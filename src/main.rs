@@ -42,9 +42,8 @@ enum Command {
         /// Seed for the random inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Read an input or parameter from an .npy file instead of drawing it: --input Q=q.npy
-        #[arg(long, value_name = "NAME=PATH", value_parser = parse_input)]
-        input: Vec<(String, PathBuf)>,
+        #[command(flatten)]
+        given: GivenFlags,
         /// Directory for NAME.npy of every input and output.
         #[arg(long, default_value = "einattn-out")]
         out: PathBuf,
@@ -83,6 +82,12 @@ enum Command {
         /// Seed of the random inputs (default: drawn from the clock, printed).
         #[arg(long)]
         seed: Option<u64>,
+        #[command(flatten)]
+        given: GivenFlags,
+        /// Write every output the kernels computed to DIR as NAME.npy (to compare with
+        /// another implementation on the same --input files).
+        #[arg(long, value_name = "DIR")]
+        save_outputs: Option<PathBuf>,
         /// Split the sequence over GPUs (`--sp P`): plan, run the plan over NCCL and
         /// compare with one GPU on the whole problem.
         #[command(flatten)]
@@ -112,6 +117,8 @@ enum Command {
         reps: usize,
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
+        #[command(flatten)]
+        given: GivenFlags,
         /// Time the plan for P GPUs instead (each rank draws its own inputs; no reference).
         #[command(flatten)]
         sp: SpFlags,
@@ -199,6 +206,27 @@ enum DtypeArg {
     F16,
 }
 
+/// Values in place of drawn ones, for `run`, `check` and `bench`.
+#[derive(clap::Args)]
+struct GivenFlags {
+    /// Read an input or parameter from an .npy file instead of drawing it: --input Q=q.npy
+    #[arg(long, value_name = "NAME=PATH", value_parser = parse_input)]
+    input: Vec<(String, PathBuf)>,
+    /// Set a parameter (every element of a parameter tensor) instead of its default or a
+    /// drawn value: --param scale=0.125
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_param)]
+    param: Vec<(String, f64)>,
+}
+
+impl GivenFlags {
+    fn into_given(self) -> einattn_exec::given::Given {
+        einattn_exec::given::Given {
+            params: self.param,
+            files: self.input,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct SpFlags {
     /// Split the sequence across P devices and plan the communication.
@@ -256,6 +284,17 @@ enum EmitStage {
     Schedule,
     Tile,
     Ptx,
+}
+
+fn parse_param(text: &str) -> Result<(String, f64), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=VALUE, got `{text}`"))?;
+    let value: f64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{value}` is not a number"))?;
+    Ok((name.trim().to_string(), value))
 }
 
 fn parse_input(text: &str) -> Result<(String, PathBuf), String> {
@@ -331,7 +370,7 @@ fn execute(args: Args) -> Result<(), CliError> {
             file,
             define,
             seed,
-            input,
+            given,
             out,
             max_elements,
             max_work,
@@ -340,7 +379,7 @@ fn execute(args: Args) -> Result<(), CliError> {
                 max_elements,
                 max_work,
             };
-            let summary = cli::run(&file, &define, seed, &input, &out, limits)?;
+            let summary = cli::run(&file, &define, seed, &given.into_given(), &out, limits)?;
             for (name, shape, path) in summary.written {
                 sayln!("{name:>8} {shape:?} -> {}", path.display());
             }
@@ -378,6 +417,8 @@ fn execute(args: Args) -> Result<(), CliError> {
             define,
             kernel,
             seed,
+            given,
+            save_outputs,
             sp,
         } => {
             let (report, pass) = cli::check(
@@ -385,6 +426,8 @@ fn execute(args: Args) -> Result<(), CliError> {
                 &define,
                 &kernel.into_args(),
                 seed.unwrap_or_else(clock_seed),
+                &given.into_given(),
+                save_outputs.as_deref(),
                 &sp.into_args(),
             )?;
             report_check(&report, pass)?;
@@ -404,6 +447,7 @@ fn execute(args: Args) -> Result<(), CliError> {
             kernel,
             reps,
             format,
+            given,
             sp,
         } => {
             let format = format.into();
@@ -415,6 +459,7 @@ fn execute(args: Args) -> Result<(), CliError> {
                     &kernel.into_args(),
                     reps.max(1),
                     format,
+                    &given.into_given(),
                     &sp.into_args()
                 )?
             );

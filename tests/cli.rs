@@ -261,6 +261,96 @@ fn check_and_bench_need_a_gpu_or_run_on_it() {
     }
 }
 
+/// The relative 2-norm difference of two equally long arrays.
+fn relative_difference(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| y * y).sum();
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn run_takes_given_parameters_and_inputs() {
+    let dir = std::env::temp_dir().join(format!("einattn-given-run-{}", std::process::id()));
+    let drawn = dir.join("drawn");
+    let sizes = ["-D", "M=128", "-D", "TILE=64"];
+    let mut args = vec!["run", "examples/attention_1pass.ein"];
+    args.extend(sizes);
+    let drawn_arg = drawn.display().to_string();
+    args.extend(["--seed", "3", "--out", &drawn_arg]);
+    let out = einattn(&args);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // With scale 0 every score is equal: each query's output is the mean of V's rows.
+    let v_path = drawn.join("V.npy");
+    let v = einattn_exec::npy::read(&v_path).expect("V.npy");
+    let given = dir.join("given");
+    let (given_arg, v_arg) = (
+        given.display().to_string(),
+        format!("V={}", v_path.display()),
+    );
+    let mut args = vec!["run", "examples/attention_1pass.ein"];
+    args.extend(sizes);
+    args.extend(["--seed", "4", "--param", "scale=0", "--input", &v_arg]);
+    args.extend(["--out", &given_arg]);
+    let out = einattn(&args);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let av = einattn_exec::npy::read(&given.join("AV.npy")).expect("AV.npy");
+    let (rows, cols) = (v.shape[0], v.shape[1]);
+    let mean: Vec<f64> = (0..cols)
+        .map(|f| (0..rows).map(|m| v.values[m * cols + f]).sum::<f64>() / rows as f64)
+        .collect();
+    let want: Vec<f64> = (0..av.shape[0]).flat_map(|_| mean.clone()).collect();
+    let err = relative_difference(&av.values, &want);
+    assert!(err < 1e-2, "relative difference {err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `check --input ... --save-outputs DIR`: the GPU's outputs on the user's tensors, beside
+/// the interpreter's on the same tensors (what a user compares with their own model).
+#[test]
+fn check_runs_on_given_values_and_saves_its_outputs() {
+    let dir = std::env::temp_dir().join(format!("einattn-given-check-{}", std::process::id()));
+    let (reference, gpu) = (dir.join("reference"), dir.join("gpu"));
+    let sizes = ["-D", "M=256", "-D", "TILE=64"];
+    let reference_arg = reference.display().to_string();
+    let mut args = vec!["run", "examples/attention_1pass.ein"];
+    args.extend(sizes);
+    args.extend(["--seed", "9", "--param", "scale=0.2"]);
+    args.extend(["--out", &reference_arg]);
+    let out = einattn(&args);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let inputs: Vec<String> = ["Q", "K", "V"]
+        .iter()
+        .map(|n| format!("{n}={}", reference.join(format!("{n}.npy")).display()))
+        .collect();
+    let gpu_arg = gpu.display().to_string();
+    let mut args = vec!["check", "examples/attention_1pass.ein"];
+    args.extend(sizes);
+    args.extend(["--param", "scale=0.2", "--save-outputs", &gpu_arg]);
+    for i in &inputs {
+        args.extend(["--input", i]);
+    }
+    let out = einattn(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match out.status.code() {
+        Some(3) => {
+            println!("no GPU here: only the refusal is checked");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("no GPU"));
+        }
+        Some(0) => {
+            assert!(stdout.contains("PASS"), "{stdout}");
+            assert!(stdout.contains("given: scale = 0.2, Q from"), "{stdout}");
+            let want = einattn_exec::npy::read(&reference.join("AV.npy")).expect("reference");
+            let got = einattn_exec::npy::read(&gpu.join("AV.npy")).expect("saved");
+            assert_eq!(got.shape, want.shape);
+            let err = relative_difference(&got.values, &want.values);
+            assert!(err < 2e-2, "relative difference {err}");
+        }
+        other => panic!("exit {other:?}\n{stdout}\n{out:?}"),
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn linear_attention_compiles_to_its_kernels_and_strategies_are_selectable() {
     let dir = std::env::temp_dir().join(format!("einattn-cli-linear-{}", std::process::id()));

@@ -1,7 +1,8 @@
 //! `einattn bench`: the median time of the kernels of a compile on the whole problem, and
 //! its rate against the device's peak from the machine model.
 
-use crate::check::rounded_inputs;
+use crate::check::prepared_inputs;
+use crate::given::Given;
 use crate::whole::{KernelText, Whole};
 use crate::{device, ExecError, ReportFormat, Result};
 use einattn_backends::family::Rate;
@@ -18,10 +19,15 @@ pub fn timing_line(t: &einattn_runtime::Timing) -> String {
 }
 
 /// `einattn bench`: times `reps` runs (after a quarter as many warm-ups).
-pub fn bench(compiled: &dyn Compiled, reps: usize, format: ReportFormat) -> Result<String> {
+pub fn bench(
+    compiled: &dyn Compiled,
+    reps: usize,
+    format: ReportFormat,
+    given: &Given,
+) -> Result<String> {
     let manifest = compiled.manifest();
     let cascade = compiled.cascade();
-    let inputs = rounded_inputs(cascade, &manifest, 0);
+    let inputs = prepared_inputs(cascade, &manifest, 0, given)?;
     let kernels: Vec<KernelText> = compiled
         .modules()
         .iter()

@@ -1,5 +1,6 @@
 //! `einattn check`: the kernels of a compile on fresh random inputs against the reference.
 
+use crate::given::Given;
 use crate::whole::{Inputs, KernelText, Whole};
 use crate::{device, ExecError, Result};
 use einattn_backends::abi::{Dtype, Manifest, TensorRole};
@@ -9,6 +10,7 @@ use einattn_ir::cascade::Cascade;
 use einattn_ir::interp::{evaluate_in_order, random_inputs};
 use einattn_ir::validate::topological_order;
 use std::fmt::Write as _;
+use std::path::Path;
 
 /// Above this many multiply-adds the tree-walking interpreter takes longer than a check
 /// should; the family's direct f64 formula (checked against the interpreter by the test
@@ -18,10 +20,16 @@ pub const INTERPRETER_MAC_LIMIT: u64 = 40_000_000;
 /// The relative error a 16-bit kernel must stay under.
 pub const TOLERANCE: f64 = 2e-2;
 
-/// Inputs drawn as the interpreter draws them, with the tensors the kernels store in 16
-/// bits rounded to that type so both sides see the same numbers.
-pub fn rounded_inputs(cascade: &Cascade, manifest: &Manifest, seed: u64) -> Inputs {
+/// Inputs drawn as the interpreter draws them, or given by the user, with the tensors the
+/// kernels store in 16 bits rounded to that type so both sides see the same numbers.
+pub fn prepared_inputs(
+    cascade: &Cascade,
+    manifest: &Manifest,
+    seed: u64,
+    given: &Given,
+) -> Result<Inputs> {
     let mut inputs = random_inputs(cascade, seed);
+    given.apply(cascade, &mut inputs)?;
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     for t in manifest.kernels.iter().flat_map(|k| &k.tensors) {
         if t.role != TensorRole::Input || !matches!(t.dtype, Dtype::Bf16 | Dtype::F16) {
@@ -42,7 +50,7 @@ pub fn rounded_inputs(cascade: &Cascade, manifest: &Manifest, seed: u64) -> Inpu
             });
         }
     }
-    inputs
+    Ok(inputs)
 }
 
 /// Reference values by output name, and how they were computed.
@@ -133,12 +141,18 @@ pub fn problem_line(manifest: &Manifest) -> String {
     }
 }
 
-/// `einattn check`: GPU output against the reference on fresh random inputs; the report
-/// and whether it passes (NaN never does).
-pub fn check(compiled: &dyn Compiled, seed: u64) -> Result<(String, bool)> {
+/// `einattn check`: GPU output against the reference on fresh random inputs (or the
+/// values the user gave); the report and whether it passes (NaN never does). With
+/// `outputs_to`, every output the kernels wrote is saved there as `NAME.npy`.
+pub fn check(
+    compiled: &dyn Compiled,
+    seed: u64,
+    given: &Given,
+    outputs_to: Option<&Path>,
+) -> Result<(String, bool)> {
     let manifest = compiled.manifest();
     let cascade = compiled.cascade();
-    let inputs = rounded_inputs(cascade, &manifest, seed);
+    let inputs = prepared_inputs(cascade, &manifest, seed, given)?;
     let kernels: Vec<KernelText> = compiled
         .modules()
         .iter()
@@ -150,6 +164,9 @@ pub fn check(compiled: &dyn Compiled, seed: u64) -> Result<(String, bool)> {
         .ok_or_else(|| ExecError::Input("no reference for this check".into()))?;
     // The worst output decides; a NaN anywhere fails.
     let mut errors = Vec::new();
+    if let Some(dir) = outputs_to {
+        save_outputs(&whole, &manifest, cascade, dir)?;
+    }
     for name in output_names(&manifest) {
         let Some(reference) = want.get(&name) else {
             continue;
@@ -184,6 +201,12 @@ pub fn check(compiled: &dyn Compiled, seed: u64) -> Result<(String, bool)> {
         "problem: {}; seed {seed}; reference: {reference_name}",
         problem_line(&manifest)
     );
+    if !given.is_empty() {
+        let _ = writeln!(s, "given: {}", given.describe());
+    }
+    if let Some(dir) = outputs_to {
+        let _ = writeln!(s, "outputs written to {}", dir.display());
+    }
     if errors.len() > 1 {
         for (name, e) in &errors {
             let _ = writeln!(s, "  {name}: ||out - ref|| / ||ref|| = {e:.3e}");
@@ -195,4 +218,25 @@ pub fn check(compiled: &dyn Compiled, seed: u64) -> Result<(String, bool)> {
         if pass { "PASS" } else { "FAIL" }
     );
     Ok((s, pass))
+}
+
+/// Writes every output the kernels wrote to `dir` as `NAME.npy` (f64, the cascade's shape),
+/// for comparison with another implementation.
+fn save_outputs(whole: &Whole, manifest: &Manifest, cascade: &Cascade, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ExecError::Input(format!("cannot create `{}`: {e}", dir.display())))?;
+    for name in output_names(manifest) {
+        let tensor = cascade
+            .tensor_by_name(&name)
+            .ok_or_else(|| ExecError::Input(format!("no output `{name}`")))?;
+        let data = einattn_ir::interp::TensorData {
+            shape: einattn_ir::interp::shape_of(cascade, tensor),
+            values: whole.output(&name)?,
+            present: None,
+        };
+        let path = dir.join(format!("{name}.npy"));
+        crate::npy::write(&path, &data)
+            .map_err(|e| ExecError::Input(format!("cannot write `{}`: {e}", path.display())))?;
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@
 //!   device at hand;
 //! - [`whole`]: the kernels of one compile on the whole problem, on one GPU;
 //! - [`check`] and [`bench`]: `einattn check` and `einattn bench`;
+//! - [`given`]: the values a user gives a run (`--param`, `--input`) in place of drawn ones;
 //! - [`npy`]: `.npy` files in and out;
 //! - [`ranks`]: the GPUs of an SP run and their NCCL communicators;
 //! - [`plan`]: the plan executor, `check --sp`, `run-plan` and `bench --sp`.
@@ -16,6 +17,7 @@
 pub mod bench;
 pub mod check;
 pub mod device;
+pub mod given;
 pub mod npy;
 pub mod plan;
 pub mod ranks;

@@ -4,7 +4,8 @@
 //! f64 reference where the host can compute one.
 
 use super::PlanExec;
-use crate::check::{output_name, reference, rounded_inputs, INTERPRETER_MAC_LIMIT, TOLERANCE};
+use crate::check::{output_name, prepared_inputs, reference, INTERPRETER_MAC_LIMIT, TOLERANCE};
+use crate::given::Given;
 use crate::ranks::{time_plan, time_plan_reps, RankMapping, Ranks};
 use crate::whole::{KernelText, Whole};
 use crate::{ExecError, ReportFormat, Result};
@@ -61,6 +62,7 @@ pub fn check_plan(
     kernels: &KernelSet,
     compiled: &dyn Compiled,
     seed: u64,
+    given: &Given,
     mapping: RankMapping,
 ) -> Result<(String, bool)> {
     let cascade = compiled.cascade();
@@ -68,7 +70,7 @@ pub fn check_plan(
     // Every process draws the same inputs: rank 0's seed.
     let seed = ranks.shared_seed(seed)?;
     let manifest = compiled.manifest();
-    let inputs = rounded_inputs(cascade, &manifest, seed);
+    let inputs = prepared_inputs(cascade, &manifest, seed, given)?;
     let device = ranks.first().name()?;
     let mut exec = PlanExec::new(plan, kernels, &ranks, cascade, &inputs)?;
     exec.run()?;
@@ -110,13 +112,20 @@ pub fn bench_plan(
     compiled: &dyn Compiled,
     reps: usize,
     format: ReportFormat,
+    given: &Given,
     mapping: RankMapping,
 ) -> Result<String> {
     let cascade: &Cascade = compiled.cascade();
+    if !given.files.is_empty() {
+        return Err(ExecError::Usage(
+            "`bench --sp` draws each rank's slices of the sequence on its GPU; `--input` is for `check --sp` and `bench` on one GPU".into(),
+        ));
+    }
     let ranks = Ranks::open(plan.world_size as usize, mapping)?;
-    let params = einattn_ir::interp::random_inputs_of(cascade, 0, |t| {
+    let mut params = einattn_ir::interp::random_inputs_of(cascade, 0, |t| {
         t.kind == einattn_ir::cascade::TensorKind::Param
     });
+    given.apply(cascade, &mut params)?;
     let device = ranks.first().name()?;
     let mut exec = PlanExec::new(plan, kernels, &ranks, cascade, &params)?;
     exec.run()?;
