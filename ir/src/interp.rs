@@ -392,12 +392,17 @@ pub fn random_inputs_of(
     wanted: impl Fn(&Tensor) -> bool,
 ) -> HashMap<Handle<Tensor>, TensorData> {
     let mut out = HashMap::new();
+    let ids = compared_for_equality(cascade);
     for (j, (h, t)) in cascade.tensors.iter().enumerate() {
         if !wanted(t) {
             continue;
         }
         let shape = shape_of(cascade, h);
         let n: usize = shape.iter().product();
+        if t.kind == TensorKind::Input && ids.contains(&h) {
+            out.insert(h, segment_ids(shape, seed, j as u64));
+            continue;
+        }
         let range = match (t.kind, t.default) {
             (TensorKind::Input, _) => -1.0..1.0,
             (TensorKind::Param, Some(v)) => {
@@ -441,6 +446,38 @@ pub fn random_inputs_of(
         out.insert(h, TensorData::new(shape, values));
     }
     out
+}
+
+/// Inputs that a value mask compares with `==` or `!=` (document or segment ids): drawn
+/// from a continuous range, two of their values would almost never be equal and the mask
+/// would keep only the diagonal, so they are drawn as ids instead.
+fn compared_for_equality(cascade: &Cascade) -> Vec<Handle<Tensor>> {
+    let mut out = Vec::new();
+    for (_, e) in cascade.einsums.iter() {
+        for c in &e.value_mask {
+            if matches!(c.op, CmpOp::Eq | CmpOp::Ne) {
+                c.visit_accesses(&mut |a| out.push(a.tensor));
+            }
+        }
+    }
+    out
+}
+
+/// Nondecreasing integer ids along the last dimension, as packed documents are: each
+/// row (every index of the other dimensions) is cut at up to four random positions, so a
+/// row holds one to five runs of equal ids.
+fn segment_ids(shape: Vec<usize>, seed: u64, stream: u64) -> TensorData {
+    let len = shape.last().copied().unwrap_or(1).max(1);
+    let rows = shape.iter().product::<usize>() / len;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    let mut values = Vec::with_capacity(rows * len);
+    for _ in 0..rows {
+        let mut cuts: Vec<usize> = (0..4).map(|_| rng.random_range(1..len.max(2))).collect();
+        cuts.sort_unstable();
+        values.extend((0..len).map(|i| cuts.iter().filter(|&&c| c <= i).count() as f64));
+    }
+    TensorData::new(shape, values)
 }
 
 /// Values drawn from one window of the generator by [`random_inputs`].
