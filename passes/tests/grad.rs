@@ -5,7 +5,7 @@
 
 use einattn_ir::interp::{evaluate_in_order, random_inputs, TensorData};
 use einattn_ir::{validate, Cascade, Handle, Tensor, TensorKind};
-use einattn_passes::grad::{backward_inputs, grad, GradOptions, Grad};
+use einattn_passes::grad::{backward_inputs, grad, Grad, GradOptions};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -32,11 +32,26 @@ const SIZES: &[(&str, u64)] = &[
 
 /// Examples the rules refuse, with the reason; each must be refused with a located error.
 const REFUSED: &[(&str, &str)] = &[
-    ("delta_rule", "a step body: its adjoint runs backwards along t"),
-    ("delta_rule_chunked", "step bodies: their adjoints run backwards"),
-    ("gated_linear", "a state read at every step needs a reverse recurrence"),
-    ("gla", "a state read at every step needs a reverse recurrence"),
-    ("lightning", "a state read at every step needs a reverse recurrence"),
+    (
+        "delta_rule",
+        "a step body: its adjoint runs backwards along t",
+    ),
+    (
+        "delta_rule_chunked",
+        "step bodies: their adjoints run backwards",
+    ),
+    (
+        "gated_linear",
+        "a state read at every step needs a reverse recurrence",
+    ),
+    (
+        "gla",
+        "a state read at every step needs a reverse recurrence",
+    ),
+    (
+        "lightning",
+        "a state read at every step needs a reverse recurrence",
+    ),
 ];
 
 fn examples() -> Vec<(String, String)> {
@@ -47,7 +62,10 @@ fn examples() -> Vec<(String, String)> {
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "ein"))
         .map(|p| {
-            let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+            let name = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default();
             (name, std::fs::read_to_string(&p).expect("read example"))
         })
         .collect();
@@ -62,12 +80,19 @@ fn compile(name: &str, text: &str) -> Cascade {
         .unwrap_or_else(|d| panic!("{name}: {}", d.render(name, text)))
 }
 
-fn forward(c: &Cascade, inputs: &HashMap<Handle<Tensor>, TensorData>) -> einattn_ir::interp::Values {
+fn forward(
+    c: &Cascade,
+    inputs: &HashMap<Handle<Tensor>, TensorData>,
+) -> einattn_ir::interp::Values {
     evaluate_in_order(c, inputs, &validate::topological_order(c)).expect("forward evaluates")
 }
 
 /// L = sum over outputs of sum(W * O).
-fn objective(c: &Cascade, inputs: &HashMap<Handle<Tensor>, TensorData>, w: &HashMap<Handle<Tensor>, TensorData>) -> f64 {
+fn objective(
+    c: &Cascade,
+    inputs: &HashMap<Handle<Tensor>, TensorData>,
+    w: &HashMap<Handle<Tensor>, TensorData>,
+) -> f64 {
     let values = forward(c, inputs);
     let mut l = 0.0;
     for (o, wd) in w {
@@ -80,11 +105,16 @@ fn objective(c: &Cascade, inputs: &HashMap<Handle<Tensor>, TensorData>, w: &Hash
 fn check_example(name: &str, text: &str, seed: u64, wrt_params: bool) {
     let c = compile(name, text);
     let wrt = wrt_params.then(|| c.inputs().map(|h| c.tensors[h].name.clone()).collect());
-    let g: Grad = grad(&c, &GradOptions { wrt }).unwrap_or_else(|d| panic!("{name}: refused: {d:?}"));
+    let g: Grad =
+        grad(&c, &GradOptions { wrt }).unwrap_or_else(|d| panic!("{name}: refused: {d:?}"));
     // The printed backward compiles back.
     let printed = einattn_ir::print::print(&g.cascade);
-    einattn_dsl::compile_source_with_warnings("backward.ein", &printed, &[])
-        .unwrap_or_else(|d| panic!("{name}: backward does not compile:\n{}\n{printed}", d.render("backward.ein", &printed)));
+    einattn_dsl::compile_source_with_warnings("backward.ein", &printed, &[]).unwrap_or_else(|d| {
+        panic!(
+            "{name}: backward does not compile:\n{}\n{printed}",
+            d.render("backward.ein", &printed)
+        )
+    });
     let inputs = random_inputs(&c, seed);
     let values = forward(&c, &inputs);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed);
@@ -92,15 +122,27 @@ fn check_example(name: &str, text: &str, seed: u64, wrt_params: bool) {
     for o in c.outputs() {
         let shape = einattn_ir::interp::shape_of(&c, o);
         let n = shape.iter().product();
-        w.insert(o, TensorData::new(shape, (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()));
+        w.insert(
+            o,
+            TensorData::new(shape, (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()),
+        );
     }
     let b_inputs = backward_inputs(&c, &g, &values, &w).expect("backward inputs");
-    let b_values = evaluate_in_order(&g.cascade, &b_inputs, &validate::topological_order(&g.cascade))
-        .expect("backward evaluates");
+    let b_values = evaluate_in_order(
+        &g.cascade,
+        &b_inputs,
+        &validate::topological_order(&g.cascade),
+    )
+    .expect("backward evaluates");
     assert!(!g.grads.is_empty(), "{name}: no gradients");
     for &(d, x) in &g.grads {
         let ad = b_values.get(d).expect("gradient").stored().to_vec();
-        let base = inputs.get(&x).cloned().unwrap_or_else(|| TensorData::filled(einattn_ir::interp::shape_of(&c, x), c.tensors[x].default.unwrap_or(0.0)));
+        let base = inputs.get(&x).cloned().unwrap_or_else(|| {
+            TensorData::filled(
+                einattn_ir::interp::shape_of(&c, x),
+                c.tensors[x].default.unwrap_or(0.0),
+            )
+        });
         let h = 1e-5;
         let mut fd = vec![0.0; base.values.len()];
         for (i, slot) in fd.iter_mut().enumerate() {
@@ -114,9 +156,16 @@ fn check_example(name: &str, text: &str, seed: u64, wrt_params: bool) {
             minus.insert(x, m);
             *slot = (objective(&c, &plus, &w) - objective(&c, &minus, &w)) / (2.0 * h);
         }
-        let num: f64 = ad.iter().zip(&fd).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+        let num: f64 = ad
+            .iter()
+            .zip(&fd)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f64>()
+            .sqrt();
         let den: f64 = fd.iter().map(|b| b * b).sum::<f64>().sqrt();
-        let rel = if den == 0.0 { num } else { num / den };
+        // Relative to the gradient's norm, floored at 1e-3: a gradient near 0 (`cap` of a
+        // soft-cap at 30 barely moves the scores) is below what differences resolve.
+        let rel = num / den.max(1e-3);
         assert!(
             rel < 1e-6,
             "{name} seed {seed}: d{} relative error {rel:e}\nAD {ad:?}\nFD {fd:?}\n{printed}",
@@ -136,7 +185,10 @@ fn refused_examples_are_refused_with_a_location() {
             panic!("{name} is listed as refused ({reason}) but was differentiated: take it off the list");
         };
         let rendered = einattn_dsl::Diagnostics::new(d).render(&name, &text);
-        assert!(rendered.contains(&format!("{name}:")), "{name}: not located:\n{rendered}");
+        assert!(
+            rendered.contains(&format!("{name}:")),
+            "{name}: not located:\n{rendered}"
+        );
         assert!(rendered.contains("cannot differentiate"), "{rendered}");
     }
 }
@@ -172,11 +224,19 @@ fn gradients_of_parameters_match_finite_differences() {
         if !c.tensors.iter().any(|(_, t)| t.kind == TensorKind::Param) {
             continue;
         }
-        match grad(&c, &GradOptions { wrt: Some(c.inputs().map(|h| c.tensors[h].name.clone()).collect()) }) {
+        match grad(
+            &c,
+            &GradOptions {
+                wrt: Some(c.inputs().map(|h| c.tensors[h].name.clone()).collect()),
+            },
+        ) {
             Ok(_) => check_example(&name, &text, 7, true),
             Err(d) => {
                 let rendered = einattn_dsl::Diagnostics::new(d).render(&name, &text);
-                assert!(rendered.contains("cannot differentiate"), "{name}: {rendered}");
+                assert!(
+                    rendered.contains("cannot differentiate"),
+                    "{name}: {rendered}"
+                );
             }
         }
     }

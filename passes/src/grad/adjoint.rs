@@ -8,8 +8,8 @@ use super::simplify::{mul, simplify};
 use super::view::View;
 use einattn_ir::validate::{Diagnostic, DiagnosticKind};
 use einattn_ir::{
-    Access, BinaryOp, Cascade, Einsum, Expr, Handle, IndexExpr, Rank, ReduceOp, Reduction,
-    Span, Tensor, TensorKind,
+    Access, BinaryOp, Cascade, Einsum, Expr, Handle, IndexExpr, Rank, ReduceOp, Reduction, Span,
+    Tensor, TensorKind,
 };
 use std::collections::{HashMap, HashSet};
 
@@ -163,11 +163,17 @@ pub fn sweep(
             Some(rec) => {
                 let Some(fv) = view.final_of(out) else {
                     // Read at other steps: its adjoint would run backwards along the rank.
+                    let frozen = access_positions(&e.expr)
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, a)| a.tensor == out)
+                        .map(|(k, _)| k)
+                        .collect();
                     nodes.push(Node {
                         out,
                         oidx: Vec::new(),
-                        expr: Expr::Literal(0.0),
-                        frozen: Vec::new(),
+                        expr: e.expr.clone(),
+                        frozen,
                         reductions: Vec::new(),
                         mask: Vec::new(),
                         value_mask: Vec::new(),
@@ -253,64 +259,69 @@ pub fn sweep(
                 span: Span::UNKNOWN,
             });
             created.insert(d);
-            adjoint.insert(o, d);
+            // The caller's gradient is the first contribution; reads of the output by
+            // other Einsums add theirs.
+            contributions.insert(o, vec![(d, plain(&t.ranks))]);
             output_grads.push((o, d));
         }
     }
     // Sums a tensor's contributions into its adjoint `d<T>` (once, when first needed).
-    let finish = |cascade: &mut Cascade,
-                      einsums: &mut Vec<Einsum>,
-                      created: &mut HashSet<Handle<Tensor>>,
-                      adjoint: &mut HashMap<Handle<Tensor>, Handle<Tensor>>,
-                      contributions: &mut HashMap<Handle<Tensor>, Vec<(Handle<Tensor>, Vec<IndexExpr>)>>,
-                      t: Handle<Tensor>,
-                      base: &str| {
-        if let Some(&d) = adjoint.get(&t) {
-            return Some(d);
-        }
-        let parts = contributions.remove(&t)?;
-        let ranks = cascade.tensors[t].ranks.clone();
-        if parts.len() == 1 && cascade.tensors[parts[0].0].ranks == ranks {
-            let d = parts[0].0;
-            cascade.tensors[d].name = unique_name(cascade, &format!("d{base}"));
-            adjoint.insert(t, d);
-            return Some(d);
-        }
-        let mut sum: Option<Expr> = None;
-        for (c, _) in &parts {
-            let x = read(*c, plain(&ranks));
-            sum = Some(match sum {
-                None => x,
-                Some(s) => Expr::binary(BinaryOp::Add, s, x),
-            });
-        }
-        let name = unique_name(cascade, &format!("d{base}"));
-        let d = cascade.tensors.append(Tensor {
-            name,
-            ranks: ranks.clone(),
-            kind: TensorKind::Temp,
-            dtype: None,
-            iterative: None,
-            default: None,
-            span: Span::UNKNOWN,
-        });
-        created.insert(d);
-        einsums.push(with_sums(Einsum {
-            output: Access {
-                tensor: d,
-                indices: plain(&ranks),
+    let finish =
+        |cascade: &mut Cascade,
+         einsums: &mut Vec<Einsum>,
+         created: &mut HashSet<Handle<Tensor>>,
+         adjoint: &mut HashMap<Handle<Tensor>, Handle<Tensor>>,
+         contributions: &mut HashMap<Handle<Tensor>, Vec<(Handle<Tensor>, Vec<IndexExpr>)>>,
+         t: Handle<Tensor>,
+         base: &str| {
+            if let Some(&d) = adjoint.get(&t) {
+                return Some(d);
+            }
+            let parts = contributions.remove(&t)?;
+            let ranks = cascade.tensors[t].ranks.clone();
+            if parts.len() == 1 && cascade.tensors[parts[0].0].ranks == ranks {
+                let d = parts[0].0;
+                if cascade.tensors[d].kind == TensorKind::Temp {
+                    cascade.tensors[d].name = unique_name(cascade, &format!("d{base}"));
+                }
+                adjoint.insert(t, d);
+                return Some(d);
+            }
+            let mut sum: Option<Expr> = None;
+            for (c, _) in &parts {
+                let x = read(*c, plain(&ranks));
+                sum = Some(match sum {
+                    None => x,
+                    Some(s) => Expr::binary(BinaryOp::Add, s, x),
+                });
+            }
+            let name = unique_name(cascade, &format!("d{base}"));
+            let d = cascade.tensors.append(Tensor {
+                name,
+                ranks: ranks.clone(),
+                kind: TensorKind::Temp,
+                dtype: None,
+                iterative: None,
+                default: None,
                 span: Span::UNKNOWN,
-            },
-            expr: sum.unwrap_or(Expr::Literal(0.0)),
-            reductions: Vec::new(),
-            mask: Vec::new(),
-            value_mask: Vec::new(),
-            recurrence: None,
-            span: Span::UNKNOWN,
-        }));
-        adjoint.insert(t, d);
-        Some(d)
-    };
+            });
+            created.insert(d);
+            einsums.push(with_sums(Einsum {
+                output: Access {
+                    tensor: d,
+                    indices: plain(&ranks),
+                    span: Span::UNKNOWN,
+                },
+                expr: sum.unwrap_or(Expr::Literal(0.0)),
+                reductions: Vec::new(),
+                mask: Vec::new(),
+                value_mask: Vec::new(),
+                recurrence: None,
+                span: Span::UNKNOWN,
+            }));
+            adjoint.insert(t, d);
+            Some(d)
+        };
     let base_name = |cascade: &Cascade, t: Handle<Tensor>| -> String {
         let n = &cascade.tensors[t].name;
         n.strip_suffix("_final").unwrap_or(n).to_string()
@@ -406,15 +417,9 @@ pub fn sweep(
                 recurrence: None,
                 span: Span::UNKNOWN,
             }));
-            weight = Expr::binary(
-                BinaryOp::Div,
-                mul(weight, hit),
-                read(ties, n.oidx.clone()),
-            );
+            weight = Expr::binary(BinaryOp::Div, mul(weight, hit), read(ties, n.oidx.clone()));
         }
-        let root = n
-            .root_is_output
-            .then(|| read(n.out, n.oidx.clone()));
+        let root = n.root_is_output.then(|| read(n.out, n.oidx.clone()));
         let accesses = access_positions(&n.expr);
         for (k, a) in accesses.iter().enumerate() {
             if n.frozen.contains(&k) || !active.contains(&a.tensor) {

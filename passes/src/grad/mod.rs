@@ -64,11 +64,18 @@ pub struct Grad {
 }
 
 fn usage(message: String) -> Diagnostic {
-    Diagnostic::error(DiagnosticKind::UnknownName, message, einattn_ir::Span::UNKNOWN)
+    Diagnostic::error(
+        DiagnosticKind::UnknownName,
+        message,
+        einattn_ir::Span::UNKNOWN,
+    )
 }
 
 /// The tensors to differentiate, from `--wrt` names.
-fn resolve_wrt(cascade: &Cascade, options: &GradOptions) -> Result<Vec<Handle<Tensor>>, Vec<Diagnostic>> {
+fn resolve_wrt(
+    cascade: &Cascade,
+    options: &GradOptions,
+) -> Result<Vec<Handle<Tensor>>, Vec<Diagnostic>> {
     let Some(names) = &options.wrt else {
         return Ok(cascade
             .tensors
@@ -81,14 +88,21 @@ fn resolve_wrt(cascade: &Cascade, options: &GradOptions) -> Result<Vec<Handle<Te
     let mut errors = Vec::new();
     for name in names {
         match cascade.tensor_by_name(name) {
-            Some(h) if matches!(cascade.tensors[h].kind, TensorKind::Input | TensorKind::Param) => {
+            Some(h)
+                if matches!(
+                    cascade.tensors[h].kind,
+                    TensorKind::Input | TensorKind::Param
+                ) =>
+            {
                 if !out.contains(&h) {
                     out.push(h);
                 }
             }
             Some(h) => errors.push(
-                usage(format!("`--wrt {name}`: `{name}` is not an input or parameter"))
-                    .with_related(cascade.tensors[h].span, "computed here"),
+                usage(format!(
+                    "`--wrt {name}`: `{name}` is not an input or parameter"
+                ))
+                .with_related(cascade.tensors[h].span, "computed here"),
             ),
             None => {
                 let known: Vec<&str> = cascade
@@ -172,8 +186,11 @@ pub fn grad(forward: &Cascade, options: &GradOptions) -> Result<Grad, Vec<Diagno
     let w = &sweep.cascade;
 
     // What the backward reads: saved, or recomputed (with what those read in turn).
-    let producer: HashMap<Handle<Tensor>, Handle<Einsum>> =
-        w.einsums.iter().map(|(h, e)| (e.output.tensor, h)).collect();
+    let producer: HashMap<Handle<Tensor>, Handle<Einsum>> = w
+        .einsums
+        .iter()
+        .map(|(h, e)| (e.output.tensor, h))
+        .collect();
     let mut needed: Vec<Handle<Tensor>> = sweep.einsums.iter().flat_map(reads).collect();
     let mut seen: HashSet<Handle<Tensor>> = HashSet::new();
     let mut recompute: HashSet<Handle<Einsum>> = HashSet::new();
@@ -269,7 +286,10 @@ pub fn grad(forward: &Cascade, options: &GradOptions) -> Result<Grad, Vec<Diagno
         remap_einsum(&mut e, &map);
         out.einsums.append(e);
     }
-    let stabilizers = stabs.iter().map(|&s| forward.tensors[s].name.clone()).collect();
+    let stabilizers = stabs
+        .iter()
+        .map(|&s| forward.tensors[s].name.clone())
+        .collect();
     Ok(Grad {
         cascade: out,
         inputs,

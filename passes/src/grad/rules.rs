@@ -79,12 +79,7 @@ fn go(expr: &Expr, targets: &[usize], counter: &mut usize, root: Option<&Expr>) 
                     } else {
                         (BinaryOp::Lt, BinaryOp::Gt)
                     };
-                    let tie = || {
-                        mul(
-                            lit(0.5),
-                            Expr::binary(BinaryOp::Eq, a.clone(), b.clone()),
-                        )
-                    };
+                    let tie = || mul(lit(0.5), Expr::binary(BinaryOp::Eq, a.clone(), b.clone()));
                     let wa = add(Expr::binary(win, a.clone(), b.clone()), tie());
                     let wb = add(Expr::binary(lose, a.clone(), b.clone()), tie());
                     sum(term(da, wa), term(db, wb))
