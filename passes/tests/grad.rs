@@ -241,3 +241,145 @@ fn gradients_of_parameters_match_finite_differences() {
         }
     }
 }
+
+/// Evaluates the backward of `c` on seeded inputs: (gradient name, stored values).
+fn backward_values(
+    c: &Cascade,
+    g: &Grad,
+    seed: u64,
+) -> (Vec<(String, Vec<f64>)>, HashMap<Handle<Tensor>, TensorData>) {
+    let inputs = random_inputs(c, seed);
+    let values = forward(c, &inputs);
+    let mut w = HashMap::new();
+    for o in c.outputs() {
+        let shape = einattn_ir::interp::shape_of(c, o);
+        let n: usize = shape.iter().product();
+        w.insert(
+            o,
+            TensorData::new(
+                shape,
+                (0..n).map(|i| ((i * 7 % 11) as f64) / 11.0 - 0.5).collect(),
+            ),
+        );
+    }
+    let b_inputs = backward_inputs(c, g, &values, &w).expect("backward inputs");
+    let b = evaluate_in_order(
+        &g.cascade,
+        &b_inputs,
+        &validate::topological_order(&g.cascade),
+    )
+    .expect("backward evaluates");
+    let grads = g
+        .grads
+        .iter()
+        .map(|&(d, _)| {
+            (
+                g.cascade.tensors[d].name.clone(),
+                b.get(d).expect("gradient").stored().to_vec(),
+            )
+        })
+        .collect();
+    (grads, b_inputs)
+}
+
+/// `optimize` of a backward cascade keeps its value: the interpreter before and after, by
+/// tensor name, for every example the rules differentiate.
+#[test]
+fn optimize_keeps_the_backward_value() {
+    use einattn_passes::rewrite::{optimize, OptimizeOptions};
+    let mut optimized_some = 0;
+    for (name, text) in examples() {
+        if REFUSED.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        let c = compile(&name, &text);
+        let g = grad(&c, &GradOptions::default()).expect("differentiates");
+        let Ok(opt) = optimize(&g.cascade, &OptimizeOptions::default()) else {
+            continue;
+        };
+        if !opt.applied.is_empty() {
+            optimized_some += 1;
+        }
+        let (before, b_inputs) = backward_values(&c, &g, 3);
+        // The optimized cascade keeps every input by name.
+        let by_name: HashMap<Handle<Tensor>, TensorData> = b_inputs
+            .iter()
+            .filter_map(|(h, d)| {
+                opt.cascade
+                    .tensor_by_name(&g.cascade.tensors[*h].name)
+                    .map(|n| (n, d.clone()))
+            })
+            .collect();
+        let after = evaluate_in_order(
+            &opt.cascade,
+            &by_name,
+            &validate::topological_order(&opt.cascade),
+        )
+        .expect("optimized backward evaluates");
+        for (grad_name, values) in before {
+            let h = opt
+                .cascade
+                .tensor_by_name(&grad_name)
+                .expect("gradient kept");
+            let got = after.get(h).expect("value").stored().to_vec();
+            let num: f64 = got
+                .iter()
+                .zip(&values)
+                .map(|(a, b)| (a - b) * (a - b))
+                .sum::<f64>()
+                .sqrt();
+            let den: f64 = values.iter().map(|b| b * b).sum::<f64>().sqrt().max(1e-12);
+            assert!(
+                num / den < 1e-9,
+                "{name}: optimize changed {grad_name}: {:e}",
+                num / den
+            );
+        }
+    }
+    eprintln!("optimize applied rewrites to {optimized_some} backward cascades");
+}
+
+/// The backward of FlashAttention-2's forward (attention_1pass) is FlashAttention-2's
+/// backward: a row pre-pass `dRD[p] = sum_f dAV * -AV / RD` (D = rowsum(dO * O), scaled)
+/// that does not touch the key rank, then one pass over the key rank m per query, with the
+/// probabilities recomputed from the saved final max and denominator.
+#[test]
+fn attention_1pass_backward_is_flash_attention_2() {
+    use einattn_passes::analysis::{analyze, AnalysisOptions};
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/attention_1pass.ein"
+    ))
+    .expect("example");
+    let c = einattn_dsl::compile_source("attention_1pass.ein", &text, &[]).expect("compiles");
+    let g = grad(&c, &GradOptions::default()).expect("differentiates");
+    assert_eq!(g.stabilizers, vec!["RM".to_string()]);
+    assert_eq!(g.saved, vec!["RM_final", "RD_final", "AV"]);
+    assert_eq!(g.recomputed, vec!["BQK", "SLN"]);
+    let printed = einattn_ir::print::print(&g.cascade);
+    let b = einattn_dsl::compile_source("backward.ein", &printed, &[]).expect("re-parses");
+    let report = analyze(&b, &AnalysisOptions::default());
+    assert_eq!(report.passes.get("m"), Some(&1), "{:?}", report.passes);
+    // The only recurrence-free reduction away from m: the row pre-pass over f.
+    let pre = report
+        .einsums
+        .iter()
+        .find(|e| e.einsum == "dRD")
+        .expect("dRD");
+    let reduced: Vec<&str> = pre.reductions.iter().map(|r| r.rank.as_str()).collect();
+    assert_eq!(reduced, vec!["f"]);
+    assert!(!pre.passes.contains_key("m"), "{:?}", pre.passes);
+    assert!(
+        pre.ranks.iter().all(|r| r == "p" || r == "f"),
+        "{:?}",
+        pre.ranks
+    );
+    // Every Einsum that iterates the key rank is in its single pass.
+    for e in &report.einsums {
+        if let Some(p) = e.passes.get("m") {
+            assert_eq!(*p, 1, "{} is in pass {p} over m", e.einsum);
+        }
+    }
+    // No recurrence is left: the running max and the rescaling folded away.
+    assert!(b.einsums.iter().all(|(_, e)| e.recurrence.is_none()));
+}
