@@ -55,7 +55,20 @@ const REFUSED: &[(&str, &str)] = &[
 ];
 
 fn examples() -> Vec<(String, String)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let mut out = ein_files(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples"));
+    // The grad file tests' inputs (every map operator, a masked max, ...), except refusals.
+    out.extend(
+        ein_files(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/filetests/grad"
+        ))
+        .into_iter()
+        .filter(|(n, _)| !n.starts_with("refused")),
+    );
+    out
+}
+
+fn ein_files(dir: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = std::fs::read_dir(dir)
         .expect("examples/")
         .filter_map(|e| e.ok())

@@ -425,7 +425,19 @@ pub fn sweep(
             if n.frozen.contains(&k) || !active.contains(&a.tensor) {
                 continue;
             }
-            let Some(partial) = derivative(&n.expr, &[k], root.as_ref()) else {
+            // Repeated reads of one element (`X[i] * X[i]`) are one contribution: the
+            // derivative with respect to all of them, at the first.
+            let same = |b: &Access| b.tensor == a.tensor && b.indices == a.indices;
+            if accesses[..k].iter().any(same) {
+                continue;
+            }
+            let group: Vec<usize> = accesses
+                .iter()
+                .enumerate()
+                .filter(|(j, b)| !n.frozen.contains(j) && same(b))
+                .map(|(j, _)| j)
+                .collect();
+            let Some(partial) = derivative(&n.expr, &group, root.as_ref()) else {
                 continue;
             };
             let partial = simplify(&partial);
