@@ -255,12 +255,10 @@ fn gradients_of_parameters_match_finite_differences() {
     }
 }
 
+type Inputs = HashMap<Handle<Tensor>, TensorData>;
+
 /// Evaluates the backward of `c` on seeded inputs: (gradient name, stored values).
-fn backward_values(
-    c: &Cascade,
-    g: &Grad,
-    seed: u64,
-) -> (Vec<(String, Vec<f64>)>, HashMap<Handle<Tensor>, TensorData>) {
+fn backward_values(c: &Cascade, g: &Grad, seed: u64) -> (Vec<(String, Vec<f64>)>, Inputs) {
     let inputs = random_inputs(c, seed);
     let values = forward(c, &inputs);
     let mut w = HashMap::new();

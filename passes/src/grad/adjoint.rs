@@ -29,6 +29,9 @@ struct Node {
     span: Span,
 }
 
+/// Per tensor, its contribution tensors and the indices the reads used.
+type Contributions = HashMap<Handle<Tensor>, Vec<(Handle<Tensor>, Vec<IndexExpr>)>>;
+
 pub struct Sweep {
     /// The working cascade: the view plus every tensor the sweep created.
     pub cascade: Cascade,
@@ -242,8 +245,7 @@ pub fn sweep(
     }
     let mut created = HashSet::new();
     let mut einsums: Vec<Einsum> = Vec::new();
-    let mut contributions: HashMap<Handle<Tensor>, Vec<(Handle<Tensor>, Vec<IndexExpr>)>> =
-        HashMap::new();
+    let mut contributions: Contributions = HashMap::new();
     let mut adjoint: HashMap<Handle<Tensor>, Handle<Tensor>> = HashMap::new();
     let mut output_grads = Vec::new();
     for (o, t) in forward.tensors.iter() {
@@ -266,62 +268,61 @@ pub fn sweep(
         }
     }
     // Sums a tensor's contributions into its adjoint `d<T>` (once, when first needed).
-    let finish =
-        |cascade: &mut Cascade,
-         einsums: &mut Vec<Einsum>,
-         created: &mut HashSet<Handle<Tensor>>,
-         adjoint: &mut HashMap<Handle<Tensor>, Handle<Tensor>>,
-         contributions: &mut HashMap<Handle<Tensor>, Vec<(Handle<Tensor>, Vec<IndexExpr>)>>,
-         t: Handle<Tensor>,
-         base: &str| {
-            if let Some(&d) = adjoint.get(&t) {
-                return Some(d);
+    let finish = |cascade: &mut Cascade,
+                  einsums: &mut Vec<Einsum>,
+                  created: &mut HashSet<Handle<Tensor>>,
+                  adjoint: &mut HashMap<Handle<Tensor>, Handle<Tensor>>,
+                  contributions: &mut Contributions,
+                  t: Handle<Tensor>,
+                  base: &str| {
+        if let Some(&d) = adjoint.get(&t) {
+            return Some(d);
+        }
+        let parts = contributions.remove(&t)?;
+        let ranks = cascade.tensors[t].ranks.clone();
+        if parts.len() == 1 && cascade.tensors[parts[0].0].ranks == ranks {
+            let d = parts[0].0;
+            if cascade.tensors[d].kind == TensorKind::Temp {
+                cascade.tensors[d].name = unique_name(cascade, &format!("d{base}"));
             }
-            let parts = contributions.remove(&t)?;
-            let ranks = cascade.tensors[t].ranks.clone();
-            if parts.len() == 1 && cascade.tensors[parts[0].0].ranks == ranks {
-                let d = parts[0].0;
-                if cascade.tensors[d].kind == TensorKind::Temp {
-                    cascade.tensors[d].name = unique_name(cascade, &format!("d{base}"));
-                }
-                adjoint.insert(t, d);
-                return Some(d);
-            }
-            let mut sum: Option<Expr> = None;
-            for (c, _) in &parts {
-                let x = read(*c, plain(&ranks));
-                sum = Some(match sum {
-                    None => x,
-                    Some(s) => Expr::binary(BinaryOp::Add, s, x),
-                });
-            }
-            let name = unique_name(cascade, &format!("d{base}"));
-            let d = cascade.tensors.append(Tensor {
-                name,
-                ranks: ranks.clone(),
-                kind: TensorKind::Temp,
-                dtype: None,
-                iterative: None,
-                default: None,
-                span: Span::UNKNOWN,
-            });
-            created.insert(d);
-            einsums.push(with_sums(Einsum {
-                output: Access {
-                    tensor: d,
-                    indices: plain(&ranks),
-                    span: Span::UNKNOWN,
-                },
-                expr: sum.unwrap_or(Expr::Literal(0.0)),
-                reductions: Vec::new(),
-                mask: Vec::new(),
-                value_mask: Vec::new(),
-                recurrence: None,
-                span: Span::UNKNOWN,
-            }));
             adjoint.insert(t, d);
-            Some(d)
-        };
+            return Some(d);
+        }
+        let mut sum: Option<Expr> = None;
+        for (c, _) in &parts {
+            let x = read(*c, plain(&ranks));
+            sum = Some(match sum {
+                None => x,
+                Some(s) => Expr::binary(BinaryOp::Add, s, x),
+            });
+        }
+        let name = unique_name(cascade, &format!("d{base}"));
+        let d = cascade.tensors.append(Tensor {
+            name,
+            ranks: ranks.clone(),
+            kind: TensorKind::Temp,
+            dtype: None,
+            iterative: None,
+            default: None,
+            span: Span::UNKNOWN,
+        });
+        created.insert(d);
+        einsums.push(with_sums(Einsum {
+            output: Access {
+                tensor: d,
+                indices: plain(&ranks),
+                span: Span::UNKNOWN,
+            },
+            expr: sum.unwrap_or(Expr::Literal(0.0)),
+            reductions: Vec::new(),
+            mask: Vec::new(),
+            value_mask: Vec::new(),
+            recurrence: None,
+            span: Span::UNKNOWN,
+        }));
+        adjoint.insert(t, d);
+        Some(d)
+    };
     let base_name = |cascade: &Cascade, t: Handle<Tensor>| -> String {
         let n = &cascade.tensors[t].name;
         n.strip_suffix("_final").unwrap_or(n).to_string()
