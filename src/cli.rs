@@ -678,3 +678,54 @@ pub fn run(
     }
     Ok(RunSummary { written })
 }
+
+/// `einattn grad`: the backward cascade as `.ein` text, checked to compile back.
+pub fn grad(
+    file: &Path,
+    defines: &[(String, u64)],
+    wrt: Option<Vec<String>>,
+    out: Option<&Path>,
+) -> Result<String, CliError> {
+    let source = SourceFile::load(file)?;
+    let cascade = source.compile(defines)?;
+    let options = einattn_passes::grad::GradOptions { wrt };
+    let result = einattn_passes::grad::grad(&cascade, &options)
+        .map_err(|d| CliError::input(source.render(d)))?;
+    let mut text = format!(
+        "# backward of {} (einattn grad)\n# saved from the forward: {}\n# recomputed: {}\n",
+        source.name(),
+        list_or_none(&result.saved),
+        list_or_none(&result.recomputed),
+    );
+    if !result.stabilizers.is_empty() {
+        text.push_str(&format!(
+            "# stabilizers (no gradient flows through them): {}\n",
+            result.stabilizers.join(", ")
+        ));
+    }
+    text.push_str(&einattn_ir::print::print(&result.cascade));
+    if let Err(d) = einattn_dsl::compile_source_with_warnings("backward.ein", &text, &[]) {
+        return Err(CliError::input(format!(
+            "error: {}: the backward cascade does not compile; nothing was written:\n{}",
+            source.name(),
+            d.render("backward.ein", &text)
+        )));
+    }
+    match out {
+        Some(path) => {
+            std::fs::write(path, &text).map_err(|e| {
+                CliError::input(format!("error: cannot write `{}`: {e}", path.display()))
+            })?;
+            Ok(format!("wrote {}\n", path.display()))
+        }
+        None => Ok(text),
+    }
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
+    }
+}

@@ -34,6 +34,18 @@ enum Command {
         #[arg(short = 'o', long = "out")]
         out: Option<PathBuf>,
     },
+    /// Print the backward cascade (reverse-mode gradients) of a cascade, in the language itself.
+    Grad {
+        file: PathBuf,
+        #[arg(short = 'D', value_name = "NAME=VALUE", value_parser = cli::parse_define)]
+        define: Vec<(String, u64)>,
+        /// Inputs and parameters to differentiate, comma-separated (default: every input).
+        #[arg(long, value_delimiter = ',')]
+        wrt: Option<Vec<String>>,
+        /// Write the backward cascade here instead of printing it.
+        #[arg(short = 'o', long = "out")]
+        out: Option<PathBuf>,
+    },
     /// Evaluate a cascade with the CPU reference interpreter and write inputs and outputs as .npy.
     Run {
         file: PathBuf,
@@ -365,6 +377,14 @@ fn execute(args: Args) -> Result<(), CliError> {
         }
         Command::Optimize { file, define, out } => {
             say!("{}", cli::optimize(&file, &define, out.as_deref())?);
+        }
+        Command::Grad {
+            file,
+            define,
+            wrt,
+            out,
+        } => {
+            say!("{}", cli::grad(&file, &define, wrt, out.as_deref())?);
         }
         Command::Run {
             file,

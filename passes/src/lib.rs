@@ -4,5 +4,6 @@
 //!   live buffers, FLOPs, bytes, a roofline bound and fusion groups (`einattn analyze`).
 
 pub mod analysis;
+pub mod grad;
 pub mod rewrite;
 pub mod sp;
