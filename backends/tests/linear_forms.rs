@@ -161,7 +161,7 @@ fn every_form_takes_the_linear_path_and_matches_the_interpreter() {
             let mapped = m.maps.iter().find(|f| f.mapped == l.tensor);
             mapped.map(|f| f.mapped)
         };
-        let tensor = |l: &family::Layout| -> Vec<f64> {
+        let tensor = |l: &family::Layout| {
             let values = match core_name(l) {
                 Some(t) => {
                     let name = m
