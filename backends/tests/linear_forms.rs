@@ -47,6 +47,10 @@ const FORMS: &[(&str, &[(&str, u64)])] = &[
         &[("N", 130), ("B", 2)],
     ),
     (
+        "tests/filetests/linear_forms/feature_map_scaled.ein",
+        &[("N", 100)],
+    ),
+    (
         "tests/filetests/linear_forms/feature_map_noncausal.ein",
         &[("N", 90)],
     ),
@@ -138,7 +142,7 @@ fn every_form_takes_the_linear_path_and_matches_the_interpreter() {
             .collect();
         assert_eq!(
             pre.len(),
-            usize::from(!m.maps.is_empty()) * m.maps.len() + usize::from(m.derived.is_some()),
+            m.maps.len() + usize::from(m.derived.is_some()),
             "{path}: one pre-kernel per map and one for a computed rate"
         );
         if let Some(program) = pre.first() {
