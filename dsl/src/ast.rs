@@ -162,6 +162,8 @@ pub enum BinOp {
     Sub,
     Mul,
     Div,
+    /// `a ^ b`: `a` to the power `b`, for `a > 0` (lowered as `exp(b * log(a))`).
+    Pow,
     Cmp(CmpOp),
 }
 

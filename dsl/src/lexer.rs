@@ -82,6 +82,8 @@ enum RawToken<'a> {
     Star,
     #[token("/")]
     Slash,
+    #[token("^")]
+    Caret,
     #[token("<")]
     Lt,
     #[token("<=")]
@@ -127,6 +129,7 @@ pub enum Token<'a> {
     Minus,
     Star,
     Slash,
+    Caret,
     Lt,
     Le,
     Gt,
@@ -166,6 +169,7 @@ impl Token<'_> {
             Token::Minus => "-",
             Token::Star => "*",
             Token::Slash => "/",
+            Token::Caret => "^",
             Token::Lt => "<",
             Token::Le => "<=",
             Token::Gt => ">",
@@ -330,6 +334,7 @@ impl<'a> Iterator for Lexer<'a> {
                 RawToken::Minus => Token::Minus,
                 RawToken::Star => Token::Star,
                 RawToken::Slash => Token::Slash,
+                RawToken::Caret => Token::Caret,
                 RawToken::Lt => Token::Lt,
                 RawToken::Le => Token::Le,
                 RawToken::Gt => Token::Gt,

@@ -1713,6 +1713,16 @@ impl Lowerer {
             },
             ExprKind::Binary(op, a, b) => {
                 let op = match op {
+                    BinOp::Pow => {
+                        // `a ^ b = exp(b * log(a))` (a > 0): decays written as powers read
+                        // as the exponentials the kernels and the interpreter know.
+                        let a = self.value(a, mentioned);
+                        let b = self.value(b, mentioned);
+                        return Expr::unary(
+                            UnaryOp::Exp,
+                            Expr::binary(BinaryOp::Mul, b, Expr::unary(UnaryOp::Log, a)),
+                        );
+                    }
                     BinOp::Add => BinaryOp::Add,
                     BinOp::Sub => BinaryOp::Sub,
                     BinOp::Mul => BinaryOp::Mul,
@@ -1966,6 +1976,7 @@ impl Lowerer {
                     BinOp::Mul if b.terms.is_empty() => scale(&a, b.constant).ok_or_else(overflow),
                     BinOp::Mul => Err(not_affine("a product of two ranks is not affine")),
                     BinOp::Div => Err(not_affine("division is not affine")),
+                    BinOp::Pow => Err(not_affine("a power is not affine")),
                     BinOp::Cmp(_) => Err(not_affine("a comparison is not an index")),
                 }
             }

@@ -152,3 +152,36 @@ fn a_term_summed_over_a_rank_it_lacks_is_a_warning() {
         assert!(warnings.is_empty(), "{}", warnings.render("t.ein", &source));
     }
 }
+
+/// `a ^ b` is `exp(b * log(a))` (for `a > 0`): it binds tighter than a sign and
+/// associates to the right, and it is not an index.
+#[test]
+fn a_power_reads_as_an_exponential() {
+    let value = |body: &str| -> Vec<f64> {
+        let c = compile(
+            &format!("param g: f32 = 0.5\noutput O[p]: f32\n{body}\n"),
+            &[],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let inputs = random_inputs(&c, 1);
+        let out = c.outputs().next().expect("an output");
+        evaluate_in_order(&c, &inputs, &topological_order(&c))
+            .expect("evaluates")
+            .get(out)
+            .expect("O")
+            .stored()
+            .into_owned()
+    };
+    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+    let pow = value("O[p] = g ^ (p + 1)");
+    let want: Vec<f64> = (0..8).map(|p| 0.5f64.powi(p + 1)).collect();
+    assert!(close(&pow, &want), "{pow:?}");
+    // -2 ^ 2 is -(2 ^ 2); 2 ^ 3 ^ 2 is 2 ^ 9.
+    assert!(close(&value("O[p] = -2 ^ 2 + 0 * p"), &[-4.0; 8]));
+    assert!(close(&value("O[p] = 2 ^ 3 ^ 2 + 0 * p"), &[512.0; 8]));
+    // Right after a reduction prefix too.
+    let c = compile("output O[p]: f32\nO[p] = sum[e] Q[p, e] ^ 2\n", &[]);
+    assert!(c.is_ok(), "{c:?}");
+    let (kind, _, text) = first_error("output O[p]: f32\nO[p] = Q[p ^ 2, e]\n");
+    assert_ne!(kind, DiagnosticKind::Syntax, "{text}");
+}

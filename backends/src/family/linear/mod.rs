@@ -3,20 +3,26 @@
 //!
 //! - [`recognize`]: forms a reading of the cascade and confirms it numerically on a small
 //!   instance of the same source ([`LinearMatch`]);
+//! - [`normalize`]: the normal forms it reads in (feature maps peeled into a pre-kernel,
+//!   decays reduced to a per-head rate);
 //! - [`program`]: the Tile IR programs of each strategy (single pass, chunked two-phase,
 //!   decoupled look-back) and the cost model that picks one.
 
+pub mod normalize;
 pub mod program;
 pub mod recognize;
 
 pub use program::{LinearSchedule, LinearSpec, Part, Strategy};
-pub use recognize::{recognize_linear, verify_linear, LinearMatch};
+pub use recognize::{
+    first_reading, read_linear, recognize_linear, verify_linear, DecayReading, LinearMatch,
+    Reading, READINGS,
+};
 
 use super::{
     backend_error, contract, contract_tensor, dtype, CompileError, Compiled, ContractNames,
     ContractParts, FamilyError, Inputs, KernelFamily, Module, Rate, Request,
 };
-use crate::abi::{Dtype, Scratch, TensorRole};
+use crate::abi::{Axis, Dtype, LaunchContract, Scratch, Source, TensorRole};
 use crate::plan::{Phase, Plan, Step};
 use crate::print_ptx;
 use crate::tile::MmaUnit;
@@ -49,7 +55,7 @@ impl KernelFamily for Linear {
             }
         };
         // The same source at small sizes, for the interpreter to confirm the reading.
-        let hypothesis = recognize_linear(cascade, false).map_err(not_mine)?;
+        let hypothesis = first_reading(cascade).map_err(not_mine)?;
         let mut small_defines = request.defines.to_vec();
         for (rank, small) in &hypothesis.shrinkable {
             if let einattn_ir::ExtentSource::Symbol(name) = &cascade.ranks[*rank].source {
@@ -132,8 +138,13 @@ pub struct LinearKernels {
     pub target: crate::Target,
     /// Relative difference between the interpreter and the recurrence on the small instance.
     pub verified_error: f64,
-    /// The chunked strategy's chunk-state kernel first, then the kernel that writes O.
+    /// The cascade the reading names tensors in (the cascade with hoisted maps).
+    core: Cascade,
+    /// The pre-kernels (feature maps, the decay rate) first, then the chunked strategy's
+    /// chunk-state kernel, then the kernel that writes O.
     modules: Vec<Module>,
+    /// How many of `modules` are pre-kernels.
+    pre_kernels: usize,
 }
 
 /// Compiles causal linear attention: the hypothesis read from `cascade` must be confirmed
@@ -146,16 +157,22 @@ pub fn compile_linear(
     strategy: Option<Strategy>,
 ) -> Result<LinearKernels, FamilyError> {
     let mut last_err = None;
-    for swap in [false, true] {
-        let err = match verify_linear(small, swap, 7) {
+    for reading in READINGS {
+        let err = match verify_linear(small, reading, 7) {
             Ok(err) => err,
             Err(e) => {
-                last_err = Some(e);
+                // The interface readings' reason is the one reported; a normalized reading
+                // reports only what it verified and found different.
+                if reading.decay == DecayReading::Interface
+                    || e.message.contains("relative difference")
+                {
+                    last_err = Some(e);
+                }
                 continue;
             }
         };
-        let mut matched =
-            recognize_linear(cascade, swap).map_err(|d| FamilyError::NotMine(vec![d]))?;
+        let (mut matched, core) =
+            read_linear(cascade, reading).map_err(|d| FamilyError::NotMine(vec![d]))?;
         let (d, e) = (matched.spec.head_dim, matched.spec.value_dim);
         if d != e || !(d == 64 || d == 128) {
             return Err(CompileError::Refused(Box::new(Diagnostic::error(
@@ -206,8 +223,12 @@ pub fn compile_linear(
             schedule,
             target: options.target,
             verified_error: err,
+            core,
             modules: Vec::new(),
+            pre_kernels: 0,
         };
+        kernels.modules = kernels.pre_modules()?;
+        kernels.pre_kernels = kernels.modules.len();
         for part in parts {
             let module = kernels.module(part)?;
             kernels.modules.push(module);
@@ -223,14 +244,118 @@ pub fn compile_linear(
     })]))
 }
 
+/// What a pre-kernel writes into scratch, in words, by tensor name.
+fn scratch_what(m: &LinearMatch, core: &Cascade, name: &str) -> String {
+    if let Some(f) = m.maps.iter().find(|f| core.tensors[f.mapped].name == name) {
+        return format!(
+            "`{name}`, the feature map of `{}` ({}), laid out as `{}`: written by a pre-kernel, read by the linear kernel",
+            core.tensors[f.source].name,
+            m.spec.elem.name(),
+            core.tensors[f.source].name
+        );
+    }
+    match &m.derived {
+        Some(d) => format!(
+            "the per-head decay rate `{name}[h] = {}` (decay exp(-{name}[h] (i - j))), f32: written by a pre-kernel, read by the linear kernel",
+            d.rate_text
+        ),
+        None => format!("`{name}`, written by a pre-kernel"),
+    }
+}
+
+/// Turns the contract's tensors named in `names` into scratch arrays: pointers to them
+/// read the scratch, strides along them become sizes (`NAME_stride_AXIS`, the scratch is
+/// laid out at the compiled sizes).
+fn tensors_to_scratch(
+    c: &mut LaunchContract,
+    names: &[String],
+    what: &dyn Fn(&str) -> String,
+) -> Result<(), CompileError> {
+    let axis_name = |a: Axis| match a {
+        Axis::Batch => "batch",
+        Axis::Seq => "seq",
+        Axis::Head => "head",
+    };
+    for name in names {
+        let Some(pos) = c.tensors.iter().position(|t| &t.name == name) else {
+            continue;
+        };
+        let t = c.tensors.remove(pos);
+        for p in &mut c.params {
+            match &p.from {
+                Source::Tensor { tensor } if tensor == name => {
+                    p.from = Source::Scratch {
+                        scratch: name.clone(),
+                    }
+                }
+                Source::Stride { tensor, axis } if tensor == name => {
+                    let size = format!("{name}_stride_{}", axis_name(*axis));
+                    let stride = t
+                        .strides
+                        .map(|s| s.along(*axis))
+                        .ok_or_else(|| CompileError::Input(format!("`{name}` has no strides")))?;
+                    c.sizes.insert(size.clone(), stride);
+                    p.from = Source::Size { size };
+                }
+                _ => {}
+            }
+        }
+        c.scratch.push(Scratch {
+            name: name.clone(),
+            dtype: t.dtype,
+            elements: t.elements(),
+            zero_before_launch: false,
+            what: what(name),
+        });
+    }
+    c.check().map_err(CompileError::Input)
+}
+
 impl LinearKernels {
+    /// The names of what the pre-kernels write (scratch arrays of every kernel).
+    fn pre_written(&self) -> Vec<String> {
+        let m = &self.matched;
+        let mut out: Vec<String> = m
+            .maps
+            .iter()
+            .map(|f| self.core.tensors[f.mapped].name.clone())
+            .collect();
+        out.extend(m.derived.iter().map(|d| d.name.clone()));
+        out
+    }
+
+    /// The pre-kernels: the general lowering of the prologue cascade, its outputs in
+    /// scratch.
+    fn pre_modules(&self) -> Result<Vec<Module>, CompileError> {
+        let Some(p) = &self.matched.prologue else {
+            return Ok(Vec::new());
+        };
+        let options = super::KernelOptions {
+            target: self.target,
+            elem: Some(self.matched.spec.elem),
+            ..super::KernelOptions::default()
+        };
+        let general = super::general::compile_general(&p.cascade, &options)?;
+        let written = self.pre_written();
+        let what = |n: &str| scratch_what(&self.matched, &self.core, n);
+        general
+            .modules()
+            .iter()
+            .map(|module| {
+                let mut module = module.clone();
+                tensors_to_scratch(&mut module.contract, &written, &what)?;
+                Ok(module)
+            })
+            .collect()
+    }
+
     /// The program of `part` printed, with its contract at the whole problem's sizes.
     fn module(&self, part: Part) -> Result<Module, CompileError> {
         let m = &self.matched;
         let (program, _) =
             program::lightning_part(&m.spec, &self.schedule, part).map_err(backend_error)?;
         let ptx = print_ptx(&program, self.target).map_err(backend_error)?;
-        let c = &self.cascade;
+        let c = &self.core;
         let elem = dtype(m.spec.elem);
         let io = [
             (&m.q, TensorRole::Input),
@@ -257,7 +382,10 @@ impl LinearKernels {
         let name = |t| c.tensors[t].name.clone();
         let names = ContractNames {
             tensors: io.iter().map(|(l, _)| name(l.tensor)).collect(),
-            head_params: m.decay_param.iter().map(|&t| name(t)).collect(),
+            head_params: match &m.derived {
+                Some(d) => vec![d.name.clone()],
+                None => m.decay_param.iter().map(|&t| name(t)).collect(),
+            },
             scalars: Vec::new(),
             tokens: m.gate.iter().map(|g| name(g.tensor)).collect(),
             states: program.states.iter().map(|s| s.name.clone()).collect(),
@@ -310,7 +438,7 @@ impl LinearKernels {
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let s = &self.schedule;
-        let contract = contract(
+        let mut contract = contract(
             &ptx,
             ContractParts {
                 sizes,
@@ -328,6 +456,20 @@ impl LinearKernels {
                 }),
             },
         )?;
+        if m.prologue.is_some() {
+            if let Some(d) = &m.derived {
+                // The rate array is a tensor of the kernel's ABI until it becomes scratch.
+                contract.tensors.push(crate::abi::ContractTensor {
+                    name: d.name.clone(),
+                    role: TensorRole::Param,
+                    dtype: Dtype::F32,
+                    shape: vec![m.heads],
+                    strides: None,
+                });
+            }
+            let what = |n: &str| scratch_what(m, c, n);
+            tensors_to_scratch(&mut contract, &self.pre_written(), &what)?;
+        }
         Ok(Module {
             program: super::KernelProgram::Tile(Box::new(program)),
             ptx,
@@ -367,6 +509,7 @@ impl Compiled for LinearKernels {
             m.spec.elem.name(),
             m.spec.decay
         );
+        self.explain_normal_forms(&mut out);
         if s.strategy == Strategy::LookBack {
             let _ = writeln!(
                 out,
@@ -467,6 +610,12 @@ impl Compiled for LinearKernels {
     }
 
     fn plan_modules(&self, plan: &mut Plan, gpu: &GpuModel) -> Result<Vec<Module>, String> {
+        if self.pre_kernels > 0 {
+            return Err(format!(
+                "the linear reading of `{}` needs {} pre-kernel(s) (feature maps or a computed decay rate) that sequence-parallel plans do not launch yet; compile it for one GPU",
+                self.cascade.name, self.pre_kernels
+            ));
+        }
         let mut modules: Vec<Module> = Vec::new();
         let mut add = |module: Module| -> String {
             let entry = module.ptx.entry.clone();
@@ -504,6 +653,70 @@ impl Compiled for LinearKernels {
 }
 
 impl LinearKernels {
+    /// `--emit schedule`: the feature maps peeled into pre-kernels and the decay read in
+    /// normal form, when the cascade has them.
+    fn explain_normal_forms(&self, out: &mut String) {
+        let m = &self.matched;
+        let c = &self.core;
+        if m.decay_form.is_some() || !m.maps.is_empty() {
+            let _ = writeln!(
+                out,
+                "lowering: linear attention (the Lightning-style state kernel), read after normalizing the cascade: {}",
+                match (m.decay_form.is_some(), m.maps.is_empty()) {
+                    (true, true) => "its decay to a per-head rate",
+                    (true, false) => "its feature maps into pre-kernels and its decay to a per-head rate",
+                    _ => "its feature maps into pre-kernels",
+                }
+            );
+        }
+        if let Some(form) = &m.decay_form {
+            let rate = match (&m.derived, m.decay_param) {
+                (Some(d), _) => format!(
+                    "the rate r[h] = {} is computed per head by a pre-kernel into the f32 scratch `{}`, which the kernel reads in place of a per-head parameter",
+                    d.rate_text, d.name
+                ),
+                (None, Some(p)) => format!(
+                    "the rate is the per-head parameter `{}` itself, read directly",
+                    c.tensors[p].name
+                ),
+                (None, None) => "no rate".into(),
+            };
+            let _ = writeln!(
+                out,
+                "decay: `{form}` normalized to exp(-r[h] (i - j)) (linear in the query-key distance, per head); {rate}"
+            );
+        }
+        for f in &m.maps {
+            let _ = writeln!(
+                out,
+                "feature map: `{}` is element-wise in `{}`: a pre-kernel writes `{}` into scratch ({}, laid out as `{}`) and the kernel reads it as its {}",
+                f.written.trim(),
+                c.tensors[f.source].name,
+                c.tensors[f.mapped].name,
+                m.spec.elem.name(),
+                c.tensors[f.source].name,
+                if f.mapped == m.q.tensor {
+                    "queries"
+                } else if f.mapped == m.k.tensor {
+                    "keys"
+                } else {
+                    "values"
+                }
+            );
+        }
+        if self.pre_kernels > 0 {
+            let entries: Vec<&str> = self.modules[..self.pre_kernels]
+                .iter()
+                .map(|m| m.ptx.entry.as_str())
+                .collect();
+            let _ = writeln!(
+                out,
+                "pre-kernels: {} (general lowering, one thread per element), launched before the linear kernel; the manifest's launch lists them first",
+                entries.join(", ")
+            );
+        }
+    }
+
     /// How a window of `len` tokens is cut: `(chunks, tiles per chunk)`. Enough chunks
     /// that the state pass has about two CTAs per SM to stream K and V; a count that
     /// divides the window's tiles, since the combine uses one decay for every chunk (so a
