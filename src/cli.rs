@@ -691,19 +691,7 @@ pub fn grad(
     let options = einattn_passes::grad::GradOptions { wrt };
     let result = einattn_passes::grad::grad(&cascade, &options)
         .map_err(|d| CliError::input(source.render(d)))?;
-    let mut text = format!(
-        "# backward of {} (einattn grad)\n# saved from the forward: {}\n# recomputed: {}\n",
-        source.name(),
-        list_or_none(&result.saved),
-        list_or_none(&result.recomputed),
-    );
-    if !result.stabilizers.is_empty() {
-        text.push_str(&format!(
-            "# stabilizers (no gradient flows through them): {}\n",
-            result.stabilizers.join(", ")
-        ));
-    }
-    text.push_str(&einattn_ir::print::print(&result.cascade));
+    let text = result.to_text(&source.name());
     if let Err(d) = einattn_dsl::compile_source_with_warnings("backward.ein", &text, &[]) {
         return Err(CliError::input(format!(
             "error: {}: the backward cascade does not compile; nothing was written:\n{}",
@@ -719,13 +707,5 @@ pub fn grad(
             Ok(format!("wrote {}\n", path.display()))
         }
         None => Ok(text),
-    }
-}
-
-fn list_or_none(names: &[String]) -> String {
-    if names.is_empty() {
-        "none".to_string()
-    } else {
-        names.join(", ")
     }
 }

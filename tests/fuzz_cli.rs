@@ -1,6 +1,6 @@
 //! A fuzzer for the CLI, run by `cargo test`: the examples, mutated (bytes, tokens, lines,
 //! sizes), through `analyze` (also `--sp P` and JSON), `optimize`, `compile --emit` (PTX,
-//! Tile IR, IR, syntax tree, schedule, report) and `run`, one process per case under a
+//! Tile IR, IR, syntax tree, schedule, report), `grad` and `run`, one process per case under a
 //! memory limit (RLIMIT_AS) and a time limit. Every case must end with exit 0 (it worked),
 //! 1 (bad input), 2 (bad usage) or 3 (no GPU): a panic (101), an abort (134), any other
 //! signal, a case over the time limit or over the memory limit (an allocation failure
@@ -307,7 +307,7 @@ fn generate(seed: u64, index: usize, examples: &[(String, Vec<u8>)]) -> Case {
         mutate(&mut rng, &mut program, examples);
     }
     let s = |x: &str| x.to_string();
-    let mut args: Vec<String> = match rng.random_range(0..20) {
+    let mut args: Vec<String> = match rng.random_range(0..22) {
         0..=3 => vec![s("analyze"), s("{file}")],
         4 => vec![s("analyze"), s("{file}"), s("--format"), s("json")],
         5 | 6 => {
@@ -321,6 +321,7 @@ fn generate(seed: u64, index: usize, examples: &[(String, Vec<u8>)]) -> Case {
             let stage = *pick(&mut rng, &["ir", "ast", "schedule", "report"]);
             vec![s("compile"), s("{file}"), s("--emit"), s(stage)]
         }
+        20 | 21 => vec![s("grad"), s("{file}")],
         _ => vec![
             s("run"),
             s("{file}"),

@@ -63,6 +63,33 @@ pub struct Grad {
     pub stabilizers: Vec<String>,
 }
 
+impl Grad {
+    /// The backward cascade as `.ein` text, headed by comments that say where it came from,
+    /// what it reads from the forward and what it recomputes.
+    pub fn to_text(&self, source_name: &str) -> String {
+        let list = |names: &[String]| {
+            if names.is_empty() {
+                "none".to_string()
+            } else {
+                names.join(", ")
+            }
+        };
+        let mut text = format!(
+            "# backward of {source_name} (einattn grad)\n# saved from the forward: {}\n# recomputed: {}\n",
+            list(&self.saved),
+            list(&self.recomputed),
+        );
+        if !self.stabilizers.is_empty() {
+            text.push_str(&format!(
+                "# stabilizers (no gradient flows through them): {}\n",
+                self.stabilizers.join(", ")
+            ));
+        }
+        text.push_str(&einattn_ir::print::print(&self.cascade));
+        text
+    }
+}
+
 fn usage(message: String) -> Diagnostic {
     Diagnostic::error(
         DiagnosticKind::UnknownName,
