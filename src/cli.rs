@@ -405,7 +405,8 @@ pub fn run_plan(dir: &Path, seed: u64, mapping: RankMapping) -> Result<(String, 
         },
     );
     let compiled = build_kernels(&source, &defines, &args, false)?;
-    check_plan_matches_source(&plan, compiled.cascade()).map_err(|e| in_dir("plan.json", e))?;
+    einattn_backends::plan::validate::matches_source(&plan, compiled.cascade())
+        .map_err(|e| in_dir("plan.json", e))?;
     Ok(einattn_exec::plan::run::check_plan(
         &plan,
         &kernels,
@@ -418,49 +419,6 @@ pub fn run_plan(dir: &Path, seed: u64, mapping: RankMapping) -> Result<(String, 
 
 /// The plan's global tensors are the cascade's, with its shapes, and every tensor or state
 /// its steps name is one of the cascade's.
-fn check_plan_matches_source(plan: &Plan, cascade: &Cascade) -> Result<(), String> {
-    use einattn_backends::plan::Step;
-    for rank in &plan.ranks {
-        for step in &rank.steps {
-            let names: Vec<&str> = match step {
-                // A decay output is named after its state.
-                Step::Kernel(k) => k
-                    .args
-                    .iter()
-                    .map(|a| a.tensor.strip_suffix("__decay").unwrap_or(&a.tensor))
-                    .collect(),
-                Step::PrefixCombine { states, .. } => {
-                    states.iter().map(|s| s.state.as_str()).collect()
-                }
-                _ => Vec::new(),
-            };
-            if let Some(n) = names.iter().find(|n| cascade.tensor_by_name(n).is_none()) {
-                return Err(format!(
-                    "rank {}: a step names `{n}`, which is not a tensor of the source",
-                    rank.rank
-                ));
-            }
-        }
-    }
-    for g in &plan.tensors {
-        let t = cascade
-            .tensor_by_name(&g.name)
-            .ok_or_else(|| format!("`{}` is not a tensor of the source", g.name))?;
-        let want: Vec<u64> = cascade.tensors[t]
-            .ranks
-            .iter()
-            .map(|&r| cascade.ranks[r].extent)
-            .collect();
-        if want != g.shape {
-            return Err(format!(
-                "`{}` has shape {:?} in the plan and {want:?} in the source",
-                g.name, g.shape
-            ));
-        }
-    }
-    Ok(())
-}
-
 pub fn bench(
     file: &Path,
     defines: &[(String, u64)],

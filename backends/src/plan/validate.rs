@@ -622,3 +622,48 @@ pub fn validate(plan: &Plan, kernels: &KernelSet) -> Result<(), String> {
     order(&steps, &ranks)?;
     Ok(())
 }
+
+/// Checks a plan folder's plan against the source it was compiled from (the folder's
+/// `source.ein` may have been edited since): every tensor a step or the plan names exists
+/// there, with the plan's shape.
+pub fn matches_source(plan: &Plan, cascade: &einattn_ir::Cascade) -> Result<(), String> {
+    for rank in &plan.ranks {
+        for step in &rank.steps {
+            let names: Vec<&str> = match step {
+                // A decay output is named after its state.
+                Step::Kernel(k) => k
+                    .args
+                    .iter()
+                    .map(|a| a.tensor.strip_suffix("__decay").unwrap_or(&a.tensor))
+                    .collect(),
+                Step::PrefixCombine { states, .. } => {
+                    states.iter().map(|s| s.state.as_str()).collect()
+                }
+                _ => Vec::new(),
+            };
+            if let Some(n) = names.iter().find(|n| cascade.tensor_by_name(n).is_none()) {
+                return Err(format!(
+                    "rank {}: a step names `{n}`, which is not a tensor of the source",
+                    rank.rank
+                ));
+            }
+        }
+    }
+    for g in &plan.tensors {
+        let t = cascade
+            .tensor_by_name(&g.name)
+            .ok_or_else(|| format!("`{}` is not a tensor of the source", g.name))?;
+        let want: Vec<u64> = cascade.tensors[t]
+            .ranks
+            .iter()
+            .map(|&r| cascade.ranks[r].extent)
+            .collect();
+        if want != g.shape {
+            return Err(format!(
+                "`{}` has shape {:?} in the plan and {want:?} in the source",
+                g.name, g.shape
+            ));
+        }
+    }
+    Ok(())
+}
