@@ -112,26 +112,12 @@ impl SourceFile {
     /// A compile error as the user reads it: located diagnostics against this file, each
     /// family's reason when none read the cascade.
     fn compile_error(&self, e: CompileError) -> CliError {
-        match e {
-            CompileError::Usage(m) => CliError::usage(m),
-            CompileError::Refused(d) => CliError::input(self.render(vec![*d])),
-            CompileError::Source(ds) => CliError::input(self.render(ds)),
-            CompileError::Input(m) => CliError::input(format!("error: {}: {m}", self.name())),
-            CompileError::Unmapped(reasons) => {
-                let parts: Vec<String> = reasons
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (what, ds))| {
-                        let text = self.render(ds).trim_end().to_string();
-                        if i == 0 {
-                            text
-                        } else {
-                            format!("nor as {what}:\n{text}")
-                        }
-                    })
-                    .collect();
-                CliError::input(parts.join("\n\n"))
-            }
+        let usage = e.is_usage();
+        let text = e.render(&self.name(), |ds| self.render(ds));
+        if usage {
+            CliError::usage(text)
+        } else {
+            CliError::input(text)
         }
     }
 }

@@ -708,25 +708,7 @@ fn kernel_type(out: &mut String, unit: &Unit) -> Result<(), String> {
     );
     w!(out, "impl {name} {{");
     load_fn(out, unit, &launches)?;
-    let slice_args = |out: &mut String| {
-        for t in &face.tensors {
-            if t.output {
-                w!(
-                    out,
-                    "        {}: &mut impl ::cudarc::driver::DevicePtrMut<{}>,",
-                    t.ident,
-                    rust_type(t.dtype)
-                );
-            } else {
-                w!(
-                    out,
-                    "        {}: &impl ::cudarc::driver::DevicePtr<{}>,",
-                    t.ident,
-                    rust_type(t.dtype)
-                );
-            }
-        }
-    };
+    let slice_args = |out: &mut String| tensor_params(out, &face);
     let uses_params_in_check = face.launches.iter().any(|l| !l.requires.is_empty());
     let uses_params_in_enqueue = !face.scalars.is_empty();
     let params_arg = if uses_params_in_check || uses_params_in_enqueue {
@@ -889,6 +871,23 @@ fn kernel_type(out: &mut String, unit: &Unit) -> Result<(), String> {
     )?;
     w!(out, "}}");
     Ok(())
+}
+
+/// The device-slice parameters of a launch method, one per tensor: outputs mutable.
+fn tensor_params(out: &mut String, face: &Interface) {
+    for t in &face.tensors {
+        let (reference, trait_name) = if t.output {
+            ("&mut ", "DevicePtrMut")
+        } else {
+            ("&", "DevicePtr")
+        };
+        w!(
+            out,
+            "        {}: {reference}impl ::cudarc::driver::{trait_name}<{}>,",
+            t.ident,
+            rust_type(t.dtype)
+        );
+    }
 }
 
 fn params_struct(out: &mut String, name: &str, params_type: &str, face: &Interface) {
@@ -1149,23 +1148,7 @@ fn enqueue_fn(
     if let Some(s) = scratch_type {
         w!(out, "        scratch: &mut {s},");
     }
-    for t in &face.tensors {
-        if t.output {
-            w!(
-                out,
-                "        {}: &mut impl ::cudarc::driver::DevicePtrMut<{}>,",
-                t.ident,
-                rust_type(t.dtype)
-            );
-        } else {
-            w!(
-                out,
-                "        {}: &impl ::cudarc::driver::DevicePtr<{}>,",
-                t.ident,
-                rust_type(t.dtype)
-            );
-        }
-    }
+    tensor_params(out, face);
     if uses_params {
         w!(out, "        params: &{params_type},");
     }

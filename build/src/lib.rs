@@ -523,26 +523,7 @@ fn file_stem(entry: &str) -> String {
 /// A compile error as the CLI renders it: located diagnostics against the source, each
 /// family's reason when none read the cascade.
 pub fn render_compile_error(file_name: &str, source: &str, e: CompileError) -> String {
-    let render = |ds: Vec<einattn_ir::validate::Diagnostic>| {
+    e.render(file_name, |ds| {
         einattn_dsl::Diagnostics::new(ds).render(file_name, source)
-    };
-    match e {
-        CompileError::Usage(m) => m,
-        CompileError::Refused(d) => render(vec![*d]),
-        CompileError::Source(ds) => render(ds),
-        CompileError::Input(m) => format!("error: {file_name}: {m}"),
-        CompileError::Unmapped(reasons) => reasons
-            .into_iter()
-            .enumerate()
-            .map(|(i, (what, ds))| {
-                let text = render(ds).trim_end().to_string();
-                if i == 0 {
-                    text
-                } else {
-                    format!("nor as {what}:\n{text}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n\n"),
-    }
+    })
 }

@@ -361,28 +361,9 @@ fn sizes_text(sizes: &[(String, u64)]) -> String {
 
 /// A compile error as the CLI renders it.
 pub fn render_compile_error(path: &str, text: &str, e: CompileError) -> String {
-    let render = |ds: Vec<einattn_ir::validate::Diagnostic>| {
+    e.render(path, |ds| {
         einattn_dsl::Diagnostics::new(ds).render(path, text)
-    };
-    match e {
-        CompileError::Usage(m) => m,
-        CompileError::Refused(d) => render(vec![*d]),
-        CompileError::Source(ds) => render(ds),
-        CompileError::Input(m) => format!("error: {path}: {m}"),
-        CompileError::Unmapped(reasons) => reasons
-            .into_iter()
-            .enumerate()
-            .map(|(i, (what, ds))| {
-                let text = render(ds).trim_end().to_string();
-                if i == 0 {
-                    text
-                } else {
-                    format!("nor as {what}:\n{text}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n\n"),
-    }
+    })
 }
 
 /// The analysis report of `path` at `defines`, as JSON.

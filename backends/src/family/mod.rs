@@ -116,6 +116,40 @@ impl std::fmt::Display for CompileError {
     }
 }
 
+impl CompileError {
+    /// The error as a user reads it, `render` turning located diagnostics into text against
+    /// the source (the front end's renderer): the diagnostics, each family's reason in turn
+    /// when none read the cascade. A usage error stays [`CompileError::Usage`] for its exit
+    /// code; see [`CompileError::is_usage`].
+    pub fn render(self, file_name: &str, render: impl Fn(Vec<Diagnostic>) -> String) -> String {
+        match self {
+            CompileError::Usage(m) => m,
+            CompileError::Refused(d) => render(vec![*d]),
+            CompileError::Source(ds) => render(ds),
+            CompileError::Input(m) => format!("error: {file_name}: {m}"),
+            CompileError::Unmapped(reasons) => reasons
+                .into_iter()
+                .enumerate()
+                .map(|(i, (what, ds))| {
+                    let text = render(ds).trim_end().to_string();
+                    if i == 0 {
+                        text
+                    } else {
+                        format!("nor as {what}:\n{text}")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n\n"),
+        }
+    }
+
+    /// Whether the command line asked for something the kernel cannot do (exit 2), rather
+    /// than the source being wrong for it (exit 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(self, CompileError::Usage(_))
+    }
+}
+
 /// Why one family did not compile a cascade.
 pub enum FamilyError {
     /// The cascade is not this family's (the reasons): try the next one.
