@@ -526,6 +526,32 @@ pub struct Einsum {
 }
 
 impl Einsum {
+    /// Every rank named anywhere in the Einsum (output, value, masks, a recurrence's
+    /// initial value), in order of first mention: the ranks it iterates.
+    pub fn mentioned_ranks(&self) -> Vec<Handle<Rank>> {
+        let mut ranks = Vec::new();
+        let mut add = |i: &IndexExpr| {
+            for r in i.ranks() {
+                if !ranks.contains(&r) {
+                    ranks.push(r);
+                }
+            }
+        };
+        self.output.indices.iter().for_each(&mut add);
+        self.expr.visit_indices(&mut add);
+        for c in &self.mask {
+            add(&c.lhs);
+            add(&c.rhs);
+        }
+        for c in &self.value_mask {
+            c.visit_indices(&mut add);
+        }
+        if let Some(rec) = &self.recurrence {
+            rec.init.visit_indices(&mut add);
+        }
+        ranks
+    }
+
     pub fn is_reduced(&self, rank: Handle<Rank>) -> bool {
         self.reductions.iter().any(|r| r.rank == rank)
     }

@@ -99,7 +99,7 @@ pub fn print(cascade: &Cascade) -> String {
 /// a newline.
 pub fn einsum_to_string(cascade: &Cascade, einsum: Handle<Einsum>) -> String {
     let e = &cascade.einsums[einsum];
-    let mentioned = mentioned_ranks(e);
+    let mentioned = e.mentioned_ranks();
     let mut out = String::new();
     out.push_str(&output_to_string(cascade, &e.output, &mentioned, None));
     out.push_str(" = ");
@@ -155,32 +155,6 @@ pub fn einsum_to_string(cascade: &Cascade, einsum: Handle<Einsum>) -> String {
 
 fn rank_name(cascade: &Cascade, rank: Handle<Rank>) -> &str {
     cascade.ranks.get(rank).map_or("?", |r| r.name.as_str())
-}
-
-/// Every rank named anywhere in the Einsum: what decides, on the way back, which split
-/// parents denote their combined index.
-fn mentioned_ranks(e: &Einsum) -> Vec<Handle<Rank>> {
-    let mut ranks = Vec::new();
-    let mut add = |i: &IndexExpr| {
-        for r in i.ranks() {
-            if !ranks.contains(&r) {
-                ranks.push(r);
-            }
-        }
-    };
-    e.output.indices.iter().for_each(&mut add);
-    e.expr.visit_indices(&mut add);
-    for c in &e.mask {
-        add(&c.lhs);
-        add(&c.rhs);
-    }
-    for c in &e.value_mask {
-        c.visit_indices(&mut add);
-    }
-    if let Some(rec) = &e.recurrence {
-        rec.init.visit_indices(&mut add);
-    }
-    ranks
 }
 
 /// What the front end turns the name of `rank` into inside an Einsum that mentions

@@ -86,34 +86,14 @@ fn index_rank(cascade: &Cascade, index: &IndexExpr) -> Option<Handle<Rank>> {
     (got == want.terms).then_some(parent)
 }
 
-fn mentioned(e: &Einsum) -> Vec<Handle<Rank>> {
-    let mut ranks: Vec<Handle<Rank>> = Vec::new();
-    let mut add = |i: &IndexExpr| {
-        for r in i.ranks() {
-            if !ranks.contains(&r) {
-                ranks.push(r);
-            }
-        }
-    };
-    e.output.indices.iter().for_each(&mut add);
-    e.expr.visit_indices(&mut add);
-    for c in &e.mask {
-        add(&c.lhs);
-        add(&c.rhs);
-    }
-    for c in &e.value_mask {
-        c.visit_indices(&mut add);
-    }
-    ranks
-}
-
 /// Completes an Einsum: every rank it iterates that its output does not index is summed.
 fn with_sums(mut e: Einsum) -> Einsum {
     let mut out_ranks = Vec::new();
     for i in &e.output.indices {
         out_ranks.extend(i.ranks());
     }
-    e.reductions = mentioned(&e)
+    e.reductions = e
+        .mentioned_ranks()
         .into_iter()
         .filter(|r| !out_ranks.contains(r))
         .map(|rank| Reduction {
