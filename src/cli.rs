@@ -306,6 +306,7 @@ fn planned(
 }
 
 /// `einattn check`: (report, passed).
+#[allow(clippy::too_many_arguments)] // one per flag of `check`
 pub fn check(
     file: &Path,
     defines: &[(String, u64)],
@@ -313,13 +314,21 @@ pub fn check(
     seed: u64,
     given: &Given,
     save_outputs: Option<&Path>,
+    grad: bool,
     sp: &SpArgs,
 ) -> Result<(String, bool), CliError> {
     let source = SourceFile::load(file)?;
-    if sp.devices.is_some() && save_outputs.is_some() {
-        return Err(CliError::usage(
-            "error: `--save-outputs` writes the outputs of one GPU's kernels; drop `--sp` to use it",
-        ));
+    if grad {
+        let (forward, result, backward) = backward(&source, defines, None)?;
+        let compiled = build_kernels(&backward, &[], args, true)?;
+        return Ok(einattn_exec::grad::check_backward(
+            &forward,
+            &result,
+            compiled.as_ref(),
+            seed,
+            given,
+            save_outputs,
+        )?);
     }
     if sp.devices.is_some_and(|p| p < 2) {
         return Err(CliError::usage(
@@ -546,18 +555,11 @@ pub fn optimize(
     )
     .map_err(|e| CliError::input(format!("error: {}: {e}", source.name())))?;
     let text = einattn_ir::print::print(&result.cascade);
-    // What is written must be what `analyze` accepts: check the text itself.
-    if let Err(d) = einattn_dsl::compile_source_with_warnings("optimized.ein", &text, &[]) {
-        let step = result.applied.last().map_or_else(
-            || "with no rewrite applied".to_string(),
-            |a| format!("after step {} ({})", result.applied.len(), a.rule),
-        );
-        return Err(CliError::input(format!(
-            "error: {}: the optimized cascade ({step}) does not compile; nothing was written:\n{}",
-            source.name(),
-            d.render("optimized.ein", &text)
-        )));
-    }
+    let step = result.applied.last().map_or_else(
+        || "with no rewrite applied".to_string(),
+        |a| format!("after step {} ({})", result.applied.len(), a.rule),
+    );
+    compiles_back(&source, &format!("optimized cascade ({step})"), &text)?;
     let mut log = result.render_log();
     match out {
         Some(path) => {
@@ -631,18 +633,7 @@ pub fn grad(
     out: Option<&Path>,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
-    let cascade = source.compile(defines)?;
-    let options = einattn_passes::grad::GradOptions { wrt };
-    let result = einattn_passes::grad::grad(&cascade, &options)
-        .map_err(|d| CliError::input(source.render(d)))?;
-    let text = result.to_text(&source.name());
-    if let Err(d) = einattn_dsl::compile_source_with_warnings("backward.ein", &text, &[]) {
-        return Err(CliError::input(format!(
-            "error: {}: the backward cascade does not compile; nothing was written:\n{}",
-            source.name(),
-            d.render("backward.ein", &text)
-        )));
-    }
+    let text = backward(&source, defines, wrt)?.2.text;
     match out {
         Some(path) => {
             std::fs::write(path, &text).map_err(|e| {
@@ -652,4 +643,35 @@ pub fn grad(
         }
         None => Ok(text),
     }
+}
+
+/// The forward, its gradient, and the backward as a source `FILE (backward)` that compiles.
+fn backward(
+    source: &SourceFile,
+    defines: &[(String, u64)],
+    wrt: Option<Vec<String>>,
+) -> Result<(Cascade, einattn_passes::grad::Grad, SourceFile), CliError> {
+    let forward = source.compile(defines)?;
+    let options = einattn_passes::grad::GradOptions { wrt };
+    let result = einattn_passes::grad::grad(&forward, &options)
+        .map_err(|d| CliError::input(source.render(d)))?;
+    let text = result.to_text(&source.name());
+    compiles_back(source, "backward cascade", &text)?;
+    let path = PathBuf::from(format!("{} (backward)", source.name()));
+    Ok((forward, result, SourceFile { path, text }))
+}
+
+/// What a command writes as a cascade must be what `analyze` accepts: the text itself is
+/// compiled back before anything is written.
+fn compiles_back(source: &SourceFile, what: &str, text: &str) -> Result<(), CliError> {
+    let name = format!("{}.ein", what.split(' ').next().unwrap_or("cascade"));
+    einattn_dsl::compile_source_with_warnings(&name, text, &[])
+        .map(|_| ())
+        .map_err(|d| {
+            CliError::input(format!(
+                "error: {}: the {what} does not compile; nothing was written:\n{}",
+                source.name(),
+                d.render(&name, text)
+            ))
+        })
 }

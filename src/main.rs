@@ -98,8 +98,11 @@ enum Command {
         given: GivenFlags,
         /// Write every output the kernels computed to DIR as NAME.npy (to compare with
         /// another implementation on the same --input files).
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with = "devices")]
         save_outputs: Option<PathBuf>,
+        /// Check the backward kernels (of `einattn grad`'s cascade) on a forward's values.
+        #[arg(long, conflicts_with = "devices")]
+        grad: bool,
         /// Split the sequence over GPUs (`--sp P`): plan, run the plan over NCCL and
         /// compare with one GPU on the whole problem.
         #[command(flatten)]
@@ -235,6 +238,7 @@ impl GivenFlags {
         einattn_exec::given::Given {
             params: self.param,
             files: self.input,
+            tensors: Vec::new(),
         }
     }
 }
@@ -439,6 +443,7 @@ fn execute(args: Args) -> Result<(), CliError> {
             seed,
             given,
             save_outputs,
+            grad,
             sp,
         } => {
             let (report, pass) = cli::check(
@@ -448,6 +453,7 @@ fn execute(args: Args) -> Result<(), CliError> {
                 seed.unwrap_or_else(clock_seed),
                 &given.into_given(),
                 save_outputs.as_deref(),
+                grad,
                 &sp.into_args(),
             )?;
             report_check(&report, pass)?;

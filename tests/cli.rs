@@ -351,6 +351,44 @@ fn check_runs_on_given_values_and_saves_its_outputs() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `check --grad`: the backward kernels of `grad`'s cascade on the values a forward pass
+/// leaves; a cascade `grad` refuses is refused at its line before any GPU lookup.
+#[test]
+fn check_grad_runs_the_backward_kernels_or_says_why_not() {
+    let out = einattn(&[
+        "check",
+        "examples/attention_1pass.ein",
+        "-D",
+        "M=128",
+        "--grad",
+        "--seed",
+        "1",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(3) => assert!(stderr.contains("no GPU"), "{stderr}"),
+        Some(0) => {
+            assert!(
+                stdout.starts_with("backward of `attention_1pass`"),
+                "{stdout}"
+            );
+            // The forward's saved values and the output gradient, not drawn ones.
+            let given = stdout.lines().find(|l| l.starts_with("given: "));
+            let given = given.unwrap_or_else(|| panic!("{stdout}"));
+            for name in ["AV", "RD_final", "RM_final", "dAV"] {
+                assert!(given.contains(name), "{given}");
+            }
+            assert!(stdout.contains("PASS"), "{stdout}");
+        }
+        other => panic!("exit {other:?}\n{stdout}\n{stderr}"),
+    }
+    let out = einattn(&["check", "examples/lightning.ein", "--grad"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("examples/lightning.ein:"), "{stderr}");
+}
+
 #[test]
 fn linear_attention_compiles_to_its_kernels_and_strategies_are_selectable() {
     let dir = std::env::temp_dir().join(format!("einattn-cli-linear-{}", std::process::id()));

@@ -17,17 +17,31 @@ pub struct Given {
     pub params: Vec<(String, f64)>,
     /// `--input NAME=file.npy`: an input or parameter read from a file of its shape.
     pub files: Vec<(String, PathBuf)>,
+    /// Values computed in process (`check --grad`: the forward's saved tensors and the
+    /// output gradient), applied first so that the user's flags override them.
+    pub tensors: Vec<(String, TensorData)>,
 }
 
 impl Given {
     pub fn is_empty(&self) -> bool {
-        self.params.is_empty() && self.files.is_empty()
+        self.params.is_empty() && self.files.is_empty() && self.tensors.is_empty()
     }
 
     /// Replaces drawn values in `inputs` with the given ones. A name the cascade does not
     /// take is a usage error (exit 2) that lists the names it takes; a file that cannot be
     /// read or has another shape is an input error (exit 1).
     pub fn apply(&self, cascade: &Cascade, inputs: &mut Inputs) -> Result<()> {
+        for (name, data) in &self.tensors {
+            let tensor = find(cascade, "a computed value for", name)?;
+            let expected = shape_of(cascade, tensor);
+            if data.shape != expected {
+                return Err(ExecError::Input(format!(
+                    "the value computed for `{name}` has shape {:?}, but `{name}` in `{}` has shape {expected:?}",
+                    data.shape, cascade.name
+                )));
+            }
+            inputs.insert(tensor, data.clone());
+        }
         for (name, value) in &self.params {
             let tensor = find(cascade, "--param", name)?;
             if cascade.tensors[tensor].kind != TensorKind::Param {
@@ -66,6 +80,10 @@ impl Given {
     /// One line for a report: what was given (empty when nothing was).
     pub fn describe(&self) -> String {
         let mut s = String::new();
+        if !self.tensors.is_empty() {
+            let names: Vec<&str> = self.tensors.iter().map(|(n, _)| n.as_str()).collect();
+            let _ = write!(s, "{} computed", names.join(", "));
+        }
         for (name, value) in &self.params {
             let _ = write!(
                 s,
@@ -128,6 +146,7 @@ mod tests {
         let given = Given {
             params: vec![("s".into(), 0.5), ("w".into(), 3.0)],
             files: vec![("X".into(), x.clone())],
+            ..Given::default()
         };
         let drawn = random_inputs(&c, 7);
         let mut inputs = drawn.clone();

@@ -10,6 +10,7 @@
 //! - [`whole`]: the kernels of one compile on the whole problem, on one GPU;
 //! - [`check`] and [`bench`]: `einattn check` and `einattn bench`;
 //! - [`given`]: the values a user gives a run (`--param`, `--input`) in place of drawn ones;
+//! - [`grad`]: the values a backward cascade runs on for `check --grad`;
 //! - [`npy`]: `.npy` files in and out;
 //! - [`ranks`]: the GPUs of an SP run and their NCCL communicators;
 //! - [`plan`]: the plan executor, `check --sp`, `run-plan` and `bench --sp`.
@@ -18,6 +19,7 @@ pub mod bench;
 pub mod check;
 pub mod device;
 pub mod given;
+pub mod grad;
 pub mod npy;
 pub mod plan;
 pub mod ranks;
