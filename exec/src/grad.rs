@@ -8,7 +8,7 @@ use crate::given::Given;
 use crate::{ExecError, Result};
 use einattn_backends::Compiled;
 use einattn_ir::cascade::Cascade;
-use einattn_ir::interp::{evaluate_in_order, random_inputs, shape_of, TensorData};
+use einattn_ir::interp::{evaluate_in_order, random_inputs_limited, shape_of, Limits, TensorData};
 use einattn_ir::validate::topological_order;
 use einattn_passes::grad::{backward_inputs, Grad};
 use rand::{Rng, SeedableRng};
@@ -18,7 +18,13 @@ use std::path::Path;
 
 /// The backward's inputs for `forward` at `seed`, by the names the backward gives them.
 pub fn backward_given(forward: &Cascade, grad: &Grad, seed: u64) -> Result<Given> {
-    let inputs = random_inputs(forward, seed);
+    // The forward runs in the interpreter: bounded, as `run` is, before anything is held.
+    let inputs = random_inputs_limited(forward, seed, Limits::default()).map_err(|e| {
+        ExecError::Input(format!(
+            "`check --grad` evaluates the forward `{}` with the interpreter: {e}\n  = help: bind smaller sizes with -D",
+            forward.name
+        ))
+    })?;
     let values = evaluate_in_order(forward, &inputs, &topological_order(forward))
         .map_err(|e| ExecError::Input(format!("the forward's interpreter failed: {e}")))?;
     // Output gradients from their own stream of the generator, so that they do not repeat
@@ -100,7 +106,7 @@ mod tests {
         }
         let forward_values = evaluate_in_order(
             &forward,
-            &random_inputs(&forward, 3),
+            &einattn_ir::interp::random_inputs(&forward, 3),
             &topological_order(&forward),
         )
         .expect("forward");

@@ -704,9 +704,14 @@ impl Cascade {
     }
 
     pub fn outputs(&self) -> impl Iterator<Item = Handle<Tensor>> + '_ {
+        self.tensors_of(TensorKind::Output)
+    }
+
+    /// The tensors of one kind, in declaration order.
+    pub fn tensors_of(&self, kind: TensorKind) -> impl Iterator<Item = Handle<Tensor>> + '_ {
         self.tensors
             .iter()
-            .filter(|(_, t)| t.kind == TensorKind::Output)
+            .filter(move |(_, t)| t.kind == kind)
             .map(|(h, _)| h)
     }
 }

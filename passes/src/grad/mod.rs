@@ -104,12 +104,7 @@ fn resolve_wrt(
     options: &GradOptions,
 ) -> Result<Vec<Handle<Tensor>>, Vec<Diagnostic>> {
     let Some(names) = &options.wrt else {
-        return Ok(cascade
-            .tensors
-            .iter()
-            .filter(|(_, t)| t.kind == TensorKind::Input)
-            .map(|(h, _)| h)
-            .collect());
+        return Ok(cascade.tensors_of(TensorKind::Input).collect());
     };
     let mut out = Vec::new();
     let mut errors = Vec::new();

@@ -193,24 +193,9 @@ pub fn read_linear(c: &Cascade, reading: Reading) -> Result<(LinearMatch, Cascad
 
 fn recognize_core(c: &Cascade, reading: Reading) -> Result<LinearMatch, Diagnostic> {
     let swap = reading.swap;
-    let inputs: Vec<Handle<Tensor>> = c
-        .tensors
-        .iter()
-        .filter(|(_, t)| t.kind == TensorKind::Input)
-        .map(|(h, _)| h)
-        .collect();
-    let outputs: Vec<Handle<Tensor>> = c
-        .tensors
-        .iter()
-        .filter(|(_, t)| t.kind == TensorKind::Output)
-        .map(|(h, _)| h)
-        .collect();
-    let params: Vec<Handle<Tensor>> = c
-        .tensors
-        .iter()
-        .filter(|(_, t)| t.kind == TensorKind::Param)
-        .map(|(h, _)| h)
-        .collect();
+    let inputs: Vec<Handle<Tensor>> = c.tensors_of(TensorKind::Input).collect();
+    let outputs: Vec<Handle<Tensor>> = c.tensors_of(TensorKind::Output).collect();
+    let params: Vec<Handle<Tensor>> = c.tensors_of(TensorKind::Param).collect();
     let [o] = outputs[..] else {
         return Err(not_mappable(c, "expected one output", Span::UNKNOWN));
     };

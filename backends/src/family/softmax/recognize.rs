@@ -297,12 +297,7 @@ impl<'c> Reader<'c> {
                 accesses.push(a.tensor)
             }
         });
-        let inputs: Vec<Handle<Tensor>> = c
-            .tensors
-            .iter()
-            .filter(|(_, t)| t.kind == TensorKind::Input)
-            .map(|(h, _)| h)
-            .collect();
+        let inputs: Vec<Handle<Tensor>> = c.tensors_of(TensorKind::Input).collect();
         let others: Vec<Handle<Tensor>> = inputs
             .iter()
             .copied()
@@ -980,12 +975,7 @@ impl<'c> Reader<'c> {
 
     fn finish(self) -> Result<AttentionMatch, Diagnostic> {
         let c = self.c;
-        let outputs: Vec<Handle<Tensor>> = c
-            .tensors
-            .iter()
-            .filter(|(_, t)| t.kind == TensorKind::Output)
-            .map(|(h, _)| h)
-            .collect();
+        let outputs: Vec<Handle<Tensor>> = c.tensors_of(TensorKind::Output).collect();
         let [o] = outputs[..] else {
             return Err(not_mappable(
                 "softmax attention has one output (the log-sum-exp is not mapped yet)",
