@@ -43,7 +43,7 @@ run_one() {
   # shellcheck disable=SC2086
   out=$($BIN check --grad examples/$name.ein $defs --dtype $dt --target $TARGET --seed 7 2>&1)
   rc=$?
-  line=$(echo "$out" | grep -E "^(PASS|FAIL)" | tr '\n' ' ')
+  line=$(echo "$out" | grep -E "ref\|\|" | tr "\n" " ")
   [ -z "$line" ] && line=$(echo "$out" | tail -1)
   if [ $rc = 0 ]; then echo "ok   $name $defs $dt: $line"; else echo "BAD  $name $defs $dt (rc $rc): $line"; fi
 }

@@ -15,7 +15,7 @@ for n in 1000 8192; do
   for d in 64 128; do
     for t in sm_90a sm_80; do
       for dt in bf16 f16; do
-        while read -r file strategies defs; do
+        while IFS='|' read -r file strategies defs; do
           for s in $strategies; do
             # shellcheck disable=SC2086
             out=$($BIN check $file -D N=$n -D D=$d $defs --target $t --dtype $dt --strategy $s --seed 13 2>&1)
@@ -25,15 +25,15 @@ for n in 1000 8192; do
             echo "$(basename $file .ein) N=$n d=$d $t $dt $s: $line"
           done
         done <<LIST
-examples/linear_feature_map.ein single chunked lookback
-$F/decay_gamma.ein single chunked lookback
-$F/decay_distance_first.ein single
-$F/decay_head_slopes.ein single chunked lookback -D H=8
-$F/decay_scalar.ein single chunked lookback
-$F/decay_gamma_chunked.ein single chunked lookback -D BLOCK=$blk
-$F/feature_map_inline.ein single
-$F/feature_map_decay.ein single chunked lookback -D B=2
-$F/feature_map_noncausal.ein single
+examples/linear_feature_map.ein|single chunked lookback|
+$F/decay_gamma.ein|single chunked lookback|
+$F/decay_distance_first.ein|single|
+$F/decay_head_slopes.ein|single chunked lookback|-D H=8
+$F/decay_scalar.ein|single chunked lookback|
+$F/decay_gamma_chunked.ein|single chunked lookback|-D BLOCK=$blk
+$F/feature_map_inline.ein|single|
+$F/feature_map_decay.ein|single chunked lookback|-D B=2
+$F/feature_map_noncausal.ein|single|
 LIST
       done
     done

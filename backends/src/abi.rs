@@ -38,6 +38,22 @@ impl Manifest {
         self.kernels.iter().find(|k| k.kernel == entry)
     }
 
+    /// The main output: the first output the last kernel writes (the result the launch
+    /// order ends with), else the first output any kernel writes. A family's
+    /// [`crate::Compiled::formula`] computes this one.
+    pub fn main_output(&self) -> Option<&str> {
+        fn first_output(k: &LaunchContract) -> Option<&str> {
+            k.tensors
+                .iter()
+                .find(|t| t.role == TensorRole::Output)
+                .map(|t| t.name.as_str())
+        }
+        self.kernels
+            .last()
+            .and_then(first_output)
+            .or_else(|| self.kernels.iter().find_map(first_output))
+    }
+
     pub fn to_json(&self) -> String {
         // Serializing plain data with string keys cannot fail.
         serde_json::to_string_pretty(self).unwrap_or_default() + "\n"

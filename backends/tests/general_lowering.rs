@@ -167,3 +167,29 @@ fn random_cascades_lower_to_point_kernels_that_match_the_interpreter() {
         }
     }
 }
+
+/// The backward cascade of every example `grad` differentiates (at small sizes) lowers to
+/// point kernels that match the interpreter of that backward cascade: `check --grad` on a
+/// GPU compares the same two things.
+#[test]
+fn backward_cascades_lower_to_point_kernels_that_match_the_interpreter() {
+    use einattn_passes::grad::{grad, GradOptions};
+    let sizes: &[(&str, &[(&str, u64)])] = &[
+        ("attention_1pass", &[("M", 64), ("D", 8), ("TILE", 16)]),
+        ("attention_causal", &[("N", 64), ("D", 8), ("TILE", 16)]),
+        (
+            "attention_sliding_window",
+            &[("N", 64), ("D", 8), ("TILE", 16), ("W", 20)],
+        ),
+        ("linear_attention", &[("N", 32), ("D", 8)]),
+        ("linear_causal", &[("N", 32), ("D", 8)]),
+        ("sigmoid_attention", &[("N", 32), ("D", 8)]),
+    ];
+    for (name, defines) in sizes {
+        let forward = load(name, defines);
+        let g =
+            grad(&forward, &GradOptions { wrt: None }).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let err = difference(&g.cascade, 5);
+        assert!(err < 1e-9, "{name}: relative difference {err}");
+    }
+}

@@ -67,7 +67,10 @@ pub fn reference(
     let cascade = compiled.cascade();
     let manifest = compiled.manifest();
     let work = compiled.interpreter_work();
-    if work <= INTERPRETER_MAC_LIMIT {
+    // A family whose formula is no cheaper than the interpreter (the general lowering's is
+    // the interpreter) is checked on every output by the interpreter, not on the main one.
+    let formula_is_interpreter = compiled.formula_work() >= work;
+    if work <= INTERPRETER_MAC_LIMIT || (formula_is_interpreter && work <= formula_limit) {
         let values = evaluate_in_order(cascade, inputs, &topological_order(cascade))
             .map_err(|e| ExecError::Input(format!("the interpreter failed: {e}")))?;
         let mut out = std::collections::HashMap::new();
@@ -104,20 +107,11 @@ pub fn output_names(manifest: &Manifest) -> Vec<String> {
     out
 }
 
-/// The main output: the one the last kernel writes.
+/// The main output ([`Manifest::main_output`]), or an error when no kernel writes one.
 pub fn output_name(manifest: &Manifest) -> Result<String> {
     manifest
-        .kernels
-        .last()
-        .and_then(|k| k.tensors.iter().find(|t| t.role == TensorRole::Output))
-        .or_else(|| {
-            manifest
-                .kernels
-                .iter()
-                .flat_map(|k| &k.tensors)
-                .find(|t| t.role == TensorRole::Output)
-        })
-        .map(|t| t.name.clone())
+        .main_output()
+        .map(str::to_string)
         .ok_or_else(|| ExecError::Input("no kernel writes an output".into()))
 }
 
@@ -239,4 +233,73 @@ fn save_outputs(whole: &Whole, manifest: &Manifest, cascade: &Cascade, dir: &Pat
             .map_err(|e| ExecError::Input(format!("cannot write `{}`: {e}", path.display())))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use einattn_backends::family::{self, CompileError, KernelOptions, Request};
+
+    /// Past the interpreter's work limit, a family whose formula is the interpreter (the
+    /// general lowering) is still checked on every output, each against its own values: a
+    /// backward cascade has several outputs, and its main output is not its first.
+    #[test]
+    fn large_general_cascades_are_checked_on_every_output() {
+        let text = "kernel three_outputs
+size N = 256
+size D = 256
+rank n: N
+rank p: N
+rank d: D
+rank e: D
+input A[n, d]: bf16
+input B[n, e]: bf16
+output X[d, e]: bf16
+output Y[p, d]: bf16
+output Z[n, e]: bf16
+X[d, e] = A[n, d] * B[n, e]
+Y[p, d] = X[d, e] * B[p, e]
+Z[n, e] = X[d, e] * A[n, d]
+";
+        let build = |d: &[(String, u64)]| {
+            einattn_dsl::compile_source("three.ein", text, d)
+                .map_err(|e| CompileError::Source(e.items().to_vec()))
+        };
+        let cascade = build(&[]).expect("valid");
+        let compiled = family::compile(&Request {
+            cascade: &cascade,
+            options: &KernelOptions::default(),
+            defines: &[],
+            instantiate: &build,
+        })
+        .expect("compiles");
+        assert!(
+            compiled.interpreter_work() > INTERPRETER_MAC_LIMIT,
+            "a large problem"
+        );
+        let inputs = random_inputs(&cascade, 1);
+        let (want, _) = reference(compiled.as_ref(), &inputs, u64::MAX)
+            .expect("reference")
+            .expect("some reference");
+        let values = evaluate_in_order(&cascade, &inputs, &topological_order(&cascade))
+            .expect("interpreter");
+        for name in ["X", "Y", "Z"] {
+            let t = cascade.tensor_by_name(name).expect("output");
+            let expected = values.get(t).expect("computed").stored().into_owned();
+            assert!(
+                want.get(name) == Some(&expected),
+                "{name} is not its own values"
+            );
+        }
+        // The formula alone (what a reference past `formula_limit` falls back to) is the
+        // main output's, whichever output that is.
+        let (formula, _) = compiled.formula(&inputs);
+        let manifest = compiled.manifest();
+        let main = manifest.main_output().expect("a main output");
+        let t = cascade.tensor_by_name(main).expect("an output");
+        assert!(
+            formula == values.get(t).expect("computed").stored().into_owned(),
+            "the formula is not `{main}`"
+        );
+    }
 }

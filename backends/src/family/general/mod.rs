@@ -313,8 +313,12 @@ impl Compiled for GeneralKernels {
     }
 
     fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
-        // No faster formula than the cascade itself: the interpreter, on the first output.
-        let out = self.cascade.outputs().next();
+        // No faster formula than the cascade itself: the interpreter, on the main output
+        // (the one every caller of `formula` compares, whatever order the outputs have).
+        let manifest = (self as &dyn Compiled).manifest();
+        let out = manifest
+            .main_output()
+            .and_then(|name| self.cascade.tensor_by_name(name));
         let values = einattn_ir::interp::evaluate_in_order(
             &self.cascade,
             inputs,
