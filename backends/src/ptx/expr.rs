@@ -93,11 +93,37 @@ impl Printer<'_> {
             }
             ScalarExpr::Row(id) => self.row_reg(*id, ctx.mt, ctx.half),
             ScalarExpr::Token(id, at) => {
-                if !self.in_loop {
+                let sequential = self.prog.sequential;
+                // Outside a sequential program a row reads at its query position (also
+                // outside the loop), a column at its key position (`%kcol` is absolute).
+                if !self.in_loop && (sequential || *at != TokenAt::Row) {
                     return Err(TileError::Invalid("token input outside the loop".into()));
                 }
                 let pos = self.r();
+                let limit = if !sequential && *at == TokenAt::Row {
+                    "%nq"
+                } else {
+                    "%nk"
+                };
                 match at {
+                    TokenAt::Row if !sequential => {
+                        self.ins(format!(
+                            "add.s32 {pos}, %prow0, {};",
+                            ctx.mt * 16 + ctx.half * 8
+                        ));
+                    }
+                    TokenAt::Col if !sequential => {
+                        let (nt, lo) = ctx.col.ok_or_else(|| {
+                            TileError::Invalid("column token in a row expression".into())
+                        })?;
+                        self.ins(format!("add.s32 {pos}, %kcol, {};", nt * 8 + lo));
+                    }
+                    TokenAt::Last | TokenAt::Before if !sequential => {
+                        return Err(TileError::Invalid(
+                            "the tile's last or previous token exists in sequential programs only"
+                                .into(),
+                        ));
+                    }
                     TokenAt::Row => {
                         self.ins(format!(
                             "add.s32 {pos}, %prow0, {};",
@@ -127,7 +153,7 @@ impl Printer<'_> {
                 // Past the end: the last token (those elements are masked); before the
                 // start: 0.
                 let last = self.r();
-                self.ins(format!("sub.s32 {last}, %nk, 1;"));
+                self.ins(format!("sub.s32 {last}, {limit}, 1;"));
                 self.ins(format!("min.s32 {pos}, {pos}, {last};"));
                 let neg = self.pred();
                 self.ins(format!("setp.lt.s32 {neg}, {pos}, 0;"));

@@ -217,6 +217,53 @@ impl Printer<'_> {
                     }
                 }
             }
+            Stmt::RowDot { dst, a, b } => {
+                let ty = match prog.regs[a.index()].kind {
+                    RegKind::AOperand(e) => Self::mma_type(e)?,
+                    RegKind::Accumulator => return unsupported("RowDot of f32 tiles"),
+                };
+                let cols = prog.regs[a.index()].cols;
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        // Fragment registers `half` and `half + 2` of each k-step hold this
+                        // thread's two column pairs of row `g + 8 half`.
+                        let mut sum = f32_lit(0.0);
+                        for ks in 0..cols / 16 {
+                            for i in [half, half + 2] {
+                                let (x, y) =
+                                    (self.afrag_reg(*a, mt, ks, i), self.afrag_reg(*b, mt, ks, i));
+                                let xs = [
+                                    self.named_once(".b16", "rdx0"),
+                                    self.named_once(".b16", "rdx1"),
+                                ];
+                                let ys = [
+                                    self.named_once(".b16", "rdy0"),
+                                    self.named_once(".b16", "rdy1"),
+                                ];
+                                self.ins(format!("mov.b32 {{{}, {}}}, {x};", xs[0], xs[1]));
+                                self.ins(format!("mov.b32 {{{}, {}}}, {y};", ys[0], ys[1]));
+                                for j in 0..2 {
+                                    let (fx, fy) = (self.f(), self.f());
+                                    self.ins(format!("cvt.f32.{ty} {fx}, {};", xs[j]));
+                                    self.ins(format!("cvt.f32.{ty} {fy}, {};", ys[j]));
+                                    let t = self.f();
+                                    self.ins(format!("fma.rn.f32 {t}, {fx}, {fy}, {sum};"));
+                                    sum = t;
+                                }
+                            }
+                        }
+                        for x in [1, 2] {
+                            let s = self.f();
+                            self.ins(format!("shfl.sync.bfly.b32 {s}, {sum}, {x}, 31, -1;"));
+                            let t = self.f();
+                            self.ins(format!("add.f32 {t}, {sum}, {s};"));
+                            sum = t;
+                        }
+                        let r = self.row_reg(*dst, mt, half);
+                        self.ins(format!("mov.f32 {r}, {sum};"));
+                    }
+                }
+            }
             Stmt::RowMap { dst, expr } => {
                 for mt in 0..self.mtiles {
                     for half in 0..2 {

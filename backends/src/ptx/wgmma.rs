@@ -81,6 +81,11 @@ impl Printer<'_> {
                 expr_regs(expr, &mut regs);
                 false
             }
+            Stmt::RowDot { a, b, .. } => {
+                regs.push(*a);
+                regs.push(*b);
+                false
+            }
             Stmt::LoadStatePrefix { dst, .. } => {
                 regs.push(*dst);
                 false

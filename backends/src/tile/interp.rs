@@ -394,6 +394,18 @@ impl Cta<'_> {
                         };
                     }
                 }
+                Stmt::RowDot { dst, a, b } => {
+                    let cols = self.prog.regs[a.index()].cols as usize;
+                    let (x, y) = (&self.regs[a.index()], &self.regs[b.index()]);
+                    for r in 0..bm {
+                        let span = r * cols..(r + 1) * cols;
+                        self.rows[dst.index()][r] = x[span.clone()]
+                            .iter()
+                            .zip(&y[span])
+                            .map(|(u, v)| u * v)
+                            .sum();
+                    }
+                }
                 Stmt::RowMap { dst, expr } => {
                     let mut out = vec![0.0; bm];
                     for (r, o) in out.iter_mut().enumerate() {
@@ -586,8 +598,15 @@ impl Cta<'_> {
             ScalarExpr::Token(id, at) => {
                 let (vals, sb, sn, sh) = &io.tokens[id.index()];
                 let bm = self.prog.schedule.block_m as usize;
-                let n = self.prob.n_k;
+                // Outside a sequential program, tokens are indexed by sequence position: a
+                // row reads at its query position, a column at its key position.
+                let n = if self.prog.sequential || *at != TokenAt::Row {
+                    self.prob.n_k
+                } else {
+                    self.prob.n_q
+                };
                 let pos = match at {
+                    TokenAt::Row if !self.prog.sequential => Some(self.p0 + r),
                     TokenAt::Row => Some(self.key_origin + r),
                     TokenAt::Col => Some(
                         self.key_origin

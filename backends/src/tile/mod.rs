@@ -632,6 +632,11 @@ pub enum Stmt {
     },
     /// `dst[r] = expr` for every row (expr may read rows and the query index).
     RowMap { dst: RowId, expr: ScalarExpr },
+    /// `dst[r] = sum over c of a[r][c] * b[r][c]` in f32, for two 16-bit A-fragment tiles
+    /// of one shape (the per-row `rowsum(dO * O)` of the attention backward): both tiles
+    /// hold the same elements in the same registers, so no data moves between threads
+    /// except the reduction of a row's four threads.
+    RowDot { dst: RowId, a: RegId, b: RegId },
     /// Round an f32 accumulator (columns along keys) into 16-bit A fragments.
     Convert { dst: RegId, src: RegId },
     /// The iterative key rank: loop over key tiles of `block_n` keys.

@@ -168,6 +168,13 @@ impl TileProgram {
                     op,
                     self.regs[src.index()].name
                 )?,
+                Stmt::RowDot { dst, a, b } => writeln!(
+                    f,
+                    "{pad}{} = row_dot({}, {})",
+                    self.rows[dst.index()].name,
+                    self.regs[a.index()].name,
+                    self.regs[b.index()].name
+                )?,
                 Stmt::RowMap { dst, expr } => writeln!(
                     f,
                     "{pad}{} = rows {}",

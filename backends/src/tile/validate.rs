@@ -380,6 +380,16 @@ impl TileProgram {
                     }
                     self.check_expr(expr, None)?;
                 }
+                Stmt::RowDot { dst, a, b } => {
+                    let (x, y) = (self.reg(*a)?, self.reg(*b)?);
+                    if dst.index() >= self.rows.len()
+                        || !matches!(x.kind, RegKind::AOperand(_))
+                        || x.kind != y.kind
+                        || x.cols != y.cols
+                    {
+                        return invalid("RowDot: a row vector from two same-shape 16-bit tiles");
+                    }
+                }
                 Stmt::Convert { dst, src } => {
                     let d = self.reg(*dst)?;
                     let s = self.reg(*src)?;

@@ -5,6 +5,7 @@
 //! - [`schedule`]: the cost model that picks the kernel shape;
 //! - [`program`]: the Tile IR program of the 1-pass (online softmax) kernel.
 
+pub mod backward;
 pub mod program;
 pub mod recognize;
 pub mod schedule;

@@ -1,0 +1,330 @@
+//! The softmax-attention backward programs (dQ kernel, then dK/dV kernel) run by the Tile
+//! IR interpreter against the attention backward written as plain loops in f64, for masks,
+//! score modifiers, ragged lengths and both 16-bit types.
+
+use einattn_backends::family::softmax::backward::{
+    dkdv_program, dq_program, score_derivative, BackwardSchedule,
+};
+use einattn_backends::family::softmax::program::{AttentionSpec, Score, DOT};
+use einattn_backends::reference::relative_error;
+use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
+use einattn_backends::tile::{Elem, ScalarExpr, SeqRank};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+struct Case {
+    batch: usize,
+    heads: usize,
+    n: usize,
+    d: usize,
+    spec: AttentionSpec,
+    scalars: Vec<f64>,
+    head_params: Vec<Vec<f64>>,
+}
+
+/// `[B, N, H, d]` contiguous.
+fn idx(c: &Case, b: usize, n: usize, h: usize, e: usize) -> usize {
+    ((b * c.n + n) * c.heads + h) * c.d + e
+}
+
+fn eval(e: &ScalarExpr, dot: f64, p: f64, m: f64, c: &Case, h: usize) -> f64 {
+    e.eval(&mut |leaf| {
+        Ok::<f64, ()>(match leaf {
+            ScalarExpr::Lit(v) => *v,
+            ScalarExpr::Scalar(id) => c.scalars[id.index()],
+            ScalarExpr::Head(id) => c.head_params[id.index()][h],
+            ScalarExpr::Index(SeqRank::Query) => p,
+            ScalarExpr::Index(SeqRank::Key) => m,
+            ScalarExpr::Elem(DOT) => dot,
+            other => panic!("unexpected leaf {other:?}"),
+        })
+    })
+    .expect("evaluates")
+}
+
+/// (dQ, dK, dV, O, row max, row sum) by the definition, all `[B, N, H, d]` / `[B, H, N]`.
+#[allow(clippy::type_complexity)]
+fn naive(
+    c: &Case,
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    d_o: &[f64],
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (n, d) = (c.n, c.d);
+    let size = c.batch * n * c.heads * d;
+    let (mut dq, mut dk, mut dv, mut o) = (
+        vec![0.0; size],
+        vec![0.0; size],
+        vec![0.0; size],
+        vec![0.0; size],
+    );
+    let mut row_max = vec![f64::NEG_INFINITY; c.batch * c.heads * n];
+    let mut row_sum = vec![0.0; c.batch * c.heads * n];
+    let slope = score_derivative(&c.spec.score.expr).expect("differentiable");
+    let masks = c.spec.masks();
+    for b in 0..c.batch {
+        for h in 0..c.heads {
+            let mut s = vec![vec![f64::NEG_INFINITY; n]; n];
+            let mut dots = vec![vec![0.0; n]; n];
+            for p in 0..n {
+                for m in 0..n {
+                    if !masks.iter().all(|mk| mk.allows(p as i64, m as i64)) {
+                        continue;
+                    }
+                    let dot: f64 = (0..d)
+                        .map(|e| q[idx(c, b, p, h, e)] * k[idx(c, b, m, h, e)])
+                        .sum();
+                    dots[p][m] = dot;
+                    s[p][m] = eval(&c.spec.score.expr, dot, p as f64, m as f64, c, h);
+                }
+            }
+            for p in 0..n {
+                let r = (b * c.heads + h) * n + p;
+                let mx = s[p].iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                row_max[r] = mx;
+                let l: f64 = s[p].iter().map(|x| (x - mx).exp()).sum();
+                row_sum[r] = l;
+                let pr: Vec<f64> = s[p].iter().map(|x| (x - mx).exp() / l).collect();
+                for e in 0..d {
+                    o[idx(c, b, p, h, e)] = (0..n).map(|m| pr[m] * v[idx(c, b, m, h, e)]).sum();
+                }
+                let delta: f64 = (0..d)
+                    .map(|e| d_o[idx(c, b, p, h, e)] * o[idx(c, b, p, h, e)])
+                    .sum();
+                for m in 0..n {
+                    if pr[m] == 0.0 {
+                        continue;
+                    }
+                    let dp: f64 = (0..d)
+                        .map(|e| d_o[idx(c, b, p, h, e)] * v[idx(c, b, m, h, e)])
+                        .sum();
+                    let ds =
+                        pr[m] * (dp - delta) * eval(&slope, dots[p][m], p as f64, m as f64, c, h);
+                    for e in 0..d {
+                        dq[idx(c, b, p, h, e)] += ds * k[idx(c, b, m, h, e)];
+                        dk[idx(c, b, m, h, e)] += ds * q[idx(c, b, p, h, e)];
+                        dv[idx(c, b, m, h, e)] += pr[m] * d_o[idx(c, b, p, h, e)];
+                    }
+                }
+            }
+        }
+    }
+    (dq, dk, dv, o, row_max, row_sum)
+}
+
+/// Runs both programs on the CPU; returns the largest relative error of dQ, dK, dV.
+fn run_case(c: &Case, sched: &BackwardSchedule, seed: u64) -> f64 {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let size = c.batch * c.n * c.heads * c.d;
+    let elem = c.spec.elem;
+    let mut draw = || -> Vec<f64> {
+        (0..size)
+            .map(|_| elem.round(rng.random_range(-1.0..1.0)))
+            .collect()
+    };
+    let (q, k, v, d_o) = (draw(), draw(), draw(), draw());
+    let (dq_want, dk_want, dv_want, o, row_max, row_sum) = naive(c, &q, &k, &v, &d_o);
+    // The forward stored O in 16 bits; the backward reads that.
+    let o: Vec<f64> = o.iter().map(|&x| elem.round(x)).collect();
+    let host = |data: &[f64]| HostTensor::bnhd(data.to_vec(), c.n, c.heads, c.d);
+    let rows = c.batch * c.heads * c.n;
+    let bhn = |data: &[f64]| (data.to_vec(), c.heads * c.n, 1, c.n);
+    let prob = Problem {
+        batch: c.batch,
+        heads: c.heads,
+        kv_group: 1,
+        n_q: c.n,
+        n_k: c.n,
+    };
+    let dq_prog = dq_program(&c.spec, sched).expect("dq program");
+    let mut io = Bindings {
+        tensors: vec![
+            host(&q),
+            host(&k),
+            host(&v),
+            host(&o),
+            host(&d_o),
+            host(&vec![f64::NAN; size]),
+        ],
+        row_outputs: vec![vec![f64::NAN; rows], vec![f64::NAN; rows]],
+        scalars: c.scalars.clone(),
+        head_params: c.head_params.clone(),
+        states: vec![],
+        chunk_base: 0,
+        chunk_total: 0,
+        q_offset: 0,
+        tokens: vec![bhn(&row_max), bhn(&row_sum)],
+    };
+    run(&dq_prog, prob, &mut io).expect("dq runs");
+    let dq = io.tensors[5].data.clone();
+    let (lse, delta) = (io.row_outputs[0].clone(), io.row_outputs[1].clone());
+    let dkdv_prog = dkdv_program(&c.spec, sched).expect("dkdv program");
+    let mut io = Bindings {
+        tensors: vec![
+            host(&k),
+            host(&v),
+            host(&q),
+            host(&d_o),
+            host(&vec![f64::NAN; size]),
+            host(&vec![f64::NAN; size]),
+        ],
+        row_outputs: vec![],
+        scalars: c.scalars.clone(),
+        head_params: c.head_params.clone(),
+        states: vec![],
+        chunk_base: 0,
+        chunk_total: 0,
+        q_offset: 0,
+        tokens: vec![bhn(&lse), bhn(&delta)],
+    };
+    run(&dkdv_prog, prob, &mut io).expect("dkdv runs");
+    let (dk, dv) = (io.tensors[4].data.clone(), io.tensors[5].data.clone());
+    [
+        relative_error(&dq, &dq_want),
+        relative_error(&dk, &dk_want),
+        relative_error(&dv, &dv_want),
+    ]
+    .into_iter()
+    .fold(
+        0.0,
+        |a: f64, e| if e.is_nan() { f64::INFINITY } else { a.max(e) },
+    )
+}
+
+fn case(n: usize, d: usize, elem: Elem, spec: impl FnOnce(&mut AttentionSpec)) -> Case {
+    let mut s = AttentionSpec::new(d as u32, elem);
+    spec(&mut s);
+    let scalars = s
+        .score
+        .scalars
+        .iter()
+        .map(|name| if name == "softcap" { 2.0 } else { 0.3 })
+        .collect();
+    let heads = 2;
+    let head_params = s
+        .score
+        .head_params
+        .iter()
+        .map(|_| vec![0.05, 0.11])
+        .collect();
+    Case {
+        batch: 1,
+        heads,
+        n,
+        d,
+        spec: s,
+        scalars,
+        head_params,
+    }
+}
+
+#[test]
+fn backward_programs_match_the_attention_backward() {
+    let cases: Vec<(&str, Case)> = vec![
+        ("plain", case(96, 64, Elem::Bf16, |_| {})),
+        (
+            "causal ragged",
+            case(100, 64, Elem::Bf16, |s| s.causal = true),
+        ),
+        ("causal f16", case(64, 64, Elem::F16, |s| s.causal = true)),
+        (
+            "sliding window",
+            case(130, 64, Elem::Bf16, |s| {
+                s.causal = true;
+                s.window = Some(40)
+            }),
+        ),
+        (
+            "softcap",
+            case(70, 64, Elem::Bf16, |s| {
+                s.score = Score::scaled().with_softcap()
+            }),
+        ),
+        (
+            "alibi causal",
+            case(80, 64, Elem::F16, |s| {
+                s.causal = true;
+                s.score = Score::scaled().with_alibi()
+            }),
+        ),
+        ("d128", case(72, 128, Elem::Bf16, |s| s.causal = true)),
+    ];
+    for (name, c) in cases {
+        let sched = BackwardSchedule::default_for(&c.spec);
+        let err = run_case(&c, &sched, 11);
+        assert!(err < 1e-2, "{name}: relative error {err}");
+    }
+}
+
+/// The derivative of the score chain against central differences.
+#[test]
+fn score_derivatives_match_finite_differences() {
+    for score in [
+        Score::scaled(),
+        Score::scaled().with_softcap(),
+        Score::scaled().with_alibi().with_softcap(),
+    ] {
+        let c = Case {
+            batch: 1,
+            heads: 1,
+            n: 1,
+            d: 1,
+            scalars: vec![0.7, 3.0],
+            head_params: vec![vec![0.25]],
+            spec: AttentionSpec {
+                score: score.clone(),
+                ..AttentionSpec::new(64, Elem::Bf16)
+            },
+        };
+        let slope = score_derivative(&score.expr).expect("differentiable");
+        for dot in [-2.0, -0.3, 0.0, 0.9, 4.0] {
+            let f = |x: f64| eval(&score.expr, x, 5.0, 2.0, &c, 0);
+            let h = 1e-5;
+            let fd = (f(dot + h) - f(dot - h)) / (2.0 * h);
+            let exact = eval(&slope, dot, 5.0, 2.0, &c, 0);
+            assert!(
+                (fd - exact).abs() < 1e-6 * (1.0 + exact.abs()),
+                "{score:?} at {dot}: {fd} vs {exact}"
+            );
+        }
+    }
+}
+
+/// Both backward kernels assemble for sm_80 and sm_90a without spills, for every mask and
+/// score modifier above, d = 64 and 128, both 16-bit types.
+#[test]
+fn backward_kernels_assemble_without_spills() {
+    use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
+    use einattn_backends::{print_ptx, Target};
+    let Some(ptxas) = ptxas_for_test("backward_kernels_assemble_without_spills") else {
+        return;
+    };
+    for d in [64u32, 128] {
+        for elem in [Elem::Bf16, Elem::F16] {
+            for variant in 0..4 {
+                let mut spec = AttentionSpec::new(d, elem);
+                match variant {
+                    1 => spec.causal = true,
+                    2 => spec.score = Score::scaled().with_softcap(),
+                    3 => {
+                        spec.causal = true;
+                        spec.window = Some(256);
+                        spec.score = Score::scaled().with_alibi();
+                    }
+                    _ => {}
+                }
+                let sched = BackwardSchedule::default_for(&spec);
+                for prog in [dq_program(&spec, &sched), dkdv_program(&spec, &sched)] {
+                    let prog = prog.expect("program");
+                    for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
+                        let ptx = print_ptx(&prog, target).expect("prints");
+                        let r = assemble(&ptxas, &ptx.text, arch)
+                            .unwrap_or_else(|e| panic!("{} {arch}: {e}", prog.name));
+                        assert!(!r.spills(), "{} {arch}: {r:?}", prog.name);
+                    }
+                }
+            }
+        }
+    }
+}
