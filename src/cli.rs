@@ -218,6 +218,7 @@ pub fn build_kernels(
     defines: &[(String, u64)],
     args: &KernelArgs,
     on_device: bool,
+    gradient_of: Option<(&Cascade, &einattn_passes::grad::Grad)>,
 ) -> Result<Box<dyn Compiled>, CliError> {
     let options = args.resolve(on_device);
     let cascade = source.compile(defines)?;
@@ -225,12 +226,17 @@ pub fn build_kernels(
         einattn_dsl::compile_source(&source.name(), &source.text, sizes)
             .map_err(|d| CompileError::Source(d.items().to_vec()))
     };
-    family::compile(&Request {
+    let request = Request {
         cascade: &cascade,
         options: &options,
         defines,
         instantiate: &instantiate,
-    })
+    };
+    // A backward cascade: the forward's family derives its kernels where it can.
+    match gradient_of {
+        Some((forward, grad)) => family::compile_gradient(forward, grad, &request),
+        None => family::compile(&request),
+    }
     .map_err(|e| source.compile_error(e))
 }
 
@@ -260,7 +266,7 @@ pub fn compile_ptx(
     out_dir: &Path,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
-    let compiled = build_kernels(&source, defines, args, false)?;
+    let compiled = build_kernels(&source, defines, args, false, None)?;
     create_dir(out_dir)?;
     let written = kernel_set(compiled.as_ref())
         .write(out_dir)
@@ -320,7 +326,7 @@ pub fn check(
     let source = SourceFile::load(file)?;
     if grad {
         let (forward, result, backward) = backward(&source, defines, None)?;
-        let compiled = build_kernels(&backward, &[], args, true)?;
+        let compiled = build_kernels(&backward, &[], args, true, Some((&forward, &result)))?;
         return Ok(einattn_exec::grad::check_backward(
             &forward,
             &result,
@@ -335,7 +341,7 @@ pub fn check(
             "error: `check --sp P` splits the sequence over P >= 2 GPUs",
         ));
     }
-    let compiled = build_kernels(&source, defines, args, sp.devices.is_none())?;
+    let compiled = build_kernels(&source, defines, args, sp.devices.is_none(), None)?;
     if sp.devices.is_some() {
         let gpu = einattn_exec::device::model().unwrap_or_else(GpuModel::h200);
         let (_, _, lowered) = planned(&source, compiled.as_ref(), sp, &gpu)?;
@@ -399,7 +405,7 @@ pub fn run_plan(dir: &Path, seed: u64, mapping: RankMapping) -> Result<(String, 
             options: record.options,
         },
     );
-    let compiled = build_kernels(&source, &defines, &args, false)?;
+    let compiled = build_kernels(&source, &defines, &args, false, None)?;
     einattn_backends::plan::validate::matches_source(&plan, compiled.cascade())
         .map_err(|e| in_dir("plan.json", e))?;
     Ok(einattn_exec::plan::run::check_plan(
@@ -414,6 +420,7 @@ pub fn run_plan(dir: &Path, seed: u64, mapping: RankMapping) -> Result<(String, 
 
 /// The plan's global tensors are the cascade's, with its shapes, and every tensor or state
 /// its steps name is one of the cascade's.
+#[allow(clippy::too_many_arguments)] // one per flag of `bench`
 pub fn bench(
     file: &Path,
     defines: &[(String, u64)],
@@ -421,10 +428,17 @@ pub fn bench(
     reps: usize,
     format: ReportFormat,
     given: &Given,
+    grad: bool,
     sp: &SpArgs,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
-    let compiled = build_kernels(&source, defines, args, sp.devices.is_none())?;
+    let compiled = if grad {
+        // Drawn values, not a forward's: timing needs no meaningful statistics.
+        let (forward, result, backward) = backward(&source, defines, None)?;
+        build_kernels(&backward, &[], args, true, Some((&forward, &result)))?
+    } else {
+        build_kernels(&source, defines, args, sp.devices.is_none(), None)?
+    };
     if sp.devices.is_some() {
         let gpu = einattn_exec::device::model().unwrap_or_else(GpuModel::h200);
         let (_, _, lowered) = planned(&source, compiled.as_ref(), sp, &gpu)?;
@@ -460,17 +474,17 @@ pub fn emit(
             .ok_or_else(|| CliError::input("error: no kernels"))
     };
     match stage {
-        Stage::Schedule => Ok(build_kernels(&source, defines, args, false)?.explain()),
-        Stage::Tile => Ok(
-            main_module(build_kernels(&source, defines, args, false)?.as_ref())?
-                .program
-                .to_string(),
-        ),
-        Stage::Ptx => Ok(
-            main_module(build_kernels(&source, defines, args, false)?.as_ref())?
-                .ptx
-                .text,
-        ),
+        Stage::Schedule => Ok(build_kernels(&source, defines, args, false, None)?.explain()),
+        Stage::Tile => Ok(main_module(
+            build_kernels(&source, defines, args, false, None)?.as_ref(),
+        )?
+        .program
+        .to_string()),
+        Stage::Ptx => Ok(main_module(
+            build_kernels(&source, defines, args, false, None)?.as_ref(),
+        )?
+        .ptx
+        .text),
         Stage::Ast => {
             let ast = einattn_dsl::parse(&source.name(), &source.text)
                 .map_err(|d| CliError::input(d.render(&source.name(), &source.text)))?;
@@ -491,7 +505,7 @@ pub fn compile_plan(
     out_dir: &Path,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
-    let compiled = build_kernels(&source, defines, args, false)?;
+    let compiled = build_kernels(&source, defines, args, false, None)?;
     // Plans are costed for the H200 the SP anchors were measured on; windows are chunked
     // for the same part.
     let (decision, plan, lowered) = planned(&source, compiled.as_ref(), sp, &GpuModel::h200())?;

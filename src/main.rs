@@ -134,6 +134,9 @@ enum Command {
         format: Format,
         #[command(flatten)]
         given: GivenFlags,
+        /// Time the backward kernels (of `einattn grad`'s cascade) instead.
+        #[arg(long, conflicts_with = "devices")]
+        grad: bool,
         /// Time the plan for P GPUs instead (each rank draws its own inputs; no reference).
         #[command(flatten)]
         sp: SpFlags,
@@ -474,6 +477,7 @@ fn execute(args: Args) -> Result<(), CliError> {
             reps,
             format,
             given,
+            grad,
             sp,
         } => {
             let format = format.into();
@@ -486,6 +490,7 @@ fn execute(args: Args) -> Result<(), CliError> {
                     reps.max(1),
                     format,
                     &given.into_given(),
+                    grad,
                     &sp.into_args()
                 )?
             );

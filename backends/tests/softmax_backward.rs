@@ -328,3 +328,64 @@ fn backward_kernels_assemble_without_spills() {
         }
     }
 }
+
+/// Which backward cascades of the examples take the softmax backward kernels: those whose
+/// forward saves its output and final row max and sum (the online forms); the others
+/// (2- and 3-pass forms, which save only a max) say why and go to the general lowering.
+#[test]
+fn examples_with_saved_statistics_take_the_backward_kernels() {
+    use einattn_backends::family::softmax::gradient::compile_gradient;
+    use einattn_backends::family::{Compiled, FamilyError, KernelOptions};
+    use einattn_passes::grad::{grad, GradOptions};
+    let load = |name: &str| {
+        let path = format!("{}/../examples/{name}.ein", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).expect("example");
+        einattn_dsl::compile_source(&path, &text, &[]).expect("valid")
+    };
+    for (name, fast) in [
+        ("attention_1pass", true),
+        ("attention_causal", true),
+        ("attention_mha", true),
+        ("attention_sliding_window", true),
+        ("attention_2pass", false),
+        ("attention_3pass", false),
+        ("attention_softcap", false),
+        ("linear_causal", false),
+    ] {
+        let forward = load(name);
+        let g = grad(&forward, &GradOptions { wrt: None }).expect("differentiable");
+        match compile_gradient(&forward, &g, &KernelOptions::default()) {
+            Ok(k) => {
+                assert!(fast, "{name} took the backward kernels");
+                let entries: Vec<&str> = k.modules().iter().map(|m| m.ptx.entry.as_str()).collect();
+                assert_eq!(entries.len(), 2, "{name}: {entries:?}");
+                assert!(
+                    entries[0].starts_with("einattn_bwd_dq")
+                        && entries[1].starts_with("einattn_bwd_dkdv")
+                );
+                let outputs: Vec<String> = (&k as &dyn Compiled)
+                    .manifest()
+                    .kernels
+                    .iter()
+                    .flat_map(|c| {
+                        c.tensors
+                            .iter()
+                            .filter(|t| t.role == einattn_backends::abi::TensorRole::Output)
+                    })
+                    .map(|t| t.name.clone())
+                    .collect();
+                let mut want: Vec<String> = g
+                    .grads
+                    .iter()
+                    .map(|(d, _)| g.cascade.tensors[*d].name.clone())
+                    .collect();
+                let mut got = outputs.clone();
+                want.sort();
+                got.sort();
+                assert_eq!(got, want, "{name}");
+            }
+            Err(FamilyError::NotMine(d)) => assert!(!fast, "{name}: {d:?}"),
+            Err(FamilyError::Failed(e)) => panic!("{name}: {e}"),
+        }
+    }
+}

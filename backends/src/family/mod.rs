@@ -320,6 +320,25 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
     Err(CompileError::Unmapped(reasons))
 }
 
+/// Compiles the backward cascade of `grad` (in `request`): the softmax family's backward
+/// kernels when it reads `forward` as softmax attention and the backward as its gradient,
+/// else the families in turn on the backward cascade itself.
+pub fn compile_gradient(
+    forward: &Cascade,
+    grad: &einattn_passes::grad::Grad,
+    request: &Request,
+) -> Result<Box<dyn Compiled>, CompileError> {
+    let reason = match softmax::gradient::compile_gradient(forward, grad, request.options) {
+        Ok(kernels) => return Ok(Box::new(kernels)),
+        Err(FamilyError::Failed(CompileError::Refused(d))) => vec![*d],
+        Err(FamilyError::Failed(e)) => return Err(e),
+        Err(FamilyError::NotMine(d)) => d,
+    };
+    let mut compiled = compile(request)?;
+    compiled.passed_over(&[("the backward of softmax attention", reason)]);
+    Ok(compiled)
+}
+
 /// What a contract's pointer, size, stride and scalar parameters are in the cascade: the
 /// tile program's ids mapped to cascade names.
 pub struct ContractNames {

@@ -6,12 +6,13 @@
 //! - [`program`]: the Tile IR program of the 1-pass (online softmax) kernel.
 
 pub mod backward;
+pub mod gradient;
 pub mod program;
 pub mod recognize;
 pub mod schedule;
 
 pub use program::{flash_attention, AttentionSchedule, AttentionSpec};
-pub use recognize::{recognize, AttentionMatch, Roles};
+pub use recognize::{recognize, AttentionMatch, Roles, Running};
 pub use schedule::{schedule, Schedule, ScheduleOptions};
 
 use super::{

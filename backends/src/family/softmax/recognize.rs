@@ -58,6 +58,18 @@ pub struct AttentionMatch {
     pub n_k: u64,
     /// One line per Einsum: its name and what it was read as.
     pub reading: Vec<(String, String)>,
+    /// The recurrences that carry the running max and the running denominator (in the
+    /// online forms): at their last step they hold the row max `M` and `sum exp(s - M)`,
+    /// from which a backward recomputes the probabilities.
+    pub running: Vec<(Handle<Tensor>, Running)>,
+}
+
+/// What a softmax recurrence carries from one key tile to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Running {
+    Max,
+    /// `sum exp(s - M)` against the running max.
+    Sum,
 }
 
 impl AttentionMatch {
@@ -1091,7 +1103,18 @@ impl<'c> Reader<'c> {
         };
         let extent = |r: Option<Handle<Rank>>| r.map_or(1, |r| c.ranks[r].extent);
         let key = Some(self.roles.key);
+        let mut running: Vec<(Handle<Tensor>, Running)> = self
+            .meanings
+            .iter()
+            .filter_map(|(&t, meaning)| match meaning {
+                Meaning::State(StateKind::Max) => Some((t, Running::Max)),
+                Meaning::State(StateKind::Sum { v: false }) => Some((t, Running::Sum)),
+                _ => None,
+            })
+            .collect();
+        running.sort_by_key(|(t, _)| t.index());
         Ok(AttentionMatch {
+            running,
             q: self.layout(self.q, self.roles.query, self.roles.head_dim)?,
             k: self.layout(self.k, key, self.roles.head_dim)?,
             v: self.layout(self.v, key, self.roles.value_dim)?,

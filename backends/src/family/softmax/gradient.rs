@@ -1,0 +1,416 @@
+//! The backward kernels of a forward this family reads: the two programs of
+//! [`super::backward`], bound to the tensors of `einattn grad`'s backward cascade.
+//!
+//! The backward cascade is the specification (`check --grad` compares these kernels with
+//! its interpreter); the family derives the kernels from its reading of the *forward*
+//! (score chain, masks, which recurrences carry the row max and denominator), since the
+//! backward's Einsums are that reading differentiated. It takes backward cascades that
+//! differentiate Q, K and V and read the forward's output and its final row max and sum
+//! (the online form's saved values); other backwards go to the general lowering.
+
+use super::backward::{dkdv_program, dq_program, names, BackwardSchedule};
+use super::{recognize, visible_flops, AttentionMatch, Running};
+use crate::abi::{Dtype, LaunchContract, Scratch, Source, TensorRole};
+use crate::family::{
+    backend_error, contract, contract_tensor, dtype, CompileError, Compiled, ContractNames,
+    ContractParts, FamilyError, Inputs, KernelOptions, KernelProgram, Layout, Module, Rate,
+};
+use crate::plan::Plan;
+use crate::print_ptx;
+use einattn_ir::arena::Handle;
+use einattn_ir::cascade::{Cascade, Span, Tensor};
+use einattn_ir::validate::{Diagnostic, DiagnosticKind};
+use einattn_passes::analysis::GpuModel;
+use einattn_passes::grad::{Grad, Source as Origin};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+fn not_mine(message: impl Into<String>) -> FamilyError {
+    FamilyError::NotMine(vec![Diagnostic::error(
+        DiagnosticKind::NotMappable,
+        message,
+        Span::UNKNOWN,
+    )])
+}
+
+/// The backward tensors the kernels bind, by role.
+struct Bound {
+    q: Handle<Tensor>,
+    k: Handle<Tensor>,
+    v: Handle<Tensor>,
+    o: Handle<Tensor>,
+    d_o: Handle<Tensor>,
+    row_max: Handle<Tensor>,
+    row_sum: Handle<Tensor>,
+    dq: Handle<Tensor>,
+    dk: Handle<Tensor>,
+    dv: Handle<Tensor>,
+    scalars: Vec<Handle<Tensor>>,
+    head_params: Vec<Handle<Tensor>>,
+}
+
+/// Finds each role of the forward reading among the backward's inputs and outputs.
+fn bind(m: &AttentionMatch, grad: &Grad) -> Result<Bound, FamilyError> {
+    let input = |want: Origin| {
+        grad.inputs
+            .iter()
+            .find(|(_, s)| *s == want)
+            .map(|(h, _)| *h)
+    };
+    let named = |what: &str, h: Option<Handle<Tensor>>| {
+        h.ok_or_else(|| not_mine(format!("the backward does not read {what}")))
+    };
+    let final_step = |kind: Running| {
+        m.running
+            .iter()
+            .filter(|(_, r)| *r == kind)
+            .find_map(|(t, _)| input(Origin::FinalStep(*t)))
+    };
+    let grad_of = |forward: Handle<Tensor>, what: &str| {
+        grad.grads
+            .iter()
+            .find(|(_, x)| *x == forward)
+            .map(|(d, _)| *d)
+            .ok_or_else(|| {
+                not_mine(format!(
+                    "the backward does not compute the gradient of {what}"
+                ))
+            })
+    };
+    if grad.grads.len() != 3 {
+        return Err(not_mine(
+            "the backward kernels compute the gradients of exactly Q, K and V",
+        ));
+    }
+    let forward_params = |ts: &[Handle<Tensor>]| -> Result<Vec<Handle<Tensor>>, FamilyError> {
+        ts.iter()
+            .map(|&t| named("a score parameter", input(Origin::Forward(t))))
+            .collect()
+    };
+    Ok(Bound {
+        q: named("Q", input(Origin::Forward(m.q.tensor)))?,
+        k: named("K", input(Origin::Forward(m.k.tensor)))?,
+        v: named("V", input(Origin::Forward(m.v.tensor)))?,
+        o: named("the forward's output", input(Origin::Forward(m.o.tensor)))?,
+        d_o: named(
+            "the output's gradient",
+            input(Origin::OutputGrad(m.o.tensor)),
+        )?,
+        row_max: named("the running max at its last step", final_step(Running::Max))?,
+        row_sum: named("the running sum at its last step", final_step(Running::Sum))?,
+        dq: grad_of(m.q.tensor, "Q")?,
+        dk: grad_of(m.k.tensor, "K")?,
+        dv: grad_of(m.v.tensor, "V")?,
+        scalars: forward_params(&m.scalar_params)?,
+        head_params: forward_params(&m.head_params)?,
+    })
+}
+
+/// The backward kernels of `forward` (read by this family) for `grad`'s backward cascade.
+pub fn compile_gradient(
+    forward: &Cascade,
+    grad: &Grad,
+    options: &KernelOptions,
+) -> Result<SoftmaxGradient, FamilyError> {
+    let m = recognize(forward).map_err(|d| FamilyError::NotMine(vec![d]))?;
+    let bound = bind(&m, grad)?;
+    let mut spec = m.spec.clone();
+    if let Some(elem) = options.elem {
+        spec.elem = elem;
+    }
+    let sched = BackwardSchedule::default_for(&spec);
+    let target = options.target;
+    let backward = &grad.cascade;
+    // The backward keeps the forward's rank names: its layouts use the same roles.
+    let rank = |r: Option<Handle<einattn_ir::cascade::Rank>>| {
+        r.and_then(|r| backward.rank_by_name(&forward.ranks[r].name))
+    };
+    let (batch, head, query, key) = (
+        rank(m.roles.batch),
+        rank(m.roles.head),
+        rank(m.roles.query),
+        rank(Some(m.roles.key)),
+    );
+    let layout = |t: Handle<Tensor>, seq| Layout::of(backward, t, batch, seq, head);
+    let elem = dtype(spec.elem);
+    let io = |t: Handle<Tensor>, seq, role| {
+        contract_tensor(backward, t, role, elem, Some(&layout(t, seq)))
+    };
+    let stats = |t: Handle<Tensor>| {
+        contract_tensor(
+            backward,
+            t,
+            TensorRole::Input,
+            Dtype::F32,
+            Some(&layout(t, query)),
+        )
+    };
+    let name = |t: Handle<Tensor>| backward.tensors[t].name.clone();
+    let scalars: Vec<(String, Option<f64>)> = bound
+        .scalars
+        .iter()
+        .map(|&t| (name(t), backward.tensors[t].default))
+        .collect();
+    let head_params: Vec<String> = bound.head_params.iter().map(|&t| name(t)).collect();
+    let params: Vec<_> = bound
+        .head_params
+        .iter()
+        .map(|&t| contract_tensor(backward, t, TensorRole::Param, Dtype::F32, None))
+        .collect();
+    let rows = m.batch * m.heads * m.n_q;
+    let scratch = vec![
+        Scratch {
+            name: names::LSE.into(),
+            dtype: Dtype::F32,
+            elements: rows,
+            zero_before_launch: false,
+            what: "the log-sum-exp of each query row [B, H, N_q], written by the dQ kernel, read by the dK/dV kernel".into(),
+        },
+        Scratch {
+            name: names::DELTA.into(),
+            dtype: Dtype::F32,
+            elements: rows,
+            zero_before_launch: false,
+            what: "rowsum(dO * O) of each query row [B, H, N_q], written by the dQ kernel, read by the dK/dV kernel".into(),
+        },
+    ];
+    let sizes = |n_q: u64, n_k: u64| -> BTreeMap<String, u64> {
+        [
+            ("batch", m.batch),
+            ("heads", m.heads),
+            ("n_q", n_q),
+            ("n_k", n_k),
+            ("kv_group", 1),
+            ("head_dim", u64::from(spec.head_dim)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    };
+    let family = |kernel: &str| {
+        json!({
+            "problem": {"batch": m.batch, "heads": m.heads, "n_q": m.n_q, "n_k": m.n_k,
+                        "head_dim": spec.head_dim, "elem": spec.elem.name(),
+                        "causal": spec.causal, "window": spec.window},
+            "schedule": {"block_m": sched.block_m, "block_n": sched.block_n,
+                         "warps": sched.warps, "stages": sched.stages},
+            "kernel": kernel,
+            "score": format!("{:?}", spec.score.expr),
+        })
+    };
+    let module = |program: crate::TileProgram,
+                  tensors: Vec<crate::abi::ContractTensor>,
+                  names: ContractNames,
+                  sizes: BTreeMap<String, u64>,
+                  what: &str|
+     -> Result<Module, CompileError> {
+        let ptx = print_ptx(&program, target).map_err(backend_error)?;
+        let contract = contract(
+            &ptx,
+            ContractParts {
+                sizes,
+                tensors,
+                scratch: scratch.clone(),
+                names,
+                requires: vec![],
+                family: family(what),
+            },
+        )?;
+        Ok(Module {
+            program: KernelProgram::Tile(Box::new(program)),
+            ptx,
+            contract,
+        })
+    };
+
+    let dq_prog = dq_program(&spec, &sched).map_err(backend_error)?;
+    let mut dq_tensors = vec![
+        io(bound.q, query, TensorRole::Input),
+        io(bound.k, key, TensorRole::Input),
+        io(bound.v, key, TensorRole::Input),
+        io(bound.o, query, TensorRole::Input),
+        io(bound.d_o, query, TensorRole::Input),
+        io(bound.dq, query, TensorRole::Output),
+        stats(bound.row_max),
+        stats(bound.row_sum),
+    ];
+    dq_tensors.extend(params.iter().cloned());
+    let dq = module(
+        dq_prog,
+        dq_tensors,
+        ContractNames {
+            tensors: [bound.q, bound.k, bound.v, bound.o, bound.d_o, bound.dq]
+                .map(name)
+                .to_vec(),
+            head_params: head_params.clone(),
+            scalars: scalars.clone(),
+            tokens: vec![name(bound.row_max), name(bound.row_sum)],
+            states: vec![],
+            row_outputs: vec![names::LSE.into(), names::DELTA.into()],
+        },
+        sizes(m.n_q, m.n_k),
+        "dq",
+    )?;
+
+    let dkdv_prog = dkdv_program(&spec, &sched).map_err(backend_error)?;
+    let mut dkdv_tensors = vec![
+        io(bound.k, key, TensorRole::Input),
+        io(bound.v, key, TensorRole::Input),
+        io(bound.q, query, TensorRole::Input),
+        io(bound.d_o, query, TensorRole::Input),
+        io(bound.dk, key, TensorRole::Output),
+        io(bound.dv, key, TensorRole::Output),
+    ];
+    dkdv_tensors.extend(params.iter().cloned());
+    let mut dkdv = module(
+        dkdv_prog,
+        dkdv_tensors,
+        ContractNames {
+            tensors: [bound.k, bound.v, bound.q, bound.d_o, bound.dk, bound.dv]
+                .map(name)
+                .to_vec(),
+            head_params,
+            scalars,
+            tokens: vec![names::LSE.into(), names::DELTA.into()],
+            states: vec![],
+            row_outputs: vec![],
+        },
+        // Its rows are keys and its loop walks queries.
+        sizes(m.n_k, m.n_q),
+        "dkdv",
+    )?;
+    read_row_scratch(&mut dkdv.contract, m.heads, m.n_q)?;
+
+    let mut explain = String::new();
+    let _ = writeln!(
+        explain,
+        "lowering: softmax attention backward, 2 kernels (derived from the forward `{}`, read as softmax attention)",
+        forward.name
+    );
+    let _ = writeln!(
+        explain,
+        "  {}: one CTA per (query tile of {}, batch, head) over key tiles of {}: lse = M + ln L from the saved `{}` and `{}`, delta = rowsum(dO * O), P = exp(s - lse), dP = dO V^T, dS = P (dP - delta) ds/d(q.k), dQ = dS K",
+        dq.ptx.entry, sched.block_m, sched.block_n, name(bound.row_max), name(bound.row_sum)
+    );
+    let _ = writeln!(
+        explain,
+        "  {}: one CTA per (key tile of {}, batch, head) over the query tiles that see it ({}): P^T, dV = P^T dO, dP^T = V dO^T, dS^T, dK = dS^T Q",
+        dkdv.ptx.entry,
+        sched.block_m,
+        sched.block_n
+    );
+    let _ = writeln!(
+        explain,
+        "why: the forward reads as softmax attention and the backward differentiates Q, K and V from its output and its final row max and sum, so P is recomputed tile by tile (FlashAttention's backward) instead of stored; dQ and dK/dV are separate kernels (7 MMAs per tile pair instead of 5, no atomics)"
+    );
+    // Tensor-core work: the forward's 2 products recomputed twice plus 3 gradient products.
+    let flops = visible_flops(&m) * 3.5;
+    Ok(SoftmaxGradient {
+        cascade: backward.clone(),
+        modules: vec![dq, dkdv],
+        explain,
+        flops,
+        work: m.batch * m.heads * m.n_q * m.n_k * u64::from(spec.head_dim) * 5,
+    })
+}
+
+/// Points the dK/dV kernel's token parameters (`lse`, `delta`) at the scratch arrays the
+/// dQ kernel writes (`[B, H, N_q]` f32: strides `H N_q`, 1, `N_q`).
+fn read_row_scratch(c: &mut LaunchContract, heads: u64, n_q: u64) -> Result<(), CompileError> {
+    let strides = [
+        (crate::abi::Axis::Batch, "batch", heads * n_q),
+        (crate::abi::Axis::Seq, "seq", 1),
+        (crate::abi::Axis::Head, "head", n_q),
+    ];
+    for name in [names::LSE, names::DELTA] {
+        for p in &mut c.params {
+            match &p.from {
+                Source::Tensor { tensor } if tensor == name => {
+                    p.from = Source::Scratch {
+                        scratch: name.into(),
+                    }
+                }
+                Source::Stride { tensor, axis } if tensor == name => {
+                    let (_, axis_name, stride) = strides
+                        .iter()
+                        .find(|(a, _, _)| a == axis)
+                        .copied()
+                        .ok_or_else(|| CompileError::Input("unknown axis".into()))?;
+                    let size = format!("{name}_stride_{axis_name}");
+                    c.sizes.insert(size.clone(), stride);
+                    p.from = Source::Size { size };
+                }
+                _ => {}
+            }
+        }
+    }
+    c.check().map_err(CompileError::Input)
+}
+
+/// The backward of softmax attention compiled to its two kernels.
+pub struct SoftmaxGradient {
+    cascade: Cascade,
+    modules: Vec<Module>,
+    explain: String,
+    flops: f64,
+    work: u64,
+}
+
+impl Compiled for SoftmaxGradient {
+    fn family(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn cascade(&self) -> &Cascade {
+        &self.cascade
+    }
+
+    fn modules(&self) -> &[Module] {
+        &self.modules
+    }
+
+    fn explain(&self) -> String {
+        self.explain.clone()
+    }
+
+    fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
+        // The backward cascade is its own formula: the interpreter, on the main output.
+        let manifest = (self as &dyn Compiled).manifest();
+        let out = manifest
+            .main_output()
+            .and_then(|name| self.cascade.tensor_by_name(name));
+        let values = einattn_ir::interp::evaluate_in_order(
+            &self.cascade,
+            inputs,
+            &einattn_ir::validate::topological_order(&self.cascade),
+        );
+        let values = match (values, out) {
+            (Ok(v), Some(o)) => v
+                .get(o)
+                .map(|d| d.stored().into_owned())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        (values, "the cascade interpreter (f64)")
+    }
+
+    fn interpreter_work(&self) -> u64 {
+        self.work
+    }
+
+    fn formula_work(&self) -> u64 {
+        self.work
+    }
+
+    fn rate(&self) -> Rate {
+        Rate::Flops {
+            flops: self.flops,
+            predicted_ms: 0.0,
+        }
+    }
+
+    fn plan_modules(&self, _plan: &mut Plan, _gpu: &GpuModel) -> Result<Vec<Module>, String> {
+        Err("sequence-parallel plans of backward kernels are not built yet".into())
+    }
+}
