@@ -314,14 +314,30 @@ fn backward_kernels_assemble_without_spills() {
                     }
                     _ => {}
                 }
-                let sched = BackwardSchedule::default_for(&spec);
-                for prog in [dq_program(&spec, &sched), dkdv_program(&spec, &sched)] {
+                let sync = BackwardSchedule::default_for(&spec);
+                let wgmma = BackwardSchedule {
+                    mma: einattn_backends::tile::MmaUnit::Warpgroup,
+                    ..sync
+                };
+                let programs = [
+                    (dq_program(&spec, &sync), Target::Sm80, "sm_80"),
+                    (dkdv_program(&spec, &sync), Target::Sm80, "sm_80"),
+                    (dq_program(&spec, &sync), Target::Sm90a, "sm_90a"),
+                    (dkdv_program(&spec, &sync), Target::Sm90a, "sm_90a"),
+                    (dq_program(&spec, &wgmma), Target::Sm90a, "sm_90a"),
+                    (dkdv_program(&spec, &wgmma), Target::Sm90a, "sm_90a"),
+                ];
+                for (prog, target, arch) in programs {
                     let prog = prog.expect("program");
-                    for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
+                    {
                         let ptx = print_ptx(&prog, target).expect("prints");
                         let r = assemble(&ptxas, &ptx.text, arch)
                             .unwrap_or_else(|e| panic!("{} {arch}: {e}", prog.name));
                         assert!(!r.spills(), "{} {arch}: {r:?}", prog.name);
+                        eprintln!(
+                            "{} {:?} {arch}: {} registers",
+                            prog.name, prog.schedule.mma, r.registers
+                        );
                     }
                 }
             }

@@ -328,9 +328,12 @@ pub fn compile_gradient(
     grad: &einattn_passes::grad::Grad,
     request: &Request,
 ) -> Result<Box<dyn Compiled>, CompileError> {
+    let o = request.options;
+    // Kernel-shape options asked of these kernels: their refusal is the answer.
+    let shaped = !o.tiles.is_empty() || o.warps.is_some() || o.mma.is_some();
     let reason = match softmax::gradient::compile_gradient(forward, grad, request.options) {
         Ok(kernels) => return Ok(Box::new(kernels)),
-        Err(FamilyError::Failed(CompileError::Refused(d))) => vec![*d],
+        Err(FamilyError::Failed(CompileError::Refused(d))) if !shaped => vec![*d],
         Err(FamilyError::Failed(e)) => return Err(e),
         Err(FamilyError::NotMine(d)) => d,
     };

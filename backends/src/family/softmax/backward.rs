@@ -27,6 +27,7 @@ pub struct BackwardSchedule {
     pub block_n: u32,
     pub warps: u32,
     pub stages: u32,
+    pub mma: MmaUnit,
 }
 
 impl BackwardSchedule {
@@ -39,6 +40,7 @@ impl BackwardSchedule {
             block_n: if spec.head_dim <= 64 { 64 } else { 32 },
             warps: 4,
             stages: 2,
+            mma: MmaUnit::Sync,
         }
     }
 }
@@ -216,7 +218,7 @@ impl Builder {
                 warps: sched.warps,
                 stages: sched.stages,
                 skip_unit_rescale: false,
-                mma: MmaUnit::Sync,
+                mma: sched.mma,
             },
             sequential: false,
             col_blocks: 1,
@@ -290,6 +292,19 @@ impl Builder {
     }
 }
 
+/// `einattn_bwd_<part>` and the forward kernel's name without its prefix; `_wg` when the
+/// contractions are warpgroup MMAs.
+fn kernel_name(part: &str, spec: &AttentionSpec, sched: &BackwardSchedule) -> String {
+    let forward = spec.kernel_name();
+    let shape = forward.strip_prefix("einattn_fwd").unwrap_or(&forward);
+    let unit = if sched.mma == MmaUnit::Warpgroup {
+        "_wg"
+    } else {
+        ""
+    };
+    format!("einattn_bwd_{part}{shape}{unit}")
+}
+
 fn check_spec(spec: &AttentionSpec, sched: &BackwardSchedule) -> Result<(), TileError> {
     if spec.elem == Elem::F32 {
         return Err(TileError::Unsupported("16-bit inputs only".into()));
@@ -361,10 +376,7 @@ pub fn dq_program(
     sched: &BackwardSchedule,
 ) -> Result<TileProgram, TileError> {
     check_spec(spec, sched)?;
-    let name = format!(
-        "einattn_bwd_dq{}",
-        &spec.kernel_name()["einattn_fwd".len()..]
-    );
+    let name = kernel_name("dq", spec, sched);
     let mut b = Builder::new(name, spec, sched);
     let q = b.tensor(names::Q, SeqRank::Query, false);
     let k = b.tensor(names::K, SeqRank::Key, false);
@@ -484,10 +496,7 @@ pub fn dkdv_program(
     sched: &BackwardSchedule,
 ) -> Result<TileProgram, TileError> {
     check_spec(spec, sched)?;
-    let name = format!(
-        "einattn_bwd_dkdv{}",
-        &spec.kernel_name()["einattn_fwd".len()..]
-    );
+    let name = kernel_name("dkdv", spec, sched);
     let mut b = Builder::new(name, spec, sched);
     // Rows along the program's query rank are the attention's keys, and vice versa.
     let k = b.tensor(names::K, SeqRank::Query, false);

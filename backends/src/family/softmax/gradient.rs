@@ -119,8 +119,8 @@ pub fn compile_gradient(
     if let Some(elem) = options.elem {
         spec.elem = elem;
     }
-    let sched = BackwardSchedule::default_for(&spec);
     let target = options.target;
+    let sched = backward_schedule(forward, &m, &spec, options)?;
     let backward = &grad.cascade;
     // The backward keeps the forward's rank names: its layouts use the same roles.
     let rank = |r: Option<Handle<einattn_ir::cascade::Rank>>| {
@@ -194,7 +194,8 @@ pub fn compile_gradient(
                         "head_dim": spec.head_dim, "elem": spec.elem.name(),
                         "causal": spec.causal, "window": spec.window},
             "schedule": {"block_m": sched.block_m, "block_n": sched.block_n,
-                         "warps": sched.warps, "stages": sched.stages},
+                         "warps": sched.warps, "stages": sched.stages,
+                         "mma": sched.mma.name()},
             "kernel": kernel,
             "score": format!("{:?}", spec.score.expr),
         })
@@ -285,7 +286,8 @@ pub fn compile_gradient(
     let mut explain = String::new();
     let _ = writeln!(
         explain,
-        "lowering: softmax attention backward, 2 kernels (derived from the forward `{}`, read as softmax attention)",
+        "lowering: softmax attention backward, 2 kernels with {} (derived from the forward `{}`, read as softmax attention)",
+        sched.mma.name(),
         forward.name
     );
     let _ = writeln!(
@@ -313,6 +315,47 @@ pub fn compile_gradient(
         flops,
         work: m.batch * m.heads * m.n_q * m.n_k * u64::from(spec.head_dim) * 5,
     })
+}
+
+/// The kernels' shape: the defaults, with the user's `--mma`, `--warps` (16 rows each)
+/// and `--tile` (the forward's key rank for the loop tile, its query rank for the rows).
+fn backward_schedule(
+    forward: &Cascade,
+    m: &AttentionMatch,
+    spec: &super::AttentionSpec,
+    options: &KernelOptions,
+) -> Result<BackwardSchedule, FamilyError> {
+    let mut sched = BackwardSchedule::default_for(spec);
+    if let Some(mma) = options.mma {
+        sched.mma = mma;
+    }
+    if let Some(w) = options.warps {
+        sched.warps = w;
+        sched.block_m = 16 * w;
+    }
+    let name = |r| forward.ranks[r].name.clone();
+    let mut key_names = vec![name(m.roles.key)];
+    if let Some((_, inner, _)) = m.roles.key_split {
+        key_names.push(name(inner));
+    }
+    let query_names: Vec<String> = m.roles.query.map(name).into_iter().collect();
+    for (n, size) in &options.tiles {
+        let size = u32::try_from(*size)
+            .map_err(|_| CompileError::Usage(format!("error: tile size {size} is too large")))?;
+        if key_names.contains(n) {
+            sched.block_n = size;
+        } else if query_names.contains(n) {
+            sched.block_m = size;
+        } else {
+            return Err(CompileError::Usage(format!(
+                "error: `--tile {n}=...`: the backward kernels tile the key rank ({}) and the query rank ({})",
+                key_names.join(", "),
+                query_names.join(", ")
+            ))
+            .into());
+        }
+    }
+    Ok(sched)
 }
 
 /// Points the dK/dV kernel's token parameters (`lse`, `delta`) at the scratch arrays the
