@@ -21,11 +21,13 @@ for ex in "attention_1pass -D M=320" "attention_causal -D N=320" "attention_mha 
 done
 run_one() {
   # shellcheck disable=SC2086
-  out=$($BIN check --grad examples/$1 --seed 5 2>&1)
+  set -- $1
+  name=$1; shift
+  out=$($BIN check --grad examples/$name.ein "$@" --seed 5 2>&1)
   rc=$?
   line=$(echo "$out" | grep -E "^(kernel|PASS|FAIL)" | tr "\n" " ")
   [ -z "$line" ] && line=$(echo "$out" | tail -1)
-  if [ $rc = 0 ]; then echo "ok   $1: $line"; else echo "BAD  $1 (rc $rc): $line"; fi
+  if [ $rc = 0 ]; then echo "ok   $name $*: $line"; else echo "BAD  $name $* (rc $rc): $line"; fi
 }
 export -f run_one; export BIN
 results=$(xargs -P 8 -I{} bash -c 'run_one "$@"' _ {} < "$jobs" | sort)

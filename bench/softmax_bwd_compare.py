@@ -22,11 +22,10 @@ OUT = os.environ.get("OUT", "/tmp")
 # Kernel shapes of ours to time (flags of `einattn bench --grad`); the fastest is reported
 # as `ours`, every one under `variants`.
 VARIANTS = [
-    ("sync", []),
+    ("default", []),
+    ("sync", ["--mma", "sync", "--tile", "m=32"]),
     ("sync_n64", ["--tile", "m=64"]),
-    ("wgmma", ["--mma", "wgmma"]),
-    ("wgmma_n64", ["--mma", "wgmma", "--tile", "m=64"]),
-    ("wgmma_w8", ["--mma", "wgmma", "--warps", "8"]),
+    ("wgmma_n32", ["--mma", "wgmma", "--tile", "m=32"]),
     ("wgmma_w8_n64", ["--mma", "wgmma", "--warps", "8", "--tile", "m=64"]),
 ]
 

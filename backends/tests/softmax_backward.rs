@@ -251,7 +251,7 @@ fn backward_programs_match_the_attention_backward() {
         ("d128", case(72, 128, Elem::Bf16, |s| s.causal = true)),
     ];
     for (name, c) in cases {
-        let sched = BackwardSchedule::default_for(&c.spec);
+        let sched = BackwardSchedule::default_for(&c.spec, einattn_backends::Target::Sm80);
         let err = run_case(&c, &sched, 11);
         assert!(err < 1e-2, "{name}: relative error {err}");
     }
@@ -314,11 +314,8 @@ fn backward_kernels_assemble_without_spills() {
                     }
                     _ => {}
                 }
-                let sync = BackwardSchedule::default_for(&spec);
-                let wgmma = BackwardSchedule {
-                    mma: einattn_backends::tile::MmaUnit::Warpgroup,
-                    ..sync
-                };
+                let sync = BackwardSchedule::default_for(&spec, Target::Sm80);
+                let wgmma = BackwardSchedule::default_for(&spec, Target::Sm90a);
                 let programs = [
                     (dq_program(&spec, &sync), Target::Sm80, "sm_80"),
                     (dkdv_program(&spec, &sync), Target::Sm80, "sm_80"),

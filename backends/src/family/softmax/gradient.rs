@@ -325,7 +325,7 @@ fn backward_schedule(
     spec: &super::AttentionSpec,
     options: &KernelOptions,
 ) -> Result<BackwardSchedule, FamilyError> {
-    let mut sched = BackwardSchedule::default_for(spec);
+    let mut sched = BackwardSchedule::default_for(spec, options.target);
     if let Some(mma) = options.mma {
         sched.mma = mma;
     }
