@@ -24,7 +24,7 @@ OUT = os.environ.get("OUT", "/tmp")
 VARIANTS = [
     ("default", []),
     ("sync", ["--mma", "sync", "--tile", "m=32"]),
-    ("sync_n64", ["--tile", "m=64"]),
+    ("sync_n64", ["--mma", "sync", "--tile", "m=64"]),
     ("wgmma_n32", ["--mma", "wgmma", "--tile", "m=32"]),
     ("wgmma_w8_n64", ["--mma", "wgmma", "--warps", "8", "--tile", "m=64"]),
 ]
