@@ -3,7 +3,7 @@
 //! score modifiers, ragged lengths and both 16-bit types.
 
 use einattn_backends::family::softmax::backward::{
-    dkdv_program, dq_program, score_derivative, BackwardSchedule,
+    dkdv_program, dq_program, score_derivative, BackwardSchedule, Statistics,
 };
 use einattn_backends::family::softmax::program::{AttentionSpec, Score, DOT};
 use einattn_backends::reference::relative_error;
@@ -114,7 +114,7 @@ fn naive(
 }
 
 /// Runs both programs on the CPU; returns the largest relative error of dQ, dK, dV.
-fn run_case(c: &Case, sched: &BackwardSchedule, seed: u64) -> f64 {
+fn run_case(c: &Case, sched: &BackwardSchedule, stats: Statistics, seed: u64) -> f64 {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let size = c.batch * c.n * c.heads * c.d;
     let elem = c.spec.elem;
@@ -137,7 +137,19 @@ fn run_case(c: &Case, sched: &BackwardSchedule, seed: u64) -> f64 {
         n_q: c.n,
         n_k: c.n,
     };
-    let dq_prog = dq_program(&c.spec, sched).expect("dq program");
+    let dq_prog = dq_program(&c.spec, sched, stats).expect("dq program");
+    let lse_in: Vec<f64> = row_max
+        .iter()
+        .zip(&row_sum)
+        .map(|(m, l)| m + l.ln())
+        .collect();
+    let (tokens, row_outputs) = match stats {
+        Statistics::MaxAndSum => (
+            vec![bhn(&row_max), bhn(&row_sum)],
+            vec![vec![f64::NAN; rows]; 2],
+        ),
+        Statistics::LogSumExp => (vec![bhn(&lse_in)], vec![vec![f64::NAN; rows]]),
+    };
     let mut io = Bindings {
         tensors: vec![
             host(&q),
@@ -147,18 +159,21 @@ fn run_case(c: &Case, sched: &BackwardSchedule, seed: u64) -> f64 {
             host(&d_o),
             host(&vec![f64::NAN; size]),
         ],
-        row_outputs: vec![vec![f64::NAN; rows], vec![f64::NAN; rows]],
+        row_outputs,
         scalars: c.scalars.clone(),
         head_params: c.head_params.clone(),
         states: vec![],
         chunk_base: 0,
         chunk_total: 0,
         q_offset: 0,
-        tokens: vec![bhn(&row_max), bhn(&row_sum)],
+        tokens,
     };
     run(&dq_prog, prob, &mut io).expect("dq runs");
     let dq = io.tensors[5].data.clone();
-    let (lse, delta) = (io.row_outputs[0].clone(), io.row_outputs[1].clone());
+    let (lse, delta) = match stats {
+        Statistics::MaxAndSum => (io.row_outputs[0].clone(), io.row_outputs[1].clone()),
+        Statistics::LogSumExp => (lse_in, io.row_outputs[0].clone()),
+    };
     let dkdv_prog = dkdv_program(&c.spec, sched).expect("dkdv program");
     let mut io = Bindings {
         tensors: vec![
@@ -252,8 +267,10 @@ fn backward_programs_match_the_attention_backward() {
     ];
     for (name, c) in cases {
         let sched = BackwardSchedule::default_for(&c.spec, einattn_backends::Target::Sm80);
-        let err = run_case(&c, &sched, 11);
-        assert!(err < 1e-2, "{name}: relative error {err}");
+        for stats in [Statistics::MaxAndSum, Statistics::LogSumExp] {
+            let err = run_case(&c, &sched, stats, 11);
+            assert!(err < 1e-2, "{name} {stats:?}: relative error {err}");
+        }
     }
 }
 
@@ -317,11 +334,28 @@ fn backward_kernels_assemble_without_spills() {
                 let sync = BackwardSchedule::default_for(&spec, Target::Sm80);
                 let wgmma = BackwardSchedule::default_for(&spec, Target::Sm90a);
                 let programs = [
-                    (dq_program(&spec, &sync), Target::Sm80, "sm_80"),
+                    (
+                        dq_program(&spec, &sync, Statistics::MaxAndSum),
+                        Target::Sm80,
+                        "sm_80",
+                    ),
                     (dkdv_program(&spec, &sync), Target::Sm80, "sm_80"),
-                    (dq_program(&spec, &sync), Target::Sm90a, "sm_90a"),
+                    (
+                        dq_program(&spec, &sync, Statistics::LogSumExp),
+                        Target::Sm90a,
+                        "sm_90a",
+                    ),
                     (dkdv_program(&spec, &sync), Target::Sm90a, "sm_90a"),
-                    (dq_program(&spec, &wgmma), Target::Sm90a, "sm_90a"),
+                    (
+                        dq_program(&spec, &wgmma, Statistics::MaxAndSum),
+                        Target::Sm90a,
+                        "sm_90a",
+                    ),
+                    (
+                        dq_program(&spec, &wgmma, Statistics::LogSumExp),
+                        Target::Sm90a,
+                        "sm_90a",
+                    ),
                     (dkdv_program(&spec, &wgmma), Target::Sm90a, "sm_90a"),
                 ];
                 for (prog, target, arch) in programs {
@@ -342,9 +376,10 @@ fn backward_kernels_assemble_without_spills() {
     }
 }
 
-/// Which backward cascades of the examples take the softmax backward kernels: those whose
-/// forward saves its output and final row max and sum (the online forms); the others
-/// (2- and 3-pass forms, which save only a max) say why and go to the general lowering.
+/// Which backward cascades of the examples take the softmax backward kernels: every one
+/// whose forward reads as softmax attention; those whose forward saves its output and
+/// final row max and sum (the online forms) in two kernels, the others (2- and 3-pass
+/// forms, which save only a max) with the forward kernel run again first.
 #[test]
 fn examples_with_saved_statistics_take_the_backward_kernels() {
     use einattn_backends::family::softmax::gradient::compile_gradient;
@@ -355,15 +390,16 @@ fn examples_with_saved_statistics_take_the_backward_kernels() {
         let text = std::fs::read_to_string(&path).expect("example");
         einattn_dsl::compile_source(&path, &text, &[]).expect("valid")
     };
-    for (name, fast) in [
-        ("attention_1pass", true),
-        ("attention_causal", true),
-        ("attention_mha", true),
-        ("attention_sliding_window", true),
-        ("attention_2pass", false),
-        ("attention_3pass", false),
-        ("attention_softcap", false),
-        ("linear_causal", false),
+    for (name, fast, kernels) in [
+        ("attention_1pass", true, 2),
+        ("attention_causal", true, 2),
+        ("attention_mha", true, 2),
+        ("attention_sliding_window", true, 2),
+        ("attention_2pass", true, 3),
+        ("attention_3pass", true, 3),
+        ("attention_softcap", true, 3),
+        ("linear_causal", false, 0),
+        ("sigmoid_attention", false, 0),
     ] {
         let forward = load(name);
         let g = grad(&forward, &GradOptions { wrt: None }).expect("differentiable");
@@ -371,11 +407,12 @@ fn examples_with_saved_statistics_take_the_backward_kernels() {
             Ok(k) => {
                 assert!(fast, "{name} took the backward kernels");
                 let entries: Vec<&str> = k.modules().iter().map(|m| m.ptx.entry.as_str()).collect();
-                assert_eq!(entries.len(), 2, "{name}: {entries:?}");
-                assert!(
-                    entries[0].starts_with("einattn_bwd_dq")
-                        && entries[1].starts_with("einattn_bwd_dkdv")
-                );
+                assert_eq!(entries.len(), kernels, "{name}: {entries:?}");
+                if kernels == 3 {
+                    assert!(entries[0].starts_with("einattn_fwd") && entries[0].ends_with("_lse"));
+                }
+                assert!(entries[kernels - 2].starts_with("einattn_bwd_dq"));
+                assert!(entries[kernels - 1].starts_with("einattn_bwd_dkdv"));
                 let outputs: Vec<String> = (&k as &dyn Compiled)
                     .manifest()
                     .kernels

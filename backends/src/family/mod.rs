@@ -518,3 +518,51 @@ pub fn backend_error(e: crate::TileError) -> CompileError {
         einattn_ir::cascade::Span::UNKNOWN,
     )))
 }
+
+/// Turns the contract's tensors named in `names` into scratch arrays: pointers to them
+/// read the scratch, strides along them become sizes (`NAME_stride_AXIS`, the scratch is
+/// laid out at the compiled sizes).
+pub(crate) fn tensors_to_scratch(
+    c: &mut LaunchContract,
+    names: &[String],
+    what: &dyn Fn(&str) -> String,
+) -> Result<(), CompileError> {
+    let axis_name = |a: abi::Axis| match a {
+        abi::Axis::Batch => "batch",
+        abi::Axis::Seq => "seq",
+        abi::Axis::Head => "head",
+    };
+    for name in names {
+        let Some(pos) = c.tensors.iter().position(|t| &t.name == name) else {
+            continue;
+        };
+        let t = c.tensors.remove(pos);
+        for p in &mut c.params {
+            match &p.from {
+                Source::Tensor { tensor } if tensor == name => {
+                    p.from = Source::Scratch {
+                        scratch: name.clone(),
+                    }
+                }
+                Source::Stride { tensor, axis } if tensor == name => {
+                    let size = format!("{name}_stride_{}", axis_name(*axis));
+                    let stride = t
+                        .strides
+                        .map(|s| s.along(*axis))
+                        .ok_or_else(|| CompileError::Input(format!("`{name}` has no strides")))?;
+                    c.sizes.insert(size.clone(), stride);
+                    p.from = Source::Size { size };
+                }
+                _ => {}
+            }
+        }
+        c.scratch.push(abi::Scratch {
+            name: name.clone(),
+            dtype: t.dtype,
+            elements: t.elements(),
+            zero_before_launch: false,
+            what: what(name),
+        });
+    }
+    c.check().map_err(CompileError::Input)
+}

@@ -22,7 +22,7 @@ use super::{
     backend_error, contract, contract_tensor, dtype, CompileError, Compiled, ContractNames,
     ContractParts, FamilyError, Inputs, KernelFamily, Module, Rate, Request,
 };
-use crate::abi::{Axis, Dtype, LaunchContract, Scratch, Source, TensorRole};
+use crate::abi::{Dtype, Scratch, TensorRole};
 use crate::plan::{Phase, Plan, Step};
 use crate::print_ptx;
 use crate::tile::MmaUnit;
@@ -263,54 +263,6 @@ fn scratch_what(m: &LinearMatch, core: &Cascade, name: &str) -> String {
     }
 }
 
-/// Turns the contract's tensors named in `names` into scratch arrays: pointers to them
-/// read the scratch, strides along them become sizes (`NAME_stride_AXIS`, the scratch is
-/// laid out at the compiled sizes).
-fn tensors_to_scratch(
-    c: &mut LaunchContract,
-    names: &[String],
-    what: &dyn Fn(&str) -> String,
-) -> Result<(), CompileError> {
-    let axis_name = |a: Axis| match a {
-        Axis::Batch => "batch",
-        Axis::Seq => "seq",
-        Axis::Head => "head",
-    };
-    for name in names {
-        let Some(pos) = c.tensors.iter().position(|t| &t.name == name) else {
-            continue;
-        };
-        let t = c.tensors.remove(pos);
-        for p in &mut c.params {
-            match &p.from {
-                Source::Tensor { tensor } if tensor == name => {
-                    p.from = Source::Scratch {
-                        scratch: name.clone(),
-                    }
-                }
-                Source::Stride { tensor, axis } if tensor == name => {
-                    let size = format!("{name}_stride_{}", axis_name(*axis));
-                    let stride = t
-                        .strides
-                        .map(|s| s.along(*axis))
-                        .ok_or_else(|| CompileError::Input(format!("`{name}` has no strides")))?;
-                    c.sizes.insert(size.clone(), stride);
-                    p.from = Source::Size { size };
-                }
-                _ => {}
-            }
-        }
-        c.scratch.push(Scratch {
-            name: name.clone(),
-            dtype: t.dtype,
-            elements: t.elements(),
-            zero_before_launch: false,
-            what: what(name),
-        });
-    }
-    c.check().map_err(CompileError::Input)
-}
-
 impl LinearKernels {
     /// The names of what the pre-kernels write (scratch arrays of every kernel).
     fn pre_written(&self) -> Vec<String> {
@@ -343,7 +295,7 @@ impl LinearKernels {
             .iter()
             .map(|module| {
                 let mut module = module.clone();
-                tensors_to_scratch(&mut module.contract, &written, &what)?;
+                super::tensors_to_scratch(&mut module.contract, &written, &what)?;
                 Ok(module)
             })
             .collect()
@@ -468,7 +420,7 @@ impl LinearKernels {
                 });
             }
             let what = |n: &str| scratch_what(m, c, n);
-            tensors_to_scratch(&mut contract, &self.pre_written(), &what)?;
+            super::tensors_to_scratch(&mut contract, &self.pre_written(), &what)?;
         }
         Ok(Module {
             program: super::KernelProgram::Tile(Box::new(program)),

@@ -13,8 +13,9 @@
 //! its rows are keys, its loop walks query tiles, masks are mirrored and the per-query
 //! `lse` and `delta` are read as column tokens.
 //!
-//! The log-sum-exp comes from what the forward saved: its running max `M` and sum `L` at
-//! the last step (`lse = M + ln L`, read as row tokens by the query-tiled kernel).
+//! The log-sum-exp comes from what the forward saved, its running max `M` and sum `L` at
+//! the last step (`lse = M + ln L`, read as row tokens by the query-tiled kernel), or from
+//! a forward kernel run again with its log-sum-exp output ([`Statistics`]).
 
 use super::program::{simplify, AttentionSpec, LOG2_E};
 use crate::tile::ex::*;
@@ -58,6 +59,16 @@ impl BackwardSchedule {
             },
         }
     }
+}
+
+/// Where the query-tiled kernel finds each row's log-sum-exp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Statistics {
+    /// The forward's final running max and sum (tokens `row_max`, `row_sum`): it computes
+    /// `lse = M + ln L` and stores it for the key-tiled kernel.
+    MaxAndSum,
+    /// The log-sum-exp itself (token `lse`, already where the key-tiled kernel reads it).
+    LogSumExp,
 }
 
 /// `d score / d dot` of a score chain ([`super::program::Score::expr`], with
@@ -389,6 +400,7 @@ fn probabilities(
 pub fn dq_program(
     spec: &AttentionSpec,
     sched: &BackwardSchedule,
+    stats: Statistics,
 ) -> Result<TileProgram, TileError> {
     check_spec(spec, sched)?;
     let name = kernel_name("dq", spec, sched);
@@ -399,15 +411,19 @@ pub fn dq_program(
     let o = b.tensor(names::O, SeqRank::Query, false);
     let d_o = b.tensor(names::DO, SeqRank::Query, false);
     let dq = b.tensor(names::DQ, SeqRank::Query, true);
-    let row_max = b.token(names::MAX);
-    let row_sum = b.token(names::SUM);
-    b.p.row_outputs.push(RowOutput {
-        name: names::LSE.into(),
-    });
+    let tokens: Vec<TokenId> = match stats {
+        Statistics::MaxAndSum => vec![b.token(names::MAX), b.token(names::SUM)],
+        Statistics::LogSumExp => vec![b.token(names::LSE)],
+    };
+    if stats == Statistics::MaxAndSum {
+        b.p.row_outputs.push(RowOutput {
+            name: names::LSE.into(),
+        });
+    }
     b.p.row_outputs.push(RowOutput {
         name: names::DELTA.into(),
     });
-    let (lse_out, delta_out) = (RowOutputId(0), RowOutputId(1));
+    let delta_out = RowOutputId(b.p.row_outputs.len() as u32 - 1);
     let (bm, bn, d) = (sched.block_m, sched.block_n, spec.head_dim);
     let q_s = b.shared("q_s", bm, SeqRank::Query);
     let o_s = b.shared("o_s", bm, SeqRank::Query);
@@ -446,14 +462,13 @@ pub fn dq_program(
         },
         Stmt::RowMap {
             dst: lse,
-            expr: add(
-                ScalarExpr::Token(row_max, TokenAt::Row),
-                un(UnaryOp::Log, ScalarExpr::Token(row_sum, TokenAt::Row)),
-            ),
-        },
-        Stmt::StoreRow {
-            src: lse,
-            dst: lse_out,
+            expr: match stats {
+                Statistics::MaxAndSum => add(
+                    ScalarExpr::Token(tokens[0], TokenAt::Row),
+                    un(UnaryOp::Log, ScalarExpr::Token(tokens[1], TokenAt::Row)),
+                ),
+                Statistics::LogSumExp => ScalarExpr::Token(tokens[0], TokenAt::Row),
+            },
         },
         Stmt::StoreRow {
             src: delta,
@@ -464,6 +479,12 @@ pub fn dq_program(
             value: 0.0,
         },
     ];
+    if stats == Statistics::MaxAndSum {
+        body.push(Stmt::StoreRow {
+            src: lse,
+            dst: RowOutputId(0),
+        });
+    }
     let mut lp = vec![
         Stmt::LoadTile { dst: k_s, src: k },
         Stmt::LoadTile { dst: v_s, src: v },

@@ -5,10 +5,12 @@
 //! its interpreter); the family derives the kernels from its reading of the *forward*
 //! (score chain, masks, which recurrences carry the row max and denominator), since the
 //! backward's Einsums are that reading differentiated. It takes backward cascades that
-//! differentiate Q, K and V and read the forward's output and its final row max and sum
-//! (the online form's saved values); other backwards go to the general lowering.
+//! differentiate Q, K and V. Where the backward reads the forward's output and its final
+//! row max and sum (the online form's saved values), the kernels start from those; where
+//! it saves less (the 2- and 3-pass forms keep only a max), the forward kernel runs again
+//! first with its log-sum-exp output, into scratch.
 
-use super::backward::{dkdv_program, dq_program, names, BackwardSchedule};
+use super::backward::{dkdv_program, dq_program, names, BackwardSchedule, Statistics};
 use super::{recognize, visible_flops, AttentionMatch, Running};
 use crate::abi::{Dtype, LaunchContract, Scratch, Source, TensorRole};
 use crate::family::{
@@ -39,16 +41,25 @@ struct Bound {
     q: Handle<Tensor>,
     k: Handle<Tensor>,
     v: Handle<Tensor>,
-    o: Handle<Tensor>,
     d_o: Handle<Tensor>,
-    row_max: Handle<Tensor>,
-    row_sum: Handle<Tensor>,
+    /// The forward's output and its final row max and sum, when the backward reads all
+    /// three.
+    saved: Option<Saved>,
     dq: Handle<Tensor>,
     dk: Handle<Tensor>,
     dv: Handle<Tensor>,
     scalars: Vec<Handle<Tensor>>,
     head_params: Vec<Handle<Tensor>>,
 }
+
+struct Saved {
+    o: Handle<Tensor>,
+    row_max: Handle<Tensor>,
+    row_sum: Handle<Tensor>,
+}
+
+/// The forward's output, recomputed into scratch where the backward does not read it.
+const O_FORWARD: &str = "o_forward";
 
 /// Finds each role of the forward reading among the backward's inputs and outputs.
 fn bind(m: &AttentionMatch, grad: &Grad) -> Result<Bound, FamilyError> {
@@ -92,13 +103,22 @@ fn bind(m: &AttentionMatch, grad: &Grad) -> Result<Bound, FamilyError> {
         q: named("Q", input(Origin::Forward(m.q.tensor)))?,
         k: named("K", input(Origin::Forward(m.k.tensor)))?,
         v: named("V", input(Origin::Forward(m.v.tensor)))?,
-        o: named("the forward's output", input(Origin::Forward(m.o.tensor)))?,
         d_o: named(
             "the output's gradient",
             input(Origin::OutputGrad(m.o.tensor)),
         )?,
-        row_max: named("the running max at its last step", final_step(Running::Max))?,
-        row_sum: named("the running sum at its last step", final_step(Running::Sum))?,
+        saved: match (
+            input(Origin::Forward(m.o.tensor)),
+            final_step(Running::Max),
+            final_step(Running::Sum),
+        ) {
+            (Some(o), Some(row_max), Some(row_sum)) => Some(Saved {
+                o,
+                row_max,
+                row_sum,
+            }),
+            _ => None,
+        },
         dq: grad_of(m.q.tensor, "Q")?,
         dk: grad_of(m.k.tensor, "K")?,
         dv: grad_of(m.v.tensor, "V")?,
@@ -137,7 +157,7 @@ pub fn compile_gradient(
     let io = |t: Handle<Tensor>, seq, role| {
         contract_tensor(backward, t, role, elem, Some(&layout(t, seq)))
     };
-    let stats = |t: Handle<Tensor>| {
+    let stats_tensor = |t: Handle<Tensor>| {
         contract_tensor(
             backward,
             t,
@@ -225,34 +245,66 @@ pub fn compile_gradient(
         })
     };
 
-    let dq_prog = dq_program(&spec, &sched).map_err(backend_error)?;
+    let stats = if bound.saved.is_some() {
+        Statistics::MaxAndSum
+    } else {
+        Statistics::LogSumExp
+    };
+    let dq_prog = dq_program(&spec, &sched, stats).map_err(backend_error)?;
     let mut dq_tensors = vec![
         io(bound.q, query, TensorRole::Input),
         io(bound.k, key, TensorRole::Input),
         io(bound.v, key, TensorRole::Input),
-        io(bound.o, query, TensorRole::Input),
-        io(bound.d_o, query, TensorRole::Input),
-        io(bound.dq, query, TensorRole::Output),
-        stats(bound.row_max),
-        stats(bound.row_sum),
     ];
+    let (o_name, tokens) = match &bound.saved {
+        Some(saved) => {
+            dq_tensors.push(io(saved.o, query, TensorRole::Input));
+            (
+                name(saved.o),
+                vec![name(saved.row_max), name(saved.row_sum)],
+            )
+        }
+        None => {
+            let mut o = contract_tensor(forward, m.o.tensor, TensorRole::Input, elem, Some(&m.o));
+            o.name = O_FORWARD.into();
+            dq_tensors.push(o);
+            (O_FORWARD.to_string(), vec![names::LSE.to_string()])
+        }
+    };
+    dq_tensors.push(io(bound.d_o, query, TensorRole::Input));
+    dq_tensors.push(io(bound.dq, query, TensorRole::Output));
+    if let Some(saved) = &bound.saved {
+        dq_tensors.push(stats_tensor(saved.row_max));
+        dq_tensors.push(stats_tensor(saved.row_sum));
+    }
     dq_tensors.extend(params.iter().cloned());
-    let dq = module(
+    let mut dq = module(
         dq_prog,
         dq_tensors,
         ContractNames {
-            tensors: [bound.q, bound.k, bound.v, bound.o, bound.d_o, bound.dq]
-                .map(name)
-                .to_vec(),
+            tensors: vec![
+                name(bound.q),
+                name(bound.k),
+                name(bound.v),
+                o_name,
+                name(bound.d_o),
+                name(bound.dq),
+            ],
             head_params: head_params.clone(),
             scalars: scalars.clone(),
-            tokens: vec![name(bound.row_max), name(bound.row_sum)],
+            tokens,
             states: vec![],
-            row_outputs: vec![names::LSE.into(), names::DELTA.into()],
+            row_outputs: dq_row_outputs(stats),
         },
         sizes(m.n_q, m.n_k),
         "dq",
     )?;
+    let mut modules = Vec::new();
+    if bound.saved.is_none() {
+        read_row_scratch(&mut dq.contract, m.heads, m.n_q)?;
+        super::super::tensors_to_scratch(&mut dq.contract, &[O_FORWARD.into()], &o_forward_what)?;
+        modules.push(forward_again(forward, &m, &spec, options, &scratch)?);
+    }
 
     let dkdv_prog = dkdv_program(&spec, &sched).map_err(backend_error)?;
     let mut dkdv_tensors = vec![
@@ -283,22 +335,44 @@ pub fn compile_gradient(
     )?;
     read_row_scratch(&mut dkdv.contract, m.heads, m.n_q)?;
 
+    let forward_line = match &bound.saved {
+        Some(saved) => format!(
+            "lse = M + ln L from the saved `{}` and `{}`",
+            name(saved.row_max),
+            name(saved.row_sum)
+        ),
+        None => {
+            "lse and O from the forward kernel run again first (the backward does not read the forward's output with its final row max and sum)".to_string()
+        }
+    };
+    modules.push(dq);
+    modules.push(dkdv);
     let mut explain = String::new();
     let _ = writeln!(
         explain,
-        "lowering: softmax attention backward, 2 kernels with {} (derived from the forward `{}`, read as softmax attention)",
+        "lowering: softmax attention backward, {} kernels with {} (derived from the forward `{}`, read as softmax attention)",
+        modules.len(),
         sched.mma.name(),
         forward.name
     );
+    if bound.saved.is_none() {
+        let _ = writeln!(
+            explain,
+            "  {}: the forward kernel again, writing its output and log-sum-exp to scratch",
+            modules[0].ptx.entry
+        );
+    }
     let _ = writeln!(
         explain,
-        "  {}: one CTA per (query tile of {}, batch, head) over key tiles of {}: lse = M + ln L from the saved `{}` and `{}`, delta = rowsum(dO * O), P = exp(s - lse), dP = dO V^T, dS = P (dP - delta) ds/d(q.k), dQ = dS K",
-        dq.ptx.entry, sched.block_m, sched.block_n, name(bound.row_max), name(bound.row_sum)
+        "  {}: one CTA per (query tile of {}, batch, head) over key tiles of {}: {forward_line}, delta = rowsum(dO * O), P = exp(s - lse), dP = dO V^T, dS = P (dP - delta) ds/d(q.k), dQ = dS K",
+        modules[modules.len() - 2].ptx.entry,
+        sched.block_m,
+        sched.block_n
     );
     let _ = writeln!(
         explain,
         "  {}: one CTA per (key tile of {}, batch, head) over the query tiles that see it ({}): P^T, dV = P^T dO, dP^T = V dO^T, dS^T, dK = dS^T Q",
-        dkdv.ptx.entry,
+        modules[modules.len() - 1].ptx.entry,
         sched.block_m,
         sched.block_n
     );
@@ -310,7 +384,7 @@ pub fn compile_gradient(
     let flops = visible_flops(&m) * 3.5;
     Ok(SoftmaxGradient {
         cascade: backward.clone(),
-        modules: vec![dq, dkdv],
+        modules,
         explain,
         flops,
         work: m.batch * m.heads * m.n_q * m.n_k * u64::from(spec.head_dim) * 5,
@@ -356,6 +430,60 @@ fn backward_schedule(
         }
     }
     Ok(sched)
+}
+
+/// The dQ kernel's row outputs: `lse` where it computes it, and `delta`.
+fn dq_row_outputs(stats: Statistics) -> Vec<String> {
+    match stats {
+        Statistics::MaxAndSum => vec![names::LSE.into(), names::DELTA.into()],
+        Statistics::LogSumExp => vec![names::DELTA.into()],
+    }
+}
+
+fn o_forward_what(_: &str) -> String {
+    "the forward's output, recomputed by the forward kernel for the backward's delta = rowsum(dO * O)".into()
+}
+
+/// The forward kernel again, writing its log-sum-exp to the `lse` scratch array and its
+/// output to the `o_forward` scratch array, for a backward that saved neither.
+fn forward_again(
+    forward: &Cascade,
+    m: &AttentionMatch,
+    spec: &super::AttentionSpec,
+    options: &KernelOptions,
+    scratch: &[Scratch],
+) -> Result<Module, FamilyError> {
+    let fsched = super::schedule(
+        forward,
+        &super::ScheduleOptions {
+            target: options.target,
+            elem: Some(spec.elem),
+            ..super::ScheduleOptions::default()
+        },
+    )
+    .map_err(|d| FamilyError::NotMine(vec![d]))?;
+    let mut fspec = fsched.spec().clone();
+    fspec.write_lse = true;
+    let mut module = super::build_module(forward, &fsched, fspec)?;
+    let c = &mut module.contract;
+    let o = forward.tensors[m.o.tensor].name.clone();
+    for t in &mut c.tensors {
+        if t.name == o {
+            t.name = O_FORWARD.into();
+        }
+    }
+    for p in &mut c.params {
+        match &mut p.from {
+            Source::Tensor { tensor } | Source::Stride { tensor, .. } if *tensor == o => {
+                *tensor = O_FORWARD.into()
+            }
+            _ => {}
+        }
+    }
+    c.scratch
+        .extend(scratch.iter().filter(|s| s.name == names::LSE).cloned());
+    super::super::tensors_to_scratch(c, &[O_FORWARD.into()], &o_forward_what)?;
+    Ok(module)
 }
 
 /// Points the dK/dV kernel's token parameters (`lse`, `delta`) at the scratch arrays the
