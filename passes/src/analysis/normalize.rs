@@ -118,6 +118,8 @@ pub(crate) struct LeafEinsum {
     /// Its conditions on values (data-dependent masks), as written.
     pub value_mask: Vec<String>,
     pub recurrence_rank: Option<Handle<Rank>>,
+    /// Whether the recurrence runs down its rank (an adjoint state).
+    pub reverse: bool,
 }
 
 impl LeafEinsum {
@@ -395,12 +397,15 @@ fn leaf_einsum(
     let body = bodies.iter().find(|b| b.einsums.contains(&handle));
     let carried = |a: &einattn_ir::Access| -> bool {
         let Some(b) = body else { return false };
-        let state = b.einsums.iter().any(|&m| {
+        let current = b.einsums.iter().find_map(|&m| {
             let me = &cascade.einsums[m];
-            me.recurrence.is_some() && me.output.tensor == a.tensor
+            me.recurrence
+                .as_ref()
+                .filter(|_| me.output.tensor == a.tensor)
+                .map(|rec| rec.current_index())
         });
         let dim = cascade.tensors[a.tensor].iterative;
-        state && dim.and_then(|d| a.indices.get(d)) == Some(&IndexExpr::rank(b.rank))
+        current.is_some() && dim.and_then(|d| a.indices.get(d)) == current.as_ref()
     };
     let mut accesses = Vec::new();
     let mut collect = |expr: &Expr| {
@@ -479,6 +484,7 @@ fn leaf_einsum(
             .recurrence
             .as_ref()
             .and_then(|rec| leaf_ranks(cascade, rec.rank).first().copied()),
+        reverse: e.recurrence.as_ref().is_some_and(|rec| rec.reverse),
     }
 }
 
