@@ -370,7 +370,12 @@ impl PointProgram {
                     self.fmt_compute(f, c, "  init ")?;
                 }
                 if *reverse {
-                    writeln!(f, "  for {} from {} down to 0:", self.rank(*rank), steps.saturating_sub(1))?;
+                    writeln!(
+                        f,
+                        "  for {} from {} down to 0:",
+                        self.rank(*rank),
+                        steps.saturating_sub(1)
+                    )?;
                 } else {
                     writeln!(f, "  for {} < {}:", self.rank(*rank), steps)?;
                 }
