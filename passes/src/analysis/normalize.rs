@@ -118,8 +118,9 @@ pub(crate) struct LeafEinsum {
     /// Its conditions on values (data-dependent masks), as written.
     pub value_mask: Vec<String>,
     pub recurrence_rank: Option<Handle<Rank>>,
-    /// Whether the recurrence runs down its rank (an adjoint state).
-    pub reverse: bool,
+    /// For a recurrence or a member of a step body: the leaf rank it steps along, and
+    /// whether it runs down that rank (a reverse recurrence, an adjoint state).
+    pub steps: Option<(Handle<Rank>, bool)>,
 }
 
 impl LeafEinsum {
@@ -484,7 +485,21 @@ fn leaf_einsum(
             .recurrence
             .as_ref()
             .and_then(|rec| leaf_ranks(cascade, rec.rank).first().copied()),
-        reverse: e.recurrence.as_ref().is_some_and(|rec| rec.reverse),
+        steps: match (&e.recurrence, body) {
+            (Some(rec), _) => {
+                leaf_ranks(cascade, rec.rank).first().map(|&r| (r, rec.reverse))
+            }
+            (None, Some(b)) => {
+                let reverse = b.einsums.iter().any(|&m| {
+                    cascade.einsums[m]
+                        .recurrence
+                        .as_ref()
+                        .is_some_and(|rec| rec.reverse)
+                });
+                leaf_ranks(cascade, b.rank).first().map(|&r| (r, reverse))
+            }
+            (None, None) => None,
+        },
     }
 }
 

@@ -144,16 +144,14 @@ pub(crate) fn count_passes(lc: &LeafCascade, rank: Handle<Rank>, report_name: &s
         let max_pass_in = deps.iter().map(|d| d.pass).max().unwrap_or(1);
         let mut ready = deps.iter().map(|d| d.ready).max().unwrap_or(1).max(1);
         let mut turned = false;
-        if e.recurrence_rank == Some(rank) {
-            while direction
-                .iter()
-                .any(|&(p, down)| p == ready && down != e.reverse)
-            {
+        let down = e.steps.filter(|&(r, _)| r == rank).map(|(_, down)| down);
+        if let Some(down) = down {
+            while direction.iter().any(|&(p, d)| p == ready && d != down) {
                 ready += 1;
                 turned = true;
             }
-            if !direction.contains(&(ready, e.reverse)) {
-                direction.push((ready, e.reverse));
+            if !direction.contains(&(ready, down)) {
+                direction.push((ready, down));
             }
         }
         if e.iterates(rank) {
@@ -171,7 +169,7 @@ pub(crate) fn count_passes(lc: &LeafCascade, rank: Handle<Rank>, report_name: &s
                 turned.then(|| {
                     format!(
                         "a traversal of {report_name} {}, opposite to the recurrence before it",
-                        if e.reverse { "downward" } else { "upward" }
+                        if down == Some(true) { "downward" } else { "upward" }
                     )
                 })
             });
