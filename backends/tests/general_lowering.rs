@@ -167,3 +167,63 @@ fn random_cascades_lower_to_point_kernels_that_match_the_interpreter() {
         }
     }
 }
+
+/// The backward cascades of the recurrences (`einattn grad`): their adjoint states are
+/// reverse recurrences, which only the general lowering takes; its point kernels run them
+/// down their rank and match the cascade interpreter.
+#[test]
+fn backward_recurrences_lower_to_point_kernels_that_match_the_interpreter() {
+    use einattn_backends::family::general::program::PointKernel;
+    use einattn_backends::family::{self, CompileError, KernelOptions, Request};
+    use einattn_passes::grad::{grad, GradOptions};
+    let cases: &[(&str, &[(&str, u64)])] = &[
+        ("lightning", &[("N", 32), ("D", 4), ("BLOCK", 8)]),
+        ("gla", &[("T", 12), ("DK", 3), ("DV", 4)]),
+        ("gated_linear", &[("N", 32), ("D", 4), ("BLOCK", 8)]),
+        ("delta_rule", &[("T", 12), ("DK", 3), ("DV", 4)]),
+        (
+            "delta_rule_chunked",
+            &[("N", 32), ("CHUNK", 8), ("DK", 3), ("DV", 4)],
+        ),
+    ];
+    for (name, sizes) in cases {
+        let forward = load(name, sizes);
+        // Every input and parameter: the per-head decay of lightning too.
+        let wrt = Some(
+            forward
+                .inputs()
+                .map(|h| forward.tensors[h].name.clone())
+                .collect(),
+        );
+        let g = grad(&forward, &GradOptions { wrt }).unwrap_or_else(|d| panic!("{name}: {d:?}"));
+        let text = einattn_ir::print::print(&g.cascade);
+        let bw_name = format!("{name}_grad.ein");
+        let build = |d: &[(String, u64)]| {
+            einattn_dsl::compile_source(&bw_name, &text, d)
+                .map_err(|e| CompileError::Source(e.items().to_vec()))
+        };
+        let bw = build(&[]).unwrap_or_else(|e| panic!("{bw_name}: {e}\n{text}"));
+        let compiled = family::compile(&Request {
+            cascade: &bw,
+            options: &KernelOptions::default(),
+            defines: &[],
+            instantiate: &build,
+        })
+        .unwrap_or_else(|e| panic!("{bw_name} does not compile: {e}\n{text}"));
+        assert!(!compiled.modules().is_empty(), "{bw_name}");
+        let program = lower(&bw, None, "k");
+        let reverse = program
+            .kernels
+            .iter()
+            .filter(|k| matches!(k, PointKernel::Recurrent { reverse: true, .. }))
+            .count();
+        assert!(reverse > 0, "{bw_name}: no reverse recurrent kernel");
+        for seed in [1, 2] {
+            let err = difference(&bw, seed);
+            assert!(
+                err < 1e-12,
+                "{bw_name} seed {seed}: relative difference {err}"
+            );
+        }
+    }
+}

@@ -486,9 +486,9 @@ fn leaf_einsum(
             .as_ref()
             .and_then(|rec| leaf_ranks(cascade, rec.rank).first().copied()),
         steps: match (&e.recurrence, body) {
-            (Some(rec), _) => {
-                leaf_ranks(cascade, rec.rank).first().map(|&r| (r, rec.reverse))
-            }
+            (Some(rec), _) => leaf_ranks(cascade, rec.rank)
+                .first()
+                .map(|&r| (r, rec.reverse)),
             (None, Some(b)) => {
                 let reverse = b.einsums.iter().any(|&m| {
                     cascade.einsums[m]

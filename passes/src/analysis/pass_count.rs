@@ -169,7 +169,11 @@ pub(crate) fn count_passes(lc: &LeafCascade, rank: Handle<Rank>, report_name: &s
                 turned.then(|| {
                     format!(
                         "a traversal of {report_name} {}, opposite to the recurrence before it",
-                        if down == Some(true) { "downward" } else { "upward" }
+                        if down == Some(true) {
+                            "downward"
+                        } else {
+                            "upward"
+                        }
                     )
                 })
             });
