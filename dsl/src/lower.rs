@@ -1532,6 +1532,10 @@ impl Lowerer {
             })
             .map(|(h, _)| h);
         let Some(einsum) = found else {
+            if self.reverse_states.contains_key(&tensor) {
+                // Its Einsum was refused as a reverse recurrence, with the reason.
+                return;
+            }
             let help = match t.ranks.first() {
                 Some(_) => format!(
                     "an init gives step 0 of a state advanced by a recurrence `{tname}[.., r + 1, ..] = ...`"
@@ -1664,7 +1668,7 @@ impl Lowerer {
         for r in stray {
             let name = self.cascade.ranks[r].name.clone();
             let label = if r == rec_rank {
-                "the init is the first step: it cannot depend on the step".to_string()
+                "the init is step 0: it cannot depend on the step".to_string()
             } else {
                 format!("`{name}` does not index `{tname}`")
             };
