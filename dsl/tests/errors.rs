@@ -577,3 +577,18 @@ fn reverse_recurrence_along_a_split_parent() {
         at(8, 3)
     );
 }
+
+#[test]
+fn step_body_whose_states_run_opposite_ways() {
+    // `A` runs up `m1` and `B` down it, each reading the other's current step: no order
+    // of the steps computes both.
+    let source = format!(
+        "{RECURRENT}A[m1+1, p] = A[m1, p] + B[m1 + 1, p]\ninit A[0, p] = 0\nB[m1, p] = B[m1 + 1, p] + A[m1, p] + L[m1, p]\ninit B[M1, p] = 0\nO[p] = A[M1, p] + B[0, p]\n"
+    );
+    check!(
+        "step_body_opposite_directions",
+        fail_source(&source, &[]),
+        DiagnosticKind::Cycle,
+        at(8, 1)
+    );
+}

@@ -373,7 +373,7 @@ impl Sweeper {
                     let pick = Expr::binary(
                         BinaryOp::Eq,
                         Expr::Index(IndexExpr::rank(inner)),
-                        Expr::Index(IndexExpr::constant(c)),
+                        Expr::Literal(c as f64),
                     );
                     e.expr = mul(pick, e.expr.clone());
                 }
