@@ -365,7 +365,9 @@ impl Sweeper {
                     if e.mentioned_ranks().contains(&inner) {
                         return false;
                     }
-                    let tile = self.cascade.ranks[inner].extent as i64;
+                    let Ok(tile) = i64::try_from(self.cascade.ranks[inner].extent) else {
+                        return false;
+                    };
                     e.output.indices[d] = IndexExpr {
                         terms: vec![(tile, outer), (1, inner)],
                         constant: 0,
