@@ -235,7 +235,10 @@ proptest! {
         heads in 1u64..=2,
         blocks in 1u64..=3,
         block in 1u64..=4,
-        dk in 1u64..=3,
+        // At least two key features: the delta rule normalizes keys, and a one-element
+        // key normalizes to its sign, whose smoothed step near 0 central differences with
+        // h = 1e-5 cannot resolve (the gradient is exact there; the difference is not).
+        dk in 2u64..=3,
         dv in 1u64..=3,
     ) {
         let n = blocks * block;
