@@ -383,10 +383,37 @@ fn check_grad_runs_the_backward_kernels_or_says_why_not() {
         }
         other => panic!("exit {other:?}\n{stdout}\n{stderr}"),
     }
-    let out = einattn(&["check", "examples/lightning.ein", "--grad"]);
+    // A cascade grad refuses: its located reason, before any GPU lookup.
+    let out = einattn(&[
+        "check",
+        "tests/filetests/grad/refused_scatter.ein",
+        "--grad",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("examples/lightning.ein:"), "{stderr}");
+    assert!(
+        stderr.contains("tests/filetests/grad/refused_scatter.ein:"),
+        "{stderr}"
+    );
+    // Lightning's backward (its state's adjoint a reverse recurrence) runs, or no GPU.
+    let out = einattn(&[
+        "check",
+        "examples/lightning.ein",
+        "-D",
+        "N=128",
+        "-D",
+        "D=16",
+        "--grad",
+        "--seed",
+        "1",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    match out.status.code() {
+        Some(3) => assert!(stderr.contains("no GPU"), "{stderr}"),
+        Some(0) => assert!(stdout.contains("PASS"), "{stdout}"),
+        other => panic!("exit {other:?}\n{stdout}\n{stderr}"),
+    }
 }
 
 #[test]

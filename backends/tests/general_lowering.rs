@@ -193,3 +193,106 @@ fn backward_cascades_lower_to_point_kernels_that_match_the_interpreter() {
         assert!(err < 1e-9, "{name}: relative difference {err}");
     }
 }
+
+/// The recurrences the backward tests differentiate, at small sizes.
+const RECURRENCES: &[(&str, &[(&str, u64)])] = &[
+    ("lightning", &[("N", 32), ("D", 4), ("BLOCK", 8)]),
+    ("gla", &[("T", 12), ("DK", 3), ("DV", 4)]),
+    ("gated_linear", &[("N", 32), ("D", 4), ("BLOCK", 8)]),
+    ("delta_rule", &[("T", 12), ("DK", 3), ("DV", 4)]),
+    (
+        "delta_rule_chunked",
+        &[("N", 32), ("CHUNK", 8), ("DK", 3), ("DV", 4)],
+    ),
+];
+
+/// `einattn grad` of an example with respect to every input and parameter, printed and
+/// read back as a user's backward file would be: (name, text, cascade).
+fn backward_of(name: &str, sizes: &[(&str, u64)]) -> (String, String, Cascade) {
+    use einattn_passes::grad::{grad, GradOptions};
+    let forward = load(name, sizes);
+    let wrt = Some(
+        forward
+            .inputs()
+            .map(|h| forward.tensors[h].name.clone())
+            .collect(),
+    );
+    let g = grad(&forward, &GradOptions { wrt }).unwrap_or_else(|d| panic!("{name}: {d:?}"));
+    let text = einattn_ir::print::print(&g.cascade);
+    let bw_name = format!("{name}_grad.ein");
+    let bw = einattn_dsl::compile_source(&bw_name, &text, &[])
+        .unwrap_or_else(|e| panic!("{bw_name}: {}\n{text}", e.render(&bw_name, &text)));
+    (bw_name, text, bw)
+}
+
+/// The backward cascades of the recurrences (`einattn grad`): their adjoint states are
+/// reverse recurrences, which only the general lowering takes; its point kernels run them
+/// down their rank and match the cascade interpreter.
+#[test]
+fn backward_recurrences_lower_to_point_kernels_that_match_the_interpreter() {
+    use einattn_backends::family::general::program::PointKernel;
+    use einattn_backends::family::{self, CompileError, KernelOptions, Request};
+    for (name, sizes) in RECURRENCES {
+        let (bw_name, text, bw) = backward_of(name, sizes);
+        let build = |d: &[(String, u64)]| {
+            einattn_dsl::compile_source(&bw_name, &text, d)
+                .map_err(|e| CompileError::Source(e.items().to_vec()))
+        };
+        let compiled = family::compile(&Request {
+            cascade: &bw,
+            options: &KernelOptions::default(),
+            defines: &[],
+            instantiate: &build,
+        })
+        .unwrap_or_else(|e| panic!("{bw_name} does not compile: {e}\n{text}"));
+        assert!(!compiled.modules().is_empty(), "{bw_name}");
+        let program = lower(&bw, None, "k");
+        let reverse = program
+            .kernels
+            .iter()
+            .filter(|k| matches!(k, PointKernel::Recurrent { reverse: true, .. }))
+            .count();
+        assert!(reverse > 0, "{bw_name}: no reverse recurrent kernel");
+        for seed in [1, 2] {
+            let err = difference(&bw, seed);
+            assert!(
+                err < 1e-12,
+                "{bw_name} seed {seed}: relative difference {err}"
+            );
+        }
+    }
+}
+
+/// The reverse recurrences' kernels (a step loop counting down) assemble for sm_80 and
+/// sm_90a without spills.
+#[test]
+fn reverse_recurrent_kernels_assemble() {
+    use einattn_backends::family::general::program::PointKernel;
+    use einattn_backends::family::general::ptx::print;
+    use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
+    use einattn_backends::Target;
+    let Some(ptxas) = ptxas_for_test("reverse_recurrent_kernels_assemble") else {
+        return;
+    };
+    for (name, sizes) in RECURRENCES {
+        let (bw_name, _, bw) = backward_of(name, sizes);
+        let program = lower(&bw, None, "k");
+        for k in &program.kernels {
+            if !matches!(k, PointKernel::Recurrent { reverse: true, .. }) {
+                continue;
+            }
+            for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
+                let ptx = print(&program, k, target);
+                assert!(
+                    ptx.text.contains("sub.s64"),
+                    "{bw_name}: no count-down\n{}",
+                    ptx.text
+                );
+                let r = assemble(&ptxas, &ptx.text, arch).unwrap_or_else(|e| {
+                    panic!("{bw_name} {} {arch}: {e}\n{}", ptx.entry, ptx.text)
+                });
+                assert!(!r.spills(), "{bw_name} {}: {r:?}", ptx.entry);
+            }
+        }
+    }
+}

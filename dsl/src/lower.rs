@@ -98,6 +98,9 @@ struct Lowerer {
     mentioned: Vec<Vec<Handle<Rank>>>,
     /// Per Einsum: the recurrence rank, and whether an init has been attached.
     recurrences: Vec<Option<(Handle<Rank>, bool)>>,
+    /// States of reverse recurrences (their `init` gives the last step): the tensor and
+    /// the position of its iterative dimension.
+    reverse_states: HashMap<Handle<Tensor>, usize>,
     /// Size symbols declared `fixed`.
     declared_fixed: Vec<String>,
     /// Per split parent: the size symbols its tile was written with.
@@ -255,6 +258,7 @@ impl Lowerer {
             index_spans: HashMap::new(),
             mentioned: Vec::new(),
             recurrences: Vec::new(),
+            reverse_states: HashMap::new(),
             declared_fixed: Vec::new(),
             tile_symbols: HashMap::new(),
         }
@@ -296,6 +300,11 @@ impl Lowerer {
         for s in &file.statements {
             if let StatementKind::Einsum(e) = &s.kind {
                 self.declare_temp(&e.target);
+            }
+        }
+        for s in &file.statements {
+            if let StatementKind::Init { target, .. } = &s.kind {
+                self.reverse_state(target);
             }
         }
         for s in &file.statements {
@@ -342,8 +351,16 @@ impl Lowerer {
                     }
                 }
                 StatementKind::Init { target, value } => {
-                    for i in target.indices.iter().flatten() {
-                        self.size_uses(i, &mut uses);
+                    // The last step of a reverse state is its extent, not a built-in size.
+                    let last_step = self
+                        .tensors
+                        .get(&target.name.name)
+                        .and_then(|t| self.reverse_states.get(t))
+                        .copied();
+                    for (d, i) in target.indices.iter().flatten().enumerate() {
+                        if Some(d) != last_step {
+                            self.size_uses(i, &mut uses);
+                        }
                     }
                     self.size_uses(value, &mut uses);
                 }
@@ -1041,6 +1058,45 @@ impl Lowerer {
         self.tensors.insert(target.name.name.clone(), h);
     }
 
+    /// Marks a temporary as the state of a reverse recurrence when its `init` gives the
+    /// last step: one index is the extent of the rank at that position (`init dS[T, d] =
+    /// ...` for `dS[t, d]`) and every other index is the position's rank. Anything else is
+    /// left to [`Self::init`] to report.
+    fn reverse_state(&mut self, target: &ast::Access) {
+        let Some(&tensor) = self.tensors.get(&target.name.name) else {
+            return;
+        };
+        let t = &self.cascade.tensors[tensor];
+        if t.kind != TensorKind::Temp || t.iterative.is_some() {
+            return;
+        }
+        let indices: Vec<&ast::Expr> = target.indices.iter().flatten().collect();
+        if indices.len() != t.ranks.len() {
+            return;
+        }
+        let mut last_step = Vec::new();
+        for (d, (index, &r)) in indices.iter().zip(&t.ranks).enumerate() {
+            let rank = &self.cascade.ranks[r];
+            if matches!(&index.kind, ExprKind::Name(id) if id.name == rank.name) {
+                continue;
+            }
+            match self.affine(index, &[]) {
+                Ok(i)
+                    if i.terms.is_empty()
+                        && i.constant > 0
+                        && u64::try_from(i.constant).ok() == Some(rank.extent) =>
+                {
+                    last_step.push(d)
+                }
+                _ => return,
+            }
+        }
+        if let [d] = last_step[..] {
+            self.cascade.tensors[tensor].iterative = Some(d);
+            self.reverse_states.insert(tensor, d);
+        }
+    }
+
     fn mentioned_ranks(&self, kind: &StatementKind) -> Vec<Handle<Rank>> {
         let mut out = Vec::new();
         for id in statement_names(kind) {
@@ -1182,6 +1238,30 @@ impl Lowerer {
                 output.indices.push(self.expand(r, &mentioned));
             }
         }
+        let reverse = match self.reverse_states.get(&tensor) {
+            Some(&d) if recurrence_rank.is_none() => {
+                let span = index_spans.get(d).copied().unwrap_or(e.target.span);
+                match output.indices.get(d).and_then(IndexExpr::as_rank) {
+                    Some(r) if self.expand(r, &mentioned).as_rank() == Some(r) => {
+                        recurrence_rank = Some((r, d));
+                        true
+                    }
+                    _ => {
+                        self.error(
+                            Diagnostic::error(
+                                DiagnosticKind::Recurrence,
+                                "a reverse recurrence advances along one plain rank",
+                                span,
+                            )
+                            .with_label("its init gives the last step here, so this index must be the rank it runs down")
+                            .with_help("write `X[.., r, ..] = f(X[.., r + 1, ..])` with `init X[.., R, ..] = ...`"),
+                        );
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
         self.index_spans.insert(e.target.span, index_spans);
         if let Some((_, d)) = recurrence_rank {
             let t = &mut self.cascade.tensors[tensor];
@@ -1334,6 +1414,7 @@ impl Lowerer {
             rank,
             init: Expr::Literal(0.0),
             init_span: Span::UNKNOWN,
+            reverse,
         });
         self.cascade.einsums.append(Einsum {
             output,
@@ -1451,6 +1532,10 @@ impl Lowerer {
             })
             .map(|(h, _)| h);
         let Some(einsum) = found else {
+            if self.reverse_states.contains_key(&tensor) {
+                // Its Einsum was refused as a reverse recurrence, with the reason.
+                return;
+            }
             let help = match t.ranks.first() {
                 Some(_) => format!(
                     "an init gives step 0 of a state advanced by a recurrence `{tname}[.., r + 1, ..] = ...`"
@@ -1515,7 +1600,15 @@ impl Lowerer {
             return;
         }
         let mut state_ranks: Vec<Handle<Rank>> = Vec::new();
+        let reverse = self.cascade.einsums[einsum]
+            .recurrence
+            .as_ref()
+            .is_some_and(|r| r.reverse);
         for (d, (index, expected)) in indices.iter().zip(&rec_output).enumerate() {
+            if Some(d) == state_dim && reverse {
+                // `reverse_state` found the last step here.
+                continue;
+            }
             if Some(d) == state_dim {
                 if !matches!(index.kind, ExprKind::Int(0)) {
                     self.error(
@@ -1603,12 +1696,15 @@ impl Lowerer {
             let e = &self.cascade.einsums[Handle::<Einsum>::new(i)];
             let t = &self.cascade.tensors[e.output.tensor];
             let state_dim = t.iterative;
+            let reverse = e.recurrence.as_ref().is_some_and(|r| r.reverse);
             let parts: Vec<String> = t
                 .ranks
                 .iter()
                 .enumerate()
                 .map(|(d, &r)| {
-                    if Some(d) == state_dim {
+                    if Some(d) == state_dim && reverse {
+                        self.cascade.ranks[r].name.to_uppercase()
+                    } else if Some(d) == state_dim {
                         "0".into()
                     } else {
                         self.cascade.ranks[r].name.clone()

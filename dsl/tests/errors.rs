@@ -539,3 +539,56 @@ fn a_step_body_through_the_current_state_is_valid() {
         .collect();
     assert_eq!(names, ["KS", "S"], "one step computes KS first");
 }
+
+#[test]
+fn reverse_recurrence_reads_its_own_next_step() {
+    // A reverse recurrence (its init gives the last step) computes `m1` from `m1 + 1`.
+    let source =
+        format!("{RECURRENT}R[m1, p] = R[m1, p] + L[m1, p]\ninit R[M1, p] = 0\nO[p] = R[0, p]\n");
+    check!(
+        "reverse_recurrence_reads_next_step",
+        fail_source(&source, &[]),
+        DiagnosticKind::RecurrenceReadsAhead,
+        at(8, 14)
+    );
+}
+
+#[test]
+fn init_at_the_last_step_of_a_forward_recurrence() {
+    let source = format!(
+        "{RECURRENT}R[m1+1, p] = R[m1, p] + L[m1, p]\ninit R[M1, p] = 0\nO[p] = R[M1, p]\n"
+    );
+    check!(
+        "init_at_last_step_of_forward_recurrence",
+        fail_source(&source, &[]),
+        DiagnosticKind::Recurrence,
+        at(9, 8)
+    );
+}
+
+#[test]
+fn reverse_recurrence_along_a_split_parent() {
+    let source =
+        format!("{RECURRENT}R[m, p] = R[m + 1, p] + L[m1, p]\ninit R[M, p] = 0\nO[p] = R[0, p]\n");
+    check!(
+        "reverse_recurrence_along_split_parent",
+        fail_source(&source, &[]),
+        DiagnosticKind::Recurrence,
+        at(8, 3)
+    );
+}
+
+#[test]
+fn step_body_whose_states_run_opposite_ways() {
+    // `A` runs up `m1` and `B` down it, each reading the other's current step: no order
+    // of the steps computes both.
+    let source = format!(
+        "{RECURRENT}A[m1+1, p] = A[m1, p] + B[m1 + 1, p]\ninit A[0, p] = 0\nB[m1, p] = B[m1 + 1, p] + A[m1, p] + L[m1, p]\ninit B[M1, p] = 0\nO[p] = A[M1, p] + B[0, p]\n"
+    );
+    check!(
+        "step_body_opposite_directions",
+        fail_source(&source, &[]),
+        DiagnosticKind::Cycle,
+        at(8, 1)
+    );
+}

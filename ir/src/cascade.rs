@@ -502,11 +502,63 @@ pub struct Reduction {
 
 /// A state advanced along an iterative rank: the output is written at step `r + 1` from
 /// values at step `r`; `init` gives step 0 and may not mention the iterative rank.
+///
+/// A *reverse* recurrence runs the other way (an adjoint state, `einattn grad`): the output
+/// is written at step `r` from values at step `r + 1`, `init` gives the last step `R`, and
+/// the steps run from `R - 1` down to 0.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Recurrence {
     pub rank: Handle<Rank>,
     pub init: Expr,
     pub init_span: Span,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub reverse: bool,
+}
+
+impl Recurrence {
+    /// A forward recurrence (step 0 from `init`, steps upward).
+    pub fn forward(rank: Handle<Rank>, init: Expr, init_span: Span) -> Recurrence {
+        Recurrence {
+            rank,
+            init,
+            init_span,
+            reverse: false,
+        }
+    }
+
+    /// The index along the iterative dimension that a step writes: `r + 1`, or `r` when
+    /// reversed.
+    pub fn write_index(&self) -> IndexExpr {
+        IndexExpr {
+            terms: vec![(1, self.rank)],
+            constant: i64::from(!self.reverse),
+        }
+    }
+
+    /// The index along the iterative dimension at which a step reads the state it
+    /// advances (the previous step's result): `r`, or `r + 1` when reversed.
+    pub fn current_index(&self) -> IndexExpr {
+        IndexExpr {
+            terms: vec![(1, self.rank)],
+            constant: i64::from(self.reverse),
+        }
+    }
+
+    /// The step `init` writes along a rank of `extent`: 0, or `extent` when reversed.
+    pub fn init_step(&self, extent: u64) -> i64 {
+        if self.reverse {
+            i64::try_from(extent).unwrap_or(i64::MAX)
+        } else {
+            0
+        }
+    }
+
+    /// The values of the iterative rank in evaluation order: `0..extent`, or downward.
+    pub fn step_order(&self, extent: u64) -> impl Iterator<Item = i64> {
+        let n = i64::try_from(extent).unwrap_or(i64::MAX);
+        let reverse = self.reverse;
+        (0..n).map(move |k| if reverse { n - 1 - k } else { k })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -966,6 +966,7 @@ fn evaluate_step_body(
             cascade,
             einsum,
             cascade.tensors[einsum.output.tensor].iterative,
+            rec,
         );
         let others: Vec<Handle<Rank>> = free_ranks(cascade, e)
             .into_iter()
@@ -1001,8 +1002,16 @@ fn evaluate_step_body(
         accesses.push(flat);
         plans.push((p, FlatAccess::new(cascade, &einsum.output), others));
     }
+    // Every member advances the same way (validation checks it); a body of plain members
+    // only (no state) never forms, so the first state's direction is the body's.
+    let reverse = body
+        .einsums
+        .iter()
+        .find_map(|&e| cascade.einsums[e].recurrence.as_ref())
+        .is_some_and(|r| r.reverse);
     let steps = cascade.ranks[body.rank].extent as i64;
-    for step in 0..steps {
+    for k in 0..steps {
+        let step = if reverse { steps - 1 - k } else { k };
         idx[body.rank.index()] = step;
         for (k, &e) in body.einsums.iter().enumerate() {
             let (plan, output, others) = &plans[k];
@@ -1059,14 +1068,15 @@ fn evaluate_einsum(
     match (&e.recurrence, init_node) {
         (Some(rec), Some(init)) => {
             // The state at step 0 comes from `init`; step k + 1 is computed from step k, so
-            // the iterative rank is the outermost loop and each step reads a finished one.
+            // the iterative rank is the outermost loop and each step reads a finished one
+            // (reversed: the init is the last step, and step k comes from step k + 1).
             let others: Vec<Handle<Rank>> =
                 free.iter().copied().filter(|&r| r != rec.rank).collect();
             let state_dim = cascade.tensors[target].iterative;
-            let steps = cascade.ranks[rec.rank].extent as i64;
+            let extent = cascade.ranks[rec.rank].extent;
             {
                 let ev = Evaluator::new(cascade, values, None, std::mem::take(&mut accesses));
-                let init_out = init_access(cascade, e, state_dim);
+                let init_out = init_access(cascade, e, state_dim, rec);
                 for_each_point(cascade, &others, &mut idx, &mut |idx| {
                     let off = init_out.offset(cascade, idx)?;
                     write(&mut out, off, ev.eval(&init, idx)?);
@@ -1077,7 +1087,7 @@ fn evaluate_einsum(
                 })?;
                 accesses = ev.accesses;
             }
-            for step in 0..steps {
+            for step in rec.step_order(extent) {
                 idx[rec.rank.index()] = step;
                 let ev = Evaluator::new(
                     cascade,
@@ -1118,12 +1128,18 @@ fn evaluate_einsum(
     Ok((out, nan))
 }
 
-/// The output access of the init: the state's iterative dimension at step 0.
-fn init_access(cascade: &Cascade, e: &Einsum, state_dim: Option<usize>) -> FlatAccess {
+/// The output access of the init: the state's iterative dimension at step 0 (at the last
+/// step for a reverse recurrence).
+fn init_access(
+    cascade: &Cascade,
+    e: &Einsum,
+    state_dim: Option<usize>,
+    rec: &crate::Recurrence,
+) -> FlatAccess {
     let mut access = e.output.clone();
     if let Some(d) = state_dim {
         if let Some(index) = access.indices.get_mut(d) {
-            *index = IndexExpr::constant(0);
+            *index = IndexExpr::constant(rec.init_step(cascade.ranks[rec.rank].extent));
         }
     }
     FlatAccess::new(cascade, &access)

@@ -139,14 +139,20 @@ pub fn einsum_to_string(cascade: &Cascade, einsum: Handle<Einsum>) -> String {
     }
     out.push('\n');
     if let Some(rec) = &e.recurrence {
-        let dim = cascade
-            .tensors
-            .get(e.output.tensor)
-            .and_then(|t| t.iterative);
+        let tensor = cascade.tensors.get(e.output.tensor);
+        let init = tensor.and_then(|t| t.iterative).map(|d| {
+            let extent = cascade.ranks.get(rec.rank).map_or(0, |r| r.extent);
+            let step = IndexExpr::constant(rec.init_step(extent));
+            // The last step of a reverse state by its extent name where that reads back.
+            let text = final_step_name(cascade, tensor, d, &step)
+                .or_else(|| symbol_extent(cascade, rec.rank).filter(|_| rec.reverse))
+                .unwrap_or_else(|| step.constant.to_string());
+            (d, text)
+        });
         let _ = writeln!(
             out,
             "init {} = {}",
-            output_to_string(cascade, &e.output, &mentioned, dim),
+            output_to_string(cascade, &e.output, &mentioned, init),
             expr_to_string(cascade, &rec.init)
         );
     }
@@ -224,12 +230,13 @@ pub fn has_mentioned_descendant(
 }
 
 /// An output access: each index as the dimension's rank name where it is that rank (or
-/// its split composition), `r + 1` for a recurrence's next step, `0` at `init_dim`.
+/// its split composition), `r + 1` for a recurrence's next step, and at `init`'s
+/// dimension its text (`0`, or the last step of a reverse state).
 fn output_to_string(
     cascade: &Cascade,
     access: &Access,
     mentioned: &[Handle<Rank>],
-    init_dim: Option<usize>,
+    init: Option<(usize, String)>,
 ) -> String {
     let tensor = cascade.tensors.get(access.tensor);
     let name = tensor.map_or("?", |t| t.name.as_str());
@@ -241,8 +248,10 @@ fn output_to_string(
         .iter()
         .enumerate()
         .map(|(d, index)| {
-            if init_dim == Some(d) {
-                return "0".to_string();
+            if let Some((dim, text)) = &init {
+                if *dim == d {
+                    return text.clone();
+                }
             }
             if let Some(&dim_rank) = tensor.and_then(|t| t.ranks.get(d)) {
                 if *index == split_expansion(cascade, dim_rank, mentioned) {
@@ -480,6 +489,15 @@ fn final_step_name(
         == 1;
     let shadowed = cascade.sizes.iter().any(|(s, _)| *s == upper);
     (unique && !shadowed).then_some(upper)
+}
+
+/// The size symbol a rank's extent is written as, when it is exactly one symbol
+/// (`rank t: T`): that name reads back as the extent at any size.
+fn symbol_extent(cascade: &Cascade, rank: Handle<Rank>) -> Option<String> {
+    match &cascade.ranks.get(rank)?.source {
+        ExtentSource::Symbol(s) if cascade.sizes.iter().any(|(n, _)| n == s) => Some(s.clone()),
+        _ => None,
+    }
 }
 
 /// A copy with every span set to `Span::UNKNOWN`, to compare cascades parsed from

@@ -183,14 +183,14 @@ pub fn did_you_mean<'a>(
 }
 
 /// Whether an access of a recurrence's own state reads the current step: the iterative
-/// index is exactly the iterative rank.
+/// index is exactly the iterative rank (`r + 1` for a reverse recurrence).
 fn reads_current_step(cascade: &Cascade, einsum: &Einsum, access: &Access) -> bool {
     let Some(rec) = &einsum.recurrence else {
         return false;
     };
     let dim = cascade.tensors.get(access.tensor).and_then(|t| t.iterative);
     match dim.and_then(|d| access.indices.get(d)) {
-        Some(index) => index.as_rank() == Some(rec.rank),
+        Some(index) => *index == rec.current_index(),
         None => false,
     }
 }
@@ -393,26 +393,38 @@ fn step_body_rules(cascade: &Cascade, members: &[usize]) -> Result<StepBody, Str
             .find(|&&h| c.einsums.get(h).is_some_and(|e| e.output.tensor == t))
             .copied()
     };
-    let mut rank: Option<Handle<Rank>> = None;
+    let mut rank: Option<(Handle<Rank>, bool)> = None;
     for &h in &handles {
         let Some(rec) = c.einsums.get(h).and_then(|e| e.recurrence.as_ref()) else {
             continue;
         };
         match rank {
-            None => rank = Some(rec.rank),
-            Some(r) if r == rec.rank => {}
-            Some(_) => return Err("its recurrences advance along different ranks".into()),
+            None => rank = Some((rec.rank, rec.reverse)),
+            Some((r, _)) if r != rec.rank => {
+                return Err("its recurrences advance along different ranks".into())
+            }
+            Some((_, reverse)) if reverse != rec.reverse => {
+                return Err("its recurrences advance in opposite directions".into())
+            }
+            Some(_) => {}
         }
     }
-    let Some(r) = rank else {
+    let Some((r, reverse)) = rank else {
         return Err("no recurrence is part of it".into());
     };
     let rank_name = c.ranks.get(r).map_or("?", |x| x.name.as_str()).to_string();
-    let step = IndexExpr::rank(r);
-    let next = IndexExpr {
+    let plain = IndexExpr::rank(r);
+    let shifted = IndexExpr {
         terms: vec![(1, r)],
         constant: 1,
     };
+    // A state read at `current` holds the previous step's result; at `next`, this step's.
+    let (current, next) = if reverse {
+        (shifted, plain.clone())
+    } else {
+        (plain.clone(), shifted)
+    };
+    let step = plain;
     // The dimension of a member's output that holds the step.
     let mut step_dim: HashMap<Handle<Tensor>, usize> = HashMap::new();
     for &h in &handles {
@@ -479,7 +491,7 @@ fn step_body_rules(cascade: &Cascade, members: &[usize]) -> Result<StepBody, Str
             let at = a.indices.get(d);
             let is_state = c.einsums[p].recurrence.is_some();
             let pk = handles.iter().position(|&x| x == p).unwrap_or(k);
-            if is_state && at == Some(&step) {
+            if is_state && at == Some(&current) {
                 // The state at the current step: written by the previous step.
             } else if (is_state && at == Some(&next)) || (!is_state && at == Some(&step)) {
                 if !after[k].contains(&pk) {
@@ -1264,9 +1276,11 @@ impl<'a> Checker<'a> {
         let c = self.cascade;
         let t = &c.tensors[e.output.tensor];
         let rank = self.rank_name(rec.rank).to_string();
-        let next = IndexExpr {
-            terms: vec![(1, rec.rank)],
-            constant: 1,
+        let next = rec.write_index();
+        let (next_text, current_text) = if rec.reverse {
+            (rank.clone(), format!("{rank} + 1"))
+        } else {
+            (format!("{rank} + 1"), rank.clone())
         };
         match t.iterative {
             Some(d) if e.output.indices.get(d) == Some(&next) => {}
@@ -1281,7 +1295,7 @@ impl<'a> Checker<'a> {
                         e.output.span,
                     )
                     .with_label(format!(
-                        "expected an index `{rank} + 1` along `{}`'s iterative dimension",
+                        "expected an index `{next_text}` along `{}`'s iterative dimension",
                         t.name
                     )),
                 );
@@ -1291,10 +1305,14 @@ impl<'a> Checker<'a> {
         for a in reads {
             if a.tensor == e.output.tensor && !reads_current_step(c, e, a) {
                 let d = t.iterative.unwrap_or(0);
-                let ahead = a
-                    .indices
-                    .get(d)
-                    .is_some_and(|i| i.mentions(rec.rank) && i.constant > 0);
+                let ahead = a.indices.get(d).is_some_and(|i| {
+                    i.mentions(rec.rank)
+                        && if rec.reverse {
+                            i.constant < 1
+                        } else {
+                            i.constant > 0
+                        }
+                });
                 let message = if ahead {
                     format!("recurrence `{}` reads its own next step", t.name)
                 } else {
@@ -1306,9 +1324,12 @@ impl<'a> Checker<'a> {
                 self.push(
                     Diagnostic::error(DiagnosticKind::RecurrenceReadsAhead, message, a.span)
                         .at_index(d)
-                        .with_label(format!("a recurrence may read `{}` only at step `{rank}`", t.name))
+                        .with_label(format!(
+                            "a recurrence may read `{}` only at step `{current_text}`",
+                            t.name
+                        ))
                         .with_help(format!(
-                            "the step being computed is `{rank} + 1`; read the current state `{}` at `{rank}`",
+                            "the step being computed is `{next_text}`; read the current state `{}` at `{current_text}`",
                             t.name
                         )),
                 );

@@ -29,7 +29,7 @@ use crate::ptx::{PtxKernel, Target};
 use crate::tile::{AbiKind, AbiParam, AbiRole, Elem, MmaUnit, TileProgram};
 use einattn_ir::cascade::{Cascade, Tensor};
 use einattn_ir::interp::TensorData;
-use einattn_ir::validate::Diagnostic;
+use einattn_ir::validate::{Diagnostic, DiagnosticKind};
 use einattn_ir::Handle;
 use einattn_passes::analysis::GpuModel;
 use std::collections::{BTreeMap, HashMap};
@@ -301,8 +301,29 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
         || o.strategy.is_some()
         || o.chunk_tokens.is_some();
     let mut reasons = Vec::new();
+    // The softmax and linear readings know forward recurrences only; a reverse one (an
+    // adjoint state from `einattn grad`) is the general lowering's.
+    let reverse = request
+        .cascade
+        .einsums
+        .iter()
+        .find(|(_, e)| e.recurrence.as_ref().is_some_and(|r| r.reverse))
+        .map(|(_, e)| e.span);
     for (k, family) in FAMILIES.iter().enumerate() {
         let last = k + 1 == FAMILIES.len() || shaped;
+        if let (Some(span), false) = (reverse, k + 1 == FAMILIES.len()) {
+            let d = Diagnostic::error(
+                DiagnosticKind::NotMappable,
+                format!(
+                    "`{}` has a reverse recurrence, which only the general lowering runs",
+                    request.cascade.name
+                ),
+                span,
+            )
+            .with_label("a recurrence that runs down its rank");
+            reasons.push((family.reads_as(), vec![d]));
+            continue;
+        }
         match family.compile(request) {
             Ok(mut compiled) => {
                 compiled.passed_over(&reasons);

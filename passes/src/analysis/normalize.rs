@@ -118,6 +118,9 @@ pub(crate) struct LeafEinsum {
     /// Its conditions on values (data-dependent masks), as written.
     pub value_mask: Vec<String>,
     pub recurrence_rank: Option<Handle<Rank>>,
+    /// For a recurrence or a member of a step body: the leaf rank it steps along, and
+    /// whether it runs down that rank (a reverse recurrence, an adjoint state).
+    pub steps: Option<(Handle<Rank>, bool)>,
 }
 
 impl LeafEinsum {
@@ -395,12 +398,15 @@ fn leaf_einsum(
     let body = bodies.iter().find(|b| b.einsums.contains(&handle));
     let carried = |a: &einattn_ir::Access| -> bool {
         let Some(b) = body else { return false };
-        let state = b.einsums.iter().any(|&m| {
+        let current = b.einsums.iter().find_map(|&m| {
             let me = &cascade.einsums[m];
-            me.recurrence.is_some() && me.output.tensor == a.tensor
+            me.recurrence
+                .as_ref()
+                .filter(|_| me.output.tensor == a.tensor)
+                .map(|rec| rec.current_index())
         });
         let dim = cascade.tensors[a.tensor].iterative;
-        state && dim.and_then(|d| a.indices.get(d)) == Some(&IndexExpr::rank(b.rank))
+        current.is_some() && dim.and_then(|d| a.indices.get(d)) == current.as_ref()
     };
     let mut accesses = Vec::new();
     let mut collect = |expr: &Expr| {
@@ -479,6 +485,21 @@ fn leaf_einsum(
             .recurrence
             .as_ref()
             .and_then(|rec| leaf_ranks(cascade, rec.rank).first().copied()),
+        steps: match (&e.recurrence, body) {
+            (Some(rec), _) => leaf_ranks(cascade, rec.rank)
+                .first()
+                .map(|&r| (r, rec.reverse)),
+            (None, Some(b)) => {
+                let reverse = b.einsums.iter().any(|&m| {
+                    cascade.einsums[m]
+                        .recurrence
+                        .as_ref()
+                        .is_some_and(|rec| rec.reverse)
+                });
+                leaf_ranks(cascade, b.rank).first().map(|&r| (r, reverse))
+            }
+            (None, None) => None,
+        },
     }
 }
 

@@ -115,6 +115,9 @@ pub(crate) fn count_passes(lc: &LeafCascade, rank: Handle<Rank>, report_name: &s
     let mut einsum_cause = vec![None; n_einsums];
     let mut reasons = Vec::new();
     let mut passes_so_far = 1u32;
+    // Per pass that holds a recurrence over the rank: whether it runs the rank downward.
+    // One traversal runs one way, so a recurrence the other way starts a new pass.
+    let mut direction: Vec<(u32, bool)> = Vec::new();
     let rank_name = lc.rank_name(rank);
     let display = |s: &str| describe_rank(rank_name, report_name, s);
 
@@ -139,7 +142,18 @@ pub(crate) fn count_passes(lc: &LeafCascade, rank: Handle<Rank>, report_name: &s
             .collect();
         let out = e.output_tensor.index();
         let max_pass_in = deps.iter().map(|d| d.pass).max().unwrap_or(1);
-        let ready = deps.iter().map(|d| d.ready).max().unwrap_or(1).max(1);
+        let mut ready = deps.iter().map(|d| d.ready).max().unwrap_or(1).max(1);
+        let mut turned = false;
+        let down = e.steps.filter(|&(r, _)| r == rank).map(|(_, down)| down);
+        if let Some(down) = down {
+            while direction.iter().any(|&(p, d)| p == ready && d != down) {
+                ready += 1;
+                turned = true;
+            }
+            if !direction.contains(&(ready, down)) {
+                direction.push((ready, down));
+            }
+        }
         if e.iterates(rank) {
             einsum_pass[h.index()] = Some(ready);
             tensor_pass[out] = ready;
@@ -151,6 +165,18 @@ pub(crate) fn count_passes(lc: &LeafCascade, rank: Handle<Rank>, report_name: &s
                 .iter()
                 .filter(|d| d.full && d.ready == ready && ready > 1)
                 .find_map(|d| d.why.as_ref().map(|w| w.render()));
+            let cause = cause.or_else(|| {
+                turned.then(|| {
+                    format!(
+                        "a traversal of {report_name} {}, opposite to the recurrence before it",
+                        if down == Some(true) {
+                            "downward"
+                        } else {
+                            "upward"
+                        }
+                    )
+                })
+            });
             if let Some(why) = &cause {
                 if ready > passes_so_far {
                     reasons.push(format!(

@@ -111,6 +111,7 @@ impl Build {
                 rank,
                 init,
                 init_span: Span::UNKNOWN,
+                reverse: false,
             }),
             span: Span::UNKNOWN,
         });

@@ -185,18 +185,18 @@ fn reads(e: &Einsum) -> Vec<Handle<Tensor>> {
 /// Differentiates `forward`. Refusals come back as located diagnostics.
 pub fn grad(forward: &Cascade, options: &GradOptions) -> Result<Grad, Vec<Diagnostic>> {
     let wrt = resolve_wrt(forward, options)?;
-    if let Some(body) = validate::step_bodies(forward).first() {
-        let span = body
-            .einsums
-            .first()
-            .map_or(einattn_ir::Span::UNKNOWN, |&e| forward.einsums[e].span);
+    if let Some((_, e)) = forward
+        .einsums
+        .iter()
+        .find(|(_, e)| e.recurrence.as_ref().is_some_and(|r| r.reverse))
+    {
         return Err(vec![Diagnostic::error(
             DiagnosticKind::NotMappable,
-            "cannot differentiate a step body (Einsums that advance together along a recurrence)",
-            span,
+            "cannot differentiate a reverse recurrence (a backward cascade's adjoint state)",
+            e.span,
         )
-        .with_label("this step body")
-        .with_help("its adjoint is a step body running backwards along the rank; the language has no reverse iteration, and reversing it through affine indices is not emitted yet")]);
+        .with_label("this recurrence runs down its rank")
+        .with_help("differentiate the forward cascade instead")]);
     }
     let order = validate::topological_order(forward);
     let stabs = stabilizer::stabilizers(forward, &order);
@@ -204,7 +204,8 @@ pub fn grad(forward: &Cascade, options: &GradOptions) -> Result<Grad, Vec<Diagno
     let finals: Vec<(Handle<Tensor>, Handle<Tensor>)> =
         view.finals.iter().map(|f| (f.view, f.state)).collect();
     let plain_stabs = view.stabilizers.clone();
-    let sweep = adjoint::sweep(view, &wrt, &order)?;
+    let bodies = validate::step_bodies(forward);
+    let sweep = adjoint::sweep(view, &wrt, &order, &bodies)?;
     let w = &sweep.cascade;
 
     // What the backward reads: saved, or recomputed (with what those read in turn).

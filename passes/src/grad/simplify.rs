@@ -66,6 +66,19 @@ pub fn neg(a: Expr) -> Expr {
     }
 }
 
+/// Whether two expressions compute the same value: equal up to source spans (two reads
+/// of one stabilizer written at different places are the same read).
+fn same(a: &Expr, b: &Expr) -> bool {
+    match (a, b) {
+        (Expr::Access(x), Expr::Access(y)) => x.tensor == y.tensor && x.indices == y.indices,
+        (Expr::Unary(p, x), Expr::Unary(q, y)) => p == q && same(x, y),
+        (Expr::Binary(p, x1, x2), Expr::Binary(q, y1, y2)) => {
+            p == q && same(x1, y1) && same(x2, y2)
+        }
+        _ => a == b,
+    }
+}
+
 /// Simplifies bottom-up: the rules above, and `exp(a - a)` = 1.
 pub fn simplify(e: &Expr) -> Expr {
     match e {
@@ -73,7 +86,9 @@ pub fn simplify(e: &Expr) -> Expr {
         Expr::Unary(op, a) => {
             let a = simplify(a);
             match (op, &a) {
-                (UnaryOp::Exp, Expr::Binary(BinaryOp::Sub, x, y)) if x == y => Expr::Literal(1.0),
+                (UnaryOp::Exp, Expr::Binary(BinaryOp::Sub, x, y)) if same(x, y) => {
+                    Expr::Literal(1.0)
+                }
                 (UnaryOp::Neg, _) => neg(a),
                 _ => Expr::unary(*op, a),
             }

@@ -577,6 +577,7 @@ pub fn chunk(cascade: &Cascade, found: &CausalLinear, block: u64) -> Option<Casc
                 rank: t,
                 init: Expr::Literal(0.0),
                 init_span: Span::UNKNOWN,
+                reverse: false,
             }),
             span: Span::UNKNOWN,
         },

@@ -395,6 +395,7 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
                     f64::NEG_INFINITY
                 }),
                 init_span: Span::UNKNOWN,
+                reverse: false,
             }),
             span: Span::UNKNOWN,
         },
@@ -467,6 +468,7 @@ pub fn online(cascade: &Cascade, group: &NormalizedGroup) -> Cascade {
                 rank: outer,
                 init: Expr::Literal(0.0),
                 init_span: Span::UNKNOWN,
+                reverse: false,
             }),
             span: Span::UNKNOWN,
         });

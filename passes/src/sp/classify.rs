@@ -195,7 +195,10 @@ pub fn classify(cascade: &Cascade, seq: SequenceRanks) -> Classification {
             .copied()
             .filter(|&s| s != state)
             .collect();
-        let role = if !e.reductions.is_empty() || !e.mask.is_empty() {
+        // A reverse recurrence carries its state from later devices to earlier ones, which
+        // no scheme plans.
+        let reverse = e.recurrence.as_ref().is_some_and(|r| r.reverse);
+        let role = if !e.reductions.is_empty() || !e.mask.is_empty() || reverse {
             None
         } else if let Some(op) = expr::running_extremum(cascade, &e.expr, state, key_outer) {
             let independent = upstream_states(cascade, &e.expr, &others).is_empty();

@@ -455,6 +455,7 @@ pub fn localize(original: &Cascade, spec: &LocalSpec) -> Result<LocalCascade, Sp
                 rank: rec.rank,
                 init: Expr::Literal(1.0),
                 init_span: Span::UNKNOWN,
+                reverse: false,
             }),
             span: Span::UNKNOWN,
         });

@@ -171,6 +171,7 @@ pub fn run(program: &PointProgram, memory: Memory) -> Result<Memory, String> {
                 instance,
                 rank,
                 steps,
+                reverse,
                 inits,
                 body,
                 ..
@@ -186,8 +187,9 @@ pub fn run(program: &PointProgram, memory: Memory) -> Result<Memory, String> {
                     for c in inits {
                         m.run_compute(c, &mut idx)?;
                     }
-                    for s in 0..*steps as i64 {
-                        idx[*rank] = s;
+                    let n = *steps as i64;
+                    for k in 0..n {
+                        idx[*rank] = if *reverse { n - 1 - k } else { k };
                         for c in body {
                             m.run_compute(c, &mut idx)?;
                         }

@@ -143,14 +143,15 @@ impl Lowering<'_> {
         }
     }
 
-    /// A state's step 0: its init at the iterative dimension's index 0.
+    /// A state's first step: its init at the iterative dimension's index 0 (the last
+    /// index for a reverse recurrence).
     fn init(&self, h: Handle<Einsum>, bound: &[Handle<Rank>]) -> Option<Compute> {
         let e = &self.cascade.einsums[h];
         let rec = e.recurrence.as_ref()?;
         let mut out = self.access(&e.output);
         if let Some(d) = self.cascade.tensors[e.output.tensor].iterative {
             if let Some(i) = out.indices.get_mut(d) {
-                *i = IndexExpr::constant(0);
+                *i = IndexExpr::constant(rec.init_step(self.cascade.ranks[rec.rank].extent));
             }
         }
         Some(Compute {
@@ -271,6 +272,13 @@ pub fn lower(cascade: &Cascade, elem: Option<Dtype>, prefix: &str) -> PointProgr
             };
         match group {
             Some((members, rank)) => {
+                // Every state of a step body runs the same way (validation checks it).
+                let reverse = members.iter().any(|&m| {
+                    cascade.einsums[m]
+                        .recurrence
+                        .as_ref()
+                        .is_some_and(|r| r.reverse)
+                });
                 let instance = low.instance_ranks(&members, rank);
                 let mut bound = instance.clone();
                 bound.push(rank);
@@ -287,6 +295,7 @@ pub fn lower(cascade: &Cascade, elem: Option<Dtype>, prefix: &str) -> PointProgr
                     instance: instance.iter().map(|r| r.index()).collect(),
                     rank: rank.index(),
                     steps: cascade.ranks[rank].extent,
+                    reverse,
                     inits,
                     body,
                 });

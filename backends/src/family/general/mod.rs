@@ -281,14 +281,16 @@ impl Compiled for GeneralKernels {
                     instance,
                     rank: step,
                     steps,
+                    reverse,
                     body,
                     ..
                 } => {
                     let inst: Vec<&str> = instance.iter().map(|&r| rank(r)).collect();
                     let members: Vec<&str> = body.iter().map(|c| c.einsum.as_str()).collect();
                     format!(
-                        "{}: the recurrence over {} ({steps} steps) in one CTA per point of ({}) ({grid}): no member reads another point of them; a barrier after every member",
+                        "{}: the {}recurrence over {} ({steps} steps) in one CTA per point of ({}) ({grid}): no member reads another point of them; a barrier after every member",
                         members.join(", "),
+                        if *reverse { "reverse " } else { "" },
                         rank(*step),
                         inst.join(", ")
                     )

@@ -94,6 +94,8 @@ pub enum PointKernel {
         /// The iterative rank and its number of steps.
         rank: RankId,
         steps: u64,
+        /// Whether the steps run from `steps - 1` down to 0 (a reverse recurrence).
+        reverse: bool,
         /// The states' step 0, before the first step.
         inits: Vec<Compute>,
         /// Every member, in the order one step evaluates them.
@@ -352,6 +354,7 @@ impl PointProgram {
                 instance,
                 rank,
                 steps,
+                reverse,
                 inits,
                 body,
             } => {
@@ -366,7 +369,16 @@ impl PointProgram {
                 for c in inits {
                     self.fmt_compute(f, c, "  init ")?;
                 }
-                writeln!(f, "  for {} < {}:", self.rank(*rank), steps)?;
+                if *reverse {
+                    writeln!(
+                        f,
+                        "  for {} from {} down to 0:",
+                        self.rank(*rank),
+                        steps.saturating_sub(1)
+                    )?;
+                } else {
+                    writeln!(f, "  for {} < {}:", self.rank(*rank), steps)?;
+                }
                 for c in body {
                     self.fmt_compute(f, c, "    ")?;
                     writeln!(f, "    barrier")?;

@@ -479,6 +479,7 @@ pub fn print(program: &PointProgram, k: &PointKernel, target: Target) -> PointPt
             instance,
             rank,
             steps,
+            reverse,
             inits,
             body,
             ..
@@ -494,16 +495,29 @@ pub fn print(program: &PointProgram, k: &PointKernel, target: Target) -> PointPt
             e.ins("bar.sync 0;");
             let step = e.index[*rank].clone();
             let (top, end) = (e.label("S"), e.label("Z"));
-            e.ins(format!("mov.s64 {step}, 0;"));
+            // A reverse recurrence counts down from the last step and stops below 0.
+            if *reverse {
+                e.ins(format!("mov.s64 {step}, {};", steps.saturating_sub(1)));
+            } else {
+                e.ins(format!("mov.s64 {step}, 0;"));
+            }
             e.at(&top);
             let q = e.p();
-            e.ins(format!("setp.ge.s64 {q}, {step}, {steps};"));
+            if *reverse {
+                e.ins(format!("setp.lt.s64 {q}, {step}, 0;"));
+            } else {
+                e.ins(format!("setp.ge.s64 {q}, {step}, {steps};"));
+            }
             e.ins(format!("@{q} bra {end};"));
             for c in body {
                 e.point_loop(c, &first, &stride);
                 e.ins("bar.sync 0;");
             }
-            e.ins(format!("add.s64 {step}, {step}, 1;"));
+            if *reverse {
+                e.ins(format!("sub.s64 {step}, {step}, 1;"));
+            } else {
+                e.ins(format!("add.s64 {step}, {step}, 1;"));
+            }
             e.ins(format!("bra {top};"));
             e.at(&end);
         }
