@@ -11,32 +11,40 @@ export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 cd "$(dirname "$0")/.."
 jobs=$(mktemp)
 # example, sizes (the sequence at a size the f64 interpreter finishes quickly)
-while read -r name sizes; do
+# example | sizes (the sequence at a size the f64 interpreter finishes quickly) | head-dim sizes
+while IFS='|' read -r name sizes dims; do
   for d in 64 128; do
     for dt in bf16 f16; do
-      echo "$name|$sizes -D D=$d|$dt" >> "$jobs"
+      defs="$sizes"
+      for x in $dims; do defs="$defs -D $x=$d"; done
+      echo "$name|$defs|$dt" >> "$jobs"
     done
   done
 done <<LIST
-attention_1pass -D M=256
-attention_2pass -D M=256
-attention_3pass -D M=256
-attention_causal -D N=256
-attention_mha -D N=256 -D B=1
-attention_sliding_window -D N=256 -D W=96
-attention_softcap -D N=256
-document_mask -D N=256
-gqa -D N=128
-sigmoid_attention -D N=256
-sink_attention -D N=256
-relative_bias -D N=256
-qk_norm -D N=256
-differential_attention -D N=256
-flash_decoding -D N=1024 -D H=2
-linear_attention -D N=256
-linear_causal -D N=256
-linear_feature_map -D N=256
-lightning_naive -D N=256
+attention_1pass|-D M=256|D
+attention_2pass|-D M=256|D
+attention_3pass|-D M=256|D
+attention_causal|-D N=256|D
+attention_mha|-D N=256 -D B=1|D
+attention_sliding_window|-D N=256 -D W=96|D
+attention_softcap|-D N=256|D
+document_mask|-D N=256|D
+gqa|-D N=128|D
+sigmoid_attention|-D N=256|D
+sink_attention|-D N=256|D
+relative_bias|-D N=256|D
+qk_norm|-D N=256|D
+differential_attention|-D N=256|D
+flash_decoding|-D N=1024 -D H=2|D
+linear_attention|-D N=256|D
+linear_causal|-D N=256|D
+linear_feature_map|-D N=256|D
+lightning_naive|-D N=256|D
+lightning|-D N=256 -D BLOCK=64|D
+gated_linear|-D N=256 -D BLOCK=64|D
+gla|-D T=64|DK DV
+delta_rule|-D T=64|DK DV
+delta_rule_chunked|-D N=64 -D CHUNK=16|DK DV
 LIST
 run_one() {
   IFS='|' read -r name defs dt <<< "$1"
