@@ -6,6 +6,8 @@
 //! - [`validate`]: checks a plan and its kernels on the CPU before anything runs them;
 //! - [`order`]: the order in which the ranks' steps run (collectives together, sends with
 //!   their receives);
+//! - [`stats`]: how the statistics steps of Ring and TokenRing lower (merge launches, a
+//!   partial kernel's offset);
 //! - [`cpu`]: runs a plan on the CPU with simulated collectives over the reference
 //!   interpreter, which is how CI tests SP without GPUs.
 
@@ -15,6 +17,7 @@ pub mod folder;
 pub mod format;
 pub mod lower;
 pub mod order;
+pub mod stats;
 pub mod validate;
 
 pub use cpu::execute_plan;
