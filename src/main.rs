@@ -118,8 +118,12 @@ enum Command {
         seed: Option<u64>,
         /// Run every rank on GPU 0, collectives as device copies (checks a plan's kernels
         /// and steps on a machine with one GPU; the times mean nothing).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cpu")]
         one_gpu: bool,
+        /// Run the plan on the CPU executor instead (the reference interpreter per step,
+        /// collectives simulated; no GPU needed) and compare with the interpreter.
+        #[arg(long)]
+        cpu: bool,
     },
     /// Time the compiled kernel on the GPU: median, TFLOP/s, percent of the peak.
     Bench {
@@ -458,7 +462,29 @@ fn execute(args: Args) -> Result<(), CliError> {
             )?;
             report_check(&report, pass)?;
         }
-        Command::RunPlan { dir, seed, one_gpu } => {
+        Command::RunPlan {
+            dir,
+            seed,
+            cpu: true,
+            ..
+        } => {
+            let (report, pass) = cli::run_plan_cpu(
+                &dir,
+                seed.unwrap_or_else(clock_seed),
+                einattn_ir::interp::Limits::default(),
+            )?;
+            say!("{report}");
+            if !pass {
+                return Err(CliError {
+                    message: "error: the plan's outputs on the CPU do not match the reference"
+                        .into(),
+                    exit_code: einattn_exec::MISMATCH_EXIT,
+                });
+            }
+        }
+        Command::RunPlan {
+            dir, seed, one_gpu, ..
+        } => {
             let mapping = if one_gpu {
                 einattn_exec::ranks::RankMapping::OneGpuForAll
             } else {

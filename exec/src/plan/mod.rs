@@ -16,6 +16,11 @@
 //! - `output_with_prefix`: `state_in` goes to slot 0 of the window's scratch array and the
 //!   chunk-output kernel starts each of its chunks from the decayed sum of the slots before
 //!   it (the prefix, then the window's own earlier chunks);
+//! - `partial` (Ring, TokenRing): the attention kernel over one (query block, key block)
+//!   pair at the queries' offset relative to the keys, writing the pair's statistics (its
+//!   row outputs and f32 numerator) into the step's `stats_out`; `epilogue`: the
+//!   element-wise `num / den` into the output piece; `lse_merge`: the merge kernel once per
+//!   statistic, sums before the max they read;
 //! - `prefix_combine` and `rearrange`: the helper kernels; `place`: device copies;
 //!   `all_gather`, `all_to_all`, `send_recv`: NCCL.
 //!
@@ -34,11 +39,13 @@ use einattn_backends::abi::{
     self, ArgValue, ArgValues, Axis, BindError, Dtype, KernelSet, LaunchContract, Source,
     TensorRole,
 };
-use einattn_backends::family::elementwise::{plan_rearrange, REARRANGE_DIMS};
+use einattn_backends::family::elementwise::{
+    merge_kind_code, plan_rearrange, LSE_MERGE, REARRANGE_DIMS,
+};
 use einattn_backends::plan::order::{order, Batch};
 use einattn_backends::plan::{
-    piece_runs, ArgRole, BufferInit, KernelArg as PlanArg, KernelStep, PeerRegion, Phase, Plan,
-    Region, Step,
+    piece_runs, stats, ArgRole, BufferInit, KernelArg as PlanArg, KernelStep, PeerRegion, Phase,
+    Plan, Region, Step,
 };
 use einattn_ir::cascade::Cascade;
 use einattn_runtime::nccl::P2pPart;
@@ -274,6 +281,23 @@ fn rearrange_arguments(
     Arguments(args)
 }
 
+/// The arguments of `einattn_lse_merge` for one statistic: the addresses of the two sides
+/// and of their maxes (0 when the rule reads none), and the launch's counts.
+fn merge_arguments(
+    [into, from, into_max, from_max]: [u64; 4],
+    m: &stats::MergeLaunch,
+) -> Arguments {
+    Arguments(vec![
+        ("into", ArgValue::Ptr(into)),
+        ("from", ArgValue::Ptr(from)),
+        ("into_max", ArgValue::Ptr(into_max)),
+        ("from_max", ArgValue::Ptr(from_max)),
+        ("width", ArgValue::U64(m.width)),
+        ("n", ArgValue::U64(m.count)),
+        ("kind", ArgValue::U32(merge_kind_code(m.kind))),
+    ])
+}
+
 /// A plan count as a 32-bit kernel argument.
 fn u32_arg(what: &str, v: u64) -> Result<u32> {
     u32::try_from(v)
@@ -294,10 +318,31 @@ struct StepValues<'a> {
 
 impl StepValues<'_> {
     fn arg(&self, tensor: &str) -> Option<&PlanArg> {
+        // A partial writes its statistics and an epilogue reads them: contract tensors
+        // named after the statistics.
+        let stats = match self.step.phase {
+            Phase::Partial => Some(ArgRole::StatsOut),
+            Phase::Epilogue => Some(ArgRole::StatsIn),
+            _ => None,
+        };
         self.step.args.iter().find(|a| {
             a.tensor == tensor
-                && matches!(a.role, ArgRole::Input | ArgRole::Output | ArgRole::Param)
+                && (matches!(a.role, ArgRole::Input | ArgRole::Output | ArgRole::Param)
+                    || Some(a.role) == stats)
         })
+    }
+
+    /// The whole shape `tensor`'s pieces come from: the plan's global tensor, or for a
+    /// statistic (no global form) the contract's shape at the compiled sizes.
+    fn whole_shape(&self, tensor: &str) -> std::result::Result<Vec<u64>, BindError> {
+        match self.exec.global_shape(tensor) {
+            Ok(s) => Ok(s),
+            Err(e) => self
+                .contract
+                .tensor(tensor)
+                .map(|t| t.shape.clone())
+                .ok_or_else(|| BindError(e.to_string())),
+        }
     }
 }
 
@@ -313,6 +358,18 @@ impl ArgValues for StepValues<'_> {
                     .map_err(|e| BindError(e.to_string())),
                 None => Ok(0),
             },
+            // A partial's row outputs are its max and sum statistics.
+            Source::Scratch { scratch } if self.step.phase == Phase::Partial => {
+                let a = self
+                    .step
+                    .args
+                    .iter()
+                    .find(|a| &a.tensor == scratch && a.role == ArgRole::StatsOut)
+                    .ok_or_else(|| BindError(format!("no statistic `{scratch}` to write")))?;
+                self.exec
+                    .address(self.i, self.gpu, &a.region, 0)
+                    .map_err(|e| BindError(e.to_string()))
+            }
             Source::Scratch { scratch } => self
                 .chunk_states
                 .ok_or_else(|| BindError(format!("no scratch `{scratch}` for this step"))),
@@ -336,10 +393,7 @@ impl ArgValues for StepValues<'_> {
             .tensor(tensor)
             .and_then(|t| t.strides)
             .ok_or_else(|| BindError(format!("`{tensor}` has no strides in the contract")))?;
-        let global = self
-            .exec
-            .global_shape(tensor)
-            .map_err(|e| BindError(e.to_string()))?;
+        let global = self.whole_shape(tensor)?;
         let local =
             local_strides(strides, &global, &a.shape).map_err(|e| BindError(e.to_string()))?;
         Ok(match axis {
@@ -843,6 +897,9 @@ impl<'a> PlanExec<'a> {
                 // One warp per run.
                 self.helper(i, gpu, entry, 32 * plan.runs(), &args)
             }
+            Step::LseMerge {
+                into, from, stats, ..
+            } => self.lse_merge(i, gpu, into, from, stats),
             other => Err(plan_error(format!("no GPU lowering for {other:?}"))),
         }
     }
@@ -969,10 +1026,63 @@ impl<'a> PlanExec<'a> {
                 self.launch(i, gpu, entry, &values)
             }
             Phase::StateOnly | Phase::OutputWithPrefix => self.chunked_step(i, gpu, k),
-            other => Err(plan_error(format!(
-                "no GPU lowering for a `{other:?}` kernel"
-            ))),
+            Phase::Partial | Phase::Epilogue => {
+                let [entry] = k.launch.as_slice() else {
+                    return Err(plan_error(format!(
+                        "{}: a {:?} step launches one kernel",
+                        k.kernel, k.phase
+                    )));
+                };
+                let contract = self.contract(entry)?;
+                let mut sizes = vec![("n_q", k.queries.len)];
+                if k.phase == Phase::Partial {
+                    // Positions relative to the key block: the kernel's keys start at 0.
+                    let offset = stats::partial_offset(k, contract).map_err(plan_error)?;
+                    let keys: u64 = k.keys.iter().map(|r| r.len).sum();
+                    sizes.extend([("n_k", keys), ("q_offset", offset)]);
+                }
+                let values = StepValues {
+                    exec: self,
+                    i,
+                    gpu,
+                    step: k,
+                    contract,
+                    sizes,
+                    chunk_states: None,
+                };
+                self.launch(i, gpu, entry, &values)
+            }
         }
+    }
+
+    /// An `lse_merge` step: one merge-kernel launch per statistic, sums before extrema.
+    fn lse_merge(
+        &self,
+        i: usize,
+        gpu: &Gpu,
+        into: &Region,
+        from: &Region,
+        stats: &[einattn_backends::plan::MergeStat],
+    ) -> Result<()> {
+        for m in stats::merge_launches(into, from, stats).map_err(plan_error)? {
+            let max = |r: &Region| -> Result<u64> {
+                match m.max_offset {
+                    Some(o) => self.address(i, gpu, r, o),
+                    None => Ok(0),
+                }
+            };
+            let args = merge_arguments(
+                [
+                    self.address(i, gpu, into, m.offset)?,
+                    self.address(i, gpu, from, m.offset)?,
+                    max(into)?,
+                    max(from)?,
+                ],
+                &m,
+            );
+            self.helper(i, gpu, LSE_MERGE, m.count, &args)?;
+        }
+        Ok(())
     }
 
     /// The chunked state kernels of a linear family (`launch` = chunk states, chunk
@@ -1230,7 +1340,7 @@ mod tests {
     #[test]
     fn helper_arguments_bind_to_the_helper_contracts() {
         let plan = plan_rearrange(&[2, 3, 4], &[2, 0, 1]).expect("a run-copy plan");
-        for (_, contract) in helpers(Target::Sm80, true) {
+        for (_, contract) in helpers(Target::Sm80, true, true) {
             let args = match contract.kernel.as_str() {
                 PREFIX_COMBINE => Combine {
                     slots: 1 << 20,
@@ -1249,6 +1359,17 @@ mod tests {
                 .arguments(),
                 CHUNK_DECAY => decay_arguments(1 << 20, 2 << 20, 4, 128),
                 REARRANGE_16 | REARRANGE_32 => rearrange_arguments(1 << 20, 2 << 20, &plan),
+                LSE_MERGE => merge_arguments(
+                    [1 << 20, 2 << 20, 3 << 20, 4 << 20],
+                    &stats::MergeLaunch {
+                        stat: "RNV".into(),
+                        kind: einattn_backends::plan::MergeKind::RescaledSum,
+                        offset: 0,
+                        count: 1 << 16,
+                        max_offset: Some(0),
+                        width: 128,
+                    },
+                ),
                 other => panic!("a helper the executor does not launch: {other}"),
             };
             let bound =
