@@ -42,10 +42,10 @@ use einattn_backends::abi::{
 use einattn_backends::family::elementwise::{
     merge_kind_code, plan_rearrange, LSE_MERGE, REARRANGE_DIMS,
 };
+use einattn_backends::plan::bind::{Pointer, StepBinding};
 use einattn_backends::plan::order::{order, Batch};
 use einattn_backends::plan::{
-    piece_runs, stats, ArgRole, BufferInit, KernelArg as PlanArg, KernelStep, PeerRegion, Phase,
-    Plan, Region, Step,
+    piece_runs, stats, ArgRole, BufferInit, KernelStep, PeerRegion, Phase, Plan, Region, Step,
 };
 use einattn_ir::cascade::Cascade;
 use einattn_runtime::nccl::P2pPart;
@@ -142,34 +142,6 @@ fn elem_of(dtype: &str) -> Result<Option<Dtype>> {
             "buffers of `{dtype}` are not supported"
         ))),
     }
-}
-
-/// Strides (batch, sequence, head) of a row-major piece of `local` shape of a tensor whose
-/// whole is `global` and is stored like `layout`: each stride of the whole names the dim
-/// it steps over (the product of the extents after it), and the piece's stride is the
-/// same product over its own extents. (Where extents of 1 make two dims step alike, both
-/// readings give the same stride.)
-fn local_strides(strides: abi::Strides, global: &[u64], local: &[u64]) -> Result<[u64; 3]> {
-    if global.len() != local.len() {
-        return Err(plan_error(format!(
-            "a piece of shape {local:?} of a tensor of shape {global:?}"
-        )));
-    }
-    let after = |shape: &[u64], k: usize| shape[k + 1..].iter().product::<u64>();
-    let mut out = [0u64; 3];
-    for (o, s) in out
-        .iter_mut()
-        .zip([strides.batch, strides.seq, strides.head])
-    {
-        if s == 0 {
-            continue;
-        }
-        let k = (0..global.len())
-            .find(|&k| after(global, k) == s)
-            .ok_or_else(|| plan_error(format!("stride {s} is not a dim of {global:?}")))?;
-        *o = after(local, k);
-    }
-    Ok(out)
 }
 
 const LOG2_E: f64 = std::f64::consts::LOG2_E;
@@ -304,103 +276,36 @@ fn u32_arg(what: &str, v: u64) -> Result<u32> {
         .map_err(|_| plan_error(format!("`{what}` = {v} does not fit a 32-bit argument")))
 }
 
-/// What a kernel step binds: the plan's regions for tensors, the window's chunk states for
-/// scratch, the step's sizes, the local strides of each argument's piece.
+/// What a kernel step binds ([`StepBinding`]), with regions as device addresses on the
+/// rank's GPU, the window's chunk states for scratch, and the run's scalar values.
 struct StepValues<'a> {
     exec: &'a PlanExec<'a>,
     i: usize,
     gpu: &'a Gpu,
-    step: &'a KernelStep,
-    contract: &'a LaunchContract,
-    sizes: Vec<(&'static str, u64)>,
+    binding: StepBinding<'a>,
     chunk_states: Option<u64>,
-}
-
-impl StepValues<'_> {
-    fn arg(&self, tensor: &str) -> Option<&PlanArg> {
-        // A partial writes its statistics and an epilogue reads them: contract tensors
-        // named after the statistics.
-        let stats = match self.step.phase {
-            Phase::Partial => Some(ArgRole::StatsOut),
-            Phase::Epilogue => Some(ArgRole::StatsIn),
-            _ => None,
-        };
-        self.step.args.iter().find(|a| {
-            a.tensor == tensor
-                && (matches!(a.role, ArgRole::Input | ArgRole::Output | ArgRole::Param)
-                    || Some(a.role) == stats)
-        })
-    }
-
-    /// The whole shape `tensor`'s pieces come from: the plan's global tensor, or for a
-    /// statistic (no global form) the contract's shape at the compiled sizes.
-    fn whole_shape(&self, tensor: &str) -> std::result::Result<Vec<u64>, BindError> {
-        match self.exec.global_shape(tensor) {
-            Ok(s) => Ok(s),
-            Err(e) => self
-                .contract
-                .tensor(tensor)
-                .map(|t| t.shape.clone())
-                .ok_or_else(|| BindError(e.to_string())),
-        }
-    }
 }
 
 impl ArgValues for StepValues<'_> {
     fn pointer(&self, source: &Source) -> std::result::Result<u64, BindError> {
-        match source {
-            // A kernel of a phase that does not touch a tensor (the chunk-state kernel and
-            // the output) gets a null pointer for it.
-            Source::Tensor { tensor } => match self.arg(tensor) {
-                Some(a) => self
-                    .exec
-                    .address(self.i, self.gpu, &a.region, 0)
-                    .map_err(|e| BindError(e.to_string())),
-                None => Ok(0),
-            },
-            // A partial's row outputs are its max and sum statistics.
-            Source::Scratch { scratch } if self.step.phase == Phase::Partial => {
-                let a = self
-                    .step
-                    .args
-                    .iter()
-                    .find(|a| &a.tensor == scratch && a.role == ArgRole::StatsOut)
-                    .ok_or_else(|| BindError(format!("no statistic `{scratch}` to write")))?;
-                self.exec
-                    .address(self.i, self.gpu, &a.region, 0)
-                    .map_err(|e| BindError(e.to_string()))
-            }
-            Source::Scratch { scratch } => self
+        match self.binding.pointer(source)? {
+            Pointer::Region(r) => self
+                .exec
+                .address(self.i, self.gpu, r, 0)
+                .map_err(|e| BindError(e.to_string())),
+            Pointer::Null => Ok(0),
+            Pointer::Scratch => self
                 .chunk_states
-                .ok_or_else(|| BindError(format!("no scratch `{scratch}` for this step"))),
-            other => Err(BindError(format!("{other:?} is not a pointer"))),
+                .ok_or_else(|| BindError(format!("no scratch {source:?} for this step"))),
         }
     }
 
     fn size(&self, name: &str) -> std::result::Result<u64, BindError> {
-        match self.sizes.iter().find(|(n, _)| *n == name) {
-            Some((_, v)) => Ok(*v),
-            None => self.contract.compiled_size(name),
-        }
+        self.binding.size(name)
     }
 
     fn stride(&self, tensor: &str, axis: Axis) -> std::result::Result<u64, BindError> {
-        let Some(a) = self.arg(tensor) else {
-            return Ok(0);
-        };
-        let strides = self
-            .contract
-            .tensor(tensor)
-            .and_then(|t| t.strides)
-            .ok_or_else(|| BindError(format!("`{tensor}` has no strides in the contract")))?;
-        let global = self.whole_shape(tensor)?;
-        let local =
-            local_strides(strides, &global, &a.shape).map_err(|e| BindError(e.to_string()))?;
-        Ok(match axis {
-            Axis::Batch => local[0],
-            Axis::Seq => local[1],
-            Axis::Head => local[2],
-        })
+        self.binding.stride(tensor, axis)
     }
 
     fn scalar(&self, param: &str, default: Option<f64>) -> std::result::Result<f64, BindError> {
@@ -904,16 +809,6 @@ impl<'a> PlanExec<'a> {
         }
     }
 
-    /// The whole shape of a global tensor of the plan.
-    fn global_shape(&self, tensor: &str) -> Result<Vec<u64>> {
-        self.plan
-            .tensors
-            .iter()
-            .find(|t| t.name == tensor)
-            .map(|t| t.shape.clone())
-            .ok_or_else(|| plan_error(format!("no tensor `{tensor}` in the plan")))
-    }
-
     /// The device address of `region` plus `extra` elements, checked against its buffer.
     fn address(&self, i: usize, gpu: &Gpu, region: &Region, extra: u64) -> Result<u64> {
         let buf = self.execs[i]
@@ -990,43 +885,8 @@ impl<'a> PlanExec<'a> {
     /// A kernel step: by phase, the launches of the kernels the plan assigned it.
     fn kernel_step(&mut self, i: usize, gpu: &Gpu, k: &KernelStep) -> Result<()> {
         match k.phase {
-            Phase::Full => {
-                let [entry] = k.launch.as_slice() else {
-                    return Err(plan_error(format!(
-                        "{}: a full step launches one kernel",
-                        k.kernel
-                    )));
-                };
-                let contract = self.contract(entry)?;
-                let keys: u64 = k.keys.iter().map(|r| r.len).sum();
-                let n_k = contract.compiled_size("n_k")?;
-                if k.keys.first().map(|r| r.start) != Some(0) || keys != n_k {
-                    return Err(plan_error(
-                        "a full kernel runs over every key (after the gather)",
-                    ));
-                }
-                let heads = match k.heads {
-                    Some(h) => h.len,
-                    None => contract.compiled_size("heads")?,
-                };
-                let values = StepValues {
-                    exec: self,
-                    i,
-                    gpu,
-                    step: k,
-                    contract,
-                    sizes: vec![
-                        ("n_q", k.queries.len),
-                        ("n_k", keys),
-                        ("q_offset", k.queries.start),
-                        ("heads", heads),
-                    ],
-                    chunk_states: None,
-                };
-                self.launch(i, gpu, entry, &values)
-            }
             Phase::StateOnly | Phase::OutputWithPrefix => self.chunked_step(i, gpu, k),
-            Phase::Partial | Phase::Epilogue => {
+            Phase::Full | Phase::Partial | Phase::Epilogue => {
                 let [entry] = k.launch.as_slice() else {
                     return Err(plan_error(format!(
                         "{}: a {:?} step launches one kernel",
@@ -1034,20 +894,11 @@ impl<'a> PlanExec<'a> {
                     )));
                 };
                 let contract = self.contract(entry)?;
-                let mut sizes = vec![("n_q", k.queries.len)];
-                if k.phase == Phase::Partial {
-                    // Positions relative to the key block: the kernel's keys start at 0.
-                    let offset = stats::partial_offset(k, contract).map_err(plan_error)?;
-                    let keys: u64 = k.keys.iter().map(|r| r.len).sum();
-                    sizes.extend([("n_k", keys), ("q_offset", offset)]);
-                }
                 let values = StepValues {
                     exec: self,
                     i,
                     gpu,
-                    step: k,
-                    contract,
-                    sizes,
+                    binding: StepBinding::new(self.plan, k, contract).map_err(plan_error)?,
                     chunk_states: None,
                 };
                 self.launch(i, gpu, entry, &values)
@@ -1146,14 +997,17 @@ impl<'a> PlanExec<'a> {
             exec: self,
             i,
             gpu,
-            step: k,
-            contract,
-            sizes: vec![
-                ("n_q", len),
-                ("n_k", len),
-                ("chunk_base", 1),
-                ("chunk_total", 1 + sub),
-            ],
+            binding: StepBinding {
+                plan: self.plan,
+                step: k,
+                contract,
+                sizes: vec![
+                    ("n_q", len),
+                    ("n_k", len),
+                    ("chunk_base", 1),
+                    ("chunk_total", 1 + sub),
+                ],
+            },
             chunk_states: Some(slots_addr),
         };
         let heads = contract.compiled_size("heads")?;
@@ -1377,30 +1231,6 @@ mod tests {
             assert_eq!(bound.len(), contract.params.len());
             assert!(bound.iter().any(|v| matches!(v, ArgValue::Ptr(_))));
         }
-    }
-
-    #[test]
-    fn local_strides_follow_the_piece_shape() {
-        let s = |batch, seq, head| abi::Strides { batch, seq, head };
-        // [B, N, H, d] = [2, 64, 4, 8]: a 16-token window shrinks the batch stride.
-        let bnhd = s(64 * 32, 32, 8);
-        assert_eq!(
-            local_strides(bnhd, &[2, 64, 4, 8], &[2, 16, 4, 8]).ok(),
-            Some([16 * 32, 32, 8])
-        );
-        // Half the heads (Ulysses): the sequence stride shrinks too.
-        assert_eq!(
-            local_strides(bnhd, &[2, 64, 4, 8], &[2, 64, 2, 8]).ok(),
-            Some([64 * 16, 16, 8])
-        );
-        // [B, H, N, d]: batch and head are outside the sequence.
-        let bhnd = s(4 * 64 * 8, 8, 64 * 8);
-        assert_eq!(
-            local_strides(bhnd, &[2, 4, 64, 8], &[2, 4, 16, 8]).ok(),
-            Some([4 * 16 * 8, 8, 16 * 8])
-        );
-        assert!(local_strides(s(7, 1, 1), &[2, 3], &[2, 3]).is_err());
-        assert!(local_strides(bnhd, &[2, 64, 4, 8], &[2, 64]).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! be what the kernel writes: rows `[B, H, N_q]` and the numerator `[B, H, N_q, F]`
 //! (missing batch or head ranks dropped). The epilogue must be `O = num / den`.
 
+use super::program::Score;
 use super::{build_module, AttentionSpec, Schedule};
 use crate::abi::{
     Axis, ContractParam, ContractTensor, Dtype, GridAxis, LaunchContract, ParamType, Scratch,
@@ -19,7 +20,7 @@ use crate::family::elementwise::{
 };
 use crate::family::{contract_tensor, dtype, Module, PlanKernels};
 use crate::plan::{ArgRole, Phase, Plan, Step};
-use crate::tile::{BinaryOp, ScalarExpr, SeqRank};
+use crate::tile::ScalarExpr;
 use einattn_ir::arena::Handle;
 use einattn_ir::cascade::{Cascade, Expr, Rank, Tensor};
 use serde_json::json;
@@ -220,38 +221,38 @@ fn stat_storage(
     })
 }
 
-/// Whether `e` reads a position other than as the difference of a key and a query
-/// position (ALiBi's `m - p`): a partial kernel sees positions relative to its key block.
-fn reads_absolute_positions(e: &ScalarExpr) -> bool {
-    match e {
-        ScalarExpr::Binary(BinaryOp::Sub, a, b)
-            if matches!(
-                (&**a, &**b),
-                (
-                    ScalarExpr::Index(SeqRank::Key),
-                    ScalarExpr::Index(SeqRank::Query)
-                ) | (
-                    ScalarExpr::Index(SeqRank::Query),
-                    ScalarExpr::Index(SeqRank::Key)
-                )
-            ) =>
-        {
-            false
-        }
-        ScalarExpr::Index(_) => true,
-        ScalarExpr::Unary(_, a) => reads_absolute_positions(a),
-        ScalarExpr::Binary(_, a, b) => reads_absolute_positions(a) || reads_absolute_positions(b),
-        ScalarExpr::Select {
-            lhs,
-            rhs,
-            then,
-            otherwise,
-            ..
-        } => [lhs, rhs, then, otherwise]
+/// Whether the score depends on positions only through `m - p` (ALiBi, a relative bias):
+/// a partial kernel sees positions relative to its key block, so shifting both by the
+/// block's start must not change a logit. The score is an expression of a few leaves, and
+/// one that is not shift-invariant differs at almost every point; it is evaluated at
+/// fixed pseudo-random points and shifts.
+pub fn shift_invariant(score: &Score) -> bool {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        // SplitMix64: a fixed sequence, no dependency.
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    };
+    (0..32).all(|_| {
+        let dot = 6.0 * next() - 3.0;
+        let (p, m, t) = (
+            (4096.0 * next()).floor(),
+            (4096.0 * next()).floor(),
+            (1.0 + 4096.0 * next()).floor(),
+        );
+        let scalars: Vec<f64> = score.scalars.iter().map(|_| 0.1 + 2.0 * next()).collect();
+        let heads: Vec<f64> = score
+            .head_params
             .iter()
-            .any(|x| reads_absolute_positions(x)),
-        _ => false,
-    }
+            .map(|_| 0.1 + 2.0 * next())
+            .collect();
+        let a = score.eval(dot, p, m, &scalars, &heads);
+        let b = score.eval(dot, p + t, m + t, &scalars, &heads);
+        (a - b).abs() <= 1e-9 * (1.0 + a.abs())
+    })
 }
 
 /// Whether the partial kernel's result depends on where its blocks sit (masks or a
@@ -287,7 +288,7 @@ fn partial_module(
     names: &StatNames,
 ) -> Result<Module, String> {
     let mut spec = schedule.spec().clone();
-    if reads_absolute_positions(&spec.score.expr) {
+    if !shift_invariant(&spec.score) {
         return Err(
             "a partial kernel of a score that reads absolute positions (it sees positions \
              relative to its key block)"
@@ -485,4 +486,41 @@ fn epilogue_kernel(
     contract.grid = contract.compiled_grid().map_err(|e| e.to_string())?;
     contract.check()?;
     Ok((text, contract))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tile::ex::*;
+    use crate::tile::SeqRank;
+
+    #[test]
+    fn relative_biases_are_shift_invariant_and_absolute_positions_are_not() {
+        assert!(shift_invariant(&Score::scaled()));
+        assert!(shift_invariant(&Score::scaled().with_alibi()));
+        assert!(shift_invariant(
+            &Score::scaled().with_softcap().with_alibi()
+        ));
+        // The recognizer's linear form of `slope * (p - m)`.
+        let mut relative = Score::scaled();
+        relative.head_params.push("slope".into());
+        relative.expr = sub(
+            relative.expr,
+            mul(
+                head(crate::tile::HeadParamId(0)),
+                add(
+                    mul(lit(-1.0), index(SeqRank::Key)),
+                    add(mul(lit(1.0), index(SeqRank::Query)), lit(0.0)),
+                ),
+            ),
+        );
+        assert!(shift_invariant(&relative));
+        // A bias growing with the query's absolute position is not.
+        let mut absolute = Score::scaled();
+        absolute.expr = add(absolute.expr, mul(lit(0.01), index(SeqRank::Query)));
+        assert!(!shift_invariant(&absolute));
+        let mut key_only = Score::scaled();
+        key_only.expr = sub(key_only.expr, index(SeqRank::Key));
+        assert!(!shift_invariant(&key_only));
+    }
 }
