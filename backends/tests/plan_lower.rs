@@ -141,10 +141,10 @@ fn lowered_plans_validate_and_every_rank_progresses() {
     }
 }
 
-/// A cascade whose statistics do not finish as `num / den` (attention with a sink in the
-/// denominator) has no partial kernel: its ring plan is refused, saying why.
+/// A ring plan lowers; the same plan with a partial step that names a statistic the
+/// kernel does not write (`PS` for `RD`) is refused when lowered.
 #[test]
-fn ring_plans_of_other_epilogues_are_refused_with_the_reason() {
+fn a_partial_without_its_statistics_is_refused() {
     let k = compiled("attention_causal.ein", &[]);
     let (_, plan) = plan_cascade(k.cascade(), &options(2, "ring")).expect("plans");
     assert!(lower(&plan, k.as_ref(), &GpuModel::h200()).is_ok());
@@ -164,7 +164,7 @@ fn ring_plans_of_other_epilogues_are_refused_with_the_reason() {
     let err = lower(&edited, k.as_ref(), &GpuModel::h200())
         .err()
         .unwrap_or_else(|| panic!("a partial without its sum statistic was lowered"));
-    assert!(err.contains("plan"), "{err}");
+    assert!(err.contains("binds no statistic `RD`"), "{err}");
 }
 
 fn partial(
@@ -282,4 +282,53 @@ fn edits_that_break_a_plan_are_refused() {
         // One rank skips its all-gather: the collectives no longer line up.
         p.ranks[1].steps.retain(|s| !s.is_collective());
     }));
+}
+
+/// Every scheme's plan orders its memory accesses by streams and events, so an executor
+/// may run each stream on its own device stream; a plan with an event removed races.
+#[test]
+fn plans_order_every_conflicting_access_by_their_events() {
+    use einattn_backends::plan::races::check_races;
+    for (file, n, schemes) in [
+        ("lightning.ein", 3072u64, vec!["lasp2", "lasp1", "ulysses"]),
+        (
+            "attention_causal.ein",
+            4096,
+            vec![
+                "allgather_kv",
+                "allgather_kv_zigzag",
+                "ring",
+                "ring_zigzag",
+                "tokenring",
+                "tokenring_zigzag",
+                "ulysses",
+            ],
+        ),
+        (
+            "attention_1pass.ein",
+            3072,
+            vec!["ring", "ring_zigzag", "tokenring", "tokenring_zigzag"],
+        ),
+    ] {
+        let k = compiled(file, &[("N", n), ("M", n)]);
+        for scheme in &schemes {
+            for p in [2u64, 3, 4, 8] {
+                let Ok((_, plan)) = plan_cascade(k.cascade(), &options(p, scheme)) else {
+                    continue;
+                };
+                if let Err(e) = check_races(&plan) {
+                    panic!("{file} {scheme} P={p}: {e}");
+                }
+            }
+        }
+    }
+    // Dropping the waits of a ring plan leaves a receive racing the compute that reads it.
+    let k = compiled("attention_causal.ein", &[]);
+    let (_, mut plan) = plan_cascade(k.cascade(), &options(4, "ring")).expect("plans");
+    for s in plan.ranks.iter_mut().flat_map(|r| &mut r.steps) {
+        if let Step::Kernel(k) = s {
+            k.exec.wait.clear();
+        }
+    }
+    assert!(check_races(&plan).is_err());
 }

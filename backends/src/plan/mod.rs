@@ -7,6 +7,7 @@
 //! - [`validate`]: checks a plan and its kernels on the CPU before anything runs them;
 //! - [`order`]: the order in which the ranks' steps run (collectives together, sends with
 //!   their receives);
+//! - [`races`]: whether a plan's streams and events order every conflicting access;
 //! - [`stats`]: how the statistics steps of Ring and TokenRing lower (merge launches, a
 //!   partial kernel's offset);
 //! - [`cpu`]: runs a plan on the CPU with simulated collectives over the reference
@@ -19,6 +20,7 @@ pub mod folder;
 pub mod format;
 pub mod lower;
 pub mod order;
+pub mod races;
 pub mod stats;
 pub mod validate;
 

@@ -10,7 +10,9 @@
 //! - every buffer has a known dtype and every region, piece and placement lies inside its
 //!   buffer and its tensor; every peer is another rank;
 //! - every kernel step names kernels of the manifest, with the arguments their contracts
-//!   read, and the global tensors agree with the contracts in shape and dtype.
+//!   read, and the global tensors agree with the contracts in shape and dtype;
+//! - every pair of a rank's steps that touch the same memory (one writing) is ordered by
+//!   its stream or its events ([`super::races`]).
 
 use super::order::order;
 use super::*;
@@ -680,6 +682,8 @@ pub fn validate(plan: &Plan, kernels: &KernelSet) -> Result<(), String> {
     let steps: Vec<&[Step]> = plan.ranks.iter().map(|r| r.steps.as_slice()).collect();
     let ranks: Vec<usize> = (0..plan.ranks.len()).collect();
     order(&steps, &ranks)?;
+    // An executor may run a rank's streams concurrently: the events must order them.
+    super::races::check_races(plan)?;
     Ok(())
 }
 
