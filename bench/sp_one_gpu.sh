@@ -4,7 +4,8 @@
 # (a simulated ring) and compares with the reference (f64 where small enough, else the
 # single-GPU kernel on the whole problem). Causal softmax (attention_causal) and
 # non-causal softmax (attention_1pass) take the softmax schemes, Lightning the linear
-# ones; P in {2, 4}. Then a ring plan folder through `run-plan --one-gpu` and `--cpu`.
+# ones; P in {2, 4}; then the same with `--overlap` (transfers on a second stream, ordered
+# by the plan's events); then a ring plan folder through `run-plan --one-gpu` and `--cpu`.
 # Prints one PASS/FAIL line per check and a tally; exits non-zero if any fails. The times
 # in the logs mean nothing (every rank shares one GPU).
 # Logs go to $OUT (default /tmp/sp_one_gpu); ONLY=REGEX keeps the checks whose label
@@ -49,10 +50,22 @@ for p in 2 4; do
       $BIN check examples/lightning.ein -D B=2 -D H=4 -D D=128 -D N=16384 --sp $p --scheme $s --one-gpu
   done
 done
+# Transfers on a second stream, ordered by the plan's events (--overlap): same results.
+for p in 2 4; do
+  for s in $SOFTMAX; do
+    one "overlap causal N=4096 H=4 d=64 $s P=$p" \
+      $BIN check examples/attention_causal.ein -D H=4 -D D=64 -D N=4096 --sp $p --scheme $s --one-gpu --overlap
+  done
+  for s in lasp2 lasp1 ulysses; do
+    one "overlap lightning N=16384 H=4 d=128 $s P=$p" \
+      $BIN check examples/lightning.ein -D B=2 -D H=4 -D D=128 -D N=16384 --sp $p --scheme $s --one-gpu --overlap
+  done
+done
 # A plan folder: compile writes the plan and its kernels, run-plan runs them.
 one "compile ring_zigzag P=4" \
   $BIN compile examples/attention_causal.ein -D H=4 -D D=128 -D N=8192 --sp 4 --scheme ring_zigzag -o "$OUT/plan_ring_zigzag"
 one "run-plan --one-gpu ring_zigzag P=4" $BIN run-plan "$OUT/plan_ring_zigzag" --one-gpu
+one "run-plan --one-gpu --overlap ring_zigzag P=4" $BIN run-plan "$OUT/plan_ring_zigzag" --one-gpu --overlap
 one "run-plan --cpu tokenring P=4" sh -c "$BIN compile examples/attention_causal.ein -D N=512 -D TILE=32 --sp 4 --scheme tokenring -o $OUT/plan_tokenring_cpu >/dev/null && $BIN run-plan $OUT/plan_tokenring_cpu --cpu"
 echo "checks: $pass passed, $fail failed (logs in $OUT)"
 [ $fail = 0 ]

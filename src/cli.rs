@@ -9,7 +9,7 @@ use einattn_backends::plan::lower::{lower, LoweredPlan};
 use einattn_backends::plan::Plan;
 use einattn_backends::Target;
 use einattn_exec::given::Given;
-use einattn_exec::ranks::RankMapping;
+use einattn_exec::ranks::{RankMapping, RankMode};
 use einattn_exec::{ExecError, ReportFormat};
 use einattn_ir::interp;
 use einattn_ir::{Cascade, TensorKind};
@@ -130,14 +130,19 @@ pub struct SpArgs {
     pub scheme: Option<String>,
     /// Run every rank on GPU 0 (collectives as device copies).
     pub one_gpu: bool,
+    /// Run every rank's transfers on a second stream, ordered by the plan's events.
+    pub overlap: bool,
 }
 
 impl SpArgs {
-    fn mapping(&self) -> RankMapping {
-        if self.one_gpu {
-            RankMapping::OneGpuForAll
-        } else {
-            RankMapping::OneGpuEach
+    fn mapping(&self) -> RankMode {
+        RankMode {
+            mapping: if self.one_gpu {
+                RankMapping::OneGpuForAll
+            } else {
+                RankMapping::OneGpuEach
+            },
+            overlap: self.overlap,
         }
     }
 }
@@ -374,7 +379,7 @@ fn plan_source(dir: &Path, name: &str) -> Result<SourceFile, CliError> {
 /// `einattn run-plan DIR`: validates `DIR/plan.json` and the kernels beside it on the CPU,
 /// then runs them on the GPUs and compares with one GPU on the whole problem and the
 /// reference (the source is read only for the reference).
-pub fn run_plan(dir: &Path, seed: u64, mapping: RankMapping) -> Result<(String, bool), CliError> {
+pub fn run_plan(dir: &Path, seed: u64, mapping: RankMode) -> Result<(String, bool), CliError> {
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read_to_string(&path)

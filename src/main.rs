@@ -120,6 +120,10 @@ enum Command {
         /// and steps on a machine with one GPU; the times mean nothing).
         #[arg(long, conflicts_with = "cpu")]
         one_gpu: bool,
+        /// Run each rank's transfers on a second stream, ordered against compute by the
+        /// plan's events, so they overlap compute.
+        #[arg(long, conflicts_with = "cpu")]
+        overlap: bool,
         /// Run the plan on the CPU executor instead (the reference interpreter per step,
         /// collectives simulated; no GPU needed) and compare with the interpreter.
         #[arg(long)]
@@ -261,6 +265,10 @@ struct SpFlags {
     /// `check`/`bench --sp P`: run every rank on GPU 0, collectives as device copies.
     #[arg(long, requires = "devices")]
     one_gpu: bool,
+    /// `check`/`bench --sp P`: run each rank's transfers on a second stream, ordered
+    /// against compute by the plan's events, so they overlap compute.
+    #[arg(long, requires = "devices")]
+    overlap: bool,
 }
 
 impl SpFlags {
@@ -270,6 +278,7 @@ impl SpFlags {
             sequence: self.sequence,
             scheme: self.scheme,
             one_gpu: self.one_gpu,
+            overlap: self.overlap,
         }
     }
 }
@@ -483,12 +492,19 @@ fn execute(args: Args) -> Result<(), CliError> {
             }
         }
         Command::RunPlan {
-            dir, seed, one_gpu, ..
+            dir,
+            seed,
+            one_gpu,
+            overlap,
+            ..
         } => {
-            let mapping = if one_gpu {
-                einattn_exec::ranks::RankMapping::OneGpuForAll
-            } else {
-                einattn_exec::ranks::RankMapping::OneGpuEach
+            let mapping = einattn_exec::ranks::RankMode {
+                mapping: if one_gpu {
+                    einattn_exec::ranks::RankMapping::OneGpuForAll
+                } else {
+                    einattn_exec::ranks::RankMapping::OneGpuEach
+                },
+                overlap,
             };
             let (report, pass) = cli::run_plan(&dir, seed.unwrap_or_else(clock_seed), mapping)?;
             report_check(&report, pass)?;

@@ -26,7 +26,11 @@
 //!
 //! Steps of a rank run in plan order on its GPU's one stream, which satisfies every event
 //! of the plan (plan order is a topological order); what the plan would overlap runs one
-//! after another. Sends and receives (LASP-1) go as NCCL groups of matched pairs
+//! after another. With overlap ([`crate::ranks::RankMode`]), each rank's transfers (every
+//! collective and send, and steps declared on `comm`) run on a second stream of its GPU
+//! and the plan's waits and records become stream waits and events (validation has
+//! checked that they order every conflicting access); each run forks the transfer
+//! streams from the compute streams and joins them back. Sends and receives (LASP-1) go as NCCL groups of matched pairs
 //! ([`order`]).
 
 pub mod run;
@@ -49,7 +53,7 @@ use einattn_backends::plan::{
 };
 use einattn_ir::cascade::Cascade;
 use einattn_runtime::nccl::P2pPart;
-use einattn_runtime::{DeviceBuffer, Gpu, Kernel};
+use einattn_runtime::{DeviceBuffer, Event, Gpu, Kernel};
 use std::collections::HashMap;
 
 pub(crate) fn plan_error(message: impl Into<String>) -> ExecError {
@@ -122,6 +126,8 @@ struct RankExec {
     windows: HashMap<(u64, u64), Window>,
     /// Every kernel of the plan's manifest, loaded on this rank's GPU.
     kernels: HashMap<String, Kernel>,
+    /// With overlap: the events this run's steps recorded, by the plan's names.
+    events: HashMap<String, Event>,
 }
 
 /// A plan loaded onto the GPUs of `ranks`, ready to run (repeatedly, for timing).
@@ -422,6 +428,7 @@ impl<'a> PlanExec<'a> {
                 buffers,
                 windows: HashMap::new(),
                 kernels: loaded,
+                events: HashMap::new(),
             });
         }
         Ok(PlanExec {
@@ -449,7 +456,26 @@ impl<'a> PlanExec<'a> {
             })
             .collect::<Result<_>>()?;
         let ranks: Vec<usize> = self.execs.iter().map(|e| e.rank).collect();
+        let overlap = self.ranks.overlap();
+        if overlap {
+            // Fork: transfers start after what is enqueued so far (uploads, the last run).
+            for (compute, comm) in self.ranks.streams() {
+                comm.wait(&compute.record()?)?;
+            }
+            for e in &mut self.execs {
+                e.events.clear();
+            }
+        }
         for batch in order(&steps, &ranks).map_err(plan_error)? {
+            let (at, transfer) = match &batch {
+                Batch::Local(i, k) => (vec![(*i, *k)], false),
+                Batch::Collective(at) | Batch::PointToPoint(at) => (at.clone(), true),
+            };
+            if overlap {
+                for &(i, k) in &at {
+                    self.before(i, &steps[i][k], transfer)?;
+                }
+            }
             match batch {
                 Batch::Local(i, k) => self.local_step(i, &steps[i][k])?,
                 Batch::Collective(at) => match &steps[at[0].0][at[0].1] {
@@ -461,6 +487,69 @@ impl<'a> PlanExec<'a> {
                 },
                 Batch::PointToPoint(at) => self.send_recv(&steps, &at)?,
             }
+            if overlap {
+                for &(i, k) in &at {
+                    self.after(i, &steps[i][k], transfer)?;
+                }
+            }
+        }
+        if overlap {
+            // Join: later compute-stream work (downloads, the next run) waits for transfers.
+            for (compute, comm) in self.ranks.streams() {
+                compute.wait(&comm.record()?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream a step is declared on: the rank's transfer stream for `comm`, else its
+    /// compute stream (the same stream without overlap).
+    fn declared(&self, i: usize, step: &Step) -> &'a Gpu {
+        if step.exec().stream == "comm" {
+            self.ranks.comm_of(i)
+        } else {
+            self.ranks.gpu_of(i)
+        }
+    }
+
+    /// The stream a step runs on: collectives and transfers where the communicators are
+    /// (the transfer stream), other steps where they are declared.
+    fn actual(&self, i: usize, step: &Step, transfer: bool) -> &'a Gpu {
+        if transfer {
+            self.ranks.comm_of(i)
+        } else {
+            self.declared(i, step)
+        }
+    }
+
+    /// Before a step runs with overlap: its stream waits for the events the step waits for,
+    /// and, when it runs off its declared stream, for the declared stream's work so far.
+    fn before(&self, i: usize, step: &Step, transfer: bool) -> Result<()> {
+        let (run_on, declared) = (self.actual(i, step, transfer), self.declared(i, step));
+        for name in &step.exec().wait {
+            let e = self.execs[i].events.get(name).ok_or_else(|| {
+                plan_error(format!(
+                    "a step waits for `{name}`, which no earlier step recorded"
+                ))
+            })?;
+            run_on.wait(e)?;
+        }
+        if !std::ptr::eq(run_on, declared) {
+            run_on.wait(&declared.record()?)?;
+        }
+        Ok(())
+    }
+
+    /// After a step ran with overlap: its declared stream continues after it, and its event
+    /// is recorded where it ran.
+    fn after(&mut self, i: usize, step: &Step, transfer: bool) -> Result<()> {
+        let (run_on, declared) = (self.actual(i, step, transfer), self.declared(i, step));
+        if !std::ptr::eq(run_on, declared) {
+            declared.wait(&run_on.record()?)?;
+        }
+        if let Some(name) = &step.exec().record {
+            let e = run_on.record()?;
+            self.execs[i].events.insert(name.clone(), e);
         }
         Ok(())
     }
@@ -582,7 +671,8 @@ impl<'a> PlanExec<'a> {
                     return Err(plan_error("ranks disagree on their collectives"));
                 };
                 let (r, cpp) = (self.execs[i].rank, *count_per_peer as usize);
-                let gpu = self.ranks.gpu_of(i);
+                // The own block goes on the stream the collective runs on.
+                let gpu = self.ranks.comm_of(i);
                 let send_buf = self.execs[i]
                     .buffers
                     .get(&send.buffer)
@@ -692,7 +782,7 @@ impl<'a> PlanExec<'a> {
     }
 
     fn local_step(&mut self, i: usize, step: &Step) -> Result<()> {
-        let gpu = self.ranks.gpu_of(i);
+        let gpu = self.declared(i, step);
         match step {
             Step::Kernel(k) => self.kernel_step(i, gpu, k),
             Step::Place {
