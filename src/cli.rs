@@ -9,7 +9,7 @@ use einattn_backends::plan::lower::{lower, LoweredPlan};
 use einattn_backends::plan::Plan;
 use einattn_backends::Target;
 use einattn_exec::given::Given;
-use einattn_exec::ranks::RankMapping;
+use einattn_exec::ranks::{RankMapping, RankMode};
 use einattn_exec::{ExecError, ReportFormat};
 use einattn_ir::interp;
 use einattn_ir::{Cascade, TensorKind};
@@ -130,14 +130,19 @@ pub struct SpArgs {
     pub scheme: Option<String>,
     /// Run every rank on GPU 0 (collectives as device copies).
     pub one_gpu: bool,
+    /// Run every rank's transfers on a second stream, ordered by the plan's events.
+    pub overlap: bool,
 }
 
 impl SpArgs {
-    fn mapping(&self) -> RankMapping {
-        if self.one_gpu {
-            RankMapping::OneGpuForAll
-        } else {
-            RankMapping::OneGpuEach
+    fn mapping(&self) -> RankMode {
+        RankMode {
+            mapping: if self.one_gpu {
+                RankMapping::OneGpuForAll
+            } else {
+                RankMapping::OneGpuEach
+            },
+            overlap: self.overlap,
         }
     }
 }
@@ -380,7 +385,7 @@ fn plan_source(dir: &Path, name: &str) -> Result<SourceFile, CliError> {
 /// `einattn run-plan DIR`: validates `DIR/plan.json` and the kernels beside it on the CPU,
 /// then runs them on the GPUs and compares with one GPU on the whole problem and the
 /// reference (the source is read only for the reference).
-pub fn run_plan(dir: &Path, seed: u64, mapping: RankMapping) -> Result<(String, bool), CliError> {
+pub fn run_plan(dir: &Path, seed: u64, mapping: RankMode) -> Result<(String, bool), CliError> {
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read_to_string(&path)
@@ -416,6 +421,72 @@ pub fn run_plan(dir: &Path, seed: u64, mapping: RankMapping) -> Result<(String, 
         &Given::default(),
         mapping,
     )?)
+}
+
+/// Relative error under which `run-plan --cpu` passes: the CPU executor evaluates every
+/// step with the f64 interpreter, so a correct plan differs from one device by rounding.
+pub const CPU_PLAN_TOLERANCE: f64 = 1e-9;
+
+/// `einattn run-plan DIR --cpu`: runs `DIR/plan.json` on the CPU executor (every rank's
+/// steps over the reference interpreter, collectives simulated) on inputs drawn from
+/// `seed`, and compares every output with the interpreter on the whole problem. Needs no
+/// GPU and no kernels: a plan without a GPU lowering runs too.
+pub fn run_plan_cpu(
+    dir: &Path,
+    seed: u64,
+    limits: interp::Limits,
+) -> Result<(String, bool), CliError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path)
+            .map_err(|e| CliError::input(format!("error: cannot read `{}`: {e}", path.display())))
+    };
+    let in_dir = |name: &str, e: String| {
+        CliError::input(format!("error: {}: {e}", dir.join(name).display()))
+    };
+    let plan =
+        Plan::from_json(&read("plan.json")?).map_err(|e| in_dir("plan.json", e.to_string()))?;
+    let record = read("build.json")?;
+    let record = BuildRecord::from_json(&record).map_err(|e| in_dir("build.json", e))?;
+    let source = plan_source(dir, &record.source)?;
+    let cascade = source.compile(&record.defines)?;
+    einattn_backends::plan::validate::matches_source(&plan, &cascade)
+        .map_err(|e| in_dir("plan.json", e))?;
+    // The executor holds every rank's buffers next to the whole problem's values: bounded
+    // like a reference run.
+    let inputs = interp::random_inputs_limited(&cascade, seed, limits).map_err(|e| {
+        CliError::input(format!(
+            "error: {}: {e}\n  = help: compile the plan for smaller sizes",
+            source.name()
+        ))
+    })?;
+    let got = einattn_backends::plan::execute_plan(&cascade, &plan, &inputs)
+        .map_err(|e| in_dir("plan.json", e.to_string()))?;
+    let order = einattn_ir::validate::topological_order(&cascade);
+    let want = interp::evaluate_in_order(&cascade, &inputs, &order)
+        .map_err(|e| CliError::input(format!("error: evaluation failed: {e}")))?;
+    let mut report = format!(
+        "run-plan --cpu: {} ({} on {} devices), seed {seed}\n",
+        cascade.name, plan.scheme, plan.world_size
+    );
+    let mut pass = true;
+    for h in cascade.outputs() {
+        let name = &cascade.tensors[h].name;
+        let (Some(g), Some(w)) = (got.get(&h), want.get(h)) else {
+            return Err(in_dir(
+                "plan.json",
+                format!("the plan does not compute `{name}`"),
+            ));
+        };
+        let e = g.relative_error(w);
+        let ok = e < CPU_PLAN_TOLERANCE;
+        pass &= ok;
+        report.push_str(&format!(
+            "  {name}: relative error {e:.2e} against the interpreter on the whole problem (tolerance {CPU_PLAN_TOLERANCE:.0e}): {}\n",
+            if ok { "PASS" } else { "FAIL" }
+        ));
+    }
+    Ok((report, pass))
 }
 
 /// The plan's global tensors are the cascade's, with its shapes, and every tensor or state

@@ -118,8 +118,16 @@ enum Command {
         seed: Option<u64>,
         /// Run every rank on GPU 0, collectives as device copies (checks a plan's kernels
         /// and steps on a machine with one GPU; the times mean nothing).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cpu")]
         one_gpu: bool,
+        /// Run each rank's transfers on a second stream, ordered against compute by the
+        /// plan's events, so they overlap compute.
+        #[arg(long, conflicts_with = "cpu")]
+        overlap: bool,
+        /// Run the plan on the CPU executor instead (the reference interpreter per step,
+        /// collectives simulated; no GPU needed) and compare with the interpreter.
+        #[arg(long)]
+        cpu: bool,
     },
     /// Time the compiled kernel on the GPU: median, TFLOP/s, percent of the peak.
     Bench {
@@ -260,6 +268,10 @@ struct SpFlags {
     /// `check`/`bench --sp P`: run every rank on GPU 0, collectives as device copies.
     #[arg(long, requires = "devices")]
     one_gpu: bool,
+    /// `check`/`bench --sp P`: run each rank's transfers on a second stream, ordered
+    /// against compute by the plan's events, so they overlap compute.
+    #[arg(long, requires = "devices")]
+    overlap: bool,
 }
 
 impl SpFlags {
@@ -269,6 +281,7 @@ impl SpFlags {
             sequence: self.sequence,
             scheme: self.scheme,
             one_gpu: self.one_gpu,
+            overlap: self.overlap,
         }
     }
 }
@@ -461,11 +474,40 @@ fn execute(args: Args) -> Result<(), CliError> {
             )?;
             report_check(&report, pass)?;
         }
-        Command::RunPlan { dir, seed, one_gpu } => {
-            let mapping = if one_gpu {
-                einattn_exec::ranks::RankMapping::OneGpuForAll
-            } else {
-                einattn_exec::ranks::RankMapping::OneGpuEach
+        Command::RunPlan {
+            dir,
+            seed,
+            cpu: true,
+            ..
+        } => {
+            let (report, pass) = cli::run_plan_cpu(
+                &dir,
+                seed.unwrap_or_else(clock_seed),
+                einattn_ir::interp::Limits::default(),
+            )?;
+            say!("{report}");
+            if !pass {
+                return Err(CliError {
+                    message: "error: the plan's outputs on the CPU do not match the reference"
+                        .into(),
+                    exit_code: einattn_exec::MISMATCH_EXIT,
+                });
+            }
+        }
+        Command::RunPlan {
+            dir,
+            seed,
+            one_gpu,
+            overlap,
+            ..
+        } => {
+            let mapping = einattn_exec::ranks::RankMode {
+                mapping: if one_gpu {
+                    einattn_exec::ranks::RankMapping::OneGpuForAll
+                } else {
+                    einattn_exec::ranks::RankMapping::OneGpuEach
+                },
+                overlap,
             };
             let (report, pass) = cli::run_plan(&dir, seed.unwrap_or_else(clock_seed), mapping)?;
             report_check(&report, pass)?;

@@ -654,8 +654,8 @@ fn compile_sp_writes_a_runnable_plan_directory() {
         Some(0) => assert!(String::from_utf8_lossy(&run.stdout).contains("PASS")),
         other => panic!("exit {other:?}: {}", String::from_utf8_lossy(&run.stderr)),
     }
-    // A ring plan has no GPU lowering: compile says so, run-plan refuses it before any
-    // GPU work.
+    // A ring plan carries its partial, epilogue and merge kernels; run-plan stops at the
+    // device without GPUs, and `--cpu` runs it on the CPU executor.
     let ring_dir = dir.join("ring");
     let ring_s = ring_dir.to_string_lossy().to_string();
     let out = einattn(&[
@@ -674,10 +674,27 @@ fn compile_sp_writes_a_runnable_plan_directory() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("does not lower"));
+    let manifest = std::fs::read_to_string(ring_dir.join("manifest.json")).expect("manifest");
+    for entry in ["_partial", "einattn_lse_merge", "einattn_lse_epilogue_bf16"] {
+        assert!(
+            manifest.contains(entry),
+            "{entry} missing from the manifest"
+        );
+    }
     let run = einattn(&["run-plan", &ring_s]);
-    assert_eq!(run.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&run.stderr).contains("does not lower"));
+    match run.status.code() {
+        Some(3) => {}
+        Some(0) => assert!(String::from_utf8_lossy(&run.stdout).contains("PASS")),
+        other => panic!("exit {other:?}: {}", String::from_utf8_lossy(&run.stderr)),
+    }
+    let cpu = einattn(&["run-plan", &ring_s, "--cpu", "--seed", "5"]);
+    assert_eq!(
+        cpu.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&cpu.stderr)
+    );
+    assert!(String::from_utf8_lossy(&cpu.stdout).contains("PASS"));
     // bench --sp times the plan without a reference: exit 3 without GPUs.
     let bench = einattn(&[
         "bench",

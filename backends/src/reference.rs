@@ -60,9 +60,29 @@ fn attention_row(
     spec: &AttentionSpec,
     prob: Problem,
     x: &AttentionInputs,
-    (b, p, h): (usize, usize, usize),
+    row: (usize, usize, usize),
     out: &mut [f64],
 ) -> f64 {
+    let (mx, denom) = partial_row(spec, prob, x, row, out);
+    if mx == f64::NEG_INFINITY {
+        return f64::NEG_INFINITY;
+    }
+    for o in out.iter_mut() {
+        *o /= denom;
+    }
+    mx + denom.ln()
+}
+
+/// One query row's statistics over the keys of `x`: adds `sum_m exp(s_m - max) v_m` into
+/// `out` (zeros) and returns `(max, sum_m exp(s_m - max))`; `(-inf, 0)` when no key is
+/// visible.
+fn partial_row(
+    spec: &AttentionSpec,
+    prob: Problem,
+    x: &AttentionInputs,
+    (b, p, h): (usize, usize, usize),
+    out: &mut [f64],
+) -> (f64, f64) {
     let d = spec.head_dim as usize;
     let hk = h / prob.kv_group;
     let masks = spec.masks();
@@ -83,7 +103,7 @@ fn attention_row(
         mx = mx.max(*l);
     }
     if mx == f64::NEG_INFINITY {
-        return f64::NEG_INFINITY;
+        return (mx, 0.0);
     }
     let mut denom = 0.0;
     for (m, l) in logits.iter().enumerate() {
@@ -97,10 +117,42 @@ fn attention_row(
             *o += w * v;
         }
     }
-    for o in out.iter_mut() {
-        *o /= denom;
+    (mx, denom)
+}
+
+/// The statistics of attention over one block of keys, as a partial kernel writes them
+/// (Ring Attention's partials): per row the max logit and the sum of `exp(s - max)`, each
+/// `[B, H, N_q]`, and the unnormalized numerator `[B, H, N_q, d]`. Query row `p` sits at
+/// position `p + q_offset` and key `m` at `m`: the offset is the query block's start
+/// relative to the key block's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartialStats {
+    pub max: Vec<f64>,
+    pub sum: Vec<f64>,
+    pub num: Vec<f64>,
+}
+
+pub fn attention_partial(spec: &AttentionSpec, prob: Problem, x: &AttentionInputs) -> PartialStats {
+    let d = spec.head_dim as usize;
+    let (bsz, h_n, n_q) = (prob.batch, prob.heads, prob.n_q);
+    let rows = bsz * h_n * n_q;
+    let mut out = PartialStats {
+        max: vec![f64::NEG_INFINITY; rows],
+        sum: vec![0.0; rows],
+        num: vec![0.0; rows * d],
+    };
+    for b in 0..bsz {
+        for h in 0..h_n {
+            for p in 0..n_q {
+                let r = (b * h_n + h) * n_q + p;
+                let (mx, sum) =
+                    partial_row(spec, prob, x, (b, p, h), &mut out.num[r * d..(r + 1) * d]);
+                out.max[r] = mx;
+                out.sum[r] = sum;
+            }
+        }
     }
-    mx + denom.ln()
+    out
 }
 
 /// `||a - b|| / ||b||` over all elements; NaN anywhere gives NaN (never passes a `<` test).

@@ -6,7 +6,7 @@ use einattn_backends::family::{self, CompileError, Compiled, KernelOptions, Requ
 use einattn_backends::plan::lower::lower;
 use einattn_backends::plan::order::{order, Batch};
 use einattn_backends::plan::validate::validate;
-use einattn_backends::plan::{plan_cascade, BufferInit, Step};
+use einattn_backends::plan::{plan_cascade, BufferInit, Phase, Step};
 use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
 use einattn_ir::Cascade;
 use einattn_passes::analysis::GpuModel;
@@ -55,8 +55,11 @@ fn lowered_kernels_assemble() {
         ("attention_causal.ein", "allgather_kv_zigzag"),
         ("lightning.ein", "ulysses"),
         ("attention_causal.ein", "ulysses"),
+        ("attention_causal.ein", "ring_zigzag"),
+        ("attention_causal.ein", "tokenring"),
+        ("attention_1pass.ein", "ring"),
     ] {
-        let k = compiled(file, &[("N", 4096), ("D", 128)]);
+        let k = compiled(file, &[("N", 4096), ("M", 4096), ("D", 128)]);
         let (_, plan) = plan_cascade(k.cascade(), &options(2, scheme)).expect("plans");
         let lowered = lower(&plan, k.as_ref(), &GpuModel::h200()).expect("lowers");
         assert!(
@@ -80,10 +83,23 @@ fn lowered_plans_validate_and_every_rank_progresses() {
         (
             "attention_causal.ein",
             4096,
-            vec!["allgather_kv_zigzag", "allgather_kv", "ulysses"],
+            vec![
+                "allgather_kv_zigzag",
+                "allgather_kv",
+                "ulysses",
+                "ring",
+                "ring_zigzag",
+                "tokenring",
+                "tokenring_zigzag",
+            ],
+        ),
+        (
+            "attention_1pass.ein",
+            3072,
+            vec!["ring", "ring_zigzag", "tokenring", "tokenring_zigzag"],
         ),
     ] {
-        let k = compiled(file, &[("N", n)]);
+        let k = compiled(file, &[("N", n), ("M", n)]);
         for scheme in schemes {
             for p in [2u64, 3, 4, 8] {
                 let Ok((_, plan)) = plan_cascade(k.cascade(), &options(p, scheme)) else {
@@ -125,21 +141,108 @@ fn lowered_plans_validate_and_every_rank_progresses() {
     }
 }
 
+/// A ring plan lowers; the same plan with a partial step that names a statistic the
+/// kernel does not write (`PS` for `RD`) is refused when lowered.
 #[test]
-fn schemes_without_a_lowering_are_refused_with_the_reason() {
+fn a_partial_without_its_statistics_is_refused() {
     let k = compiled("attention_causal.ein", &[]);
-    let mut refused = 0;
-    for scheme in ["ring", "ring_zigzag", "tokenring", "tokenring_zigzag"] {
-        let Ok((_, plan)) = plan_cascade(k.cascade(), &options(2, scheme)) else {
-            continue;
-        };
-        refused += 1;
-        let err = lower(&plan, k.as_ref(), &GpuModel::h200())
-            .err()
-            .unwrap_or_else(|| panic!("{scheme} was lowered"));
-        assert!(err.contains("does not lower"), "{err}");
+    let (_, plan) = plan_cascade(k.cascade(), &options(2, "ring")).expect("plans");
+    assert!(lower(&plan, k.as_ref(), &GpuModel::h200()).is_ok());
+    // The same plan offered to a family whose epilogue is a ratio of other tensors.
+    let mut edited = plan.clone();
+    for r in &mut edited.ranks {
+        for s in &mut r.steps {
+            if let Step::Kernel(kk) = s {
+                for a in &mut kk.args {
+                    if a.tensor == "RD" {
+                        a.tensor = "PS".into();
+                    }
+                }
+            }
+        }
     }
-    assert!(refused >= 2, "only {refused} schemes planned");
+    let err = lower(&edited, k.as_ref(), &GpuModel::h200())
+        .err()
+        .unwrap_or_else(|| panic!("a partial without its sum statistic was lowered"));
+    assert!(err.contains("binds no statistic `RD`"), "{err}");
+}
+
+fn partial(
+    p: &mut einattn_backends::plan::Plan,
+) -> Option<&mut einattn_backends::plan::KernelStep> {
+    p.ranks
+        .iter_mut()
+        .flat_map(|r| &mut r.steps)
+        .find_map(|s| match s {
+            Step::Kernel(k) if k.phase == Phase::Partial => Some(k),
+            _ => None,
+        })
+}
+
+/// Hand edits of a lowered ring plan that the GPU kernels could not honour.
+#[test]
+fn edits_that_break_a_ring_plan_are_refused() {
+    let k = compiled("attention_causal.ein", &[("N", 2048)]);
+    for scheme in ["ring", "tokenring_zigzag"] {
+        let (_, plan) = plan_cascade(k.cascade(), &options(2, scheme)).expect("plans");
+        let lowered = lower(&plan, k.as_ref(), &GpuModel::h200()).expect("lowers");
+        let (plan, kernels) = (lowered.plan, lowered.kernels);
+        assert_eq!(validate(&plan, &kernels), Ok(()));
+        let refused = |edit: &dyn Fn(&mut einattn_backends::plan::Plan)| {
+            let mut p = plan.clone();
+            edit(&mut p);
+            validate(&p, &kernels).is_err()
+        };
+        // Keys after the queries under a causal mask: the kernel's offset cannot be negative.
+        assert!(refused(&|p| {
+            if let Some(k) = partial(p) {
+                k.keys[0].start = k.queries.start + 1;
+            }
+        }));
+        // Two key ranges, or none.
+        assert!(refused(&|p| {
+            if let Some(k) = partial(p) {
+                let r = k.keys[0];
+                k.keys.push(r);
+            }
+        }));
+        // A statistic of the wrong shape for the kernel's rows.
+        assert!(refused(&|p| {
+            if let Some(k) = partial(p) {
+                if let Some(a) = k.args.iter_mut().find(|a| a.tensor == "RM") {
+                    a.shape[2] -= 1;
+                }
+            }
+        }));
+        // A statistic left unbound.
+        assert!(refused(&|p| {
+            if let Some(k) = partial(p) {
+                k.args.retain(|a| a.tensor != "RD");
+            }
+        }));
+        // A merge that reads its max through other dims, or merges a region into itself.
+        let merges = plan
+            .ranks
+            .iter()
+            .flat_map(|r| &r.steps)
+            .filter(|s| matches!(s, Step::LseMerge { .. }))
+            .count();
+        assert!(merges > 0, "{scheme}");
+        assert!(refused(&|p| {
+            for s in p.ranks.iter_mut().flat_map(|r| &mut r.steps) {
+                if let Step::LseMerge { stats, .. } = s {
+                    stats[1].max_dims = vec![2, 1, 0];
+                }
+            }
+        }));
+        assert!(refused(&|p| {
+            for s in p.ranks.iter_mut().flat_map(|r| &mut r.steps) {
+                if let Step::LseMerge { into, from, .. } = s {
+                    *from = into.clone();
+                }
+            }
+        }));
+    }
 }
 
 #[test]
@@ -179,4 +282,53 @@ fn edits_that_break_a_plan_are_refused() {
         // One rank skips its all-gather: the collectives no longer line up.
         p.ranks[1].steps.retain(|s| !s.is_collective());
     }));
+}
+
+/// Every scheme's plan orders its memory accesses by streams and events, so an executor
+/// may run each stream on its own device stream; a plan with an event removed races.
+#[test]
+fn plans_order_every_conflicting_access_by_their_events() {
+    use einattn_backends::plan::races::check_races;
+    for (file, n, schemes) in [
+        ("lightning.ein", 3072u64, vec!["lasp2", "lasp1", "ulysses"]),
+        (
+            "attention_causal.ein",
+            4096,
+            vec![
+                "allgather_kv",
+                "allgather_kv_zigzag",
+                "ring",
+                "ring_zigzag",
+                "tokenring",
+                "tokenring_zigzag",
+                "ulysses",
+            ],
+        ),
+        (
+            "attention_1pass.ein",
+            3072,
+            vec!["ring", "ring_zigzag", "tokenring", "tokenring_zigzag"],
+        ),
+    ] {
+        let k = compiled(file, &[("N", n), ("M", n)]);
+        for scheme in &schemes {
+            for p in [2u64, 3, 4, 8] {
+                let Ok((_, plan)) = plan_cascade(k.cascade(), &options(p, scheme)) else {
+                    continue;
+                };
+                if let Err(e) = check_races(&plan) {
+                    panic!("{file} {scheme} P={p}: {e}");
+                }
+            }
+        }
+    }
+    // Dropping the waits of a ring plan leaves a receive racing the compute that reads it.
+    let k = compiled("attention_causal.ein", &[]);
+    let (_, mut plan) = plan_cascade(k.cascade(), &options(4, "ring")).expect("plans");
+    for s in plan.ranks.iter_mut().flat_map(|r| &mut r.steps) {
+        if let Step::Kernel(k) = s {
+            k.exec.wait.clear();
+        }
+    }
+    assert!(check_races(&plan).is_err());
 }

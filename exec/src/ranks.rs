@@ -16,6 +16,9 @@ pub struct Ranks {
     gpus: Vec<(usize, usize)>,
     /// The GPUs opened (one for all ranks when one stands in for every rank).
     devices: Vec<Gpu>,
+    /// With [`RankMode::overlap`]: a second stream of each device, where transfers run
+    /// (NCCL communicators are built on it, a stand-in copies on it).
+    comm_streams: Vec<Gpu>,
     comm: Comm,
     /// The device ordinal of this process's first GPU (for the single-GPU reference).
     pub ordinal: usize,
@@ -25,6 +28,24 @@ enum Comm {
     Group(einattn_runtime::nccl::NcclGroup),
     Process(einattn_runtime::nccl::NcclRank),
     StandIn(einattn_runtime::StandInGroup),
+}
+
+/// How the ranks of an SP run map to GPUs and streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RankMode {
+    pub mapping: RankMapping,
+    /// Run every rank's transfers on a second stream of its GPU, ordered against compute by
+    /// the plan's events, so they overlap compute (else one stream per GPU runs all).
+    pub overlap: bool,
+}
+
+impl From<RankMapping> for RankMode {
+    fn from(mapping: RankMapping) -> RankMode {
+        RankMode {
+            mapping,
+            overlap: false,
+        }
+    }
 }
 
 /// How the ranks of an SP run map to GPUs.
@@ -37,13 +58,24 @@ pub enum RankMapping {
 }
 
 impl Ranks {
-    pub fn open(devices: usize, mapping: RankMapping) -> Result<Ranks> {
+    pub fn open(devices: usize, mode: impl Into<RankMode>) -> Result<Ranks> {
         use einattn_runtime::nccl::{NcclGroup, NcclRank};
         use einattn_runtime::rendezvous::LaunchEnv;
+        let RankMode { mapping, overlap } = mode.into();
+        let second = |gpus: &[Gpu]| -> Result<Vec<Gpu>> {
+            if !overlap {
+                return Ok(Vec::new());
+            }
+            gpus.iter()
+                .map(|g| g.second_stream().map_err(ExecError::from))
+                .collect()
+        };
         if mapping == RankMapping::OneGpuForAll {
+            let opened = vec![Gpu::open(0)?];
             return Ok(Ranks {
                 gpus: (0..devices).map(|r| (r, 0)).collect(),
-                devices: vec![Gpu::open(0)?],
+                comm_streams: second(&opened)?,
+                devices: opened,
                 comm: Comm::StandIn(einattn_runtime::StandInGroup::new(devices)),
                 ordinal: 0,
             });
@@ -56,11 +88,13 @@ impl Ranks {
                         env.world_size
                     )));
                 }
-                let gpu = Gpu::open(env.local_rank)?;
-                let comm = NcclRank::new(&gpu, &env)?;
+                let opened = vec![Gpu::open(env.local_rank)?];
+                let comm_streams = second(&opened)?;
+                let comm = NcclRank::new(comm_streams.first().unwrap_or(&opened[0]), &env)?;
                 Ok(Ranks {
                     gpus: vec![(env.rank, 0)],
-                    devices: vec![gpu],
+                    devices: opened,
+                    comm_streams,
                     comm: Comm::Process(comm),
                     ordinal: env.local_rank,
                 })
@@ -70,10 +104,13 @@ impl Ranks {
                 for r in 0..devices {
                     opened.push(Gpu::open(r)?);
                 }
-                let group = NcclGroup::new(&opened.iter().collect::<Vec<_>>())?;
+                let comm_streams = second(&opened)?;
+                let on = if overlap { &comm_streams } else { &opened };
+                let group = NcclGroup::new(&on.iter().collect::<Vec<_>>())?;
                 Ok(Ranks {
                     gpus: (0..devices).map(|r| (r, r)).collect(),
                     devices: opened,
+                    comm_streams,
                     comm: Comm::Group(group),
                     ordinal: 0,
                 })
@@ -89,6 +126,27 @@ impl Ranks {
     /// The GPU of the `i`-th rank this process drives.
     pub fn gpu_of(&self, i: usize) -> &Gpu {
         &self.devices[self.gpus[i].1]
+    }
+
+    /// Whether transfers run on a second stream ([`RankMode::overlap`]).
+    pub fn overlap(&self) -> bool {
+        !self.comm_streams.is_empty()
+    }
+
+    /// The stream the `i`-th driven rank's transfers run on: its second stream when
+    /// overlapping, else its GPU's one stream.
+    pub fn comm_of(&self, i: usize) -> &Gpu {
+        self.comm_streams
+            .get(self.gpus[i].1)
+            .unwrap_or_else(|| self.gpu_of(i))
+    }
+
+    /// Every device's (compute, transfer) streams (the same one twice without overlap).
+    pub fn streams(&self) -> impl Iterator<Item = (&Gpu, &Gpu)> {
+        self.devices
+            .iter()
+            .enumerate()
+            .map(|(d, g)| (g, self.comm_streams.get(d).unwrap_or(g)))
     }
 
     /// Ranks of the whole job (all of them, across processes).
@@ -108,7 +166,7 @@ impl Ranks {
     ) -> Result<()> {
         match &self.comm {
             Comm::Group(g) => g.all_gather_regions(parts, count),
-            Comm::StandIn(g) => g.all_gather_regions(self.first(), parts, count),
+            Comm::StandIn(g) => g.all_gather_regions(self.comm_of(0), parts, count),
             Comm::Process(c) => match parts.pop() {
                 Some(part) if parts.is_empty() => c.all_gather_region(part, count),
                 _ => Err(RuntimeError::InvalidArgument(
@@ -132,7 +190,7 @@ impl Ranks {
                     .collect(),
             ),
             Comm::StandIn(g) => g.send_recv(
-                self.first(),
+                self.comm_of(0),
                 parts
                     .into_iter()
                     .map(|(i, part)| (self.gpus[i].0, part))
@@ -162,10 +220,17 @@ impl Ranks {
     }
 
     pub fn launcher(&self) -> &'static str {
-        match self.comm {
-            Comm::Group(_) => "one process driving every GPU",
-            Comm::Process(_) => "one process per GPU (launcher)",
-            Comm::StandIn(_) => "one GPU standing in for every rank",
+        match (&self.comm, self.overlap()) {
+            (Comm::Group(_), false) => "one process driving every GPU",
+            (Comm::Group(_), true) => "one process driving every GPU, transfers on a second stream",
+            (Comm::Process(_), false) => "one process per GPU (launcher)",
+            (Comm::Process(_), true) => {
+                "one process per GPU (launcher), transfers on a second stream"
+            }
+            (Comm::StandIn(_), false) => "one GPU standing in for every rank",
+            (Comm::StandIn(_), true) => {
+                "one GPU standing in for every rank, transfers on a second stream"
+            }
         }
     }
 
@@ -181,7 +246,8 @@ impl Ranks {
     pub fn sum(&self, values: &[f64]) -> Result<Vec<f64>> {
         match &self.comm {
             Comm::Group(_) | Comm::StandIn(_) => Ok(values.to_vec()),
-            Comm::Process(c) => Ok(c.all_reduce_sum_f64_host(self.first(), values)?),
+            // The communicator's own stream (the second one when overlapping).
+            Comm::Process(c) => Ok(c.all_reduce_sum_f64_host(self.comm_of(0), values)?),
         }
     }
 
@@ -203,7 +269,7 @@ pub fn time_plan_reps(
     run: &mut dyn FnMut() -> Result<()>,
     reps: usize,
 ) -> Result<f64> {
-    let gpus: Vec<&Gpu> = ranks.devices.iter().collect();
+    let gpus: Vec<&Gpu> = ranks.devices.iter().chain(&ranks.comm_streams).collect();
     time_plan(&gpus, run, reps)
 }
 

@@ -8,7 +8,9 @@
 //!
 //! Everything runs on one stream per [`Gpu`]; cudarc's per-buffer event tracking is turned off
 //! because kernels receive raw device pointers ([`KernelArg::Ptr`]) and stream order already
-//! orders them.
+//! orders them. A second stream of the same device ([`Gpu::second_stream`]) is a `Gpu` of
+//! its own; work on two streams is ordered only by the caller's events ([`Gpu::record`],
+//! [`Gpu::wait`]).
 
 pub mod nccl;
 pub mod rendezvous;
@@ -119,6 +121,9 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
 }
+
+/// A point in a stream's work ([`Gpu::record`]), for another stream to wait on.
+pub struct Event(cudarc::driver::CudaEvent);
 
 /// Element types a [`DeviceBuffer`] can hold; 16-bit floats travel as their bit patterns.
 pub trait Element: Copy {
@@ -303,8 +308,9 @@ impl Gpu {
             "creating the context",
             guarded("creating the context", move || CudaContext::new(ordinal))?,
         )?;
-        // SAFETY: this crate uses one stream only, so stream order is the only order needed;
-        // raw pointers handed to kernels would bypass the per-buffer events anyway.
+        // SAFETY: each `Gpu` uses one stream, so stream order is the only order needed on it;
+        // callers that use a second stream order it with explicit events (raw pointers
+        // handed to kernels would bypass the per-buffer events anyway).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         Ok(Gpu { ctx, stream })
@@ -450,6 +456,27 @@ impl Gpu {
 
     pub fn synchronize(&self) -> Result<()> {
         drv("synchronizing the stream", self.stream.synchronize())
+    }
+
+    /// Another stream of this GPU, as a `Gpu` whose every operation runs there. Nothing
+    /// orders it against this one but [`Gpu::record`] and [`Gpu::wait`]; buffers of either
+    /// may be used on both.
+    pub fn second_stream(&self) -> Result<Gpu> {
+        let stream = drv("creating a stream", self.ctx.new_stream())?;
+        Ok(Gpu {
+            ctx: self.ctx.clone(),
+            stream,
+        })
+    }
+
+    /// An event that completes when the work enqueued on this stream so far has.
+    pub fn record(&self) -> Result<Event> {
+        drv("recording an event", self.stream.record_event(None)).map(Event)
+    }
+
+    /// Makes the work enqueued on this stream from now on wait for `event`.
+    pub fn wait(&self, event: &Event) -> Result<()> {
+        drv("waiting for an event", self.stream.wait(&event.0))
     }
 
     /// Times `run` with CUDA events: `warmup` untimed calls, then `reps` timed ones (one

@@ -1,12 +1,16 @@
 //! Small element-wise kernels that an SP plan runs between the Tile kernels: the decayed
 //! prefix sum of linear-attention states (`prefix_combine` in a plan), the cumulative
-//! decay of a chunk, and the run copies of a permutation (Ulysses' rearranges). They touch
+//! decay of a chunk, the run copies of a permutation (Ulysses' rearranges), and the merge
+//! and finish of softmax partials (Ring Attention and TokenRing: `lse_merge`, and the
+//! `epilogue` kernel). They touch
 //! a few MiB once, so they are plain grid-stride loops written directly in PTX rather than
 //! Tile programs. Their contracts take every parameter as a launcher-computed
 //! [`Source::Argument`] and cover `work_items` threads.
 
 use crate::abi::{ContractParam, GridAxis, LaunchContract, ParamType, Source};
+pub use crate::plan::MergeKind;
 use crate::ptx::{Target, PTX_VERSION};
+use crate::tile::Elem;
 
 /// Threads per CTA of the element-wise kernels.
 pub const ELEMENTWISE_THREADS: u32 = 256;
@@ -88,13 +92,16 @@ fn helper_contract(
 /// A helper kernel's PTX text and contract.
 pub type Helper = (String, LaunchContract);
 
-/// The helper kernels an SP plan may launch: the prefix combine and the chunk decay, and
-/// the two rearranges when `rearrange`.
-pub fn helpers(target: Target, rearrange: bool) -> Vec<Helper> {
+/// The helper kernels an SP plan may launch: the prefix combine and the chunk decay, the
+/// two rearranges when `rearrange`, and the statistics merge when `merge`.
+pub fn helpers(target: Target, rearrange: bool, merge: bool) -> Vec<Helper> {
     let mut out = vec![prefix_combine(target), chunk_decay(target)];
     if rearrange {
         out.push(rearrange_kernel(target, 16));
         out.push(rearrange_kernel(target, 32));
+    }
+    if merge {
+        out.push(lse_merge(target));
     }
     out
 }
@@ -366,6 +373,249 @@ DONE:
     )
 }
 
+/// The entry of [`lse_merge`].
+pub const LSE_MERGE: &str = "einattn_lse_merge";
+
+/// The `kind` argument of [`lse_merge`] for each merge rule.
+pub fn merge_kind_code(kind: MergeKind) -> u32 {
+    match kind {
+        MergeKind::Max => 0,
+        MergeKind::Min => 1,
+        MergeKind::Sum => 2,
+        MergeKind::RescaledSum => 3,
+    }
+}
+
+/// `einattn_lse_merge`: merges one statistic of a partial (`from`) into an accumulator
+/// (`into`), in place, for every element `i < n`, by `kind` ([`merge_kind_code`]): max, min,
+/// sum, or the rescaled sum `into[i] = into[i] w_a + from[i] w_b` with
+/// `w = exp(M_side - max(M_a, M_b))` read at `into_max[i / width]`, `from_max[i / width]`
+/// (0 for a side whose max is `-inf`: it saw no key). A rescaled sum reads the maxes before
+/// they merge, so a plan's merge runs its sums first and its extrema last.
+///
+/// Parameters: `into: u64, from: u64, into_max: u64, from_max: u64, width: u64, n: u64,
+/// kind: u32` (f32 data; the max pointers are unused unless `kind` is 3).
+pub fn lse_merge(target: Target) -> Helper {
+    let entry = LSE_MERGE;
+    let params = [
+        param("ptr", "p_into", "%rd1"),
+        param("ptr", "p_from", "%rd2"),
+        param("ptr", "p_into_max", "%rd3"),
+        param("ptr", "p_from_max", "%rd4"),
+        param("u64", "p_width", "%rd5"),
+        param("u64", "p_n", "%rd6"),
+        param("u32", "p_kind", "%r1"),
+    ];
+    let body = r#"    cvta.to.global.u64 %rd1, %rd1;
+    cvta.to.global.u64 %rd2, %rd2;
+    cvta.to.global.u64 %rd3, %rd3;
+    cvta.to.global.u64 %rd4, %rd4;
+    mov.u32 %r4, %ctaid.x;
+    mov.u32 %r5, %ntid.x;
+    mov.u32 %r6, %tid.x;
+    mov.u32 %r7, %nctaid.x;
+    mul.wide.u32 %rd10, %r4, %r5;
+    cvt.u64.u32 %rd11, %r6;
+    add.u64 %rd12, %rd10, %rd11;
+    mul.wide.u32 %rd13, %r7, %r5;
+ELEMENT:
+    setp.ge.u64 %p1, %rd12, %rd6;
+    @%p1 bra DONE;
+    shl.b64 %rd14, %rd12, 2;
+    add.u64 %rd15, %rd1, %rd14;
+    add.u64 %rd16, %rd2, %rd14;
+    ld.global.f32 %f0, [%rd15];
+    ld.global.f32 %f1, [%rd16];
+    setp.eq.u32 %p0, %r1, 3;
+    @%p0 bra RESCALED;
+    setp.eq.u32 %p0, %r1, 0;
+    @%p0 max.f32 %f0, %f0, %f1;
+    setp.eq.u32 %p0, %r1, 1;
+    @%p0 min.f32 %f0, %f0, %f1;
+    setp.eq.u32 %p0, %r1, 2;
+    @%p0 add.f32 %f0, %f0, %f1;
+    bra STORE;
+RESCALED:
+    div.u64 %rd17, %rd12, %rd5;
+    shl.b64 %rd17, %rd17, 2;
+    add.u64 %rd18, %rd3, %rd17;
+    add.u64 %rd19, %rd4, %rd17;
+    ld.global.f32 %f2, [%rd18];
+    ld.global.f32 %f3, [%rd19];
+    max.f32 %f4, %f2, %f3;
+    setp.eq.f32 %p2, %f2, 0fFF800000;
+    setp.eq.f32 %p3, %f3, 0fFF800000;
+    sub.f32 %f2, %f2, %f4;
+    mul.f32 %f2, %f2, 0f3FB8AA3B;
+    ex2.approx.ftz.f32 %f2, %f2;
+    @%p2 mov.f32 %f2, 0f00000000;
+    sub.f32 %f3, %f3, %f4;
+    mul.f32 %f3, %f3, 0f3FB8AA3B;
+    ex2.approx.ftz.f32 %f3, %f3;
+    @%p3 mov.f32 %f3, 0f00000000;
+    mul.f32 %f0, %f0, %f2;
+    fma.rn.f32 %f0, %f1, %f3, %f0;
+STORE:
+    st.global.f32 [%rd15], %f0;
+    add.u64 %rd12, %rd12, %rd13;
+    bra ELEMENT;
+DONE:
+    ret;
+"#;
+    (
+        module(target, entry, &params, body),
+        helper_contract(target, entry, &params),
+    )
+}
+
+/// What [`lse_merge`] computes, in f64: the reference its GPU runs and the plan's CPU
+/// simulation follow.
+pub fn lse_merge_model(
+    kind: MergeKind,
+    into: &mut [f64],
+    from: &[f64],
+    into_max: &[f64],
+    from_max: &[f64],
+    width: usize,
+) {
+    let weight = |x: f64, m: f64| {
+        if x == f64::NEG_INFINITY {
+            0.0
+        } else {
+            (x - m).exp()
+        }
+    };
+    for (i, (a, b)) in into.iter_mut().zip(from).enumerate() {
+        *a = match kind {
+            MergeKind::Max => a.max(*b),
+            MergeKind::Min => a.min(*b),
+            MergeKind::Sum => *a + b,
+            MergeKind::RescaledSum => {
+                let (ma, mb) = (into_max[i / width], from_max[i / width]);
+                let m = ma.max(mb);
+                *a * weight(ma, m) + b * weight(mb, m)
+            }
+        };
+    }
+}
+
+/// The entry of [`lse_epilogue`] for an output element type.
+pub fn lse_epilogue_entry(elem: Elem) -> String {
+    format!("einattn_lse_epilogue_{}", elem.name())
+}
+
+/// `einattn_lse_epilogue_{bf16,f16}`: the output of merged softmax statistics,
+/// `out = num / den` (0 where `den` is 0: the row saw no key), rounded to the output type.
+/// Element `(b, s, h, c)` of a `[batch, seq, heads, width]` iteration reads
+/// `num[b sb + s sn + h sh + c]` and `den[b sb + s sn + h sh]` with each tensor's own
+/// batch, sequence and head strides (elements), and writes `out` likewise: any of the
+/// cascade's layouts, with the value dim contiguous.
+///
+/// Parameters: `num, den, out: u64`, `batch, seq, heads, width: u64`, then the strides
+/// `num_sb, num_sn, num_sh, den_sb, den_sn, den_sh, out_sb, out_sn, out_sh: u64`.
+pub fn lse_epilogue(target: Target, elem: Elem) -> Result<String, String> {
+    let cvt = match elem {
+        Elem::Bf16 => "cvt.rn.bf16.f32",
+        Elem::F16 => "cvt.rn.f16.f32",
+        Elem::F32 => return Err("an epilogue writes a 16-bit output".into()),
+    };
+    let entry = lse_epilogue_entry(elem);
+    let body = format!(
+        r#"    cvta.to.global.u64 %rd1, %rd1;
+    cvta.to.global.u64 %rd2, %rd2;
+    cvta.to.global.u64 %rd3, %rd3;
+    mul.lo.u64 %rd20, %rd4, %rd5;
+    mul.lo.u64 %rd20, %rd20, %rd6;
+    mul.lo.u64 %rd20, %rd20, %rd7;
+    mov.u32 %r4, %ctaid.x;
+    mov.u32 %r5, %ntid.x;
+    mov.u32 %r6, %tid.x;
+    mov.u32 %r7, %nctaid.x;
+    mul.wide.u32 %rd21, %r4, %r5;
+    cvt.u64.u32 %rd22, %r6;
+    add.u64 %rd23, %rd21, %rd22;
+    mul.wide.u32 %rd24, %r7, %r5;
+ELEMENT:
+    setp.ge.u64 %p1, %rd23, %rd20;
+    @%p1 bra DONE;
+    rem.u64 %rd25, %rd23, %rd7;
+    div.u64 %rd26, %rd23, %rd7;
+    rem.u64 %rd27, %rd26, %rd6;
+    div.u64 %rd26, %rd26, %rd6;
+    rem.u64 %rd28, %rd26, %rd5;
+    div.u64 %rd29, %rd26, %rd5;
+    mul.lo.u64 %rd30, %rd29, %rd11;
+    mad.lo.u64 %rd30, %rd28, %rd12, %rd30;
+    mad.lo.u64 %rd30, %rd27, %rd13, %rd30;
+    mul.lo.u64 %rd31, %rd29, %rd8;
+    mad.lo.u64 %rd31, %rd28, %rd9, %rd31;
+    mad.lo.u64 %rd31, %rd27, %rd10, %rd31;
+    add.u64 %rd31, %rd31, %rd25;
+    mul.lo.u64 %rd32, %rd29, %rd14;
+    mad.lo.u64 %rd32, %rd28, %rd15, %rd32;
+    mad.lo.u64 %rd32, %rd27, %rd16, %rd32;
+    add.u64 %rd32, %rd32, %rd25;
+    shl.b64 %rd30, %rd30, 2;
+    add.u64 %rd30, %rd2, %rd30;
+    ld.global.f32 %f1, [%rd30];
+    shl.b64 %rd31, %rd31, 2;
+    add.u64 %rd31, %rd1, %rd31;
+    ld.global.f32 %f0, [%rd31];
+    div.rn.f32 %f2, %f0, %f1;
+    setp.eq.f32 %p2, %f1, 0f00000000;
+    @%p2 mov.f32 %f2, 0f00000000;
+    {cvt} %h0, %f2;
+    shl.b64 %rd32, %rd32, 1;
+    add.u64 %rd32, %rd3, %rd32;
+    st.global.b16 [%rd32], %h0;
+    add.u64 %rd23, %rd23, %rd24;
+    bra ELEMENT;
+DONE:
+    ret;
+"#
+    );
+    Ok(module(target, &entry, &lse_epilogue_params(), &body))
+}
+
+/// The `.entry` parameters of [`lse_epilogue`], in order: (type, name, register).
+pub fn lse_epilogue_params() -> Vec<(&'static str, String, String)> {
+    let mut params = vec![
+        param("ptr", "p_num", "%rd1"),
+        param("ptr", "p_den", "%rd2"),
+        param("ptr", "p_out", "%rd3"),
+        param("u64", "p_batch", "%rd4"),
+        param("u64", "p_seq", "%rd5"),
+        param("u64", "p_heads", "%rd6"),
+        param("u64", "p_width", "%rd7"),
+    ];
+    for (i, t) in ["num", "den", "out"].iter().enumerate() {
+        for (j, axis) in ["sb", "sn", "sh"].iter().enumerate() {
+            params.push(param(
+                "u64",
+                &format!("p_{t}_{axis}"),
+                &format!("%rd{}", 8 + 3 * i + j),
+            ));
+        }
+    }
+    params
+}
+
+/// What [`lse_epilogue`] computes for rows stored contiguously (`den` one value per row of
+/// `width` numerators), in f64 before rounding.
+pub fn lse_epilogue_model(num: &[f64], den: &[f64], width: usize) -> Vec<f64> {
+    num.iter()
+        .enumerate()
+        .map(|(i, x)| {
+            let d = den[i / width];
+            if d == 0.0 {
+                0.0
+            } else {
+                x / d
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,6 +722,9 @@ mod tests {
                 chunk_decay(target).0,
                 rearrange_kernel(target, 16).0,
                 rearrange_kernel(target, 32).0,
+                lse_merge(target).0,
+                lse_epilogue(target, Elem::Bf16).expect("bf16"),
+                lse_epilogue(target, Elem::F16).expect("f16"),
             ] {
                 let report = assemble(&ptxas, &text, target.name())
                     .unwrap_or_else(|e| panic!("{}: {e}\n{text}", target.name()));

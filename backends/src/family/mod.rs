@@ -260,9 +260,18 @@ pub trait Compiled: Send + Sync {
     /// Told why the families tried before this one did not take the cascade (for
     /// `--emit schedule`).
     fn passed_over(&mut self, _reasons: &[(&'static str, Vec<Diagnostic>)]) {}
-    /// Assigns each kernel step of `plan` the modules it launches (their entries in the
+    /// Assigns each kernel step of `plan` the kernels it launches (their entries in the
     /// step's `launch`) and returns them; `gpu` sizes the chunking of each window.
-    fn plan_modules(&self, plan: &mut Plan, gpu: &GpuModel) -> Result<Vec<Module>, String>;
+    fn plan_modules(&self, plan: &mut Plan, gpu: &GpuModel) -> Result<PlanKernels, String>;
+}
+
+/// The kernels a family's plan steps launch.
+#[derive(Default)]
+pub struct PlanKernels {
+    /// Tile (or general) kernels.
+    pub modules: Vec<Module>,
+    /// Kernels written directly in PTX (the softmax epilogue): text and contract.
+    pub ptx: Vec<elementwise::Helper>,
 }
 
 impl<'a> dyn Compiled + 'a {

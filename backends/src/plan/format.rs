@@ -382,6 +382,37 @@ pub struct KernelArg {
 }
 
 impl Step {
+    /// Every region the step reads or writes.
+    pub fn regions(&self) -> Vec<&Region> {
+        match self {
+            Step::Kernel(k) => k.args.iter().map(|a| &a.region).collect(),
+            Step::AllGather { send, recv, .. }
+            | Step::AllToAll { send, recv, .. }
+            | Step::AllReduce { send, recv, .. }
+            | Step::ReduceScatter { send, recv, .. }
+            | Step::Rearrange {
+                src: send,
+                dst: recv,
+                ..
+            }
+            | Step::Place {
+                src: send,
+                dst: recv,
+                ..
+            } => vec![send, recv],
+            Step::SendRecv { send, recv, .. } => {
+                send.iter().chain(recv).map(|r| &r.region).collect()
+            }
+            Step::PrefixCombine {
+                slots, init, out, ..
+            } => [Some(slots), init.as_ref(), Some(out)]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Step::LseMerge { into, from, .. } => vec![into, from],
+        }
+    }
+
     pub fn exec(&self) -> &Exec {
         match self {
             Step::Kernel(k) => &k.exec,

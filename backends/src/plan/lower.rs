@@ -44,8 +44,9 @@ fn unsupported(plan: &Plan, what: &str) -> String {
     )
 }
 
-/// Refuses a plan with steps that have no GPU lowering (reductions, statistics merges,
-/// rearranges that keep too many dims apart), saying which scheme needs them.
+/// Refuses a plan with steps that have no GPU lowering (reductions, statistics merges the
+/// merge kernel cannot read, rearranges that keep too many dims apart), saying which
+/// scheme needs them.
 pub fn check_steps(plan: &Plan) -> Result<(), String> {
     for step in plan.ranks.iter().flat_map(|r| &r.steps) {
         let what = match step {
@@ -53,7 +54,11 @@ pub fn check_steps(plan: &Plan) -> Result<(), String> {
                 .is_none()
                 .then(|| format!("a rearrange of {shape:?} by {perm:?} (too many dims apart)")),
             Step::AllReduce { .. } | Step::ReduceScatter { .. } => Some("reductions".into()),
-            Step::LseMerge { .. } => Some("merges of softmax statistics".into()),
+            Step::LseMerge {
+                into, from, stats, ..
+            } => super::stats::merge_launches(into, from, stats)
+                .err()
+                .map(|e| format!("a merge of softmax statistics ({e})")),
             _ => None,
         };
         if let Some(what) = what {
@@ -68,7 +73,7 @@ pub fn check_steps(plan: &Plan) -> Result<(), String> {
 pub fn lower(plan: &Plan, compiled: &dyn Compiled, gpu: &GpuModel) -> Result<LoweredPlan, String> {
     check_steps(plan)?;
     let mut lowered = plan.clone();
-    let modules = compiled
+    let family = compiled
         .plan_modules(&mut lowered, gpu)
         .map_err(|what| unsupported(plan, &what))?;
     let target = compiled
@@ -76,18 +81,20 @@ pub fn lower(plan: &Plan, compiled: &dyn Compiled, gpu: &GpuModel) -> Result<Low
         .first()
         .map(|m| m.ptx.target)
         .unwrap_or_default();
-    let rearrange = plan
-        .ranks
-        .iter()
-        .flat_map(|r| &r.steps)
-        .any(|s| matches!(s, Step::Rearrange { .. }));
+    let any = |f: fn(&Step) -> bool| plan.ranks.iter().flat_map(|r| &r.steps).any(f);
+    let rearrange = any(|s| matches!(s, Step::Rearrange { .. }));
+    let merge = any(|s| matches!(s, Step::LseMerge { .. }));
     let mut ptx = BTreeMap::new();
     let mut contracts = Vec::new();
-    for m in &modules {
+    for m in &family.modules {
         ptx.insert(m.ptx.entry.clone(), m.ptx.text.clone());
         contracts.push(m.contract.clone());
     }
-    for (text, contract) in elementwise::helpers(target, rearrange) {
+    for (text, contract) in family
+        .ptx
+        .into_iter()
+        .chain(elementwise::helpers(target, rearrange, merge))
+    {
         ptx.insert(contract.kernel.clone(), text);
         contracts.push(contract);
     }

@@ -3,18 +3,25 @@
 //! - [`format`]: the serde types of `plan.json`;
 //! - [`emit`]: lowers the planner's chosen scheme (`einattn_passes::sp`) to a plan;
 //! - [`lower`]: assigns a compiled kernel family's modules to the plan's kernel steps;
+//! - [`bind`]: what a lowered kernel step binds (sizes, regions, local strides);
 //! - [`validate`]: checks a plan and its kernels on the CPU before anything runs them;
 //! - [`order`]: the order in which the ranks' steps run (collectives together, sends with
 //!   their receives);
+//! - [`races`]: whether a plan's streams and events order every conflicting access;
+//! - [`stats`]: how the statistics steps of Ring and TokenRing lower (merge launches, a
+//!   partial kernel's offset);
 //! - [`cpu`]: runs a plan on the CPU with simulated collectives over the reference
 //!   interpreter, which is how CI tests SP without GPUs.
 
+pub mod bind;
 pub mod cpu;
 pub mod emit;
 pub mod folder;
 pub mod format;
 pub mod lower;
 pub mod order;
+pub mod races;
+pub mod stats;
 pub mod validate;
 
 pub use cpu::execute_plan;

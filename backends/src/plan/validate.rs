@@ -10,12 +10,14 @@
 //! - every buffer has a known dtype and every region, piece and placement lies inside its
 //!   buffer and its tensor; every peer is another rank;
 //! - every kernel step names kernels of the manifest, with the arguments their contracts
-//!   read, and the global tensors agree with the contracts in shape and dtype.
+//!   read, and the global tensors agree with the contracts in shape and dtype;
+//! - every pair of a rank's steps that touch the same memory (one writing) is ordered by
+//!   its stream or its events ([`super::races`]).
 
 use super::order::order;
 use super::*;
 use crate::abi::{Dtype, KernelSet};
-use crate::family::elementwise::plan_rearrange;
+use crate::family::elementwise::{self, plan_rearrange};
 
 /// Elements a plan may declare for one tensor or buffer (2^40: far past any GPU, small
 /// enough that sums of a few of them cannot overflow).
@@ -120,42 +122,8 @@ impl RankCheck<'_> {
             let slot = used.entry(self.intern(b)).or_insert(0);
             *slot = (*slot).max(e.unwrap_or(u64::MAX));
         };
-        let mut region = |r: &Region| note(&r.buffer, end(r.offset, r.count));
-        for step in &self.rank.steps {
-            match step {
-                Step::Kernel(k) => k.args.iter().for_each(|a| region(&a.region)),
-                Step::AllGather { send, recv, .. }
-                | Step::AllToAll { send, recv, .. }
-                | Step::AllReduce { send, recv, .. }
-                | Step::ReduceScatter { send, recv, .. }
-                | Step::Rearrange {
-                    src: send,
-                    dst: recv,
-                    ..
-                }
-                | Step::Place {
-                    src: send,
-                    dst: recv,
-                    ..
-                } => {
-                    region(send);
-                    region(recv);
-                }
-                Step::SendRecv { send, recv, .. } => {
-                    send.iter().chain(recv).for_each(|r| region(&r.region))
-                }
-                Step::PrefixCombine {
-                    slots, init, out, ..
-                } => {
-                    region(slots);
-                    init.iter().for_each(&mut region);
-                    region(out);
-                }
-                Step::LseMerge { into, from, .. } => {
-                    region(into);
-                    region(from);
-                }
-            }
+        for r in self.rank.steps.iter().flat_map(|s| s.regions()) {
+            note(&r.buffer, end(r.offset, r.count));
         }
         used
     }
@@ -294,8 +262,36 @@ impl RankCheck<'_> {
                 }
                 Ok(())
             }
-            Step::AllReduce { .. } | Step::ReduceScatter { .. } | Step::LseMerge { .. } => {
+            Step::AllReduce { .. } | Step::ReduceScatter { .. } => {
                 Err(self.fail(format!("`{}` steps have no GPU lowering", step.op_name())))
+            }
+            Step::LseMerge {
+                into, from, stats, ..
+            } => {
+                for r in [into, from] {
+                    if self.region(r)? != Dtype::F32 {
+                        return Err(self.fail("a merge of non-f32 statistics".into()));
+                    }
+                }
+                if into.buffer == from.buffer
+                    && into.offset < from.offset.saturating_add(from.count)
+                    && from.offset < into.offset.saturating_add(into.count)
+                {
+                    return Err(self.fail("a merge of overlapping regions".into()));
+                }
+                stats::merge_launches(into, from, stats).map_err(|e| self.fail(e))?;
+                if !kernels
+                    .manifest
+                    .kernels
+                    .iter()
+                    .any(|c| c.kernel == elementwise::LSE_MERGE)
+                {
+                    return Err(self.fail(format!(
+                        "a merge, and the manifest lacks `{}`",
+                        elementwise::LSE_MERGE
+                    )));
+                }
+                Ok(())
             }
             Step::SendRecv {
                 send, recv, dtype, ..
@@ -424,11 +420,8 @@ impl RankCheck<'_> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let wanted = match k.phase {
-            Phase::Full => 1,
+            Phase::Full | Phase::Partial | Phase::Epilogue => 1,
             Phase::StateOnly | Phase::OutputWithPrefix => 2,
-            other => {
-                return Err(self.fail(format!("`{other:?}` kernels have no GPU lowering")));
-            }
         };
         if contracts.len() != wanted {
             return Err(self.fail(format!(
@@ -478,18 +471,56 @@ impl RankCheck<'_> {
                 return Err(self.fail(format!("{} reads keys past the sequence", k.kernel)));
             }
         }
-        // A full step runs its kernel on every tensor the kernel reads; the chunked state
-        // kernels get null pointers for the tensors their phase does not touch (Q and O
-        // of the chunk-state pass).
-        if k.phase == Phase::Full {
+        // A full, partial or epilogue step runs its kernel on every tensor the kernel reads
+        // (a partial's row outputs are statistics it writes); the chunked state kernels get
+        // null pointers for the tensors their phase does not touch (Q and O of the
+        // chunk-state pass).
+        if matches!(k.phase, Phase::Full | Phase::Partial | Phase::Epilogue) {
             for c in &contracts {
                 for t in &c.tensors {
-                    if !k.args.iter().any(|a| a.tensor == t.name) {
+                    let arg = k.args.iter().find(|a| a.tensor == t.name);
+                    let Some(arg) = arg else {
                         return Err(self.fail(format!(
                             "{} binds no argument for `{}`, which `{}` reads",
                             k.kernel, t.name, c.kernel
                         )));
+                    };
+                    if k.phase != Phase::Full {
+                        self.fits_contract(k, arg, t)?;
                     }
+                }
+            }
+        }
+        if k.phase == Phase::Partial {
+            for c in &contracts {
+                for s in &c.scratch {
+                    let arg = k
+                        .args
+                        .iter()
+                        .find(|a| a.tensor == s.name && a.role == ArgRole::StatsOut)
+                        .ok_or_else(|| {
+                            self.fail(format!(
+                                "{} binds no statistic `{}`, which `{}` writes",
+                                k.kernel, s.name, c.kernel
+                            ))
+                        })?;
+                    // Row outputs are [B, H, N_q] at the step's query count.
+                    let rows = elements(&arg.shape).map_err(|e| self.fail(e))?;
+                    let b_h = c.compiled_size("batch").unwrap_or(0)
+                        * c.compiled_size("heads").unwrap_or(0);
+                    if self.region(&arg.region)? != Dtype::F32
+                        || b_h.checked_mul(k.queries.len) != Some(rows)
+                    {
+                        return Err(self.fail(format!(
+                            "{}: statistic `{}` of shape {:?} is not [B, H, {}] f32",
+                            k.kernel, s.name, arg.shape, k.queries.len
+                        )));
+                    }
+                }
+                stats::partial_offset(k, c).map_err(|e| self.fail(e))?;
+                let keys: u64 = k.keys.iter().map(|r| r.len).sum();
+                if keys == 0 || k.queries.len == 0 {
+                    return Err(self.fail(format!("{}: an empty partial", k.kernel)));
                 }
             }
         }
@@ -507,6 +538,37 @@ impl RankCheck<'_> {
                     k.kernel, k.queries.len
                 )));
             }
+        }
+        Ok(())
+    }
+
+    /// A statistic argument of a partial or epilogue step against the contract tensor that
+    /// stands for it: f32, of the contract's rank, no extent past the contract's. (Plan
+    /// tensors are checked as pieces of their global shape.)
+    fn fits_contract(
+        &self,
+        k: &KernelStep,
+        arg: &crate::plan::KernelArg,
+        t: &crate::abi::ContractTensor,
+    ) -> Result<(), String> {
+        if self.plan.tensors.iter().any(|g| g.name == t.name) {
+            return Ok(());
+        }
+        let dtype = self.region(&arg.region)?;
+        if dtype != t.dtype
+            || arg.shape.len() != t.shape.len()
+            || arg.shape.iter().zip(&t.shape).any(|(l, g)| l > g)
+        {
+            return Err(self.fail(format!(
+                "{}: statistic `{}` is {} {:?}; `{}` takes {} pieces of {:?}",
+                k.kernel,
+                arg.tensor,
+                dtype.name(),
+                arg.shape,
+                t.name,
+                t.dtype.name(),
+                t.shape
+            )));
         }
         Ok(())
     }
@@ -620,6 +682,8 @@ pub fn validate(plan: &Plan, kernels: &KernelSet) -> Result<(), String> {
     let steps: Vec<&[Step]> = plan.ranks.iter().map(|r| r.steps.as_slice()).collect();
     let ranks: Vec<usize> = (0..plan.ranks.len()).collect();
     order(&steps, &ranks)?;
+    // An executor may run a rank's streams concurrently: the events must order them.
+    super::races::check_races(plan)?;
     Ok(())
 }
 

@@ -306,7 +306,11 @@ impl Printer<'_> {
             } => self.emit_key_loop(*block_n, masks, body)?,
             Stmt::Store { src, dst } => {
                 let t = &prog.tensors[dst.index()];
-                let ty = Self::mma_type(t.elem)?;
+                // An f32 tensor (a partial's numerator) takes the accumulator as it is.
+                let ty = match t.elem {
+                    Elem::F32 => None,
+                    e => Some(Self::mma_type(e)?),
+                };
                 let cols = prog.regs[src.index()].cols;
                 self.comment(format!("store {}", t.name));
                 let sequential = prog.sequential;
@@ -338,12 +342,17 @@ impl Printer<'_> {
                         for nt in 0..cols / 8 {
                             let lo = self.acc_reg(*src, mt, nt, half * 2);
                             let hi = self.acc_reg(*src, mt, nt, half * 2 + 1);
-                            let pk = self.r();
-                            self.ins(format!("cvt.rn.{ty}x2.f32 {pk}, {hi}, {lo};"));
-                            self.ins(format!(
-                                "@{ok} st.global.b32 [{addr}+{}], {pk};",
-                                nt * 8 * t.elem.bytes()
-                            ));
+                            let at = nt * 8 * t.elem.bytes();
+                            match ty {
+                                Some(ty) => {
+                                    let pk = self.r();
+                                    self.ins(format!("cvt.rn.{ty}x2.f32 {pk}, {hi}, {lo};"));
+                                    self.ins(format!("@{ok} st.global.b32 [{addr}+{at}], {pk};"));
+                                }
+                                None => self.ins(format!(
+                                    "@{ok} st.global.v2.f32 [{addr}+{at}], {{{lo}, {hi}}};"
+                                )),
+                            }
                         }
                     }
                 }

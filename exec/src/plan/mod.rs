@@ -16,12 +16,21 @@
 //! - `output_with_prefix`: `state_in` goes to slot 0 of the window's scratch array and the
 //!   chunk-output kernel starts each of its chunks from the decayed sum of the slots before
 //!   it (the prefix, then the window's own earlier chunks);
+//! - `partial` (Ring, TokenRing): the attention kernel over one (query block, key block)
+//!   pair at the queries' offset relative to the keys, writing the pair's statistics (its
+//!   row outputs and f32 numerator) into the step's `stats_out`; `epilogue`: the
+//!   element-wise `num / den` into the output piece; `lse_merge`: the merge kernel once per
+//!   statistic, sums before the max they read;
 //! - `prefix_combine` and `rearrange`: the helper kernels; `place`: device copies;
 //!   `all_gather`, `all_to_all`, `send_recv`: NCCL.
 //!
 //! Steps of a rank run in plan order on its GPU's one stream, which satisfies every event
 //! of the plan (plan order is a topological order); what the plan would overlap runs one
-//! after another. Sends and receives (LASP-1) go as NCCL groups of matched pairs
+//! after another. With overlap ([`crate::ranks::RankMode`]), each rank's transfers (every
+//! collective and send, and steps declared on `comm`) run on a second stream of its GPU
+//! and the plan's waits and records become stream waits and events (validation has
+//! checked that they order every conflicting access); each run forks the transfer
+//! streams from the compute streams and joins them back. Sends and receives (LASP-1) go as NCCL groups of matched pairs
 //! ([`order`]).
 
 pub mod run;
@@ -34,15 +43,17 @@ use einattn_backends::abi::{
     self, ArgValue, ArgValues, Axis, BindError, Dtype, KernelSet, LaunchContract, Source,
     TensorRole,
 };
-use einattn_backends::family::elementwise::{plan_rearrange, REARRANGE_DIMS};
+use einattn_backends::family::elementwise::{
+    merge_kind_code, plan_rearrange, LSE_MERGE, REARRANGE_DIMS,
+};
+use einattn_backends::plan::bind::{Pointer, StepBinding};
 use einattn_backends::plan::order::{order, Batch};
 use einattn_backends::plan::{
-    piece_runs, ArgRole, BufferInit, KernelArg as PlanArg, KernelStep, PeerRegion, Phase, Plan,
-    Region, Step,
+    piece_runs, stats, ArgRole, BufferInit, KernelStep, PeerRegion, Phase, Plan, Region, Step,
 };
 use einattn_ir::cascade::Cascade;
 use einattn_runtime::nccl::P2pPart;
-use einattn_runtime::{DeviceBuffer, Gpu, Kernel};
+use einattn_runtime::{DeviceBuffer, Event, Gpu, Kernel};
 use std::collections::HashMap;
 
 pub(crate) fn plan_error(message: impl Into<String>) -> ExecError {
@@ -115,6 +126,8 @@ struct RankExec {
     windows: HashMap<(u64, u64), Window>,
     /// Every kernel of the plan's manifest, loaded on this rank's GPU.
     kernels: HashMap<String, Kernel>,
+    /// With overlap: the events this run's steps recorded, by the plan's names.
+    events: HashMap<String, Event>,
 }
 
 /// A plan loaded onto the GPUs of `ranks`, ready to run (repeatedly, for timing).
@@ -135,34 +148,6 @@ fn elem_of(dtype: &str) -> Result<Option<Dtype>> {
             "buffers of `{dtype}` are not supported"
         ))),
     }
-}
-
-/// Strides (batch, sequence, head) of a row-major piece of `local` shape of a tensor whose
-/// whole is `global` and is stored like `layout`: each stride of the whole names the dim
-/// it steps over (the product of the extents after it), and the piece's stride is the
-/// same product over its own extents. (Where extents of 1 make two dims step alike, both
-/// readings give the same stride.)
-fn local_strides(strides: abi::Strides, global: &[u64], local: &[u64]) -> Result<[u64; 3]> {
-    if global.len() != local.len() {
-        return Err(plan_error(format!(
-            "a piece of shape {local:?} of a tensor of shape {global:?}"
-        )));
-    }
-    let after = |shape: &[u64], k: usize| shape[k + 1..].iter().product::<u64>();
-    let mut out = [0u64; 3];
-    for (o, s) in out
-        .iter_mut()
-        .zip([strides.batch, strides.seq, strides.head])
-    {
-        if s == 0 {
-            continue;
-        }
-        let k = (0..global.len())
-            .find(|&k| after(global, k) == s)
-            .ok_or_else(|| plan_error(format!("stride {s} is not a dim of {global:?}")))?;
-        *o = after(local, k);
-    }
-    Ok(out)
 }
 
 const LOG2_E: f64 = std::f64::consts::LOG2_E;
@@ -274,79 +259,59 @@ fn rearrange_arguments(
     Arguments(args)
 }
 
+/// The arguments of `einattn_lse_merge` for one statistic: the addresses of the two sides
+/// and of their maxes (0 when the rule reads none), and the launch's counts.
+fn merge_arguments(
+    [into, from, into_max, from_max]: [u64; 4],
+    m: &stats::MergeLaunch,
+) -> Arguments {
+    Arguments(vec![
+        ("into", ArgValue::Ptr(into)),
+        ("from", ArgValue::Ptr(from)),
+        ("into_max", ArgValue::Ptr(into_max)),
+        ("from_max", ArgValue::Ptr(from_max)),
+        ("width", ArgValue::U64(m.width)),
+        ("n", ArgValue::U64(m.count)),
+        ("kind", ArgValue::U32(merge_kind_code(m.kind))),
+    ])
+}
+
 /// A plan count as a 32-bit kernel argument.
 fn u32_arg(what: &str, v: u64) -> Result<u32> {
     u32::try_from(v)
         .map_err(|_| plan_error(format!("`{what}` = {v} does not fit a 32-bit argument")))
 }
 
-/// What a kernel step binds: the plan's regions for tensors, the window's chunk states for
-/// scratch, the step's sizes, the local strides of each argument's piece.
+/// What a kernel step binds ([`StepBinding`]), with regions as device addresses on the
+/// rank's GPU, the window's chunk states for scratch, and the run's scalar values.
 struct StepValues<'a> {
     exec: &'a PlanExec<'a>,
     i: usize,
     gpu: &'a Gpu,
-    step: &'a KernelStep,
-    contract: &'a LaunchContract,
-    sizes: Vec<(&'static str, u64)>,
+    binding: StepBinding<'a>,
     chunk_states: Option<u64>,
-}
-
-impl StepValues<'_> {
-    fn arg(&self, tensor: &str) -> Option<&PlanArg> {
-        self.step.args.iter().find(|a| {
-            a.tensor == tensor
-                && matches!(a.role, ArgRole::Input | ArgRole::Output | ArgRole::Param)
-        })
-    }
 }
 
 impl ArgValues for StepValues<'_> {
     fn pointer(&self, source: &Source) -> std::result::Result<u64, BindError> {
-        match source {
-            // A kernel of a phase that does not touch a tensor (the chunk-state kernel and
-            // the output) gets a null pointer for it.
-            Source::Tensor { tensor } => match self.arg(tensor) {
-                Some(a) => self
-                    .exec
-                    .address(self.i, self.gpu, &a.region, 0)
-                    .map_err(|e| BindError(e.to_string())),
-                None => Ok(0),
-            },
-            Source::Scratch { scratch } => self
+        match self.binding.pointer(source)? {
+            Pointer::Region(r) => self
+                .exec
+                .address(self.i, self.gpu, r, 0)
+                .map_err(|e| BindError(e.to_string())),
+            Pointer::Null => Ok(0),
+            Pointer::Scratch => self
                 .chunk_states
-                .ok_or_else(|| BindError(format!("no scratch `{scratch}` for this step"))),
-            other => Err(BindError(format!("{other:?} is not a pointer"))),
+                .ok_or_else(|| BindError(format!("no scratch {source:?} for this step"))),
         }
     }
 
     fn size(&self, name: &str) -> std::result::Result<u64, BindError> {
-        match self.sizes.iter().find(|(n, _)| *n == name) {
-            Some((_, v)) => Ok(*v),
-            None => self.contract.compiled_size(name),
-        }
+        self.binding.size(name)
     }
 
     fn stride(&self, tensor: &str, axis: Axis) -> std::result::Result<u64, BindError> {
-        let Some(a) = self.arg(tensor) else {
-            return Ok(0);
-        };
-        let strides = self
-            .contract
-            .tensor(tensor)
-            .and_then(|t| t.strides)
-            .ok_or_else(|| BindError(format!("`{tensor}` has no strides in the contract")))?;
-        let global = self
-            .exec
-            .global_shape(tensor)
-            .map_err(|e| BindError(e.to_string()))?;
-        let local =
-            local_strides(strides, &global, &a.shape).map_err(|e| BindError(e.to_string()))?;
-        Ok(match axis {
-            Axis::Batch => local[0],
-            Axis::Seq => local[1],
-            Axis::Head => local[2],
-        })
+        self.binding.stride(tensor, axis)
     }
 
     fn scalar(&self, param: &str, default: Option<f64>) -> std::result::Result<f64, BindError> {
@@ -463,6 +428,7 @@ impl<'a> PlanExec<'a> {
                 buffers,
                 windows: HashMap::new(),
                 kernels: loaded,
+                events: HashMap::new(),
             });
         }
         Ok(PlanExec {
@@ -490,7 +456,26 @@ impl<'a> PlanExec<'a> {
             })
             .collect::<Result<_>>()?;
         let ranks: Vec<usize> = self.execs.iter().map(|e| e.rank).collect();
+        let overlap = self.ranks.overlap();
+        if overlap {
+            // Fork: transfers start after what is enqueued so far (uploads, the last run).
+            for (compute, comm) in self.ranks.streams() {
+                comm.wait(&compute.record()?)?;
+            }
+            for e in &mut self.execs {
+                e.events.clear();
+            }
+        }
         for batch in order(&steps, &ranks).map_err(plan_error)? {
+            let (at, transfer) = match &batch {
+                Batch::Local(i, k) => (vec![(*i, *k)], false),
+                Batch::Collective(at) | Batch::PointToPoint(at) => (at.clone(), true),
+            };
+            if overlap {
+                for &(i, k) in &at {
+                    self.before(i, &steps[i][k], transfer)?;
+                }
+            }
             match batch {
                 Batch::Local(i, k) => self.local_step(i, &steps[i][k])?,
                 Batch::Collective(at) => match &steps[at[0].0][at[0].1] {
@@ -502,6 +487,69 @@ impl<'a> PlanExec<'a> {
                 },
                 Batch::PointToPoint(at) => self.send_recv(&steps, &at)?,
             }
+            if overlap {
+                for &(i, k) in &at {
+                    self.after(i, &steps[i][k], transfer)?;
+                }
+            }
+        }
+        if overlap {
+            // Join: later compute-stream work (downloads, the next run) waits for transfers.
+            for (compute, comm) in self.ranks.streams() {
+                compute.wait(&comm.record()?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The stream a step is declared on: the rank's transfer stream for `comm`, else its
+    /// compute stream (the same stream without overlap).
+    fn declared(&self, i: usize, step: &Step) -> &'a Gpu {
+        if step.exec().stream == "comm" {
+            self.ranks.comm_of(i)
+        } else {
+            self.ranks.gpu_of(i)
+        }
+    }
+
+    /// The stream a step runs on: collectives and transfers where the communicators are
+    /// (the transfer stream), other steps where they are declared.
+    fn actual(&self, i: usize, step: &Step, transfer: bool) -> &'a Gpu {
+        if transfer {
+            self.ranks.comm_of(i)
+        } else {
+            self.declared(i, step)
+        }
+    }
+
+    /// Before a step runs with overlap: its stream waits for the events the step waits for,
+    /// and, when it runs off its declared stream, for the declared stream's work so far.
+    fn before(&self, i: usize, step: &Step, transfer: bool) -> Result<()> {
+        let (run_on, declared) = (self.actual(i, step, transfer), self.declared(i, step));
+        for name in &step.exec().wait {
+            let e = self.execs[i].events.get(name).ok_or_else(|| {
+                plan_error(format!(
+                    "a step waits for `{name}`, which no earlier step recorded"
+                ))
+            })?;
+            run_on.wait(e)?;
+        }
+        if !std::ptr::eq(run_on, declared) {
+            run_on.wait(&declared.record()?)?;
+        }
+        Ok(())
+    }
+
+    /// After a step ran with overlap: its declared stream continues after it, and its event
+    /// is recorded where it ran.
+    fn after(&mut self, i: usize, step: &Step, transfer: bool) -> Result<()> {
+        let (run_on, declared) = (self.actual(i, step, transfer), self.declared(i, step));
+        if !std::ptr::eq(run_on, declared) {
+            declared.wait(&run_on.record()?)?;
+        }
+        if let Some(name) = &step.exec().record {
+            let e = run_on.record()?;
+            self.execs[i].events.insert(name.clone(), e);
         }
         Ok(())
     }
@@ -623,7 +671,8 @@ impl<'a> PlanExec<'a> {
                     return Err(plan_error("ranks disagree on their collectives"));
                 };
                 let (r, cpp) = (self.execs[i].rank, *count_per_peer as usize);
-                let gpu = self.ranks.gpu_of(i);
+                // The own block goes on the stream the collective runs on.
+                let gpu = self.ranks.comm_of(i);
                 let send_buf = self.execs[i]
                     .buffers
                     .get(&send.buffer)
@@ -733,7 +782,7 @@ impl<'a> PlanExec<'a> {
     }
 
     fn local_step(&mut self, i: usize, step: &Step) -> Result<()> {
-        let gpu = self.ranks.gpu_of(i);
+        let gpu = self.declared(i, step);
         match step {
             Step::Kernel(k) => self.kernel_step(i, gpu, k),
             Step::Place {
@@ -843,18 +892,11 @@ impl<'a> PlanExec<'a> {
                 // One warp per run.
                 self.helper(i, gpu, entry, 32 * plan.runs(), &args)
             }
+            Step::LseMerge {
+                into, from, stats, ..
+            } => self.lse_merge(i, gpu, into, from, stats),
             other => Err(plan_error(format!("no GPU lowering for {other:?}"))),
         }
-    }
-
-    /// The whole shape of a global tensor of the plan.
-    fn global_shape(&self, tensor: &str) -> Result<Vec<u64>> {
-        self.plan
-            .tensors
-            .iter()
-            .find(|t| t.name == tensor)
-            .map(|t| t.shape.clone())
-            .ok_or_else(|| plan_error(format!("no tensor `{tensor}` in the plan")))
     }
 
     /// The device address of `region` plus `extra` elements, checked against its buffer.
@@ -933,46 +975,55 @@ impl<'a> PlanExec<'a> {
     /// A kernel step: by phase, the launches of the kernels the plan assigned it.
     fn kernel_step(&mut self, i: usize, gpu: &Gpu, k: &KernelStep) -> Result<()> {
         match k.phase {
-            Phase::Full => {
+            Phase::StateOnly | Phase::OutputWithPrefix => self.chunked_step(i, gpu, k),
+            Phase::Full | Phase::Partial | Phase::Epilogue => {
                 let [entry] = k.launch.as_slice() else {
                     return Err(plan_error(format!(
-                        "{}: a full step launches one kernel",
-                        k.kernel
+                        "{}: a {:?} step launches one kernel",
+                        k.kernel, k.phase
                     )));
                 };
                 let contract = self.contract(entry)?;
-                let keys: u64 = k.keys.iter().map(|r| r.len).sum();
-                let n_k = contract.compiled_size("n_k")?;
-                if k.keys.first().map(|r| r.start) != Some(0) || keys != n_k {
-                    return Err(plan_error(
-                        "a full kernel runs over every key (after the gather)",
-                    ));
-                }
-                let heads = match k.heads {
-                    Some(h) => h.len,
-                    None => contract.compiled_size("heads")?,
-                };
                 let values = StepValues {
                     exec: self,
                     i,
                     gpu,
-                    step: k,
-                    contract,
-                    sizes: vec![
-                        ("n_q", k.queries.len),
-                        ("n_k", keys),
-                        ("q_offset", k.queries.start),
-                        ("heads", heads),
-                    ],
+                    binding: StepBinding::new(self.plan, k, contract).map_err(plan_error)?,
                     chunk_states: None,
                 };
                 self.launch(i, gpu, entry, &values)
             }
-            Phase::StateOnly | Phase::OutputWithPrefix => self.chunked_step(i, gpu, k),
-            other => Err(plan_error(format!(
-                "no GPU lowering for a `{other:?}` kernel"
-            ))),
         }
+    }
+
+    /// An `lse_merge` step: one merge-kernel launch per statistic, sums before extrema.
+    fn lse_merge(
+        &self,
+        i: usize,
+        gpu: &Gpu,
+        into: &Region,
+        from: &Region,
+        stats: &[einattn_backends::plan::MergeStat],
+    ) -> Result<()> {
+        for m in stats::merge_launches(into, from, stats).map_err(plan_error)? {
+            let max = |r: &Region| -> Result<u64> {
+                match m.max_offset {
+                    Some(o) => self.address(i, gpu, r, o),
+                    None => Ok(0),
+                }
+            };
+            let args = merge_arguments(
+                [
+                    self.address(i, gpu, into, m.offset)?,
+                    self.address(i, gpu, from, m.offset)?,
+                    max(into)?,
+                    max(from)?,
+                ],
+                &m,
+            );
+            self.helper(i, gpu, LSE_MERGE, m.count, &args)?;
+        }
+        Ok(())
     }
 
     /// The chunked state kernels of a linear family (`launch` = chunk states, chunk
@@ -1036,14 +1087,17 @@ impl<'a> PlanExec<'a> {
             exec: self,
             i,
             gpu,
-            step: k,
-            contract,
-            sizes: vec![
-                ("n_q", len),
-                ("n_k", len),
-                ("chunk_base", 1),
-                ("chunk_total", 1 + sub),
-            ],
+            binding: StepBinding {
+                plan: self.plan,
+                step: k,
+                contract,
+                sizes: vec![
+                    ("n_q", len),
+                    ("n_k", len),
+                    ("chunk_base", 1),
+                    ("chunk_total", 1 + sub),
+                ],
+            },
             chunk_states: Some(slots_addr),
         };
         let heads = contract.compiled_size("heads")?;
@@ -1230,7 +1284,7 @@ mod tests {
     #[test]
     fn helper_arguments_bind_to_the_helper_contracts() {
         let plan = plan_rearrange(&[2, 3, 4], &[2, 0, 1]).expect("a run-copy plan");
-        for (_, contract) in helpers(Target::Sm80, true) {
+        for (_, contract) in helpers(Target::Sm80, true, true) {
             let args = match contract.kernel.as_str() {
                 PREFIX_COMBINE => Combine {
                     slots: 1 << 20,
@@ -1249,6 +1303,17 @@ mod tests {
                 .arguments(),
                 CHUNK_DECAY => decay_arguments(1 << 20, 2 << 20, 4, 128),
                 REARRANGE_16 | REARRANGE_32 => rearrange_arguments(1 << 20, 2 << 20, &plan),
+                LSE_MERGE => merge_arguments(
+                    [1 << 20, 2 << 20, 3 << 20, 4 << 20],
+                    &stats::MergeLaunch {
+                        stat: "RNV".into(),
+                        kind: einattn_backends::plan::MergeKind::RescaledSum,
+                        offset: 0,
+                        count: 1 << 16,
+                        max_offset: Some(0),
+                        width: 128,
+                    },
+                ),
                 other => panic!("a helper the executor does not launch: {other}"),
             };
             let bound =
@@ -1256,30 +1321,6 @@ mod tests {
             assert_eq!(bound.len(), contract.params.len());
             assert!(bound.iter().any(|v| matches!(v, ArgValue::Ptr(_))));
         }
-    }
-
-    #[test]
-    fn local_strides_follow_the_piece_shape() {
-        let s = |batch, seq, head| abi::Strides { batch, seq, head };
-        // [B, N, H, d] = [2, 64, 4, 8]: a 16-token window shrinks the batch stride.
-        let bnhd = s(64 * 32, 32, 8);
-        assert_eq!(
-            local_strides(bnhd, &[2, 64, 4, 8], &[2, 16, 4, 8]).ok(),
-            Some([16 * 32, 32, 8])
-        );
-        // Half the heads (Ulysses): the sequence stride shrinks too.
-        assert_eq!(
-            local_strides(bnhd, &[2, 64, 4, 8], &[2, 64, 2, 8]).ok(),
-            Some([64 * 16, 16, 8])
-        );
-        // [B, H, N, d]: batch and head are outside the sequence.
-        let bhnd = s(4 * 64 * 8, 8, 64 * 8);
-        assert_eq!(
-            local_strides(bhnd, &[2, 4, 64, 8], &[2, 4, 16, 8]).ok(),
-            Some([4 * 16 * 8, 8, 16 * 8])
-        );
-        assert!(local_strides(s(7, 1, 1), &[2, 3], &[2, 3]).is_err());
-        assert!(local_strides(bnhd, &[2, 64, 4, 8], &[2, 64]).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use super::PlanExec;
 use crate::check::{output_name, prepared_inputs, reference, INTERPRETER_MAC_LIMIT, TOLERANCE};
 use crate::given::Given;
-use crate::ranks::{time_plan, time_plan_reps, RankMapping, Ranks};
+use crate::ranks::{time_plan, time_plan_reps, RankMode, Ranks};
 use crate::whole::{KernelText, Whole};
 use crate::{ExecError, ReportFormat, Result};
 use einattn_backends::abi::KernelSet;
@@ -63,7 +63,7 @@ pub fn check_plan(
     compiled: &dyn Compiled,
     seed: u64,
     given: &Given,
-    mapping: RankMapping,
+    mapping: RankMode,
 ) -> Result<(String, bool)> {
     let cascade = compiled.cascade();
     let ranks = Ranks::open(plan.world_size as usize, mapping)?;
@@ -113,7 +113,7 @@ pub fn bench_plan(
     reps: usize,
     format: ReportFormat,
     given: &Given,
-    mapping: RankMapping,
+    mapping: RankMode,
 ) -> Result<String> {
     let cascade: &Cascade = compiled.cascade();
     if !given.files.is_empty() {

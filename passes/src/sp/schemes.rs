@@ -56,15 +56,15 @@ impl SchemeKind {
     /// (a permutation kernel, all-to-all, the whole-sequence kernels on a rank's heads) ran
     /// and matched one GPU, but its first permutation kernel was far slower than the
     /// memory-bound packing the model assumes; its run-copy replacement has not run on GPUs
-    /// yet, so Ulysses is not picked by default. Ring and TokenRing need partial kernels that write merge
-    /// statistics, which have no lowering yet.
+    /// yet, so Ulysses is not picked by default. Ring and TokenRing are lowered (partial
+    /// kernels that write merge statistics, a merge kernel, an epilogue) and checked on the
+    /// CPU, but have not run on GPUs yet.
     pub fn gpu_support(self) -> GpuSupport {
         match self {
             SchemeKind::Lasp2 | SchemeKind::Lasp1 | SchemeKind::AllGatherKv => {
                 GpuSupport::Validated
             }
-            SchemeKind::Ulysses => GpuSupport::Lowered,
-            SchemeKind::Ring | SchemeKind::TokenRing => GpuSupport::None,
+            SchemeKind::Ulysses | SchemeKind::Ring | SchemeKind::TokenRing => GpuSupport::Lowered,
         }
     }
 }

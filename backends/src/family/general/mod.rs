@@ -363,7 +363,11 @@ impl Compiled for GeneralKernels {
             .collect();
     }
 
-    fn plan_modules(&self, _plan: &mut Plan, _gpu: &GpuModel) -> Result<Vec<Module>, String> {
+    fn plan_modules(
+        &self,
+        _plan: &mut Plan,
+        _gpu: &GpuModel,
+    ) -> Result<super::PlanKernels, String> {
         Err("kernels of the general lowering (it has no sequence-parallel form yet)".into())
     }
 }

@@ -20,7 +20,7 @@ pub use recognize::{
 
 use super::{
     backend_error, contract, contract_tensor, dtype, CompileError, Compiled, ContractNames,
-    ContractParts, FamilyError, Inputs, KernelFamily, Module, Rate, Request,
+    ContractParts, FamilyError, Inputs, KernelFamily, Module, PlanKernels, Rate, Request,
 };
 use crate::abi::{Dtype, Scratch, TensorRole};
 use crate::plan::{Phase, Plan, Step};
@@ -561,7 +561,7 @@ impl Compiled for LinearKernels {
         Rate::Tokens { tokens, bytes }
     }
 
-    fn plan_modules(&self, plan: &mut Plan, gpu: &GpuModel) -> Result<Vec<Module>, String> {
+    fn plan_modules(&self, plan: &mut Plan, gpu: &GpuModel) -> Result<PlanKernels, String> {
         if self.pre_kernels > 0 {
             return Err(format!(
                 "the linear reading of `{}` needs {} pre-kernel(s) (feature maps or a computed decay rate) that sequence-parallel plans do not launch yet; compile it for one GPU",
@@ -600,7 +600,10 @@ impl Compiled for LinearKernels {
                 }
             }
         }
-        Ok(modules)
+        Ok(PlanKernels {
+            modules,
+            ptx: Vec::new(),
+        })
     }
 }
 

@@ -581,7 +581,11 @@ impl Compiled for SoftmaxGradient {
         }
     }
 
-    fn plan_modules(&self, _plan: &mut Plan, _gpu: &GpuModel) -> Result<Vec<Module>, String> {
+    fn plan_modules(
+        &self,
+        _plan: &mut Plan,
+        _gpu: &GpuModel,
+    ) -> Result<crate::family::PlanKernels, String> {
         Err("sequence-parallel plans of backward kernels are not built yet".into())
     }
 }

@@ -3,10 +3,12 @@
 //!
 //! - [`recognize`]: reads the cascade as softmax attention ([`AttentionMatch`]);
 //! - [`schedule`]: the cost model that picks the kernel shape;
-//! - [`program`]: the Tile IR program of the 1-pass (online softmax) kernel.
+//! - [`program`]: the Tile IR program of the 1-pass (online softmax) kernel;
+//! - [`plan`]: the kernels of SP plans (query-offset, partial and epilogue kernels).
 
 pub mod backward;
 pub mod gradient;
+pub mod plan;
 pub mod program;
 pub mod recognize;
 pub mod schedule;
@@ -17,10 +19,10 @@ pub use schedule::{schedule, Schedule, ScheduleOptions};
 
 use super::{
     backend_error, contract, contract_tensor, dtype, CompileError, Compiled, ContractNames,
-    ContractParts, FamilyError, Inputs, KernelFamily, Module, Rate, Request,
+    ContractParts, FamilyError, Inputs, KernelFamily, Module, PlanKernels, Rate, Request,
 };
 use crate::abi::{Dtype, TensorRole};
-use crate::plan::{Phase, Plan, Step};
+use crate::plan::Plan;
 use crate::print_ptx;
 use crate::tile::BandDirection;
 use einattn_ir::cascade::Cascade;
@@ -262,24 +264,8 @@ impl Compiled for SoftmaxKernels {
         }
     }
 
-    fn plan_modules(&self, plan: &mut Plan, _gpu: &GpuModel) -> Result<Vec<Module>, String> {
-        // Every kernel step runs the whole key range of a query slice: the kernel with a
-        // query offset, so masks see global positions while memory stays local.
-        let mut spec = self.schedule.spec().clone();
-        spec.query_offset = true;
-        let module =
-            build_module(&self.cascade, &self.schedule, spec).map_err(|e| e.to_string())?;
-        for rank in &mut plan.ranks {
-            for step in &mut rank.steps {
-                if let Step::Kernel(k) = step {
-                    if k.phase != Phase::Full {
-                        return Err(format!("a `{:?}` kernel of this family", k.phase));
-                    }
-                    k.launch = vec![module.ptx.entry.clone()];
-                }
-            }
-        }
-        Ok(vec![module])
+    fn plan_modules(&self, plan: &mut Plan, _gpu: &GpuModel) -> Result<PlanKernels, String> {
+        plan::plan_kernels(&self.cascade, &self.schedule, plan)
     }
 }
 

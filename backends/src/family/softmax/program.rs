@@ -139,6 +139,11 @@ pub struct AttentionSpec {
     pub write_lse: bool,
     /// Query rows sit at a launch-given position offset (a sequence slice under SP).
     pub query_offset: bool,
+    /// A partial over one key block (Ring Attention, TokenRing): instead of `O`, write the
+    /// unnormalized `f32` numerator `sum_m exp(s - max) v_m` in `o` and the per-row max
+    /// (natural-log units, `-inf` for a row that saw no key) and sum `sum_m exp(s - max)`
+    /// as row outputs `max` and `sum`: the statistics a log-sum-exp merge combines.
+    pub partial: bool,
 }
 
 impl AttentionSpec {
@@ -152,6 +157,7 @@ impl AttentionSpec {
             score: Score::scaled(),
             write_lse: false,
             query_offset: false,
+            partial: false,
         }
     }
     pub fn masks(&self) -> Vec<BandMask> {
@@ -187,6 +193,9 @@ impl AttentionSpec {
         }
         if self.query_offset {
             s.push_str("_qoff");
+        }
+        if self.partial {
+            s.push_str("_partial");
         }
         s
     }
@@ -243,6 +252,8 @@ pub struct AttentionBindings {
     pub v: TensorId,
     pub o: TensorId,
     pub lse: Option<RowOutputId>,
+    /// The row outputs `max` and `sum` of a partial program.
+    pub stats: Option<(RowOutputId, RowOutputId)>,
 }
 
 /// Builds the 1-pass softmax attention tile program.
@@ -253,6 +264,11 @@ pub fn flash_attention(
     if spec.elem == Elem::F32 {
         return Err(TileError::Unsupported(
             "attention inputs must be bf16 or f16".into(),
+        ));
+    }
+    if spec.partial && spec.write_lse {
+        return Err(TileError::Unsupported(
+            "a partial kernel writes its max and sum, not the log-sum-exp".into(),
         ));
     }
     if !spec.head_dim.is_multiple_of(16) || spec.head_dim == 0 {
@@ -299,10 +315,27 @@ pub fn flash_attention(
     let q = tensor(&mut p, "q", SeqRank::Query, false);
     let k = tensor(&mut p, "k", SeqRank::Key, false);
     let v = tensor(&mut p, "v", SeqRank::Key, false);
-    let o = tensor(&mut p, "o", SeqRank::Query, true);
+    let o = if spec.partial {
+        // The numerator stays in f32: a merge rescales it before anything rounds it.
+        p.tensors.push(TensorParam {
+            name: "o".into(),
+            elem: Elem::F32,
+            rows: SeqRank::Query,
+            head_dim: d,
+            is_output: true,
+        });
+        TensorId(p.tensors.len() as u32 - 1)
+    } else {
+        tensor(&mut p, "o", SeqRank::Query, true)
+    };
     let lse = spec.write_lse.then(|| {
         p.row_outputs.push(RowOutput { name: "lse".into() });
         RowOutputId(0)
+    });
+    let stats = spec.partial.then(|| {
+        p.row_outputs.push(RowOutput { name: "max".into() });
+        p.row_outputs.push(RowOutput { name: "sum".into() });
+        (RowOutputId(0), RowOutputId(1))
     });
     for name in &spec.score.scalars {
         p.scalars.push(ScalarParam { name: name.clone() });
@@ -496,6 +529,37 @@ pub fn flash_attention(
         masks: spec.masks(),
         body: lp,
     });
+    if let Some((max_out, sum_out)) = stats {
+        // The running max is in log2 units of the logit: times ln 2 it is the cascade's
+        // max (-inf stays -inf); the sum and the numerator are the same in either unit.
+        let max_row = new_row(&mut p, "max_nat");
+        body.push(Stmt::RowMap {
+            dst: max_row,
+            expr: mul(row(m_run), lit(LN_2)),
+        });
+        body.push(Stmt::StoreRow {
+            src: max_row,
+            dst: max_out,
+        });
+        body.push(Stmt::StoreRow {
+            src: l_run,
+            dst: sum_out,
+        });
+        body.push(Stmt::Store { src: acc, dst: o });
+        p.body = body;
+        p.validate()?;
+        return Ok((
+            p,
+            AttentionBindings {
+                q,
+                k,
+                v,
+                o,
+                lse,
+                stats,
+            },
+        ));
+    }
     // Rows that saw no key (l = 0) output zeros rather than NaN.
     let inv_l = new_row(&mut p, "inv_l");
     body.push(Stmt::RowMap {
@@ -521,7 +585,17 @@ pub fn flash_attention(
     }
     p.body = body;
     p.validate()?;
-    Ok((p, AttentionBindings { q, k, v, o, lse }))
+    Ok((
+        p,
+        AttentionBindings {
+            q,
+            k,
+            v,
+            o,
+            lse,
+            stats,
+        },
+    ))
 }
 
 /// Replaces the dot-product placeholder of a [`Score`] with the score register.

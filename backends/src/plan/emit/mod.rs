@@ -258,7 +258,17 @@ impl RankBuilder {
         }
     }
 
-    fn finish(self) -> RankPlan {
+    fn finish(mut self) -> RankPlan {
+        // Scratch that no step of this rank ended up using (the second ring buffer with
+        // one transfer, the merge scratch of a rank with one pair) is not allocated.
+        let steps = &self.steps;
+        self.buffers.retain(|b| {
+            !matches!(b.init, BufferInit::Uninit)
+                || steps
+                    .iter()
+                    .flat_map(|s| s.regions())
+                    .any(|r| r.buffer == b.name)
+        });
         RankPlan {
             rank: self.rank,
             buffers: self.buffers,
