@@ -1,7 +1,8 @@
 //! Random valid cascades, as `.ein` text, for testing lowerings: small ranks (one may be
 //! split into tiles), inputs of one to three ranks, parameters, Einsums with element-wise
 //! maps, contractions and `sum`/`max`/`min` reductions, masks that never hide a whole
-//! reduction, and recurrences along a rank (read at their final step or step by step).
+//! reduction, and recurrences along a rank, forward or reverse (read at their final step or
+//! step by step).
 //!
 //! Values stay bounded (maps such as `exp(tanh(x) * 2)`, `x / (1 + x * x)`, `tanh`, `sqrt(x * x +
 //! 1)`), so a kernel's f32 arithmetic agrees with the f64 interpreter to well within the
@@ -211,17 +212,29 @@ pub fn random_cascade(seed: u64) -> String {
                     v.join(", ")
                 };
                 let decay = *rng.pick(&["0.5", "0.9", "0.25"]);
-                let update = match rng.below(3) {
-                    0 => format!("{decay} * {st}[{}] + {}", idx("n"), access(&src)),
-                    1 => format!("max({st}[{}], {})", idx("n"), access(&src)),
-                    _ => format!("{decay} * tanh({st}[{}]) + {}", idx("n"), access(&src)),
+                // A forward state writes step n + 1 from step n; a reverse one (the adjoint
+                // form `einattn grad` writes) writes step n from step n + 1, from `init` at N.
+                let reverse = rng.chance(30);
+                let (read, write, first, last) = if reverse {
+                    ("n + 1", "n", "N", "0")
+                } else {
+                    ("n", "n + 1", "0", "N")
                 };
-                body.push_str(&format!("{st}[{}] = {update}\n", idx("n + 1")));
-                body.push_str(&format!("init {st}[{}] = 0\n", idx("0")));
+                let update = match rng.below(3) {
+                    0 => format!("{decay} * {st}[{}] + {}", idx(read), access(&src)),
+                    1 => format!("max({st}[{}], {})", idx(read), access(&src)),
+                    _ => format!("{decay} * tanh({st}[{}]) + {}", idx(read), access(&src)),
+                };
+                body.push_str(&format!("{st}[{}] = {update}\n", idx(write)));
+                body.push_str(&format!("init {st}[{}] = 0\n", idx(first)));
                 // Read at the final step, or step by step.
                 if rng.chance(50) {
                     let fin = format!("F{k}");
-                    body.push_str(&format!("{fin}{} = {st}[{}]\n", bracket(&others), idx("N")));
+                    body.push_str(&format!(
+                        "{fin}{} = {st}[{}]\n",
+                        bracket(&others),
+                        idx(last)
+                    ));
                     known.push(Known {
                         name: fin,
                         ranks: others.clone(),
@@ -233,7 +246,7 @@ pub fn random_cascade(seed: u64) -> String {
                     body.push_str(&format!(
                         "{every}[{}] = {st}[{}]\n",
                         ranks.join(", "),
-                        idx("n + 1")
+                        idx(write)
                     ));
                     known.push(Known { name: every, ranks });
                 }
