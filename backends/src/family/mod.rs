@@ -350,6 +350,30 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
     Err(CompileError::Unmapped(reasons))
 }
 
+/// [`Compiled::formula`] for a family with no formula faster than its cascade: the
+/// interpreter, on the main output (the one every caller of `formula` compares, whatever
+/// order the outputs have).
+pub fn interpreter_formula(compiled: &dyn Compiled, inputs: &Inputs) -> (Vec<f64>, &'static str) {
+    let cascade = compiled.cascade();
+    let manifest = compiled.manifest();
+    let out = manifest
+        .main_output()
+        .and_then(|name| cascade.tensor_by_name(name));
+    let values = einattn_ir::interp::evaluate_in_order(
+        cascade,
+        inputs,
+        &einattn_ir::validate::topological_order(cascade),
+    );
+    let values = match (values, out) {
+        (Ok(v), Some(o)) => v
+            .get(o)
+            .map(|d| d.stored().into_owned())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    (values, "the cascade interpreter (f64)")
+}
+
 /// Compiles the backward cascade of `grad` (in `request`): the softmax family's backward
 /// kernels when it reads `forward` as softmax attention and the backward as its gradient,
 /// else the families in turn on the backward cascade itself.

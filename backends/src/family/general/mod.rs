@@ -14,8 +14,8 @@ pub mod ptx;
 pub mod random;
 
 use super::{
-    CompileError, Compiled, FamilyError, Inputs, KernelFamily, KernelOptions, KernelProgram,
-    Module, Rate, Request,
+    interpreter_formula, CompileError, Compiled, FamilyError, Inputs, KernelFamily, KernelOptions,
+    KernelProgram, Module, Rate, Request,
 };
 use crate::abi::{
     self, ContractParam, ContractTensor, Dtype, GridAxis, LaunchContract, ParamType, Source,
@@ -315,25 +315,8 @@ impl Compiled for GeneralKernels {
     }
 
     fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
-        // No faster formula than the cascade itself: the interpreter, on the main output
-        // (the one every caller of `formula` compares, whatever order the outputs have).
-        let manifest = (self as &dyn Compiled).manifest();
-        let out = manifest
-            .main_output()
-            .and_then(|name| self.cascade.tensor_by_name(name));
-        let values = einattn_ir::interp::evaluate_in_order(
-            &self.cascade,
-            inputs,
-            &einattn_ir::validate::topological_order(&self.cascade),
-        );
-        let values = match (values, out) {
-            (Ok(v), Some(o)) => v
-                .get(o)
-                .map(|d| d.stored().into_owned())
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        };
-        (values, "the cascade interpreter (f64)")
+        // No faster formula than the cascade itself.
+        interpreter_formula(self, inputs)
     }
 
     fn interpreter_work(&self) -> u64 {

@@ -14,8 +14,9 @@ use super::backward::{dkdv_program, dq_program, names, BackwardSchedule, Statist
 use super::{recognize, visible_flops, AttentionMatch, Running};
 use crate::abi::{Dtype, LaunchContract, Scratch, Source, TensorRole};
 use crate::family::{
-    backend_error, contract, contract_tensor, dtype, CompileError, Compiled, ContractNames,
-    ContractParts, FamilyError, Inputs, KernelOptions, KernelProgram, Layout, Module, Rate,
+    backend_error, contract, contract_tensor, dtype, interpreter_formula, CompileError, Compiled,
+    ContractNames, ContractParts, FamilyError, Inputs, KernelOptions, KernelProgram, Layout,
+    Module, Rate,
 };
 use crate::plan::Plan;
 use crate::print_ptx;
@@ -405,7 +406,9 @@ fn backward_schedule(
     }
     if let Some(w) = options.warps {
         sched.warps = w;
-        sched.block_m = 16 * w;
+        sched.block_m = w.checked_mul(16).ok_or_else(|| {
+            CompileError::Usage(format!("error: `--warps {w}` is too large (16 rows each)"))
+        })?;
     }
     let name = |r| forward.ranks[r].name.clone();
     let mut key_names = vec![name(m.roles.key)];
@@ -546,24 +549,8 @@ impl Compiled for SoftmaxGradient {
     }
 
     fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
-        // The backward cascade is its own formula: the interpreter, on the main output.
-        let manifest = (self as &dyn Compiled).manifest();
-        let out = manifest
-            .main_output()
-            .and_then(|name| self.cascade.tensor_by_name(name));
-        let values = einattn_ir::interp::evaluate_in_order(
-            &self.cascade,
-            inputs,
-            &einattn_ir::validate::topological_order(&self.cascade),
-        );
-        let values = match (values, out) {
-            (Ok(v), Some(o)) => v
-                .get(o)
-                .map(|d| d.stored().into_owned())
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        };
-        (values, "the cascade interpreter (f64)")
+        // The backward cascade is its own formula.
+        interpreter_formula(self, inputs)
     }
 
     fn interpreter_work(&self) -> u64 {
