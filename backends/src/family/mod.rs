@@ -8,6 +8,8 @@
 //!
 //! - [`softmax`]: softmax attention in any pass structure (FlashAttention-style kernel);
 //! - [`linear`]: linear attention with decays and gates (Lightning-style kernels);
+//! - [`projection`]: row statistics (max, rescaled sums) of a long GEMM's rows, one pass
+//!   (a language model head's log-partition and entropy);
 //! - [`general`]: every other valid cascade, one point kernel per Einsum, recurrence or
 //!   step body (the reference interpreter's loop nests, on every thread);
 //! - [`elementwise`]: the small helper kernels an SP plan launches between them.
@@ -19,6 +21,7 @@ pub mod elementwise;
 pub mod general;
 mod layout;
 pub mod linear;
+pub mod projection;
 pub mod softmax;
 
 pub use layout::Layout;
@@ -38,7 +41,12 @@ use std::collections::{BTreeMap, HashMap};
 /// The general lowering comes last: it compiles every valid cascade, the others only what
 /// they recognize, faster.
 pub static FAMILIES: &[&dyn KernelFamily] =
-    &[&softmax::Softmax, &linear::Linear, &general::General];
+    &[
+    &softmax::Softmax,
+    &linear::Linear,
+    &projection::Projection,
+    &general::General,
+];
 
 /// Values of a cascade's inputs and parameters, by tensor.
 pub type Inputs = HashMap<Handle<Tensor>, TensorData>;

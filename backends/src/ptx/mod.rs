@@ -64,6 +64,7 @@ pub mod ptxas;
 mod registers;
 mod state;
 mod statements;
+mod stream;
 mod wgmma;
 
 use std::collections::HashMap;

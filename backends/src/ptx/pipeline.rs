@@ -4,8 +4,9 @@
 use super::*;
 
 impl Printer<'_> {
-    /// Issues the cp.async copies of one tile (no commit). `origin` holds the first row.
-    /// Each thread copies one 16-byte chunk `thr % 8` of a 128-byte block row per step; the
+    /// Issues the cp.async copies of one tile (no commit). `origin` holds the first row;
+    /// `col`, when given, a register with the byte offset of the tile's first column in a
+    /// wider tensor (a slice of a streamed contraction). Each thread copies one 16-byte chunk `thr % 8` of a 128-byte block row per step; the
     /// steps walk the first column block's rows, then the next block's, so the shared
     /// address is the same affine function of the step for every tile width.
     pub(super) fn emit_load_issue(
@@ -14,6 +15,7 @@ impl Printer<'_> {
         src: TensorId,
         origin: &str,
         smem: &str,
+        col: Option<&str>,
     ) -> Result<(), TileError> {
         let prog = self.prog;
         let t = &prog.shared[dst.index()];
@@ -57,7 +59,11 @@ impl Printer<'_> {
         self.ins(format!("add.u64 {gaddr}, {gaddr}, %base{};", src.0));
         self.ins(format!("mul.wide.u32 {tmp}, {tch}, 16;"));
         self.ins(format!("add.u64 {gaddr}, {gaddr}, {tmp};"));
-        if t.cols < prog.tensors[src.index()].head_dim {
+        if let Some(col) = col {
+            let cb = self.rd();
+            self.ins(format!("cvt.u64.u32 {cb}, {col};"));
+            self.ins(format!("add.u64 {gaddr}, {gaddr}, {cb};"));
+        } else if t.cols < prog.tensors[src.index()].head_dim {
             // A column block of a wider tensor.
             let cb = self.rd();
             self.ins(format!("mul.wide.u32 {cb}, %colb, {row_bytes};"));
@@ -158,6 +164,9 @@ impl Printer<'_> {
             })
             .collect();
 
+        // A loop whose only streamed operands are a ContractStream's runs that statement's
+        // ring alone: empty groups of this one would upset its `wait_group` counts.
+        let own_ring = !(streams.is_empty() && body.iter().any(is_stream));
         // Issue tile `tile_reg` into stage `stage_reg` for every stream, if `tile < tend`.
         let issue = |p: &mut Printer, it_reg: &str, stage_reg: &str| -> Result<(), TileError> {
             let skip = p.label("noissue");
@@ -173,14 +182,17 @@ impl Printer<'_> {
                     "mad.lo.u32 {sb}, {stage_reg}, {}, {};",
                     stage_bytes[i], ring_base[i]
                 ));
-                p.emit_load_issue(*dst, *src, &origin, &sb)?;
+                p.emit_load_issue(*dst, *src, &origin, &sb, None)?;
             }
             p.body.push_str(&format!("{skip}:\n"));
             p.ins("cp.async.commit_group;");
             Ok(())
         };
+        if !own_ring {
+            self.emit_stream_prologue(body, block_n)?;
+        }
         // Prologue: tiles 0 .. stages-2 into stages 0 .. stages-2.
-        for s in 0..stages - 1 {
+        for s in (0..stages - 1).filter(|_| own_ring) {
             let it = self.r();
             self.ins(format!("mov.u32 {it}, {s};"));
             issue(self, &it, &it)?;
@@ -200,12 +212,14 @@ impl Printer<'_> {
         let done = self.pred();
         self.ins(format!("setp.ge.s32 {done}, {it}, %niter;"));
         self.ins(format!("@{done} bra.uni {end};"));
-        self.ins(format!("cp.async.wait_group {};", stages - 2));
-        self.emit_async_proxy_fence();
-        self.ins("bar.sync 0;");
-        let it_next = self.r();
-        self.ins(format!("add.s32 {it_next}, {it}, {};", stages - 1));
-        issue(self, &it_next, &nxt)?;
+        if own_ring {
+            self.ins(format!("cp.async.wait_group {};", stages - 2));
+            self.emit_async_proxy_fence();
+            self.ins("bar.sync 0;");
+            let it_next = self.r();
+            self.ins(format!("add.s32 {it_next}, {it}, {};", stages - 1));
+            issue(self, &it_next, &nxt)?;
+        }
         // Current tile.
         let korg = self.named_once(".b32", "korg");
         self.ins(format!("add.s32 {korg}, %tbegin, {it};"));
@@ -303,4 +317,8 @@ impl Printer<'_> {
         Ok(())
     }
     // ---- expressions -------------------------------------------------------------------
+}
+
+fn is_stream(s: &Stmt) -> bool {
+    matches!(s, Stmt::ContractStream { .. })
 }

@@ -30,7 +30,7 @@ impl Printer<'_> {
                     prog.tensors[src.index()].name
                 ));
                 let base = self.smem_base[dst.index()].clone();
-                self.emit_load_issue(*dst, *src, "%qrow0", &base)?;
+                self.emit_load_issue(*dst, *src, "%qrow0", &base, None)?;
                 self.ins("cp.async.commit_group;");
                 // Simple and safe: the tile is complete and visible before anything follows.
                 self.ins("cp.async.wait_group 0;");
@@ -304,6 +304,12 @@ impl Printer<'_> {
                 masks,
                 body,
             } => self.emit_key_loop(*block_n, masks, body)?,
+            Stmt::ContractStream {
+                acc,
+                a_tile,
+                b_tile,
+                ..
+            } => self.emit_contract_stream(*acc, *a_tile, *b_tile)?,
             Stmt::Store { src, dst } => {
                 let t = &prog.tensors[dst.index()];
                 // An f32 tensor (a partial's numerator) takes the accumulator as it is.

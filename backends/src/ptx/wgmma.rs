@@ -57,6 +57,7 @@ impl Printer<'_> {
                 regs.extend([*dst, *src]);
                 false
             }
+            Stmt::ContractStream { .. } => true,
             Stmt::Contract { acc, a, .. } => {
                 regs.push(*acc);
                 if let AOperand::Reg(id) = a {

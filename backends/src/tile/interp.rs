@@ -356,6 +356,13 @@ impl Cta<'_> {
                     }
                     self.regs[acc.index()] = out;
                 }
+                Stmt::ContractStream {
+                    acc,
+                    a,
+                    b,
+                    a_tile,
+                    b_tile,
+                } => self.contract_stream(io, *acc, [(*a, *a_tile), (*b, *b_tile)]),
                 Stmt::Map { dst, expr } => {
                     let cols = self.prog.regs[dst.index()].cols as usize;
                     let mut out = vec![0.0; bm * cols];
@@ -555,6 +562,50 @@ impl Cta<'_> {
             }
         }
         Ok(())
+    }
+
+    /// [`Stmt::ContractStream`] as the lowering runs it: slice by slice, each slice of
+    /// both operands copied into its shared tile (rounded, rows past the end zero), then
+    /// `acc += a_slice . b_slice^T`.
+    fn contract_stream(&mut self, io: &Bindings, acc: RegId, ops: [(TensorId, SharedId); 2]) {
+        let bm = self.prog.schedule.block_m as usize;
+        let width = self.prog.shared[ops[0].1.index()].cols as usize;
+        let total = self.prog.tensors[ops[0].0.index()].head_dim as usize;
+        let n_cols = self.prog.regs[acc.index()].cols as usize;
+        let mut out = self.regs[acc.index()].clone();
+        for c0 in (0..total).step_by(width.max(1)) {
+            for (src, dst) in ops {
+                let decl = &self.prog.shared[dst.index()];
+                let origin = match decl.rank {
+                    SeqRank::Query => self.p0,
+                    SeqRank::Key => self.key_origin,
+                };
+                let n = self.prob.seq_len(decl.rank);
+                let head = self.head_of(decl.rank);
+                let t = &io.tensors[src.index()];
+                let tile = &mut self.shared[dst.index()];
+                for r in 0..decl.rows as usize {
+                    for c in 0..width {
+                        tile[r * width + c] = if origin + r < n {
+                            decl.elem
+                                .round(t.data[t.offset(self.b, origin + r, head) + c0 + c])
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+            let (a_vals, b_vals) = (&self.shared[ops[0].1.index()], &self.shared[ops[1].1.index()]);
+            for r in 0..bm {
+                for n in 0..n_cols {
+                    let dot: f64 = (0..width)
+                        .map(|k| a_vals[r * width + k] * b_vals[n * width + k])
+                        .sum();
+                    out[r * n_cols + n] += dot;
+                }
+            }
+        }
+        self.regs[acc.index()] = out;
     }
 
     fn eval(

@@ -639,6 +639,19 @@ pub enum Stmt {
     RowDot { dst: RowId, a: RegId, b: RegId },
     /// Round an f32 accumulator (columns along keys) into 16-bit A fragments.
     Convert { dst: RegId, src: RegId },
+    /// Inside the key loop: `acc[r][n] += sum_k a[row r][k] * b[key n][k]` over the whole
+    /// contracted dimension (`head_dim`) of two global tensors, the query tile's rows of `a`
+    /// and the key tile's rows of `b`: the GEMM of a contraction too long for shared memory.
+    /// It is streamed in slices of `a_tile.cols` columns through a `stages`-deep ring of
+    /// the shared tiles `a_tile` (`block_m` rows) and `b_tile` (`block_n` rows); rows past
+    /// the sequence ends read as zero. Products are 16-bit, sums f32, as in `Contract`.
+    ContractStream {
+        acc: RegId,
+        a: TensorId,
+        b: TensorId,
+        a_tile: SharedId,
+        b_tile: SharedId,
+    },
     /// The iterative key rank: loop over key tiles of `block_n` keys.
     KeyLoop {
         block_n: u32,
@@ -961,19 +974,34 @@ impl TileProgram {
         out
     }
 
-    /// Shared tiles loaded inside the key loop (streamed through the stage ring).
+    /// Shared tiles loaded inside the key loop (streamed through the stage ring), and the
+    /// slices of a [`Stmt::ContractStream`] (streamed through its own ring).
     pub fn streamed_tiles(&self) -> Vec<SharedId> {
         let mut out = Vec::new();
         for s in &self.body {
             if let Stmt::KeyLoop { body, .. } = s {
                 for b in body {
-                    if let Stmt::LoadTile { dst, .. } = b {
-                        out.push(*dst);
+                    match b {
+                        Stmt::LoadTile { dst, .. } => out.push(*dst),
+                        Stmt::ContractStream { a_tile, b_tile, .. } => {
+                            out.extend([*a_tile, *b_tile])
+                        }
+                        _ => {}
                     }
                 }
             }
         }
         out
+    }
+
+    /// The key loop's [`Stmt::ContractStream`], if it has one.
+    pub fn contract_stream(&self) -> Option<&Stmt> {
+        self.body.iter().find_map(|s| match s {
+            Stmt::KeyLoop { body, .. } => body
+                .iter()
+                .find(|b| matches!(b, Stmt::ContractStream { .. })),
+            _ => None,
+        })
     }
 }
 

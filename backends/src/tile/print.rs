@@ -152,6 +152,23 @@ impl TileProgram {
                         self.shared[b.index()].name
                     )?
                 }
+                Stmt::ContractStream {
+                    acc,
+                    a,
+                    b,
+                    a_tile,
+                    b_tile,
+                } => writeln!(
+                    f,
+                    "{pad}{} += {} . {}^T  (streamed over {} in slices of {} via {}, {})",
+                    self.regs[acc.index()].name,
+                    self.tensors[a.index()].name,
+                    self.tensors[b.index()].name,
+                    self.tensors[a.index()].head_dim,
+                    self.shared[a_tile.index()].cols,
+                    self.shared[a_tile.index()].name,
+                    self.shared[b_tile.index()].name
+                )?,
                 Stmt::Map { dst, expr } => writeln!(
                     f,
                     "{pad}{} = map {}",

@@ -400,6 +400,13 @@ impl TileProgram {
                         return invalid("Convert: f32 tile into a same-shape 16-bit A tile");
                     }
                 }
+                Stmt::ContractStream {
+                    acc,
+                    a,
+                    b,
+                    a_tile,
+                    b_tile,
+                } => self.check_contract_stream(*acc, *a, *b, *a_tile, *b_tile, in_loop)?,
                 Stmt::KeyLoop { block_n, body, .. } => {
                     if in_loop {
                         return invalid("nested key loops");
@@ -443,6 +450,53 @@ impl TileProgram {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// The rules of [`Stmt::ContractStream`]: query rows of `a` times key rows of `b`
+    /// over their common `head_dim`, sliced into whole slices of the tiles' width.
+    fn check_contract_stream(
+        &self,
+        acc: RegId,
+        a: TensorId,
+        b: TensorId,
+        a_tile: SharedId,
+        b_tile: SharedId,
+        in_loop: bool,
+    ) -> Result<(), TileError> {
+        let (acc_t, at, bt) = (self.reg(acc)?, self.shared_tile(a_tile)?, self.shared_tile(b_tile)?);
+        let (ag, bg) = (self.tensor(a)?, self.tensor(b)?);
+        if !in_loop || self.sequential {
+            return invalid("ContractStream runs inside the key loop of a query-tiled program");
+        }
+        if ag.rows != SeqRank::Query || bg.rows != SeqRank::Key || ag.is_output || bg.is_output
+        {
+            return invalid("ContractStream reads a query-rank and a key-rank input tensor");
+        }
+        if at.rank != SeqRank::Query
+            || bt.rank != SeqRank::Key
+            || at.rows != self.schedule.block_m
+            || Some(bt.rows) != self.block_n()
+        {
+            return invalid("ContractStream slices: block_m query rows and block_n key rows");
+        }
+        let slice = at.cols;
+        if bt.cols != slice
+            || ag.head_dim != bg.head_dim
+            || slice == 0
+            || !ag.head_dim.is_multiple_of(slice)
+        {
+            return invalid(format!(
+                "ContractStream: the contracted length {} must be whole slices of {slice}",
+                ag.head_dim
+            ));
+        }
+        if at.elem != ag.elem || bt.elem != bg.elem || at.elem != bt.elem {
+            return invalid("ContractStream: tiles and tensors must share one 16-bit type");
+        }
+        if acc_t.kind != RegKind::Accumulator || acc_t.cols != bt.rows {
+            return invalid("ContractStream accumulator: f32, block_n columns");
         }
         Ok(())
     }

@@ -1,0 +1,448 @@
+//! Row statistics of a projection: `Z[t, v] = A[t, d] * B[v, d]` over a long `d`, then
+//! maps of `Z` and max/sum reductions over `v` into per-row outputs (the log-partition and
+//! entropy of a language model's head, the log-sum-exp of a projection, a cross-entropy's
+//! normalizer), as one kernel that never stores `Z`: a CTA owns a tile of rows, walks
+//! the column rank in tiles, streams each logit tile's GEMM over `d` through shared memory
+//! into tensor-core accumulators (`wgmma` on sm_90a, `mma.sync` on sm_80), and folds it
+//! into running maxima and rescaled running sums (the online softmax).
+//!
+//! - [`recognize`]: reads the cascade (symbolic per-element values, sums factored into
+//!   the running form);
+//! - [`program`]: the Tile IR program.
+
+pub mod program;
+pub mod recognize;
+
+pub use program::{projection_program, ProjectionSchedule};
+pub use recognize::{recognize, Reading, Stat};
+
+use super::{
+    contract, contract_tensor, dtype, CompileError, Compiled, ContractNames,
+    ContractParts, FamilyError, Inputs, KernelFamily, Module, PlanKernels, Rate, Request,
+};
+use crate::abi::{Source, TensorRole};
+use crate::plan::Plan;
+use crate::print_ptx;
+use crate::ptx::Target;
+use crate::tile::{Elem, MmaUnit, ScalarExpr};
+use einattn_ir::cascade::{Cascade, ReduceOp};
+use einattn_ir::validate::{Diagnostic, DiagnosticKind};
+use einattn_passes::analysis::GpuModel;
+use serde_json::json;
+use std::fmt::Write as _;
+
+/// The family.
+pub struct Projection;
+
+impl KernelFamily for Projection {
+    fn name(&self) -> &'static str {
+        "projection"
+    }
+
+    fn reads_as(&self) -> &'static str {
+        "row statistics of a projection"
+    }
+
+    fn compile(&self, request: &Request) -> Result<Box<dyn Compiled>, FamilyError> {
+        compile_projection(request.cascade, request.options)
+            .map(|k| Box::new(k) as Box<dyn Compiled>)
+    }
+}
+
+fn refused(msg: String) -> FamilyError {
+    FamilyError::Failed(CompileError::Refused(Box::new(Diagnostic::error(
+        DiagnosticKind::UnsupportedShape,
+        msg,
+        einattn_ir::cascade::Span::UNKNOWN,
+    ))))
+}
+
+/// The default shape and why, for a target and unit.
+fn default_schedule(mma: MmaUnit) -> (ProjectionSchedule, &'static str) {
+    match mma {
+        // Two consumer warpgroups of 64 rows share each 128-column logit tile's B slices;
+        // 5 stages of 32 KB keep 3 slices (96 KB) in flight ahead of the tensor cores.
+        MmaUnit::Warpgroup => (
+            ProjectionSchedule { block_m: 128, block_n: 128, warps: 8, stages: 5, slice: 64, mma },
+            "wgmma: 2 warpgroups x 64 rows, m64n128k16 per 16 columns of d; 5 stages of 64-column slices (3 in flight past the one wgmma group kept pending)",
+        ),
+        MmaUnit::Sync => (
+            ProjectionSchedule { block_m: 128, block_n: 128, warps: 8, stages: 4, slice: 64, mma },
+            "mma.sync: 8 warps x 16 rows, 4 stages of 64-column slices (3 in flight)",
+        ),
+    }
+}
+
+/// Reads `cascade` as row statistics of a projection and compiles its kernel.
+pub fn compile_projection(
+    cascade: &Cascade,
+    options: &super::KernelOptions,
+) -> Result<ProjectionKernels, FamilyError> {
+    let reading = recognize(cascade).map_err(|d| FamilyError::NotMine(vec![d]))?;
+    let mma = options.mma.unwrap_or(match options.target {
+        Target::Sm90a => MmaUnit::Warpgroup,
+        Target::Sm80 => MmaUnit::Sync,
+    });
+    let (mut s, why) = default_schedule(mma);
+    let name = |r| cascade.ranks[r].name.clone();
+    for (n, size) in &options.tiles {
+        let size = u32::try_from(*size)
+            .map_err(|_| CompileError::Usage(format!("error: tile size {size} is too large")))?;
+        if *n == name(reading.col) {
+            s.block_n = size;
+        } else if *n == name(reading.row) {
+            s.block_m = size;
+        } else if *n == name(reading.inner) {
+            s.slice = size;
+        } else {
+            return Err(CompileError::Usage(format!(
+                "error: `--tile {n}=...`: `{n}` is none of the row rank `{}`, the column rank `{}`, the contracted rank `{}`",
+                name(reading.row), name(reading.col), name(reading.inner)
+            ))
+            .into());
+        }
+    }
+    if let Some(w) = options.warps {
+        s.warps = w;
+    }
+    if let Some(st) = options.stages {
+        s.stages = st;
+    }
+    if s.slice != 64 {
+        return Err(CompileError::Usage(format!(
+            "error: the contracted rank `{}` streams in slices of 64 columns (one 128-byte swizzle block), not {}",
+            name(reading.inner),
+            s.slice
+        ))
+        .into());
+    }
+    let elem = options.elem.unwrap_or(match cascade.tensors[reading.a].dtype {
+        Some(einattn_ir::cascade::DType::F16) => Elem::F16,
+        _ => Elem::Bf16,
+    });
+    let stat_names: Vec<String> = reading
+        .stats
+        .iter()
+        .map(|(t, _)| cascade.tensors[*t].name.clone())
+        .collect();
+    let outputs: Vec<String> = reading
+        .outputs
+        .iter()
+        .map(|(t, _)| cascade.tensors[*t].name.clone())
+        .collect();
+    let entry = format!(
+        "einattn_proj_{}_{}_m{}n{}",
+        cascade.name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>(),
+        elem.name(),
+        s.block_m,
+        s.block_n
+    );
+    let program = projection_program(&reading, elem, &s, entry, &stat_names, &outputs)
+        .map_err(|e| refused(e.to_string()))?;
+    let ptx = print_ptx(&program, options.target).map_err(|e| refused(e.to_string()))?;
+    let report = einattn_passes::analysis::analyze(
+        cascade,
+        &einattn_passes::analysis::AnalysisOptions::default(),
+    );
+    let layout = |t, seq| super::Layout::of(cascade, t, None, Some(seq), None);
+    let la = layout(reading.a, reading.row);
+    let lb = layout(reading.b, reading.col);
+    let mut tensors = vec![
+        contract_tensor(cascade, reading.a, TensorRole::Input, dtype(elem), Some(&la)),
+        contract_tensor(cascade, reading.b, TensorRole::Input, dtype(elem), Some(&lb)),
+    ];
+    for (t, _) in &reading.outputs {
+        tensors.push(contract_tensor(
+            cascade,
+            *t,
+            TensorRole::Output,
+            crate::abi::Dtype::F32,
+            None,
+        ));
+    }
+    let names = ContractNames {
+        tensors: vec![
+            cascade.tensors[reading.a].name.clone(),
+            cascade.tensors[reading.b].name.clone(),
+        ],
+        head_params: vec![],
+        scalars: vec![],
+        tokens: vec![],
+        states: vec![],
+        row_outputs: outputs.clone(),
+    };
+    let sizes = [
+        ("batch", 1),
+        ("heads", 1),
+        ("n_q", reading.n_rows),
+        ("n_k", reading.n_cols),
+        ("kv_group", 1),
+        ("head_dim", reading.depth),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut c = contract(
+        &ptx,
+        ContractParts {
+            sizes,
+            tensors,
+            scratch: Vec::new(),
+            names,
+            requires: vec![],
+            family: json!({
+                "problem": {"rows": reading.n_rows, "cols": reading.n_cols,
+                            "depth": reading.depth, "elem": elem.name()},
+                "schedule": {"block_m": s.block_m, "block_n": s.block_n, "warps": s.warps,
+                             "stages": s.stages, "slice": s.slice, "mma": s.mma.name()},
+            }),
+        },
+    )?;
+    // The row outputs are the cascade's outputs themselves (`[rows]` f32, contiguous).
+    for p in &mut c.params {
+        if let Source::Scratch { scratch } = &p.from {
+            if outputs.contains(scratch) {
+                p.from = Source::Tensor {
+                    tensor: scratch.clone(),
+                };
+            }
+        }
+    }
+    c.check().map_err(CompileError::Input)?;
+    let flops = report.flops as f64;
+    Ok(ProjectionKernels {
+        cascade: cascade.clone(),
+        reading,
+        schedule: s,
+        why,
+        stat_names,
+        passed_over: Vec::new(),
+        modules: vec![Module {
+            program: super::KernelProgram::Tile(Box::new(program)),
+            ptx,
+            contract: c,
+        }],
+        flops,
+        bytes: report.bytes_min as f64,
+        bound_ms: report.roofline.time_lower_bound_s * 1e3,
+    })
+}
+
+/// A cascade compiled to the projection kernel.
+pub struct ProjectionKernels {
+    cascade: Cascade,
+    pub reading: Reading,
+    pub schedule: ProjectionSchedule,
+    why: &'static str,
+    stat_names: Vec<String>,
+    passed_over: Vec<String>,
+    modules: Vec<Module>,
+    flops: f64,
+    bytes: f64,
+    bound_ms: f64,
+}
+
+impl ProjectionKernels {
+    /// Every row statistic of every row by its definition (not the running form): the
+    /// products `Z` in f64 from the inputs as given (rounded as the kernel reads them),
+    /// then each reduction over the whole row. Rows are spread over the CPU's threads.
+    pub fn reference(&self, inputs: &Inputs) -> Vec<Vec<f64>> {
+        let r = &self.reading;
+        let (rows, cols, depth) = (r.n_rows as usize, r.n_cols as usize, r.depth as usize);
+        let elem = match self.modules[0].contract.tensors[0].dtype {
+            crate::abi::Dtype::F16 => Elem::F16,
+            _ => Elem::Bf16,
+        };
+        let get = |t| {
+            inputs
+                .get(&t)
+                .map(|d| d.values.iter().map(|&x| elem.round(x)).collect::<Vec<f64>>())
+                .unwrap_or_default()
+        };
+        let (a, b) = (get(r.a), get(r.b));
+        if a.len() < rows * depth || b.len() < cols * depth {
+            return vec![Vec::new(); r.stats.len()];
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let per = rows.div_ceil(threads).max(1);
+        let mut out = vec![vec![0.0; rows]; r.stats.len()];
+        let mut by_row = vec![Vec::new(); rows];
+        std::thread::scope(|scope| {
+            for (chunk, slot) in by_row.chunks_mut(per).enumerate() {
+                let (a, b) = (&a, &b);
+                scope.spawn(move || {
+                    for (i, s) in slot.iter_mut().enumerate() {
+                        let t = chunk * per + i;
+                        let z: Vec<f64> = (0..cols)
+                            .map(|v| {
+                                (0..depth).map(|d| a[t * depth + d] * b[v * depth + d]).sum()
+                            })
+                            .collect();
+                        *s = self.row_stats(&z);
+                    }
+                });
+            }
+        });
+        for (t, stats) in by_row.into_iter().enumerate() {
+            for (k, v) in stats.into_iter().enumerate() {
+                out[k][t] = v;
+            }
+        }
+        out
+    }
+
+    /// The statistics of one row of logits, each from its definition.
+    fn row_stats(&self, z: &[f64]) -> Vec<f64> {
+        let mut vals: Vec<f64> = Vec::new();
+        for (k, (_, st)) in self.reading.stats.iter().enumerate() {
+            let eval = |e: &ScalarExpr, zv: f64, vals: &[f64]| {
+                e.eval(&mut |leaf| {
+                    Ok::<f64, ()>(match leaf {
+                        ScalarExpr::Lit(x) => *x,
+                        ScalarExpr::Row(id) => vals.get(id.index()).copied().unwrap_or(f64::NAN),
+                        _ => zv,
+                    })
+                })
+                .unwrap_or(f64::NAN)
+            };
+            let v = match (&self.reading.direct[k], st) {
+                (Some((ReduceOp::Max, e)), _) => {
+                    z.iter().map(|&x| eval(e, x, &vals)).fold(f64::NEG_INFINITY, f64::max)
+                }
+                (Some((_, e)), _) => z.iter().map(|&x| eval(e, x, &vals)).sum(),
+                (None, Stat::Row(e)) => eval(e, f64::NAN, &vals),
+                (None, _) => f64::NAN,
+            };
+            vals.push(v);
+        }
+        vals
+    }
+}
+
+impl Compiled for ProjectionKernels {
+    fn family(&self) -> &'static str {
+        "projection"
+    }
+
+    fn cascade(&self) -> &Cascade {
+        &self.cascade
+    }
+
+    fn modules(&self) -> &[Module] {
+        &self.modules
+    }
+
+    fn explain(&self) -> String {
+        let r = &self.reading;
+        let c = &self.cascade;
+        let s = &self.schedule;
+        let name = |x| c.ranks[x].name.clone();
+        let mut o = String::new();
+        let _ = writeln!(o, "family: row statistics of a projection");
+        for p in &self.passed_over {
+            let _ = writeln!(o, "  (not {p})");
+        }
+        let _ = writeln!(
+            o,
+            "projection: {}[{t}, {v}] = {}[{t}, {d}] * {}[{v}, {d}], {} x {} x {} (never stored)",
+            c.tensors[r.z].name,
+            c.tensors[r.a].name,
+            c.tensors[r.b].name,
+            r.n_rows,
+            r.n_cols,
+            r.depth,
+            t = name(r.row),
+            v = name(r.col),
+            d = name(r.inner)
+        );
+        let _ = writeln!(o, "row statistics, one pass over `{}`:", name(r.col));
+        for (k, (_, st)) in r.stats.iter().enumerate() {
+            let what = match st {
+                Stat::Max(_) => "running max".to_string(),
+                Stat::Sum(parts) => {
+                    let anchored = parts.iter().filter(|p| p.anchor.is_some()).count();
+                    format!(
+                        "{} running sum(s), {anchored} rescaled by exp(old max - new max)",
+                        parts.len()
+                    )
+                }
+                Stat::Row(_) => "row map after the loop".to_string(),
+            };
+            let _ = writeln!(o, "  {}: {what}", self.stat_names[k]);
+        }
+        let _ = writeln!(
+            o,
+            "schedule: block_m={} ({}) block_n={} ({}) warps={} stages={} slice={} ({}) mma={}",
+            s.block_m,
+            name(r.row),
+            s.block_n,
+            name(r.col),
+            s.warps,
+            s.stages,
+            s.slice,
+            name(r.inner),
+            s.mma.name()
+        );
+        let _ = writeln!(o, "  why: {}", self.why);
+        let _ = writeln!(
+            o,
+            "  shared memory {} B; the slice ring runs on across column tiles, so the next tile's first slices load during the epilogue",
+            self.modules[0].ptx.dynamic_smem_bytes
+        );
+        let _ = writeln!(
+            o,
+            "analysis: {:.3e} FLOPs, {:.3e} bytes at least, roofline {:.3e} ms",
+            self.flops, self.bytes, self.bound_ms
+        );
+        o
+    }
+
+    fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
+        // The main output is the contract's first output tensor (the reading's first).
+        let main = self.reading.outputs.first().map(|(t, _)| *t);
+        let stats = self.reference(inputs);
+        let k = self
+            .reading
+            .outputs
+            .iter()
+            .find(|(t, _)| Some(*t) == main)
+            .map(|(_, k)| *k);
+        (
+            k.and_then(|k| stats.get(k).cloned()).unwrap_or_default(),
+            "the row statistics by definition (f64, threaded)",
+        )
+    }
+
+    fn interpreter_work(&self) -> u64 {
+        let r = &self.reading;
+        // The logits, and the maps and reductions over each of them.
+        r.n_rows * r.n_cols * (r.depth + self.cascade.einsums.len() as u64)
+    }
+
+    fn formula_work(&self) -> u64 {
+        let r = &self.reading;
+        r.n_rows * r.n_cols * r.depth
+    }
+
+    fn rate(&self) -> Rate {
+        Rate::Roofline {
+            flops: self.flops,
+            bytes: self.bytes,
+            bound_ms: self.bound_ms,
+        }
+    }
+
+    fn passed_over(&mut self, reasons: &[(&'static str, Vec<Diagnostic>)]) {
+        self.passed_over = reasons
+            .iter()
+            .map(|(what, ds)| {
+                let why: Vec<&str> = ds.iter().map(|d| d.message.as_str()).collect();
+                format!("{what}: {}", why.join("; "))
+            })
+            .collect();
+    }
+
+    fn plan_modules(&self, _plan: &mut Plan, _gpu: &GpuModel) -> Result<PlanKernels, String> {
+        Err("kernels of the projection family (it has no sequence-parallel form yet)".into())
+    }
+}
