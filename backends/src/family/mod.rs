@@ -40,8 +40,7 @@ use std::collections::{BTreeMap, HashMap};
 /// The families, in the order a cascade is offered to them.
 /// The general lowering comes last: it compiles every valid cascade, the others only what
 /// they recognize, faster.
-pub static FAMILIES: &[&dyn KernelFamily] =
-    &[
+pub static FAMILIES: &[&dyn KernelFamily] = &[
     &softmax::Softmax,
     &linear::Linear,
     &projection::Projection,

@@ -46,7 +46,8 @@ impl Printer<'_> {
             return unsupported("ContractStream outside the key loop");
         };
         let (at, bt) = (&prog.shared[a_tile.index()], &prog.shared[b_tile.index()]);
-        let bytes = |t: &SharedTile| (t.rows * t.cols * t.elem.bytes()).div_ceil(SMEM_ALIGN) * SMEM_ALIGN;
+        let bytes =
+            |t: &SharedTile| (t.rows * t.cols * t.elem.bytes()).div_ceil(SMEM_ALIGN) * SMEM_ALIGN;
         let stages = prog.schedule.stages;
         // wgmma keeps the last slice's group in flight, so its stage is not free yet.
         let lead = match prog.schedule.mma {
@@ -147,9 +148,15 @@ impl Printer<'_> {
         self.ins(format!("add.s32 {NEXT}, {NEXT}, 1;"));
         self.ins(format!("add.u32 {NEXT_SLICE}, {NEXT_SLICE}, 1;"));
         let wrap = self.pred();
-        self.ins(format!("setp.eq.u32 {wrap}, {NEXT_SLICE}, {};", ring.slices));
+        self.ins(format!(
+            "setp.eq.u32 {wrap}, {NEXT_SLICE}, {};",
+            ring.slices
+        ));
         self.ins(format!("selp.u32 {NEXT_SLICE}, 0, {NEXT_SLICE}, {wrap};"));
-        self.ins(format!("@{wrap} add.s32 {NEXT_ROW}, {NEXT_ROW}, {};", ring.block_n));
+        self.ins(format!(
+            "@{wrap} add.s32 {NEXT_ROW}, {NEXT_ROW}, {};",
+            ring.block_n
+        ));
         self.emit_stage_advance(NEXT_STAGE);
         Ok(())
     }

@@ -595,7 +595,10 @@ impl Cta<'_> {
                     }
                 }
             }
-            let (a_vals, b_vals) = (&self.shared[ops[0].1.index()], &self.shared[ops[1].1.index()]);
+            let (a_vals, b_vals) = (
+                &self.shared[ops[0].1.index()],
+                &self.shared[ops[1].1.index()],
+            );
             for r in 0..bm {
                 for n in 0..n_cols {
                     let dot: f64 = (0..width)

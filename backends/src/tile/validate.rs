@@ -465,13 +465,16 @@ impl TileProgram {
         b_tile: SharedId,
         in_loop: bool,
     ) -> Result<(), TileError> {
-        let (acc_t, at, bt) = (self.reg(acc)?, self.shared_tile(a_tile)?, self.shared_tile(b_tile)?);
+        let (acc_t, at, bt) = (
+            self.reg(acc)?,
+            self.shared_tile(a_tile)?,
+            self.shared_tile(b_tile)?,
+        );
         let (ag, bg) = (self.tensor(a)?, self.tensor(b)?);
         if !in_loop || self.sequential {
             return invalid("ContractStream runs inside the key loop of a query-tiled program");
         }
-        if ag.rows != SeqRank::Query || bg.rows != SeqRank::Key || ag.is_output || bg.is_output
-        {
+        if ag.rows != SeqRank::Query || bg.rows != SeqRank::Key || ag.is_output || bg.is_output {
             return invalid("ContractStream reads a query-rank and a key-rank input tensor");
         }
         if at.rank != SeqRank::Query

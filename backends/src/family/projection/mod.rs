@@ -17,8 +17,8 @@ pub use program::{projection_program, ProjectionSchedule};
 pub use recognize::{recognize, Reading, Stat};
 
 use super::{
-    contract, contract_tensor, dtype, CompileError, Compiled, ContractNames,
-    ContractParts, FamilyError, Inputs, KernelFamily, Module, PlanKernels, Rate, Request,
+    contract, contract_tensor, dtype, CompileError, Compiled, ContractNames, ContractParts,
+    FamilyError, Inputs, KernelFamily, Module, PlanKernels, Rate, Request,
 };
 use crate::abi::{Source, TensorRole};
 use crate::plan::Plan;
@@ -116,10 +116,12 @@ pub fn compile_projection(
         ))
         .into());
     }
-    let elem = options.elem.unwrap_or(match cascade.tensors[reading.a].dtype {
-        Some(einattn_ir::cascade::DType::F16) => Elem::F16,
-        _ => Elem::Bf16,
-    });
+    let elem = options
+        .elem
+        .unwrap_or(match cascade.tensors[reading.a].dtype {
+            Some(einattn_ir::cascade::DType::F16) => Elem::F16,
+            _ => Elem::Bf16,
+        });
     let stat_names: Vec<String> = reading
         .stats
         .iter()
@@ -132,7 +134,11 @@ pub fn compile_projection(
         .collect();
     let entry = format!(
         "einattn_proj_{}_{}_m{}n{}",
-        cascade.name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>(),
+        cascade
+            .name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect::<String>(),
         elem.name(),
         s.block_m,
         s.block_n
@@ -148,8 +154,20 @@ pub fn compile_projection(
     let la = layout(reading.a, reading.row);
     let lb = layout(reading.b, reading.col);
     let mut tensors = vec![
-        contract_tensor(cascade, reading.a, TensorRole::Input, dtype(elem), Some(&la)),
-        contract_tensor(cascade, reading.b, TensorRole::Input, dtype(elem), Some(&lb)),
+        contract_tensor(
+            cascade,
+            reading.a,
+            TensorRole::Input,
+            dtype(elem),
+            Some(&la),
+        ),
+        contract_tensor(
+            cascade,
+            reading.b,
+            TensorRole::Input,
+            dtype(elem),
+            Some(&lb),
+        ),
     ];
     for (t, _) in &reading.outputs {
         tensors.push(contract_tensor(
@@ -256,7 +274,12 @@ impl ProjectionKernels {
         let get = |t| {
             inputs
                 .get(&t)
-                .map(|d| d.values.iter().map(|&x| elem.round(x)).collect::<Vec<f64>>())
+                .map(|d| {
+                    d.values
+                        .iter()
+                        .map(|&x| elem.round(x))
+                        .collect::<Vec<f64>>()
+                })
                 .unwrap_or_default()
         };
         let (a, b) = (get(r.a), get(r.b));
@@ -275,7 +298,9 @@ impl ProjectionKernels {
                         let t = chunk * per + i;
                         let z: Vec<f64> = (0..cols)
                             .map(|v| {
-                                (0..depth).map(|d| a[t * depth + d] * b[v * depth + d]).sum()
+                                (0..depth)
+                                    .map(|d| a[t * depth + d] * b[v * depth + d])
+                                    .sum()
                             })
                             .collect();
                         *s = self.row_stats(&z);
@@ -306,9 +331,10 @@ impl ProjectionKernels {
                 .unwrap_or(f64::NAN)
             };
             let v = match (&self.reading.direct[k], st) {
-                (Some((ReduceOp::Max, e)), _) => {
-                    z.iter().map(|&x| eval(e, x, &vals)).fold(f64::NEG_INFINITY, f64::max)
-                }
+                (Some((ReduceOp::Max, e)), _) => z
+                    .iter()
+                    .map(|&x| eval(e, x, &vals))
+                    .fold(f64::NEG_INFINITY, f64::max),
                 (Some((_, e)), _) => z.iter().map(|&x| eval(e, x, &vals)).sum(),
                 (None, Stat::Row(e)) => eval(e, f64::NAN, &vals),
                 (None, _) => f64::NAN,

@@ -30,9 +30,12 @@ pub fn projection_program(
     stat_names: &[String],
     outputs: &[String],
 ) -> Result<TileProgram, TileError> {
-    let depth = u32::try_from(r.depth).map_err(|_| TileError::Unsupported("inner rank too long".into()))?;
+    let depth =
+        u32::try_from(r.depth).map_err(|_| TileError::Unsupported("inner rank too long".into()))?;
     if elem == Elem::F32 {
-        return Err(TileError::Unsupported("the projection's inputs must be bf16 or f16".into()));
+        return Err(TileError::Unsupported(
+            "the projection's inputs must be bf16 or f16".into(),
+        ));
     }
     if depth == 0 || !depth.is_multiple_of(s.slice) {
         return Err(TileError::Unsupported(format!(
@@ -57,7 +60,10 @@ pub fn projection_program(
         query_offset: false,
         look_back: false,
         tensors: vec![],
-        row_outputs: outputs.iter().map(|n| RowOutput { name: n.clone() }).collect(),
+        row_outputs: outputs
+            .iter()
+            .map(|n| RowOutput { name: n.clone() })
+            .collect(),
         scalars: vec![],
         head_params: vec![],
         shared: vec![],
@@ -75,7 +81,10 @@ pub fn projection_program(
         });
     }
     let (a, b) = (TensorId(0), TensorId(1));
-    for (n, rows, rank) in [("a_s", s.block_m, SeqRank::Query), ("b_s", s.block_n, SeqRank::Key)] {
+    for (n, rows, rank) in [
+        ("a_s", s.block_m, SeqRank::Query),
+        ("b_s", s.block_n, SeqRank::Key),
+    ] {
         p.shared.push(SharedTile {
             name: n.into(),
             rows,
@@ -127,24 +136,49 @@ pub fn projection_program(
     let mut body = Vec::new();
     for (k, (_, st)) in r.stats.iter().enumerate() {
         if matches!(st, Stat::Max(_)) {
-            body.push(Stmt::FillRow { dst: stat(k), value: f64::NEG_INFINITY });
+            body.push(Stmt::FillRow {
+                dst: stat(k),
+                value: f64::NEG_INFINITY,
+            });
         }
     }
     for (_, _, id) in &sums {
-        body.push(Stmt::FillRow { dst: *id, value: 0.0 });
+        body.push(Stmt::FillRow {
+            dst: *id,
+            value: 0.0,
+        });
     }
     let mut lp = vec![
         Stmt::Fill { dst: z, value: 0.0 },
-        Stmt::ContractStream { acc: z, a, b, a_tile: a_s, b_tile: b_s },
+        Stmt::ContractStream {
+            acc: z,
+            a,
+            b,
+            a_tile: a_s,
+            b_tile: b_s,
+        },
     ];
     // Columns past the end are masked to the reduction's identity on boundary tiles.
     for (k, (_, st)) in r.stats.iter().enumerate() {
         if let Stat::Max(arg) = st {
             let (n, u) = max_rows[&k];
-            lp.push(Stmt::Map { dst: t, expr: arg.clone() });
-            lp.push(Stmt::Mask { dst: t, fill: f64::NEG_INFINITY });
-            lp.push(Stmt::RowReduce { dst: tile, src: t, op: ReduceOp::Max });
-            lp.push(Stmt::RowMap { dst: n, expr: max(row(stat(k)), row(tile)) });
+            lp.push(Stmt::Map {
+                dst: t,
+                expr: arg.clone(),
+            });
+            lp.push(Stmt::Mask {
+                dst: t,
+                fill: f64::NEG_INFINITY,
+            });
+            lp.push(Stmt::RowReduce {
+                dst: tile,
+                src: t,
+                op: ReduceOp::Max,
+            });
+            lp.push(Stmt::RowMap {
+                dst: n,
+                expr: max(row(stat(k)), row(tile)),
+            });
             lp.push(Stmt::RowMap {
                 dst: u,
                 expr: select(CmpOp::Eq, row(n), lit(f64::NEG_INFINITY), lit(0.0), row(n)),
@@ -156,7 +190,10 @@ pub fn projection_program(
             Some((m, uexpr)) => {
                 let (_, used) = max_rows[m];
                 (
-                    mul(un(UnaryOp::Exp, sub(uexpr.clone(), row(used))), part.h.clone()),
+                    mul(
+                        un(UnaryOp::Exp, sub(uexpr.clone(), row(used))),
+                        part.h.clone(),
+                    ),
                     // exp(M_old - M_new) carries the sum so far to the new anchor.
                     Some(un(UnaryOp::Exp, sub(row(stat(*m)), row(used)))),
                 )
@@ -165,17 +202,35 @@ pub fn projection_program(
         };
         lp.push(Stmt::Map { dst: t, expr: term });
         lp.push(Stmt::Mask { dst: t, fill: 0.0 });
-        lp.push(Stmt::RowReduce { dst: tile, src: t, op: ReduceOp::Sum });
+        lp.push(Stmt::RowReduce {
+            dst: tile,
+            src: t,
+            op: ReduceOp::Sum,
+        });
         let carried = match rescale {
             Some(f) => mul(row(*id), f),
             None => row(*id),
         };
-        lp.push(Stmt::RowMap { dst: *id, expr: add(carried, row(tile)) });
+        lp.push(Stmt::RowMap {
+            dst: *id,
+            expr: add(carried, row(tile)),
+        });
     }
-    for (k, (n, _)) in max_rows.iter().map(|(k, v)| (*k, *v)).collect::<std::collections::BTreeMap<_, _>>() {
-        lp.push(Stmt::RowMap { dst: stat(k), expr: row(n) });
+    for (k, (n, _)) in max_rows
+        .iter()
+        .map(|(k, v)| (*k, *v))
+        .collect::<std::collections::BTreeMap<_, _>>()
+    {
+        lp.push(Stmt::RowMap {
+            dst: stat(k),
+            expr: row(n),
+        });
     }
-    body.push(Stmt::KeyLoop { block_n: s.block_n, masks: vec![], body: lp });
+    body.push(Stmt::KeyLoop {
+        block_n: s.block_n,
+        masks: vec![],
+        body: lp,
+    });
     for (k, (_, st)) in r.stats.iter().enumerate() {
         let expr = match st {
             Stat::Max(_) => continue,
@@ -190,7 +245,10 @@ pub fn projection_program(
         body.push(Stmt::RowMap { dst: stat(k), expr });
     }
     for (i, (_, k)) in r.outputs.iter().enumerate() {
-        body.push(Stmt::StoreRow { src: stat(*k), dst: RowOutputId(i as u32) });
+        body.push(Stmt::StoreRow {
+            src: stat(*k),
+            dst: RowOutputId(i as u32),
+        });
     }
     p.body = body;
     p.validate()?;

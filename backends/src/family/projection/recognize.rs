@@ -73,7 +73,10 @@ pub fn recognize(c: &Cascade) -> Result<Reading, Diagnostic> {
         let es = &c.einsums[e];
         let mut reads_input = false;
         es.expr.visit_accesses(&mut |a| {
-            reads_input |= matches!(c.tensors[a.tensor].kind, TensorKind::Input | TensorKind::Param)
+            reads_input |= matches!(
+                c.tensors[a.tensor].kind,
+                TensorKind::Input | TensorKind::Param
+            )
         });
         if reads_input {
             if proj.is_some() {
@@ -166,9 +169,8 @@ pub fn recognize(c: &Cascade) -> Result<Reading, Diagnostic> {
                 es.span,
             ));
         }
-        let out = plain(&es.output.indices).ok_or_else(|| {
-            not_mine("outputs are indexed by plain ranks", es.span)
-        })?;
+        let out = plain(&es.output.indices)
+            .ok_or_else(|| not_mine("outputs are indexed by plain ranks", es.span))?;
         let value = translate(c, &es.expr, &elems, &rows, row, col)?;
         let t = es.output.tensor;
         let reduced = match es.reductions.as_slice() {
@@ -178,7 +180,10 @@ pub fn recognize(c: &Cascade) -> Result<Reading, Diagnostic> {
             }
             _ => {
                 return Err(not_mine(
-                    format!("`{}` reduces other than max or sum over `{}`", c.tensors[t].name, c.ranks[col].name),
+                    format!(
+                        "`{}` reduces other than max or sum over `{}`",
+                        c.tensors[t].name, c.ranks[col].name
+                    ),
                     es.span,
                 ))
             }
@@ -187,7 +192,10 @@ pub fn recognize(c: &Cascade) -> Result<Reading, Diagnostic> {
             ([x, y], None) if *x == row && *y == col => {
                 if c.tensors[t].kind != TensorKind::Temp {
                     return Err(not_mine(
-                        format!("`{}`: a [{}, {}] output would store the whole logit matrix", c.tensors[t].name, c.ranks[row].name, c.ranks[col].name),
+                        format!(
+                            "`{}`: a [{}, {}] output would store the whole logit matrix",
+                            c.tensors[t].name, c.ranks[row].name, c.ranks[col].name
+                        ),
                         es.span,
                     ));
                 }
@@ -205,9 +213,11 @@ pub fn recognize(c: &Cascade) -> Result<Reading, Diagnostic> {
                         }
                         Stat::Max(value.clone())
                     }
-                    Some(_) => Stat::Sum(sum_parts(&value, &r.stats).map_err(|m| {
-                        not_mine(format!("`{}`: {m}", c.tensors[t].name), es.span)
-                    })?),
+                    Some(_) => {
+                        Stat::Sum(sum_parts(&value, &r.stats).map_err(|m| {
+                            not_mine(format!("`{}`: {m}", c.tensors[t].name), es.span)
+                        })?)
+                    }
                 };
                 rows.insert(t, r.stats.len());
                 r.direct.push(op.map(|o| (o, value)));
@@ -229,7 +239,10 @@ pub fn recognize(c: &Cascade) -> Result<Reading, Diagnostic> {
     for (t, tensor) in c.tensors.iter() {
         if tensor.kind == TensorKind::Output {
             let k = rows.get(&t).copied().ok_or_else(|| {
-                not_mine(format!("output `{}` is not a row statistic", tensor.name), tensor.span)
+                not_mine(
+                    format!("output `{}` is not a row statistic", tensor.name),
+                    tensor.span,
+                )
             })?;
             r.outputs.push((t, k));
         }
@@ -255,7 +268,12 @@ fn translate(
         Expr::Access(a) => {
             let idx: Option<Vec<_>> = a.indices.iter().map(|i| i.as_rank()).collect();
             let name = &c.tensors[a.tensor].name;
-            let bad = || not_mine(format!("`{name}` is read at other indices than its own rows"), a.span);
+            let bad = || {
+                not_mine(
+                    format!("`{name}` is read at other indices than its own rows"),
+                    a.span,
+                )
+            };
             match (idx.as_deref(), elems.get(&a.tensor), rows.get(&a.tensor)) {
                 (Some([x, y]), Some(v), _) if *x == row && *y == col => v.clone(),
                 (Some([x]), _, Some(k)) if *x == row => ex::row(RowId(*k as u32)),
@@ -402,7 +420,10 @@ fn sum_parts(e: &ScalarExpr, stats: &[(Handle<ir::Tensor>, Stat)]) -> Result<Vec
                         (false, _) => r = ex::add(r, term),
                         (true, false) => u = ex::add(u, term),
                         (true, true) => {
-                            return Err("an exponent mixes the logit and a row statistic in one term".into())
+                            return Err(
+                                "an exponent mixes the logit and a row statistic in one term"
+                                    .into(),
+                            )
                         }
                     }
                 }
@@ -413,7 +434,10 @@ fn sum_parts(e: &ScalarExpr, stats: &[(Handle<ir::Tensor>, Stat)]) -> Result<Vec
                     .ok_or_else(|| {
                         "no max over the same logit expression anchors its exponential".to_string()
                     })?;
-                row = ex::mul(row, ex::un(UnaryOp::Exp, ex::add(r, ex::row(RowId(m as u32)))));
+                row = ex::mul(
+                    row,
+                    ex::un(UnaryOp::Exp, ex::add(r, ex::row(RowId(m as u32)))),
+                );
                 Some((m, u))
             }
         };
