@@ -466,7 +466,7 @@ fn simplify(e: ScalarExpr) -> ScalarExpr {
             }
         }
         ScalarExpr::Unary(op, a) => match (op, simplify(*a)) {
-            (UnaryOp::Exp, ScalarExpr::Lit(z)) if z == 0.0 => ex::lit(1.0),
+            (UnaryOp::Exp, ScalarExpr::Lit(0.0)) => ex::lit(1.0),
             (op, a) => ex::un(op, a),
         },
         other => other,
