@@ -339,3 +339,32 @@ fn backward_kernels_assemble_without_spills() {
         }
     }
 }
+
+/// A reverse program walks the whole sequence in one CTA: chunked or look-back programs
+/// (whose chunks run in parallel) and query-tiled ones are refused.
+#[test]
+fn only_whole_sequential_programs_run_in_reverse() {
+    use einattn_backends::family::linear::program::{
+        lightning_part, lightning_reverse, Decay, LinearSchedule, LinearSpec, Part,
+    };
+    let spec = LinearSpec {
+        head_dim: 64,
+        value_dim: 64,
+        elem: Elem::Bf16,
+        decay: Decay::PerHead("s".into()),
+        causal: true,
+    };
+    let sched = LinearSchedule::default_for(&spec);
+    let (reverse, _) = lightning_reverse(&spec, &sched).expect("the reverse program");
+    assert!(reverse.reverse && reverse.validate().is_ok());
+    for part in [Part::ChunkOutputs { chunk_tiles: 2 }, Part::LookBack] {
+        let (mut p, _) = lightning_part(&spec, &sched, part).expect("program");
+        p.reverse = true;
+        assert!(p.validate().is_err(), "{part:?} in reverse");
+    }
+    let gated = LinearSpec {
+        decay: Decay::Gate("G".into()),
+        ..spec
+    };
+    assert!(lightning_reverse(&gated, &sched).is_err());
+}
