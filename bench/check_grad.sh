@@ -4,6 +4,7 @@
 # f16, head dims 64 and 128, at sizes the interpreter finishes in seconds. Checks run
 # concurrently (the interpreter is single-threaded; the GPU work is small).
 # Usage: bench/check_grad.sh [path/to/einattn] [target]   Exits non-zero if any check fails.
+# GRAD_ONLY="name ..." limits the run to those examples (e.g. the linear ones).
 set -uo pipefail
 BIN=${1:-target/release/einattn}
 TARGET=${2:-sm_90a}
@@ -13,6 +14,7 @@ jobs=$(mktemp)
 # example, sizes (the sequence at a size the f64 interpreter finishes quickly)
 # example | sizes (the sequence at a size the f64 interpreter finishes quickly) | head-dim sizes
 while IFS='|' read -r name sizes dims; do
+  if [ -n "${GRAD_ONLY:-}" ] && [[ " $GRAD_ONLY " != *" $name "* ]]; then continue; fi
   for d in 64 128; do
     for dt in bf16 f16; do
       defs="$sizes"

@@ -216,6 +216,15 @@ pub enum Stage {
     Ptx,
 }
 
+/// The forward a backward cascade differentiates: its source, the size bindings it was
+/// built with, the cascade and its gradient.
+pub struct GradientOf<'a> {
+    pub source: &'a SourceFile,
+    pub defines: &'a [(String, u64)],
+    pub forward: &'a Cascade,
+    pub grad: &'a einattn_passes::grad::Grad,
+}
+
 /// Loads and compiles a cascade with the kernel families (`on_device`: for a run on this
 /// machine's GPU).
 pub fn build_kernels(
@@ -223,7 +232,7 @@ pub fn build_kernels(
     defines: &[(String, u64)],
     args: &KernelArgs,
     on_device: bool,
-    gradient_of: Option<(&Cascade, &einattn_passes::grad::Grad)>,
+    gradient_of: Option<GradientOf>,
 ) -> Result<Box<dyn Compiled>, CliError> {
     let options = args.resolve(on_device);
     let cascade = source.compile(defines)?;
@@ -239,7 +248,20 @@ pub fn build_kernels(
     };
     // A backward cascade: the forward's family derives its kernels where it can.
     match gradient_of {
-        Some((forward, grad)) => family::compile_gradient(forward, grad, &request),
+        Some(g) => {
+            let forward_source = g.source;
+            let instantiate_forward = |sizes: &[(String, u64)]| {
+                einattn_dsl::compile_source(&forward_source.name(), &forward_source.text, sizes)
+                    .map_err(|d| CompileError::Source(d.items().to_vec()))
+            };
+            let forward = Request {
+                cascade: g.forward,
+                options: &options,
+                defines: g.defines,
+                instantiate: &instantiate_forward,
+            };
+            family::compile_gradient(&forward, g.grad, &request)
+        }
         None => family::compile(&request),
     }
     .map_err(|e| source.compile_error(e))
@@ -331,7 +353,13 @@ pub fn check(
     let source = SourceFile::load(file)?;
     if grad {
         let (forward, result, backward) = backward(&source, defines, None)?;
-        let compiled = build_kernels(&backward, &[], args, true, Some((&forward, &result)))?;
+        let of = GradientOf {
+            source: &source,
+            defines,
+            forward: &forward,
+            grad: &result,
+        };
+        let compiled = build_kernels(&backward, &[], args, true, Some(of))?;
         return Ok(einattn_exec::grad::check_backward(
             &forward,
             &result,
@@ -503,12 +531,25 @@ pub fn bench(
     sp: &SpArgs,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
-    let compiled = if grad {
+    let (compiled, forward_kernels) = if grad {
         // Drawn values, not a forward's: timing needs no meaningful statistics.
         let (forward, result, backward) = backward(&source, defines, None)?;
-        build_kernels(&backward, &[], args, true, Some((&forward, &result)))?
+        let of = GradientOf {
+            source: &source,
+            defines,
+            forward: &forward,
+            grad: &result,
+        };
+        let compiled = build_kernels(&backward, &[], args, true, Some(of))?;
+        // The forward's kernels too, for the time of a training step's attention (forward
+        // then backward). Options meant for the backward kernels may not fit them: then the
+        // report says why and times the backward alone.
+        let forward_kernels =
+            build_kernels(&source, defines, args, true, None).map_err(|e| e.message);
+        (compiled, Some(forward_kernels))
     } else {
-        build_kernels(&source, defines, args, sp.devices.is_none(), None)?
+        let compiled = build_kernels(&source, defines, args, sp.devices.is_none(), None)?;
+        (compiled, None)
     };
     if sp.devices.is_some() {
         let gpu = einattn_exec::device::model().unwrap_or_else(GpuModel::h200);
@@ -524,8 +565,12 @@ pub fn bench(
             sp.mapping(),
         )?);
     }
+    let forward = forward_kernels
+        .as_ref()
+        .map(|f| f.as_ref().map(|k| k.as_ref()).map_err(String::as_str));
     Ok(einattn_exec::bench::bench(
         compiled.as_ref(),
+        forward,
         reps,
         format,
         given,

@@ -142,7 +142,8 @@ enum Command {
         format: Format,
         #[command(flatten)]
         given: GivenFlags,
-        /// Time the backward kernels (of `einattn grad`'s cascade) instead.
+        /// Time the backward kernels (of `einattn grad`'s cascade) instead, alone and after
+        /// the forward's kernels (forward + backward).
         #[arg(long, conflicts_with = "devices")]
         grad: bool,
         /// Time the plan for P GPUs instead (each rank draws its own inputs; no reference).

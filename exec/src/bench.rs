@@ -5,6 +5,7 @@ use crate::check::prepared_inputs;
 use crate::given::Given;
 use crate::whole::{KernelText, Whole};
 use crate::{device, ExecError, ReportFormat, Result};
+use einattn_backends::abi::{LaunchContract, Source};
 use einattn_backends::family::Rate;
 use einattn_backends::Compiled;
 use serde_json::json;
@@ -18,9 +19,37 @@ pub fn timing_line(t: &einattn_runtime::Timing) -> String {
     )
 }
 
-/// `einattn bench`: times `reps` runs (after a quarter as many warm-ups).
+/// The forward's kernels as a backward's benchmark launches them before its own: their
+/// scratch arrays renamed (`forward.NAME`), so that none is shared with a backward kernel's
+/// array of the same name and another size.
+fn forward_contracts(forward: &dyn Compiled) -> Vec<(LaunchContract, String)> {
+    let renamed = |n: &str| format!("forward.{n}");
+    forward
+        .modules()
+        .iter()
+        .map(|m| {
+            let mut c = m.contract.clone();
+            for s in &mut c.scratch {
+                s.name = renamed(&s.name);
+            }
+            for p in &mut c.params {
+                if let Source::Scratch { scratch } = &mut p.from {
+                    *scratch = renamed(scratch);
+                }
+            }
+            (c, m.ptx.text.clone())
+        })
+        .collect()
+}
+
+/// `einattn bench`: times `reps` runs (after a quarter as many warm-ups). With `forward`
+/// (`bench --grad`: the forward's kernels, or why they did not compile), `compiled` is a
+/// backward: it is timed alone and after the forward's kernels (forward + backward, the
+/// attention of a training step), on the backward's drawn inputs (the forward's output,
+/// where the backward reads it, is the forward kernels' own).
 pub fn bench(
     compiled: &dyn Compiled,
+    forward: Option<std::result::Result<&dyn Compiled, &str>>,
     reps: usize,
     format: ReportFormat,
     given: &Given,
@@ -37,13 +66,51 @@ pub fn bench(
         .last()
         .ok_or_else(|| ExecError::Input("no kernels".into()))?
         .0;
-    let whole = Whole::load(0, &kernels, cascade, &inputs)?;
+    let owned_forward = match forward {
+        Some(Ok(f)) => Ok(forward_contracts(f)),
+        Some(Err(why)) => Err(format!("the forward did not compile: {why}")),
+        None => Err(String::new()),
+    };
+    // The forward's kernels first, then the backward's; a forward that cannot be bound to
+    // the backward's inputs leaves the backward timed alone.
+    let (whole, n_forward, forward_note) = match &owned_forward {
+        Ok(f) => {
+            let mut all: Vec<KernelText> = f.iter().map(|(c, t)| (c, t.as_str())).collect();
+            all.extend(kernels.iter().copied());
+            match Whole::load(0, &all, cascade, &inputs) {
+                Ok(w) => (w, f.len(), None),
+                Err(e) => (
+                    Whole::load(0, &kernels, cascade, &inputs)?,
+                    0,
+                    Some(format!(
+                        "the forward's kernels cannot run on the backward's inputs: {e}"
+                    )),
+                ),
+            }
+        }
+        Err(why) => (
+            Whole::load(0, &kernels, cascade, &inputs)?,
+            0,
+            (!why.is_empty()).then(|| why.clone()),
+        ),
+    };
     let model = device::model_of(&whole.gpu, &whole.device);
-    let t = whole.gpu.time(reps.div_ceil(4).max(3), reps, || {
-        whole
-            .run()
-            .map_err(|e| einattn_runtime::RuntimeError::InvalidArgument(e.to_string()))
-    })?;
+    let runtime_error =
+        |e: ExecError| einattn_runtime::RuntimeError::InvalidArgument(e.to_string());
+    let all = 0..n_forward + kernels.len();
+    let timed = |range: std::ops::Range<usize>| {
+        whole.gpu.time(reps.div_ceil(4).max(3), reps, || {
+            whole.run_launches(range.clone()).map_err(runtime_error)
+        })
+    };
+    // The forward once first, so that a backward reading its output reads real values.
+    whole.run_launches(0..n_forward)?;
+    let t = timed(n_forward..all.end)?;
+    let with_forward = if n_forward > 0 {
+        Some((timed(0..n_forward)?, timed(all)?))
+    } else {
+        None
+    };
     let resources = whole.resources()?;
     let family = &main.family;
     let mut value = json!({
@@ -60,6 +127,40 @@ pub fn bench(
         "reps": t.reps,
     });
     let mut timing = timing_line(&t);
+    // `bench --grad`: the backward's line is labelled, and forward + backward follows it.
+    let (label, fb_line) = if forward.is_some() {
+        let line = match &with_forward {
+            Some((f, fb)) => {
+                extend(
+                    &mut value,
+                    json!({
+                        "forward_kernels": owned_forward
+                            .as_ref()
+                            .map(|f| f.iter().map(|(c, _)| c.kernel.clone()).collect::<Vec<_>>())
+                            .unwrap_or_default(),
+                        "forward_median_ms": f.median_ms,
+                        "forward_backward_median_ms": fb.median_ms,
+                        "forward_backward_min_ms": fb.min_ms,
+                        "forward_backward_max_ms": fb.max_ms,
+                    }),
+                );
+                format!(
+                    "forward + backward: {} (forward alone median {:.4} ms)\n",
+                    timing_line(fb),
+                    f.median_ms
+                )
+            }
+            None => {
+                let why = forward_note.clone().unwrap_or_default();
+                extend(&mut value, json!({ "forward_backward_note": why }));
+                format!("forward + backward: not timed: {why}\n")
+            }
+        };
+        // The rate stays the backward's.
+        ("backward: ", line)
+    } else {
+        ("", String::new())
+    };
     let rate = match compiled.rate() {
         Rate::Flops {
             flops,
@@ -143,7 +244,7 @@ pub fn bench(
             serde_json::to_string_pretty(&value).map_err(|e| ExecError::Input(e.to_string()))?
         }
         ReportFormat::Text => format!(
-            "device: {}\nkernel: {} ({} registers)\n{timing}\n{rate}\n",
+            "device: {}\nkernel: {} ({} registers)\n{label}{timing}\n{fb_line}{rate}\n",
             whole.device, main.kernel, resources.registers
         ),
     })

@@ -240,7 +240,16 @@ impl Whole {
 
     /// Launches every kernel once, in order (asynchronously).
     pub fn run(&self) -> Result<()> {
-        for l in &self.launches {
+        self.run_launches(0..self.launches.len())
+    }
+
+    /// Launches the kernels of `range` (positions in the launch order) once, in order.
+    pub fn run_launches(&self, range: std::ops::Range<usize>) -> Result<()> {
+        let launches = self
+            .launches
+            .get(range)
+            .ok_or_else(|| ExecError::Input("launches past the loaded kernels".into()))?;
+        for l in launches {
             for name in &l.zero {
                 if let Some(a) = self.scratch.get(name) {
                     a.borrow_mut().zero(&self.gpu)?;

@@ -381,25 +381,39 @@ pub fn interpreter_formula(compiled: &dyn Compiled, inputs: &Inputs) -> (Vec<f64
     (values, "the cascade interpreter (f64)")
 }
 
-/// Compiles the backward cascade of `grad` (in `request`): the softmax family's backward
-/// kernels when it reads `forward` as softmax attention and the backward as its gradient,
-/// else the families in turn on the backward cascade itself.
+/// Compiles the backward cascade of `grad` (in `request`): the backward kernels of the
+/// family that reads the forward (`forward`: its cascade, the size bindings it was built
+/// with and the means to build it at others) as softmax or linear attention, with the
+/// backward as its gradient; else the families in turn on the backward cascade itself.
 pub fn compile_gradient(
-    forward: &Cascade,
+    forward: &Request,
     grad: &einattn_passes::grad::Grad,
     request: &Request,
 ) -> Result<Box<dyn Compiled>, CompileError> {
     let o = request.options;
-    // Kernel-shape options asked of these kernels: their refusal is the answer.
+    // Kernel-shape options asked of a family's kernels: its refusal is the answer (the
+    // linear family also takes a strategy and a chunk size).
     let shaped = !o.tiles.is_empty() || o.warps.is_some() || o.mma.is_some();
-    let reason = match softmax::gradient::compile_gradient(forward, grad, request.options) {
-        Ok(kernels) => return Ok(Box::new(kernels)),
-        Err(FamilyError::Failed(CompileError::Refused(d))) if !shaped => vec![*d],
-        Err(FamilyError::Failed(e)) => return Err(e),
-        Err(FamilyError::NotMine(d)) => d,
+    let linear_shaped = shaped || o.strategy.is_some() || o.chunk_tokens.is_some();
+    let mut reasons = Vec::new();
+    let reason = |e: FamilyError, shaped: bool| match e {
+        FamilyError::Failed(CompileError::Refused(d)) if !shaped => Ok(vec![*d]),
+        FamilyError::Failed(e) => Err(e),
+        FamilyError::NotMine(d) => Ok(d),
     };
+    match softmax::gradient::compile_gradient(forward.cascade, grad, request.options) {
+        Ok(kernels) => return Ok(Box::new(kernels)),
+        Err(e) => reasons.push(("the backward of softmax attention", reason(e, shaped)?)),
+    }
+    match linear::gradient::compile_gradient(forward, grad) {
+        Ok(kernels) => return Ok(Box::new(kernels)),
+        Err(e) => reasons.push((
+            "the backward of linear attention",
+            reason(e, linear_shaped)?,
+        )),
+    }
     let mut compiled = compile(request)?;
-    compiled.passed_over(&[("the backward of softmax attention", reason)]);
+    compiled.passed_over(&reasons);
     Ok(compiled)
 }
 

@@ -144,6 +144,20 @@ impl Printer<'_> {
         let empty = self.pred();
         self.ins(format!("setp.le.s32 {empty}, {kend}, {kstart};"));
         self.ins(format!("selp.s32 {niter}, 0, {niter}, {empty};"));
+        // Iteration `it` walks tile `tbegin + it`, or `tlast - it` in a reverse program.
+        let reverse = prog.reverse;
+        if reverse {
+            let tlast = self.named_once(".b32", "tlast");
+            self.ins(format!("add.s32 {tlast}, {tbegin}, {niter};"));
+            self.ins(format!("sub.s32 {tlast}, {tlast}, 1;"));
+        }
+        let tile_of = move |dst: &str, it: &str| {
+            if reverse {
+                format!("sub.s32 {dst}, %tlast, {it};")
+            } else {
+                format!("add.s32 {dst}, %tbegin, {it};")
+            }
+        };
 
         let streams: Vec<(SharedId, TensorId)> = body
             .iter()
@@ -174,7 +188,7 @@ impl Printer<'_> {
             p.ins(format!("setp.ge.s32 {ok}, {it_reg}, %niter;"));
             p.ins(format!("@{ok} bra.uni {skip};"));
             let origin = p.r();
-            p.ins(format!("add.s32 {origin}, %tbegin, {it_reg};"));
+            p.ins(tile_of(&origin, it_reg));
             p.ins(format!("mul.lo.s32 {origin}, {origin}, {block_n};"));
             for (i, (dst, src)) in streams.iter().enumerate() {
                 let sb = p.r();
@@ -222,7 +236,7 @@ impl Printer<'_> {
         }
         // Current tile.
         let korg = self.named_once(".b32", "korg");
-        self.ins(format!("add.s32 {korg}, %tbegin, {it};"));
+        self.ins(tile_of(&korg, &it));
         self.ins(format!("mul.lo.s32 {korg}, {korg}, {block_n};"));
         let saved: Vec<String> = streams
             .iter()

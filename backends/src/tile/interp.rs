@@ -457,7 +457,13 @@ impl Cta<'_> {
                     } else {
                         key_tile_range(masks, p0, p_last, n_k, bn)
                     };
-                    for t in range.begin..range.end {
+                    // A reverse program walks its tiles from the last to the first.
+                    let tiles: Vec<i64> = if self.prog.reverse {
+                        (range.begin..range.end).rev().collect()
+                    } else {
+                        (range.begin..range.end).collect()
+                    };
+                    for t in tiles {
                         self.key_origin = (t * bn) as usize;
                         let ctx = LoopCtx {
                             masks,

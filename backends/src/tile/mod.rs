@@ -772,6 +772,11 @@ pub struct TileProgram {
     /// its states with flags in a `u32` array of `1 + chunks * B * H * col_blocks` words
     /// (the ticket counter first), which the launcher zeroes before every launch.
     pub look_back: bool,
+    /// A sequential program whose loop walks the tiles from the last to the first (the
+    /// reverse recurrence of a backward: an adjoint state carried from later tokens to
+    /// earlier ones). Positions stay tile-relative; the first tile walked is the ragged
+    /// one, whose rows past the end read as zero. Not chunked.
+    pub reverse: bool,
     pub tensors: Vec<TensorParam>,
     pub row_outputs: Vec<RowOutput>,
     pub scalars: Vec<ScalarParam>,

@@ -12,6 +12,12 @@ impl fmt::Display for TileProgram {
             "tile_program {} (block_m={}, warps={}, stages={}, skip_unit_rescale={})",
             self.name, s.block_m, s.warps, s.stages, s.skip_unit_rescale
         )?;
+        if self.reverse {
+            writeln!(
+                f,
+                "  reverse: the loop walks the tiles from the last to the first"
+            )?;
+        }
         for t in &self.tensors {
             writeln!(
                 f,

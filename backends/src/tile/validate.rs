@@ -37,6 +37,11 @@ impl TileProgram {
                 "a look-back program has chunks of one tile and two state arrays (aggregates, inclusive prefixes)",
             );
         }
+        if self.reverse && (!self.sequential || self.chunked() || self.look_back) {
+            return invalid(
+                "only a sequential program that walks the whole sequence runs in reverse",
+            );
+        }
         if self.col_blocks == 0 || (!self.sequential && self.col_blocks != 1) {
             return invalid("col_blocks must be 1, or positive in a sequential program");
         }

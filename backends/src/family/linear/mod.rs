@@ -6,8 +6,13 @@
 //! - [`normalize`]: the normal forms it reads in (feature maps peeled into a pre-kernel,
 //!   decays reduced to a per-head rate);
 //! - [`program`]: the Tile IR programs of each strategy (single pass, chunked two-phase,
-//!   decoupled look-back) and the cost model that picks one.
+//!   decoupled look-back) and the cost model that picks one;
+//! - [`backward`], [`gradient`]: the backward (dQ, dK, dV) as the same programs with
+//!   other operands, two of them walking the sequence in reverse, bound to the tensors of
+//!   `einattn grad`'s backward cascade.
 
+pub mod backward;
+pub mod gradient;
 pub mod normalize;
 pub mod program;
 pub mod recognize;
@@ -45,88 +50,93 @@ impl KernelFamily for Linear {
     }
 
     fn compile(&self, request: &Request) -> Result<Box<dyn Compiled>, FamilyError> {
-        let cascade = request.cascade;
-        let options = request.options;
-        let not_mine = |d: Diagnostic| {
-            if d.kind == DiagnosticKind::NotMappable {
-                FamilyError::NotMine(vec![d])
-            } else {
-                FamilyError::Failed(CompileError::Refused(Box::new(d)))
-            }
-        };
-        // The same source at small sizes, for the interpreter to confirm the reading.
-        let hypothesis = first_reading(cascade).map_err(not_mine)?;
-        let mut small_defines = request.defines.to_vec();
-        for (rank, small) in &hypothesis.shrinkable {
-            if let einattn_ir::ExtentSource::Symbol(name) = &cascade.ranks[*rank].source {
-                small_defines.retain(|(n, _)| n != name);
-                small_defines.push((name.clone(), *small));
-            }
-        }
-        let small = match (request.instantiate)(&small_defines) {
-            Ok(small) => small,
-            // The source does not build at small sizes: a reading this family cannot confirm.
-            Err(CompileError::Source(ds)) => return Err(FamilyError::NotMine(ds)),
-            Err(e) => return Err(FamilyError::Failed(e)),
-        };
-        let mut value_block = None;
-        for (n, size) in &options.tiles {
-            let value_rank = cascade.tensors[hypothesis.v.tensor].ranks.last().copied();
-            if value_rank.is_none_or(|r| cascade.ranks[r].name != *n) {
-                return Err(CompileError::Usage(format!(
-                    "error: `--tile {n}=...`: the linear kernel takes a tile of the value rank only"
-                ))
-                .into());
-            }
-            let e = u64::from(hypothesis.spec.value_dim);
-            if *size == 0 || *size > e || e % size != 0 {
-                return Err(CompileError::Usage(format!(
-                    "error: `--tile {n}={size}`: the value block must divide the value dimension ({e})"
-                ))
-                .into());
-            }
-            value_block = Some(*size as u32);
-        }
-        let d = u64::from(hypothesis.spec.head_dim);
-        let strategy = match (options.strategy.as_deref(), options.chunk_tokens) {
-            (None, None) => None,
-            (Some("single"), None) => Some(Strategy::SinglePass),
-            (Some("lookback"), None) => Some(Strategy::LookBack),
-            (Some("single" | "lookback"), Some(_)) => {
-                return Err(CompileError::Usage(
-                    "error: `--chunk-tokens` goes with `--strategy chunked`".into(),
-                )
-                .into())
-            }
-            (Some("chunked") | None, tokens) => {
-                let tiles = hypothesis.n.div_ceil(d);
-                let chunk_tiles = match tokens {
-                    Some(t) if t == 0 || t % d != 0 => {
-                        return Err(CompileError::Usage(format!(
-                            "error: `--chunk-tokens {t}` must be a positive multiple of the block ({d} tokens)"
-                        ))
-                        .into())
-                    }
-                    Some(t) => t / d,
-                    None => tiles.div_ceil(8).max(1),
-                };
-                let chunk_tiles = u32::try_from(chunk_tiles).map_err(|_| {
-                    CompileError::Usage(format!(
-                        "error: {chunk_tiles} blocks per chunk is past the kernel's 32-bit chunk index"
-                    ))
-                })?;
-                Some(Strategy::Chunked { chunk_tiles })
-            }
-            (Some(other), _) => {
-                return Err(CompileError::Usage(format!(
-                    "error: unknown strategy `{other}` (single, chunked, lookback)"
-                ))
-                .into())
-            }
-        };
-        compile_linear(cascade, &small, options, value_block, strategy)
-            .map(|k| Box::new(k) as Box<dyn Compiled>)
+        compile_request(request).map(|k| Box::new(k) as Box<dyn Compiled>)
     }
+}
+
+/// The linear-attention kernels of `request`'s cascade: its reading confirmed on a small
+/// instance of the same source, the options applied.
+pub fn compile_request(request: &Request) -> Result<LinearKernels, FamilyError> {
+    let cascade = request.cascade;
+    let options = request.options;
+    let not_mine = |d: Diagnostic| {
+        if d.kind == DiagnosticKind::NotMappable {
+            FamilyError::NotMine(vec![d])
+        } else {
+            FamilyError::Failed(CompileError::Refused(Box::new(d)))
+        }
+    };
+    // The same source at small sizes, for the interpreter to confirm the reading.
+    let hypothesis = first_reading(cascade).map_err(not_mine)?;
+    let mut small_defines = request.defines.to_vec();
+    for (rank, small) in &hypothesis.shrinkable {
+        if let einattn_ir::ExtentSource::Symbol(name) = &cascade.ranks[*rank].source {
+            small_defines.retain(|(n, _)| n != name);
+            small_defines.push((name.clone(), *small));
+        }
+    }
+    let small = match (request.instantiate)(&small_defines) {
+        Ok(small) => small,
+        // The source does not build at small sizes: a reading this family cannot confirm.
+        Err(CompileError::Source(ds)) => return Err(FamilyError::NotMine(ds)),
+        Err(e) => return Err(FamilyError::Failed(e)),
+    };
+    let mut value_block = None;
+    for (n, size) in &options.tiles {
+        let value_rank = cascade.tensors[hypothesis.v.tensor].ranks.last().copied();
+        if value_rank.is_none_or(|r| cascade.ranks[r].name != *n) {
+            return Err(CompileError::Usage(format!(
+                "error: `--tile {n}=...`: the linear kernel takes a tile of the value rank only"
+            ))
+            .into());
+        }
+        let e = u64::from(hypothesis.spec.value_dim);
+        if *size == 0 || *size > e || e % size != 0 {
+            return Err(CompileError::Usage(format!(
+                "error: `--tile {n}={size}`: the value block must divide the value dimension ({e})"
+            ))
+            .into());
+        }
+        value_block = Some(*size as u32);
+    }
+    let d = u64::from(hypothesis.spec.head_dim);
+    let strategy = match (options.strategy.as_deref(), options.chunk_tokens) {
+        (None, None) => None,
+        (Some("single"), None) => Some(Strategy::SinglePass),
+        (Some("lookback"), None) => Some(Strategy::LookBack),
+        (Some("single" | "lookback"), Some(_)) => {
+            return Err(CompileError::Usage(
+                "error: `--chunk-tokens` goes with `--strategy chunked`".into(),
+            )
+            .into())
+        }
+        (Some("chunked") | None, tokens) => {
+            let tiles = hypothesis.n.div_ceil(d);
+            let chunk_tiles = match tokens {
+                Some(t) if t == 0 || t % d != 0 => {
+                    return Err(CompileError::Usage(format!(
+                        "error: `--chunk-tokens {t}` must be a positive multiple of the block ({d} tokens)"
+                    ))
+                    .into())
+                }
+                Some(t) => t / d,
+                None => tiles.div_ceil(8).max(1),
+            };
+            let chunk_tiles = u32::try_from(chunk_tiles).map_err(|_| {
+                CompileError::Usage(format!(
+                    "error: {chunk_tiles} blocks per chunk is past the kernel's 32-bit chunk index"
+                ))
+            })?;
+            Some(Strategy::Chunked { chunk_tiles })
+        }
+        (Some(other), _) => {
+            return Err(CompileError::Usage(format!(
+                "error: unknown strategy `{other}` (single, chunked, lookback)"
+            ))
+            .into())
+        }
+    };
+    compile_linear(cascade, &small, options, value_block, strategy)
 }
 
 /// A cascade compiled to the linear-attention kernels.
@@ -209,14 +219,7 @@ pub fn compile_linear(
                 matched.n,
             ),
         };
-        let parts = match schedule.strategy {
-            Strategy::SinglePass => vec![Part::Whole],
-            Strategy::LookBack => vec![Part::LookBack],
-            Strategy::Chunked { chunk_tiles } => vec![
-                Part::ChunkStates { chunk_tiles },
-                Part::ChunkOutputs { chunk_tiles },
-            ],
-        };
+        let parts = strategy_parts(schedule.strategy);
         let mut kernels = LinearKernels {
             cascade: cascade.clone(),
             matched,
@@ -242,6 +245,18 @@ pub fn compile_linear(
             Span::UNKNOWN,
         )
     })]))
+}
+
+/// The programs of a strategy, in launch order.
+pub fn strategy_parts(strategy: Strategy) -> Vec<Part> {
+    match strategy {
+        Strategy::SinglePass => vec![Part::Whole],
+        Strategy::LookBack => vec![Part::LookBack],
+        Strategy::Chunked { chunk_tiles } => vec![
+            Part::ChunkStates { chunk_tiles },
+            Part::ChunkOutputs { chunk_tiles },
+        ],
+    }
 }
 
 /// What a pre-kernel writes into scratch, in words, by tensor name.
@@ -306,7 +321,6 @@ impl LinearKernels {
         let m = &self.matched;
         let (program, _) =
             program::lightning_part(&m.spec, &self.schedule, part).map_err(backend_error)?;
-        let ptx = print_ptx(&program, self.target).map_err(backend_error)?;
         let c = &self.core;
         let elem = dtype(m.spec.elem);
         let io = [
@@ -315,13 +329,32 @@ impl LinearKernels {
             (&m.v, TensorRole::Input),
             (&m.o, TensorRole::Output),
         ];
-        let mut tensors: Vec<_> = io
+        let io = io
             .iter()
             .map(|(l, role)| contract_tensor(c, l.tensor, *role, elem, Some(l)))
             .collect();
-        if let Some(p) = m.decay_param {
-            tensors.push(contract_tensor(c, p, TensorRole::Param, Dtype::F32, None));
-        }
+        let decay = m
+            .decay_param
+            .map(|p| contract_tensor(c, p, TensorRole::Param, Dtype::F32, None));
+        self.module_of(program, io, decay)
+    }
+
+    /// The module of a program of this reading: `io` the contract tensors of its q, k, v
+    /// and o (in that order; the backward binds other tensors to them), `decay` the
+    /// per-head rate parameter's.
+    pub(crate) fn module_of(
+        &self,
+        program: crate::TileProgram,
+        io: Vec<crate::abi::ContractTensor>,
+        decay: Option<crate::abi::ContractTensor>,
+    ) -> Result<Module, CompileError> {
+        let m = &self.matched;
+        let ptx = print_ptx(&program, self.target).map_err(backend_error)?;
+        let c = &self.core;
+        let io_names: Vec<String> = io.iter().map(|t| t.name.clone()).collect();
+        let decay_name = decay.as_ref().map(|t| t.name.clone());
+        let mut tensors = io;
+        tensors.extend(decay);
         if let Some(g) = &m.gate {
             tensors.push(contract_tensor(
                 c,
@@ -333,10 +366,10 @@ impl LinearKernels {
         }
         let name = |t| c.tensors[t].name.clone();
         let names = ContractNames {
-            tensors: io.iter().map(|(l, _)| name(l.tensor)).collect(),
+            tensors: io_names,
             head_params: match &m.derived {
                 Some(d) => vec![d.name.clone()],
-                None => m.decay_param.iter().map(|&t| name(t)).collect(),
+                None => decay_name.into_iter().collect(),
             },
             scalars: Vec::new(),
             tokens: m.gate.iter().map(|g| name(g.tensor)).collect(),

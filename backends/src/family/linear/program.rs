@@ -243,6 +243,40 @@ pub fn lightning_part(
     sched: &LinearSchedule,
     part: Part,
 ) -> Result<(TileProgram, LinearBindings), TileError> {
+    lightning_walk(spec, sched, part, false)
+}
+
+/// The single-pass program walking the sequence backwards: `O_j = sum_{i >= j}
+/// decay(i - j) (q_j . k_i) v_i`, the anti-causal form the backward's dK and dV take
+/// (`family::linear::backward`). Tile `t`'s rows `j` and keys `i` (tile-relative, `B` the
+/// tile) see
+///
+/// | part | statement |
+/// | --- | --- |
+/// | intra: `i >= j`, `lam^(i - j)` | `s = select(j <= i, s * lam^(i - j), 0)` (`j` the row) |
+/// | inter: `lam^(B - j) Q R_t` | `o = Q . R; o = o * lam^(B - j)` |
+/// | state: `R_{t-1} = lam^B R_t + sum_i lam^i K_i^T V_i` | `st = st * lam^B; st += (K * lam^i)^T . V` |
+///
+/// where `R_t` sums the tiles after `t`, each key decayed to the start of tile `t + 1`.
+/// No gate (its reverse form would read the token after the tile).
+pub fn lightning_reverse(
+    spec: &LinearSpec,
+    sched: &LinearSchedule,
+) -> Result<(TileProgram, LinearBindings), TileError> {
+    if !spec.causal || matches!(spec.decay, Decay::Gate(_)) {
+        return Err(TileError::Unsupported(
+            "the reverse walk is for causal attention without a gate".into(),
+        ));
+    }
+    lightning_walk(spec, sched, Part::Whole, true)
+}
+
+fn lightning_walk(
+    spec: &LinearSpec,
+    sched: &LinearSchedule,
+    part: Part,
+    reverse: bool,
+) -> Result<(TileProgram, LinearBindings), TileError> {
     let (d, e, eb) = (spec.head_dim, spec.value_dim, sched.value_block);
     let chunk_tiles = match part {
         Part::Whole => 0,
@@ -271,6 +305,7 @@ pub fn lightning_part(
     }
     let block = d;
     let suffix = match part {
+        Part::Whole if reverse => "_reverse".into(),
         Part::Whole => String::new(),
         Part::ChunkStates { chunk_tiles } => format!("_states_c{chunk_tiles}"),
         Part::ChunkOutputs { chunk_tiles } => format!("_outputs_c{chunk_tiles}"),
@@ -290,6 +325,7 @@ pub fn lightning_part(
         tokens: vec![],
         query_offset: false,
         look_back: part == Part::LookBack,
+        reverse,
         chunk_tiles,
         states: match part {
             Part::Whole => vec![],
@@ -441,9 +477,14 @@ pub fn lightning_part(
         ));
     }
     let (i, j) = (index(SeqRank::Query), index(SeqRank::Key));
-    let intra = match decay_pow(sub(i.clone(), j.clone()))
-        .or_else(|| gate_between(TokenAt::Row, TokenAt::Col))
-    {
+    // Reversed, the key comes at or after the row: lam^(key - row), written through
+    // `row - key` so that the PTX lowering computes it once per kernel (a difference).
+    let intra_decay = if reverse {
+        decay.map(|hp| exp2(mul(mul(head(hp), lit(LOG2_E)), sub(i.clone(), j.clone()))))
+    } else {
+        decay_pow(sub(i.clone(), j.clone()))
+    };
+    let intra = match intra_decay.or_else(|| gate_between(TokenAt::Row, TokenAt::Col)) {
         Some(f) => mul(elem(s), f),
         None => elem(s),
     };
@@ -457,10 +498,16 @@ pub fn lightning_part(
                 expr: mul(elem(st), f),
             });
         }
+        // A key's decay to the tile's end (forward) or to its start (reverse).
+        let to_edge = if reverse {
+            index(SeqRank::Key)
+        } else {
+            sub(lit(block as f64 - 1.0), index(SeqRank::Key))
+        };
         lp.push(Stmt::ContractT {
             acc: st,
             a: k_s,
-            scale: decay_pow(sub(lit(block as f64 - 1.0), index(SeqRank::Key)))
+            scale: decay_pow(to_edge)
                 .or_else(|| gate_between(TokenAt::Last, TokenAt::Col))
                 .unwrap_or(lit(1.0)),
             b: v_s,
@@ -491,13 +538,20 @@ pub fn lightning_part(
     ];
     let mut upd = Vec::new();
     state_update(&mut upd);
+    let visible = if reverse { CmpOp::Ge } else { CmpOp::Le };
     let maps = vec![Stmt::Map {
         dst: s,
-        expr: select(CmpOp::Le, j.clone(), i.clone(), intra, lit(0.0)),
+        expr: select(visible, j.clone(), i.clone(), intra, lit(0.0)),
     }];
     let mut dec = Vec::new();
-    let inter_decay =
-        decay_pow(add(i, lit(1.0))).or_else(|| gate_between(TokenAt::Row, TokenAt::Before));
+    // The row's decay from the state's edge: the start of the tile (forward, the state
+    // holds keys up to the token before it) or the start of the next one (reverse).
+    let from_edge = if reverse {
+        sub(lit(block as f64), i)
+    } else {
+        add(i, lit(1.0))
+    };
+    let inter_decay = decay_pow(from_edge).or_else(|| gate_between(TokenAt::Row, TokenAt::Before));
     if let Some(f) = inter_decay.clone() {
         dec.push(Stmt::Map {
             dst: acc,

@@ -253,6 +253,7 @@ impl Builder {
             tokens: vec![],
             query_offset: false,
             look_back: false,
+            reverse: false,
             tensors: vec![],
             row_outputs: vec![],
             scalars: vec![],

@@ -283,6 +283,7 @@ pub fn flash_attention(
         tokens: vec![],
         query_offset: spec.query_offset,
         look_back: false,
+        reverse: false,
         chunk_tiles: 0,
         states: vec![],
         name: spec.kernel_name(),
