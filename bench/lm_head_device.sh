@@ -9,6 +9,8 @@
 #   torch  - the torch anchor (bf16 matmul + logsumexp/entropy), if torch is installed
 # Prints one line per run and a table last; exits non-zero if any check fails.
 # Usage: OUT=dir bench/lm_head_device.sh BIN [parts...]
+#   SIZES="-D T=.. -D D=.. -D VOCAB=..|..." and TARGETS="sm_90a:wgmma sm_80:sync" narrow the checks;
+#   LIMIT (seconds, default 60) bounds each run.
 #   SWEEP="v=128:8:5 v=128:8:6 ..." overrides the bench sweep (tile v : warps : stages; tile t=64 with 4 warps).
 set -uo pipefail
 BIN=$1; shift
@@ -22,7 +24,8 @@ fails=0
 one() {
   local label=$1; shift
   local out line
-  out=$("$BIN" check "$@" 2>&1)
+  # A time limit per run, so a hung kernel shows as TIMEOUT instead of stalling the call.
+  out=$(timeout "${LIMIT:-60}" "$BIN" check "$@" 2>&1) || [ $? != 124 ] || out="TIMEOUT"
   line=$(echo "$out" | grep -E "^(PASS|FAIL)" || echo "$out" | tail -1)
   echo "$label: $line  [$(echo "$out" | grep -E '^kernel:' | sed 's/^kernel: //')]"
   case $line in PASS*) ;; *) fails=$((fails + 1)) ;; esac
@@ -30,9 +33,11 @@ one() {
 for part in $PARTS; do
   case $part in
     check)
-      for defs in "-D T=128 -D D=64 -D VOCAB=256" "-D T=300 -D D=192 -D VOCAB=1000" \
-                  "-D T=64 -D D=4096 -D VOCAB=32768" "-D T=1000 -D D=4096 -D VOCAB=5000"; do
-        for tm in "sm_90a wgmma" "sm_90a sync" "sm_80 sync"; do
+      SIZES=${SIZES:-"-D T=128 -D D=64 -D VOCAB=256|-D T=300 -D D=192 -D VOCAB=1000|-D T=64 -D D=4096 -D VOCAB=32768|-D T=1000 -D D=4096 -D VOCAB=5000"}
+      IFS='|' read -r -a sizes <<< "$SIZES"
+      for defs in "${sizes[@]}"; do
+        for tm in ${TARGETS:-"sm_90a:wgmma" "sm_90a:sync" "sm_80:sync"}; do
+          tm=${tm/:/ }
           set -- $tm
           for dt in bf16 f16; do
             # shellcheck disable=SC2086
@@ -57,11 +62,11 @@ for part in $PARTS; do
             args="--tile $tile --warps $warps --stages $stages"
           fi
           # shellcheck disable=SC2086
-          out=$("$BIN" bench $EX $FULL --target sm_90a $args --reps 20 2>&1)
+          out=$(timeout "${LIMIT:-60}" "$BIN" bench $EX $FULL --target sm_90a $args --reps 20 2>&1) || [ $? != 124 ] || out="TIMEOUT"
           echo "bench [$cfg]: $(echo "$out" | grep -E "registers|median|TFLOP" | tr '\n' ' ')"
         done
         # shellcheck disable=SC2086
-        out=$("$BIN" bench $EX $FULL --target sm_90a --mma sync --reps 10 2>&1)
+        out=$(timeout "${LIMIT:-60}" "$BIN" bench $EX $FULL --target sm_90a --mma sync --reps 10 2>&1) || [ $? != 124 ] || out="TIMEOUT"
         echo "bench [mma.sync on sm_90a]: $(echo "$out" | grep -E "registers|median|TFLOP" | tr '\n' ' ')"
       } 2>&1 | tee "$OUT/lm_head_bench.txt"
       ;;
