@@ -53,6 +53,7 @@ pub fn projection_program(
             mma: s.mma,
         },
         sequential: false,
+        reverse: false,
         col_blocks: 1,
         chunk_tiles: 0,
         states: vec![],
