@@ -51,7 +51,7 @@ LIST
 run_one() {
   IFS='|' read -r name defs dt <<< "$1"
   # shellcheck disable=SC2086
-  out=$($BIN check --grad examples/$name.ein $defs --dtype $dt --target $TARGET --seed 7 2>&1)
+  out=$(timeout "${LIMIT:-120}" $BIN check --grad examples/$name.ein $defs --dtype $dt --target $TARGET --seed 7 2>&1)
   rc=$?
   line=$(echo "$out" | grep -E "ref\|\|" | tr "\n" " ")
   [ -z "$line" ] && line=$(echo "$out" | tail -1)

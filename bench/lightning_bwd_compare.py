@@ -31,7 +31,11 @@ def ours(n, B, H, d, dtype="bf16"):
            "-D", f"N={n}", "-D", f"D={d}", "-D", "BLOCK=64", "--dtype", dtype, "--reps", "50",
            "--format", "json"]
     cmd += os.environ.get("EINATTN_FLAGS", "").split()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired:
+        print("ours timed out:", " ".join(cmd), flush=True)
+        return None
     if r.returncode != 0:
         print("ours failed:", " ".join(cmd), r.stderr[-800:], flush=True)
         return None
@@ -56,7 +60,7 @@ def main():
     print(env, flush=True)
     rows = []
     B, H, d = 4, 16, 128
-    for n in (8192, 32768):
+    for n in [int(x) for x in os.environ.get("NS", "8192 32768").split()]:
         row = dict(B=B, H=H, d=d, n=n)
         o = ours(n, B, H, d)
         if o is not None:

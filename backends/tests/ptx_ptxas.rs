@@ -4,6 +4,7 @@
 use einattn_backends::family::softmax::{flash_attention, AttentionSchedule, AttentionSpec};
 use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
 use einattn_backends::tile::Elem;
+use einattn_backends::tile::MmaUnit;
 use einattn_backends::{print_ptx, Target};
 
 fn specs() -> Vec<AttentionSpec> {
@@ -83,6 +84,7 @@ fn ptxas_accepts_other_schedules() {
             stages,
             q_in_registers: qreg,
             skip_unit_rescale: false,
+            mma: MmaUnit::Sync,
         };
         let (prog, _) = flash_attention(&spec, &sched).expect("builds");
         let k = print_ptx(&prog, Target::Sm90a).expect("prints");
@@ -100,5 +102,37 @@ fn ptxas_accepts_other_schedules() {
         assert!(k.abi.iter().any(|p| p.name == "q_offset"));
         let r = assemble(&ptxas, &k.text, arch).unwrap_or_else(|e| panic!("{}: {e}", k.entry));
         assert!(!r.spills(), "{} spills on {arch}:\n{}", k.entry, r.log);
+    }
+}
+
+#[test]
+fn wgmma_forward_assembles_without_spills() {
+    let Some(ptxas) = ptxas_for_test("wgmma_forward_assembles_without_spills") else {
+        return;
+    };
+    // Every variant of `specs` under the warpgroup shapes the scheduler weighs: one and two
+    // warpgroups, key tiles of 64 and 128.
+    for spec in specs() {
+        for (bm, bn, warps, stages) in [(64, 64, 4, 3), (64, 128, 4, 2), (128, 128, 8, 2)] {
+            let sched = AttentionSchedule {
+                block_m: bm,
+                block_n: bn,
+                warps,
+                stages,
+                mma: MmaUnit::Warpgroup,
+                ..AttentionSchedule::default_for(&spec)
+            };
+            let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+            assert!(
+                print_ptx(&prog, Target::Sm80).is_err(),
+                "wgmma needs sm_90a"
+            );
+            let k = print_ptx(&prog, Target::Sm90a).expect("prints");
+            assert!(k.text.contains("wgmma.mma_async"), "{}", k.entry);
+            assert!(!k.text.contains("mma.sync"), "{}", k.entry);
+            let r = assemble(&ptxas, &k.text, "sm_90a")
+                .unwrap_or_else(|e| panic!("{} {sched:?}: {e}", k.entry));
+            assert!(!r.spills(), "{} {sched:?} spills:\n{}", k.entry, r.log);
+        }
     }
 }

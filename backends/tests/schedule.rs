@@ -9,6 +9,7 @@ use einattn_backends::family::{Compiled, KernelOptions};
 use einattn_backends::reference::relative_error;
 use einattn_backends::tile::interp::{run, Bindings};
 use einattn_backends::tile::Elem;
+use einattn_backends::tile::MmaUnit;
 use einattn_ir::cascade::Cascade;
 use einattn_ir::interp::{evaluate_in_order, random_inputs};
 use einattn_ir::validate::topological_order;
@@ -140,6 +141,7 @@ fn tile_program_matches_the_interpreter_on_every_example() {
                 stages: 2,
                 q_in_registers: false,
                 skip_unit_rescale: true,
+                mma: MmaUnit::Sync,
             },
             AttentionSchedule {
                 block_m: 32,
@@ -148,6 +150,7 @@ fn tile_program_matches_the_interpreter_on_every_example() {
                 stages: 3,
                 q_in_registers: true,
                 skip_unit_rescale: false,
+                mma: MmaUnit::Sync,
             },
         ] {
             let err = tile_vs_interpreter(&c, kernel, 11);
@@ -168,7 +171,7 @@ proptest! {
                      &[("N", n), ("D", 16), ("TILE", tile), ("W", w), ("H", 2)]);
         let kernel = AttentionSchedule {
             block_m: 32, block_n: [16, 32, 64][bn_i], warps: 2, stages: 2,
-            q_in_registers: false, skip_unit_rescale: seed % 2 == 0,
+            q_in_registers: false, skip_unit_rescale: seed % 2 == 0, mma: MmaUnit::Sync,
         };
         let err = tile_vs_interpreter(&c, kernel, seed);
         prop_assert!(err < 1e-2, "relative error {}", err);
@@ -319,6 +322,7 @@ fn offset_bands_map_and_match_the_interpreter() {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: false,
+            mma: MmaUnit::Sync,
         },
         AttentionSchedule {
             block_m: 64,
@@ -327,6 +331,7 @@ fn offset_bands_map_and_match_the_interpreter() {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: true,
+            mma: MmaUnit::Sync,
         },
     ] {
         let err = tile_vs_interpreter(&c, kernel, 5);

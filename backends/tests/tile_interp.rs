@@ -5,6 +5,7 @@ use einattn_backends::family::softmax::{flash_attention, AttentionSchedule, Atte
 use einattn_backends::reference::{alibi_slopes, attention, relative_error, AttentionInputs};
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
 use einattn_backends::tile::Elem;
+use einattn_backends::tile::MmaUnit;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -161,6 +162,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     stages: stages as u32 + 1,
                     q_in_registers: seed % 2 == 0,
                     skip_unit_rescale: seed % 3 == 0,
+                    mma: MmaUnit::Sync,
                 };
                 let prob = Problem {
                     batch,
@@ -209,6 +211,7 @@ fn causal_window_ragged_fixed_cases() {
             stages: 2,
             q_in_registers: true,
             skip_unit_rescale: false,
+            mma: MmaUnit::Sync,
         };
         let prob = Problem {
             batch: 1,
@@ -248,6 +251,7 @@ fn window_edges_sweep() {
                 stages: 2,
                 q_in_registers: true,
                 skip_unit_rescale: false,
+                mma: MmaUnit::Sync,
             };
             let prob = Problem {
                 batch: 1,
@@ -324,7 +328,7 @@ proptest! {
         let mut sliced = spec.clone();
         sliced.query_offset = true;
         let sched = AttentionSchedule {
-            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, skip_unit_rescale: false,
+            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, skip_unit_rescale: false, mma: MmaUnit::Sync,
         };
         let (prog, bind) = flash_attention(&sliced, &sched).expect("builds");
         let mut io = Bindings {

@@ -12,6 +12,7 @@ use einattn_backends::reference::{
 };
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
 use einattn_backends::tile::Elem;
+use einattn_backends::tile::MmaUnit;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -67,6 +68,7 @@ fn run_partial(x: &Block, n_q: usize, n_k: usize, q_offset: usize) -> [Vec<f64>;
         stages: 2,
         q_in_registers: false,
         skip_unit_rescale: false,
+        mma: MmaUnit::Sync,
     };
     let (prog, bind) = flash_attention(&spec, &sched).expect("builds");
     let (b, h, d) = (x.batch, x.heads, x.d);

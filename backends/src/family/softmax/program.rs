@@ -217,6 +217,8 @@ pub struct AttentionSchedule {
     pub q_in_registers: bool,
     /// See [`TileSchedule::skip_unit_rescale`].
     pub skip_unit_rescale: bool,
+    /// Tensor-core instructions: `wgmma` needs 16 rows per warp and whole warpgroups.
+    pub mma: MmaUnit,
 }
 
 impl AttentionSchedule {
@@ -239,6 +241,7 @@ impl AttentionSchedule {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: !(spec.head_dim <= 64 && plain),
+            mma: MmaUnit::Sync,
         }
     }
 }
@@ -292,7 +295,7 @@ pub fn flash_attention(
             warps: sched.warps,
             stages: sched.stages,
             skip_unit_rescale: sched.skip_unit_rescale,
-            mma: MmaUnit::Sync,
+            mma: sched.mma,
         },
         tensors: vec![],
         row_outputs: vec![],

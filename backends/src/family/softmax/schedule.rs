@@ -11,7 +11,7 @@
 use super::recognize::{recognize, AttentionMatch};
 
 use super::program::{AttentionSchedule, AttentionSpec};
-use crate::tile::{key_tile_range, Elem};
+use crate::tile::{key_tile_range, Elem, MmaUnit};
 use crate::Target;
 use einattn_ir::cascade::{Cascade, Span};
 use einattn_ir::validate::{Diagnostic, DiagnosticKind};
@@ -186,10 +186,24 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     let gpu = GpuModel::h100();
     let base = AttentionSchedule::default_for(spec);
     let mut reasons = Vec::new();
+    let mma = options.mma.unwrap_or(default_mma(options.target));
+    if mma == MmaUnit::Warpgroup && options.target != Target::Sm90a {
+        return Err(Diagnostic::error(
+            DiagnosticKind::UnsupportedShape,
+            "wgmma needs the sm_90a target",
+            Span::UNKNOWN,
+        )
+        .with_help("pass `--target sm_90a`, or leave out `--mma wgmma`"));
+    }
     let fixed = |o: Option<u32>| o.map(|v| vec![v]);
-    let block_ms = fixed(options.block_m).unwrap_or_else(|| vec![64, 128]);
+    // wgmma gives each warp 16 rows of a 64-row warpgroup tile; mma.sync warps own 16 or 32.
+    let (default_ms, default_warps) = match mma {
+        MmaUnit::Sync => (vec![64, 128], vec![4]),
+        MmaUnit::Warpgroup => (vec![64, 128], vec![4, 8]),
+    };
+    let block_ms = fixed(options.block_m).unwrap_or(default_ms);
     let block_ns = fixed(options.block_n).unwrap_or_else(|| vec![32, 64, 128]);
-    let warps = fixed(options.warps).unwrap_or_else(|| vec![4]);
+    let warps = fixed(options.warps).unwrap_or(default_warps);
     let stages = fixed(options.stages).unwrap_or_else(|| vec![2, 3]);
     let mut candidates = Vec::new();
     for &bm in &block_ms {
@@ -201,6 +215,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
                         block_n: bn,
                         warps: w,
                         stages: st,
+                        mma,
                         ..base
                     };
                     if !shape_is_legal(spec, &k) {
@@ -261,13 +276,25 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     })
 }
 
-/// Shapes the Tile IR lowering accepts: whole m16 tiles per warp, at most two per warp.
+/// The tensor-core instructions a target's softmax kernels use unless told otherwise.
+pub fn default_mma(target: Target) -> MmaUnit {
+    match target {
+        Target::Sm80 => MmaUnit::Sync,
+        Target::Sm90a => MmaUnit::Sync,
+    }
+}
+
+/// Shapes the Tile IR lowering accepts: whole m16 tiles per warp, at most two per warp
+/// (mma.sync); exactly one per warp in whole warpgroups (wgmma).
 fn shape_is_legal(spec: &AttentionSpec, k: &AttentionSchedule) -> bool {
     let rows = k.block_m / k.warps.max(1);
+    let rows_ok = match k.mma {
+        MmaUnit::Sync => rows.is_multiple_of(16) && (16..=32).contains(&rows),
+        MmaUnit::Warpgroup => rows == 16 && k.warps.is_multiple_of(4),
+    };
     k.warps > 0
         && k.block_m.is_multiple_of(k.warps)
-        && rows.is_multiple_of(16)
-        && (16..=32).contains(&rows)
+        && rows_ok
         && [16, 32, 64, 128].contains(&k.block_n)
         && (2..=4).contains(&k.stages)
         && spec.head_dim.is_multiple_of(16)
@@ -329,7 +356,14 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
         } else {
             bm * d as f64 * elem_bytes as f64
         };
-    let tile_mma = 4.0 * bm * bn * d as f64 / mma_flops + 0.5 * smem_bytes / 128.0;
+    let tile_mma = match k.mma {
+        MmaUnit::Sync => 4.0 * bm * bn * d as f64 / mma_flops + 0.5 * smem_bytes / 128.0,
+        // wgmma reads its operands from shared memory itself (no ldmatrix), at about 0.75
+        // of the dense peak when the accumulators are large enough to hide its latency.
+        MmaUnit::Warpgroup => {
+            4.0 * bm * bn * d as f64 / (mma_flops * 0.75 / (0.65 * 771.0 / 989.0))
+        }
+    };
     let extra_ops = if spec.modifies_score() { 6.0 } else { 0.0 };
     // Per tile, besides the per-score work: the output rescale (block_m x d multiplies),
     // the row max and sum shuffles, and the barrier and cp.async wait of the stage ring.
@@ -364,7 +398,9 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // Clocks for one SM to run one key tile of each of its resident CTAs. One CTA alone
     // serializes MMA and softmax; co-resident CTAs overlap them, so the SM's time is its
     // busiest resource's.
-    let tile_clocks = if resident >= 2 {
+    // Two warpgroups of one CTA also overlap: one's softmax runs under the other's wgmma.
+    let overlapping = resident >= 2 || (k.mma == MmaUnit::Warpgroup && k.warps >= 8);
+    let tile_clocks = if overlapping {
         tile_mma.max(tile_softmax + tile_load * 0.3).max(tile_load) * resident as f64
     } else {
         tile_mma + tile_softmax + tile_load * 0.5
