@@ -6,7 +6,7 @@ Problems: bf16, B*N = 16384, H*d = 2048, d in {128, 64}, N in {4096, 16384}, cau
 "default" is the scheduler's own choice. Writes $OUT/softmax_sweep.json and .md.
 TFLOP/s = 4*B*H*N^2*d / time (halved when causal); medians (CUDA events for ours,
 triton.testing.do_bench for the baselines).
-Usage: [ONLY_D=128] [SWEEP=name,...] python3 bench/softmax_sweep.py [path/to/einattn] [NAME=FLAGS ...]
+Usage: [ONLY_D=128] [ONLY_N=4096] [SWEEP=name,...] python3 bench/softmax_sweep.py [path/to/einattn] [NAME=FLAGS ...]
 """
 import datetime
 import json
@@ -49,9 +49,11 @@ def main():
     if os.environ.get("SWEEP"):
         schedules = {k: schedules[k] for k in os.environ["SWEEP"].split(",")}
     problems = [(d, n, c) for d in (128, 64) for n in (4096, 16384) for c in (False, True)]
-    only = os.environ.get("ONLY_D")
-    if only:
-        problems = [p for p in problems if str(p[0]) == only]
+    only_d, only_n = os.environ.get("ONLY_D"), os.environ.get("ONLY_N")
+    if only_d:
+        problems = [p for p in problems if str(p[0]) == only_d]
+    if only_n:
+        problems = [p for p in problems if str(p[1]) == only_n]
     print(env, flush=True)
 
     def ours(flags, d, n, B, H, causal):

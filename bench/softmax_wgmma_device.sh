@@ -3,7 +3,7 @@
 # (each run under a time limit, so a hung kernel shows as TIMEOUT instead of stalling the
 # call), then bench/softmax_sweep.py. Everything goes to $OUT/wgmma_checks.txt and the
 # sweep's files as it runs.
-# Usage: OUT=dir [ONLY_D=128] [SWEEP=name,name] [DS='64 128'] bench/softmax_wgmma_device.sh
+# Usage: OUT=dir [ONLY_D=128] [SWEEP=name,name] [DS='64 128'] [WARPS_LIST='4 8'] bench/softmax_wgmma_device.sh
 #        [path/to/einattn] [checks|sweep|all]
 set -u
 export NCCL_NVLS_ENABLE=0
@@ -12,7 +12,8 @@ WHAT=${2:-all}
 LOG=$OUT/wgmma_checks.txt
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$LOG"
 if [ "$WHAT" != sweep ]; then
-  for f in "--target sm_90a --mma wgmma --warps 4" "--target sm_90a --mma wgmma --warps 8"; do
+  for f in ${WARPS_LIST:-4 8}; do
+    f="--target sm_90a --mma wgmma --warps $f"
     # Small sizes: the f64 reference of `check` is the cascade interpreter (seconds here;
     # N=1000 at d=128 takes minutes).
     for ex in "attention_mha -D N=256 -D B=1 -D TILE=64" "attention_causal -D N=320 -D TILE=64" \

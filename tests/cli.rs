@@ -213,6 +213,28 @@ fn emit_schedule_explains_the_mapping_and_overrides_apply() {
 
 #[test]
 fn a_cascade_no_kernel_family_reads_compiles_through_the_general_lowering() {
+    // GLA's per-(token, key-dimension) gate is read by no kernel family.
+    let out = einattn(&["compile", "examples/gla.ein", "--emit", "schedule"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("lowering: general"), "{text}");
+    assert!(text.contains("not linear attention"), "why not: {text}");
+    assert!(
+        text.contains("  S: the recurrence"),
+        "one line per kernel: {text}"
+    );
+    // Writing it somewhere it cannot is an input error, not a panic.
+    let bad = einattn(&["compile", "examples/gla.ein", "-o", "/proc/nope"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).starts_with("error: "));
+}
+
+#[test]
+fn lm_head_entropy_compiles_as_row_statistics_of_a_projection() {
     let out = einattn(&[
         "compile",
         "examples/lm_head_entropy.ein",
@@ -225,17 +247,27 @@ fn a_cascade_no_kernel_family_reads_compiles_through_the_general_lowering() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("lowering: general"), "{text}");
-    assert!(text.contains("ZM"), "one line per kernel: {text}");
-    // Writing it somewhere it cannot is an input error, not a panic.
-    let bad = einattn(&[
+    assert!(
+        text.starts_with("family: row statistics of a projection"),
+        "{text}"
+    );
+    assert!(text.contains("ZM: running max"), "{text}");
+    // A hidden size the d-slices do not divide falls to the general lowering.
+    let out = einattn(&[
         "compile",
         "examples/lm_head_entropy.ein",
-        "-o",
-        "/proc/nope",
+        "-D",
+        "D=96",
+        "--emit",
+        "schedule",
     ]);
-    assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).starts_with("error: "));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("lowering: general"), "{text}");
 }
 
 #[test]

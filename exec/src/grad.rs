@@ -63,6 +63,9 @@ pub fn check_backward(
     given: &Given,
     outputs_to: Option<&Path>,
 ) -> Result<(String, bool)> {
+    // The GPU first: the forward's interpreter below takes seconds to minutes, and a
+    // machine without a GPU should hear so at once.
+    crate::device::open(0)?;
     let mut values = backward_given(forward, grad, seed)?;
     values.params.extend(given.params.iter().cloned());
     values.files.extend(given.files.iter().cloned());
