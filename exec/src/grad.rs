@@ -8,7 +8,9 @@ use crate::given::Given;
 use crate::{ExecError, Result};
 use einattn_backends::Compiled;
 use einattn_ir::cascade::Cascade;
-use einattn_ir::interp::{evaluate_in_order, random_inputs_limited, shape_of, Limits, TensorData};
+use einattn_ir::interp::{
+    check_limits, evaluate_in_order, random_inputs, shape_of, Limits, TensorData,
+};
 use einattn_ir::validate::topological_order;
 use einattn_passes::grad::{backward_inputs, Grad};
 use rand::{Rng, SeedableRng};
@@ -19,12 +21,8 @@ use std::path::Path;
 /// The backward's inputs for `forward` at `seed`, by the names the backward gives them.
 pub fn backward_given(forward: &Cascade, grad: &Grad, seed: u64) -> Result<Given> {
     // The forward runs in the interpreter: bounded, as `run` is, before anything is held.
-    let inputs = random_inputs_limited(forward, seed, Limits::default()).map_err(|e| {
-        ExecError::Input(format!(
-            "`check --grad` evaluates the forward `{}` with the interpreter: {e}\n  = help: bind smaller sizes with -D",
-            forward.name
-        ))
-    })?;
+    interpreter_bound(forward)?;
+    let inputs = random_inputs(forward, seed);
     let values = evaluate_in_order(forward, &inputs, &topological_order(forward))
         .map_err(|e| ExecError::Input(format!("the forward's interpreter failed: {e}")))?;
     // Output gradients from their own stream of the generator, so that they do not repeat
@@ -52,6 +50,16 @@ pub fn backward_given(forward: &Cascade, grad: &Grad, seed: u64) -> Result<Given
     })
 }
 
+/// The interpreter's size limit for the forward, as `check --grad`'s error.
+fn interpreter_bound(forward: &Cascade) -> Result<()> {
+    check_limits(forward, Limits::default()).map(|_| ()).map_err(|e| {
+        ExecError::Input(format!(
+            "`check --grad` evaluates the forward `{}` with the interpreter: {e}\n  = help: bind smaller sizes with -D",
+            forward.name
+        ))
+    })
+}
+
 /// `einattn check --grad`: the backward kernels (`compiled`, from `grad`'s cascade) on the
 /// values a forward pass leaves, with the user's `--param`/`--input` (by backward name)
 /// over them; the report and whether it passes.
@@ -63,8 +71,9 @@ pub fn check_backward(
     given: &Given,
     outputs_to: Option<&Path>,
 ) -> Result<(String, bool)> {
-    // The GPU first: the forward's interpreter below takes seconds to minutes, and a
-    // machine without a GPU should hear so at once.
+    // Sizes the interpreter refuses, then the GPU, before the forward's interpretation
+    // (seconds to minutes): a machine without a GPU hears so at once.
+    interpreter_bound(forward)?;
     crate::device::open(0)?;
     let mut values = backward_given(forward, grad, seed)?;
     values.params.extend(given.params.iter().cloned());

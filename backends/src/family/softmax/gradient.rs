@@ -218,7 +218,7 @@ pub fn compile_gradient(
                          "warps": sched.warps, "stages": sched.stages,
                          "mma": sched.mma.name()},
             "kernel": kernel,
-            "score": format!("{:?}", spec.score.expr),
+            "score": spec.score.describe(),
         })
     };
     let module = |program: crate::TileProgram,

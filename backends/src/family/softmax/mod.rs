@@ -199,7 +199,7 @@ fn build_module(
                 "schedule": {"block_m": k.block_m, "block_n": k.block_n, "warps": k.warps,
                              "stages": k.stages, "q_in_registers": k.q_in_registers,
                              "skip_unit_rescale": k.skip_unit_rescale},
-                "score": format!("{:?}", spec.score.expr),
+                "score": spec.score.describe(),
                 "estimate_ms": schedule.estimate.seconds * 1e3,
             }),
         },

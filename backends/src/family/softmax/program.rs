@@ -99,6 +99,56 @@ impl Score {
         }
     }
 
+    /// The logit as `--emit schedule` prints it: `q.k` for the dot product, the scalars'
+    /// and head arrays' names, `p` and `m` for the query and key positions.
+    pub fn describe(&self) -> String {
+        fn show(s: &Score, e: &ScalarExpr) -> String {
+            match e {
+                ScalarExpr::Lit(x) => format!("{x}"),
+                ScalarExpr::Scalar(id) => s.scalars[id.index()].clone(),
+                ScalarExpr::Head(id) => format!("{}[h]", s.head_params[id.index()]),
+                ScalarExpr::Index(SeqRank::Query) => "p".into(),
+                ScalarExpr::Index(SeqRank::Key) => "m".into(),
+                ScalarExpr::Unary(op, a) => {
+                    format!("{}({})", format!("{op:?}").to_lowercase(), show(s, a))
+                }
+                ScalarExpr::Binary(op, a, b) => {
+                    let sym = match op {
+                        BinaryOp::Add => "+",
+                        BinaryOp::Sub => "-",
+                        BinaryOp::Mul => "*",
+                        BinaryOp::Div => "/",
+                        BinaryOp::Max => return format!("max({}, {})", show(s, a), show(s, b)),
+                        BinaryOp::Min => return format!("min({}, {})", show(s, a), show(s, b)),
+                    };
+                    format!("({} {sym} {})", show(s, a), show(s, b))
+                }
+                ScalarExpr::Select {
+                    op,
+                    lhs,
+                    rhs,
+                    then,
+                    otherwise,
+                } => format!(
+                    "({} {op:?} {} ? {} : {})",
+                    show(s, lhs),
+                    show(s, rhs),
+                    show(s, then),
+                    show(s, otherwise)
+                ),
+                ScalarExpr::Elem(_) => "q.k".into(),
+                // Scores read no rows or tokens.
+                ScalarExpr::Row(_) | ScalarExpr::Token(..) => "?".into(),
+            }
+        }
+        let text = show(self, &self.expr);
+        // The outermost parentheses say nothing.
+        match text.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
+            Some(inner) if matches!(self.expr, ScalarExpr::Binary(..)) => inner.to_string(),
+            _ => text,
+        }
+    }
+
     /// A short stable tag of the expression for kernel names.
     fn tag(&self) -> String {
         if self.scaled_dot().is_some() {

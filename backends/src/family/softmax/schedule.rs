@@ -105,15 +105,26 @@ impl Schedule {
             m.batch * m.heads,
             self.kernel.warps * 32
         );
+        let mma = match self.kernel.mma {
+            MmaUnit::Sync => "mma.sync m16n8k16 per warp".to_string(),
+            MmaUnit::Warpgroup => format!(
+                "wgmma m64n{}k16 per warpgroup of 64 rows ({} warpgroup(s))",
+                self.kernel.block_n,
+                self.kernel.warps / 4
+            ),
+        };
         let _ = writeln!(
             s,
-            "in-kernel loop: key tiles of {} over the iterative key rank, {}-stage cp.async ring",
+            "in-kernel loop: key tiles of {} over the iterative key rank, {}-stage cp.async ring, {mma}",
             self.kernel.block_n, self.kernel.stages
         );
         let masks: Vec<String> = spec
             .masks()
             .iter()
-            .map(|b| format!("{:?} <= {}", b.direction, b.bound))
+            .map(|b| match b.direction {
+                crate::tile::BandDirection::KeyMinusQuery => format!("m - p <= {}", b.bound),
+                crate::tile::BandDirection::QueryMinusKey => format!("p - m <= {}", b.bound),
+            })
             .collect();
         let _ = writeln!(
             s,
@@ -124,7 +135,7 @@ impl Schedule {
                 masks.join(", ")
             }
         );
-        let _ = writeln!(s, "score: {:?}", spec.score.expr);
+        let _ = writeln!(s, "score: {}", spec.score.describe());
         let _ = writeln!(
             s,
             "accumulators: f32 (scores and output), running max and sum per row"
