@@ -228,3 +228,44 @@ proptest! {
         assert_close(&ec.values["O"], &want, "lightning");
     }
 }
+
+/// The interpreter evaluates large Einsums on every core (ranges of their points): the
+/// first NaN it reports is still the first in the serial, row-major order, whichever
+/// worker met it, and the values are those of the point-by-point definition.
+#[test]
+fn points_evaluated_on_every_core_keep_the_serial_order_of_nan_origins() {
+    let dir = std::env::temp_dir().join(format!("einattn_par_{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("logs.ein");
+    // 96 x 128 points: above the interpreter's threshold for splitting.
+    std::fs::write(
+        &path,
+        "kernel logs\nsize I = 96\nsize J = 128\nrank i: I\nrank j: J\n\
+         input A[i, j]: f32\noutput L[i, j]: f32\nL[i, j] = log(A[i, j])\n",
+    )
+    .expect("write source");
+    let source = SourceFile::load(&path).expect("loads");
+    let cascade = source.compile(&[]).expect("compiles");
+    let a = cascade.tensor_by_name("A").expect("A");
+    let mut values: Vec<f64> = (0..96 * 128).map(|k| 1.0 + k as f64).collect();
+    // Negative entries in rows that different workers evaluate (whatever the core count);
+    // the first in row-major order is (10, 50).
+    for (i, j) in [(90, 1), (40, 127), (10, 50), (70, 5), (95, 127)] {
+        values[i * 128 + j] = -1.0;
+    }
+    let mut inputs = HashMap::new();
+    inputs.insert(a, TensorData::new(vec![96, 128], values.clone()));
+    let order = einattn_ir::validate::topological_order(&cascade);
+    let out = interp::evaluate_in_order(&cascade, &inputs, &order).expect("evaluates");
+    let origin = &out.nan_origins[0];
+    let point: Vec<i64> = origin.point.iter().map(|(_, i)| *i).collect();
+    assert_eq!(point, vec![10, 50], "{}", origin.message(&cascade));
+    let l = &out.tensors[&cascade.tensor_by_name("L").expect("L")];
+    for (k, (&got, &x)) in l.values.iter().zip(&values).enumerate() {
+        assert!(
+            got.to_bits() == x.ln().to_bits(),
+            "point {k}: {got} != ln({x})"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

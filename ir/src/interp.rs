@@ -484,6 +484,7 @@ fn segment_ids(shape: Vec<usize>, seed: u64, stream: u64) -> TensorData {
 pub const RANDOM_BLOCK: usize = 1 << 16;
 
 /// An access with its offset precomputed as `base + sum(stride * index[rank])`.
+#[derive(Clone)]
 struct FlatAccess {
     tensor: Handle<Tensor>,
     base: i64,
@@ -1017,16 +1018,18 @@ fn evaluate_step_body(
             let (plan, output, others) = &plans[k];
             let target = cascade.einsums[e].output.tensor;
             let mut writes = Vec::new();
-            {
-                let ev = Evaluator::new(cascade, values, None, std::mem::take(&mut accesses[k]));
-                for_each_point(cascade, others, &mut idx, &mut |idx| {
-                    writes.push((output.offset(cascade, idx)?, plan.point(&ev, idx)?));
-                    if nan[k].is_none() {
-                        nan[k] = origin(cascade, e, idx, ev.nan.borrow_mut().take());
-                    }
-                    Ok(())
-                })?;
-                accesses[k] = ev.accesses;
+            let work = PointWork {
+                einsum: e,
+                plan,
+                accesses: &accesses[k],
+                output,
+                state: None,
+            };
+            let found = evaluate_points(cascade, values, &work, others, &idx, &mut |o, v| {
+                writes.push((o, v))
+            })?;
+            if nan[k].is_none() {
+                nan[k] = found;
             }
             if let Some(out) = values.get_mut(&target) {
                 for (off, v) in writes {
@@ -1089,36 +1092,35 @@ fn evaluate_einsum(
             }
             for step in rec.step_order(extent) {
                 idx[rec.rank.index()] = step;
-                let ev = Evaluator::new(
-                    cascade,
-                    values,
-                    Some((target, &out)),
-                    std::mem::take(&mut accesses),
-                );
                 let mut writes = Vec::new();
-                for_each_point(cascade, &others, &mut idx, &mut |idx| {
-                    let off = output_access.offset(cascade, idx)?;
-                    writes.push((off, body_plan.point(&ev, idx)?));
-                    if nan.is_none() {
-                        nan = origin(cascade, einsum, idx, ev.nan.borrow_mut().take());
-                    }
-                    Ok(())
+                let work = PointWork {
+                    einsum,
+                    plan: &body_plan,
+                    accesses: &accesses,
+                    output: &output_access,
+                    state: Some((target, &out)),
+                };
+                let found = evaluate_points(cascade, values, &work, &others, &idx, &mut |o, v| {
+                    writes.push((o, v))
                 })?;
-                accesses = ev.accesses;
+                if nan.is_none() {
+                    nan = found;
+                }
                 for (off, v) in writes {
                     write(&mut out, off, v);
                 }
             }
         }
         _ => {
-            let ev = Evaluator::new(cascade, values, None, accesses);
-            for_each_point(cascade, &free, &mut idx, &mut |idx| {
-                let off = output_access.offset(cascade, idx)?;
-                write(&mut out, off, body_plan.point(&ev, idx)?);
-                if nan.is_none() {
-                    nan = origin(cascade, einsum, idx, ev.nan.borrow_mut().take());
-                }
-                Ok(())
+            let work = PointWork {
+                einsum,
+                plan: &body_plan,
+                accesses: &accesses,
+                output: &output_access,
+                state: None,
+            };
+            nan = evaluate_points(cascade, values, &work, &free, &idx, &mut |off, v| {
+                write(&mut out, off, v)
             })?;
         }
     }
@@ -1126,6 +1128,137 @@ fn evaluate_einsum(
         out.present = None;
     }
     Ok((out, nan))
+}
+
+/// Einsums with at least this many output points are evaluated on every core.
+const PARALLEL_POINTS: u128 = 1 << 12;
+
+/// Points written per message from a worker to the thread that owns the output: bounds
+/// the memory in flight to a few batches per worker whatever the output's size.
+const PARALLEL_BATCH: usize = 1 << 14;
+
+/// What [`evaluate_points`] evaluates: an Einsum's plan, its flattened accesses, its
+/// output access, and the state a recurrence advances (read in place of `values`).
+struct PointWork<'a> {
+    einsum: Handle<Einsum>,
+    plan: &'a Plan,
+    accesses: &'a [FlatAccess],
+    output: &'a FlatAccess,
+    state: Option<(Handle<Tensor>, &'a TensorData)>,
+}
+
+/// Evaluates `work` at every point of `ranks` (row-major; the other ranks as bound in
+/// `base`), handing each `(offset, value)` to `sink` in the serial order's stead, and
+/// returns the first NaN origin. With many points they are split across the cores by
+/// ranges of the outermost rank: every point is computed as the serial loop computes it,
+/// workers send batches to this thread (memory in flight: a few batches per worker), and
+/// the NaN origin and the error reported are those of the first range, in the serial
+/// order, that has one, so the results equal the serial loop's.
+fn evaluate_points(
+    cascade: &Cascade,
+    values: &HashMap<Handle<Tensor>, TensorData>,
+    work: &PointWork<'_>,
+    ranks: &[Handle<Rank>],
+    base: &[i64],
+    sink: &mut dyn FnMut(usize, Option<f64>),
+) -> Result<Option<NanOrigin>, EvalError> {
+    type Batch = Vec<(usize, Option<f64>)>;
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+    // The outer ranks split across the workers: the shortest prefix with a point per
+    // worker (a batch rank of extent 1 alone would leave all but one idle).
+    let (mut prefix, mut prefix_points) = (0, 1u128);
+    while prefix < ranks.len() && prefix_points < threads as u128 {
+        prefix_points = prefix_points.saturating_mul(cascade.ranks[ranks[prefix]].extent as u128);
+        prefix += 1;
+    }
+    // One range of the prefix's linear index (all points when `range` is None), sent in
+    // batches.
+    let run = |range: Option<(i64, i64)>,
+               send: &mut dyn FnMut(Batch)|
+     -> Result<Option<NanOrigin>, EvalError> {
+        let ev = Evaluator::new(cascade, values, work.state, work.accesses.to_vec());
+        let mut idx = base.to_vec();
+        let mut nan = None;
+        let mut batch: Batch = Vec::new();
+        let mut point = |idx: &mut Vec<i64>| -> Result<(), EvalError> {
+            let off = work.output.offset(cascade, idx)?;
+            batch.push((off, work.plan.point(&ev, idx)?));
+            if nan.is_none() {
+                nan = origin(cascade, work.einsum, idx, ev.nan.borrow_mut().take());
+            }
+            if batch.len() == PARALLEL_BATCH {
+                send(std::mem::take(&mut batch));
+            }
+            Ok(())
+        };
+        match range {
+            Some((lo, hi)) => {
+                // Linear indices of the split prefix, decoded row-major.
+                for linear in lo..hi {
+                    let mut rest = linear;
+                    for &r in ranks[..prefix].iter().rev() {
+                        let extent = cascade.ranks[r].extent as i64;
+                        idx[r.index()] = rest % extent;
+                        rest /= extent;
+                    }
+                    for_each_point(cascade, &ranks[prefix..], &mut idx, &mut point)?;
+                }
+            }
+            None => for_each_point(cascade, ranks, &mut idx, &mut point)?,
+        }
+        send(batch);
+        Ok(nan)
+    };
+    let points = ranks.iter().fold(1u128, |n, &r| {
+        n.saturating_mul(cascade.ranks[r].extent as u128)
+    });
+    if threads == 1 || points < PARALLEL_POINTS || prefix_points > i64::MAX as u128 {
+        return run(None, &mut |batch| {
+            for (off, v) in batch {
+                sink(off, v);
+            }
+        });
+    }
+    let extent = prefix_points as i64;
+    let ranges = (threads as i64).min(extent).max(1);
+    let per_range = (extent + ranges - 1) / ranges;
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<Batch>(2 * threads);
+    let outcomes = std::thread::scope(|scope| {
+        let run = &run;
+        let workers: Vec<_> = (0..ranges)
+            .map(|k| {
+                let sender = sender.clone();
+                let range = (k * per_range, ((k + 1) * per_range).min(extent));
+                // The receiver drains below until every worker has finished.
+                scope.spawn(move || {
+                    run(Some(range), &mut |batch| {
+                        let _ = sender.send(batch);
+                    })
+                })
+            })
+            .collect();
+        // Only the workers' senders remain: the channel closes when the last one ends.
+        drop(sender);
+        for batch in receiver.iter() {
+            for (off, v) in batch {
+                sink(off, v);
+            }
+        }
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut nan = None;
+    for outcome in outcomes {
+        if let Some(found) = outcome? {
+            nan.get_or_insert(found);
+        }
+    }
+    Ok(nan)
 }
 
 /// The output access of the init: the state's iterative dimension at step 0 (at the last
