@@ -97,6 +97,19 @@ impl Schedule {
             spec.head_dim,
             spec.elem.name()
         );
+        if m.kv_group > 1 {
+            let kv_heads = m.heads / m.kv_group;
+            let _ = writeln!(
+                s,
+                "grouped-query attention{}: {} query heads share {} K/V head{} ({} query heads per K/V head); the CTA of query head h reads K/V head h / {}",
+                if kv_heads == 1 { " (multi-query)" } else { "" },
+                m.heads,
+                kv_heads,
+                if kv_heads == 1 { "" } else { "s" },
+                m.kv_group,
+                m.kv_group
+            );
+        }
         let _ = writeln!(
             s,
             "grid: (ceil(n_q / {}), batch * heads, 1) = ({}, {}, 1); {} threads",
