@@ -190,7 +190,7 @@ fn build_module(
         "score": format!("{:?}", spec.score.expr),
         "estimate_ms": schedule.estimate.seconds * 1e3,
     });
-    if m.kv_group > 1 {
+    if m.roles.kv_split.is_some() {
         // Only grouped heads record it, so the contracts of other kernels stay as they were.
         family["problem"]["kv_group"] = json!(m.kv_group);
     }

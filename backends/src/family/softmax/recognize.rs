@@ -392,7 +392,11 @@ impl<'c> Reader<'c> {
             .iter()
             .find_map(|&r| half_of_q_rank(r).filter(|&(_, outer, _)| outer == r));
         if let Some((parent, outer, _)) = grouped {
-            if !kr.contains(&outer) || !vr.contains(&outer) || kr.contains(&parent) || vr.contains(&parent) {
+            if !kr.contains(&outer)
+                || !vr.contains(&outer)
+                || kr.contains(&parent)
+                || vr.contains(&parent)
+            {
                 return Err(not_mappable(
                     format!(
                         "with grouped heads both K and V are indexed by the K/V head rank `{}` and not by `{}`",
@@ -429,6 +433,27 @@ impl<'c> Reader<'c> {
                 !kr.contains(&r) && r != head_dim && grouped.is_none_or(|(h, _, _)| h != r)
             })
             .collect();
+        for &r in &query_ranks {
+            // Q over both halves of a head split (`Q[.., g, r, ..]`): the kernel indexes Q and
+            // O by one query head rank.
+            let Some(parent) = c.ranks[r].parent else {
+                continue;
+            };
+            if let Some(split) = &c.ranks[parent].split {
+                if split.inner == r && qr.contains(&split.outer) {
+                    return Err(not_mappable(
+                        format!(
+                            "grouped heads: declare Q and O over the query head rank `{}` (not over `{}, {}`) and K and V over `{}`",
+                            c.ranks[parent].name,
+                            c.ranks[split.outer].name,
+                            c.ranks[r].name,
+                            c.ranks[split.outer].name
+                        ),
+                        e.span,
+                    ));
+                }
+            }
+        }
         if query_ranks.len() > 1 {
             return Err(not_mappable(
                 "Q has more than one rank of its own; the kernel maps one query rank",

@@ -97,16 +97,17 @@ impl Schedule {
             spec.head_dim,
             spec.elem.name()
         );
-        if m.kv_group > 1 {
-            let kv_heads = m.heads / m.kv_group;
+        if m.roles.kv_split.is_some() {
+            let kv_heads = m.heads / m.kv_group.max(1);
+            let plural =
+                |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
             let _ = writeln!(
                 s,
-                "grouped-query attention{}: {} query heads share {} K/V head{} ({} query heads per K/V head); the CTA of query head h reads K/V head h / {}",
+                "grouped-query attention{}: {}, {}, {} per K/V head; the CTA of query head h reads K/V head h / {}",
                 if kv_heads == 1 { " (multi-query)" } else { "" },
-                m.heads,
-                kv_heads,
-                if kv_heads == 1 { "" } else { "s" },
-                m.kv_group,
+                plural(m.heads, "query head"),
+                plural(kv_heads, "K/V head"),
+                plural(m.kv_group, "query head"),
                 m.kv_group
             );
         }
