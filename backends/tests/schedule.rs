@@ -439,6 +439,51 @@ fn grouped_query_attention_tile_program_matches_the_interpreter() {
     }
 }
 
+/// A per-query-head parameter (an ALiBi slope over `h`, read as `slope[h]` where the
+/// Einsums iterate `g, r`) is indexed by the query head, K and V by the K/V head.
+#[test]
+fn grouped_query_attention_with_per_head_slopes_matches_the_interpreter() {
+    let path = format!("{}/../examples/gqa.ein", env!("CARGO_MANIFEST_DIR"));
+    let src = std::fs::read_to_string(&path)
+        .expect("example exists")
+        .replace(
+            "param  scale: f32 = 0.125\n",
+            "param  scale: f32 = 0.125\nparam  slope[h]: f32\n",
+        )
+        .replace(
+            "S[b, g, r, m1, m0, p]    = scale * Q[b, p, h, e] * K[b, m, g, e] where m <= p",
+            "QK[b, g, r, m1, m0, p] = Q[b, p, h, e] * K[b, m, g, e] where m <= p\n\
+             S[b, g, r, m1, m0, p] = scale * QK[b, g, r, m1, m0, p] - slope[h] * (p - m)",
+        );
+    for (h, group) in [(4u64, 2u64), (4, 4)] {
+        let defines: Vec<(String, u64)> = [
+            ("H", h),
+            ("GROUP", group),
+            ("N", 60),
+            ("TILE", 20),
+            ("D", 16),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+        let c = einattn_dsl::compile_source(&path, &src, &defines)
+            .unwrap_or_else(|d| panic!("{}", d.render(&path, &src)));
+        let m = recognize(&c).unwrap_or_else(|d| panic!("{}", d.message));
+        assert_eq!((m.kv_group, m.spec.score.head_params.len()), (group, 1));
+        let kernel = AttentionSchedule {
+            block_m: 32,
+            block_n: 16,
+            warps: 2,
+            stages: 2,
+            q_in_registers: false,
+            skip_unit_rescale: true,
+            mma: MmaUnit::Sync,
+        };
+        let err = tile_vs_interpreter(&c, kernel, 9);
+        assert!(err < 1e-2, "H={h} GROUP={group}: relative error {err}");
+    }
+}
+
 /// The mapping matters: run as if every query head had its own K/V head (kv_group 1 over
 /// K/V tensors that hold H / GROUP heads), the program reads the wrong heads (or past K).
 #[test]
