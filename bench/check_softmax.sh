@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `einattn check` over every softmax example: bf16 and f16, d = 64 and 128,
 # N in {128, 1000, 4096} (causal examples: attention_causal, attention_sliding_window,
-# attention_softcap; the others are not causal). Prints one line per check and a tally;
-# exits non-zero if any check fails.
+# attention_softcap, gqa; the others are not causal). gqa runs twice: grouped-query
+# attention (GROUP = 4: 8 query heads on 2 K/V heads), then multi-query attention
+# (GROUP = H = 8: one K/V head). Prints one line per check and a tally; exits non-zero if
+# any check fails.
 # Usage: bench/check_softmax.sh [path/to/einattn]
 set -uo pipefail
 BIN=${1:-target/release/einattn}
@@ -22,6 +24,8 @@ attention_causal -D N=$n -D D=$d -D TILE=$t
 attention_sliding_window -D N=$n -D D=$d -D TILE=$t
 attention_softcap -D N=$n -D D=$d
 flash_decoding -D N=$n -D D=$d
+gqa -D N=$n -D D=$d -D TILE=$t
+gqa -D N=$n -D D=$d -D TILE=$t -D H=8 -D GROUP=8
 LIST
     done
   done

@@ -338,3 +338,299 @@ fn offset_bands_map_and_match_the_interpreter() {
         assert!(err < 1e-2, "{kernel:?}: relative error {err}");
     }
 }
+
+/// Grouped-query attention (`examples/gqa.ein`: `split h -> g, r: GROUP`, K and V over the
+/// K/V head `g`) reads as softmax attention with `GROUP` query heads per K/V head; GROUP = 1
+/// is multi-head and GROUP = H multi-query attention. The schedule says so.
+#[test]
+fn grouped_query_attention_is_recognized_with_its_group() {
+    for (h, group) in [(8u64, 4u64), (8, 2), (4, 1), (4, 4), (1, 1)] {
+        let c = load("gqa", &[("H", h), ("GROUP", group), ("D", 16)]);
+        let m = recognize(&c).unwrap_or_else(|d| panic!("H={h} GROUP={group}: {}", d.message));
+        assert_eq!((m.heads, m.kv_group), (h, group), "H={h} GROUP={group}");
+        assert!(m.spec.causal);
+        let (g, r, size) = m.roles.kv_split.expect("a grouped head split");
+        assert_eq!(
+            (c.ranks[g].name.as_str(), c.ranks[r].name.as_str(), size),
+            ("g", "r", group)
+        );
+        assert_eq!(c.ranks[m.roles.head.expect("head rank")].name, "h");
+        // K and V step over the K/V heads (H / GROUP of them), Q and O over the query heads.
+        assert_eq!(m.k.stride_head, 16);
+        assert_eq!(m.k.stride_seq, 16 * (h / group));
+        assert_eq!(m.v.stride_seq, 16 * (h / group));
+        assert_eq!(m.q.stride_seq, 16 * h);
+        assert_eq!(m.problem().kv_heads() as u64, h / group);
+        let s = schedule(&c, &ScheduleOptions::default()).expect("schedules");
+        let explain = s.explain();
+        assert!(
+            explain.contains(&format!("query head h reads K/V head h / {group}")),
+            "{explain}"
+        );
+        assert_eq!(explain.contains("(multi-query)"), h == group, "{explain}");
+    }
+    // The other softmax examples are not grouped.
+    for name in SOFTMAX_EXAMPLES {
+        let m = recognize(&load(name, &[])).expect("recognized");
+        assert_eq!((m.kv_group, m.roles.kv_split), (1, None), "{name}");
+    }
+}
+
+/// The GQA kernel's Tile IR program, run by the Tile interpreter (the CTA of query head h
+/// reading K/V head h / GROUP), computes what the cascade interpreter (f64) computes, at
+/// GROUP 1, 2 and 4, multi-query (GROUP = H), two batches, ragged sequence ends and the
+/// causal mask; and the f64 formula `check` falls back to agrees.
+#[test]
+fn grouped_query_attention_tile_program_matches_the_interpreter() {
+    let kernels = [
+        AttentionSchedule {
+            block_m: 64,
+            block_n: 32,
+            warps: 4,
+            stages: 2,
+            q_in_registers: false,
+            skip_unit_rescale: true,
+            mma: MmaUnit::Sync,
+        },
+        AttentionSchedule {
+            block_m: 32,
+            block_n: 16,
+            warps: 2,
+            stages: 3,
+            q_in_registers: true,
+            skip_unit_rescale: false,
+            mma: MmaUnit::Sync,
+        },
+    ];
+    // (H, GROUP, N, TILE): N = 70 and 100 end mid-tile for both kernels.
+    for (h, group, n, tile) in [
+        (4u64, 1u64, 48u64, 16u64),
+        (4, 2, 70, 10),
+        (8, 4, 100, 20),
+        (4, 4, 70, 14),
+        (1, 1, 33, 11),
+    ] {
+        let c = load(
+            "gqa",
+            &[
+                ("H", h),
+                ("GROUP", group),
+                ("N", n),
+                ("TILE", tile),
+                ("D", 16),
+                ("B", 2),
+            ],
+        );
+        for (i, kernel) in kernels.iter().enumerate() {
+            let seed = 5 + i as u64;
+            let err = tile_vs_interpreter(&c, *kernel, seed);
+            assert!(
+                err < 1e-2,
+                "H={h} GROUP={group} N={n} {kernel:?}: relative error {err}"
+            );
+        }
+        let m = recognize(&c).expect("recognized");
+        let inputs = random_inputs(&c, 3);
+        let values =
+            evaluate_in_order(&c, &inputs, &topological_order(&c)).expect("interpreter runs");
+        let want = values.get(m.o.tensor).expect("output").stored();
+        let err = relative_error(&m.reference_output(&inputs), &want);
+        assert!(err < 1e-9, "formula H={h} GROUP={group}: {err}");
+    }
+}
+
+/// A per-query-head parameter (an ALiBi slope over `h`, read as `slope[h]` where the
+/// Einsums iterate `g, r`) is indexed by the query head, K and V by the K/V head.
+#[test]
+fn grouped_query_attention_with_per_head_slopes_matches_the_interpreter() {
+    let path = format!("{}/../examples/gqa.ein", env!("CARGO_MANIFEST_DIR"));
+    let src = std::fs::read_to_string(&path)
+        .expect("example exists")
+        .replace(
+            "param  scale: f32 = 0.125\n",
+            "param  scale: f32 = 0.125\nparam  slope[h]: f32\n",
+        )
+        .replace(
+            "S[b, g, r, m1, m0, p]    = scale * Q[b, p, h, e] * K[b, m, g, e] where m <= p",
+            "QK[b, g, r, m1, m0, p] = Q[b, p, h, e] * K[b, m, g, e] where m <= p\n\
+             S[b, g, r, m1, m0, p] = scale * QK[b, g, r, m1, m0, p] - slope[h] * (p - m)",
+        );
+    for (h, group) in [(4u64, 2u64), (4, 4)] {
+        let defines: Vec<(String, u64)> = [
+            ("H", h),
+            ("GROUP", group),
+            ("N", 60),
+            ("TILE", 20),
+            ("D", 16),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+        let c = einattn_dsl::compile_source(&path, &src, &defines)
+            .unwrap_or_else(|d| panic!("{}", d.render(&path, &src)));
+        let m = recognize(&c).unwrap_or_else(|d| panic!("{}", d.message));
+        assert_eq!((m.kv_group, m.spec.score.head_params.len()), (group, 1));
+        let kernel = AttentionSchedule {
+            block_m: 32,
+            block_n: 16,
+            warps: 2,
+            stages: 2,
+            q_in_registers: false,
+            skip_unit_rescale: true,
+            mma: MmaUnit::Sync,
+        };
+        let err = tile_vs_interpreter(&c, kernel, 9);
+        assert!(err < 1e-2, "H={h} GROUP={group}: relative error {err}");
+    }
+}
+
+/// The mapping matters: run as if every query head had its own K/V head (kv_group 1 over
+/// K/V tensors that hold H / GROUP heads), the program reads the wrong heads (or past K).
+#[test]
+fn grouped_query_attention_needs_its_kv_head_mapping() {
+    let c = load(
+        "gqa",
+        &[("H", 4), ("GROUP", 2), ("N", 32), ("TILE", 16), ("D", 16)],
+    );
+    let m = recognize(&c).expect("recognized");
+    let kernel = AttentionSchedule {
+        block_m: 32,
+        block_n: 16,
+        warps: 2,
+        stages: 2,
+        q_in_registers: false,
+        skip_unit_rescale: true,
+        mma: MmaUnit::Sync,
+    };
+    let (prog, _) = flash_attention(&m.spec, &kernel).expect("tile program builds");
+    let inputs = random_inputs(&c, 1);
+    let host =
+        |l: &einattn_backends::family::Layout| l.host(inputs[&l.tensor].stored().into_owned());
+    let mut io = Bindings {
+        tensors: vec![
+            host(&m.q),
+            host(&m.k),
+            host(&m.v),
+            m.o.host(vec![0.0; m.o.elements as usize]),
+        ],
+        row_outputs: vec![],
+        scalars: vec![0.125],
+        head_params: vec![],
+        tokens: vec![],
+        chunk_base: 0,
+        q_offset: 0,
+        chunk_total: 0,
+        states: vec![],
+    };
+    let mut prob = m.problem();
+    assert_eq!(prob.kv_group, 2);
+    run(&prog, prob, &mut io).expect("runs with its group");
+    prob.kv_group = 1;
+    let err = run(&prog, prob, &mut io).expect_err("K holds 2 heads, not 4");
+    assert!(err.to_string().contains("too small"), "{err}");
+}
+
+/// Head splits the kernel cannot index are refused with the reason, not mis-read.
+#[test]
+fn grouped_heads_the_kernel_cannot_index_are_refused() {
+    let path = format!("{}/../examples/gqa.ein", env!("CARGO_MANIFEST_DIR"));
+    let src = std::fs::read_to_string(&path).expect("example exists");
+    let refused = |text: String, want: &str| {
+        let c = einattn_dsl::compile_source(&path, &text, &[])
+            .unwrap_or_else(|d| panic!("{}", d.render(&path, &text)));
+        let err = recognize(&c).expect_err("refused");
+        assert!(err.message.contains(want), "{}", err.message);
+    };
+    // K indexed by the query head within the group.
+    refused(
+        src.replace("input  K[b, m, g, e]", "input  K[b, m, r, e]")
+            .replace("K[b, m, g, e] where", "K[b, m, r, e] where"),
+        "not by `r`",
+    );
+    // V over the query heads while K is grouped: V then shares `h` with Q alone.
+    refused(
+        src.replace("input  V[b, m, g, f]", "input  V[b, m, h, f]")
+            .replace("V[b, m, g, f]\n", "V[b, m, h, f]\n"),
+        "cannot tell Q from K",
+    );
+    // Q and O over both halves of the split.
+    refused(
+        src.replace("input  Q[b, p, h, e]", "input  Q[b, p, g, r, e]")
+            .replace("Q[b, p, h, e] *", "Q[b, p, g, r, e] *"),
+        "declare Q and O over the query head rank `h`",
+    );
+}
+
+/// The GQA kernel's contract: grid y = batch * query heads, K and V with H / GROUP heads
+/// (their manifest shapes, which `check` and `bench` upload), `kv_group` = GROUP. The kernel
+/// does not depend on the group (a launch size), so its PTX is the causal kernel's.
+#[test]
+fn grouped_query_attention_contract_has_the_kv_heads() {
+    let c = load("gqa", &[("B", 2), ("H", 8), ("GROUP", 4), ("N", 256)]);
+    let k = compile_kernel(&c, &KernelOptions::default());
+    let module = &k.modules()[0];
+    let contract = &module.contract;
+    assert_eq!(contract.check(), Ok(()));
+    assert_eq!(contract.grid[1], 2 * 8);
+    assert_eq!(contract.sizes["kv_group"], 4);
+    assert_eq!(contract.sizes["heads"], 8);
+    let shape = |name: &str| {
+        let t = contract
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .expect("tensor");
+        (
+            t.shape.clone(),
+            t.strides
+                .map(|s| s.along(einattn_backends::abi::Axis::Head)),
+        )
+    };
+    assert_eq!(shape("Q"), (vec![2, 256, 8, 64], Some(64)));
+    assert_eq!(shape("K"), (vec![2, 256, 2, 64], Some(64)));
+    assert_eq!(shape("V"), (vec![2, 256, 2, 64], Some(64)));
+    assert_eq!(shape("O"), (vec![2, 256, 8, 64], Some(64)));
+    assert_eq!(contract.family["problem"]["kv_group"], 4);
+    let mha = load("attention_causal", &[("B", 2), ("H", 8), ("N", 256)]);
+    let mha = compile_kernel(&mha, &KernelOptions::default());
+    assert_eq!(mha.schedule.kernel, k.schedule.kernel);
+    assert_eq!(mha.modules()[0].ptx.text, module.ptx.text);
+    assert!(mha.modules()[0].contract.family["problem"]
+        .get("kv_group")
+        .is_none());
+}
+
+/// The GQA kernels assemble for sm_80 and sm_90a without spills at head dims 64 and 128,
+/// both 16-bit types, grouped and multi-query.
+#[test]
+fn grouped_query_attention_assembles_without_spills() {
+    use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
+    use einattn_backends::Target;
+    let Some(ptxas) = ptxas_for_test("grouped_query_attention_assembles_without_spills") else {
+        return;
+    };
+    for (h, group) in [(8u64, 4u64), (8, 8)] {
+        for d in [64u64, 128] {
+            for elem in [Elem::Bf16, Elem::F16] {
+                let c = load("gqa", &[("D", d), ("H", h), ("GROUP", group), ("N", 1024)]);
+                for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
+                    let options = KernelOptions {
+                        target,
+                        elem: Some(elem),
+                        ..KernelOptions::default()
+                    };
+                    let k = compile_kernel(&c, &options);
+                    let ptx = &k.modules()[0].ptx;
+                    let r = assemble(&ptxas, &ptx.text, arch)
+                        .unwrap_or_else(|e| panic!("gqa GROUP={group} d={d} {arch}: {e}"));
+                    assert!(r.registers > 0, "no register report:\n{}", r.log);
+                    assert!(
+                        !r.spills(),
+                        "gqa GROUP={group} d={d} {arch} spills:\n{}",
+                        r.log
+                    );
+                }
+            }
+        }
+    }
+}

@@ -439,3 +439,59 @@ fn examples_with_saved_statistics_take_the_backward_kernels() {
         }
     }
 }
+
+/// The backward of grouped-query attention does not take the softmax backward kernels
+/// (their dK/dV CTA owns one query head, while dK and dV of a K/V head sum over the group's
+/// query heads): the softmax family refuses it with that reason, and the compile falls back
+/// to the general lowering of the backward cascade, for GQA and for MQA, while the forward
+/// takes the softmax kernel.
+#[test]
+fn grouped_query_attention_backward_falls_back_to_the_general_lowering() {
+    use einattn_backends::family::softmax::gradient::compile_gradient;
+    use einattn_backends::family::{self, CompileError, FamilyError, KernelOptions, Request};
+    use einattn_passes::grad::{grad, GradOptions};
+    let path = format!("{}/../examples/gqa.ein", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).expect("example");
+    let build = |path: &str, text: &str, sizes: &[(String, u64)]| {
+        einattn_dsl::compile_source(path, text, sizes)
+            .map_err(|d| CompileError::Source(d.items().to_vec()))
+    };
+    let options = KernelOptions::default();
+    for group in [4u64, 8] {
+        let defines = vec![("GROUP".to_string(), group), ("N".to_string(), 64)];
+        let forward = build(&path, &text, &defines).expect("the forward compiles");
+        let instantiate_forward = |s: &[(String, u64)]| build(&path, &text, s);
+        let forward_request = Request {
+            cascade: &forward,
+            options: &options,
+            defines: &defines,
+            instantiate: &instantiate_forward,
+        };
+        let fwd = family::compile(&forward_request).expect("the forward compiles");
+        assert_eq!(fwd.family(), "softmax", "GROUP={group}");
+        let g = grad(&forward, &GradOptions { wrt: None }).expect("differentiable");
+        match compile_gradient(&forward, &g, &options) {
+            Err(FamilyError::NotMine(d)) => {
+                assert!(d[0].message.contains("grouped-query attention"), "{d:?}")
+            }
+            Err(FamilyError::Failed(e)) => panic!("GROUP={group}: {e}"),
+            Ok(_) => panic!("GROUP={group}: took the softmax backward kernels"),
+        }
+        let backward_text = g.to_text(&path);
+        let instantiate_backward = |s: &[(String, u64)]| build("backward.ein", &backward_text, s);
+        let request = Request {
+            cascade: &g.cascade,
+            options: &options,
+            defines: &[],
+            instantiate: &instantiate_backward,
+        };
+        let compiled = family::compile_gradient(&forward_request, &g, &request)
+            .unwrap_or_else(|e| panic!("GROUP={group}: {e}"));
+        assert_eq!(compiled.family(), "general", "GROUP={group}");
+        let explain = compiled.explain();
+        assert!(
+            explain.contains("grouped-query attention"),
+            "GROUP={group}: the reason is shown\n{explain}"
+        );
+    }
+}

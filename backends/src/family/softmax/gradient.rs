@@ -135,6 +135,14 @@ pub fn compile_gradient(
     options: &KernelOptions,
 ) -> Result<SoftmaxGradient, FamilyError> {
     let m = recognize(forward).map_err(|d| FamilyError::NotMine(vec![d]))?;
+    if m.kv_group > 1 {
+        // The dK/dV kernel's CTA owns one (batch, head) of K and V; with grouped heads the
+        // gradient of a K/V head sums over its group's query heads, which it does not do.
+        return Err(not_mine(format!(
+            "the backward kernels do not map grouped-query attention ({} query heads per K/V head): dK and dV of a K/V head sum over its query heads",
+            m.kv_group
+        )));
+    }
     let bound = bind(&m, grad)?;
     let mut spec = m.spec.clone();
     if let Some(elem) = options.elem {

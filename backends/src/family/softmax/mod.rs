@@ -170,7 +170,7 @@ fn build_module(
         ("heads", m.heads),
         ("n_q", m.n_q),
         ("n_k", m.n_k),
-        ("kv_group", 1),
+        ("kv_group", m.kv_group),
         ("head_dim", u64::from(spec.head_dim)),
     ]
     .into_iter()
@@ -180,6 +180,20 @@ fn build_module(
         sizes.insert("q_offset".into(), 0);
     }
     let k = &schedule.kernel;
+    let mut family = json!({
+        "problem": {"batch": m.batch, "heads": m.heads, "n_q": m.n_q, "n_k": m.n_k,
+                    "head_dim": spec.head_dim, "elem": spec.elem.name(),
+                    "causal": spec.causal, "window": spec.window},
+        "schedule": {"block_m": k.block_m, "block_n": k.block_n, "warps": k.warps,
+                     "stages": k.stages, "q_in_registers": k.q_in_registers,
+                     "skip_unit_rescale": k.skip_unit_rescale},
+        "score": spec.score.describe(),
+        "estimate_ms": schedule.estimate.seconds * 1e3,
+    });
+    if m.roles.kv_split.is_some() {
+        // Only grouped heads record it, so the contracts of other kernels stay as they were.
+        family["problem"]["kv_group"] = json!(m.kv_group);
+    }
     let contract = contract(
         &ptx,
         ContractParts {
@@ -192,16 +206,7 @@ fn build_module(
             } else {
                 vec![]
             },
-            family: json!({
-                "problem": {"batch": m.batch, "heads": m.heads, "n_q": m.n_q, "n_k": m.n_k,
-                            "head_dim": spec.head_dim, "elem": spec.elem.name(),
-                            "causal": spec.causal, "window": spec.window},
-                "schedule": {"block_m": k.block_m, "block_n": k.block_n, "warps": k.warps,
-                             "stages": k.stages, "q_in_registers": k.q_in_registers,
-                             "skip_unit_rescale": k.skip_unit_rescale},
-                "score": spec.score.describe(),
-                "estimate_ms": schedule.estimate.seconds * 1e3,
-            }),
+            family,
         },
     )?;
     Ok(Module {

@@ -63,6 +63,10 @@ pub fn plan_kernels(
     {
         return Err(format!("a `{p:?}` kernel of this family"));
     }
+    if schedule.matched.kv_group > 1 {
+        // The plans' partial and epilogue kernels and their K/V transfers are per head.
+        return Err("plan kernels of this family for grouped-query attention (K/V heads shared by several query heads)".into());
+    }
     let mut out = PlanKernels::default();
     let mut entries: Vec<(Phase, String)> = Vec::new();
     if phases.contains(&Phase::Full) {

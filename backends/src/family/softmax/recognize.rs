@@ -36,6 +36,9 @@ pub struct Roles {
     pub key_split: Option<(Handle<Rank>, Handle<Rank>, u64)>,
     pub head_dim: Handle<Rank>,
     pub value_dim: Handle<Rank>,
+    /// `(g, r, group)` in grouped-query attention: the query head rank `head` splits as
+    /// `h = g * group + r`, and K and V are indexed by the K/V head rank `g` alone.
+    pub kv_split: Option<(Handle<Rank>, Handle<Rank>, u64)>,
 }
 
 /// A cascade read as softmax attention.
@@ -53,7 +56,10 @@ pub struct AttentionMatch {
     /// The cascade parameter behind each of `spec.score.head_params`.
     pub head_params: Vec<Handle<Tensor>>,
     pub batch: u64,
+    /// Query heads.
     pub heads: u64,
+    /// Query heads per K/V head (1 unless grouped-query attention; `heads` for MQA).
+    pub kv_group: u64,
     pub n_q: u64,
     pub n_k: u64,
     /// One line per Einsum: its name and what it was read as.
@@ -78,7 +84,7 @@ impl AttentionMatch {
         crate::tile::interp::Problem {
             batch: self.batch as usize,
             heads: self.heads as usize,
-            kv_group: 1,
+            kv_group: self.kv_group as usize,
             n_q: self.n_q as usize,
             n_k: self.n_k as usize,
         }
@@ -352,10 +358,59 @@ impl<'c> Reader<'c> {
                 )),
             }
         };
+        // Grouped-query attention: Q's head rank `h` is split `h -> g, r` and K and V are
+        // indexed by the outer half `g` (the K/V head) alone, so the `r` query heads of a
+        // group read the same K and V.
+        let kv_only: Vec<Handle<Rank>> = kr
+            .iter()
+            .copied()
+            .filter(|r| vr.contains(r) && !qr.contains(r))
+            .collect();
+        let half_of_q_rank = |r: Handle<Rank>| {
+            let parent = c.ranks[r].parent?;
+            let s = c.ranks[parent].split.as_ref()?;
+            qr.contains(&parent).then_some((parent, s.outer, s.inner))
+        };
+        for &r in kr.iter().chain(&vr) {
+            if let Some((parent, outer, inner)) = half_of_q_rank(r) {
+                if r != outer {
+                    return Err(not_mappable(
+                        format!(
+                            "K and V may be indexed by the K/V head rank `{}` (the outer half of `split {} -> {}, {}`) only, not by `{}`",
+                            c.ranks[outer].name,
+                            c.ranks[parent].name,
+                            c.ranks[outer].name,
+                            c.ranks[inner].name,
+                            c.ranks[r].name
+                        ),
+                        e.span,
+                    ));
+                }
+            }
+        }
+        let grouped: Option<(Handle<Rank>, Handle<Rank>, Handle<Rank>)> = kv_only
+            .iter()
+            .find_map(|&r| half_of_q_rank(r).filter(|&(_, outer, _)| outer == r));
+        if let Some((parent, outer, _)) = grouped {
+            if !kr.contains(&outer)
+                || !vr.contains(&outer)
+                || kr.contains(&parent)
+                || vr.contains(&parent)
+            {
+                return Err(not_mappable(
+                    format!(
+                        "with grouped heads both K and V are indexed by the K/V head rank `{}` and not by `{}`",
+                        c.ranks[outer].name, c.ranks[parent].name
+                    ),
+                    e.span,
+                ));
+            }
+        }
         let key = only(
-            kr.iter()
+            kv_only
+                .iter()
                 .copied()
-                .filter(|r| vr.contains(r) && !qr.contains(r))
+                .filter(|&r| grouped.is_none_or(|(_, g, _)| g != r))
                 .collect(),
             "key rank (in K and V, not in Q)",
         )?;
@@ -374,8 +429,31 @@ impl<'c> Reader<'c> {
         let query_ranks: Vec<Handle<Rank>> = qr
             .iter()
             .copied()
-            .filter(|r| !kr.contains(r) && *r != head_dim)
+            .filter(|&r| {
+                !kr.contains(&r) && r != head_dim && grouped.is_none_or(|(h, _, _)| h != r)
+            })
             .collect();
+        for &r in &query_ranks {
+            // Q over both halves of a head split (`Q[.., g, r, ..]`): the kernel indexes Q and
+            // O by one query head rank.
+            let Some(parent) = c.ranks[r].parent else {
+                continue;
+            };
+            if let Some(split) = &c.ranks[parent].split {
+                if split.inner == r && qr.contains(&split.outer) {
+                    return Err(not_mappable(
+                        format!(
+                            "grouped heads: declare Q and O over the query head rank `{}` (not over `{}, {}`) and K and V over `{}`",
+                            c.ranks[parent].name,
+                            c.ranks[split.outer].name,
+                            c.ranks[r].name,
+                            c.ranks[split.outer].name
+                        ),
+                        e.span,
+                    ));
+                }
+            }
+        }
         if query_ranks.len() > 1 {
             return Err(not_mappable(
                 "Q has more than one rank of its own; the kernel maps one query rank",
@@ -387,20 +465,30 @@ impl<'c> Reader<'c> {
             .copied()
             .filter(|r| kr.contains(r) && vr.contains(r) && *r != head_dim)
             .collect();
-        if shared.len() > 2 || kr.len() != shared.len() + 2 || vr.len() != shared.len() + 2 {
+        // The K/V head rank of grouped heads is K's and V's own (Q has `h` instead).
+        let own = usize::from(grouped.is_some());
+        let max_shared = 2 - own;
+        if shared.len() > max_shared
+            || kr.len() != shared.len() + 2 + own
+            || vr.len() != shared.len() + 2 + own
+        {
             return Err(not_mappable(
                 "Q, K and V may share at most two ranks (batch and head) besides their sequence and head-dimension ranks",
                 e.span,
             ));
         }
         // With two shared ranks the first in Q's storage order is the batch; a lone one is
-        // the head (per-head parameters index it).
-        let (batch, head) = match shared[..] {
-            [] => (None, None),
-            [h] => (None, Some(h)),
-            [b, h] => (Some(b), Some(h)),
+        // the head (per-head parameters index it). With grouped heads the head is Q's split
+        // rank and a lone shared rank is the batch.
+        let (batch, head) = match (grouped, &shared[..]) {
+            (None, []) => (None, None),
+            (None, &[h]) => (None, Some(h)),
+            (None, &[b, h]) => (Some(b), Some(h)),
+            (Some((h, _, _)), []) => (None, Some(h)),
+            (Some((h, _, _)), &[b]) => (Some(b), Some(h)),
             _ => unreachable!("checked above"),
         };
+        let kv_split = grouped.map(|(_, g, r)| (g, r, c.ranks[r].extent));
         let key_split = c.ranks[key]
             .split
             .as_ref()
@@ -413,6 +501,7 @@ impl<'c> Reader<'c> {
             key_split,
             head_dim,
             value_dim,
+            kv_split,
         };
         Ok(Reader {
             c,
@@ -441,6 +530,23 @@ impl<'c> Reader<'c> {
         &self.c.tensors[t].name
     }
 
+    /// Whether `idx` reads rank `rank` at the Einsum's own position: the rank itself, or,
+    /// for the split query head rank of grouped heads, its expansion `group * g + r`.
+    fn at_rank(&self, idx: &IndexExpr, rank: Handle<Rank>) -> bool {
+        if idx.as_rank() == Some(rank) {
+            return true;
+        }
+        match self.roles.kv_split {
+            Some((g, r, group)) if Some(rank) == self.roles.head => {
+                let mut x = IndexExpr::rank(r);
+                // The group size is a rank extent, which validation bounds far below i64.
+                x.add_term(i64::try_from(group).unwrap_or(i64::MAX), g);
+                same_affine(&x, idx)
+            }
+            _ => false,
+        }
+    }
+
     fn key_ranks(&self) -> Vec<Handle<Rank>> {
         let mut v = vec![self.roles.key];
         if let Some((o, i, _)) = self.roles.key_split {
@@ -459,6 +565,16 @@ impl<'c> Reader<'c> {
                 .err("data-dependent masks (a `where` that compares values) are not mapped");
         }
         let ranks = c.iteration_ranks(h);
+        if let (Some((g, r, _)), Some(head)) = (self.roles.kv_split, self.roles.head) {
+            // The kernel's query head is `group * g + r`: an Einsum iterates both halves or
+            // neither, and never `h` itself beside them.
+            if ranks.contains(&head) || ranks.contains(&g) != ranks.contains(&r) {
+                return self.err(format!(
+                    "with grouped heads an Einsum iterates both `{}` and `{}` (the split of `{}`), not `{}` itself",
+                    c.ranks[g].name, c.ranks[r].name, c.ranks[head].name, c.ranks[head].name
+                ));
+            }
+        }
         self.key_here = if ranks.contains(&self.roles.key) {
             Some(IndexExpr::rank(self.roles.key))
         } else {
@@ -609,7 +725,7 @@ impl<'c> Reader<'c> {
                 next.constant = 1;
                 *idx == next
             } else {
-                idx.as_rank() == Some(rank)
+                self.at_rank(idx, rank)
             };
             if !ok {
                 return self.err(format!(
@@ -627,7 +743,7 @@ impl<'c> Reader<'c> {
             let ok = if rank == self.roles.key && !query_side {
                 self.key_here.as_ref().is_some_and(|k| same_affine(k, idx))
             } else {
-                idx.as_rank() == Some(rank)
+                self.at_rank(idx, rank)
             };
             if !ok {
                 return self.err(format!(
@@ -655,7 +771,7 @@ impl<'c> Reader<'c> {
                     Ok(Sym::Val(ex::scalar(ScalarId(i as u32))))
                 } else if t.ranks.len() == 1
                     && Some(t.ranks[0]) == self.roles.head
-                    && a.indices[0].as_rank() == self.roles.head
+                    && self.at_rank(&a.indices[0], t.ranks[0])
                 {
                     let i = match self.head_params.iter().position(|&p| p == a.tensor) {
                         Some(i) => i,
@@ -706,7 +822,7 @@ impl<'c> Reader<'c> {
                                 t.name
                             ));
                         });
-                    } else if idx.as_rank() != Some(rank) {
+                    } else if !self.at_rank(idx, rank) {
                         return self.err(format!(
                             "`{}` must be read at its declared ranks (no shifted or transposed indices)",
                             t.name
@@ -982,7 +1098,13 @@ impl<'c> Reader<'c> {
                 tensor.span,
             ));
         }
-        Ok(Layout::of(c, t, self.roles.batch, seq, self.roles.head))
+        // K and V of grouped heads are indexed by the K/V head `g`: the kernel reads head
+        // `h / group` of them, with `g`'s stride.
+        let head = match self.roles.kv_split {
+            Some((g, _, _)) if seq == Some(self.roles.key) => Some(g),
+            _ => self.roles.head,
+        };
+        Ok(Layout::of(c, t, self.roles.batch, seq, head))
     }
 
     fn finish(self) -> Result<AttentionMatch, Diagnostic> {
@@ -1122,6 +1244,7 @@ impl<'c> Reader<'c> {
             spec,
             batch: extent(self.roles.batch),
             heads: extent(self.roles.head),
+            kv_group: self.roles.kv_split.map_or(1, |(_, _, group)| group),
             n_q: extent(self.roles.query),
             n_k: extent(key),
             roles: self.roles,

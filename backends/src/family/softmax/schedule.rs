@@ -97,6 +97,20 @@ impl Schedule {
             spec.head_dim,
             spec.elem.name()
         );
+        if m.roles.kv_split.is_some() {
+            let kv_heads = m.heads / m.kv_group.max(1);
+            let plural =
+                |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+            let _ = writeln!(
+                s,
+                "grouped-query attention{}: {}, {}, {} per K/V head; the CTA of query head h reads K/V head h / {}",
+                if kv_heads == 1 { " (multi-query)" } else { "" },
+                plural(m.heads, "query head"),
+                plural(kv_heads, "K/V head"),
+                plural(m.kv_group, "query head"),
+                m.kv_group
+            );
+        }
         let _ = writeln!(
             s,
             "grid: (ceil(n_q / {}), batch * heads, 1) = ({}, {}, 1); {} threads",
