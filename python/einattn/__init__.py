@@ -9,8 +9,8 @@ compiled in process to GPU kernels and called on PyTorch tensors.
   calling the result runs its kernels on PyTorch's current CUDA stream. Sizes come from the
   tensors' shapes: each distinct shape tuple is compiled once (in milliseconds) and cached.
   The call is the custom op ``torch.ops.einattn.attention``, with a fake implementation, so
-  it works under ``torch.compile`` without graph breaks. Backward kernels do not exist yet:
-  ``backward()`` through it raises.
+  it works under ``torch.compile`` without graph breaks. The op does not call backward
+  kernels yet (``einattn check --grad`` runs them): ``backward()`` through it raises.
 - :func:`analyze` returns the FuseMax analysis of a source as a dict.
 - :func:`run` evaluates a source with the f64 reference interpreter on NumPy arrays.
 

@@ -22,8 +22,9 @@ _OP: Optional[Any] = None
 _CAPABILITY: Dict[int, Tuple[int, int]] = {}
 
 BACKWARD_MESSAGE = (
-    "einattn: backward kernels do not exist yet, so gradients cannot flow through an "
-    "einattn op; call it under torch.no_grad() or on tensors that do not require grad"
+    "einattn: the op does not call backward kernels yet (`einattn grad` derives them and "
+    "`einattn check --grad` runs them), so gradients cannot flow through an einattn op; "
+    "call it under torch.no_grad() or on tensors that do not require grad"
 )
 
 
