@@ -143,9 +143,28 @@ pub fn compile_projection(
         s.block_m,
         s.block_n
     );
-    let program = projection_program(&reading, elem, &s, entry, &stat_names, &outputs)
-        .map_err(|e| refused(e.to_string()))?;
-    let ptx = print_ptx(&program, options.target).map_err(|e| refused(e.to_string()))?;
+    // A shape the user asked for that the lowering cannot build is their flag's error.
+    let mut overrides: Vec<String> = options
+        .tiles
+        .iter()
+        .map(|(n, v)| format!("--tile {n}={v}"))
+        .collect();
+    overrides.extend(options.warps.map(|w| format!("--warps {w}")));
+    overrides.extend(options.stages.map(|st| format!("--stages {st}")));
+    let failed = |e: crate::tile::TileError| -> FamilyError {
+        if overrides.is_empty() {
+            refused(e.to_string())
+        } else {
+            CompileError::Usage(format!(
+                "error: `{}`: {e}\n  = help: leave the shape to the scheduler, or see `--emit schedule` for the default",
+                overrides.join(" ")
+            ))
+            .into()
+        }
+    };
+    let program =
+        projection_program(&reading, elem, &s, entry, &stat_names, &outputs).map_err(&failed)?;
+    let ptx = print_ptx(&program, options.target).map_err(&failed)?;
     let report = einattn_passes::analysis::analyze(
         cascade,
         &einattn_passes::analysis::AnalysisOptions::default(),
