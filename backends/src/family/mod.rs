@@ -357,6 +357,56 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
     Err(CompileError::Unmapped(reasons))
 }
 
+/// The kernels a family's backward fast path builds for `einattn grad`'s cascade (which
+/// stays their specification, and so their formula).
+pub struct GradientKernels {
+    pub family: &'static str,
+    pub cascade: Cascade,
+    pub modules: Vec<Module>,
+    pub explain: String,
+    pub rate: Rate,
+    /// Multiply-adds of the interpreter (and so of the formula) on the backward cascade.
+    pub work: u64,
+}
+
+impl Compiled for GradientKernels {
+    fn family(&self) -> &'static str {
+        self.family
+    }
+
+    fn cascade(&self) -> &Cascade {
+        &self.cascade
+    }
+
+    fn modules(&self) -> &[Module] {
+        &self.modules
+    }
+
+    fn explain(&self) -> String {
+        self.explain.clone()
+    }
+
+    fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
+        interpreter_formula(self, inputs)
+    }
+
+    fn interpreter_work(&self) -> u64 {
+        self.work
+    }
+
+    fn formula_work(&self) -> u64 {
+        self.work
+    }
+
+    fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    fn plan_modules(&self, _plan: &mut Plan, _gpu: &GpuModel) -> Result<PlanKernels, String> {
+        Err("sequence-parallel plans of backward kernels are not built yet".into())
+    }
+}
+
 /// [`Compiled::formula`] for a family with no formula faster than its cascade: the
 /// interpreter, on the main output (the one every caller of `formula` compares, whatever
 /// order the outputs have).

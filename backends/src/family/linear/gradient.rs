@@ -13,15 +13,13 @@
 use super::backward::{backward_programs, operands, Gradient, Operand};
 use super::{compile_request, strategy_parts, LinearKernels, Strategy};
 use crate::abi::{Dtype, TensorRole};
+use crate::family::GradientKernels;
 use crate::family::{
-    backend_error, contract_tensor, dtype, interpreter_formula, CompileError, Compiled,
-    FamilyError, Inputs, Layout, Module, PlanKernels, Rate, Request,
+    backend_error, contract_tensor, dtype, CompileError, FamilyError, Layout, Module, Rate, Request,
 };
-use crate::plan::Plan;
 use einattn_ir::arena::Handle;
 use einattn_ir::cascade::{Cascade, Span, Tensor};
 use einattn_ir::validate::{Diagnostic, DiagnosticKind};
-use einattn_passes::analysis::GpuModel;
 use einattn_passes::grad::{Grad, Source as Origin};
 use std::fmt::Write as _;
 
@@ -139,7 +137,7 @@ fn bind(kernels: &LinearKernels, forward: &Cascade, grad: &Grad) -> Result<Bound
 }
 
 /// The backward kernels of `forward` (read by this family) for `grad`'s backward cascade.
-pub fn compile_gradient(forward: &Request, grad: &Grad) -> Result<LinearGradient, FamilyError> {
+pub fn compile_gradient(forward: &Request, grad: &Grad) -> Result<GradientKernels, FamilyError> {
     let kernels = compile_request(forward)?;
     let m = &kernels.matched;
     if !m.maps.is_empty() || m.derived.is_some() || m.prologue.is_some() {
@@ -176,13 +174,16 @@ pub fn compile_gradient(forward: &Request, grad: &Grad) -> Result<LinearGradient
     let explain = explain(&kernels, forward.cascade, &modules);
     let (b, h, n) = (m.batch, m.heads, m.n);
     let d = u64::from(m.spec.head_dim);
-    Ok(LinearGradient {
+    Ok(GradientKernels {
+        family: "linear",
         cascade: backward.clone(),
         modules: modules.into_iter().map(|(_, m)| m).collect(),
         explain,
-        tokens: (b * n) as f64,
-        // One pass over Q, K, V, dO and dQ, dK, dV.
-        bytes: (b * n * h * d * 7 * u64::from(m.spec.elem.bytes())) as f64,
+        rate: Rate::Tokens {
+            tokens: (b * n) as f64,
+            // One pass over Q, K, V, dO and dQ, dK, dV.
+            bytes: (b * n * h * d * 7 * u64::from(m.spec.elem.bytes())) as f64,
+        },
         work: b * h * n * n * d * 4,
     })
 }
@@ -240,56 +241,4 @@ fn explain(kernels: &LinearKernels, forward: &Cascade, modules: &[(Gradient, Mod
         s.value_block, m.spec.head_dim, s.warps, s.value_block
     );
     out
-}
-
-/// The backward of linear attention compiled to its kernels.
-pub struct LinearGradient {
-    cascade: Cascade,
-    modules: Vec<Module>,
-    explain: String,
-    tokens: f64,
-    bytes: f64,
-    work: u64,
-}
-
-impl Compiled for LinearGradient {
-    fn family(&self) -> &'static str {
-        "linear"
-    }
-
-    fn cascade(&self) -> &Cascade {
-        &self.cascade
-    }
-
-    fn modules(&self) -> &[Module] {
-        &self.modules
-    }
-
-    fn explain(&self) -> String {
-        self.explain.clone()
-    }
-
-    fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
-        // The backward cascade is its own formula.
-        interpreter_formula(self, inputs)
-    }
-
-    fn interpreter_work(&self) -> u64 {
-        self.work
-    }
-
-    fn formula_work(&self) -> u64 {
-        self.work
-    }
-
-    fn rate(&self) -> Rate {
-        Rate::Tokens {
-            tokens: self.tokens,
-            bytes: self.bytes,
-        }
-    }
-
-    fn plan_modules(&self, _plan: &mut Plan, _gpu: &GpuModel) -> Result<PlanKernels, String> {
-        Err("sequence-parallel plans of backward kernels are not built yet".into())
-    }
 }

@@ -13,17 +13,15 @@
 use super::backward::{dkdv_program, dq_program, names, BackwardSchedule, Statistics};
 use super::{recognize, visible_flops, AttentionMatch, Running};
 use crate::abi::{Dtype, LaunchContract, Scratch, Source, TensorRole};
+use crate::family::GradientKernels;
 use crate::family::{
-    backend_error, contract, contract_tensor, dtype, interpreter_formula, CompileError, Compiled,
-    ContractNames, ContractParts, FamilyError, Inputs, KernelOptions, KernelProgram, Layout,
-    Module, Rate,
+    backend_error, contract, contract_tensor, dtype, CompileError, ContractNames, ContractParts,
+    FamilyError, KernelOptions, KernelProgram, Layout, Module, Rate,
 };
-use crate::plan::Plan;
 use crate::print_ptx;
 use einattn_ir::arena::Handle;
 use einattn_ir::cascade::{Cascade, Span, Tensor};
 use einattn_ir::validate::{Diagnostic, DiagnosticKind};
-use einattn_passes::analysis::GpuModel;
 use einattn_passes::grad::{Grad, Source as Origin};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -133,7 +131,7 @@ pub fn compile_gradient(
     forward: &Cascade,
     grad: &Grad,
     options: &KernelOptions,
-) -> Result<SoftmaxGradient, FamilyError> {
+) -> Result<GradientKernels, FamilyError> {
     let m = recognize(forward).map_err(|d| FamilyError::NotMine(vec![d]))?;
     if m.kv_group > 1 {
         // The dK/dV kernel's CTA owns one (batch, head) of K and V; with grouped heads the
@@ -391,11 +389,15 @@ pub fn compile_gradient(
     );
     // Tensor-core work: the forward's 2 products recomputed twice plus 3 gradient products.
     let flops = visible_flops(&m) * 3.5;
-    Ok(SoftmaxGradient {
+    Ok(GradientKernels {
+        family: "softmax",
         cascade: backward.clone(),
         modules,
         explain,
-        flops,
+        rate: Rate::Flops {
+            flops,
+            predicted_ms: 0.0,
+        },
         work: m.batch * m.heads * m.n_q * m.n_k * u64::from(spec.head_dim) * 5,
     })
 }
@@ -528,59 +530,4 @@ fn read_row_scratch(c: &mut LaunchContract, heads: u64, n_q: u64) -> Result<(), 
         }
     }
     c.check().map_err(CompileError::Input)
-}
-
-/// The backward of softmax attention compiled to its two kernels.
-pub struct SoftmaxGradient {
-    cascade: Cascade,
-    modules: Vec<Module>,
-    explain: String,
-    flops: f64,
-    work: u64,
-}
-
-impl Compiled for SoftmaxGradient {
-    fn family(&self) -> &'static str {
-        "softmax"
-    }
-
-    fn cascade(&self) -> &Cascade {
-        &self.cascade
-    }
-
-    fn modules(&self) -> &[Module] {
-        &self.modules
-    }
-
-    fn explain(&self) -> String {
-        self.explain.clone()
-    }
-
-    fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
-        // The backward cascade is its own formula.
-        interpreter_formula(self, inputs)
-    }
-
-    fn interpreter_work(&self) -> u64 {
-        self.work
-    }
-
-    fn formula_work(&self) -> u64 {
-        self.work
-    }
-
-    fn rate(&self) -> Rate {
-        Rate::Flops {
-            flops: self.flops,
-            predicted_ms: 0.0,
-        }
-    }
-
-    fn plan_modules(
-        &self,
-        _plan: &mut Plan,
-        _gpu: &GpuModel,
-    ) -> Result<crate::family::PlanKernels, String> {
-        Err("sequence-parallel plans of backward kernels are not built yet".into())
-    }
 }
