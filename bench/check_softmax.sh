@@ -5,13 +5,13 @@
 # attention (GROUP = 4: 8 query heads on 2 K/V heads), then multi-query attention
 # (GROUP = H = 8: one K/V head). Prints one line per check and a tally; exits non-zero if
 # any check fails.
-# Usage: bench/check_softmax.sh [path/to/einattn]
+# Usage: [NS='128 1000'] [LIMIT=seconds] bench/check_softmax.sh [path/to/einattn]
 set -uo pipefail
 BIN=${1:-target/release/einattn}
 source "$(dirname "$0")/check_lib.sh"
 # Split tiles must divide N: 1000 = 25 x 40.
 tile_for() { if [ "$1" = 1000 ]; then echo 40; else echo 64; fi; }
-for n in 128 1000 4096; do
+for n in ${NS:-128 1000 4096}; do
   t=$(tile_for $n)
   for d in 64 128; do
     for dt in bf16 f16; do

@@ -23,10 +23,12 @@ OUT = os.environ.get("OUT", "/tmp")
 
 SCHEDULES = {
     "default": "",
-    "sync": "--mma sync",
+    "sync": "--target sm_90a --mma sync",
     "wgmma": "--target sm_90a --mma wgmma",
     "wg_128x128_w8_s2": "--target sm_90a --mma wgmma --tile p0=128,m0=128 --warps 8 --stages 2",
     "wg_128x64_w8_s3": "--target sm_90a --mma wgmma --tile p0=128,m0=64 --warps 8 --stages 3",
+    "wg_128x64_w8_s2": "--target sm_90a --mma wgmma --tile p0=128,m0=64 --warps 8 --stages 2",
+    "wg_128x32_w8_s2": "--target sm_90a --mma wgmma --tile p0=128,m0=32 --warps 8 --stages 2",
     "wg_64x128_w4_s2": "--target sm_90a --mma wgmma --tile p0=64,m0=128 --warps 4 --stages 2",
     "wg_64x64_w4_s3": "--target sm_90a --mma wgmma --tile p0=64,m0=64 --warps 4 --stages 3",
 }

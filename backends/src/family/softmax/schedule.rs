@@ -301,11 +301,14 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     })
 }
 
-/// The tensor-core instructions a target's softmax kernels use unless told otherwise.
+/// The tensor-core instructions a target's softmax kernels use unless told otherwise. On
+/// sm_90a, wgmma: measured on an H200 (2026-12-03, bench/results/first-runs_2026-12-03) at
+/// 0.75-0.85 of cuDNN with 128 x 128 tiles at d=128 and 0.84-0.90 at d=64, where mma.sync
+/// reaches 0.60-0.62 and 0.74.
 pub fn default_mma(target: Target) -> MmaUnit {
     match target {
         Target::Sm80 => MmaUnit::Sync,
-        Target::Sm90a => MmaUnit::Sync,
+        Target::Sm90a => MmaUnit::Warpgroup,
     }
 }
 
@@ -385,8 +388,11 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
         MmaUnit::Sync => 4.0 * bm * bn * d as f64 / mma_flops + 0.5 * smem_bytes / 128.0,
         // wgmma reads its operands from shared memory itself (no ldmatrix), at about 0.75
         // of the dense peak when the accumulators are large enough to hide its latency.
+        // Each tile also pays two round trips through the asynchronous unit (the softmax
+        // waits for S = QK^T, the next tile's QK^T for P V), about 150 clocks each; with
+        // small key tiles that latency, not the arithmetic, sets the pace.
         MmaUnit::Warpgroup => {
-            4.0 * bm * bn * d as f64 / (mma_flops * 0.75 / (0.65 * 771.0 / 989.0))
+            4.0 * bm * bn * d as f64 / (mma_flops * 0.75 / (0.65 * 771.0 / 989.0)) + 300.0
         }
     };
     let extra_ops = if spec.modifies_score() { 6.0 } else { 0.0 };
@@ -423,10 +429,15 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // Clocks for one SM to run one key tile of each of its resident CTAs. One CTA alone
     // serializes MMA and softmax; co-resident CTAs overlap them, so the SM's time is its
     // busiest resource's.
-    // Two warpgroups of one CTA also overlap: one's softmax runs under the other's wgmma.
-    let overlapping = resident >= 2 || (k.mma == MmaUnit::Warpgroup && k.warps >= 8);
-    let tile_clocks = if overlapping {
-        tile_mma.max(tile_softmax + tile_load * 0.3).max(tile_load) * resident as f64
+    // Two warpgroups of one CTA overlap too, one's softmax under the other's wgmma, but only
+    // in part: the stage ring's CTA-wide barrier realigns them every key tile (measured on an
+    // H200, 2026-12-03: at d=64 one 8-warp CTA of 128 x 128 ran 0.77x as fast as three
+    // 4-warp CTAs of 64 x 128 per SM).
+    let busiest = tile_mma.max(tile_softmax + tile_load * 0.3).max(tile_load);
+    let tile_clocks = if resident >= 2 {
+        busiest * resident as f64
+    } else if k.mma == MmaUnit::Warpgroup && k.warps >= 8 {
+        busiest + 0.5 * tile_mma.min(tile_softmax + tile_load * 0.3)
     } else {
         tile_mma + tile_softmax + tile_load * 0.5
     };
