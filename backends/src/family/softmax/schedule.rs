@@ -349,8 +349,16 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
         0
     };
     let registers = (score_regs + out_regs + q_regs) as u32;
-    // Addresses, loop counters, row state and softmax temporaries take about 40 more.
-    if registers + 40 > 255 {
+    // Addresses, loop counters, row state and softmax temporaries take about 40 more with
+    // mma.sync (B fragments pass through registers). With wgmma, about 16 plus the
+    // probabilities' A fragments (block_n / 4 registers), which live beside the scores:
+    // ptxas gave 111, 122 and 164 registers for 32-, 64- and 128-wide key tiles at d=128,
+    // 78, 97 and 154 at d=64 (2026-12-03).
+    let overhead = match k.mma {
+        MmaUnit::Sync => 40,
+        MmaUnit::Warpgroup => 16 + k.block_n / 4,
+    };
+    if registers + overhead > 255 {
         return None;
     }
     let elem_bytes = spec.elem.bytes() as u64;
@@ -361,7 +369,7 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
         return None;
     }
     let threads = k.warps * 32;
-    let regs_alloc = (registers + 40).div_ceil(8) * 8;
+    let regs_alloc = (registers + overhead).div_ceil(8) * 8;
     let by_regs = (65536 / (regs_alloc.max(64) * threads)).max(1);
     let ctas_per_sm = (smem_per_sm / (shared + 1024)).min(by_regs).clamp(1, 8);
     let clock = 1.755e9;
