@@ -47,6 +47,7 @@ fn check(spec: &LinearSpec, sched: &LinearSchedule, prob: Problem, seed: u64) ->
     let mut io = Bindings {
         tensors: vec![q.clone(), k.clone(), v.clone(), o],
         row_outputs: vec![],
+        row_inputs: vec![],
         scalars: vec![],
         head_params: bind.decay.map(|_| vec![decay.clone()]).unwrap_or_default(),
         tokens: vec![],
@@ -223,6 +224,7 @@ fn linear_examples_compile_and_match_the_interpreter() {
                 host(&m.o, vec![f64::NAN; m.o.elements as usize]),
             ],
             row_outputs: vec![],
+            row_inputs: vec![],
             scalars: vec![],
             head_params: m
                 .decay_param
@@ -273,6 +275,7 @@ proptest! {
         let mut io = Bindings {
             tensors: vec![q.clone(), k.clone(), v.clone(), o],
             row_outputs: vec![],
+            row_inputs: vec![],
             scalars: vec![],
             head_params: bind.decay.map(|_| vec![s.clone()]).unwrap_or_default(),
             tokens: vec![],
@@ -318,6 +321,7 @@ proptest! {
         let mut io = Bindings {
             tensors: vec![q.clone(), k.clone(), v.clone(), o],
             row_outputs: vec![],
+            row_inputs: vec![],
             scalars: vec![],
             head_params: bind.decay.map(|_| vec![s.clone()]).unwrap_or_default(),
             tokens: vec![],
@@ -402,6 +406,7 @@ proptest! {
                 HostTensor::bnhd(vec![f64::NAN; lens[r] * heads * d], lens[r], heads, d),
             ],
             row_outputs: vec![],
+            row_inputs: vec![],
             scalars: vec![],
             head_params: bind.decay.map(|_| vec![s.clone()]).unwrap_or_default(),
             tokens: vec![],

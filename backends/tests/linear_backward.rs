@@ -132,6 +132,7 @@ fn run_modules(
         let mut io = Bindings {
             tensors,
             row_outputs: vec![],
+            row_inputs: vec![],
             scalars: vec![],
             head_params,
             states,

@@ -193,6 +193,7 @@ fn every_form_takes_the_linear_path_and_matches_the_interpreter() {
                 m.o.host(vec![f64::NAN; m.o.elements as usize]),
             ],
             row_outputs: vec![],
+            row_inputs: vec![],
             scalars: vec![],
             head_params: rate,
             tokens: vec![],

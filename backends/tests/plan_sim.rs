@@ -181,6 +181,7 @@ impl Sim<'_> {
                 prog.tensors.len()
             ],
             row_outputs: vec![vec![]; prog.row_outputs.len()],
+            row_inputs: vec![],
             scalars: vec![0.0; prog.scalars.len()],
             head_params: vec![vec![]; prog.head_params.len()],
             states: vec![],

@@ -73,16 +73,24 @@ fn options(target: Target) -> KernelOptions {
     }
 }
 
-/// Runs the compiled program in the Tile interpreter on random inputs and compares every
-/// output with the cascade interpreter (both f64, on the same 16-bit-rounded inputs; the
-/// row outputs are stored as f32, hence errors near 1e-8).
+/// Runs the compiled programs in the Tile interpreter on random inputs (a split column
+/// loop's partial program, then its merge program) and compares every output with the
+/// cascade interpreter (both f64, on the same 16-bit-rounded inputs; the row outputs are
+/// stored as f32, hence errors near 1e-8).
 fn tile_vs_interpreter(c: &Cascade, k: &ProjectionKernels, seed: u64) -> f64 {
     let r = &k.reading;
-    let prog = k.modules()[0]
-        .program
-        .tile()
-        .expect("a tile program")
-        .clone();
+    let programs: Vec<_> = k
+        .modules()
+        .iter()
+        .map(|m| m.program.tile().expect("a tile program").clone())
+        .collect();
+    let prog = &programs[0];
+    let splits = prog.key_splits as usize;
+    assert_eq!(
+        programs.len(),
+        if splits > 1 { 2 } else { 1 },
+        "a merge program exactly when the loop is split"
+    );
     let elem = prog.tensors[0].elem;
     let mut inputs = random_inputs(c, seed);
     for t in [r.a, r.b] {
@@ -96,7 +104,8 @@ fn tile_vs_interpreter(c: &Cascade, k: &ProjectionKernels, seed: u64) -> f64 {
     let rows = r.n_rows as usize;
     let mut io = Bindings {
         tensors: vec![host(r.a, r.row), host(r.b, r.col)],
-        row_outputs: vec![vec![f64::NAN; rows]; r.outputs.len()],
+        row_outputs: vec![vec![f64::NAN; splits * rows]; prog.row_outputs.len()],
+        row_inputs: vec![],
         scalars: vec![],
         head_params: vec![],
         states: vec![],
@@ -112,7 +121,16 @@ fn tile_vs_interpreter(c: &Cascade, k: &ProjectionKernels, seed: u64) -> f64 {
         n_q: rows,
         n_k: r.n_cols as usize,
     };
-    run(&prog, prob, &mut io).expect("tile interpreter runs");
+    run(prog, prob, &mut io).expect("tile interpreter runs");
+    if let Some(merge) = programs.get(1) {
+        io = Bindings {
+            tensors: vec![],
+            row_inputs: std::mem::take(&mut io.row_outputs),
+            row_outputs: vec![vec![f64::NAN; rows]; r.outputs.len()],
+            ..io
+        };
+        run(merge, prob, &mut io).expect("tile interpreter runs the merge");
+    }
     let mut worst = 0.0f64;
     for (i, (t, _)) in r.outputs.iter().enumerate() {
         let want = values
@@ -147,11 +165,23 @@ fn lm_head_entropy_matches_the_interpreter_at_small_and_ragged_sizes() {
         (100, 128, 300),
         (257, 64, 129),
         (16, 192, 1),
+        // Split column loops: 4 runs of 2 tiles, and 4 runs of 3 of 9 tiles (the last run
+        // empty: its partial max is -inf and must add nothing).
+        (100, 64, 1000),
+        (64, 64, 1100),
+        (200, 64, 2048),
     ] {
         let c = build(&src, &[("T", t), ("D", d), ("VOCAB", v)]);
         for target in [Target::Sm80, Target::Sm90a] {
             let k = compile_projection(&c, &options(target))
                 .unwrap_or_else(|e| panic!("{}", e.message()));
+            let row_tiles = t.div_ceil(128);
+            assert_eq!(
+                k.schedule.splits > 1,
+                v > 512 && row_tiles < 132,
+                "T={t} V={v}: {} splits",
+                k.schedule.splits
+            );
             let err = tile_vs_interpreter(&c, &k, t + v);
             assert!(
                 err < 1e-6,
@@ -266,18 +296,23 @@ fn ptxas_accepts_the_full_size_kernel_without_spills() {
             o.mma = Some(mma);
             o.elem = Some(elem);
             let k = compile_projection(&c, &o).unwrap_or_else(|e| panic!("{}", e.message()));
+            // 64 row tiles on 132 SMs: the vocabulary loop is split in two, then merged.
+            assert_eq!(k.modules().len(), 2);
+            assert_eq!(k.modules()[0].contract.grid, [64, 1, 2]);
+            for m in k.modules() {
+                let r = assemble(&ptxas, &m.ptx.text, arch)
+                    .unwrap_or_else(|e| panic!("{}: {e}", m.ptx.entry));
+                eprintln!(
+                    "{} {arch} {}: {} registers, {} B stack",
+                    m.ptx.entry,
+                    mma.name(),
+                    r.registers,
+                    r.stack_frame
+                );
+                assert!(r.registers > 0, "no register report:\n{}", r.log);
+                assert!(!r.spills(), "{} spills on {arch}:\n{}", m.ptx.entry, r.log);
+            }
             let m = &k.modules()[0];
-            let r = assemble(&ptxas, &m.ptx.text, arch)
-                .unwrap_or_else(|e| panic!("{}: {e}", m.ptx.entry));
-            eprintln!(
-                "{} {arch} {}: {} registers, {} B stack",
-                m.ptx.entry,
-                mma.name(),
-                r.registers,
-                r.stack_frame
-            );
-            assert!(r.registers > 0, "no register report:\n{}", r.log);
-            assert!(!r.spills(), "{} spills on {arch}:\n{}", m.ptx.entry, r.log);
             if mma == MmaUnit::Warpgroup {
                 assert!(m
                     .ptx

@@ -58,6 +58,7 @@ fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64
             host(&m.o, vec![f64::NAN; m.o.elements as usize]),
         ],
         row_outputs: vec![],
+        row_inputs: vec![],
         scalars: m
             .scalar_params
             .iter()
@@ -514,6 +515,7 @@ fn grouped_query_attention_needs_its_kv_head_mapping() {
             m.o.host(vec![0.0; m.o.elements as usize]),
         ],
         row_outputs: vec![],
+        row_inputs: vec![],
         scalars: vec![0.125],
         head_params: vec![],
         tokens: vec![],

@@ -79,6 +79,7 @@ fn check(case: &Case) -> Result<(), String> {
             .iter()
             .map(|_| vec![f64::NAN; prob.batch * prob.heads * prob.n_q])
             .collect(),
+        row_inputs: vec![],
         scalars: scalars.clone(),
         head_params: head_params.clone(),
         tokens: vec![],
@@ -334,6 +335,7 @@ proptest! {
         let mut io = Bindings {
             tensors: vec![q_slice, k.clone(), v.clone(), HostTensor::bnhd(vec![f64::NAN; len * row], len, heads, 16)],
             row_outputs: vec![],
+            row_inputs: vec![],
             scalars: scalars.to_vec(),
             head_params: head_params.clone(),
             tokens: vec![],

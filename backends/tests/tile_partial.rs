@@ -81,6 +81,7 @@ fn run_partial(x: &Block, n_q: usize, n_k: usize, q_offset: usize) -> [Vec<f64>;
             HostTensor::bhnd(vec![f64::NAN; rows * d], n_q, h, d),
         ],
         row_outputs: vec![vec![f64::NAN; rows]; 2],
+        row_inputs: vec![],
         scalars: x.scalars.clone(),
         head_params: x.head_params.clone(),
         states: vec![],

@@ -476,6 +476,8 @@ pub struct ContractNames {
     pub tokens: Vec<String>,
     pub states: Vec<String>,
     pub row_outputs: Vec<String>,
+    /// The scratch arrays a merge program's row inputs read.
+    pub row_inputs: Vec<String>,
 }
 
 /// The contract parameters of a tile program's ABI, named by what they are in the cascade.
@@ -503,6 +505,9 @@ pub fn contract_params(abi: &[AbiParam], names: &ContractNames) -> Vec<ContractP
                 },
                 AbiRole::RowOutputPtr(r) => Source::Scratch {
                     scratch: names.row_outputs[r.index()].clone(),
+                },
+                AbiRole::RowInputPtr(r) => Source::Scratch {
+                    scratch: names.row_inputs[r.index()].clone(),
                 },
                 AbiRole::LookBackFlags => Source::Scratch {
                     scratch: "look_back_flags".into(),
@@ -547,7 +552,7 @@ pub fn grid_formula(ptx: &PtxKernel) -> [GridAxis; 3] {
         None => [
             GridAxis::ceil_div(&["n_q"], u64::from(ptx.block_m)),
             rows,
-            GridAxis::fixed(1),
+            GridAxis::fixed(u64::from(ptx.key_splits)),
         ],
         Some(cb) => [
             GridAxis::fixed(u64::from(cb)),

@@ -107,6 +107,8 @@ pub struct PtxKernel {
     pub col_blocks: Option<u32>,
     /// For a chunked program: tiles per chunk (grid z is the chunk count).
     pub chunk_tiles: Option<u32>,
+    /// For a query-tiled program with a split key loop: the splits (grid z).
+    pub key_splits: u32,
 }
 
 impl PtxKernel {
@@ -118,7 +120,7 @@ impl PtxKernel {
             .map_or(1, |ct| n_q.div_ceil(self.block_m).div_ceil(ct).max(1));
         match self.col_blocks {
             Some(cb) => (cb, batch * heads, chunks),
-            None => (n_q.div_ceil(self.block_m), batch * heads, 1),
+            None => (n_q.div_ceil(self.block_m), batch * heads, self.key_splits),
         }
     }
 }
@@ -148,6 +150,7 @@ pub fn print_ptx(prog: &TileProgram, target: Target) -> Result<PtxKernel, TileEr
         abi: prog.abi(),
         col_blocks: prog.sequential.then_some(prog.col_blocks),
         chunk_tiles: prog.chunked().then_some(prog.chunk_tiles),
+        key_splits: prog.key_splits,
     })
 }
 

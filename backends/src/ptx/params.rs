@@ -22,6 +22,12 @@ impl Printer<'_> {
                     let g = self.named(".b64", &format!("ro{}", id.0));
                     self.ins(format!("cvta.to.global.u64 {g}, {raw};"));
                 }
+                AbiRole::RowInputPtr(id) => {
+                    let raw = self.named(".b64", &format!("riraw{}", id.0));
+                    self.ins(format!("ld.param.u64 {raw}, [{}];", a.name));
+                    let g = self.named(".b64", &format!("ri{}", id.0));
+                    self.ins(format!("cvta.to.global.u64 {g}, {raw};"));
+                }
                 AbiRole::HeadParamPtr(id) => {
                     let raw = self.named(".b64", &format!("hpraw{}", id.0));
                     self.ins(format!("ld.param.u64 {raw}, [{}];", a.name));

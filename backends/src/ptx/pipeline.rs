@@ -144,6 +144,19 @@ impl Printer<'_> {
         let empty = self.pred();
         self.ins(format!("setp.le.s32 {empty}, {kend}, {kstart};"));
         self.ins(format!("selp.s32 {niter}, 0, {niter}, {empty};"));
+        if prog.key_splits > 1 {
+            // This CTA's run of a split loop (grid z): runs of ceil(tiles / splits) tiles.
+            let splits = prog.key_splits;
+            let (per, skip, rest) = (self.r(), self.r(), self.r());
+            self.ins(format!("add.s32 {per}, {niter}, {};", splits - 1));
+            self.ins(format!("div.s32 {per}, {per}, {splits};"));
+            self.ins(format!("mov.u32 {skip}, %ctaid.z;"));
+            self.ins(format!("mul.lo.s32 {skip}, {skip}, {per};"));
+            self.ins(format!("add.s32 {tbegin}, {tbegin}, {skip};"));
+            self.ins(format!("sub.s32 {rest}, {niter}, {skip};"));
+            self.ins(format!("max.s32 {rest}, {rest}, 0;"));
+            self.ins(format!("min.s32 {niter}, {rest}, {per};"));
+        }
         // Iteration `it` walks tile `tbegin + it`, or `tlast - it` in a reverse program.
         let reverse = prog.reverse;
         if reverse {

@@ -377,25 +377,65 @@ impl Printer<'_> {
                 self.emit_load_state_prefix(*dst, *src, decay)?
             }
             Stmt::StoreRow { src, dst } => {
+                // A split key loop's CTA stores at [split, B, H, N_q]: grid y is B * H.
+                let split = (self.prog.key_splits > 1).then_some("%ctaid.z");
                 for mt in 0..self.mtiles {
                     for half in 0..2 {
-                        let pi = self.r();
-                        self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
-                        let ok = self.pred();
-                        self.ins(format!("setp.lt.s32 {ok}, {pi}, %nq;"));
-                        self.ins(format!("setp.eq.and.u32 {ok}, %tig, 0, {ok};"));
-                        let idx = self.r();
-                        self.ins(format!("mad.lo.u32 {idx}, %bidx, %heads, %hidx;"));
-                        self.ins(format!("mad.lo.u32 {idx}, {idx}, %nq, {pi};"));
-                        let addr = self.rd();
-                        self.ins(format!("mul.wide.u32 {addr}, {idx}, 4;"));
-                        self.ins(format!("add.u64 {addr}, {addr}, %ro{};", dst.0));
+                        // One thread of the row's quad stores it.
+                        let (ok, addr) =
+                            self.row_address(mt, half, split, true, &format!("%ro{}", dst.0));
                         let r = self.row_reg(*src, mt, half);
                         self.ins(format!("@{ok} st.global.f32 [{addr}], {r};"));
                     }
                 }
             }
+            Stmt::LoadRow { dst, src, split } => {
+                let s = self.r();
+                self.ins(format!("mov.u32 {s}, {split};"));
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let (ok, addr) =
+                            self.row_address(mt, half, Some(&s), false, &format!("%ri{}", src.0));
+                        let r = self.row_reg(*dst, mt, half);
+                        self.ins(format!("mov.f32 {r}, 0f00000000;"));
+                        self.ins(format!("@{ok} ld.global.f32 {r}, [{addr}];"));
+                    }
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Row `mt * 16 + half * 8` of this thread's rows in a `[.., B, H, N_q]` f32 row array
+    /// at `base` (split `split`'s slice when given): whether the row is `< N_q` (and, with
+    /// `quad_leader`, this thread is the first of the row's quad), and its address.
+    fn row_address(
+        &mut self,
+        mt: u32,
+        half: u32,
+        split: Option<&str>,
+        quad_leader: bool,
+        base: &str,
+    ) -> (String, String) {
+        let pi = self.r();
+        self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
+        let ok = self.pred();
+        self.ins(format!("setp.lt.s32 {ok}, {pi}, %nq;"));
+        if quad_leader {
+            self.ins(format!("setp.eq.and.u32 {ok}, %tig, 0, {ok};"));
+        }
+        let idx = self.r();
+        self.ins(format!("mad.lo.u32 {idx}, %bidx, %heads, %hidx;"));
+        if let Some(split) = split {
+            let (s, bh) = (self.r(), self.r());
+            self.ins(format!("mov.u32 {s}, {split};"));
+            self.ins(format!("mov.u32 {bh}, %nctaid.y;"));
+            self.ins(format!("mad.lo.u32 {idx}, {s}, {bh}, {idx};"));
+        }
+        self.ins(format!("mad.lo.u32 {idx}, {idx}, %nq, {pi};"));
+        let addr = self.rd();
+        self.ins(format!("mul.wide.u32 {addr}, {idx}, 4;"));
+        self.ins(format!("add.u64 {addr}, {addr}, {base};"));
+        (ok, addr)
     }
 }

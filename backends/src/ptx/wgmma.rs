@@ -99,7 +99,7 @@ impl Printer<'_> {
                 }
                 false
             }
-            Stmt::FillRow { .. } | Stmt::StoreRow { .. } => false,
+            Stmt::FillRow { .. } | Stmt::StoreRow { .. } | Stmt::LoadRow { .. } => false,
             Stmt::LoadTile { .. } | Stmt::KeyLoop { .. } | Stmt::LookBack { .. } => true,
         };
         (regs, writes, all)

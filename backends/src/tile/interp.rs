@@ -67,8 +67,10 @@ impl HostTensor {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bindings {
     pub tensors: Vec<HostTensor>,
-    /// `[B, H, N_q]` each.
+    /// `[B, H, N_q]` each (`[key_splits, B, H, N_q]` in a split program).
     pub row_outputs: Vec<Vec<f64>>,
+    /// `[splits, B, H, N_q]` each (the row inputs' declared splits).
+    pub row_inputs: Vec<Vec<f64>>,
     pub scalars: Vec<f64>,
     /// One value per head each.
     pub head_params: Vec<Vec<f64>>,
@@ -96,6 +98,8 @@ struct Cta<'a> {
     /// index (its state slot).
     local_chunk: usize,
     chunk: usize,
+    /// The split of a split key loop's CTA (grid z).
+    split: usize,
     /// Position of query row 0 (tile-relative rows are `p0 + r` in memory).
     q_offset: usize,
     key_origin: usize,
@@ -109,6 +113,7 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
     prog.validate()?;
     if io.tensors.len() != prog.tensors.len()
         || io.row_outputs.len() != prog.row_outputs.len()
+        || io.row_inputs.len() != prog.row_inputs.len()
         || io.scalars.len() != prog.scalars.len()
         || io.head_params.len() != prog.head_params.len()
     {
@@ -135,9 +140,15 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
             }
         }
     }
+    let rows_total = prob.batch * prob.heads * prob.n_q;
     for r in &io.row_outputs {
-        if r.len() < prob.batch * prob.heads * prob.n_q {
+        if r.len() < prog.key_splits as usize * rows_total {
             return invalid("row output too small");
+        }
+    }
+    for (r, decl) in io.row_inputs.iter().zip(&prog.row_inputs) {
+        if r.len() < decl.splits as usize * rows_total {
+            return invalid(format!("row input {} too small", decl.name));
         }
     }
     let bm = prog.schedule.block_m as usize;
@@ -166,7 +177,11 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
     }
     for b in 0..prob.batch {
         for h in 0..prob.heads {
-            for (x, local) in (0..x_cells).flat_map(|x| (0..local_chunks).map(move |c| (x, c))) {
+            let cells = (0..x_cells).flat_map(|x| {
+                (0..local_chunks)
+                    .flat_map(move |c| (0..prog.key_splits as usize).map(move |s| (x, c, s)))
+            });
+            for (x, local, split) in cells {
                 let mut cta = Cta {
                     prog,
                     prob,
@@ -177,6 +192,7 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
                     local_chunk: local,
                     q_offset: if prog.query_offset { io.q_offset } else { 0 },
                     chunk: io.chunk_base + local,
+                    split,
                     key_origin: 0,
                     shared: prog
                         .shared
@@ -455,7 +471,16 @@ impl Cta<'_> {
                             }
                         }
                     } else {
-                        key_tile_range(masks, p0, p_last, n_k, bn)
+                        let r = key_tile_range(masks, p0, p_last, n_k, bn);
+                        // This CTA's run of a split loop: runs of ceil(tiles / splits).
+                        let splits = i64::from(self.prog.key_splits);
+                        let tiles = (r.end - r.begin).max(0);
+                        let per = (tiles + splits - 1) / splits;
+                        let skip = self.split as i64 * per;
+                        KeyTileRange {
+                            begin: r.begin + skip,
+                            end: r.begin + skip + (tiles - skip).clamp(0, per),
+                        }
                     };
                     // A reverse program walks its tiles from the last to the first.
                     let tiles: Vec<i64> = if self.prog.reverse {
@@ -561,8 +586,27 @@ impl Cta<'_> {
                         if p >= self.prob.n_q {
                             continue;
                         }
-                        let idx = (self.b * self.prob.heads + self.h) * self.prob.n_q + p;
+                        let idx = ((self.split * self.prob.batch + self.b) * self.prob.heads
+                            + self.h)
+                            * self.prob.n_q
+                            + p;
                         io.row_outputs[dst.index()][idx] = self.rows[src.index()][r] as f32 as f64;
+                    }
+                }
+                Stmt::LoadRow { dst, src, split } => {
+                    let input = &io.row_inputs[src.index()];
+                    for r in 0..bm {
+                        let p = self.p0 + r;
+                        self.rows[dst.index()][r] = if p < self.prob.n_q {
+                            let idx = ((*split as usize * self.prob.batch + self.b)
+                                * self.prob.heads
+                                + self.h)
+                                * self.prob.n_q
+                                + p;
+                            input[idx]
+                        } else {
+                            0.0
+                        };
                     }
                 }
             }

@@ -100,6 +100,7 @@ id_type!(RegId);
 id_type!(RowId);
 id_type!(StateId);
 id_type!(TokenId);
+id_type!(RowInputId);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorParam {
@@ -141,6 +142,15 @@ pub struct StateParam {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowOutput {
     pub name: String,
+}
+
+/// An f32 row array another program wrote with [`TileProgram::key_splits`] CTAs per query
+/// tile: `[splits, B, H, N_q]`, read by [`Stmt::LoadRow`] (the partial statistics a merge
+/// program combines).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowInput {
+    pub name: String,
+    pub splits: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -660,8 +670,15 @@ pub enum Stmt {
     },
     /// Write the rows `< N_q` of an f32 tile (head-dim columns) to a query-rank tensor.
     Store { src: RegId, dst: TensorId },
-    /// Write the rows `< N_q` of a row vector to a row output.
+    /// Write the rows `< N_q` of a row vector to a row output (at `[split, B, H, N_q]` in a
+    /// program with [`TileProgram::key_splits`] > 1: the CTA's split of the key loop).
     StoreRow { src: RowId, dst: RowOutputId },
+    /// Read split `split` of a row input into a row vector (rows past `N_q` read 0).
+    LoadRow {
+        dst: RowId,
+        src: RowInputId,
+        split: u32,
+    },
     /// `acc[r][n] += sum_k round(scale(k) * a[k][r]) * b[k][n]`: the A operand is the
     /// transpose of shared tile `a` (rows `k`, columns the accumulator's rows), each
     /// contracted row scaled by `scale` (an expression of `Index(Key)` = `k` and uniform
@@ -777,8 +794,16 @@ pub struct TileProgram {
     /// earlier ones). Positions stay tile-relative; the first tile walked is the ragged
     /// one, whose rows past the end read as zero. Not chunked.
     pub reverse: bool,
+    /// A query-tiled program whose key loop is split across this many CTAs (grid z, 1: not
+    /// split): the CTA of split `s` walks the `s`-th of `key_splits` equal runs of its
+    /// key tiles (the last may be shorter, or empty) and stores its row outputs at
+    /// `[s, B, H, N_q]`, partial statistics that a merge program reads as [`RowInput`]s. It
+    /// puts a GPU's every SM to work when the query tiles alone are too few (a long key or
+    /// vocabulary rank, few rows).
+    pub key_splits: u32,
     pub tensors: Vec<TensorParam>,
     pub row_outputs: Vec<RowOutput>,
+    pub row_inputs: Vec<RowInput>,
     pub scalars: Vec<ScalarParam>,
     pub head_params: Vec<HeadParam>,
     pub shared: Vec<SharedTile>,
@@ -814,6 +839,7 @@ pub enum AbiKind {
 pub enum AbiRole {
     TensorPtr(TensorId),
     RowOutputPtr(RowOutputId),
+    RowInputPtr(RowInputId),
     HeadParamPtr(HeadParamId),
     StatePtr(StateId),
     /// The global index of the launch's first chunk (a device's rank under LASP-2; 0 on one
@@ -872,6 +898,13 @@ impl TileProgram {
                 r.name.clone(),
                 ptr,
                 AbiRole::RowOutputPtr(RowOutputId(i as u32)),
+            );
+        }
+        for (i, r) in self.row_inputs.iter().enumerate() {
+            push(
+                r.name.clone(),
+                ptr,
+                AbiRole::RowInputPtr(RowInputId(i as u32)),
             );
         }
         for (i, h) in self.head_params.iter().enumerate() {

@@ -18,6 +18,13 @@ impl fmt::Display for TileProgram {
                 "  reverse: the loop walks the tiles from the last to the first"
             )?;
         }
+        if self.key_splits > 1 {
+            writeln!(
+                f,
+                "  key_splits: {} CTAs per query tile split the key loop (grid z); row outputs at [split, B, H, N_q]",
+                self.key_splits
+            )?;
+        }
         for t in &self.tensors {
             writeln!(
                 f,
@@ -31,6 +38,9 @@ impl fmt::Display for TileProgram {
         }
         for r in &self.row_outputs {
             writeln!(f, "  out {}: f32[B, H, N_q]", r.name)?;
+        }
+        for r in &self.row_inputs {
+            writeln!(f, "  in  {}: f32[{}, B, H, N_q]", r.name, r.splits)?;
         }
         for p in &self.scalars {
             writeln!(f, "  param {}: f32", p.name)?;
@@ -230,6 +240,12 @@ impl TileProgram {
                     "{pad}store {} -> {}",
                     self.rows[src.index()].name,
                     self.row_outputs[dst.index()].name
+                )?,
+                Stmt::LoadRow { dst, src, split } => writeln!(
+                    f,
+                    "{pad}{} = load {}[{split}]",
+                    self.rows[dst.index()].name,
+                    self.row_inputs[src.index()].name
                 )?,
                 Stmt::ContractT { acc, a, scale, b } => writeln!(
                     f,

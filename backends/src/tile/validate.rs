@@ -42,6 +42,9 @@ impl TileProgram {
                 "only a sequential program that walks the whole sequence runs in reverse",
             );
         }
+        if self.key_splits == 0 || (self.sequential && self.key_splits != 1) {
+            return invalid("key_splits must be 1, or positive in a query-tiled program");
+        }
         if self.col_blocks == 0 || (!self.sequential && self.col_blocks != 1) {
             return invalid("col_blocks must be 1, or positive in a sequential program");
         }
@@ -452,6 +455,17 @@ impl TileProgram {
                 Stmt::StoreRow { src, dst } => {
                     if src.index() >= self.rows.len() || dst.index() >= self.row_outputs.len() {
                         return invalid("StoreRow: unknown operands");
+                    }
+                }
+                Stmt::LoadRow { dst, src, split } => {
+                    let Some(input) = self.row_inputs.get(src.index()) else {
+                        return invalid("LoadRow: unknown row input");
+                    };
+                    if dst.index() >= self.rows.len() || *split >= input.splits {
+                        return invalid(format!(
+                            "LoadRow: split {split} of {} (which has {}), or unknown row",
+                            input.name, input.splits
+                        ));
                     }
                 }
             }

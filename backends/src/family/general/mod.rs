@@ -117,6 +117,7 @@ pub fn compile_general(
                 abi: Vec::new(),
                 col_blocks: None,
                 chunk_tiles: None,
+                key_splits: 1,
             },
             contract,
         });

@@ -375,6 +375,7 @@ impl LinearKernels {
             tokens: m.gate.iter().map(|g| name(g.tensor)).collect(),
             states: program.states.iter().map(|s| s.name.clone()).collect(),
             row_outputs: Vec::new(),
+            row_inputs: vec![],
         };
         // Chunks of the whole problem: the grid's z.
         let chunks = match program.chunk_tiles {

@@ -326,6 +326,8 @@ fn lightning_walk(
         query_offset: false,
         look_back: part == Part::LookBack,
         reverse,
+        key_splits: 1,
+        row_inputs: vec![],
         chunk_tiles,
         states: match part {
             Part::Whole => vec![],

@@ -13,18 +13,18 @@
 pub mod program;
 pub mod recognize;
 
-pub use program::{projection_program, ProjectionSchedule};
+pub use program::{merge_program, partial_names, projection_program, ProjectionSchedule};
 pub use recognize::{recognize, Reading, Stat};
 
 use super::{
     contract, contract_tensor, dtype, CompileError, Compiled, ContractNames, ContractParts,
     FamilyError, Inputs, KernelFamily, Module, PlanKernels, Rate, Request,
 };
-use crate::abi::{Source, TensorRole};
+use crate::abi::{Scratch, Source, TensorRole};
 use crate::plan::Plan;
 use crate::print_ptx;
 use crate::ptx::Target;
-use crate::tile::{Elem, MmaUnit, ScalarExpr};
+use crate::tile::{Elem, MmaUnit, ScalarExpr, TileProgram};
 use einattn_ir::cascade::{Cascade, ReduceOp};
 use einattn_ir::validate::{Diagnostic, DiagnosticKind};
 use einattn_passes::analysis::GpuModel;
@@ -63,14 +63,30 @@ fn default_schedule(mma: MmaUnit) -> (ProjectionSchedule, &'static str) {
         // Two consumer warpgroups of 64 rows share each 128-column logit tile's B slices;
         // 5 stages of 32 KB keep 3 slices (96 KB) in flight ahead of the tensor cores.
         MmaUnit::Warpgroup => (
-            ProjectionSchedule { block_m: 128, block_n: 128, warps: 8, stages: 5, slice: 64, mma },
+            ProjectionSchedule { block_m: 128, block_n: 128, warps: 8, stages: 5, slice: 64, mma, splits: 1 },
             "wgmma: 2 warpgroups x 64 rows, m64n128k16 per 16 columns of d; 5 stages of 64-column slices (3 in flight past the one wgmma group kept pending)",
         ),
         MmaUnit::Sync => (
-            ProjectionSchedule { block_m: 128, block_n: 128, warps: 8, stages: 4, slice: 64, mma },
+            ProjectionSchedule { block_m: 128, block_n: 128, warps: 8, stages: 4, slice: 64, mma, splits: 1 },
             "mma.sync: 8 warps x 16 rows, 4 stages of 64-column slices (3 in flight)",
         ),
     }
+}
+
+/// The most CTAs one row tile's column loop is split across: the merge kernel holds every
+/// split's partial statistics of a row in registers.
+const MAX_SPLITS: u64 = 8;
+
+/// CTAs per row tile: 1 when the row tiles fill the GPU's SMs; otherwise as many as bring
+/// the grid closest to one CTA per SM without going past it, each with at least two column
+/// tiles (T = 8192 in 128-row tiles on 132 SMs: 64 row tiles, 2 splits).
+fn split_count(row_tiles: u64, col_tiles: u64, sms: u32) -> u32 {
+    let sms = u64::from(sms);
+    if row_tiles == 0 || row_tiles >= sms {
+        return 1;
+    }
+    let splits = (sms / row_tiles).min(col_tiles / 2).clamp(1, MAX_SPLITS);
+    u32::try_from(splits).unwrap_or(1)
 }
 
 /// Reads `cascade` as row statistics of a projection and compiles its kernel.
@@ -108,6 +124,11 @@ pub fn compile_projection(
     if let Some(st) = options.stages {
         s.stages = st;
     }
+    s.splits = split_count(
+        reading.n_rows.div_ceil(u64::from(s.block_m.max(1))),
+        reading.n_cols.div_ceil(u64::from(s.block_n.max(1))),
+        GpuModel::h100().sm_count,
+    );
     if s.slice != 64 {
         return Err(CompileError::Usage(format!(
             "error: the contracted rank `{}` streams in slices of 64 columns (one 128-byte swizzle block), not {}",
@@ -162,9 +183,6 @@ pub fn compile_projection(
             .into()
         }
     };
-    let program =
-        projection_program(&reading, elem, &s, entry, &stat_names, &outputs).map_err(&failed)?;
-    let ptx = print_ptx(&program, options.target).map_err(&failed)?;
     let report = einattn_passes::analysis::analyze(
         cascade,
         &einattn_passes::analysis::AnalysisOptions::default(),
@@ -172,7 +190,7 @@ pub fn compile_projection(
     let layout = |t, seq| super::Layout::of(cascade, t, None, Some(seq), None);
     let la = layout(reading.a, reading.row);
     let lb = layout(reading.b, reading.col);
-    let mut tensors = vec![
+    let inputs = vec![
         contract_tensor(
             cascade,
             reading.a,
@@ -188,27 +206,38 @@ pub fn compile_projection(
             Some(&lb),
         ),
     ];
-    for (t, _) in &reading.outputs {
-        tensors.push(contract_tensor(
-            cascade,
-            *t,
-            TensorRole::Output,
-            crate::abi::Dtype::F32,
-            None,
-        ));
-    }
-    let names = ContractNames {
-        tensors: vec![
-            cascade.tensors[reading.a].name.clone(),
-            cascade.tensors[reading.b].name.clone(),
-        ],
-        head_params: vec![],
-        scalars: vec![],
-        tokens: vec![],
-        states: vec![],
-        row_outputs: outputs.clone(),
+    let output_tensors: Vec<_> = reading
+        .outputs
+        .iter()
+        .map(|(t, _)| {
+            contract_tensor(
+                cascade,
+                *t,
+                TensorRole::Output,
+                crate::abi::Dtype::F32,
+                None,
+            )
+        })
+        .collect();
+    let partials = partial_names(&reading, &stat_names);
+    let scratch: Vec<Scratch> = if s.splits > 1 {
+        partials
+            .iter()
+            .map(|n| Scratch {
+                name: n.clone(),
+                dtype: crate::abi::Dtype::F32,
+                elements: u64::from(s.splits) * reading.n_rows,
+                zero_before_launch: false,
+                what: format!(
+                    "[{} splits, rows] partial statistics of the split column loop, read by the merge kernel",
+                    s.splits
+                ),
+            })
+            .collect()
+    } else {
+        Vec::new()
     };
-    let sizes = [
+    let sizes: std::collections::BTreeMap<String, u64> = [
         ("batch", 1),
         ("heads", 1),
         ("n_q", reading.n_rows),
@@ -219,33 +248,99 @@ pub fn compile_projection(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let mut c = contract(
-        &ptx,
-        ContractParts {
-            sizes,
-            tensors,
-            scratch: Vec::new(),
-            names,
-            requires: vec![],
-            family: json!({
-                "problem": {"rows": reading.n_rows, "cols": reading.n_cols,
-                            "depth": reading.depth, "elem": elem.name()},
-                "schedule": {"block_m": s.block_m, "block_n": s.block_n, "warps": s.warps,
-                             "stages": s.stages, "slice": s.slice, "mma": s.mma.name()},
-            }),
-        },
-    )?;
-    // The row outputs are the cascade's outputs themselves (`[rows]` f32, contiguous).
-    for p in &mut c.params {
-        if let Source::Scratch { scratch } = &p.from {
-            if outputs.contains(scratch) {
-                p.from = Source::Tensor {
-                    tensor: scratch.clone(),
-                };
+    let family = json!({
+        "problem": {"rows": reading.n_rows, "cols": reading.n_cols,
+                    "depth": reading.depth, "elem": elem.name()},
+        "schedule": {"block_m": s.block_m, "block_n": s.block_n, "warps": s.warps,
+                     "stages": s.stages, "slice": s.slice, "mma": s.mma.name(),
+                     "splits": s.splits},
+    });
+    // One module: its program, printed, and its contract (row outputs that are the
+    // cascade's outputs are those tensors, `[rows]` f32; the others are scratch).
+    let module = |program: TileProgram,
+                  tensors: Vec<crate::abi::ContractTensor>,
+                  tensor_names: Vec<String>,
+                  row_outputs: Vec<String>,
+                  row_inputs: Vec<String>|
+     -> Result<Module, FamilyError> {
+        let ptx = print_ptx(&program, options.target).map_err(&failed)?;
+        let names = ContractNames {
+            tensors: tensor_names,
+            head_params: vec![],
+            scalars: vec![],
+            tokens: vec![],
+            states: vec![],
+            row_outputs,
+            row_inputs,
+        };
+        let mut c = contract(
+            &ptx,
+            ContractParts {
+                sizes: sizes.clone(),
+                tensors,
+                scratch: scratch.clone(),
+                names,
+                requires: vec![],
+                family: family.clone(),
+            },
+        )?;
+        for p in &mut c.params {
+            if let Source::Scratch { scratch } = &p.from {
+                if outputs.contains(scratch) {
+                    p.from = Source::Tensor {
+                        tensor: scratch.clone(),
+                    };
+                }
             }
         }
+        c.check().map_err(CompileError::Input)?;
+        Ok(Module {
+            program: super::KernelProgram::Tile(Box::new(program)),
+            ptx,
+            contract: c,
+        })
+    };
+    let input_names = vec![
+        cascade.tensors[reading.a].name.clone(),
+        cascade.tensors[reading.b].name.clone(),
+    ];
+    let program = projection_program(&reading, elem, &s, entry.clone(), &stat_names, &outputs)
+        .map_err(&failed)?;
+    let mut modules = Vec::new();
+    if s.splits > 1 {
+        modules.push(module(
+            program,
+            inputs,
+            input_names,
+            partials.clone(),
+            vec![],
+        )?);
+        let merge = merge_program(
+            &reading,
+            s.splits,
+            format!("{entry}_merge"),
+            &stat_names,
+            &outputs,
+        )
+        .map_err(&failed)?;
+        modules.push(module(
+            merge,
+            output_tensors,
+            vec![],
+            outputs.clone(),
+            partials,
+        )?);
+    } else {
+        let mut tensors = inputs;
+        tensors.extend(output_tensors);
+        modules.push(module(
+            program,
+            tensors,
+            input_names,
+            outputs.clone(),
+            vec![],
+        )?);
     }
-    c.check().map_err(CompileError::Input)?;
     let flops = report.flops as f64;
     Ok(ProjectionKernels {
         cascade: cascade.clone(),
@@ -254,11 +349,7 @@ pub fn compile_projection(
         why,
         stat_names,
         passed_over: Vec::new(),
-        modules: vec![Module {
-            program: super::KernelProgram::Tile(Box::new(program)),
-            ptx,
-            contract: c,
-        }],
+        modules,
         flops,
         bytes: report.bytes_min as f64,
         bound_ms: report.roofline.time_lower_bound_s * 1e3,
@@ -429,6 +520,16 @@ impl Compiled for ProjectionKernels {
             s.mma.name()
         );
         let _ = writeln!(o, "  why: {}", self.why);
+        if s.splits > 1 {
+            let _ = writeln!(
+                o,
+                "  split: {} CTAs per row tile, each over its run of the `{}` tiles: {} row tiles alone would leave SMs idle; a merge kernel combines their partial maxima and sums by log-sum-exp (`{}_merge`)",
+                s.splits,
+                name(r.col),
+                r.n_rows.div_ceil(u64::from(s.block_m)),
+                self.modules[0].ptx.entry
+            );
+        }
         let _ = writeln!(
             o,
             "  shared memory {} B; the slice ring runs on across column tiles, so the next tile's first slices load during the epilogue",

@@ -3,8 +3,14 @@
 //! the inner rank, and folds it into running row statistics (a running max per max
 //! statistic, a rescaled running sum per sum part), as the online softmax does; after the
 //! loop the statistics and outputs are row maps of those.
+//!
+//! When the row tiles alone are too few to fill the GPU, the column loop is split across
+//! `splits` CTAs per row tile ([`TileProgram::key_splits`]): each stores its partial
+//! statistics (its running maxima and the running sums anchored at them), and a small merge
+//! program combines them by log-sum-exp (`S = sum_j S_j exp(M_j - M)`) and evaluates the
+//! outputs.
 
-use super::recognize::{Reading, Stat, Z_REG};
+use super::recognize::{Reading, Stat, SumPart, Z_REG};
 use crate::tile::ex::*;
 use crate::tile::*;
 
@@ -18,10 +24,32 @@ pub struct ProjectionSchedule {
     /// Columns of the inner rank per streamed slice (one 128-byte swizzle block).
     pub slice: u32,
     pub mma: MmaUnit,
+    /// CTAs per row tile, each walking its run of the column tiles (1: one kernel).
+    pub splits: u32,
+}
+
+/// The partial statistics a split program stores and its merge program reads, in order:
+/// each max statistic's running max, then each running sum part.
+pub fn partial_names(r: &Reading, stat_names: &[String]) -> Vec<String> {
+    let mut v = Vec::new();
+    for (k, (_, st)) in r.stats.iter().enumerate() {
+        if matches!(st, Stat::Max(_)) {
+            v.push(format!("{}_partial_max", stat_names[k]));
+        }
+    }
+    for (k, (_, st)) in r.stats.iter().enumerate() {
+        if let Stat::Sum(parts) = st {
+            for i in 0..parts.len() {
+                v.push(format!("{}_partial_sum{i}", stat_names[k]));
+            }
+        }
+    }
+    v
 }
 
 /// Builds the program; `outputs` names the row outputs (the cascade's output tensors), in
-/// the order of `r.outputs`.
+/// the order of `r.outputs`. With `s.splits > 1` the program is the split pass: its row
+/// outputs are [`partial_names`], and [`merge_program`] finishes the statistics.
 pub fn projection_program(
     r: &Reading,
     elem: Elem,
@@ -54,6 +82,8 @@ pub fn projection_program(
         },
         sequential: false,
         reverse: false,
+        key_splits: s.splits,
+        row_inputs: vec![],
         col_blocks: 1,
         chunk_tiles: 0,
         states: vec![],
@@ -61,10 +91,14 @@ pub fn projection_program(
         query_offset: false,
         look_back: false,
         tensors: vec![],
-        row_outputs: outputs
-            .iter()
-            .map(|n| RowOutput { name: n.clone() })
-            .collect(),
+        row_outputs: if s.splits > 1 {
+            partial_names(r, stat_names)
+        } else {
+            outputs.to_vec()
+        }
+        .into_iter()
+        .map(|name| RowOutput { name })
+        .collect(),
         scalars: vec![],
         head_params: vec![],
         shared: vec![],
@@ -232,11 +266,39 @@ pub fn projection_program(
         masks: vec![],
         body: lp,
     });
+    if s.splits > 1 {
+        // The partials, in the order of `partial_names`.
+        let maxima = r
+            .stats
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, st))| matches!(st, Stat::Max(_)))
+            .map(|(k, _)| stat(k));
+        for (i, src) in maxima.chain(sums.iter().map(|(_, _, id)| *id)).enumerate() {
+            body.push(Stmt::StoreRow {
+                src,
+                dst: RowOutputId(i as u32),
+            });
+        }
+    } else {
+        let runs: Vec<_> = sums.iter().map(|(k, part, id)| (*k, part, *id)).collect();
+        finish_statistics(&mut body, r, &runs);
+    }
+    p.body = body;
+    p.validate()?;
+    Ok(p)
+}
+
+/// After the column loop: every statistic that is not a running max, from the running sums
+/// `(statistic, part, its row)` and earlier statistics (rows `0..stats`), then the stores
+/// of the outputs.
+fn finish_statistics(body: &mut Vec<Stmt>, r: &Reading, runs: &[(usize, &SumPart, RowId)]) {
+    let stat = |k: usize| RowId(k as u32);
     for (k, (_, st)) in r.stats.iter().enumerate() {
         let expr = match st {
             Stat::Max(_) => continue,
             Stat::Row(e) => e.clone(),
-            Stat::Sum(_) => sums
+            Stat::Sum(_) => runs
                 .iter()
                 .filter(|(kk, _, _)| *kk == k)
                 .map(|(_, part, id)| mul(part.row.clone(), row(*id)))
@@ -251,6 +313,142 @@ pub fn projection_program(
             dst: RowOutputId(i as u32),
         });
     }
+}
+
+/// The merge of a split projection: per row, the running maxima of the `splits` partial
+/// programs give the row's max `M = max_j M_j`; each running sum is `sum_j S_j exp(M_j - M)`
+/// (a split that saw no column, `M_j = -inf`, adds nothing); then the statistics and outputs
+/// as the one-kernel program evaluates them. No loop, no tensors: one thread quad per row.
+pub fn merge_program(
+    r: &Reading,
+    splits: u32,
+    name: String,
+    stat_names: &[String],
+    outputs: &[String],
+) -> Result<TileProgram, TileError> {
+    let partials = partial_names(r, stat_names);
+    let mut p = TileProgram {
+        name,
+        schedule: TileSchedule {
+            block_m: 64,
+            warps: 4,
+            stages: 2,
+            skip_unit_rescale: false,
+            mma: MmaUnit::Sync,
+        },
+        sequential: false,
+        reverse: false,
+        key_splits: 1,
+        row_inputs: partials
+            .iter()
+            .map(|n| RowInput {
+                name: n.clone(),
+                splits,
+            })
+            .collect(),
+        col_blocks: 1,
+        chunk_tiles: 0,
+        states: vec![],
+        tokens: vec![],
+        query_offset: false,
+        look_back: false,
+        tensors: vec![],
+        row_outputs: outputs
+            .iter()
+            .map(|n| RowOutput { name: n.clone() })
+            .collect(),
+        scalars: vec![],
+        head_params: vec![],
+        shared: vec![],
+        regs: vec![],
+        rows: stat_names
+            .iter()
+            .map(|n| RowVec { name: n.clone() })
+            .collect(),
+        body: vec![],
+    };
+    let stat = |k: usize| RowId(k as u32);
+    let new_row = |p: &mut TileProgram, n: String| {
+        p.rows.push(RowVec { name: n });
+        RowId(p.rows.len() as u32 - 1)
+    };
+    // Every split's value of every partial, loaded.
+    let mut loaded = Vec::new();
+    let mut body = Vec::new();
+    for (i, n) in partials.iter().enumerate() {
+        let mut per_split = Vec::new();
+        for j in 0..splits {
+            let id = new_row(&mut p, format!("{n}_{j}"));
+            body.push(Stmt::LoadRow {
+                dst: id,
+                src: RowInputId(i as u32),
+                split: j,
+            });
+            per_split.push(id);
+        }
+        loaded.push(per_split);
+    }
+    let mut input = loaded.into_iter();
+    // The maxima, and each one's anchor (-inf replaced by 0, as in the split programs).
+    let mut maxima = std::collections::HashMap::new();
+    let mut anchors = std::collections::HashMap::new();
+    for (k, (_, st)) in r.stats.iter().enumerate() {
+        if matches!(st, Stat::Max(_)) {
+            let parts = input.next().unwrap_or_default();
+            let expr = parts
+                .iter()
+                .map(|&id| row(id))
+                .reduce(max)
+                .unwrap_or(lit(f64::NEG_INFINITY));
+            body.push(Stmt::RowMap { dst: stat(k), expr });
+            let used = new_row(&mut p, format!("{}_use", stat_names[k]));
+            body.push(Stmt::RowMap {
+                dst: used,
+                expr: select(
+                    CmpOp::Eq,
+                    row(stat(k)),
+                    lit(f64::NEG_INFINITY),
+                    lit(0.0),
+                    row(stat(k)),
+                ),
+            });
+            maxima.insert(k, parts);
+            anchors.insert(k, used);
+        }
+    }
+    let mut runs = Vec::new();
+    for (k, (_, st)) in r.stats.iter().enumerate() {
+        let Stat::Sum(parts) = st else { continue };
+        for (i, part) in parts.iter().enumerate() {
+            let values = input.next().unwrap_or_default();
+            let terms = values.iter().enumerate().map(|(j, &v)| match &part.anchor {
+                Some((m, _)) => {
+                    let mj = maxima.get(m).and_then(|ms| ms.get(j)).copied();
+                    let used = anchors.get(m).copied();
+                    match (mj, used) {
+                        // exp(M_j - M) carries split j's sum to the row's anchor; a split
+                        // that saw nothing (M_j = -inf) holds 0 and contributes 0.
+                        (Some(mj), Some(used)) => select(
+                            CmpOp::Eq,
+                            row(mj),
+                            lit(f64::NEG_INFINITY),
+                            lit(0.0),
+                            mul(row(v), un(UnaryOp::Exp, sub(row(mj), row(used)))),
+                        ),
+                        _ => lit(f64::NAN),
+                    }
+                }
+                None => row(v),
+            });
+            let merged = new_row(&mut p, format!("{}_run{i}", stat_names[k]));
+            body.push(Stmt::RowMap {
+                dst: merged,
+                expr: terms.reduce(add).unwrap_or(lit(0.0)),
+            });
+            runs.push((k, part, merged));
+        }
+    }
+    finish_statistics(&mut body, r, &runs);
     p.body = body;
     p.validate()?;
     Ok(p)

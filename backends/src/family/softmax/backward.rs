@@ -254,6 +254,8 @@ impl Builder {
             query_offset: false,
             look_back: false,
             reverse: false,
+            key_splits: 1,
+            row_inputs: vec![],
             tensors: vec![],
             row_outputs: vec![],
             scalars: vec![],

@@ -302,6 +302,7 @@ pub fn compile_gradient(
             tokens,
             states: vec![],
             row_outputs: dq_row_outputs(stats),
+            row_inputs: vec![],
         },
         sizes(m.n_q, m.n_k),
         "dq",
@@ -335,6 +336,7 @@ pub fn compile_gradient(
             tokens: vec![names::LSE.into(), names::DELTA.into()],
             states: vec![],
             row_outputs: vec![],
+            row_inputs: vec![],
         },
         // Its rows are keys and its loop walks queries.
         sizes(m.n_k, m.n_q),

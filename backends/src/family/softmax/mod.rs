@@ -164,6 +164,7 @@ fn build_module(
         tokens: Vec::new(),
         states: Vec::new(),
         row_outputs: program.row_outputs.iter().map(|r| r.name.clone()).collect(),
+        row_inputs: vec![],
     };
     let mut sizes: std::collections::BTreeMap<String, u64> = [
         ("batch", m.batch),

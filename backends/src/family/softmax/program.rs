@@ -337,6 +337,8 @@ pub fn flash_attention(
         query_offset: spec.query_offset,
         look_back: false,
         reverse: false,
+        key_splits: 1,
+        row_inputs: vec![],
         chunk_tiles: 0,
         states: vec![],
         name: spec.kernel_name(),
