@@ -584,23 +584,22 @@ pub fn emit(
     args: &KernelArgs,
 ) -> Result<String, CliError> {
     let source = SourceFile::load(file)?;
-    let main_module = |c: &dyn Compiled| -> Result<family::Module, CliError> {
-        c.main()
-            .cloned()
-            .ok_or_else(|| CliError::input("error: no kernels"))
+    // Every kernel in launch order: a split loop's main kernel comes before its merge.
+    let every_module = |text: &dyn Fn(&family::Module) -> String| -> Result<String, CliError> {
+        let compiled = build_kernels(&source, defines, args, false, None)?;
+        let modules = compiled.modules();
+        if modules.is_empty() {
+            return Err(CliError::input("error: no kernels"));
+        }
+        let mut texts: Vec<String> = modules.iter().map(text).collect();
+        // The general lowering's kernels share one program, which prints once.
+        texts.dedup();
+        Ok(texts.join("\n"))
     };
     match stage {
         Stage::Schedule => Ok(build_kernels(&source, defines, args, false, None)?.explain()),
-        Stage::Tile => Ok(main_module(
-            build_kernels(&source, defines, args, false, None)?.as_ref(),
-        )?
-        .program
-        .to_string()),
-        Stage::Ptx => Ok(main_module(
-            build_kernels(&source, defines, args, false, None)?.as_ref(),
-        )?
-        .ptx
-        .text),
+        Stage::Tile => every_module(&|m| m.program.to_string()),
+        Stage::Ptx => every_module(&|m| m.ptx.text.clone()),
         Stage::Ast => {
             let ast = einattn_dsl::parse(&source.name(), &source.text)
                 .map_err(|d| CliError::input(d.render(&source.name(), &source.text)))?;

@@ -315,7 +315,9 @@ enum EmitStage {
     Ir,
     Report,
     Schedule,
+    /// The Tile IR of every kernel, in launch order.
     Tile,
+    /// The PTX of every kernel, in launch order (`-o DIR` writes one file per kernel).
     Ptx,
 }
 

@@ -317,7 +317,7 @@ fn ptxas_accepts_the_full_size_kernel_without_spills() {
                 assert!(m
                     .ptx
                     .text
-                    .contains("wgmma.mma_async.sync.aligned.m64n128k16.f32"));
+                    .contains("wgmma.mma_async.sync.aligned.m64n192k16.f32"));
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use crate::check::prepared_inputs;
 use crate::given::Given;
-use crate::whole::{KernelText, Whole};
+use crate::whole::{describe_launches, KernelText, Whole};
 use crate::{device, ExecError, ReportFormat, Result};
 use einattn_backends::abi::{LaunchContract, Source};
 use einattn_backends::family::Rate;
@@ -111,7 +111,18 @@ pub fn bench(
     } else {
         None
     };
-    let resources = whole.resources()?;
+    let launched = whole.resources()?;
+    // The kernel that limits occupancy most speaks for the set.
+    let registers = launched
+        .iter()
+        .map(|l| l.resources.registers)
+        .max()
+        .unwrap_or(0);
+    let local_bytes = launched
+        .iter()
+        .map(|l| l.resources.local_bytes)
+        .max()
+        .unwrap_or(0);
     let family = &main.family;
     let mut value = json!({
         "device": whole.device,
@@ -119,8 +130,14 @@ pub fn bench(
         "cascade": cascade.name,
         "problem": family.get("problem"),
         "schedule": family.get("schedule"),
-        "registers": resources.registers,
-        "local_bytes": resources.local_bytes,
+        "kernels": launched.iter().map(|l| json!({
+            "entry": l.entry,
+            "registers": l.resources.registers,
+            "local_bytes": l.resources.local_bytes,
+            "dynamic_shared_bytes": l.dynamic_shared_bytes,
+        })).collect::<Vec<_>>(),
+        "registers": registers,
+        "local_bytes": local_bytes,
         "median_ms": t.median_ms,
         "min_ms": t.min_ms,
         "max_ms": t.max_ms,
@@ -244,8 +261,9 @@ pub fn bench(
             serde_json::to_string_pretty(&value).map_err(|e| ExecError::Input(e.to_string()))?
         }
         ReportFormat::Text => format!(
-            "device: {}\nkernel: {} ({} registers)\n{label}{timing}\n{fb_line}{rate}\n",
-            whole.device, main.kernel, resources.registers
+            "device: {}\nkernel: {}\n{label}{timing}\n{fb_line}{rate}\n",
+            whole.device,
+            describe_launches(&launched)
         ),
     })
 }

@@ -1,7 +1,7 @@
 //! `einattn check`: the kernels of a compile on fresh random inputs against the reference.
 
 use crate::given::Given;
-use crate::whole::{Inputs, KernelText, Whole};
+use crate::whole::{describe_launches, Inputs, KernelText, Whole};
 use crate::{device, ExecError, Result};
 use einattn_backends::abi::{Dtype, Manifest, TensorRole};
 use einattn_backends::reference::relative_error;
@@ -178,18 +178,10 @@ pub fn check(
         }
     });
     let pass = !errors.is_empty() && err < TOLERANCE;
-    let resources = whole.resources()?;
-    let main = kernels
-        .last()
-        .ok_or_else(|| ExecError::Input("no kernels".into()))?
-        .0;
+    let launched = whole.resources()?;
     let mut s = String::new();
     let _ = writeln!(s, "device: {}", whole.device);
-    let _ = writeln!(
-        s,
-        "kernel: {} ({} registers, {} B local, {} B shared)",
-        main.kernel, resources.registers, resources.local_bytes, main.dynamic_shared_bytes
-    );
+    let _ = writeln!(s, "kernel: {}", describe_launches(&launched));
     let _ = writeln!(
         s,
         "problem: {}; seed {seed}; reference: {reference_name}",

@@ -275,13 +275,53 @@ impl Whole {
     }
 
     /// Registers and local memory of the last kernel (the one that writes the output).
-    pub fn resources(&self) -> Result<KernelResources> {
-        let last = self
-            .launches
-            .last()
-            .ok_or_else(|| ExecError::Input("no kernels".into()))?;
-        Ok(last.kernel.resources()?)
+    /// Each launch's kernel, its resources as the driver reports them and its dynamic
+    /// shared memory, in launch order.
+    pub fn resources(&self) -> Result<Vec<LaunchResources>> {
+        if self.launches.is_empty() {
+            return Err(ExecError::Input("no kernels".into()));
+        }
+        self.launches
+            .iter()
+            .map(|l| {
+                Ok(LaunchResources {
+                    entry: l.kernel.entry.clone(),
+                    resources: l.kernel.resources()?,
+                    dynamic_shared_bytes: l.dims.dynamic_smem_bytes,
+                })
+            })
+            .collect()
     }
+}
+
+/// What one launch's kernel uses.
+pub struct LaunchResources {
+    pub entry: String,
+    pub resources: KernelResources,
+    pub dynamic_shared_bytes: u32,
+}
+
+impl LaunchResources {
+    /// `entry (R registers, L B local, S B shared)`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({} registers, {} B local, {} B shared)",
+            self.entry,
+            self.resources.registers,
+            self.resources.local_bytes,
+            self.dynamic_shared_bytes
+        )
+    }
+}
+
+/// Every launch described, joined by ` then ` in launch order (the line `check` and
+/// `bench` print: a split kernel and its merge both show).
+pub fn describe_launches(launches: &[LaunchResources]) -> String {
+    launches
+        .iter()
+        .map(LaunchResources::describe)
+        .collect::<Vec<_>>()
+        .join(" then ")
 }
 
 /// Launch dimensions of a contract for a grid.

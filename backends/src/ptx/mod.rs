@@ -159,9 +159,9 @@ fn f32_lit(x: f64) -> String {
     format!("0f{:08X}", (x as f32).to_bits())
 }
 
+/// What the statements of the key loop's body see of the loop.
 struct LoopState {
     masks: Vec<BandMask>,
-    block_n: u32,
 }
 
 struct Printer<'a> {

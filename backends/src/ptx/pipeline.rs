@@ -316,7 +316,6 @@ impl Printer<'_> {
         self.ins(format!("cvt.rn.f32.s32 {kf}, {kcol};"));
         let st = LoopState {
             masks: masks.to_vec(),
-            block_n,
         };
         self.in_loop = true;
         self.emit_block(body, Some(&st))?;

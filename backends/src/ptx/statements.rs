@@ -3,6 +3,18 @@
 
 use super::*;
 
+/// Independent running chains of a row reduction over mapped values: enough to hide the
+/// add's latency, few enough to keep registers for the accumulator tile.
+const REDUCE_CHAINS: usize = 4;
+
+/// The f32 instruction of a reduction.
+fn reduce_instruction(op: ReduceOp) -> &'static str {
+    match op {
+        ReduceOp::Max => "max.f32",
+        ReduceOp::Sum => "add.f32",
+    }
+}
+
 impl Printer<'_> {
     pub(super) fn emit_block(
         &mut self,
@@ -12,6 +24,126 @@ impl Printer<'_> {
         for st in body {
             self.wait_for_conflicting_wgmma(st);
             self.emit_stmt(st, lp)?;
+        }
+        Ok(())
+    }
+
+    /// Per-row limits of the key loop's band masks for row `mt * 16 + half * 8` of this
+    /// thread: keys past a limit are hidden (`gt`: key > p + bound; `lt`: key < p - bound).
+    fn mask_limits(&mut self, lp: &LoopState, mt: u32, half: u32) -> Vec<(&'static str, String)> {
+        let pi = self.r();
+        self.ins(format!("add.s32 {pi}, %prowpos0, {};", mt * 16 + half * 8));
+        let mut limits = Vec::new();
+        for m in &lp.masks {
+            let l = self.r();
+            match m.direction {
+                BandDirection::KeyMinusQuery => {
+                    self.ins(format!("add.s32 {l}, {pi}, {};", m.bound));
+                    limits.push(("gt", l));
+                }
+                BandDirection::QueryMinusKey => {
+                    self.ins(format!("sub.s32 {l}, {pi}, {};", m.bound));
+                    limits.push(("lt", l));
+                }
+            }
+        }
+        limits
+    }
+
+    /// A predicate: this thread's element (`nt`, `lo`) of a row is past `N_k` or outside a
+    /// band mask.
+    fn mask_hides(&mut self, limits: &[(&'static str, String)], nt: u32, lo: u32) -> String {
+        let key = self.r();
+        self.ins(format!("add.s32 {key}, %kcol, {};", nt * 8 + lo));
+        let pr = self.pred();
+        self.ins(format!("setp.ge.s32 {pr}, {key}, %nk;"));
+        for (cmp, l) in limits {
+            self.ins(format!("setp.{cmp}.or.s32 {pr}, {key}, {l}, {pr};"));
+        }
+        pr
+    }
+
+    /// One row's reduction over this thread's values, then across the row's four threads.
+    fn reduce_row(&mut self, mut vals: Vec<String>, op: ReduceOp) -> String {
+        let opn = reduce_instruction(op);
+        // Pairwise tree: shorter dependency chains than a linear fold.
+        while vals.len() > 1 {
+            let mut next = Vec::new();
+            for pair in vals.chunks(2) {
+                if pair.len() == 2 {
+                    let t = self.f();
+                    self.ins(format!("{opn} {t}, {}, {};", pair[0], pair[1]));
+                    next.push(t);
+                } else {
+                    next.push(pair[0].clone());
+                }
+            }
+            vals = next;
+        }
+        let mut v = vals.pop().unwrap_or_else(|| f32_lit(0.0));
+        for x in [1, 2] {
+            let s = self.f();
+            self.ins(format!("shfl.sync.bfly.b32 {s}, {v}, {x}, 31, -1;"));
+            let t = self.f();
+            self.ins(format!("{opn} {t}, {v}, {s};"));
+            v = t;
+        }
+        v
+    }
+
+    /// [`Stmt::RowReduceMap`] with the masks applied (`hide`) or not.
+    fn emit_row_reduce_map(
+        &mut self,
+        dst: RowId,
+        op: ReduceOp,
+        expr: &ScalarExpr,
+        cols: u32,
+        hide: Option<(f64, &LoopState)>,
+    ) -> Result<(), TileError> {
+        for mt in 0..self.mtiles {
+            for half in 0..2 {
+                let limits = match hide {
+                    Some((_, lp)) => self.mask_limits(lp, mt, half),
+                    None => Vec::new(),
+                };
+                // Each value joins one of a few running chains as soon as it exists, so
+                // only the chains and the values in flight hold registers: a tree over
+                // every value first would keep the whole mapped row live.
+                let mut chains: Vec<String> = Vec::new();
+                let mut k = 0;
+                for nt in 0..cols / 8 {
+                    for lo in 0..2 {
+                        let ctx = ElemCtx {
+                            mt,
+                            half,
+                            col: Some((nt, lo)),
+                        };
+                        let v = self.emit_expr(expr, &ctx)?;
+                        let v = match hide {
+                            Some((fill, _)) => {
+                                let pr = self.mask_hides(&limits, nt, lo);
+                                let h = self.f();
+                                self.ins(format!("selp.f32 {h}, {}, {v}, {pr};", f32_lit(fill)));
+                                h
+                            }
+                            None => v,
+                        };
+                        if chains.len() < REDUCE_CHAINS {
+                            let c = self.f();
+                            self.ins(format!("mov.f32 {c}, {v};"));
+                            chains.push(c);
+                        } else {
+                            let c = &chains[k % REDUCE_CHAINS];
+                            self.ins(format!("{} {c}, {c}, {v};", reduce_instruction(op)));
+                        }
+                        k += 1;
+                    }
+                }
+                let vals = chains;
+                let v = self.reduce_row(vals, op);
+                let r = self.row_reg(dst, mt, half);
+                self.ins(format!("mov.f32 {r}, {v};"));
+            }
         }
         Ok(())
     }
@@ -138,50 +270,22 @@ impl Printer<'_> {
                 let skip = self.label("nomask");
                 self.ins(format!("@!%needmask bra.uni {skip};"));
                 let cols = prog.regs[dst.index()].cols;
-                let masks = lp.masks.clone();
                 for mt in 0..self.mtiles {
                     for half in 0..2 {
-                        // Per-row limits: key > p + bound (KeyMinusQuery) or key < p - bound.
-                        let pi = self.r();
-                        self.ins(format!("add.s32 {pi}, %prowpos0, {};", mt * 16 + half * 8));
-                        let mut lims = Vec::new();
-                        for m in &masks {
-                            let l = self.r();
-                            match m.direction {
-                                BandDirection::KeyMinusQuery => {
-                                    self.ins(format!("add.s32 {l}, {pi}, {};", m.bound));
-                                    lims.push(("gt", l));
-                                }
-                                BandDirection::QueryMinusKey => {
-                                    self.ins(format!("sub.s32 {l}, {pi}, {};", m.bound));
-                                    lims.push(("lt", l));
-                                }
-                            }
-                        }
+                        let limits = self.mask_limits(lp, mt, half);
                         for nt in 0..cols / 8 {
                             for lo in 0..2 {
-                                let key = self.r();
-                                self.ins(format!("add.s32 {key}, %kcol, {};", nt * 8 + lo));
-                                let pr = self.pred();
-                                self.ins(format!("setp.ge.s32 {pr}, {key}, %nk;"));
-                                for (cmp, l) in &lims {
-                                    self.ins(format!("setp.{cmp}.or.s32 {pr}, {key}, {l}, {pr};"));
-                                }
+                                let pr = self.mask_hides(&limits, nt, lo);
                                 let r = self.acc_reg(*dst, mt, nt, half * 2 + lo);
                                 self.ins(format!("selp.f32 {r}, {}, {r}, {pr};", f32_lit(*fill)));
                             }
                         }
                     }
                 }
-                let _ = lp.block_n;
                 self.body.push_str(&format!("{skip}:\n"));
             }
             Stmt::RowReduce { dst, src, op } => {
                 let cols = prog.regs[src.index()].cols;
-                let opn = match op {
-                    ReduceOp::Max => "max.f32",
-                    ReduceOp::Sum => "add.f32",
-                };
                 for mt in 0..self.mtiles {
                     for half in 0..2 {
                         let mut vals: Vec<String> = Vec::new();
@@ -190,31 +294,39 @@ impl Printer<'_> {
                                 vals.push(self.acc_reg(*src, mt, nt, half * 2 + lo));
                             }
                         }
-                        // Pairwise tree: shorter dependency chains than a linear fold.
-                        while vals.len() > 1 {
-                            let mut next = Vec::new();
-                            for pair in vals.chunks(2) {
-                                if pair.len() == 2 {
-                                    let t = self.f();
-                                    self.ins(format!("{opn} {t}, {}, {};", pair[0], pair[1]));
-                                    next.push(t);
-                                } else {
-                                    next.push(pair[0].clone());
-                                }
-                            }
-                            vals = next;
-                        }
-                        let mut v = vals.pop().unwrap_or_else(|| f32_lit(0.0));
-                        for x in [1, 2] {
-                            let s = self.f();
-                            self.ins(format!("shfl.sync.bfly.b32 {s}, {v}, {x}, 31, -1;"));
-                            let t = self.f();
-                            self.ins(format!("{opn} {t}, {v}, {s};"));
-                            v = t;
-                        }
+                        let v = self.reduce_row(vals, *op);
                         let r = self.row_reg(*dst, mt, half);
                         self.ins(format!("mov.f32 {r}, {v};"));
                     }
+                }
+            }
+            Stmt::RowReduceMap {
+                dst,
+                op,
+                expr,
+                shape,
+                mask_fill,
+            } => {
+                let cols = prog.regs[shape.index()].cols;
+                match (mask_fill, lp) {
+                    (Some(fill), Some(lp)) => {
+                        // Two copies, masked and not, so that no element outlives its
+                        // branch: only the row's result crosses the join.
+                        let masked = self.label("masked");
+                        let join = self.label("reduced");
+                        self.ins(format!("@%needmask bra.uni {masked};"));
+                        self.emit_row_reduce_map(*dst, *op, expr, cols, None)?;
+                        self.ins(format!("bra.uni {join};"));
+                        self.body.push_str(&format!("{masked}:\n"));
+                        self.emit_row_reduce_map(*dst, *op, expr, cols, Some((*fill, lp)))?;
+                        self.body.push_str(&format!("{join}:\n"));
+                    }
+                    (Some(_), None) => {
+                        return Err(TileError::Invalid(
+                            "RowReduceMap masked outside the key loop".into(),
+                        ))
+                    }
+                    (None, _) => self.emit_row_reduce_map(*dst, *op, expr, cols, None)?,
                 }
             }
             Stmt::RowDot { dst, a, b } => {

@@ -78,6 +78,11 @@ impl Printer<'_> {
                 regs.push(*src);
                 false
             }
+            Stmt::RowReduceMap { expr, shape, .. } => {
+                regs.push(*shape);
+                expr_regs(expr, &mut regs);
+                false
+            }
             Stmt::RowMap { expr, .. } => {
                 expr_regs(expr, &mut regs);
                 false

@@ -417,6 +417,42 @@ impl Cta<'_> {
                         };
                     }
                 }
+                Stmt::RowReduceMap {
+                    dst,
+                    op,
+                    expr,
+                    shape,
+                    mask_fill,
+                } => {
+                    let cols = self.prog.regs[shape.index()].cols as usize;
+                    let hide = match (mask_fill, lp) {
+                        (Some(fill), Some(lp)) if lp.needs_mask => Some((*fill, lp)),
+                        _ => None,
+                    };
+                    for r in 0..bm {
+                        let p = (self.p0 + self.q_offset + r) as i64;
+                        let mut acc = match op {
+                            ReduceOp::Max => f64::NEG_INFINITY,
+                            ReduceOp::Sum => 0.0,
+                        };
+                        for c in 0..cols {
+                            let mut v = self.eval(expr, io, r, Some(c))?;
+                            if let Some((fill, lp)) = hide {
+                                let m = (self.key_origin + c) as i64;
+                                if m >= self.prob.n_k as i64
+                                    || !lp.masks.iter().all(|mk| mk.allows(p, m))
+                                {
+                                    v = fill;
+                                }
+                            }
+                            acc = match op {
+                                ReduceOp::Max => acc.max(v),
+                                ReduceOp::Sum => acc + v,
+                            };
+                        }
+                        self.rows[dst.index()][r] = acc;
+                    }
+                }
                 Stmt::RowDot { dst, a, b } => {
                     let cols = self.prog.regs[a.index()].cols as usize;
                     let (x, y) = (&self.regs[a.index()], &self.regs[b.index()]);

@@ -640,6 +640,18 @@ pub enum Stmt {
         src: RegId,
         op: ReduceOp,
     },
+    /// `dst[r] = reduce over c of expr[r][c]`, the elements a boundary tile's masks hide
+    /// counted as `mask_fill` when it is given: `Map`, `Mask` and `RowReduce` of a tile that
+    /// nobody reads again, without the tile. `shape` is a tile of the elements' shape (one
+    /// `expr` reads). No register tile holds the map, so a wide tile's statistics cost no
+    /// second tile of registers (the row statistics of a projection).
+    RowReduceMap {
+        dst: RowId,
+        op: ReduceOp,
+        expr: ScalarExpr,
+        shape: RegId,
+        mask_fill: Option<f64>,
+    },
     /// `dst[r] = expr` for every row (expr may read rows and the query index).
     RowMap { dst: RowId, expr: ScalarExpr },
     /// `dst[r] = sum over c of a[r][c] * b[r][c]` in f32, for two 16-bit A-fragment tiles

@@ -201,6 +201,25 @@ impl TileProgram {
                     op,
                     self.regs[src.index()].name
                 )?,
+                Stmt::RowReduceMap {
+                    dst,
+                    op,
+                    expr,
+                    mask_fill,
+                    ..
+                } => {
+                    write!(
+                        f,
+                        "{pad}{} = row_{:?}(map {})",
+                        self.rows[dst.index()].name,
+                        op,
+                        self.fmt_expr(expr)
+                    )?;
+                    match mask_fill {
+                        Some(fill) => writeln!(f, " masked fill {fill}")?,
+                        None => writeln!(f)?,
+                    }
+                }
                 Stmt::RowDot { dst, a, b } => writeln!(
                     f,
                     "{pad}{} = row_dot({}, {})",

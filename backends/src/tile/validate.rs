@@ -382,6 +382,31 @@ impl TileProgram {
                         return invalid("RowReduce needs a row vector and an f32 tile");
                     }
                 }
+                Stmt::RowReduceMap {
+                    dst,
+                    expr,
+                    shape,
+                    mask_fill,
+                    ..
+                } => {
+                    let d = self.reg(*shape)?;
+                    if dst.index() >= self.rows.len() || d.kind != RegKind::Accumulator {
+                        return invalid("RowReduceMap needs a row vector and an f32 tile's shape");
+                    }
+                    if mask_fill.is_some() && (!in_loop || d.col_rank != ColRank::Key) {
+                        return invalid(
+                            "RowReduceMap masks key-indexed elements inside the key loop only",
+                        );
+                    }
+                    if d.col_rank == ColRank::Key && !in_loop {
+                        let mut uses_key = false;
+                        expr.visit(&mut |n| uses_key |= *n == ScalarExpr::Index(SeqRank::Key));
+                        if uses_key {
+                            return invalid("key index used outside the key loop");
+                        }
+                    }
+                    self.check_expr(expr, Some(d))?;
+                }
                 Stmt::RowMap { dst, expr } => {
                     if dst.index() >= self.rows.len() {
                         return invalid("unknown row vector");

@@ -129,15 +129,16 @@ pub fn projection_program(
         });
     }
     let (a_s, b_s) = (SharedId(0), SharedId(1));
-    for n in ["z", "t"] {
-        p.regs.push(RegTile {
-            name: n.into(),
-            cols: s.block_n,
-            col_rank: ColRank::Key,
-            kind: RegKind::Accumulator,
-        });
-    }
-    let (z, t) = (Z_REG, RegId(1));
+    // The logits tile is the only register tile: each statistic reduces a map of it
+    // without materializing the map (`RowReduceMap`), so a wide tile costs one tile of
+    // registers, not two.
+    p.regs.push(RegTile {
+        name: "z".into(),
+        cols: s.block_n,
+        col_rank: ColRank::Key,
+        kind: RegKind::Accumulator,
+    });
+    let z = Z_REG;
     // Rows 0..stats: the statistics (a max statistic's row is its running max).
     for n in stat_names {
         p.rows.push(RowVec { name: n.clone() });
@@ -197,18 +198,12 @@ pub fn projection_program(
     for (k, (_, st)) in r.stats.iter().enumerate() {
         if let Stat::Max(arg) = st {
             let (n, u) = max_rows[&k];
-            lp.push(Stmt::Map {
-                dst: t,
-                expr: arg.clone(),
-            });
-            lp.push(Stmt::Mask {
-                dst: t,
-                fill: f64::NEG_INFINITY,
-            });
-            lp.push(Stmt::RowReduce {
+            lp.push(Stmt::RowReduceMap {
                 dst: tile,
-                src: t,
                 op: ReduceOp::Max,
+                expr: arg.clone(),
+                shape: z,
+                mask_fill: Some(f64::NEG_INFINITY),
             });
             lp.push(Stmt::RowMap {
                 dst: n,
@@ -235,12 +230,12 @@ pub fn projection_program(
             }
             None => (part.h.clone(), None),
         };
-        lp.push(Stmt::Map { dst: t, expr: term });
-        lp.push(Stmt::Mask { dst: t, fill: 0.0 });
-        lp.push(Stmt::RowReduce {
+        lp.push(Stmt::RowReduceMap {
             dst: tile,
-            src: t,
             op: ReduceOp::Sum,
+            expr: term,
+            shape: z,
+            mask_fill: Some(0.0),
         });
         let carried = match rescale {
             Some(f) => mul(row(*id), f),
