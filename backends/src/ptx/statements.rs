@@ -433,6 +433,12 @@ impl Printer<'_> {
                 self.comment(format!("store {}", t.name));
                 let sequential = prog.sequential;
                 let col_block = cols < t.head_dim;
+                // A split program's CTA writes its own copy of the f32 partial.
+                let base = if prog.key_splits > 1 {
+                    self.copy_base(*dst, "%ctaid.z")
+                } else {
+                    format!("%base{}", dst.0)
+                };
                 for mt in 0..self.mtiles {
                     for half in 0..2 {
                         let pi = self.r();
@@ -445,7 +451,7 @@ impl Printer<'_> {
                         let addr = self.rd();
                         self.ins(format!("cvt.u64.u32 {addr}, {pi};"));
                         self.ins(format!("mul.lo.u64 {addr}, {addr}, %rsb{};", dst.0));
-                        self.ins(format!("add.u64 {addr}, {addr}, %base{};", dst.0));
+                        self.ins(format!("add.u64 {addr}, {addr}, {base};"));
                         if col_block {
                             let cb = self.rd();
                             self.ins(format!(
@@ -471,6 +477,37 @@ impl Printer<'_> {
                                     "@{ok} st.global.v2.f32 [{addr}+{at}], {{{lo}, {hi}}};"
                                 )),
                             }
+                        }
+                    }
+                }
+            }
+            Stmt::LoadPartial { dst, src, split } => {
+                let t = &prog.tensors[src.index()];
+                let cols = prog.regs[dst.index()].cols;
+                self.comment(format!("load {}[{split}]", t.name));
+                let base = self.copy_base(*src, &split.to_string());
+                for mt in 0..self.mtiles {
+                    for half in 0..2 {
+                        let pi = self.r();
+                        self.ins(format!("add.s32 {pi}, %prow0, {};", mt * 16 + half * 8));
+                        let ok = self.pred();
+                        self.ins(format!("setp.lt.s32 {ok}, {pi}, %nq;"));
+                        let addr = self.rd();
+                        self.ins(format!("cvt.u64.u32 {addr}, {pi};"));
+                        self.ins(format!("mul.lo.u64 {addr}, {addr}, %rsb{};", src.0));
+                        self.ins(format!("add.u64 {addr}, {addr}, {base};"));
+                        let cb = self.rd();
+                        self.ins(format!("mul.wide.u32 {cb}, %tig, 8;"));
+                        self.ins(format!("add.u64 {addr}, {addr}, {cb};"));
+                        for nt in 0..cols / 8 {
+                            let lo = self.acc_reg(*dst, mt, nt, half * 2);
+                            let hi = self.acc_reg(*dst, mt, nt, half * 2 + 1);
+                            self.ins(format!("mov.f32 {lo}, 0f00000000;"));
+                            self.ins(format!("mov.f32 {hi}, 0f00000000;"));
+                            self.ins(format!(
+                                "@{ok} ld.global.v2.f32 {{{lo}, {hi}}}, [{addr}+{}];",
+                                nt * 32
+                            ));
                         }
                     }
                 }
@@ -521,6 +558,27 @@ impl Printer<'_> {
     /// Row `mt * 16 + half * 8` of this thread's rows in a `[.., B, H, N_q]` f32 row array
     /// at `base` (split `split`'s slice when given): whether the row is `< N_q` (and, with
     /// `quad_leader`, this thread is the first of the row's quad), and its address.
+    /// The base of copy `copy` (a register or literal) of a split partial: the tensor's
+    /// (batch, head) base moved by `copy * B` batches (B = grid y / heads).
+    fn copy_base(&mut self, t: TensorId, copy: &str) -> String {
+        let batches = self.r();
+        self.ins(format!("mov.u32 {batches}, %nctaid.y;"));
+        self.ins(format!("div.u32 {batches}, {batches}, %heads;"));
+        let c = self.r();
+        self.ins(format!("mov.u32 {c}, {copy};"));
+        self.ins(format!("mul.lo.u32 {batches}, {batches}, {c};"));
+        let off = self.rd();
+        self.ins(format!("cvt.u64.u32 {off}, {batches};"));
+        self.ins(format!("mul.lo.u64 {off}, {off}, %sb{};", t.0));
+        self.ins(format!(
+            "shl.b64 {off}, {off}, {};",
+            self.prog.tensors[t.index()].elem.bytes().trailing_zeros()
+        ));
+        let base = self.rd();
+        self.ins(format!("add.u64 {base}, %base{}, {off};", t.0));
+        base
+    }
+
     fn row_address(
         &mut self,
         mt: u32,

@@ -92,6 +92,10 @@ impl Printer<'_> {
                 regs.push(*b);
                 false
             }
+            Stmt::LoadPartial { dst, .. } => {
+                regs.push(*dst);
+                false
+            }
             Stmt::LoadStatePrefix { dst, .. } => {
                 regs.push(*dst);
                 false

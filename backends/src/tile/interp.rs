@@ -548,8 +548,17 @@ impl Cta<'_> {
                         if p >= self.prob.n_q {
                             continue;
                         }
+                        // A split program's CTA writes its own copy (batch `split B + b`).
+                        let batch = self.split * self.prob.batch + self.b;
                         let t = &mut io.tensors[dst.index()];
-                        let off = t.offset(self.b, p, head) + col0;
+                        let off = t.offset(batch, p, head) + col0;
+                        if off + cols > t.data.len() {
+                            return invalid(format!(
+                                "tensor {} is too small for split {}",
+                                self.prog.tensors[dst.index()].name,
+                                self.split
+                            ));
+                        }
                         for c in 0..cols {
                             t.data[off + c] = self.prog.tensors[dst.index()]
                                 .elem
@@ -628,6 +637,28 @@ impl Cta<'_> {
                             + p;
                         io.row_outputs[dst.index()][idx] = self.rows[src.index()][r] as f32 as f64;
                     }
+                }
+                Stmt::LoadPartial { dst, src, split } => {
+                    let cols = self.prog.regs[dst.index()].cols as usize;
+                    let head = self.head_of(SeqRank::Query);
+                    let batch = *split as usize * self.prob.batch + self.b;
+                    let t = &io.tensors[src.index()];
+                    let mut out = vec![0.0; bm * cols];
+                    for r in 0..bm {
+                        let p = self.p0 + r;
+                        if p >= self.prob.n_q {
+                            continue;
+                        }
+                        let off = t.offset(batch, p, head);
+                        let Some(row) = t.data.get(off..off + cols) else {
+                            return invalid(format!(
+                                "tensor {} is too small for split {split}",
+                                self.prog.tensors[src.index()].name
+                            ));
+                        };
+                        out[r * cols..(r + 1) * cols].copy_from_slice(row);
+                    }
+                    self.regs[dst.index()] = out;
                 }
                 Stmt::LoadRow { dst, src, split } => {
                     let input = &io.row_inputs[src.index()];

@@ -680,8 +680,18 @@ pub enum Stmt {
         masks: Vec<BandMask>,
         body: Vec<Stmt>,
     },
-    /// Write the rows `< N_q` of an f32 tile (head-dim columns) to a query-rank tensor.
+    /// Write the rows `< N_q` of an f32 tile (head-dim columns) to a query-rank tensor. In
+    /// a program with [`TileProgram::key_splits`] > 1 the tensor is f32 and holds one copy
+    /// per split, stacked along the batch rank: the CTA of split `s` writes batch `s B + b`.
     Store { src: RegId, dst: TensorId },
+    /// Read copy `split` of an f32 query-rank tensor that a split program stored (batch
+    /// `split B + b`) into an f32 tile of head-dim columns; rows past `N_q` read 0. Outside
+    /// the key loop of a program that is not sequential (the merge of a split key loop).
+    LoadPartial {
+        dst: RegId,
+        src: TensorId,
+        split: u32,
+    },
     /// Write the rows `< N_q` of a row vector to a row output (at `[split, B, H, N_q]` in a
     /// program with [`TileProgram::key_splits`] > 1: the CTA's split of the key loop).
     StoreRow { src: RowId, dst: RowOutputId },

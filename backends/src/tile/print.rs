@@ -254,6 +254,12 @@ impl TileProgram {
                     self.regs[src.index()].name,
                     self.tensors[dst.index()].name
                 )?,
+                Stmt::LoadPartial { dst, src, split } => writeln!(
+                    f,
+                    "{pad}{} = load {}[{split}]",
+                    self.regs[dst.index()].name,
+                    self.tensors[src.index()].name
+                )?,
                 Stmt::StoreRow { src, dst } => writeln!(
                     f,
                     "{pad}store {} -> {}",

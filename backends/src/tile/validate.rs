@@ -476,6 +476,29 @@ impl TileProgram {
                     if !d.is_output || !shape_ok || s.kind != RegKind::Accumulator {
                         return invalid(format!("Store {} -> {}: mismatched", s.name, d.name));
                     }
+                    if self.key_splits > 1 && d.elem != Elem::F32 {
+                        return invalid(format!(
+                            "Store {} -> {}: a split key loop stores f32 partials, one copy per split",
+                            s.name, d.name
+                        ));
+                    }
+                }
+                Stmt::LoadPartial { dst, src, .. } => {
+                    let r = self.reg(*dst)?;
+                    let t = self.tensor(*src)?;
+                    if in_loop
+                        || self.sequential
+                        || t.elem != Elem::F32
+                        || t.rows != SeqRank::Query
+                        || t.is_output
+                        || r.kind != RegKind::Accumulator
+                        || r.cols != t.head_dim
+                    {
+                        return invalid(format!(
+                            "LoadPartial {} <- {}: an f32 tile of the query-rank f32 input's head dim, outside any loop",
+                            r.name, t.name
+                        ));
+                    }
                 }
                 Stmt::StoreRow { src, dst } => {
                     if src.index() >= self.rows.len() || dst.index() >= self.row_outputs.len() {

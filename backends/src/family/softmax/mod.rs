@@ -12,6 +12,7 @@ pub mod plan;
 pub mod program;
 pub mod recognize;
 pub mod schedule;
+pub mod split;
 
 pub use program::{flash_attention, AttentionSchedule, AttentionSpec};
 pub use recognize::{recognize, AttentionMatch, Roles, Running};
@@ -114,11 +115,15 @@ pub fn compile_softmax(
             }
         }
         let schedule = schedule(&cascade, &sched).map_err(refuse)?;
-        let module = build_module(&cascade, &schedule, schedule.spec().clone())?;
+        let modules = if schedule.estimate.splits > 1 {
+            split::split_modules(&cascade, &schedule, schedule.estimate.splits)?
+        } else {
+            vec![build_module(&cascade, &schedule, schedule.spec().clone())?]
+        };
         Ok(SoftmaxKernels {
             cascade,
             schedule,
-            modules: vec![module],
+            modules,
         })
     }
 }
@@ -130,6 +135,16 @@ fn build_module(
     spec: AttentionSpec,
 ) -> Result<Module, CompileError> {
     let (program, _) = flash_attention(&spec, &schedule.kernel).map_err(backend_error)?;
+    module_of(cascade, schedule, &spec, program)
+}
+
+/// The module of an attention program of `spec` (Q, K, V in, O out) with its contract.
+pub(super) fn module_of(
+    cascade: &Cascade,
+    schedule: &Schedule,
+    spec: &AttentionSpec,
+    program: crate::tile::TileProgram,
+) -> Result<Module, CompileError> {
     let ptx = print_ptx(&program, schedule.target).map_err(backend_error)?;
     let m = &schedule.matched;
     let elem = dtype(spec.elem);

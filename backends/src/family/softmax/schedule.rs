@@ -11,6 +11,7 @@
 use super::recognize::{recognize, AttentionMatch};
 
 use super::program::{AttentionSchedule, AttentionSpec};
+use super::split::split_count;
 use crate::tile::{key_tile_range, Elem, MmaUnit};
 use crate::Target;
 use einattn_ir::cascade::{Cascade, Span};
@@ -57,6 +58,9 @@ pub struct Estimate {
     pub seconds: f64,
     /// Which resource bounds a key tile's time: "tensor cores", "exp/ALU" or "L2 loads".
     pub bound: &'static str,
+    /// CTAs per query tile, each walking its run of the key tiles (1: one kernel; more: a
+    /// split key loop and a merge kernel, for grids too small to fill the GPU).
+    pub splits: u32,
 }
 
 /// A scheduled kernel.
@@ -113,12 +117,22 @@ impl Schedule {
         }
         let _ = writeln!(
             s,
-            "grid: (ceil(n_q / {}), batch * heads, 1) = ({}, {}, 1); {} threads",
+            "grid: (ceil(n_q / {}), batch * heads, {}) = ({}, {}, {}); {} threads",
             self.kernel.block_m,
+            self.estimate.splits,
             m.n_q.div_ceil(self.kernel.block_m as u64),
             m.batch * m.heads,
+            self.estimate.splits,
             self.kernel.warps * 32
         );
+        if self.estimate.splits > 1 {
+            let _ = writeln!(
+                s,
+                "split key loop: {} CTAs per query tile, each over its run of the key tiles: {} CTAs of (query tile, batch, head) alone would leave SMs idle; a merge kernel combines their maxima, sums and f32 numerators by log-sum-exp (flash-decoding)",
+                self.estimate.splits,
+                m.n_q.div_ceil(self.kernel.block_m as u64) * m.batch * m.heads
+            );
+        }
         let mma = match self.kernel.mma {
             MmaUnit::Sync => "mma.sync m16n8k16 per warp".to_string(),
             MmaUnit::Warpgroup => format!(
@@ -222,10 +236,16 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     }
     let fixed = |o: Option<u32>| o.map(|v| vec![v]);
     // wgmma gives each warp 16 rows of a 64-row warpgroup tile; mma.sync warps own 16 or 32.
-    let (default_ms, default_warps) = match mma {
+    let (mut default_ms, mut default_warps) = match mma {
         MmaUnit::Sync => (vec![64, 128], vec![4]),
         MmaUnit::Warpgroup => (vec![64, 128], vec![4, 8]),
     };
+    // A few queries per head (decoding): one warp's 16 rows are the least an MMA tile
+    // wastes; mma.sync allows them.
+    if mma == MmaUnit::Sync && matched.n_q <= 16 {
+        default_ms.insert(0, 16);
+        default_warps.insert(0, 1);
+    }
     let block_ms = fixed(options.block_m).unwrap_or(default_ms);
     let block_ns = fixed(options.block_n).unwrap_or_else(|| vec![32, 64, 128]);
     let warps = fixed(options.warps).unwrap_or(default_warps);
@@ -354,8 +374,13 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // probabilities' A fragments (block_n / 4 registers), which live beside the scores:
     // ptxas gave 111, 122 and 164 registers for 32-, 64- and 128-wide key tiles at d=128,
     // 78, 97 and 154 at d=64 (2026-12-03).
+    // Few threads issue many cp.async per key tile, each with its own address: past 32
+    // per thread (4 warps loading 128 x 128 K and V tiles) they take registers too (one
+    // warp loading 128-key tiles at d=128 spilled, ptxas 2026-12-04).
+    let loads_per_thread =
+        (2 * k.block_n as u64 * d * spec.elem.bytes() as u64 / 16 / (32 * k.warps as u64)) as u32;
     let overhead = match k.mma {
-        MmaUnit::Sync => 40,
+        MmaUnit::Sync => 40 + loads_per_thread.saturating_sub(32),
         MmaUnit::Warpgroup => 16 + k.block_n / 4,
     };
     if registers + overhead > 255 {
@@ -430,7 +455,21 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
         key_tiles_total += n;
         key_tiles_max = key_tiles_max.max(n);
     }
-    let ctas = q_tiles * m.batch * m.heads;
+    let mut ctas = q_tiles * m.batch * m.heads;
+    // Too few CTAs for the GPU (decoding: one query per head over a long cache): split
+    // each query tile's key loop across CTAs, merged by a second small kernel. A kernel
+    // that writes its log-sum-exp keeps one CTA per tile.
+    let splits = if spec.write_lse {
+        1
+    } else {
+        split_count(
+            ctas,
+            key_tiles_max * u64::from(k.block_n),
+            u64::from(gpu.sm_count * ctas_per_sm),
+        )
+    };
+    ctas *= u64::from(splits);
+    let key_tiles_max = key_tiles_max.div_ceil(u64::from(splits));
     let slots = (gpu.sm_count * ctas_per_sm) as f64;
     // CTAs actually sharing an SM: a small grid leaves slots empty.
     let resident = (ctas.div_ceil(gpu.sm_count as u64) as u32).clamp(1, ctas_per_sm);
@@ -455,12 +494,20 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     let longest = key_tiles_max as f64 * tile_clocks;
     // A CTA's prologue (Q load) and epilogue (O store) cost about two tiles' loads.
     let fixed = waves * 2.0 * tile_load * resident as f64;
-    let clocks = busy.max(longest) + fixed;
+    // The merge: a launch, and every split's f32 numerator read once.
+    let merge = if splits > 1 {
+        let bytes = (m.batch * m.heads * m.n_q * d * 4 * u64::from(splits)) as f64;
+        5e-6 * clock + bytes / (l2_bytes * sms)
+    } else {
+        0.0
+    };
+    let clocks = busy.max(longest) + fixed + merge;
     Some(Estimate {
         registers,
         shared_bytes: shared,
         ctas_per_sm,
         seconds: clocks / clock,
         bound,
+        splits,
     })
 }

@@ -1,0 +1,165 @@
+//! A split key loop and its merge (decoding), run by the Tile interpreter, equal the naive
+//! attention formula: any number of splits (more than the key tiles included, so some
+//! splits see no key), causal and window masks, ragged tails, few and many queries.
+
+use einattn_backends::family::softmax::split::{split_attention, split_count};
+use einattn_backends::family::softmax::{AttentionSchedule, AttentionSpec};
+use einattn_backends::reference::{alibi_slopes, attention, relative_error, AttentionInputs};
+use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
+use einattn_backends::tile::{Elem, MmaUnit};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+#[derive(Debug, Clone)]
+struct Case {
+    spec: AttentionSpec,
+    sched: AttentionSchedule,
+    prob: Problem,
+    splits: u32,
+    seed: u64,
+}
+
+fn tensor(rng: &mut ChaCha8Rng, elem: Elem, b: usize, n: usize, h: usize, d: usize) -> HostTensor {
+    let data = (0..b * n * h * d)
+        .map(|_| elem.round(rng.random_range(-1.0..1.0)))
+        .collect();
+    HostTensor::bnhd(data, n, h, d)
+}
+
+/// The relative error of the split program and its merge against the formula.
+fn split_error(case: &Case) -> Result<f64, String> {
+    let Case {
+        spec,
+        sched,
+        prob,
+        splits,
+        seed,
+    } = case.clone();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let d = spec.head_dim as usize;
+    let (b, h, kvh) = (prob.batch, prob.heads, prob.kv_heads());
+    let q = tensor(&mut rng, spec.elem, b, prob.n_q, h, d);
+    let k = tensor(&mut rng, spec.elem, b, prob.n_k, kvh, d);
+    let v = tensor(&mut rng, spec.elem, b, prob.n_k, kvh, d);
+    let scale = rng.random_range(0.5..2.0) / (d as f64).sqrt();
+    let slopes = alibi_slopes(h);
+    let (main, merge, bind) = split_attention(&spec, &sched, splits).map_err(|e| e.to_string())?;
+    let s = splits as usize;
+    let rows = b * h * prob.n_q;
+    // The numerator's copies are stacked along the batch rank: poisoned, every row of
+    // every copy must be written.
+    let num = HostTensor::bhnd(vec![f64::NAN; s * rows * d], prob.n_q, h, d);
+    let scalars = vec![scale; spec.score.scalars.len()];
+    let head_params: Vec<Vec<f64>> = main.head_params.iter().map(|_| slopes.clone()).collect();
+    let mut io = Bindings {
+        tensors: vec![q.clone(), k.clone(), v.clone(), num],
+        row_outputs: vec![vec![f64::NAN; s * rows]; 2],
+        row_inputs: vec![],
+        scalars: scalars.clone(),
+        head_params: head_params.clone(),
+        tokens: vec![],
+        chunk_base: 0,
+        q_offset: 0,
+        chunk_total: 0,
+        states: vec![],
+    };
+    run(&main, prob, &mut io).map_err(|e| e.to_string())?;
+    let o = HostTensor::bnhd(vec![f64::NAN; rows * d], prob.n_q, h, d);
+    let mut merged = Bindings {
+        tensors: vec![io.tensors[bind.o.index()].clone(), o],
+        row_outputs: vec![],
+        row_inputs: io.row_outputs.clone(),
+        scalars: vec![],
+        head_params: vec![],
+        tokens: vec![],
+        chunk_base: 0,
+        q_offset: 0,
+        chunk_total: 0,
+        states: vec![],
+    };
+    run(&merge, prob, &mut merged).map_err(|e| e.to_string())?;
+    let inputs = AttentionInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        scalars: &scalars,
+        head_params: &head_params,
+        q_offset: 0,
+    };
+    let (want, _) = attention(&spec, prob, &inputs);
+    Ok(relative_error(&merged.tensors[1].data, &want))
+}
+
+fn case_strategy() -> impl Strategy<Value = Case> {
+    (
+        (
+            prop_oneof![Just(16u32), Just(32), Just(64)],
+            any::<bool>(),
+            prop::option::of(1u32..60),
+            any::<bool>(),
+        ),
+        (0usize..3, 0usize..3, 1u32..7),
+        (1usize..3, 1usize..3, 1usize..40, 1usize..300, any::<u64>()),
+    )
+        .prop_map(
+            |(
+                (d, causal, window, alibi),
+                (warps_i, bn_i, splits),
+                (batch, kvg, n_q, n_k, seed),
+            )| {
+                let mut spec = AttentionSpec::new(d, Elem::Bf16);
+                spec.causal = causal;
+                spec.window = window;
+                if alibi {
+                    spec.score = spec.score.with_alibi();
+                }
+                let warps = [1u32, 2, 4][warps_i];
+                let sched = AttentionSchedule {
+                    block_m: 16 * warps,
+                    block_n: [16u32, 32, 64][bn_i],
+                    warps,
+                    stages: 2,
+                    q_in_registers: seed % 2 == 0,
+                    skip_unit_rescale: seed % 3 == 0,
+                    mma: MmaUnit::Sync,
+                };
+                let prob = Problem {
+                    batch,
+                    heads: 2 * kvg,
+                    kv_group: kvg,
+                    n_q,
+                    n_k,
+                };
+                Case {
+                    spec,
+                    sched,
+                    prob,
+                    splits,
+                    seed,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #[test]
+    fn split_and_merge_equal_the_formula(case in case_strategy()) {
+        let err = split_error(&case).map_err(TestCaseError::fail)?;
+        prop_assert!(err < 1e-2, "error {err} for {case:?}");
+    }
+}
+
+#[test]
+fn decoding_splits_fill_the_gpu_and_no_more() {
+    // One query per head, 32 heads, 131072 keys, 132 resident CTAs.
+    assert_eq!(split_count(32, 131_072, 132), 4);
+    // Enough CTAs already: no split.
+    assert_eq!(split_count(256, 32_768, 132), 1);
+    // A short sequence keeps one kernel; each split walks at least 2048 keys.
+    assert_eq!(split_count(16, 1024, 132), 1);
+    assert_eq!(split_count(1, 4096, 132), 2);
+    // Capped.
+    assert_eq!(split_count(1, 1 << 20, 264), 32);
+}
