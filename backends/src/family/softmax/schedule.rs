@@ -236,16 +236,12 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     }
     let fixed = |o: Option<u32>| o.map(|v| vec![v]);
     // wgmma gives each warp 16 rows of a 64-row warpgroup tile; mma.sync warps own 16 or 32.
-    let (mut default_ms, mut default_warps) = match mma {
+    // One-warp CTAs of 16 rows would waste the least MMA work when decoding, but their
+    // kernels failed `check` on an H200 (2026-12-04, mma.sync, split key loop): not offered.
+    let (default_ms, default_warps) = match mma {
         MmaUnit::Sync => (vec![64, 128], vec![4]),
         MmaUnit::Warpgroup => (vec![64, 128], vec![4, 8]),
     };
-    // A few queries per head (decoding): one warp's 16 rows are the least an MMA tile
-    // wastes; mma.sync allows them.
-    if mma == MmaUnit::Sync && matched.n_q <= 16 {
-        default_ms.insert(0, 16);
-        default_warps.insert(0, 1);
-    }
     let block_ms = fixed(options.block_m).unwrap_or(default_ms);
     let block_ns = fixed(options.block_n).unwrap_or_else(|| vec![32, 64, 128]);
     let warps = fixed(options.warps).unwrap_or(default_warps);
