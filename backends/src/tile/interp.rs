@@ -230,6 +230,14 @@ struct LoopCtx<'a> {
 }
 
 impl Cta<'_> {
+    /// Whether element (`r`, `c`) of the current key tile is past `N_k` or outside a band
+    /// mask: what `Mask` fills and a masked `RowReduceMap` counts as its fill.
+    fn hidden(&self, lp: &LoopCtx, r: usize, c: usize) -> bool {
+        let p = (self.p0 + self.q_offset + r) as i64;
+        let m = (self.key_origin + c) as i64;
+        m >= self.prob.n_k as i64 || !lp.masks.iter().all(|mk| mk.allows(p, m))
+    }
+
     fn head_of(&self, rank: SeqRank) -> usize {
         match rank {
             SeqRank::Query => self.h,
@@ -395,12 +403,8 @@ impl Cta<'_> {
                     if lp.needs_mask {
                         let cols = lp.block_n;
                         for r in 0..bm {
-                            let p = (self.p0 + self.q_offset + r) as i64;
                             for c in 0..cols {
-                                let m = (self.key_origin + c) as i64;
-                                let visible = m < self.prob.n_k as i64
-                                    && lp.masks.iter().all(|mk| mk.allows(p, m));
-                                if !visible {
+                                if self.hidden(lp, r, c) {
                                     self.regs[dst.index()][r * cols + c] = *fill;
                                 }
                             }
@@ -411,10 +415,7 @@ impl Cta<'_> {
                     let cols = self.prog.regs[src.index()].cols as usize;
                     for r in 0..bm {
                         let row = &self.regs[src.index()][r * cols..(r + 1) * cols];
-                        self.rows[dst.index()][r] = match op {
-                            ReduceOp::Max => row.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
-                            ReduceOp::Sum => row.iter().sum(),
-                        };
+                        self.rows[dst.index()][r] = reduce(*op, row.iter().copied());
                     }
                 }
                 Stmt::RowReduceMap {
@@ -430,27 +431,17 @@ impl Cta<'_> {
                         _ => None,
                     };
                     for r in 0..bm {
-                        let p = (self.p0 + self.q_offset + r) as i64;
-                        let mut acc = match op {
-                            ReduceOp::Max => f64::NEG_INFINITY,
-                            ReduceOp::Sum => 0.0,
-                        };
+                        let mut row = Vec::with_capacity(cols);
                         for c in 0..cols {
                             let mut v = self.eval(expr, io, r, Some(c))?;
                             if let Some((fill, lp)) = hide {
-                                let m = (self.key_origin + c) as i64;
-                                if m >= self.prob.n_k as i64
-                                    || !lp.masks.iter().all(|mk| mk.allows(p, m))
-                                {
+                                if self.hidden(lp, r, c) {
                                     v = fill;
                                 }
                             }
-                            acc = match op {
-                                ReduceOp::Max => acc.max(v),
-                                ReduceOp::Sum => acc + v,
-                            };
+                            row.push(v);
                         }
-                        self.rows[dst.index()][r] = acc;
+                        self.rows[dst.index()][r] = reduce(*op, row.into_iter());
                     }
                 }
                 Stmt::RowDot { dst, a, b } => {
@@ -798,5 +789,13 @@ impl Cta<'_> {
                 return invalid("not a leaf")
             }
         })
+    }
+}
+
+/// A row reduction in column order (`RowReduce` and `RowReduceMap` alike).
+fn reduce(op: ReduceOp, values: impl Iterator<Item = f64>) -> f64 {
+    match op {
+        ReduceOp::Max => values.fold(f64::NEG_INFINITY, f64::max),
+        ReduceOp::Sum => values.fold(0.0, |a, v| a + v),
     }
 }

@@ -896,6 +896,33 @@ pub struct AbiParam {
 }
 
 impl TileProgram {
+    /// A query-tiled program with no parameters, tiles, rows or statements, not split,
+    /// chunked or sequential: lowerings start here and set what differs.
+    pub fn new(name: String, schedule: TileSchedule) -> TileProgram {
+        TileProgram {
+            name,
+            schedule,
+            sequential: false,
+            col_blocks: 1,
+            chunk_tiles: 0,
+            states: vec![],
+            tokens: vec![],
+            query_offset: false,
+            look_back: false,
+            reverse: false,
+            key_splits: 1,
+            tensors: vec![],
+            row_outputs: vec![],
+            row_inputs: vec![],
+            scalars: vec![],
+            head_params: vec![],
+            shared: vec![],
+            regs: vec![],
+            rows: vec![],
+            body: vec![],
+        }
+    }
+
     pub fn chunked(&self) -> bool {
         self.chunk_tiles > 0
     }

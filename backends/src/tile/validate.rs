@@ -114,6 +114,24 @@ impl TileProgram {
             .map_or_else(|| invalid(format!("unknown tensor {id:?}")), Ok)
     }
 
+    /// A per-element expression over tiles of `shape`'s shape (a `Map`, a `RowReduceMap`):
+    /// key indices exist only inside the key loop.
+    fn check_element_expr(
+        &self,
+        e: &ScalarExpr,
+        shape: &RegTile,
+        in_loop: bool,
+    ) -> Result<(), TileError> {
+        if shape.col_rank == ColRank::Key && !in_loop {
+            let mut uses_key = false;
+            e.visit(&mut |n| uses_key |= *n == ScalarExpr::Index(SeqRank::Key));
+            if uses_key {
+                return invalid("key index used outside the key loop");
+            }
+        }
+        self.check_expr(e, Some(shape))
+    }
+
     fn check_expr(&self, e: &ScalarExpr, dst: Option<&RegTile>) -> Result<(), TileError> {
         let mut err = None;
         e.visit(&mut |n| {
@@ -357,15 +375,7 @@ impl TileProgram {
                     if d.kind != RegKind::Accumulator {
                         return invalid("Map needs an f32 tile");
                     }
-                    if d.col_rank == ColRank::Key && !in_loop {
-                        // Key indices exist only inside the loop.
-                        let mut uses_key = false;
-                        expr.visit(&mut |n| uses_key |= *n == ScalarExpr::Index(SeqRank::Key));
-                        if uses_key {
-                            return invalid("key index used outside the key loop");
-                        }
-                    }
-                    self.check_expr(expr, Some(d))?;
+                    self.check_element_expr(expr, d, in_loop)?;
                 }
                 Stmt::Mask { dst, .. } => {
                     let d = self.reg(*dst)?;
@@ -398,14 +408,7 @@ impl TileProgram {
                             "RowReduceMap masks key-indexed elements inside the key loop only",
                         );
                     }
-                    if d.col_rank == ColRank::Key && !in_loop {
-                        let mut uses_key = false;
-                        expr.visit(&mut |n| uses_key |= *n == ScalarExpr::Index(SeqRank::Key));
-                        if uses_key {
-                            return invalid("key index used outside the key loop");
-                        }
-                    }
-                    self.check_expr(expr, Some(d))?;
+                    self.check_element_expr(expr, d, in_loop)?;
                 }
                 Stmt::RowMap { dst, expr } => {
                     if dst.index() >= self.rows.len() {

@@ -312,22 +312,10 @@ fn lightning_walk(
         Part::LookBack => "_lookback".into(),
     };
     let mut p = TileProgram {
-        name: spec.kernel_name(eb) + &suffix,
-        schedule: TileSchedule {
-            block_m: block,
-            warps: sched.warps,
-            stages: sched.stages,
-            skip_unit_rescale: false,
-            mma: sched.mma,
-        },
         sequential: true,
         col_blocks: e / eb,
-        tokens: vec![],
-        query_offset: false,
         look_back: part == Part::LookBack,
         reverse,
-        key_splits: 1,
-        row_inputs: vec![],
         chunk_tiles,
         states: match part {
             Part::Whole => vec![],
@@ -343,14 +331,16 @@ fn lightning_walk(
                 })
                 .collect(),
         },
-        tensors: vec![],
-        row_outputs: vec![],
-        scalars: vec![],
-        head_params: vec![],
-        shared: vec![],
-        regs: vec![],
-        rows: vec![],
-        body: vec![],
+        ..TileProgram::new(
+            spec.kernel_name(eb) + &suffix,
+            TileSchedule {
+                block_m: block,
+                warps: sched.warps,
+                stages: sched.stages,
+                skip_unit_rescale: false,
+                mma: sched.mma,
+            },
+        )
     };
     let mut tensor = |name: &str, rows, cols, is_output| {
         p.tensors.push(TensorParam {

@@ -72,25 +72,7 @@ pub fn projection_program(
         )));
     }
     let mut p = TileProgram {
-        name,
-        schedule: TileSchedule {
-            block_m: s.block_m,
-            warps: s.warps,
-            stages: s.stages,
-            skip_unit_rescale: false,
-            mma: s.mma,
-        },
-        sequential: false,
-        reverse: false,
         key_splits: s.splits,
-        row_inputs: vec![],
-        col_blocks: 1,
-        chunk_tiles: 0,
-        states: vec![],
-        tokens: vec![],
-        query_offset: false,
-        look_back: false,
-        tensors: vec![],
         row_outputs: if s.splits > 1 {
             partial_names(r, stat_names)
         } else {
@@ -99,12 +81,16 @@ pub fn projection_program(
         .into_iter()
         .map(|name| RowOutput { name })
         .collect(),
-        scalars: vec![],
-        head_params: vec![],
-        shared: vec![],
-        regs: vec![],
-        rows: vec![],
-        body: vec![],
+        ..TileProgram::new(
+            name,
+            TileSchedule {
+                block_m: s.block_m,
+                warps: s.warps,
+                stages: s.stages,
+                skip_unit_rescale: false,
+                mma: s.mma,
+            },
+        )
     };
     for (n, rows) in [("a", SeqRank::Query), ("b", SeqRank::Key)] {
         p.tensors.push(TensorParam {
@@ -323,17 +309,6 @@ pub fn merge_program(
 ) -> Result<TileProgram, TileError> {
     let partials = partial_names(r, stat_names);
     let mut p = TileProgram {
-        name,
-        schedule: TileSchedule {
-            block_m: 64,
-            warps: 4,
-            stages: 2,
-            skip_unit_rescale: false,
-            mma: MmaUnit::Sync,
-        },
-        sequential: false,
-        reverse: false,
-        key_splits: 1,
         row_inputs: partials
             .iter()
             .map(|n| RowInput {
@@ -341,26 +316,24 @@ pub fn merge_program(
                 splits,
             })
             .collect(),
-        col_blocks: 1,
-        chunk_tiles: 0,
-        states: vec![],
-        tokens: vec![],
-        query_offset: false,
-        look_back: false,
-        tensors: vec![],
         row_outputs: outputs
             .iter()
             .map(|n| RowOutput { name: n.clone() })
             .collect(),
-        scalars: vec![],
-        head_params: vec![],
-        shared: vec![],
-        regs: vec![],
         rows: stat_names
             .iter()
             .map(|n| RowVec { name: n.clone() })
             .collect(),
-        body: vec![],
+        ..TileProgram::new(
+            name,
+            TileSchedule {
+                block_m: 64,
+                warps: 4,
+                stages: 2,
+                skip_unit_rescale: false,
+                mma: MmaUnit::Sync,
+            },
+        )
     };
     let stat = |k: usize| RowId(k as u32);
     let new_row = |p: &mut TileProgram, n: String| {

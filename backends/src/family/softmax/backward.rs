@@ -237,34 +237,16 @@ struct Builder {
 
 impl Builder {
     fn new(name: String, spec: &AttentionSpec, sched: &BackwardSchedule) -> Builder {
-        let mut p = TileProgram {
+        let mut p = TileProgram::new(
             name,
-            schedule: TileSchedule {
+            TileSchedule {
                 block_m: sched.block_m,
                 warps: sched.warps,
                 stages: sched.stages,
                 skip_unit_rescale: false,
                 mma: sched.mma,
             },
-            sequential: false,
-            col_blocks: 1,
-            chunk_tiles: 0,
-            states: vec![],
-            tokens: vec![],
-            query_offset: false,
-            look_back: false,
-            reverse: false,
-            key_splits: 1,
-            row_inputs: vec![],
-            tensors: vec![],
-            row_outputs: vec![],
-            scalars: vec![],
-            head_params: vec![],
-            shared: vec![],
-            regs: vec![],
-            rows: vec![],
-            body: vec![],
-        };
+        );
         for name in &spec.score.scalars {
             p.scalars.push(ScalarParam { name: name.clone() });
         }

@@ -331,32 +331,17 @@ pub fn flash_attention(
     }
     let d = spec.head_dim;
     let mut p = TileProgram {
-        sequential: false,
-        col_blocks: 1,
-        tokens: vec![],
         query_offset: spec.query_offset,
-        look_back: false,
-        reverse: false,
-        key_splits: 1,
-        row_inputs: vec![],
-        chunk_tiles: 0,
-        states: vec![],
-        name: spec.kernel_name(),
-        schedule: TileSchedule {
-            block_m: sched.block_m,
-            warps: sched.warps,
-            stages: sched.stages,
-            skip_unit_rescale: sched.skip_unit_rescale,
-            mma: sched.mma,
-        },
-        tensors: vec![],
-        row_outputs: vec![],
-        scalars: vec![],
-        head_params: vec![],
-        shared: vec![],
-        regs: vec![],
-        rows: vec![],
-        body: vec![],
+        ..TileProgram::new(
+            spec.kernel_name(),
+            TileSchedule {
+                block_m: sched.block_m,
+                warps: sched.warps,
+                stages: sched.stages,
+                skip_unit_rescale: sched.skip_unit_rescale,
+                mma: sched.mma,
+            },
+        )
     };
     let tensor = |p: &mut TileProgram, name: &str, rows, is_output| {
         p.tensors.push(TensorParam {

@@ -53,6 +53,11 @@ pub fn split_attention(
     sched: &AttentionSchedule,
     splits: u32,
 ) -> Result<(TileProgram, TileProgram, AttentionBindings), TileError> {
+    if splits == 0 {
+        return Err(TileError::Invalid(
+            "a split key loop needs at least one split".into(),
+        ));
+    }
     if spec.write_lse {
         return Err(TileError::Unsupported(
             "a split key loop writes the output only (not the log-sum-exp)".into(),
@@ -75,20 +80,12 @@ pub fn merge_program(
     splits: u32,
     name: String,
 ) -> Result<TileProgram, TileError> {
+    if splits == 0 {
+        return Err(TileError::Invalid("a merge of no splits".into()));
+    }
     let d = spec.head_dim;
+    // One warp per 16 query rows: decoding has few rows, and the merge is light.
     let mut p = TileProgram {
-        name,
-        // Rows of every query of a tile; few rows (decoding) need one warp.
-        schedule: TileSchedule {
-            block_m: 16,
-            warps: 1,
-            stages: 2,
-            skip_unit_rescale: false,
-            mma: MmaUnit::Sync,
-        },
-        sequential: false,
-        reverse: false,
-        key_splits: 1,
         row_inputs: ["max", "sum"]
             .into_iter()
             .map(|n| RowInput {
@@ -96,12 +93,6 @@ pub fn merge_program(
                 splits,
             })
             .collect(),
-        col_blocks: 1,
-        chunk_tiles: 0,
-        states: vec![],
-        tokens: vec![],
-        query_offset: false,
-        look_back: false,
         tensors: vec![
             TensorParam {
                 name: "num".into(),
@@ -118,10 +109,6 @@ pub fn merge_program(
                 is_output: true,
             },
         ],
-        row_outputs: vec![],
-        scalars: vec![],
-        head_params: vec![],
-        shared: vec![],
         regs: ["acc", "part"]
             .into_iter()
             .map(|n| RegTile {
@@ -131,8 +118,16 @@ pub fn merge_program(
                 kind: RegKind::Accumulator,
             })
             .collect(),
-        rows: vec![],
-        body: vec![],
+        ..TileProgram::new(
+            name,
+            TileSchedule {
+                block_m: 16,
+                warps: 1,
+                stages: 2,
+                skip_unit_rescale: false,
+                mma: MmaUnit::Sync,
+            },
+        )
     };
     let (num, o) = (TensorId(0), TensorId(1));
     let (acc, part) = (RegId(0), RegId(1));
