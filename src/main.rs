@@ -176,6 +176,11 @@ struct KernelFlags {
     /// attention). Default: the scheduler's choice.
     #[arg(long, value_enum)]
     mma: Option<MmaArg>,
+    /// Who copies K and V into shared memory (softmax attention, wgmma): every thread
+    /// (cooperative), or a producer warpgroup beside the compute warps (producer: warp
+    /// specialization with mbarriers). Default: the scheduler's choice.
+    #[arg(long, value_enum)]
+    loads: Option<LoadsArg>,
     /// Linear attention: one CTA walks the sequence (single), parallel chunks in two
     /// kernels (chunked), or one block per CTA with a decoupled look-back (lookback).
     #[arg(long, value_parser = ["single", "chunked", "lookback"])]
@@ -205,6 +210,10 @@ impl KernelFlags {
                     MmaArg::Sync => einattn_backends::tile::MmaUnit::Sync,
                     MmaArg::Wgmma => einattn_backends::tile::MmaUnit::Warpgroup,
                 }),
+                loads: self.loads.map(|l| match l {
+                    LoadsArg::Cooperative => einattn_backends::tile::Loads::Cooperative,
+                    LoadsArg::Producer => einattn_backends::tile::Loads::ProducerWarpgroup,
+                }),
                 optimize: self.optimize,
                 strategy: self.strategy,
                 chunk_tokens: self.chunk_tokens,
@@ -225,6 +234,12 @@ enum TargetArg {
 enum MmaArg {
     Sync,
     Wgmma,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LoadsArg {
+    Cooperative,
+    Producer,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -61,6 +61,8 @@ pub struct KernelOptions {
     pub warps: Option<u32>,
     pub stages: Option<u32>,
     pub mma: Option<MmaUnit>,
+    /// Who copies the tiles: every thread, or a producer warpgroup.
+    pub loads: Option<crate::tile::Loads>,
     /// Run the rewrite engine first.
     pub optimize: bool,
     /// A family's named strategy (`single`, `chunked`, `lookback` for linear attention).

@@ -3,7 +3,7 @@
 //! `run-plan DIR` can compute the reference on the same problem.
 
 use crate::family::KernelOptions;
-use crate::tile::{Elem, MmaUnit};
+use crate::tile::{Elem, Loads, MmaUnit};
 use crate::Target;
 
 /// How a plan folder's kernels were built.
@@ -30,6 +30,7 @@ impl BuildRecord {
         "warps": o.warps,
         "stages": o.stages,
         "mma": o.mma.map(|m| m.name()),
+        "loads": o.loads.map(|l| l.name()),
         "optimize": o.optimize,
         "strategy": o.strategy,
         "chunk_tokens": o.chunk_tokens,
@@ -89,6 +90,12 @@ impl BuildRecord {
                 Some("wgmma") => Some(MmaUnit::Warpgroup),
                 Some(other) => return Err(format!("unknown mma `{other}`")),
             },
+            loads: match text("loads").as_deref() {
+                None => None,
+                Some("cooperative") => Some(Loads::Cooperative),
+                Some("producer") => Some(Loads::ProducerWarpgroup),
+                Some(other) => return Err(format!("unknown loads `{other}`")),
+            },
             optimize: v.get("optimize").and_then(|x| x.as_bool()).unwrap_or(false),
             strategy: text("strategy"),
             chunk_tokens: v.get("chunk_tokens").and_then(|x| x.as_u64()),
@@ -119,6 +126,7 @@ mod tests {
                 warps: Some(8),
                 stages: Some(3),
                 mma: Some(MmaUnit::Warpgroup),
+                loads: Some(Loads::ProducerWarpgroup),
                 optimize: true,
                 strategy: Some("chunked".into()),
                 chunk_tokens: Some(1024),

@@ -60,6 +60,7 @@ mod expr;
 mod mma_sync;
 mod params;
 mod pipeline;
+mod producer;
 pub mod ptxas;
 mod registers;
 mod state;
@@ -137,14 +138,24 @@ pub fn print_ptx(prog: &TileProgram, target: Target) -> Result<PtxKernel, TileEr
     }
     let mut p = Printer::new(prog)?;
     p.emit_setup()?;
-    p.emit_block(&prog.body, None)?;
-    p.wait_wgmma(0);
+    if p.barriers.is_some() {
+        let producer = p.emit_role_split();
+        p.emit_block(&prog.body, None)?;
+        p.wait_wgmma(0);
+        let end = p.label("roles_done");
+        p.ins(format!("bra.uni {end};"));
+        p.emit_producer(&producer)?;
+        p.body.push_str(&format!("{end}:\n"));
+    } else {
+        p.emit_block(&prog.body, None)?;
+        p.wait_wgmma(0);
+    }
     let text = p.finish(target);
     Ok(PtxKernel {
         entry: prog.name.clone(),
         text,
         target,
-        threads: prog.threads(),
+        threads: prog.launch_threads(),
         block_m: prog.schedule.block_m,
         dynamic_smem_bytes: p.smem_total,
         abi: prog.abi(),
@@ -190,6 +201,14 @@ struct Printer<'a> {
     in_loop: bool,
     /// Committed `wgmma` groups not yet waited for, oldest first.
     wgmma_pending: Vec<WgmmaGroup>,
+    /// The threads that issue `LoadTile` copies: the register with their index, and how
+    /// many they are.
+    load_thread: (String, u32),
+    /// A warp-specialized program's mbarriers (see `producer.rs`).
+    barriers: Option<producer::BarrierLayout>,
+    /// Inside a warp-specialized key loop: streamed tiles this iteration has not waited
+    /// for yet.
+    stream_waits: Vec<SharedId>,
     /// A look-back program's word of shared memory that broadcasts thread 0's ticket and
     /// the flags it reads.
     lb_smem: u32,
@@ -230,6 +249,12 @@ impl<'a> Printer<'a> {
             };
             off += (t.rows * t.cols * t.elem.bytes() * copies).div_ceil(SMEM_ALIGN) * SMEM_ALIGN;
         }
+        let barriers = (prog.schedule.loads == Loads::ProducerWarpgroup)
+            .then(|| producer::BarrierLayout::new(prog, off));
+        let smem_total = match &barriers {
+            Some(b) => off + b.bytes(),
+            None => off + if prog.look_back { 16 } else { 0 },
+        };
         Ok(Printer {
             prog,
             body: String::new(),
@@ -244,12 +269,15 @@ impl<'a> Printer<'a> {
             uniform_cache: HashMap::new(),
             smem_offset,
             lb_smem: off,
-            smem_total: off + if prog.look_back { 16 } else { 0 },
+            smem_total,
             smem_base: vec![String::new(); prog.shared.len()],
             store_base: vec![None; prog.shared.len()],
             mtiles: prog.rows_per_warp() / 16,
             in_loop: false,
             wgmma_pending: Vec::new(),
+            load_thread: ("%thr".to_string(), prog.threads()),
+            barriers,
+            stream_waits: Vec::new(),
             invariant_cache: HashMap::new(),
         })
     }
@@ -284,7 +312,11 @@ impl<'a> Printer<'a> {
             let _ = writeln!(s, "\t.param {ty} {}{sep}", a.name);
         }
         let _ = writeln!(s, ")");
-        let _ = writeln!(s, ".maxntid {}, 1, 1", prog.threads());
+        let _ = writeln!(s, ".maxntid {}, 1, 1", prog.launch_threads());
+        if self.barriers.is_some() {
+            // `setmaxnreg` needs a register cap at entry: one CTA per SM.
+            let _ = writeln!(s, ".minnctapersm 1");
+        }
         let _ = writeln!(s, "{{");
         for d in &self.decls {
             let _ = writeln!(s, "{d}");

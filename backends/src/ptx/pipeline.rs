@@ -19,7 +19,7 @@ impl Printer<'_> {
     ) -> Result<(), TileError> {
         let prog = self.prog;
         let t = &prog.shared[dst.index()];
-        let threads = prog.threads();
+        let (thr, threads) = self.load_thread.clone();
         let rows_per_iter = threads / 8;
         if !t.rows.is_multiple_of(rows_per_iter) {
             return unsupported(format!(
@@ -39,8 +39,8 @@ impl Printer<'_> {
         // Thread's row within a step and its chunk.
         let trow = self.r();
         let tch = self.r();
-        self.ins(format!("shr.u32 {trow}, %thr, 3;"));
-        self.ins(format!("and.b32 {tch}, %thr, 7;"));
+        self.ins(format!("shr.u32 {trow}, {thr}, 3;"));
+        self.ins(format!("and.b32 {tch}, {thr}, 7;"));
         // Shared: row * 128 + ((chunk ^ (row % 8)) * 16); steps add whole 8-row groups.
         let s = self.r();
         let x = self.r();
@@ -99,15 +99,10 @@ impl Printer<'_> {
         Ok(())
     }
 
-    pub(super) fn emit_key_loop(
-        &mut self,
-        block_n: u32,
-        masks: &[BandMask],
-        body: &[Stmt],
-    ) -> Result<(), TileError> {
+    /// The key tiles this CTA walks, from the band masks (tile skipping), its chunk and its
+    /// split of the key loop: `%tbegin`, `%niter` and, in a reverse program, `%tlast`.
+    pub(super) fn emit_key_range(&mut self, block_n: u32, masks: &[BandMask]) {
         let prog = self.prog;
-        let stages = prog.schedule.stages;
-        self.comment(format!("key loop: tiles of {block_n}, {stages} stages"));
         // Key range from the band masks (signed arithmetic).
         let kstart = self.named_once(".b32", "kstart");
         let kend = self.named_once(".b32", "kend");
@@ -164,13 +159,29 @@ impl Printer<'_> {
             self.ins(format!("add.s32 {tlast}, {tbegin}, {niter};"));
             self.ins(format!("sub.s32 {tlast}, {tlast}, 1;"));
         }
-        let tile_of = move |dst: &str, it: &str| {
-            if reverse {
-                format!("sub.s32 {dst}, %tlast, {it};")
-            } else {
-                format!("add.s32 {dst}, %tbegin, {it};")
-            }
-        };
+    }
+
+    /// `dst` = the key tile of iteration `it`: `tbegin + it`, or `tlast - it` in a reverse
+    /// program.
+    pub(super) fn tile_of(&self, dst: &str, it: &str) -> String {
+        if self.prog.reverse {
+            format!("sub.s32 {dst}, %tlast, {it};")
+        } else {
+            format!("add.s32 {dst}, %tbegin, {it};")
+        }
+    }
+
+    pub(super) fn emit_key_loop(
+        &mut self,
+        block_n: u32,
+        masks: &[BandMask],
+        body: &[Stmt],
+    ) -> Result<(), TileError> {
+        let prog = self.prog;
+        let stages = prog.schedule.stages;
+        self.comment(format!("key loop: tiles of {block_n}, {stages} stages"));
+        self.emit_key_range(block_n, masks);
+        let tile_of = |p: &Printer, dst: &str, it: &str| p.tile_of(dst, it);
 
         let streams: Vec<(SharedId, TensorId)> = body
             .iter()
@@ -194,6 +205,9 @@ impl Printer<'_> {
         // A loop whose only streamed operands are a ContractStream's runs that statement's
         // ring alone: empty groups of this one would upset its `wait_group` counts.
         let own_ring = !(streams.is_empty() && body.iter().any(is_stream));
+        // Warp-specialized: the producer warpgroup fills the ring (see `producer.rs`).
+        let specialized = self.barriers.is_some();
+        let own_ring = own_ring && !specialized;
         // Issue tile `tile_reg` into stage `stage_reg` for every stream, if `tile < tend`.
         let issue = |p: &mut Printer, it_reg: &str, stage_reg: &str| -> Result<(), TileError> {
             let skip = p.label("noissue");
@@ -201,7 +215,7 @@ impl Printer<'_> {
             p.ins(format!("setp.ge.s32 {ok}, {it_reg}, %niter;"));
             p.ins(format!("@{ok} bra.uni {skip};"));
             let origin = p.r();
-            p.ins(tile_of(&origin, it_reg));
+            p.ins(tile_of(p, &origin, it_reg));
             p.ins(format!("mul.lo.s32 {origin}, {origin}, {block_n};"));
             for (i, (dst, src)) in streams.iter().enumerate() {
                 let sb = p.r();
@@ -225,11 +239,17 @@ impl Printer<'_> {
             issue(self, &it, &it)?;
         }
         let it = self.named_once(".b32", "it");
-        let cur = self.named_once(".b32", "stage_cur");
-        let nxt = self.named_once(".b32", "stage_next");
         self.ins(format!("mov.u32 {it}, 0;"));
-        self.ins(format!("mov.u32 {cur}, 0;"));
-        self.ins(format!("mov.u32 {nxt}, {};", stages - 1));
+        let (cur, nxt) = if specialized {
+            self.emit_consumer_ring_start();
+            (producer::WS_STAGE.to_string(), None)
+        } else {
+            let cur = self.named_once(".b32", "stage_cur");
+            let nxt = self.named_once(".b32", "stage_next");
+            self.ins(format!("mov.u32 {cur}, 0;"));
+            self.ins(format!("mov.u32 {nxt}, {};", stages - 1));
+            (cur, Some(nxt))
+        };
         let needmask = self.named_once(".pred", "needmask");
         let kcol = self.named_once(".b32", "kcol");
         let kf = self.named_once(".f32", "kf");
@@ -239,17 +259,20 @@ impl Printer<'_> {
         let done = self.pred();
         self.ins(format!("setp.ge.s32 {done}, {it}, %niter;"));
         self.ins(format!("@{done} bra.uni {end};"));
-        if own_ring {
+        if let (true, Some(nxt)) = (own_ring, nxt.as_deref()) {
             self.ins(format!("cp.async.wait_group {};", stages - 2));
             self.emit_async_proxy_fence();
             self.ins("bar.sync 0;");
             let it_next = self.r();
             self.ins(format!("add.s32 {it_next}, {it}, {};", stages - 1));
-            issue(self, &it_next, &nxt)?;
+            issue(self, &it_next, nxt)?;
+        }
+        if specialized {
+            self.arm_stream_waits();
         }
         // Current tile.
         let korg = self.named_once(".b32", "korg");
-        self.ins(tile_of(&korg, &it));
+        self.ins(tile_of(self, &korg, &it));
         self.ins(format!("mul.lo.s32 {korg}, {korg}, {block_n};"));
         let saved: Vec<String> = streams
             .iter()
@@ -321,6 +344,9 @@ impl Printer<'_> {
         self.emit_block(body, Some(&st))?;
         // The next iteration's loads overwrite the tiles this one's groups read.
         self.wait_wgmma(0);
+        if specialized {
+            self.emit_consumer_release();
+        }
         self.in_loop = false;
         for (i, (dst, _)) in streams.iter().enumerate() {
             self.smem_base[dst.index()] = saved[i].clone();
@@ -331,7 +357,11 @@ impl Printer<'_> {
         }
         // Advance the ring.
         self.ins(format!("add.s32 {it}, {it}, 1;"));
-        for r in [&cur, &nxt] {
+        // (A specialized ring's stage advanced with its release.)
+        for r in [(!specialized).then_some(&cur), nxt.as_ref()]
+            .into_iter()
+            .flatten()
+        {
             self.ins(format!("add.u32 {r}, {r}, 1;"));
             let w = self.pred();
             self.ins(format!("setp.eq.u32 {w}, {r}, {stages};"));
@@ -339,7 +369,9 @@ impl Printer<'_> {
         }
         self.ins(format!("bra.uni {top};"));
         self.body.push_str(&format!("{end}:\n"));
-        self.ins("cp.async.wait_group 0;");
+        if !specialized {
+            self.ins("cp.async.wait_group 0;");
+        }
         Ok(())
     }
     // ---- expressions -------------------------------------------------------------------

@@ -23,6 +23,9 @@ impl Printer<'_> {
     ) -> Result<(), TileError> {
         for st in body {
             self.wait_for_conflicting_wgmma(st);
+            if !self.stream_waits.is_empty() {
+                self.wait_streams_read_by(st);
+            }
             self.emit_stmt(st, lp)?;
         }
         Ok(())
@@ -155,6 +158,9 @@ impl Printer<'_> {
                 if self.in_loop {
                     // Streamed tiles are issued by the key loop's ring.
                     return Ok(());
+                }
+                if self.barriers.is_some() {
+                    return self.emit_top_load_wait(*dst);
                 }
                 self.comment(format!(
                     "load {} <- {}",

@@ -753,7 +753,38 @@ pub struct TileSchedule {
     pub skip_unit_rescale: bool,
     /// Which tensor-core instructions carry the contractions.
     pub mma: MmaUnit,
+    /// Who copies the shared tiles from global memory.
+    pub loads: Loads,
 }
+
+/// Who issues a program's tile loads (`LoadTile`), and how the threads that read a tile
+/// learn that it has landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Loads {
+    /// Every thread copies its share with `cp.async`; a CTA-wide barrier at the top of each
+    /// key tile publishes the stage and frees the one the previous tile read.
+    #[default]
+    Cooperative,
+    /// Warp specialization: one more warpgroup, the producer, only copies tiles (with its
+    /// registers lowered by `setmaxnreg`); the `warps` consumer warps only compute (with
+    /// theirs raised). Each stage of the ring has an mbarrier per streamed tile that the
+    /// producer arrives on when the tile has landed, and one that the consumer warps arrive
+    /// on when they are done reading the stage, so no barrier spans the whole CTA and the
+    /// producer runs as far ahead as the ring allows. Needs `wgmma` (sm_90a).
+    ProducerWarpgroup,
+}
+
+impl Loads {
+    pub fn name(self) -> &'static str {
+        match self {
+            Loads::Cooperative => "cooperative",
+            Loads::ProducerWarpgroup => "producer",
+        }
+    }
+}
+
+/// Threads of the producer warpgroup of a [`Loads::ProducerWarpgroup`] program.
+pub const PRODUCER_THREADS: u32 = 128;
 
 /// The tensor-core instructions a lowering uses for `Contract` and `ContractT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -926,8 +957,17 @@ impl TileProgram {
     pub fn chunked(&self) -> bool {
         self.chunk_tiles > 0
     }
+    /// Threads that run the program's statements (the consumers of a warp-specialized
+    /// program).
     pub fn threads(&self) -> u32 {
         self.schedule.warps * 32
+    }
+    /// Threads per CTA at launch: [`TileProgram::threads`] plus a producer warpgroup.
+    pub fn launch_threads(&self) -> u32 {
+        match self.schedule.loads {
+            Loads::Cooperative => self.threads(),
+            Loads::ProducerWarpgroup => self.threads() + PRODUCER_THREADS,
+        }
     }
     pub fn rows_per_warp(&self) -> u32 {
         self.schedule.block_m / self.schedule.warps

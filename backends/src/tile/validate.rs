@@ -23,6 +23,9 @@ impl TileProgram {
                 s.block_m, s.warps
             ));
         }
+        if s.loads == Loads::ProducerWarpgroup {
+            self.validate_specialized()?;
+        }
         if self.shared_bytes() > MAX_SHARED_BYTES {
             return invalid(format!(
                 "{} B of shared memory exceed the {MAX_SHARED_BYTES} B a CTA may use",
@@ -570,6 +573,59 @@ impl TileProgram {
         }
         if acc_t.kind != RegKind::Accumulator || acc_t.cols != bt.rows {
             return invalid("ContractStream accumulator: f32, block_n columns");
+        }
+        Ok(())
+    }
+}
+
+impl TileProgram {
+    /// What the warp-specialized lowering handles: query tiles whose loads come before the
+    /// key loop or at the top of its body, contractions by `wgmma`, and no statement that
+    /// needs a barrier across all the consumer warps or another copy engine (carried
+    /// shared states, streamed contractions, look-backs).
+    fn validate_specialized(&self) -> Result<(), TileError> {
+        if self.schedule.mma != MmaUnit::Warpgroup {
+            return invalid("a producer warpgroup needs wgmma");
+        }
+        if self.sequential || self.chunked() || self.look_back {
+            return invalid("a producer warpgroup serves query-tiled programs only");
+        }
+        if self.launch_threads() > 1024 {
+            return invalid(format!(
+                "{} consumer threads and a producer warpgroup exceed 1024 threads",
+                self.threads()
+            ));
+        }
+        let mut seen_loop = false;
+        for s in &self.body {
+            match s {
+                Stmt::LoadTile { .. } if seen_loop => {
+                    return invalid("with a producer warpgroup, tiles load before the key loop");
+                }
+                Stmt::KeyLoop { body, .. } => {
+                    if seen_loop {
+                        return invalid("a producer warpgroup serves one key loop");
+                    }
+                    seen_loop = true;
+                    for b in body {
+                        if matches!(
+                            b,
+                            Stmt::ContractStream { .. }
+                                | Stmt::StoreShared { .. }
+                                | Stmt::LookBack { .. }
+                                | Stmt::KeyLoop { .. }
+                        ) {
+                            return invalid(
+                                "a producer warpgroup's key loop has no streamed contraction, shared state or look-back",
+                            );
+                        }
+                    }
+                }
+                Stmt::StoreShared { .. } | Stmt::LookBack { .. } => {
+                    return invalid("a producer warpgroup's program writes no shared tile");
+                }
+                _ => {}
+            }
         }
         Ok(())
     }

@@ -89,6 +89,7 @@ pub fn projection_program(
                 stages: s.stages,
                 skip_unit_rescale: false,
                 mma: s.mma,
+                loads: crate::tile::Loads::Cooperative,
             },
         )
     };
@@ -332,6 +333,7 @@ pub fn merge_program(
                 stages: 2,
                 skip_unit_rescale: false,
                 mma: MmaUnit::Sync,
+                loads: crate::tile::Loads::Cooperative,
             },
         )
     };

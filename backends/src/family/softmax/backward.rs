@@ -245,6 +245,7 @@ impl Builder {
                 stages: sched.stages,
                 skip_unit_rescale: false,
                 mma: sched.mma,
+                loads: crate::tile::Loads::Cooperative,
             },
         );
         for name in &spec.score.scalars {

@@ -80,6 +80,7 @@ pub fn compile_softmax(
             warps: options.warps,
             stages: options.stages,
             mma: options.mma,
+            loads: options.loads,
             ..ScheduleOptions::default()
         };
         if !options.tiles.is_empty() {

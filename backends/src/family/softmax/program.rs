@@ -269,6 +269,8 @@ pub struct AttentionSchedule {
     pub skip_unit_rescale: bool,
     /// Tensor-core instructions: `wgmma` needs 16 rows per warp and whole warpgroups.
     pub mma: MmaUnit,
+    /// Who copies K and V: every thread, or a producer warpgroup (needs `wgmma`).
+    pub loads: Loads,
 }
 
 impl AttentionSchedule {
@@ -292,6 +294,7 @@ impl AttentionSchedule {
             q_in_registers: false,
             skip_unit_rescale: !(spec.head_dim <= 64 && plain),
             mma: MmaUnit::Sync,
+            loads: Loads::Cooperative,
         }
     }
 }
@@ -340,6 +343,7 @@ pub fn flash_attention(
                 stages: sched.stages,
                 skip_unit_rescale: sched.skip_unit_rescale,
                 mma: sched.mma,
+                loads: sched.loads,
             },
         )
     };

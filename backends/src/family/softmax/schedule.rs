@@ -12,7 +12,7 @@ use super::recognize::{recognize, AttentionMatch};
 
 use super::program::{AttentionSchedule, AttentionSpec};
 use super::split::split_count;
-use crate::tile::{key_tile_range, Elem, MmaUnit};
+use crate::tile::{key_tile_range, Elem, Loads, MmaUnit};
 use crate::Target;
 use einattn_ir::cascade::{Cascade, Span};
 use einattn_ir::validate::{Diagnostic, DiagnosticKind};
@@ -31,6 +31,8 @@ pub struct ScheduleOptions {
     pub stages: Option<u32>,
     /// Tensor-core instructions (default: the kernel family's choice for the target).
     pub mma: Option<crate::tile::MmaUnit>,
+    /// Who copies K and V (default: the cost model's choice).
+    pub loads: Option<Loads>,
 }
 
 impl Default for ScheduleOptions {
@@ -43,6 +45,7 @@ impl Default for ScheduleOptions {
             warps: None,
             stages: None,
             mma: None,
+            loads: None,
         }
     }
 }
@@ -124,6 +127,10 @@ impl Schedule {
             m.batch * m.heads,
             self.estimate.splits,
             self.kernel.warps * 32
+                + match self.kernel.loads {
+                    Loads::Cooperative => 0,
+                    Loads::ProducerWarpgroup => crate::tile::PRODUCER_THREADS,
+                }
         );
         if self.estimate.splits > 1 {
             let _ = writeln!(
@@ -141,9 +148,15 @@ impl Schedule {
                 self.kernel.warps / 4
             ),
         };
+        let loads = match self.kernel.loads {
+            Loads::Cooperative => "cp.async by every thread",
+            Loads::ProducerWarpgroup => {
+                "cp.async by a producer warpgroup (warp specialization: mbarriers per stage, setmaxnreg)"
+            }
+        };
         let _ = writeln!(
             s,
-            "in-kernel loop: key tiles of {} over the iterative key rank, {}-stage cp.async ring, {mma}",
+            "in-kernel loop: key tiles of {} over the iterative key rank, {}-stage ring filled with {loads}, {mma}",
             self.kernel.block_n, self.kernel.stages
         );
         let masks: Vec<String> = spec
@@ -234,6 +247,15 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         )
         .with_help("pass `--target sm_90a`, or leave out `--mma wgmma`"));
     }
+    let loads = options.loads.unwrap_or(Loads::Cooperative);
+    if loads == Loads::ProducerWarpgroup && mma != MmaUnit::Warpgroup {
+        return Err(Diagnostic::error(
+            DiagnosticKind::UnsupportedShape,
+            "a producer warpgroup (warp specialization) needs wgmma",
+            Span::UNKNOWN,
+        )
+        .with_help("pass `--target sm_90a`, or leave out `--loads producer`"));
+    }
     let fixed = |o: Option<u32>| o.map(|v| vec![v]);
     // wgmma gives each warp 16 rows of a 64-row warpgroup tile; mma.sync warps own 16 or 32.
     // One-warp CTAs of 16 rows would waste the least MMA work when decoding, but their
@@ -257,6 +279,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
                         warps: w,
                         stages: st,
                         mma,
+                        loads,
                         ..base
                     };
                     if !shape_is_legal(spec, &k) {
@@ -379,7 +402,11 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
         MmaUnit::Sync => 40 + loads_per_thread.saturating_sub(32),
         MmaUnit::Warpgroup => 16 + k.block_n / 4,
     };
-    if registers + overhead > 255 {
+    // A warp-specialized CTA runs alone on its SM, its consumers with the registers the
+    // producer leaves (setmaxnreg).
+    let specialized = k.loads == Loads::ProducerWarpgroup;
+    let register_limit = if specialized { 232 } else { 255 };
+    if registers + overhead > register_limit {
         return None;
     }
     let elem_bytes = spec.elem.bytes() as u64;
@@ -392,7 +419,11 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     let threads = k.warps * 32;
     let regs_alloc = (registers + overhead).div_ceil(8) * 8;
     let by_regs = (65536 / (regs_alloc.max(64) * threads)).max(1);
-    let ctas_per_sm = (smem_per_sm / (shared + 1024)).min(by_regs).clamp(1, 8);
+    let ctas_per_sm = if specialized {
+        1
+    } else {
+        (smem_per_sm / (shared + 1024)).min(by_regs).clamp(1, 8)
+    };
     let clock = 1.755e9;
     let sms = gpu.sm_count as f64;
     // Per-SM rates per clock.

@@ -126,6 +126,7 @@ pub fn merge_program(
                 stages: 2,
                 skip_unit_rescale: false,
                 mma: MmaUnit::Sync,
+                loads: crate::tile::Loads::Cooperative,
             },
         )
     };
