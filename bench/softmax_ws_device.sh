@@ -11,13 +11,13 @@ BIN=${1:-target/release/einattn}
 LOG=$OUT/ws_checks.txt
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee -a "$LOG"
 for shape in ${SHAPES:-m0=128:2 m0=64:2}; do
-  flags="--target sm_90a --mma wgmma --loads producer --tile p0=128,${shape%%:*} --warps 8 --stages ${shape##*:}"
+  flags="--target sm_90a --mma wgmma --loads producer --tile ${shape%%:*} --warps 8 --stages ${shape##*:}"
   for n in ${NS:-256}; do
     for d in 64 128; do
       for dt in bf16 f16; do
         for ex in "attention_mha -D N=$n -D B=1" "attention_causal -D N=$n" "attention_softcap -D N=$n" \
                   "attention_sliding_window -D N=$n -D W=96" "attention_3pass -D M=$n" "gqa -D N=$n" \
-                  "flash_decoding -D N=$n"; do
+                  "flash_decoding -D N=$n" "attention_softcap -D N=300"; do
           # shellcheck disable=SC2086
           out=$(timeout ${LIMIT:-30} "$BIN" check examples/${ex%% *}.ein ${ex#* } -D D=$d --dtype $dt $flags 2>&1); rc=$?
           [ $rc = 124 ] && out="TIMEOUT"

@@ -171,6 +171,48 @@ impl Printer<'_> {
         }
     }
 
+    /// Per key tile: `%needmask` (a boundary tile: the key tail, or a band edge crossing
+    /// it), this thread's first key column `%kcol` and its float `%kf`, from `%korg`.
+    pub(super) fn emit_tile_position(&mut self, block_n: u32, masks: &[BandMask]) {
+        let prog = self.prog;
+        let korg = "%korg";
+        let needmask = self.named_once(".pred", "needmask");
+        let kcol = self.named_once(".b32", "kcol");
+        let kf = self.named_once(".f32", "kf");
+        // Boundary tile? key tail, or a band edge crossing the tile.
+        let t = self.r();
+        self.ins(format!("add.s32 {t}, {korg}, {block_n};"));
+        self.ins(format!("setp.gt.s32 {needmask}, {t}, %nk;"));
+        for m in masks {
+            let x = self.r();
+            match m.direction {
+                BandDirection::KeyMinusQuery => {
+                    // korg + block_n - 1 - p0 > bound
+                    self.ins(format!("sub.s32 {x}, {korg}, %qpos0;"));
+                    self.ins(format!(
+                        "setp.gt.or.s32 {needmask}, {x}, {}, {needmask};",
+                        m.bound - block_n as i64 + 1
+                    ));
+                }
+                BandDirection::QueryMinusKey => {
+                    // p_last - korg > bound
+                    self.ins(format!("sub.s32 {x}, %plastpos, {korg};"));
+                    self.ins(format!(
+                        "setp.gt.or.s32 {needmask}, {x}, {}, {needmask};",
+                        m.bound
+                    ));
+                }
+            }
+        }
+        if prog.sequential {
+            // Positions inside a sequential program's tile are tile-relative.
+            self.ins(format!("shl.b32 {kcol}, %tig, 1;"));
+        } else {
+            self.ins(format!("mad.lo.s32 {kcol}, %tig, 2, {korg};"));
+        }
+        self.ins(format!("cvt.rn.f32.s32 {kf}, {kcol};"));
+    }
+
     pub(super) fn emit_key_loop(
         &mut self,
         block_n: u32,
@@ -180,6 +222,9 @@ impl Printer<'_> {
         let prog = self.prog;
         let stages = prog.schedule.stages;
         self.comment(format!("key loop: tiles of {block_n}, {stages} stages"));
+        if self.barriers.is_some() {
+            return self.emit_specialized_key_loop(block_n, masks, body);
+        }
         self.emit_key_range(block_n, masks);
         let tile_of = |p: &Printer, dst: &str, it: &str| p.tile_of(dst, it);
 
@@ -205,9 +250,7 @@ impl Printer<'_> {
         // A loop whose only streamed operands are a ContractStream's runs that statement's
         // ring alone: empty groups of this one would upset its `wait_group` counts.
         let own_ring = !(streams.is_empty() && body.iter().any(is_stream));
-        // Warp-specialized: the producer warpgroup fills the ring (see `producer.rs`).
-        let specialized = self.barriers.is_some();
-        let own_ring = own_ring && !specialized;
+
         // Issue tile `tile_reg` into stage `stage_reg` for every stream, if `tile < tend`.
         let issue = |p: &mut Printer, it_reg: &str, stage_reg: &str| -> Result<(), TileError> {
             let skip = p.label("noissue");
@@ -240,35 +283,23 @@ impl Printer<'_> {
         }
         let it = self.named_once(".b32", "it");
         self.ins(format!("mov.u32 {it}, 0;"));
-        let (cur, nxt) = if specialized {
-            self.emit_consumer_ring_start();
-            (producer::WS_STAGE.to_string(), None)
-        } else {
-            let cur = self.named_once(".b32", "stage_cur");
-            let nxt = self.named_once(".b32", "stage_next");
-            self.ins(format!("mov.u32 {cur}, 0;"));
-            self.ins(format!("mov.u32 {nxt}, {};", stages - 1));
-            (cur, Some(nxt))
-        };
-        let needmask = self.named_once(".pred", "needmask");
-        let kcol = self.named_once(".b32", "kcol");
-        let kf = self.named_once(".f32", "kf");
+        let cur = self.named_once(".b32", "stage_cur");
+        let nxt = self.named_once(".b32", "stage_next");
+        self.ins(format!("mov.u32 {cur}, 0;"));
+        self.ins(format!("mov.u32 {nxt}, {};", stages - 1));
         let top = self.label("ktop");
         let end = self.label("kend");
         self.body.push_str(&format!("{top}:\n"));
         let done = self.pred();
         self.ins(format!("setp.ge.s32 {done}, {it}, %niter;"));
         self.ins(format!("@{done} bra.uni {end};"));
-        if let (true, Some(nxt)) = (own_ring, nxt.as_deref()) {
+        if own_ring {
             self.ins(format!("cp.async.wait_group {};", stages - 2));
             self.emit_async_proxy_fence();
             self.ins("bar.sync 0;");
             let it_next = self.r();
             self.ins(format!("add.s32 {it_next}, {it}, {};", stages - 1));
-            issue(self, &it_next, nxt)?;
-        }
-        if specialized {
-            self.arm_stream_waits();
+            issue(self, &it_next, &nxt)?;
         }
         // Current tile.
         let korg = self.named_once(".b32", "korg");
@@ -305,38 +336,7 @@ impl Printer<'_> {
             self.smem_base[d.index()] = read;
             self.store_base[d.index()] = Some(write);
         }
-        // Boundary tile? key tail, or a band edge crossing the tile.
-        let t = self.r();
-        self.ins(format!("add.s32 {t}, {korg}, {block_n};"));
-        self.ins(format!("setp.gt.s32 {needmask}, {t}, %nk;"));
-        for m in masks {
-            let x = self.r();
-            match m.direction {
-                BandDirection::KeyMinusQuery => {
-                    // korg + block_n - 1 - p0 > bound
-                    self.ins(format!("sub.s32 {x}, {korg}, %qpos0;"));
-                    self.ins(format!(
-                        "setp.gt.or.s32 {needmask}, {x}, {}, {needmask};",
-                        m.bound - block_n as i64 + 1
-                    ));
-                }
-                BandDirection::QueryMinusKey => {
-                    // p_last - korg > bound
-                    self.ins(format!("sub.s32 {x}, %plastpos, {korg};"));
-                    self.ins(format!(
-                        "setp.gt.or.s32 {needmask}, {x}, {}, {needmask};",
-                        m.bound
-                    ));
-                }
-            }
-        }
-        if prog.sequential {
-            // Positions inside a sequential program's tile are tile-relative.
-            self.ins(format!("shl.b32 {kcol}, %tig, 1;"));
-        } else {
-            self.ins(format!("mad.lo.s32 {kcol}, %tig, 2, {korg};"));
-        }
-        self.ins(format!("cvt.rn.f32.s32 {kf}, {kcol};"));
+        self.emit_tile_position(block_n, masks);
         let st = LoopState {
             masks: masks.to_vec(),
         };
@@ -344,9 +344,6 @@ impl Printer<'_> {
         self.emit_block(body, Some(&st))?;
         // The next iteration's loads overwrite the tiles this one's groups read.
         self.wait_wgmma(0);
-        if specialized {
-            self.emit_consumer_release();
-        }
         self.in_loop = false;
         for (i, (dst, _)) in streams.iter().enumerate() {
             self.smem_base[dst.index()] = saved[i].clone();
@@ -357,11 +354,7 @@ impl Printer<'_> {
         }
         // Advance the ring.
         self.ins(format!("add.s32 {it}, {it}, 1;"));
-        // (A specialized ring's stage advanced with its release.)
-        for r in [(!specialized).then_some(&cur), nxt.as_ref()]
-            .into_iter()
-            .flatten()
-        {
+        for r in [&cur, &nxt] {
             self.ins(format!("add.u32 {r}, {r}, 1;"));
             let w = self.pred();
             self.ins(format!("setp.eq.u32 {w}, {r}, {stages};"));
@@ -369,9 +362,7 @@ impl Printer<'_> {
         }
         self.ins(format!("bra.uni {top};"));
         self.body.push_str(&format!("{end}:\n"));
-        if !specialized {
-            self.ins("cp.async.wait_group 0;");
-        }
+        self.ins("cp.async.wait_group 0;");
         Ok(())
     }
     // ---- expressions -------------------------------------------------------------------

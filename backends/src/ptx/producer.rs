@@ -8,24 +8,36 @@
 //!   `setmaxnreg.dec` (the kernel is launched with a register cap, `.maxntid` and
 //!   `.minnctapersm 1`, which `setmaxnreg` needs) and only issues `cp.async` copies.
 //! * **Barriers.** One per tile loaded before the key loop (`full`, phase 0 only); per
-//!   stage of the ring, one `full` barrier per streamed tile and one `empty` barrier. The
-//!   producer's 128 threads each copy their share of a tile, wait for their own copies,
-//!   fence them into the async proxy (`wgmma` reads them next) and arrive on the tile's
-//!   `full` barrier (count 128). Each consumer warp waits on a tile's `full` barrier just
-//!   before its first statement that reads the tile (so `Q K^T` can start before V has
-//!   landed), and, once the key tile's last `wgmma` is done, lane 0 arrives on the stage's
-//!   `empty` barrier (count: consumer warps). The producer waits on `empty` before it
-//!   overwrites a stage.
+//!   streamed tile and stage of the ring, a `full` and an `empty` barrier, so K and V run
+//!   as two rings that free their stages independently. The producer's 128 threads each
+//!   copy their share of a tile, wait for their own copies, fence them into the async
+//!   proxy (`wgmma` reads them next) and arrive on the tile's `full` barrier (count 128).
+//!   Consumers wait on a tile's `full` barrier just before the first statement that reads
+//!   it; lane 0 of each consumer warp arrives on its `empty` barrier (count: consumer
+//!   warps) as soon as no statement left in the iteration reads the tile and no pending
+//!   `wgmma` group does. The producer waits on `empty` before it overwrites a stage.
 //! * **Phases.** Round `r` of a stage (iteration `it`, `r = it / stages`) completes phase
 //!   `r` of its barriers. The consumers wait for parity `r & 1` of `full`; the producer for
 //!   parity `(r & 1) ^ 1` of `empty`, which a fresh barrier reports complete, so the first
 //!   round does not wait.
+//! * **Rotation.** The body's trailing contraction (`acc += P V`), when nothing after it in
+//!   the iteration touches its registers, is deferred to the next iteration (and after the
+//!   loop for the last tile), reading the previous stage of its tile: it is issued right
+//!   after `Q K^T` of tile `j`, so the softmax of tile `j`, which waits only for `Q K^T`,
+//!   runs while `P V` of tile `j - 1` is still on the tensor cores (FlashAttention-3's
+//!   intra-warpgroup overlap). The first iteration commits an empty group in its place.
+//! * **Ping-pong.** With several consumer warpgroups, each issues its contractions in
+//!   turn: warpgroup `w` waits on named barrier `1 + w` before its first contraction of an
+//!   iteration and arrives on the next warpgroup's after its `Q K^T` is issued, so one
+//!   warpgroup's softmax runs while the tensor cores work for the other. The last
+//!   warpgroup opens the first turn; its final arrive is left out so every barrier ends
+//!   balanced.
 
 use super::*;
 
 /// Register limits after the role split: the producer keeps few (addresses and counters),
 /// the consumers take the rest of the register file (`setmaxnreg` wants multiples of 8).
-pub(super) const PRODUCER_REGISTERS: u32 = 40;
+pub(super) const PRODUCER_REGISTERS: u32 = 56;
 
 /// Where the mbarriers of a warp-specialized program live and what each one guards.
 #[derive(Debug, Clone)]
@@ -65,7 +77,7 @@ impl BarrierLayout {
     }
 
     pub(super) fn count(&self) -> u32 {
-        (self.top.len() + (self.streams.len() + 1) * self.stages as usize) as u32
+        (self.top.len() + 2 * self.streams.len() * self.stages as usize) as u32
     }
 
     pub(super) fn bytes(&self) -> u32 {
@@ -80,12 +92,21 @@ impl BarrierLayout {
 
     /// Offset of stage 0's `full` barrier of stream `j` (stage `s` is `8 s` further).
     fn stream_full(&self, j: usize) -> u32 {
-        self.base + 8 * (self.top.len() as u32 + j as u32 * self.stages)
+        self.base + 8 * (self.top.len() as u32 + 2 * j as u32 * self.stages)
     }
 
-    /// Offset of stage 0's `empty` barrier.
-    fn empty(&self) -> u32 {
-        self.base + 8 * (self.top.len() as u32 + self.streams.len() as u32 * self.stages)
+    /// Offset of stage 0's `empty` barrier of stream `j`.
+    fn stream_empty(&self, j: usize) -> u32 {
+        self.stream_full(j) + 8 * self.stages
+    }
+
+    fn is_empty_barrier(&self, off: u32) -> bool {
+        (0..self.streams.len())
+            .any(|j| (self.stream_empty(j)..self.stream_empty(j) + 8 * self.stages).contains(&off))
+    }
+
+    fn stream_index(&self, t: SharedId) -> Option<usize> {
+        self.streams.iter().position(|(d, _)| *d == t)
     }
 }
 
@@ -102,8 +123,7 @@ fn shared_reads(st: &Stmt) -> Vec<SharedId> {
     }
 }
 
-pub(super) const WS_STAGE: &str = "%ws_stage";
-const STAGE: &str = WS_STAGE;
+const STAGE: &str = "%ws_stage";
 const PHASE: &str = "%ws_phase";
 
 impl Printer<'_> {
@@ -150,7 +170,7 @@ impl Printer<'_> {
         self.ins(format!("@{first} bra.uni {skip};"));
         for i in 0..layout.count() {
             let off = layout.base + 8 * i;
-            let count = if off >= layout.empty() {
+            let count = if layout.is_empty_barrier(off) {
                 warps
             } else {
                 PRODUCER_THREADS
@@ -184,55 +204,6 @@ impl Printer<'_> {
         let a = self.barrier_addr(off, None);
         self.emit_barrier_wait(&a, "0");
         Ok(())
-    }
-
-    /// Consumer key loop, before the body: stage and phase counters.
-    pub(super) fn emit_consumer_ring_start(&mut self) {
-        self.named_once(".b32", &STAGE[1..]);
-        self.named_once(".b32", &PHASE[1..]);
-        self.ins(format!("mov.u32 {STAGE}, 0;"));
-        self.ins(format!("mov.u32 {PHASE}, 0;"));
-    }
-
-    /// Consumer key loop, top of an iteration: the streamed tiles not yet waited for.
-    pub(super) fn arm_stream_waits(&mut self) {
-        self.stream_waits = self.layout().streams.iter().map(|(d, _)| *d).collect();
-    }
-
-    /// Before a consumer statement inside the key loop: wait for the streamed tiles it reads
-    /// that have not been waited for in this iteration.
-    pub(super) fn wait_streams_read_by(&mut self, st: &Stmt) {
-        for t in shared_reads(st) {
-            if let Some(i) = self.stream_waits.iter().position(|d| *d == t) {
-                self.stream_waits.remove(i);
-                let j = self
-                    .layout()
-                    .streams
-                    .iter()
-                    .position(|(d, _)| *d == t)
-                    .expect("armed waits are streams");
-                let off = self.layout().stream_full(j);
-                self.comment(format!(
-                    "wait for {} (producer)",
-                    self.prog.shared[t.index()].name
-                ));
-                let a = self.barrier_addr(off, Some(STAGE));
-                self.emit_barrier_wait(&a, PHASE);
-            }
-        }
-    }
-
-    /// Consumer key loop, end of an iteration (every `wgmma` done): release the stage and
-    /// advance the counters.
-    pub(super) fn emit_consumer_release(&mut self) {
-        self.stream_waits.clear();
-        let off = self.layout().empty();
-        self.comment("this warp is done with the stage");
-        let a = self.barrier_addr(off, Some(STAGE));
-        let lane0 = self.pred();
-        self.ins(format!("setp.eq.u32 {lane0}, %lane, 0;"));
-        self.ins(format!("@{lane0} mbarrier.arrive.shared::cta.b64 _, [{a}];"));
-        self.emit_ring_advance();
     }
 
     fn emit_ring_advance(&mut self) {
@@ -279,7 +250,7 @@ impl Printer<'_> {
         };
         self.comment("producer: the key loop's tiles");
         self.emit_key_range(block_n, &masks);
-        self.emit_consumer_ring_start();
+        self.emit_ring_start();
         let it = self.named_once(".b32", "pit");
         self.ins(format!("mov.u32 {it}, 0;"));
         let top = self.label("ptop");
@@ -288,29 +259,25 @@ impl Printer<'_> {
         let done = self.pred();
         self.ins(format!("setp.ge.s32 {done}, {it}, %niter;"));
         self.ins(format!("@{done} bra.uni {end};"));
-        // The consumers are done with this stage's previous round.
-        let free = self.barrier_addr(layout.empty(), Some(STAGE));
-        let parity = self.r();
-        self.ins(format!("xor.b32 {parity}, {PHASE}, 1;"));
-        self.emit_barrier_wait(&free, &parity);
         let origin = self.r();
         self.ins(self.tile_of(&origin, &it));
         self.ins(format!("mul.lo.s32 {origin}, {origin}, {block_n};"));
-        for (dst, src) in &layout.streams {
-            let t = &prog.shared[dst.index()];
-            let stage_bytes = (t.rows * t.cols * t.elem.bytes()).div_ceil(SMEM_ALIGN) * SMEM_ALIGN;
+        let parity = self.r();
+        self.ins(format!("xor.b32 {parity}, {PHASE}, 1;"));
+        // Each tile in turn (K before V): wait until the consumers are done with this
+        // stage's previous round of it, copy, and publish it once its copies are in.
+        for (j, (dst, src)) in layout.streams.iter().enumerate() {
+            let free = self.barrier_addr(layout.stream_empty(j), Some(STAGE));
+            self.emit_barrier_wait(&free, &parity);
             let sb = self.r();
             self.ins(format!(
-                "mad.lo.u32 {sb}, {STAGE}, {stage_bytes}, {};",
+                "mad.lo.u32 {sb}, {STAGE}, {}, {};",
+                self.stage_bytes(*dst),
                 self.smem_base[dst.index()]
             ));
             self.emit_load_issue(*dst, *src, &origin, &sb, None)?;
             self.ins("cp.async.commit_group;");
-        }
-        // Publish each tile as soon as its own copies are in (K before V).
-        let n = layout.streams.len();
-        for j in 0..n {
-            self.ins(format!("cp.async.wait_group {};", n - 1 - j));
+            self.ins("cp.async.wait_group 0;");
             self.ins("fence.proxy.async.shared::cta;");
             let a = self.barrier_addr(layout.stream_full(j), Some(STAGE));
             self.ins(format!("mbarrier.arrive.shared::cta.b64 _, [{a}];"));
@@ -321,6 +288,310 @@ impl Printer<'_> {
         self.body.push_str(&format!("{end}:\n"));
         Ok(())
     }
+
+    fn stage_bytes(&self, t: SharedId) -> u32 {
+        let t = &self.prog.shared[t.index()];
+        (t.rows * t.cols * t.elem.bytes()).div_ceil(SMEM_ALIGN) * SMEM_ALIGN
+    }
+
+    fn emit_ring_start(&mut self) {
+        self.named_once(".b32", &STAGE[1..]);
+        self.named_once(".b32", &PHASE[1..]);
+        self.ins(format!("mov.u32 {STAGE}, 0;"));
+        self.ins(format!("mov.u32 {PHASE}, 0;"));
+    }
+
+    /// Points the streamed tiles at stage `stage` of their rings.
+    fn select_stage(&mut self, tiles: &[SharedId], stage: &str, ring_base: &[String]) {
+        for t in tiles {
+            let j = self.layout().stream_index(*t).expect("streams have rings");
+            let sb = self.r();
+            self.ins(format!(
+                "mad.lo.u32 {sb}, {stage}, {}, {};",
+                self.stage_bytes(*t),
+                ring_base[j]
+            ));
+            self.smem_base[t.index()] = sb;
+        }
+    }
+
+    /// Waits for the streamed tiles `st` reads that this iteration has not waited for.
+    fn wait_streams_read_by(&mut self, st: &Stmt) {
+        for t in shared_reads(st) {
+            if let Some(i) = self.stream_waits.iter().position(|d| *d == t) {
+                self.stream_waits.remove(i);
+                let j = self.layout().stream_index(t).expect("armed waits are streams");
+                let off = self.layout().stream_full(j);
+                self.comment(format!(
+                    "wait for {} (producer)",
+                    self.prog.shared[t.index()].name
+                ));
+                let a = self.barrier_addr(off, Some(STAGE));
+                self.emit_barrier_wait(&a, PHASE);
+            }
+        }
+    }
+
+    /// Releases the stages in `releases` that no pending `wgmma` group reads any more
+    /// (all of them when `force`, after waiting for every group).
+    fn release_stages(&mut self, releases: &mut Vec<Release>, force: bool) {
+        if force && !releases.is_empty() {
+            self.wait_wgmma(0);
+        }
+        let mut i = 0;
+        while i < releases.len() {
+            let r = &releases[i];
+            let busy = self.wgmma_pending.iter().any(|g| g.shared.contains(&r.tile));
+            if busy {
+                i += 1;
+                continue;
+            }
+            let r = releases.remove(i);
+            let j = self.layout().stream_index(r.tile).expect("releases are streams");
+            let off = self.layout().stream_empty(j);
+            self.comment(format!(
+                "this warp is done with {} at this stage",
+                self.prog.shared[r.tile.index()].name
+            ));
+            let a = self.barrier_addr(off, Some(&r.stage));
+            let lane0 = self.pred();
+            self.ins(format!("setp.eq.u32 {lane0}, %lane, 0;"));
+            if let Some(cond) = &r.only_if {
+                self.ins(format!("and.pred {lane0}, {lane0}, {cond};"));
+            }
+            self.ins(format!("@{lane0} mbarrier.arrive.shared::cta.b64 _, [{a}];"));
+        }
+    }
+
+    /// The consumers' key loop of a warp-specialized program (see the module docs: waits,
+    /// releases, rotation, ping-pong).
+    pub(super) fn emit_specialized_key_loop(
+        &mut self,
+        block_n: u32,
+        masks: &[BandMask],
+        body: &[Stmt],
+    ) -> Result<(), TileError> {
+        let prog = self.prog;
+        let stages = prog.schedule.stages;
+        let layout = self.layout().clone();
+        let tiles: Vec<SharedId> = layout.streams.iter().map(|(d, _)| *d).collect();
+        let ring_base: Vec<String> = tiles
+            .iter()
+            .map(|d| self.smem_base[d.index()].clone())
+            .collect();
+        let deferred = deferred_contraction(self, body);
+        let first_contract = body.iter().position(|s| {
+            matches!(s, Stmt::Contract { .. }) && shared_reads(s).iter().any(|t| tiles.contains(t))
+        });
+        // The last statement (other than the deferred one) reading each streamed tile.
+        let last_reader = |t: SharedId| {
+            body.iter()
+                .enumerate()
+                .filter(|(i, s)| Some(*i) != deferred && shared_reads(s).contains(&t))
+                .map(|(i, _)| i)
+                .last()
+        };
+        let deferred_tiles: Vec<SharedId> = deferred
+            .map(|i| shared_reads(&body[i]))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| tiles.contains(t))
+            .collect();
+        let groups = prog.schedule.warps / 4;
+        let pingpong = groups >= 2 && first_contract.is_some();
+        self.comment(format!(
+            "consumers' key loop: {}{}",
+            if deferred.is_some() {
+                "trailing contraction deferred to the next iteration"
+            } else {
+                "no deferred contraction"
+            },
+            if pingpong {
+                ", warpgroups issue their contractions in turn (ping-pong)"
+            } else {
+                ""
+            }
+        ));
+        self.emit_key_range(block_n, masks);
+        self.emit_ring_start();
+        let wg = self.named_once(".b32", "wgidx");
+        self.ins(format!("shr.u32 {wg}, %warp, 2;"));
+        let (my_turn, next_turn, last_group) = (
+            self.named_once(".b32", "turn_mine"),
+            self.named_once(".b32", "turn_next"),
+            self.named_once(".pred", "last_wg"),
+        );
+        if pingpong {
+            // Named barriers 1..=groups: warpgroup w waits on 1 + w, then opens 1 + (w+1) % G.
+            self.ins(format!("add.u32 {my_turn}, {wg}, 1;"));
+            self.ins(format!("add.u32 {next_turn}, {wg}, 1;"));
+            let wrap = self.pred();
+            self.ins(format!("setp.eq.u32 {wrap}, {next_turn}, {groups};"));
+            self.ins(format!("selp.u32 {next_turn}, 0, {next_turn}, {wrap};"));
+            self.ins(format!("add.u32 {next_turn}, {next_turn}, 1;"));
+            self.ins(format!("setp.eq.u32 {last_group}, {wg}, {};", groups - 1));
+            let open = self.pred();
+            self.ins(format!("setp.gt.s32 {open}, %niter, 0;"));
+            self.ins(format!("and.pred {open}, {open}, {last_group};"));
+            self.ins(format!("@{open} bar.arrive 1, {};", 2 * 128));
+        }
+        let turn_wait = |p: &mut Printer| {
+            if pingpong {
+                p.ins(format!("bar.sync {my_turn}, {};", 2 * 128));
+            }
+        };
+        let it = self.named_once(".b32", "it");
+        self.ins(format!("mov.u32 {it}, 0;"));
+        let prev = self.named_once(".b32", "ws_prev");
+        let top = self.label("ktop");
+        let end = self.label("kend");
+        self.body.push_str(&format!("{top}:\n"));
+        let done = self.pred();
+        self.ins(format!("setp.ge.s32 {done}, {it}, %niter;"));
+        self.ins(format!("@{done} bra.uni {end};"));
+        let korg = self.named_once(".b32", "korg");
+        self.ins(self.tile_of(&korg, &it));
+        self.ins(format!("mul.lo.s32 {korg}, {korg}, {block_n};"));
+        self.emit_tile_position(block_n, masks);
+        self.select_stage(&tiles, STAGE, &ring_base);
+        self.stream_waits = tiles.clone();
+        // The previous iteration's stage, read by the deferred contraction.
+        self.ins(format!("add.u32 {prev}, {STAGE}, {};", stages - 1));
+        let w = self.pred();
+        self.ins(format!("setp.ge.u32 {w}, {prev}, {stages};"));
+        self.ins(format!("@{w} sub.u32 {prev}, {prev}, {stages};"));
+        let st = LoopState {
+            masks: masks.to_vec(),
+        };
+        self.in_loop = true;
+        if let Some(fc) = first_contract {
+            self.wait_streams_read_by(&body[fc]);
+        }
+        turn_wait(self);
+        let mut releases: Vec<Release> = Vec::new();
+        for (i, s) in body.iter().enumerate() {
+            if Some(i) == deferred || matches!(s, Stmt::LoadTile { .. }) {
+                continue;
+            }
+            self.wait_for_conflicting_wgmma(s);
+            self.release_stages(&mut releases, false);
+            self.wait_streams_read_by(s);
+            self.emit_stmt(s, Some(&st))?;
+            if Some(i) == first_contract {
+                if let Some(d) = deferred {
+                    // Issued after this tile's first contraction, so the statements that
+                    // wait for that one leave the deferred group running.
+                    let not_first = self.pred();
+                    self.ins(format!("setp.gt.s32 {not_first}, {it}, 0;"));
+                    let (other, join) = (self.label("nodeferred"), self.label("deferred_done"));
+                    self.ins(format!("@!{not_first} bra.uni {other};"));
+                    self.comment("the previous key tile's deferred contraction");
+                    self.select_stage(&deferred_tiles, &prev, &ring_base);
+                    self.emit_stmt(&body[d], Some(&st))?;
+                    self.select_stage(&deferred_tiles, STAGE, &ring_base);
+                    self.ins(format!("bra.uni {join};"));
+                    self.body.push_str(&format!("{other}:\n"));
+                    // The first tile has none: an empty group keeps the counts of
+                    // `wgmma.wait_group` the same on both paths.
+                    self.ins("wgmma.commit_group.sync.aligned;");
+                    self.body.push_str(&format!("{join}:\n"));
+                    for t in &deferred_tiles {
+                        releases.push(Release {
+                            tile: *t,
+                            stage: prev.clone(),
+                            only_if: Some(not_first.clone()),
+                        });
+                    }
+                }
+                if pingpong {
+                    self.ins(format!("bar.arrive {next_turn}, {};", 2 * 128));
+                }
+            }
+            for t in &tiles {
+                if last_reader(*t) == Some(i) && !deferred_tiles.contains(t) {
+                    releases.push(Release {
+                        tile: *t,
+                        stage: STAGE.to_string(),
+                        only_if: None,
+                    });
+                }
+            }
+            self.release_stages(&mut releases, false);
+        }
+        // The deferred contraction reads this tile next iteration: wait for it now.
+        if let Some(d) = deferred {
+            self.wait_streams_read_by(&body[d]);
+        }
+        self.release_stages(&mut releases, true);
+        self.in_loop = false;
+        self.emit_ring_advance();
+        self.ins(format!("add.s32 {it}, {it}, 1;"));
+        self.ins(format!("bra.uni {top};"));
+        self.body.push_str(&format!("{end}:\n"));
+        if let Some(d) = deferred {
+            let skip = self.label("nolast");
+            let none = self.pred();
+            self.ins(format!("setp.le.s32 {none}, %niter, 0;"));
+            self.ins(format!("@{none} bra.uni {skip};"));
+            self.comment("the last key tile's deferred contraction");
+            turn_wait(self);
+            // After the loop STAGE is one past the last tile's stage: `prev` recomputed.
+            self.ins(format!("add.u32 {prev}, {STAGE}, {};", stages - 1));
+            let w = self.pred();
+            self.ins(format!("setp.ge.u32 {w}, {prev}, {stages};"));
+            self.ins(format!("@{w} sub.u32 {prev}, {prev}, {stages};"));
+            self.select_stage(&deferred_tiles, &prev, &ring_base);
+            self.in_loop = true;
+            self.emit_stmt(&body[d], Some(&st))?;
+            self.in_loop = false;
+            if pingpong {
+                // The last warpgroup's final arrive would have no turn to open.
+                self.ins(format!("@!{last_group} bar.arrive {next_turn}, {};", 2 * 128));
+            }
+            self.wait_wgmma(0);
+            self.body.push_str(&format!("{skip}:\n"));
+        }
+        for (t, base) in tiles.iter().zip(&ring_base) {
+            self.smem_base[t.index()] = base.clone();
+        }
+        Ok(())
+    }
+}
+
+/// A stage of a streamed tile to hand back to the producer once no `wgmma` group reads it.
+struct Release {
+    tile: SharedId,
+    /// Register holding the stage.
+    stage: String,
+    /// Predicate that must hold (the deferred contraction ran).
+    only_if: Option<String>,
+}
+
+/// The body's trailing contraction that may run at the top of the next iteration: the
+/// last `Contract` reading a streamed tile, when no later statement touches its
+/// registers and it is not the only contraction.
+fn deferred_contraction(p: &Printer, body: &[Stmt]) -> Option<usize> {
+    let streamed = p.prog.streamed_tiles();
+    let i = body.iter().rposition(|s| matches!(s, Stmt::Contract { .. }))?;
+    let Stmt::Contract { b, .. } = &body[i] else {
+        return None;
+    };
+    if !streamed.contains(b) {
+        return None;
+    }
+    let contracts = body
+        .iter()
+        .filter(|s| matches!(s, Stmt::Contract { .. }))
+        .count();
+    if contracts < 2 {
+        return None;
+    }
+    let (regs, _, _) = p.stmt_footprint(&body[i]);
+    let clean = body[i + 1..].iter().all(|s| {
+        let (r, _, all) = p.stmt_footprint(s);
+        !all && !r.iter().any(|x| regs.contains(x))
+    });
+    clean.then_some(i)
 }
 
 /// The consumers' register limit: what the register file holds once the producer has

@@ -23,9 +23,6 @@ impl Printer<'_> {
     ) -> Result<(), TileError> {
         for st in body {
             self.wait_for_conflicting_wgmma(st);
-            if !self.stream_waits.is_empty() {
-                self.wait_streams_read_by(st);
-            }
             self.emit_stmt(st, lp)?;
         }
         Ok(())
