@@ -10,10 +10,12 @@
 //! * **Barriers.** One per tile loaded before the key loop (`full`, phase 0 only); per
 //!   streamed tile and stage of the ring, a `full` and an `empty` barrier, so K and V run
 //!   as two rings that free their stages independently. The producer's 128 threads each
-//!   copy their share of a tile, wait for their own copies, fence them into the async
-//!   proxy (`wgmma` reads them next) and arrive on the tile's `full` barrier (count 128).
-//!   Consumers wait on a tile's `full` barrier just before the first statement that reads
-//!   it; lane 0 of each consumer warp arrives on its `empty` barrier (count: consumer
+//!   copy their share of a tile and hand the arrival on the tile's `full` barrier (count
+//!   128) to the copy unit (`cp.async.mbarrier.arrive.noinc`: it arrives when the thread's
+//!   copies have landed), so the producer never waits for a copy and keeps every stage it
+//!   may fill in flight. Consumers wait on a tile's `full` barrier just before the first
+//!   statement that reads it, then fence the tile into the async proxy (`wgmma` reads it
+//!   through descriptors, the copies wrote it through the generic proxy); lane 0 of each consumer warp arrives on its `empty` barrier (count: consumer
 //!   warps) as soon as no statement left in the iteration reads the tile and no pending
 //!   `wgmma` group does. The producer waits on `empty` before it overwrites a stage.
 //! * **Phases.** Round `r` of a stage (iteration `it`, `r = it / stages`) completes phase
@@ -182,8 +184,17 @@ impl Printer<'_> {
         self.body.push_str(&format!("{skip}:\n"));
         self.ins("bar.sync 0;");
         let producer = self.label("producer");
+        // The warpgroup index, broadcast from lane 0 so that ptxas sees it is uniform across
+        // the warp: a role test on `%tid` alone reads as divergent, and ptxas then serializes
+        // every `wgmma` of the consumers (warning C7520).
+        let wg = self.r();
+        self.ins(format!("shr.u32 {wg}, %thr, 7;"));
+        self.ins(format!("shfl.sync.idx.b32 {wg}, {wg}, 0, 31, -1;"));
         let is_producer = self.pred();
-        self.ins(format!("setp.ge.u32 {is_producer}, %thr, {consumers};"));
+        self.ins(format!(
+            "setp.ge.u32 {is_producer}, {wg}, {};",
+            consumers / PRODUCER_THREADS
+        ));
         self.ins(format!("@{is_producer} bra.uni {producer};"));
         let consumer_regs = consumer_registers(consumers);
         self.ins(format!(
@@ -203,6 +214,7 @@ impl Printer<'_> {
         ));
         let a = self.barrier_addr(off, None);
         self.emit_barrier_wait(&a, "0");
+        self.ins("fence.proxy.async.shared::cta;");
         Ok(())
     }
 
@@ -235,12 +247,9 @@ impl Printer<'_> {
             ));
             let base = self.smem_base[dst.index()].clone();
             self.emit_load_issue(*dst, *src, "%qrow0", &base, None)?;
-            self.ins("cp.async.commit_group;");
-            self.ins("cp.async.wait_group 0;");
-            self.ins("fence.proxy.async.shared::cta;");
             let off = layout.top_full(*dst).expect("top tiles have barriers");
             let a = self.barrier_addr(off, None);
-            self.ins(format!("mbarrier.arrive.shared::cta.b64 _, [{a}];"));
+            self.ins(format!("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"));
         }
         let Some((block_n, masks)) = prog.body.iter().find_map(|s| match s {
             Stmt::KeyLoop { block_n, masks, .. } => Some((*block_n, masks.clone())),
@@ -276,16 +285,15 @@ impl Printer<'_> {
                 self.smem_base[dst.index()]
             ));
             self.emit_load_issue(*dst, *src, &origin, &sb, None)?;
-            self.ins("cp.async.commit_group;");
-            self.ins("cp.async.wait_group 0;");
-            self.ins("fence.proxy.async.shared::cta;");
             let a = self.barrier_addr(layout.stream_full(j), Some(STAGE));
-            self.ins(format!("mbarrier.arrive.shared::cta.b64 _, [{a}];"));
+            self.ins(format!("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"));
         }
         self.emit_ring_advance();
         self.ins(format!("add.s32 {it}, {it}, 1;"));
         self.ins(format!("bra.uni {top};"));
         self.body.push_str(&format!("{end}:\n"));
+        // No copy outlives its thread.
+        self.ins("cp.async.wait_all;");
         Ok(())
     }
 
@@ -328,6 +336,7 @@ impl Printer<'_> {
                 ));
                 let a = self.barrier_addr(off, Some(STAGE));
                 self.emit_barrier_wait(&a, PHASE);
+                self.ins("fence.proxy.async.shared::cta;");
             }
         }
     }
