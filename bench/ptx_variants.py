@@ -5,7 +5,8 @@ Each PTX file is a kernel `einattn compile --emit ptx` printed for examples/atte
 or attention_causal.ein (bf16, layout [B, N, H, D]); its grid is (N / block_m, B * H) and
 its threads and dynamic shared memory are read from the `.maxntid` line and the header.
 Usage: python3 bench/ptx_variants.py B H N D causal(0|1) file.ptx...
-Writes one line per file: name, median ms, TFLOP/s, relative error against SDPA.
+Writes cuDNN's time (SDPA, same timing loop), then one line per file: name, median ms,
+TFLOP/s, ratio to cuDNN, relative error against SDPA.
 """
 import ctypes
 import re
@@ -33,6 +34,27 @@ def main():
                                          is_causal=bool(causal), scale=scale).transpose(1, 2)
     flops = 4 * B * H * N * N * D / (2 if causal else 1)
     stream = cu.CUstream(torch.cuda.current_stream().cuda_stream)
+
+    def median_ms(fn):
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(30):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return sorted(times)[len(times) // 2]
+
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        ms = median_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=bool(causal),
+                                                              scale=scale))
+    cudnn = flops / ms / 1e9
+    print(f"cuDNN (SDPA): {ms:.4f} ms, {cudnn:.1f} TFLOP/s", flush=True)
     for path in files:
         text = open(path).read()
         entry = re.search(r"\.entry (\w+)\(", text).group(1)
@@ -57,17 +79,10 @@ def main():
         launch()
         torch.cuda.synchronize()
         rel = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
-        times = []
-        for _ in range(30):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            launch()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        ms = sorted(times)[len(times) // 2]
-        print(f"{path.split('/')[-1]}: {ms:.4f} ms, {flops / ms / 1e9:.1f} TFLOP/s, rel err {rel:.2e}",
-              flush=True)
+        ms = median_ms(launch)
+        tf = flops / ms / 1e9
+        print(f"{path.split('/')[-1]}: {ms:.4f} ms, {tf:.1f} TFLOP/s ({tf / cudnn:.3f} of cuDNN), "
+              f"rel err {rel:.2e}", flush=True)
 
 
 if __name__ == "__main__":

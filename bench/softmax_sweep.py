@@ -25,17 +25,19 @@ SCHEDULES = {
     "default": "",
     "sync": "--target sm_90a --mma sync",
     "wgmma": "--target sm_90a --mma wgmma",
-    "wg_128x128_w8_s2": "--target sm_90a --mma wgmma --tile p0=128,m0=128 --warps 8 --stages 2",
-    "wg_128x64_w8_s3": "--target sm_90a --mma wgmma --tile p0=128,m0=64 --warps 8 --stages 3",
-    "wg_128x64_w8_s2": "--target sm_90a --mma wgmma --tile p0=128,m0=64 --warps 8 --stages 2",
-    "wg_128x32_w8_s2": "--target sm_90a --mma wgmma --tile p0=128,m0=32 --warps 8 --stages 2",
-    "wg_64x128_w4_s2": "--target sm_90a --mma wgmma --tile p0=64,m0=128 --warps 4 --stages 2",
-    "wg_64x64_w4_s3": "--target sm_90a --mma wgmma --tile p0=64,m0=64 --warps 4 --stages 3",
-    # Warp-specialized: a producer warpgroup copies K and V (`--loads producer`).
-    "ws_128x128_s2": "--target sm_90a --mma wgmma --loads producer --tile p0=128,m0=128 --warps 8 --stages 2",
-    "ws_128x128_s3": "--target sm_90a --mma wgmma --loads producer --tile p0=128,m0=128 --warps 8 --stages 3",
-    "ws_128x64_s3": "--target sm_90a --mma wgmma --loads producer --tile p0=128,m0=64 --warps 8 --stages 3",
-    "ws_192x64_s3": "--target sm_90a --mma wgmma --loads producer --tile p0=192,m0=64 --warps 12 --stages 3",
+    "wg_128x128_w8_s2": "--target sm_90a --mma wgmma --loads cooperative --tile p0=128,m0=128 --warps 8 --stages 2",
+    "wg_128x64_w8_s3": "--target sm_90a --mma wgmma --loads cooperative --tile p0=128,m0=64 --warps 8 --stages 3",
+    "wg_128x64_w8_s2": "--target sm_90a --mma wgmma --loads cooperative --tile p0=128,m0=64 --warps 8 --stages 2",
+    "wg_128x32_w8_s2": "--target sm_90a --mma wgmma --loads cooperative --tile p0=128,m0=32 --warps 8 --stages 2",
+    "wg_64x128_w4_s2": "--target sm_90a --mma wgmma --loads cooperative --tile p0=64,m0=128 --warps 4 --stages 2",
+    "wg_64x64_w4_s3": "--target sm_90a --mma wgmma --loads cooperative --tile p0=64,m0=64 --warps 4 --stages 3",
+    # Every thread copies K and V (the sm_90a default before warp specialization).
+    "coop": "--target sm_90a --mma wgmma --loads cooperative",
+    # Warp-specialized: a producer warpgroup copies K and V (`--loads producer`), with the
+    # compute warpgroups taking turns (`--loads pingpong`) or not.
+    "producer_128x128": "--target sm_90a --mma wgmma --loads producer --tile p0=128,m0=128 --warps 8 --stages 2",
+    "pingpong_128x128": "--target sm_90a --mma wgmma --loads pingpong --tile p0=128,m0=128 --warps 8 --stages 2",
+    "producer_192x64": "--target sm_90a --mma wgmma --loads producer --tile p0=192,m0=64 --warps 12 --stages 3",
 }
 
 

@@ -178,7 +178,8 @@ struct KernelFlags {
     mma: Option<MmaArg>,
     /// Who copies K and V into shared memory (softmax attention, wgmma): every thread
     /// (cooperative), or a producer warpgroup beside the compute warps (producer: warp
-    /// specialization with mbarriers). Default: the scheduler's choice.
+    /// specialization with mbarriers; pingpong: also the compute warpgroups issue their
+    /// matrix products in turn). Default: the scheduler's choice.
     #[arg(long, value_enum)]
     loads: Option<LoadsArg>,
     /// Linear attention: one CTA walks the sequence (single), parallel chunks in two
@@ -212,7 +213,12 @@ impl KernelFlags {
                 }),
                 loads: self.loads.map(|l| match l {
                     LoadsArg::Cooperative => einattn_backends::tile::Loads::Cooperative,
-                    LoadsArg::Producer => einattn_backends::tile::Loads::ProducerWarpgroup,
+                    LoadsArg::Producer => {
+                        einattn_backends::tile::Loads::ProducerWarpgroup { pingpong: false }
+                    }
+                    LoadsArg::Pingpong => {
+                        einattn_backends::tile::Loads::ProducerWarpgroup { pingpong: true }
+                    }
                 }),
                 optimize: self.optimize,
                 strategy: self.strategy,
@@ -240,6 +246,7 @@ enum MmaArg {
 enum LoadsArg {
     Cooperative,
     Producer,
+    Pingpong,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

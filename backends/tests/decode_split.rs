@@ -7,6 +7,7 @@ use einattn_backends::family::softmax::{AttentionSchedule, AttentionSpec};
 use einattn_backends::reference::{alibi_slopes, attention, relative_error, AttentionInputs};
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
 use einattn_backends::tile::{Elem, MmaUnit};
+use einattn_backends::tile::Loads;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -123,6 +124,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     q_in_registers: seed % 2 == 0,
                     skip_unit_rescale: seed % 3 == 0,
                     mma: MmaUnit::Sync,
+                    loads: Loads::Cooperative,
                 };
                 let prob = Problem {
                     batch,

@@ -5,6 +5,7 @@ use einattn_backends::family::softmax::{flash_attention, AttentionSchedule, Atte
 use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
 use einattn_backends::tile::Elem;
 use einattn_backends::tile::MmaUnit;
+use einattn_backends::tile::Loads;
 use einattn_backends::{print_ptx, Target};
 
 fn specs() -> Vec<AttentionSpec> {
@@ -85,6 +86,7 @@ fn ptxas_accepts_other_schedules() {
             q_in_registers: qreg,
             skip_unit_rescale: false,
             mma: MmaUnit::Sync,
+            loads: Loads::Cooperative,
         };
         let (prog, _) = flash_attention(&spec, &sched).expect("builds");
         let k = print_ptx(&prog, Target::Sm90a).expect("prints");
@@ -120,6 +122,7 @@ fn wgmma_forward_assembles_without_spills() {
                 warps,
                 stages,
                 mma: MmaUnit::Warpgroup,
+                loads: Loads::Cooperative,
                 ..AttentionSchedule::default_for(&spec)
             };
             let (prog, _) = flash_attention(&spec, &sched).expect("builds");

@@ -10,6 +10,7 @@ use einattn_backends::reference::relative_error;
 use einattn_backends::tile::interp::{run, Bindings};
 use einattn_backends::tile::Elem;
 use einattn_backends::tile::MmaUnit;
+use einattn_backends::tile::Loads;
 use einattn_ir::cascade::Cascade;
 use einattn_ir::interp::{evaluate_in_order, random_inputs};
 use einattn_ir::validate::topological_order;
@@ -143,6 +144,7 @@ fn tile_program_matches_the_interpreter_on_every_example() {
                 q_in_registers: false,
                 skip_unit_rescale: true,
                 mma: MmaUnit::Sync,
+                loads: Loads::Cooperative,
             },
             AttentionSchedule {
                 block_m: 32,
@@ -152,6 +154,7 @@ fn tile_program_matches_the_interpreter_on_every_example() {
                 q_in_registers: true,
                 skip_unit_rescale: false,
                 mma: MmaUnit::Sync,
+                loads: Loads::Cooperative,
             },
         ] {
             let err = tile_vs_interpreter(&c, kernel, 11);
@@ -172,7 +175,7 @@ proptest! {
                      &[("N", n), ("D", 16), ("TILE", tile), ("W", w), ("H", 2)]);
         let kernel = AttentionSchedule {
             block_m: 32, block_n: [16, 32, 64][bn_i], warps: 2, stages: 2,
-            q_in_registers: false, skip_unit_rescale: seed % 2 == 0, mma: MmaUnit::Sync,
+            q_in_registers: false, skip_unit_rescale: seed % 2 == 0, mma: MmaUnit::Sync, loads: Loads::Cooperative,
         };
         let err = tile_vs_interpreter(&c, kernel, seed);
         prop_assert!(err < 1e-2, "relative error {}", err);
@@ -324,6 +327,7 @@ fn offset_bands_map_and_match_the_interpreter() {
             q_in_registers: false,
             skip_unit_rescale: false,
             mma: MmaUnit::Sync,
+            loads: Loads::Cooperative,
         },
         AttentionSchedule {
             block_m: 64,
@@ -333,6 +337,7 @@ fn offset_bands_map_and_match_the_interpreter() {
             q_in_registers: false,
             skip_unit_rescale: true,
             mma: MmaUnit::Sync,
+            loads: Loads::Cooperative,
         },
     ] {
         let err = tile_vs_interpreter(&c, kernel, 5);
@@ -392,6 +397,7 @@ fn grouped_query_attention_tile_program_matches_the_interpreter() {
             q_in_registers: false,
             skip_unit_rescale: true,
             mma: MmaUnit::Sync,
+            loads: Loads::Cooperative,
         },
         AttentionSchedule {
             block_m: 32,
@@ -401,6 +407,7 @@ fn grouped_query_attention_tile_program_matches_the_interpreter() {
             q_in_registers: true,
             skip_unit_rescale: false,
             mma: MmaUnit::Sync,
+            loads: Loads::Cooperative,
         },
     ];
     // (H, GROUP, N, TILE): N = 70 and 100 end mid-tile for both kernels.
@@ -479,6 +486,7 @@ fn grouped_query_attention_with_per_head_slopes_matches_the_interpreter() {
             q_in_registers: false,
             skip_unit_rescale: true,
             mma: MmaUnit::Sync,
+            loads: Loads::Cooperative,
         };
         let err = tile_vs_interpreter(&c, kernel, 9);
         assert!(err < 1e-2, "H={h} GROUP={group}: relative error {err}");
@@ -502,6 +510,7 @@ fn grouped_query_attention_needs_its_kv_head_mapping() {
         q_in_registers: false,
         skip_unit_rescale: true,
         mma: MmaUnit::Sync,
+        loads: Loads::Cooperative,
     };
     let (prog, _) = flash_attention(&m.spec, &kernel).expect("tile program builds");
     let inputs = random_inputs(&c, 1);

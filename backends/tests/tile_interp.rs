@@ -6,6 +6,7 @@ use einattn_backends::reference::{alibi_slopes, attention, relative_error, Atten
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
 use einattn_backends::tile::Elem;
 use einattn_backends::tile::{MmaUnit, ScalarExpr, Stmt, TileProgram};
+use einattn_backends::tile::Loads;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -227,6 +228,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     q_in_registers: seed % 2 == 0,
                     skip_unit_rescale: seed % 3 == 0,
                     mma: MmaUnit::Sync,
+                    loads: Loads::Cooperative,
                 };
                 let prob = Problem {
                     batch,
@@ -296,6 +298,7 @@ fn causal_window_ragged_fixed_cases() {
             q_in_registers: true,
             skip_unit_rescale: false,
             mma: MmaUnit::Sync,
+            loads: Loads::Cooperative,
         };
         let prob = Problem {
             batch: 1,
@@ -336,6 +339,7 @@ fn window_edges_sweep() {
                 q_in_registers: true,
                 skip_unit_rescale: false,
                 mma: MmaUnit::Sync,
+                loads: Loads::Cooperative,
             };
             let prob = Problem {
                 batch: 1,
@@ -412,7 +416,7 @@ proptest! {
         let mut sliced = spec.clone();
         sliced.query_offset = true;
         let sched = AttentionSchedule {
-            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, skip_unit_rescale: false, mma: MmaUnit::Sync,
+            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, skip_unit_rescale: false, mma: MmaUnit::Sync, loads: Loads::Cooperative,
         };
         let (prog, bind) = flash_attention(&sliced, &sched).expect("builds");
         let mut io = Bindings {

@@ -13,6 +13,7 @@ use einattn_backends::reference::{
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
 use einattn_backends::tile::Elem;
 use einattn_backends::tile::MmaUnit;
+use einattn_backends::tile::Loads;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -69,6 +70,7 @@ fn run_partial(x: &Block, n_q: usize, n_k: usize, q_offset: usize) -> [Vec<f64>;
         q_in_registers: false,
         skip_unit_rescale: false,
         mma: MmaUnit::Sync,
+        loads: Loads::Cooperative,
     };
     let (prog, bind) = flash_attention(&spec, &sched).expect("builds");
     let (b, h, d) = (x.batch, x.heads, x.d);

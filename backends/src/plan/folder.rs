@@ -93,7 +93,8 @@ impl BuildRecord {
             loads: match text("loads").as_deref() {
                 None => None,
                 Some("cooperative") => Some(Loads::Cooperative),
-                Some("producer") => Some(Loads::ProducerWarpgroup),
+                Some("producer") => Some(Loads::ProducerWarpgroup { pingpong: false }),
+                Some("pingpong") => Some(Loads::ProducerWarpgroup { pingpong: true }),
                 Some(other) => return Err(format!("unknown loads `{other}`")),
             },
             optimize: v.get("optimize").and_then(|x| x.as_bool()).unwrap_or(false),
@@ -126,7 +127,7 @@ mod tests {
                 warps: Some(8),
                 stages: Some(3),
                 mma: Some(MmaUnit::Warpgroup),
-                loads: Some(Loads::ProducerWarpgroup),
+                loads: Some(Loads::ProducerWarpgroup { pingpong: true }),
                 optimize: true,
                 strategy: Some("chunked".into()),
                 chunk_tokens: Some(1024),

@@ -249,7 +249,10 @@ impl<'a> Printer<'a> {
             };
             off += (t.rows * t.cols * t.elem.bytes() * copies).div_ceil(SMEM_ALIGN) * SMEM_ALIGN;
         }
-        let barriers = (prog.schedule.loads == Loads::ProducerWarpgroup)
+        let barriers = prog
+            .schedule
+            .loads
+            .specialized()
             .then(|| producer::BarrierLayout::new(prog, off));
         let smem_total = match &barriers {
             Some(b) => off + b.bytes(),

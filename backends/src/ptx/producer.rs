@@ -28,7 +28,7 @@
 //!   after `Q K^T` of tile `j`, so the softmax of tile `j`, which waits only for `Q K^T`,
 //!   runs while `P V` of tile `j - 1` is still on the tensor cores (FlashAttention-3's
 //!   intra-warpgroup overlap). The first iteration commits an empty group in its place.
-//! * **Ping-pong.** With several consumer warpgroups, each issues its contractions in
+//! * **Ping-pong** (`pingpong`). With several consumer warpgroups, each issues its contractions in
 //!   turn: warpgroup `w` waits on named barrier `1 + w` before its first contraction of an
 //!   iteration and arrives on the next warpgroup's after its `Q K^T` is issued, so one
 //!   warpgroup's softmax runs while the tensor cores work for the other. The last
@@ -36,10 +36,6 @@
 //!   balanced.
 
 use super::*;
-
-/// Register limits after the role split: the producer keeps few (addresses and counters),
-/// the consumers take the rest of the register file (`setmaxnreg` wants multiples of 8).
-pub(super) const PRODUCER_REGISTERS: u32 = 56;
 
 /// Where the mbarriers of a warp-specialized program live and what each one guards.
 #[derive(Debug, Clone)]
@@ -407,7 +403,9 @@ impl Printer<'_> {
             .filter(|t| tiles.contains(t))
             .collect();
         let groups = prog.schedule.warps / 4;
-        let pingpong = groups >= 2 && first_contract.is_some();
+        let pingpong = prog.schedule.loads == (Loads::ProducerWarpgroup { pingpong: true })
+            && groups >= 2
+            && first_contract.is_some();
         self.comment(format!(
             "consumers' key loop: {}{}",
             if deferred.is_some() {
@@ -601,11 +599,4 @@ fn deferred_contraction(p: &Printer, body: &[Stmt]) -> Option<usize> {
         !all && !r.iter().any(|x| regs.contains(x))
     });
     clean.then_some(i)
-}
-
-/// The consumers' register limit: what the register file holds once the producer has
-/// lowered its own (64K registers per SM, one CTA per SM), in multiples of 8, at most 255.
-pub(super) fn consumer_registers(consumers: u32) -> u32 {
-    let left = 65536 - PRODUCER_THREADS * PRODUCER_REGISTERS;
-    (left / consumers / 8 * 8).min(248)
 }

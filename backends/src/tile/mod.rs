@@ -770,21 +770,39 @@ pub enum Loads {
     /// theirs raised). Each stage of the ring has an mbarrier per streamed tile that the
     /// producer arrives on when the tile has landed, and one that the consumer warps arrive
     /// on when they are done reading the stage, so no barrier spans the whole CTA and the
-    /// producer runs as far ahead as the ring allows. Needs `wgmma` (sm_90a).
-    ProducerWarpgroup,
+    /// producer runs as far ahead as the ring allows. Needs `wgmma` (sm_90a). With
+    /// `pingpong`, consumer warpgroups issue their contractions in turn (see the PTX
+    /// printer's `producer.rs`).
+    ProducerWarpgroup { pingpong: bool },
 }
 
 impl Loads {
+    pub fn specialized(self) -> bool {
+        matches!(self, Loads::ProducerWarpgroup { .. })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Loads::Cooperative => "cooperative",
-            Loads::ProducerWarpgroup => "producer",
+            Loads::ProducerWarpgroup { pingpong: false } => "producer",
+            Loads::ProducerWarpgroup { pingpong: true } => "pingpong",
         }
     }
 }
 
 /// Threads of the producer warpgroup of a [`Loads::ProducerWarpgroup`] program.
 pub const PRODUCER_THREADS: u32 = 128;
+
+/// Registers per thread the producer warpgroup keeps (`setmaxnreg.dec`): its copies'
+/// addresses and counters. At 40, ptxas spilled the producer of 128-row key tiles.
+pub const PRODUCER_REGISTERS: u32 = 56;
+
+/// Registers per thread the consumers of a warp-specialized CTA get (`setmaxnreg.inc`):
+/// the register file of the SM (one CTA per SM) less the producer's, in multiples of 8.
+pub fn consumer_registers(consumer_threads: u32) -> u32 {
+    let left = 65536 - PRODUCER_THREADS * PRODUCER_REGISTERS;
+    (left / consumer_threads.max(1) / 8 * 8).min(248)
+}
 
 /// The tensor-core instructions a lowering uses for `Contract` and `ContractT`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -966,7 +984,7 @@ impl TileProgram {
     pub fn launch_threads(&self) -> u32 {
         match self.schedule.loads {
             Loads::Cooperative => self.threads(),
-            Loads::ProducerWarpgroup => self.threads() + PRODUCER_THREADS,
+            Loads::ProducerWarpgroup { .. } => self.threads() + PRODUCER_THREADS,
         }
     }
     pub fn rows_per_warp(&self) -> u32 {

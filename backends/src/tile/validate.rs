@@ -23,7 +23,7 @@ impl TileProgram {
                 s.block_m, s.warps
             ));
         }
-        if s.loads == Loads::ProducerWarpgroup {
+        if s.loads.specialized() {
             self.validate_specialized()?;
         }
         if self.shared_bytes() > MAX_SHARED_BYTES {

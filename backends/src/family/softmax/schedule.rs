@@ -129,7 +129,7 @@ impl Schedule {
             self.kernel.warps * 32
                 + match self.kernel.loads {
                     Loads::Cooperative => 0,
-                    Loads::ProducerWarpgroup => crate::tile::PRODUCER_THREADS,
+                    Loads::ProducerWarpgroup { .. } => crate::tile::PRODUCER_THREADS,
                 }
         );
         if self.estimate.splits > 1 {
@@ -150,8 +150,11 @@ impl Schedule {
         };
         let loads = match self.kernel.loads {
             Loads::Cooperative => "cp.async by every thread",
-            Loads::ProducerWarpgroup => {
-                "cp.async by a producer warpgroup (warp specialization: mbarriers per stage, setmaxnreg)"
+            Loads::ProducerWarpgroup { pingpong: false } => {
+                "cp.async by a producer warpgroup (warp specialization: mbarriers per stage, setmaxnreg; P V deferred past the next Q K^T)"
+            }
+            Loads::ProducerWarpgroup { pingpong: true } => {
+                "cp.async by a producer warpgroup (warp specialization: mbarriers per stage, setmaxnreg; P V deferred past the next Q K^T; warpgroups issue in turn, ping-pong)"
             }
         };
         let _ = writeln!(
@@ -198,16 +201,17 @@ impl Schedule {
         if !self.candidates.is_empty() {
             let _ = writeln!(
                 s,
-                "candidates (block_m x block_n, warps, stages: predicted ms):"
+                "candidates (block_m x block_n, warps, stages, loads: predicted ms):"
             );
             for (c, e) in self.candidates.iter().take(8) {
                 let _ = writeln!(
                     s,
-                    "  {:>3} x {:<3} w{} s{}: {:.3} ms ({} CTA/SM, {})",
+                    "  {:>3} x {:<3} w{} s{} {}: {:.3} ms ({} CTA/SM, {})",
                     c.block_m,
                     c.block_n,
                     c.warps,
                     c.stages,
+                    c.loads.name(),
                     e.seconds * 1e3,
                     e.ctas_per_sm,
                     e.bound
@@ -247,8 +251,18 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         )
         .with_help("pass `--target sm_90a`, or leave out `--mma wgmma`"));
     }
-    let loads = options.loads.unwrap_or(Loads::Cooperative);
-    if loads == Loads::ProducerWarpgroup && mma != MmaUnit::Warpgroup {
+    // With wgmma, both ways of loading compete (ping-pong where it measured faster, at
+    // head dim 128: bench/results/softmax-ws_2026-12-04).
+    let producer = Loads::ProducerWarpgroup {
+        pingpong: spec.head_dim >= 128,
+    };
+    let loads_options = match (options.loads, mma) {
+        (Some(l), _) => vec![l],
+        (None, MmaUnit::Warpgroup) => vec![Loads::Cooperative, producer],
+        (None, MmaUnit::Sync) => vec![Loads::Cooperative],
+    };
+    let loads = loads_options[0];
+    if loads.specialized() && mma != MmaUnit::Warpgroup {
         return Err(Diagnostic::error(
             DiagnosticKind::UnsupportedShape,
             "a producer warpgroup (warp specialization) needs wgmma",
@@ -262,7 +276,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     // kernels failed `check` on an H200 (2026-12-04, mma.sync, split key loop): not offered.
     let (default_ms, default_warps) = match mma {
         MmaUnit::Sync => (vec![64, 128], vec![4]),
-        MmaUnit::Warpgroup => (vec![64, 128], vec![4, 8]),
+        MmaUnit::Warpgroup => (vec![64, 128, 192], vec![4, 8, 12]),
     };
     let block_ms = fixed(options.block_m).unwrap_or(default_ms);
     let block_ns = fixed(options.block_n).unwrap_or_else(|| vec![32, 64, 128]);
@@ -273,20 +287,29 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         for &bn in &block_ns {
             for &w in &warps {
                 for &st in &stages {
-                    let k = AttentionSchedule {
-                        block_m: bm,
-                        block_n: bn,
-                        warps: w,
-                        stages: st,
-                        mma,
-                        loads,
-                        ..base
-                    };
-                    if !shape_is_legal(spec, &k) {
-                        continue;
-                    }
-                    if let Some(e) = estimate(&matched, &k, &gpu) {
-                        candidates.push((k, e));
+                    for &loads in &loads_options {
+                        // One consumer warpgroup has no one to take turns with.
+                        let loads = match loads {
+                            Loads::ProducerWarpgroup { pingpong: true } if w < 8 => {
+                                Loads::ProducerWarpgroup { pingpong: false }
+                            }
+                            l => l,
+                        };
+                        let k = AttentionSchedule {
+                            block_m: bm,
+                            block_n: bn,
+                            warps: w,
+                            stages: st,
+                            mma,
+                            loads,
+                            ..base
+                        };
+                        if !shape_is_legal(spec, &k) {
+                            continue;
+                        }
+                        if let Some(e) = estimate(&matched, &k, &gpu) {
+                            candidates.push((k, e));
+                        }
                     }
                 }
             }
@@ -401,11 +424,21 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     let overhead = match k.mma {
         MmaUnit::Sync => 40 + loads_per_thread.saturating_sub(32),
         MmaUnit::Warpgroup => 16 + k.block_n / 4,
+    } + if k.loads.specialized() {
+        // Stage, phase and barrier addresses; P of the deferred P V beside the next scores
+        // (192 x 128 tiles at d = 64 spilled at 152 registers, ptxas 2026-12-04).
+        16
+    } else {
+        0
     };
     // A warp-specialized CTA runs alone on its SM, its consumers with the registers the
     // producer leaves (setmaxnreg).
-    let specialized = k.loads == Loads::ProducerWarpgroup;
-    let register_limit = if specialized { 232 } else { 255 };
+    let specialized = k.loads.specialized();
+    let register_limit = if specialized {
+        crate::tile::consumer_registers(k.warps * 32)
+    } else {
+        255
+    };
     if registers + overhead > register_limit {
         return None;
     }
@@ -508,12 +541,26 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // H200, 2026-12-03: at d=64 one 8-warp CTA of 128 x 128 ran 0.77x as fast as three
     // 4-warp CTAs of 64 x 128 per SM).
     let busiest = tile_mma.max(tile_softmax + tile_load * 0.3).max(tile_load);
-    let tile_clocks = if resident >= 2 {
+    let tile_clocks = if specialized {
+        // The producer warpgroup takes the loads and the CTA-wide barrier off the
+        // consumers; the deferred P V overlaps each warpgroup's softmax with its own matrix
+        // products, and the warpgroups overlap each other's. What stays serial: the wait for
+        // Q K^T before the softmax (measured on an H200, 2026-12-04: 128 x 128 tiles 7-13%
+        // faster than the cooperative 128 x 64 default at d = 64 and 128).
+        let softmax = tile_softmax - 200.0;
+        tile_mma.max(softmax).max(tile_load) + 0.2 * tile_mma.min(softmax)
+    } else if resident >= 2 {
         busiest * resident as f64
     } else if k.mma == MmaUnit::Warpgroup && k.warps >= 8 {
         busiest + 0.5 * tile_mma.min(tile_softmax + tile_load * 0.3)
     } else {
         tile_mma + tile_softmax + tile_load * 0.5
+    } * if k.mma == MmaUnit::Warpgroup && !specialized {
+        // The consumers' own copies and the CTA-wide barrier of every key tile: measured
+        // against the producer form on an H200 (2026-12-04), about 9%.
+        1.09
+    } else {
+        1.0
     };
     let total_tiles = (key_tiles_total * m.batch * m.heads) as f64;
     let waves = (ctas as f64 / slots).ceil().max(1.0);
