@@ -287,6 +287,10 @@ impl Printer<'_> {
         let nxt = self.named_once(".b32", "stage_next");
         self.ins(format!("mov.u32 {cur}, 0;"));
         self.ins(format!("mov.u32 {nxt}, {};", stages - 1));
+        // Declared here so the printed register declarations keep their order.
+        self.named_once(".pred", "needmask");
+        self.named_once(".b32", "kcol");
+        self.named_once(".f32", "kf");
         let top = self.label("ktop");
         let end = self.label("kend");
         self.body.push_str(&format!("{top}:\n"));

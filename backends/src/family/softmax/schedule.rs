@@ -288,13 +288,13 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
             for &w in &warps {
                 for &st in &stages {
                     for &loads in &loads_options {
-                        // One consumer warpgroup has no one to take turns with.
-                        let loads = match loads {
-                            Loads::ProducerWarpgroup { pingpong: true } if w < 8 => {
-                                Loads::ProducerWarpgroup { pingpong: false }
-                            }
-                            l => l,
-                        };
+                        // The producer pays where two or more consumer warpgroups overlap
+                        // their softmax and matrix products; with one (decoding's 64-row
+                        // tiles) cooperative CTAs, several per SM, measured faster (H200,
+                        // 2026-12-04: 0.99x against 1.01x of cuDNN at B=8 N=32768).
+                        if loads.specialized() && w < 8 && options.loads.is_none() {
+                            continue;
+                        }
                         let k = AttentionSchedule {
                             block_m: bm,
                             block_n: bn,
@@ -340,9 +340,52 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         "{} rows per CTA: each K/V tile read into shared memory feeds {} query rows, and {} CTA(s) fit per SM",
         kernel.block_m, kernel.block_m, estimate.ctas_per_sm
     ));
+    let register_limit = if kernel.loads.specialized() {
+        crate::tile::consumer_registers(kernel.warps * 32)
+    } else {
+        255
+    };
     reasons.push(format!(
-        "key tile {}: the score and output accumulators take {} registers per thread (of 255), leaving room for the softmax temporaries",
+        "key tile {}: the score and output accumulators take {} registers per thread (of {register_limit}), leaving room for the softmax temporaries",
         kernel.block_n, estimate.registers
+    ));
+    let rival = candidates
+        .iter()
+        .find(|(c, _)| c.loads.specialized() != kernel.loads.specialized());
+    let rival = rival.map_or(String::new(), |(c, e)| {
+        format!(
+            " ({:.3} ms predicted against {:.3} ms for the best {} shape, {} x {})",
+            estimate.seconds * 1e3,
+            e.seconds * 1e3,
+            c.loads.name(),
+            c.block_m,
+            c.block_n
+        )
+    });
+    match kernel.loads {
+        Loads::Cooperative => reasons.push(format!(
+            "loads: every thread copies its share of K and V, one CTA-wide barrier per key tile{rival}"
+        )),
+        Loads::ProducerWarpgroup { pingpong } => {
+            reasons.push(format!(
+                "loads: warp specialization{rival}: a producer warpgroup (setmaxnreg {} registers) fills the K and V rings, the {} consumer warpgroups (setmaxnreg {register_limit}) wait on per-stage mbarriers and defer each P V past the next Q K^T so the softmax overlaps it",
+                crate::tile::PRODUCER_REGISTERS,
+                kernel.warps / 4
+            ));
+            reasons.push(if pingpong {
+                "ping-pong: the consumer warpgroups issue their matrix products in turn, one's softmax under the other's (measured faster at head dim 128 on an H200)".into()
+            } else {
+                "no ping-pong: the consumer warpgroups issue as they are ready (taking turns measured slower at head dim 64 on an H200)".into()
+            });
+        }
+    }
+    reasons.push(format!(
+        "not persistent: one CTA per (query tile, batch, head){}",
+        if spec.masks().is_empty() {
+            ""
+        } else {
+            ", the query tiles with the most key tiles launched first"
+        }
     ));
     if kernel.skip_unit_rescale {
         reasons.push("the rescale of the output is skipped when no row's max grew (saves registers under 255)".into());
