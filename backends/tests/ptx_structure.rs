@@ -153,3 +153,63 @@ fn unsupported_and_invalid_inputs_are_typed_errors() {
         Err(TileError::Unsupported(_))
     ));
 }
+
+#[test]
+fn a_warp_specialized_program_hands_every_stage_back() {
+    use einattn_backends::tile::{Loads, MmaUnit};
+    for (pingpong, causal) in [(false, false), (true, true)] {
+        let mut spec = AttentionSpec::new(128, Elem::Bf16);
+        spec.causal = causal;
+        let sched = AttentionSchedule {
+            block_m: 128,
+            block_n: 128,
+            warps: 8,
+            stages: 2,
+            mma: MmaUnit::Warpgroup,
+            loads: Loads::ProducerWarpgroup { pingpong },
+            ..AttentionSchedule::default_for(&spec)
+        };
+        let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+        let k = print_ptx(&prog, Target::Sm90a).expect("prints");
+        let t = &k.text;
+        // Barriers: Q's, then a full and an empty barrier per stage for K and for V.
+        assert_eq!(count(t, "mbarrier.init.shared::cta.b64"), 1 + 2 * 2 * 2);
+        // The producer hands each tile's arrival to the copy unit: Q, K and V.
+        assert_eq!(count(t, "cp.async.mbarrier.arrive.noinc"), 3);
+        // The consumers hand K back in the loop, and V of the previous tile (deferred P V).
+        assert_eq!(count(t, "mbarrier.arrive.shared::cta.b64 _"), 2);
+        // P V is printed twice, deferred in the loop and after it for the last tile;
+        // Q K^T once.
+        assert_eq!(count(t, "contract acc += . v_s"), 2);
+        assert_eq!(count(t, "contract s += . k_s"), 1);
+        // The first key tile commits an empty group in the deferred contraction's place.
+        assert!(t.contains("$L_nodeferred"));
+        // Ping-pong: the last warpgroup opens the first turn and skips its final arrive.
+        assert_eq!(count(t, "bar.arrive 1, 256"), usize::from(pingpong));
+        assert_eq!(count(t, "@!%last_wg bar.arrive"), usize::from(pingpong));
+        // A cooperative form of the same shape has none of it.
+        let coop = AttentionSchedule {
+            loads: Loads::Cooperative,
+            ..sched
+        };
+        let (prog, _) = flash_attention(&spec, &coop).expect("builds");
+        let k = print_ptx(&prog, Target::Sm90a).expect("prints");
+        assert_eq!(count(&k.text, "mbarrier"), 0);
+        assert_eq!(k.threads, 256);
+    }
+}
+
+#[test]
+fn a_producer_warpgroup_needs_wgmma() {
+    use einattn_backends::tile::{Loads, MmaUnit};
+    let spec = AttentionSpec::new(64, Elem::Bf16);
+    let sched = AttentionSchedule {
+        mma: MmaUnit::Sync,
+        loads: Loads::ProducerWarpgroup { pingpong: false },
+        ..AttentionSchedule::default_for(&spec)
+    };
+    match flash_attention(&spec, &sched) {
+        Err(TileError::Invalid(m)) => assert!(m.contains("wgmma"), "{m}"),
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+}

@@ -5,8 +5,8 @@ use einattn_backends::family::softmax::{flash_attention, AttentionSchedule, Atte
 use einattn_backends::reference::{alibi_slopes, attention, relative_error, AttentionInputs};
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
 use einattn_backends::tile::Elem;
-use einattn_backends::tile::{MmaUnit, ScalarExpr, Stmt, TileProgram};
 use einattn_backends::tile::Loads;
+use einattn_backends::tile::{MmaUnit, ScalarExpr, Stmt, TileProgram};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -12,8 +12,8 @@ use einattn_backends::reference::{
 };
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
 use einattn_backends::tile::Elem;
-use einattn_backends::tile::MmaUnit;
 use einattn_backends::tile::Loads;
+use einattn_backends::tile::MmaUnit;
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -450,6 +450,7 @@ impl Builder {
             warps: kernel.warps,
             stages: kernel.stages,
             mma: None,
+            loads: None,
             optimize: kernel.optimize.unwrap_or(self.optimize),
             strategy: kernel.strategy.clone(),
             chunk_tokens: kernel.chunk_tokens,

@@ -193,16 +193,16 @@ impl Printer<'_> {
         ));
         self.ins(format!("@{is_producer} bra.uni {producer};"));
         let consumer_regs = consumer_registers(consumers);
-        self.ins(format!(
-            "setmaxnreg.inc.sync.aligned.u32 {consumer_regs};"
-        ));
+        self.ins(format!("setmaxnreg.inc.sync.aligned.u32 {consumer_regs};"));
         producer
     }
 
     /// A consumer's `LoadTile` before the key loop: wait until the producer's copy landed.
     pub(super) fn emit_top_load_wait(&mut self, dst: SharedId) -> Result<(), TileError> {
         let Some(off) = self.layout().top_full(dst) else {
-            return unsupported("a tile loaded inside a nested statement of a warp-specialized program");
+            return unsupported(
+                "a tile loaded inside a nested statement of a warp-specialized program",
+            );
         };
         self.comment(format!(
             "wait for {} (producer)",
@@ -245,7 +245,9 @@ impl Printer<'_> {
             self.emit_load_issue(*dst, *src, "%qrow0", &base, None)?;
             let off = layout.top_full(*dst).expect("top tiles have barriers");
             let a = self.barrier_addr(off, None);
-            self.ins(format!("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"));
+            self.ins(format!(
+                "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"
+            ));
         }
         let Some((block_n, masks)) = prog.body.iter().find_map(|s| match s {
             Stmt::KeyLoop { block_n, masks, .. } => Some((*block_n, masks.clone())),
@@ -282,7 +284,9 @@ impl Printer<'_> {
             ));
             self.emit_load_issue(*dst, *src, &origin, &sb, None)?;
             let a = self.barrier_addr(layout.stream_full(j), Some(STAGE));
-            self.ins(format!("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"));
+            self.ins(format!(
+                "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"
+            ));
         }
         self.emit_ring_advance();
         self.ins(format!("add.s32 {it}, {it}, 1;"));
@@ -324,7 +328,10 @@ impl Printer<'_> {
         for t in shared_reads(st) {
             if let Some(i) = self.stream_waits.iter().position(|d| *d == t) {
                 self.stream_waits.remove(i);
-                let j = self.layout().stream_index(t).expect("armed waits are streams");
+                let j = self
+                    .layout()
+                    .stream_index(t)
+                    .expect("armed waits are streams");
                 let off = self.layout().stream_full(j);
                 self.comment(format!(
                     "wait for {} (producer)",
@@ -346,13 +353,19 @@ impl Printer<'_> {
         let mut i = 0;
         while i < releases.len() {
             let r = &releases[i];
-            let busy = self.wgmma_pending.iter().any(|g| g.shared.contains(&r.tile));
+            let busy = self
+                .wgmma_pending
+                .iter()
+                .any(|g| g.shared.contains(&r.tile));
             if busy {
                 i += 1;
                 continue;
             }
             let r = releases.remove(i);
-            let j = self.layout().stream_index(r.tile).expect("releases are streams");
+            let j = self
+                .layout()
+                .stream_index(r.tile)
+                .expect("releases are streams");
             let off = self.layout().stream_empty(j);
             self.comment(format!(
                 "this warp is done with {} at this stage",
@@ -364,7 +377,9 @@ impl Printer<'_> {
             if let Some(cond) = &r.only_if {
                 self.ins(format!("and.pred {lane0}, {lane0}, {cond};"));
             }
-            self.ins(format!("@{lane0} mbarrier.arrive.shared::cta.b64 _, [{a}];"));
+            self.ins(format!(
+                "@{lane0} mbarrier.arrive.shared::cta.b64 _, [{a}];"
+            ));
         }
     }
 
@@ -392,9 +407,8 @@ impl Printer<'_> {
         let last_reader = |t: SharedId| {
             body.iter()
                 .enumerate()
-                .filter(|(i, s)| Some(*i) != deferred && shared_reads(s).contains(&t))
+                .rfind(|(i, s)| Some(*i) != deferred && shared_reads(s).contains(&t))
                 .map(|(i, _)| i)
-                .last()
         };
         let deferred_tiles: Vec<SharedId> = deferred
             .map(|i| shared_reads(&body[i]))
@@ -553,7 +567,10 @@ impl Printer<'_> {
             self.in_loop = false;
             if pingpong {
                 // The last warpgroup's final arrive would have no turn to open.
-                self.ins(format!("@!{last_group} bar.arrive {next_turn}, {};", 2 * 128));
+                self.ins(format!(
+                    "@!{last_group} bar.arrive {next_turn}, {};",
+                    2 * 128
+                ));
             }
             self.wait_wgmma(0);
             self.body.push_str(&format!("{skip}:\n"));
@@ -579,7 +596,9 @@ struct Release {
 /// registers and it is not the only contraction.
 fn deferred_contraction(p: &Printer, body: &[Stmt]) -> Option<usize> {
     let streamed = p.prog.streamed_tiles();
-    let i = body.iter().rposition(|s| matches!(s, Stmt::Contract { .. }))?;
+    let i = body
+        .iter()
+        .rposition(|s| matches!(s, Stmt::Contract { .. }))?;
     let Stmt::Contract { b, .. } = &body[i] else {
         return None;
     };
