@@ -209,6 +209,9 @@ struct Printer<'a> {
     /// Inside a warp-specialized key loop: streamed tiles this iteration has not waited
     /// for yet.
     stream_waits: Vec<SharedId>,
+    /// An accumulator whose zero fill was folded into the `wgmma` that follows it (its first
+    /// k-step does not accumulate).
+    zero_acc: Option<RegId>,
     /// A look-back program's word of shared memory that broadcasts thread 0's ticket and
     /// the flags it reads.
     lb_smem: u32,
@@ -281,6 +284,7 @@ impl<'a> Printer<'a> {
             load_thread: ("%thr".to_string(), prog.threads()),
             barriers,
             stream_waits: Vec::new(),
+            zero_acc: None,
             invariant_cache: HashMap::new(),
         })
     }

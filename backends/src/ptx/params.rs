@@ -321,6 +321,9 @@ impl Printer<'_> {
             // wgmma's scale-d operand: always accumulate into D.
             let p = self.named(".pred", "wgacc");
             self.ins(format!("setp.eq.u32 {p}, {tid}, {tid};"));
+            // ... and its opposite: a first k-step that overwrites D (a folded zero fill).
+            let z = self.named(".pred", "wgzero");
+            self.ins(format!("setp.ne.u32 {z}, {tid}, {tid};"));
         }
         self.body.push_str(SETUP_END);
         Ok(())

@@ -496,6 +496,9 @@ impl Printer<'_> {
             }
             self.wait_for_conflicting_wgmma(s);
             self.release_stages(&mut releases, false);
+            if self.fold_zero_fill(s, body.get(i + 1)) {
+                continue;
+            }
             self.wait_streams_read_by(s);
             self.emit_stmt(s, Some(&st))?;
             if Some(i) == first_contract {

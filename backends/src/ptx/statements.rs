@@ -21,8 +21,11 @@ impl Printer<'_> {
         body: &[Stmt],
         lp: Option<&LoopState>,
     ) -> Result<(), TileError> {
-        for st in body {
+        for (i, st) in body.iter().enumerate() {
             self.wait_for_conflicting_wgmma(st);
+            if self.fold_zero_fill(st, body.get(i + 1)) {
+                continue;
+            }
             self.emit_stmt(st, lp)?;
         }
         Ok(())

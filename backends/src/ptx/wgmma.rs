@@ -5,6 +5,24 @@
 use super::*;
 
 impl Printer<'_> {
+    /// `acc = 0` right before `acc += A . B` by `wgmma`: the fill is left out and the
+    /// contraction's first k-step overwrites instead of accumulating (scale-d false), which
+    /// saves a register move per accumulator element and key tile. Returns whether `st` was
+    /// folded (the caller skips it).
+    pub(super) fn fold_zero_fill(&mut self, st: &Stmt, next: Option<&Stmt>) -> bool {
+        if self.prog.schedule.mma != MmaUnit::Warpgroup {
+            return false;
+        }
+        let (Stmt::Fill { dst, value }, Some(Stmt::Contract { acc, .. })) = (st, next) else {
+            return false;
+        };
+        if *value != 0.0 || dst != acc {
+            return false;
+        }
+        self.zero_acc = Some(*dst);
+        true
+    }
+
     /// `wgmma` runs asynchronously: a statement that touches a register tile of a pending
     /// group, or writes a shared tile one reads, first waits until that group (and every
     /// older one) is done; later groups stay in flight.
@@ -159,6 +177,7 @@ impl Printer<'_> {
         ty: &str,
     ) {
         let cols = self.prog.regs[acc.index()].cols;
+        let overwrite = self.zero_acc.take() == Some(acc);
         self.ins("wgmma.fence.sync.aligned;");
         for (ks, a) in a_ops.iter().enumerate() {
             let mut n0 = 0;
@@ -185,8 +204,13 @@ impl Printer<'_> {
                 } else {
                     format!("0, {}", b_n_major as u32)
                 };
+                let scale_d = if overwrite && ks == 0 {
+                    "%wgzero"
+                } else {
+                    "%wgacc"
+                };
                 self.ins(format!(
-                    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{}}}, {a}, {bd}, %wgacc, 1, 1, {tail};",
+                    "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ty}.{ty} {{{}}}, {a}, {bd}, {scale_d}, 1, 1, {tail};",
                     c.join(", ")
                 ));
                 n0 += n;
