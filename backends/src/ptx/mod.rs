@@ -49,7 +49,8 @@
 //!   issues `stages - 1` tiles, each iteration waits (`cp.async.wait_group stages-2`),
 //!   `bar.sync`s, issues tile `it + stages - 1` into the slot freed by the previous
 //!   iteration, then computes. `Mask` runs under a uniform branch taken only on boundary
-//!   tiles.
+//!   tiles. A warp-specialized program ([`Loads::ProducerWarpgroup`]) has a producer
+//!   warpgroup fill the ring instead, with mbarriers per stage (see `producer.rs`).
 //! * **Scalars**: expressions of literals and parameters only are computed once at kernel
 //!   start; `exp2`, `log2`, `tanh` use the `.approx` SFU instructions (`ex2.approx.ftz`
 //!   maps `-inf` to 0); `mul`/`add` are left unrounded so `ptxas` fuses them into FMA.

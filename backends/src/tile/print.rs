@@ -12,6 +12,13 @@ impl fmt::Display for TileProgram {
             "tile_program {} (block_m={}, warps={}, stages={}, skip_unit_rescale={})",
             self.name, s.block_m, s.warps, s.stages, s.skip_unit_rescale
         )?;
+        if s.loads != Loads::Cooperative {
+            writeln!(
+                f,
+                "  loads: {} (a producer warpgroup copies the tiles)",
+                s.loads.name()
+            )?;
+        }
         if self.reverse {
             writeln!(
                 f,
