@@ -213,6 +213,18 @@ impl Printer<'_> {
         self.ins(format!("cvt.rn.f32.s32 {kf}, {kcol};"));
     }
 
+    /// The head of a loop over the key tiles: its top label, and the exit to its end label
+    /// once `it` reaches `%niter`. Returns both labels.
+    pub(super) fn emit_loop_head(&mut self, it: &str, top: &str, end: &str) -> (String, String) {
+        let top = self.label(top);
+        let end = self.label(end);
+        self.body.push_str(&format!("{top}:\n"));
+        let done = self.pred();
+        self.ins(format!("setp.ge.s32 {done}, {it}, %niter;"));
+        self.ins(format!("@{done} bra.uni {end};"));
+        (top, end)
+    }
+
     pub(super) fn emit_key_loop(
         &mut self,
         block_n: u32,
@@ -291,12 +303,7 @@ impl Printer<'_> {
         self.named_once(".pred", "needmask");
         self.named_once(".b32", "kcol");
         self.named_once(".f32", "kf");
-        let top = self.label("ktop");
-        let end = self.label("kend");
-        self.body.push_str(&format!("{top}:\n"));
-        let done = self.pred();
-        self.ins(format!("setp.ge.s32 {done}, {it}, %niter;"));
-        self.ins(format!("@{done} bra.uni {end};"));
+        let (top, end) = self.emit_loop_head(&it, "ktop", "kend");
         if own_ring {
             self.ins(format!("cp.async.wait_group {};", stages - 2));
             self.emit_async_proxy_fence();

@@ -260,12 +260,7 @@ impl Printer<'_> {
         self.emit_ring_start();
         let it = self.named_once(".b32", "pit");
         self.ins(format!("mov.u32 {it}, 0;"));
-        let top = self.label("ptop");
-        let end = self.label("pend");
-        self.body.push_str(&format!("{top}:\n"));
-        let done = self.pred();
-        self.ins(format!("setp.ge.s32 {done}, {it}, %niter;"));
-        self.ins(format!("@{done} bra.uni {end};"));
+        let (top, end) = self.emit_loop_head(&it, "ptop", "pend");
         let origin = self.r();
         self.ins(self.tile_of(&origin, &it));
         self.ins(format!("mul.lo.s32 {origin}, {origin}, {block_n};"));
@@ -464,12 +459,7 @@ impl Printer<'_> {
         let it = self.named_once(".b32", "it");
         self.ins(format!("mov.u32 {it}, 0;"));
         let prev = self.named_once(".b32", "ws_prev");
-        let top = self.label("ktop");
-        let end = self.label("kend");
-        self.body.push_str(&format!("{top}:\n"));
-        let done = self.pred();
-        self.ins(format!("setp.ge.s32 {done}, {it}, %niter;"));
-        self.ins(format!("@{done} bra.uni {end};"));
+        let (top, end) = self.emit_loop_head(&it, "ktop", "kend");
         let korg = self.named_once(".b32", "korg");
         self.ins(self.tile_of(&korg, &it));
         self.ins(format!("mul.lo.s32 {korg}, {korg}, {block_n};"));
