@@ -200,7 +200,7 @@ fn a_warp_specialized_program_hands_every_stage_back() {
 }
 
 #[test]
-fn a_producer_warpgroup_needs_wgmma() {
+fn a_producer_warpgroup_needs_wgmma_and_two_consumer_warpgroups() {
     use einattn_backends::tile::{Loads, MmaUnit};
     let spec = AttentionSpec::new(64, Elem::Bf16);
     let sched = AttentionSchedule {
@@ -210,6 +210,17 @@ fn a_producer_warpgroup_needs_wgmma() {
     };
     match flash_attention(&spec, &sched) {
         Err(TileError::Invalid(m)) => assert!(m.contains("wgmma"), "{m}"),
+        other => panic!("expected a validation error, got {other:?}"),
+    }
+    // ... and two consumer warpgroups: one would hold every register before the split.
+    let one_group = AttentionSchedule {
+        block_m: 64,
+        warps: 4,
+        mma: MmaUnit::Warpgroup,
+        ..sched
+    };
+    match flash_attention(&spec, &one_group) {
+        Err(TileError::Invalid(m)) => assert!(m.contains("two or more"), "{m}"),
         other => panic!("expected a validation error, got {other:?}"),
     }
 }

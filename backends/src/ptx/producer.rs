@@ -249,14 +249,22 @@ impl Printer<'_> {
                 "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"
             ));
         }
-        let Some((block_n, masks)) = prog.body.iter().find_map(|s| match s {
+        if let Some((block_n, masks)) = prog.body.iter().find_map(|s| match s {
             Stmt::KeyLoop { block_n, masks, .. } => Some((*block_n, masks.clone())),
             _ => None,
-        }) else {
-            return Ok(());
-        };
+        }) {
+            self.emit_producer_loop(block_n, &masks)?;
+        }
+        // No copy outlives its thread.
+        self.ins("cp.async.wait_all;");
+        Ok(())
+    }
+
+    /// The producer's key loop: every key tile of the consumers' loop into the ring.
+    fn emit_producer_loop(&mut self, block_n: u32, masks: &[BandMask]) -> Result<(), TileError> {
+        let layout = self.layout().clone();
         self.comment("producer: the key loop's tiles");
-        self.emit_key_range(block_n, &masks);
+        self.emit_key_range(block_n, masks);
         self.emit_ring_start();
         let it = self.named_once(".b32", "pit");
         self.ins(format!("mov.u32 {it}, 0;"));
@@ -287,8 +295,6 @@ impl Printer<'_> {
         self.ins(format!("add.s32 {it}, {it}, 1;"));
         self.ins(format!("bra.uni {top};"));
         self.body.push_str(&format!("{end}:\n"));
-        // No copy outlives its thread.
-        self.ins("cp.async.wait_all;");
         Ok(())
     }
 

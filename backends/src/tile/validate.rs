@@ -590,6 +590,14 @@ impl TileProgram {
         if self.sequential || self.chunked() || self.look_back {
             return invalid("a producer warpgroup serves query-tiled programs only");
         }
+        // One consumer warpgroup would start with the whole register file (256 threads at
+        // launch): `setmaxnreg.inc` could not raise it.
+        if self.schedule.warps < 8 {
+            return invalid(format!(
+                "a producer warpgroup serves two or more consumer warpgroups (warps {})",
+                self.schedule.warps
+            ));
+        }
         if self.launch_threads() > 1024 {
             return invalid(format!(
                 "{} consumer threads and a producer warpgroup exceed 1024 threads",
