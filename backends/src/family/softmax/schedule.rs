@@ -288,11 +288,12 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
             for &w in &warps {
                 for &st in &stages {
                     for &loads in &loads_options {
-                        // The producer pays where two or more consumer warpgroups overlap
-                        // their softmax and matrix products; with one (decoding's 64-row
-                        // tiles) cooperative CTAs, several per SM, measured faster (H200,
-                        // 2026-12-04: 0.99x against 1.01x of cuDNN at B=8 N=32768).
-                        if loads.specialized() && w < 8 && options.loads.is_none() {
+                        // The producer serves two or more consumer warpgroups (a lone one
+                        // could not raise its registers), which overlap their softmax and
+                        // matrix products; decoding's 64-row tiles stay cooperative, several
+                        // CTAs per SM (measured faster on an H200, 2026-12-04: 1.01x against
+                        // 0.99x of cuDNN at B=8 N=32768).
+                        if loads.specialized() && w < 8 {
                             continue;
                         }
                         let k = AttentionSchedule {
@@ -321,7 +322,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
             "no kernel shape fits: the requested tile sizes exceed the register file or shared memory, or are not multiples of 16 rows per warp",
             Span::UNKNOWN,
         )
-        .with_help("legal shapes: block_m = 16 * warps * {1, 2}, block_n in {16, 32, 64, 128}, stages 2-4"));
+        .with_help("legal shapes: block_m = 16 * warps * {1, 2}, block_n in {16, 32, 64, 128}, stages 2-4; with --loads producer or pingpong, wgmma and 8 or more warps"));
     }
     candidates.sort_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
     let (kernel, estimate) = candidates[0];
