@@ -169,6 +169,7 @@ const EXAMPLES: &[&str] = &[
     "attention_1pass.ein",
     "attention_2pass.ein",
     "attention_3pass.ein",
+    "attention_alibi.ein",
     "attention_causal.ein",
     "attention_mha.ein",
     "attention_sliding_window.ein",
