@@ -105,13 +105,13 @@ def main():
     def cell(ms, f):
         return "-" if ms is None else f"{ms:.3f} ({f / ms / 1e9:.0f})"
 
+    def speedup(theirs, o):
+        return "-" if theirs is None or o is None else f"{theirs / o:.2f}x"
+
     for r in rows:
-        o, fl, sd = r.get("ours_ms"), r.get("flex_ms"), r.get("sdpa_ms")
-        lines.append(f"| {r['case']} | {cell(o, r['flops'])} | {cell(fl, r['flops'])} | "
-                     f"{cell(sd, r['flops'])} | {fl / o:.2f}x | "
-                     f"{'-' if sd is None or o is None else f'{sd / o:.2f}x'} |"
-                     if o and fl else f"| {r['case']} | {cell(o, r['flops'])} | {cell(fl, r['flops'])} | "
-                     f"{cell(sd, r['flops'])} | - | - |")
+        o, fl, sd, f = r.get("ours_ms"), r.get("flex_ms"), r.get("sdpa_ms"), r["flops"]
+        lines.append(f"| {r['case']} | {cell(o, f)} | {cell(fl, f)} | {cell(sd, f)} | "
+                     f"{speedup(fl, o)} | {speedup(sd, o)} |")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(OUT, "flex_variants.md"), "w") as fh:
         fh.write(md)

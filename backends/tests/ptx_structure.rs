@@ -224,3 +224,50 @@ fn a_producer_warpgroup_needs_wgmma_and_two_consumer_warpgroups() {
         other => panic!("expected a validation error, got {other:?}"),
     }
 }
+
+#[test]
+fn p_v_is_deferred_only_when_moving_it_is_invisible() {
+    use einattn_backends::tile::{ex, Loads, MmaUnit, Stmt};
+    let spec = AttentionSpec::new(64, Elem::Bf16);
+    let sched = AttentionSchedule {
+        block_m: 128,
+        block_n: 64,
+        warps: 8,
+        stages: 2,
+        mma: MmaUnit::Warpgroup,
+        loads: Loads::ProducerWarpgroup { pingpong: false },
+        ..AttentionSchedule::default_for(&spec)
+    };
+    let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+    let deferred = "trailing contraction deferred to the next iteration";
+    let k = print_ptx(&prog, Target::Sm90a).expect("prints");
+    assert!(k.text.contains(deferred));
+    // A statement ahead of the key tile's first contraction that touches the output
+    // accumulator would run before a deferred P V of the previous tile: no deferral then.
+    let mut touched = prog.clone();
+    let acc = touched
+        .regs
+        .iter()
+        .position(|r| r.name == "acc")
+        .map(|i| einattn_backends::tile::RegId(i as u32))
+        .expect("the program has an output accumulator");
+    for s in &mut touched.body {
+        if let Stmt::KeyLoop { body, .. } = s {
+            let first_contract = body
+                .iter()
+                .position(|s| matches!(s, Stmt::Contract { .. }))
+                .expect("the loop contracts");
+            body.insert(
+                first_contract,
+                Stmt::Map {
+                    dst: acc,
+                    expr: ex::mul(ex::elem(acc), ex::lit(2.0)),
+                },
+            );
+        }
+    }
+    let k = print_ptx(&touched, Target::Sm90a).expect("prints");
+    assert!(k.text.contains("no deferred contraction"), "{}", k.entry);
+    assert!(!k.text.contains(deferred));
+    assert_eq!(count(&k.text, "contract acc += . v_s"), 1);
+}

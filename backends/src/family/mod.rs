@@ -309,6 +309,15 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
                 .into(),
         ));
     }
+    let specialized = request.options.loads.is_some_and(|l| l.specialized());
+    if specialized
+        && (request.options.target != Target::Sm90a || request.options.mma == Some(MmaUnit::Sync))
+    {
+        return Err(CompileError::Usage(
+            "error: `--loads producer` and `--loads pingpong` need wgmma on the Hopper instruction set\n  = help: add `--target sm_90a` (and leave out `--mma sync`), or leave out `--loads`"
+                .into(),
+        ));
+    }
     // Kernel-shape options are meant for the family that reads the cascade: its refusal of
     // them is the answer, not a reason to try another family.
     let o = request.options;
@@ -316,6 +325,7 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
         || o.warps.is_some()
         || o.stages.is_some()
         || o.mma.is_some()
+        || o.loads.is_some()
         || o.strategy.is_some()
         || o.chunk_tokens.is_some();
     let mut reasons = Vec::new();

@@ -238,7 +238,6 @@ impl Printer<'_> {
             return self.emit_specialized_key_loop(block_n, masks, body);
         }
         self.emit_key_range(block_n, masks);
-        let tile_of = |p: &Printer, dst: &str, it: &str| p.tile_of(dst, it);
 
         let streams: Vec<(SharedId, TensorId)> = body
             .iter()
@@ -262,7 +261,6 @@ impl Printer<'_> {
         // A loop whose only streamed operands are a ContractStream's runs that statement's
         // ring alone: empty groups of this one would upset its `wait_group` counts.
         let own_ring = !(streams.is_empty() && body.iter().any(is_stream));
-
         // Issue tile `tile_reg` into stage `stage_reg` for every stream, if `tile < tend`.
         let issue = |p: &mut Printer, it_reg: &str, stage_reg: &str| -> Result<(), TileError> {
             let skip = p.label("noissue");
@@ -270,7 +268,7 @@ impl Printer<'_> {
             p.ins(format!("setp.ge.s32 {ok}, {it_reg}, %niter;"));
             p.ins(format!("@{ok} bra.uni {skip};"));
             let origin = p.r();
-            p.ins(tile_of(p, &origin, it_reg));
+            p.ins(p.tile_of(&origin, it_reg));
             p.ins(format!("mul.lo.s32 {origin}, {origin}, {block_n};"));
             for (i, (dst, src)) in streams.iter().enumerate() {
                 let sb = p.r();
@@ -314,7 +312,7 @@ impl Printer<'_> {
         }
         // Current tile.
         let korg = self.named_once(".b32", "korg");
-        self.ins(tile_of(self, &korg, &it));
+        self.ins(self.tile_of(&korg, &it));
         self.ins(format!("mul.lo.s32 {korg}, {korg}, {block_n};"));
         let saved: Vec<String> = streams
             .iter()

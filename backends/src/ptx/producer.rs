@@ -15,9 +15,10 @@
 //!   copies have landed), so the producer never waits for a copy and keeps every stage it
 //!   may fill in flight. Consumers wait on a tile's `full` barrier just before the first
 //!   statement that reads it, then fence the tile into the async proxy (`wgmma` reads it
-//!   through descriptors, the copies wrote it through the generic proxy); lane 0 of each consumer warp arrives on its `empty` barrier (count: consumer
-//!   warps) as soon as no statement left in the iteration reads the tile and no pending
-//!   `wgmma` group does. The producer waits on `empty` before it overwrites a stage.
+//!   through descriptors, the copies wrote it through the generic proxy); lane 0 of each
+//!   consumer warp arrives on its `empty` barrier (count: consumer warps) as soon as no
+//!   statement left in the iteration reads the tile and no pending `wgmma` group does. The
+//!   producer waits on `empty` before it overwrites a stage.
 //! * **Phases.** Round `r` of a stage (iteration `it`, `r = it / stages`) completes phase
 //!   `r` of its barriers. The consumers wait for parity `r & 1` of `full`; the producer for
 //!   parity `(r & 1) ^ 1` of `empty`, which a fresh barrier reports complete, so the first
@@ -28,12 +29,12 @@
 //!   after `Q K^T` of tile `j`, so the softmax of tile `j`, which waits only for `Q K^T`,
 //!   runs while `P V` of tile `j - 1` is still on the tensor cores (FlashAttention-3's
 //!   intra-warpgroup overlap). The first iteration commits an empty group in its place.
-//! * **Ping-pong** (`pingpong`). With several consumer warpgroups, each issues its contractions in
-//!   turn: warpgroup `w` waits on named barrier `1 + w` before its first contraction of an
-//!   iteration and arrives on the next warpgroup's after its `Q K^T` is issued, so one
-//!   warpgroup's softmax runs while the tensor cores work for the other. The last
-//!   warpgroup opens the first turn; its final arrive is left out so every barrier ends
-//!   balanced.
+//! * **Ping-pong** (`pingpong`). With several consumer warpgroups, each issues its
+//!   contractions in turn: warpgroup `w` waits on named barrier `1 + w` before its first
+//!   contraction of an iteration and arrives on the next warpgroup's after its `Q K^T` is
+//!   issued, so one warpgroup's softmax runs while the tensor cores work for the other. The
+//!   last warpgroup opens the first turn; its final arrive is left out so every barrier
+//!   ends balanced.
 
 use super::*;
 
@@ -98,11 +99,6 @@ impl BarrierLayout {
         self.stream_full(j) + 8 * self.stages
     }
 
-    fn is_empty_barrier(&self, off: u32) -> bool {
-        (0..self.streams.len())
-            .any(|j| (self.stream_empty(j)..self.stream_empty(j) + 8 * self.stages).contains(&off))
-    }
-
     fn stream_index(&self, t: SharedId) -> Option<usize> {
         self.streams.iter().position(|(d, _)| *d == t)
     }
@@ -120,6 +116,10 @@ fn shared_reads(st: &Stmt) -> Vec<SharedId> {
         _ => vec![],
     }
 }
+
+/// Threads of a ping-pong named barrier: the warpgroup that waits for its turn and the one
+/// that opens it.
+const TURN_THREADS: u32 = 2 * 128;
 
 const STAGE: &str = "%ws_stage";
 const PHASE: &str = "%ws_phase";
@@ -166,13 +166,18 @@ impl Printer<'_> {
         let first = self.pred();
         self.ins(format!("setp.ne.u32 {first}, %thr, 0;"));
         self.ins(format!("@{first} bra.uni {skip};"));
-        for i in 0..layout.count() {
-            let off = layout.base + 8 * i;
-            let count = if layout.is_empty_barrier(off) {
-                warps
-            } else {
-                PRODUCER_THREADS
-            };
+        // `full` barriers count the producer's threads, `empty` ones the consumer warps.
+        let mut inits: Vec<(u32, u32)> = (0..layout.top.len() as u32)
+            .map(|i| (layout.base + 8 * i, PRODUCER_THREADS))
+            .collect();
+        for j in 0..layout.streams.len() {
+            for s in 0..layout.stages {
+                inits.push((layout.stream_full(j) + 8 * s, PRODUCER_THREADS));
+                inits.push((layout.stream_empty(j) + 8 * s, warps));
+            }
+        }
+        inits.sort_unstable();
+        for (off, count) in inits {
             let a = self.barrier_addr(off, None);
             self.ins(format!("mbarrier.init.shared::cta.b64 [{a}], {count};"));
         }
@@ -400,10 +405,10 @@ impl Printer<'_> {
             .iter()
             .map(|d| self.smem_base[d.index()].clone())
             .collect();
-        let deferred = deferred_contraction(self, body);
         let first_contract = body.iter().position(|s| {
             matches!(s, Stmt::Contract { .. }) && shared_reads(s).iter().any(|t| tiles.contains(t))
         });
+        let deferred = first_contract.and_then(|fc| deferred_contraction(self, body, fc));
         // The last statement (other than the deferred one) reading each streamed tile.
         let last_reader = |t: SharedId| {
             body.iter()
@@ -455,11 +460,11 @@ impl Printer<'_> {
             let open = self.pred();
             self.ins(format!("setp.gt.s32 {open}, %niter, 0;"));
             self.ins(format!("and.pred {open}, {open}, {last_group};"));
-            self.ins(format!("@{open} bar.arrive 1, {};", 2 * 128));
+            self.ins(format!("@{open} bar.arrive 1, {TURN_THREADS};"));
         }
         let turn_wait = |p: &mut Printer| {
             if pingpong {
-                p.ins(format!("bar.sync {my_turn}, {};", 2 * 128));
+                p.ins(format!("bar.sync {my_turn}, {TURN_THREADS};"));
             }
         };
         let it = self.named_once(".b32", "it");
@@ -492,7 +497,9 @@ impl Printer<'_> {
             }
             self.wait_for_conflicting_wgmma(s);
             self.release_stages(&mut releases, false);
-            if self.fold_zero_fill(s, body.get(i + 1)) {
+            // The deferred contraction is not printed next: no fold into it.
+            let next = body.get(i + 1).filter(|_| Some(i + 1) != deferred);
+            if self.fold_zero_fill(s, next) {
                 continue;
             }
             self.wait_streams_read_by(s);
@@ -524,7 +531,7 @@ impl Printer<'_> {
                     }
                 }
                 if pingpong {
-                    self.ins(format!("bar.arrive {next_turn}, {};", 2 * 128));
+                    self.ins(format!("bar.arrive {next_turn}, {TURN_THREADS};"));
                 }
             }
             for t in &tiles {
@@ -567,8 +574,7 @@ impl Printer<'_> {
             if pingpong {
                 // The last warpgroup's final arrive would have no turn to open.
                 self.ins(format!(
-                    "@!{last_group} bar.arrive {next_turn}, {};",
-                    2 * 128
+                    "@!{last_group} bar.arrive {next_turn}, {TURN_THREADS};"
                 ));
             }
             self.wait_wgmma(0);
@@ -590,10 +596,12 @@ struct Release {
     only_if: Option<String>,
 }
 
-/// The body's trailing contraction that may run at the top of the next iteration: the
-/// last `Contract` reading a streamed tile, when no later statement touches its
-/// registers and it is not the only contraction.
-fn deferred_contraction(p: &Printer, body: &[Stmt]) -> Option<usize> {
+/// The body's trailing contraction that may run in the next iteration, right after that
+/// iteration's first contraction `first` (see the module docs): the last `Contract`, when
+/// it reads a streamed tile, comes after `first`, and moving it is invisible: no statement
+/// after it in its own iteration, and none up to `first` in the next, touches its
+/// registers (the loads, which touch only shared tiles, aside).
+fn deferred_contraction(p: &Printer, body: &[Stmt], first: usize) -> Option<usize> {
     let streamed = p.prog.streamed_tiles();
     let i = body
         .iter()
@@ -601,20 +609,20 @@ fn deferred_contraction(p: &Printer, body: &[Stmt]) -> Option<usize> {
     let Stmt::Contract { b, .. } = &body[i] else {
         return None;
     };
-    if !streamed.contains(b) {
-        return None;
-    }
-    let contracts = body
-        .iter()
-        .filter(|s| matches!(s, Stmt::Contract { .. }))
-        .count();
-    if contracts < 2 {
+    if i <= first || !streamed.contains(b) {
         return None;
     }
     let (regs, _, _) = p.stmt_footprint(&body[i]);
-    let clean = body[i + 1..].iter().all(|s| {
+    let untouched = |s: &Stmt| {
+        if matches!(s, Stmt::LoadTile { .. }) {
+            return true;
+        }
         let (r, _, all) = p.stmt_footprint(s);
         !all && !r.iter().any(|x| regs.contains(x))
-    });
-    clean.then_some(i)
+    };
+    body[i + 1..]
+        .iter()
+        .chain(&body[..=first])
+        .all(untouched)
+        .then_some(i)
 }

@@ -781,6 +781,15 @@ impl Loads {
         matches!(self, Loads::ProducerWarpgroup { .. })
     }
 
+    /// Threads a CTA has besides the compute warps: the producer warpgroup, if any.
+    pub fn producer_threads(self) -> u32 {
+        if self.specialized() {
+            PRODUCER_THREADS
+        } else {
+            0
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Loads::Cooperative => "cooperative",
@@ -982,10 +991,7 @@ impl TileProgram {
     }
     /// Threads per CTA at launch: [`TileProgram::threads`] plus a producer warpgroup.
     pub fn launch_threads(&self) -> u32 {
-        match self.schedule.loads {
-            Loads::Cooperative => self.threads(),
-            Loads::ProducerWarpgroup { .. } => self.threads() + PRODUCER_THREADS,
-        }
+        self.threads() + self.schedule.loads.producer_threads()
     }
     pub fn rows_per_warp(&self) -> u32 {
         self.schedule.block_m / self.schedule.warps

@@ -126,11 +126,7 @@ impl Schedule {
             m.n_q.div_ceil(self.kernel.block_m as u64),
             m.batch * m.heads,
             self.estimate.splits,
-            self.kernel.warps * 32
-                + match self.kernel.loads {
-                    Loads::Cooperative => 0,
-                    Loads::ProducerWarpgroup { .. } => crate::tile::PRODUCER_THREADS,
-                }
+            self.kernel.warps * 32 + self.kernel.loads.producer_threads()
         );
         if self.estimate.splits > 1 {
             let _ = writeln!(
@@ -341,11 +337,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         "{} rows per CTA: each K/V tile read into shared memory feeds {} query rows, and {} CTA(s) fit per SM",
         kernel.block_m, kernel.block_m, estimate.ctas_per_sm
     ));
-    let register_limit = if kernel.loads.specialized() {
-        crate::tile::consumer_registers(kernel.warps * 32)
-    } else {
-        255
-    };
+    let register_limit = register_limit(&kernel);
     reasons.push(format!(
         "key tile {}: the score and output accumulators take {} registers per thread (of {register_limit}), leaving room for the softmax temporaries",
         kernel.block_n, estimate.registers
@@ -418,6 +410,16 @@ pub fn default_mma(target: Target) -> MmaUnit {
     }
 }
 
+/// Registers a thread of the kernel may use: what `setmaxnreg` gives a warp-specialized
+/// kernel's consumers, else the architectural 255.
+fn register_limit(k: &AttentionSchedule) -> u32 {
+    if k.loads.specialized() {
+        crate::tile::consumer_registers(k.warps * 32)
+    } else {
+        255
+    }
+}
+
 /// Shapes the Tile IR lowering accepts: whole m16 tiles per warp, at most two per warp
 /// (mma.sync); exactly one per warp in whole warpgroups (wgmma).
 fn shape_is_legal(spec: &AttentionSpec, k: &AttentionSchedule) -> bool {
@@ -478,12 +480,7 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // A warp-specialized CTA runs alone on its SM, its consumers with the registers the
     // producer leaves (setmaxnreg).
     let specialized = k.loads.specialized();
-    let register_limit = if specialized {
-        crate::tile::consumer_registers(k.warps * 32)
-    } else {
-        255
-    };
-    if registers + overhead > register_limit {
+    if registers + overhead > register_limit(k) {
         return None;
     }
     let elem_bytes = spec.elem.bytes() as u64;
