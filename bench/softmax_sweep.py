@@ -38,6 +38,9 @@ SCHEDULES = {
     "producer_128x128": "--target sm_90a --mma wgmma --loads producer --tile p0=128,m0=128 --warps 8 --stages 2",
     "pingpong_128x128": "--target sm_90a --mma wgmma --loads pingpong --tile p0=128,m0=128 --warps 8 --stages 2",
     "producer_192x64": "--target sm_90a --mma wgmma --loads producer --tile p0=192,m0=64 --warps 12 --stages 3",
+    # The same with the copy engine (tensor maps, one issuing thread): the scheduler's tiles.
+    "tma": "--target sm_90a --mma wgmma --loads producer-tma",
+    "tma_pp": "--target sm_90a --mma wgmma --loads pingpong-tma",
 }
 
 

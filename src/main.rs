@@ -179,7 +179,8 @@ struct KernelFlags {
     /// Who copies K and V into shared memory (softmax attention, wgmma): every thread
     /// (cooperative), or a producer warpgroup beside the compute warps (producer: warp
     /// specialization with mbarriers; pingpong: also the compute warpgroups issue their
-    /// matrix products in turn). Default: the scheduler's choice.
+    /// matrix products in turn; the `-tma` forms copy with the copy engine through tensor
+    /// maps, one thread issuing). Default: the scheduler's choice.
     #[arg(long, value_enum)]
     loads: Option<LoadsArg>,
     /// Linear attention: one CTA walks the sequence (single), parallel chunks in two
@@ -211,14 +212,16 @@ impl KernelFlags {
                     MmaArg::Sync => einattn_backends::tile::MmaUnit::Sync,
                     MmaArg::Wgmma => einattn_backends::tile::MmaUnit::Warpgroup,
                 }),
-                loads: self.loads.map(|l| match l {
-                    LoadsArg::Cooperative => einattn_backends::tile::Loads::Cooperative,
-                    LoadsArg::Producer => {
-                        einattn_backends::tile::Loads::ProducerWarpgroup { pingpong: false }
-                    }
-                    LoadsArg::Pingpong => {
-                        einattn_backends::tile::Loads::ProducerWarpgroup { pingpong: true }
-                    }
+                loads: self.loads.map(|l| {
+                    use einattn_backends::tile::Loads;
+                    let (pingpong, tma) = match l {
+                        LoadsArg::Cooperative => return Loads::Cooperative,
+                        LoadsArg::Producer => (false, false),
+                        LoadsArg::Pingpong => (true, false),
+                        LoadsArg::ProducerTma => (false, true),
+                        LoadsArg::PingpongTma => (true, true),
+                    };
+                    Loads::ProducerWarpgroup { pingpong, tma }
                 }),
                 optimize: self.optimize,
                 strategy: self.strategy,
@@ -247,6 +250,8 @@ enum LoadsArg {
     Cooperative,
     Producer,
     Pingpong,
+    ProducerTma,
+    PingpongTma,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -285,6 +285,9 @@ pub enum ParamType {
     U32,
     U64,
     F32,
+    /// A 128-byte tensor map for the copy engine, passed by value (`.param .align 64 .b8
+    /// NAME[128]`); the launcher encodes it from a [`TensorMapSpec`].
+    TensorMap,
 }
 
 /// One kernel parameter, in `.entry` order.
@@ -312,6 +315,17 @@ pub enum Source {
     Scalar { param: String, default: Option<f64> },
     /// A value the launcher computes for a helper kernel (the plan executor's combines).
     Argument { name: String },
+    /// The tensor map of a `[batch, seq, heads, head_dim]` tensor for copies of
+    /// `box_rows x box_cols` tiles (see [`TensorMapSpec`]): its sequence extent is the size
+    /// `seq`, its head extent `heads` divided by the size `heads_per` (the query heads
+    /// sharing one K/V head) when given.
+    TensorMap {
+        tensor: String,
+        seq: String,
+        heads_per: Option<String>,
+        box_rows: u32,
+        box_cols: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -426,6 +440,68 @@ pub enum ArgValue {
     U32(u32),
     U64(u64),
     F32(f32),
+    /// What the launcher encodes into the 128 bytes of a tensor-map parameter.
+    TensorMap(TensorMapSpec),
+}
+
+/// A tiled tensor map, as `cuTensorMapEncodeTiled` takes it: a rank-4 view `[head_dim,
+/// seq, heads, batch]` (innermost first) of a tensor, copied in boxes of `box_cols x
+/// box_rows` elements into 128-byte-swizzled shared memory (the layout every shared tile
+/// has, see the PTX printer), rows past the sequence's end filled with zeros. Every
+/// launcher passes these fields to the driver as they are, with no interleave, the 128-byte
+/// swizzle, 256-byte L2 promotion, zero fill and unit element strides;
+/// [`TensorMapSpec::check`] holds the driver's rules, so a bad value is an error here and
+/// not an opaque driver status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorMapSpec {
+    /// The tensor's device address.
+    pub address: u64,
+    pub dtype: Dtype,
+    /// Extents, innermost first: head dim, sequence, heads, batch.
+    pub dims: [u64; 4],
+    /// Byte strides of dims 1, 2 and 3 (dim 0 is contiguous).
+    pub strides: [u64; 3],
+    /// Elements per copy along each dim: `[box_cols, box_rows, 1, 1]`.
+    pub boxes: [u32; 4],
+}
+
+impl TensorMapSpec {
+    /// The driver's rules for a tiled, 128-byte-swizzled map.
+    pub fn check(&self) -> Result<(), BindError> {
+        let bad = |what: String| Err(BindError(format!("tensor map: {what}")));
+        if self.address % 16 != 0 {
+            return bad(format!(
+                "address {:#x} is not 16-byte aligned",
+                self.address
+            ));
+        }
+        for (i, &d) in self.dims.iter().enumerate() {
+            if d == 0 || d > 1 << 32 {
+                return bad(format!("extent {d} of dim {i} is outside 1..=2^32"));
+            }
+        }
+        for (i, &s) in self.strides.iter().enumerate() {
+            if s % 16 != 0 || s >= 1 << 40 || s == 0 {
+                return bad(format!(
+                    "byte stride {s} of dim {} is not a nonzero multiple of 16 below 2^40",
+                    i + 1
+                ));
+            }
+        }
+        for (i, &b) in self.boxes.iter().enumerate() {
+            if b == 0 || b > 256 {
+                return bad(format!("box {b} of dim {i} is outside 1..=256"));
+            }
+        }
+        if u64::from(self.boxes[0]) * self.dtype.bytes() != 128 {
+            return bad(format!(
+                "a box row of {} {} elements is not the 128 bytes of the swizzle",
+                self.boxes[0],
+                self.dtype.name()
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What a launcher knows, by meaning: it answers the questions [`bind`] asks.
@@ -458,7 +534,10 @@ pub fn bind(contract: &LaunchContract, values: &dyn ArgValues) -> Result<Vec<Arg
                     }),
                     ParamType::U64 => Ok(ArgValue::U64(v)),
                     ParamType::Ptr => Ok(ArgValue::Ptr(v)),
-                    ParamType::F32 => Err(BindError(format!("`{}` is an f32 parameter", p.name))),
+                    ParamType::F32 | ParamType::TensorMap => Err(BindError(format!(
+                        "`{}` is a {:?} parameter, given the number {v}",
+                        p.name, p.ty
+                    ))),
                 }
             };
             let value = match &p.from {
@@ -471,6 +550,15 @@ pub fn bind(contract: &LaunchContract, values: &dyn ArgValues) -> Result<Vec<Arg
                     ArgValue::F32(values.scalar(param, *default)? as f32)
                 }
                 Source::Argument { name } => values.argument(name)?,
+                Source::TensorMap {
+                    tensor,
+                    seq,
+                    heads_per,
+                    box_rows,
+                    box_cols,
+                } => ArgValue::TensorMap(tensor_map(
+                    contract, values, tensor, seq, heads_per, *box_rows, *box_cols,
+                )?),
             };
             let fits = matches!(
                 (p.ty, value),
@@ -478,6 +566,7 @@ pub fn bind(contract: &LaunchContract, values: &dyn ArgValues) -> Result<Vec<Arg
                     | (ParamType::U32, ArgValue::U32(_))
                     | (ParamType::U64, ArgValue::U64(_))
                     | (ParamType::F32, ArgValue::F32(_))
+                    | (ParamType::TensorMap, ArgValue::TensorMap(_))
             );
             if !fits {
                 return Err(BindError(format!(
@@ -488,6 +577,67 @@ pub fn bind(contract: &LaunchContract, values: &dyn ArgValues) -> Result<Vec<Arg
             Ok(value)
         })
         .collect()
+}
+
+/// The tensor map of `tensor` at the sizes and strides `values` gives (see
+/// [`Source::TensorMap`]).
+fn tensor_map(
+    contract: &LaunchContract,
+    values: &dyn ArgValues,
+    tensor: &str,
+    seq: &str,
+    heads_per: &Option<String>,
+    box_rows: u32,
+    box_cols: u32,
+) -> Result<TensorMapSpec, BindError> {
+    let t = contract
+        .tensor(tensor)
+        .ok_or_else(|| BindError(format!("no tensor `{tensor}` for its tensor map")))?;
+    let head_dim = t.shape.last().copied().unwrap_or(1);
+    let mut heads = values.size("heads")?;
+    if let Some(per) = heads_per {
+        let per = values.size(per)?;
+        if per == 0 || heads % per != 0 {
+            return Err(BindError(format!(
+                "{heads} heads are not groups of `{per}`"
+            )));
+        }
+        heads /= per;
+    }
+    let bytes = t.dtype.bytes();
+    let stride = |axis| -> Result<u64, BindError> {
+        values
+            .stride(tensor, axis)?
+            .checked_mul(bytes)
+            .ok_or_else(|| BindError(format!("a stride of `{tensor}` overflows")))
+    };
+    let dims = [head_dim, values.size(seq)?, heads, values.size("batch")?];
+    let mut strides = [
+        stride(Axis::Seq)?,
+        stride(Axis::Head)?,
+        stride(Axis::Batch)?,
+    ];
+    // An axis of extent 1 (a rank the tensor lacks, stride 0) is never stepped along: give
+    // it the span of the axes inside it, which the driver accepts.
+    let mut span = head_dim.saturating_mul(bytes);
+    for i in 0..3 {
+        if dims[i + 1] == 1 {
+            strides[i] = span.next_multiple_of(16);
+        }
+        span = strides[i].saturating_mul(dims[i + 1]);
+    }
+    let spec = TensorMapSpec {
+        address: values.pointer(&Source::Tensor {
+            tensor: tensor.to_string(),
+        })?,
+        dtype: t.dtype,
+        dims,
+        strides,
+        boxes: [box_cols, box_rows, 1, 1],
+    };
+    spec.check()
+        .map_err(|e| BindError(format!("`{tensor}`: {e}")))?;
+    Ok(spec)
 }
 
 impl LaunchContract {
@@ -551,6 +701,18 @@ impl LaunchContract {
                     self.tensor(tensor).is_some_and(|t| t.strides.is_some())
                 }
                 Source::Scalar { .. } | Source::Argument { .. } => true,
+                Source::TensorMap {
+                    tensor,
+                    seq,
+                    heads_per,
+                    ..
+                } => {
+                    self.tensor(tensor).is_some_and(|t| t.strides.is_some())
+                        && [seq.as_str(), "heads", "batch"]
+                            .into_iter()
+                            .chain(heads_per.as_deref())
+                            .all(|s| self.sizes.contains_key(s))
+                }
             };
             if !known {
                 return Err(format!(
@@ -737,5 +899,92 @@ mod tests {
         let mut bad = m;
         bad.launch = vec!["nope".into()];
         assert!(Manifest::from_json(&bad.to_json()).is_err());
+    }
+
+    fn mapped(tensor: Strides, shape: Vec<u64>) -> LaunchContract {
+        let mut c = contract();
+        c.sizes.insert("n_k".into(), 1000);
+        c.sizes.insert("kv_group".into(), 2);
+        c.tensors.push(ContractTensor {
+            name: "K".into(),
+            role: TensorRole::Input,
+            dtype: Dtype::Bf16,
+            shape,
+            strides: Some(tensor),
+        });
+        c.params = vec![ContractParam {
+            name: "K_tmap".into(),
+            ty: ParamType::TensorMap,
+            from: Source::TensorMap {
+                tensor: "K".into(),
+                seq: "n_k".into(),
+                heads_per: Some("kv_group".into()),
+                box_rows: 128,
+                box_cols: 64,
+            },
+        }];
+        c
+    }
+
+    struct Compiled<'a>(&'a LaunchContract);
+    impl ArgValues for Compiled<'_> {
+        fn pointer(&self, _: &Source) -> Result<u64, BindError> {
+            Ok(0x7f00_0000_0000)
+        }
+        fn size(&self, name: &str) -> Result<u64, BindError> {
+            self.0.compiled_size(name)
+        }
+        fn stride(&self, tensor: &str, axis: Axis) -> Result<u64, BindError> {
+            Ok(self
+                .0
+                .tensor(tensor)
+                .and_then(|t| t.strides)
+                .map_or(0, |s| s.along(axis)))
+        }
+        fn scalar(&self, _: &str, _: Option<f64>) -> Result<f64, BindError> {
+            Ok(0.0)
+        }
+    }
+
+    #[test]
+    fn a_tensor_map_is_the_tensors_four_axes_in_bytes() {
+        // K [B=2, N=1000, H/group=1, D=128]: one K/V head (MQA-like), so its head axis has
+        // extent 1 and stride 0 in the cascade; the map gives it the span inside it.
+        let c = mapped(
+            Strides {
+                batch: 128_000,
+                seq: 128,
+                head: 0,
+            },
+            vec![2, 1000, 128],
+        );
+        assert_eq!(c.check(), Ok(()));
+        let args = bind(&c, &Compiled(&c)).expect("binds");
+        let [ArgValue::TensorMap(m)] = args[..] else {
+            panic!("{args:?}")
+        };
+        assert_eq!(m.dims, [128, 1000, 1, 2]);
+        assert_eq!(m.strides, [256, 256_000, 256_000]);
+        assert_eq!(m.boxes, [64, 128, 1, 1]);
+        assert_eq!(m.address, 0x7f00_0000_0000);
+    }
+
+    #[test]
+    fn a_tensor_map_the_copy_engine_cannot_use_is_a_bind_error() {
+        // Rows 8 bytes apart: not a multiple of 16.
+        let c = mapped(
+            Strides {
+                batch: 4000,
+                seq: 4,
+                head: 0,
+            },
+            vec![2, 1000, 128],
+        );
+        let err = bind(&c, &Compiled(&c)).err();
+        assert!(err.is_some_and(|e| e.0.contains("multiple of 16")));
+        // A tensor map from a size the contract lacks is refused before any launch.
+        let mut missing = c.clone();
+        missing.sizes.remove("kv_group");
+        assert!(missing.check().is_err());
     }
 }

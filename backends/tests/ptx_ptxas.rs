@@ -152,12 +152,15 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
     // without ptxas serializing the consumers' wgmma (info C7520, which a role test that
     // ptxas reads as divergent causes: 20% slower on an H200).
     for spec in specs() {
-        for (bm, bn, warps, stages, pingpong) in [
+        for ((bm, bn, warps, stages, pingpong), tma) in [
             (128, 128, 8, 2, true),
             (128, 128, 8, 3, false),
             (128, 64, 8, 2, true),
             (192, 64, 12, 3, false),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|shape| [(shape, false), (shape, true)])
+        {
             if spec.head_dim == 64 && bm == 192 {
                 continue;
             }
@@ -167,12 +170,15 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
                 warps,
                 stages,
                 mma: MmaUnit::Warpgroup,
-                loads: Loads::ProducerWarpgroup { pingpong },
+                loads: Loads::ProducerWarpgroup { pingpong, tma },
                 ..AttentionSchedule::default_for(&spec)
             };
             let (prog, _) = flash_attention(&spec, &sched).expect("builds");
             let k = print_ptx(&prog, Target::Sm90a).expect("prints");
             assert_eq!(k.threads, warps * 32 + 128, "{}", k.entry);
+            // The producer copies with the copy engine, or with cp.async, never both.
+            assert_eq!(k.text.contains("cp.async.bulk.tensor"), tma, "{}", k.entry);
+            assert_eq!(k.text.contains("cp.async.cg"), !tma, "{}", k.entry);
             for needle in [
                 "setmaxnreg.inc",
                 "setmaxnreg.dec",

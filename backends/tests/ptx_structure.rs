@@ -166,7 +166,10 @@ fn a_warp_specialized_program_hands_every_stage_back() {
             warps: 8,
             stages: 2,
             mma: MmaUnit::Warpgroup,
-            loads: Loads::ProducerWarpgroup { pingpong },
+            loads: Loads::ProducerWarpgroup {
+                pingpong,
+                tma: false,
+            },
             ..AttentionSchedule::default_for(&spec)
         };
         let (prog, _) = flash_attention(&spec, &sched).expect("builds");
@@ -200,12 +203,78 @@ fn a_warp_specialized_program_hands_every_stage_back() {
 }
 
 #[test]
+fn the_copy_engine_loads_each_tile_from_one_thread_through_its_tensor_map() {
+    use einattn_backends::tile::{AbiKind, AbiRole, Loads, MmaUnit, SeqRank};
+    for (d, causal) in [(128u32, false), (64, true)] {
+        let mut spec = AttentionSpec::new(d, Elem::Bf16);
+        spec.causal = causal;
+        let sched = AttentionSchedule {
+            block_m: 128,
+            block_n: 128,
+            warps: 8,
+            stages: 2,
+            mma: MmaUnit::Warpgroup,
+            loads: Loads::ProducerWarpgroup {
+                pingpong: false,
+                tma: true,
+            },
+            ..AttentionSchedule::default_for(&spec)
+        };
+        let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+        // One by-value map per loaded tensor (Q, K, V), boxes of a tile's rows and 64
+        // columns, K and V along the key rank; the output is stored, not mapped.
+        let maps: Vec<_> = prog
+            .abi()
+            .into_iter()
+            .filter(|p| p.kind == AbiKind::TensorMap)
+            .collect();
+        assert_eq!(maps.len(), 3);
+        for (p, rank) in maps
+            .iter()
+            .zip([SeqRank::Query, SeqRank::Key, SeqRank::Key])
+        {
+            match &p.role {
+                AbiRole::TensorMap {
+                    rows,
+                    cols,
+                    rank: r,
+                    ..
+                } => {
+                    assert_eq!((*rows, *cols, *r), (128, 64, rank), "{}", p.name);
+                }
+                other => panic!("{}: {other:?}", p.name),
+            }
+        }
+        let k = print_ptx(&prog, Target::Sm90a).expect("prints");
+        let t = &k.text;
+        assert_eq!(count(t, ".param .align 64 .b8"), 3);
+        // Full barriers count one arrival (the issuing thread's, with the bytes to expect).
+        assert_eq!(count(t, "mbarrier.init.shared::cta.b64"), 1 + 2 * 2 * 2);
+        assert_eq!(count(t, "mbarrier.arrive.expect_tx"), 3);
+        // One copy per 64-column block: Q before the loop, K and V in it.
+        let blocks = (d / 64) as usize;
+        assert_eq!(count(t, "cp.async.bulk.tensor.4d"), 3 * blocks);
+        // K and V are addressed by their K/V head, Q by its query head.
+        assert_eq!(count(t, "%hkidx, %bidx}"), 2 * blocks);
+        assert_eq!(count(t, "%hidx, %bidx}"), blocks);
+        // The copy engine writes through the async proxy: no fence after the waits, no
+        // cp.async anywhere.
+        assert_eq!(count(t, "fence.proxy.async"), 0);
+        assert_eq!(count(t, "cp.async.cg"), 0);
+        assert_eq!(count(t, "cp.async.mbarrier"), 0);
+    }
+}
+
+#[test]
 fn a_producer_warpgroup_needs_wgmma_and_two_consumer_warpgroups() {
     use einattn_backends::tile::{Loads, MmaUnit};
     let spec = AttentionSpec::new(64, Elem::Bf16);
     let sched = AttentionSchedule {
         mma: MmaUnit::Sync,
-        loads: Loads::ProducerWarpgroup { pingpong: false },
+        loads: Loads::ProducerWarpgroup {
+            pingpong: false,
+            tma: true,
+        },
         ..AttentionSchedule::default_for(&spec)
     };
     match flash_attention(&spec, &sched) {
@@ -235,7 +304,10 @@ fn p_v_is_deferred_only_when_moving_it_is_invisible() {
         warps: 8,
         stages: 2,
         mma: MmaUnit::Warpgroup,
-        loads: Loads::ProducerWarpgroup { pingpong: false },
+        loads: Loads::ProducerWarpgroup {
+            pingpong: false,
+            tma: true,
+        },
         ..AttentionSchedule::default_for(&spec)
     };
     let (prog, _) = flash_attention(&spec, &sched).expect("builds");

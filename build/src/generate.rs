@@ -205,6 +205,16 @@ pub fn module(units: &[Unit]) -> Result<String, (usize, String)> {
     let mut out = String::new();
     header(&mut out, units);
     error_type(&mut out);
+    let maps = units.iter().any(|u| {
+        u.manifest.kernels.iter().any(|k| {
+            k.params
+                .iter()
+                .any(|p| matches!(p.from, Source::TensorMap { .. }))
+        })
+    });
+    if maps {
+        tensor_map_helper(&mut out);
+    }
     for (i, unit) in units.iter().enumerate() {
         kernel_type(&mut out, unit).map_err(|e| (i, e))?;
     }
@@ -278,6 +288,59 @@ fn defines_text(defines: &[(String, u64)]) -> String {
     }
     let parts: Vec<String> = defines.iter().map(|(n, v)| format!("-D {n}={v}")).collect();
     format!(" ({})", parts.join(" "))
+}
+
+/// The tensor-map parameter and its encoder, for kernels whose tiles the copy engine loads
+/// (a `TensorMapSpec`'s fixed layout: rank 4, 128-byte swizzle, zeros past the ends).
+fn tensor_map_helper(out: &mut String) {
+    out.push_str(
+        r#"/// A tensor map the driver encoded, passed to the kernel by value.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct TensorMap(::cudarc::driver::sys::CUtensorMap);
+
+// SAFETY: a plain 128-byte value the kernel takes by value.
+unsafe impl ::cudarc::driver::DeviceRepr for TensorMap {}
+
+impl TensorMap {
+    /// A rank-4 tiled view of `address`: extents innermost first, byte strides of dims
+    /// 1..4, the box one copy moves (elements are 2-byte values the copy engine moves as is).
+    fn tiled(
+        kernel: &'static str,
+        what: &'static str,
+        address: u64,
+        dims: [u64; 4],
+        strides: [u64; 3],
+        boxes: [u32; 4],
+    ) -> ::std::result::Result<TensorMap, KernelError> {
+        use ::cudarc::driver::sys as cu;
+        let mut map = cu::CUtensorMap { opaque: [0; 16] };
+        let element_strides = [1u32; 4];
+        // SAFETY: every pointer addresses an array of the rank's length that lives through
+        // the call; the driver only writes `map`.
+        let status = unsafe {
+            cu::cuTensorMapEncodeTiled(
+                &mut map,
+                cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                4,
+                ::std::ptr::with_exposed_provenance_mut(address as usize),
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                cu::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                cu::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                cu::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        status.result().map_err(KernelError::driver(kernel, what))?;
+        Ok(TensorMap(map))
+    }
+}
+
+"#,
+    );
 }
 
 fn error_type(out: &mut String) {
@@ -1236,6 +1299,34 @@ fn enqueue_fn(
                 s.ident
             );
         }
+        // Tensor maps first: the launch builder borrows them.
+        for (p, v) in c.params.iter().zip(&values) {
+            let (Source::TensorMap { tensor, .. }, ArgValue::TensorMap(spec)) = (&p.from, v) else {
+                continue;
+            };
+            let t = face
+                .tensors
+                .iter()
+                .find(|t| &t.name == tensor)
+                .ok_or_else(|| format!("`{}` maps an undeclared tensor", c.kernel))?;
+            if spec.dtype.bytes() != 2 {
+                return Err(format!(
+                    "`{}`: a tensor map of {} elements",
+                    c.kernel,
+                    spec.dtype.name()
+                ));
+            }
+            w!(
+                out,
+                "            let {}_map = TensorMap::tiled(Self::NAME, {}, {}_ptr, {:?}, {:?}, {:?})?;",
+                p.name,
+                string_literal(&format!("encoding the tensor map of `{tensor}`")),
+                t.ident,
+                spec.dims,
+                spec.strides,
+                spec.boxes
+            );
+        }
         w!(
             out,
             "            let mut args = stream.launch_builder(&self.{});",
@@ -1267,6 +1358,7 @@ fn enqueue_fn(
                         .ok_or_else(|| format!("`{}` reads an unknown scalar", c.kernel))?;
                     format!("&params.{}", s.ident)
                 }
+                (Source::TensorMap { .. }, ArgValue::TensorMap(_)) => format!("&{}_map", p.name),
                 (_, ArgValue::U32(x)) => format!("&{x}u32"),
                 (_, ArgValue::U64(x)) => format!("&{x}u64"),
                 (other, value) => {

@@ -41,14 +41,23 @@ pub struct Whole {
     outputs: Vec<String>,
 }
 
-/// A driver argument from a bound value.
-pub fn driver_arg(v: ArgValue) -> KernelArg {
-    match v {
+/// A driver argument from a bound value (a tensor map encoded by the driver).
+pub fn driver_arg(v: ArgValue) -> Result<KernelArg> {
+    Ok(match v {
         ArgValue::Ptr(p) => KernelArg::Ptr(p),
         ArgValue::U32(x) => KernelArg::U32(x),
         ArgValue::U64(x) => KernelArg::U64(x),
         ArgValue::F32(x) => KernelArg::F32(x),
-    }
+        ArgValue::TensorMap(spec) => {
+            KernelArg::TensorMap(einattn_runtime::tensor_map(&einattn_runtime::TiledView {
+                address: spec.address,
+                element_bytes: spec.dtype.bytes(),
+                dims: spec.dims,
+                strides: spec.strides,
+                boxes: spec.boxes,
+            })?)
+        }
+    })
 }
 
 /// The host values of a cascade tensor in storage order: drawn or read inputs, or the
@@ -219,7 +228,7 @@ impl Whole {
             launches.push(Launch {
                 kernel,
                 dims: dims(contract, contract.compiled_grid()?),
-                args: args.into_iter().map(driver_arg).collect(),
+                args: args.into_iter().map(driver_arg).collect::<Result<_>>()?,
                 zero: contract
                     .scratch
                     .iter()

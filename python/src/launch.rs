@@ -106,6 +106,14 @@ fn function(
     Ok(Function(f))
 }
 
+/// A parameter's bytes as the driver copies them.
+enum DriverArg {
+    U64(u64),
+    U32(u32),
+    F32(f32),
+    Map(einattn_runtime::TensorMap),
+}
+
 /// What one launch binds: device addresses by tensor and scratch name, scalar values.
 struct Values<'a> {
     contract: &'a LaunchContract,
@@ -259,12 +267,34 @@ pub fn launch(kernels: &Kernels, call: &Call) -> Result<(), String> {
             unsafe { result::memset_d8_async(at, 0, bytes, stream) }
                 .map_err(driver_error("zeroing a scratch array"))?;
         }
-        let mut params: Vec<*mut c_void> = args
+        // Values as the driver reads them (tensor maps encoded), alive through the launch.
+        let driver_args = args
+            .iter()
+            .map(|a| {
+                Ok(match *a {
+                    ArgValue::Ptr(p) | ArgValue::U64(p) => DriverArg::U64(p),
+                    ArgValue::U32(x) => DriverArg::U32(x),
+                    ArgValue::F32(x) => DriverArg::F32(x),
+                    ArgValue::TensorMap(spec) => DriverArg::Map(
+                        einattn_runtime::tensor_map(&einattn_runtime::TiledView {
+                            address: spec.address,
+                            element_bytes: spec.dtype.bytes(),
+                            dims: spec.dims,
+                            strides: spec.strides,
+                            boxes: spec.boxes,
+                        })
+                        .map_err(|e| format!("`{}`: {e}", contract.kernel))?,
+                    ),
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut params: Vec<*mut c_void> = driver_args
             .iter()
             .map(|a| match a {
-                ArgValue::Ptr(p) | ArgValue::U64(p) => p as *const u64 as *mut c_void,
-                ArgValue::U32(x) => x as *const u32 as *mut c_void,
-                ArgValue::F32(x) => x as *const f32 as *mut c_void,
+                DriverArg::U64(p) => p as *const u64 as *mut c_void,
+                DriverArg::U32(x) => x as *const u32 as *mut c_void,
+                DriverArg::F32(x) => x as *const f32 as *mut c_void,
+                DriverArg::Map(m) => m as *const einattn_runtime::TensorMap as *mut c_void,
             })
             .collect();
         // SAFETY: `params` point into `args`, which outlives the call, in the entry's

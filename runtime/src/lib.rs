@@ -252,6 +252,75 @@ pub enum KernelArg {
     I32(i32),
     U64(u64),
     F32(f32),
+    /// A tensor map passed by value (`.param .align 64 .b8 NAME[128]`).
+    TensorMap(TensorMap),
+}
+
+/// A tensor map the driver encoded ([`tensor_map`]): the 128 opaque bytes the copy engine
+/// reads, passed to the kernel by value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct TensorMap(cudarc::driver::sys::CUtensorMap);
+
+// SAFETY: a plain 128-byte, 64-byte-aligned value the kernel takes by value.
+unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
+
+/// A tiled rank-4 view of a device tensor for the copy engine: extents innermost first,
+/// byte strides of dims 1..4, the box one copy moves; 128-byte swizzle, zeros past the
+/// extents (the layout the kernels' shared tiles have). The copy engine moves bytes and
+/// converts nothing, so elements are described by their size alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TiledView {
+    pub address: u64,
+    pub element_bytes: u64,
+    pub dims: [u64; 4],
+    pub strides: [u64; 3],
+    pub boxes: [u32; 4],
+}
+
+/// Encodes `view` with `cuTensorMapEncodeTiled` (no context needed).
+pub fn tensor_map(view: &TiledView) -> Result<TensorMap> {
+    use cudarc::driver::sys::{
+        CUtensorMapDataType as D, CUtensorMapFloatOOBfill as Fill,
+        CUtensorMapInterleave as Interleave, CUtensorMapL2promotion as L2,
+        CUtensorMapSwizzle as Swizzle,
+    };
+    let data_type = match view.element_bytes {
+        1 => D::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        2 => D::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+        4 => D::CU_TENSOR_MAP_DATA_TYPE_UINT32,
+        8 => D::CU_TENSOR_MAP_DATA_TYPE_UINT64,
+        n => {
+            return Err(RuntimeError::InvalidArgument(format!(
+                "a tensor map of {n}-byte elements"
+            )))
+        }
+    };
+    let address = usize::try_from(view.address).map_err(|_| {
+        RuntimeError::InvalidArgument(format!("address {:#x} does not fit", view.address))
+    })?;
+    let mut map = cudarc::driver::sys::CUtensorMap { opaque: [0; 16] };
+    let element_strides = [1u32; 4];
+    // SAFETY: every pointer addresses an array of the rank's length (4, or 3 strides) that
+    // lives through the call; the driver only writes `map`.
+    let status = unsafe {
+        cudarc::driver::sys::cuTensorMapEncodeTiled(
+            &mut map,
+            data_type,
+            4,
+            std::ptr::with_exposed_provenance_mut(address),
+            view.dims.as_ptr(),
+            view.strides.as_ptr(),
+            view.boxes.as_ptr(),
+            element_strides.as_ptr(),
+            Interleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            Swizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            L2::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            Fill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    drv("encoding a tensor map", status.result())?;
+    Ok(TensorMap(map))
 }
 
 /// Grid, block and dynamic shared memory of one launch.
@@ -443,6 +512,7 @@ impl Gpu {
                 KernelArg::U32(x) => builder.arg(x),
                 KernelArg::I32(x) => builder.arg(x),
                 KernelArg::F32(x) => builder.arg(x),
+                KernelArg::TensorMap(m) => builder.arg(m),
             };
         }
         // SAFETY: the caller passes the arguments in the order and types of the PTX entry

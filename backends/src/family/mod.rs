@@ -29,7 +29,7 @@ pub use layout::Layout;
 use crate::abi::{self, ContractParam, ContractTensor, GridAxis, LaunchContract, Manifest, Source};
 use crate::plan::Plan;
 use crate::ptx::{PtxKernel, Target};
-use crate::tile::{AbiKind, AbiParam, AbiRole, Elem, MmaUnit, TileProgram};
+use crate::tile::{AbiKind, AbiParam, AbiRole, Elem, MmaUnit, SeqRank, TileProgram};
 use einattn_ir::cascade::{Cascade, Tensor};
 use einattn_ir::interp::TensorData;
 use einattn_ir::validate::{Diagnostic, DiagnosticKind};
@@ -541,6 +541,22 @@ pub fn contract_params(abi: &[AbiParam], names: &ContractNames) -> Vec<ContractP
                     param: names.scalars[s.index()].0.clone(),
                     default: names.scalars[s.index()].1,
                 },
+                AbiRole::TensorMap {
+                    tensor,
+                    rows,
+                    cols,
+                    rank,
+                } => Source::TensorMap {
+                    tensor: names.tensors[tensor.index()].clone(),
+                    seq: match rank {
+                        SeqRank::Query => "n_q",
+                        SeqRank::Key => "n_k",
+                    }
+                    .into(),
+                    heads_per: (*rank == SeqRank::Key).then(|| "kv_group".into()),
+                    box_rows: *rows,
+                    box_cols: *cols,
+                },
             };
             ContractParam {
                 name: p.name.clone(),
@@ -549,6 +565,7 @@ pub fn contract_params(abi: &[AbiParam], names: &ContractNames) -> Vec<ContractP
                     AbiKind::U32 => abi::ParamType::U32,
                     AbiKind::U64 => abi::ParamType::U64,
                     AbiKind::F32 => abi::ParamType::F32,
+                    AbiKind::TensorMap => abi::ParamType::TensorMap,
                 },
                 from,
             }

@@ -92,10 +92,9 @@ impl BuildRecord {
             },
             loads: match text("loads").as_deref() {
                 None => None,
-                Some("cooperative") => Some(Loads::Cooperative),
-                Some("producer") => Some(Loads::ProducerWarpgroup { pingpong: false }),
-                Some("pingpong") => Some(Loads::ProducerWarpgroup { pingpong: true }),
-                Some(other) => return Err(format!("unknown loads `{other}`")),
+                Some(name) => {
+                    Some(Loads::from_name(name).ok_or_else(|| format!("unknown loads `{name}`"))?)
+                }
             },
             optimize: v.get("optimize").and_then(|x| x.as_bool()).unwrap_or(false),
             strategy: text("strategy"),
@@ -127,7 +126,10 @@ mod tests {
                 warps: Some(8),
                 stages: Some(3),
                 mma: Some(MmaUnit::Warpgroup),
-                loads: Some(Loads::ProducerWarpgroup { pingpong: true }),
+                loads: Some(Loads::ProducerWarpgroup {
+                    pingpong: true,
+                    tma: true,
+                }),
                 optimize: true,
                 strategy: Some("chunked".into()),
                 chunk_tokens: Some(1024),

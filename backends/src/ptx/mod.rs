@@ -315,6 +315,12 @@ impl<'a> Printer<'a> {
                 AbiKind::Ptr | AbiKind::U64 => ".u64",
                 AbiKind::U32 => ".u32",
                 AbiKind::F32 => ".f32",
+                // By value, as `cp.async.bulk.tensor` reads it (a `__grid_constant__`).
+                AbiKind::TensorMap => {
+                    let sep = if i + 1 == abi.len() { "" } else { "," };
+                    let _ = writeln!(s, "\t.param .align 64 .b8 {}[128]{sep}", a.name);
+                    continue;
+                }
             };
             let sep = if i + 1 == abi.len() { "" } else { "," };
             let _ = writeln!(s, "\t.param {ty} {}{sep}", a.name);

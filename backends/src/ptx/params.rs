@@ -108,6 +108,12 @@ impl Printer<'_> {
                     let r = self.named(".f32", &format!("sc{}", id.0));
                     self.ins(format!("ld.param.f32 {r}, [{}];", a.name));
                 }
+                AbiRole::TensorMap { tensor, .. } => {
+                    // The copy engine takes the map's generic address.
+                    let r = self.named(".b64", &format!("tmap{}", tensor.0));
+                    self.ins(format!("mov.u64 {r}, {};", a.name));
+                    self.ins(format!("cvta.param.u64 {r}, {r};"));
+                }
             }
         }
         // Thread coordinates.

@@ -166,13 +166,20 @@ impl Printer<'_> {
         let first = self.pred();
         self.ins(format!("setp.ne.u32 {first}, %thr, 0;"));
         self.ins(format!("@{first} bra.uni {skip};"));
-        // `full` barriers count the producer's threads, `empty` ones the consumer warps.
+        // `full` barriers count the producer's threads (its one issuing thread with the copy
+        // engine, whose arrival also expects the tile's bytes), `empty` ones the consumer
+        // warps.
+        let full = if self.prog.schedule.loads.tma() {
+            1
+        } else {
+            PRODUCER_THREADS
+        };
         let mut inits: Vec<(u32, u32)> = (0..layout.top.len() as u32)
-            .map(|i| (layout.base + 8 * i, PRODUCER_THREADS))
+            .map(|i| (layout.base + 8 * i, full))
             .collect();
         for j in 0..layout.streams.len() {
             for s in 0..layout.stages {
-                inits.push((layout.stream_full(j) + 8 * s, PRODUCER_THREADS));
+                inits.push((layout.stream_full(j) + 8 * s, full));
                 inits.push((layout.stream_empty(j) + 8 * s, warps));
             }
         }
@@ -215,8 +222,44 @@ impl Printer<'_> {
         ));
         let a = self.barrier_addr(off, None);
         self.emit_barrier_wait(&a, "0");
-        self.ins("fence.proxy.async.shared::cta;");
+        self.fence_copied_tile();
         Ok(())
+    }
+
+    /// After a consumer's wait: `cp.async` wrote the tile through the generic proxy, and
+    /// `wgmma` reads it through the async one; the copy engine writes through the async
+    /// proxy itself, and its completion on the barrier makes the tile visible to both.
+    fn fence_copied_tile(&mut self) {
+        if !self.prog.schedule.loads.tma() {
+            self.ins("fence.proxy.async.shared::cta;");
+        }
+    }
+
+    /// The copy engine copies tile `dst` of `src`, rows from `origin`, into shared memory at
+    /// `smem`, completing on the barrier at `bar`: one box per 64-column block, the
+    /// barrier told the tile's bytes first. Issued by one thread.
+    fn emit_tma_load(&mut self, dst: SharedId, src: TensorId, origin: &str, smem: &str, bar: &str) {
+        let prog = self.prog;
+        let t = &prog.shared[dst.index()];
+        let box_cols = TMA_BOX_BYTES / t.elem.bytes();
+        let bytes = t.rows * t.cols * t.elem.bytes();
+        let head = if prog.tensors[src.index()].rows == SeqRank::Query {
+            "%hidx"
+        } else {
+            "%hkidx"
+        };
+        self.ins(format!(
+            "mbarrier.arrive.expect_tx.shared::cta.b64 _, [{bar}], {bytes};"
+        ));
+        for block in 0..t.cols / box_cols {
+            let col = self.r();
+            self.ins(format!("mov.u32 {col}, {};", block * box_cols));
+            self.ins(format!(
+                "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [{smem}+{}], [%tmap{}, {{{col}, {origin}, {head}, %bidx}}], [{bar}];",
+                block * t.rows * TMA_BOX_BYTES,
+                src.0
+            ));
+        }
     }
 
     fn emit_ring_advance(&mut self) {
@@ -239,7 +282,18 @@ impl Printer<'_> {
         ));
         let pthr = self.named(".b32", "pthr");
         self.ins(format!("sub.u32 {pthr}, %thr, {};", prog.threads()));
-        self.load_thread = (pthr, PRODUCER_THREADS);
+        self.load_thread = (pthr.clone(), PRODUCER_THREADS);
+        let tma = prog.schedule.loads.tma();
+        let done = self.label("producer_done");
+        if tma {
+            // One thread issues every copy; the rest of the warpgroup has nothing to do.
+            let idle = self.pred();
+            self.ins(format!("setp.ne.u32 {idle}, {pthr}, 0;"));
+            self.ins(format!("@{idle} bra {done};"));
+            for (t, _) in prog.tensor_maps() {
+                self.ins(format!("prefetch.tensormap [%tmap{}];", t.0));
+            }
+        }
         for (dst, src) in &layout.top {
             self.comment(format!(
                 "producer: load {} <- {}",
@@ -247,12 +301,16 @@ impl Printer<'_> {
                 prog.tensors[src.index()].name
             ));
             let base = self.smem_base[dst.index()].clone();
-            self.emit_load_issue(*dst, *src, "%qrow0", &base, None)?;
             let off = layout.top_full(*dst).expect("top tiles have barriers");
             let a = self.barrier_addr(off, None);
-            self.ins(format!(
-                "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"
-            ));
+            if tma {
+                self.emit_tma_load(*dst, *src, "%qrow0", &base, &a);
+            } else {
+                self.emit_load_issue(*dst, *src, "%qrow0", &base, None)?;
+                self.ins(format!(
+                    "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"
+                ));
+            }
         }
         if let Some((block_n, masks)) = prog.body.iter().find_map(|s| match s {
             Stmt::KeyLoop { block_n, masks, .. } => Some((*block_n, masks.clone())),
@@ -260,8 +318,13 @@ impl Printer<'_> {
         }) {
             self.emit_producer_loop(block_n, &masks)?;
         }
-        // No copy outlives its thread.
-        self.ins("cp.async.wait_all;");
+        if !tma {
+            // No copy outlives its thread.
+            self.ins("cp.async.wait_all;");
+        }
+        // (The copy engine's copies complete on their barriers, which the consumers wait
+        // for before they finish.)
+        self.body.push_str(&format!("{done}:\n"));
         Ok(())
     }
 
@@ -290,11 +353,15 @@ impl Printer<'_> {
                 self.stage_bytes(*dst),
                 self.smem_base[dst.index()]
             ));
-            self.emit_load_issue(*dst, *src, &origin, &sb, None)?;
             let a = self.barrier_addr(layout.stream_full(j), Some(STAGE));
-            self.ins(format!(
-                "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"
-            ));
+            if self.prog.schedule.loads.tma() {
+                self.emit_tma_load(*dst, *src, &origin, &sb, &a);
+            } else {
+                self.emit_load_issue(*dst, *src, &origin, &sb, None)?;
+                self.ins(format!(
+                    "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"
+                ));
+            }
         }
         self.emit_ring_advance();
         self.ins(format!("add.s32 {it}, {it}, 1;"));
@@ -345,7 +412,7 @@ impl Printer<'_> {
                 ));
                 let a = self.barrier_addr(off, Some(STAGE));
                 self.emit_barrier_wait(&a, PHASE);
-                self.ins("fence.proxy.async.shared::cta;");
+                self.fence_copied_tile();
             }
         }
     }
@@ -423,8 +490,10 @@ impl Printer<'_> {
             .filter(|t| tiles.contains(t))
             .collect();
         let groups = prog.schedule.warps / 4;
-        let pingpong = prog.schedule.loads == (Loads::ProducerWarpgroup { pingpong: true })
-            && groups >= 2
+        let pingpong = matches!(
+            prog.schedule.loads,
+            Loads::ProducerWarpgroup { pingpong: true, .. }
+        ) && groups >= 2
             && first_contract.is_some();
         self.comment(format!(
             "consumers' key loop: {}{}",

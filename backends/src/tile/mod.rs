@@ -772,8 +772,10 @@ pub enum Loads {
     /// on when they are done reading the stage, so no barrier spans the whole CTA and the
     /// producer runs as far ahead as the ring allows. Needs `wgmma` (sm_90a). With
     /// `pingpong`, consumer warpgroups issue their contractions in turn (see the PTX
-    /// printer's `producer.rs`).
-    ProducerWarpgroup { pingpong: bool },
+    /// printer's `producer.rs`). With `tma`, one producer thread copies each tile with the
+    /// copy engine (`cp.async.bulk.tensor`, one instruction per 64-column block, through a
+    /// tensor-map parameter per loaded tensor) instead of 128 threads issuing `cp.async`.
+    ProducerWarpgroup { pingpong: bool, tma: bool },
 }
 
 impl Loads {
@@ -790,14 +792,62 @@ impl Loads {
         }
     }
 
+    /// Whether tiles are copied by the copy engine through tensor maps.
+    pub fn tma(self) -> bool {
+        matches!(self, Loads::ProducerWarpgroup { tma: true, .. })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Loads::Cooperative => "cooperative",
-            Loads::ProducerWarpgroup { pingpong: false } => "producer",
-            Loads::ProducerWarpgroup { pingpong: true } => "pingpong",
+            Loads::ProducerWarpgroup {
+                pingpong: false,
+                tma: false,
+            } => "producer",
+            Loads::ProducerWarpgroup {
+                pingpong: true,
+                tma: false,
+            } => "pingpong",
+            Loads::ProducerWarpgroup {
+                pingpong: false,
+                tma: true,
+            } => "producer-tma",
+            Loads::ProducerWarpgroup {
+                pingpong: true,
+                tma: true,
+            } => "pingpong-tma",
         }
     }
+
+    /// Every value, for parsers of the names.
+    pub const ALL: [Loads; 5] = [
+        Loads::Cooperative,
+        Loads::ProducerWarpgroup {
+            pingpong: false,
+            tma: false,
+        },
+        Loads::ProducerWarpgroup {
+            pingpong: true,
+            tma: false,
+        },
+        Loads::ProducerWarpgroup {
+            pingpong: false,
+            tma: true,
+        },
+        Loads::ProducerWarpgroup {
+            pingpong: true,
+            tma: true,
+        },
+    ];
+
+    pub fn from_name(name: &str) -> Option<Loads> {
+        Loads::ALL.into_iter().find(|l| l.name() == name)
+    }
 }
+
+/// Bytes of one row of a copy-engine box: the width of the 128-byte swizzle, so one copy
+/// fills one 64-column block of a shared tile.
+pub const TMA_BOX_BYTES: u32 = 128;
 
 /// Threads of the producer warpgroup of a [`Loads::ProducerWarpgroup`] program.
 pub const PRODUCER_THREADS: u32 = 128;
@@ -912,6 +962,8 @@ pub enum AbiKind {
     U32,
     U64,
     F32,
+    /// A 128-byte tensor map passed by value.
+    TensorMap,
 }
 
 /// What a kernel parameter carries, so a launcher can fill it by meaning.
@@ -944,6 +996,15 @@ pub enum AbiRole {
     StrideSeq(TensorId),
     StrideHead(TensorId),
     Scalar(ScalarId),
+    /// The tensor map the copy engine reads a tensor through, in boxes of `rows` rows and
+    /// `cols` columns (128 bytes), its rows along `rank` (a [`Loads::tma`] program's loaded
+    /// tensors).
+    TensorMap {
+        tensor: TensorId,
+        rows: u32,
+        cols: u32,
+        rank: SeqRank,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1077,7 +1138,44 @@ impl TileProgram {
                 AbiRole::Scalar(ScalarId(i as u32)),
             );
         }
+        for (tensor, rows) in self.tensor_maps() {
+            let t = &self.tensors[tensor.index()];
+            push(
+                format!("{}_tmap", t.name),
+                AbiKind::TensorMap,
+                AbiRole::TensorMap {
+                    tensor,
+                    rows,
+                    cols: TMA_BOX_BYTES / t.elem.bytes(),
+                    rank: t.rows,
+                },
+            );
+        }
         v
+    }
+
+    /// The tensors a [`Loads::tma`] program copies with the copy engine, with the rows of
+    /// the tiles they are copied into, in order of first load.
+    pub fn tensor_maps(&self) -> Vec<(TensorId, u32)> {
+        if !self.schedule.loads.tma() {
+            return Vec::new();
+        }
+        let mut maps: Vec<(TensorId, u32)> = Vec::new();
+        let mut visit = |st: &Stmt| {
+            if let Stmt::LoadTile { dst, src } = st {
+                let rows = self.shared[dst.index()].rows;
+                if !maps.iter().any(|m| m.0 == *src) {
+                    maps.push((*src, rows));
+                }
+            }
+        };
+        for s in &self.body {
+            visit(s);
+            if let Stmt::KeyLoop { body, .. } = s {
+                body.iter().for_each(&mut visit);
+            }
+        }
+        maps
     }
 
     /// The key loop's tile size, if the program has a key loop.

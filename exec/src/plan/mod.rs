@@ -929,10 +929,10 @@ impl<'a> PlanExec<'a> {
             .kernels
             .get(entry)
             .ok_or_else(|| plan_error(format!("kernel `{entry}` is not loaded")))?;
-        let args: Vec<_> = abi::bind(contract, values)?
+        let args = abi::bind(contract, values)?
             .into_iter()
             .map(driver_arg)
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         let grid = contract.grid(&|s| values.size(s))?;
         gpu.launch(kernel, dims(contract, grid), &args)?;
         Ok(())

@@ -146,12 +146,19 @@ impl Schedule {
         };
         let loads = match self.kernel.loads {
             Loads::Cooperative => "cp.async by every thread",
-            Loads::ProducerWarpgroup { pingpong: false } => {
-                "cp.async by a producer warpgroup (warp specialization: mbarriers per stage, setmaxnreg; P V deferred past the next Q K^T)"
-            }
-            Loads::ProducerWarpgroup { pingpong: true } => {
-                "cp.async by a producer warpgroup (warp specialization: mbarriers per stage, setmaxnreg; P V deferred past the next Q K^T; warpgroups issue in turn, ping-pong)"
-            }
+            Loads::ProducerWarpgroup { pingpong, tma } => &format!(
+                "{} by a producer warpgroup (warp specialization: mbarriers per stage, setmaxnreg; P V deferred past the next Q K^T{})",
+                if tma {
+                    "the copy engine (cp.async.bulk.tensor, tensor maps)"
+                } else {
+                    "cp.async"
+                },
+                if pingpong {
+                    "; warpgroups issue in turn, ping-pong"
+                } else {
+                    ""
+                }
+            ),
         };
         let _ = writeln!(
             s,
@@ -221,6 +228,27 @@ impl Schedule {
     }
 }
 
+/// Whether tensor maps (rank 4: head dim, sequence, heads, batch) can describe Q, K and V:
+/// every stride of an axis longer than 1 a nonzero multiple of 16 bytes, the head dim a
+/// whole number of 128-byte boxes.
+fn tensor_maps_fit(m: &AttentionMatch) -> bool {
+    let bytes = u64::from(m.spec.elem.bytes());
+    let kv_heads = m.heads / m.kv_group.max(1);
+    let fits = |l: &crate::family::layout::Layout, heads: u64| {
+        [
+            (l.stride_seq, m.n_q.max(m.n_k)),
+            (l.stride_head, heads),
+            (l.stride_batch, m.batch),
+        ]
+        .iter()
+        .all(|&(stride, extent)| extent <= 1 || (stride > 0 && (stride * bytes).is_multiple_of(16)))
+    };
+    (u64::from(m.spec.head_dim) * bytes).is_multiple_of(u64::from(crate::tile::TMA_BOX_BYTES))
+        && fits(&m.q, m.heads)
+        && fits(&m.k, kv_heads)
+        && fits(&m.v, kv_heads)
+}
+
 /// Recognizes the cascade and picks the kernel shape.
 pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule, Diagnostic> {
     let mut matched = recognize(cascade)?;
@@ -248,10 +276,21 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         .with_help("pass `--target sm_90a`, or leave out `--mma wgmma`"));
     }
     // With wgmma, both ways of loading compete (ping-pong where it measured faster, at
-    // head dim 128: bench/results/softmax-ws_2026-12-04).
+    // head dim 128: bench/results/softmax-ws_2026-12-04); the producer copies with the copy
+    // engine wherever tensor maps can describe Q, K and V (bench/results/softmax-tma_2026-12-04).
+    let tma = tensor_maps_fit(&matched);
     let producer = Loads::ProducerWarpgroup {
         pingpong: spec.head_dim >= 128,
+        tma,
     };
+    if options.loads.is_some_and(Loads::tma) && !tma {
+        return Err(Diagnostic::error(
+            DiagnosticKind::UnsupportedShape,
+            "the copy engine cannot address Q, K or V: a tensor map needs every batch, sequence and head stride to be a nonzero multiple of 16 bytes",
+            Span::UNKNOWN,
+        )
+        .with_help("pass `--loads producer` (cp.async) instead"));
+    }
     let loads_options = match (options.loads, mma) {
         (Some(l), _) => vec![l],
         (None, MmaUnit::Warpgroup) => vec![Loads::Cooperative, producer],
@@ -359,10 +398,15 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         Loads::Cooperative => reasons.push(format!(
             "loads: every thread copies its share of K and V, one CTA-wide barrier per key tile{rival}"
         )),
-        Loads::ProducerWarpgroup { pingpong } => {
+        Loads::ProducerWarpgroup { pingpong, tma } => {
             reasons.push(format!(
-                "loads: warp specialization{rival}: a producer warpgroup (setmaxnreg {} registers) fills the K and V rings, the {} consumer warpgroups (setmaxnreg {register_limit}) wait on per-stage mbarriers and defer each P V past the next Q K^T so the softmax overlaps it",
+                "loads: warp specialization{rival}: a producer warpgroup (setmaxnreg {} registers) fills the K and V rings{}, the {} consumer warpgroups (setmaxnreg {register_limit}) wait on per-stage mbarriers and defer each P V past the next Q K^T so the softmax overlaps it",
                 crate::tile::PRODUCER_REGISTERS,
+                if tma {
+                    " (one thread issues the copy engine's tile copies)"
+                } else {
+                    " (128 threads issue cp.async)"
+                },
                 kernel.warps / 4
             ));
             reasons.push(if pingpong {
