@@ -41,6 +41,8 @@ SCHEDULES = {
     # The same with the copy engine (tensor maps, one issuing thread): the scheduler's tiles.
     "tma": "--target sm_90a --mma wgmma --loads producer-tma",
     "tma_pp": "--target sm_90a --mma wgmma --loads pingpong-tma",
+    "tma_128x64_s3": "--target sm_90a --mma wgmma --loads producer-tma --tile p0=128,m0=64 --warps 8 --stages 3",
+    "tma_128x128_s3": "--target sm_90a --mma wgmma --loads producer-tma --tile p0=128,m0=128 --warps 8 --stages 3",
 }
 
 

@@ -5,7 +5,10 @@
 #   checks  bench/check_softmax.sh with the scheduler's own choice (NS sizes)
 #   sweep   bench/softmax_sweep.py: the default beside the cooperative and producer forms
 #   decode  bench/decode_compare.py: decoding, default beside the cooperative form
-# Everything goes to $OUT as it runs.
+#   flex    bench/flex_variants.py: ALiBi, soft-cap, window, GQA against FlexAttention
+#   sp      sequence-parallel plans of sm_90a kernels on one GPU (ring, tokenring, P=2)
+#   python  the PyTorch op (python/tests/device_check.py) from the wheel in target/wheels
+# Everything goes to $OUT as it runs (logs of flex, sp and python to $OUT/extra.txt).
 # Usage: OUT=dir [WHAT='shapes checks sweep decode'] [SHAPES='m0=128:2 m0=64:3'] [NS='1000']
 #        bench/softmax_ws_device.sh [path/to/einattn]
 set -u
@@ -45,4 +48,19 @@ if [[ $WHAT == *decode* ]]; then
   timeout 200 python3 bench/decode_compare.py "$BIN" default= coop="--target sm_90a --mma wgmma --loads cooperative" \
     > "$OUT/decode_log.txt" 2>&1
   tail -6 "$OUT/decode_log.txt"
+fi
+if [[ $WHAT == *flex* ]]; then
+  timeout 300 python3 bench/flex_variants.py "$BIN" 2>&1 | grep -v Warning > /tmp/flex_log.txt
+  tail -12 /tmp/flex_log.txt | tee -a "$OUT/extra.txt"
+fi
+if [[ $WHAT == *sp* ]]; then
+  for s in ring tokenring; do
+    echo "sp $s: $(timeout 120 "$BIN" check examples/attention_causal.ein -D H=4 -D D=64 -D N=4096 \
+      --sp 2 --scheme $s --one-gpu --target sm_90a 2>&1 | grep -E '^(PASS|FAIL)|error' | tail -1)" | tee -a "$OUT/extra.txt"
+  done
+fi
+if [[ $WHAT == *python* ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site target/wheels/einattn-*.whl
+  PYTHONPATH=/tmp/site timeout 200 python3 python/tests/device_check.py --einattn "$BIN" --out "$OUT" 2>&1 \
+    | tail -15 | tee -a "$OUT/extra.txt"
 fi
