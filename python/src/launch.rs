@@ -11,10 +11,8 @@ use cudarc::driver::result;
 use cudarc::driver::sys::{self, CUfunction_attribute};
 use cudarc::driver::CudaContext;
 use einattn_backends::abi::{self, ArgValue, ArgValues, Axis, BindError, LaunchContract, Source};
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// A loaded entry. The module is never unloaded: functions are shared by every compile that
@@ -69,11 +67,9 @@ fn function(
     state: &mut Loaded,
     device: usize,
     contract: &LaunchContract,
-    ptx: &str,
+    (ptx, hash): (&str, u64),
 ) -> Result<Function, String> {
-    let mut hasher = DefaultHasher::new();
-    ptx.hash(&mut hasher);
-    let key = (device, hasher.finish(), contract.kernel.clone());
+    let key = (device, hash, contract.kernel.clone());
     if let Some(f) = state.functions.get(&key) {
         return Ok(*f);
     }
@@ -234,6 +230,8 @@ pub fn launch(kernels: &Kernels, call: &Call) -> Result<(), String> {
         let ptx = kernels
             .ptx
             .get(entry)
+            .zip(kernels.ptx_hash.get(entry))
+            .map(|(text, &hash)| (text.as_str(), hash))
             .ok_or_else(|| format!("no PTX for `{entry}`"))?;
         let zero: Vec<(u64, usize)> = contract
             .scratch

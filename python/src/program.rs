@@ -53,6 +53,9 @@ pub struct Kernels {
     pub manifest: Manifest,
     /// PTX text by entry.
     pub ptx: BTreeMap<String, String>,
+    /// A hash of each entry's PTX, computed once: the launcher's key for loaded modules
+    /// (hashing the text on every call cost about as much as a short kernel runs).
+    pub ptx_hash: BTreeMap<String, u64>,
     /// Names of the caller's tensors, in [`Program::tensors`] order.
     pub inputs: Vec<String>,
     /// The outputs: name, shape, dtype.
@@ -276,7 +279,7 @@ impl Program {
             other => Failure::Compile(render_compile_error(&self.path, &self.text, other)),
         })?;
         let manifest = compiled.manifest();
-        let ptx = compiled
+        let ptx: BTreeMap<String, String> = compiled
             .modules()
             .iter()
             .map(|m| (m.ptx.entry.clone(), m.ptx.text.clone()))
@@ -309,9 +312,18 @@ impl Program {
         if outputs.is_empty() {
             return Err(Failure::Value("no kernel writes an output".into()));
         }
+        let ptx_hash = ptx
+            .iter()
+            .map(|(entry, text)| {
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                std::hash::Hash::hash(text, &mut hasher);
+                (entry.clone(), std::hash::Hasher::finish(&hasher))
+            })
+            .collect();
         Ok(Kernels {
             manifest,
             ptx,
+            ptx_hash,
             inputs: self.tensor_names(),
             outputs,
             scratch,
