@@ -469,7 +469,7 @@ impl TensorMapSpec {
     /// The driver's rules for a tiled, 128-byte-swizzled map.
     pub fn check(&self) -> Result<(), BindError> {
         let bad = |what: String| Err(BindError(format!("tensor map: {what}")));
-        if self.address % 16 != 0 {
+        if !self.address.is_multiple_of(16) {
             return bad(format!(
                 "address {:#x} is not 16-byte aligned",
                 self.address
@@ -481,7 +481,7 @@ impl TensorMapSpec {
             }
         }
         for (i, &s) in self.strides.iter().enumerate() {
-            if s % 16 != 0 || s >= 1 << 40 || s == 0 {
+            if !s.is_multiple_of(16) || s >= 1 << 40 || s == 0 {
                 return bad(format!(
                     "byte stride {s} of dim {} is not a nonzero multiple of 16 below 2^40",
                     i + 1
