@@ -635,6 +635,18 @@ impl TileProgram {
                 _ => {}
             }
         }
+        if self.schedule.loads.tma() {
+            // The copy engine moves boxes of at most 256 rows, 128 bytes wide.
+            for (tensor, rows) in self.tensor_maps() {
+                let t = &self.tensors[tensor.index()];
+                if rows > 256 || !(t.head_dim * t.elem.bytes()).is_multiple_of(TMA_BOX_BYTES) {
+                    return invalid(format!(
+                        "the copy engine loads `{}` in boxes of at most 256 rows and 128 bytes; its tiles have {rows} rows of {} elements",
+                        t.name, t.head_dim
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 }
