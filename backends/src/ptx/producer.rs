@@ -235,6 +235,28 @@ impl Printer<'_> {
         }
     }
 
+    /// The producer copies tile `dst` of `src`, rows from `origin`, into shared memory at
+    /// `smem` and has the barrier at `bar` count it landed: by the copy engine, or by the
+    /// warpgroup's `cp.async` copies whose arrival the copy unit makes.
+    fn emit_producer_copy(
+        &mut self,
+        dst: SharedId,
+        src: TensorId,
+        origin: &str,
+        smem: &str,
+        bar: &str,
+    ) -> Result<(), TileError> {
+        if self.prog.schedule.loads.tma() {
+            self.emit_tma_load(dst, src, origin, smem, bar);
+        } else {
+            self.emit_load_issue(dst, src, origin, smem, None)?;
+            self.ins(format!(
+                "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{bar}];"
+            ));
+        }
+        Ok(())
+    }
+
     /// The copy engine copies tile `dst` of `src`, rows from `origin`, into shared memory at
     /// `smem`, completing on the barrier at `bar`: one box per 64-column block, the
     /// barrier told the tile's bytes first. Issued by one thread.
@@ -303,14 +325,7 @@ impl Printer<'_> {
             let base = self.smem_base[dst.index()].clone();
             let off = layout.top_full(*dst).expect("top tiles have barriers");
             let a = self.barrier_addr(off, None);
-            if tma {
-                self.emit_tma_load(*dst, *src, "%qrow0", &base, &a);
-            } else {
-                self.emit_load_issue(*dst, *src, "%qrow0", &base, None)?;
-                self.ins(format!(
-                    "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"
-                ));
-            }
+            self.emit_producer_copy(*dst, *src, "%qrow0", &base, &a)?;
         }
         if let Some((block_n, masks)) = prog.body.iter().find_map(|s| match s {
             Stmt::KeyLoop { block_n, masks, .. } => Some((*block_n, masks.clone())),
@@ -354,14 +369,7 @@ impl Printer<'_> {
                 self.smem_base[dst.index()]
             ));
             let a = self.barrier_addr(layout.stream_full(j), Some(STAGE));
-            if self.prog.schedule.loads.tma() {
-                self.emit_tma_load(*dst, *src, &origin, &sb, &a);
-            } else {
-                self.emit_load_issue(*dst, *src, &origin, &sb, None)?;
-                self.ins(format!(
-                    "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [{a}];"
-                ));
-            }
+            self.emit_producer_copy(*dst, *src, &origin, &sb, &a)?;
         }
         self.emit_ring_advance();
         self.ins(format!("add.s32 {it}, {it}, 1;"));

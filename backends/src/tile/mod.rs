@@ -800,22 +800,12 @@ impl Loads {
     pub fn name(self) -> &'static str {
         match self {
             Loads::Cooperative => "cooperative",
-            Loads::ProducerWarpgroup {
-                pingpong: false,
-                tma: false,
-            } => "producer",
-            Loads::ProducerWarpgroup {
-                pingpong: true,
-                tma: false,
-            } => "pingpong",
-            Loads::ProducerWarpgroup {
-                pingpong: false,
-                tma: true,
-            } => "producer-tma",
-            Loads::ProducerWarpgroup {
-                pingpong: true,
-                tma: true,
-            } => "pingpong-tma",
+            Loads::ProducerWarpgroup { pingpong, tma } => match (pingpong, tma) {
+                (false, false) => "producer",
+                (true, false) => "pingpong",
+                (false, true) => "producer-tma",
+                (true, true) => "pingpong-tma",
+            },
         }
     }
 
