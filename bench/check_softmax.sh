@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # `einattn check` over every softmax example: bf16 and f16, d = 64 and 128,
-# N in {128, 1000, 4096} (causal examples: attention_causal, attention_sliding_window,
-# attention_softcap, gqa; the others are not causal). gqa runs twice: grouped-query
+# N in {128, 1000, 4096} (causal examples: attention_causal, attention_alibi,
+# attention_sliding_window, attention_softcap, gqa; the others are not causal). gqa runs twice: grouped-query
 # attention (GROUP = 4: 8 query heads on 2 K/V heads), then multi-query attention
-# (GROUP = H = 8: one K/V head). Prints one line per check and a tally; exits non-zero if
-# any check fails.
+# (GROUP = H = 8: one K/V head). cross_attention reads N queries against 1001 keys (both
+# tails ragged); document_mask draws one to five documents per sequence. Prints one line per check and a tally; exits non-zero if any check fails.
 # Usage: [NS='128 1000'] [LIMIT=seconds] bench/check_softmax.sh [path/to/einattn]
 set -uo pipefail
 BIN=${1:-target/release/einattn}
@@ -21,11 +21,14 @@ attention_2pass -D M=$n -D D=$d
 attention_3pass -D M=$n -D D=$d
 attention_mha -D N=$n -D D=$d -D TILE=$t
 attention_causal -D N=$n -D D=$d -D TILE=$t
+attention_alibi -D N=$n -D D=$d -D TILE=$t
 attention_sliding_window -D N=$n -D D=$d -D TILE=$t
 attention_softcap -D N=$n -D D=$d
 flash_decoding -D N=$n -D D=$d
 gqa -D N=$n -D D=$d -D TILE=$t
 gqa -D N=$n -D D=$d -D TILE=$t -D H=8 -D GROUP=8
+cross_attention -D N=$n -D M=1001 -D D=$d -D TILE=77
+document_mask -D N=$n -D D=$d -D TILE=$t -D B=2 -D H=4
 LIST
     done
   done

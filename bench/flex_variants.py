@@ -1,13 +1,18 @@
 """Score and mask variants against FlexAttention (torch.compile of flex_attention with a
 score_mod and a causal block mask) and SDPA, forward, bf16, in one device call: ALiBi,
-tanh soft-cap, a sliding window of W=256 and grouped-query attention (32 query heads on 8
-K/V heads), at B=2 H=16 N=8192 d=128 causal (issue 15's shapes).
+tanh soft-cap, a sliding window of W=256 (plain, and with ALiBi as
+examples/attention_sliding_window.ein writes it), five documents packed in each sequence
+(causal within a document), grouped-query attention (32 query heads on 8 K/V heads), at B=2 H=16 N=8192 d=128 causal, and cross-attention 1000 x 7777 at B=16
+H=16 d=128 non-causal (issue 15's shapes).
+
+The plain window is examples/attention_sliding_window.ein without its ALiBi term, written
+to $OUT/attention_window_plain.ein (FlexAttention's window case has no score_mod).
 
 Ours is `einattn bench` on the matching example with the scheduler's choice (median of
 CUDA events); the baselines' time is triton.testing.do_bench's median. TFLOP/s counts the
 nominal causal work, 2*B*H*N*N*d (the same for every column, so ratios are time ratios).
 Writes $OUT/flex_variants.json and .md.
-Usage: python3 bench/flex_variants.py [path/to/einattn]
+Usage: [FLEX_CASES=documents,window] python3 bench/flex_variants.py [path/to/einattn]
 """
 import datetime
 import json
@@ -29,8 +34,7 @@ def do_bench(fn):
 
 
 def ours(binary, example, defines):
-    cmd = [binary, "bench", f"examples/{example}.ein", "-D", f"B={B}", "-D", f"N={N}",
-           "-D", f"D={D}", "-D", "TILE=64", "--reps", "100", "--format", "json"] + defines
+    cmd = [binary, "bench", example, "--reps", "100", "--format", "json"] + defines
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if r.returncode != 0:
         print("ours failed:", " ".join(cmd), r.stderr[-400:], flush=True)
@@ -38,11 +42,23 @@ def ours(binary, example, defines):
     return json.loads(r.stdout)["median_ms"], " ".join(cmd)
 
 
+def plain_window_example():
+    """examples/attention_sliding_window.ein less its ALiBi bias, in $OUT."""
+    src = open("examples/attention_sliding_window.ein").read()
+    biased = "S[b, h, m1, m0, p]    = scale * QK[b, h, m1, m0, p] - slope[h] * (p - m)"
+    assert biased in src and "param  slope[h]: f32\n" in src
+    src = src.replace(biased, "S[b, h, m1, m0, p]    = scale * QK[b, h, m1, m0, p]")
+    src = src.replace("param  slope[h]: f32\n", "")
+    path = os.path.join(OUT, "attention_window_plain.ein")
+    with open(path, "w") as fh:
+        fh.write(src)
+    return path
+
+
 def main():
     binary = sys.argv[1] if len(sys.argv) > 1 else "target/release/einattn"
     flex = torch.compile(flex_attention, dynamic=False)
     scale = D ** -0.5
-    flops = 2 * B * H * N * N * D
     slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], device="cuda")
     cap = 30.0
 
@@ -58,22 +74,55 @@ def main():
     def softcap(score, b, h, q, kv):
         return cap * torch.tanh(score / cap)
 
+    # Five documents packed into each sequence (the same layout in every batch); ours
+    # reads their ids from an .npy file.
+    lengths = [1000, 3000, 512, 2680, 1000]
+    doc_id = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"),
+                                     torch.tensor(lengths, device="cuda"))
+
+    def document(b, h, q, kv):
+        return (q >= kv) & (doc_id[q] == doc_id[kv])
+
+    seg_path = os.path.join(OUT, "seg.npy")
+    import numpy as np
+    np.save(seg_path, doc_id.float().cpu().numpy()[None, :].repeat(B, axis=0))
     causal_mask = create_block_mask(causal, None, None, N, N)
+    document_mask = create_block_mask(document, None, None, N, N)
     window_mask = create_block_mask(window, None, None, N, N)
+    seq = ["-D", f"B={B}", "-D", f"N={N}", "-D", f"D={D}", "-D", "TILE=64"]
+    ex = lambda name: f"examples/{name}.ein"  # noqa: E731
+    # (name, cascade, defines, score_mod, block mask, query heads, K/V heads, batch,
+    #  queries, keys, causal)
     cases = [
-        ("alibi", "attention_alibi", ["-D", f"H={H}"], alibi, causal_mask, H, H),
-        ("softcap", "attention_softcap", ["-D", f"H={H}", "--param", f"cap={cap}",
-                                          "--param", f"scale={scale}"], softcap, causal_mask, H, H),
-        ("window W=256", "attention_sliding_window", ["-D", f"H={H}", "-D", f"W={W}"], None,
-         window_mask, H, H),
-        ("GQA 32/8", "gqa", ["-D", "H=32", "-D", "GROUP=4"], None, causal_mask, 32, 8),
+        ("alibi", ex("attention_alibi"), seq + ["-D", f"H={H}"], alibi, causal_mask, H, H,
+         B, N, N, True),
+        ("softcap", ex("attention_softcap"), seq + ["-D", f"H={H}", "--param", f"cap={cap}",
+                                                    "--param", f"scale={scale}"],
+         softcap, causal_mask, H, H, B, N, N, True),
+        ("window W=256", plain_window_example(), seq + ["-D", f"H={H}", "-D", f"W={W}"], None,
+         window_mask, H, H, B, N, N, True),
+        ("window W=256 + ALiBi", ex("attention_sliding_window"),
+         seq + ["-D", f"H={H}", "-D", f"W={W}"], alibi, window_mask, H, H, B, N, N, True),
+        ("documents (5)", ex("document_mask"), seq + ["-D", f"H={H}", "--input",
+                                                       f"SEG={seg_path}"], None, document_mask,
+         H, H, B, N, N, True),
+        ("GQA 32/8", ex("gqa"), seq + ["-D", "H=32", "-D", "GROUP=4"], None, causal_mask, 32, 8,
+         B, N, N, True),
+        ("cross 1000 x 7777, B=16", ex("cross_attention"),
+         ["-D", "B=16", "-D", f"H={H}", "-D", f"D={D}", "-D", "N=1000", "-D", "M=7777",
+          "-D", "TILE=77"], None, None, H, H, 16, 1000, 7777,
+         False),
     ]
+    # FLEX_CASES=documents,alibi runs the cases whose names start so (default: all).
+    wanted = [w for w in os.environ.get("FLEX_CASES", "").split(",") if w]
+    cases = [c for c in cases if not wanted or any(c[0].startswith(w) for w in wanted)]
     rows = []
-    for name, example, defines, score_mod, mask, hq, hkv in cases:
-        q = torch.randn(B, hq, N, D, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(B, hkv, N, D, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(B, hkv, N, D, device="cuda", dtype=torch.bfloat16)
-        f = flops * hq // H
+    for name, example, defines, score_mod, mask, hq, hkv, b, nq, nk, is_causal in cases:
+        q = torch.randn(b, hq, nq, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, hkv, nk, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, hkv, nk, D, device="cuda", dtype=torch.bfloat16)
+        # Nominal work: the causal cases count half of the full product, as before.
+        f = 4 * b * hq * nq * nk * D // (2 if is_causal else 1)
         row = dict(case=name)
         try:
             fn = lambda: flex(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,  # noqa: E731
@@ -83,9 +132,9 @@ def main():
         except Exception as e:  # noqa: BLE001
             row["flex_ms"] = None
             print(name, "flex failed", repr(e)[:300], flush=True)
-        if hq != hkv:
-            fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,  # noqa: E731
-                                                        scale=scale, enable_gqa=True)
+        if hq != hkv or not is_causal:
+            fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,  # noqa: E731
+                                                        scale=scale, enable_gqa=hq != hkv)
             row["sdpa_ms"] = do_bench(fn)
         ms, cmd = ours(binary, example, defines)
         row.update(ours_ms=ms, command=cmd, flops=f)
@@ -98,7 +147,8 @@ def main():
     with open(os.path.join(OUT, "flex_variants.json"), "w") as fh:
         json.dump(dict(env=env, rows=rows), fh, indent=1)
     lines = [f"Device: {env['gpu']}, torch {env['torch']}; {env['date']}; B={B} H={H} N={N} d={D} "
-             "causal, bf16; ms (TFLOP/s, nominal causal work)", "",
+             "causal (cross-attention: its own shape, non-causal), bf16; ms (TFLOP/s, nominal "
+             "work: half the full product when causal)", "",
              "| variant | ours | FlexAttention | SDPA | ours / Flex | ours / SDPA |",
              "| --- | --- | --- | --- | --- | --- |"]
 

@@ -16,6 +16,9 @@ pub struct AttentionInputs<'a> {
     pub head_params: &'a [Vec<f64>],
     /// Position of query row 0 (masks and the score see `q_offset + row`).
     pub q_offset: usize,
+    /// The per-token inputs of the value masks, in [`AttentionSpec::tokens`] order (read at
+    /// memory rows).
+    pub tokens: &'a [HostTensor],
 }
 
 /// Output `[B, N_q, H, d]` (contiguous BNHD) and log-sum-exp `[B, H, N_q]`.
@@ -93,6 +96,18 @@ fn partial_row(
     let mut mx = f64::NEG_INFINITY;
     for (m, l) in logits.iter_mut().enumerate() {
         if !masks.iter().all(|mk| mk.allows(pos, m as i64)) {
+            continue;
+        }
+        let token = |t: crate::tile::TokenId, at: crate::tile::TokenAt| {
+            let x = &x.tokens[t.index()];
+            let n = if at == crate::tile::TokenAt::Row {
+                p
+            } else {
+                m
+            };
+            x.data[x.offset(b, n, h)]
+        };
+        if !spec.value_masks.iter().all(|vm| vm.keeps(token)) {
             continue;
         }
         let ko = x.k.offset(b, m, hk);

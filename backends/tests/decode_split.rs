@@ -87,6 +87,7 @@ fn split_error(case: &Case) -> Result<f64, String> {
         scalars: &scalars,
         head_params: &head_params,
         q_offset: 0,
+        tokens: &[],
     };
     let (want, _) = attention(&spec, prob, &inputs);
     Ok(relative_error(&merged.tensors[1].data, &want))

@@ -16,8 +16,11 @@ use einattn_ir::interp::{evaluate_in_order, random_inputs};
 use einattn_ir::validate::topological_order;
 use proptest::prelude::*;
 
-const SOFTMAX_EXAMPLES: [&str; 8] = [
+const SOFTMAX_EXAMPLES: [&str; 11] = [
     "attention_1pass",
+    "attention_alibi",
+    "cross_attention",
+    "document_mask",
     "attention_mha",
     "attention_softcap",
     "attention_2pass",
@@ -38,8 +41,18 @@ fn load(name: &str, defines: &[(&str, u64)]) -> Cascade {
 /// Runs the matched kernel's tile program on the cascade's random inputs and compares its
 /// output with the reference interpreter's. Returns the relative error.
 fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64 {
+    tile_vs_interpreter_on(c, kernel, random_inputs(c, seed))
+}
+
+fn tile_vs_interpreter_on(
+    c: &Cascade,
+    kernel: AttentionSchedule,
+    inputs: std::collections::HashMap<
+        einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>,
+        einattn_ir::interp::TensorData,
+    >,
+) -> f64 {
     let m: AttentionMatch = recognize(c).unwrap_or_else(|d| panic!("{}: {}", c.name, d.message));
-    let inputs = random_inputs(c, seed);
     let values = evaluate_in_order(c, &inputs, &topological_order(c)).expect("interpreter runs");
     let (prog, bind) = flash_attention(&m.spec, &kernel).expect("tile program builds");
     let host = |l: &einattn_backends::family::Layout, data: Vec<f64>| l.host(data);
@@ -70,7 +83,15 @@ fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64
             .iter()
             .map(|t| inputs[t].stored().into_owned())
             .collect(),
-        tokens: vec![],
+        tokens: m
+            .tokens
+            .iter()
+            .map(|l| {
+                let values = inputs[&l.tensor].stored().into_owned();
+                let s = |x: u64| x as usize;
+                (values, s(l.stride_batch), s(l.stride_seq), s(l.stride_head))
+            })
+            .collect(),
         chunk_base: 0,
         q_offset: 0,
         chunk_total: 0,
@@ -114,7 +135,20 @@ fn non_attention_cascades_are_refused_with_a_reason() {
 #[test]
 fn tile_program_matches_the_interpreter_on_every_example() {
     // Small sizes keep the f64 interpreter fast; tails and several tiles are exercised.
-    let cases: [(&str, &[(&str, u64)]); 8] = [
+    let cases: [(&str, &[(&str, u64)]); 11] = [
+        (
+            "attention_alibi",
+            &[("N", 90), ("D", 16), ("TILE", 30), ("H", 3)],
+        ),
+        (
+            "cross_attention",
+            &[("N", 45), ("M", 77), ("D", 16), ("TILE", 7), ("H", 2)],
+        ),
+        // Random documents (one to five per sequence) per batch; several tiles per document.
+        (
+            "document_mask",
+            &[("N", 150), ("D", 16), ("TILE", 10), ("B", 3)],
+        ),
         (
             "attention_mha",
             &[("N", 48), ("D", 16), ("TILE", 16), ("B", 2), ("H", 2)],
@@ -165,6 +199,43 @@ fn tile_program_matches_the_interpreter_on_every_example() {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+    /// Document masks over random shapes and tiles: packed documents (the key loop narrows
+    /// to a query tile's documents, whose inner tiles skip the mask), ids in no order
+    /// (documents interleaved: the narrowed range keeps keys of other documents between,
+    /// masked per element), and one document with a single key of another inside it (a
+    /// one-valued query tile whose range is not all one value).
+    #[test]
+    fn document_mask_random_shapes(n in 1u64..120, tile_i in 0usize..3, bn_i in 0usize..3,
+                                   bm_i in 0usize..2, layout in 0usize..3,
+                                   seed in any::<u64>()) {
+        let tile = [1u64, 2, 5][tile_i];
+        let n = n.div_ceil(tile) * tile;
+        let c = load("document_mask", &[("N", n), ("D", 16), ("TILE", tile), ("B", 2)]);
+        let mut inputs = random_inputs(&c, seed);
+        let seg = c.tensor_by_name("SEG").expect("SEG");
+        let data = inputs.get_mut(&seg).expect("drawn");
+        let len = data.values.len();
+        match layout {
+            1 => {
+                for (i, v) in data.values.iter_mut().enumerate() {
+                    *v = ((i as u64).wrapping_mul(seed | 1) >> 3) as f64 % 3.0;
+                }
+            }
+            2 => {
+                data.values.iter_mut().for_each(|v| *v = 0.0);
+                data.values[(seed as usize) % len] = 1.0;
+            }
+            _ => {}
+        }
+        let kernel = AttentionSchedule {
+            block_m: [32, 64][bm_i], block_n: [16, 32, 64][bn_i], warps: 2, stages: 2,
+            q_in_registers: false, skip_unit_rescale: seed % 2 == 0, mma: MmaUnit::Sync,
+            loads: Loads::Cooperative,
+        };
+        let err = tile_vs_interpreter_on(&c, kernel, inputs);
+        prop_assert!(err < 1e-2, "relative error {}", err);
+    }
+
     /// Random sizes, tiles and windows: the schedule's kernel agrees with the cascade.
     #[test]
     fn sliding_window_random_shapes(n in 1u64..90, w in 1u64..60, tile_i in 0usize..3,

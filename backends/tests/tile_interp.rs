@@ -126,6 +126,7 @@ fn check(case: &Case) -> Result<(), String> {
         scalars: &ran.scalars,
         head_params: &ran.head_params,
         q_offset: 0,
+        tokens: &[],
     };
     let (want, want_lse) = attention(&case.spec, case.prob, &inputs);
     let err = relative_error(&ran.out, &want);
@@ -406,6 +407,7 @@ proptest! {
         let full_prob = Problem { batch: 1, heads, kv_group: 1, n_q: n, n_k: n };
         let full_inputs = AttentionInputs {
             q: &q, k: &k, v: &v, scalars: &scalars, head_params: &head_params, q_offset: 0,
+            tokens: &[],
         };
         let (want_full, _) = attention(&spec, full_prob, &full_inputs);
         // The device's queries: rows [off, n).

@@ -180,7 +180,7 @@ proptest! {
             Problem { batch: x.batch, heads: x.heads, kv_group: 1, n_q, n_k },
             &AttentionInputs {
                 q: &x.q, k: &x.k, v: &x.v, scalars: &x.scalars,
-                head_params: &x.head_params, q_offset,
+                head_params: &x.head_params, q_offset, tokens: &[],
             },
         );
         // The max is exact up to f32; the sums see bf16 probabilities in the numerator.
@@ -278,7 +278,7 @@ proptest! {
             Problem { batch: b, heads: h, kv_group: 1, n_q: n, n_k: n },
             &AttentionInputs {
                 q: &x.q, k: &x.k, v: &x.v, scalars: &x.scalars,
-                head_params: &x.head_params, q_offset: 0,
+                head_params: &x.head_params, q_offset: 0, tokens: &[],
             },
         );
         // `want` is [B, N, H, d]; `out` is [B, H, N, d].

@@ -174,6 +174,7 @@ const EXAMPLES: &[&str] = &[
     "attention_mha.ein",
     "attention_sliding_window.ein",
     "attention_softcap.ein",
+    "cross_attention.ein",
     "delta_rule.ein",
     "delta_rule_chunked.ein",
     "differential_attention.ein",

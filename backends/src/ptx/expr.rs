@@ -23,6 +23,19 @@ impl Printer<'_> {
             self.invariant_cache.insert(key, v.clone());
             return Ok(v);
         }
+        if let (Some(values), Some((nt, lo))) = (&self.column_values, ctx.col) {
+            if varies_by_column_only(e) {
+                let key = (format!("{e:?}"), nt, lo);
+                if let Some(r) = values.get(&key) {
+                    return Ok(r.clone());
+                }
+                let v = self.emit_expr_inner(e, ctx)?;
+                if let Some(values) = &mut self.column_values {
+                    values.insert(key, v.clone());
+                }
+                return Ok(v);
+            }
+        }
         if e.is_uniform() {
             let key = format!("{e:?}");
             if let Some(r) = self.uniform_cache.get(&key) {
@@ -46,6 +59,11 @@ impl Printer<'_> {
     /// relative to the thread's first row and column (a difference); other expressions are
     /// left in the loop (one register per element would be too many).
     pub(super) fn invariant_key(&self, e: &ScalarExpr, ctx: &ElemCtx) -> Option<(u8, i32)> {
+        // Outside sequential programs a row's tokens are at its query position, the same in
+        // every key tile: a memory read per row, once.
+        if self.in_loop && !self.prog.sequential && reads_row_tokens_only(e) {
+            return Some((0, (ctx.mt * 16 + ctx.half * 8) as i32));
+        }
         // (A look-back program's loop runs once: nothing to gain, registers to lose.)
         if !self.in_loop || !self.prog.sequential || self.prog.look_back || !e.has_transcendental()
         {
@@ -238,4 +256,33 @@ impl Printer<'_> {
             }
         })
     }
+}
+
+/// Whether `e` depends on the element's column (key position or key token) and on nothing
+/// else that varies between elements: its value is shared by a column's rows.
+pub(super) fn varies_by_column_only(e: &ScalarExpr) -> bool {
+    let (mut column, mut other) = (false, false);
+    e.visit(&mut |x| match x {
+        ScalarExpr::Index(SeqRank::Key) | ScalarExpr::Token(_, TokenAt::Col) => column = true,
+        ScalarExpr::Index(_) | ScalarExpr::Elem(_) | ScalarExpr::Row(_) | ScalarExpr::Token(..) => {
+            other = true
+        }
+        _ => {}
+    });
+    column && !other
+}
+
+/// Whether `e` reads a row's per-token input and otherwise only the row's query position
+/// and uniform values.
+fn reads_row_tokens_only(e: &ScalarExpr) -> bool {
+    let (mut token, mut other) = (false, false);
+    e.visit(&mut |x| match x {
+        ScalarExpr::Token(_, TokenAt::Row) => token = true,
+        ScalarExpr::Index(SeqRank::Query) => {}
+        ScalarExpr::Index(_) | ScalarExpr::Elem(_) | ScalarExpr::Row(_) | ScalarExpr::Token(..) => {
+            other = true
+        }
+        _ => {}
+    });
+    token && !other
 }

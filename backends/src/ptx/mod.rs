@@ -59,6 +59,7 @@
 
 mod expr;
 mod mma_sync;
+mod narrow;
 mod params;
 mod pipeline;
 mod producer;
@@ -219,6 +220,11 @@ struct Printer<'a> {
     /// Loop-invariant per-element values computed once at kernel start (see
     /// [`Printer::invariant_key`]), by expression and position class.
     invariant_cache: HashMap<(String, (u8, i32)), String>,
+    /// While a `Map` over a key-indexed tile is printed: the key-only subexpressions
+    /// already computed for a column, by expression and column `(nt, lo)`. A thread holds
+    /// every column for two (or more) rows, so a per-key term (an ALiBi bias) is computed
+    /// once per column instead of once per element.
+    column_values: Option<HashMap<(String, u32, u32), String>>,
 }
 
 /// What one committed `wgmma` group may still be reading or writing.
@@ -287,6 +293,7 @@ impl<'a> Printer<'a> {
             stream_waits: Vec::new(),
             zero_acc: None,
             invariant_cache: HashMap::new(),
+            column_values: None,
         })
     }
     // ---- register allocation -------------------------------------------------------

@@ -331,6 +331,9 @@ impl Printer<'_> {
             let z = self.named(".pred", "wgzero");
             self.ins(format!("setp.ne.u32 {z}, {tid}, {tid};"));
         }
+        if let Some(tm) = prog.key_narrowing {
+            self.emit_key_narrowing(tm)?;
+        }
         self.body.push_str(SETUP_END);
         Ok(())
     }

@@ -103,23 +103,13 @@ impl Printer<'_> {
     /// split of the key loop: `%tbegin`, `%niter` and, in a reverse program, `%tlast`.
     pub(super) fn emit_key_range(&mut self, block_n: u32, masks: &[BandMask]) {
         let prog = self.prog;
-        // Key range from the band masks (signed arithmetic).
         let kstart = self.named_once(".b32", "kstart");
         let kend = self.named_once(".b32", "kend");
-        self.ins(format!("mov.u32 {kstart}, 0;"));
-        self.ins(format!("mov.u32 {kend}, %nk;"));
-        for m in masks {
-            let t = self.r();
-            match m.direction {
-                BandDirection::KeyMinusQuery => {
-                    self.ins(format!("add.s32 {t}, %plastpos, {};", m.bound + 1));
-                    self.ins(format!("min.s32 {kend}, {kend}, {t};"));
-                }
-                BandDirection::QueryMinusKey => {
-                    self.ins(format!("sub.s32 {t}, %qpos0, {};", m.bound));
-                    self.ins(format!("max.s32 {kstart}, {kstart}, {t};"));
-                }
-            }
+        self.emit_band_keys(&kstart, &kend, masks);
+        if prog.key_narrowing.is_some() {
+            // The keys a value mask can keep (found in the setup).
+            self.ins(format!("max.s32 {kstart}, {kstart}, %nkstart;"));
+            self.ins(format!("min.s32 {kend}, {kend}, %nkend;"));
         }
         if prog.chunked() {
             // This chunk's tiles only.
@@ -158,6 +148,26 @@ impl Printer<'_> {
             let tlast = self.named_once(".b32", "tlast");
             self.ins(format!("add.s32 {tlast}, {tbegin}, {niter};"));
             self.ins(format!("sub.s32 {tlast}, {tlast}, 1;"));
+        }
+    }
+
+    /// `[kstart, kend)`: the keys the band masks leave this CTA's query rows (signed
+    /// arithmetic).
+    pub(super) fn emit_band_keys(&mut self, kstart: &str, kend: &str, masks: &[BandMask]) {
+        self.ins(format!("mov.u32 {kstart}, 0;"));
+        self.ins(format!("mov.u32 {kend}, %nk;"));
+        for m in masks {
+            let t = self.r();
+            match m.direction {
+                BandDirection::KeyMinusQuery => {
+                    self.ins(format!("add.s32 {t}, %plastpos, {};", m.bound + 1));
+                    self.ins(format!("min.s32 {kend}, {kend}, {t};"));
+                }
+                BandDirection::QueryMinusKey => {
+                    self.ins(format!("sub.s32 {t}, %qpos0, {};", m.bound));
+                    self.ins(format!("max.s32 {kstart}, {kstart}, {t};"));
+                }
+            }
         }
     }
 
@@ -202,6 +212,20 @@ impl Printer<'_> {
                         m.bound
                     ));
                 }
+            }
+        }
+        if !prog.value_masks.is_empty() {
+            if prog.value_masks_are_the_narrowing() {
+                // Inside the keys that all hold the rows' value, the value mask keeps all.
+                let (x, outside) = (self.r(), self.pred());
+                self.ins(format!("add.s32 {x}, {korg}, {block_n};"));
+                self.ins(format!("setp.gt.s32 {outside}, {x}, %nvhi;"));
+                self.ins(format!(
+                    "setp.lt.or.s32 {outside}, {korg}, %nvlo, {outside};"
+                ));
+                self.ins(format!("or.pred {needmask}, {needmask}, {outside};"));
+            } else {
+                self.ins(format!("setp.eq.u32 {needmask}, 0, 0;"));
             }
         }
         if prog.sequential {

@@ -252,9 +252,25 @@ impl Printer<'_> {
                     }
                     None => None,
                 };
+                // Straight-line code: a column's key-only terms (an ALiBi bias) are reused
+                // by its rows, which then come one after the other (element order 0, 2, 1,
+                // 3: one column value live at a time).
+                // (Query-tiled programs only: a sequential program's maps keep their order.)
+                let mut per_column = false;
+                expr.visit(&mut |x| {
+                    per_column |=
+                        !matches!(x, ScalarExpr::Index(_)) && expr::varies_by_column_only(x)
+                });
+                per_column &= !prog.sequential;
+                let order = if per_column {
+                    [0, 2, 1, 3]
+                } else {
+                    [0, 1, 2, 3]
+                };
                 for mt in 0..self.mtiles {
                     for nt in 0..cols / 8 {
-                        for e in 0..4 {
+                        self.column_values = per_column.then(HashMap::new);
+                        for e in order {
                             let ctx = ElemCtx {
                                 mt,
                                 half: e / 2,
@@ -264,6 +280,7 @@ impl Printer<'_> {
                             let r = self.acc_reg(*dst, mt, nt, e);
                             self.ins(format!("mov.f32 {r}, {v};"));
                         }
+                        self.column_values = None;
                     }
                 }
                 if let Some(l) = skip_label {
@@ -276,15 +293,55 @@ impl Printer<'_> {
                 let skip = self.label("nomask");
                 self.ins(format!("@!%needmask bra.uni {skip};"));
                 let cols = prog.regs[dst.index()].cols;
-                for mt in 0..self.mtiles {
-                    for half in 0..2 {
-                        let limits = self.mask_limits(lp, mt, half);
-                        for nt in 0..cols / 8 {
-                            for lo in 0..2 {
-                                let pr = self.mask_hides(&limits, nt, lo);
+                if prog.value_masks.is_empty() {
+                    for mt in 0..self.mtiles {
+                        for half in 0..2 {
+                            let limits = self.mask_limits(lp, mt, half);
+                            for nt in 0..cols / 8 {
+                                for lo in 0..2 {
+                                    let pr = self.mask_hides(&limits, nt, lo);
+                                    let r = self.acc_reg(*dst, mt, nt, half * 2 + lo);
+                                    self.ins(format!(
+                                        "selp.f32 {r}, {}, {r}, {pr};",
+                                        f32_lit(*fill)
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                } else {
+                    // Column by column, so a key's tokens are read once for all its rows
+                    // (a row's are read once per kernel).
+                    let rows: Vec<(u32, u32)> =
+                        (0..self.mtiles).flat_map(|mt| [(mt, 0), (mt, 1)]).collect();
+                    let limits: Vec<_> = rows
+                        .iter()
+                        .map(|&(mt, half)| self.mask_limits(lp, mt, half))
+                        .collect();
+                    for nt in 0..cols / 8 {
+                        for lo in 0..2 {
+                            self.column_values = Some(HashMap::new());
+                            for (&(mt, half), limits) in rows.iter().zip(&limits) {
+                                let pr = self.mask_hides(limits, nt, lo);
+                                let ctx = ElemCtx {
+                                    mt,
+                                    half,
+                                    col: Some((nt, lo)),
+                                };
+                                for vm in &prog.value_masks {
+                                    let a = self
+                                        .emit_expr(&ScalarExpr::Token(vm.lhs.0, vm.lhs.1), &ctx)?;
+                                    let b = self
+                                        .emit_expr(&ScalarExpr::Token(vm.rhs.0, vm.rhs.1), &ctx)?;
+                                    self.ins(format!(
+                                        "setp.{}.or.f32 {pr}, {a}, {b}, {pr};",
+                                        fails(vm.op)
+                                    ));
+                                }
                                 let r = self.acc_reg(*dst, mt, nt, half * 2 + lo);
                                 self.ins(format!("selp.f32 {r}, {}, {r}, {pr};", f32_lit(*fill)));
                             }
+                            self.column_values = None;
                         }
                     }
                 }
@@ -314,6 +371,11 @@ impl Printer<'_> {
                 mask_fill,
             } => {
                 let cols = prog.regs[shape.index()].cols;
+                if mask_fill.is_some() && !prog.value_masks.is_empty() {
+                    return Err(TileError::Unsupported(
+                        "a masked row reduction with value masks (apply them with `Mask`)".into(),
+                    ));
+                }
                 match (mask_fill, lp) {
                     (Some(fill), Some(lp)) => {
                         // Two copies, masked and not, so that no element outlives its
@@ -613,5 +675,19 @@ impl Printer<'_> {
         self.ins(format!("mul.wide.u32 {addr}, {idx}, 4;"));
         self.ins(format!("add.u64 {addr}, {addr}, {base};"));
         (ok, addr)
+    }
+}
+
+/// The comparison that holds where `op` fails, NaN included (a value mask keeps `a op b`;
+/// an unordered comparison hides the element).
+fn fails(op: CmpOp) -> &'static str {
+    match op {
+        CmpOp::Lt => "geu",
+        CmpOp::Le => "gtu",
+        CmpOp::Gt => "leu",
+        CmpOp::Ge => "ltu",
+        CmpOp::Eq => "neu",
+        // `a != b` holds for NaN: it fails only where they are equal.
+        CmpOp::Ne => "eq",
     }
 }

@@ -103,6 +103,9 @@ struct Cta<'a> {
     /// Position of query row 0 (tile-relative rows are `p0 + r` in memory).
     q_offset: usize,
     key_origin: usize,
+    /// Keys `[lo, hi)` that all hold the one value of the CTA's query rows' narrowing
+    /// token: their tiles need no value mask (see [`TileProgram::value_masks`]).
+    value_free: (i64, i64),
     shared: Vec<Vec<f64>>,
     regs: Vec<Vec<f64>>,
     rows: Vec<Vec<f64>>,
@@ -194,6 +197,7 @@ pub fn run(prog: &TileProgram, prob: Problem, io: &mut Bindings) -> Result<(), T
                     chunk: io.chunk_base + local,
                     split,
                     key_origin: 0,
+                    value_free: (0, 0),
                     shared: prog
                         .shared
                         .iter()
@@ -232,10 +236,23 @@ struct LoopCtx<'a> {
 impl Cta<'_> {
     /// Whether element (`r`, `c`) of the current key tile is past `N_k` or outside a band
     /// mask: what `Mask` fills and a masked `RowReduceMap` counts as its fill.
-    fn hidden(&self, lp: &LoopCtx, r: usize, c: usize) -> bool {
+    fn hidden(&self, lp: &LoopCtx, r: usize, c: usize, io: &Bindings) -> bool {
         let p = (self.p0 + self.q_offset + r) as i64;
         let m = (self.key_origin + c) as i64;
-        m >= self.prob.n_k as i64 || !lp.masks.iter().all(|mk| mk.allows(p, m))
+        if m >= self.prob.n_k as i64 || !lp.masks.iter().all(|mk| mk.allows(p, m)) {
+            return true;
+        }
+        // Value masks read tokens at memory rows (a query row never past N_q here: its
+        // token clamps to the last, as the kernel's does).
+        let token = |t: TokenId, at: TokenAt| {
+            let (vals, sb, sn, sh) = &io.tokens[t.index()];
+            let n = match at {
+                TokenAt::Row => (self.p0 + r).min(self.prob.n_q - 1),
+                _ => m as usize,
+            };
+            vals[self.b * sb + n * sn + self.h * sh]
+        };
+        !self.prog.value_masks.iter().all(|vm| vm.keeps(token))
     }
 
     fn head_of(&self, rank: SeqRank) -> usize {
@@ -404,7 +421,7 @@ impl Cta<'_> {
                         let cols = lp.block_n;
                         for r in 0..bm {
                             for c in 0..cols {
-                                if self.hidden(lp, r, c) {
+                                if self.hidden(lp, r, c, io) {
                                     self.regs[dst.index()][r * cols + c] = *fill;
                                 }
                             }
@@ -435,7 +452,7 @@ impl Cta<'_> {
                         for c in 0..cols {
                             let mut v = self.eval(expr, io, r, Some(c))?;
                             if let Some((fill, lp)) = hide {
-                                if self.hidden(lp, r, c) {
+                                if self.hidden(lp, r, c, io) {
                                     v = fill;
                                 }
                             }
@@ -498,7 +515,10 @@ impl Cta<'_> {
                             }
                         }
                     } else {
-                        let r = key_tile_range(masks, p0, p_last, n_k, bn);
+                        let mut r = key_tile_range(masks, p0, p_last, n_k, bn);
+                        if let Some(tm) = self.prog.key_narrowing {
+                            r = self.narrowed(tm, r, bn, io);
+                        }
                         // This CTA's run of a split loop: runs of ceil(tiles / splits).
                         let splits = i64::from(self.prog.key_splits);
                         let tiles = (r.end - r.begin).max(0);
@@ -520,7 +540,8 @@ impl Cta<'_> {
                         let ctx = LoopCtx {
                             masks,
                             block_n: *block_n as usize,
-                            needs_mask: key_tile_needs_mask(masks, t, p0, p_last, n_k, bn),
+                            needs_mask: key_tile_needs_mask(masks, t, p0, p_last, n_k, bn)
+                                || self.needs_value_mask(t, bn),
                         };
                         self.exec_block(body, io, Some(&ctx))?;
                     }
@@ -789,6 +810,61 @@ impl Cta<'_> {
                 return invalid("not a leaf")
             }
         })
+    }
+}
+
+impl Cta<'_> {
+    /// The key tiles of `r` from the first to the last key whose `key` token lies within
+    /// the range of the query rows' `query` tokens ([`TileProgram::key_narrowing`]); empty
+    /// when no key does.
+    /// Whether key tile `t` needs the value masks: always, but for the tiles inside the
+    /// CTA's one-valued key range when the narrowing's equality is the only one.
+    fn needs_value_mask(&self, t: i64, bn: i64) -> bool {
+        if self.prog.value_masks.is_empty() {
+            return false;
+        }
+        let (lo, hi) = self.value_free;
+        !(self.prog.value_masks_are_the_narrowing() && t * bn >= lo && (t + 1) * bn <= hi)
+    }
+
+    fn narrowed(
+        &mut self,
+        tm: TokenMatch,
+        r: KeyTileRange,
+        bn: i64,
+        io: &Bindings,
+    ) -> KeyTileRange {
+        let value = |t: TokenId, n: usize| {
+            let (vals, sb, sn, sh) = &io.tokens[t.index()];
+            vals[self.b * sb + n * sn + self.h * sh]
+        };
+        let rows = self.p0..(self.p0 + self.prog.schedule.block_m as usize).min(self.prob.n_q);
+        let (lo, hi) = rows
+            .map(|p| value(tm.query, p))
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            });
+        let keys = (r.begin * bn).max(0)..(r.end * bn).min(self.prob.n_k as i64);
+        let hits: Vec<i64> = keys
+            .filter(|&k| (lo..=hi).contains(&value(tm.key, k as usize)))
+            .collect();
+        self.value_free = (0, 0);
+        match (hits.first(), hits.last()) {
+            (Some(&first), Some(&last)) => {
+                // One query value, and every key from the first to the last holds it.
+                if lo == hi && hits.len() as i64 == last - first + 1 {
+                    self.value_free = (first, last + 1);
+                }
+                KeyTileRange {
+                    begin: r.begin.max(first.div_euclid(bn)),
+                    end: r.end.min(last.div_euclid(bn) + 1),
+                }
+            }
+            _ => KeyTileRange {
+                begin: r.begin,
+                end: r.begin,
+            },
+        }
     }
 }
 

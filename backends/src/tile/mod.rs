@@ -117,6 +117,33 @@ pub struct TokenParam {
     pub name: String,
 }
 
+/// A mask that compares per-token values (a document mask: `SEG[b, p] == SEG[b, m]`): the
+/// pair (p, m) is kept where `lhs op rhs`, each side a per-token f32 input read at the
+/// query position (`TokenAt::Row`) or at the key position (`TokenAt::Col`). `Mask`
+/// applies it with the band masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ValueMask {
+    pub lhs: (TokenId, TokenAt),
+    pub op: CmpOp,
+    pub rhs: (TokenId, TokenAt),
+}
+
+impl ValueMask {
+    /// Whether the pair (p, m) is kept, given each token input's value at a position.
+    pub fn keeps(&self, value: impl Fn(TokenId, TokenAt) -> f64) -> bool {
+        self.op
+            .holds(value(self.lhs.0, self.lhs.1), value(self.rhs.0, self.rhs.1))
+    }
+}
+
+/// An equality of per-token values, the query row's `query` token against the key's `key`
+/// token ([`TileProgram::key_narrowing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenMatch {
+    pub query: TokenId,
+    pub key: TokenId,
+}
+
 /// Which token of a sequential program's current tile a [`ScalarExpr::Token`] reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TokenAt {
@@ -921,6 +948,16 @@ pub struct TileProgram {
     /// puts a GPU's every SM to work when the query tiles alone are too few (a long key or
     /// vocabulary rank, few rows).
     pub key_splits: u32,
+    /// The key loop may skip the keys an equality of per-token values rules out (a
+    /// document mask `SEG[p] == SEG[m]`): it walks only the tiles from the first to the
+    /// last key, within the band masks, whose `key` token lies between the least and the
+    /// greatest `query` token of the CTA's query rows. Keys in between are still masked
+    /// per element; tiles outside hold no key the mask keeps.
+    pub key_narrowing: Option<TokenMatch>,
+    /// Masks on per-token values, applied by `Mask` with the band masks. When the only one
+    /// is the narrowing's equality, a CTA whose query rows hold one value and whose
+    /// narrowed keys all hold it needs them only on the tiles at the range's two ends.
+    pub value_masks: Vec<ValueMask>,
     pub tensors: Vec<TensorParam>,
     pub row_outputs: Vec<RowOutput>,
     pub row_inputs: Vec<RowInput>,
@@ -1005,6 +1042,19 @@ pub struct AbiParam {
 }
 
 impl TileProgram {
+    /// Whether the value masks are exactly the narrowing's equality (tiles inside a CTA's
+    /// one-valued key range then need no value mask).
+    pub fn value_masks_are_the_narrowing(&self) -> bool {
+        match (self.key_narrowing, &self.value_masks[..]) {
+            (Some(tm), [m]) => {
+                let q = (tm.query, TokenAt::Row);
+                let k = (tm.key, TokenAt::Col);
+                m.op == CmpOp::Eq && ((m.lhs, m.rhs) == (q, k) || (m.lhs, m.rhs) == (k, q))
+            }
+            _ => false,
+        }
+    }
+
     /// A query-tiled program with no parameters, tiles, rows or statements, not split,
     /// chunked or sequential: lowerings start here and set what differs.
     pub fn new(name: String, schedule: TileSchedule) -> TileProgram {
@@ -1020,6 +1070,8 @@ impl TileProgram {
             look_back: false,
             reverse: false,
             key_splits: 1,
+            key_narrowing: None,
+            value_masks: vec![],
             tensors: vec![],
             row_outputs: vec![],
             row_inputs: vec![],

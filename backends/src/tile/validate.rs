@@ -32,6 +32,29 @@ impl TileProgram {
                 self.shared_bytes()
             ));
         }
+        if !self.value_masks.is_empty() && self.sequential {
+            return invalid("value masks apply to query-tiled programs");
+        }
+        if self.value_masks.iter().any(|m| {
+            [m.lhs.0, m.rhs.0]
+                .iter()
+                .any(|t| t.index() >= self.tokens.len())
+        }) {
+            return invalid("a value mask names a token input the program lacks");
+        }
+        if let Some(tm) = self.key_narrowing {
+            if self.sequential || self.key_splits > 1 {
+                return invalid(
+                    "key narrowing applies to query-tiled programs with one key loop per CTA",
+                );
+            }
+            if [tm.query, tm.key]
+                .iter()
+                .any(|t| t.index() >= self.tokens.len())
+            {
+                return invalid("key narrowing names a token input the program lacks");
+            }
+        }
         if self.chunked() && !self.sequential {
             return invalid("only sequential programs are chunked");
         }

@@ -141,6 +141,12 @@ pub fn compile_gradient(
             m.kv_group
         )));
     }
+    if !m.spec.value_masks.is_empty() {
+        // The backward programs recompute probabilities under band masks only.
+        return Err(not_mine(
+            "the backward kernels do not map masks that compare values (document masks)",
+        ));
+    }
     let bound = bind(&m, grad)?;
     let mut spec = m.spec.clone();
     if let Some(elem) = options.elem {

@@ -168,6 +168,15 @@ pub(super) fn module_of(
             None,
         ));
     }
+    for l in &m.tokens {
+        tensors.push(contract_tensor(
+            cascade,
+            l.tensor,
+            TensorRole::Input,
+            Dtype::F32,
+            Some(l),
+        ));
+    }
     let name = |t| cascade.tensors[t].name.clone();
     let names = ContractNames {
         tensors: io.iter().map(|(l, _)| name(l.tensor)).collect(),
@@ -177,7 +186,7 @@ pub(super) fn module_of(
             .iter()
             .map(|&t| (name(t), cascade.tensors[t].default))
             .collect(),
-        tokens: Vec::new(),
+        tokens: m.tokens.iter().map(|l| name(l.tensor)).collect(),
         states: Vec::new(),
         row_outputs: program.row_outputs.iter().map(|r| r.name.clone()).collect(),
         row_inputs: vec![],

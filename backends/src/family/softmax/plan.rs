@@ -63,6 +63,12 @@ pub fn plan_kernels(
     {
         return Err(format!("a `{p:?}` kernel of this family"));
     }
+    if !schedule.matched.spec.value_masks.is_empty() {
+        // A rank's kernels would read the per-token values of its own slice only.
+        return Err(
+            "plan kernels of this family for masks that compare values (document masks)".into(),
+        );
+    }
     if schedule.matched.kv_group > 1 {
         // The plans' partial and epilogue kernels and their K/V transfers are per head.
         return Err("plan kernels of this family for grouped-query attention (K/V heads shared by several query heads)".into());

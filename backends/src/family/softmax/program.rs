@@ -172,6 +172,19 @@ impl Score {
     }
 }
 
+/// The tag of a value mask in kernel names.
+fn value_mask_tag(m: &ValueMask) -> String {
+    let side = |(t, at): (TokenId, TokenAt)| {
+        format!("{}{}", t.0, if at == TokenAt::Row { "q" } else { "k" })
+    };
+    format!(
+        "_vm{}{}{}",
+        side(m.lhs),
+        format!("{:?}", m.op).to_lowercase(),
+        side(m.rhs)
+    )
+}
+
 /// What to compute: logits `s = score(q.k, p, m)`; masked keys are excluded;
 /// `O = softmax(s) V`, optionally `LSE = log sum exp s`.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,6 +197,10 @@ pub struct AttentionSpec {
     pub window: Option<u32>,
     /// Band masks beyond the causal and window forms (`m - p <= c` and friends).
     pub extra_masks: Vec<BandMask>,
+    /// The per-token f32 inputs that value masks read, by name.
+    pub tokens: Vec<String>,
+    /// Masks that compare per-token values (checked per element after the band masks).
+    pub value_masks: Vec<ValueMask>,
     pub score: Score,
     /// Also write the log-sum-exp (natural log) per query row.
     pub write_lse: bool,
@@ -204,6 +221,8 @@ impl AttentionSpec {
             causal: false,
             window: None,
             extra_masks: vec![],
+            tokens: vec![],
+            value_masks: vec![],
             score: Score::scaled(),
             write_lse: false,
             query_offset: false,
@@ -236,6 +255,9 @@ impl AttentionSpec {
                 BandDirection::QueryMinusKey => "qk",
             };
             s.push_str(&format!("_band{dir}{}", m.bound).replace('-', "n"));
+        }
+        for m in &self.value_masks {
+            s.push_str(&value_mask_tag(m));
         }
         s.push_str(&self.score.tag());
         if self.write_lse {
@@ -284,8 +306,8 @@ impl AttentionSchedule {
         let block_n = if spec.head_dim <= 64 { 128 } else { 64 };
         // The vote-skip of the rescale costs up to 5% (d=64) where registers suffice, but
         // at 255 registers it is what keeps ptxas from spilling: plain d<=64 kernels fit
-        // without it; d=128 and score-modified or windowed kernels need it.
-        let plain = !spec.modifies_score() && spec.window.is_none();
+        // without it; d=128 and score-modified, windowed or value-masked kernels need it.
+        let plain = !spec.modifies_score() && spec.window.is_none() && spec.value_masks.is_empty();
         AttentionSchedule {
             block_m: 128,
             block_n,
@@ -388,6 +410,21 @@ pub fn flash_attention(
     for name in &spec.score.head_params {
         p.head_params.push(HeadParam { name: name.clone() });
     }
+    for name in &spec.tokens {
+        p.tokens.push(TokenParam { name: name.clone() });
+    }
+    // An equality of a query token and a key token bounds the keys a query tile can see.
+    p.key_narrowing = spec
+        .value_masks
+        .iter()
+        .find_map(|m| match (m.lhs, m.op, m.rhs) {
+            ((q, TokenAt::Row), CmpOp::Eq, (k, TokenAt::Col))
+            | ((k, TokenAt::Col), CmpOp::Eq, (q, TokenAt::Row)) => {
+                Some(TokenMatch { query: q, key: k })
+            }
+            _ => None,
+        });
+    p.value_masks = spec.value_masks.clone();
 
     let shared = |p: &mut TileProgram, name: &str, rows, rank| {
         p.shared.push(SharedTile {
@@ -452,6 +489,19 @@ pub fn flash_attention(
     // Uniform factor: scale * log2(e), hoisted by the printer.
     let scale_log2 = mul(scalar(plain_scale.unwrap_or(ScalarId(0))), lit(LOG2_E));
 
+    // The logit in log2 units, less its terms constant along a row (softmax does not see
+    // them; the log-sum-exp and the partial max add them back).
+    let (kept_logit, row_logit) = split_row_terms(&mul(spec.score.expr.clone(), lit(LOG2_E)));
+    let with_row_terms = |x: ScalarExpr| {
+        row_logit.iter().fold(x, |acc, (n, t)| {
+            if *n {
+                sub(acc, t.clone())
+            } else {
+                add(acc, t.clone())
+            }
+        })
+    };
+
     let mut body = vec![Stmt::LoadTile { dst: q_s, src: q }];
     let a_op = match q_frag {
         Some(f) => {
@@ -501,10 +551,9 @@ pub fn flash_attention(
             expr: max(row(m_run), mul(row(tile_max), scale_log2.clone())),
         });
     } else {
-        let x = simplify(&substitute_dot(&spec.score.expr, s));
         lp.push(Stmt::Map {
             dst: s,
-            expr: simplify(&mul(x, lit(LOG2_E))),
+            expr: substitute_dot(&kept_logit, s),
         });
         lp.push(Stmt::Mask {
             dst: s,
@@ -580,7 +629,7 @@ pub fn flash_attention(
         let max_row = new_row(&mut p, "max_nat");
         body.push(Stmt::RowMap {
             dst: max_row,
-            expr: mul(row(m_run), lit(LN_2)),
+            expr: mul(with_row_terms(row(m_run)), lit(LN_2)),
         });
         body.push(Stmt::StoreRow {
             src: max_row,
@@ -621,7 +670,7 @@ pub fn flash_attention(
         // m is in log2 units: lse = (m + log2 l) * ln 2; -inf when no key was seen.
         body.push(Stmt::RowMap {
             dst: lse_row,
-            expr: mul(add(row(m_run), log2(row(l_run))), lit(LN_2)),
+            expr: mul(with_row_terms(add(row(m_run), log2(row(l_run)))), lit(LN_2)),
         });
         body.push(Stmt::StoreRow {
             src: lse_row,
@@ -641,6 +690,84 @@ pub fn flash_attention(
             stats,
         },
     ))
+}
+
+/// Splits a logit into the terms that vary along a row (with the dot product or the key
+/// position) and those constant along it (uniform or query-position-only terms such as
+/// ALiBi's `-slope * p`): `kept + sum of row` is the logit, each row term with its sign
+/// (`true`: subtracted). Sums, differences, negations and products or quotients by uniform
+/// factors are expanded; anything else is one term. Every term's uniform factors are
+/// gathered into one hoisted constant, so `log2(e) * (scale * s + slope * (m - p))` becomes
+/// `c0 * s + c1 * m` and `- c1 * p`: one FMA per element and one product per column. Signs
+/// stay out of the constants so that a term and its negation share one.
+pub fn split_row_terms(e: &ScalarExpr) -> (ScalarExpr, Vec<(bool, ScalarExpr)>) {
+    fn terms(e: &ScalarExpr, neg: bool, factor: &ScalarExpr, out: &mut Vec<(bool, ScalarExpr)>) {
+        match e {
+            ScalarExpr::Binary(BinaryOp::Add, a, b) => {
+                terms(a, neg, factor, out);
+                terms(b, neg, factor, out);
+            }
+            ScalarExpr::Binary(BinaryOp::Sub, a, b) => {
+                terms(a, neg, factor, out);
+                terms(b, !neg, factor, out);
+            }
+            ScalarExpr::Unary(UnaryOp::Neg, a) => terms(a, !neg, factor, out),
+            ScalarExpr::Binary(BinaryOp::Mul, a, b) if a.is_uniform() => {
+                terms(b, neg, &mul(factor.clone(), (**a).clone()), out)
+            }
+            ScalarExpr::Binary(BinaryOp::Mul, a, b) if b.is_uniform() => {
+                terms(a, neg, &mul(factor.clone(), (**b).clone()), out)
+            }
+            ScalarExpr::Binary(BinaryOp::Div, a, b) if b.is_uniform() => {
+                terms(a, neg, &mul(factor.clone(), recip((**b).clone())), out)
+            }
+            leaf => out.push((neg, simplify(&mul(fold_literals(factor), leaf.clone())))),
+        }
+    }
+    let mut all = Vec::new();
+    terms(e, false, &lit(1.0), &mut all);
+    let along_row = |(_, t): &(bool, ScalarExpr)| {
+        t.is_uniform() || t.position_dependence() == Some(PositionDependence::Query)
+    };
+    let (row, kept): (Vec<_>, Vec<_>) = all.into_iter().partition(along_row);
+    let mut kept = kept.into_iter();
+    match kept.next() {
+        Some((first_neg, first)) => {
+            let first = if first_neg {
+                un(UnaryOp::Neg, first)
+            } else {
+                first
+            };
+            let sum = kept.fold(
+                first,
+                |acc, (n, t)| if n { sub(acc, t) } else { add(acc, t) },
+            );
+            (sum, row)
+        }
+        // Nothing varies along the row (no dot product): keep the logit whole.
+        None => (simplify(e), vec![]),
+    }
+}
+
+/// A product of factors with its literals multiplied out (`-1 * 1 * x` is `-1 * x`), so
+/// hoisted constants stay one multiplication.
+fn fold_literals(factor: &ScalarExpr) -> ScalarExpr {
+    let mut factors = Vec::new();
+    flatten_product(factor, &mut factors);
+    let mut constant = 1.0;
+    let mut rest = Vec::new();
+    for f in factors {
+        match f {
+            ScalarExpr::Lit(x) => constant *= x,
+            other => rest.push(other),
+        }
+    }
+    let rest = rest.into_iter().reduce(mul);
+    match rest {
+        Some(r) if constant == 1.0 => r,
+        Some(r) => mul(lit(constant), r),
+        None => lit(constant),
+    }
 }
 
 /// Replaces the dot-product placeholder of a [`Score`] with the score register.
@@ -707,5 +834,71 @@ fn flatten_product(e: &ScalarExpr, out: &mut Vec<ScalarExpr>) {
             out.push(recip((**b).clone()));
         }
         other => out.push(other.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eval(e: &ScalarExpr, dot: f64, p: f64, m: f64) -> f64 {
+        let score = Score {
+            expr: e.clone(),
+            scalars: vec!["scale".into(), "softcap".into()],
+            head_params: vec!["alibi_slopes".into()],
+        };
+        score.eval(dot, p, m, &[0.125, 30.0], &[0.37])
+    }
+
+    fn rebuilt(kept: ScalarExpr, row: &[(bool, ScalarExpr)]) -> ScalarExpr {
+        row.iter().fold(kept, |acc, (n, t)| {
+            if *n {
+                sub(acc, t.clone())
+            } else {
+                add(acc, t.clone())
+            }
+        })
+    }
+
+    #[test]
+    fn row_terms_leave_the_logit_and_add_back_to_it() {
+        let exprs = [
+            Score::scaled().with_alibi().expr,
+            Score::scaled().with_softcap().with_alibi().expr,
+            // The example's spelling: scale * q.k - slope * (p - m), plus a constant.
+            add(
+                sub(
+                    mul(scalar(ScalarId(0)), elem(DOT)),
+                    mul(
+                        head(HeadParamId(0)),
+                        sub(index(SeqRank::Query), index(SeqRank::Key)),
+                    ),
+                ),
+                lit(2.5),
+            ),
+        ];
+        for e in exprs {
+            let logit = mul(e.clone(), lit(LOG2_E));
+            let (kept, row) = split_row_terms(&logit);
+            assert!(!row.is_empty(), "{e:?} has a query-only term");
+            // What stays varies with the key, never with the query alone.
+            let mut reads_query = false;
+            kept.visit(&mut |x| reads_query |= matches!(x, ScalarExpr::Index(SeqRank::Query)));
+            assert!(!reads_query, "{kept:?}");
+            let whole = rebuilt(kept, &row);
+            for (dot, p, m) in [(1.5, 700.0, 3.0), (-4.0, 12.0, 12.0), (0.25, 0.0, 9000.0)] {
+                let (a, b) = (eval(&logit, dot, p, m), eval(&whole, dot, p, m));
+                assert!((a - b).abs() <= 1e-9 * a.abs().max(1.0), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_logit_without_row_terms_stays_as_it_was() {
+        let logit = mul(Score::scaled().with_softcap().expr, lit(LOG2_E));
+        let (kept, row) = split_row_terms(&logit);
+        assert!(row.is_empty());
+        let (a, b) = (eval(&kept, 3.0, 5.0, 1.0), eval(&logit, 3.0, 5.0, 1.0));
+        assert!((a - b).abs() <= 1e-12, "{a} vs {b}");
     }
 }

@@ -15,7 +15,10 @@
 
 use super::program::{AttentionSpec, Score, DOT};
 use crate::family::Layout;
-use crate::tile::{ex, BandDirection, BandMask, Elem, HeadParamId, ScalarExpr, ScalarId, SeqRank};
+use crate::tile::{
+    ex, BandDirection, BandMask, Elem, HeadParamId, ScalarExpr, ScalarId, SeqRank, TokenAt,
+    TokenId, ValueMask,
+};
 use einattn_ir::arena::Handle;
 use einattn_ir::cascade::{
     self as ir, Access, Cascade, Condition, DType, Einsum, Expr, IndexExpr, Rank, ReduceOp, Span,
@@ -51,6 +54,8 @@ pub struct AttentionMatch {
     pub k: Layout,
     pub v: Layout,
     pub o: Layout,
+    /// Where each of `spec.tokens` (value masks' per-token inputs) lives.
+    pub tokens: Vec<Layout>,
     /// The cascade parameter behind each of `spec.score.scalars`.
     pub scalar_params: Vec<Handle<Tensor>>,
     /// The cascade parameter behind each of `spec.score.head_params`.
@@ -99,6 +104,7 @@ impl AttentionMatch {
     ) -> Vec<f64> {
         let host = |l: &Layout| l.host(inputs[&l.tensor].stored().into_owned());
         let (q, k, v) = (host(&self.q), host(&self.k), host(&self.v));
+        let tokens: Vec<_> = self.tokens.iter().map(host).collect();
         let scalars: Vec<f64> = self
             .scalar_params
             .iter()
@@ -117,6 +123,7 @@ impl AttentionMatch {
             scalars: &scalars,
             head_params: &head_params,
             q_offset: 0,
+            tokens: &tokens,
         };
         let (bnhd, _) = crate::reference::attention(&self.spec, prob, &x);
         self.o.from_bnhd(
@@ -296,6 +303,11 @@ struct Reader<'c> {
     meanings: HashMap<Handle<Tensor>, Meaning>,
     score: Option<ScalarExpr>,
     masks: Vec<BandMask>,
+    /// Inputs read only by value masks, the ones the masks read so far (the kernel's token
+    /// inputs, in order) and the masks.
+    mask_inputs: Vec<Handle<Tensor>>,
+    tokens: Vec<Handle<Tensor>>,
+    value_masks: Vec<ValueMask>,
     scalar_params: Vec<Handle<Tensor>>,
     head_params: Vec<Handle<Tensor>>,
     reading: Vec<(String, String)>,
@@ -316,17 +328,32 @@ impl<'c> Reader<'c> {
             }
         });
         let inputs: Vec<Handle<Tensor>> = c.tensors_of(TensorKind::Input).collect();
+        // Inputs read only by value masks (a document's ids) are per-token values, not
+        // one of Q, K and V.
+        let mut in_exprs = Vec::new();
+        let mut in_masks = Vec::new();
+        for (_, e) in c.einsums.iter() {
+            e.expr.visit_accesses(&mut |a| in_exprs.push(a.tensor));
+            for v in &e.value_mask {
+                v.visit_accesses(&mut |a| in_masks.push(a.tensor));
+            }
+        }
+        let mask_inputs: Vec<Handle<Tensor>> = inputs
+            .iter()
+            .copied()
+            .filter(|t| in_masks.contains(t) && !in_exprs.contains(t))
+            .collect();
         let others: Vec<Handle<Tensor>> = inputs
             .iter()
             .copied()
-            .filter(|t| !accesses.contains(t))
+            .filter(|t| !accesses.contains(t) && !mask_inputs.contains(t))
             .collect();
         let [v] = others[..] else {
             return Err(not_mappable(
                 format!(
                     "softmax attention reads three inputs (Q, K, V); `{}` has {}",
                     c.name,
-                    inputs.len()
+                    inputs.len() - mask_inputs.len()
                 ),
                 e.span,
             ));
@@ -513,6 +540,9 @@ impl<'c> Reader<'c> {
             meanings: HashMap::new(),
             score: None,
             masks: Vec::new(),
+            mask_inputs,
+            tokens: Vec::new(),
+            value_masks: Vec::new(),
             scalar_params: Vec::new(),
             head_params: Vec::new(),
             reading: Vec::new(),
@@ -559,11 +589,6 @@ impl<'c> Reader<'c> {
         let c = self.c;
         let e = &c.einsums[h];
         self.span = e.span;
-        // The kernel's masks are affine bands; a condition on values would be dropped.
-        if !e.value_mask.is_empty() {
-            return self
-                .err("data-dependent masks (a `where` that compares values) are not mapped");
-        }
         let ranks = c.iteration_ranks(h);
         if let (Some((g, r, _)), Some(head)) = (self.roles.kv_split, self.roles.head) {
             // The kernel's query head is `group * g + r`: an Einsum iterates both halves or
@@ -616,6 +641,23 @@ impl<'c> Reader<'c> {
                     self.masks.push(mask);
                 }
             }
+        }
+        if !e.value_mask.is_empty() {
+            if !is_chain {
+                return self.err("masks are supported on the score Einsums (those computing s from Q . K); move the `where` there");
+            }
+            for cond in &e.value_mask {
+                self.span = cond.span;
+                let mask = ValueMask {
+                    lhs: self.read_token(&cond.lhs)?,
+                    op: tile_cmp(cond.op),
+                    rhs: self.read_token(&cond.rhs)?,
+                };
+                if !self.value_masks.contains(&mask) {
+                    self.value_masks.push(mask);
+                }
+            }
+            self.span = e.span;
         }
         let text = match &meaning {
             Meaning::Plain(s) => s.describe(),
@@ -836,6 +878,67 @@ impl<'c> Reader<'c> {
                 })
             }
         }
+    }
+
+    /// One side of a value mask: a per-token f32 input read at the query position or at
+    /// the key position (its other indices at the batch and head ranks).
+    fn read_token(&mut self, e: &Expr) -> Result<(TokenId, TokenAt), Diagnostic> {
+        let c = self.c;
+        let Expr::Access(a) = e else {
+            return self.err("a value mask compares two per-token inputs, each read at the query or the key position (`SEG[b, p] == SEG[b, m]`)");
+        };
+        let t = &c.tensors[a.tensor];
+        if !self.mask_inputs.contains(&a.tensor) {
+            return self.err(format!(
+                "`{}` is read by a value mask and elsewhere; a value mask reads inputs of its own",
+                t.name
+            ));
+        }
+        if t.dtype != Some(DType::F32) {
+            return self.err(format!(
+                "`{}` must be f32 (the kernel reads per-token values as f32)",
+                t.name
+            ));
+        }
+        let mut at = None;
+        for (idx, &rank) in a.indices.iter().zip(&t.ranks) {
+            if Some(rank) == self.roles.batch || Some(rank) == self.roles.head {
+                if !self.at_rank(idx, rank) {
+                    return self.err(format!(
+                        "`{}` must be read at its batch and head ranks as declared",
+                        t.name
+                    ));
+                }
+                continue;
+            }
+            let side = if self.roles.query.is_some_and(|q| self.at_rank(idx, q)) {
+                TokenAt::Row
+            } else if self.key_here.as_ref().is_some_and(|k| same_affine(k, idx)) {
+                TokenAt::Col
+            } else {
+                return self.err(format!(
+                    "`{}` must be read at the query position or at the key position",
+                    t.name
+                ));
+            };
+            if at.replace(side).is_some() {
+                return self.err(format!("`{}` has more than one sequence rank", t.name));
+            }
+        }
+        let Some(at) = at else {
+            return self.err(format!(
+                "`{}` has no sequence rank: a value mask compares per-token values",
+                t.name
+            ));
+        };
+        let id = match self.tokens.iter().position(|&x| x == a.tensor) {
+            Some(i) => i,
+            None => {
+                self.tokens.push(a.tensor);
+                self.tokens.len() - 1
+            }
+        };
+        Ok((TokenId(id as u32), at))
     }
 
     /// A rank index used as a value: a combination of the query and key positions.
@@ -1194,10 +1297,11 @@ impl<'c> Reader<'c> {
                 _ => spec.extra_masks.push(*m),
             }
         }
-        let hides_leading_keys = self
-            .masks
-            .iter()
-            .any(|m| m.direction == BandDirection::QueryMinusKey);
+        let hides_leading_keys = !self.value_masks.is_empty()
+            || self
+                .masks
+                .iter()
+                .any(|m| m.direction == BandDirection::QueryMinusKey);
         if let (true, Some(span)) = (hides_leading_keys, self.max_starts_at_neg_inf) {
             // The kernel guards this case; the cascade as written does not, so they would
             // disagree on exactly the rows the window cuts.
@@ -1207,9 +1311,27 @@ impl<'c> Reader<'c> {
             )
             .with_help("start the running max at a finite -1e30, as examples/attention_sliding_window.ein does"));
         }
-        if self.roles.query.is_none() && !self.masks.is_empty() {
+        if self.roles.query.is_none() && !(self.masks.is_empty() && self.value_masks.is_empty()) {
             return Err(not_mappable("masks need a query rank", Span::UNKNOWN));
         }
+        spec.tokens = self
+            .tokens
+            .iter()
+            .map(|&t| self.name(t).to_string())
+            .collect();
+        spec.value_masks = self.value_masks.clone();
+        let tokens = self
+            .tokens
+            .iter()
+            .map(|&t| {
+                let seq = c.tensors[t]
+                    .ranks
+                    .iter()
+                    .copied()
+                    .find(|&r| Some(r) != self.roles.batch && Some(r) != self.roles.head);
+                Layout::of(c, t, self.roles.batch, seq, self.roles.head)
+            })
+            .collect();
         spec.score = Score {
             expr: score,
             scalars: self
@@ -1241,6 +1363,7 @@ impl<'c> Reader<'c> {
             k: self.layout(self.k, key, self.roles.head_dim)?,
             v: self.layout(self.v, key, self.roles.value_dim)?,
             o: self.layout(o, self.roles.query, self.roles.value_dim)?,
+            tokens,
             spec,
             batch: extent(self.roles.batch),
             heads: extent(self.roles.head),
@@ -1334,6 +1457,18 @@ fn linear_coefficients(x: &ScalarExpr) -> (i64, i64, i64) {
     let mut acc = (0, 0, 0);
     go(x, &mut acc, 1);
     acc
+}
+
+fn tile_cmp(op: ir::CmpOp) -> crate::tile::CmpOp {
+    use crate::tile::CmpOp as T;
+    match op {
+        ir::CmpOp::Lt => T::Lt,
+        ir::CmpOp::Le => T::Le,
+        ir::CmpOp::Gt => T::Gt,
+        ir::CmpOp::Ge => T::Ge,
+        ir::CmpOp::Eq => T::Eq,
+        ir::CmpOp::Ne => T::Ne,
+    }
 }
 
 fn tile_unary(op: ir::UnaryOp) -> crate::tile::UnaryOp {

@@ -165,7 +165,7 @@ impl Schedule {
             "in-kernel loop: key tiles of {} over the iterative key rank, {}-stage ring filled with {loads}, {mma}",
             self.kernel.block_n, self.kernel.stages
         );
-        let masks: Vec<String> = spec
+        let mut masks: Vec<String> = spec
             .masks()
             .iter()
             .map(|b| match b.direction {
@@ -173,6 +173,29 @@ impl Schedule {
                 crate::tile::BandDirection::QueryMinusKey => format!("p - m <= {}", b.bound),
             })
             .collect();
+        for vm in &spec.value_masks {
+            let side = |(t, at): (crate::tile::TokenId, crate::tile::TokenAt)| {
+                let pos = if at == crate::tile::TokenAt::Row {
+                    "p"
+                } else {
+                    "m"
+                };
+                format!("{}[{pos}]", spec.tokens[t.index()])
+            };
+            let op = match vm.op {
+                crate::tile::CmpOp::Lt => "<",
+                crate::tile::CmpOp::Le => "<=",
+                crate::tile::CmpOp::Gt => ">",
+                crate::tile::CmpOp::Ge => ">=",
+                crate::tile::CmpOp::Eq => "==",
+                crate::tile::CmpOp::Ne => "!=",
+            };
+            masks.push(format!(
+                "{} {op} {} (values, per element)",
+                side(vm.lhs),
+                side(vm.rhs)
+            ));
+        }
         let _ = writeln!(
             s,
             "masks: {}",
@@ -604,7 +627,8 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // Too few CTAs for the GPU (decoding: one query per head over a long cache): split
     // each query tile's key loop across CTAs, merged by a second small kernel. A kernel
     // that writes its log-sum-exp keeps one CTA per tile.
-    let splits = if spec.write_lse {
+    // Value masks stay unsplit too (their token reads assume one key loop per query tile).
+    let splits = if spec.write_lse || !spec.value_masks.is_empty() {
         1
     } else {
         split_count(
