@@ -87,10 +87,9 @@ if [[ $WHAT == *documents* ]]; then
   for target in sm_90a sm_80; do
     CHECK_FLAGS="--target $target" LIMIT=${LIMIT:-60} bash -c '
       BIN=$0; source bench/check_lib.sh
-      for d in 64 128; do for dt in bf16 f16; do check_lines 2048 $d $dt <<LIST
-document_mask -D N=1000 -D D=$d -D TILE=40 -D B=2 -D H=4
-document_mask -D N=2048 -D D=$d -D B=1 -D H=2
-LIST
+      for d in 64 128; do for dt in bf16 f16; do
+        check_lines 1000 $d $dt <<< "document_mask -D N=1000 -D D=$d -D TILE=40 -D B=2 -D H=4"
+        check_lines 2048 $d $dt <<< "document_mask -D N=2048 -D D=$d -D B=1 -D H=2"
       done; done; check_summary' "$BIN" | sed "s/^/$target /" | tee -a "$OUT/check_documents.txt" | tail -1
   done
 fi

@@ -235,8 +235,13 @@ pub struct Module {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rate {
     /// Tensor-core work: the FLOPs of the score points the masks leave, and the cost
-    /// model's predicted time.
-    Flops { flops: f64, predicted_ms: f64 },
+    /// model's predicted time. `at_most`: masks on values (documents) leave an
+    /// input-dependent share of them, so the count (band masks only) bounds the work.
+    Flops {
+        flops: f64,
+        predicted_ms: f64,
+        at_most: bool,
+    },
     /// Sequence throughput: tokens, and the bytes one pass over Q, K, V and O moves.
     Tokens { tokens: f64, bytes: f64 },
     /// The analysis's view: FLOPs, the minimum bytes, and the roofline's lower bound on

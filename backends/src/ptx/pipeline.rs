@@ -215,18 +215,18 @@ impl Printer<'_> {
             }
         }
         if !prog.value_masks.is_empty() {
+            // `%needvmask`: the value masks too (a tile may need the bands alone).
+            let needv = self.named_once(".pred", "needvmask");
             if prog.value_masks_are_the_narrowing() {
                 // Inside the keys that all hold the rows' value, the value mask keeps all.
-                let (x, outside) = (self.r(), self.pred());
+                let x = self.r();
                 self.ins(format!("add.s32 {x}, {korg}, {block_n};"));
-                self.ins(format!("setp.gt.s32 {outside}, {x}, %nvhi;"));
-                self.ins(format!(
-                    "setp.lt.or.s32 {outside}, {korg}, %nvlo, {outside};"
-                ));
-                self.ins(format!("or.pred {needmask}, {needmask}, {outside};"));
+                self.ins(format!("setp.gt.s32 {needv}, {x}, %nvhi;"));
+                self.ins(format!("setp.lt.or.s32 {needv}, {korg}, %nvlo, {needv};"));
             } else {
-                self.ins(format!("setp.eq.u32 {needmask}, 0, 0;"));
+                self.ins(format!("setp.eq.u32 {needv}, 0, 0;"));
             }
+            self.ins(format!("or.pred {needmask}, {needmask}, {needv};"));
         }
         if prog.sequential {
             // Positions inside a sequential program's tile are tile-relative.

@@ -31,6 +31,48 @@ impl Printer<'_> {
         Ok(())
     }
 
+    /// `Mask` column by column with `value_masks` beside the bands, so a key's tokens are
+    /// read once for all its rows (a row's are read once per kernel).
+    fn emit_masked_columns(
+        &mut self,
+        dst: RegId,
+        fill: f64,
+        lp: &LoopState,
+        value_masks: &[ValueMask],
+    ) -> Result<(), TileError> {
+        let cols = self.prog.regs[dst.index()].cols;
+        let rows: Vec<(u32, u32)> = (0..self.mtiles).flat_map(|mt| [(mt, 0), (mt, 1)]).collect();
+        let limits: Vec<_> = rows
+            .iter()
+            .map(|&(mt, half)| self.mask_limits(lp, mt, half))
+            .collect();
+        for nt in 0..cols / 8 {
+            for lo in 0..2 {
+                self.column_values = Some(HashMap::new());
+                for (&(mt, half), limits) in rows.iter().zip(&limits) {
+                    let pr = self.mask_hides(limits, nt, lo);
+                    let ctx = ElemCtx {
+                        mt,
+                        half,
+                        col: Some((nt, lo)),
+                    };
+                    for vm in value_masks {
+                        let a = self.emit_expr(&ScalarExpr::Token(vm.lhs.0, vm.lhs.1), &ctx)?;
+                        let b = self.emit_expr(&ScalarExpr::Token(vm.rhs.0, vm.rhs.1), &ctx)?;
+                        self.ins(format!(
+                            "setp.{}.or.f32 {pr}, {a}, {b}, {pr};",
+                            fails(vm.op)
+                        ));
+                    }
+                    let r = self.acc_reg(dst, mt, nt, half * 2 + lo);
+                    self.ins(format!("selp.f32 {r}, {}, {r}, {pr};", f32_lit(fill)));
+                }
+                self.column_values = None;
+            }
+        }
+        Ok(())
+    }
+
     /// Per-row limits of the key loop's band masks for row `mt * 16 + half * 8` of this
     /// thread: keys past a limit are hidden (`gt`: key > p + bound; `lt`: key < p - bound).
     fn mask_limits(&mut self, lp: &LoopState, mt: u32, half: u32) -> Vec<(&'static str, String)> {
@@ -310,40 +352,14 @@ impl Printer<'_> {
                         }
                     }
                 } else {
-                    // Column by column, so a key's tokens are read once for all its rows
-                    // (a row's are read once per kernel).
-                    let rows: Vec<(u32, u32)> =
-                        (0..self.mtiles).flat_map(|mt| [(mt, 0), (mt, 1)]).collect();
-                    let limits: Vec<_> = rows
-                        .iter()
-                        .map(|&(mt, half)| self.mask_limits(lp, mt, half))
-                        .collect();
-                    for nt in 0..cols / 8 {
-                        for lo in 0..2 {
-                            self.column_values = Some(HashMap::new());
-                            for (&(mt, half), limits) in rows.iter().zip(&limits) {
-                                let pr = self.mask_hides(limits, nt, lo);
-                                let ctx = ElemCtx {
-                                    mt,
-                                    half,
-                                    col: Some((nt, lo)),
-                                };
-                                for vm in &prog.value_masks {
-                                    let a = self
-                                        .emit_expr(&ScalarExpr::Token(vm.lhs.0, vm.lhs.1), &ctx)?;
-                                    let b = self
-                                        .emit_expr(&ScalarExpr::Token(vm.rhs.0, vm.rhs.1), &ctx)?;
-                                    self.ins(format!(
-                                        "setp.{}.or.f32 {pr}, {a}, {b}, {pr};",
-                                        fails(vm.op)
-                                    ));
-                                }
-                                let r = self.acc_reg(*dst, mt, nt, half * 2 + lo);
-                                self.ins(format!("selp.f32 {r}, {}, {r}, {pr};", f32_lit(*fill)));
-                            }
-                            self.column_values = None;
-                        }
-                    }
+                    // Tiles inside a key range that holds the rows' one value need the
+                    // bands alone.
+                    let band_only = self.label("bandmask");
+                    self.ins(format!("@!%needvmask bra.uni {band_only};"));
+                    self.emit_masked_columns(*dst, *fill, lp, &prog.value_masks)?;
+                    self.ins(format!("bra.uni {skip};"));
+                    self.body.push_str(&format!("{band_only}:\n"));
+                    self.emit_masked_columns(*dst, *fill, lp, &[])?;
                 }
                 self.body.push_str(&format!("{skip}:\n"));
             }

@@ -405,6 +405,7 @@ pub fn compile_gradient(
         rate: Rate::Flops {
             flops,
             predicted_ms: 0.0,
+            at_most: false,
         },
         work: m.batch * m.heads * m.n_q * m.n_k * u64::from(spec.head_dim) * 5,
     })

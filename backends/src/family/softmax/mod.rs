@@ -283,9 +283,11 @@ impl Compiled for SoftmaxKernels {
     }
 
     fn rate(&self) -> Rate {
+        let m = &self.schedule.matched;
         Rate::Flops {
-            flops: visible_flops(&self.schedule.matched),
+            flops: visible_flops(m),
             predicted_ms: self.schedule.estimate.seconds * 1e3,
+            at_most: !m.spec.value_masks.is_empty(),
         }
     }
 
@@ -294,7 +296,8 @@ impl Compiled for SoftmaxKernels {
     }
 }
 
-/// FLOPs of the attention the masks leave: 4 per visible (query, key) pair and head dim.
+/// FLOPs of the attention the band masks leave: 4 per visible (query, key) pair and head
+/// dim (value masks leave fewer, depending on the inputs).
 pub fn visible_flops(m: &AttentionMatch) -> f64 {
     let masks = m.spec.masks();
     let n = m.n_k as i64;
