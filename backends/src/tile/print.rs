@@ -55,6 +55,30 @@ impl fmt::Display for TileProgram {
         for p in &self.head_params {
             writeln!(f, "  param {}: f32[H]", p.name)?;
         }
+        for t in &self.tokens {
+            writeln!(f, "  in  {}: f32[B, N, H] (per token)", t.name)?;
+        }
+        let side = |(t, at): (TokenId, TokenAt)| {
+            let pos = if at == TokenAt::Row { "p" } else { "m" };
+            format!("{}[{pos}]", self.tokens[t.index()].name)
+        };
+        for m in &self.value_masks {
+            writeln!(
+                f,
+                "  value mask: keep {} {:?} {} (with the band masks)",
+                side(m.lhs),
+                m.op,
+                side(m.rhs)
+            )?;
+        }
+        if let Some(tm) = self.key_narrowing {
+            writeln!(
+                f,
+                "  key narrowing: the loop walks the keys from the first to the last whose {} lies within the query rows' {} values",
+                side((tm.key, TokenAt::Col)),
+                side((tm.query, TokenAt::Row))
+            )?;
+        }
         for t in &self.shared {
             writeln!(
                 f,
