@@ -716,3 +716,49 @@ fn grouped_query_attention_assembles_without_spills() {
         }
     }
 }
+
+/// Value masks the kernel cannot read are refused with the reason (the cascade then takes
+/// the general lowering).
+#[test]
+fn value_masks_the_kernel_cannot_read_are_refused() {
+    let path = format!(
+        "{}/../examples/document_mask.ein",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let src = std::fs::read_to_string(&path).expect("example exists");
+    let mask = "where m <= p and SEG[b, p] == SEG[b, m]";
+    assert!(src.contains(mask));
+    let refused = |text: String, want: &str| {
+        let c = einattn_dsl::compile_source(&path, &text, &[])
+            .unwrap_or_else(|d| panic!("{}", d.render(&path, &text)));
+        let err = recognize(&c).expect_err("refused");
+        assert!(err.message.contains(want), "{}", err.message);
+    };
+    // Ids stored in bf16: the kernel reads per-token values as f32.
+    refused(
+        src.replace("input  SEG[b, p]: f32", "input  SEG[b, p]: bf16"),
+        "must be f32",
+    );
+    // A comparison with a constant rather than with another token's value.
+    refused(
+        src.replace(mask, "where m <= p and SEG[b, p] == 1"),
+        "compares two per-token inputs",
+    );
+    // The ids also scale the score: then the score reads three inputs.
+    refused(
+        src.replace(
+            "scale * Q[b, p, h, e] * K[b, m, h, e] where",
+            "scale * SEG[b, p] * Q[b, p, h, e] * K[b, m, h, e] where",
+        ),
+        "contracts two inputs",
+    );
+    // The recognized mask: one token input read at both positions.
+    let m = recognize(
+        &einattn_dsl::compile_source(&path, &src, &[])
+            .unwrap_or_else(|d| panic!("{}", d.render(&path, &src))),
+    )
+    .expect("recognized");
+    assert_eq!(m.spec.tokens, vec!["SEG".to_string()]);
+    assert_eq!(m.spec.value_masks.len(), 1);
+    assert_eq!(m.tokens[0].stride_seq, 1);
+}
