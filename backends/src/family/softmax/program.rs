@@ -1,6 +1,6 @@
 //! Softmax attention as a tile program: FuseMax's 1-pass cascade (the FlashAttention-2
-//! forward), with score modifiers (scale, ALiBi, tanh soft-cap) and band masks
-//! (causal, sliding window).
+//! forward), with score modifiers (scale, ALiBi, tanh soft-cap), band masks (causal,
+//! sliding window) and masks on per-token values (documents, which narrow the key loop).
 //!
 //! Scores are kept in log2 units (`x = logit * log2(e)`) so the exponentials are `ex2`; the
 //! factor is folded into the scale, which the printer hoists as a uniform value. The
