@@ -612,17 +612,21 @@ fn grouped_query_attention_needs_its_kv_head_mapping() {
     assert!(err.to_string().contains("too small"), "{err}");
 }
 
+/// `text` (an example's source, edited) compiles and the recognizer refuses it with a
+/// message containing `want`.
+fn refused_with(path: &str, text: &str, want: &str) {
+    let c = einattn_dsl::compile_source(path, text, &[])
+        .unwrap_or_else(|d| panic!("{}", d.render(path, text)));
+    let err = recognize(&c).expect_err("refused");
+    assert!(err.message.contains(want), "{}", err.message);
+}
+
 /// Head splits the kernel cannot index are refused with the reason, not mis-read.
 #[test]
 fn grouped_heads_the_kernel_cannot_index_are_refused() {
     let path = format!("{}/../examples/gqa.ein", env!("CARGO_MANIFEST_DIR"));
     let src = std::fs::read_to_string(&path).expect("example exists");
-    let refused = |text: String, want: &str| {
-        let c = einattn_dsl::compile_source(&path, &text, &[])
-            .unwrap_or_else(|d| panic!("{}", d.render(&path, &text)));
-        let err = recognize(&c).expect_err("refused");
-        assert!(err.message.contains(want), "{}", err.message);
-    };
+    let refused = |text: String, want: &str| refused_with(&path, &text, want);
     // K indexed by the query head within the group.
     refused(
         src.replace("input  K[b, m, g, e]", "input  K[b, m, r, e]")
@@ -728,12 +732,7 @@ fn value_masks_the_kernel_cannot_read_are_refused() {
     let src = std::fs::read_to_string(&path).expect("example exists");
     let mask = "where m <= p and SEG[b, p] == SEG[b, m]";
     assert!(src.contains(mask));
-    let refused = |text: String, want: &str| {
-        let c = einattn_dsl::compile_source(&path, &text, &[])
-            .unwrap_or_else(|d| panic!("{}", d.render(&path, &text)));
-        let err = recognize(&c).expect_err("refused");
-        assert!(err.message.contains(want), "{}", err.message);
-    };
+    let refused = |text: String, want: &str| refused_with(&path, &text, want);
     // Ids stored in bf16: the kernel reads per-token values as f32.
     refused(
         src.replace("input  SEG[b, p]: f32", "input  SEG[b, p]: bf16"),
