@@ -202,24 +202,31 @@ fn a_warp_specialized_program_hands_every_stage_back() {
     }
 }
 
+/// 128 query rows in two consumer warpgroups (wgmma) beside a producer that copies
+/// `block_n`-key tiles with the copy engine, two stages, no ping-pong.
+fn copy_engine_schedule(spec: &AttentionSpec, block_n: u32) -> AttentionSchedule {
+    use einattn_backends::tile::{Loads, MmaUnit};
+    AttentionSchedule {
+        block_m: 128,
+        block_n,
+        warps: 8,
+        stages: 2,
+        mma: MmaUnit::Warpgroup,
+        loads: Loads::ProducerWarpgroup {
+            pingpong: false,
+            tma: true,
+        },
+        ..AttentionSchedule::default_for(spec)
+    }
+}
+
 #[test]
 fn the_copy_engine_loads_each_tile_from_one_thread_through_its_tensor_map() {
-    use einattn_backends::tile::{AbiKind, AbiRole, Loads, MmaUnit, SeqRank};
+    use einattn_backends::tile::{AbiKind, AbiRole, SeqRank};
     for (d, causal) in [(128u32, false), (64, true)] {
         let mut spec = AttentionSpec::new(d, Elem::Bf16);
         spec.causal = causal;
-        let sched = AttentionSchedule {
-            block_m: 128,
-            block_n: 128,
-            warps: 8,
-            stages: 2,
-            mma: MmaUnit::Warpgroup,
-            loads: Loads::ProducerWarpgroup {
-                pingpong: false,
-                tma: true,
-            },
-            ..AttentionSchedule::default_for(&spec)
-        };
+        let sched = copy_engine_schedule(&spec, 128);
         let (prog, _) = flash_attention(&spec, &sched).expect("builds");
         // One by-value map per loaded tensor (Q, K, V), boxes of a tile's rows and 64
         // columns, K and V along the key rank; the output is stored, not mapped.
@@ -296,20 +303,9 @@ fn a_producer_warpgroup_needs_wgmma_and_two_consumer_warpgroups() {
 
 #[test]
 fn p_v_is_deferred_only_when_moving_it_is_invisible() {
-    use einattn_backends::tile::{ex, Loads, MmaUnit, Stmt};
+    use einattn_backends::tile::{ex, Stmt};
     let spec = AttentionSpec::new(64, Elem::Bf16);
-    let sched = AttentionSchedule {
-        block_m: 128,
-        block_n: 64,
-        warps: 8,
-        stages: 2,
-        mma: MmaUnit::Warpgroup,
-        loads: Loads::ProducerWarpgroup {
-            pingpong: false,
-            tma: true,
-        },
-        ..AttentionSchedule::default_for(&spec)
-    };
+    let sched = copy_engine_schedule(&spec, 64);
     let (prog, _) = flash_attention(&spec, &sched).expect("builds");
     let deferred = "trailing contraction deferred to the next iteration";
     let k = print_ptx(&prog, Target::Sm90a).expect("prints");

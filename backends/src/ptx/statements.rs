@@ -297,7 +297,9 @@ impl Printer<'_> {
                 // Straight-line code: a column's key-only terms (an ALiBi bias) are reused
                 // by its rows, which then come one after the other (element order 0, 2, 1,
                 // 3: one column value live at a time).
-                // (Query-tiled programs only: a sequential program's maps keep their order.)
+                // Query-tiled programs only: the linear-attention (sequential) kernels
+                // were measured with their maps in element order, and reordering their
+                // gate reads has not been.
                 let mut per_column = false;
                 expr.visit(&mut |x| {
                     per_column |=
