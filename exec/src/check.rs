@@ -67,10 +67,12 @@ pub fn reference(
     let cascade = compiled.cascade();
     let manifest = compiled.manifest();
     let work = compiled.interpreter_work();
-    // A family whose formula is no cheaper than the interpreter (the general lowering's is
-    // the interpreter) is checked on every output by the interpreter, not on the main one.
-    let formula_is_interpreter = compiled.formula_work() >= work;
-    if work <= INTERPRETER_MAC_LIMIT || (formula_is_interpreter && work <= formula_limit) {
+    // A family without a formula of its own (the general lowering) is checked on every
+    // output by the interpreter, up to the formula's limit. One with a formula uses it past
+    // the interpreter's limit even at equal work: the formula is threaded, the interpreter
+    // is not (a softmax check at N = 4096 took minutes in the interpreter).
+    let formula_work = compiled.formula_work();
+    if work <= INTERPRETER_MAC_LIMIT || (formula_work.is_none() && work <= formula_limit) {
         let values = evaluate_in_order(cascade, inputs, &topological_order(cascade))
             .map_err(|e| ExecError::Input(format!("the interpreter failed: {e}")))?;
         let mut out = std::collections::HashMap::new();
@@ -85,7 +87,7 @@ pub fn reference(
         }
         return Ok(Some((out, "the cascade interpreter (f64)".to_string())));
     }
-    if compiled.formula_work() > formula_limit {
+    if formula_work.is_none_or(|w| w > formula_limit) {
         return Ok(None);
     }
     let (values, name) = compiled.formula(inputs);
@@ -231,6 +233,35 @@ fn save_outputs(whole: &Whole, manifest: &Manifest, cascade: &Cascade, dir: &Pat
 mod tests {
     use super::*;
     use einattn_backends::family::{self, CompileError, KernelOptions, Request};
+
+    /// Past the interpreter's work limit, a family with a formula of its own is checked by
+    /// it, even when it does the interpreter's multiply-adds: the formula is threaded.
+    #[test]
+    fn large_softmax_cascades_are_checked_by_the_formula() {
+        let text = include_str!("../../examples/attention_causal.ein");
+        let build = |d: &[(String, u64)]| {
+            einattn_dsl::compile_source("attention_causal.ein", text, d)
+                .map_err(|e| CompileError::Source(e.items().to_vec()))
+        };
+        let defines = [("N".to_string(), 1024)];
+        let cascade = build(&defines).expect("valid");
+        let compiled = family::compile(&Request {
+            cascade: &cascade,
+            options: &KernelOptions::default(),
+            defines: &defines,
+            instantiate: &build,
+        })
+        .expect("compiles");
+        assert_eq!(compiled.family(), "softmax");
+        assert!(compiled.interpreter_work() > INTERPRETER_MAC_LIMIT);
+        let inputs = random_inputs(&cascade, 1);
+        let (want, name) = reference(compiled.as_ref(), &inputs, u64::MAX)
+            .expect("reference")
+            .expect("some reference");
+        assert!(name.contains("formula"), "reference by {name}");
+        let (formula, _) = compiled.formula(&inputs);
+        assert!(want.get("O") == Some(&formula));
+    }
 
     /// Past the interpreter's work limit, a family whose formula is the interpreter (the
     /// general lowering) is still checked on every output, each against its own values: a

@@ -268,8 +268,9 @@ pub trait Compiled: Send + Sync {
     fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str);
     /// Multiply-adds the cascade interpreter would spend on the whole problem.
     fn interpreter_work(&self) -> u64;
-    /// Multiply-adds [`Compiled::formula`] spends.
-    fn formula_work(&self) -> u64;
+    /// Multiply-adds [`Compiled::formula`] spends, or `None` when the family has no formula
+    /// of its own (its `formula` runs the cascade interpreter).
+    fn formula_work(&self) -> Option<u64>;
     fn rate(&self) -> Rate;
     /// Told why the families tried before this one did not take the cascade (for
     /// `--emit schedule`).
@@ -411,8 +412,8 @@ impl Compiled for GradientKernels {
         self.work
     }
 
-    fn formula_work(&self) -> u64 {
-        self.work
+    fn formula_work(&self) -> Option<u64> {
+        None
     }
 
     fn rate(&self) -> Rate {

@@ -325,8 +325,8 @@ impl Compiled for GeneralKernels {
         self.flops.min(u64::MAX as f64) as u64
     }
 
-    fn formula_work(&self) -> u64 {
-        self.interpreter_work()
+    fn formula_work(&self) -> Option<u64> {
+        None
     }
 
     fn rate(&self) -> Rate {

@@ -580,9 +580,9 @@ impl Compiled for LinearKernels {
         m.batch * m.heads * m.n * m.n * u64::from(m.spec.head_dim)
     }
 
-    fn formula_work(&self) -> u64 {
+    fn formula_work(&self) -> Option<u64> {
         let m = &self.matched;
-        m.batch * m.heads * m.n * u64::from(m.spec.head_dim) * u64::from(m.spec.value_dim)
+        Some(m.batch * m.heads * m.n * u64::from(m.spec.head_dim) * u64::from(m.spec.value_dim))
     }
 
     fn rate(&self) -> Rate {

@@ -570,9 +570,9 @@ impl Compiled for ProjectionKernels {
         r.n_rows * r.n_cols * (r.depth + self.cascade.einsums.len() as u64)
     }
 
-    fn formula_work(&self) -> u64 {
+    fn formula_work(&self) -> Option<u64> {
         let r = &self.reading;
-        r.n_rows * r.n_cols * r.depth
+        Some(r.n_rows * r.n_cols * r.depth)
     }
 
     fn rate(&self) -> Rate {

@@ -278,8 +278,9 @@ impl Compiled for SoftmaxKernels {
         m.batch * m.heads * m.n_q * m.n_k * u64::from(m.spec.head_dim) * 2
     }
 
-    fn formula_work(&self) -> u64 {
-        self.interpreter_work()
+    fn formula_work(&self) -> Option<u64> {
+        // The same multiply-adds as the interpreter, but spread over every core.
+        Some(self.interpreter_work())
     }
 
     fn rate(&self) -> Rate {
