@@ -21,11 +21,11 @@ pub struct AttentionInputs<'a> {
     pub tokens: &'a [HostTensor],
 }
 
-/// Output `[B, N_q, H, d]` (contiguous BNHD) and log-sum-exp `[B, H, N_q]`.
+/// Output `[B, N_q, H, value_dim]` (contiguous BNHD) and log-sum-exp `[B, H, N_q]`.
 /// Rows with no visible key give zeros and `-inf`. Rows are spread over the machine's
 /// threads: GPU checks at N = 4096 would otherwise wait minutes for the reference.
 pub fn attention(spec: &AttentionSpec, prob: Problem, x: &AttentionInputs) -> (Vec<f64>, Vec<f64>) {
-    let d = spec.head_dim as usize;
+    let d = spec.value_dim as usize;
     let (bsz, h_n, n_q) = (prob.batch, prob.heads, prob.n_q);
     let mut out = vec![0.0; bsz * n_q * h_n * d];
     let mut row_lse = vec![f64::NEG_INFINITY; bsz * n_q * h_n];
@@ -66,7 +66,22 @@ fn attention_row(
     row: (usize, usize, usize),
     out: &mut [f64],
 ) -> f64 {
-    let (mx, denom) = partial_row(spec, prob, x, row, out);
+    let (mut mx, mut denom) = partial_row(spec, prob, x, row, out);
+    let head_values: Vec<f64> = x.head_params.iter().map(|v| v[row.2]).collect();
+    if let Some(sink) = spec.sink_logit(x.scalars, &head_values) {
+        // One more logit, with no value: a row that sees no key outputs zeros.
+        let joint = mx.max(sink);
+        let keys = if mx == f64::NEG_INFINITY {
+            0.0
+        } else {
+            (mx - joint).exp()
+        };
+        for o in out.iter_mut() {
+            *o *= keys;
+        }
+        denom = denom * keys + (sink - joint).exp();
+        mx = joint;
+    }
     if mx == f64::NEG_INFINITY {
         return f64::NEG_INFINITY;
     }
@@ -86,7 +101,7 @@ fn partial_row(
     (b, p, h): (usize, usize, usize),
     out: &mut [f64],
 ) -> (f64, f64) {
-    let d = spec.head_dim as usize;
+    let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
     let hk = h / prob.kv_group;
     let masks = spec.masks();
     let head_values: Vec<f64> = x.head_params.iter().map(|v| v[h]).collect();
@@ -128,7 +143,7 @@ fn partial_row(
         let w = (l - mx).exp();
         denom += w;
         let vo = x.v.offset(b, m, hk);
-        for (o, v) in out.iter_mut().zip(&x.v.data[vo..vo + d]) {
+        for (o, v) in out.iter_mut().zip(&x.v.data[vo..vo + dv]) {
             *o += w * v;
         }
     }
@@ -137,7 +152,7 @@ fn partial_row(
 
 /// The statistics of attention over one block of keys, as a partial kernel writes them
 /// (Ring Attention's partials): per row the max logit and the sum of `exp(s - max)`, each
-/// `[B, H, N_q]`, and the unnormalized numerator `[B, H, N_q, d]`. Query row `p` sits at
+/// `[B, H, N_q]`, and the unnormalized numerator `[B, H, N_q, value_dim]`. Query row `p` sits at
 /// position `p + q_offset` and key `m` at `m`: the offset is the query block's start
 /// relative to the key block's.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,7 +163,7 @@ pub struct PartialStats {
 }
 
 pub fn attention_partial(spec: &AttentionSpec, prob: Problem, x: &AttentionInputs) -> PartialStats {
-    let d = spec.head_dim as usize;
+    let d = spec.value_dim as usize;
     let (bsz, h_n, n_q) = (prob.batch, prob.heads, prob.n_q);
     let rows = bsz * h_n * n_q;
     let mut out = PartialStats {

@@ -76,6 +76,10 @@ fn every_example_lowers_to_point_kernels_that_match_the_interpreter() {
         ("attention_2pass", &[("M", 64), ("D", 16)]),
         ("attention_3pass", &[("M", 64), ("D", 16)]),
         ("attention_causal", &[("N", 128), ("D", 16), ("TILE", 32)]),
+        (
+            "attention_mla",
+            &[("N", 64), ("D", 48), ("DV", 16), ("TILE", 32)],
+        ),
         ("attention_mha", &[("N", 128), ("D", 16), ("TILE", 32)]),
         (
             "attention_sliding_window",

@@ -16,8 +16,11 @@ use einattn_ir::interp::{evaluate_in_order, random_inputs};
 use einattn_ir::validate::topological_order;
 use proptest::prelude::*;
 
-const SOFTMAX_EXAMPLES: [&str; 11] = [
+const SOFTMAX_EXAMPLES: [&str; 14] = [
     "attention_1pass",
+    "attention_mla",
+    "sink_attention",
+    "softmax_plus_one",
     "attention_alibi",
     "cross_attention",
     "document_mask",
@@ -135,7 +138,16 @@ fn non_attention_cascades_are_refused_with_a_reason() {
 #[test]
 fn tile_program_matches_the_interpreter_on_every_example() {
     // Small sizes keep the f64 interpreter fast; tails and several tiles are exercised.
-    let cases: [(&str, &[(&str, u64)]); 11] = [
+    let cases: [(&str, &[(&str, u64)]); 14] = [
+        ("sink_attention", &[("N", 90), ("D", 16), ("H", 3)]),
+        (
+            "softmax_plus_one",
+            &[("N", 100), ("D", 16), ("TILE", 20), ("H", 2)],
+        ),
+        (
+            "attention_mla",
+            &[("N", 70), ("D", 48), ("DV", 16), ("TILE", 14), ("H", 2)],
+        ),
         (
             "attention_alibi",
             &[("N", 90), ("D", 16), ("TILE", 30), ("H", 3)],
@@ -326,7 +338,13 @@ fn every_example_assembles_without_spills() {
         return;
     };
     for name in SOFTMAX_EXAMPLES {
-        for d in [64u64, 128] {
+        // The latent-attention example at its own widths too (Q.K 192 against V 128).
+        let dims: &[u64] = if name == "attention_mla" {
+            &[64, 128, 192]
+        } else {
+            &[64, 128]
+        };
+        for &d in dims {
             for elem in [Elem::Bf16, Elem::F16] {
                 let c = load(name, &[("D", d)]);
                 for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {

@@ -6,7 +6,7 @@ use einattn_backends::reference::{alibi_slopes, attention, relative_error, Atten
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
 use einattn_backends::tile::Elem;
 use einattn_backends::tile::Loads;
-use einattn_backends::tile::{MmaUnit, ScalarExpr, Stmt, TileProgram};
+use einattn_backends::tile::{HeadParamId, MmaUnit, ScalarExpr, Stmt, TileProgram};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -61,19 +61,19 @@ fn run_case(case: &Case, rewrite: fn(&mut TileProgram)) -> Result<Ran, String> {
         seed,
     } = case.clone();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let d = spec.head_dim as usize;
+    let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
     let kvh = prob.kv_heads();
     let q = random_tensor(
         &mut rng, spec.elem, prob.batch, prob.n_q, prob.heads, d, bhnd,
     );
     let k = random_tensor(&mut rng, spec.elem, prob.batch, prob.n_k, kvh, d, bhnd);
-    let v = random_tensor(&mut rng, spec.elem, prob.batch, prob.n_k, kvh, d, bhnd);
+    let v = random_tensor(&mut rng, spec.elem, prob.batch, prob.n_k, kvh, dv, bhnd);
     // Poison the output: every valid row must be written.
     let o = HostTensor::bnhd(
-        vec![f64::NAN; prob.batch * prob.n_q * prob.heads * d],
+        vec![f64::NAN; prob.batch * prob.n_q * prob.heads * dv],
         prob.n_q,
         prob.heads,
-        d,
+        dv,
     );
     let scale = rng.random_range(0.5..2.0) / (d as f64).sqrt();
     let softcap = rng.random_range(0.5..3.0);
@@ -87,7 +87,21 @@ fn run_case(case: &Case, rewrite: fn(&mut TileProgram)) -> Result<Ran, String> {
         .iter()
         .map(|n| if n == "softcap" { softcap } else { scale })
         .collect();
-    let head_params: Vec<Vec<f64>> = prog.head_params.iter().map(|_| slopes.clone()).collect();
+    // A sink from well below the scores to well above them.
+    let sinks: Vec<f64> = (0..prob.heads)
+        .map(|_| rng.random_range(-3.0..4.0))
+        .collect();
+    let head_params: Vec<Vec<f64>> = prog
+        .head_params
+        .iter()
+        .map(|p| {
+            if p.name == "sink" {
+                sinks.clone()
+            } else {
+                slopes.clone()
+            }
+        })
+        .collect();
     let mut io = Bindings {
         tensors: vec![q.clone(), k.clone(), v.clone(), o],
         row_outputs: prog
@@ -191,6 +205,15 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             any::<bool>(),
             any::<bool>(),
             any::<bool>(),
+            // The value dim: the head dim's, or one of its own (192 / 128 style).
+            prop_oneof![
+                Just(None),
+                Just(Some(16u32)),
+                Just(Some(48)),
+                Just(Some(64))
+            ],
+            // No sink, a per-head sink logit, softmax1's `+1` (a sink of 0).
+            0usize..3,
         ),
         (0usize..3, 0usize..3, 0usize..3, 1usize..3),
         (
@@ -204,11 +227,12 @@ fn case_strategy() -> impl Strategy<Value = Case> {
     )
         .prop_map(
             |(
-                (d, f16, causal, window, alibi, softcap, lse),
+                (d, f16, causal, window, alibi, softcap, lse, dv, sink),
                 (bm_i, warps_i, bn_i, stages),
                 (batch, kvg, n_q, n_k, bhnd, seed),
             )| {
                 let mut spec = AttentionSpec::new(d, if f16 { Elem::F16 } else { Elem::Bf16 });
+                spec.value_dim = dv.unwrap_or(d);
                 spec.causal = causal;
                 spec.window = window;
                 if softcap {
@@ -218,6 +242,15 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     spec.score = spec.score.with_alibi();
                 }
                 spec.write_lse = lse;
+                spec.sink = match sink {
+                    0 => None,
+                    1 => {
+                        spec.score.head_params.push("sink".into());
+                        let id = spec.score.head_params.len() as u32 - 1;
+                        Some(ScalarExpr::Head(HeadParamId(id)))
+                    }
+                    _ => Some(ScalarExpr::Lit(0.0)),
+                };
                 let warps = [1u32, 2, 4][warps_i];
                 let block_m = 16 * warps * [1u32, 2, 4][bm_i].min(4 / warps.min(4)).max(1);
                 let block_n = [16u32, 32, 64][bn_i];

@@ -172,6 +172,7 @@ const EXAMPLES: &[&str] = &[
     "attention_alibi.ein",
     "attention_causal.ein",
     "attention_mha.ein",
+    "attention_mla.ein",
     "attention_sliding_window.ein",
     "attention_softcap.ein",
     "cross_attention.ein",
@@ -194,6 +195,7 @@ const EXAMPLES: &[&str] = &[
     "rmsnorm_gemm.ein",
     "sigmoid_attention.ein",
     "sink_attention.ein",
+    "softmax_plus_one.ein",
     "in/linear_left_first.ein",
 ];
 

@@ -25,7 +25,7 @@
 //!   `ldmatrix` 8x8 matrix hit 8 different bank groups, `cp.async` 16-byte writes stay
 //!   conflict-free, and a block is exactly the canonical 128-byte-swizzled layout that
 //!   `wgmma` reads through a matrix descriptor (tiles start on 1024-byte boundaries).
-//!   Requires `cols >= 64`.
+//!   Requires `cols` a multiple of 64.
 //! * **Loads** (`LoadTile`): each thread copies 16-byte chunks with
 //!   `cp.async.cg.shared.global ... 16, src_size`; rows past the sequence end get
 //!   `src_size = 0` (zero fill) and a clamped address. Requires `threads % chunks_per_row
@@ -243,9 +243,9 @@ impl<'a> Printer<'a> {
         let mut smem_offset = Vec::new();
         let mut off = 0u32;
         for (i, t) in prog.shared.iter().enumerate() {
-            if t.cols < 64 || !t.cols.is_power_of_two() {
+            if t.cols == 0 || !t.cols.is_multiple_of(64) {
                 return unsupported(format!(
-                    "shared tile {} needs a power-of-two width >= 64 elements for the swizzle",
+                    "shared tile {} needs a width of whole 64-element column blocks for the swizzle",
                     t.name
                 ));
             }

@@ -88,7 +88,11 @@ pub fn ptxas_for_test(test: &str) -> Option<PathBuf> {
 pub fn assemble(ptxas: &Path, ptx: &str, arch: &str) -> Result<PtxasReport, PtxasError> {
     let dir = std::env::temp_dir().join(format!("einattn-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let stamp = format!("{:x}", hash(ptx) ^ hash(arch));
+    // One name per call: two threads assembling the same PTX (tests of one process do)
+    // must not remove each other's file.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let stamp = format!("{call}-{arch}");
     let src = dir.join(format!("{stamp}.ptx"));
     let obj = dir.join(format!("{stamp}.cubin"));
     std::fs::write(&src, ptx)?;
@@ -113,16 +117,6 @@ pub fn assemble(ptxas: &Path, ptx: &str, arch: &str) -> Result<PtxasReport, Ptxa
         });
     }
     Ok(parse_report(arch, &log))
-}
-
-fn hash(s: &str) -> u64 {
-    // FNV-1a: only to name temporary files.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in s.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
 }
 
 fn number_before(text: &str, suffix: &str) -> Option<u32> {

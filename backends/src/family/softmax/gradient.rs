@@ -147,6 +147,20 @@ pub fn compile_gradient(
             "the backward kernels do not map masks that compare values (document masks)",
         ));
     }
+    if m.spec.sink.is_some() {
+        // The sink's own gradient (-sum over rows of P_sink * rowsum(dO * O)) is not one
+        // of the kernels' outputs.
+        return Err(not_mine(
+            "the backward kernels do not map a sink logit in the normalization",
+        ));
+    }
+    if m.spec.value_dim != m.spec.head_dim {
+        // dQ and dK share the probabilities' tiles with dV and dO at one width.
+        return Err(not_mine(format!(
+            "the backward kernels map one head dim for Q, K and V (here {} and {})",
+            m.spec.head_dim, m.spec.value_dim
+        )));
+    }
     let bound = bind(&m, grad)?;
     let mut spec = m.spec.clone();
     if let Some(elem) = options.elem {

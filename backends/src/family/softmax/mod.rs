@@ -198,6 +198,7 @@ pub(super) fn module_of(
         ("n_k", m.n_k),
         ("kv_group", m.kv_group),
         ("head_dim", u64::from(spec.head_dim)),
+        ("value_dim", u64::from(spec.value_dim)),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -208,8 +209,8 @@ pub(super) fn module_of(
     let k = &schedule.kernel;
     let mut family = json!({
         "problem": {"batch": m.batch, "heads": m.heads, "n_q": m.n_q, "n_k": m.n_k,
-                    "head_dim": spec.head_dim, "elem": spec.elem.name(),
-                    "causal": spec.causal, "window": spec.window},
+                    "head_dim": spec.head_dim, "value_dim": spec.value_dim,
+                    "elem": spec.elem.name(), "causal": spec.causal, "window": spec.window},
         "schedule": {"block_m": k.block_m, "block_n": k.block_n, "warps": k.warps,
                      "stages": k.stages, "q_in_registers": k.q_in_registers,
                      "skip_unit_rescale": k.skip_unit_rescale},
@@ -275,7 +276,7 @@ impl Compiled for SoftmaxKernels {
 
     fn interpreter_work(&self) -> u64 {
         let m = &self.schedule.matched;
-        m.batch * m.heads * m.n_q * m.n_k * u64::from(m.spec.head_dim) * 2
+        m.batch * m.heads * m.n_q * m.n_k * u64::from(m.spec.head_dim + m.spec.value_dim)
     }
 
     fn formula_work(&self) -> Option<u64> {
@@ -297,8 +298,8 @@ impl Compiled for SoftmaxKernels {
     }
 }
 
-/// FLOPs of the attention the band masks leave: 4 per visible (query, key) pair and head
-/// dim (value masks leave fewer, depending on the inputs).
+/// FLOPs of the attention the band masks leave: 2 per visible (query, key) pair and column
+/// of Q . K, 2 per pair and column of P V (value masks leave fewer, depending on the inputs).
 pub fn visible_flops(m: &AttentionMatch) -> f64 {
     let masks = m.spec.masks();
     let n = m.n_k as i64;
@@ -315,5 +316,5 @@ pub fn visible_flops(m: &AttentionMatch) -> f64 {
             (hi - lo + 1).max(0) as f64
         })
         .sum();
-    4.0 * (m.batch * m.heads) as f64 * visible * f64::from(m.spec.head_dim)
+    2.0 * (m.batch * m.heads) as f64 * visible * f64::from(m.spec.head_dim + m.spec.value_dim)
 }

@@ -69,6 +69,15 @@ pub fn plan_kernels(
             "plan kernels of this family for masks that compare values (document masks)".into(),
         );
     }
+    let spec = &schedule.matched.spec;
+    if spec.sink.is_some() {
+        // Each rank's partial would count the sink's term once.
+        return Err("plan kernels of this family for a sink logit".into());
+    }
+    if spec.value_dim != spec.head_dim {
+        // The epilogue's merge and the transfers of the partial numerators are as wide as Q.
+        return Err("plan kernels of this family for a value dim other than the head dim".into());
+    }
     if schedule.matched.kv_group > 1 {
         // The plans' partial and epilogue kernels and their K/V transfers are per head.
         return Err("plan kernels of this family for grouped-query attention (K/V heads shared by several query heads)".into());

@@ -163,13 +163,27 @@ impl Score {
         if *self == Score::scaled().with_softcap().with_alibi() {
             return "_softcap_alibi".into();
         }
-        // FNV-1a of the printed tree: different modifiers get different entry points.
-        let mut h: u32 = 0x811c_9dc5;
-        for b in format!("{:?}", self.expr).bytes() {
-            h = (h ^ b as u32).wrapping_mul(0x0100_0193);
-        }
-        format!("_s{h:08x}")
+        format!("_s{:08x}", fnv1a(&format!("{:?}", self.expr)))
     }
+}
+
+/// The tag of a sink logit in kernel names: `_sink` for a head array or a scalar, `_plus1`
+/// for softmax1's 0, else a hash of the expression.
+fn sink_tag(sink: &ScalarExpr) -> String {
+    match sink {
+        ScalarExpr::Head(_) | ScalarExpr::Scalar(_) => "_sink".into(),
+        ScalarExpr::Lit(x) if *x == 0.0 => "_plus1".into(),
+        other => format!("_sink{:08x}", fnv1a(&format!("{other:?}"))),
+    }
+}
+
+/// FNV-1a of a printed expression: different expressions get different entry points.
+fn fnv1a(text: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in text.bytes() {
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    h
 }
 
 /// The tag of a value mask in kernel names.
@@ -189,7 +203,10 @@ fn value_mask_tag(m: &ValueMask) -> String {
 /// `O = softmax(s) V`, optionally `LSE = log sum exp s`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionSpec {
+    /// The width of Q and K (the contracted dimension).
     pub head_dim: u32,
+    /// The width of V and O (192 / 128 in DeepSeek's multi-head latent attention).
+    pub value_dim: u32,
     pub elem: Elem,
     /// `m <= p` (top-left aligned, as PyTorch's `is_causal`).
     pub causal: bool,
@@ -211,12 +228,18 @@ pub struct AttentionSpec {
     /// (natural-log units, `-inf` for a row that saw no key) and sum `sum_m exp(s - max)`
     /// as row outputs `max` and `sum`: the statistics a log-sum-exp merge combines.
     pub partial: bool,
+    /// A sink logit (natural-log units; uniform along a row: literals, and the scalars and
+    /// head arrays of [`AttentionSpec::score`] by its ids) that joins the softmax
+    /// normalization without a value: `O = sum_m exp(s_m) V_m / (exp(sink) + sum_m
+    /// exp(s_m))`. A per-head learned sink (gpt-oss), or 0 for softmax1's `+1`.
+    pub sink: Option<ScalarExpr>,
 }
 
 impl AttentionSpec {
     pub fn new(head_dim: u32, elem: Elem) -> AttentionSpec {
         AttentionSpec {
             head_dim,
+            value_dim: head_dim,
             elem,
             causal: false,
             window: None,
@@ -227,6 +250,7 @@ impl AttentionSpec {
             write_lse: false,
             query_offset: false,
             partial: false,
+            sink: None,
         }
     }
     pub fn masks(&self) -> Vec<BandMask> {
@@ -242,7 +266,12 @@ impl AttentionSpec {
     }
     /// A short name used for kernel entry points.
     pub fn kernel_name(&self) -> String {
-        let mut s = format!("einattn_fwd_d{}_{}", self.head_dim, self.elem.name());
+        let mut s = format!("einattn_fwd_d{}", self.head_dim);
+        if self.value_dim != self.head_dim {
+            s.push_str(&format!("v{}", self.value_dim));
+        }
+        s.push('_');
+        s.push_str(self.elem.name());
         if self.causal {
             s.push_str("_causal");
         }
@@ -260,6 +289,9 @@ impl AttentionSpec {
             s.push_str(&value_mask_tag(m));
         }
         s.push_str(&self.score.tag());
+        if let Some(sink) = &self.sink {
+            s.push_str(&sink_tag(sink));
+        }
         if self.write_lse {
             s.push_str("_lse");
         }
@@ -271,6 +303,17 @@ impl AttentionSpec {
         }
         s
     }
+    /// The sink logit of a row of head `head_values` belongs to, in f64 (the reference's).
+    pub fn sink_logit(&self, scalars: &[f64], head_values: &[f64]) -> Option<f64> {
+        let sink = self.sink.as_ref()?;
+        let score = Score {
+            expr: sink.clone(),
+            ..self.score.clone()
+        };
+        // Uniform: no dot product or position.
+        Some(score.eval(0.0, 0.0, 0.0, scalars, head_values))
+    }
+
     /// True when the score is anything but `scale * q.k`.
     pub fn modifies_score(&self) -> bool {
         self.score.scaled_dot().is_none()
@@ -349,12 +392,20 @@ pub fn flash_attention(
             "a partial kernel writes its max and sum, not the log-sum-exp".into(),
         ));
     }
-    if !spec.head_dim.is_multiple_of(16) || spec.head_dim == 0 {
+    if spec.partial && spec.sink.is_some() {
+        // Every partial would count the sink's term once: the merge would count it P times.
         return Err(TileError::Unsupported(
-            "head_dim must be a multiple of 16".into(),
+            "a partial kernel of attention with a sink logit".into(),
         ));
     }
-    let d = spec.head_dim;
+    for (what, dim) in [("head_dim", spec.head_dim), ("value_dim", spec.value_dim)] {
+        if !dim.is_multiple_of(16) || dim == 0 {
+            return Err(TileError::Unsupported(format!(
+                "{what} must be a multiple of 16"
+            )));
+        }
+    }
+    let (d, dv) = (spec.head_dim, spec.value_dim);
     let mut p = TileProgram {
         query_offset: spec.query_offset,
         ..TileProgram::new(
@@ -369,31 +420,31 @@ pub fn flash_attention(
             },
         )
     };
-    let tensor = |p: &mut TileProgram, name: &str, rows, is_output| {
+    let tensor = |p: &mut TileProgram, name: &str, rows, head_dim, is_output| {
         p.tensors.push(TensorParam {
             name: name.into(),
             elem: spec.elem,
             rows,
-            head_dim: d,
+            head_dim,
             is_output,
         });
         TensorId(p.tensors.len() as u32 - 1)
     };
-    let q = tensor(&mut p, "q", SeqRank::Query, false);
-    let k = tensor(&mut p, "k", SeqRank::Key, false);
-    let v = tensor(&mut p, "v", SeqRank::Key, false);
+    let q = tensor(&mut p, "q", SeqRank::Query, d, false);
+    let k = tensor(&mut p, "k", SeqRank::Key, d, false);
+    let v = tensor(&mut p, "v", SeqRank::Key, dv, false);
     let o = if spec.partial {
         // The numerator stays in f32: a merge rescales it before anything rounds it.
         p.tensors.push(TensorParam {
             name: "o".into(),
             elem: Elem::F32,
             rows: SeqRank::Query,
-            head_dim: d,
+            head_dim: dv,
             is_output: true,
         });
         TensorId(p.tensors.len() as u32 - 1)
     } else {
-        tensor(&mut p, "o", SeqRank::Query, true)
+        tensor(&mut p, "o", SeqRank::Query, dv, true)
     };
     let lse = spec.write_lse.then(|| {
         p.row_outputs.push(RowOutput { name: "lse".into() });
@@ -426,19 +477,19 @@ pub fn flash_attention(
         });
     p.value_masks = spec.value_masks.clone();
 
-    let shared = |p: &mut TileProgram, name: &str, rows, rank| {
+    let shared = |p: &mut TileProgram, name: &str, rows, cols, rank| {
         p.shared.push(SharedTile {
             name: name.into(),
             rows,
-            cols: d,
+            cols,
             elem: spec.elem,
             rank,
         });
         SharedId(p.shared.len() as u32 - 1)
     };
-    let q_s = shared(&mut p, "q_s", sched.block_m, SeqRank::Query);
-    let k_s = shared(&mut p, "k_s", sched.block_n, SeqRank::Key);
-    let v_s = shared(&mut p, "v_s", sched.block_n, SeqRank::Key);
+    let q_s = shared(&mut p, "q_s", sched.block_m, d, SeqRank::Query);
+    let k_s = shared(&mut p, "k_s", sched.block_n, d, SeqRank::Key);
+    let v_s = shared(&mut p, "v_s", sched.block_n, dv, SeqRank::Key);
     let reg = |p: &mut TileProgram, name: &str, cols, col_rank, kind| {
         p.regs.push(RegTile {
             name: name.into(),
@@ -462,7 +513,7 @@ pub fn flash_attention(
         ColRank::Key,
         RegKind::AOperand(spec.elem),
     );
-    let acc = reg(&mut p, "acc", d, ColRank::HeadDim, RegKind::Accumulator);
+    let acc = reg(&mut p, "acc", dv, ColRank::HeadDim, RegKind::Accumulator);
     let q_frag = sched.q_in_registers.then(|| {
         reg(
             &mut p,
@@ -514,14 +565,38 @@ pub fn flash_attention(
         dst: acc,
         value: 0.0,
     });
-    body.push(Stmt::FillRow {
-        dst: m_run,
-        value: f64::NEG_INFINITY,
-    });
-    body.push(Stmt::FillRow {
-        dst: l_run,
-        value: 0.0,
-    });
+    match &spec.sink {
+        // The sink is a key seen before the first: the running max starts at its logit (in
+        // the kept terms' log2 units) and the sum at its exp(sink - max) = 1.
+        Some(sink) => {
+            let in_log2 = mul(sink.clone(), lit(LOG2_E));
+            let kept = row_logit.iter().fold(in_log2, |acc, (n, t)| {
+                if *n {
+                    add(acc, t.clone())
+                } else {
+                    sub(acc, t.clone())
+                }
+            });
+            body.push(Stmt::RowMap {
+                dst: m_run,
+                expr: kept,
+            });
+            body.push(Stmt::FillRow {
+                dst: l_run,
+                value: 1.0,
+            });
+        }
+        None => {
+            body.push(Stmt::FillRow {
+                dst: m_run,
+                value: f64::NEG_INFINITY,
+            });
+            body.push(Stmt::FillRow {
+                dst: l_run,
+                value: 0.0,
+            });
+        }
+    }
 
     let mut lp = vec![
         Stmt::LoadTile { dst: k_s, src: k },

@@ -131,7 +131,7 @@ impl AttentionMatch {
             prob.batch,
             prob.n_q,
             prob.heads,
-            self.spec.head_dim as usize,
+            self.spec.value_dim as usize,
         )
     }
 }
@@ -146,6 +146,11 @@ enum Range {
     /// Tiles up to and including `m1` (a state at step `m1 + 1`).
     Through,
     All,
+    /// The sink: one extra logit per row, uniform along it (a per-head parameter, or 0 for
+    /// the `+1` of softmax1), that joins the max and the denominator but has no value.
+    Sink,
+    /// Every key and the sink.
+    AllSink,
 }
 
 /// What a tensor (or subexpression) holds, per (batch, head, query) point.
@@ -157,6 +162,8 @@ enum Sym {
     Max(Range),
     /// `s - max over the range`, per key.
     Centered(Range),
+    /// `sink - max over the range`.
+    SinkCentered(Range),
     /// `max over a - max over b`.
     MaxDiff(Range, Range),
     /// `exp(s - max over the range)`, per key.
@@ -171,13 +178,17 @@ enum Sym {
         over: Range,
         v: bool,
     },
-    /// Softmax weights, per key (and times `V` when `v`).
+    /// Softmax weights, per key (and times `V` when `v`); `sink`: the denominator has the
+    /// sink's term.
     Norm {
         v: bool,
+        sink: bool,
     },
     V,
-    /// The attention output.
-    Out,
+    /// The attention output (`sink`: normalized with the sink's term).
+    Out {
+        sink: bool,
+    },
 }
 
 impl Sym {
@@ -187,12 +198,15 @@ impl Sym {
             Range::Before => "tiles < m1",
             Range::Through => "tiles <= m1",
             Range::All => "all keys",
+            Range::Sink => "the sink",
+            Range::AllSink => "all keys and the sink",
         };
         match self {
             Sym::Val(e) if has_dot(e) => "score s(p, m)".into(),
             Sym::Val(_) => "uniform value".into(),
             Sym::Max(a) => format!("max of s over {}", r(a)),
             Sym::Centered(a) => format!("s - max over {}", r(a)),
+            Sym::SinkCentered(a) => format!("sink - max over {}", r(a)),
             Sym::MaxDiff(a, b) => format!("max over {} - max over {}", r(a), r(b)),
             Sym::Exp(a) => format!("exp(s - max over {})", r(a)),
             Sym::ExpV(a) => format!("exp(s - max over {}) * V", r(a)),
@@ -203,10 +217,16 @@ impl Sym {
                 r(rr),
                 if *v { " * V" } else { "" }
             ),
-            Sym::Norm { v: false } => "softmax weights".into(),
-            Sym::Norm { v: true } => "softmax weights * V".into(),
+            Sym::Norm { v, sink } => format!(
+                "softmax weights{}{}",
+                if *sink { " (with the sink)" } else { "" },
+                if *v { " * V" } else { "" }
+            ),
             Sym::V => "V".into(),
-            Sym::Out => "softmax(s) V (the attention output)".into(),
+            Sym::Out { sink: false } => "softmax(s) V (the attention output)".into(),
+            Sym::Out { sink: true } => {
+                "softmax(s, sink) V (the attention output, with a sink logit)".into()
+            }
         }
     }
 }
@@ -302,6 +322,8 @@ struct Reader<'c> {
     v: Handle<Tensor>,
     meanings: HashMap<Handle<Tensor>, Meaning>,
     score: Option<ScalarExpr>,
+    /// The sink logit (uniform along a row), fixed where it is first read.
+    sink: Option<ScalarExpr>,
     masks: Vec<BandMask>,
     /// Inputs read only by value masks, the ones the masks read so far (the kernel's token
     /// inputs, in order) and the masks.
@@ -539,6 +561,7 @@ impl<'c> Reader<'c> {
             v,
             meanings: HashMap::new(),
             score: None,
+            sink: None,
             masks: Vec::new(),
             mask_inputs,
             tokens: Vec::new(),
@@ -983,6 +1006,17 @@ impl<'c> Reader<'c> {
                 match (op, a) {
                     (ir::UnaryOp::Exp, Sym::Centered(r)) => Sym::Exp(r),
                     (ir::UnaryOp::Exp, Sym::MaxDiff(a, b)) => Sym::Rescale(a, b),
+                    // The sink's term of the denominator: a sum over the sink alone.
+                    (ir::UnaryOp::Exp, Sym::SinkCentered(r)) => Sym::Sum {
+                        r,
+                        over: Range::Sink,
+                        v: false,
+                    },
+                    // `exp(-M)`: the `+1` of softmax1, a sink logit of 0.
+                    (ir::UnaryOp::Neg, Sym::Max(r)) => {
+                        self.fix_sink(&ex::lit(0.0))?;
+                        Sym::SinkCentered(r)
+                    }
                     (op, Sym::Val(x)) => Sym::Val(ex::un(tile_unary(*op), x)),
                     (op, s) => {
                         return self.err(format!(
@@ -1004,8 +1038,17 @@ impl<'c> Reader<'c> {
                         self.fix_score(x)?;
                         Some(Sym::Centered(*r))
                     }
+                    (B::Sub, Sym::Val(u), Sym::Max(r)) => {
+                        self.fix_sink(u)?;
+                        Some(Sym::SinkCentered(*r))
+                    }
                     (B::Sub, Sym::Max(x), Sym::Max(y)) => Some(Sym::MaxDiff(*x, *y)),
                     (B::Max, Sym::Max(x), Sym::Max(y)) => union(*x, *y).map(Sym::Max),
+                    // A uniform value in a max of the scores is the sink logit.
+                    (B::Max, Sym::Max(x), Sym::Val(u)) | (B::Max, Sym::Val(u), Sym::Max(x)) => {
+                        self.fix_sink(u)?;
+                        union(*x, Range::Sink).map(Sym::Max)
+                    }
                     (
                         B::Add,
                         Sym::Sum { r, over, v },
@@ -1020,22 +1063,16 @@ impl<'c> Reader<'c> {
                     (B::Mul, x, y) => product(x, y).or_else(|| product(y, x)),
                     (
                         B::Div,
-                        Sym::Exp(_),
+                        Sym::Exp(_) | Sym::ExpV(_),
                         Sym::Sum {
-                            over: Range::All,
+                            over: over @ (Range::All | Range::AllSink),
                             v: false,
                             ..
                         },
-                    ) => self.same_ref(&a, &b).then_some(Sym::Norm { v: false }),
-                    (
-                        B::Div,
-                        Sym::ExpV(_),
-                        Sym::Sum {
-                            over: Range::All,
-                            v: false,
-                            ..
-                        },
-                    ) => self.same_ref(&a, &b).then_some(Sym::Norm { v: true }),
+                    ) => self.same_ref(&a, &b).then_some(Sym::Norm {
+                        v: matches!(a, Sym::ExpV(_)),
+                        sink: *over == Range::AllSink,
+                    }),
                     (
                         B::Div,
                         Sym::Sum {
@@ -1045,10 +1082,12 @@ impl<'c> Reader<'c> {
                         },
                         Sym::Sum {
                             r: r2,
-                            over: Range::All,
+                            over: over @ (Range::All | Range::AllSink),
                             v: false,
                         },
-                    ) if r == r2 => Some(Sym::Out),
+                    ) if r == r2 => Some(Sym::Out {
+                        sink: *over == Range::AllSink,
+                    }),
                     _ => None,
                 };
                 match combined {
@@ -1072,6 +1111,35 @@ impl<'c> Reader<'c> {
             _ => None,
         };
         r(a).is_some() && r(a) == r(b)
+    }
+
+    /// The first place a sink logit is read fixes it; later ones must agree. It is uniform
+    /// along a row: literals, scalars and per-head parameters.
+    fn fix_sink(&mut self, x: &ScalarExpr) -> Result<(), Diagnostic> {
+        let mut uniform = true;
+        x.visit(&mut |e| {
+            uniform &= matches!(
+                e,
+                ScalarExpr::Lit(_)
+                    | ScalarExpr::Scalar(_)
+                    | ScalarExpr::Head(_)
+                    | ScalarExpr::Unary(..)
+                    | ScalarExpr::Binary(..)
+            )
+        });
+        if !uniform {
+            return self.err(
+                "a value beside the scores' max (a sink logit) must be uniform along a row: literals, scalars and per-head parameters",
+            );
+        }
+        match &self.sink {
+            None => {
+                self.sink = Some(x.clone());
+                Ok(())
+            }
+            Some(s) if s == x => Ok(()),
+            Some(_) => self.err("the max and the denominator must use the same sink logit"),
+        }
     }
 
     /// The first place the score is consumed (max or exp) fixes it; later ones must agree.
@@ -1113,16 +1181,18 @@ impl<'c> Reader<'c> {
                 over,
                 v: true,
             }),
-            (ReduceOp::Sum, Sym::Norm { v: true }) if !is_outer && !is_inner => Some(Sym::Out),
+            (ReduceOp::Sum, Sym::Norm { v: true, sink }) if !is_outer && !is_inner => {
+                Some(Sym::Out { sink: *sink })
+            }
             (
                 ReduceOp::Sum,
                 Sym::Sum {
-                    r: Range::All,
+                    r: r @ (Range::All | Range::AllSink),
                     over: Range::Tile,
                     v,
                 },
             ) if is_outer => Some(Sym::Sum {
-                r: Range::All,
+                r: *r,
                 over: Range::All,
                 v: *v,
             }),
@@ -1220,8 +1290,8 @@ impl<'c> Reader<'c> {
             ));
         };
         let ot = &c.tensors[o];
-        match self.meanings.get(&o) {
-            Some(Meaning::Plain(Sym::Out)) => {}
+        let with_sink = match self.meanings.get(&o) {
+            Some(Meaning::Plain(Sym::Out { sink })) => *sink,
             other => {
                 let what = match other {
                     Some(Meaning::Plain(s)) => s.describe(),
@@ -1232,7 +1302,7 @@ impl<'c> Reader<'c> {
                     ot.span,
                 ));
             }
-        }
+        };
         let mut expected: Vec<Handle<Rank>> = [self.roles.batch, self.roles.head, self.roles.query]
             .into_iter()
             .flatten()
@@ -1266,25 +1336,22 @@ impl<'c> Reader<'c> {
                 ));
             }
         }
-        let d = c.ranks[self.roles.head_dim].extent;
-        if c.ranks[self.roles.value_dim].extent != d {
-            return Err(not_mappable(
-                "the value dimension must equal the head dimension",
-                c.tensors[self.v].span,
-            ));
-        }
         let score = self
             .score
             .clone()
             .ok_or_else(|| not_mappable("the score is never reduced by a max", Span::UNKNOWN))?;
-        let head_dim = u32::try_from(d).ok().filter(|&d| d <= 256).ok_or_else(|| {
-            Diagnostic::error(
-                DiagnosticKind::UnsupportedShape,
-                format!("the softmax kernel maps head dims up to 256 (got {d})"),
-                Span::UNKNOWN,
-            )
-        })?;
-        let mut spec = AttentionSpec::new(head_dim, elem);
+        let width = |rank: Handle<Rank>, what: &str| {
+            let d = c.ranks[rank].extent;
+            u32::try_from(d).ok().filter(|&d| d <= 256).ok_or_else(|| {
+                Diagnostic::error(
+                    DiagnosticKind::UnsupportedShape,
+                    format!("the softmax kernel maps {what}s up to 256 (got {d})"),
+                    c.ranks[rank].span,
+                )
+            })
+        };
+        let mut spec = AttentionSpec::new(width(self.roles.head_dim, "head dim")?, elem);
+        spec.value_dim = width(self.roles.value_dim, "value dim")?;
         for m in &self.masks {
             let window = u32::try_from(m.bound).ok().and_then(|b| b.checked_add(1));
             match (m.direction, window) {
@@ -1320,6 +1387,9 @@ impl<'c> Reader<'c> {
             .map(|&t| self.name(t).to_string())
             .collect();
         spec.value_masks = self.value_masks.clone();
+        // A sink only in the max changes nothing: the kernel normalizes with it only when
+        // the output's denominator has its term.
+        spec.sink = if with_sink { self.sink.clone() } else { None };
         let tokens = self
             .tokens
             .iter()
@@ -1382,7 +1452,10 @@ impl<'c> Reader<'c> {
 fn product(a: &Sym, b: &Sym) -> Option<Sym> {
     match (a, b) {
         (Sym::Exp(r), Sym::V) => Some(Sym::ExpV(*r)),
-        (Sym::Norm { v: false }, Sym::V) => Some(Sym::Norm { v: true }),
+        (Sym::Norm { v: false, sink }, Sym::V) => Some(Sym::Norm {
+            v: true,
+            sink: *sink,
+        }),
         (Sym::Sum { r, over, v }, Sym::Rescale(from, to)) if r == from => Some(Sym::Sum {
             r: *to,
             over: *over,
@@ -1411,6 +1484,7 @@ fn same_affine(a: &IndexExpr, b: &IndexExpr) -> bool {
 fn union(a: Range, b: Range) -> Option<Range> {
     match (a, b) {
         (Range::Before, Range::Tile) | (Range::Tile, Range::Before) => Some(Range::Through),
+        (Range::All, Range::Sink) | (Range::Sink, Range::All) => Some(Range::AllSink),
         _ => None,
     }
 }

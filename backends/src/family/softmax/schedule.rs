@@ -10,7 +10,7 @@
 
 use super::recognize::{recognize, AttentionMatch};
 
-use super::program::{AttentionSchedule, AttentionSpec};
+use super::program::{AttentionSchedule, AttentionSpec, Score};
 use super::split::split_count;
 use crate::tile::{key_tile_range, Elem, Loads, MmaUnit};
 use crate::Target;
@@ -96,12 +96,17 @@ impl Schedule {
         );
         let _ = writeln!(
             s,
-            "problem: batch {} x heads {} x queries {} x keys {}, head dim {}, {}",
+            "problem: batch {} x heads {} x queries {} x keys {}, head dim {}{}, {}",
             m.batch,
             m.heads,
             m.n_q,
             m.n_k,
             spec.head_dim,
+            if spec.value_dim == spec.head_dim {
+                String::new()
+            } else {
+                format!(" (value dim {})", spec.value_dim)
+            },
             spec.elem.name()
         );
         if m.roles.kv_split.is_some() {
@@ -206,6 +211,17 @@ impl Schedule {
             }
         );
         let _ = writeln!(s, "score: {}", spec.score.describe());
+        if let Some(sink) = &spec.sink {
+            let logit = Score {
+                expr: sink.clone(),
+                ..spec.score.clone()
+            };
+            let _ = writeln!(
+                s,
+                "sink: logit {} in the normalization (no value): the running max starts at it, the running sum at 1",
+                logit.describe()
+            );
+        }
         let _ = writeln!(
             s,
             "accumulators: f32 (scores and output), running max and sum per row"
@@ -266,7 +282,9 @@ fn tensor_maps_fit(m: &AttentionMatch) -> bool {
         .iter()
         .all(|&(stride, extent)| extent <= 1 || (stride > 0 && (stride * bytes).is_multiple_of(16)))
     };
-    (u64::from(m.spec.head_dim) * bytes).is_multiple_of(u64::from(crate::tile::TMA_BOX_BYTES))
+    [m.spec.head_dim, m.spec.value_dim]
+        .iter()
+        .all(|&d| (u64::from(d) * bytes).is_multiple_of(u64::from(crate::tile::TMA_BOX_BYTES)))
         && fits(&m.q, m.heads)
         && fits(&m.k, kv_heads)
         && fits(&m.v, kv_heads)
@@ -501,6 +519,7 @@ fn shape_is_legal(spec: &AttentionSpec, k: &AttentionSchedule) -> bool {
         && [16, 32, 64, 128].contains(&k.block_n)
         && (2..=4).contains(&k.stages)
         && spec.head_dim.is_multiple_of(16)
+        && spec.value_dim.is_multiple_of(16)
 }
 
 /// The cost model. A CTA walks its key tiles; each tile costs the larger of its tensor-core
@@ -512,12 +531,13 @@ fn shape_is_legal(spec: &AttentionSpec, k: &AttentionSchedule) -> bool {
 /// are rejected.
 pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Option<Estimate> {
     let spec = &m.spec;
-    let d = spec.head_dim as u64;
+    // Q . K runs over `d` columns, P V and the output over `dv`.
+    let (d, dv) = (spec.head_dim as u64, spec.value_dim as u64);
     let rows16 = (k.block_m / k.warps / 16) as u64;
     // Fragments: scores (m16 x n8 tiles, 4 f32 each), output accumulator, and Q when it
     // stays in registers. P reuses the scores' registers after conversion.
     let score_regs = rows16 * (k.block_n as u64 / 8) * 4;
-    let out_regs = rows16 * (d / 8) * 4;
+    let out_regs = rows16 * (dv / 8) * 4;
     let q_regs = if k.q_in_registers {
         rows16 * (d / 16) * 4
     } else {
@@ -532,8 +552,9 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // Few threads issue many cp.async per key tile, each with its own address: past 32
     // per thread (4 warps loading 128 x 128 K and V tiles) they take registers too (one
     // warp loading 128-key tiles at d=128 spilled, ptxas 2026-12-04).
-    let loads_per_thread =
-        (2 * k.block_n as u64 * d * spec.elem.bytes() as u64 / 16 / (32 * k.warps as u64)) as u32;
+    let loads_per_thread = (k.block_n as u64 * (d + dv) * spec.elem.bytes() as u64
+        / 16
+        / (32 * k.warps as u64)) as u32;
     let overhead = match k.mma {
         MmaUnit::Sync => 40 + loads_per_thread.saturating_sub(32),
         MmaUnit::Warpgroup => 16 + k.block_n / 4,
@@ -551,8 +572,8 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
         return None;
     }
     let elem_bytes = spec.elem.bytes() as u64;
-    let shared =
-        ((k.block_m as u64 + 2 * k.stages as u64 * k.block_n as u64) * d * elem_bytes) as u32;
+    let shared = ((k.block_m as u64 * d + k.stages as u64 * k.block_n as u64 * (d + dv))
+        * elem_bytes) as u32;
     let smem_per_sm = gpu.shared_memory_per_sm as u32;
     if shared > smem_per_sm {
         return None;
@@ -579,21 +600,21 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // Each warp reads the whole K and V tiles from shared memory as B fragments (ldmatrix,
     // 128 B/clock/SM), plus Q's A fragments when Q is not register-resident; within a warp
     // those reads only half overlap its MMAs.
-    let smem_bytes = k.warps as f64 * 2.0 * bn * d as f64 * elem_bytes as f64
+    let smem_bytes = k.warps as f64 * bn * (d + dv) as f64 * elem_bytes as f64
         + if k.q_in_registers {
             0.0
         } else {
             bm * d as f64 * elem_bytes as f64
         };
     let tile_mma = match k.mma {
-        MmaUnit::Sync => 4.0 * bm * bn * d as f64 / mma_flops + 0.5 * smem_bytes / 128.0,
+        MmaUnit::Sync => 2.0 * bm * bn * (d + dv) as f64 / mma_flops + 0.5 * smem_bytes / 128.0,
         // wgmma reads its operands from shared memory itself (no ldmatrix), at about 0.75
         // of the dense peak when the accumulators are large enough to hide its latency.
         // Each tile also pays two round trips through the asynchronous unit (the softmax
         // waits for S = QK^T, the next tile's QK^T for P V), about 150 clocks each; with
         // small key tiles that latency, not the arithmetic, sets the pace.
         MmaUnit::Warpgroup => {
-            4.0 * bm * bn * d as f64 / (mma_flops * 0.75 / (0.65 * 771.0 / 989.0)) + 300.0
+            2.0 * bm * bn * (d + dv) as f64 / (mma_flops * 0.75 / (0.65 * 771.0 / 989.0)) + 300.0
         }
     };
     let extra_ops = if spec.modifies_score() { 6.0 } else { 0.0 };
@@ -601,9 +622,9 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // the row max and sum shuffles, and the barrier and cp.async wait of the stage ring.
     let tile_softmax = bm * bn / sfu_ops
         + bm * bn * (10.0 + extra_ops) / alu_flops
-        + bm * d as f64 / alu_flops
+        + bm * dv as f64 / alu_flops
         + 300.0;
-    let tile_load = 2.0 * bn * d as f64 * elem_bytes as f64 / l2_bytes;
+    let tile_load = bn * (d + dv) as f64 * elem_bytes as f64 / l2_bytes;
     let (bound, _) = [
         ("tensor cores", tile_mma),
         ("exp/ALU", tile_softmax),
@@ -628,7 +649,8 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // each query tile's key loop across CTAs, merged by a second small kernel. A kernel
     // that writes its log-sum-exp keeps one CTA per tile.
     // Value masks stay unsplit too (their token reads assume one key loop per query tile).
-    let splits = if spec.write_lse || !spec.value_masks.is_empty() {
+    // So does a sink: each split would count its term.
+    let splits = if spec.write_lse || !spec.value_masks.is_empty() || spec.sink.is_some() {
         1
     } else {
         split_count(
@@ -679,7 +701,7 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     let fixed = waves * 2.0 * tile_load * resident as f64;
     // The merge: a launch, and every split's f32 numerator read once.
     let merge = if splits > 1 {
-        let bytes = (m.batch * m.heads * m.n_q * d * 4 * u64::from(splits)) as f64;
+        let bytes = (m.batch * m.heads * m.n_q * dv * 4 * u64::from(splits)) as f64;
         5e-6 * clock + bytes / (l2_bytes * sms)
     } else {
         0.0

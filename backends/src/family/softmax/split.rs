@@ -83,7 +83,7 @@ pub fn merge_program(
     if splits == 0 {
         return Err(TileError::Invalid("a merge of no splits".into()));
     }
-    let d = spec.head_dim;
+    let d = spec.value_dim;
     // One warp per 16 query rows: decoding has few rows, and the merge is light.
     let mut p = TileProgram {
         row_inputs: ["max", "sum"]
@@ -250,7 +250,7 @@ pub(super) fn split_modules(
     let num = format!("{o_name}_split_numerator");
     let max_name = format!("{o_name}_split_max");
     let sum_name = format!("{o_name}_split_sum");
-    let d = u64::from(spec.head_dim);
+    let d = u64::from(spec.value_dim);
     let s = u64::from(splits);
     let rows = m.batch * m.heads * m.n_q;
     let numerator = ContractTensor {
@@ -323,7 +323,8 @@ pub(super) fn split_modules(
         ("n_q", m.n_q),
         ("n_k", m.n_k),
         ("kv_group", m.kv_group),
-        ("head_dim", d),
+        ("head_dim", u64::from(spec.head_dim)),
+        ("value_dim", d),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -345,7 +346,7 @@ pub(super) fn split_modules(
             scratch: stats("read by the merge"),
             names,
             requires: vec![],
-            family: json!({"merge_of_splits": splits, "head_dim": d, "elem": spec.elem.name()}),
+            family: json!({"merge_of_splits": splits, "value_dim": d, "elem": spec.elem.name()}),
         },
     )?;
     tensors_to_scratch(&mut second, &[num], &what_num)?;
