@@ -779,3 +779,52 @@ fn value_masks_the_kernel_cannot_read_are_refused() {
     assert_eq!(m.spec.value_masks.len(), 1);
     assert_eq!(m.tokens[0].stride_seq, 1);
 }
+
+/// A sink logit is read where it joins the max and the denominator, as the same uniform
+/// value; anything else is refused with the reason. A sink in the max alone is the plain
+/// softmax (the max's value does not change the output).
+#[test]
+fn sink_logits_are_read_or_refused_with_a_reason() {
+    let path = format!(
+        "{}/../examples/sink_attention.ein",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let src = std::fs::read_to_string(&path).expect("example exists");
+    let denominator = "O[b, p, h, f]  = EV[b, h, p, f] / (L[b, h, p] + exp(sink[h] - G[b, h, p]))";
+    assert!(src.contains(denominator));
+    let refused = |text: String, want: &str| refused_with(&path, &text, want);
+    // The max and the denominator name different sinks.
+    refused(
+        src.replace(
+            denominator,
+            "O[b, p, h, f]  = EV[b, h, p, f] / (L[b, h, p] + exp(2 * sink[h] - G[b, h, p]))",
+        ),
+        "same sink logit",
+    );
+    // A sink that varies along the row (with the query position) is not one logit.
+    refused(
+        src.replace(
+            "G[b, h, p]     = max(GS[b, h, p], sink[h])",
+            "G[b, h, p]     = max(GS[b, h, p], sink[h] * p)",
+        ),
+        "uniform along a row",
+    );
+    // The sink in the max only: plain softmax.
+    let c = einattn_dsl::compile_source(
+        &path,
+        &src.replace(denominator, "O[b, p, h, f]  = EV[b, h, p, f] / L[b, h, p]"),
+        &[],
+    )
+    .expect("valid");
+    let m = recognize(&c).expect("recognized");
+    assert_eq!(m.spec.sink, None);
+    // As written, the per-head parameter.
+    let m = recognize(&load("sink_attention", &[])).expect("recognized");
+    assert_eq!(
+        m.spec.sink,
+        Some(einattn_backends::tile::ScalarExpr::Head(
+            einattn_backends::tile::HeadParamId(0)
+        ))
+    );
+    assert_eq!(m.spec.score.head_params, vec!["sink".to_string()]);
+}
