@@ -1,7 +1,7 @@
 //! Naive softmax attention in f64: the formula the tile programs and GPU kernels are
 //! checked against. Independent of the Tile IR on purpose.
 
-use crate::family::softmax::program::AttentionSpec;
+use crate::family::softmax::program::{AttentionSpec, Normalization};
 use crate::tile::interp::{HostTensor, Problem};
 
 /// Host inputs of one attention call.
@@ -66,6 +66,11 @@ fn attention_row(
     row: (usize, usize, usize),
     out: &mut [f64],
 ) -> f64 {
+    if spec.normalization == Normalization::None {
+        weighted_row(spec, prob, x, row, out);
+        // No normalization, no log-sum-exp.
+        return f64::NAN;
+    }
     let (mut mx, mut denom) = partial_row(spec, prob, x, row, out);
     let head_values: Vec<f64> = x.head_params.iter().map(|v| v[row.2]).collect();
     if let Some(sink) = spec.sink_logit(x.scalars, &head_values) {
@@ -91,6 +96,66 @@ fn attention_row(
     mx + denom.ln()
 }
 
+/// One query row of attention without normalization: `out = sum over visible keys m of
+/// w(q.k_m) v_m`, the score being the weight.
+fn weighted_row(
+    spec: &AttentionSpec,
+    prob: Problem,
+    x: &AttentionInputs,
+    (b, p, h): (usize, usize, usize),
+    out: &mut [f64],
+) {
+    let hk = h / prob.kv_group;
+    let dv = spec.value_dim as usize;
+    for (m, w) in row_scores(spec, prob, x, (b, p, h)).into_iter().enumerate() {
+        let Some(w) = w else { continue };
+        let vo = x.v.offset(b, m, hk);
+        for (o, v) in out.iter_mut().zip(&x.v.data[vo..vo + dv]) {
+            *o += w * v;
+        }
+    }
+}
+
+/// The score of each key for one query row, `None` where a mask hides the key.
+fn row_scores(
+    spec: &AttentionSpec,
+    prob: Problem,
+    x: &AttentionInputs,
+    (b, p, h): (usize, usize, usize),
+) -> Vec<Option<f64>> {
+    let d = spec.head_dim as usize;
+    let hk = h / prob.kv_group;
+    let masks = spec.masks();
+    let head_values: Vec<f64> = x.head_params.iter().map(|v| v[h]).collect();
+    let qo = x.q.offset(b, p, h);
+    let pos = (p + x.q_offset) as i64;
+    (0..prob.n_k)
+        .map(|m| {
+            if !masks.iter().all(|mk| mk.allows(pos, m as i64)) {
+                return None;
+            }
+            let token = |t: crate::tile::TokenId, at: crate::tile::TokenAt| {
+                let x = &x.tokens[t.index()];
+                let n = if at == crate::tile::TokenAt::Row {
+                    p
+                } else {
+                    m
+                };
+                x.data[x.offset(b, n, h)]
+            };
+            if !spec.value_masks.iter().all(|vm| vm.keeps(token)) {
+                return None;
+            }
+            let ko = x.k.offset(b, m, hk);
+            let dot: f64 = (0..d).map(|c| x.q.data[qo + c] * x.k.data[ko + c]).sum();
+            Some(
+                spec.score
+                    .eval(dot, pos as f64, m as f64, x.scalars, &head_values),
+            )
+        })
+        .collect()
+}
+
 /// One query row's statistics over the keys of `x`: adds `sum_m exp(s_m - max) v_m` into
 /// `out` (zeros) and returns `(max, sum_m exp(s_m - max))`; `(-inf, 0)` when no key is
 /// visible.
@@ -101,45 +166,19 @@ fn partial_row(
     (b, p, h): (usize, usize, usize),
     out: &mut [f64],
 ) -> (f64, f64) {
-    let (d, dv) = (spec.head_dim as usize, spec.value_dim as usize);
+    let dv = spec.value_dim as usize;
     let hk = h / prob.kv_group;
-    let masks = spec.masks();
-    let head_values: Vec<f64> = x.head_params.iter().map(|v| v[h]).collect();
-    let qo = x.q.offset(b, p, h);
-    let pos = (p + x.q_offset) as i64;
-    let mut logits = vec![f64::NEG_INFINITY; prob.n_k];
-    let mut mx = f64::NEG_INFINITY;
-    for (m, l) in logits.iter_mut().enumerate() {
-        if !masks.iter().all(|mk| mk.allows(pos, m as i64)) {
-            continue;
-        }
-        let token = |t: crate::tile::TokenId, at: crate::tile::TokenAt| {
-            let x = &x.tokens[t.index()];
-            let n = if at == crate::tile::TokenAt::Row {
-                p
-            } else {
-                m
-            };
-            x.data[x.offset(b, n, h)]
-        };
-        if !spec.value_masks.iter().all(|vm| vm.keeps(token)) {
-            continue;
-        }
-        let ko = x.k.offset(b, m, hk);
-        let dot: f64 = (0..d).map(|c| x.q.data[qo + c] * x.k.data[ko + c]).sum();
-        *l = spec
-            .score
-            .eval(dot, pos as f64, m as f64, x.scalars, &head_values);
-        mx = mx.max(*l);
-    }
+    let logits = row_scores(spec, prob, x, (b, p, h));
+    let mx = logits
+        .iter()
+        .flatten()
+        .fold(f64::NEG_INFINITY, |a, &l| a.max(l));
     if mx == f64::NEG_INFINITY {
         return (mx, 0.0);
     }
     let mut denom = 0.0;
     for (m, l) in logits.iter().enumerate() {
-        if *l == f64::NEG_INFINITY {
-            continue;
-        }
+        let Some(l) = l else { continue };
         let w = (l - mx).exp();
         denom += w;
         let vo = x.v.offset(b, m, hk);

@@ -16,8 +16,9 @@ use einattn_ir::interp::{evaluate_in_order, random_inputs};
 use einattn_ir::validate::topological_order;
 use proptest::prelude::*;
 
-const SOFTMAX_EXAMPLES: [&str; 14] = [
+const SOFTMAX_EXAMPLES: [&str; 15] = [
     "attention_1pass",
+    "sigmoid_attention",
     "attention_mla",
     "sink_attention",
     "softmax_plus_one",
@@ -138,7 +139,8 @@ fn non_attention_cascades_are_refused_with_a_reason() {
 #[test]
 fn tile_program_matches_the_interpreter_on_every_example() {
     // Small sizes keep the f64 interpreter fast; tails and several tiles are exercised.
-    let cases: [(&str, &[(&str, u64)]); 14] = [
+    let cases: [(&str, &[(&str, u64)]); 15] = [
+        ("sigmoid_attention", &[("N", 90), ("D", 16), ("H", 3)]),
         ("sink_attention", &[("N", 90), ("D", 16), ("H", 3)]),
         (
             "softmax_plus_one",
@@ -827,4 +829,36 @@ fn sink_logits_are_read_or_refused_with_a_reason() {
         ))
     );
     assert_eq!(m.spec.score.head_params, vec!["sink".to_string()]);
+}
+
+/// Weights without normalization: a decay quadratic in the distance (which the linear
+/// family refuses) read as `w = q.k * exp(-s[h] (p - m)^2)`; its tile program computes what
+/// the cascade interpreter computes, under the causal mask and ragged tails.
+#[test]
+fn unnormalized_weights_match_the_interpreter() {
+    let path = format!(
+        "{}/../tests/filetests/linear_forms/decay_quadratic.ein",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let src = std::fs::read_to_string(&path).expect("case exists");
+    let defines = vec![("N".to_string(), 70), ("D".to_string(), 16)];
+    let c = einattn_dsl::compile_source(&path, &src, &defines)
+        .unwrap_or_else(|d| panic!("{}", d.render(&path, &src)));
+    let m = recognize(&c).expect("recognized");
+    assert_eq!(
+        m.spec.normalization,
+        einattn_backends::family::softmax::Normalization::None
+    );
+    let kernel = AttentionSchedule {
+        block_m: 32,
+        block_n: 16,
+        warps: 2,
+        stages: 2,
+        q_in_registers: false,
+        skip_unit_rescale: false,
+        mma: MmaUnit::Sync,
+        loads: Loads::Cooperative,
+    };
+    let err = tile_vs_interpreter(&c, kernel, 3);
+    assert!(err < 1e-2, "relative error {err}");
 }

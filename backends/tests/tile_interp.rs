@@ -1,12 +1,16 @@
 //! The Tile IR attention program, run by the CPU interpreter, equals the naive formula for
 //! random shapes, layouts, masks, score modifiers and tile sizes (ragged tails included).
 
-use einattn_backends::family::softmax::{flash_attention, AttentionSchedule, AttentionSpec};
+use einattn_backends::family::softmax::{
+    flash_attention, AttentionSchedule, AttentionSpec, Normalization,
+};
 use einattn_backends::reference::{alibi_slopes, attention, relative_error, AttentionInputs};
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
 use einattn_backends::tile::Elem;
 use einattn_backends::tile::Loads;
-use einattn_backends::tile::{HeadParamId, MmaUnit, ScalarExpr, Stmt, TileProgram};
+use einattn_backends::tile::{
+    HeadParamId, MmaUnit, ScalarExpr, ScalarId, Stmt, TileProgram, UnaryOp,
+};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -77,6 +81,7 @@ fn run_case(case: &Case, rewrite: fn(&mut TileProgram)) -> Result<Ran, String> {
     );
     let scale = rng.random_range(0.5..2.0) / (d as f64).sqrt();
     let softcap = rng.random_range(0.5..3.0);
+    let bias = rng.random_range(-3.0..1.0);
     let slopes = alibi_slopes(prob.heads);
     let (mut prog, bind) = flash_attention(&spec, &sched).map_err(|e| e.to_string())?;
     rewrite(&mut prog);
@@ -85,7 +90,11 @@ fn run_case(case: &Case, rewrite: fn(&mut TileProgram)) -> Result<Ran, String> {
         .score
         .scalars
         .iter()
-        .map(|n| if n == "softcap" { softcap } else { scale })
+        .map(|n| match n.as_str() {
+            "softcap" => softcap,
+            "bias" => bias,
+            _ => scale,
+        })
         .collect();
     // A sink from well below the scores to well above them.
     let sinks: Vec<f64> = (0..prob.heads)
@@ -212,8 +221,9 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 Just(Some(48)),
                 Just(Some(64))
             ],
-            // No sink, a per-head sink logit, softmax1's `+1` (a sink of 0).
-            0usize..3,
+            // No sink, a per-head sink logit, softmax1's `+1` (a sink of 0), or no
+            // normalization (sigmoid weights).
+            0usize..4,
         ),
         (0usize..3, 0usize..3, 0usize..3, 1usize..3),
         (
@@ -249,7 +259,24 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                         let id = spec.score.head_params.len() as u32 - 1;
                         Some(ScalarExpr::Head(HeadParamId(id)))
                     }
-                    _ => Some(ScalarExpr::Lit(0.0)),
+                    2 => Some(ScalarExpr::Lit(0.0)),
+                    _ => {
+                        // w = sigmoid(logit + bias), summed without normalization.
+                        use einattn_backends::tile::ex;
+                        spec.score.scalars.push("bias".into());
+                        let bias = ex::scalar(ScalarId(spec.score.scalars.len() as u32 - 1));
+                        let logit = ex::add(spec.score.expr.clone(), bias);
+                        spec.score.expr = ex::div(
+                            ex::lit(1.0),
+                            ex::add(
+                                ex::lit(1.0),
+                                ex::un(UnaryOp::Exp, ex::un(UnaryOp::Neg, logit)),
+                            ),
+                        );
+                        spec.normalization = Normalization::None;
+                        spec.write_lse = false;
+                        None
+                    }
                 };
                 let warps = [1u32, 2, 4][warps_i];
                 let block_m = 16 * warps * [1u32, 2, 4][bm_i].min(4 / warps.min(4)).max(1);
@@ -297,6 +324,8 @@ proptest! {
     /// and ragged tails.
     #[test]
     fn row_reduce_map_equals_map_mask_reduce(case in case_strategy()) {
+        // Weights without normalization have no row reduction.
+        prop_assume!(case.spec.normalization == Normalization::Softmax);
         let plain = run_case(&case, |_| {}).map_err(TestCaseError::fail)?;
         let fused = run_case(&case, |p| {
             assert!(reduce_maps(&mut p.body) > 0, "no map-mask-reduce in {}", p.name);

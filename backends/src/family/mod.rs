@@ -6,8 +6,9 @@
 //! for each ([`Module`]). [`FAMILIES`] is the order they are tried in; adding a family is
 //! its folder and one line there.
 //!
-//! - [`softmax`]: softmax attention in any pass structure (FlashAttention-style kernel);
 //! - [`linear`]: linear attention with decays and gates (Lightning-style kernels);
+//! - [`softmax`]: softmax attention in any pass structure (FlashAttention-style kernel),
+//!   and attention whose weights are an element-wise map of the score (sigmoid attention);
 //! - [`projection`]: row statistics (max, rescaled sums) of a long GEMM's rows, one pass
 //!   (a language model head's log-partition and entropy);
 //! - [`general`]: every other valid cascade, one point kernel per Einsum, recurrence or
@@ -39,10 +40,12 @@ use std::collections::{BTreeMap, HashMap};
 
 /// The families, in the order a cascade is offered to them.
 /// The general lowering comes last: it compiles every valid cascade, the others only what
-/// they recognize, faster.
+/// they recognize, faster. Linear attention comes before softmax: the softmax family also
+/// reads `O = sum_m w(q.k) V` without normalization (sigmoid attention), which includes
+/// linear attention, but in the quadratic form; the linear family's kernels are O(N).
 pub static FAMILIES: &[&dyn KernelFamily] = &[
-    &softmax::Softmax,
     &linear::Linear,
+    &softmax::Softmax,
     &projection::Projection,
     &general::General,
 ];
@@ -373,6 +376,18 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
         }
     }
     Err(CompileError::Unmapped(reasons))
+}
+
+/// Why each family passed a cascade over, one line each: what it reads the cascade as,
+/// then its reasons (for a later family's `--emit schedule`).
+pub(crate) fn reasons_in_words(reasons: &[(&'static str, Vec<Diagnostic>)]) -> Vec<String> {
+    reasons
+        .iter()
+        .map(|(what, ds)| {
+            let why: Vec<&str> = ds.iter().map(|d| d.message.as_str()).collect();
+            format!("{what}: {}", why.join("; "))
+        })
+        .collect()
 }
 
 /// The kernels a family's backward fast path builds for `einattn grad`'s cascade (which

@@ -338,13 +338,7 @@ impl Compiled for GeneralKernels {
     }
 
     fn passed_over(&mut self, reasons: &[(&'static str, Vec<Diagnostic>)]) {
-        self.passed_over = reasons
-            .iter()
-            .map(|(what, ds)| {
-                let why: Vec<&str> = ds.iter().map(|d| d.message.as_str()).collect();
-                format!("{what}: {}", why.join("; "))
-            })
-            .collect();
+        self.passed_over = super::reasons_in_words(reasons);
     }
 
     fn plan_modules(

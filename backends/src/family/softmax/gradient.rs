@@ -11,7 +11,7 @@
 //! first with its log-sum-exp output, into scratch.
 
 use super::backward::{dkdv_program, dq_program, names, BackwardSchedule, Statistics};
-use super::{recognize, visible_flops, AttentionMatch, Running};
+use super::{recognize, visible_flops, AttentionMatch, Normalization, Running};
 use crate::abi::{Dtype, LaunchContract, Scratch, Source, TensorRole};
 use crate::family::GradientKernels;
 use crate::family::{
@@ -145,6 +145,12 @@ pub fn compile_gradient(
         // The backward programs recompute probabilities under band masks only.
         return Err(not_mine(
             "the backward kernels do not map masks that compare values (document masks)",
+        ));
+    }
+    if m.spec.normalization == Normalization::None {
+        // The backward programs differentiate the softmax.
+        return Err(not_mine(
+            "the backward kernels map softmax attention, not weights without normalization",
         ));
     }
     if m.spec.sink.is_some() {

@@ -14,7 +14,7 @@ pub mod recognize;
 pub mod schedule;
 pub mod split;
 
-pub use program::{flash_attention, AttentionSchedule, AttentionSpec};
+pub use program::{flash_attention, AttentionSchedule, AttentionSpec, Normalization};
 pub use recognize::{recognize, AttentionMatch, Roles, Running};
 pub use schedule::{schedule, Schedule, ScheduleOptions};
 
@@ -27,7 +27,7 @@ use crate::plan::Plan;
 use crate::print_ptx;
 use crate::tile::BandDirection;
 use einattn_ir::cascade::Cascade;
-use einattn_ir::validate::DiagnosticKind;
+use einattn_ir::validate::{Diagnostic, DiagnosticKind};
 use einattn_passes::analysis::GpuModel;
 use serde_json::json;
 
@@ -125,6 +125,7 @@ pub fn compile_softmax(
             cascade,
             schedule,
             modules,
+            passed_over: Vec::new(),
         })
     }
 }
@@ -248,6 +249,8 @@ pub struct SoftmaxKernels {
     cascade: Cascade,
     pub schedule: Schedule,
     modules: Vec<Module>,
+    /// Why the families before this one did not take the cascade, one line each.
+    passed_over: Vec<String>,
 }
 
 impl Compiled for SoftmaxKernels {
@@ -264,7 +267,19 @@ impl Compiled for SoftmaxKernels {
     }
 
     fn explain(&self) -> String {
-        self.schedule.explain()
+        let mut text = self.schedule.explain();
+        // Weights without normalization include linear attention, which the linear family
+        // computes in O(N): say why it did not take this cascade.
+        if self.schedule.spec().normalization == Normalization::None {
+            for line in &self.passed_over {
+                text.push_str(&format!("not {line}\n"));
+            }
+        }
+        text
+    }
+
+    fn passed_over(&mut self, reasons: &[(&'static str, Vec<Diagnostic>)]) {
+        self.passed_over = super::reasons_in_words(reasons);
     }
 
     fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {

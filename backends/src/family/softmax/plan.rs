@@ -9,7 +9,7 @@
 //! be what the kernel writes: rows `[B, H, N_q]` and the numerator `[B, H, N_q, F]`
 //! (missing batch or head ranks dropped). The epilogue must be `O = num / den`.
 
-use super::program::Score;
+use super::program::{Normalization, Score};
 use super::{build_module, AttentionSpec, Schedule};
 use crate::abi::{
     Axis, ContractParam, ContractTensor, Dtype, GridAxis, LaunchContract, ParamType, Scratch,
@@ -70,6 +70,10 @@ pub fn plan_kernels(
         );
     }
     let spec = &schedule.matched.spec;
+    if spec.normalization == Normalization::None {
+        // The partials and the epilogue merge by log-sum-exp.
+        return Err("plan kernels of this family for attention without normalization".into());
+    }
     if spec.sink.is_some() {
         // Each rank's partial would count the sink's term once.
         return Err("plan kernels of this family for a sink logit".into());

@@ -199,8 +199,19 @@ fn value_mask_tag(m: &ValueMask) -> String {
     )
 }
 
+/// How the scores become the weights of V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Normalization {
+    /// `softmax(s)`: the score is a logit.
+    Softmax,
+    /// None: the score is the weight itself, an element-wise map of `q.k` (sigmoid
+    /// attention's `sigmoid(scale * q.k + bias)`), and `O = sum_m w_m V_m`.
+    None,
+}
+
 /// What to compute: logits `s = score(q.k, p, m)`; masked keys are excluded;
-/// `O = softmax(s) V`, optionally `LSE = log sum exp s`.
+/// `O = softmax(s) V`, optionally `LSE = log sum exp s` (or `O = sum_m s V` without
+/// normalization).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttentionSpec {
     /// The width of Q and K (the contracted dimension).
@@ -233,6 +244,7 @@ pub struct AttentionSpec {
     /// normalization without a value: `O = sum_m exp(s_m) V_m / (exp(sink) + sum_m
     /// exp(s_m))`. A per-head learned sink (gpt-oss), or 0 for softmax1's `+1`.
     pub sink: Option<ScalarExpr>,
+    pub normalization: Normalization,
 }
 
 impl AttentionSpec {
@@ -251,6 +263,7 @@ impl AttentionSpec {
             query_offset: false,
             partial: false,
             sink: None,
+            normalization: Normalization::Softmax,
         }
     }
     pub fn masks(&self) -> Vec<BandMask> {
@@ -291,6 +304,9 @@ impl AttentionSpec {
         s.push_str(&self.score.tag());
         if let Some(sink) = &self.sink {
             s.push_str(&sink_tag(sink));
+        }
+        if self.normalization == Normalization::None {
+            s.push_str("_unnormalized");
         }
         if self.write_lse {
             s.push_str("_lse");
@@ -390,6 +406,16 @@ pub fn flash_attention(
     if spec.partial && spec.write_lse {
         return Err(TileError::Unsupported(
             "a partial kernel writes its max and sum, not the log-sum-exp".into(),
+        ));
+    }
+    if spec.normalization == Normalization::None && (spec.partial || spec.write_lse) {
+        return Err(TileError::Unsupported(
+            "attention without normalization has no log-sum-exp or partial statistics".into(),
+        ));
+    }
+    if spec.normalization == Normalization::None && spec.sink.is_some() {
+        return Err(TileError::Unsupported(
+            "a sink logit needs the softmax normalization".into(),
         ));
     }
     if spec.partial && spec.sink.is_some() {
@@ -523,6 +549,64 @@ pub fn flash_attention(
             RegKind::AOperand(spec.elem),
         )
     });
+    if spec.normalization == Normalization::None {
+        // The weights need no row statistics: map the scores, zero what the masks hide,
+        // and accumulate P V; the output is the sum itself.
+        let mut body = vec![Stmt::LoadTile { dst: q_s, src: q }];
+        let a_op = match q_frag {
+            Some(f) => {
+                body.push(Stmt::Fragments { dst: f, src: q_s });
+                AOperand::Reg(f)
+            }
+            None => AOperand::Shared(q_s),
+        };
+        body.push(Stmt::Fill {
+            dst: acc,
+            value: 0.0,
+        });
+        let weight = sigmoids_by_tanh(&substitute_dot(&spec.score.expr, s));
+        body.push(Stmt::KeyLoop {
+            block_n: sched.block_n,
+            masks: spec.masks(),
+            body: vec![
+                Stmt::LoadTile { dst: k_s, src: k },
+                Stmt::LoadTile { dst: v_s, src: v },
+                Stmt::Fill { dst: s, value: 0.0 },
+                Stmt::Contract {
+                    acc: s,
+                    a: a_op,
+                    b: k_s,
+                    b_layout: BLayout::RowsAreN,
+                },
+                Stmt::Map {
+                    dst: s,
+                    expr: weight,
+                },
+                Stmt::Mask { dst: s, fill: 0.0 },
+                Stmt::Convert { dst: pf, src: s },
+                Stmt::Contract {
+                    acc,
+                    a: AOperand::Reg(pf),
+                    b: v_s,
+                    b_layout: BLayout::RowsAreK,
+                },
+            ],
+        });
+        body.push(Stmt::Store { src: acc, dst: o });
+        p.body = body;
+        p.validate()?;
+        return Ok((
+            p,
+            AttentionBindings {
+                q,
+                k,
+                v,
+                o,
+                lse,
+                stats,
+            },
+        ));
+    }
     let new_row = |p: &mut TileProgram, name: &str| {
         p.rows.push(RowVec { name: name.into() });
         RowId(p.rows.len() as u32 - 1)
@@ -846,6 +930,57 @@ fn fold_literals(factor: &ScalarExpr) -> ScalarExpr {
 }
 
 /// Replaces the dot-product placeholder of a [`Score`] with the score register.
+/// `1 / (1 + exp(-y))` as `0.5 + 0.5 * tanh(y / 2)` wherever it appears: the same value,
+/// but one `tanh.approx` and two FMAs on the GPU rather than an exponential and an IEEE
+/// division per score (sigmoid attention's weights).
+fn sigmoids_by_tanh(e: &ScalarExpr) -> ScalarExpr {
+    let sigmoid_of = |denominator: &ScalarExpr| -> Option<ScalarExpr> {
+        let ScalarExpr::Binary(BinaryOp::Add, a, b) = denominator else {
+            return None;
+        };
+        let exp = match (&**a, &**b) {
+            (ScalarExpr::Lit(one), x) | (x, ScalarExpr::Lit(one)) if *one == 1.0 => x,
+            _ => return None,
+        };
+        match exp {
+            ScalarExpr::Unary(UnaryOp::Exp, arg) => match &**arg {
+                ScalarExpr::Unary(UnaryOp::Neg, y) => Some((**y).clone()),
+                _ => None,
+            },
+            _ => None,
+        }
+    };
+    let by_tanh = |y: ScalarExpr| add(lit(0.5), mul(lit(0.5), tanh(mul(lit(0.5), y))));
+    match e {
+        ScalarExpr::Binary(BinaryOp::Div, n, d) if matches!(**n, ScalarExpr::Lit(x) if x == 1.0) => {
+            match sigmoid_of(d) {
+                Some(y) => by_tanh(sigmoids_by_tanh(&y)),
+                None => div(sigmoids_by_tanh(n), sigmoids_by_tanh(d)),
+            }
+        }
+        ScalarExpr::Unary(UnaryOp::Recip, d) => match sigmoid_of(d) {
+            Some(y) => by_tanh(sigmoids_by_tanh(&y)),
+            None => recip(sigmoids_by_tanh(d)),
+        },
+        ScalarExpr::Unary(op, a) => un(*op, sigmoids_by_tanh(a)),
+        ScalarExpr::Binary(op, a, b) => bin(*op, sigmoids_by_tanh(a), sigmoids_by_tanh(b)),
+        ScalarExpr::Select {
+            op,
+            lhs,
+            rhs,
+            then,
+            otherwise,
+        } => select(
+            *op,
+            sigmoids_by_tanh(lhs),
+            sigmoids_by_tanh(rhs),
+            sigmoids_by_tanh(then),
+            sigmoids_by_tanh(otherwise),
+        ),
+        other => other.clone(),
+    }
+}
+
 fn substitute_dot(e: &ScalarExpr, s: RegId) -> ScalarExpr {
     match e {
         ScalarExpr::Elem(DOT) => elem(s),

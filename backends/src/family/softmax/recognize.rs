@@ -13,7 +13,7 @@
 // A failed compile builds one diagnostic; boxing it would only add noise to every `?`.
 #![allow(clippy::result_large_err)]
 
-use super::program::{AttentionSpec, Score, DOT};
+use super::program::{AttentionSpec, Normalization, Score, DOT};
 use crate::family::Layout;
 use crate::tile::{
     ex, BandDirection, BandMask, Elem, HeadParamId, ScalarExpr, ScalarId, SeqRank, TokenAt,
@@ -189,6 +189,11 @@ enum Sym {
     Out {
         sink: bool,
     },
+    /// `w(s) * V` per key: an element-wise map of the score weighting V with no
+    /// normalization (sigmoid attention).
+    WeightV(ScalarExpr),
+    /// `sum over the range of w(s) V`; over all keys, the unnormalized attention output.
+    Weighted(Range),
 }
 
 impl Sym {
@@ -227,6 +232,11 @@ impl Sym {
             Sym::Out { sink: true } => {
                 "softmax(s, sink) V (the attention output, with a sink logit)".into()
             }
+            Sym::WeightV(_) => "w(s) * V (weights by an element-wise map of s)".into(),
+            Sym::Weighted(Range::All) => {
+                "sum over all keys of w(s) V (the attention output, unnormalized)".into()
+            }
+            Sym::Weighted(a) => format!("sum over {} of w(s) V", r(a)),
         }
     }
 }
@@ -324,6 +334,8 @@ struct Reader<'c> {
     score: Option<ScalarExpr>,
     /// The sink logit (uniform along a row), fixed where it is first read.
     sink: Option<ScalarExpr>,
+    /// The weight `w(s)` of an unnormalized output, fixed where it is first summed.
+    weight: Option<ScalarExpr>,
     masks: Vec<BandMask>,
     /// Inputs read only by value masks, the ones the masks read so far (the kernel's token
     /// inputs, in order) and the masks.
@@ -562,6 +574,7 @@ impl<'c> Reader<'c> {
             meanings: HashMap::new(),
             score: None,
             sink: None,
+            weight: None,
             masks: Vec::new(),
             mask_inputs,
             tokens: Vec::new(),
@@ -1142,6 +1155,18 @@ impl<'c> Reader<'c> {
         }
     }
 
+    /// The first sum of `w(s) V` fixes the weight; later ones must agree.
+    fn fix_weight(&mut self, w: &ScalarExpr) -> Result<(), Diagnostic> {
+        match &self.weight {
+            None => {
+                self.weight = Some(w.clone());
+                Ok(())
+            }
+            Some(x) if x == w => Ok(()),
+            Some(_) => self.err("every sum of weights times V must use the same weights"),
+        }
+    }
+
     /// The first place the score is consumed (max or exp) fixes it; later ones must agree.
     fn fix_score(&mut self, x: &ScalarExpr) -> Result<(), Diagnostic> {
         match &self.score {
@@ -1183,6 +1208,13 @@ impl<'c> Reader<'c> {
             }),
             (ReduceOp::Sum, Sym::Norm { v: true, sink }) if !is_outer && !is_inner => {
                 Some(Sym::Out { sink: *sink })
+            }
+            (ReduceOp::Sum, Sym::WeightV(w)) if !is_outer => {
+                self.fix_weight(w)?;
+                Some(Sym::Weighted(over))
+            }
+            (ReduceOp::Sum, Sym::Weighted(Range::Tile)) if is_outer => {
+                Some(Sym::Weighted(Range::All))
             }
             (
                 ReduceOp::Sum,
@@ -1290,8 +1322,10 @@ impl<'c> Reader<'c> {
             ));
         };
         let ot = &c.tensors[o];
+        // `Some(sink)` for a softmax output, `None` for an unnormalized one.
         let with_sink = match self.meanings.get(&o) {
-            Some(Meaning::Plain(Sym::Out { sink })) => *sink,
+            Some(Meaning::Plain(Sym::Out { sink })) => Some(*sink),
+            Some(Meaning::Plain(Sym::Weighted(Range::All))) => None,
             other => {
                 let what = match other {
                     Some(Meaning::Plain(s)) => s.describe(),
@@ -1336,10 +1370,15 @@ impl<'c> Reader<'c> {
                 ));
             }
         }
-        let score = self
-            .score
-            .clone()
-            .ok_or_else(|| not_mappable("the score is never reduced by a max", Span::UNKNOWN))?;
+        let score = match with_sink {
+            Some(_) => self.score.clone().ok_or_else(|| {
+                not_mappable("the score is never reduced by a max", Span::UNKNOWN)
+            })?,
+            None => self
+                .weight
+                .clone()
+                .ok_or_else(|| not_mappable("the output sums no weights times V", Span::UNKNOWN))?,
+        };
         let width = |rank: Handle<Rank>, what: &str| {
             let d = c.ranks[rank].extent;
             u32::try_from(d).ok().filter(|&d| d <= 256).ok_or_else(|| {
@@ -1389,7 +1428,14 @@ impl<'c> Reader<'c> {
         spec.value_masks = self.value_masks.clone();
         // A sink only in the max changes nothing: the kernel normalizes with it only when
         // the output's denominator has its term.
-        spec.sink = if with_sink { self.sink.clone() } else { None };
+        spec.sink = if with_sink == Some(true) {
+            self.sink.clone()
+        } else {
+            None
+        };
+        if with_sink.is_none() {
+            spec.normalization = Normalization::None;
+        }
         let tokens = self
             .tokens
             .iter()
@@ -1452,6 +1498,7 @@ impl<'c> Reader<'c> {
 fn product(a: &Sym, b: &Sym) -> Option<Sym> {
     match (a, b) {
         (Sym::Exp(r), Sym::V) => Some(Sym::ExpV(*r)),
+        (Sym::Val(w), Sym::V) if has_dot(w) => Some(Sym::WeightV(w.clone())),
         (Sym::Norm { v: false, sink }, Sym::V) => Some(Sym::Norm {
             v: true,
             sink: *sink,

@@ -10,7 +10,7 @@
 
 use super::recognize::{recognize, AttentionMatch};
 
-use super::program::{AttentionSchedule, AttentionSpec, Score};
+use super::program::{AttentionSchedule, AttentionSpec, Normalization, Score};
 use super::split::split_count;
 use crate::tile::{key_tile_range, Elem, Loads, MmaUnit};
 use crate::Target;
@@ -210,7 +210,18 @@ impl Schedule {
                 masks.join(", ")
             }
         );
-        let _ = writeln!(s, "score: {}", spec.score.describe());
+        match spec.normalization {
+            Normalization::Softmax => {
+                let _ = writeln!(s, "score: {}", spec.score.describe());
+            }
+            Normalization::None => {
+                let _ = writeln!(
+                    s,
+                    "weights: {} (no normalization: no row max or sum; masked weights are 0)",
+                    spec.score.describe()
+                );
+            }
+        }
         if let Some(sink) = &spec.sink {
             let logit = Score {
                 expr: sink.clone(),
@@ -224,7 +235,11 @@ impl Schedule {
         }
         let _ = writeln!(
             s,
-            "accumulators: f32 (scores and output), running max and sum per row"
+            "accumulators: f32 (scores and output){}",
+            match spec.normalization {
+                Normalization::Softmax => ", running max and sum per row",
+                Normalization::None => "",
+            }
         );
         let _ = writeln!(s, "cascade read as:");
         for (name, what) in &m.reading {
@@ -650,7 +665,12 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // that writes its log-sum-exp keeps one CTA per tile.
     // Value masks stay unsplit too (their token reads assume one key loop per query tile).
     // So does a sink: each split would count its term.
-    let splits = if spec.write_lse || !spec.value_masks.is_empty() || spec.sink.is_some() {
+    // Unnormalized attention too: its merge would be a sum, not a log-sum-exp.
+    let splits = if spec.write_lse
+        || !spec.value_masks.is_empty()
+        || spec.sink.is_some()
+        || spec.normalization == Normalization::None
+    {
         1
     } else {
         split_count(
