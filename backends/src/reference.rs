@@ -135,13 +135,16 @@ fn row_scores(
                 return None;
             }
             let token = |t: crate::tile::TokenId, at: crate::tile::TokenAt| {
-                let x = &x.tokens[t.index()];
-                let n = if at == crate::tile::TokenAt::Row {
-                    p
-                } else {
-                    m
+                let data = &x.tokens[t.index()];
+                let n = match (at, spec.tokens[t.index()].extent) {
+                    // A table over the distance (clamped as the kernel clamps it).
+                    (_, Some(extent)) => at
+                        .distance(pos, m as i64)
+                        .map_or(0, |i| i.clamp(0, i64::from(extent) - 1) as usize),
+                    (crate::tile::TokenAt::Row, None) => p,
+                    (_, None) => m,
                 };
-                x.data[x.offset(b, n, h)]
+                data.data[data.offset(b, n, h)]
             };
             if !spec.value_masks.iter().all(|vm| vm.keeps(token)) {
                 return None;
@@ -150,7 +153,7 @@ fn row_scores(
             let dot: f64 = (0..d).map(|c| x.q.data[qo + c] * x.k.data[ko + c]).sum();
             Some(
                 spec.score
-                    .eval(dot, pos as f64, m as f64, x.scalars, &head_values),
+                    .eval(dot, (pos as f64, m as f64), x.scalars, &head_values, &token),
             )
         })
         .collect()

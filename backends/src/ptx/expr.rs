@@ -110,6 +110,45 @@ impl Printer<'_> {
                 self.acc_reg(*id, ctx.mt, nt, ctx.half * 2 + lo)
             }
             ScalarExpr::Row(id) => self.row_reg(*id, ctx.mt, ctx.half),
+            ScalarExpr::Token(id, at) if at.distance(0, 0).is_some() => {
+                // A table over the distance: `±(p - m) + c` for the element's absolute query
+                // and key positions, clamped into the table (outside it the element is
+                // masked).
+                let extent = self.prog.tokens[id.index()].extent.ok_or_else(|| {
+                    TileError::Invalid("a distance read of a token without an extent".into())
+                })?;
+                let (nt, lo) = ctx.col.ok_or_else(|| {
+                    TileError::Invalid("a distance token in a row expression".into())
+                })?;
+                if !self.in_loop || self.prog.sequential {
+                    return Err(TileError::Invalid(
+                        "distance tokens are read in the key loop of a query-tiled program".into(),
+                    ));
+                }
+                let (key, pos) = (self.r(), self.r());
+                self.ins(format!("add.s32 {key}, %kcol, {};", nt * 8 + lo));
+                self.ins(format!(
+                    "add.s32 {pos}, %prowpos0, {};",
+                    ctx.mt * 16 + ctx.half * 8
+                ));
+                let (minuend, subtrahend, c) = match at {
+                    TokenAt::QueryMinusKey(c) => (&pos, &key, *c),
+                    TokenAt::KeyMinusQuery(c) => (&key, &pos, *c),
+                    _ => unreachable!("a distance read"),
+                };
+                let at = self.r();
+                self.ins(format!("sub.s32 {at}, {minuend}, {subtrahend};"));
+                self.ins(format!("add.s32 {at}, {at}, {c};"));
+                self.ins(format!("max.s32 {at}, {at}, 0;"));
+                self.ins(format!("min.s32 {at}, {at}, {};", extent.saturating_sub(1)));
+                let addr = self.rd();
+                self.ins(format!("cvt.u64.u32 {addr}, {at};"));
+                self.ins(format!("mul.lo.u64 {addr}, {addr}, %tkrs{};", id.0));
+                self.ins(format!("add.u64 {addr}, {addr}, %tkbase{};", id.0));
+                let v = self.f();
+                self.ins(format!("ld.global.nc.f32 {v}, [{addr}];"));
+                v
+            }
             ScalarExpr::Token(id, at) => {
                 let sequential = self.prog.sequential;
                 // Outside a sequential program a row reads at its query position (also
@@ -166,6 +205,9 @@ impl Printer<'_> {
                     }
                     TokenAt::Before => {
                         self.ins(format!("sub.s32 {pos}, %korg, 1;"));
+                    }
+                    TokenAt::QueryMinusKey(_) | TokenAt::KeyMinusQuery(_) => {
+                        unreachable!("distance reads are printed above")
                     }
                 }
                 // Past the end: the last token (those elements are masked); before the

@@ -788,6 +788,19 @@ impl Cta<'_> {
                 } else {
                     self.prob.n_q
                 };
+                if let Some(extent) = self.prog.tokens[id.index()].extent {
+                    // A table over the distance, read at the clamped position.
+                    let c = c.ok_or_else(|| {
+                        TileError::Invalid("a distance token in a row expression".into())
+                    })?;
+                    let p = (self.p0 + self.q_offset + r) as i64;
+                    let m = (self.key_origin + c) as i64;
+                    let t = at
+                        .distance(p, m)
+                        .ok_or_else(|| TileError::Invalid("a table read at no distance".into()))?
+                        .clamp(0, i64::from(extent) - 1) as usize;
+                    return Ok(vals[self.b * sb + t * sn + self.h * sh]);
+                }
                 let pos = match at {
                     TokenAt::Row if !self.prog.sequential => Some(self.p0 + r),
                     TokenAt::Row => Some(self.key_origin + r),
@@ -799,6 +812,9 @@ impl Cta<'_> {
                     ),
                     TokenAt::Last => Some((self.key_origin + bm).min(n) - 1),
                     TokenAt::Before => self.key_origin.checked_sub(1),
+                    TokenAt::QueryMinusKey(_) | TokenAt::KeyMinusQuery(_) => {
+                        return invalid("a distance read of a token without an extent")
+                    }
                 };
                 match pos {
                     // Rows and columns past the end read the last token (they are masked).

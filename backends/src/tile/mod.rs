@@ -115,6 +115,10 @@ pub struct TensorParam {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenParam {
     pub name: String,
+    /// The token count of an input read at a distance ([`TokenAt::QueryMinusKey`], a
+    /// table over `p - m`), into which those reads are clamped; `None`: a sequence's
+    /// (`N_q` or `N_k`).
+    pub extent: Option<u32>,
 }
 
 /// A mask that compares per-token values (a document mask: `SEG[b, p] == SEG[b, m]`): the
@@ -155,6 +159,23 @@ pub enum TokenAt {
     Last,
     /// The token before the tile (the value is 0 before the first token).
     Before,
+    /// The token at `p - m + c` for the element's query position `p` and key position `m`
+    /// (a relative-position bias table); reads outside the table's extent are clamped into
+    /// it (their elements are masked). Query-tiled programs only.
+    QueryMinusKey(i64),
+    /// The token at `m - p + c`.
+    KeyMinusQuery(i64),
+}
+
+impl TokenAt {
+    /// The position a distance read reads, for query position `p` and key position `m`.
+    pub fn distance(self, p: i64, m: i64) -> Option<i64> {
+        match self {
+            TokenAt::QueryMinusKey(c) => Some(p - m + c),
+            TokenAt::KeyMinusQuery(c) => Some(m - p + c),
+            _ => None,
+        }
+    }
 }
 
 /// A global f32 array of per-chunk states of a chunked sequential program:

@@ -191,6 +191,25 @@ impl TileProgram {
                         Some("the key index is only defined in maps over key-indexed tiles".into())
                     }
                 },
+                ScalarExpr::Token(id, at) => match (self.tokens.get(id.index()), at.distance(0, 0))
+                {
+                    (None, _) => Some(format!("unknown token input {id:?}")),
+                    (Some(t), Some(_)) => match dst {
+                        _ if self.sequential => {
+                            Some("distance reads of tokens are for query-tiled programs".into())
+                        }
+                        Some(d) if d.col_rank == ColRank::Key && t.extent.is_some() => None,
+                        _ => Some(format!(
+                            "token {} is read at a distance: it needs an extent and a map over key-indexed tiles",
+                            t.name
+                        )),
+                    },
+                    (Some(t), None) if t.extent.is_some() => Some(format!(
+                        "token {} has an extent (a table over the distance) but is read at a position",
+                        t.name
+                    )),
+                    _ => None,
+                },
                 _ => None,
             };
             if err.is_none() {

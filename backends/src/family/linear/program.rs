@@ -366,7 +366,10 @@ fn lightning_walk(
     };
     let gate = match &spec.decay {
         Decay::Gate(name) => {
-            p.tokens.push(TokenParam { name: name.clone() });
+            p.tokens.push(TokenParam {
+                name: name.clone(),
+                extent: None,
+            });
             Some(TokenId(0))
         }
         _ => None,

@@ -271,7 +271,10 @@ impl Builder {
         TensorId(self.p.tensors.len() as u32 - 1)
     }
     fn token(&mut self, name: &str) -> TokenId {
-        self.p.tokens.push(TokenParam { name: name.into() });
+        self.p.tokens.push(TokenParam {
+            name: name.into(),
+            extent: None,
+        });
         TokenId(self.p.tokens.len() as u32 - 1)
     }
     fn shared(&mut self, name: &str, rows: u32, rank: SeqRank) -> SharedId {

@@ -250,7 +250,7 @@ pub fn compile_gradient(
                          "warps": sched.warps, "stages": sched.stages,
                          "mma": sched.mma.name()},
             "kernel": kernel,
-            "score": spec.score.describe(),
+            "score": spec.score.describe(&spec.tokens),
         })
     };
     let module = |program: crate::TileProgram,

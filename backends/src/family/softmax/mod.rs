@@ -215,7 +215,7 @@ pub(super) fn module_of(
         "schedule": {"block_m": k.block_m, "block_n": k.block_n, "warps": k.warps,
                      "stages": k.stages, "q_in_registers": k.q_in_registers,
                      "skip_unit_rescale": k.skip_unit_rescale},
-        "score": spec.score.describe(),
+        "score": spec.score.describe(&spec.tokens),
         "estimate_ms": schedule.estimate.seconds * 1e3,
     });
     if m.roles.kv_split.is_some() {

@@ -63,13 +63,11 @@ pub fn plan_kernels(
     {
         return Err(format!("a `{p:?}` kernel of this family"));
     }
-    if !schedule.matched.spec.value_masks.is_empty() {
-        // A rank's kernels would read the per-token values of its own slice only.
-        return Err(
-            "plan kernels of this family for masks that compare values (document masks)".into(),
-        );
-    }
     let spec = &schedule.matched.spec;
+    if !spec.tokens.is_empty() {
+        // A rank's kernels would read the per-token values of its own slice only.
+        return Err("plan kernels of this family for scores or masks that read tensors".into());
+    }
     if spec.normalization == Normalization::None {
         // The partials and the epilogue merge by log-sum-exp.
         return Err("plan kernels of this family for attention without normalization".into());
@@ -272,8 +270,10 @@ pub fn shift_invariant(score: &Score) -> bool {
             .iter()
             .map(|_| 0.1 + 2.0 * next())
             .collect();
-        let a = score.eval(dot, p, m, &scalars, &heads);
-        let b = score.eval(dot, p + t, m + t, &scalars, &heads);
+        // Scores that read tensors are refused before (`plan_kernels`).
+        let no_tokens = |_, _| f64::NAN;
+        let a = score.eval(dot, (p, m), &scalars, &heads, &no_tokens);
+        let b = score.eval(dot, (p + t, m + t), &scalars, &heads, &no_tokens);
         (a - b).abs() <= 1e-9 * (1.0 + a.abs())
     })
 }

@@ -80,8 +80,16 @@ impl Score {
         }
     }
 
-    /// Evaluates the logit in f64 (the reference formula's path).
-    pub fn eval(&self, dot: f64, p: f64, m: f64, scalars: &[f64], head_params: &[f64]) -> f64 {
+    /// Evaluates the logit in f64 (the reference formula's path); `token` gives the value of
+    /// a token input read at a position ([`AttentionSpec::tokens`]).
+    pub fn eval(
+        &self,
+        dot: f64,
+        (p, m): (f64, f64),
+        scalars: &[f64],
+        head_params: &[f64],
+        token: &dyn Fn(TokenId, TokenAt) -> f64,
+    ) -> f64 {
         let value = self.expr.eval(&mut |leaf| {
             Ok::<f64, std::convert::Infallible>(match leaf {
                 ScalarExpr::Lit(v) => *v,
@@ -89,7 +97,8 @@ impl Score {
                 ScalarExpr::Head(id) => head_params[id.index()],
                 ScalarExpr::Index(SeqRank::Query) => p,
                 ScalarExpr::Index(SeqRank::Key) => m,
-                // The dot product placeholder (scores have no other tiles, rows or tokens).
+                ScalarExpr::Token(id, at) => token(*id, *at),
+                // The dot product placeholder (scores have no other tiles or rows).
                 _ => dot,
             })
         });
@@ -100,9 +109,18 @@ impl Score {
     }
 
     /// The logit as `--emit schedule` prints it: `q.k` for the dot product, the scalars'
-    /// and head arrays' names, `p` and `m` for the query and key positions.
-    pub fn describe(&self) -> String {
-        fn show(s: &Score, e: &ScalarExpr) -> String {
+    /// and head arrays' names, `p` and `m` for the query and key positions, token inputs
+    /// (named by `tokens`) at theirs.
+    pub fn describe(&self, tokens: &[TokenParam]) -> String {
+        fn offset(c: i64) -> String {
+            match c {
+                0 => String::new(),
+                c if c < 0 => format!(" - {}", -c),
+                c => format!(" + {c}"),
+            }
+        }
+        fn show_expr(s: &Score, tokens: &[TokenParam], e: &ScalarExpr) -> String {
+            let show = |e: &ScalarExpr| show_expr(s, tokens, e);
             match e {
                 ScalarExpr::Lit(x) => format!("{x}"),
                 ScalarExpr::Scalar(id) => s.scalars[id.index()].clone(),
@@ -110,7 +128,7 @@ impl Score {
                 ScalarExpr::Index(SeqRank::Query) => "p".into(),
                 ScalarExpr::Index(SeqRank::Key) => "m".into(),
                 ScalarExpr::Unary(op, a) => {
-                    format!("{}({})", format!("{op:?}").to_lowercase(), show(s, a))
+                    format!("{}({})", format!("{op:?}").to_lowercase(), show(a))
                 }
                 ScalarExpr::Binary(op, a, b) => {
                     let sym = match op {
@@ -118,10 +136,10 @@ impl Score {
                         BinaryOp::Sub => "-",
                         BinaryOp::Mul => "*",
                         BinaryOp::Div => "/",
-                        BinaryOp::Max => return format!("max({}, {})", show(s, a), show(s, b)),
-                        BinaryOp::Min => return format!("min({}, {})", show(s, a), show(s, b)),
+                        BinaryOp::Max => return format!("max({}, {})", show(a), show(b)),
+                        BinaryOp::Min => return format!("min({}, {})", show(a), show(b)),
                     };
-                    format!("({} {sym} {})", show(s, a), show(s, b))
+                    format!("({} {sym} {})", show(a), show(b))
                 }
                 ScalarExpr::Select {
                     op,
@@ -131,17 +149,27 @@ impl Score {
                     otherwise,
                 } => format!(
                     "({} {op:?} {} ? {} : {})",
-                    show(s, lhs),
-                    show(s, rhs),
-                    show(s, then),
-                    show(s, otherwise)
+                    show(lhs),
+                    show(rhs),
+                    show(then),
+                    show(otherwise)
                 ),
                 ScalarExpr::Elem(_) => "q.k".into(),
-                // Scores read no rows or tokens.
-                ScalarExpr::Row(_) | ScalarExpr::Token(..) => "?".into(),
+                ScalarExpr::Token(id, at) => {
+                    let name = tokens.get(id.index()).map_or("?", |t| t.name.as_str());
+                    match at {
+                        TokenAt::Row => format!("{name}[p]"),
+                        TokenAt::Col => format!("{name}[m]"),
+                        TokenAt::QueryMinusKey(c) => format!("{name}[p - m{}]", offset(*c)),
+                        TokenAt::KeyMinusQuery(c) => format!("{name}[m - p{}]", offset(*c)),
+                        TokenAt::Last | TokenAt::Before => format!("{name}[?]"),
+                    }
+                }
+                // Scores read no rows.
+                ScalarExpr::Row(_) => "?".into(),
             }
         }
-        let text = show(self, &self.expr);
+        let text = show_expr(self, tokens, &self.expr);
         // The outermost parentheses say nothing.
         match text.strip_prefix('(').and_then(|t| t.strip_suffix(')')) {
             Some(inner) if matches!(self.expr, ScalarExpr::Binary(..)) => inner.to_string(),
@@ -225,8 +253,9 @@ pub struct AttentionSpec {
     pub window: Option<u32>,
     /// Band masks beyond the causal and window forms (`m - p <= c` and friends).
     pub extra_masks: Vec<BandMask>,
-    /// The per-token f32 inputs that value masks read, by name.
-    pub tokens: Vec<String>,
+    /// The per-token f32 inputs that value masks and the score read (a table over the
+    /// distance with its extent).
+    pub tokens: Vec<TokenParam>,
     /// Masks that compare per-token values (checked per element after the band masks).
     pub value_masks: Vec<ValueMask>,
     pub score: Score,
@@ -326,8 +355,8 @@ impl AttentionSpec {
             expr: sink.clone(),
             ..self.score.clone()
         };
-        // Uniform: no dot product or position.
-        Some(score.eval(0.0, 0.0, 0.0, scalars, head_values))
+        // Uniform: no dot product, position or token.
+        Some(score.eval(0.0, (0.0, 0.0), scalars, head_values, &|_, _| f64::NAN))
     }
 
     /// True when the score is anything but `scale * q.k`.
@@ -487,9 +516,7 @@ pub fn flash_attention(
     for name in &spec.score.head_params {
         p.head_params.push(HeadParam { name: name.clone() });
     }
-    for name in &spec.tokens {
-        p.tokens.push(TokenParam { name: name.clone() });
-    }
+    p.tokens.extend(spec.tokens.iter().cloned());
     // An equality of a query token and a key token bounds the keys a query tile can see.
     p.key_narrowing = spec
         .value_masks
@@ -1057,7 +1084,7 @@ mod tests {
             scalars: vec!["scale".into(), "softcap".into()],
             head_params: vec!["alibi_slopes".into()],
         };
-        score.eval(dot, p, m, &[0.125, 30.0], &[0.37])
+        score.eval(dot, (p, m), &[0.125, 30.0], &[0.37], &|_, _| f64::NAN)
     }
 
     fn rebuilt(kept: ScalarExpr, row: &[(bool, ScalarExpr)]) -> ScalarExpr {

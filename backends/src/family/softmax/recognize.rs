@@ -17,7 +17,7 @@ use super::program::{AttentionSpec, Normalization, Score, DOT};
 use crate::family::Layout;
 use crate::tile::{
     ex, BandDirection, BandMask, Elem, HeadParamId, ScalarExpr, ScalarId, SeqRank, TokenAt,
-    TokenId, ValueMask,
+    TokenId, TokenParam, ValueMask,
 };
 use einattn_ir::arena::Handle;
 use einattn_ir::cascade::{
@@ -340,7 +340,11 @@ struct Reader<'c> {
     /// Inputs read only by value masks, the ones the masks read so far (the kernel's token
     /// inputs, in order) and the masks.
     mask_inputs: Vec<Handle<Tensor>>,
-    tokens: Vec<Handle<Tensor>>,
+    /// With each, its extent when it is read at a distance (a table over `p - m`).
+    tokens: Vec<(Handle<Tensor>, Option<u32>)>,
+    /// Inputs besides Q, K and V that the score may read at a position (per-query or
+    /// per-key values): they have no rank of their own beside Q's and K's.
+    operand_inputs: Vec<Handle<Tensor>>,
     value_masks: Vec<ValueMask>,
     scalar_params: Vec<Handle<Tensor>>,
     head_params: Vec<Handle<Tensor>>,
@@ -382,12 +386,18 @@ impl<'c> Reader<'c> {
             .copied()
             .filter(|t| !accesses.contains(t) && !mask_inputs.contains(t))
             .collect();
-        let [v] = others[..] else {
+        // V has a rank of its own (the value dim), in neither Q nor K; other inputs with no
+        // such rank are per-token operands of the score (a per-key bias).
+        let in_qk = |r: &Handle<Rank>| accesses.iter().any(|&t| c.tensors[t].ranks.contains(r));
+        let (vs, operand_inputs): (Vec<Handle<Tensor>>, Vec<Handle<Tensor>>) = others
+            .iter()
+            .partition(|&&t| c.tensors[t].ranks.iter().any(|r| !in_qk(r)));
+        let [v] = vs[..] else {
             return Err(not_mappable(
                 format!(
                     "softmax attention reads three inputs (Q, K, V); `{}` has {}",
                     c.name,
-                    inputs.len() - mask_inputs.len()
+                    inputs.len() - mask_inputs.len() - operand_inputs.len()
                 ),
                 e.span,
             ));
@@ -578,6 +588,7 @@ impl<'c> Reader<'c> {
             masks: Vec::new(),
             mask_inputs,
             tokens: Vec::new(),
+            operand_inputs,
             value_masks: Vec::new(),
             scalar_params: Vec::new(),
             head_params: Vec::new(),
@@ -860,10 +871,13 @@ impl<'c> Reader<'c> {
                     };
                     Ok(Sym::Val(ex::head(HeadParamId(i as u32))))
                 } else {
-                    self.err(format!(
-                        "parameter `{}` must be a scalar or indexed by the head rank alone",
-                        t.name
-                    ))
+                    self.read_operand(a).map_err(|mut d| {
+                        d.message = format!(
+                            "parameter `{}` must be a scalar, indexed by the head rank alone, or a score operand: {}",
+                            t.name, d.message
+                        );
+                        d
+                    })
                 }
             }
             TensorKind::Input if a.tensor == self.v => {
@@ -873,6 +887,7 @@ impl<'c> Reader<'c> {
                 self.check_input_access(a, false)?;
                 Ok(Sym::V)
             }
+            TensorKind::Input if self.operand_inputs.contains(&a.tensor) => self.read_operand(a),
             TensorKind::Input => {
                 self.err(format!("`{}` may only be read by the Q . K Einsum", t.name))
             }
@@ -967,14 +982,96 @@ impl<'c> Reader<'c> {
                 t.name
             ));
         };
-        let id = match self.tokens.iter().position(|&x| x == a.tensor) {
-            Some(i) => i,
+        Ok((self.token_id(a.tensor, None)?, at))
+    }
+
+    /// The kernel's token input for `t` (`extent`: read at a distance).
+    fn token_id(&mut self, t: Handle<Tensor>, extent: Option<u32>) -> Result<TokenId, Diagnostic> {
+        let id = match self.tokens.iter().position(|&(x, _)| x == t) {
+            Some(i) if self.tokens[i].1 == extent => i,
+            Some(_) => {
+                return self.err(format!(
+                    "`{}` is read both at a distance (as a table) and at a position",
+                    self.name(t)
+                ))
+            }
             None => {
-                self.tokens.push(a.tensor);
+                self.tokens.push((t, extent));
                 self.tokens.len() - 1
             }
         };
-        Ok((TokenId(id as u32), at))
+        Ok(TokenId(id as u32))
+    }
+
+    /// A score operand: a per-query or per-key value (`B[b, h, m]`), or a table over the
+    /// distance (`TB[h, p - m + c]`, a relative-position bias), indexed otherwise by the
+    /// batch and head ranks as declared; f32, read as a token input.
+    fn read_operand(&mut self, a: &Access) -> Result<Sym, Diagnostic> {
+        let c = self.c;
+        let t = &c.tensors[a.tensor];
+        if t.dtype.is_some_and(|d| d != DType::F32) {
+            return self.err(format!(
+                "`{}` must be f32 (the kernel reads per-token values as f32)",
+                t.name
+            ));
+        }
+        if self.key_here.is_none() {
+            return self.err(format!(
+                "`{}` must be read where the key rank is iterated (in the score)",
+                t.name
+            ));
+        }
+        let mut read = None;
+        for (idx, &rank) in a.indices.iter().zip(&t.ranks) {
+            if Some(rank) == self.roles.batch || Some(rank) == self.roles.head {
+                if !self.at_rank(idx, rank) {
+                    return self.err(format!(
+                        "`{}` must be read at its batch and head ranks as declared",
+                        t.name
+                    ));
+                }
+                continue;
+            }
+            let at = if self.roles.query.is_some_and(|q| self.at_rank(idx, q)) {
+                (TokenAt::Row, None)
+            } else if self.key_here.as_ref().is_some_and(|k| same_affine(k, idx)) {
+                (TokenAt::Col, None)
+            } else {
+                let Ok(Sym::Val(value)) = self.read_index(idx) else {
+                    return self.err(format!(
+                        "`{}` must be read at the query position, the key position or their distance",
+                        t.name
+                    ));
+                };
+                let (cq, ck, k) = linear_coefficients(&value);
+                let extent = u32::try_from(c.ranks[rank].extent).ok();
+                match (cq, ck, extent) {
+                    (1, -1, Some(e)) => (TokenAt::QueryMinusKey(k), Some(e)),
+                    (-1, 1, Some(e)) => (TokenAt::KeyMinusQuery(k), Some(e)),
+                    _ => {
+                        return self.err(format!(
+                            "`{}` must be read at the query position, the key position or their distance (`p - m + c`)",
+                            t.name
+                        ))
+                    }
+                }
+            };
+            if read.replace(at).is_some() {
+                return self.err(format!(
+                    "`{}` has more than one rank besides batch and head",
+                    t.name
+                ));
+            }
+        }
+        let Some((at, extent)) = read else {
+            // Indexed by batch and head alone: uniform along the row, a per-head value.
+            return self.err(format!(
+                "`{}` has no sequence rank: per-head values are parameters indexed by the head rank alone",
+                t.name
+            ));
+        };
+        let id = self.token_id(a.tensor, extent)?;
+        Ok(Sym::Val(ScalarExpr::Token(id, at)))
     }
 
     /// A rank index used as a value: a combination of the query and key positions.
@@ -1423,7 +1520,10 @@ impl<'c> Reader<'c> {
         spec.tokens = self
             .tokens
             .iter()
-            .map(|&t| self.name(t).to_string())
+            .map(|&(t, extent)| TokenParam {
+                name: self.name(t).to_string(),
+                extent,
+            })
             .collect();
         spec.value_masks = self.value_masks.clone();
         // A sink only in the max changes nothing: the kernel normalizes with it only when
@@ -1439,7 +1539,7 @@ impl<'c> Reader<'c> {
         let tokens = self
             .tokens
             .iter()
-            .map(|&t| {
+            .map(|&(t, _)| {
                 let seq = c.tensors[t]
                     .ranks
                     .iter()

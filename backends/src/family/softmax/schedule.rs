@@ -185,7 +185,7 @@ impl Schedule {
                 } else {
                     "m"
                 };
-                format!("{}[{pos}]", spec.tokens[t.index()])
+                format!("{}[{pos}]", spec.tokens[t.index()].name)
             };
             let op = match vm.op {
                 crate::tile::CmpOp::Lt => "<",
@@ -212,13 +212,13 @@ impl Schedule {
         );
         match spec.normalization {
             Normalization::Softmax => {
-                let _ = writeln!(s, "score: {}", spec.score.describe());
+                let _ = writeln!(s, "score: {}", spec.score.describe(&spec.tokens));
             }
             Normalization::None => {
                 let _ = writeln!(
                     s,
                     "weights: {} (no normalization: no row max or sum; masked weights are 0)",
-                    spec.score.describe()
+                    spec.score.describe(&spec.tokens)
                 );
             }
         }
@@ -230,7 +230,7 @@ impl Schedule {
             let _ = writeln!(
                 s,
                 "sink: logit {} in the normalization (no value): the running max starts at it, the running sum at 1",
-                logit.describe()
+                logit.describe(&spec.tokens)
             );
         }
         let _ = writeln!(
