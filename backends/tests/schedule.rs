@@ -906,3 +906,46 @@ fn unnormalized_weights_match_the_interpreter() {
     let err = tile_vs_interpreter(&c, kernel, 3);
     assert!(err < 1e-2, "relative error {err}");
 }
+
+/// QK-norm: the per-token Einsums before the score become pre-kernels (the general
+/// lowering) and the kernel reads their Q and K. The attention formula on the prologue's
+/// values is the cascade's output, and the tile program on them computes what the core
+/// cascade computes.
+#[test]
+fn qk_norm_runs_its_prologue_then_the_attention_kernel() {
+    let c = load("qk_norm", &[("N", 70), ("D", 64)]);
+    let k = compile_kernel(&c, &KernelOptions::default());
+    let (core, prologue) = k.core();
+    let prologue = prologue.expect("a prologue");
+    assert_eq!(prologue.written, vec!["QN".to_string(), "KN".to_string()]);
+    // Four pre-kernels (QS, QN, KS, KN), then the attention kernel, which reads QN and KN
+    // from scratch.
+    assert_eq!(k.modules().len(), 5);
+    let attention = &k.modules()[4].contract;
+    for name in ["QN", "KN"] {
+        assert!(attention.scratch.iter().any(|s| s.name == name), "{name}");
+        assert!(!attention.tensors.iter().any(|t| t.name == name), "{name}");
+    }
+    let inputs = random_inputs(&c, 9);
+    let values = evaluate_in_order(&c, &inputs, &topological_order(&c)).expect("interpreter");
+    let o = c.tensor_by_name("O").expect("O");
+    let want = values.get(o).expect("computed").stored().into_owned();
+    let (formula, _) = k.formula(&inputs);
+    let err = relative_error(&formula, &want);
+    assert!(err < 1e-9, "formula: relative difference {err}");
+    let core_inputs = prologue
+        .core_inputs(&c, core, &inputs)
+        .expect("the prologue runs");
+    let kernel = AttentionSchedule {
+        block_m: 32,
+        block_n: 16,
+        warps: 2,
+        stages: 2,
+        q_in_registers: false,
+        skip_unit_rescale: true,
+        mma: MmaUnit::Sync,
+        loads: Loads::Cooperative,
+    };
+    let err = tile_vs_interpreter_on(core, kernel, core_inputs);
+    assert!(err < 1e-2, "tile program: relative error {err}");
+}

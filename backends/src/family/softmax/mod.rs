@@ -10,6 +10,7 @@ pub mod backward;
 pub mod gradient;
 pub mod plan;
 pub mod program;
+pub mod prologue;
 pub mod recognize;
 pub mod schedule;
 pub mod split;
@@ -29,6 +30,7 @@ use crate::tile::BandDirection;
 use einattn_ir::cascade::Cascade;
 use einattn_ir::validate::{Diagnostic, DiagnosticKind};
 use einattn_passes::analysis::GpuModel;
+use prologue::Prologue;
 use serde_json::json;
 
 /// The softmax-attention family.
@@ -74,6 +76,15 @@ pub fn compile_softmax(
                 FamilyError::Failed(CompileError::Refused(Box::new(d)))
             }
         };
+        // A score whose Q and K the cascade computes per token (QK-norm): those Einsums run
+        // first, as pre-kernels, and the kernel reads their results.
+        let (core, prologue) = match recognize(&cascade) {
+            Ok(_) => (cascade.clone(), None),
+            Err(d) => match prologue::split_at_score(&cascade) {
+                Some((core, p)) if recognize(&core).is_ok() => (core, Some(p)),
+                _ => return Err(refuse(d)),
+            },
+        };
         let mut sched = ScheduleOptions {
             target: options.target,
             elem: options.elem,
@@ -81,11 +92,12 @@ pub fn compile_softmax(
             stages: options.stages,
             mma: options.mma,
             loads: options.loads,
+            operands_in_scratch: prologue.is_some(),
             ..ScheduleOptions::default()
         };
         if !options.tiles.is_empty() {
-            let m = recognize(&cascade).map_err(refuse)?;
-            let name = |r| cascade.ranks[r].name.clone();
+            let m = recognize(&core).map_err(refuse)?;
+            let name = |r| core.ranks[r].name.clone();
             let mut key_names = vec![name(m.roles.key)];
             if let Some((_, inner, _)) = m.roles.key_split {
                 key_names.push(name(inner));
@@ -115,19 +127,61 @@ pub fn compile_softmax(
                 }
             }
         }
-        let schedule = schedule(&cascade, &sched).map_err(refuse)?;
-        let modules = if schedule.estimate.splits > 1 {
-            split::split_modules(&cascade, &schedule, schedule.estimate.splits)?
+        let schedule = schedule(&core, &sched).map_err(refuse)?;
+        let mut modules = if schedule.estimate.splits > 1 {
+            split::split_modules(&core, &schedule, schedule.estimate.splits)?
         } else {
-            vec![build_module(&cascade, &schedule, schedule.spec().clone())?]
+            vec![build_module(&core, &schedule, schedule.spec().clone())?]
         };
+        let attention_kernels = modules.len();
+        if let Some(p) = &prologue {
+            modules = pre_modules(p, &schedule, options, modules)?;
+        }
         Ok(SoftmaxKernels {
             cascade,
+            core,
+            prologue,
+            pre_kernels: modules.len() - attention_kernels,
             schedule,
             modules,
             passed_over: Vec::new(),
         })
     }
+}
+
+/// The pre-kernels (the general lowering of the prologue, writing Q and K into scratch),
+/// then the attention `kernels`, which read them there.
+fn pre_modules(
+    p: &Prologue,
+    schedule: &Schedule,
+    options: &super::KernelOptions,
+    kernels: Vec<Module>,
+) -> Result<Vec<Module>, CompileError> {
+    let general = super::general::compile_general(
+        &p.cascade,
+        &super::KernelOptions {
+            target: options.target,
+            elem: Some(schedule.spec().elem),
+            ..super::KernelOptions::default()
+        },
+    )?;
+    let what = |n: &str| {
+        format!(
+            "`{n}`, computed per token by the pre-kernels ({}) and read by the attention kernel as its {}",
+            p.cascade.name,
+            if Some(n) == p.written.first().map(String::as_str) { "first operand of the score" } else { "second operand of the score" }
+        )
+    };
+    general
+        .modules()
+        .iter()
+        .cloned()
+        .chain(kernels)
+        .map(|mut module| {
+            super::tensors_to_scratch(&mut module.contract, &p.written, &what)?;
+            Ok(module)
+        })
+        .collect()
 }
 
 /// The kernel of `spec` (the schedule's, or its query-offset variant) with its contract.
@@ -246,11 +300,25 @@ pub(super) fn module_of(
 
 /// A cascade compiled to the softmax-attention kernel.
 pub struct SoftmaxKernels {
+    /// The cascade as written (its inputs are the check's).
     cascade: Cascade,
+    /// What the attention kernel computes: the cascade less its prologue.
+    core: Cascade,
+    /// The per-token Einsums before the score, when Q and K are computed.
+    prologue: Option<Prologue>,
+    /// How many of `modules` are the prologue's (they come first).
+    pre_kernels: usize,
     pub schedule: Schedule,
     modules: Vec<Module>,
     /// Why the families before this one did not take the cascade, one line each.
     passed_over: Vec<String>,
+}
+
+impl SoftmaxKernels {
+    /// The cascade the attention kernel computes, and the prologue before it (if any).
+    pub fn core(&self) -> (&Cascade, Option<&Prologue>) {
+        (&self.core, self.prologue.as_ref())
+    }
 }
 
 impl Compiled for SoftmaxKernels {
@@ -267,7 +335,24 @@ impl Compiled for SoftmaxKernels {
     }
 
     fn explain(&self) -> String {
-        let mut text = self.schedule.explain();
+        let mut text = String::new();
+        if let Some(p) = &self.prologue {
+            let einsums: Vec<&str> = p
+                .cascade
+                .einsums
+                .iter()
+                .map(|(_, e)| p.cascade.tensors[e.output.tensor].name.as_str())
+                .collect();
+            text.push_str(&format!(
+                "pre-kernels: {} (the general lowering of `{}`: {}) write {} into scratch, in {}; the attention kernel reads them as its Q and K\n",
+                self.pre_kernels,
+                p.cascade.name,
+                einsums.join(", "),
+                p.written.join(" and "),
+                self.schedule.spec().elem.name()
+            ));
+        }
+        text.push_str(&self.schedule.explain());
         // Weights without normalization include linear attention, which the linear family
         // computes in O(N): say why it did not take this cascade.
         if self.schedule.spec().normalization == Normalization::None {
@@ -283,10 +368,20 @@ impl Compiled for SoftmaxKernels {
     }
 
     fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
-        (
-            self.schedule.matched.reference_output(inputs),
-            "the f64 attention formula",
-        )
+        let Some(p) = &self.prologue else {
+            return (
+                self.schedule.matched.reference_output(inputs),
+                "the f64 attention formula",
+            );
+        };
+        match p.core_inputs(&self.cascade, &self.core, inputs) {
+            Ok(core) => (
+                self.schedule.matched.reference_output(&core),
+                "the f64 attention formula after the pre-kernels' cascade",
+            ),
+            // A reference that fails compares as NaN, which never passes.
+            Err(_) => (vec![f64::NAN], "the pre-kernels' cascade (failed)"),
+        }
     }
 
     fn interpreter_work(&self) -> u64 {
@@ -309,6 +404,9 @@ impl Compiled for SoftmaxKernels {
     }
 
     fn plan_modules(&self, plan: &mut Plan, _gpu: &GpuModel) -> Result<PlanKernels, String> {
+        if self.prologue.is_some() {
+            return Err("plan kernels of this family after pre-kernels (QK-norm)".into());
+        }
         plan::plan_kernels(&self.cascade, &self.schedule, plan)
     }
 }

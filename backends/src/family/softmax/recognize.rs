@@ -1636,7 +1636,7 @@ fn union(a: Range, b: Range) -> Option<Range> {
     }
 }
 
-fn flatten_product<'e>(e: &'e Expr, out: &mut Vec<&'e Expr>) {
+pub(super) fn flatten_product<'e>(e: &'e Expr, out: &mut Vec<&'e Expr>) {
     match e {
         Expr::Binary(ir::BinaryOp::Mul, a, b) => {
             flatten_product(a, out);

@@ -33,6 +33,9 @@ pub struct ScheduleOptions {
     pub mma: Option<crate::tile::MmaUnit>,
     /// Who copies K and V (default: the cost model's choice).
     pub loads: Option<Loads>,
+    /// Q and K are in scratch (pre-kernels write them): the launcher makes tensor maps of
+    /// the cascade's tensors only, so the copy engine is not used.
+    pub operands_in_scratch: bool,
 }
 
 impl Default for ScheduleOptions {
@@ -46,6 +49,7 @@ impl Default for ScheduleOptions {
             stages: None,
             mma: None,
             loads: None,
+            operands_in_scratch: false,
         }
     }
 }
@@ -334,7 +338,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     // With wgmma, both ways of loading compete (ping-pong where it measured faster, at
     // head dim 128: bench/results/softmax-ws_2026-12-04); the producer copies with the copy
     // engine wherever tensor maps can describe Q, K and V (bench/results/softmax-tma_2026-12-04).
-    let tma = tensor_maps_fit(&matched);
+    let tma = !options.operands_in_scratch && tensor_maps_fit(&matched);
     let producer = Loads::ProducerWarpgroup {
         pingpong: spec.head_dim >= 128,
         tma,
