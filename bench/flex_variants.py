@@ -2,8 +2,12 @@
 score_mod and a causal block mask) and SDPA, forward, bf16, in one device call: ALiBi,
 tanh soft-cap, a sliding window of W=256 (plain, and with ALiBi as
 examples/attention_sliding_window.ein writes it), five documents packed in each sequence
-(causal within a document), grouped-query attention (32 query heads on 8 K/V heads), at B=2 H=16 N=8192 d=128 causal, and cross-attention 1000 x 7777 at B=16
-H=16 d=128 non-causal (issue 15's shapes).
+(causal within a document), grouped-query attention (32 query heads on 8 K/V heads), a
+learned relative-position bias table TB[h, p - m] (T5 style), QK-norm (RMS norms of Q and
+K before the score; the baselines run torch's rms_norm first, inside their timing) and Q.K
+192 wide against V 128 (multi-head latent attention's prefill), at B=2 H=16 N=8192 d=128
+causal, and cross-attention 1000 x 7777 at B=16 H=16 d=128 non-causal (issue 15's
+shapes).
 
 The plain window is examples/attention_sliding_window.ein without its ALiBi term, written
 to $OUT/attention_window_plain.ein (FlexAttention's window case has no score_mod).
@@ -89,11 +93,39 @@ def main():
     causal_mask = create_block_mask(causal, None, None, N, N)
     document_mask = create_block_mask(document, None, None, N, N)
     window_mask = create_block_mask(window, None, None, N, N)
+    # A relative-position bias per head and distance (ours draws its own TB: the values
+    # do not change the work).
+    table = torch.randn(H, N, device="cuda")
+
+    def relative(score, b, h, q, kv):
+        return score + table[h, q - kv]
+
+    wq = torch.ones(D, device="cuda", dtype=torch.bfloat16)
+    wk = torch.ones(D, device="cuda", dtype=torch.bfloat16)
+
+    def qk_norm(q, k):
+        return (F.rms_norm(q, (q.shape[-1],), wq, 1e-6),
+                F.rms_norm(k, (k.shape[-1],), wk, 1e-6))
+
     seq = ["-D", f"B={B}", "-D", f"N={N}", "-D", f"D={D}", "-D", "TILE=64"]
     ex = lambda name: f"examples/{name}.ein"  # noqa: E731
     # (name, cascade, defines, score_mod, block mask, query heads, K/V heads, batch,
-    #  queries, keys, causal)
+    #  queries, keys, causal); EXTRA gives a case's other settings: `dims` (Q.K and V
+    #  head dims, default D and D) and `pre` (a map of q and k the baselines run first).
+    extra = {
+        "relative bias": {},
+        "QK-norm": {"pre": qk_norm},
+        "MLA 192/128": {"dims": (192, 128)},
+    }
     cases = [
+        ("relative bias", ex("relative_bias"), ["-D", f"B={B}", "-D", f"N={N}", "-D", f"D={D}",
+                                                "-D", f"H={H}"], relative, causal_mask, H, H,
+         B, N, N, True),
+        ("QK-norm", ex("qk_norm"), ["-D", f"B={B}", "-D", f"N={N}", "-D", f"D={D}",
+                                    "-D", f"H={H}"], None, causal_mask, H, H, B, N, N, True),
+        ("MLA 192/128", ex("attention_mla"), ["-D", f"B={B}", "-D", f"N={N}", "-D", "D=192",
+                                              "-D", "DV=128", "-D", "TILE=64", "-D", f"H={H}"],
+         None, causal_mask, H, H, B, N, N, True),
         ("alibi", ex("attention_alibi"), seq + ["-D", f"H={H}"], alibi, causal_mask, H, H,
          B, N, N, True),
         ("softcap", ex("attention_softcap"), seq + ["-D", f"H={H}", "--param", f"cap={cap}",
@@ -118,24 +150,35 @@ def main():
     cases = [c for c in cases if not wanted or any(c[0].startswith(w) for w in wanted)]
     rows = []
     for name, example, defines, score_mod, mask, hq, hkv, b, nq, nk, is_causal in cases:
-        q = torch.randn(b, hq, nq, D, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, hkv, nk, D, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(b, hkv, nk, D, device="cuda", dtype=torch.bfloat16)
+        dk, dv = extra.get(name, {}).get("dims", (D, D))
+        pre = extra.get(name, {}).get("pre", lambda q, k: (q, k))
+        s = dk ** -0.5
+        q = torch.randn(b, hq, nq, dk, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, hkv, nk, dk, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, hkv, nk, dv, device="cuda", dtype=torch.bfloat16)
         # Nominal work: the causal cases count half of the full product, as before.
-        f = 4 * b * hq * nq * nk * D // (2 if is_causal else 1)
+        f = 2 * b * hq * nq * nk * (dk + dv) // (2 if is_causal else 1)
         row = dict(case=name)
         try:
-            fn = lambda: flex(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale,  # noqa: E731
-                              enable_gqa=hq != hkv)
+            def fn():
+                qq, kk = pre(q, k)
+                return flex(qq, kk, v, score_mod=score_mod, block_mask=mask, scale=s,
+                            enable_gqa=hq != hkv)
             fn()
             row["flex_ms"] = do_bench(fn)
         except Exception as e:  # noqa: BLE001
             row["flex_ms"] = None
             print(name, "flex failed", repr(e)[:300], flush=True)
-        if hq != hkv or not is_causal:
-            fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal,  # noqa: E731
-                                                        scale=scale, enable_gqa=hq != hkv)
-            row["sdpa_ms"] = do_bench(fn)
+        if hq != hkv or not is_causal or name in extra and score_mod is None:
+            try:
+                def fn():
+                    qq, kk = pre(q, k)
+                    return F.scaled_dot_product_attention(qq, kk, v, is_causal=is_causal,
+                                                          scale=s, enable_gqa=hq != hkv)
+                fn()
+                row["sdpa_ms"] = do_bench(fn)
+            except Exception as e:  # noqa: BLE001
+                print(name, "sdpa failed", repr(e)[:300], flush=True)
         ms, cmd = ours(binary, example, defines)
         row.update(ours_ms=ms, command=cmd, flops=f)
         rows.append(row)
