@@ -30,6 +30,7 @@ attention_alibi -D N=$n -D D=$d -D TILE=$t
 attention_sliding_window -D N=$n -D D=$d -D TILE=$t
 attention_softcap -D N=$n -D D=$d
 flash_decoding -D N=$n -D D=$d
+gqa_decoding -D N=$n -D D=$d -D H=8 -D GROUP=4
 gqa -D N=$n -D D=$d -D TILE=$t
 gqa -D N=$n -D D=$d -D TILE=$t -D H=8 -D GROUP=8
 cross_attention -D N=$n -D M=1001 -D D=$d -D TILE=77

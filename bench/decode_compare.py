@@ -1,6 +1,9 @@
 """Decoding (one query per batch and head over a long K/V cache, d=128, bf16): our
 `examples/flash_decoding.ein` kernels beside SDPA's cuDNN and FlashAttention-2 backends, in
-one device call. Shapes of issue 15: B=8 H=32 N=32768 and B=1 H=32 N=131072.
+one device call. Shapes of issue 15: B=8 H=32 N=32768 and B=1 H=32 N=131072; and the same
+with grouped-query attention, 32 query heads on 8 K/V heads (`examples/gqa_decoding.ein`,
+whose kernel reads the 4 query heads of a K/V head as one tile's rows; SDPA with
+enable_gqa).
 
 Each schedule is a set of `einattn bench` flags ("default": the scheduler's own choice,
 which splits the key loop across CTAs when the heads alone cannot fill the GPU). Time is the
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel, SDPBackend
 
 OUT = os.environ.get("OUT", "/tmp")
-SHAPES = [(8, 32, 32768), (1, 32, 131072)]
+# (B, query heads, N, K/V heads)
+SHAPES = [(8, 32, 32768, 32), (1, 32, 131072, 32), (8, 32, 32768, 8), (1, 32, 131072, 8)]
 SCHEDULES = {
     "default": "",
     "sync": "--target sm_90a --mma sync",
@@ -41,18 +45,18 @@ def main():
     print(env, flush=True)
     d = 128
     rows = []
-    for b, h, n in SHAPES:
-        kv_bytes = 2 * b * h * n * d * 2
-        row = dict(B=b, H=h, N=n)
+    for b, h, n, hkv in SHAPES:
+        kv_bytes = 2 * b * hkv * n * d * 2
+        row = dict(B=b, H=h, N=n, KV=hkv)
         q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
         for name, be in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             try:
                 with sdpa_kernel(be):
                     ms = triton.testing.do_bench(
-                        lambda: F.scaled_dot_product_attention(q, k, v), warmup=50, rep=300,
-                        return_mode="median")
+                        lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=hkv != h),
+                        warmup=50, rep=300, return_mode="median")
                 row[name] = round(ms, 4)
             except Exception as e:  # noqa: BLE001
                 row[name] = None
@@ -60,8 +64,11 @@ def main():
         del q, k, v
         torch.cuda.empty_cache()
         for sname, flags in schedules.items():
-            cmd = [binary, "bench", "examples/flash_decoding.ein", "-D", f"B={b}", "-D", f"H={h}",
-                   "-D", f"N={n}", "-D", f"D={d}", "--reps", "100", "--format", "json"] + flags.split()
+            example = ["examples/flash_decoding.ein"] if hkv == h else [
+                "examples/gqa_decoding.ein", "-D", f"GROUP={h // hkv}"]
+            cmd = [binary, "bench"] + example + ["-D", f"B={b}", "-D", f"H={h}", "-D", f"N={n}",
+                                                 "-D", f"D={d}", "--reps", "100",
+                                                 "--format", "json"] + flags.split()
             try:
                 r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
             except subprocess.TimeoutExpired:
@@ -83,8 +90,8 @@ def main():
         json.dump(dict(env=env, schedules=schedules, rows=rows), f, indent=1)
     names = list(schedules)
     lines = [f"Device: {env['gpu']}, torch {env['torch']}; {env['date']}; ms (cuDNN's time / ours; GB/s)", "",
-             "| B | H | N | FA2 | cuDNN | " + " | ".join(names) + " |",
-             "| --- " * (5 + len(names)) + "|"]
+             "| B | H | K/V heads | N | FA2 | cuDNN | " + " | ".join(names) + " |",
+             "| --- " * (6 + len(names)) + "|"]
     for r in rows:
         cells = []
         for s in names:
@@ -94,7 +101,8 @@ def main():
             else:
                 ratio = f"{r['cudnn'] / t:.2f}x, " if r.get("cudnn") else ""
                 cells.append(f"{t} ({ratio}{r['GB'] / t * 1e3:.0f} GB/s)")
-        lines.append(f"| {r['B']} | {r['H']} | {r['N']} | {r['flash']} | {r['cudnn']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['B']} | {r['H']} | {r['KV']} | {r['N']} | {r['flash']} | {r['cudnn']} | "
+                     + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(OUT, "decode_compare.md"), "w") as f:
         f.write(md)

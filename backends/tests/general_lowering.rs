@@ -88,6 +88,10 @@ fn every_example_lowers_to_point_kernels_that_match_the_interpreter() {
         ("attention_softcap", &[("N", 128), ("D", 16)]),
         ("flash_decoding", &[("N", 128), ("D", 16)]),
         (
+            "gqa_decoding",
+            &[("N", 64), ("D", 16), ("H", 4), ("GROUP", 2)],
+        ),
+        (
             "cross_attention",
             &[("N", 40), ("M", 77), ("D", 16), ("TILE", 7)],
         ),

@@ -49,15 +49,24 @@ fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64
     tile_vs_interpreter_on(c, kernel, random_inputs(c, seed))
 }
 
-fn tile_vs_interpreter_on(
-    c: &Cascade,
-    kernel: AttentionSchedule,
-    inputs: std::collections::HashMap<
-        einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>,
-        einattn_ir::interp::TensorData,
-    >,
-) -> f64 {
+type Inputs = std::collections::HashMap<
+    einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>,
+    einattn_ir::interp::TensorData,
+>;
+
+fn tile_vs_interpreter_on(c: &Cascade, kernel: AttentionSchedule, inputs: Inputs) -> f64 {
     let m: AttentionMatch = recognize(c).unwrap_or_else(|d| panic!("{}: {}", c.name, d.message));
+    tile_vs_interpreter_of(c, &m, kernel, inputs)
+}
+
+/// As [`tile_vs_interpreter_on`], for a match the scheduler may have changed (packed query
+/// heads).
+fn tile_vs_interpreter_of(
+    c: &Cascade,
+    m: &AttentionMatch,
+    kernel: AttentionSchedule,
+    inputs: Inputs,
+) -> f64 {
     let values = evaluate_in_order(c, &inputs, &topological_order(c)).expect("interpreter runs");
     let (prog, bind) = flash_attention(&m.spec, &kernel).expect("tile program builds");
     let host = |l: &einattn_backends::family::Layout, data: Vec<f64>| l.host(data);
@@ -948,4 +957,54 @@ fn qk_norm_runs_its_prologue_then_the_attention_kernel() {
     };
     let err = tile_vs_interpreter_on(core, kernel, core_inputs);
     assert!(err < 1e-2, "tile program: relative error {err}");
+}
+
+/// Grouped-query decoding: the scheduler packs the query heads of a K/V head as one tile's
+/// rows (the head stride as the row stride); the tile program over the packed problem
+/// computes what the cascade computes, at GROUP 2, 4 and 8 (multi-query), and the kernel's
+/// heads are the K/V heads. Packing is refused where something varies per query head.
+#[test]
+fn grouped_query_decoding_packs_a_group_into_one_tile() {
+    use einattn_backends::family::softmax::schedule::pack_query_heads;
+    for group in [2u64, 4, 8] {
+        let c = load(
+            "gqa_decoding",
+            &[("H", 8), ("GROUP", group), ("N", 300), ("D", 32), ("B", 2)],
+        );
+        let mut m = recognize(&c).expect("recognized");
+        assert_eq!(pack_query_heads(&mut m), Some(group));
+        assert_eq!((m.n_q, m.heads, m.kv_group), (group, 8 / group, 1));
+        for kernel in [
+            AttentionSchedule {
+                block_m: 32,
+                block_n: 32,
+                warps: 2,
+                stages: 2,
+                q_in_registers: false,
+                skip_unit_rescale: true,
+                mma: MmaUnit::Sync,
+                loads: Loads::Cooperative,
+            },
+            AttentionSchedule {
+                block_m: 16,
+                block_n: 64,
+                warps: 1,
+                stages: 3,
+                q_in_registers: true,
+                skip_unit_rescale: false,
+                mma: MmaUnit::Sync,
+                loads: Loads::Cooperative,
+            },
+        ] {
+            let err = tile_vs_interpreter_of(&c, &m, kernel, random_inputs(&c, group));
+            assert!(err < 1e-2, "GROUP={group} {kernel:?}: relative error {err}");
+        }
+        let explain = schedule(&c, &ScheduleOptions::default())
+            .expect("scheduled")
+            .explain();
+        assert!(explain.contains("grouped-query decoding"), "{explain}");
+    }
+    // Prefill (a query rank with N queries, causal) is not packed.
+    let mut m = recognize(&load("gqa", &[])).expect("recognized");
+    assert_eq!(pack_query_heads(&mut m), None);
 }

@@ -184,6 +184,7 @@ const EXAMPLES: &[&str] = &[
     "gated_linear.ein",
     "gla.ein",
     "gqa.ein",
+    "gqa_decoding.ein",
     "lightning.ein",
     "lightning_naive.ein",
     "linear_attention.ein",

@@ -64,6 +64,10 @@ pub fn plan_kernels(
         return Err(format!("a `{p:?}` kernel of this family"));
     }
     let spec = &schedule.matched.spec;
+    if schedule.packed_group.is_some() {
+        // The packed rows are query heads, not positions of the split sequence.
+        return Err("plan kernels of this family for grouped-query decoding".into());
+    }
     if !spec.tokens.is_empty() {
         // A rank's kernels would read the per-token values of its own slice only.
         return Err("plan kernels of this family for scores or masks that read tensors".into());

@@ -12,7 +12,7 @@ use super::recognize::{recognize, AttentionMatch};
 
 use super::program::{AttentionSchedule, AttentionSpec, Normalization, Score};
 use super::split::split_count;
-use crate::tile::{key_tile_range, Elem, Loads, MmaUnit};
+use crate::tile::{key_tile_range, Elem, Loads, MmaUnit, SeqRank};
 use crate::Target;
 use einattn_ir::cascade::{Cascade, Span};
 use einattn_ir::validate::{Diagnostic, DiagnosticKind};
@@ -80,6 +80,9 @@ pub struct Schedule {
     /// The candidates the model weighed, best first (only when the model chose).
     pub candidates: Vec<(AttentionSchedule, Estimate)>,
     pub reasons: Vec<String>,
+    /// Grouped-query decoding with the query heads of each K/V head as one CTA's rows
+    /// ([`pack_query_heads`]): how many query heads share a K/V head.
+    pub packed_group: Option<u64>,
 }
 
 impl Schedule {
@@ -113,7 +116,13 @@ impl Schedule {
             },
             spec.elem.name()
         );
-        if m.roles.kv_split.is_some() {
+        if let Some(group) = self.packed_group {
+            let _ = writeln!(
+                s,
+                "grouped-query decoding: the {group} query heads of each of the {} K/V heads are one CTA's rows (Q and O read with the head stride as the row stride), so K and V are read once per K/V head",
+                m.heads
+            );
+        } else if m.roles.kv_split.is_some() {
             let kv_heads = m.heads / m.kv_group.max(1);
             let plural =
                 |n: u64, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
@@ -322,6 +331,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         }
         matched.spec.elem = elem;
     }
+    let packed_group = pack_query_heads(&mut matched);
     let spec = &matched.spec;
     let gpu = GpuModel::h100();
     let base = AttentionSchedule::default_for(spec);
@@ -500,7 +510,43 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         estimate,
         candidates,
         reasons,
+        packed_group,
     })
+}
+
+/// Grouped-query decoding (one query per head, no masks, nothing per query head in the
+/// score): the `group` query heads that share a K/V head become the rows of one query tile,
+/// read with the head stride as the row stride, and the kernel's heads are the K/V heads.
+/// Each K/V head is then read by one CTA (or one per split of its keys) rather than by
+/// `group`: K and V, which dominate decoding's traffic, cross from memory once. Returns the
+/// group when it packs.
+pub fn pack_query_heads(m: &mut AttentionMatch) -> Option<u64> {
+    let group = m.kv_group;
+    let spec = &m.spec;
+    let per_query_head =
+        !spec.score.head_params.is_empty() || !spec.tokens.is_empty() || spec.sink.is_some();
+    let mut reads_query_position = false;
+    spec.score.expr.visit(&mut |e| {
+        reads_query_position |= *e == crate::tile::ScalarExpr::Index(SeqRank::Query)
+    });
+    if group <= 1
+        || m.n_q != 1
+        || !spec.masks().is_empty()
+        || !spec.value_masks.is_empty()
+        || per_query_head
+        || reads_query_position
+        || spec.query_offset
+    {
+        return None;
+    }
+    m.n_q = group;
+    m.heads /= group;
+    m.kv_group = 1;
+    for l in [&mut m.q, &mut m.o] {
+        l.stride_seq = l.stride_head;
+        l.stride_head *= group;
+    }
+    Some(group)
 }
 
 /// The tensor-core instructions a target's softmax kernels use unless told otherwise. On
