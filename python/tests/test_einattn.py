@@ -268,3 +268,26 @@ def test_torch_compile_traces_a_module_using_the_op_without_graph_breaks():
     assert explanation.graph_count == 1
     out = torch.compile(block, backend="eager", fullgraph=True)(q, q, q)
     assert tuple(out.shape) == (1, 128, 2, 64)
+
+
+def test_attention_variants_compile_per_shape_without_a_gpu():
+    # Q.K 192 wide against V and O 128: the sizes come from the shapes.
+    mla = einattn.compile(example("attention_mla.ein"))
+    qk, vo = (1, 512, 2, 192), (1, 512, 2, 128)
+    assert mla.sizes_for(qk, qk, vo)["DV"] == 128
+    k = mla.kernels(qk, qk, vo, capability=(9, 0))
+    assert json.loads(k.manifest_json())["family"] == "softmax"
+    assert k.outputs == [("O", [1, 512, 2, 128], "bf16")]
+    # A relative-position bias table is a parameter array the kernel reads.
+    rb = einattn.compile(example("relative_bias.ein"))
+    seq = (1, 256, 2, 64)
+    k = rb.kernels(seq, seq, seq, (2, 256), capability=(8, 0))
+    manifest = json.loads(k.manifest_json())
+    assert manifest["family"] == "softmax"
+    assert any(t["name"] == "TB" for t in manifest["kernels"][0]["tensors"])
+    # QK-norm: pre-kernels write QN and KN into scratch, then the attention kernel.
+    qn = einattn.compile(example("qk_norm.ein"))
+    k = qn.kernels(seq, seq, seq, (64,), (64,), capability=(9, 0))
+    launch = json.loads(k.manifest_json())["launch"]
+    assert len(launch) == 5 and launch[-1].startswith("einattn_fwd_")
+    assert {"QN", "KN"} <= {name for name, _ in k.scratch}

@@ -1044,7 +1044,10 @@ impl<'c> Reader<'c> {
                     ));
                 };
                 let (cq, ck, k) = linear_coefficients(&value);
-                let extent = u32::try_from(c.ranks[rank].extent).ok();
+                // The kernel adds the offset as a 32-bit immediate.
+                let extent = u32::try_from(c.ranks[rank].extent)
+                    .ok()
+                    .filter(|_| i32::try_from(k).is_ok());
                 match (cq, ck, extent) {
                     (1, -1, Some(e)) => (TokenAt::QueryMinusKey(k), Some(e)),
                     (-1, 1, Some(e)) => (TokenAt::KeyMinusQuery(k), Some(e)),
