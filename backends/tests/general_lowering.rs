@@ -95,6 +95,7 @@ fn every_example_lowers_to_point_kernels_that_match_the_interpreter() {
             "cross_attention",
             &[("N", 40), ("M", 77), ("D", 16), ("TILE", 7)],
         ),
+        ("gated_attention", &[("N", 64), ("D", 16), ("TILE", 16)]),
         ("gated_linear", &[("N", 64), ("D", 16), ("BLOCK", 8)]),
         ("lightning", &[("N", 64), ("D", 16), ("BLOCK", 8)]),
         ("lightning_naive", &[("N", 64), ("D", 16)]),

@@ -1008,3 +1008,42 @@ fn grouped_query_decoding_packs_a_group_into_one_tile() {
     let mut m = recognize(&load("gqa", &[])).expect("recognized");
     assert_eq!(pack_query_heads(&mut m), None);
 }
+
+/// Gated attention: the Einsums after the attention output become post-kernels (the
+/// general lowering) reading it from scratch. The attention formula, then the epilogue,
+/// is the cascade's output; the tile program computes what the core cascade computes.
+#[test]
+fn gated_attention_runs_the_attention_kernel_then_its_epilogue() {
+    let c = load("gated_attention", &[("N", 70), ("D", 64), ("TILE", 10)]);
+    let k = compile_kernel(&c, &KernelOptions::default());
+    let epilogue = k.epilogue().expect("an epilogue");
+    assert_eq!(epilogue.attention, "A");
+    let (core, prologue) = k.core();
+    assert!(prologue.is_none());
+    assert_eq!(k.modules().len(), 2);
+    for module in k.modules() {
+        let contract = &module.contract;
+        assert!(contract.scratch.iter().any(|s| s.name == "A"));
+        assert!(!contract.tensors.iter().any(|t| t.name == "A"));
+    }
+    let inputs = random_inputs(&c, 4);
+    let values = evaluate_in_order(&c, &inputs, &topological_order(&c)).expect("interpreter");
+    let o = c.tensor_by_name("O").expect("O");
+    let want = values.get(o).expect("computed").stored().into_owned();
+    let (formula, _) = k.formula(&inputs);
+    let err = relative_error(&formula, &want);
+    assert!(err < 1e-9, "formula: relative difference {err}");
+    let core_inputs = einattn_backends::family::softmax::prologue::by_name(&c, core, &inputs);
+    let kernel = AttentionSchedule {
+        block_m: 32,
+        block_n: 16,
+        warps: 2,
+        stages: 2,
+        q_in_registers: false,
+        skip_unit_rescale: true,
+        mma: MmaUnit::Sync,
+        loads: Loads::Cooperative,
+    };
+    let err = tile_vs_interpreter_on(core, kernel, core_inputs);
+    assert!(err < 1e-2, "tile program: relative error {err}");
+}

@@ -181,6 +181,7 @@ const EXAMPLES: &[&str] = &[
     "differential_attention.ein",
     "document_mask.ein",
     "flash_decoding.ein",
+    "gated_attention.ein",
     "gated_linear.ein",
     "gla.ein",
     "gqa.ein",

@@ -7,6 +7,7 @@
 //! - [`plan`]: the kernels of SP plans (query-offset, partial and epilogue kernels).
 
 pub mod backward;
+pub mod epilogue;
 pub mod gradient;
 pub mod plan;
 pub mod program;
@@ -30,6 +31,7 @@ use crate::tile::BandDirection;
 use einattn_ir::cascade::Cascade;
 use einattn_ir::validate::{Diagnostic, DiagnosticKind};
 use einattn_passes::analysis::GpuModel;
+use epilogue::Epilogue;
 use prologue::Prologue;
 use serde_json::json;
 
@@ -77,13 +79,24 @@ pub fn compile_softmax(
             }
         };
         // A score whose Q and K the cascade computes per token (QK-norm): those Einsums run
-        // first, as pre-kernels, and the kernel reads their results.
-        let (core, prologue) = match recognize(&cascade) {
-            Ok(_) => (cascade.clone(), None),
-            Err(d) => match prologue::split_at_score(&cascade) {
-                Some((core, p)) if recognize(&core).is_ok() => (core, Some(p)),
-                _ => return Err(refuse(d)),
-            },
+        // first, as pre-kernels, and the kernel reads their results. An output computed from
+        // the attention output per token (an output gate): those Einsums run after, as
+        // post-kernels reading it.
+        let (core, prologue, epilogue) = match recognize(&cascade) {
+            Ok(_) => (cascade.clone(), None, None),
+            Err(d) => {
+                let pre =
+                    prologue::split_at_score(&cascade).filter(|(core, _)| recognize(core).is_ok());
+                match pre {
+                    Some((core, p)) => (core, Some(p), None),
+                    None => {
+                        match epilogue::split_after_attention(&cascade, |c| recognize(c).is_ok()) {
+                            Some((core, e)) => (core, None, Some(e)),
+                            None => return Err(refuse(d)),
+                        }
+                    }
+                }
+            }
         };
         let mut sched = ScheduleOptions {
             target: options.target,
@@ -137,11 +150,17 @@ pub fn compile_softmax(
         if let Some(p) = &prologue {
             modules = pre_modules(p, &schedule, options, modules)?;
         }
+        let pre_kernels = modules.len() - attention_kernels;
+        if let Some(e) = &epilogue {
+            modules = post_modules(e, &schedule, options, modules)?;
+        }
         Ok(SoftmaxKernels {
+            post_kernels: modules.len() - attention_kernels - pre_kernels,
             cascade,
             core,
             prologue,
-            pre_kernels: modules.len() - attention_kernels,
+            epilogue,
+            pre_kernels,
             schedule,
             modules,
             passed_over: Vec::new(),
@@ -179,6 +198,39 @@ fn pre_modules(
         .chain(kernels)
         .map(|mut module| {
             super::tensors_to_scratch(&mut module.contract, &p.written, &what)?;
+            Ok(module)
+        })
+        .collect()
+}
+
+/// The attention `kernels`, which write their output into scratch, then the post-kernels
+/// (the general lowering of the epilogue), which read it there.
+fn post_modules(
+    e: &Epilogue,
+    schedule: &Schedule,
+    options: &super::KernelOptions,
+    kernels: Vec<Module>,
+) -> Result<Vec<Module>, CompileError> {
+    let general = super::general::compile_general(
+        &e.cascade,
+        &super::KernelOptions {
+            target: options.target,
+            elem: Some(schedule.spec().elem),
+            ..super::KernelOptions::default()
+        },
+    )?;
+    let what = |n: &str| {
+        format!(
+            "`{n}`, the attention output, written by the attention kernel and read by the post-kernels ({})",
+            e.cascade.name
+        )
+    };
+    let written = [e.attention.clone()];
+    kernels
+        .into_iter()
+        .chain(general.modules().iter().cloned())
+        .map(|mut module| {
+            super::tensors_to_scratch(&mut module.contract, &written, &what)?;
             Ok(module)
         })
         .collect()
@@ -308,6 +360,10 @@ pub struct SoftmaxKernels {
     prologue: Option<Prologue>,
     /// How many of `modules` are the prologue's (they come first).
     pre_kernels: usize,
+    /// The per-token Einsums after the attention output (an output gate).
+    epilogue: Option<Epilogue>,
+    /// How many of `modules` are the epilogue's (they come last).
+    post_kernels: usize,
     pub schedule: Schedule,
     modules: Vec<Module>,
     /// Why the families before this one did not take the cascade, one line each.
@@ -318,6 +374,11 @@ impl SoftmaxKernels {
     /// The cascade the attention kernel computes, and the prologue before it (if any).
     pub fn core(&self) -> (&Cascade, Option<&Prologue>) {
         (&self.core, self.prologue.as_ref())
+    }
+
+    /// The epilogue after the attention kernel, if any.
+    pub fn epilogue(&self) -> Option<&Epilogue> {
+        self.epilogue.as_ref()
     }
 }
 
@@ -353,6 +414,22 @@ impl Compiled for SoftmaxKernels {
             ));
         }
         text.push_str(&self.schedule.explain());
+        if let Some(e) = &self.epilogue {
+            let einsums: Vec<&str> = e
+                .cascade
+                .einsums
+                .iter()
+                .map(|(_, x)| e.cascade.tensors[x.output.tensor].name.as_str())
+                .collect();
+            text.push_str(&format!(
+                "post-kernels: {} (the general lowering of `{}`: {}) read the attention output {} from scratch, in {}\n",
+                self.post_kernels,
+                e.cascade.name,
+                einsums.join(", "),
+                e.attention,
+                self.schedule.spec().elem.name()
+            ));
+        }
         // Weights without normalization include linear attention, which the linear family
         // computes in O(N): say why it did not take this cascade.
         if self.schedule.spec().normalization == Normalization::None {
@@ -368,19 +445,28 @@ impl Compiled for SoftmaxKernels {
     }
 
     fn formula(&self, inputs: &Inputs) -> (Vec<f64>, &'static str) {
-        let Some(p) = &self.prologue else {
-            return (
-                self.schedule.matched.reference_output(inputs),
-                "the f64 attention formula",
-            );
-        };
-        match p.core_inputs(&self.cascade, &self.core, inputs) {
-            Ok(core) => (
-                self.schedule.matched.reference_output(&core),
-                "the f64 attention formula after the pre-kernels' cascade",
-            ),
-            // A reference that fails compares as NaN, which never passes.
-            Err(_) => (vec![f64::NAN], "the pre-kernels' cascade (failed)"),
+        let m = &self.schedule.matched;
+        // A reference that fails compares as NaN, which never passes.
+        let failed = |what| (vec![f64::NAN], what);
+        match (&self.prologue, &self.epilogue) {
+            (Some(p), _) => match p.core_inputs(&self.cascade, &self.core, inputs) {
+                Ok(core) => (
+                    m.reference_output(&core),
+                    "the f64 attention formula after the pre-kernels' cascade",
+                ),
+                Err(_) => failed("the pre-kernels' cascade (failed)"),
+            },
+            (None, Some(e)) => {
+                let core = prologue::by_name(&self.cascade, &self.core, inputs);
+                match e.output(&self.cascade, m.reference_output(&core), inputs) {
+                    Ok(out) => (
+                        out,
+                        "the f64 attention formula, then the post-kernels' cascade",
+                    ),
+                    Err(_) => failed("the post-kernels' cascade (failed)"),
+                }
+            }
+            (None, None) => (m.reference_output(inputs), "the f64 attention formula"),
         }
     }
 
@@ -404,8 +490,11 @@ impl Compiled for SoftmaxKernels {
     }
 
     fn plan_modules(&self, plan: &mut Plan, _gpu: &GpuModel) -> Result<PlanKernels, String> {
-        if self.prologue.is_some() {
-            return Err("plan kernels of this family after pre-kernels (QK-norm)".into());
+        if self.prologue.is_some() || self.epilogue.is_some() {
+            return Err(
+                "plan kernels of this family with pre- or post-kernels (QK-norm, an output gate)"
+                    .into(),
+            );
         }
         plan::plan_kernels(&self.cascade, &self.schedule, plan)
     }

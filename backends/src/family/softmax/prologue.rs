@@ -21,6 +21,21 @@ pub struct Prologue {
     pub written: Vec<String>,
 }
 
+/// The inputs of `core` (a part of `whole`) from `whole`'s, matched by name.
+pub fn by_name(
+    whole: &Cascade,
+    core: &Cascade,
+    inputs: &HashMap<Handle<Tensor>, TensorData>,
+) -> HashMap<Handle<Tensor>, TensorData> {
+    core.tensors
+        .iter()
+        .filter_map(|(h, t)| {
+            let d = inputs.get(&whole.tensor_by_name(&t.name)?)?;
+            Some((h, d.clone()))
+        })
+        .collect()
+}
+
 impl Prologue {
     /// The core cascade's inputs from the whole cascade's (`inputs`, by handle of
     /// `whole`): the operands computed by the prologue (f64, as the interpreter computes
