@@ -147,12 +147,28 @@ pub fn compile_softmax(
             vec![build_module(&core, &schedule, schedule.spec().clone())?]
         };
         let attention_kernels = modules.len();
+        let elem = schedule.spec().elem;
         if let Some(p) = &prologue {
-            modules = pre_modules(p, &schedule, options, modules)?;
+            let what = |n: &str| {
+                format!(
+                    "`{n}`, computed per token by the pre-kernels ({}) and read by the attention kernel as an operand of the score",
+                    p.cascade.name
+                )
+            };
+            modules =
+                with_general_kernels(&p.cascade, &p.written, &what, true, elem, options, modules)?;
         }
         let pre_kernels = modules.len() - attention_kernels;
         if let Some(e) = &epilogue {
-            modules = post_modules(e, &schedule, options, modules)?;
+            let what = |n: &str| {
+                format!(
+                    "`{n}`, the attention output, written by the attention kernel and read by the post-kernels ({})",
+                    e.cascade.name
+                )
+            };
+            let through = [e.attention.clone()];
+            modules =
+                with_general_kernels(&e.cascade, &through, &what, false, elem, options, modules)?;
         }
         Ok(SoftmaxKernels {
             post_kernels: modules.len() - attention_kernels - pre_kernels,
@@ -168,69 +184,36 @@ pub fn compile_softmax(
     }
 }
 
-/// The pre-kernels (the general lowering of the prologue, writing Q and K into scratch),
-/// then the attention `kernels`, which read them there.
-fn pre_modules(
-    p: &Prologue,
-    schedule: &Schedule,
+/// The general lowering of `part` (a prologue's or an epilogue's cascade) beside the
+/// attention `kernels`, before them or after: the tensors `through` pass between the two in
+/// scratch (`what` says what each is, in the manifest).
+fn with_general_kernels(
+    part: &Cascade,
+    through: &[String],
+    what: &dyn Fn(&str) -> String,
+    before: bool,
+    elem: crate::tile::Elem,
     options: &super::KernelOptions,
     kernels: Vec<Module>,
 ) -> Result<Vec<Module>, CompileError> {
     let general = super::general::compile_general(
-        &p.cascade,
+        part,
         &super::KernelOptions {
             target: options.target,
-            elem: Some(schedule.spec().elem),
+            elem: Some(elem),
             ..super::KernelOptions::default()
         },
     )?;
-    let what = |n: &str| {
-        format!(
-            "`{n}`, computed per token by the pre-kernels ({}) and read by the attention kernel as its {}",
-            p.cascade.name,
-            if Some(n) == p.written.first().map(String::as_str) { "first operand of the score" } else { "second operand of the score" }
-        )
+    let general = general.modules().iter().cloned();
+    let ordered: Vec<Module> = if before {
+        general.chain(kernels).collect()
+    } else {
+        kernels.into_iter().chain(general).collect()
     };
-    general
-        .modules()
-        .iter()
-        .cloned()
-        .chain(kernels)
-        .map(|mut module| {
-            super::tensors_to_scratch(&mut module.contract, &p.written, &what)?;
-            Ok(module)
-        })
-        .collect()
-}
-
-/// The attention `kernels`, which write their output into scratch, then the post-kernels
-/// (the general lowering of the epilogue), which read it there.
-fn post_modules(
-    e: &Epilogue,
-    schedule: &Schedule,
-    options: &super::KernelOptions,
-    kernels: Vec<Module>,
-) -> Result<Vec<Module>, CompileError> {
-    let general = super::general::compile_general(
-        &e.cascade,
-        &super::KernelOptions {
-            target: options.target,
-            elem: Some(schedule.spec().elem),
-            ..super::KernelOptions::default()
-        },
-    )?;
-    let what = |n: &str| {
-        format!(
-            "`{n}`, the attention output, written by the attention kernel and read by the post-kernels ({})",
-            e.cascade.name
-        )
-    };
-    let written = [e.attention.clone()];
-    kernels
+    ordered
         .into_iter()
-        .chain(general.modules().iter().cloned())
         .map(|mut module| {
-            super::tensors_to_scratch(&mut module.contract, &written, &what)?;
+            super::tensors_to_scratch(&mut module.contract, through, what)?;
             Ok(module)
         })
         .collect()
@@ -397,35 +380,32 @@ impl Compiled for SoftmaxKernels {
 
     fn explain(&self) -> String {
         let mut text = String::new();
-        if let Some(p) = &self.prologue {
-            let einsums: Vec<&str> = p
-                .cascade
+        // What a part's Einsums write, in order.
+        let writes = |c: &Cascade| -> String {
+            let names: Vec<&str> = c
                 .einsums
                 .iter()
-                .map(|(_, e)| p.cascade.tensors[e.output.tensor].name.as_str())
+                .map(|(_, e)| c.tensors[e.output.tensor].name.as_str())
                 .collect();
+            names.join(", ")
+        };
+        if let Some(p) = &self.prologue {
             text.push_str(&format!(
                 "pre-kernels: {} (the general lowering of `{}`: {}) write {} into scratch, in {}; the attention kernel reads them as its Q and K\n",
                 self.pre_kernels,
                 p.cascade.name,
-                einsums.join(", "),
+                writes(&p.cascade),
                 p.written.join(" and "),
                 self.schedule.spec().elem.name()
             ));
         }
         text.push_str(&self.schedule.explain());
         if let Some(e) = &self.epilogue {
-            let einsums: Vec<&str> = e
-                .cascade
-                .einsums
-                .iter()
-                .map(|(_, x)| e.cascade.tensors[x.output.tensor].name.as_str())
-                .collect();
             text.push_str(&format!(
                 "post-kernels: {} (the general lowering of `{}`: {}) read the attention output {} from scratch, in {}\n",
                 self.post_kernels,
                 e.cascade.name,
-                einsums.join(", "),
+                writes(&e.cascade),
                 e.attention,
                 self.schedule.spec().elem.name()
             ));

@@ -510,6 +510,22 @@ pub fn flash_attention(
         p.row_outputs.push(RowOutput { name: "sum".into() });
         (RowOutputId(0), RowOutputId(1))
     });
+    // The program with its body, checked, and what a launcher binds.
+    let finish = |mut p: TileProgram, body: Vec<Stmt>| {
+        p.body = body;
+        p.validate()?;
+        Ok((
+            p,
+            AttentionBindings {
+                q,
+                k,
+                v,
+                o,
+                lse,
+                stats,
+            },
+        ))
+    };
     for name in &spec.score.scalars {
         p.scalars.push(ScalarParam { name: name.clone() });
     }
@@ -576,21 +592,22 @@ pub fn flash_attention(
             RegKind::AOperand(spec.elem),
         )
     });
+    // Q's tile (and fragments), the output accumulator at zero.
+    let mut body = vec![Stmt::LoadTile { dst: q_s, src: q }];
+    let a_op = match q_frag {
+        Some(f) => {
+            body.push(Stmt::Fragments { dst: f, src: q_s });
+            AOperand::Reg(f)
+        }
+        None => AOperand::Shared(q_s),
+    };
+    body.push(Stmt::Fill {
+        dst: acc,
+        value: 0.0,
+    });
     if spec.normalization == Normalization::None {
         // The weights need no row statistics: map the scores, zero what the masks hide,
         // and accumulate P V; the output is the sum itself.
-        let mut body = vec![Stmt::LoadTile { dst: q_s, src: q }];
-        let a_op = match q_frag {
-            Some(f) => {
-                body.push(Stmt::Fragments { dst: f, src: q_s });
-                AOperand::Reg(f)
-            }
-            None => AOperand::Shared(q_s),
-        };
-        body.push(Stmt::Fill {
-            dst: acc,
-            value: 0.0,
-        });
         let weight = sigmoids_by_tanh(&substitute_dot(&spec.score.expr, s));
         body.push(Stmt::KeyLoop {
             block_n: sched.block_n,
@@ -620,19 +637,7 @@ pub fn flash_attention(
             ],
         });
         body.push(Stmt::Store { src: acc, dst: o });
-        p.body = body;
-        p.validate()?;
-        return Ok((
-            p,
-            AttentionBindings {
-                q,
-                k,
-                v,
-                o,
-                lse,
-                stats,
-            },
-        ));
+        return finish(p, body);
     }
     let new_row = |p: &mut TileProgram, name: &str| {
         p.rows.push(RowVec { name: name.into() });
@@ -664,18 +669,6 @@ pub fn flash_attention(
         })
     };
 
-    let mut body = vec![Stmt::LoadTile { dst: q_s, src: q }];
-    let a_op = match q_frag {
-        Some(f) => {
-            body.push(Stmt::Fragments { dst: f, src: q_s });
-            AOperand::Reg(f)
-        }
-        None => AOperand::Shared(q_s),
-    };
-    body.push(Stmt::Fill {
-        dst: acc,
-        value: 0.0,
-    });
     match &spec.sink {
         // The sink is a key seen before the first: the running max starts at its logit (in
         // the kept terms' log2 units) and the sum at its exp(sink - max) = 1.
@@ -826,19 +819,7 @@ pub fn flash_attention(
             dst: sum_out,
         });
         body.push(Stmt::Store { src: acc, dst: o });
-        p.body = body;
-        p.validate()?;
-        return Ok((
-            p,
-            AttentionBindings {
-                q,
-                k,
-                v,
-                o,
-                lse,
-                stats,
-            },
-        ));
+        return finish(p, body);
     }
     // Rows that saw no key (l = 0) output zeros rather than NaN.
     let inv_l = new_row(&mut p, "inv_l");
@@ -863,19 +844,7 @@ pub fn flash_attention(
             dst: lse,
         });
     }
-    p.body = body;
-    p.validate()?;
-    Ok((
-        p,
-        AttentionBindings {
-            q,
-            k,
-            v,
-            o,
-            lse,
-            stats,
-        },
-    ))
+    finish(p, body)
 }
 
 /// Splits a logit into the terms that vary along a row (with the dot product or the key

@@ -951,37 +951,15 @@ impl<'c> Reader<'c> {
                 t.name
             ));
         }
-        let mut at = None;
-        for (idx, &rank) in a.indices.iter().zip(&t.ranks) {
-            if Some(rank) == self.roles.batch || Some(rank) == self.roles.head {
-                if !self.at_rank(idx, rank) {
-                    return self.err(format!(
-                        "`{}` must be read at its batch and head ranks as declared",
-                        t.name
-                    ));
-                }
-                continue;
-            }
-            let side = if self.roles.query.is_some_and(|q| self.at_rank(idx, q)) {
-                TokenAt::Row
-            } else if self.key_here.as_ref().is_some_and(|k| same_affine(k, idx)) {
-                TokenAt::Col
-            } else {
-                return self.err(format!(
-                    "`{}` must be read at the query position or at the key position",
+        let (at, _) = self.token_position(a, false)?.ok_or_else(|| {
+            not_mappable(
+                format!(
+                    "`{}` has no sequence rank: a value mask compares per-token values",
                     t.name
-                ));
-            };
-            if at.replace(side).is_some() {
-                return self.err(format!("`{}` has more than one sequence rank", t.name));
-            }
-        }
-        let Some(at) = at else {
-            return self.err(format!(
-                "`{}` has no sequence rank: a value mask compares per-token values",
-                t.name
-            ));
-        };
+                ),
+                self.span,
+            )
+        })?;
         Ok((self.token_id(a.tensor, None)?, at))
     }
 
@@ -1003,6 +981,61 @@ impl<'c> Reader<'c> {
         Ok(TokenId(id as u32))
     }
 
+    /// Where a per-token input is read: at the query position, at the key position, or (with
+    /// `distance`) at `±(p - m) + c` with the extent of the rank it is read along; its other
+    /// indices must be the batch and head ranks as declared. `None`: no sequence rank.
+    fn token_position(
+        &self,
+        a: &Access,
+        distance: bool,
+    ) -> Result<Option<(TokenAt, Option<u32>)>, Diagnostic> {
+        let c = self.c;
+        let t = &c.tensors[a.tensor];
+        let anywhere = if distance {
+            "at the query position, the key position or their distance (`p - m + c`)"
+        } else {
+            "at the query position or at the key position"
+        };
+        let mut read = None;
+        for (idx, &rank) in a.indices.iter().zip(&t.ranks) {
+            if Some(rank) == self.roles.batch || Some(rank) == self.roles.head {
+                if !self.at_rank(idx, rank) {
+                    return self.err(format!(
+                        "`{}` must be read at its batch and head ranks as declared",
+                        t.name
+                    ));
+                }
+                continue;
+            }
+            let at = if self.roles.query.is_some_and(|q| self.at_rank(idx, q)) {
+                (TokenAt::Row, None)
+            } else if self.key_here.as_ref().is_some_and(|k| same_affine(k, idx)) {
+                (TokenAt::Col, None)
+            } else {
+                let (cq, ck, k) = match (distance, self.read_index(idx)) {
+                    (true, Ok(Sym::Val(value))) => linear_coefficients(&value),
+                    _ => (0, 0, 0),
+                };
+                // The kernel adds the offset as a 32-bit immediate.
+                let extent = u32::try_from(c.ranks[rank].extent)
+                    .ok()
+                    .filter(|_| i32::try_from(k).is_ok());
+                match (cq, ck, extent) {
+                    (1, -1, Some(e)) => (TokenAt::QueryMinusKey(k), Some(e)),
+                    (-1, 1, Some(e)) => (TokenAt::KeyMinusQuery(k), Some(e)),
+                    _ => return self.err(format!("`{}` must be read {anywhere}", t.name)),
+                }
+            };
+            if read.replace(at).is_some() {
+                return self.err(format!(
+                    "`{}` has more than one rank besides batch and head",
+                    t.name
+                ));
+            }
+        }
+        Ok(read)
+    }
+
     /// A score operand: a per-query or per-key value (`B[b, h, m]`), or a table over the
     /// distance (`TB[h, p - m + c]`, a relative-position bias), indexed otherwise by the
     /// batch and head ranks as declared; f32, read as a token input.
@@ -1021,52 +1054,7 @@ impl<'c> Reader<'c> {
                 t.name
             ));
         }
-        let mut read = None;
-        for (idx, &rank) in a.indices.iter().zip(&t.ranks) {
-            if Some(rank) == self.roles.batch || Some(rank) == self.roles.head {
-                if !self.at_rank(idx, rank) {
-                    return self.err(format!(
-                        "`{}` must be read at its batch and head ranks as declared",
-                        t.name
-                    ));
-                }
-                continue;
-            }
-            let at = if self.roles.query.is_some_and(|q| self.at_rank(idx, q)) {
-                (TokenAt::Row, None)
-            } else if self.key_here.as_ref().is_some_and(|k| same_affine(k, idx)) {
-                (TokenAt::Col, None)
-            } else {
-                let Ok(Sym::Val(value)) = self.read_index(idx) else {
-                    return self.err(format!(
-                        "`{}` must be read at the query position, the key position or their distance",
-                        t.name
-                    ));
-                };
-                let (cq, ck, k) = linear_coefficients(&value);
-                // The kernel adds the offset as a 32-bit immediate.
-                let extent = u32::try_from(c.ranks[rank].extent)
-                    .ok()
-                    .filter(|_| i32::try_from(k).is_ok());
-                match (cq, ck, extent) {
-                    (1, -1, Some(e)) => (TokenAt::QueryMinusKey(k), Some(e)),
-                    (-1, 1, Some(e)) => (TokenAt::KeyMinusQuery(k), Some(e)),
-                    _ => {
-                        return self.err(format!(
-                            "`{}` must be read at the query position, the key position or their distance (`p - m + c`)",
-                            t.name
-                        ))
-                    }
-                }
-            };
-            if read.replace(at).is_some() {
-                return self.err(format!(
-                    "`{}` has more than one rank besides batch and head",
-                    t.name
-                ));
-            }
-        }
-        let Some((at, extent)) = read else {
+        let Some((at, extent)) = self.token_position(a, true)? else {
             // Indexed by batch and head alone: uniform along the row, a per-head value.
             return self.err(format!(
                 "`{}` has no sequence rank: per-head values are parameters indexed by the head rank alone",
@@ -1245,37 +1233,28 @@ impl<'c> Reader<'c> {
                 "a value beside the scores' max (a sink logit) must be uniform along a row: literals, scalars and per-head parameters",
             );
         }
-        match &self.sink {
-            None => {
-                self.sink = Some(x.clone());
-                Ok(())
-            }
-            Some(s) if s == x => Ok(()),
-            Some(_) => self.err("the max and the denominator must use the same sink logit"),
+        if fix(&mut self.sink, x) {
+            Ok(())
+        } else {
+            self.err("the max and the denominator must use the same sink logit")
         }
     }
 
     /// The first sum of `w(s) V` fixes the weight; later ones must agree.
     fn fix_weight(&mut self, w: &ScalarExpr) -> Result<(), Diagnostic> {
-        match &self.weight {
-            None => {
-                self.weight = Some(w.clone());
-                Ok(())
-            }
-            Some(x) if x == w => Ok(()),
-            Some(_) => self.err("every sum of weights times V must use the same weights"),
+        if fix(&mut self.weight, w) {
+            Ok(())
+        } else {
+            self.err("every sum of weights times V must use the same weights")
         }
     }
 
     /// The first place the score is consumed (max or exp) fixes it; later ones must agree.
     fn fix_score(&mut self, x: &ScalarExpr) -> Result<(), Diagnostic> {
-        match &self.score {
-            None => {
-                self.score = Some(x.clone());
-                Ok(())
-            }
-            Some(s) if s == x => Ok(()),
-            Some(_) => self.err("the max and the exponent must use the same score"),
+        if fix(&mut self.score, x) {
+            Ok(())
+        } else {
+            self.err("the max and the exponent must use the same score")
         }
     }
 
@@ -1594,6 +1573,17 @@ impl<'c> Reader<'c> {
             head_params: self.head_params,
             reading: self.reading,
         })
+    }
+}
+
+/// Fixes `slot` to `x` where it is first read; false when a later read disagrees.
+fn fix(slot: &mut Option<ScalarExpr>, x: &ScalarExpr) -> bool {
+    match slot {
+        None => {
+            *slot = Some(x.clone());
+            true
+        }
+        Some(s) => s == x,
     }
 }
 
