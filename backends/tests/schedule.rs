@@ -43,6 +43,21 @@ fn load(name: &str, defines: &[(&str, u64)]) -> Cascade {
         .unwrap_or_else(|d| panic!("{}", d.render(&path, &src)))
 }
 
+/// A tile shape for the Tile interpreter: `mma.sync`, every thread loading, Q re-read from
+/// shared memory, the unit rescale skipped.
+fn cooperative(block_m: u32, block_n: u32, warps: u32, stages: u32) -> AttentionSchedule {
+    AttentionSchedule {
+        block_m,
+        block_n,
+        warps,
+        stages,
+        q_in_registers: false,
+        skip_unit_rescale: true,
+        mma: MmaUnit::Sync,
+        loads: Loads::Cooperative,
+    }
+}
+
 /// Runs the matched kernel's tile program on the cascade's random inputs and compares its
 /// output with the reference interpreter's. Returns the relative error.
 fn tile_vs_interpreter(c: &Cascade, kernel: AttentionSchedule, seed: u64) -> f64 {
@@ -903,14 +918,8 @@ fn unnormalized_weights_match_the_interpreter() {
         einattn_backends::family::softmax::Normalization::None
     );
     let kernel = AttentionSchedule {
-        block_m: 32,
-        block_n: 16,
-        warps: 2,
-        stages: 2,
-        q_in_registers: false,
         skip_unit_rescale: false,
-        mma: MmaUnit::Sync,
-        loads: Loads::Cooperative,
+        ..cooperative(32, 16, 2, 2)
     };
     let err = tile_vs_interpreter(&c, kernel, 3);
     assert!(err < 1e-2, "relative error {err}");
@@ -945,16 +954,7 @@ fn qk_norm_runs_its_prologue_then_the_attention_kernel() {
     let core_inputs = prologue
         .core_inputs(&c, core, &inputs)
         .expect("the prologue runs");
-    let kernel = AttentionSchedule {
-        block_m: 32,
-        block_n: 16,
-        warps: 2,
-        stages: 2,
-        q_in_registers: false,
-        skip_unit_rescale: true,
-        mma: MmaUnit::Sync,
-        loads: Loads::Cooperative,
-    };
+    let kernel = cooperative(32, 16, 2, 2);
     let err = tile_vs_interpreter_on(core, kernel, core_inputs);
     assert!(err < 1e-2, "tile program: relative error {err}");
 }
@@ -975,25 +975,11 @@ fn grouped_query_decoding_packs_a_group_into_one_tile() {
         assert_eq!(pack_query_heads(&mut m), Some(group));
         assert_eq!((m.n_q, m.heads, m.kv_group), (group, 8 / group, 1));
         for kernel in [
+            cooperative(32, 32, 2, 2),
             AttentionSchedule {
-                block_m: 32,
-                block_n: 32,
-                warps: 2,
-                stages: 2,
-                q_in_registers: false,
-                skip_unit_rescale: true,
-                mma: MmaUnit::Sync,
-                loads: Loads::Cooperative,
-            },
-            AttentionSchedule {
-                block_m: 16,
-                block_n: 64,
-                warps: 1,
-                stages: 3,
                 q_in_registers: true,
                 skip_unit_rescale: false,
-                mma: MmaUnit::Sync,
-                loads: Loads::Cooperative,
+                ..cooperative(16, 64, 1, 3)
             },
         ] {
             let err = tile_vs_interpreter_of(&c, &m, kernel, random_inputs(&c, group));
@@ -1034,16 +1020,7 @@ fn gated_attention_runs_the_attention_kernel_then_its_epilogue() {
     let err = relative_error(&formula, &want);
     assert!(err < 1e-9, "formula: relative difference {err}");
     let core_inputs = einattn_backends::family::softmax::prologue::by_name(&c, core, &inputs);
-    let kernel = AttentionSchedule {
-        block_m: 32,
-        block_n: 16,
-        warps: 2,
-        stages: 2,
-        q_in_registers: false,
-        skip_unit_rescale: true,
-        mma: MmaUnit::Sync,
-        loads: Loads::Cooperative,
-    };
+    let kernel = cooperative(32, 16, 2, 2);
     let err = tile_vs_interpreter_on(core, kernel, core_inputs);
     assert!(err < 1e-2, "tile program: relative error {err}");
 }

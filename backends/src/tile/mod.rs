@@ -467,6 +467,29 @@ impl ScalarExpr {
         f(self)
     }
 
+    /// The node with `f` applied to each of its children (a leaf as it is): the step of a
+    /// rewrite that recurses through `f`.
+    pub fn map_children(&self, f: &mut impl FnMut(&ScalarExpr) -> ScalarExpr) -> ScalarExpr {
+        match self {
+            ScalarExpr::Unary(op, a) => ScalarExpr::Unary(*op, Box::new(f(a))),
+            ScalarExpr::Binary(op, a, b) => ScalarExpr::Binary(*op, Box::new(f(a)), Box::new(f(b))),
+            ScalarExpr::Select {
+                op,
+                lhs,
+                rhs,
+                then,
+                otherwise,
+            } => ScalarExpr::Select {
+                op: *op,
+                lhs: Box::new(f(lhs)),
+                rhs: Box::new(f(rhs)),
+                then: Box::new(f(then)),
+                otherwise: Box::new(f(otherwise)),
+            },
+            leaf => leaf.clone(),
+        }
+    }
+
     /// Evaluates the tree in f64, asking `leaf` for every leaf (literals, parameters,
     /// indices, tile elements, rows, tokens) and applying the operators itself.
     pub fn eval<E>(&self, leaf: &mut impl FnMut(&ScalarExpr) -> Result<f64, E>) -> Result<f64, E> {

@@ -605,6 +605,18 @@ pub fn flash_attention(
         dst: acc,
         value: 0.0,
     });
+    // Each key tile: K and V in, S = Q K^T.
+    let scores = vec![
+        Stmt::LoadTile { dst: k_s, src: k },
+        Stmt::LoadTile { dst: v_s, src: v },
+        Stmt::Fill { dst: s, value: 0.0 },
+        Stmt::Contract {
+            acc: s,
+            a: a_op,
+            b: k_s,
+            b_layout: BLayout::RowsAreN,
+        },
+    ];
     if spec.normalization == Normalization::None {
         // The weights need no row statistics: map the scores, zero what the masks hide,
         // and accumulate P V; the output is the sum itself.
@@ -612,29 +624,24 @@ pub fn flash_attention(
         body.push(Stmt::KeyLoop {
             block_n: sched.block_n,
             masks: spec.masks(),
-            body: vec![
-                Stmt::LoadTile { dst: k_s, src: k },
-                Stmt::LoadTile { dst: v_s, src: v },
-                Stmt::Fill { dst: s, value: 0.0 },
-                Stmt::Contract {
-                    acc: s,
-                    a: a_op,
-                    b: k_s,
-                    b_layout: BLayout::RowsAreN,
-                },
-                Stmt::Map {
-                    dst: s,
-                    expr: weight,
-                },
-                Stmt::Mask { dst: s, fill: 0.0 },
-                Stmt::Convert { dst: pf, src: s },
-                Stmt::Contract {
-                    acc,
-                    a: AOperand::Reg(pf),
-                    b: v_s,
-                    b_layout: BLayout::RowsAreK,
-                },
-            ],
+            body: [
+                scores,
+                vec![
+                    Stmt::Map {
+                        dst: s,
+                        expr: weight,
+                    },
+                    Stmt::Mask { dst: s, fill: 0.0 },
+                    Stmt::Convert { dst: pf, src: s },
+                    Stmt::Contract {
+                        acc,
+                        a: AOperand::Reg(pf),
+                        b: v_s,
+                        b_layout: BLayout::RowsAreK,
+                    },
+                ],
+            ]
+            .concat(),
         });
         body.push(Stmt::Store { src: acc, dst: o });
         return finish(p, body);
@@ -702,17 +709,7 @@ pub fn flash_attention(
         }
     }
 
-    let mut lp = vec![
-        Stmt::LoadTile { dst: k_s, src: k },
-        Stmt::LoadTile { dst: v_s, src: v },
-        Stmt::Fill { dst: s, value: 0.0 },
-        Stmt::Contract {
-            acc: s,
-            a: a_op,
-            b: k_s,
-            b_layout: BLayout::RowsAreN,
-        },
-    ];
+    let mut lp = scores;
     if plain {
         // Keep raw scores; the scale rides on the max and on the exponent (one FFMA each),
         // as FlashAttention does. Valid because scale > 0 keeps the max where it is.
@@ -947,55 +944,23 @@ fn sigmoids_by_tanh(e: &ScalarExpr) -> ScalarExpr {
         }
     };
     let by_tanh = |y: ScalarExpr| add(lit(0.5), mul(lit(0.5), tanh(mul(lit(0.5), y))));
-    match e {
+    let sigmoid = match e {
         ScalarExpr::Binary(BinaryOp::Div, n, d) if matches!(**n, ScalarExpr::Lit(x) if x == 1.0) => {
-            match sigmoid_of(d) {
-                Some(y) => by_tanh(sigmoids_by_tanh(&y)),
-                None => div(sigmoids_by_tanh(n), sigmoids_by_tanh(d)),
-            }
+            sigmoid_of(d)
         }
-        ScalarExpr::Unary(UnaryOp::Recip, d) => match sigmoid_of(d) {
-            Some(y) => by_tanh(sigmoids_by_tanh(&y)),
-            None => recip(sigmoids_by_tanh(d)),
-        },
-        ScalarExpr::Unary(op, a) => un(*op, sigmoids_by_tanh(a)),
-        ScalarExpr::Binary(op, a, b) => bin(*op, sigmoids_by_tanh(a), sigmoids_by_tanh(b)),
-        ScalarExpr::Select {
-            op,
-            lhs,
-            rhs,
-            then,
-            otherwise,
-        } => select(
-            *op,
-            sigmoids_by_tanh(lhs),
-            sigmoids_by_tanh(rhs),
-            sigmoids_by_tanh(then),
-            sigmoids_by_tanh(otherwise),
-        ),
-        other => other.clone(),
+        ScalarExpr::Unary(UnaryOp::Recip, d) => sigmoid_of(d),
+        _ => None,
+    };
+    match sigmoid {
+        Some(y) => by_tanh(sigmoids_by_tanh(&y)),
+        None => e.map_children(&mut sigmoids_by_tanh),
     }
 }
 
 fn substitute_dot(e: &ScalarExpr, s: RegId) -> ScalarExpr {
     match e {
         ScalarExpr::Elem(DOT) => elem(s),
-        ScalarExpr::Unary(op, a) => un(*op, substitute_dot(a, s)),
-        ScalarExpr::Binary(op, a, b) => bin(*op, substitute_dot(a, s), substitute_dot(b, s)),
-        ScalarExpr::Select {
-            op,
-            lhs,
-            rhs,
-            then,
-            otherwise,
-        } => select(
-            *op,
-            substitute_dot(lhs, s),
-            substitute_dot(rhs, s),
-            substitute_dot(then, s),
-            substitute_dot(otherwise, s),
-        ),
-        other => other.clone(),
+        other => other.map_children(&mut |c| substitute_dot(c, s)),
     }
 }
 
