@@ -130,6 +130,17 @@ impl Score {
                 ScalarExpr::Unary(op, a) => {
                     format!("{}({})", format!("{op:?}").to_lowercase(), show(a))
                 }
+                // Unit factors and zero terms (from affine indices) say nothing.
+                ScalarExpr::Binary(BinaryOp::Mul, x, y) if matches!(**x, ScalarExpr::Lit(v) if v == 1.0) => {
+                    show(y)
+                }
+                ScalarExpr::Binary(BinaryOp::Mul, x, y) if matches!(**x, ScalarExpr::Lit(v) if v == -1.0) =>
+                {
+                    format!("-{}", show(y))
+                }
+                ScalarExpr::Binary(BinaryOp::Add, x, y) if matches!(**y, ScalarExpr::Lit(v) if v == 0.0) => {
+                    show(x)
+                }
                 ScalarExpr::Binary(op, a, b) => {
                     let sym = match op {
                         BinaryOp::Add => "+",
