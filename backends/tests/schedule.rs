@@ -268,9 +268,8 @@ proptest! {
             _ => {}
         }
         let kernel = AttentionSchedule {
-            block_m: [32, 64][bm_i], block_n: [16, 32, 64][bn_i], warps: 2, stages: 2,
-            q_in_registers: false, skip_unit_rescale: seed % 2 == 0, mma: MmaUnit::Sync,
-            loads: Loads::Cooperative,
+            skip_unit_rescale: seed % 2 == 0,
+            ..cooperative([32, 64][bm_i], [16, 32, 64][bn_i], 2, 2)
         };
         let err = tile_vs_interpreter_on(&c, kernel, inputs);
         prop_assert!(err < 1e-2, "relative error {}", err);
@@ -306,9 +305,8 @@ proptest! {
         let m = recognize(&c).expect("recognized");
         prop_assert_eq!(m.spec.tokens.len(), if bidirectional { 3 } else { 1 });
         let kernel = AttentionSchedule {
-            block_m: [32, 64][bm_i], block_n: [16, 32, 64][bn_i], warps: 2, stages: 2,
-            q_in_registers: false, skip_unit_rescale: seed % 2 == 0, mma: MmaUnit::Sync,
-            loads: Loads::Cooperative,
+            skip_unit_rescale: seed % 2 == 0,
+            ..cooperative([32, 64][bm_i], [16, 32, 64][bn_i], 2, 2)
         };
         let err = tile_vs_interpreter(&c, kernel, seed);
         prop_assert!(err < 1e-2, "relative error {}", err);
@@ -323,8 +321,8 @@ proptest! {
         let c = load("attention_sliding_window",
                      &[("N", n), ("D", 16), ("TILE", tile), ("W", w), ("H", 2)]);
         let kernel = AttentionSchedule {
-            block_m: 32, block_n: [16, 32, 64][bn_i], warps: 2, stages: 2,
-            q_in_registers: false, skip_unit_rescale: seed % 2 == 0, mma: MmaUnit::Sync, loads: Loads::Cooperative,
+            skip_unit_rescale: seed % 2 == 0,
+            ..cooperative(32, [16, 32, 64][bn_i], 2, 2)
         };
         let err = tile_vs_interpreter(&c, kernel, seed);
         prop_assert!(err < 1e-2, "relative error {}", err);
@@ -1019,7 +1017,7 @@ fn gated_attention_runs_the_attention_kernel_then_its_epilogue() {
     let (formula, _) = k.formula(&inputs);
     let err = relative_error(&formula, &want);
     assert!(err < 1e-9, "formula: relative difference {err}");
-    let core_inputs = einattn_backends::family::softmax::prologue::by_name(&c, core, &inputs);
+    let core_inputs = einattn_backends::family::subcascade::inputs_by_name(&c, core, &inputs);
     let kernel = cooperative(32, 16, 2, 2);
     let err = tile_vs_interpreter_on(core, kernel, core_inputs);
     assert!(err < 1e-2, "tile program: relative error {err}");

@@ -24,7 +24,7 @@ mod layout;
 pub mod linear;
 pub mod projection;
 pub mod softmax;
-mod subcascade;
+pub mod subcascade;
 
 pub use layout::Layout;
 

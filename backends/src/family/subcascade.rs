@@ -7,7 +7,24 @@ use einattn_ir::cascade::{
     Access, Cascade, Condition, DType, Einsum, Expr, IndexExpr, Rank, Recurrence, Reduction, Split,
     Tensor, TensorKind, ValueCondition,
 };
+use einattn_ir::interp::TensorData;
 use std::collections::{BTreeSet, HashMap};
+
+/// The values of `part`'s tensors (a part of `whole`) from `whole`'s `inputs`, matched by
+/// name.
+pub fn inputs_by_name(
+    whole: &Cascade,
+    part: &Cascade,
+    inputs: &HashMap<Handle<Tensor>, TensorData>,
+) -> HashMap<Handle<Tensor>, TensorData> {
+    part.tensors
+        .iter()
+        .filter_map(|(h, t)| {
+            let d = inputs.get(&whole.tensor_by_name(&t.name)?)?;
+            Some((h, d.clone()))
+        })
+        .collect()
+}
 
 /// A cascade of `einsums` alone, over the tensors they name (with the given kinds: an
 /// Einsum's output may become an output, a tensor it reads an input) and the ranks those

@@ -168,23 +168,13 @@ fn sum(a: ScalarExpr, b: ScalarExpr) -> ScalarExpr {
 /// key-tiled kernel, whose rows are keys).
 fn at_tile(e: &ScalarExpr, s: RegId, mirrored: bool) -> ScalarExpr {
     use super::program::DOT;
-    let f = |x: &ScalarExpr| at_tile(x, s, mirrored);
     match e {
         ScalarExpr::Elem(DOT) => elem(s),
         ScalarExpr::Index(r) if mirrored => index(match r {
             SeqRank::Query => SeqRank::Key,
             SeqRank::Key => SeqRank::Query,
         }),
-        ScalarExpr::Unary(op, a) => un(*op, f(a)),
-        ScalarExpr::Binary(op, a, b) => bin(*op, f(a), f(b)),
-        ScalarExpr::Select {
-            op,
-            lhs,
-            rhs,
-            then,
-            otherwise,
-        } => select(*op, f(lhs), f(rhs), f(then), f(otherwise)),
-        other => other.clone(),
+        other => other.map_children(&mut |x| at_tile(x, s, mirrored)),
     }
 }
 

@@ -4,7 +4,7 @@
 //! Einsums become a cascade of their own, run by the general lowering after the attention
 //! kernel, which writes `A` into scratch.
 
-use crate::family::subcascade::extract;
+use crate::family::subcascade::{extract, inputs_by_name};
 use einattn_ir::arena::Handle;
 use einattn_ir::cascade::{Cascade, DType, Einsum, Tensor, TensorKind};
 use einattn_ir::interp::{evaluate_in_order, TensorData};
@@ -31,19 +31,17 @@ impl Epilogue {
         attention: Vec<f64>,
         inputs: &HashMap<Handle<Tensor>, TensorData>,
     ) -> Result<Vec<f64>, String> {
-        let mut given = HashMap::new();
-        for (h, t) in self.cascade.tensors.iter() {
-            if t.name == self.attention {
-                let shape = t
-                    .ranks
-                    .iter()
-                    .map(|&r| self.cascade.ranks[r].extent as usize)
-                    .collect();
-                given.insert(h, TensorData::new(shape, attention.clone()));
-            } else if let Some(d) = whole.tensor_by_name(&t.name).and_then(|w| inputs.get(&w)) {
-                given.insert(h, d.clone());
-            }
-        }
+        let mut given = inputs_by_name(whole, &self.cascade, inputs);
+        let a = self
+            .cascade
+            .tensor_by_name(&self.attention)
+            .ok_or("the post-kernels' cascade does not read the attention output")?;
+        let shape = self.cascade.tensors[a]
+            .ranks
+            .iter()
+            .map(|&r| self.cascade.ranks[r].extent as usize)
+            .collect();
+        given.insert(a, TensorData::new(shape, attention));
         let values = evaluate_in_order(&self.cascade, &given, &topological_order(&self.cascade))
             .map_err(|e| format!("the post-kernels' cascade failed: {e}"))?;
         let out = self

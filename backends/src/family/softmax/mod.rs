@@ -437,7 +437,7 @@ impl Compiled for SoftmaxKernels {
                 Err(_) => failed("the pre-kernels' cascade (failed)"),
             },
             (None, Some(e)) => {
-                let core = prologue::by_name(&self.cascade, &self.core, inputs);
+                let core = super::subcascade::inputs_by_name(&self.cascade, &self.core, inputs);
                 match e.output(&self.cascade, m.reference_output(&core), inputs) {
                     Ok(out) => (
                         out,

@@ -999,9 +999,7 @@ pub fn simplify(e: &ScalarExpr) -> ScalarExpr {
                 (None, None) => lit(1.0),
             }
         }
-        ScalarExpr::Unary(op, a) => un(*op, simplify(a)),
-        ScalarExpr::Binary(op, a, b) => bin(*op, simplify(a), simplify(b)),
-        other => other.clone(),
+        other => other.map_children(&mut simplify),
     }
 }
 

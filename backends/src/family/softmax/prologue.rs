@@ -4,7 +4,7 @@
 //! lowering into scratch, and the attention kernel reads their results as its Q and K.
 
 use super::recognize::flatten_product;
-use crate::family::subcascade::extract;
+use crate::family::subcascade::{extract, inputs_by_name};
 use einattn_ir::arena::Handle;
 use einattn_ir::cascade::{Cascade, DType, Einsum, Expr, ReduceOp, Tensor, TensorKind};
 use einattn_ir::interp::{evaluate_in_order, TensorData};
@@ -21,21 +21,6 @@ pub struct Prologue {
     pub written: Vec<String>,
 }
 
-/// The inputs of `core` (a part of `whole`) from `whole`'s, matched by name.
-pub fn by_name(
-    whole: &Cascade,
-    core: &Cascade,
-    inputs: &HashMap<Handle<Tensor>, TensorData>,
-) -> HashMap<Handle<Tensor>, TensorData> {
-    core.tensors
-        .iter()
-        .filter_map(|(h, t)| {
-            let d = inputs.get(&whole.tensor_by_name(&t.name)?)?;
-            Some((h, d.clone()))
-        })
-        .collect()
-}
-
 impl Prologue {
     /// The core cascade's inputs from the whole cascade's (`inputs`, by handle of
     /// `whole`): the operands computed by the prologue (f64, as the interpreter computes
@@ -46,32 +31,20 @@ impl Prologue {
         core: &Cascade,
         inputs: &HashMap<Handle<Tensor>, TensorData>,
     ) -> Result<HashMap<Handle<Tensor>, TensorData>, String> {
-        let by_name = |c: &Cascade, h: Handle<Tensor>| {
-            whole
-                .tensor_by_name(&c.tensors[h].name)
-                .and_then(|t| inputs.get(&t))
-                .cloned()
-        };
-        let given: HashMap<Handle<Tensor>, TensorData> = self
-            .cascade
-            .tensors
-            .iter()
-            .filter_map(|(h, _)| by_name(&self.cascade, h).map(|d| (h, d)))
-            .collect();
+        let given = inputs_by_name(whole, &self.cascade, inputs);
         let values = evaluate_in_order(&self.cascade, &given, &topological_order(&self.cascade))
             .map_err(|e| format!("the pre-kernels' cascade failed: {e}"))?;
-        let mut out = HashMap::new();
-        for (h, t) in core.tensors.iter() {
-            if !matches!(t.kind, TensorKind::Input | TensorKind::Param) {
-                continue;
-            }
-            let data = match self.cascade.tensor_by_name(&t.name) {
-                Some(p) if self.written.contains(&t.name) => values.get(p).cloned(),
-                _ => by_name(core, h),
+        let mut out = inputs_by_name(whole, core, inputs);
+        for name in &self.written {
+            let (Some(mine), Some(theirs)) =
+                (self.cascade.tensor_by_name(name), core.tensor_by_name(name))
+            else {
+                return Err(format!("`{name}` is not in both cascades"));
             };
-            if let Some(d) = data {
-                out.insert(h, d);
-            }
+            let data = values
+                .get(mine)
+                .ok_or_else(|| format!("the pre-kernels did not compute `{name}`"))?;
+            out.insert(theirs, data.clone());
         }
         Ok(out)
     }
