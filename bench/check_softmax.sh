@@ -7,7 +7,8 @@
 # tails ragged); document_mask draws one to five documents per sequence; sink_attention has a
 # per-head sink logit, softmax_plus_one softmax1's `+1`, sigmoid_attention no normalization,
 # relative_bias a table over p - m in the score, qk_norm pre-kernels before the score,
-# gated_attention a post-kernel after it;
+# gated_attention a post-kernel after it; differential_attention one attention kernel per
+# softmax map (halves 64 wide, V d wide) and their difference after them;
 # attention_mla runs Q.K at the value
 # dim + 64 (192 against 128 at d = 128, 128 against 64 at d = 64). Prints one line per check
 # and a tally; exits non-zero if any check fails.
@@ -43,6 +44,7 @@ qk_norm -D N=$n -D D=$d
 gated_attention -D N=$n -D D=$d -D TILE=$t
 softmax_plus_one -D N=$n -D D=$d -D TILE=$t
 attention_mla -D N=$n -D D=$((d + 64)) -D DV=$d -D TILE=$t
+differential_attention -D N=$n -D D=64 -D DV=$d
 LIST
     done
   done

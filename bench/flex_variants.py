@@ -4,9 +4,11 @@ tanh soft-cap, a sliding window of W=256 (plain, and with ALiBi as
 examples/attention_sliding_window.ein writes it), five documents packed in each sequence
 (causal within a document), grouped-query attention (32 query heads on 8 K/V heads), a
 learned relative-position bias table TB[h, p - m] (T5 style), QK-norm (RMS norms of Q and
-K before the score; the baselines run torch's rms_norm first, inside their timing) and Q.K
-192 wide against V 128 (multi-head latent attention's prefill), at B=2 H=16 N=8192 d=128
-causal, and cross-attention 1000 x 7777 at B=16 H=16 d=128 non-causal (issue 15's
+K before the score; the baselines run torch's rms_norm first, inside their timing), Q.K
+192 wide against V 128 (multi-head latent attention's prefill) and differential attention
+(two softmax maps over halves of 64 against one V of 128, subtracted with a per-head
+lambda; the baselines make two attention calls and the difference, as the paper's code
+does), at B=2 H=16 N=8192 d=128 causal, and cross-attention 1000 x 7777 at B=16 H=16 d=128 non-causal (issue 15's
 shapes).
 
 The plain window is examples/attention_sliding_window.ein without its ALiBi term, written
@@ -111,11 +113,14 @@ def main():
     ex = lambda name: f"examples/{name}.ein"  # noqa: E731
     # (name, cascade, defines, score_mod, block mask, query heads, K/V heads, batch,
     #  queries, keys, causal); EXTRA gives a case's other settings: `dims` (Q.K and V
-    #  head dims, default D and D) and `pre` (a map of q and k the baselines run first).
+    #  head dims, default D and D), `pre` (a map of q and k the baselines run first) and
+    #  `terms` (attention maps over one V, each with its own q and k, combined as
+    #  A_1 - lam * A_2: differential attention).
     extra = {
         "relative bias": {},
         "QK-norm": {"pre": qk_norm},
         "MLA 192/128": {"dims": (192, 128)},
+        "differential 2x64/128": {"dims": (64, 128), "terms": 2},
     }
     cases = [
         ("relative bias", ex("relative_bias"), ["-D", f"B={B}", "-D", f"N={N}", "-D", f"D={D}",
@@ -125,6 +130,9 @@ def main():
                                     "-D", f"H={H}"], None, causal_mask, H, H, B, N, N, True),
         ("MLA 192/128", ex("attention_mla"), ["-D", f"B={B}", "-D", f"N={N}", "-D", "D=192",
                                               "-D", "DV=128", "-D", "TILE=64", "-D", f"H={H}"],
+         None, causal_mask, H, H, B, N, N, True),
+        ("differential 2x64/128", ex("differential_attention"),
+         ["-D", f"B={B}", "-D", f"N={N}", "-D", "D=64", "-D", "DV=128", "-D", f"H={H}"],
          None, causal_mask, H, H, B, N, N, True),
         ("alibi", ex("attention_alibi"), seq + ["-D", f"H={H}"], alibi, causal_mask, H, H,
          B, N, N, True),
@@ -152,18 +160,32 @@ def main():
     for name, example, defines, score_mod, mask, hq, hkv, b, nq, nk, is_causal in cases:
         dk, dv = extra.get(name, {}).get("dims", (D, D))
         pre = extra.get(name, {}).get("pre", lambda q, k: (q, k))
+        terms = extra.get(name, {}).get("terms", 1)
         s = dk ** -0.5
-        q = torch.randn(b, hq, nq, dk, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, hkv, nk, dk, device="cuda", dtype=torch.bfloat16)
+        qs = [torch.randn(b, hq, nq, dk, device="cuda", dtype=torch.bfloat16)
+              for _ in range(terms)]
+        ks = [torch.randn(b, hkv, nk, dk, device="cuda", dtype=torch.bfloat16)
+              for _ in range(terms)]
+        q, k = qs[0], ks[0]
         v = torch.randn(b, hkv, nk, dv, device="cuda", dtype=torch.bfloat16)
+        lam = torch.rand(hq, 1, 1, device="cuda")
+
+        def combined(attn):
+            out = attn(qs[0], ks[0])
+            for qq, kk in zip(qs[1:], ks[1:]):
+                out = out - lam * attn(qq, kk)
+            return out
+
         # Nominal work: the causal cases count half of the full product, as before.
-        f = 2 * b * hq * nq * nk * (dk + dv) // (2 if is_causal else 1)
+        f = terms * 2 * b * hq * nq * nk * (dk + dv) // (2 if is_causal else 1)
         row = dict(case=name)
         try:
             def fn():
-                qq, kk = pre(q, k)
-                return flex(qq, kk, v, score_mod=score_mod, block_mask=mask, scale=s,
-                            enable_gqa=hq != hkv)
+                def attn(q, k):
+                    qq, kk = pre(q, k)
+                    return flex(qq, kk, v, score_mod=score_mod, block_mask=mask, scale=s,
+                                enable_gqa=hq != hkv)
+                return combined(attn)
             fn()
             row["flex_ms"] = do_bench(fn)
         except Exception as e:  # noqa: BLE001
@@ -172,9 +194,11 @@ def main():
         if hq != hkv or not is_causal or name in extra and score_mod is None:
             try:
                 def fn():
-                    qq, kk = pre(q, k)
-                    return F.scaled_dot_product_attention(qq, kk, v, is_causal=is_causal,
-                                                          scale=s, enable_gqa=hq != hkv)
+                    def attn(q, k):
+                        qq, kk = pre(q, k)
+                        return F.scaled_dot_product_attention(qq, kk, v, is_causal=is_causal,
+                                                              scale=s, enable_gqa=hq != hkv)
+                    return combined(attn)
                 fn()
                 row["sdpa_ms"] = do_bench(fn)
             except Exception as e:  # noqa: BLE001
@@ -183,7 +207,7 @@ def main():
         row.update(ours_ms=ms, command=cmd, flops=f)
         rows.append(row)
         print(row, flush=True)
-        del q, k, v
+        del q, k, v, qs, ks
         torch.cuda.empty_cache()
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
                date=datetime.datetime.now(datetime.timezone.utc).isoformat())

@@ -1001,7 +1001,7 @@ fn gated_attention_runs_the_attention_kernel_then_its_epilogue() {
     let c = load("gated_attention", &[("N", 70), ("D", 64), ("TILE", 10)]);
     let k = compile_kernel(&c, &KernelOptions::default());
     let epilogue = k.epilogue().expect("an epilogue");
-    assert_eq!(epilogue.attention, "A");
+    assert_eq!(epilogue.attentions, vec!["A".to_string()]);
     let (core, prologue) = k.core();
     assert!(prologue.is_none());
     assert_eq!(k.modules().len(), 2);
@@ -1021,4 +1021,23 @@ fn gated_attention_runs_the_attention_kernel_then_its_epilogue() {
     let kernel = cooperative(32, 16, 2, 2);
     let err = tile_vs_interpreter_on(core, kernel, core_inputs);
     assert!(err < 1e-2, "tile program: relative error {err}");
+}
+
+/// Differential attention: V distributed over the difference of its two softmax maps;
+/// each term's Einsums read as attention whose tile program computes what they compute.
+#[test]
+fn differential_attention_terms_match_the_interpreter() {
+    use einattn_backends::family::softmax::combination::distribute;
+    let c = load("differential_attention", &[("N", 70)]);
+    let (cores, epilogue) = distribute(&c)
+        .and_then(|d| d.split())
+        .expect("distributes into terms");
+    assert_eq!(
+        epilogue.attentions,
+        vec!["O_t1".to_string(), "O_t2".to_string()]
+    );
+    for (k, core) in cores.iter().enumerate() {
+        let err = tile_vs_interpreter(core, cooperative(32, 16, 2, 2), k as u64);
+        assert!(err < 1e-2, "{}: relative error {err}", core.name);
+    }
 }

@@ -291,3 +291,10 @@ def test_attention_variants_compile_per_shape_without_a_gpu():
     launch = json.loads(k.manifest_json())["launch"]
     assert len(launch) == 5 and launch[-1].startswith("einattn_fwd_")
     assert {"QN", "KN"} <= {name for name, _ in k.scratch}
+    # Differential attention: one attention kernel per softmax map, then their difference.
+    diff = einattn.compile(example("differential_attention.ein"))
+    half, v = (1, 256, 2, 64), (1, 256, 2, 128)
+    k = diff.kernels(half, half, half, half, v, (2,), capability=(9, 0))
+    launch = json.loads(k.manifest_json())["launch"]
+    assert len(launch) == 3 and [e[-3:] for e in launch[:2]] == ["_t1", "_t2"]
+    assert {"O_t1", "O_t2"} <= {name for name, _ in k.scratch}

@@ -43,6 +43,9 @@ pub(crate) fn extract(
             tensors.insert(a.tensor);
         });
         ranks.extend(e.mentioned_ranks());
+        // A rank may be reduced or iterated without an index naming it (`sum[n] X[b]`).
+        ranks.extend(e.reductions.iter().map(|r| r.rank));
+        ranks.extend(e.recurrence.iter().map(|r| r.rank));
     }
     for t in &tensors {
         if !kinds.contains_key(t) {

@@ -11,37 +11,39 @@ use einattn_ir::interp::{evaluate_in_order, TensorData};
 use einattn_ir::validate::topological_order;
 use std::collections::{BTreeSet, HashMap};
 
-/// The post-kernels of a cascade split after its attention output.
+/// The post-kernels of a cascade split after its attention output (or outputs).
 #[derive(Debug, Clone)]
 pub struct Epilogue {
-    /// The Einsums after the attention output; it is their input, in the kernel's 16-bit
-    /// type, and the cascade's output is theirs.
+    /// The Einsums after the attention outputs; those are its inputs, in the kernel's
+    /// 16-bit type, and the cascade's output is theirs.
     pub cascade: Cascade,
-    /// The attention output's name (the core's output, the epilogue's input).
-    pub attention: String,
+    /// The attention outputs' names (the cores' outputs, the epilogue's inputs), in order.
+    pub attentions: Vec<String>,
 }
 
 impl Epilogue {
-    /// The cascade's output from the attention output `attention` (f64, in its storage
-    /// order) and the whole cascade's inputs (by handle of `whole`): the epilogue run by
-    /// the interpreter. Matched by name.
+    /// The cascade's output from the attention outputs (f64, in their storage order, one
+    /// per name of `attentions`) and the whole cascade's inputs (by handle of `whole`):
+    /// the epilogue run by the interpreter. Matched by name.
     pub fn output(
         &self,
         whole: &Cascade,
-        attention: Vec<f64>,
+        attentions: Vec<Vec<f64>>,
         inputs: &HashMap<Handle<Tensor>, TensorData>,
     ) -> Result<Vec<f64>, String> {
         let mut given = inputs_by_name(whole, &self.cascade, inputs);
-        let a = self
-            .cascade
-            .tensor_by_name(&self.attention)
-            .ok_or("the post-kernels' cascade does not read the attention output")?;
-        let shape = self.cascade.tensors[a]
-            .ranks
-            .iter()
-            .map(|&r| self.cascade.ranks[r].extent as usize)
-            .collect();
-        given.insert(a, TensorData::new(shape, attention));
+        for (name, values) in self.attentions.iter().zip(attentions) {
+            let a = self
+                .cascade
+                .tensor_by_name(name)
+                .ok_or_else(|| format!("the post-kernels' cascade does not read `{name}`"))?;
+            let shape = self.cascade.tensors[a]
+                .ranks
+                .iter()
+                .map(|&r| self.cascade.ranks[r].extent as usize)
+                .collect();
+            given.insert(a, TensorData::new(shape, values));
+        }
         let values = evaluate_in_order(&self.cascade, &given, &topological_order(&self.cascade))
             .map_err(|e| format!("the post-kernels' cascade failed: {e}"))?;
         let out = self
@@ -63,6 +65,33 @@ pub fn split_after_attention(
     c: &Cascade,
     recognizes: impl Fn(&Cascade) -> bool,
 ) -> Option<(Cascade, Epilogue)> {
+    // Later tensors first: the attention output is the last tensor the core computes.
+    for &e in topological_order(c).iter().rev() {
+        let a = c.einsums[e].output.tensor;
+        if c.tensors[a].kind != TensorKind::Temp {
+            continue;
+        }
+        let Some((mut cores, epilogue)) = split_off(c, &[a], std::slice::from_ref(&c.name)) else {
+            continue;
+        };
+        match cores.pop() {
+            Some(core) if recognizes(&core) => return Some((core, epilogue)),
+            _ => continue,
+        }
+    }
+    None
+}
+
+/// Splits `c` into cores, one per computed tensor of `attentions` (named `core_names`),
+/// each the Einsums that tensor needs with it as the output, and an epilogue: the
+/// remaining Einsums, which read those tensors (in the inputs' 16-bit type) and write the
+/// cascade's one output. `None` when `c` has more than one output or no 16-bit input, an
+/// intermediate of a core is read outside the cores, or a part is not a valid cascade.
+pub(super) fn split_off(
+    c: &Cascade,
+    attentions: &[Handle<Tensor>],
+    core_names: &[String],
+) -> Option<(Vec<Cascade>, Epilogue)> {
     let mut outputs = c.tensors_of(TensorKind::Output);
     let (_, None) = (outputs.next()?, outputs.next()) else {
         return None;
@@ -77,13 +106,9 @@ pub fn split_after_attention(
         .map(|(h, e)| (e.output.tensor, h))
         .collect();
     let order = topological_order(c);
-    // Later tensors first: the attention output is the last tensor the core computes.
-    for &e in order.iter().rev() {
-        let a = c.einsums[e].output.tensor;
-        if c.tensors[a].kind != TensorKind::Temp {
-            continue;
-        }
-        let mut core: BTreeSet<Handle<Einsum>> = BTreeSet::new();
+    // Everything each attention output needs, back to the inputs.
+    let closure = |a: Handle<Tensor>| -> BTreeSet<Handle<Einsum>> {
+        let mut core = BTreeSet::new();
         let mut stack = vec![a];
         while let Some(t) = stack.pop() {
             let Some(&w) = writer.get(&t) else { continue };
@@ -95,54 +120,76 @@ pub fn split_after_attention(
                 });
             }
         }
-        let written_by_core: BTreeSet<Handle<Tensor>> =
-            core.iter().map(|&w| c.einsums[w].output.tensor).collect();
-        let mut leaks = false;
-        for (h, einsum) in c.einsums.iter() {
-            if !core.contains(&h) {
-                einsum.visit_reads(&mut |x| {
-                    leaks |= written_by_core.contains(&x.tensor) && x.tensor != a
-                });
-            }
+        core
+    };
+    let cores: Vec<BTreeSet<Handle<Einsum>>> = attentions.iter().map(|&a| closure(a)).collect();
+    let in_cores: BTreeSet<Handle<Einsum>> = cores.iter().flatten().copied().collect();
+    let written_by_cores: BTreeSet<Handle<Tensor>> = in_cores
+        .iter()
+        .map(|&w| c.einsums[w].output.tensor)
+        .collect();
+    let mut leaks = false;
+    for (h, einsum) in c.einsums.iter() {
+        if !in_cores.contains(&h) {
+            einsum.visit_reads(&mut |x| {
+                leaks |= written_by_cores.contains(&x.tensor) && !attentions.contains(&x.tensor)
+            });
         }
-        if leaks {
-            continue;
-        }
-        let pick = |inside: bool| -> Vec<Einsum> {
-            order
-                .iter()
-                .filter(|e| core.contains(e) == inside)
-                .map(|&e| c.einsums[e].clone())
-                .collect()
-        };
-        let mut core_kinds = HashMap::new();
-        let mut post_kinds = HashMap::new();
-        for (h, t) in c.tensors.iter() {
-            let as_is = (t.kind, t.dtype);
-            if h == a {
-                core_kinds.insert(h, (TensorKind::Output, Some(elem)));
-                post_kinds.insert(h, (TensorKind::Input, Some(elem)));
-            } else if written_by_core.contains(&h) {
-                core_kinds.insert(h, as_is);
-            } else {
-                core_kinds.insert(h, as_is);
-                post_kinds.insert(h, as_is);
-            }
-        }
-        let Ok(core_cascade) = extract(c, &c.name, &pick(true), &core_kinds) else {
-            continue;
-        };
-        if !recognizes(&core_cascade) {
-            continue;
-        }
-        let post = extract(c, &format!("{}_post", c.name), &pick(false), &post_kinds).ok()?;
-        return Some((
-            core_cascade,
-            Epilogue {
-                cascade: post,
-                attention: c.tensors[a].name.clone(),
-            },
-        ));
     }
-    None
+    if leaks {
+        return None;
+    }
+    let pick = |keep: &dyn Fn(&Handle<Einsum>) -> bool| -> Vec<Einsum> {
+        order
+            .iter()
+            .filter(|e| keep(e))
+            .map(|&e| c.einsums[e].clone())
+            .collect()
+    };
+    let mut parts = Vec::new();
+    for ((core, &a), name) in cores.iter().zip(attentions).zip(core_names) {
+        let kinds: HashMap<_, _> = c
+            .tensors
+            .iter()
+            .map(|(h, t)| {
+                let kind = if h == a {
+                    (TensorKind::Output, Some(elem))
+                } else {
+                    (t.kind, t.dtype)
+                };
+                (h, kind)
+            })
+            .collect();
+        parts.push(extract(c, name, &pick(&|e| core.contains(e)), &kinds).ok()?);
+    }
+    let post_kinds: HashMap<_, _> = c
+        .tensors
+        .iter()
+        .filter(|(h, _)| attentions.contains(h) || !written_by_cores.contains(h))
+        .map(|(h, t)| {
+            let kind = if attentions.contains(&h) {
+                (TensorKind::Input, Some(elem))
+            } else {
+                (t.kind, t.dtype)
+            };
+            (h, kind)
+        })
+        .collect();
+    let post = extract(
+        c,
+        &format!("{}_post", c.name),
+        &pick(&|e| !in_cores.contains(e)),
+        &post_kinds,
+    )
+    .ok()?;
+    Some((
+        parts,
+        Epilogue {
+            cascade: post,
+            attentions: attentions
+                .iter()
+                .map(|&a| c.tensors[a].name.clone())
+                .collect(),
+        },
+    ))
 }

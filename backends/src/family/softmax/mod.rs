@@ -7,6 +7,7 @@
 //! - [`plan`]: the kernels of SP plans (query-offset, partial and epilogue kernels).
 
 pub mod backward;
+pub mod combination;
 pub mod epilogue;
 pub mod gradient;
 pub mod plan;
@@ -48,7 +49,18 @@ impl KernelFamily for Softmax {
     }
 
     fn compile(&self, request: &Request) -> Result<Box<dyn Compiled>, FamilyError> {
-        compile_softmax(request.cascade, request.options).map(|k| Box::new(k) as Box<dyn Compiled>)
+        match compile_softmax(request.cascade, request.options) {
+            Ok(k) => Ok(Box::new(k)),
+            // Weights that combine attention maps (differential attention): one kernel per
+            // term, then their combination.
+            Err(FamilyError::NotMine(reasons)) => {
+                match combination::compile_combination(request.cascade, request.options) {
+                    Some(combined) => combined.map(|k| Box::new(k) as Box<dyn Compiled>),
+                    None => Err(FamilyError::NotMine(reasons)),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
@@ -166,9 +178,15 @@ pub fn compile_softmax(
                     e.cascade.name
                 )
             };
-            let through = [e.attention.clone()];
-            modules =
-                with_general_kernels(&e.cascade, &through, &what, false, elem, options, modules)?;
+            modules = with_general_kernels(
+                &e.cascade,
+                &e.attentions,
+                &what,
+                false,
+                elem,
+                options,
+                modules,
+            )?;
         }
         Ok(SoftmaxKernels {
             post_kernels: modules.len() - attention_kernels - pre_kernels,
@@ -406,7 +424,7 @@ impl Compiled for SoftmaxKernels {
                 self.post_kernels,
                 e.cascade.name,
                 writes(&e.cascade),
-                e.attention,
+                e.attentions.join(", "),
                 self.schedule.spec().elem.name()
             ));
         }
@@ -438,7 +456,7 @@ impl Compiled for SoftmaxKernels {
             },
             (None, Some(e)) => {
                 let core = super::subcascade::inputs_by_name(&self.cascade, &self.core, inputs);
-                match e.output(&self.cascade, m.reference_output(&core), inputs) {
+                match e.output(&self.cascade, vec![m.reference_output(&core)], inputs) {
                     Ok(out) => (
                         out,
                         "the f64 attention formula, then the post-kernels' cascade",
