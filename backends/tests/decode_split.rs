@@ -157,12 +157,57 @@ proptest! {
 #[test]
 fn decoding_splits_fill_the_gpu_and_no_more() {
     // One query per head, 32 heads, 131072 keys, 132 resident CTAs.
-    assert_eq!(split_count(32, 131_072, 132), 4);
+    assert_eq!(split_count(32, 131_072, 132, 128), 4);
     // Enough CTAs already: no split.
-    assert_eq!(split_count(256, 32_768, 132), 1);
+    assert_eq!(split_count(256, 32_768, 132, 128), 1);
     // A short sequence keeps one kernel; each split walks at least 2048 keys.
-    assert_eq!(split_count(16, 1024, 132), 1);
-    assert_eq!(split_count(1, 4096, 132), 2);
-    // Capped.
-    assert_eq!(split_count(1, 1 << 20, 264), 32);
+    assert_eq!(split_count(16, 1024, 132, 128), 1);
+    assert_eq!(split_count(1, 4096, 132, 128), 2);
+    // Capped, lower where the merge's accumulator is wide.
+    assert_eq!(split_count(1, 1 << 20, 264, 128), 32);
+    assert_eq!(split_count(1, 1 << 20, 264, 256), 8);
+}
+
+/// The split kernel and its merge assemble without spills at head dims 64, 128 and 256, for
+/// as many splits as the scheduler takes (a long cache over few heads: the most splits),
+/// on both targets: the merge's registers must not grow with the split count.
+#[test]
+fn decoding_kernels_assemble_without_spills_at_any_split_count() {
+    use einattn_backends::family::softmax::compile_softmax;
+    use einattn_backends::family::{Compiled, KernelOptions};
+    use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
+    use einattn_backends::Target;
+    let Some(ptxas) = ptxas_for_test("decoding_kernels_assemble_without_spills_at_any_split_count")
+    else {
+        return;
+    };
+    let path = format!(
+        "{}/../examples/flash_decoding.ein",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let src = std::fs::read_to_string(&path).expect("example exists");
+    for d in [64u64, 128, 256] {
+        for n in [16_384u64, 131_072] {
+            let defines = vec![("D".to_string(), d), ("N".to_string(), n)];
+            let c = einattn_dsl::compile_source(&path, &src, &defines)
+                .unwrap_or_else(|e| panic!("{}", e.render(&path, &src)));
+            for (target, arch) in [(Target::Sm80, "sm_80"), (Target::Sm90a, "sm_90a")] {
+                let options = KernelOptions {
+                    target,
+                    ..KernelOptions::default()
+                };
+                let k = compile_softmax(&c, &options).unwrap_or_else(|e| panic!("{}", e.message()));
+                assert!(k.modules().len() == 2, "d={d} N={n}: not split");
+                for m in k.modules() {
+                    let r = assemble(&ptxas, &m.ptx.text, arch).expect("ptxas assembles");
+                    assert!(
+                        !r.spills(),
+                        "{} d={d} N={n} {arch} spills:\n{}",
+                        m.ptx.entry,
+                        r.log
+                    );
+                }
+            }
+        }
+    }
 }

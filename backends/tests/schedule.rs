@@ -418,21 +418,24 @@ fn every_example_assembles_without_spills() {
                         ..KernelOptions::default()
                     };
                     let k = compile_kernel(&c, &options);
-                    let ptx = &k.modules()[0].ptx;
-                    let r = assemble(&ptxas, &ptx.text, arch)
-                        .unwrap_or_else(|e| panic!("{name} d={d} {arch}: {e}"));
-                    eprintln!(
-                        "{name} d={d} {} {arch}: {} ({}x{}) {} registers, {} spill stores, {} B stack",
-                        elem.name(),
-                        ptx.entry,
-                        k.schedule.kernel.block_m,
-                        k.schedule.kernel.block_n,
-                        r.registers,
-                        r.spill_stores,
-                        r.stack_frame
-                    );
-                    assert!(r.registers > 0, "no register report:\n{}", r.log);
-                    assert!(!r.spills(), "{name} d={d} {arch} spills:\n{}", r.log);
+                    // Every kernel: a split decoding's merge too.
+                    for module in k.modules() {
+                        let ptx = &module.ptx;
+                        let r = assemble(&ptxas, &ptx.text, arch)
+                            .unwrap_or_else(|e| panic!("{name} d={d} {arch}: {e}"));
+                        eprintln!(
+                            "{name} d={d} {} {arch}: {} ({}x{}) {} registers, {} spill stores, {} B stack",
+                            elem.name(),
+                            ptx.entry,
+                            k.schedule.kernel.block_m,
+                            k.schedule.kernel.block_n,
+                            r.registers,
+                            r.spill_stores,
+                            r.stack_frame
+                        );
+                        assert!(r.registers > 0, "no register report:\n{}", r.log);
+                        assert!(!r.spills(), "{name} d={d} {arch} spills:\n{}", r.log);
+                    }
                 }
             }
         }

@@ -567,10 +567,15 @@ impl Printer<'_> {
                     }
                 }
             }
-            Stmt::LoadPartial { dst, src, split } => {
+            Stmt::AccumulatePartial {
+                acc,
+                src,
+                split,
+                weight,
+            } => {
                 let t = &prog.tensors[src.index()];
-                let cols = prog.regs[dst.index()].cols;
-                self.comment(format!("load {}[{split}]", t.name));
+                let cols = prog.regs[acc.index()].cols;
+                self.comment(format!("accumulate {}[{split}]", t.name));
                 let base = self.copy_base(*src, &split.to_string());
                 for mt in 0..self.mtiles {
                     for half in 0..2 {
@@ -585,15 +590,20 @@ impl Printer<'_> {
                         let cb = self.rd();
                         self.ins(format!("mul.wide.u32 {cb}, %tig, 8;"));
                         self.ins(format!("add.u64 {addr}, {addr}, {cb};"));
+                        let w = self.row_reg(*weight, mt, half);
                         for nt in 0..cols / 8 {
-                            let lo = self.acc_reg(*dst, mt, nt, half * 2);
-                            let hi = self.acc_reg(*dst, mt, nt, half * 2 + 1);
-                            self.ins(format!("mov.f32 {lo}, 0f00000000;"));
-                            self.ins(format!("mov.f32 {hi}, 0f00000000;"));
+                            // Two registers at a time: the copy is added as it arrives.
+                            let (x0, x1) = (self.f(), self.f());
+                            self.ins(format!("mov.f32 {x0}, 0f00000000;"));
+                            self.ins(format!("mov.f32 {x1}, 0f00000000;"));
                             self.ins(format!(
-                                "@{ok} ld.global.v2.f32 {{{lo}, {hi}}}, [{addr}+{}];",
+                                "@{ok} ld.global.v2.f32 {{{x0}, {x1}}}, [{addr}+{}];",
                                 nt * 32
                             ));
+                            for (e, x) in [(0, &x0), (1, &x1)] {
+                                let a = self.acc_reg(*acc, mt, nt, half * 2 + e);
+                                self.ins(format!("fma.rn.f32 {a}, {x}, {w}, {a};"));
+                            }
                         }
                     }
                 }

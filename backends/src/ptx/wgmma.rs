@@ -110,8 +110,8 @@ impl Printer<'_> {
                 regs.push(*b);
                 false
             }
-            Stmt::LoadPartial { dst, .. } => {
-                regs.push(*dst);
+            Stmt::AccumulatePartial { acc, .. } => {
+                regs.push(*acc);
                 false
             }
             Stmt::LoadStatePrefix { dst, .. } => {

@@ -650,12 +650,16 @@ impl Cta<'_> {
                         io.row_outputs[dst.index()][idx] = self.rows[src.index()][r] as f32 as f64;
                     }
                 }
-                Stmt::LoadPartial { dst, src, split } => {
-                    let cols = self.prog.regs[dst.index()].cols as usize;
+                Stmt::AccumulatePartial {
+                    acc,
+                    src,
+                    split,
+                    weight,
+                } => {
+                    let cols = self.prog.regs[acc.index()].cols as usize;
                     let head = self.head_of(SeqRank::Query);
                     let batch = *split as usize * self.prob.batch + self.b;
                     let t = &io.tensors[src.index()];
-                    let mut out = vec![0.0; bm * cols];
                     for r in 0..bm {
                         let p = self.p0 + r;
                         if p >= self.prob.n_q {
@@ -668,9 +672,14 @@ impl Cta<'_> {
                                 self.prog.tensors[src.index()].name
                             ));
                         };
-                        out[r * cols..(r + 1) * cols].copy_from_slice(row);
+                        let w = self.rows[weight.index()][r];
+                        for (a, x) in self.regs[acc.index()][r * cols..(r + 1) * cols]
+                            .iter_mut()
+                            .zip(row)
+                        {
+                            *a += w * x;
+                        }
                     }
-                    self.regs[dst.index()] = out;
                 }
                 Stmt::LoadRow { dst, src, split } => {
                     let input = &io.row_inputs[src.index()];

@@ -755,13 +755,17 @@ pub enum Stmt {
     /// a program with [`TileProgram::key_splits`] > 1 the tensor is f32 and holds one copy
     /// per split, stacked along the batch rank: the CTA of split `s` writes batch `s B + b`.
     Store { src: RegId, dst: TensorId },
-    /// Read copy `split` of an f32 query-rank tensor that a split program stored (batch
-    /// `split B + b`) into an f32 tile of head-dim columns; rows past `N_q` read 0. Outside
-    /// the key loop of a program that is not sequential (the merge of a split key loop).
-    LoadPartial {
-        dst: RegId,
+    /// `acc[r][n] += weight[r] * src[split][r][n]`: add copy `split` of an f32 query-rank
+    /// tensor that a split program stored (batch `split B + b`), weighed per row, to an f32
+    /// tile of head-dim columns; rows past `N_q` add nothing. Outside the key loop of a
+    /// program that is not sequential (the merge of a split key loop). One statement, not a
+    /// load and a map: the copy never needs a tile of registers of its own (at a head dim of
+    /// 256 two such tiles spill).
+    AccumulatePartial {
+        acc: RegId,
         src: TensorId,
         split: u32,
+        weight: RowId,
     },
     /// Write the rows `< N_q` of a row vector to a row output (at `[split, B, H, N_q]` in a
     /// program with [`TileProgram::key_splits`] > 1: the CTA's split of the key loop).

@@ -285,10 +285,16 @@ impl TileProgram {
                     self.regs[src.index()].name,
                     self.tensors[dst.index()].name
                 )?,
-                Stmt::LoadPartial { dst, src, split } => writeln!(
+                Stmt::AccumulatePartial {
+                    acc,
+                    src,
+                    split,
+                    weight,
+                } => writeln!(
                     f,
-                    "{pad}{} = load {}[{split}]",
-                    self.regs[dst.index()].name,
+                    "{pad}{} += {} * load {}[{split}]",
+                    self.regs[acc.index()].name,
+                    self.rows[weight.index()].name,
                     self.tensors[src.index()].name
                 )?,
                 Stmt::StoreRow { src, dst } => writeln!(

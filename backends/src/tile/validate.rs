@@ -531,9 +531,14 @@ impl TileProgram {
                         ));
                     }
                 }
-                Stmt::LoadPartial { dst, src, .. } => {
-                    let r = self.reg(*dst)?;
+                Stmt::AccumulatePartial {
+                    acc, src, weight, ..
+                } => {
+                    let r = self.reg(*acc)?;
                     let t = self.tensor(*src)?;
+                    if weight.index() >= self.rows.len() {
+                        return invalid("AccumulatePartial: unknown weight row");
+                    }
                     if in_loop
                         || self.sequential
                         || t.elem != Elem::F32
@@ -543,7 +548,7 @@ impl TileProgram {
                         || r.cols != t.head_dim
                     {
                         return invalid(format!(
-                            "LoadPartial {} <- {}: an f32 tile of the query-rank f32 input's head dim, outside any loop",
+                            "AccumulatePartial {} += {}: an f32 tile of the query-rank f32 input's head dim, outside any loop",
                             r.name, t.name
                         ));
                     }

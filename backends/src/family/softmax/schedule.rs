@@ -727,6 +727,7 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
             ctas,
             key_tiles_max * u64::from(k.block_n),
             u64::from(gpu.sm_count * ctas_per_sm),
+            spec.value_dim,
         )
     };
     ctas *= u64::from(splits);

@@ -23,9 +23,15 @@ use crate::tile::*;
 use einattn_ir::cascade::Cascade;
 use serde_json::json;
 
-/// The most CTAs one query tile's key loop is split across: the merge holds every split's
-/// max and sum of a row in registers and unrolls a load per split.
+/// The most CTAs one query tile's key loop is split across: the merge unrolls its loads
+/// per split.
 pub const MAX_SPLITS: u64 = 32;
+
+/// The most splits when the value head dim is over 128: the merge's accumulator then takes
+/// 128 registers per thread, and ptxas keeps several splits' numerator loads in flight
+/// beside it (ptxas 13.0: 8 splits fit in 255 registers at d = 256 on sm_80 and sm_90a,
+/// 16 spill on sm_80).
+pub const MAX_SPLITS_WIDE: u64 = 8;
 
 /// Keys each split walks at least: its prologue (the query tile's load, the ring's fill)
 /// and its share of the merge (an f32 numerator row written and read back) stay small
@@ -36,14 +42,20 @@ const MIN_KEYS_PER_SPLIT: u64 = 2048;
 /// GPU (`resident` CTAs at once: SMs times CTAs per SM); otherwise as many as bring the
 /// grid closest to one wave without going past it, each over at least
 /// [`MIN_KEYS_PER_SPLIT`] of the `keys` a CTA walks (one query per head, 32 heads, 131072
-/// keys, 132 resident CTAs: 4 splits).
-pub fn split_count(ctas: u64, keys: u64, resident: u64) -> u32 {
+/// keys, 132 resident CTAs: 4 splits); at most [`MAX_SPLITS`], or [`MAX_SPLITS_WIDE`] for a
+/// `value_dim` over 128.
+pub fn split_count(ctas: u64, keys: u64, resident: u64, value_dim: u32) -> u32 {
     if ctas == 0 || ctas * 2 > resident {
         return 1;
     }
+    let most = if value_dim > 128 {
+        MAX_SPLITS_WIDE
+    } else {
+        MAX_SPLITS
+    };
     let splits = (resident / ctas)
         .min(keys / MIN_KEYS_PER_SPLIT)
-        .clamp(1, MAX_SPLITS);
+        .clamp(1, most);
     u32::try_from(splits).unwrap_or(1)
 }
 
@@ -109,15 +121,12 @@ pub fn merge_program(
                 is_output: true,
             },
         ],
-        regs: ["acc", "part"]
-            .into_iter()
-            .map(|n| RegTile {
-                name: n.into(),
-                cols: d,
-                col_rank: ColRank::HeadDim,
-                kind: RegKind::Accumulator,
-            })
-            .collect(),
+        regs: vec![RegTile {
+            name: "acc".into(),
+            cols: d,
+            col_rank: ColRank::HeadDim,
+            kind: RegKind::Accumulator,
+        }],
         ..TileProgram::new(
             name,
             TileSchedule {
@@ -131,91 +140,85 @@ pub fn merge_program(
         )
     };
     let (num, o) = (TensorId(0), TensorId(1));
-    let (acc, part) = (RegId(0), RegId(1));
-    let new_row = |p: &mut TileProgram, n: String| {
-        p.rows.push(RowVec { name: n });
+    let acc = RegId(0);
+    let new_row = |p: &mut TileProgram, n: &str| {
+        p.rows.push(RowVec { name: n.into() });
         RowId(p.rows.len() as u32 - 1)
     };
-    let mut body = Vec::new();
-    let mut maxima = Vec::new();
-    let mut sums = Vec::new();
-    for j in 0..splits {
-        let (m, l) = (
-            new_row(&mut p, format!("max_{j}")),
-            new_row(&mut p, format!("sum_{j}")),
-        );
-        body.push(Stmt::LoadRow {
-            dst: m,
-            src: RowInputId(0),
-            split: j,
-        });
-        body.push(Stmt::LoadRow {
-            dst: l,
-            src: RowInputId(1),
-            split: j,
-        });
-        maxima.push(m);
-        sums.push(l);
-    }
-    let big = new_row(&mut p, "max".into());
-    let anchor = new_row(&mut p, "max_use".into());
-    let total = new_row(&mut p, "sum".into());
-    let weight = new_row(&mut p, "weight".into());
-    let inv = new_row(&mut p, "inv_sum".into());
-    let all_max = maxima[1..]
-        .iter()
-        .fold(row(maxima[0]), |a, &m| max(a, row(m)));
-    body.push(Stmt::RowMap {
-        dst: big,
-        expr: all_max,
-    });
-    // A row no split saw keeps max -inf: anchor at 0 so that no -inf - -inf makes a NaN.
-    body.push(Stmt::RowMap {
-        dst: anchor,
-        expr: select(
-            CmpOp::Eq,
-            row(big),
-            lit(f64::NEG_INFINITY),
-            lit(0.0),
-            row(big),
-        ),
-    });
-    let w = |m: RowId| {
+    // One pass over the splits, as an online softmax over their maxima: each split's
+    // statistics and numerator are used as they are read and rescaled as the running
+    // maximum grows, so the registers held do not grow with the split count (reading the
+    // maxima twice let ptxas keep all of them live, and spill).
+    let (m, l) = (new_row(&mut p, "split_max"), new_row(&mut p, "split_sum"));
+    let big = new_row(&mut p, "max");
+    let grown = new_row(&mut p, "new_max");
+    let scale = new_row(&mut p, "rescale");
+    let weight = new_row(&mut p, "weight");
+    let total = new_row(&mut p, "sum");
+    let inv = new_row(&mut p, "inv_sum");
+    // exp(x - anchor), or 0 where x is -inf (a split that saw no key; a running max that
+    // has seen none): no -inf - -inf makes a NaN.
+    let exp_from = |x: RowId, anchor: RowId| {
         select(
             CmpOp::Eq,
-            row(m),
+            row(x),
             lit(f64::NEG_INFINITY),
             lit(0.0),
-            un(UnaryOp::Exp, sub(row(m), row(anchor))),
+            un(UnaryOp::Exp, sub(row(x), row(anchor))),
         )
     };
-    let all_sum = maxima
-        .iter()
-        .zip(&sums)
-        .map(|(&m, &l)| mul(row(l), w(m)))
-        .reduce(add)
-        .unwrap_or_else(|| lit(0.0));
-    body.push(Stmt::RowMap {
-        dst: total,
-        expr: all_sum,
-    });
-    body.push(Stmt::Fill {
+    let mut body = vec![Stmt::Fill {
         dst: acc,
         value: 0.0,
-    });
-    for (j, &m) in maxima.iter().enumerate() {
-        body.push(Stmt::LoadPartial {
-            dst: part,
+    }];
+    for j in 0..splits {
+        for (dst, src) in [(m, RowInputId(0)), (l, RowInputId(1))] {
+            body.push(Stmt::LoadRow { dst, src, split: j });
+        }
+        if j == 0 {
+            body.push(Stmt::RowMap {
+                dst: big,
+                expr: row(m),
+            });
+            body.push(Stmt::RowMap {
+                dst: weight,
+                expr: exp_from(m, big),
+            });
+            body.push(Stmt::RowMap {
+                dst: total,
+                expr: mul(row(l), row(weight)),
+            });
+        } else {
+            body.push(Stmt::RowMap {
+                dst: grown,
+                expr: max(row(big), row(m)),
+            });
+            body.push(Stmt::RowMap {
+                dst: scale,
+                expr: exp_from(big, grown),
+            });
+            body.push(Stmt::RowMap {
+                dst: weight,
+                expr: exp_from(m, grown),
+            });
+            body.push(Stmt::RowMap {
+                dst: big,
+                expr: row(grown),
+            });
+            body.push(Stmt::RowMap {
+                dst: total,
+                expr: add(mul(row(total), row(scale)), mul(row(l), row(weight))),
+            });
+            body.push(Stmt::Map {
+                dst: acc,
+                expr: mul(elem(acc), row(scale)),
+            });
+        }
+        body.push(Stmt::AccumulatePartial {
+            acc,
             src: num,
-            split: j as u32,
-        });
-        body.push(Stmt::RowMap {
-            dst: weight,
-            expr: w(m),
-        });
-        body.push(Stmt::Map {
-            dst: acc,
-            expr: add(elem(acc), mul(elem(part), row(weight))),
+            split: j,
+            weight,
         });
     }
     // Rows that saw no key (sum 0) output zeros rather than NaN, as the unsplit kernel.
