@@ -30,6 +30,7 @@ attention_causal|-D N=256|D
 attention_mha|-D N=256 -D B=1|D
 attention_sliding_window|-D N=256 -D W=96|D
 attention_softcap|-D N=256|D
+attention_mla|-D N=256 -D D=192|DV
 document_mask|-D N=256|D
 gqa|-D N=128|D
 sigmoid_attention|-D N=256|D

@@ -17,6 +17,8 @@ struct Case {
     heads: usize,
     n: usize,
     d: usize,
+    /// The value head dim (V, O, dO, dV).
+    dv: usize,
     spec: AttentionSpec,
     scalars: Vec<f64>,
     head_params: Vec<Vec<f64>>,
@@ -25,6 +27,11 @@ struct Case {
 /// `[B, N, H, d]` contiguous.
 fn idx(c: &Case, b: usize, n: usize, h: usize, e: usize) -> usize {
     ((b * c.n + n) * c.heads + h) * c.d + e
+}
+
+/// As [`idx`], in a tensor of the value dim.
+fn idxv(c: &Case, b: usize, n: usize, h: usize, e: usize) -> usize {
+    ((b * c.n + n) * c.heads + h) * c.dv + e
 }
 
 fn eval(e: &ScalarExpr, dot: f64, p: f64, m: f64, c: &Case, h: usize) -> f64 {
@@ -51,13 +58,14 @@ fn naive(
     v: &[f64],
     d_o: &[f64],
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (n, d) = (c.n, c.d);
+    let (n, d, dvd) = (c.n, c.d, c.dv);
     let size = c.batch * n * c.heads * d;
+    let size_v = c.batch * n * c.heads * dvd;
     let (mut dq, mut dk, mut dv, mut o) = (
         vec![0.0; size],
         vec![0.0; size],
-        vec![0.0; size],
-        vec![0.0; size],
+        vec![0.0; size_v],
+        vec![0.0; size_v],
     );
     let mut row_max = vec![f64::NEG_INFINITY; c.batch * c.heads * n];
     let mut row_sum = vec![0.0; c.batch * c.heads * n];
@@ -86,25 +94,27 @@ fn naive(
                 let l: f64 = s[p].iter().map(|x| (x - mx).exp()).sum();
                 row_sum[r] = l;
                 let pr: Vec<f64> = s[p].iter().map(|x| (x - mx).exp() / l).collect();
-                for e in 0..d {
-                    o[idx(c, b, p, h, e)] = (0..n).map(|m| pr[m] * v[idx(c, b, m, h, e)]).sum();
+                for e in 0..dvd {
+                    o[idxv(c, b, p, h, e)] = (0..n).map(|m| pr[m] * v[idxv(c, b, m, h, e)]).sum();
                 }
-                let delta: f64 = (0..d)
-                    .map(|e| d_o[idx(c, b, p, h, e)] * o[idx(c, b, p, h, e)])
+                let delta: f64 = (0..dvd)
+                    .map(|e| d_o[idxv(c, b, p, h, e)] * o[idxv(c, b, p, h, e)])
                     .sum();
                 for m in 0..n {
                     if pr[m] == 0.0 {
                         continue;
                     }
-                    let dp: f64 = (0..d)
-                        .map(|e| d_o[idx(c, b, p, h, e)] * v[idx(c, b, m, h, e)])
+                    let dp: f64 = (0..dvd)
+                        .map(|e| d_o[idxv(c, b, p, h, e)] * v[idxv(c, b, m, h, e)])
                         .sum();
                     let ds =
                         pr[m] * (dp - delta) * eval(&slope, dots[p][m], p as f64, m as f64, c, h);
                     for e in 0..d {
                         dq[idx(c, b, p, h, e)] += ds * k[idx(c, b, m, h, e)];
                         dk[idx(c, b, m, h, e)] += ds * q[idx(c, b, p, h, e)];
-                        dv[idx(c, b, m, h, e)] += pr[m] * d_o[idx(c, b, p, h, e)];
+                    }
+                    for e in 0..dvd {
+                        dv[idxv(c, b, m, h, e)] += pr[m] * d_o[idxv(c, b, p, h, e)];
                     }
                 }
             }
@@ -117,17 +127,19 @@ fn naive(
 fn run_case(c: &Case, sched: &BackwardSchedule, stats: Statistics, seed: u64) -> f64 {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let size = c.batch * c.n * c.heads * c.d;
+    let size_v = c.batch * c.n * c.heads * c.dv;
     let elem = c.spec.elem;
-    let mut draw = || -> Vec<f64> {
+    let mut draw = |size: usize| -> Vec<f64> {
         (0..size)
             .map(|_| elem.round(rng.random_range(-1.0..1.0)))
             .collect()
     };
-    let (q, k, v, d_o) = (draw(), draw(), draw(), draw());
+    let (q, k, v, d_o) = (draw(size), draw(size), draw(size_v), draw(size_v));
     let (dq_want, dk_want, dv_want, o, row_max, row_sum) = naive(c, &q, &k, &v, &d_o);
     // The forward stored O in 16 bits; the backward reads that.
     let o: Vec<f64> = o.iter().map(|&x| elem.round(x)).collect();
     let host = |data: &[f64]| HostTensor::bnhd(data.to_vec(), c.n, c.heads, c.d);
+    let host_v = |data: &[f64]| HostTensor::bnhd(data.to_vec(), c.n, c.heads, c.dv);
     let rows = c.batch * c.heads * c.n;
     let bhn = |data: &[f64]| (data.to_vec(), c.heads * c.n, 1, c.n);
     let prob = Problem {
@@ -154,9 +166,9 @@ fn run_case(c: &Case, sched: &BackwardSchedule, stats: Statistics, seed: u64) ->
         tensors: vec![
             host(&q),
             host(&k),
-            host(&v),
-            host(&o),
-            host(&d_o),
+            host_v(&v),
+            host_v(&o),
+            host_v(&d_o),
             host(&vec![f64::NAN; size]),
         ],
         row_outputs,
@@ -179,11 +191,11 @@ fn run_case(c: &Case, sched: &BackwardSchedule, stats: Statistics, seed: u64) ->
     let mut io = Bindings {
         tensors: vec![
             host(&k),
-            host(&v),
+            host_v(&v),
             host(&q),
-            host(&d_o),
+            host_v(&d_o),
             host(&vec![f64::NAN; size]),
-            host(&vec![f64::NAN; size]),
+            host_v(&vec![f64::NAN; size_v]),
         ],
         row_outputs: vec![],
         row_inputs: vec![],
@@ -230,6 +242,7 @@ fn case(n: usize, d: usize, elem: Elem, spec: impl FnOnce(&mut AttentionSpec)) -
         heads,
         n,
         d,
+        dv: s.value_dim as usize,
         spec: s,
         scalars,
         head_params,
@@ -266,6 +279,24 @@ fn backward_programs_match_the_attention_backward() {
             }),
         ),
         ("d128", case(72, 128, Elem::Bf16, |s| s.causal = true)),
+        (
+            "value dim 64 under Q.K 128",
+            case(72, 128, Elem::Bf16, |s| {
+                s.causal = true;
+                s.value_dim = 64
+            }),
+        ),
+        (
+            "value dim 128 under Q.K 192 (latent attention)",
+            case(70, 192, Elem::F16, |s| s.value_dim = 128),
+        ),
+        (
+            "value dim 128 over Q.K 64, soft-cap",
+            case(66, 64, Elem::Bf16, |s| {
+                s.value_dim = 128;
+                s.score = Score::scaled().with_softcap()
+            }),
+        ),
     ];
     for (name, c) in cases {
         let sched = BackwardSchedule::default_for(&c.spec, einattn_backends::Target::Sm80);
@@ -289,6 +320,7 @@ fn score_derivatives_match_finite_differences() {
             heads: 1,
             n: 1,
             d: 1,
+            dv: 1,
             scalars: vec![0.7, 3.0],
             head_params: vec![vec![0.25]],
             spec: AttentionSpec {
@@ -311,7 +343,8 @@ fn score_derivatives_match_finite_differences() {
 }
 
 /// Both backward kernels assemble for sm_80 and sm_90a without spills, for every mask and
-/// score modifier above, d = 64 and 128, both 16-bit types.
+/// score modifier above, d = 64 and 128, both 16-bit types; and with value dims of their
+/// own (192 / 128, 128 / 64, 64 / 128), plain and causal.
 #[test]
 fn backward_kernels_assemble_without_spills() {
     use einattn_backends::ptx::ptxas::{assemble, ptxas_for_test};
@@ -319,10 +352,18 @@ fn backward_kernels_assemble_without_spills() {
     let Some(ptxas) = ptxas_for_test("backward_kernels_assemble_without_spills") else {
         return;
     };
-    for d in [64u32, 128] {
+    let shapes = [
+        (64u32, 64u32, 4),
+        (128, 128, 4),
+        (192, 128, 2),
+        (128, 64, 2),
+        (64, 128, 2),
+    ];
+    for (d, dv, variants) in shapes {
         for elem in [Elem::Bf16, Elem::F16] {
-            for variant in 0..4 {
+            for variant in 0..variants {
                 let mut spec = AttentionSpec::new(d, elem);
+                spec.value_dim = dv;
                 match variant {
                     1 => spec.causal = true,
                     2 => spec.score = Score::scaled().with_softcap(),
@@ -400,6 +441,7 @@ fn examples_with_saved_statistics_take_the_backward_kernels() {
         ("attention_2pass", true, 3),
         ("attention_3pass", true, 3),
         ("attention_softcap", true, 3),
+        ("attention_mla", true, 2),
         ("linear_causal", false, 0),
         ("sigmoid_attention", false, 0),
     ] {

@@ -35,7 +35,9 @@ impl BackwardSchedule {
     /// 64-row tiles over 4 warps (one warpgroup). On sm_90a the contractions are `wgmma`
     /// with shared-memory B operands, which leaves room for 64-wide loop tiles at d = 128;
     /// with `mma.sync` the key-tiled kernel holds dK and dV accumulators (2 x d/2
-    /// registers per thread) plus B fragments, so its loop tile shrinks to 32 at d = 128.
+    /// registers per thread) plus B fragments, so its loop tile shrinks to 32 at d = 128
+    /// (past 64 in either the head or the value dim). With wgmma too when dK and dV together
+    /// are wider than 256 columns (192 / 128: 160 accumulator registers a thread).
     /// Measured on an H200 (bench/results/grad_2026-12-03): wgmma with 64-wide loop tiles
     /// was the fastest of six shapes at N = 4096 and 16384, causal or not.
     /// A score chain whose slope varies per element (a soft-cap) keeps the raw scores and
@@ -45,7 +47,9 @@ impl BackwardSchedule {
         let uniform_slope = score_derivative(&spec.score.expr).is_ok_and(|s| s.is_uniform());
         BackwardSchedule {
             block_m: 64,
-            block_n: if spec.head_dim <= 64 || (hopper && uniform_slope) {
+            block_n: if spec.head_dim.max(spec.value_dim) <= 64
+                || (hopper && uniform_slope && spec.head_dim + spec.value_dim <= 256)
+            {
                 64
             } else {
                 32
@@ -222,7 +226,6 @@ pub mod names {
 struct Builder {
     p: TileProgram,
     elem: Elem,
-    d: u32,
 }
 
 impl Builder {
@@ -244,18 +247,16 @@ impl Builder {
         for name in &spec.score.head_params {
             p.head_params.push(HeadParam { name: name.clone() });
         }
-        Builder {
-            p,
-            elem: spec.elem,
-            d: spec.head_dim,
-        }
+        Builder { p, elem: spec.elem }
     }
-    fn tensor(&mut self, name: &str, rows: SeqRank, is_output: bool) -> TensorId {
+    /// A tensor `width` columns wide: the head dim (Q, K and their gradients) or the value
+    /// dim (V, O, dO, dV).
+    fn tensor(&mut self, name: &str, rows: SeqRank, is_output: bool, width: u32) -> TensorId {
         self.p.tensors.push(TensorParam {
             name: name.into(),
             elem: self.elem,
             rows,
-            head_dim: self.d,
+            head_dim: width,
             is_output,
         });
         TensorId(self.p.tensors.len() as u32 - 1)
@@ -267,11 +268,11 @@ impl Builder {
         });
         TokenId(self.p.tokens.len() as u32 - 1)
     }
-    fn shared(&mut self, name: &str, rows: u32, rank: SeqRank) -> SharedId {
+    fn shared(&mut self, name: &str, rows: u32, rank: SeqRank, width: u32) -> SharedId {
         self.p.shared.push(SharedTile {
             name: name.into(),
             rows,
-            cols: self.d,
+            cols: width,
             elem: self.elem,
             rank,
         });
@@ -314,10 +315,12 @@ fn check_spec(spec: &AttentionSpec, sched: &BackwardSchedule) -> Result<(), Tile
     if spec.elem == Elem::F32 {
         return Err(TileError::Unsupported("16-bit inputs only".into()));
     }
-    if spec.head_dim == 0 || !spec.head_dim.is_multiple_of(64) {
-        return Err(TileError::Unsupported(
-            "the backward kernels take head dims that are multiples of 64".into(),
-        ));
+    for dim in [spec.head_dim, spec.value_dim] {
+        if dim == 0 || !dim.is_multiple_of(64) {
+            return Err(TileError::Unsupported(
+                "the backward kernels take head dims that are multiples of 64".into(),
+            ));
+        }
     }
     if spec.query_offset || spec.write_lse {
         return Err(TileError::Unsupported(
@@ -384,12 +387,13 @@ pub fn dq_program(
     check_spec(spec, sched)?;
     let name = kernel_name("dq", spec, sched);
     let mut b = Builder::new(name, spec, sched);
-    let q = b.tensor(names::Q, SeqRank::Query, false);
-    let k = b.tensor(names::K, SeqRank::Key, false);
-    let v = b.tensor(names::V, SeqRank::Key, false);
-    let o = b.tensor(names::O, SeqRank::Query, false);
-    let d_o = b.tensor(names::DO, SeqRank::Query, false);
-    let dq = b.tensor(names::DQ, SeqRank::Query, true);
+    let (d, dv) = (spec.head_dim, spec.value_dim);
+    let q = b.tensor(names::Q, SeqRank::Query, false, d);
+    let k = b.tensor(names::K, SeqRank::Key, false, d);
+    let v = b.tensor(names::V, SeqRank::Key, false, dv);
+    let o = b.tensor(names::O, SeqRank::Query, false, dv);
+    let d_o = b.tensor(names::DO, SeqRank::Query, false, dv);
+    let dq = b.tensor(names::DQ, SeqRank::Query, true, d);
     let tokens: Vec<TokenId> = match stats {
         Statistics::MaxAndSum => vec![b.token(names::MAX), b.token(names::SUM)],
         Statistics::LogSumExp => vec![b.token(names::LSE)],
@@ -403,15 +407,15 @@ pub fn dq_program(
         name: names::DELTA.into(),
     });
     let delta_out = RowOutputId(b.p.row_outputs.len() as u32 - 1);
-    let (bm, bn, d) = (sched.block_m, sched.block_n, spec.head_dim);
-    let q_s = b.shared("q_s", bm, SeqRank::Query);
-    let o_s = b.shared("o_s", bm, SeqRank::Query);
-    let do_s = b.shared("do_s", bm, SeqRank::Query);
-    let k_s = b.shared("k_s", bn, SeqRank::Key);
-    let v_s = b.shared("v_s", bn, SeqRank::Key);
+    let (bm, bn) = (sched.block_m, sched.block_n);
+    let q_s = b.shared("q_s", bm, SeqRank::Query, d);
+    let o_s = b.shared("o_s", bm, SeqRank::Query, dv);
+    let do_s = b.shared("do_s", bm, SeqRank::Query, dv);
+    let k_s = b.shared("k_s", bn, SeqRank::Key, d);
+    let v_s = b.shared("v_s", bn, SeqRank::Key, dv);
     let a16 = RegKind::AOperand(spec.elem);
-    let o_frag = b.reg("o_frag", d, ColRank::HeadDim, a16);
-    let do_frag = b.reg("do_frag", d, ColRank::HeadDim, a16);
+    let o_frag = b.reg("o_frag", dv, ColRank::HeadDim, a16);
+    let do_frag = b.reg("do_frag", dv, ColRank::HeadDim, a16);
     let s = b.reg("s", bn, ColRank::Key, RegKind::Accumulator);
     let pr = b.reg("p", bn, ColRank::Key, RegKind::Accumulator);
     let dp = b.reg("dp", bn, ColRank::Key, RegKind::Accumulator);
@@ -514,26 +518,27 @@ pub fn dkdv_program(
     let name = kernel_name("dkdv", spec, sched);
     let mut b = Builder::new(name, spec, sched);
     // Rows along the program's query rank are the attention's keys, and vice versa.
-    let k = b.tensor(names::K, SeqRank::Query, false);
-    let v = b.tensor(names::V, SeqRank::Query, false);
-    let q = b.tensor(names::Q, SeqRank::Key, false);
-    let d_o = b.tensor(names::DO, SeqRank::Key, false);
-    let dk = b.tensor(names::DK, SeqRank::Query, true);
-    let dv = b.tensor(names::DV, SeqRank::Query, true);
+    let (d, dv_dim) = (spec.head_dim, spec.value_dim);
+    let k = b.tensor(names::K, SeqRank::Query, false, d);
+    let v = b.tensor(names::V, SeqRank::Query, false, dv_dim);
+    let q = b.tensor(names::Q, SeqRank::Key, false, d);
+    let d_o = b.tensor(names::DO, SeqRank::Key, false, dv_dim);
+    let dk = b.tensor(names::DK, SeqRank::Query, true, d);
+    let dv = b.tensor(names::DV, SeqRank::Query, true, dv_dim);
     let lse = b.token(names::LSE);
     let delta = b.token(names::DELTA);
-    let (bm, bn, d) = (sched.block_m, sched.block_n, spec.head_dim);
-    let k_s = b.shared("k_s", bm, SeqRank::Query);
-    let v_s = b.shared("v_s", bm, SeqRank::Query);
-    let q_s = b.shared("q_s", bn, SeqRank::Key);
-    let do_s = b.shared("do_s", bn, SeqRank::Key);
+    let (bm, bn) = (sched.block_m, sched.block_n);
+    let k_s = b.shared("k_s", bm, SeqRank::Query, d);
+    let v_s = b.shared("v_s", bm, SeqRank::Query, dv_dim);
+    let q_s = b.shared("q_s", bn, SeqRank::Key, d);
+    let do_s = b.shared("do_s", bn, SeqRank::Key, dv_dim);
     let a16 = RegKind::AOperand(spec.elem);
     let s = b.reg("st", bn, ColRank::Key, RegKind::Accumulator);
     let pr = b.reg("pt", bn, ColRank::Key, RegKind::Accumulator);
     let dp = b.reg("dpt", bn, ColRank::Key, RegKind::Accumulator);
     let p16 = b.reg("pt16", bn, ColRank::Key, a16);
     let dk_acc = b.reg("dk_acc", d, ColRank::HeadDim, RegKind::Accumulator);
-    let dv_acc = b.reg("dv_acc", d, ColRank::HeadDim, RegKind::Accumulator);
+    let dv_acc = b.reg("dv_acc", dv_dim, ColRank::HeadDim, RegKind::Accumulator);
     let mut body = vec![
         Stmt::LoadTile { dst: k_s, src: k },
         Stmt::LoadTile { dst: v_s, src: v },

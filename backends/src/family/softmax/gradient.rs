@@ -160,13 +160,6 @@ pub fn compile_gradient(
             "the backward kernels do not map a sink logit in the normalization",
         ));
     }
-    if m.spec.value_dim != m.spec.head_dim {
-        // dQ and dK share the probabilities' tiles with dV and dO at one width.
-        return Err(not_mine(format!(
-            "the backward kernels map one head dim for Q, K and V (here {} and {})",
-            m.spec.head_dim, m.spec.value_dim
-        )));
-    }
     let bound = bind(&m, grad)?;
     let mut spec = m.spec.clone();
     if let Some(elem) = options.elem {
@@ -238,11 +231,15 @@ pub fn compile_gradient(
             ("head_dim", u64::from(spec.head_dim)),
         ]
         .into_iter()
+        .chain(
+            // Only a value dim of its own is recorded, so other contracts stay as they were.
+            (spec.value_dim != spec.head_dim).then_some(("value_dim", u64::from(spec.value_dim))),
+        )
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     };
     let family = |kernel: &str| {
-        json!({
+        let mut record = json!({
             "problem": {"batch": m.batch, "heads": m.heads, "n_q": m.n_q, "n_k": m.n_k,
                         "head_dim": spec.head_dim, "elem": spec.elem.name(),
                         "causal": spec.causal, "window": spec.window},
@@ -251,7 +248,11 @@ pub fn compile_gradient(
                          "mma": sched.mma.name()},
             "kernel": kernel,
             "score": spec.score.describe(&spec.tokens),
-        })
+        });
+        if spec.value_dim != spec.head_dim {
+            record["problem"]["value_dim"] = json!(spec.value_dim);
+        }
+        record
     };
     let module = |program: crate::TileProgram,
                   tensors: Vec<crate::abi::ContractTensor>,
@@ -427,7 +428,8 @@ pub fn compile_gradient(
             predicted_ms: 0.0,
             at_most: false,
         },
-        work: m.batch * m.heads * m.n_q * m.n_k * u64::from(spec.head_dim) * 5,
+        // Q K^T, dQ and dK over the head dim; dP and dV over the value dim.
+        work: m.batch * m.heads * m.n_q * m.n_k * u64::from(3 * spec.head_dim + 2 * spec.value_dim),
     })
 }
 
