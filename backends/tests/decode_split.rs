@@ -1,13 +1,14 @@
 //! A split key loop and its merge (decoding), run by the Tile interpreter, equal the naive
 //! attention formula: any number of splits (more than the key tiles included, so some
-//! splits see no key), causal and window masks, ragged tails, few and many queries.
+//! splits see no key), causal and window masks, ragged tails, few and many queries, and a
+//! sink logit (per head, or softmax1's `+1`), which only the merge counts.
 
 use einattn_backends::family::softmax::split::{split_attention, split_count};
 use einattn_backends::family::softmax::{AttentionSchedule, AttentionSpec};
 use einattn_backends::reference::{alibi_slopes, attention, relative_error, AttentionInputs};
 use einattn_backends::tile::interp::{run, Bindings, HostTensor, Problem};
 use einattn_backends::tile::Loads;
-use einattn_backends::tile::{Elem, MmaUnit};
+use einattn_backends::tile::{Elem, HeadParamId, MmaUnit, ScalarExpr};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -45,6 +46,8 @@ fn split_error(case: &Case) -> Result<f64, String> {
     let v = tensor(&mut rng, spec.elem, b, prob.n_k, kvh, d);
     let scale = rng.random_range(0.5..2.0) / (d as f64).sqrt();
     let slopes = alibi_slopes(h);
+    // A sink from well below the scores to well above them.
+    let sinks: Vec<f64> = (0..h).map(|_| rng.random_range(-3.0..4.0)).collect();
     let (main, merge, bind) = split_attention(&spec, &sched, splits).map_err(|e| e.to_string())?;
     let s = splits as usize;
     let rows = b * h * prob.n_q;
@@ -52,7 +55,17 @@ fn split_error(case: &Case) -> Result<f64, String> {
     // every copy must be written.
     let num = HostTensor::bhnd(vec![f64::NAN; s * rows * d], prob.n_q, h, d);
     let scalars = vec![scale; spec.score.scalars.len()];
-    let head_params: Vec<Vec<f64>> = main.head_params.iter().map(|_| slopes.clone()).collect();
+    let head_params: Vec<Vec<f64>> = main
+        .head_params
+        .iter()
+        .map(|p| {
+            if p.name == "sink" {
+                sinks.clone()
+            } else {
+                slopes.clone()
+            }
+        })
+        .collect();
     let mut io = Bindings {
         tensors: vec![q.clone(), k.clone(), v.clone(), num],
         row_outputs: vec![vec![f64::NAN; s * rows]; 2],
@@ -71,8 +84,17 @@ fn split_error(case: &Case) -> Result<f64, String> {
         tensors: vec![io.tensors[bind.o.index()].clone(), o],
         row_outputs: vec![],
         row_inputs: io.row_outputs.clone(),
-        scalars: vec![],
-        head_params: vec![],
+        // The merge reads the score's parameters when it adds a sink.
+        scalars: if merge.scalars.is_empty() {
+            vec![]
+        } else {
+            scalars.clone()
+        },
+        head_params: if merge.head_params.is_empty() {
+            vec![]
+        } else {
+            head_params.clone()
+        },
         tokens: vec![],
         chunk_base: 0,
         q_offset: 0,
@@ -101,13 +123,13 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             prop::option::of(1u32..60),
             any::<bool>(),
         ),
-        (0usize..3, 0usize..3, 1u32..7),
+        (0usize..3, 0usize..3, 1u32..7, 0u8..3),
         (1usize..3, 1usize..3, 1usize..40, 1usize..300, any::<u64>()),
     )
         .prop_map(
             |(
                 (d, causal, window, alibi),
-                (warps_i, bn_i, splits),
+                (warps_i, bn_i, splits, sink),
                 (batch, kvg, n_q, n_k, seed),
             )| {
                 let mut spec = AttentionSpec::new(d, Elem::Bf16);
@@ -116,6 +138,15 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 if alibi {
                     spec.score = spec.score.with_alibi();
                 }
+                spec.sink = match sink {
+                    0 => None,
+                    1 => {
+                        spec.score.head_params.push("sink".into());
+                        let id = spec.score.head_params.len() as u32 - 1;
+                        Some(ScalarExpr::Head(HeadParamId(id)))
+                    }
+                    _ => Some(ScalarExpr::Lit(0.0)),
+                };
                 let warps = [1u32, 2, 4][warps_i];
                 let sched = AttentionSchedule {
                     block_m: 16 * warps,

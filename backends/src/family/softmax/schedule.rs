@@ -240,9 +240,14 @@ impl Schedule {
                 expr: sink.clone(),
                 ..spec.score.clone()
             };
+            let how = if self.estimate.splits > 1 {
+                "the merge counts it once, as one more split with a sum of 1 and no numerator"
+            } else {
+                "the running max starts at it, the running sum at 1"
+            };
             let _ = writeln!(
                 s,
-                "sink: logit {} in the normalization (no value): the running max starts at it, the running sum at 1",
+                "sink: logit {} in the normalization (no value): {how}",
                 logit.describe(&spec.tokens)
             );
         }
@@ -714,11 +719,9 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
     // each query tile's key loop across CTAs, merged by a second small kernel. A kernel
     // that writes its log-sum-exp keeps one CTA per tile.
     // Value masks stay unsplit too (their token reads assume one key loop per query tile).
-    // So does a sink: each split would count its term.
     // Unnormalized attention too: its merge would be a sum, not a log-sum-exp.
     let splits = if spec.write_lse
         || !spec.value_masks.is_empty()
-        || spec.sink.is_some()
         || spec.normalization == Normalization::None
     {
         1

@@ -77,6 +77,8 @@ pub fn split_attention(
     }
     let mut partial = spec.clone();
     partial.partial = true;
+    // Each split would count a sink's term: the merge counts it once instead.
+    partial.sink = None;
     let (mut main, bind) = flash_attention(&partial, sched)?;
     main.key_splits = splits;
     main.name = format!("{}_split", spec.kernel_name());
@@ -139,6 +141,21 @@ pub fn merge_program(
             },
         )
     };
+    if spec.sink.is_some() {
+        // The sink logit is an expression of the score's parameters.
+        p.scalars = spec
+            .score
+            .scalars
+            .iter()
+            .map(|n| ScalarParam { name: n.clone() })
+            .collect();
+        p.head_params = spec
+            .score
+            .head_params
+            .iter()
+            .map(|n| HeadParam { name: n.clone() })
+            .collect();
+    }
     let (num, o) = (TensorId(0), TensorId(1));
     let acc = RegId(0);
     let new_row = |p: &mut TileProgram, n: &str| {
@@ -219,6 +236,34 @@ pub fn merge_program(
             src: num,
             split: j,
             weight,
+        });
+    }
+    if let Some(sink) = &spec.sink {
+        // The sink is one more split whose maximum is its logit, whose sum is 1 and whose
+        // numerator is 0 (it has no value).
+        body.push(Stmt::RowMap {
+            dst: m,
+            expr: sink.clone(),
+        });
+        body.push(Stmt::RowMap {
+            dst: grown,
+            expr: max(row(big), row(m)),
+        });
+        body.push(Stmt::RowMap {
+            dst: scale,
+            expr: exp_from(big, grown),
+        });
+        body.push(Stmt::RowMap {
+            dst: weight,
+            expr: exp_from(m, grown),
+        });
+        body.push(Stmt::RowMap {
+            dst: total,
+            expr: add(mul(row(total), row(scale)), row(weight)),
+        });
+        body.push(Stmt::Map {
+            dst: acc,
+            expr: mul(elem(acc), row(scale)),
         });
     }
     // Rows that saw no key (sum 0) output zeros rather than NaN, as the unsplit kernel.
@@ -311,10 +356,21 @@ pub(super) fn split_modules(
     let ptx = print_ptx(&merge, schedule.target).map_err(backend_error)?;
     let mut inputs = numerator;
     inputs.role = TensorRole::Input;
+    // A sink's parameters, which only its merge reads.
+    let (head_params, scalar_params) = if spec.sink.is_some() {
+        (&m.head_params[..], &m.scalar_params[..])
+    } else {
+        (&[][..], &[][..])
+    };
+    let name =
+        |t: einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>| cascade.tensors[t].name.clone();
     let names = ContractNames {
         tensors: vec![num.clone(), o_name],
-        head_params: vec![],
-        scalars: vec![],
+        head_params: head_params.iter().map(|&t| name(t)).collect(),
+        scalars: scalar_params
+            .iter()
+            .map(|&t| (name(t), cascade.tensors[t].default))
+            .collect(),
         tokens: vec![],
         states: vec![],
         row_outputs: vec![],
@@ -336,7 +392,7 @@ pub(super) fn split_modules(
         &ptx,
         ContractParts {
             sizes,
-            tensors: vec![
+            tensors: [
                 inputs,
                 contract_tensor(
                     cascade,
@@ -345,7 +401,14 @@ pub(super) fn split_modules(
                     dtype(spec.elem),
                     Some(&m.o),
                 ),
-            ],
+            ]
+            .into_iter()
+            .chain(
+                head_params
+                    .iter()
+                    .map(|&t| contract_tensor(cascade, t, TensorRole::Param, Dtype::F32, None)),
+            )
+            .collect(),
             scratch: stats("read by the merge"),
             names,
             requires: vec![],
