@@ -8,6 +8,7 @@ pass=0; fail=0
 check_lines() {
   local n=$1 d=$2 dt=$3 ex defs out rc line
   while read -r ex defs; do
+    [ -z "$ex" ] && continue
     # shellcheck disable=SC2086
     out=$(timeout "${LIMIT:-120}" $BIN check examples/$ex.ein $defs --dtype $dt ${CHECK_FLAGS:-} 2>&1)
     rc=$?
