@@ -6,7 +6,8 @@
 # (GROUP = H = 8: one K/V head). cross_attention reads N queries against 1001 keys (both
 # tails ragged); document_mask draws one to five documents per sequence; sink_attention has a
 # per-head sink logit, softmax_plus_one softmax1's `+1`, sigmoid_attention no normalization,
-# relative_bias a table over p - m in the score, qk_norm pre-kernels before the score,
+# relative_bias a table over p - m in the score, gqa_sink_decoding a sink per query head in
+# packed grouped-query decoding, qk_norm pre-kernels before the score,
 # gated_attention a post-kernel after it; differential_attention one attention kernel per
 # softmax map (halves 64 wide, V d wide) and their difference after them;
 # attention_mla runs Q.K at the value
@@ -36,6 +37,7 @@ attention_sliding_window -D N=$n -D D=$d -D TILE=$t
 attention_softcap -D N=$n -D D=$d
 flash_decoding -D N=$n -D D=$d
 gqa_decoding -D N=$n -D D=$d -D H=8 -D GROUP=4
+gqa_sink_decoding -D N=$n -D D=$d -D H=8 -D GROUP=4
 gqa -D N=$n -D D=$d -D TILE=$t
 gqa -D N=$n -D D=$d -D TILE=$t -D H=8 -D GROUP=8
 cross_attention -D N=$n -D M=1001 -D D=$d -D TILE=77

@@ -73,7 +73,12 @@ fn attention_row(
     }
     let (mut mx, mut denom) = partial_row(spec, prob, x, row, out);
     let head_values: Vec<f64> = x.head_params.iter().map(|v| v[row.2]).collect();
-    if let Some(sink) = spec.sink_logit(x.scalars, &head_values) {
+    let (b, p, h) = row;
+    let row_token = |t: crate::tile::TokenId| {
+        let data = &x.tokens[t.index()];
+        data.data[data.offset(b, p, h)]
+    };
+    if let Some(sink) = spec.sink_logit(x.scalars, &head_values, &row_token) {
         // One more logit, with no value: a row that sees no key outputs zeros.
         let joint = mx.max(sink);
         let keys = if mx == f64::NEG_INFINITY {

@@ -92,6 +92,10 @@ fn every_example_lowers_to_point_kernels_that_match_the_interpreter() {
             &[("N", 64), ("D", 16), ("H", 4), ("GROUP", 2)],
         ),
         (
+            "gqa_sink_decoding",
+            &[("N", 64), ("D", 16), ("H", 4), ("GROUP", 2)],
+        ),
+        (
             "cross_attention",
             &[("N", 40), ("M", 77), ("D", 16), ("TILE", 7)],
         ),

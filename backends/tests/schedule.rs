@@ -16,7 +16,7 @@ use einattn_ir::interp::{evaluate_in_order, random_inputs};
 use einattn_ir::validate::topological_order;
 use proptest::prelude::*;
 
-const SOFTMAX_EXAMPLES: [&str; 16] = [
+const SOFTMAX_EXAMPLES: [&str; 17] = [
     "attention_1pass",
     "relative_bias",
     "sigmoid_attention",
@@ -33,6 +33,7 @@ const SOFTMAX_EXAMPLES: [&str; 16] = [
     "attention_causal",
     "attention_sliding_window",
     "flash_decoding",
+    "gqa_sink_decoding",
 ];
 
 fn load(name: &str, defines: &[(&str, u64)]) -> Cascade {
@@ -532,7 +533,7 @@ fn grouped_query_attention_is_recognized_with_its_group() {
         assert_eq!(explain.contains("(multi-query)"), h == group, "{explain}");
     }
     // The other softmax examples are not grouped.
-    for name in SOFTMAX_EXAMPLES {
+    for name in SOFTMAX_EXAMPLES.iter().filter(|n| !n.starts_with("gqa")) {
         let m = recognize(&load(name, &[])).expect("recognized");
         assert_eq!((m.kv_group, m.roles.kv_split), (1, None), "{name}");
     }
@@ -994,6 +995,43 @@ fn grouped_query_decoding_packs_a_group_into_one_tile() {
     // Prefill (a query rank with N queries, causal) is not packed.
     let mut m = recognize(&load("gqa", &[])).expect("recognized");
     assert_eq!(pack_query_heads(&mut m), None);
+}
+
+/// Grouped-query decoding with a per-query-head sink logit (gpt-oss): the packed rows are
+/// query heads, so each reads its own sink as a token (`sink[g * GROUP + r]`); the tile
+/// program over the packed problem and the attention formula compute what the cascade
+/// computes.
+#[test]
+fn grouped_query_decoding_packs_with_a_sink_per_query_head() {
+    use einattn_backends::family::softmax::schedule::pack_query_heads;
+    for group in [2u64, 4] {
+        let c = load(
+            "gqa_sink_decoding",
+            &[("H", 8), ("GROUP", group), ("N", 300), ("D", 32), ("B", 2)],
+        );
+        let mut m = recognize(&c).expect("recognized");
+        assert!(m.spec.sink.is_some());
+        assert_eq!(pack_query_heads(&mut m), Some(group));
+        assert!(m.head_params.is_empty() && m.tokens.len() == 1);
+        let inputs = random_inputs(&c, group + 7);
+        let kernel = cooperative(16, 64, 1, 3);
+        let err = tile_vs_interpreter_of(&c, &m, kernel, inputs.clone());
+        assert!(
+            err < 1e-2,
+            "GROUP={group}: tile program: relative error {err}"
+        );
+        let values = evaluate_in_order(&c, &inputs, &topological_order(&c)).expect("interpreter");
+        let want = values
+            .get(m.o.tensor)
+            .expect("computed")
+            .stored()
+            .into_owned();
+        let err = relative_error(&m.reference_output(&inputs), &want);
+        assert!(
+            err < 1e-9,
+            "GROUP={group}: formula: relative difference {err}"
+        );
+    }
 }
 
 /// Gated attention: the Einsums after the attention output become post-kernels (the

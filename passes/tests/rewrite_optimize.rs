@@ -186,6 +186,7 @@ const EXAMPLES: &[&str] = &[
     "gla.ein",
     "gqa.ein",
     "gqa_decoding.ein",
+    "gqa_sink_decoding.ein",
     "lightning.ein",
     "lightning_naive.ein",
     "linear_attention.ein",

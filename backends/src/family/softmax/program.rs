@@ -359,15 +359,26 @@ impl AttentionSpec {
         }
         s
     }
-    /// The sink logit of a row of head `head_values` belongs to, in f64 (the reference's).
-    pub fn sink_logit(&self, scalars: &[f64], head_values: &[f64]) -> Option<f64> {
+    /// The sink logit of a row of head `head_values` belongs to, in f64 (the reference's);
+    /// `row_token` reads a token input at the row (a per-query-head sink of packed
+    /// grouped-query decoding, whose rows are query heads).
+    pub fn sink_logit(
+        &self,
+        scalars: &[f64],
+        head_values: &[f64],
+        row_token: &dyn Fn(TokenId) -> f64,
+    ) -> Option<f64> {
         let sink = self.sink.as_ref()?;
         let score = Score {
             expr: sink.clone(),
             ..self.score.clone()
         };
-        // Uniform: no dot product, position or token.
-        Some(score.eval(0.0, (0.0, 0.0), scalars, head_values, &|_, _| f64::NAN))
+        // Uniform along the row: no dot product, position, or token at the key.
+        let token = |id: TokenId, at: TokenAt| match at {
+            TokenAt::Row => row_token(id),
+            _ => f64::NAN,
+        };
+        Some(score.eval(0.0, (0.0, 0.0), scalars, head_values, &token))
     }
 
     /// True when the score is anything but `scale * q.k`.

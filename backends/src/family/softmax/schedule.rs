@@ -526,10 +526,15 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
 /// `group`: K and V, which dominate decoding's traffic, cross from memory once. Returns the
 /// group when it packs.
 pub fn pack_query_heads(m: &mut AttentionMatch) -> Option<u64> {
+    use crate::tile::{HeadParamId, ScalarExpr, TokenAt, TokenId, TokenParam};
     let group = m.kv_group;
     let spec = &m.spec;
+    // A per-head sink logit (gpt-oss) may stay: the packed rows read it as a token, one
+    // value per row (query head). Anything else per query head may not.
+    let head_sink = matches!(spec.sink, Some(ScalarExpr::Head(HeadParamId(0))))
+        && spec.score.head_params.len() == 1;
     let per_query_head =
-        !spec.score.head_params.is_empty() || !spec.tokens.is_empty() || spec.sink.is_some();
+        (!spec.score.head_params.is_empty() && !head_sink) || !spec.tokens.is_empty();
     let mut reads_query_position = false;
     spec.score.expr.visit(&mut |e| {
         reads_query_position |= *e == crate::tile::ScalarExpr::Index(SeqRank::Query)
@@ -550,6 +555,25 @@ pub fn pack_query_heads(m: &mut AttentionMatch) -> Option<u64> {
     for l in [&mut m.q, &mut m.o] {
         l.stride_seq = l.stride_head;
         l.stride_head *= group;
+    }
+    if head_sink {
+        // The sink array over query heads seen as [batch, row, K/V head]: row r of K/V
+        // head g reads sink[g * group + r].
+        let tensor = m.head_params.remove(0);
+        m.spec.score.head_params.clear();
+        m.tokens.push(crate::family::Layout {
+            tensor,
+            stride_batch: 0,
+            stride_seq: 1,
+            stride_head: group,
+            elements: group * m.heads,
+        });
+        m.spec.tokens.push(TokenParam {
+            name: "sink".into(),
+            extent: None,
+        });
+        let id = TokenId(m.spec.tokens.len() as u32 - 1);
+        m.spec.sink = Some(ScalarExpr::Token(id, TokenAt::Row));
     }
     Some(group)
 }

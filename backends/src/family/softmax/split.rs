@@ -142,7 +142,9 @@ pub fn merge_program(
         )
     };
     if spec.sink.is_some() {
-        // The sink logit is an expression of the score's parameters.
+        // The sink logit is an expression of the score's parameters (and, in packed
+        // grouped-query decoding, a token read per row).
+        p.tokens = spec.tokens.clone();
         p.scalars = spec
             .score
             .scalars
@@ -357,10 +359,10 @@ pub(super) fn split_modules(
     let mut inputs = numerator;
     inputs.role = TensorRole::Input;
     // A sink's parameters, which only its merge reads.
-    let (head_params, scalar_params) = if spec.sink.is_some() {
-        (&m.head_params[..], &m.scalar_params[..])
+    let (head_params, scalar_params, tokens) = if spec.sink.is_some() {
+        (&m.head_params[..], &m.scalar_params[..], &m.tokens[..])
     } else {
-        (&[][..], &[][..])
+        (&[][..], &[][..], &[][..])
     };
     let name =
         |t: einattn_ir::arena::Handle<einattn_ir::cascade::Tensor>| cascade.tensors[t].name.clone();
@@ -371,7 +373,7 @@ pub(super) fn split_modules(
             .iter()
             .map(|&t| (name(t), cascade.tensors[t].default))
             .collect(),
-        tokens: vec![],
+        tokens: tokens.iter().map(|l| name(l.tensor)).collect(),
         states: vec![],
         row_outputs: vec![],
         row_inputs: vec![max_name.clone(), sum_name.clone()],
@@ -408,6 +410,9 @@ pub(super) fn split_modules(
                     .iter()
                     .map(|&t| contract_tensor(cascade, t, TensorRole::Param, Dtype::F32, None)),
             )
+            .chain(tokens.iter().map(|l| {
+                contract_tensor(cascade, l.tensor, TensorRole::Input, Dtype::F32, Some(l))
+            }))
             .collect(),
             scratch: stats("read by the merge"),
             names,
