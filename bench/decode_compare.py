@@ -3,7 +3,9 @@
 one device call. Shapes of issue 15: B=8 H=32 N=32768 and B=1 H=32 N=131072; and the same
 with grouped-query attention, 32 query heads on 8 K/V heads (`examples/gqa_decoding.ein`,
 whose kernel reads the 4 query heads of a K/V head as one tile's rows; SDPA with
-enable_gqa).
+enable_gqa); and gpt-oss's decoding, 64 query heads on 8 K/V heads with a sink logit per
+query head (`examples/gqa_sink_decoding.ein`). SDPA has no sink: its anchor there is the
+same attention without the sink, whose work differs by one logit per row.
 
 Each schedule is a set of `einattn bench` flags ("default": the scheduler's own choice,
 which splits the key loop across CTAs when the heads alone cannot fill the GPU). Time is the
@@ -23,8 +25,9 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel, SDPBackend
 
 OUT = os.environ.get("OUT", "/tmp")
-# (B, query heads, N, K/V heads)
-SHAPES = [(8, 32, 32768, 32), (1, 32, 131072, 32), (8, 32, 32768, 8), (1, 32, 131072, 8)]
+# (B, query heads, N, K/V heads, a sink logit per query head)
+SHAPES = [(8, 32, 32768, 32, False), (1, 32, 131072, 32, False), (8, 32, 32768, 8, False),
+          (1, 32, 131072, 8, False), (1, 64, 131072, 8, True), (8, 64, 32768, 8, True)]
 SCHEDULES = {
     "default": "",
     "sync": "--target sm_90a --mma sync",
@@ -45,9 +48,9 @@ def main():
     print(env, flush=True)
     d = 128
     rows = []
-    for b, h, n, hkv in SHAPES:
+    for b, h, n, hkv, sink in SHAPES:
         kv_bytes = 2 * b * hkv * n * d * 2
-        row = dict(B=b, H=h, N=n, KV=hkv)
+        row = dict(B=b, H=h, N=n, KV=hkv, sink=sink)
         q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
@@ -64,8 +67,11 @@ def main():
         del q, k, v
         torch.cuda.empty_cache()
         for sname, flags in schedules.items():
-            example = ["examples/flash_decoding.ein"] if hkv == h else [
-                "examples/gqa_decoding.ein", "-D", f"GROUP={h // hkv}"]
+            if hkv == h:
+                example = ["examples/flash_decoding.ein"]
+            else:
+                name = "gqa_sink_decoding" if sink else "gqa_decoding"
+                example = [f"examples/{name}.ein", "-D", f"GROUP={h // hkv}"]
             cmd = [binary, "bench"] + example + ["-D", f"B={b}", "-D", f"H={h}", "-D", f"N={n}",
                                                  "-D", f"D={d}", "--reps", "100",
                                                  "--format", "json"] + flags.split()
@@ -90,8 +96,8 @@ def main():
         json.dump(dict(env=env, schedules=schedules, rows=rows), f, indent=1)
     names = list(schedules)
     lines = [f"Device: {env['gpu']}, torch {env['torch']}; {env['date']}; ms (cuDNN's time / ours; GB/s)", "",
-             "| B | H | K/V heads | N | FA2 | cuDNN | " + " | ".join(names) + " |",
-             "| --- " * (6 + len(names)) + "|"]
+             "| B | H | K/V heads | N | sink | FA2 | cuDNN | " + " | ".join(names) + " |",
+             "| --- " * (7 + len(names)) + "|"]
     for r in rows:
         cells = []
         for s in names:
@@ -101,7 +107,8 @@ def main():
             else:
                 ratio = f"{r['cudnn'] / t:.2f}x, " if r.get("cudnn") else ""
                 cells.append(f"{t} ({ratio}{r['GB'] / t * 1e3:.0f} GB/s)")
-        lines.append(f"| {r['B']} | {r['H']} | {r['KV']} | {r['N']} | {r['flash']} | {r['cudnn']} | "
+        sink_cell = "yes (anchors without)" if r["sink"] else "-"
+        lines.append(f"| {r['B']} | {r['H']} | {r['KV']} | {r['N']} | {sink_cell} | {r['flash']} | {r['cudnn']} | "
                      + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
     with open(os.path.join(OUT, "decode_compare.md"), "w") as f:
