@@ -491,7 +491,13 @@ pub fn compile_combination(
         }
     }
     if let Err(why) = same_keys(&terms) {
-        let span = c.einsums[distributed.written[0]].span;
+        // The combination (the last Einsum the rewrite wrote) carries the contraction's span.
+        let span = distributed
+            .written
+            .last()
+            .map_or(einattn_ir::cascade::Span::UNKNOWN, |&e| {
+                distributed.cascade.einsums[e].span
+            });
         let d = Diagnostic::error(
             DiagnosticKind::NotMappable,
             format!(
