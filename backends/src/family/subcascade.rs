@@ -26,6 +26,27 @@ pub fn inputs_by_name(
         .collect()
 }
 
+/// Adds to `ranks` every rank a split relates to one of them: a split rank's parts, a
+/// part's parent (and so its sibling), until nothing more comes.
+pub(crate) fn with_split_relatives(c: &Cascade, ranks: &mut BTreeSet<Handle<Rank>>) {
+    loop {
+        let before = ranks.len();
+        for r in ranks.clone() {
+            let rank = &c.ranks[r];
+            if let Some(s) = &rank.split {
+                ranks.insert(s.outer);
+                ranks.insert(s.inner);
+            }
+            if let Some(p) = rank.parent {
+                ranks.insert(p);
+            }
+        }
+        if ranks.len() == before {
+            return;
+        }
+    }
+}
+
 /// A cascade of `einsums` alone, over the tensors they name (with the given kinds: an
 /// Einsum's output may become an output, a tensor it reads an input) and the ranks those
 /// need. Recurrences, masks and iterative ranks travel as they are.
@@ -57,22 +78,7 @@ pub(crate) fn extract(
         ranks.extend(base.tensors[*t].ranks.iter().copied());
     }
     // Splits travel whole: a split rank brings its parts, a part its parent and sibling.
-    loop {
-        let before = ranks.len();
-        for r in ranks.clone() {
-            let rank = &base.ranks[r];
-            if let Some(s) = &rank.split {
-                ranks.insert(s.outer);
-                ranks.insert(s.inner);
-            }
-            if let Some(p) = rank.parent {
-                ranks.insert(p);
-            }
-        }
-        if ranks.len() == before {
-            break;
-        }
-    }
+    with_split_relatives(base, &mut ranks);
     let mut out = Cascade {
         name: name.to_string(),
         sizes: base.sizes.clone(),

@@ -18,7 +18,7 @@
 
 use super::epilogue::{split_off, Epilogue};
 use super::{compile_softmax, visible_flops, with_general_kernels, SoftmaxKernels};
-use crate::family::subcascade::{extract, inputs_by_name};
+use crate::family::subcascade::{extract, inputs_by_name, with_split_relatives};
 use crate::family::{
     backend_error, CompileError, Compiled, FamilyError, Inputs, KernelOptions, KernelProgram,
     Module, PlanKernels, Rate,
@@ -132,22 +132,8 @@ fn distribute_at(c: &Cascade, x: Handle<Einsum>) -> Option<Distributed> {
 /// mentions any of them depends on the key.
 fn key_ranks(c: &Cascade, einsum: &Einsum) -> BTreeSet<Handle<Rank>> {
     let mut keys: BTreeSet<Handle<Rank>> = einsum.reductions.iter().map(|r| r.rank).collect();
-    loop {
-        let before = keys.len();
-        for r in keys.clone() {
-            let rank = &c.ranks[r];
-            if let Some(s) = &rank.split {
-                keys.insert(s.outer);
-                keys.insert(s.inner);
-            }
-            if let Some(p) = rank.parent {
-                keys.insert(p);
-            }
-        }
-        if keys.len() == before {
-            return keys;
-        }
-    }
+    with_split_relatives(c, &mut keys);
+    keys
 }
 
 /// `access` as a temporary combination of weights: written by one Einsum with no

@@ -186,53 +186,49 @@ pub fn merge_program(
             un(UnaryOp::Exp, sub(row(x), row(anchor))),
         )
     };
-    let mut body = vec![Stmt::Fill {
-        dst: acc,
-        value: 0.0,
-    }];
+    // Folds one more split (its max in row `m`, its sum `sum`) into the running max `big`,
+    // sum `total` and output `acc`, leaving the split's weight `exp(m - max)` in `weight`.
+    let fold = |body: &mut Vec<Stmt>, sum: ScalarExpr| {
+        let steps = [
+            (grown, max(row(big), row(m))),
+            (scale, exp_from(big, grown)),
+            (weight, exp_from(m, grown)),
+            (big, row(grown)),
+            (
+                total,
+                add(mul(row(total), row(scale)), mul(sum, row(weight))),
+            ),
+        ];
+        body.extend(
+            steps
+                .into_iter()
+                .map(|(dst, expr)| Stmt::RowMap { dst, expr }),
+        );
+        body.push(Stmt::Map {
+            dst: acc,
+            expr: mul(elem(acc), row(scale)),
+        });
+    };
+    let mut body = vec![
+        Stmt::Fill {
+            dst: acc,
+            value: 0.0,
+        },
+        Stmt::RowMap {
+            dst: total,
+            expr: lit(0.0),
+        },
+        // Nothing seen yet: the first split's rescale is exp_from(-inf, ..) = 0.
+        Stmt::RowMap {
+            dst: big,
+            expr: lit(f64::NEG_INFINITY),
+        },
+    ];
     for j in 0..splits {
         for (dst, src) in [(m, RowInputId(0)), (l, RowInputId(1))] {
             body.push(Stmt::LoadRow { dst, src, split: j });
         }
-        if j == 0 {
-            body.push(Stmt::RowMap {
-                dst: big,
-                expr: row(m),
-            });
-            body.push(Stmt::RowMap {
-                dst: weight,
-                expr: exp_from(m, big),
-            });
-            body.push(Stmt::RowMap {
-                dst: total,
-                expr: mul(row(l), row(weight)),
-            });
-        } else {
-            body.push(Stmt::RowMap {
-                dst: grown,
-                expr: max(row(big), row(m)),
-            });
-            body.push(Stmt::RowMap {
-                dst: scale,
-                expr: exp_from(big, grown),
-            });
-            body.push(Stmt::RowMap {
-                dst: weight,
-                expr: exp_from(m, grown),
-            });
-            body.push(Stmt::RowMap {
-                dst: big,
-                expr: row(grown),
-            });
-            body.push(Stmt::RowMap {
-                dst: total,
-                expr: add(mul(row(total), row(scale)), mul(row(l), row(weight))),
-            });
-            body.push(Stmt::Map {
-                dst: acc,
-                expr: mul(elem(acc), row(scale)),
-            });
-        }
+        fold(&mut body, row(l));
         body.push(Stmt::AccumulatePartial {
             acc,
             src: num,
@@ -247,26 +243,7 @@ pub fn merge_program(
             dst: m,
             expr: sink.clone(),
         });
-        body.push(Stmt::RowMap {
-            dst: grown,
-            expr: max(row(big), row(m)),
-        });
-        body.push(Stmt::RowMap {
-            dst: scale,
-            expr: exp_from(big, grown),
-        });
-        body.push(Stmt::RowMap {
-            dst: weight,
-            expr: exp_from(m, grown),
-        });
-        body.push(Stmt::RowMap {
-            dst: total,
-            expr: add(mul(row(total), row(scale)), row(weight)),
-        });
-        body.push(Stmt::Map {
-            dst: acc,
-            expr: mul(elem(acc), row(scale)),
-        });
+        fold(&mut body, lit(1.0));
     }
     // Rows that saw no key (sum 0) output zeros rather than NaN, as the unsplit kernel.
     body.push(Stmt::RowMap {
