@@ -1082,3 +1082,63 @@ fn differential_attention_terms_match_the_interpreter() {
         assert!(err < 1e-2, "{}: relative error {err}", core.name);
     }
 }
+
+/// The online form with the running max starting at a per-head sink logit and the running
+/// sum at 1 (how gpt-oss writes it) reads as attention with a sink: with grouped query
+/// heads, causal, and with a window that hides a row's first keys (the sink keeps the max
+/// finite there). The tile program and the formula compute what the cascade computes; a
+/// running sum left at 0 beside such a max is refused with the reason.
+#[test]
+fn a_running_max_that_starts_at_a_sink_is_a_sink_logit() {
+    let path = format!("{}/../examples/gqa.ein", env!("CARGO_MANIFEST_DIR"));
+    let src = std::fs::read_to_string(&path).expect("example exists");
+    let sink = src
+        .replace("param  scale", "param  sink[h]: f32\nparam  scale")
+        .replace(
+            "init RM[b, g, r, 0, p]   = -inf",
+            "init RM[b, g, r, 0, p]   = sink[h]",
+        )
+        .replace(
+            "init RD[b, g, r, 0, p]   = 0",
+            "init RD[b, g, r, 0, p]   = 1",
+        );
+    assert_eq!(sink.matches("sink[h]").count(), 2, "{sink}");
+    let windowed = sink.replace("where m <= p", "where m <= p and p - m < 20");
+    assert_ne!(windowed, sink);
+    let defines: Vec<(String, u64)> = [("N", 70), ("D", 16), ("TILE", 14), ("H", 4), ("GROUP", 2)]
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+    for (name, text) in [("causal", &sink), ("window", &windowed)] {
+        let c = einattn_dsl::compile_source(name, text, &defines)
+            .unwrap_or_else(|d| panic!("{}", d.render(name, text)));
+        let m = recognize(&c).unwrap_or_else(|d| panic!("{name}: {}", d.message));
+        assert!(
+            matches!(
+                m.spec.sink,
+                Some(einattn_backends::tile::ScalarExpr::Head(_))
+            ),
+            "{name}: {:?}",
+            m.spec.sink
+        );
+        let inputs = random_inputs(&c, 5);
+        let err = tile_vs_interpreter_on(&c, cooperative(32, 16, 2, 2), inputs.clone());
+        assert!(err < 1e-2, "{name}: tile program: relative error {err}");
+        let values = evaluate_in_order(&c, &inputs, &topological_order(&c)).expect("interpreter");
+        let want = values
+            .get(m.o.tensor)
+            .expect("computed")
+            .stored()
+            .into_owned();
+        let err = relative_error(&m.reference_output(&inputs), &want);
+        assert!(err < 1e-9, "{name}: formula: relative difference {err}");
+    }
+    let no_sink_term = sink.replace(
+        "init RD[b, g, r, 0, p]   = 1",
+        "init RD[b, g, r, 0, p]   = 0",
+    );
+    let c = einattn_dsl::compile_source("no_sink_term", &no_sink_term, &defines)
+        .unwrap_or_else(|d| panic!("{}", d.render("no_sink_term", &no_sink_term)));
+    let err = recognize(&c).expect_err("a sum without the sink's term");
+    assert!(err.message.contains("starts at 1"), "{}", err.message);
+}

@@ -151,6 +151,22 @@ enum Range {
     Sink,
     /// Every key and the sink.
     AllSink,
+    /// Tiles before `m1` and the sink (a running max that starts at the sink's logit).
+    BeforeSink,
+    /// Tiles up to and including `m1` and the sink.
+    ThroughSink,
+}
+
+impl Range {
+    /// The range with the sink joined to it (for states that start at the sink).
+    fn with_sink(self) -> Range {
+        match self {
+            Range::Before => Range::BeforeSink,
+            Range::Through => Range::ThroughSink,
+            Range::All => Range::AllSink,
+            other => other,
+        }
+    }
 }
 
 /// What a tensor (or subexpression) holds, per (batch, head, query) point.
@@ -205,6 +221,8 @@ impl Sym {
             Range::All => "all keys",
             Range::Sink => "the sink",
             Range::AllSink => "all keys and the sink",
+            Range::BeforeSink => "tiles < m1 and the sink",
+            Range::ThroughSink => "tiles <= m1 and the sink",
         };
         match self {
             Sym::Val(e) if has_dot(e) => "score s(p, m)".into(),
@@ -241,18 +259,27 @@ impl Sym {
     }
 }
 
-/// How a recurrence's state reads at each step.
+/// How a recurrence's state reads at each step. `sink`: the running max starts at the
+/// sink's logit (gpt-oss writes the online form so), so every state's max includes the
+/// sink, and a running sum without values starts at the sink's own term, 1.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum StateKind {
-    Max,
-    Sum { v: bool },
+    Max { sink: bool },
+    Sum { v: bool, sink: bool },
 }
 
 impl StateKind {
     fn at(self, r: Range) -> Sym {
         match self {
-            StateKind::Max => Sym::Max(r),
-            StateKind::Sum { v } => Sym::Sum { r, over: r, v },
+            StateKind::Max { sink: false } => Sym::Max(r),
+            StateKind::Max { sink: true } => Sym::Max(r.with_sink()),
+            StateKind::Sum { v, sink: false } => Sym::Sum { r, over: r, v },
+            // The sink has no value: a sum with values runs over the keys alone.
+            StateKind::Sum { v, sink: true } => Sym::Sum {
+                r: r.with_sink(),
+                over: if v { r } else { r.with_sink() },
+                v,
+            },
         }
     }
 }
@@ -354,6 +381,8 @@ struct Reader<'c> {
     span: Span,
     /// Where a running max starts at exactly -inf (the recurrence's span).
     max_starts_at_neg_inf: Option<Span>,
+    /// A running max starts at the sink's logit.
+    max_starts_at_sink: bool,
 }
 
 impl<'c> Reader<'c> {
@@ -596,6 +625,7 @@ impl<'c> Reader<'c> {
             key_here: None,
             span: Span::UNKNOWN,
             max_starts_at_neg_inf: None,
+            max_starts_at_sink: false,
         })
     }
 
@@ -773,19 +803,39 @@ impl<'c> Reader<'c> {
             return self.err("only recurrences over the key tile index are mapped");
         }
         let t = &self.c.tensors[e.output.tensor];
+        let v = t.ranks.contains(&self.roles.value_dim);
+        let sink = self.max_starts_at_sink;
         let kind = match eval_literal(&rec.init) {
             Some(x) if x == f64::NEG_INFINITY => {
                 self.max_starts_at_neg_inf = Some(rec.init_span);
-                StateKind::Max
+                StateKind::Max { sink: false }
             }
             // A very negative finite start acts as -inf for every row that sees a key.
-            Some(x) if x <= -1e30 => StateKind::Max,
-            Some(0.0) => StateKind::Sum {
-                v: t.ranks.contains(&self.roles.value_dim),
+            Some(x) if x <= -1e30 => StateKind::Max { sink: false },
+            // With the max at the sink, a sum of weights starts at the sink's own term,
+            // exp(sink - sink) = 1, and a sum of values at 0 (the sink has no value).
+            Some(0.0) if sink && !v => {
+                return self.err(
+                    "with the running max starting at the sink's logit, the running sum starts at 1 (the sink's own term exp(sink - max))",
+                )
+            }
+            Some(0.0) => StateKind::Sum { v, sink },
+            Some(1.0) if sink && !v => StateKind::Sum { v, sink },
+            // A running max that starts at a uniform value: the sink logit.
+            _ if !v => match self.read_expr(&rec.init)? {
+                Sym::Val(u) if !has_dot(&u) => {
+                    self.fix_sink(&u)?;
+                    self.max_starts_at_sink = true;
+                    StateKind::Max { sink: true }
+                }
+                _ => return self.err(
+                    "a recurrence must start at -inf (a running max), at a sink logit, or at 0 (a running sum)",
+                ),
             },
             _ => {
-                return self
-                    .err("a recurrence must start at -inf (a running max) or 0 (a running sum)")
+                return self.err(
+                    "a recurrence must start at -inf (a running max), at a sink logit, or at 0 (a running sum)",
+                )
             }
         };
         self.meanings.insert(e.output.tensor, Meaning::State(kind));
@@ -1549,8 +1599,8 @@ impl<'c> Reader<'c> {
             .meanings
             .iter()
             .filter_map(|(&t, meaning)| match meaning {
-                Meaning::State(StateKind::Max) => Some((t, Running::Max)),
-                Meaning::State(StateKind::Sum { v: false }) => Some((t, Running::Sum)),
+                Meaning::State(StateKind::Max { .. }) => Some((t, Running::Max)),
+                Meaning::State(StateKind::Sum { v: false, .. }) => Some((t, Running::Sum)),
                 _ => None,
             })
             .collect();
@@ -1625,6 +1675,9 @@ fn union(a: Range, b: Range) -> Option<Range> {
     match (a, b) {
         (Range::Before, Range::Tile) | (Range::Tile, Range::Before) => Some(Range::Through),
         (Range::All, Range::Sink) | (Range::Sink, Range::All) => Some(Range::AllSink),
+        (Range::BeforeSink, Range::Tile) | (Range::Tile, Range::BeforeSink) => {
+            Some(Range::ThroughSink)
+        }
         _ => None,
     }
 }
