@@ -133,6 +133,14 @@ fn tile_vs_interpreter_of(
     relative_error(&io.tensors[bind.o.index()].data, &want)
 }
 
+/// The attention formula of `m` (the reference past the interpreter's reach) against the
+/// cascade interpreter's output, on `inputs`.
+fn formula_error(c: &Cascade, m: &AttentionMatch, inputs: &Inputs) -> f64 {
+    let values = evaluate_in_order(c, inputs, &topological_order(c)).expect("interpreter");
+    let want = values.get(m.o.tensor).expect("computed").stored();
+    relative_error(&m.reference_output(inputs), &want)
+}
+
 #[test]
 fn every_softmax_example_is_recognized() {
     for name in SOFTMAX_EXAMPLES {
@@ -1020,13 +1028,7 @@ fn grouped_query_decoding_packs_with_a_sink_per_query_head() {
             err < 1e-2,
             "GROUP={group}: tile program: relative error {err}"
         );
-        let values = evaluate_in_order(&c, &inputs, &topological_order(&c)).expect("interpreter");
-        let want = values
-            .get(m.o.tensor)
-            .expect("computed")
-            .stored()
-            .into_owned();
-        let err = relative_error(&m.reference_output(&inputs), &want);
+        let err = formula_error(&c, &m, &inputs);
         assert!(
             err < 1e-9,
             "GROUP={group}: formula: relative difference {err}"
@@ -1124,13 +1126,7 @@ fn a_running_max_that_starts_at_a_sink_is_a_sink_logit() {
         let inputs = random_inputs(&c, 5);
         let err = tile_vs_interpreter_on(&c, cooperative(32, 16, 2, 2), inputs.clone());
         assert!(err < 1e-2, "{name}: tile program: relative error {err}");
-        let values = evaluate_in_order(&c, &inputs, &topological_order(&c)).expect("interpreter");
-        let want = values
-            .get(m.o.tensor)
-            .expect("computed")
-            .stored()
-            .into_owned();
-        let err = relative_error(&m.reference_output(&inputs), &want);
+        let err = formula_error(&c, &m, &inputs);
         assert!(err < 1e-9, "{name}: formula: relative difference {err}");
     }
     let no_sink_term = sink.replace(
