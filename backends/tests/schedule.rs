@@ -136,9 +136,14 @@ fn tile_vs_interpreter_of(
 /// The attention formula of `m` (the reference past the interpreter's reach) against the
 /// cascade interpreter's output, on `inputs`.
 fn formula_error(c: &Cascade, m: &AttentionMatch, inputs: &Inputs) -> f64 {
+    relative_error(&m.reference_output(inputs), &interpreted_output(c, inputs))
+}
+
+/// The cascade's output `O` by the reference interpreter on `inputs`.
+fn interpreted_output(c: &Cascade, inputs: &Inputs) -> Vec<f64> {
     let values = evaluate_in_order(c, inputs, &topological_order(c)).expect("interpreter");
-    let want = values.get(m.o.tensor).expect("computed").stored();
-    relative_error(&m.reference_output(inputs), &want)
+    let o = c.tensor_by_name("O").expect("an output O");
+    values.get(o).expect("computed").stored().into_owned()
 }
 
 #[test]
@@ -955,9 +960,7 @@ fn qk_norm_runs_its_prologue_then_the_attention_kernel() {
         assert!(!attention.tensors.iter().any(|t| t.name == name), "{name}");
     }
     let inputs = random_inputs(&c, 9);
-    let values = evaluate_in_order(&c, &inputs, &topological_order(&c)).expect("interpreter");
-    let o = c.tensor_by_name("O").expect("O");
-    let want = values.get(o).expect("computed").stored().into_owned();
+    let want = interpreted_output(&c, &inputs);
     let (formula, _) = k.formula(&inputs);
     let err = relative_error(&formula, &want);
     assert!(err < 1e-9, "formula: relative difference {err}");
@@ -1054,9 +1057,7 @@ fn gated_attention_runs_the_attention_kernel_then_its_epilogue() {
         assert!(!contract.tensors.iter().any(|t| t.name == "A"));
     }
     let inputs = random_inputs(&c, 4);
-    let values = evaluate_in_order(&c, &inputs, &topological_order(&c)).expect("interpreter");
-    let o = c.tensor_by_name("O").expect("O");
-    let want = values.get(o).expect("computed").stored().into_owned();
+    let want = interpreted_output(&c, &inputs);
     let (formula, _) = k.formula(&inputs);
     let err = relative_error(&formula, &want);
     assert!(err < 1e-9, "formula: relative difference {err}");

@@ -241,12 +241,7 @@ impl Builder {
                 loads: crate::tile::Loads::Cooperative,
             },
         );
-        for name in &spec.score.scalars {
-            p.scalars.push(ScalarParam { name: name.clone() });
-        }
-        for name in &spec.score.head_params {
-            p.head_params.push(HeadParam { name: name.clone() });
-        }
+        spec.declare_params(&mut p);
         Builder { p, elem: spec.elem }
     }
     /// A tensor `width` columns wide: the head dim (Q, K and their gradients) or the value

@@ -17,7 +17,7 @@
 //! left to the general lowering.
 
 use super::epilogue::{split_off, Epilogue};
-use super::{compile_softmax, visible_flops, with_general_kernels, SoftmaxKernels};
+use super::{compile_softmax, visible_flops, with_general_kernels, written_by, SoftmaxKernels};
 use crate::family::subcascade::{extract, inputs_by_name, with_split_relatives};
 use crate::family::{
     backend_error, CompileError, Compiled, FamilyError, Inputs, KernelOptions, KernelProgram,
@@ -634,18 +634,11 @@ impl Compiled for CombinedKernels {
                 text.push_str(&format!("  {line}\n"));
             }
         }
-        let writes: Vec<&str> = self
-            .epilogue
-            .cascade
-            .einsums
-            .iter()
-            .map(|(_, e)| self.epilogue.cascade.tensors[e.output.tensor].name.as_str())
-            .collect();
         text.push_str(&format!(
             "post-kernels: {} (the general lowering of `{}`: {}) read the terms' outputs {} from scratch, in {}\n",
             self.post_kernels,
             self.epilogue.cascade.name,
-            writes.join(", "),
+            written_by(&self.epilogue.cascade),
             self.epilogue.attentions.join(", "),
             self.terms[0].schedule.spec().elem.name()
         ));

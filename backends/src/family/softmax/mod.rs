@@ -202,6 +202,16 @@ pub fn compile_softmax(
     }
 }
 
+/// What a part's Einsums write, in order (for `--emit schedule`).
+fn written_by(c: &Cascade) -> String {
+    let names: Vec<&str> = c
+        .einsums
+        .iter()
+        .map(|(_, e)| c.tensors[e.output.tensor].name.as_str())
+        .collect();
+    names.join(", ")
+}
+
 /// The general lowering of `part` (a prologue's or an epilogue's cascade) beside the
 /// attention `kernels`, before them or after: the tensors `through` pass between the two in
 /// scratch (`what` says what each is, in the manifest).
@@ -398,21 +408,12 @@ impl Compiled for SoftmaxKernels {
 
     fn explain(&self) -> String {
         let mut text = String::new();
-        // What a part's Einsums write, in order.
-        let writes = |c: &Cascade| -> String {
-            let names: Vec<&str> = c
-                .einsums
-                .iter()
-                .map(|(_, e)| c.tensors[e.output.tensor].name.as_str())
-                .collect();
-            names.join(", ")
-        };
         if let Some(p) = &self.prologue {
             text.push_str(&format!(
                 "pre-kernels: {} (the general lowering of `{}`: {}) write {} into scratch, in {}; the attention kernel reads them as its Q and K\n",
                 self.pre_kernels,
                 p.cascade.name,
-                writes(&p.cascade),
+                written_by(&p.cascade),
                 p.written.join(" and "),
                 self.schedule.spec().elem.name()
             ));
@@ -423,7 +424,7 @@ impl Compiled for SoftmaxKernels {
                 "post-kernels: {} (the general lowering of `{}`: {}) read the attention output {} from scratch, in {}\n",
                 self.post_kernels,
                 e.cascade.name,
-                writes(&e.cascade),
+                written_by(&e.cascade),
                 e.attentions.join(", "),
                 self.schedule.spec().elem.name()
             ));

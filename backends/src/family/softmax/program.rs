@@ -317,6 +317,16 @@ impl AttentionSpec {
         v.extend(self.extra_masks.iter().copied());
         v
     }
+    /// Declares the score chain's scalars and per-head arrays in `p`, in the spec's order:
+    /// every program that reads the score (or the sink) binds them alike.
+    pub fn declare_params(&self, p: &mut TileProgram) {
+        for name in &self.score.scalars {
+            p.scalars.push(ScalarParam { name: name.clone() });
+        }
+        for name in &self.score.head_params {
+            p.head_params.push(HeadParam { name: name.clone() });
+        }
+    }
     /// A short name used for kernel entry points.
     pub fn kernel_name(&self) -> String {
         let mut s = format!("einattn_fwd_d{}", self.head_dim);
@@ -548,12 +558,7 @@ pub fn flash_attention(
             },
         ))
     };
-    for name in &spec.score.scalars {
-        p.scalars.push(ScalarParam { name: name.clone() });
-    }
-    for name in &spec.score.head_params {
-        p.head_params.push(HeadParam { name: name.clone() });
-    }
+    spec.declare_params(&mut p);
     p.tokens.extend(spec.tokens.iter().cloned());
     // An equality of a query token and a key token bounds the keys a query tile can see.
     p.key_narrowing = spec

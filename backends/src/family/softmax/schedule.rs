@@ -556,10 +556,10 @@ pub fn pack_query_heads(m: &mut AttentionMatch) -> Option<u64> {
         l.stride_seq = l.stride_head;
         l.stride_head *= group;
     }
-    if head_sink {
+    if let (true, Some(&tensor)) = (head_sink, m.head_params.first()) {
         // The sink array over query heads seen as [batch, row, K/V head]: row r of K/V
         // head g reads sink[g * group + r].
-        let tensor = m.head_params.remove(0);
+        m.head_params.clear();
         m.spec.score.head_params.clear();
         m.tokens.push(crate::family::Layout {
             tensor,

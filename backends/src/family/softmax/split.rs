@@ -145,18 +145,7 @@ pub fn merge_program(
         // The sink logit is an expression of the score's parameters (and, in packed
         // grouped-query decoding, a token read per row).
         p.tokens = spec.tokens.clone();
-        p.scalars = spec
-            .score
-            .scalars
-            .iter()
-            .map(|n| ScalarParam { name: n.clone() })
-            .collect();
-        p.head_params = spec
-            .score
-            .head_params
-            .iter()
-            .map(|n| HeadParam { name: n.clone() })
-            .collect();
+        spec.declare_params(&mut p);
     }
     let (num, o) = (TensorId(0), TensorId(1));
     let acc = RegId(0);
