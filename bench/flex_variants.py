@@ -18,7 +18,7 @@ Ours is `einattn bench` on the matching example with the scheduler's choice (med
 CUDA events); the baselines' time is triton.testing.do_bench's median. TFLOP/s counts the
 nominal causal work, 2*B*H*N*N*d (the same for every column, so ratios are time ratios).
 Writes $OUT/flex_variants.json and .md.
-Usage: [FLEX_CASES=documents,window] python3 bench/flex_variants.py [path/to/einattn]
+Usage: [FLEX_CASES=documents,window] [OURS_ALT="--grid persistent"] python3 bench/flex_variants.py [path/to/einattn]
 """
 import datetime
 import json
@@ -33,6 +33,10 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 OUT = os.environ.get("OUT", "/tmp")
 B, H, N, D, W = 2, 16, 8192, 128, 256
+
+
+# Flags of a second run of ours per case (e.g. "--grid persistent"), beside the default.
+ALT = os.environ.get("OURS_ALT", "")
 
 
 def do_bench(fn):
@@ -205,6 +209,10 @@ def main():
                 print(name, "sdpa failed", repr(e)[:300], flush=True)
         ms, cmd = ours(binary, example, defines)
         row.update(ours_ms=ms, command=cmd, flops=f)
+        if ALT:
+            # The same kernel under other flags (OURS_ALT), in the same call.
+            alt_ms, alt_cmd = ours(binary, example, defines + ALT.split())
+            row.update(alt_ms=alt_ms, alt_command=alt_cmd)
         rows.append(row)
         print(row, flush=True)
         del q, k, v, qs, ks
@@ -225,10 +233,17 @@ def main():
     def speedup(theirs, o):
         return "-" if theirs is None or o is None else f"{theirs / o:.2f}x"
 
+    if ALT:
+        lines[2] = lines[2][:-1] + f" ours `{ALT}` | its / Flex | its / SDPA |"
+        lines[3] = lines[3] + " --- | --- | --- |"
     for r in rows:
         o, fl, sd, f = r.get("ours_ms"), r.get("flex_ms"), r.get("sdpa_ms"), r["flops"]
-        lines.append(f"| {r['case']} | {cell(o, f)} | {cell(fl, f)} | {cell(sd, f)} | "
-                     f"{speedup(fl, o)} | {speedup(sd, o)} |")
+        line = (f"| {r['case']} | {cell(o, f)} | {cell(fl, f)} | {cell(sd, f)} | "
+                f"{speedup(fl, o)} | {speedup(sd, o)} |")
+        if ALT:
+            a = r.get("alt_ms")
+            line += f" {cell(a, f)} | {speedup(fl, a)} | {speedup(sd, a)} |"
+        lines.append(line)
     md = "\n".join(lines) + "\n"
     with open(os.path.join(OUT, "flex_variants.md"), "w") as fh:
         fh.write(md)

@@ -7,6 +7,7 @@ Problems: bf16, B*N = 16384, H*d = 2048, d in {128, 64}, N in {4096, 16384}, cau
 TFLOP/s = 4*B*H*N^2*d / time (halved when causal); medians (CUDA events for ours,
 triton.testing.do_bench for the baselines).
 Usage: [ONLY_D=128] [ONLY_N=4096] [SWEEP=name,...] python3 bench/softmax_sweep.py [path/to/einattn] [NAME=FLAGS ...]
+(FLAGS may start with `bin=PATH` to run another binary.)
 """
 import datetime
 import json
@@ -72,8 +73,13 @@ def main():
 
     def ours(flags, d, n, B, H, causal):
         example = "examples/attention_causal.ein" if causal else "examples/attention_mha.ein"
+        # A schedule may name its own binary ("bin=PATH FLAGS...": an earlier build, for a
+        # before/after comparison in one call).
+        exe = binary
+        if flags.startswith("bin="):
+            exe, _, flags = flags[4:].partition(" ")
         # The examples' split tiles (p0, m0) follow TILE; --tile overrides the kernel's.
-        cmd = [binary, "bench", example, "-D", f"B={B}", "-D", f"H={H}", "-D", f"N={n}",
+        cmd = [exe, "bench", example, "-D", f"B={B}", "-D", f"H={H}", "-D", f"N={n}",
                "-D", f"D={d}", "-D", "TILE=64", "--reps", "100", "--format", "json"] + flags.split()
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=90)

@@ -183,6 +183,11 @@ struct KernelFlags {
     /// maps, one thread issuing). Default: the scheduler's choice.
     #[arg(long, value_enum)]
     loads: Option<LoadsArg>,
+    /// The grid of a warp-specialized softmax kernel: one CTA per (query tile, batch, head)
+    /// (tiles), or one CTA per SM looping over them (persistent). Default: the scheduler's
+    /// choice.
+    #[arg(long, value_enum)]
+    grid: Option<GridArg>,
     /// Linear attention: one CTA walks the sequence (single), parallel chunks in two
     /// kernels (chunked), or one block per CTA with a decoupled look-back (lookback).
     #[arg(long, value_parser = ["single", "chunked", "lookback"])]
@@ -223,6 +228,7 @@ impl KernelFlags {
                     };
                     Loads::ProducerWarpgroup { pingpong, tma }
                 }),
+                persistent: self.grid.map(|g| matches!(g, GridArg::Persistent)),
                 optimize: self.optimize,
                 strategy: self.strategy,
                 chunk_tokens: self.chunk_tokens,
@@ -252,6 +258,12 @@ enum LoadsArg {
     Pingpong,
     ProducerTma,
     PingpongTma,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GridArg {
+    Tiles,
+    Persistent,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -85,6 +85,7 @@ fn ptxas_accepts_other_schedules() {
             stages,
             q_in_registers: qreg,
             skip_unit_rescale: false,
+            persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
         };
@@ -152,15 +153,20 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
     // without ptxas serializing the consumers' wgmma (info C7520, which a role test that
     // ptxas reads as divergent causes: 20% slower on an H200).
     for spec in specs() {
-        for ((bm, bn, warps, stages, pingpong), tma) in [
+        for ((bm, bn, warps, stages, pingpong), tma, persistent) in [
             (128, 128, 8, 2, true),
             (128, 128, 8, 3, false),
             (128, 64, 8, 2, true),
             (192, 64, 12, 3, false),
         ]
         .into_iter()
-        .flat_map(|shape| [(shape, false), (shape, true)])
-        {
+        .flat_map(|shape| {
+            [
+                (shape, false, None),
+                (shape, true, None),
+                (shape, true, Some(132)),
+            ]
+        }) {
             if spec.head_dim == 64 && bm == 192 {
                 continue;
             }
@@ -171,11 +177,23 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
                 stages,
                 mma: MmaUnit::Warpgroup,
                 loads: Loads::ProducerWarpgroup { pingpong, tma },
+                persistent,
                 ..AttentionSchedule::default_for(&spec)
             };
             let (prog, _) = flash_attention(&spec, &sched).expect("builds");
             let k = print_ptx(&prog, Target::Sm90a).expect("prints");
             assert_eq!(k.threads, warps * 32 + 128, "{}", k.entry);
+            // A persistent kernel loops over its work tiles in both roles, Q's barriers
+            // phased by the work tile and handed back by the consumers.
+            for needle in ["%ntiles", "%ws_tphase", "done with q_s for this work tile"] {
+                assert_eq!(
+                    k.text.contains(needle),
+                    persistent.is_some(),
+                    "{} {needle}",
+                    k.entry
+                );
+            }
+            assert_eq!(k.persistent_ctas, persistent, "{}", k.entry);
             // The producer copies with the copy engine, or with cp.async, never both.
             assert_eq!(k.text.contains("cp.async.bulk.tensor"), tma, "{}", k.entry);
             assert_eq!(k.text.contains("cp.async.cg"), !tma, "{}", k.entry);

@@ -179,17 +179,40 @@ fn a_warp_specialized_program_hands_every_stage_back() {
         assert_eq!(count(t, "mbarrier.init.shared::cta.b64"), 1 + 2 * 2 * 2);
         // The producer hands each tile's arrival to the copy unit: Q, K and V.
         assert_eq!(count(t, "cp.async.mbarrier.arrive.noinc"), 3);
-        // The consumers hand K back in the loop, and V of the previous tile (deferred P V).
-        assert_eq!(count(t, "mbarrier.arrive.shared::cta.b64 _"), 2);
-        // P V is printed twice, deferred in the loop and after it for the last tile;
-        // Q K^T once.
+        // The first key tile is peeled: Q K^T is printed for it and for the loop; P V in
+        // the loop (the previous tile's, deferred) and after it for the last tile. No
+        // branch chooses between a P V and an empty group.
         assert_eq!(count(t, "contract acc += . v_s"), 2);
-        assert_eq!(count(t, "contract s += . k_s"), 1);
-        // The first key tile commits an empty group in the deferred contraction's place.
-        assert!(t.contains("$L_nodeferred"));
+        assert_eq!(count(t, "contract s += . k_s"), 2);
+        assert!(!t.contains("$L_nodeferred"));
+        assert_eq!(
+            count(t, "$L_nokeys"),
+            2,
+            "one branch around the keys, one label"
+        );
+        // The consumers hand K back in the peeled tile and in the loop, V of the previous
+        // tile in the loop and of the last after it: every stage they waited for.
+        assert_eq!(count(t, "mbarrier.arrive.shared::cta.b64 _"), 4);
         // Ping-pong: the last warpgroup opens the first turn and skips its final arrive.
         assert_eq!(count(t, "bar.arrive 1, 256"), usize::from(pingpong));
         assert_eq!(count(t, "@!%last_wg bar.arrive"), usize::from(pingpong));
+        // Persistent: Q gets an `empty` barrier, which each consumer warp arrives on once
+        // per work tile; both roles loop over the work tiles, Q's phase flipping per tile.
+        let persistent = AttentionSchedule {
+            persistent: Some(132),
+            ..sched
+        };
+        let (prog, _) = flash_attention(&spec, &persistent).expect("builds");
+        let k = print_ptx(&prog, Target::Sm90a).expect("prints");
+        let p = &k.text;
+        assert_eq!(count(p, "mbarrier.init.shared::cta.b64"), 1 + 2 * 2 * 2 + 1);
+        assert_eq!(count(p, "mbarrier.arrive.shared::cta.b64 _"), 4 + 1);
+        assert_eq!(count(p, "cp.async.mbarrier.arrive.noinc"), 3);
+        assert_eq!(count(p, "xor.b32 %ws_tphase, %ws_tphase, 1;"), 2);
+        assert_eq!(count(p, "setp.ge.u32 %p"), count(t, "setp.ge.u32 %p") + 2);
+        assert!(p.contains(".param .u32 batch"));
+        assert_eq!(k.grid(2, 16, 4096), (132, 1, 1));
+        assert_eq!(k.grid(1, 2, 1000), (16, 1, 1));
         // A cooperative form of the same shape has none of it.
         let coop = AttentionSchedule {
             loads: Loads::Cooperative,

@@ -54,6 +54,7 @@ fn cooperative(block_m: u32, block_n: u32, warps: u32, stages: u32) -> Attention
         stages,
         q_in_registers: false,
         skip_unit_rescale: true,
+        persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,
     }
@@ -231,6 +232,7 @@ fn tile_program_matches_the_interpreter_on_every_example() {
                 stages: 2,
                 q_in_registers: false,
                 skip_unit_rescale: true,
+                persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
             },
@@ -241,6 +243,7 @@ fn tile_program_matches_the_interpreter_on_every_example() {
                 stages: 3,
                 q_in_registers: true,
                 skip_unit_rescale: false,
+                persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
             },
@@ -283,6 +286,7 @@ proptest! {
         }
         let kernel = AttentionSchedule {
             skip_unit_rescale: seed % 2 == 0,
+            persistent: None,
             ..cooperative([32, 64][bm_i], [16, 32, 64][bn_i], 2, 2)
         };
         let err = tile_vs_interpreter_on(&c, kernel, inputs);
@@ -320,6 +324,7 @@ proptest! {
         prop_assert_eq!(m.spec.tokens.len(), if bidirectional { 3 } else { 1 });
         let kernel = AttentionSchedule {
             skip_unit_rescale: seed % 2 == 0,
+            persistent: None,
             ..cooperative([32, 64][bm_i], [16, 32, 64][bn_i], 2, 2)
         };
         let err = tile_vs_interpreter(&c, kernel, seed);
@@ -336,6 +341,7 @@ proptest! {
                      &[("N", n), ("D", 16), ("TILE", tile), ("W", w), ("H", 2)]);
         let kernel = AttentionSchedule {
             skip_unit_rescale: seed % 2 == 0,
+            persistent: None,
             ..cooperative(32, [16, 32, 64][bn_i], 2, 2)
         };
         let err = tile_vs_interpreter(&c, kernel, seed);
@@ -380,6 +386,66 @@ fn default_schedules_follow_the_cost_model() {
     let ok = schedule(&c128, &too_big).expect("block_m 64 still fits");
     assert_eq!(ok.kernel.block_m, 64);
     assert_eq!(ok.spec().elem, Elem::F16);
+}
+
+#[test]
+fn a_persistent_grid_is_chosen_only_where_it_applies() {
+    use einattn_backends::Target;
+    let asked = |target, loads| ScheduleOptions {
+        target,
+        loads,
+        persistent: Some(true),
+        ..ScheduleOptions::default()
+    };
+    let big = [("N", 4096), ("D", 128), ("H", 16), ("B", 4)];
+    // Warp-specialized on sm_90a: persistent, one CTA per SM, and said so.
+    let c = load("attention_causal", &big);
+    let s = schedule(&c, &asked(Target::Sm90a, None)).expect("schedules");
+    assert_eq!(s.kernel.persistent, Some(132));
+    assert!(
+        s.explain().contains("persistent (asked): at most 132 CTAs"),
+        "{}",
+        s.explain()
+    );
+    let k = compile_kernel(
+        &c,
+        &KernelOptions {
+            target: Target::Sm90a,
+            persistent: Some(true),
+            ..KernelOptions::default()
+        },
+    );
+    let m = &k.modules()[0];
+    // The grid is capped at the SM count; the kernel reads the batch to count its tiles.
+    assert_eq!(m.contract.compiled_grid(), Ok([132, 1, 1]));
+    assert!(m.ptx.abi.iter().any(|p| p.name == "batch"));
+    // Not asked: one CTA per work tile.
+    let s = schedule(
+        &c,
+        &ScheduleOptions {
+            target: Target::Sm90a,
+            ..ScheduleOptions::default()
+        },
+    )
+    .expect("schedules");
+    assert_eq!(s.kernel.persistent, None);
+    assert!(s.explain().contains("not persistent"));
+    // Refused, each with its reason: no producer warpgroup (cooperative loads, sm_80), a
+    // key loop narrowed by a document mask, keys split across CTAs (decoding).
+    let refused = |c: &Cascade, o: &ScheduleOptions, why: &str| {
+        let e = schedule(c, o).expect_err("refused");
+        assert!(e.message.contains(why), "{}", e.message);
+    };
+    refused(
+        &c,
+        &asked(Target::Sm90a, Some(Loads::Cooperative)),
+        "producer warpgroup",
+    );
+    refused(&c, &asked(Target::Sm80, None), "producer warpgroup");
+    let docs = load("document_mask", &big);
+    refused(&docs, &asked(Target::Sm90a, None), "value mask");
+    let decode = load("flash_decoding", &[("N", 131072), ("D", 128)]);
+    refused(&decode, &asked(Target::Sm90a, None), "split");
 }
 
 #[test]
@@ -496,6 +562,7 @@ fn offset_bands_map_and_match_the_interpreter() {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: false,
+            persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
         },
@@ -506,6 +573,7 @@ fn offset_bands_map_and_match_the_interpreter() {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: true,
+            persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
         },
@@ -566,6 +634,7 @@ fn grouped_query_attention_tile_program_matches_the_interpreter() {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: true,
+            persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
         },
@@ -576,6 +645,7 @@ fn grouped_query_attention_tile_program_matches_the_interpreter() {
             stages: 3,
             q_in_registers: true,
             skip_unit_rescale: false,
+            persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
         },
@@ -655,6 +725,7 @@ fn grouped_query_attention_with_per_head_slopes_matches_the_interpreter() {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: true,
+            persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
         };
@@ -679,6 +750,7 @@ fn grouped_query_attention_needs_its_kv_head_mapping() {
         stages: 2,
         q_in_registers: false,
         skip_unit_rescale: true,
+        persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,
     };
@@ -934,6 +1006,7 @@ fn unnormalized_weights_match_the_interpreter() {
     );
     let kernel = AttentionSchedule {
         skip_unit_rescale: false,
+        persistent: None,
         ..cooperative(32, 16, 2, 2)
     };
     let err = tile_vs_interpreter(&c, kernel, 3);
@@ -992,6 +1065,7 @@ fn grouped_query_decoding_packs_a_group_into_one_tile() {
             AttentionSchedule {
                 q_in_registers: true,
                 skip_unit_rescale: false,
+                persistent: None,
                 ..cooperative(16, 64, 1, 3)
             },
         ] {

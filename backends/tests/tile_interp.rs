@@ -288,6 +288,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     stages: stages as u32 + 1,
                     q_in_registers: seed % 2 == 0,
                     skip_unit_rescale: seed % 3 == 0,
+                    persistent: None,
                     mma: MmaUnit::Sync,
                     loads: Loads::Cooperative,
                 };
@@ -360,6 +361,7 @@ fn causal_window_ragged_fixed_cases() {
             stages: 2,
             q_in_registers: true,
             skip_unit_rescale: false,
+            persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
         };
@@ -401,6 +403,7 @@ fn window_edges_sweep() {
                 stages: 2,
                 q_in_registers: true,
                 skip_unit_rescale: false,
+                persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
             };
@@ -480,7 +483,7 @@ proptest! {
         let mut sliced = spec.clone();
         sliced.query_offset = true;
         let sched = AttentionSchedule {
-            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, skip_unit_rescale: false, mma: MmaUnit::Sync, loads: Loads::Cooperative,
+            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, skip_unit_rescale: false, mma: MmaUnit::Sync, loads: Loads::Cooperative, persistent: None,
         };
         let (prog, bind) = flash_attention(&sliced, &sched).expect("builds");
         let mut io = Bindings {

@@ -451,6 +451,7 @@ impl Builder {
             stages: kernel.stages,
             mma: None,
             loads: None,
+            persistent: None,
             optimize: kernel.optimize.unwrap_or(self.optimize),
             strategy: kernel.strategy.clone(),
             chunk_tokens: kernel.chunk_tokens,

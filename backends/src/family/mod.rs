@@ -67,6 +67,8 @@ pub struct KernelOptions {
     pub mma: Option<MmaUnit>,
     /// Who copies the tiles: every thread, or a producer warpgroup.
     pub loads: Option<crate::tile::Loads>,
+    /// A persistent grid (one CTA per SM looping over the work tiles) or one CTA per tile.
+    pub persistent: Option<bool>,
     /// Run the rewrite engine first.
     pub optimize: bool,
     /// A family's named strategy (`single`, `chunked`, `lookback` for linear attention).
@@ -553,6 +555,7 @@ pub fn contract_params(abi: &[AbiParam], names: &ContractNames) -> Vec<ContractP
                 AbiRole::KeyLen => size("n_k"),
                 AbiRole::Heads => size("heads"),
                 AbiRole::KvGroup => size("kv_group"),
+                AbiRole::Batch => size("batch"),
                 AbiRole::StrideBatch(t) => stride(&names.tensors[t.index()], Batch),
                 AbiRole::StrideSeq(t) => stride(&names.tensors[t.index()], Seq),
                 AbiRole::StrideHead(t) => stride(&names.tensors[t.index()], Head),
@@ -599,6 +602,17 @@ pub fn contract_params(abi: &[AbiParam], names: &ContractNames) -> Vec<ContractP
 /// program; `(column blocks, batch * heads, chunks)` for a sequential one.
 pub fn grid_formula(ptx: &PtxKernel) -> [GridAxis; 3] {
     let rows = GridAxis::ceil_div(&["batch", "heads"], 1);
+    if let Some(ctas) = ptx.persistent_ctas {
+        // A persistent grid: CTAs loop over the work tiles, so any count is correct;
+        // `ceil(n_q B H / block_m)` (at most the `ceil(n_q / block_m) B H` tiles) keeps none
+        // idle at small sizes.
+        let tiles = GridAxis {
+            at_least: 1,
+            at_most: Some(u64::from(ctas)),
+            ..GridAxis::ceil_div(&["n_q", "batch", "heads"], u64::from(ptx.block_m))
+        };
+        return [tiles, GridAxis::fixed(1), GridAxis::fixed(1)];
+    }
     match ptx.col_blocks {
         None => [
             GridAxis::ceil_div(&["n_q"], u64::from(ptx.block_m)),

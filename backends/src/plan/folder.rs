@@ -21,7 +21,7 @@ impl BuildRecord {
     /// `build.json`.
     pub fn to_json(&self) -> String {
         let o = &self.options;
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
         "source": self.source,
         "defines": self.defines.iter().map(|(n, v)| serde_json::json!([n, v])).collect::<Vec<_>>(),
         "target": self.target.map(|t| t.name()),
@@ -35,6 +35,10 @@ impl BuildRecord {
         "strategy": o.strategy,
         "chunk_tokens": o.chunk_tokens,
         });
+        // Only when chosen: older records (and their goldens) have no such key.
+        if let (Some(p), Some(map)) = (o.persistent, v.as_object_mut()) {
+            map.insert("persistent".into(), p.into());
+        }
         // Plain data with string keys: serialization cannot fail.
         serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
     }
@@ -99,6 +103,7 @@ impl BuildRecord {
             optimize: v.get("optimize").and_then(|x| x.as_bool()).unwrap_or(false),
             strategy: text("strategy"),
             chunk_tokens: v.get("chunk_tokens").and_then(|x| x.as_u64()),
+            persistent: v.get("persistent").and_then(|x| x.as_bool()),
         };
         Ok(BuildRecord {
             source: text("source").unwrap_or_else(|| "source.ein".to_string()),
@@ -130,6 +135,7 @@ mod tests {
                     pingpong: true,
                     tma: true,
                 }),
+                persistent: Some(true),
                 optimize: true,
                 strategy: Some("chunked".into()),
                 chunk_tokens: Some(1024),

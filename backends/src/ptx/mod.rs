@@ -61,6 +61,7 @@ mod expr;
 mod mma_sync;
 mod narrow;
 mod params;
+mod persistent;
 mod pipeline;
 mod producer;
 pub mod ptxas;
@@ -112,12 +113,19 @@ pub struct PtxKernel {
     pub chunk_tiles: Option<u32>,
     /// For a query-tiled program with a split key loop: the splits (grid z).
     pub key_splits: u32,
+    /// For a persistent program: the most CTAs its grid has (see
+    /// [`TileSchedule::persistent`]).
+    pub persistent_ctas: Option<u32>,
 }
 
 impl PtxKernel {
     /// Grid `(query tiles, batch * heads, 1)`, or `(column blocks, batch * heads, 1)` for a
     /// sequential program.
     pub fn grid(&self, batch: u32, heads: u32, n_q: u32) -> (u32, u32, u32) {
+        if let Some(ctas) = self.persistent_ctas {
+            let tiles = (n_q * batch * heads).div_ceil(self.block_m);
+            return (tiles.clamp(1, ctas), 1, 1);
+        }
         let chunks = self
             .chunk_tiles
             .map_or(1, |ct| n_q.div_ceil(self.block_m).div_ceil(ct).max(1));
@@ -142,7 +150,11 @@ pub fn print_ptx(prog: &TileProgram, target: Target) -> Result<PtxKernel, TileEr
     p.emit_setup()?;
     if p.barriers.is_some() {
         let producer = p.emit_role_split();
-        p.emit_block(&prog.body, None)?;
+        if prog.schedule.persistent.is_some() {
+            p.emit_persistent_consumers()?;
+        } else {
+            p.emit_block(&prog.body, None)?;
+        }
         p.wait_wgmma(0);
         let end = p.label("roles_done");
         p.ins(format!("bra.uni {end};"));
@@ -164,6 +176,7 @@ pub fn print_ptx(prog: &TileProgram, target: Target) -> Result<PtxKernel, TileEr
         col_blocks: prog.sequential.then_some(prog.col_blocks),
         chunk_tiles: prog.chunked().then_some(prog.chunk_tiles),
         key_splits: prog.key_splits,
+        persistent_ctas: prog.persistent_ctas(),
     })
 }
 
@@ -372,17 +385,14 @@ impl<'a> Printer<'a> {
     }
 
     fn body_with_hoisted(&self) -> String {
-        // Hoisted code uses only parameters and literals: insert it at the start of the body
-        // after the setup marker.
-        match self.body.find(SETUP_END) {
-            Some(pos) => {
-                let mut out = String::with_capacity(self.body.len() + self.hoisted.len());
-                out.push_str(&self.body[..pos]);
-                out.push_str(&self.hoisted);
-                out.push_str(&self.body[pos..]);
-                out
-            }
-            None => format!("{}{}", self.hoisted, self.body),
+        // Hoisted code uses only parameters, literals and the work tile's registers: insert
+        // it where the setup ends (in a persistent program, at each role's work-tile setup,
+        // so both see the values of their current tile).
+        if self.body.contains(SETUP_END) {
+            self.body
+                .replace(SETUP_END, &format!("{}{SETUP_END}", self.hoisted))
+        } else {
+            format!("{}{}", self.hoisted, self.body)
         }
     }
 }

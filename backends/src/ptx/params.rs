@@ -92,6 +92,10 @@ impl Printer<'_> {
                     let r = self.named(".b32", "kvg");
                     self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
                 }
+                AbiRole::Batch => {
+                    let r = self.named(".b32", "nbatch");
+                    self.ins(format!("ld.param.u32 {r}, [{}];", a.name));
+                }
                 AbiRole::StrideBatch(id) => {
                     let r = self.named(".b64", &format!("sb{}", id.0));
                     self.ins(format!("ld.param.u64 {r}, [{}];", a.name));
@@ -127,157 +131,10 @@ impl Printer<'_> {
         self.ins(format!("shr.u32 {g}, {lane}, 2;"));
         let tig = self.named(".b32", "tig");
         self.ins(format!("and.b32 {tig}, {lane}, 3;"));
-        // Query tile: with masks the heaviest tiles (the last ones) go first.
-        let has_masks = prog
-            .body
-            .iter()
-            .any(|s| matches!(s, Stmt::KeyLoop { masks, .. } if !masks.is_empty()));
-        let qtile = self.named(".b32", "qtile");
-        let colb = self.named(".b32", "colb");
-        // The CTA's grid cell: its block index, or, in a look-back program, its ticket in
-        // chunk-major order, so that every CTA of an earlier chunk has started before it.
-        let (cell_x, cell_y, cell_z) = if prog.look_back {
-            let ticket = self.named(".b32", "ticket");
-            let first = self.pred();
-            self.ins(format!("setp.eq.u32 {first}, {tid}, 0;"));
-            self.ins(format!(
-                "@{first} atom.global.add.u32 {ticket}, [%lbflags], 1;"
-            ));
-            let slot = self.lb_smem_addr();
-            self.ins(format!("@{first} st.shared.u32 [{slot}], {ticket};"));
-            self.ins("bar.sync 0;");
-            self.ins(format!("ld.shared.u32 {ticket}, [{slot}];"));
-            let cells = self.r();
-            self.ins(format!("mov.u32 {cells}, %nctaid.x;"));
-            let ny = self.r();
-            self.ins(format!("mov.u32 {ny}, %nctaid.y;"));
-            self.ins(format!("mul.lo.u32 {cells}, {cells}, {ny};"));
-            let (x, y, z, rest) = (self.r(), self.r(), self.r(), self.r());
-            self.ins(format!("div.u32 {z}, {ticket}, {cells};"));
-            self.ins(format!("rem.u32 {rest}, {ticket}, {cells};"));
-            let nx = self.r();
-            self.ins(format!("mov.u32 {nx}, %nctaid.x;"));
-            self.ins(format!("div.u32 {y}, {rest}, {nx};"));
-            self.ins(format!("rem.u32 {x}, {rest}, {nx};"));
-            (x, y, z)
+        if prog.schedule.persistent.is_some() {
+            self.emit_work_tile_count();
         } else {
-            (
-                "%ctaid.x".to_string(),
-                "%ctaid.y".to_string(),
-                "%ctaid.z".to_string(),
-            )
-        };
-        if prog.chunked() {
-            // Tiles come from the launch's own chunk; the state slot from the global one.
-            let local = self.named(".b32", "lchunk");
-            self.ins(format!("mov.u32 {local}, {cell_z};"));
-            let chunk = self.named(".b32", "chunk");
-            self.ins(format!("add.u32 {chunk}, %cbase, {local};"));
-            let nbh = self.named(".b32", "nbh");
-            self.ins(format!("mov.u32 {nbh}, %nctaid.y;"));
-        }
-        if prog.sequential {
-            // The CTA walks the whole sequence; grid x is its value-column block.
-            self.ins(format!("mov.u32 {qtile}, 0;"));
-            self.ins(format!("mov.u32 {colb}, {cell_x};"));
-        } else if has_masks {
-            let n = self.r();
-            let c = self.r();
-            self.ins(format!("mov.u32 {n}, %nctaid.x;"));
-            self.ins(format!("mov.u32 {c}, %ctaid.x;"));
-            self.ins(format!("sub.u32 {qtile}, {n}, {c};"));
-            self.ins(format!("sub.u32 {qtile}, {qtile}, 1;"));
-        } else {
-            self.ins(format!("mov.u32 {qtile}, %ctaid.x;"));
-        }
-        if !prog.sequential {
-            self.ins(format!("mov.u32 {colb}, 0;"));
-        }
-        let p0 = self.named(".b32", "qrow0");
-        self.ins(format!(
-            "mul.lo.u32 {p0}, {qtile}, {};",
-            prog.schedule.block_m
-        ));
-        let bh = self.named(".b32", "bhidx");
-        self.ins(format!("mov.u32 {bh}, {cell_y};"));
-        let b = self.named(".b32", "bidx");
-        let h = self.named(".b32", "hidx");
-        let hk = self.named(".b32", "hkidx");
-        self.ins(format!("div.u32 {b}, {bh}, %heads;"));
-        self.ins(format!("rem.u32 {h}, {bh}, %heads;"));
-        self.ins(format!("div.u32 {hk}, {h}, %kvg;"));
-        // p_last = min(p0 + block_m, n_q) - 1
-        let plast = self.named(".b32", "plast");
-        self.ins(format!("add.s32 {plast}, {p0}, {};", prog.schedule.block_m));
-        self.ins(format!("min.s32 {plast}, {plast}, %nq;"));
-        self.ins(format!("sub.s32 {plast}, {plast}, 1;"));
-        // This thread's first row: p0 + warp * rpw + g.
-        let prow = self.named(".b32", "prow0");
-        self.ins(format!(
-            "mad.lo.u32 {prow}, {warp}, {}, {p0};",
-            prog.rows_per_warp()
-        ));
-        self.ins(format!("add.u32 {prow}, {prow}, {g};"));
-        // Head parameters for this head.
-        for i in 0..prog.head_params.len() {
-            let v = self.named(".f32", &format!("hp{i}"));
-            let a = self.rd();
-            self.ins(format!("mul.wide.u32 {a}, {h}, 4;"));
-            self.ins(format!("add.u64 {a}, {a}, %hpp{i};"));
-            self.ins(format!("ld.global.nc.f32 {v}, [{a}];"));
-        }
-        // Tensor bases (batch, head applied) and row strides in bytes.
-        for (i, t) in prog.tensors.iter().enumerate() {
-            let eb = t.elem.bytes();
-            let head = if t.rows == SeqRank::Query {
-                "%hidx"
-            } else {
-                "%hkidx"
-            };
-            let bb = self.rd();
-            let hh = self.rd();
-            self.ins(format!("cvt.u64.u32 {bb}, %bidx;"));
-            self.ins(format!("cvt.u64.u32 {hh}, {head};"));
-            let off = self.rd();
-            self.ins(format!("mul.lo.u64 {off}, {bb}, %sb{i};"));
-            self.ins(format!("mad.lo.u64 {off}, {hh}, %sh{i}, {off};"));
-            self.ins(format!("shl.b64 {off}, {off}, {};", eb.trailing_zeros()));
-            let base = self.named(".b64", &format!("base{i}"));
-            self.ins(format!("add.u64 {base}, %gptr{i}, {off};"));
-            let rs = self.named(".b64", &format!("rsb{i}"));
-            self.ins(format!("shl.b64 {rs}, %sn{i}, {};", eb.trailing_zeros()));
-        }
-        // Per-token inputs: base of this (batch, head) and the token stride, in bytes.
-        for i in 0..prog.tokens.len() {
-            let bb = self.rd();
-            let hh = self.rd();
-            self.ins(format!("cvt.u64.u32 {bb}, %bidx;"));
-            self.ins(format!("cvt.u64.u32 {hh}, %hidx;"));
-            let off = self.rd();
-            self.ins(format!("mul.lo.u64 {off}, {bb}, %tksb{i};"));
-            self.ins(format!("mad.lo.u64 {off}, {hh}, %tksh{i}, {off};"));
-            self.ins(format!("shl.b64 {off}, {off}, 2;"));
-            let base = self.named(".b64", &format!("tkbase{i}"));
-            self.ins(format!("add.u64 {base}, %tkp{i}, {off};"));
-            let st = self.named(".b64", &format!("tkrs{i}"));
-            self.ins(format!("shl.b64 {st}, %tksn{i}, 2;"));
-        }
-        // Query positions (masks, `Index(Query)`): memory rows plus the program's offset.
-        let qoff = if prog.query_offset { "%qoff" } else { "0" };
-        let qpos0 = self.named(".b32", "qpos0");
-        self.ins(format!("add.s32 {qpos0}, %qrow0, {qoff};"));
-        let plastpos = self.named(".b32", "plastpos");
-        self.ins(format!("add.s32 {plastpos}, %plast, {qoff};"));
-        let prowpos = self.named(".b32", "prowpos0");
-        self.ins(format!("add.s32 {prowpos}, %prow0, {qoff};"));
-        // Float query index of each of this thread's rows.
-        for mt in 0..self.mtiles {
-            for half in 0..2 {
-                let pi = self.r();
-                self.ins(format!("add.s32 {pi}, %prowpos0, {};", mt * 16 + half * 8));
-                let pf = self.named(".f32", &format!("pf_{mt}_{half}"));
-                self.ins(format!("cvt.rn.f32.s32 {pf}, {pi};"));
-            }
+            self.emit_tile_setup(None)?;
         }
         // Shared memory bases.
         let smem = self.named(".b32", "smem");
@@ -334,7 +191,179 @@ impl Printer<'_> {
         if let Some(tm) = prog.key_narrowing {
             self.emit_key_narrowing(tm)?;
         }
-        self.body.push_str(SETUP_END);
+        if prog.schedule.persistent.is_none() {
+            // (A persistent program's setup ends in each work tile: see `persistent.rs`.)
+            self.body.push_str(SETUP_END);
+        }
+        Ok(())
+    }
+
+    /// The registers that say which work tile the CTA computes: its query tile and rows,
+    /// batch and head indices, tensor and token bases, query positions and head parameters.
+    /// `tile` is a persistent program's work tile (query tile and `batch * heads + head`
+    /// registers); otherwise the grid cell says it.
+    pub(super) fn emit_tile_setup(&mut self, tile: Option<(&str, &str)>) -> Result<(), TileError> {
+        let prog = self.prog;
+        let tid = "%thr";
+        let warp = "%warp";
+        let g = "%g";
+        // Query tile: with masks the heaviest tiles (the last ones) go first.
+        let has_masks = prog
+            .body
+            .iter()
+            .any(|s| matches!(s, Stmt::KeyLoop { masks, .. } if !masks.is_empty()));
+        let qtile = self.named_once(".b32", "qtile");
+        let colb = self.named_once(".b32", "colb");
+        // The CTA's grid cell: its block index, or, in a look-back program, its ticket in
+        // chunk-major order, so that every CTA of an earlier chunk has started before it.
+        let (cell_x, cell_y, cell_z) = if prog.look_back {
+            let ticket = self.named_once(".b32", "ticket");
+            let first = self.pred();
+            self.ins(format!("setp.eq.u32 {first}, {tid}, 0;"));
+            self.ins(format!(
+                "@{first} atom.global.add.u32 {ticket}, [%lbflags], 1;"
+            ));
+            let slot = self.lb_smem_addr();
+            self.ins(format!("@{first} st.shared.u32 [{slot}], {ticket};"));
+            self.ins("bar.sync 0;");
+            self.ins(format!("ld.shared.u32 {ticket}, [{slot}];"));
+            let cells = self.r();
+            self.ins(format!("mov.u32 {cells}, %nctaid.x;"));
+            let ny = self.r();
+            self.ins(format!("mov.u32 {ny}, %nctaid.y;"));
+            self.ins(format!("mul.lo.u32 {cells}, {cells}, {ny};"));
+            let (x, y, z, rest) = (self.r(), self.r(), self.r(), self.r());
+            self.ins(format!("div.u32 {z}, {ticket}, {cells};"));
+            self.ins(format!("rem.u32 {rest}, {ticket}, {cells};"));
+            let nx = self.r();
+            self.ins(format!("mov.u32 {nx}, %nctaid.x;"));
+            self.ins(format!("div.u32 {y}, {rest}, {nx};"));
+            self.ins(format!("rem.u32 {x}, {rest}, {nx};"));
+            (x, y, z)
+        } else {
+            (
+                "%ctaid.x".to_string(),
+                "%ctaid.y".to_string(),
+                "%ctaid.z".to_string(),
+            )
+        };
+        if prog.chunked() {
+            // Tiles come from the launch's own chunk; the state slot from the global one.
+            let local = self.named_once(".b32", "lchunk");
+            self.ins(format!("mov.u32 {local}, {cell_z};"));
+            let chunk = self.named_once(".b32", "chunk");
+            self.ins(format!("add.u32 {chunk}, %cbase, {local};"));
+            let nbh = self.named_once(".b32", "nbh");
+            self.ins(format!("mov.u32 {nbh}, %nctaid.y;"));
+        }
+        if let Some((qt, _)) = tile {
+            self.ins(format!("mov.u32 {qtile}, {qt};"));
+        } else if prog.sequential {
+            // The CTA walks the whole sequence; grid x is its value-column block.
+            self.ins(format!("mov.u32 {qtile}, 0;"));
+            self.ins(format!("mov.u32 {colb}, {cell_x};"));
+        } else if has_masks {
+            let n = self.r();
+            let c = self.r();
+            self.ins(format!("mov.u32 {n}, %nctaid.x;"));
+            self.ins(format!("mov.u32 {c}, %ctaid.x;"));
+            self.ins(format!("sub.u32 {qtile}, {n}, {c};"));
+            self.ins(format!("sub.u32 {qtile}, {qtile}, 1;"));
+        } else {
+            self.ins(format!("mov.u32 {qtile}, %ctaid.x;"));
+        }
+        if !prog.sequential {
+            self.ins(format!("mov.u32 {colb}, 0;"));
+        }
+        let p0 = self.named_once(".b32", "qrow0");
+        self.ins(format!(
+            "mul.lo.u32 {p0}, {qtile}, {};",
+            prog.schedule.block_m
+        ));
+        let bh = self.named_once(".b32", "bhidx");
+        match tile {
+            Some((_, work_bh)) => self.ins(format!("mov.u32 {bh}, {work_bh};")),
+            None => self.ins(format!("mov.u32 {bh}, {cell_y};")),
+        }
+        let b = self.named_once(".b32", "bidx");
+        let h = self.named_once(".b32", "hidx");
+        let hk = self.named_once(".b32", "hkidx");
+        self.ins(format!("div.u32 {b}, {bh}, %heads;"));
+        self.ins(format!("rem.u32 {h}, {bh}, %heads;"));
+        self.ins(format!("div.u32 {hk}, {h}, %kvg;"));
+        // p_last = min(p0 + block_m, n_q) - 1
+        let plast = self.named_once(".b32", "plast");
+        self.ins(format!("add.s32 {plast}, {p0}, {};", prog.schedule.block_m));
+        self.ins(format!("min.s32 {plast}, {plast}, %nq;"));
+        self.ins(format!("sub.s32 {plast}, {plast}, 1;"));
+        // This thread's first row: p0 + warp * rpw + g.
+        let prow = self.named_once(".b32", "prow0");
+        self.ins(format!(
+            "mad.lo.u32 {prow}, {warp}, {}, {p0};",
+            prog.rows_per_warp()
+        ));
+        self.ins(format!("add.u32 {prow}, {prow}, {g};"));
+        // Head parameters for this head.
+        for i in 0..prog.head_params.len() {
+            let v = self.named_once(".f32", &format!("hp{i}"));
+            let a = self.rd();
+            self.ins(format!("mul.wide.u32 {a}, {h}, 4;"));
+            self.ins(format!("add.u64 {a}, {a}, %hpp{i};"));
+            self.ins(format!("ld.global.nc.f32 {v}, [{a}];"));
+        }
+        // Tensor bases (batch, head applied) and row strides in bytes.
+        for (i, t) in prog.tensors.iter().enumerate() {
+            let eb = t.elem.bytes();
+            let head = if t.rows == SeqRank::Query {
+                "%hidx"
+            } else {
+                "%hkidx"
+            };
+            let bb = self.rd();
+            let hh = self.rd();
+            self.ins(format!("cvt.u64.u32 {bb}, %bidx;"));
+            self.ins(format!("cvt.u64.u32 {hh}, {head};"));
+            let off = self.rd();
+            self.ins(format!("mul.lo.u64 {off}, {bb}, %sb{i};"));
+            self.ins(format!("mad.lo.u64 {off}, {hh}, %sh{i}, {off};"));
+            self.ins(format!("shl.b64 {off}, {off}, {};", eb.trailing_zeros()));
+            let base = self.named_once(".b64", &format!("base{i}"));
+            self.ins(format!("add.u64 {base}, %gptr{i}, {off};"));
+            let rs = self.named_once(".b64", &format!("rsb{i}"));
+            self.ins(format!("shl.b64 {rs}, %sn{i}, {};", eb.trailing_zeros()));
+        }
+        // Per-token inputs: base of this (batch, head) and the token stride, in bytes.
+        for i in 0..prog.tokens.len() {
+            let bb = self.rd();
+            let hh = self.rd();
+            self.ins(format!("cvt.u64.u32 {bb}, %bidx;"));
+            self.ins(format!("cvt.u64.u32 {hh}, %hidx;"));
+            let off = self.rd();
+            self.ins(format!("mul.lo.u64 {off}, {bb}, %tksb{i};"));
+            self.ins(format!("mad.lo.u64 {off}, {hh}, %tksh{i}, {off};"));
+            self.ins(format!("shl.b64 {off}, {off}, 2;"));
+            let base = self.named_once(".b64", &format!("tkbase{i}"));
+            self.ins(format!("add.u64 {base}, %tkp{i}, {off};"));
+            let st = self.named_once(".b64", &format!("tkrs{i}"));
+            self.ins(format!("shl.b64 {st}, %tksn{i}, 2;"));
+        }
+        // Query positions (masks, `Index(Query)`): memory rows plus the program's offset.
+        let qoff = if prog.query_offset { "%qoff" } else { "0" };
+        let qpos0 = self.named_once(".b32", "qpos0");
+        self.ins(format!("add.s32 {qpos0}, %qrow0, {qoff};"));
+        let plastpos = self.named_once(".b32", "plastpos");
+        self.ins(format!("add.s32 {plastpos}, %plast, {qoff};"));
+        let prowpos = self.named_once(".b32", "prowpos0");
+        self.ins(format!("add.s32 {prowpos}, %prow0, {qoff};"));
+        // Float query index of each of this thread's rows.
+        for mt in 0..self.mtiles {
+            for half in 0..2 {
+                let pi = self.r();
+                self.ins(format!("add.s32 {pi}, %prowpos0, {};", mt * 16 + half * 8));
+                let pf = self.named_once(".f32", &format!("pf_{mt}_{half}"));
+                self.ins(format!("cvt.rn.f32.s32 {pf}, {pi};"));
+            }
+        }
         Ok(())
     }
 }

@@ -48,6 +48,9 @@ pub(super) struct BarrierLayout {
     /// Tiles streamed through the key loop's ring.
     pub streams: Vec<(SharedId, TensorId)>,
     pub stages: u32,
+    /// A persistent program's tiles loaded before the loop are reloaded for every work
+    /// tile: each has an `empty` barrier too, after the rings' barriers.
+    pub persistent: bool,
 }
 
 impl BarrierLayout {
@@ -72,11 +75,13 @@ impl BarrierLayout {
             top,
             streams,
             stages: prog.schedule.stages,
+            persistent: prog.schedule.persistent.is_some(),
         }
     }
 
     pub(super) fn count(&self) -> u32 {
-        (self.top.len() + 2 * self.streams.len() * self.stages as usize) as u32
+        let top_empty = if self.persistent { self.top.len() } else { 0 };
+        (self.top.len() + 2 * self.streams.len() * self.stages as usize + top_empty) as u32
     }
 
     pub(super) fn bytes(&self) -> u32 {
@@ -87,6 +92,15 @@ impl BarrierLayout {
     fn top_full(&self, t: SharedId) -> Option<u32> {
         let i = self.top.iter().position(|(d, _)| *d == t)?;
         Some(self.base + 8 * i as u32)
+    }
+
+    /// Offset of the `empty` barrier of tile `t` loaded before the loop (persistent
+    /// programs), which the consumer warps arrive on once no statement of the work tile
+    /// reads it any more.
+    pub(super) fn top_empty(&self, t: SharedId) -> Option<u32> {
+        let i = self.top.iter().position(|(d, _)| *d == t)?;
+        let rings = 2 * self.streams.len() as u32 * self.stages;
+        Some(self.base + 8 * (self.top.len() as u32 + rings + i as u32))
     }
 
     /// Offset of stage 0's `full` barrier of stream `j` (stage `s` is `8 s` further).
@@ -105,7 +119,7 @@ impl BarrierLayout {
 }
 
 /// Shared tiles a statement reads.
-fn shared_reads(st: &Stmt) -> Vec<SharedId> {
+pub(super) fn shared_reads(st: &Stmt) -> Vec<SharedId> {
     match st {
         Stmt::Contract { a, b, .. } => match a {
             AOperand::Shared(t) => vec![*t, *b],
@@ -123,16 +137,19 @@ const TURN_THREADS: u32 = 2 * 128;
 
 const STAGE: &str = "%ws_stage";
 const PHASE: &str = "%ws_phase";
+/// A persistent program's parity of the current work tile (its count's lowest bit): the
+/// phase of the barriers of the tiles loaded before the loop.
+pub(super) const TOP_PHASE: &str = "%ws_tphase";
 
 impl Printer<'_> {
-    fn layout(&self) -> &BarrierLayout {
+    pub(super) fn layout(&self) -> &BarrierLayout {
         self.barriers
             .as_ref()
             .expect("a warp-specialized program has a barrier layout")
     }
 
     /// `addr` = the barrier at byte offset `off` plus `8 * stage` when a stage is given.
-    fn barrier_addr(&mut self, off: u32, stage: Option<&str>) -> String {
+    pub(super) fn barrier_addr(&mut self, off: u32, stage: Option<&str>) -> String {
         let a = self.r();
         match stage {
             Some(s) => self.ins(format!("mad.lo.u32 {a}, {s}, 8, %smem;")),
@@ -142,7 +159,7 @@ impl Printer<'_> {
         a
     }
 
-    fn emit_barrier_wait(&mut self, addr: &str, parity: &str) {
+    pub(super) fn emit_barrier_wait(&mut self, addr: &str, parity: &str) {
         let top = self.label("mbwait");
         let done = self.pred();
         self.body.push_str(&format!("{top}:\n"));
@@ -183,6 +200,12 @@ impl Printer<'_> {
                 inits.push((layout.stream_empty(j) + 8 * s, warps));
             }
         }
+        if layout.persistent {
+            for (t, _) in &layout.top {
+                let off = layout.top_empty(*t).expect("top tiles have barriers");
+                inits.push((off, warps));
+            }
+        }
         inits.sort_unstable();
         for (off, count) in inits {
             let a = self.barrier_addr(off, None);
@@ -221,7 +244,13 @@ impl Printer<'_> {
             self.prog.shared[dst.index()].name
         ));
         let a = self.barrier_addr(off, None);
-        self.emit_barrier_wait(&a, "0");
+        // A persistent program's work tile `n` completes phase `n` of the barrier.
+        let parity = if self.layout().persistent {
+            TOP_PHASE
+        } else {
+            "0"
+        };
+        self.emit_barrier_wait(&a, parity);
         self.fence_copied_tile();
         Ok(())
     }
@@ -316,12 +345,26 @@ impl Printer<'_> {
                 self.ins(format!("prefetch.tensormap [%tmap{}];", t.0));
             }
         }
+        let work = if layout.persistent {
+            Some(self.emit_work_loop_head("pwork")?)
+        } else {
+            None
+        };
         for (dst, src) in &layout.top {
             self.comment(format!(
                 "producer: load {} <- {}",
                 prog.shared[dst.index()].name,
                 prog.tensors[src.index()].name
             ));
+            if let Some(off) = layout.top_empty(*dst).filter(|_| layout.persistent) {
+                // The consumers are done with the previous work tile's copy (a fresh
+                // barrier reports the phase before the first complete).
+                self.comment("producer: wait until the previous work tile's copy is free");
+                let a = self.barrier_addr(off, None);
+                let parity = self.r();
+                self.ins(format!("xor.b32 {parity}, {TOP_PHASE}, 1;"));
+                self.emit_barrier_wait(&a, &parity);
+            }
             let base = self.smem_base[dst.index()].clone();
             let off = layout.top_full(*dst).expect("top tiles have barriers");
             let a = self.barrier_addr(off, None);
@@ -332,6 +375,9 @@ impl Printer<'_> {
             _ => None,
         }) {
             self.emit_producer_loop(block_n, &masks)?;
+        }
+        if let Some(work) = work {
+            self.emit_work_loop_tail(&work);
         }
         if !tma {
             // No copy outlives its thread.
@@ -383,7 +429,16 @@ impl Printer<'_> {
         (t.rows * t.cols * t.elem.bytes()).div_ceil(SMEM_ALIGN) * SMEM_ALIGN
     }
 
+    /// The ring starts at stage 0, phase 0: at each key loop, or, in a persistent program,
+    /// once before the first work tile (the rings run on across work tiles, the producer
+    /// and the consumers advancing them by the same key tiles).
     fn emit_ring_start(&mut self) {
+        if !self.layout().persistent {
+            self.emit_ring_zero();
+        }
+    }
+
+    pub(super) fn emit_ring_zero(&mut self) {
         self.named_once(".b32", &STAGE[1..]);
         self.named_once(".b32", &PHASE[1..]);
         self.ins(format!("mov.u32 {STAGE}, 0;"));
@@ -455,9 +510,6 @@ impl Printer<'_> {
             let a = self.barrier_addr(off, Some(&r.stage));
             let lane0 = self.pred();
             self.ins(format!("setp.eq.u32 {lane0}, %lane, 0;"));
-            if let Some(cond) = &r.only_if {
-                self.ins(format!("and.pred {lane0}, {lane0}, {cond};"));
-            }
             self.ins(format!(
                 "@{lane0} mbarrier.arrive.shared::cta.b64 _, [{a}];"
             ));
@@ -473,7 +525,6 @@ impl Printer<'_> {
         body: &[Stmt],
     ) -> Result<(), TileError> {
         let prog = self.prog;
-        let stages = prog.schedule.stages;
         let layout = self.layout().clone();
         let tiles: Vec<SharedId> = layout.streams.iter().map(|(d, _)| *d).collect();
         let ring_base: Vec<String> = tiles
@@ -484,13 +535,6 @@ impl Printer<'_> {
             matches!(s, Stmt::Contract { .. }) && shared_reads(s).iter().any(|t| tiles.contains(t))
         });
         let deferred = first_contract.and_then(|fc| deferred_contraction(self, body, fc));
-        // The last statement (other than the deferred one) reading each streamed tile.
-        let last_reader = |t: SharedId| {
-            body.iter()
-                .enumerate()
-                .rfind(|(i, s)| Some(*i) != deferred && shared_reads(s).contains(&t))
-                .map(|(i, _)| i)
-        };
         let deferred_tiles: Vec<SharedId> = deferred
             .map(|i| shared_reads(&body[i]))
             .unwrap_or_default()
@@ -506,7 +550,7 @@ impl Printer<'_> {
         self.comment(format!(
             "consumers' key loop: {}{}",
             if deferred.is_some() {
-                "trailing contraction deferred to the next iteration"
+                "trailing contraction deferred to the next iteration, the first key tile peeled"
             } else {
                 "no deferred contraction"
             },
@@ -520,13 +564,15 @@ impl Printer<'_> {
         self.emit_ring_start();
         let wg = self.named_once(".b32", "wgidx");
         self.ins(format!("shr.u32 {wg}, %warp, 2;"));
-        let (my_turn, next_turn, last_group) = (
-            self.named_once(".b32", "turn_mine"),
-            self.named_once(".b32", "turn_next"),
-            self.named_once(".pred", "last_wg"),
-        );
+        let turns = Turns {
+            mine: self.named_once(".b32", "turn_mine"),
+            next: self.named_once(".b32", "turn_next"),
+            last_group: self.named_once(".pred", "last_wg"),
+            on: pingpong,
+        };
         if pingpong {
             // Named barriers 1..=groups: warpgroup w waits on 1 + w, then opens 1 + (w+1) % G.
+            let (my_turn, next_turn, last_group) = (&turns.mine, &turns.next, &turns.last_group);
             self.ins(format!("add.u32 {my_turn}, {wg}, 1;"));
             self.ins(format!("add.u32 {next_turn}, {wg}, 1;"));
             let wrap = self.pred();
@@ -539,129 +585,223 @@ impl Printer<'_> {
             self.ins(format!("and.pred {open}, {open}, {last_group};"));
             self.ins(format!("@{open} bar.arrive 1, {TURN_THREADS};"));
         }
-        let turn_wait = |p: &mut Printer| {
-            if pingpong {
-                p.ins(format!("bar.sync {my_turn}, {TURN_THREADS};"));
-            }
-        };
         let it = self.named_once(".b32", "it");
         self.ins(format!("mov.u32 {it}, 0;"));
-        let prev = self.named_once(".b32", "ws_prev");
-        let (top, end) = self.emit_loop_head(&it, "ktop", "kend");
-        let korg = self.named_once(".b32", "korg");
-        self.ins(self.tile_of(&korg, &it));
-        self.ins(format!("mul.lo.s32 {korg}, {korg}, {block_n};"));
-        self.emit_tile_position(block_n, masks);
-        self.select_stage(&tiles, STAGE, &ring_base);
-        self.stream_waits = tiles.clone();
-        // The previous iteration's stage, read by the deferred contraction.
+        let lp = ConsumerLoop {
+            block_n,
+            masks,
+            body,
+            tiles,
+            ring_base,
+            first_contract,
+            deferred,
+            deferred_tiles,
+            turns,
+            it,
+            prev: self.named_once(".b32", "ws_prev"),
+        };
+        let Some(d) = deferred else {
+            let (top, end) = self.emit_loop_head(&lp.it, "ktop", "kend");
+            self.emit_consumer_iteration(&lp, Peel::None)?;
+            self.ins(format!("bra.uni {top};"));
+            self.body.push_str(&format!("{end}:\n"));
+            self.restore_ring_bases(&lp);
+            return Ok(());
+        };
+        // The first key tile is peeled: it has no deferred contraction before it, so the
+        // loop issues its own unconditionally. (A branch between a `wgmma` and an empty
+        // group made ptxas inject a `warpgroup.arrive` (C7519), and inside a persistent
+        // program's loop over work tiles serialize every `wgmma` (C7520).)
+        let skip = self.label("nokeys");
+        let none = self.pred();
+        self.ins(format!("setp.le.s32 {none}, %niter, 0;"));
+        self.ins(format!("@{none} bra.uni {skip};"));
+        self.emit_consumer_iteration(&lp, Peel::First)?;
+        let (top, end) = self.emit_loop_head(&lp.it, "ktop", "kend");
+        self.emit_consumer_iteration(&lp, Peel::Rest)?;
+        self.ins(format!("bra.uni {top};"));
+        self.body.push_str(&format!("{end}:\n"));
+        self.comment("the last key tile's deferred contraction");
+        lp.turns.wait(self);
+        // After the loop STAGE is one past the last tile's stage.
+        self.emit_previous_stage(&lp.prev);
+        self.select_stage(&lp.deferred_tiles, &lp.prev, &lp.ring_base);
+        self.in_loop = true;
+        self.emit_stmt(
+            &body[d],
+            Some(&LoopState {
+                masks: masks.to_vec(),
+            }),
+        )?;
+        self.in_loop = false;
+        if pingpong {
+            // The last warpgroup's final arrive would have no turn to open.
+            self.ins(format!(
+                "@!{} bar.arrive {}, {TURN_THREADS};",
+                lp.turns.last_group, lp.turns.next
+            ));
+        }
+        // Its stage goes back to the producer too: a persistent program's next work tile
+        // fills it again.
+        let mut releases: Vec<Release> = lp
+            .deferred_tiles
+            .iter()
+            .map(|t| Release {
+                tile: *t,
+                stage: lp.prev.clone(),
+            })
+            .collect();
+        self.release_stages(&mut releases, true);
+        self.wait_wgmma(0);
+        self.body.push_str(&format!("{skip}:\n"));
+        self.restore_ring_bases(&lp);
+        Ok(())
+    }
+
+    fn restore_ring_bases(&mut self, lp: &ConsumerLoop) {
+        for (t, base) in lp.tiles.iter().zip(&lp.ring_base) {
+            self.smem_base[t.index()] = base.clone();
+        }
+    }
+
+    /// `prev` = the stage before `STAGE` (the ring's previous key tile).
+    fn emit_previous_stage(&mut self, prev: &str) {
+        let stages = self.prog.schedule.stages;
         self.ins(format!("add.u32 {prev}, {STAGE}, {};", stages - 1));
         let w = self.pred();
         self.ins(format!("setp.ge.u32 {w}, {prev}, {stages};"));
         self.ins(format!("@{w} sub.u32 {prev}, {prev}, {stages};"));
+    }
+
+    /// One key tile of the consumers' loop: its waits, statements, releases, and the
+    /// ring's advance. `peel` says whether the previous tile's deferred contraction is
+    /// issued after this tile's first one (`Rest`), not (`First`: there is none), or
+    /// whether nothing is deferred (`None`).
+    fn emit_consumer_iteration(&mut self, lp: &ConsumerLoop, peel: Peel) -> Result<(), TileError> {
+        let (block_n, body) = (lp.block_n, lp.body);
+        let korg = self.named_once(".b32", "korg");
+        self.ins(self.tile_of(&korg, &lp.it));
+        self.ins(format!("mul.lo.s32 {korg}, {korg}, {block_n};"));
+        self.emit_tile_position(block_n, lp.masks);
+        self.select_stage(&lp.tiles, STAGE, &lp.ring_base);
+        self.stream_waits = lp.tiles.clone();
+        if peel == Peel::Rest {
+            // The previous iteration's stage, read by the deferred contraction.
+            self.emit_previous_stage(&lp.prev);
+        }
         let st = LoopState {
-            masks: masks.to_vec(),
+            masks: lp.masks.to_vec(),
         };
         self.in_loop = true;
-        if let Some(fc) = first_contract {
+        if let Some(fc) = lp.first_contract {
             self.wait_streams_read_by(&body[fc]);
         }
-        turn_wait(self);
+        lp.turns.wait(self);
+        // The last statement (other than the deferred one) reading each streamed tile.
+        let last_reader = |t: SharedId| {
+            body.iter()
+                .enumerate()
+                .rfind(|(i, s)| Some(*i) != lp.deferred && shared_reads(s).contains(&t))
+                .map(|(i, _)| i)
+        };
         let mut releases: Vec<Release> = Vec::new();
         for (i, s) in body.iter().enumerate() {
-            if Some(i) == deferred || matches!(s, Stmt::LoadTile { .. }) {
+            if Some(i) == lp.deferred || matches!(s, Stmt::LoadTile { .. }) {
                 continue;
             }
             self.wait_for_conflicting_wgmma(s);
             self.release_stages(&mut releases, false);
             // The deferred contraction is not printed next: no fold into it.
-            let next = body.get(i + 1).filter(|_| Some(i + 1) != deferred);
+            let next = body.get(i + 1).filter(|_| Some(i + 1) != lp.deferred);
             if self.fold_zero_fill(s, next) {
                 continue;
             }
             self.wait_streams_read_by(s);
             self.emit_stmt(s, Some(&st))?;
-            if Some(i) == first_contract {
-                if let Some(d) = deferred {
+            if Some(i) == lp.first_contract {
+                if let (Some(d), Peel::Rest) = (lp.deferred, peel) {
                     // Issued after this tile's first contraction, so the statements that
                     // wait for that one leave the deferred group running.
-                    let not_first = self.pred();
-                    self.ins(format!("setp.gt.s32 {not_first}, {it}, 0;"));
-                    let (other, join) = (self.label("nodeferred"), self.label("deferred_done"));
-                    self.ins(format!("@!{not_first} bra.uni {other};"));
                     self.comment("the previous key tile's deferred contraction");
-                    self.select_stage(&deferred_tiles, &prev, &ring_base);
+                    self.select_stage(&lp.deferred_tiles, &lp.prev, &lp.ring_base);
                     self.emit_stmt(&body[d], Some(&st))?;
-                    self.select_stage(&deferred_tiles, STAGE, &ring_base);
-                    self.ins(format!("bra.uni {join};"));
-                    self.body.push_str(&format!("{other}:\n"));
-                    // The first tile has none: an empty group keeps the counts of
-                    // `wgmma.wait_group` the same on both paths.
-                    self.ins("wgmma.commit_group.sync.aligned;");
-                    self.body.push_str(&format!("{join}:\n"));
-                    for t in &deferred_tiles {
+                    self.select_stage(&lp.deferred_tiles, STAGE, &lp.ring_base);
+                    for t in &lp.deferred_tiles {
                         releases.push(Release {
                             tile: *t,
-                            stage: prev.clone(),
-                            only_if: Some(not_first.clone()),
+                            stage: lp.prev.clone(),
                         });
                     }
                 }
-                if pingpong {
-                    self.ins(format!("bar.arrive {next_turn}, {TURN_THREADS};"));
+                if lp.turns.on {
+                    self.ins(format!("bar.arrive {}, {TURN_THREADS};", lp.turns.next));
                 }
             }
-            for t in &tiles {
-                if last_reader(*t) == Some(i) && !deferred_tiles.contains(t) {
+            for t in &lp.tiles {
+                if last_reader(*t) == Some(i) && !lp.deferred_tiles.contains(t) {
                     releases.push(Release {
                         tile: *t,
                         stage: STAGE.to_string(),
-                        only_if: None,
                     });
                 }
             }
             self.release_stages(&mut releases, false);
         }
         // The deferred contraction reads this tile next iteration: wait for it now.
-        if let Some(d) = deferred {
+        if let Some(d) = lp.deferred {
             self.wait_streams_read_by(&body[d]);
         }
         self.release_stages(&mut releases, true);
         self.in_loop = false;
         self.emit_ring_advance();
-        self.ins(format!("add.s32 {it}, {it}, 1;"));
-        self.ins(format!("bra.uni {top};"));
-        self.body.push_str(&format!("{end}:\n"));
-        if let Some(d) = deferred {
-            let skip = self.label("nolast");
-            let none = self.pred();
-            self.ins(format!("setp.le.s32 {none}, %niter, 0;"));
-            self.ins(format!("@{none} bra.uni {skip};"));
-            self.comment("the last key tile's deferred contraction");
-            turn_wait(self);
-            // After the loop STAGE is one past the last tile's stage: `prev` recomputed.
-            self.ins(format!("add.u32 {prev}, {STAGE}, {};", stages - 1));
-            let w = self.pred();
-            self.ins(format!("setp.ge.u32 {w}, {prev}, {stages};"));
-            self.ins(format!("@{w} sub.u32 {prev}, {prev}, {stages};"));
-            self.select_stage(&deferred_tiles, &prev, &ring_base);
-            self.in_loop = true;
-            self.emit_stmt(&body[d], Some(&st))?;
-            self.in_loop = false;
-            if pingpong {
-                // The last warpgroup's final arrive would have no turn to open.
-                self.ins(format!(
-                    "@!{last_group} bar.arrive {next_turn}, {TURN_THREADS};"
-                ));
-            }
-            self.wait_wgmma(0);
-            self.body.push_str(&format!("{skip}:\n"));
-        }
-        for (t, base) in tiles.iter().zip(&ring_base) {
-            self.smem_base[t.index()] = base.clone();
-        }
+        self.ins(format!("add.s32 {}, {}, 1;", lp.it, lp.it));
         Ok(())
     }
+}
+
+/// Whether a key tile of the consumers' loop issues the previous tile's deferred
+/// contraction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peel {
+    /// Nothing is deferred.
+    None,
+    /// The peeled first key tile: no previous tile.
+    First,
+    /// Every later key tile.
+    Rest,
+}
+
+/// The ping-pong turns of the consumer warpgroups (named barriers), when `on`.
+struct Turns {
+    mine: String,
+    next: String,
+    last_group: String,
+    on: bool,
+}
+
+impl Turns {
+    fn wait(&self, p: &mut Printer) {
+        if self.on {
+            p.ins(format!("bar.sync {}, {TURN_THREADS};", self.mine));
+        }
+    }
+}
+
+/// What every key tile of the consumers' loop shares.
+struct ConsumerLoop<'b> {
+    block_n: u32,
+    masks: &'b [BandMask],
+    body: &'b [Stmt],
+    tiles: Vec<SharedId>,
+    ring_base: Vec<String>,
+    first_contract: Option<usize>,
+    deferred: Option<usize>,
+    deferred_tiles: Vec<SharedId>,
+    turns: Turns,
+    /// The key tile's index in the loop.
+    it: String,
+    /// The previous key tile's stage.
+    prev: String,
 }
 
 /// A stage of a streamed tile to hand back to the producer once no `wgmma` group reads it.
@@ -669,8 +809,6 @@ struct Release {
     tile: SharedId,
     /// Register holding the stage.
     stage: String,
-    /// Predicate that must hold (the deferred contraction ran).
-    only_if: Option<String>,
 }
 
 /// The body's trailing contraction that may run in the next iteration, right after that

@@ -830,6 +830,14 @@ pub struct TileSchedule {
     pub mma: MmaUnit,
     /// Who copies the shared tiles from global memory.
     pub loads: Loads,
+    /// A persistent grid of at most this many CTAs (one per SM), each looping over work
+    /// tiles `ctaid.x, ctaid.x + nctaid.x, ...` of the `ceil(N_q / block_m) * B * H`
+    /// (query tile, batch, head) tiles, instead of one CTA per tile: a CTA's barriers,
+    /// setup and pipeline fill are paid once, and its producer loads the next tile's query
+    /// rows while the consumers finish the current one. With masks the query tiles with
+    /// the most key tiles come first. `None`: one CTA per work tile. Warp-specialized
+    /// programs only (see [`TileProgram::persistent_ctas`]).
+    pub persistent: Option<u32>,
 }
 
 /// Who issues a program's tile loads (`LoadTile`), and how the threads that read a tile
@@ -1067,6 +1075,8 @@ pub enum AbiRole {
     Heads,
     /// Query heads per KV head (1 without grouped-query attention).
     KvGroup,
+    /// The batch size: a persistent program's work tiles are `ceil(N_q / block_m) * B * H`.
+    Batch,
     StrideBatch(TensorId),
     StrideSeq(TensorId),
     StrideHead(TensorId),
@@ -1147,6 +1157,10 @@ impl TileProgram {
     pub fn rows_per_warp(&self) -> u32 {
         self.schedule.block_m / self.schedule.warps
     }
+    /// The CTA count a persistent grid is capped at (see [`TileSchedule::persistent`]).
+    pub fn persistent_ctas(&self) -> Option<u32> {
+        self.schedule.persistent
+    }
 
     /// The kernel parameters in declaration order (the PTX `.entry` uses the same order).
     /// Strides are in elements; the row output is `[B, H, N_q]` f32.
@@ -1207,6 +1221,9 @@ impl TileProgram {
         }
         if self.query_offset {
             sizes.push(("q_offset", AbiRole::QueryOffset));
+        }
+        if self.schedule.persistent.is_some() {
+            sizes.push(("batch", AbiRole::Batch));
         }
         for (name, role) in sizes {
             push(name.into(), AbiKind::U32, role);

@@ -25,6 +25,12 @@ impl fmt::Display for TileProgram {
                 "  reverse: the loop walks the tiles from the last to the first"
             )?;
         }
+        if let Some(ctas) = s.persistent {
+            writeln!(
+                f,
+                "  persistent: at most {ctas} CTAs loop over the (query tile, batch, head) tiles"
+            )?;
+        }
         if self.key_splits > 1 {
             writeln!(
                 f,

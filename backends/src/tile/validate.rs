@@ -26,6 +26,9 @@ impl TileProgram {
         if s.loads.specialized() {
             self.validate_specialized()?;
         }
+        if let Some(ctas) = s.persistent {
+            self.validate_persistent(ctas)?;
+        }
         if self.shared_bytes() > MAX_SHARED_BYTES {
             return invalid(format!(
                 "{} B of shared memory exceed the {MAX_SHARED_BYTES} B a CTA may use",
@@ -626,6 +629,27 @@ impl TileProgram {
 }
 
 impl TileProgram {
+    /// What the persistent lowering handles: warp-specialized query tiles, one key loop
+    /// per work tile (not split), whose setup needs no barrier of the whole CTA (a key
+    /// narrowing's scan has one).
+    fn validate_persistent(&self, ctas: u32) -> Result<(), TileError> {
+        if ctas == 0 {
+            return invalid("a persistent grid needs at least one CTA");
+        }
+        if !self.schedule.loads.specialized() {
+            return invalid("a persistent grid needs a producer warpgroup");
+        }
+        if self.key_splits > 1 {
+            return invalid("a persistent grid walks whole key loops, not splits of them");
+        }
+        if self.key_narrowing.is_some() {
+            return invalid(
+                "a persistent grid's tiles cannot narrow their key loop (its scan needs a barrier of the whole CTA)",
+            );
+        }
+        Ok(())
+    }
+
     /// What the warp-specialized lowering handles: query tiles whose loads come before the
     /// key loop or at the top of its body, contractions by `wgmma`, and no statement that
     /// needs a barrier across all the consumer warps or another copy engine (carried

@@ -118,6 +118,7 @@ pub fn compile_general(
                 col_blocks: None,
                 chunk_tiles: None,
                 key_splits: 1,
+                persistent_ctas: None,
             },
             contract,
         });

@@ -338,6 +338,7 @@ fn lightning_walk(
                 warps: sched.warps,
                 stages: sched.stages,
                 skip_unit_rescale: false,
+                persistent: None,
                 mma: sched.mma,
                 loads: crate::tile::Loads::Cooperative,
             },

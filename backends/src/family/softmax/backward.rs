@@ -237,6 +237,7 @@ impl Builder {
                 warps: sched.warps,
                 stages: sched.stages,
                 skip_unit_rescale: false,
+                persistent: None,
                 mma: sched.mma,
                 loads: crate::tile::Loads::Cooperative,
             },

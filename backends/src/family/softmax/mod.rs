@@ -117,6 +117,7 @@ pub fn compile_softmax(
             stages: options.stages,
             mma: options.mma,
             loads: options.loads,
+            persistent: options.persistent,
             operands_in_scratch: prologue.is_some(),
             ..ScheduleOptions::default()
         };

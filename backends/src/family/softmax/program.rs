@@ -413,6 +413,8 @@ pub struct AttentionSchedule {
     pub mma: MmaUnit,
     /// Who copies K and V: every thread, or a producer warpgroup (needs `wgmma`).
     pub loads: Loads,
+    /// See [`TileSchedule::persistent`].
+    pub persistent: Option<u32>,
 }
 
 impl AttentionSchedule {
@@ -435,6 +437,7 @@ impl AttentionSchedule {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: !(spec.head_dim <= 64 && plain),
+            persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
         }
@@ -502,6 +505,7 @@ pub fn flash_attention(
                 warps: sched.warps,
                 stages: sched.stages,
                 skip_unit_rescale: sched.skip_unit_rescale,
+                persistent: sched.persistent,
                 mma: sched.mma,
                 loads: sched.loads,
             },

@@ -33,6 +33,8 @@ pub struct ScheduleOptions {
     pub mma: Option<crate::tile::MmaUnit>,
     /// Who copies K and V (default: the cost model's choice).
     pub loads: Option<Loads>,
+    /// A persistent grid, or one CTA per work tile (default: the scheduler's choice).
+    pub persistent: Option<bool>,
     /// Q and K are in scratch (pre-kernels write them): the launcher makes tensor maps of
     /// the cascade's tensors only, so the copy engine is not used.
     pub operands_in_scratch: bool,
@@ -49,6 +51,7 @@ impl Default for ScheduleOptions {
             stages: None,
             mma: None,
             loads: None,
+            persistent: None,
             operands_in_scratch: false,
         }
     }
@@ -368,6 +371,8 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     }
     let loads_options = match (options.loads, mma) {
         (Some(l), _) => vec![l],
+        // A persistent grid is a warp-specialized kernel's.
+        (None, MmaUnit::Warpgroup) if options.persistent == Some(true) => vec![producer],
         (None, MmaUnit::Warpgroup) => vec![Loads::Cooperative, producer],
         (None, MmaUnit::Sync) => vec![Loads::Cooperative],
     };
@@ -435,7 +440,9 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         .with_help("legal shapes: block_m = 16 * warps * {1, 2}, block_n in {16, 32, 64, 128}, stages 2-4; with --loads producer or pingpong, wgmma and 8 or more warps"));
     }
     candidates.sort_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
-    let (kernel, estimate) = candidates[0];
+    let (mut kernel, estimate) = candidates[0];
+    let persistent = persistent_grid(&matched, &kernel, &estimate, options.persistent, &gpu)?;
+    kernel.persistent = persistent.ctas;
     let overridden = [
         options.block_m,
         options.block_n,
@@ -491,14 +498,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
             });
         }
     }
-    reasons.push(format!(
-        "not persistent: one CTA per (query tile, batch, head){}",
-        if spec.masks().is_empty() {
-            ""
-        } else {
-            ", the query tiles with the most key tiles launched first"
-        }
-    ));
+    reasons.push(persistent.reason);
     if kernel.skip_unit_rescale {
         reasons.push("the rescale of the output is skipped when no row's max grew (saves registers under 255)".into());
     }
@@ -517,6 +517,69 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         reasons,
         packed_group,
     })
+}
+
+/// The grid the scheduler chose, and why.
+struct PersistentChoice {
+    ctas: Option<u32>,
+    reason: String,
+}
+
+/// A persistent grid (one CTA per SM looping over the work tiles) for a warp-specialized
+/// kernel whose key loop is whole and not narrowed, when asked (`--grid persistent`); one
+/// CTA per work tile otherwise, the default until the persistent form is measured faster on
+/// a GPU.
+fn persistent_grid(
+    m: &AttentionMatch,
+    k: &AttentionSchedule,
+    e: &Estimate,
+    asked: Option<bool>,
+    gpu: &GpuModel,
+) -> Result<PersistentChoice, Diagnostic> {
+    let longest_first = if m.spec.masks().is_empty() {
+        ""
+    } else {
+        ", the query tiles with the most key tiles first"
+    };
+    let per_tile = PersistentChoice {
+        ctas: None,
+        reason: format!(
+            "not persistent: one CTA per (query tile, batch, head){}",
+            if longest_first.is_empty() {
+                ""
+            } else {
+                ", the query tiles with the most key tiles launched first"
+            }
+        ),
+    };
+    let blocker = if !k.loads.specialized() {
+        Some("a persistent grid needs a producer warpgroup (`--loads producer` on sm_90a)")
+    } else if e.splits > 1 {
+        Some("a persistent grid walks whole key loops, and this kernel splits its keys across CTAs")
+    } else if m.spec.value_masks.iter().any(|v| {
+        use crate::tile::TokenAt::{Col, Row};
+        v.op == crate::tile::CmpOp::Eq && matches!((v.lhs.1, v.rhs.1), (Row, Col) | (Col, Row))
+    }) {
+        Some("a persistent grid cannot narrow a work tile's keys by a value mask (the scan needs a barrier of the whole CTA)")
+    } else {
+        None
+    };
+    match (asked, blocker) {
+        (Some(true), Some(why)) => Err(Diagnostic::error(
+            DiagnosticKind::UnsupportedShape,
+            why,
+            Span::UNKNOWN,
+        )
+        .with_help("leave out `--grid persistent`")),
+        (Some(true), None) => Ok(PersistentChoice {
+            ctas: Some(gpu.sm_count),
+            reason: format!(
+                "persistent (asked): at most {} CTAs, one per SM, loop over the (query tile, batch, head) tiles{longest_first}; the producer loads the next tile's Q while the consumers finish the current one",
+                gpu.sm_count
+            ),
+        }),
+        _ => Ok(per_tile),
+    }
 }
 
 /// Grouped-query decoding (one query per head, no masks, nothing per query head in the

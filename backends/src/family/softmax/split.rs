@@ -136,6 +136,7 @@ pub fn merge_program(
                 warps: 1,
                 stages: 2,
                 skip_unit_rescale: false,
+                persistent: None,
                 mma: MmaUnit::Sync,
                 loads: crate::tile::Loads::Cooperative,
             },
