@@ -13,7 +13,7 @@
 # attention_mla runs Q.K at the value
 # dim + 64 (192 against 128 at d = 128, 128 against 64 at d = 64; not at d = 256). Prints
 # one line per check and a tally; exits non-zero if any check fails.
-# Usage: [NS='128 1000'] [DS='64 128 256'] [LIMIT=seconds] bench/check_softmax.sh [path/to/einattn]
+# Usage: [NS='128 1000'] [DS='64 128 256'] [DTS='bf16 f16'] [LIMIT=seconds] bench/check_softmax.sh [path/to/einattn]
 set -uo pipefail
 BIN=${1:-target/release/einattn}
 source "$(dirname "$0")/check_lib.sh"
@@ -25,7 +25,7 @@ for n in ${NS:-128 1000 4096}; do
     # Latent attention's Q.K is 64 wider than V: 320 at d = 256 is past the kernel's tiles.
     mla=""
     [ "$d" -le 128 ] && mla="attention_mla -D N=$n -D D=$((d + 64)) -D DV=$d -D TILE=$t"
-    for dt in bf16 f16; do
+    for dt in ${DTS:-bf16 f16}; do
       check_lines $n $d $dt <<LIST
 attention_1pass -D M=$n -D D=$d -D TILE=$t
 attention_2pass -D M=$n -D D=$d

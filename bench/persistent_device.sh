@@ -21,8 +21,10 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >
 date -u >> "$OUT/device.txt"
 if [[ $WHAT == *checks* ]]; then
   for d in 64 128; do
-    CHECK_FLAGS="--target sm_90a" NS=1000 DS=$d LIMIT=60 timeout 200 bash bench/check_softmax.sh "$BIN" \
-      > "$OUT/check_sm90a_d$d.txt" 2>&1 &
+    for dt in bf16 f16; do
+      CHECK_FLAGS="--target sm_90a" NS=1000 DS=$d DTS=$dt LIMIT=60 timeout 200 bash bench/check_softmax.sh "$BIN" \
+        > "$OUT/check_sm90a_d${d}_$dt.txt" 2>&1 &
+    done
   done
 fi
 if [[ $WHAT == *persistent* ]]; then
@@ -61,7 +63,7 @@ grep -h -v "PASS\|^checks" "$OUT"/check_sm90a_d*.txt "$OUT"/persistent_*.txt 2>/
 if [[ $WHAT == *sweep* ]]; then
   old=()
   [ -n "${OLD:-}" ] && old=(old="bin=$OLD")
-  timeout 200 python3 bench/softmax_sweep.py "$BIN" "${old[@]}" default= persistent="--grid persistent" 2>&1 \
+  timeout "${SWEEP_LIMIT:-200}" python3 bench/softmax_sweep.py "$BIN" "${old[@]}" default= persistent="--grid persistent" 2>&1 \
     | grep -v Warning > "$OUT/sweep_log.txt"
   tail -12 "$OUT/sweep_log.txt"
 fi

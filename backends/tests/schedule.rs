@@ -1113,6 +1113,69 @@ fn grouped_query_decoding_packs_with_a_sink_per_query_head() {
     }
 }
 
+/// Grouped-query decoding with ALiBi slopes per query head: each packed row reads its own
+/// slope as a token, and the one query's position (0) stays 0 although the packed rows are
+/// numbered 0..GROUP (softmax1's `+1` in the denominator keeps the row's own term from
+/// cancelling, so a wrong position shows). The tile program and the formula over the
+/// packed problem compute what the cascade computes.
+#[test]
+fn grouped_query_decoding_packs_with_alibi_slopes_per_query_head() {
+    use einattn_backends::family::softmax::schedule::pack_query_heads;
+    let src = |query_rank: bool| {
+        let (q, p_rank, pos) = if query_rank {
+            ("Q[b, h, p, e]", "[b, g, r, p", " - p")
+        } else {
+            ("Q[b, h, e]", "[b, g, r", "")
+        };
+        let rank_p = if query_rank { "rank p: 1\n" } else { "" };
+        format!(
+            "kernel gqa_alibi_decoding\nsize B = 2\nsize H = 8\nsize GROUP = 4\nsize N = 16\nsize D = 32\n\
+             rank b: B\nrank h: H\nrank e: D\nrank f: D\nrank m: N\n{rank_p}split h -> g, r: GROUP\n\
+             input Q{}: bf16\ninput K[b, m, g, e]: bf16\ninput V[b, m, g, f]: bf16\n\
+             param slope[h]: f32\nparam scale: f32 = 0.17\noutput O{}, f]: bf16\n\
+             QK{p_rank}, m] = {q} * K[b, m, g, e]\n\
+             S{p_rank}, m] = scale * QK{p_rank}, m] + slope[h] * (m{pos})\n\
+             G{p_rank}] = max[m] S{p_rank}, m]\n\
+             P{p_rank}, m] = exp(S{p_rank}, m] - G{p_rank}])\n\
+             L{p_rank}] = P{p_rank}, m]\n\
+             O{}, f] = P{p_rank}, m] / (L{p_rank}] + exp(-G{p_rank}])) * V[b, m, g, f]\n",
+            &q[1..],
+            if query_rank { "[b, h, p" } else { "[b, h" },
+            if query_rank { "[b, h, p" } else { "[b, h" },
+        )
+    };
+    for query_rank in [false, true] {
+        let text = src(query_rank);
+        let c = einattn_dsl::compile_source("gqa_alibi_decoding.ein", &text, &[])
+            .unwrap_or_else(|d| panic!("{}", d.render("gqa_alibi_decoding.ein", &text)));
+        let mut m = recognize(&c).expect("recognized");
+        assert_eq!(pack_query_heads(&mut m), Some(4), "query rank {query_rank}");
+        assert!(m.head_params.is_empty() && m.tokens.len() == 1);
+        let mut inputs = random_inputs(&c, 11);
+        // ALiBi's slopes (negative, one per query head): with 16 keys the `+1` weighs as
+        // much as a key, so a row's own term would show.
+        let slope = c
+            .tensors
+            .iter()
+            .find(|(_, t)| t.name == "slope")
+            .map(|(h, _)| h)
+            .expect("a slope array");
+        let slopes = (0..8).map(|h| -(h as f64 + 1.0) / 8.0).collect();
+        inputs.insert(slope, einattn_ir::interp::TensorData::new(vec![8], slopes));
+        let kernel = cooperative(16, 64, 1, 3);
+        let err = tile_vs_interpreter_of(&c, &m, kernel, inputs.clone());
+        assert!(
+            err < 1e-2,
+            "query rank {query_rank}: tile program: relative error {err}"
+        );
+        let err = formula_error(&c, &m, &inputs);
+        assert!(
+            err < 1e-9,
+            "query rank {query_rank}: formula: relative difference {err}"
+        );
+    }
+}
+
 /// Gated attention: the Einsums after the attention output become post-kernels (the
 /// general lowering) reading it from scratch. The attention formula, then the epilogue,
 /// is the cascade's output; the tile program computes what the core cascade computes.

@@ -589,26 +589,18 @@ fn persistent_grid(
 /// `group`: K and V, which dominate decoding's traffic, cross from memory once. Returns the
 /// group when it packs.
 pub fn pack_query_heads(m: &mut AttentionMatch) -> Option<u64> {
-    use crate::tile::{HeadParamId, ScalarExpr, TokenAt, TokenId, TokenParam};
+    use crate::tile::{ScalarExpr, TokenAt, TokenId, TokenParam};
     let group = m.kv_group;
     let spec = &m.spec;
-    // A per-head sink logit (gpt-oss) may stay: the packed rows read it as a token, one
-    // value per row (query head). Anything else per query head may not.
-    let head_sink = matches!(spec.sink, Some(ScalarExpr::Head(HeadParamId(0))))
-        && spec.score.head_params.len() == 1;
-    let per_query_head =
-        (!spec.score.head_params.is_empty() && !head_sink) || !spec.tokens.is_empty();
-    let mut reads_query_position = false;
-    spec.score.expr.visit(&mut |e| {
-        reads_query_position |= *e == crate::tile::ScalarExpr::Index(SeqRank::Query)
-    });
+    // Per-query-head parameters (ALiBi slopes, gpt-oss's sink logits) may stay: the packed
+    // rows read them as tokens, one value per row (query head). Per-token inputs may not.
     if group <= 1
         || m.n_q != 1
         || !spec.masks().is_empty()
         || !spec.value_masks.is_empty()
-        || per_query_head
-        || reads_query_position
+        || !spec.tokens.is_empty()
         || spec.query_offset
+        || m.head_params.len() != spec.score.head_params.len()
     {
         return None;
     }
@@ -619,11 +611,14 @@ pub fn pack_query_heads(m: &mut AttentionMatch) -> Option<u64> {
         l.stride_seq = l.stride_head;
         l.stride_head *= group;
     }
-    if let (true, Some(&tensor)) = (head_sink, m.head_params.first()) {
-        // The sink array over query heads seen as [batch, row, K/V head]: row r of K/V
-        // head g reads sink[g * group + r].
-        m.head_params.clear();
-        m.spec.score.head_params.clear();
+    // Each per-head array over query heads seen as [batch, row, K/V head]: row r of K/V
+    // head g reads param[g * group + r].
+    let mut tokens = Vec::new();
+    for (tensor, name) in m
+        .head_params
+        .drain(..)
+        .zip(m.spec.score.head_params.drain(..))
+    {
         m.tokens.push(crate::family::Layout {
             tensor,
             stride_batch: 0,
@@ -631,13 +626,19 @@ pub fn pack_query_heads(m: &mut AttentionMatch) -> Option<u64> {
             stride_head: group,
             elements: group * m.heads,
         });
-        m.spec.tokens.push(TokenParam {
-            name: "sink".into(),
-            extent: None,
-        });
-        let id = TokenId(m.spec.tokens.len() as u32 - 1);
-        m.spec.sink = Some(ScalarExpr::Token(id, TokenAt::Row));
+        m.spec.tokens.push(TokenParam { name, extent: None });
+        tokens.push(TokenId(m.spec.tokens.len() as u32 - 1));
     }
+    // The one query sits at position 0; the packed rows are heads, not positions.
+    fn repack(e: &ScalarExpr, tokens: &[TokenId]) -> ScalarExpr {
+        match e {
+            ScalarExpr::Head(id) => ScalarExpr::Token(tokens[id.index()], TokenAt::Row),
+            ScalarExpr::Index(SeqRank::Query) => ScalarExpr::Lit(0.0),
+            other => other.map_children(&mut |c| repack(c, tokens)),
+        }
+    }
+    m.spec.score.expr = repack(&m.spec.score.expr, &tokens);
+    m.spec.sink = m.spec.sink.as_ref().map(|s| repack(s, &tokens));
     Some(group)
 }
 
