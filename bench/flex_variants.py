@@ -234,7 +234,7 @@ def main():
         return "-" if theirs is None or o is None else f"{theirs / o:.2f}x"
 
     if ALT:
-        lines[2] = lines[2][:-1] + f" ours `{ALT}` | its / Flex | its / SDPA |"
+        lines[2] = lines[2] + f" ours `{ALT}` | its / Flex | its / SDPA |"
         lines[3] = lines[3] + " --- | --- | --- |"
     for r in rows:
         o, fl, sd, f = r.get("ours_ms"), r.get("flex_ms"), r.get("sdpa_ms"), r["flops"]
