@@ -1082,75 +1082,81 @@ fn grouped_query_decoding_packs_a_group_into_one_tile() {
     assert_eq!(pack_query_heads(&mut m), None);
 }
 
+/// Packs `c`'s query heads (GROUP `group`), its one per-head array becoming a row token;
+/// the tile program over the packed problem and the attention formula compute what the
+/// cascade computes on `inputs`.
+fn assert_packed_decoding_matches(c: &Cascade, group: u64, inputs: &Inputs, what: &str) {
+    use einattn_backends::family::softmax::schedule::pack_query_heads;
+    let mut m = recognize(c).expect("recognized");
+    assert_eq!(pack_query_heads(&mut m), Some(group), "{what}");
+    assert!(m.head_params.is_empty() && m.tokens.len() == 1, "{what}");
+    let kernel = cooperative(16, 64, 1, 3);
+    let err = tile_vs_interpreter_of(c, &m, kernel, inputs.clone());
+    assert!(err < 1e-2, "{what}: tile program: relative error {err}");
+    let err = formula_error(c, &m, inputs);
+    assert!(err < 1e-9, "{what}: formula: relative difference {err}");
+}
+
 /// Grouped-query decoding with a per-query-head sink logit (gpt-oss): the packed rows are
-/// query heads, so each reads its own sink as a token (`sink[g * GROUP + r]`); the tile
-/// program over the packed problem and the attention formula compute what the cascade
-/// computes.
+/// query heads, so each reads its own sink as a token (`sink[g * GROUP + r]`).
 #[test]
 fn grouped_query_decoding_packs_with_a_sink_per_query_head() {
-    use einattn_backends::family::softmax::schedule::pack_query_heads;
     for group in [2u64, 4] {
         let c = load(
             "gqa_sink_decoding",
             &[("H", 8), ("GROUP", group), ("N", 300), ("D", 32), ("B", 2)],
         );
-        let mut m = recognize(&c).expect("recognized");
-        assert!(m.spec.sink.is_some());
-        assert_eq!(pack_query_heads(&mut m), Some(group));
-        assert!(m.head_params.is_empty() && m.tokens.len() == 1);
+        assert!(recognize(&c).expect("recognized").spec.sink.is_some());
         let inputs = random_inputs(&c, group + 7);
-        let kernel = cooperative(16, 64, 1, 3);
-        let err = tile_vs_interpreter_of(&c, &m, kernel, inputs.clone());
-        assert!(
-            err < 1e-2,
-            "GROUP={group}: tile program: relative error {err}"
-        );
-        let err = formula_error(&c, &m, &inputs);
-        assert!(
-            err < 1e-9,
-            "GROUP={group}: formula: relative difference {err}"
-        );
+        assert_packed_decoding_matches(&c, group, &inputs, &format!("GROUP={group}"));
     }
 }
 
 /// Grouped-query decoding with ALiBi slopes per query head: each packed row reads its own
 /// slope as a token, and the one query's position (0) stays 0 although the packed rows are
 /// numbered 0..GROUP (softmax1's `+1` in the denominator keeps the row's own term from
-/// cancelling, so a wrong position shows). The tile program and the formula over the
-/// packed problem compute what the cascade computes.
+/// cancelling, so a wrong position shows). With and without a query rank of one position.
 #[test]
 fn grouped_query_decoding_packs_with_alibi_slopes_per_query_head() {
-    use einattn_backends::family::softmax::schedule::pack_query_heads;
-    let src = |query_rank: bool| {
-        let (q, p_rank, pos) = if query_rank {
-            ("Q[b, h, p, e]", "[b, g, r, p", " - p")
-        } else {
-            ("Q[b, h, e]", "[b, g, r", "")
-        };
-        let rank_p = if query_rank { "rank p: 1\n" } else { "" };
-        format!(
-            "kernel gqa_alibi_decoding\nsize B = 2\nsize H = 8\nsize GROUP = 4\nsize N = 16\nsize D = 32\n\
-             rank b: B\nrank h: H\nrank e: D\nrank f: D\nrank m: N\n{rank_p}split h -> g, r: GROUP\n\
-             input Q{}: bf16\ninput K[b, m, g, e]: bf16\ninput V[b, m, g, f]: bf16\n\
-             param slope[h]: f32\nparam scale: f32 = 0.17\noutput O{}, f]: bf16\n\
-             QK{p_rank}, m] = {q} * K[b, m, g, e]\n\
-             S{p_rank}, m] = scale * QK{p_rank}, m] + slope[h] * (m{pos})\n\
-             G{p_rank}] = max[m] S{p_rank}, m]\n\
-             P{p_rank}, m] = exp(S{p_rank}, m] - G{p_rank}])\n\
-             L{p_rank}] = P{p_rank}, m]\n\
-             O{}, f] = P{p_rank}, m] / (L{p_rank}] + exp(-G{p_rank}])) * V[b, m, g, f]\n",
-            &q[1..],
-            if query_rank { "[b, h, p" } else { "[b, h" },
-            if query_rank { "[b, h, p" } else { "[b, h" },
-        )
-    };
+    const SOURCE: &str = "kernel gqa_alibi_decoding
+size B = 2
+size H = 8
+size GROUP = 4
+size N = 16
+size D = 32
+rank b: B
+rank h: H
+rank e: D
+rank f: D
+rank m: N
+RANK_P
+split h -> g, r: GROUP
+input Q[b, hP, e]: bf16
+input K[b, m, g, e]: bf16
+input V[b, m, g, f]: bf16
+param slope[h]: f32
+param scale: f32 = 0.17
+output O[b, hP, f]: bf16
+QK[b, g, rP, m] = Q[b, hP, e] * K[b, m, g, e]
+S[b, g, rP, m] = scale * QK[b, g, rP, m] + slope[h] * (m POS)
+G[b, g, rP] = max[m] S[b, g, rP, m]
+P[b, g, rP, m] = exp(S[b, g, rP, m] - G[b, g, rP])
+L[b, g, rP] = P[b, g, rP, m]
+O[b, hP, f] = P[b, g, rP, m] / (L[b, g, rP] + exp(-G[b, g, rP])) * V[b, m, g, f]
+";
     for query_rank in [false, true] {
-        let text = src(query_rank);
+        let (rank_p, index_p, pos) = if query_rank {
+            ("rank p: 1", ", p", "- p")
+        } else {
+            ("", "", "")
+        };
+        let text = SOURCE
+            .replace("RANK_P", rank_p)
+            .replace("P,", &format!("{index_p},"))
+            .replace("P]", &format!("{index_p}]"))
+            .replace("POS", pos);
         let c = einattn_dsl::compile_source("gqa_alibi_decoding.ein", &text, &[])
             .unwrap_or_else(|d| panic!("{}", d.render("gqa_alibi_decoding.ein", &text)));
-        let mut m = recognize(&c).expect("recognized");
-        assert_eq!(pack_query_heads(&mut m), Some(4), "query rank {query_rank}");
-        assert!(m.head_params.is_empty() && m.tokens.len() == 1);
         let mut inputs = random_inputs(&c, 11);
         // ALiBi's slopes (negative, one per query head): with 16 keys the `+1` weighs as
         // much as a key, so a row's own term would show.
@@ -1162,17 +1168,7 @@ fn grouped_query_decoding_packs_with_alibi_slopes_per_query_head() {
             .expect("a slope array");
         let slopes = (0..8).map(|h| -(h as f64 + 1.0) / 8.0).collect();
         inputs.insert(slope, einattn_ir::interp::TensorData::new(vec![8], slopes));
-        let kernel = cooperative(16, 64, 1, 3);
-        let err = tile_vs_interpreter_of(&c, &m, kernel, inputs.clone());
-        assert!(
-            err < 1e-2,
-            "query rank {query_rank}: tile program: relative error {err}"
-        );
-        let err = formula_error(&c, &m, &inputs);
-        assert!(
-            err < 1e-9,
-            "query rank {query_rank}: formula: relative difference {err}"
-        );
+        assert_packed_decoding_matches(&c, 4, &inputs, &format!("query rank {query_rank}"));
     }
 }
 

@@ -330,6 +330,14 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
                 .into(),
         ));
     }
+    if request.options.persistent == Some(true)
+        && (request.options.target != Target::Sm90a || request.options.mma == Some(MmaUnit::Sync))
+    {
+        return Err(CompileError::Usage(
+            "error: `--grid persistent` needs a producer warpgroup, which needs wgmma on the Hopper instruction set\n  = help: add `--target sm_90a` (and leave out `--mma sync`), or leave out `--grid`"
+                .into(),
+        ));
+    }
     // Kernel-shape options are meant for the family that reads the cascade: its refusal of
     // them is the answer, not a reason to try another family.
     let o = request.options;
@@ -338,6 +346,7 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
         || o.stages.is_some()
         || o.mma.is_some()
         || o.loads.is_some()
+        || o.persistent.is_some()
         || o.strategy.is_some()
         || o.chunk_tokens.is_some();
     let mut reasons = Vec::new();

@@ -123,8 +123,10 @@ impl PtxKernel {
     /// sequential program.
     pub fn grid(&self, batch: u32, heads: u32, n_q: u32) -> (u32, u32, u32) {
         if let Some(ctas) = self.persistent_ctas {
-            let tiles = (n_q * batch * heads).div_ceil(self.block_m);
-            return (tiles.clamp(1, ctas), 1, 1);
+            let tiles = (u64::from(n_q) * u64::from(batch) * u64::from(heads))
+                .div_ceil(u64::from(self.block_m));
+            // At most `ctas`, so it fits.
+            return (tiles.clamp(1, u64::from(ctas)) as u32, 1, 1);
         }
         let chunks = self
             .chunk_tiles
@@ -386,13 +388,17 @@ impl<'a> Printer<'a> {
 
     fn body_with_hoisted(&self) -> String {
         // Hoisted code uses only parameters, literals and the work tile's registers: insert
-        // it where the setup ends (in a persistent program, at each role's work-tile setup,
-        // so both see the values of their current tile).
-        if self.body.contains(SETUP_END) {
-            self.body
-                .replace(SETUP_END, &format!("{}{SETUP_END}", self.hoisted))
-        } else {
-            format!("{}{}", self.hoisted, self.body)
+        // it where the setup ends (in a persistent program, at the top of the consumers'
+        // work tile, so it sees that tile's values; the producer evaluates no expression).
+        match self.body.find(SETUP_END) {
+            Some(pos) => {
+                let mut out = String::with_capacity(self.body.len() + self.hoisted.len());
+                out.push_str(&self.body[..pos]);
+                out.push_str(&self.hoisted);
+                out.push_str(&self.body[pos..]);
+                out
+            }
+            None => format!("{}{}", self.hoisted, self.body),
         }
     }
 }

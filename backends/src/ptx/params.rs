@@ -208,10 +208,7 @@ impl Printer<'_> {
         let warp = "%warp";
         let g = "%g";
         // Query tile: with masks the heaviest tiles (the last ones) go first.
-        let has_masks = prog
-            .body
-            .iter()
-            .any(|s| matches!(s, Stmt::KeyLoop { masks, .. } if !masks.is_empty()));
+        let has_masks = prog.has_band_masks();
         let qtile = self.named_once(".b32", "qtile");
         let colb = self.named_once(".b32", "colb");
         // The CTA's grid cell: its block index, or, in a look-back program, its ticket in

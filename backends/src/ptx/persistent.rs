@@ -7,8 +7,9 @@
 //!   CTAs running side by side read the same K and V from L2; with masks, the query tiles
 //!   with the most key tiles come first (longest first: the last wave is the short tiles).
 //! * **Setup per work tile.** Everything the grid cell used to say (query tile, batch and
-//!   head, tensor bases, query positions, head parameters, hoisted values) is set at the
-//!   top of each work tile, by each role.
+//!   head, tensor bases, query positions, head parameters) is set at the top of each work
+//!   tile, by each role; the values hoisted out of the statements too, by the consumers
+//!   (the producer evaluates no expression).
 //! * **Barriers across work tiles.** The key loop's rings run on: the producer and the
 //!   consumers advance stage and phase by the same key tiles, so their counts agree without
 //!   a reset. A tile loaded before the key loop (Q) completes phase `n` of its `full`
@@ -64,12 +65,7 @@ impl Printer<'_> {
         self.ins(format!("setp.ge.u32 {done}, {t}, %ntiles;"));
         self.ins(format!("@{done} bra.uni {};", work.exit));
         let (qtile, bh) = (self.r(), self.r());
-        let masked = self
-            .prog
-            .body
-            .iter()
-            .any(|s| matches!(s, Stmt::KeyLoop { masks, .. } if !masks.is_empty()));
-        if masked {
+        if self.prog.has_band_masks() {
             self.comment("work tile: longest first (the last query tiles of every head)");
             self.ins(format!("div.u32 {qtile}, {t}, %nwbh;"));
             self.ins(format!("rem.u32 {bh}, {t}, %nwbh;"));
@@ -132,7 +128,9 @@ impl Printer<'_> {
                 "this warp is done with {} for this work tile",
                 self.prog.shared[t.index()].name
             ));
-            let off = layout.top_empty(*t).expect("top tiles have barriers");
+            let off = layout
+                .top_empty(*t)
+                .expect("a persistent program's top tiles have empty barriers");
             let a = self.barrier_addr(off, None);
             self.ins(format!(
                 "@{lane0} mbarrier.arrive.shared::cta.b64 _, [{a}];"

@@ -98,6 +98,9 @@ impl BarrierLayout {
     /// programs), which the consumer warps arrive on once no statement of the work tile
     /// reads it any more.
     pub(super) fn top_empty(&self, t: SharedId) -> Option<u32> {
+        if !self.persistent {
+            return None;
+        }
         let i = self.top.iter().position(|(d, _)| *d == t)?;
         let rings = 2 * self.streams.len() as u32 * self.stages;
         Some(self.base + 8 * (self.top.len() as u32 + rings + i as u32))
@@ -200,9 +203,8 @@ impl Printer<'_> {
                 inits.push((layout.stream_empty(j) + 8 * s, warps));
             }
         }
-        if layout.persistent {
-            for (t, _) in &layout.top {
-                let off = layout.top_empty(*t).expect("top tiles have barriers");
+        for (t, _) in &layout.top {
+            if let Some(off) = layout.top_empty(*t) {
                 inits.push((off, warps));
             }
         }
@@ -356,7 +358,7 @@ impl Printer<'_> {
                 prog.shared[dst.index()].name,
                 prog.tensors[src.index()].name
             ));
-            if let Some(off) = layout.top_empty(*dst).filter(|_| layout.persistent) {
+            if let Some(off) = layout.top_empty(*dst) {
                 // The consumers are done with the previous work tile's copy (a fresh
                 // barrier reports the phase before the first complete).
                 self.comment("producer: wait until the previous work tile's copy is free");

@@ -1157,6 +1157,13 @@ impl TileProgram {
     pub fn rows_per_warp(&self) -> u32 {
         self.schedule.block_m / self.schedule.warps
     }
+    /// Whether the key loop has band masks (its query tiles then see different numbers of
+    /// key tiles, and the longest go first).
+    pub fn has_band_masks(&self) -> bool {
+        self.body
+            .iter()
+            .any(|s| matches!(s, Stmt::KeyLoop { masks, .. } if !masks.is_empty()))
+    }
     /// The CTA count a persistent grid is capped at (see [`TileSchedule::persistent`]).
     pub fn persistent_ctas(&self) -> Option<u32> {
         self.schedule.persistent

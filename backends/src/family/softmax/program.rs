@@ -327,6 +327,19 @@ impl AttentionSpec {
             p.head_params.push(HeadParam { name: name.clone() });
         }
     }
+    /// An equality of a query token and a key token (a document mask), which bounds the
+    /// keys a query tile can see: the key loop is narrowed to them.
+    pub fn key_narrowing(&self) -> Option<TokenMatch> {
+        self.value_masks
+            .iter()
+            .find_map(|m| match (m.lhs, m.op, m.rhs) {
+                ((q, TokenAt::Row), CmpOp::Eq, (k, TokenAt::Col))
+                | ((k, TokenAt::Col), CmpOp::Eq, (q, TokenAt::Row)) => {
+                    Some(TokenMatch { query: q, key: k })
+                }
+                _ => None,
+            })
+    }
     /// A short name used for kernel entry points.
     pub fn kernel_name(&self) -> String {
         let mut s = format!("einattn_fwd_d{}", self.head_dim);
@@ -564,17 +577,7 @@ pub fn flash_attention(
     };
     spec.declare_params(&mut p);
     p.tokens.extend(spec.tokens.iter().cloned());
-    // An equality of a query token and a key token bounds the keys a query tile can see.
-    p.key_narrowing = spec
-        .value_masks
-        .iter()
-        .find_map(|m| match (m.lhs, m.op, m.rhs) {
-            ((q, TokenAt::Row), CmpOp::Eq, (k, TokenAt::Col))
-            | ((k, TokenAt::Col), CmpOp::Eq, (q, TokenAt::Row)) => {
-                Some(TokenMatch { query: q, key: k })
-            }
-            _ => None,
-        });
+    p.key_narrowing = spec.key_narrowing();
     p.value_masks = spec.value_masks.clone();
 
     let shared = |p: &mut TileProgram, name: &str, rows, cols, rank| {

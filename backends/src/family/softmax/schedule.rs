@@ -527,8 +527,8 @@ struct PersistentChoice {
 
 /// A persistent grid (one CTA per SM looping over the work tiles) for a warp-specialized
 /// kernel whose key loop is whole and not narrowed, when asked (`--grid persistent`); one
-/// CTA per work tile otherwise, the default until the persistent form is measured faster on
-/// a GPU.
+/// CTA per work tile otherwise: measured on an H200, the persistent grid was 1-3% faster
+/// without masks but 4-10% slower causal (bench/results/softmax-persistent_2026-12-05).
 fn persistent_grid(
     m: &AttentionMatch,
     k: &AttentionSchedule,
@@ -536,19 +536,15 @@ fn persistent_grid(
     asked: Option<bool>,
     gpu: &GpuModel,
 ) -> Result<PersistentChoice, Diagnostic> {
-    let longest_first = if m.spec.masks().is_empty() {
-        ""
-    } else {
-        ", the query tiles with the most key tiles first"
-    };
+    let masked = !m.spec.masks().is_empty();
     let per_tile = PersistentChoice {
         ctas: None,
         reason: format!(
             "not persistent: one CTA per (query tile, batch, head){}",
-            if longest_first.is_empty() {
-                ""
-            } else {
+            if masked {
                 ", the query tiles with the most key tiles launched first"
+            } else {
+                ""
             }
         ),
     };
@@ -556,10 +552,7 @@ fn persistent_grid(
         Some("a persistent grid needs a producer warpgroup (`--loads producer` on sm_90a)")
     } else if e.splits > 1 {
         Some("a persistent grid walks whole key loops, and this kernel splits its keys across CTAs")
-    } else if m.spec.value_masks.iter().any(|v| {
-        use crate::tile::TokenAt::{Col, Row};
-        v.op == crate::tile::CmpOp::Eq && matches!((v.lhs.1, v.rhs.1), (Row, Col) | (Col, Row))
-    }) {
+    } else if m.spec.key_narrowing().is_some() {
         Some("a persistent grid cannot narrow a work tile's keys by a value mask (the scan needs a barrier of the whole CTA)")
     } else {
         None
@@ -574,16 +567,21 @@ fn persistent_grid(
         (Some(true), None) => Ok(PersistentChoice {
             ctas: Some(gpu.sm_count),
             reason: format!(
-                "persistent (asked): at most {} CTAs, one per SM, loop over the (query tile, batch, head) tiles{longest_first}; the producer loads the next tile's Q while the consumers finish the current one",
-                gpu.sm_count
+                "persistent (asked): at most {} CTAs, one per SM, loop over the (query tile, batch, head) tiles{}; the producer loads the next tile's Q while the consumers finish the current one",
+                gpu.sm_count,
+                if masked {
+                    ", the query tiles with the most key tiles first"
+                } else {
+                    ""
+                }
             ),
         }),
         _ => Ok(per_tile),
     }
 }
 
-/// Grouped-query decoding (one query per head, no masks, nothing per query head in the
-/// score): the `group` query heads that share a K/V head become the rows of one query tile,
+/// Grouped-query decoding (one query per head, no masks, no per-token input; per-head
+/// parameters become per-row tokens): the `group` query heads that share a K/V head become the rows of one query tile,
 /// read with the head stride as the row stride, and the kernel's heads are the K/V heads.
 /// Each K/V head is then read by one CTA (or one per split of its keys) rather than by
 /// `group`: K and V, which dominate decoding's traffic, cross from memory once. Returns the
