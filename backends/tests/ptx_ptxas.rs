@@ -228,3 +228,68 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
         }
     }
 }
+
+#[test]
+fn wide_key_tiles_the_register_model_admits_assemble_without_spills() {
+    let Some(ptxas) =
+        ptxas_for_test("wide_key_tiles_the_register_model_admits_assemble_without_spills")
+    else {
+        return;
+    };
+    use einattn_backends::family::softmax::schedule::fits_registers;
+    // Key tiles past 128 (FlashAttention-3 takes 176 at d = 128): the model must not admit
+    // a shape ptxas spills, for any variant of `specs`, two or three consumer warpgroups.
+    let mut admitted = Vec::new();
+    let mut failed = Vec::new();
+    for spec in specs() {
+        for (bm, warps) in [(128u32, 8u32), (192, 12)] {
+            for bn in [96u32, 112, 144, 176, 192, 208, 224] {
+                let sched = AttentionSchedule {
+                    block_m: bm,
+                    block_n: bn,
+                    warps,
+                    stages: 2,
+                    mma: MmaUnit::Warpgroup,
+                    loads: Loads::ProducerWarpgroup {
+                        pingpong: spec.head_dim >= 128,
+                        tma: true,
+                    },
+                    ..AttentionSchedule::default_for(&spec)
+                };
+                if !fits_registers(&spec, &sched) {
+                    continue;
+                }
+                let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+                let k = print_ptx(&prog, Target::Sm90a).expect("prints");
+                assert!(
+                    k.text
+                        .contains(&format!("wgmma.mma_async.sync.aligned.m64n{bn}k16.f32")),
+                    "{}: no m64n{bn} Q K^T",
+                    k.entry
+                );
+                let r = assemble(&ptxas, &k.text, "sm_90a")
+                    .unwrap_or_else(|e| panic!("{} {sched:?}: {e}", k.entry));
+                if r.spills()
+                    || ["C7512", "C7520", "C7508"]
+                        .iter()
+                        .any(|i| r.log.contains(i))
+                {
+                    failed.push(format!(
+                        "{} {bm}x{bn}: {} B spilled",
+                        k.entry, r.spill_stores
+                    ));
+                }
+                admitted.push((spec.head_dim, bm, bn));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "admitted, but ptxas spills or serializes:\n{}",
+        failed.join("\n")
+    );
+    // Not vacuous: FlashAttention-3's shapes are among those admitted.
+    for shape in [(128, 128, 176), (64, 128, 192)] {
+        assert!(admitted.contains(&shape), "{shape:?} not admitted");
+    }
+}

@@ -225,7 +225,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
             // normalization (sigmoid weights).
             0usize..4,
         ),
-        (0usize..3, 0usize..3, 0usize..3, 1usize..3),
+        (0usize..3, 0usize..3, 0usize..5, 1usize..3),
         (
             1usize..3,
             1usize..3,
@@ -280,7 +280,9 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                 };
                 let warps = [1u32, 2, 4][warps_i];
                 let block_m = 16 * warps * [1u32, 2, 4][bm_i].min(4 / warps.min(4)).max(1);
-                let block_n = [16u32, 32, 64][bn_i];
+                // Key tiles that are not powers of two (48, 80: FlashAttention-3 runs 176 at
+                // d = 128) against the query tiles' edges, masks and ragged key tails.
+                let block_n = [16u32, 32, 48, 64, 80][bn_i];
                 let sched = AttentionSchedule {
                     block_m,
                     block_n,
@@ -381,6 +383,54 @@ fn causal_window_ragged_fixed_cases() {
         };
         if let Err(e) = check(&case) {
             panic!("{e}");
+        }
+    }
+}
+
+#[test]
+fn wide_key_tiles_of_the_producer_shapes() {
+    // FlashAttention-3's shapes (128 x 176 at d = 128, 128 x 192 at d = 64) as the sm_90a
+    // producer kernels run them: key tiles that straddle the query tiles' diagonal, a
+    // ragged last key tile, both tails.
+    for (d, block_n, causal, n_q, n_k) in [
+        (128u32, 176u32, false, 300usize, 400usize),
+        (128, 176, true, 400, 400),
+        (64, 192, true, 333, 333),
+        (64, 208, false, 129, 500),
+    ] {
+        let mut spec = AttentionSpec::new(d, Elem::Bf16);
+        spec.causal = causal;
+        spec.write_lse = true;
+        let sched = AttentionSchedule {
+            block_m: 128,
+            block_n,
+            warps: 8,
+            stages: 2,
+            q_in_registers: false,
+            skip_unit_rescale: true,
+            persistent: None,
+            mma: MmaUnit::Warpgroup,
+            loads: Loads::ProducerWarpgroup {
+                pingpong: d >= 128,
+                tma: true,
+            },
+        };
+        let prob = Problem {
+            batch: 1,
+            heads: 1,
+            kv_group: 1,
+            n_q,
+            n_k,
+        };
+        let case = Case {
+            spec,
+            sched,
+            prob,
+            bhnd: false,
+            seed: 11,
+        };
+        if let Err(e) = check(&case) {
+            panic!("{d} x {block_n}: {e}");
         }
     }
 }

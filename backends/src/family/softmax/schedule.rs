@@ -437,7 +437,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
             "no kernel shape fits: the requested tile sizes exceed the register file or shared memory, or are not multiples of 16 rows per warp",
             Span::UNKNOWN,
         )
-        .with_help("legal shapes: block_m = 16 * warps * {1, 2}, block_n in {16, 32, 64, 128}, stages 2-4; with --loads producer or pingpong, wgmma and 8 or more warps"));
+        .with_help("legal shapes: block_m = 16 * warps * {1, 2}, block_n a multiple of 16 up to 256 (with cp.async, of the copying threads / 8 too), stages 2-4; with --loads producer or pingpong, wgmma and 8 or more warps"));
     }
     candidates.sort_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
     let (mut kernel, estimate) = candidates[0];
@@ -662,31 +662,39 @@ fn register_limit(k: &AttentionSchedule) -> u32 {
 }
 
 /// Shapes the Tile IR lowering accepts: whole m16 tiles per warp, at most two per warp
-/// (mma.sync); exactly one per warp in whole warpgroups (wgmma).
+/// (mma.sync); exactly one per warp in whole warpgroups (wgmma). The key tile is any
+/// multiple of 16 up to 256: it is the N of Q K^T (wgmma takes multiples of 8 up to 256,
+/// mma.sync n8 tiles) and the K of P V (k16 steps). `cp.async` copies a tile in steps of
+/// one 16-byte chunk per thread, eight threads per 128-byte row, so the copying threads
+/// over 8 must divide the rows of Q's and K/V's tiles; the copy engine takes any rows
+/// (a box of at most 256).
 fn shape_is_legal(spec: &AttentionSpec, k: &AttentionSchedule) -> bool {
     let rows = k.block_m / k.warps.max(1);
     let rows_ok = match k.mma {
         MmaUnit::Sync => rows.is_multiple_of(16) && (16..=32).contains(&rows),
         MmaUnit::Warpgroup => rows == 16 && k.warps.is_multiple_of(4),
     };
+    let copy_rows = match k.loads {
+        Loads::Cooperative => k.warps * 32 / 8,
+        Loads::ProducerWarpgroup { tma: false, .. } => crate::tile::PRODUCER_THREADS / 8,
+        Loads::ProducerWarpgroup { tma: true, .. } => 1,
+    };
     k.warps > 0
         && k.block_m.is_multiple_of(k.warps)
         && rows_ok
-        && [16, 32, 64, 128].contains(&k.block_n)
+        && k.block_n.is_multiple_of(16)
+        && (16..=256).contains(&k.block_n)
+        && k.block_n.is_multiple_of(copy_rows)
+        && k.block_m.is_multiple_of(copy_rows)
         && (2..=4).contains(&k.stages)
         && spec.head_dim.is_multiple_of(16)
         && spec.value_dim.is_multiple_of(16)
 }
 
-/// The cost model. A CTA walks its key tiles; each tile costs the larger of its tensor-core
-/// time (mma.sync reaches about half of the dense peak, plus the fragment reads from shared
-/// memory that feed it), its exponential and ALU time, and
-/// its K/V load time from L2 (shared by the CTAs of an SM); CTAs on one SM overlap those
-/// resources, so the SM's time is the bottleneck resource's total. Shapes whose fragments
-/// need more than 255 registers per thread (spills) or whose shared memory exceeds the SM
-/// are rejected.
-pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Option<Estimate> {
-    let spec = &m.spec;
+/// The register model: f32 registers per thread for the fragments (the estimate's
+/// `registers`), and the rest a kernel of this shape needs beside them (addresses, loop
+/// state, softmax temporaries, the probabilities' A fragments), from ptxas reports.
+fn registers_needed(spec: &AttentionSpec, k: &AttentionSchedule) -> (u32, u32) {
     // Q . K runs over `d` columns, P V and the output over `dv`.
     let (d, dv) = (spec.head_dim as u64, spec.value_dim as u64);
     let rows16 = (k.block_m / k.warps / 16) as u64;
@@ -715,12 +723,42 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
         MmaUnit::Sync => 40 + loads_per_thread.saturating_sub(32),
         MmaUnit::Warpgroup => 16 + k.block_n / 4,
     } + if k.loads.specialized() {
-        // Stage, phase and barrier addresses; P of the deferred P V beside the next scores
-        // (192 x 128 tiles at d = 64 spilled at 152 registers, ptxas 2026-12-04).
-        16
+        // Stage, phase and barrier addresses; P of the deferred P V beside the next scores.
+        // The widest key tiles ptxas (CUDA 13.0, 2026-12-05) fits without spilling: 176 at
+        // d = 128 and 208 at d = 64 with 224 registers (128 rows), 112 at d = 64 with 152
+        // (192 rows); one step of 16 more spills each. 12 separates the two. A modified
+        // score's hoisted constants and per-column terms take more: ALiBi kernels at those
+        // widths spilled 20-32 bytes.
+        12 + if spec.modifies_score() {
+            k.block_n / 16
+        } else {
+            0
+        }
     } else {
         0
     };
+    (registers, overhead)
+}
+
+/// Whether the register model admits the shape: its fragments and overhead within what a
+/// thread gets (255, or the consumers' `setmaxnreg`). A shape it admits must assemble
+/// without spills (the ptxas tests hold it to that).
+pub fn fits_registers(spec: &AttentionSpec, k: &AttentionSchedule) -> bool {
+    let (registers, overhead) = registers_needed(spec, k);
+    registers + overhead <= register_limit(k)
+}
+
+/// The cost model. A CTA walks its key tiles; each tile costs the larger of its tensor-core
+/// time (mma.sync reaches about half of the dense peak, plus the fragment reads from shared
+/// memory that feed it), its exponential and ALU time, and
+/// its K/V load time from L2 (shared by the CTAs of an SM); CTAs on one SM overlap those
+/// resources, so the SM's time is the bottleneck resource's total. Shapes whose fragments
+/// need more than 255 registers per thread (spills) or whose shared memory exceeds the SM
+/// are rejected.
+pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Option<Estimate> {
+    let spec = &m.spec;
+    let (d, dv) = (spec.head_dim as u64, spec.value_dim as u64);
+    let (registers, overhead) = registers_needed(spec, k);
     // A warp-specialized CTA runs alone on its SM, its consumers with the registers the
     // producer leaves (setmaxnreg).
     let specialized = k.loads.specialized();
