@@ -437,7 +437,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
             "no kernel shape fits: the requested tile sizes exceed the register file or shared memory, or are not multiples of 16 rows per warp",
             Span::UNKNOWN,
         )
-        .with_help("legal shapes: block_m = 16 * warps * {1, 2}, block_n a multiple of 16 up to 256 (with cp.async, of the copying threads / 8 too), stages 2-4; with --loads producer or pingpong, wgmma and 8 or more warps"));
+        .with_help("legal shapes: block_m = 16 * warps * {1, 2}, block_n in {16, 32, 64, 128} (with wgmma, a multiple of 16 up to 256; with cp.async, of the copying threads / 8 too), stages 2-4; with --loads producer or pingpong, wgmma and 8 or more warps"));
     }
     candidates.sort_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
     let (mut kernel, estimate) = candidates[0];
@@ -662,17 +662,25 @@ fn register_limit(k: &AttentionSchedule) -> u32 {
 }
 
 /// Shapes the Tile IR lowering accepts: whole m16 tiles per warp, at most two per warp
-/// (mma.sync); exactly one per warp in whole warpgroups (wgmma). The key tile is any
-/// multiple of 16 up to 256: it is the N of Q K^T (wgmma takes multiples of 8 up to 256,
-/// mma.sync n8 tiles) and the K of P V (k16 steps). `cp.async` copies a tile in steps of
+/// (mma.sync); exactly one per warp in whole warpgroups (wgmma). With wgmma the key tile is
+/// any multiple of 16 up to 256: it is the N of Q K^T (multiples of 8 up to 256) and the K
+/// of P V (k16 steps). mma.sync keeps 16, 32, 64 and 128, the widths its register model
+/// was measured at (an 80-wide tile at d = 128 spilled where the model admitted it,
+/// ptxas 2026-12-05). `cp.async` copies a tile in steps of
 /// one 16-byte chunk per thread, eight threads per 128-byte row, so the copying threads
 /// over 8 must divide the rows of Q's and K/V's tiles; the copy engine takes any rows
 /// (a box of at most 256).
-fn shape_is_legal(spec: &AttentionSpec, k: &AttentionSchedule) -> bool {
+pub fn shape_is_legal(spec: &AttentionSpec, k: &AttentionSchedule) -> bool {
     let rows = k.block_m / k.warps.max(1);
-    let rows_ok = match k.mma {
-        MmaUnit::Sync => rows.is_multiple_of(16) && (16..=32).contains(&rows),
-        MmaUnit::Warpgroup => rows == 16 && k.warps.is_multiple_of(4),
+    let (rows_ok, key_tile_ok) = match k.mma {
+        MmaUnit::Sync => (
+            rows.is_multiple_of(16) && (16..=32).contains(&rows),
+            [16, 32, 64, 128].contains(&k.block_n),
+        ),
+        MmaUnit::Warpgroup => (
+            rows == 16 && k.warps.is_multiple_of(4),
+            k.block_n.is_multiple_of(16) && (16..=256).contains(&k.block_n),
+        ),
     };
     let copy_rows = match k.loads {
         Loads::Cooperative => k.warps * 32 / 8,
@@ -682,8 +690,7 @@ fn shape_is_legal(spec: &AttentionSpec, k: &AttentionSchedule) -> bool {
     k.warps > 0
         && k.block_m.is_multiple_of(k.warps)
         && rows_ok
-        && k.block_n.is_multiple_of(16)
-        && (16..=256).contains(&k.block_n)
+        && key_tile_ok
         && k.block_n.is_multiple_of(copy_rows)
         && k.block_m.is_multiple_of(copy_rows)
         && (2..=4).contains(&k.stages)
