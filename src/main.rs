@@ -188,6 +188,11 @@ struct KernelFlags {
     /// choice.
     #[arg(long, value_enum)]
     grid: Option<GridArg>,
+    /// Softmax attention: rescale the output at every key tile whose max grew (eager), or
+    /// keep each row's max until a tile's scores exceed it by 2^8 (lazy; exact, and most
+    /// tiles then skip the rescale). Default: eager.
+    #[arg(long, value_enum)]
+    rescale: Option<RescaleArg>,
     /// Linear attention: one CTA walks the sequence (single), parallel chunks in two
     /// kernels (chunked), or one block per CTA with a decoupled look-back (lookback).
     #[arg(long, value_parser = ["single", "chunked", "lookback"])]
@@ -229,6 +234,7 @@ impl KernelFlags {
                     Loads::ProducerWarpgroup { pingpong, tma }
                 }),
                 persistent: self.grid.map(|g| matches!(g, GridArg::Persistent)),
+                lazy_rescale: self.rescale.map(|r| matches!(r, RescaleArg::Lazy)),
                 optimize: self.optimize,
                 strategy: self.strategy,
                 chunk_tokens: self.chunk_tokens,
@@ -264,6 +270,12 @@ enum LoadsArg {
 enum GridArg {
     Tiles,
     Persistent,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RescaleArg {
+    Eager,
+    Lazy,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -85,6 +85,7 @@ fn ptxas_accepts_other_schedules() {
             stages,
             q_in_registers: qreg,
             skip_unit_rescale: false,
+            lazy_rescale: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -178,6 +179,11 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
                 mma: MmaUnit::Warpgroup,
                 loads: Loads::ProducerWarpgroup { pingpong, tma },
                 persistent,
+                // Lazy rescaling rides along with the persistent variant (its threshold
+                // test and vote are a few more row registers).
+                lazy_rescale: persistent.is_some(),
+                skip_unit_rescale: persistent.is_some()
+                    || AttentionSchedule::default_for(&spec).skip_unit_rescale,
                 ..AttentionSchedule::default_for(&spec)
             };
             let (prog, _) = flash_attention(&spec, &sched).expect("builds");

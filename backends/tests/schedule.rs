@@ -54,6 +54,7 @@ fn cooperative(block_m: u32, block_n: u32, warps: u32, stages: u32) -> Attention
         stages,
         q_in_registers: false,
         skip_unit_rescale: true,
+        lazy_rescale: false,
         persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,
@@ -232,6 +233,7 @@ fn tile_program_matches_the_interpreter_on_every_example() {
                 stages: 2,
                 q_in_registers: false,
                 skip_unit_rescale: true,
+                lazy_rescale: false,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -243,6 +245,20 @@ fn tile_program_matches_the_interpreter_on_every_example() {
                 stages: 3,
                 q_in_registers: true,
                 skip_unit_rescale: false,
+                lazy_rescale: false,
+                persistent: None,
+                mma: MmaUnit::Sync,
+                loads: Loads::Cooperative,
+            },
+            // Lazy rescaling, and a key tile that is not a power of two.
+            AttentionSchedule {
+                block_m: 64,
+                block_n: 48,
+                warps: 4,
+                stages: 2,
+                q_in_registers: false,
+                skip_unit_rescale: true,
+                lazy_rescale: true,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -449,6 +465,39 @@ fn a_persistent_grid_is_chosen_only_where_it_applies() {
 }
 
 #[test]
+fn lazy_rescaling_is_taken_where_asked_except_by_partial_kernels() {
+    use einattn_backends::Target;
+    let lazy = ScheduleOptions {
+        target: Target::Sm90a,
+        lazy_rescale: Some(true),
+        ..ScheduleOptions::default()
+    };
+    let big = [("N", 4096), ("D", 128), ("H", 16), ("B", 4)];
+    let s = schedule(&load("attention_causal", &big), &lazy).expect("schedules");
+    assert!(s.kernel.lazy_rescale && s.kernel.skip_unit_rescale);
+    assert!(
+        s.explain().contains("rescale: lazy (asked)"),
+        "{}",
+        s.explain()
+    );
+    // Not asked: eager.
+    let eager = ScheduleOptions {
+        lazy_rescale: None,
+        ..lazy.clone()
+    };
+    let s = schedule(&load("attention_causal", &big), &eager).expect("schedules");
+    assert!(!s.kernel.lazy_rescale);
+    // Split decoding's kernels write a max the merge reads: eager, and said so.
+    let decode = load("flash_decoding", &[("N", 131072), ("D", 128)]);
+    let s = schedule(&decode, &lazy).expect("schedules");
+    assert!(s.estimate.splits > 1);
+    assert!(!s.kernel.lazy_rescale);
+    assert!(s
+        .explain()
+        .contains("rescale: eager although lazy was asked"));
+}
+
+#[test]
 fn compile_produces_a_contract_that_matches_the_ptx() {
     use einattn_backends::abi::Source;
     let c = load("attention_sliding_window", &[]);
@@ -562,6 +611,7 @@ fn offset_bands_map_and_match_the_interpreter() {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: false,
+            lazy_rescale: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -573,6 +623,7 @@ fn offset_bands_map_and_match_the_interpreter() {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: true,
+            lazy_rescale: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -634,6 +685,7 @@ fn grouped_query_attention_tile_program_matches_the_interpreter() {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: true,
+            lazy_rescale: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -645,6 +697,7 @@ fn grouped_query_attention_tile_program_matches_the_interpreter() {
             stages: 3,
             q_in_registers: true,
             skip_unit_rescale: false,
+            lazy_rescale: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -725,6 +778,7 @@ fn grouped_query_attention_with_per_head_slopes_matches_the_interpreter() {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: true,
+            lazy_rescale: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -750,6 +804,7 @@ fn grouped_query_attention_needs_its_kv_head_mapping() {
         stages: 2,
         q_in_registers: false,
         skip_unit_rescale: true,
+        lazy_rescale: false,
         persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,

@@ -290,6 +290,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     stages: stages as u32 + 1,
                     q_in_registers: seed % 2 == 0,
                     skip_unit_rescale: seed % 3 == 0,
+                    lazy_rescale: seed % 5 < 2,
                     persistent: None,
                     mma: MmaUnit::Sync,
                     loads: Loads::Cooperative,
@@ -363,6 +364,7 @@ fn causal_window_ragged_fixed_cases() {
             stages: 2,
             q_in_registers: true,
             skip_unit_rescale: false,
+            lazy_rescale: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -408,6 +410,7 @@ fn wide_key_tiles_of_the_producer_shapes() {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: true,
+            lazy_rescale: false,
             persistent: None,
             mma: MmaUnit::Warpgroup,
             loads: Loads::ProducerWarpgroup {
@@ -436,6 +439,64 @@ fn wide_key_tiles_of_the_producer_shapes() {
 }
 
 #[test]
+fn lazy_rescale_is_exact_when_the_max_moves_late() {
+    // Scores that climb along the keys (a term `ramp * m`) move a row's max past the lazy
+    // threshold every few tiles, or at every tile, or (falling) only at the first: the
+    // output and the log-sum-exp must match the reference either way.
+    use einattn_backends::tile::{ex, SeqRank};
+    for (ramp, causal, sink) in [
+        (0.05, false, false),
+        (0.3, true, false),
+        (2.0, false, true),
+        (-0.05, true, true),
+    ] {
+        let mut spec = AttentionSpec::new(32, Elem::Bf16);
+        spec.causal = causal;
+        spec.score.expr = ex::add(
+            spec.score.expr.clone(),
+            ex::mul(ex::lit(ramp), ScalarExpr::Index(SeqRank::Key)),
+        );
+        if sink {
+            spec.score.head_params.push("sink".into());
+            let id = spec.score.head_params.len() as u32 - 1;
+            spec.sink = Some(ScalarExpr::Head(HeadParamId(id)));
+        } else {
+            spec.write_lse = true;
+        }
+        for lazy in [false, true] {
+            let sched = AttentionSchedule {
+                block_m: 32,
+                block_n: 16,
+                warps: 2,
+                stages: 2,
+                q_in_registers: false,
+                skip_unit_rescale: true,
+                lazy_rescale: lazy,
+                persistent: None,
+                mma: MmaUnit::Sync,
+                loads: Loads::Cooperative,
+            };
+            let case = Case {
+                spec: spec.clone(),
+                sched,
+                prob: Problem {
+                    batch: 1,
+                    heads: 2,
+                    kv_group: 1,
+                    n_q: 70,
+                    n_k: 150,
+                },
+                bhnd: false,
+                seed: 5,
+            };
+            if let Err(e) = check(&case) {
+                panic!("ramp {ramp} lazy {lazy}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
 fn window_edges_sweep() {
     // Windows at and around tile sizes hit every off-by-one of the skip and mask rules.
     for window in [
@@ -453,6 +514,7 @@ fn window_edges_sweep() {
                 stages: 2,
                 q_in_registers: true,
                 skip_unit_rescale: false,
+                lazy_rescale: false,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -533,7 +595,7 @@ proptest! {
         let mut sliced = spec.clone();
         sliced.query_offset = true;
         let sched = AttentionSchedule {
-            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, skip_unit_rescale: false, mma: MmaUnit::Sync, loads: Loads::Cooperative, persistent: None,
+            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, lazy_rescale: false, skip_unit_rescale: false, mma: MmaUnit::Sync, loads: Loads::Cooperative, persistent: None,
         };
         let (prog, bind) = flash_attention(&sliced, &sched).expect("builds");
         let mut io = Bindings {

@@ -69,6 +69,7 @@ fn run_partial(x: &Block, n_q: usize, n_k: usize, q_offset: usize) -> [Vec<f64>;
         stages: 2,
         q_in_registers: false,
         skip_unit_rescale: false,
+        lazy_rescale: false,
         persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,

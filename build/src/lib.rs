@@ -452,6 +452,7 @@ impl Builder {
             mma: None,
             loads: None,
             persistent: None,
+            lazy_rescale: None,
             optimize: kernel.optimize.unwrap_or(self.optimize),
             strategy: kernel.strategy.clone(),
             chunk_tokens: kernel.chunk_tokens,

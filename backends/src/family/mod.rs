@@ -69,6 +69,8 @@ pub struct KernelOptions {
     pub loads: Option<crate::tile::Loads>,
     /// A persistent grid (one CTA per SM looping over the work tiles) or one CTA per tile.
     pub persistent: Option<bool>,
+    /// Softmax: rescale the output lazily (keep a row's max until it grows by 2^8).
+    pub lazy_rescale: Option<bool>,
     /// Run the rewrite engine first.
     pub optimize: bool,
     /// A family's named strategy (`single`, `chunked`, `lookback` for linear attention).
@@ -347,6 +349,7 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
         || o.mma.is_some()
         || o.loads.is_some()
         || o.persistent.is_some()
+        || o.lazy_rescale.is_some()
         || o.strategy.is_some()
         || o.chunk_tokens.is_some();
     let mut reasons = Vec::new();

@@ -36,8 +36,13 @@ impl BuildRecord {
         "chunk_tokens": o.chunk_tokens,
         });
         // Only when chosen: older records (and their goldens) have no such key.
-        if let (Some(p), Some(map)) = (o.persistent, v.as_object_mut()) {
-            map.insert("persistent".into(), p.into());
+        if let Some(map) = v.as_object_mut() {
+            if let Some(p) = o.persistent {
+                map.insert("persistent".into(), p.into());
+            }
+            if let Some(lazy) = o.lazy_rescale {
+                map.insert("lazy_rescale".into(), lazy.into());
+            }
         }
         // Plain data with string keys: serialization cannot fail.
         serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
@@ -104,6 +109,7 @@ impl BuildRecord {
             strategy: text("strategy"),
             chunk_tokens: v.get("chunk_tokens").and_then(|x| x.as_u64()),
             persistent: v.get("persistent").and_then(|x| x.as_bool()),
+            lazy_rescale: v.get("lazy_rescale").and_then(|x| x.as_bool()),
         };
         Ok(BuildRecord {
             source: text("source").unwrap_or_else(|| "source.ein".to_string()),
@@ -136,6 +142,7 @@ mod tests {
                     tma: true,
                 }),
                 persistent: Some(true),
+                lazy_rescale: Some(true),
                 optimize: true,
                 strategy: Some("chunked".into()),
                 chunk_tokens: Some(1024),

@@ -118,6 +118,7 @@ pub fn compile_softmax(
             mma: options.mma,
             loads: options.loads,
             persistent: options.persistent,
+            lazy_rescale: options.lazy_rescale,
             operands_in_scratch: prologue.is_some(),
             ..ScheduleOptions::default()
         };

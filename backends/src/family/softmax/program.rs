@@ -422,6 +422,12 @@ pub struct AttentionSchedule {
     pub q_in_registers: bool,
     /// See [`TileSchedule::skip_unit_rescale`].
     pub skip_unit_rescale: bool,
+    /// Lazy rescaling: a row keeps its running max until a key tile's scores exceed it by
+    /// more than [`LAZY_RESCALE_LOG2`] (in log2 units), so most tiles leave the output and
+    /// the sum unscaled (the warp's vote then skips the multiply). Exact: numerator and
+    /// denominator share the stale max; each probability is at most 2^8 (FlashAttention-4
+    /// does the same). Not in partial kernels, whose max a merge or check reads.
+    pub lazy_rescale: bool,
     /// Tensor-core instructions: `wgmma` needs 16 rows per warp and whole warpgroups.
     pub mma: MmaUnit,
     /// Who copies K and V: every thread, or a producer warpgroup (needs `wgmma`).
@@ -450,6 +456,7 @@ impl AttentionSchedule {
             stages: 2,
             q_in_registers: false,
             skip_unit_rescale: !(spec.head_dim <= 64 && plain),
+            lazy_rescale: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -469,6 +476,11 @@ pub struct AttentionBindings {
     /// The row outputs `max` and `sum` of a partial program.
     pub stats: Option<(RowOutputId, RowOutputId)>,
 }
+
+/// How far (in log2 units of the logit) a row's scores may exceed its running max before a
+/// lazily rescaled kernel moves the max: probabilities stay at most 2^8, far inside bf16's
+/// and f16's range.
+pub const LAZY_RESCALE_LOG2: f64 = 8.0;
 
 /// Builds the 1-pass softmax attention tile program.
 pub fn flash_attention(
@@ -777,6 +789,20 @@ pub fn flash_attention(
         lp.push(Stmt::RowMap {
             dst: m_new,
             expr: max(row(m_run), row(tile_max)),
+        });
+    }
+    if sched.lazy_rescale && !spec.partial {
+        // Keep the running max unless the tile's exceeds it by more than the threshold
+        // (-inf + t is -inf: a row's first unmasked tile always moves it).
+        lp.push(Stmt::RowMap {
+            dst: m_new,
+            expr: select(
+                CmpOp::Gt,
+                row(m_new),
+                add(row(m_run), lit(LAZY_RESCALE_LOG2)),
+                row(m_new),
+                row(m_run),
+            ),
         });
     }
     // A row that has seen only masked keys keeps max -inf; subtract 0 instead so that

@@ -35,6 +35,9 @@ pub struct ScheduleOptions {
     pub loads: Option<Loads>,
     /// A persistent grid, or one CTA per work tile (default: the scheduler's choice).
     pub persistent: Option<bool>,
+    /// Lazy rescaling of the output (see [`AttentionSchedule::lazy_rescale`]; default:
+    /// eager).
+    pub lazy_rescale: Option<bool>,
     /// Q and K are in scratch (pre-kernels write them): the launcher makes tensor maps of
     /// the cascade's tensors only, so the copy engine is not used.
     pub operands_in_scratch: bool,
@@ -52,6 +55,7 @@ impl Default for ScheduleOptions {
             mma: None,
             loads: None,
             persistent: None,
+            lazy_rescale: None,
             operands_in_scratch: false,
         }
     }
@@ -443,6 +447,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     let (mut kernel, estimate) = candidates[0];
     let persistent = persistent_grid(&matched, &kernel, &estimate, options.persistent, &gpu)?;
     kernel.persistent = persistent.ctas;
+    let lazy_reason = lazy_rescale(&mut kernel, spec, estimate.splits, options.lazy_rescale);
     let overridden = [
         options.block_m,
         options.block_n,
@@ -499,7 +504,8 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         }
     }
     reasons.push(persistent.reason);
-    if kernel.skip_unit_rescale {
+    reasons.extend(lazy_reason);
+    if kernel.skip_unit_rescale && !kernel.lazy_rescale {
         reasons.push("the rescale of the output is skipped when no row's max grew (saves registers under 255)".into());
     }
     if spec.score.scaled_dot().is_some() {
@@ -578,6 +584,31 @@ fn persistent_grid(
         }),
         _ => Ok(per_tile),
     }
+}
+
+/// Lazy rescaling where asked (`--rescale lazy`): the kernel keeps each row's running max
+/// until a tile's scores exceed it by 2^8, and skips the output's rescale when no row of a
+/// warp moved (the vote of `skip_unit_rescale`). Eager by default: not yet measured on a
+/// GPU. A partial kernel (split decoding, sequence-parallel blocks) stays eager, since its
+/// max is read by a merge. Returns the reason to print, if any.
+fn lazy_rescale(
+    k: &mut AttentionSchedule,
+    spec: &AttentionSpec,
+    splits: u32,
+    asked: Option<bool>,
+) -> Option<String> {
+    if asked != Some(true) || spec.normalization == Normalization::None {
+        return None;
+    }
+    if spec.partial || splits > 1 {
+        return Some("rescale: eager although lazy was asked: this kernel's max is a partial statistic a merge reads".into());
+    }
+    k.lazy_rescale = true;
+    k.skip_unit_rescale = true;
+    Some(format!(
+        "rescale: lazy (asked): a row's running max moves only when a tile's scores exceed it by a factor of more than 2^{} (no probability exceeds that); a warp whose rows all kept theirs skips the rescale of the output",
+        super::program::LAZY_RESCALE_LOG2
+    ))
 }
 
 /// Grouped-query decoding (one query per head, no masks, no per-token input; per-head
