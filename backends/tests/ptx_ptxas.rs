@@ -200,6 +200,13 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
                 );
             }
             assert_eq!(k.persistent_ctas, persistent, "{}", k.entry);
+            // Work tiles of unequal length (band masks): rounds alternate direction.
+            assert_eq!(
+                k.text.contains("odd rounds run the other way"),
+                persistent.is_some() && !spec.masks().is_empty(),
+                "{}",
+                k.entry
+            );
             // The producer copies with the copy engine, or with cp.async, never both.
             assert_eq!(k.text.contains("cp.async.bulk.tensor"), tma, "{}", k.entry);
             assert_eq!(k.text.contains("cp.async.cg"), !tma, "{}", k.entry);

@@ -1,11 +1,16 @@
 //! Persistent grids ([`TileSchedule::persistent`]): each CTA of a warp-specialized program
 //! loops over work tiles instead of computing one.
 //!
-//! * **Work tiles.** There are `%ntiles = ceil(N_q / block_m) * B * H`; the CTA takes
-//!   `ctaid.x, ctaid.x + nctaid.x, ...` (a static schedule: both roles walk the same list
-//!   without talking). Without masks, consecutive tiles are the query tiles of one head, so
-//!   CTAs running side by side read the same K and V from L2; with masks, the query tiles
-//!   with the most key tiles come first (longest first: the last wave is the short tiles).
+//! * **Work tiles.** There are `%ntiles = ceil(N_q / block_m) * B * H`; in round `r` the
+//!   CTAs take tiles `r * nctaid.x` to `(r + 1) * nctaid.x - 1` (a static schedule: both
+//!   roles walk the same list without talking; `tests::work_tile_index` models it). Without masks,
+//!   consecutive tiles are the query tiles of one head, so CTAs running side by side read
+//!   the same K and V from L2, and CTA `c` takes tile `c` of each round. With masks, the
+//!   query tiles with the most key tiles come first (longest first: the last rounds are the
+//!   short tiles), and the rounds alternate direction (CTA `c` takes tile `c`, then tile
+//!   `nctaid.x - 1 - c`, ...): in plain round-robin the CTAs with low indices take the
+//!   longer tile of every round, 3-6% more work than the average for causal masks at the
+//!   benchmark's shapes, where the alternation leaves 0.2%.
 //! * **Setup per work tile.** Everything the grid cell used to say (query tile, batch and
 //!   head, tensor bases, query positions, head parameters) is set at the top of each work
 //!   tile, by each role; the values hoisted out of the statements too, by the consumers
@@ -60,6 +65,16 @@ impl Printer<'_> {
         let (t, stride) = (self.r(), self.r());
         self.ins(format!("mov.u32 {stride}, %nctaid.x;"));
         self.ins(format!("mov.u32 {t}, %ctaid.x;"));
+        if self.prog.has_band_masks() {
+            self.comment("odd rounds run the other way (tiles of unequal length)");
+            let (mirror, odd) = (self.r(), self.pred());
+            self.ins(format!("sub.u32 {mirror}, {stride}, {t};"));
+            self.ins(format!("sub.u32 {mirror}, {mirror}, 1;"));
+            let bit = self.r();
+            self.ins(format!("and.b32 {bit}, {count}, 1;"));
+            self.ins(format!("setp.ne.u32 {odd}, {bit}, 0;"));
+            self.ins(format!("selp.u32 {t}, {mirror}, {t}, {odd};"));
+        }
         self.ins(format!("mad.lo.u32 {t}, {count}, {stride}, {t};"));
         let done = self.pred();
         self.ins(format!("setp.ge.u32 {done}, {t}, %ntiles;"));
@@ -136,5 +151,74 @@ impl Printer<'_> {
                 "@{lane0} mbarrier.arrive.shared::cta.b64 _, [{a}];"
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The work tile a persistent CTA takes in a round (what the printed loop head computes):
+    /// round `round` covers tiles `round * grid ..`, CTA `cta` taking the `cta`-th of them, or
+    /// with `alternate` (masked programs, longest tiles first) the `cta`-th from the end in odd
+    /// rounds. Past `%ntiles`, the CTA is done.
+    pub fn work_tile_index(round: u64, cta: u64, grid: u64, alternate: bool) -> u64 {
+        let within = if alternate && round % 2 == 1 {
+            grid - 1 - cta
+        } else {
+            cta
+        };
+        round * grid + within
+    }
+
+    /// Each CTA's rounds until its tile index passes `ntiles`, as the loop runs them.
+    fn tiles_of(cta: u64, grid: u64, ntiles: u64, alternate: bool) -> Vec<u64> {
+        (0..)
+            .map(|r| work_tile_index(r, cta, grid, alternate))
+            .take_while(|&t| t < ntiles)
+            .collect()
+    }
+
+    #[test]
+    fn every_work_tile_is_taken_once() {
+        for grid in [1u64, 2, 7, 132] {
+            for ntiles in [0u64, 1, 5, 131, 132, 133, 264, 1000, 2048] {
+                for alternate in [false, true] {
+                    let mut seen = vec![0u32; ntiles as usize];
+                    for cta in 0..grid {
+                        for t in tiles_of(cta, grid, ntiles, alternate) {
+                            seen[t as usize] += 1;
+                        }
+                    }
+                    assert!(
+                        seen.iter().all(|&n| n == 1),
+                        "grid {grid} ntiles {ntiles} alternate {alternate}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn alternating_rounds_balance_causal_tiles() {
+        // Causal work tiles longest first (query tile q of 32 has q + 1 key tiles, plus one
+        // tile's worth of prologue and epilogue), B * H = 64 heads, 132 CTAs: the busiest
+        // CTA's work over the mean.
+        let (nqt, heads, grid) = (32u64, 64u64, 132u64);
+        let length = |t: u64| nqt - t / heads + 1;
+        let ntiles = nqt * heads;
+        let imbalance = |alternate: bool| {
+            let work: Vec<u64> = (0..grid)
+                .map(|c| {
+                    tiles_of(c, grid, ntiles, alternate)
+                        .into_iter()
+                        .map(length)
+                        .sum()
+                })
+                .collect();
+            let mean = work.iter().sum::<u64>() as f64 / grid as f64;
+            *work.iter().max().unwrap_or(&0) as f64 / mean
+        };
+        let (plain, alternating) = (imbalance(false), imbalance(true));
+        assert!(plain > 1.05, "round-robin {plain}");
+        assert!(alternating < 1.01, "alternating {alternating}");
     }
 }
