@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Wide key tiles, lazy rescaling and alternating persistent rounds (built without a GPU on
+# 2026-12-05) on one H200 in one call. Steps (WHAT, default all):
+#   checks     bench/check_softmax.sh on sm_90a (N=1000, bf16/f16) with FlashAttention-3's
+#              key tiles (176 at d=128, 192 at d=64) and `--rescale lazy`; then every
+#              example with `--rescale lazy` alone at d=128. A shape refused for shared
+#              memory or registers (latent attention's wider Q.K) is listed, not a failure
+#              of the kernel.
+#   persistent `check --grid persistent` of the masked examples at sizes with more work
+#              tiles than SMs (the rounds alternate direction now)
+#   sweep      bench/softmax_sweep.py: the default beside 144/160/176/192-key tiles, lazy
+#              rescaling, persistent grids and their mixes, SDPA's FA2 and cuDNN
+#   flex       bench/flex_variants.py on FLEX_CASES with OURS_ALT (default `--rescale lazy`)
+# Results go to $OUT as they come; the sweep alone takes 5-8 minutes, so run it as its own
+# device call (WHAT=sweep). Usage: OUT=dir [WHAT=...] bench/shapes_device.sh [path/to/einattn]
+set -u
+export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+BIN=${1:-target/release/einattn}
+WHAT=${WHAT:-checks persistent sweep flex}
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/device.txt" 2>&1
+date -u >> "$OUT/device.txt"
+if [[ $WHAT == *checks* ]]; then
+  for d in 64 128; do
+    wide=176
+    [ "$d" = 64 ] && wide=192
+    for dt in bf16 f16; do
+      CHECK_FLAGS="--target sm_90a --tile m0=$wide --rescale lazy" NS=1000 DS=$d DTS=$dt LIMIT=60 \
+        timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_wide_lazy_d${d}_$dt.txt" 2>&1 &
+    done
+  done
+  CHECK_FLAGS="--target sm_90a --rescale lazy" NS=1000 DS=128 DTS=bf16 LIMIT=60 \
+    timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_lazy_d128_bf16.txt" 2>&1 &
+fi
+if [[ $WHAT == *persistent* ]]; then
+  for d in 64 128; do
+    CHECK_FLAGS="--target sm_90a --grid persistent" LIMIT=90 timeout 240 bash -c '
+      BIN=$0; source bench/check_lib.sh
+      check_lines mixed $1 bf16 <<LIST
+attention_causal -D N=1000 -D TILE=40 -D B=2 -D H=16 -D D=$1
+attention_alibi -D N=512 -D B=2 -D H=32 -D D=$1
+attention_sliding_window -D N=512 -D B=2 -D H=32 -D W=96 -D D=$1
+attention_softcap -D N=512 -D B=2 -D H=32 -D D=$1
+gqa -D N=512 -D B=2 -D H=32 -D GROUP=4 -D D=$1
+LIST
+      check_summary' "$BIN" $d > "$OUT/persistent_d$d.txt" 2>&1 &
+  done
+fi
+wait
+for f in "$OUT"/check_*.txt "$OUT"/persistent_*.txt; do
+  [ -f "$f" ] && echo "$(basename "$f"): $(tail -1 "$f")"
+done
+# Failures other than a shape the scheduler refuses.
+grep -h -v "PASS\|^checks" "$OUT"/check_*.txt "$OUT"/persistent_*.txt 2>/dev/null \
+  | grep -v "no kernel shape fits" | head -20
+if [[ $WHAT == *sweep* ]]; then
+  timeout "${SWEEP_LIMIT:-540}" python3 bench/softmax_sweep.py "$BIN" default= \
+    n144="--tile m0=144" n160="--tile m0=160" n176="--tile m0=176" n192="--tile m0=192" \
+    lazy="--rescale lazy" n176_lazy="--tile m0=176 --rescale lazy" \
+    persistent="--grid persistent" persistent_lazy="--grid persistent --rescale lazy" \
+    n176_persistent_lazy="--tile m0=176 --grid persistent --rescale lazy" 2>&1 \
+    | grep -v Warning > "$OUT/sweep_log.txt"
+  tail -16 "$OUT/sweep_log.txt"
+fi
+if [[ $WHAT == *flex* ]]; then
+  FLEX_CASES=${FLEX_CASES:-alibi,softcap,window,GQA} OURS_ALT=${OURS_ALT:---rescale lazy} \
+    timeout "${FLEX_LIMIT:-150}" python3 bench/flex_variants.py "$BIN" 2>&1 | grep -v Warning > "$OUT/flex_log.txt"
+  tail -12 "$OUT/flex_log.txt"
+fi
+date -u >> "$OUT/device.txt"
