@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Wide key tiles, lazy rescaling and alternating persistent rounds (built without a GPU on
 # 2026-12-05) on one H200 in one call. Steps (WHAT, default all):
-#   checks     bench/check_softmax.sh on sm_90a (N=1000, bf16/f16) with FlashAttention-3's
-#              key tiles (176 at d=128, 192 at d=64) and `--rescale lazy`; then every
-#              example with `--rescale lazy` alone at d=128. A shape refused for shared
-#              memory or registers (latent attention's wider Q.K) is listed, not a failure
-#              of the kernel.
+#   checks     bench/check_softmax.sh on sm_90a (N=1000, bf16/f16): the defaults (the
+#              copy-engine producer keeps 24 registers now, and d=64 takes 192 x 128 tiles
+#              with three consumer warpgroups), FlashAttention-3's key tiles (176 at d=128,
+#              192 at d=64) with `--rescale lazy`, and `--rescale lazy` alone at d=128. A
+#              shape refused for shared memory or registers (latent attention's wider Q.K)
+#              is listed, not a failure of the kernel.
 #   persistent `check --grid persistent` of the masked examples at sizes with more work
 #              tiles than SMs (the rounds alternate direction now)
-#   sweep      bench/softmax_sweep.py: the default beside 144/160/176/192-key tiles, lazy
-#              rescaling, persistent grids and their mixes, SDPA's FA2 and cuDNN
+#   sweep      bench/softmax_sweep.py: OLD's default (the last build measured, b17fb1d, if
+#              given), the default beside 144/160/176/192-key tiles, lazy rescaling,
+#              persistent grids and their mixes, SDPA's FA2 and cuDNN
 #   flex       bench/flex_variants.py on FLEX_CASES with OURS_ALT (default `--rescale lazy`)
 # Results go to $OUT as they come; the sweep alone takes 5-8 minutes, so run it as its own
-# device call (WHAT=sweep). Usage: OUT=dir [WHAT=...] bench/shapes_device.sh [path/to/einattn]
+# device call (WHAT=sweep). Usage: OUT=dir [WHAT=...] [OLD=path/to/older/einattn]
+#        bench/shapes_device.sh [path/to/einattn]
 set -u
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 BIN=${1:-target/release/einattn}
@@ -20,6 +23,10 @@ WHAT=${WHAT:-checks persistent sweep flex}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/device.txt" 2>&1
 date -u >> "$OUT/device.txt"
 if [[ $WHAT == *checks* ]]; then
+  for dt in bf16 f16; do
+    CHECK_FLAGS="--target sm_90a" NS=1000 DS="64 128" DTS=$dt LIMIT=60 \
+      timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_default_$dt.txt" 2>&1 &
+  done
   for d in 64 128; do
     wide=176
     [ "$d" = 64 ] && wide=192
@@ -53,7 +60,9 @@ done
 grep -h -v "PASS\|^checks" "$OUT"/check_*.txt "$OUT"/persistent_*.txt 2>/dev/null \
   | grep -v "no kernel shape fits" | head -20
 if [[ $WHAT == *sweep* ]]; then
-  timeout "${SWEEP_LIMIT:-540}" python3 bench/softmax_sweep.py "$BIN" default= \
+  old=()
+  [ -n "${OLD:-}" ] && old=(old="bin=$OLD")
+  timeout "${SWEEP_LIMIT:-540}" python3 bench/softmax_sweep.py "$BIN" "${old[@]}" default= \
     n144="--tile m0=144" n160="--tile m0=160" n176="--tile m0=176" n192="--tile m0=192" \
     lazy="--rescale lazy" n176_lazy="--tile m0=176 --rescale lazy" \
     persistent="--grid persistent" persistent_lazy="--grid persistent --rescale lazy" \

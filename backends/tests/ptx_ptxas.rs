@@ -265,7 +265,7 @@ fn wide_key_tiles_the_register_model_admits_assemble_without_spills() {
             (192, 12, producer),
             (128, 8, Loads::Cooperative),
         ] {
-            for bn in [96u32, 112, 144, 160, 176, 192, 208, 224] {
+            for bn in [96u32, 112, 128, 144, 160, 176, 192, 208, 224] {
                 let sched = AttentionSchedule {
                     block_m: bm,
                     block_n: bn,
@@ -314,8 +314,9 @@ fn wide_key_tiles_the_register_model_admits_assemble_without_spills() {
         "admitted, but ptxas spills or serializes:\n{}",
         failed.join("\n")
     );
-    // Not vacuous: FlashAttention-3's shapes are among those admitted.
-    for shape in [(128, 128, 176), (64, 128, 192)] {
+    // Not vacuous: FlashAttention-3's shapes are among those admitted (192 x 128 at d = 64
+    // with three consumer warpgroups fits the 160 registers a copy-engine producer leaves).
+    for shape in [(128, 128, 176), (64, 128, 192), (64, 192, 128)] {
         assert!(admitted.contains(&shape), "{shape:?} not admitted");
     }
 }

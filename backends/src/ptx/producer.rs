@@ -229,7 +229,7 @@ impl Printer<'_> {
             consumers / PRODUCER_THREADS
         ));
         self.ins(format!("@{is_producer} bra.uni {producer};"));
-        let consumer_regs = consumer_registers(consumers);
+        let consumer_regs = consumer_registers(consumers, self.prog.schedule.loads);
         self.ins(format!("setmaxnreg.inc.sync.aligned.u32 {consumer_regs};"));
         producer
     }
@@ -331,7 +331,8 @@ impl Printer<'_> {
         let layout = self.layout().clone();
         self.body.push_str(&format!("{label}:\n"));
         self.ins(format!(
-            "setmaxnreg.dec.sync.aligned.u32 {PRODUCER_REGISTERS};"
+            "setmaxnreg.dec.sync.aligned.u32 {};",
+            producer_registers(prog.schedule.loads)
         ));
         let pthr = self.named(".b32", "pthr");
         self.ins(format!("sub.u32 {pthr}, %thr, {};", prog.threads()));

@@ -926,13 +926,23 @@ pub const TMA_BOX_BYTES: u32 = 128;
 pub const PRODUCER_THREADS: u32 = 128;
 
 /// Registers per thread the producer warpgroup keeps (`setmaxnreg.dec`): its copies'
-/// addresses and counters. At 40, ptxas spilled the producer of 128-row key tiles.
-pub const PRODUCER_REGISTERS: u32 = 56;
+/// addresses and counters. With `cp.async` every producer thread computes its own copies'
+/// addresses (at 40, ptxas spilled the producer of 128-row key tiles); with the copy
+/// engine one thread issues a few instructions per tile, and 24 (the least `setmaxnreg`
+/// takes; FlashAttention-3's) leaves the consumers 16 more each with two warpgroups, 8
+/// more with three.
+pub fn producer_registers(loads: Loads) -> u32 {
+    if loads.tma() {
+        24
+    } else {
+        56
+    }
+}
 
 /// Registers per thread the consumers of a warp-specialized CTA get (`setmaxnreg.inc`):
 /// the register file of the SM (one CTA per SM) less the producer's, in multiples of 8.
-pub fn consumer_registers(consumer_threads: u32) -> u32 {
-    let left = 65536 - PRODUCER_THREADS * PRODUCER_REGISTERS;
+pub fn consumer_registers(consumer_threads: u32, loads: Loads) -> u32 {
+    let left = 65536 - PRODUCER_THREADS * producer_registers(loads);
     (left / consumer_threads.max(1) / 8 * 8).min(248)
 }
 

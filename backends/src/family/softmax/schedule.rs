@@ -488,7 +488,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         Loads::ProducerWarpgroup { pingpong, tma } => {
             reasons.push(format!(
                 "loads: warp specialization{rival}: a producer warpgroup (setmaxnreg {} registers) fills the K and V rings{}, the {} consumer warpgroups (setmaxnreg {register_limit}) wait on per-stage mbarriers and defer each P V past the next Q K^T so the softmax overlaps it",
-                crate::tile::PRODUCER_REGISTERS,
+                crate::tile::producer_registers(kernel.loads),
                 if tma {
                     " (one thread issues the copy engine's tile copies)"
                 } else {
@@ -686,7 +686,7 @@ pub fn default_mma(target: Target) -> MmaUnit {
 /// kernel's consumers, else the architectural 255.
 fn register_limit(k: &AttentionSchedule) -> u32 {
     if k.loads.specialized() {
-        crate::tile::consumer_registers(k.warps * 32)
+        crate::tile::consumer_registers(k.warps * 32, k.loads)
     } else {
         255
     }
