@@ -193,6 +193,11 @@ struct KernelFlags {
     /// tiles then skip the rescale). Default: eager.
     #[arg(long, value_enum)]
     rescale: Option<RescaleArg>,
+    /// Softmax attention on sm_90a: each thread stores its output elements (direct), or the
+    /// consumer warpgroups stage them in shared memory for the copy engine (tma; needs the
+    /// copy-engine producer and one CTA per work tile). Default: direct.
+    #[arg(long, value_enum)]
+    store: Option<StoreArg>,
     /// Linear attention: one CTA walks the sequence (single), parallel chunks in two
     /// kernels (chunked), or one block per CTA with a decoupled look-back (lookback).
     #[arg(long, value_parser = ["single", "chunked", "lookback"])]
@@ -235,6 +240,7 @@ impl KernelFlags {
                 }),
                 persistent: self.grid.map(|g| matches!(g, GridArg::Persistent)),
                 lazy_rescale: self.rescale.map(|r| matches!(r, RescaleArg::Lazy)),
+                store_tma: self.store.map(|s| matches!(s, StoreArg::Tma)),
                 optimize: self.optimize,
                 strategy: self.strategy,
                 chunk_tokens: self.chunk_tokens,
@@ -276,6 +282,12 @@ enum GridArg {
 enum RescaleArg {
     Eager,
     Lazy,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StoreArg {
+    Direct,
+    Tma,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

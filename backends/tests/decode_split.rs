@@ -156,6 +156,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     q_in_registers: seed % 2 == 0,
                     skip_unit_rescale: seed % 3 == 0,
                     lazy_rescale: false,
+                    store_tma: false,
                     persistent: None,
                     mma: MmaUnit::Sync,
                     loads: Loads::Cooperative,

@@ -86,6 +86,7 @@ fn ptxas_accepts_other_schedules() {
             q_in_registers: qreg,
             skip_unit_rescale: false,
             lazy_rescale: false,
+            store_tma: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -154,7 +155,7 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
     // without ptxas serializing the consumers' wgmma (info C7520, which a role test that
     // ptxas reads as divergent causes: 20% slower on an H200).
     for spec in specs() {
-        for ((bm, bn, warps, stages, pingpong), tma, persistent) in [
+        for ((bm, bn, warps, stages, pingpong), tma, persistent, store_tma) in [
             (128, 128, 8, 2, true),
             (128, 128, 8, 3, false),
             (128, 64, 8, 2, true),
@@ -163,9 +164,10 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
         .into_iter()
         .flat_map(|shape| {
             [
-                (shape, false, None),
-                (shape, true, None),
-                (shape, true, Some(132)),
+                (shape, false, None, false),
+                (shape, true, None, false),
+                (shape, true, None, true),
+                (shape, true, Some(132), false),
             ]
         }) {
             if spec.head_dim == 64 && bm == 192 {
@@ -184,6 +186,7 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
                 lazy_rescale: persistent.is_some(),
                 skip_unit_rescale: persistent.is_some()
                     || AttentionSchedule::default_for(&spec).skip_unit_rescale,
+                store_tma,
                 ..AttentionSchedule::default_for(&spec)
             };
             let (prog, _) = flash_attention(&spec, &sched).expect("builds");
@@ -209,6 +212,28 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
             );
             // The producer copies with the copy engine, or with cp.async, never both.
             assert_eq!(k.text.contains("cp.async.bulk.tensor"), tma, "{}", k.entry);
+            // The output leaves by the copy engine (a map of its own, boxes of 64 rows, the
+            // copies read before the CTA exits) or from registers.
+            assert_eq!(
+                k.text
+                    .contains(".global.shared::cta.tile.bulk_group [%tmap"),
+                store_tma,
+                "{}",
+                k.entry
+            );
+            assert_eq!(
+                k.text.contains("cp.async.bulk.wait_group.read 0;"),
+                store_tma,
+                "{}",
+                k.entry
+            );
+            assert_eq!(k.text.contains("o_tmap"), store_tma, "{}", k.entry);
+            assert_eq!(
+                k.text.contains("st.global"),
+                !store_tma || spec.write_lse,
+                "{}",
+                k.entry
+            );
             assert_eq!(k.text.contains("cp.async.cg"), !tma, "{}", k.entry);
             for needle in [
                 "setmaxnreg.inc",

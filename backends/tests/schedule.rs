@@ -55,6 +55,7 @@ fn cooperative(block_m: u32, block_n: u32, warps: u32, stages: u32) -> Attention
         q_in_registers: false,
         skip_unit_rescale: true,
         lazy_rescale: false,
+        store_tma: false,
         persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,
@@ -234,6 +235,7 @@ fn tile_program_matches_the_interpreter_on_every_example() {
                 q_in_registers: false,
                 skip_unit_rescale: true,
                 lazy_rescale: false,
+                store_tma: false,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -246,6 +248,7 @@ fn tile_program_matches_the_interpreter_on_every_example() {
                 q_in_registers: true,
                 skip_unit_rescale: false,
                 lazy_rescale: false,
+                store_tma: false,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -259,6 +262,7 @@ fn tile_program_matches_the_interpreter_on_every_example() {
                 q_in_registers: false,
                 skip_unit_rescale: true,
                 lazy_rescale: true,
+                store_tma: false,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -465,6 +469,65 @@ fn a_persistent_grid_is_chosen_only_where_it_applies() {
 }
 
 #[test]
+fn the_copy_engine_stores_the_output_where_asked_and_applies() {
+    use einattn_backends::abi::Source;
+    use einattn_backends::Target;
+    let big = [("N", 4096), ("D", 128), ("H", 16), ("B", 4)];
+    let c = load("attention_causal", &big);
+    let k = compile_kernel(
+        &c,
+        &KernelOptions {
+            target: Target::Sm90a,
+            store_tma: Some(true),
+            ..KernelOptions::default()
+        },
+    );
+    let m = &k.modules()[0];
+    // A map of the output with boxes of one warpgroup's 64 rows, 64 columns wide.
+    let o_map = m.contract.params.iter().find_map(|p| match &p.from {
+        Source::TensorMap {
+            tensor,
+            box_rows,
+            box_cols,
+            ..
+        } if tensor == "O" => Some((*box_rows, *box_cols)),
+        _ => None,
+    });
+    assert_eq!(o_map, Some((64, 64)));
+    assert!(m.ptx.text.contains("cp.async.bulk.wait_group.read 0;"));
+    // Refused, each with its reason.
+    let asked = |loads, persistent| ScheduleOptions {
+        target: Target::Sm90a,
+        loads,
+        persistent,
+        store_tma: Some(true),
+        ..ScheduleOptions::default()
+    };
+    let refused = |c: &Cascade, o: &ScheduleOptions, why: &str| {
+        let e = schedule(c, o).expect_err("refused");
+        assert!(e.message.contains(why), "{}", e.message);
+    };
+    refused(
+        &c,
+        &asked(Some(Loads::Cooperative), None),
+        "producer copies with it",
+    );
+    refused(&c, &asked(None, Some(true)), "persistent producer refills");
+    // One head: too few query tiles for the GPU, so the keys split across CTAs.
+    let one_head = load(
+        "attention_mha",
+        &[("N", 8192), ("D", 128), ("H", 1), ("B", 1)],
+    );
+    refused(&one_head, &asked(None, None), "whole output tiles");
+    // V (and the output) 128 wide against Q's 64.
+    let wide_v = load(
+        "attention_mla",
+        &[("N", 4096), ("D", 64), ("DV", 128), ("H", 16), ("B", 4)],
+    );
+    refused(&wide_v, &asked(None, None), "narrower");
+}
+
+#[test]
 fn lazy_rescaling_is_taken_where_asked_except_by_partial_kernels() {
     use einattn_backends::Target;
     let lazy = ScheduleOptions {
@@ -612,6 +675,7 @@ fn offset_bands_map_and_match_the_interpreter() {
             q_in_registers: false,
             skip_unit_rescale: false,
             lazy_rescale: false,
+            store_tma: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -624,6 +688,7 @@ fn offset_bands_map_and_match_the_interpreter() {
             q_in_registers: false,
             skip_unit_rescale: true,
             lazy_rescale: false,
+            store_tma: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -686,6 +751,7 @@ fn grouped_query_attention_tile_program_matches_the_interpreter() {
             q_in_registers: false,
             skip_unit_rescale: true,
             lazy_rescale: false,
+            store_tma: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -698,6 +764,7 @@ fn grouped_query_attention_tile_program_matches_the_interpreter() {
             q_in_registers: true,
             skip_unit_rescale: false,
             lazy_rescale: false,
+            store_tma: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -779,6 +846,7 @@ fn grouped_query_attention_with_per_head_slopes_matches_the_interpreter() {
             q_in_registers: false,
             skip_unit_rescale: true,
             lazy_rescale: false,
+            store_tma: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -805,6 +873,7 @@ fn grouped_query_attention_needs_its_kv_head_mapping() {
         q_in_registers: false,
         skip_unit_rescale: true,
         lazy_rescale: false,
+        store_tma: false,
         persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,

@@ -291,6 +291,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     q_in_registers: seed % 2 == 0,
                     skip_unit_rescale: seed % 3 == 0,
                     lazy_rescale: seed % 5 < 2,
+                    store_tma: false,
                     persistent: None,
                     mma: MmaUnit::Sync,
                     loads: Loads::Cooperative,
@@ -365,6 +366,7 @@ fn causal_window_ragged_fixed_cases() {
             q_in_registers: true,
             skip_unit_rescale: false,
             lazy_rescale: false,
+            store_tma: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -411,6 +413,7 @@ fn wide_key_tiles_of_the_producer_shapes() {
             q_in_registers: false,
             skip_unit_rescale: true,
             lazy_rescale: false,
+            store_tma: false,
             persistent: None,
             mma: MmaUnit::Warpgroup,
             loads: Loads::ProducerWarpgroup {
@@ -472,6 +475,7 @@ fn lazy_rescale_is_exact_when_the_max_moves_late() {
                 q_in_registers: false,
                 skip_unit_rescale: true,
                 lazy_rescale: lazy,
+                store_tma: false,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -515,6 +519,7 @@ fn window_edges_sweep() {
                 q_in_registers: true,
                 skip_unit_rescale: false,
                 lazy_rescale: false,
+                store_tma: false,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -595,7 +600,7 @@ proptest! {
         let mut sliced = spec.clone();
         sliced.query_offset = true;
         let sched = AttentionSchedule {
-            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, lazy_rescale: false, skip_unit_rescale: false, mma: MmaUnit::Sync, loads: Loads::Cooperative, persistent: None,
+            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, lazy_rescale: false, store_tma: false, skip_unit_rescale: false, mma: MmaUnit::Sync, loads: Loads::Cooperative, persistent: None,
         };
         let (prog, bind) = flash_attention(&sliced, &sched).expect("builds");
         let mut io = Bindings {

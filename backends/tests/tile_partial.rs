@@ -70,6 +70,7 @@ fn run_partial(x: &Block, n_q: usize, n_k: usize, q_offset: usize) -> [Vec<f64>;
         q_in_registers: false,
         skip_unit_rescale: false,
         lazy_rescale: false,
+        store_tma: false,
         persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,

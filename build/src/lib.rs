@@ -453,6 +453,7 @@ impl Builder {
             loads: None,
             persistent: None,
             lazy_rescale: None,
+            store_tma: None,
             optimize: kernel.optimize.unwrap_or(self.optimize),
             strategy: kernel.strategy.clone(),
             chunk_tokens: kernel.chunk_tokens,

@@ -71,6 +71,8 @@ pub struct KernelOptions {
     pub persistent: Option<bool>,
     /// Softmax: rescale the output lazily (keep a row's max until it grows by 2^8).
     pub lazy_rescale: Option<bool>,
+    /// Softmax: store the output by the copy engine through shared memory.
+    pub store_tma: Option<bool>,
     /// Run the rewrite engine first.
     pub optimize: bool,
     /// A family's named strategy (`single`, `chunked`, `lookback` for linear attention).
@@ -340,6 +342,14 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
                 .into(),
         ));
     }
+    if request.options.store_tma == Some(true)
+        && (request.options.target != Target::Sm90a || request.options.mma == Some(MmaUnit::Sync))
+    {
+        return Err(CompileError::Usage(
+            "error: `--store tma` needs the copy engine, on the Hopper instruction set\n  = help: add `--target sm_90a` (and leave out `--mma sync`), or leave out `--store`"
+                .into(),
+        ));
+    }
     // Kernel-shape options are meant for the family that reads the cascade: its refusal of
     // them is the answer, not a reason to try another family.
     let o = request.options;
@@ -350,6 +360,7 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
         || o.loads.is_some()
         || o.persistent.is_some()
         || o.lazy_rescale.is_some()
+        || o.store_tma.is_some()
         || o.strategy.is_some()
         || o.chunk_tokens.is_some();
     let mut reasons = Vec::new();

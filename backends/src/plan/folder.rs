@@ -43,6 +43,9 @@ impl BuildRecord {
             if let Some(lazy) = o.lazy_rescale {
                 map.insert("lazy_rescale".into(), lazy.into());
             }
+            if let Some(tma) = o.store_tma {
+                map.insert("store_tma".into(), tma.into());
+            }
         }
         // Plain data with string keys: serialization cannot fail.
         serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
@@ -110,6 +113,7 @@ impl BuildRecord {
             chunk_tokens: v.get("chunk_tokens").and_then(|x| x.as_u64()),
             persistent: v.get("persistent").and_then(|x| x.as_bool()),
             lazy_rescale: v.get("lazy_rescale").and_then(|x| x.as_bool()),
+            store_tma: v.get("store_tma").and_then(|x| x.as_bool()),
         };
         Ok(BuildRecord {
             source: text("source").unwrap_or_else(|| "source.ein".to_string()),
@@ -143,6 +147,7 @@ mod tests {
                 }),
                 persistent: Some(true),
                 lazy_rescale: Some(true),
+                store_tma: Some(true),
                 optimize: true,
                 strategy: Some("chunked".into()),
                 chunk_tokens: Some(1024),

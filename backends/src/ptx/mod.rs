@@ -68,6 +68,7 @@ pub mod ptxas;
 mod registers;
 mod state;
 mod statements;
+mod store;
 mod stream;
 mod wgmma;
 

@@ -250,32 +250,22 @@ impl Printer<'_> {
         Ok(())
     }
 
-    /// Rounds an accumulator into a shared tile (swizzled like loaded tiles), after a
-    /// barrier so no warp still reads the previous contents.
-    pub(super) fn emit_store_shared(&mut self, src: RegId, dst: SharedId) -> Result<(), TileError> {
-        let prog = self.prog;
-        let t = &prog.shared[dst.index()];
-        let cols = prog.regs[src.index()].cols;
-        let ty = Self::mma_type(t.elem)?;
-        let block_bytes = t.rows * ROW_BYTES;
-        self.comment(format!(
-            "{} = round({})",
-            t.name,
-            prog.regs[src.index()].name
-        ));
-        let base = match self.store_base[dst.index()].clone() {
-            // The other copy: its last reader finished before this iteration's barrier.
-            Some(write) => write,
-            None => {
-                self.ins("bar.sync 0;");
-                self.smem_base[dst.index()].clone()
-            }
-        };
-        // Row warp * rpw + g; chunk nt lands in column block nt / 8 at chunk (nt % 8) ^ g.
+    /// Each thread writes its accumulator elements of `src`, rounded to `ty`, into a shared
+    /// tile at `base` laid out like loaded tiles: its warp's rows (`warp * rows_per_warp +
+    /// g`), 64-column blocks `block_bytes` apart, chunk `nt` of a 128-byte row at chunk
+    /// `(nt % 8) ^ (row % 8)`.
+    pub(super) fn write_rows_swizzled(
+        &mut self,
+        src: RegId,
+        base: &str,
+        block_bytes: u32,
+        ty: &str,
+    ) {
+        let cols = self.prog.regs[src.index()].cols;
         let row = self.r();
         self.ins(format!(
             "mad.lo.u32 {row}, %warp, {}, %g;",
-            prog.rows_per_warp()
+            self.prog.rows_per_warp()
         ));
         self.ins(format!("mad.lo.u32 {row}, {row}, {ROW_BYTES}, {base};"));
         self.ins(format!("mad.lo.u32 {row}, %tig, 4, {row};"));
@@ -301,6 +291,29 @@ impl Printer<'_> {
                 }
             }
         }
+    }
+
+    /// Rounds an accumulator into a shared tile (swizzled like loaded tiles), after a
+    /// barrier so no warp still reads the previous contents.
+    pub(super) fn emit_store_shared(&mut self, src: RegId, dst: SharedId) -> Result<(), TileError> {
+        let prog = self.prog;
+        let t = &prog.shared[dst.index()];
+        let ty = Self::mma_type(t.elem)?;
+        let block_bytes = t.rows * ROW_BYTES;
+        self.comment(format!(
+            "{} = round({})",
+            t.name,
+            prog.regs[src.index()].name
+        ));
+        let base = match self.store_base[dst.index()].clone() {
+            // The other copy: its last reader finished before this iteration's barrier.
+            Some(write) => write,
+            None => {
+                self.ins("bar.sync 0;");
+                self.smem_base[dst.index()].clone()
+            }
+        };
+        self.write_rows_swizzled(src, &base, block_bytes, ty);
         if self.store_base[dst.index()].is_none() && !self.in_loop {
             // Outside a loop nothing else orders these writes before the reads that follow.
             self.emit_async_proxy_fence();

@@ -508,6 +508,9 @@ impl Printer<'_> {
                 b_tile,
                 ..
             } => self.emit_contract_stream(*acc, *a_tile, *b_tile)?,
+            Stmt::Store { src, dst } if prog.schedule.store_tma => {
+                self.emit_tma_store(*src, *dst)?
+            }
             Stmt::Store { src, dst } => {
                 let t = &prog.tensors[dst.index()];
                 // An f32 tensor (a partial's numerator) takes the accumulator as it is.

@@ -838,6 +838,12 @@ pub struct TileSchedule {
     /// the most key tiles come first. `None`: one CTA per work tile. Warp-specialized
     /// programs only (see [`TileProgram::persistent_ctas`]).
     pub persistent: Option<u32>,
+    /// The output tile leaves through shared memory by the copy engine: each consumer
+    /// warpgroup writes its 64 rows into the rows of the query tile it alone read (dead once
+    /// its key loop is over), and one of its threads stores them with
+    /// `cp.async.bulk.tensor` through a tensor map of the output (boxes of 64 rows). Needs
+    /// the copy-engine producer, one CTA per work tile, a 16-bit output no wider than Q.
+    pub store_tma: bool,
 }
 
 /// Who issues a program's tile loads (`LoadTile`), and how the threads that read a tile
@@ -921,6 +927,10 @@ impl Loads {
 /// Bytes of one row of a copy-engine box: the width of the 128-byte swizzle, so one copy
 /// fills one 64-column block of a shared tile.
 pub const TMA_BOX_BYTES: u32 = 128;
+
+/// Rows of a box of the output the copy engine stores ([`TileSchedule::store_tma`]): one
+/// consumer warpgroup's.
+pub const STORE_BOX_ROWS: u32 = 64;
 
 /// Threads of the producer warpgroup of a [`Loads::ProducerWarpgroup`] program.
 pub const PRODUCER_THREADS: u32 = 128;
@@ -1279,7 +1289,8 @@ impl TileProgram {
     }
 
     /// The tensors a [`Loads::tma`] program copies with the copy engine, with the rows of
-    /// the tiles they are copied into, in order of first load.
+    /// the tiles they are copied into, in order of first load; then the output, when the
+    /// copy engine stores it ([`TileSchedule::store_tma`]), with its box's rows.
     pub fn tensor_maps(&self) -> Vec<(TensorId, u32)> {
         if !self.schedule.loads.tma() {
             return Vec::new();
@@ -1297,6 +1308,16 @@ impl TileProgram {
             visit(s);
             if let Stmt::KeyLoop { body, .. } = s {
                 body.iter().for_each(&mut visit);
+            }
+        }
+        // The output the copy engine stores: one box per consumer warpgroup.
+        if self.schedule.store_tma {
+            for s in &self.body {
+                if let Stmt::Store { dst, .. } = s {
+                    if !maps.iter().any(|m| m.0 == *dst) {
+                        maps.push((*dst, STORE_BOX_ROWS));
+                    }
+                }
             }
         }
         maps

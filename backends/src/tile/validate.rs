@@ -29,6 +29,9 @@ impl TileProgram {
         if let Some(ctas) = s.persistent {
             self.validate_persistent(ctas)?;
         }
+        if s.store_tma {
+            self.validate_store_tma()?;
+        }
         if self.shared_bytes() > MAX_SHARED_BYTES {
             return invalid(format!(
                 "{} B of shared memory exceed the {MAX_SHARED_BYTES} B a CTA may use",
@@ -648,6 +651,51 @@ impl TileProgram {
             );
         }
         Ok(())
+    }
+
+    /// What storing the output by the copy engine needs ([`TileSchedule::store_tma`]): the
+    /// copy-engine producer (tensor maps), one work tile per CTA (a persistent producer
+    /// refills the query tile the output would pass through), warpgroups of 64 rows, one
+    /// whole 16-bit output stored once, and a query tile loaded before the key loop at
+    /// least as wide.
+    fn validate_store_tma(&self) -> Result<(), TileError> {
+        let s = &self.schedule;
+        if !s.loads.tma() || s.persistent.is_some() {
+            return invalid(
+                "the copy engine stores the output only for the copy-engine producer with one CTA per work tile",
+            );
+        }
+        if self.query_offset || self.key_splits > 1 {
+            return invalid("the copy engine stores whole output tiles of one key loop");
+        }
+        let stores: Vec<TensorId> = self
+            .body
+            .iter()
+            .filter_map(|st| match st {
+                Stmt::Store { dst, .. } => Some(*dst),
+                _ => None,
+            })
+            .collect();
+        let [o] = stores[..] else {
+            return invalid("the copy engine stores one output, once, after the key loop");
+        };
+        let o = &self.tensors[o.index()];
+        let staging = self.body.iter().find_map(|st| match st {
+            Stmt::LoadTile { dst, .. } if self.shared[dst.index()].rank == SeqRank::Query => {
+                Some(&self.shared[dst.index()])
+            }
+            _ => None,
+        });
+        match staging {
+            Some(q) if o.elem != Elem::F32
+                && q.rows == s.block_m
+                && q.cols >= o.head_dim
+                && q.elem == o.elem => Ok(()),
+            _ => invalid(format!(
+                "the copy engine stores `{}` through the query tile's shared memory, which must be loaded before the key loop, of its rows, type and at least its width",
+                o.name
+            )),
+        }
     }
 
     /// What the warp-specialized lowering handles: query tiles whose loads come before the

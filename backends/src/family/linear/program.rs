@@ -339,6 +339,7 @@ fn lightning_walk(
                 stages: sched.stages,
                 skip_unit_rescale: false,
                 persistent: None,
+                store_tma: false,
                 mma: sched.mma,
                 loads: crate::tile::Loads::Cooperative,
             },

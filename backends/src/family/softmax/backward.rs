@@ -238,6 +238,7 @@ impl Builder {
                 stages: sched.stages,
                 skip_unit_rescale: false,
                 persistent: None,
+                store_tma: false,
                 mma: sched.mma,
                 loads: crate::tile::Loads::Cooperative,
             },

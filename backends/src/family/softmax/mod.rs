@@ -119,6 +119,7 @@ pub fn compile_softmax(
             loads: options.loads,
             persistent: options.persistent,
             lazy_rescale: options.lazy_rescale,
+            store_tma: options.store_tma,
             operands_in_scratch: prologue.is_some(),
             ..ScheduleOptions::default()
         };

@@ -428,6 +428,8 @@ pub struct AttentionSchedule {
     /// denominator share the stale max; each probability is at most 2^8 (FlashAttention-4
     /// does the same). Not in partial kernels, whose max a merge or check reads.
     pub lazy_rescale: bool,
+    /// See [`TileSchedule::store_tma`].
+    pub store_tma: bool,
     /// Tensor-core instructions: `wgmma` needs 16 rows per warp and whole warpgroups.
     pub mma: MmaUnit,
     /// Who copies K and V: every thread, or a producer warpgroup (needs `wgmma`).
@@ -457,6 +459,7 @@ impl AttentionSchedule {
             q_in_registers: false,
             skip_unit_rescale: !(spec.head_dim <= 64 && plain),
             lazy_rescale: false,
+            store_tma: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -531,6 +534,7 @@ pub fn flash_attention(
                 stages: sched.stages,
                 skip_unit_rescale: sched.skip_unit_rescale,
                 persistent: sched.persistent,
+                store_tma: sched.store_tma,
                 mma: sched.mma,
                 loads: sched.loads,
             },

@@ -38,6 +38,9 @@ pub struct ScheduleOptions {
     /// Lazy rescaling of the output (see [`AttentionSchedule::lazy_rescale`]; default:
     /// eager).
     pub lazy_rescale: Option<bool>,
+    /// The output stored by the copy engine (see [`AttentionSchedule::store_tma`];
+    /// default: from registers).
+    pub store_tma: Option<bool>,
     /// Q and K are in scratch (pre-kernels write them): the launcher makes tensor maps of
     /// the cascade's tensors only, so the copy engine is not used.
     pub operands_in_scratch: bool,
@@ -56,6 +59,7 @@ impl Default for ScheduleOptions {
             loads: None,
             persistent: None,
             lazy_rescale: None,
+            store_tma: None,
             operands_in_scratch: false,
         }
     }
@@ -375,8 +379,13 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     }
     let loads_options = match (options.loads, mma) {
         (Some(l), _) => vec![l],
-        // A persistent grid is a warp-specialized kernel's.
-        (None, MmaUnit::Warpgroup) if options.persistent == Some(true) => vec![producer],
+        // A persistent grid and the copy engine's store of the output are a warp-specialized
+        // kernel's.
+        (None, MmaUnit::Warpgroup)
+            if options.persistent == Some(true) || options.store_tma == Some(true) =>
+        {
+            vec![producer]
+        }
         (None, MmaUnit::Warpgroup) => vec![Loads::Cooperative, producer],
         (None, MmaUnit::Sync) => vec![Loads::Cooperative],
     };
@@ -448,6 +457,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     let persistent = persistent_grid(&matched, &kernel, &estimate, options.persistent, &gpu)?;
     kernel.persistent = persistent.ctas;
     let lazy_reason = lazy_rescale(&mut kernel, spec, estimate.splits, options.lazy_rescale);
+    let store_reason = store_by_copy_engine(&mut kernel, &matched, &estimate, options.store_tma)?;
     let overridden = [
         options.block_m,
         options.block_n,
@@ -505,6 +515,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     }
     reasons.push(persistent.reason);
     reasons.extend(lazy_reason);
+    reasons.extend(store_reason);
     if kernel.skip_unit_rescale && !kernel.lazy_rescale {
         reasons.push("the rescale of the output is skipped when no row's max grew (saves registers under 255)".into());
     }
@@ -609,6 +620,50 @@ fn lazy_rescale(
         "rescale: lazy (asked): a row's running max moves only when a tile's scores exceed it by a factor of more than 2^{} (no probability exceeds that); a warp whose rows all kept theirs skips the rescale of the output",
         super::program::LAZY_RESCALE_LOG2
     ))
+}
+
+/// The output stored by the copy engine where asked (`--store tma`): through the query
+/// tile's shared memory, one box of 64 rows per consumer warpgroup. From registers by
+/// default: not yet measured on a GPU. Refused, with the reason, where it does not apply.
+fn store_by_copy_engine(
+    k: &mut AttentionSchedule,
+    m: &AttentionMatch,
+    e: &Estimate,
+    asked: Option<bool>,
+) -> Result<Option<String>, Diagnostic> {
+    if asked != Some(true) {
+        return Ok(None);
+    }
+    let spec = &m.spec;
+    let bytes = u64::from(spec.elem.bytes());
+    let o_fits = [
+        (m.o.stride_seq, m.n_q),
+        (m.o.stride_head, m.heads),
+        (m.o.stride_batch, m.batch),
+    ]
+    .iter()
+    .all(|&(stride, extent)| extent <= 1 || (stride > 0 && (stride * bytes).is_multiple_of(16)));
+    let blocker = if !k.loads.tma() {
+        Some("the copy engine stores the output only in kernels whose producer copies with it (`--loads producer-tma` or `pingpong-tma`)")
+    } else if k.persistent.is_some() {
+        Some("a persistent producer refills the query tile the output would pass through")
+    } else if e.splits > 1 || spec.partial || spec.query_offset {
+        Some("the copy engine stores whole output tiles of one key loop")
+    } else if spec.value_dim > spec.head_dim {
+        Some("the output passes through the query tile, which is narrower than it")
+    } else if !o_fits {
+        Some("a tensor map needs every batch, sequence and head stride of the output to be a nonzero multiple of 16 bytes")
+    } else {
+        None
+    };
+    if let Some(why) = blocker {
+        return Err(
+            Diagnostic::error(DiagnosticKind::UnsupportedShape, why, Span::UNKNOWN)
+                .with_help("leave out `--store tma`"),
+        );
+    }
+    k.store_tma = true;
+    Ok(Some("store: the copy engine (asked): each consumer warpgroup writes its 64 output rows into its rows of the query tile, one thread stores them by tensor map".into()))
 }
 
 /// Grouped-query decoding (one query per head, no masks, no per-token input; per-head

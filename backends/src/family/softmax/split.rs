@@ -137,6 +137,7 @@ pub fn merge_program(
                 stages: 2,
                 skip_unit_rescale: false,
                 persistent: None,
+                store_tma: false,
                 mma: MmaUnit::Sync,
                 loads: crate::tile::Loads::Cooperative,
             },
