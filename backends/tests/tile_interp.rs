@@ -169,6 +169,30 @@ fn check(case: &Case) -> Result<(), String> {
     Ok(())
 }
 
+/// `check` of one fixed problem: one batch of `heads` heads (no grouping), BNHD layout.
+fn check_fixed(
+    spec: AttentionSpec,
+    sched: AttentionSchedule,
+    heads: usize,
+    (n_q, n_k): (usize, usize),
+    seed: u64,
+) -> Result<(), String> {
+    let prob = Problem {
+        batch: 1,
+        heads,
+        kv_group: 1,
+        n_q,
+        n_k,
+    };
+    check(&Case {
+        spec,
+        sched,
+        prob,
+        bhnd: false,
+        seed,
+    })
+}
+
 /// Every `mask t; r = row_reduce(t)` becomes `r = row_reduce(map t) masked; mask t`: the
 /// reduction masks the unmasked tile itself, and the tile is masked after it for the
 /// statements that read it later. Returns how many it rewrote.
@@ -371,21 +395,7 @@ fn causal_window_ragged_fixed_cases() {
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
         };
-        let prob = Problem {
-            batch: 1,
-            heads: 2,
-            kv_group: 1,
-            n_q,
-            n_k,
-        };
-        let case = Case {
-            spec,
-            sched,
-            prob,
-            bhnd: false,
-            seed: 7,
-        };
-        if let Err(e) = check(&case) {
+        if let Err(e) = check_fixed(spec, sched, 2, (n_q, n_k), 7) {
             panic!("{e}");
         }
     }
@@ -421,21 +431,7 @@ fn wide_key_tiles_of_the_producer_shapes() {
                 tma: true,
             },
         };
-        let prob = Problem {
-            batch: 1,
-            heads: 1,
-            kv_group: 1,
-            n_q,
-            n_k,
-        };
-        let case = Case {
-            spec,
-            sched,
-            prob,
-            bhnd: false,
-            seed: 11,
-        };
-        if let Err(e) = check(&case) {
+        if let Err(e) = check_fixed(spec, sched, 1, (n_q, n_k), 11) {
             panic!("{d} x {block_n}: {e}");
         }
     }
@@ -480,20 +476,7 @@ fn lazy_rescale_is_exact_when_the_max_moves_late() {
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
             };
-            let case = Case {
-                spec: spec.clone(),
-                sched,
-                prob: Problem {
-                    batch: 1,
-                    heads: 2,
-                    kv_group: 1,
-                    n_q: 70,
-                    n_k: 150,
-                },
-                bhnd: false,
-                seed: 5,
-            };
-            if let Err(e) = check(&case) {
+            if let Err(e) = check_fixed(spec.clone(), sched, 2, (70, 150), 5) {
                 panic!("ramp {ramp} lazy {lazy}: {e}");
             }
         }

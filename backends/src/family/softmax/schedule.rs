@@ -643,7 +643,9 @@ fn store_by_copy_engine(
     ]
     .iter()
     .all(|&(stride, extent)| extent <= 1 || (stride > 0 && (stride * bytes).is_multiple_of(16)));
-    let blocker = if !k.loads.tma() {
+    let blocker = if !tensor_maps_fit(m) {
+        Some("the copy engine stores the output only where tensor maps describe Q, K and V: every batch, sequence and head stride a nonzero multiple of 16 bytes")
+    } else if !k.loads.tma() {
         Some("the copy engine stores the output only in kernels whose producer copies with it (`--loads producer-tma` or `pingpong-tma`)")
     } else if k.persistent.is_some() {
         Some("a persistent producer refills the query tile the output would pass through")
