@@ -62,7 +62,7 @@ for f in "$OUT"/check_*.txt "$OUT"/persistent_*.txt; do
 done
 # Failures other than a shape the scheduler refuses.
 grep -h -v "PASS\|^checks" "$OUT"/check_*.txt "$OUT"/persistent_*.txt 2>/dev/null \
-  | grep -v "no kernel shape fits\|the copy engine stores\|narrower than it" | head -20
+  | grep -v "no kernel shape fits\|the copy engine stores\|narrower than it\|to scratch" | head -20
 if [[ $WHAT == *sweep* ]]; then
   old=()
   [ -n "${OLD:-}" ] && old=(old="bin=$OLD")

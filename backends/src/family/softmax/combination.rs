@@ -458,6 +458,21 @@ pub fn compile_combination(
 ) -> Option<Result<CombinedKernels, FamilyError>> {
     let distributed = distribute(c)?;
     let (cores, epilogue) = distributed.split()?;
+    if options.store_tma == Some(true) {
+        // Each term's output goes to scratch for the combination, and a launcher makes
+        // tensor maps of the cascade's tensors only.
+        let d = Diagnostic::error(
+            DiagnosticKind::UnsupportedShape,
+            format!(
+                "`{}` reads as {} attention terms whose outputs go to scratch for their combination: the copy engine stores only a cascade's own output",
+                c.name,
+                cores.len()
+            ),
+            einattn_ir::cascade::Span::UNKNOWN,
+        )
+        .with_help("leave out `--store tma`");
+        return Some(Err(FamilyError::Failed(CompileError::Refused(Box::new(d)))));
+    }
     let mut terms = Vec::new();
     for (k, core) in cores.iter().enumerate() {
         match compile_softmax(core, options) {

@@ -44,6 +44,8 @@ pub struct ScheduleOptions {
     /// Q and K are in scratch (pre-kernels write them): the launcher makes tensor maps of
     /// the cascade's tensors only, so the copy engine is not used.
     pub operands_in_scratch: bool,
+    /// The output goes to scratch (post-kernels read it): no tensor map of it either.
+    pub output_in_scratch: bool,
 }
 
 impl Default for ScheduleOptions {
@@ -61,6 +63,7 @@ impl Default for ScheduleOptions {
             lazy_rescale: None,
             store_tma: None,
             operands_in_scratch: false,
+            output_in_scratch: false,
         }
     }
 }
@@ -457,7 +460,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     let persistent = persistent_grid(&matched, &kernel, &estimate, options.persistent, &gpu)?;
     kernel.persistent = persistent.ctas;
     let lazy_reason = lazy_rescale(&mut kernel, spec, estimate.splits, options.lazy_rescale);
-    let store_reason = store_by_copy_engine(&mut kernel, &matched, &estimate, options.store_tma)?;
+    let store_reason = store_by_copy_engine(&mut kernel, &matched, &estimate, options)?;
     let overridden = [
         options.block_m,
         options.block_n,
@@ -629,9 +632,9 @@ fn store_by_copy_engine(
     k: &mut AttentionSchedule,
     m: &AttentionMatch,
     e: &Estimate,
-    asked: Option<bool>,
+    options: &ScheduleOptions,
 ) -> Result<Option<String>, Diagnostic> {
-    if asked != Some(true) {
+    if options.store_tma != Some(true) {
         return Ok(None);
     }
     let spec = &m.spec;
@@ -643,7 +646,9 @@ fn store_by_copy_engine(
     ]
     .iter()
     .all(|&(stride, extent)| extent <= 1 || (stride > 0 && (stride * bytes).is_multiple_of(16)));
-    let blocker = if !tensor_maps_fit(m) {
+    let blocker = if options.output_in_scratch {
+        Some("the attention output goes to scratch for the kernels after it, and a launcher makes tensor maps of the cascade's tensors only")
+    } else if !tensor_maps_fit(m) {
         Some("the copy engine stores the output only where tensor maps describe Q, K and V: every batch, sequence and head stride a nonzero multiple of 16 bytes")
     } else if !k.loads.tma() {
         Some("the copy engine stores the output only in kernels whose producer copies with it (`--loads producer-tma` or `pingpong-tma`)")
