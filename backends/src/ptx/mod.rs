@@ -56,6 +56,8 @@
 //!   maps `-inf` to 0); `mul`/`add` are left unrounded so `ptxas` fuses them into FMA.
 //! * **Stores**: each thread writes its 2 adjacent output elements as one 32-bit store,
 //!   rows `>= N_q` predicated off; the row output (LSE) is written by `tig == 0` lanes.
+//!   With [`TileSchedule::store_tma`] the output goes through shared memory and the copy
+//!   engine instead (see `store.rs`).
 
 mod expr;
 mod mma_sync;
