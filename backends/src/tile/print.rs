@@ -19,6 +19,12 @@ impl fmt::Display for TileProgram {
                 s.loads.name()
             )?;
         }
+        if s.store_tma {
+            writeln!(
+                f,
+                "  store: the copy engine (each consumer warpgroup's output rows through its rows of the query tile)"
+            )?;
+        }
         if self.reverse {
             writeln!(
                 f,
