@@ -227,45 +227,16 @@ fn tile_program_matches_the_interpreter_on_every_example() {
     for (name, defines) in cases {
         let c = load(name, defines);
         for kernel in [
+            cooperative(64, 32, 4, 2),
             AttentionSchedule {
-                block_m: 64,
-                block_n: 32,
-                warps: 4,
-                stages: 2,
-                q_in_registers: false,
-                skip_unit_rescale: true,
-                lazy_rescale: false,
-                store_tma: false,
-                persistent: None,
-                mma: MmaUnit::Sync,
-                loads: Loads::Cooperative,
-            },
-            AttentionSchedule {
-                block_m: 32,
-                block_n: 16,
-                warps: 2,
-                stages: 3,
                 q_in_registers: true,
                 skip_unit_rescale: false,
-                lazy_rescale: false,
-                store_tma: false,
-                persistent: None,
-                mma: MmaUnit::Sync,
-                loads: Loads::Cooperative,
+                ..cooperative(32, 16, 2, 3)
             },
             // Lazy rescaling, and a key tile that is not a power of two.
             AttentionSchedule {
-                block_m: 64,
-                block_n: 48,
-                warps: 4,
-                stages: 2,
-                q_in_registers: false,
-                skip_unit_rescale: true,
                 lazy_rescale: true,
-                store_tma: false,
-                persistent: None,
-                mma: MmaUnit::Sync,
-                loads: Loads::Cooperative,
+                ..cooperative(64, 48, 4, 2)
             },
         ] {
             let err = tile_vs_interpreter(&c, kernel, 11);
@@ -668,31 +639,10 @@ fn offset_bands_map_and_match_the_interpreter() {
     assert_eq!(m.spec.masks().len(), 2);
     for kernel in [
         AttentionSchedule {
-            block_m: 32,
-            block_n: 16,
-            warps: 2,
-            stages: 2,
-            q_in_registers: false,
             skip_unit_rescale: false,
-            lazy_rescale: false,
-            store_tma: false,
-            persistent: None,
-            mma: MmaUnit::Sync,
-            loads: Loads::Cooperative,
+            ..cooperative(32, 16, 2, 2)
         },
-        AttentionSchedule {
-            block_m: 64,
-            block_n: 32,
-            warps: 4,
-            stages: 2,
-            q_in_registers: false,
-            skip_unit_rescale: true,
-            lazy_rescale: false,
-            store_tma: false,
-            persistent: None,
-            mma: MmaUnit::Sync,
-            loads: Loads::Cooperative,
-        },
+        cooperative(64, 32, 4, 2),
     ] {
         let err = tile_vs_interpreter(&c, kernel, 5);
         assert!(err < 1e-2, "{kernel:?}: relative error {err}");
@@ -743,31 +693,11 @@ fn grouped_query_attention_is_recognized_with_its_group() {
 #[test]
 fn grouped_query_attention_tile_program_matches_the_interpreter() {
     let kernels = [
+        cooperative(64, 32, 4, 2),
         AttentionSchedule {
-            block_m: 64,
-            block_n: 32,
-            warps: 4,
-            stages: 2,
-            q_in_registers: false,
-            skip_unit_rescale: true,
-            lazy_rescale: false,
-            store_tma: false,
-            persistent: None,
-            mma: MmaUnit::Sync,
-            loads: Loads::Cooperative,
-        },
-        AttentionSchedule {
-            block_m: 32,
-            block_n: 16,
-            warps: 2,
-            stages: 3,
             q_in_registers: true,
             skip_unit_rescale: false,
-            lazy_rescale: false,
-            store_tma: false,
-            persistent: None,
-            mma: MmaUnit::Sync,
-            loads: Loads::Cooperative,
+            ..cooperative(32, 16, 2, 3)
         },
     ];
     // (H, GROUP, N, TILE): N = 70 and 100 end mid-tile for both kernels.
@@ -838,19 +768,7 @@ fn grouped_query_attention_with_per_head_slopes_matches_the_interpreter() {
             .unwrap_or_else(|d| panic!("{}", d.render(&path, &src)));
         let m = recognize(&c).unwrap_or_else(|d| panic!("{}", d.message));
         assert_eq!((m.kv_group, m.spec.score.head_params.len()), (group, 1));
-        let kernel = AttentionSchedule {
-            block_m: 32,
-            block_n: 16,
-            warps: 2,
-            stages: 2,
-            q_in_registers: false,
-            skip_unit_rescale: true,
-            lazy_rescale: false,
-            store_tma: false,
-            persistent: None,
-            mma: MmaUnit::Sync,
-            loads: Loads::Cooperative,
-        };
+        let kernel = cooperative(32, 16, 2, 2);
         let err = tile_vs_interpreter(&c, kernel, 9);
         assert!(err < 1e-2, "H={h} GROUP={group}: relative error {err}");
     }
@@ -865,19 +783,7 @@ fn grouped_query_attention_needs_its_kv_head_mapping() {
         &[("H", 4), ("GROUP", 2), ("N", 32), ("TILE", 16), ("D", 16)],
     );
     let m = recognize(&c).expect("recognized");
-    let kernel = AttentionSchedule {
-        block_m: 32,
-        block_n: 16,
-        warps: 2,
-        stages: 2,
-        q_in_registers: false,
-        skip_unit_rescale: true,
-        lazy_rescale: false,
-        store_tma: false,
-        persistent: None,
-        mma: MmaUnit::Sync,
-        loads: Loads::Cooperative,
-    };
+    let kernel = cooperative(32, 16, 2, 2);
     let (prog, _) = flash_attention(&m.spec, &kernel).expect("tile program builds");
     let inputs = random_inputs(&c, 1);
     let host =

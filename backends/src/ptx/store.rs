@@ -21,12 +21,7 @@ impl Printer<'_> {
         let prog = self.prog;
         let t = &prog.tensors[dst.index()];
         let ty = Self::mma_type(t.elem)?;
-        let Some(staging) = prog.body.iter().find_map(|s| match s {
-            Stmt::LoadTile { dst, .. } if prog.shared[dst.index()].rank == SeqRank::Query => {
-                Some(*dst)
-            }
-            _ => None,
-        }) else {
+        let Some(staging) = prog.query_staging_tile() else {
             return unsupported("the copy engine stores the output through the query tile");
         };
         let rows = prog.shared[staging.index()].rows;

@@ -1288,6 +1288,17 @@ impl TileProgram {
         v
     }
 
+    /// The query tile loaded before the key loop, through which the copy engine stores the
+    /// output ([`TileSchedule::store_tma`]).
+    pub fn query_staging_tile(&self) -> Option<SharedId> {
+        self.body.iter().find_map(|st| match st {
+            Stmt::LoadTile { dst, .. } if self.shared[dst.index()].rank == SeqRank::Query => {
+                Some(*dst)
+            }
+            _ => None,
+        })
+    }
+
     /// The tensors a [`Loads::tma`] program copies with the copy engine, with the rows of
     /// the tiles they are copied into, in order of first load; then the output, when the
     /// copy engine stores it ([`TileSchedule::store_tma`]), with its box's rows.

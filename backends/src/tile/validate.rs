@@ -680,12 +680,7 @@ impl TileProgram {
             return invalid("the copy engine stores one output, once, after the key loop");
         };
         let o = &self.tensors[o.index()];
-        let staging = self.body.iter().find_map(|st| match st {
-            Stmt::LoadTile { dst, .. } if self.shared[dst.index()].rank == SeqRank::Query => {
-                Some(&self.shared[dst.index()])
-            }
-            _ => None,
-        });
+        let staging = self.query_staging_tile().map(|t| &self.shared[t.index()]);
         match staging {
             Some(q) if o.elem != Elem::F32
                 && q.rows == s.block_m

@@ -320,21 +320,25 @@ impl Schedule {
 fn tensor_maps_fit(m: &AttentionMatch) -> bool {
     let bytes = u64::from(m.spec.elem.bytes());
     let kv_heads = m.heads / m.kv_group.max(1);
-    let fits = |l: &crate::family::layout::Layout, heads: u64| {
-        [
-            (l.stride_seq, m.n_q.max(m.n_k)),
-            (l.stride_head, heads),
-            (l.stride_batch, m.batch),
-        ]
-        .iter()
-        .all(|&(stride, extent)| extent <= 1 || (stride > 0 && (stride * bytes).is_multiple_of(16)))
-    };
     [m.spec.head_dim, m.spec.value_dim]
         .iter()
         .all(|&d| (u64::from(d) * bytes).is_multiple_of(u64::from(crate::tile::TMA_BOX_BYTES)))
-        && fits(&m.q, m.heads)
-        && fits(&m.k, kv_heads)
-        && fits(&m.v, kv_heads)
+        && tensor_map_fits(m, &m.q, m.heads)
+        && tensor_map_fits(m, &m.k, kv_heads)
+        && tensor_map_fits(m, &m.v, kv_heads)
+}
+
+/// Whether a tensor map can describe one tensor of the problem: every stride of an axis
+/// longer than 1 a nonzero multiple of 16 bytes.
+fn tensor_map_fits(m: &AttentionMatch, l: &crate::family::layout::Layout, heads: u64) -> bool {
+    let bytes = u64::from(m.spec.elem.bytes());
+    [
+        (l.stride_seq, m.n_q.max(m.n_k)),
+        (l.stride_head, heads),
+        (l.stride_batch, m.batch),
+    ]
+    .iter()
+    .all(|&(stride, extent)| extent <= 1 || (stride > 0 && (stride * bytes).is_multiple_of(16)))
 }
 
 /// Recognizes the cascade and picks the kernel shape.
@@ -638,14 +642,6 @@ fn store_by_copy_engine(
         return Ok(None);
     }
     let spec = &m.spec;
-    let bytes = u64::from(spec.elem.bytes());
-    let o_fits = [
-        (m.o.stride_seq, m.n_q),
-        (m.o.stride_head, m.heads),
-        (m.o.stride_batch, m.batch),
-    ]
-    .iter()
-    .all(|&(stride, extent)| extent <= 1 || (stride > 0 && (stride * bytes).is_multiple_of(16)));
     let blocker = if options.output_in_scratch {
         Some("the attention output goes to scratch for the kernels after it, and a launcher makes tensor maps of the cascade's tensors only")
     } else if !tensor_maps_fit(m) {
@@ -658,7 +654,7 @@ fn store_by_copy_engine(
         Some("the copy engine stores whole output tiles of one key loop")
     } else if spec.value_dim > spec.head_dim {
         Some("the output passes through the query tile, which is narrower than it")
-    } else if !o_fits {
+    } else if !tensor_map_fits(m, &m.o, m.heads) {
         Some("a tensor map needs every batch, sequence and head stride of the output to be a nonzero multiple of 16 bytes")
     } else {
         None
