@@ -198,6 +198,12 @@ struct KernelFlags {
     /// copy-engine producer and one CTA per work tile). Default: direct.
     #[arg(long, value_enum)]
     store: Option<StoreArg>,
+    /// Softmax attention: the probabilities reach P V as register fragments (registers), or
+    /// each warp (warpgroup) writes its rows of P to shared memory for the contraction to
+    /// read back (shared; FlashAttention-3's choice for 192-key tiles at head dim 64; key
+    /// tiles a multiple of 64). Default: registers.
+    #[arg(long, value_enum)]
+    probs: Option<ProbsArg>,
     /// Linear attention: one CTA walks the sequence (single), parallel chunks in two
     /// kernels (chunked), or one block per CTA with a decoupled look-back (lookback).
     #[arg(long, value_parser = ["single", "chunked", "lookback"])]
@@ -241,6 +247,7 @@ impl KernelFlags {
                 persistent: self.grid.map(|g| matches!(g, GridArg::Persistent)),
                 lazy_rescale: self.rescale.map(|r| matches!(r, RescaleArg::Lazy)),
                 store_tma: self.store.map(|s| matches!(s, StoreArg::Tma)),
+                p_in_shared: self.probs.map(|p| matches!(p, ProbsArg::Shared)),
                 optimize: self.optimize,
                 strategy: self.strategy,
                 chunk_tokens: self.chunk_tokens,
@@ -288,6 +295,12 @@ enum RescaleArg {
 enum StoreArg {
     Direct,
     Tma,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProbsArg {
+    Registers,
+    Shared,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -157,6 +157,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     skip_unit_rescale: seed % 3 == 0,
                     lazy_rescale: false,
                     store_tma: false,
+                    p_in_shared: false,
                     persistent: None,
                     mma: MmaUnit::Sync,
                     loads: Loads::Cooperative,

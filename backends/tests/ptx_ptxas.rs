@@ -87,6 +87,7 @@ fn ptxas_accepts_other_schedules() {
             skip_unit_rescale: false,
             lazy_rescale: false,
             store_tma: false,
+            p_in_shared: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -94,6 +95,23 @@ fn ptxas_accepts_other_schedules() {
         let (prog, _) = flash_attention(&spec, &sched).expect("builds");
         let k = print_ptx(&prog, Target::Sm90a).expect("prints");
         assemble(&ptxas, &k.text, "sm_90a").unwrap_or_else(|e| panic!("{sched:?}: {e}"));
+    }
+    // Probabilities through shared memory with mma.sync (the sm_80 form): each warp writes
+    // its rows, meets its own lanes, and reads them back by ldmatrix; no CTA barrier.
+    for spec in specs() {
+        let sched = AttentionSchedule {
+            p_in_shared: true,
+            ..AttentionSchedule::default_for(&spec)
+        };
+        let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+        let k = print_ptx(&prog, Target::Sm80).expect("prints");
+        assert!(k.text.contains("bar.warp.sync -1;"), "{}", k.entry);
+        assert!(!k.text.contains("stmatrix"), "{}", k.entry);
+        let r = assemble(&ptxas, &k.text, "sm_80").unwrap_or_else(|e| panic!("{}: {e}", k.entry));
+        eprintln!(
+            "{} P in shared, sm_80: {} B spilled",
+            k.entry, r.spill_stores
+        );
     }
     // A sequence slice at a query offset (sequence parallelism), causal with a window.
     let mut sliced = AttentionSpec::new(128, Elem::Bf16);
@@ -155,7 +173,7 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
     // without ptxas serializing the consumers' wgmma (info C7520, which a role test that
     // ptxas reads as divergent causes: 20% slower on an H200).
     for spec in specs() {
-        for ((bm, bn, warps, stages, pingpong), tma, persistent, store_tma) in [
+        for ((bm, bn, warps, stages, pingpong), tma, persistent, store_tma, p_in_shared) in [
             (128, 128, 8, 2, true),
             (128, 128, 8, 3, false),
             (128, 64, 8, 2, true),
@@ -164,10 +182,13 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
         .into_iter()
         .flat_map(|shape| {
             [
-                (shape, false, None, false),
-                (shape, true, None, false),
-                (shape, true, None, true),
-                (shape, true, Some(132), false),
+                (shape, false, None, false, false),
+                (shape, true, None, false, false),
+                (shape, true, None, true, false),
+                (shape, true, Some(132), false, false),
+                // P through shared memory, with the store and with a persistent grid.
+                (shape, true, None, true, true),
+                (shape, false, Some(132), false, true),
             ]
         }) {
             if spec.head_dim == 64 && bm == 192 {
@@ -187,11 +208,24 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
                 skip_unit_rescale: persistent.is_some()
                     || AttentionSchedule::default_for(&spec).skip_unit_rescale,
                 store_tma,
+                p_in_shared,
                 ..AttentionSchedule::default_for(&spec)
             };
-            let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+            let prog = match flash_attention(&spec, &sched) {
+                Ok((prog, _)) => prog,
+                // P's tile beside three stages of 128-key tiles at d = 128.
+                Err(e) if p_in_shared && e.to_string().contains("shared memory") => continue,
+                Err(e) => panic!("{sched:?}: {e}"),
+            };
             let k = print_ptx(&prog, Target::Sm90a).expect("prints");
             assert_eq!(k.threads, warps * 32 + 128, "{}", k.entry);
+            // P leaves the registers by stmatrix, reaches the async proxy, and its
+            // warpgroup meets before the deferred P V reads it by descriptor; no CTA-wide
+            // barrier inside the consumers' loop either way.
+            for needle in ["stmatrix.sync.aligned.m8n8.x4.shared.b16", "p_s = round(s)"] {
+                assert_eq!(k.text.contains(needle), p_in_shared, "{} {needle}", k.entry);
+            }
+            assert_eq!(k.text.matches("bar.sync 0;").count(), 1, "{}", k.entry);
             // A persistent kernel loops over its work tiles in both roles, Q's barriers
             // phased by the work tile and handed back by the consumers.
             for needle in ["%ntiles", "%ws_tphase", "done with q_s for this work tile"] {
@@ -290,7 +324,14 @@ fn wide_key_tiles_the_register_model_admits_assemble_without_spills() {
             (192, 12, producer),
             (128, 8, Loads::Cooperative),
         ] {
-            for bn in [96u32, 112, 128, 144, 160, 176, 192, 208, 224] {
+            let widths = [96u32, 112, 128, 144, 160, 176, 192, 208, 224, 256];
+            // Probabilities through shared memory take whole 64-column blocks.
+            for (bn, p_in_shared) in
+                widths
+                    .iter()
+                    .map(|&bn| (bn, false))
+                    .chain([(128, true), (192, true), (256, true)])
+            {
                 let sched = AttentionSchedule {
                     block_m: bm,
                     block_n: bn,
@@ -298,6 +339,7 @@ fn wide_key_tiles_the_register_model_admits_assemble_without_spills() {
                     stages: 2,
                     mma: MmaUnit::Warpgroup,
                     loads,
+                    p_in_shared,
                     ..AttentionSchedule::default_for(&spec)
                 };
                 if !shape_is_legal(&spec, &sched) || !fits_registers(&spec, &sched) {
@@ -330,7 +372,7 @@ fn wide_key_tiles_the_register_model_admits_assemble_without_spills() {
                         r.spill_stores
                     ));
                 }
-                admitted.push((spec.head_dim, bm, bn));
+                admitted.push((spec.head_dim, bm, bn, p_in_shared));
             }
         }
     }
@@ -340,8 +382,16 @@ fn wide_key_tiles_the_register_model_admits_assemble_without_spills() {
         failed.join("\n")
     );
     // Not vacuous: FlashAttention-3's shapes are among those admitted (192 x 128 at d = 64
-    // with three consumer warpgroups fits the 160 registers a copy-engine producer leaves).
-    for shape in [(128, 128, 176), (64, 128, 192), (64, 192, 128)] {
+    // with three consumer warpgroups fits the 160 registers a copy-engine producer leaves;
+    // 192 x 192 there with P through shared memory).
+    for shape in [
+        (128, 128, 176, false),
+        (64, 128, 192, false),
+        (64, 192, 128, false),
+        (64, 192, 192, true),
+    ] {
         assert!(admitted.contains(&shape), "{shape:?} not admitted");
     }
+    // ... and P in registers does not fit 192 x 192 there.
+    assert!(!admitted.contains(&(64, 192, 192, false)));
 }

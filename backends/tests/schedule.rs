@@ -56,6 +56,7 @@ fn cooperative(block_m: u32, block_n: u32, warps: u32, stages: u32) -> Attention
         skip_unit_rescale: true,
         lazy_rescale: false,
         store_tma: false,
+        p_in_shared: false,
         persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,

@@ -316,6 +316,8 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     skip_unit_rescale: seed % 3 == 0,
                     lazy_rescale: seed % 5 < 2,
                     store_tma: false,
+                    // The probabilities through a shared tile (rounded as in registers).
+                    p_in_shared: seed % 7 < 3,
                     persistent: None,
                     mma: MmaUnit::Sync,
                     loads: Loads::Cooperative,
@@ -391,12 +393,58 @@ fn causal_window_ragged_fixed_cases() {
             skip_unit_rescale: false,
             lazy_rescale: false,
             store_tma: false,
+            p_in_shared: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
         };
         if let Err(e) = check_fixed(spec, sched, 2, (n_q, n_k), 7) {
             panic!("{e}");
+        }
+    }
+}
+
+#[test]
+fn probabilities_through_shared_memory_in_the_producer_shapes() {
+    // FlashAttention-3's 192 x 192 at d = 64 (three consumer warpgroups, P through shared
+    // memory) and 192 x 128 at d = 128: the shared tile of P against the query tiles'
+    // diagonal, ragged tails, a wider V, and the weights without normalization.
+    for (d, dv, block_n, causal, sigmoid, n_q, n_k) in [
+        (64u32, 64u32, 192u32, false, false, 400usize, 500usize),
+        (64, 64, 192, true, false, 450, 450),
+        (64, 128, 128, false, false, 200, 385),
+        (128, 128, 128, true, false, 300, 300),
+        (64, 64, 128, false, true, 250, 333),
+    ] {
+        let mut spec = AttentionSpec::new(d, Elem::Bf16);
+        spec.value_dim = dv;
+        spec.causal = causal;
+        if sigmoid {
+            use einattn_backends::tile::ex;
+            spec.score.expr = ex::un(UnaryOp::Tanh, spec.score.expr.clone());
+            spec.normalization = Normalization::None;
+        } else {
+            spec.write_lse = true;
+        }
+        let sched = AttentionSchedule {
+            block_m: 192,
+            block_n,
+            warps: 12,
+            stages: 2,
+            q_in_registers: false,
+            skip_unit_rescale: true,
+            lazy_rescale: false,
+            store_tma: false,
+            p_in_shared: true,
+            persistent: None,
+            mma: MmaUnit::Warpgroup,
+            loads: Loads::ProducerWarpgroup {
+                pingpong: false,
+                tma: true,
+            },
+        };
+        if let Err(e) = check_fixed(spec, sched, 1, (n_q, n_k), 13) {
+            panic!("{d}/{dv} x {block_n}: {e}");
         }
     }
 }
@@ -424,6 +472,7 @@ fn wide_key_tiles_of_the_producer_shapes() {
             skip_unit_rescale: true,
             lazy_rescale: false,
             store_tma: false,
+            p_in_shared: false,
             persistent: None,
             mma: MmaUnit::Warpgroup,
             loads: Loads::ProducerWarpgroup {
@@ -472,6 +521,7 @@ fn lazy_rescale_is_exact_when_the_max_moves_late() {
                 skip_unit_rescale: true,
                 lazy_rescale: lazy,
                 store_tma: false,
+                p_in_shared: false,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -503,6 +553,7 @@ fn window_edges_sweep() {
                 skip_unit_rescale: false,
                 lazy_rescale: false,
                 store_tma: false,
+                p_in_shared: false,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -583,7 +634,7 @@ proptest! {
         let mut sliced = spec.clone();
         sliced.query_offset = true;
         let sched = AttentionSchedule {
-            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, lazy_rescale: false, store_tma: false, skip_unit_rescale: false, mma: MmaUnit::Sync, loads: Loads::Cooperative, persistent: None,
+            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, lazy_rescale: false, store_tma: false, p_in_shared: false, skip_unit_rescale: false, mma: MmaUnit::Sync, loads: Loads::Cooperative, persistent: None,
         };
         let (prog, bind) = flash_attention(&sliced, &sched).expect("builds");
         let mut io = Bindings {

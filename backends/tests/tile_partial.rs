@@ -71,6 +71,7 @@ fn run_partial(x: &Block, n_q: usize, n_k: usize, q_offset: usize) -> [Vec<f64>;
         skip_unit_rescale: false,
         lazy_rescale: false,
         store_tma: false,
+        p_in_shared: false,
         persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,

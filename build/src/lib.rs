@@ -454,6 +454,7 @@ impl Builder {
             persistent: None,
             lazy_rescale: None,
             store_tma: None,
+            p_in_shared: None,
             optimize: kernel.optimize.unwrap_or(self.optimize),
             strategy: kernel.strategy.clone(),
             chunk_tokens: kernel.chunk_tokens,

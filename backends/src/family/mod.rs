@@ -73,6 +73,8 @@ pub struct KernelOptions {
     pub lazy_rescale: Option<bool>,
     /// Softmax: store the output by the copy engine through shared memory.
     pub store_tma: Option<bool>,
+    /// Softmax: the probabilities of `P V` through shared memory instead of registers.
+    pub p_in_shared: Option<bool>,
     /// Run the rewrite engine first.
     pub optimize: bool,
     /// A family's named strategy (`single`, `chunked`, `lookback` for linear attention).
@@ -350,6 +352,14 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
                 .into(),
         ));
     }
+    if request.options.p_in_shared == Some(true)
+        && (request.options.target != Target::Sm90a || request.options.mma == Some(MmaUnit::Sync))
+    {
+        return Err(CompileError::Usage(
+            "error: `--probs shared` feeds wgmma's shared-memory operand, on the Hopper instruction set (mma.sync takes the probabilities from registers at no cost)\n  = help: add `--target sm_90a` (and leave out `--mma sync`), or leave out `--probs`"
+                .into(),
+        ));
+    }
     // Kernel-shape options are meant for the family that reads the cascade: its refusal of
     // them is the answer, not a reason to try another family.
     let o = request.options;
@@ -361,6 +371,7 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
         || o.persistent.is_some()
         || o.lazy_rescale.is_some()
         || o.store_tma.is_some()
+        || o.p_in_shared.is_some()
         || o.strategy.is_some()
         || o.chunk_tokens.is_some();
     let mut reasons = Vec::new();

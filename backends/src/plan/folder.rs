@@ -46,6 +46,9 @@ impl BuildRecord {
             if let Some(tma) = o.store_tma {
                 map.insert("store_tma".into(), tma.into());
             }
+            if let Some(shared) = o.p_in_shared {
+                map.insert("p_in_shared".into(), shared.into());
+            }
         }
         // Plain data with string keys: serialization cannot fail.
         serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
@@ -114,6 +117,7 @@ impl BuildRecord {
             persistent: v.get("persistent").and_then(|x| x.as_bool()),
             lazy_rescale: v.get("lazy_rescale").and_then(|x| x.as_bool()),
             store_tma: v.get("store_tma").and_then(|x| x.as_bool()),
+            p_in_shared: v.get("p_in_shared").and_then(|x| x.as_bool()),
         };
         Ok(BuildRecord {
             source: text("source").unwrap_or_else(|| "source.ein".to_string()),
@@ -148,6 +152,7 @@ mod tests {
                 persistent: Some(true),
                 lazy_rescale: Some(true),
                 store_tma: Some(true),
+                p_in_shared: Some(true),
                 optimize: true,
                 strategy: Some("chunked".into()),
                 chunk_tokens: Some(1024),

@@ -411,6 +411,11 @@ const SETUP_END: &str = "\t// end of setup\n";
 /// Bytes of one row of a shared tile's 64-column block.
 const ROW_BYTES: u32 = 128;
 
+/// The first named barrier of a warpgroup's own meetings (`bar.sync 4 + warpgroup, 128`:
+/// the output stored by the copy engine, probabilities through shared memory); 0 is the
+/// CTA's, 1 to 3 are ping-pong's turns.
+const WARPGROUP_BARRIER: u32 = 4;
+
 /// Alignment of every shared tile (and ring stage): the 128-byte swizzle repeats every
 /// 8 rows of 128 bytes, and `wgmma` descriptors assume it starts on such a boundary.
 const SMEM_ALIGN: u32 = 1024;

@@ -818,7 +818,8 @@ struct Release {
 /// iteration's first contraction `first` (see the module docs): the last `Contract`, when
 /// it reads a streamed tile, comes after `first`, and moving it is invisible: no statement
 /// after it in its own iteration, and none up to `first` in the next, touches its
-/// registers (the loads, which touch only shared tiles, aside).
+/// registers (the loads, which touch only shared tiles, aside) or writes a shared tile it
+/// reads (probabilities through shared memory are rewritten only after it).
 fn deferred_contraction(p: &Printer, body: &[Stmt], first: usize) -> Option<usize> {
     let streamed = p.prog.streamed_tiles();
     let i = body
@@ -831,12 +832,13 @@ fn deferred_contraction(p: &Printer, body: &[Stmt], first: usize) -> Option<usiz
         return None;
     }
     let (regs, _, _) = p.stmt_footprint(&body[i]);
+    let reads = shared_reads(&body[i]);
     let untouched = |s: &Stmt| {
         if matches!(s, Stmt::LoadTile { .. }) {
             return true;
         }
-        let (r, _, all) = p.stmt_footprint(s);
-        !all && !r.iter().any(|x| regs.contains(x))
+        let (r, writes, all) = p.stmt_footprint(s);
+        !all && !r.iter().any(|x| regs.contains(x)) && !writes.iter().any(|t| reads.contains(t))
     };
     body[i + 1..]
         .iter()

@@ -294,7 +294,8 @@ impl Printer<'_> {
     }
 
     /// Rounds an accumulator into a shared tile (swizzled like loaded tiles), after a
-    /// barrier so no warp still reads the previous contents.
+    /// barrier so no warp still reads the previous contents; a row-private tile without one
+    /// (see [`Stmt::StoreShared`]).
     pub(super) fn emit_store_shared(&mut self, src: RegId, dst: SharedId) -> Result<(), TileError> {
         let prog = self.prog;
         let t = &prog.shared[dst.index()];
@@ -305,6 +306,9 @@ impl Printer<'_> {
             t.name,
             prog.regs[src.index()].name
         ));
+        if prog.row_private_tiles().contains(&dst) {
+            return self.emit_store_own_rows(src, dst, ty);
+        }
         let base = match self.store_base[dst.index()].clone() {
             // The other copy: its last reader finished before this iteration's barrier.
             Some(write) => write,
@@ -320,5 +324,73 @@ impl Printer<'_> {
             self.ins("bar.sync 0;");
         }
         Ok(())
+    }
+
+    /// Rounds an accumulator into the rows of a row-private shared tile that this warp
+    /// owns, for its own contraction to read them back as the A operand. The previous
+    /// contents' reader is this warp's (warpgroup's) own `wgmma`, which the caller has
+    /// waited for (the statement writes a tile a pending group reads). With `wgmma` the
+    /// warpgroup's four warps each write 16 of the 64 rows one instruction reads: the writes
+    /// go to the async proxy and the warpgroup meets at its named barrier. With `mma.sync`
+    /// the warp reads its rows back by `ldmatrix`: its lanes meet.
+    fn emit_store_own_rows(
+        &mut self,
+        src: RegId,
+        dst: SharedId,
+        ty: &str,
+    ) -> Result<(), TileError> {
+        let prog = self.prog;
+        let block_bytes = prog.shared[dst.index()].rows * ROW_BYTES;
+        let base = self.smem_base[dst.index()].clone();
+        if prog.schedule.mma != MmaUnit::Warpgroup {
+            self.write_rows_swizzled(src, &base, block_bytes, ty);
+            self.ins("bar.warp.sync -1;");
+            return Ok(());
+        }
+        // `stmatrix` (sm_90) stores four 8 x 8 matrices of the m16n8k16 A layout per
+        // instruction, the lanes' addresses those of `ldmatrix` of the same fragments: a
+        // quarter of the stores one 32-bit store per element pair takes.
+        let cols = prog.regs[src.index()].cols;
+        let wbase = self.r();
+        self.ins(format!(
+            "mad.lo.u32 {wbase}, %warp, {}, {base};",
+            prog.rows_per_warp() * ROW_BYTES
+        ));
+        for mt in 0..self.mtiles {
+            for ks in 0..cols / 16 {
+                let regs: Vec<String> = (0..4)
+                    .map(|i| {
+                        // a0: n-tile 2ks rows g; a1: rows g + 8; a2, a3: n-tile 2ks + 1.
+                        let nt = 2 * ks + i / 2;
+                        let e0 = (i % 2) * 2;
+                        let lo = self.acc_reg(src, mt, nt, e0);
+                        let hi = self.acc_reg(src, mt, nt, e0 + 1);
+                        let pk = self.r();
+                        self.ins(format!("cvt.rn.{ty}x2.f32 {pk}, {hi}, {lo};"));
+                        pk
+                    })
+                    .collect();
+                let (addr, imm) = self.ldm_addr(&wbase, "A", block_bytes, mt * 16, 2 * ks);
+                self.ins(format!(
+                    "stmatrix.sync.aligned.m8n8.x4.shared.b16 [{addr}+{imm}], {{{}}};",
+                    regs.join(", ")
+                ));
+            }
+        }
+        self.ins("fence.proxy.async.shared::cta;");
+        self.emit_warpgroup_barrier();
+        Ok(())
+    }
+
+    /// The four warps of this thread's warpgroup meet (named barrier
+    /// [`WARPGROUP_BARRIER`] + warpgroup, 128 threads); the other warpgroups go on.
+    /// Returns the register holding the warpgroup's index.
+    pub(super) fn emit_warpgroup_barrier(&mut self) -> String {
+        let wg = self.r();
+        self.ins(format!("shr.u32 {wg}, %warp, 2;"));
+        let id = self.r();
+        self.ins(format!("add.u32 {id}, {wg}, {WARPGROUP_BARRIER};"));
+        self.ins(format!("bar.sync {id}, 128;"));
+        wg
     }
 }

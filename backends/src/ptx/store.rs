@@ -13,9 +13,6 @@
 
 use super::*;
 
-/// The first named barrier the warpgroups' stores use (1 to 3 are ping-pong's turns).
-const STORE_BARRIER: u32 = 4;
-
 impl Printer<'_> {
     pub(super) fn emit_tma_store(&mut self, src: RegId, dst: TensorId) -> Result<(), TileError> {
         let prog = self.prog;
@@ -36,11 +33,7 @@ impl Printer<'_> {
         self.wait_wgmma(0);
         self.write_rows_swizzled(src, &base, block_bytes, ty);
         self.ins("fence.proxy.async.shared::cta;");
-        let wg = self.r();
-        self.ins(format!("shr.u32 {wg}, %warp, 2;"));
-        let id = self.r();
-        self.ins(format!("add.u32 {id}, {wg}, {STORE_BARRIER};"));
-        self.ins(format!("bar.sync {id}, 128;"));
+        let wg = self.emit_warpgroup_barrier();
         let issuer = self.pred();
         let lane = self.r();
         self.ins(format!("and.b32 {lane}, %thr, 127;"));

@@ -796,8 +796,13 @@ pub enum Stmt {
         src: StateId,
         decay: ScalarExpr,
     },
-    /// Round an f32 tile (`block_m x cols`) to 16 bits into a shared tile of the same shape
-    /// (a state the next iteration reads as an MMA operand). Waits for every warp first.
+    /// Round an f32 tile (`block_m x cols`) to 16 bits into a shared tile of the same shape,
+    /// for a contraction to read. A tile read only as a contraction's A operand (the
+    /// probabilities of `P V`) is [row-private](TileProgram::row_private_tiles): the rows a
+    /// warp writes are the rows it reads, so only the warp (with `wgmma`, its warpgroup)
+    /// meets before the read. Any other tile is a state every warp reads (linear
+    /// attention's): the write waits for every warp first, and inside the key loop the
+    /// lowering double-buffers it.
     StoreShared { src: RegId, dst: SharedId },
     /// The decoupled look-back of a [`TileProgram::look_back`] program: publish `state`
     /// (this chunk's own state) as `aggregates[chunk]`; `prefix = sum over c < chunk of
@@ -1361,21 +1366,52 @@ impl TileProgram {
         total
     }
 
-    /// Shared tiles written by `StoreShared` inside the key loop: states carried from one
-    /// iteration to the next, double-buffered by the lowering.
+    /// Shared tiles written by `StoreShared` inside the key loop that are states carried
+    /// from one iteration to the next (not row-private), double-buffered by the lowering.
     pub fn loop_written_tiles(&self) -> Vec<SharedId> {
+        let private = self.row_private_tiles();
         let mut out = Vec::new();
         for s in &self.body {
             if let Stmt::KeyLoop { body, .. } = s {
                 for b in body {
                     if let Stmt::StoreShared { dst, .. } = b {
-                        if !out.contains(dst) {
+                        if !out.contains(dst) && !private.contains(dst) {
                             out.push(*dst);
                         }
                     }
                 }
             }
         }
+        out
+    }
+
+    /// Shared tiles that `StoreShared` writes and nothing reads but a `Contract`'s A
+    /// operand: each warp (each warpgroup with `wgmma`) reads back only the query rows it
+    /// wrote, so no warp waits for another's rows.
+    pub fn row_private_tiles(&self) -> Vec<SharedId> {
+        fn visit(body: &[Stmt], stored: &mut Vec<SharedId>, shared_otherwise: &mut Vec<SharedId>) {
+            for st in body {
+                match st {
+                    Stmt::StoreShared { dst, .. } => stored.push(*dst),
+                    Stmt::Contract { b, .. } => shared_otherwise.push(*b),
+                    Stmt::ContractT { a, b, .. } => shared_otherwise.extend([*a, *b]),
+                    Stmt::Fragments { src, .. } => shared_otherwise.push(*src),
+                    Stmt::LoadTile { dst, .. } => shared_otherwise.push(*dst),
+                    Stmt::ContractStream { a_tile, b_tile, .. } => {
+                        shared_otherwise.extend([*a_tile, *b_tile])
+                    }
+                    Stmt::KeyLoop { body, .. } => visit(body, stored, shared_otherwise),
+                    _ => {}
+                }
+            }
+        }
+        let (mut stored, mut otherwise) = (Vec::new(), Vec::new());
+        visit(&self.body, &mut stored, &mut otherwise);
+        let mut out: Vec<SharedId> = stored
+            .into_iter()
+            .filter(|t| !otherwise.contains(t))
+            .collect();
+        out.dedup();
         out
     }
 

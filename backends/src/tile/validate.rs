@@ -719,6 +719,8 @@ impl TileProgram {
             ));
         }
         let mut seen_loop = false;
+        // Probabilities through shared memory are the consumers' own rows: no CTA barrier.
+        let private = self.row_private_tiles();
         for s in &self.body {
             match s {
                 Stmt::LoadTile { .. } if seen_loop => {
@@ -730,13 +732,16 @@ impl TileProgram {
                     }
                     seen_loop = true;
                     for b in body {
-                        if matches!(
-                            b,
-                            Stmt::ContractStream { .. }
-                                | Stmt::StoreShared { .. }
-                                | Stmt::LookBack { .. }
-                                | Stmt::KeyLoop { .. }
-                        ) {
+                        let state =
+                            matches!(b, Stmt::StoreShared { dst, .. } if !private.contains(dst));
+                        if state
+                            || matches!(
+                                b,
+                                Stmt::ContractStream { .. }
+                                    | Stmt::LookBack { .. }
+                                    | Stmt::KeyLoop { .. }
+                            )
+                        {
                             return invalid(
                                 "a producer warpgroup's key loop has no streamed contraction, shared state or look-back",
                             );

@@ -120,6 +120,7 @@ pub fn compile_softmax(
             persistent: options.persistent,
             lazy_rescale: options.lazy_rescale,
             store_tma: options.store_tma,
+            p_in_shared: options.p_in_shared,
             operands_in_scratch: prologue.is_some(),
             output_in_scratch: epilogue.is_some(),
             ..ScheduleOptions::default()

@@ -430,6 +430,13 @@ pub struct AttentionSchedule {
     pub lazy_rescale: bool,
     /// See [`TileSchedule::store_tma`].
     pub store_tma: bool,
+    /// The probabilities reach `P V` through shared memory (`StoreShared` into a tile of
+    /// `block_m x block_n`, read as the contraction's shared A operand) instead of as
+    /// 16-bit A fragments in registers: FlashAttention-3's `MmaPV_is_RS = false`. With the
+    /// deferred `P V` of a warp-specialized loop, registers no longer hold one tile's
+    /// probabilities beside the next tile's scores, which is what admits 192-key tiles with
+    /// three consumer warpgroups at head dim 64 (FA3's non-causal shape there).
+    pub p_in_shared: bool,
     /// Tensor-core instructions: `wgmma` needs 16 rows per warp and whole warpgroups.
     pub mma: MmaUnit,
     /// Who copies K and V: every thread, or a producer warpgroup (needs `wgmma`).
@@ -460,6 +467,7 @@ impl AttentionSchedule {
             skip_unit_rescale: !(spec.head_dim <= 64 && plain),
             lazy_rescale: false,
             store_tma: false,
+            p_in_shared: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -625,13 +633,40 @@ pub fn flash_attention(
         ColRank::Key,
         RegKind::Accumulator,
     );
-    let pf = reg(
-        &mut p,
-        "p",
-        sched.block_n,
-        ColRank::Key,
-        RegKind::AOperand(spec.elem),
-    );
+    // The probabilities of P V: 16-bit A fragments, or a shared tile of the query rows.
+    let probs = if sched.p_in_shared {
+        AOperand::Shared(shared(
+            &mut p,
+            "p_s",
+            sched.block_m,
+            sched.block_n,
+            SeqRank::Query,
+        ))
+    } else {
+        AOperand::Reg(reg(
+            &mut p,
+            "p",
+            sched.block_n,
+            ColRank::Key,
+            RegKind::AOperand(spec.elem),
+        ))
+    };
+    // `P V`: round the weights in `s` into the probabilities, then accumulate.
+    let weighted_values = |acc| {
+        let round = match probs {
+            AOperand::Reg(pf) => Stmt::Convert { dst: pf, src: s },
+            AOperand::Shared(p_s) => Stmt::StoreShared { src: s, dst: p_s },
+        };
+        [
+            round,
+            Stmt::Contract {
+                acc,
+                a: probs,
+                b: v_s,
+                b_layout: BLayout::RowsAreK,
+            },
+        ]
+    };
     let acc = reg(&mut p, "acc", dv, ColRank::HeadDim, RegKind::Accumulator);
     let q_frag = sched.q_in_registers.then(|| {
         reg(
@@ -682,14 +717,8 @@ pub fn flash_attention(
                         expr: weight,
                     },
                     Stmt::Mask { dst: s, fill: 0.0 },
-                    Stmt::Convert { dst: pf, src: s },
-                    Stmt::Contract {
-                        acc,
-                        a: AOperand::Reg(pf),
-                        b: v_s,
-                        b_layout: BLayout::RowsAreK,
-                    },
                 ],
+                weighted_values(acc).to_vec(),
             ]
             .concat(),
         });
@@ -847,13 +876,7 @@ pub fn flash_attention(
         dst: acc,
         expr: mul(elem(acc), row(alpha)),
     });
-    lp.push(Stmt::Convert { dst: pf, src: s });
-    lp.push(Stmt::Contract {
-        acc,
-        a: AOperand::Reg(pf),
-        b: v_s,
-        b_layout: BLayout::RowsAreK,
-    });
+    lp.extend(weighted_values(acc));
     lp.push(Stmt::RowMap {
         dst: m_run,
         expr: row(m_new),

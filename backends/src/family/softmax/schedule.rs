@@ -41,6 +41,9 @@ pub struct ScheduleOptions {
     /// The output stored by the copy engine (see [`AttentionSchedule::store_tma`];
     /// default: from registers).
     pub store_tma: Option<bool>,
+    /// The probabilities of `P V` through shared memory (see
+    /// [`AttentionSchedule::p_in_shared`]; default: in registers).
+    pub p_in_shared: Option<bool>,
     /// Q and K are in scratch (pre-kernels write them): the launcher makes tensor maps of
     /// the cascade's tensors only, so the copy engine is not used.
     pub operands_in_scratch: bool,
@@ -62,6 +65,7 @@ impl Default for ScheduleOptions {
             persistent: None,
             lazy_rescale: None,
             store_tma: None,
+            p_in_shared: None,
             operands_in_scratch: false,
             output_in_scratch: false,
         }
@@ -368,6 +372,14 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         )
         .with_help("pass `--target sm_90a`, or leave out `--mma wgmma`"));
     }
+    if options.p_in_shared == Some(true) && mma != MmaUnit::Warpgroup {
+        return Err(Diagnostic::error(
+            DiagnosticKind::UnsupportedShape,
+            "probabilities through shared memory feed wgmma's shared-memory operand; mma.sync takes them from registers at no cost",
+            Span::UNKNOWN,
+        )
+        .with_help("pass `--target sm_90a`, or leave out `--probs shared`"));
+    }
     // With wgmma, both ways of loading compete (ping-pong where it measured faster, at
     // head dim 128: bench/results/softmax-ws_2026-12-04); the producer copies with the copy
     // engine wherever tensor maps can describe Q, K and V (bench/results/softmax-tma_2026-12-04).
@@ -438,6 +450,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
                             stages: st,
                             mma,
                             loads,
+                            p_in_shared: options.p_in_shared == Some(true),
                             ..base
                         };
                         if !shape_is_legal(spec, &k) {
@@ -457,7 +470,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
             "no kernel shape fits: the requested tile sizes exceed the register file or shared memory, or are not multiples of 16 rows per warp",
             Span::UNKNOWN,
         )
-        .with_help("legal shapes: block_m = 16 * warps * {1, 2}, block_n in {16, 32, 64, 128} (with wgmma, a multiple of 16 up to 256; with cp.async, of the copying threads / 8 too), stages 2-4; with --loads producer or pingpong, wgmma and 8 or more warps"));
+        .with_help("legal shapes: block_m = 16 * warps * {1, 2}, block_n in {16, 32, 64, 128} (with wgmma, a multiple of 16 up to 256; with cp.async, of the copying threads / 8 too; with --probs shared, of 64), stages 2-4; with --loads producer or pingpong, wgmma and 8 or more warps"));
     }
     candidates.sort_by(|a, b| a.1.seconds.total_cmp(&b.1.seconds));
     let (mut kernel, estimate) = candidates[0];
@@ -523,6 +536,20 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     reasons.push(persistent.reason);
     reasons.extend(lazy_reason);
     reasons.extend(store_reason);
+    if kernel.p_in_shared {
+        reasons.push(format!(
+            "probabilities: through shared memory (asked): each {} writes its rows of P ({} x {}, {} B) and {}, so no register holds them beside the next tile's scores",
+            if kernel.mma == MmaUnit::Warpgroup { "warpgroup" } else { "warp" },
+            kernel.block_m,
+            kernel.block_n,
+            kernel.block_m * kernel.block_n * spec.elem.bytes(),
+            if kernel.mma == MmaUnit::Warpgroup {
+                "its wgmma reads them back through a descriptor"
+            } else {
+                "reads them back by ldmatrix"
+            }
+        ));
+    }
     if kernel.skip_unit_rescale && !kernel.lazy_rescale {
         reasons.push("the rescale of the output is skipped when no row's max grew (saves registers under 255)".into());
     }
@@ -776,10 +803,13 @@ pub fn shape_is_legal(spec: &AttentionSpec, k: &AttentionSchedule) -> bool {
         Loads::ProducerWarpgroup { tma: false, .. } => crate::tile::PRODUCER_THREADS / 8,
         Loads::ProducerWarpgroup { tma: true, .. } => 1,
     };
+    // Probabilities through shared memory are a shared tile: whole 64-column blocks.
+    let probs_ok = !k.p_in_shared || k.block_n.is_multiple_of(64);
     k.warps > 0
         && k.block_m.is_multiple_of(k.warps)
         && rows_ok
         && key_tile_ok
+        && probs_ok
         && k.block_n.is_multiple_of(copy_rows)
         && k.block_m.is_multiple_of(copy_rows)
         && (2..=4).contains(&k.stages)
@@ -815,9 +845,11 @@ fn registers_needed(spec: &AttentionSpec, k: &AttentionSchedule) -> (u32, u32) {
     let loads_per_thread = (k.block_n as u64 * (d + dv) * spec.elem.bytes() as u64
         / 16
         / (32 * k.warps as u64)) as u32;
+    // Probabilities through shared memory are packed and stored four registers at a time.
+    let probs = if k.p_in_shared { 4 } else { k.block_n / 4 };
     let overhead = match k.mma {
         MmaUnit::Sync => 40 + loads_per_thread.saturating_sub(32),
-        MmaUnit::Warpgroup => 16 + k.block_n / 4,
+        MmaUnit::Warpgroup => 16 + probs,
     } + if k.loads.specialized() {
         // Stage, phase and barrier addresses; P of the deferred P V beside the next scores.
         // The widest key tiles ptxas (CUDA 13.0, 2026-12-05) fits without spilling: 176 at
@@ -862,7 +894,12 @@ pub fn estimate(m: &AttentionMatch, k: &AttentionSchedule, gpu: &GpuModel) -> Op
         return None;
     }
     let elem_bytes = spec.elem.bytes() as u64;
-    let shared = ((k.block_m as u64 * d + k.stages as u64 * k.block_n as u64 * (d + dv))
+    let probs = if k.p_in_shared {
+        k.block_m as u64 * k.block_n as u64
+    } else {
+        0
+    };
+    let shared = ((k.block_m as u64 * d + k.stages as u64 * k.block_n as u64 * (d + dv) + probs)
         * elem_bytes) as u32;
     let smem_per_sm = gpu.shared_memory_per_sm as u32;
     if shared > smem_per_sm {
