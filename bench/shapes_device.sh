@@ -8,19 +8,23 @@
 #              `--store tma` (the output by the copy engine) at d=64 and 128. A
 #              shape refused for shared memory or registers (latent attention's wider Q.K)
 #              is listed, not a failure of the kernel.
+#              `--probs shared` (P through shared memory): 192-key tiles at d=64
+#              (FlashAttention-3's 192 x 192), the scheduler's shape at d=128
 #   persistent `check --grid persistent` of the masked examples at sizes with more work
 #              tiles than SMs (the rounds alternate direction now)
 #   sweep      bench/softmax_sweep.py: OLD's default (the last build measured, b17fb1d, if
 #              given), the default beside 144/160/176/192-key tiles, lazy rescaling,
 #              persistent grids and their mixes, SDPA's FA2 and cuDNN
+#   probs      bench/softmax_sweep.py: the default beside P through shared memory (the
+#              scheduler's shape, 192-key tiles, with lazy rescaling), SDPA's FA2, cuDNN
 #   flex       bench/flex_variants.py on FLEX_CASES with OURS_ALT (default `--rescale lazy`)
 # Results go to $OUT as they come; the sweep alone takes 5-8 minutes, so run it as its own
-# device call (WHAT=sweep). Usage: OUT=dir [WHAT=...] [OLD=path/to/older/einattn]
+# device call (WHAT=sweep), and the probs sweep as another. Usage: OUT=dir [WHAT=...] [OLD=path/to/older/einattn]
 #        bench/shapes_device.sh [path/to/einattn]
 set -u
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 BIN=${1:-target/release/einattn}
-WHAT=${WHAT:-checks persistent sweep flex}
+WHAT=${WHAT:-checks persistent sweep probs flex}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/device.txt" 2>&1
 date -u >> "$OUT/device.txt"
 if [[ $WHAT == *checks* ]]; then
@@ -41,6 +45,14 @@ if [[ $WHAT == *checks* ]]; then
   # Where the store does not apply (decoding, a wider V) the refusal is listed, not failed.
   CHECK_FLAGS="--target sm_90a --store tma" NS=1000 DS="64 128" DTS=bf16 LIMIT=60 \
     timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_store_tma_bf16.txt" 2>&1 &
+  # P through shared memory: FlashAttention-3's 192 x 192 at d=64; the model's shape at
+  # d=128 (192 x 128, three warpgroups).
+  for dt in bf16 f16; do
+    CHECK_FLAGS="--target sm_90a --tile m0=192 --probs shared" NS=1000 DS=64 DTS=$dt LIMIT=60 \
+      timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_probs_shared_d64_$dt.txt" 2>&1 &
+    CHECK_FLAGS="--target sm_90a --probs shared" NS=1000 DS=128 DTS=$dt LIMIT=60 \
+      timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_probs_shared_d128_$dt.txt" 2>&1 &
+  done
 fi
 if [[ $WHAT == *persistent* ]]; then
   for d in 64 128; do
@@ -74,6 +86,14 @@ if [[ $WHAT == *sweep* ]]; then
     n176_persistent_lazy="--tile m0=176 --grid persistent --rescale lazy" 2>&1 \
     | grep -v Warning > "$OUT/sweep_log.txt"
   tail -16 "$OUT/sweep_log.txt"
+fi
+if [[ $WHAT == *probs* ]]; then
+  SWEEP_FILE=probs_sweep timeout "${SWEEP_LIMIT:-540}" python3 bench/softmax_sweep.py "$BIN" default= \
+    probs="--probs shared" n192_probs="--tile m0=192 --probs shared" \
+    n192_probs_lazy="--tile m0=192 --probs shared --rescale lazy" \
+    probs_lazy_store="--probs shared --rescale lazy --store tma" 2>&1 \
+    | grep -v Warning > "$OUT/probs_sweep_log.txt"
+  tail -16 "$OUT/probs_sweep_log.txt"
 fi
 if [[ $WHAT == *flex* ]]; then
   FLEX_CASES=${FLEX_CASES:-alibi,softcap,window,GQA} OURS_ALT=${OURS_ALT:---rescale lazy} \

@@ -3,7 +3,7 @@ device call: which tensor-core path and tile shape is fastest per problem.
 
 Problems: bf16, B*N = 16384, H*d = 2048, d in {128, 64}, N in {4096, 16384}, causal or not
 (the shapes of bench/softmax_compare.py). Each schedule is a set of `einattn bench` flags;
-"default" is the scheduler's own choice. Writes $OUT/softmax_sweep.json and .md.
+"default" is the scheduler's own choice. Writes $OUT/softmax_sweep.json and .md ($SWEEP_FILE names them otherwise).
 TFLOP/s = 4*B*H*N^2*d / time (halved when causal); medians (CUDA events for ours,
 triton.testing.do_bench for the baselines).
 Usage: [ONLY_D=128] [ONLY_N=4096] [SWEEP=name,...] python3 bench/softmax_sweep.py [path/to/einattn] [NAME=FLAGS ...]
@@ -123,7 +123,7 @@ def main():
         rows.append(row)
         print({k: v for k, v in row.items() if not k.endswith("_detail")}, flush=True)
 
-    with open(os.path.join(OUT, "softmax_sweep.json"), "w") as f:
+    with open(os.path.join(OUT, os.environ.get("SWEEP_FILE", "softmax_sweep") + ".json"), "w") as f:
         json.dump(dict(env=env, schedules=schedules, rows=rows), f, indent=1)
     names = list(schedules)
     lines = [f"Device: {env['gpu']}, torch {env['torch']}; {env['date']}; TFLOP/s (ratio to cuDNN)", "",
@@ -137,7 +137,7 @@ def main():
         lines.append(f"| {r['d']} | {r['n']} | {'yes' if r['causal'] else 'no'} | {r['flash']} | {r['cudnn']} | "
                      + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
-    with open(os.path.join(OUT, "softmax_sweep.md"), "w") as f:
+    with open(os.path.join(OUT, os.environ.get("SWEEP_FILE", "softmax_sweep") + ".md"), "w") as f:
         f.write(md)
     print(md, flush=True)
 
