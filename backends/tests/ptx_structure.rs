@@ -364,3 +364,51 @@ fn p_v_is_deferred_only_when_moving_it_is_invisible() {
     assert!(!k.text.contains(deferred));
     assert_eq!(count(&k.text, "contract acc += . v_s"), 1);
 }
+
+#[test]
+fn shared_a_operands_have_their_descriptors_computed_once_before_the_key_loop() {
+    // Q's tile and the probabilities' (with `p_in_shared`) sit at one address for the whole
+    // kernel: each warpgroup's descriptor of its 64 rows is computed once, with the
+    // warpgroup index broadcast from lane 0 (uniform for ptxas), before the key loop; a
+    // persistent program recomputes it at the top of each work tile, still outside the loop.
+    let mut spec = AttentionSpec::new(64, Elem::Bf16);
+    spec.causal = true;
+    for (p_in_shared, persistent) in [(false, None), (true, None), (true, Some(132))] {
+        let sched = AttentionSchedule {
+            p_in_shared,
+            persistent,
+            ..copy_engine_schedule(&spec, 128)
+        };
+        let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+        let k = print_ptx(&prog, Target::Sm90a).expect("prints");
+        let t = &k.text;
+        let setup_end = t.find("// end of setup").expect("a setup");
+        let loop_top = t.find("$L_ktop").expect("a key loop");
+        // One descriptor base per shared A operand (q_s is tile 0, p_s tile 3), each 64
+        // rows of 128 bytes further per warpgroup.
+        for (tile, used) in [(0, true), (3, p_in_shared)] {
+            let needle = format!("8192, %sbase{tile};");
+            assert_eq!(count(t, &needle), used as usize, "{}: {needle}", k.entry);
+            if used {
+                let at = t.find(&needle).unwrap();
+                let hoisted = if persistent.is_some() {
+                    at < loop_top && !t[at..loop_top].contains("$L_ktop")
+                } else {
+                    at < setup_end
+                };
+                assert!(
+                    hoisted,
+                    "{}: the descriptor of tile {tile} is computed in the loop",
+                    k.entry
+                );
+            }
+        }
+        assert_eq!(
+            count(t, "shfl.sync.idx.b32"),
+            // The role test's, and one per hoisted descriptor.
+            1 + 1 + p_in_shared as usize,
+            "{}",
+            k.entry
+        );
+    }
+}

@@ -52,6 +52,20 @@ impl Printer<'_> {
         self.emit_expr_inner(e, ctx)
     }
 
+    /// A loop-invariant value of this thread (an address of its own rows), computed once in
+    /// the hoisted section by `emit` and shared by every statement that asks with `key`.
+    pub(super) fn hoist(&mut self, key: String, emit: impl FnOnce(&mut Self) -> String) -> String {
+        if let Some(r) = self.uniform_cache.get(&key) {
+            return r.clone();
+        }
+        let saved = std::mem::take(&mut self.body);
+        let v = emit(self);
+        let code = std::mem::replace(&mut self.body, saved);
+        self.hoisted.push_str(&code);
+        self.uniform_cache.insert(key, v.clone());
+        v
+    }
+
     /// In a sequential program positions are tile-relative, so an expensive expression of
     /// positions alone (a decay factor) has the same value in every iteration: it is
     /// computed once at kernel start. Elements share a register when the expression has the

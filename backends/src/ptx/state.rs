@@ -351,11 +351,21 @@ impl Printer<'_> {
         // instruction, the lanes' addresses those of `ldmatrix` of the same fragments: a
         // quarter of the stores one 32-bit store per element pair takes.
         let cols = prog.regs[src.index()].cols;
-        let wbase = self.r();
-        self.ins(format!(
-            "mad.lo.u32 {wbase}, %warp, {}, {base};",
-            prog.rows_per_warp() * ROW_BYTES
-        ));
+        // The four swizzled row addresses (a k-step's chunk pair cycles through four per
+        // 64-column block) never change: computed once, outside the key loop.
+        let addrs: Vec<String> = (0..4u32)
+            .map(|j| {
+                self.hoist(format!("stmatrix {base} {j}"), |p| {
+                    let wbase = p.r();
+                    p.ins(format!(
+                        "mad.lo.u32 {wbase}, %warp, {}, {base};",
+                        prog.rows_per_warp() * ROW_BYTES
+                    ));
+                    let (addr, _) = p.ldm_addr(&wbase, "A", block_bytes, 0, 2 * j);
+                    addr
+                })
+            })
+            .collect();
         for mt in 0..self.mtiles {
             for ks in 0..cols / 16 {
                 let regs: Vec<String> = (0..4)
@@ -370,9 +380,12 @@ impl Printer<'_> {
                         pk
                     })
                     .collect();
-                let (addr, imm) = self.ldm_addr(&wbase, "A", block_bytes, mt * 16, 2 * ks);
+                // As `ldm_addr` of chunk pair 2 ks: the address of (2 ks) % 8, the block
+                // and the m-tile's rows as the immediate.
+                let imm = mt * 16 * ROW_BYTES + (2 * ks / 8) * block_bytes;
                 self.ins(format!(
-                    "stmatrix.sync.aligned.m8n8.x4.shared.b16 [{addr}+{imm}], {{{}}};",
+                    "stmatrix.sync.aligned.m8n8.x4.shared.b16 [{}+{imm}], {{{}}};",
+                    addrs[(ks % 4) as usize],
                     regs.join(", ")
                 ));
             }

@@ -251,14 +251,31 @@ impl Printer<'_> {
                 let at = &prog.shared[id.index()];
                 let a_block = at.rows * ROW_BYTES;
                 let sb = self.smem_base[id.index()].clone();
-                let wg = self.r();
-                self.ins(format!("shr.u32 {wg}, %warp, 2;"));
-                let base = self.r();
-                self.ins(format!(
-                    "mad.lo.u32 {base}, {wg}, {}, {sb};",
-                    64 * ROW_BYTES
-                ));
-                let adesc = self.wgmma_desc(&base, a_block, false);
+                let desc_of = move |p: &mut Self, uniform: bool| {
+                    let wg = p.r();
+                    p.ins(format!("shr.u32 {wg}, %warp, 2;"));
+                    if uniform {
+                        // Lane 0's, so that ptxas sees a value uniform across the warp and
+                        // keeps the descriptors in uniform registers (one R2UR, not two per
+                        // k-step and key tile).
+                        p.ins(format!("shfl.sync.idx.b32 {wg}, {wg}, 0, 31, -1;"));
+                    }
+                    let base = p.r();
+                    p.ins(format!(
+                        "mad.lo.u32 {base}, {wg}, {}, {sb};",
+                        64 * ROW_BYTES
+                    ));
+                    p.wgmma_desc(&base, a_block, false)
+                };
+                // Inside the key loop, a tile at its fixed address (not a stage of a ring,
+                // not a double-buffered state: Q, the probabilities) has one descriptor for
+                // every key tile: computed once, before the loop.
+                let fixed = self.smem_base[id.index()] == format!("%sbase{}", id.0);
+                let adesc = if fixed && self.in_loop {
+                    self.hoist(format!("wgmma A {}", id.0), |p| desc_of(p, true))
+                } else {
+                    desc_of(self, false)
+                };
                 (0..k_len / 16)
                     .map(|ks| {
                         let d = self.rd();
