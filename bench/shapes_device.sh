@@ -1,30 +1,30 @@
 #!/usr/bin/env bash
-# Wide key tiles, lazy rescaling and alternating persistent rounds (built without a GPU on
-# 2026-12-05) on one H200 in one call. Steps (WHAT, default all):
+# The sm_90a softmax kernels built without a GPU on 2026-12-05 (wide key tiles, lazy
+# rescaling, the store by the copy engine, P through shared memory, the pinned wait of the
+# deferred P V, alternating persistent rounds) on one H200. Steps (WHAT, default all; run
+# each sweep as its own device call, 5-8 minutes each):
 #   checks     bench/check_softmax.sh on sm_90a (N=1000, bf16/f16): the defaults (the
-#              copy-engine producer keeps 24 registers now, and d=64 takes 192 x 128 tiles
-#              with three consumer warpgroups), FlashAttention-3's key tiles (176 at d=128,
-#              192 at d=64) with `--rescale lazy`, `--rescale lazy` alone at d=128, and
-#              `--store tma` (the output by the copy engine) at d=64 and 128. A
-#              shape refused for shared memory or registers (latent attention's wider Q.K)
-#              is listed, not a failure of the kernel.
-#              `--probs shared` (P through shared memory): 192-key tiles at d=64
-#              (FlashAttention-3's 192 x 192), the scheduler's shape at d=128
+#              copy-engine producer keeps 24 registers, d=64 takes 192 x 128 tiles with
+#              three consumer warpgroups, Q's descriptors hoisted), FlashAttention-3's key
+#              tiles (176 at d=128, 192 at d=64) with `--rescale lazy --pv-wait pinned`,
+#              `--rescale lazy` alone at d=128, `--store tma` at d=64 and 128, and
+#              `--probs shared --pv-wait pinned` (192-key tiles at d=64, the scheduler's
+#              shape at d=128). A shape refused for shared memory or registers is listed,
+#              not a failure of the kernel.
 #   persistent `check --grid persistent` of the masked examples at sizes with more work
 #              tiles than SMs (the rounds alternate direction now)
-#   sweep      bench/softmax_sweep.py: OLD's default (the last build measured, b17fb1d, if
-#              given), the default beside 144/160/176/192-key tiles, lazy rescaling,
-#              persistent grids and their mixes, SDPA's FA2 and cuDNN
-#   probs      bench/softmax_sweep.py: the default beside P through shared memory (the
-#              scheduler's shape, 192-key tiles, with lazy rescaling), SDPA's FA2, cuDNN
-#   flex       bench/flex_variants.py on FLEX_CASES with OURS_ALT (default `--rescale lazy`)
-# Results go to $OUT as they come; the sweep alone takes 5-8 minutes, so run it as its own
-# device call (WHAT=sweep), and the probs sweep as another. Usage: OUT=dir [WHAT=...] [OLD=path/to/older/einattn]
-#        bench/shapes_device.sh [path/to/einattn]
+#   sweep      bench/softmax_sweep.py: OLD's default (the last build measured, if given),
+#              the default, the pinned wait (with and without ping-pong, with lazy
+#              rescaling, with 176-key tiles), lazy alone, the store, persistent grids
+#   shapes     bench/softmax_sweep.py: key tiles of 144-192, P through shared memory (the
+#              scheduler's shape, 192-key tiles) with and without the pinned wait
+#   flex       bench/flex_variants.py on FLEX_CASES with OURS_ALT (default
+#              `--rescale lazy --pv-wait pinned`)
+# Usage: OUT=dir [WHAT=...] [OLD=path/to/older/einattn] bench/shapes_device.sh [path/to/einattn]
 set -u
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
 BIN=${1:-target/release/einattn}
-WHAT=${WHAT:-checks persistent sweep probs flex}
+WHAT=${WHAT:-checks persistent sweep shapes flex}
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader > "$OUT/device.txt" 2>&1
 date -u >> "$OUT/device.txt"
 if [[ $WHAT == *checks* ]]; then
@@ -36,21 +36,23 @@ if [[ $WHAT == *checks* ]]; then
     wide=176
     [ "$d" = 64 ] && wide=192
     for dt in bf16 f16; do
-      CHECK_FLAGS="--target sm_90a --tile m0=$wide --rescale lazy" NS=1000 DS=$d DTS=$dt LIMIT=60 \
+      CHECK_FLAGS="--target sm_90a --tile m0=$wide --rescale lazy --pv-wait pinned" NS=1000 DS=$d DTS=$dt LIMIT=60 \
         timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_wide_lazy_d${d}_$dt.txt" 2>&1 &
     done
   done
   CHECK_FLAGS="--target sm_90a --rescale lazy" NS=1000 DS=128 DTS=bf16 LIMIT=60 \
     timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_lazy_d128_bf16.txt" 2>&1 &
+  CHECK_FLAGS="--target sm_90a --pv-wait pinned" NS=1000 DS="64 128" DTS=bf16 LIMIT=60 \
+    timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_pinned_bf16.txt" 2>&1 &
   # Where the store does not apply (decoding, a wider V) the refusal is listed, not failed.
   CHECK_FLAGS="--target sm_90a --store tma" NS=1000 DS="64 128" DTS=bf16 LIMIT=60 \
     timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_store_tma_bf16.txt" 2>&1 &
   # P through shared memory: FlashAttention-3's 192 x 192 at d=64; the model's shape at
   # d=128 (192 x 128, three warpgroups).
   for dt in bf16 f16; do
-    CHECK_FLAGS="--target sm_90a --tile m0=192 --probs shared" NS=1000 DS=64 DTS=$dt LIMIT=60 \
+    CHECK_FLAGS="--target sm_90a --tile m0=192 --probs shared --pv-wait pinned" NS=1000 DS=64 DTS=$dt LIMIT=60 \
       timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_probs_shared_d64_$dt.txt" 2>&1 &
-    CHECK_FLAGS="--target sm_90a --probs shared" NS=1000 DS=128 DTS=$dt LIMIT=60 \
+    CHECK_FLAGS="--target sm_90a --probs shared --pv-wait pinned" NS=1000 DS=128 DTS=$dt LIMIT=60 \
       timeout 240 bash bench/check_softmax.sh "$BIN" > "$OUT/check_probs_shared_d128_$dt.txt" 2>&1 &
   done
 fi
@@ -79,24 +81,27 @@ if [[ $WHAT == *sweep* ]]; then
   old=()
   [ -n "${OLD:-}" ] && old=(old="bin=$OLD")
   timeout "${SWEEP_LIMIT:-540}" python3 bench/softmax_sweep.py "$BIN" "${old[@]}" default= \
-    n144="--tile m0=144" n160="--tile m0=160" n176="--tile m0=176" n192="--tile m0=192" \
-    lazy="--rescale lazy" n176_lazy="--tile m0=176 --rescale lazy" store="--store tma" \
-    n176_lazy_store="--tile m0=176 --rescale lazy --store tma" \
-    persistent="--grid persistent" persistent_lazy="--grid persistent --rescale lazy" \
-    n176_persistent_lazy="--tile m0=176 --grid persistent --rescale lazy" 2>&1 \
+    pinned="--pv-wait pinned" pinned_tma="--pv-wait pinned --loads producer-tma" \
+    pinned_pp="--pv-wait pinned --loads pingpong-tma" lazy="--rescale lazy" \
+    pinned_lazy="--pv-wait pinned --rescale lazy" \
+    n176_pinned_lazy="--tile m0=176 --pv-wait pinned --rescale lazy" \
+    pinned_lazy_store="--pv-wait pinned --rescale lazy --store tma" \
+    persistent="--grid persistent" \
+    persistent_pinned_lazy="--grid persistent --pv-wait pinned --rescale lazy" 2>&1 \
     | grep -v Warning > "$OUT/sweep_log.txt"
   tail -16 "$OUT/sweep_log.txt"
 fi
-if [[ $WHAT == *probs* ]]; then
-  SWEEP_FILE=probs_sweep timeout "${SWEEP_LIMIT:-540}" python3 bench/softmax_sweep.py "$BIN" default= \
-    probs="--probs shared" n192_probs="--tile m0=192 --probs shared" \
-    n192_probs_lazy="--tile m0=192 --probs shared --rescale lazy" \
-    probs_lazy_store="--probs shared --rescale lazy --store tma" 2>&1 \
-    | grep -v Warning > "$OUT/probs_sweep_log.txt"
-  tail -16 "$OUT/probs_sweep_log.txt"
+if [[ $WHAT == *shapes* ]]; then
+  SWEEP_FILE=shapes_sweep timeout "${SWEEP_LIMIT:-540}" python3 bench/softmax_sweep.py "$BIN" default= \
+    n144="--tile m0=144" n160="--tile m0=160" n176="--tile m0=176" n192="--tile m0=192" \
+    probs="--probs shared" probs_pinned="--probs shared --pv-wait pinned" \
+    n192_probs="--tile m0=192 --probs shared" \
+    n192_probs_pinned_lazy="--tile m0=192 --probs shared --pv-wait pinned --rescale lazy" 2>&1 \
+    | grep -v Warning > "$OUT/shapes_sweep_log.txt"
+  tail -16 "$OUT/shapes_sweep_log.txt"
 fi
 if [[ $WHAT == *flex* ]]; then
-  FLEX_CASES=${FLEX_CASES:-alibi,softcap,window,GQA} OURS_ALT=${OURS_ALT:---rescale lazy} \
+  FLEX_CASES=${FLEX_CASES:-alibi,softcap,window,GQA} OURS_ALT=${OURS_ALT:---rescale lazy --pv-wait pinned} \
     timeout "${FLEX_LIMIT:-150}" python3 bench/flex_variants.py "$BIN" 2>&1 | grep -v Warning > "$OUT/flex_log.txt"
   tail -12 "$OUT/flex_log.txt"
 fi

@@ -204,6 +204,12 @@ struct KernelFlags {
     /// tiles a multiple of 64). Default: registers.
     #[arg(long, value_enum)]
     probs: Option<ProbsArg>,
+    /// Softmax attention on sm_90a, warp-specialized: where the wait for the previous key
+    /// tile's deferred P V goes: where ptxas schedules it (free; it moves it before this
+    /// tile's softmax), or after the softmax it should overlap, held by a fence (pinned).
+    /// Default: free.
+    #[arg(long, value_enum)]
+    pv_wait: Option<PvWaitArg>,
     /// Linear attention: one CTA walks the sequence (single), parallel chunks in two
     /// kernels (chunked), or one block per CTA with a decoupled look-back (lookback).
     #[arg(long, value_parser = ["single", "chunked", "lookback"])]
@@ -248,6 +254,7 @@ impl KernelFlags {
                 lazy_rescale: self.rescale.map(|r| matches!(r, RescaleArg::Lazy)),
                 store_tma: self.store.map(|s| matches!(s, StoreArg::Tma)),
                 p_in_shared: self.probs.map(|p| matches!(p, ProbsArg::Shared)),
+                pin_deferred_wait: self.pv_wait.map(|w| matches!(w, PvWaitArg::Pinned)),
                 optimize: self.optimize,
                 strategy: self.strategy,
                 chunk_tokens: self.chunk_tokens,
@@ -301,6 +308,12 @@ enum StoreArg {
 enum ProbsArg {
     Registers,
     Shared,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PvWaitArg {
+    Free,
+    Pinned,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

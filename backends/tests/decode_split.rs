@@ -158,6 +158,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     lazy_rescale: false,
                     store_tma: false,
                     p_in_shared: false,
+                    pin_deferred_wait: false,
                     persistent: None,
                     mma: MmaUnit::Sync,
                     loads: Loads::Cooperative,

@@ -88,6 +88,7 @@ fn ptxas_accepts_other_schedules() {
             lazy_rescale: false,
             store_tma: false,
             p_in_shared: false,
+            pin_deferred_wait: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -209,6 +210,8 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
                     || AttentionSchedule::default_for(&spec).skip_unit_rescale,
                 store_tma,
                 p_in_shared,
+                // The pinned wait rides along with P through shared memory.
+                pin_deferred_wait: p_in_shared,
                 ..AttentionSchedule::default_for(&spec)
             };
             let prog = match flash_attention(&spec, &sched) {
@@ -226,6 +229,12 @@ fn warp_specialized_forward_assembles_without_spills_or_serialized_wgmma() {
                 assert_eq!(k.text.contains(needle), p_in_shared, "{} {needle}", k.entry);
             }
             assert_eq!(k.text.matches("bar.sync 0;").count(), 1, "{}", k.entry);
+            assert_eq!(
+                k.text.matches("fence.acq_rel.cta;").count(),
+                p_in_shared as usize,
+                "{}",
+                k.entry
+            );
             // A persistent kernel loops over its work tiles in both roles, Q's barriers
             // phased by the work tile and handed back by the consumers.
             for needle in ["%ntiles", "%ws_tphase", "done with q_s for this work tile"] {
@@ -394,4 +403,108 @@ fn wide_key_tiles_the_register_model_admits_assemble_without_spills() {
     }
     // ... and P in registers does not fit 192 x 192 there.
     assert!(!admitted.contains(&(64, 192, 192, false)));
+}
+
+/// The instructions of a kernel's key loop in `cuobjdump -sass` text: the longest backward
+/// branch before the first `EXIT` (the consumers' loop; the producer's and the mbarrier
+/// retry stubs come after it).
+fn key_loop_sass(sass: &str) -> Vec<String> {
+    let parse = |l: &str| -> Option<(u64, String)> {
+        let l = l.trim_start();
+        let rest = l.strip_prefix("/*")?;
+        let (addr, ins) = rest.split_once("*/")?;
+        let addr = u64::from_str_radix(addr, 16).ok()?;
+        let ins = ins.split(';').next()?.trim().to_string();
+        Some((addr, ins))
+    };
+    let code: Vec<(u64, String)> = sass.lines().filter_map(parse).collect();
+    let first_exit = code
+        .iter()
+        .find(|(_, i)| i.contains("EXIT"))
+        .map_or(u64::MAX, |(a, _)| *a);
+    let target = |i: &str| {
+        let t = i.split("BRA ").nth(1)?.trim();
+        u64::from_str_radix(t.strip_prefix("0x")?, 16).ok()
+    };
+    let (top, bottom) = code
+        .iter()
+        .filter(|(a, _)| *a < first_exit)
+        .filter_map(|(a, i)| target(i).filter(|t| t < a).map(|t| (t, *a)))
+        .max_by_key(|(t, a)| a - t)
+        .expect("a key loop");
+    code.into_iter()
+        .filter(|(a, _)| (top..=bottom).contains(a))
+        .map(|(_, i)| i)
+        .collect()
+}
+
+#[test]
+fn a_pinned_deferred_wait_stays_after_the_softmax_it_overlaps() {
+    use einattn_backends::ptx::ptxas::{assemble_cubin, disassemble, find_cuobjdump};
+    let Some(ptxas) = ptxas_for_test("a_pinned_deferred_wait_stays_after_the_softmax_it_overlaps")
+    else {
+        return;
+    };
+    let Some(cuobjdump) = find_cuobjdump() else {
+        assert!(
+            std::env::var_os("EINATTN_REQUIRE_PTXAS").is_none(),
+            "cuobjdump not found and EINATTN_REQUIRE_PTXAS is set"
+        );
+        eprintln!("SKIPPED a_pinned_deferred_wait_stays_after_the_softmax_it_overlaps: cuobjdump not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)");
+        return;
+    };
+    // In the key loop, `wgmma.wait_group 0` waits for the previous tile's deferred P V.
+    // Left free, ptxas schedules that wait (which reads no register) at the top of its
+    // basic block, before this tile's softmax: the softmax then runs after P V instead of
+    // under it. Pinned by a fence, it stays after the exponentials.
+    for (d, block_m, warps, pingpong) in [(64u32, 192u32, 12u32, false), (128, 128, 8, true)] {
+        let mut spec = AttentionSpec::new(d, Elem::Bf16);
+        spec.causal = d == 128;
+        for pinned in [false, true] {
+            let sched = AttentionSchedule {
+                block_m,
+                block_n: 128,
+                warps,
+                stages: 2,
+                mma: MmaUnit::Warpgroup,
+                loads: Loads::ProducerWarpgroup {
+                    pingpong,
+                    tma: true,
+                },
+                pin_deferred_wait: pinned,
+                ..AttentionSchedule::default_for(&spec)
+            };
+            let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+            let k = print_ptx(&prog, Target::Sm90a).expect("prints");
+            assert_eq!(
+                k.text.matches("fence.acq_rel.cta;").count(),
+                pinned as usize,
+                "{}",
+                k.entry
+            );
+            let (_, cubin) = assemble_cubin(&ptxas, &k.text, "sm_90a")
+                .unwrap_or_else(|e| panic!("{}: {e}", k.entry));
+            let sass = disassemble(&cuobjdump, &cubin).expect("disassembles");
+            let body = key_loop_sass(&sass);
+            let at = |what: &str| body.iter().position(|i| i.contains(what));
+            let wait = at("WARPGROUP.DEPBAR.LE gsb0, 0x0").expect("the deferred group's wait");
+            let first_exp = at("MUFU.EX2").expect("exponentials");
+            let last_exp = body.iter().rposition(|i| i.contains("MUFU.EX2")).unwrap();
+            if pinned {
+                assert!(
+                    wait > last_exp,
+                    "{} pinned: the wait at {wait}, the last exponential at {last_exp}",
+                    k.entry
+                );
+            } else {
+                // What the pin is for: if a later ptxas stops hoisting the wait, the
+                // knob (`--pv-wait pinned`) is no longer needed.
+                assert!(
+                    wait < first_exp,
+                    "{} free: ptxas left the wait at {wait}, after the first exponential at {first_exp}",
+                    k.entry
+                );
+            }
+        }
+    }
 }

@@ -57,6 +57,7 @@ fn cooperative(block_m: u32, block_n: u32, warps: u32, stages: u32) -> Attention
         lazy_rescale: false,
         store_tma: false,
         p_in_shared: false,
+        pin_deferred_wait: false,
         persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,

@@ -318,6 +318,7 @@ fn case_strategy() -> impl Strategy<Value = Case> {
                     store_tma: false,
                     // The probabilities through a shared tile (rounded as in registers).
                     p_in_shared: seed % 7 < 3,
+                    pin_deferred_wait: false,
                     persistent: None,
                     mma: MmaUnit::Sync,
                     loads: Loads::Cooperative,
@@ -394,6 +395,7 @@ fn causal_window_ragged_fixed_cases() {
             lazy_rescale: false,
             store_tma: false,
             p_in_shared: false,
+            pin_deferred_wait: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -436,6 +438,7 @@ fn probabilities_through_shared_memory_in_the_producer_shapes() {
             lazy_rescale: false,
             store_tma: false,
             p_in_shared: true,
+            pin_deferred_wait: false,
             persistent: None,
             mma: MmaUnit::Warpgroup,
             loads: Loads::ProducerWarpgroup {
@@ -473,6 +476,7 @@ fn wide_key_tiles_of_the_producer_shapes() {
             lazy_rescale: false,
             store_tma: false,
             p_in_shared: false,
+            pin_deferred_wait: false,
             persistent: None,
             mma: MmaUnit::Warpgroup,
             loads: Loads::ProducerWarpgroup {
@@ -522,6 +526,7 @@ fn lazy_rescale_is_exact_when_the_max_moves_late() {
                 lazy_rescale: lazy,
                 store_tma: false,
                 p_in_shared: false,
+                pin_deferred_wait: false,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -554,6 +559,7 @@ fn window_edges_sweep() {
                 lazy_rescale: false,
                 store_tma: false,
                 p_in_shared: false,
+                pin_deferred_wait: false,
                 persistent: None,
                 mma: MmaUnit::Sync,
                 loads: Loads::Cooperative,
@@ -634,7 +640,7 @@ proptest! {
         let mut sliced = spec.clone();
         sliced.query_offset = true;
         let sched = AttentionSchedule {
-            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, lazy_rescale: false, store_tma: false, p_in_shared: false, skip_unit_rescale: false, mma: MmaUnit::Sync, loads: Loads::Cooperative, persistent: None,
+            block_m: 32, block_n: 16, warps: 2, stages: 2, q_in_registers: false, lazy_rescale: false, store_tma: false, p_in_shared: false, pin_deferred_wait: false, skip_unit_rescale: false, mma: MmaUnit::Sync, loads: Loads::Cooperative, persistent: None,
         };
         let (prog, bind) = flash_attention(&sliced, &sched).expect("builds");
         let mut io = Bindings {

@@ -72,6 +72,7 @@ fn run_partial(x: &Block, n_q: usize, n_k: usize, q_offset: usize) -> [Vec<f64>;
         lazy_rescale: false,
         store_tma: false,
         p_in_shared: false,
+        pin_deferred_wait: false,
         persistent: None,
         mma: MmaUnit::Sync,
         loads: Loads::Cooperative,

@@ -455,6 +455,7 @@ impl Builder {
             lazy_rescale: None,
             store_tma: None,
             p_in_shared: None,
+            pin_deferred_wait: None,
             optimize: kernel.optimize.unwrap_or(self.optimize),
             strategy: kernel.strategy.clone(),
             chunk_tokens: kernel.chunk_tokens,

@@ -75,6 +75,8 @@ pub struct KernelOptions {
     pub store_tma: Option<bool>,
     /// Softmax: the probabilities of `P V` through shared memory instead of registers.
     pub p_in_shared: Option<bool>,
+    /// Softmax: the wait for the deferred `P V` pinned after the next tile's softmax.
+    pub pin_deferred_wait: Option<bool>,
     /// Run the rewrite engine first.
     pub optimize: bool,
     /// A family's named strategy (`single`, `chunked`, `lookback` for linear attention).
@@ -360,6 +362,14 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
                 .into(),
         ));
     }
+    if request.options.pin_deferred_wait == Some(true)
+        && (request.options.target != Target::Sm90a || request.options.mma == Some(MmaUnit::Sync))
+    {
+        return Err(CompileError::Usage(
+            "error: `--pv-wait pinned` pins a wgmma wait, on the Hopper instruction set\n  = help: add `--target sm_90a` (and leave out `--mma sync`), or leave out `--pv-wait`"
+                .into(),
+        ));
+    }
     // Kernel-shape options are meant for the family that reads the cascade: its refusal of
     // them is the answer, not a reason to try another family.
     let o = request.options;
@@ -372,6 +382,7 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
         || o.lazy_rescale.is_some()
         || o.store_tma.is_some()
         || o.p_in_shared.is_some()
+        || o.pin_deferred_wait.is_some()
         || o.strategy.is_some()
         || o.chunk_tokens.is_some();
     let mut reasons = Vec::new();

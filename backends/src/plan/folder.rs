@@ -49,6 +49,9 @@ impl BuildRecord {
             if let Some(shared) = o.p_in_shared {
                 map.insert("p_in_shared".into(), shared.into());
             }
+            if let Some(pin) = o.pin_deferred_wait {
+                map.insert("pin_deferred_wait".into(), pin.into());
+            }
         }
         // Plain data with string keys: serialization cannot fail.
         serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"
@@ -118,6 +121,7 @@ impl BuildRecord {
             lazy_rescale: v.get("lazy_rescale").and_then(|x| x.as_bool()),
             store_tma: v.get("store_tma").and_then(|x| x.as_bool()),
             p_in_shared: v.get("p_in_shared").and_then(|x| x.as_bool()),
+            pin_deferred_wait: v.get("pin_deferred_wait").and_then(|x| x.as_bool()),
         };
         Ok(BuildRecord {
             source: text("source").unwrap_or_else(|| "source.ein".to_string()),
@@ -153,6 +157,7 @@ mod tests {
                 lazy_rescale: Some(true),
                 store_tma: Some(true),
                 p_in_shared: Some(true),
+                pin_deferred_wait: Some(true),
                 optimize: true,
                 strategy: Some("chunked".into()),
                 chunk_tokens: Some(1024),

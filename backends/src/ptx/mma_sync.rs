@@ -268,6 +268,7 @@ impl Printer<'_> {
             let group = WgmmaGroup {
                 regs: vec![acc],
                 shared: vec![b],
+                pinned: false,
             };
             self.emit_wgmma(
                 acc,

@@ -252,6 +252,9 @@ struct WgmmaGroup {
     regs: Vec<RegId>,
     /// Shared tiles it reads.
     shared: Vec<SharedId>,
+    /// The deferred contraction of a key loop whose wait is pinned
+    /// ([`TileSchedule::pin_deferred_wait`]).
+    pinned: bool,
 }
 
 impl<'a> Printer<'a> {

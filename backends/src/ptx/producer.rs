@@ -28,7 +28,11 @@
 //!   loop for the last tile), reading the previous stage of its tile: it is issued right
 //!   after `Q K^T` of tile `j`, so the softmax of tile `j`, which waits only for `Q K^T`,
 //!   runs while `P V` of tile `j - 1` is still on the tensor cores (FlashAttention-3's
-//!   intra-warpgroup overlap). The first iteration commits an empty group in its place.
+//!   intra-warpgroup overlap). The first key tile is peeled: it has no previous tile's.
+//!   ptxas, left alone, schedules the wait for the deferred group (an instruction that reads
+//!   no register) at the top of its basic block, before the softmax, which then runs after
+//!   `P V` rather than under it; with [`TileSchedule::pin_deferred_wait`] a CTA-scope fence
+//!   before the wait keeps it after the softmax.
 //! * **Ping-pong** (`pingpong`). With several consumer warpgroups, each issues its
 //!   contractions in turn: warpgroup `w` waits on named barrier `1 + w` before its first
 //!   contraction of an iteration and arrives on the next warpgroup's after its `Q K^T` is
@@ -728,6 +732,9 @@ impl Printer<'_> {
                     self.comment("the previous key tile's deferred contraction");
                     self.select_stage(&lp.deferred_tiles, &lp.prev, &lp.ring_base);
                     self.emit_stmt(&body[d], Some(&st))?;
+                    if let Some(g) = self.wgmma_pending.last_mut() {
+                        g.pinned = self.prog.schedule.pin_deferred_wait;
+                    }
                     self.select_stage(&lp.deferred_tiles, STAGE, &lp.ring_base);
                     for t in &lp.deferred_tiles {
                         releases.push(Release {

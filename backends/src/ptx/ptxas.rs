@@ -86,6 +86,15 @@ pub fn ptxas_for_test(test: &str) -> Option<PathBuf> {
 
 /// Assembles `ptx` for `arch` (`sm_80`, `sm_90a`) with `-v` and parses the report.
 pub fn assemble(ptxas: &Path, ptx: &str, arch: &str) -> Result<PtxasReport, PtxasError> {
+    assemble_cubin(ptxas, ptx, arch).map(|(report, _)| report)
+}
+
+/// [`assemble`], keeping the cubin.
+pub fn assemble_cubin(
+    ptxas: &Path,
+    ptx: &str,
+    arch: &str,
+) -> Result<(PtxasReport, Vec<u8>), PtxasError> {
     let dir = std::env::temp_dir().join(format!("einattn-ptxas-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     // One name per call: two threads assembling the same PTX (tests of one process do)
@@ -109,6 +118,7 @@ pub fn assemble(ptxas: &Path, ptx: &str, arch: &str) -> Result<PtxasReport, Ptxa
         String::from_utf8_lossy(&out.stderr)
     );
     let _ = std::fs::remove_file(&src);
+    let cubin = std::fs::read(&obj).unwrap_or_default();
     let _ = std::fs::remove_file(&obj);
     if !out.status.success() {
         return Err(PtxasError::Rejected {
@@ -116,7 +126,60 @@ pub fn assemble(ptxas: &Path, ptx: &str, arch: &str) -> Result<PtxasReport, Ptxa
             log,
         });
     }
-    Ok(parse_report(arch, &log))
+    Ok((parse_report(arch, &log), cubin))
+}
+
+/// Locates cuobjdump (which runs nvdisasm from its own folder or `PATH`):
+/// `$EINATTN_CUOBJDUMP`, ptxas's folder, `PATH`, `/usr/local/cuda/bin`.
+pub fn find_cuobjdump() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("EINATTN_CUOBJDUMP") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    let beside_ptxas = find_ptxas().and_then(|p| p.parent().map(|d| d.join("cuobjdump")));
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("cuobjdump"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    beside_ptxas
+        .into_iter()
+        .chain(on_path)
+        .chain([PathBuf::from("/usr/local/cuda/bin/cuobjdump")])
+        .find(|p| p.is_file())
+}
+
+/// The SASS of a cubin, as `cuobjdump -sass` prints it.
+pub fn disassemble(cuobjdump: &Path, cubin: &[u8]) -> Result<String, PtxasError> {
+    let dir = std::env::temp_dir().join(format!("einattn-sass-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let obj = dir.join(format!("{call}.cubin"));
+    std::fs::write(&obj, cubin)?;
+    let mut cmd = Command::new(cuobjdump);
+    // nvdisasm lives beside cuobjdump in the pip packages.
+    if let Some(d) = cuobjdump.parent() {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![d.to_path_buf()];
+        dirs.extend(std::env::split_paths(&path));
+        if let Ok(joined) = std::env::join_paths(dirs) {
+            cmd.env("PATH", joined);
+        }
+    }
+    let out = cmd.arg("-sass").arg(&obj).output()?;
+    let _ = std::fs::remove_file(&obj);
+    if !out.status.success() {
+        return Err(PtxasError::Rejected {
+            arch: "cuobjdump".into(),
+            log: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn number_before(text: &str, suffix: &str) -> Option<u32> {

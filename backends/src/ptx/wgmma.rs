@@ -43,8 +43,13 @@ impl Printer<'_> {
     /// Waits until at most `keep` committed groups are pending.
     pub(super) fn wait_wgmma(&mut self, keep: usize) {
         if self.wgmma_pending.len() > keep {
-            self.ins(format!("wgmma.wait_group.sync.aligned {keep};"));
             let done = self.wgmma_pending.len() - keep;
+            if self.wgmma_pending[..done].iter().any(|g| g.pinned) {
+                // ptxas schedules a wait, which reads no register, as early as its basic
+                // block allows; an instruction it may not move past keeps it here.
+                self.ins("fence.acq_rel.cta;");
+            }
+            self.ins(format!("wgmma.wait_group.sync.aligned {keep};"));
             self.wgmma_pending.drain(..done);
         }
     }
@@ -296,6 +301,7 @@ impl Printer<'_> {
         let mut group = WgmmaGroup {
             regs: vec![acc],
             shared: vec![b],
+            pinned: false,
         };
         match a {
             AOperand::Reg(id) => group.regs.push(id),

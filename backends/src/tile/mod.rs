@@ -849,6 +849,12 @@ pub struct TileSchedule {
     /// `cp.async.bulk.tensor` through a tensor map of the output (boxes of 64 rows). Needs
     /// the copy-engine producer, one CTA per work tile, a 16-bit output no wider than Q.
     pub store_tma: bool,
+    /// In a warp-specialized key loop, the wait for the previous key tile's deferred
+    /// contraction stays where the program puts it (after the softmax it overlaps): a
+    /// CTA-scope fence before it stops ptxas from scheduling the wait, which reads no
+    /// register, at the top of its basic block, where it would serialize the softmax
+    /// after the contraction (seen in the SASS of every deferred kernel, CUDA 13.0).
+    pub pin_deferred_wait: bool,
 }
 
 /// Who issues a program's tile loads (`LoadTile`), and how the threads that read a tile

@@ -340,6 +340,7 @@ fn lightning_walk(
                 skip_unit_rescale: false,
                 persistent: None,
                 store_tma: false,
+                pin_deferred_wait: false,
                 mma: sched.mma,
                 loads: crate::tile::Loads::Cooperative,
             },

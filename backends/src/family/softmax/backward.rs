@@ -239,6 +239,7 @@ impl Builder {
                 skip_unit_rescale: false,
                 persistent: None,
                 store_tma: false,
+                pin_deferred_wait: false,
                 mma: sched.mma,
                 loads: crate::tile::Loads::Cooperative,
             },

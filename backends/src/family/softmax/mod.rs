@@ -121,6 +121,7 @@ pub fn compile_softmax(
             lazy_rescale: options.lazy_rescale,
             store_tma: options.store_tma,
             p_in_shared: options.p_in_shared,
+            pin_deferred_wait: options.pin_deferred_wait,
             operands_in_scratch: prologue.is_some(),
             output_in_scratch: epilogue.is_some(),
             ..ScheduleOptions::default()

@@ -437,6 +437,8 @@ pub struct AttentionSchedule {
     /// probabilities beside the next tile's scores, which is what admits 192-key tiles with
     /// three consumer warpgroups at head dim 64 (FA3's non-causal shape there).
     pub p_in_shared: bool,
+    /// See [`TileSchedule::pin_deferred_wait`].
+    pub pin_deferred_wait: bool,
     /// Tensor-core instructions: `wgmma` needs 16 rows per warp and whole warpgroups.
     pub mma: MmaUnit,
     /// Who copies K and V: every thread, or a producer warpgroup (needs `wgmma`).
@@ -468,6 +470,7 @@ impl AttentionSchedule {
             lazy_rescale: false,
             store_tma: false,
             p_in_shared: false,
+            pin_deferred_wait: false,
             persistent: None,
             mma: MmaUnit::Sync,
             loads: Loads::Cooperative,
@@ -543,6 +546,7 @@ pub fn flash_attention(
                 skip_unit_rescale: sched.skip_unit_rescale,
                 persistent: sched.persistent,
                 store_tma: sched.store_tma,
+                pin_deferred_wait: sched.pin_deferred_wait,
                 mma: sched.mma,
                 loads: sched.loads,
             },

@@ -44,6 +44,9 @@ pub struct ScheduleOptions {
     /// The probabilities of `P V` through shared memory (see
     /// [`AttentionSchedule::p_in_shared`]; default: in registers).
     pub p_in_shared: Option<bool>,
+    /// The wait for the deferred `P V` pinned after the softmax (see
+    /// [`AttentionSchedule::pin_deferred_wait`]; default: where ptxas puts it).
+    pub pin_deferred_wait: Option<bool>,
     /// Q and K are in scratch (pre-kernels write them): the launcher makes tensor maps of
     /// the cascade's tensors only, so the copy engine is not used.
     pub operands_in_scratch: bool,
@@ -66,6 +69,7 @@ impl Default for ScheduleOptions {
             lazy_rescale: None,
             store_tma: None,
             p_in_shared: None,
+            pin_deferred_wait: None,
             operands_in_scratch: false,
             output_in_scratch: false,
         }
@@ -536,6 +540,14 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     reasons.push(persistent.reason);
     reasons.extend(lazy_reason);
     reasons.extend(store_reason);
+    if options.pin_deferred_wait == Some(true) {
+        kernel.pin_deferred_wait = kernel.loads.specialized();
+        reasons.push(if kernel.pin_deferred_wait {
+            "P V wait: pinned (asked): a fence keeps the wait for the previous tile's P V after this tile's softmax, which ptxas would otherwise serialize behind it".into()
+        } else {
+            "P V wait: nothing to pin (asked): without a producer warpgroup no P V is deferred".into()
+        });
+    }
     if kernel.p_in_shared {
         reasons.push(format!(
             "probabilities: through shared memory (asked): each {} writes its rows of P ({} x {}, {} B) and {}, so no register holds them beside the next tile's scores",

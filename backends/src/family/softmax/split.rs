@@ -138,6 +138,7 @@ pub fn merge_program(
                 skip_unit_rescale: false,
                 persistent: None,
                 store_tma: false,
+                pin_deferred_wait: false,
                 mma: MmaUnit::Sync,
                 loads: crate::tile::Loads::Cooperative,
             },
