@@ -81,6 +81,36 @@ fn score_modifiers_lower_to_sfu_and_head_loads() {
 }
 
 #[test]
+fn alibis_column_term_is_one_fma_per_column_from_the_tiles_base() {
+    // ALiBi's kept logit is `c0 * s + c1 * m`: per key tile one base `c1 * kf`, then per
+    // column the thread holds one FMA with the column's offset, not the key's position
+    // and a product (wgmma kernels; mma.sync ones at 255 registers keep the two ops).
+    let mut spec = AttentionSpec::new(128, Elem::Bf16);
+    spec.score = spec.score.with_alibi();
+    spec.causal = true;
+    let sched = AttentionSchedule {
+        mma: einattn_backends::tile::MmaUnit::Warpgroup,
+        warps: 8,
+        block_n: 128,
+        ..AttentionSchedule::default_for(&spec)
+    };
+    let (prog, _) = flash_attention(&spec, &sched).expect("builds");
+    let k = print_ptx(&prog, Target::Sm90a).expect("prints");
+    let body = &k.text[k.text.find("$L_ktop").expect("a key loop")..];
+    assert_eq!(count(body, ", %kf;"), 1, "one base per key tile");
+    assert_eq!(count(body, "%kf, 0f"), 0, "no key position per column");
+    let columns = sched.block_n / 8 * 2;
+    let fmas = body
+        .lines()
+        .filter(|l| l.contains("fma.rn.f32") && l.contains(", 0f") && !l.contains("%kf"))
+        .count() as u32;
+    // (Each m-tile of a warp's rows computes its columns again: the values are not kept
+    // across m-tiles, where they would hold a register per column.)
+    let mtiles = sched.block_m / sched.warps / 16;
+    assert_eq!(fmas, mtiles * (columns - 1), "{}", k.entry);
+}
+
+#[test]
 fn entry_parameters_follow_the_abi() {
     let mut spec = AttentionSpec::new(128, Elem::Bf16);
     spec.score = spec.score.with_alibi();

@@ -29,7 +29,18 @@ impl Printer<'_> {
                 if let Some(r) = values.get(&key) {
                     return Ok(r.clone());
                 }
-                let v = self.emit_expr_inner(e, ctx)?;
+                // With wgmma only: the base stays live through the statement, one register
+                // that the 255-register mma.sync kernels do not have (a soft-capped, windowed
+                // ALiBi kernel at d = 64 spilled 32 B on sm_80).
+                let bases = self.key_tile_bases.is_some()
+                    && self.in_loop
+                    && self.prog.schedule.mma == MmaUnit::Warpgroup;
+                let v = match (affine_in_key(e), bases) {
+                    (Some((Some(a), b)), true) => {
+                        self.emit_affine_in_key(e, &a, b.as_ref(), nt * 8 + lo, ctx)?
+                    }
+                    _ => self.emit_expr_inner(e, ctx)?,
+                };
                 if let Some(values) = &mut self.column_values {
                     values.insert(key, v.clone());
                 }
@@ -50,6 +61,47 @@ impl Printer<'_> {
             return Ok(v);
         }
         self.emit_expr_inner(e, ctx)
+    }
+
+    /// `a * key + b` (uniform `a` and `b`) at column `col` of the thread's key tile: one FMA
+    /// from the tile's base `a * kf + b` (computed once per statement) instead of the key's
+    /// position and a product per column (ALiBi's column term: half the work per column).
+    fn emit_affine_in_key(
+        &mut self,
+        e: &ScalarExpr,
+        a: &ScalarExpr,
+        b: Option<&ScalarExpr>,
+        col: u32,
+        ctx: &ElemCtx,
+    ) -> Result<String, TileError> {
+        let ar = self.emit_expr(a, ctx)?;
+        let key = format!("{e:?}");
+        let base = match self.key_tile_bases.as_ref().and_then(|m| m.get(&key)) {
+            Some(r) => r.clone(),
+            None => {
+                let t = self.f();
+                match b {
+                    Some(b) => {
+                        let br = self.emit_expr(b, ctx)?;
+                        self.ins(format!("fma.rn.f32 {t}, {ar}, %kf, {br};"));
+                    }
+                    None => self.ins(format!("mul.rn.f32 {t}, {ar}, %kf;")),
+                }
+                if let Some(m) = &mut self.key_tile_bases {
+                    m.insert(key, t.clone());
+                }
+                t
+            }
+        };
+        if col == 0 {
+            return Ok(base);
+        }
+        let v = self.f();
+        self.ins(format!(
+            "fma.rn.f32 {v}, {ar}, {}, {base};",
+            f32_lit(col as f64)
+        ));
+        Ok(v)
     }
 
     /// A loop-invariant value of this thread (an address of its own rows), computed once in
@@ -328,6 +380,65 @@ pub(super) fn varies_by_column_only(e: &ScalarExpr) -> bool {
     column && !other
 }
 
+/// `e` as `a * Index(Key) + b` with uniform `a` and `b` (`None`: zero), when it is one:
+/// sums, differences, negations and products by uniform factors of the key's position and
+/// uniform values.
+type Affine = (Option<ScalarExpr>, Option<ScalarExpr>);
+
+pub(super) fn affine_in_key(e: &ScalarExpr) -> Option<Affine> {
+    use crate::tile::ex;
+    fn combine(
+        x: Option<ScalarExpr>,
+        y: Option<ScalarExpr>,
+        f: fn(ScalarExpr, ScalarExpr) -> ScalarExpr,
+        neg: bool,
+    ) -> Option<ScalarExpr> {
+        match (x, y) {
+            (None, None) => None,
+            (Some(x), None) => Some(x),
+            (None, Some(y)) if neg => Some(ex::un(UnaryOp::Neg, y)),
+            (None, Some(y)) => Some(y),
+            (Some(x), Some(y)) => Some(f(x, y)),
+        }
+    }
+    if e.is_uniform() {
+        return Some((None, Some(e.clone())));
+    }
+    match e {
+        ScalarExpr::Index(SeqRank::Key) => Some((Some(ex::lit(1.0)), None)),
+        ScalarExpr::Unary(UnaryOp::Neg, x) => {
+            let (a, b) = affine_in_key(x)?;
+            let neg = |v: Option<ScalarExpr>| v.map(|v| ex::un(UnaryOp::Neg, v));
+            Some((neg(a), neg(b)))
+        }
+        ScalarExpr::Binary(op @ (BinaryOp::Add | BinaryOp::Sub), x, y) => {
+            let ((a1, b1), (a2, b2)) = (affine_in_key(x)?, affine_in_key(y)?);
+            let (f, neg): (fn(ScalarExpr, ScalarExpr) -> ScalarExpr, bool) = if *op == BinaryOp::Add
+            {
+                (ex::add, false)
+            } else {
+                (ex::sub, true)
+            };
+            Some((combine(a1, a2, f, neg), combine(b1, b2, f, neg)))
+        }
+        ScalarExpr::Binary(BinaryOp::Mul, x, y) => {
+            let (u, v) = if x.is_uniform() { (x, y) } else { (y, x) };
+            if !u.is_uniform() {
+                return None;
+            }
+            let (a, b) = affine_in_key(v)?;
+            let scaled = |t: Option<ScalarExpr>| {
+                t.map(|t| match t {
+                    ScalarExpr::Lit(1.0) => (**u).clone(),
+                    t => ex::mul((**u).clone(), t),
+                })
+            };
+            Some((scaled(a), scaled(b)))
+        }
+        _ => None,
+    }
+}
+
 /// Whether `e` reads a row's per-token input and otherwise only the row's query position
 /// and uniform values.
 fn reads_row_tokens_only(e: &ScalarExpr) -> bool {
@@ -341,4 +452,77 @@ fn reads_row_tokens_only(e: &ScalarExpr) -> bool {
         _ => {}
     });
     token && !other
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tile::{ex, ScalarId};
+    use proptest::prelude::*;
+
+    /// Expressions of the key's position, two scalars and literals under `+`, `-`, `*`
+    /// (sometimes of two key-dependent factors, which is not affine) and negation.
+    fn expr() -> impl Strategy<Value = ScalarExpr> {
+        let leaf = prop_oneof![
+            Just(ScalarExpr::Index(SeqRank::Key)),
+            (0u32..2).prop_map(|i| ScalarExpr::Scalar(ScalarId(i))),
+            (-4i32..5).prop_map(|x| ex::lit(f64::from(x) * 0.5)),
+        ];
+        leaf.prop_recursive(4, 24, 2, |inner| {
+            prop_oneof![
+                (inner.clone(), inner.clone()).prop_map(|(a, b)| ex::add(a, b)),
+                (inner.clone(), inner.clone()).prop_map(|(a, b)| ex::sub(a, b)),
+                (inner.clone(), inner.clone()).prop_map(|(a, b)| ex::mul(a, b)),
+                inner.prop_map(|a| ex::un(UnaryOp::Neg, a)),
+            ]
+        })
+    }
+
+    fn eval(e: &ScalarExpr, key: f64, scalars: [f64; 2]) -> f64 {
+        e.eval(&mut |leaf| match leaf {
+            ScalarExpr::Lit(x) => Ok::<f64, ()>(*x),
+            ScalarExpr::Scalar(id) => Ok(scalars[id.index()]),
+            ScalarExpr::Index(SeqRank::Key) => Ok(key),
+            _ => Err(()),
+        })
+        .expect("only keys, scalars and literals")
+    }
+
+    proptest! {
+        /// Where `affine_in_key` splits an expression, `a * key + b` is the expression at
+        /// every key (up to rounding); it splits every expression that is a sum of uniform
+        /// multiples of the key and uniform values.
+        #[test]
+        fn affine_in_key_splits_exactly(
+            e in expr(),
+            s0 in -3.0f64..3.0,
+            s1 in -3.0f64..3.0,
+            keys in proptest::collection::vec(0u32..5000, 3),
+        ) {
+            let scalars = [s0, s1];
+            let zero = || ex::lit(0.0);
+            match affine_in_key(&e) {
+                Some((a, b)) => {
+                    let (a, b) = (a.unwrap_or_else(zero), b.unwrap_or_else(zero));
+                    prop_assert!(a.is_uniform() && b.is_uniform(), "{e:?}");
+                    for k in keys {
+                        let k = f64::from(k);
+                        let want = eval(&e, k, scalars);
+                        let got = eval(&a, k, scalars) * k + eval(&b, k, scalars);
+                        prop_assert!((want - got).abs() <= 1e-9 * (1.0 + want.abs()), "{e:?} at {k}: {want} vs {got}");
+                    }
+                }
+                None => {
+                    // Refused only where the key meets another key in a product.
+                    let mut product_of_keys = false;
+                    e.visit(&mut |x| {
+                        if let ScalarExpr::Binary(BinaryOp::Mul, l, r) = x {
+                            product_of_keys |= !l.is_uniform() && !r.is_uniform();
+                        }
+                    });
+                    prop_assert!(product_of_keys, "{e:?} is affine in the key but was refused");
+                }
+            }
+        }
+    }
 }

@@ -243,6 +243,9 @@ struct Printer<'a> {
     /// every column for two (or more) rows, so a per-key term (an ALiBi bias) is computed
     /// once per column instead of once per element.
     column_values: Option<HashMap<(String, u32, u32), String>>,
+    /// While a `Map` prints: the key tile's bases `a * kf + b` of the column values affine
+    /// in the key's position (see `expr::affine_in_key`).
+    key_tile_bases: Option<HashMap<String, String>>,
 }
 
 /// What one committed `wgmma` group may still be reading or writing.
@@ -315,6 +318,7 @@ impl<'a> Printer<'a> {
             zero_acc: None,
             invariant_cache: HashMap::new(),
             column_values: None,
+            key_tile_bases: None,
         })
     }
     // ---- register allocation -------------------------------------------------------

@@ -311,6 +311,7 @@ impl Printer<'_> {
                 } else {
                     [0, 1, 2, 3]
                 };
+                self.key_tile_bases = per_column.then(HashMap::new);
                 for mt in 0..self.mtiles {
                     for nt in 0..cols / 8 {
                         self.column_values = per_column.then(HashMap::new);
@@ -327,6 +328,7 @@ impl Printer<'_> {
                         self.column_values = None;
                     }
                 }
+                self.key_tile_bases = None;
                 if let Some(l) = skip_label {
                     self.body.push_str(&format!("{l}:\n"));
                 }
