@@ -501,7 +501,7 @@ fn the_copy_engine_stores_the_output_where_asked_and_applies() {
 }
 
 #[test]
-fn lazy_rescaling_is_taken_where_asked_except_by_partial_kernels() {
+fn lazy_rescaling_is_the_wgmma_default_except_for_partial_kernels() {
     use einattn_backends::Target;
     let lazy = ScheduleOptions {
         target: Target::Sm90a,
@@ -516,14 +516,29 @@ fn lazy_rescaling_is_taken_where_asked_except_by_partial_kernels() {
         "{}",
         s.explain()
     );
-    // Not asked: eager.
-    let eager = ScheduleOptions {
+    // Not asked: lazy with wgmma (measured faster), eager with mma.sync (not measured).
+    let default = ScheduleOptions {
         lazy_rescale: None,
+        ..lazy.clone()
+    };
+    let s = schedule(&load("attention_causal", &big), &default).expect("schedules");
+    assert!(s.kernel.lazy_rescale);
+    assert!(s.explain().contains("rescale: lazy (the default with wgmma"));
+    let sync = ScheduleOptions {
+        target: Target::Sm80,
+        ..default.clone()
+    };
+    let s = schedule(&load("attention_causal", &big), &sync).expect("schedules");
+    assert!(!s.kernel.lazy_rescale);
+    // Asked eager: eager.
+    let eager = ScheduleOptions {
+        lazy_rescale: Some(false),
         ..lazy.clone()
     };
     let s = schedule(&load("attention_causal", &big), &eager).expect("schedules");
     assert!(!s.kernel.lazy_rescale);
-    // Split decoding's kernels write a max the merge reads: eager, and said so.
+    // Split decoding's kernels write a max the merge reads: eager, and said so when lazy
+    // was asked (silently when it is only the default).
     let decode = load("flash_decoding", &[("N", 131072), ("D", 128)]);
     let s = schedule(&decode, &lazy).expect("schedules");
     assert!(s.estimate.splits > 1);
@@ -531,6 +546,64 @@ fn lazy_rescaling_is_taken_where_asked_except_by_partial_kernels() {
     assert!(s
         .explain()
         .contains("rescale: eager although lazy was asked"));
+    let s = schedule(&decode, &default).expect("schedules");
+    assert!(!s.kernel.lazy_rescale && !s.explain().contains("rescale:"));
+}
+
+#[test]
+fn the_store_by_the_copy_engine_is_the_default_where_it_applies() {
+    use einattn_backends::Target;
+    let default = ScheduleOptions {
+        target: Target::Sm90a,
+        ..ScheduleOptions::default()
+    };
+    let big = [("N", 4096), ("D", 128), ("H", 16), ("B", 4)];
+    let s = schedule(&load("attention_causal", &big), &default).expect("schedules");
+    assert!(s.kernel.store_tma && !s.store_asked);
+    assert!(s.explain().contains("store: the copy engine (the default"));
+    // Asked direct: direct.
+    let direct = ScheduleOptions {
+        store_tma: Some(false),
+        ..default.clone()
+    };
+    let s = schedule(&load("attention_causal", &big), &direct).expect("schedules");
+    assert!(!s.kernel.store_tma);
+    // Where it does not apply, the default stores directly without an error: a persistent
+    // grid, an output in scratch, split decoding, mma.sync.
+    for (name, sizes, options) in [
+        (
+            "attention_causal",
+            &big[..],
+            ScheduleOptions {
+                persistent: Some(true),
+                ..default.clone()
+            },
+        ),
+        (
+            "attention_causal",
+            &big[..],
+            ScheduleOptions {
+                output_in_scratch: true,
+                ..default.clone()
+            },
+        ),
+        (
+            "flash_decoding",
+            &[("N", 131072), ("D", 128)][..],
+            default.clone(),
+        ),
+        (
+            "attention_causal",
+            &big[..],
+            ScheduleOptions {
+                target: Target::Sm80,
+                ..default.clone()
+            },
+        ),
+    ] {
+        let s = schedule(&load(name, sizes), &options).expect("schedules");
+        assert!(!s.kernel.store_tma, "{name} {options:?}");
+    }
 }
 
 #[test]

@@ -473,9 +473,14 @@ pub fn compile_combination(
         .with_help("leave out `--store tma`");
         return Some(Err(FamilyError::Failed(CompileError::Refused(Box::new(d)))));
     }
+    // The terms' outputs go to scratch: each stores from registers.
+    let term_options = KernelOptions {
+        store_tma: Some(false),
+        ..options.clone()
+    };
     let mut terms = Vec::new();
     for (k, core) in cores.iter().enumerate() {
-        match compile_softmax(core, options) {
+        match compile_softmax(core, &term_options) {
             Ok(kernels) => terms.push(kernels),
             Err(FamilyError::NotMine(_)) => return None,
             Err(FamilyError::Failed(CompileError::Refused(mut d))) => {

@@ -84,10 +84,25 @@ pub fn plan_kernels(
         // The epilogue's merge and the transfers of the partial numerators are as wide as Q.
         return Err("plan kernels of this family for a value dim other than the head dim".into());
     }
-    if schedule.kernel.store_tma {
-        // A rank's kernels write slices at a query offset, or partials in f32.
-        return Err("plan kernels of this family that store their output by the copy engine (`--store tma`)".into());
-    }
+    // A rank's kernels write slices at a query offset, or partials in f32: the copy engine
+    // stores whole output tiles of one key loop. Where it is the default, they store
+    // directly; where it was asked, the plan is refused.
+    let direct;
+    let schedule = if schedule.kernel.store_tma {
+        if schedule.store_asked {
+            return Err("plan kernels of this family that store their output by the copy engine (`--store tma`)".into());
+        }
+        direct = Schedule {
+            kernel: super::AttentionSchedule {
+                store_tma: false,
+                ..schedule.kernel
+            },
+            ..schedule.clone()
+        };
+        &direct
+    } else {
+        schedule
+    };
     if schedule.matched.kv_group > 1 {
         // The plans' partial and epilogue kernels and their K/V transfers are per head.
         return Err("plan kernels of this family for grouped-query attention (K/V heads shared by several query heads)".into());
