@@ -10,3 +10,6 @@ grep -h -v "PASS\|^checks" $OUT/check_*.txt | head -12
 echo "== python"; python3 -m pip install -q --no-index --no-deps --target /tmp/site target/wheels/einattn-*.whl 2>&1 | tail -2
 PYTHONPATH=/tmp/site timeout 120 python3 python/tests/device_check.py --out $OUT > $OUT/python.txt 2>&1; tail -12 $OUT/python.txt
 echo "== flex"; FLEX_CASES=alibi,softcap,window,GQA,documents OURS_ALT="--rescale eager --pv-wait free --store direct" timeout 300 python3 bench/flex_variants.py $BIN 2>&1 | grep -v Warning > $OUT/flex_log.txt; cat $OUT/flex_variants.md
+echo "== d64"; ONLY_D=64 SWEEP_FILE=d64_sweep timeout 150 python3 bench/softmax_sweep.py $BIN default= \
+  m128="--tile p0=128 --warps 8" m128pp="--tile p0=128 --warps 8 --loads pingpong-tma" \
+  pp="--loads pingpong-tma" 2>&1 | grep -v Warning > $OUT/d64_sweep_log.txt; cat $OUT/d64_sweep.md
