@@ -523,7 +523,9 @@ fn lazy_rescaling_is_the_wgmma_default_except_for_partial_kernels() {
     };
     let s = schedule(&load("attention_causal", &big), &default).expect("schedules");
     assert!(s.kernel.lazy_rescale);
-    assert!(s.explain().contains("rescale: lazy (the default with wgmma"));
+    assert!(s
+        .explain()
+        .contains("rescale: lazy (the default with wgmma"));
     let sync = ScheduleOptions {
         target: Target::Sm80,
         ..default.clone()

@@ -329,50 +329,44 @@ pub fn compile(request: &Request) -> Result<Box<dyn Compiled>, CompileError> {
                 .into(),
         ));
     }
-    let specialized = request.options.loads.is_some_and(|l| l.specialized());
-    if specialized
-        && (request.options.target != Target::Sm90a || request.options.mma == Some(MmaUnit::Sync))
-    {
-        return Err(CompileError::Usage(
-            "error: `--loads producer` and `--loads pingpong` need wgmma on the Hopper instruction set\n  = help: add `--target sm_90a` (and leave out `--mma sync`), or leave out `--loads`"
-                .into(),
-        ));
-    }
-    if request.options.persistent == Some(true)
-        && (request.options.target != Target::Sm90a || request.options.mma == Some(MmaUnit::Sync))
-    {
-        return Err(CompileError::Usage(
-            "error: `--grid persistent` needs a producer warpgroup, which needs wgmma on the Hopper instruction set\n  = help: add `--target sm_90a` (and leave out `--mma sync`), or leave out `--grid`"
-                .into(),
-        ));
-    }
-    if request.options.store_tma == Some(true)
-        && (request.options.target != Target::Sm90a || request.options.mma == Some(MmaUnit::Sync))
-    {
-        return Err(CompileError::Usage(
-            "error: `--store tma` needs the copy engine, on the Hopper instruction set\n  = help: add `--target sm_90a` (and leave out `--mma sync`), or leave out `--store`"
-                .into(),
-        ));
-    }
-    if request.options.p_in_shared == Some(true)
-        && (request.options.target != Target::Sm90a || request.options.mma == Some(MmaUnit::Sync))
-    {
-        return Err(CompileError::Usage(
-            "error: `--probs shared` feeds wgmma's shared-memory operand, on the Hopper instruction set (mma.sync takes the probabilities from registers at no cost)\n  = help: add `--target sm_90a` (and leave out `--mma sync`), or leave out `--probs`"
-                .into(),
-        ));
-    }
-    if request.options.pin_deferred_wait == Some(true)
-        && (request.options.target != Target::Sm90a || request.options.mma == Some(MmaUnit::Sync))
-    {
-        return Err(CompileError::Usage(
-            "error: `--pv-wait pinned` pins a wgmma wait, on the Hopper instruction set\n  = help: add `--target sm_90a` (and leave out `--mma sync`), or leave out `--pv-wait`"
-                .into(),
-        ));
+    // Options that only a wgmma kernel on the Hopper instruction set has: (asked, what it
+    // needs, the flag to leave out).
+    let o = request.options;
+    let hopper_only = [
+        (
+            o.loads.is_some_and(|l| l.specialized()),
+            "`--loads producer` and `--loads pingpong` need wgmma",
+            "--loads",
+        ),
+        (
+            o.persistent == Some(true),
+            "`--grid persistent` needs a producer warpgroup, which needs wgmma",
+            "--grid",
+        ),
+        (
+            o.store_tma == Some(true),
+            "`--store tma` needs the copy engine",
+            "--store",
+        ),
+        (
+            o.p_in_shared == Some(true),
+            "`--probs shared` feeds wgmma's shared-memory operand",
+            "--probs",
+        ),
+        (
+            o.pin_deferred_wait == Some(true),
+            "`--pv-wait pinned` pins a wgmma wait",
+            "--pv-wait",
+        ),
+    ];
+    let sync = o.target != Target::Sm90a || o.mma == Some(MmaUnit::Sync);
+    if let Some((_, what, flag)) = hopper_only.iter().find(|(asked, ..)| *asked && sync) {
+        return Err(CompileError::Usage(format!(
+            "error: {what} on the Hopper instruction set\n  = help: add `--target sm_90a` (and leave out `--mma sync`), or leave out `{flag}`"
+        )));
     }
     // Kernel-shape options are meant for the family that reads the cascade: its refusal of
     // them is the answer, not a reason to try another family.
-    let o = request.options;
     let shaped = !o.tiles.is_empty()
         || o.warps.is_some()
         || o.stages.is_some()

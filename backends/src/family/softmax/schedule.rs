@@ -723,12 +723,12 @@ fn store_by_copy_engine(
         None
     };
     match (blocker, options.store_tma) {
-        (Some(why), Some(true)) => Err(Diagnostic::error(
-            DiagnosticKind::UnsupportedShape,
-            why,
-            Span::UNKNOWN,
-        )
-        .with_help("leave out `--store tma`")),
+        (Some(why), Some(true)) => {
+            Err(
+                Diagnostic::error(DiagnosticKind::UnsupportedShape, why, Span::UNKNOWN)
+                    .with_help("leave out `--store tma`"),
+            )
+        }
         (Some(_), _) => Ok(None),
         (None, asked) => {
             k.store_tma = true;
