@@ -18,8 +18,10 @@
 #              rescaling, with 176-key tiles), lazy alone, the store, persistent grids
 #   shapes     bench/softmax_sweep.py: key tiles of 144-192, P through shared memory (the
 #              scheduler's shape, 192-key tiles) with and without the pinned wait
-#   flex       bench/flex_variants.py on FLEX_CASES with OURS_ALT (default
-#              `--rescale lazy --pv-wait pinned`)
+#   flex       bench/flex_variants.py on FLEX_CASES with OURS_ALT (default: the defaults
+#              before 2026-12-05, `--rescale eager --pv-wait free --store direct`)
+# (Measured on 2026-12-05: bench/results/softmax-pinned_2026-12-05/; the pinned wait, lazy
+# rescaling and the store are the defaults since, so their variants here equal `default`.)
 # Usage: OUT=dir [WHAT=...] [OLD=path/to/older/einattn] bench/shapes_device.sh [path/to/einattn]
 set -u
 export LD_LIBRARY_PATH=/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
@@ -101,7 +103,7 @@ if [[ $WHAT == *shapes* ]]; then
   tail -16 "$OUT/shapes_sweep_log.txt"
 fi
 if [[ $WHAT == *flex* ]]; then
-  FLEX_CASES=${FLEX_CASES:-alibi,softcap,window,GQA} OURS_ALT=${OURS_ALT:---rescale lazy --pv-wait pinned} \
+  FLEX_CASES=${FLEX_CASES:-alibi,softcap,window,GQA} OURS_ALT=${OURS_ALT:---rescale eager --pv-wait free --store direct} \
     timeout "${FLEX_LIMIT:-150}" python3 bench/flex_variants.py "$BIN" 2>&1 | grep -v Warning > "$OUT/flex_log.txt"
   tail -12 "$OUT/flex_log.txt"
 fi
