@@ -190,16 +190,17 @@ struct KernelFlags {
     grid: Option<GridArg>,
     /// Softmax attention: rescale the output at every key tile whose max grew (eager), or
     /// keep each row's max until a tile's scores exceed it by 2^8 (lazy; exact, and most
-    /// tiles then skip the rescale). Default: eager.
+    /// tiles then skip the rescale). Default: lazy with wgmma (sm_90a), eager with mma.sync.
     #[arg(long, value_enum)]
     rescale: Option<RescaleArg>,
     /// Softmax attention on sm_90a: each thread stores its output elements (direct), or the
     /// consumer warpgroups stage them in shared memory for the copy engine (tma; needs the
-    /// copy-engine producer and one CTA per work tile). Default: direct.
+    /// copy-engine producer and one CTA per work tile). Default: tma wherever it applies,
+    /// direct elsewhere.
     #[arg(long, value_enum)]
     store: Option<StoreArg>,
-    /// Softmax attention: the probabilities reach P V as register fragments (registers), or
-    /// each warp (warpgroup) writes its rows of P to shared memory for the contraction to
+    /// Softmax attention on sm_90a: the probabilities reach P V as register fragments
+    /// (registers), or each warpgroup writes its rows of P to shared memory for its wgmma to
     /// read back (shared; FlashAttention-3's choice for 192-key tiles at head dim 64; key
     /// tiles a multiple of 64). Default: registers.
     #[arg(long, value_enum)]
@@ -207,7 +208,7 @@ struct KernelFlags {
     /// Softmax attention on sm_90a, warp-specialized: where the wait for the previous key
     /// tile's deferred P V goes: where ptxas schedules it (free; it moves it before this
     /// tile's softmax), or after the softmax it should overlap, held by a fence (pinned).
-    /// Default: free.
+    /// Default: pinned.
     #[arg(long, value_enum)]
     pv_wait: Option<PvWaitArg>,
     /// Linear attention: one CTA walks the sequence (single), parallel chunks in two

@@ -48,17 +48,8 @@ impl Printer<'_> {
             }
         }
         if e.is_uniform() {
-            let key = format!("{e:?}");
-            if let Some(r) = self.uniform_cache.get(&key) {
-                return Ok(r.clone());
-            }
             // Compute once, in the hoisted section that runs before the body.
-            let saved = std::mem::take(&mut self.body);
-            let v = self.emit_expr_inner(e, ctx)?;
-            let code = std::mem::replace(&mut self.body, saved);
-            self.hoisted.push_str(&code);
-            self.uniform_cache.insert(key, v.clone());
-            return Ok(v);
+            return self.hoist(format!("{e:?}"), |p| p.emit_expr_inner(e, ctx));
         }
         self.emit_expr_inner(e, ctx)
     }
@@ -104,18 +95,24 @@ impl Printer<'_> {
         Ok(v)
     }
 
-    /// A loop-invariant value of this thread (an address of its own rows), computed once in
-    /// the hoisted section by `emit` and shared by every statement that asks with `key`.
-    pub(super) fn hoist(&mut self, key: String, emit: impl FnOnce(&mut Self) -> String) -> String {
+    /// A value that never changes in this thread (a uniform expression, an address of its
+    /// own rows), computed once in the hoisted section by `emit` and shared by every
+    /// statement that asks with `key`.
+    pub(super) fn hoist<E>(
+        &mut self,
+        key: String,
+        emit: impl FnOnce(&mut Self) -> Result<String, E>,
+    ) -> Result<String, E> {
         if let Some(r) = self.uniform_cache.get(&key) {
-            return r.clone();
+            return Ok(r.clone());
         }
         let saved = std::mem::take(&mut self.body);
         let v = emit(self);
         let code = std::mem::replace(&mut self.body, saved);
+        let v = v?;
         self.hoisted.push_str(&code);
         self.uniform_cache.insert(key, v.clone());
-        v
+        Ok(v)
     }
 
     /// In a sequential program positions are tile-relative, so an expensive expression of

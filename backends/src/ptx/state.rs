@@ -353,30 +353,24 @@ impl Printer<'_> {
         let cols = prog.regs[src.index()].cols;
         // The four swizzled row addresses (a k-step's chunk pair cycles through four per
         // 64-column block) never change: computed once, outside the key loop.
-        let addrs: Vec<String> = (0..4u32)
-            .map(|j| {
-                self.hoist(format!("stmatrix {base} {j}"), |p| {
-                    let wbase = p.r();
-                    p.ins(format!(
-                        "mad.lo.u32 {wbase}, %warp, {}, {base};",
-                        prog.rows_per_warp() * ROW_BYTES
-                    ));
-                    let (addr, _) = p.ldm_addr(&wbase, "A", block_bytes, 0, 2 * j);
-                    addr
-                })
-            })
-            .collect();
+        let mut addrs = Vec::new();
+        for j in 0..4u32 {
+            addrs.push(self.hoist(format!("stmatrix {base} {j}"), |p| {
+                let wbase = p.r();
+                p.ins(format!(
+                    "mad.lo.u32 {wbase}, %warp, {}, {base};",
+                    prog.rows_per_warp() * ROW_BYTES
+                ));
+                let (addr, _) = p.ldm_addr(&wbase, "A", block_bytes, 0, 2 * j);
+                Ok::<_, TileError>(addr)
+            })?);
+        }
         for mt in 0..self.mtiles {
             for ks in 0..cols / 16 {
                 let regs: Vec<String> = (0..4)
                     .map(|i| {
-                        // a0: n-tile 2ks rows g; a1: rows g + 8; a2, a3: n-tile 2ks + 1.
-                        let nt = 2 * ks + i / 2;
-                        let e0 = (i % 2) * 2;
-                        let lo = self.acc_reg(src, mt, nt, e0);
-                        let hi = self.acc_reg(src, mt, nt, e0 + 1);
                         let pk = self.r();
-                        self.ins(format!("cvt.rn.{ty}x2.f32 {pk}, {hi}, {lo};"));
+                        self.emit_pack_a(src, mt, ks, i, &pk, ty);
                         pk
                     })
                     .collect();
@@ -393,6 +387,26 @@ impl Printer<'_> {
         self.ins("fence.proxy.async.shared::cta;");
         self.emit_warpgroup_barrier();
         Ok(())
+    }
+
+    /// `dst` = register `i` of k-step `ks` of m-tile `mt` in the 16-bit A layout, packed
+    /// from the f32 accumulator `src` (columns along the k rank): a0 is n-tile `2 ks` rows
+    /// `g`, a1 its rows `g + 8`, a2 and a3 the same of n-tile `2 ks + 1` (no data moves
+    /// between threads: FlashAttention-2's register trick).
+    pub(super) fn emit_pack_a(
+        &mut self,
+        src: RegId,
+        mt: u32,
+        ks: u32,
+        i: u32,
+        dst: &str,
+        ty: &str,
+    ) {
+        let nt = 2 * ks + i / 2;
+        let e0 = (i % 2) * 2;
+        let lo = self.acc_reg(src, mt, nt, e0);
+        let hi = self.acc_reg(src, mt, nt, e0 + 1);
+        self.ins(format!("cvt.rn.{ty}x2.f32 {dst}, {hi}, {lo};"));
     }
 
     /// The four warps of this thread's warpgroup meet (named barrier

@@ -488,13 +488,8 @@ impl Printer<'_> {
                 for mt in 0..self.mtiles {
                     for ks in 0..cols / 16 {
                         for i in 0..4 {
-                            // a0: n-tile 2ks rows g; a1: 2ks rows g+8; a2: 2ks+1 rows g; a3: 2ks+1 rows g+8
-                            let nt = 2 * ks + i / 2;
-                            let e0 = (i % 2) * 2;
-                            let lo = self.acc_reg(*src, mt, nt, e0);
-                            let hi = self.acc_reg(*src, mt, nt, e0 + 1);
                             let d = self.afrag_reg(*dst, mt, ks, i);
-                            self.ins(format!("cvt.rn.{ty}x2.f32 {d}, {hi}, {lo};"));
+                            self.emit_pack_a(*src, mt, ks, i, &d, ty);
                         }
                     }
                 }

@@ -277,7 +277,9 @@ impl Printer<'_> {
                 // every key tile: computed once, before the loop.
                 let fixed = self.smem_base[id.index()] == format!("%sbase{}", id.0);
                 let adesc = if fixed && self.in_loop {
-                    self.hoist(format!("wgmma A {}", id.0), |p| desc_of(p, true))
+                    self.hoist(format!("wgmma A {}", id.0), |p| {
+                        Ok::<_, TileError>(desc_of(p, true))
+                    })?
                 } else {
                     desc_of(self, false)
                 };

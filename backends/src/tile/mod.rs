@@ -1413,11 +1413,12 @@ impl TileProgram {
         }
         let (mut stored, mut otherwise) = (Vec::new(), Vec::new());
         visit(&self.body, &mut stored, &mut otherwise);
-        let mut out: Vec<SharedId> = stored
-            .into_iter()
-            .filter(|t| !otherwise.contains(t))
-            .collect();
-        out.dedup();
+        let mut out: Vec<SharedId> = Vec::new();
+        for t in stored {
+            if !otherwise.contains(&t) && !out.contains(&t) {
+                out.push(t);
+            }
+        }
         out
     }
 

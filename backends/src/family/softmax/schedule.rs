@@ -35,17 +35,17 @@ pub struct ScheduleOptions {
     pub loads: Option<Loads>,
     /// A persistent grid, or one CTA per work tile (default: the scheduler's choice).
     pub persistent: Option<bool>,
-    /// Lazy rescaling of the output (see [`AttentionSchedule::lazy_rescale`]; default:
-    /// eager).
+    /// Lazy rescaling of the output (see [`AttentionSchedule::lazy_rescale`]; default: lazy
+    /// with wgmma, eager with mma.sync).
     pub lazy_rescale: Option<bool>,
     /// The output stored by the copy engine (see [`AttentionSchedule::store_tma`];
-    /// default: from registers).
+    /// default: wherever it applies, from registers elsewhere).
     pub store_tma: Option<bool>,
     /// The probabilities of `P V` through shared memory (see
     /// [`AttentionSchedule::p_in_shared`]; default: in registers).
     pub p_in_shared: Option<bool>,
     /// The wait for the deferred `P V` pinned after the softmax (see
-    /// [`AttentionSchedule::pin_deferred_wait`]; default: where ptxas puts it).
+    /// [`AttentionSchedule::pin_deferred_wait`]; default: pinned in warp-specialized kernels).
     pub pin_deferred_wait: Option<bool>,
     /// Q and K are in scratch (pre-kernels write them): the launcher makes tensor maps of
     /// the cascade's tensors only, so the copy engine is not used.
@@ -543,7 +543,7 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
     reasons.push(persistent.reason);
     reasons.extend(lazy_reason);
     reasons.extend(store_reason);
-    // Pinned by default: measured 0-7% faster on an H100 (2026-12-05,
+    // Pinned by default: -1% to +8% against free on an H100, faster in 15 of 16 cases (2026-12-05,
     // bench/results/softmax-pinned_2026-12-05).
     let pin = options.pin_deferred_wait;
     if pin != Some(false) && kernel.loads.specialized() {
@@ -559,17 +559,12 @@ pub fn schedule(cascade: &Cascade, options: &ScheduleOptions) -> Result<Schedule
         );
     }
     if kernel.p_in_shared {
+        // (wgmma only: refused above with mma.sync.)
         reasons.push(format!(
-            "probabilities: through shared memory (asked): each {} writes its rows of P ({} x {}, {} B) and {}, so no register holds them beside the next tile's scores",
-            if kernel.mma == MmaUnit::Warpgroup { "warpgroup" } else { "warp" },
+            "probabilities: through shared memory (asked): each warpgroup writes its rows of P ({} x {}, {} B) and its wgmma reads them back through a descriptor, so no register holds them beside the next tile's scores",
             kernel.block_m,
             kernel.block_n,
             kernel.block_m * kernel.block_n * spec.elem.bytes(),
-            if kernel.mma == MmaUnit::Warpgroup {
-                "its wgmma reads them back through a descriptor"
-            } else {
-                "reads them back by ldmatrix"
-            }
         ));
     }
     if kernel.skip_unit_rescale && !kernel.lazy_rescale {
@@ -658,7 +653,7 @@ fn persistent_grid(
 /// kernel keeps each row's running max until a tile's scores exceed it by 2^8, and skips
 /// the output's rescale when no row of a warp moved (the vote of `skip_unit_rescale`).
 /// Measured on an H100 (2026-12-05, bench/results/softmax-pinned_2026-12-05) with the
-/// pinned wait: 2-10% faster than eager. mma.sync kernels stay eager unless asked (not
+/// pinned wait: -1.5% to +9% against eager, faster in 14 of 16 cases. mma.sync kernels stay eager unless asked (not
 /// measured there). A partial kernel (split decoding, sequence-parallel blocks) stays
 /// eager, since its max is read by a merge. Returns the reason to print, if any.
 fn lazy_rescale(
